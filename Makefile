@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` (the whole pipeline on the CPU) and `make test`.
+# Both build the virtual environment first; the CPU torch build is pinned and installed before the
+# project so that pip never resolves a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU := torch==2.13.0
+STAMP := $(VENV)/.dooly-installed
+
+.PHONY: install demo test test-fast bench images clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/dooly demo
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(PY) bench/run_all.py
+
+IMAGE_REGISTRY ?= ghcr.io/example/dooly
+IMAGE_TAG ?= $(shell $(PY) -c 'import dooly; print(dooly.__version__)' 2>/dev/null || echo dev)
+
+images:
+	docker build -f images/profiler.Dockerfile -t $(IMAGE_REGISTRY)/profiler:$(IMAGE_TAG) .
+	docker build -f images/controller.Dockerfile -t $(IMAGE_REGISTRY)/controller:$(IMAGE_TAG) .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
