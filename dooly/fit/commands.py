@@ -1,0 +1,235 @@
+"""`dooly fit` and `dooly predict`: regressors on the latency database, and what they predict."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from dooly.errors import DoolyError
+from dooly.output import emit_json, format_table, output_option
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FOLDS = 5
+DEFAULT_ENGINE = "transformers"
+DEFAULT_DTYPE = "bfloat16"
+NONE_CELL = "-"
+MS_PER_S = 1e3
+PERCENT = 100.0
+
+CLASS_HEADERS = (
+    "op class",
+    "points",
+    "sigs",
+    "seen method",
+    "seen MAPE med",
+    "seen p90",
+    "unseen method",
+    "unseen MAPE med",
+    "unseen p90",
+)
+LOMO_HEADERS = ("model", "group", "ops", "points", "LOMO MAPE med", "LOMO p90", "in-sample med", "uncovered")
+
+
+def _pct(value: float | None) -> str:
+    return NONE_CELL if value is None else f"{value:.2f}%"
+
+
+@click.command("fit")
+@click.option("--store", "store_uri", required=True, metavar="URI", help="Latency database: a directory or s3://bucket/prefix.")
+@click.option("--folds", default=DEFAULT_FOLDS, show_default=True, type=int, help="k of the k-fold held-out checks.")
+@output_option
+def fit_command(store_uri: str, folds: int, output_format: str) -> None:
+    """Fit latency regressors on the store's snapshot, per platform/engine/backend/dtype and op class.
+
+    Signatures the database holds are predicted by interpolating their own measurements (held-out
+    error: k-fold within each signature). Signatures never profiled (a new hidden size) use a
+    per-class regressor over config dims and request variables (held-out error: k-fold grouped by
+    signature, so each held-out signature is truly unseen). A leave-one-model-out check removes
+    every signature of one model (from the store's inventories) and predicts them from the rest.
+    Models are written under models/gen-<generation>/ with the library versions they need.
+
+    \b
+    Examples:
+      dooly fit --store ./db
+      dooly fit --store s3://latency-db/h100 --folds 10 --output json
+    """
+    from dooly.fit.models import fit_store
+    from dooly.store.backends import open_store
+
+    store = open_store(store_uri, create=False)
+    report = fit_store(store, folds=folds)
+    if output_format == "json":
+        emit_json(report.to_dict())
+        return
+    lines: list[str] = []
+    for group in report.groups:
+        lines.append(f"{group['platform']} / {group['engine']} / {group['backend']} / {group['dtype']}")
+        rows = [
+            (
+                c["op_class"],
+                c["points"],
+                c["signatures"],
+                c["seen_method"],
+                _pct(c["seen_mape_median_pct"]),
+                _pct(c["seen_mape_p90_pct"]),
+                c["unseen_method"],
+                _pct(c["unseen_mape_median_pct"]),
+                _pct(c["unseen_mape_p90_pct"]),
+            )
+            for c in group["classes"]
+        ]
+        lines += [format_table(CLASS_HEADERS, rows), ""]
+    lines.append(
+        f"held-out error: {report.folds}-fold cross-validation, per-op MAPE (mean over an op's "
+        f"held-out points), median and p90 over ops"
+    )
+    if report.lomo:
+        rows = [
+            (
+                r["model_id"],
+                f"{r['platform']}/{r['backend']}/{r['dtype']}",
+                r["ops_predicted"],
+                r["points"],
+                _pct(r["lomo_mape_median_pct"]),
+                _pct(r["lomo_mape_p90_pct"]),
+                _pct(r["in_sample_mape_median_pct"]),
+                r["ops_uncovered"],
+            )
+            for r in report.lomo
+        ]
+        lines += ["", "leave one model out (its signatures removed from training):", format_table(LOMO_HEADERS, rows)]
+    else:
+        lines += ["", "leave one model out: no inventories in the store (inventories/<model_key>.json)"]
+    lines.append(f"\nmodels of generation {report.generation} written: {report.meta_key}")
+    click.echo("\n".join(lines))
+
+
+def _parse_prefill(values: tuple[str, ...]) -> list[tuple[int, int]]:
+    chunks = []
+    for text in values:
+        query, sep, context = text.partition(":")
+        try:
+            q, c = int(query), int(context) if sep else 0
+        except ValueError as exc:
+            raise DoolyError(f"--prefill {text!r}: expected NEW_TOKENS:CONTEXT, e.g. 512:0 or 256:1024") from exc
+        if q < 1 or c < 0:
+            raise DoolyError(f"--prefill {text!r}: new tokens must be >= 1 and context >= 0")
+        chunks.append((q, c))
+    return chunks
+
+
+def _parse_decode(values: tuple[int, ...]) -> list[int]:
+    for value in values:
+        if value < 1:
+            raise DoolyError(f"--decode {value}: a decoding sequence has a context of at least 1 token")
+    return list(values)
+
+
+def find_inventory(store: Any, model: str) -> dict[str, Any]:
+    """The inventory of MODEL: by key (inventories/<key>.json), else by its model_id."""
+    from dooly.fit.models import INVENTORY_PREFIX, read_inventories
+    from dooly.store.shards import read_json
+
+    direct = read_json(store, f"{INVENTORY_PREFIX}{model}.json") if "/" not in model else None
+    if isinstance(direct, dict):
+        return direct
+    inventories = read_inventories(store)
+    wanted = model.lower()
+    for key, inventory in inventories.items():
+        model_id = str(inventory.get("model_id", "")).lower()
+        if wanted in (key.lower(), model_id, model_id.rsplit("/", 1)[-1]):
+            return inventory
+    known = ", ".join(sorted(str(i.get("model_id", k)) for k, i in inventories.items())) or "none"
+    raise DoolyError(f"no inventory for model {model!r} in {store.uri} (known: {known}); run `dooly plan` or `dooly profile` for it")
+
+
+@click.command("predict")
+@click.option("--store", "store_uri", required=True, metavar="URI", help="Latency database with fitted models.")
+@click.option("--model", "model", required=True, metavar="MODEL", help="Model key or id whose inventory is in the store.")
+@click.option("--platform", required=True, help="Platform the models were fitted for (GPU product string or CPU model).")
+@click.option("--backend", required=True, help="Attention backend, e.g. paged|sdpa.")
+@click.option("--engine", default=DEFAULT_ENGINE, show_default=True, help="Serving engine.")
+@click.option("--dtype", default=DEFAULT_DTYPE, show_default=True, help="Model dtype.")
+@click.option("--prefill", multiple=True, metavar="Q:CTX", help="A prefill chunk: Q new tokens after CTX cached ones (repeatable).")
+@click.option("--decode", multiple=True, type=int, metavar="CTX", help="A decoding sequence with CTX cached tokens (repeatable).")
+@click.option("--per-op", is_flag=True, help="Also list every operation of the model with its latency.")
+@output_option
+def predict_command(
+    store_uri: str,
+    model: str,
+    platform: str,
+    backend: str,
+    engine: str,
+    dtype: str,
+    prefill: tuple[str, ...],
+    decode: tuple[int, ...],
+    per_op: bool,
+    output_format: str,
+) -> None:
+    """Predict one engine step's latency for a batch composition, with its breakdown by op class.
+
+    The batch is what the engine's scheduler hands the model runner: prefill chunks (new tokens
+    after a cached context) and decoding sequences (one new token after their context).
+    Operations whose signature was never profiled on this platform are predicted from config
+    dims by the class regressor and counted as unseen.
+
+    \b
+    Examples:
+      dooly predict --store ./db --model Llama-3.1-8B --platform NVIDIA-H100-80GB-HBM3 \\
+          --backend 'paged|sdpa' --prefill 512:0 --decode 1000 --decode 2000
+      dooly predict --store ./db --model Llama-3.1-8B --platform "$(dooly-cpu)" \\
+          --backend 'paged|sdpa' --decode 128 --per-op --output json
+    """
+    from dooly.fit.models import load_predictor
+    from dooly.store.backends import open_store
+
+    chunks = _parse_prefill(prefill)
+    decodes = _parse_decode(decode)
+    if not chunks and not decodes:
+        raise DoolyError("an empty step: give at least one --prefill Q:CTX or --decode CTX")
+    store = open_store(store_uri, create=False)
+    predictor = load_predictor(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
+    inventory = find_inventory(store, model)
+    step = predictor.step_predictor(inventory)
+    seconds = step.step_seconds(chunks, decodes)
+    breakdown = step.breakdown(chunks, decodes)
+    payload: dict[str, Any] = {
+        "model_id": step.model_id,
+        "platform": platform,
+        "engine": engine,
+        "backend": backend,
+        "dtype": dtype,
+        "generation": predictor.generation,
+        "prefill": [list(c) for c in chunks],
+        "decode": decodes,
+        "step_seconds": seconds,
+        "breakdown_seconds": breakdown,
+        "ops": step.op_count,
+        "unseen_ops": step.unseen_count,
+    }
+    if per_op:
+        payload["operations"] = step.op_seconds(chunks, decodes)
+    if output_format == "json":
+        emit_json(payload)
+        return
+    rows = [
+        (cls, f"{value * MS_PER_S:.4f}", f"{PERCENT * value / seconds:.1f}%" if seconds > 0 else NONE_CELL)
+        for cls, value in sorted(breakdown.items(), key=lambda kv: -kv[1])
+    ]
+    lines = [
+        f"{step.model_id} on {platform} / {engine} / {backend} / {dtype} (models of generation {predictor.generation})",
+        f"step: {len(chunks)} prefill chunk(s), {len(decodes)} decode(s): {seconds * MS_PER_S:.4f} ms",
+        f"operations: {step.op_count}, of which unseen (predicted from config dims): {step.unseen_count}",
+        "",
+        format_table(("op class", "ms", "share"), rows),
+    ]
+    if per_op:
+        op_rows = [
+            (o["op_class"], o["signature"][:12], o["count"], f"{o['seconds'] * MS_PER_S:.5f}", o["method"], "yes" if o["unseen"] else "no")
+            for o in payload["operations"]
+        ]
+        lines += ["", format_table(("op class", "signature", "count", "ms each", "method", "unseen"), op_rows)]
+    click.echo("\n".join(lines))

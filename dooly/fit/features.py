@@ -1,0 +1,383 @@
+"""Regression features: from (operation class, config-fixed dims, request point) to numbers.
+
+Every feature is a *term* of the request (a request variable, a product of two, or an attention
+aggregate such as the number of causal query-key pairs) multiplied by a *static* factor that only
+depends on the operation's config-fixed dims (FLOPs per token, bytes per token, heads x head_dim).
+Written that way, a model linear in the features collapses, for one operation, into a handful of
+coefficients over the request terms: the step predictor then needs no feature construction at all
+in its hot loop, and a signature never profiled gets its coefficients from its config dims.
+
+Everything here is vectorised over many rows (points) at once; nothing imports scikit-learn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from dooly.errors import DoolyError
+
+# Request variables an operation can depend on. T, B, K, D are shard columns; S (KV tokens read by
+# sliding-window layers) comes from the point itself or the batch composition.
+REQUEST_VARS = ("T", "B", "K", "D", "S")
+PAIR_TERMS = tuple(f"{a}*{b}" for a, b in combinations(REQUEST_VARS, 2))
+# Attention aggregates that need the per-sequence structure, not just the sums.
+ATTENTION_TERMS = ("attn_pairs", "padded")
+TERMS = ("zero", "const", *REQUEST_VARS, *PAIR_TERMS, *ATTENTION_TERMS)
+TERM_INDEX = {name: i for i, name in enumerate(TERMS)}
+N_TERMS = len(TERMS)
+
+FAMILY_ATTENTION = "attention"
+FAMILY_MATMUL = "matmul"
+FAMILY_GENERIC = "generic"
+ATTENTION_PREFIX = "attention"
+
+# Matrix-product overloads: (index of the left operand, index of the right operand, rank).
+MATMUL_OPS: dict[str, tuple[int, int, int]] = {
+    "aten.mm.default": (0, 1, 2),
+    "aten.addmm.default": (1, 2, 2),
+    "aten.bmm.default": (0, 1, 3),
+    "aten.baddbmm.default": (1, 2, 3),
+}
+
+# Attention config fields (named config dims of the engine's attention op).
+NUM_HEADS = "num_heads"
+NUM_KV_HEADS = "num_kv_heads"
+HEAD_DIM = "head_dim"
+SLIDING_WINDOW = "sliding_window"
+
+# Physical features per family: (name, term kind). "R" stands for the product of the operation's
+# request variables (T for a projection, T*K for a [T, K] mask), resolved per signature.
+MATMUL_FEATURES = ("launch", "flops", "bytes_request", "bytes_static")
+ATTENTION_FEATURES = (
+    "launch",
+    "per_seq",
+    "per_decode",
+    "q_elems",
+    "kv_elems",
+    "window_kv_elems",
+    "causal_flops",
+    "dense_flops",
+    "dense_mask",
+    "padded_flops",
+)
+GENERIC_FEATURES = (
+    "launch",
+    "static_elems",
+    *(f"{v}_{suffix}" for v in REQUEST_VARS for suffix in ("count", "elems", "max_elems")),
+    "pair_max_elems",
+)
+FAMILY_FEATURES = {
+    FAMILY_MATMUL: MATMUL_FEATURES,
+    FAMILY_ATTENTION: ATTENTION_FEATURES,
+    FAMILY_GENERIC: GENERIC_FEATURES,
+}
+
+# Local (one-signature) linear models: which request terms they use.
+LOCAL_ATTENTION_TERMS = ("const", "T", "B", "D", "K", "S", "attn_pairs", "T*K", "padded")
+
+
+def family_of(op_class: str, op: str = "") -> str:
+    """Which physical model applies: attention, a matrix product, or a generic (memory-bound) op."""
+    if op_class.startswith(ATTENTION_PREFIX) or op == ATTENTION_PREFIX:
+        return FAMILY_ATTENTION
+    if (op or op_class) in MATMUL_OPS:
+        return FAMILY_MATMUL
+    return FAMILY_GENERIC
+
+
+def product_term(request_vars: Sequence[str]) -> str:
+    """The term standing for the product of an operation's request variables ("zero" if none fits)."""
+    ordered = [v for v in REQUEST_VARS if v in request_vars]
+    if len(ordered) == 1:
+        return ordered[0]
+    if len(ordered) == 2:
+        return f"{ordered[0]}*{ordered[1]}"
+    return "const" if not ordered else "zero"
+
+
+def check_request_vars(request_vars: Sequence[str], where: str) -> None:
+    unknown = [v for v in request_vars if v not in REQUEST_VARS]
+    if unknown:
+        raise DoolyError(f"{where}: unknown request variable(s) {unknown}; known: {list(REQUEST_VARS)}")
+
+
+@dataclass(frozen=True)
+class StaticFeatures:
+    """What one signature contributes to its features: a term index and a factor per feature."""
+
+    term_index: np.ndarray  # int, one per physical feature of the family
+    multiplier: np.ndarray  # float, one per physical feature
+    window: int  # attention sliding window (0 = none), needed to build its request terms
+
+
+def static_features(
+    family: str, op: str, config_dims: Mapping[str, int], request_vars: Sequence[str]
+) -> StaticFeatures:
+    """The static part of the physical features of one signature (see module docstring)."""
+    if family == FAMILY_MATMUL:
+        pairs = _matmul_static(op, config_dims, request_vars)
+    elif family == FAMILY_ATTENTION:
+        pairs = _attention_static(config_dims)
+    else:
+        pairs = _generic_static(config_dims, request_vars)
+    names, factors = zip(*pairs)
+    window = int(config_dims.get(SLIDING_WINDOW, 0) or 0) if family == FAMILY_ATTENTION else 0
+    return StaticFeatures(
+        term_index=np.array([TERM_INDEX[n] for n in names], dtype=np.int64),
+        multiplier=np.array(factors, dtype=np.float64),
+        window=max(window, 0),
+    )
+
+
+def _matmul_static(op: str, cfg: Mapping[str, int], request_vars: Sequence[str]) -> list[tuple[str, float]]:
+    left, right, rank = MATMUL_OPS[op]
+    # Each of batch, m, k, n is a config value or request-derived (None); the product of all
+    # request-derived factors is the operation's request product R.
+    batch = cfg.get(f"in{left}.0", cfg.get(f"in{right}.0")) if rank == 3 else 1
+    m = cfg.get(f"in{left}.{rank - 2}")
+    k = cfg.get(f"in{left}.{rank - 1}", cfg.get(f"in{right}.{rank - 2}"))
+    n = cfg.get(f"in{right}.{rank - 1}")
+    factors = {"b": batch, "m": m, "k": k, "n": n}
+    request_term = product_term(request_vars)
+    any_request = any(v is None for v in factors.values())
+    static = {name: float(v) if v is not None else 1.0 for name, v in factors.items()}
+    flops_term = request_term if any_request else "const"
+    flops = static["b"] * static["m"] * static["k"] * static["n"]
+    bytes_request = 0.0
+    bytes_static = 0.0
+    for a, b in (("m", "k"), ("k", "n"), ("m", "n")):
+        size = static["b"] * static[a] * static[b]
+        if factors[a] is None or factors[b] is None:
+            bytes_request += size
+        else:
+            bytes_static += size
+    return [
+        ("const", 1.0),
+        (flops_term, flops),
+        (request_term if any_request else "zero", bytes_request),
+        ("const", bytes_static),
+    ]
+
+
+def _attention_static(cfg: Mapping[str, int]) -> list[tuple[str, float]]:
+    heads = float(cfg.get(NUM_HEADS, 1) or 1)
+    kv_heads = float(cfg.get(NUM_KV_HEADS, heads) or heads)
+    head_dim = float(cfg.get(HEAD_DIM, 1) or 1)
+    q_width = heads * head_dim
+    kv_width = kv_heads * head_dim
+    return [
+        ("const", 1.0),
+        ("B", 1.0),
+        ("D", 1.0),
+        ("T", q_width),
+        ("K", kv_width),
+        ("S", kv_width),
+        ("attn_pairs", q_width),
+        ("T*K", q_width),
+        ("T*K", 1.0),
+        ("padded", q_width),
+    ]
+
+
+def _input_sizes(cfg: Mapping[str, int]) -> list[float]:
+    """Elements per unit of request of each input: the product of its config-fixed dims."""
+    groups: dict[str, float] = {}
+    for name, value in cfg.items():
+        if name == SLIDING_WINDOW:
+            continue
+        prefix = name.split(".", 1)[0] if name.startswith("in") and "." in name else name
+        groups[prefix] = groups.get(prefix, 1.0) * float(max(int(value), 1))
+    return list(groups.values())
+
+
+def _generic_static(cfg: Mapping[str, int], request_vars: Sequence[str]) -> list[tuple[str, float]]:
+    sizes = _input_sizes(cfg)
+    total = float(sum(sizes)) if sizes else 1.0
+    largest = float(max(sizes)) if sizes else 1.0
+    pairs: list[tuple[str, float]] = [("const", 1.0), ("const", total)]
+    for var in REQUEST_VARS:
+        term = var if var in request_vars else "zero"
+        pairs += [(term, 1.0), (term, total), (term, largest)]
+    joint = product_term(request_vars)
+    pairs.append((joint if "*" in joint else "zero", largest))
+    return pairs
+
+
+def local_terms(family: str, request_vars: Sequence[str]) -> tuple[str, ...]:
+    """The request terms a one-signature linear model uses."""
+    if family == FAMILY_ATTENTION:
+        return LOCAL_ATTENTION_TERMS
+    ordered = [v for v in REQUEST_VARS if v in request_vars]
+    return ("const", *ordered, *(f"{a}*{b}" for a, b in combinations(ordered, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Request terms
+
+
+def seqs_aggregates(
+    q: np.ndarray, ctx: np.ndarray, point: np.ndarray, n_points: int, window: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-point sums over sequences (query length q, cached context ctx, owning point index).
+
+    `window` is per sequence (0: full attention). S follows the tracer's definition:
+    sum of min(context, window - 1) + new tokens, or K where there is no window.
+    """
+    q = q.astype(np.float64)
+    ctx = ctx.astype(np.float64)
+    kv = q + ctx
+    has_window = window > 0
+    capped_ctx = np.where(has_window, np.minimum(ctx, np.maximum(window - 1, 0)), ctx)
+    full_pairs = q * ctx + q * (q + 1.0) / 2.0
+    # With a window w, query j (1..q) sees min(ctx + j, w) keys.
+    w = window.astype(np.float64)
+    first = np.clip(w - ctx, 0.0, q)
+    windowed_pairs = first * ctx + first * (first + 1.0) / 2.0 + (q - first) * w
+    pairs = np.where(has_window, windowed_pairs, full_pairs)
+    is_decode = (q == 1) & (ctx > 0)
+    out = {
+        "T": np.bincount(point, weights=q, minlength=n_points),
+        "B": np.bincount(point, minlength=n_points).astype(np.float64),
+        "K": np.bincount(point, weights=kv, minlength=n_points),
+        "D": np.bincount(point, weights=is_decode.astype(np.float64), minlength=n_points),
+        "S": np.bincount(point, weights=capped_ctx + q, minlength=n_points),
+        "attn_pairs": np.bincount(point, weights=pairs, minlength=n_points),
+    }
+    max_q = np.zeros(n_points)
+    max_kv = np.zeros(n_points)
+    np.maximum.at(max_q, point, q)
+    np.maximum.at(max_kv, point, kv)
+    out["padded"] = out["B"] * max_q * max_kv
+    return out
+
+
+def aggregates_from_seqs(
+    seqs_per_point: Sequence[Sequence[Sequence[int]]], windows: Sequence[int] | np.ndarray | int = 0
+) -> dict[str, np.ndarray]:
+    """Request variables and attention aggregates of many points given as [[q, ctx], ...] lists."""
+    n_points = len(seqs_per_point)
+    lengths = np.fromiter((len(s) for s in seqs_per_point), dtype=np.int64, count=n_points)
+    flat = np.array([pair for seqs in seqs_per_point for pair in seqs], dtype=np.int64).reshape(-1, 2)
+    point = np.repeat(np.arange(n_points), lengths)
+    per_point = np.broadcast_to(np.asarray(windows, dtype=np.int64), (n_points,))
+    return seqs_aggregates(flat[:, 0], flat[:, 1], point, n_points, per_point[point])
+
+
+def uniform_aggregates(request: Mapping[str, np.ndarray], window: np.ndarray) -> dict[str, np.ndarray]:
+    """Attention aggregates when only T, B, K, D are known: every sequence gets the mean shape.
+
+    An approximation for callers that do not keep the per-sequence structure; pass `seqs` for the
+    exact features.
+    """
+    t = np.asarray(request.get("T", 0), dtype=np.float64)
+    b = np.maximum(np.asarray(request.get("B", 1), dtype=np.float64), 1.0)
+    k = np.asarray(request.get("K", t), dtype=np.float64)
+    q = t / b
+    ctx = np.maximum(k / b - q, 0.0)
+    w = np.asarray(window, dtype=np.float64)
+    first = np.clip(w - ctx, 0.0, q)
+    windowed = first * ctx + first * (first + 1.0) / 2.0 + (q - first) * w
+    full = q * ctx + q * (q + 1.0) / 2.0
+    pairs = b * np.where(w > 0, windowed, full)
+    s = np.where(w > 0, b * (np.minimum(ctx, np.maximum(w - 1, 0)) + q), k)
+    return {"attn_pairs": pairs, "padded": b * np.ceil(q) * np.ceil(q + ctx), "S": s}
+
+
+def term_matrix(request: Mapping[str, Any], n: int) -> np.ndarray:
+    """The (n, N_TERMS) matrix of request terms; absent variables count as 0."""
+    out = np.zeros((n, N_TERMS))
+    out[:, TERM_INDEX["const"]] = 1.0
+    for name in (*REQUEST_VARS, *ATTENTION_TERMS):
+        if name in request:
+            out[:, TERM_INDEX[name]] = np.asarray(request[name], dtype=np.float64)
+    for a, b in combinations(REQUEST_VARS, 2):
+        out[:, TERM_INDEX[f"{a}*{b}"]] = out[:, TERM_INDEX[a]] * out[:, TERM_INDEX[b]]
+    return out
+
+
+def physical_design(terms: np.ndarray, term_index: np.ndarray, multiplier: np.ndarray) -> np.ndarray:
+    """Rows' physical features: term (per row, chosen per signature) times static factor.
+
+    term_index and multiplier are (n, F): each row carries its signature's static part.
+    """
+    rows = np.arange(terms.shape[0])[:, None]
+    return terms[rows, term_index] * multiplier
+
+
+def log_design(
+    terms: np.ndarray, physical: np.ndarray, config_matrix: np.ndarray, var_mask: np.ndarray
+) -> np.ndarray:
+    """Features for the log-space regressors: logs of the request variables the op depends on,
+    of the attention aggregates, of the physical features and of the config dims."""
+    var_cols = [TERM_INDEX[v] for v in REQUEST_VARS]
+    attn_cols = [TERM_INDEX[a] for a in ATTENTION_TERMS]
+    request = terms[:, var_cols] * var_mask
+    return np.hstack(
+        [
+            np.log1p(np.maximum(request, 0.0)),
+            np.log1p(np.maximum(terms[:, attn_cols], 0.0)),
+            np.log1p(np.maximum(physical, 0.0)),
+            np.log1p(np.maximum(config_matrix, 0.0)),
+        ]
+    )
+
+
+def var_mask_of(request_vars: Sequence[str]) -> np.ndarray:
+    return np.array([1.0 if v in request_vars else 0.0 for v in REQUEST_VARS])
+
+
+def config_vector(config_dims: Mapping[str, int], names: Sequence[str]) -> np.ndarray:
+    return np.array([float(config_dims.get(name, 0) or 0) for name in names])
+
+
+def parse_point(point_key: str) -> dict[str, Any]:
+    """A shard row's point: {"seqs": [[q, ctx], ...]} for attention, {"T": 64, ...} otherwise."""
+    payload = json.loads(point_key) if point_key else {}
+    if not isinstance(payload, dict):
+        raise DoolyError(f"point_key {point_key!r} is not a JSON object")
+    return payload
+
+
+def request_from_rows(
+    columns: Mapping[str, np.ndarray], point_keys: Sequence[str], windows: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Request variables and attention aggregates of shard rows.
+
+    Starts from the T, B, K, D columns; a point with `seqs` supplies every variable and the
+    attention aggregates (with each row's sliding window), one with scalar entries overrides them.
+    """
+    n = len(point_keys)
+    request = {v: np.asarray(columns.get(v, np.zeros(n)), dtype=np.float64).copy() for v in REQUEST_VARS}
+    request["S"] = request["K"].copy()
+    for name in ATTENTION_TERMS:
+        request[name] = np.zeros(n)
+    seq_rows: list[int] = []
+    seq_lists: list[list[list[int]]] = []
+    for i, key in enumerate(point_keys):
+        point = parse_point(key)
+        seqs = point.get("seqs")
+        if seqs:
+            seq_rows.append(i)
+            seq_lists.append(seqs)
+        for name in REQUEST_VARS:
+            if name in point and not isinstance(point[name], list):
+                request[name][i] = float(point[name])
+    if seq_rows:
+        idx = np.array(seq_rows)
+        agg = aggregates_from_seqs(seq_lists, windows[idx])
+        for name, values in agg.items():
+            request[name][idx] = values
+    return request
+
+
+def log_grid(low: float, high: float, per_octave: int) -> np.ndarray:
+    """Geometric grid from low to high (inclusive), `per_octave` points per doubling."""
+    octaves = math.log2(high / low)
+    return low * np.exp2(np.arange(int(math.ceil(octaves * per_octave)) + 1) / per_octave)

@@ -1,0 +1,444 @@
+"""Predict operation and engine-step latencies from fitted models; the simulator's hot path.
+
+`Predictor.predict_ops` answers arbitrary batches of operations (vectorised per signature).
+`StepPredictor` is built once per (model inventory, predictor) and answers "how long does this
+engine step take" for a batch composition, in a few microseconds:
+- every non-attention operation with one request variable (nearly all of them: projections,
+  norms, activations depend on T only) is folded, count-weighted, into one table per variable,
+  exact for values below DENSE_LIMIT and log-interpolated above, so a step costs one lookup per
+  variable however many operations the model has;
+- attention and multi-variable operations with linear models collapse into one coefficient vector
+  over request terms per sliding window (see features.py);
+- the rest (tree-corrected models of unseen attention ops) are evaluated per call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from dooly.errors import DoolyError
+from dooly.fit.features import (
+    FAMILY_ATTENTION,
+    FAMILY_MATMUL,
+    MATMUL_OPS,
+    N_TERMS,
+    REQUEST_VARS,
+    SLIDING_WINDOW,
+    TERM_INDEX,
+    aggregates_from_seqs,
+    check_request_vars,
+    seqs_aggregates,
+    static_features,
+    term_matrix,
+    uniform_aggregates,
+)
+from dooly.fit.models import GroupModel, SignatureInfo, _bind
+from dooly.fit.regressors import InterpModel, OpModel
+
+# Tables: exact per integer value below DENSE_LIMIT, then PER_OCTAVE log-spaced points per
+# doubling up to LOG_TABLE_MAX (K, the KV tokens of a step, reaches millions).
+DENSE_LIMIT = 1 << 14
+PER_OCTAVE = 64
+LOG_TABLE_MAX = float(1 << 36)
+LOG2_DENSE = math.log2(DENSE_LIMIT)
+LOG_GRID = DENSE_LIMIT * np.exp2(np.arange(int((math.log2(LOG_TABLE_MAX) - LOG2_DENSE) * PER_OCTAVE) + 1) / PER_OCTAVE)
+
+
+class Predictor:
+    """Fitted models of one platform/engine/backend/dtype (see `dooly.fit.models.load_predictor`)."""
+
+    def __init__(self, group: GroupModel, meta: Mapping[str, Any] | None = None) -> None:
+        self.group = group
+        self.meta = dict(meta or {})
+
+    @property
+    def generation(self) -> int:
+        return self.group.generation
+
+    def describe(self) -> str:
+        g = self.group
+        return f"{g.platform}/{g.engine}/{g.backend}/{g.dtype}"
+
+    def is_seen(self, signatures: Sequence[str] | np.ndarray) -> np.ndarray:
+        """True where the signature has measurements in the fitted snapshot."""
+        known = self.group.signatures
+        return np.fromiter((s in known for s in signatures), dtype=bool, count=len(signatures))
+
+    def op_model(
+        self,
+        signature: str,
+        op_class: str,
+        config_dims: Mapping[str, int] | None,
+        request_vars: Sequence[str] | None = None,
+        op: str = "",
+    ) -> tuple[OpModel, bool]:
+        """The model for one operation and whether its signature is unseen (class model used)."""
+        seen = self.group.signatures.get(signature)
+        if seen is not None:
+            return seen, False
+        class_model = self.group.classes.get(op_class)
+        if class_model is None:
+            raise DoolyError(
+                f"operation class {op_class!r} has no fitted model for {self.describe()}: "
+                f"profile a model that uses it, then merge and fit again"
+            )
+        variables = tuple(request_vars) if request_vars is not None else class_model.request_vars
+        check_request_vars(variables, f"operation {signature}")
+        op_name = op or op_class
+        if class_model.family == FAMILY_MATMUL and op_name not in MATMUL_OPS:
+            op_name = op_class
+        config = {str(k): int(v) for k, v in (config_dims or {}).items() if v is not None}
+        info = SignatureInfo(
+            signature=signature,
+            op=op_name,
+            op_class=op_class,
+            family=class_model.family,
+            config_dims=config,
+            request_vars=variables,
+            static=static_features(class_model.family, op_name, config, variables),
+        )
+        return _bind(class_model, info), True
+
+    def predict_ops(
+        self,
+        signatures: Sequence[str] | np.ndarray,
+        op_classes: Sequence[str] | np.ndarray,
+        config_dims: Sequence[Mapping[str, int]],
+        request: Mapping[str, Any],
+        *,
+        request_vars: Sequence[Sequence[str]] | None = None,
+        ops: Sequence[str] | None = None,
+        return_unseen: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Seconds for each operation i at request point i (vectorised per distinct signature).
+
+        `request` maps request variables (T, B, K, D, S) to arrays of length n. Attention
+        operations also read `seqs` (a list of [[q, ctx], ...] per row) for exact per-sequence
+        features, or `attn_pairs`/`padded` arrays, else a uniform-sequence approximation.
+        With `return_unseen`, also a bool array: True where the signature was never profiled.
+        """
+        sigs = signatures.tolist() if isinstance(signatures, np.ndarray) else list(signatures)
+        n = len(sigs)
+        index: dict[str, int] = {}
+        codes = np.fromiter((index.setdefault(s, len(index)) for s in sigs), dtype=np.int64, count=n)
+        _, first = np.unique(codes, return_index=True)
+        numeric = {k: np.asarray(v, dtype=np.float64) for k, v in request.items() if k != "seqs"}
+        seqs = request.get("seqs")
+        out = np.empty(n)
+        unseen = np.zeros(n, dtype=bool)
+        if len(index) == 1:
+            groups = [np.arange(n)]
+        else:
+            order = np.argsort(codes, kind="stable")
+            bounds = np.searchsorted(codes[order], np.arange(len(index) + 1))
+            groups = [order[bounds[c] : bounds[c + 1]] for c in range(len(index))]
+        for code, rows in enumerate(groups):
+            i = int(first[code])
+            model, is_unseen = self.op_model(
+                sigs[i],
+                str(op_classes[i]),
+                config_dims[i],
+                request_vars[i] if request_vars is not None else None,
+                ops[i] if ops is not None else "",
+            )
+            unseen[rows] = is_unseen
+            for var in model.request_vars:
+                if var not in numeric and not (var == "S" and "K" in numeric) and seqs is None:
+                    raise DoolyError(f"request lacks variable {var!r} needed by {model.op_class} ({sigs[i]})")
+            if isinstance(model, InterpModel) and model.request_vars[0] in numeric:
+                out[rows] = model.predict_values(numeric[model.request_vars[0]][rows])
+                continue
+            out[rows] = model.predict_terms(_row_terms(model, numeric, seqs, rows))
+        return (out, unseen) if return_unseen else out
+
+    def step_predictor(self, inventory: Mapping[str, Any]) -> "StepPredictor":
+        """Precompute a model inventory's per-op structure for fast step predictions."""
+        return StepPredictor(self, inventory)
+
+
+def _row_terms(model: OpModel, numeric: Mapping[str, np.ndarray], seqs: Any, rows: np.ndarray) -> np.ndarray:
+    sub = {k: v[rows] for k, v in numeric.items()}
+    if model.family == FAMILY_ATTENTION:
+        if seqs is not None:
+            sub.update(aggregates_from_seqs([seqs[i] for i in rows], model.window))
+        elif "attn_pairs" not in sub:
+            sub.update(uniform_aggregates(sub, np.full(len(rows), model.window)))
+    elif "S" not in sub and "K" in sub:
+        sub["S"] = sub["K"]
+    return term_matrix(sub, len(rows))
+
+
+class StepPredictor:
+    """Engine-step latency of one model on one platform/engine/backend/dtype (see module doc)."""
+
+    def __init__(self, predictor: Predictor, inventory: Mapping[str, Any]) -> None:
+        operations = inventory.get("operations")
+        if not isinstance(operations, list) or not operations:
+            raise DoolyError(f"inventory of {inventory.get('model_id', '?')} lists no operations")
+        self.model_id = str(inventory.get("model_id", ""))
+        self.describe = predictor.describe()
+        self.generation = predictor.generation
+        entries: list[tuple[OpModel, int, bool]] = []
+        for entry in operations:
+            try:
+                model, unseen = predictor.op_model(
+                    entry["signature"],
+                    entry["op_class"],
+                    entry.get("config_dims", {}),
+                    entry.get("request_vars"),
+                    entry.get("op", ""),
+                )
+            except KeyError as exc:
+                raise DoolyError(f"inventory of {self.model_id}: an operation lacks {exc}") from exc
+            entries.append((model, int(entry.get("count", 1)), unseen))
+        self.entries = entries
+        self.classes = sorted({m.op_class for m, _, _ in entries})
+        self.unseen = {m.signature: u for m, _, u in entries}
+        windows = [m.window for m, _, _ in entries if m.family == FAMILY_ATTENTION and m.window > 0]
+        configured = int(inventory.get(SLIDING_WINDOW, 0) or 0)
+        self.model_window = configured or (max(windows) if windows else 0)
+        self._build(entries)
+
+    @property
+    def op_count(self) -> int:
+        return len(self.entries)
+
+    @property
+    def unseen_count(self) -> int:
+        return sum(1 for _, _, u in self.entries if u)
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _build(self, entries: list[tuple[OpModel, int, bool]]) -> None:
+        n_cls = len(self.classes)
+        cls_of = {c: i for i, c in enumerate(self.classes)}
+        dense_values = np.arange(DENSE_LIMIT, dtype=np.float64)
+        grid = np.concatenate([dense_values, LOG_GRID])
+        self._dense: dict[str, np.ndarray] = {}
+        self._log: dict[str, np.ndarray] = {}
+        linear: dict[int, np.ndarray] = {}
+        self._nonlinear: list[tuple[int, int, OpModel, int]] = []
+        for model, count, _ in entries:
+            ci = cls_of[model.op_class]
+            var = model.single_var
+            if var is not None:
+                if var not in self._dense:
+                    self._dense[var] = np.zeros((n_cls, DENSE_LIMIT))
+                    self._log[var] = np.zeros((n_cls, len(LOG_GRID)))
+                if isinstance(model, InterpModel):
+                    values = model.predict_values(grid)
+                else:
+                    values = model.predict_terms(term_matrix({var: grid}, len(grid)))
+                values[0] = 0.0
+                self._dense[var][ci] += count * values[:DENSE_LIMIT]
+                self._log[var][ci] += count * values[DENSE_LIMIT:]
+                continue
+            window = model.window if model.family == FAMILY_ATTENTION else self.model_window
+            coef = model.linear_terms()
+            if coef is None:
+                self._nonlinear.append((ci, count, model, window))
+                continue
+            linear.setdefault(window, np.zeros((n_cls, N_TERMS)))[ci] += count * coef
+        self._linear = linear
+        self._linear_total = {w: m.sum(axis=0) for w, m in linear.items()}
+        self._windows = sorted({*linear, *(w for *_, w in self._nonlinear)})
+        # Scalar hot path: Python lists are faster to index than numpy arrays.
+        self._scalar_tables = [
+            (REQUEST_VARS.index(var), self._dense[var].sum(axis=0).tolist(), self._log[var].sum(axis=0).tolist())
+            for var in self._dense
+        ]
+        self._scalar_linear = [
+            (w, [(int(i), float(c)) for i, c in enumerate(total) if c != 0.0])
+            for w, total in self._linear_total.items()
+        ]
+
+    # -- scalar path -------------------------------------------------------------------------
+
+    @staticmethod
+    def _scan(prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> tuple:
+        nd = len(decode_ctx)
+        t = nd
+        kv = 0
+        pairs = 0
+        d = 0
+        max_q = 1 if nd else 0
+        max_kv = 0
+        for q, c in prefill:
+            t += q
+            kv += q + c
+            pairs += q * c + q * (q + 1) // 2
+            if q > max_q:
+                max_q = q
+            if q + c > max_kv:
+                max_kv = q + c
+            if q == 1 and c > 0:
+                d += 1
+        if nd:
+            kd = sum(decode_ctx) + nd
+            top = max(decode_ctx) + 1
+            if top > max_kv:
+                max_kv = top
+            zeros = decode_ctx.count(0) if isinstance(decode_ctx, (list, tuple)) else int(np.sum(np.asarray(decode_ctx) == 0))
+            d += nd - zeros
+        else:
+            kd = 0
+            top = 0
+        b = len(prefill) + nd
+        return t, b, kv + kd, d, pairs + kd, b * max_q * max_kv, top
+
+    @staticmethod
+    def _windowed(prefill, decode_ctx, window: int, k: int, pairs: int, decode_top: int) -> tuple[float, float]:
+        """S and causal pairs under a sliding window (K and the full pairs when there is none)."""
+        if window <= 0:
+            return k, pairs
+        s = 0
+        wp = 0.0
+        for q, c in prefill:
+            s += min(c, window - 1) + q
+            first = min(max(window - c, 0), q)
+            wp += first * c + first * (first + 1) / 2 + (q - first) * window
+        if decode_top <= window:
+            dec = sum(decode_ctx) + len(decode_ctx)
+        else:
+            dec = sum(min(c + 1, window) for c in decode_ctx)
+        return s + dec, wp + dec
+
+    @staticmethod
+    def _term_list(t, b, k, d, s, pairs, padded) -> list[float]:
+        """The request terms in TERMS order, built by hand (a test checks it against term_matrix)."""
+        return [
+            0.0, 1.0, t, b, k, d, s,
+            t * b, t * k, t * d, t * s, b * k, b * d, b * s, k * d, k * s, d * s,
+            pairs, padded,
+        ]  # fmt: skip
+
+    @staticmethod
+    def _lookup(dense: list[float], logs: list[float], x: float) -> float:
+        if x < DENSE_LIMIT:
+            return dense[int(x)]
+        pos = (math.log2(x) - LOG2_DENSE) * PER_OCTAVE
+        i = min(int(pos), len(logs) - 2)
+        return logs[i] + (logs[i + 1] - logs[i]) * (pos - i)
+
+    def step_seconds(self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> float:
+        """Latency of one engine step: prefill chunks (new tokens, cached context) + decodes (context)."""
+        t, b, k, d, pairs, padded, top = self._scan(prefill, decode_ctx)
+        mw = self.model_window
+        s_model = self._windowed(prefill, decode_ctx, mw, k, pairs, top)[0] if mw > 0 else k
+        values = (t, b, k, d, s_model)
+        lookup = self._lookup
+        total = 0.0
+        for var_i, dense, logs in self._scalar_tables:
+            x = values[var_i]
+            if x > 0:
+                total += lookup(dense, logs, x)
+        if self._scalar_linear or self._nonlinear:
+            for window, nz in self._scalar_linear:
+                s, wp = self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
+                terms = self._term_list(t, b, k, d, s, wp, padded)
+                for i, c in nz:
+                    total += c * terms[i]
+            for _, count, model, window in self._nonlinear:
+                s, wp = self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
+                row = np.array([self._term_list(t, b, k, d, s, wp, padded)])
+                total += count * float(model.predict_terms(row)[0])
+        return total
+
+    # -- array path --------------------------------------------------------------------------
+
+    def _class_seconds(self, q: np.ndarray, ctx: np.ndarray, step: np.ndarray, n_steps: int, per_class: bool) -> np.ndarray:
+        """(n_steps,) totals, or (n_steps, n_classes) when per_class."""
+        n_cls = len(self.classes)
+        out = np.zeros((n_steps, n_cls)) if per_class else np.zeros(n_steps)
+        aggregates = {
+            w: seqs_aggregates(q, ctx, step, n_steps, np.full(len(q), w, dtype=np.int64))
+            for w in {0, self.model_window, *self._windows}
+        }
+        base = aggregates[self.model_window]
+        for var in self._dense:
+            x = base[var]
+            dense_idx = np.minimum(x, DENSE_LIMIT - 1).astype(np.int64)
+            big = x >= DENSE_LIMIT
+            log_pos = np.log2(np.maximum(x, DENSE_LIMIT))
+            grid_log2 = np.log2(LOG_GRID)
+            if per_class:
+                vals = self._dense[var][:, dense_idx].T
+                if big.any():
+                    for ci in range(n_cls):
+                        vals[big, ci] = np.interp(log_pos[big], grid_log2, self._log[var][ci])
+                vals[x <= 0] = 0.0
+            else:
+                vals = self._dense[var].sum(axis=0)[dense_idx]
+                if big.any():
+                    vals[big] = np.interp(log_pos[big], grid_log2, self._log[var].sum(axis=0))
+                vals[x <= 0] = 0.0
+            out += vals
+        for window in self._windows:
+            terms = term_matrix(aggregates[window], n_steps)
+            if window in self._linear:
+                out += terms @ (self._linear[window].T if per_class else self._linear_total[window])
+            for ci, count, model, w in self._nonlinear:
+                if w == window:
+                    vals = count * model.predict_terms(terms)
+                    if per_class:
+                        out[:, ci] += vals
+                    else:
+                        out += vals
+        return out
+
+    def step_seconds_arrays(self, q: np.ndarray, ctx: np.ndarray, step: np.ndarray, n_steps: int) -> np.ndarray:
+        """Many steps at once from flat per-sequence arrays: query length, context, step index."""
+        return self._class_seconds(
+            np.asarray(q, dtype=np.int64), np.asarray(ctx, dtype=np.int64), np.asarray(step, dtype=np.int64), n_steps, False
+        )
+
+    def step_seconds_many(self, steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]) -> np.ndarray:
+        """Latency of many steps, each (prefill chunks, decode contexts)."""
+        q, ctx, step = _flatten(steps)
+        return self.step_seconds_arrays(q, ctx, step, len(steps))
+
+    def breakdown(self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> dict[str, float]:
+        """One step's latency by operation class (sums to `step_seconds`)."""
+        q, ctx, step = _flatten([(prefill, decode_ctx)])
+        row = self._class_seconds(q, ctx, step, 1, True)[0]
+        return {c: float(v) for c, v in zip(self.classes, row)}
+
+    def op_seconds(self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> list[dict[str, Any]]:
+        """Per inventory operation: seconds per execution, count, and whether it was unseen."""
+        q, ctx, step = _flatten([(prefill, decode_ctx)])
+        rows = []
+        for model, count, unseen in self.entries:
+            window = model.window if model.family == FAMILY_ATTENTION else self.model_window
+            terms = term_matrix(seqs_aggregates(q, ctx, step, 1, np.full(len(q), window, dtype=np.int64)), 1)
+            only = model.single_var
+            seconds = float(model.predict_terms(terms)[0]) if only is None or terms[0, TERM_INDEX[only]] > 0 else 0.0
+            rows.append(
+                {
+                    "signature": model.signature,
+                    "op": model.op,
+                    "op_class": model.op_class,
+                    "count": count,
+                    "seconds": seconds,
+                    "method": model.method,
+                    "unseen": unseen,
+                }
+            )
+        return rows
+
+
+def _flatten(steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    q: list[int] = []
+    ctx: list[int] = []
+    step: list[int] = []
+    for i, (prefill, decode_ctx) in enumerate(steps):
+        for pq, pc in prefill:
+            q.append(pq)
+            ctx.append(pc)
+        q.extend([1] * len(decode_ctx))
+        ctx.extend(decode_ctx)
+        step.extend([i] * (len(prefill) + len(decode_ctx)))
+    return np.array(q, dtype=np.int64), np.array(ctx, dtype=np.int64), np.array(step, dtype=np.int64)

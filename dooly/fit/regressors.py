@@ -1,0 +1,262 @@
+"""The small regressors behind the predictor, and how each is fitted.
+
+Two kinds, on purpose:
+- per-signature models for operations the database holds: monotone piecewise-linear interpolation
+  in log-log space over the measured grid of a one-variable operation, or a non-negative linear
+  model over request terms (attention, multi-variable ops). They reproduce the measurements and
+  only interpolate between them.
+- per-class models over config dims + request variables, for signatures never profiled: a
+  non-negative linear model on physical features (FLOPs, bytes moved), optionally corrected by a
+  small gradient-boosted tree on logs, or a tree / power law alone. Which one wins is measured by
+  grouped k-fold cross-validation per operation class.
+
+Evaluation is plain numpy on stored coefficient arrays; scikit-learn is needed to fit, and to
+evaluate only the tree-based corrections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dooly.fit.features import (
+    FAMILY_ATTENTION,
+    N_TERMS,
+    TERM_INDEX,
+    StaticFeatures,
+    log_design,
+)
+
+# Candidate methods for signatures the database does not hold, in order of preference on ties.
+METHOD_NNLS = "nnls"
+METHOD_NNLS_GBT = "nnls+gbt"
+METHOD_GBT = "gbt-log"
+METHOD_RIDGE = "ridge-log"
+UNSEEN_METHODS = (METHOD_NNLS, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
+LINEAR_METHODS = (METHOD_NNLS,)
+
+# Methods for signatures the database holds.
+SEEN_INTERP = "interp-loglog"
+SEEN_LINEAR = "local-nnls"
+SEEN_SCALED = "scaled-class"
+
+# Interpolation extrapolates with the slope of the edge segment, clamped: latency never falls
+# with more work, and no operation here grows faster than quadratically in one variable.
+MAX_EXTRAPOLATION_SLOPE = 2.0
+# Latencies are positive; this floor keeps logs finite when a linear fit predicts zero.
+MIN_SECONDS = 1e-9
+
+# Small trees: fast to fit on a CPU, fast to evaluate, hard to over-fit with few signatures.
+GBT_PARAMS: dict[str, Any] = {
+    "max_iter": 150,
+    "learning_rate": 0.1,
+    "max_leaf_nodes": 15,
+    "early_stopping": False,
+    "random_state": 0,
+}
+GBT_MIN_LEAF_FRACTION = 0.05
+GBT_MAX_MIN_LEAF = 20
+RIDGE_ALPHA = 1e-3
+
+
+def relative_nnls(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+    """Non-negative least squares on relative error: minimise sum((x.c - y) / y)^2, c >= 0.
+
+    Relative, because the target is MAPE; non-negative, because every feature is work that can
+    only add time, which keeps extrapolation to bigger shapes sane.
+    """
+    from sklearn.linear_model import LinearRegression
+
+    scale = np.abs(design).max(axis=0)
+    scale[scale == 0] = 1.0
+    scaled = design / scale / seconds[:, None]
+    fit = LinearRegression(positive=True, fit_intercept=False).fit(scaled, np.ones(len(seconds)))
+    return fit.coef_ / scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-signature models
+
+
+@dataclass
+class OpModel:
+    """A latency model of one operation (signature), evaluated on request terms."""
+
+    signature: str
+    op: str
+    op_class: str
+    family: str
+    request_vars: tuple[str, ...]
+    window: int
+    method: str
+
+    def predict_terms(self, terms: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def linear_terms(self) -> np.ndarray | None:
+        """Coefficients over TERMS when the model is linear in them (the fast path), else None."""
+        return None
+
+    @property
+    def single_var(self) -> str | None:
+        """The one request variable of a non-attention op (tabulated by the step predictor)."""
+        if self.family != FAMILY_ATTENTION and len(self.request_vars) == 1:
+            return self.request_vars[0]
+        return None
+
+
+@dataclass
+class InterpModel(OpModel):
+    """Piecewise-linear interpolation of log(seconds) over log(variable), on the measured grid."""
+
+    log_x: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    log_y: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    low_slope: float = 0.0
+    high_slope: float = 1.0
+
+    def predict_values(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        positive = values > 0
+        x = np.log(np.where(positive, values, 1.0))
+        y = np.interp(x, self.log_x, self.log_y)
+        below = x < self.log_x[0]
+        above = x > self.log_x[-1]
+        y = np.where(below, self.log_y[0] + self.low_slope * (x - self.log_x[0]), y)
+        y = np.where(above, self.log_y[-1] + self.high_slope * (x - self.log_x[-1]), y)
+        return np.where(positive, np.exp(y), 0.0)
+
+    def predict_terms(self, terms: np.ndarray) -> np.ndarray:
+        return self.predict_values(terms[:, TERM_INDEX[self.request_vars[0]]])
+
+
+def fit_interp(values: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+    """Grid for InterpModel: mean log latency per distinct value, made non-decreasing.
+
+    Returns None when fewer than two distinct positive values were measured.
+    """
+    from sklearn.isotonic import isotonic_regression
+
+    keep = (values > 0) & (seconds > 0)
+    if not keep.any():
+        return None
+    x = np.log(values[keep].astype(np.float64))
+    y = np.log(seconds[keep])
+    unique_x, inverse = np.unique(x, return_inverse=True)
+    if len(unique_x) < 2:
+        return None
+    counts = np.bincount(inverse).astype(np.float64)
+    mean_y = np.bincount(inverse, weights=y) / counts
+    # More work never takes less time: an isotonic fit (weighted by repeats) removes noise dips.
+    mean_y = isotonic_regression(mean_y, sample_weight=counts)
+    slopes = np.diff(mean_y) / np.diff(unique_x)
+    low = float(np.clip(slopes[0], 0.0, MAX_EXTRAPOLATION_SLOPE))
+    high = float(np.clip(slopes[-1], 0.0, MAX_EXTRAPOLATION_SLOPE))
+    return unique_x, mean_y, low, high
+
+
+@dataclass
+class LinearModel(OpModel):
+    """seconds = sum_j coef_j * term_j over a few request terms (non-negative coefficients)."""
+
+    coef: np.ndarray = field(default_factory=lambda: np.zeros(N_TERMS))
+
+    def predict_terms(self, terms: np.ndarray) -> np.ndarray:
+        return terms @ self.coef
+
+    def linear_terms(self) -> np.ndarray | None:
+        return self.coef
+
+
+def fit_local_linear(terms: np.ndarray, seconds: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Coefficients over all TERMS (zeros outside `names`) of a relative NNLS fit."""
+    cols = [TERM_INDEX[n] for n in names]
+    coef = np.zeros(N_TERMS)
+    coef[cols] = relative_nnls(terms[:, cols], seconds)
+    return coef
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-class (cross-signature) models
+
+
+@dataclass
+class ClassRegressor:
+    """One operation class's cross-signature regressor (see module docstring for the methods)."""
+
+    method: str
+    coef: np.ndarray | None = None  # over the family's physical features
+    estimator: Any = None  # sklearn regressor on log features (tree or ridge), or None
+
+    def predict(self, physical: np.ndarray, logx: np.ndarray) -> np.ndarray:
+        if self.method in (METHOD_NNLS, METHOD_NNLS_GBT):
+            base = np.maximum(physical @ self.coef, MIN_SECONDS)
+            if self.method == METHOD_NNLS_GBT:
+                base = base * np.exp(self.estimator.predict(logx))
+            return base
+        return np.exp(self.estimator.predict(logx))
+
+
+def fit_class_regressor(method: str, physical: np.ndarray, logx: np.ndarray, seconds: np.ndarray) -> ClassRegressor:
+    if method == METHOD_NNLS:
+        return ClassRegressor(method, coef=relative_nnls(physical, seconds))
+    if method == METHOD_NNLS_GBT:
+        coef = relative_nnls(physical, seconds)
+        base = np.maximum(physical @ coef, MIN_SECONDS)
+        tree = _gbt(len(seconds)).fit(logx, np.log(seconds / base))
+        return ClassRegressor(method, coef=coef, estimator=tree)
+    if method == METHOD_GBT:
+        return ClassRegressor(method, estimator=_gbt(len(seconds)).fit(logx, np.log(seconds)))
+    if method == METHOD_RIDGE:
+        from sklearn.linear_model import Ridge
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        model = make_pipeline(StandardScaler(), Ridge(alpha=RIDGE_ALPHA))
+        return ClassRegressor(method, estimator=model.fit(logx, np.log(seconds)))
+    raise ValueError(f"unknown method {method}")
+
+
+def _gbt(n_rows: int):
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    min_leaf = int(min(GBT_MAX_MIN_LEAF, max(1, n_rows * GBT_MIN_LEAF_FRACTION)))
+    return HistGradientBoostingRegressor(min_samples_leaf=min_leaf, **GBT_PARAMS)
+
+
+@dataclass
+class ClassModel:
+    """A fitted class regressor plus what it needs to build features of any signature."""
+
+    op_class: str
+    family: str
+    config_names: tuple[str, ...]
+    request_vars: tuple[str, ...]  # the most common request variables of the class
+    regressor: ClassRegressor
+
+
+@dataclass
+class BoundClassModel(OpModel):
+    """A class model applied to one signature (possibly never profiled), times a factor."""
+
+    model: ClassModel | None = None
+    static: StaticFeatures | None = None
+    config: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    var_mask: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    factor: float = 1.0
+
+    def predict_terms(self, terms: np.ndarray) -> np.ndarray:
+        n = terms.shape[0]
+        physical = terms[:, self.static.term_index] * self.static.multiplier
+        logx = np.empty((n, 0))
+        if self.model.regressor.estimator is not None:
+            logx = log_design(terms, physical, np.broadcast_to(self.config, (n, len(self.config))), self.var_mask)
+        return self.factor * self.model.regressor.predict(physical, logx)
+
+    def linear_terms(self) -> np.ndarray | None:
+        if self.model.regressor.method not in LINEAR_METHODS:
+            return None
+        coef = np.zeros(N_TERMS)
+        np.add.at(coef, self.static.term_index, self.model.regressor.coef * self.static.multiplier)
+        return self.factor * coef

@@ -1,0 +1,449 @@
+"""Builders of every Kubernetes object dooly runs: profiling Jobs, the merge Job, the CronJob, RBAC.
+
+They return plain dicts (the shape `kubectl apply` reads), so `dooly fleet render` prints exactly what
+`dooly fleet submit` creates and the local executor runs exactly what a kubelet would. The pods run
+the same `dooly` commands a user runs by hand; the fleet layer only decides where they run.
+
+    spec = FleetSpec.load(None)
+    jobs = build_profile_jobs(spec, run_id="20250101-020000")   # one Indexed Job per target
+    merge = build_merge_job(spec, run_id="20250101-020000")      # created suspended; resumed by `wait`
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import re
+from typing import Any
+
+import yaml
+
+from dooly.errors import DoolyError
+from dooly.fleet import checks
+from dooly.fleet.spec import FleetSpec, ProfileTarget
+
+APP_NAME = "dooly"
+LABEL_PREFIX = "dooly.dev"
+RUN_LABEL = f"{LABEL_PREFIX}/run-id"
+GPU_TYPE_LABEL = f"{LABEL_PREFIX}/gpu-type"
+ENGINE_LABEL = f"{LABEL_PREFIX}/engine"
+BACKEND_LABEL = f"{LABEL_PREFIX}/backend"
+BACKEND_ANNOTATION = f"{LABEL_PREFIX}/attention-backend"
+STORE_ANNOTATION = f"{LABEL_PREFIX}/store"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+NAME_LABEL = "app.kubernetes.io/name"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+COMPONENT_PROFILE = "profile"
+COMPONENT_MERGE = "merge"
+COMPONENT_SIMULATE = "simulate"
+COMPONENT_CONTROLLER = "controller"
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_RESOURCE = "nvidia.com/gpu"
+COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
+COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+RUN_ID_ENV = "DOOLY_RUN_ID"
+
+WORKER_SERVICE_ACCOUNT = "dooly-worker"
+CONTROLLER_SERVICE_ACCOUNT = "dooly-controller"
+CONTROLLER_ROLE = "dooly-controller"
+FLEET_CONFIGMAP = "dooly-fleet"
+FLEET_CONFIGMAP_KEY = "fleet.yaml"
+FLEET_MOUNT_DIR = "/etc/dooly"
+CRONJOB_NAME = "dooly-nightly"
+
+# The images create this user (images/*.Dockerfile); pods refuse to start as anyone else.
+RUN_AS_UID = 10001
+# Writable scratch on a read-only root filesystem: /tmp, the user's cache, and shared memory for GPUs.
+TMP_DIR = "/tmp"
+CACHE_DIR = "/home/dooly/.cache"
+SHM_DIR = "/dev/shm"
+TMP_SIZE = "8Gi"
+CACHE_SIZE = "16Gi"
+SHM_SIZE = "8Gi"
+TERMINATION_GRACE_S = 30
+
+# S3 settings a profiling or merge pod reads from the fleet's Secret (env name = Secret key).
+S3_SECRET_KEYS_REQUIRED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_SECRET_KEYS_OPTIONAL = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+
+# `dooly` exits with this code on bad input: retrying a pod cannot fix it, so it fails the whole Job.
+USER_ERROR_EXIT_CODE = DoolyError.exit_code
+# The controller waits for the profiling and merge deadlines plus scheduling slack.
+CONTROLLER_SLACK_S = 1800
+CONTROLLER_HISTORY = 3
+CONTROLLER_STARTING_DEADLINE_S = 3600
+
+RUN_ID_FORMAT = "%Y%m%d-%H%M%S"
+_RUN_ID = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
+NAME_HASH_CHARS = 8
+
+
+def new_run_id(now: _dt.datetime | None = None) -> str:
+    """A sortable run id from the UTC time: the latest run is the greatest id."""
+    return (now or _dt.datetime.now(_dt.timezone.utc)).strftime(RUN_ID_FORMAT)
+
+
+def check_run_id(run_id: str) -> str:
+    if not _RUN_ID.match(run_id):
+        raise DoolyError(f"run id {run_id!r} must be 1-32 lowercase letters, digits or '-' (e.g. 20250101-020000)")
+    return run_id
+
+
+def job_name(*parts: str) -> str:
+    """A DNS-1123 Job name from its parts; names over 63 characters keep a hash of the full name."""
+    name = "-".join(checks.slug(p) for p in parts if p)
+    if len(name) <= checks.DNS1123_LABEL_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:NAME_HASH_CHARS]
+    return f"{name[: checks.DNS1123_LABEL_MAX - NAME_HASH_CHARS - 1].rstrip('-')}-{digest}"
+
+
+def build_profile_jobs(spec: FleetSpec, *, run_id: str | None = None) -> list[dict]:
+    """One Indexed Job per (GPU type, engine, backend) of the fleet."""
+    run_id = check_run_id(run_id or new_run_id())
+    return [build_profile_job(spec, target, run_id=run_id) for target in spec.targets()]
+
+
+def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) -> dict:
+    """An Indexed Job whose pods each profile one deterministic shard of the missing signatures."""
+    gpu, engine, backend = target.gpu, target.engine, target.backend
+    labels = _labels(run_id, COMPONENT_PROFILE)
+    labels.update({GPU_TYPE_LABEL: gpu.name, ENGINE_LABEL: engine.name, BACKEND_LABEL: checks.slug(backend)})
+    args = [
+        "profile",
+        *spec.models,
+        "--store", spec.store,
+        "--platform", "auto",
+        "--engine", engine.name,
+        "--attention", backend,
+        "--shard-index", f"$({COMPLETION_INDEX_ENV})",
+        "--shard-count", str(gpu.completions),
+        "--output", "json",
+    ]
+    env = [
+        {"name": COMPLETION_INDEX_ENV, "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}}},
+        {"name": RUN_ID_ENV, "value": run_id},
+        {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+        *_s3_env(spec),
+    ]
+    limits: dict[str, str] = {"memory": gpu.resources.memory}
+    requests: dict[str, str] = {"cpu": gpu.resources.cpu, "memory": gpu.resources.memory}
+    if gpu.gpus:
+        limits[GPU_RESOURCE] = requests[GPU_RESOURCE] = str(gpu.gpus)
+    container = _container("profile", engine.image, args, env, requests, limits, shm=gpu.gpus > 0)
+    pod: dict[str, Any] = _pod_spec([container], init_containers=[], shm=gpu.gpus > 0)
+    if gpu.product:
+        pod["nodeSelector"] = {GPU_PRODUCT_LABEL: gpu.product}
+        pod["tolerations"] = [dict(t) for t in spec.tolerations + gpu.tolerations]
+    annotations = {BACKEND_ANNOTATION: backend, STORE_ANNOTATION: spec.store}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(spec, job_name(APP_NAME, run_id, gpu.name, engine.name, backend), labels, annotations),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": gpu.completions,
+            "parallelism": gpu.parallelism,
+            "backoffLimitPerIndex": spec.retries_per_index,
+            "podFailurePolicy": _pod_failure_policy(),
+            "activeDeadlineSeconds": spec.profile_deadline_s,
+            "ttlSecondsAfterFinished": spec.ttl_after_finished_s,
+            "template": {"metadata": {"labels": dict(labels), "annotations": dict(annotations)}, "spec": pod},
+        },
+    }
+
+
+def build_merge_job(spec: FleetSpec, *, run_id: str | None = None, suspend: bool = False) -> dict:
+    """The CPU Job that compacts the new shards (`dooly merge`) and refits (`dooly fit`).
+
+    `merge` is an init container, so `fit` only runs on a complete snapshot. The controller creates
+    it suspended with the profiling Jobs and resumes it once they have all finished.
+    """
+    run_id = check_run_id(run_id or new_run_id())
+    labels = _labels(run_id, COMPONENT_MERGE)
+    requests = {"cpu": spec.merge_resources.cpu, "memory": spec.merge_resources.memory}
+    limits = {"memory": spec.merge_resources.memory}
+    env = [{"name": RUN_ID_ENV, "value": run_id}, *_s3_env(spec)]
+    merge = _container(
+        "merge", spec.controller_image, ["merge", "--store", spec.store, "--output", "json"], env, requests, limits
+    )
+    fit = _container(
+        "fit", spec.controller_image, ["fit", "--store", spec.store, "--output", "json"], env, requests, limits
+    )
+    annotations = {STORE_ANNOTATION: spec.store}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(spec, job_name(APP_NAME, run_id, COMPONENT_MERGE), labels, annotations),
+        "spec": {
+            "suspend": suspend,
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": spec.merge_retries,
+            "podFailurePolicy": _pod_failure_policy(),
+            "activeDeadlineSeconds": spec.merge_deadline_s,
+            "ttlSecondsAfterFinished": spec.ttl_after_finished_s,
+            "template": {
+                "metadata": {"labels": dict(labels), "annotations": dict(annotations)},
+                "spec": _pod_spec([fit], init_containers=[merge]),
+            },
+        },
+    }
+
+
+def build_simulate_job(spec: FleetSpec, *, run_id: str, model: str, backend: str) -> dict:
+    """A CPU Job that simulates serving one model on the fitted regressors of one backend."""
+    labels = _labels(check_run_id(run_id), COMPONENT_SIMULATE)
+    labels[BACKEND_LABEL] = checks.slug(backend)
+    args = [
+        "simulate",
+        "--store", spec.store,
+        "--model", model,
+        "--platform", "auto",
+        "--backend", backend,
+        "--output", "json",
+    ]
+    requests = {"cpu": spec.merge_resources.cpu, "memory": spec.merge_resources.memory}
+    container = _container(
+        "simulate", spec.controller_image, args, [*_s3_env(spec)], requests, {"memory": spec.merge_resources.memory}
+    )
+    annotations = {BACKEND_ANNOTATION: backend, f"{LABEL_PREFIX}/model": model}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(spec, job_name(APP_NAME, run_id, "sim", model, backend), labels, annotations),
+        "spec": {
+            "completions": 1,
+            "backoffLimit": 0,
+            "podFailurePolicy": _pod_failure_policy(),
+            "activeDeadlineSeconds": spec.merge_deadline_s,
+            "ttlSecondsAfterFinished": spec.ttl_after_finished_s,
+            "template": {"metadata": {"labels": dict(labels)}, "spec": _pod_spec([container], init_containers=[])},
+        },
+    }
+
+
+def build_run_manifests(spec: FleetSpec, *, run_id: str) -> list[dict]:
+    """What `dooly fleet submit` creates for one run: the profiling Jobs and the suspended merge Job."""
+    return [*build_profile_jobs(spec, run_id=run_id), build_merge_job(spec, run_id=run_id, suspend=True)]
+
+
+def controller_timeout_s(spec: FleetSpec) -> int:
+    """How long the in-cluster controller waits for a whole run."""
+    return spec.profile_deadline_s + spec.merge_deadline_s + CONTROLLER_SLACK_S
+
+
+def build_cronjob(spec: FleetSpec) -> dict:
+    """The nightly CronJob: `dooly fleet submit --wait` in the cluster, one run at a time."""
+    labels = {NAME_LABEL: APP_NAME, COMPONENT_LABEL: COMPONENT_CONTROLLER, MANAGED_BY_LABEL: APP_NAME}
+    timeout = controller_timeout_s(spec)
+    args = [
+        "fleet", "submit",
+        "--executor", "kubernetes",
+        "--wait",
+        "--timeout", str(timeout),
+        "--fleet", f"{FLEET_MOUNT_DIR}/{FLEET_CONFIGMAP_KEY}",
+    ]
+    requests = {"cpu": spec.controller_resources.cpu, "memory": spec.controller_resources.memory}
+    container = _container(
+        "controller", spec.controller_image, args, [], requests, {"memory": spec.controller_resources.memory}
+    )
+    container["volumeMounts"].append({"name": "fleet", "mountPath": FLEET_MOUNT_DIR, "readOnly": True})
+    pod = _pod_spec([container], init_containers=[], service_account=CONTROLLER_SERVICE_ACCOUNT)
+    pod["volumes"].append({"name": "fleet", "configMap": {"name": FLEET_CONFIGMAP}})
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": _metadata(spec, CRONJOB_NAME, labels, {}),
+        "spec": {
+            "schedule": spec.schedule,
+            "timeZone": spec.time_zone,
+            "concurrencyPolicy": "Forbid",
+            "startingDeadlineSeconds": CONTROLLER_STARTING_DEADLINE_S,
+            "successfulJobsHistoryLimit": CONTROLLER_HISTORY,
+            "failedJobsHistoryLimit": CONTROLLER_HISTORY,
+            "jobTemplate": {
+                "metadata": {"labels": dict(labels)},
+                "spec": {
+                    # A second controller would submit a second run: never retry it automatically.
+                    "backoffLimit": 0,
+                    "activeDeadlineSeconds": timeout + CONTROLLER_SLACK_S,
+                    "ttlSecondsAfterFinished": spec.ttl_after_finished_s,
+                    "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
+                },
+            },
+        },
+    }
+
+
+def build_setup_manifests(spec: FleetSpec) -> list[dict]:
+    """What k8s/ holds: namespace, service accounts, a least-privilege Role, the fleet ConfigMap, the CronJob."""
+    labels = {NAME_LABEL: APP_NAME, MANAGED_BY_LABEL: APP_NAME}
+    namespace = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": spec.namespace,
+            "labels": {
+                **labels,
+                # Every dooly pod satisfies the `restricted` Pod Security Standard.
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/warn": "restricted",
+            },
+        },
+    }
+    controller_sa = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(spec, CONTROLLER_SERVICE_ACCOUNT, labels, {}),
+    }
+    worker_sa = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(spec, WORKER_SERVICE_ACCOUNT, labels, {}),
+        "automountServiceAccountToken": False,
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(spec, CONTROLLER_ROLE, labels, {}),
+        "rules": [
+            {
+                "apiGroups": ["batch"],
+                "resources": ["jobs"],
+                # patch resumes the merge Job; delete rolls back a half-submitted run.
+                "verbs": ["create", "get", "list", "watch", "patch", "delete"],
+            },
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(spec, CONTROLLER_ROLE, labels, {}),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": CONTROLLER_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER_SERVICE_ACCOUNT, "namespace": spec.namespace}],
+    }
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(spec, FLEET_CONFIGMAP, labels, {}),
+        "data": {FLEET_CONFIGMAP_KEY: spec.text},
+    }
+    return [namespace, controller_sa, worker_sa, role, binding, configmap, build_cronjob(spec)]
+
+
+def _labels(run_id: str, component: str) -> dict[str, str]:
+    return {NAME_LABEL: APP_NAME, COMPONENT_LABEL: component, MANAGED_BY_LABEL: APP_NAME, RUN_LABEL: run_id}
+
+
+def _metadata(spec: FleetSpec, name: str, labels: dict, annotations: dict) -> dict:
+    metadata: dict[str, Any] = {"name": name, "namespace": spec.namespace, "labels": dict(labels)}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return metadata
+
+
+def _s3_env(spec: FleetSpec) -> list[dict]:
+    if not spec.is_s3:
+        return []
+    ref = [(key, False) for key in S3_SECRET_KEYS_REQUIRED] + [(key, True) for key in S3_SECRET_KEYS_OPTIONAL]
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key, "optional": optional}}}
+        for key, optional in ref
+    ]
+
+
+def _container(
+    name: str,
+    image: str,
+    args: list[str],
+    env: list[dict],
+    requests: dict[str, str],
+    limits: dict[str, str],
+    *,
+    shm: bool = False,
+) -> dict:
+    mounts = [{"name": "tmp", "mountPath": TMP_DIR}, {"name": "cache", "mountPath": CACHE_DIR}]
+    if shm:
+        mounts.append({"name": "dshm", "mountPath": SHM_DIR})
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": [APP_NAME],
+        "args": args,
+        "env": env,
+        "resources": {"requests": requests, "limits": limits},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": mounts,
+    }
+
+
+def _pod_spec(
+    containers: list[dict],
+    *,
+    init_containers: list[dict],
+    shm: bool = False,
+    service_account: str = WORKER_SERVICE_ACCOUNT,
+) -> dict:
+    volumes = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}},
+        {"name": "cache", "emptyDir": {"sizeLimit": CACHE_SIZE}},
+    ]
+    if shm:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": service_account,
+        # Only the controller talks to the API server.
+        "automountServiceAccountToken": service_account == CONTROLLER_SERVICE_ACCOUNT,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_UID,
+            "runAsGroup": RUN_AS_UID,
+            "fsGroup": RUN_AS_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": containers,
+        "volumes": volumes,
+    }
+    if init_containers:
+        pod["initContainers"] = init_containers
+    return pod
+
+
+def _pod_failure_policy() -> dict:
+    return {
+        "rules": [
+            # Bad input fails every shard alike: stop at once instead of burning retries.
+            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [USER_ERROR_EXIT_CODE]}},
+            # Preemption or node drain is not the pod's fault: retry without counting it.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+class _ManifestDumper(yaml.SafeDumper):
+    """Block style for multi-line strings (the fleet file in the ConfigMap stays readable)."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ManifestDumper.add_representer(str, _represent_str)
+
+
+def to_yaml(manifests: list[dict]) -> str:
+    """Multi-document YAML that `kubectl apply -f -` reads."""
+    return yaml.dump_all(manifests, Dumper=_ManifestDumper, sort_keys=False, explicit_start=True, width=120)

@@ -1,0 +1,553 @@
+"""The fleet file: which GPU types, attention backends, engines and models the profiling Jobs cover.
+
+Users edit one YAML file (the bundled default is `dooly/fleet/default_fleet.yaml`); everything the
+Jobs need is derived from it. It is validated whole before anything runs, and every error names the
+file and line (from YAML node marks), because the file usually lives in a ConfigMap and a mistake
+found at 2 a.m. by the CronJob is a wasted night of GPU time.
+
+    spec = FleetSpec.load(None)                 # the bundled default
+    spec = FleetSpec.load("fleet.yaml").select(gpus=["h100-80gb"], backends=["paged|sdpa"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dooly.errors import DoolyError
+from dooly.fleet import checks
+
+DEFAULT_FLEET_RESOURCE = "default_fleet.yaml"
+DEMO_FLEET_RESOURCE = "demo_fleet.yaml"
+MODEL_CONFIG_DIR = "configs"
+MODEL_CONFIG_ORG_SEPARATOR = "__"
+
+# Attention backends each engine adapter accepts (`dooly profile --engine E --attention B`).
+# transformers: the continuous-batching ones and the plain ones a model is profiled with;
+# vllm: its attention backend registry names.
+KNOWN_BACKENDS: dict[str, tuple[str, ...]] = {
+    "transformers": ("paged|sdpa", "paged|eager", "sdpa", "eager", "flex_attention"),
+    "vllm": ("FLASH_ATTN", "FLASHINFER", "FLEX_ATTENTION", "TRITON_ATTN", "CPU_ATTN"),
+}
+# Keep GPU type names short: they become part of Job names, which are at most 63 characters.
+GPU_TYPE_NAME_MAX = 20
+MAX_PODS_PER_JOB = 1000
+MAX_GPUS_PER_POD = 16
+_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[^\s]*)?$")
+_TIME_ZONE = re.compile(r"^[A-Za-z]+(/[A-Za-z0-9_+-]+)*$")
+
+Path_ = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """CPU and memory a pod requests (memory is also its limit: a pod that outgrows it is a bug)."""
+
+    cpu: str
+    memory: str
+
+
+@dataclass(frozen=True)
+class GpuType:
+    """One kind of GPU node: its feature-discovery product label and how its profiling Job is split."""
+
+    name: str
+    product: str | None  # value of the `nvidia.com/gpu.product` node label; None for CPU nodes
+    gpus: int  # GPUs per pod; 0 for a CPU-only pool (the demo)
+    parallelism: int  # pods running at once
+    completions: int  # shards of the work list (pods in all)
+    backends: tuple[str, ...]
+    tolerations: tuple[dict, ...]
+    resources: Resources
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A serving engine and the profiler image that has it installed."""
+
+    name: str
+    image: str
+
+
+@dataclass(frozen=True)
+class ProfileTarget:
+    """One profiling Job: a GPU type, an engine and one attention backend."""
+
+    gpu: GpuType
+    engine: Engine
+    backend: str
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """A validated fleet file. Build it with `FleetSpec.load`; narrow it with `select`."""
+
+    source: str
+    text: str
+    namespace: str
+    store: str
+    s3_secret: str
+    schedule: str
+    time_zone: str
+    profiler_image: str
+    controller_image: str
+    models: tuple[str, ...]
+    engines: tuple[Engine, ...]
+    gpu_types: tuple[GpuType, ...]
+    tolerations: tuple[dict, ...]
+    merge_resources: Resources
+    controller_resources: Resources
+    profile_deadline_s: int
+    merge_deadline_s: int
+    ttl_after_finished_s: int
+    retries_per_index: int
+    merge_retries: int
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "FleetSpec":
+        """Load and validate a fleet file; None means the bundled default."""
+        if path is None:
+            return cls.bundled(DEFAULT_FLEET_RESOURCE)
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise DoolyError(f"cannot read fleet file {file}: {exc.strerror or exc}") from exc
+        return cls.from_text(text, source=str(file))
+
+    @classmethod
+    def bundled(cls, resource: str) -> "FleetSpec":
+        """One of the fleet files shipped inside the package (the default, the demo)."""
+        text = resources.files("dooly.fleet").joinpath(resource).read_text(encoding="utf-8")
+        return cls.from_text(text, source=f"bundled {resource}")
+
+    @classmethod
+    def from_text(cls, text: str, *, source: str) -> "FleetSpec":
+        doc = _Document.parse(text, source)
+        return _build(doc, text)
+
+    @property
+    def is_s3(self) -> bool:
+        return self.store.startswith("s3://")
+
+    def select(
+        self,
+        *,
+        gpus: Sequence[str] = (),
+        backends: Sequence[str] = (),
+        engines: Sequence[str] = (),
+        models: Sequence[str] = (),
+    ) -> "FleetSpec":
+        """The same fleet narrowed to some GPU types, backends and engines, or with other models.
+
+        Every name must be known: a typo must not silently select nothing.
+        """
+        gpu_by_name = {g.name: g for g in self.gpu_types}
+        for name in gpus:
+            if name not in gpu_by_name:
+                raise DoolyError(f"unknown GPU type {name!r}; {self.source} has: {', '.join(gpu_by_name)}")
+        engine_by_name = {e.name: e for e in self.engines}
+        for name in engines:
+            if name not in engine_by_name:
+                raise DoolyError(f"unknown engine {name!r}; {self.source} has: {', '.join(engine_by_name)}")
+        chosen_gpus = [gpu_by_name[n] for n in dict.fromkeys(gpus)] or list(self.gpu_types)
+        chosen_engines = [engine_by_name[n] for n in dict.fromkeys(engines)] or list(self.engines)
+        offered = {b for g in chosen_gpus for b in g.backends}
+        for backend in backends:
+            if backend not in offered:
+                raise DoolyError(
+                    f"unknown backend {backend!r} for the selected GPU types; they offer: {', '.join(sorted(offered))}"
+                )
+        if backends:
+            chosen_gpus = [
+                dataclasses.replace(g, backends=tuple(b for b in g.backends if b in backends))
+                for g in chosen_gpus
+                if any(b in backends for b in g.backends)
+            ]
+        known = bundled_models()
+        for model in models:
+            if model not in known:
+                raise DoolyError(f"unknown model {model!r}; bundled models: {', '.join(sorted(known))}")
+        spec = dataclasses.replace(
+            self,
+            gpu_types=tuple(chosen_gpus),
+            engines=tuple(chosen_engines),
+            models=tuple(dict.fromkeys(models)) or self.models,
+        )
+        if not spec.targets():
+            raise DoolyError("this selection leaves no (GPU type, engine, backend) combination to profile")
+        return spec
+
+    def with_store(self, store: str | None) -> "FleetSpec":
+        """The same fleet writing to another store (a local directory for the local executor)."""
+        if store is None:
+            return self
+        _check_store(store, lambda message: DoolyError(f"--store: {message}"))
+        return dataclasses.replace(self, store=store)
+
+    def targets(self) -> list[ProfileTarget]:
+        """One profiling Job per (GPU type, engine, backend the engine supports)."""
+        return [
+            ProfileTarget(gpu, engine, backend)
+            for gpu in self.gpu_types
+            for engine in self.engines
+            for backend in gpu.backends
+            if backend in KNOWN_BACKENDS[engine.name]
+        ]
+
+
+def bundled_models() -> set[str]:
+    """Model names with a bundled config (`org/name`, stored as `org__name.json`)."""
+    folder = resources.files("dooly.models").joinpath(MODEL_CONFIG_DIR)
+    return {
+        entry.name.removesuffix(".json").replace(MODEL_CONFIG_ORG_SEPARATOR, "/", 1)
+        for entry in folder.iterdir()
+        if entry.name.endswith(".json")
+    }
+
+
+def resolve_image(registry: str, reference: str) -> str:
+    """`profiler:0.1.0` under registry `ghcr.io/x/dooly` -> `ghcr.io/x/dooly/profiler:0.1.0`."""
+    if "/" in reference:
+        return reference
+    return f"{registry.rstrip('/')}/{reference}"
+
+
+class _Document:
+    """A parsed YAML document with the line of every node, so errors can point into the file."""
+
+    def __init__(self, data: Any, lines: dict[Path_, int], source: str) -> None:
+        self.data = data
+        self.lines = lines
+        self.source = source
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> "_Document":
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = f", line {mark.line + 1}" if mark else ""
+            raise DoolyError(f"{source}{line}: not valid YAML: {exc.problem or exc.context}") from exc
+        except yaml.YAMLError as exc:
+            raise DoolyError(f"{source}: not valid YAML: {exc}") from exc
+        if root is None:
+            raise DoolyError(f"{source}: the fleet file is empty")
+        lines: dict[Path_, int] = {}
+        constructor = yaml.SafeLoader("")
+        data = cls._walk(root, (), lines, constructor, source)
+        return cls(data, lines, source)
+
+    @classmethod
+    def _walk(cls, node: yaml.Node, path: Path_, lines: dict, constructor: yaml.SafeLoader, source: str) -> Any:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            result: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise DoolyError(f"{source}, line {key_node.start_mark.line + 1}: keys must be plain words")
+                key = key_node.value
+                if key in result:
+                    raise DoolyError(f"{source}, line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+                lines[path + (key,)] = key_node.start_mark.line + 1
+                result[key] = cls._walk(value_node, path + (key,), lines, constructor, source)
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [cls._walk(item, path + (i,), lines, constructor, source) for i, item in enumerate(node.value)]
+        try:
+            return constructor.construct_object(node)
+        except yaml.YAMLError as exc:
+            raise DoolyError(f"{source}, line {node.start_mark.line + 1}: {exc}") from exc
+
+    def error(self, path: Path_, message: str) -> DoolyError:
+        probe = path
+        while probe not in self.lines and probe:
+            probe = probe[:-1]
+        where = _dotted(path)
+        prefix = f"{self.source}, line {self.lines.get(probe, 1)}"
+        return DoolyError(f"{prefix}: {where}: {message}" if where else f"{prefix}: {message}")
+
+    def mapping(self, value: Any, path: Path_, *, required: Iterable[str], optional: Iterable[str]) -> dict:
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a mapping, got {_kind(value)}")
+        required, optional = tuple(required), tuple(optional)
+        for key in value:
+            if key not in required and key not in optional:
+                allowed = ", ".join(required + optional)
+                raise self.error(path + (key,), f"unknown field (allowed here: {allowed})")
+        for key in required:
+            if key not in value:
+                raise self.error(path, f"missing required field {key!r}")
+        return value
+
+    def string(self, value: Any, path: Path_) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(path, f"expected a non-empty string, got {_kind(value)}")
+        return value
+
+    def integer(self, value: Any, path: Path_, *, minimum: int, maximum: int | None = None) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.error(path, f"expected an integer, got {_kind(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+            raise self.error(path, f"{value} is out of range ({bound})")
+        return value
+
+    def string_list(self, value: Any, path: Path_) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.error(path, f"expected a non-empty list, got {_kind(value)}")
+        items = tuple(self.string(item, path + (i,)) for i, item in enumerate(value))
+        for i, item in enumerate(items):
+            if item in items[:i]:
+                raise self.error(path + (i,), f"{item!r} is listed twice")
+        return items
+
+
+def _dotted(path: Path_) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+_TOP_REQUIRED = ("namespace", "store", "s3Secret", "images", "models", "engines", "gpuTypes")
+_TOP_OPTIONAL = ("schedule", "timeZone", "tolerations", "resources", "deadlines", "retries")
+_DEFAULT_SCHEDULE = "0 2 * * *"
+_DEFAULT_TIME_ZONE = "Etc/UTC"
+_DEFAULT_RESOURCES = {
+    "profiler": Resources(cpu="8", memory="64Gi"),
+    "merge": Resources(cpu="2", memory="8Gi"),
+    "controller": Resources(cpu="100m", memory="256Mi"),
+}
+_DEFAULT_DEADLINES = {"profileSeconds": 6 * 3600, "mergeSeconds": 2 * 3600, "ttlSecondsAfterFinished": 2 * 86400}
+_DEFAULT_RETRIES = {"perIndex": 2, "merge": 2}
+_DEADLINE_MIN_S = 60
+_RETRIES_MAX = 10
+
+
+def _build(doc: _Document, text: str) -> FleetSpec:
+    top = doc.mapping(doc.data, (), required=_TOP_REQUIRED, optional=_TOP_OPTIONAL)
+    namespace = doc.string(top["namespace"], ("namespace",))
+    if not checks.is_dns1123_label(namespace):
+        raise doc.error(("namespace",), f"{namespace!r} is not a DNS-1123 label")
+    store = doc.string(top["store"], ("store",))
+    _check_store(store, lambda message: doc.error(("store",), message))
+    secret = doc.string(top["s3Secret"], ("s3Secret",))
+    if not checks.is_dns1123_subdomain(secret):
+        raise doc.error(("s3Secret",), f"{secret!r} is not a valid Secret name")
+    schedule = doc.string(top.get("schedule", _DEFAULT_SCHEDULE), ("schedule",))
+    if len(schedule.split()) != checks.CRON_FIELDS:
+        raise doc.error(("schedule",), f"{schedule!r} is not a {checks.CRON_FIELDS}-field cron expression")
+    time_zone = doc.string(top.get("timeZone", _DEFAULT_TIME_ZONE), ("timeZone",))
+    if not _TIME_ZONE.match(time_zone):
+        raise doc.error(("timeZone",), f"{time_zone!r} is not an IANA time zone name")
+
+    images = doc.mapping(top["images"], ("images",), required=("registry", "profiler", "controller"), optional=())
+    registry = doc.string(images["registry"], ("images", "registry"))
+    profiler_image = _image(doc, registry, images["profiler"], ("images", "profiler"))
+    controller_image = _image(doc, registry, images["controller"], ("images", "controller"))
+
+    models = doc.string_list(top["models"], ("models",))
+    known_models = bundled_models()
+    for i, model in enumerate(models):
+        if model not in known_models:
+            raise doc.error(("models", i), f"unknown model {model!r} (bundled: {', '.join(sorted(known_models))})")
+
+    engines = _engines(doc, top["engines"], registry, profiler_image)
+    resources_by_role = _resources(doc, top.get("resources", {}))
+    tolerations = _tolerations(doc, top.get("tolerations", _default_tolerations()), ("tolerations",))
+    gpu_types = _gpu_types(doc, top["gpuTypes"], engines, resources_by_role["profiler"])
+
+    deadlines = doc.mapping(top.get("deadlines", {}), ("deadlines",), required=(), optional=_DEFAULT_DEADLINES)
+    seconds = {
+        key: doc.integer(deadlines.get(key, default), ("deadlines", key), minimum=_DEADLINE_MIN_S)
+        for key, default in _DEFAULT_DEADLINES.items()
+    }
+    retries_map = doc.mapping(top.get("retries", {}), ("retries",), required=(), optional=_DEFAULT_RETRIES)
+    retries = {
+        key: doc.integer(retries_map.get(key, default), ("retries", key), minimum=0, maximum=_RETRIES_MAX)
+        for key, default in _DEFAULT_RETRIES.items()
+    }
+    return FleetSpec(
+        source=doc.source,
+        text=text,
+        namespace=namespace,
+        store=store,
+        s3_secret=secret,
+        schedule=schedule,
+        time_zone=time_zone,
+        profiler_image=profiler_image,
+        controller_image=controller_image,
+        models=models,
+        engines=engines,
+        gpu_types=gpu_types,
+        tolerations=tolerations,
+        merge_resources=resources_by_role["merge"],
+        controller_resources=resources_by_role["controller"],
+        profile_deadline_s=seconds["profileSeconds"],
+        merge_deadline_s=seconds["mergeSeconds"],
+        ttl_after_finished_s=seconds["ttlSecondsAfterFinished"],
+        retries_per_index=retries["perIndex"],
+        merge_retries=retries["merge"],
+    )
+
+
+def _check_store(store: str, error) -> None:
+    if store.startswith("s3://"):
+        if not _S3_URI.match(store):
+            raise error(f"{store!r} is not s3://BUCKET[/PREFIX] with a valid bucket name")
+    elif "://" in store:
+        raise error(f"{store!r}: only s3:// URIs and local directories are stores")
+
+
+def _image(doc: _Document, registry: str, value: Any, path: Path_) -> str:
+    image = resolve_image(registry, doc.string(value, path))
+    problem = checks.image_problem(image)
+    if problem:
+        raise doc.error(path, problem)
+    return image
+
+
+def _engines(doc: _Document, value: Any, registry: str, profiler_image: str) -> tuple[Engine, ...]:
+    if not isinstance(value, list) or not value:
+        raise doc.error(("engines",), f"expected a non-empty list of engines, got {_kind(value)}")
+    engines: list[Engine] = []
+    for i, item in enumerate(value):
+        path = ("engines", i)
+        entry = doc.mapping(item, path, required=("name",), optional=("image",))
+        name = doc.string(entry["name"], path + ("name",))
+        if name not in KNOWN_BACKENDS:
+            raise doc.error(path + ("name",), f"unknown engine {name!r} (known: {', '.join(KNOWN_BACKENDS)})")
+        if any(e.name == name for e in engines):
+            raise doc.error(path + ("name",), f"engine {name!r} is listed twice")
+        image = _image(doc, registry, entry["image"], path + ("image",)) if "image" in entry else profiler_image
+        engines.append(Engine(name=name, image=image))
+    return tuple(engines)
+
+
+def _resources(doc: _Document, value: Any) -> dict[str, Resources]:
+    section = doc.mapping(value, ("resources",), required=(), optional=_DEFAULT_RESOURCES)
+    return {
+        role: _resource_pair(doc, section[role], ("resources", role)) if role in section else default
+        for role, default in _DEFAULT_RESOURCES.items()
+    }
+
+
+def _resource_pair(doc: _Document, value: Any, path: Path_) -> Resources:
+    entry = doc.mapping(value, path, required=("cpu", "memory"), optional=())
+    pair = {}
+    for key in ("cpu", "memory"):
+        quantity = entry[key]
+        text = str(quantity) if isinstance(quantity, int) and not isinstance(quantity, bool) else quantity
+        if not checks.is_quantity(text):
+            raise doc.error(path + (key,), f"{quantity!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
+        pair[key] = text
+    return Resources(**pair)
+
+
+def _default_tolerations() -> list[dict]:
+    return [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def _tolerations(doc: _Document, value: Any, path: Path_) -> tuple[dict, ...]:
+    if not isinstance(value, list):
+        raise doc.error(path, f"expected a list of tolerations, got {_kind(value)}")
+    result = []
+    for i, item in enumerate(value):
+        entry = doc.mapping(
+            item, path + (i,), required=(), optional=("key", "operator", "value", "effect", "tolerationSeconds")
+        )
+        operator = entry.get("operator", "Equal")
+        if operator not in checks.TOLERATION_OPERATORS:
+            raise doc.error(path + (i, "operator"), f"{operator!r} is not Exists or Equal")
+        effect = entry.get("effect", "")
+        if effect not in checks.TOLERATION_EFFECTS:
+            raise doc.error(path + (i, "effect"), f"{effect!r} is not NoSchedule, PreferNoSchedule or NoExecute")
+        if "key" in entry and not checks.is_label_key(entry["key"]):
+            raise doc.error(path + (i, "key"), f"{entry['key']!r} is not a valid taint key")
+        if operator == "Exists" and "value" in entry:
+            raise doc.error(path + (i, "value"), "operator Exists takes no value")
+        if "value" in entry and not checks.is_label_value(entry["value"]):
+            raise doc.error(path + (i, "value"), f"{entry['value']!r} is not a valid taint value")
+        if "tolerationSeconds" in entry:
+            doc.integer(entry["tolerationSeconds"], path + (i, "tolerationSeconds"), minimum=0)
+        result.append(dict(entry))
+    return tuple(result)
+
+
+def _gpu_types(
+    doc: _Document, value: Any, engines: tuple[Engine, ...], default_resources: Resources
+) -> tuple[GpuType, ...]:
+    if not isinstance(value, list) or not value:
+        raise doc.error(("gpuTypes",), f"expected a non-empty list of GPU types, got {_kind(value)}")
+    supported = {b: e.name for e in engines for b in KNOWN_BACKENDS[e.name]}
+    gpu_types: list[GpuType] = []
+    for i, item in enumerate(value):
+        path = ("gpuTypes", i)
+        entry = doc.mapping(
+            item,
+            path,
+            required=("name", "gpus", "completions", "backends"),
+            optional=("product", "parallelism", "tolerations", "resources"),
+        )
+        name = doc.string(entry["name"], path + ("name",))
+        if not checks.is_dns1123_label(name) or len(name) > GPU_TYPE_NAME_MAX:
+            raise doc.error(
+                path + ("name",), f"{name!r} must be a DNS-1123 label of at most {GPU_TYPE_NAME_MAX} characters"
+            )
+        if any(g.name == name for g in gpu_types):
+            raise doc.error(path + ("name",), f"GPU type {name!r} is listed twice")
+        gpus = doc.integer(entry["gpus"], path + ("gpus",), minimum=0, maximum=MAX_GPUS_PER_POD)
+        product = entry.get("product")
+        if gpus > 0:
+            if product is None:
+                raise doc.error(path, "a GPU type with gpus > 0 needs its `product` label value")
+            product = doc.string(product, path + ("product",))
+            if not checks.is_label_value(product):
+                raise doc.error(path + ("product",), f"{product!r} is not a valid node label value")
+        elif product is not None:
+            raise doc.error(path + ("product",), "a CPU pool (gpus: 0) has no GPU product label")
+        completions = doc.integer(entry["completions"], path + ("completions",), minimum=1, maximum=MAX_PODS_PER_JOB)
+        parallelism = doc.integer(
+            entry.get("parallelism", completions), path + ("parallelism",), minimum=1, maximum=completions
+        )
+        backends = doc.string_list(entry["backends"], path + ("backends",))
+        for j, backend in enumerate(backends):
+            if backend not in supported:
+                raise doc.error(
+                    path + ("backends", j),
+                    f"unknown backend {backend!r} for engines {', '.join(e.name for e in engines)} "
+                    f"(known: {', '.join(sorted(supported))})",
+                )
+        gpu_types.append(
+            GpuType(
+                name=name,
+                product=product,
+                gpus=gpus,
+                parallelism=parallelism,
+                completions=completions,
+                backends=backends,
+                tolerations=_tolerations(doc, entry.get("tolerations", []), path + ("tolerations",)),
+                resources=(
+                    _resource_pair(doc, entry["resources"], path + ("resources",))
+                    if "resources" in entry
+                    else default_resources
+                ),
+            )
+        )
+    return tuple(gpu_types)

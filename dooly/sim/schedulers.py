@@ -1,0 +1,716 @@
+"""Scheduler models that make the same per-step decisions as real serving engines.
+
+Each model mirrors one engine's scheduling code, decision for decision, on token counts instead of
+token ids, so that the simulated batches are the batches the engine would run:
+
+- `TransformersCBScheduler`: transformers 5.17 continuous batching (`generation/continuous_batching`:
+  `scheduler.py` FIFO and prefill-first schedulers, `cache.py` block allocation,
+  `offloading_manager.py` eviction, `continuous_api.py` the loop around them). Every step walks the
+  candidates in priority order (FIFO: decoding, then split prefills, then waiting requests;
+  prefill-first: split prefills first), chunks a prompt to the remaining `max_batch_tokens`,
+  allocates KV blocks with the engine's formula, stops admitting prefills when free blocks fall
+  under `safety_margin * num_blocks`, and when an active request cannot get blocks evicts the
+  newest starved requests (CPU offload when a swap pool is configured, else a "soft reset": the
+  request is re-queued with its generated tokens appended to the prompt and recomputed).
+- `VllmScheduler`: vLLM v1 (`v1/core/sched/scheduler.py`): running requests first in FCFS order
+  (decodes and the remaining chunks of partial prefills), each capped by the token budget; on
+  block exhaustion the last running request is preempted by recompute (blocks freed, put back at
+  the head of the waiting queue); waiting requests are admitted only in steps with no preemption,
+  up to `max_num_seqs`, with chunked prefill under `max_num_batched_tokens`.
+
+Not modelled (both engines): prefix caching / block sharing (synthetic prompts share no prefix),
+sliding-window layer groups, parallel sampling (`num_children`), speculative decoding, the time
+of CPU<->GPU KV copies.
+
+Token accounting shared by both: `computed` tokens are in the KV cache (advanced when a step is
+scheduled, as both engines do), `num_tokens` counts prompt + generated + the token a scheduled step
+will sample (a placeholder until the step completes), `generated` counts tokens delivered.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from dooly.errors import DoolyError
+from dooly.sim.step_model import StepKind, StepPath
+
+# Request status, the transformers names (vLLM's WAITING/PREEMPTED map to PENDING, RUNNING to
+# PREFILLING or DECODING).
+PENDING, PREFILLING, DECODING = 0, 1, 2
+
+
+class SimulationError(DoolyError):
+    """The configured engine cannot serve the workload (e.g. a request larger than the KV cache)."""
+
+
+class Seq:
+    """One request's scheduling state during a simulation."""
+
+    __slots__ = (
+        "rid",
+        "arrival_s",
+        "prompt",
+        "target",
+        "generated",
+        "num_tokens",
+        "computed",
+        "blocks",
+        "cpu_blocks",
+        "status",
+        "offloaded",
+        "preemptions",
+        "epoch",
+        "finished",
+        "first_token_s",
+        "finish_s",
+        "token_times",
+    )
+
+    def __init__(self, rid: str, arrival_s: float, prompt: int, target: int) -> None:
+        self.rid = rid
+        self.arrival_s = arrival_s
+        self.prompt = prompt
+        self.target = target
+        self.generated = 0
+        self.num_tokens = prompt
+        self.computed = 0
+        self.blocks = 0
+        self.cpu_blocks = 0
+        self.status = PENDING
+        self.offloaded = False
+        self.preemptions = 0
+        # Bumped when the request's in-flight work is thrown away (recompute, offload roll-back):
+        # a step scheduled under an older epoch delivers no token.
+        self.epoch = 0
+        self.finished = False
+        self.first_token_s = math.nan
+        self.finish_s = math.nan
+        self.token_times: list[float] | None = None
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """What one step runs: the step model's inputs plus who samples a token."""
+
+    prefill: list[tuple[int, int]]
+    decode_ctx: list[int]
+    samplers: list[tuple[Seq, int]]
+    path: StepPath
+    num_tokens: int
+    kv_tokens: int
+    preempted: int = 0
+    # (request, query tokens, context before them) in the engine's batch order.
+    entries: list[tuple[Seq, int, int]] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.prefill) + len(self.decode_ctx)
+
+
+class Scheduler(ABC):
+    """One replica's scheduler: requests come in with `add`, each `schedule` forms the next step's
+    batch (advancing the scheduler's own state as the engine does), `finish` releases a request
+    that delivered its last token."""
+
+    engine: str = ""
+    async_scheduling: bool = False
+
+    @abstractmethod
+    def add(self, seq: Seq) -> None: ...
+
+    @abstractmethod
+    def schedule(self) -> ScheduledBatch | None:
+        """The next batch, or None when nothing can run now."""
+
+    @abstractmethod
+    def finish(self, seq: Seq) -> None: ...
+
+    @abstractmethod
+    def has_unfinished(self) -> bool: ...
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The settings in force, for result files and `--output json`."""
+
+    @abstractmethod
+    def stall_message(self) -> str:
+        """Why unfinished requests cannot make progress (raised by the simulator)."""
+
+    @staticmethod
+    def _build(
+        entries: list[tuple[Seq, int]], path_for: Any, preempted: int = 0
+    ) -> ScheduledBatch:
+        """Advance the scheduled requests and collect the step model's inputs.
+
+        A chunk that reaches the end of the known tokens samples one token; its placeholder is
+        counted right away, as both engines do, so asynchronous scheduling sees it."""
+        prefill: list[tuple[int, int]] = []
+        decode_ctx: list[int] = []
+        samplers: list[tuple[Seq, int]] = []
+        ordered: list[tuple[Seq, int, int]] = []
+        kv_tokens = 0
+        num_tokens = 0
+        for seq, q in entries:
+            ctx = seq.computed
+            ordered.append((seq, q, ctx))
+            if q == 1:
+                decode_ctx.append(ctx)
+            else:
+                prefill.append((q, ctx))
+            kv_tokens += ctx + q
+            num_tokens += q
+            seq.computed = ctx + q
+            if seq.computed == seq.num_tokens:
+                seq.num_tokens += 1
+                samplers.append((seq, seq.epoch))
+        path = path_for(prefill, decode_ctx, num_tokens, entries)
+        return ScheduledBatch(prefill, decode_ctx, samplers, path, num_tokens, kv_tokens, preempted, ordered)
+
+
+def _kind(prefill: list, decode_ctx: list) -> StepKind:
+    if not prefill:
+        return StepKind.DECODE
+    return StepKind.MIXED if decode_ctx else StepKind.PREFILL
+
+
+def _config_from_dict(cls: type, data: dict[str, Any], engine: str) -> Any:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise DoolyError(f"{engine} engine settings: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise DoolyError(message)
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers continuous batching
+# ------------------------------------------------------------------------------------------------
+
+# Defaults of transformers 5.17 (ContinuousBatchingConfig and continuous_batching/initialization.py).
+TF_DEFAULT_BLOCK_SIZE = 256
+TF_DEFAULT_MAX_BATCH_TOKENS = 8192  # PagedAttentionMemoryHandler._default_max_batch_tokens
+TF_DEFAULT_MAX_REQUESTS_PER_BATCH = 1024  # FALLBACK_DEFAULTS["max_requests_per_batch"]
+TF_DEFAULT_Q_PADDING = 64  # FALLBACK_DEFAULTS["q_padding_interval_size"]
+TF_DEFAULT_KV_PADDING = 64 * 256  # FALLBACK_DEFAULTS["kv_padding_interval_size"]
+TF_SAFETY_MARGIN = {"fifo": 0.15, "prefill_first": 0.0}  # the scheduler classes' defaults
+# The engine sizes num_blocks from free GPU memory; a simulation needs it given. This default is
+# 131072 KV tokens: read the real value from the engine's log ("Paged cache initialized").
+TF_DEFAULT_NUM_BLOCKS = 512
+
+
+@dataclass
+class TransformersCBConfig:
+    """The `ContinuousBatchingConfig` settings that change scheduling decisions or the step path.
+
+    `use_cuda_graph` is a bool or `[varlen, decode]`; `max_blocks_per_request > 0` enables the
+    decode fast path (flash-attention only); `cpu_offload_blocks` sizes the CPU swap pool in
+    blocks (the engine's `cpu_offload_space` GiB divided by the bytes of one block; 0 = soft reset).
+    """
+
+    scheduler_type: str = "fifo"
+    block_size: int = TF_DEFAULT_BLOCK_SIZE
+    num_blocks: int = TF_DEFAULT_NUM_BLOCKS
+    max_batch_tokens: int = TF_DEFAULT_MAX_BATCH_TOKENS
+    max_requests_per_batch: int = TF_DEFAULT_MAX_REQUESTS_PER_BATCH
+    safety_margin: float | None = None
+    use_cuda_graph: bool | list[bool] = False
+    use_async_batching: bool = False
+    max_blocks_per_request: int = 0
+    q_padding_interval_size: int = TF_DEFAULT_Q_PADDING
+    kv_padding_interval_size: int = TF_DEFAULT_KV_PADDING
+    cpu_offload_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.scheduler_type in TF_SAFETY_MARGIN, f"transformers scheduler_type must be one of {sorted(TF_SAFETY_MARGIN)}, got {self.scheduler_type!r}")
+        _require(self.block_size >= 4, f"block_size must be >= 4 (transformers' minimum), got {self.block_size}")
+        _require(self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}")
+        _require(self.max_batch_tokens >= 1, f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        _require(self.max_requests_per_batch >= 1, f"max_requests_per_batch must be >= 1, got {self.max_requests_per_batch}")
+        if self.safety_margin is None:
+            self.safety_margin = TF_SAFETY_MARGIN[self.scheduler_type]
+        _require(0.0 <= self.safety_margin <= 1.0, f"safety_margin must be in [0, 1], got {self.safety_margin}")
+        if isinstance(self.use_cuda_graph, (list, tuple)):
+            _require(len(self.use_cuda_graph) == 2, "use_cuda_graph as a list is [varlen, decode]")
+            self.use_cuda_graph = [bool(v) for v in self.use_cuda_graph]
+        else:
+            self.use_cuda_graph = bool(self.use_cuda_graph)
+        _require(self.max_blocks_per_request >= 0, "max_blocks_per_request must be >= 0")
+        _require(self.cpu_offload_blocks >= 0, "cpu_offload_blocks must be >= 0")
+
+    @property
+    def cuda_graph_booleans(self) -> tuple[bool, bool]:
+        if isinstance(self.use_cuda_graph, list):
+            return self.use_cuda_graph[0], self.use_cuda_graph[1]
+        return self.use_cuda_graph, self.use_cuda_graph
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransformersCBConfig:
+        return _config_from_dict(cls, data, "transformers")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TransformersCBScheduler(Scheduler):
+    """transformers 5.17 continuous batching, FIFO or prefill-first (see the module docstring)."""
+
+    engine = "transformers"
+
+    def __init__(self, config: TransformersCBConfig | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = TransformersCBConfig()
+        elif isinstance(config, dict):
+            config = TransformersCBConfig.from_dict(config)
+        self.config = config
+        self.async_scheduling = config.use_async_batching
+        self.block_size = config.block_size
+        self.num_blocks = config.num_blocks
+        self.num_pages = config.num_blocks * config.block_size
+        self.free_blocks = config.num_blocks
+        self.free_cpu_blocks = config.cpu_offload_blocks
+        self.prefill_first = config.scheduler_type == "prefill_first"
+        self.safety_blocks = config.safety_margin * config.num_blocks
+        self.decode_fast_path_on = config.max_blocks_per_request > 0
+        self.max_fast_path_len = config.max_blocks_per_request * config.block_size
+        self.graph_varlen, self.graph_decode = config.cuda_graph_booleans
+        self.pad_inputs = self.graph_varlen or self.graph_decode
+        self.active: dict[int, Seq] = {}
+        self.waiting: OrderedDict[int, Seq] = OrderedDict()
+        self.num_offloaded_waiting = 0
+        self.block_new_requests = False
+        self.starved: list[tuple[Seq, int]] = []
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.engine, **self.config.to_dict()}
+
+    def add(self, seq: Seq) -> None:
+        self.waiting[id(seq)] = seq
+
+    def has_unfinished(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    def finish(self, seq: Seq) -> None:
+        self._release(seq)
+        self.block_new_requests = False
+
+    def schedule(self) -> ScheduledBatch | None:
+        """`ContinuousBatchProcessor.prepare_next_batch`: schedule, evict until something fits,
+        then evict ahead for starved requests, then restore CPU-offloaded ones."""
+        if not self.active and not self.waiting:
+            return None
+        entries = self._schedule_batch()
+        preempted = 0
+        while entries is None:
+            evicted = self._offload_requests()
+            if evicted == 0:
+                raise SimulationError(self.stall_message())
+            preempted += evicted
+            entries = self._schedule_batch()
+        if not entries:
+            return None
+        if self.starved:
+            preempted += self._offload_requests()
+        for seq, _ in entries:
+            if seq.offloaded:
+                seq.offloaded = False
+                self.free_cpu_blocks += seq.cpu_blocks
+                seq.cpu_blocks = 0
+        return self._build(entries, self._path, preempted)
+
+    # -- scheduler.py: FIFOScheduler / PrefillFirstScheduler.schedule_batch + _process_candidates --
+
+    def _candidates(self):
+        decoding = [s for s in self.active.values() if s.status == DECODING]
+        splitting = [s for s in self.active.values() if s.status == PREFILLING]
+        yield from (splitting + decoding) if self.prefill_first else (decoding + splitting)
+        if not self.block_new_requests:
+            yield from self._waiting_candidates()
+
+    def _waiting_candidates(self):
+        """CPU-offloaded requests first, interleaved one-for-one with fresh ones. The waiting
+        queue is not changed while this runs (admitted requests leave it after the loop)."""
+        if not self.num_offloaded_waiting:
+            yield from self.waiting.values()
+            return
+        offloaded = deque(s for s in self.waiting.values() if s.offloaded)
+        fresh = deque(s for s in self.waiting.values() if not s.offloaded)
+        while offloaded or fresh:
+            if offloaded:
+                yield offloaded.popleft()
+            if fresh:
+                yield fresh.popleft()
+
+    def _schedule_batch(self) -> list[tuple[Seq, int]] | None:
+        cfg = self.config
+        token_budget = cfg.max_batch_tokens
+        cache_budget = self.num_pages
+        request_budget = cfg.max_requests_per_batch
+        fast_path = self.decode_fast_path_on
+        scheduled: list[tuple[Seq, int]] = []
+        admitted: list[Seq] = []
+        allocation_failed = False
+        self.starved = []
+        for seq in self._candidates():
+            free_now = self.free_blocks
+            if free_now < self.safety_blocks and scheduled and seq.status != DECODING:
+                break
+            remaining = seq.num_tokens - seq.computed
+            request_len = min(remaining, token_budget)
+            read_needed = seq.computed
+            decode_eligible = request_len == 1 and seq.computed < self.max_fast_path_len
+            if not (fast_path and decode_eligible) and cache_budget < read_needed:
+                continue
+            if not self._allocate(seq, request_len):
+                allocation_failed = True
+                if free_now == 0 and seq.status == PENDING:
+                    break
+                continue
+            if seq.status == PENDING:
+                self.active[id(seq)] = seq
+                admitted.append(seq)
+            if remaining <= token_budget:
+                seq.status = DECODING
+                q = remaining
+            else:
+                seq.status = PREFILLING
+                q = token_budget
+            fast_path = fast_path and q == 1 and seq.computed < self.max_fast_path_len
+            token_budget -= q
+            cache_budget -= read_needed
+            request_budget -= 1
+            scheduled.append((seq, q))
+            if token_budget == 0 or (cache_budget <= 0 and not fast_path) or request_budget <= 0:
+                break
+        for seq in admitted:
+            del self.waiting[id(seq)]
+            if seq.offloaded:
+                self.num_offloaded_waiting -= 1
+        self._fast_path = fast_path
+        if not scheduled and allocation_failed:
+            return None
+        return scheduled
+
+    def _allocate(self, seq: Seq, num_tokens: int) -> bool:
+        """`Scheduler._allocate_blocks_if_needed`, with its exact block formula."""
+        occupancy = seq.blocks * self.block_size - seq.computed
+        if occupancy < num_tokens or seq.blocks == 0:
+            needed = (num_tokens - occupancy + 1) // self.block_size + 1
+            if needed > self.free_blocks:
+                if seq.status != PENDING:
+                    self.starved.append((seq, needed))
+                return False
+            self.free_blocks -= needed
+            seq.blocks += needed
+        return True
+
+    def _release(self, seq: Seq) -> None:
+        self.free_blocks += seq.blocks
+        seq.blocks = 0
+        self.active.pop(id(seq), None)
+
+    # -- offloading_manager.py: OffloadingManager.offload_requests --
+
+    def _offload_requests(self) -> int:
+        starved = self.starved
+        if not starved:
+            return 0
+        free = self.free_blocks
+        demand = sum(needed for _, needed in starved)
+        num_active = len(self.active)
+        victims: list[Seq] = []
+        while demand > free and starved and num_active - len(victims) > 1:
+            seq, needed = starved.pop()
+            victims.append(seq)
+            demand -= needed
+            free += seq.blocks
+        if not victims:
+            return 0
+        victims.reverse()
+        pool = self.free_cpu_blocks
+        to_cpu: set[int] = set()
+        for seq in victims:
+            if seq.blocks and seq.blocks <= pool:
+                pool -= seq.blocks
+                to_cpu.add(id(seq))
+        for seq in victims:
+            if id(seq) in to_cpu:
+                self._offload_to_cpu(seq)
+            else:
+                self._soft_reset(seq)
+            self._release(seq)
+            self.waiting[id(seq)] = seq
+            seq.preemptions += 1
+        self.block_new_requests = True
+        return len(victims)
+
+    def _offload_to_cpu(self, seq: Seq) -> None:
+        seq.cpu_blocks = seq.blocks
+        self.free_cpu_blocks -= seq.blocks
+        if seq.status == DECODING and seq.computed == seq.prompt + seq.generated:
+            # Asynchronous mode: the step in flight processed the last known token; its output
+            # will be discarded, so roll back one token and re-process it on restore.
+            seq.num_tokens = seq.computed
+            seq.computed -= 1
+            seq.epoch += 1
+        seq.offloaded = True
+        seq.status = PENDING
+        self.num_offloaded_waiting += 1
+
+    def _soft_reset(self, seq: Seq) -> None:
+        """`RequestState.create_equivalent_initial_request`: prompt + generated tokens become the
+        new prompt and are recomputed; a token in flight is lost."""
+        seq.num_tokens = seq.prompt + seq.generated
+        seq.computed = 0
+        seq.epoch += 1
+        seq.status = PENDING
+
+    # -- the step's execution path (input_outputs.py / model_runner.py) --
+
+    _fast_path = False
+
+    def _path(self, prefill: list, decode_ctx: list, num_tokens: int, entries: list) -> StepPath:
+        fast = self._fast_path
+        graph = self.graph_decode if fast else self.graph_varlen
+        padded = num_tokens
+        if self.pad_inputs:
+            cfg = self.config
+            if fast:
+                padded = min(1 << max(num_tokens - 1, 0).bit_length(), cfg.max_requests_per_batch)
+            else:
+                padded = _pad_to_interval(num_tokens, cfg.q_padding_interval_size, cfg.max_batch_tokens)
+        return StepPath(
+            _kind(prefill, decode_ctx),
+            cuda_graph=graph,
+            padded_tokens=padded,
+            engine_path="decode_fast_path" if fast else "varlen",
+        )
+
+    def stall_message(self) -> str:
+        biggest = max(self.active.values(), key=lambda s: s.num_tokens, default=None)
+        detail = f" (request {biggest.rid} holds {biggest.num_tokens} tokens)" if biggest else ""
+        return (
+            f"no request can be scheduled and none can be evicted: the KV cache of {self.num_blocks} "
+            f"blocks x {self.block_size} tokens is too small for this workload{detail}; raise num_blocks"
+        )
+
+
+def _pad_to_interval(size: int, interval: int, max_value: int) -> int:
+    """transformers' `pad_to_interval`: the next multiple of `interval`, capped at `max_value`."""
+    if interval <= 0:
+        return max_value
+    padded = -(-size // interval) * interval if size > 0 else interval
+    return min(padded, max_value)
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM v1
+# ------------------------------------------------------------------------------------------------
+
+VLLM_DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+VLLM_DEFAULT_MAX_NUM_SEQS = 256
+VLLM_DEFAULT_BLOCK_SIZE = 16
+# vLLM sizes the cache from gpu_memory_utilization; read "# GPU blocks" from its log. This default
+# is the same 131072 KV tokens as the transformers default.
+VLLM_DEFAULT_NUM_GPU_BLOCKS = 8192
+VLLM_DEFAULT_MAX_CAPTURE_SIZE = 512
+CUDAGRAPH_MODES = ("none", "piecewise", "full", "full_decode_only", "full_and_piecewise")
+_FULL_GRAPH_MODES = ("full", "full_decode_only", "full_and_piecewise")
+_PIECEWISE_MODES = ("piecewise", "full_and_piecewise")
+# vLLM's default capture sizes: 1, 2, 4, then steps of 8 up to 256, then steps of 16.
+_CAPTURE_SMALL = (1, 2, 4)
+_CAPTURE_STEP_SMALL, _CAPTURE_STEP_LARGE, _CAPTURE_SWITCH = 8, 16, 256
+
+
+@dataclass
+class VllmConfig:
+    """vLLM v1 scheduler and CUDA-graph settings (`SchedulerConfig`, `CacheConfig`,
+    `CompilationConfig`); `num_gpu_blocks` is what the engine logs after profiling memory."""
+
+    max_num_batched_tokens: int = VLLM_DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = VLLM_DEFAULT_MAX_NUM_SEQS
+    block_size: int = VLLM_DEFAULT_BLOCK_SIZE
+    num_gpu_blocks: int = VLLM_DEFAULT_NUM_GPU_BLOCKS
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0
+    cudagraph_mode: str = "full_and_piecewise"
+    max_cudagraph_capture_size: int = VLLM_DEFAULT_MAX_CAPTURE_SIZE
+    async_scheduling: bool = False
+    capture_sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        _require(self.block_size >= 1, "block_size must be >= 1")
+        _require(self.num_gpu_blocks >= 1, "num_gpu_blocks must be >= 1")
+        _require(self.long_prefill_token_threshold >= 0, "long_prefill_token_threshold must be >= 0")
+        _require(self.cudagraph_mode in CUDAGRAPH_MODES, f"cudagraph_mode must be one of {CUDAGRAPH_MODES}, got {self.cudagraph_mode!r}")
+        if not self.capture_sizes:
+            sizes = [s for s in _CAPTURE_SMALL]
+            sizes += list(range(_CAPTURE_STEP_SMALL, _CAPTURE_SWITCH, _CAPTURE_STEP_SMALL))
+            sizes += list(range(_CAPTURE_SWITCH, self.max_cudagraph_capture_size + 1, _CAPTURE_STEP_LARGE))
+            self.capture_sizes = [s for s in sizes if s <= self.max_cudagraph_capture_size]
+        self.capture_sizes = sorted(set(int(s) for s in self.capture_sizes))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VllmConfig:
+        return _config_from_dict(cls, data, "vllm")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("capture_sizes")
+        return data
+
+
+class VllmScheduler(Scheduler):
+    """vLLM v1 FCFS scheduler with chunked prefill and preemption by recompute."""
+
+    engine = "vllm"
+
+    def __init__(self, config: VllmConfig | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = VllmConfig()
+        elif isinstance(config, dict):
+            config = VllmConfig.from_dict(config)
+        self.config = config
+        self.async_scheduling = config.async_scheduling
+        self.block_size = config.block_size
+        self.free_blocks = config.num_gpu_blocks
+        self.running: list[Seq] = []
+        self.waiting: deque[Seq] = deque()
+        self._bisect_sizes = config.capture_sizes
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.engine, **self.config.to_dict()}
+
+    def add(self, seq: Seq) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def finish(self, seq: Seq) -> None:
+        self.free_blocks += seq.blocks
+        seq.blocks = 0
+        self.running.remove(seq)
+
+    def schedule(self) -> ScheduledBatch | None:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        threshold = cfg.long_prefill_token_threshold
+        running = self.running
+        entries: list[tuple[Seq, int]] = []
+        preempted = 0
+        index = 0
+        while index < len(running) and budget > 0:
+            seq = running[index]
+            if self.async_scheduling and seq.num_tokens - seq.prompt >= seq.target:
+                index += 1
+                continue
+            new = seq.num_tokens - seq.computed
+            if 0 < threshold < new:
+                new = threshold
+            new = min(new, budget)
+            if new <= 0:
+                index += 1
+                continue
+            scheduled = True
+            while not self._allocate(seq, new):
+                victim = running.pop()
+                self._preempt(victim)
+                preempted += 1
+                if victim is seq:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            entries.append((seq, new))
+            budget -= new
+            index += 1
+        if not preempted:
+            while self.waiting and budget > 0:
+                if len(running) == cfg.max_num_seqs:
+                    break
+                seq = self.waiting[0]
+                new = seq.num_tokens - seq.computed
+                if 0 < threshold < new:
+                    new = threshold
+                if not cfg.enable_chunked_prefill and new > budget:
+                    break
+                new = min(new, budget)
+                if not self._allocate(seq, new):
+                    break
+                self.waiting.popleft()
+                running.append(seq)
+                seq.status = PREFILLING
+                entries.append((seq, new))
+                budget -= new
+        if not entries:
+            return None
+        return self._build(entries, self._path, preempted)
+
+    def _allocate(self, seq: Seq, new_tokens: int) -> bool:
+        """`KVCacheManager.allocate_slots`: blocks to hold computed + new tokens, or nothing."""
+        required = -(-(seq.computed + new_tokens) // self.block_size)
+        needed = required - seq.blocks
+        if needed > self.free_blocks:
+            return False
+        if needed > 0:
+            self.free_blocks -= needed
+            seq.blocks = required
+        return True
+
+    def _preempt(self, seq: Seq) -> None:
+        self.free_blocks += seq.blocks
+        seq.blocks = 0
+        seq.computed = 0
+        seq.num_tokens = seq.prompt + seq.generated
+        seq.status = PENDING
+        seq.preemptions += 1
+        seq.epoch += 1
+        self.waiting.appendleft(seq)
+
+    def _path(self, prefill: list, decode_ctx: list, num_tokens: int, entries: list) -> StepPath:
+        mode = self.config.cudagraph_mode
+        kind = _kind(prefill, decode_ctx)
+        sizes = self._bisect_sizes
+        if mode == "none" or not sizes or num_tokens > sizes[-1]:
+            return StepPath(kind, cuda_graph=False, padded_tokens=num_tokens, engine_path="eager")
+        padded = _next_size(sizes, num_tokens)
+        if kind is StepKind.DECODE and mode in _FULL_GRAPH_MODES:
+            return StepPath(kind, cuda_graph=True, padded_tokens=padded, engine_path="full_graph")
+        if mode in _PIECEWISE_MODES:
+            return StepPath(kind, cuda_graph=True, padded_tokens=padded, engine_path="piecewise_graph")
+        return StepPath(kind, cuda_graph=False, padded_tokens=num_tokens, engine_path="eager")
+
+    def stall_message(self) -> str:
+        return (
+            f"a request cannot be scheduled even alone: the KV cache of {self.config.num_gpu_blocks} "
+            f"blocks x {self.block_size} tokens is too small for it; raise num_gpu_blocks"
+        )
+
+
+def _next_size(sizes: list[int], value: int) -> int:
+    from bisect import bisect_left
+
+    return sizes[bisect_left(sizes, value)]
+
+
+ENGINES = ("transformers", "vllm")
+
+
+def make_scheduler(engine: str, settings: dict[str, Any] | None = None) -> Scheduler:
+    """A scheduler model by engine name, configured from a settings dict (JSON-friendly)."""
+    settings = dict(settings or {})
+    if engine == "transformers":
+        return TransformersCBScheduler(TransformersCBConfig.from_dict(settings))
+    if engine == "vllm":
+        return VllmScheduler(VllmConfig.from_dict(settings))
+    raise DoolyError(f"engine {engine!r} has no scheduler model; choose one of {ENGINES}")

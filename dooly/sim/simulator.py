@@ -1,0 +1,397 @@
+"""Discrete-event simulation of one serving replica.
+
+Requests arrive on their own clock; whenever the engine is free the scheduler model forms the next
+batch; the step takes `step_model` device time plus `cpu_overhead` host time for that exact batch
+and execution path; tokens sampled by the step are delivered when it ends.
+
+Two loops, as in the engines:
+- synchronous (default): schedule, run, deliver, repeat; a step lasts host + device time;
+- asynchronous (transformers `use_async_batching`, vLLM `async_scheduling`): the host prepares
+  step N+1 while the device runs step N, so the device starts N+1 at
+  max(end of N, start of N + host time of N+1), and the scheduler forms N+1 before it knows N's
+  results (a request that finishes in N may take a wasted slot in N+1, as transformers does).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from dooly.sim.schedulers import ScheduledBatch, Scheduler, Seq, SimulationError
+from dooly.sim.step_model import CpuOverheadModel, StepLatencyModel, accepts_path
+from dooly.sim.workload import Request
+
+logger = logging.getLogger(__name__)
+
+PERCENTILES = (50, 90, 99)
+# Guards against a scheduler bug looping forever: every step processes at least one token, so a
+# run needs at most (prompt + output tokens) steps per pass, times a generous recompute factor.
+MAX_STEPS_PER_TOKEN = 8
+MIN_STEP_LIMIT = 1000
+# A scheduler may return nothing right after preempting (vLLM frees a request and admits it only
+# on the next call); it is asked again this many times before the run counts as stalled.
+IDLE_RETRIES = 2
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Per-request outcome. Times are seconds on the workload clock; TPOT is the mean time between
+    output tokens after the first (NaN for single-token outputs)."""
+
+    request_id: str
+    arrival_s: float
+    first_token_s: float
+    finish_s: float
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    prompt_tokens: int
+    output_tokens: int
+    preemptions: int
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One engine step: when it started, how long it took, what it held. Synchronous loops: the
+    step starts when the host starts preparing it and lasts host + device time; asynchronous
+    loops: the device interval (host work overlaps the previous step)."""
+
+    step: int
+    start_s: float
+    duration_s: float
+    gpu_s: float
+    cpu_s: float
+    num_prefill_tokens: int
+    num_prefill_seqs: int
+    num_decode_seqs: int
+    kv_tokens: int
+    kind: str
+    cuda_graph: bool
+    padded_tokens: int
+    preempted: int
+    wasted_tokens: int
+
+
+_STEP_FIELDS = tuple(StepRecord.__dataclass_fields__)
+
+
+class SimResult:
+    """What `simulate` returns: per-request records, the step log, engine settings, summary."""
+
+    def __init__(
+        self,
+        requests: list[RequestRecord],
+        step_columns: dict[str, list],
+        settings: dict[str, Any],
+        wall_s: float,
+        token_times: dict[str, list[float]] | None = None,
+        batches: list[tuple[list[tuple[int, int]], list[int]]] | None = None,
+    ) -> None:
+        self.requests = requests
+        self._step_columns = step_columns
+        self.settings = settings
+        self.wall_s = wall_s
+        self.token_times = token_times
+        self.batches = batches
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        cols = self._step_columns
+        return [StepRecord(*row) for row in zip(*(cols[name] for name in _STEP_FIELDS))]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self._step_columns["step"])
+
+    def step_column(self, name: str) -> np.ndarray:
+        return np.asarray(self._step_columns[name])
+
+    def summary(self) -> dict[str, Any]:
+        """Latency percentiles, throughput and step statistics (JSON-ready: no NaN)."""
+        reqs = self.requests
+        finished = [r for r in reqs if not math.isnan(r.finish_s)]
+        first_arrival = min((r.arrival_s for r in reqs), default=0.0)
+        last_finish = max((r.finish_s for r in finished), default=first_arrival)
+        makespan = last_finish - first_arrival
+        out_tokens = sum(r.output_tokens for r in finished)
+        in_tokens = sum(r.prompt_tokens for r in finished)
+        kinds = self._step_columns["kind"]
+        seqs = np.asarray(self._step_columns["num_prefill_seqs"]) + np.asarray(self._step_columns["num_decode_seqs"])
+        return {
+            "num_requests": len(reqs),
+            "num_finished": len(finished),
+            "makespan_s": makespan,
+            "ttft_s": latency_stats([r.ttft_s for r in finished]),
+            "tpot_s": latency_stats([r.tpot_s for r in finished]),
+            "e2e_s": latency_stats([r.e2e_s for r in finished]),
+            "throughput": {
+                "requests_per_s": _rate(len(finished), makespan),
+                "output_tokens_per_s": _rate(out_tokens, makespan),
+                "total_tokens_per_s": _rate(out_tokens + in_tokens, makespan),
+            },
+            "steps": {
+                "count": self.num_steps,
+                "decode": kinds.count("decode"),
+                "prefill": kinds.count("prefill"),
+                "mixed": kinds.count("mixed"),
+                "cuda_graph": int(sum(self._step_columns["cuda_graph"])),
+                "mean_seqs": float(seqs.mean()) if len(seqs) else 0.0,
+                "busy_s": float(sum(self._step_columns["duration_s"])),
+            },
+            "preemptions": int(sum(r.preemptions for r in reqs)),
+            "wasted_tokens": int(sum(self._step_columns["wasted_tokens"])),
+            "settings": self.settings,
+            "simulation_wall_s": self.wall_s,
+        }
+
+    def requests_table(self):
+        """The request records as a pyarrow table (token times as a list column when recorded)."""
+        import pyarrow as pa
+
+        columns = {name: [getattr(r, name) for r in self.requests] for name in RequestRecord.__dataclass_fields__}
+        if self.token_times is not None:
+            columns["token_times_s"] = [self.token_times.get(r.request_id, []) for r in self.requests]
+        return pa.table(columns)
+
+    def steps_table(self):
+        import pyarrow as pa
+
+        return pa.table({name: self._step_columns[name] for name in _STEP_FIELDS})
+
+
+def latency_stats(values: Iterable[float]) -> dict[str, float | None]:
+    """mean and percentiles of the finite values; None where there are none."""
+    array = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if array.size == 0:
+        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
+    stats = {"mean": float(array.mean())}
+    for p, value in zip(PERCENTILES, np.percentile(array, PERCENTILES)):
+        stats[f"p{p}"] = float(value)
+    return stats
+
+
+def _rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def simulate(
+    requests: list[Request],
+    scheduler: Scheduler,
+    step_model: StepLatencyModel,
+    cpu_overhead: CpuOverheadModel | None = None,
+    *,
+    record_token_times: bool = False,
+    record_batches: bool = False,
+    max_steps: int | None = None,
+) -> SimResult:
+    """Serve `requests` on one replica and return what happened to each request and step.
+
+    `record_token_times` keeps every token's delivery time (for TBT distributions);
+    `record_batches` keeps each step's (prefill, decode_ctx) composition (for replays)."""
+    wall_start = time.perf_counter()
+    overhead = cpu_overhead or CpuOverheadModel.zero()
+    seqs = [Seq(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens) for r in requests]
+    seqs.sort(key=lambda s: s.arrival_s)
+    for seq in seqs:
+        if seq.prompt < 1 or seq.target < 1:
+            raise SimulationError(f"request {seq.rid} needs >= 1 prompt and >= 1 output token")
+        if record_token_times:
+            seq.token_times = []
+    if max_steps is None:
+        max_steps = MAX_STEPS_PER_TOKEN * sum(s.prompt + s.target for s in seqs) + MIN_STEP_LIMIT
+    run = _Run(scheduler, step_model, overhead, record_batches)
+    if scheduler.async_scheduling:
+        run.loop_async(seqs, max_steps)
+    else:
+        run.loop_sync(seqs, max_steps)
+    records = [_record(seq) for seq in seqs]
+    token_times = {s.rid: s.token_times for s in seqs} if record_token_times else None
+    wall = time.perf_counter() - wall_start
+    logger.info("simulated %d requests in %d steps (%.2f s wall)", len(seqs), len(run.columns["step"]), wall)
+    return SimResult(records, run.columns, scheduler.describe(), wall, token_times, run.batches)
+
+
+class _Run:
+    """The event loop's state: the clock, the arrival cursor, the step log."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        step_model: StepLatencyModel,
+        overhead: CpuOverheadModel,
+        record_batches: bool,
+    ) -> None:
+        self.scheduler = scheduler
+        self.step_model = step_model
+        self.overhead = overhead
+        self.pass_path = accepts_path(step_model)
+        self.columns: dict[str, list] = {name: [] for name in _STEP_FIELDS}
+        self.batches: list | None = [] if record_batches else None
+        self.unfinished = 0
+
+    def loop_sync(self, seqs: list[Seq], max_steps: int) -> None:
+        scheduler = self.scheduler
+        now = seqs[0].arrival_s if seqs else 0.0
+        cursor = 0
+        self.unfinished = len(seqs)
+        idle = 0
+        while self.unfinished:
+            cursor = self._admit(seqs, cursor, now)
+            batch = scheduler.schedule()
+            if batch is None:
+                now, idle = self._idle(seqs, cursor, now, idle)
+                continue
+            idle = 0
+            gpu, cpu = self._cost(batch)
+            end = now + cpu + gpu
+            wasted = self._deliver(batch, end)
+            self._log(batch, now, cpu + gpu, gpu, cpu, wasted, max_steps)
+            now = end
+
+    def loop_async(self, seqs: list[Seq], max_steps: int) -> None:
+        scheduler = self.scheduler
+        now = seqs[0].arrival_s if seqs else 0.0
+        cursor = 0
+        self.unfinished = len(seqs)
+        in_flight: tuple[ScheduledBatch, float, int] | None = None
+        idle = 0
+        while self.unfinished:
+            cursor = self._admit(seqs, cursor, now)
+            batch = scheduler.schedule()
+            if batch is None:
+                if in_flight is not None:
+                    previous, previous_end, row = in_flight
+                    self._finish_in_flight(previous, previous_end, row)
+                    in_flight = None
+                    now = max(now, previous_end)
+                    continue
+                now, idle = self._idle(seqs, cursor, now, idle)
+                continue
+            idle = 0
+            gpu, cpu = self._cost(batch)
+            start = now + cpu
+            if in_flight is not None:
+                previous, previous_end, row = in_flight
+                start = max(start, previous_end)
+                self._finish_in_flight(previous, previous_end, row)
+            row = self._log(batch, start, gpu, gpu, cpu, 0, max_steps)
+            in_flight = (batch, start + gpu, row)
+            now = start
+        if in_flight is not None:
+            previous, previous_end, row = in_flight
+            self._finish_in_flight(previous, previous_end, row)
+
+    def _finish_in_flight(self, batch: ScheduledBatch, end: float, row: int) -> None:
+        self.columns["wasted_tokens"][row] = self._deliver(batch, end)
+
+    def _admit(self, seqs: list[Seq], cursor: int, now: float) -> int:
+        add = self.scheduler.add
+        while cursor < len(seqs) and seqs[cursor].arrival_s <= now:
+            add(seqs[cursor])
+            cursor += 1
+        return cursor
+
+    def _idle(self, seqs: list[Seq], cursor: int, now: float, idle: int) -> tuple[float, int]:
+        """Nothing to run: retry (a scheduler may need a second call), else wait for the next
+        arrival, else the run is stuck."""
+        if self.scheduler.has_unfinished() and idle < IDLE_RETRIES:
+            return now, idle + 1
+        if cursor < len(seqs):
+            return max(now, seqs[cursor].arrival_s), 0
+        raise SimulationError(f"the simulation stalled with {self.unfinished} unfinished requests: {self.scheduler.stall_message()}")
+
+    def _cost(self, batch: ScheduledBatch) -> tuple[float, float]:
+        if self.pass_path:
+            gpu = self.step_model.step_seconds(batch.prefill, batch.decode_ctx, path=batch.path)
+        else:
+            gpu = self.step_model.step_seconds(batch.prefill, batch.decode_ctx)
+        gpu = float(gpu)
+        if not (gpu >= 0 and math.isfinite(gpu)):
+            raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {batch.num_tokens} tokens")
+        cpu = self.overhead.seconds(batch.path, batch.num_seqs, batch.num_tokens, batch.kv_tokens)
+        return gpu, cpu
+
+    def _deliver(self, batch: ScheduledBatch, when: float) -> int:
+        """Hand out the tokens a step sampled; returns how many were wasted."""
+        wasted = 0
+        for seq, epoch in batch.samplers:
+            if seq.finished or seq.epoch != epoch:
+                wasted += 1
+                continue
+            seq.generated += 1
+            if seq.generated == 1:
+                seq.first_token_s = when
+            if seq.token_times is not None:
+                seq.token_times.append(when)
+            if seq.generated >= seq.target:
+                seq.finished = True
+                seq.finish_s = when
+                self.unfinished -= 1
+                self.scheduler.finish(seq)
+        return wasted
+
+    def _log(
+        self,
+        batch: ScheduledBatch,
+        start: float,
+        duration: float,
+        gpu: float,
+        cpu: float,
+        wasted: int,
+        max_steps: int,
+    ) -> int:
+        cols = self.columns
+        row = len(cols["step"])
+        if row >= max_steps:
+            raise SimulationError(f"the simulation exceeded {max_steps} steps without finishing: {self.scheduler.stall_message()}")
+        path = batch.path
+        cols["step"].append(row)
+        cols["start_s"].append(start)
+        cols["duration_s"].append(duration)
+        cols["gpu_s"].append(gpu)
+        cols["cpu_s"].append(cpu)
+        cols["num_prefill_tokens"].append(batch.num_tokens - len(batch.decode_ctx))
+        cols["num_prefill_seqs"].append(len(batch.prefill))
+        cols["num_decode_seqs"].append(len(batch.decode_ctx))
+        cols["kv_tokens"].append(batch.kv_tokens)
+        cols["kind"].append(path.kind.value)
+        cols["cuda_graph"].append(path.cuda_graph)
+        cols["padded_tokens"].append(path.padded_tokens)
+        cols["preempted"].append(batch.preempted)
+        cols["wasted_tokens"].append(wasted)
+        if self.batches is not None:
+            self.batches.append((batch.prefill, batch.decode_ctx))
+        return row
+
+
+def _record(seq: Seq) -> RequestRecord:
+    ttft = seq.first_token_s - seq.arrival_s
+    e2e = seq.finish_s - seq.arrival_s
+    tpot = (seq.finish_s - seq.first_token_s) / (seq.target - 1) if seq.target > 1 else math.nan
+    return RequestRecord(
+        request_id=seq.rid,
+        arrival_s=seq.arrival_s,
+        first_token_s=seq.first_token_s,
+        finish_s=seq.finish_s,
+        ttft_s=ttft,
+        tpot_s=tpot,
+        e2e_s=e2e,
+        prompt_tokens=seq.prompt,
+        output_tokens=seq.target,
+        preemptions=seq.preemptions,
+    )
+
+
+def records_as_dicts(records: Iterable[Any]) -> list[dict[str, Any]]:
+    """Dataclass records as JSON-ready dicts (NaN becomes None)."""
+    out = []
+    for record in records:
+        row = asdict(record)
+        out.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return out

@@ -1,0 +1,312 @@
+"""Step latency: how long one engine step takes for an exact batch composition.
+
+A step is described by its prefill chunks `(query tokens, context tokens before the chunk)` and the
+context lengths of its decode sequences (tokens already in the KV cache; each decode adds 1 query
+token). Two models add up to the step time:
+
+- a `StepLatencyModel` (device time of the forward pass). The fitted regressors of `dooly fit`
+  provide one; `AnalyticStepModel` here is a roofline sketch for tests and benchmarks only.
+  A model whose `step_seconds` also accepts a keyword `path` is told which execution path the
+  engine takes (decode-only / prefill / mixed, CUDA graph or not, padded token count);
+- a `CpuOverheadModel` (host time per step: scheduling, input preparation, sampling, output
+  handling): constant + per-sequence + per-token + per-KV-token terms, one set per path,
+  with coefficients measured on the real engine and loaded from JSON.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from dooly.errors import DoolyError
+
+CPU_OVERHEAD_SCHEMA = "dooly.cpu_overhead/1"
+
+
+class StepKind(str, Enum):
+    """What a step holds: only decodes, only prefill chunks, or both."""
+
+    DECODE = "decode"
+    PREFILL = "prefill"
+    MIXED = "mixed"
+
+
+@dataclass(frozen=True, slots=True)
+class StepPath:
+    """The execution path the engine takes for a step.
+
+    `engine_path` is the engine's own name for it (transformers: `varlen` or `decode_fast_path`;
+    vLLM: `full_graph`, `piecewise_graph` or `eager`); `padded_tokens` is the query-token count
+    the kernels actually run over (CUDA graphs pad to a captured size), equal to the real count
+    when nothing is padded.
+    """
+
+    kind: StepKind
+    cuda_graph: bool = False
+    padded_tokens: int = 0
+    engine_path: str = ""
+
+    @property
+    def overhead_key(self) -> str:
+        """Key into `CpuOverheadModel.terms`: the kind, suffixed `_graph` when replayed as a graph."""
+        return f"{self.kind.value}_graph" if self.cuda_graph else self.kind.value
+
+
+@runtime_checkable
+class StepLatencyModel(Protocol):
+    """Predicts the device time of one forward step, in seconds.
+
+    `prefill`: one `(chunk query tokens, context tokens before the chunk)` per prefilling sequence;
+    `decode_ctx`: per decoding sequence, the tokens already in its KV cache.
+    """
+
+    def step_seconds(self, prefill: list[tuple[int, int]], decode_ctx: list[int]) -> float: ...
+
+
+def accepts_path(model: StepLatencyModel) -> bool:
+    """Whether `model.step_seconds` takes the keyword `path` (checked once per simulation)."""
+    try:
+        params = inspect.signature(model.step_seconds).parameters
+    except (TypeError, ValueError):
+        return False
+    return "path" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+@dataclass(frozen=True)
+class OverheadTerms:
+    """Host seconds of one step: constant + per sequence + per query token + per KV token read."""
+
+    constant_s: float = 0.0
+    per_sequence_s: float = 0.0
+    per_token_s: float = 0.0
+    per_kv_token_s: float = 0.0
+
+    def seconds(self, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:
+        return (
+            self.constant_s
+            + self.per_sequence_s * num_seqs
+            + self.per_token_s * num_tokens
+            + self.per_kv_token_s * kv_tokens
+        )
+
+
+OVERHEAD_KEYS = ("decode", "decode_graph", "prefill", "prefill_graph", "mixed", "mixed_graph")
+
+
+@dataclass
+class CpuOverheadModel:
+    """Per-step host overhead of a serving engine, one `OverheadTerms` per path.
+
+    Lookup for a step: its exact key (`decode_graph`, `mixed`, ...), else the key without
+    `_graph`, else `default`, else zero. JSON form (`save`/`load`):
+
+        {"schema": "dooly.cpu_overhead/1", "engine": "transformers", "platform": "...",
+         "source": "how it was measured",
+         "terms": {"decode_graph": {"constant_s": 0.0021, "per_sequence_s": 1.1e-05,
+                                    "per_token_s": 0.0, "per_kv_token_s": 0.0},
+                   "mixed": {...}, "default": {...}}}
+    """
+
+    terms: dict[str, OverheadTerms] = field(default_factory=dict)
+    engine: str = ""
+    platform: str = ""
+    source: str = ""
+
+    def seconds(self, path: StepPath, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:
+        terms = self.terms.get(path.overhead_key) or self.terms.get(path.kind.value) or self.terms.get("default")
+        if terms is None:
+            return 0.0
+        return terms.seconds(num_seqs, num_tokens, kv_tokens)
+
+    @classmethod
+    def zero(cls) -> CpuOverheadModel:
+        return cls(source="none: host overhead not modelled")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": CPU_OVERHEAD_SCHEMA,
+            "engine": self.engine,
+            "platform": self.platform,
+            "source": self.source,
+            "terms": {key: asdict(value) for key, value in sorted(self.terms.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CpuOverheadModel:
+        if not isinstance(data, dict):
+            raise DoolyError("a CPU overhead model is a JSON object")
+        schema = data.get("schema", CPU_OVERHEAD_SCHEMA)
+        if schema != CPU_OVERHEAD_SCHEMA:
+            raise DoolyError(f"CPU overhead schema {schema!r} is not supported (expected {CPU_OVERHEAD_SCHEMA})")
+        raw_terms = data.get("terms", {})
+        if not isinstance(raw_terms, dict):
+            raise DoolyError("CPU overhead `terms` must be an object keyed by path")
+        allowed = set(OVERHEAD_KEYS) | {"default"}
+        term_names = {f.name for f in fields(OverheadTerms)}
+        terms: dict[str, OverheadTerms] = {}
+        for key, values in raw_terms.items():
+            if key not in allowed:
+                raise DoolyError(f"CPU overhead path {key!r} is not one of {sorted(allowed)}")
+            if not isinstance(values, dict) or set(values) - term_names:
+                raise DoolyError(f"CPU overhead terms for {key!r} must be an object with keys {sorted(term_names)}")
+            try:
+                parsed = OverheadTerms(**{k: float(v) for k, v in values.items()})
+            except (TypeError, ValueError):
+                raise DoolyError(f"CPU overhead terms for {key!r} must be numbers") from None
+            if any(not math.isfinite(v) or v < 0 for v in asdict(parsed).values()):
+                raise DoolyError(f"CPU overhead terms for {key!r} must be finite and >= 0")
+            terms[key] = parsed
+        return cls(
+            terms=terms,
+            engine=str(data.get("engine", "")),
+            platform=str(data.get("platform", "")),
+            source=str(data.get("source", "")),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> CpuOverheadModel:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DoolyError(f"CPU overhead file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise DoolyError(f"CPU overhead file {path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic model: for tests and benchmarks only. It is a roofline sketch (each operation takes
+# max(FLOPs / peak, bytes / bandwidth) plus a launch cost), not a prediction anyone should quote.
+# ---------------------------------------------------------------------------------------------
+
+BYTES_PER_BF16 = 2
+# Rough H100 SXM figures: dense bf16 tensor-core peak and HBM3 bandwidth, derated to what large
+# GEMMs and streaming reads reach in practice.
+H100_BF16_FLOPS = 989e12
+H100_HBM_BYTES_PER_S = 3.35e12
+ACHIEVABLE_FRACTION = 0.6
+KERNEL_LAUNCH_S = 4e-6
+KERNELS_PER_LAYER = 12
+CUDA_GRAPH_LAUNCH_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The config facts the analytic model and the Vidur exporter need."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    gated_mlp: bool = True
+    name: str = ""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], name: str = "") -> ModelDims:
+        """From a Hugging Face `config.json` dict (dense decoder models)."""
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            return cls(
+                num_layers=int(config["num_hidden_layers"]),
+                hidden_size=hidden,
+                intermediate_size=int(config["intermediate_size"]),
+                num_heads=heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                vocab_size=int(config["vocab_size"]),
+                gated_mlp=str(config.get("model_type", "")) not in UNGATED_MODEL_TYPES,
+                name=name or str(config.get("_name_or_path", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DoolyError(f"model config {name or ''} lacks a dense-decoder field: {exc}") from None
+
+
+# Hugging Face model types whose MLP is a plain up/down projection; every other decoder family in
+# the registry (Llama, Mistral, Qwen2, Gemma, Phi-3, Cohere) gates its MLP (up * act(gate)).
+UNGATED_MODEL_TYPES = frozenset({"gpt2", "gpt_neox", "gpt_bigcode", "phi", "opt", "falcon", "bloom", "starcoder2"})
+
+LLAMA_3_8B = ModelDims(
+    num_layers=32,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    name="meta-llama/Llama-3.1-8B",
+)
+
+
+@dataclass
+class AnalyticStepModel:
+    """Roofline step model (tests and benchmarks only; see the section comment above)."""
+
+    dims: ModelDims = LLAMA_3_8B
+    peak_flops: float = H100_BF16_FLOPS * ACHIEVABLE_FRACTION
+    bytes_per_s: float = H100_HBM_BYTES_PER_S * ACHIEVABLE_FRACTION
+    bytes_per_param: int = BYTES_PER_BF16
+    launch_s: float = KERNEL_LAUNCH_S
+
+    def step_seconds(
+        self,
+        prefill: list[tuple[int, int]],
+        decode_ctx: list[int],
+        *,
+        path: StepPath | None = None,
+    ) -> float:
+        d = self.dims
+        num_tokens = len(decode_ctx) + sum(q for q, _ in prefill)
+        if path is not None and path.padded_tokens > num_tokens:
+            num_tokens = path.padded_tokens
+        if num_tokens == 0:
+            return 0.0
+        kv_width = d.num_kv_heads * d.head_dim
+        q_width = d.num_heads * d.head_dim
+        mlp_mats = 3 if d.gated_mlp else 2
+        layer_params = d.hidden_size * (q_width + 2 * kv_width) + q_width * d.hidden_size
+        layer_params += mlp_mats * d.hidden_size * d.intermediate_size
+        linear_flops = 2 * num_tokens * layer_params
+        linear_bytes = layer_params * self.bytes_per_param
+        # Attention: score and value products over the visible context; the KV cache is read once.
+        attn_flops = 0.0
+        kv_read = 0
+        for q, ctx in prefill:
+            attn_flops += 4 * q_width * q * (ctx + (q + 1) / 2)
+            kv_read += ctx + q
+        decode_total = sum(decode_ctx) + len(decode_ctx)
+        attn_flops += 4 * q_width * decode_total
+        kv_read += decode_total
+        attn_bytes = 2 * kv_width * kv_read * self.bytes_per_param
+        per_layer = max(linear_flops / self.peak_flops, linear_bytes / self.bytes_per_s)
+        per_layer += max(attn_flops / self.peak_flops, attn_bytes / self.bytes_per_s)
+        launches = KERNELS_PER_LAYER * self.launch_s
+        if path is not None and path.cuda_graph:
+            launches *= CUDA_GRAPH_LAUNCH_FRACTION
+        lm_head = max(
+            2 * self.logits_rows(prefill, decode_ctx) * d.hidden_size * d.vocab_size / self.peak_flops,
+            d.hidden_size * d.vocab_size * self.bytes_per_param / self.bytes_per_s,
+        )
+        return d.num_layers * (per_layer + launches) + lm_head
+
+    @staticmethod
+    def logits_rows(prefill: list[tuple[int, int]], decode_ctx: list[int]) -> int:
+        return len(prefill) + len(decode_ctx)
+
+    def op_seconds(self, op: str, point: Any) -> float:
+        """Per-layer seconds of one Vidur operation at a Vidur request point (see `dooly.sim.vidur`)."""
+        from dooly.sim.vidur import analytic_op_seconds
+
+        return analytic_op_seconds(self, op, point)

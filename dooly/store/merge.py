@@ -1,0 +1,393 @@
+"""Merge: compact every shard of a store into one deduplicated snapshot generation.
+
+Deduplication. Rows are the same measurement when they agree on
+(platform, engine, backend, dtype, signature, point_key). Of each such group one row wins, by:
+  1. the newest software stack: engine_version, then torch_version, then cuda_version, each
+     compared as a version (PEP 440: "5.17.0" > "5.17.0rc1" > "5.16.1"; a string that is not a
+     version sorts below every version, and among such strings by byte order);
+  2. then the most samples (n_samples);
+  3. then the latest created_at;
+  4. then the greatest run_id (byte order);
+  5. then the first in shard-key order, and within a shard the first row.
+The rule is a total order, so the same shards always give the same snapshot.
+
+Generations. A merge claims generation N by creating snapshots/gen-N/claim.json with an atomic
+create; a merge that loses the claim to a racing merge tries N+1 (a few times, then gives up with
+one line). The winner writes snapshots/gen-N/data.parquet (atomic), then snapshots/gen-N/manifest.json
+(atomic create). The manifest's presence is what makes a generation complete: readers take the
+newest generation that has one, so they see a whole generation or the previous one. A merge killed
+at any point leaves at most a claim and a data file without a manifest, which readers ignore and
+later merges skip and, once stale, delete.
+
+Shards that cannot be read or do not match the shard schema are moved under quarantine/ (same key
+below it) and named in the report; the merge goes on without them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from packaging.version import InvalidVersion, Version
+
+from dooly import SCHEMA_VERSION, __version__
+from dooly.errors import DoolyError
+from dooly.output import progress as progress_bar
+from dooly.store.backends import Store
+from dooly.store.shards import list_shards, schema_problem
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOTS_PREFIX = "snapshots/"
+QUARANTINE_PREFIX = "quarantine/"
+DATA_NAME = "data.parquet"
+MANIFEST_NAME = "manifest.json"
+CLAIM_NAME = "claim.json"
+GENERATION_DIGITS = 6
+DEDUP_KEY = ("platform", "engine", "backend", "dtype", "signature", "point_key")
+VERSION_COLUMNS = ("engine_version", "torch_version", "cuda_version")
+# Complete generations kept after a merge (older ones are deleted), so a reader that picked a
+# generation a moment ago still finds its data.
+KEEP_GENERATIONS = 3
+# A claim this old without a manifest belongs to a merge that died (a merge takes about a minute).
+STALE_CLAIM_S = 3600.0
+MAX_CLAIM_ATTEMPTS = 8
+# Parallel footer reads: I/O bound (an S3 round trip each), so more threads than cores.
+FOOTER_READERS = 8
+SNAPSHOT_COMPRESSION = "zstd"
+ROW_INDEX = "__dooly_row"
+RANK_SUFFIX = "__rank"
+
+
+@dataclass
+class MergeReport:
+    """What one merge did (or found, when nothing had changed since the last generation)."""
+
+    generation: int
+    shards_consumed: int
+    rows_in: int
+    rows_out: int
+    duplicates_dropped: int
+    quarantined: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    unchanged: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def generation_key(generation: int, name: str) -> str:
+    """The key of one file of a snapshot generation."""
+    return f"{SNAPSHOTS_PREFIX}gen-{generation:0{GENERATION_DIGITS}d}/{name}"
+
+
+def _generations(store: Store) -> dict[int, set[str]]:
+    """Every generation directory in the store and the file names it holds."""
+    found: dict[int, set[str]] = {}
+    for key in store.list_keys(SNAPSHOTS_PREFIX):
+        parts = key[len(SNAPSHOTS_PREFIX) :].split("/")
+        if len(parts) == 2 and parts[0].startswith("gen-") and parts[0][len("gen-") :].isdigit():
+            found.setdefault(int(parts[0][len("gen-") :]), set()).add(parts[1])
+    return found
+
+
+def _complete(generations: dict[int, set[str]]) -> list[int]:
+    return sorted(g for g, names in generations.items() if MANIFEST_NAME in names)
+
+
+def _read_manifest(store: Store, generation: int) -> dict[str, Any]:
+    key = generation_key(generation, MANIFEST_NAME)
+    try:
+        manifest = json.loads(store.get_bytes(key))
+    except ValueError as exc:
+        raise DoolyError(f"store {store.uri}: {key} is not valid JSON") from exc
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DoolyError(
+            f"store {store.uri} holds snapshots of schema version {version}; this Dooly reads "
+            f"version {SCHEMA_VERSION}"
+        )
+    return manifest
+
+
+def _latest(store: Store) -> tuple[int, dict[str, Any]] | None:
+    complete = _complete(_generations(store))
+    if not complete:
+        return None
+    return complete[-1], _read_manifest(store, complete[-1])
+
+
+def snapshot_generation(store: Store) -> int | None:
+    """The newest complete generation, or None before the first merge."""
+    complete = _complete(_generations(store))
+    return complete[-1] if complete else None
+
+
+def scan_snapshot(store: Store) -> tuple[pl.LazyFrame, dict[str, Any]]:
+    """A lazy scan of the newest complete generation and its manifest (filters push down)."""
+    latest = _latest(store)
+    if latest is None:
+        raise DoolyError(
+            f"store {store.uri} has no snapshot yet: run `dooly merge --store {store.uri}`"
+        )
+    _generation, manifest = latest
+    frame = pl.scan_parquet(
+        store.url_for(manifest["data_key"]),
+        storage_options=store.storage_options() or None,
+        hive_partitioning=False,
+        glob=False,
+    )
+    return frame, manifest
+
+
+def read_snapshot(store: Store) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The newest complete generation, loaded, and its manifest."""
+    frame, manifest = scan_snapshot(store)
+    return frame.collect(), manifest
+
+
+@dataclass
+class _Inspection:
+    key: str
+    rows: int = 0
+    problem: str | None = None
+    vanished: bool = False
+
+
+def _inspect(store: Store, key: str) -> _Inspection:
+    """Read one shard's footer: its row count, or why it cannot be merged."""
+    try:
+        with store.open_binary(key) as handle:
+            parquet = pq.ParquetFile(handle)
+            problem = schema_problem(parquet.schema_arrow)
+            return _Inspection(key, parquet.metadata.num_rows, problem)
+    except FileNotFoundError:
+        return _Inspection(key, vanished=True)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return _Inspection(key, problem=f"unreadable ({type(exc).__name__}: {exc})")
+
+
+def _inspect_all(store: Store, keys: list[str], *, show: bool) -> list[_Inspection]:
+    with ThreadPoolExecutor(FOOTER_READERS) as pool, _bar(show, len(keys), "reading shards") as bar:
+        results = []
+        for inspection in pool.map(lambda k: _inspect(store, k), keys):
+            results.append(inspection)
+            bar.update(1)
+    return results
+
+
+class _NoBar:
+    def update(self, _steps: int) -> None:
+        return None
+
+
+@contextmanager
+def _bar(show: bool, length: int, label: str) -> Iterator[Any]:
+    if not show:
+        yield _NoBar()
+        return
+    with progress_bar(range(length), length=length, label=label) as bar:
+        yield bar
+
+
+def _quarantine(store: Store, problems: Iterable[_Inspection]) -> list[str]:
+    moved = []
+    for inspection in problems:
+        logger.warning("quarantining shard %s: %s", inspection.key, inspection.problem)
+        try:
+            store.move(inspection.key, QUARANTINE_PREFIX + inspection.key)
+        except FileNotFoundError:
+            continue
+        moved.append(inspection.key)
+    return moved
+
+
+def _version_order(text: str) -> tuple:
+    try:
+        return (1, Version(text), text)
+    except InvalidVersion:
+        return (0, text)
+
+
+def _ranks(values: list[str]) -> dict[str, int]:
+    """Each version string's rank (0 = oldest) under the version order."""
+    return {value: rank for rank, value in enumerate(sorted(set(values), key=_version_order))}
+
+
+def _scan(store: Store, keys: list[str]) -> pl.LazyFrame:
+    return pl.scan_parquet(
+        [store.url_for(k) for k in keys],
+        storage_options=store.storage_options() or None,
+        hive_partitioning=False,
+        glob=False,
+        row_index_name=ROW_INDEX,
+    )
+
+
+def _winners(store: Store, keys: list[str]) -> pl.Series:
+    """Global row indices (over the shards in key order) of the rows that win their group."""
+    scan = _scan(store, keys)
+    distinct = scan.select(
+        [pl.col(c).unique().implode() for c in VERSION_COLUMNS]
+    ).collect()
+    ranks = [
+        pl.col(c)
+        .replace_strict(_ranks(distinct[c][0].to_list()), return_dtype=pl.UInt32)
+        .alias(c + RANK_SUFFIX)
+        for c in VERSION_COLUMNS
+    ]
+    order = [c + RANK_SUFFIX for c in VERSION_COLUMNS] + ["n_samples", "created_at", "run_id"]
+    return (
+        scan.select([*DEDUP_KEY, *VERSION_COLUMNS, "n_samples", "created_at", "run_id", ROW_INDEX])
+        .with_columns(ranks)
+        .sort([*order, ROW_INDEX], descending=[True] * len(order) + [False])
+        .unique(subset=list(DEDUP_KEY), keep="first", maintain_order=False)
+        .select(ROW_INDEX)
+        .sort(ROW_INDEX)
+        .collect()
+        .to_series()
+    )
+
+
+def _write_snapshot(store: Store, keys: list[str], path: str) -> int:
+    """Write the winning rows of `keys` to the Parquet file `path`; returns the row count."""
+    winners = _winners(store, keys)
+    (
+        _scan(store, keys)
+        .filter(pl.col(ROW_INDEX).is_in(winners))
+        .drop(ROW_INDEX)
+        .sink_parquet(path, compression=SNAPSHOT_COMPRESSION)
+    )
+    return winners.len()
+
+
+def _claim(store: Store, first: int, merge_id: str) -> int:
+    payload = json.dumps(
+        {
+            "merge_id": merge_id,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "claimed_at": datetime.now(timezone.utc).isoformat(),
+        },
+        indent=2,
+    ).encode()
+    for generation in range(first, first + MAX_CLAIM_ATTEMPTS):
+        if store.put_if_absent(generation_key(generation, CLAIM_NAME), payload):
+            return generation
+        logger.info("generation %d was claimed by another merge; trying the next", generation)
+    raise DoolyError(
+        f"store {store.uri}: {MAX_CLAIM_ATTEMPTS} racing merges took every generation from "
+        f"{first}; run the merge again"
+    )
+
+
+def _prune(store: Store, committed: int) -> None:
+    """Delete complete generations beyond the newest KEEP_GENERATIONS, and stale dead claims."""
+    generations = _generations(store)
+    complete = _complete(generations)
+    doomed = [g for g in complete[:-KEEP_GENERATIONS] if g < committed]
+    now = time.time()
+    for generation, names in generations.items():
+        if MANIFEST_NAME in names or generation >= committed or CLAIM_NAME not in names:
+            continue
+        try:
+            claim = json.loads(store.get_bytes(generation_key(generation, CLAIM_NAME)))
+            claimed = datetime.fromisoformat(claim["claimed_at"]).timestamp()
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            continue
+        if now - claimed > STALE_CLAIM_S:
+            doomed.append(generation)
+    for generation in sorted(doomed):
+        # Manifest first, so a generation stops being complete before its data goes.
+        for name in (MANIFEST_NAME, DATA_NAME, CLAIM_NAME):
+            store.delete(generation_key(generation, name))
+        logger.info("deleted snapshot generation %d", generation)
+
+
+def merge_store(store: Store, *, progress: bool = False, force: bool = False) -> MergeReport:
+    """Merge every readable shard into a new snapshot generation; see the module docstring.
+
+    When the shards are exactly those of the newest generation (and none had to be quarantined),
+    nothing is written and the report says `unchanged`, unless `force`.
+    """
+    started = time.perf_counter()
+    keys = list_shards(store)
+    latest = _latest(store)
+    if not keys:
+        raise DoolyError(f"store {store.uri} holds no shards to merge")
+    inspections = _inspect_all(store, keys, show=progress)
+    quarantined = _quarantine(store, [i for i in inspections if i.problem])
+    good = [i for i in inspections if not i.problem and not i.vanished]
+    if not good:
+        raise DoolyError(
+            f"store {store.uri} holds no readable shards (quarantined {len(quarantined)}: "
+            f"{', '.join(quarantined)})"
+        )
+    good_keys = [i.key for i in good]
+    rows_in = sum(i.rows for i in good)
+    if latest is not None and not force and not quarantined and latest[1]["shards"] == good_keys:
+        generation, manifest = latest
+        return MergeReport(
+            generation=generation,
+            shards_consumed=len(good_keys),
+            rows_in=manifest["rows_in"],
+            rows_out=manifest["rows_out"],
+            duplicates_dropped=manifest["duplicates_dropped"],
+            seconds=time.perf_counter() - started,
+            unchanged=True,
+        )
+    merge_id = uuid.uuid4().hex
+    generation = _claim(store, max(_generations(store), default=0) + 1, merge_id)
+    with tempfile.TemporaryDirectory(prefix="dooly-merge-") as scratch:
+        path = os.path.join(scratch, DATA_NAME)
+        with _bar(progress, 1, f"merging {rows_in:,} rows") as bar:
+            rows_out = _write_snapshot(store, good_keys, path)
+            bar.update(1)
+        data_key = generation_key(generation, DATA_NAME)
+        store.put_file(data_key, path)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "dooly_version": __version__,
+        "generation": generation,
+        "merge_id": merge_id,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "data_key": data_key,
+        "shards": good_keys,
+        "quarantined": quarantined,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "duplicates_dropped": rows_in - rows_out,
+        "dedup_key": list(DEDUP_KEY),
+    }
+    body = json.dumps(manifest, indent=2).encode()
+    if not store.put_if_absent(generation_key(generation, MANIFEST_NAME), body):
+        raise DoolyError(
+            f"store {store.uri}: generation {generation} gained a manifest from another writer "
+            "although this merge held its claim"
+        )
+    _prune(store, generation)
+    report = MergeReport(
+        generation=generation,
+        shards_consumed=len(good_keys),
+        rows_in=rows_in,
+        rows_out=rows_out,
+        duplicates_dropped=rows_in - rows_out,
+        quarantined=quarantined,
+        seconds=time.perf_counter() - started,
+    )
+    logger.info("merged generation %d: %s", generation, report.to_dict())
+    return report
