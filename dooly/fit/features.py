@@ -250,11 +250,20 @@ def seqs_aggregates(
         "S": np.bincount(point, weights=capped_ctx + q, minlength=n_points),
         "attn_pairs": np.bincount(point, weights=pairs, minlength=n_points),
     }
-    max_q = np.zeros(n_points)
-    max_kv = np.zeros(n_points)
-    np.maximum.at(max_q, point, q)
-    np.maximum.at(max_kv, point, kv)
-    out["padded"] = out["B"] * max_q * max_kv
+    out["padded"] = out["B"] * _group_max(q, point, n_points) * _group_max(kv, point, n_points)
+    return out
+
+
+def _group_max(values: np.ndarray, point: np.ndarray, n_points: int) -> np.ndarray:
+    """Per-point maximum (0 for points without sequences); fast when `point` is sorted."""
+    out = np.zeros(n_points)
+    if len(values) == 0:
+        return out
+    if np.all(point[1:] >= point[:-1]):
+        starts = np.flatnonzero(np.r_[True, point[1:] != point[:-1]])
+        out[point[starts]] = np.maximum.reduceat(values, starts)
+    else:
+        np.maximum.at(out, point, values)
     return out
 
 

@@ -431,14 +431,15 @@ class StepPredictor:
 
 
 def _flatten(steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    q: list[int] = []
-    ctx: list[int] = []
-    step: list[int] = []
-    for i, (prefill, decode_ctx) in enumerate(steps):
-        for pq, pc in prefill:
-            q.append(pq)
-            ctx.append(pc)
-        q.extend([1] * len(decode_ctx))
-        ctx.extend(decode_ctx)
-        step.extend([i] * (len(prefill) + len(decode_ctx)))
-    return np.array(q, dtype=np.int64), np.array(ctx, dtype=np.int64), np.array(step, dtype=np.int64)
+    """Flat per-sequence arrays (query length, context, step index) of many steps."""
+    chunks = [pair for prefill, _ in steps for pair in prefill]
+    decode = [c for _, decode_ctx in steps for c in decode_ctx]
+    n_prefill = np.fromiter((len(p) for p, _ in steps), dtype=np.int64, count=len(steps))
+    n_decode = np.fromiter((len(d) for _, d in steps), dtype=np.int64, count=len(steps))
+    pairs = np.array(chunks, dtype=np.int64).reshape(-1, 2)
+    q = np.concatenate([pairs[:, 0], np.ones(len(decode), dtype=np.int64)])
+    ctx = np.concatenate([pairs[:, 1], np.array(decode, dtype=np.int64)])
+    index = np.arange(len(steps))
+    step = np.concatenate([np.repeat(index, n_prefill), np.repeat(index, n_decode)])
+    order = np.argsort(step, kind="stable")
+    return q[order], ctx[order], step[order]

@@ -50,8 +50,8 @@ MIN_SECONDS = 1e-9
 
 # Small trees: fast to fit on a CPU, fast to evaluate, hard to over-fit with few signatures.
 GBT_PARAMS: dict[str, Any] = {
-    "max_iter": 150,
-    "learning_rate": 0.1,
+    "max_iter": 80,
+    "learning_rate": 0.15,
     "max_leaf_nodes": 15,
     "early_stopping": False,
     "random_state": 0,
@@ -199,6 +199,15 @@ class ClassRegressor:
 
 
 def fit_class_regressor(method: str, physical: np.ndarray, logx: np.ndarray, seconds: np.ndarray) -> ClassRegressor:
+    """Fit one candidate. Trees are grown on one thread: they are small, and OpenMP threads that
+    spin-wait on a shared, busy machine make a 0.1 s fit take seconds."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return _fit_class_regressor(method, physical, logx, seconds)
+
+
+def _fit_class_regressor(method: str, physical: np.ndarray, logx: np.ndarray, seconds: np.ndarray) -> ClassRegressor:
     if method == METHOD_NNLS:
         return ClassRegressor(method, coef=relative_nnls(physical, seconds))
     if method == METHOD_NNLS_GBT:

@@ -369,7 +369,7 @@ def _container(
     mounts = [{"name": "tmp", "mountPath": TMP_DIR}, {"name": "cache", "mountPath": CACHE_DIR}]
     if shm:
         mounts.append({"name": "dshm", "mountPath": SHM_DIR})
-    return {
+    container: dict[str, Any] = {
         "name": name,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
@@ -384,6 +384,9 @@ def _container(
         },
         "volumeMounts": mounts,
     }
+    if not env:
+        del container["env"]
+    return container
 
 
 def _pod_spec(

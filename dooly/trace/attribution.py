@@ -66,6 +66,8 @@ CACHE_SPARE_BLOCKS = 2
 _SMALL_FACTORS = (2, 3, 4)
 # A per-rank size of a field tensor parallelism does not shard is a last resort.
 _UNSHARDED_PER_RANK_PENALTY = 4
+# Dividing one field by another is rarer in model code than a product or a per-rank shard.
+_FIELD_DIVISION_PENALTY = 2
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ def probe_overrides(config: dict[str, Any], tp: int) -> dict[str, int]:
     head_dim = config.get("head_dim") or (config["hidden_size"] // heads if heads else None)
     overrides: dict[str, int] = {}
     if heads:
-        kv_p = PROBE_KV_HEADS * tp if kv > 1 else kv
+        # One KV head per rank takes other code paths (a reshape that needs no copy): keep it.
+        kv_p = PROBE_KV_HEADS * tp if kv // tp > 1 else kv
         group_p = PROBE_GROUP if heads != kv else 1
         overrides["num_key_value_heads"] = kv_p
         overrides["num_attention_heads"] = kv_p * group_p
@@ -186,7 +189,7 @@ class Attributor:
             if b.real and b.probe and a.real % b.real == 0 and a.probe % b.probe == 0:
                 found.append(
                     Quantity(f"{a.name}/{b.name}", a.fields + b.fields, a.real // b.real, a.probe // b.probe,
-                             a.complexity + b.complexity + 1)
+                             a.complexity + b.complexity + _FIELD_DIVISION_PENALTY)
                 )
         for a, b, c in itertools.permutations(fields, 3):
             found.append(

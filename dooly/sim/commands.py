@@ -1,0 +1,443 @@
+"""`dooly simulate`, `dooly validate` and `dooly export vidur`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dooly.errors import DoolyError
+from dooly.output import emit_json, format_table, output_option
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DTYPE = "bfloat16"
+DEFAULT_REQUESTS = 100
+DEFAULT_RATE = 1.0
+DEFAULT_PROMPT_LEN = "512"
+DEFAULT_OUTPUT_LEN = "128"
+REQUESTS_FILE = "requests.parquet"
+STEPS_FILE = "steps.parquet"
+SUMMARY_FILE = "summary.json"
+WORKLOAD_FILE = "workload.json"
+SCATTER_FILE = "validation_scatter.png"
+MS_PER_S = 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared options
+# ---------------------------------------------------------------------------------------------
+
+
+def _step_model_options(func):
+    options = [
+        click.option("--analytic", is_flag=True, help="Use the built-in roofline step model (no store; tests and demos only)."),
+        click.option("--store", metavar="URI", help="Latency database (directory or s3://bucket/prefix) with fitted models."),
+        click.option("--platform", metavar="P", help="GPU/CPU platform string the models were fitted for."),
+        click.option("--backend", metavar="B", help="Attention backend, e.g. 'paged|sdpa'."),
+        click.option("--dtype", default=DEFAULT_DTYPE, show_default=True, help="Model dtype of the fitted models."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _engine_options(func):
+    options = [
+        click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True, help="Which engine's scheduler to mirror."),
+        click.option("--engine-config", type=click.Path(dir_okay=False), help="JSON object of engine settings (see `--set`)."),
+        click.option(
+            "--set",
+            "settings",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="One engine setting, e.g. num_blocks=512, scheduler_type=prefill_first, use_cuda_graph=true "
+            "(transformers) or max_num_seqs=128 (vllm); overrides --engine-config.",
+        ),
+        click.option("--cpu-overhead", type=click.Path(dir_okay=False), help="CPU overhead model JSON (dooly.cpu_overhead/1)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _engine_settings(engine_config: str | None, settings: tuple[str, ...]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if engine_config:
+        values.update(_read_json_object(Path(engine_config), "engine config"))
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DoolyError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DoolyError(f"{what} file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise DoolyError(f"{what} file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DoolyError(f"{what} file {path} must hold a JSON object")
+    return data
+
+
+def _model_config(model: str) -> dict[str, Any]:
+    """config.json facts of MODEL: a path to a config.json, or a model bundled with Dooly."""
+    path = Path(model)
+    if path.is_file():
+        return _read_json_object(path, "model config")
+    name = model.replace("/", "__") + ".json"
+    bundled = resources.files("dooly.models").joinpath("configs", name)
+    if model.count("/") != 1 or ".." in model or not bundled.is_file():
+        known = sorted(
+            p.name.removesuffix(".json").replace("__", "/")
+            for p in resources.files("dooly.models").joinpath("configs").iterdir()
+            if p.name.endswith(".json")
+        )
+        raise DoolyError(f"unknown model {model!r}: pass a config.json path or one of {', '.join(known)}")
+    return json.loads(bundled.read_text())
+
+
+def _load_fitted(store: str, model: str, platform: str | None, engine: str, backend: str | None, dtype: str):
+    """The fitted predictor of `dooly fit` and the model's operation inventory (both lazily
+    imported: they live in later pipeline stages and pull in scikit-learn)."""
+    if not platform or not backend:
+        raise DoolyError("--store needs --platform and --backend to pick the fitted models")
+    try:
+        from dooly.fit.models import load_predictor
+        from dooly.models.registry import model_key, resolve_model
+        from dooly.store.shards import read_json
+    except ImportError as exc:
+        raise DoolyError(f"fitted step models are unavailable in this installation ({exc})") from None
+    predictor = load_predictor(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
+    key = model_key(resolve_model(model))
+    inventory = read_json(store, f"inventories/{key}.json")
+    return predictor, inventory
+
+
+def _step_model(model: str | None, analytic: bool, store: str | None, platform: str | None, engine: str, backend: str | None, dtype: str):
+    from dooly.sim.step_model import AnalyticStepModel, ModelDims
+
+    if analytic == bool(store):
+        raise DoolyError("choose exactly one step model: --analytic or --store URI")
+    if analytic:
+        if model is None:
+            return AnalyticStepModel()
+        return AnalyticStepModel(dims=ModelDims.from_config(_model_config(model), name=model))
+    if model is None:
+        raise DoolyError("--store needs the MODEL argument")
+    predictor, inventory = _load_fitted(store, model, platform, engine, backend, dtype)
+    return predictor.step_predictor(inventory)
+
+
+def _cpu_overhead(path: str | None):
+    from dooly.sim.step_model import CpuOverheadModel
+
+    return CpuOverheadModel.load(path) if path else None
+
+
+def _workload(
+    workload: str | None,
+    trace: str | None,
+    requests: int | None,
+    rate: float | None,
+    arrival: str | None,
+    cv: float | None,
+    prompt_len: str | None,
+    output_len: str | None,
+    seed: int | None,
+    time_scale: float | None,
+):
+    from dooly.sim.workload import LengthSpec, WorkloadSpec
+
+    if workload and trace:
+        raise DoolyError("give --workload or --trace, not both")
+    if workload:
+        spec = WorkloadSpec.load(workload)
+    elif trace:
+        spec = WorkloadSpec(num_requests=0, trace=trace)
+    else:
+        spec = WorkloadSpec(
+            num_requests=DEFAULT_REQUESTS,
+            rate=DEFAULT_RATE,
+            prompt=LengthSpec.parse(DEFAULT_PROMPT_LEN, "--prompt-len"),
+            output=LengthSpec.parse(DEFAULT_OUTPUT_LEN, "--output-len"),
+        )
+    if requests is not None:
+        spec.num_requests = requests
+    if rate is not None:
+        spec.rate = rate
+    if arrival is not None:
+        spec.arrival = arrival
+    if cv is not None:
+        spec.cv = cv
+    if prompt_len is not None:
+        spec.prompt = LengthSpec.parse(prompt_len, "--prompt-len")
+    if output_len is not None:
+        spec.output = LengthSpec.parse(output_len, "--output-len")
+    if seed is not None:
+        spec.seed = seed
+    if time_scale is not None:
+        spec.time_scale = time_scale
+    spec.validate()
+    return spec
+
+
+def _clean(value: Any) -> Any:
+    """JSON-ready: NaN and infinities become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * MS_PER_S:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# dooly simulate
+# ---------------------------------------------------------------------------------------------
+
+
+@click.command("simulate")
+@click.argument("model", required=False)
+@_step_model_options
+@_engine_options
+@click.option("--workload", type=click.Path(dir_okay=False), help="Workload spec JSON (dooly.workload/1), shared with `dooly bench`.")
+@click.option("--trace", type=click.Path(dir_okay=False), help="Vidur trace (CSV/Parquet: arrived_at, num_prefill_tokens, num_decode_tokens).")
+@click.option("--requests", type=int, help=f"Number of requests [default: {DEFAULT_REQUESTS}].")
+@click.option("--rate", type=float, help=f"Arrival rate, requests/s [default: {DEFAULT_RATE}].")
+@click.option("--arrival", type=click.Choice(["poisson", "gamma", "burst"]), help="Arrival process [default: poisson].")
+@click.option("--cv", type=float, help="Coefficient of variation of gamma inter-arrival times.")
+@click.option("--prompt-len", metavar="SPEC", help=f"N, uniform:LO:HI, zipf:LO:HI[:THETA] or trace:FILE[:COL] [default: {DEFAULT_PROMPT_LEN}].")
+@click.option("--output-len", metavar="SPEC", help=f"Same forms as --prompt-len [default: {DEFAULT_OUTPUT_LEN}].")
+@click.option("--seed", type=int, help="Workload seed [default: 0].")
+@click.option("--time-scale", type=float, help="Multiply trace arrival times (0.5 doubles the rate).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help=f"Write {REQUESTS_FILE}, {STEPS_FILE}, {SUMMARY_FILE}, {WORKLOAD_FILE} here.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG charts (latency CDFs, batch size over time) here.")
+@output_option
+def simulate_command(
+    model, analytic, store, platform, backend, dtype, engine, engine_config, settings, cpu_overhead,
+    workload, trace, requests, rate, arrival, cv, prompt_len, output_len, seed, time_scale,
+    out_dir, plot_dir, output_format,
+) -> None:
+    """Simulate one serving replica on a workload: TTFT, TPOT, E2E and throughput.
+
+    A discrete-event simulation: requests arrive, a model of the engine's scheduler forms each
+    step's batch (chunked prefills, decodes, KV-block allocation, preemption), and the step takes
+    the predicted device time for that exact batch plus the engine's CPU overhead.
+
+    \b
+    Examples:
+      dooly simulate --analytic --requests 1000 --rate 5 --prompt-len uniform:128:2048
+      dooly simulate meta-llama/Llama-3.1-8B --store ./db --platform NVIDIA-H100-80GB-HBM3 \\
+          --backend 'paged|sdpa' --workload chat.json --set num_blocks=2048 --out results/
+      dooly simulate --analytic --engine vllm --set max_num_seqs=128 --trace splitwise_conv.csv
+    """
+    from dooly.sim.schedulers import make_scheduler
+    from dooly.sim.simulator import simulate
+    from dooly.sim.workload import generate_requests
+
+    spec = _workload(workload, trace, requests, rate, arrival, cv, prompt_len, output_len, seed, time_scale)
+    scheduler = make_scheduler(engine, _engine_settings(engine_config, settings))
+    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype)
+    overhead = _cpu_overhead(cpu_overhead)
+    reqs = generate_requests(spec)
+    result = simulate(reqs, scheduler, step_model, overhead)
+    summary = _clean(result.summary())
+    summary["workload"] = spec.to_dict()
+    if out_dir:
+        _write_results(Path(out_dir), result, summary, spec)
+    if plot_dir:
+        from dooly.sim.plots import plot_simulation
+
+        summary["plots"] = [str(p) for p in plot_simulation(result, plot_dir)]
+    if output_format == "json":
+        emit_json(summary)
+        return
+    click.echo(_summary_text(summary))
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    rows = [
+        (name.upper(), _ms(stats["mean"]), _ms(stats["p50"]), _ms(stats["p90"]), _ms(stats["p99"]))
+        for name, stats in (("ttft", summary["ttft_s"]), ("tpot", summary["tpot_s"]), ("e2e", summary["e2e_s"]))
+    ]
+    thr = summary["throughput"]
+    steps = summary["steps"]
+    lines = [
+        format_table(["metric (ms)", "mean", "p50", "p90", "p99"], rows),
+        "",
+        f"requests: {summary['num_finished']}/{summary['num_requests']} finished in {summary['makespan_s']:.2f} s "
+        f"({thr['requests_per_s']:.2f} req/s, {thr['output_tokens_per_s']:.0f} output tok/s, "
+        f"{thr['total_tokens_per_s']:.0f} total tok/s)",
+        f"steps: {steps['count']} ({steps['decode']} decode, {steps['prefill']} prefill, {steps['mixed']} mixed; "
+        f"{steps['cuda_graph']} CUDA graph), mean {steps['mean_seqs']:.1f} sequences/step; "
+        f"preemptions: {summary['preemptions']}",
+        f"engine: {summary['settings']['engine']}; simulated in {summary['simulation_wall_s']:.2f} s",
+    ]
+    return "\n".join(lines)
+
+
+def _write_results(out_dir: Path, result, summary: dict[str, Any], spec) -> None:
+    """All result files appear together: written to a temporary directory, then moved in."""
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".dooly-sim-", dir=out_dir))
+    try:
+        pq.write_table(result.requests_table(), staging / REQUESTS_FILE)
+        pq.write_table(result.steps_table(), staging / STEPS_FILE)
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        spec.save(staging / WORKLOAD_FILE)
+        for name in (REQUESTS_FILE, STEPS_FILE, SUMMARY_FILE, WORKLOAD_FILE):
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# dooly validate
+# ---------------------------------------------------------------------------------------------
+
+
+@click.command("validate")
+@click.argument("model")
+@click.option("--ground-truth", "truth_dir", required=True, type=click.Path(file_okay=False), help=f"Directory from `dooly bench` with {REQUESTS_FILE} and {STEPS_FILE}.")
+@_step_model_options
+@_engine_options
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the predicted-vs-measured scatter PNG here.")
+@output_option
+def validate_command(
+    model, truth_dir, analytic, store, platform, backend, dtype, engine, engine_config, settings, cpu_overhead, plot_path, output_format,
+) -> None:
+    """Compare the simulator with a real-engine benchmark of the same workload.
+
+    Re-simulates the measured requests (same arrivals and lengths, same engine settings) and
+    reports the MAPE of per-request TTFT and TPOT; replays every measured batch composition
+    through the step model and reports the MAPE of per-step latency.
+
+    \b
+    Example:
+      dooly validate meta-llama/Llama-3.1-8B --ground-truth bench/h100-sdpa \\
+          --store ./db --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa' \\
+          --engine-config bench/h100-sdpa/engine.json --plot scatter.png
+    """
+    from dooly.sim.schedulers import make_scheduler
+    from dooly.sim.validate import plot_scatter, validate
+
+    truth = _load_ground_truth(Path(truth_dir))
+    scheduler = make_scheduler(engine, _engine_settings(engine_config, settings))
+    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype)
+    report = validate(truth, scheduler, step_model, _cpu_overhead(cpu_overhead))
+    payload = _clean(report.as_dict())
+    if plot_path:
+        payload["plot"] = str(plot_scatter(report, plot_path))
+    if output_format == "json":
+        emit_json(payload)
+        return
+    rows = []
+    for label, stats in (("TTFT", payload["requests"]["ttft"]), ("TPOT", payload["requests"]["tpot"]), ("E2E", payload["requests"]["e2e"]), ("step latency", payload["steps"])):
+        if stats:
+            rows.append((label, stats["n"], _pct(stats["mape"]), _pct(stats["p50_ape"]), _pct(stats["p90_ape"]), _pct(stats["bias"])))
+    click.echo(format_table(["quantity", "n", "MAPE", "p50 APE", "p90 APE", "bias"], rows))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def _load_ground_truth(directory: Path):
+    from dooly.sim.validate import ground_truth_from_arrow
+
+    import pyarrow.parquet as pq
+
+    requests_path = directory / REQUESTS_FILE
+    if not requests_path.is_file():
+        raise DoolyError(f"ground truth {directory} has no {REQUESTS_FILE}")
+    steps_path = directory / STEPS_FILE
+    try:
+        requests = pq.read_table(requests_path)
+        steps = pq.read_table(steps_path) if steps_path.is_file() else None
+    except Exception as exc:
+        raise DoolyError(f"ground truth in {directory} is not readable Parquet: {exc}") from None
+    return ground_truth_from_arrow(requests, steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# dooly export vidur
+# ---------------------------------------------------------------------------------------------
+
+
+@click.group("export")
+def export_group() -> None:
+    """Export Dooly's predictions in other simulators' formats."""
+
+
+@export_group.command("vidur")
+@click.argument("model")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Vidur checkout (or any directory): files go under data/profiling/compute/.")
+@click.option("--device", required=True, help="Vidur device name, e.g. h100 or a100.")
+@_step_model_options
+@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True, help="Engine the fitted models were measured on.")
+@click.option("--vidur-model", help="Model name as Vidur knows it [default: MODEL].")
+@click.option("--block-size", type=int, default=16, show_default=True, help="KV block size written to attention.csv (Vidur filters on it).")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Largest token count in mlp.csv.")
+@click.option("--max-seq-len", type=int, default=4096, show_default=True, help="Largest context in attention.csv.")
+@click.option("--max-batch-size", type=int, default=128, show_default=True, help="Largest decode batch in attention.csv.")
+@output_option
+def export_vidur_command(
+    model, out_dir, device, analytic, store, platform, backend, dtype, engine, vidur_model, block_size, max_tokens, max_seq_len, max_batch_size, output_format,
+) -> None:
+    """Write Vidur's compute profiles (mlp.csv, attention.csv) from Dooly's predictions.
+
+    Vidur then simulates MODEL on DEVICE from Dooly's latency database instead of its own
+    profiling runs: point its `--random_forrest_execution_time_predictor_config_*_input_file`
+    (or the default data/profiling/compute/{DEVICE}/{MODEL}) at the written files.
+
+    \b
+    Example:
+      dooly export vidur meta-llama/Llama-3.1-8B --device h100 --out ~/vidur \\
+          --store ./db --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa'
+    """
+    from dooly.sim.step_model import AnalyticStepModel, ModelDims
+    from dooly.sim.vidur import VidurSweep, export_vidur
+
+    if min(block_size, max_tokens, max_seq_len, max_batch_size) < 1:
+        raise DoolyError("--block-size, --max-tokens, --max-seq-len and --max-batch-size must be >= 1")
+    dims = ModelDims.from_config(_model_config(model), name=model)
+    if analytic == bool(store):
+        raise DoolyError("choose exactly one source: --analytic or --store URI")
+    if analytic:
+        predict = AnalyticStepModel(dims=dims).op_seconds
+    else:
+        predictor, inventory = _load_fitted(store, model, platform, engine, backend, dtype)
+        if not hasattr(predictor, "vidur_op_predictor"):
+            raise DoolyError("the fitted predictor cannot predict Vidur operations (no vidur_op_predictor)")
+        predict = predictor.vidur_op_predictor(inventory)
+    sweep = VidurSweep(max_tokens=max_tokens, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    written = export_vidur(predict, dims, out_dir, device, vidur_model or model, block_size=block_size, backend=backend or "", sweep=sweep)
+    if output_format == "json":
+        emit_json({"files": [str(p) for p in written], "device": device, "model": vidur_model or model})
+        return
+    for path in written:
+        click.echo(f"wrote {path}")

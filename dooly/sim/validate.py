@@ -1,0 +1,301 @@
+"""Validation math: how far the simulator is from a real engine on the same workload.
+
+Ground truth comes from `dooly bench` (Parquet, two tables):
+- requests: request_id, arrived_at_s, first_token_s, finished_s, prompt_tokens, output_tokens,
+  token_times_s (list<float>);
+- steps: step, start_s, duration_s, prefill (list<struct<q, ctx>>), decode_ctx (list<int>).
+
+Two comparisons, reported as MAPE (mean absolute percentage error, in percent) plus its median:
+- per request: TTFT and TPOT of the simulation of the same requests (same arrivals, lengths and
+  engine settings) against the measured ones, matched by request id;
+- per step: each measured batch composition replayed through the step model (plus the CPU
+  overhead model) against the measured step duration. This isolates the latency model from the
+  scheduler model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dooly.errors import DoolyError
+from dooly.sim.schedulers import Scheduler
+from dooly.sim.simulator import SimResult, simulate
+from dooly.sim.step_model import CpuOverheadModel, StepKind, StepLatencyModel, StepPath, accepts_path
+from dooly.sim.workload import Request
+
+REQUEST_COLUMNS = (
+    "request_id",
+    "arrived_at_s",
+    "first_token_s",
+    "finished_s",
+    "prompt_tokens",
+    "output_tokens",
+    "token_times_s",
+)
+STEP_COLUMNS = ("step", "start_s", "duration_s", "prefill", "decode_ctx")
+PERCENT = 100.0
+
+
+@dataclass(slots=True)
+class MeasuredRequest:
+    request_id: str
+    arrived_at_s: float
+    first_token_s: float
+    finished_s: float
+    prompt_tokens: int
+    output_tokens: int
+    token_times_s: list[float] = field(default_factory=list)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrived_at_s
+
+    @property
+    def tpot_s(self) -> float:
+        """Mean gap between output tokens after the first; from the token timestamps when there
+        are several, else from the finish time; NaN for a single-token output."""
+        times = self.token_times_s
+        if len(times) >= 2:
+            return (times[-1] - times[0]) / (len(times) - 1)
+        if self.output_tokens > 1:
+            return (self.finished_s - self.first_token_s) / (self.output_tokens - 1)
+        return math.nan
+
+
+@dataclass(slots=True)
+class MeasuredStep:
+    step: int
+    start_s: float
+    duration_s: float
+    prefill: list[tuple[int, int]]
+    decode_ctx: list[int]
+
+
+@dataclass
+class GroundTruth:
+    requests: list[MeasuredRequest]
+    steps: list[MeasuredStep]
+
+    def workload(self) -> list[Request]:
+        """The measured requests as a workload on a clock starting at the first arrival."""
+        if not self.requests:
+            raise DoolyError("the ground truth holds no requests")
+        origin = min(r.arrived_at_s for r in self.requests)
+        return [
+            Request(r.request_id, r.arrived_at_s - origin, r.prompt_tokens, r.output_tokens)
+            for r in sorted(self.requests, key=lambda r: r.arrived_at_s)
+        ]
+
+
+def ground_truth_from_arrow(requests: Any, steps: Any | None = None) -> GroundTruth:
+    """Build `GroundTruth` from the two pyarrow tables `dooly bench` writes."""
+    _require_columns(requests, REQUEST_COLUMNS, "requests")
+    rows = requests.select(list(REQUEST_COLUMNS)).to_pylist()
+    measured = [
+        MeasuredRequest(
+            request_id=str(r["request_id"]),
+            arrived_at_s=float(r["arrived_at_s"]),
+            first_token_s=_float(r["first_token_s"]),
+            finished_s=_float(r["finished_s"]),
+            prompt_tokens=int(r["prompt_tokens"]),
+            output_tokens=int(r["output_tokens"]),
+            token_times_s=[float(t) for t in (r["token_times_s"] or [])],
+        )
+        for r in rows
+    ]
+    measured_steps: list[MeasuredStep] = []
+    if steps is not None:
+        _require_columns(steps, STEP_COLUMNS, "steps")
+        for r in steps.select(list(STEP_COLUMNS)).to_pylist():
+            measured_steps.append(
+                MeasuredStep(
+                    step=int(r["step"]),
+                    start_s=float(r["start_s"]),
+                    duration_s=float(r["duration_s"]),
+                    prefill=[(int(c["q"]), int(c["ctx"])) for c in (r["prefill"] or [])],
+                    decode_ctx=[int(c) for c in (r["decode_ctx"] or [])],
+                )
+            )
+    return GroundTruth(measured, measured_steps)
+
+
+@dataclass
+class ErrorStats:
+    """Absolute percentage errors of paired predictions (pairs with a non-positive or missing
+    measurement are left out and counted)."""
+
+    predicted: np.ndarray
+    measured: np.ndarray
+    skipped: int = 0
+
+    @property
+    def ape(self) -> np.ndarray:
+        return np.abs(self.predicted - self.measured) / self.measured * PERCENT
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        ape = self.ape
+        if ape.size == 0:
+            return {"n": 0, "skipped": self.skipped, "mape": None, "p50_ape": None, "p90_ape": None, "bias": None}
+        return {
+            "n": int(ape.size),
+            "skipped": self.skipped,
+            "mape": float(ape.mean()),
+            "p50_ape": float(np.percentile(ape, 50)),
+            "p90_ape": float(np.percentile(ape, 90)),
+            # Signed mean relative error: > 0 means the prediction is slower than reality.
+            "bias": float(np.mean((self.predicted - self.measured) / self.measured) * PERCENT),
+        }
+
+
+def error_stats(predicted: list[float], measured: list[float]) -> ErrorStats:
+    """Pair up predictions and measurements, dropping pairs that cannot give a percentage."""
+    if len(predicted) != len(measured):
+        raise ValueError("predicted and measured must have the same length")
+    keep_p, keep_m = [], []
+    for p, m in zip(predicted, measured):
+        if m is None or p is None or not (m > 0) or math.isnan(p) or not math.isfinite(m):
+            continue
+        keep_p.append(p)
+        keep_m.append(m)
+    return ErrorStats(np.asarray(keep_p, dtype=np.float64), np.asarray(keep_m, dtype=np.float64), len(measured) - len(keep_m))
+
+
+def mape(predicted: list[float], measured: list[float]) -> float:
+    """Mean absolute percentage error in percent (NaN when no pair is usable)."""
+    stats = error_stats(predicted, measured)
+    return float(stats.ape.mean()) if stats.ape.size else math.nan
+
+
+@dataclass
+class RequestComparison:
+    ttft: ErrorStats
+    tpot: ErrorStats
+    e2e: ErrorStats
+    unmatched: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ttft": self.ttft.as_dict(),
+            "tpot": self.tpot.as_dict(),
+            "e2e": self.e2e.as_dict(),
+            "unmatched_requests": self.unmatched,
+        }
+
+
+def compare_requests(truth: GroundTruth, result: SimResult) -> RequestComparison:
+    """Per-request TTFT, TPOT and E2E errors of a simulation against the ground truth, matched by
+    request id (all are time differences, so the two clocks may have different origins)."""
+    simulated = {r.request_id: r for r in result.requests}
+    ttft_p, ttft_m, tpot_p, tpot_m, e2e_p, e2e_m = [], [], [], [], [], []
+    unmatched = 0
+    for measured in truth.requests:
+        sim = simulated.get(measured.request_id)
+        if sim is None:
+            unmatched += 1
+            continue
+        ttft_p.append(sim.ttft_s)
+        ttft_m.append(measured.ttft_s)
+        tpot_p.append(sim.tpot_s)
+        tpot_m.append(measured.tpot_s)
+        e2e_p.append(sim.e2e_s)
+        e2e_m.append(measured.finished_s - measured.arrived_at_s)
+    return RequestComparison(
+        error_stats(ttft_p, ttft_m), error_stats(tpot_p, tpot_m), error_stats(e2e_p, e2e_m), unmatched
+    )
+
+
+def replay_steps(
+    steps: list[MeasuredStep],
+    step_model: StepLatencyModel,
+    cpu_overhead: CpuOverheadModel | None = None,
+    path_for: Any = None,
+) -> list[float]:
+    """Predicted seconds for each measured batch composition.
+
+    `path_for(prefill, decode_ctx) -> StepPath` tells the models which path the engine took
+    (by default: the kind of the batch, no CUDA graph, no padding)."""
+    overhead = cpu_overhead or CpuOverheadModel.zero()
+    pass_path = accepts_path(step_model)
+    out = []
+    for step in steps:
+        path = path_for(step.prefill, step.decode_ctx) if path_for else _default_path(step.prefill, step.decode_ctx)
+        if pass_path:
+            gpu = step_model.step_seconds(step.prefill, step.decode_ctx, path=path)
+        else:
+            gpu = step_model.step_seconds(step.prefill, step.decode_ctx)
+        num_tokens = sum(q for q, _ in step.prefill) + len(step.decode_ctx)
+        kv = sum(q + c for q, c in step.prefill) + sum(step.decode_ctx) + len(step.decode_ctx)
+        num_seqs = len(step.prefill) + len(step.decode_ctx)
+        out.append(float(gpu) + overhead.seconds(path, num_seqs, num_tokens, kv))
+    return out
+
+
+def compare_steps(
+    steps: list[MeasuredStep],
+    step_model: StepLatencyModel,
+    cpu_overhead: CpuOverheadModel | None = None,
+    path_for: Any = None,
+) -> ErrorStats:
+    predicted = replay_steps(steps, step_model, cpu_overhead, path_for)
+    return error_stats(predicted, [s.duration_s for s in steps])
+
+
+def _default_path(prefill: list[tuple[int, int]], decode_ctx: list[int]) -> StepPath:
+    if not prefill:
+        kind = StepKind.DECODE
+    else:
+        kind = StepKind.MIXED if decode_ctx else StepKind.PREFILL
+    tokens = sum(q for q, _ in prefill) + len(decode_ctx)
+    return StepPath(kind, cuda_graph=False, padded_tokens=tokens)
+
+
+@dataclass
+class ValidationReport:
+    requests: RequestComparison
+    steps: ErrorStats | None
+    result: SimResult
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests.as_dict(),
+            "steps": self.steps.as_dict() if self.steps is not None else None,
+            "simulation": self.result.summary(),
+        }
+
+
+def validate(
+    truth: GroundTruth,
+    scheduler: Scheduler,
+    step_model: StepLatencyModel,
+    cpu_overhead: CpuOverheadModel | None = None,
+    path_for: Any = None,
+) -> ValidationReport:
+    """Simulate the measured workload with the given engine settings and compare both ways."""
+    result = simulate(truth.workload(), scheduler, step_model, cpu_overhead)
+    steps = compare_steps(truth.steps, step_model, cpu_overhead, path_for) if truth.steps else None
+    return ValidationReport(compare_requests(truth, result), steps, result)
+
+
+def plot_scatter(report: ValidationReport, path: str | Path) -> Path:
+    """Predicted-vs-measured scatter (TTFT, TPOT, step latency) with the y = x line, as a PNG."""
+    from dooly.sim.plots import scatter_panels
+
+    panels = [("TTFT (s)", report.requests.ttft), ("TPOT (s)", report.requests.tpot)]
+    if report.steps is not None:
+        panels.append(("step latency (s)", report.steps))
+    return scatter_panels(panels, Path(path))
+
+
+def _require_columns(table: Any, needed: tuple[str, ...], name: str) -> None:
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise DoolyError(f"ground-truth {name} table lacks column(s) {', '.join(missing)}")
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)

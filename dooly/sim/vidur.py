@@ -1,0 +1,326 @@
+"""Export Dooly's predictions as Vidur profiling CSVs, so Vidur simulates on Dooly's database.
+
+Vidur (github.com/microsoft/vidur, main branch) reads, per device and model,
+`data/profiling/compute/{device}/{model}/mlp.csv` and `attention.csv`. Each row is one profiled
+point: model-dimension key columns, the point's request variables, and for every timed operation
+`time_stats.<op>.{min,max,mean,median,std}` in milliseconds for ONE layer (`emb` once per
+forward). Vidur filters rows by the key columns (`n_head`, `n_kv_head`, `n_embd`,
+`n_expanded_embd`, `vocab_size`, `use_gated_mlp`, `num_tensor_parallel_workers` in mlp.csv;
+`n_embd`, `n_q_head`, `n_kv_head`, `block_size`, `num_tensor_parallel_workers` in attention.csv)
+and fits its own regressors on the medians: compute ops on `num_tokens`; `attn_prefill` on
+(`kv_cache_size`, `prefill_chunk_size`^2) over prefill rows (batch size 1); `attn_decode` on
+(`batch_size`, `kv_cache_size`) over decode rows (`prefill_chunk_size` 0); `attn_kv_cache_save`
+on the row's token count. An operation that does not run at a point is left empty, as Vidur's own
+profiler leaves it.
+
+The exporter does not know where numbers come from: it calls a `VidurOpPredictor`, any callable
+`(op, point) -> seconds for one layer` (or `OpStats`); the fitted predictor of `dooly fit` or
+`AnalyticStepModel.op_seconds` provide one.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from dooly.errors import DoolyError
+from dooly.sim.step_model import ModelDims
+
+if TYPE_CHECKING:
+    from dooly.sim.step_model import AnalyticStepModel
+
+logger = logging.getLogger(__name__)
+
+STAT_NAMES = ("min", "max", "mean", "median", "std")
+MS_PER_S = 1e3
+
+# Column order of Vidur's published mlp.csv (data/profiling/compute/a100/meta-llama/Meta-Llama-3-8B).
+MLP_OPS = (
+    "emb",
+    "input_layernorm",
+    "attn_pre_proj",
+    "attn_rope",
+    "attn_post_proj",
+    "post_attention_layernorm",
+    "mlp_up_proj",
+    "mlp_act",
+    "mlp_down_proj",
+    "add",
+)
+MLP_KEYS = (
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "n_expanded_embd",
+    "vocab_size",
+    "use_gated_mlp",
+    "num_tokens",
+    "num_tensor_parallel_workers",
+)
+# Timers of Vidur's attention profiler (sarathi's attention wrapper) and its result keys.
+ATTENTION_OPS = ("attn_input_reshape", "attn_kv_cache_save", "attn_prefill", "attn_decode", "attn_output_reshape")
+ATTENTION_KEYS = (
+    "n_embd",
+    "n_q_head",
+    "n_kv_head",
+    "block_size",
+    "num_tensor_parallel_workers",
+    "max_model_len",
+    "batch_size",
+    "prefill_chunk_size",
+    "kv_cache_size",
+    "is_prefill",
+    "attention_backend",
+)
+
+# Sweep grids, dense where latency bends (small sizes), sparse where it is linear.
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_MAX_SEQ_LEN = 4096
+DEFAULT_MAX_BATCH_SIZE = 128
+DEFAULT_BLOCK_SIZE = 16
+_TOKEN_GRID = ((1, 8, 1), (8, 1024, 8), (1024, 4096, 32), (4096, 16384, 128), (16384, 131073, 1024))
+_CHUNK_GRID = ((64, 1024, 32), (1024, 4096, 128), (4096, 65537, 512))
+_CONTEXT_GRID = ((0, 1024, 32), (1024, 4096, 128), (4096, 131073, 1024))
+_BATCH_GRID = ((1, 32, 1), (32, 128, 4), (128, 1025, 16))
+
+
+@dataclass(frozen=True)
+class VidurPoint:
+    """A Vidur request point. mlp.csv rows set `num_tokens`; attention rows set `batch_size`,
+    `prefill_chunk_size` (0 for decode), `kv_cache_size` (context before the chunk, or the decode
+    context) and `is_prefill`, and `num_tokens` = max(prefill_chunk_size, batch_size)."""
+
+    num_tokens: int
+    batch_size: int = 1
+    prefill_chunk_size: int = 0
+    kv_cache_size: int = 0
+    is_prefill: bool = False
+
+
+@dataclass(frozen=True)
+class OpStats:
+    """Latency statistics of one operation, in seconds."""
+
+    median: float
+    min: float
+    max: float
+    mean: float
+    std: float = 0.0
+
+
+class VidurOpPredictor(Protocol):
+    """Seconds one layer spends in Vidur operation `op` at `point` (a float: the median, or
+    `OpStats`). Returning None or NaN leaves the cells empty."""
+
+    def __call__(self, op: str, point: VidurPoint) -> float | OpStats | None: ...
+
+
+@dataclass(frozen=True)
+class VidurSweep:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+
+    def mlp_points(self) -> list[VidurPoint]:
+        return [VidurPoint(num_tokens=t) for t in _grid(_TOKEN_GRID, 1, self.max_tokens)]
+
+    def attention_points(self) -> list[VidurPoint]:
+        points = []
+        for chunk in _grid(_CHUNK_GRID, 1, self.max_seq_len):
+            for ctx in range(0, self.max_seq_len - chunk + 1, chunk):
+                points.append(VidurPoint(chunk, 1, chunk, ctx, True))
+        for length in _grid(_CONTEXT_GRID, 1, self.max_seq_len):
+            points.append(VidurPoint(length, 1, length, 0, True))
+        contexts = _grid(_CONTEXT_GRID, 1, self.max_seq_len)
+        for batch in _grid(_BATCH_GRID, 1, self.max_batch_size):
+            for ctx in contexts:
+                points.append(VidurPoint(batch, batch, 0, ctx, False))
+        return sorted(set(points), key=lambda p: (not p.is_prefill, p.batch_size, p.prefill_chunk_size, p.kv_cache_size))
+
+
+def _grid(ranges: tuple[tuple[int, int, int], ...], low: int, high: int) -> list[int]:
+    values = sorted({v for start, stop, step in ranges for v in range(start, stop, step)} | {high})
+    return [v for v in values if low <= v <= high]
+
+
+def mlp_rows(predict: VidurOpPredictor, dims: ModelDims, sweep: VidurSweep) -> list[dict[str, object]]:
+    keys = {
+        "n_head": dims.num_heads,
+        "n_kv_head": dims.num_kv_heads,
+        "n_embd": dims.hidden_size,
+        "n_expanded_embd": dims.intermediate_size,
+        "vocab_size": dims.vocab_size,
+        "use_gated_mlp": dims.gated_mlp,
+        "num_tensor_parallel_workers": 1,
+    }
+    rows = []
+    for point in sweep.mlp_points():
+        row: dict[str, object] = {}
+        for op in MLP_OPS:
+            row.update(_stat_cells(op, predict(op, point)))
+        row.update(keys, num_tokens=point.num_tokens)
+        rows.append(row)
+    return rows
+
+
+def attention_rows(
+    predict: VidurOpPredictor, dims: ModelDims, sweep: VidurSweep, block_size: int, backend: str
+) -> list[dict[str, object]]:
+    keys = {
+        "n_embd": dims.hidden_size,
+        "n_q_head": dims.num_heads,
+        "n_kv_head": dims.num_kv_heads,
+        "block_size": block_size,
+        "num_tensor_parallel_workers": 1,
+        "max_model_len": sweep.max_seq_len,
+        "attention_backend": backend,
+    }
+    rows = []
+    for point in sweep.attention_points():
+        row: dict[str, object] = {}
+        for op in ATTENTION_OPS:
+            applies = not (op == "attn_prefill" and not point.is_prefill) and not (op == "attn_decode" and point.is_prefill)
+            row.update(_stat_cells(op, predict(op, point) if applies else None))
+        row.update(
+            keys,
+            batch_size=point.batch_size,
+            prefill_chunk_size=point.prefill_chunk_size,
+            kv_cache_size=point.kv_cache_size,
+            is_prefill=point.is_prefill,
+        )
+        rows.append(row)
+    return rows
+
+
+def mlp_columns() -> list[str]:
+    return [f"time_stats.{op}.{s}" for op in MLP_OPS for s in STAT_NAMES] + list(MLP_KEYS)
+
+
+def attention_columns() -> list[str]:
+    return [f"time_stats.{op}.{s}" for op in ATTENTION_OPS for s in STAT_NAMES] + list(ATTENTION_KEYS)
+
+
+def export_vidur(
+    predict: VidurOpPredictor,
+    dims: ModelDims,
+    out_dir: str | Path,
+    device: str,
+    model_name: str,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    backend: str = "",
+    sweep: VidurSweep | None = None,
+) -> list[Path]:
+    """Write mlp.csv and attention.csv under `out_dir/data/profiling/compute/{device}/{model_name}`.
+
+    Both files appear whole or not at all (written to temporary names, then renamed)."""
+    if not device or "/" in device:
+        raise DoolyError(f"Vidur device name {device!r} must be one path segment, e.g. h100")
+    if not model_name or model_name.startswith("/") or ".." in model_name.split("/"):
+        raise DoolyError(f"Vidur model name {model_name!r} must look like org/name")
+    sweep = sweep or VidurSweep()
+    target = Path(out_dir) / "data" / "profiling" / "compute" / device / model_name
+    tables = (
+        ("mlp.csv", mlp_columns(), mlp_rows(predict, dims, sweep)),
+        ("attention.csv", attention_columns(), attention_rows(predict, dims, sweep, block_size, backend)),
+    )
+    target.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, columns, rows in tables:
+            staged.append((_write_csv_temp(target, columns, rows), target / name))
+        for temp, final in staged:
+            os.replace(temp, final)
+    finally:
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)
+    written = [final for _, final in staged]
+    logger.info("wrote %s", ", ".join(str(p) for p in written))
+    return written
+
+
+def _write_csv_temp(directory: Path, columns: list[str], rows: Iterable[dict[str, object]]) -> Path:
+    handle = tempfile.NamedTemporaryFile("w", dir=directory, prefix=".dooly-", suffix=".csv", delete=False, newline="")
+    with handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+    return Path(handle.name)
+
+
+def _cell(value: object) -> object:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    return value
+
+
+def _stat_cells(op: str, value: float | OpStats | None) -> dict[str, float | None]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return {f"time_stats.{op}.{s}": None for s in STAT_NAMES}
+    if not isinstance(value, OpStats):
+        seconds = float(value)
+        value = OpStats(median=seconds, min=seconds, max=seconds, mean=seconds, std=0.0)
+    cells = {}
+    for stat in STAT_NAMES:
+        seconds = getattr(value, stat)
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise DoolyError(f"the predictor returned {seconds!r} s for {op} ({stat}); expected a finite value >= 0")
+        cells[f"time_stats.{op}.{stat}"] = seconds * MS_PER_S
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------
+# Roofline per-op estimates, for AnalyticStepModel.op_seconds (tests and demos only).
+# ---------------------------------------------------------------------------------------------
+
+ROPE_FLOPS_PER_ELEMENT = 6
+ACT_FLOPS_PER_ELEMENT = 8
+NORM_FLOPS_PER_ELEMENT = 5
+
+
+def analytic_op_seconds(model: AnalyticStepModel, op: str, point: VidurPoint) -> float:
+    d = model.dims
+    b = model.bytes_per_param
+    t = point.num_tokens
+    q_width = d.num_heads * d.head_dim
+    kv_width = d.num_kv_heads * d.head_dim
+    h, inter = d.hidden_size, d.intermediate_size
+    up_width = 2 * inter if d.gated_mlp else inter
+    if op == "attn_prefill":
+        chunk, ctx = point.prefill_chunk_size, point.kv_cache_size
+        flops = 4 * q_width * chunk * (ctx + (chunk + 1) / 2)
+        data = 2 * kv_width * (ctx + chunk) * b + 2 * q_width * chunk * b
+    elif op == "attn_decode":
+        seqs, ctx = point.batch_size, point.kv_cache_size
+        flops = 4 * q_width * seqs * (ctx + 1)
+        data = 2 * kv_width * seqs * (ctx + 1) * b
+    else:
+        shapes = {
+            "emb": (0, 2 * t * h * b),
+            "input_layernorm": (NORM_FLOPS_PER_ELEMENT * t * h, 2 * t * h * b),
+            "post_attention_layernorm": (NORM_FLOPS_PER_ELEMENT * t * h, 2 * t * h * b),
+            "attn_pre_proj": (2 * t * h * (q_width + 2 * kv_width), (h * (q_width + 2 * kv_width) + t * (h + q_width + 2 * kv_width)) * b),
+            "attn_rope": (ROPE_FLOPS_PER_ELEMENT * t * (q_width + kv_width), 2 * t * (q_width + kv_width) * b),
+            "attn_post_proj": (2 * t * q_width * h, (q_width * h + t * (q_width + h)) * b),
+            "mlp_up_proj": (2 * t * h * up_width, (h * up_width + t * (h + up_width)) * b),
+            "mlp_act": (ACT_FLOPS_PER_ELEMENT * t * inter, (up_width + inter) * t * b),
+            "mlp_down_proj": (2 * t * inter * h, (inter * h + t * (inter + h)) * b),
+            "add": (t * h, 3 * t * h * b),
+            "attn_kv_cache_save": (0, 4 * t * kv_width * b),
+            "attn_input_reshape": (0, 2 * t * (q_width + 2 * kv_width) * b),
+            "attn_output_reshape": (0, 2 * t * q_width * b),
+        }
+        if op not in shapes:
+            raise DoolyError(f"no analytic estimate for Vidur operation {op!r}")
+        flops, data = shapes[op]
+    return max(flops / model.peak_flops, data / model.bytes_per_s) + model.launch_s

@@ -1,0 +1,96 @@
+"""`dooly trace`: what one engine step runs, and where every dimension comes from."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from dooly.errors import DoolyError
+from dooly.output import emit_json, format_table, output_option
+from dooly.trace.schema import MEASURED_KINDS
+
+PHASE_CHOICES = ("prefill", "decode", "mixed")
+# Rows of the readable inventory; the trace file always holds every operation.
+SUMMARY_ROWS = 25
+
+
+@click.command("trace")
+@click.argument("model")
+@click.option("--phase", type=click.Choice(PHASE_CHOICES), default="mixed", show_default=True,
+              help="Which step to trace: fresh prompts, one token per sequence, or both in one batch.")
+@click.option("--attention", "backend", default="paged|sdpa", show_default=True,
+              help="Attention backend of the engine (paged|sdpa, paged|eager).")
+@click.option("--tp", type=int, default=1, show_default=True,
+              help="Tensor-parallel degree: trace one rank (heads, intermediate, vocab divided) and its collectives.")
+@click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype (bfloat16, float16, float32).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the full trace as JSON here (schema: docs/trace.md).")
+@output_option
+def trace_command(model: str, phase: str, backend: str, tp: int, dtype: str, out_path: Path | None,
+                  output_format: str) -> None:
+    """Trace one engine step of MODEL on the CPU, with no weights and no GPU.
+
+    MODEL is a bundled Hugging Face id (see `dooly models`), a config.json, or a directory
+    holding one. The step is the engine's own: transformers continuous batching with packed
+    tokens and a paged KV cache. Every input and output dimension of every operation is labelled
+    with its origin: the batch (T tokens, B sequences, K KV tokens read, S sliding-window reads)
+    or the model config (its value and the config field it derives from).
+
+    \b
+    Examples:
+      dooly trace meta-llama/Llama-3.1-8B
+      dooly trace mistralai/Mixtral-8x7B-v0.1 --phase decode --tp 2 --out mixtral.json
+      dooly trace ./my-model/config.json --output json
+    """
+    from dooly.trace.tracer import trace_model
+
+    trace = trace_model(model, phase=phase, backend=backend, tp=tp, dtype=dtype)
+    if out_path is not None:
+        write_json_atomically(out_path, trace.to_dict())
+    summary = trace.summary()
+    if out_path is not None:
+        summary["trace_file"] = str(out_path)
+    if output_format == "json":
+        emit_json(summary)
+        return
+    click.echo(
+        f"{trace.model_id} [{trace.architecture}] phase={phase} backend={backend} tp={tp}: "
+        f"{summary['operations']} operations ({summary['executions_per_forward']} executions per step), "
+        f"{summary['signatures']} distinct signatures, {summary['unlabeled_dims']} unlabeled dims, "
+        f"traced in {summary['seconds']:.1f} s"
+    )
+    origins = ", ".join(f"{k}: {v}" for k, v in sorted(summary["dims_by_origin"].items()))
+    click.echo(f"dims by origin: {origins}")
+    measured = [op for op in (*trace.operations, *trace.collectives) if op.kind in MEASURED_KINDS]
+    measured.sort(key=lambda op: -op.count)
+    rows = [
+        (op.count, op.op, op.module or "-", " x ".join(t.shape_text() for t in op.inputs), op.signature()[:10])
+        for op in measured[:SUMMARY_ROWS]
+    ]
+    click.echo(format_table(["count", "op", "module", "inputs", "signature"], rows))
+    if len(measured) > SUMMARY_ROWS:
+        kinds = Counter(op.kind for op in measured[SUMMARY_ROWS:])
+        click.echo(f"... and {len(measured) - SUMMARY_ROWS} more ({dict(kinds)}); --out FILE writes them all")
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: no reader ever sees half a file."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise DoolyError(f"cannot write {path}: directory {directory} does not exist")
+    try:
+        handle, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise DoolyError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=1, sort_keys=True)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# The profiling pod: CUDA runtime, a torch built for it, transformers 5.17.0 (pinned by the package)
+# and dooly. Built from the repository root (`make images` runs this):
+#   docker build -f images/profiler.Dockerfile -t REGISTRY/profiler:TAG .
+#   docker build -f images/profiler.Dockerfile --build-arg EXTRAS=vllm -t REGISTRY/profiler:TAG-vllm .
+# Only pyproject.toml, README.md and dooly/ enter the build (profiler.Dockerfile.dockerignore).
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+ARG TORCH_VERSION=2.11.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG TRANSFORMERS_VERSION=5.17.0
+# Optional extras of the package, e.g. "vllm" (vLLM brings the torch build it was compiled against).
+ARG EXTRAS=""
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/dooly \
+    PATH=/opt/dooly/bin:$PATH \
+    HOME=/home/dooly
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/dooly \
+    && groupadd --gid 10001 dooly \
+    && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/dooly --shell /usr/sbin/nologin dooly
+
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+
+COPY pyproject.toml README.md /src/
+COPY dooly /src/dooly
+RUN pip install "transformers==${TRANSFORMERS_VERSION}" "/src${EXTRAS:+[${EXTRAS}]}" \
+    && rm -rf /src
+
+USER 10001:10001
+WORKDIR /home/dooly
+ENTRYPOINT ["dooly"]
+CMD ["--help"]
