@@ -25,9 +25,10 @@ from pathlib import Path
 CORES = 2
 os.environ.setdefault("POLARS_MAX_THREADS", str(CORES))
 
+import resource  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import resource  # noqa: E402
 
 from dooly import SCHEMA_VERSION, __version__  # noqa: E402
 from dooly.store.backends import LocalStore  # noqa: E402
@@ -44,6 +45,7 @@ DTYPES = ("bfloat16",)
 ENGINE_VERSIONS = ("5.16.1", "5.17.0", "5.17.0rc1")
 TORCH_VERSIONS = ("2.11.0+cu130", "2.13.0+cpu")
 OPS = ("aten.mm", "aten.bmm", "aten.addmm", "attention", "aten.silu", "aten._softmax")
+STRING = pa.string()
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
@@ -57,7 +59,9 @@ class _Pools:
     def __init__(self, rng: np.random.Generator) -> None:
         ids = range(SIGNATURES_PER_PARTITION)
         self.signature_ops = pa.array([OPS[i % len(OPS)] for i in ids])
-        self.op_classes = pa.array([("gemm", "attention", "elementwise", "norm")[i % 4] for i in ids])
+        self.op_classes = pa.array(
+            [("gemm", "attention", "elementwise", "norm")[i % 4] for i in ids]
+        )
         self.config_dims = pa.array([f'{{"hidden":{4096 + i},"out":14336}}' for i in ids])
         self.t_values = rng.integers(1, 8192, POINTS)
         self.b_values = rng.integers(1, 256, POINTS)
@@ -65,7 +69,7 @@ class _Pools:
         self.point_keys = pa.array(
             [
                 f'{{"B":{b},"D":0,"K":{k},"T":{t}}}'
-                for t, b, k in zip(self.t_values, self.b_values, self.k_values)
+                for t, b, k in zip(self.t_values, self.b_values, self.k_values, strict=True)
             ]
         )
 
@@ -95,7 +99,7 @@ def _shard_table(
     is_cpu = platform.startswith("Intel")
     run_id = f"run-{shard_index:05d}"
 
-    def const(value, type_=pa.string()):
+    def const(value, type_=STRING):
         return pa.array([value] * rows, type_)
 
     columns = {
@@ -164,7 +168,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--shards", type=int, default=400)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "dooly-bench-merge")
+    parser.add_argument(
+        "--dir", type=Path, default=Path(tempfile.gettempdir()) / "dooly-bench-merge"
+    )
     args = parser.parse_args()
 
     store = generate(args.dir / f"{args.rows}-{args.shards}", args.rows, args.shards)

@@ -128,22 +128,26 @@ def _parse_decode(values: tuple[int, ...]) -> list[int]:
     return list(values)
 
 
-def find_inventory(store: Any, model: str) -> dict[str, Any]:
-    """The inventory of MODEL: by key (inventories/<key>.json), else by its model_id."""
-    from dooly.fit.models import INVENTORY_PREFIX, read_inventories
-    from dooly.store.shards import read_json
+def find_inventory(store: Any, model: str, backend: str) -> dict[str, Any]:
+    """The inventory of MODEL (its model_id, the id's last part, or its model_key), preferring the
+    one traced with `backend`: an attention signature depends on the backend it was traced for."""
+    from dooly.fit.models import read_inventories
 
-    direct = read_json(store, f"{INVENTORY_PREFIX}{model}.json") if "/" not in model else None
-    if isinstance(direct, dict):
-        return direct
     inventories = read_inventories(store)
     wanted = model.lower()
+    matches = []
     for key, inventory in inventories.items():
         model_id = str(inventory.get("model_id", "")).lower()
-        if wanted in (key.lower(), model_id, model_id.rsplit("/", 1)[-1]):
-            return inventory
-    known = ", ".join(sorted(str(i.get("model_id", k)) for k, i in inventories.items())) or "none"
-    raise DoolyError(f"no inventory for model {model!r} in {store.uri} (known: {known}); run `dooly plan` or `dooly profile` for it")
+        names = {key.lower(), key.split("/", 1)[0].lower(), model_id, model_id.rsplit("/", 1)[-1]}
+        names.add(str(inventory.get("model_key", "")).lower())
+        if wanted in names:
+            matches.append(inventory)
+    if matches:
+        return next((i for i in matches if i.get("backend") == backend), matches[0])
+    known = ", ".join(sorted({str(i.get("model_id", k)) for k, i in inventories.items()})) or "none"
+    raise DoolyError(
+        f"no inventory for model {model!r} in {store.uri} (known: {known}); `dooly profile` writes it"
+    )
 
 
 @click.command("predict")
@@ -180,8 +184,8 @@ def predict_command(
     Examples:
       dooly predict --store ./db --model Llama-3.1-8B --platform NVIDIA-H100-80GB-HBM3 \\
           --backend 'paged|sdpa' --prefill 512:0 --decode 1000 --decode 2000
-      dooly predict --store ./db --model Llama-3.1-8B --platform "$(dooly-cpu)" \\
-          --backend 'paged|sdpa' --decode 128 --per-op --output json
+      dooly predict --store s3://latency-db/fleet --model meta-llama/Llama-3.1-8B \\
+          --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa' --decode 128 --per-op
     """
     from dooly.fit.models import load_predictor
     from dooly.store.backends import open_store
@@ -192,7 +196,7 @@ def predict_command(
         raise DoolyError("an empty step: give at least one --prefill Q:CTX or --decode CTX")
     store = open_store(store_uri, create=False)
     predictor = load_predictor(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
-    inventory = find_inventory(store, model)
+    inventory = find_inventory(store, model, backend)
     step = predictor.step_predictor(inventory)
     seconds = step.step_seconds(chunks, decodes)
     breakdown = step.breakdown(chunks, decodes)

@@ -46,11 +46,18 @@ MATMUL_OPS: dict[str, tuple[int, int, int]] = {
     "aten.baddbmm.default": (1, 2, 3),
 }
 
-# Attention config fields (named config dims of the engine's attention op).
+# Attention config fields. The engine's attention call receives query [1, heads, T, head_dim]
+# and key/value [1, kv_heads, K, head_dim], so the traced config dims name them by position;
+# named fields, where a tracer records them, take precedence.
 NUM_HEADS = "num_heads"
 NUM_KV_HEADS = "num_kv_heads"
 HEAD_DIM = "head_dim"
 SLIDING_WINDOW = "sliding_window"
+ATTENTION_FIELD_SOURCES = {
+    NUM_HEADS: (NUM_HEADS, "in0.1"),
+    HEAD_DIM: (HEAD_DIM, "in0.3"),
+    NUM_KV_HEADS: (NUM_KV_HEADS, "in1.1"),
+}
 
 # Physical features per family: (name, term kind). "R" stands for the product of the operation's
 # request variables (T for a projection, T*K for a [T, K] mask), resolved per signature.
@@ -166,10 +173,19 @@ def _matmul_static(op: str, cfg: Mapping[str, int], request_vars: Sequence[str])
     ]
 
 
+def attention_field(cfg: Mapping[str, int], name: str) -> int | None:
+    """heads, kv heads or head_dim of an attention op, by name or by position (see above)."""
+    for source in ATTENTION_FIELD_SOURCES[name]:
+        value = cfg.get(source)
+        if value:
+            return int(value)
+    return None
+
+
 def _attention_static(cfg: Mapping[str, int]) -> list[tuple[str, float]]:
-    heads = float(cfg.get(NUM_HEADS, 1) or 1)
-    kv_heads = float(cfg.get(NUM_KV_HEADS, heads) or heads)
-    head_dim = float(cfg.get(HEAD_DIM, 1) or 1)
+    heads = float(attention_field(cfg, NUM_HEADS) or 1)
+    kv_heads = float(attention_field(cfg, NUM_KV_HEADS) or heads)
+    head_dim = float(attention_field(cfg, HEAD_DIM) or 1)
     q_width = heads * head_dim
     kv_width = kv_heads * head_dim
     return [
@@ -233,23 +249,27 @@ def seqs_aggregates(
     q = q.astype(np.float64)
     ctx = ctx.astype(np.float64)
     kv = q + ctx
-    has_window = window > 0
-    capped_ctx = np.where(has_window, np.minimum(ctx, np.maximum(window - 1, 0)), ctx)
     full_pairs = q * ctx + q * (q + 1.0) / 2.0
-    # With a window w, query j (1..q) sees min(ctx + j, w) keys.
-    w = window.astype(np.float64)
-    first = np.clip(w - ctx, 0.0, q)
-    windowed_pairs = first * ctx + first * (first + 1.0) / 2.0 + (q - first) * w
-    pairs = np.where(has_window, windowed_pairs, full_pairs)
+    has_window = window > 0
+    if has_window.any():
+        w = window.astype(np.float64)
+        capped = np.where(has_window, np.minimum(ctx, np.maximum(w - 1.0, 0.0)) + q, kv)
+        # With a window w, query j (1..q) sees min(ctx + j, w) keys.
+        first = np.clip(w - ctx, 0.0, q)
+        windowed_pairs = first * ctx + first * (first + 1.0) / 2.0 + (q - first) * w
+        pairs = np.where(has_window, windowed_pairs, full_pairs)
+    else:
+        capped = kv
+        pairs = full_pairs
     is_decode = (q == 1) & (ctx > 0)
     out = {
         "T": np.bincount(point, weights=q, minlength=n_points),
         "B": np.bincount(point, minlength=n_points).astype(np.float64),
         "K": np.bincount(point, weights=kv, minlength=n_points),
-        "D": np.bincount(point, weights=is_decode.astype(np.float64), minlength=n_points),
-        "S": np.bincount(point, weights=capped_ctx + q, minlength=n_points),
-        "attn_pairs": np.bincount(point, weights=pairs, minlength=n_points),
+        "D": np.bincount(point, weights=is_decode, minlength=n_points),
     }
+    out["S"] = out["K"].copy() if capped is kv else np.bincount(point, weights=capped, minlength=n_points)
+    out["attn_pairs"] = np.bincount(point, weights=pairs, minlength=n_points)
     out["padded"] = out["B"] * _group_max(q, point, n_points) * _group_max(kv, point, n_points)
     return out
 

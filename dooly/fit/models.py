@@ -92,6 +92,8 @@ MIN_LINEAR_POINTS = 3
 # Tree-based candidates need enough rows to learn anything; below, they are not tried.
 MIN_TREE_ROWS = 40
 PERCENTILE_P90 = 90
+# Relative margin within which a simpler method is preferred to a better-scoring complex one.
+TIE_MARGIN = 0.05
 PERCENT = 100.0
 SLUG_HASH_CHARS = 8
 SEED = 0
@@ -377,6 +379,16 @@ def _bind(cm: ClassModel, info: SignatureInfo, factor: float = 1.0, method: str 
     )
 
 
+def _preferred(scores: dict[str, float | None]) -> str:
+    """The first method (in order of preference: simpler, faster first) whose held-out median is
+    within TIE_MARGIN of the best; differences smaller than that are noise, not skill."""
+    valid = {m: v for m, v in scores.items() if v is not None and np.isfinite(v)}
+    if not valid:
+        return next(iter(scores))
+    best = min(valid.values())
+    return next(m for m, v in valid.items() if v <= best * (1.0 + TIE_MARGIN))
+
+
 def fit_class(design: ClassDesign, method: str) -> ClassModel:
     regressor = fit_class_regressor(method, design.physical, design.logx, design.seconds)
     return ClassModel(
@@ -408,7 +420,7 @@ def fit_group(data: GroupData, *, folds: int, generation: int) -> GroupModel:
                 mape = per_op_mape(design.sig_ids, grouped_cv(design, method, folds), design.seconds)
                 median, p90 = _summary(mape)
                 scores[method] = {"median_pct": median, "p90_pct": p90}
-            unseen_method = min(scores, key=lambda m: scores[m]["median_pct"])
+            unseen_method = _preferred({m: v["median_pct"] for m, v in scores.items()})
             unseen_summary = (scores[unseen_method]["median_pct"], scores[unseen_method]["p90_pct"])
         class_model = fit_class(design, unseen_method)
         classes[op_class] = class_model
@@ -427,8 +439,8 @@ def fit_group(data: GroupData, *, folds: int, generation: int) -> GroupModel:
                 for i, r in by_sig.items()
             ]
             seen_scores[method] = np.concatenate(errors) if errors else np.zeros(0)
-        seen_method = min(
-            options, key=lambda m: np.median(seen_scores[m]) if len(seen_scores[m]) else np.inf
+        seen_method = _preferred(
+            {m: float(np.median(seen_scores[m])) if len(seen_scores[m]) else None for m in options}
         )
         scaled = 0
         for i, r in by_sig.items():
@@ -486,7 +498,7 @@ def leave_one_model_out(
     with the methods chosen for the full fit, predict its measured points; report per-op MAPE
     beside the in-sample MAPE of the same regressors fitted with the model's data included."""
     out: list[dict[str, Any]] = []
-    for model_key, inventory in sorted(inventories.items()):
+    for model_key, inventory in sorted(inventories_by_model(inventories).items()):
         held = {op["signature"] for op in inventory.get("operations", [])}
         for data in datas:
             held_ids = np.array([i for i, info in enumerate(data.infos) if info.signature in held], dtype=np.int64)
@@ -604,7 +616,7 @@ def serialize_group(model: GroupModel, versions: dict[str, str]) -> bytes:
 
 
 def read_inventories(store: "Store") -> dict[str, dict[str, Any]]:
-    """Every `inventories/<model_key>.json` document of the store, by model key."""
+    """Every inventory document of the store (inventories/<model_key>[/<backend>].json), by key."""
     from dooly.store.shards import read_json
 
     found: dict[str, dict[str, Any]] = {}
@@ -612,9 +624,19 @@ def read_inventories(store: "Store") -> dict[str, dict[str, Any]]:
         if not key.endswith(".json"):
             continue
         payload = read_json(store, key)
-        if isinstance(payload, dict):
+        if isinstance(payload, dict) and isinstance(payload.get("operations"), list):
             found[key[len(INVENTORY_PREFIX) : -len(".json")]] = payload
     return found
+
+
+def inventories_by_model(inventories: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One entry per model: the union of the operations of its inventories (one per backend)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for key, inventory in sorted(inventories.items()):
+        model = str(inventory.get("model_key") or inventory.get("model_id") or key)
+        entry = merged.setdefault(model, {"model_id": inventory.get("model_id", model), "operations": []})
+        entry["operations"] = entry["operations"] + list(inventory.get("operations", []))
+    return merged
 
 
 def fit_store(store: "Store", *, folds: int = DEFAULT_FOLDS) -> FitReport:

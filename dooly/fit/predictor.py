@@ -46,6 +46,31 @@ PER_OCTAVE = 64
 LOG_TABLE_MAX = float(1 << 36)
 LOG2_DENSE = math.log2(DENSE_LIMIT)
 LOG_GRID = DENSE_LIMIT * np.exp2(np.arange(int((math.log2(LOG_TABLE_MAX) - LOG2_DENSE) * PER_OCTAVE) + 1) / PER_OCTAVE)
+LOG2_GRID = np.log2(LOG_GRID)
+TABLE_GRID = np.concatenate([np.arange(DENSE_LIMIT, dtype=np.float64), LOG_GRID])
+# predict_ops tabulates a one-variable model (then a row costs one gather) from this many rows on.
+TABLE_MIN_ROWS = 4096
+
+
+def tabulate(model: OpModel) -> tuple[np.ndarray, np.ndarray]:
+    """A one-variable model's seconds at 0..DENSE_LIMIT-1 and on LOG_GRID (0 where the variable is 0:
+    an operation whose only request variable is 0 does not run)."""
+    if isinstance(model, InterpModel):
+        values = model.predict_values(TABLE_GRID)
+    else:
+        values = model.predict_terms(term_matrix({model.single_var: TABLE_GRID}, len(TABLE_GRID)))
+    values[0] = 0.0
+    return values[:DENSE_LIMIT], values[DENSE_LIMIT:]
+
+
+def lookup_many(dense: np.ndarray, logs: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Table values at integer points x (exact below DENSE_LIMIT, log-interpolated above)."""
+    out = dense[np.clip(x, 0, DENSE_LIMIT - 1).astype(np.int64)]
+    big = x >= DENSE_LIMIT
+    if big.any():
+        out[big] = np.interp(np.log2(x[big]), LOG2_GRID, logs)
+    out[x <= 0] = 0.0
+    return out
 
 
 class Predictor:
@@ -54,6 +79,15 @@ class Predictor:
     def __init__(self, group: GroupModel, meta: Mapping[str, Any] | None = None) -> None:
         self.group = group
         self.meta = dict(meta or {})
+        self._tables: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def table(self, model: OpModel) -> tuple[np.ndarray, np.ndarray]:
+        """The (cached) tabulation of a one-variable operation model, see `tabulate`."""
+        key = (model.signature, model.single_var or "")
+        found = self._tables.get(key)
+        if found is None:
+            found = self._tables[key] = tabulate(model)
+        return found
 
     @property
     def generation(self) -> int:
@@ -123,8 +157,8 @@ class Predictor:
         """
         sigs = signatures.tolist() if isinstance(signatures, np.ndarray) else list(signatures)
         n = len(sigs)
-        index: dict[str, int] = {}
-        codes = np.fromiter((index.setdefault(s, len(index)) for s in sigs), dtype=np.int64, count=n)
+        index = {s: i for i, s in enumerate(dict.fromkeys(sigs))}
+        codes = np.fromiter(map(index.__getitem__, sigs), dtype=np.int64, count=n)
         _, first = np.unique(codes, return_index=True)
         numeric = {k: np.asarray(v, dtype=np.float64) for k, v in request.items() if k != "seqs"}
         seqs = request.get("seqs")
@@ -149,9 +183,16 @@ class Predictor:
             for var in model.request_vars:
                 if var not in numeric and not (var == "S" and "K" in numeric) and seqs is None:
                     raise DoolyError(f"request lacks variable {var!r} needed by {model.op_class} ({sigs[i]})")
-            if isinstance(model, InterpModel) and model.request_vars[0] in numeric:
-                out[rows] = model.predict_values(numeric[model.request_vars[0]][rows])
-                continue
+            var = model.single_var
+            if var is not None and var in numeric:
+                x = numeric[var][rows]
+                cached = (model.signature, var) in self._tables
+                if (cached or len(rows) >= TABLE_MIN_ROWS) and np.array_equal(x, np.floor(x)):
+                    out[rows] = lookup_many(*self.table(model), x)
+                    continue
+                if isinstance(model, InterpModel):
+                    out[rows] = model.predict_values(x)
+                    continue
             out[rows] = model.predict_terms(_row_terms(model, numeric, seqs, rows))
         return (out, unseen) if return_unseen else out
 
@@ -201,7 +242,7 @@ class StepPredictor:
         windows = [m.window for m, _, _ in entries if m.family == FAMILY_ATTENTION and m.window > 0]
         configured = int(inventory.get(SLIDING_WINDOW, 0) or 0)
         self.model_window = configured or (max(windows) if windows else 0)
-        self._build(entries)
+        self._build(entries, predictor)
 
     @property
     def op_count(self) -> int:
@@ -213,11 +254,9 @@ class StepPredictor:
 
     # -- construction ------------------------------------------------------------------------
 
-    def _build(self, entries: list[tuple[OpModel, int, bool]]) -> None:
+    def _build(self, entries: list[tuple[OpModel, int, bool]], predictor: Predictor) -> None:
         n_cls = len(self.classes)
         cls_of = {c: i for i, c in enumerate(self.classes)}
-        dense_values = np.arange(DENSE_LIMIT, dtype=np.float64)
-        grid = np.concatenate([dense_values, LOG_GRID])
         self._dense: dict[str, np.ndarray] = {}
         self._log: dict[str, np.ndarray] = {}
         linear: dict[int, np.ndarray] = {}
@@ -229,13 +268,9 @@ class StepPredictor:
                 if var not in self._dense:
                     self._dense[var] = np.zeros((n_cls, DENSE_LIMIT))
                     self._log[var] = np.zeros((n_cls, len(LOG_GRID)))
-                if isinstance(model, InterpModel):
-                    values = model.predict_values(grid)
-                else:
-                    values = model.predict_terms(term_matrix({var: grid}, len(grid)))
-                values[0] = 0.0
-                self._dense[var][ci] += count * values[:DENSE_LIMIT]
-                self._log[var][ci] += count * values[DENSE_LIMIT:]
+                dense, logs = predictor.table(model)
+                self._dense[var][ci] += count * dense
+                self._log[var][ci] += count * logs
                 continue
             window = model.window if model.family == FAMILY_ATTENTION else self.model_window
             coef = model.linear_terms()
@@ -246,9 +281,11 @@ class StepPredictor:
         self._linear = linear
         self._linear_total = {w: m.sum(axis=0) for w, m in linear.items()}
         self._windows = sorted({*linear, *(w for *_, w in self._nonlinear)})
+        self._dense_total = {var: table.sum(axis=0) for var, table in self._dense.items()}
+        self._log_total = {var: table.sum(axis=0) for var, table in self._log.items()}
         # Scalar hot path: Python lists are faster to index than numpy arrays.
         self._scalar_tables = [
-            (REQUEST_VARS.index(var), self._dense[var].sum(axis=0).tolist(), self._log[var].sum(axis=0).tolist())
+            (REQUEST_VARS.index(var), self._dense_total[var].tolist(), self._log_total[var].tolist())
             for var in self._dense
         ]
         self._scalar_linear = [
@@ -361,21 +398,10 @@ class StepPredictor:
         base = aggregates[self.model_window]
         for var in self._dense:
             x = base[var]
-            dense_idx = np.minimum(x, DENSE_LIMIT - 1).astype(np.int64)
-            big = x >= DENSE_LIMIT
-            log_pos = np.log2(np.maximum(x, DENSE_LIMIT))
-            grid_log2 = np.log2(LOG_GRID)
             if per_class:
-                vals = self._dense[var][:, dense_idx].T
-                if big.any():
-                    for ci in range(n_cls):
-                        vals[big, ci] = np.interp(log_pos[big], grid_log2, self._log[var][ci])
-                vals[x <= 0] = 0.0
+                vals = np.stack([lookup_many(self._dense[var][ci], self._log[var][ci], x) for ci in range(n_cls)], axis=1)
             else:
-                vals = self._dense[var].sum(axis=0)[dense_idx]
-                if big.any():
-                    vals[big] = np.interp(log_pos[big], grid_log2, self._log[var].sum(axis=0))
-                vals[x <= 0] = 0.0
+                vals = lookup_many(self._dense_total[var], self._log_total[var], x)
             out += vals
         for window in self._windows:
             terms = term_matrix(aggregates[window], n_steps)

@@ -10,8 +10,8 @@ Two kinds, on purpose:
   small gradient-boosted tree on logs, or a tree / power law alone. Which one wins is measured by
   grouped k-fold cross-validation per operation class.
 
-Evaluation is plain numpy on stored coefficient arrays; scikit-learn is needed to fit, and to
-evaluate only the tree-based corrections.
+Fitting uses scikit-learn; evaluation is plain numpy on stored arrays (coefficients, flattened
+trees), so a persisted model holds no scikit-learn object and predicting never starts a thread.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ GBT_PARAMS: dict[str, Any] = {
 GBT_MIN_LEAF_FRACTION = 0.05
 GBT_MAX_MIN_LEAF = 20
 RIDGE_ALPHA = 1e-3
+# Rows evaluated at once by the tree ensemble (rows x trees node indices stay small).
+TREE_CHUNK_ROWS = 8192
 
 
 def relative_nnls(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
@@ -182,20 +184,88 @@ def fit_local_linear(terms: np.ndarray, seconds: np.ndarray, names: tuple[str, .
 
 
 @dataclass
+class TreeEnsemble:
+    """A fitted gradient-boosted tree ensemble as flat numpy arrays, evaluated without
+    scikit-learn: its predict uses OpenMP threads, and on a busy shared machine one call for one
+    row can take tens of milliseconds spinning; a step predictor cannot wait for that."""
+
+    baseline: float
+    feature: np.ndarray  # per node (0 for leaves)
+    threshold: np.ndarray  # per node: go left when x[feature] <= threshold (+inf for leaves)
+    left: np.ndarray  # per node, global node index (a leaf points to itself)
+    right: np.ndarray
+    value: np.ndarray  # per node: the leaf value (shrinkage applied)
+    roots: np.ndarray  # first node of each tree
+    depth: int
+
+    @classmethod
+    def from_hist_gbr(cls, estimator: Any) -> "TreeEnsemble":
+        """Copy the trees of a fitted HistGradientBoostingRegressor (one output, no categorical
+        features, no missing values: what this package fits)."""
+        features, thresholds, lefts, rights, values, roots = [], [], [], [], [], []
+        offset = 0
+        depth = 0
+        for (tree,) in estimator._predictors:
+            nodes = tree.nodes
+            leaf = nodes["is_leaf"].astype(bool)
+            own = np.arange(len(nodes)) + offset
+            features.append(np.where(leaf, 0, nodes["feature_idx"]).astype(np.int64))
+            thresholds.append(np.where(leaf, np.inf, nodes["num_threshold"]))
+            lefts.append(np.where(leaf, own, nodes["left"].astype(np.int64) + offset))
+            rights.append(np.where(leaf, own, nodes["right"].astype(np.int64) + offset))
+            values.append(np.where(leaf, nodes["value"], 0.0))
+            roots.append(offset)
+            depth = max(depth, int(nodes["depth"].max()))
+            offset += len(nodes)
+        return cls(
+            baseline=float(np.ravel(estimator._baseline_prediction)[0]),
+            feature=np.concatenate(features),
+            threshold=np.concatenate(thresholds),
+            left=np.concatenate(lefts),
+            right=np.concatenate(rights),
+            value=np.concatenate(values),
+            roots=np.array(roots, dtype=np.int64),
+            depth=depth,
+        )
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        out = np.full(len(x), self.baseline)
+        for start in range(0, len(x), TREE_CHUNK_ROWS):
+            chunk = x[start : start + TREE_CHUNK_ROWS]
+            rows = np.arange(len(chunk))[:, None]
+            node = np.broadcast_to(self.roots, (len(chunk), len(self.roots)))
+            for _ in range(self.depth):
+                go_left = chunk[rows, self.feature[node]] <= self.threshold[node]
+                node = np.where(go_left, self.left[node], self.right[node])
+            out[start : start + TREE_CHUNK_ROWS] += self.value[node].sum(axis=1)
+        return out
+
+
+@dataclass
 class ClassRegressor:
-    """One operation class's cross-signature regressor (see module docstring for the methods)."""
+    """One operation class's cross-signature regressor (see module docstring for the methods).
+
+    Everything is stored as numpy arrays: evaluation needs no scikit-learn."""
 
     method: str
-    coef: np.ndarray | None = None  # over the family's physical features
-    estimator: Any = None  # sklearn regressor on log features (tree or ridge), or None
+    coef: np.ndarray | None = None  # over the family's physical features (nnls, nnls+gbt)
+    trees: TreeEnsemble | None = None  # on log features (nnls+gbt: log residual; gbt-log: log y)
+    log_coef: np.ndarray | None = None  # ridge-log: log y = logx @ log_coef + log_intercept
+    log_intercept: float = 0.0
+
+    @property
+    def needs_logx(self) -> bool:
+        return self.method != METHOD_NNLS
 
     def predict(self, physical: np.ndarray, logx: np.ndarray) -> np.ndarray:
         if self.method in (METHOD_NNLS, METHOD_NNLS_GBT):
             base = np.maximum(physical @ self.coef, MIN_SECONDS)
             if self.method == METHOD_NNLS_GBT:
-                base = base * np.exp(self.estimator.predict(logx))
+                base = base * np.exp(self.trees.predict(logx))
             return base
-        return np.exp(self.estimator.predict(logx))
+        if self.method == METHOD_GBT:
+            return np.exp(self.trees.predict(logx))
+        return np.exp(logx @ self.log_coef + self.log_intercept)
 
 
 def fit_class_regressor(method: str, physical: np.ndarray, logx: np.ndarray, seconds: np.ndarray) -> ClassRegressor:
@@ -214,16 +284,19 @@ def _fit_class_regressor(method: str, physical: np.ndarray, logx: np.ndarray, se
         coef = relative_nnls(physical, seconds)
         base = np.maximum(physical @ coef, MIN_SECONDS)
         tree = _gbt(len(seconds)).fit(logx, np.log(seconds / base))
-        return ClassRegressor(method, coef=coef, estimator=tree)
+        return ClassRegressor(method, coef=coef, trees=TreeEnsemble.from_hist_gbr(tree))
     if method == METHOD_GBT:
-        return ClassRegressor(method, estimator=_gbt(len(seconds)).fit(logx, np.log(seconds)))
+        tree = _gbt(len(seconds)).fit(logx, np.log(seconds))
+        return ClassRegressor(method, trees=TreeEnsemble.from_hist_gbr(tree))
     if method == METHOD_RIDGE:
         from sklearn.linear_model import Ridge
-        from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        model = make_pipeline(StandardScaler(), Ridge(alpha=RIDGE_ALPHA))
-        return ClassRegressor(method, estimator=model.fit(logx, np.log(seconds)))
+        scaler = StandardScaler().fit(logx)
+        ridge = Ridge(alpha=RIDGE_ALPHA).fit(scaler.transform(logx), np.log(seconds))
+        log_coef = ridge.coef_ / scaler.scale_
+        intercept = float(ridge.intercept_ - scaler.mean_ @ log_coef)
+        return ClassRegressor(method, log_coef=log_coef, log_intercept=intercept)
     raise ValueError(f"unknown method {method}")
 
 
@@ -259,7 +332,7 @@ class BoundClassModel(OpModel):
         n = terms.shape[0]
         physical = terms[:, self.static.term_index] * self.static.multiplier
         logx = np.empty((n, 0))
-        if self.model.regressor.estimator is not None:
+        if self.model.regressor.needs_logx:
             logx = log_design(terms, physical, np.broadcast_to(self.config, (n, len(self.config))), self.var_mask)
         return self.factor * self.model.regressor.predict(physical, logx)
 

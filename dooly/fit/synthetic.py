@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dooly import SCHEMA_VERSION, __version__
-from dooly.fit.features import aggregates_from_seqs
+from dooly.fit.features import HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, aggregates_from_seqs, attention_field
 
 PLATFORM = "Synthetic-GPU-80GB"
 ENGINE = "transformers"
@@ -100,6 +100,15 @@ def attention_points() -> list[list[list[int]]]:
     return points
 
 
+def attention_config(model: ToyModel) -> dict[str, int]:
+    """Config dims as the tracer records them: by position of query [1, H, T, d], key and value
+    [1, Hkv, K, d] (the engine's attention call), request dims left out."""
+    dims = {"in0.0": 1, "in0.1": model.heads, "in0.3": model.head_dim}
+    for i in (1, 2):
+        dims.update({f"in{i}.0": 1, f"in{i}.1": model.kv_heads, f"in{i}.3": model.head_dim})
+    return dims
+
+
 def signature_of(op: str, config: dict[str, int], request_vars: Sequence[str]) -> str:
     payload = json.dumps([op, BACKEND, DTYPE, sorted(config.items()), list(request_vars)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
@@ -119,7 +128,7 @@ def model_operations(model: ToyModel) -> list[dict[str, Any]]:
         (
             "attention",
             ATTENTION_CLASS,
-            {"num_heads": model.heads, "num_kv_heads": model.kv_heads, "head_dim": model.head_dim},
+            attention_config(model),
             ["T", "B", "K"],
             model.layers,
         ),
@@ -138,7 +147,25 @@ def model_operations(model: ToyModel) -> list[dict[str, Any]]:
 
 
 def inventory(model: ToyModel) -> dict[str, Any]:
-    return {"model_id": model.model_id, "operations": model_operations(model)}
+    """The inventory document the profiler writes for a model (inventories/<key>/<backend>.json)."""
+    return {
+        "model_id": model.model_id,
+        "model_key": model_key(model),
+        "backend": BACKEND,
+        "dtype": DTYPE,
+        "operations": model_operations(model),
+    }
+
+
+def model_key(model: ToyModel) -> str:
+    return hashlib.sha256(model.model_id.encode()).hexdigest()[:16]
+
+
+def inventory_store_key(model: ToyModel) -> str:
+    """Where the profiler would write the inventory of `model` in a store."""
+    from dooly.store.shards import escape_value
+
+    return f"inventories/{model_key(model)}/{escape_value(BACKEND)}.json"
 
 
 def true_seconds(operation: dict[str, Any], request: dict[str, Any]) -> np.ndarray:
@@ -151,7 +178,12 @@ def true_seconds(operation: dict[str, Any], request: dict[str, Any]) -> np.ndarr
         return elementwise_seconds(np.asarray(request["T"], dtype=np.float64) * cfg["in0.1"], 2)
     if operation["op"] == SILU:
         return elementwise_seconds(np.asarray(request["T"], dtype=np.float64) * cfg["in0.1"], 1)
-    return attention_seconds(request["seqs"], cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"])
+    return attention_seconds(
+        request["seqs"],
+        attention_field(cfg, NUM_HEADS),
+        attention_field(cfg, NUM_KV_HEADS),
+        attention_field(cfg, HEAD_DIM),
+    )
 
 
 def snapshot_rows(models: Sequence[ToyModel] = TOY_MODELS, *, seed: int = 0, platform: str = PLATFORM) -> list[dict[str, Any]]:

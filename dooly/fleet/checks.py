@@ -37,7 +37,7 @@ _IMAGE = re.compile(
     r"(:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
     r"(@(?P<digest>sha256:[0-9a-f]{64}))?$"
 )
-_SECRETISH_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+_SECRETISH_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE)
 
 RESTART_POLICIES_FOR_JOBS = ("Never", "OnFailure")
 IMAGE_PULL_POLICIES = ("Always", "IfNotPresent", "Never")

@@ -175,8 +175,11 @@ def _submit_local(spec: FleetSpec, run_id: str, secrets_file: str | None, output
     manifests = [*jobs.build_profile_jobs(spec, run_id=run_id), jobs.build_merge_job(spec, run_id=run_id)]
     checks.require_valid(manifests)
     executor = LocalExecutor(secrets_file=secrets_file)
+    env = dict(os.environ)
+    for manifest in manifests:
+        executor.check_job(manifest, env=env)
     # Like the cluster: the merge runs after every profiling Job, whatever became of them.
-    results = [executor.run_job(manifest, env=dict(os.environ)) for manifest in manifests]
+    results = [executor.run_job(manifest, env=env) for manifest in manifests]
     _report_local(run_id, results, output_format)
     if not all(r.succeeded for r in results):
         raise click.exceptions.Exit(RUN_FAILED_EXIT_CODE)
@@ -327,8 +330,6 @@ def demo_command(store, models, backends, shards, secrets_file, output_format) -
 
     store = store or str(Path(DEMO_OUT_DIR) / DEMO_STORE_DIR)
     spec = demo_spec(store, models=models, backends=backends, shards=shards)
-    if not spec.is_s3:
-        Path(spec.store).mkdir(parents=True, exist_ok=True)
     report = run_demo(
         spec, executor=LocalExecutor(secrets_file=secrets_file), env=dict(os.environ), run_id=jobs.new_run_id()
     )

@@ -66,7 +66,7 @@ class JobState:
         return self.phase in FINISHED_PHASES
 
     @classmethod
-    def from_job(cls, job: dict) -> "JobState":
+    def from_job(cls, job: dict) -> JobState:
         metadata, spec, status = job.get("metadata") or {}, job.get("spec") or {}, job.get("status") or {}
         labels = metadata.get("labels") or {}
         annotations = metadata.get("annotations") or {}
@@ -142,7 +142,7 @@ class FleetController:
         self.host = api_client.configuration.host
 
     @classmethod
-    def connect(cls, namespace: str, *, kubeconfig: str | None = None, context: str | None = None) -> "FleetController":
+    def connect(cls, namespace: str, *, kubeconfig: str | None = None, context: str | None = None) -> FleetController:
         """In-cluster configuration inside a pod (unless a kubeconfig is given), else the kubeconfig."""
         configuration = client.Configuration()
         try:

@@ -124,16 +124,20 @@ def demo_spec(
 
 def run_demo(spec: FleetSpec, *, executor: LocalExecutor, env: Mapping[str, str], run_id: str) -> DemoReport:
     """Profile (sharded), merge and fit, then simulate every (model, backend); stops at the first failed Job."""
-    backends = tuple(dict.fromkeys(t.backend for t in spec.targets()))
+    pairs = list(dict.fromkeys((t.engine.name, t.backend) for t in spec.targets()))
+    backends = tuple(dict.fromkeys(backend for _, backend in pairs))
     report = DemoReport(run_id=run_id, store=spec.store, models=spec.models, backends=backends)
     profile_jobs = jobs.build_profile_jobs(spec, run_id=run_id)
     merge_job = jobs.build_merge_job(spec, run_id=run_id, suspend=False)
     simulate_jobs = [
-        (model, backend, jobs.build_simulate_job(spec, run_id=run_id, model=model, backend=backend))
-        for backend in backends
+        (model, backend, jobs.build_simulate_job(spec, run_id=run_id, model=model, engine=engine, backend=backend))
+        for engine, backend in pairs
         for model in spec.models
     ]
-    checks.require_valid(profile_jobs + [merge_job] + [job for _, _, job in simulate_jobs])
+    everything = profile_jobs + [merge_job] + [job for _, _, job in simulate_jobs]
+    checks.require_valid(everything)
+    for manifest in everything:
+        executor.check_job(manifest, env=env)
 
     for manifest in [*profile_jobs, merge_job]:
         result = executor.run_job(manifest, env=env)

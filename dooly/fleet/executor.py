@@ -112,6 +112,19 @@ class _Container:
 
 
 @dataclass
+class _Plan:
+    """A Job resolved for local execution."""
+
+    name: str
+    spec: dict
+    pod_spec: dict
+    pod_meta: dict
+    volumes: dict
+    init: list[_Container]
+    main: list[_Container]
+
+
+@dataclass
 class _JobState:
     """What the pods of one Job share while it runs."""
 
@@ -155,24 +168,9 @@ class LocalExecutor:
         env comes on top. Everything is resolved before the first process starts, so a missing
         secret or an unknown program is a DoolyError with nothing run.
         """
-        if job_manifest.get("kind") != "Job":
-            raise DoolyError(f"the local executor runs Jobs, not {job_manifest.get('kind')!r}")
-        metadata = job_manifest.get("metadata") or {}
-        name = metadata.get("name", "job")
-        spec = job_manifest.get("spec") or {}
-        template = spec.get("template") or {}
-        pod_spec = template.get("spec") or {}
-        pod_meta = {
-            "namespace": metadata.get("namespace", "default"),
-            "labels": (template.get("metadata") or {}).get("labels") or {},
-            "annotations": (template.get("metadata") or {}).get("annotations") or {},
-            "serviceAccountName": pod_spec.get("serviceAccountName", "default"),
-        }
-        volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
-        init = [self._prepare(c, volumes, dict(env)) for c in pod_spec.get("initContainers") or []]
-        main = [self._prepare(c, volumes, dict(env)) for c in pod_spec.get("containers") or []]
-        if not main:
-            raise DoolyError(f"Job {name} has no containers to run")
+        plan = self._plan(job_manifest, env)
+        name, spec, pod_spec = plan.name, plan.spec, plan.pod_spec
+        pod_meta, volumes, init, main = plan.pod_meta, plan.volumes, plan.init, plan.main
         indexed = spec.get("completionMode") == "Indexed"
         completions = int(spec.get("completions", 1))
         parallelism = max(1, min(int(spec.get("parallelism", 1)), completions))
@@ -225,6 +223,35 @@ class LocalExecutor:
         log.info("job %s: %s after %.1f s", name, result.reason, result.seconds)
         return result
 
+    def check_job(self, job_manifest: dict, *, env: Mapping[str, str]) -> None:
+        """Resolve what `run_job` would (programs, secrets, field references) without running anything.
+
+        Call it for every Job of a pipeline first, so a missing secret in the last Job stops the
+        pipeline before the first Job spends any time.
+        """
+        self._plan(job_manifest, env)
+
+    def _plan(self, job_manifest: dict, env: Mapping[str, str]) -> _Plan:
+        if job_manifest.get("kind") != "Job":
+            raise DoolyError(f"the local executor runs Jobs, not {job_manifest.get('kind')!r}")
+        metadata = job_manifest.get("metadata") or {}
+        name = metadata.get("name", "job")
+        spec = job_manifest.get("spec") or {}
+        template = spec.get("template") or {}
+        pod_spec = template.get("spec") or {}
+        pod_meta = {
+            "namespace": metadata.get("namespace", "default"),
+            "labels": (template.get("metadata") or {}).get("labels") or {},
+            "annotations": (template.get("metadata") or {}).get("annotations") or {},
+            "serviceAccountName": pod_spec.get("serviceAccountName", "default"),
+        }
+        volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+        init = [self._prepare(c, volumes, env) for c in pod_spec.get("initContainers") or []]
+        main = [self._prepare(c, volumes, env) for c in pod_spec.get("containers") or []]
+        if not main:
+            raise DoolyError(f"Job {name} has no containers to run")
+        return _Plan(name, spec, pod_spec, pod_meta, volumes, init, main)
+
     def _retry(self, state: _JobState, index: int | None, attempt: int, action: str | None) -> bool:
         """Whether the failed pod at `index` gets another attempt; records the Job's fate if not."""
         with state.lock:
@@ -244,7 +271,7 @@ class LocalExecutor:
                 return False
             return True
 
-    def _prepare(self, container: dict, volumes: dict, env: dict[str, str]) -> _Container:
+    def _prepare(self, container: dict, volumes: dict, env: Mapping[str, str]) -> _Container:
         """Resolve a container's program and static env now, so bad input fails before anything runs."""
         name = container.get("name", "?")
         command = list(container.get("command") or [])
@@ -285,10 +312,10 @@ class LocalExecutor:
                 return env[name]
             if ref.get("optional"):
                 return None
-            where = f"the secrets file {self.secrets_source} nor " if self.secrets_source else ""
+            elsewhere = f"add it to {self.secrets_source}" if self.secrets_source else "give a secrets file"
             raise DoolyError(
-                f"container {container}: env {name} needs key {key!r} of Secret {secret!r}, "
-                f"found in neither {where}the environment variable {name}"
+                f"container {container}: env {name} needs key {key!r} of Secret {secret!r}: "
+                f"set the environment variable {name} or {elsewhere}"
             )
         if "fieldRef" in source:
             return ("field", source["fieldRef"].get("fieldPath", ""))

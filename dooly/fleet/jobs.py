@@ -42,7 +42,6 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_RESOURCE = "nvidia.com/gpu"
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-RUN_ID_ENV = "DOOLY_RUN_ID"
 
 WORKER_SERVICE_ACCOUNT = "dooly-worker"
 CONTROLLER_SERVICE_ACCOUNT = "dooly-controller"
@@ -81,7 +80,7 @@ NAME_HASH_CHARS = 8
 
 def new_run_id(now: _dt.datetime | None = None) -> str:
     """A sortable run id from the UTC time: the latest run is the greatest id."""
-    return (now or _dt.datetime.now(_dt.timezone.utc)).strftime(RUN_ID_FORMAT)
+    return (now or _dt.datetime.now(_dt.UTC)).strftime(RUN_ID_FORMAT)
 
 
 def check_run_id(run_id: str) -> str:
@@ -110,6 +109,7 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
     gpu, engine, backend = target.gpu, target.engine, target.backend
     labels = _labels(run_id, COMPONENT_PROFILE)
     labels.update({GPU_TYPE_LABEL: gpu.name, ENGINE_LABEL: engine.name, BACKEND_LABEL: checks.slug(backend)})
+    name = job_name(APP_NAME, run_id, gpu.name, engine.name, backend)
     args = [
         "profile",
         *spec.models,
@@ -119,11 +119,12 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
         "--attention", backend,
         "--shard-index", f"$({COMPLETION_INDEX_ENV})",
         "--shard-count", str(gpu.completions),
+        # Rows and shard names say which Job and shard measured them.
+        "--run-id", f"{name}-$({COMPLETION_INDEX_ENV})",
         "--output", "json",
     ]
     env = [
         {"name": COMPLETION_INDEX_ENV, "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}}},
-        {"name": RUN_ID_ENV, "value": run_id},
         {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
         *_s3_env(spec),
     ]
@@ -140,7 +141,7 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(spec, job_name(APP_NAME, run_id, gpu.name, engine.name, backend), labels, annotations),
+        "metadata": _metadata(spec, name, labels, annotations),
         "spec": {
             "completionMode": "Indexed",
             "completions": gpu.completions,
@@ -164,7 +165,7 @@ def build_merge_job(spec: FleetSpec, *, run_id: str | None = None, suspend: bool
     labels = _labels(run_id, COMPONENT_MERGE)
     requests = {"cpu": spec.merge_resources.cpu, "memory": spec.merge_resources.memory}
     limits = {"memory": spec.merge_resources.memory}
-    env = [{"name": RUN_ID_ENV, "value": run_id}, *_s3_env(spec)]
+    env = _s3_env(spec)
     merge = _container(
         "merge", spec.controller_image, ["merge", "--store", spec.store, "--output", "json"], env, requests, limits
     )
@@ -192,15 +193,21 @@ def build_merge_job(spec: FleetSpec, *, run_id: str | None = None, suspend: bool
     }
 
 
-def build_simulate_job(spec: FleetSpec, *, run_id: str, model: str, backend: str) -> dict:
-    """A CPU Job that simulates serving one model on the fitted regressors of one backend."""
+def build_simulate_job(
+    spec: FleetSpec, *, run_id: str, model: str, engine: str, backend: str, platform: str = "auto"
+) -> dict:
+    """A CPU Job that simulates serving one model on the fitted regressors of one platform and backend.
+
+    `platform` names whose regressors to use: a GPU product label, or `auto` for the machine the
+    Job runs on (the local demo, which profiled and simulates on the same CPU).
+    """
     labels = _labels(check_run_id(run_id), COMPONENT_SIMULATE)
-    labels[BACKEND_LABEL] = checks.slug(backend)
+    labels.update({ENGINE_LABEL: engine, BACKEND_LABEL: checks.slug(backend)})
     args = [
-        "simulate",
+        "simulate", model,
         "--store", spec.store,
-        "--model", model,
-        "--platform", "auto",
+        "--platform", platform,
+        "--engine", engine,
         "--backend", backend,
         "--output", "json",
     ]
@@ -212,7 +219,7 @@ def build_simulate_job(spec: FleetSpec, *, run_id: str, model: str, backend: str
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(spec, job_name(APP_NAME, run_id, "sim", model, backend), labels, annotations),
+        "metadata": _metadata(spec, job_name(APP_NAME, run_id, "sim", model, engine, backend), labels, annotations),
         "spec": {
             "completions": 1,
             "backoffLimit": 0,
@@ -436,7 +443,11 @@ def _pod_failure_policy() -> dict:
 
 
 class _ManifestDumper(yaml.SafeDumper):
-    """Block style for multi-line strings (the fleet file in the ConfigMap stays readable)."""
+    """Block style for multi-line strings (the fleet file in the ConfigMap stays readable), and no
+    YAML anchors where two containers share one env list: each object reads on its own."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:

@@ -23,11 +23,10 @@ import yaml
 
 from dooly.errors import DoolyError
 from dooly.fleet import checks
+from dooly.models.registry import bundled_model_ids
 
 DEFAULT_FLEET_RESOURCE = "default_fleet.yaml"
 DEMO_FLEET_RESOURCE = "demo_fleet.yaml"
-MODEL_CONFIG_DIR = "configs"
-MODEL_CONFIG_ORG_SEPARATOR = "__"
 
 # Attention backends each engine adapter accepts (`dooly profile --engine E --attention B`).
 # transformers: the continuous-batching ones and the plain ones a model is profiled with;
@@ -111,7 +110,7 @@ class FleetSpec:
     merge_retries: int
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "FleetSpec":
+    def load(cls, path: str | Path | None = None) -> FleetSpec:
         """Load and validate a fleet file; None means the bundled default."""
         if path is None:
             return cls.bundled(DEFAULT_FLEET_RESOURCE)
@@ -123,13 +122,13 @@ class FleetSpec:
         return cls.from_text(text, source=str(file))
 
     @classmethod
-    def bundled(cls, resource: str) -> "FleetSpec":
+    def bundled(cls, resource: str) -> FleetSpec:
         """One of the fleet files shipped inside the package (the default, the demo)."""
         text = resources.files("dooly.fleet").joinpath(resource).read_text(encoding="utf-8")
         return cls.from_text(text, source=f"bundled {resource}")
 
     @classmethod
-    def from_text(cls, text: str, *, source: str) -> "FleetSpec":
+    def from_text(cls, text: str, *, source: str) -> FleetSpec:
         doc = _Document.parse(text, source)
         return _build(doc, text)
 
@@ -144,7 +143,7 @@ class FleetSpec:
         backends: Sequence[str] = (),
         engines: Sequence[str] = (),
         models: Sequence[str] = (),
-    ) -> "FleetSpec":
+    ) -> FleetSpec:
         """The same fleet narrowed to some GPU types, backends and engines, or with other models.
 
         Every name must be known: a typo must not silently select nothing.
@@ -171,10 +170,10 @@ class FleetSpec:
                 for g in chosen_gpus
                 if any(b in backends for b in g.backends)
             ]
-        known = bundled_models()
+        known = bundled_model_ids()
         for model in models:
             if model not in known:
-                raise DoolyError(f"unknown model {model!r}; bundled models: {', '.join(sorted(known))}")
+                raise DoolyError(f"unknown model {model!r}; pods take bundled models: {', '.join(known)}")
         spec = dataclasses.replace(
             self,
             gpu_types=tuple(chosen_gpus),
@@ -185,7 +184,7 @@ class FleetSpec:
             raise DoolyError("this selection leaves no (GPU type, engine, backend) combination to profile")
         return spec
 
-    def with_store(self, store: str | None) -> "FleetSpec":
+    def with_store(self, store: str | None) -> FleetSpec:
         """The same fleet writing to another store (a local directory for the local executor)."""
         if store is None:
             return self
@@ -201,16 +200,6 @@ class FleetSpec:
             for backend in gpu.backends
             if backend in KNOWN_BACKENDS[engine.name]
         ]
-
-
-def bundled_models() -> set[str]:
-    """Model names with a bundled config (`org/name`, stored as `org__name.json`)."""
-    folder = resources.files("dooly.models").joinpath(MODEL_CONFIG_DIR)
-    return {
-        entry.name.removesuffix(".json").replace(MODEL_CONFIG_ORG_SEPARATOR, "/", 1)
-        for entry in folder.iterdir()
-        if entry.name.endswith(".json")
-    }
 
 
 def resolve_image(registry: str, reference: str) -> str:
@@ -229,7 +218,7 @@ class _Document:
         self.source = source
 
     @classmethod
-    def parse(cls, text: str, source: str) -> "_Document":
+    def parse(cls, text: str, source: str) -> _Document:
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as exc:
@@ -363,10 +352,10 @@ def _build(doc: _Document, text: str) -> FleetSpec:
     controller_image = _image(doc, registry, images["controller"], ("images", "controller"))
 
     models = doc.string_list(top["models"], ("models",))
-    known_models = bundled_models()
+    known_models = bundled_model_ids()
     for i, model in enumerate(models):
         if model not in known_models:
-            raise doc.error(("models", i), f"unknown model {model!r} (bundled: {', '.join(sorted(known_models))})")
+            raise doc.error(("models", i), f"unknown model {model!r} (bundled: {', '.join(known_models)})")
 
     engines = _engines(doc, top["engines"], registry, profiler_image)
     resources_by_role = _resources(doc, top.get("resources", {}))

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import tempfile
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -96,49 +95,36 @@ def _read_json_object(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _model_config(model: str) -> dict[str, Any]:
-    """config.json facts of MODEL: a path to a config.json, or a model bundled with Dooly."""
-    path = Path(model)
-    if path.is_file():
-        return _read_json_object(path, "model config")
-    name = model.replace("/", "__") + ".json"
-    bundled = resources.files("dooly.models").joinpath("configs", name)
-    if model.count("/") != 1 or ".." in model or not bundled.is_file():
-        known = sorted(
-            p.name.removesuffix(".json").replace("__", "/")
-            for p in resources.files("dooly.models").joinpath("configs").iterdir()
-            if p.name.endswith(".json")
-        )
-        raise DoolyError(f"unknown model {model!r}: pass a config.json path or one of {', '.join(known)}")
-    return json.loads(bundled.read_text())
+def _model_dims(model: str):
+    """Config facts of MODEL (a bundled id or a config.json path, as `dooly trace` accepts)."""
+    from dooly.models.registry import resolve_model
+    from dooly.sim.step_model import ModelDims
+
+    spec = resolve_model(model)
+    return ModelDims.from_config(spec.config, name=spec.model_id)
 
 
-def _load_fitted(store: str, model: str, platform: str | None, engine: str, backend: str | None, dtype: str):
-    """The fitted predictor of `dooly fit` and the model's operation inventory (both lazily
-    imported: they live in later pipeline stages and pull in scikit-learn)."""
+def _load_fitted(store_uri: str, model: str, platform: str | None, engine: str, backend: str | None, dtype: str):
+    """The fitted predictor of `dooly fit` and the model's operation inventory (imported lazily:
+    they live in earlier pipeline stages and pull in scikit-learn)."""
     if not platform or not backend:
         raise DoolyError("--store needs --platform and --backend to pick the fitted models")
-    try:
-        from dooly.fit.models import load_predictor
-        from dooly.models.registry import model_key, resolve_model
-        from dooly.store.shards import read_json
-    except ImportError as exc:
-        raise DoolyError(f"fitted step models are unavailable in this installation ({exc})") from None
+    from dooly.fit.commands import find_inventory
+    from dooly.fit.models import load_predictor
+    from dooly.store.backends import open_store
+
+    store = open_store(store_uri, create=False)
     predictor = load_predictor(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
-    key = model_key(resolve_model(model))
-    inventory = read_json(store, f"inventories/{key}.json")
-    return predictor, inventory
+    return predictor, find_inventory(store, model, backend)
 
 
 def _step_model(model: str | None, analytic: bool, store: str | None, platform: str | None, engine: str, backend: str | None, dtype: str):
-    from dooly.sim.step_model import AnalyticStepModel, ModelDims
+    from dooly.sim.step_model import AnalyticStepModel
 
     if analytic == bool(store):
         raise DoolyError("choose exactly one step model: --analytic or --store URI")
     if analytic:
-        if model is None:
-            return AnalyticStepModel()
-        return AnalyticStepModel(dims=ModelDims.from_config(_model_config(model), name=model))
+        return AnalyticStepModel() if model is None else AnalyticStepModel(dims=_model_dims(model))
     if model is None:
         raise DoolyError("--store needs the MODEL argument")
     predictor, inventory = _load_fitted(store, model, platform, engine, backend, dtype)
@@ -287,12 +273,16 @@ def _summary_text(summary: dict[str, Any]) -> str:
     lines = [
         format_table(["metric (ms)", "mean", "p50", "p90", "p99"], rows),
         "",
-        f"requests: {summary['num_finished']}/{summary['num_requests']} finished in {summary['makespan_s']:.2f} s "
-        f"({thr['requests_per_s']:.2f} req/s, {thr['output_tokens_per_s']:.0f} output tok/s, "
-        f"{thr['total_tokens_per_s']:.0f} total tok/s)",
-        f"steps: {steps['count']} ({steps['decode']} decode, {steps['prefill']} prefill, {steps['mixed']} mixed; "
-        f"{steps['cuda_graph']} CUDA graph), mean {steps['mean_seqs']:.1f} sequences/step; "
-        f"preemptions: {summary['preemptions']}",
+        (
+            f"requests: {summary['num_finished']}/{summary['num_requests']} finished in {summary['makespan_s']:.2f} s "
+            f"({thr['requests_per_s']:.2f} req/s, {thr['output_tokens_per_s']:.0f} output tok/s, "
+            f"{thr['total_tokens_per_s']:.0f} total tok/s)"
+        ),
+        (
+            f"steps: {steps['count']} ({steps['decode']} decode, {steps['prefill']} prefill, {steps['mixed']} mixed; "
+            f"{steps['cuda_graph']} CUDA graph), mean {steps['mean_seqs']:.1f} sequences/step; "
+            f"preemptions: {summary['preemptions']}"
+        ),
         f"engine: {summary['settings']['engine']}; simulated in {summary['simulation_wall_s']:.2f} s",
     ]
     return "\n".join(lines)
@@ -367,9 +357,10 @@ def _pct(value: float | None) -> str:
 
 
 def _load_ground_truth(directory: Path):
-    from dooly.sim.validate import ground_truth_from_arrow
-
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from dooly.sim.validate import ground_truth_from_arrow
 
     requests_path = directory / REQUESTS_FILE
     if not requests_path.is_file():
@@ -378,7 +369,7 @@ def _load_ground_truth(directory: Path):
     try:
         requests = pq.read_table(requests_path)
         steps = pq.read_table(steps_path) if steps_path.is_file() else None
-    except Exception as exc:
+    except (OSError, pa.ArrowException) as exc:
         raise DoolyError(f"ground truth in {directory} is not readable Parquet: {exc}") from None
     return ground_truth_from_arrow(requests, steps)
 
@@ -419,12 +410,12 @@ def export_vidur_command(
       dooly export vidur meta-llama/Llama-3.1-8B --device h100 --out ~/vidur \\
           --store ./db --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa'
     """
-    from dooly.sim.step_model import AnalyticStepModel, ModelDims
+    from dooly.sim.step_model import AnalyticStepModel
     from dooly.sim.vidur import VidurSweep, export_vidur
 
     if min(block_size, max_tokens, max_seq_len, max_batch_size) < 1:
         raise DoolyError("--block-size, --max-tokens, --max-seq-len and --max-batch-size must be >= 1")
-    dims = ModelDims.from_config(_model_config(model), name=model)
+    dims = _model_dims(model)
     if analytic == bool(store):
         raise DoolyError("choose exactly one source: --analytic or --store URI")
     if analytic:
@@ -435,9 +426,10 @@ def export_vidur_command(
             raise DoolyError("the fitted predictor cannot predict Vidur operations (no vidur_op_predictor)")
         predict = predictor.vidur_op_predictor(inventory)
     sweep = VidurSweep(max_tokens=max_tokens, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    written = export_vidur(predict, dims, out_dir, device, vidur_model or model, block_size=block_size, backend=backend or "", sweep=sweep)
+    name = vidur_model or dims.name
+    written = export_vidur(predict, dims, out_dir, device, name, block_size=block_size, backend=backend or "", sweep=sweep)
     if output_format == "json":
-        emit_json({"files": [str(p) for p in written], "device": device, "model": vidur_model or model})
+        emit_json({"files": [str(p) for p in written], "device": device, "model": name})
         return
     for path in written:
         click.echo(f"wrote {path}")

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from bisect import bisect_left
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field, fields
+from itertools import chain
 from typing import Any
 
 from dooly.errors import DoolyError
@@ -51,22 +53,22 @@ class Seq:
     """One request's scheduling state during a simulation."""
 
     __slots__ = (
-        "rid",
         "arrival_s",
-        "prompt",
-        "target",
-        "generated",
-        "num_tokens",
-        "computed",
         "blocks",
+        "computed",
         "cpu_blocks",
-        "status",
-        "offloaded",
-        "preemptions",
         "epoch",
+        "finish_s",
         "finished",
         "first_token_s",
-        "finish_s",
+        "generated",
+        "num_tokens",
+        "offloaded",
+        "preemptions",
+        "prompt",
+        "rid",
+        "status",
+        "target",
         "token_times",
     )
 
@@ -137,13 +139,14 @@ class Scheduler(ABC):
         """The settings in force, for result files and `--output json`."""
 
     @abstractmethod
+    def path_for(self, prefill: list[tuple[int, int]], decode_ctx: list[int]) -> StepPath:
+        """The execution path the engine takes for a batch of this composition."""
+
+    @abstractmethod
     def stall_message(self) -> str:
         """Why unfinished requests cannot make progress (raised by the simulator)."""
 
-    @staticmethod
-    def _build(
-        entries: list[tuple[Seq, int]], path_for: Any, preempted: int = 0
-    ) -> ScheduledBatch:
+    def _build(self, entries: list[tuple[Seq, int]], preempted: int = 0) -> ScheduledBatch:
         """Advance the scheduled requests and collect the step model's inputs.
 
         A chunk that reaches the end of the known tokens samples one token; its placeholder is
@@ -152,22 +155,24 @@ class Scheduler(ABC):
         decode_ctx: list[int] = []
         samplers: list[tuple[Seq, int]] = []
         ordered: list[tuple[Seq, int, int]] = []
+        add_prefill, add_decode, add_sampler, add_ordered = prefill.append, decode_ctx.append, samplers.append, ordered.append
         kv_tokens = 0
         num_tokens = 0
         for seq, q in entries:
             ctx = seq.computed
-            ordered.append((seq, q, ctx))
+            add_ordered((seq, q, ctx))
             if q == 1:
-                decode_ctx.append(ctx)
+                add_decode(ctx)
             else:
-                prefill.append((q, ctx))
-            kv_tokens += ctx + q
+                add_prefill((q, ctx))
+            done = ctx + q
+            kv_tokens += done
             num_tokens += q
-            seq.computed = ctx + q
-            if seq.computed == seq.num_tokens:
-                seq.num_tokens += 1
-                samplers.append((seq, seq.epoch))
-        path = path_for(prefill, decode_ctx, num_tokens, entries)
+            seq.computed = done
+            if done == seq.num_tokens:
+                seq.num_tokens = done + 1
+                add_sampler((seq, seq.epoch))
+        path = self.path_for(prefill, decode_ctx)
         return ScheduledBatch(prefill, decode_ctx, samplers, path, num_tokens, kv_tokens, preempted, ordered)
 
 
@@ -323,16 +328,23 @@ class TransformersCBScheduler(Scheduler):
                 seq.offloaded = False
                 self.free_cpu_blocks += seq.cpu_blocks
                 seq.cpu_blocks = 0
-        return self._build(entries, self._path, preempted)
+        return self._build(entries, preempted)
 
     # -- scheduler.py: FIFOScheduler / PrefillFirstScheduler.schedule_batch + _process_candidates --
 
     def _candidates(self):
-        decoding = [s for s in self.active.values() if s.status == DECODING]
-        splitting = [s for s in self.active.values() if s.status == PREFILLING]
-        yield from (splitting + decoding) if self.prefill_first else (decoding + splitting)
-        if not self.block_new_requests:
-            yield from self._waiting_candidates()
+        """Active requests in priority order, then (unless blocked) the waiting ones."""
+        decoding: list[Seq] = []
+        splitting: list[Seq] = []
+        for seq in self.active.values():
+            if seq.status == DECODING:
+                decoding.append(seq)
+            elif seq.status == PREFILLING:
+                splitting.append(seq)
+        first = splitting + decoding if self.prefill_first else decoding + splitting
+        if self.block_new_requests:
+            return first
+        return chain(first, self._waiting_candidates())
 
     def _waiting_candidates(self):
         """CPU-offloaded requests first, interleaved one-for-one with fresh ones. The waiting
@@ -349,31 +361,36 @@ class TransformersCBScheduler(Scheduler):
                 yield fresh.popleft()
 
     def _schedule_batch(self) -> list[tuple[Seq, int]] | None:
+        """`_process_candidates`, decision for decision (locals bound for speed)."""
         cfg = self.config
         token_budget = cfg.max_batch_tokens
         cache_budget = self.num_pages
         request_budget = cfg.max_requests_per_batch
         fast_path = self.decode_fast_path_on
+        max_fast = self.max_fast_path_len
+        safety = self.safety_blocks
+        block_size = self.block_size
         scheduled: list[tuple[Seq, int]] = []
         admitted: list[Seq] = []
         allocation_failed = False
         self.starved = []
         for seq in self._candidates():
+            status = seq.status
             free_now = self.free_blocks
-            if free_now < self.safety_blocks and scheduled and seq.status != DECODING:
+            if free_now < safety and scheduled and status != DECODING:
                 break
-            remaining = seq.num_tokens - seq.computed
-            request_len = min(remaining, token_budget)
-            read_needed = seq.computed
-            decode_eligible = request_len == 1 and seq.computed < self.max_fast_path_len
-            if not (fast_path and decode_eligible) and cache_budget < read_needed:
+            computed = seq.computed
+            remaining = seq.num_tokens - computed
+            request_len = remaining if remaining < token_budget else token_budget  # noqa: FURB136 (hot loop)
+            if cache_budget < computed and not (fast_path and request_len == 1 and computed < max_fast):
                 continue
-            if not self._allocate(seq, request_len):
+            blocks = seq.blocks
+            if (blocks == 0 or blocks * block_size - computed < request_len) and not self._allocate(seq, request_len):
                 allocation_failed = True
-                if free_now == 0 and seq.status == PENDING:
+                if free_now == 0 and status == PENDING:
                     break
                 continue
-            if seq.status == PENDING:
+            if status == PENDING:
                 self.active[id(seq)] = seq
                 admitted.append(seq)
             if remaining <= token_budget:
@@ -382,9 +399,9 @@ class TransformersCBScheduler(Scheduler):
             else:
                 seq.status = PREFILLING
                 q = token_budget
-            fast_path = fast_path and q == 1 and seq.computed < self.max_fast_path_len
+            fast_path = fast_path and q == 1 and computed < max_fast
             token_budget -= q
-            cache_budget -= read_needed
+            cache_budget -= computed
             request_budget -= 1
             scheduled.append((seq, q))
             if token_budget == 0 or (cache_budget <= 0 and not fast_path) or request_budget <= 0:
@@ -393,7 +410,6 @@ class TransformersCBScheduler(Scheduler):
             del self.waiting[id(seq)]
             if seq.offloaded:
                 self.num_offloaded_waiting -= 1
-        self._fast_path = fast_path
         if not scheduled and allocation_failed:
             return None
         return scheduled
@@ -474,10 +490,11 @@ class TransformersCBScheduler(Scheduler):
 
     # -- the step's execution path (input_outputs.py / model_runner.py) --
 
-    _fast_path = False
-
-    def _path(self, prefill: list, decode_ctx: list, num_tokens: int, entries: list) -> StepPath:
-        fast = self._fast_path
+    def path_for(self, prefill: list[tuple[int, int]], decode_ctx: list[int]) -> StepPath:
+        """Decode fast path when every sequence decodes one token below the block-table limit
+        (the scheduler's `decode_fast_path` flag); padding only when CUDA graphs are on."""
+        fast = self.decode_fast_path_on and not prefill and all(c < self.max_fast_path_len for c in decode_ctx)
+        num_tokens = len(decode_ctx) + sum(q for q, _ in prefill)
         graph = self.graph_decode if fast else self.graph_varlen
         padded = num_tokens
         if self.pad_inputs:
@@ -553,11 +570,11 @@ class VllmConfig:
         _require(self.long_prefill_token_threshold >= 0, "long_prefill_token_threshold must be >= 0")
         _require(self.cudagraph_mode in CUDAGRAPH_MODES, f"cudagraph_mode must be one of {CUDAGRAPH_MODES}, got {self.cudagraph_mode!r}")
         if not self.capture_sizes:
-            sizes = [s for s in _CAPTURE_SMALL]
+            sizes = list(_CAPTURE_SMALL)
             sizes += list(range(_CAPTURE_STEP_SMALL, _CAPTURE_SWITCH, _CAPTURE_STEP_SMALL))
             sizes += list(range(_CAPTURE_SWITCH, self.max_cudagraph_capture_size + 1, _CAPTURE_STEP_LARGE))
             self.capture_sizes = [s for s in sizes if s <= self.max_cudagraph_capture_size]
-        self.capture_sizes = sorted(set(int(s) for s in self.capture_sizes))
+        self.capture_sizes = sorted({int(s) for s in self.capture_sizes})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VllmConfig:
@@ -654,7 +671,7 @@ class VllmScheduler(Scheduler):
                 budget -= new
         if not entries:
             return None
-        return self._build(entries, self._path, preempted)
+        return self._build(entries, preempted)
 
     def _allocate(self, seq: Seq, new_tokens: int) -> bool:
         """`KVCacheManager.allocate_slots`: blocks to hold computed + new tokens, or nothing."""
@@ -677,14 +694,18 @@ class VllmScheduler(Scheduler):
         seq.epoch += 1
         self.waiting.appendleft(seq)
 
-    def _path(self, prefill: list, decode_ctx: list, num_tokens: int, entries: list) -> StepPath:
+    def path_for(self, prefill: list[tuple[int, int]], decode_ctx: list[int]) -> StepPath:
+        """Up to the largest captured size: a full CUDA graph for decode-only batches (for every
+        batch in mode `full`), piecewise graphs for the others (modes with `piecewise`); eager
+        above it or without graphs. The default mode is vLLM's FULL_AND_PIECEWISE."""
         mode = self.config.cudagraph_mode
+        num_tokens = len(decode_ctx) + sum(q for q, _ in prefill)
         kind = _kind(prefill, decode_ctx)
         sizes = self._bisect_sizes
         if mode == "none" or not sizes or num_tokens > sizes[-1]:
             return StepPath(kind, cuda_graph=False, padded_tokens=num_tokens, engine_path="eager")
-        padded = _next_size(sizes, num_tokens)
-        if kind is StepKind.DECODE and mode in _FULL_GRAPH_MODES:
+        padded = sizes[bisect_left(sizes, num_tokens)]
+        if mode == "full" or (kind is StepKind.DECODE and mode in _FULL_GRAPH_MODES):
             return StepPath(kind, cuda_graph=True, padded_tokens=padded, engine_path="full_graph")
         if mode in _PIECEWISE_MODES:
             return StepPath(kind, cuda_graph=True, padded_tokens=padded, engine_path="piecewise_graph")
@@ -696,11 +717,6 @@ class VllmScheduler(Scheduler):
             f"blocks x {self.block_size} tokens is too small for it; raise num_gpu_blocks"
         )
 
-
-def _next_size(sizes: list[int], value: int) -> int:
-    from bisect import bisect_left
-
-    return sizes[bisect_left(sizes, value)]
 
 
 ENGINES = ("transformers", "vllm")

@@ -75,6 +75,7 @@ class StepRecord:
     cuda_graph: bool
     padded_tokens: int
     preempted: int
+    sampled: int
     wasted_tokens: int
 
 
@@ -364,6 +365,7 @@ class _Run:
         cols["cuda_graph"].append(path.cuda_graph)
         cols["padded_tokens"].append(path.padded_tokens)
         cols["preempted"].append(batch.preempted)
+        cols["sampled"].append(len(batch.samplers))
         cols["wasted_tokens"].append(wasted)
         if self.batches is not None:
             self.batches.append((batch.prefill, batch.decode_ctx))

@@ -25,7 +25,13 @@ import numpy as np
 from dooly.errors import DoolyError
 from dooly.sim.schedulers import Scheduler
 from dooly.sim.simulator import SimResult, simulate
-from dooly.sim.step_model import CpuOverheadModel, StepKind, StepLatencyModel, StepPath, accepts_path
+from dooly.sim.step_model import (
+    CpuOverheadModel,
+    StepKind,
+    StepLatencyModel,
+    StepPath,
+    accepts_path,
+)
 from dooly.sim.workload import Request
 
 REQUEST_COLUMNS = (
@@ -275,7 +281,11 @@ def validate(
     cpu_overhead: CpuOverheadModel | None = None,
     path_for: Any = None,
 ) -> ValidationReport:
-    """Simulate the measured workload with the given engine settings and compare both ways."""
+    """Simulate the measured workload with the given engine settings and compare both ways.
+
+    Measured steps are replayed on the path the engine settings imply for their composition
+    (`scheduler.path_for`) unless `path_for` says otherwise."""
+    path_for = path_for or scheduler.path_for
     result = simulate(truth.workload(), scheduler, step_model, cpu_overhead)
     steps = compare_steps(truth.steps, step_model, cpu_overhead, path_for) if truth.steps else None
     return ValidationReport(compare_requests(truth, result), steps, result)

@@ -247,8 +247,7 @@ def export_vidur(
 
 
 def _write_csv_temp(directory: Path, columns: list[str], rows: Iterable[dict[str, object]]) -> Path:
-    handle = tempfile.NamedTemporaryFile("w", dir=directory, prefix=".dooly-", suffix=".csv", delete=False, newline="")
-    with handle:
+    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".dooly-", suffix=".csv", delete=False, newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:

@@ -341,11 +341,12 @@ def _read_table(path: str | Path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise DoolyError(f"trace file {path} does not exist")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             table = pq.read_table(path)
-        except Exception as exc:
+        except (OSError, pa.ArrowException) as exc:
             raise DoolyError(f"trace file {path} is not readable Parquet: {exc}") from None
         return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     try:

@@ -7,8 +7,8 @@ database rests on are made once, here:
   the destination directory, fsyncs it and renames it into place (rename is atomic on POSIX). S3
   makes a PUT (and a completed multipart upload) visible only once the whole body is stored.
 * Atomic create (`put_if_absent`): LocalStore hard-links a complete temporary file to the final name
-  (link fails if the name exists). S3Store sends a conditional PUT with `If-None-Match: *`, which AWS
-  S3, SeaweedFS, MinIO and moto honour (HTTP 412 when the key exists). A server that ignores the
+  (link fails if the name exists). S3Store sends a conditional PUT with `If-None-Match: *`, which
+  AWS S3, SeaweedFS, MinIO and moto honour (HTTP 412 when the key exists). A server that ignores the
   header cannot give this guarantee; Dooly requires one that honours it.
 
 Transient failures (dropped connections, timeouts, 5xx, throttling) are retried with bounded
@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -105,7 +106,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_keys(self, prefix: str) -> list[str]:
-        """Every key under `prefix`, sorted; temporary files of unfinished writes are never listed."""
+        """Every key under `prefix`, sorted; temporary files of unfinished writes never show."""
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
@@ -351,35 +352,49 @@ class S3Store(Store):
         self.region = region or _first_env(REGION_ENV_VARS) or DEFAULT_REGION
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
+        self.multipart_part_bytes = MULTIPART_PART_BYTES
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._access_key = access_key
         self._secret_key = secret_key
         self._client: Any = None
         self._session: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def session(self) -> Any:
+        """The boto3 session, made on first use; boto3 is imported here because the GPU image does
+        not carry it."""
+        with self._client_lock:
+            if self._session is None:
+                import boto3
+
+                self._session = boto3.session.Session(
+                    aws_access_key_id=self._access_key,
+                    aws_secret_access_key=self._secret_key,
+                    region_name=self.region,
+                )
+        return self._session
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            import boto3
-            from botocore.config import Config
+        """The S3 client, made once even when threads race to it."""
+        session = self.session
+        with self._client_lock:
+            if self._client is None:
+                from botocore.config import Config
 
-            self._session = boto3.session.Session(
-                aws_access_key_id=self._access_key,
-                aws_secret_access_key=self._secret_key,
-                region_name=self.region,
-            )
-            config = Config(
-                connect_timeout=CONNECT_TIMEOUT_S,
-                read_timeout=READ_TIMEOUT_S,
-                # Our own loop retries (bounded, and it knows which calls are safe to repeat).
-                retries={"total_max_attempts": 1},
-                s3={"addressing_style": "path"} if self.endpoint_url else {},
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-            self._client = self._session.client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
-            )
+                config = Config(
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    read_timeout=READ_TIMEOUT_S,
+                    # Our own loop retries (bounded, and it knows which calls are safe to repeat).
+                    retries={"total_max_attempts": 1},
+                    s3={"addressing_style": "path"} if self.endpoint_url else {},
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                )
+                self._client = session.client(
+                    "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
+                )
         return self._client
 
     def _full(self, key: str) -> str:
@@ -402,7 +417,13 @@ class S3Store(Store):
 
         A NoSuchKey/404 passes through as FileNotFoundError so callers can tell "absent" apart.
         """
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            HTTPClientError,
+            NoCredentialsError,
+        )
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         limit = attempts or self.max_attempts
         for attempt in range(1, limit + 1):
@@ -434,18 +455,28 @@ class S3Store(Store):
                         f"{self._describe()}: cannot {action} {key or 'bucket'}: {message}"
                     ) from exc
                 reason = code or str(status)
-            except BotoCoreError as exc:
+            except (BotoConnectionError, HTTPClientError) as exc:
                 if attempt == limit:
                     raise DoolyError(
                         f"{self._describe()} is unreachable: cannot {action} {key or 'bucket'} "
                         f"after {limit} attempts ({exc})"
                     ) from exc
                 reason = type(exc).__name__
+            except BotoCoreError as exc:
+                raise DoolyError(
+                    f"{self._describe()}: cannot {action} {key or 'bucket'}: {exc}"
+                ) from exc
             delay = min(BACKOFF_CAP_S, self.backoff_base_s * 2 ** (attempt - 1))
             delay *= random.uniform(0.5, 1.0)
             logger.warning(
                 "%s: %s %s failed (%s); retry %d/%d in %.2fs",
-                self.uri, action, key, reason, attempt, limit - 1, delay,
+                self.uri,
+                action,
+                key,
+                reason,
+                attempt,
+                limit - 1,
+                delay,
             )
             if on_retry is not None:
                 on_retry()
@@ -455,16 +486,16 @@ class S3Store(Store):
     def put_bytes(self, key: str, data: bytes) -> None:
         full = self._full(key)
         payload = bytes(data)
-        self._call(
-            "write", key, lambda c: c.put_object(Bucket=self.bucket, Key=full, Body=payload)
-        )
+        self._call("write", key, lambda c: c.put_object(Bucket=self.bucket, Key=full, Body=payload))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         """One PUT for small files; a multipart upload (each part retried on its own) for large
         ones. Either way the object appears only when complete; a failed upload is aborted."""
         full = self._full(key)
         size = os.path.getsize(path)
-        if size <= MULTIPART_PART_BYTES:
+        part_bytes = self.multipart_part_bytes
+        if size <= part_bytes:
+
             def put(client: Any) -> Any:
                 with open(path, "rb") as handle:
                     return client.put_object(Bucket=self.bucket, Key=full, Body=handle)
@@ -479,9 +510,9 @@ class S3Store(Store):
         try:
             parts = []
             with open(path, "rb") as handle:
-                for number, offset in enumerate(range(0, size, MULTIPART_PART_BYTES), start=1):
+                for number, offset in enumerate(range(0, size, part_bytes), start=1):
                     handle.seek(offset)
-                    chunk = handle.read(MULTIPART_PART_BYTES)
+                    chunk = handle.read(part_bytes)
                     response = self._call(
                         "write",
                         key,
@@ -572,13 +603,12 @@ class S3Store(Store):
 
     def storage_options(self) -> dict[str, str]:
         """Endpoint, region and the credentials boto3 resolved, in the names polars understands."""
-        self.client  # noqa: B018 - resolves the session and its credentials
+        credentials = self.session.get_credentials()
         options = {"aws_region": self.region}
         if self.endpoint_url:
             options["aws_endpoint_url"] = self.endpoint_url
             if self.endpoint_url.startswith("http://"):
                 options["aws_allow_http"] = "true"
-        credentials = self._session.get_credentials()
         if credentials is not None:
             frozen = credentials.get_frozen_credentials()
             options["aws_access_key_id"] = frozen.access_key
@@ -591,11 +621,16 @@ class S3Store(Store):
         """One HEAD of the bucket; with `create`, make the bucket if it is missing."""
         try:
             self._call(
-                "reach", "", lambda c: c.head_bucket(Bucket=self.bucket), attempts=CHECK_MAX_ATTEMPTS
+                "reach",
+                "",
+                lambda c: c.head_bucket(Bucket=self.bucket),
+                attempts=CHECK_MAX_ATTEMPTS,
             )
         except FileNotFoundError:
             if not create:
-                raise DoolyError(f"{self._describe()}: bucket {self.bucket} does not exist") from None
+                raise DoolyError(
+                    f"{self._describe()}: bucket {self.bucket} does not exist"
+                ) from None
             self._call(
                 "create bucket",
                 "",

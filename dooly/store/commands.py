@@ -13,7 +13,9 @@ import click
 
 from dooly.output import emit_json, format_table, output_option
 
-STORE_HELP = "The latency database: a directory (./db, /abs/path, file://...) or s3://bucket/prefix."
+STORE_HELP = (
+    "The latency database: a directory (./db, /abs/path, file://...) or s3://bucket/prefix."
+)
 ENDPOINT_HELP = (
     "S3 endpoint URL for S3-compatible servers (default: $DOOLY_S3_ENDPOINT_URL, "
     "$AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL; AWS itself when none is set)."

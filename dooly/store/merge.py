@@ -13,11 +13,11 @@ The rule is a total order, so the same shards always give the same snapshot.
 
 Generations. A merge claims generation N by creating snapshots/gen-N/claim.json with an atomic
 create; a merge that loses the claim to a racing merge tries N+1 (a few times, then gives up with
-one line). The winner writes snapshots/gen-N/data.parquet (atomic), then snapshots/gen-N/manifest.json
-(atomic create). The manifest's presence is what makes a generation complete: readers take the
-newest generation that has one, so they see a whole generation or the previous one. A merge killed
-at any point leaves at most a claim and a data file without a manifest, which readers ignore and
-later merges skip and, once stale, delete.
+one line). The claimer writes snapshots/gen-N/data.parquet (atomic), then
+snapshots/gen-N/manifest.json (atomic create). A generation is complete when its manifest exists:
+readers take the newest complete generation, so they see a whole generation or the previous one.
+A merge that fails removes its claim and data; one killed at any point leaves at most a claim and a
+data file without a manifest, which readers ignore and later merges skip and, once stale, delete.
 
 Shards that cannot be read or do not match the shard schema are moved under quarantine/ (same key
 below it) and named in the report; the merge goes on without them.
@@ -25,6 +25,7 @@ below it) and named in the report; the merge goes on without them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ from dooly.errors import DoolyError
 from dooly.output import progress as progress_bar
 from dooly.store.backends import Store
 from dooly.store.schema import STACK_COLUMNS
-from dooly.store.shards import list_shards, schema_problem
+from dooly.store.shards import PARTITION_COLUMNS, list_shards, schema_problem
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ DATA_NAME = "data.parquet"
 MANIFEST_NAME = "manifest.json"
 CLAIM_NAME = "claim.json"
 GENERATION_DIGITS = 6
-DEDUP_KEY = ("platform", "engine", "backend", "dtype", "signature", "point_key")
+DEDUP_KEY = (*PARTITION_COLUMNS, "signature", "point_key")
 VERSION_COLUMNS = ("engine_version", "torch_version", "cuda_version")
 # Complete generations kept after a merge (older ones are deleted), so a reader that picked a
 # generation a moment ago still finds its data.
@@ -77,7 +78,6 @@ PART = "__dooly_partition"
 STACK = "__dooly_stack_rank"
 HASH = "__dooly_key_hash"
 HASH_MASK = 2**64 - 1
-PARTITION_COLUMNS = ("platform", "engine", "backend", "dtype")
 # Constant within a shard (one software stack, one run): read from footers, not rows.
 SHARD_CONSTANT_COLUMNS = (*STACK_COLUMNS, "run_id")
 
@@ -218,6 +218,8 @@ def _inspect(store: Store, key: str) -> _Shard:
             problem = schema_problem(parquet.schema_arrow)
             if problem:
                 return _Shard(key, problem=problem)
+            if parquet.metadata.num_rows == 0:
+                return _Shard(key, problem="holds no rows")
             stack = _constant_columns(parquet, SHARD_CONSTANT_COLUMNS)
             return _Shard(key, parquet.metadata.num_rows, stack=stack)
     except FileNotFoundError:
@@ -484,9 +486,11 @@ def merge_store(store: Store, *, progress: bool = False, force: bool = False) ->
     try:
         good, rows_out, late_quarantine = _build_generation(store, good, generation, progress)
     except BaseException:
-        # Leave nothing behind that a reader or the next merge would have to reason about.
+        # Leave nothing behind that a reader or the next merge would have to reason about; if the
+        # store itself is failing, the original error is the one worth reporting.
         for name in (DATA_NAME, CLAIM_NAME):
-            store.delete(generation_key(generation, name))
+            with contextlib.suppress(DoolyError, OSError):
+                store.delete(generation_key(generation, name))
         raise
     quarantined += late_quarantine
     good_keys = [s.key for s in good]

@@ -1,4 +1,4 @@
-"""Shards: the Parquet files profiler runs write, one software stack each, under a partitioned layout.
+"""Shards: the Parquet files profiler runs write, one software stack each, in a partitioned layout.
 
     shards/platform=<p>/engine=<e>/backend=<b>/dtype=<d>/<run_id>-<chunk>-<identity>.parquet
 
@@ -69,7 +69,7 @@ def unescape_value(text: str) -> str:
 
 def partition_prefix(platform: str, engine: str, backend: str, dtype: str) -> str:
     """The key prefix holding every shard of one platform/engine/backend/dtype."""
-    values = dict(zip(PARTITION_COLUMNS, (platform, engine, backend, dtype)))
+    values = dict(zip(PARTITION_COLUMNS, (platform, engine, backend, dtype), strict=True))
     return SHARDS_PREFIX + "".join(f"{k}={escape_value(v)}/" for k, v in values.items())
 
 
@@ -146,9 +146,8 @@ def _identity_digest(table: pa.Table) -> str:
         [("signature", "ascending"), ("point_key", "ascending")]
     )
     digest = hashlib.sha256()
-    for signature, point_key in zip(
-        pairs.column("signature").to_pylist(), pairs.column("point_key").to_pylist()
-    ):
+    signatures = pairs.column("signature").to_pylist()
+    for signature, point_key in zip(signatures, pairs.column("point_key").to_pylist(), strict=True):
         digest.update(signature.encode())
         digest.update(b"\0")
         digest.update(point_key.encode())

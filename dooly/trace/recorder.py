@@ -49,6 +49,7 @@ class RawEvent:
     outputs: list[RawTensor]
     scalars: dict[str, Any] = field(default_factory=dict)
     backend: str = ""
+    layout: str = ""  # how the call's tensors sit in its arguments, to rebuild it (see arg_layout)
 
 
 def _raw(t: torch.Tensor) -> RawTensor:
@@ -68,6 +69,31 @@ def _tensors(values: Any) -> list[torch.Tensor]:
 def _is_view(func: Any) -> bool:
     returns = func._schema.returns
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+def arg_layout(func: Any, args: tuple, kwargs: dict) -> str:
+    """One letter per schema argument: t tensor, n absent, s scalar, or a list "l" followed by t/n
+    per element (a tensor, or None as in `x[None, idx]`).
+
+    The profiler rebuilds the call from this, the input tensors (in order) and the scalars."""
+    letters = []
+    for index, argument in enumerate(func._schema.arguments):
+        if index < len(args):
+            value = args[index]
+        elif argument.name in kwargs:
+            value = kwargs[argument.name]
+        else:
+            letters.append("n")
+            continue
+        if isinstance(value, torch.Tensor):
+            letters.append("t")
+        elif isinstance(value, (list, tuple)) and _tensors(value):
+            letters.append("l" + "".join("t" if isinstance(v, torch.Tensor) else "n" for v in value))
+        elif value is None:
+            letters.append("n")
+        else:
+            letters.append("s")
+    return ".".join(letters)
 
 
 def _scalar_args(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -152,6 +178,7 @@ class OpRecorder(TorchDispatchMode):
                 inputs=[_raw(t) for t in _tensors(list(args) + list(kwargs.values()))],
                 outputs=[_raw(t) for t in _tensors(out)],
                 scalars=_scalar_args(func, args, kwargs),
+                layout=arg_layout(func, args, kwargs),
             )
         )
         return out

@@ -101,6 +101,7 @@ class Operation:
     scalars: dict[str, Any] = field(default_factory=dict)
     count: int = 1  # executions per forward of the full model
     backend: str = ""  # attention backend for attention ops, "" otherwise
+    layout: str = ""  # aten ops: where the tensors sit among the arguments (recorder.arg_layout)
 
     def all_dims(self) -> list[Dim]:
         return [d for t in (*self.inputs, *self.outputs) for d in t.dims]
@@ -130,6 +131,7 @@ class Operation:
             "backend": self.backend,
             "inputs": [[spec.dtype, [d.signature_token() for d in spec.dims]] for spec in self.inputs],
             "scalars": self.scalars,
+            "layout": self.layout,
         }
 
     def signature(self) -> str:
@@ -151,6 +153,7 @@ class Operation:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "scalars": self.scalars,
+            "layout": self.layout,
         }
 
     @classmethod
@@ -164,6 +167,7 @@ class Operation:
             scalars=payload.get("scalars", {}),
             count=int(payload["count"]),
             backend=payload.get("backend", ""),
+            layout=payload.get("layout", ""),
         )
 
 

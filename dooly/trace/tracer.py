@@ -332,6 +332,7 @@ def _label(
             scalars={k: labeler.scalar(v) for k, v in sorted(event.scalars.items())},
             count=count,
             backend=event.backend,
+            layout=event.layout,
         )
         key = (op.kind, op.module, op.signature(), tuple(t.shape_text() for t in op.outputs))
         if key in grouped:

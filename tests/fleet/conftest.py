@@ -11,10 +11,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from fake_kube_api import FakeKubeAPI
 from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
-
-from fake_kube_api import FakeKubeAPI
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "fleet-test-token"
@@ -96,7 +95,7 @@ def small_fleet(tmp_path) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _schema_validator(version: str, kind: str, api_version: str) -> jsonschema.Draft202012Validator:
     """The validator kubernetes_validate builds for (version, kind), built once per test session:
     the same official strict schemas the package ships, without re-reading them for every object."""

@@ -17,12 +17,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 SERVER_STOP_TIMEOUT_S = 5
+SHUTDOWN_POLL_S = 0.05
 _JOBS = re.compile(r"^/apis/batch/v1/namespaces/(?P<ns>[^/]+)/jobs(?:/(?P<name>[^/]+))?$")
 _PODS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods(?:/(?P<name>[^/]+)(?P<log>/log)?)?$")
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _selector_matches(selector: str, labels: dict) -> bool:
@@ -56,6 +57,8 @@ class FakeKubeAPI:
         # Finish running Jobs on their own after this many list calls; name -> "Complete" | "Failed".
         self.finish_after_polls: int | None = None
         self.outcomes: dict[str, str] = {}
+        # For each merge-patch: (Job name, names of the Jobs that had not finished at that moment).
+        self.patches: list[tuple[str, list[str]]] = []
         self._polls: dict[str, int] = {}
         self._creates = 0
         self._server: ThreadingHTTPServer | None = None
@@ -66,7 +69,7 @@ class FakeKubeAPI:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FakeKubeAPI":
+    def start(self) -> FakeKubeAPI:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -87,7 +90,9 @@ class FakeKubeAPI:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL_S}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -185,6 +190,8 @@ class FakeKubeAPI:
                 return self._send(handler, 415, self._status(415, "UnsupportedMediaType", "merge patch only"))
             patch = json.loads(raw)
             with self.lock:
+                unfinished = [n for (ns, n), j in self.jobs.items() if ns == namespace and not j["status"].get("conditions")]
+                self.patches.append((name, [n for n in unfinished if n != name]))
                 job["spec"].update(patch.get("spec") or {})
             return self._send(handler, 200, job)
         if method == "DELETE":

@@ -12,11 +12,11 @@ import kubernetes_validate
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import REPO, validate_schema
 from kubernetes import client
 from kubernetes_validate.utils import all_versions
 from packaging.version import Version
 
-from conftest import REPO, validate_schema
 from dooly.cli import cli
 from dooly.fleet import checks, jobs
 from dooly.fleet.spec import DEMO_FLEET_RESOURCE, FleetSpec
@@ -44,9 +44,10 @@ def _everything(spec: FleetSpec) -> list[dict]:
     manifests = [*jobs.build_run_manifests(spec, run_id=RUN_ID), *jobs.build_setup_manifests(spec)]
     manifests.append(jobs.build_merge_job(spec, run_id=RUN_ID, suspend=False))
     manifests += [
-        jobs.build_simulate_job(spec, run_id=RUN_ID, model=model, backend=backend)
+        jobs.build_simulate_job(spec, run_id=RUN_ID, model=model, engine=t.engine.name, backend=t.backend,
+                                platform=t.gpu.product or "auto")
         for model in spec.models
-        for backend in {t.backend for t in spec.targets()}
+        for t in spec.targets()
     ]
     return manifests
 
@@ -110,7 +111,7 @@ def test_k8s_folder_validates_and_matches_what_render_setup_emits():
     assert checks.check_manifests(files) == []
     assert files == jobs.build_setup_manifests(FleetSpec.load(None))
     # kubectl apply -f k8s/ goes in file-name order: the namespace must come first.
-    first = yaml.safe_load(sorted(K8S_DIR.glob("*.yaml"))[0].read_text())
+    first = yaml.safe_load(min(K8S_DIR.glob("*.yaml")).read_text())
     assert first["kind"] == "Namespace"
 
 
@@ -281,6 +282,7 @@ def test_render_prints_what_submit_creates(small_fleet):
     assert result.exit_code == 0, result.stderr
     docs = list(yaml.safe_load_all(result.stdout))
     assert docs == jobs.build_run_manifests(FleetSpec.load(small_fleet), run_id=RUN_ID)
+    assert "&id" not in result.stdout, "shared objects must not turn into YAML anchors"
     as_json = CliRunner().invoke(
         cli, ["fleet", "render", "--fleet", str(small_fleet), "--run-id", RUN_ID, "--output", "json"]
     )

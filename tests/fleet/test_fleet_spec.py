@@ -7,11 +7,12 @@ from importlib import resources
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import SMALL_FLEET
+
 from dooly.cli import cli
 from dooly.errors import DoolyError
-from dooly.fleet.spec import KNOWN_BACKENDS, FleetSpec, bundled_models
+from dooly.fleet.spec import KNOWN_BACKENDS, FleetSpec
+from dooly.models.registry import bundled_model_ids
 
 
 def test_default_fleet_loads_with_a_job_per_gpu_engine_backend():
@@ -20,7 +21,7 @@ def test_default_fleet_loads_with_a_job_per_gpu_engine_backend():
     expected = sum(len(g["backends"]) for g in raw["gpuTypes"]) * len(raw["engines"])
     assert len(spec.targets()) == expected
     assert {g.product for g in spec.gpu_types} == {g["product"] for g in raw["gpuTypes"]}
-    assert set(spec.models) <= bundled_models()
+    assert set(spec.models) <= set(bundled_model_ids())
     assert spec.store.startswith("s3://")
 
 

@@ -1,0 +1,68 @@
+"""Benchmark: `simulate` of 10,000 requests on one core, per scheduler model.
+
+A Poisson workload at a rate the replica sustains (prompts 64-2048, outputs 16-512 tokens), the
+analytic roofline step model (cheap, so the number measures the simulator, not a regressor) and a
+CPU overhead model; each scheduler runs a few times and the median wall time is printed, with
+simulated steps per second. Target: a 10,000-request simulation in seconds on one core.
+
+    python bench/bench_simulate.py                  # 10,000 requests, 3 runs each
+    python bench/bench_simulate.py --requests 2000 --runs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from dooly.sim.schedulers import TransformersCBScheduler, VllmScheduler
+from dooly.sim.simulator import simulate
+from dooly.sim.step_model import AnalyticStepModel, CpuOverheadModel, OverheadTerms
+from dooly.sim.workload import LengthSpec, WorkloadSpec, generate_requests
+
+TARGET_SECONDS = 10.0
+RATE_RPS = 8.0
+PROMPT = LengthSpec("uniform", low=64, high=2048)
+OUTPUT = LengthSpec("uniform", low=16, high=512)
+OVERHEAD = CpuOverheadModel(
+    terms={
+        "decode_graph": OverheadTerms(constant_s=0.0015, per_sequence_s=1e-5),
+        "default": OverheadTerms(constant_s=0.003, per_sequence_s=2e-5, per_token_s=1e-7),
+    }
+)
+SCHEDULERS = {
+    "transformers fifo": lambda: TransformersCBScheduler({"num_blocks": 2048}),
+    "transformers prefill_first": lambda: TransformersCBScheduler({"num_blocks": 2048, "scheduler_type": "prefill_first"}),
+    "transformers async": lambda: TransformersCBScheduler({"num_blocks": 2048, "use_async_batching": True}),
+    "vllm": lambda: VllmScheduler({"num_gpu_blocks": 32768}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    requests = generate_requests(WorkloadSpec(num_requests=args.requests, rate=RATE_RPS, prompt=PROMPT, output=OUTPUT, seed=0))
+    model = AnalyticStepModel()
+    print(f"{args.requests} requests, Poisson {RATE_RPS} req/s, {args.runs} runs each (median wall time)")
+    worst = 0.0
+    for name, make in SCHEDULERS.items():
+        walls = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            result = simulate(requests, make(), model, OVERHEAD)
+            walls.append(time.perf_counter() - start)
+        median = statistics.median(walls)
+        worst = max(worst, median)
+        summary = result.summary()
+        print(
+            f"{name:28s} {median:6.2f} s  {result.num_steps:7d} steps  {result.num_steps / median:9.0f} steps/s  "
+            f"{args.requests / median:7.0f} req/s  p50 TTFT {summary['ttft_s']['p50'] * 1e3:6.1f} ms  "
+            f"p50 TPOT {summary['tpot_s']['p50'] * 1e3:5.1f} ms  mean batch {summary['steps']['mean_seqs']:5.1f}"
+        )
+    print(f"slowest median {worst:.2f} s; target {TARGET_SECONDS:.0f} s: {'met' if worst <= TARGET_SECONDS else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

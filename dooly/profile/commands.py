@@ -1,0 +1,155 @@
+"""`dooly plan` and `dooly profile`: what is missing from the latency database, and measuring it."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from dooly.errors import DoolyError
+from dooly.output import emit_json, format_table, output_option
+from dooly.profile.grid import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_KV, DEFAULT_MAX_SEQS, DEFAULT_MAX_TOKENS, GridSpec
+
+
+def _common(func):
+    options = [
+        click.argument("models", nargs=-1, required=True),
+        click.option("--store", "store_uri", required=True,
+                     help="Latency database: a directory (created if missing) or s3://bucket/prefix."),
+        click.option("--endpoint-url", default=None, help="S3 endpoint (else $DOOLY_S3_ENDPOINT_URL / $AWS_ENDPOINT_URL)."),
+        click.option("--engine", type=click.Choice(["transformers"]), default="transformers", show_default=True,
+                     help="Serving engine whose forward and attention are profiled."),
+        click.option("--attention", "backend", default="paged|sdpa", show_default=True,
+                     help="Attention backend (paged|sdpa, paged|eager)."),
+        click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype."),
+        click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True,
+                     help="Largest tokens-per-step point of the sweep."),
+        click.option("--max-seqs", type=int, default=DEFAULT_MAX_SEQS, show_default=True,
+                     help="Largest sequences-per-step point."),
+        click.option("--max-kv", type=int, default=DEFAULT_MAX_KV, show_default=True,
+                     help="Largest KV tokens read in one step."),
+        click.option("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, show_default=True,
+                     help="Longest per-sequence context of the attention batches."),
+        output_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _grid(max_tokens: int, max_seqs: int, max_kv: int, max_context: int) -> GridSpec:
+    for name, value in (("--max-tokens", max_tokens), ("--max-seqs", max_seqs), ("--max-kv", max_kv),
+                        ("--max-context", max_context)):
+        if value < 1:
+            raise DoolyError(f"{name} must be >= 1, got {value}")
+    return GridSpec(max_tokens=max_tokens, max_seqs=max_seqs, max_kv=max_kv, max_context=max_context)
+
+
+@click.command("plan")
+@_common
+@click.option("--platform", default="auto", show_default=True,
+              help="Plan for this machine (auto) or name another platform (its rows of any software version count).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | None, engine: str, backend: str,
+                 dtype: str, max_tokens: int, max_seqs: int, max_kv: int, max_context: int, output_format: str,
+                 platform: str, device: str) -> None:
+    """What profiling MODEL... would measure, and what it would reuse from the store. Measures nothing.
+
+    \b
+    Examples:
+      dooly plan meta-llama/Llama-3.1-8B mistralai/Mistral-7B-v0.3 --store ./db
+      dooly plan Qwen/Qwen2.5-7B --store s3://dooly/db --platform NVIDIA-H100-80GB-HBM3 --output json
+    """
+    from dooly.profile.plan import build_plan
+    from dooly.profile.provenance import check_platform_name, current_stack, detect_device, detect_platform
+    from dooly.profile.run import trace_all
+    from dooly.engines.transformers_cb import DEFAULT_BLOCK_SIZE, ENGINE_NAME, engine_version
+    from dooly.store.backends import open_store
+
+    grid = _grid(max_tokens, max_seqs, max_kv, max_context)
+    device_type = detect_device(device)
+    named = platform not in ("auto", "")
+    name = check_platform_name(platform) if named else detect_platform(device_type)
+    store = open_store(store_uri, endpoint_url=endpoint_url, create=False)
+    traces = trace_all(list(models), backend, dtype)
+    stack = current_stack(device=device_type if not named else "cuda", platform=name, engine=ENGINE_NAME,
+                          engine_version=engine_version(), backend=backend, dtype=dtype, block_size=DEFAULT_BLOCK_SIZE)
+    plan = build_plan(traces, store, stack, grid, software_agnostic=named)
+    summary = plan.summary()
+    if output_format == "json":
+        emit_json(summary)
+        return
+    click.echo(f"platform {summary['platform']}, backend {backend}: {summary['signatures']} signatures, "
+               f"{summary['missing_signatures']} missing ({summary['missing_points']} points), "
+               f"{summary['held_points']} points held, ~{summary['estimated_device_seconds']:.1f} device-seconds to go")
+    rows = [(m["model"], m["signatures"], m["profiled_signatures"], m["reused_signatures"]) for m in summary["models"]]
+    click.echo(format_table(["model", "signatures", "to profile", "reused"], rows))
+
+
+@click.command("profile")
+@_common
+@click.option("--platform", default="auto", show_default=True,
+              help="auto names this machine; an explicit name must match it (a GPU cannot be measured remotely).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--samples", type=int, default=None, help="Timed samples per point (default 15 on CUDA, 5 on CPU).")
+@click.option("--shard-index", type=int, default=0, show_default=True, help="This worker's index (Indexed Jobs).")
+@click.option("--shard-count", type=int, default=1, show_default=True, help="Workers splitting the missing work.")
+@click.option("--run-id", default=None, help="Run id stamped on rows and shard names (default: time + random).")
+@click.option("--chunk-rows", type=int, default=512, show_default=True, help="Rows per flushed shard.")
+def profile_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | None, engine: str, backend: str,
+                    dtype: str, max_tokens: int, max_seqs: int, max_kv: int, max_context: int, output_format: str,
+                    platform: str, device: str, samples: int | None, shard_index: int, shard_count: int,
+                    run_id: str | None, chunk_rows: int) -> None:
+    """Profile MODEL... into the store, measuring only what it does not hold yet.
+
+    Each model is traced (no weights), its operation signatures looked up in the store for this
+    platform and software stack, and only the missing (signature, request point) pairs are
+    measured: CUDA events on a GPU, process timers on the CPU. Attention is built and run through
+    the engine's own code (model attention module, paged KV cache, packed inputs). Rows are
+    flushed as Parquet shards as work completes, so a killed run resumes where it stopped.
+
+    \b
+    Examples:
+      dooly profile meta-llama/Llama-3.1-8B --store ./db
+      dooly profile meta-llama/Llama-3.2-1B Qwen/Qwen2.5-7B --store s3://dooly/db --attention paged|eager
+      dooly profile ./tiny/config.json --store ./db --max-tokens 64 --max-kv 512 --output json
+    """
+    from dooly.profile.run import ProfileOptions, execute, prepare, total_points
+    from dooly.store.backends import open_store
+
+    if shard_count < 1:
+        raise DoolyError(f"--shard-count must be >= 1, got {shard_count}")
+    if samples is not None and samples < 1:
+        raise DoolyError(f"--samples must be >= 1, got {samples}")
+    options = ProfileOptions(
+        backend=backend, dtype=dtype, device=device, platform=platform,
+        grid=_grid(max_tokens, max_seqs, max_kv, max_context), samples=samples, shard_index=shard_index,
+        shard_count=shard_count, run_id=run_id, chunk_rows=chunk_rows,
+    )
+    store = open_store(store_uri, endpoint_url=endpoint_url, create=True)
+    plan, device_type = prepare(list(models), store, options)
+    if sys.stderr.isatty() and output_format == "text":
+        with click.progressbar(length=total_points(plan, options), label="profiling", file=sys.stderr) as bar:
+            report = execute(plan, device_type, store, options, progress=bar.update)
+    else:
+        report = execute(plan, device_type, store, options)
+    payload = report.to_dict()
+    if output_format == "json":
+        emit_json(payload)
+        return
+    _print_report(payload)
+
+
+def _print_report(payload: dict[str, Any]) -> None:
+    click.echo(
+        f"run {payload['run_id']} on {payload['platform']} ({payload['backend']}): "
+        f"{payload['profiled_signatures']} signatures profiled, {payload['reused_signatures']} reused; "
+        f"{payload['measured_points']} points measured ({payload['oom_points']} OOM, {payload['error_points']} errors) "
+        f"in {payload['device_seconds']:.1f} device-seconds; profiling each model alone would take "
+        f"{payload['baseline_device_seconds']:.1f} ({payload['saving']:.0%} saved)"
+    )
+    rows = [(m["model"], m["signatures"], m["profiled_signatures"], m["reused_signatures"], m["device_seconds"],
+             m["baseline_device_seconds"]) for m in payload["models"]]
+    click.echo(format_table(["model", "signatures", "profiled", "reused", "device s", "alone s"], rows))
+    click.echo(f"{len(payload['shards'])} shards written")

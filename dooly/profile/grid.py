@@ -1,0 +1,144 @@
+"""The request points a signature is measured at.
+
+Vidur's ranges are the reference: tokens from 1 up to the maximum batch tokens, sequences from 1
+up to the maximum batch size, context lengths up to the model's serving length. Points are spaced
+geometrically (about sqrt(2) apart), dense where latency bends (small batches are launch- and
+bandwidth-bound) and sparse where it is linear; the fitter interpolates between them in log space.
+
+Attention is measured on whole batch compositions, because its cost depends on how the KV lengths
+split across sequences, not only on their sums: prefill, chunked prefill, decode and mixed batches,
+with non-uniform context lengths.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from dooly.engines.base import Batch
+
+# Geometric ladder, ~sqrt(2) apart: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ...
+LADDER = tuple(sorted({int(round(m * 2**e)) for e in range(0, 18) for m in (1, 1.5)}))
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_MAX_SEQS = 256
+DEFAULT_MAX_KV = 65536
+DEFAULT_MAX_CONTEXT = 8192
+# Attention batch shapes.
+PREFILL_SEQ_COUNTS = (2, 4, 8)
+PREFILL_SEQ_LENGTHS = (64, 256, 1024)
+CHUNK_LENGTHS = (64, 256, 1024, 2048)
+CHUNK_CONTEXTS = (512, 2048, 8192)
+DECODE_SEQ_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DECODE_CONTEXTS = (128, 512, 1024, 2048, 4096, 8192)
+MIXED_CHUNKS = (64, 256, 1024)
+MIXED_CHUNK_CONTEXTS = (0, 1024)
+MIXED_DECODES = (4, 16, 64)
+MIXED_DECODE_CONTEXTS = (1024, 4096)
+# Non-uniform decode lengths: sequence i of n gets context * (SPREAD_LOW + SPREAD_WIDTH * i/(n-1)),
+# so the batch's mean context is the nominal one while lengths differ by 3x end to end.
+SPREAD_LOW = 0.5
+SPREAD_WIDTH = 1.0
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_seqs: int = DEFAULT_MAX_SEQS
+    max_kv: int = DEFAULT_MAX_KV
+    max_context: int = DEFAULT_MAX_CONTEXT
+
+    def tokens(self) -> list[int]:
+        return [v for v in LADDER if v <= self.max_tokens]
+
+    def seqs(self) -> list[int]:
+        return [v for v in LADDER if v <= self.max_seqs]
+
+    def kv(self) -> list[int]:
+        return [v for v in LADDER if v <= self.max_kv]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One request point: the request variables, and for attention the batch composition."""
+
+    values: tuple[tuple[str, int], ...]
+    batch: Batch | None = field(default=None, compare=False)
+
+    @property
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.values)
+
+    @property
+    def key(self) -> str:
+        if self.batch is not None:
+            payload: dict = self.batch.point_key_payload()
+        else:
+            payload = dict(self.values)
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def variable_points(variables: list[str], grid: GridSpec) -> list[Point]:
+    """Points for an op whose sizes depend on these request variables only."""
+    if not variables:
+        return [Point(values=())]
+    axes: dict[str, list[int]] = {"T": grid.tokens(), "B": grid.seqs(), "K": grid.kv(), "S": grid.kv()}
+    if len(variables) > 1:  # several variables: every other rung, to keep the product small
+        axes = {name: values[::2] + ([values[-1]] if len(values) % 2 == 0 else []) for name, values in axes.items()}
+    points: list[dict[str, int]] = [{}]
+    for name in variables:
+        points = [{**p, name: v} for p in points for v in axes[name]]
+    return [Point(values=tuple(sorted(p.items()))) for p in points if _consistent(p)]
+
+
+def _consistent(values: dict[str, int]) -> bool:
+    """A step reads at least the tokens it writes and has at most one sequence per token."""
+    tokens = values.get("T")
+    if tokens is not None and values.get("B", 0) > tokens:
+        return False
+    return not (tokens is not None and (values.get("K", tokens) < tokens or values.get("S", tokens) < tokens))
+
+
+def attention_batches(grid: GridSpec) -> list[Batch]:
+    batches: list[Batch] = [Batch.of(prefill=[(q, 0)]) for q in grid.tokens()]
+    for count in PREFILL_SEQ_COUNTS:
+        for length in PREFILL_SEQ_LENGTHS:
+            batches.append(Batch.of(prefill=[(length, 0)] * count))
+    for length in CHUNK_LENGTHS:
+        for context in CHUNK_CONTEXTS:
+            batches.append(Batch.of(prefill=[(length, context)]))
+    for count in DECODE_SEQ_COUNTS:
+        for context in DECODE_CONTEXTS:
+            batches.append(Batch.of(decode_ctx=spread(context, count)))
+    for chunk in MIXED_CHUNKS:
+        for chunk_context in MIXED_CHUNK_CONTEXTS:
+            for decodes in MIXED_DECODES:
+                for context in MIXED_DECODE_CONTEXTS:
+                    batches.append(Batch.of(prefill=[(chunk, chunk_context)], decode_ctx=spread(context, decodes)))
+    return [b for b in batches if _fits(b, grid)]
+
+
+def attention_points(grid: GridSpec, window: int | None = None) -> list[Point]:
+    return [batch_point(b, window) for b in attention_batches(grid)]
+
+
+def batch_point(batch: Batch, window: int | None = None) -> Point:
+    values = {"T": batch.tokens, "B": batch.num_seqs, "K": batch.kv_tokens, "D": batch.decode_seqs}
+    if window:
+        values["S"] = sum(s.query + min(s.context, window - 1) for s in batch.seqs)
+    return Point(values=tuple(sorted(values.items())), batch=batch)
+
+
+def spread(context: int, count: int) -> list[int]:
+    if count == 1:
+        return [context]
+    return [max(1, round(context * (SPREAD_LOW + SPREAD_WIDTH * i / (count - 1)))) for i in range(count)]
+
+
+def _fits(batch: Batch, grid: GridSpec) -> bool:
+    return (
+        batch.tokens <= grid.max_tokens
+        and batch.num_seqs <= grid.max_seqs
+        and batch.kv_tokens <= grid.max_kv
+        and all(s.kv <= grid.max_context + max(CHUNK_LENGTHS) for s in batch.seqs)
+        and all(s.context <= grid.max_context for s in batch.seqs)
+    )

@@ -1,0 +1,234 @@
+"""Timing one operation at one request point, honestly.
+
+On CUDA: warm-up calls first (kernel selection, allocator, lazy module loading), then `samples`
+samples, each a CUDA-event pair around `reps` back-to-back calls, so one sample lasts at least
+MIN_SAMPLE_S and the per-call figure is the sample's time over `reps`. Back-to-back calls keep the
+launch overhead in the figure, as in the engine's eager forward where each kernel is launched from
+Python; the engine's CUDA-graph path removes it, which the simulator's step model accounts for
+separately (per-step CPU overhead). Caches are not flushed: in a real forward each op reads
+activations its predecessor just wrote (hot in L2) and weights too large to stay there, which is
+what repeated calls see too.
+
+On the CPU: the same scheme with `time.perf_counter`.
+
+Rows report the median, p10 and p90 of the per-call sample values and n = samples, plus the wall
+time the whole measurement held the device (device_seconds), warm-up and input building included.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dooly.trace.schema import ORIGIN_REQUEST, Operation, TensorSpec
+
+log = logging.getLogger(__name__)
+
+WARMUP_CALLS = 3
+MIN_SAMPLE_S = 2e-4
+MAX_REPS = 200
+DEFAULT_SAMPLES_CUDA = 15
+DEFAULT_SAMPLES_CPU = 5
+SEED = 1234
+# Random activations are scaled down so long reductions stay finite in bf16.
+ACTIVATION_SCALE = 0.1
+P10, P90 = 10, 90
+
+STATUS_OK = "ok"
+STATUS_OOM = "oom"
+STATUS_ERROR = "error"
+
+
+@dataclass
+class Measurement:
+    median_s: float | None
+    p10_s: float | None
+    p90_s: float | None
+    mean_s: float | None
+    n: int
+    status: str
+    device_seconds: float
+    error: str = ""
+
+
+class Timer:
+    def __init__(self, device: str, samples: int | None = None) -> None:
+        self.device = device
+        self.samples = samples or (DEFAULT_SAMPLES_CUDA if device == "cuda" else DEFAULT_SAMPLES_CPU)
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def measure(self, build: Callable[[], Callable[[], Any]]) -> Measurement:
+        """Build the call (inputs included), then time it. OOM at any stage is a result, not a crash."""
+        started = time.perf_counter()
+        try:
+            call = build()
+            values = self._samples(call)
+        except torch.OutOfMemoryError:
+            self._recover()
+            return Measurement(None, None, None, None, 0, STATUS_OOM, time.perf_counter() - started)
+        except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as exc:
+            if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
+                self._recover()
+                return Measurement(None, None, None, None, 0, STATUS_OOM, time.perf_counter() - started)
+            log.warning("measurement failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
+            self._recover()
+            return Measurement(None, None, None, None, 0, STATUS_ERROR, time.perf_counter() - started,
+                               error=f"{type(exc).__name__}: {exc}"[:500])
+        return Measurement(
+            median_s=_percentile(values, 50),
+            p10_s=_percentile(values, P10),
+            p90_s=_percentile(values, P90),
+            mean_s=sum(values) / len(values),
+            n=len(values),
+            status=STATUS_OK,
+            device_seconds=time.perf_counter() - started,
+        )
+
+    def _samples(self, call: Callable[[], Any]) -> list[float]:
+        for _ in range(WARMUP_CALLS):
+            call()
+        self.sync()
+        one = self._timed(call, 1)
+        reps = max(1, min(MAX_REPS, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
+        return [self._timed(call, reps) for _ in range(self.samples)]
+
+    def _timed(self, call: Callable[[], Any], reps: int) -> float:
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                call()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0 / reps
+        begin = time.perf_counter()
+        for _ in range(reps):
+            call()
+        return (time.perf_counter() - begin) / reps
+
+    def _recover(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rebuilding an aten call from its trace record.
+
+_DTYPES = {str(t).removeprefix("torch."): t for t in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool,
+)}
+_REQUEST_NAME = re.compile(r"\b[TBKS]\b")
+_MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "preserve_format": torch.preserve_format,
+                   "channels_last": torch.channels_last}
+
+
+def evaluate(expr: str, values: dict[str, int]) -> int:
+    """A request dim's size at a point: expressions are our own trace's (sympy text over T, B, K, S)."""
+    result = eval(expr, {"__builtins__": {}}, values)  # noqa: S307 - trace expressions only
+    return int(result)
+
+
+def tensor_shape(spec: TensorSpec, values: dict[str, int]) -> list[int]:
+    return [evaluate(d.expr, values) if d.origin == ORIGIN_REQUEST else d.value for d in spec.dims]
+
+
+def build_aten_call(op: Operation, values: dict[str, int], device: str) -> Callable[[], Any]:
+    """The recorded aten op, with deterministic inputs of the point's sizes and in-range indices."""
+    func = _resolve(op.op)
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    shapes = [tensor_shape(spec, values) for spec in op.inputs]
+    tensors = _make_inputs(op, shapes, device, generator)
+    kwargs = _arguments(func, op, tensors, values, device)
+
+    def call() -> Any:
+        return func(**kwargs)
+
+    return call
+
+
+def _resolve(name: str) -> Any:
+    namespace, op_name, overload = name.split(".")
+    return getattr(getattr(getattr(torch.ops, namespace), op_name), overload)
+
+
+def _make_inputs(op: Operation, shapes: list[list[int]], device: str, generator: torch.Generator) -> list[torch.Tensor]:
+    tensors: list[torch.Tensor] = []
+    for index, (spec, shape) in enumerate(zip(op.inputs, shapes)):
+        dtype = _DTYPES[spec.dtype]
+        if dtype.is_floating_point:
+            tensor = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * ACTIVATION_SCALE
+            tensors.append(tensor.to(dtype))
+        elif dtype == torch.bool:
+            tensors.append(torch.randint(0, 2, shape, generator=generator, device=device).bool())
+        else:
+            tensors.append(_index_tensor(op, index, shape, shapes, dtype, device))
+    return tensors
+
+
+def _index_tensor(op: Operation, index: int, shape: list[int], shapes: list[list[int]], dtype: torch.dtype,
+                  device: str) -> torch.Tensor:
+    """Integer inputs are indices or offsets: always in range, distinct where the op writes by index."""
+    count = math.prod(shape)
+    if op.op == "aten._grouped_mm.default":
+        rows = shapes[0][0]
+        groups = max(count, 1)
+        offsets = [round(rows * (g + 1) / groups) for g in range(groups)]
+        return torch.tensor(offsets, dtype=dtype, device=device).reshape(shape)
+    dim = op.scalars.get("dim", 0)
+    if index > 0 and shapes[0]:
+        axis = dim if isinstance(dim, int) and -len(shapes[0]) <= dim < len(shapes[0]) else 0
+        bound = shapes[0][axis]
+    else:
+        bound = count
+    bound = max(bound, 1)
+    return (torch.arange(count, device=device, dtype=torch.int64) % bound).to(dtype).reshape(shape)
+
+
+def _arguments(func: Any, op: Operation, tensors: list[torch.Tensor], values: dict[str, int], device: str) -> dict:
+    letters = op.layout.split(".") if op.layout else []
+    supplied: Iterator[torch.Tensor] = iter(tensors)
+    kwargs: dict[str, Any] = {}
+    for argument, letter in zip(func._schema.arguments, letters):
+        if letter == "t":
+            kwargs[argument.name] = next(supplied)
+        elif letter.startswith("l"):
+            kwargs[argument.name] = [next(supplied) if element == "t" else None for element in letter[1:]]
+        elif letter == "s" and argument.name in op.scalars:
+            kwargs[argument.name] = _scalar(op.scalars[argument.name], values)
+    for argument in func._schema.arguments:
+        if argument.name == "device" and "device" not in kwargs:
+            kwargs["device"] = torch.device(device)
+    return kwargs
+
+
+def _scalar(value: Any, values: dict[str, int]) -> Any:
+    if isinstance(value, list):
+        return [_scalar(v, values) for v in value]
+    if isinstance(value, str):
+        if value in _DTYPES:
+            return _DTYPES[value]
+        if value in _MEMORY_FORMATS:
+            return _MEMORY_FORMATS[value]
+        if value == "strided":
+            return torch.strided
+        if _REQUEST_NAME.search(value):
+            return evaluate(value, values)
+    return value

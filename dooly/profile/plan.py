@@ -1,0 +1,159 @@
+"""What is missing: trace the models, look their signatures up in the store, list the work.
+
+A signature is held for a point when the store has a row for (signature, point) measured on the
+same stack (every STACK_COLUMNS value equal) with status ok or oom. Rows of another stack are
+reported as stale and re-measured, never silently reused. Within and across the listed models each
+signature is planned once, for the first model that needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from dooly.profile.grid import GridSpec, Point, attention_points, variable_points
+from dooly.profile.provenance import SHARED_BACKEND, Stack
+from dooly.trace.schema import KIND_ATTENTION, KIND_KERNEL, Operation, Trace
+
+log = logging.getLogger(__name__)
+
+HELD_STATUSES = ("ok", "oom")
+# Device-seconds per point assumed when the store has no measurement on this stack to learn from.
+DEFAULT_POINT_SECONDS = {"cuda": 0.05, "cpu": 0.02}
+PROFILED_KINDS = (KIND_KERNEL, KIND_ATTENTION)
+
+
+@dataclass
+class WorkItem:
+    signature: str
+    op: Operation
+    model_id: str
+    stack: Stack
+    points: list[Point]  # every point of the grid
+    missing: list[Point]  # those the store does not hold
+    held_seconds: float = 0.0  # what the held points cost when they were measured
+
+
+@dataclass
+class ModelPlan:
+    model_id: str
+    model_key: str
+    signatures: list[str]
+    profiled: list[str] = field(default_factory=list)  # missing at this model's turn
+    reused: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    stack: Stack
+    items: dict[str, WorkItem]
+    models: list[ModelPlan]
+    traces: list[Trace]
+    stale_signatures: int = 0
+    point_seconds: float = 0.0
+    sources: dict[str, str] = field(default_factory=dict)  # model_id -> what the user named
+
+    def work(self, shard_index: int = 0, shard_count: int = 1) -> list[WorkItem]:
+        """This pod's share of the missing work: a deterministic split by signature hash."""
+        items = [item for item in self.items.values() if item.missing]
+        return [item for item in items if shard_of(item.signature, shard_count) == shard_index]
+
+    def estimate_seconds(self, shard_index: int = 0, shard_count: int = 1) -> float:
+        return sum(len(item.missing) for item in self.work(shard_index, shard_count)) * self.point_seconds
+
+    def summary(self) -> dict[str, Any]:
+        missing = [i for i in self.items.values() if i.missing]
+        return {
+            "platform": self.stack.platform,
+            "backend": self.stack.backend,
+            "signatures": len(self.items),
+            "missing_signatures": len(missing),
+            "missing_points": sum(len(i.missing) for i in missing),
+            "held_points": sum(len(i.points) - len(i.missing) for i in self.items.values()),
+            "stale_signatures": self.stale_signatures,
+            "estimated_device_seconds": round(self.estimate_seconds(), 3),
+            "models": [
+                {"model": m.model_id, "signatures": len(m.signatures), "profiled_signatures": len(m.profiled),
+                 "reused_signatures": len(m.reused)}
+                for m in self.models
+            ],
+        }
+
+
+def shard_of(signature: str, shard_count: int) -> int:
+    return int(hashlib.sha256(signature.encode()).hexdigest(), 16) % max(shard_count, 1)
+
+
+def points_for(op: Operation, grid: GridSpec) -> list[Point]:
+    if op.kind == KIND_ATTENTION:
+        return attention_points(grid, op.scalars.get("sliding_window"))
+    return variable_points(op.request_vars(), grid)
+
+
+def stack_for(op: Operation, stack: Stack) -> Stack:
+    return stack.for_backend(stack.backend if op.kind == KIND_ATTENTION else SHARED_BACKEND)
+
+
+# What "same stack" means when planning for another machine whose software we cannot see.
+PLATFORM_COLUMNS = ("platform", "engine", "backend", "dtype", "block_size")
+
+
+def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
+               software_agnostic: bool = False) -> Plan:
+    """Every signature of every trace, with the points the store lacks for this stack.
+
+    `software_agnostic` compares platform, engine, backend, dtype and block size only: for planning
+    another machine's work, whose torch/driver versions this machine cannot know."""
+    held, stale = _held(store, stack, software_agnostic)
+    items: dict[str, WorkItem] = {}
+    models: list[ModelPlan] = []
+    for trace in traces:
+        signatures = trace.signatures(PROFILED_KINDS)
+        plan = ModelPlan(trace.model_id, trace.model_key, sorted(signatures))
+        for signature, op in signatures.items():
+            if signature in items:
+                plan.reused.append(signature)
+                continue
+            points = points_for(op, grid)
+            held_points = held.get(signature, {})
+            missing = [p for p in points if p.key not in held_points]
+            item = WorkItem(signature, op, trace.model_id, stack_for(op, stack), points, missing,
+                            held_seconds=sum(held_points.get(p.key, 0.0) for p in points))
+            items[signature] = item
+            (plan.profiled if missing else plan.reused).append(signature)
+        models.append(plan)
+    stale_count = len({s for s in stale if s in items and items[s].missing})
+    if stale_count:
+        log.warning("%d signatures are held for another software stack only: re-measuring them", stale_count)
+    return Plan(stack, items, models, traces, stale_count, _point_seconds(held, stack))
+
+
+def _held(store: Any, stack: Stack, software_agnostic: bool) -> tuple[dict[str, dict[str, float]], set[str]]:
+    """signature -> {point_key: device_seconds} held on this stack, and signatures held elsewhere."""
+    from dooly.store.schema import STACK_COLUMNS
+    from dooly.store.shards import read_held
+
+    compared = PLATFORM_COLUMNS if software_agnostic else STACK_COLUMNS
+
+    held: dict[str, dict[str, float]] = {}
+    stale: set[str] = set()
+    for backend in dict.fromkeys((SHARED_BACKEND, stack.backend)):
+        expected = stack.for_backend(backend).columns()
+        table = read_held(store, platform=stack.platform, engine=stack.engine, backend=backend, dtype=stack.dtype)
+        for row in table.to_pylist():
+            if row["status"] not in HELD_STATUSES:
+                continue
+            if any(row[c] != expected[c] for c in compared):
+                stale.add(row["signature"])
+                continue
+            held.setdefault(row["signature"], {})[row["point_key"]] = row["device_seconds"]
+    return held, stale
+
+
+def _point_seconds(held: dict[str, dict[str, float]], stack: Stack) -> float:
+    costs = sorted(cost for points in held.values() for cost in points.values())
+    if not costs:
+        return DEFAULT_POINT_SECONDS.get(stack.device_type, DEFAULT_POINT_SECONDS["cpu"])
+    return costs[len(costs) // 2]

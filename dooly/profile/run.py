@@ -1,0 +1,342 @@
+"""Differential profiling: trace, plan, measure what is missing, write shards as we go.
+
+Resumable: rows are flushed as shards whenever a chunk of whole signatures is complete (by row
+count or by time), so a preempted pod loses at most the signature it was measuring plus the
+unflushed chunk; the rerun plans again and skips every flushed point. A retried flush lands on the
+same shard key (store/shards.py), so it never duplicates rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from dooly.errors import DoolyError
+from dooly.profile.grid import GridSpec, Point
+from dooly.profile.measure import Measurement, Timer, build_aten_call
+from dooly.profile.plan import Plan, WorkItem, build_plan
+from dooly.profile.provenance import (
+    Stack,
+    current_stack,
+    detect_device,
+    new_run_id,
+    resolve_platform,
+    run_columns,
+)
+from dooly.trace.schema import KIND_ATTENTION, Trace
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_ROWS = 512
+DEFAULT_FLUSH_SECONDS = 60.0
+INVENTORY_PREFIX = "inventories/"
+
+
+@dataclass
+class ProfileOptions:
+    backend: str = "paged|sdpa"
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    platform: str = "auto"
+    grid: GridSpec = field(default_factory=GridSpec)
+    samples: int | None = None
+    shard_index: int = 0
+    shard_count: int = 1
+    run_id: str | None = None
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    flush_seconds: float = DEFAULT_FLUSH_SECONDS
+
+
+@dataclass
+class ProfileReport:
+    run_id: str
+    platform: str
+    backend: str
+    profiled_signatures: int
+    reused_signatures: int
+    measured_points: int
+    oom_points: int
+    error_points: int
+    device_seconds: float
+    baseline_device_seconds: float
+    shards: list[str]
+    models: list[dict[str, Any]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        saving = 1.0 - self.device_seconds / self.baseline_device_seconds if self.baseline_device_seconds else 0.0
+        return {
+            "run_id": self.run_id,
+            "platform": self.platform,
+            "backend": self.backend,
+            "profiled_signatures": self.profiled_signatures,
+            "reused_signatures": self.reused_signatures,
+            "measured_points": self.measured_points,
+            "oom_points": self.oom_points,
+            "error_points": self.error_points,
+            "device_seconds": round(self.device_seconds, 4),
+            "baseline_device_seconds": round(self.baseline_device_seconds, 4),
+            "saving": round(saving, 4),
+            "shards": self.shards,
+            "models": self.models,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def trace_all(models: list[str], backend: str, dtype: str) -> list[Trace]:
+    """Trace every model before anything is written: a model that fails leaves the store untouched."""
+    from dooly.trace.tracer import trace_model
+
+    return [trace_model(model, phase="mixed", backend=backend, dtype=dtype) for model in models]
+
+
+def prepare(models: list[str], store: Any, options: ProfileOptions) -> tuple[Plan, str]:
+    """Trace and plan: everything that can fail on bad input happens here, before any write."""
+    from dooly.engines.transformers_cb import DEFAULT_BLOCK_SIZE, ENGINE_NAME, engine_version
+
+    if not 0 <= options.shard_index < options.shard_count:
+        raise DoolyError(f"--shard-index {options.shard_index} is not in [0, {options.shard_count})")
+    device = detect_device(options.device)
+    platform = resolve_platform(options.platform, device)
+    traces = trace_all(models, options.backend, options.dtype)
+    stack = current_stack(device=device, platform=platform, engine=ENGINE_NAME, engine_version=engine_version(),
+                          backend=options.backend, dtype=options.dtype, block_size=DEFAULT_BLOCK_SIZE)
+    plan = build_plan(traces, store, stack, options.grid)
+    plan.sources = {trace.model_id: model for trace, model in zip(traces, models)}
+    return plan, device
+
+
+def profile_models(models: list[str], store: Any, options: ProfileOptions,
+                   progress: Callable[[int], None] | None = None) -> ProfileReport:
+    plan, device = prepare(models, store, options)
+    return execute(plan, device, store, options, progress)
+
+
+def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
+            progress: Callable[[int], None] | None = None) -> ProfileReport:
+    """Measure this worker's share of the plan's missing points and write them as shards."""
+    started = time.perf_counter()
+    run_id = options.run_id or new_run_id()
+    for trace in plan.traces:
+        write_inventory(store, trace)
+    work = plan.work(options.shard_index, options.shard_count)
+    writer = _ShardWriter(store, run_id, options.chunk_rows, options.flush_seconds)
+    timer = Timer(device, options.samples)
+    measured_seconds: dict[str, float] = {}
+    counts = {"ok": 0, "oom": 0, "error": 0}
+    engines = _AttentionEngines(plan, options, device)
+    for item in work:
+        rows = []
+        for point in item.missing:
+            measurement = _measure(item, point, device, timer, engines)
+            counts[measurement.status] += 1
+            rows.append(_row(item, point, measurement))
+            if progress is not None:
+                progress(1)
+        measured_seconds[item.signature] = sum(r["device_seconds"] for r in rows)
+        writer.add(item.stack, rows)
+    writer.flush_all()
+    return _report(plan, work, measured_seconds, counts, writer.keys, run_id, started)
+
+
+def total_points(plan: Plan, options: ProfileOptions) -> int:
+    return sum(len(item.missing) for item in plan.work(options.shard_index, options.shard_count))
+
+
+def write_inventory(store: Any, trace: Trace) -> None:
+    """What a model runs per step, by signature: the step predictor's recipe (see docs/store.md)."""
+    from dooly.store.shards import write_json
+
+    write_json(store, inventory_key(trace.model_key, trace.backend), inventory(trace))
+
+
+def inventory_key(model_key: str, backend: str) -> str:
+    from dooly.store.shards import escape_value
+
+    return f"{INVENTORY_PREFIX}{model_key}/{escape_value(backend)}.json"
+
+
+def inventory(trace: Trace) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    first: dict[str, Any] = {}
+    modules: dict[str, list[str]] = {}
+    for op in trace.operations:
+        if op.kind not in ("kernel", KIND_ATTENTION):
+            continue
+        signature = op.signature()
+        counts[signature] = counts.get(signature, 0) + op.count
+        first.setdefault(signature, op)
+        modules.setdefault(signature, []).append(op.module)
+    windows = [op.scalars.get("sliding_window") for op in first.values() if op.kind == KIND_ATTENTION]
+    return {
+        "model_id": trace.model_id,
+        "model_key": trace.model_key,
+        "engine": trace.engine,
+        "backend": trace.backend,
+        "dtype": trace.dtype,
+        "tp": trace.tp,
+        "sliding_window": next((w for w in windows if w), None),
+        "operations": [
+            {
+                "signature": signature,
+                "op": op.op,
+                "kind": op.kind,
+                "op_class": op.op_class(),
+                "config_dims": op.config_dims(),
+                "request_vars": op.request_vars(),
+                "sliding_window": op.scalars.get("sliding_window") if op.kind == KIND_ATTENTION else None,
+                "count": counts[signature],
+                "modules": sorted(set(modules[signature])),
+            }
+            for signature, op in first.items()
+        ],
+    }
+
+
+class _AttentionEngines:
+    """Engine-built attention, one instance per (model, sliding) kind, made on first use."""
+
+    def __init__(self, plan: Plan, options: ProfileOptions, device: str) -> None:
+        self.plan = plan
+        self.options = options
+        self.device = device
+        self.cache: dict[str, Any] = {}
+
+    def get(self, model_id: str) -> Any:
+        if model_id not in self.cache:
+            import torch
+
+            from dooly.models.registry import build_hf_config, resolve_model
+            from dooly.profile.attention import EngineAttention
+            from dooly.trace.tracer import DTYPES, layer_plan
+
+            hf_config = build_hf_config(resolve_model(self.plan.sources[model_id]))
+            period, _ = layer_plan(hf_config.get_text_config())
+            grid = self.options.grid
+            self.cache = {}  # one model's engine on the device at a time
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+            self.cache[model_id] = EngineAttention(
+                hf_config, backend=self.options.backend, dtype=DTYPES[self.options.dtype], device=self.device,
+                max_tokens=grid.max_tokens, max_kv=grid.max_kv, max_seqs=grid.max_seqs, period=period,
+            )
+        return self.cache[model_id]
+
+
+def _measure(item: WorkItem, point: Point, device: str, timer: Timer, engines: _AttentionEngines) -> Measurement:
+    if item.op.kind == KIND_ATTENTION:
+        sliding = bool(item.op.scalars.get("sliding_window"))
+        return timer.measure(lambda: engines.get(item.model_id).call_for(point.batch, sliding))
+    return timer.measure(lambda: build_aten_call(item.op, point.as_dict, device))
+
+
+def _row(item: WorkItem, point: Point, m: Measurement) -> dict[str, Any]:
+    values = point.as_dict
+    op = item.op
+    return {
+        "signature": item.signature,
+        "op": op.op,
+        "op_class": op.op_class(),
+        "signature_json": json.dumps(op.signature_payload(), sort_keys=True, separators=(",", ":"), default=str),
+        "config_dims": json.dumps(op.config_dims(), sort_keys=True),
+        "request_vars": json.dumps(op.request_vars()),
+        "phase": _phase(point),
+        "T": values.get("T", 0),
+        "B": values.get("B", 0),
+        "K": values.get("K", values.get("S", 0)),
+        "D": values.get("D", 0),
+        "point_key": point.key,
+        "latency_median_s": m.median_s,
+        "latency_p10_s": m.p10_s,
+        "latency_p90_s": m.p90_s,
+        "latency_mean_s": m.mean_s,
+        "n_samples": m.n,
+        "status": m.status,
+        "device_seconds": m.device_seconds,
+        **item.stack.columns(),
+    }
+
+
+def _phase(point: Point) -> str:
+    if point.batch is None:
+        return "any"
+    decode = point.batch.decode_seqs
+    if decode == point.batch.num_seqs:
+        return "decode"
+    return "prefill" if decode == 0 else "mixed"
+
+
+class _ShardWriter:
+    """Buffers rows per stack partition; flushes whole signatures as shards."""
+
+    def __init__(self, store: Any, run_id: str, chunk_rows: int, flush_seconds: float) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.chunk_rows = chunk_rows
+        self.flush_seconds = flush_seconds
+        self.buffers: dict[Stack, list[dict[str, Any]]] = {}
+        self.keys: list[str] = []
+        self.chunk_index = 0
+        self.last_flush = time.monotonic()
+
+    def add(self, stack: Stack, rows: list[dict[str, Any]]) -> None:
+        self.buffers.setdefault(stack, []).extend(rows)
+        due = time.monotonic() - self.last_flush >= self.flush_seconds
+        if due or sum(len(b) for b in self.buffers.values()) >= self.chunk_rows:
+            self.flush_all()
+
+    def flush_all(self) -> None:
+        import pyarrow as pa
+
+        from dooly.store.schema import SHARD_SCHEMA
+        from dooly.store.shards import write_shard
+
+        created = datetime.now(timezone.utc)
+        for stack, rows in list(self.buffers.items()):
+            if not rows:
+                continue
+            extra = {**run_columns(self.run_id), "created_at": created}
+            table = pa.Table.from_pylist([{**row, **extra} for row in rows], schema=SHARD_SCHEMA)
+            self.keys.append(write_shard(self.store, table, run_id=self.run_id, chunk_index=self.chunk_index))
+            self.chunk_index += 1
+        self.buffers = {}
+        self.last_flush = time.monotonic()
+
+
+def _report(plan: Plan, work: list[WorkItem], measured: dict[str, float], counts: dict[str, int], keys: list[str],
+            run_id: str, started: float) -> ProfileReport:
+    cost = {sig: item.held_seconds + measured.get(sig, 0.0) for sig, item in plan.items.items()}
+    models = []
+    for model in plan.models:
+        spent = sum(measured.get(sig, 0.0) for sig in model.profiled)
+        models.append({
+            "model": model.model_id,
+            "model_key": model.model_key,
+            "signatures": len(model.signatures),
+            "profiled_signatures": len(model.profiled),
+            "reused_signatures": len(model.reused),
+            "device_seconds": round(spent, 4),
+            "baseline_device_seconds": round(sum(cost[sig] for sig in model.signatures), 4),
+        })
+    profiled = set(measured)
+    every = {sig for model in plan.models for sig in model.signatures}
+    return ProfileReport(
+        run_id=run_id,
+        platform=plan.stack.platform,
+        backend=plan.stack.backend,
+        profiled_signatures=len(profiled),
+        reused_signatures=len(every - profiled),
+        measured_points=counts["ok"],
+        oom_points=counts["oom"],
+        error_points=counts["error"],
+        device_seconds=sum(measured.values()),
+        baseline_device_seconds=sum(m["baseline_device_seconds"] for m in models),
+        shards=keys,
+        models=models,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,93 @@
+"""Features: the vectorised aggregates agree with a token-by-token count, and the physical
+features of a matrix product are its FLOPs and bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dooly.fit.features import (
+    FAMILY_MATMUL,
+    MATMUL_FEATURES,
+    TERM_INDEX,
+    aggregates_from_seqs,
+    family_of,
+    physical_design,
+    static_features,
+    term_matrix,
+)
+
+
+def brute_force(seqs: list[list[int]], window: int) -> dict[str, float]:
+    """Count attention work key by key, the slow and obvious way."""
+    pairs = 0
+    s = 0
+    for q, ctx in seqs:
+        for j in range(1, q + 1):
+            visible = ctx + j
+            pairs += min(visible, window) if window > 0 else visible
+        s += (min(ctx, window - 1) if window > 0 else ctx) + q
+    max_q = max(q for q, _ in seqs)
+    max_kv = max(q + c for q, c in seqs)
+    return {
+        "T": sum(q for q, _ in seqs),
+        "B": len(seqs),
+        "K": sum(q + c for q, c in seqs),
+        "D": sum(1 for q, c in seqs if q == 1 and c > 0),
+        "S": s,
+        "attn_pairs": pairs,
+        "padded": len(seqs) * max_q * max_kv,
+    }
+
+
+def test_aggregates_match_token_by_token_count():
+    rng = np.random.default_rng(7)
+    points = []
+    for _ in range(40):
+        n = int(rng.integers(1, 6))
+        points.append([[int(rng.integers(1, 40)), int(rng.integers(0, 90))] for _ in range(n)])
+    for window in (0, 1, 16, 64):
+        got = aggregates_from_seqs(points, window)
+        for i, seqs in enumerate(points):
+            expected = brute_force(seqs, window)
+            for name, value in expected.items():
+                assert got[name][i] == value, (name, seqs, window)
+
+
+def test_matmul_features_are_flops_and_bytes():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        k, n = (int(v) for v in rng.integers(16, 20000, size=2))
+        tokens = rng.integers(1, 5000, size=8).astype(float)
+        static = static_features(FAMILY_MATMUL, "aten.mm.default", {"in0.1": k, "in1.0": k, "in1.1": n}, ["T"])
+        terms = term_matrix({"T": tokens}, len(tokens))
+        design = physical_design(terms, np.tile(static.term_index, (8, 1)), np.tile(static.multiplier, (8, 1)))
+        columns = dict(zip(MATMUL_FEATURES, design.T))
+        np.testing.assert_allclose(columns["flops"], tokens * k * n)
+        np.testing.assert_allclose(columns["bytes_request"] + columns["bytes_static"], tokens * k + k * n + tokens * n)
+
+
+def test_addmm_reads_its_matrices_from_inputs_one_and_two():
+    static = static_features(
+        FAMILY_MATMUL, "aten.addmm.default", {"in0.0": 300, "in1.1": 200, "in2.0": 200, "in2.1": 300}, ["T"]
+    )
+    flops = dict(zip(MATMUL_FEATURES, zip(static.term_index, static.multiplier)))["flops"]
+    assert flops == (TERM_INDEX["T"], 200.0 * 300.0)
+
+
+def test_families():
+    assert family_of("attention:paged|sdpa", "attention") == "attention"
+    assert family_of("aten.bmm.default", "aten.bmm.default") == "matmul"
+    assert family_of("aten.mul.Tensor", "aten.mul.Tensor") == "generic"
+
+
+def test_tree_ensemble_matches_scikit_learn():
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    from dooly.fit.regressors import GBT_PARAMS, TreeEnsemble
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(500, 6))
+    y = np.sin(x[:, 0]) + x[:, 1] * x[:, 2] + rng.normal(scale=0.1, size=500)
+    fitted = HistGradientBoostingRegressor(min_samples_leaf=5, **GBT_PARAMS).fit(x, y)
+    probe = rng.normal(size=(9000, 6))  # more than one chunk of rows
+    np.testing.assert_allclose(TreeEnsemble.from_hist_gbr(fitted).predict(probe), fitted.predict(probe), rtol=1e-12, atol=1e-12)

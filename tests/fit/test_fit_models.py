@@ -1,0 +1,162 @@
+"""Fitting a synthetic snapshot whose latencies follow known laws (with 1% noise)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from dooly import SCHEMA_VERSION
+from dooly.errors import DoolyError
+from dooly.fit import synthetic as syn
+from dooly.fit.models import fit_frame, training_rows
+
+# 1% log-normal noise gives a floor of ~0.8% MAPE; these bounds leave room for interpolation.
+SEEN_HELDOUT_MAX_PCT = 3.0
+UNSEEN_HELDOUT_MAX_PCT = 6.0
+SEEN_TRUTH_TOLERANCE = 0.03
+# Between grid points the tile-quantised staircase is invisible to any interpolation.
+SEEN_TRUTH_WORST = 0.05
+UNSEEN_TRUTH_TOLERANCE = 0.10
+STEP_TOLERANCE = 0.03
+
+
+def test_heldout_errors_per_class(fitted):
+    _, report = fitted
+    (group,) = report.groups
+    classes = {c["op_class"]: c for c in group["classes"]}
+    assert set(classes) == {syn.MM, syn.MUL, syn.SILU, syn.ATTENTION_CLASS}
+    for row in classes.values():
+        assert row["seen_mape_median_pct"] < SEEN_HELDOUT_MAX_PCT, row
+        assert row["unseen_mape_median_pct"] < UNSEEN_HELDOUT_MAX_PCT, row
+        assert row["seen_evaluated"] == row["signatures"]
+        assert "fold" in row["validation"]
+    # The matrix products follow a roofline with tile quantisation, which a straight line in the
+    # request terms cannot follow; interpolation on the measured grid must have been chosen.
+    assert classes[syn.MM]["seen_method"] == "interp-loglog"
+    assert classes[syn.MM]["seen_candidates"]["local-nnls"] > classes[syn.MM]["seen_mape_median_pct"]
+
+
+def test_seen_signatures_reproduce_the_law(predictor):
+    tokens = np.array([1, 5, 48, 100, 700, 2500, 4000])
+    for op in syn.inventory(syn.TOY_MODELS[1])["operations"]:
+        if op["op"] == "attention":
+            continue
+        n = len(tokens)
+        request = {"T": tokens, "B": np.minimum(tokens, 256)}
+        got, unseen = predictor.predict_ops(
+            [op["signature"]] * n, [op["op_class"]] * n, [op["config_dims"]] * n, request, return_unseen=True
+        )
+        truth = syn.true_seconds(op, request)
+        assert not unseen.any()
+        error = np.abs(got / truth - 1)
+        assert np.mean(error) < SEEN_TRUTH_TOLERANCE, (op["config_dims"], got / truth)
+        assert np.max(error) < SEEN_TRUTH_WORST, (op["config_dims"], got / truth)
+
+
+def test_never_profiled_model_is_predicted_from_config_dims(predictor):
+    seqs = [[[300, 0]], [[1, 900]] * 12, [[128, 512], [1, 300], [1, 2000]]]
+    for op in syn.inventory(syn.UNSEEN_MODEL)["operations"]:
+        if op["op"] == "attention":
+            agg_request = {"seqs": seqs, "T": [300, 12, 130], "B": [1, 12, 3], "K": [300, 10812, 2944]}
+        else:
+            values = np.array([2, 40, 200, 1500, 4000]) if op["request_vars"] == ["T"] else np.array([1, 8, 100, 250])
+            agg_request = {"T": values, "B": values}
+        n = len(agg_request["T"])
+        got, unseen = predictor.predict_ops(
+            [op["signature"]] * n,
+            [op["op_class"]] * n,
+            [op["config_dims"]] * n,
+            agg_request,
+            request_vars=[op["request_vars"]] * n,
+            ops=[op["op"]] * n,
+            return_unseen=True,
+        )
+        assert unseen.all()
+        truth = syn.true_seconds(op, agg_request)
+        assert np.max(np.abs(got / truth - 1)) < UNSEEN_TRUTH_TOLERANCE, (op["op_class"], op["config_dims"], got / truth)
+
+
+def test_leave_one_model_out_report(fitted):
+    _, report = fitted
+    by_model = {row["model_id"]: row for row in report.lomo}
+    assert set(by_model) == {m.model_id for m in syn.TOY_MODELS}  # the unseen model has no data
+    for row in by_model.values():
+        assert row["ops_predicted"] == row["ops_measured"] > 0
+        assert row["ops_uncovered"] == 0
+        assert 0 < row["in_sample_mape_median_pct"] < UNSEEN_HELDOUT_MAX_PCT
+        assert 0 < row["lomo_mape_median_pct"] < UNSEEN_TRUTH_TOLERANCE * 100
+
+
+def test_step_latency_is_the_count_weighted_sum_of_op_laws(predictor):
+    inventory = syn.inventory(syn.TOY_MODELS[2])
+    step = predictor.step_predictor(inventory)
+    assert step.unseen_count == 0
+    # Token counts on the synthetic kernels' tile boundaries (multiples of 64): in between, the
+    # staircase of tile quantisation is finer than the profiled grid (see the seen-law test).
+    for prefill, decode in (([(512, 0)], []), ([], [700] * 64), ([(256, 1024)], [100] * 62 + [4000, 50])):
+        seqs = [[q, c] for q, c in prefill] + [[1, c] for c in decode]
+        tokens = sum(q for q, _ in seqs)
+        request = {"T": np.array([tokens]), "B": np.array([len(seqs)]), "seqs": [seqs]}
+        truth = sum(op["count"] * float(syn.true_seconds(op, request)[0]) for op in inventory["operations"])
+        got = step.step_seconds(prefill, decode)
+        assert abs(got / truth - 1) < STEP_TOLERANCE, (prefill, decode, got, truth)
+        breakdown = step.breakdown(prefill, decode)
+        assert set(breakdown) == {syn.MM, syn.MUL, syn.SILU, syn.ATTENTION_CLASS}
+        assert sum(breakdown.values()) == pytest.approx(got, rel=1e-9)
+        per_op = step.op_seconds(prefill, decode)
+        assert sum(o["seconds"] * o["count"] for o in per_op) == pytest.approx(got, rel=1e-9)
+
+
+def test_scalar_and_batched_step_paths_agree(predictor):
+    rng = np.random.default_rng(11)
+    steps = []
+    for _ in range(300):
+        prefill = [(int(rng.integers(1, 3000)), int(rng.integers(0, 30000))) for _ in range(int(rng.integers(0, 3)))]
+        decode = rng.integers(1, 40000, size=int(rng.integers(0 if prefill else 1, 300))).tolist()
+        steps.append((prefill, decode))
+    # A sliding-window model (never profiled): its attention and S terms take the windowed path.
+    windowed = syn.inventory(syn.UNSEEN_MODEL)
+    for op in windowed["operations"]:
+        if op["op"] == "attention":
+            op["config_dims"] = {**op["config_dims"], "sliding_window": 512}
+    for inventory in (syn.inventory(syn.TOY_MODELS[0]), windowed):
+        step = predictor.step_predictor(inventory)
+        scalar = np.array([step.step_seconds(p, d) for p, d in steps])
+        np.testing.assert_allclose(step.step_seconds_many(steps), scalar, rtol=1e-9)
+        assert np.all(scalar > 0)
+    plain = predictor.step_predictor(syn.inventory(syn.UNSEEN_MODEL))
+    long_context = ([(64, 20000)], [30000] * 8)
+    windowed_step = predictor.step_predictor(windowed)
+    assert windowed_step.breakdown(*long_context)[syn.ATTENTION_CLASS] < plain.breakdown(*long_context)[syn.ATTENTION_CLASS]
+
+
+def test_unknown_op_class_is_a_clear_error(predictor):
+    inventory = {
+        "model_id": "x",
+        "operations": [
+            {"signature": "f" * 32, "op": "aten.cumsum.default", "op_class": "aten.cumsum.default", "config_dims": {}, "request_vars": ["T"], "count": 1}
+        ],
+    }
+    with pytest.raises(DoolyError, match="aten.cumsum.default"):
+        predictor.step_predictor(inventory)
+
+
+def test_training_rows_refuse_bad_snapshots():
+    frame = syn.snapshot_frame([syn.TOY_MODELS[0]])
+    with pytest.raises(DoolyError, match="schema version"):
+        training_rows(frame.with_columns(pl.lit(SCHEMA_VERSION + 1).alias("schema_version")))
+    with pytest.raises(DoolyError, match="none with status 'ok'"):
+        training_rows(frame.with_columns(pl.lit("oom").alias("status")))
+    with pytest.raises(DoolyError, match="no rows"):
+        training_rows(frame.head(0))
+    with pytest.raises(DoolyError, match="folds"):
+        fit_frame(frame, generation=1, folds=1)
+
+
+def test_oom_rows_and_duplicates_are_not_training_data():
+    frame = syn.snapshot_frame([syn.TOY_MODELS[0]])
+    oom = frame.head(5).with_columns(pl.lit("oom").alias("status"), pl.lit(None, dtype=pl.Float64).alias("latency_median_s"))
+    kept = training_rows(pl.concat([frame, oom]))
+    assert kept.height == frame.height
+    assert (kept.get_column("status") == "ok").all()

@@ -1,0 +1,124 @@
+"""`dooly demo` and `dooly fleet submit --executor local`: the same Job manifests, run here.
+
+The demo's orchestration is tested with a stand-in `dooly` program (tests/fleet/fake_dooly.py) that
+takes the real arguments and leaves real files behind, so the ordering (profile shards, then merge,
+then fit, then simulate) and the summing of the pods' figures are checked on real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dooly.cli import cli
+from dooly.fleet import commands, jobs
+from dooly.fleet.demo import demo_spec, metric_columns, run_demo
+from dooly.fleet.executor import LocalExecutor
+
+FAKE_DOOLY = Path(__file__).with_name("fake_dooly.py")
+RUN_ID = "20250101-020000"
+SHARDS = 3
+
+
+def _executor() -> LocalExecutor:
+    return LocalExecutor(programs={"dooly": [sys.executable, str(FAKE_DOOLY)]})
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_DOOLY")}
+    return {**env, **extra}
+
+
+def test_demo_profiles_shards_merges_fits_and_simulates(tmp_path, capsys):
+    store = tmp_path / "db"
+    spec = demo_spec(str(store), shards=SHARDS)
+    backends = sorted({t.backend for t in spec.targets()})
+    assert len(spec.models) == 3 and len(backends) == 2
+
+    report = run_demo(spec, executor=_executor(), env=_env(), run_id=RUN_ID)
+    assert report.failed is None
+    assert len(report.jobs) == len(backends) + 1 + len(backends) * len(spec.models)
+    profile_jobs = report.jobs[: len(backends)]
+    assert all(len(job.pods) == SHARDS for job in profile_jobs)
+    assert sorted(p.name for p in (store / "shards").iterdir()) == sorted(
+        f"{b.replace('|', '_')}-{i}-of-{SHARDS}.json" for b in backends for i in range(SHARDS)
+    )
+    # The stand-in prints 10+i profiled, i reused, 1+i device-s and 3+2i baseline device-s for shard i.
+    per_backend = {
+        "profiled": sum(10 + i for i in range(SHARDS)),
+        "reused": sum(range(SHARDS)),
+        "device": sum(1.0 + i for i in range(SHARDS)),
+        "baseline": sum(3.0 + 2 * i for i in range(SHARDS)),
+    }
+    totals = report.totals
+    assert totals.profiled_signatures == len(backends) * per_backend["profiled"]
+    assert totals.reused_signatures == len(backends) * per_backend["reused"]
+    assert totals.device_seconds == pytest.approx(len(backends) * per_backend["device"])
+    assert totals.baseline_device_seconds == pytest.approx(len(backends) * per_backend["baseline"])
+    saved = len(backends) * (per_backend["baseline"] - per_backend["device"])
+    assert totals.saved_seconds == pytest.approx(saved)
+
+    pairs = sorted((s.model, s.backend) for s in report.simulations)
+    assert pairs == sorted((m, b) for m in spec.models for b in backends)
+    assert all(s.result["metrics"]["ttft_s_p50"] == pytest.approx(0.1 * len(backends) * SHARDS) for s in report.simulations)
+    assert metric_columns(report.simulations) == ["metrics.ttft_s_p50", "metrics.tpot_s_p50"]
+    json.dumps(report.to_json())
+
+    commands._print_demo(report)
+    printed = capsys.readouterr().out
+    fraction = 100 * saved / (len(backends) * per_backend["baseline"])
+    assert f"saved {saved:.1f} ({fraction:.1f}%) by reuse" in printed
+    assert all(model in printed for model in spec.models)
+
+
+def test_demo_stops_at_the_first_failed_job(tmp_path):
+    spec = demo_spec(str(tmp_path / "db"), shards=1, backends=["paged|sdpa"])
+    report = run_demo(spec, executor=_executor(), env=_env(FAKE_DOOLY_FAIL_FIT="1"), run_id=RUN_ID)
+    assert report.failed is not None and report.failed.name == f"dooly-{RUN_ID}-merge"
+    assert report.simulations == []
+    assert "no rows for op class" in report.failed.pods[-1].stderr["fit"]
+    assert (tmp_path / "db" / "snapshot.json").exists()
+
+
+def test_demo_manifests_come_from_the_render_builders(tmp_path):
+    spec = demo_spec(str(tmp_path / "db"))
+    profile = jobs.build_profile_jobs(spec, run_id=RUN_ID)
+    assert all(j["spec"]["completionMode"] == "Indexed" for j in profile)
+    assert all("nodeSelector" not in j["spec"]["template"]["spec"] for j in profile)
+    args = profile[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--store") + 1] == str(tmp_path / "db")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--shards", "0"], "--shards must be"),
+        (["demo", "--backend", "flash"], "unknown backend 'flash'"),
+        (["demo", "--model", "acme/none"], "unknown model"),
+        (["fleet", "submit", "--store", "./db"], "pick one GPU type with --gpu"),
+    ],
+)
+def test_local_runs_refuse_bad_input_with_exit_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_local_submit_needs_the_s3_secret_before_running_anything(small_fleet, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    result = CliRunner().invoke(cli, ["fleet", "submit", "--fleet", str(small_fleet), "--gpu", "h100"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: container profile: env AWS_ACCESS_KEY_ID needs key 'AWS_ACCESS_KEY_ID' of Secret 'dooly-s3': "
+        "set the environment variable AWS_ACCESS_KEY_ID or give a secrets file"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]

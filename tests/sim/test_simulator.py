@@ -1,0 +1,172 @@
+"""Simulator invariants and hand-computed timelines."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from dooly.sim.schedulers import SimulationError, TransformersCBScheduler, VllmScheduler
+from dooly.sim.simulator import simulate
+from dooly.sim.step_model import (
+    AnalyticStepModel,
+    CpuOverheadModel,
+    OverheadTerms,
+    StepKind,
+)
+from dooly.sim.workload import LengthSpec, Request, WorkloadSpec, generate_requests
+
+STEP_S = 0.010
+
+
+def _workload(n=300, rate=30.0, seed=3):
+    spec = WorkloadSpec(
+        num_requests=n,
+        rate=rate,
+        prompt=LengthSpec("uniform", low=16, high=600),
+        output=LengthSpec("uniform", low=1, high=120),
+        seed=seed,
+    )
+    return generate_requests(spec)
+
+
+SCHEDULERS = {
+    "tf-fifo": lambda: TransformersCBScheduler({"num_blocks": 96, "block_size": 16}),
+    "tf-prefill-first": lambda: TransformersCBScheduler({"num_blocks": 96, "block_size": 16, "scheduler_type": "prefill_first"}),
+    "tf-async": lambda: TransformersCBScheduler({"num_blocks": 96, "block_size": 16, "use_async_batching": True}),
+    "vllm": lambda: VllmScheduler({"num_gpu_blocks": 300, "max_num_batched_tokens": 512}),
+    "vllm-async": lambda: VllmScheduler({"num_gpu_blocks": 300, "async_scheduling": True}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_request_finishes_with_consistent_metrics(name):
+    requests = _workload()
+    overhead = CpuOverheadModel(terms={"default": OverheadTerms(constant_s=0.001, per_sequence_s=1e-5)})
+    result = simulate(requests, SCHEDULERS[name](), AnalyticStepModel(), overhead, record_token_times=True)
+    by_id = {r.request_id: r for r in requests}
+    assert len(result.requests) == len(requests)
+    for record in result.requests:
+        request = by_id[record.request_id]
+        assert record.output_tokens == request.output_tokens
+        assert record.ttft_s > 0
+        assert record.first_token_s >= record.arrival_s
+        assert record.finish_s >= record.first_token_s
+        times = result.token_times[record.request_id]
+        assert len(times) == request.output_tokens
+        assert times == sorted(times)
+        assert record.ttft_s == pytest.approx(times[0] - request.arrival_s)
+        assert record.e2e_s == pytest.approx(times[-1] - request.arrival_s)
+        if request.output_tokens > 1:
+            assert record.tpot_s == pytest.approx((times[-1] - times[0]) / (request.output_tokens - 1))
+        else:
+            assert math.isnan(record.tpot_s)
+    steps = result.steps
+    # Steps never overlap and time only moves forward.
+    for before, after in itertools.pairwise(steps):
+        assert after.start_s >= before.start_s + before.duration_s - 1e-12
+    summary = result.summary()
+    assert summary["num_finished"] == len(requests)
+    out_tokens = sum(r.output_tokens for r in requests)
+    assert summary["throughput"]["output_tokens_per_s"] == pytest.approx(out_tokens / summary["makespan_s"])
+    # Every sampled token was either delivered or wasted (async slot after the end, recompute).
+    assert sum(s.sampled for s in steps) == out_tokens + summary["wasted_tokens"]
+    # A step samples at most once per sequence it holds.
+    assert all(s.sampled <= s.num_prefill_seqs + s.num_decode_seqs for s in steps)
+    assert summary["ttft_s"]["p50"] <= summary["ttft_s"]["p90"] <= summary["ttft_s"]["p99"]
+
+
+def test_single_request_timeline_with_constant_steps(constant_model):
+    result = simulate([Request("a", 0.5, 100, 5)], TransformersCBScheduler(), constant_model(STEP_S))
+    record = result.requests[0]
+    assert record.first_token_s == pytest.approx(0.5 + STEP_S)
+    assert record.ttft_s == pytest.approx(STEP_S)
+    assert record.tpot_s == pytest.approx(STEP_S)
+    assert record.e2e_s == pytest.approx(5 * STEP_S)
+    assert [s.kind for s in result.steps] == ["prefill"] + ["decode"] * 4
+
+
+def test_cpu_overhead_adds_to_each_synchronous_step(constant_model):
+    overhead = CpuOverheadModel(terms={"prefill": OverheadTerms(constant_s=0.004), "decode": OverheadTerms(constant_s=0.002)})
+    result = simulate([Request("a", 0.0, 10, 3)], VllmScheduler({"cudagraph_mode": "none"}), constant_model(STEP_S), overhead)
+    record = result.requests[0]
+    assert record.ttft_s == pytest.approx(STEP_S + 0.004)
+    assert record.e2e_s == pytest.approx(3 * STEP_S + 0.004 + 2 * 0.002)
+    assert [s.cpu_s for s in result.steps] == pytest.approx([0.004, 0.002, 0.002])
+
+
+def test_async_transformers_wastes_one_slot_after_the_last_token(constant_model):
+    scheduler = TransformersCBScheduler({"use_async_batching": True})
+    result = simulate([Request("a", 0.0, 100, 3)], scheduler, constant_model(STEP_S), record_token_times=True)
+    assert result.token_times["a"] == pytest.approx([STEP_S, 2 * STEP_S, 3 * STEP_S])
+    assert result.num_steps == 4
+    assert result.summary()["wasted_tokens"] == 1
+
+
+def test_async_vllm_does_not_schedule_past_max_tokens(constant_model):
+    scheduler = VllmScheduler({"async_scheduling": True})
+    result = simulate([Request("a", 0.0, 100, 3)], scheduler, constant_model(STEP_S))
+    assert result.num_steps == 3
+    assert result.summary()["wasted_tokens"] == 0
+
+
+def test_async_host_time_hides_behind_device_time(constant_model):
+    slow_host = CpuOverheadModel(terms={"default": OverheadTerms(constant_s=2 * STEP_S)})
+    result = simulate(
+        [Request("a", 0.0, 100, 3)],
+        VllmScheduler({"async_scheduling": True}),
+        constant_model(STEP_S),
+        slow_host,
+        record_token_times=True,
+    )
+    # The device waits for the host: steps start at 20, 40, 60 ms and last 10 ms.
+    assert [s.start_s for s in result.steps] == pytest.approx([0.02, 0.04, 0.06])
+    assert result.token_times["a"] == pytest.approx([0.03, 0.05, 0.07])
+
+
+def test_idle_gaps_wait_for_the_next_arrival(constant_model):
+    requests = [Request("a", 0.0, 10, 2), Request("b", 5.0, 10, 2)]
+    result = simulate(requests, TransformersCBScheduler(), constant_model(STEP_S))
+    b = next(r for r in result.requests if r.request_id == "b")
+    assert b.first_token_s == pytest.approx(5.0 + STEP_S)
+    assert result.steps[2].start_s == pytest.approx(5.0)
+
+
+def test_path_aware_models_are_told_the_path(recording_model):
+    model = recording_model(STEP_S)
+    simulate([Request("a", 0.0, 20, 3)], VllmScheduler(), model)
+    assert [p.kind for p in model.paths] == [StepKind.PREFILL, StepKind.DECODE, StepKind.DECODE]
+    assert model.paths[1].engine_path == "full_graph"
+
+
+def test_a_cache_too_small_for_a_request_is_an_error(constant_model):
+    with pytest.raises(SimulationError):
+        simulate([Request("a", 0.0, 100, 10)], VllmScheduler({"block_size": 16, "num_gpu_blocks": 4}), constant_model(STEP_S))
+
+
+def test_a_bad_step_model_is_an_error():
+    class Broken:
+        def step_seconds(self, prefill, decode_ctx):
+            return float("nan")
+
+    with pytest.raises(SimulationError, match="step model"):
+        simulate([Request("a", 0.0, 10, 2)], VllmScheduler(), Broken())
+
+
+def test_preemptions_are_counted_under_memory_pressure():
+    requests = _workload(n=120, rate=200.0)
+    result = simulate(requests, VllmScheduler({"num_gpu_blocks": 120, "block_size": 16}), AnalyticStepModel())
+    summary = result.summary()
+    assert summary["num_finished"] == len(requests)
+    assert summary["preemptions"] > 0
+    assert summary["preemptions"] == sum(s.preempted for s in result.steps)
+
+
+def test_tables_carry_every_record():
+    result = simulate(_workload(n=20), VllmScheduler(), AnalyticStepModel(), record_token_times=True)
+    requests = result.requests_table()
+    steps = result.steps_table()
+    assert requests.num_rows == 20 and "token_times_s" in requests.column_names
+    assert steps.num_rows == result.num_steps
+    assert set(steps.column_names) >= {"start_s", "duration_s", "num_prefill_tokens", "num_decode_seqs", "kv_tokens"}

@@ -1,0 +1,98 @@
+"""Step models: the CPU overhead file format, the path protocol, the analytic sketch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dooly.errors import DoolyError
+from dooly.sim.step_model import (
+    AnalyticStepModel,
+    CpuOverheadModel,
+    ModelDims,
+    OverheadTerms,
+    StepKind,
+    StepPath,
+    accepts_path,
+)
+
+
+def test_cpu_overhead_json_round_trip_and_lookup(tmp_path):
+    model = CpuOverheadModel(
+        terms={
+            "decode_graph": OverheadTerms(constant_s=0.001, per_sequence_s=1e-5),
+            "mixed": OverheadTerms(constant_s=0.003, per_token_s=2e-6, per_kv_token_s=1e-8),
+            "default": OverheadTerms(constant_s=0.005),
+        },
+        engine="transformers",
+        platform="NVIDIA H100",
+        source="bench 2026-05",
+    )
+    path = tmp_path / "overhead.json"
+    model.save(path)
+    assert json.loads(path.read_text())["schema"] == "dooly.cpu_overhead/1"
+    loaded = CpuOverheadModel.load(path)
+    assert loaded == model
+    graph_decode = StepPath(StepKind.DECODE, cuda_graph=True)
+    assert loaded.seconds(graph_decode, num_seqs=10, num_tokens=10, kv_tokens=5000) == pytest.approx(0.001 + 10 * 1e-5)
+    # mixed_graph falls back to mixed; prefill falls back to default.
+    mixed_graph = StepPath(StepKind.MIXED, cuda_graph=True)
+    assert loaded.seconds(mixed_graph, 3, 100, 1000) == pytest.approx(0.003 + 100 * 2e-6 + 1000 * 1e-8)
+    assert loaded.seconds(StepPath(StepKind.PREFILL), 1, 500, 500) == pytest.approx(0.005)
+    assert CpuOverheadModel.zero().seconds(graph_decode, 1, 1, 1) == 0.0
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"schema": "dooly.cpu_overhead/9"}, "schema"),
+        ({"terms": {"warp": {"constant_s": 1}}}, "not one of"),
+        ({"terms": {"decode": {"constant": 1}}}, "keys"),
+        ({"terms": {"decode": {"constant_s": -1}}}, ">= 0"),
+        ({"terms": {"decode": {"constant_s": "fast"}}}, "numbers"),
+    ],
+)
+def test_bad_cpu_overhead_files_are_user_errors(tmp_path, data, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DoolyError, match=message):
+        CpuOverheadModel.load(path)
+
+
+def test_path_keyword_is_detected():
+    class Plain:
+        def step_seconds(self, prefill, decode_ctx):
+            return 0.0
+
+    class Flexible:
+        def step_seconds(self, prefill, decode_ctx, **extra):
+            return 0.0
+
+    assert not accepts_path(Plain())
+    assert accepts_path(Flexible())
+    assert accepts_path(AnalyticStepModel())
+
+
+def test_analytic_model_grows_with_work():
+    model = AnalyticStepModel()
+    assert model.step_seconds([], []) == 0.0
+    small_decode = model.step_seconds([], [100] * 8)
+    long_context = model.step_seconds([], [20_000] * 8)
+    big_prefill = model.step_seconds([(4096, 0)], [])
+    assert 0 < small_decode < long_context
+    assert small_decode < big_prefill
+    assert model.step_seconds([(512, 4096)], []) > model.step_seconds([(512, 0)], [])
+    graph = StepPath(StepKind.DECODE, cuda_graph=True, padded_tokens=8)
+    assert model.step_seconds([], [100] * 8, path=graph) < small_decode
+
+
+def test_model_dims_from_a_bundled_config():
+    from importlib import resources
+
+    text = resources.files("dooly.models").joinpath("configs", "mistralai__Mistral-7B-v0.3.json").read_text()
+    dims = ModelDims.from_config(json.loads(text), name="mistralai/Mistral-7B-v0.3")
+    assert (dims.hidden_size, dims.intermediate_size, dims.num_kv_heads, dims.head_dim) == (4096, 14336, 8, 128)
+    assert dims.gated_mlp
+    with pytest.raises(DoolyError, match="lacks"):
+        ModelDims.from_config({"hidden_size": 8})
