@@ -319,6 +319,28 @@ def uniform_aggregates(request: Mapping[str, np.ndarray], window: np.ndarray) ->
     return {"attn_pairs": pairs, "padded": b * np.ceil(q) * np.ceil(q + ctx), "S": s}
 
 
+# Batch regimes: attention kernels often take different paths for prefill-only, decode-only and
+# mixed batches; a per-signature linear model may keep one coefficient vector per regime.
+REGIME_PREFILL = 0
+REGIME_DECODE = 1
+REGIME_MIXED = 2
+N_REGIMES = 3
+
+
+def regime_of(terms: np.ndarray) -> np.ndarray:
+    """Per row: decode-only (every sequence decodes), prefill-only (none does) or mixed."""
+    d = terms[:, TERM_INDEX["D"]]
+    b = terms[:, TERM_INDEX["B"]]
+    return np.where(d <= 0, REGIME_PREFILL, np.where(d >= b, REGIME_DECODE, REGIME_MIXED))
+
+
+def regime_scalar(d: float, b: float) -> int:
+    """regime_of for one step (the step predictor's scalar path)."""
+    if d <= 0:
+        return REGIME_PREFILL
+    return REGIME_DECODE if d >= b else REGIME_MIXED
+
+
 def term_matrix(request: Mapping[str, Any], n: int) -> np.ndarray:
     """The (n, N_TERMS) matrix of request terms; absent variables count as 0."""
     out = np.zeros((n, N_TERMS))
@@ -348,12 +370,14 @@ def log_design(
     var_cols = [TERM_INDEX[v] for v in REQUEST_VARS]
     attn_cols = [TERM_INDEX[a] for a in ATTENTION_TERMS]
     request = terms[:, var_cols] * var_mask
+    regime = regime_of(terms)
     return np.hstack(
         [
             np.log1p(np.maximum(request, 0.0)),
             np.log1p(np.maximum(terms[:, attn_cols], 0.0)),
             np.log1p(np.maximum(physical, 0.0)),
             np.log1p(np.maximum(config_matrix, 0.0)),
+            np.stack([regime == REGIME_DECODE, regime == REGIME_PREFILL], axis=1).astype(np.float64),
         ]
     )
 

@@ -35,6 +35,7 @@ from dooly import SCHEMA_VERSION, __version__
 from dooly.errors import DoolyError
 from dooly.fit.features import (
     FAMILY_ATTENTION,
+    N_TERMS,
     TERM_INDEX,
     StaticFeatures,
     check_request_vars,
@@ -42,18 +43,22 @@ from dooly.fit.features import (
     family_of,
     local_terms,
     log_design,
+    parse_point,
     physical_design,
+    regime_of,
     request_from_rows,
     static_features,
     term_matrix,
     var_mask_of,
 )
 from dooly.fit.regressors import (
+    ATTENTION_UNSEEN_METHODS,
     LINEAR_METHODS,
     METHOD_NNLS,
     MIN_SECONDS,
     SEEN_INTERP,
     SEEN_LINEAR,
+    SEEN_REGIME,
     SEEN_SCALED,
     UNSEEN_METHODS,
     BoundClassModel,
@@ -61,9 +66,11 @@ from dooly.fit.regressors import (
     InterpModel,
     LinearModel,
     OpModel,
+    RegimeLinearModel,
     fit_class_regressor,
     fit_interp,
     fit_local_linear,
+    fit_regime_linear,
 )
 
 if TYPE_CHECKING:
@@ -96,6 +103,8 @@ PERCENTILE_P90 = 90
 TIE_MARGIN = 0.05
 PERCENT = 100.0
 SLUG_HASH_CHARS = 8
+# Request points kept per class for the step predictor's linear surrogates.
+REFERENCE_POINTS = 512
 SEED = 0
 
 
@@ -141,6 +150,7 @@ class GroupData:
     row_sig: np.ndarray
     terms: np.ndarray
     seconds: np.ndarray
+    point_keys: list[str] = field(default_factory=list)
 
     @property
     def row_class(self) -> np.ndarray:
@@ -210,6 +220,7 @@ def group_data(frame: "pl.DataFrame") -> list[GroupData]:
                 row_sig=row_sig,
                 terms=term_matrix(request, part.height),
                 seconds=part.get_column("latency_median_s").to_numpy().astype(np.float64),
+                point_keys=part.get_column("point_key").to_list(),
             )
         )
     return out
@@ -232,6 +243,7 @@ class ClassDesign:
     physical: np.ndarray
     logx: np.ndarray
     seconds: np.ndarray
+    regimes: np.ndarray
 
 
 def class_design(data: GroupData, op_class: str, rows: np.ndarray) -> ClassDesign:
@@ -258,6 +270,7 @@ def class_design(data: GroupData, op_class: str, rows: np.ndarray) -> ClassDesig
         physical=physical,
         logx=log_design(terms, physical, config, masks),
         seconds=data.seconds[rows],
+        regimes=regime_of(terms),
     )
 
 
@@ -279,9 +292,10 @@ def _summary(mape: np.ndarray) -> tuple[float | None, float | None]:
 
 
 def candidate_methods(design: ClassDesign) -> tuple[str, ...]:
+    methods = ATTENTION_UNSEEN_METHODS if design.family == FAMILY_ATTENTION else UNSEEN_METHODS
     if len(design.seconds) < MIN_TREE_ROWS:
-        return (METHOD_NNLS,)
-    return UNSEEN_METHODS
+        return tuple(m for m in methods if m in LINEAR_METHODS)
+    return methods
 
 
 def grouped_cv(design: ClassDesign, method: str, folds: int) -> np.ndarray:
@@ -292,8 +306,10 @@ def grouped_cv(design: ClassDesign, method: str, folds: int) -> np.ndarray:
     n_groups = len(np.unique(design.sig_ids))
     splitter = GroupKFold(n_splits=min(folds, n_groups))
     for train, test in splitter.split(design.physical, groups=design.sig_ids):
-        model = fit_class_regressor(method, design.physical[train], design.logx[train], design.seconds[train])
-        predicted[test] = model.predict(design.physical[test], design.logx[test])
+        model = fit_class_regressor(
+            method, design.physical[train], design.logx[train], design.seconds[train], design.regimes[train]
+        )
+        predicted[test] = model.predict(design.physical[test], design.logx[test], design.regimes[test])
     return predicted
 
 
@@ -320,12 +336,17 @@ def fit_seen(method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.nd
         return InterpModel(method=SEEN_INTERP, log_x=log_x, log_y=log_y, low_slope=low, high_slope=high, **common)
     if len(seconds) < MIN_LINEAR_POINTS:
         return None
-    coef = fit_local_linear(terms, seconds, local_terms(info.family, info.request_vars))
-    return LinearModel(method=SEEN_LINEAR, coef=coef, **common)
+    names = local_terms(info.family, info.request_vars)
+    if method == SEEN_REGIME:
+        return RegimeLinearModel(method=SEEN_REGIME, regime_coef=fit_regime_linear(terms, seconds, names), **common)
+    return LinearModel(method=SEEN_LINEAR, coef=fit_local_linear(terms, seconds, names), **common)
 
 
 def seen_methods(info: SignatureInfo) -> tuple[str, ...]:
-    if info.family != FAMILY_ATTENTION and len(info.request_vars) == 1:
+    """Candidates for a profiled signature, simplest first."""
+    if info.family == FAMILY_ATTENTION:
+        return (SEEN_LINEAR, SEEN_REGIME)
+    if len(info.request_vars) == 1:
         return (SEEN_INTERP, SEEN_LINEAR)
     return (SEEN_LINEAR,)
 
@@ -362,7 +383,7 @@ class GroupModel:
     reports: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _bind(cm: ClassModel, info: SignatureInfo, factor: float = 1.0, method: str = "") -> BoundClassModel:
+def bind_class_model(cm: ClassModel, info: SignatureInfo, factor: float = 1.0, method: str = "") -> BoundClassModel:
     return BoundClassModel(
         signature=info.signature,
         op=info.op,
@@ -389,14 +410,33 @@ def _preferred(scores: dict[str, float | None]) -> str:
     return next(m for m, v in valid.items() if v <= best * (1.0 + TIE_MARGIN))
 
 
-def fit_class(design: ClassDesign, method: str) -> ClassModel:
-    regressor = fit_class_regressor(method, design.physical, design.logx, design.seconds)
+def reference_points(data: GroupData, design: ClassDesign) -> tuple[list, np.ndarray]:
+    """The class's distinct measured request points (evenly thinned to REFERENCE_POINTS): the
+    per-sequence batches for attention (terms depend on each op's window), else request terms.
+    A step predictor fits fast linear surrogates of non-linear class models on them."""
+    keys: dict[str, int] = {}
+    for row in design.rows.tolist():
+        keys.setdefault(data.point_keys[row], row)
+    chosen = list(keys.items())
+    if len(chosen) > REFERENCE_POINTS:
+        chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, REFERENCE_POINTS).astype(int)]
+    if design.family == FAMILY_ATTENTION:
+        seqs = [parse_point(key).get("seqs") for key, _ in chosen]
+        return [s for s in seqs if s], np.zeros((0, N_TERMS))
+    return [], data.terms[[row for _, row in chosen]]
+
+
+def fit_class(design: ClassDesign, method: str, data: GroupData | None = None) -> ClassModel:
+    regressor = fit_class_regressor(method, design.physical, design.logx, design.seconds, design.regimes)
+    seqs, terms = reference_points(data, design) if data is not None else ([], np.zeros((0, N_TERMS)))
     return ClassModel(
         op_class=design.op_class,
         family=design.family,
         config_names=design.config_names,
         request_vars=design.request_vars,
         regressor=regressor,
+        reference_seqs=seqs,
+        reference_terms=terms,
     )
 
 
@@ -422,7 +462,7 @@ def fit_group(data: GroupData, *, folds: int, generation: int) -> GroupModel:
                 scores[method] = {"median_pct": median, "p90_pct": p90}
             unseen_method = _preferred({m: v["median_pct"] for m, v in scores.items()})
             unseen_summary = (scores[unseen_method]["median_pct"], scores[unseen_method]["p90_pct"])
-        class_model = fit_class(design, unseen_method)
+        class_model = fit_class(design, unseen_method, data)
         classes[op_class] = class_model
         # Per-signature models: pick the method with the lowest within-signature k-fold median.
         members = sorted(set(design.sig_ids.tolist()))
@@ -447,9 +487,9 @@ def fit_group(data: GroupData, *, folds: int, generation: int) -> GroupModel:
             info = data.infos[i]
             model = fit_seen(seen_method, info, data.terms[r], data.seconds[r])
             if model is None:
-                bound = _bind(class_model, info)
+                bound = bind_class_model(class_model, info)
                 ratio = data.seconds[r] / np.maximum(bound.predict_terms(data.terms[r]), MIN_SECONDS)
-                model = _bind(class_model, info, float(np.exp(np.median(np.log(ratio)))), SEEN_SCALED)
+                model = bind_class_model(class_model, info, float(np.exp(np.median(np.log(ratio)))), SEEN_SCALED)
                 scaled += 1
             signatures[info.signature] = model
         seen_median, seen_p90 = _summary(seen_scores[seen_method])
@@ -517,7 +557,9 @@ def leave_one_model_out(
                 test = row_held[rows]
                 points += int(test.sum())
                 class_model = group.classes[op_class]
-                insample = class_model.regressor.predict(design.physical[test], design.logx[test])
+                insample = class_model.regressor.predict(
+                    design.physical[test], design.logx[test], design.regimes[test]
+                )
                 insample_parts.append(per_op_mape(design.sig_ids[test], insample, design.seconds[test]))
                 if test.all():
                     uncovered.update(data.infos[i].signature for i in np.unique(design.sig_ids))
@@ -525,10 +567,11 @@ def leave_one_model_out(
                 method = class_model.regressor.method
                 if (~test).sum() < MIN_TREE_ROWS and method not in LINEAR_METHODS:
                     method = METHOD_NNLS
+                train = ~test
                 regressor = fit_class_regressor(
-                    method, design.physical[~test], design.logx[~test], design.seconds[~test]
+                    method, design.physical[train], design.logx[train], design.seconds[train], design.regimes[train]
                 )
-                predicted = regressor.predict(design.physical[test], design.logx[test])
+                predicted = regressor.predict(design.physical[test], design.logx[test], design.regimes[test])
                 lomo_parts.append(per_op_mape(design.sig_ids[test], predicted, design.seconds[test]))
             lomo = np.concatenate(lomo_parts) if lomo_parts else np.zeros(0)
             insample_all = np.concatenate(insample_parts) if insample_parts else np.zeros(0)

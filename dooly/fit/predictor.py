@@ -25,19 +25,23 @@ from dooly.fit.features import (
     FAMILY_ATTENTION,
     FAMILY_MATMUL,
     MATMUL_OPS,
+    N_REGIMES,
     N_TERMS,
     REQUEST_VARS,
     SLIDING_WINDOW,
     TERM_INDEX,
     aggregates_from_seqs,
     check_request_vars,
+    local_terms,
+    regime_of,
+    regime_scalar,
     seqs_aggregates,
     static_features,
     term_matrix,
     uniform_aggregates,
 )
-from dooly.fit.models import GroupModel, SignatureInfo, _bind
-from dooly.fit.regressors import InterpModel, OpModel
+from dooly.fit.models import GroupModel, SignatureInfo, bind_class_model
+from dooly.fit.regressors import InterpModel, OpModel, RegimeLinearModel, fit_regime_linear
 
 # Tables: exact per integer value below DENSE_LIMIT, then PER_OCTAVE log-spaced points per
 # doubling up to LOG_TABLE_MAX (K, the KV tokens of a step, reaches millions).
@@ -48,6 +52,9 @@ LOG2_DENSE = math.log2(DENSE_LIMIT)
 LOG_GRID = DENSE_LIMIT * np.exp2(np.arange(int((math.log2(LOG_TABLE_MAX) - LOG2_DENSE) * PER_OCTAVE) + 1) / PER_OCTAVE)
 LOG2_GRID = np.log2(LOG_GRID)
 TABLE_GRID = np.concatenate([np.arange(DENSE_LIMIT, dtype=np.float64), LOG_GRID])
+# A surrogate needs a few more points than its (at most nine) terms.
+MIN_SURROGATE_POINTS = 12
+PERCENT = 100.0
 # predict_ops tabulates a one-variable model (then a row costs one gather) from this many rows on.
 TABLE_MIN_ROWS = 4096
 
@@ -135,7 +142,7 @@ class Predictor:
             request_vars=variables,
             static=static_features(class_model.family, op_name, config, variables),
         )
-        return _bind(class_model, info), True
+        return bind_class_model(class_model, info), True
 
     def predict_ops(
         self,
@@ -196,9 +203,15 @@ class Predictor:
             out[rows] = model.predict_terms(_row_terms(model, numeric, seqs, rows))
         return (out, unseen) if return_unseen else out
 
-    def step_predictor(self, inventory: Mapping[str, Any]) -> "StepPredictor":
-        """Precompute a model inventory's per-op structure for fast step predictions."""
-        return StepPredictor(self, inventory)
+    def step_predictor(self, inventory: Mapping[str, Any], *, exact: bool = False) -> "StepPredictor":
+        """Precompute a model inventory's per-op structure for fast step predictions.
+
+        Non-linear class models of attention and multi-variable ops (tree-corrected, for unseen
+        signatures) are replaced by linear surrogates fitted to them on the class's measured
+        request points (see `StepPredictor.surrogate_error_pct`); `exact` keeps them, at tens of
+        microseconds per step instead of a few.
+        """
+        return StepPredictor(self, inventory, exact=exact)
 
 
 def _row_terms(model: OpModel, numeric: Mapping[str, np.ndarray], seqs: Any, rows: np.ndarray) -> np.ndarray:
@@ -216,7 +229,7 @@ def _row_terms(model: OpModel, numeric: Mapping[str, np.ndarray], seqs: Any, row
 class StepPredictor:
     """Engine-step latency of one model on one platform/engine/backend/dtype (see module doc)."""
 
-    def __init__(self, predictor: Predictor, inventory: Mapping[str, Any]) -> None:
+    def __init__(self, predictor: Predictor, inventory: Mapping[str, Any], *, exact: bool = False) -> None:
         operations = inventory.get("operations")
         if not isinstance(operations, list) or not operations:
             raise DoolyError(f"inventory of {inventory.get('model_id', '?')} lists no operations")
@@ -236,13 +249,48 @@ class StepPredictor:
             except KeyError as exc:
                 raise DoolyError(f"inventory of {self.model_id}: an operation lacks {exc}") from exc
             entries.append((model, int(entry.get("count", 1)), unseen))
-        self.entries = entries
         self.classes = sorted({m.op_class for m, _, _ in entries})
         self.unseen = {m.signature: u for m, _, u in entries}
         windows = [m.window for m, _, _ in entries if m.family == FAMILY_ATTENTION and m.window > 0]
         configured = int(inventory.get(SLIDING_WINDOW, 0) or 0)
         self.model_window = configured or (max(windows) if windows else 0)
+        self.surrogate_error_pct: dict[str, float] = {}
+        if not exact:
+            entries = [(self._surrogate(m), c, u) for m, c, u in entries]
+        self.entries = entries
         self._build(entries, predictor)
+
+    def _surrogate(self, model: OpModel) -> OpModel:
+        """A linear stand-in for a non-linear multi-variable model (see Predictor.step_predictor),
+        fitted on the class's reference points; its MAPE against the model is recorded."""
+        if model.single_var is not None or model.regime_terms() is not None:
+            return model
+        class_model = getattr(model, "model", None)
+        if class_model is None:
+            return model
+        if model.family == FAMILY_ATTENTION:
+            if not class_model.reference_seqs:
+                return model
+            agg = aggregates_from_seqs(class_model.reference_seqs, model.window)
+            terms = term_matrix(agg, len(class_model.reference_seqs))
+        else:
+            terms = class_model.reference_terms
+        if len(terms) < MIN_SURROGATE_POINTS:
+            return model
+        target = model.predict_terms(terms)
+        surrogate = RegimeLinearModel(
+            signature=model.signature,
+            op=model.op,
+            op_class=model.op_class,
+            family=model.family,
+            request_vars=model.request_vars,
+            window=model.window,
+            method=f"surrogate({model.method})",
+            regime_coef=fit_regime_linear(terms, target, local_terms(model.family, model.request_vars)),
+        )
+        error = np.abs(surrogate.predict_terms(terms) / target - 1.0)
+        self.surrogate_error_pct[model.signature] = float(np.mean(error) * PERCENT)
+        return surrogate
 
     @property
     def op_count(self) -> int:
@@ -273,11 +321,11 @@ class StepPredictor:
                 self._log[var][ci] += count * logs
                 continue
             window = model.window if model.family == FAMILY_ATTENTION else self.model_window
-            coef = model.linear_terms()
+            coef = model.regime_terms()
             if coef is None:
                 self._nonlinear.append((ci, count, model, window))
                 continue
-            linear.setdefault(window, np.zeros((n_cls, N_TERMS)))[ci] += count * coef
+            linear.setdefault(window, np.zeros((n_cls, N_REGIMES, N_TERMS)))[ci] += count * coef
         self._linear = linear
         self._linear_total = {w: m.sum(axis=0) for w, m in linear.items()}
         self._windows = sorted({*linear, *(w for *_, w in self._nonlinear)})
@@ -289,7 +337,7 @@ class StepPredictor:
             for var in self._dense
         ]
         self._scalar_linear = [
-            (w, [(int(i), float(c)) for i, c in enumerate(total) if c != 0.0])
+            (w, [[(int(i), float(c)) for i, c in enumerate(row) if c != 0.0] for row in total])
             for w, total in self._linear_total.items()
         ]
 
@@ -374,10 +422,11 @@ class StepPredictor:
             if x > 0:
                 total += lookup(dense, logs, x)
         if self._scalar_linear or self._nonlinear:
-            for window, nz in self._scalar_linear:
+            regime = regime_scalar(d, b)
+            for window, by_regime in self._scalar_linear:
                 s, wp = self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
                 terms = self._term_list(t, b, k, d, s, wp, padded)
-                for i, c in nz:
+                for i, c in by_regime[regime]:
                     total += c * terms[i]
             for _, count, model, window in self._nonlinear:
                 s, wp = self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
@@ -406,7 +455,11 @@ class StepPredictor:
         for window in self._windows:
             terms = term_matrix(aggregates[window], n_steps)
             if window in self._linear:
-                out += terms @ (self._linear[window].T if per_class else self._linear_total[window])
+                regime = regime_of(terms)
+                if per_class:
+                    out += np.einsum("nj,cnj->nc", terms, self._linear[window][:, regime, :])
+                else:
+                    out += np.einsum("nj,nj->n", terms, self._linear_total[window][regime])
             for ci, count, model, w in self._nonlinear:
                 if w == window:
                     vals = count * model.predict_terms(terms)

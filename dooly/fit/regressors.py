@@ -23,10 +23,15 @@ import numpy as np
 
 from dooly.fit.features import (
     FAMILY_ATTENTION,
+    N_REGIMES,
     N_TERMS,
+    REGIME_DECODE,
+    REGIME_MIXED,
+    REGIME_PREFILL,
     TERM_INDEX,
     StaticFeatures,
     log_design,
+    regime_of,
 )
 
 # Candidate methods for signatures the database does not hold, in order of preference on ties.
@@ -34,12 +39,17 @@ METHOD_NNLS = "nnls"
 METHOD_NNLS_GBT = "nnls+gbt"
 METHOD_GBT = "gbt-log"
 METHOD_RIDGE = "ridge-log"
+METHOD_REGIME = "regime-nnls"
 UNSEEN_METHODS = (METHOD_NNLS, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
-LINEAR_METHODS = (METHOD_NNLS,)
+# Attention kernels change paths between batch regimes: one more candidate there.
+ATTENTION_UNSEEN_METHODS = (METHOD_NNLS, METHOD_REGIME, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
+# Methods whose bound form is linear in the request terms (per regime): the fast path.
+LINEAR_METHODS = (METHOD_NNLS, METHOD_REGIME)
 
 # Methods for signatures the database holds.
 SEEN_INTERP = "interp-loglog"
 SEEN_LINEAR = "local-nnls"
+SEEN_REGIME = METHOD_REGIME
 SEEN_SCALED = "scaled-class"
 
 # Interpolation extrapolates with the slope of the edge segment, clamped: latency never falls
@@ -59,6 +69,14 @@ GBT_PARAMS: dict[str, Any] = {
 GBT_MIN_LEAF_FRACTION = 0.05
 GBT_MAX_MIN_LEAF = 20
 RIDGE_ALPHA = 1e-3
+# A batch regime gets its own coefficients from this many points on (else the joint fit's).
+MIN_REGIME_POINTS = 8
+# Where a regime with too few points of its own borrows them, in order of preference.
+REGIME_POOLS = {
+    REGIME_PREFILL: ((REGIME_PREFILL,), (REGIME_PREFILL, REGIME_MIXED)),
+    REGIME_DECODE: ((REGIME_DECODE,),),
+    REGIME_MIXED: ((REGIME_MIXED,), (REGIME_PREFILL, REGIME_MIXED)),
+}
 # Rows evaluated at once by the tree ensemble (rows x trees node indices stay small).
 TREE_CHUNK_ROWS = 8192
 
@@ -100,6 +118,12 @@ class OpModel:
     def linear_terms(self) -> np.ndarray | None:
         """Coefficients over TERMS when the model is linear in them (the fast path), else None."""
         return None
+
+    def regime_terms(self) -> np.ndarray | None:
+        """(N_REGIMES, N_TERMS) coefficients when the model is linear in the terms within each
+        batch regime (the fast path too), else None."""
+        coef = self.linear_terms()
+        return None if coef is None else np.tile(coef, (N_REGIMES, 1))
 
     @property
     def single_var(self) -> str | None:
@@ -179,6 +203,45 @@ def fit_local_linear(terms: np.ndarray, seconds: np.ndarray, names: tuple[str, .
     return coef
 
 
+@dataclass
+class RegimeLinearModel(OpModel):
+    """One LinearModel per batch regime (prefill-only, decode-only, mixed): kernels often switch
+    code paths between them, which one set of coefficients cannot follow."""
+
+    regime_coef: np.ndarray = field(default_factory=lambda: np.zeros((N_REGIMES, N_TERMS)))
+
+    def predict_terms(self, terms: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,ij->i", terms, self.regime_coef[regime_of(terms)])
+
+    def regime_terms(self) -> np.ndarray | None:
+        return self.regime_coef
+
+
+def fit_regime_linear(terms: np.ndarray, seconds: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Per-regime coefficients over TERMS (see `regime_nnls`)."""
+    cols = [TERM_INDEX[n] for n in names]
+    coef = np.zeros((N_REGIMES, N_TERMS))
+    coef[:, cols] = regime_nnls(terms[:, cols], seconds, regime_of(terms))
+    return coef
+
+
+def regime_nnls(design: np.ndarray, seconds: np.ndarray, regimes: np.ndarray) -> np.ndarray:
+    """(N_REGIMES, F) relative NNLS coefficients, one row per batch regime. A regime with too
+    few points borrows from its neighbour: mixed batches run the prefill path in the kernels we
+    know (varlen prefill kernels take the decodes along), so prefill and mixed pool together;
+    else the joint fit over all points."""
+    joint = relative_nnls(design, seconds)
+    coef = np.tile(joint, (N_REGIMES, 1))
+    enough = max(MIN_REGIME_POINTS, design.shape[1])
+    for regime in range(N_REGIMES):
+        for pool in REGIME_POOLS[regime]:
+            rows = np.isin(regimes, pool)
+            if rows.sum() >= enough:
+                coef[regime] = relative_nnls(design[rows], seconds[rows])
+                break
+    return coef
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-class (cross-signature) models
 
@@ -249,15 +312,18 @@ class ClassRegressor:
 
     method: str
     coef: np.ndarray | None = None  # over the family's physical features (nnls, nnls+gbt)
+    regime_coef: np.ndarray | None = None  # regime-nnls: (N_REGIMES, features)
     trees: TreeEnsemble | None = None  # on log features (nnls+gbt: log residual; gbt-log: log y)
     log_coef: np.ndarray | None = None  # ridge-log: log y = logx @ log_coef + log_intercept
     log_intercept: float = 0.0
 
     @property
     def needs_logx(self) -> bool:
-        return self.method != METHOD_NNLS
+        return self.method not in LINEAR_METHODS
 
-    def predict(self, physical: np.ndarray, logx: np.ndarray) -> np.ndarray:
+    def predict(self, physical: np.ndarray, logx: np.ndarray, regimes: np.ndarray) -> np.ndarray:
+        if self.method == METHOD_REGIME:
+            return np.maximum(np.einsum("ij,ij->i", physical, self.regime_coef[regimes]), MIN_SECONDS)
         if self.method in (METHOD_NNLS, METHOD_NNLS_GBT):
             base = np.maximum(physical @ self.coef, MIN_SECONDS)
             if self.method == METHOD_NNLS_GBT:
@@ -268,18 +334,24 @@ class ClassRegressor:
         return np.exp(logx @ self.log_coef + self.log_intercept)
 
 
-def fit_class_regressor(method: str, physical: np.ndarray, logx: np.ndarray, seconds: np.ndarray) -> ClassRegressor:
+def fit_class_regressor(
+    method: str, physical: np.ndarray, logx: np.ndarray, seconds: np.ndarray, regimes: np.ndarray
+) -> ClassRegressor:
     """Fit one candidate. Trees are grown on one thread: they are small, and OpenMP threads that
     spin-wait on a shared, busy machine make a 0.1 s fit take seconds."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="openmp"):
-        return _fit_class_regressor(method, physical, logx, seconds)
+        return _fit_class_regressor(method, physical, logx, seconds, regimes)
 
 
-def _fit_class_regressor(method: str, physical: np.ndarray, logx: np.ndarray, seconds: np.ndarray) -> ClassRegressor:
+def _fit_class_regressor(
+    method: str, physical: np.ndarray, logx: np.ndarray, seconds: np.ndarray, regimes: np.ndarray
+) -> ClassRegressor:
     if method == METHOD_NNLS:
         return ClassRegressor(method, coef=relative_nnls(physical, seconds))
+    if method == METHOD_REGIME:
+        return ClassRegressor(method, regime_coef=regime_nnls(physical, seconds, regimes))
     if method == METHOD_NNLS_GBT:
         coef = relative_nnls(physical, seconds)
         base = np.maximum(physical @ coef, MIN_SECONDS)
@@ -316,6 +388,8 @@ class ClassModel:
     config_names: tuple[str, ...]
     request_vars: tuple[str, ...]  # the most common request variables of the class
     regressor: ClassRegressor
+    reference_seqs: list = field(default_factory=list)  # attention: measured batches
+    reference_terms: np.ndarray = field(default_factory=lambda: np.zeros((0, N_TERMS)))  # others
 
 
 @dataclass
@@ -334,11 +408,20 @@ class BoundClassModel(OpModel):
         logx = np.empty((n, 0))
         if self.model.regressor.needs_logx:
             logx = log_design(terms, physical, np.broadcast_to(self.config, (n, len(self.config))), self.var_mask)
-        return self.factor * self.model.regressor.predict(physical, logx)
+        return self.factor * self.model.regressor.predict(physical, logx, regime_of(terms))
 
     def linear_terms(self) -> np.ndarray | None:
-        if self.model.regressor.method not in LINEAR_METHODS:
+        if self.model.regressor.method != METHOD_NNLS:
             return None
+        return self.factor * self._to_terms(self.model.regressor.coef)
+
+    def regime_terms(self) -> np.ndarray | None:
+        if self.model.regressor.method == METHOD_REGIME:
+            return self.factor * np.stack([self._to_terms(row) for row in self.model.regressor.regime_coef])
+        return super().regime_terms()
+
+    def _to_terms(self, feature_coef: np.ndarray) -> np.ndarray:
+        """Coefficients over physical features -> over request terms, for this signature."""
         coef = np.zeros(N_TERMS)
-        np.add.at(coef, self.static.term_index, self.model.regressor.coef * self.static.multiplier)
-        return self.factor * coef
+        np.add.at(coef, self.static.term_index, feature_coef * self.static.multiplier)
+        return coef

@@ -36,6 +36,7 @@ BYTES_PER_S = 2e12
 ELEMENT_BYTES = 2
 PER_SEQ_S = 2e-7
 MM_TILE_ROWS = 64
+DECODE_BANDWIDTH_SHARE = 0.6
 NOISE_SIGMA = 0.01
 
 T_GRID = tuple(sorted({2**i for i in range(13)} | {3 * 2**i for i in range(11)}))
@@ -78,10 +79,14 @@ def elementwise_seconds(elements: np.ndarray, inputs: int) -> np.ndarray:
 
 
 def attention_seconds(seqs_per_point: Sequence[Sequence[Sequence[int]]], heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+    """Causal attention work plus KV reads; decode-only batches take another kernel path that
+    reaches a lower share of the bandwidth (a regime change, as real attention kernels have)."""
     agg = aggregates_from_seqs(seqs_per_point, 0)
     flops = 4.0 * agg["attn_pairs"] * heads * head_dim
     moved = ELEMENT_BYTES * (2.0 * agg["K"] * kv_heads * head_dim + 2.0 * agg["T"] * heads * head_dim)
-    return LAUNCH_S + PER_SEQ_S * agg["B"] + flops / FLOPS_PER_S + moved / BYTES_PER_S
+    decode_only = agg["D"] >= agg["B"]
+    bandwidth = np.where(decode_only, DECODE_BANDWIDTH_SHARE * BYTES_PER_S, BYTES_PER_S)
+    return LAUNCH_S + PER_SEQ_S * agg["B"] + flops / FLOPS_PER_S + moved / bandwidth
 
 
 def attention_points() -> list[list[list[int]]]:
@@ -91,12 +96,14 @@ def attention_points() -> list[list[list[int]]]:
         for ctx in (0, 256, 1024):
             points.append([[q, ctx]])
             points.append([[q, ctx], [q // 2, ctx * 2]])
-    for b in (1, 4, 16, 64):
-        for ctx in (128, 1024, 4096):
-            points.append([[1, ctx]] * b)
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        for ctx in (128, 512, 1024, 4096):
+            # Non-uniform contexts around the nominal one, as a serving batch has.
+            points.append([[1, max(1, ctx // 2 + (ctx * i) // max(b - 1, 1))] for i in range(b)])
     for q in (64, 512):
-        for b in (4, 32):
-            points.append([[q, 0]] + [[1, 700]] * b)
+        for chunk_ctx in (0, 1024):
+            for b in (4, 32):
+                points.append([[q, chunk_ctx]] + [[1, 350 + 20 * i] for i in range(b)])
     return points
 
 

@@ -117,6 +117,8 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
         "--platform", "auto",
         "--engine", engine.name,
         "--attention", backend,
+        *_dtype_flag(spec),
+        *spec.profile_flags,
         "--shard-index", f"$({COMPLETION_INDEX_ENV})",
         "--shard-count", str(gpu.completions),
         # Rows and shard names say which Job and shard measured them.
@@ -209,6 +211,7 @@ def build_simulate_job(
         "--platform", platform,
         "--engine", engine,
         "--backend", backend,
+        *_dtype_flag(spec),
         "--output", "json",
     ]
     requests = {"cpu": spec.merge_resources.cpu, "memory": spec.merge_resources.memory}
@@ -351,6 +354,10 @@ def _metadata(spec: FleetSpec, name: str, labels: dict, annotations: dict) -> di
     if annotations:
         metadata["annotations"] = dict(annotations)
     return metadata
+
+
+def _dtype_flag(spec: FleetSpec) -> list[str]:
+    return ["--dtype", spec.dtype] if spec.dtype else []
 
 
 def _s3_env(spec: FleetSpec) -> list[dict]:

@@ -108,6 +108,8 @@ class FleetSpec:
     ttl_after_finished_s: int
     retries_per_index: int
     merge_retries: int
+    dtype: str | None = None  # None: the profiler's default
+    profile_flags: tuple[str, ...] = ()  # extra `dooly profile` flags from the `profile:` section
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> FleetSpec:
@@ -315,7 +317,16 @@ def _kind(value: Any) -> str:
 
 
 _TOP_REQUIRED = ("namespace", "store", "s3Secret", "images", "models", "engines", "gpuTypes")
-_TOP_OPTIONAL = ("schedule", "timeZone", "tolerations", "resources", "deadlines", "retries")
+_TOP_OPTIONAL = ("schedule", "timeZone", "tolerations", "resources", "deadlines", "retries", "profile")
+# Optional `profile:` settings and the `dooly profile` flags they become (the sweep of request dims).
+PROFILE_INT_FLAGS = {
+    "maxTokens": "--max-tokens",
+    "maxSeqs": "--max-seqs",
+    "maxKv": "--max-kv",
+    "maxContext": "--max-context",
+    "samples": "--samples",
+}
+PROFILE_DTYPES = ("bfloat16", "float16", "float32")
 _DEFAULT_SCHEDULE = "0 2 * * *"
 _DEFAULT_TIME_ZONE = "Etc/UTC"
 _DEFAULT_RESOURCES = {
@@ -372,6 +383,7 @@ def _build(doc: _Document, text: str) -> FleetSpec:
         key: doc.integer(retries_map.get(key, default), ("retries", key), minimum=0, maximum=_RETRIES_MAX)
         for key, default in _DEFAULT_RETRIES.items()
     }
+    dtype, profile_flags = _profile_section(doc, top.get("profile", {}))
     return FleetSpec(
         source=doc.source,
         text=text,
@@ -393,7 +405,23 @@ def _build(doc: _Document, text: str) -> FleetSpec:
         ttl_after_finished_s=seconds["ttlSecondsAfterFinished"],
         retries_per_index=retries["perIndex"],
         merge_retries=retries["merge"],
+        dtype=dtype,
+        profile_flags=profile_flags,
     )
+
+
+def _profile_section(doc: _Document, value: Any) -> tuple[str | None, tuple[str, ...]]:
+    section = doc.mapping(value, ("profile",), required=(), optional=("dtype", *PROFILE_INT_FLAGS))
+    dtype = None
+    if "dtype" in section:
+        dtype = doc.string(section["dtype"], ("profile", "dtype"))
+        if dtype not in PROFILE_DTYPES:
+            raise doc.error(("profile", "dtype"), f"{dtype!r} is not one of {', '.join(PROFILE_DTYPES)}")
+    flags: list[str] = []
+    for key, flag in PROFILE_INT_FLAGS.items():
+        if key in section:
+            flags += [flag, str(doc.integer(section[key], ("profile", key), minimum=1))]
+    return dtype, tuple(flags)
 
 
 def _check_store(store: str, error) -> None:

@@ -99,22 +99,30 @@ def _consistent(values: dict[str, int]) -> bool:
 
 
 def attention_batches(grid: GridSpec) -> list[Batch]:
+    """Lengths are clipped to the grid's maxima (not dropped), so a small grid still covers every kind."""
+    def lengths(values: tuple[int, ...], limit: int) -> list[int]:
+        return sorted({min(v, limit) for v in values})
+
+    half_tokens = max(grid.max_tokens // 2, 1)
+    # Spread contexts reach (SPREAD_LOW + SPREAD_WIDTH) x the nominal one: keep them within max_context.
+    spread_limit = max(int(grid.max_context / (SPREAD_LOW + SPREAD_WIDTH)), 1)
     batches: list[Batch] = [Batch.of(prefill=[(q, 0)]) for q in grid.tokens()]
     for count in PREFILL_SEQ_COUNTS:
-        for length in PREFILL_SEQ_LENGTHS:
+        for length in lengths(PREFILL_SEQ_LENGTHS, max(grid.max_tokens // count, 1)):
             batches.append(Batch.of(prefill=[(length, 0)] * count))
-    for length in CHUNK_LENGTHS:
-        for context in CHUNK_CONTEXTS:
+    for length in lengths(CHUNK_LENGTHS, grid.max_tokens):
+        for context in lengths(CHUNK_CONTEXTS, grid.max_context):
             batches.append(Batch.of(prefill=[(length, context)]))
     for count in DECODE_SEQ_COUNTS:
-        for context in DECODE_CONTEXTS:
+        for context in lengths(DECODE_CONTEXTS, spread_limit):
             batches.append(Batch.of(decode_ctx=spread(context, count)))
-    for chunk in MIXED_CHUNKS:
-        for chunk_context in MIXED_CHUNK_CONTEXTS:
-            for decodes in MIXED_DECODES:
-                for context in MIXED_DECODE_CONTEXTS:
+    for chunk in lengths(MIXED_CHUNKS, half_tokens):
+        for chunk_context in lengths(MIXED_CHUNK_CONTEXTS, grid.max_context):
+            for decodes in lengths(MIXED_DECODES, max(min(half_tokens, grid.max_seqs - 1), 1)):
+                for context in lengths(MIXED_DECODE_CONTEXTS, spread_limit):
                     batches.append(Batch.of(prefill=[(chunk, chunk_context)], decode_ctx=spread(context, decodes)))
-    return [b for b in batches if _fits(b, grid)]
+    unique = {tuple(b.seqs): b for b in batches if _fits(b, grid)}
+    return list(unique.values())
 
 
 def attention_points(grid: GridSpec, window: int | None = None) -> list[Point]:

@@ -403,7 +403,9 @@ def export_vidur_command(
 
     Vidur then simulates MODEL on DEVICE from Dooly's latency database instead of its own
     profiling runs: point its `--random_forrest_execution_time_predictor_config_*_input_file`
-    (or the default data/profiling/compute/{DEVICE}/{MODEL}) at the written files.
+    (or the default data/profiling/compute/{DEVICE}/{MODEL}) at the written files. Make the
+    sweep cover Vidur's `prediction_max_*` settings (--max-tokens, --max-seq-len and
+    --max-batch-size at least as large), or Vidur extrapolates.
 
     \b
     Example:

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -389,11 +389,3 @@ def _record(seq: Seq) -> RequestRecord:
         preemptions=seq.preemptions,
     )
 
-
-def records_as_dicts(records: Iterable[Any]) -> list[dict[str, Any]]:
-    """Dataclass records as JSON-ready dicts (NaN becomes None)."""
-    out = []
-    for record in records:
-        row = asdict(record)
-        out.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    return out

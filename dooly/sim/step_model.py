@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -96,6 +97,8 @@ class OverheadTerms:
 
 
 OVERHEAD_KEYS = ("decode", "decode_graph", "prefill", "prefill_graph", "mixed", "mixed_graph")
+# Fewer measured steps than this do not pin down four terms with any confidence.
+MIN_FIT_SAMPLES = 8
 
 
 @dataclass
@@ -126,6 +129,46 @@ class CpuOverheadModel:
     @classmethod
     def zero(cls) -> CpuOverheadModel:
         return cls(source="none: host overhead not modelled")
+
+    @classmethod
+    def fit(
+        cls,
+        samples: Iterable[tuple[str, int, int, int, float]],
+        *,
+        engine: str = "",
+        platform: str = "",
+        source: str = "",
+    ) -> CpuOverheadModel:
+        """Non-negative least-squares terms from measured steps.
+
+        `samples`: `(key, num_seqs, num_tokens, kv_tokens, host_seconds)` per step, `key` one of
+        OVERHEAD_KEYS (`StepPath.overhead_key`). Every key with at least MIN_FIT_SAMPLES rows gets
+        its own terms; `default` is fitted on all rows."""
+        import numpy as np
+        from scipy.optimize import nnls
+
+        rows = [(str(k), float(b), float(t), float(kv), float(sec)) for k, b, t, kv, sec in samples]
+        unknown = sorted({k for k, *_ in rows} - set(OVERHEAD_KEYS))
+        if unknown:
+            raise DoolyError(f"CPU overhead samples have unknown path key(s) {', '.join(unknown)}")
+        if len(rows) < MIN_FIT_SAMPLES:
+            raise DoolyError(f"fitting a CPU overhead model needs at least {MIN_FIT_SAMPLES} steps, got {len(rows)}")
+
+        def solve(subset: list[tuple[str, float, float, float, float]]) -> OverheadTerms:
+            design = np.array([[1.0, b, t, kv] for _, b, t, kv, _ in subset])
+            target = np.array([sec for *_, sec in subset])
+            # Scale columns so that NNLS is well conditioned whatever the units, then undo it.
+            scale = np.maximum(np.abs(design).max(axis=0), 1.0)
+            coef, _ = nnls(design / scale, target)
+            coef = coef / scale
+            return OverheadTerms(*(float(c) for c in coef))
+
+        terms = {"default": solve(rows)}
+        for key in OVERHEAD_KEYS:
+            subset = [r for r in rows if r[0] == key]
+            if len(subset) >= MIN_FIT_SAMPLES:
+                terms[key] = solve(subset)
+        return cls(terms=terms, engine=engine, platform=platform, source=source or f"fitted on {len(rows)} steps")
 
     def to_dict(self) -> dict[str, Any]:
         return {

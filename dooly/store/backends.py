@@ -134,10 +134,8 @@ class Store(abc.ABC):
 
 
 def _check_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]):
-        raise ValueError(f"invalid store key {key!r}")
-    if parts[-1] in (".", ".."):
+    """Keys are relative, "/"-separated, with no empty, "." or ".." part: none escapes the store."""
+    if any(part in ("", ".", "..") for part in key.split("/")):
         raise ValueError(f"invalid store key {key!r}")
     return key
 
@@ -258,6 +256,8 @@ class LocalStore(Store):
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self._path(source), target)
+        except FileNotFoundError:
+            raise
         except OSError as exc:
             raise self._fail("move", source, exc) from exc
 
@@ -286,7 +286,8 @@ class LocalStore(Store):
 
 class _S3RangeReader(io.RawIOBase):
     """A seekable file over one S3 object that fetches byte ranges on demand (pyarrow reads the
-    footer first, then only the column chunks it needs)."""
+    footer first, then only the column chunks it needs). Every range is asked for with the ETag
+    seen at open, so an object replaced mid-read fails loudly instead of mixing two versions."""
 
     def __init__(self, store: S3Store, key: str) -> None:
         super().__init__()
@@ -294,6 +295,7 @@ class _S3RangeReader(io.RawIOBase):
         self._key = key
         head = store._call("read", key, lambda c: c.head_object(Bucket=store.bucket, Key=key))
         self._size = int(head["ContentLength"])
+        self._etag = head["ETag"]
         self._position = 0
 
     def readable(self) -> bool:
@@ -315,12 +317,13 @@ class _S3RangeReader(io.RawIOBase):
         if end <= self._position:
             return 0
         byte_range = f"bytes={self._position}-{end - 1}"
-        response = self._store._call(
+        data = self._store._call(
             "read",
             self._key,
-            lambda c: c.get_object(Bucket=self._store.bucket, Key=self._key, Range=byte_range),
+            lambda c: c.get_object(
+                Bucket=self._store.bucket, Key=self._key, Range=byte_range, IfMatch=self._etag
+            )["Body"].read(),
         )
-        data = response["Body"].read()
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)

@@ -79,6 +79,6 @@ def merge_command(
         ("seconds", round(report.seconds, 2)),
     ]
     click.echo(f"store {store.uri}")
-    click.echo(format_table(["", "value"], rows))
+    click.echo(format_table(["merge", "result"], rows))
     for key in report.quarantined:
         click.echo(f"quarantined: {key}")

@@ -60,7 +60,8 @@ def test_never_profiled_model_is_predicted_from_config_dims(predictor):
         if op["op"] == "attention":
             agg_request = {"seqs": seqs, "T": [300, 12, 130], "B": [1, 12, 3], "K": [300, 10812, 2944]}
         else:
-            values = np.array([2, 40, 200, 1500, 4000]) if op["request_vars"] == ["T"] else np.array([1, 8, 100, 250])
+            # Off the profiled grid, but on tile multiples (see the step-latency test).
+            values = np.array([2, 40, 320, 1536, 4032]) if op["request_vars"] == ["T"] else np.array([1, 8, 100, 250])
             agg_request = {"T": values, "B": values}
         n = len(agg_request["T"])
         got, unseen = predictor.predict_ops(
@@ -160,3 +161,38 @@ def test_oom_rows_and_duplicates_are_not_training_data():
     kept = training_rows(pl.concat([frame, oom]))
     assert kept.height == frame.height
     assert (kept.get_column("status") == "ok").all()
+
+
+def test_linear_surrogate_of_a_tree_corrected_attention_model(predictor):
+    """A never-profiled attention op whose class model is tree-corrected gets a linear stand-in in
+    the step predictor: it agrees with the exact (slow) evaluation on the measured kind of batches
+    and, being linear in the work terms, extrapolates beyond them better than the trees do."""
+    import copy
+
+    from dooly.fit.models import class_design, group_data, training_rows
+    from dooly.fit.regressors import METHOD_NNLS_GBT, fit_class_regressor
+
+    group = copy.deepcopy(predictor.group)
+    data = group_data(training_rows(syn.snapshot_frame()))[0]
+    design = class_design(data, syn.ATTENTION_CLASS, np.flatnonzero(data.row_class == syn.ATTENTION_CLASS))
+    group.classes[syn.ATTENTION_CLASS].regressor = fit_class_regressor(
+        METHOD_NNLS_GBT, design.physical, design.logx, design.seconds, design.regimes
+    )
+    tree_predictor = type(predictor)(group)
+    inventory = syn.inventory(syn.UNSEEN_MODEL)
+    (attention,) = [op for op in inventory["operations"] if op["op"] == "attention"]
+    fast = tree_predictor.step_predictor(inventory)
+    exact = tree_predictor.step_predictor(inventory, exact=True)
+    methods = {o["op_class"]: o["method"] for o in fast.op_seconds([(64, 0)], [10])}
+    assert methods[syn.ATTENTION_CLASS] == f"surrogate({METHOD_NNLS_GBT})"
+    assert len(fast.surrogate_error_pct) == 1 and next(iter(fast.surrogate_error_pct.values())) < 2.0
+    on_grid = (([(512, 0)], []), ([], [700] * 48), ([(256, 1024)], [400] * 30))
+    beyond = (([(256, 20000)], [100] * 30 + [9000]), ([(3000, 0)], [50000] * 4))
+    for prefill, decode in on_grid + beyond:
+        seqs = [[q, c] for q, c in prefill] + [[1, c] for c in decode]
+        truth = attention["count"] * float(syn.true_seconds(attention, {"seqs": [seqs]})[0])
+        got = fast.breakdown(prefill, decode)[syn.ATTENTION_CLASS]
+        assert abs(got / truth - 1) < 0.03, (prefill, len(decode), got, truth)
+        if (prefill, decode) in on_grid:
+            want = exact.breakdown(prefill, decode)[syn.ATTENTION_CLASS]
+            assert abs(got / want - 1) < 0.03, (prefill, len(decode), got, want)

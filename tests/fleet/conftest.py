@@ -85,6 +85,10 @@ gpuTypes:
     gpus: 2
     completions: 2
     backends: [paged|sdpa]
+profile:
+  dtype: float16
+  maxTokens: 512
+  samples: 7
 """
 
 

@@ -157,6 +157,9 @@ def test_profile_jobs_split_work_by_completion_index(small_fleet):
         assert args[args.index("--engine") + 1] == target.engine.name
         assert args[args.index("--store") + 1] == spec.store
         assert args[args.index("--platform") + 1] == "auto"
+        assert args[args.index("--max-tokens") + 1] == "512" and args[args.index("--samples") + 1] == "7"
+        assert args[args.index("--dtype") + 1] == "float16"
+        assert args[args.index("--run-id") + 1] == f"{job['metadata']['name']}-$(JOB_COMPLETION_INDEX)"
         index_env = next(e for e in container["env"] if e["name"] == "JOB_COMPLETION_INDEX")
         assert "job-completion-index" in index_env["valueFrom"]["fieldRef"]["fieldPath"]
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": target.gpu.product}

@@ -57,6 +57,9 @@ def _line_of(text: str, needle: str) -> int:
         ("  - name: l40s", "  - name: h100", "name: h100", "listed twice"),
         ("    gpus: 2\n", "    gpus: two\n", "gpus: two", "expected an integer"),
         ("    product: NVIDIA-L40S\n", "", "name: l40s", "needs its `product` label value"),
+        ("  maxTokens: 512", "  maxTokens: 0", "maxTokens: 0", "out of range"),
+        ("  dtype: float16", "  dtype: int4", "dtype: int4", "'int4' is not one of"),
+        ("  samples: 7", "  sample: 7", "sample: 7", "unknown field"),
     ],
 )
 def test_fleet_errors_name_the_file_and_line(tmp_path, old, new, needle, message):

@@ -96,3 +96,32 @@ def test_model_dims_from_a_bundled_config():
     assert dims.gated_mlp
     with pytest.raises(DoolyError, match="lacks"):
         ModelDims.from_config({"hidden_size": 8})
+
+
+def test_cpu_overhead_fit_recovers_known_terms():
+    import random
+
+    rng = random.Random(0)
+    truth = {
+        "decode_graph": OverheadTerms(constant_s=0.0012, per_sequence_s=2e-5),
+        "mixed": OverheadTerms(constant_s=0.003, per_sequence_s=1e-5, per_token_s=4e-7, per_kv_token_s=2e-9),
+    }
+    samples = []
+    for _ in range(200):
+        seqs = rng.randint(1, 128)
+        samples.append(("decode_graph", seqs, seqs, seqs * rng.randint(10, 4000), truth["decode_graph"].seconds(seqs, seqs, 0)))
+        tokens, kv = rng.randint(seqs, 8192), rng.randint(8192, 500_000)
+        samples.append(("mixed", seqs, tokens, kv, truth["mixed"].seconds(seqs, tokens, kv)))
+    model = CpuOverheadModel.fit(samples, engine="transformers")
+    mixed = model.terms["mixed"]
+    assert mixed.constant_s == pytest.approx(0.003, rel=1e-3)
+    assert mixed.per_token_s == pytest.approx(4e-7, rel=1e-3)
+    assert mixed.per_kv_token_s == pytest.approx(2e-9, rel=1e-3)
+    path = StepPath(StepKind.DECODE, cuda_graph=True)
+    assert model.seconds(path, 64, 64, 64 * 900) == pytest.approx(truth["decode_graph"].seconds(64, 64, 0), rel=1e-3)
+    assert set(model.terms) == {"default", "decode_graph", "mixed"}
+    assert all(v >= 0 for t in model.terms.values() for v in (t.constant_s, t.per_sequence_s, t.per_token_s, t.per_kv_token_s))
+    with pytest.raises(DoolyError, match="at least"):
+        CpuOverheadModel.fit(samples[:3])
+    with pytest.raises(DoolyError, match="unknown path"):
+        CpuOverheadModel.fit([("warp", 1, 1, 1, 0.1)] * 10)
