@@ -38,16 +38,26 @@ def _pct(value: float | None) -> str:
 
 
 @click.command("fit")
-@click.option("--store", "store_uri", required=True, metavar="URI", help="Latency database: a directory or s3://bucket/prefix.")
-@click.option("--folds", default=DEFAULT_FOLDS, show_default=True, type=int, help="k of the k-fold held-out checks.")
+@click.option(
+    "--store",
+    "store_uri",
+    required=True,
+    metavar="URI",
+    help="Latency database: a directory or s3://bucket/prefix.",
+)
+@click.option(
+    "--folds", default=DEFAULT_FOLDS, show_default=True, type=int, help="k of the k-fold held-out checks."
+)
 @output_option
 def fit_command(store_uri: str, folds: int, output_format: str) -> None:
     """Fit latency regressors on the store's snapshot, per platform/engine/backend/dtype and op class.
 
-    Signatures the database holds are predicted by interpolating their own measurements (held-out
-    error: k-fold within each signature). Signatures never profiled (a new hidden size) use a
-    per-class regressor over config dims and request variables (held-out error: k-fold grouped by
-    signature, so each held-out signature is truly unseen). A leave-one-model-out check removes
+    Signatures the database holds are predicted from their own measurements: interpolation on the
+    measured grid, or for attention a linear model per batch regime (held-out error: k-fold within
+    each signature). Signatures never profiled (a new hidden size) use a per-class regressor over
+    config dims and request variables (held-out error: k-fold grouped by signature, so each
+    held-out signature is truly unseen); the method of each class is the one with the lowest
+    held-out error. A leave-one-model-out check removes
     every signature of one model (from the store's inventories) and predicts them from the rest.
     Models are written under models/gen-<generation>/ with the library versions they need.
 
@@ -83,8 +93,9 @@ def fit_command(store_uri: str, folds: int, output_format: str) -> None:
         ]
         lines += [format_table(CLASS_HEADERS, rows), ""]
     lines.append(
-        f"held-out error: {report.folds}-fold cross-validation, per-op MAPE (mean over an op's "
-        f"held-out points), median and p90 over ops"
+        f"held-out error: {report.folds}-fold cross-validation (seen: folds of each signature's "
+        f"points; unseen: folds of whole signatures); per-op MAPE = mean over an op's held-out "
+        f"points; median and p90 over ops"
     )
     if report.lomo:
         rows = [
@@ -100,7 +111,11 @@ def fit_command(store_uri: str, folds: int, output_format: str) -> None:
             )
             for r in report.lomo
         ]
-        lines += ["", "leave one model out (its signatures removed from training):", format_table(LOMO_HEADERS, rows)]
+        lines += [
+            "",
+            "leave one model out (its signatures removed from training):",
+            format_table(LOMO_HEADERS, rows),
+        ]
     else:
         lines += ["", "leave one model out: no inventories in the store (inventories/<model_key>.json)"]
     lines.append(f"\nmodels of generation {report.generation} written: {report.meta_key}")
@@ -114,7 +129,9 @@ def _parse_prefill(values: tuple[str, ...]) -> list[tuple[int, int]]:
         try:
             q, c = int(query), int(context) if sep else 0
         except ValueError as exc:
-            raise DoolyError(f"--prefill {text!r}: expected NEW_TOKENS:CONTEXT, e.g. 512:0 or 256:1024") from exc
+            raise DoolyError(
+                f"--prefill {text!r}: expected NEW_TOKENS:CONTEXT, e.g. 512:0 or 256:1024"
+            ) from exc
         if q < 1 or c < 0:
             raise DoolyError(f"--prefill {text!r}: new tokens must be >= 1 and context >= 0")
         chunks.append((q, c))
@@ -151,14 +168,35 @@ def find_inventory(store: Any, model: str, backend: str) -> dict[str, Any]:
 
 
 @click.command("predict")
-@click.option("--store", "store_uri", required=True, metavar="URI", help="Latency database with fitted models.")
-@click.option("--model", "model", required=True, metavar="MODEL", help="Model key or id whose inventory is in the store.")
-@click.option("--platform", required=True, help="Platform the models were fitted for (GPU product string or CPU model).")
+@click.option(
+    "--store", "store_uri", required=True, metavar="URI", help="Latency database with fitted models."
+)
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    metavar="MODEL",
+    help="Model key or id whose inventory is in the store.",
+)
+@click.option(
+    "--platform", required=True, help="Platform the models were fitted for (GPU product string or CPU model)."
+)
 @click.option("--backend", required=True, help="Attention backend, e.g. paged|sdpa.")
 @click.option("--engine", default=DEFAULT_ENGINE, show_default=True, help="Serving engine.")
 @click.option("--dtype", default=DEFAULT_DTYPE, show_default=True, help="Model dtype.")
-@click.option("--prefill", multiple=True, metavar="Q:CTX", help="A prefill chunk: Q new tokens after CTX cached ones (repeatable).")
-@click.option("--decode", multiple=True, type=int, metavar="CTX", help="A decoding sequence with CTX cached tokens (repeatable).")
+@click.option(
+    "--prefill",
+    multiple=True,
+    metavar="Q:CTX",
+    help="A prefill chunk: Q new tokens after CTX cached ones (repeatable).",
+)
+@click.option(
+    "--decode",
+    multiple=True,
+    type=int,
+    metavar="CTX",
+    help="A decoding sequence with CTX cached tokens (repeatable).",
+)
 @click.option("--per-op", is_flag=True, help="Also list every operation of the model with its latency.")
 @output_option
 def predict_command(
@@ -224,7 +262,8 @@ def predict_command(
         for cls, value in sorted(breakdown.items(), key=lambda kv: -kv[1])
     ]
     lines = [
-        f"{step.model_id} on {platform} / {engine} / {backend} / {dtype} (models of generation {predictor.generation})",
+        f"{step.model_id} on {platform} / {engine} / {backend} / {dtype} "
+        f"(models of generation {predictor.generation})",
         f"step: {len(chunks)} prefill chunk(s), {len(decodes)} decode(s): {seconds * MS_PER_S:.4f} ms",
         f"operations: {step.op_count}, of which unseen (predicted from config dims): {step.unseen_count}",
         "",
@@ -232,8 +271,18 @@ def predict_command(
     ]
     if per_op:
         op_rows = [
-            (o["op_class"], o["signature"][:12], o["count"], f"{o['seconds'] * MS_PER_S:.5f}", o["method"], "yes" if o["unseen"] else "no")
+            (
+                o["op_class"],
+                o["signature"][:12],
+                o["count"],
+                f"{o['seconds'] * MS_PER_S:.5f}",
+                o["method"],
+                "yes" if o["unseen"] else "no",
+            )
             for o in payload["operations"]
         ]
-        lines += ["", format_table(("op class", "signature", "count", "ms each", "method", "unseen"), op_rows)]
+        lines += [
+            "",
+            format_table(("op class", "signature", "count", "ms each", "method", "unseen"), op_rows),
+        ]
     click.echo("\n".join(lines))

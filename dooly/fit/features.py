@@ -134,7 +134,7 @@ def static_features(
         pairs = _attention_static(config_dims)
     else:
         pairs = _generic_static(config_dims, request_vars)
-    names, factors = zip(*pairs)
+    names, factors = zip(*pairs, strict=True)
     window = int(config_dims.get(SLIDING_WINDOW, 0) or 0) if family == FAMILY_ATTENTION else 0
     return StaticFeatures(
         term_index=np.array([TERM_INDEX[n] for n in names], dtype=np.int64),

@@ -26,7 +26,7 @@ import platform as platform_module
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -158,7 +158,7 @@ class GroupData:
         return classes[self.row_sig]
 
 
-def training_rows(frame: "pl.DataFrame") -> "pl.DataFrame":
+def training_rows(frame: pl.DataFrame) -> pl.DataFrame:
     """The rows a fit learns from: status ok, a positive median, one row per point (newest wins)."""
     import polars as pl
 
@@ -183,7 +183,9 @@ def training_rows(frame: "pl.DataFrame") -> "pl.DataFrame":
     return ok.unique(subset=[*GROUP_COLUMNS, "signature", "point_key"], keep="last", maintain_order=True)
 
 
-def _signature_info(signature: str, op: str, op_class: str, config_json: str, vars_json: str) -> SignatureInfo:
+def _signature_info(
+    signature: str, op: str, op_class: str, config_json: str, vars_json: str
+) -> SignatureInfo:
     config = {str(k): int(v) for k, v in json.loads(config_json or "{}").items() if v is not None}
     request_vars = tuple(json.loads(vars_json or "[]"))
     check_request_vars(request_vars, f"signature {signature}")
@@ -199,7 +201,7 @@ def _signature_info(signature: str, op: str, op_class: str, config_json: str, va
     )
 
 
-def group_data(frame: "pl.DataFrame") -> list[GroupData]:
+def group_data(frame: pl.DataFrame) -> list[GroupData]:
     """Split training rows into groups and turn each into arrays."""
     out: list[GroupData] = []
     for key, part in frame.group_by(list(GROUP_COLUMNS), maintain_order=True):
@@ -333,12 +335,16 @@ def fit_seen(method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.nd
         if grid is None:
             return None
         log_x, log_y, low, high = grid
-        return InterpModel(method=SEEN_INTERP, log_x=log_x, log_y=log_y, low_slope=low, high_slope=high, **common)
+        return InterpModel(
+            method=SEEN_INTERP, log_x=log_x, log_y=log_y, low_slope=low, high_slope=high, **common
+        )
     if len(seconds) < MIN_LINEAR_POINTS:
         return None
     names = local_terms(info.family, info.request_vars)
     if method == SEEN_REGIME:
-        return RegimeLinearModel(method=SEEN_REGIME, regime_coef=fit_regime_linear(terms, seconds, names), **common)
+        return RegimeLinearModel(
+            method=SEEN_REGIME, regime_coef=fit_regime_linear(terms, seconds, names), **common
+        )
     return LinearModel(method=SEEN_LINEAR, coef=fit_local_linear(terms, seconds, names), **common)
 
 
@@ -351,7 +357,9 @@ def seen_methods(info: SignatureInfo) -> tuple[str, ...]:
     return (SEEN_LINEAR,)
 
 
-def seen_cv(method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.ndarray, folds: int) -> np.ndarray:
+def seen_cv(
+    method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.ndarray, folds: int
+) -> np.ndarray:
     """Held-out predictions for one signature's points, k-fold within the signature."""
     predicted = np.full(len(seconds), np.nan)
     if len(seconds) < MIN_CV_POINTS:
@@ -383,7 +391,9 @@ class GroupModel:
     reports: list[dict[str, Any]] = field(default_factory=list)
 
 
-def bind_class_model(cm: ClassModel, info: SignatureInfo, factor: float = 1.0, method: str = "") -> BoundClassModel:
+def bind_class_model(
+    cm: ClassModel, info: SignatureInfo, factor: float = 1.0, method: str = ""
+) -> BoundClassModel:
     return BoundClassModel(
         signature=info.signature,
         op=info.op,
@@ -489,7 +499,9 @@ def fit_group(data: GroupData, *, folds: int, generation: int) -> GroupModel:
             if model is None:
                 bound = bind_class_model(class_model, info)
                 ratio = data.seconds[r] / np.maximum(bound.predict_terms(data.terms[r]), MIN_SECONDS)
-                model = bind_class_model(class_model, info, float(np.exp(np.median(np.log(ratio)))), SEEN_SCALED)
+                model = bind_class_model(
+                    class_model, info, float(np.exp(np.median(np.log(ratio)))), SEEN_SCALED
+                )
                 scaled += 1
             signatures[info.signature] = model
         seen_median, seen_p90 = _summary(seen_scores[seen_method])
@@ -514,7 +526,9 @@ def fit_group(data: GroupData, *, folds: int, generation: int) -> GroupModel:
                 "validation": f"{folds}-fold (seen: within signature; unseen: grouped by signature)",
             }
         )
-        logger.info("fitted %s / %s: %d points, %d signatures", "/".join(data.key), op_class, len(rows), n_sigs)
+        logger.info(
+            "fitted %s / %s: %d points, %d signatures", "/".join(data.key), op_class, len(rows), n_sigs
+        )
     return GroupModel(
         platform=platform_name,
         engine=engine,
@@ -541,7 +555,9 @@ def leave_one_model_out(
     for model_key, inventory in sorted(inventories_by_model(inventories).items()):
         held = {op["signature"] for op in inventory.get("operations", [])}
         for data in datas:
-            held_ids = np.array([i for i, info in enumerate(data.infos) if info.signature in held], dtype=np.int64)
+            held_ids = np.array(
+                [i for i, info in enumerate(data.infos) if info.signature in held], dtype=np.int64
+            )
             if len(held_ids) == 0:
                 continue
             group = models[data.key]
@@ -569,7 +585,11 @@ def leave_one_model_out(
                     method = METHOD_NNLS
                 train = ~test
                 regressor = fit_class_regressor(
-                    method, design.physical[train], design.logx[train], design.seconds[train], design.regimes[train]
+                    method,
+                    design.physical[train],
+                    design.logx[train],
+                    design.seconds[train],
+                    design.regimes[train],
                 )
                 predicted = regressor.predict(design.physical[test], design.logx[test], design.regimes[test])
                 lomo_parts.append(per_op_mape(design.sig_ids[test], predicted, design.seconds[test]))
@@ -581,7 +601,7 @@ def leave_one_model_out(
                 {
                     "model_key": model_key,
                     "model_id": inventory.get("model_id", model_key),
-                    **dict(zip(GROUP_COLUMNS, data.key)),
+                    **dict(zip(GROUP_COLUMNS, data.key, strict=True)),
                     "ops_measured": int(len(held_ids)),
                     "ops_predicted": int(len(lomo)),
                     "ops_uncovered": len(uncovered),
@@ -592,7 +612,7 @@ def leave_one_model_out(
                     "in_sample_mape_p90_pct": insample_p90,
                 }
             )
-    return out
+    return sorted(out, key=lambda row: (str(row["model_id"]), *(row[c] for c in GROUP_COLUMNS)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,7 +643,7 @@ class FitReport:
 
 
 def fit_frame(
-    frame: "pl.DataFrame",
+    frame: pl.DataFrame,
     *,
     generation: int,
     inventories: dict[str, dict[str, Any]] | None = None,
@@ -636,7 +656,8 @@ def fit_frame(
     models = {data.key: fit_group(data, folds=folds, generation=generation) for data in datas}
     lomo = leave_one_model_out(datas, models, inventories or {})
     groups = [
-        {**dict(zip(GROUP_COLUMNS, key)), "classes": model.reports} for key, model in models.items()
+        {**dict(zip(GROUP_COLUMNS, key, strict=True)), "classes": model.reports}
+        for key, model in models.items()
     ]
     return models, FitReport(
         generation=generation, folds=folds, groups=groups, lomo=lomo, versions=library_versions()
@@ -658,7 +679,7 @@ def serialize_group(model: GroupModel, versions: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-def read_inventories(store: "Store") -> dict[str, dict[str, Any]]:
+def read_inventories(store: Store) -> dict[str, dict[str, Any]]:
     """Every inventory document of the store (inventories/<model_key>[/<backend>].json), by key."""
     from dooly.store.shards import read_json
 
@@ -682,7 +703,7 @@ def inventories_by_model(inventories: dict[str, dict[str, Any]]) -> dict[str, di
     return merged
 
 
-def fit_store(store: "Store", *, folds: int = DEFAULT_FOLDS) -> FitReport:
+def fit_store(store: Store, *, folds: int = DEFAULT_FOLDS) -> FitReport:
     """Fit the store's current snapshot and persist the models under models/gen-<generation>/.
 
     All model files are serialised before anything is written, and meta.json (what readers look
@@ -702,20 +723,20 @@ def fit_store(store: "Store", *, folds: int = DEFAULT_FOLDS) -> FitReport:
     inventories = read_inventories(store)
     models, report = fit_frame(frame, generation=generation, inventories=inventories, folds=folds)
     prefix = _generation_prefix(generation)
-    blobs = {f"{prefix}{group_slug(key)}{MODEL_SUFFIX}": serialize_group(m, report.versions) for key, m in models.items()}
+    blobs = {
+        f"{prefix}{group_slug(key)}{MODEL_SUFFIX}": serialize_group(m, report.versions)
+        for key, m in models.items()
+    }
     meta_key = f"{prefix}{META_NAME}"
     meta = {
         "format": MODEL_FORMAT_VERSION,
         "schema_version": SCHEMA_VERSION,
         "generation": generation,
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": datetime.now(UTC).isoformat(),
         "versions": report.versions,
         "folds": folds,
         "inventories": sorted(inventories),
-        "groups": [
-            {**g, "key": key}
-            for g, key in zip(report.groups, blobs)
-        ],
+        "groups": [{**g, "key": key} for g, key in zip(report.groups, blobs, strict=True)],
         "leave_one_model_out": report.lomo,
     }
     written: list[str] = []
@@ -738,10 +759,12 @@ def fit_store(store: "Store", *, folds: int = DEFAULT_FOLDS) -> FitReport:
 # Loading
 
 
-def latest_meta_key(store: "Store") -> str:
+def latest_meta_key(store: Store) -> str:
     keys = [k for k in store.list_keys(MODELS_PREFIX) if GENERATION_RE.match(k)]
     if not keys:
-        raise DoolyError(f"store {store.uri} holds no fitted models: run `dooly fit --store {store.uri}` first")
+        raise DoolyError(
+            f"store {store.uri} holds no fitted models: run `dooly fit --store {store.uri}` first"
+        )
     return max(keys, key=lambda k: int(GENERATION_RE.match(k).group(1)))
 
 
@@ -752,7 +775,8 @@ def check_versions(meta: dict[str, Any], where: str) -> None:
 
     if meta.get("format") != MODEL_FORMAT_VERSION:
         raise DoolyError(
-            f"{where}: model format {meta.get('format')}, this Dooly reads {MODEL_FORMAT_VERSION}: run `dooly fit` again"
+            f"{where}: model format {meta.get('format')}, this Dooly reads {MODEL_FORMAT_VERSION}: "
+            f"run `dooly fit` again"
         )
     fitted_with = meta.get("versions", {}).get("scikit-learn")
     if fitted_with != sklearn.__version__:
@@ -762,7 +786,9 @@ def check_versions(meta: dict[str, Any], where: str) -> None:
         )
 
 
-def load_group(store: "Store", *, platform: str, engine: str, backend: str, dtype: str) -> tuple[GroupModel, dict[str, Any]]:
+def load_group(
+    store: Store, *, platform: str, engine: str, backend: str, dtype: str
+) -> tuple[GroupModel, dict[str, Any]]:
     import joblib
 
     from dooly.store.shards import read_json
@@ -778,22 +804,29 @@ def load_group(store: "Store", *, platform: str, engine: str, backend: str, dtyp
             try:
                 payload = joblib.load(io.BytesIO(store.get_bytes(entry["key"])))
             except FileNotFoundError as exc:
-                raise DoolyError(f"store {store.uri}: {entry['key']} listed in {meta_key} is missing") from exc
+                raise DoolyError(
+                    f"store {store.uri}: {entry['key']} listed in {meta_key} is missing"
+                ) from exc
             except Exception as exc:
                 raise DoolyError(f"store {store.uri}: cannot load {entry['key']}: {exc}") from exc
-            check_versions({"format": payload.get("format"), "versions": payload.get("versions", {})}, entry["key"])
+            check_versions(
+                {"format": payload.get("format"), "versions": payload.get("versions", {})}, entry["key"]
+            )
             return payload["group"], meta
     fitted = sorted({"/".join(str(e.get(k)) for k in GROUP_COLUMNS) for e in meta.get("groups", [])})
     for name, value in wanted.items():
         known = sorted({str(e.get(name)) for e in meta.get("groups", [])})
         if value not in known:
-            raise DoolyError(f"no fitted models for {name} {value!r} in {store.uri}; known: {', '.join(known)}")
+            raise DoolyError(
+                f"no fitted models for {name} {value!r} in {store.uri}; known: {', '.join(known)}"
+            )
     raise DoolyError(
-        f"no fitted models for {platform}/{engine}/{backend}/{dtype} in {store.uri}; fitted: {', '.join(fitted)}"
+        f"no fitted models for {platform}/{engine}/{backend}/{dtype} in {store.uri}; "
+        f"fitted: {', '.join(fitted)}"
     )
 
 
-def load_predictor(store: "Store", *, platform: str, engine: str, backend: str, dtype: str) -> "Predictor":
+def load_predictor(store: Store, *, platform: str, engine: str, backend: str, dtype: str) -> Predictor:
     """The newest fitted models of one platform/engine/backend/dtype, ready to predict."""
     from dooly.fit.predictor import Predictor
 

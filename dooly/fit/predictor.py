@@ -8,8 +8,10 @@ engine step take" for a batch composition, in a few microseconds:
   exact for values below DENSE_LIMIT and log-interpolated above, so a step costs one lookup per
   variable however many operations the model has;
 - attention and multi-variable operations with linear models collapse into one coefficient vector
-  over request terms per sliding window (see features.py);
-- the rest (tree-corrected models of unseen attention ops) are evaluated per call.
+  over request terms per sliding window and batch regime (see features.py);
+- non-linear ones (tree-corrected class models of unseen attention ops) are replaced by linear
+  surrogates fitted to them on the class's measured batches, or, with `exact=True`, evaluated
+  per call (tens of microseconds).
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ DENSE_LIMIT = 1 << 14
 PER_OCTAVE = 64
 LOG_TABLE_MAX = float(1 << 36)
 LOG2_DENSE = math.log2(DENSE_LIMIT)
-LOG_GRID = DENSE_LIMIT * np.exp2(np.arange(int((math.log2(LOG_TABLE_MAX) - LOG2_DENSE) * PER_OCTAVE) + 1) / PER_OCTAVE)
+LOG_GRID = DENSE_LIMIT * np.exp2(
+    np.arange(int((math.log2(LOG_TABLE_MAX) - LOG2_DENSE) * PER_OCTAVE) + 1) / PER_OCTAVE
+)
 LOG2_GRID = np.log2(LOG_GRID)
 TABLE_GRID = np.concatenate([np.arange(DENSE_LIMIT, dtype=np.float64), LOG_GRID])
 # A surrogate needs a few more points than its (at most nine) terms.
@@ -203,7 +207,7 @@ class Predictor:
             out[rows] = model.predict_terms(_row_terms(model, numeric, seqs, rows))
         return (out, unseen) if return_unseen else out
 
-    def step_predictor(self, inventory: Mapping[str, Any], *, exact: bool = False) -> "StepPredictor":
+    def step_predictor(self, inventory: Mapping[str, Any], *, exact: bool = False) -> StepPredictor:
         """Precompute a model inventory's per-op structure for fast step predictions.
 
         Non-linear class models of attention and multi-variable ops (tree-corrected, for unseen
@@ -367,7 +371,11 @@ class StepPredictor:
             top = max(decode_ctx) + 1
             if top > max_kv:
                 max_kv = top
-            zeros = decode_ctx.count(0) if isinstance(decode_ctx, (list, tuple)) else int(np.sum(np.asarray(decode_ctx) == 0))
+            zeros = (
+                decode_ctx.count(0)
+                if isinstance(decode_ctx, (list, tuple))
+                else int(np.sum(np.asarray(decode_ctx) == 0))
+            )
             d += nd - zeros
         else:
             kd = 0
@@ -376,7 +384,9 @@ class StepPredictor:
         return t, b, kv + kd, d, pairs + kd, b * max_q * max_kv, top
 
     @staticmethod
-    def _windowed(prefill, decode_ctx, window: int, k: int, pairs: int, decode_top: int) -> tuple[float, float]:
+    def _windowed(
+        prefill, decode_ctx, window: int, k: int, pairs: int, decode_top: int
+    ) -> tuple[float, float]:
         """S and causal pairs under a sliding window (K and the full pairs when there is none)."""
         if window <= 0:
             return k, pairs
@@ -424,19 +434,25 @@ class StepPredictor:
         if self._scalar_linear or self._nonlinear:
             regime = regime_scalar(d, b)
             for window, by_regime in self._scalar_linear:
-                s, wp = self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
+                s, wp = (
+                    self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
+                )
                 terms = self._term_list(t, b, k, d, s, wp, padded)
                 for i, c in by_regime[regime]:
                     total += c * terms[i]
             for _, count, model, window in self._nonlinear:
-                s, wp = self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
+                s, wp = (
+                    self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
+                )
                 row = np.array([self._term_list(t, b, k, d, s, wp, padded)])
                 total += count * float(model.predict_terms(row)[0])
         return total
 
     # -- array path --------------------------------------------------------------------------
 
-    def _class_seconds(self, q: np.ndarray, ctx: np.ndarray, step: np.ndarray, n_steps: int, per_class: bool) -> np.ndarray:
+    def _class_seconds(
+        self, q: np.ndarray, ctx: np.ndarray, step: np.ndarray, n_steps: int, per_class: bool
+    ) -> np.ndarray:
         """(n_steps,) totals, or (n_steps, n_classes) when per_class."""
         n_cls = len(self.classes)
         out = np.zeros((n_steps, n_cls)) if per_class else np.zeros(n_steps)
@@ -448,7 +464,9 @@ class StepPredictor:
         for var in self._dense:
             x = base[var]
             if per_class:
-                vals = np.stack([lookup_many(self._dense[var][ci], self._log[var][ci], x) for ci in range(n_cls)], axis=1)
+                vals = np.stack(
+                    [lookup_many(self._dense[var][ci], self._log[var][ci], x) for ci in range(n_cls)], axis=1
+                )
             else:
                 vals = lookup_many(self._dense_total[var], self._log_total[var], x)
             out += vals
@@ -469,32 +487,46 @@ class StepPredictor:
                         out += vals
         return out
 
-    def step_seconds_arrays(self, q: np.ndarray, ctx: np.ndarray, step: np.ndarray, n_steps: int) -> np.ndarray:
+    def step_seconds_arrays(
+        self, q: np.ndarray, ctx: np.ndarray, step: np.ndarray, n_steps: int
+    ) -> np.ndarray:
         """Many steps at once from flat per-sequence arrays: query length, context, step index."""
         return self._class_seconds(
-            np.asarray(q, dtype=np.int64), np.asarray(ctx, dtype=np.int64), np.asarray(step, dtype=np.int64), n_steps, False
+            np.asarray(q, dtype=np.int64),
+            np.asarray(ctx, dtype=np.int64),
+            np.asarray(step, dtype=np.int64),
+            n_steps,
+            False,
         )
 
-    def step_seconds_many(self, steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]) -> np.ndarray:
+    def step_seconds_many(
+        self, steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]
+    ) -> np.ndarray:
         """Latency of many steps, each (prefill chunks, decode contexts)."""
-        q, ctx, step = _flatten(steps)
+        q, ctx, step = flatten_steps(steps)
         return self.step_seconds_arrays(q, ctx, step, len(steps))
 
     def breakdown(self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> dict[str, float]:
         """One step's latency by operation class (sums to `step_seconds`)."""
-        q, ctx, step = _flatten([(prefill, decode_ctx)])
+        q, ctx, step = flatten_steps([(prefill, decode_ctx)])
         row = self._class_seconds(q, ctx, step, 1, True)[0]
-        return {c: float(v) for c, v in zip(self.classes, row)}
+        return {c: float(v) for c, v in zip(self.classes, row, strict=True)}
 
-    def op_seconds(self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> list[dict[str, Any]]:
+    def op_seconds(
+        self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]
+    ) -> list[dict[str, Any]]:
         """Per inventory operation: seconds per execution, count, and whether it was unseen."""
-        q, ctx, step = _flatten([(prefill, decode_ctx)])
+        q, ctx, step = flatten_steps([(prefill, decode_ctx)])
         rows = []
         for model, count, unseen in self.entries:
             window = model.window if model.family == FAMILY_ATTENTION else self.model_window
             terms = term_matrix(seqs_aggregates(q, ctx, step, 1, np.full(len(q), window, dtype=np.int64)), 1)
             only = model.single_var
-            seconds = float(model.predict_terms(terms)[0]) if only is None or terms[0, TERM_INDEX[only]] > 0 else 0.0
+            seconds = (
+                float(model.predict_terms(terms)[0])
+                if only is None or terms[0, TERM_INDEX[only]] > 0
+                else 0.0
+            )
             rows.append(
                 {
                     "signature": model.signature,
@@ -509,7 +541,9 @@ class StepPredictor:
         return rows
 
 
-def _flatten(steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def flatten_steps(
+    steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flat per-sequence arrays (query length, context, step index) of many steps."""
     chunks = [pair for prefill, _ in steps for pair in prefill]
     decode = [c for _, decode_ctx in steps for c in decode_ctx]

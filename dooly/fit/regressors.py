@@ -262,7 +262,7 @@ class TreeEnsemble:
     depth: int
 
     @classmethod
-    def from_hist_gbr(cls, estimator: Any) -> "TreeEnsemble":
+    def from_hist_gbr(cls, estimator: Any) -> TreeEnsemble:
         """Copy the trees of a fitted HistGradientBoostingRegressor (one output, no categorical
         features, no missing values: what this package fits)."""
         features, thresholds, lefts, rights, values, roots = [], [], [], [], [], []
@@ -407,7 +407,9 @@ class BoundClassModel(OpModel):
         physical = terms[:, self.static.term_index] * self.static.multiplier
         logx = np.empty((n, 0))
         if self.model.regressor.needs_logx:
-            logx = log_design(terms, physical, np.broadcast_to(self.config, (n, len(self.config))), self.var_mask)
+            logx = log_design(
+                terms, physical, np.broadcast_to(self.config, (n, len(self.config))), self.var_mask
+            )
         return self.factor * self.model.regressor.predict(physical, logx, regime_of(terms))
 
     def linear_terms(self) -> np.ndarray | None:

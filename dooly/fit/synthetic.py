@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,9 @@ def elementwise_seconds(elements: np.ndarray, inputs: int) -> np.ndarray:
     return LAUNCH_S + ELEMENT_BYTES * (inputs + 1) * elements / BYTES_PER_S
 
 
-def attention_seconds(seqs_per_point: Sequence[Sequence[Sequence[int]]], heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+def attention_seconds(
+    seqs_per_point: Sequence[Sequence[Sequence[int]]], heads: int, kv_heads: int, head_dim: int
+) -> np.ndarray:
     """Causal attention work plus KV reads; decode-only batches take another kernel path that
     reaches a lower share of the bandwidth (a regime change, as real attention kernels have)."""
     agg = aggregates_from_seqs(seqs_per_point, 0)
@@ -193,10 +195,12 @@ def true_seconds(operation: dict[str, Any], request: dict[str, Any]) -> np.ndarr
     )
 
 
-def snapshot_rows(models: Sequence[ToyModel] = TOY_MODELS, *, seed: int = 0, platform: str = PLATFORM) -> list[dict[str, Any]]:
+def snapshot_rows(
+    models: Sequence[ToyModel] = TOY_MODELS, *, seed: int = 0, platform: str = PLATFORM
+) -> list[dict[str, Any]]:
     """Rows for every distinct signature of `models`, measured with noise on its grid."""
     rng = np.random.default_rng(seed)
-    created = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    created = datetime(2025, 1, 1, tzinfo=UTC)
     seen: set[str] = set()
     rows: list[dict[str, Any]] = []
     for model in models:
@@ -208,30 +212,43 @@ def snapshot_rows(models: Sequence[ToyModel] = TOY_MODELS, *, seed: int = 0, pla
     return rows
 
 
-def _operation_rows(operation: dict[str, Any], rng: np.random.Generator, created: datetime, platform: str) -> list[dict[str, Any]]:
+def _operation_rows(
+    operation: dict[str, Any], rng: np.random.Generator, created: datetime, platform: str
+) -> list[dict[str, Any]]:
     if operation["op"] == "attention":
         seqs = attention_points()
         agg = aggregates_from_seqs(seqs, 0)
         request = {"seqs": seqs}
         points = [
-            {"T": int(agg["T"][j]), "B": int(agg["B"][j]), "K": int(agg["K"][j]), "D": int(agg["D"][j]), "key": {"seqs": s}}
+            {
+                "T": int(agg["T"][j]),
+                "B": int(agg["B"][j]),
+                "K": int(agg["K"][j]),
+                "D": int(agg["D"][j]),
+                "key": {"seqs": s},
+            }
             for j, s in enumerate(seqs)
         ]
     else:
         var = operation["request_vars"][0]
         grid = T_GRID if var == "T" else B_GRID
         request = {var: np.array(grid)}
-        points = [{"T": v if var == "T" else 0, "B": v if var == "B" else 0, "K": 0, "D": 0, "key": {var: v}} for v in grid]
+        points = [
+            {"T": v if var == "T" else 0, "B": v if var == "B" else 0, "K": 0, "D": 0, "key": {var: v}}
+            for v in grid
+        ]
     truth = true_seconds(operation, request)
     measured = truth * np.exp(rng.normal(0.0, NOISE_SIGMA, size=len(truth)))
     rows = []
-    for point, seconds in zip(points, measured):
+    for point, seconds in zip(points, measured, strict=True):
         rows.append(
             {
                 "signature": operation["signature"],
                 "op": operation["op"],
                 "op_class": operation["op_class"],
-                "signature_json": json.dumps({"op": operation["op"], "config": operation["config_dims"]}, sort_keys=True),
+                "signature_json": json.dumps(
+                    {"op": operation["op"], "config": operation["config_dims"]}, sort_keys=True
+                ),
                 "config_dims": json.dumps(operation["config_dims"], sort_keys=True),
                 "request_vars": json.dumps(operation["request_vars"]),
                 "phase": "any",

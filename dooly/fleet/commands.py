@@ -327,11 +327,16 @@ def demo_command(store, models, backends, shards, secrets_file, output_format) -
       dooly demo --store ./my-db --shards 4 --output json
     """
     from dooly.fleet.demo import DEMO_OUT_DIR, DEMO_STORE_DIR, demo_spec, run_demo
+    from dooly.profile.provenance import detect_platform
 
     store = store or str(Path(DEMO_OUT_DIR) / DEMO_STORE_DIR)
     spec = demo_spec(store, models=models, backends=backends, shards=shards)
     report = run_demo(
-        spec, executor=LocalExecutor(secrets_file=secrets_file), env=dict(os.environ), run_id=jobs.new_run_id()
+        spec,
+        executor=LocalExecutor(secrets_file=secrets_file),
+        env=dict(os.environ),
+        run_id=jobs.new_run_id(),
+        platform=detect_platform("cpu"),
     )
     if output_format == "json":
         emit_json(report.to_json())

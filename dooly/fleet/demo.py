@@ -38,7 +38,13 @@ NESTED_METRIC_DEPTH = 2
 
 @dataclass
 class ProfileTotals:
-    """What the profiling pods report, summed over shards and backends."""
+    """What the profiling pods of the run report, over shards and backends.
+
+    Device-seconds are the pods' own (each shard measures a disjoint part): they add up. Signature
+    counts are the whole Job's plan: each pod lists them per model (the first model to need a
+    signature profiles it, later ones reuse it), the same on every shard, so one pod per Job tells
+    them; a pod without that list contributes its own counts.
+    """
 
     profiled_signatures: int = 0
     reused_signatures: int = 0
@@ -46,12 +52,20 @@ class ProfileTotals:
     baseline_device_seconds: float = 0.0
     pods: int = 0
 
-    def add(self, payload: Mapping[str, Any]) -> None:
-        self.profiled_signatures += _count(payload.get("profiled_signatures"))
-        self.reused_signatures += _count(payload.get("reused_signatures"))
-        self.device_seconds += float(payload.get("device_seconds") or 0.0)
-        self.baseline_device_seconds += float(payload.get("baseline_device_seconds") or 0.0)
-        self.pods += 1
+    def add_job(self, payloads: Sequence[Mapping[str, Any]]) -> None:
+        """Account the outputs of one profiling Job's pods."""
+        for payload in payloads:
+            self.device_seconds += float(payload.get("device_seconds") or 0.0)
+            self.baseline_device_seconds += float(payload.get("baseline_device_seconds") or 0.0)
+            self.pods += 1
+        per_model = payloads[0].get("models") if payloads else None
+        if per_model:
+            self.profiled_signatures += sum(_count(m.get("profiled_signatures")) for m in per_model)
+            self.reused_signatures += sum(_count(m.get("reused_signatures")) for m in per_model)
+            return
+        for payload in payloads:
+            self.profiled_signatures += _count(payload.get("profiled_signatures"))
+            self.reused_signatures += _count(payload.get("reused_signatures"))
 
     @property
     def saved_seconds(self) -> float:
@@ -122,15 +136,27 @@ def demo_spec(
     return spec
 
 
-def run_demo(spec: FleetSpec, *, executor: LocalExecutor, env: Mapping[str, str], run_id: str) -> DemoReport:
-    """Profile (sharded), merge and fit, then simulate every (model, backend); stops at the first failed Job."""
+def run_demo(
+    spec: FleetSpec, *, executor: LocalExecutor, env: Mapping[str, str], run_id: str, platform: str
+) -> DemoReport:
+    """Profile (sharded), merge and fit, then simulate every (model, backend); stops at the first failed Job.
+
+    `platform` is this machine's platform name, the one the profiling pods record with
+    `--platform auto`: the simulations use the regressors fitted for it.
+    """
     pairs = list(dict.fromkeys((t.engine.name, t.backend) for t in spec.targets()))
     backends = tuple(dict.fromkeys(backend for _, backend in pairs))
     report = DemoReport(run_id=run_id, store=spec.store, models=spec.models, backends=backends)
     profile_jobs = jobs.build_profile_jobs(spec, run_id=run_id)
     merge_job = jobs.build_merge_job(spec, run_id=run_id, suspend=False)
     simulate_jobs = [
-        (model, backend, jobs.build_simulate_job(spec, run_id=run_id, model=model, engine=engine, backend=backend))
+        (
+            model,
+            backend,
+            jobs.build_simulate_job(
+                spec, run_id=run_id, model=model, engine=engine, backend=backend, platform=platform
+            ),
+        )
         for engine, backend in pairs
         for model in spec.models
     ]
@@ -146,8 +172,7 @@ def run_demo(spec: FleetSpec, *, executor: LocalExecutor, env: Mapping[str, str]
             report.failed = result
             return report
         if manifest is not merge_job:
-            for output in result.outputs(PROFILE_CONTAINER):
-                report.totals.add(_parse_json(output, result.name))
+            report.totals.add_job([_parse_json(out, result.name) for out in result.outputs(PROFILE_CONTAINER)])
 
     workers = max(1, min(len(simulate_jobs), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="simulate") as pool:

@@ -115,6 +115,8 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
         *spec.models,
         "--store", spec.store,
         "--platform", "auto",
+        # A GPU pod must not quietly measure its CPU when no GPU is visible (and a CPU pool never a GPU).
+        "--device", "cuda" if gpu.gpus else "cpu",
         "--engine", engine.name,
         "--attention", backend,
         *_dtype_flag(spec),

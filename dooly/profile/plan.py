@@ -53,7 +53,7 @@ class Plan:
     traces: list[Trace]
     stale_signatures: int = 0
     point_seconds: float = 0.0
-    sources: dict[str, str] = field(default_factory=dict)  # model_id -> what the user named
+    sources: dict[str, Any] = field(default_factory=dict)  # model_id -> ModelSpec to build it again
 
     def work(self, shard_index: int = 0, shard_count: int = 1) -> list[WorkItem]:
         """This pod's share of the missing work: a deterministic split by signature hash."""

@@ -90,9 +90,42 @@ class ProfileReport:
 
 def trace_all(models: list[str], backend: str, dtype: str) -> list[Trace]:
     """Trace every model before anything is written: a model that fails leaves the store untouched."""
+    return [load_or_trace(model, backend, dtype)[0] for model in models]
+
+
+def load_or_trace(model: str, backend: str, dtype: str) -> tuple[Trace, Any]:
+    """A model to trace now, or a trace file written by `dooly trace --out` (traced elsewhere, for
+    instance on a controller whose torch keeps every request dim symbolic)."""
+    from dooly.models.registry import ModelSpec, resolve_model
     from dooly.trace.tracer import trace_model
 
-    return [trace_model(model, phase="mixed", backend=backend, dtype=dtype) for model in models]
+    trace = _read_trace_file(model)
+    if trace is None:
+        return trace_model(model, phase="mixed", backend=backend, dtype=dtype), resolve_model(model)
+    if (trace.backend, trace.dtype, trace.phase) != (backend, dtype, "mixed"):
+        raise DoolyError(
+            f"trace {model} is for backend {trace.backend}, dtype {trace.dtype}, phase {trace.phase}; "
+            f"this run profiles backend {backend}, dtype {dtype}, phase mixed"
+        )
+    return trace, ModelSpec(model_id=trace.model_id, config=trace.config, source=model)
+
+
+def _read_trace_file(path_text: str) -> Trace | None:
+    from pathlib import Path
+
+    path = Path(path_text)
+    if not (path.is_file() and path.suffix == ".json"):
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not (isinstance(payload, dict) and "format_version" in payload and "operations" in payload):
+        return None
+    try:
+        return Trace.from_dict(payload)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DoolyError(f"trace file {path} is malformed: {type(exc).__name__}: {exc}") from exc
 
 
 def prepare(models: list[str], store: Any, options: ProfileOptions) -> tuple[Plan, str]:
@@ -103,11 +136,12 @@ def prepare(models: list[str], store: Any, options: ProfileOptions) -> tuple[Pla
         raise DoolyError(f"--shard-index {options.shard_index} is not in [0, {options.shard_count})")
     device = detect_device(options.device)
     platform = resolve_platform(options.platform, device)
-    traces = trace_all(models, options.backend, options.dtype)
+    loaded = [load_or_trace(model, options.backend, options.dtype) for model in models]
+    traces = [trace for trace, _ in loaded]
     stack = current_stack(device=device, platform=platform, engine=ENGINE_NAME, engine_version=engine_version(),
                           backend=options.backend, dtype=options.dtype, block_size=DEFAULT_BLOCK_SIZE)
     plan = build_plan(traces, store, stack, options.grid)
-    plan.sources = {trace.model_id: model for trace, model in zip(traces, models)}
+    plan.sources = {trace.model_id: spec for trace, spec in loaded}
     return plan, device
 
 
@@ -211,11 +245,11 @@ class _AttentionEngines:
         if model_id not in self.cache:
             import torch
 
-            from dooly.models.registry import build_hf_config, resolve_model
+            from dooly.models.registry import build_hf_config
             from dooly.profile.attention import EngineAttention
             from dooly.trace.tracer import DTYPES, layer_plan
 
-            hf_config = build_hf_config(resolve_model(self.plan.sources[model_id]))
+            hf_config = build_hf_config(self.plan.sources[model_id])
             period, _ = layer_plan(hf_config.get_text_config())
             grid = self.options.grid
             self.cache = {}  # one model's engine on the device at a time

@@ -193,8 +193,11 @@ def simulate(
 ) -> SimResult:
     """Serve `requests` on one replica and return what happened to each request and step.
 
+    The scheduler keeps its state (KV blocks, queues): give each run a fresh one.
     `record_token_times` keeps every token's delivery time (for TBT distributions);
     `record_batches` keeps each step's (prefill, decode_ctx) composition (for replays)."""
+    if scheduler.has_unfinished():
+        raise ValueError("the scheduler still holds requests from another run: give simulate a fresh one")
     wall_start = time.perf_counter()
     overhead = cpu_overhead or CpuOverheadModel.zero()
     seqs = [Seq(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens) for r in requests]

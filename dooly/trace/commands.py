@@ -17,6 +17,8 @@ from dooly.trace.schema import MEASURED_KINDS
 PHASE_CHOICES = ("prefill", "decode", "mixed")
 # Rows of the readable inventory; the trace file always holds every operation.
 SUMMARY_ROWS = 25
+# mkstemp creates private files; a trace is a shareable artifact.
+TRACE_FILE_MODE = 0o644
 
 
 @click.command("trace")
@@ -90,6 +92,7 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     try:
         with os.fdopen(handle, "w") as stream:
             json.dump(payload, stream, indent=1, sort_keys=True)
+        os.chmod(temp_name, TRACE_FILE_MODE)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

@@ -188,6 +188,7 @@ class Trace:
     operations: list[Operation]
     collectives: list[Operation] = field(default_factory=list)
     seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)  # the config facts traced: a trace stands alone
 
     def signatures(self, kinds: tuple[str, ...] = MEASURED_KINDS) -> dict[str, Operation]:
         found: dict[str, Operation] = {}
@@ -240,6 +241,7 @@ class Trace:
             "seconds": self.seconds,
             "operations": [op.to_dict() for op in self.operations],
             "collectives": [op.to_dict() for op in self.collectives],
+            "config": self.config,
         }
 
     @classmethod
@@ -260,6 +262,7 @@ class Trace:
             operations=[Operation.from_dict(o) for o in payload["operations"]],
             collectives=[Operation.from_dict(o) for o in payload.get("collectives", [])],
             seconds=float(payload.get("seconds", 0.0)),
+            config=payload.get("config", {}),
         )
 
 

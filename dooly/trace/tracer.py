@@ -139,7 +139,7 @@ def trace_model(
         probe = _trace_pass(probe_cfg, phase, backend, torch_dtype, probe_batch, probe_window, engine_probe, tp_plan)
     except DoolyError:
         raise
-    except Exception as exc:  # the model's own code failed under shape-only execution
+    except Exception as exc:  # noqa: BLE001 - the model's own code failed under shape-only execution
         raise DoolyError(f"tracing {spec.model_id} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
 
     probe_full = dict(full)
@@ -163,6 +163,7 @@ def trace_model(
         operations=operations,
         collectives=collectives,
         seconds=time.perf_counter() - started,
+        config={k: v for k, v in spec.config.items() if not k.startswith("_")},
     )
 
 
@@ -273,7 +274,22 @@ def _trace_pass(
         with modules, capture_attention(recorder, backend), capture_collectives(recorder, model, tp_plan):
             with recorder, torch.no_grad():
                 engine.run_step(symbolic)
+    _check_not_specialized(shape_env, symbols)
     return _Pass(events=recorder.events, symbols=symbols, point=values)
+
+
+def _check_not_specialized(shape_env: Any, symbols: dict[sympy.Symbol, str]) -> None:
+    """A request symbol pinned to its hint would be labelled a constant: refuse rather than mislabel.
+
+    Seen with torch 2.11, whose fake-tensor size handler turns a symbolic size into an int inside
+    some composite ops (matmul in rotary embeddings); torch 2.13 keeps it symbolic."""
+    pinned = [name for symbol, name in symbols.items() if symbol in shape_env.replacements]
+    if pinned:
+        raise DoolyError(
+            f"torch {torch.__version__} specialised the request dims {', '.join(sorted(pinned))} while tracing, "
+            "so their labels would be wrong; trace with torch 2.13 (`dooly trace --out FILE`) and pass the "
+            "trace file to `dooly profile`"
+        )
 
 
 def _symbolize(

@@ -58,19 +58,27 @@ def test_matmul_features_are_flops_and_bytes():
     for _ in range(20):
         k, n = (int(v) for v in rng.integers(16, 20000, size=2))
         tokens = rng.integers(1, 5000, size=8).astype(float)
-        static = static_features(FAMILY_MATMUL, "aten.mm.default", {"in0.1": k, "in1.0": k, "in1.1": n}, ["T"])
+        static = static_features(
+            FAMILY_MATMUL, "aten.mm.default", {"in0.1": k, "in1.0": k, "in1.1": n}, ["T"]
+        )
         terms = term_matrix({"T": tokens}, len(tokens))
-        design = physical_design(terms, np.tile(static.term_index, (8, 1)), np.tile(static.multiplier, (8, 1)))
-        columns = dict(zip(MATMUL_FEATURES, design.T))
+        design = physical_design(
+            terms, np.tile(static.term_index, (8, 1)), np.tile(static.multiplier, (8, 1))
+        )
+        columns = dict(zip(MATMUL_FEATURES, design.T, strict=True))
         np.testing.assert_allclose(columns["flops"], tokens * k * n)
-        np.testing.assert_allclose(columns["bytes_request"] + columns["bytes_static"], tokens * k + k * n + tokens * n)
+        np.testing.assert_allclose(
+            columns["bytes_request"] + columns["bytes_static"], tokens * k + k * n + tokens * n
+        )
 
 
 def test_addmm_reads_its_matrices_from_inputs_one_and_two():
     static = static_features(
         FAMILY_MATMUL, "aten.addmm.default", {"in0.0": 300, "in1.1": 200, "in2.0": 200, "in2.1": 300}, ["T"]
     )
-    flops = dict(zip(MATMUL_FEATURES, zip(static.term_index, static.multiplier)))["flops"]
+    flops = dict(zip(MATMUL_FEATURES, zip(static.term_index, static.multiplier, strict=True), strict=True))[
+        "flops"
+    ]
     assert flops == (TERM_INDEX["T"], 200.0 * 300.0)
 
 
@@ -93,4 +101,6 @@ def test_tree_ensemble_matches_scikit_learn():
     with threadpool_limits(limits=1, user_api="openmp"):  # OpenMP spin-waits on a busy 2-core box
         fitted = HistGradientBoostingRegressor(min_samples_leaf=5, **GBT_PARAMS).fit(x, y)
         expected = fitted.predict(probe)
-    np.testing.assert_allclose(TreeEnsemble.from_hist_gbr(fitted).predict(probe), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        TreeEnsemble.from_hist_gbr(fitted).predict(probe), expected, rtol=1e-12, atol=1e-12
+    )

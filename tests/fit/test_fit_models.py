@@ -61,7 +61,11 @@ def test_never_profiled_model_is_predicted_from_config_dims(predictor):
             agg_request = {"seqs": seqs, "T": [300, 12, 130], "B": [1, 12, 3], "K": [300, 10812, 2944]}
         else:
             # Off the profiled grid, but on tile multiples (see the step-latency test).
-            values = np.array([2, 40, 320, 1536, 4032]) if op["request_vars"] == ["T"] else np.array([1, 8, 100, 250])
+            values = (
+                np.array([2, 40, 320, 1536, 4032])
+                if op["request_vars"] == ["T"]
+                else np.array([1, 8, 100, 250])
+            )
             agg_request = {"T": values, "B": values}
         n = len(agg_request["T"])
         got, unseen = predictor.predict_ops(
@@ -75,7 +79,11 @@ def test_never_profiled_model_is_predicted_from_config_dims(predictor):
         )
         assert unseen.all()
         truth = syn.true_seconds(op, agg_request)
-        assert np.max(np.abs(got / truth - 1)) < UNSEEN_TRUTH_TOLERANCE, (op["op_class"], op["config_dims"], got / truth)
+        assert np.max(np.abs(got / truth - 1)) < UNSEEN_TRUTH_TOLERANCE, (
+            op["op_class"],
+            op["config_dims"],
+            got / truth,
+        )
 
 
 def test_leave_one_model_out_report(fitted):
@@ -113,7 +121,9 @@ def test_scalar_and_batched_step_paths_agree(predictor):
     rng = np.random.default_rng(11)
     steps = []
     for _ in range(300):
-        prefill = [(int(rng.integers(1, 3000)), int(rng.integers(0, 30000))) for _ in range(int(rng.integers(0, 3)))]
+        prefill = [
+            (int(rng.integers(1, 3000)), int(rng.integers(0, 30000))) for _ in range(int(rng.integers(0, 3)))
+        ]
         decode = rng.integers(1, 40000, size=int(rng.integers(0 if prefill else 1, 300))).tolist()
         steps.append((prefill, decode))
     # A sliding-window model (never profiled): its attention and S terms take the windowed path.
@@ -129,14 +139,24 @@ def test_scalar_and_batched_step_paths_agree(predictor):
     plain = predictor.step_predictor(syn.inventory(syn.UNSEEN_MODEL))
     long_context = ([(64, 20000)], [30000] * 8)
     windowed_step = predictor.step_predictor(windowed)
-    assert windowed_step.breakdown(*long_context)[syn.ATTENTION_CLASS] < plain.breakdown(*long_context)[syn.ATTENTION_CLASS]
+    assert (
+        windowed_step.breakdown(*long_context)[syn.ATTENTION_CLASS]
+        < plain.breakdown(*long_context)[syn.ATTENTION_CLASS]
+    )
 
 
 def test_unknown_op_class_is_a_clear_error(predictor):
     inventory = {
         "model_id": "x",
         "operations": [
-            {"signature": "f" * 32, "op": "aten.cumsum.default", "op_class": "aten.cumsum.default", "config_dims": {}, "request_vars": ["T"], "count": 1}
+            {
+                "signature": "f" * 32,
+                "op": "aten.cumsum.default",
+                "op_class": "aten.cumsum.default",
+                "config_dims": {},
+                "request_vars": ["T"],
+                "count": 1,
+            }
         ],
     }
     with pytest.raises(DoolyError, match="aten.cumsum.default"):
@@ -157,7 +177,9 @@ def test_training_rows_refuse_bad_snapshots():
 
 def test_oom_rows_and_duplicates_are_not_training_data():
     frame = syn.snapshot_frame([syn.TOY_MODELS[0]])
-    oom = frame.head(5).with_columns(pl.lit("oom").alias("status"), pl.lit(None, dtype=pl.Float64).alias("latency_median_s"))
+    oom = frame.head(5).with_columns(
+        pl.lit("oom").alias("status"), pl.lit(None, dtype=pl.Float64).alias("latency_median_s")
+    )
     kept = training_rows(pl.concat([frame, oom]))
     assert kept.height == frame.height
     assert (kept.get_column("status") == "ok").all()

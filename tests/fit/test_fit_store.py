@@ -16,7 +16,6 @@ from dooly.errors import DoolyError
 from dooly.fit import synthetic as syn
 from dooly.fit.models import fit_store, load_predictor
 from dooly.store.backends import LocalStore, open_store
-from dooly.store.shards import write_json
 
 PREDICT_BASE = ["--platform", syn.PLATFORM, "--backend", syn.BACKEND]
 
@@ -48,7 +47,13 @@ def test_fit_persists_models_with_versions_and_generation(fitted_store):
 
 def test_loaded_predictor_matches_the_in_memory_fit(fitted_store, predictor):
     uri, _ = fitted_store
-    loaded = load_predictor(open_store(uri, create=False), platform=syn.PLATFORM, engine=syn.ENGINE, backend=syn.BACKEND, dtype=syn.DTYPE)
+    loaded = load_predictor(
+        open_store(uri, create=False),
+        platform=syn.PLATFORM,
+        engine=syn.ENGINE,
+        backend=syn.BACKEND,
+        dtype=syn.DTYPE,
+    )
     assert loaded.generation == 1
     steps = [([(300, 0)], [50, 900]), ([], [4000] * 32), ([(2048, 4096)], [])]
     for model in (syn.TOY_MODELS[0], syn.UNSEEN_MODEL):
@@ -66,7 +71,14 @@ def test_fit_text_output_reports_both_errors(fitted_store, tmp_path):
     shutil.copytree(uri, copy)
     result = invoke("fit", "--store", str(copy), "--folds", "2")
     assert result.exit_code == 0, result.output
-    for fragment in ("seen MAPE med", "unseen MAPE med", "2-fold", "leave one model out", syn.ATTENTION_CLASS, "toy/beta-3b"):
+    for fragment in (
+        "seen MAPE med",
+        "unseen MAPE med",
+        "2-fold",
+        "leave one model out",
+        syn.ATTENTION_CLASS,
+        "toy/beta-3b",
+    ):
         assert fragment in result.stdout
 
 
@@ -96,26 +108,42 @@ def test_models_from_another_scikit_learn_fail_clearly(fitted_store, tmp_path):
     meta["versions"]["scikit-learn"] = "0.20.0"
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(DoolyError, match="scikit-learn 0.20.0"):
-        load_predictor(open_store(str(copy), create=False), platform=syn.PLATFORM, engine=syn.ENGINE, backend=syn.BACKEND, dtype=syn.DTYPE)
-    result = invoke("predict", "--store", str(copy), "--model", "toy/gamma-7b", *PREDICT_BASE, "--decode", "10")
+        load_predictor(
+            open_store(str(copy), create=False),
+            platform=syn.PLATFORM,
+            engine=syn.ENGINE,
+            backend=syn.BACKEND,
+            dtype=syn.DTYPE,
+        )
+    result = invoke(
+        "predict", "--store", str(copy), "--model", "toy/gamma-7b", *PREDICT_BASE, "--decode", "10"
+    )
     assert_one_line_error(result, "scikit-learn 0.20.0", "dooly fit")
 
 
 def test_predict_bad_inputs_exit_2(fitted_store, tmp_path):
     uri, _ = fitted_store
     base = ["predict", "--store", uri, "--model", "toy/gamma-7b"]
-    assert_one_line_error(invoke(*base, "--platform", "NoSuchGPU", "--backend", syn.BACKEND, "--decode", "5"), "platform", "NoSuchGPU")
-    assert_one_line_error(invoke(*base, "--platform", syn.PLATFORM, "--backend", "flash", "--decode", "5"), "backend", "flash")
+    assert_one_line_error(
+        invoke(*base, "--platform", "NoSuchGPU", "--backend", syn.BACKEND, "--decode", "5"),
+        "platform",
+        "NoSuchGPU",
+    )
+    assert_one_line_error(
+        invoke(*base, "--platform", syn.PLATFORM, "--backend", "flash", "--decode", "5"), "backend", "flash"
+    )
     assert_one_line_error(invoke(*base, *PREDICT_BASE, "--prefill", "abc"), "--prefill")
     assert_one_line_error(invoke(*base, *PREDICT_BASE, "--decode", "0"), "--decode")
     assert_one_line_error(invoke(*base, *PREDICT_BASE), "empty step")
     assert_one_line_error(
-        invoke("predict", "--store", uri, "--model", "nobody/none", *PREDICT_BASE, "--decode", "5"), "nobody/none"
+        invoke("predict", "--store", uri, "--model", "nobody/none", *PREDICT_BASE, "--decode", "5"),
+        "nobody/none",
     )
     unfitted = tmp_path / "unfitted"
     open_store(str(unfitted))
     assert_one_line_error(
-        invoke("predict", "--store", str(unfitted), "--model", "x", *PREDICT_BASE, "--decode", "5"), "no fitted models"
+        invoke("predict", "--store", str(unfitted), "--model", "x", *PREDICT_BASE, "--decode", "5"),
+        "no fitted models",
     )
 
 
@@ -140,7 +168,11 @@ class FailingMetaStore(LocalStore):
 
 
 def test_failed_fit_leaves_no_half_written_models(tmp_path, store_factory):
-    uri = store_factory(tmp_path / "db", {syn.inventory_store_key(syn.TOY_MODELS[0]): syn.inventory(syn.TOY_MODELS[0])}, models=syn.TOY_MODELS[:2])
+    uri = store_factory(
+        tmp_path / "db",
+        {syn.inventory_store_key(syn.TOY_MODELS[0]): syn.inventory(syn.TOY_MODELS[0])},
+        models=syn.TOY_MODELS[:2],
+    )
     store = FailingMetaStore(uri)
     with pytest.raises(DoolyError, match="no space left"):
         fit_store(store, folds=2)

@@ -24,11 +24,18 @@ if command == "profile":
     shard = store / "shards" / f"{backend}-{index}-of-{count}.json"
     shard.parent.mkdir(parents=True, exist_ok=True)
     shard.write_text(json.dumps({"models": args[1 : args.index("--store")]}))
+    models = args[1 : args.index("--store")]
     print(json.dumps({
+        # Shard-local figures, as the real profiler prints them.
         "profiled_signatures": 10 + index,
-        "reused_signatures": ["sig"] * index,
+        "reused_signatures": index,
         "device_seconds": 1.0 + index,
         "baseline_device_seconds": 3.0 + 2 * index,
+        # The whole Job's plan, model by model: identical on every shard.
+        "models": [
+            {"model": m, "profiled_signatures": 5 + k, "reused_signatures": ["sig"] * (2 * k)}
+            for k, m in enumerate(models)
+        ],
     }))
 elif command == "merge":
     shards = sorted((store / "shards").glob("*.json"))
@@ -46,6 +53,7 @@ elif command == "simulate":
     print(json.dumps({
         "model": args[1],
         "backend": option("--backend"),
+        "platform": option("--platform"),
         "requests": 64,
         "metrics": {"ttft_s_p50": 0.1 * fitted["inputs"], "tpot_s_p50": 0.02},
     }))

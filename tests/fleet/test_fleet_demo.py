@@ -17,12 +17,13 @@ from click.testing import CliRunner
 
 from dooly.cli import cli
 from dooly.fleet import commands, jobs
-from dooly.fleet.demo import demo_spec, metric_columns, run_demo
+from dooly.fleet.demo import ProfileTotals, demo_spec, metric_columns, run_demo
 from dooly.fleet.executor import LocalExecutor
 
 FAKE_DOOLY = Path(__file__).with_name("fake_dooly.py")
 RUN_ID = "20250101-020000"
 SHARDS = 3
+PLATFORM = "Test-CPU-9000"
 
 
 def _executor() -> LocalExecutor:
@@ -40,7 +41,7 @@ def test_demo_profiles_shards_merges_fits_and_simulates(tmp_path, capsys):
     backends = sorted({t.backend for t in spec.targets()})
     assert len(spec.models) == 3 and len(backends) == 2
 
-    report = run_demo(spec, executor=_executor(), env=_env(), run_id=RUN_ID)
+    report = run_demo(spec, executor=_executor(), env=_env(), run_id=RUN_ID, platform=PLATFORM)
     assert report.failed is None
     assert len(report.jobs) == len(backends) + 1 + len(backends) * len(spec.models)
     profile_jobs = report.jobs[: len(backends)]
@@ -48,10 +49,12 @@ def test_demo_profiles_shards_merges_fits_and_simulates(tmp_path, capsys):
     assert sorted(p.name for p in (store / "shards").iterdir()) == sorted(
         f"{b.replace('|', '_')}-{i}-of-{SHARDS}.json" for b in backends for i in range(SHARDS)
     )
-    # The stand-in prints 10+i profiled, i reused, 1+i device-s and 3+2i baseline device-s for shard i.
+    # The stand-in prints, for shard i, 1+i device-s and 3+2i baseline device-s, and for the Job's
+    # plan 5+k profiled and 2k reused signatures for the k-th model.
+    models = range(len(spec.models))
     per_backend = {
-        "profiled": sum(10 + i for i in range(SHARDS)),
-        "reused": sum(range(SHARDS)),
+        "profiled": sum(5 + k for k in models),
+        "reused": sum(2 * k for k in models),
         "device": sum(1.0 + i for i in range(SHARDS)),
         "baseline": sum(3.0 + 2 * i for i in range(SHARDS)),
     }
@@ -65,6 +68,7 @@ def test_demo_profiles_shards_merges_fits_and_simulates(tmp_path, capsys):
 
     pairs = sorted((s.model, s.backend) for s in report.simulations)
     assert pairs == sorted((m, b) for m in spec.models for b in backends)
+    assert {s.result["platform"] for s in report.simulations} == {PLATFORM}
     assert all(s.result["metrics"]["ttft_s_p50"] == pytest.approx(0.1 * len(backends) * SHARDS) for s in report.simulations)
     assert metric_columns(report.simulations) == ["metrics.ttft_s_p50", "metrics.tpot_s_p50"]
     json.dumps(report.to_json())
@@ -78,7 +82,7 @@ def test_demo_profiles_shards_merges_fits_and_simulates(tmp_path, capsys):
 
 def test_demo_stops_at_the_first_failed_job(tmp_path):
     spec = demo_spec(str(tmp_path / "db"), shards=1, backends=["paged|sdpa"])
-    report = run_demo(spec, executor=_executor(), env=_env(FAKE_DOOLY_FAIL_FIT="1"), run_id=RUN_ID)
+    report = run_demo(spec, executor=_executor(), env=_env(FAKE_DOOLY_FAIL_FIT="1"), run_id=RUN_ID, platform=PLATFORM)
     assert report.failed is not None and report.failed.name == f"dooly-{RUN_ID}-merge"
     assert report.simulations == []
     assert "no rows for op class" in report.failed.pods[-1].stderr["fit"]
@@ -122,3 +126,14 @@ def test_local_submit_needs_the_s3_secret_before_running_anything(small_fleet, t
         "set the environment variable AWS_ACCESS_KEY_ID or give a secrets file"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
+
+
+def test_profile_totals_without_a_per_model_plan_add_the_pods_counts():
+    totals = ProfileTotals()
+    totals.add_job([
+        {"profiled_signatures": 4, "reused_signatures": [1, 2], "device_seconds": 2.0, "baseline_device_seconds": 5.0},
+        {"profiled_signatures": 3, "reused_signatures": 0, "device_seconds": 1.0, "baseline_device_seconds": 1.0},
+    ])
+    assert (totals.profiled_signatures, totals.reused_signatures, totals.pods) == (7, 2, 2)
+    assert totals.saved_seconds == pytest.approx(3.0) and totals.saved_fraction == pytest.approx(0.5)
+    assert ProfileTotals().saved_fraction == 0.0
