@@ -8,6 +8,8 @@ set -euo pipefail
 backend="$1"; shift
 out="${OUT:-out}"
 mkdir -p "$out/db" "$out/reports"
+# Continue a store a previous call brought back (device machines start bare).
+if [ -n "${DOOLY_DB_SEED:-}" ]; then cp -r "$DOOLY_DB_SEED/." "$out/db/"; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/reports/gpu.txt" || true
 python3 -c 'import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__)' \

@@ -200,6 +200,9 @@ def _report_local(run_id: str, results: list[JobResult], output_format: str) -> 
     rows = [(r.name, r.reason, len(r.pods), ",".join(map(str, r.failed_indexes)) or "-", r.seconds) for r in results]
     click.echo(f"run {run_id} (local)")
     click.echo(format_table(["job", "result", "pods", "failed indexes", "seconds"], rows))
+    for result in results:
+        if not result.succeeded:
+            click.echo(f"error: Job {result.name} failed ({result.reason}){_failure_tail(result)}", err=True)
 
 
 def _controller(fleet_file, namespace, kubeconfig, context):
@@ -344,18 +347,19 @@ def demo_command(store, models, backends, shards, secrets_file, output_format) -
         _print_demo(report)
     if report.failed is not None:
         failed = report.failed
-        last_lines = [p.stderr for p in failed.pods if not p.succeeded]
-        tail = _last_line(last_lines[-1]) if last_lines else ""
-        click.echo(f"error: Job {failed.name} failed ({failed.reason}){': ' + tail if tail else ''}", err=True)
+        click.echo(f"error: Job {failed.name} failed ({failed.reason}){_failure_tail(failed)}", err=True)
         raise click.exceptions.Exit(RUN_FAILED_EXIT_CODE)
 
 
-def _last_line(stderr_by_container: dict[str, str]) -> str:
-    for text in stderr_by_container.values():
-        lines = [line for line in text.splitlines() if line.strip()]
-        if lines:
-            return lines[-1]
-    return ""
+def _failure_tail(result: JobResult) -> str:
+    """': <last stderr line of the failed container>' of a Job's last failed pod, or ''."""
+    failed = [p for p in result.pods if not p.succeeded]
+    if not failed:
+        return ""
+    pod = failed[-1]
+    text = pod.stderr.get(pod.failed_container or "", "") or "".join(pod.stderr.values())
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f": {lines[-1]}" if lines else ""
 
 
 def _print_demo(report) -> None:

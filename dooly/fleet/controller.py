@@ -174,8 +174,12 @@ class FleetController:
         """Create a run's Jobs, all or none; returns their names."""
         checks.require_valid(manifests)
         for manifest in manifests:
-            if manifest.get("kind") != "Job" or manifest["metadata"].get("namespace") != self.namespace:
-                raise DoolyError(f"submit creates Jobs in namespace {self.namespace}, not {manifest.get('kind')}")
+            kind, metadata = manifest.get("kind"), manifest["metadata"]
+            if kind != "Job" or metadata.get("namespace") != self.namespace:
+                raise DoolyError(
+                    f"submit creates Jobs in namespace {self.namespace}; got {kind} {metadata.get('name')} "
+                    f"in namespace {metadata.get('namespace')}"
+                )
         self.check_reachable()
         bodies = [client.V1Job.from_dict(m) for m in manifests]
         for body, manifest in zip(bodies, manifests):
