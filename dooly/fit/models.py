@@ -82,6 +82,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GROUP_COLUMNS = ("platform", "engine", "backend", "dtype")
+SHARED_BACKEND = "any"  # must equal dooly.profile.provenance.SHARED_BACKEND (checked by a test)
 MODELS_PREFIX = "models/"
 INVENTORY_PREFIX = "inventories/"
 META_NAME = "meta.json"
@@ -831,4 +832,26 @@ def load_predictor(store: Store, *, platform: str, engine: str, backend: str, dt
     from dooly.fit.predictor import Predictor
 
     group, meta = load_group(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
+    if backend != SHARED_BACKEND:
+        try:
+            shared, _ = load_group(store, platform=platform, engine=engine, backend=SHARED_BACKEND, dtype=dtype)
+        except DoolyError:
+            shared = None
+        if shared is not None:
+            group = with_shared_ops(group, shared)
     return Predictor(group, meta)
+
+
+def with_shared_ops(group: GroupModel, shared: GroupModel) -> GroupModel:
+    """A backend's models plus the backend-independent ones: the profiler stores every op but
+    attention once per platform, under the backend "any" (profile/provenance.py)."""
+    return GroupModel(
+        platform=group.platform,
+        engine=group.engine,
+        backend=group.backend,
+        dtype=group.dtype,
+        generation=group.generation,
+        classes={**shared.classes, **group.classes},
+        signatures={**shared.signatures, **group.signatures},
+        reports=shared.reports + group.reports,
+    )

@@ -192,14 +192,16 @@ def _report_local(run_id: str, results: list[JobResult], output_format: str) -> 
             "succeeded": all(r.succeeded for r in results),
             "jobs": [
                 {"name": r.name, "succeeded": r.succeeded, "reason": r.reason, "seconds": r.seconds,
-                 "failed_indexes": r.failed_indexes}
+                 "failed_indexes": r.failed_indexes, "error": _failure_tail(r).removeprefix(": ") or None}
                 for r in results
             ],
         })
-        return
-    rows = [(r.name, r.reason, len(r.pods), ",".join(map(str, r.failed_indexes)) or "-", r.seconds) for r in results]
-    click.echo(f"run {run_id} (local)")
-    click.echo(format_table(["job", "result", "pods", "failed indexes", "seconds"], rows))
+    else:
+        rows = [
+            (r.name, r.reason, len(r.pods), ",".join(map(str, r.failed_indexes)) or "-", r.seconds) for r in results
+        ]
+        click.echo(f"run {run_id} (local)")
+        click.echo(format_table(["job", "result", "pods", "failed indexes", "seconds"], rows))
     for result in results:
         if not result.succeeded:
             click.echo(f"error: Job {result.name} failed ({result.reason}){_failure_tail(result)}", err=True)

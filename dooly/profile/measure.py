@@ -1,11 +1,14 @@
 """Timing one operation at one request point, honestly.
 
-On CUDA: warm-up calls first (kernel selection, allocator, lazy module loading), then `samples`
-samples, each a CUDA-event pair around `reps` back-to-back calls, so one sample lasts at least
-MIN_SAMPLE_S and the per-call figure is the sample's time over `reps`. Back-to-back calls keep the
-launch overhead in the figure, as in the engine's eager forward where each kernel is launched from
-Python; the engine's CUDA-graph path removes it, which the simulator's step model accounts for
-separately (per-step CPU overhead). Caches are not flushed: in a real forward each op reads
+On CUDA: warm-up calls first (kernel selection, allocator, lazy module loading), then `reps` calls
+are captured in one CUDA graph and `samples` replays are timed with a CUDA-event pair each; the
+per-call figure is a replay's time over `reps`, and `reps` makes one replay last at least
+MIN_SAMPLE_S. Graph replay measures what the GPU spends on the op, without the host's launch
+jitter (back-to-back eager launches of a 5 us kernel measure the Python dispatcher, +-15%). The
+host side of an engine step (Python, launches, scheduling) is a property of the engine, not of an
+op: the simulator's step model adds it from its own measurements, per step path (CUDA-graph decode
+or eager). An op that cannot be captured (it synchronises with the host) falls back to event pairs
+around `reps` back-to-back eager calls. Caches are not flushed: in a real forward each op reads
 activations its predecessor just wrote (hot in L2) and weights too large to stay there, which is
 what repeated calls see too.
 
@@ -35,6 +38,8 @@ WARMUP_CALLS = 3
 MIN_SAMPLE_S = 2e-4
 MAX_REPS = 200
 DEFAULT_SAMPLES_CUDA = 15
+# Outputs of the captured calls stay allocated in the graph's pool: bound what reps may hold.
+GRAPH_MEMORY_BUDGET_BYTES = 4 * 2**30
 DEFAULT_SAMPLES_CPU = 5
 SEED = 1234
 # Random activations are scaled down so long reductions stay finite in bf16.
@@ -95,12 +100,42 @@ class Timer:
         )
 
     def _samples(self, call: Callable[[], Any]) -> list[float]:
+        if self.device == "cuda":
+            return self._graph_samples(call)
         for _ in range(WARMUP_CALLS):
             call()
-        self.sync()
         one = self._timed(call, 1)
         reps = max(1, min(MAX_REPS, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
         return [self._timed(call, reps) for _ in range(self.samples)]
+
+    def _graph_samples(self, call: Callable[[], Any]) -> list[float]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        before = torch.cuda.memory_allocated()
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_CALLS):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        self.sync()
+        per_call_bytes = max(torch.cuda.memory_allocated() - before, 0) / WARMUP_CALLS
+        one = self._timed(call, 1)
+        reps = max(1, min(MAX_REPS, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
+        if per_call_bytes:
+            reps = max(1, min(reps, int(GRAPH_MEMORY_BUDGET_BYTES // per_call_bytes)))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(reps):
+                    call()
+        except RuntimeError as exc:  # the op syncs with the host (e.g. .item()): time it eagerly
+            log.debug("graph capture failed, timing eagerly: %s", str(exc).splitlines()[0][:200])
+            self.sync()
+            return [self._timed(call, reps) for _ in range(self.samples)]
+        graph.replay()
+        self.sync()
+        samples = [self._timed(graph.replay, 1) / reps for _ in range(self.samples)]
+        del graph
+        return samples
 
     def _timed(self, call: Callable[[], Any], reps: int) -> float:
         if self.device == "cuda":

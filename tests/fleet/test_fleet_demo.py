@@ -137,3 +137,23 @@ def test_profile_totals_without_a_per_model_plan_add_the_pods_counts():
     assert (totals.profiled_signatures, totals.reused_signatures, totals.pods) == (7, 2, 2)
     assert totals.saved_seconds == pytest.approx(3.0) and totals.saved_fraction == pytest.approx(0.5)
     assert ProfileTotals().saved_fraction == 0.0
+
+
+def test_local_submit_runs_the_real_commands_and_reports_a_failed_job(small_fleet, tmp_path, monkeypatch):
+    """The real `dooly profile` in a GPU pool's pod refuses to measure a machine without a GPU:
+    the FailJob rule stops the Job at once, the merge still runs (and finds nothing), exit 1."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    store = tmp_path / "db"
+    result = CliRunner().invoke(
+        cli, ["fleet", "submit", "--fleet", str(small_fleet), "--gpu", "h100", "--backend", "paged|sdpa",
+              "--store", str(store), "--run-id", RUN_ID, "--output", "json"]
+    )
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert [(j["name"], j["reason"]) for j in report["jobs"]] == [
+        (f"dooly-{RUN_ID}-h100-transformers-paged-sdpa", "PodFailurePolicy"),
+        (f"dooly-{RUN_ID}-merge", "PodFailurePolicy"),
+    ]
+    assert "no CUDA device is visible" in report["jobs"][0]["error"]
+    assert "no CUDA device is visible" in result.stderr
