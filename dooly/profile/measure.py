@@ -40,6 +40,9 @@ MAX_REPS = 200
 DEFAULT_SAMPLES_CUDA = 15
 # Outputs of the captured calls stay allocated in the graph's pool: bound what reps may hold.
 GRAPH_MEMORY_BUDGET_BYTES = 4 * 2**30
+PILOT_GRAPH_REPS = 10
+MAX_GRAPH_REPS = 1000
+MIN_GRAPH_SAMPLE_S = 1e-3
 DEFAULT_SAMPLES_CPU = 5
 SEED = 1234
 # Random activations are scaled down so long reductions stay finite in bf16.
@@ -118,20 +121,27 @@ class Timer:
         torch.cuda.current_stream().wait_stream(side)
         self.sync()
         per_call_bytes = max(torch.cuda.memory_allocated() - before, 0) / WARMUP_CALLS
-        one = self._timed(call, 1)
-        reps = max(1, min(MAX_REPS, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
+        most = MAX_GRAPH_REPS
         if per_call_bytes:
-            reps = max(1, min(reps, int(GRAPH_MEMORY_BUDGET_BYTES // per_call_bytes)))
-        graph = torch.cuda.CUDAGraph()
+            most = max(1, min(most, int(GRAPH_MEMORY_BUDGET_BYTES // per_call_bytes)))
+        pilot_reps = min(PILOT_GRAPH_REPS, most)
         try:
-            with torch.cuda.graph(graph):
-                for _ in range(reps):
-                    call()
+            pilot = _capture(call, pilot_reps)
         except RuntimeError as exc:  # the op syncs with the host (e.g. .item()): time it eagerly
             log.debug("graph capture failed, timing eagerly: %s", str(exc).splitlines()[0][:200])
             self.sync()
+            one = self._timed(call, 1)
+            reps = max(1, min(MAX_REPS, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
             return [self._timed(call, reps) for _ in range(self.samples)]
-        graph.replay()
+        pilot.replay()
+        per_call = self._timed(pilot.replay, 1) / pilot_reps
+        # One replay must dwarf the graph's own launch cost (a few microseconds).
+        reps = max(pilot_reps, min(most, math.ceil(MIN_GRAPH_SAMPLE_S / max(per_call, 1e-9))))
+        graph = pilot
+        if reps != pilot_reps:
+            del pilot
+            graph = _capture(call, reps)
+            graph.replay()
         self.sync()
         samples = [self._timed(graph.replay, 1) / reps for _ in range(self.samples)]
         del graph
@@ -154,6 +164,14 @@ class Timer:
     def _recover(self) -> None:
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _capture(call: Callable[[], Any], reps: int) -> Any:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            call()
+    return graph
 
 
 def _percentile(values: list[float], q: float) -> float:

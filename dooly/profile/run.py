@@ -81,7 +81,7 @@ class ProfileReport:
             "error_points": self.error_points,
             "device_seconds": round(self.device_seconds, 4),
             "baseline_device_seconds": round(self.baseline_device_seconds, 4),
-            "saving": round(saving, 4),
+            "saving": round(saving, 4) + 0.0,  # + 0.0: no "-0.0" in reports
             "shards": self.shards,
             "models": self.models,
             "seconds": round(self.seconds, 3),
