@@ -29,6 +29,10 @@ DEMO_OUT_DIR = "demo-out"
 DEMO_STORE_DIR = "db"
 PROFILE_CONTAINER = "profile"
 SIMULATE_CONTAINER = "simulate"
+# A workload a 2-core CPU serves without an ever-growing queue: short prompts, a few requests a
+# minute. (A GPU fleet simulates its own workloads; this one only shows the pipeline end to end.)
+DEMO_WORKLOAD_ARGS = ("--requests", "40", "--rate", "0.05", "--prompt-len", "uniform:16:64",
+                      "--output-len", "uniform:4:16", "--seed", "0")
 MAX_DEMO_SHARDS = 16
 # Figures the result table prefers when a simulation reports many (matched as substrings).
 PREFERRED_METRICS = ("ttft", "tpot", "e2e", "throughput", "latency")
@@ -154,7 +158,8 @@ def run_demo(
             model,
             backend,
             jobs.build_simulate_job(
-                spec, run_id=run_id, model=model, engine=engine, backend=backend, platform=platform
+                spec, run_id=run_id, model=model, engine=engine, backend=backend, platform=platform,
+                workload_args=DEMO_WORKLOAD_ARGS,
             ),
         )
         for engine, backend in pairs

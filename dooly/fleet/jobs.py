@@ -198,7 +198,14 @@ def build_merge_job(spec: FleetSpec, *, run_id: str | None = None, suspend: bool
 
 
 def build_simulate_job(
-    spec: FleetSpec, *, run_id: str, model: str, engine: str, backend: str, platform: str = "auto"
+    spec: FleetSpec,
+    *,
+    run_id: str,
+    model: str,
+    engine: str,
+    backend: str,
+    platform: str = "auto",
+    workload_args: tuple[str, ...] = (),
 ) -> dict:
     """A CPU Job that simulates serving one model on the fitted regressors of one platform and backend.
 
@@ -214,6 +221,7 @@ def build_simulate_job(
         "--engine", engine,
         "--backend", backend,
         *_dtype_flag(spec),
+        *workload_args,
         "--output", "json",
     ]
     requests = {"cpu": spec.merge_resources.cpu, "memory": spec.merge_resources.memory}

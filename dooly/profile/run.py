@@ -166,8 +166,9 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
     engines = _AttentionEngines(plan, options, device)
     for item in work:
         rows = []
+        fixed_inputs: dict[int, Any] = {}
         for point in item.missing:
-            measurement = _measure(item, point, device, timer, engines)
+            measurement = _measure(item, point, device, timer, engines, fixed_inputs)
             counts[measurement.status] += 1
             rows.append(_row(item, point, measurement))
             if progress is not None:
@@ -262,11 +263,12 @@ class _AttentionEngines:
         return self.cache[model_id]
 
 
-def _measure(item: WorkItem, point: Point, device: str, timer: Timer, engines: _AttentionEngines) -> Measurement:
+def _measure(item: WorkItem, point: Point, device: str, timer: Timer, engines: _AttentionEngines,
+             fixed_inputs: dict[int, Any]) -> Measurement:
     if item.op.kind == KIND_ATTENTION:
         sliding = bool(item.op.scalars.get("sliding_window"))
         return timer.measure(lambda: engines.get(item.model_id).call_for(point.batch, sliding))
-    return timer.measure(lambda: build_aten_call(item.op, point.as_dict, device))
+    return timer.measure(lambda: build_aten_call(item.op, point.as_dict, device, fixed_inputs))
 
 
 def _row(item: WorkItem, point: Point, m: Measurement) -> dict[str, Any]:

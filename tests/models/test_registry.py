@@ -33,6 +33,9 @@ PUBLISHED_BILLIONS = {
     "google/gemma-2-9b": 9.24,
     "microsoft/Phi-3-mini-4k-instruct": 3.82,
     "CohereLabs/c4ai-command-r7b-12-2024": 8.03,
+    "Qwen/Qwen2.5-0.5B": 0.494,
+    "Qwen/Qwen2.5-1.5B": 1.54,
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": 1.78,
 }
 PARAM_TOLERANCE = 0.02
 
