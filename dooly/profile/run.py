@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ from dooly.trace.schema import KIND_ATTENTION, Trace
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ROWS = 512
+# Adaptive refinement of one-variable sweeps (see refinement_points).
+REFINE_TOLERANCE = 0.05
+REFINE_MIN_POINTS = 3
 DEFAULT_FLUSH_SECONDS = 60.0
 INVENTORY_PREFIX = "inventories/"
 
@@ -173,10 +177,43 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
             rows.append(_row(item, point, measurement))
             if progress is not None:
                 progress(1)
+        for point in refinement_points(item, rows):
+            measurement = _measure(item, point, device, timer, engines, fixed_inputs)
+            counts[measurement.status] += 1
+            rows.append(_row(item, point, measurement))
         measured_seconds[item.signature] = sum(r["device_seconds"] for r in rows)
         writer.add(item.stack, rows)
     writer.flush_all()
     return _report(plan, work, measured_seconds, counts, writer.keys, run_id, started)
+
+
+def refinement_points(item: WorkItem, rows: list[dict[str, Any]]) -> list[Point]:
+    """Where a one-variable op's latency bends (a kernel switch, a tile boundary), measure more.
+
+    The ladder is about sqrt(2) apart; wherever a measured point is off by more than
+    REFINE_TOLERANCE from the log-log line through its two neighbours, the geometric midpoints on
+    either side are measured too (one round, so the cost stays bounded). The fitter interpolates
+    between points, so a denser grid at a kink is what keeps its error small there."""
+    variables = item.op.request_vars()
+    if item.op.kind == KIND_ATTENTION or len(variables) != 1 or len(rows) < REFINE_MIN_POINTS:
+        return []
+    name = variables[0]
+    measured = sorted(
+        (row[name], row["latency_median_s"]) for row in rows if row["status"] == "ok" and row["latency_median_s"]
+    )
+    have = {x for x, _ in measured}
+    extra: set[int] = set()
+    for (x0, y0), (x1, y1), (x2, y2) in zip(measured, measured[1:], measured[2:]):
+        if min(y0, y1, y2) <= 0:
+            continue
+        weight = math.log(x1 / x0) / math.log(x2 / x0)
+        expected = math.exp(math.log(y0) + weight * (math.log(y2) - math.log(y0)))
+        if abs(expected - y1) / y1 > REFINE_TOLERANCE:
+            for low, high in ((x0, x1), (x1, x2)):
+                middle = round(math.sqrt(low * high))
+                if low < middle < high and middle not in have:
+                    extra.add(middle)
+    return [Point(values=((name, value),)) for value in sorted(extra)]
 
 
 def total_points(plan: Plan, options: ProfileOptions) -> int:

@@ -66,7 +66,19 @@ def _tensors(values: Any) -> list[torch.Tensor]:
     return found
 
 
+# Ops whose schema carries no alias annotation but which only rewrite tensor metadata: no kernel runs.
+_METADATA_ONLY_OPS = {
+    "aten._unsafe_view.default",
+    "aten._reshape_alias.default",
+    "aten.alias.default",
+    "aten.lift_fresh.default",
+    "aten.detach.default",
+}
+
+
 def _is_view(func: Any) -> bool:
+    if str(func) in _METADATA_ONLY_OPS:
+        return True
     returns = func._schema.returns
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 

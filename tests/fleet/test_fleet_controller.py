@@ -145,7 +145,7 @@ def test_a_refused_creation_rolls_back_the_jobs_already_created(fake_api, kubeco
 
 
 def test_wrong_credentials_and_missing_kubeconfig_are_one_line(fake_api, tmp_path, small_fleet, monkeypatch):
-    from conftest import write_kubeconfig
+    from fleet_support import write_kubeconfig
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     bad_token = write_kubeconfig(tmp_path / "bad", fake_api.url, token="wrong")

@@ -6,7 +6,7 @@ import re
 import tomllib
 
 import pytest
-from conftest import REPO
+from fleet_support import REPO
 
 from dooly.fleet import checks
 

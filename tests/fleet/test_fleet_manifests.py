@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, validate_schema
+from fleet_support import REPO, validate_schema
 from kubernetes import client
 from kubernetes_validate.utils import all_versions
 from packaging.version import Version

@@ -7,7 +7,7 @@ from importlib import resources
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import SMALL_FLEET
+from fleet_support import SMALL_FLEET
 
 from dooly.cli import cli
 from dooly.errors import DoolyError
