@@ -20,7 +20,19 @@ from dooly.store.backends import open_store
 from dooly.store.shards import SHARD_SUFFIX, read_held
 from dooly.trace.schema import Operation, signature_hash
 from dooly.trace.tracer import trace_model
+from dooly.profile.grid import GridSpec
+from dooly.profile.plan import build_plan
+from dooly.profile.provenance import Stack
 from profile_helpers import SMALL_GRID_ARGS
+
+SMALL_GRID = GridSpec(**{name.strip("-").replace("-", "_"): int(value)
+                         for name, value in zip(SMALL_GRID_ARGS[::2], SMALL_GRID_ARGS[1::2])})
+
+
+def stack_of(row: dict) -> Stack:
+    """The stack a stored row was measured on, with the attention backend of the run."""
+    fields = {name: row[name] for name in Stack.__dataclass_fields__}
+    return Stack(**{**fields, "backend": "paged|sdpa"})
 
 PROFILED = ("kernel", "attention")
 
@@ -118,8 +130,11 @@ def test_killed_run_resumes_without_losing_or_doubling_rows(tmp_path, models):
     total = shard_rows(store).to_pylist()
     keys = [(r["signature"], r["point_key"]) for r in total]
     assert len(keys) == len(set(keys)), "a point was measured twice"
+    # Every point of the sweep is there (refinement may add others, depending on what it measured).
+    plan = build_plan([trace_model(models[1])], open_store(str(tmp_path / "empty")), stack_of(total[0]), SMALL_GRID)
+    expected = {(sig, p.key) for sig, item in plan.items.items() for p in item.points}
+    assert expected and expected <= set(keys), "a point was lost"
     fresh = profile(tmp_path / "fresh", models[1])
-    assert len(keys) == fresh["measured_points"], "a point was lost"
     assert resumed["measured_points"] < fresh["measured_points"]
 
 
