@@ -15,7 +15,6 @@ import copy
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,6 @@ from dooly.errors import DoolyError
 from dooly.trace import attribution
 from dooly.trace.recorder import ModuleStack, OpRecorder, RawEvent, capture_attention, capture_collectives
 from dooly.trace.schema import (
-    KIND_ATTENTION,
     KIND_COLLECTIVE,
     ORIGIN_CONFIG,
     ORIGIN_REQUEST,
@@ -467,5 +465,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""
 
-
-TraceFunction = Callable[..., Trace]
