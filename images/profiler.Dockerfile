@@ -7,7 +7,9 @@
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
-ARG TORCH_VERSION=2.11.0
+# 2.13: torch 2.11's fake tensors pin request dims while tracing (the tracer refuses to run on it);
+# with 2.11 a pod must be handed trace files made elsewhere (`dooly trace --out`).
+ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TRANSFORMERS_VERSION=5.17.0
 # Optional extras of the package, e.g. "vllm" (vLLM brings the torch build it was compiled against).
