@@ -33,6 +33,7 @@ import numpy as np
 
 from dooly import SCHEMA_VERSION, __version__
 from dooly.errors import DoolyError
+from dooly.profile.provenance import SHARED_BACKEND
 from dooly.fit.features import (
     FAMILY_ATTENTION,
     N_TERMS,
@@ -82,7 +83,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GROUP_COLUMNS = ("platform", "engine", "backend", "dtype")
-SHARED_BACKEND = "any"  # must equal dooly.profile.provenance.SHARED_BACKEND (checked by a test)
 MODELS_PREFIX = "models/"
 INVENTORY_PREFIX = "inventories/"
 META_NAME = "meta.json"

@@ -107,6 +107,10 @@ class Timer:
             return self._graph_samples(call)
         for _ in range(WARMUP_CALLS):
             call()
+        return self._eager_samples(call)
+
+    def _eager_samples(self, call: Callable[[], Any]) -> list[float]:
+        """Samples of `reps` back-to-back calls, `reps` sized so a sample lasts MIN_SAMPLE_S."""
         one = self._timed(call, 1)
         reps = max(1, min(MAX_REPS, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
         return [self._timed(call, reps) for _ in range(self.samples)]
@@ -130,9 +134,7 @@ class Timer:
         except RuntimeError as exc:  # the op syncs with the host (e.g. .item()): time it eagerly
             log.debug("graph capture failed, timing eagerly: %s", str(exc).splitlines()[0][:200])
             self.sync()
-            one = self._timed(call, 1)
-            reps = max(1, min(MAX_REPS, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
-            return [self._timed(call, reps) for _ in range(self.samples)]
+            return self._eager_samples(call)
         pilot.replay()
         per_call = self._timed(pilot.replay, 1) / pilot_reps
         # One replay must dwarf the graph's own launch cost (a few microseconds).

@@ -169,18 +169,20 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
     counts = {"ok": 0, "oom": 0, "error": 0}
     engines = _AttentionEngines(plan, options, device)
     for item in work:
-        rows = []
+        rows: list[dict[str, Any]] = []
         fixed_inputs: dict[int, Any] = {}
-        for point in item.missing:
+
+        def measure_into_rows(point: Point) -> None:
             measurement = _measure(item, point, device, timer, engines, fixed_inputs)
             counts[measurement.status] += 1
             rows.append(_row(item, point, measurement))
+
+        for point in item.missing:
+            measure_into_rows(point)
             if progress is not None:
                 progress(1)
         for point in refinement_points(item, rows):
-            measurement = _measure(item, point, device, timer, engines, fixed_inputs)
-            counts[measurement.status] += 1
-            rows.append(_row(item, point, measurement))
+            measure_into_rows(point)
         measured_seconds[item.signature] = sum(r["device_seconds"] for r in rows)
         writer.add(item.stack, rows)
     writer.flush_all()

@@ -22,7 +22,15 @@ import sympy
 import torch
 
 from dooly.engines.base import Batch, SeqShape
-from dooly.engines.transformers_cb import DEFAULT_BACKEND, DEFAULT_BLOCK_SIZE, ENGINE_BACKENDS, TransformersCBEngine
+from dooly.engines.transformers_cb import (
+    DEFAULT_BACKEND,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_NUM_BLOCKS,
+    ENGINE_BACKENDS,
+    TransformersCBEngine,
+    engine_version,
+)
 from dooly.errors import DoolyError
 from dooly.trace import attribution
 from dooly.trace.recorder import ModuleStack, OpRecorder, RawEvent, capture_attention, capture_collectives
@@ -150,7 +158,7 @@ def trace_model(
         model_key=model_key(spec),
         architecture=(hf_config.architectures or [type(hf_config).__name__])[0],
         engine="transformers",
-        engine_version=_engine_version(),
+        engine_version=engine_version(),
         phase=phase,
         backend=backend,
         tp=tp,
@@ -229,8 +237,6 @@ def _blocks_for(batch: Batch, block_size: int) -> int:
 
 
 def _engine_geometry(batch: Batch, block_size: int) -> dict[str, int]:
-    from dooly.engines.transformers_cb import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_NUM_BLOCKS
-
     return {
         "engine.block_size": block_size,
         "engine.num_blocks": max(DEFAULT_NUM_BLOCKS, _blocks_for(batch, block_size)),
@@ -453,12 +459,6 @@ def _fold_layer(module: str) -> tuple[str, int | None]:
     if not match:
         return module, None
     return f"{match.group(1)}.*{module[match.end(2):]}", int(match.group(2))
-
-
-def _engine_version() -> str:
-    from dooly.engines.transformers_cb import engine_version
-
-    return engine_version()
 
 
 def _first_line(exc: BaseException) -> str:
