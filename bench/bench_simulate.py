@@ -19,7 +19,7 @@ import time
 from dooly.sim.schedulers import TransformersCBScheduler, VllmScheduler
 from dooly.sim.simulator import simulate
 from dooly.sim.step_model import AnalyticStepModel, CpuOverheadModel, OverheadTerms
-from dooly.sim.workload import LengthSpec, WorkloadSpec, generate_requests
+from dooly.workload import LengthSpec, WorkloadSpec, generate_requests
 
 TARGET_SECONDS = 10.0
 RATE_RPS = 8.0

@@ -6,8 +6,12 @@ The tracer and the profiler only talk to an engine through this interface, so a 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
+
+from dooly.errors import DoolyError
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,35 @@ class Engine(Protocol):
 
     def release(self) -> None:
         """Free the cache blocks the last `step_inputs` allocated."""
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold one object; any other content is a one-line DoolyError."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DoolyError(f"{what} file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise DoolyError(f"{what} file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DoolyError(f"{what} file {path} must hold a JSON object")
+    return data
+
+
+def parse_engine_settings(engine_config: str | None, settings: tuple[str, ...]) -> dict[str, Any]:
+    """Engine settings from `--engine-config FILE` and `--set KEY=VALUE` flags (later wins).
+
+    Values are read as JSON where they parse (`num_blocks=512`, `use_cuda_graph=true`,
+    `use_cuda_graph=[false,true]`), else kept as strings (`scheduler_type=fifo`)."""
+    values: dict[str, Any] = {}
+    if engine_config:
+        values.update(read_json_object(Path(engine_config), "engine config"))
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DoolyError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values

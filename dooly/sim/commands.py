@@ -15,19 +15,19 @@ import click
 
 from dooly.errors import DoolyError
 from dooly.output import emit_json, format_table, output_option
+from dooly.engines.base import parse_engine_settings
+from dooly.workload import workload_options
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DTYPE = "bfloat16"
-DEFAULT_REQUESTS = 100
-DEFAULT_RATE = 1.0
-DEFAULT_PROMPT_LEN = "512"
-DEFAULT_OUTPUT_LEN = "128"
 REQUESTS_FILE = "requests.parquet"
 STEPS_FILE = "steps.parquet"
 SUMMARY_FILE = "summary.json"
 WORKLOAD_FILE = "workload.json"
 SCATTER_FILE = "validation_scatter.png"
+# Engine settings `dooly bench` recorded beside its ground truth; used unless --engine-config is given.
+BENCH_ENGINE_FILE = "engine.json"
 MS_PER_S = 1e3
 
 
@@ -66,33 +66,6 @@ def _engine_options(func):
     for option in reversed(options):
         func = option(func)
     return func
-
-
-def _engine_settings(engine_config: str | None, settings: tuple[str, ...]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    if engine_config:
-        values.update(_read_json_object(Path(engine_config), "engine config"))
-    for item in settings:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise DoolyError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    return values
-
-
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DoolyError(f"{what} file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise DoolyError(f"{what} file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise DoolyError(f"{what} file {path} must hold a JSON object")
-    return data
 
 
 def _model_dims(model: str):
@@ -137,53 +110,6 @@ def _cpu_overhead(path: str | None):
     return CpuOverheadModel.load(path) if path else None
 
 
-def _workload(
-    workload: str | None,
-    trace: str | None,
-    requests: int | None,
-    rate: float | None,
-    arrival: str | None,
-    cv: float | None,
-    prompt_len: str | None,
-    output_len: str | None,
-    seed: int | None,
-    time_scale: float | None,
-):
-    from dooly.sim.workload import LengthSpec, WorkloadSpec
-
-    if workload and trace:
-        raise DoolyError("give --workload or --trace, not both")
-    if workload:
-        spec = WorkloadSpec.load(workload)
-    elif trace:
-        spec = WorkloadSpec(num_requests=0, trace=trace)
-    else:
-        spec = WorkloadSpec(
-            num_requests=DEFAULT_REQUESTS,
-            rate=DEFAULT_RATE,
-            prompt=LengthSpec.parse(DEFAULT_PROMPT_LEN, "--prompt-len"),
-            output=LengthSpec.parse(DEFAULT_OUTPUT_LEN, "--output-len"),
-        )
-    if requests is not None:
-        spec.num_requests = requests
-    if rate is not None:
-        spec.rate = rate
-    if arrival is not None:
-        spec.arrival = arrival
-    if cv is not None:
-        spec.cv = cv
-    if prompt_len is not None:
-        spec.prompt = LengthSpec.parse(prompt_len, "--prompt-len")
-    if output_len is not None:
-        spec.output = LengthSpec.parse(output_len, "--output-len")
-    if seed is not None:
-        spec.seed = seed
-    if time_scale is not None:
-        spec.time_scale = time_scale
-    spec.validate()
-    return spec
-
-
 def _clean(value: Any) -> Any:
     """JSON-ready: NaN and infinities become None."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -208,23 +134,13 @@ def _ms(value: float | None) -> str:
 @click.argument("model", required=False)
 @_step_model_options
 @_engine_options
-@click.option("--workload", type=click.Path(dir_okay=False), help="Workload spec JSON (dooly.workload/1), shared with `dooly bench`.")
-@click.option("--trace", type=click.Path(dir_okay=False), help="Vidur trace (CSV/Parquet: arrived_at, num_prefill_tokens, num_decode_tokens).")
-@click.option("--requests", type=int, help=f"Number of requests [default: {DEFAULT_REQUESTS}].")
-@click.option("--rate", type=float, help=f"Arrival rate, requests/s [default: {DEFAULT_RATE}].")
-@click.option("--arrival", type=click.Choice(["poisson", "gamma", "burst"]), help="Arrival process [default: poisson].")
-@click.option("--cv", type=float, help="Coefficient of variation of gamma inter-arrival times.")
-@click.option("--prompt-len", metavar="SPEC", help=f"N, uniform:LO:HI, zipf:LO:HI[:THETA] or trace:FILE[:COL] [default: {DEFAULT_PROMPT_LEN}].")
-@click.option("--output-len", metavar="SPEC", help=f"Same forms as --prompt-len [default: {DEFAULT_OUTPUT_LEN}].")
-@click.option("--seed", type=int, help="Workload seed [default: 0].")
-@click.option("--time-scale", type=float, help="Multiply trace arrival times (0.5 doubles the rate).")
+@workload_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help=f"Write {REQUESTS_FILE}, {STEPS_FILE}, {SUMMARY_FILE}, {WORKLOAD_FILE} here.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG charts (latency CDFs, batch size over time) here.")
 @output_option
 def simulate_command(
     model, analytic, store, platform, backend, dtype, engine, engine_config, settings, cpu_overhead,
-    workload, trace, requests, rate, arrival, cv, prompt_len, output_len, seed, time_scale,
-    out_dir, plot_dir, output_format,
+    workload_args, out_dir, plot_dir, output_format,
 ) -> None:
     """Simulate one serving replica on a workload: TTFT, TPOT, E2E and throughput.
 
@@ -241,10 +157,10 @@ def simulate_command(
     """
     from dooly.sim.schedulers import make_scheduler
     from dooly.sim.simulator import simulate
-    from dooly.sim.workload import generate_requests
+    from dooly.workload import generate_requests, spec_from_options
 
-    spec = _workload(workload, trace, requests, rate, arrival, cv, prompt_len, output_len, seed, time_scale)
-    scheduler = make_scheduler(engine, _engine_settings(engine_config, settings))
+    spec = spec_from_options(**workload_args)
+    scheduler = make_scheduler(engine, parse_engine_settings(engine_config, settings))
     step_model = _step_model(model, analytic, store, platform, engine, backend, dtype)
     overhead = _cpu_overhead(cpu_overhead)
     reqs = generate_requests(spec)
@@ -322,7 +238,8 @@ def validate_command(
 ) -> None:
     """Compare the simulator with a real-engine benchmark of the same workload.
 
-    Re-simulates the measured requests (same arrivals and lengths, same engine settings) and
+    Re-simulates the measured requests (same arrivals and lengths, same engine settings: the
+    ground truth's engine.json unless --engine-config is given; --set overrides either) and
     reports the MAPE of per-request TTFT and TPOT; replays every measured batch composition
     through the step model and reports the MAPE of per-step latency.
 
@@ -336,7 +253,10 @@ def validate_command(
     from dooly.sim.validate import plot_scatter, validate
 
     truth = _load_ground_truth(Path(truth_dir))
-    scheduler = make_scheduler(engine, _engine_settings(engine_config, settings))
+    recorded = Path(truth_dir) / BENCH_ENGINE_FILE
+    if engine_config is None and recorded.is_file():
+        engine_config = str(recorded)
+    scheduler = make_scheduler(engine, parse_engine_settings(engine_config, settings))
     step_model = _step_model(model, analytic, store, platform, engine, backend, dtype)
     report = validate(truth, scheduler, step_model, _cpu_overhead(cpu_overhead))
     payload = _clean(report.as_dict())

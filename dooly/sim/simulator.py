@@ -25,7 +25,7 @@ import numpy as np
 
 from dooly.sim.schedulers import ScheduledBatch, Scheduler, Seq, SimulationError
 from dooly.sim.step_model import CpuOverheadModel, StepLatencyModel, accepts_path
-from dooly.sim.workload import Request
+from dooly.workload import Request
 
 logger = logging.getLogger(__name__)
 

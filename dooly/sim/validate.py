@@ -32,7 +32,7 @@ from dooly.sim.step_model import (
     StepPath,
     accepts_path,
 )
-from dooly.sim.workload import Request
+from dooly.workload import Request
 
 REQUEST_COLUMNS = (
     "request_id",

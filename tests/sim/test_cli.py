@@ -84,7 +84,7 @@ def test_validate_against_ground_truth_from_the_same_model(tmp_path):
     from dooly.sim.schedulers import VllmScheduler
     from dooly.sim.simulator import simulate
     from dooly.sim.step_model import AnalyticStepModel, ModelDims
-    from dooly.sim.workload import LengthSpec, WorkloadSpec, generate_requests
+    from dooly.workload import LengthSpec, WorkloadSpec, generate_requests
 
     config = json.loads((_configs() / "meta-llama__Llama-3.1-8B.json").read_text())
     model = AnalyticStepModel(dims=ModelDims.from_config(config))

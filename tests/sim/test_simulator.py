@@ -15,7 +15,7 @@ from dooly.sim.step_model import (
     OverheadTerms,
     StepKind,
 )
-from dooly.sim.workload import LengthSpec, Request, WorkloadSpec, generate_requests
+from dooly.workload import LengthSpec, Request, WorkloadSpec, generate_requests
 
 STEP_S = 0.010
 

@@ -64,7 +64,7 @@ def _truth_from_simulation(result, slowdown: float) -> GroundTruth:
 
 
 def test_request_errors_against_a_stretched_measurement(constant_model):
-    from dooly.sim.workload import Request
+    from dooly.workload import Request
 
     workload = [Request(f"r{i}", 1.0 * i, 50, 4) for i in range(5)]
     result = simulate(workload, VllmScheduler(), constant_model(STEP_S), record_token_times=True)
@@ -78,7 +78,7 @@ def test_request_errors_against_a_stretched_measurement(constant_model):
 
 
 def test_validate_resimulates_the_measured_workload(constant_model):
-    from dooly.sim.workload import Request
+    from dooly.workload import Request
 
     workload = [Request(f"r{i}", 0.5 * i, 30, 3) for i in range(6)]
     result = simulate(workload, VllmScheduler(), constant_model(STEP_S), record_token_times=True)
@@ -129,7 +129,7 @@ def test_ground_truth_from_bench_tables():
 
 
 def test_scatter_plot_is_written(tmp_path, constant_model):
-    from dooly.sim.workload import Request
+    from dooly.workload import Request
 
     workload = [Request(f"r{i}", 0.2 * i, 20, 3) for i in range(4)]
     result = simulate(workload, VllmScheduler(), constant_model(STEP_S), record_token_times=True)

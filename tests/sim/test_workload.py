@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dooly.errors import DoolyError
-from dooly.sim.workload import LengthSpec, WorkloadSpec, generate_requests, load_trace
+from dooly.workload import LengthSpec, WorkloadSpec, generate_requests, load_trace
 
 STAT_SAMPLES = 20_000
 

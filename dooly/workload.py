@@ -26,9 +26,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 from dooly.errors import DoolyError
+
+# What `dooly simulate` and `dooly bench` run when no workload option is given.
+DEFAULT_REQUESTS = 100
+DEFAULT_RATE = 1.0
+DEFAULT_PROMPT_LEN = "512"
+DEFAULT_OUTPUT_LEN = "128"
 
 logger = logging.getLogger(__name__)
 
@@ -380,3 +387,76 @@ def _known_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]
     if unknown:
         raise DoolyError(f"workload {where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     return dict(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line options shared by `dooly simulate` and `dooly bench`: the same flags describe the
+# same requests to both, which is what makes a validation compare like with like.
+# ---------------------------------------------------------------------------------------------
+
+_WORKLOAD_OPTIONS = (
+    click.option("--workload", type=click.Path(dir_okay=False), help="Workload spec JSON (dooly.workload/1), shared by `dooly simulate` and `dooly bench`."),
+    click.option("--trace", type=click.Path(dir_okay=False), help="Vidur trace (CSV/Parquet: arrived_at, num_prefill_tokens, num_decode_tokens)."),
+    click.option("--requests", type=int, help=f"Number of requests [default: {DEFAULT_REQUESTS}]."),
+    click.option("--rate", type=float, help=f"Arrival rate, requests/s [default: {DEFAULT_RATE}]."),
+    click.option("--arrival", type=click.Choice(["poisson", "gamma", "burst"]), help="Arrival process [default: poisson]."),
+    click.option("--cv", type=float, help="Coefficient of variation of gamma inter-arrival times."),
+    click.option("--prompt-len", metavar="SPEC", help=f"N, uniform:LO:HI, zipf:LO:HI[:THETA] or trace:FILE[:COL] [default: {DEFAULT_PROMPT_LEN}]."),
+    click.option("--output-len", metavar="SPEC", help=f"Same forms as --prompt-len [default: {DEFAULT_OUTPUT_LEN}]."),
+    click.option("--seed", type=int, help="Workload seed [default: 0]."),
+    click.option("--time-scale", type=float, help="Multiply trace arrival times (0.5 doubles the rate)."),
+)
+_WORKLOAD_PARAMS = ("workload", "trace", "requests", "rate", "arrival", "cv", "prompt_len", "output_len", "seed", "time_scale")
+
+
+def workload_options(func: Any) -> Any:
+    """Add the workload flags to a click command; they reach it as one `workload_args` dict, to be
+    passed to `spec_from_options`."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs["workload_args"] = {name: kwargs.pop(name) for name in _WORKLOAD_PARAMS}
+        return func(*args, **kwargs)
+
+    for option in reversed(_WORKLOAD_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def spec_from_options(
+    workload: str | None = None,
+    trace: str | None = None,
+    requests: int | None = None,
+    rate: float | None = None,
+    arrival: str | None = None,
+    cv: float | None = None,
+    prompt_len: str | None = None,
+    output_len: str | None = None,
+    seed: int | None = None,
+    time_scale: float | None = None,
+) -> WorkloadSpec:
+    """The workload the flags describe: a spec file or a trace, with single fields overridden."""
+    if workload and trace:
+        raise DoolyError("give --workload or --trace, not both")
+    if workload:
+        spec = WorkloadSpec.load(workload)
+    elif trace:
+        spec = WorkloadSpec(num_requests=0, trace=trace)
+    else:
+        spec = WorkloadSpec(
+            num_requests=DEFAULT_REQUESTS,
+            rate=DEFAULT_RATE,
+            prompt=LengthSpec.parse(DEFAULT_PROMPT_LEN, "--prompt-len"),
+            output=LengthSpec.parse(DEFAULT_OUTPUT_LEN, "--output-len"),
+        )
+    overrides = {"num_requests": requests, "rate": rate, "arrival": arrival, "cv": cv, "seed": seed, "time_scale": time_scale}
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(spec, name, value)
+    if prompt_len is not None:
+        spec.prompt = LengthSpec.parse(prompt_len, "--prompt-len")
+    if output_len is not None:
+        spec.output = LengthSpec.parse(output_len, "--output-len")
+    spec.validate()
+    return spec

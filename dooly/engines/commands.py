@@ -1,0 +1,168 @@
+"""`dooly bench`: the real engine on a workload, recorded as ground truth for `dooly validate`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dooly.engines.base import parse_engine_settings
+from dooly.errors import DoolyError
+from dooly.output import emit_json, format_table, output_option
+from dooly.workload import workload_options
+
+log = logging.getLogger(__name__)
+
+ENGINE_CHOICES = ("transformers", "vllm")
+DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+MS_PER_S = 1e3
+
+
+@click.command("bench")
+@click.argument("model")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for requests.parquet, steps.parquet, engine.json and bench.json.")
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="transformers", show_default=True,
+              help="Serving engine to run.")
+@click.option("--attention", "backend", default="paged|sdpa", show_default=True,
+              help="Attention backend (transformers: paged|sdpa, paged|eager).")
+@click.option("--device", default="auto", show_default=True, help="auto, cuda or cpu.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True, help="Model dtype.")
+@click.option("--engine-config", type=click.Path(dir_okay=False),
+              help="JSON object of engine settings (transformers: ContinuousBatchingConfig fields).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="One engine setting, e.g. use_cuda_graph=true, num_blocks=512, scheduler_type=prefill_first.")
+@click.option("--warmup-requests", type=int, default=4, show_default=True,
+              help="Short requests served before the measured ones (not recorded).")
+@click.option("--model-seed", type=int, default=0, show_default=True, help="Seed of the random weights and prompt tokens.")
+@workload_options
+@output_option
+def bench_command(
+    model: str,
+    out_dir: Path,
+    engine: str,
+    backend: str,
+    device: str,
+    dtype: str,
+    engine_config: str | None,
+    settings: tuple[str, ...],
+    warmup_requests: int,
+    model_seed: int,
+    workload_args: dict[str, Any],
+    output_format: str,
+) -> None:
+    """Serve a workload on the real engine and record ground truth (needs the engine; a GPU for
+    numbers that mean anything).
+
+    MODEL (a bundled id or a config.json) is built from its config with random weights: timing
+    does not depend on the weights, and EOS is disabled so each request generates exactly its
+    output length. Requests arrive at their workload times (open loop), described by the same
+    flags as `dooly simulate`. Recorded per request: arrival, every token's time, lengths; per
+    engine step: the batch composition (prefill chunks with their context, decode contexts), its
+    wall time and its split into host preparation, forward and device busy time (CUDA events).
+
+    \b
+    Examples:
+      dooly bench meta-llama/Llama-3.2-1B --out gt/1b-light --requests 200 --rate 4 \\
+          --prompt-len uniform:128:1024 --output-len uniform:32:256
+      dooly bench meta-llama/Llama-3.1-8B --attention 'paged|eager' --out gt/8b-heavy \\
+          --workload heavy.json --set use_cuda_graph=true
+      dooly validate meta-llama/Llama-3.2-1B --ground-truth gt/1b-light --store ./db ...
+    """
+    from dooly.engines.groundtruth import summarize, write_ground_truth
+    from dooly.models.registry import resolve_model
+    from dooly.workload import generate_requests, spec_from_options
+
+    if warmup_requests < 0:
+        raise DoolyError("--warmup-requests must be >= 0")
+    spec = spec_from_options(**workload_args)
+    requests = generate_requests(spec)
+    if not requests:
+        raise DoolyError("the workload holds no requests")
+    model_spec = resolve_model(model)
+    engine_settings = parse_engine_settings(engine_config, settings)
+    started = time.time()
+    run, provenance = _run(engine, model_spec, backend, device, dtype, engine_settings, requests, model_seed, warmup_requests)
+    summary = summarize(run.requests, run.steps)
+    provenance.update(
+        model=model_spec.model_id,
+        engine=engine,
+        backend=backend,
+        dtype=dtype,
+        workload=spec.to_dict(),
+        requested_settings=engine_settings,
+        engine_details=run.engine_details,
+        started_at_unix=started,
+        wall_s=time.time() - started,
+        summary=summary,
+    )
+    written = write_ground_truth(out_dir, run.requests, run.steps, run.engine_settings, provenance)
+    if summary["failed"] or summary["finished"] < summary["requests"]:
+        raise DoolyError(
+            f"{summary['requests'] - summary['finished']} of {summary['requests']} requests did not finish "
+            f"(files kept in {out_dir} for inspection)"
+        )
+    payload = {"files": [str(p) for p in written], **summary, "platform": provenance["platform"]}
+    if output_format == "json":
+        emit_json(payload)
+        return
+    rows = [
+        ("requests", f"{summary['finished']}/{summary['requests']}"),
+        ("steps", str(summary["steps"])),
+        ("TTFT p50 (ms)", _ms(summary["ttft_p50_s"])),
+        ("TPOT p50 (ms)", _ms(summary["tpot_p50_s"])),
+        ("step p50 (ms)", _ms(summary["step_p50_s"])),
+        ("platform", provenance["platform"]),
+    ]
+    click.echo(format_table(["", model_spec.model_id], rows))
+    click.echo(f"wrote {out_dir}")
+
+
+def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, engine_settings: dict[str, Any],
+         requests: list[Any], seed: int, warmup: int) -> tuple[Any, dict[str, Any]]:
+    """Run the chosen engine; returns its BenchRun and the provenance of where it ran."""
+    import torch
+
+    from dooly.models.registry import build_hf_config
+    from dooly.profile.provenance import current_stack, detect_device, detect_platform
+
+    resolved_device = detect_device(device)
+    platform = detect_platform(resolved_device)
+    if engine != "transformers":
+        raise DoolyError(f"--engine {engine} is not available in this build (transformers only)")
+    from dooly.engines.transformers_bench import run_transformers_bench
+    from dooly.engines.transformers_cb import ENGINE_BACKENDS, engine_version
+
+    if backend not in ENGINE_BACKENDS:
+        raise DoolyError(f"the continuous-batching engine runs {', '.join(ENGINE_BACKENDS)}, not {backend!r}")
+    hf_config = build_hf_config(model_spec)
+    try:
+        run = run_transformers_bench(
+            hf_config,
+            backend,
+            requests,
+            settings=engine_settings,
+            device=resolved_device,
+            dtype=getattr(torch, DTYPES[dtype]),
+            seed=seed,
+            warmup_requests=warmup,
+        )
+    except TypeError as exc:
+        raise DoolyError(f"engine settings rejected by ContinuousBatchingConfig: {exc}") from None
+    stack = current_stack(
+        device=resolved_device,
+        platform=platform,
+        engine=engine,
+        engine_version=engine_version(),
+        backend=backend,
+        dtype=dtype,
+        block_size=int(run.engine_settings.get("block_size", 0)),
+    )
+    return run, {"platform": platform, "stack": stack.columns()}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * MS_PER_S:.1f}"
