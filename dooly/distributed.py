@@ -261,8 +261,11 @@ def launch(
     device: str,
     on_message: Callable[[Any], None],
     timeout_s: float | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> None:
     """Run `target(ctx, payload)` on `world_size` spawned ranks; feed rank 0's reports to `on_message`.
+
+    `extra_env` is set in each rank before its process group exists (it cannot undo SAFE_ENV).
 
     `target` must be importable by name (a module-level function): ranks are spawned, not forked,
     so CUDA and the parent's threads never leak into them. A rank that fails stops the others;
@@ -279,7 +282,8 @@ def launch(
     processes = [
         context.Process(
             target=_rank_main,
-            args=(rank, world_size, device, backend, store_path, target, payload, messages, dict(SAFE_ENV)),
+            args=(rank, world_size, device, backend, store_path, target, payload, messages,
+                  {**(extra_env or {}), **SAFE_ENV}),
             name=f"dooly-rank-{rank}",
         )
         for rank in range(world_size)
@@ -340,9 +344,9 @@ def _drain(messages: Any, on_message: Callable[[Any], None]) -> None:
 
 def _rank_main(rank: int, world_size: int, device: str, backend: str, store_path: str,
                target: Callable[[RankContext, Any], None], payload: Any, messages: Any,
-               safe_env: dict[str, str]) -> None:
+               environment: dict[str, str]) -> None:
     """A spawned rank: safe environment first, then the process groups, then the work."""
-    os.environ.update(safe_env)
+    os.environ.update(environment)
     import torch
     import torch.distributed as dist
 
@@ -352,6 +356,8 @@ def _rank_main(rank: int, world_size: int, device: str, backend: str, store_path
         if device == "cuda":
             torch.cuda.set_device(rank)
             options["device_id"] = torch.device("cuda", rank)
+        else:  # CPU ranks share the host's cores: oversubscribed threads spin against each other
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)})
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **options)
         control = dist.new_group(backend=BACKEND_GLOO) if backend != BACKEND_GLOO else dist.group.WORLD

@@ -116,6 +116,35 @@ def load_or_trace(model: str, backend: str, dtype: str) -> tuple[Trace, Any]:
     return trace, ModelSpec(model_id=trace.model_id, config=trace.config, source=model)
 
 
+def trace_defaults(model: str, tp: int | None, backend: str | None, dtype: str | None) -> tuple[int, str, str]:
+    """tp, backend and dtype for MODEL: a trace file's own, unless given (a conflict is an error)."""
+    trace = _read_trace_file(model)
+    chosen = {"tp": tp, "backend": backend, "dtype": dtype}
+    defaults = {"tp": 1, "backend": "paged|sdpa", "dtype": "bfloat16"}
+    if trace is not None:
+        traced = {"tp": trace.tp, "backend": trace.backend, "dtype": trace.dtype}
+        for name, value in chosen.items():
+            if value is not None and value != traced[name]:
+                raise DoolyError(f"trace {model} was made with {name} {traced[name]}, not {value}")
+        defaults = traced
+    return tuple(chosen[n] if chosen[n] is not None else defaults[n] for n in ("tp", "backend", "dtype"))  # type: ignore[return-value]
+
+
+def load_model_source(model: str, backend: str, dtype: str, tp: int) -> tuple[Any, str, bool]:
+    """(ModelSpec, model id, whether MODEL is a trace file) without tracing: a trace file's
+    config, else a bundled model or config file. Building the model needs only its config."""
+    from dooly.models.registry import ModelSpec, resolve_model
+
+    trace = _read_trace_file(model)
+    if trace is None:
+        spec = resolve_model(model)
+        return spec, spec.model_id, False
+    if (trace.tp, trace.backend, trace.dtype) != (tp, backend, dtype):
+        raise DoolyError(f"trace {model} is for tp {trace.tp}, {trace.backend}, {trace.dtype}; asked for "
+                         f"tp {tp}, {backend}, {dtype}")
+    return ModelSpec(model_id=trace.model_id, config=trace.config, source=model), trace.model_id, True
+
+
 def _read_trace_file(path_text: str) -> Trace | None:
     from pathlib import Path
 

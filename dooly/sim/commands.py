@@ -212,6 +212,10 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * MS_PER_S:.1f}"
 
 
+def _ms3(value: float | None) -> str:
+    return "-" if value is None else f"{value * MS_PER_S:.3f}"
+
+
 # ---------------------------------------------------------------------------------------------
 # dooly simulate
 # ---------------------------------------------------------------------------------------------
@@ -483,3 +487,67 @@ def export_vidur_command(
         return
     for path in written:
         click.echo(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dooly validate-steps
+# ---------------------------------------------------------------------------------------------
+
+
+@click.command("validate-steps")
+@click.argument("measured", type=click.Path(dir_okay=False))
+@click.option("--analytic", is_flag=True, help="Use the built-in roofline step model (tests and demos only).")
+@click.option("--store", metavar="URI", help="Latency database with fitted models.")
+@click.option("--model", "model", metavar="MODEL", help="Model whose inventory to use [default: the measured document's].")
+@click.option("--platform", metavar="P", help="Platform of the fitted models [default: where the steps were measured].")
+@click.option("--backend", metavar="B", help="Attention backend [default: the measured document's].")
+@click.option("--dtype", help="Model dtype [default: the measured document's].")
+@click.option("--tp", type=int, help="Tensor-parallel degree [default: the measured document's].")
+@click.option("--interconnect", metavar="LABEL", help="Topology label of the collectives [default: the measured machine's].")
+@click.option("--engine", default="transformers", show_default=True, help="Engine the fitted models were measured on.")
+@click.option("--timing", type=click.Choice(["graph", "eager"]), default="graph", show_default=True,
+              help="Compare with CUDA-graph replays (device time) or eager steps.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the comparison JSON here.")
+@output_option
+def validate_steps_command(measured, analytic, store, model, platform, backend, dtype, tp, interconnect, engine, timing,
+                           out_path, output_format) -> None:
+    """Compare composed step predictions with real engine steps from `dooly measure-steps`.
+
+    Each measured batch composition is predicted by the step model (for --tp N: one rank's ops
+    from a --tp N trace plus its collectives) and compared with the measured step; the report
+    gives the MAPE over all compositions and per kind (prefill, decode, mixed).
+
+    \b
+    Example:
+      dooly validate-steps steps.tp2.json --store ./db     # platform, backend, tp from the file
+    """
+    from dooly.sim.validate import compare_measured_steps, read_measured_steps
+
+    document = read_measured_steps(measured)
+    model = model or document["model_id"]
+    tp = tp or int(document.get("tp", 1))
+    backend = backend or document.get("backend")
+    dtype = dtype or document.get("dtype", DEFAULT_DTYPE)
+    platform = platform or document.get("platform")
+    if interconnect is None and tp > 1 and store:
+        interconnect = (document.get("topology") or {}).get("label")
+    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
+    report = compare_measured_steps(document, step_model, timing)
+    report.update({"model_id": document["model_id"], "tp": tp, "platform": platform, "backend": backend,
+                   "interconnect": interconnect, "measured": str(measured)})
+    report = _clean(report)
+    if out_path:
+        Path(out_path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if output_format == "json":
+        emit_json(report)
+        return
+    rows = [
+        (r["name"], r["kind"], _ms3(r["measured_s"]), _ms3(r["predicted_s"]),
+         "-" if r["ape_pct"] is None else f"{r['ape_pct']:.1f}%")
+        for r in report["steps"]
+    ]
+    click.echo(f"{report['model_id']} x{tp} on {platform} ({backend}), measured {timing} steps vs composed prediction")
+    click.echo(format_table(["composition", "kind", "measured ms", "predicted ms", "APE"], rows))
+    summary_rows = [(kind, s["n"], _pct(s["mape"]), _pct(s["p50_ape"]), _pct(s["bias"])) for kind, s in report["summary"].items()]
+    click.echo("")
+    click.echo(format_table(["steps", "n", "MAPE", "p50 APE", "bias"], summary_rows))
