@@ -21,8 +21,10 @@ import os
 import queue as queue_module
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -289,6 +291,7 @@ def launch(
         for rank in range(world_size)
     ]
     started = time.monotonic()
+    previous = _stop_on_sigterm()
     try:
         for process in processes:
             process.start()
@@ -300,6 +303,20 @@ def launch(
             process.join(timeout=JOIN_GRACE_S)
         messages.close()
         shutil.rmtree(rendezvous, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm() -> Any:
+    """Turn SIGTERM (a `timeout`, a pod eviction) into an exception in the parent, so its
+    `finally` stops the ranks instead of leaving them holding GPUs. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise DoolyError(f"stopped by signal {signum} while ranks were running")
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _pump(processes: list[Any], messages: Any, on_message: Callable[[Any], None], started: float,

@@ -51,7 +51,9 @@ MS_PER_S = 1e3
 # for the same when it runs continuous batching with tensor parallelism).
 STEP_ENV = {"NCCL_GRAPH_MIXING_SUPPORT": "0"}
 
-# Batch compositions: (name, prefill chunks as (new tokens, context), decode contexts).
+# Batch compositions: (name, prefill chunks as (new tokens, context), decode contexts). The
+# default set stays inside the profiler's default grid (<= 4096 tokens, <= 65536 KV tokens), so
+# the prediction interpolates rather than extrapolates.
 COMPOSITIONS: dict[str, list[tuple[str, list[tuple[int, int]], list[int]]]] = {
     "default": [
         ("prefill-128", [(128, 0)], []),
@@ -61,10 +63,10 @@ COMPOSITIONS: dict[str, list[tuple[str, list[tuple[int, int]], list[int]]]] = {
         ("chunk-512-after-2048", [(512, 2048)], []),
         ("decode-8x1024", [], [1024] * 8),
         ("decode-32x1024", [], [1024] * 32),
-        ("decode-64x2048", [], [2048] * 64),
-        ("decode-128x512", [], [512] * 128),
+        ("decode-16x3000", [], [3000] * 16),
+        ("decode-128x256", [], [256] * 128),
         ("mixed-256+16x1024", [(256, 0)], [1024] * 16),
-        ("mixed-512@1024+32x2048", [(512, 1024)], [2048] * 32),
+        ("mixed-512@1024+32x1024", [(512, 1024)], [1024] * 32),
         ("mixed-1024+64x512", [(1024, 0)], [512] * 64),
     ],
     # For CPU dry runs with tiny models: every kind, a few tokens each.
@@ -205,7 +207,10 @@ class _StepTimer:
             torch.cuda.synchronize()
         flag = torch.tensor([ok], dtype=torch.float64)
         self._reduce(flag, "min")
-        return graph if flag.item() >= 1.0 else None
+        if flag.item() < 1.0:
+            self.graphs = False  # one failed capture is enough: later compositions are timed eagerly only
+            return None
+        return graph
 
     def _samples(self, call: Any) -> list[float]:
         import torch
@@ -263,8 +268,12 @@ def _stats(prefix: str, values: list[float]) -> dict[str, float]:
 
 
 def measure_steps(model: str, *, tp: int, backend: str, dtype: str, device: str, preset: str,
-                  samples: int = DEFAULT_SAMPLES, graphs: bool = True, seed: int = 0) -> dict[str, Any]:
-    """Measure real engine steps of MODEL on `tp` ranks; the `dooly.measured_steps/1` document."""
+                  samples: int = DEFAULT_SAMPLES, graphs: bool = True, seed: int = 0,
+                  on_step: Any = None) -> dict[str, Any]:
+    """Measure real engine steps of MODEL on `tp` ranks; the `dooly.measured_steps/1` document.
+
+    `on_step(document)` is called after each composition with the document so far (a run cut
+    short still leaves what it measured)."""
     import torch
     import transformers
 
@@ -284,21 +293,8 @@ def measure_steps(model: str, *, tp: int, backend: str, dtype: str, device: str,
         "model_id": model_id, "config": spec.config, "backend": backend, "dtype": dtype, "seed": seed,
         "samples": samples, "graphs": graphs, "entries": entries, "geometry": cache_geometry(entries),
     }
-    steps: list[dict[str, Any]] = []
-    built: list[float] = []
     started = time.perf_counter()
-
-    def on_message(message: tuple[str, Any]) -> None:
-        kind, body = message
-        if kind == "built":
-            built.append(body)
-        else:
-            steps.append(body)
-            log.info("%s: eager %.3f ms, graph %s ms", body["name"], body["eager_s"] * MS_PER_S,
-                     f"{body['graph_s'] * MS_PER_S:.3f}" if "graph_s" in body else "-")
-
-    launch(rank_worker, payload, world_size=tp, device=device, on_message=on_message, extra_env=STEP_ENV)
-    return {
+    document: dict[str, Any] = {
         "schema": SCHEMA,
         "model_id": model_id,
         "source": model,
@@ -312,10 +308,26 @@ def measure_steps(model: str, *, tp: int, backend: str, dtype: str, device: str,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "samples": samples,
-        "build_seconds": max(built) if built else None,
-        "seconds": time.perf_counter() - started,
-        "steps": steps,
+        "build_seconds": None,
+        "seconds": 0.0,
+        "steps": [],
     }
+
+    def on_message(message: tuple[str, Any]) -> None:
+        kind, body = message
+        if kind == "built":
+            document["build_seconds"] = body
+            return
+        document["steps"].append(body)
+        document["seconds"] = time.perf_counter() - started
+        log.info("%s: eager %.3f ms, graph %s ms", body["name"], body["eager_s"] * MS_PER_S,
+                 f"{body['graph_s'] * MS_PER_S:.3f}" if "graph_s" in body else "-")
+        if on_step is not None:
+            on_step(document)
+
+    launch(rank_worker, payload, world_size=tp, device=device, on_message=on_message, extra_env=STEP_ENV)
+    document["seconds"] = time.perf_counter() - started
+    return document
 
 
 @click.command("measure-steps")
@@ -347,10 +359,16 @@ def measure_steps_command(model: str, tp: int | None, backend: str | None, dtype
     from dooly.profile.run import trace_defaults
 
     tp, backend, dtype = trace_defaults(model, tp, backend, dtype)
+
+    def save(document: dict[str, Any]) -> None:
+        if out_path:
+            staged = Path(f"{out_path}.tmp")
+            staged.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+            staged.replace(out_path)
+
     document = measure_steps(model, tp=tp, backend=backend, dtype=dtype, device=device, preset=preset,
-                             samples=samples, graphs=not no_graphs)
-    if out_path:
-        Path(out_path).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+                             samples=samples, graphs=not no_graphs, on_step=save)
+    save(document)
     if output_format == "json":
         emit_json(document)
         return

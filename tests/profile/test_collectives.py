@@ -149,9 +149,19 @@ def test_profile_measures_the_collectives_of_a_tp_trace(tp2_store):
 
 
 def test_a_second_profile_reuses_the_collectives(tp2_store):
-    _, first, again, _ = tp2_store
+    root, first, again, _ = tp2_store
     assert first["profiled_signatures"] == first["models"][0]["signatures"]
     assert again["profiled_signatures"] == 0 and again["measured_points"] == 0
+    trace = str(root / "tiny.tp2.json")
+    here = CliRunner().invoke(cli, ["plan", trace, "--store", str(root / "db"), *SMALL_GRID_ARGS, "--output", "json"])
+    assert here.exit_code == 0, here.output
+    assert json.loads(here.output)["missing_signatures"] == 0
+    # Another platform's interconnect cannot be read from here: its collectives are missing.
+    other = CliRunner().invoke(cli, ["plan", trace, "--store", str(root / "db"), *SMALL_GRID_ARGS,
+                                     "--platform", first["platform"], "--output", "json"])
+    assert other.exit_code == 0, other.output
+    collectives = json.loads((root / "tiny.tp2.json").read_text())["collectives"]
+    assert json.loads(other.output)["missing_signatures"] == len({c["signature"] for c in collectives})
 
 
 def test_fitted_step_adds_the_collectives(tp2_store):
