@@ -321,7 +321,7 @@ def _stop_on_sigterm() -> Any:
 
 def _pump(processes: list[Any], messages: Any, on_message: Callable[[Any], None], started: float,
           timeout_s: float | None) -> None:
-    done = False
+    done_at: float | None = None
     while True:
         try:
             kind, body = messages.get(timeout=POLL_S)
@@ -333,16 +333,19 @@ def _pump(processes: list[Any], messages: Any, on_message: Callable[[Any], None]
         if kind == "error":
             raise DoolyError(f"rank {body[0]} failed: {body[1]}")
         if kind == "done":
-            done = True
+            done_at = time.monotonic()
         exits = [p.exitcode for p in processes]
-        if done and all(code is not None for code in exits):
+        if done_at is not None and all(code is not None for code in exits):
+            break
+        if done_at is not None and time.monotonic() - done_at > JOIN_GRACE_S:
+            log.warning("ranks finished their work but did not exit within %.0f s: stopping them", JOIN_GRACE_S)
             break
         failed = [(i, code) for i, code in enumerate(exits) if code not in (None, 0)]
         if failed:
             _drain(messages, on_message)
             rank, code = failed[0]
             raise DoolyError(f"rank {rank} exited with code {code} before finishing")
-        if not done and all(code == 0 for code in exits):
+        if done_at is None and all(code == 0 for code in exits):
             _drain(messages, on_message)
             return
         if timeout_s is not None and time.monotonic() - started > timeout_s:
@@ -373,7 +376,7 @@ def _rank_main(rank: int, world_size: int, device: str, backend: str, store_path
         if device == "cuda":
             torch.cuda.set_device(rank)
             options["device_id"] = torch.device("cuda", rank)
-        else:  # CPU ranks share the host's cores: oversubscribed threads spin against each other
+        elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks share the host's cores: no oversubscription
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)})
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **options)

@@ -238,12 +238,13 @@ class CollectiveTimer:
             with torch.cuda.stream(side):
                 call()
             torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
+            # Thread-local capture mode: NCCL's watchdog thread keeps querying its events meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 for _ in range(reps):
                     call()
             graph.replay()
             torch.cuda.synchronize()
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - any capture failure means eager timing
             log.info("collective graph capture failed, timing eagerly: %s", str(exc).splitlines()[0][:200])
             graph, ok = None, 0.0
         flag = torch.tensor([ok], dtype=torch.float64)

@@ -34,6 +34,7 @@ import click
 
 from dooly.distributed import RankContext
 from dooly.engines.base import Batch
+from dooly.engines.transformers_cb import DEFAULT_BLOCK_SIZE as KV_BLOCK_SIZE
 from dooly.errors import DoolyError
 from dooly.output import emit_json, format_table, output_option
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 SCHEMA = "dooly.measured_steps/1"
 WARMUP_STEPS = 3
 DEFAULT_SAMPLES = 10
-KV_BLOCK_SIZE = 256
 # Blocks beyond the largest composition: per-sequence rounding, and room to spare.
 BLOCK_HEADROOM = 2
 P10, P90 = 10, 90
@@ -151,23 +151,33 @@ def rank_worker(ctx: RankContext, payload: dict[str, Any]) -> None:
         engine.build_model()
         engine.build_cache(max_requests=geometry["max_requests"])
     ctx.report(("built", time.perf_counter() - built))
-    timer = _StepTimer(ctx, payload["samples"], payload["graphs"])
-    for entry in payload["entries"]:
+    timer = _StepTimer(ctx, payload["samples"])
+    # Eager steps of every composition first: a graph capture that fails later cannot spoil them.
+    for index, entry in enumerate(payload["entries"]):
         with torch.no_grad():
-            result = timer.measure(engine, _batch(entry))
-        ctx.report(("step", {**entry, "kind": step_kind(entry["prefill"], entry["decode"]), **result}))
-        engine.release()
+            result = timer.eager(engine, _batch(entry))
+        ctx.report(("step", index, {**entry, "kind": step_kind(entry["prefill"], entry["decode"]), **result}))
+    if not (payload["graphs"] and ctx.device == "cuda"):
+        return
+    for index, entry in enumerate(payload["entries"]):
+        with torch.no_grad():
+            result = timer.graph(engine, _batch(entry))
+        if result is None:
+            ctx.report(("graphs-off", index, None))
+            return
+        ctx.report(("graph", index, result))
+
+
+# cudaStreamCaptureModeThreadLocal: other threads (NCCL's watchdog) may keep calling CUDA.
+CAPTURE_MODE = "thread_local"
 
 
 class _StepTimer:
-    def __init__(self, ctx: RankContext, samples: int, graphs: bool) -> None:
+    def __init__(self, ctx: RankContext, samples: int) -> None:
         self.ctx = ctx
         self.samples = samples
-        self.graphs = graphs and ctx.device == "cuda"
 
-    def measure(self, engine: Any, batch: Batch) -> dict[str, Any]:
-        import torch
-
+    def eager(self, engine: Any, batch: Batch) -> dict[str, Any]:
         kwargs = engine.step_inputs(batch)
 
         def step() -> None:
@@ -178,12 +188,26 @@ class _StepTimer:
         self._sync()
         result: dict[str, Any] = {"tokens": batch.tokens, "seqs": batch.num_seqs, "kv_tokens": batch.kv_tokens}
         result.update(_stats("eager", self._samples(step)))
-        if self.graphs:
-            graph = self._capture(step)
-            if graph is not None:
-                result.update(_stats("graph", self._samples(graph.replay)))
-            del graph
-            torch.cuda.empty_cache()
+        engine.release()
+        return result
+
+    def graph(self, engine: Any, batch: Batch) -> dict[str, Any] | None:
+        """Graph-replay statistics, or None on every rank when any rank could not capture."""
+        import torch
+
+        kwargs = engine.step_inputs(batch)
+
+        def step() -> None:
+            engine.run_step(kwargs)
+
+        graph = self._capture(step)
+        if graph is None:
+            engine.release()
+            return None
+        result = _stats("graph", self._samples(graph.replay))
+        del graph
+        engine.release()
+        torch.cuda.empty_cache()
         return result
 
     def _capture(self, step: Any) -> Any:
@@ -197,20 +221,16 @@ class _StepTimer:
             with torch.cuda.stream(side):
                 step()
             torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
                 step()
             graph.replay()
             torch.cuda.synchronize()
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - any capture failure means eager timing only
             log.warning("step graph capture failed on rank %d: %s", self.ctx.rank, str(exc).splitlines()[0][:200])
             ok = 0.0
-            torch.cuda.synchronize()
         flag = torch.tensor([ok], dtype=torch.float64)
         self._reduce(flag, "min")
-        if flag.item() < 1.0:
-            self.graphs = False  # one failed capture is enough: later compositions are timed eagerly only
-            return None
-        return graph
+        return graph if flag.item() >= 1.0 else None
 
     def _samples(self, call: Any) -> list[float]:
         import torch
@@ -313,15 +333,21 @@ def measure_steps(model: str, *, tp: int, backend: str, dtype: str, device: str,
         "steps": [],
     }
 
-    def on_message(message: tuple[str, Any]) -> None:
-        kind, body = message
-        if kind == "built":
-            document["build_seconds"] = body
+    def on_message(message: tuple) -> None:
+        if message[0] == "built":
+            document["build_seconds"] = message[1]
             return
-        document["steps"].append(body)
+        kind, index, body = message
+        if kind == "step":
+            document["steps"].append(body)
+            log.info("%s: eager %.3f ms", body["name"], body["eager_s"] * MS_PER_S)
+        elif kind == "graph":
+            document["steps"][index].update(body)
+            log.info("%s: graph %.3f ms", document["steps"][index]["name"], body["graph_s"] * MS_PER_S)
+        else:
+            document["graphs"] = f"capture failed at composition {index}: it and later ones have eager timings only"
+            log.warning("%s", document["graphs"])
         document["seconds"] = time.perf_counter() - started
-        log.info("%s: eager %.3f ms, graph %s ms", body["name"], body["eager_s"] * MS_PER_S,
-                 f"{body['graph_s'] * MS_PER_S:.3f}" if "graph_s" in body else "-")
         if on_step is not None:
             on_step(document)
 
