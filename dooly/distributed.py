@@ -298,6 +298,8 @@ def launch(
         _pump(processes, messages, on_message, started, timeout_s)
     finally:
         for process in processes:
+            if process.pid is None:  # never started
+                continue
             if process.is_alive():
                 process.terminate()
             process.join(timeout=JOIN_GRACE_S)
