@@ -44,6 +44,17 @@ def test_a_rank_computes_a_share_and_pays_for_collectives():
         rank_dims(LLAMA_3_8B, 3)
 
 
+def test_simulate_analytic_with_tensor_parallelism():
+    runner = CliRunner()
+    args = ["simulate", "meta-llama/Llama-3.1-8B", "--analytic", "--requests", "4", "--rate", "10", "--prompt-len", "256",
+            "--output-len", "4", "--output", "json"]
+    one, two = (runner.invoke(cli, [*args, "--tp", str(tp)]) for tp in (1, 2))
+    assert one.exit_code == 0 and two.exit_code == 0, two.output
+    assert json.loads(two.output)["ttft_s"]["mean"] < json.loads(one.output)["ttft_s"]["mean"]
+    refused = runner.invoke(cli, [*args, "--tp", "3"])
+    assert refused.exit_code == 2 and "does not divide" in refused.output
+
+
 def test_vidur_all_reduce_csv(tmp_path):
     model = AnalyticStepModel(tp=2)
     calls = []
