@@ -51,6 +51,8 @@ POLL_S = 0.5
 # How long children get to exit on their own once rank 0 said it is done.
 JOIN_GRACE_S = 60.0
 NVIDIA_SMI_TIMEOUT_S = 10
+# A failed rank's last traceback line, as much as a one-line error should carry.
+ERROR_CHARS = 500
 # Link words of `nvidia-smi topo -m`, from the matrix legend.
 _LINK_WORD = re.compile(r"^(X|SYS|NODE|PHB|PXB|PIX|NV\d+)$")
 CPU_LINK = "loopback"
@@ -390,7 +392,7 @@ def _rank_main(rank: int, world_size: int, device: str, backend: str, store_path
             messages.put(("done", None))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then re-raised
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        messages.put(("error", (rank, last[:500])))
+        messages.put(("error", (rank, last[:ERROR_CHARS])))
         raise
     finally:
         if dist.is_initialized():

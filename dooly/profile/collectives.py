@@ -59,6 +59,8 @@ MAX_REPS = 500
 DEFAULT_SAMPLES_CUDA = 15
 DEFAULT_SAMPLES_CPU = 5
 STATUS_CODES = {STATUS_OK: 0, STATUS_ERROR: 1, STATUS_OOM: 2}
+LOG_CHARS = 200
+ERROR_CHARS = 500
 
 
 def collective_kind(op: Operation) -> str:
@@ -245,7 +247,7 @@ class CollectiveTimer:
             graph.replay()
             torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 - any capture failure means eager timing
-            log.info("collective graph capture failed, timing eagerly: %s", str(exc).splitlines()[0][:200])
+            log.info("collective graph capture failed, timing eagerly: %s", str(exc).splitlines()[0][:LOG_CHARS])
             graph, ok = None, 0.0
         flag = torch.tensor([ok], dtype=torch.float64)
         self._all_min(flag)
@@ -321,4 +323,4 @@ class CollectiveTimer:
 def _failure(exc: BaseException) -> tuple[str, str]:
     if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
         return STATUS_OOM, ""
-    return STATUS_ERROR, f"{type(exc).__name__}: {exc}"[:500]
+    return STATUS_ERROR, f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]

@@ -47,6 +47,7 @@ DEFAULT_SAMPLES = 10
 BLOCK_HEADROOM = 2
 P10, P90 = 10, 90
 MS_PER_S = 1e3
+LOG_CHARS = 200
 # NCCL must not serialise graph and non-graph launches of one communicator (transformers asks
 # for the same when it runs continuous batching with tensor parallelism).
 STEP_ENV = {"NCCL_GRAPH_MIXING_SUPPORT": "0"}
@@ -226,7 +227,7 @@ class _StepTimer:
             graph.replay()
             torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 - any capture failure means eager timing only
-            log.warning("step graph capture failed on rank %d: %s", self.ctx.rank, str(exc).splitlines()[0][:200])
+            log.warning("step graph capture failed on rank %d: %s", self.ctx.rank, str(exc).splitlines()[0][:LOG_CHARS])
             ok = 0.0
         flag = torch.tensor([ok], dtype=torch.float64)
         self._reduce(flag, "min")
