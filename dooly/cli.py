@@ -14,6 +14,7 @@ import sys
 import click
 
 from dooly import __version__
+from dooly.distributed import apply_safe_env
 from dooly.errors import DoolyError
 
 # name -> "module:attribute"; listed in pipeline order, which is also the order `--help` shows.
@@ -28,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "simulate": "dooly.sim.commands:simulate_command",
     "bench": "dooly.engines.commands:bench_command",
     "validate": "dooly.sim.commands:validate_command",
+    "measure-steps": "dooly.sim.steps:measure_steps_command",
+    "validate-steps": "dooly.sim.commands:validate_steps_command",
     "export": "dooly.sim.commands:export_group",
     "fleet": "dooly.fleet.commands:fleet_group",
     "demo": "dooly.fleet.commands:demo_command",
@@ -93,6 +96,7 @@ def cli(verbose: int) -> None:
 
 
 def main() -> None:
+    apply_safe_env()
     try:
         cli(prog_name="dooly")
     except DoolyError as exc:

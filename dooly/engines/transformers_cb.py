@@ -59,8 +59,10 @@ class TransformersCBEngine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         num_blocks: int = DEFAULT_NUM_BLOCKS,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        tp_size: int = 1,
     ) -> None:
         self.config = hf_config
+        self.tp_size = tp_size
         self.attention = attention
         self.dtype = dtype
         self.device = torch.device(device)
@@ -79,8 +81,27 @@ class TransformersCBEngine:
         return engine_version()
 
     def build_model(self) -> Any:
+        """The engine's model with random weights. With `tp_size` > 1 (inside an initialised
+        process group of that many ranks) transformers' own tensor-parallel loading builds this
+        rank's shard: `from_pretrained` with an empty state dict and a DistributedConfig, so the
+        TP plan's hooks (all_reduce after rowwise layers, all_gather of the logits) are installed
+        exactly as for a checkpoint, and every missing weight is initialised on the device."""
         from transformers import AutoModelForCausalLM
 
+        if self.tp_size > 1:
+            from transformers.distributed import DistributedConfig
+
+            model_class = AutoModelForCausalLM._model_mapping[type(self.config)]
+            model = model_class.from_pretrained(
+                None,
+                config=self.config,
+                state_dict={},
+                distributed_config=DistributedConfig(tp_size=self.tp_size),
+                dtype=self.dtype,
+                attn_implementation=self.attention,
+            )
+            self.model = model.eval()
+            return self.model
         with self.device:
             model = AutoModelForCausalLM.from_config(
                 self.config, attn_implementation=self.attention, dtype=self.dtype
@@ -125,13 +146,14 @@ class TransformersCBEngine:
             workload_hints=None,
             has_logit_processors=self.logit_processor.do_processing,
         )
-        helper = DistributedHelper(device_mesh=None, cpu_group_timeout=CPU_GROUP_TIMEOUT_S)
+        mesh = getattr(self.model, "_device_mesh", None) if self.tp_size > 1 else None
+        helper = DistributedHelper(device_mesh=mesh, cpu_group_timeout=CPU_GROUP_TIMEOUT_S)
         self.cache = PagedAttentionCache(
             config=text_config,
             continuous_batching_config=self.cb_config,
             device=self.device,
             distributed_helper=helper,
-            tp_plan={},
+            tp_plan=getattr(self.model, "tp_plan", {}) if self.tp_size > 1 else {},
             dtype=self.dtype,
         )
         self.io = ContinuousBatchingIOs(

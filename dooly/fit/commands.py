@@ -145,9 +145,10 @@ def _parse_decode(values: tuple[int, ...]) -> list[int]:
     return list(values)
 
 
-def find_inventory(store: Any, model: str, backend: str) -> dict[str, Any]:
-    """The inventory of MODEL (its model_id, the id's last part, or its model_key), preferring the
-    one traced with `backend`: an attention signature depends on the backend it was traced for."""
+def find_inventory(store: Any, model: str, backend: str, tp: int = 1) -> dict[str, Any]:
+    """The inventory of MODEL (its model_id, the id's last part, or its model_key) for one rank of
+    `tp`, preferring the one traced with `backend`: an attention signature depends on the backend
+    it was traced for, and a rank of tp > 1 runs other shapes plus collectives."""
     from dooly.fit.models import read_inventories
 
     inventories = read_inventories(store)
@@ -160,7 +161,14 @@ def find_inventory(store: Any, model: str, backend: str) -> dict[str, Any]:
         if wanted in names:
             matches.append(inventory)
     if matches:
-        return next((i for i in matches if i.get("backend") == backend), matches[0])
+        ranked = [i for i in matches if int(i.get("tp", 1) or 1) == tp]
+        if not ranked:
+            degrees = ", ".join(str(d) for d in sorted({int(i.get("tp", 1) or 1) for i in matches}))
+            raise DoolyError(
+                f"no inventory of {model!r} for --tp {tp} in {store.uri} (profiled: tp {degrees}); "
+                f"profile a trace made with `dooly trace {model} --tp {tp}`"
+            )
+        return next((i for i in ranked if i.get("backend") == backend), ranked[0])
     known = ", ".join(sorted({str(i.get("model_id", k)) for k, i in inventories.items()})) or "none"
     raise DoolyError(
         f"no inventory for model {model!r} in {store.uri} (known: {known}); `dooly profile` writes it"
@@ -198,6 +206,8 @@ def find_inventory(store: Any, model: str, backend: str) -> dict[str, Any]:
     help="A decoding sequence with CTX cached tokens (repeatable).",
 )
 @click.option("--per-op", is_flag=True, help="Also list every operation of the model with its latency.")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree: one rank's ops plus its collectives.")
+@click.option("--interconnect", default=None, help="Topology label of the collectives' measurements (where the store holds several).")
 @output_option
 def predict_command(
     store_uri: str,
@@ -209,6 +219,8 @@ def predict_command(
     prefill: tuple[str, ...],
     decode: tuple[int, ...],
     per_op: bool,
+    tp: int,
+    interconnect: str | None,
     output_format: str,
 ) -> None:
     """Predict one engine step's latency for a batch composition, with its breakdown by op class.
@@ -232,9 +244,13 @@ def predict_command(
     decodes = _parse_decode(decode)
     if not chunks and not decodes:
         raise DoolyError("an empty step: give at least one --prefill Q:CTX or --decode CTX")
+    if tp < 1:
+        raise DoolyError(f"--tp must be >= 1, got {tp}")
     store = open_store(store_uri, create=False)
-    predictor = load_predictor(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
-    inventory = find_inventory(store, model, backend)
+    predictor = load_predictor(
+        store, platform=platform, engine=engine, backend=backend, dtype=dtype, interconnect=interconnect
+    )
+    inventory = find_inventory(store, model, backend, tp)
     step = predictor.step_predictor(inventory)
     seconds = step.step_seconds(chunks, decodes)
     breakdown = step.breakdown(chunks, decodes)
@@ -244,6 +260,7 @@ def predict_command(
         "engine": engine,
         "backend": backend,
         "dtype": dtype,
+        "tp": tp,
         "generation": predictor.generation,
         "prefill": [list(c) for c in chunks],
         "decode": decodes,

@@ -36,7 +36,19 @@ N_TERMS = len(TERMS)
 FAMILY_ATTENTION = "attention"
 FAMILY_MATMUL = "matmul"
 FAMILY_GENERIC = "generic"
+FAMILY_COLLECTIVE = "collective"
 ATTENTION_PREFIX = "attention"
+COLLECTIVE_PREFIX = "collective."
+WORLD_SIZE = "world_size"
+# Bytes each rank moves over the links per element of its input, ring algorithm (NCCL's busBw
+# factors): an all_reduce sends 2(n-1)/n of its buffer, an all_gather (n-1) times its share, a
+# reduce_scatter (n-1)/n of its input, a pipeline send/recv the whole tensor once.
+COLLECTIVE_BUS_FACTORS = {
+    "all_reduce": lambda n: 2.0 * (n - 1) / n,
+    "all_gather": lambda n: float(n - 1),
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "send_recv": lambda n: 1.0,
+}
 
 # Matrix-product overloads: (index of the left operand, index of the right operand, rank).
 MATMUL_OPS: dict[str, tuple[int, int, int]] = {
@@ -80,7 +92,10 @@ GENERIC_FEATURES = (
     *(f"{v}_{suffix}" for v in REQUEST_VARS for suffix in ("count", "elems", "max_elems")),
     "pair_max_elems",
 )
+# Collectives: a launch, a per-hop latency (n-1 steps of a ring), link bytes, local bytes.
+COLLECTIVE_FEATURES = ("launch", "hops", "bus_elems", "elems")
 FAMILY_FEATURES = {
+    FAMILY_COLLECTIVE: COLLECTIVE_FEATURES,
     FAMILY_MATMUL: MATMUL_FEATURES,
     FAMILY_ATTENTION: ATTENTION_FEATURES,
     FAMILY_GENERIC: GENERIC_FEATURES,
@@ -94,6 +109,8 @@ def family_of(op_class: str, op: str = "") -> str:
     """Which physical model applies: attention, a matrix product, or a generic (memory-bound) op."""
     if op_class.startswith(ATTENTION_PREFIX) or op == ATTENTION_PREFIX:
         return FAMILY_ATTENTION
+    if op_class.startswith(COLLECTIVE_PREFIX):
+        return FAMILY_COLLECTIVE
     if (op or op_class) in MATMUL_OPS:
         return FAMILY_MATMUL
     return FAMILY_GENERIC
@@ -132,6 +149,8 @@ def static_features(
         pairs = _matmul_static(op, config_dims, request_vars)
     elif family == FAMILY_ATTENTION:
         pairs = _attention_static(config_dims)
+    elif family == FAMILY_COLLECTIVE:
+        pairs = _collective_static(op, config_dims, request_vars)
     else:
         pairs = _generic_static(config_dims, request_vars)
     names, factors = zip(*pairs, strict=True)
@@ -200,6 +219,23 @@ def _attention_static(cfg: Mapping[str, int]) -> list[tuple[str, float]]:
         ("T*K", 1.0),
         ("padded", q_width),
     ]
+
+
+def _collective_static(op: str, cfg: Mapping[str, int], request_vars: Sequence[str]) -> list[tuple[str, float]]:
+    """A collective's time ~ launch + hops x per-hop latency + link bytes / bandwidth: the
+    request product R (tokens or sequences) times the elements per unit of R, scaled by the
+    kind's bus factor for the link term."""
+    ranks = max(int(cfg.get(WORLD_SIZE, 1) or 1), 1)
+    elems = 1.0
+    for name, value in cfg.items():
+        if name.startswith("in0."):
+            elems *= float(max(int(value), 1))
+    kind = op.removeprefix(COLLECTIVE_PREFIX)
+    factor = COLLECTIVE_BUS_FACTORS.get(kind, COLLECTIVE_BUS_FACTORS["all_reduce"])(ranks)
+    term = product_term(request_vars)
+    if term == "zero":
+        term = "const"
+    return [("const", 1.0), ("const", float(ranks - 1)), (term, elems * factor), (term, elems)]
 
 
 def _input_sizes(cfg: Mapping[str, int]) -> list[float]:

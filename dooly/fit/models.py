@@ -33,7 +33,7 @@ import numpy as np
 
 from dooly import SCHEMA_VERSION, __version__
 from dooly.errors import DoolyError
-from dooly.profile.provenance import SHARED_BACKEND
+from dooly.profile.provenance import COMM_ENGINES, SHARED_BACKEND
 from dooly.fit.features import (
     FAMILY_ATTENTION,
     N_TERMS,
@@ -827,8 +827,14 @@ def load_group(
     )
 
 
-def load_predictor(store: Store, *, platform: str, engine: str, backend: str, dtype: str) -> Predictor:
-    """The newest fitted models of one platform/engine/backend/dtype, ready to predict."""
+def load_predictor(
+    store: Store, *, platform: str, engine: str, backend: str, dtype: str, interconnect: str | None = None
+) -> Predictor:
+    """The newest fitted models of one platform/engine/backend/dtype, ready to predict.
+
+    The backend-independent ops (backend "any") and the collectives measured on this platform
+    (engine nccl or gloo, backend = interconnect topology label) are merged in; `interconnect`
+    picks the topology where the store holds several."""
     from dooly.fit.predictor import Predictor
 
     group, meta = load_group(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
@@ -839,7 +845,43 @@ def load_predictor(store: Store, *, platform: str, engine: str, backend: str, dt
             shared = None
         if shared is not None:
             group = with_shared_ops(group, shared)
+    comm = _collective_group(meta, platform=platform, dtype=dtype, interconnect=interconnect)
+    if comm is not None:
+        collectives, _ = load_group(store, platform=platform, engine=comm[0], backend=comm[1], dtype=dtype)
+        group = with_shared_ops(group, collectives)
     return Predictor(group, meta)
+
+
+def collective_groups(meta: dict[str, Any], *, platform: str, dtype: str) -> list[tuple[str, str]]:
+    """(communication engine, interconnect label) of the collective groups fitted for a platform."""
+    return sorted(
+        {
+            (str(entry.get("engine")), str(entry.get("backend")))
+            for entry in meta.get("groups", [])
+            if entry.get("engine") in COMM_ENGINES and entry.get("platform") == platform and entry.get("dtype") == dtype
+        }
+    )
+
+
+def _collective_group(
+    meta: dict[str, Any], *, platform: str, dtype: str, interconnect: str | None
+) -> tuple[str, str] | None:
+    found = collective_groups(meta, platform=platform, dtype=dtype)
+    if interconnect:
+        chosen = [g for g in found if g[1] == interconnect]
+        if not chosen:
+            known = ", ".join(label for _, label in found) or "none"
+            raise DoolyError(
+                f"no collectives fitted for interconnect {interconnect!r} on {platform}/{dtype}; known: {known}"
+            )
+        return chosen[0]
+    if len(found) > 1:
+        labels = ", ".join(f"{label} ({engine})" for engine, label in found)
+        raise DoolyError(
+            f"collectives of several interconnects are fitted for {platform}/{dtype}: {labels}; "
+            f"choose one with --interconnect"
+        )
+    return found[0] if found else None
 
 
 def with_shared_ops(group: GroupModel, shared: GroupModel) -> GroupModel:

@@ -12,6 +12,10 @@ from dooly.output import emit_json, format_table, output_option
 from dooly.profile.grid import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_KV, DEFAULT_MAX_SEQS, DEFAULT_MAX_TOKENS, GridSpec
 
 
+# The interconnect label of a platform planned from elsewhere: nothing held matches it.
+UNKNOWN_INTERCONNECT = "unknown"
+
+
 def _common(func):
     options = [
         click.argument("models", nargs=-1, required=True),
@@ -75,7 +79,8 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
     traces = trace_all(list(models), backend, dtype)
     stack = current_stack(device=device_type if not named else "cuda", platform=name, engine=ENGINE_NAME,
                           engine_version=engine_version(), backend=backend, dtype=dtype, block_size=DEFAULT_BLOCK_SIZE)
-    plan = build_plan(traces, store, stack, grid, software_agnostic=named)
+    plan = build_plan(traces, store, stack, grid, software_agnostic=named,
+                      comm=_plan_comm_stack(traces, stack, device_type, named))
     summary = plan.summary()
     if output_format == "json":
         emit_json(summary)
@@ -85,6 +90,21 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
                f"{summary['held_points']} points held, ~{summary['estimated_device_seconds']:.1f} device-seconds to go")
     rows = [(m["model"], m["signatures"], m["profiled_signatures"], m["reused_signatures"]) for m in summary["models"]]
     click.echo(format_table(["model", "signatures", "to profile", "reused"], rows))
+
+
+def _plan_comm_stack(traces: list, stack: Any, device_type: str, named: bool) -> Any:
+    """Where collectives would be measured: this machine's interconnect, or for another platform
+    an unknown one (its topology cannot be read from here, so its collectives count as missing)."""
+    from dooly.distributed import BACKEND_NCCL, detect_topology
+    from dooly.profile.provenance import comm_stack
+
+    world = max([trace.tp for trace in traces if trace.collectives] or [0])
+    if not world:
+        return None
+    if named:
+        return comm_stack(stack, UNKNOWN_INTERCONNECT, BACKEND_NCCL, "")
+    topology = detect_topology(device_type, world)
+    return comm_stack(stack, topology.label, topology.backend, topology.comm_version)
 
 
 @click.command("profile")

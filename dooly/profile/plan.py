@@ -13,16 +13,17 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from dooly.errors import DoolyError
 from dooly.profile.grid import GridSpec, Point, attention_points, variable_points
 from dooly.profile.provenance import SHARED_BACKEND, Stack
-from dooly.trace.schema import KIND_ATTENTION, KIND_KERNEL, Operation, Trace
+from dooly.trace.schema import KIND_ATTENTION, KIND_COLLECTIVE, KIND_KERNEL, Operation, Trace
 
 log = logging.getLogger(__name__)
 
 HELD_STATUSES = ("ok", "oom")
 # Device-seconds per point assumed when the store has no measurement on this stack to learn from.
 DEFAULT_POINT_SECONDS = {"cuda": 0.05, "cpu": 0.02}
-PROFILED_KINDS = (KIND_KERNEL, KIND_ATTENTION)
+PROFILED_KINDS = (KIND_KERNEL, KIND_ATTENTION, KIND_COLLECTIVE)
 
 
 @dataclass
@@ -54,11 +55,17 @@ class Plan:
     stale_signatures: int = 0
     point_seconds: float = 0.0
     sources: dict[str, Any] = field(default_factory=dict)  # model_id -> ModelSpec to build it again
+    comm_stack: Stack | None = None  # where collectives are measured (None: the traces have none)
+    topology: dict[str, Any] = field(default_factory=dict)  # what the machine said about its links
 
     def work(self, shard_index: int = 0, shard_count: int = 1) -> list[WorkItem]:
         """This pod's share of the missing work: a deterministic split by signature hash."""
         items = [item for item in self.items.values() if item.missing]
         return [item for item in items if shard_of(item.signature, shard_count) == shard_index]
+
+    def world_size(self) -> int:
+        """Ranks the collectives need: the largest tensor-parallel degree of the traces."""
+        return max([trace.tp for trace in self.traces if trace.collectives] or [1])
 
     def estimate_seconds(self, shard_index: int = 0, shard_count: int = 1) -> float:
         return sum(len(item.missing) for item in self.work(shard_index, shard_count)) * self.point_seconds
@@ -92,7 +99,11 @@ def points_for(op: Operation, grid: GridSpec) -> list[Point]:
     return variable_points(op.request_vars(), grid)
 
 
-def stack_for(op: Operation, stack: Stack) -> Stack:
+def stack_for(op: Operation, stack: Stack, comm: Stack | None = None) -> Stack:
+    if op.kind == KIND_COLLECTIVE:
+        if comm is None:
+            raise DoolyError(f"{op.op} is a collective, but no communication stack was given to plan it on")
+        return comm
     return stack.for_backend(stack.backend if op.kind == KIND_ATTENTION else SHARED_BACKEND)
 
 
@@ -101,12 +112,15 @@ PLATFORM_COLUMNS = ("platform", "engine", "backend", "dtype", "block_size")
 
 
 def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
-               software_agnostic: bool = False) -> Plan:
+               software_agnostic: bool = False, comm: Stack | None = None) -> Plan:
     """Every signature of every trace, with the points the store lacks for this stack.
 
-    `software_agnostic` compares platform, engine, backend, dtype and block size only: for planning
-    another machine's work, whose torch/driver versions this machine cannot know."""
-    held, stale = _held(store, stack, software_agnostic)
+    `comm` is the stack collectives are measured on (`provenance.comm_stack`); traces with
+    collectives need it. `software_agnostic` compares platform, engine, backend, dtype and block
+    size only: for planning another machine's work, whose torch/driver versions this machine
+    cannot know."""
+    stacks = [stack.for_backend(SHARED_BACKEND), stack] + ([comm] if comm is not None else [])
+    held, stale = _held(store, stacks, software_agnostic)
     items: dict[str, WorkItem] = {}
     models: list[ModelPlan] = []
     for trace in traces:
@@ -119,7 +133,7 @@ def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
             points = points_for(op, grid)
             held_points = held.get(signature, {})
             missing = [p for p in points if p.key not in held_points]
-            item = WorkItem(signature, op, trace.model_id, stack_for(op, stack), points, missing,
+            item = WorkItem(signature, op, trace.model_id, stack_for(op, stack, comm), points, missing,
                             held_seconds=sum(held_points.get(p.key, 0.0) for p in points))
             items[signature] = item
             (plan.profiled if missing else plan.reused).append(signature)
@@ -127,11 +141,11 @@ def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
     stale_count = len({s for s in stale if s in items and items[s].missing})
     if stale_count:
         log.warning("%d signatures are held for another software stack only: re-measuring them", stale_count)
-    return Plan(stack, items, models, traces, stale_count, _point_seconds(held, stack))
+    return Plan(stack, items, models, traces, stale_count, _point_seconds(held, stack), comm_stack=comm)
 
 
-def _held(store: Any, stack: Stack, software_agnostic: bool) -> tuple[dict[str, dict[str, float]], set[str]]:
-    """signature -> {point_key: device_seconds} held on this stack, and signatures held elsewhere."""
+def _held(store: Any, stacks: list[Stack], software_agnostic: bool) -> tuple[dict[str, dict[str, float]], set[str]]:
+    """signature -> {point_key: device_seconds} held on these stacks, and signatures held elsewhere."""
     from dooly.store.schema import STACK_COLUMNS
     from dooly.store.shards import read_held
 
@@ -139,9 +153,9 @@ def _held(store: Any, stack: Stack, software_agnostic: bool) -> tuple[dict[str, 
 
     held: dict[str, dict[str, float]] = {}
     stale: set[str] = set()
-    for backend in dict.fromkeys((SHARED_BACKEND, stack.backend)):
-        expected = stack.for_backend(backend).columns()
-        table = read_held(store, platform=stack.platform, engine=stack.engine, backend=backend, dtype=stack.dtype)
+    for stack in dict.fromkeys(stacks):
+        expected = stack.columns()
+        table = read_held(store, platform=stack.platform, engine=stack.engine, backend=stack.backend, dtype=stack.dtype)
         for row in table.to_pylist():
             if row["status"] not in HELD_STATUSES:
                 continue

@@ -21,6 +21,9 @@ from dooly.errors import DoolyError
 # The rows of non-attention ops are shared by every attention backend: a GEMM is the same kernel
 # whichever attention the model uses, so it is measured once per platform, not once per backend.
 SHARED_BACKEND = "any"
+# Collectives are measured on a communication library, not an engine: their rows carry it as the
+# engine (nccl or gloo, with its version) and the interconnect topology label as the backend.
+COMM_ENGINES = ("nccl", "gloo")
 IMAGE_DIGEST_ENV = "DOOLY_IMAGE_DIGEST"
 PLATFORM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 NVIDIA_SMI_TIMEOUT_S = 10
@@ -48,6 +51,14 @@ class Stack:
 
     def columns(self) -> dict[str, object]:
         return asdict(self)
+
+
+def comm_stack(stack: Stack, label: str, engine: str, engine_version: str) -> Stack:
+    """The stack collective rows are measured on: this platform and software, with the
+    communication library as the engine and the interconnect topology as the backend (so a store
+    measured over PCIe never answers for NVLink). KV dtype and block size do not apply."""
+    return Stack(**{**asdict(stack), "engine": engine, "engine_version": engine_version, "backend": label,
+                    "kv_dtype": "", "block_size": 0})
 
 
 def normalise_platform(name: str) -> str:

@@ -29,7 +29,7 @@ from dooly.profile.provenance import (
     resolve_platform,
     run_columns,
 )
-from dooly.trace.schema import KIND_ATTENTION, Trace
+from dooly.trace.schema import KIND_ATTENTION, KIND_COLLECTIVE, Trace
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ REFINE_TOLERANCE = 0.05
 REFINE_MIN_POINTS = 3
 DEFAULT_FLUSH_SECONDS = 60.0
 INVENTORY_PREFIX = "inventories/"
+TOPOLOGY_PREFIX = "topologies/"
+INVENTORY_KINDS = ("kernel", KIND_ATTENTION, KIND_COLLECTIVE)
 
 
 @dataclass
@@ -114,6 +116,35 @@ def load_or_trace(model: str, backend: str, dtype: str) -> tuple[Trace, Any]:
     return trace, ModelSpec(model_id=trace.model_id, config=trace.config, source=model)
 
 
+def trace_defaults(model: str, tp: int | None, backend: str | None, dtype: str | None) -> tuple[int, str, str]:
+    """tp, backend and dtype for MODEL: a trace file's own, unless given (a conflict is an error)."""
+    trace = _read_trace_file(model)
+    chosen = {"tp": tp, "backend": backend, "dtype": dtype}
+    defaults = {"tp": 1, "backend": "paged|sdpa", "dtype": "bfloat16"}
+    if trace is not None:
+        traced = {"tp": trace.tp, "backend": trace.backend, "dtype": trace.dtype}
+        for name, value in chosen.items():
+            if value is not None and value != traced[name]:
+                raise DoolyError(f"trace {model} was made with {name} {traced[name]}, not {value}")
+        defaults = traced
+    return tuple(chosen[n] if chosen[n] is not None else defaults[n] for n in ("tp", "backend", "dtype"))  # type: ignore[return-value]
+
+
+def load_model_source(model: str, backend: str, dtype: str, tp: int) -> tuple[Any, str, bool]:
+    """(ModelSpec, model id, whether MODEL is a trace file) without tracing: a trace file's
+    config, else a bundled model or config file. Building the model needs only its config."""
+    from dooly.models.registry import ModelSpec, resolve_model
+
+    trace = _read_trace_file(model)
+    if trace is None:
+        spec = resolve_model(model)
+        return spec, spec.model_id, False
+    if (trace.tp, trace.backend, trace.dtype) != (tp, backend, dtype):
+        raise DoolyError(f"trace {model} is for tp {trace.tp}, {trace.backend}, {trace.dtype}; asked for "
+                         f"tp {tp}, {backend}, {dtype}")
+    return ModelSpec(model_id=trace.model_id, config=trace.config, source=model), trace.model_id, True
+
+
 def _read_trace_file(path_text: str) -> Trace | None:
     from pathlib import Path
 
@@ -144,9 +175,28 @@ def prepare(models: list[str], store: Any, options: ProfileOptions) -> tuple[Pla
     traces = [trace for trace, _ in loaded]
     stack = current_stack(device=device, platform=platform, engine=ENGINE_NAME, engine_version=engine_version(),
                           backend=options.backend, dtype=options.dtype, block_size=DEFAULT_BLOCK_SIZE)
-    plan = build_plan(traces, store, stack, options.grid)
+    comm, topology = collective_stack(traces, stack, device)
+    plan = build_plan(traces, store, stack, options.grid, comm=comm)
     plan.sources = {trace.model_id: spec for trace, spec in loaded}
+    plan.topology = topology
     return plan, device
+
+
+def collective_stack(traces: list[Trace], stack: Stack, device: str) -> tuple[Stack | None, dict[str, Any]]:
+    """Where the traces' collectives are measured: None when they have none. Refuses (before
+    anything is written) when this host cannot run as many ranks as a trace's tensor-parallel
+    degree; reads the interconnect topology of the devices the ranks will use."""
+    from dooly.distributed import check_world, detect_topology
+    from dooly.profile.provenance import comm_stack
+
+    world = max([trace.tp for trace in traces if trace.collectives] or [0])
+    if not world:
+        return None, {}
+    names = ", ".join(sorted({t.model_id for t in traces if t.tp == world and t.collectives}))
+    check_world(device, world, f"profiling the collectives of {names} (traced with --tp {world})")
+    topology = detect_topology(device, world)
+    log.info("ranks linked by %s (%s)", topology.label, topology.source)
+    return comm_stack(stack, topology.label, topology.backend, topology.comm_version), topology.to_dict()
 
 
 def profile_models(models: list[str], store: Any, options: ProfileOptions,
@@ -168,7 +218,15 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
     measured_seconds: dict[str, float] = {}
     counts = {"ok": 0, "oom": 0, "error": 0}
     engines = _AttentionEngines(plan, options, device)
+    collectives = [item for item in work if item.op.kind == KIND_COLLECTIVE]
+    if collectives:
+        from dooly.store.shards import write_json
+
+        write_json(store, f"{TOPOLOGY_PREFIX}{run_id}.json", {"run_id": run_id, **plan.topology})
+        _measure_collectives(collectives, device, options, writer, measured_seconds, counts, progress)
     for item in work:
+        if item.op.kind == KIND_COLLECTIVE:
+            continue
         rows: list[dict[str, Any]] = []
         fixed_inputs: dict[int, Any] = {}
 
@@ -187,6 +245,41 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
         writer.add(item.stack, rows)
     writer.flush_all()
     return _report(plan, work, measured_seconds, counts, writer.keys, run_id, started)
+
+
+def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOptions, writer: "_ShardWriter",
+                         measured_seconds: dict[str, float], counts: dict[str, int],
+                         progress: Callable[[int], None] | None) -> None:
+    """Spawn the ranks once per world size; write each item's rows as soon as rank 0 reports it done."""
+    from dooly.distributed import launch
+    from dooly.profile.collectives import rank_worker, work_payload, world_size_of
+
+    by_world: dict[int, list[WorkItem]] = {}
+    for item in items:
+        by_world.setdefault(world_size_of(item.op), []).append(item)
+    for world, group in sorted(by_world.items()):
+        lookup = {item.signature: item for item in group}
+        pending: dict[str, list[dict[str, Any]]] = {}
+        planned = {item.signature: {p.key for p in item.missing} for item in group}
+
+        def on_message(message: tuple) -> None:
+            kind, signature, values, measured = message
+            item = lookup[signature]
+            if kind == "item":
+                rows = pending.pop(signature, [])
+                measured_seconds[signature] = sum(r["device_seconds"] for r in rows)
+                writer.add(item.stack, rows)
+                return
+            point = Point(values=tuple((name, int(v)) for name, v in values))
+            measurement = Measurement(**measured)
+            counts[measurement.status] += 1
+            pending.setdefault(signature, []).append(_row(item, point, measurement))
+            if progress is not None and point.key in planned[signature]:
+                progress(1)
+
+        log.info("measuring %d collective signatures on %d ranks", len(group), world)
+        launch(rank_worker, work_payload(group, device, options.samples), world_size=world, device=device,
+               on_message=on_message)
 
 
 def refinement_points(item: WorkItem, rows: list[dict[str, Any]]) -> list[Point]:
@@ -226,21 +319,23 @@ def write_inventory(store: Any, trace: Trace) -> None:
     """What a model runs per step, by signature: the step predictor's recipe (see docs/store.md)."""
     from dooly.store.shards import write_json
 
-    write_json(store, inventory_key(trace.model_key, trace.backend), inventory(trace))
+    write_json(store, inventory_key(trace.model_key, trace.backend, trace.tp), inventory(trace))
 
 
-def inventory_key(model_key: str, backend: str) -> str:
+def inventory_key(model_key: str, backend: str, tp: int = 1) -> str:
+    """inventories/<model_key>/<backend>.json, with `.tp<N>` before `.json` for one rank of N."""
     from dooly.store.shards import escape_value
 
-    return f"{INVENTORY_PREFIX}{model_key}/{escape_value(backend)}.json"
+    suffix = f".tp{tp}" if tp > 1 else ""
+    return f"{INVENTORY_PREFIX}{model_key}/{escape_value(backend)}{suffix}.json"
 
 
 def inventory(trace: Trace) -> dict[str, Any]:
     counts: dict[str, int] = {}
     first: dict[str, Any] = {}
     modules: dict[str, list[str]] = {}
-    for op in trace.operations:
-        if op.kind not in ("kernel", KIND_ATTENTION):
+    for op in (*trace.operations, *trace.collectives):
+        if op.kind not in INVENTORY_KINDS:
             continue
         signature = op.signature()
         counts[signature] = counts.get(signature, 0) + op.count

@@ -43,6 +43,10 @@ def _step_model_options(func):
         click.option("--platform", metavar="P", help="GPU/CPU platform string the models were fitted for."),
         click.option("--backend", metavar="B", help="Attention backend, e.g. 'paged|sdpa'."),
         click.option("--dtype", default=DEFAULT_DTYPE, show_default=True, help="Model dtype of the fitted models."),
+        click.option("--tp", type=int, default=1, show_default=True,
+                     help="Tensor-parallel degree: each step is one rank's ops (a --tp trace) plus its collectives."),
+        click.option("--interconnect", metavar="LABEL",
+                     help="Topology label of the collectives' measurements, where the store holds several (e.g. NV18)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -77,30 +81,39 @@ def _model_dims(model: str):
     return ModelDims.from_config(spec.config, name=spec.model_id)
 
 
-def _load_fitted(store_uri: str, model: str, platform: str | None, engine: str, backend: str | None, dtype: str):
-    """The fitted predictor of `dooly fit` and the model's operation inventory (imported lazily:
-    they live in earlier pipeline stages and pull in scikit-learn)."""
+def _load_fitted(store_uri: str, model: str, platform: str | None, engine: str, backend: str | None, dtype: str,
+                 tp: int = 1, interconnect: str | None = None):
+    """The fitted predictor of `dooly fit` and the model's operation inventory for one rank of
+    `tp` (imported lazily: they live in earlier pipeline stages and pull in scikit-learn)."""
     if not platform or not backend:
         raise DoolyError("--store needs --platform and --backend to pick the fitted models")
+    if tp < 1:
+        raise DoolyError(f"--tp must be >= 1, got {tp}")
     from dooly.fit.commands import find_inventory
     from dooly.fit.models import load_predictor
     from dooly.store.backends import open_store
 
     store = open_store(store_uri, create=False)
-    predictor = load_predictor(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
-    return predictor, find_inventory(store, model, backend)
+    predictor = load_predictor(
+        store, platform=platform, engine=engine, backend=backend, dtype=dtype, interconnect=interconnect
+    )
+    return predictor, find_inventory(store, model, backend, tp)
 
 
-def _step_model(model: str | None, analytic: bool, store: str | None, platform: str | None, engine: str, backend: str | None, dtype: str):
-    from dooly.sim.step_model import AnalyticStepModel
+def _step_model(model: str | None, analytic: bool, store: str | None, platform: str | None, engine: str,
+                backend: str | None, dtype: str, tp: int = 1, interconnect: str | None = None):
+    from dooly.sim.step_model import LLAMA_3_8B, AnalyticStepModel
 
     if analytic == bool(store):
         raise DoolyError("choose exactly one step model: --analytic or --store URI")
     if analytic:
-        return AnalyticStepModel() if model is None else AnalyticStepModel(dims=_model_dims(model))
+        if tp < 1:
+            raise DoolyError(f"--tp must be >= 1, got {tp}")
+        dims = LLAMA_3_8B if model is None else _model_dims(model)
+        return AnalyticStepModel(dims=dims, tp=tp)
     if model is None:
         raise DoolyError("--store needs the MODEL argument")
-    predictor, inventory = _load_fitted(store, model, platform, engine, backend, dtype)
+    predictor, inventory = _load_fitted(store, model, platform, engine, backend, dtype, tp, interconnect)
     return predictor.step_predictor(inventory)
 
 
@@ -125,6 +138,10 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * MS_PER_S:.1f}"
 
 
+def _ms3(value: float | None) -> str:
+    return "-" if value is None else f"{value * MS_PER_S:.3f}"
+
+
 # ---------------------------------------------------------------------------------------------
 # dooly simulate
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +156,7 @@ def _ms(value: float | None) -> str:
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG charts (latency CDFs, batch size over time) here.")
 @output_option
 def simulate_command(
-    model, analytic, store, platform, backend, dtype, engine, engine_config, settings, cpu_overhead,
+    model, analytic, store, platform, backend, dtype, tp, interconnect, engine, engine_config, settings, cpu_overhead,
     workload_args, out_dir, plot_dir, output_format,
 ) -> None:
     """Simulate one serving replica on a workload: TTFT, TPOT, E2E and throughput.
@@ -161,7 +178,7 @@ def simulate_command(
 
     spec = spec_from_options(**workload_args)
     scheduler = make_scheduler(engine, parse_engine_settings(engine_config, settings))
-    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype)
+    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
     overhead = _cpu_overhead(cpu_overhead)
     reqs = generate_requests(spec)
     result = simulate(reqs, scheduler, step_model, overhead)
@@ -234,7 +251,7 @@ def _write_results(out_dir: Path, result, summary: dict[str, Any], spec) -> None
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the predicted-vs-measured scatter PNG here.")
 @output_option
 def validate_command(
-    model, truth_dir, analytic, store, platform, backend, dtype, engine, engine_config, settings, cpu_overhead, plot_path, output_format,
+    model, truth_dir, analytic, store, platform, backend, dtype, tp, interconnect, engine, engine_config, settings, cpu_overhead, plot_path, output_format,
 ) -> None:
     """Compare the simulator with a real-engine benchmark of the same workload.
 
@@ -257,7 +274,7 @@ def validate_command(
     if engine_config is None and recorded.is_file():
         engine_config = str(recorded)
     scheduler = make_scheduler(engine, parse_engine_settings(engine_config, settings))
-    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype)
+    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
     report = validate(truth, scheduler, step_model, _cpu_overhead(cpu_overhead))
     payload = _clean(report.as_dict())
     if plot_path:
@@ -306,52 +323,151 @@ def export_group() -> None:
 
 @export_group.command("vidur")
 @click.argument("model")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Vidur checkout (or any directory): files go under data/profiling/compute/.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Vidur checkout (or any directory): files go under data/profiling/.")
 @click.option("--device", required=True, help="Vidur device name, e.g. h100 or a100.")
 @_step_model_options
 @click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True, help="Engine the fitted models were measured on.")
 @click.option("--vidur-model", help="Model name as Vidur knows it [default: MODEL].")
+@click.option("--network-device", help="Vidur network device name for all_reduce.csv (e.g. h200_pair_nvlink); needed with --tp > 1.")
+@click.option("--tables", type=click.Choice(["all", "compute", "network"]), default="all", show_default=True,
+              help="Which profiles to write: compute (mlp.csv, attention.csv), network (all_reduce.csv; --tp > 1) or both.")
 @click.option("--block-size", type=int, default=16, show_default=True, help="KV block size written to attention.csv (Vidur filters on it).")
-@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Largest token count in mlp.csv.")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Largest token count in mlp.csv and all_reduce.csv.")
 @click.option("--max-seq-len", type=int, default=4096, show_default=True, help="Largest context in attention.csv.")
 @click.option("--max-batch-size", type=int, default=128, show_default=True, help="Largest decode batch in attention.csv.")
 @output_option
 def export_vidur_command(
-    model, out_dir, device, analytic, store, platform, backend, dtype, engine, vidur_model, block_size, max_tokens, max_seq_len, max_batch_size, output_format,
+    model, out_dir, device, analytic, store, platform, backend, dtype, tp, interconnect, engine, vidur_model,
+    network_device, tables, block_size, max_tokens, max_seq_len, max_batch_size, output_format,
 ) -> None:
-    """Write Vidur's compute profiles (mlp.csv, attention.csv) from Dooly's predictions.
+    """Write Vidur's profiles (mlp.csv, attention.csv, all_reduce.csv) from Dooly's predictions.
 
     Vidur then simulates MODEL on DEVICE from Dooly's latency database instead of its own
     profiling runs: point its `--random_forrest_execution_time_predictor_config_*_input_file`
-    (or the default data/profiling/compute/{DEVICE}/{MODEL}) at the written files. Make the
-    sweep cover Vidur's `prediction_max_*` settings (--max-tokens, --max-seq-len and
-    --max-batch-size at least as large), or Vidur extrapolates.
+    (or the defaults data/profiling/compute/{DEVICE}/{MODEL} and
+    data/profiling/network/{NETWORK_DEVICE}) at the written files. Make the sweep cover Vidur's
+    `prediction_max_*` settings (--max-tokens, --max-seq-len and --max-batch-size at least as
+    large), or Vidur extrapolates. With --tp N, compute rows are one rank's (key column
+    num_tensor_parallel_workers = N) and all_reduce.csv holds the measured collective of N ranks.
 
     \b
-    Example:
+    Examples:
       dooly export vidur meta-llama/Llama-3.1-8B --device h100 --out ~/vidur \\
           --store ./db --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa'
+      dooly export vidur meta-llama/Llama-3.1-8B --device h200 --network-device h200_pair_nvlink \\
+          --tp 2 --tables network --out ~/vidur --store ./db --platform NVIDIA-H200 --backend 'paged|sdpa'
     """
     from dooly.sim.step_model import AnalyticStepModel
-    from dooly.sim.vidur import VidurSweep, export_vidur
+    from dooly.sim.vidur import (
+        VidurSweep,
+        analytic_collective_seconds,
+        export_vidur,
+        export_vidur_network,
+        store_collective_predictor,
+    )
 
-    if min(block_size, max_tokens, max_seq_len, max_batch_size) < 1:
-        raise DoolyError("--block-size, --max-tokens, --max-seq-len and --max-batch-size must be >= 1")
+    if min(block_size, max_tokens, max_seq_len, max_batch_size, tp) < 1:
+        raise DoolyError("--block-size, --max-tokens, --max-seq-len, --max-batch-size and --tp must be >= 1")
+    network = tables in ("all", "network") and tp > 1
+    if tables == "network" and tp < 2:
+        raise DoolyError("--tables network needs --tp 2 or more: all_reduce.csv is a tensor-parallel profile")
+    if network and not network_device:
+        raise DoolyError("--tp > 1 writes all_reduce.csv: name Vidur's network device with --network-device")
     dims = _model_dims(model)
     if analytic == bool(store):
         raise DoolyError("choose exactly one source: --analytic or --store URI")
+    predict = collective = None
     if analytic:
-        predict = AnalyticStepModel(dims=dims).op_seconds
+        analytic_model = AnalyticStepModel(dims=dims, tp=tp)
+        predict = analytic_model.op_seconds
+
+        def collective(name: str, tokens: int) -> float:
+            return analytic_collective_seconds(analytic_model, name, tokens)
     else:
-        predictor, inventory = _load_fitted(store, model, platform, engine, backend, dtype)
-        if not hasattr(predictor, "vidur_op_predictor"):
-            raise DoolyError("the fitted predictor cannot predict Vidur operations (no vidur_op_predictor)")
-        predict = predictor.vidur_op_predictor(inventory)
+        predictor, inventory = _load_fitted(store, dims.name or model, platform, engine, backend, dtype, tp, interconnect)
+        if tables != "network":
+            if not hasattr(predictor, "vidur_op_predictor"):
+                raise DoolyError(
+                    "the fitted predictor cannot predict Vidur compute operations (no vidur_op_predictor); "
+                    "use --tables network for all_reduce.csv"
+                )
+            predict = predictor.vidur_op_predictor(inventory)
+        collective = store_collective_predictor(predictor, inventory)
     sweep = VidurSweep(max_tokens=max_tokens, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     name = vidur_model or dims.name
-    written = export_vidur(predict, dims, out_dir, device, name, block_size=block_size, backend=backend or "", sweep=sweep)
+    written = []
+    if tables in ("all", "compute"):
+        written += export_vidur(predict, dims, out_dir, device, name, block_size=block_size, backend=backend or "",
+                                sweep=sweep, tp=tp)
+    if network:
+        written += export_vidur_network(collective, dims, out_dir, network_device, tp, sweep=sweep)
     if output_format == "json":
-        emit_json({"files": [str(p) for p in written], "device": device, "model": name})
+        emit_json({"files": [str(p) for p in written], "device": device, "network_device": network_device,
+                   "model": name, "tp": tp})
         return
     for path in written:
         click.echo(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dooly validate-steps
+# ---------------------------------------------------------------------------------------------
+
+
+@click.command("validate-steps")
+@click.argument("measured", type=click.Path(dir_okay=False))
+@click.option("--analytic", is_flag=True, help="Use the built-in roofline step model (tests and demos only).")
+@click.option("--store", metavar="URI", help="Latency database with fitted models.")
+@click.option("--model", "model", metavar="MODEL", help="Model whose inventory to use [default: the measured document's].")
+@click.option("--platform", metavar="P", help="Platform of the fitted models [default: where the steps were measured].")
+@click.option("--backend", metavar="B", help="Attention backend [default: the measured document's].")
+@click.option("--dtype", help="Model dtype [default: the measured document's].")
+@click.option("--tp", type=int, help="Tensor-parallel degree [default: the measured document's].")
+@click.option("--interconnect", metavar="LABEL", help="Topology label of the collectives [default: the measured machine's].")
+@click.option("--engine", default="transformers", show_default=True, help="Engine the fitted models were measured on.")
+@click.option("--timing", type=click.Choice(["graph", "eager"]), default="graph", show_default=True,
+              help="Compare with CUDA-graph replays (device time) or eager steps.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the comparison JSON here.")
+@output_option
+def validate_steps_command(measured, analytic, store, model, platform, backend, dtype, tp, interconnect, engine, timing,
+                           out_path, output_format) -> None:
+    """Compare composed step predictions with real engine steps from `dooly measure-steps`.
+
+    Each measured batch composition is predicted by the step model (for --tp N: one rank's ops
+    from a --tp N trace plus its collectives) and compared with the measured step; the report
+    gives the MAPE over all compositions and per kind (prefill, decode, mixed).
+
+    \b
+    Example:
+      dooly validate-steps steps.tp2.json --store ./db     # platform, backend, tp from the file
+    """
+    from dooly.sim.validate import compare_measured_steps, read_measured_steps
+
+    document = read_measured_steps(measured)
+    model = model or document["model_id"]
+    tp = tp or int(document.get("tp", 1))
+    backend = backend or document.get("backend")
+    dtype = dtype or document.get("dtype", DEFAULT_DTYPE)
+    platform = platform or document.get("platform")
+    if interconnect is None and tp > 1 and store:
+        interconnect = (document.get("topology") or {}).get("label")
+    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
+    report = compare_measured_steps(document, step_model, timing)
+    report.update({"model_id": document["model_id"], "tp": tp, "platform": platform, "backend": backend,
+                   "interconnect": interconnect, "measured": str(measured)})
+    report = _clean(report)
+    if out_path:
+        Path(out_path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if output_format == "json":
+        emit_json(report)
+        return
+    rows = [
+        (r["name"], r["kind"], _ms3(r["measured_s"]), _ms3(r["predicted_s"]),
+         "-" if r["ape_pct"] is None else f"{r['ape_pct']:.1f}%")
+        for r in report["steps"]
+    ]
+    click.echo(f"{report['model_id']} x{tp} on {platform} ({backend}), measured {timing} steps vs composed prediction")
+    click.echo(format_table(["composition", "kind", "measured ms", "predicted ms", "APE"], rows))
+    summary_rows = [(kind, s["n"], _pct(s["mape"]), _pct(s["p50_ape"]), _pct(s["bias"])) for kind, s in report["summary"].items()]
+    click.echo("")
+    click.echo(format_table(["steps", "n", "MAPE", "p50 APE", "bias"], summary_rows))

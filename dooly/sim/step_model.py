@@ -240,6 +240,12 @@ ACHIEVABLE_FRACTION = 0.6
 KERNEL_LAUNCH_S = 4e-6
 KERNELS_PER_LAYER = 12
 CUDA_GRAPH_LAUNCH_FRACTION = 0.1
+# Tensor parallelism: NVLink 4 moves about 450 GB/s per direction per GPU; a ring step costs a
+# few microseconds of latency. Two all_reduces per layer (attention output, MLP output) and one
+# all_gather of the logits per step, as transformers' TP plan issues them.
+NVLINK_BYTES_PER_S = 450e9
+COLLECTIVE_HOP_S = 5e-6
+ALL_REDUCES_PER_LAYER = 2
 
 
 @dataclass(frozen=True)
@@ -277,6 +283,27 @@ class ModelDims:
             raise DoolyError(f"model config {name or ''} lacks a dense-decoder field: {exc}") from None
 
 
+def rank_dims(dims: ModelDims, tp: int) -> ModelDims:
+    """What one tensor-parallel rank computes: heads, KV heads (at least one), MLP width and
+    vocabulary divided by `tp`, as transformers' TP plan shards them."""
+    if tp < 1:
+        raise DoolyError(f"tensor-parallel degree must be >= 1, got {tp}")
+    for name in ("num_heads", "intermediate_size", "vocab_size"):
+        if getattr(dims, name) % tp:
+            raise DoolyError(f"--tp {tp} does not divide {name}={getattr(dims, name)}")
+    return ModelDims(
+        num_layers=dims.num_layers,
+        hidden_size=dims.hidden_size,
+        intermediate_size=dims.intermediate_size // tp,
+        num_heads=dims.num_heads // tp,
+        num_kv_heads=max(dims.num_kv_heads // tp, 1),
+        head_dim=dims.head_dim,
+        vocab_size=dims.vocab_size // tp,
+        gated_mlp=dims.gated_mlp,
+        name=dims.name,
+    )
+
+
 # Hugging Face model types whose MLP is a plain up/down projection; every other decoder family in
 # the registry (Llama, Mistral, Qwen2, Gemma, Phi-3, Cohere) gates its MLP (up * act(gate)).
 UNGATED_MODEL_TYPES = frozenset({"gpt2", "gpt_neox", "gpt_bigcode", "phi", "opt", "falcon", "bloom", "starcoder2"})
@@ -302,6 +329,25 @@ class AnalyticStepModel:
     bytes_per_s: float = H100_HBM_BYTES_PER_S * ACHIEVABLE_FRACTION
     bytes_per_param: int = BYTES_PER_BF16
     launch_s: float = KERNEL_LAUNCH_S
+    tp: int = 1
+    link_bytes_per_s: float = NVLINK_BYTES_PER_S
+    full_dims: ModelDims | None = field(default=None, init=False)  # the whole model; `dims` is one rank
+
+    def __post_init__(self) -> None:
+        self.full_dims = self.dims
+        if self.tp > 1:
+            self.dims = rank_dims(self.dims, self.tp)
+
+    def collective_seconds(self, kind: str, elements: int) -> float:
+        """Ring estimate of one collective of `elements` per rank (0 on one rank)."""
+        n = self.tp
+        if n <= 1 or elements <= 0:
+            return 0.0
+        factors = {"all_reduce": 2.0 * (n - 1) / n, "all_gather": float(n - 1), "send_recv": 1.0}
+        if kind not in factors:
+            raise DoolyError(f"no analytic estimate for collective {kind!r}")
+        hops = 2 * (n - 1) if kind == "all_reduce" else n - 1
+        return hops * COLLECTIVE_HOP_S + factors[kind] * elements * self.bytes_per_param / self.link_bytes_per_s
 
     def step_seconds(
         self,
@@ -342,7 +388,9 @@ class AnalyticStepModel:
             2 * self.logits_rows(prefill, decode_ctx) * d.hidden_size * d.vocab_size / self.peak_flops,
             d.hidden_size * d.vocab_size * self.bytes_per_param / self.bytes_per_s,
         )
-        return d.num_layers * (per_layer + launches) + lm_head
+        comm = d.num_layers * ALL_REDUCES_PER_LAYER * self.collective_seconds("all_reduce", num_tokens * d.hidden_size)
+        comm += self.collective_seconds("all_gather", self.logits_rows(prefill, decode_ctx) * d.vocab_size)
+        return d.num_layers * (per_layer + launches) + lm_head + comm
 
     @staticmethod
     def logits_rows(prefill: list[tuple[int, int]], decode_ctx: list[int]) -> int:

@@ -309,3 +309,58 @@ def _require_columns(table: Any, needed: tuple[str, ...], name: str) -> None:
 
 def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured engine steps (`dooly measure-steps`): composed prediction against real steps.
+
+MEASURED_STEPS_SCHEMA = "dooly.measured_steps/1"
+STEP_TIMINGS = ("graph", "eager")
+
+
+def read_measured_steps(path: str | Path) -> dict[str, Any]:
+    """A `dooly.measured_steps/1` document, checked enough to compare against."""
+    import json
+
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DoolyError(f"measured steps file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise DoolyError(f"measured steps file {path} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("schema") != MEASURED_STEPS_SCHEMA:
+        raise DoolyError(f"{path} is not a {MEASURED_STEPS_SCHEMA} document (from `dooly measure-steps`)")
+    if not isinstance(document.get("steps"), list) or not document["steps"]:
+        raise DoolyError(f"{path} holds no measured steps")
+    return document
+
+
+def compare_measured_steps(document: dict[str, Any], step_model: StepLatencyModel, timing: str = "graph") -> dict[str, Any]:
+    """Per composition: predicted and measured seconds and the error; MAPE overall and per kind.
+
+    `timing` picks the measurement: `graph` (CUDA-graph replay: device time, what a composed
+    prediction of graph-timed ops stands for) or `eager`. Compositions without that timing
+    (a capture that failed) are listed and left out of the statistics."""
+    if timing not in STEP_TIMINGS:
+        raise DoolyError(f"unknown timing {timing!r}; choose {' or '.join(STEP_TIMINGS)}")
+    rows = []
+    for entry in document["steps"]:
+        prefill = [(int(q), int(c)) for q, c in entry["prefill"]]
+        decode = [int(c) for c in entry["decode"]]
+        measured = entry.get(f"{timing}_s")
+        predicted = replay_steps([MeasuredStep(0, 0.0, 0.0, prefill, decode)], step_model)[0]
+        rows.append({
+            "name": entry.get("name", ""),
+            "kind": entry.get("kind", _default_path(prefill, decode).kind.value),
+            "prefill": [list(p) for p in prefill],
+            "decode": decode,
+            "predicted_s": predicted,
+            "measured_s": measured,
+            "ape_pct": abs(predicted - measured) / measured * PERCENT if measured else None,
+        })
+    summary = {"all": error_stats([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]).as_dict()}
+    for kind in sorted({r["kind"] for r in rows}):
+        part = [r for r in rows if r["kind"] == kind]
+        summary[kind] = error_stats([r["predicted_s"] for r in part], [r["measured_s"] for r in part]).as_dict()
+    return {"timing": timing, "steps": rows, "summary": summary}

@@ -150,7 +150,7 @@ def _grid(ranges: tuple[tuple[int, int, int], ...], low: int, high: int) -> list
     return [v for v in values if low <= v <= high]
 
 
-def mlp_rows(predict: VidurOpPredictor, dims: ModelDims, sweep: VidurSweep) -> list[dict[str, object]]:
+def mlp_rows(predict: VidurOpPredictor, dims: ModelDims, sweep: VidurSweep, tp: int = 1) -> list[dict[str, object]]:
     keys = {
         "n_head": dims.num_heads,
         "n_kv_head": dims.num_kv_heads,
@@ -158,7 +158,7 @@ def mlp_rows(predict: VidurOpPredictor, dims: ModelDims, sweep: VidurSweep) -> l
         "n_expanded_embd": dims.intermediate_size,
         "vocab_size": dims.vocab_size,
         "use_gated_mlp": dims.gated_mlp,
-        "num_tensor_parallel_workers": 1,
+        "num_tensor_parallel_workers": tp,
     }
     rows = []
     for point in sweep.mlp_points():
@@ -171,14 +171,14 @@ def mlp_rows(predict: VidurOpPredictor, dims: ModelDims, sweep: VidurSweep) -> l
 
 
 def attention_rows(
-    predict: VidurOpPredictor, dims: ModelDims, sweep: VidurSweep, block_size: int, backend: str
+    predict: VidurOpPredictor, dims: ModelDims, sweep: VidurSweep, block_size: int, backend: str, tp: int = 1
 ) -> list[dict[str, object]]:
     keys = {
         "n_embd": dims.hidden_size,
         "n_q_head": dims.num_heads,
         "n_kv_head": dims.num_kv_heads,
         "block_size": block_size,
-        "num_tensor_parallel_workers": 1,
+        "num_tensor_parallel_workers": tp,
         "max_model_len": sweep.max_seq_len,
         "attention_backend": backend,
     }
@@ -217,10 +217,13 @@ def export_vidur(
     block_size: int = DEFAULT_BLOCK_SIZE,
     backend: str = "",
     sweep: VidurSweep | None = None,
+    tp: int = 1,
 ) -> list[Path]:
     """Write mlp.csv and attention.csv under `out_dir/data/profiling/compute/{device}/{model_name}`.
 
-    Both files appear whole or not at all (written to temporary names, then renamed)."""
+    `dims` are the whole model's (Vidur's key columns); with `tp` > 1, `predict` answers for one
+    rank and rows carry num_tensor_parallel_workers = tp. Both files appear whole or not at all
+    (written to temporary names, then renamed)."""
     if not device or "/" in device:
         raise DoolyError(f"Vidur device name {device!r} must be one path segment, e.g. h100")
     if not model_name or model_name.startswith("/") or ".." in model_name.split("/"):
@@ -228,9 +231,14 @@ def export_vidur(
     sweep = sweep or VidurSweep()
     target = Path(out_dir) / "data" / "profiling" / "compute" / device / model_name
     tables = (
-        ("mlp.csv", mlp_columns(), mlp_rows(predict, dims, sweep)),
-        ("attention.csv", attention_columns(), attention_rows(predict, dims, sweep, block_size, backend)),
+        ("mlp.csv", mlp_columns(), mlp_rows(predict, dims, sweep, tp)),
+        ("attention.csv", attention_columns(), attention_rows(predict, dims, sweep, block_size, backend, tp)),
     )
+    return _write_tables(target, tables)
+
+
+def _write_tables(target: Path, tables: tuple[tuple[str, list[str], list[dict[str, object]]], ...]) -> list[Path]:
+    """Write every table, then rename them into place: all appear or none."""
     target.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
     try:
@@ -276,6 +284,114 @@ def _stat_cells(op: str, value: float | OpStats | None) -> dict[str, float | Non
             raise DoolyError(f"the predictor returned {seconds!r} s for {op} ({stat}); expected a finite value >= 0")
         cells[f"time_stats.{op}.{stat}"] = seconds * MS_PER_S
     return cells
+
+
+# ---------------------------------------------------------------------------------------------
+# Network profiles: data/profiling/network/{network_device}/all_reduce.csv (and send_recv.csv).
+#
+# Vidur's collective profiler writes one row per (collective, size): a pandas index column, then
+# `time_stats.<collective>.{min,max,mean,median,std}` in milliseconds, then `rank, num_workers,
+# size, collective, devices_per_node, max_devices_per_node`. `size` is in bytes; Vidur turns it
+# into tokens as size / embedding_dim / 2 (2-byte elements) and fits the median on that. Its
+# predictor keeps all_reduce rows with num_workers == devices_per_node == the TP degree, and
+# send_recv rows with devices_per_node 2 (one host) or 1 (across hosts).
+
+NETWORK_KEYS = ("rank", "num_workers", "size", "collective", "devices_per_node", "max_devices_per_node")
+NETWORK_COLLECTIVES = ("all_reduce", "send_recv")
+# Vidur converts sizes with 2 bytes per element (fp16/bf16) whatever the model's dtype.
+VIDUR_BYTES_PER_ELEMENT = 2
+SEND_RECV_WORKERS = 2
+
+
+class VidurCollectivePredictor(Protocol):
+    """Seconds one `collective` ("all_reduce", "send_recv") takes for `num_tokens` hidden-state
+    rows (a float or `OpStats`); None when it was never measured."""
+
+    def __call__(self, collective: str, num_tokens: int) -> float | OpStats | None: ...
+
+
+def network_columns(collective: str) -> list[str]:
+    return ["", *(f"time_stats.{collective}.{s}" for s in STAT_NAMES), *NETWORK_KEYS]
+
+
+def network_rows(predict: VidurCollectivePredictor, collective: str, dims: ModelDims, sweep: VidurSweep,
+                 num_workers: int, devices_per_node: int, max_devices_per_node: int) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for point in sweep.mlp_points():
+        seconds = predict(collective, point.num_tokens)
+        if seconds is None:
+            continue
+        row: dict[str, object] = {"": len(rows)}
+        row.update(_stat_cells(collective, seconds))
+        row.update(
+            rank=0,
+            num_workers=num_workers,
+            size=point.num_tokens * dims.hidden_size * VIDUR_BYTES_PER_ELEMENT,
+            collective=collective,
+            devices_per_node=devices_per_node,
+            max_devices_per_node=max_devices_per_node,
+        )
+        rows.append(row)
+    return rows
+
+
+def export_vidur_network(
+    predict: VidurCollectivePredictor,
+    dims: ModelDims,
+    out_dir: str | Path,
+    network_device: str,
+    tp: int,
+    *,
+    max_devices_per_node: int | None = None,
+    sweep: VidurSweep | None = None,
+) -> list[Path]:
+    """Write all_reduce.csv (TP degree `tp`) and, where `predict` knows it, send_recv.csv under
+    `out_dir/data/profiling/network/{network_device}`, whole or not at all."""
+    if not network_device or "/" in network_device:
+        raise DoolyError(f"Vidur network device name {network_device!r} must be one path segment, e.g. h200_pair_nvlink")
+    if tp < 2:
+        raise DoolyError(f"an all_reduce profile needs a tensor-parallel degree >= 2, got {tp}")
+    sweep = sweep or VidurSweep()
+    most = max_devices_per_node or tp
+    tables = []
+    reduce_rows = network_rows(predict, "all_reduce", dims, sweep, tp, tp, most)
+    if not reduce_rows:
+        raise DoolyError(f"no all_reduce latency for {tp} ranks: profile a trace made with --tp {tp}, merge and fit")
+    tables.append(("all_reduce.csv", network_columns("all_reduce"), reduce_rows))
+    send_rows = network_rows(predict, "send_recv", dims, sweep, SEND_RECV_WORKERS, SEND_RECV_WORKERS, most)
+    if send_rows:
+        tables.append(("send_recv.csv", network_columns("send_recv"), send_rows))
+    target = Path(out_dir) / "data" / "profiling" / "network" / network_device
+    return _write_tables(target, tuple(tables))
+
+
+def analytic_collective_seconds(model: AnalyticStepModel, collective: str, num_tokens: int) -> float:
+    """The analytic model's ring estimate for `num_tokens` rows of the hidden state."""
+    return model.collective_seconds(collective, num_tokens * model.dims.hidden_size)
+
+
+def store_collective_predictor(predictor: object, inventory: dict[str, object]) -> VidurCollectivePredictor:
+    """Collective latencies from fitted models: the inventory's collective of each kind whose
+    input is hidden-state rows (request variable T), evaluated at T = num_tokens."""
+    import numpy as np
+
+    found: dict[str, dict[str, object]] = {}
+    for entry in inventory.get("operations", []):  # type: ignore[union-attr]
+        op = str(entry.get("op", ""))
+        if entry.get("kind") == "collective" and entry.get("request_vars") == ["T"]:
+            found.setdefault(op.removeprefix("collective."), entry)
+
+    def predict(collective: str, num_tokens: int) -> float | None:
+        entry = found.get(collective)
+        if entry is None:
+            return None
+        seconds = predictor.predict_ops(  # type: ignore[attr-defined]
+            [entry["signature"]], [entry["op_class"]], [entry.get("config_dims", {})],
+            {"T": np.array([num_tokens])}, request_vars=[["T"]], ops=[entry["op"]],
+        )
+        return float(seconds[0])
+
+    return predict
 
 
 # ---------------------------------------------------------------------------------------------

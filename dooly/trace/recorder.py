@@ -261,11 +261,14 @@ def capture_attention(recorder: OpRecorder, backend: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def capture_collectives(recorder: OpRecorder, model: torch.nn.Module, tp_plan: dict[str, str]) -> Iterator[None]:
+def capture_collectives(recorder: OpRecorder, model: torch.nn.Module, tp_plan: dict[str, str],
+                        world_size: int = 1) -> Iterator[None]:
     """Record the collective each tensor-parallel module would issue after its forward.
 
     The plan is transformers' own `base_model_tp_plan` / `_tp_plan` for the architecture: rowwise
     layers produce partial sums (all_reduce), gathered outputs are all_gathered over the vocab.
+    The world size is a scalar of the record, so it is part of the collective's signature (an
+    all_reduce over 2 ranks is another measurement than one over 4).
     """
     import fnmatch
 
@@ -289,7 +292,7 @@ def capture_collectives(recorder: OpRecorder, model: torch.nn.Module, tp_plan: d
                     module=name,
                     inputs=[_raw(tensors[0])],
                     outputs=[_raw(tensors[0])],
-                    scalars={"collective": kind},
+                    scalars={"collective": kind, "world_size": world_size},
                 )
             )
 

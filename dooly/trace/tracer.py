@@ -141,8 +141,8 @@ def trace_model(
     torch_dtype = DTYPES[dtype]
     tp_plan = _tp_plan(hf_config) if tp > 1 else {}
     try:
-        real = _trace_pass(real_cfg, phase, backend, torch_dtype, batch, window, engine_real, tp_plan)
-        probe = _trace_pass(probe_cfg, phase, backend, torch_dtype, probe_batch, probe_window, engine_probe, tp_plan)
+        real = _trace_pass(real_cfg, phase, backend, torch_dtype, batch, window, engine_real, tp_plan, tp)
+        probe = _trace_pass(probe_cfg, phase, backend, torch_dtype, probe_batch, probe_window, engine_probe, tp_plan, tp)
     except DoolyError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model's own code failed under shape-only execution
@@ -253,6 +253,7 @@ def _trace_pass(
     window: int | None,
     geometry: dict[str, int],
     tp_plan: dict[str, str],
+    tp: int = 1,
 ) -> _Pass:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -275,7 +276,7 @@ def _trace_pass(
         symbolic, symbols = _symbolize(kwargs, values, shape_env)
         modules = ModuleStack(model)
         recorder = OpRecorder(modules)
-        with modules, capture_attention(recorder, backend), capture_collectives(recorder, model, tp_plan):
+        with modules, capture_attention(recorder, backend), capture_collectives(recorder, model, tp_plan, tp):
             with recorder, torch.no_grad():
                 engine.run_step(symbolic)
     _check_not_specialized(shape_env, symbols)

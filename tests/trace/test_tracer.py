@@ -129,6 +129,8 @@ def test_tensor_parallel_rank_and_collectives(config_dir):
     }
     reduce = next(c for c in trace.collectives if c.module.endswith("o_proj"))
     assert labels(reduce.inputs[0]) == [("config", "1"), ("request", "T"), ("config", "hidden_size")]
+    # The world size is part of a collective's signature: 2 ranks and 4 ranks are two measurements.
+    assert {c.scalars["world_size"] for c in trace.collectives} == {2}
 
 
 def _evaluate(expr: str, names: dict[str, float]) -> float:
