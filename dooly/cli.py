@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "predict": "dooly.fit.commands:predict_command",
     "simulate": "dooly.sim.commands:simulate_command",
     "bench": "dooly.engines.commands:bench_command",
+    "overhead": "dooly.sim.commands:overhead_command",
     "validate": "dooly.sim.commands:validate_command",
     "measure-steps": "dooly.sim.steps:measure_steps_command",
     "validate-steps": "dooly.sim.commands:validate_steps_command",

@@ -331,6 +331,10 @@ def fit_seen(method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.nd
         request_vars=info.request_vars,
         window=info.static.window,
     )
+    if method == SEEN_INTERP and not info.request_vars:
+        # Nothing of the request changes its work (a fixed-size op): a constant, the linear
+        # model's intercept.
+        method = SEEN_LINEAR
     if method == SEEN_INTERP:
         grid = fit_interp(terms[:, TERM_INDEX[info.request_vars[0]]], seconds)
         if grid is None:

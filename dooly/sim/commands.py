@@ -15,7 +15,7 @@ import click
 
 from dooly.errors import DoolyError
 from dooly.output import emit_json, format_table, output_option
-from dooly.engines.base import parse_engine_settings
+from dooly.engines.base import parse_engine_settings, read_json_object
 from dooly.workload import workload_options
 
 logger = logging.getLogger(__name__)
@@ -241,6 +241,57 @@ def _write_results(out_dir: Path, result, summary: dict[str, Any], spec) -> None
 # ---------------------------------------------------------------------------------------------
 # dooly validate
 # ---------------------------------------------------------------------------------------------
+
+
+@click.command("overhead")
+@click.argument("model")
+@click.option("--ground-truth", "truth_dirs", required=True, multiple=True, type=click.Path(file_okay=False),
+              help="Calibration run(s) from `dooly bench` (repeat the flag for several); each uses its own engine.json.")
+@_step_model_options
+@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True, help="Engine whose scheduler model picks each step's path.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Write the CPU overhead model JSON here.")
+@output_option
+def overhead_command(model, truth_dirs, analytic, store, platform, backend, dtype, tp, interconnect, engine, out_path, output_format) -> None:
+    """Measure the engine's per-step overhead from a calibration benchmark.
+
+    For every recorded step: its measured wall time minus the device time the step model
+    predicts for that exact batch, on the path the engine took (CUDA graph or not, padding).
+    What remains (scheduling, input preparation, launch gaps, sampling, output handling) is
+    fitted per path as constant + per sequence + per token + per KV token (non-negative least
+    squares), and `dooly simulate` / `dooly validate` add it with --cpu-overhead. Calibrate on
+    a workload you do not validate on.
+
+    \b
+    Example:
+      dooly bench meta-llama/Llama-3.2-1B --out gt/calib --workload bench/workloads/calib.json
+      dooly overhead meta-llama/Llama-3.2-1B --ground-truth gt/calib --store ./db \\
+          --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa' --out overhead.json
+      dooly validate meta-llama/Llama-3.2-1B --ground-truth gt/light --cpu-overhead overhead.json ...
+    """
+    from dooly.sim.schedulers import make_scheduler
+    from dooly.sim.validate import calibrate_overhead
+
+    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
+    truths = []
+    for directory in truth_dirs:
+        recorded = Path(directory) / BENCH_ENGINE_FILE
+        settings = read_json_object(recorded, "engine settings") if recorded.is_file() else {}
+        truths.append((_load_ground_truth(Path(directory)), make_scheduler(engine, settings)))
+    source = f"calibrated on {', '.join(str(d) for d in truth_dirs)} against {'analytic' if analytic else store}"
+    fitted = calibrate_overhead(truths, step_model, engine=engine, platform=platform or "", source=source)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fitted.save(out)
+    payload = {"file": str(out), **fitted.to_dict()}
+    if output_format == "json":
+        emit_json(payload)
+        return
+    rows = [
+        (key, _ms3(t.constant_s), f"{t.per_sequence_s * 1e6:.2f}", f"{t.per_token_s * 1e6:.3f}", f"{t.per_kv_token_s * 1e9:.3f}")
+        for key, t in sorted(fitted.terms.items())
+    ]
+    click.echo(format_table(["path", "constant (ms)", "per seq (us)", "per token (us)", "per KV token (ns)"], rows))
+    click.echo(f"wrote {out}")
 
 
 @click.command("validate")

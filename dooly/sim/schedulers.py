@@ -497,17 +497,23 @@ class TransformersCBScheduler(Scheduler):
         num_tokens = len(decode_ctx) + sum(q for q, _ in prefill)
         graph = self.graph_decode if fast else self.graph_varlen
         padded = num_tokens
+        padded_kv = 0
         if self.pad_inputs:
             cfg = self.config
             if fast:
                 padded = min(1 << max(num_tokens - 1, 0).bit_length(), cfg.max_requests_per_batch)
             else:
                 padded = _pad_to_interval(num_tokens, cfg.q_padding_interval_size, cfg.max_batch_tokens)
+                # The engine pads the cached tokens it reads (its `max_kv_read`); attention then
+                # spans those plus the (padded) new tokens.
+                cached = sum(c for _, c in prefill) + sum(decode_ctx)
+                padded_kv = _pad_to_interval(cached, cfg.kv_padding_interval_size, self.num_pages) + padded
         return StepPath(
             _kind(prefill, decode_ctx),
             cuda_graph=graph,
             padded_tokens=padded,
             engine_path="decode_fast_path" if fast else "varlen",
+            padded_kv=padded_kv,
         )
 
     def stall_message(self) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dooly.sim.schedulers import ScheduledBatch, Scheduler, Seq, SimulationError
-from dooly.sim.step_model import CpuOverheadModel, StepLatencyModel, accepts_path
+from dooly.sim.step_model import CpuOverheadModel, StepLatencyModel, accepts_path, device_seconds
 from dooly.workload import Request
 
 logger = logging.getLogger(__name__)
@@ -234,6 +234,7 @@ class _Run:
         self.scheduler = scheduler
         self.step_model = step_model
         self.overhead = overhead
+        self.captured: set[tuple[str, int, int]] = set()
         self.pass_path = accepts_path(step_model)
         self.columns: dict[str, list] = {name: [] for name in _STEP_FIELDS}
         self.batches: list | None = [] if record_batches else None
@@ -311,14 +312,14 @@ class _Run:
         raise SimulationError(f"the simulation stalled with {self.unfinished} unfinished requests: {self.scheduler.stall_message()}")
 
     def _cost(self, batch: ScheduledBatch) -> tuple[float, float]:
-        if self.pass_path:
-            gpu = self.step_model.step_seconds(batch.prefill, batch.decode_ctx, path=batch.path)
-        else:
-            gpu = self.step_model.step_seconds(batch.prefill, batch.decode_ctx)
-        gpu = float(gpu)
+        gpu = float(device_seconds(self.step_model, batch.prefill, batch.decode_ctx, batch.path, self.pass_path))
         if not (gpu >= 0 and math.isfinite(gpu)):
             raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {batch.num_tokens} tokens")
         cpu = self.overhead.seconds(batch.path, batch.num_seqs, batch.num_tokens, batch.kv_tokens)
+        shape = self.overhead.graph_shape(batch.path)
+        if shape is not None and shape not in self.captured:
+            self.captured.add(shape)
+            cpu += self.overhead.graph_capture_s
         return gpu, cpu
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:

@@ -44,13 +44,15 @@ class StepPath:
     `engine_path` is the engine's own name for it (transformers: `varlen` or `decode_fast_path`;
     vLLM: `full_graph`, `piecewise_graph` or `eager`); `padded_tokens` is the query-token count
     the kernels actually run over (CUDA graphs pad to a captured size), equal to the real count
-    when nothing is padded.
+    when nothing is padded; `padded_kv` likewise for the KV tokens attention reads (transformers
+    pads its read index to `kv_padding_interval_size` under CUDA graphs), 0 when not padded.
     """
 
     kind: StepKind
     cuda_graph: bool = False
     padded_tokens: int = 0
     engine_path: str = ""
+    padded_kv: int = 0
 
     @property
     def overhead_key(self) -> str:
@@ -67,6 +69,49 @@ class StepLatencyModel(Protocol):
     """
 
     def step_seconds(self, prefill: list[tuple[int, int]], decode_ctx: list[int]) -> float: ...
+
+
+def padded_composition(
+    prefill: list[tuple[int, int]], decode_ctx: list[int], path: StepPath
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """The batch as the kernels see it when the engine pads its inputs, for step models that
+    take compositions only.
+
+    Padded query tokens become one extra prefill chunk with no context; padded KV tokens extend
+    the context of the first sequence. Dense-masked attention (`paged|sdpa`, `paged|eager`) costs
+    what its query and KV extents say, so the totals T and K are what matter; token-wise ops see
+    the padded T, as they do on the device."""
+    prefill = list(prefill)
+    decode_ctx = list(decode_ctx)
+    tokens = sum(q for q, _ in prefill) + len(decode_ctx)
+    extra_q = path.padded_tokens - tokens
+    if extra_q > 0:
+        prefill.append((extra_q, 0))
+    kv = sum(q + c for q, c in prefill) + sum(decode_ctx) + len(decode_ctx)
+    extra_kv = path.padded_kv - kv
+    if extra_kv > 0:
+        if decode_ctx:
+            decode_ctx[0] += extra_kv
+        else:
+            q, c = prefill[0]
+            prefill[0] = (q, c + extra_kv)
+    return prefill, decode_ctx
+
+
+def device_seconds(
+    model: StepLatencyModel,
+    prefill: list[tuple[int, int]],
+    decode_ctx: list[int],
+    path: StepPath,
+    pass_path: bool,
+) -> float:
+    """Device time of one step: the path goes to a path-aware model, otherwise the padded
+    composition does."""
+    if pass_path:
+        return model.step_seconds(prefill, decode_ctx, path=path)
+    if path.padded_tokens or path.padded_kv:
+        prefill, decode_ctx = padded_composition(prefill, decode_ctx, path)
+    return model.step_seconds(prefill, decode_ctx)
 
 
 def accepts_path(model: StepLatencyModel) -> bool:
@@ -119,12 +164,22 @@ class CpuOverheadModel:
     engine: str = ""
     platform: str = ""
     source: str = ""
+    # One-off host cost the first time a CUDA-graph path meets a padded shape: the engine
+    # captures a graph for it (`graph_shape`), then replays it on every later step.
+    graph_capture_s: float = 0.0
 
     def seconds(self, path: StepPath, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:
         terms = self.terms.get(path.overhead_key) or self.terms.get(path.kind.value) or self.terms.get("default")
         if terms is None:
             return 0.0
         return terms.seconds(num_seqs, num_tokens, kv_tokens)
+
+    @staticmethod
+    def graph_shape(path: StepPath) -> tuple[str, int, int] | None:
+        """The key under which the engine caches a captured graph; None off the graph paths."""
+        if not path.cuda_graph:
+            return None
+        return (path.engine_path, path.padded_tokens, path.padded_kv)
 
     @classmethod
     def zero(cls) -> CpuOverheadModel:
@@ -176,6 +231,7 @@ class CpuOverheadModel:
             "engine": self.engine,
             "platform": self.platform,
             "source": self.source,
+            "graph_capture_s": self.graph_capture_s,
             "terms": {key: asdict(value) for key, value in sorted(self.terms.items())},
         }
 
@@ -204,11 +260,18 @@ class CpuOverheadModel:
             if any(not math.isfinite(v) or v < 0 for v in asdict(parsed).values()):
                 raise DoolyError(f"CPU overhead terms for {key!r} must be finite and >= 0")
             terms[key] = parsed
+        try:
+            capture = float(data.get("graph_capture_s", 0.0))
+        except (TypeError, ValueError):
+            raise DoolyError("CPU overhead `graph_capture_s` must be a number") from None
+        if not math.isfinite(capture) or capture < 0:
+            raise DoolyError("CPU overhead `graph_capture_s` must be finite and >= 0")
         return cls(
             terms=terms,
             engine=str(data.get("engine", "")),
             platform=str(data.get("platform", "")),
             source=str(data.get("source", "")),
+            graph_capture_s=capture,
         )
 
     @classmethod

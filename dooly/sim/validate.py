@@ -31,6 +31,7 @@ from dooly.sim.step_model import (
     StepLatencyModel,
     StepPath,
     accepts_path,
+    device_seconds,
 )
 from dooly.workload import Request
 
@@ -228,16 +229,19 @@ def replay_steps(
     overhead = cpu_overhead or CpuOverheadModel.zero()
     pass_path = accepts_path(step_model)
     out = []
+    captured: set[tuple[str, int, int]] = set()
     for step in steps:
         path = path_for(step.prefill, step.decode_ctx) if path_for else _default_path(step.prefill, step.decode_ctx)
-        if pass_path:
-            gpu = step_model.step_seconds(step.prefill, step.decode_ctx, path=path)
-        else:
-            gpu = step_model.step_seconds(step.prefill, step.decode_ctx)
+        gpu = device_seconds(step_model, step.prefill, step.decode_ctx, path, pass_path)
         num_tokens = sum(q for q, _ in step.prefill) + len(step.decode_ctx)
         kv = sum(q + c for q, c in step.prefill) + sum(step.decode_ctx) + len(step.decode_ctx)
         num_seqs = len(step.prefill) + len(step.decode_ctx)
-        out.append(float(gpu) + overhead.seconds(path, num_seqs, num_tokens, kv))
+        host = overhead.seconds(path, num_seqs, num_tokens, kv)
+        shape = overhead.graph_shape(path)
+        if shape is not None and shape not in captured:
+            captured.add(shape)
+            host += overhead.graph_capture_s
+        out.append(float(gpu) + host)
     return out
 
 
@@ -364,3 +368,45 @@ def compare_measured_steps(document: dict[str, Any], step_model: StepLatencyMode
         part = [r for r in rows if r["kind"] == kind]
         summary[kind] = error_stats([r["predicted_s"] for r in part], [r["measured_s"] for r in part]).as_dict()
     return {"timing": timing, "steps": rows, "summary": summary}
+
+
+def calibrate_overhead(
+    truths: list[tuple[GroundTruth, Scheduler]],
+    step_model: StepLatencyModel,
+    *,
+    engine: str = "",
+    platform: str = "",
+    source: str = "",
+) -> CpuOverheadModel:
+    """The engine's per-step overhead, measured: for every step of a calibration run, its wall
+    time minus the device time the step model predicts for that exact batch on the path the
+    engine took, fitted per path (constant, per sequence, per token, per KV token).
+
+    What lands here is everything the per-operation latencies do not see: scheduling, input
+    preparation, kernel-launch gaps, sampling and output handling. Calibrate on a workload other
+    than the ones you validate on."""
+    pass_path = accepts_path(step_model)
+    samples, captures = [], []
+    for truth, scheduler in truths:
+        seen: set[tuple[str, int, int]] = set()
+        for step in truth.steps:
+            path = scheduler.path_for(step.prefill, step.decode_ctx)
+            device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, pass_path))
+            num_tokens = sum(q for q, _ in step.prefill) + len(step.decode_ctx)
+            kv = sum(q + c for q, c in step.prefill) + sum(step.decode_ctx) + len(step.decode_ctx)
+            num_seqs = len(step.prefill) + len(step.decode_ctx)
+            sample = (path.overhead_key, num_seqs, num_tokens, kv, max(step.duration_s - device, 0.0))
+            shape = CpuOverheadModel.graph_shape(path)
+            if shape is not None and shape not in seen:
+                seen.add(shape)
+                captures.append((path, sample))
+            else:
+                samples.append(sample)
+    if not samples:
+        raise DoolyError("the calibration ground truth holds no steps")
+    fitted = CpuOverheadModel.fit(samples, engine=engine, platform=platform, source=source)
+    if captures:
+        # What a first-seen shape costs beyond an ordinary step on its path.
+        excess = [sample[-1] - fitted.seconds(path, *sample[1:4]) for path, sample in captures]
+        fitted.graph_capture_s = max(float(np.median(excess)), 0.0)
+    return fitted

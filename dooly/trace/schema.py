@@ -107,11 +107,20 @@ class Operation:
         return [d for t in (*self.inputs, *self.outputs) for d in t.dims]
 
     def request_vars(self) -> list[str]:
+        """The request variables the operation's work depends on: those of its input dims, and of
+        its scalar arguments (a factory op such as `arange(end=2*T)` has no inputs at all)."""
         names: set[str] = set()
         for spec in self.inputs:
             for dim in spec.dims:
                 if dim.origin == ORIGIN_REQUEST:
                     names.update(_variables_in(dim.expr))
+        pending = list(self.scalars.values())
+        while pending:
+            value = pending.pop()
+            if isinstance(value, str):
+                names.update(_variables_in(value))
+            elif isinstance(value, (list, tuple)):
+                pending.extend(value)
         return sorted(names)
 
     def config_dims(self) -> dict[str, int]:

@@ -1,0 +1,64 @@
+"""The committed H100 ground truth re-validated on the CPU: the database the accuracy table was
+measured on is merged and fitted here, and `dooly overhead` + `dooly validate` must reproduce the
+committed figures (data/h100/validation/accuracy.json)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dooly.cli import cli
+
+DATA = Path(__file__).resolve().parents[2] / "data" / "h100"
+PLATFORM = "NVIDIA-H100-80GB-HBM3"
+# The same code on the same data: only floating-point summation order may differ.
+REPRODUCE_TOLERANCE_PP = 0.05
+CELL = ("Llama-3.1-8B", "paged|sdpa", "graphs", "heavy")
+
+
+@pytest.fixture(scope="module")
+def fitted_store(tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("h100") / "db"
+    shutil.copytree(DATA / "db", store)
+    runner = CliRunner()
+    for command in (["merge"], ["fit"]):
+        result = runner.invoke(cli, [*command, "--store", str(store), "--output", "json"])
+        assert result.exit_code == 0, result.output
+    return store
+
+
+def _run(args: list[str]) -> dict:
+    result = CliRunner().invoke(cli, [*args, "--output", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_committed_accuracy_cell_is_reproduced(fitted_store, tmp_path):
+    short, backend, variant, workload = CELL
+    prefix = f"{short}.{backend.replace('|', '-')}.{variant}"
+    common = ["--store", str(fitted_store), "--platform", PLATFORM, "--backend", backend]
+    overhead = tmp_path / "overhead.json"
+    _run(["overhead", f"meta-llama/{short}", "--ground-truth", str(DATA / "groundtruth" / f"{prefix}.calib"), "--out", str(overhead), *common])
+    report = _run(["validate", f"meta-llama/{short}", "--ground-truth", str(DATA / "groundtruth" / f"{prefix}.{workload}"),
+                   "--cpu-overhead", str(overhead), *common])
+    committed = next(
+        r for r in json.loads((DATA / "validation" / "accuracy.json").read_text())
+        if (r["model"], r["backend"], r["variant"], r["workload"]) == CELL
+    )
+    assert report["requests"]["ttft"]["n"] == committed["requests"]
+    assert report["requests"]["ttft"]["mape"] == pytest.approx(committed["ttft_mape"], abs=REPRODUCE_TOLERANCE_PP)
+    assert report["requests"]["tpot"]["mape"] == pytest.approx(committed["tpot_mape"], abs=REPRODUCE_TOLERANCE_PP)
+    assert report["steps"]["mape"] == pytest.approx(committed["step_mape"], abs=REPRODUCE_TOLERANCE_PP)
+
+
+def test_every_committed_cell_has_its_ground_truth_and_calibration_run():
+    cells = json.loads((DATA / "validation" / "accuracy.json").read_text())
+    assert len(cells) >= 12
+    for row in cells:
+        prefix = f"{row['model']}.{row['backend'].replace('|', '-')}.{row['variant']}"
+        for workload in (row["workload"], "calib"):
+            assert (DATA / "groundtruth" / f"{prefix}.{workload}" / "requests.parquet").is_file()

@@ -1,0 +1,98 @@
+"""Engine paths the step model must see: CUDA-graph padding of tokens and KV reads, graph captures on
+first-seen shapes, and the overhead calibration that measures both."""
+
+from __future__ import annotations
+
+import pytest
+
+from dooly.sim.schedulers import TransformersCBScheduler
+from dooly.sim.step_model import AnalyticStepModel, CpuOverheadModel, StepKind, StepPath, padded_composition
+from dooly.sim.validate import GroundTruth, MeasuredStep, calibrate_overhead, replay_steps
+
+CONSTANT_S = 0.004
+PER_SEQ_S = 2e-5
+CAPTURE_S = 0.05
+
+
+class TokensAndKv:
+    """A step model whose answer depends only on the totals T and K (like dense-masked attention)."""
+
+    def step_seconds(self, prefill, decode_ctx):
+        tokens = sum(q for q, _ in prefill) + len(decode_ctx)
+        kv = sum(q + c for q, c in prefill) + sum(decode_ctx) + len(decode_ctx)
+        return 1e-6 * tokens + 1e-8 * tokens * kv
+
+
+def test_padded_composition_has_the_padded_totals():
+    prefill, decode = [(30, 100)], [500, 700]
+    path = StepPath(StepKind.MIXED, cuda_graph=True, padded_tokens=64, padded_kv=16384 + 64)
+    new_prefill, new_decode = padded_composition(prefill, decode, path)
+    assert sum(q for q, _ in new_prefill) + len(new_decode) == 64
+    assert sum(q + c for q, c in new_prefill) + sum(new_decode) + len(new_decode) == 16384 + 64
+    assert len(new_decode) == len(decode)  # decodes stay decodes
+
+
+def test_graph_path_pads_cached_tokens_to_the_interval():
+    scheduler = TransformersCBScheduler({"use_cuda_graph": True, "num_blocks": 1024, "block_size": 256})
+    path = scheduler.path_for([(100, 0)], [300, 200])
+    assert path.cuda_graph and path.padded_tokens == 128  # 102 tokens -> q interval 64
+    assert path.padded_kv == 16384 + 128  # 500 cached -> kv interval 16384, plus the padded queries
+    eager = TransformersCBScheduler({"use_cuda_graph": False}).path_for([(100, 0)], [300, 200])
+    assert not eager.cuda_graph and eager.padded_kv == 0 and eager.padded_tokens == 102
+
+
+def _synthetic_run(scheduler, model, compositions):
+    """Steps whose wall time is the model's device time + known overhead + a capture on first-seen shapes."""
+    steps, seen = [], set()
+    for index, (prefill, decode) in enumerate(compositions):
+        path = scheduler.path_for(prefill, decode)
+        padded = padded_composition(prefill, decode, path)
+        seconds = model.step_seconds(*padded) + CONSTANT_S + PER_SEQ_S * (len(prefill) + len(decode))
+        shape = CpuOverheadModel.graph_shape(path)
+        if shape not in seen:
+            seen.add(shape)
+            seconds += CAPTURE_S
+        steps.append(MeasuredStep(index, float(index), seconds, prefill, decode))
+    return GroundTruth([], steps)
+
+
+def test_calibration_recovers_host_terms_and_capture_cost():
+    scheduler = TransformersCBScheduler({"use_cuda_graph": True, "num_blocks": 2048, "block_size": 256})
+    model = TokensAndKv()
+    compositions = [([], [100 * (i % 7) + 50] * (1 + i % 13)) for i in range(60)]
+    compositions += [([(40 + 37 * (i % 5), 20 * i)], [300] * (i % 4)) for i in range(30)]
+    truth = _synthetic_run(scheduler, model, compositions)
+    fitted = calibrate_overhead([(truth, scheduler)], model)
+    decode = fitted.terms["decode_graph"]
+    assert decode.constant_s == pytest.approx(CONSTANT_S, rel=0.02)
+    assert decode.per_sequence_s == pytest.approx(PER_SEQ_S, rel=0.05)
+    assert fitted.graph_capture_s == pytest.approx(CAPTURE_S, rel=0.02)
+    replayed = replay_steps(truth.steps, model, fitted, scheduler.path_for)
+    for step, predicted in zip(truth.steps, replayed):
+        assert predicted == pytest.approx(step.duration_s, rel=0.01)
+
+
+def test_replay_without_padding_underestimates_graph_steps():
+    """The padded extents are what the device runs: dropping them must show as an error."""
+    scheduler = TransformersCBScheduler({"use_cuda_graph": True, "num_blocks": 2048, "block_size": 256})
+    model = TokensAndKv()
+    truth = _synthetic_run(scheduler, model, [([], [1000] * 4)] * 10)
+    unpadded = [model.step_seconds(s.prefill, s.decode_ctx) + CONSTANT_S for s in truth.steps[1:]]
+    assert all(u < 0.9 * s.duration_s for u, s in zip(unpadded, truth.steps[1:]))
+
+
+def test_capture_cost_round_trips_and_bad_values_are_refused(tmp_path):
+    from dooly.errors import DoolyError
+
+    model = CpuOverheadModel(graph_capture_s=0.03)
+    path = tmp_path / "overhead.json"
+    model.save(path)
+    assert CpuOverheadModel.load(path).graph_capture_s == pytest.approx(0.03)
+    with pytest.raises(DoolyError, match="graph_capture_s"):
+        CpuOverheadModel.from_dict({"terms": {}, "graph_capture_s": -1})
+
+
+def test_analytic_model_accepts_the_path():
+    model = AnalyticStepModel()
+    path = StepPath(StepKind.DECODE, cuda_graph=True, padded_tokens=8, padded_kv=4096)
+    assert model.step_seconds([], [100, 200], path=path) > 0
