@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.dooly-installed
 
-.PHONY: install demo test test-fast bench images clean
+.PHONY: install demo test test-fast bench report images clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+# docs/h100.md from the committed H100 data (merge, fit, overhead calibration, validation, tables).
+report: install
+	$(PY) bench/h100_report.py
 
 IMAGE_REGISTRY ?= ghcr.io/example/dooly
 IMAGE_TAG ?= $(shell $(PY) -c 'import dooly; print(dooly.__version__)' 2>/dev/null || echo dev)
