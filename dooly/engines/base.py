@@ -6,8 +6,10 @@ The tracer and the profiler only talk to an engine through this interface, so a 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,7 +60,7 @@ class Batch:
 
 
 class Engine(Protocol):
-    """A serving engine, seen from the tracer and the profiler."""
+    """One engine instance for one model config, built with the engine's own code."""
 
     name: str
 
@@ -68,8 +70,11 @@ class Engine(Protocol):
     def build_model(self) -> Any:
         """The engine's model for the configured architecture, built with the engine's own code."""
 
-    def step_inputs(self, batch: Batch) -> dict[str, Any]:
-        """The keyword arguments of the engine's model forward for this batch (KV cache included)."""
+    def step_inputs(self, batch: Batch) -> Any:
+        """What the engine's scheduler hands its model runner for this batch (KV blocks allocated)."""
+
+    def run_step(self, inputs: Any) -> Any:
+        """One engine step through the engine's own model runner: forward, logits, sampling."""
 
     def release(self) -> None:
         """Free the cache blocks the last `step_inputs` allocated."""
@@ -105,3 +110,68 @@ def parse_engine_settings(engine_config: str | None, settings: tuple[str, ...]) 
         except json.JSONDecodeError:
             values[key] = raw
     return values
+
+
+class Symbolizer(Protocol):
+    """Turns the sizes a batch decides into the tracer's request symbols (T, B, ...)."""
+
+    def size(self, value: int) -> Any:
+        """The symbol for a request size (a SymInt), or the int itself when it is not one."""
+
+    def tensor(self, value: Any, dims: tuple[int, ...] | None = None) -> Any:
+        """An empty tensor like `value` whose request-sized dims (all, or only `dims`) are symbolic."""
+
+    def tree(self, value: Any) -> Any:
+        """`tensor` applied to every tensor of a nested dict/list of inputs."""
+
+
+@dataclass
+class TraceStep:
+    """One engine step ready to be traced: built by the engine's own code inside the tracer's
+    FakeTensorMode (or, for engines whose init needs real memory, built for real and entered into
+    fake mode for the step alone).
+
+    `prepare(symbolizer)` makes the step's inputs with their request-sized dims symbolic (outside the
+    recorder: building inputs is not part of the step); `run(inputs)` runs the step. The engine's
+    attention call is recorded as one operation: through the transformers attention registry when
+    `attention_modules` is None, else by hooking these modules (vLLM's `Attention` layers), whose
+    metadata tensors `attention_metadata(module)` names."""
+
+    model: Any
+    prepare: Callable[[Symbolizer], Any]
+    run: Callable[[Any], None]
+    attention_modules: list[Any] | None = None
+    attention_metadata: Callable[[Any], list[Any]] = field(default=lambda module: [])
+    attention_scalars: Callable[[Any], dict[str, Any]] = field(default=lambda module: {})
+
+
+class EngineKind(Protocol):
+    """A serving engine as the tracer and the profiler see it: one object per engine module, so a
+    third engine (SGLang, ...) is a new module registered in `dooly.engines.registry`."""
+
+    name: str
+    default_backend: str
+    block_size: int
+
+    def version(self) -> str:
+        """The installed engine's version (provenance on every row)."""
+
+    def backends(self) -> tuple[str, ...]:
+        """Attention backends this engine can be traced and profiled with."""
+
+    def request_values(self, phase: str, batch: Batch, window: int | None) -> dict[str, int]:
+        """The request variables the engine's step inputs are sized by, at this batch."""
+
+    def geometry(self, batch: Batch, probe: bool) -> dict[str, int]:
+        """The engine fields (engine.block_size, ...) the step is built with, real or probe values."""
+
+    def probe_overrides(self, overrides: dict[str, int], config: dict[str, Any]) -> dict[str, int]:
+        """Adjust the probe config's values to what the engine accepts (supported head sizes...)."""
+
+    def trace_session(self, config: Any, *, backend: str, dtype: Any, batch: Batch,
+                      geometry: dict[str, int], shape_env: Any) -> contextlib.AbstractContextManager[TraceStep]:
+        """Build the engine for `config` and `batch`; yield the step inside a FakeTensorMode."""
+
+    def attention_runner(self, hf_config: Any, *, backend: str, dtype: Any, device: str, max_tokens: int,
+                         max_kv: int, max_seqs: int, period: int) -> Any:
+        """An object whose `call_for(batch, sliding)` is the engine's own attention call for a batch."""

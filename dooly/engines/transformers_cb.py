@@ -8,12 +8,15 @@ engine's scheduler would hand it over (requests with a past length and a query l
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from dooly.engines.base import Batch
+from dooly.engines.base import Batch, TraceStep
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,16 @@ DEFAULT_MAX_BATCH_TOKENS = 2048
 # A token id that exists in every vocabulary; inputs are deterministic and always in range.
 SAFE_TOKEN_ID = 1
 CPU_GROUP_TIMEOUT_S = 300.0
+# The engine's cache geometry in the tracer's probe pass: values no config field takes.
+PROBE_BLOCK_SIZE = 4 * 11
+PROBE_NUM_BLOCKS = 37
+PROBE_MAX_BATCH_TOKENS = 4099
+# Full and sliding-window layer groups draw blocks from one pool, and a sliding group holds one
+# block beyond its window per sequence: room for both, twice over.
+_BLOCK_HEADROOM = 4
+# Blocks beyond the largest batch's needs when measuring attention: rounding up per sequence,
+# plus the sliding group.
+ATTENTION_CACHE_HEADROOM = 2
 
 
 def engine_version() -> str:
@@ -228,3 +241,132 @@ class TransformersCBEngine:
 
 def _supports_logits_to_keep(model: Any) -> bool:
     return hasattr(model, "_supports_logits_to_keep") and model._supports_logits_to_keep()
+
+
+def _blocks_for(batch: Batch, block_size: int) -> int:
+    return _BLOCK_HEADROOM * sum(-(-s.kv // block_size) for s in batch.seqs)
+
+
+class TransformersKind:
+    """transformers continuous batching as an `EngineKind` (see dooly.engines.base)."""
+
+    name = ENGINE_NAME
+    default_backend = DEFAULT_BACKEND
+    block_size = DEFAULT_BLOCK_SIZE
+
+    def version(self) -> str:
+        return engine_version()
+
+    def backends(self) -> tuple[str, ...]:
+        return ENGINE_BACKENDS
+
+    def request_values(self, phase: str, batch: Batch, window: int | None) -> dict[str, int]:
+        """T, B, K (and S under a sliding window), as the engine's IO buffers size them."""
+        values = {"B": batch.num_seqs}
+        if phase != "decode":  # a decode step has one token per sequence: T is B
+            values["T"] = batch.tokens
+        if phase != "prefill":
+            values["K"] = batch.kv_tokens
+            if window:
+                values["S"] = sum(s.query + min(s.context, window - 1) for s in batch.seqs)
+        return values
+
+    def geometry(self, batch: Batch, probe: bool) -> dict[str, int]:
+        if probe:
+            return {
+                "engine.block_size": PROBE_BLOCK_SIZE,
+                "engine.num_blocks": max(PROBE_NUM_BLOCKS, _blocks_for(batch, PROBE_BLOCK_SIZE)),
+                "engine.max_batch_tokens": PROBE_MAX_BATCH_TOKENS,
+            }
+        return {
+            "engine.block_size": DEFAULT_BLOCK_SIZE,
+            "engine.num_blocks": max(DEFAULT_NUM_BLOCKS, _blocks_for(batch, DEFAULT_BLOCK_SIZE)),
+            "engine.max_batch_tokens": DEFAULT_MAX_BATCH_TOKENS,
+        }
+
+    def probe_overrides(self, overrides: dict[str, int], config: dict[str, Any]) -> dict[str, int]:
+        return overrides
+
+    @contextlib.contextmanager
+    def trace_session(self, config: Any, *, backend: str, dtype: torch.dtype, batch: Batch,
+                      geometry: dict[str, int], shape_env: Any) -> Iterator[TraceStep]:
+        """The whole engine (model, paged cache, IO buffers) is built inside the fake mode."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True):
+            engine = TransformersCBEngine(
+                config, attention=backend, dtype=dtype, device="cpu",
+                block_size=geometry["engine.block_size"], num_blocks=geometry["engine.num_blocks"],
+                max_batch_tokens=geometry["engine.max_batch_tokens"],
+            )
+            model = engine.build_model()
+            engine.build_cache()
+            kwargs = engine.step_inputs(batch)
+            yield TraceStep(model=model, prepare=lambda symbolizer: symbolizer.tree(kwargs), run=engine.run_step)
+
+    def attention_runner(self, hf_config: Any, *, backend: str, dtype: torch.dtype, device: str, max_tokens: int,
+                         max_kv: int, max_seqs: int, period: int) -> "EngineAttention":
+        return EngineAttention(hf_config, backend=backend, dtype=dtype, device=device, max_tokens=max_tokens,
+                               max_kv=max_kv, max_seqs=max_seqs, period=period)
+
+
+class EngineAttention:
+    """The engine's attention call for a batch: the model (one period of its layers) built by
+    transformers, the paged KV cache and the step's packed inputs (read/write indices, 4D mask) by
+    the continuous-batching engine's own classes. One step runs with the engine's registered
+    attention function wrapped, which captures the arguments each layer passes to it; the measured
+    call is that very function with those arguments. One instance per (model config, backend,
+    dtype), reused across points."""
+
+    def __init__(self, hf_config: Any, *, backend: str, dtype: torch.dtype, device: str, max_tokens: int,
+                 max_kv: int, max_seqs: int, period: int) -> None:
+        config = copy.deepcopy(hf_config)
+        text = config.get_text_config()
+        types = getattr(text, "layer_types", None)
+        text.num_hidden_layers = period
+        if types:
+            text.layer_types = list(types[:period])
+        blocks = ATTENTION_CACHE_HEADROOM * (max_kv // DEFAULT_BLOCK_SIZE + max_seqs + 1)
+        self.backend = backend
+        self.engine = TransformersCBEngine(
+            config, attention=backend, dtype=dtype, device=device, block_size=DEFAULT_BLOCK_SIZE,
+            num_blocks=blocks, max_batch_tokens=max_tokens,
+        )
+        self.engine.build_model()
+        self.engine.build_cache(max_requests=max_seqs)
+
+    def call_for(self, batch: Batch, sliding: bool) -> Any:
+        """The engine's attention call for this batch, on a layer of the requested kind."""
+        kwargs = self.engine.step_inputs(batch)
+        with _capture_calls(self.backend) as (original, calls), torch.no_grad():
+            self.engine.model(**kwargs)
+        for module, args, call_kwargs in calls:
+            if bool(getattr(module, "sliding_window", None)) == sliding:
+                break
+        else:
+            raise ValueError(f"no {'sliding' if sliding else 'full'}-attention layer in this model")
+
+        def call() -> Any:
+            with torch.no_grad():
+                return original(module, *args, **dict(call_kwargs))
+
+        return call
+
+
+@contextlib.contextmanager
+def _capture_calls(backend: str) -> Iterator[tuple[Any, list]]:
+    from transformers.modeling_utils import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    original = mapping[backend]
+    calls: list[tuple[Any, tuple, dict]] = []
+
+    def wrapper(module: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((module, args, dict(kwargs)))
+        return original(module, *args, **kwargs)
+
+    mapping[backend] = wrapper
+    try:
+        yield original, calls
+    finally:
+        mapping[backend] = original

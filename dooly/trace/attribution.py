@@ -54,11 +54,8 @@ PROBE_EXPERTS = 17
 PROBE_TOP_K = 13
 PROBE_SLIDING_WINDOW = 31
 PROBE_MAX_POSITIONS = 65537
-# The engine's cache geometry is probed too: it shapes the KV cache tensors.
-PROBE_BLOCK_SIZE = 4 * 11
-PROBE_NUM_BLOCKS = 37
-PROBE_MAX_BATCH_TOKENS = 4099
-
+# The engine's cache geometry is probed too (it shapes the KV cache tensors): each engine module
+# gives its real and probe values for these fields (EngineKind.geometry).
 ENGINE_FIELDS = ("engine.block_size", "engine.num_blocks", "engine.max_batch_tokens")
 # The KV cache holds two spare blocks (read trash and sentinel) beyond those the allocator hands out.
 CACHE_SPARE_BLOCKS = 2

@@ -318,3 +318,44 @@ def _plan_style(name: str, tp_plan: dict[str, str], fnmatch: Any) -> str | None:
         if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "model." + pattern):
             return style
     return None
+
+
+@contextlib.contextmanager
+def capture_module_attention(
+    recorder: OpRecorder,
+    modules: list[torch.nn.Module],
+    backend: str,
+    metadata_of: Any,
+    scalars_of: Any,
+) -> Iterator[None]:
+    """Record each call of these attention modules (vLLM's `Attention` layers: KV cache write plus
+    the backend's kernel) as one operation: q, k, v and the per-sequence / per-token metadata
+    tensors the backend's builder made (`metadata_of(module)`); the ops inside are kept as inner."""
+    handles = []
+
+    def enter(module: Any, _args: Any) -> None:
+        recorder._attention_depth += 1
+
+    def leave(module: Any, args: tuple, out: Any) -> None:
+        recorder._attention_depth -= 1
+        tensors = [a for a in args[:3] if isinstance(a, torch.Tensor)] + list(metadata_of(module))
+        recorder.record_composite(
+            RawEvent(
+                op="attention",
+                kind=KIND_ATTENTION,
+                module=recorder.modules.names.get(id(module), recorder.modules.current()),
+                inputs=[_raw(t) for t in tensors],
+                outputs=[_raw(t) for t in _tensors(out)],
+                scalars=dict(scalars_of(module)),
+                backend=backend,
+            )
+        )
+
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -21,19 +21,18 @@ from typing import Any
 import sympy
 import torch
 
-from dooly.engines.base import Batch, SeqShape
-from dooly.engines.transformers_cb import (
-    DEFAULT_BACKEND,
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_MAX_BATCH_TOKENS,
-    DEFAULT_NUM_BLOCKS,
-    ENGINE_BACKENDS,
-    TransformersCBEngine,
-    engine_version,
-)
+from dooly.engines.base import Batch, EngineKind, SeqShape
+from dooly.engines.registry import DEFAULT_ENGINE, engine_kind
 from dooly.errors import DoolyError
 from dooly.trace import attribution
-from dooly.trace.recorder import ModuleStack, OpRecorder, RawEvent, capture_attention, capture_collectives
+from dooly.trace.recorder import (
+    ModuleStack,
+    OpRecorder,
+    RawEvent,
+    capture_attention,
+    capture_collectives,
+    capture_module_attention,
+)
 from dooly.trace.schema import (
     KIND_COLLECTIVE,
     ORIGIN_CONFIG,
@@ -82,37 +81,36 @@ def request_batch(phase: str, window: int | None) -> Batch:
     raise DoolyError(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
 
 
-def request_values(phase: str, batch: Batch, window: int | None) -> dict[str, int]:
-    """The request variables of a batch, as the engine's IO buffers size them."""
-    values = {"B": batch.num_seqs}
-    if phase != "decode":  # a decode step has one token per sequence: T is B
-        values["T"] = batch.tokens
-    if phase != "prefill":
-        values["K"] = batch.kv_tokens
-        if window:
-            values["S"] = sum(s.query + min(s.context, window - 1) for s in batch.seqs)
-    return values
+def request_values(phase: str, batch: Batch, window: int | None, engine: str = DEFAULT_ENGINE) -> dict[str, int]:
+    """The request variables of a batch, as the engine's step inputs size them."""
+    return engine_kind(engine).request_values(phase, batch, window)
 
 
 def trace_model(
     model: str,
     *,
     phase: str = "mixed",
-    backend: str = DEFAULT_BACKEND,
+    backend: str | None = None,
     tp: int = 1,
     dtype: str = "bfloat16",
+    engine: str = DEFAULT_ENGINE,
 ) -> Trace:
-    """Trace one step of `model` (a bundled id, a config.json path or a directory holding one)."""
+    """Trace one step of `model` (a bundled id, a config.json path or a directory holding one) as
+    `engine` runs it (its default attention backend unless `backend` names one)."""
     from dooly.models.registry import build_hf_config, model_key, resolve_model
 
     started = time.perf_counter()
+    kind = engine_kind(engine)
+    backend = backend or kind.default_backend
     if phase not in PHASES:
         raise DoolyError(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
-    if backend not in ENGINE_BACKENDS:
+    if backend not in kind.backends():
         raise DoolyError(
-            f"attention backend {backend!r} is not one the transformers engine runs; choose one of "
-            f"{', '.join(ENGINE_BACKENDS)}"
+            f"attention backend {backend!r} is not one the {engine} engine runs; choose one of "
+            f"{', '.join(kind.backends())}"
         )
+    if tp > 1 and engine != DEFAULT_ENGINE:
+        raise DoolyError(f"--tp {tp}: the {engine} adapter traces one rank of tp=1 only")
     if dtype not in DTYPES:
         raise DoolyError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if tp < 1:
@@ -126,23 +124,20 @@ def trace_model(
 
     real_cfg = _reduced(hf_config, period, tp, {})
     full = {k: v for k, v in text.to_dict().items()}
-    overrides = attribution.probe_overrides(full, tp)
+    overrides = kind.probe_overrides(attribution.probe_overrides(full, tp), full)
     probe_cfg = _reduced(hf_config, period, tp, overrides)
     probe_window = _window(probe_cfg.get_text_config())
 
     batch = request_batch(phase, window)
     probe_batch = request_batch(phase, probe_window)
-    engine_real = _engine_geometry(batch, DEFAULT_BLOCK_SIZE)
-    engine_probe = {
-        "engine.block_size": attribution.PROBE_BLOCK_SIZE,
-        "engine.num_blocks": max(attribution.PROBE_NUM_BLOCKS, _blocks_for(probe_batch, attribution.PROBE_BLOCK_SIZE)),
-        "engine.max_batch_tokens": attribution.PROBE_MAX_BATCH_TOKENS,
-    }
+    engine_real = kind.geometry(batch, probe=False)
+    engine_probe = kind.geometry(probe_batch, probe=True)
     torch_dtype = DTYPES[dtype]
     tp_plan = _tp_plan(hf_config) if tp > 1 else {}
     try:
-        real = _trace_pass(real_cfg, phase, backend, torch_dtype, batch, window, engine_real, tp_plan, tp)
-        probe = _trace_pass(probe_cfg, phase, backend, torch_dtype, probe_batch, probe_window, engine_probe, tp_plan, tp)
+        real = _trace_pass(kind, real_cfg, phase, backend, torch_dtype, batch, window, engine_real, tp_plan, tp)
+        probe = _trace_pass(kind, probe_cfg, phase, backend, torch_dtype, probe_batch, probe_window, engine_probe,
+                            tp_plan, tp)
     except DoolyError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model's own code failed under shape-only execution
@@ -157,8 +152,8 @@ def trace_model(
         model_id=spec.model_id,
         model_key=model_key(spec),
         architecture=(hf_config.architectures or [type(hf_config).__name__])[0],
-        engine="transformers",
-        engine_version=engine_version(),
+        engine=kind.name,
+        engine_version=kind.version(),
         phase=phase,
         backend=backend,
         tp=tp,
@@ -227,24 +222,8 @@ def _tp_plan(hf_config: Any) -> dict[str, str]:
     return plan
 
 
-# Full and sliding-window layer groups draw blocks from one pool, and a sliding group holds one
-# block beyond its window per sequence: room for both, twice over.
-_BLOCK_HEADROOM = 4
-
-
-def _blocks_for(batch: Batch, block_size: int) -> int:
-    return _BLOCK_HEADROOM * sum(-(-s.kv // block_size) for s in batch.seqs)
-
-
-def _engine_geometry(batch: Batch, block_size: int) -> dict[str, int]:
-    return {
-        "engine.block_size": block_size,
-        "engine.num_blocks": max(DEFAULT_NUM_BLOCKS, _blocks_for(batch, block_size)),
-        "engine.max_batch_tokens": DEFAULT_MAX_BATCH_TOKENS,
-    }
-
-
 def _trace_pass(
+    kind: EngineKind,
     config: Any,
     phase: str,
     backend: str,
@@ -255,32 +234,26 @@ def _trace_pass(
     tp_plan: dict[str, str],
     tp: int = 1,
 ) -> _Pass:
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     shape_env = ShapeEnv(duck_shape=False)
-    values = request_values(phase, batch, window)
-    with FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True):
-        engine = TransformersCBEngine(
-            config,
-            attention=backend,
-            dtype=dtype,
-            device="cpu",
-            block_size=geometry["engine.block_size"],
-            num_blocks=geometry["engine.num_blocks"],
-            max_batch_tokens=geometry["engine.max_batch_tokens"],
-        )
-        model = engine.build_model()
-        engine.build_cache()
-        kwargs = engine.step_inputs(batch)
-        symbolic, symbols = _symbolize(kwargs, values, shape_env)
-        modules = ModuleStack(model)
+    values = kind.request_values(phase, batch, window)
+    symbolizer = _Symbolizer(shape_env, values)
+    with kind.trace_session(config, backend=backend, dtype=dtype, batch=batch, geometry=geometry,
+                            shape_env=shape_env) as step:
+        inputs = step.prepare(symbolizer)
+        modules = ModuleStack(step.model)
         recorder = OpRecorder(modules)
-        with modules, capture_attention(recorder, backend), capture_collectives(recorder, model, tp_plan, tp):
+        if step.attention_modules is None:
+            attention = capture_attention(recorder, backend)
+        else:
+            attention = capture_module_attention(recorder, step.attention_modules, backend, step.attention_metadata,
+                                                 step.attention_scalars)
+        with modules, attention, capture_collectives(recorder, step.model, tp_plan, tp):
             with recorder, torch.no_grad():
-                engine.run_step(symbolic)
-    _check_not_specialized(shape_env, symbols)
-    return _Pass(events=recorder.events, symbols=symbols, point=values)
+                step.run(inputs)
+    _check_not_specialized(shape_env, symbolizer.symbols)
+    return _Pass(events=recorder.events, symbols=symbolizer.symbols, point=values)
 
 
 def _check_not_specialized(shape_env: Any, symbols: dict[sympy.Symbol, str]) -> None:
@@ -297,36 +270,43 @@ def _check_not_specialized(shape_env: Any, symbols: dict[sympy.Symbol, str]) -> 
         )
 
 
-def _symbolize(
-    kwargs: dict[str, Any], values: dict[str, int], shape_env: Any
-) -> tuple[dict[str, Any], dict[sympy.Symbol, str]]:
-    """Replace each input size the batch decides by its request symbol."""
-    from torch._dynamo.source import ConstantSource
-    from torch.fx.experimental.symbolic_shapes import DimDynamic
+class _Symbolizer:
+    """Each input size the batch decides becomes its request symbol (see base.Symbolizer)."""
 
-    symints: dict[int, Any] = {}
-    symbols: dict[sympy.Symbol, str] = {}
-    for name, hint in values.items():
-        symbol = shape_env.create_symbol(hint, ConstantSource(f"dooly_{name}"), dynamic_dim=DimDynamic.DYNAMIC)
-        symints[hint] = shape_env.create_symintnode(symbol, hint=hint)
-        symbols[symbol] = name
-    seqs_plus_one = values["B"] + 1
-    if seqs_plus_one not in symints:
-        symints[seqs_plus_one] = symints[values["B"]] + 1
-    if len(symints) != len(values) + 1:
-        raise RuntimeError(f"request variables collide in the traced batch: {values}")
+    def __init__(self, shape_env: Any, values: dict[str, int]) -> None:
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic
 
-    def convert(value: Any) -> Any:
+        self.symints: dict[int, Any] = {}
+        self.symbols: dict[sympy.Symbol, str] = {}
+        for name, hint in values.items():
+            symbol = shape_env.create_symbol(hint, ConstantSource(f"dooly_{name}"), dynamic_dim=DimDynamic.DYNAMIC)
+            self.symints[hint] = shape_env.create_symintnode(symbol, hint=hint)
+            self.symbols[symbol] = name
+        seqs_plus_one = values["B"] + 1
+        if seqs_plus_one not in self.symints:
+            self.symints[seqs_plus_one] = self.symints[values["B"]] + 1
+        if len(self.symints) != len(values) + 1:
+            raise RuntimeError(f"request variables collide in the traced batch: {values}")
+
+    def size(self, value: int) -> Any:
+        return self.symints.get(int(value), int(value))
+
+    def tensor(self, value: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+        shape = [
+            self.size(size) if dims is None or index in dims else int(size)
+            for index, size in enumerate(value.shape)
+        ]
+        return torch.empty(shape, dtype=value.dtype, device=value.device)
+
+    def tree(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            shape = [symints.get(int(size), int(size)) for size in value.shape]
-            return torch.empty(shape, dtype=value.dtype, device=value.device)
+            return self.tensor(value)
         if isinstance(value, list):
-            return [convert(v) for v in value]
+            return [self.tree(v) for v in value]
         if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
+            return {k: self.tree(v) for k, v in value.items()}
         return value
-
-    return {name: convert(value) for name, value in kwargs.items()}, symbols
 
 
 def _label(
