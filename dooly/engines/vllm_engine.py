@@ -619,3 +619,30 @@ class VllmAttention:
 
     def call_for(self, batch: Batch, sliding: bool) -> Callable[[], Any]:
         return self.engine.attention_call(batch, sliding)
+
+
+# oneDNN GEMM handlers by (K, N, dtype): `_C.onednn_mm` takes a handler built from the weight
+# (vLLM's own `create_onednn_mm`, as its linear layers do at load time); the handler object frees
+# the primitive when collected, so it is kept here for the life of the process.
+_ONEDNN_HANDLERS: dict[tuple[int, int, str], Any] = {}
+ONEDNN_PRIMITIVE_CACHE = 32
+# Weights of a profiled GEMM: small random values, like the dummy loader's.
+WEIGHT_SCALE = 0.02
+
+
+def onednn_handler_tensor(k: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The handler tensor `_C.onednn_mm` takes, for a random [K, N] weight of this dtype."""
+    require_vllm()
+    from vllm import _custom_ops as ops
+
+    key = (k, n, str(dtype))
+    if key not in _ONEDNN_HANDLERS:
+        weight = (torch.randn(n, k, dtype=torch.float32) * WEIGHT_SCALE).to(dtype)
+        _ONEDNN_HANDLERS[key] = (ops.create_onednn_mm(weight.t(), ONEDNN_PRIMITIVE_CACHE), weight)
+    return _ONEDNN_HANDLERS[key][0].handler_tensor
+
+
+def load_custom_ops() -> None:
+    """Load vLLM's op libraries (`_C`, `vllm`) so `torch.ops._C.*` resolve."""
+    register_fakes()
+    import vllm.model_executor.layers.attention  # noqa: F401 - registers the vllm:: attention ops

@@ -22,10 +22,11 @@ def _common(func):
         click.option("--store", "store_uri", required=True,
                      help="Latency database: a directory (created if missing) or s3://bucket/prefix."),
         click.option("--endpoint-url", default=None, help="S3 endpoint (else $DOOLY_S3_ENDPOINT_URL / $AWS_ENDPOINT_URL)."),
-        click.option("--engine", type=click.Choice(["transformers"]), default="transformers", show_default=True,
-                     help="Serving engine whose forward and attention are profiled."),
-        click.option("--attention", "backend", default="paged|sdpa", show_default=True,
-                     help="Attention backend (paged|sdpa, paged|eager)."),
+        click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers",
+                     show_default=True, help="Serving engine whose forward and attention are profiled."),
+        click.option("--attention", "backend", default=None,
+                     help="Attention backend (transformers: paged|sdpa [default], paged|eager; vllm: the one its "
+                          "build runs, CPU_ATTN on a CPU)."),
         click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype."),
         click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True,
                      help="Largest tokens-per-step point of the sweep."),
@@ -67,18 +68,20 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
     """
     from dooly.profile.plan import build_plan
     from dooly.profile.provenance import check_platform_name, current_stack, detect_device, detect_platform
+    from dooly.engines.registry import engine_kind
     from dooly.profile.run import trace_all
-    from dooly.engines.transformers_cb import DEFAULT_BLOCK_SIZE, ENGINE_NAME, engine_version
     from dooly.store.backends import open_store
 
+    kind = engine_kind(engine)
+    backend = backend or kind.default_backend
     grid = _grid(max_tokens, max_seqs, max_kv, max_context)
     device_type = detect_device(device)
     named = platform not in ("auto", "")
     name = check_platform_name(platform) if named else detect_platform(device_type)
     store = open_store(store_uri, endpoint_url=endpoint_url, create=False)
-    traces = trace_all(list(models), backend, dtype)
-    stack = current_stack(device=device_type if not named else "cuda", platform=name, engine=ENGINE_NAME,
-                          engine_version=engine_version(), backend=backend, dtype=dtype, block_size=DEFAULT_BLOCK_SIZE)
+    traces = trace_all(list(models), backend, dtype, engine)
+    stack = current_stack(device=device_type if not named else "cuda", platform=name, engine=kind.name,
+                          engine_version=kind.version(), backend=backend, dtype=dtype, block_size=kind.block_size)
     plan = build_plan(traces, store, stack, grid, software_agnostic=named,
                       comm=_plan_comm_stack(traces, stack, device_type, named))
     summary = plan.summary()
@@ -134,7 +137,9 @@ def profile_command(models: tuple[str, ...], store_uri: str, endpoint_url: str |
       dooly profile meta-llama/Llama-3.1-8B --store ./db
       dooly profile meta-llama/Llama-3.2-1B Qwen/Qwen2.5-7B --store s3://dooly/db --attention paged|eager
       dooly profile ./tiny/config.json --store ./db --max-tokens 64 --max-kv 512 --output json
+      dooly profile Qwen/Qwen2.5-0.5B --engine vllm --dtype float32 --store ./db
     """
+    from dooly.engines.registry import default_backend
     from dooly.profile.run import ProfileOptions, execute, prepare, total_points
     from dooly.store.backends import open_store
 
@@ -143,7 +148,7 @@ def profile_command(models: tuple[str, ...], store_uri: str, endpoint_url: str |
     if samples is not None and samples < 1:
         raise DoolyError(f"--samples must be >= 1, got {samples}")
     options = ProfileOptions(
-        backend=backend, dtype=dtype, device=device, platform=platform,
+        backend=backend or default_backend(engine), engine=engine, dtype=dtype, device=device, platform=platform,
         grid=_grid(max_tokens, max_seqs, max_kv, max_context), samples=samples, shard_index=shard_index,
         shard_count=shard_count, run_id=run_id, chunk_rows=chunk_rows,
     )

