@@ -72,6 +72,17 @@ def require_vllm() -> Any:
     return vllm
 
 
+# vLLM's CPU worker serves with one intra-op thread unless OMP_NUM_THREADS says otherwise
+# (vllm.utils.torch_utils): measure every op with the thread count the engine serves with.
+SERVING_THREADS = 1
+
+
+def match_serving_threads() -> None:
+    """Set torch's intra-op threads to what the engine's CPU worker serves with."""
+    if os.environ.get("OMP_NUM_THREADS") is None and torch.get_num_threads() != SERVING_THREADS:
+        torch.set_num_threads(SERVING_THREADS)
+
+
 def engine_version() -> str:
     return require_vllm().__version__
 
@@ -117,6 +128,8 @@ class VllmSettings:
             "enable_prefix_caching": self.enable_prefix_caching,
             "seed": self.seed,
             "disable_log_stats": False,
+            # One step at a time: schedule, forward, outputs (the simulator's synchronous loop).
+            "async_scheduling": False,
         }
 
 
@@ -454,6 +467,7 @@ class VllmKind:
 
     def require(self) -> None:
         require_vllm()
+        match_serving_threads()
 
     @property
     def default_backend(self) -> str:
