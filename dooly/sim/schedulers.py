@@ -544,6 +544,7 @@ VLLM_DEFAULT_BLOCK_SIZE = 16
 # is the same 131072 KV tokens as the transformers default.
 VLLM_DEFAULT_NUM_GPU_BLOCKS = 8192
 VLLM_DEFAULT_MAX_CAPTURE_SIZE = 512
+VLLM_NULL_BLOCKS = 1
 CUDAGRAPH_MODES = ("none", "piecewise", "full", "full_decode_only", "full_and_piecewise")
 _FULL_GRAPH_MODES = ("full", "full_decode_only", "full_and_piecewise")
 _PIECEWISE_MODES = ("piecewise", "full_and_piecewise")
@@ -566,13 +567,20 @@ class VllmConfig:
     cudagraph_mode: str = "full_and_piecewise"
     max_cudagraph_capture_size: int = VLLM_DEFAULT_MAX_CAPTURE_SIZE
     async_scheduling: bool = False
+    # SchedulerConfig.scheduler_reserve_full_isl (vLLM >= 0.1x, default on): a waiting request is
+    # admitted only when blocks for its whole known sequence are free, not just its first chunk.
+    scheduler_reserve_full_isl: bool = True
+    # SchedulerConfig.watermark: fraction of the blocks kept free when admitting waiting requests
+    # while others run.
+    watermark: float = 0.0
     capture_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _require(0.0 <= self.watermark < 1.0, "watermark must be in [0, 1)")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _require(self.block_size >= 1, "block_size must be >= 1")
-        _require(self.num_gpu_blocks >= 1, "num_gpu_blocks must be >= 1")
+        _require(self.num_gpu_blocks >= 2, "num_gpu_blocks must be >= 2 (vLLM keeps one as its null block)")
         _require(self.long_prefill_token_threshold >= 0, "long_prefill_token_threshold must be >= 0")
         _require(self.cudagraph_mode in CUDAGRAPH_MODES, f"cudagraph_mode must be one of {CUDAGRAPH_MODES}, got {self.cudagraph_mode!r}")
         if not self.capture_sizes:
@@ -605,10 +613,12 @@ class VllmScheduler(Scheduler):
         self.config = config
         self.async_scheduling = config.async_scheduling
         self.block_size = config.block_size
-        self.free_blocks = config.num_gpu_blocks
+        # vLLM's BlockPool keeps one block aside as the null block (padding in block tables).
+        self.free_blocks = config.num_gpu_blocks - VLLM_NULL_BLOCKS
         self.running: list[Seq] = []
         self.waiting: deque[Seq] = deque()
         self._bisect_sizes = config.capture_sizes
+        self.watermark_blocks = int(config.watermark * config.num_gpu_blocks)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.engine, **self.config.to_dict()}
@@ -668,7 +678,10 @@ class VllmScheduler(Scheduler):
                 if not cfg.enable_chunked_prefill and new > budget:
                     break
                 new = min(new, budget)
-                if not self._allocate(seq, new):
+                reserve = self.watermark_blocks if running else 0
+                if cfg.scheduler_reserve_full_isl and not self._fits(seq, seq.num_tokens, reserve):
+                    break
+                if not self._allocate(seq, new, reserve):
                     break
                 self.waiting.popleft()
                 running.append(seq)
@@ -679,11 +692,15 @@ class VllmScheduler(Scheduler):
             return None
         return self._build(entries, preempted)
 
-    def _allocate(self, seq: Seq, new_tokens: int) -> bool:
+    def _fits(self, seq: Seq, tokens: int, reserve: int = 0) -> bool:
+        """Whether blocks for `tokens` tokens of `seq` could be allocated now (reserve kept free)."""
+        return -(-tokens // self.block_size) - seq.blocks + reserve <= self.free_blocks
+
+    def _allocate(self, seq: Seq, new_tokens: int, reserve: int = 0) -> bool:
         """`KVCacheManager.allocate_slots`: blocks to hold computed + new tokens, or nothing."""
         required = -(-(seq.computed + new_tokens) // self.block_size)
         needed = required - seq.blocks
-        if needed > self.free_blocks:
+        if needed + reserve > self.free_blocks:
             return False
         if needed > 0:
             self.free_blocks -= needed
