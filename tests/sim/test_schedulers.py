@@ -153,11 +153,11 @@ def test_vllm_caps_running_requests_at_max_num_seqs(drive):
 
 
 def test_vllm_preempts_the_last_running_request_by_recompute(drive):
-    # 6 blocks of 4 tokens; a and b hold 3 blocks each after step 2. At step 6 a needs a fourth:
+    # 6 usable blocks of 4 tokens (7 minus vLLM's null block); a and b hold 3 blocks each after step 2. At step 6 a needs a fourth:
     # b, last in the running list, is preempted (blocks freed, recompute later); no waiting request
     # is admitted in a step with a preemption, and b's 13 tokens (8 + 5 generated) need 4 blocks,
     # which only free up when a finishes.
-    scheduler = VllmScheduler({"block_size": 4, "num_gpu_blocks": 6})
+    scheduler = VllmScheduler({"block_size": 4, "num_gpu_blocks": 7})
     steps, seqs = drive(scheduler, [("a", 8, 10, 0), ("b", 8, 10, 0)])
     expected = [[("a", 8, 0), ("b", 8, 0)]]
     expected += [[("a", 1, c), ("b", 1, c)] for c in (8, 9, 10, 11)]
