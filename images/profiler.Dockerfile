@@ -12,7 +12,8 @@ FROM ${CUDA_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TRANSFORMERS_VERSION=5.17.0
-# Optional extras of the package, e.g. "vllm" (vLLM brings the torch build it was compiled against).
+# Optional extras of the package, e.g. "vllm": the CUDA vLLM 0.32.0 the vLLM adapter is validated
+# with (`dooly profile --engine vllm`); it brings the torch build it was compiled against (2.13).
 ARG EXTRAS=""
 
 ENV DEBIAN_FRONTEND=noninteractive \

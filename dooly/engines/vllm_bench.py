@@ -28,6 +28,7 @@ from dooly.engines.vllm_engine import (
     engine_scheduler,
     engine_version,
     platform_backend,
+    require_vllm,
     start_llm,
     write_model_dir,
 )
@@ -155,6 +156,7 @@ def run_vllm_bench(config: dict[str, Any], requests: list[Any], *, settings: Vll
     real vLLM engine open-loop, and record the ground truth (see the module docstring)."""
     import tempfile
 
+    require_vllm()
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind

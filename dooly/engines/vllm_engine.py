@@ -33,6 +33,9 @@ from dooly.errors import DoolyError
 log = logging.getLogger(__name__)
 
 ENGINE_NAME = "vllm"
+# The vLLM release this adapter is written against and validated with (the CPU build in CI, the
+# CUDA build through the `dooly[vllm]` extra); other releases may move the internals it uses.
+VALIDATED_VERSION = "0.32.0"
 # The attention backends vLLM 0.32 selects on each platform (vllm.v1.attention.backends.registry).
 CPU_BACKEND = "CPU_ATTN"
 CUDA_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION")
@@ -58,6 +61,11 @@ _ENV_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     # vLLM logs every start at INFO (and a tokenizer-less warm-up at WARNING): keep output to ours.
     "VLLM_LOGGING_LEVEL": "ERROR",
+    # On a shared CPU, OpenMP threads bound to cores spin at barriers while another process holds a
+    # core: timings turn erratic (5-8x on the 2-core machines seen here). One unbound thread serves
+    # and measures alike; set these variables to run vLLM's defaults instead.
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
 }
 
 
@@ -65,22 +73,14 @@ def require_vllm() -> Any:
     """Import vLLM, or say in one line how to install it."""
     for name, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    threads = os.environ["OMP_NUM_THREADS"]
+    if threads.isdigit() and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
     try:
         import vllm
     except ImportError as exc:
         raise DoolyError(f"{INSTALL_HINT} ({type(exc).__name__}: {exc})") from exc
     return vllm
-
-
-# vLLM's CPU worker serves with one intra-op thread unless OMP_NUM_THREADS says otherwise
-# (vllm.utils.torch_utils): measure every op with the thread count the engine serves with.
-SERVING_THREADS = 1
-
-
-def match_serving_threads() -> None:
-    """Set torch's intra-op threads to what the engine's CPU worker serves with."""
-    if os.environ.get("OMP_NUM_THREADS") is None and torch.get_num_threads() != SERVING_THREADS:
-        torch.set_num_threads(SERVING_THREADS)
 
 
 def engine_version() -> str:
@@ -465,9 +465,12 @@ class VllmKind:
     name = ENGINE_NAME
     block_size = DEFAULT_BLOCK_SIZE
 
+    # vLLM's CPU worker sets up the process's threads when it starts: ops are measured in a
+    # process where the engine has started, so they run as they do inside the engine.
+    measure_in_engine_process = True
+
     def require(self) -> None:
         require_vllm()
-        match_serving_threads()
 
     @property
     def default_backend(self) -> str:

