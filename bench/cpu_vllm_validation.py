@@ -3,9 +3,9 @@
 One run, in one window of time so the shared CPU's load is as alike as it gets for all of it:
 1. `dooly profile --engine vllm` the models in a fixed order into one store (the reuse figure
    comes from the third model, whose shapes the second one already holds), then merge and fit;
-2. for each benchmarked model, ground truth of three workloads on the real engine (open-loop
-   arrivals): a calibration run, from which the engine's per-step CPU overhead is fitted, and the
-   light and heavy runs that are validated;
+2. for each benchmarked model, `dooly bench --engine vllm` of three workloads on the real engine
+   (open-loop arrivals): a calibration run, from which `dooly overhead` fits the engine's per-step
+   CPU overhead, and the light and heavy runs that are validated;
 3. `dooly validate` of light and heavy against the profiled database plus that overhead model.
 
 Writes everything under OUT (default data/cpu-vllm): store/, gt/<model>/<workload>/, overhead
@@ -46,50 +46,32 @@ def dooly(*args: str) -> dict:
     return json.loads(out.stdout)
 
 
-def bench(model: str, workload: Path, out: Path) -> dict:
-    from dooly.engines.vllm_bench import run_vllm_bench, write_result
-    from dooly.engines.vllm_engine import VllmSettings
-    from dooly.models.registry import resolve_model
-    from dooly.sim.workload import WorkloadSpec, generate_requests
-
-    spec = resolve_model(model)
-    requests = generate_requests(WorkloadSpec.load(workload))
-    settings = VllmSettings(dtype=DTYPE, kv_cache_bytes=KV_CACHE_BYTES, **ENGINE_LIMITS)
-    started = time.perf_counter()
-    result = run_vllm_bench(spec.config, requests, settings=settings, model_id=spec.model_id)
-    result.provenance["workload"] = json.loads(workload.read_text())
-    write_result(out, result)
-    return {"seconds": round(time.perf_counter() - started, 1), "steps": len(result.steps),
-            "requests": len(result.requests)}
+def engine_flags() -> list[str]:
+    flags = ["--set", f"kv_cache_bytes={KV_CACHE_BYTES}"]
+    for name, value in ENGINE_LIMITS.items():
+        flags += ["--set", f"{name}={value}"]
+    return flags
 
 
-def fit_overhead(model: str, store: Path, truth: Path, out: Path, platform: str) -> dict:
-    from dooly.fit.commands import find_inventory
-    from dooly.fit.models import load_predictor
-    from dooly.sim.commands import _load_ground_truth
-    from dooly.sim.schedulers import make_scheduler
-    from dooly.sim.validate import fit_cpu_overhead
-    from dooly.store.backends import open_store
-
-    opened = open_store(str(store), create=False)
-    predictor = load_predictor(opened, platform=platform, engine=ENGINE, backend="CPU_ATTN", dtype=DTYPE)
-    step_model = predictor.step_predictor(find_inventory(opened, model, "CPU_ATTN"))
-    scheduler = make_scheduler(ENGINE, json.loads((truth / "engine.json").read_text()))
-    overhead = fit_cpu_overhead(_load_ground_truth(truth).steps, step_model, scheduler.path_for, engine=ENGINE,
-                                platform=platform, source=f"fitted on the calibration run {truth.name}")
-    overhead.save(out)
-    return overhead.to_dict()
+def step_model_flags(store: Path, platform: str) -> list[str]:
+    return ["--store", str(store), "--platform", platform, "--backend", "CPU_ATTN", "--dtype", DTYPE,
+            "--engine", ENGINE]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "cpu-vllm")
     parser.add_argument("--skip-profile", action="store_true", help="Reuse the store under OUT.")
+    parser.add_argument("--skip-bench", action="store_true",
+                        help="Reuse the ground truth under OUT (refit the overhead and validate again).")
     args = parser.parse_args()
     out: Path = args.out
     workloads = ROOT / "data" / "cpu-vllm" / "workloads"
     store = out / "store"
+    previous = out / "report.json"
     report: dict = {"profile": [], "cells": []}
+    if args.skip_profile and previous.is_file():
+        report["profile"] = json.loads(previous.read_text()).get("profile", [])
     if not args.skip_profile:
         for model in PROFILED:
             profiled = dooly("profile", model, "--engine", ENGINE, "--dtype", DTYPE, "--store", str(store), *GRID)
@@ -104,17 +86,20 @@ def main() -> None:
         name = model.rsplit("/", 1)[-1]
         runs = {}
         for workload in (CALIBRATION, *VALIDATED):
-            runs[workload] = bench(model, workloads / f"{prefix}-{workload}.json", out / "gt" / name / workload)
+            if not args.skip_bench:
+                runs[workload] = dooly("bench", model, "--engine", ENGINE, "--dtype", DTYPE, "--out",
+                                       str(out / "gt" / name / workload), "--workload",
+                                       str(workloads / f"{prefix}-{workload}.json"), *engine_flags())
         overhead_file = out / f"overhead-{name}.json"
-        overhead = fit_overhead(model, store, out / "gt" / name / CALIBRATION, overhead_file, platform)
+        overhead = dooly("overhead", model, "--ground-truth", str(out / "gt" / name / CALIBRATION), "--out",
+                         str(overhead_file), *step_model_flags(store, platform))
         for workload in VALIDATED:
             truth = out / "gt" / name / workload
-            validated = dooly("validate", model, "--ground-truth", str(truth), "--store", str(store), "--platform",
-                              platform, "--backend", "CPU_ATTN", "--dtype", DTYPE, "--engine", ENGINE,
-                              "--engine-config", str(truth / "engine.json"), "--cpu-overhead", str(overhead_file))
+            validated = dooly("validate", model, "--ground-truth", str(truth), "--cpu-overhead", str(overhead_file),
+                              *step_model_flags(store, platform))
             requests = validated["requests"]
             report["cells"].append({
-                "model": model, "workload": workload, "bench": runs[workload],
+                "model": model, "workload": workload, "bench": runs.get(workload, {}),
                 "ttft_mape": requests["ttft"]["mape"], "tpot_mape": requests["tpot"]["mape"],
                 "ttft_bias": requests["ttft"]["bias"], "tpot_bias": requests["tpot"]["bias"],
                 "step_mape": (validated.get("steps") or {}).get("mape"),

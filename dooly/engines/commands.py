@@ -27,12 +27,14 @@ MS_PER_S = 1e3
               help="Directory for requests.parquet, steps.parquet, engine.json and bench.json.")
 @click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="transformers", show_default=True,
               help="Serving engine to run.")
-@click.option("--attention", "backend", default="paged|sdpa", show_default=True,
-              help="Attention backend (transformers: paged|sdpa, paged|eager).")
+@click.option("--attention", "backend", default=None,
+              help="Attention backend (transformers: paged|sdpa [default], paged|eager; vllm: the one its build "
+                   "runs, CPU_ATTN on a CPU).")
 @click.option("--device", default="auto", show_default=True, help="auto, cuda or cpu.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True, help="Model dtype.")
 @click.option("--engine-config", type=click.Path(dir_okay=False),
-              help="JSON object of engine settings (transformers: ContinuousBatchingConfig fields).")
+              help="JSON object of engine settings (transformers: ContinuousBatchingConfig fields; vllm: "
+                   "max_num_batched_tokens, max_num_seqs, block_size, max_model_len, kv_cache_bytes, ...).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="One engine setting, e.g. use_cuda_graph=true, num_blocks=512, scheduler_type=prefill_first.")
 @click.option("--warmup-requests", type=int, default=4, show_default=True,
@@ -44,7 +46,7 @@ def bench_command(
     model: str,
     out_dir: Path,
     engine: str,
-    backend: str,
+    backend: str | None,
     device: str,
     dtype: str,
     engine_config: str | None,
@@ -71,6 +73,8 @@ def bench_command(
       dooly bench meta-llama/Llama-3.1-8B --attention 'paged|eager' --out gt/8b-heavy \\
           --workload heavy.json --set use_cuda_graph=true
       dooly validate meta-llama/Llama-3.2-1B --ground-truth gt/1b-light --store ./db ...
+      dooly bench Qwen/Qwen2.5-0.5B --engine vllm --dtype float32 --out gt/vllm-light \
+          --workload light.json --set max_num_batched_tokens=256 --set max_num_seqs=16
     """
     from dooly.engines.groundtruth import summarize, write_ground_truth
     from dooly.models.registry import resolve_model
@@ -84,6 +88,10 @@ def bench_command(
         raise DoolyError("the workload holds no requests")
     model_spec = resolve_model(model)
     engine_settings = parse_engine_settings(engine_config, settings)
+    if backend is None:
+        from dooly.engines.registry import default_backend
+
+        backend = default_backend(engine)
     started = time.time()
     run, provenance = _run(engine, model_spec, backend, device, dtype, engine_settings, requests, model_seed, warmup_requests)
     summary = summarize(run.requests, run.steps)
@@ -131,8 +139,8 @@ def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, en
 
     resolved_device = detect_device(device)
     platform = detect_platform(resolved_device)
-    if engine != "transformers":
-        raise DoolyError(f"--engine {engine} is not available in this build (transformers only)")
+    if engine == "vllm":
+        return _run_vllm(model_spec, backend, resolved_device, platform, dtype, engine_settings, requests, seed, warmup)
     from dooly.engines.transformers_bench import run_transformers_bench
     from dooly.engines.transformers_cb import ENGINE_BACKENDS, engine_version
 
@@ -161,6 +169,26 @@ def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, en
         dtype=dtype,
         block_size=int(run.engine_settings.get("block_size", 0)),
     )
+    return run, {"platform": platform, "stack": stack.columns()}
+
+
+def _run_vllm(model_spec: Any, backend: str, device: str, platform: str, dtype: str, engine_settings: dict[str, Any],
+              requests: list[Any], seed: int, warmup: int) -> tuple[Any, dict[str, Any]]:
+    """The real vLLM engine (dooly.engines.vllm_bench): the build installed picks the device."""
+    from dooly.engines.vllm_bench import run_vllm_bench, settings_from
+    from dooly.engines.vllm_engine import engine_version, platform_backend
+    from dooly.profile.provenance import current_stack
+
+    runs = platform_backend()
+    if backend != runs:
+        raise DoolyError(f"the installed vLLM runs the {runs} attention backend, not {backend!r}")
+    try:
+        vllm_settings = settings_from(engine_settings, DTYPES[dtype], seed)
+    except TypeError as exc:
+        raise DoolyError(f"vllm engine settings rejected: {exc}") from None
+    run = run_vllm_bench(model_spec.config, requests, settings=vllm_settings, seed=seed, warmup_requests=warmup)
+    stack = current_stack(device=device, platform=platform, engine="vllm", engine_version=engine_version(),
+                          backend=backend, dtype=dtype, block_size=int(run.engine_settings["block_size"]))
     return run, {"platform": platform, "stack": stack.columns()}
 
 

@@ -59,6 +59,17 @@ class StepRecord:
     update_s: float = 0.0
 
 
+@dataclass
+class BenchRun:
+    """What an engine's bench runner returns: the records, and the engine settings in the names the
+    simulator's scheduler model takes (engine.json)."""
+
+    requests: list[RequestRecord]
+    steps: list[StepRecord]
+    engine_settings: dict[str, Any]
+    engine_details: dict[str, Any] = field(default_factory=dict)
+
+
 def requests_table(records: list[RequestRecord]) -> Any:
     import pyarrow as pa
 

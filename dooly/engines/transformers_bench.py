@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from dooly.engines.groundtruth import RequestRecord, StepRecord
+from dooly.engines.groundtruth import BenchRun, RequestRecord, StepRecord
 from dooly.workload import Request
 
 log = logging.getLogger(__name__)
@@ -42,14 +41,6 @@ RESULT_POLL_S = 0.5
 STALL_TIMEOUT_S = 600.0
 ENGINE_STOP_TIMEOUT_S = 60.0
 MS_PER_S = 1e3
-
-
-@dataclass
-class BenchRun:
-    requests: list[RequestRecord]
-    steps: list[StepRecord]
-    engine_settings: dict[str, Any]
-    engine_details: dict[str, Any] = field(default_factory=dict)
 
 
 class _StepProbe:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dooly.engines.groundtruth import BenchRun, RequestRecord, StepRecord
 from dooly.engines.vllm_engine import (
     VllmSettings,
     engine_scheduler,
@@ -46,40 +47,16 @@ IDLE_POLL_S = 0.005
 DEFAULT_BENCH_KV_BYTES = 512 * 2**20
 
 
-@dataclass(slots=True)
-class BenchRequest:
-    request_id: str
-    arrived_at_s: float
-    first_token_s: float | None
-    finished_s: float | None
-    prompt_tokens: int
-    output_tokens: int
-    token_times_s: list[float] = field(default_factory=list)
-    error: str = ""
+def settings_from(values: dict[str, Any], dtype: str, seed: int) -> VllmSettings:
+    """Engine arguments from `dooly bench --set KEY=VALUE` (VllmSettings fields)."""
+    from dataclasses import fields
 
-
-@dataclass(slots=True)
-class BenchStep:
-    step: int
-    start_s: float
-    duration_s: float
-    prefill: list[tuple[int, int]]
-    decode_ctx: list[int]
-    engine_path: str = "eager"
-    cuda_graph: bool = False
-    padded_tokens: int = 0
-    prepare_s: float = 0.0
-    forward_s: float = 0.0
-    device_s: float | None = None
-    update_s: float = 0.0
-
-
-@dataclass
-class VllmBenchResult:
-    requests: list[BenchRequest]
-    steps: list[BenchStep]
-    engine_settings: dict[str, Any]
-    provenance: dict[str, Any]
+    known = {f.name for f in fields(VllmSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DoolyError(f"vllm engine settings: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    merged = {"kv_cache_bytes": DEFAULT_BENCH_KV_BYTES, **values, "dtype": dtype, "seed": seed}
+    return VllmSettings(**merged)
 
 
 def _composition(scheduler_output: Any, prompt_lens: dict[str, int]) -> tuple[list[tuple[int, int]], list[int]]:
@@ -151,8 +128,8 @@ class _StepProbe:
 
 
 def run_vllm_bench(config: dict[str, Any], requests: list[Any], *, settings: VllmSettings | None = None,
-                   seed: int = 0, model_id: str = "") -> VllmBenchResult:
-    """Serve `requests` (dooly.sim.workload.Request: id, arrival, prompt and output lengths) on the
+                   seed: int = 0, warmup_requests: int = WARMUP_REQUESTS) -> BenchRun:
+    """Serve `requests` (dooly.workload.Request: id, arrival, prompt and output lengths) on the
     real vLLM engine open-loop, and record the ground truth (see the module docstring)."""
     import tempfile
 
@@ -161,7 +138,7 @@ def run_vllm_bench(config: dict[str, Any], requests: list[Any], *, settings: Vll
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    settings = settings or VllmSettings(kv_cache_bytes=DEFAULT_BENCH_KV_BYTES, seed=seed)
+    settings = settings or settings_from({}, "float32", seed)
     longest = max((r.prompt_tokens + r.output_tokens for r in requests), default=0)
     if longest > settings.max_model_len:
         raise DoolyError(f"a request of {longest} tokens exceeds max_model_len={settings.max_model_len}")
@@ -170,13 +147,13 @@ def run_vllm_bench(config: dict[str, Any], requests: list[Any], *, settings: Vll
     with tempfile.TemporaryDirectory(prefix="dooly-vllm-bench-") as workdir:
         llm = start_llm(write_model_dir(config, Path(workdir)), settings)
         engine = llm.llm_engine
-        _warm_up(engine, rng, vocab, settings)
+        _warm_up(engine, rng, vocab, settings, warmup_requests)
         prompt_lens = {r.request_id: r.prompt_tokens for r in requests}
         probe = _StepProbe(llm, prompt_lens)
-        records = {r.request_id: BenchRequest(r.request_id, r.arrival_s, None, None, r.prompt_tokens,
+        records = {r.request_id: RequestRecord(r.request_id, r.arrival_s, None, None, r.prompt_tokens,
                                                r.output_tokens) for r in requests}
         pending = sorted(requests, key=lambda r: r.arrival_s)
-        steps: list[BenchStep] = []
+        steps: list[StepRecord] = []
         probe.install()
         origin = time.perf_counter()
         cursor = 0
@@ -213,28 +190,28 @@ def run_vllm_bench(config: dict[str, Any], requests: list[Any], *, settings: Vll
                 if scheduled is None or scheduled.total_num_scheduled_tokens == 0:
                     continue
                 prefill, decode = _composition(scheduled, prompt_lens)
-                steps.append(BenchStep(
+                steps.append(StepRecord(
                     step=len(steps), start_s=start - origin, duration_s=end - start, prefill=prefill,
-                    decode_ctx=decode, padded_tokens=scheduled.total_num_scheduled_tokens, forward_s=forward,
-                    update_s=max(end - start - forward, 0.0),
+                    decode_ctx=decode, engine_path="eager", padded_tokens=scheduled.total_num_scheduled_tokens,
+                    forward_s=forward, update_s=max(end - start - forward, 0.0),
                 ))
         finally:
             probe.remove()
         engine_settings = engine_settings_of(llm, settings)
-        provenance = bench_provenance(model_id, settings)
+        details = engine_details(settings)
         _shutdown(llm)
     for record in records.values():
         if len(record.token_times_s) != record.output_tokens:
             record.error = f"produced {len(record.token_times_s)} of {record.output_tokens} tokens"
-    return VllmBenchResult(list(records.values()), steps, engine_settings, provenance)
+    return BenchRun(list(records.values()), steps, engine_settings, details)
 
 
-def _warm_up(engine: Any, rng: np.random.Generator, vocab: int, settings: VllmSettings) -> None:
+def _warm_up(engine: Any, rng: np.random.Generator, vocab: int, settings: VllmSettings, count: int) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     longest = min(settings.max_num_batched_tokens * 2, settings.max_model_len - WARMUP_OUTPUT_TOKENS)
-    for index in range(WARMUP_REQUESTS):
+    for index in range(count):
         length = max(1, longest >> index)
         tokens = rng.integers(0, vocab, size=length).tolist()
         params = SamplingParams(max_tokens=WARMUP_OUTPUT_TOKENS, ignore_eos=True, temperature=0.0, detokenize=False)
@@ -258,26 +235,23 @@ def engine_settings_of(llm: Any, settings: VllmSettings) -> dict[str, Any]:
         "long_prefill_token_threshold": int(scheduler_config.long_prefill_token_threshold or 0),
         "cudagraph_mode": "none",
         "async_scheduling": bool(scheduler_config.async_scheduling),
+        "scheduler_reserve_full_isl": bool(getattr(scheduler_config, "scheduler_reserve_full_isl", False)),
+        "watermark": float(getattr(scheduler_config, "watermark", 0.0)),
     }
 
 
-def bench_provenance(model_id: str, settings: VllmSettings) -> dict[str, Any]:
-    import platform as platform_module
+def engine_details(settings: VllmSettings) -> dict[str, Any]:
+    """What else describes the run: the engine arguments, the backend and the thread setup."""
+    import os
 
     import torch
 
-    from dooly.profile.provenance import detect_platform
-
     return {
-        "engine": "vllm",
         "engine_version": engine_version(),
         "backend": platform_backend(),
-        "model": model_id,
-        "platform": detect_platform("cpu" if not torch.cuda.is_available() else "cuda"),
-        "torch": torch.__version__,
+        "engine_args": asdict(settings),
         "torch_threads": torch.get_num_threads(),
-        "python": platform_module.python_version(),
-        "settings": asdict(settings),
+        "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""),
     }
 
 
@@ -287,41 +261,3 @@ def _shutdown(llm: Any) -> None:
     except (RuntimeError, AttributeError) as exc:
         log.debug("vLLM shutdown: %s", exc)
 
-
-def write_result(out_dir: str | Path, result: VllmBenchResult) -> list[Path]:
-    """requests.parquet, steps.parquet, engine.json and bench.json, as `dooly validate` reads them."""
-    import json
-    import os
-    import shutil
-    import tempfile
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    chunk = pa.struct([("q", pa.int64()), ("ctx", pa.int64())])
-    requests = pa.Table.from_pylist([asdict(r) for r in result.requests], schema=pa.schema([
-        ("request_id", pa.string()), ("arrived_at_s", pa.float64()), ("first_token_s", pa.float64()),
-        ("finished_s", pa.float64()), ("prompt_tokens", pa.int64()), ("output_tokens", pa.int64()),
-        ("token_times_s", pa.list_(pa.float64())), ("error", pa.string()),
-    ]))
-    rows = [{**asdict(s), "prefill": [{"q": q, "ctx": c} for q, c in s.prefill]} for s in result.steps]
-    steps = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("step", pa.int64()), ("start_s", pa.float64()), ("duration_s", pa.float64()), ("prefill", pa.list_(chunk)),
-        ("decode_ctx", pa.list_(pa.int64())), ("engine_path", pa.string()), ("cuda_graph", pa.bool_()),
-        ("padded_tokens", pa.int64()), ("prepare_s", pa.float64()), ("forward_s", pa.float64()),
-        ("device_s", pa.float64()), ("update_s", pa.float64()),
-    ]))
-    staging = Path(tempfile.mkdtemp(prefix=".dooly-bench-", dir=out))
-    names = ("requests.parquet", "steps.parquet", "engine.json", "bench.json")
-    try:
-        pq.write_table(requests, staging / names[0])
-        pq.write_table(steps, staging / names[1])
-        (staging / names[2]).write_text(json.dumps(result.engine_settings, indent=2, sort_keys=True) + "\n")
-        (staging / names[3]).write_text(json.dumps(result.provenance, indent=2, sort_keys=True, default=str) + "\n")
-        for name in names:
-            os.replace(staging / name, out / name)
-        return [out / name for name in names]
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -398,8 +398,9 @@ class VllmEngine:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
+    """The message's first lines (a pydantic ValidationError says what is wrong on its second)."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return " ".join(text[:2])[:400]
 
 
 # Tracing: the engine is built for real (dummy weights, one layer period, a small KV cache), one

@@ -139,23 +139,3 @@ def test_scatter_plot_is_written(tmp_path, constant_model):
     path = plot_scatter(report, tmp_path / "scatter.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-
-def test_cpu_overhead_is_fitted_on_the_residual_of_a_calibration_run(constant_model):
-    """Measured = device (the step model) + host overhead by path; a few steps slowed by another
-    process sharing the CPU must not move the fitted terms."""
-    from dooly.sim.validate import MeasuredStep, fit_cpu_overhead
-
-    device = constant_model.step_seconds([], [1])
-    decode_overhead, prefill_per_token = 0.04, 2e-4
-    steps = []
-    for index in range(40):
-        if index % 2:
-            steps.append(MeasuredStep(index, 0.0, device + decode_overhead, [], [10 + index] * (1 + index % 5)))
-        else:
-            tokens = 16 * (1 + index % 7)
-            steps.append(MeasuredStep(index, 0.0, device + prefill_per_token * tokens, [(tokens, 0)], []))
-    steps[1] = MeasuredStep(1, 0.0, device + 10 * decode_overhead, [], [5])  # contention spike
-    model = fit_cpu_overhead(steps, constant_model, engine="vllm")
-    assert model.terms["decode"].seconds(3, 3, 60) == pytest.approx(decode_overhead, rel=1e-3)
-    for tokens in (16, 64, 112):  # tokens and KV tokens coincide here: only their sum is pinned
-        assert model.terms["prefill"].seconds(1, tokens, tokens) == pytest.approx(prefill_per_token * tokens, rel=1e-3)
