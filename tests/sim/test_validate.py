@@ -138,4 +138,3 @@ def test_scatter_plot_is_written(tmp_path, constant_model):
     report = validate(truth, VllmScheduler(), constant_model(STEP_S))
     path = plot_scatter(report, tmp_path / "scatter.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
