@@ -216,10 +216,6 @@ class VllmEngine:
             self.runner = model_runner(self.llm)
         return self.runner.model
 
-    @property
-    def model(self) -> Any:
-        return self.build_model()
-
     def backend_name(self) -> str:
         """The attention backend the engine picked (CPU_ATTN on the CPU build)."""
         self.build_model()
