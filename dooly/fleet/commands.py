@@ -354,14 +354,15 @@ def demo_command(store, models, backends, shards, secrets_file, output_format) -
 
 
 def _failure_tail(result: JobResult) -> str:
-    """': <last stderr line of the failed container>' of a Job's last failed pod, or ''."""
-    failed = [p for p in result.pods if not p.succeeded]
-    if not failed:
-        return ""
-    pod = failed[-1]
-    text = pod.stderr.get(pod.failed_container or "", "") or "".join(pod.stderr.values())
-    lines = [line for line in text.splitlines() if line.strip()]
-    return f": {lines[-1]}" if lines else ""
+    """': <last stderr line of the failed container>' of the Job's last failed pod that said
+    something, or ''. Pods stopped by the Job's failure policy after another pod failed may have
+    printed nothing yet: the pod that failed first is the one whose words explain the Job."""
+    for pod in reversed([p for p in result.pods if not p.succeeded]):
+        text = pod.stderr.get(pod.failed_container or "", "") or "".join(pod.stderr.values())
+        lines = [line for line in text.splitlines() if line.strip()]
+        if lines:
+            return f": {lines[-1]}"
+    return ""
 
 
 def _print_demo(report) -> None:
