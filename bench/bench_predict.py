@@ -152,7 +152,8 @@ def store_cases(args: argparse.Namespace) -> tuple[Predictor, list[tuple[str, di
     predictor = load_predictor(
         store, platform=args.platform, engine=args.engine, backend=args.backend, dtype=args.dtype
     )
-    return predictor, [(model.rsplit("/", 1)[-1], find_inventory(store, model, args.backend)) for model in args.model]
+    cases = [(model.rsplit("/", 1)[-1], find_inventory(store, model, args.backend)) for model in args.model]
+    return predictor, cases
 
 
 def main() -> None:

@@ -70,7 +70,7 @@ def main() -> None:
     else:
         model = AnalyticStepModel()
         label = "analytic step model"
-    print(f"{args.requests} requests, Poisson {RATE_RPS} req/s, {label}, {args.runs} runs each (median wall time)")
+    print(f"{args.requests} requests, Poisson {RATE_RPS} req/s, {label}, {args.runs} runs each (median wall)")
     worst = 0.0
     for name, make in SCHEDULERS.items():
         walls, cpus = [], []

@@ -12,8 +12,9 @@ from dooly.output import emit_json, format_table, output_option
 
 logger = logging.getLogger(__name__)
 
+# The fit's defaults as plain numbers (dooly.fit.models pulls in numpy; a test keeps them equal).
 DEFAULT_FOLDS = 5
-DEFAULT_REPEATS = 1
+DEFAULT_REPEATS = 3
 DEFAULT_ENGINE = "transformers"
 DEFAULT_DTYPE = "bfloat16"
 NONE_CELL = "-"

@@ -11,8 +11,9 @@ bend where the working set leaves L2), broken by kernel effects that no smooth l
   finish a partial last block on a slower path, so sizes that are not a multiple of the block
   cost a little more: a sawtooth in the exact integer size, visible at small sizes.
 
-A Curve is a shape-preserving cubic (PCHIP) in log-log through the measured sizes after a running
-median of three (an isolated outlier no longer moves its neighbours), extrapolated flat below the
+A Curve is a shape-preserving cubic (PCHIP) in log-log through the measured sizes, an isolated
+outlier replaced by the line through its neighbours (it must not move them) and small wiggles
+flattened by a median of three (kernel switches kept), extrapolated flat below the
 smallest size (the launch floor) and at most linearly above the largest, plus, where
 the held-out points of the signature's own training data show that it pays, a constant time for
 sizes that leave a partial block. Measured sizes are reproduced exactly.
@@ -38,6 +39,11 @@ ELEMENT_GRANULES = (512, 1024, 2048)
 ROW_GRANULES = (8, 16)
 # An alignment effect is fitted only with this many distinct aligned sizes to fit the base on.
 MIN_ALIGNED_KNOTS = 3
+# A knot further than this from the lines through its neighbours on both sides is an outlier
+# (log seconds: 0.3 is 35%; kernel-choice wiggles and partial-block sawtooths stay below).
+OUTLIER_LOG_TOLERANCE = 0.3
+# A jump larger than this to a neighbour (log seconds: 0.5 is 65%) is a kernel switch, not a wiggle.
+EDGE_LOG_JUMP = 0.5
 # Folds of the inner cross-validation that decides, on a signature's training points only,
 # whether an alignment effect is used and which.
 INNER_FOLDS = 4
@@ -87,8 +93,6 @@ class Curve:
     def _log_smooth(self, log_x: np.ndarray) -> np.ndarray:
         knots = np.log(self.knot_x)
         y = self.knot_log_y
-        if len(knots) == 1:
-            return np.full(len(log_x), y[0])
         i = np.clip(np.searchsorted(knots, log_x, side="right") - 1, 0, len(knots) - 2)
         h = knots[i + 1] - knots[i]
         t = (log_x - knots[i]) / h
@@ -104,12 +108,59 @@ class Curve:
         return np.where(log_x > knots[-1], y[-1] + self.high_slope * (log_x - knots[-1]), inside)
 
 
-def running_median3(values: np.ndarray) -> np.ndarray:
-    """Each interior value replaced by the median of itself and its two neighbours; the ends kept.
-    Removes isolated outliers and keeps steps (a kernel switch) sharp."""
+def smooth_knots(log_x: np.ndarray, log_y: np.ndarray) -> np.ndarray:
+    """Knot values the curve goes through: isolated outliers replaced, small wiggles flattened,
+    kernel switches kept (see `without_outliers` and `median_of_three`)."""
+    return median_of_three(without_outliers(log_x, log_y))
+
+
+def without_outliers(log_x: np.ndarray, log_y: np.ndarray) -> np.ndarray:
+    """The knots with isolated outliers replaced by the line through their two neighbours.
+
+    An interior knot is an outlier when it lies further than OUTLIER_LOG_TOLERANCE, on the same
+    side, from all of: the line through its two neighbours and the lines through the two knots on
+    its left and the two on its right (where they exist). A kernel switch agrees with one side and
+    is kept; a point unlike both sides is no trend to follow between its neighbours. The ends
+    are kept (one side only)."""
+    n = len(log_y)
+    if n < 3:
+        return log_y.copy()
+    inner = np.arange(1, n - 1)
+    between = _line(log_x, log_y, inner - 1, inner + 1, inner)
+    gaps = [log_y[inner] - between]
+    for first, second in ((inner - 2, inner - 1), (inner + 1, inner + 2)):
+        exists = (first >= 0) & (second <= n - 1)
+        guess = _line(log_x, log_y, np.clip(first, 0, n - 1), np.clip(second, 0, n - 1), inner)
+        gaps.append(np.where(exists, log_y[inner] - guess, gaps[0]))
+    gaps_arr = np.stack(gaps)
+    above = np.all(gaps_arr > OUTLIER_LOG_TOLERANCE, axis=0)
+    outlier = above | np.all(gaps_arr < -OUTLIER_LOG_TOLERANCE, axis=0)
+    out = log_y.copy()
+    out[inner[outlier]] = between[outlier]
+    return out
+
+
+def _line(log_x: np.ndarray, log_y: np.ndarray, a: np.ndarray, b: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The lines through knots a and b, evaluated at knots `at` (flat where a is b)."""
+    run = log_x[b] - log_x[a]
+    slope = (log_y[b] - log_y[a]) / np.where(run == 0, 1.0, run)
+    return log_y[a] + slope * (log_x[at] - log_x[a])
+
+
+def median_of_three(values: np.ndarray) -> np.ndarray:
+    """Each interior value replaced by the median of itself and its two neighbours, where both
+    neighbours lie within EDGE_LOG_JUMP of it: a local extremum among close neighbours is a
+    wiggle of kernel choice or noise; next to a larger jump it is the edge of a kernel switch
+    (the last size before a faster kernel) and is kept. The ends are kept."""
     out = values.copy()
     if len(values) >= 3:
-        out[1:-1] = np.median(np.stack([values[:-2], values[1:-1], values[2:]]), axis=0)
+        left, mid, right = values[:-2], values[1:-1], values[2:]
+        # The median of three is their sum less the largest and the smallest.
+        median = left + mid + right - np.maximum(np.maximum(left, mid), right) - np.minimum(
+            np.minimum(left, mid), right
+        )
+        close = np.maximum(np.abs(mid - left), np.abs(mid - right)) <= EDGE_LOG_JUMP
+        out[1:-1] = np.where(close, median, mid)
     return out
 
 
@@ -144,21 +195,26 @@ def _end_slope(h0: float, h1: float, d0: float, d1: float) -> float:
     return float(slope)
 
 
-def _plain_curve(x: np.ndarray, seconds: np.ndarray) -> Curve:
-    """The smooth curve through the geometric mean of each measured size."""
+def _knot_means(x: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct sizes (ascending) and the mean log seconds measured at each."""
     knots, inverse = np.unique(x, return_inverse=True)
     counts = np.bincount(inverse).astype(np.float64)
-    measured = np.bincount(inverse, weights=np.log(seconds)) / counts
-    smooth = running_median3(measured)
+    return knots, np.bincount(inverse, weights=np.log(seconds)) / counts
+
+
+def _plain_curve(x: np.ndarray, seconds: np.ndarray) -> Curve:
+    """The smooth curve through the measured sizes (at least two distinct ones)."""
+    knots, measured = _knot_means(x, seconds)
     log_knots = np.log(knots)
-    if len(knots) >= 2:
-        slopes = pchip_slopes(log_knots, smooth)
-        last = (smooth[-1] - smooth[-2]) / (log_knots[-1] - log_knots[-2])
-        high = float(np.clip(last, 0.0, MAX_EXTRAPOLATION_SLOPE))
-    else:
-        slopes = np.zeros(1)
-        high = 1.0
-    return Curve(knot_x=knots, knot_log_y=smooth, knot_slope=slopes, measured_log_y=measured, high_slope=high)
+    smooth = smooth_knots(log_knots, measured)
+    last = (smooth[-1] - smooth[-2]) / (log_knots[-1] - log_knots[-2])
+    return Curve(
+        knot_x=knots,
+        knot_log_y=smooth,
+        knot_slope=pchip_slopes(log_knots, smooth),
+        measured_log_y=measured,
+        high_slope=float(np.clip(last, 0.0, MAX_EXTRAPOLATION_SLOPE)),
+    )
 
 
 def _aligned_curve(x: np.ndarray, seconds: np.ndarray, alignment: Alignment) -> Curve | None:
@@ -175,7 +231,7 @@ def _aligned_curve(x: np.ndarray, seconds: np.ndarray, alignment: Alignment) -> 
     curve = _plain_curve(x, adjusted)
     curve.alignment = alignment
     curve.partial_s = extra
-    curve.measured_log_y = _plain_curve(x, seconds).measured_log_y
+    curve.measured_log_y = _knot_means(x, seconds)[1]
     return curve
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from dooly import SCHEMA_VERSION, __version__
 from dooly.errors import DoolyError
-from dooly.profile.provenance import SHARED_BACKEND
+from dooly.fit.curves import alignment_candidates, fit_curve
 from dooly.fit.features import (
     FAMILY_ATTENTION,
     FAMILY_MATMUL,
@@ -54,7 +54,6 @@ from dooly.fit.features import (
     var_mask_of,
     work_units,
 )
-from dooly.fit.curves import alignment_candidates, fit_curve
 from dooly.fit.regressors import (
     ATTENTION_UNSEEN_METHODS,
     LINEAR_METHODS,
@@ -79,6 +78,7 @@ from dooly.fit.regressors import (
     fit_local_linear,
     fit_regime_linear,
 )
+from dooly.profile.provenance import SHARED_BACKEND
 
 if TYPE_CHECKING:
     import polars as pl
@@ -99,6 +99,9 @@ GENERATION_RE = re.compile(r"^models/gen-(\d+)/meta\.json$")
 MODEL_FORMAT_VERSION = 2
 STATUS_OK = "ok"
 DEFAULT_FOLDS = 5
+# The seen check is repeated over this many random fold assignments: one assignment moves the
+# median over signatures by a few tenths of a percent (which neighbours a held-out point loses).
+DEFAULT_REPEATS = 3
 # A signature needs this many points for its own held-out check (k-fold leaves >= 2 to fit).
 MIN_CV_POINTS = 3
 # Below this many points a local linear model is not trusted; the class model is scaled instead.
@@ -494,7 +497,29 @@ def validation_text(folds: int, repeats: int) -> str:
     )
 
 
-def fit_group(data: GroupData, *, folds: int, generation: int, repeats: int = 1) -> GroupModel:
+def choose_seen_method(
+    data: GroupData, by_sig: dict[int, np.ndarray], folds: int, repeats: int
+) -> tuple[str, dict[str, np.ndarray]]:
+    """The per-signature method of one class (the candidate with the lowest held-out median over
+    its signatures, simpler ones preferred on ties) and every candidate's held-out per-op MAPE,
+    one value per signature of `by_sig` (its index -> its rows), NaN where not evaluated."""
+    options = seen_methods(data.infos[next(iter(by_sig))])
+    scores = {
+        method: np.array(
+            [
+                heldout_pct(
+                    seen_cv(method, data.infos[i], data.terms[r], data.seconds[r], folds, repeats),
+                    data.seconds[r],
+                )
+                for i, r in by_sig.items()
+            ]
+        )
+        for method in options
+    }
+    return _preferred({m: _finite_median(v) for m, v in scores.items()}), scores
+
+
+def fit_group(data: GroupData, *, folds: int, generation: int, repeats: int = DEFAULT_REPEATS) -> GroupModel:
     """Class regressors (method chosen by grouped k-fold) and per-signature models for one group."""
     platform_name, engine, backend, dtype = data.key
     row_class = data.row_class
@@ -521,20 +546,7 @@ def fit_group(data: GroupData, *, folds: int, generation: int, repeats: int = 1)
         # Per-signature models: pick the method with the lowest within-signature k-fold median.
         members = sorted(set(design.sig_ids.tolist()))
         by_sig = {i: rows[design.sig_ids == i] for i in members}
-        options = seen_methods(data.infos[members[0]])
-        seen_scores = {
-            method: np.array(
-                [
-                    heldout_pct(
-                        seen_cv(method, data.infos[i], data.terms[r], data.seconds[r], folds, repeats),
-                        data.seconds[r],
-                    )
-                    for i, r in by_sig.items()
-                ]
-            )
-            for method in options
-        }
-        seen_method = _preferred({m: _finite_median(v) for m, v in seen_scores.items()})
+        seen_method, seen_scores = choose_seen_method(data, by_sig, folds, repeats)
         scaled = 0
         for i, r in by_sig.items():
             info = data.infos[i]
@@ -563,7 +575,9 @@ def fit_group(data: GroupData, *, folds: int, generation: int, repeats: int = 1)
                 "seen_scaled": scaled,
                 "seen_candidates": {m: _finite_median(v) for m, v in seen_scores.items()},
                 "seen_mape_by_signature": {
-                    data.infos[i].signature: float(v) for i, v in zip(members, chosen, strict=True) if np.isfinite(v)
+                    data.infos[i].signature: float(v)
+                    for i, v in zip(members, chosen, strict=True)
+                    if np.isfinite(v)
                 },
                 "unseen_method": unseen_method,
                 "unseen_mape_median_pct": unseen_summary[0],
@@ -675,7 +689,7 @@ class FitReport:
     groups: list[dict[str, Any]]
     lomo: list[dict[str, Any]]
     versions: dict[str, str]
-    repeats: int = 1
+    repeats: int = DEFAULT_REPEATS
     meta_key: str = ""
 
     @property
@@ -713,7 +727,7 @@ def fit_frame(
     generation: int,
     inventories: dict[str, dict[str, Any]] | None = None,
     folds: int = DEFAULT_FOLDS,
-    repeats: int = 1,
+    repeats: int = DEFAULT_REPEATS,
 ) -> tuple[dict[tuple[str, ...], GroupModel], FitReport]:
     """Fit every group of a snapshot frame (no store involved: the testable core of `fit_store`)."""
     if folds < 2:
@@ -778,7 +792,7 @@ def inventories_by_model(inventories: dict[str, dict[str, Any]]) -> dict[str, di
     return merged
 
 
-def fit_store(store: Store, *, folds: int = DEFAULT_FOLDS, repeats: int = 1) -> FitReport:
+def fit_store(store: Store, *, folds: int = DEFAULT_FOLDS, repeats: int = DEFAULT_REPEATS) -> FitReport:
     """Fit the store's current snapshot and persist the models under models/gen-<generation>/.
 
     All model files are serialised before anything is written, and meta.json (what readers look

@@ -60,8 +60,6 @@ SEEN_TREES = "local-nnls+trees"
 TREE_BASE_TERMS = ("const", "T", "K", "T*K")
 TREE_TERMS = ("T", "K", "B", "D")
 TREE_PAIRS = ((0, 1), (2, 3))
-# Per-signature trees see ~100 points: leaves of a few points each.
-LOCAL_GBT_MIN_LEAF = 5
 
 # Latencies are positive; this floor keeps logs finite when a linear fit predicts zero.
 MIN_SECONDS = 1e-9
@@ -74,6 +72,9 @@ GBT_PARAMS: dict[str, Any] = {
     "early_stopping": False,
     "random_state": 0,
 }
+# Per-signature trees see ~100 points: small trees, leaves of a few points (a single-sequence
+# decode is its own kernel path, with only a handful of measured points).
+LOCAL_GBT_PARAMS: dict[str, Any] = {**GBT_PARAMS, "max_leaf_nodes": 8, "min_samples_leaf": 2}
 GBT_MIN_LEAF_FRACTION = 0.05
 GBT_MAX_MIN_LEAF = 20
 RIDGE_ALPHA = 1e-3
@@ -379,9 +380,7 @@ def fit_corrected_linear(
 
     coef = fit_local_linear(terms, seconds, tuple(base_names))
     base = np.maximum(terms @ coef, MIN_SECONDS)
-    model = HistGradientBoostingRegressor(
-        min_samples_leaf=LOCAL_GBT_MIN_LEAF, interaction_cst=[list(p) for p in TREE_PAIRS], **GBT_PARAMS
-    )
+    model = HistGradientBoostingRegressor(interaction_cst=[list(p) for p in TREE_PAIRS], **LOCAL_GBT_PARAMS)
     with threadpool_limits(limits=1, user_api="openmp"):
         model.fit(tree_features(terms, TREE_TERMS), np.log(seconds / base))
     return coef, PairTables.from_trees(TreeEnsemble.from_hist_gbr(model), TREE_TERMS, TREE_PAIRS)

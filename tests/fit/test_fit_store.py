@@ -69,12 +69,14 @@ def test_fit_text_output_reports_both_errors(fitted_store, tmp_path):
     uri, _ = fitted_store
     copy = tmp_path / "db"
     shutil.copytree(uri, copy)
-    result = invoke("fit", "--store", str(copy), "--folds", "2")
+    result = invoke("fit", "--store", str(copy), "--folds", "2", "--repeats", "2")
     assert result.exit_code == 0, result.output
     for fragment in (
         "seen MAPE med",
         "unseen MAPE med",
         "2-fold",
+        "repeated 2 times",
+        "all profiled signatures (31)",
         "leave one model out",
         syn.ATTENTION_CLASS,
         "toy/beta-3b",
