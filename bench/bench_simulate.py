@@ -48,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=RATE_RPS, help="Poisson arrival rate, requests/s")
     parser.add_argument("--store", help="fitted latency database: use its models instead of the analytic one")
     parser.add_argument("--model", help="model whose inventory is in --store")
     parser.add_argument("--platform", help="platform of the fitted models")
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--engine", default="transformers")
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
-    requests = generate_requests(WorkloadSpec(num_requests=args.requests, rate=RATE_RPS, prompt=PROMPT, output=OUTPUT, seed=0))
+    requests = generate_requests(WorkloadSpec(num_requests=args.requests, rate=args.rate, prompt=PROMPT, output=OUTPUT, seed=0))
     if args.store:
         from dooly.fit.commands import find_inventory
         from dooly.fit.models import load_predictor
@@ -70,7 +71,7 @@ def main() -> None:
     else:
         model = AnalyticStepModel()
         label = "analytic step model"
-    print(f"{args.requests} requests, Poisson {RATE_RPS} req/s, {label}, {args.runs} runs each (median wall)")
+    print(f"{args.requests} requests, Poisson {args.rate} req/s, {label}, {args.runs} runs each (median wall)")
     worst = 0.0
     for name, make in SCHEDULERS.items():
         walls, cpus = [], []
