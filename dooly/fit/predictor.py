@@ -359,27 +359,37 @@ class StepPredictor:
             (REQUEST_VARS.index(var), self._dense_total[var].tolist(), self._log_total[var].tolist())
             for var in self._dense
         ]
-        self._scalar_linear = [
-            (w, [[(int(i), float(c)) for i, c in enumerate(row) if c != 0.0] for row in total])
+        linear_rows = {
+            w: [[(int(i), float(c)) for i, c in enumerate(row) if c != 0.0] for row in total]
             for w, total in self._linear_total.items()
-        ]
-        self._scalar_corrected = [
+        }
+        corrected_rows: dict[int, list] = {}
+        for _, count, window, coef, tables in self._corrected:
+            corrected_rows.setdefault(window, []).append(
+                (
+                    float(count),
+                    [(int(i), float(c)) for i, c in enumerate(coef) if c != 0.0],
+                    [
+                        (
+                            TERM_INDEX[tables.names[a]],
+                            tables.splits[a].tolist(),
+                            TERM_INDEX[tables.names[b]],
+                            tables.splits[b].tolist(),
+                            table.tolist(),
+                        )
+                        for (a, b), table in zip(tables.pairs, tables.factors, strict=True)
+                    ],
+                )
+            )
+        # Per window: its request terms are built once per step and serve every model on it.
+        self._scalar_windows = [
             (
                 window,
-                float(count),
-                [(int(i), float(c)) for i, c in enumerate(coef) if c != 0.0],
-                [
-                    (
-                        TERM_INDEX[tables.names[a]],
-                        tables.splits[a].tolist(),
-                        TERM_INDEX[tables.names[b]],
-                        tables.splits[b].tolist(),
-                        table.tolist(),
-                    )
-                    for (a, b), table in zip(tables.pairs, tables.factors, strict=True)
-                ],
+                linear_rows.get(window),
+                corrected_rows.get(window, []),
+                [(count, model) for _, count, model, w in self._nonlinear if w == window],
             )
-            for _, count, window, coef, tables in self._corrected
+            for window in self._windows
         ]
 
     # -- scalar path -------------------------------------------------------------------------
@@ -468,30 +478,26 @@ class StepPredictor:
             x = values[var_i]
             if x > 0:
                 total += lookup(dense, logs, x)
-        if self._scalar_linear or self._nonlinear or self._scalar_corrected:
+        if self._scalar_windows:
             regime = regime_scalar(d, b)
-            by_window: dict[int, list[float]] = {}
-            for window in self._windows:
+            for window, by_regime, corrected, nonlinear in self._scalar_windows:
                 s, wp = (
                     self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
                 )
-                by_window[window] = self._term_list(t, b, k, d, s, wp, padded)
-            for window, by_regime in self._scalar_linear:
-                terms = by_window[window]
-                for i, c in by_regime[regime]:
-                    total += c * terms[i]
-            for window, count, coef, tables in self._scalar_corrected:
-                terms = by_window[window]
-                base = 0.0
-                for i, c in coef:
-                    base += c * terms[i]
-                factor = 1.0
-                for i, split_i, j, split_j, table in tables:
-                    factor *= table[bisect_left(split_i, terms[i])][bisect_left(split_j, terms[j])]
-                total += count * max(base, MIN_SECONDS) * factor
-            for _, count, model, window in self._nonlinear:
-                row = np.array([by_window[window]])
-                total += count * float(model.predict_terms(row)[0])
+                terms = self._term_list(t, b, k, d, s, wp, padded)
+                if by_regime is not None:
+                    for i, c in by_regime[regime]:
+                        total += c * terms[i]
+                for count, coef, tables in corrected:
+                    base = 0.0
+                    for i, c in coef:
+                        base += c * terms[i]
+                    factor = 1.0
+                    for i, split_i, j, split_j, table in tables:
+                        factor *= table[bisect_left(split_i, terms[i])][bisect_left(split_j, terms[j])]
+                    total += count * max(base, MIN_SECONDS) * factor
+                for count, model in nonlinear:
+                    total += count * float(model.predict_terms(np.array([terms]))[0])
         return total
 
     # -- array path --------------------------------------------------------------------------
