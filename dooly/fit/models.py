@@ -1,15 +1,17 @@
 """Fit latency models on a snapshot, persist them beside it, load them back as a Predictor.
 
 One model set per (platform, engine, backend, dtype) group. Inside a group:
-- every profiled signature gets its own model (interpolation on its measured grid, or a local
-  non-negative linear model) which reproduces what was measured;
+- every profiled signature gets its own model (a one-variable curve over its measured sizes, see
+  curves.py; a local non-negative linear model; for attention that model times a tabulated tree
+  correction) which reproduces what was measured;
 - every operation class gets a cross-signature regressor over config dims + request variables,
   used for signatures never profiled (a new hidden size) and flagged `unseen` when used.
 
-Errors are measured, not assumed: k-fold within each signature's points for the first kind,
-k-fold grouped by signature for the second (so held-out signatures are truly unseen), and a
-leave-one-model-out check that removes every signature of one model (from its inventory) and
-predicts them from the rest.
+Errors are measured, not assumed: k-fold within each signature's points for the first kind
+(repeated over several random fold assignments; anything a model chooses from data is chosen on
+its training folds only), k-fold grouped by signature for the second (so held-out signatures are
+truly unseen), and a leave-one-model-out check that removes every signature of one model (from
+its inventory) and predicts them from the rest. docs/fit.md states the protocol.
 
 Store layout, next to the snapshot:
     models/gen-<NNNNNN>/<group>.joblib   one GroupModel per platform/engine/backend/dtype

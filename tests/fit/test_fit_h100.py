@@ -20,7 +20,9 @@ H100_STORE = Path(__file__).resolve().parents[2] / "data" / "h100" / "db"
 TARGET_MEDIAN_PCT = 3.0
 # Before the curves and the attention trees: 3.5% median, attention 6.0% (sdpa) and 7.9% (eager).
 ATTENTION_TARGET_PCT = 5.0
-SIGNATURES = 124
+# What the shards held when this was written (six models x two attention backends).
+MIN_SIGNATURES = 124
+MIN_ATTENTION_BACKENDS = 2
 
 
 def test_h100_heldout_median_per_op_mape_within_target(tmp_path):
@@ -34,7 +36,8 @@ def test_h100_heldout_median_per_op_mape_within_target(tmp_path):
     frame, _ = read_snapshot(store)
     errors: list[float] = []
     attention: dict[str, float] = {}
-    for data in group_data(training_rows(frame)):
+    datas = group_data(training_rows(frame))
+    for data in datas:
         row_class = data.row_class
         for op_class in sorted(set(row_class.tolist())):
             rows = np.flatnonzero(row_class == op_class)
@@ -45,6 +48,7 @@ def test_h100_heldout_median_per_op_mape_within_target(tmp_path):
             errors += chosen.tolist()
             if op_class.startswith("attention"):
                 attention[op_class] = float(np.median(chosen))
-    assert len(errors) == SIGNATURES
+    assert len(errors) == sum(len(data.infos) for data in datas) >= MIN_SIGNATURES
     assert np.median(errors) <= TARGET_MEDIAN_PCT, np.median(errors)
-    assert len(attention) == 2 and max(attention.values()) < ATTENTION_TARGET_PCT, attention
+    assert len(attention) >= MIN_ATTENTION_BACKENDS, attention
+    assert max(attention.values()) < ATTENTION_TARGET_PCT, attention
