@@ -10,8 +10,12 @@ inventory (28 distinct signatures, most of them unseen), through
   - StepPredictor.step_seconds_arrays: a batch of steps from flat numpy arrays,
   - Predictor.predict_ops: 1M arbitrary (signature, request) rows per call.
 An "operation prediction" is one inventory operation evaluated for one step (or one row).
+With --store, the same paths also run on the models `dooly fit` wrote there, for each --model's
+inventory (e.g. the H100 shards: real curves, tree-corrected attention).
 
 Run: .venv/bin/python bench/bench_predict.py [--steps N] [--repeats R]
+     .venv/bin/python bench/bench_predict.py --store DB --platform NVIDIA-H100-80GB-HBM3 \
+         --backend 'paged|sdpa' --model meta-llama/Llama-3.1-8B --model meta-llama/Llama-3.2-1B
 """
 
 from __future__ import annotations
@@ -117,8 +121,11 @@ def measure_steps(
     return rows
 
 
-def measure_predict_ops(predictor: Predictor, rng: np.random.Generator, repeats: int) -> tuple:
-    ops = syn.inventory(syn.TOY_MODELS[2])["operations"] + syn.inventory(syn.UNSEEN_MODEL)["operations"]
+def measure_predict_ops(
+    predictor: Predictor, rng: np.random.Generator, repeats: int, ops: list | None = None, label: str = ""
+) -> tuple:
+    if ops is None:
+        ops = syn.inventory(syn.TOY_MODELS[2])["operations"] + syn.inventory(syn.UNSEEN_MODEL)["operations"]
     pick = rng.integers(0, len(ops), size=PREDICT_OPS_ROWS)
     tokens = rng.integers(1, MAX_TOKENS, size=PREDICT_OPS_ROWS)
     seqs = np.minimum(rng.integers(1, MAX_SEQS, size=PREDICT_OPS_ROWS), tokens)
@@ -131,13 +138,34 @@ def measure_predict_ops(predictor: Predictor, rng: np.random.Generator, repeats:
         lambda: predictor.predict_ops(signatures, classes, configs, request, request_vars=variables), repeats
     )
     rows = PREDICT_OPS_ROWS
-    return ("predict_ops (1M mixed rows)", 1, cpu / rows * US_PER_S, rows / cpu, rows / wall)
+    name = f"{label}: predict_ops (1M rows)" if label else "predict_ops (1M mixed rows)"
+    return (name, 1, cpu / rows * US_PER_S, rows / cpu, rows / wall)
+
+
+def store_cases(args: argparse.Namespace) -> tuple[Predictor, list[tuple[str, dict]]]:
+    """The fitted predictor of --store and the inventories of each --model."""
+    from dooly.fit.commands import find_inventory
+    from dooly.fit.models import load_predictor
+    from dooly.store.backends import open_store
+
+    store = open_store(args.store, create=False)
+    predictor = load_predictor(
+        store, platform=args.platform, engine=args.engine, backend=args.backend, dtype=args.dtype
+    )
+    cases = [(model.rsplit("/", 1)[-1], find_inventory(store, model, args.backend)) for model in args.model]
+    return predictor, cases
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--store", help="also measure the models fitted in this latency database")
+    parser.add_argument("--model", action="append", default=[], help="model whose inventory is in --store")
+    parser.add_argument("--platform", help="platform of the fitted models in --store")
+    parser.add_argument("--backend", help="attention backend of the fitted models in --store")
+    parser.add_argument("--engine", default="transformers")
+    parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     rng = np.random.default_rng(SEED)
     start = time.perf_counter()
@@ -158,6 +186,11 @@ def main() -> None:
         for label, inventory in cases:
             rows += measure_steps(predictor, label, inventory, steps, args.repeats)
         rows.append(measure_predict_ops(predictor, rng, args.repeats))
+        if args.store:
+            fitted, inventories = store_cases(args)
+            for label, inventory in inventories:
+                rows += measure_steps(fitted, label, inventory, steps, args.repeats)
+                rows.append(measure_predict_ops(fitted, rng, args.repeats, inventory["operations"], label))
     print()
     header = (
         f"{'path':38s} {'ops':>4s} {'us/unit (cpu)':>14s} {'op pred/s (cpu)':>16s} {'op pred/s (wall)':>17s}"

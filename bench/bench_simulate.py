@@ -1,13 +1,18 @@
 """Benchmark: `simulate` of 10,000 requests on one core, per scheduler model.
 
-A Poisson workload at a rate the replica sustains (prompts 64-2048, outputs 16-512 tokens), the
-analytic roofline step model (cheap, so the number measures the simulator, not a regressor) and a
-CPU overhead model; each scheduler runs a few times and the median wall time is printed, with the
-process CPU time (the machine may be shared) and simulated steps per second. Target: a
-10,000-request simulation in seconds on one core.
+A Poisson workload at a rate the replica sustains (prompts 64-2048, outputs 16-512 tokens), a
+step model and a CPU overhead model; each scheduler runs a few times and the median wall time is
+printed, with the process CPU time (the machine may be shared) and simulated steps per second.
+Target: a 10,000-request simulation in seconds on one core.
+
+The step model is the analytic roofline (cheap, so the number measures the simulator, not a
+regressor), or with --store the fitted models of `dooly fit` (StepPredictor.step_seconds once per
+simulated step: the simulator's real hot path).
 
     python bench/bench_simulate.py                  # 10,000 requests, 3 runs each
     python bench/bench_simulate.py --requests 2000 --runs 1
+    python bench/bench_simulate.py --store DB --model meta-llama/Llama-3.1-8B \
+        --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa'
 """
 
 from __future__ import annotations
@@ -43,10 +48,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=RATE_RPS, help="Poisson arrival rate, requests/s")
+    parser.add_argument("--store", help="fitted latency database: use its models instead of the analytic one")
+    parser.add_argument("--model", help="model whose inventory is in --store")
+    parser.add_argument("--platform", help="platform of the fitted models")
+    parser.add_argument("--backend", help="attention backend of the fitted models")
+    parser.add_argument("--engine", default="transformers")
+    parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
-    requests = generate_requests(WorkloadSpec(num_requests=args.requests, rate=RATE_RPS, prompt=PROMPT, output=OUTPUT, seed=0))
-    model = AnalyticStepModel()
-    print(f"{args.requests} requests, Poisson {RATE_RPS} req/s, {args.runs} runs each (median wall time)")
+    requests = generate_requests(WorkloadSpec(num_requests=args.requests, rate=args.rate, prompt=PROMPT, output=OUTPUT, seed=0))
+    if args.store:
+        from dooly.fit.commands import find_inventory
+        from dooly.fit.models import load_predictor
+        from dooly.store.backends import open_store
+
+        store = open_store(args.store, create=False)
+        predictor = load_predictor(
+            store, platform=args.platform, engine=args.engine, backend=args.backend, dtype=args.dtype
+        )
+        model = predictor.step_predictor(find_inventory(store, args.model, args.backend))
+        label = f"fitted models of {model.model_id} ({model.describe}, {model.op_count} ops)"
+    else:
+        model = AnalyticStepModel()
+        label = "analytic step model"
+    print(f"{args.requests} requests, Poisson {args.rate} req/s, {label}, {args.runs} runs each (median wall)")
     worst = 0.0
     for name, make in SCHEDULERS.items():
         walls, cpus = [], []

@@ -12,7 +12,9 @@ from dooly.output import emit_json, format_table, output_option
 
 logger = logging.getLogger(__name__)
 
+# The fit's defaults as plain numbers (dooly.fit.models pulls in numpy; a test keeps them equal).
 DEFAULT_FOLDS = 5
+DEFAULT_REPEATS = 3
 DEFAULT_ENGINE = "transformers"
 DEFAULT_DTYPE = "bfloat16"
 NONE_CELL = "-"
@@ -48,29 +50,51 @@ def _pct(value: float | None) -> str:
 @click.option(
     "--folds", default=DEFAULT_FOLDS, show_default=True, type=int, help="k of the k-fold held-out checks."
 )
+@click.option(
+    "--repeats",
+    default=DEFAULT_REPEATS,
+    show_default=True,
+    type=int,
+    help="Repeat the seen k-fold check over this many different random fold assignments.",
+)
 @output_option
-def fit_command(store_uri: str, folds: int, output_format: str) -> None:
+def fit_command(store_uri: str, folds: int, repeats: int, output_format: str) -> None:
     """Fit latency regressors on the store's snapshot, per platform/engine/backend/dtype and op class.
 
-    Signatures the database holds are predicted from their own measurements: interpolation on the
-    measured grid, or for attention a linear model per batch regime (held-out error: k-fold within
-    each signature). Signatures never profiled (a new hidden size) use a per-class regressor over
-    config dims and request variables (held-out error: k-fold grouped by signature, so each
-    held-out signature is truly unseen); the method of each class is the one with the lowest
-    held-out error. A leave-one-model-out check removes
-    every signature of one model (from the store's inventories) and predicts them from the rest.
+    Signatures the database holds are predicted from their own measurements: a one-variable curve
+    over the measured sizes (shape-preserving cubic in log-log, kernel switches kept, isolated
+    outliers not followed, a partial-block time where it pays), or for attention a linear model
+    of the work times a correction learned by small trees, tabulated exactly. Signatures never
+    profiled (a new hidden size) use a per-class regressor over config dims and request variables.
+
+    \b
+    Held-out protocol (how every error printed is measured):
+      seen: k-fold within each signature: its points are dealt into k random folds; each fold is
+        predicted by models fitted on the other folds only. Whatever a model chooses from data
+        (the partial-block time, its block size) is chosen by an inner cross-validation on those
+        training points, so a held-out point never fits or selects its own prediction. With
+        --repeats R, R different fold assignments; an op's MAPE averages all its predictions.
+        The method of a class (curve, linear, trees) is the one whose held-out median is lowest.
+      unseen: k-fold grouped by signature: each held-out signature is predicted by a class
+        regressor that never saw any of its points.
+      leave one model out: every signature of one model (from the store's inventories) removed,
+        its points predicted by the class regressors refitted on the rest; beside it, the
+        in-sample error of the same regressors.
+    Per-op MAPE: mean absolute percentage error over an op's held-out points, every point counted;
+    medians and p90 are over ops. "all profiled signatures" pools every class and group.
+
     Models are written under models/gen-<generation>/ with the library versions they need.
 
     \b
     Examples:
       dooly fit --store ./db
-      dooly fit --store s3://latency-db/h100 --folds 10 --output json
+      dooly fit --store s3://latency-db/h100 --folds 10 --repeats 3 --output json
     """
-    from dooly.fit.models import fit_store
+    from dooly.fit.models import fit_store, validation_text
     from dooly.store.backends import open_store
 
     store = open_store(store_uri, create=False)
-    report = fit_store(store, folds=folds)
+    report = fit_store(store, folds=folds, repeats=repeats)
     if output_format == "json":
         emit_json(report.to_dict())
         return
@@ -92,10 +116,14 @@ def fit_command(store_uri: str, folds: int, output_format: str) -> None:
             for c in group["classes"]
         ]
         lines += [format_table(CLASS_HEADERS, rows), ""]
+    overall = report.overall
     lines.append(
-        f"held-out error: {report.folds}-fold cross-validation (seen: folds of each signature's "
-        f"points; unseen: folds of whole signatures); per-op MAPE = mean over an op's held-out "
-        f"points; median and p90 over ops"
+        f"all profiled signatures ({overall['signatures']}): seen MAPE median "
+        f"{_pct(overall['seen_mape_median_pct'])}, p90 {_pct(overall['seen_mape_p90_pct'])}"
+    )
+    lines.append(
+        f"held-out error: {validation_text(report.folds, report.repeats)}; per-op MAPE = mean over "
+        f"an op's held-out points; median and p90 over ops (see `dooly fit --help`)"
     )
     if report.lomo:
         rows = [

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -103,6 +104,8 @@ FAMILY_FEATURES = {
 
 # Local (one-signature) linear models: which request terms they use.
 LOCAL_ATTENTION_TERMS = ("const", "T", "B", "D", "K", "S", "attn_pairs", "T*K", "padded")
+# A request dim in a signature's input shape: "T", or an integer factor times it ("8*T").
+_SCALED_VAR = re.compile(r"^(?:(\d+)\*)?([A-Z])$")
 
 
 def family_of(op_class: str, op: str = "") -> str:
@@ -260,6 +263,35 @@ def _generic_static(cfg: Mapping[str, int], request_vars: Sequence[str]) -> list
     joint = product_term(request_vars)
     pairs.append((joint if "*" in joint else "zero", largest))
     return pairs
+
+
+def work_units(signature_json: str, request_vars: Sequence[str]) -> dict[str, int]:
+    """Elements per unit of each request variable: for every input whose shape holds the variable
+    (as "T" or "8*T"), the product of its other dims times the factor; the largest over inputs.
+    Kernels that work in blocks of elements care about the exact element count (see
+    dooly.fit.curves); 1 where the signature does not say (it holds no input shapes)."""
+    try:
+        payload = json.loads(signature_json or "{}")
+    except ValueError:
+        payload = {}
+    inputs = payload.get("inputs", []) if isinstance(payload, dict) else []
+    units = {var: 1 for var in request_vars}
+    for entry in inputs:
+        shape = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list) else []
+        for var in request_vars:
+            size = 1
+            holds = False
+            for dim in shape:
+                if isinstance(dim, int):
+                    size *= max(dim, 1)
+                    continue
+                match = _SCALED_VAR.match(str(dim))
+                if match and match.group(2) == var:
+                    holds = True
+                    size *= int(match.group(1) or 1)
+            if holds:
+                units[var] = max(units[var], size)
+    return units
 
 
 def local_terms(family: str, request_vars: Sequence[str]) -> tuple[str, ...]:

@@ -1,15 +1,17 @@
 """Fit latency models on a snapshot, persist them beside it, load them back as a Predictor.
 
 One model set per (platform, engine, backend, dtype) group. Inside a group:
-- every profiled signature gets its own model (interpolation on its measured grid, or a local
-  non-negative linear model) which reproduces what was measured;
+- every profiled signature gets its own model (a one-variable curve over its measured sizes, see
+  curves.py; a local non-negative linear model; for attention that model times a tabulated tree
+  correction) which reproduces what was measured;
 - every operation class gets a cross-signature regressor over config dims + request variables,
   used for signatures never profiled (a new hidden size) and flagged `unseen` when used.
 
-Errors are measured, not assumed: k-fold within each signature's points for the first kind,
-k-fold grouped by signature for the second (so held-out signatures are truly unseen), and a
-leave-one-model-out check that removes every signature of one model (from its inventory) and
-predicts them from the rest.
+Errors are measured, not assumed: k-fold within each signature's points for the first kind
+(repeated over several random fold assignments; anything a model chooses from data is chosen on
+its training folds only), k-fold grouped by signature for the second (so held-out signatures are
+truly unseen), and a leave-one-model-out check that removes every signature of one model (from
+its inventory) and predicts them from the rest. docs/fit.md states the protocol.
 
 Store layout, next to the snapshot:
     models/gen-<NNNNNN>/<group>.joblib   one GroupModel per platform/engine/backend/dtype
@@ -33,9 +35,10 @@ import numpy as np
 
 from dooly import SCHEMA_VERSION, __version__
 from dooly.errors import DoolyError
-from dooly.profile.provenance import COMM_ENGINES, SHARED_BACKEND
+from dooly.fit.curves import alignment_candidates, fit_curve
 from dooly.fit.features import (
     FAMILY_ATTENTION,
+    FAMILY_MATMUL,
     N_TERMS,
     TERM_INDEX,
     StaticFeatures,
@@ -51,6 +54,7 @@ from dooly.fit.features import (
     static_features,
     term_matrix,
     var_mask_of,
+    work_units,
 )
 from dooly.fit.regressors import (
     ATTENTION_UNSEEN_METHODS,
@@ -61,18 +65,22 @@ from dooly.fit.regressors import (
     SEEN_LINEAR,
     SEEN_REGIME,
     SEEN_SCALED,
+    SEEN_TREES,
+    TREE_BASE_TERMS,
     UNSEEN_METHODS,
     BoundClassModel,
     ClassModel,
+    CorrectedLinearModel,
     InterpModel,
     LinearModel,
     OpModel,
     RegimeLinearModel,
     fit_class_regressor,
-    fit_interp,
+    fit_corrected_linear,
     fit_local_linear,
     fit_regime_linear,
 )
+from dooly.profile.provenance import COMM_ENGINES, SHARED_BACKEND
 
 if TYPE_CHECKING:
     import polars as pl
@@ -90,13 +98,18 @@ MODEL_SUFFIX = ".joblib"
 GENERATION_DIGITS = 6
 GENERATION_RE = re.compile(r"^models/gen-(\d+)/meta\.json$")
 # Bumped when the persisted objects change shape; older files then fail to load with one line.
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
 STATUS_OK = "ok"
 DEFAULT_FOLDS = 5
+# The seen check is repeated over this many random fold assignments: one assignment moves the
+# median over signatures by a few tenths of a percent (which neighbours a held-out point loses).
+DEFAULT_REPEATS = 3
 # A signature needs this many points for its own held-out check (k-fold leaves >= 2 to fit).
 MIN_CV_POINTS = 3
 # Below this many points a local linear model is not trusted; the class model is scaled instead.
 MIN_LINEAR_POINTS = 3
+# Per-signature trees need this many points; below, the signature's linear model is used.
+MIN_LOCAL_TREE_POINTS = 30
 # Tree-based candidates need enough rows to learn anything; below, they are not tried.
 MIN_TREE_ROWS = 40
 PERCENTILE_P90 = 90
@@ -140,6 +153,7 @@ class SignatureInfo:
     config_dims: dict[str, int]
     request_vars: tuple[str, ...]
     static: StaticFeatures
+    units: dict[str, int] = field(default_factory=dict)  # elements per unit of each request var
 
 
 @dataclass
@@ -185,7 +199,7 @@ def training_rows(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _signature_info(
-    signature: str, op: str, op_class: str, config_json: str, vars_json: str
+    signature: str, op: str, op_class: str, config_json: str, vars_json: str, signature_json: str = ""
 ) -> SignatureInfo:
     config = {str(k): int(v) for k, v in json.loads(config_json or "{}").items() if v is not None}
     request_vars = tuple(json.loads(vars_json or "[]"))
@@ -199,6 +213,7 @@ def _signature_info(
         config_dims=config,
         request_vars=request_vars,
         static=static_features(family, op, config, request_vars),
+        units=work_units(signature_json, request_vars),
     )
 
 
@@ -207,10 +222,10 @@ def group_data(frame: pl.DataFrame) -> list[GroupData]:
     out: list[GroupData] = []
     for key, part in frame.group_by(list(GROUP_COLUMNS), maintain_order=True):
         sigs = part.unique("signature", keep="first", maintain_order=True)
-        infos = [
-            _signature_info(*row)
-            for row in sigs.select("signature", "op", "op_class", "config_dims", "request_vars").iter_rows()
-        ]
+        columns = ["signature", "op", "op_class", "config_dims", "request_vars"]
+        if "signature_json" in sigs.columns:
+            columns.append("signature_json")
+        infos = [_signature_info(*row) for row in sigs.select(columns).iter_rows()]
         position = {info.signature: i for i, info in enumerate(infos)}
         row_sig = np.array([position[s] for s in part.get_column("signature").to_list()], dtype=np.int64)
         windows = np.array([infos[i].static.window for i in row_sig], dtype=np.int64)
@@ -316,9 +331,15 @@ def grouped_cv(design: ClassDesign, method: str, folds: int) -> np.ndarray:
     return predicted
 
 
-def _fold_ids(n: int, folds: int) -> np.ndarray:
-    rng = np.random.default_rng(SEED)
+def _fold_ids(n: int, folds: int, repeat: int = 0) -> np.ndarray:
+    """Fold of each of n points: a random permutation (seeded by the repeat) dealt into folds."""
+    rng = np.random.default_rng(SEED + repeat)
     return rng.permutation(n) % min(folds, n)
+
+
+def interp_method(variable: str) -> str:
+    """The method name of a curve over one of a multi-variable operation's variables."""
+    return f"{SEEN_INTERP}:{variable}"
 
 
 def fit_seen(method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.ndarray) -> OpModel | None:
@@ -331,18 +352,17 @@ def fit_seen(method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.nd
         request_vars=info.request_vars,
         window=info.static.window,
     )
-    if method == SEEN_INTERP and not info.request_vars:
+    if method.startswith(SEEN_INTERP) and not (method.partition(":")[2] or info.request_vars):
         # Nothing of the request changes its work (a fixed-size op): a constant, the linear
         # model's intercept.
         method = SEEN_LINEAR
-    if method == SEEN_INTERP:
-        grid = fit_interp(terms[:, TERM_INDEX[info.request_vars[0]]], seconds)
-        if grid is None:
+    if method.startswith(SEEN_INTERP):
+        variable = method.partition(":")[2] or info.request_vars[0]
+        candidates = alignment_candidates(info.units.get(variable, 1), info.family == FAMILY_MATMUL)
+        curve = fit_curve(terms[:, TERM_INDEX[variable]], seconds, candidates)
+        if curve is None:
             return None
-        log_x, log_y, low, high = grid
-        return InterpModel(
-            method=SEEN_INTERP, log_x=log_x, log_y=log_y, low_slope=low, high_slope=high, **common
-        )
+        return InterpModel(method=method, variable=variable, curve=curve, **common)
     if len(seconds) < MIN_LINEAR_POINTS:
         return None
     names = local_terms(info.family, info.request_vars)
@@ -350,31 +370,37 @@ def fit_seen(method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.nd
         return RegimeLinearModel(
             method=SEEN_REGIME, regime_coef=fit_regime_linear(terms, seconds, names), **common
         )
+    if method == SEEN_TREES and len(seconds) >= MIN_LOCAL_TREE_POINTS:
+        coef, tables = fit_corrected_linear(terms, seconds, TREE_BASE_TERMS)
+        return CorrectedLinearModel(method=SEEN_TREES, coef=coef, tables=tables, **common)
     return LinearModel(method=SEEN_LINEAR, coef=fit_local_linear(terms, seconds, names), **common)
 
 
 def seen_methods(info: SignatureInfo) -> tuple[str, ...]:
     """Candidates for a profiled signature, simplest first."""
     if info.family == FAMILY_ATTENTION:
-        return (SEEN_LINEAR, SEEN_REGIME)
+        return (SEEN_LINEAR, SEEN_REGIME, SEEN_TREES)
     if len(info.request_vars) == 1:
         return (SEEN_INTERP, SEEN_LINEAR)
-    return (SEEN_LINEAR,)
+    return (SEEN_LINEAR, *(interp_method(v) for v in info.request_vars))
 
 
 def seen_cv(
-    method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.ndarray, folds: int
+    method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.ndarray, folds: int, repeats: int = 1
 ) -> np.ndarray:
-    """Held-out predictions for one signature's points, k-fold within the signature."""
-    predicted = np.full(len(seconds), np.nan)
+    """Held-out predictions for one signature's points, k-fold within the signature, `repeats`
+    times over different random folds: shape (repeats, points). A point is never used to fit its
+    own prediction (nor to choose anything that predicts it: see fit_curve)."""
+    predicted = np.full((repeats, len(seconds)), np.nan)
     if len(seconds) < MIN_CV_POINTS:
         return predicted
-    fold_of = _fold_ids(len(seconds), folds)
-    for fold in np.unique(fold_of):
-        test = fold_of == fold
-        model = fit_seen(method, info, terms[~test], seconds[~test])
-        if model is not None:
-            predicted[test] = model.predict_terms(terms[test])
+    for repeat in range(repeats):
+        fold_of = _fold_ids(len(seconds), folds, repeat)
+        for fold in np.unique(fold_of):
+            test = fold_of == fold
+            model = fit_seen(method, info, terms[~test], seconds[~test])
+            if model is not None:
+                predicted[repeat, test] = model.predict_terms(terms[test])
     return predicted
 
 
@@ -455,7 +481,51 @@ def fit_class(design: ClassDesign, method: str, data: GroupData | None = None) -
     )
 
 
-def fit_group(data: GroupData, *, folds: int, generation: int) -> GroupModel:
+def heldout_pct(predicted: np.ndarray, seconds: np.ndarray) -> float:
+    """Mean absolute percentage error of an op's held-out predictions (any shape whose last axis
+    is its points; NaN entries, never predicted, are skipped); NaN when none was predicted."""
+    error = np.abs(predicted / seconds - 1.0)
+    valid = np.isfinite(error)
+    return float(np.mean(error[valid]) * PERCENT) if valid.any() else float("nan")
+
+
+def _finite_median(values: np.ndarray) -> float | None:
+    valid = values[np.isfinite(values)]
+    return float(np.median(valid)) if len(valid) else None
+
+
+def validation_text(folds: int, repeats: int) -> str:
+    """The held-out protocol, as reports state it."""
+    again = f", repeated {repeats} times over different random folds" if repeats > 1 else ""
+    return (
+        f"{folds}-fold cross-validation{again} (seen: folds of each signature's points; unseen: "
+        f"folds of whole signatures)"
+    )
+
+
+def choose_seen_method(
+    data: GroupData, by_sig: dict[int, np.ndarray], folds: int, repeats: int
+) -> tuple[str, dict[str, np.ndarray]]:
+    """The per-signature method of one class (the candidate with the lowest held-out median over
+    its signatures, simpler ones preferred on ties) and every candidate's held-out per-op MAPE,
+    one value per signature of `by_sig` (its index -> its rows), NaN where not evaluated."""
+    options = seen_methods(data.infos[next(iter(by_sig))])
+    scores = {
+        method: np.array(
+            [
+                heldout_pct(
+                    seen_cv(method, data.infos[i], data.terms[r], data.seconds[r], folds, repeats),
+                    data.seconds[r],
+                )
+                for i, r in by_sig.items()
+            ]
+        )
+        for method in options
+    }
+    return _preferred({m: _finite_median(v) for m, v in scores.items()}), scores
+
+
+def fit_group(data: GroupData, *, folds: int, generation: int, repeats: int = DEFAULT_REPEATS) -> GroupModel:
     """Class regressors (method chosen by grouped k-fold) and per-signature models for one group."""
     platform_name, engine, backend, dtype = data.key
     row_class = data.row_class
@@ -482,21 +552,7 @@ def fit_group(data: GroupData, *, folds: int, generation: int) -> GroupModel:
         # Per-signature models: pick the method with the lowest within-signature k-fold median.
         members = sorted(set(design.sig_ids.tolist()))
         by_sig = {i: rows[design.sig_ids == i] for i in members}
-        options = seen_methods(data.infos[members[0]])
-        seen_scores: dict[str, np.ndarray] = {}
-        for method in options:
-            errors = [
-                per_op_mape(
-                    np.zeros(len(r), dtype=np.int64),
-                    seen_cv(method, data.infos[i], data.terms[r], data.seconds[r], folds),
-                    data.seconds[r],
-                )
-                for i, r in by_sig.items()
-            ]
-            seen_scores[method] = np.concatenate(errors) if errors else np.zeros(0)
-        seen_method = _preferred(
-            {m: float(np.median(seen_scores[m])) if len(seen_scores[m]) else None for m in options}
-        )
+        seen_method, seen_scores = choose_seen_method(data, by_sig, folds, repeats)
         scaled = 0
         for i, r in by_sig.items():
             info = data.infos[i]
@@ -509,7 +565,9 @@ def fit_group(data: GroupData, *, folds: int, generation: int) -> GroupModel:
                 )
                 scaled += 1
             signatures[info.signature] = model
-        seen_median, seen_p90 = _summary(seen_scores[seen_method])
+        chosen = seen_scores[seen_method]
+        evaluated = np.isfinite(chosen)
+        seen_median, seen_p90 = _summary(chosen[evaluated])
         reports.append(
             {
                 "op_class": op_class,
@@ -519,16 +577,19 @@ def fit_group(data: GroupData, *, folds: int, generation: int) -> GroupModel:
                 "seen_method": seen_method,
                 "seen_mape_median_pct": seen_median,
                 "seen_mape_p90_pct": seen_p90,
-                "seen_evaluated": int(len(seen_scores[seen_method])),
+                "seen_evaluated": int(evaluated.sum()),
                 "seen_scaled": scaled,
-                "seen_candidates": {
-                    m: (float(np.median(s)) if len(s) else None) for m, s in seen_scores.items()
+                "seen_candidates": {m: _finite_median(v) for m, v in seen_scores.items()},
+                "seen_mape_by_signature": {
+                    data.infos[i].signature: float(v)
+                    for i, v in zip(members, chosen, strict=True)
+                    if np.isfinite(v)
                 },
                 "unseen_method": unseen_method,
                 "unseen_mape_median_pct": unseen_summary[0],
                 "unseen_mape_p90_pct": unseen_summary[1],
                 "unseen_candidates": scores,
-                "validation": f"{folds}-fold (seen: within signature; unseen: grouped by signature)",
+                "validation": validation_text(folds, repeats),
             }
         )
         logger.info(
@@ -626,20 +687,39 @@ def leave_one_model_out(
 
 @dataclass
 class FitReport:
-    """What `dooly fit` did: per-group, per-class errors and the leave-one-model-out check."""
+    """What `dooly fit` did: per-group, per-class errors, the error over every profiled
+    signature, and the leave-one-model-out check."""
 
     generation: int
     folds: int
     groups: list[dict[str, Any]]
     lomo: list[dict[str, Any]]
     versions: dict[str, str]
+    repeats: int = DEFAULT_REPEATS
     meta_key: str = ""
+
+    @property
+    def overall(self) -> dict[str, Any]:
+        """Held-out per-op MAPE over every profiled signature of every group (each counted once:
+        backend-independent ops live in the shared group), with the seen models fitted."""
+        errors = np.array(
+            [
+                value
+                for group in self.groups
+                for row in group["classes"]
+                for value in row.get("seen_mape_by_signature", {}).values()
+            ]
+        )
+        median, p90 = _summary(errors)
+        return {"signatures": int(len(errors)), "seen_mape_median_pct": median, "seen_mape_p90_pct": p90}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "generation": self.generation,
             "folds": self.folds,
-            "validation": f"{self.folds}-fold cross-validation",
+            "repeats": self.repeats,
+            "validation": validation_text(self.folds, self.repeats),
+            "overall": self.overall,
             "groups": self.groups,
             "leave_one_model_out": self.lomo,
             "versions": self.versions,
@@ -653,19 +733,29 @@ def fit_frame(
     generation: int,
     inventories: dict[str, dict[str, Any]] | None = None,
     folds: int = DEFAULT_FOLDS,
+    repeats: int = DEFAULT_REPEATS,
 ) -> tuple[dict[tuple[str, ...], GroupModel], FitReport]:
     """Fit every group of a snapshot frame (no store involved: the testable core of `fit_store`)."""
     if folds < 2:
         raise DoolyError(f"--folds must be at least 2 (got {folds})")
+    if repeats < 1:
+        raise DoolyError(f"--repeats must be at least 1 (got {repeats})")
     datas = group_data(training_rows(frame))
-    models = {data.key: fit_group(data, folds=folds, generation=generation) for data in datas}
+    models = {
+        data.key: fit_group(data, folds=folds, generation=generation, repeats=repeats) for data in datas
+    }
     lomo = leave_one_model_out(datas, models, inventories or {})
     groups = [
         {**dict(zip(GROUP_COLUMNS, key, strict=True)), "classes": model.reports}
         for key, model in models.items()
     ]
     return models, FitReport(
-        generation=generation, folds=folds, groups=groups, lomo=lomo, versions=library_versions()
+        generation=generation,
+        folds=folds,
+        groups=groups,
+        lomo=lomo,
+        versions=library_versions(),
+        repeats=repeats,
     )
 
 
@@ -708,7 +798,7 @@ def inventories_by_model(inventories: dict[str, dict[str, Any]]) -> dict[str, di
     return merged
 
 
-def fit_store(store: Store, *, folds: int = DEFAULT_FOLDS) -> FitReport:
+def fit_store(store: Store, *, folds: int = DEFAULT_FOLDS, repeats: int = DEFAULT_REPEATS) -> FitReport:
     """Fit the store's current snapshot and persist the models under models/gen-<generation>/.
 
     All model files are serialised before anything is written, and meta.json (what readers look
@@ -726,7 +816,9 @@ def fit_store(store: Store, *, folds: int = DEFAULT_FOLDS) -> FitReport:
         )
     generation = int(manifest["generation"])
     inventories = read_inventories(store)
-    models, report = fit_frame(frame, generation=generation, inventories=inventories, folds=folds)
+    models, report = fit_frame(
+        frame, generation=generation, inventories=inventories, folds=folds, repeats=repeats
+    )
     prefix = _generation_prefix(generation)
     blobs = {
         f"{prefix}{group_slug(key)}{MODEL_SUFFIX}": serialize_group(m, report.versions)
@@ -740,6 +832,8 @@ def fit_store(store: Store, *, folds: int = DEFAULT_FOLDS) -> FitReport:
         "created_at": datetime.now(UTC).isoformat(),
         "versions": report.versions,
         "folds": folds,
+        "repeats": repeats,
+        "overall": report.overall,
         "inventories": sorted(inventories),
         "groups": [{**g, "key": key} for g, key in zip(report.groups, blobs, strict=True)],
         "leave_one_model_out": report.lomo,

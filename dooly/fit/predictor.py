@@ -9,6 +9,9 @@ engine step take" for a batch composition, in a few microseconds:
   variable however many operations the model has;
 - attention and multi-variable operations with linear models collapse into one coefficient vector
   over request terms per sliding window and batch regime (see features.py);
+- per-signature attention models that multiply linear work by a tree correction keep their
+  coefficients and their correction tables (regressors.PairTables): a few binary searches and
+  lookups per step, exactly what the model predicts;
 - non-linear ones (tree-corrected class models of unseen attention ops) are replaced by linear
   surrogates fitted to them on the class's measured batches, or, with `exact=True`, evaluated
   per call (tens of microseconds).
@@ -17,6 +20,7 @@ engine step take" for a batch composition, in a few microseconds:
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,7 +47,14 @@ from dooly.fit.features import (
     uniform_aggregates,
 )
 from dooly.fit.models import GroupModel, SignatureInfo, bind_class_model
-from dooly.fit.regressors import InterpModel, OpModel, RegimeLinearModel, fit_regime_linear
+from dooly.fit.regressors import (
+    MIN_SECONDS,
+    InterpModel,
+    OpModel,
+    PairTables,
+    RegimeLinearModel,
+    fit_regime_linear,
+)
 
 # Tables: exact per integer value below DENSE_LIMIT, then PER_OCTAVE log-spaced points per
 # doubling up to LOG_TABLE_MAX (K, the KV tokens of a step, reaches millions).
@@ -313,6 +324,8 @@ class StepPredictor:
         self._log: dict[str, np.ndarray] = {}
         linear: dict[int, np.ndarray] = {}
         self._nonlinear: list[tuple[int, int, OpModel, int]] = []
+        # Linear work times tabulated tree corrections (per-signature attention models).
+        self._corrected: list[tuple[int, int, int, np.ndarray, PairTables]] = []
         for model, count, _ in entries:
             ci = cls_of[model.op_class]
             var = model.single_var
@@ -325,6 +338,10 @@ class StepPredictor:
                 self._log[var][ci] += count * logs
                 continue
             window = model.window if model.family == FAMILY_ATTENTION else self.model_window
+            corrected = model.corrected_terms()
+            if corrected is not None:
+                self._corrected.append((ci, count, window, *corrected))
+                continue
             coef = model.regime_terms()
             if coef is None:
                 self._nonlinear.append((ci, count, model, window))
@@ -332,7 +349,9 @@ class StepPredictor:
             linear.setdefault(window, np.zeros((n_cls, N_REGIMES, N_TERMS)))[ci] += count * coef
         self._linear = linear
         self._linear_total = {w: m.sum(axis=0) for w, m in linear.items()}
-        self._windows = sorted({*linear, *(w for *_, w in self._nonlinear)})
+        self._windows = sorted(
+            {*linear, *(w for *_, w in self._nonlinear), *(entry[2] for entry in self._corrected)}
+        )
         self._dense_total = {var: table.sum(axis=0) for var, table in self._dense.items()}
         self._log_total = {var: table.sum(axis=0) for var, table in self._log.items()}
         # Scalar hot path: Python lists are faster to index than numpy arrays.
@@ -340,9 +359,37 @@ class StepPredictor:
             (REQUEST_VARS.index(var), self._dense_total[var].tolist(), self._log_total[var].tolist())
             for var in self._dense
         ]
-        self._scalar_linear = [
-            (w, [[(int(i), float(c)) for i, c in enumerate(row) if c != 0.0] for row in total])
+        linear_rows = {
+            w: [[(int(i), float(c)) for i, c in enumerate(row) if c != 0.0] for row in total]
             for w, total in self._linear_total.items()
+        }
+        corrected_rows: dict[int, list] = {}
+        for _, count, window, coef, tables in self._corrected:
+            corrected_rows.setdefault(window, []).append(
+                (
+                    float(count),
+                    [(int(i), float(c)) for i, c in enumerate(coef) if c != 0.0],
+                    [
+                        (
+                            TERM_INDEX[tables.names[a]],
+                            tables.splits[a].tolist(),
+                            TERM_INDEX[tables.names[b]],
+                            tables.splits[b].tolist(),
+                            table.tolist(),
+                        )
+                        for (a, b), table in zip(tables.pairs, tables.factors, strict=True)
+                    ],
+                )
+            )
+        # Per window: its request terms are built once per step and serve every model on it.
+        self._scalar_windows = [
+            (
+                window,
+                linear_rows.get(window),
+                corrected_rows.get(window, []),
+                [(count, model) for _, count, model, w in self._nonlinear if w == window],
+            )
+            for window in self._windows
         ]
 
     # -- scalar path -------------------------------------------------------------------------
@@ -431,21 +478,26 @@ class StepPredictor:
             x = values[var_i]
             if x > 0:
                 total += lookup(dense, logs, x)
-        if self._scalar_linear or self._nonlinear:
+        if self._scalar_windows:
             regime = regime_scalar(d, b)
-            for window, by_regime in self._scalar_linear:
+            for window, by_regime, corrected, nonlinear in self._scalar_windows:
                 s, wp = (
                     self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
                 )
                 terms = self._term_list(t, b, k, d, s, wp, padded)
-                for i, c in by_regime[regime]:
-                    total += c * terms[i]
-            for _, count, model, window in self._nonlinear:
-                s, wp = (
-                    self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
-                )
-                row = np.array([self._term_list(t, b, k, d, s, wp, padded)])
-                total += count * float(model.predict_terms(row)[0])
+                if by_regime is not None:
+                    for i, c in by_regime[regime]:
+                        total += c * terms[i]
+                for count, coef, tables in corrected:
+                    base = 0.0
+                    for i, c in coef:
+                        base += c * terms[i]
+                    factor = 1.0
+                    for i, split_i, j, split_j, table in tables:
+                        factor *= table[bisect_left(split_i, terms[i])][bisect_left(split_j, terms[j])]
+                    total += count * max(base, MIN_SECONDS) * factor
+                for count, model in nonlinear:
+                    total += count * float(model.predict_terms(np.array([terms]))[0])
         return total
 
     # -- array path --------------------------------------------------------------------------
@@ -481,6 +533,13 @@ class StepPredictor:
             for ci, count, model, w in self._nonlinear:
                 if w == window:
                     vals = count * model.predict_terms(terms)
+                    if per_class:
+                        out[:, ci] += vals
+                    else:
+                        out += vals
+            for ci, count, w, coef, tables in self._corrected:
+                if w == window:
+                    vals = count * np.maximum(terms @ coef, MIN_SECONDS) * tables.factor(terms)
                     if per_class:
                         out[:, ci] += vals
                     else:

@@ -1,10 +1,11 @@
 """The small regressors behind the predictor, and how each is fitted.
 
 Two kinds, on purpose:
-- per-signature models for operations the database holds: monotone piecewise-linear interpolation
-  in log-log space over the measured grid of a one-variable operation, or a non-negative linear
-  model over request terms (attention, multi-variable ops). They reproduce the measurements and
-  only interpolate between them.
+- per-signature models for operations the database holds: a one-variable curve over the measured
+  sizes (dooly.fit.curves: shape-preserving cubic in log-log, kernel switches and partial-block
+  effects kept), a non-negative linear model over request terms, or for attention that linear
+  model times a correction learned by trees on the log residual, tabulated exactly (PairTables).
+  They reproduce the measurements and interpolate between them.
 - per-class models over config dims + request variables, for signatures never profiled: a
   non-negative linear model on physical features (FLOPs, bytes moved), optionally corrected by a
   small gradient-boosted tree on logs, or a tree / power law alone. Which one wins is measured by
@@ -16,11 +17,13 @@ trees), so a persisted model holds no scikit-learn object and predicting never s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from dooly.fit.curves import Curve
 from dooly.fit.features import (
     FAMILY_ATTENTION,
     N_REGIMES,
@@ -51,10 +54,13 @@ SEEN_INTERP = "interp-loglog"
 SEEN_LINEAR = "local-nnls"
 SEEN_REGIME = METHOD_REGIME
 SEEN_SCALED = "scaled-class"
+SEEN_TREES = "local-nnls+trees"
+# Per-signature attention models: NNLS on the work terms, then trees on the log residual over the
+# batch's tokens, KV tokens, sequences and decodes, splitting on (T, K) and (B, D) separately.
+TREE_BASE_TERMS = ("const", "T", "K", "T*K")
+TREE_TERMS = ("T", "K", "B", "D")
+TREE_PAIRS = ((0, 1), (2, 3))
 
-# Interpolation extrapolates with the slope of the edge segment, clamped: latency never falls
-# with more work, and no operation here grows faster than quadratically in one variable.
-MAX_EXTRAPOLATION_SLOPE = 2.0
 # Latencies are positive; this floor keeps logs finite when a linear fit predicts zero.
 MIN_SECONDS = 1e-9
 
@@ -66,6 +72,9 @@ GBT_PARAMS: dict[str, Any] = {
     "early_stopping": False,
     "random_state": 0,
 }
+# Per-signature trees see ~100 points: small trees, leaves of a few points (a single-sequence
+# decode is its own kernel path, with only a handful of measured points).
+LOCAL_GBT_PARAMS: dict[str, Any] = {**GBT_PARAMS, "max_leaf_nodes": 8, "min_samples_leaf": 2}
 GBT_MIN_LEAF_FRACTION = 0.05
 GBT_MAX_MIN_LEAF = 20
 RIDGE_ALPHA = 1e-3
@@ -125,6 +134,11 @@ class OpModel:
         coef = self.linear_terms()
         return None if coef is None else np.tile(coef, (N_REGIMES, 1))
 
+    def corrected_terms(self) -> tuple[np.ndarray, PairTables] | None:
+        """(coefficients over TERMS, correction tables) when the model is linear work times a
+        tabulated tree correction (the step predictor's tree-aware fast path), else None."""
+        return None
+
     @property
     def single_var(self) -> str | None:
         """The one request variable of a non-attention op (tabulated by the step predictor)."""
@@ -135,51 +149,22 @@ class OpModel:
 
 @dataclass
 class InterpModel(OpModel):
-    """Piecewise-linear interpolation of log(seconds) over log(variable), on the measured grid."""
+    """A one-variable latency curve over `variable` (see dooly.fit.curves): interpolation between
+    the measured sizes, exact at them. A multi-variable operation whose latency follows one of its
+    variables only (a gather of B rows out of T) uses it too."""
 
-    log_x: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    log_y: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    low_slope: float = 0.0
-    high_slope: float = 1.0
+    variable: str = ""
+    curve: Curve | None = None
 
     def predict_values(self, values: np.ndarray) -> np.ndarray:
-        values = np.asarray(values, dtype=np.float64)
-        positive = values > 0
-        x = np.log(np.where(positive, values, 1.0))
-        y = np.interp(x, self.log_x, self.log_y)
-        below = x < self.log_x[0]
-        above = x > self.log_x[-1]
-        y = np.where(below, self.log_y[0] + self.low_slope * (x - self.log_x[0]), y)
-        y = np.where(above, self.log_y[-1] + self.high_slope * (x - self.log_x[-1]), y)
-        return np.where(positive, np.exp(y), 0.0)
+        return self.curve.predict(values)
 
     def predict_terms(self, terms: np.ndarray) -> np.ndarray:
-        return self.predict_values(terms[:, TERM_INDEX[self.request_vars[0]]])
+        return self.predict_values(terms[:, TERM_INDEX[self.variable]])
 
-
-def fit_interp(values: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float] | None:
-    """Grid for InterpModel: mean log latency per distinct value, made non-decreasing.
-
-    Returns None when fewer than two distinct positive values were measured.
-    """
-    from sklearn.isotonic import isotonic_regression
-
-    keep = (values > 0) & (seconds > 0)
-    if not keep.any():
-        return None
-    x = np.log(values[keep].astype(np.float64))
-    y = np.log(seconds[keep])
-    unique_x, inverse = np.unique(x, return_inverse=True)
-    if len(unique_x) < 2:
-        return None
-    counts = np.bincount(inverse).astype(np.float64)
-    mean_y = np.bincount(inverse, weights=y) / counts
-    # More work never takes less time: an isotonic fit (weighted by repeats) removes noise dips.
-    mean_y = isotonic_regression(mean_y, sample_weight=counts)
-    slopes = np.diff(mean_y) / np.diff(unique_x)
-    low = float(np.clip(slopes[0], 0.0, MAX_EXTRAPOLATION_SLOPE))
-    high = float(np.clip(slopes[-1], 0.0, MAX_EXTRAPOLATION_SLOPE))
-    return unique_x, mean_y, low, high
+    @property
+    def single_var(self) -> str | None:
+        return self.variable if self.family != FAMILY_ATTENTION else None
 
 
 @dataclass
@@ -302,6 +287,103 @@ class TreeEnsemble:
                 node = np.where(go_left, self.left[node], self.right[node])
             out[start : start + TREE_CHUNK_ROWS] += self.value[node].sum(axis=1)
         return out
+
+
+def tree_features(terms: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """Log request terms for per-signature trees (trees only compare: any monotone transform would
+    do; logs put a split between two measured sizes at their geometric mean). Terms below 1 count
+    as 1: every split point is then above 1, and a term of 0 or 1 falls in the first cell."""
+    return np.log(np.maximum(terms[:, [TERM_INDEX[n] for n in names]], 1.0))
+
+
+@dataclass
+class PairTables:
+    """exp(tree ensemble) for an ensemble whose every tree splits on one pair of its features only:
+    the ensemble is then a sum of functions of two features, each constant between consecutive
+    split points, so a small table per pair reproduces it exactly and a prediction costs one
+    binary search per feature and one lookup per pair (the step predictor's fast path).
+
+    Split points are stored in the terms' own units: a term's cell is the number of split points
+    below it, the same in every path that evaluates the tables."""
+
+    names: tuple[str, ...]  # request terms the trees split on
+    splits: tuple[np.ndarray, ...]  # per term: ascending split points, in the term's units
+    pairs: tuple[tuple[int, int], ...]  # indices into names; every name in exactly one pair
+    factors: tuple[np.ndarray, ...]  # per pair: exp of its part of the ensemble, per cell
+
+    @classmethod
+    def from_trees(
+        cls, ensemble: TreeEnsemble, names: Sequence[str], pairs: Sequence[tuple[int, int]]
+    ) -> PairTables:
+        """Tabulate `ensemble`, fitted on tree_features(terms, names), whose trees each split on
+        the two features of one of `pairs` only."""
+        log_splits = []
+        for index in range(len(names)):
+            chosen = (ensemble.feature == index) & np.isfinite(ensemble.threshold)
+            log_splits.append(np.unique(ensemble.threshold[chosen]))
+        # One point strictly inside every cell: below the first split, between splits, above the last.
+        inside = [
+            np.concatenate([s[:1] - 1.0, (s[:-1] + s[1:]) / 2.0, s[-1:] + 1.0]) if len(s) else np.zeros(1)
+            for s in log_splits
+        ]
+        anchor = np.array([points[0] for points in inside])
+        at_anchor = float(ensemble.predict(anchor[None, :])[0])
+        factors = []
+        for number, (a, b) in enumerate(pairs):
+            grid_a, grid_b = np.meshgrid(inside[a], inside[b], indexing="ij")
+            x = np.tile(anchor, (grid_a.size, 1))
+            x[:, a] = grid_a.ravel()
+            x[:, b] = grid_b.ravel()
+            log_part = ensemble.predict(x).reshape(grid_a.shape)
+            # The other pairs' functions are constant here (at the anchor): count them once.
+            factors.append(np.exp(log_part if number == 0 else log_part - at_anchor))
+        return cls(
+            names=tuple(names),
+            splits=tuple(np.exp(s) for s in log_splits),
+            pairs=tuple(pairs),
+            factors=tuple(factors),
+        )
+
+    def factor(self, terms: np.ndarray) -> np.ndarray:
+        cells = [
+            np.searchsorted(split, terms[:, TERM_INDEX[name]], side="left")
+            for name, split in zip(self.names, self.splits, strict=True)
+        ]
+        out = np.ones(len(terms))
+        for (a, b), table in zip(self.pairs, self.factors, strict=True):
+            out *= table[cells[a], cells[b]]
+        return out
+
+
+@dataclass
+class CorrectedLinearModel(OpModel):
+    """seconds = max(terms . coef, MIN_SECONDS) * tables.factor(terms): a linear model of the work
+    (attention: T, K, T*K) times what the kernels do differently by shape and batch mix, learned by
+    trees on the log residual. Per signature: it reproduces that signature's measurements."""
+
+    coef: np.ndarray = field(default_factory=lambda: np.zeros(N_TERMS))
+    tables: PairTables | None = None
+
+    def predict_terms(self, terms: np.ndarray) -> np.ndarray:
+        return np.maximum(terms @ self.coef, MIN_SECONDS) * self.tables.factor(terms)
+
+    def corrected_terms(self) -> tuple[np.ndarray, PairTables]:
+        return self.coef, self.tables
+
+
+def fit_corrected_linear(
+    terms: np.ndarray, seconds: np.ndarray, base_names: Sequence[str]
+) -> tuple[np.ndarray, PairTables]:
+    """Relative NNLS over `base_names`, then pair-constrained boosted trees on the log residual."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from threadpoolctl import threadpool_limits
+
+    coef = fit_local_linear(terms, seconds, tuple(base_names))
+    base = np.maximum(terms @ coef, MIN_SECONDS)
+    model = HistGradientBoostingRegressor(interaction_cst=[list(p) for p in TREE_PAIRS], **LOCAL_GBT_PARAMS)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        model.fit(tree_features(terms, TREE_TERMS), np.log(seconds / base))
+    return coef, PairTables.from_trees(TreeEnsemble.from_hist_gbr(model), TREE_TERMS, TREE_PAIRS)
 
 
 @dataclass

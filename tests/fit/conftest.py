@@ -13,8 +13,10 @@ from dooly.fit import synthetic as syn
 from dooly.fit.models import fit_frame
 from dooly.fit.predictor import Predictor
 
-# Fewer folds than the default keep the session fast on a 2-core machine; the checks still hold.
+# Fewer folds and repeats than the default keep the session fast on a 2-core machine; the checks
+# still hold.
 TEST_FOLDS = 3
+TEST_REPEATS = 1
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +27,9 @@ def inventories() -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def fitted(inventories):
     """(models by group key, FitReport) from fitting the synthetic frame in memory."""
-    return fit_frame(syn.snapshot_frame(), generation=1, inventories=inventories, folds=TEST_FOLDS)
+    return fit_frame(
+        syn.snapshot_frame(), generation=1, inventories=inventories, folds=TEST_FOLDS, repeats=TEST_REPEATS
+    )
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +62,7 @@ def store_factory():
 def fitted_store(tmp_path_factory, inventories) -> tuple[str, dict]:
     """A store fitted through the CLI (`dooly fit --output json`): (uri, the JSON report)."""
     uri = make_store(tmp_path_factory.mktemp("db"), inventories)
-    result = CliRunner().invoke(cli, ["fit", "--store", uri, "--folds", str(TEST_FOLDS), "--output", "json"])
+    args = ["fit", "--store", uri, "--folds", str(TEST_FOLDS), "--repeats", str(TEST_REPEATS)]
+    result = CliRunner().invoke(cli, [*args, "--output", "json"])
     assert result.exit_code == 0, result.output
     return uri, json.loads(result.stdout)

@@ -173,6 +173,8 @@ def test_training_rows_refuse_bad_snapshots():
         training_rows(frame.head(0))
     with pytest.raises(DoolyError, match="folds"):
         fit_frame(frame, generation=1, folds=1)
+    with pytest.raises(DoolyError, match="repeats"):
+        fit_frame(frame, generation=1, repeats=0)
 
 
 def test_oom_rows_and_duplicates_are_not_training_data():
@@ -218,3 +220,62 @@ def test_linear_surrogate_of_a_tree_corrected_attention_model(predictor):
         if (prefill, decode) in on_grid:
             want = exact.breakdown(prefill, decode)[syn.ATTENTION_CLASS]
             assert abs(got / want - 1) < 0.03, (prefill, len(decode), got, want)
+
+
+def test_tree_corrected_attention_takes_an_exact_fast_path(predictor):
+    """Per-signature attention models of linear work times tabulated trees: the step predictor's
+    scalar and batched paths and the per-op evaluation give the same seconds."""
+    import copy
+
+    from dooly.fit.models import SEEN_TREES, fit_seen, group_data, training_rows
+
+    group = copy.deepcopy(predictor.group)
+    data = group_data(training_rows(syn.snapshot_frame()))[0]
+    replaced = 0
+    for i, info in enumerate(data.infos):
+        if info.op_class == syn.ATTENTION_CLASS:
+            rows = data.row_sig == i
+            model = fit_seen(SEEN_TREES, info, data.terms[rows], data.seconds[rows])
+            group.signatures[info.signature] = model
+            replaced += 1
+    assert replaced > 0
+    step = type(predictor)(group).step_predictor(syn.inventory(syn.TOY_MODELS[1]))
+    methods = {o["op_class"]: o["method"] for o in step.op_seconds([(64, 0)], [10])}
+    assert methods[syn.ATTENTION_CLASS] == SEEN_TREES
+    rng = np.random.default_rng(4)
+    steps = []
+    for _ in range(200):
+        chunks = int(rng.integers(0, 3))
+        prefill = [(int(rng.integers(1, 3000)), int(rng.integers(0, 20000))) for _ in range(chunks)]
+        decode = rng.integers(1, 30000, size=int(rng.integers(0 if prefill else 1, 200))).tolist()
+        steps.append((prefill, decode))
+    steps.append(([], [500]))  # a single-sequence decode
+    scalar = np.array([step.step_seconds(p, d) for p, d in steps])
+    np.testing.assert_allclose(step.step_seconds_many(steps), scalar, rtol=1e-9)
+    for prefill, decode in steps[:20] + steps[-1:]:
+        per_op = sum(o["seconds"] * o["count"] for o in step.op_seconds(prefill, decode))
+        assert per_op == pytest.approx(step.step_seconds(prefill, decode), rel=1e-9)
+        assert sum(step.breakdown(prefill, decode).values()) == pytest.approx(per_op, rel=1e-9)
+
+
+def test_report_pools_every_profiled_signature(fitted):
+    _, report = fitted
+    per_signature = [
+        value
+        for group in report.groups
+        for row in group["classes"]
+        for value in row["seen_mape_by_signature"].values()
+    ]
+    overall = report.to_dict()["overall"]
+    assert overall["signatures"] == len(per_signature) == sum(
+        row["signatures"] for group in report.groups for row in group["classes"]
+    )
+    assert overall["seen_mape_median_pct"] == pytest.approx(float(np.median(per_signature)))
+    assert "repeated" not in report.to_dict()["validation"]
+
+
+def test_cli_defaults_match_the_fit():
+    from dooly.fit import commands, models
+
+    assert commands.DEFAULT_FOLDS == models.DEFAULT_FOLDS
+    assert commands.DEFAULT_REPEATS == models.DEFAULT_REPEATS

@@ -69,12 +69,14 @@ def test_fit_text_output_reports_both_errors(fitted_store, tmp_path):
     uri, _ = fitted_store
     copy = tmp_path / "db"
     shutil.copytree(uri, copy)
-    result = invoke("fit", "--store", str(copy), "--folds", "2")
+    result = invoke("fit", "--store", str(copy), "--folds", "2", "--repeats", "2")
     assert result.exit_code == 0, result.output
     for fragment in (
         "seen MAPE med",
         "unseen MAPE med",
         "2-fold",
+        "repeated 2 times",
+        "all profiled signatures (31)",
         "leave one model out",
         syn.ATTENTION_CLASS,
         "toy/beta-3b",
@@ -119,6 +121,23 @@ def test_models_from_another_scikit_learn_fail_clearly(fitted_store, tmp_path):
         "predict", "--store", str(copy), "--model", "toy/gamma-7b", *PREDICT_BASE, "--decode", "10"
     )
     assert_one_line_error(result, "scikit-learn 0.20.0", "dooly fit")
+
+
+def test_models_of_the_previous_format_fail_clearly(fitted_store, tmp_path):
+    """Models written before the curves and attention tables (format 1) are refused, not misread."""
+    from dooly.fit.models import MODEL_FORMAT_VERSION
+
+    uri, report = fitted_store
+    copy = tmp_path / "db"
+    shutil.copytree(uri, copy)
+    meta_path = copy / report["meta_key"]
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = MODEL_FORMAT_VERSION - 1
+    meta_path.write_text(json.dumps(meta))
+    result = invoke(
+        "predict", "--store", str(copy), "--model", "toy/gamma-7b", *PREDICT_BASE, "--decode", "10"
+    )
+    assert_one_line_error(result, f"model format {MODEL_FORMAT_VERSION - 1}", "dooly fit")
 
 
 def test_predict_bad_inputs_exit_2(fitted_store, tmp_path):
