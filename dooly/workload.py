@@ -30,6 +30,7 @@ import click
 import numpy as np
 
 from dooly.errors import DoolyError
+from dooly.jsonfile import read_json
 
 # What `dooly simulate` and `dooly bench` run when no workload option is given.
 DEFAULT_REQUESTS = 100
@@ -193,13 +194,7 @@ class WorkloadSpec:
     @classmethod
     def load(cls, path: str | Path) -> WorkloadSpec:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DoolyError(f"workload file {path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise DoolyError(f"workload file {path} is not valid JSON: {exc}") from None
-        spec = cls.from_dict(data)
+        spec = cls.from_dict(read_json(path, "workload"))
         spec._resolve_paths(path.parent)
         return spec
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dooly.errors import DoolyError
+from dooly.jsonfile import read_json_object
 
 
 @dataclass(frozen=True)
@@ -78,19 +79,6 @@ class Engine(Protocol):
 
     def release(self) -> None:
         """Free the cache blocks the last `step_inputs` allocated."""
-
-
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON file that must hold one object; any other content is a one-line DoolyError."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DoolyError(f"{what} file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise DoolyError(f"{what} file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise DoolyError(f"{what} file {path} must hold a JSON object")
-    return data
 
 
 def parse_engine_settings(engine_config: str | None, settings: tuple[str, ...]) -> dict[str, Any]:

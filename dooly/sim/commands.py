@@ -15,7 +15,8 @@ import click
 
 from dooly.errors import DoolyError
 from dooly.output import emit_json, format_table, output_option
-from dooly.engines.base import parse_engine_settings, read_json_object
+from dooly.engines.base import parse_engine_settings
+from dooly.jsonfile import read_json_object
 from dooly.workload import workload_options
 
 logger = logging.getLogger(__name__)

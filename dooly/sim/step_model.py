@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from dooly.errors import DoolyError
+from dooly.jsonfile import read_json
 
 CPU_OVERHEAD_SCHEMA = "dooly.cpu_overhead/1"
 
@@ -276,14 +277,7 @@ class CpuOverheadModel:
 
     @classmethod
     def load(cls, path: str | Path) -> CpuOverheadModel:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DoolyError(f"CPU overhead file {path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise DoolyError(f"CPU overhead file {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "CPU overhead"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from dooly.errors import DoolyError
+from dooly.jsonfile import read_json
 from dooly.sim.schedulers import Scheduler
 from dooly.sim.simulator import SimResult, simulate
 from dooly.sim.step_model import (
@@ -324,15 +325,7 @@ STEP_TIMINGS = ("graph", "eager")
 
 def read_measured_steps(path: str | Path) -> dict[str, Any]:
     """A `dooly.measured_steps/1` document, checked enough to compare against."""
-    import json
-
-    path = Path(path)
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DoolyError(f"measured steps file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise DoolyError(f"measured steps file {path} is not valid JSON: {exc}") from None
+    document = read_json(path, "measured steps")
     if not isinstance(document, dict) or document.get("schema") != MEASURED_STEPS_SCHEMA:
         raise DoolyError(f"{path} is not a {MEASURED_STEPS_SCHEMA} document (from `dooly measure-steps`)")
     if not isinstance(document.get("steps"), list) or not document["steps"]:

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import torch
 from click.testing import CliRunner
 
 from dooly.cli import cli
 from dooly.profile.measure import STATUS_OOM, Timer
 from dooly.store.backends import open_store
-from dooly.store.shards import SHARD_SUFFIX, read_held
-from dooly.trace.schema import Operation, signature_hash
+from dooly.store.shards import SHARD_SUFFIX
+from dooly.trace.schema import signature_hash
 from dooly.trace.tracer import trace_model
 from dooly.profile.grid import GridSpec
 from dooly.profile.plan import build_plan
