@@ -90,9 +90,9 @@ def cli(verbose: int) -> None:
       dooly merge --store ./db                              compact shards into a snapshot
       dooly fit   --store ./db                              regressors per platform and op class
       dooly simulate MODEL --store ./db ...                 serve a workload on the fitted models
-    dooly bench MODEL --out gt/light ...                  the real engine on the same workload (GPU)
-    dooly overhead MODEL --ground-truth gt/calib ...      the engine's per-step overhead, measured
-    dooly validate MODEL --ground-truth gt/light ...      the simulator against the real engine
+      dooly bench MODEL --out gt/light ...                  the real engine on the same workload (GPU)
+      dooly overhead MODEL --ground-truth gt/calib ...      the engine's per-step overhead, measured
+      dooly validate MODEL --ground-truth gt/light ...      the simulator against the real engine
     Every command takes --output json for scripts; bad input exits with code 2 and one line.
     """
     level = logging.WARNING - 10 * min(verbose, 2)
