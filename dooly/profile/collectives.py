@@ -32,13 +32,10 @@ from typing import Any
 
 from dooly.distributed import RankContext
 from dooly.profile.measure import (
-    P10,
-    P90,
     STATUS_ERROR,
     STATUS_OK,
     STATUS_OOM,
     Measurement,
-    _percentile,
     tensor_shape,
 )
 from dooly.trace.schema import Operation
@@ -144,15 +141,7 @@ class CollectiveTimer:
         except torch.OutOfMemoryError:
             self._recover()
             return Measurement(None, None, None, None, 0, STATUS_OOM, self._held(started))
-        return Measurement(
-            median_s=_percentile(values_s, 50),
-            p10_s=_percentile(values_s, P10),
-            p90_s=_percentile(values_s, P90),
-            mean_s=sum(values_s) / len(values_s),
-            n=len(values_s),
-            status=STATUS_OK,
-            device_seconds=self._held(started),
-        )
+        return Measurement.of_samples(values_s, self._held(started))
 
     # -- building ----------------------------------------------------------------------------
 

@@ -65,6 +65,19 @@ class Measurement:
     device_seconds: float
     error: str = ""
 
+    @classmethod
+    def of_samples(cls, values: list[float], device_seconds: float) -> "Measurement":
+        """A successful measurement: the statistics every shard row carries, from its samples."""
+        return cls(
+            median_s=_percentile(values, 50),
+            p10_s=_percentile(values, P10),
+            p90_s=_percentile(values, P90),
+            mean_s=sum(values) / len(values),
+            n=len(values),
+            status=STATUS_OK,
+            device_seconds=device_seconds,
+        )
+
 
 class Timer:
     def __init__(self, device: str, samples: int | None = None) -> None:
@@ -92,15 +105,7 @@ class Timer:
             self._recover()
             return Measurement(None, None, None, None, 0, STATUS_ERROR, time.perf_counter() - started,
                                error=f"{type(exc).__name__}: {exc}"[:500])
-        return Measurement(
-            median_s=_percentile(values, 50),
-            p10_s=_percentile(values, P10),
-            p90_s=_percentile(values, P90),
-            mean_s=sum(values) / len(values),
-            n=len(values),
-            status=STATUS_OK,
-            device_seconds=time.perf_counter() - started,
-        )
+        return Measurement.of_samples(values, time.perf_counter() - started)
 
     def _samples(self, call: Callable[[], Any]) -> list[float]:
         if self.device == "cuda":
