@@ -278,7 +278,8 @@ def overhead_command(model, truth_dirs, analytic, store, platform, backend, dtyp
         recorded = Path(directory) / BENCH_ENGINE_FILE
         settings = read_json_object(recorded, "engine settings") if recorded.is_file() else {}
         truths.append((_load_ground_truth(Path(directory)), make_scheduler(engine, settings)))
-    source = f"calibrated on {', '.join(str(d) for d in truth_dirs)} against {'analytic' if analytic else store}"
+    step_source = "the analytic step model" if analytic else f"models fitted for {platform} / {backend}"
+    source = f"calibrated on {', '.join(Path(d).name for d in truth_dirs)} against {step_source}"
     fitted = calibrate_overhead(truths, step_model, engine=engine, platform=platform or "", source=source)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
