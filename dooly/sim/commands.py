@@ -416,6 +416,7 @@ def export_vidur_command(
         analytic_collective_seconds,
         export_vidur,
         export_vidur_network,
+        fitted_op_predictor,
         store_collective_predictor,
     )
 
@@ -439,12 +440,7 @@ def export_vidur_command(
     else:
         predictor, inventory = _load_fitted(store, dims.name or model, platform, engine, backend, dtype, tp, interconnect)
         if tables != "network":
-            if not hasattr(predictor, "vidur_op_predictor"):
-                raise DoolyError(
-                    "the fitted predictor cannot predict Vidur compute operations (no vidur_op_predictor); "
-                    "use --tables network for all_reduce.csv"
-                )
-            predict = predictor.vidur_op_predictor(inventory)
+            predict = fitted_op_predictor(predictor.step_predictor(inventory), inventory, dims.num_layers)
         collective = store_collective_predictor(predictor, inventory)
     sweep = VidurSweep(max_tokens=max_tokens, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     name = vidur_model or dims.name

@@ -439,3 +439,96 @@ def analytic_op_seconds(model: AnalyticStepModel, op: str, point: VidurPoint) ->
             raise DoolyError(f"no analytic estimate for Vidur operation {op!r}")
         flops, data = shapes[op]
     return max(flops / model.peak_flops, data / model.bytes_per_s) + model.launch_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Vidur's operations from fitted models: each inventory operation belongs to the Vidur timer of
+# the module that ran it (transformers' module names), its count split over its modules.
+# ---------------------------------------------------------------------------------------------
+
+# (Vidur op, module-name suffixes after "model.layers.*") in the order they are tried.
+_LAYER_MODULE_OPS = (
+    ("attn_pre_proj", (".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj")),
+    ("attn_post_proj", (".self_attn.o_proj",)),
+    ("input_layernorm", (".input_layernorm",)),
+    ("post_attention_layernorm", (".post_attention_layernorm",)),
+    ("mlp_up_proj", (".mlp.gate_proj", ".mlp.up_proj")),
+    ("mlp_down_proj", (".mlp.down_proj",)),
+    ("mlp_act", (".mlp.act_fn", ".mlp")),
+    ("attn_rope", (".self_attn",)),
+    ("add", ("",)),
+)
+_LAYER_PREFIX = "model.layers.*"
+_MODEL_MODULE_OPS = {"model.embed_tokens": "emb", "model.rotary_emb": "attn_rope"}
+_ATTENTION_OP = "attention"
+
+
+def vidur_op_of(module: str, op: str) -> str | None:
+    """The Vidur timer an operation of `module` is charged to, or None (lm_head, sampling, the
+    final norm: outside Vidur's per-layer tables)."""
+    if module in _MODEL_MODULE_OPS:
+        return _MODEL_MODULE_OPS[module]
+    if not module.startswith(_LAYER_PREFIX):
+        return None
+    suffix = module[len(_LAYER_PREFIX):]
+    if op == _ATTENTION_OP:
+        return _ATTENTION_OP
+    for vidur_op, suffixes in _LAYER_MODULE_OPS:
+        if suffix in suffixes:
+            return vidur_op
+    return None
+
+
+def _per_layer_shares(inventory: dict[str, object], num_layers: int) -> dict[str, dict[str, float]]:
+    """signature -> {Vidur op: executions per layer} (or per forward, for `emb`). A signature shared
+    by several modules runs once per forward in each model-level module and equally often in each
+    layer-level one (e.g. the RMSNorm kernels of both layer norms and the final norm)."""
+    shares: dict[str, dict[str, float]] = {}
+    for entry in inventory.get("operations", []):
+        modules = list(entry.get("modules") or [""])
+        layer_modules = [m for m in modules if m.startswith(_LAYER_PREFIX)]
+        per_layer_module = (entry["count"] - (len(modules) - len(layer_modules))) / max(len(layer_modules), 1) / num_layers
+        target = shares.setdefault(entry["signature"], {})
+        for module in modules:
+            vidur_op = vidur_op_of(module, entry["op"])
+            if vidur_op is None:
+                continue
+            if module in layer_modules:
+                weight = per_layer_module
+            else:
+                weight = 1.0 if vidur_op == "emb" else 1.0 / num_layers
+            target[vidur_op] = target.get(vidur_op, 0.0) + weight
+    return shares
+
+
+def fitted_op_predictor(step_predictor: object, inventory: dict[str, object], num_layers: int) -> VidurOpPredictor:
+    """Vidur operations from a fitted `StepPredictor`: at each Vidur point, the per-execution
+    seconds of every inventory operation (`op_seconds`) times its executions per layer, summed per
+    Vidur timer. Attention is the engine's attention call for the point's batch (prefill: chunks of
+    `prefill_chunk_size` after `kv_cache_size`; decode: `batch_size` sequences of that context);
+    the reshapes and the KV-cache write happen inside that call, so they are reported as 0."""
+    shares = _per_layer_shares(inventory, num_layers)
+    cache: dict[VidurPoint, dict[str, float]] = {}
+
+    def per_op(point: VidurPoint) -> dict[str, float]:
+        if point not in cache:
+            if point.is_prefill:
+                batch = ([(point.prefill_chunk_size, point.kv_cache_size)] * point.batch_size, [])
+            elif point.kv_cache_size > 0:
+                batch = ([], [point.kv_cache_size] * point.batch_size)
+            else:
+                batch = ([(point.num_tokens, 0)], [])
+            totals: dict[str, float] = {}
+            for row in step_predictor.op_seconds(*batch):
+                for vidur_op, weight in shares.get(row["signature"], {}).items():
+                    totals[vidur_op] = totals.get(vidur_op, 0.0) + row["seconds"] * weight
+            cache[point] = totals
+        return cache[point]
+
+    def predict(op: str, point: VidurPoint) -> float:
+        totals = per_op(point)
+        if op in ("attn_prefill", "attn_decode"):
+            return totals.get(_ATTENTION_OP, 0.0)
+        return totals.get(op, 0.0)
+
+    return predict

@@ -62,3 +62,20 @@ def test_every_committed_cell_has_its_ground_truth_and_calibration_run():
         prefix = f"{row['model']}.{row['backend'].replace('|', '-')}.{row['variant']}"
         for workload in (row["workload"], "calib"):
             assert (DATA / "groundtruth" / f"{prefix}.{workload}" / "requests.parquet").is_file()
+
+
+def test_vidur_export_from_the_fitted_h100_models(fitted_store, tmp_path):
+    import csv
+
+    _run(["export", "vidur", "meta-llama/Llama-3.1-8B", "--device", "h100", "--out", str(tmp_path), "--store", str(fitted_store),
+          "--platform", PLATFORM, "--backend", "paged|sdpa", "--max-tokens", "512", "--max-seq-len", "1024", "--max-batch-size", "8"])
+    base = tmp_path / "data" / "profiling" / "compute" / "h100" / "meta-llama" / "Llama-3.1-8B"
+    mlp = list(csv.DictReader((base / "mlp.csv").open()))
+    by_tokens = {int(r["num_tokens"]): r for r in mlp}
+    for op in ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "mlp_up_proj", "mlp_act", "mlp_down_proj", "add"):
+        assert float(by_tokens[1][f"time_stats.{op}.median"]) > 0, op
+        assert float(by_tokens[512][f"time_stats.{op}.median"]) > float(by_tokens[1][f"time_stats.{op}.median"]), op
+    decodes = [r for r in csv.DictReader((base / "attention.csv").open()) if r["is_prefill"] == "False" and r["batch_size"] == "1"]
+    by_context = {int(r["kv_cache_size"]): float(r["time_stats.attn_decode.median"]) for r in decodes}
+    contexts = sorted(by_context)
+    assert by_context[contexts[-1]] > by_context[contexts[0]] > 0
