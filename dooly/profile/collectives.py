@@ -37,6 +37,7 @@ from dooly.profile.measure import (
     STATUS_OOM,
     Measurement,
     tensor_shape,
+    timed_seconds,
 )
 from dooly.trace.schema import Operation
 
@@ -245,20 +246,7 @@ class CollectiveTimer:
         return graph
 
     def _timed(self, call: Callable[[], Any], reps: int) -> float:
-        import torch
-
-        if self.ctx.device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                call()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0
-        begin = time.perf_counter()
-        for _ in range(reps):
-            call()
-        return time.perf_counter() - begin
+        return timed_seconds(self.ctx.device, call, reps)
 
     # -- agreement between ranks (host side, on the control group) ---------------------------
 

@@ -44,6 +44,8 @@ PILOT_GRAPH_REPS = 10
 MAX_GRAPH_REPS = 1000
 MIN_GRAPH_SAMPLE_S = 1e-3
 DEFAULT_SAMPLES_CPU = 5
+# CUDA events report milliseconds.
+MS_PER_S = 1e3
 SEED = 1234
 # Random activations are scaled down so long reductions stay finite in bf16.
 ACTIVATION_SCALE = 0.1
@@ -77,6 +79,23 @@ class Measurement:
             status=STATUS_OK,
             device_seconds=device_seconds,
         )
+
+
+def timed_seconds(device: str, call: Callable[[], Any], reps: int) -> float:
+    """Seconds that `reps` back-to-back calls take: CUDA events around them on a GPU (the device's
+    time, not the host's), the host clock on a CPU."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / MS_PER_S
+    begin = time.perf_counter()
+    for _ in range(reps):
+        call()
+    return time.perf_counter() - begin
 
 
 class Timer:
@@ -155,18 +174,7 @@ class Timer:
         return samples
 
     def _timed(self, call: Callable[[], Any], reps: int) -> float:
-        if self.device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                call()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0 / reps
-        begin = time.perf_counter()
-        for _ in range(reps):
-            call()
-        return (time.perf_counter() - begin) / reps
+        return timed_seconds(self.device, call, reps) / reps
 
     def _recover(self) -> None:
         if self.device == "cuda":

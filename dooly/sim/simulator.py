@@ -316,10 +316,7 @@ class _Run:
         if not (gpu >= 0 and math.isfinite(gpu)):
             raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {batch.num_tokens} tokens")
         cpu = self.overhead.seconds(batch.path, batch.num_seqs, batch.num_tokens, batch.kv_tokens)
-        shape = self.overhead.graph_shape(batch.path)
-        if shape is not None and shape not in self.captured:
-            self.captured.add(shape)
-            cpu += self.overhead.graph_capture_s
+        cpu += self.overhead.capture_seconds(batch.path, self.captured)
         return gpu, cpu
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:

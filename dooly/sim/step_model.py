@@ -182,6 +182,15 @@ class CpuOverheadModel:
             return None
         return (path.engine_path, path.padded_tokens, path.padded_kv)
 
+    def capture_seconds(self, path: StepPath, captured: set[tuple[str, int, int]]) -> float:
+        """`graph_capture_s` the first time `path`'s graph shape is met (recorded in `captured`,
+        the caller's engine-lifetime set), else 0."""
+        shape = self.graph_shape(path)
+        if shape is None or shape in captured:
+            return 0.0
+        captured.add(shape)
+        return self.graph_capture_s
+
     @classmethod
     def zero(cls) -> CpuOverheadModel:
         return cls(source="none: host overhead not modelled")

@@ -83,6 +83,13 @@ class MeasuredStep:
     prefill: list[tuple[int, int]]
     decode_ctx: list[int]
 
+    def sizes(self) -> tuple[int, int, int]:
+        """(sequences, query tokens, KV tokens read): what the overhead terms scale with."""
+        num_seqs = len(self.prefill) + len(self.decode_ctx)
+        num_tokens = sum(q for q, _ in self.prefill) + len(self.decode_ctx)
+        kv = sum(q + c for q, c in self.prefill) + sum(self.decode_ctx) + len(self.decode_ctx)
+        return num_seqs, num_tokens, kv
+
 
 @dataclass
 class GroundTruth:
@@ -234,14 +241,7 @@ def replay_steps(
     for step in steps:
         path = path_for(step.prefill, step.decode_ctx) if path_for else _default_path(step.prefill, step.decode_ctx)
         gpu = device_seconds(step_model, step.prefill, step.decode_ctx, path, pass_path)
-        num_tokens = sum(q for q, _ in step.prefill) + len(step.decode_ctx)
-        kv = sum(q + c for q, c in step.prefill) + sum(step.decode_ctx) + len(step.decode_ctx)
-        num_seqs = len(step.prefill) + len(step.decode_ctx)
-        host = overhead.seconds(path, num_seqs, num_tokens, kv)
-        shape = overhead.graph_shape(path)
-        if shape is not None and shape not in captured:
-            captured.add(shape)
-            host += overhead.graph_capture_s
+        host = overhead.seconds(path, *step.sizes()) + overhead.capture_seconds(path, captured)
         out.append(float(gpu) + host)
     return out
 
@@ -385,10 +385,7 @@ def calibrate_overhead(
         for step in truth.steps:
             path = scheduler.path_for(step.prefill, step.decode_ctx)
             device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, pass_path))
-            num_tokens = sum(q for q, _ in step.prefill) + len(step.decode_ctx)
-            kv = sum(q + c for q, c in step.prefill) + sum(step.decode_ctx) + len(step.decode_ctx)
-            num_seqs = len(step.prefill) + len(step.decode_ctx)
-            sample = (path.overhead_key, num_seqs, num_tokens, kv, max(step.duration_s - device, 0.0))
+            sample = (path.overhead_key, *step.sizes(), max(step.duration_s - device, 0.0))
             shape = CpuOverheadModel.graph_shape(path)
             if shape is not None and shape not in seen:
                 seen.add(shape)
