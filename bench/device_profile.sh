@@ -23,6 +23,7 @@ for group in "$@"; do
         > "$out/reports/step${step}.json" 2> "$out/reports/step${step}.log" || echo "step $step failed" >&2
     end=$(date +%s.%N)
     echo "step $step (${models[*]}): $(python3 -c "print(round($end - $start, 1))") s wall" | tee -a "$out/reports/wall.txt"
+    # Shard keys hold '=' and '~', which the device tool does not bring back as names: ship one
+    # archive, refreshed after every step so a call cut short by its time limit keeps what it did.
+    tar -C "$out" -czf "$out/db.tar.gz" db reports
 done
-# Shard keys hold '=' and '~', which the device tool does not bring back as names: ship one archive.
-tar -C "$out" -czf "$out/db.tar.gz" db

@@ -40,6 +40,10 @@ MS_PER_S = 1e3
 @click.option("--warmup-requests", type=int, default=4, show_default=True,
               help="Short requests served before the measured ones (not recorded).")
 @click.option("--model-seed", type=int, default=0, show_default=True, help="Seed of the random weights and prompt tokens.")
+@click.option("--warm-passes", type=int, default=0, show_default=True,
+              help="Serve the workload this many times first, unrecorded, on the same engine: CUDA graphs and "
+                   "kernel plans for the shapes it meets are built there, as on a server that has been running. "
+                   "Recorded in bench.json; `dooly validate` simulates the same passes.")
 @workload_options
 @output_option
 def bench_command(
@@ -53,6 +57,7 @@ def bench_command(
     settings: tuple[str, ...],
     warmup_requests: int,
     model_seed: int,
+    warm_passes: int,
     workload_args: dict[str, Any],
     output_format: str,
 ) -> None:
@@ -82,6 +87,10 @@ def bench_command(
 
     if warmup_requests < 0:
         raise DoolyError("--warmup-requests must be >= 0")
+    if warm_passes < 0:
+        raise DoolyError("--warm-passes must be >= 0")
+    if warm_passes and engine != "transformers":
+        raise DoolyError("--warm-passes applies to the transformers engine (vLLM captures its graphs at start-up)")
     spec = spec_from_options(**workload_args)
     requests = generate_requests(spec)
     if not requests:
@@ -93,7 +102,8 @@ def bench_command(
 
         backend = default_backend(engine)
     started = time.time()
-    run, provenance = _run(engine, model_spec, backend, device, dtype, engine_settings, requests, model_seed, warmup_requests)
+    run, provenance = _run(engine, model_spec, backend, device, dtype, engine_settings, requests, model_seed,
+                           warmup_requests, warm_passes)
     summary = summarize(run.requests, run.steps)
     provenance.update(
         model=model_spec.model_id,
@@ -102,6 +112,7 @@ def bench_command(
         dtype=dtype,
         workload=spec.to_dict(),
         requested_settings=engine_settings,
+        warm_passes=warm_passes,
         engine_details=run.engine_details,
         started_at_unix=started,
         wall_s=time.time() - started,
@@ -123,6 +134,7 @@ def bench_command(
         ("TTFT p50 (ms)", _ms(summary["ttft_p50_s"])),
         ("TPOT p50 (ms)", _ms(summary["tpot_p50_s"])),
         ("step p50 (ms)", _ms(summary["step_p50_s"])),
+        ("graph captures in run", str(summary["graph_captures"])),
         ("platform", provenance["platform"]),
     ]
     click.echo(format_table(["", model_spec.model_id], rows))
@@ -130,7 +142,7 @@ def bench_command(
 
 
 def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, engine_settings: dict[str, Any],
-         requests: list[Any], seed: int, warmup: int) -> tuple[Any, dict[str, Any]]:
+         requests: list[Any], seed: int, warmup: int, warm_passes: int = 0) -> tuple[Any, dict[str, Any]]:
     """Run the chosen engine; returns its BenchRun and the provenance of where it ran."""
     import torch
 
@@ -157,6 +169,7 @@ def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, en
             dtype=getattr(torch, DTYPES[dtype]),
             seed=seed,
             warmup_requests=warmup,
+            warm_passes=warm_passes,
         )
     except TypeError as exc:
         raise DoolyError(f"engine settings rejected by ContinuousBatchingConfig: {exc}") from None

@@ -57,6 +57,8 @@ class StepRecord:
     forward_s: float = 0.0
     device_s: float | None = None
     update_s: float = 0.0
+    # The engine captured a CUDA graph for this step's shape (a first-seen shape): a one-off cost.
+    graph_captured: bool = False
 
 
 @dataclass
@@ -106,6 +108,7 @@ def steps_table(records: list[StepRecord]) -> Any:
             ("forward_s", pa.float64()),
             ("device_s", pa.float64()),
             ("update_s", pa.float64()),
+            ("graph_captured", pa.bool_()),
         ]
     )
     rows = []
@@ -164,4 +167,5 @@ def summarize(requests: list[RequestRecord], steps: list[StepRecord]) -> dict[st
         "ttft_p50_s": float(np.median(ttft)) if ttft else None,
         "tpot_p50_s": float(np.median(tpot)) if tpot else None,
         "step_p50_s": float(np.median([s.duration_s for s in steps])) if steps else None,
+        "graph_captures": sum(1 for s in steps if s.graph_captured),
     }

@@ -40,6 +40,8 @@ RESULT_POLL_S = 0.5
 # A request that produces no result for this long after the last arrival means the engine stalled.
 STALL_TIMEOUT_S = 600.0
 ENGINE_STOP_TIMEOUT_S = 60.0
+# Request ids of an unrecorded warm pass end with this and the pass number.
+WARM_PASS_SUFFIX = "~warm"
 MS_PER_S = 1e3
 
 
@@ -91,6 +93,12 @@ class _StepProbe:
             )
             return prepare_batch_tensors(requests_in_batch, *args, **kwargs)
 
+        capture_graph = runner._capture_graph
+
+        def flagged_capture(*args: Any, **kwargs: Any) -> None:
+            self._pending["graph_captured"] = True
+            capture_graph(*args, **kwargs)
+
         def timed_step() -> None:
             stream = getattr(io, "compute_stream", None)
             events = None
@@ -124,6 +132,7 @@ class _StepProbe:
                     prepare_s=pending["prepare_s"],
                     forward_s=pending.get("forward_s", 0.0),
                     update_s=end - start,
+                    graph_captured=pending.get("graph_captured", False),
                 )
             )
             self.events.append(pending.get("events"))
@@ -132,6 +141,7 @@ class _StepProbe:
         io.prepare_batch_tensors = capture_composition
         processor.update_batch = timed_update
         self.manager._generation_step = timed_step
+        runner._capture_graph = flagged_capture
 
     def finish(self) -> list[StepRecord]:
         """Resolve the CUDA events into device seconds (after the engine stopped: no sync needed
@@ -163,8 +173,14 @@ def run_transformers_bench(
     dtype: torch.dtype,
     seed: int = 0,
     warmup_requests: int = DEFAULT_WARMUP_REQUESTS,
+    warm_passes: int = 0,
 ) -> BenchRun:
-    """Serve `requests` on the real engine and record what happened."""
+    """Serve `requests` on the real engine and record what happened.
+
+    `warm_passes`: serve the same workload this many times first, unrecorded, on the same engine
+    (`_serve`): the batch shapes it meets get their CUDA graphs captured (and kernel plans built)
+    there, as on a server that has been running, so the recorded pass measures steady state rather
+    than the one-off cost of each first-seen shape, which lands on different requests run to run."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -182,6 +198,8 @@ def run_transformers_bench(
     manager.start()
     try:
         _run_warmup(manager, rng, vocab, warmup_requests)
+        for index in range(warm_passes):
+            _serve(manager, requests, rng, vocab, suffix=f"{WARM_PASS_SUFFIX}{index}")
         probe.recording = True
         outputs, arrivals = _serve(manager, requests, rng, vocab)
         probe.recording = False
@@ -213,23 +231,29 @@ def _run_warmup(manager: Any, rng: np.random.Generator, vocab: int, count: int) 
         pending.discard(result.request_id)
 
 
-def _serve(manager: Any, requests: list[Request], rng: np.random.Generator, vocab: int) -> tuple[dict[str, Any], dict[str, float]]:
-    """Add each request at its arrival time while collecting results; wait for the last."""
+def _serve(manager: Any, requests: list[Request], rng: np.random.Generator, vocab: int,
+           suffix: str = "") -> tuple[dict[str, Any], dict[str, float]]:
+    """Add each request at its arrival time while collecting results; wait for the last. The
+    engine sees each request id with `suffix` appended (a warm pass reuses the workload)."""
     ordered = sorted(requests, key=lambda r: r.arrival_s)
     prompts = {r.request_id: _prompt(rng, vocab, r.prompt_tokens) for r in ordered}
     outputs: dict[str, Any] = {}
     arrivals: dict[str, float] = {}
+
+    def collect(result: Any) -> None:
+        outputs[result.request_id.removesuffix(suffix) if suffix else result.request_id] = result
+
     origin = time.perf_counter()
     for request in ordered:
         due = origin + request.arrival_s
         while (wait := due - time.perf_counter()) > 0:
             result = manager.get_result(timeout=wait)
             if result is not None:
-                outputs[result.request_id] = result
+                collect(result)
         arrivals[request.request_id] = time.perf_counter()
         manager.add_request(
             prompts.pop(request.request_id),
-            request_id=request.request_id,
+            request_id=request.request_id + suffix,
             max_new_tokens=request.output_tokens,
             record_timestamps=True,
         )
@@ -237,7 +261,7 @@ def _serve(manager: Any, requests: list[Request], rng: np.random.Generator, voca
     while len(outputs) < len(ordered):
         result = manager.get_result(timeout=RESULT_POLL_S)
         if result is not None:
-            outputs[result.request_id] = result
+            collect(result)
             last_progress = time.perf_counter()
         elif not manager.is_running() or time.perf_counter() - last_progress > STALL_TIMEOUT_S:
             log.error("engine stopped with %d of %d requests unfinished", len(ordered) - len(outputs), len(ordered))

@@ -152,7 +152,10 @@ class Timer:
         most = MAX_GRAPH_REPS
         if per_call_bytes:
             most = max(1, min(most, int(GRAPH_MEMORY_BUDGET_BYTES // per_call_bytes)))
-        pilot_reps = min(PILOT_GRAPH_REPS, most)
+        # An eager call (launch gaps included: never shorter than the op) sizes the pilot, so an op
+        # that alone lasts MIN_GRAPH_SAMPLE_S is captured once, not PILOT_GRAPH_REPS times per sample.
+        eager_call = self._timed(call, 1)
+        pilot_reps = min(PILOT_GRAPH_REPS, most, max(1, math.ceil(MIN_GRAPH_SAMPLE_S / max(eager_call, 1e-9))))
         try:
             pilot = _capture(call, pilot_reps)
         except RuntimeError as exc:  # the op syncs with the host (e.g. .item()): time it eagerly

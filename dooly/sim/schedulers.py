@@ -205,6 +205,8 @@ TF_DEFAULT_MAX_BATCH_TOKENS = 8192  # PagedAttentionMemoryHandler._default_max_b
 TF_DEFAULT_MAX_REQUESTS_PER_BATCH = 1024  # FALLBACK_DEFAULTS["max_requests_per_batch"]
 TF_DEFAULT_Q_PADDING = 64  # FALLBACK_DEFAULTS["q_padding_interval_size"]
 TF_DEFAULT_KV_PADDING = 64 * 256  # FALLBACK_DEFAULTS["kv_padding_interval_size"]
+# transformers pads the longest sequence's KV length to a power of two, at least this, under graphs.
+TF_MIN_PADDED_SEQLEN_K = 1024
 TF_SAFETY_MARGIN = {"fifo": 0.15, "prefill_first": 0.0}  # the scheduler classes' defaults
 # The engine sizes num_blocks from free GPU memory; a simulation needs it given. This default is
 # 131072 KV tokens: read the real value from the engine's log ("Paged cache initialized").
@@ -497,24 +499,33 @@ class TransformersCBScheduler(Scheduler):
         num_tokens = len(decode_ctx) + sum(q for q, _ in prefill)
         graph = self.graph_decode if fast else self.graph_varlen
         padded = num_tokens
-        padded_kv = 0
+        padded_kv = padded_seqlen = 0
         if self.pad_inputs:
             cfg = self.config
             if fast:
                 padded = min(1 << max(num_tokens - 1, 0).bit_length(), cfg.max_requests_per_batch)
             else:
-                padded = _pad_to_interval(num_tokens, cfg.q_padding_interval_size, cfg.max_batch_tokens)
-                # The engine pads the cached tokens it reads (its `max_kv_read`); attention then
-                # spans those plus the (padded) new tokens.
                 cached = sum(c for _, c in prefill) + sum(decode_ctx)
-                padded_kv = _pad_to_interval(cached, cfg.kv_padding_interval_size, self.num_pages) + padded
+                longest = max([q + c for q, c in prefill] + [c + 1 for c in decode_ctx], default=0)
+                padded, padded_kv, padded_seqlen = self._varlen_shape(num_tokens, cached, longest)
         return StepPath(
             _kind(prefill, decode_ctx),
             cuda_graph=graph,
             padded_tokens=padded,
             engine_path="decode_fast_path" if fast else "varlen",
             padded_kv=padded_kv,
+            padded_seqlen_k=padded_seqlen if graph else 0,
         )
+
+    def _varlen_shape(self, num_tokens: int, cached: int, longest: int) -> tuple[int, int, int]:
+        """Padded query tokens, KV tokens attention spans (the padded cached read, the engine's
+        `max_kv_read`, plus the padded new tokens) and longest sequence (`pad_to_pow2`, part of
+        a captured graph's key)."""
+        cfg = self.config
+        padded = _pad_to_interval(num_tokens, cfg.q_padding_interval_size, cfg.max_batch_tokens)
+        padded_kv = _pad_to_interval(cached, cfg.kv_padding_interval_size, self.num_pages) + padded
+        padded_seqlen = min(1 << max(max(longest, TF_MIN_PADDED_SEQLEN_K) - 1, 0).bit_length(), self.num_pages)
+        return padded, padded_kv, padded_seqlen
 
     def stall_message(self) -> str:
         biggest = max(self.active.values(), key=lambda s: s.num_tokens, default=None)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dooly.sim.schedulers import ScheduledBatch, Scheduler, Seq, SimulationError
-from dooly.sim.step_model import CpuOverheadModel, StepLatencyModel, accepts_path, device_seconds
+from dooly.sim.step_model import CpuOverheadModel, GraphShape, StepLatencyModel, accepts_path, device_seconds
 from dooly.workload import Request
 
 logger = logging.getLogger(__name__)
@@ -190,10 +190,14 @@ def simulate(
     record_token_times: bool = False,
     record_batches: bool = False,
     max_steps: int | None = None,
+    captured: set[GraphShape] | None = None,
 ) -> SimResult:
     """Serve `requests` on one replica and return what happened to each request and step.
 
     The scheduler keeps its state (KV blocks, queues): give each run a fresh one.
+    `captured`: the CUDA-graph shapes the engine already holds (a server that has been running);
+    the set grows with the shapes this run captures, so passing it on to the next run continues
+    the same engine.
     `record_token_times` keeps every token's delivery time (for TBT distributions);
     `record_batches` keeps each step's (prefill, decode_ctx) composition (for replays)."""
     if scheduler.has_unfinished():
@@ -209,7 +213,7 @@ def simulate(
             seq.token_times = []
     if max_steps is None:
         max_steps = MAX_STEPS_PER_TOKEN * sum(s.prompt + s.target for s in seqs) + MIN_STEP_LIMIT
-    run = _Run(scheduler, step_model, overhead, record_batches)
+    run = _Run(scheduler, step_model, overhead, record_batches, captured)
     if scheduler.async_scheduling:
         run.loop_async(seqs, max_steps)
     else:
@@ -230,11 +234,12 @@ class _Run:
         step_model: StepLatencyModel,
         overhead: CpuOverheadModel,
         record_batches: bool,
+        captured: set[GraphShape] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.step_model = step_model
         self.overhead = overhead
-        self.captured: set[tuple[str, int, int]] = set()
+        self.captured: set[GraphShape] = captured if captured is not None else set()
         self.pass_path = accepts_path(step_model)
         self.columns: dict[str, list] = {name: [] for name in _STEP_FIELDS}
         self.batches: list | None = [] if record_batches else None

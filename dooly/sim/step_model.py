@@ -38,6 +38,10 @@ class StepKind(str, Enum):
     MIXED = "mixed"
 
 
+# (engine path, padded query tokens, padded KV read, padded longest sequence): a captured graph's key.
+GraphShape = tuple[str, int, int, int]
+
+
 @dataclass(frozen=True, slots=True)
 class StepPath:
     """The execution path the engine takes for a step.
@@ -46,7 +50,9 @@ class StepPath:
     vLLM: `full_graph`, `piecewise_graph` or `eager`); `padded_tokens` is the query-token count
     the kernels actually run over (CUDA graphs pad to a captured size), equal to the real count
     when nothing is padded; `padded_kv` likewise for the KV tokens attention reads (transformers
-    pads its read index to `kv_padding_interval_size` under CUDA graphs), 0 when not padded.
+    pads its read index to `kv_padding_interval_size` under CUDA graphs), 0 when not padded;
+    `padded_seqlen_k` the longest sequence's KV length as the engine pads it for a captured graph
+    (a power of two), part of the graph's key and nothing else, 0 when not padded.
     """
 
     kind: StepKind
@@ -54,6 +60,7 @@ class StepPath:
     padded_tokens: int = 0
     engine_path: str = ""
     padded_kv: int = 0
+    padded_seqlen_k: int = 0
 
     @property
     def overhead_key(self) -> str:
@@ -176,13 +183,13 @@ class CpuOverheadModel:
         return terms.seconds(num_seqs, num_tokens, kv_tokens)
 
     @staticmethod
-    def graph_shape(path: StepPath) -> tuple[str, int, int] | None:
+    def graph_shape(path: StepPath) -> GraphShape | None:
         """The key under which the engine caches a captured graph; None off the graph paths."""
         if not path.cuda_graph:
             return None
-        return (path.engine_path, path.padded_tokens, path.padded_kv)
+        return (path.engine_path, path.padded_tokens, path.padded_kv, path.padded_seqlen_k)
 
-    def capture_seconds(self, path: StepPath, captured: set[tuple[str, int, int]]) -> float:
+    def capture_seconds(self, path: StepPath, captured: set[GraphShape]) -> float:
         """`graph_capture_s` the first time `path`'s graph shape is met (recorded in `captured`,
         the caller's engine-lifetime set), else 0."""
         shape = self.graph_shape(path)

@@ -131,6 +131,8 @@ def test_overhead_then_validate_on_the_recorded_run(bench_dir, tmp_path):
         (["--attention", "flex_attention"], "runs paged|sdpa, paged|eager"),
         (["--set", "no_such_setting=1"], "engine settings rejected"),
         (["--requests", "0"], "num_requests must be >= 1"),
+        (["--warm-passes", "-1"], "--warm-passes must be >= 0"),
+        (["--engine", "vllm", "--warm-passes", "1"], "applies to the transformers engine"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, extra, message):
@@ -142,3 +144,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, extra, messag
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_warm_pass_serves_the_workload_unrecorded_first(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    out = tmp_path / "gt"
+    workload = ["--requests", "3", "--rate", "50", "--prompt-len", "16", "--output-len", "3", "--seed", "1"]
+    result = CliRunner().invoke(
+        cli, ["bench", str(config), "--out", str(out), "--dtype", "float32", "--warmup-requests", "0",
+              "--warm-passes", "1", *SETTINGS, *workload, "--output", "json"],
+    )
+    assert result.exit_code == 0, result.output
+    requests = pq.read_table(out / "requests.parquet").to_pylist()
+    assert sorted(r["request_id"] for r in requests) == ["r0", "r1", "r2"]
+    steps = pq.read_table(out / "steps.parquet").to_pylist()
+    # Only the recorded pass: its 48 prompt tokens and 3 x 2 decodes, not the warm pass's too.
+    assert sum(c["q"] for s in steps for c in s["prefill"]) == 48
+    assert sum(len(s["decode_ctx"]) for s in steps) == 6
+    assert json.loads((out / "bench.json").read_text())["warm_passes"] == 1

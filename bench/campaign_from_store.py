@@ -1,0 +1,81 @@
+"""A campaign's per-model figures recomputed from the store it grew, in the report format of
+`dooly profile --output json` (a step's report can be lost; the store holds what it measured).
+
+In the fixed order, a model's *spent* device time is what the store's rows cost for the
+signatures it was first to need (their measurement, refinement included), and its *alone* cost is
+what its whole grid of points cost when measured: the planner's `held_seconds`, as `dooly
+profile` reports it.
+
+    python bench/campaign_from_store.py --store DB --backends 'paged|sdpa,paged|eager' > reports.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from dataclasses import fields
+from pathlib import Path
+
+from dooly.profile.grid import GridSpec
+from dooly.profile.plan import build_plan
+from dooly.profile.provenance import Stack
+from dooly.profile.run import load_or_trace
+from dooly.store.backends import open_store
+
+SUITE_ORDER = Path(__file__).parent / "suite_models.txt"
+TRACES = Path(__file__).parent.parent / "data" / "traces"
+
+
+def suite_order(path: Path) -> list[tuple[str, str]]:
+    """(model id, trace file stem) per line of the order file."""
+    return [tuple(line.split()) for line in path.read_text().splitlines() if line.strip()]  # type: ignore[misc]
+
+
+def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str, str]]) -> list[dict]:
+    import polars as pl
+
+    store = open_store(str(store_dir))
+    rows = pl.concat([pl.read_parquet(p) for p in sorted(store_dir.glob("shards/**/*.parquet"))], how="diagonal_relaxed")
+    spent_by_signature = dict(rows.group_by("signature").agg(pl.col("device_seconds").sum()).iter_rows())
+    first = rows.row(0, named=True)
+    entries, seen = [], set()
+    for backend in backends:
+        stack = Stack(**{**{f.name: first[f.name] for f in fields(Stack)}, "backend": backend})
+        for model_id, stem in order:
+            trace, _ = load_or_trace(str(TRACES / f"{stem}.{backend.replace('|', '-')}.json"), backend, "bfloat16")
+            plan = build_plan([trace], store, stack, GridSpec(), software_agnostic=True)
+            model = plan.models[0]
+            new = [s for s in model.signatures if s not in seen]
+            seen.update(model.signatures)
+            entries.append({
+                "backend": backend,
+                "model": model_id,
+                "signatures": len(model.signatures),
+                "reused_signatures": len(model.signatures) - len(new),
+                "profiled_signatures": len(new),
+                "device_seconds": round(sum(spent_by_signature.get(s, 0.0) for s in new), 4),
+                "baseline_device_seconds": round(sum(plan.items[s].held_seconds for s in model.signatures), 4),
+                "unheld_points": sum(len(plan.items[s].missing) for s in model.signatures),
+            })
+    return entries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", required=True, type=Path)
+    parser.add_argument("--backends", default="paged|sdpa,paged|eager")
+    parser.add_argument("--order", type=Path, default=SUITE_ORDER)
+    args = parser.parse_args()
+    entries = campaign_entries(args.store, args.backends.split(","), suite_order(args.order))
+    totals = defaultdict(float)
+    for entry in entries:
+        totals["spent"] += entry["device_seconds"]
+        totals["alone"] += entry["baseline_device_seconds"]
+    saving = 1 - totals["spent"] / totals["alone"] if totals["alone"] else 0.0
+    print(json.dumps({"models": entries, "device_seconds": round(totals["spent"], 4),
+                      "baseline_device_seconds": round(totals["alone"], 4), "saving": round(saving, 4)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
