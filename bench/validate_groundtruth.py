@@ -3,7 +3,13 @@
 For each group of cells `<model>.<backend>.<variant>.<workload>` under GROUND_TRUTH (as
 bench/device_bench.py writes them), the engine overhead is calibrated on the `calib` workload
 (`dooly overhead`), then every other workload is validated (`dooly validate`) with it: TTFT, TPOT
-and per-step MAPE. The store must be merged and fitted (`dooly merge`, `dooly fit`).
+and per-step MAPE, and the signed error of the TTFT, TPOT and E2E distributions (mean, p50, p90,
+p99 across requests). The store must be merged and fitted (`dooly merge`, `dooly fit`).
+
+accuracy.json holds one row per validated cell: `ttft_mape`, `ttft_p50` (median APE), `tpot_mape`,
+`tpot_p50`, `step_mape`, and `<ttft|tpot|e2e>_<mean|p50|p90|p99>_error_pct` (simulated statistic
+against measured, in percent; > 0: the simulation is slower). accuracy.md is the table of the
+headline columns.
 
     python bench/validate_groundtruth.py --ground-truth data/h100/groundtruth --store DB \\
         --platform NVIDIA-H100-80GB-HBM3 --out report/
@@ -16,12 +22,22 @@ import json
 import logging
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from dooly.sim.commands import overhead_command, validate_command
+from dooly.sim.validate import DISTRIBUTION_STATISTICS, REQUEST_METRICS
 
 log = logging.getLogger("validate_groundtruth")
 
 CALIBRATION_WORKLOAD = "calib"
+# The distribution errors that make it into the markdown tables (all are in accuracy.json).
+DISTRIBUTION_COLUMNS = (
+    ("mean TTFT err", "ttft_mean_error_pct"),
+    ("p90 TTFT err", "ttft_p90_error_pct"),
+    ("mean TPOT err", "tpot_mean_error_pct"),
+)
+DISTRIBUTION_NOTE = ("Distribution columns (err): the simulated mean or p90 across requests against the measured one\n"
+                     "(> 0: simulated slower); their mean row averages absolute values.")
 BUNDLED_ORGS = {"Llama": "meta-llama", "Qwen2.5": "Qwen", "gemma": "google", "Mistral": "mistralai", "Mixtral": "mistralai"}
 
 
@@ -30,6 +46,41 @@ def model_id(short: str) -> str:
         if short.startswith(prefix):
             return f"{org}/{short}"
     return short
+
+
+def accuracy_fields(requests: dict[str, Any], distribution: dict[str, Any]) -> dict[str, float | int | None]:
+    """The flat accuracy.json fields of one comparison, from the `requests` (per-request errors)
+    and `distribution` parts of a `dooly validate` report or of a `compare_runs` result: one
+    flattening for the simulator and for the real engine against itself."""
+    fields: dict[str, float | int | None] = {
+        "requests": requests["ttft"]["n"],
+        "ttft_mape": requests["ttft"]["mape"], "ttft_p50": requests["ttft"]["p50_ape"],
+        "tpot_mape": requests["tpot"]["mape"], "tpot_p50": requests["tpot"]["p50_ape"],
+    }
+    for metric in REQUEST_METRICS:
+        for statistic in DISTRIBUTION_STATISTICS:
+            error = distribution[metric][statistic]
+            fields[f"{metric}_{statistic}_error_pct"] = None if error is None else error["error_pct"]
+    return fields
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def signed_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}%"
+
+
+def distribution_cells(row: dict[str, Any]) -> list[str]:
+    """The DISTRIBUTION_COLUMNS of one accuracy row, formatted."""
+    return [signed_pct(row[key]) for _, key in DISTRIBUTION_COLUMNS]
+
+
+def mean_abs(rows: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of |row[key]| over the rows that have it: signed errors of opposite cells must not cancel."""
+    values = [abs(r[key]) for r in rows if r[key] is not None]
+    return sum(values) / len(values) if values else None
 
 
 def run_json(command, argv: list[str]) -> dict:
@@ -77,27 +128,33 @@ def main() -> None:
             if args.plots:
                 argv += ["--plot", str(args.out / f"{prefix}.{workload}.png")]
             report = run_json(validate_command, argv)
-            requests = report["requests"]
             rows.append({
                 "model": short, "backend": backend, "variant": variant, "workload": workload,
-                "requests": requests["ttft"]["n"],
-                "ttft_mape": requests["ttft"]["mape"], "ttft_p50": requests["ttft"]["p50_ape"],
-                "tpot_mape": requests["tpot"]["mape"], "tpot_p50": requests["tpot"]["p50_ape"],
+                **accuracy_fields(report["requests"], report["distribution"]),
                 "step_mape": (report["steps"] or {}).get("mape"),
             })
-            log.info("%s %s: TTFT %.1f%% TPOT %.1f%%", prefix, workload, rows[-1]["ttft_mape"], rows[-1]["tpot_mape"])
+            log.info("%s %s: TTFT MAPE %.1f%% TPOT MAPE %.1f%%; mean TTFT %+.1f%% mean TPOT %+.1f%%", prefix, workload,
+                     rows[-1]["ttft_mape"], rows[-1]["tpot_mape"], rows[-1]["ttft_mean_error_pct"], rows[-1]["tpot_mean_error_pct"])
     (args.out / "accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| model | backend | engine settings | workload | requests | TTFT MAPE | TPOT MAPE | step MAPE |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        step = "-" if r["step_mape"] is None else f"{r['step_mape']:.1f}%"
-        lines.append(f"| {r['model']} | {r['backend']} | {r['variant']} | {r['workload']} | {r['requests']} | "
-                     f"{r['ttft_mape']:.1f}% | {r['tpot_mape']:.1f}% | {step} |")
-    if rows:
-        lines.append(f"| mean | | | | | {sum(r['ttft_mape'] for r in rows) / len(rows):.1f}% | "
-                     f"{sum(r['tpot_mape'] for r in rows) / len(rows):.1f}% | |")
+    lines = accuracy_table(rows)
     (args.out / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def accuracy_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: one row per cell, per-request MAPE then distribution errors, a mean row."""
+    distribution_headers = " | ".join(label for label, _ in DISTRIBUTION_COLUMNS)
+    lines = [f"| model | backend | engine settings | workload | requests | TTFT MAPE | TPOT MAPE | step MAPE | {distribution_headers} |",
+             "|---|---|---|---|---:|---:|---:|---:|" + "---:|" * len(DISTRIBUTION_COLUMNS)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['backend']} | {r['variant']} | {r['workload']} | {r['requests']} | "
+                     f"{pct(r['ttft_mape'])} | {pct(r['tpot_mape'])} | {pct(r['step_mape'])} | {' | '.join(distribution_cells(r))} |")
+    if rows:
+        distribution_means = " | ".join(pct(mean_abs(rows, key)) for _, key in DISTRIBUTION_COLUMNS)
+        lines.append(f"| mean | | | | | {pct(sum(r['ttft_mape'] for r in rows) / len(rows))} | "
+                     f"{pct(sum(r['tpot_mape'] for r in rows) / len(rows))} | | {distribution_means} |")
+        lines += ["", DISTRIBUTION_NOTE]
+    return lines
 
 
 if __name__ == "__main__":

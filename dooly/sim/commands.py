@@ -310,8 +310,10 @@ def validate_command(
 
     Re-simulates the measured requests (same arrivals and lengths, same engine settings: the
     ground truth's engine.json unless --engine-config is given; --set overrides either) and
-    reports the MAPE of per-request TTFT and TPOT; replays every measured batch composition
-    through the step model and reports the MAPE of per-step latency.
+    reports the MAPE of per-request TTFT, TPOT and E2E; the error of their distribution (mean,
+    p50, p90, p99 across requests, simulated against measured), which does not hinge on where
+    each arrival fell within the step in flight; and, replaying every measured batch composition
+    through the step model, the MAPE of per-step latency.
 
     \b
     Example:
@@ -339,29 +341,39 @@ def validate_command(
     for label, stats in (("TTFT", payload["requests"]["ttft"]), ("TPOT", payload["requests"]["tpot"]), ("E2E", payload["requests"]["e2e"]), ("step latency", payload["steps"])):
         if stats:
             rows.append((label, stats["n"], _pct(stats["mape"]), _pct(stats["p50_ape"]), _pct(stats["p90_ape"]), _pct(stats["bias"])))
+    click.echo("Per request (each request's simulated value against its measured one):")
     click.echo(format_table(["quantity", "n", "MAPE", "p50 APE", "p90 APE", "bias"], rows))
+    click.echo("")
+    click.echo("Distribution across requests (simulated statistic against measured; error > 0: simulated slower):")
+    click.echo(format_table(["statistic", "n", "simulated (ms)", "measured (ms)", "error"], _distribution_rows(payload["distribution"])))
+
+
+def _distribution_rows(distribution: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """One row per (latency, statistic) of a validation report's `distribution`."""
+    from dooly.sim.validate import DISTRIBUTION_STATISTICS
+
+    rows = []
+    for label, key in (("TTFT", "ttft"), ("TPOT", "tpot"), ("E2E", "e2e")):
+        metric = distribution[key]
+        for statistic in DISTRIBUTION_STATISTICS:
+            error = metric[statistic] or {}
+            rows.append((f"{label} {statistic}", metric["n"], _ms(error.get("predicted_s")), _ms(error.get("measured_s")),
+                         _signed_pct(error.get("error_pct"))))
+    return rows
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}%"
 
 
+def _signed_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}%"
+
+
 def _load_ground_truth(directory: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from dooly.sim.validate import load_ground_truth
 
-    from dooly.sim.validate import ground_truth_from_arrow
-
-    requests_path = directory / REQUESTS_FILE
-    if not requests_path.is_file():
-        raise DoolyError(f"ground truth {directory} has no {REQUESTS_FILE}")
-    steps_path = directory / STEPS_FILE
-    try:
-        requests = pq.read_table(requests_path)
-        steps = pq.read_table(steps_path) if steps_path.is_file() else None
-    except (OSError, pa.ArrowException) as exc:
-        raise DoolyError(f"ground truth in {directory} is not readable Parquet: {exc}") from None
-    return ground_truth_from_arrow(requests, steps)
+    return load_ground_truth(directory)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,27 +5,38 @@ Ground truth comes from `dooly bench` (Parquet, two tables):
   token_times_s (list<float>);
 - steps: step, start_s, duration_s, prefill (list<struct<q, ctx>>), decode_ctx (list<int>).
 
-Two comparisons, reported as MAPE (mean absolute percentage error, in percent) plus its median:
-- per request: TTFT and TPOT of the simulation of the same requests (same arrivals, lengths and
-  engine settings) against the measured ones, matched by request id;
+Three comparisons:
+- per request: TTFT, TPOT and E2E of the simulation of the same requests (same arrivals, lengths
+  and engine settings) against the measured ones, matched by request id, as MAPE (mean absolute
+  percentage error, in percent) plus its median, p90 and signed bias;
+- distribution: the mean, p50, p90 and p99 of those same TTFT, TPOT and E2E values across the
+  requests, simulated against measured, as a signed and an absolute relative error. Under light
+  load a request's TTFT is dominated by where its arrival falls within the step in flight, which no
+  simulator reproduces and the real engine does not reproduce run to run either; the distribution
+  is what capacity planning reads, and that phase luck averages out of it;
 - per step: each measured batch composition replayed through the step model (plus the CPU
   overhead model) against the measured step duration. This isolates the latency model from the
   scheduler model.
+
+`compare_runs` scores one real run against another of the same workload with the same per-request
+and distribution arithmetic: the engine's own run-to-run floor under both.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from dooly.engines.groundtruth import REQUESTS_FILE, STEPS_FILE
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json
 from dooly.sim.schedulers import Scheduler
-from dooly.sim.simulator import SimResult, simulate
+from dooly.sim.simulator import PERCENTILES, SimResult, latency_stats, simulate
 from dooly.sim.step_model import (
     CpuOverheadModel,
     StepKind,
@@ -47,6 +58,11 @@ REQUEST_COLUMNS = (
 )
 STEP_COLUMNS = ("step", "start_s", "duration_s", "prefill", "decode_ctx")
 PERCENT = 100.0
+# Statistics of a latency distribution compared simulated against measured: those the simulation
+# summary reports (`latency_stats`), so the two read alike.
+DISTRIBUTION_STATISTICS = ("mean", *(f"p{p}" for p in PERCENTILES))
+# The per-request latencies both comparisons read, in report order.
+REQUEST_METRICS = ("ttft", "tpot", "e2e")
 
 
 @dataclass(slots=True)
@@ -62,6 +78,10 @@ class MeasuredRequest:
     @property
     def ttft_s(self) -> float:
         return self.first_token_s - self.arrived_at_s
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finished_s - self.arrived_at_s
 
     @property
     def tpot_s(self) -> float:
@@ -139,10 +159,41 @@ def ground_truth_from_arrow(requests: Any, steps: Any | None = None) -> GroundTr
     return GroundTruth(measured, measured_steps)
 
 
+@dataclass(frozen=True, slots=True)
+class DistributionError:
+    """One statistic (mean or a percentile) of a latency distribution, predicted against measured.
+
+    The error is relative to the measurement, in percent: > 0 means the prediction is slower than
+    reality. The measured statistic is positive, since `ErrorStats` keeps positive measurements only."""
+
+    statistic: str
+    predicted_s: float
+    measured_s: float
+
+    @property
+    def error_pct(self) -> float:
+        return (self.predicted_s - self.measured_s) / self.measured_s * PERCENT
+
+    @property
+    def abs_error_pct(self) -> float:
+        return abs(self.error_pct)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "predicted_s": self.predicted_s,
+            "measured_s": self.measured_s,
+            "error_pct": self.error_pct,
+            "abs_error_pct": self.abs_error_pct,
+        }
+
+
 @dataclass
 class ErrorStats:
     """Absolute percentage errors of paired predictions (pairs with a non-positive or missing
-    measurement are left out and counted)."""
+    measurement are left out and counted).
+
+    The same kept pairs feed both views: per pair (`ape`, `as_dict`) and per distribution
+    (`distribution`, `distribution_dict`), so both describe exactly the same requests."""
 
     predicted: np.ndarray
     measured: np.ndarray
@@ -151,6 +202,24 @@ class ErrorStats:
     @property
     def ape(self) -> np.ndarray:
         return np.abs(self.predicted - self.measured) / self.measured * PERCENT
+
+    def distribution(self) -> list[DistributionError]:
+        """Mean and percentiles of the predicted values against those of the measured values,
+        each side summarised on its own: which request is slow does not matter, only how many
+        are and by how much (empty when no pair is usable)."""
+        if self.measured.size == 0:
+            return []
+        predicted, measured = latency_stats(self.predicted), latency_stats(self.measured)
+        return [DistributionError(name, predicted[name], measured[name]) for name in DISTRIBUTION_STATISTICS]
+
+    def distribution_dict(self) -> dict[str, Any]:
+        """`{"n", "skipped", "mean": {...}, "p50": {...}, ...}`; statistics are None when n is 0."""
+        errors = {e.statistic: e.as_dict() for e in self.distribution()}
+        return {
+            "n": int(self.measured.size),
+            "skipped": self.skipped,
+            **{name: errors.get(name) for name in DISTRIBUTION_STATISTICS},
+        }
 
     def as_dict(self) -> dict[str, float | int | None]:
         ape = self.ape
@@ -186,6 +255,23 @@ def mape(predicted: list[float], measured: list[float]) -> float:
     return float(stats.ape.mean()) if stats.ape.size else math.nan
 
 
+class RequestLatencies(Protocol):
+    """What a per-request comparison reads from either side: a simulated `RequestRecord` or a
+    `MeasuredRequest` of another real run."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def ttft_s(self) -> float: ...
+
+    @property
+    def tpot_s(self) -> float: ...
+
+    @property
+    def e2e_s(self) -> float: ...
+
+
 @dataclass
 class RequestComparison:
     ttft: ErrorStats
@@ -193,35 +279,50 @@ class RequestComparison:
     e2e: ErrorStats
     unmatched: int
 
+    def metrics(self) -> dict[str, ErrorStats]:
+        """The per-metric pairs, keyed as in REQUEST_METRICS."""
+        return {"ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e}
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "ttft": self.ttft.as_dict(),
-            "tpot": self.tpot.as_dict(),
-            "e2e": self.e2e.as_dict(),
-            "unmatched_requests": self.unmatched,
-        }
+        """Per-request errors (MAPE, median and p90 APE, bias) and the unmatched count."""
+        return {**{name: stats.as_dict() for name, stats in self.metrics().items()}, "unmatched_requests": self.unmatched}
+
+    def distribution_dict(self) -> dict[str, Any]:
+        """Distribution errors (mean, p50, p90, p99) of the same requests, per metric."""
+        return {name: stats.distribution_dict() for name, stats in self.metrics().items()}
+
+
+def compare_latencies(measured: Sequence[MeasuredRequest], predicted: Iterable[RequestLatencies]) -> RequestComparison:
+    """Per-request TTFT, TPOT and E2E of `predicted` against `measured`, matched by request id
+    (all are time differences, so the two clocks may have different origins). Measured requests
+    with no prediction are counted as unmatched; pairs without a usable value on either side (an
+    errored request, a single-token output's TPOT) are left out and counted by `error_stats`."""
+    by_id = {r.request_id: r for r in predicted}
+    pairs: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in REQUEST_METRICS}
+    unmatched = 0
+    for truth in measured:
+        other = by_id.get(truth.request_id)
+        if other is None:
+            unmatched += 1
+            continue
+        for name, (predicted_values, measured_values) in pairs.items():
+            attribute = f"{name}_s"
+            predicted_values.append(getattr(other, attribute))
+            measured_values.append(getattr(truth, attribute))
+    stats = {name: error_stats(p, m) for name, (p, m) in pairs.items()}
+    return RequestComparison(stats["ttft"], stats["tpot"], stats["e2e"], unmatched)
 
 
 def compare_requests(truth: GroundTruth, result: SimResult) -> RequestComparison:
-    """Per-request TTFT, TPOT and E2E errors of a simulation against the ground truth, matched by
-    request id (all are time differences, so the two clocks may have different origins)."""
-    simulated = {r.request_id: r for r in result.requests}
-    ttft_p, ttft_m, tpot_p, tpot_m, e2e_p, e2e_m = [], [], [], [], [], []
-    unmatched = 0
-    for measured in truth.requests:
-        sim = simulated.get(measured.request_id)
-        if sim is None:
-            unmatched += 1
-            continue
-        ttft_p.append(sim.ttft_s)
-        ttft_m.append(measured.ttft_s)
-        tpot_p.append(sim.tpot_s)
-        tpot_m.append(measured.tpot_s)
-        e2e_p.append(sim.e2e_s)
-        e2e_m.append(measured.finished_s - measured.arrived_at_s)
-    return RequestComparison(
-        error_stats(ttft_p, ttft_m), error_stats(tpot_p, tpot_m), error_stats(e2e_p, e2e_m), unmatched
-    )
+    """The simulation's requests against the ground truth's (see `compare_latencies`)."""
+    return compare_latencies(truth.requests, result.requests)
+
+
+def compare_runs(reference: GroundTruth, repeat: GroundTruth) -> RequestComparison:
+    """A second real run of the same workload scored against the first exactly as the simulator
+    is scored: the engine's own run-to-run floor under the per-request and distribution errors
+    (a simulator error below that floor cannot be told apart from the engine's own noise)."""
+    return compare_latencies(reference.requests, repeat.requests)
 
 
 def replay_steps(
@@ -274,6 +375,7 @@ class ValidationReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests.as_dict(),
+            "distribution": self.requests.distribution_dict(),
             "steps": self.steps.as_dict() if self.steps is not None else None,
             "simulation": self.result.summary(),
         }
@@ -304,6 +406,25 @@ def plot_scatter(report: ValidationReport, path: str | Path) -> Path:
     if report.steps is not None:
         panels.append(("step latency (s)", report.steps))
     return scatter_panels(panels, Path(path))
+
+
+def load_ground_truth(directory: str | Path) -> GroundTruth:
+    """The ground truth `dooly bench` wrote to `directory` (its requests, and its steps where
+    recorded): what `dooly validate` and `compare_runs` read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    requests_path = directory / REQUESTS_FILE
+    if not requests_path.is_file():
+        raise DoolyError(f"ground truth {directory} has no {REQUESTS_FILE}")
+    steps_path = directory / STEPS_FILE
+    try:
+        requests = pq.read_table(requests_path)
+        steps = pq.read_table(steps_path) if steps_path.is_file() else None
+    except (OSError, pa.ArrowException) as exc:
+        raise DoolyError(f"ground truth in {directory} is not readable Parquet: {exc}") from None
+    return ground_truth_from_arrow(requests, steps)
 
 
 def _require_columns(table: Any, needed: tuple[str, ...], name: str) -> None:

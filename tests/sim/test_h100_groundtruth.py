@@ -53,6 +53,10 @@ def test_committed_accuracy_cell_is_reproduced(fitted_store, tmp_path):
     assert report["requests"]["ttft"]["mape"] == pytest.approx(committed["ttft_mape"], abs=REPRODUCE_TOLERANCE_PP)
     assert report["requests"]["tpot"]["mape"] == pytest.approx(committed["tpot_mape"], abs=REPRODUCE_TOLERANCE_PP)
     assert report["steps"]["mape"] == pytest.approx(committed["step_mape"], abs=REPRODUCE_TOLERANCE_PP)
+    for metric in ("ttft", "tpot", "e2e"):
+        for statistic in ("mean", "p90"):
+            reproduced = report["distribution"][metric][statistic]["error_pct"]
+            assert reproduced == pytest.approx(committed[f"{metric}_{statistic}_error_pct"], abs=REPRODUCE_TOLERANCE_PP)
 
 
 def test_every_committed_cell_has_its_ground_truth_and_calibration_run():
