@@ -1,8 +1,9 @@
 """A campaign's per-model figures recomputed from the store it grew, in the report format of
 `dooly profile --output json` (a step's report can be lost; the store holds what it measured).
 
-In the fixed order, a model's *spent* device time is what the store's rows cost for the
-signatures it was first to need (their measurement, refinement included), and its *alone* cost is
+In the fixed order, a model's *spent* device time is what the store's held rows cost for the
+signatures it was first to need (their measurement, refinement included; failed attempts are not
+part of a campaign that works), and its *alone* cost is
 what its whole grid of points cost when measured: the planner's `held_seconds`, as `dooly
 profile` reports it.
 
@@ -18,7 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dooly.profile.grid import GridSpec
-from dooly.profile.plan import build_plan
+from dooly.profile.plan import HELD_STATUSES, build_plan
 from dooly.profile.provenance import Stack
 from dooly.profile.run import load_or_trace
 from dooly.store.backends import open_store
@@ -37,6 +38,7 @@ def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str
 
     store = open_store(str(store_dir))
     rows = pl.concat([pl.read_parquet(p) for p in sorted(store_dir.glob("shards/**/*.parquet"))], how="diagonal_relaxed")
+    rows = rows.filter(pl.col("status").is_in(list(HELD_STATUSES)))
     spent_by_signature = dict(rows.group_by("signature").agg(pl.col("device_seconds").sum()).iter_rows())
     first = rows.row(0, named=True)
     entries, seen = [], set()

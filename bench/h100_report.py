@@ -85,7 +85,7 @@ def main() -> None:
         for cell in PLOTTED_CELLS:
             shutil.copy(validation / f"{cell}.png", images / f"{cell}.png")
         accuracy = (validation / "accuracy.md").read_text()
-    suite = run_module("suite_report.py", "--reports", str(DATA / "suite-order.json"), "--store", str(DATA / "db"))
+    suite = run_module("suite_report.py", "--store", str(DATA / "db"))
     spreads = {
         cell.name: run_to_run(DATA / "groundtruth" / cell.name, cell)
         for cell in sorted((DATA / "experiments" / "repeat").iterdir())

@@ -12,28 +12,17 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from campaign_from_store import SUITE_ORDER, campaign_entries, suite_order
+
 SHARED_ROWS = 15
 
 
-def load_reports(order_file: Path) -> list[tuple[str, dict]]:
-    """(backend, per-model entry) in campaign order; the order file lists report paths."""
-    entries, seen = [], set()
-    for path in json.loads(order_file.read_text())["reports"]:
-        report = json.loads((order_file.parent / path).read_text())
-        for model in report["models"]:
-            # A later report may list a model again (fully reused): count each model once.
-            if (report["backend"], model["model"]) not in seen:
-                seen.add((report["backend"], model["model"]))
-                entries.append((report["backend"], model))
-    return entries
-
-
-def campaign_table(entries: list[tuple[str, dict]]) -> list[str]:
+def campaign_table(entries: list[dict]) -> list[str]:
     lines = ["| # | backend | model | signatures | reused | profiled | device-s spent | device-s alone |",
              "|---:|---|---|---:|---:|---:|---:|---:|"]
     totals = defaultdict(float)
-    for index, (backend, m) in enumerate(entries, 1):
-        lines.append(f"| {index} | {backend} | {m['model']} | {m['signatures']} | {m['reused_signatures']} | "
+    for index, m in enumerate(entries, 1):
+        lines.append(f"| {index} | {m['backend']} | {m['model']} | {m['signatures']} | {m['reused_signatures']} | "
                      f"{m['profiled_signatures']} | {m['device_seconds']:.1f} | {m['baseline_device_seconds']:.1f} |")
         totals["spent"] += m["device_seconds"]
         totals["alone"] += m["baseline_device_seconds"]
@@ -65,10 +54,12 @@ def shared_table(store: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reports", required=True, type=Path, help="JSON listing the profile reports in campaign order.")
     parser.add_argument("--store", required=True, type=Path)
+    parser.add_argument("--backends", default="paged|sdpa,paged|eager")
+    parser.add_argument("--order", type=Path, default=SUITE_ORDER)
     args = parser.parse_args()
-    lines = ["## Campaign (one growing store, fixed order)", "", *campaign_table(load_reports(args.reports)), "",
+    entries = campaign_entries(args.store, args.backends.split(","), suite_order(args.order))
+    lines = ["## Campaign (one growing store, fixed order)", "", *campaign_table(entries), "",
              "## Where the saving comes from", "", *shared_table(args.store)]
     print("\n".join(lines))
 

@@ -30,6 +30,9 @@ from dooly.sim.validate import DISTRIBUTION_STATISTICS, REQUEST_METRICS
 log = logging.getLogger("validate_groundtruth")
 
 CALIBRATION_WORKLOAD = "calib"
+# Variants whose engine settings equal another's but for how the run was served: calibrated on
+# that one's calibration run (`warm` is `graphs` after an unrecorded warm pass).
+CALIBRATION_VARIANT = {"warm": "graphs"}
 # The distribution errors that make it into the markdown tables (all are in accuracy.json).
 DISTRIBUTION_COLUMNS = (
     ("mean TTFT err", "ttft_mean_error_pct"),
@@ -112,7 +115,8 @@ def main() -> None:
 
     rows = []
     for (short, backend_name, variant), workloads in sorted(groups.items()):
-        if CALIBRATION_WORKLOAD not in workloads:
+        calibration = f"{short}.{backend_name}.{CALIBRATION_VARIANT.get(variant, variant)}.{CALIBRATION_WORKLOAD}"
+        if not (args.ground_truth / calibration / "requests.parquet").is_file():
             log.warning("%s %s %s has no %s run: skipped", short, backend_name, variant, CALIBRATION_WORKLOAD)
             continue
         model = model_id(short)
@@ -120,7 +124,7 @@ def main() -> None:
         common = ["--store", args.store, "--platform", args.platform, "--backend", backend]
         prefix = f"{short}.{backend_name}.{variant}"
         overhead_file = args.out / f"{prefix}.overhead.json"
-        run_json(overhead_command, [model, "--ground-truth", str(args.ground_truth / f"{prefix}.{CALIBRATION_WORKLOAD}"),
+        run_json(overhead_command, [model, "--ground-truth", str(args.ground_truth / calibration),
                                     "--out", str(overhead_file), *common])
         for workload in sorted(w for w in workloads if w != CALIBRATION_WORKLOAD):
             argv = [model, "--ground-truth", str(args.ground_truth / f"{prefix}.{workload}"),

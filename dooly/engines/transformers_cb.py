@@ -341,7 +341,9 @@ class EngineAttention:
         with _capture_calls(self.backend) as (original, calls), torch.no_grad():
             self.engine.model(**kwargs)
         for module, args, call_kwargs in calls:
-            if bool(getattr(module, "sliding_window", None)) == sliding:
+            # As the tracer labels a call: the layer's attribute, or the window its forward passes
+            # (Phi-3 passes its config's window with no attribute on the module).
+            if bool(getattr(module, "sliding_window", None) or call_kwargs.get("sliding_window")) == sliding:
                 break
         else:
             raise ValueError(f"no {'sliding' if sliding else 'full'}-attention layer in this model")

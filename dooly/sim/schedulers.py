@@ -146,6 +146,10 @@ class Scheduler(ABC):
     def stall_message(self) -> str:
         """Why unfinished requests cannot make progress (raised by the simulator)."""
 
+    def fresh(self) -> Scheduler:
+        """A scheduler with the same settings and no state: each simulated run needs its own."""
+        return type(self)(self.config)  # type: ignore[attr-defined, call-arg]
+
     def _build(self, entries: list[tuple[Seq, int]], preempted: int = 0) -> ScheduledBatch:
         """Advance the scheduled requests and collect the step model's inputs.
 

@@ -32,13 +32,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dooly.engines.groundtruth import REQUESTS_FILE, STEPS_FILE
+from dooly.engines.groundtruth import BENCH_FILE, REQUESTS_FILE, STEPS_FILE
 from dooly.errors import DoolyError
-from dooly.jsonfile import read_json
+from dooly.jsonfile import read_json, read_json_object
 from dooly.sim.schedulers import Scheduler
 from dooly.sim.simulator import PERCENTILES, SimResult, latency_stats, simulate
 from dooly.sim.step_model import (
     CpuOverheadModel,
+    GraphShape,
     StepKind,
     StepLatencyModel,
     StepPath,
@@ -115,6 +116,8 @@ class MeasuredStep:
 class GroundTruth:
     requests: list[MeasuredRequest]
     steps: list[MeasuredStep]
+    # Unrecorded passes of the same workload the engine served first (`dooly bench --warm-passes`).
+    warm_passes: int = 0
 
     def workload(self) -> list[Request]:
         """The measured requests as a workload on a clock starting at the first arrival."""
@@ -330,15 +333,17 @@ def replay_steps(
     step_model: StepLatencyModel,
     cpu_overhead: CpuOverheadModel | None = None,
     path_for: Any = None,
+    captured: set[GraphShape] | None = None,
 ) -> list[float]:
     """Predicted seconds for each measured batch composition.
 
     `path_for(prefill, decode_ctx) -> StepPath` tells the models which path the engine took
-    (by default: the kind of the batch, no CUDA graph, no padding)."""
+    (by default: the kind of the batch, no CUDA graph, no padding); `captured`, the CUDA-graph
+    shapes the engine held before the first step (none by default)."""
     overhead = cpu_overhead or CpuOverheadModel.zero()
     pass_path = accepts_path(step_model)
     out = []
-    captured: set[tuple[str, int, int]] = set()
+    captured = set(captured or ())
     for step in steps:
         path = path_for(step.prefill, step.decode_ctx) if path_for else _default_path(step.prefill, step.decode_ctx)
         gpu = device_seconds(step_model, step.prefill, step.decode_ctx, path, pass_path)
@@ -352,8 +357,9 @@ def compare_steps(
     step_model: StepLatencyModel,
     cpu_overhead: CpuOverheadModel | None = None,
     path_for: Any = None,
+    captured: set[GraphShape] | None = None,
 ) -> ErrorStats:
-    predicted = replay_steps(steps, step_model, cpu_overhead, path_for)
+    predicted = replay_steps(steps, step_model, cpu_overhead, path_for, captured)
     return error_stats(predicted, [s.duration_s for s in steps])
 
 
@@ -391,10 +397,17 @@ def validate(
     """Simulate the measured workload with the given engine settings and compare both ways.
 
     Measured steps are replayed on the path the engine settings imply for their composition
-    (`scheduler.path_for`) unless `path_for` says otherwise."""
+    (`scheduler.path_for`) unless `path_for` says otherwise. The engine's unrecorded warm passes
+    are simulated first on the same engine state (the CUDA graphs they captured), each with a
+    fresh scheduler, as the bench served them."""
     path_for = path_for or scheduler.path_for
-    result = simulate(truth.workload(), scheduler, step_model, cpu_overhead)
-    steps = compare_steps(truth.steps, step_model, cpu_overhead, path_for) if truth.steps else None
+    workload = truth.workload()
+    captured: set[GraphShape] = set()
+    for _ in range(truth.warm_passes):
+        simulate(workload, scheduler.fresh(), step_model, cpu_overhead, captured=captured)
+    held_before = set(captured)
+    result = simulate(workload, scheduler, step_model, cpu_overhead, captured=captured)
+    steps = compare_steps(truth.steps, step_model, cpu_overhead, path_for, held_before) if truth.steps else None
     return ValidationReport(compare_requests(truth, result), steps, result)
 
 
@@ -424,7 +437,14 @@ def load_ground_truth(directory: str | Path) -> GroundTruth:
         steps = pq.read_table(steps_path) if steps_path.is_file() else None
     except (OSError, pa.ArrowException) as exc:
         raise DoolyError(f"ground truth in {directory} is not readable Parquet: {exc}") from None
-    return ground_truth_from_arrow(requests, steps)
+    truth = ground_truth_from_arrow(requests, steps)
+    bench_path = directory / BENCH_FILE
+    if bench_path.is_file():
+        warm = read_json_object(bench_path, "bench record").get("warm_passes", 0)
+        if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
+            raise DoolyError(f"{bench_path}: warm_passes must be an integer >= 0, got {warm!r}")
+        truth.warm_passes = warm
+    return truth
 
 
 def _require_columns(table: Any, needed: tuple[str, ...], name: str) -> None:
@@ -502,7 +522,7 @@ def calibrate_overhead(
     pass_path = accepts_path(step_model)
     samples, captures = [], []
     for truth, scheduler in truths:
-        seen: set[tuple[str, int, int]] = set()
+        seen: set[GraphShape] = set()
         for step in truth.steps:
             path = scheduler.path_for(step.prefill, step.decode_ctx)
             device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, pass_path))

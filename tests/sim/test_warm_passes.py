@@ -43,3 +43,44 @@ def test_the_graph_key_holds_the_padded_longest_sequence():
     # 1024 vs 2048 tokens: two graphs, as transformers keys them.
     assert short[:3] == ("varlen", 128, 2048 + 128) and long[:3] == short[:3]
     assert (short[3], long[3]) == (1024, 2048)
+
+
+def _truth(warm_passes: int):
+    from dooly.sim.validate import GroundTruth, MeasuredRequest
+
+    requests = [
+        MeasuredRequest(f"r{i}", arrived_at_s=float(i), first_token_s=i + 0.05, finished_s=i + 0.1,
+                        prompt_tokens=300 + 50 * i, output_tokens=4)
+        for i in range(6)
+    ]
+    return GroundTruth(requests, [], warm_passes=warm_passes)
+
+
+def test_validate_simulates_the_benchs_warm_passes_before_the_recorded_one():
+    from dooly.sim.validate import validate
+
+    overhead = CpuOverheadModel(terms={"default": OverheadTerms()}, graph_capture_s=CAPTURE_S)
+    cold = validate(_truth(0), TransformersCBScheduler(SETTINGS), _FlatSteps(), overhead)
+    warm = validate(_truth(1), TransformersCBScheduler(SETTINGS), _FlatSteps(), overhead)
+    assert max(r.ttft_s for r in cold.result.requests) >= CAPTURE_S
+    assert max(r.ttft_s for r in warm.result.requests) < CAPTURE_S
+
+
+def test_warm_passes_are_read_from_bench_json_and_checked(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from dooly.errors import DoolyError
+    from dooly.sim.validate import load_ground_truth
+
+    row = {"request_id": "r0", "arrived_at_s": 0.0, "first_token_s": 0.1, "finished_s": 0.2, "prompt_tokens": 8,
+           "output_tokens": 2, "token_times_s": [0.1, 0.2], "error": ""}
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "requests.parquet")
+    (tmp_path / "bench.json").write_text(json.dumps({"warm_passes": 2}))
+    assert load_ground_truth(tmp_path).warm_passes == 2
+    (tmp_path / "bench.json").write_text(json.dumps({"warm_passes": "two"}))
+    with pytest.raises(DoolyError, match="warm_passes must be an integer"):
+        load_ground_truth(tmp_path)

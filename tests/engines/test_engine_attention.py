@@ -1,0 +1,23 @@
+"""The engine-built attention call the profiler times picks the layer kind the trace recorded."""
+
+from __future__ import annotations
+
+import torch
+
+from dooly.engines.base import Batch
+from dooly.engines.transformers_cb import EngineAttention
+from dooly.models.registry import build_hf_config, resolve_model
+
+# Phi-3's shape, shrunk: its forward passes the config's window to attention, its modules carry none.
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+         "num_hidden_layers": 2, "vocab_size": 256, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}
+
+
+def test_a_window_passed_by_the_forward_counts_as_a_sliding_layer():
+    config = build_hf_config(resolve_model("microsoft/Phi-3-mini-4k-instruct"), **SMALL)
+    assert config.sliding_window
+    attention = EngineAttention(config, backend="paged|sdpa", dtype=torch.float32, device="cpu", max_tokens=64,
+                                max_kv=512, max_seqs=4, period=1)
+    call = attention.call_for(Batch.of(prefill=[(8, 16)], decode_ctx=[20]), sliding=True)
+    out = call()
+    assert out[0].shape[-1] == SMALL["hidden_size"] // SMALL["num_attention_heads"]
