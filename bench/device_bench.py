@@ -27,9 +27,9 @@ WORKLOAD_DIR = Path(__file__).parent / "workloads"
 # Engine-setting variants: `default` is what the engine picks for these backends (no CUDA
 # graphs, since they need a mask); `graphs` turns CUDA graphs on for both paths.
 VARIANTS = {"default": [], "graphs": ["use_cuda_graph=true"], "warm": ["use_cuda_graph=true"]}
-# `warm`: CUDA graphs on, the workload served once unrecorded first (`dooly bench --warm-passes`), so
+# `warm`: CUDA graphs on, the workload served WARM_PASSES times unrecorded first (`dooly bench --warm-passes`), so
 # the recorded pass meets the shapes it needs already captured, as on a server that has been running.
-WARM_PASSES = 1
+WARM_PASSES = 3
 # Cache and batch sizes pinned per backend, so every cell (and its simulation) uses the same
 # engine settings whatever memory earlier cells left behind. The eager backend materialises the
 # [heads, tokens, KV] score matrix, so its token budget is smaller (8192 tokens OOM on an H100).
@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--workloads", default="light,heavy,calib")
     parser.add_argument("--variants", default="default")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="An engine setting for every cell, after the per-backend ones (e.g. a smaller "
+                             "num_blocks where the weights leave less room).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -64,7 +67,7 @@ def main() -> None:
                     name = cell_name(model, backend, variant, workload)
                     argv = [model, "--out", str(root / name), "--attention", backend,
                             "--workload", str(WORKLOAD_DIR / f"{workload}.json"), "--output", "json"]
-                    for setting in BACKEND_SETTINGS[backend] + VARIANTS[variant]:
+                    for setting in BACKEND_SETTINGS[backend] + VARIANTS[variant] + args.extra:
                         argv += ["--set", setting]
                     if variant == "warm":
                         argv += ["--warm-passes", str(WARM_PASSES)]
