@@ -11,7 +11,7 @@ from dooly.engines.transformers_cb import TransformersCBEngine
 from dooly.errors import DoolyError
 from dooly.models.registry import build_hf_config, bundled_model_ids, resolve_model
 from dooly.trace.recorder import ModuleStack, OpRecorder, capture_attention
-from dooly.trace.schema import ORIGIN_CONFIG, ORIGIN_REQUEST, Trace
+from dooly.trace.schema import KIND_ATTENTION, KIND_INNER, ORIGIN_CONFIG, ORIGIN_REQUEST, Trace
 from dooly.trace.tracer import _fold_layer, _window, trace_model
 
 from trace_configs import COLLIDING_LLAMA, TINY_GEMMA2, TINY_LLAMA, TINY_MIXTRAL, write_config
@@ -199,6 +199,35 @@ def test_every_bundled_model_traces_fully_labeled(model):
     assert any(o.kind == "attention" for o in trace.operations)
     config_dims = [d for o in trace.operations for d in o.all_dims() if d.origin == ORIGIN_CONFIG]
     assert any(d.fields for d in config_dims)
+
+
+FLEX = "paged|flex_attention"
+
+
+def outside_attention(trace: Trace) -> set[str]:
+    """Signatures of everything a step runs outside its attention call (kernels, views, collectives)."""
+    return {o.signature() for o in [*trace.operations, *trace.collectives] if o.kind not in (KIND_ATTENTION, KIND_INNER)}
+
+
+def test_flex_backend_changes_only_the_attention_call(config_dir):
+    """paged|flex_attention shares every other signature with paged|sdpa, so a store that holds a
+    model's paged|sdpa profile measures only attention for flex."""
+    path = write_config(config_dir, "gemma", TINY_GEMMA2)
+    sdpa = trace_model(str(path), phase="mixed", backend="paged|sdpa")
+    flex = trace_model(str(path), phase="mixed", backend=FLEX)
+    assert flex.unlabeled_dims() == 0
+    assert outside_attention(flex) == outside_attention(sdpa)
+    attentions = [o for o in flex.operations if o.kind == KIND_ATTENTION]
+    assert len(attentions) == 2 and {o.backend for o in attentions} == {FLEX}
+    assert {o.scalars.get("sliding_window") for o in attentions} == {None, TINY_GEMMA2["sliding_window"]}
+    assert all(o.scalars["softcap"] == TINY_GEMMA2["attn_logit_softcapping"] for o in attentions)
+    sliding = next(o for o in attentions if o.scalars.get("sliding_window"))
+    assert len(sliding.inputs) == 5  # q, k, v and the indices: no 4D mask, flex builds a block mask on the device
+    read_index, write_index = sliding.inputs[3:]
+    assert labels(read_index) == [("request", "S")] and labels(write_index) == [("request", "T")]
+    assert labels(sliding.outputs[0]) == [("config", "1"), ("request", "T"), ("config", "num_attention_heads"),
+                                          ("config", "head_dim")]
+    assert not set(flex.signatures((KIND_ATTENTION,))) & set(sdpa.signatures((KIND_ATTENTION,)))
 
 
 def test_bad_inputs_are_one_line_errors(config_dir):
