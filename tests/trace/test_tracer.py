@@ -1,7 +1,9 @@
 """The tracer's labels, checked dim by dim and against a concrete run of the same engine step."""
 
+import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +204,7 @@ def test_every_bundled_model_traces_fully_labeled(model):
 
 
 FLEX = "paged|flex_attention"
+TRACES_DIR = Path(__file__).resolve().parents[2] / "data" / "traces"
 
 
 def outside_attention(trace: Trace) -> set[str]:
@@ -228,6 +231,21 @@ def test_flex_backend_changes_only_the_attention_call(config_dir):
     assert labels(sliding.outputs[0]) == [("config", "1"), ("request", "T"), ("config", "num_attention_heads"),
                                           ("config", "head_dim")]
     assert not set(flex.signatures((KIND_ATTENTION,))) & set(sdpa.signatures((KIND_ATTENTION,)))
+
+
+ONE_RANK_SDPA_TRACES = sorted(p for p in TRACES_DIR.glob("*.paged-sdpa.json") if ".tp" not in p.name)
+
+
+@pytest.mark.parametrize("sdpa_path", ONE_RANK_SDPA_TRACES, ids=lambda p: p.name)
+def test_committed_flex_traces_differ_from_sdpa_only_in_attention(sdpa_path):
+    """The traces the GPU campaign profiles (data/traces, made with torch 2.13): for every model the
+    flex trace's non-attention signatures are its paged|sdpa trace's, already in the store."""
+    flex_path = sdpa_path.with_name(sdpa_path.name.replace("paged-sdpa", "paged-flex_attention"))
+    sdpa = Trace.from_dict(json.loads(sdpa_path.read_text()))
+    flex = Trace.from_dict(json.loads(flex_path.read_text()))
+    assert (flex.backend, flex.model_id, flex.tp) == (FLEX, sdpa.model_id, sdpa.tp)
+    assert outside_attention(flex) == outside_attention(sdpa)
+    assert {o.backend for o in flex.operations if o.kind == KIND_ATTENTION} == {FLEX}
 
 
 def test_bad_inputs_are_one_line_errors(config_dir):
