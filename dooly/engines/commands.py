@@ -28,8 +28,8 @@ MS_PER_S = 1e3
 @click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="transformers", show_default=True,
               help="Serving engine to run.")
 @click.option("--attention", "backend", default=None,
-              help="Attention backend (transformers: paged|sdpa [default], paged|eager; vllm: the one its build "
-                   "runs, CPU_ATTN on a CPU).")
+              help="Attention backend (transformers: paged|sdpa [default], paged|eager; not paged|flex_attention, "
+                   "which is profile only; vllm: the one its build runs, CPU_ATTN on a CPU).")
 @click.option("--device", default="auto", show_default=True, help="auto, cuda or cpu.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True, help="Model dtype.")
 @click.option("--engine-config", type=click.Path(dir_okay=False),
@@ -101,6 +101,8 @@ def bench_command(
         from dooly.engines.registry import default_backend
 
         backend = default_backend(engine)
+    if engine == "transformers":
+        check_engine_backend(backend)
     started = time.time()
     run, provenance = _run(engine, model_spec, backend, device, dtype, engine_settings, requests, model_seed,
                            warmup_requests, warm_passes)
@@ -154,10 +156,8 @@ def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, en
     if engine == "vllm":
         return _run_vllm(model_spec, backend, resolved_device, platform, dtype, engine_settings, requests, seed, warmup)
     from dooly.engines.transformers_bench import run_transformers_bench
-    from dooly.engines.transformers_cb import ENGINE_BACKENDS, engine_version
+    from dooly.engines.transformers_cb import engine_version
 
-    if backend not in ENGINE_BACKENDS:
-        raise DoolyError(f"the continuous-batching engine runs {', '.join(ENGINE_BACKENDS)}, not {backend!r}")
     hf_config = build_hf_config(model_spec)
     try:
         run = run_transformers_bench(
@@ -183,6 +183,17 @@ def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, en
         block_size=int(run.engine_settings.get("block_size", 0)),
     )
     return run, {"platform": platform, "stack": stack.columns()}
+
+
+def check_engine_backend(backend: str) -> None:
+    """Refuse, before anything is built or written, a backend the continuous-batching engine cannot
+    serve: ground truth must come from the real engine, and a profile-only backend has none."""
+    from dooly.engines.transformers_cb import ENGINE_BACKENDS, PROFILE_ONLY_BACKENDS
+
+    if backend in PROFILE_ONLY_BACKENDS:
+        raise DoolyError(f"the engine cannot run {backend}: profile only (it runs {', '.join(ENGINE_BACKENDS)})")
+    if backend not in ENGINE_BACKENDS:
+        raise DoolyError(f"the continuous-batching engine runs {', '.join(ENGINE_BACKENDS)}, not {backend!r}")
 
 
 def _run_vllm(model_spec: Any, backend: str, device: str, platform: str, dtype: str, engine_settings: dict[str, Any],

@@ -16,15 +16,17 @@ from typing import Any
 
 import torch
 
+from dooly.engines import flex_paged
 from dooly.engines.base import Batch, TraceStep
 
 log = logging.getLogger(__name__)
 
 ENGINE_NAME = "transformers"
-# Attention backends the continuous-batching engine runs ("paged|..."), and the plain ones a model can
-# still be traced and profiled with (flex_attention: profile only, the engine cannot run it).
+# Attention backends the continuous-batching engine runs (so `dooly bench` can measure them), and
+# the ones Dooly registers itself, which are traced and profiled on the engine's cache and inputs
+# but never served: profile only (dooly.engines.flex_paged).
 ENGINE_BACKENDS = ("paged|sdpa", "paged|eager")
-PROFILE_ONLY_BACKENDS = ("sdpa", "eager", "flex_attention")
+PROFILE_ONLY_BACKENDS = (flex_paged.BACKEND,)
 DEFAULT_BACKEND = "paged|sdpa"
 DEFAULT_BLOCK_SIZE = 256
 DEFAULT_NUM_BLOCKS = 64
@@ -51,6 +53,7 @@ def engine_version() -> str:
 
 
 def all_backends() -> tuple[str, ...]:
+    """Every backend a model can be traced and profiled with (the engine runs only ENGINE_BACKENDS)."""
     return ENGINE_BACKENDS + PROFILE_ONLY_BACKENDS
 
 
@@ -101,6 +104,7 @@ class TransformersCBEngine:
         exactly as for a checkpoint, and every missing weight is initialised on the device."""
         from transformers import AutoModelForCausalLM
 
+        flex_paged.register()
         if self.tp_size > 1:
             from transformers.distributed import DistributedConfig
 
@@ -258,7 +262,7 @@ class TransformersKind:
         return engine_version()
 
     def backends(self) -> tuple[str, ...]:
-        return ENGINE_BACKENDS
+        return all_backends()
 
     def request_values(self, phase: str, batch: Batch, window: int | None) -> dict[str, int]:
         """T, B, K (and S under a sliding window), as the engine's IO buffers size them."""
@@ -338,7 +342,7 @@ class EngineAttention:
     def call_for(self, batch: Batch, sliding: bool) -> Any:
         """The engine's attention call for this batch, on a layer of the requested kind."""
         kwargs = self.engine.step_inputs(batch)
-        with _capture_calls(self.backend) as (original, calls), torch.no_grad():
+        with capture_attention_calls(self.backend) as (original, calls), torch.no_grad():
             self.engine.model(**kwargs)
         for module, args, call_kwargs in calls:
             # As the tracer labels a call: the layer's attribute, or the window its forward passes
@@ -356,7 +360,10 @@ class EngineAttention:
 
 
 @contextlib.contextmanager
-def _capture_calls(backend: str) -> Iterator[tuple[Any, list]]:
+def capture_attention_calls(backend: str) -> Iterator[tuple[Any, list]]:
+    """While active, every call of the registered attention function for `backend` is recorded as
+    (module, args, kwargs) and passed on; yields (the registered function, the calls): what a
+    layer hands its attention, to call again (timing, comparing backends) outside the forward."""
     from transformers.modeling_utils import AttentionInterface
 
     mapping = AttentionInterface._global_mapping

@@ -29,10 +29,11 @@ DEFAULT_FLEET_RESOURCE = "default_fleet.yaml"
 DEMO_FLEET_RESOURCE = "demo_fleet.yaml"
 
 # Attention backends each engine adapter accepts (`dooly profile --engine E --attention B`).
-# transformers: the continuous-batching ones and the plain ones a model is profiled with;
+# transformers: the continuous-batching ones and Dooly's profile-only paged|flex_attention
+# (dooly.engines.transformers_cb.all_backends, kept literal so the spec loads without torch);
 # vllm: its attention backend registry names.
 KNOWN_BACKENDS: dict[str, tuple[str, ...]] = {
-    "transformers": ("paged|sdpa", "paged|eager", "sdpa", "eager", "flex_attention"),
+    "transformers": ("paged|sdpa", "paged|eager", "paged|flex_attention"),
     "vllm": ("FLASH_ATTN", "FLASHINFER", "FLEX_ATTENTION", "TRITON_ATTN", "CPU_ATTN"),
 }
 # Keep GPU type names short: they become part of Job names, which are at most 63 characters.

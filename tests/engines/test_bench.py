@@ -129,6 +129,7 @@ def test_overhead_then_validate_on_the_recorded_run(bench_dir, tmp_path):
     ("extra", "message"),
     [
         (["--attention", "flex_attention"], "runs paged|sdpa, paged|eager"),
+        (["--attention", "paged|flex_attention"], "the engine cannot run paged|flex_attention: profile only"),
         (["--set", "no_such_setting=1"], "engine settings rejected"),
         (["--requests", "0"], "num_requests must be >= 1"),
         (["--warm-passes", "-1"], "--warm-passes must be >= 0"),

@@ -201,3 +201,43 @@ def test_refinement_measures_around_a_kink(models):
     smooth = [{"T": t, "latency_median_s": 1e-6 * t + 1e-6, "status": "ok"} for t in ladder]
     assert refinement_points(item, smooth) == []
     assert SHARED_BACKEND == __import__("dooly.fit.models", fromlist=["SHARED_BACKEND"]).SHARED_BACKEND
+
+
+FLEX = "paged|flex_attention"
+
+
+def test_flex_attention_profiles_its_attention_only_and_fits(tmp_path, models):
+    """The profile-only backend on a store that holds the model's paged|sdpa profile: only its
+    attention is measured (at the same batch compositions), and the store then fits, predicts and
+    simulates it like any backend."""
+    model_a = models[0]
+    store = tmp_path / "db"
+    sdpa = profile(store, model_a)
+    code, flex = run_cli("profile", model_a, "--store", str(store), "--attention", FLEX, *SMALL_GRID_ARGS,
+                         "--output", "json")
+    assert code == 0, flex
+    trace = trace_model(model_a, backend=FLEX)
+    attention = set(trace.signatures(("attention",)))
+    assert flex["backend"] == FLEX and flex["error_points"] == 0
+    assert flex["profiled_signatures"] == len(attention)
+    assert flex["reused_signatures"] == len(trace.signatures(PROFILED)) - len(attention)
+    rows = shard_rows(store).to_pylist()
+    flex_rows = [r for r in rows if r["run_id"] == flex["run_id"]]
+    assert {(r["op"], r["backend"], r["status"]) for r in flex_rows} == {("attention", FLEX, "ok")}
+    assert {r["signature"] for r in flex_rows} == attention
+    sdpa_points = {r["point_key"] for r in rows if r["run_id"] == sdpa["run_id"] and r["op"] == "attention"}
+    assert {r["point_key"] for r in flex_rows} == sdpa_points
+    assert all(r["device_seconds"] > 0 for r in flex_rows)
+
+    assert run_cli("merge", "--store", str(store))[0] == 0
+    assert run_cli("fit", "--store", str(store), "--folds", "2", "--repeats", "1")[0] == 0
+    platform = flex_rows[0]["platform"]
+    fitted = ["--store", str(store), "--platform", platform, "--backend", FLEX]
+    code, step = run_cli("predict", "--model", "model-a", *fitted, "--prefill", "8:0", "--decode", "100",
+                         "--output", "json")
+    assert code == 0, step
+    assert step["backend"] == FLEX and step["breakdown_seconds"][f"attention:{FLEX}"] > 0
+    code, served = run_cli("simulate", "model-a", *fitted, "--requests", "8", "--rate", "4", "--prompt-len", "32",
+                           "--output-len", "4", "--set", "num_blocks=16", "--output", "json")
+    assert code == 0, served
+    assert served["num_finished"] == 8

@@ -1,7 +1,9 @@
 """The tracer's labels, checked dim by dim and against a concrete run of the same engine step."""
 
+import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from dooly.engines.transformers_cb import TransformersCBEngine
 from dooly.errors import DoolyError
 from dooly.models.registry import build_hf_config, bundled_model_ids, resolve_model
 from dooly.trace.recorder import ModuleStack, OpRecorder, capture_attention
-from dooly.trace.schema import ORIGIN_CONFIG, ORIGIN_REQUEST, Trace
+from dooly.trace.schema import KIND_ATTENTION, KIND_INNER, ORIGIN_CONFIG, ORIGIN_REQUEST, Trace
 from dooly.trace.tracer import _fold_layer, _window, trace_model
 
 from trace_configs import COLLIDING_LLAMA, TINY_GEMMA2, TINY_LLAMA, TINY_MIXTRAL, write_config
@@ -199,6 +201,51 @@ def test_every_bundled_model_traces_fully_labeled(model):
     assert any(o.kind == "attention" for o in trace.operations)
     config_dims = [d for o in trace.operations for d in o.all_dims() if d.origin == ORIGIN_CONFIG]
     assert any(d.fields for d in config_dims)
+
+
+FLEX = "paged|flex_attention"
+TRACES_DIR = Path(__file__).resolve().parents[2] / "data" / "traces"
+
+
+def outside_attention(trace: Trace) -> set[str]:
+    """Signatures of everything a step runs outside its attention call (kernels, views, collectives)."""
+    return {o.signature() for o in [*trace.operations, *trace.collectives] if o.kind not in (KIND_ATTENTION, KIND_INNER)}
+
+
+def test_flex_backend_changes_only_the_attention_call(config_dir):
+    """paged|flex_attention shares every other signature with paged|sdpa, so a store that holds a
+    model's paged|sdpa profile measures only attention for flex."""
+    path = write_config(config_dir, "gemma", TINY_GEMMA2)
+    sdpa = trace_model(str(path), phase="mixed", backend="paged|sdpa")
+    flex = trace_model(str(path), phase="mixed", backend=FLEX)
+    assert flex.unlabeled_dims() == 0
+    assert outside_attention(flex) == outside_attention(sdpa)
+    attentions = [o for o in flex.operations if o.kind == KIND_ATTENTION]
+    assert len(attentions) == 2 and {o.backend for o in attentions} == {FLEX}
+    assert {o.scalars.get("sliding_window") for o in attentions} == {None, TINY_GEMMA2["sliding_window"]}
+    assert all(o.scalars["softcap"] == TINY_GEMMA2["attn_logit_softcapping"] for o in attentions)
+    sliding = next(o for o in attentions if o.scalars.get("sliding_window"))
+    assert len(sliding.inputs) == 5  # q, k, v and the indices: no 4D mask, flex builds a block mask on the device
+    read_index, write_index = sliding.inputs[3:]
+    assert labels(read_index) == [("request", "S")] and labels(write_index) == [("request", "T")]
+    assert labels(sliding.outputs[0]) == [("config", "1"), ("request", "T"), ("config", "num_attention_heads"),
+                                          ("config", "head_dim")]
+    assert not set(flex.signatures((KIND_ATTENTION,))) & set(sdpa.signatures((KIND_ATTENTION,)))
+
+
+ONE_RANK_SDPA_TRACES = sorted(p for p in TRACES_DIR.glob("*.paged-sdpa.json") if ".tp" not in p.name)
+
+
+@pytest.mark.parametrize("sdpa_path", ONE_RANK_SDPA_TRACES, ids=lambda p: p.name)
+def test_committed_flex_traces_differ_from_sdpa_only_in_attention(sdpa_path):
+    """The traces the GPU campaign profiles (data/traces, made with torch 2.13): for every model the
+    flex trace's non-attention signatures are its paged|sdpa trace's, already in the store."""
+    flex_path = sdpa_path.with_name(sdpa_path.name.replace("paged-sdpa", "paged-flex_attention"))
+    sdpa = Trace.from_dict(json.loads(sdpa_path.read_text()))
+    flex = Trace.from_dict(json.loads(flex_path.read_text()))
+    assert (flex.backend, flex.model_id, flex.tp) == (FLEX, sdpa.model_id, sdpa.tp)
+    assert outside_attention(flex) == outside_attention(sdpa)
+    assert {o.backend for o in flex.operations if o.kind == KIND_ATTENTION} == {FLEX}
 
 
 def test_bad_inputs_are_one_line_errors(config_dir):
