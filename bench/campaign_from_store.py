@@ -7,14 +7,13 @@ part of a campaign that works), and its *alone* cost is
 what its whole grid of points cost when measured: the planner's `held_seconds`, as `dooly
 profile` reports it.
 
-    python bench/campaign_from_store.py --store DB --backends 'paged|sdpa,paged|eager' > reports.json
+    python bench/campaign_from_store.py --store DB > campaign.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from dataclasses import fields
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from dooly.profile.run import load_or_trace
 from dooly.store.backends import open_store
 
 SUITE_ORDER = Path(__file__).parent / "suite_models.txt"
+# The campaign's passes, in order: the engine's two backends, then the profile-only one.
+CAMPAIGN_BACKENDS = "paged|sdpa,paged|eager,paged|flex_attention"
 TRACES = Path(__file__).parent.parent / "data" / "traces"
 
 
@@ -63,20 +64,28 @@ def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str
     return entries
 
 
+def campaign_totals(entries: list[dict]) -> tuple[float, float, float]:
+    """Device-seconds spent, device-seconds alone, and the share saved."""
+    spent = sum(entry["device_seconds"] for entry in entries)
+    alone = sum(entry["baseline_device_seconds"] for entry in entries)
+    return spent, alone, (1 - spent / alone if alone else 0.0)
+
+
+def campaign_arguments(parser: argparse.ArgumentParser) -> None:
+    """The store, passes and order a campaign is read with (this script and suite_report.py)."""
+    parser.add_argument("--store", required=True, type=Path)
+    parser.add_argument("--backends", default=CAMPAIGN_BACKENDS)
+    parser.add_argument("--order", type=Path, default=SUITE_ORDER)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", required=True, type=Path)
-    parser.add_argument("--backends", default="paged|sdpa,paged|eager")
-    parser.add_argument("--order", type=Path, default=SUITE_ORDER)
+    campaign_arguments(parser)
     args = parser.parse_args()
     entries = campaign_entries(args.store, args.backends.split(","), suite_order(args.order))
-    totals = defaultdict(float)
-    for entry in entries:
-        totals["spent"] += entry["device_seconds"]
-        totals["alone"] += entry["baseline_device_seconds"]
-    saving = 1 - totals["spent"] / totals["alone"] if totals["alone"] else 0.0
-    print(json.dumps({"models": entries, "device_seconds": round(totals["spent"], 4),
-                      "baseline_device_seconds": round(totals["alone"], 4), "saving": round(saving, 4)}, indent=1))
+    spent, alone, saving = campaign_totals(entries)
+    print(json.dumps({"models": entries, "device_seconds": round(spent, 4), "baseline_device_seconds": round(alone, 4),
+                      "saving": round(saving, 4)}, indent=1))
 
 
 if __name__ == "__main__":

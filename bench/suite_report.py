@@ -12,7 +12,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from campaign_from_store import SUITE_ORDER, campaign_entries, suite_order
+from campaign_from_store import campaign_arguments, campaign_entries, campaign_totals, suite_order
 
 SHARED_ROWS = 15
 
@@ -20,14 +20,11 @@ SHARED_ROWS = 15
 def campaign_table(entries: list[dict]) -> list[str]:
     lines = ["| # | backend | model | signatures | reused | profiled | device-s spent | device-s alone |",
              "|---:|---|---|---:|---:|---:|---:|---:|"]
-    totals = defaultdict(float)
     for index, m in enumerate(entries, 1):
         lines.append(f"| {index} | {m['backend']} | {m['model']} | {m['signatures']} | {m['reused_signatures']} | "
                      f"{m['profiled_signatures']} | {m['device_seconds']:.1f} | {m['baseline_device_seconds']:.1f} |")
-        totals["spent"] += m["device_seconds"]
-        totals["alone"] += m["baseline_device_seconds"]
-    saving = 1 - totals["spent"] / totals["alone"] if totals["alone"] else 0.0
-    lines.append(f"| | | **total** | | | | **{totals['spent']:.1f}** | **{totals['alone']:.1f}** |")
+    spent, alone, saving = campaign_totals(entries)
+    lines.append(f"| | | **total** | | | | **{spent:.1f}** | **{alone:.1f}** |")
     lines.append("")
     lines.append(f"Suite reduction: {saving:.1%} of the per-model profiling device time saved.")
     return lines
@@ -54,9 +51,7 @@ def shared_table(store: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", required=True, type=Path)
-    parser.add_argument("--backends", default="paged|sdpa,paged|eager")
-    parser.add_argument("--order", type=Path, default=SUITE_ORDER)
+    campaign_arguments(parser)
     args = parser.parse_args()
     entries = campaign_entries(args.store, args.backends.split(","), suite_order(args.order))
     lines = ["## Campaign (one growing store, fixed order)", "", *campaign_table(entries), "",

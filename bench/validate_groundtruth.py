@@ -133,7 +133,7 @@ def main() -> None:
                 argv += ["--plot", str(args.out / f"{prefix}.{workload}.png")]
             report = run_json(validate_command, argv)
             rows.append({
-                "model": short, "backend": backend, "variant": variant, "workload": workload,
+                "model": short, "backend": backend, "variant": variant, "workload": workload, "calibration": calibration,
                 **accuracy_fields(report["requests"], report["distribution"]),
                 "step_mape": (report["steps"] or {}).get("mape"),
             })

@@ -64,8 +64,8 @@ def test_every_committed_cell_has_its_ground_truth_and_calibration_run():
     assert len(cells) >= 12
     for row in cells:
         prefix = f"{row['model']}.{row['backend'].replace('|', '-')}.{row['variant']}"
-        for workload in (row["workload"], "calib"):
-            assert (DATA / "groundtruth" / f"{prefix}.{workload}" / "requests.parquet").is_file()
+        for cell in (f"{prefix}.{row['workload']}", row["calibration"]):
+            assert (DATA / "groundtruth" / cell / "requests.parquet").is_file()
 
 
 def test_vidur_export_from_the_fitted_h100_models(fitted_store, tmp_path):
