@@ -9,22 +9,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from tiny_configs import TINY_LLAMA
 
 from dooly.cli import cli
 from dooly.workload import WorkloadSpec, generate_requests
 
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_hidden_layers": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-}
 WORKLOAD = ["--requests", "10", "--rate", "25", "--prompt-len", "uniform:8:48", "--output-len", "uniform:2:9", "--seed", "4"]
 # Small cache and token budget: several prefill chunks and batched decodes in a few seconds.
 SETTINGS = ["--set", "num_blocks=48", "--set", "block_size=16", "--set", "max_batch_tokens=64"]

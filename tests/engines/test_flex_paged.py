@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_configs import TINY_LLAMA
 from torch.nn.attention.flex_attention import create_mask
 
 from dooly.engines import flex_paged
@@ -19,18 +20,6 @@ from dooly.models.registry import ModelSpec, build_hf_config
 
 SDPA = "paged|sdpa"
 FLEX = flex_paged.BACKEND
-LLAMA_GQA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_hidden_layers": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-}
 WINDOW = 24
 # Alternating sliding-window and full layers (the engine keys cu_seq_lens_k by layer type).
 GEMMA2_SLIDING = {
@@ -85,8 +74,8 @@ def captured_calls(engine: TransformersCBEngine, backend: str, batch: Batch) -> 
 @pytest.mark.parametrize(
     ("payload", "dtype", "tolerance"),
     [
-        (LLAMA_GQA, torch.float32, FP32_TOLERANCE),
-        (LLAMA_GQA, torch.bfloat16, BF16_TOLERANCE),
+        (TINY_LLAMA, torch.float32, FP32_TOLERANCE),
+        (TINY_LLAMA, torch.bfloat16, BF16_TOLERANCE),
         (GEMMA2_SLIDING, torch.float32, FP32_TOLERANCE),
     ],
     ids=["gqa-fp32", "gqa-bf16", "sliding-fp32"],
@@ -156,13 +145,13 @@ def softcapped_reference(module, query, key, value, mask, kwargs) -> torch.Tenso
 
 def test_a_step_builds_one_block_mask_for_all_its_calls():
     """Every layer of a step and every timed repeat reuse the step's mask; a new step builds anew."""
-    engine = engine_for(LLAMA_GQA, FLEX, torch.float32)
+    engine = engine_for(TINY_LLAMA, FLEX, torch.float32)
     built = flex_paged._BLOCK_MASKS.built
     _, calls = captured_calls(engine, FLEX, MIXED)
     module, args, kwargs = calls[0]
     with torch.no_grad():
         for _ in range(3):
             flex_paged.paged_flex_attention_forward(module, *args, **dict(kwargs))
-    assert len(calls) == LLAMA_GQA["num_hidden_layers"] and flex_paged._BLOCK_MASKS.built == built + 1
+    assert len(calls) == TINY_LLAMA["num_hidden_layers"] and flex_paged._BLOCK_MASKS.built == built + 1
     captured_calls(engine, FLEX, Batch.of(decode_ctx=[40, 70]))
     assert flex_paged._BLOCK_MASKS.built == built + 2
