@@ -270,14 +270,14 @@ def overhead_command(model, truth_dirs, analytic, store, platform, backend, dtyp
       dooly validate meta-llama/Llama-3.2-1B --ground-truth gt/light --cpu-overhead overhead.json ...
     """
     from dooly.sim.schedulers import make_scheduler
-    from dooly.sim.validate import calibrate_overhead
+    from dooly.sim.validate import calibrate_overhead, load_ground_truth
 
     step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
     truths = []
     for directory in truth_dirs:
         recorded = Path(directory) / BENCH_ENGINE_FILE
         settings = read_json_object(recorded, "engine settings") if recorded.is_file() else {}
-        truths.append((_load_ground_truth(Path(directory)), make_scheduler(engine, settings)))
+        truths.append((load_ground_truth(Path(directory)), make_scheduler(engine, settings)))
     step_source = "the analytic step model" if analytic else f"models fitted for {platform} / {backend}"
     source = f"calibrated on {', '.join(Path(d).name for d in truth_dirs)} against {step_source}"
     fitted = calibrate_overhead(truths, step_model, engine=engine, platform=platform or "", source=source)
@@ -322,9 +322,9 @@ def validate_command(
           --engine-config bench/h100-sdpa/engine.json --plot scatter.png
     """
     from dooly.sim.schedulers import make_scheduler
-    from dooly.sim.validate import plot_scatter, validate
+    from dooly.sim.validate import load_ground_truth, plot_scatter, validate
 
-    truth = _load_ground_truth(Path(truth_dir))
+    truth = load_ground_truth(Path(truth_dir))
     recorded = Path(truth_dir) / BENCH_ENGINE_FILE
     if engine_config is None and recorded.is_file():
         engine_config = str(recorded)
@@ -368,12 +368,6 @@ def _pct(value: float | None) -> str:
 
 def _signed_pct(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}%"
-
-
-def _load_ground_truth(directory: Path):
-    from dooly.sim.validate import load_ground_truth
-
-    return load_ground_truth(directory)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -507,7 +507,7 @@ class TransformersCBScheduler(Scheduler):
         if self.pad_inputs:
             cfg = self.config
             if fast:
-                padded = min(1 << max(num_tokens - 1, 0).bit_length(), cfg.max_requests_per_batch)
+                padded = _pad_to_pow2(num_tokens, cfg.max_requests_per_batch)
             else:
                 cached = sum(c for _, c in prefill) + sum(decode_ctx)
                 longest = max([q + c for q, c in prefill] + [c + 1 for c in decode_ctx], default=0)
@@ -528,7 +528,7 @@ class TransformersCBScheduler(Scheduler):
         cfg = self.config
         padded = _pad_to_interval(num_tokens, cfg.q_padding_interval_size, cfg.max_batch_tokens)
         padded_kv = _pad_to_interval(cached, cfg.kv_padding_interval_size, self.num_pages) + padded
-        padded_seqlen = min(1 << max(max(longest, TF_MIN_PADDED_SEQLEN_K) - 1, 0).bit_length(), self.num_pages)
+        padded_seqlen = _pad_to_pow2(longest, self.num_pages, TF_MIN_PADDED_SEQLEN_K)
         return padded, padded_kv, padded_seqlen
 
     def stall_message(self) -> str:
@@ -538,6 +538,11 @@ class TransformersCBScheduler(Scheduler):
             f"no request can be scheduled and none can be evicted: the KV cache of {self.num_blocks} "
             f"blocks x {self.block_size} tokens is too small for this workload{detail}; raise num_blocks"
         )
+
+
+def _pad_to_pow2(value: int, max_value: int, min_value: int = 1) -> int:
+    """transformers' `pad_to_pow2`: the next power of two, at least `min_value`, capped at `max_value`."""
+    return min(1 << (max(value, min_value) - 1).bit_length(), max_value)
 
 
 def _pad_to_interval(size: int, interval: int, max_value: int) -> int:

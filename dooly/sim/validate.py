@@ -405,9 +405,9 @@ def validate(
     captured: set[GraphShape] = set()
     for _ in range(truth.warm_passes):
         simulate(workload, scheduler.fresh(), step_model, cpu_overhead, captured=captured)
-    held_before = set(captured)
+    # Replayed first: the recorded pass starts with what the warm passes captured (replay copies it).
+    steps = compare_steps(truth.steps, step_model, cpu_overhead, path_for, captured) if truth.steps else None
     result = simulate(workload, scheduler, step_model, cpu_overhead, captured=captured)
-    steps = compare_steps(truth.steps, step_model, cpu_overhead, path_for, held_before) if truth.steps else None
     return ValidationReport(compare_requests(truth, result), steps, result)
 
 

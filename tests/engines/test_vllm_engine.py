@@ -101,7 +101,7 @@ def test_bench_records_every_token_and_step_of_the_real_engine(tmp_path):
     from dooly.engines.groundtruth import write_ground_truth
     from dooly.engines.vllm_bench import run_vllm_bench
     from dooly.engines.vllm_engine import VllmSettings
-    from dooly.sim.commands import _load_ground_truth
+    from dooly.sim.validate import load_ground_truth
     from dooly.workload import Request
 
     requests = [Request("a", 0.0, 40, 5), Request("b", 0.0, 12, 3), Request("c", 0.05, 70, 4), Request("d", 0.3, 9, 6)]
@@ -119,7 +119,7 @@ def test_bench_records_every_token_and_step_of_the_real_engine(tmp_path):
     assert any(len(s.prefill) and s.prefill[0][1] > 0 for s in result.steps)  # a chunked prefill
     assert result.engine_settings["max_num_batched_tokens"] == 64 and result.engine_settings["num_gpu_blocks"] > 1
     write_ground_truth(tmp_path / "gt", result.requests, result.steps, result.engine_settings, {})
-    truth = _load_ground_truth(tmp_path / "gt")
+    truth = load_ground_truth(tmp_path / "gt")
     assert len(truth.requests) == 4 and len(truth.steps) == len(result.steps)
     assert all(math.isfinite(r.ttft_s) and r.ttft_s > 0 for r in truth.requests)
 
