@@ -213,6 +213,18 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **opti
             raise RuntimeError(f"compiled flex attention ran out of recompiles: {exc}") from exc
 
 
+def forget_compiled() -> None:
+    """Drop every compiled flex variant and cached block mask: a new model's attention shapes
+    never reuse a previous model's, and one profiling run over many models would otherwise pile
+    their variants onto one code object until RECOMPILE_LIMIT fails the rest."""
+    _BLOCK_MASKS.clear()
+    if _compiled_flex.cache_info().currsize:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        _compiled_flex.cache_clear()
+
+
 @functools.cache
 def _compiled_flex() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention

@@ -52,6 +52,23 @@ def engine_version() -> str:
     return transformers.__version__
 
 
+def cache_groups(hf_config: Any) -> dict[str, int]:
+    """How the engine's paged cache charges a request's blocks for this model, as the scheduler
+    model's settings: its layer groups by attention kind (the engine's own
+    `group_layers_by_attn_type`; every group draws from one block pool) and the sliding window
+    (a sliding group holds at most one window's blocks per request)."""
+    from transformers.generation.continuous_batching.cache import group_layers_by_attn_type
+
+    text = hf_config.get_text_config()
+    _, group_types = group_layers_by_attn_type(text)
+    sliding = sum(kind == "sliding_attention" for kind in group_types)
+    return {
+        "full_attention_groups": len(group_types) - sliding,
+        "sliding_attention_groups": sliding,
+        "sliding_window": int(text.sliding_window) if sliding else 0,
+    }
+
+
 def all_backends() -> tuple[str, ...]:
     """Every backend a model can be traced and profiled with (the engine runs only ENGINE_BACKENDS)."""
     return ENGINE_BACKENDS + PROFILE_ONLY_BACKENDS
@@ -331,6 +348,8 @@ class EngineAttention:
         if types:
             text.layer_types = list(types[:period])
         blocks = ATTENTION_CACHE_HEADROOM * (max_kv // DEFAULT_BLOCK_SIZE + max_seqs + 1)
+        if backend == flex_paged.BACKEND:
+            flex_paged.forget_compiled()
         self.backend = backend
         self.engine = TransformersCBEngine(
             config, attention=backend, dtype=dtype, device=device, block_size=DEFAULT_BLOCK_SIZE,

@@ -178,4 +178,7 @@ def _print_report(payload: dict[str, Any]) -> None:
     rows = [(m["model"], m["signatures"], m["profiled_signatures"], m["reused_signatures"], m["device_seconds"],
              m["baseline_device_seconds"]) for m in payload["models"]]
     click.echo(format_table(["model", "signatures", "profiled", "reused", "device s", "alone s"], rows))
+    phases = payload["device_seconds_by_phase"]
+    if phases:
+        click.echo("device time by phase: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()))
     click.echo(f"{len(payload['shards'])} shards written")

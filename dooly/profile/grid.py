@@ -21,7 +21,7 @@ from dooly.engines.base import Batch
 LADDER = tuple(sorted({int(round(m * 2**e)) for e in range(0, 18) for m in (1, 1.5)}))
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_MAX_SEQS = 256
-DEFAULT_MAX_KV = 65536
+DEFAULT_MAX_KV = 262144
 DEFAULT_MAX_CONTEXT = 8192
 # Attention batch shapes.
 PREFILL_SEQ_COUNTS = (2, 4, 8)

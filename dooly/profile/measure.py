@@ -16,6 +16,8 @@ On the CPU: the same scheme with `time.perf_counter`.
 
 Rows report the median, p10 and p90 of the per-call sample values and n = samples, plus the wall
 time the whole measurement held the device (device_seconds), warm-up and input building included.
+The timer also adds that wall time up per phase (building the call, warm-up, sizing the capture,
+the capture, the timed samples): where a campaign's device time goes, in `dooly profile`'s report.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +57,14 @@ P10, P90 = 10, 90
 STATUS_OK = "ok"
 STATUS_OOM = "oom"
 STATUS_ERROR = "error"
+# Where a measurement's wall time goes (Timer.phase_seconds).
+PHASE_BUILD = "build"
+PHASE_WARMUP = "warmup"
+PHASE_CALIBRATE = "calibrate"
+PHASE_CAPTURE = "capture"
+PHASE_SAMPLES = "samples"
+PHASE_FAILED = "failed"
+PHASES = (PHASE_BUILD, PHASE_WARMUP, PHASE_CALIBRATE, PHASE_CAPTURE, PHASE_SAMPLES, PHASE_FAILED)
 
 
 @dataclass
@@ -66,6 +77,8 @@ class Measurement:
     status: str
     device_seconds: float
     error: str = ""
+    # The per-call sample values themselves (seconds), for studies of the statistics.
+    samples_s: tuple[float, ...] = ()
 
     @classmethod
     def of_samples(cls, values: list[float], device_seconds: float) -> "Measurement":
@@ -78,6 +91,7 @@ class Measurement:
             n=len(values),
             status=STATUS_OK,
             device_seconds=device_seconds,
+            samples_s=tuple(values),
         )
 
 
@@ -102,21 +116,34 @@ class Timer:
     def __init__(self, device: str, samples: int | None = None) -> None:
         self.device = device
         self.samples = samples or (DEFAULT_SAMPLES_CUDA if device == "cuda" else DEFAULT_SAMPLES_CPU)
+        self.phase_seconds: Counter[str] = Counter()
+        self._lap_started = time.perf_counter()
 
     def sync(self) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
+    def _lap(self, phase: str, sync: bool = True) -> None:
+        """Charge the wall time since the previous lap to `phase`, once the device has caught up."""
+        if sync:
+            self.sync()
+        now = time.perf_counter()
+        self.phase_seconds[phase] += now - self._lap_started
+        self._lap_started = now
+
     def measure(self, build: Callable[[], Callable[[], Any]]) -> Measurement:
         """Build the call (inputs included), then time it. OOM at any stage is a result, not a crash."""
-        started = time.perf_counter()
+        started = self._lap_started = time.perf_counter()
         try:
             call = build()
+            self._lap(PHASE_BUILD)
             values = self._samples(call)
         except torch.OutOfMemoryError:
+            self._lap(PHASE_FAILED, sync=False)
             self._recover()
             return Measurement(None, None, None, None, 0, STATUS_OOM, time.perf_counter() - started)
         except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as exc:
+            self._lap(PHASE_FAILED, sync=False)
             if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
                 self._recover()
                 return Measurement(None, None, None, None, 0, STATUS_OOM, time.perf_counter() - started)
@@ -131,13 +158,17 @@ class Timer:
             return self._graph_samples(call)
         for _ in range(WARMUP_CALLS):
             call()
+        self._lap(PHASE_WARMUP)
         return self._eager_samples(call)
 
     def _eager_samples(self, call: Callable[[], Any]) -> list[float]:
         """Samples of `reps` back-to-back calls, `reps` sized so a sample lasts MIN_SAMPLE_S."""
         one = self._timed(call, 1)
         reps = max(1, min(MAX_REPS, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
-        return [self._timed(call, reps) for _ in range(self.samples)]
+        self._lap(PHASE_CALIBRATE)
+        samples = [self._timed(call, reps) for _ in range(self.samples)]
+        self._lap(PHASE_SAMPLES)
+        return samples
 
     def _graph_samples(self, call: Callable[[], Any]) -> list[float]:
         side = torch.cuda.Stream()
@@ -147,7 +178,7 @@ class Timer:
             for _ in range(WARMUP_CALLS):
                 call()
         torch.cuda.current_stream().wait_stream(side)
-        self.sync()
+        self._lap(PHASE_WARMUP)
         per_call_bytes = max(torch.cuda.memory_allocated() - before, 0) / WARMUP_CALLS
         most = MAX_GRAPH_REPS
         if per_call_bytes:
@@ -166,14 +197,16 @@ class Timer:
         per_call = self._timed(pilot.replay, 1) / pilot_reps
         # One replay must dwarf the graph's own launch cost (a few microseconds).
         reps = max(pilot_reps, min(most, math.ceil(MIN_GRAPH_SAMPLE_S / max(per_call, 1e-9))))
+        self._lap(PHASE_CALIBRATE)
         graph = pilot
         if reps != pilot_reps:
             del pilot
             graph = _capture(call, reps)
             graph.replay()
-        self.sync()
+        self._lap(PHASE_CAPTURE)
         samples = [self._timed(graph.replay, 1) / reps for _ in range(self.samples)]
         del graph
+        self._lap(PHASE_SAMPLES)
         return samples
 
     def _timed(self, call: Callable[[], Any], reps: int) -> float:

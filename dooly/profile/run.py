@@ -19,7 +19,7 @@ from typing import Any
 
 from dooly.errors import DoolyError
 from dooly.profile.grid import GridSpec, Point
-from dooly.profile.measure import Measurement, Timer, build_aten_call
+from dooly.profile.measure import PHASES, Measurement, Timer, build_aten_call
 from dooly.profile.plan import Plan, WorkItem, build_plan
 from dooly.profile.provenance import (
     Stack,
@@ -74,6 +74,7 @@ class ProfileReport:
     shards: list[str]
     models: list[dict[str, Any]]
     seconds: float
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         saving = 1.0 - self.device_seconds / self.baseline_device_seconds if self.baseline_device_seconds else 0.0
@@ -92,6 +93,7 @@ class ProfileReport:
             "shards": self.shards,
             "models": self.models,
             "seconds": round(self.seconds, 3),
+            "device_seconds_by_phase": {phase: round(value, 4) for phase, value in self.phase_seconds.items()},
         }
 
 
@@ -248,7 +250,9 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
         measured_seconds[item.signature] = sum(r["device_seconds"] for r in rows)
         writer.add(item.stack, rows)
     writer.flush_all()
-    return _report(plan, work, measured_seconds, counts, writer.keys, run_id, started)
+    report = _report(plan, work, measured_seconds, counts, writer.keys, run_id, started)
+    report.phase_seconds = {phase: timer.phase_seconds[phase] for phase in PHASES if timer.phase_seconds[phase]}
+    return report
 
 
 def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOptions, writer: "_ShardWriter",

@@ -118,6 +118,23 @@ def _step_model(model: str | None, analytic: bool, store: str | None, platform: 
     return predictor.step_predictor(inventory)
 
 
+def _with_model_groups(model: str | None, engine: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The engine settings plus how the model's layer groups charge KV blocks (transformers:
+    a sliding-window model holds more blocks per request); settings given explicitly win."""
+    if model is None or engine != "transformers":
+        return settings
+    from dooly.engines.transformers_cb import cache_groups
+    from dooly.models.registry import build_hf_config, resolve_model
+
+    try:
+        spec = resolve_model(model)
+    except DoolyError:
+        logger.warning("%s is known to the store only, not as a config: its KV blocks are charged as full attention's",
+                    model)
+        return settings
+    return {**cache_groups(build_hf_config(spec)), **settings}
+
+
 def _cpu_overhead(path: str | None):
     from dooly.sim.step_model import CpuOverheadModel
 
@@ -178,7 +195,7 @@ def simulate_command(
     from dooly.workload import generate_requests, spec_from_options
 
     spec = spec_from_options(**workload_args)
-    scheduler = make_scheduler(engine, parse_engine_settings(engine_config, settings))
+    scheduler = make_scheduler(engine, _with_model_groups(model, engine, parse_engine_settings(engine_config, settings)))
     step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
     overhead = _cpu_overhead(cpu_overhead)
     reqs = generate_requests(spec)
@@ -277,7 +294,7 @@ def overhead_command(model, truth_dirs, analytic, store, platform, backend, dtyp
     for directory in truth_dirs:
         recorded = Path(directory) / BENCH_ENGINE_FILE
         settings = read_json_object(recorded, "engine settings") if recorded.is_file() else {}
-        truths.append((load_ground_truth(Path(directory)), make_scheduler(engine, settings)))
+        truths.append((load_ground_truth(Path(directory)), make_scheduler(engine, _with_model_groups(model, engine, settings))))
     step_source = "the analytic step model" if analytic else f"models fitted for {platform} / {backend}"
     source = f"calibrated on {', '.join(Path(d).name for d in truth_dirs)} against {step_source}"
     fitted = calibrate_overhead(truths, step_model, engine=engine, platform=platform or "", source=source)
@@ -328,7 +345,7 @@ def validate_command(
     recorded = Path(truth_dir) / BENCH_ENGINE_FILE
     if engine_config is None and recorded.is_file():
         engine_config = str(recorded)
-    scheduler = make_scheduler(engine, parse_engine_settings(engine_config, settings))
+    scheduler = make_scheduler(engine, _with_model_groups(model, engine, parse_engine_settings(engine_config, settings)))
     step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
     report = validate(truth, scheduler, step_model, _cpu_overhead(cpu_overhead))
     payload = _clean(report.as_dict())

@@ -18,9 +18,14 @@ token ids, so that the simulated batches are the batches the engine would run:
   the head of the waiting queue); waiting requests are admitted only in steps with no preemption,
   up to `max_num_seqs`, with chunked prefill under `max_num_batched_tokens`.
 
+transformers' layer groups are modelled (`cache.py` `group_layers_by_attn_type`, `blocks_needed`):
+every group draws from one block pool, a full-attention group one block per requested block, a
+sliding-window group at most the blocks of one window per request; gemma-2's alternating layers
+make two groups, so a short request holds twice the blocks a Llama's does.
+
 Not modelled (both engines): prefix caching / block sharing (synthetic prompts share no prefix),
-sliding-window layer groups, parallel sampling (`num_children`), speculative decoding, the time
-of CPU<->GPU KV copies.
+vLLM's sliding-window block freeing, parallel sampling (`num_children`), speculative decoding, the
+time of CPU<->GPU KV copies.
 
 Token accounting shared by both: `computed` tokens are in the KV cache (advanced when a step is
 scheduled, as both engines do), `num_tokens` counts prompt + generated + the token a scheduled step
@@ -62,6 +67,7 @@ class Seq:
         "finished",
         "first_token_s",
         "generated",
+        "held",
         "num_tokens",
         "offloaded",
         "preemptions",
@@ -80,7 +86,10 @@ class Seq:
         self.generated = 0
         self.num_tokens = prompt
         self.computed = 0
+        # Logical blocks (the engine's `allocated_blocks`), and the physical blocks they hold
+        # across the engine's layer groups (transformers; vLLM counts logical blocks only).
         self.blocks = 0
+        self.held = 0
         self.cpu_blocks = 0
         self.status = PENDING
         self.offloaded = False
@@ -224,6 +233,8 @@ class TransformersCBConfig:
     `use_cuda_graph` is a bool or `[varlen, decode]`; `max_blocks_per_request > 0` enables the
     decode fast path (flash-attention only); `cpu_offload_blocks` sizes the CPU swap pool in
     blocks (the engine's `cpu_offload_space` GiB divided by the bytes of one block; 0 = soft reset).
+    The three group fields are the model's, not the engine's: its layer groups by attention kind,
+    and its sliding window in tokens (`dooly.engines.transformers_cb.cache_groups`).
     """
 
     scheduler_type: str = "fifo"
@@ -238,6 +249,9 @@ class TransformersCBConfig:
     q_padding_interval_size: int = TF_DEFAULT_Q_PADDING
     kv_padding_interval_size: int = TF_DEFAULT_KV_PADDING
     cpu_offload_blocks: int = 0
+    full_attention_groups: int = 1
+    sliding_attention_groups: int = 0
+    sliding_window: int = 0
 
     def __post_init__(self) -> None:
         _require(self.scheduler_type in TF_SAFETY_MARGIN, f"transformers scheduler_type must be one of {sorted(TF_SAFETY_MARGIN)}, got {self.scheduler_type!r}")
@@ -255,6 +269,11 @@ class TransformersCBConfig:
             self.use_cuda_graph = bool(self.use_cuda_graph)
         _require(self.max_blocks_per_request >= 0, "max_blocks_per_request must be >= 0")
         _require(self.cpu_offload_blocks >= 0, "cpu_offload_blocks must be >= 0")
+        _require(self.full_attention_groups >= 0 and self.sliding_attention_groups >= 0,
+                 "attention group counts must be >= 0")
+        _require(self.full_attention_groups + self.sliding_attention_groups >= 1, "a model has at least one layer group")
+        _require(self.sliding_window >= (1 if self.sliding_attention_groups else 0),
+                 "sliding_window must be >= 1 when there are sliding-window groups")
 
     @property
     def cuda_graph_booleans(self) -> tuple[bool, bool]:
@@ -289,6 +308,10 @@ class TransformersCBScheduler(Scheduler):
         self.free_cpu_blocks = config.cpu_offload_blocks
         self.prefill_first = config.scheduler_type == "prefill_first"
         self.safety_blocks = config.safety_margin * config.num_blocks
+        # A sliding-window group holds at most one window's blocks per request; a model without
+        # full-attention layers reads at most one window per request (`Scheduler.read_cache_limit`).
+        self.window_blocks = -(-config.sliding_window // config.block_size) if config.sliding_attention_groups else 0
+        self.read_limit = config.sliding_window if config.sliding_attention_groups and not config.full_attention_groups else 0
         self.decode_fast_path_on = config.max_blocks_per_request > 0
         self.max_fast_path_len = config.max_blocks_per_request * config.block_size
         self.graph_varlen, self.graph_decode = config.cuda_graph_booleans
@@ -376,6 +399,7 @@ class TransformersCBScheduler(Scheduler):
         max_fast = self.max_fast_path_len
         safety = self.safety_blocks
         block_size = self.block_size
+        read_limit = self.read_limit
         scheduled: list[tuple[Seq, int]] = []
         admitted: list[Seq] = []
         allocation_failed = False
@@ -388,7 +412,8 @@ class TransformersCBScheduler(Scheduler):
             computed = seq.computed
             remaining = seq.num_tokens - computed
             request_len = remaining if remaining < token_budget else token_budget  # noqa: FURB136 (hot loop)
-            if cache_budget < computed and not (fast_path and request_len == 1 and computed < max_fast):
+            read = computed if not read_limit or computed < read_limit else read_limit
+            if cache_budget < read and not (fast_path and request_len == 1 and computed < max_fast):
                 continue
             blocks = seq.blocks
             if (blocks == 0 or blocks * block_size - computed < request_len) and not self._allocate(seq, request_len):
@@ -407,7 +432,7 @@ class TransformersCBScheduler(Scheduler):
                 q = token_budget
             fast_path = fast_path and q == 1 and computed < max_fast
             token_budget -= q
-            cache_budget -= computed
+            cache_budget -= read
             request_budget -= 1
             scheduled.append((seq, q))
             if token_budget == 0 or (cache_budget <= 0 and not fast_path) or request_budget <= 0:
@@ -421,21 +446,26 @@ class TransformersCBScheduler(Scheduler):
         return scheduled
 
     def _allocate(self, seq: Seq, num_tokens: int) -> bool:
-        """`Scheduler._allocate_blocks_if_needed`, with its exact block formula."""
+        """`Scheduler._allocate_blocks_if_needed`, with its exact block formula, and
+        `PagedAttentionCache.blocks_needed` / `allocate_blocks` across the layer groups."""
         occupancy = seq.blocks * self.block_size - seq.computed
         if occupancy < num_tokens or seq.blocks == 0:
-            needed = (num_tokens - occupancy + 1) // self.block_size + 1
+            requested = (num_tokens - occupancy + 1) // self.block_size + 1
+            cfg = self.config
+            window_left = min(max(self.window_blocks - seq.blocks, 0), requested)
+            needed = requested * cfg.full_attention_groups + window_left * cfg.sliding_attention_groups
             if needed > self.free_blocks:
                 if seq.status != PENDING:
                     self.starved.append((seq, needed))
                 return False
             self.free_blocks -= needed
-            seq.blocks += needed
+            seq.held += needed
+            seq.blocks += requested if cfg.full_attention_groups else window_left
         return True
 
     def _release(self, seq: Seq) -> None:
-        self.free_blocks += seq.blocks
-        seq.blocks = 0
+        self.free_blocks += seq.held
+        seq.blocks = seq.held = 0
         self.active.pop(id(seq), None)
 
     # -- offloading_manager.py: OffloadingManager.offload_requests --
@@ -452,15 +482,15 @@ class TransformersCBScheduler(Scheduler):
             seq, needed = starved.pop()
             victims.append(seq)
             demand -= needed
-            free += seq.blocks
+            free += seq.held
         if not victims:
             return 0
         victims.reverse()
         pool = self.free_cpu_blocks
         to_cpu: set[int] = set()
         for seq in victims:
-            if seq.blocks and seq.blocks <= pool:
-                pool -= seq.blocks
+            if seq.held and seq.held <= pool:
+                pool -= seq.held
                 to_cpu.add(id(seq))
         for seq in victims:
             if id(seq) in to_cpu:
@@ -474,8 +504,8 @@ class TransformersCBScheduler(Scheduler):
         return len(victims)
 
     def _offload_to_cpu(self, seq: Seq) -> None:
-        seq.cpu_blocks = seq.blocks
-        self.free_cpu_blocks -= seq.blocks
+        seq.cpu_blocks = seq.held
+        self.free_cpu_blocks -= seq.held
         if seq.status == DECODING and seq.computed == seq.prompt + seq.generated:
             # Asynchronous mode: the step in flight processed the last known token; its output
             # will be discarded, so roll back one token and re-process it on restore.

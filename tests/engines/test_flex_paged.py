@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import create_mask
 
 from dooly.engines import flex_paged
 from dooly.engines.base import Batch
-from dooly.engines.transformers_cb import TransformersCBEngine, capture_attention_calls
+from dooly.engines.transformers_cb import EngineAttention, TransformersCBEngine, capture_attention_calls
 from dooly.models.registry import ModelSpec, build_hf_config
 
 SDPA = "paged|sdpa"
@@ -155,3 +155,16 @@ def test_a_step_builds_one_block_mask_for_all_its_calls():
     assert len(calls) == TINY_LLAMA["num_hidden_layers"] and flex_paged._BLOCK_MASKS.built == built + 1
     captured_calls(engine, FLEX, Batch.of(decode_ctx=[40, 70]))
     assert flex_paged._BLOCK_MASKS.built == built + 2
+
+
+def test_a_new_models_attention_forgets_the_previous_models_compiled_flex():
+    """One profiling run measures many models: each model's attention runner starts from no
+    compiled flex variants and no cached masks, so variants never pile up to the recompile limit."""
+    flex_paged._compiled_flex()
+    engine = engine_for(TINY_LLAMA, FLEX, torch.float32)
+    captured_calls(engine, FLEX, MIXED)
+    assert flex_paged._compiled_flex.cache_info().currsize == 1 and flex_paged._BLOCK_MASKS._masks
+    config = build_hf_config(ModelSpec(model_id="tiny", config=TINY_LLAMA, source="test"))
+    EngineAttention(config, backend=FLEX, dtype=torch.float32, device="cpu", max_tokens=MAX_BATCH_TOKENS,
+                    max_kv=NUM_BLOCKS * BLOCK_SIZE, max_seqs=8, period=1)
+    assert flex_paged._compiled_flex.cache_info().currsize == 0 and not flex_paged._BLOCK_MASKS._masks

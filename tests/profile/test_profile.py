@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 import torch
 from click.testing import CliRunner
 
 from dooly.cli import cli
-from dooly.profile.measure import STATUS_OOM, Timer
+from dooly.profile.measure import PHASE_FAILED, PHASES, STATUS_OOM, Timer
 from dooly.store.backends import open_store
 from dooly.store.shards import SHARD_SUFFIX
 from dooly.trace.schema import signature_hash
@@ -60,6 +61,10 @@ def test_second_model_measures_only_its_new_signatures(tmp_path, models):
     first = profile(store, model_a)
     assert first["profiled_signatures"] > 0 and first["reused_signatures"] == 0
     assert first["error_points"] == 0
+    # Every measured second is charged to one phase of the timer, and the timed samples are one of them.
+    phases = first["device_seconds_by_phase"]
+    assert set(phases) <= set(PHASES) and phases["samples"] > 0 and phases["build"] > 0
+    assert sum(phases.values()) == pytest.approx(first["device_seconds"], rel=0.02)
 
     sigs_a = set(trace_model(model_a).signatures(PROFILED))
     sigs_b = set(trace_model(model_b).signatures(PROFILED))
@@ -157,8 +162,10 @@ def test_out_of_memory_is_a_result():
     def build():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    measurement = Timer("cpu", samples=2).measure(build)
+    timer = Timer("cpu", samples=2)
+    measurement = timer.measure(build)
     assert measurement.status == STATUS_OOM and measurement.median_s is None
+    assert set(timer.phase_seconds) == {PHASE_FAILED}
 
 
 def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, models):
