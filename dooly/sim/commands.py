@@ -129,8 +129,8 @@ def _with_model_groups(model: str | None, engine: str, settings: dict[str, Any])
     try:
         spec = resolve_model(model)
     except DoolyError:
-        logger.warning("%s is known to the store only, not as a config: its KV blocks are charged as full attention's",
-                    model)
+        logger.warning("%s is known to the store only, not as a config: its KV blocks are charged as for full "
+                       "attention", model)
         return settings
     return {**cache_groups(build_hf_config(spec)), **settings}
 
