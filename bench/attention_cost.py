@@ -29,8 +29,8 @@ import torch
 from dooly.models.registry import build_hf_config, resolve_model
 from dooly.profile.attention import engine_attention
 from dooly.profile.grid import GridSpec, attention_points
-from dooly.profile.measure import PHASES, STATUS_OK, Timer
-from dooly.trace.tracer import DTYPES, layer_plan
+from dooly.profile.measure import P90, PHASES, STATUS_OK, Timer, percentile
+from dooly.trace.tracer import DTYPES
 
 log = logging.getLogger("attention_cost")
 
@@ -69,11 +69,8 @@ def cost_of(model: str, backend: str, dtype: torch.dtype, device: str, samples: 
             max_points: int | None) -> dict[str, Any]:
     grid = GridSpec()
     hf_config = build_hf_config(resolve_model(model))
-    text = hf_config.get_text_config()
-    period, _ = layer_plan(text)
     started = time.perf_counter()
-    runner = engine_attention("transformers", hf_config, backend=backend, dtype=dtype, device=device,
-                              max_tokens=grid.max_tokens, max_kv=grid.max_kv, max_seqs=grid.max_seqs, period=period)
+    runner = engine_attention("transformers", hf_config, backend=backend, dtype=dtype, device=device, grid=grid)
     engine_seconds = time.perf_counter() - started
     timer = Timer(device, samples)
     points = attention_points(grid)[:max_points]
@@ -116,16 +113,16 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
     fewer = {}
     for k in FEWER_SAMPLES:
-        errors = sorted(abs(statistics.median(row["samples_s"][:k]) / statistics.median(row["samples_s"]) - 1)
-                        for row in ok if len(row["samples_s"]) > k)
+        errors = [abs(statistics.median(row["samples_s"][:k]) / statistics.median(row["samples_s"]) - 1)
+                  for row in ok if len(row["samples_s"]) > k]
         if not errors:
             continue
         share = k / len(ok[0]["samples_s"])
         fewer[str(k)] = {
             "samples_seconds": round(totals["samples"] * share, 3),
-            "median_error_p50_pct": round(PERCENT * errors[len(errors) // 2], 3),
-            "median_error_p90_pct": round(PERCENT * errors[int(len(errors) * 0.9)], 3),
-            "median_error_max_pct": round(PERCENT * errors[-1], 3),
+            "median_error_p50_pct": round(PERCENT * percentile(errors, 50), 3),
+            "median_error_p90_pct": round(PERCENT * percentile(errors, P90), 3),
+            "median_error_max_pct": round(PERCENT * max(errors), 3),
         }
     summary["fewer_samples"] = fewer
     return summary

@@ -14,13 +14,18 @@ from typing import Any
 
 import torch
 
+from dooly.profile.grid import GridSpec
 
-def engine_attention(engine: str, hf_config: Any, *, backend: str, dtype: torch.dtype, device: str, max_tokens: int,
-                     max_kv: int, max_seqs: int, period: int) -> Any:
-    """The engine's attention runner for one model config: `call_for(batch, sliding)`."""
+
+def engine_attention(engine: str, hf_config: Any, *, backend: str, dtype: torch.dtype, device: str,
+                     grid: GridSpec) -> Any:
+    """The engine's attention runner for one model config, sized for every batch of `grid` and
+    built with one period of the model's layers: `call_for(batch, sliding)`."""
     from dooly.engines.registry import engine_kind
+    from dooly.trace.tracer import layer_plan
 
+    period, _ = layer_plan(hf_config.get_text_config())
     return engine_kind(engine).attention_runner(
-        hf_config, backend=backend, dtype=dtype, device=device, max_tokens=max_tokens, max_kv=max_kv,
-        max_seqs=max_seqs, period=period,
+        hf_config, backend=backend, dtype=dtype, device=device, max_tokens=grid.max_tokens, max_kv=grid.max_kv,
+        max_seqs=grid.max_seqs, period=period,
     )

@@ -84,9 +84,9 @@ class Measurement:
     def of_samples(cls, values: list[float], device_seconds: float) -> "Measurement":
         """A successful measurement: the statistics every shard row carries, from its samples."""
         return cls(
-            median_s=_percentile(values, 50),
-            p10_s=_percentile(values, P10),
-            p90_s=_percentile(values, P90),
+            median_s=percentile(values, 50),
+            p10_s=percentile(values, P10),
+            p90_s=percentile(values, P90),
             mean_s=sum(values) / len(values),
             n=len(values),
             status=STATUS_OK,
@@ -225,7 +225,7 @@ def _capture(call: Callable[[], Any], reps: int) -> Any:
     return graph
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     position = (len(ordered) - 1) * q / 100.0
     low, high = math.floor(position), math.ceil(position)

@@ -398,17 +398,15 @@ class _AttentionEngines:
 
             from dooly.models.registry import build_hf_config
             from dooly.profile.attention import engine_attention
-            from dooly.trace.tracer import DTYPES, layer_plan
+            from dooly.trace.tracer import DTYPES
 
             hf_config = build_hf_config(self.plan.sources[model_id])
-            period, _ = layer_plan(hf_config.get_text_config())
-            grid = self.options.grid
             self.cache = {}  # one model's engine on the device at a time
             if self.device == "cuda":
                 torch.cuda.empty_cache()
             self.cache[model_id] = engine_attention(
-                self.options.engine, hf_config, backend=self.options.backend, dtype=DTYPES[self.options.dtype], device=self.device,
-                max_tokens=grid.max_tokens, max_kv=grid.max_kv, max_seqs=grid.max_seqs, period=period,
+                self.options.engine, hf_config, backend=self.options.backend, dtype=DTYPES[self.options.dtype],
+                device=self.device, grid=self.options.grid,
             )
         return self.cache[model_id]
 

@@ -278,12 +278,12 @@ class _StepTimer:
 
 
 def _stats(prefix: str, values: list[float]) -> dict[str, float]:
-    from dooly.profile.measure import _percentile
+    from dooly.profile.measure import percentile
 
     return {
-        f"{prefix}_s": _percentile(values, 50),
-        f"{prefix}_p10_s": _percentile(values, P10),
-        f"{prefix}_p90_s": _percentile(values, P90),
+        f"{prefix}_s": percentile(values, 50),
+        f"{prefix}_p10_s": percentile(values, P10),
+        f"{prefix}_p90_s": percentile(values, P90),
         f"{prefix}_n": len(values),
     }
 
