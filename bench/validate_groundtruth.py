@@ -31,7 +31,8 @@ log = logging.getLogger("validate_groundtruth")
 
 CALIBRATION_WORKLOAD = "calib"
 # Variants whose engine settings equal another's but for how the run was served: calibrated on
-# that one's calibration run (`warm` is `graphs` after an unrecorded warm pass).
+# that one's calibration run (`warm` is `graphs` after an unrecorded warm pass) where they have
+# no calibration run of their own.
 CALIBRATION_VARIANT = {"warm": "graphs"}
 # The distribution errors that make it into the markdown tables (all are in accuracy.json).
 DISTRIBUTION_COLUMNS = (
@@ -97,6 +98,17 @@ def run_json(command, argv: list[str]) -> dict:
     return json.loads(buffer.getvalue())
 
 
+def calibration_cell(ground_truth: Path, short: str, backend_name: str, variant: str) -> str | None:
+    """The cell a group's engine overhead is calibrated on: its own `calib` run, recorded in the
+    same device session as the runs it is validated against (the host's share of a step differs
+    between machines), else the calib run of the variant it derives from; None if neither exists."""
+    for candidate in (variant, CALIBRATION_VARIANT.get(variant)):
+        name = f"{short}.{backend_name}.{candidate}.{CALIBRATION_WORKLOAD}"
+        if candidate and (ground_truth / name / "requests.parquet").is_file():
+            return name
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ground-truth", required=True, type=Path)
@@ -115,8 +127,8 @@ def main() -> None:
 
     rows = []
     for (short, backend_name, variant), workloads in sorted(groups.items()):
-        calibration = f"{short}.{backend_name}.{CALIBRATION_VARIANT.get(variant, variant)}.{CALIBRATION_WORKLOAD}"
-        if not (args.ground_truth / calibration / "requests.parquet").is_file():
+        calibration = calibration_cell(args.ground_truth, short, backend_name, variant)
+        if calibration is None:
             log.warning("%s %s %s has no %s run: skipped", short, backend_name, variant, CALIBRATION_WORKLOAD)
             continue
         model = model_id(short)

@@ -59,6 +59,9 @@ class StepRecord:
     update_s: float = 0.0
     # The engine captured a CUDA graph for this step's shape (a first-seen shape): a one-off cost.
     graph_captured: bool = False
+    # Host seconds Python's garbage collector ran within the step (any thread: it holds the GIL),
+    # None where the bench does not track it.
+    gc_s: float | None = None
 
 
 @dataclass
@@ -109,6 +112,7 @@ def steps_table(records: list[StepRecord]) -> Any:
             ("device_s", pa.float64()),
             ("update_s", pa.float64()),
             ("graph_captured", pa.bool_()),
+            ("gc_s", pa.float64()),
         ]
     )
     rows = []
@@ -168,4 +172,5 @@ def summarize(requests: list[RequestRecord], steps: list[StepRecord]) -> dict[st
         "tpot_p50_s": float(np.median(tpot)) if tpot else None,
         "step_p50_s": float(np.median([s.duration_s for s in steps])) if steps else None,
         "graph_captures": sum(1 for s in steps if s.graph_captured),
+        "gc_s": sum(s.gc_s for s in steps if s.gc_s is not None),
     }

@@ -15,6 +15,7 @@ the engine's compute stream around it), and the batch update (end of the step).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any
@@ -55,6 +56,7 @@ class _StepProbe:
         self.events: list[tuple[Any, Any] | None] = []
         self.recording = False
         self._pending: dict[str, Any] = {}
+        self.gc_clock = GcClock()
 
     def install(self, processor: Any) -> None:
         io = processor.inputs_and_outputs
@@ -66,9 +68,11 @@ class _StepProbe:
 
         def timed_prepare() -> bool:
             start = time.perf_counter()
+            gc_before = self.gc_clock.seconds
             ready = prepare_next_batch()
             if ready:
                 self._pending["start"] = start
+                self._pending["gc_before"] = gc_before
                 self._pending["prepare_s"] = time.perf_counter() - start
             return ready
 
@@ -133,6 +137,7 @@ class _StepProbe:
                     forward_s=pending.get("forward_s", 0.0),
                     update_s=end - start,
                     graph_captured=pending.get("graph_captured", False),
+                    gc_s=self.gc_clock.seconds - pending["gc_before"],
                 )
             )
             self.events.append(pending.get("events"))
@@ -151,6 +156,31 @@ class _StepProbe:
                 events[1].synchronize()
                 record.device_s = events[0].elapsed_time(events[1]) / MS_PER_S
         return self.steps
+
+
+class GcClock:
+    """Adds up the wall time of Python's garbage collections while installed.
+
+    Each engine step builds Python lists as long as the KV tokens it reads; how often the
+    collector runs, and how long each pass takes, depends on how many objects the process holds
+    (captured graphs, finished requests), so the same step can cost a run that has been serving a
+    while more host time than a fresh one. The steps record it (`StepRecord.gc_s`)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started: float | None = None
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def stop(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
 
 def build_random_model(hf_config: Any, backend: str, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
@@ -204,6 +234,7 @@ def run_transformers_bench(
         outputs, arrivals = _serve(manager, requests, rng, vocab)
         probe.recording = False
     finally:
+        probe.gc_clock.stop()
         manager.stop(block=True, timeout=ENGINE_STOP_TIMEOUT_S, keep_for_next_session=False)
     records = [_request_record(r, outputs.get(r.request_id), arrivals.get(r.request_id)) for r in requests]
     return BenchRun(

@@ -78,6 +78,23 @@ def test_steps_account_for_every_prompt_and_generated_token(bench_dir):
         assert 0 < tokens <= 64
         assert step["duration_s"] >= step["prepare_s"] + step["update_s"] > 0
         assert step["device_s"] is None  # CPU run: no CUDA events
+        assert 0.0 <= step["gc_s"] <= step["duration_s"]
+
+
+def test_the_gc_clock_counts_collections_while_installed_only():
+    import gc
+
+    from dooly.engines.transformers_bench import GcClock
+
+    clock = GcClock()
+    garbage = [[index] for index in range(200_000)]
+    del garbage
+    gc.collect()
+    counted = clock.seconds
+    assert counted > 0.0
+    clock.stop()
+    gc.collect()
+    assert clock.seconds == counted
 
 
 def test_engine_settings_and_provenance_are_recorded(bench_dir):

@@ -1,4 +1,5 @@
-"""The engine-built attention call the profiler times picks the layer kind the trace recorded."""
+"""The engine-built attention call the profiler times picks the layer kind the trace recorded, and
+can move from layer to layer between calls (bench/attention_l2.py)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,23 @@ def test_a_window_passed_by_the_forward_counts_as_a_sliding_layer():
     call = attention.call_for(Batch.of(prefill=[(8, 16)], decode_ctx=[20]), sliding=True)
     out = call()
     assert out[0].shape[-1] == SMALL["hidden_size"] // SMALL["num_attention_heads"]
+
+
+def test_a_rotated_runner_moves_to_the_next_layer_at_every_call():
+    config = build_hf_config(resolve_model("meta-llama/Llama-3.2-1B"), **SMALL)
+    batch = Batch.of(prefill=[(8, 16)], decode_ctx=[20])
+
+    def three_calls(rotation: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        attention = EngineAttention(config, backend="paged|sdpa", dtype=torch.float32, device="cpu", max_tokens=64,
+                                    max_kv=512, max_seqs=4, period=1, rotation=rotation)
+        assert len(attention.engine.model.model.layers) == rotation
+        call = attention.call_for(batch, sliding=False)
+        return [call()[0] for _ in range(3)]
+
+    one = three_calls(1)
+    assert torch.equal(one[0], one[1])
+    # Two layers: their own projections fed their own query, keys and values, so calls alternate.
+    first, second, third = three_calls(2)
+    assert not torch.allclose(first, second)
+    assert torch.equal(first, third)

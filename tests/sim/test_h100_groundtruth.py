@@ -17,7 +17,9 @@ DATA = Path(__file__).resolve().parents[2] / "data" / "h100"
 PLATFORM = "NVIDIA-H100-80GB-HBM3"
 # The same code on the same data: only floating-point summation order may differ.
 REPRODUCE_TOLERANCE_PP = 0.05
-CELL = ("Llama-3.1-8B", "paged|sdpa", "graphs", "heavy")
+# A cold cell calibrated on its own calib run, and a warm one calibrated on the warm calib run
+# recorded on its device lease.
+CELLS = [("Llama-3.1-8B", "paged|sdpa", "graphs", "heavy"), ("Llama-3.1-8B", "paged|sdpa", "warm", "heavy")]
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +39,21 @@ def _run(args: list[str]) -> dict:
     return json.loads(result.output)
 
 
-def test_committed_accuracy_cell_is_reproduced(fitted_store, tmp_path):
-    short, backend, variant, workload = CELL
+@pytest.mark.parametrize("cell", CELLS, ids=lambda cell: ".".join(cell))
+def test_committed_accuracy_cell_is_reproduced(fitted_store, tmp_path, cell):
+    short, backend, variant, workload = cell
     prefix = f"{short}.{backend.replace('|', '-')}.{variant}"
-    common = ["--store", str(fitted_store), "--platform", PLATFORM, "--backend", backend]
-    overhead = tmp_path / "overhead.json"
-    _run(["overhead", f"meta-llama/{short}", "--ground-truth", str(DATA / "groundtruth" / f"{prefix}.calib"), "--out", str(overhead), *common])
-    report = _run(["validate", f"meta-llama/{short}", "--ground-truth", str(DATA / "groundtruth" / f"{prefix}.{workload}"),
-                   "--cpu-overhead", str(overhead), *common])
     committed = next(
         r for r in json.loads((DATA / "validation" / "accuracy.json").read_text())
-        if (r["model"], r["backend"], r["variant"], r["workload"]) == CELL
+        if (r["model"], r["backend"], r["variant"], r["workload"]) == cell
     )
+    assert committed["calibration"] == f"{prefix}.calib"
+    common = ["--store", str(fitted_store), "--platform", PLATFORM, "--backend", backend]
+    overhead = tmp_path / "overhead.json"
+    _run(["overhead", f"meta-llama/{short}", "--ground-truth", str(DATA / "groundtruth" / committed["calibration"]),
+          "--out", str(overhead), *common])
+    report = _run(["validate", f"meta-llama/{short}", "--ground-truth", str(DATA / "groundtruth" / f"{prefix}.{workload}"),
+                   "--cpu-overhead", str(overhead), *common])
     assert report["requests"]["ttft"]["n"] == committed["requests"]
     assert report["requests"]["ttft"]["mape"] == pytest.approx(committed["ttft_mape"], abs=REPRODUCE_TOLERANCE_PP)
     assert report["requests"]["tpot"]["mape"] == pytest.approx(committed["tpot_mape"], abs=REPRODUCE_TOLERANCE_PP)
@@ -66,6 +71,9 @@ def test_every_committed_cell_has_its_ground_truth_and_calibration_run():
         prefix = f"{row['model']}.{row['backend'].replace('|', '-')}.{row['variant']}"
         for cell in (f"{prefix}.{row['workload']}", row["calibration"]):
             assert (DATA / "groundtruth" / cell / "requests.parquet").is_file()
+        # A group with a calib run of its own (recorded beside it) is calibrated on that one.
+        if (DATA / "groundtruth" / f"{prefix}.calib" / "requests.parquet").is_file():
+            assert row["calibration"] == f"{prefix}.calib"
 
 
 def test_vidur_export_from_the_fitted_h100_models(fitted_store, tmp_path):
