@@ -125,3 +125,32 @@ def test_cpu_overhead_fit_recovers_known_terms():
         CpuOverheadModel.fit(samples[:3])
     with pytest.raises(DoolyError, match="unknown path"):
         CpuOverheadModel.fit([("warp", 1, 1, 1, 0.1)] * 10)
+
+
+def test_graph_paths_share_their_input_building_slopes_and_keep_their_constants():
+    """The engine builds a replayed step's inputs with the same code whatever the step holds: a
+    mixed path seen over a narrow KV range borrows the KV slope the decode steps pin down."""
+    import random
+
+    rng = random.Random(1)
+    per_kv, per_seq = 2.5e-7, 3e-5
+    constants = {"decode_graph": 0.002, "mixed_graph": 0.005}
+    noise = 0.05  # host timings jitter by a few percent step to step
+
+    def measured(key: str, seqs: int, kv: int) -> float:
+        return (constants[key] + per_seq * seqs + per_kv * kv) * rng.uniform(1 - noise, 1 + noise)
+
+    samples = []
+    for _ in range(300):
+        seqs, kv = rng.randint(1, 64), rng.randint(1_000, 120_000)
+        samples.append(("decode_graph", seqs, seqs, kv, measured("decode_graph", seqs, kv)))
+    for _ in range(20):  # few mixed steps, all reading about the same number of KV tokens
+        seqs, tokens, kv = rng.randint(4, 16), rng.randint(200, 600), rng.randint(9_000, 10_000)
+        samples.append(("mixed_graph", seqs, tokens, kv, measured("mixed_graph", seqs, kv)))
+    model = CpuOverheadModel.fit(samples)
+    assert model.terms["mixed_graph"].per_kv_token_s == model.terms["decode_graph"].per_kv_token_s
+    assert model.terms["mixed_graph"].per_kv_token_s == pytest.approx(per_kv, rel=0.05)
+    assert model.terms["mixed_graph"].constant_s > model.terms["decode_graph"].constant_s
+    heavy_mixed = StepPath(StepKind.MIXED, cuda_graph=True)
+    assert model.seconds(heavy_mixed, 48, 2048, 100_000) == pytest.approx(
+        constants["mixed_graph"] + per_seq * 48 + per_kv * 100_000, rel=0.05)
