@@ -30,10 +30,12 @@ CHUNK_LENGTHS = (64, 256, 1024, 2048)
 CHUNK_CONTEXTS = (512, 2048, 8192)
 DECODE_SEQ_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DECODE_CONTEXTS = (128, 512, 1024, 2048, 4096, 8192)
-MIXED_CHUNKS = (64, 256, 1024)
+# Heavy-load mixed steps of a 2048-token budget carry a full-budget chunk beside ~50 decodes of
+# 2-8K context: 2048-token chunks, 32 decodes and 8192-token contexts keep them inside the grid.
+MIXED_CHUNKS = (64, 256, 1024, 2048)
 MIXED_CHUNK_CONTEXTS = (0, 1024)
-MIXED_DECODES = (4, 16, 64)
-MIXED_DECODE_CONTEXTS = (1024, 4096)
+MIXED_DECODES = (4, 16, 32, 64)
+MIXED_DECODE_CONTEXTS = (1024, 4096, 8192)
 # Non-uniform decode lengths: sequence i of n gets context * (SPREAD_LOW + SPREAD_WIDTH * i/(n-1)),
 # so the batch's mean context is the nominal one while lengths differ by 3x end to end.
 SPREAD_LOW = 0.5
