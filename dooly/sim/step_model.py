@@ -236,23 +236,21 @@ class CpuOverheadModel:
         if len(rows) < MIN_FIT_SAMPLES:
             raise DoolyError(f"fitting a CPU overhead model needs at least {MIN_FIT_SAMPLES} steps, got {len(rows)}")
 
-        def solve(subset: list[tuple[str, float, float, float, float]]) -> OverheadTerms:
-            design = np.array([[1.0, b, t, kv] for _, b, t, kv, _ in subset])
-            target = np.array([sec for *_, sec in subset])
+        def nonnegative(design: np.ndarray, target: np.ndarray) -> np.ndarray:
             # Scale columns so that NNLS is well conditioned whatever the units, then undo it.
             scale = np.maximum(np.abs(design).max(axis=0), 1.0)
             coef, _ = nnls(design / scale, target)
-            coef = coef / scale
+            return coef / scale
+
+        def solve(subset: list[tuple[str, float, float, float, float]]) -> OverheadTerms:
+            coef = nonnegative(np.array([[1.0, b, t, kv] for _, b, t, kv, _ in subset]), np.array([r[4] for r in subset]))
             return OverheadTerms(*(float(c) for c in coef))
 
         def solve_shared(keys: list[str]) -> dict[str, OverheadTerms]:
             """One constant per key, the other terms common to all of them."""
             subset = [r for r in rows if r[0] in keys]
             design = np.array([[1.0 if k == key else 0.0 for key in keys] + [b, t, kv] for k, b, t, kv, _ in subset])
-            target = np.array([sec for *_, sec in subset])
-            scale = np.maximum(np.abs(design).max(axis=0), 1.0)
-            coef, _ = nnls(design / scale, target)
-            coef = coef / scale
+            coef = nonnegative(design, np.array([r[4] for r in subset]))
             slopes = tuple(float(c) for c in coef[len(keys):])
             return {key: OverheadTerms(float(coef[i]), *slopes) for i, key in enumerate(keys)}
 
