@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from dooly.engines.base import Batch
-from dooly.engines.transformers_cb import EngineAttention
 from dooly.models.registry import build_hf_config, resolve_model
-from dooly.profile.grid import spread
+from dooly.profile.attention import engine_attention
+from dooly.profile.grid import GridSpec, spread
 from dooly.profile.measure import STATUS_OK, Timer
-from dooly.trace.tracer import DTYPES, layer_plan
+from dooly.trace.tracer import DTYPES
 
 log = logging.getLogger("attention_padding")
 
@@ -67,15 +67,14 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for model in args.models.split(","):
         hf_config = build_hf_config(resolve_model(model))
-        period, _ = layer_plan(hf_config.get_text_config())
         batches = {}
         for name, (prefill, decode_ctx) in COMPOSITIONS.items():
             batches[(name, "grid")] = Batch.of(prefill=prefill, decode_ctx=decode_ctx)
             batches[(name, "padded")] = padded(prefill, decode_ctx)
         for backend in args.backends.split(","):
-            runner = EngineAttention(hf_config, backend=backend, dtype=DTYPES[args.dtype], device=args.device,
-                                     max_tokens=MAX_TOKENS, max_kv=max(b.kv_tokens for b in batches.values()),
-                                     max_seqs=MAX_SEQS, period=period)
+            grid = GridSpec(max_tokens=MAX_TOKENS, max_seqs=MAX_SEQS, max_kv=max(b.kv_tokens for b in batches.values()))
+            runner = engine_attention("transformers", hf_config, backend=backend, dtype=DTYPES[args.dtype],
+                                      device=args.device, grid=grid)
             timer = Timer(args.device)
             for (name, form), batch in batches.items():
                 result = timer.measure(lambda: runner.call_for(batch, sliding=False))
