@@ -208,8 +208,12 @@ class TransformersCBEngine:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    def step_inputs(self, batch: Batch) -> dict[str, Any]:
-        """The model kwargs the engine builds for this batch: blocks allocated, indices and mask filled."""
+    def step_inputs(self, batch: Batch, padded_sizes: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The model kwargs the engine builds for this batch: blocks allocated, indices and mask filled.
+
+        `padded_sizes` (query tokens, cached KV tokens read) are the sizes the engine pads a step
+        to under CUDA graphs (`ModelRunner.maybe_pad_inputs`); given, the inputs are built as that
+        path builds them (`use_padding=True`: query, read index and mask span the padded extents)."""
         from transformers.generation.continuous_batching.requests import FutureRequestState, RequestState
 
         if self.cache is None:
@@ -231,15 +235,17 @@ class TransformersCBEngine:
             state.allocated_blocks = allocated
             self._request_ids.append(request_id)
             futures.append(FutureRequestState(state, has_new_token=True, complete_blocks=0, query_length=seq.query))
+        num_q_tokens, max_kv_read = padded_sizes or (batch.tokens, sum(seq.context for seq in batch.seqs))
+        use_padding = padded_sizes is not None
         self.io.prepare_batch_tensors(
             futures,
             logits_processors=self.logit_processor,
             use_decode_fast_path=False,
-            num_q_tokens=batch.tokens,
-            max_kv_read=sum(seq.context for seq in batch.seqs),
-            use_padding=False,
+            num_q_tokens=num_q_tokens,
+            max_kv_read=max_kv_read,
+            use_padding=use_padding,
         )
-        kwargs = dict(self.io.get_model_kwargs(use_padding=False))
+        kwargs = dict(self.io.get_model_kwargs(use_padding=use_padding))
         if _supports_logits_to_keep(self.model):
             kwargs["logits_to_keep"] = kwargs["logits_indices"]
         return kwargs
@@ -365,10 +371,11 @@ class EngineAttention:
         self.engine.build_model()
         self.engine.build_cache(max_requests=max_seqs)
 
-    def call_for(self, batch: Batch, sliding: bool) -> Any:
+    def call_for(self, batch: Batch, sliding: bool, padded_sizes: tuple[int, int] | None = None) -> Any:
         """The engine's attention call for this batch on the layers of the requested kind, one
-        layer after the other from call to call (each reads its own cache, as in a forward)."""
-        kwargs = self.engine.step_inputs(batch)
+        layer after the other from call to call (each reads its own cache, as in a forward);
+        with `padded_sizes`, on the inputs the engine's CUDA-graph path pads (`step_inputs`)."""
+        kwargs = self.engine.step_inputs(batch, padded_sizes)
         with capture_attention_calls(self.backend) as (original, calls), torch.no_grad():
             self.engine.model(**kwargs)
         # As the tracer labels a call: the layer's attribute, or the window its forward passes

@@ -29,7 +29,7 @@ from dooly.errors import DoolyError
 REQUEST_VARS = ("T", "B", "K", "D", "S")
 PAIR_TERMS = tuple(f"{a}*{b}" for a, b in combinations(REQUEST_VARS, 2))
 # Attention aggregates that need the per-sequence structure, not just the sums.
-ATTENTION_TERMS = ("attn_pairs", "padded")
+ATTENTION_TERMS = ("attn_pairs", "padded", "waves_kv")
 TERMS = ("zero", "const", *REQUEST_VARS, *PAIR_TERMS, *ATTENTION_TERMS)
 TERM_INDEX = {name: i for i, name in enumerate(TERMS)}
 N_TERMS = len(TERMS)
@@ -86,6 +86,7 @@ ATTENTION_FEATURES = (
     "dense_flops",
     "dense_mask",
     "padded_flops",
+    "wave_flops",
 )
 GENERIC_FEATURES = (
     "launch",
@@ -103,7 +104,37 @@ FAMILY_FEATURES = {
 }
 
 # Local (one-signature) linear models: which request terms they use.
-LOCAL_ATTENTION_TERMS = ("const", "T", "B", "D", "K", "S", "attn_pairs", "T*K", "padded")
+LOCAL_ATTENTION_TERMS = ("const", "T", "B", "D", "K", "S", "attn_pairs", "T*K", "padded", "waves_kv")
+
+# Wave quantisation of a packed, dense-mask attention call (transformers' paged sdpa and eager run
+# the whole batch as one query of T rows against K keys). The kernel gives each thread block
+# QUERY_TILE query rows of one head, and a GPU runs one block per SM at a time: a call takes
+# ceil(ceil(T / QUERY_TILE) x heads / SMs) waves, each as long as one block's pass over the keys.
+# Measured on the H100 (cuDNN's sm90 flash forward, bench/attention_engine_padding.py): T=2048
+# fills 4 waves of Llama-3.1-8B's 32 heads and T=2080 needs 5, so a chunk of 2048 tokens plus 32
+# decodes costs 18% more per (query, key) pair than 2048 tokens; T x K alone cannot say so.
+QUERY_TILE = 128
+# Wave counts are ratios of integers; this keeps an exact multiple from rounding up.
+WAVE_ROUNDING = 1e-9
+# Streaming multiprocessors of the platforms Dooly knows (names as `normalise_platform` writes
+# them). On any other platform `waves_kv` degrades to T x S / QUERY_TILE: no quantisation.
+SM_COUNTS = {
+    "NVIDIA-H100-80GB-HBM3": 132,
+    "NVIDIA-H100-PCIe": 114,
+    "NVIDIA-H100-NVL": 132,
+    "NVIDIA-H200": 132,
+    "NVIDIA-A100-SXM4-80GB": 108,
+    "NVIDIA-A100-SXM4-40GB": 108,
+    "NVIDIA-A100-80GB-PCIe": 108,
+    "NVIDIA-L40S": 142,
+    "NVIDIA-L4": 58,
+    "NVIDIA-A10G": 80,
+}
+
+
+def sm_count(platform: str) -> int:
+    """Streaming multiprocessors of a platform, 0 when unknown (see SM_COUNTS)."""
+    return SM_COUNTS.get(platform, 0)
 # A request dim in a signature's input shape: "T", or an integer factor times it ("8*T").
 _SCALED_VAR = re.compile(r"^(?:(\d+)\*)?([A-Z])$")
 
@@ -142,12 +173,15 @@ class StaticFeatures:
     term_index: np.ndarray  # int, one per physical feature of the family
     multiplier: np.ndarray  # float, one per physical feature
     window: int  # attention sliding window (0 = none), needed to build its request terms
+    # Query tiles one wave of the attention kernel covers (SMs / heads); 0 = not quantised.
+    wave_tiles: float = 0.0
 
 
 def static_features(
-    family: str, op: str, config_dims: Mapping[str, int], request_vars: Sequence[str]
+    family: str, op: str, config_dims: Mapping[str, int], request_vars: Sequence[str], sms: int = 0
 ) -> StaticFeatures:
-    """The static part of the physical features of one signature (see module docstring)."""
+    """The static part of the physical features of one signature (see module docstring); `sms`
+    is the platform's SM count, which sets an attention op's wave size (0: unknown)."""
     if family == FAMILY_MATMUL:
         pairs = _matmul_static(op, config_dims, request_vars)
     elif family == FAMILY_ATTENTION:
@@ -158,10 +192,12 @@ def static_features(
         pairs = _generic_static(config_dims, request_vars)
     names, factors = zip(*pairs, strict=True)
     window = int(config_dims.get(SLIDING_WINDOW, 0) or 0) if family == FAMILY_ATTENTION else 0
+    heads = attention_field(config_dims, NUM_HEADS) if family == FAMILY_ATTENTION else None
     return StaticFeatures(
         term_index=np.array([TERM_INDEX[n] for n in names], dtype=np.int64),
         multiplier=np.array(factors, dtype=np.float64),
         window=max(window, 0),
+        wave_tiles=sms / heads if sms > 0 and heads else 0.0,
     )
 
 
@@ -221,6 +257,7 @@ def _attention_static(cfg: Mapping[str, int]) -> list[tuple[str, float]]:
         ("T*K", q_width),
         ("T*K", 1.0),
         ("padded", q_width),
+        ("waves_kv", head_dim * QUERY_TILE),
     ]
 
 
@@ -306,13 +343,25 @@ def local_terms(family: str, request_vars: Sequence[str]) -> tuple[str, ...]:
 # Request terms
 
 
+def kernel_waves(tokens: np.ndarray | float, wave_tiles: np.ndarray | float) -> np.ndarray:
+    """Waves a packed attention call of `tokens` query rows takes (see QUERY_TILE); where
+    `wave_tiles` is 0 (platform unknown), tokens / QUERY_TILE, unquantised."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    wave_tiles = np.asarray(wave_tiles, dtype=np.float64)
+    tiles = np.ceil(tokens / QUERY_TILE)
+    quantised = np.ceil(tiles / np.where(wave_tiles > 0, wave_tiles, 1.0) - WAVE_ROUNDING)
+    return np.where(wave_tiles > 0, quantised, tokens / QUERY_TILE)
+
+
 def seqs_aggregates(
-    q: np.ndarray, ctx: np.ndarray, point: np.ndarray, n_points: int, window: np.ndarray
+    q: np.ndarray, ctx: np.ndarray, point: np.ndarray, n_points: int, window: np.ndarray,
+    wave_tiles: np.ndarray | float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Per-point sums over sequences (query length q, cached context ctx, owning point index).
 
     `window` is per sequence (0: full attention). S follows the tracer's definition:
-    sum of min(context, window - 1) + new tokens, or K where there is no window.
+    sum of min(context, window - 1) + new tokens, or K where there is no window. `wave_tiles`
+    (per point, or one for all) sizes the kernel's waves for `waves_kv` (see QUERY_TILE).
     """
     q = q.astype(np.float64)
     ctx = ctx.astype(np.float64)
@@ -339,6 +388,7 @@ def seqs_aggregates(
     out["S"] = out["K"].copy() if capped is kv else np.bincount(point, weights=capped, minlength=n_points)
     out["attn_pairs"] = np.bincount(point, weights=pairs, minlength=n_points)
     out["padded"] = out["B"] * _group_max(q, point, n_points) * _group_max(kv, point, n_points)
+    out["waves_kv"] = kernel_waves(out["T"], wave_tiles) * out["S"]
     return out
 
 
@@ -356,7 +406,8 @@ def _group_max(values: np.ndarray, point: np.ndarray, n_points: int) -> np.ndarr
 
 
 def aggregates_from_seqs(
-    seqs_per_point: Sequence[Sequence[Sequence[int]]], windows: Sequence[int] | np.ndarray | int = 0
+    seqs_per_point: Sequence[Sequence[Sequence[int]]], windows: Sequence[int] | np.ndarray | int = 0,
+    wave_tiles: Sequence[float] | np.ndarray | float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Request variables and attention aggregates of many points given as [[q, ctx], ...] lists."""
     n_points = len(seqs_per_point)
@@ -364,10 +415,13 @@ def aggregates_from_seqs(
     flat = np.array([pair for seqs in seqs_per_point for pair in seqs], dtype=np.int64).reshape(-1, 2)
     point = np.repeat(np.arange(n_points), lengths)
     per_point = np.broadcast_to(np.asarray(windows, dtype=np.int64), (n_points,))
-    return seqs_aggregates(flat[:, 0], flat[:, 1], point, n_points, per_point[point])
+    waves = np.broadcast_to(np.asarray(wave_tiles, dtype=np.float64), (n_points,))
+    return seqs_aggregates(flat[:, 0], flat[:, 1], point, n_points, per_point[point], waves)
 
 
-def uniform_aggregates(request: Mapping[str, np.ndarray], window: np.ndarray) -> dict[str, np.ndarray]:
+def uniform_aggregates(
+    request: Mapping[str, np.ndarray], window: np.ndarray, wave_tiles: np.ndarray | float = 0.0
+) -> dict[str, np.ndarray]:
     """Attention aggregates when only T, B, K, D are known: every sequence gets the mean shape.
 
     An approximation for callers that do not keep the per-sequence structure; pass `seqs` for the
@@ -384,7 +438,8 @@ def uniform_aggregates(request: Mapping[str, np.ndarray], window: np.ndarray) ->
     full = q * ctx + q * (q + 1.0) / 2.0
     pairs = b * np.where(w > 0, windowed, full)
     s = np.where(w > 0, b * (np.minimum(ctx, np.maximum(w - 1, 0)) + q), k)
-    return {"attn_pairs": pairs, "padded": b * np.ceil(q) * np.ceil(q + ctx), "S": s}
+    return {"attn_pairs": pairs, "padded": b * np.ceil(q) * np.ceil(q + ctx), "S": s,
+            "waves_kv": kernel_waves(t, wave_tiles) * s}
 
 
 # Batch regimes: attention kernels often take different paths for prefill-only, decode-only and
@@ -467,7 +522,8 @@ def parse_point(point_key: str) -> dict[str, Any]:
 
 
 def request_from_rows(
-    columns: Mapping[str, np.ndarray], point_keys: Sequence[str], windows: np.ndarray
+    columns: Mapping[str, np.ndarray], point_keys: Sequence[str], windows: np.ndarray,
+    wave_tiles: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Request variables and attention aggregates of shard rows.
 
@@ -475,6 +531,7 @@ def request_from_rows(
     attention aggregates (with each row's sliding window), one with scalar entries overrides them.
     """
     n = len(point_keys)
+    waves = np.zeros(n) if wave_tiles is None else np.asarray(wave_tiles, dtype=np.float64)
     request = {v: np.asarray(columns.get(v, np.zeros(n)), dtype=np.float64).copy() for v in REQUEST_VARS}
     request["S"] = request["K"].copy()
     for name in ATTENTION_TERMS:
@@ -492,7 +549,7 @@ def request_from_rows(
                 request[name][i] = float(point[name])
     if seq_rows:
         idx = np.array(seq_rows)
-        agg = aggregates_from_seqs(seq_lists, windows[idx])
+        agg = aggregates_from_seqs(seq_lists, windows[idx], waves[idx])
         for name, values in agg.items():
             request[name][idx] = values
     return request

@@ -51,6 +51,7 @@ from dooly.fit.features import (
     physical_design,
     regime_of,
     request_from_rows,
+    sm_count,
     static_features,
     term_matrix,
     var_mask_of,
@@ -98,7 +99,7 @@ MODEL_SUFFIX = ".joblib"
 GENERATION_DIGITS = 6
 GENERATION_RE = re.compile(r"^models/gen-(\d+)/meta\.json$")
 # Bumped when the persisted objects change shape; older files then fail to load with one line.
-MODEL_FORMAT_VERSION = 2
+MODEL_FORMAT_VERSION = 3
 STATUS_OK = "ok"
 DEFAULT_FOLDS = 5
 # The seen check is repeated over this many random fold assignments: one assignment moves the
@@ -199,7 +200,8 @@ def training_rows(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _signature_info(
-    signature: str, op: str, op_class: str, config_json: str, vars_json: str, signature_json: str = ""
+    signature: str, op: str, op_class: str, config_json: str, vars_json: str, signature_json: str = "",
+    *, sms: int = 0,
 ) -> SignatureInfo:
     config = {str(k): int(v) for k, v in json.loads(config_json or "{}").items() if v is not None}
     request_vars = tuple(json.loads(vars_json or "[]"))
@@ -212,7 +214,7 @@ def _signature_info(
         family=family,
         config_dims=config,
         request_vars=request_vars,
-        static=static_features(family, op, config, request_vars),
+        static=static_features(family, op, config, request_vars, sms),
         units=work_units(signature_json, request_vars),
     )
 
@@ -225,12 +227,14 @@ def group_data(frame: pl.DataFrame) -> list[GroupData]:
         columns = ["signature", "op", "op_class", "config_dims", "request_vars"]
         if "signature_json" in sigs.columns:
             columns.append("signature_json")
-        infos = [_signature_info(*row) for row in sigs.select(columns).iter_rows()]
+        sms = sm_count(str(key[GROUP_COLUMNS.index("platform")]))
+        infos = [_signature_info(*row, sms=sms) for row in sigs.select(columns).iter_rows()]
         position = {info.signature: i for i, info in enumerate(infos)}
         row_sig = np.array([position[s] for s in part.get_column("signature").to_list()], dtype=np.int64)
         windows = np.array([infos[i].static.window for i in row_sig], dtype=np.int64)
+        wave_tiles = np.array([infos[i].static.wave_tiles for i in row_sig], dtype=np.float64)
         columns = {v: part.get_column(v).to_numpy() for v in ("T", "B", "K", "D")}
-        request = request_from_rows(columns, part.get_column("point_key").to_list(), windows)
+        request = request_from_rows(columns, part.get_column("point_key").to_list(), windows, wave_tiles)
         out.append(
             GroupData(
                 key=tuple(str(k) for k in key),
@@ -351,6 +355,7 @@ def fit_seen(method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.nd
         family=info.family,
         request_vars=info.request_vars,
         window=info.static.window,
+        wave_tiles=info.static.wave_tiles,
     )
     if method.startswith(SEEN_INTERP) and not (method.partition(":")[2] or info.request_vars):
         # Nothing of the request changes its work (a fixed-size op): a constant, the linear
@@ -432,6 +437,7 @@ def bind_class_model(
         family=info.family,
         request_vars=info.request_vars,
         window=info.static.window,
+        wave_tiles=info.static.wave_tiles,
         method=method or cm.regressor.method,
         model=cm,
         static=info.static,

@@ -33,15 +33,18 @@ from dooly.fit.features import (
     MATMUL_OPS,
     N_REGIMES,
     N_TERMS,
+    QUERY_TILE,
     REQUEST_VARS,
     SLIDING_WINDOW,
     TERM_INDEX,
+    WAVE_ROUNDING,
     aggregates_from_seqs,
     check_request_vars,
     local_terms,
     regime_of,
     regime_scalar,
     seqs_aggregates,
+    sm_count,
     static_features,
     term_matrix,
     uniform_aggregates,
@@ -67,11 +70,14 @@ LOG_GRID = DENSE_LIMIT * np.exp2(
 )
 LOG2_GRID = np.log2(LOG_GRID)
 TABLE_GRID = np.concatenate([np.arange(DENSE_LIMIT, dtype=np.float64), LOG_GRID])
-# A surrogate needs a few more points than its (at most nine) terms.
+# A surrogate needs a few more points than its (at most ten) terms.
 MIN_SURROGATE_POINTS = 12
 PERCENT = 100.0
 # predict_ops tabulates a one-variable model (then a row costs one gather) from this many rows on.
 TABLE_MIN_ROWS = 4096
+# (sliding window, query tiles per kernel wave): what an operation's request terms depend on
+# beyond the batch itself.
+Geometry = tuple[int, float]
 
 
 def tabulate(model: OpModel) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +161,7 @@ class Predictor:
             family=class_model.family,
             config_dims=config,
             request_vars=variables,
-            static=static_features(class_model.family, op_name, config, variables),
+            static=static_features(class_model.family, op_name, config, variables, sm_count(self.group.platform)),
         )
         return bind_class_model(class_model, info), True
 
@@ -233,9 +239,9 @@ def _row_terms(model: OpModel, numeric: Mapping[str, np.ndarray], seqs: Any, row
     sub = {k: v[rows] for k, v in numeric.items()}
     if model.family == FAMILY_ATTENTION:
         if seqs is not None:
-            sub.update(aggregates_from_seqs([seqs[i] for i in rows], model.window))
+            sub.update(aggregates_from_seqs([seqs[i] for i in rows], model.window, model.wave_tiles))
         elif "attn_pairs" not in sub:
-            sub.update(uniform_aggregates(sub, np.full(len(rows), model.window)))
+            sub.update(uniform_aggregates(sub, np.full(len(rows), model.window), model.wave_tiles))
     elif "S" not in sub and "K" in sub:
         sub["S"] = sub["K"]
     return term_matrix(sub, len(rows))
@@ -286,7 +292,7 @@ class StepPredictor:
         if model.family == FAMILY_ATTENTION:
             if not class_model.reference_seqs:
                 return model
-            agg = aggregates_from_seqs(class_model.reference_seqs, model.window)
+            agg = aggregates_from_seqs(class_model.reference_seqs, model.window, model.wave_tiles)
             terms = term_matrix(agg, len(class_model.reference_seqs))
         else:
             terms = class_model.reference_terms
@@ -300,6 +306,7 @@ class StepPredictor:
             family=model.family,
             request_vars=model.request_vars,
             window=model.window,
+            wave_tiles=model.wave_tiles,
             method=f"surrogate({model.method})",
             regime_coef=fit_regime_linear(terms, target, local_terms(model.family, model.request_vars)),
         )
@@ -322,10 +329,10 @@ class StepPredictor:
         cls_of = {c: i for i, c in enumerate(self.classes)}
         self._dense: dict[str, np.ndarray] = {}
         self._log: dict[str, np.ndarray] = {}
-        linear: dict[int, np.ndarray] = {}
-        self._nonlinear: list[tuple[int, int, OpModel, int]] = []
+        linear: dict[Geometry, np.ndarray] = {}
+        self._nonlinear: list[tuple[int, int, OpModel, Geometry]] = []
         # Linear work times tabulated tree corrections (per-signature attention models).
-        self._corrected: list[tuple[int, int, int, np.ndarray, PairTables]] = []
+        self._corrected: list[tuple[int, int, Geometry, np.ndarray, PairTables]] = []
         for model, count, _ in entries:
             ci = cls_of[model.op_class]
             var = model.single_var
@@ -337,19 +344,19 @@ class StepPredictor:
                 self._dense[var][ci] += count * dense
                 self._log[var][ci] += count * logs
                 continue
-            window = model.window if model.family == FAMILY_ATTENTION else self.model_window
+            geometry = self._geometry(model)
             corrected = model.corrected_terms()
             if corrected is not None:
-                self._corrected.append((ci, count, window, *corrected))
+                self._corrected.append((ci, count, geometry, *corrected))
                 continue
             coef = model.regime_terms()
             if coef is None:
-                self._nonlinear.append((ci, count, model, window))
+                self._nonlinear.append((ci, count, model, geometry))
                 continue
-            linear.setdefault(window, np.zeros((n_cls, N_REGIMES, N_TERMS)))[ci] += count * coef
+            linear.setdefault(geometry, np.zeros((n_cls, N_REGIMES, N_TERMS)))[ci] += count * coef
         self._linear = linear
         self._linear_total = {w: m.sum(axis=0) for w, m in linear.items()}
-        self._windows = sorted(
+        self._geometries = sorted(
             {*linear, *(w for *_, w in self._nonlinear), *(entry[2] for entry in self._corrected)}
         )
         self._dense_total = {var: table.sum(axis=0) for var, table in self._dense.items()}
@@ -363,9 +370,9 @@ class StepPredictor:
             w: [[(int(i), float(c)) for i, c in enumerate(row) if c != 0.0] for row in total]
             for w, total in self._linear_total.items()
         }
-        corrected_rows: dict[int, list] = {}
-        for _, count, window, coef, tables in self._corrected:
-            corrected_rows.setdefault(window, []).append(
+        corrected_rows: dict[Geometry, list] = {}
+        for _, count, geometry, coef, tables in self._corrected:
+            corrected_rows.setdefault(geometry, []).append(
                 (
                     float(count),
                     [(int(i), float(c)) for i, c in enumerate(coef) if c != 0.0],
@@ -381,16 +388,23 @@ class StepPredictor:
                     ],
                 )
             )
-        # Per window: its request terms are built once per step and serve every model on it.
-        self._scalar_windows = [
+        # Per geometry: its request terms are built once per step and serve every model on it.
+        self._scalar_geometries = [
             (
-                window,
-                linear_rows.get(window),
-                corrected_rows.get(window, []),
-                [(count, model) for _, count, model, w in self._nonlinear if w == window],
+                geometry,
+                linear_rows.get(geometry),
+                corrected_rows.get(geometry, []),
+                [(count, model) for _, count, model, g in self._nonlinear if g == geometry],
             )
-            for window in self._windows
+            for geometry in self._geometries
         ]
+
+    def _geometry(self, model: OpModel) -> Geometry:
+        """What an operation's request terms depend on beyond the batch: an attention op's own
+        window and wave size, the model's window for everything else."""
+        if model.family == FAMILY_ATTENTION:
+            return (model.window, model.wave_tiles)
+        return (self.model_window, 0.0)
 
     # -- scalar path -------------------------------------------------------------------------
 
@@ -450,12 +464,16 @@ class StepPredictor:
         return s + dec, wp + dec
 
     @staticmethod
-    def _term_list(t, b, k, d, s, pairs, padded) -> list[float]:
+    def _term_list(t, b, k, d, s, pairs, padded, wave_tiles) -> list[float]:
         """The request terms in TERMS order, built by hand (a test checks it against term_matrix)."""
+        if wave_tiles > 0:
+            waves = math.ceil(math.ceil(t / QUERY_TILE) / wave_tiles - WAVE_ROUNDING)
+        else:
+            waves = t / QUERY_TILE
         return [
             0.0, 1.0, t, b, k, d, s,
             t * b, t * k, t * d, t * s, b * k, b * d, b * s, k * d, k * s, d * s,
-            pairs, padded,
+            pairs, padded, waves * s,
         ]  # fmt: skip
 
     @staticmethod
@@ -466,10 +484,17 @@ class StepPredictor:
         i = min(int(pos), len(logs) - 2)
         return logs[i] + (logs[i + 1] - logs[i]) * (pos - i)
 
-    def step_seconds(self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> float:
-        """Latency of one engine step: prefill chunks (new tokens, cached context) + decodes (context)."""
+    def step_seconds(
+        self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int], full_reads: bool = False
+    ) -> float:
+        """Latency of one engine step: prefill chunks (new tokens, cached context) + decodes (context).
+
+        `full_reads`: every attention layer reads all of the step's KV tokens, its sliding window
+        notwithstanding. transformers' CUDA-graph path pads one read index and one mask width for
+        every layer group, so there a sliding layer runs over the padded KV like a full one
+        (bench/attention_engine_padding.py: gemma-2-9b's sliding layers cost what its full ones do)."""
         t, b, k, d, pairs, padded, top = self._scan(prefill, decode_ctx)
-        mw = self.model_window
+        mw = 0 if full_reads else self.model_window
         s_model = self._windowed(prefill, decode_ctx, mw, k, pairs, top)[0] if mw > 0 else k
         values = (t, b, k, d, s_model)
         lookup = self._lookup
@@ -478,13 +503,15 @@ class StepPredictor:
             x = values[var_i]
             if x > 0:
                 total += lookup(dense, logs, x)
-        if self._scalar_windows:
+        if self._scalar_geometries:
             regime = regime_scalar(d, b)
-            for window, by_regime, corrected, nonlinear in self._scalar_windows:
+            for (window, wave_tiles), by_regime, corrected, nonlinear in self._scalar_geometries:
+                if full_reads:
+                    window = 0
                 s, wp = (
                     self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
                 )
-                terms = self._term_list(t, b, k, d, s, wp, padded)
+                terms = self._term_list(t, b, k, d, s, wp, padded, wave_tiles)
                 if by_regime is not None:
                     for i, c in by_regime[regime]:
                         total += c * terms[i]
@@ -503,16 +530,19 @@ class StepPredictor:
     # -- array path --------------------------------------------------------------------------
 
     def _class_seconds(
-        self, q: np.ndarray, ctx: np.ndarray, step: np.ndarray, n_steps: int, per_class: bool
+        self, q: np.ndarray, ctx: np.ndarray, step: np.ndarray, n_steps: int, per_class: bool,
+        full_reads: bool = False,
     ) -> np.ndarray:
-        """(n_steps,) totals, or (n_steps, n_classes) when per_class."""
+        """(n_steps,) totals, or (n_steps, n_classes) when per_class; `full_reads` as in step_seconds."""
         n_cls = len(self.classes)
         out = np.zeros((n_steps, n_cls)) if per_class else np.zeros(n_steps)
         aggregates = {
-            w: seqs_aggregates(q, ctx, step, n_steps, np.full(len(q), w, dtype=np.int64))
-            for w in {0, self.model_window, *self._windows}
+            (w, tiles): seqs_aggregates(
+                q, ctx, step, n_steps, np.full(len(q), 0 if full_reads else w, dtype=np.int64), tiles
+            )
+            for w, tiles in {(self.model_window, 0.0), *self._geometries}
         }
-        base = aggregates[self.model_window]
+        base = aggregates[(self.model_window, 0.0)]
         for var in self._dense:
             x = base[var]
             if per_class:
@@ -522,23 +552,23 @@ class StepPredictor:
             else:
                 vals = lookup_many(self._dense_total[var], self._log_total[var], x)
             out += vals
-        for window in self._windows:
-            terms = term_matrix(aggregates[window], n_steps)
-            if window in self._linear:
+        for geometry in self._geometries:
+            terms = term_matrix(aggregates[geometry], n_steps)
+            if geometry in self._linear:
                 regime = regime_of(terms)
                 if per_class:
-                    out += np.einsum("nj,cnj->nc", terms, self._linear[window][:, regime, :])
+                    out += np.einsum("nj,cnj->nc", terms, self._linear[geometry][:, regime, :])
                 else:
-                    out += np.einsum("nj,nj->n", terms, self._linear_total[window][regime])
-            for ci, count, model, w in self._nonlinear:
-                if w == window:
+                    out += np.einsum("nj,nj->n", terms, self._linear_total[geometry][regime])
+            for ci, count, model, g in self._nonlinear:
+                if g == geometry:
                     vals = count * model.predict_terms(terms)
                     if per_class:
                         out[:, ci] += vals
                     else:
                         out += vals
-            for ci, count, w, coef, tables in self._corrected:
-                if w == window:
+            for ci, count, g, coef, tables in self._corrected:
+                if g == geometry:
                     vals = count * np.maximum(terms @ coef, MIN_SECONDS) * tables.factor(terms)
                     if per_class:
                         out[:, ci] += vals
@@ -565,10 +595,12 @@ class StepPredictor:
         q, ctx, step = flatten_steps(steps)
         return self.step_seconds_arrays(q, ctx, step, len(steps))
 
-    def breakdown(self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> dict[str, float]:
+    def breakdown(
+        self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int], full_reads: bool = False
+    ) -> dict[str, float]:
         """One step's latency by operation class (sums to `step_seconds`)."""
         q, ctx, step = flatten_steps([(prefill, decode_ctx)])
-        row = self._class_seconds(q, ctx, step, 1, True)[0]
+        row = self._class_seconds(q, ctx, step, 1, True, full_reads)[0]
         return {c: float(v) for c, v in zip(self.classes, row, strict=True)}
 
     def op_seconds(
@@ -578,8 +610,10 @@ class StepPredictor:
         q, ctx, step = flatten_steps([(prefill, decode_ctx)])
         rows = []
         for model, count, unseen in self.entries:
-            window = model.window if model.family == FAMILY_ATTENTION else self.model_window
-            terms = term_matrix(seqs_aggregates(q, ctx, step, 1, np.full(len(q), window, dtype=np.int64)), 1)
+            window, wave_tiles = self._geometry(model)
+            terms = term_matrix(
+                seqs_aggregates(q, ctx, step, 1, np.full(len(q), window, dtype=np.int64), wave_tiles), 1
+            )
             only = model.single_var
             seconds = (
                 float(model.predict_terms(terms)[0])

@@ -57,7 +57,9 @@ SEEN_SCALED = "scaled-class"
 SEEN_TREES = "local-nnls+trees"
 # Per-signature attention models: NNLS on the work terms, then trees on the log residual over the
 # batch's tokens, KV tokens, sequences and decodes, splitting on (T, K) and (B, D) separately.
-TREE_BASE_TERMS = ("const", "T", "K", "T*K")
+# `waves_kv` is the dense-mask kernel's work as its waves run it (features.QUERY_TILE): trees on a
+# grid cannot place the wave boundaries between its points, the term can.
+TREE_BASE_TERMS = ("const", "T", "K", "T*K", "waves_kv")
 TREE_TERMS = ("T", "K", "B", "D")
 TREE_PAIRS = ((0, 1), (2, 3))
 
@@ -120,6 +122,8 @@ class OpModel:
     request_vars: tuple[str, ...]
     window: int
     method: str
+    # Query tiles per wave of its kernel (attention on a known platform; features.QUERY_TILE).
+    wave_tiles: float
 
     def predict_terms(self, terms: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dooly.sim.schedulers import ScheduledBatch, Scheduler, Seq, SimulationError
-from dooly.sim.step_model import CpuOverheadModel, GraphShape, StepLatencyModel, accepts_path, device_seconds
+from dooly.sim.step_model import CpuOverheadModel, GraphShape, StepLatencyModel, device_seconds, step_keywords
 from dooly.workload import Request
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class _Run:
         self.step_model = step_model
         self.overhead = overhead
         self.captured: set[GraphShape] = captured if captured is not None else set()
-        self.pass_path = accepts_path(step_model)
+        self.step_kwargs = step_keywords(step_model)
         self.columns: dict[str, list] = {name: [] for name in _STEP_FIELDS}
         self.batches: list | None = [] if record_batches else None
         self.unfinished = 0
@@ -317,7 +317,7 @@ class _Run:
         raise SimulationError(f"the simulation stalled with {self.unfinished} unfinished requests: {self.scheduler.stall_message()}")
 
     def _cost(self, batch: ScheduledBatch) -> tuple[float, float]:
-        gpu = float(device_seconds(self.step_model, batch.prefill, batch.decode_ctx, batch.path, self.pass_path))
+        gpu = float(device_seconds(self.step_model, batch.prefill, batch.decode_ctx, batch.path, self.step_kwargs))
         if not (gpu >= 0 and math.isfinite(gpu)):
             raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {batch.num_tokens} tokens")
         cpu = self.overhead.seconds(batch.path, batch.num_seqs, batch.num_tokens, batch.kv_tokens)

@@ -108,29 +108,40 @@ def padded_composition(
     return prefill, decode_ctx
 
 
+# Keywords a step model's `step_seconds` may take: the step's path (a path-aware model pads the
+# batch itself), or `full_reads` (every attention layer reads all KV tokens, its sliding window
+# notwithstanding: transformers' padded read index spans every layer group).
+PATH_KEYWORD = "path"
+FULL_READS_KEYWORD = "full_reads"
+
+
 def device_seconds(
     model: StepLatencyModel,
     prefill: list[tuple[int, int]],
     decode_ctx: list[int],
     path: StepPath,
-    pass_path: bool,
+    keywords: frozenset[str],
 ) -> float:
     """Device time of one step: the path goes to a path-aware model, otherwise the padded
-    composition does."""
-    if pass_path:
+    composition does (with `full_reads` where the KV read is padded and the model takes it)."""
+    if PATH_KEYWORD in keywords:
         return model.step_seconds(prefill, decode_ctx, path=path)
     if path.padded_tokens or path.padded_kv:
         prefill, decode_ctx = padded_composition(prefill, decode_ctx, path)
+        if path.padded_kv and FULL_READS_KEYWORD in keywords:
+            return model.step_seconds(prefill, decode_ctx, full_reads=True)
     return model.step_seconds(prefill, decode_ctx)
 
 
-def accepts_path(model: StepLatencyModel) -> bool:
-    """Whether `model.step_seconds` takes the keyword `path` (checked once per simulation)."""
+def step_keywords(model: StepLatencyModel) -> frozenset[str]:
+    """Which of the optional keywords `model.step_seconds` takes (checked once per simulation)."""
     try:
         params = inspect.signature(model.step_seconds).parameters
     except (TypeError, ValueError):
-        return False
-    return "path" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return frozenset({PATH_KEYWORD})
+    return frozenset(name for name in (PATH_KEYWORD, FULL_READS_KEYWORD) if name in params)
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ from dooly.sim.step_model import (
     StepKind,
     StepLatencyModel,
     StepPath,
-    accepts_path,
     device_seconds,
+    step_keywords,
 )
 from dooly.workload import Request
 
@@ -341,12 +341,12 @@ def replay_steps(
     (by default: the kind of the batch, no CUDA graph, no padding); `captured`, the CUDA-graph
     shapes the engine held before the first step (none by default)."""
     overhead = cpu_overhead or CpuOverheadModel.zero()
-    pass_path = accepts_path(step_model)
+    keywords = step_keywords(step_model)
     out = []
     captured = set(captured or ())
     for step in steps:
         path = path_for(step.prefill, step.decode_ctx) if path_for else _default_path(step.prefill, step.decode_ctx)
-        gpu = device_seconds(step_model, step.prefill, step.decode_ctx, path, pass_path)
+        gpu = device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords)
         host = overhead.seconds(path, *step.sizes()) + overhead.capture_seconds(path, captured)
         out.append(float(gpu) + host)
     return out
@@ -519,13 +519,13 @@ def calibrate_overhead(
     What lands here is everything the per-operation latencies do not see: scheduling, input
     preparation, kernel-launch gaps, sampling and output handling. Calibrate on a workload other
     than the ones you validate on."""
-    pass_path = accepts_path(step_model)
+    keywords = step_keywords(step_model)
     samples, captures = [], []
     for truth, scheduler in truths:
         seen: set[GraphShape] = set()
         for step in truth.steps:
             path = scheduler.path_for(step.prefill, step.decode_ctx)
-            device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, pass_path))
+            device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
             sample = (path.overhead_key, *step.sizes(), max(step.duration_s - device, 0.0))
             shape = CpuOverheadModel.graph_shape(path)
             if shape is not None and shape not in seen:

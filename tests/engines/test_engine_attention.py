@@ -45,3 +45,25 @@ def test_a_rotated_runner_moves_to_the_next_layer_at_every_call():
     first, second, third = three_calls(2)
     assert not torch.allclose(first, second)
     assert torch.equal(first, third)
+
+
+def test_padded_inputs_span_the_padded_extents_and_leave_real_rows_unchanged():
+    """The CUDA-graph path's inputs (bench/attention_engine_padding.py): the query and the mask
+    span the padded sizes, and the real tokens attend to exactly what they did unpadded."""
+    config = build_hf_config(resolve_model("meta-llama/Llama-3.2-1B"), **SMALL)
+    batch = Batch.of(prefill=[(8, 0), (4, 0)])
+    padded_tokens, padded_read = 16, 32
+    torch.manual_seed(0)
+    attention = EngineAttention(config, backend="paged|sdpa", dtype=torch.float32, device="cpu", max_tokens=64,
+                                max_kv=512, max_seqs=4, period=1)
+    plain = attention.engine.step_inputs(batch)
+    assert plain["input_ids"].shape[-1] == batch.tokens
+    assert plain["attention_mask"].shape[-2:] == (batch.tokens, batch.tokens)
+    unpadded = attention.call_for(batch, sliding=False)()[0]
+
+    padded_inputs = attention.engine.step_inputs(batch, (padded_tokens, padded_read))
+    assert padded_inputs["input_ids"].shape[-1] == padded_tokens
+    assert padded_inputs["attention_mask"].shape[-2:] == (padded_tokens, padded_tokens + padded_read)
+    padded = attention.call_for(batch, sliding=False, padded_sizes=(padded_tokens, padded_read))()[0]
+    assert padded.shape[1] == padded_tokens
+    torch.testing.assert_close(padded[:, : batch.tokens], unpadded)

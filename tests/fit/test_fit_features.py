@@ -8,10 +8,13 @@ import numpy as np
 from dooly.fit.features import (
     FAMILY_MATMUL,
     MATMUL_FEATURES,
+    QUERY_TILE,
     TERM_INDEX,
     aggregates_from_seqs,
     family_of,
+    kernel_waves,
     physical_design,
+    sm_count,
     static_features,
     term_matrix,
 )
@@ -104,3 +107,32 @@ def test_tree_ensemble_matches_scikit_learn():
     np.testing.assert_allclose(
         TreeEnsemble.from_hist_gbr(fitted).predict(probe), expected, rtol=1e-12, atol=1e-12
     )
+
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+
+
+def test_waves_of_a_packed_attention_call_follow_the_sm_count():
+    """Llama-3.1-8B's 32 heads on the H100's 132 SMs: 128-row query tiles x 32 heads fill four
+    waves at T=2048 and need a fifth from T=2049 (bench/attention_engine_padding.py measured it)."""
+    eight_b = {"in0.0": 1, "in0.1": 32, "in0.3": 128, "in1.1": 8}
+    tiles = static_features("attention", "attention", eight_b, ("T", "B", "K", "D"), sm_count(H100)).wave_tiles
+    assert tiles == 132 / 32
+    waves = kernel_waves(np.array([1, 128, 512, 513, 2048, 2049, 2080, 4224, 4225]), tiles)
+    np.testing.assert_array_equal(waves, [1, 1, 1, 2, 4, 5, 5, 8, 9])
+    # Qwen2.5-7B's 28 heads: 33 tiles are exactly 7 waves, which floating point must not round up.
+    assert kernel_waves(33 * QUERY_TILE, 132 / 28) == 7
+    # An unknown platform: no SM count, no quantisation.
+    assert sm_count("Synthetic-GPU-80GB") == 0
+    assert static_features("attention", "attention", eight_b, ("T",), 0).wave_tiles == 0.0
+    np.testing.assert_allclose(kernel_waves(np.array([2048, 2049]), 0.0), [16.0, 2049 / QUERY_TILE])
+
+
+def test_waves_kv_is_the_waves_times_the_keys_each_layer_reads():
+    seqs = [[[2048, 0], [1, 30000], [1, 500]], [[64, 100]]]  # T=2050: 17 tiles, 5 waves
+    for window in (0, 4096):
+        agg = aggregates_from_seqs(seqs, window, 132 / 32)
+        expected = [5 * brute_force(seqs[0], window)["S"], 1 * brute_force(seqs[1], window)["S"]]
+        np.testing.assert_allclose(agg["waves_kv"], expected)
+    terms = term_matrix(aggregates_from_seqs(seqs, 0, 132 / 32), len(seqs))
+    assert terms[0, TERM_INDEX["waves_kv"]] == 5 * terms[0, TERM_INDEX["K"]]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import polars as pl
 import pytest
@@ -10,6 +13,7 @@ from dooly import SCHEMA_VERSION
 from dooly.errors import DoolyError
 from dooly.fit import synthetic as syn
 from dooly.fit.models import fit_frame, training_rows
+from dooly.fit.predictor import Predictor
 
 # 1% log-normal noise gives a floor of ~0.8% MAPE; these bounds leave room for interpolation.
 SEEN_HELDOUT_MAX_PCT = 3.0
@@ -136,6 +140,14 @@ def test_scalar_and_batched_step_paths_agree(predictor):
         scalar = np.array([step.step_seconds(p, d) for p, d in steps])
         np.testing.assert_allclose(step.step_seconds_many(steps), scalar, rtol=1e-9)
         assert np.all(scalar > 0)
+        # A padded CUDA-graph read: every layer reads all KV tokens, its window notwithstanding.
+        full = np.array([step.step_seconds(p, d, full_reads=True) for p, d in steps[:40]])
+        by_class = [sum(step.breakdown(p, d, full_reads=True).values()) for p, d in steps[:40]]
+        np.testing.assert_allclose(by_class, full, rtol=1e-9)
+        if inventory is windowed:
+            assert np.all(full >= scalar[:40] * (1 - 1e-12)) and np.any(full > scalar[:40] * 1.01)
+        else:
+            np.testing.assert_allclose(full, scalar[:40], rtol=1e-12)
     plain = predictor.step_predictor(syn.inventory(syn.UNSEEN_MODEL))
     long_context = ([(64, 20000)], [30000] * 8)
     windowed_step = predictor.step_predictor(windowed)
@@ -279,3 +291,50 @@ def test_cli_defaults_match_the_fit():
 
     assert commands.DEFAULT_FOLDS == models.DEFAULT_FOLDS
     assert commands.DEFAULT_REPEATS == models.DEFAULT_REPEATS
+
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+# A packed dense-mask attention call on a GPU of 132 SMs: whole waves of 128-row query tiles per
+# head, each wave as long as one tile's pass over the keys.
+WAVE_SMS = 132
+WAVE_TILE_ROWS = 128
+WAVE_KEY_S = 2e-9
+
+
+def _wave_law(seqs: list[list[int]], heads: int) -> float:
+    tokens = sum(q for q, _ in seqs)
+    keys = sum(q + c for q, c in seqs)
+    waves = math.ceil(math.ceil(tokens / WAVE_TILE_ROWS) * heads / WAVE_SMS)
+    return syn.LAUNCH_S + WAVE_KEY_S * waves * keys
+
+
+def test_attention_that_runs_in_waves_is_learned_where_the_sm_count_is_known():
+    """On the H100 the fit sees the kernel's waves (features.QUERY_TILE): a chunk of 520 tokens
+    needs a second wave that one of 512 does not, and the fitted model says so. The same
+    measurements under a platform name without an SM count cannot tell the two apart."""
+    model = syn.TOY_MODELS[2]
+    rng = np.random.default_rng(7)
+    errors = {}
+    for platform in (H100, syn.PLATFORM):
+        rows = syn.snapshot_rows([model], platform=platform)
+        for row in rows:
+            if row["op"] == "attention":
+                seqs = json.loads(row["point_key"])["seqs"]
+                row["latency_median_s"] = _wave_law(seqs, model.heads) * math.exp(rng.normal(0.0, syn.NOISE_SIGMA))
+        inventory = syn.inventory(model)
+        models, _ = fit_frame(pl.DataFrame(rows), generation=1, inventories={syn.inventory_store_key(model): inventory},
+                              folds=3, repeats=1)
+        predictor = Predictor(models[(platform, syn.ENGINE, syn.BACKEND, syn.DTYPE)])
+        (op,) = [o for o in inventory["operations"] if o["op"] == "attention"]
+        chunks = [[[512, 4096]], [[520, 4096]], [[1024, 2048]], [[1056, 2048]]]
+        got = predictor.predict_ops([op["signature"]] * 4, [op["op_class"]] * 4, [op["config_dims"]] * 4,
+                                    {"seqs": chunks, "T": [512, 520, 1024, 1056], "B": [1] * 4,
+                                     "K": [4608, 4616, 3072, 3104]})
+        truth = np.array([_wave_law(s, model.heads) for s in chunks])
+        errors[platform] = np.abs(got / truth - 1)
+        step = predictor.step_predictor(inventory)
+        steps = [([(520, 4096)], [100, 2000]), ([], [300] * 40), ([(2048, 0)], [5000] * 3), ([(512, 0)], [])]
+        scalar = [step.step_seconds(p, d) for p, d in steps]
+        np.testing.assert_allclose(step.step_seconds_many(steps), scalar, rtol=1e-9)
+    assert errors[H100].max() < SEEN_TRUTH_WORST, errors
+    assert errors[syn.PLATFORM].max() > 3 * SEEN_TRUTH_WORST, errors

@@ -8,13 +8,16 @@ import pytest
 
 from dooly.errors import DoolyError
 from dooly.sim.step_model import (
+    FULL_READS_KEYWORD,
+    PATH_KEYWORD,
     AnalyticStepModel,
     CpuOverheadModel,
     ModelDims,
     OverheadTerms,
     StepKind,
     StepPath,
-    accepts_path,
+    device_seconds,
+    step_keywords,
 )
 
 
@@ -60,7 +63,7 @@ def test_bad_cpu_overhead_files_are_user_errors(tmp_path, data, message):
         CpuOverheadModel.load(path)
 
 
-def test_path_keyword_is_detected():
+def test_optional_step_keywords_are_detected():
     class Plain:
         def step_seconds(self, prefill, decode_ctx):
             return 0.0
@@ -69,9 +72,36 @@ def test_path_keyword_is_detected():
         def step_seconds(self, prefill, decode_ctx, **extra):
             return 0.0
 
-    assert not accepts_path(Plain())
-    assert accepts_path(Flexible())
-    assert accepts_path(AnalyticStepModel())
+    class Windowed:
+        def step_seconds(self, prefill, decode_ctx, full_reads=False):
+            return 0.0
+
+    assert step_keywords(Plain()) == frozenset()
+    assert step_keywords(Flexible()) == {PATH_KEYWORD}
+    assert step_keywords(AnalyticStepModel()) == {PATH_KEYWORD}
+    assert step_keywords(Windowed()) == {FULL_READS_KEYWORD}
+
+
+def test_a_padded_read_reaches_every_layer_only_when_the_kv_is_padded():
+    """transformers pads one read index for every layer group under CUDA graphs: a model that
+    takes `full_reads` gets it for a padded KV read, and not for padded query tokens alone."""
+    calls = []
+
+    class Windowed:
+        def step_seconds(self, prefill, decode_ctx, full_reads=False):
+            calls.append((list(prefill), list(decode_ctx), full_reads))
+            return 1.0
+
+    model = Windowed()
+    keywords = step_keywords(model)
+    padded_kv = StepPath(StepKind.DECODE, cuda_graph=True, padded_tokens=4, padded_kv=1024)
+    device_seconds(model, [], [100, 200], padded_kv, keywords)
+    assert calls[-1][2] is True
+    assert sum(calls[-1][1]) + len(calls[-1][1]) + sum(q + c for q, c in calls[-1][0]) == 1024
+    device_seconds(model, [], [100, 200], StepPath(StepKind.DECODE, cuda_graph=True, padded_tokens=4), keywords)
+    assert calls[-1][2] is False
+    device_seconds(model, [], [100, 200], StepPath(StepKind.DECODE), keywords)
+    assert calls[-1] == ([], [100, 200], False)
 
 
 def test_analytic_model_grows_with_work():
