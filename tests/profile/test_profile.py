@@ -15,7 +15,18 @@ import torch
 from click.testing import CliRunner
 
 from dooly.cli import cli
-from dooly.profile.measure import PHASE_FAILED, PHASES, STATUS_OOM, Timer
+from dooly.profile.measure import (
+    DEFAULT_SAMPLES_CUDA,
+    LONG_SAMPLE_S,
+    PHASE_FAILED,
+    PHASES,
+    SETTLED_SAMPLES,
+    SETTLED_SPREAD,
+    STATUS_OK,
+    STATUS_OOM,
+    WARMUP_CALLS,
+    Timer,
+)
 from dooly.store.backends import open_store
 from dooly.store.shards import SHARD_SUFFIX
 from dooly.trace.schema import signature_hash
@@ -169,6 +180,45 @@ def test_out_of_memory_is_a_result():
     measurement = timer.measure(build)
     assert measurement.status == STATUS_OOM and measurement.median_s is None
     assert set(timer.phase_seconds) == {PHASE_FAILED}
+
+
+def test_long_calls_are_sampled_until_they_settle_unless_a_count_was_asked_for():
+    """A 20 ms call whose first samples run 13% slow (the H100 after an idle gap): the budgeted
+    timer keeps the settled five; a short call, or an explicit count, takes every sample."""
+    def sampler(values):
+        stream = iter(values)
+        return lambda: next(stream)
+
+    slow, settled = 0.0225, 0.0199
+    ramp = [slow, slow, 0.0218] + [settled * (1 + 0.001 * (i % 2)) for i in range(20)]
+    budgeted, explicit = Timer("cuda"), Timer("cuda", samples=DEFAULT_SAMPLES_CUDA)
+    values = budgeted.take_samples(sampler(ramp), slow)
+    assert len(values) == SETTLED_SAMPLES and max(values) <= settled * (1 + SETTLED_SPREAD)
+    assert len(explicit.take_samples(sampler(ramp), slow)) == DEFAULT_SAMPLES_CUDA
+    assert len(budgeted.take_samples(sampler(ramp), LONG_SAMPLE_S / 2)) == DEFAULT_SAMPLES_CUDA
+    # Never settling: every sample is kept, as without the rule.
+    noisy = [settled * (1 + 0.05 * (i % 2)) for i in range(DEFAULT_SAMPLES_CUDA)]
+    assert budgeted.take_samples(sampler(noisy), settled) == noisy
+
+
+def test_a_long_call_is_warmed_up_once_when_the_timer_is_budgeted():
+    """A call of 2x LONG_SAMPLE_S: one warm-up call instead of WARMUP_CALLS."""
+    def calls_made(timer: Timer) -> int:
+        count = 0
+
+        def call() -> None:
+            nonlocal count
+            count += 1
+            time.sleep(2 * LONG_SAMPLE_S)
+
+        measurement = timer.measure(lambda: call)
+        assert measurement.status == STATUS_OK and measurement.median_s >= 2 * LONG_SAMPLE_S
+        return count
+
+    # The CPU's default count equals SETTLED_SAMPLES: both timers take that many samples.
+    budgeted = calls_made(Timer("cpu"))
+    explicit = calls_made(Timer("cpu", samples=SETTLED_SAMPLES))
+    assert explicit - budgeted == WARMUP_CALLS - 1
 
 
 def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, models):
