@@ -22,6 +22,7 @@ and re-times a few stored grid points, to tell a lease difference from a shape d
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -32,11 +33,12 @@ from typing import Any
 import torch
 
 from dooly.engines.base import Batch
+from dooly.engines.transformers_cb import cache_groups
 from dooly.models.registry import build_hf_config, resolve_model
 from dooly.profile.attention import engine_attention
 from dooly.profile.grid import GridSpec
 from dooly.profile.measure import STATUS_OK, Timer
-from dooly.sim.step_model import StepPath, StepKind, padded_composition
+from dooly.sim.step_model import StepKind, StepPath, padded_composition
 from dooly.trace.tracer import DTYPES
 
 log = logging.getLogger("attention_engine_padding")
@@ -102,13 +104,14 @@ def main() -> int:
         grid = GridSpec(max_tokens=MAX_TOKENS, max_seqs=MAX_SEQS, max_kv=max_kv)
         runner = engine_attention("transformers", hf_config, backend=args.backend, dtype=DTYPES[args.dtype],
                                   device="cuda", grid=grid)
-        windowed = bool(getattr(hf_config.get_text_config(), "sliding_window", None)) and model.startswith("gemma")
+        windowed = cache_groups(hf_config)["sliding_attention_groups"] > 0
         timer = Timer("cuda")
         for case, form, batch, sizes, extra in cases:
             for sliding in (False, True) if windowed else (False,):
-                result = timer.measure(lambda: runner.call_for(batch, sliding=sliding, padded_sizes=sizes))
+                build = functools.partial(runner.call_for, batch, sliding, sizes)
+                result = timer.measure(build)
                 seconds = result.median_s if result.status == STATUS_OK else None
-                kernels = kernel_names(runner.call_for(batch, sliding=sliding, padded_sizes=sizes)) if seconds else []
+                kernels = kernel_names(build()) if seconds else []
                 rows.append({"model": model, "case": case, "form": form, "sliding": sliding,
                              "T": sizes[0] if sizes else batch.tokens,
                              "K": sum(sizes) if sizes else batch.kv_tokens, "seqs": batch.num_seqs,

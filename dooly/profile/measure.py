@@ -22,6 +22,7 @@ the capture, the timed samples): where a campaign's device time goes, in `dooly 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -243,10 +244,16 @@ class Timer:
             for _ in range(GRAPH_WARM_REPLAYS - 1):
                 graph.replay()
         self._lap(PHASE_CAPTURE)
-        samples = self.take_samples(lambda: self._timed(graph.replay, 1) / reps, per_call * reps)
+        sample = functools.partial(self._replay_seconds, graph, reps)
         del graph
+        samples = self.take_samples(sample, per_call * reps)
+        del sample
         self._lap(PHASE_SAMPLES)
         return samples
+
+    def _replay_seconds(self, graph: Any, reps: int) -> float:
+        """Seconds per call of one replay of a graph of `reps` calls."""
+        return self._timed(graph.replay, 1) / reps
 
     def _timed(self, call: Callable[[], Any], reps: int) -> float:
         return timed_seconds(self.device, call, reps) / reps
