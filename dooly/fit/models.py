@@ -67,7 +67,9 @@ from dooly.fit.regressors import (
     SEEN_REGIME,
     SEEN_SCALED,
     SEEN_TREES,
+    SEEN_WAVE_TREES,
     TREE_BASE_TERMS,
+    WAVE_TREE_BASE_TERMS,
     UNSEEN_METHODS,
     BoundClassModel,
     ClassModel,
@@ -375,16 +377,17 @@ def fit_seen(method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.nd
         return RegimeLinearModel(
             method=SEEN_REGIME, regime_coef=fit_regime_linear(terms, seconds, names), **common
         )
-    if method == SEEN_TREES and len(seconds) >= MIN_LOCAL_TREE_POINTS:
-        coef, tables = fit_corrected_linear(terms, seconds, TREE_BASE_TERMS)
-        return CorrectedLinearModel(method=SEEN_TREES, coef=coef, tables=tables, **common)
+    if method in (SEEN_TREES, SEEN_WAVE_TREES) and len(seconds) >= MIN_LOCAL_TREE_POINTS:
+        base = TREE_BASE_TERMS if method == SEEN_TREES else WAVE_TREE_BASE_TERMS
+        coef, tables = fit_corrected_linear(terms, seconds, base)
+        return CorrectedLinearModel(method=method, coef=coef, tables=tables, **common)
     return LinearModel(method=SEEN_LINEAR, coef=fit_local_linear(terms, seconds, names), **common)
 
 
 def seen_methods(info: SignatureInfo) -> tuple[str, ...]:
     """Candidates for a profiled signature, simplest first."""
     if info.family == FAMILY_ATTENTION:
-        return (SEEN_LINEAR, SEEN_REGIME, SEEN_TREES)
+        return (SEEN_LINEAR, SEEN_REGIME, SEEN_TREES, SEEN_WAVE_TREES)
     if len(info.request_vars) == 1:
         return (SEEN_INTERP, SEEN_LINEAR)
     return (SEEN_LINEAR, *(interp_method(v) for v in info.request_vars))

@@ -55,11 +55,16 @@ SEEN_LINEAR = "local-nnls"
 SEEN_REGIME = METHOD_REGIME
 SEEN_SCALED = "scaled-class"
 SEEN_TREES = "local-nnls+trees"
+SEEN_WAVE_TREES = "local-nnls+waves+trees"
 # Per-signature attention models: NNLS on the work terms, then trees on the log residual over the
 # batch's tokens, KV tokens, sequences and decodes, splitting on (T, K) and (B, D) separately.
-# `waves_kv` is the dense-mask kernel's work as its waves run it (features.QUERY_TILE): trees on a
-# grid cannot place the wave boundaries between its points, the term can.
-TREE_BASE_TERMS = ("const", "T", "K", "T*K", "waves_kv")
+# Two hypotheses of the work, chosen per class by held-out error: a kernel that touches every
+# (query, key) pair of the packed batch (T*K: eager materialises the scores), or a flash kernel
+# that runs in waves of query tiles (`waves_kv`, features.QUERY_TILE). Both fit a grid alike, whose
+# mixed points sit where the two agree; only the second predicts a step at exactly 2048 tokens,
+# where the engine's padded heavy steps are (H100: T*K over-predicted them by 8-30%).
+TREE_BASE_TERMS = ("const", "T", "K", "T*K")
+WAVE_TREE_BASE_TERMS = ("const", "T", "K", "waves_kv")
 TREE_TERMS = ("T", "K", "B", "D")
 TREE_PAIRS = ((0, 1), (2, 3))
 

@@ -15,6 +15,7 @@ from dooly.fit.models import (
     group_data,
     training_rows,
 )
+from dooly.fit.regressors import SEEN_TREES, SEEN_WAVE_TREES
 
 H100_STORE = Path(__file__).resolve().parents[2] / "data" / "h100" / "db"
 TARGET_MEDIAN_PCT = 3.0
@@ -29,6 +30,9 @@ MIN_SIGNATURES = 124
 MIN_ATTENTION_BACKENDS = 2
 # At most this share of signatures may lack a held-out error of their own.
 MAX_UNEVALUABLE_SHARE = 0.05
+# Which work hypothesis wins held out (regressors.WAVE_TREE_BASE_TERMS): cuDNN's flash kernel runs
+# in waves of query tiles, eager attention touches every (query, key) pair of the packed batch.
+EXPECTED_ATTENTION_METHODS = {"attention:paged|sdpa": SEEN_WAVE_TREES, "attention:paged|eager": SEEN_TREES}
 
 
 def test_h100_heldout_median_per_op_mape_within_target(tmp_path):
@@ -43,6 +47,7 @@ def test_h100_heldout_median_per_op_mape_within_target(tmp_path):
     errors: list[float] = []
     unevaluable = 0
     attention: dict[str, float] = {}
+    methods: dict[str, str] = {}
     datas = group_data(training_rows(frame))
     for data in datas:
         row_class = data.row_class
@@ -58,6 +63,7 @@ def test_h100_heldout_median_per_op_mape_within_target(tmp_path):
             errors += chosen[np.isfinite(chosen)].tolist()
             if op_class.startswith("attention"):
                 attention[op_class] = float(np.median(chosen))
+                methods[op_class] = method
     assert len(errors) + unevaluable == sum(len(data.infos) for data in datas)
     assert len(errors) >= MIN_SIGNATURES
     assert unevaluable <= MAX_UNEVALUABLE_SHARE * (len(errors) + unevaluable), unevaluable
@@ -65,3 +71,5 @@ def test_h100_heldout_median_per_op_mape_within_target(tmp_path):
     assert len(attention) >= MIN_ATTENTION_BACKENDS, attention
     for op_class, median in attention.items():
         assert median < PROFILE_ONLY_ATTENTION.get(op_class, ATTENTION_TARGET_PCT), attention
+    for op_class, method in EXPECTED_ATTENTION_METHODS.items():
+        assert methods[op_class] == method, methods
