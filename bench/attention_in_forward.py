@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from attention_engine_padding import COMPOSITIONS
 
 from dooly.engines.base import Batch
 from dooly.engines.transformers_cb import DEFAULT_BLOCK_SIZE, TransformersCBEngine
@@ -30,7 +31,6 @@ from dooly.trace.tracer import DTYPES
 
 log = logging.getLogger("attention_in_forward")
 
-COMPOSITIONS = Path(__file__).resolve().parent.parent / "data/h100/experiments/attention_engine_padding/compositions.json"
 # Kernel names that are the attention call itself (cuDNN's fused flash forward).
 ATTENTION_KERNEL = "sdpa"
 MAX_BATCH_TOKENS = 2048

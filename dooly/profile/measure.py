@@ -129,8 +129,8 @@ class Timer:
     def __init__(self, device: str, samples: int | None = None) -> None:
         self.device = device
         self.samples = samples or (DEFAULT_SAMPLES_CUDA if device == "cuda" else DEFAULT_SAMPLES_CPU)
-        # The default count gives way to the sample budget for long calls (see LONG_SAMPLE_S).
-        self.budgeted = samples is None
+        # With the default count, long calls are sampled until they settle (see LONG_SAMPLE_S).
+        self.adaptive = samples is None
         self.phase_seconds: Counter[str] = Counter()
         self._lap_started = time.perf_counter()
 
@@ -171,7 +171,7 @@ class Timer:
     def take_samples(self, sample: Callable[[], float], sample_s: float) -> list[float]:
         """`self.samples` values of `sample()`, or for a long one (see LONG_SAMPLE_S) the first
         SETTLED_SAMPLES in a row that agree within SETTLED_SPREAD."""
-        if not self.budgeted or sample_s < LONG_SAMPLE_S:
+        if not self.adaptive or sample_s < LONG_SAMPLE_S:
             return [sample() for _ in range(self.samples)]
         values: list[float] = []
         while len(values) < self.samples:
@@ -182,9 +182,9 @@ class Timer:
         return values
 
     def _warm_up(self, call: Callable[[], Any]) -> None:
-        """WARMUP_CALLS calls, or one when the timer is budgeted and that one is long."""
+        """WARMUP_CALLS calls, or one when the timer is adaptive and that one is long."""
         first = timed_seconds(self.device, call, 1)
-        if self.budgeted and first >= LONG_SAMPLE_S:
+        if self.adaptive and first >= LONG_SAMPLE_S:
             return
         for _ in range(WARMUP_CALLS - 1):
             call()
@@ -230,7 +230,7 @@ class Timer:
             return self._eager_samples(call)
         pilot.replay()
         # A long call has been timed already (its eager call) and takes one call per replay.
-        long_call = self.budgeted and eager_call >= LONG_SAMPLE_S
+        long_call = self.adaptive and eager_call >= LONG_SAMPLE_S
         per_call = eager_call if long_call else self._timed(pilot.replay, 1) / pilot_reps
         # One replay must dwarf the graph's own launch cost (a few microseconds).
         reps = max(pilot_reps, min(most, math.ceil(MIN_GRAPH_SAMPLE_S / max(per_call, 1e-9))))
