@@ -54,6 +54,17 @@ REPEAT = DATA / "experiments" / "repeat"
 MS_PER_S = 1e3
 TOPUP = DATA / "campaign" / "topup"
 TOPUP_MIXED = DATA / "campaign" / "topup-mixed"
+TOPUP_BUDGET = DATA / "campaign" / "topup-budget"
+ENGINE_STEPS = DATA / "experiments" / "engine_step_profile" / "Llama-3.1-8B.paged-sdpa.graphs.heavy.json"
+GRID_THINNING = DATA / "experiments" / "grid_thinning"
+ATTENTION_CONDITIONS = DATA / "experiments" / "attention_conditions" / "Llama-3.1-8B.json"
+# A step whose device time exceeds its kernels' by more than this captured a graph mid-step.
+CAPTURE_GAP_MS = 10.0
+# The kernels of one paged attention call in the engine's forward, by kind
+# (bench/engine_step_profile.py): the flash kernel and the copies around it, plus the cache's
+# read-back (a gather kernel, named; a graph replay names no operators).
+ATTENTION_KINDS = ("attention", "copy")
+READ_BACK_KERNEL = "gather_kernel"
 PHASE_COLUMNS = ("build", "warmup", "calibrate", "capture", "samples", "failed")
 PLOTTED_CELLS = ("Llama-3.1-8B.paged-sdpa.graphs.heavy", "Llama-3.2-1B.paged-sdpa.default.light")
 # The token count of a full-budget chunk; attention_waves_lines compares points at it and past it.
@@ -307,6 +318,137 @@ def topup_lines() -> list[str]:
         *TOPUP_HEADER,
         *topup_rows(mixed),
         "",
+        "### Top-up: mixed batches that fill a token budget",
+        "",
+        "A loaded engine fills its token budget: its mixed steps hold exactly `max_batch_tokens` query",
+        "tokens (2048 for `paged|sdpa` here, 512 for `paged|eager`; under CUDA graphs padded to it), a",
+        "multiple of the flash kernel's 128-row tile, where the mixed points above hold a few tokens more",
+        "and run one wave longer. The grid gained mixed points whose chunk fills a 512- or 2048-token",
+        "budget beside 4-64 decodes (`MIXED_BUDGETS`, 40 points per signature), measured the same way:",
+        "",
+        *TOPUP_HEADER,
+        *topup_rows(topup_reports(TOPUP_BUDGET)),
+        "",
+    ]
+
+
+def engine_step_lines(store: Path) -> list[str]:
+    """The real engine's heavy mixed steps kernel by kernel (bench/engine_step_profile.py), against
+    the attention the store measured at the same padded shape."""
+    import numpy as np
+    import polars as pl
+
+    from dooly.engines.base import parse_engine_settings
+    from dooly.models.registry import build_hf_config, resolve_model
+    from dooly.sim.schedulers import make_scheduler
+
+    data = json.loads(ENGINE_STEPS.read_text())
+    cell = Path(data["ground_truth"]).name
+    scheduler = make_scheduler("transformers", parse_engine_settings(str(DATA / "groundtruth" / cell / "engine.json"), ()))
+    config = build_hf_config(resolve_model(data["model"])).get_text_config()
+    layers = config.num_hidden_layers
+    # The model's full-attention signature: its query heads, KV heads and head size, no window.
+    dims = {"in0.1": config.num_attention_heads, "in1.1": config.num_key_value_heads,
+            "in0.3": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads}
+    rows = pl.concat([pl.read_parquet(p) for p in sorted(store.glob("shards/**/*.parquet"))], how="diagonal_relaxed")
+    rows = rows.filter((pl.col("op") == "attention") & (pl.col("backend") == data["backend"]) & (pl.col("status") == "ok")
+                       & (pl.col("T") == WAVE_EDGE_T) & ~pl.col("signature_json").str.contains("window"))
+    matching = [json.loads(c).items() >= dims.items() for c in rows["config_dims"].to_list()]
+    profiled = rows.filter(pl.Series(matching)).group_by("K").agg(pl.col("latency_median_s").median()).sort("K")
+    by_bucket: dict[int, list[tuple[float, float, float]]] = {}
+    for step in data["steps"]:
+        prefill = [tuple(p) for p in step["prefill"]]
+        kernels = sum(step["step_kernels_ms"].values())
+        if not (prefill and step["decode_ctx"]) or step["device_s"] * MS_PER_S - kernels > CAPTURE_GAP_MS:
+            continue
+        path = scheduler.path_for(prefill, step["decode_ctx"])
+        if path.padded_tokens != WAVE_EDGE_T:
+            continue
+        attention = sum(step["step_kernels_ms"].get(kind, 0.0) for kind in ATTENTION_KINDS) + sum(
+            ms for name, (ms, _) in step["top_step_kernels"].items() if READ_BACK_KERNEL in name)
+        by_bucket.setdefault(path.padded_kv, []).append((step["device_s"] * MS_PER_S, attention / layers,
+                                                         kernels - attention))
+    conditions: dict[int, dict[str, float]] = {}
+    for point in json.loads(ATTENTION_CONDITIONS.read_text())["points"]:
+        conditions.setdefault(point["K"], {})[point["condition"]] = point["loop_s"] * MS_PER_S
+    lines, ratios = [], []
+    for padded_kv, steps in sorted(by_bucket.items()):
+        standalone = float(np.interp(padded_kv, profiled["K"].to_numpy(), profiled["latency_median_s"].to_numpy())) * MS_PER_S
+        in_engine = statistics.median(s[1] for s in steps)
+        ratios.append(in_engine / standalone)
+        alone = conditions.get(padded_kv, {})
+        alone_cells = " | ".join(f"{alone[c]:.2f}" if c in alone else "-" for c in ("fresh", "scattered", "sustained"))
+        lines.append(f"| {padded_kv} | {len(steps)} | {statistics.median(s[0] for s in steps):.1f} | "
+                     f"{statistics.median(s[2] for s in steps):.1f} | {in_engine:.2f} | {standalone:.2f} | "
+                     f"{in_engine / standalone:.3f} | {alone_cells} |")
+    return [
+        "### Inside the engine's step",
+        "",
+        f"{data['model']}'s heavy mixed steps came out ~3% under their measured device time under CUDA graphs.",
+        f"`bench/engine_step_profile.py` served the `{cell}` workload again on the real engine under the",
+        f"torch profiler ({data['gpu']}, torch {data['torch']}) and attributed every kernel to the step and",
+        "operator that launched it. Between kernels a replayed step idles ~2 ms; a step that captures",
+        "a graph idles 150-185 ms more (the overhead model's capture cost). Per padded KV extent, the",
+        "medians of the steps at T = 2048 (ms): the step's device time, its kernels outside attention",
+        "(GEMMs, norms, rotary, sampling), and one attention call in the forward (cuDNN's kernel, the",
+        "cache's read-back and the copies around it, per layer) against the same call as `dooly profile`",
+        "timed it at T = 2048 (the budget-filling points, interpolated in K). The last three columns",
+        "time the call alone on the engine's own padded inputs for real steps of the ground truth",
+        "(`bench/attention_conditions.py`, the median of 20 calls in a loop): on a fresh cache, on one",
+        "whose free blocks were shuffled (pages scattered as on a server that has run a while), and at",
+        "the end of 20 s of the same call back to back (the GPU under sustained load).",
+        "",
+        "| padded KV | steps | device | rest of the step | attention call in the engine | attention call profiled | ratio "
+        "| alone: fresh | scattered | sustained |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *lines,
+        "",
+        f"The attention call costs {100 * (min(ratios) - 1):.0f}-{100 * (max(ratios) - 1):.0f}% more inside the "
+        "running engine's forward than timed alone (the",
+        "engine column also holds the step's few non-attention copies, ~1.3 ms per step), which is the",
+        "heavy mixed steps' under-prediction. Scattered pages and sustained load change nothing (within",
+        "1%); the cause is not pinned down.",
+        "",
+    ]
+
+
+def grid_thinning_lines() -> list[str]:
+    """Thinner attention designs replayed on the committed store (bench/grid_thinning.py)."""
+    results = [json.loads(path.read_text()) for path in sorted(GRID_THINNING.glob("*.json"))]
+    if not results:
+        return []
+    results.sort(key=lambda r: -r["points"])
+
+    def error(result: dict, backend: str) -> str:
+        found = (result["left_out_point_error"] or {}).get(backend)
+        return "-" if not found or found["mape_median"] is None else f"{found['mape_median']:.2f}% / {found['mape_p90']:.1f}%"
+
+    rows = [f"| {r['design']} | {r['points']} | {r['campaign']['device_seconds']:.0f} | "
+            f"{r['campaign']['baseline_device_seconds']:.0f} | {100 * r['campaign']['saving']:.1f}% | "
+            f"{error(r, 'paged|sdpa')} | {error(r, 'paged|eager')} | {error(r, 'paged|flex_attention')} | "
+            f"{r['cells_met']} / {r['cells']} |" for r in results]
+    default = next(r for r in results if r["design"] == "default")["campaign"]["saving"]
+    gains = sorted(100 * (r["campaign"]["saving"] - default) for r in results if r["design"] != "default")
+    return [
+        "### Would a thinner attention grid reach 70%?",
+        "",
+        "Attention is most of the campaign's device time and few models share an attention signature, so",
+        "the suite saving is bounded by the attention grid's size. `bench/grid_thinning.py` replays the",
+        "campaign with thinner designs on the committed store (each keeps the rows at its own points, all",
+        "of them measured), refits, scores the fit on the default grid's attention points it left out",
+        "(per-signature MAPE, median / p90 over signatures) and validates the ground truth again",
+        f"(cells within {TTFT_TARGET_PCT:g}% / {TPOT_TARGET_PCT:g}% per request):",
+        "",
+        "| design | points per signature | device-s spent | device-s alone | saving | sdpa, left-out points | eager | flex | H100 cells met |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "The default grid's own held-out error (5-fold, points near their neighbours) is in `dooly fit`'s",
+        f"report. Thinning buys {gains[0]:.0f}-{gains[-1]:.0f} points of saving, far from 70%, and costs accuracy "
+        "where the",
+        "kernel is not a wave law (eager materialises the scores) or where decode points go (thin-all):",
+        "the default grid stays as it is.",
+        "",
     ]
 
 
@@ -348,6 +490,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         store = fit_copy(work)
+        engine_lines = engine_step_lines(store)
         validation = work / "validation"
         run_module("validate_groundtruth.py", "--ground-truth", str(DATA / "groundtruth"), "--store", str(store),
                    "--platform", PLATFORM, "--out", str(validation), "--plots")
@@ -387,7 +530,9 @@ def main() -> None:
         *topup_lines(),
         *attention_cost_lines(),
         *attention_waves_lines(),
+        *engine_lines,
         *timer_lines(),
+        *grid_thinning_lines(),
         "## Accuracy: simulator against the real engine",
         "",
         "Each cell: `dooly bench` ground truth of transformers continuous batching (random weights, open-loop",

@@ -23,7 +23,7 @@ DEFAULT_MAX_TOKENS = 4096
 DEFAULT_MAX_SEQS = 256
 DEFAULT_MAX_KV = 262144
 DEFAULT_MAX_CONTEXT = 8192
-# Attention batch shapes.
+# Attention batch shapes (the full design; `AttentionShapes` holds one design).
 PREFILL_SEQ_COUNTS = (2, 4, 8)
 PREFILL_SEQ_LENGTHS = (64, 256, 1024)
 CHUNK_LENGTHS = (64, 256, 1024, 2048)
@@ -36,10 +36,39 @@ MIXED_CHUNKS = (64, 256, 1024, 2048)
 MIXED_CHUNK_CONTEXTS = (0, 1024)
 MIXED_DECODES = (4, 16, 32, 64)
 MIXED_DECODE_CONTEXTS = (1024, 4096, 8192)
+# A loaded engine fills its token budget: its mixed steps hold exactly that many query tokens
+# (under CUDA graphs, padded to it), a multiple of the flash kernels' 128-row tile, where the
+# points above hold a few more and run one wave of thread blocks longer. Mixed points whose chunk
+# fills these budgets beside the decodes hold the steps the engine runs at its usual budgets.
+MIXED_BUDGETS = (512, 2048)
+# A budget-filling mixed batch needs room for a chunk and a decode of one token each.
+MIN_BUDGET_TOKENS = 2
 # Non-uniform decode lengths: sequence i of n gets context * (SPREAD_LOW + SPREAD_WIDTH * i/(n-1)),
 # so the batch's mean context is the nominal one while lengths differ by 3x end to end.
 SPREAD_LOW = 0.5
 SPREAD_WIDTH = 1.0
+
+
+@dataclass(frozen=True)
+class AttentionShapes:
+    """The batch compositions attention is measured on: which lengths, counts and contexts each
+    kind of batch takes (`attention_batches` clips them to the grid's maxima)."""
+
+    prefill_rung_step: int = 1  # every n-th rung of the token ladder for one-sequence prefills
+    prefill_seq_counts: tuple[int, ...] = PREFILL_SEQ_COUNTS
+    prefill_seq_lengths: tuple[int, ...] = PREFILL_SEQ_LENGTHS
+    chunk_lengths: tuple[int, ...] = CHUNK_LENGTHS
+    chunk_contexts: tuple[int, ...] = CHUNK_CONTEXTS
+    decode_seq_counts: tuple[int, ...] = DECODE_SEQ_COUNTS
+    decode_contexts: tuple[int, ...] = DECODE_CONTEXTS
+    mixed_chunks: tuple[int, ...] = MIXED_CHUNKS
+    mixed_chunk_contexts: tuple[int, ...] = MIXED_CHUNK_CONTEXTS
+    mixed_decodes: tuple[int, ...] = MIXED_DECODES
+    mixed_decode_contexts: tuple[int, ...] = MIXED_DECODE_CONTEXTS
+    mixed_budgets: tuple[int, ...] = MIXED_BUDGETS
+
+
+FULL_ATTENTION = AttentionShapes()
 
 
 @dataclass(frozen=True)
@@ -48,6 +77,7 @@ class GridSpec:
     max_seqs: int = DEFAULT_MAX_SEQS
     max_kv: int = DEFAULT_MAX_KV
     max_context: int = DEFAULT_MAX_CONTEXT
+    attention: AttentionShapes = FULL_ATTENTION
 
     def tokens(self) -> list[int]:
         return [v for v in LADDER if v <= self.max_tokens]
@@ -105,24 +135,37 @@ def attention_batches(grid: GridSpec) -> list[Batch]:
     def lengths(values: tuple[int, ...], limit: int) -> list[int]:
         return sorted({min(v, limit) for v in values})
 
+    shapes = grid.attention
     half_tokens = max(grid.max_tokens // 2, 1)
     # Spread contexts reach (SPREAD_LOW + SPREAD_WIDTH) x the nominal one: keep them within max_context.
     spread_limit = max(int(grid.max_context / (SPREAD_LOW + SPREAD_WIDTH)), 1)
-    batches: list[Batch] = [Batch.of(prefill=[(q, 0)]) for q in grid.tokens()]
-    for count in PREFILL_SEQ_COUNTS:
-        for length in lengths(PREFILL_SEQ_LENGTHS, max(grid.max_tokens // count, 1)):
+    tokens = grid.tokens()
+    rungs = tokens[:: shapes.prefill_rung_step]
+    if rungs[-1] != tokens[-1]:
+        rungs.append(tokens[-1])
+    batches: list[Batch] = [Batch.of(prefill=[(q, 0)]) for q in rungs]
+    for count in shapes.prefill_seq_counts:
+        for length in lengths(shapes.prefill_seq_lengths, max(grid.max_tokens // count, 1)):
             batches.append(Batch.of(prefill=[(length, 0)] * count))
-    for length in lengths(CHUNK_LENGTHS, grid.max_tokens):
-        for context in lengths(CHUNK_CONTEXTS, grid.max_context):
+    for length in lengths(shapes.chunk_lengths, grid.max_tokens):
+        for context in lengths(shapes.chunk_contexts, grid.max_context):
             batches.append(Batch.of(prefill=[(length, context)]))
-    for count in DECODE_SEQ_COUNTS:
-        for context in lengths(DECODE_CONTEXTS, spread_limit):
+    for count in shapes.decode_seq_counts:
+        for context in lengths(shapes.decode_contexts, spread_limit):
             batches.append(Batch.of(decode_ctx=spread(context, count)))
-    for chunk in lengths(MIXED_CHUNKS, half_tokens):
-        for chunk_context in lengths(MIXED_CHUNK_CONTEXTS, grid.max_context):
-            for decodes in lengths(MIXED_DECODES, max(min(half_tokens, grid.max_seqs - 1), 1)):
-                for context in lengths(MIXED_DECODE_CONTEXTS, spread_limit):
+    for chunk in lengths(shapes.mixed_chunks, half_tokens):
+        for chunk_context in lengths(shapes.mixed_chunk_contexts, grid.max_context):
+            for decodes in lengths(shapes.mixed_decodes, max(min(half_tokens, grid.max_seqs - 1), 1)):
+                for context in lengths(shapes.mixed_decode_contexts, spread_limit):
                     batches.append(Batch.of(prefill=[(chunk, chunk_context)], decode_ctx=spread(context, decodes)))
+    for budget in lengths(shapes.mixed_budgets, grid.max_tokens):
+        if budget < MIN_BUDGET_TOKENS:
+            continue
+        for chunk_context in lengths(shapes.mixed_chunk_contexts, grid.max_context):
+            # The chunk keeps at least half the budget.
+            for decodes in lengths(shapes.mixed_decodes, max(min(budget // 2, grid.max_seqs - 1), 1)):
+                for context in lengths(shapes.mixed_decode_contexts, spread_limit):
+                    batches.append(Batch.of(prefill=[(budget - decodes, chunk_context)], decode_ctx=spread(context, decodes)))
     unique = {tuple(b.seqs): b for b in batches if _fits(b, grid)}
     return list(unique.values())
 
@@ -149,6 +192,6 @@ def _fits(batch: Batch, grid: GridSpec) -> bool:
         batch.tokens <= grid.max_tokens
         and batch.num_seqs <= grid.max_seqs
         and batch.kv_tokens <= grid.max_kv
-        and all(s.kv <= grid.max_context + max(CHUNK_LENGTHS) for s in batch.seqs)
+        and all(s.kv <= grid.max_context + max(grid.attention.chunk_lengths) for s in batch.seqs)
         and all(s.context <= grid.max_context for s in batch.seqs)
     )

@@ -1,0 +1,120 @@
+"""Why one attention call costs more inside the running engine than timed alone (one GPU, minutes).
+
+bench/engine_step_profile.py found Llama-3.1-8B's attention call 2-8% dearer inside the engine's
+heavy mixed steps than `dooly profile` timed it at the same padded shape. This times the engine's
+attention call for real heavy steps of the ground truth (the engine's own padded inputs, as the
+CUDA graph replays them) under the conditions that differ between the two:
+
+- `fresh`: as the profiler does, on a fresh cache whose blocks each sequence takes in order;
+- `scattered`: the cache's free blocks shuffled first, as after a server has served many requests;
+- `sustained`: the same call back to back for `SUSTAIN_S` seconds, as the engine's forward keeps
+  the GPU busy (clocks under a sustained power draw);
+- `sustained+scattered`: both.
+
+Each condition reports the profiler's timer and the median of the last `LOOP_TIMED` calls of a
+loop (`SUSTAIN_S` long under `sustained`, else just those calls), timed with CUDA events.
+
+    python bench/attention_conditions.py --model Llama-3.1-8B > out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from attention_engine_padding import COMPOSITIONS, step_forms
+
+from dooly.models.registry import build_hf_config, resolve_model
+from dooly.profile.attention import engine_attention
+from dooly.profile.grid import GridSpec
+from dooly.profile.measure import STATUS_OK, Timer
+from dooly.trace.tracer import DTYPES
+
+log = logging.getLogger("attention_conditions")
+
+MAX_TOKENS = 4096
+MAX_SEQS = 128
+SUSTAIN_S = 20.0
+# Calls timed with events at the end of a sustained run, and how often the loop waits for the GPU.
+LOOP_TIMED = 20
+LOOP_SYNC_EVERY = 8
+MS_PER_S = 1e3
+# A short run: the load a timer's samples put on the GPU.
+BURST_S = 0.0
+SHUFFLE_SEED = 0
+CONDITIONS = ("fresh", "scattered", "sustained", "sustained+scattered")
+
+
+def scatter_free_blocks(runner: Any, seed: int) -> None:
+    """Shuffle the order in which the cache hands out free blocks."""
+    manager = runner.engine.cache._block_manager
+    blocks = list(manager._uninit_block_ids)
+    random.Random(seed).shuffle(blocks)
+    manager._uninit_block_ids.clear()
+    manager._uninit_block_ids.extend(blocks)
+
+
+def sustain(call: Any, seconds: float) -> tuple[int, float]:
+    """Run `call` back to back for `seconds` of wall time; returns how many calls ran and the
+    median device time of the last `LOOP_TIMED` of them (timed in the loop, under that load)."""
+    calls, deadline, timed = 0, time.perf_counter() + seconds, []
+    while time.perf_counter() < deadline or len(timed) < LOOP_TIMED:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        timed = (timed + [(start, end)])[-LOOP_TIMED:]
+        calls += 1
+        if calls % LOOP_SYNC_EVERY == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return calls, statistics.median(a.elapsed_time(b) for a, b in timed) / MS_PER_S
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="Llama-3.1-8B")
+    parser.add_argument("--backend", default="paged|sdpa")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--steps", type=int, default=3, help="How many of the heaviest ground-truth steps to time.")
+    parser.add_argument("--compositions", type=Path, default=COMPOSITIONS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    plan = json.loads(args.compositions.read_text())
+    steps = sorted(plan["steps"][args.model], key=lambda s: s["padded_kv"])[-args.steps:]
+    hf_config = build_hf_config(resolve_model(args.model))
+    forms = [step_forms(step)["engine"] for step in steps]
+    max_kv = max(sum(sizes) for _, sizes in forms)
+    grid = GridSpec(max_tokens=MAX_TOKENS, max_seqs=MAX_SEQS, max_kv=max_kv)
+    runner = engine_attention("transformers", hf_config, backend=args.backend, dtype=DTYPES[args.dtype],
+                              device="cuda", grid=grid)
+    timer = Timer("cuda")
+    rows = []
+    for condition in CONDITIONS:
+        for step, (batch, sizes) in zip(steps, forms):
+            if "scattered" in condition:
+                scatter_free_blocks(runner, SHUFFLE_SEED)
+            result = timer.measure(lambda batch=batch, sizes=sizes: runner.call_for(batch, False, sizes))
+            seconds = result.median_s if result.status == STATUS_OK else None
+            calls, in_loop = sustain(runner.call_for(batch, False, sizes),
+                                     SUSTAIN_S if "sustained" in condition else BURST_S)
+            rows.append({"condition": condition, "step": step["step"], "T": sizes[0], "K": sum(sizes),
+                         "timer_s": seconds, "status": result.status, "loop_calls": calls, "loop_s": in_loop})
+            log.info("%s step %s (T=%d, K=%d): timer %s, in a loop of %d calls %.5f", condition, step["step"],
+                     sizes[0], sum(sizes), seconds, calls, in_loop)
+    json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": args.backend,
+               "model": args.model, "sustain_s": SUSTAIN_S, "points": rows}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
