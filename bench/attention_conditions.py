@@ -12,7 +12,9 @@ CUDA graph replays them) under the conditions that differ between the two:
 - `sustained+scattered`: both.
 
 Each condition reports the profiler's timer and the median of the last `LOOP_TIMED` calls of a
-loop (`SUSTAIN_S` long under `sustained`, else just those calls), timed with CUDA events.
+loop (`SUSTAIN_S` long under `sustained`, else just those calls), timed with CUDA events, and on
+a fresh cache the device time per call of its kernels by kind (as bench/engine_step_profile.py
+sorts the engine's).
 
     python bench/attention_conditions.py --model Llama-3.1-8B > out.json
 """
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 from attention_engine_padding import COMPOSITIONS, step_forms
+from engine_step_profile import kernel_kind
 
 from dooly.models.registry import build_hf_config, resolve_model
 from dooly.profile.attention import engine_attention
@@ -49,6 +52,10 @@ LOOP_SYNC_EVERY = 8
 MS_PER_S = 1e3
 # A short run: the load a timer's samples put on the GPU.
 BURST_S = 0.0
+# Calls profiled kernel by kernel on a fresh cache, and the cache read-back's kernel.
+PROFILED_CALLS = 10
+READ_BACK_KERNEL = "gather_kernel"
+US_PER_MS = 1e3
 SHUFFLE_SEED = 0
 CONDITIONS = ("fresh", "scattered", "sustained", "sustained+scattered")
 
@@ -79,6 +86,25 @@ def sustain(call: Any, seconds: float) -> tuple[int, float]:
     return calls, statistics.median(a.elapsed_time(b) for a, b in timed) / MS_PER_S
 
 
+def kernels_per_call(call: Any, calls: int) -> dict[str, float]:
+    """Device milliseconds per call by kernel kind (as bench/engine_step_profile.py sorts them),
+    over `calls` calls under the profiler."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kind = "gather" if READ_BACK_KERNEL in event.name else kernel_kind(event.name)
+            totals[kind] += event.device_time_total / US_PER_MS / calls
+    return {kind: round(ms, 4) for kind, ms in totals.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Llama-3.1-8B")
@@ -86,6 +112,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--steps", type=int, default=3, help="How many of the heaviest ground-truth steps to time.")
     parser.add_argument("--compositions", type=Path, default=COMPOSITIONS)
+    parser.add_argument("--conditions", default=",".join(CONDITIONS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     plan = json.loads(args.compositions.read_text())
@@ -98,7 +125,7 @@ def main() -> int:
                               device="cuda", grid=grid)
     timer = Timer("cuda")
     rows = []
-    for condition in CONDITIONS:
+    for condition in args.conditions.split(","):
         for step, (batch, sizes) in zip(steps, forms):
             if "scattered" in condition:
                 scatter_free_blocks(runner, SHUFFLE_SEED)
@@ -106,8 +133,10 @@ def main() -> int:
             seconds = result.median_s if result.status == STATUS_OK else None
             calls, in_loop = sustain(runner.call_for(batch, False, sizes),
                                      SUSTAIN_S if "sustained" in condition else BURST_S)
+            kernels = kernels_per_call(runner.call_for(batch, False, sizes), PROFILED_CALLS) if condition == "fresh" else None
             rows.append({"condition": condition, "step": step["step"], "T": sizes[0], "K": sum(sizes),
-                         "timer_s": seconds, "status": result.status, "loop_calls": calls, "loop_s": in_loop})
+                         "timer_s": seconds, "status": result.status, "loop_calls": calls, "loop_s": in_loop,
+                         "kernels_ms": kernels})
             log.info("%s step %s (T=%d, K=%d): timer %s, in a loop of %d calls %.5f", condition, step["step"],
                      sizes[0], sum(sizes), seconds, calls, in_loop)
     json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": args.backend,
