@@ -9,12 +9,14 @@ CUDA graph replays them) under the conditions that differ between the two:
 - `scattered`: the cache's free blocks shuffled first, as after a server has served many requests;
 - `sustained`: the same call back to back for `SUSTAIN_S` seconds, as the engine's forward keeps
   the GPU busy (clocks under a sustained power draw);
-- `sustained+scattered`: both.
+- `sustained+scattered`: both;
+- `all-layers`: a fresh cache of every layer of the model, as large as the engine's, the calls moving
+  from layer to layer (the profiler holds one period of layers: a cache some 30x smaller).
 
 Each condition reports the profiler's timer and the median of the last `LOOP_TIMED` calls of a
 loop (`SUSTAIN_S` long under `sustained`, else just those calls), timed with CUDA events, and on
 a fresh cache the device time per call of its kernels by kind (as bench/engine_step_profile.py
-sorts the engine's).
+sorts the engine's), also under `all-layers`.
 
     python bench/attention_conditions.py --model Llama-3.1-8B > out.json
 """
@@ -35,11 +37,12 @@ import torch
 from attention_engine_padding import COMPOSITIONS, step_forms
 from engine_step_profile import kernel_kind
 
+from dooly.engines.transformers_cb import EngineAttention
 from dooly.models.registry import build_hf_config, resolve_model
 from dooly.profile.attention import engine_attention
 from dooly.profile.grid import GridSpec
 from dooly.profile.measure import STATUS_OK, Timer
-from dooly.trace.tracer import DTYPES
+from dooly.trace.tracer import DTYPES, layer_plan
 
 log = logging.getLogger("attention_conditions")
 
@@ -54,10 +57,12 @@ MS_PER_S = 1e3
 BURST_S = 0.0
 # Calls profiled kernel by kernel on a fresh cache, and the cache read-back's kernel.
 PROFILED_CALLS = 10
+ALL_LAYERS = "all-layers"
+PROFILED_CONDITIONS = ("fresh", ALL_LAYERS)
 READ_BACK_KERNEL = "gather_kernel"
 US_PER_MS = 1e3
 SHUFFLE_SEED = 0
-CONDITIONS = ("fresh", "scattered", "sustained", "sustained+scattered")
+CONDITIONS = ("fresh", "scattered", "sustained", "sustained+scattered", "all-layers")
 
 
 def scatter_free_blocks(runner: Any, seed: int) -> None:
@@ -126,14 +131,21 @@ def main() -> int:
     timer = Timer("cuda")
     rows = []
     for condition in args.conditions.split(","):
+        if condition == ALL_LAYERS:
+            del runner
+            torch.cuda.empty_cache()
+            period, _ = layer_plan(hf_config.get_text_config())
+            runner = EngineAttention(hf_config, backend=args.backend, dtype=DTYPES[args.dtype], device="cuda",
+                                     max_tokens=grid.max_tokens, max_kv=grid.max_kv, max_seqs=grid.max_seqs,
+                                     period=period, rotation=hf_config.get_text_config().num_hidden_layers // period)
         for step, (batch, sizes) in zip(steps, forms):
             if "scattered" in condition:
                 scatter_free_blocks(runner, SHUFFLE_SEED)
-            result = timer.measure(lambda batch=batch, sizes=sizes: runner.call_for(batch, False, sizes))
+            result = timer.measure(lambda runner=runner, batch=batch, sizes=sizes: runner.call_for(batch, False, sizes))
             seconds = result.median_s if result.status == STATUS_OK else None
             calls, in_loop = sustain(runner.call_for(batch, False, sizes),
                                      SUSTAIN_S if "sustained" in condition else BURST_S)
-            kernels = kernels_per_call(runner.call_for(batch, False, sizes), PROFILED_CALLS) if condition == "fresh" else None
+            kernels = kernels_per_call(runner.call_for(batch, False, sizes), PROFILED_CALLS) if condition in PROFILED_CONDITIONS else None
             rows.append({"condition": condition, "step": step["step"], "T": sizes[0], "K": sum(sizes),
                          "timer_s": seconds, "status": result.status, "loop_calls": calls, "loop_s": in_loop,
                          "kernels_ms": kernels})
