@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from attention_engine_padding import COMPOSITIONS, step_forms
-from engine_step_profile import kernel_kind
+from attention_engine_padding import COMPOSITIONS, MAX_SEQS, MAX_TOKENS, step_forms
+from engine_step_profile import READ_BACK_KERNEL, kernel_kind
 
 from dooly.engines.transformers_cb import EngineAttention
 from dooly.models.registry import build_hf_config, resolve_model
@@ -46,8 +46,6 @@ from dooly.trace.tracer import DTYPES, layer_plan
 
 log = logging.getLogger("attention_conditions")
 
-MAX_TOKENS = 4096
-MAX_SEQS = 128
 SUSTAIN_S = 20.0
 # Calls timed with events at the end of a sustained run, and how often the loop waits for the GPU.
 LOOP_TIMED = 20
@@ -55,11 +53,10 @@ LOOP_SYNC_EVERY = 8
 MS_PER_S = 1e3
 # A short run: the load a timer's samples put on the GPU.
 BURST_S = 0.0
-# Calls profiled kernel by kernel on a fresh cache, and the cache read-back's kernel.
+# Calls profiled kernel by kernel.
 PROFILED_CALLS = 10
 ALL_LAYERS = "all-layers"
 PROFILED_CONDITIONS = ("fresh", ALL_LAYERS)
-READ_BACK_KERNEL = "gather_kernel"
 US_PER_MS = 1e3
 SHUFFLE_SEED = 0
 CONDITIONS = ("fresh", "scattered", "sustained", "sustained+scattered", "all-layers")

@@ -42,6 +42,8 @@ US_PER_S = 1e6
 TOP_KERNELS = 10
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 TOP_NAME_CHARS = 80
+# The paged cache's read-back of the batch's keys and values (a gather, sorted as `other`).
+READ_BACK_KERNEL = "gather_kernel"
 # Kernel kinds, first match wins (lower-case substrings of the kernel's name).
 KERNEL_KINDS = (
     ("attention", ("sdpa", "fmha", "flash", "attention")),

@@ -64,9 +64,8 @@ ATTENTION_ALL_LAYERS = DATA / "experiments" / "attention_conditions" / "Llama-3.
 CAPTURE_GAP_MS = 10.0
 # The kernels of one paged attention call in the engine's forward, by kind
 # (bench/engine_step_profile.py): the flash kernel and the copies around it, plus the cache's
-# read-back (a gather kernel, named; a graph replay names no operators).
+# read-back (found by kernel name: a graph replay names no operators).
 ATTENTION_KINDS = ("attention", "copy")
-READ_BACK_KERNEL = "gather_kernel"
 PHASE_COLUMNS = ("build", "warmup", "calibrate", "capture", "samples", "failed")
 PLOTTED_CELLS = ("Llama-3.1-8B.paged-sdpa.graphs.heavy", "Llama-3.2-1B.paged-sdpa.default.light")
 # The token count of a full-budget chunk; attention_waves_lines compares points at it and past it.
@@ -339,6 +338,7 @@ def engine_step_lines(store: Path) -> list[str]:
     the attention the store measured at the same padded shape."""
     import numpy as np
     import polars as pl
+    from engine_step_profile import READ_BACK_KERNEL
 
     from dooly.engines.base import parse_engine_settings
     from dooly.models.registry import build_hf_config, resolve_model
