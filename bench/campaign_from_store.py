@@ -34,7 +34,10 @@ def suite_order(path: Path) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in path.read_text().splitlines() if line.strip()]  # type: ignore[misc]
 
 
-def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str, str]]) -> list[dict]:
+def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str, str]],
+                     grid: GridSpec | None = None) -> list[dict]:
+    """Per model and pass: signatures, reused, spent and alone device-seconds, on `grid` (the
+    default grid unless given)."""
     import polars as pl
 
     store = open_store(str(store_dir))
@@ -47,7 +50,7 @@ def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str
         stack = Stack(**{**{f.name: first[f.name] for f in fields(Stack)}, "backend": backend})
         for model_id, stem in order:
             trace, _ = load_or_trace(str(TRACES / f"{stem}.{backend.replace('|', '-')}.json"), backend, "bfloat16")
-            plan = build_plan([trace], store, stack, GridSpec(), software_agnostic=True)
+            plan = build_plan([trace], store, stack, grid or GridSpec(), software_agnostic=True)
             model = plan.models[0]
             new = [s for s in model.signatures if s not in seen]
             seen.update(model.signatures)

@@ -116,8 +116,9 @@ def evaluate(name: str, shapes: AttentionShapes, scratch: Path) -> dict:
     log.info("%s: %d attention rows left out; fitting", name, dropped)
     run(["-m", "dooly.cli", "merge", "--store", str(store)])
     run(["-m", "dooly.cli", "fit", "--store", str(store)])
-    campaign_from_store.GridSpec = lambda: GridSpec(attention=shapes)
-    entries = campaign_from_store.campaign_entries(store, list(BACKENDS), campaign_from_store.suite_order(campaign_from_store.SUITE_ORDER))
+    entries = campaign_from_store.campaign_entries(store, list(BACKENDS),
+                                                   campaign_from_store.suite_order(campaign_from_store.SUITE_ORDER),
+                                                   GridSpec(attention=shapes))
     spent, alone, saving = campaign_from_store.campaign_totals(entries)
     validation = scratch / name / "validation"
     run([str(ROOT / "bench" / "validate_groundtruth.py"), "--ground-truth", str(GROUND_TRUTH), "--store", str(store),
