@@ -11,7 +11,9 @@ CUDA graph replays them) under the conditions that differ between the two:
   the GPU busy (clocks under a sustained power draw);
 - `sustained+scattered`: both;
 - `all-layers`: a fresh cache of every layer of the model, as large as the engine's, the calls moving
-  from layer to layer (the profiler holds one period of layers: a cache some 30x smaller).
+  from layer to layer (the profiler holds one period of layers: a cache some 30x smaller);
+- `between-gemms`: each timed call follows the GEMMs of one MLP at the step's token count, as the
+  call follows its layer's neighbours in a forward (the loop's figure then times the call only).
 
 Each condition reports the profiler's timer and the median of the last `LOOP_TIMED` calls of a
 loop (`SUSTAIN_S` long under `sustained`, else just those calls), timed with CUDA events, and on
@@ -56,10 +58,11 @@ BURST_S = 0.0
 # Calls profiled kernel by kernel.
 PROFILED_CALLS = 10
 ALL_LAYERS = "all-layers"
+BETWEEN_GEMMS = "between-gemms"
 PROFILED_CONDITIONS = ("fresh", ALL_LAYERS)
 US_PER_MS = 1e3
 SHUFFLE_SEED = 0
-CONDITIONS = ("fresh", "scattered", "sustained", "sustained+scattered", "all-layers")
+CONDITIONS = ("fresh", "scattered", "sustained", "sustained+scattered", "all-layers", "between-gemms")
 
 
 def scatter_free_blocks(runner: Any, seed: int) -> None:
@@ -86,6 +89,33 @@ def sustain(call: Any, seconds: float) -> tuple[int, float]:
             torch.cuda.synchronize()
     torch.cuda.synchronize()
     return calls, statistics.median(a.elapsed_time(b) for a, b in timed) / MS_PER_S
+
+
+def mlp_gemms(config: Any, tokens: int, dtype: torch.dtype) -> Any:
+    """The GEMMs of one MLP of the model at `tokens` tokens (up, gate, down), as one callable."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    up, gate = (torch.randn(hidden, inner, device="cuda", dtype=dtype) for _ in range(2))
+    down = torch.randn(inner, hidden, device="cuda", dtype=dtype)
+
+    def run() -> None:
+        torch.mm(torch.mm(x, up) * torch.mm(x, gate), down)
+
+    return run
+
+
+def between(call: Any, neighbour: Any, count: int) -> float:
+    """Median device seconds of `call`, each run right after `neighbour` on the same stream."""
+    timed = []
+    for _ in range(count):
+        neighbour()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        timed.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in timed) / MS_PER_S
 
 
 def kernels_per_call(call: Any, calls: int) -> dict[str, float]:
@@ -140,8 +170,12 @@ def main() -> int:
                 scatter_free_blocks(runner, SHUFFLE_SEED)
             result = timer.measure(lambda runner=runner, batch=batch, sizes=sizes: runner.call_for(batch, False, sizes))
             seconds = result.median_s if result.status == STATUS_OK else None
-            calls, in_loop = sustain(runner.call_for(batch, False, sizes),
-                                     SUSTAIN_S if "sustained" in condition else BURST_S)
+            if condition == BETWEEN_GEMMS:
+                neighbour = mlp_gemms(hf_config.get_text_config(), sizes[0], DTYPES[args.dtype])
+                calls, in_loop = LOOP_TIMED, between(runner.call_for(batch, False, sizes), neighbour, LOOP_TIMED)
+            else:
+                calls, in_loop = sustain(runner.call_for(batch, False, sizes),
+                                         SUSTAIN_S if "sustained" in condition else BURST_S)
             kernels = kernels_per_call(runner.call_for(batch, False, sizes), PROFILED_CALLS) if condition in PROFILED_CONDITIONS else None
             rows.append({"condition": condition, "step": step["step"], "T": sizes[0], "K": sum(sizes),
                          "timer_s": seconds, "status": result.status, "loop_calls": calls, "loop_s": in_loop,
