@@ -16,6 +16,7 @@ import argparse
 import json
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from dooly.profile.grid import GridSpec
 from dooly.profile.plan import HELD_STATUSES, build_plan
@@ -34,6 +35,13 @@ def suite_order(path: Path) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in path.read_text().splitlines() if line.strip()]  # type: ignore[misc]
 
 
+def store_rows(store_dir: Path) -> Any:
+    """Every row of a directory store's shards, in one frame."""
+    import polars as pl
+
+    return pl.concat([pl.read_parquet(p) for p in sorted(store_dir.glob("shards/**/*.parquet"))], how="diagonal_relaxed")
+
+
 def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str, str]],
                      grid: GridSpec | None = None) -> list[dict]:
     """Per model and pass: signatures, reused, spent and alone device-seconds, on `grid` (the
@@ -41,8 +49,7 @@ def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str
     import polars as pl
 
     store = open_store(str(store_dir))
-    rows = pl.concat([pl.read_parquet(p) for p in sorted(store_dir.glob("shards/**/*.parquet"))], how="diagonal_relaxed")
-    rows = rows.filter(pl.col("status").is_in(list(HELD_STATUSES)))
+    rows = store_rows(store_dir).filter(pl.col("status").is_in(list(HELD_STATUSES)))
     spent_by_signature = dict(rows.group_by("signature").agg(pl.col("device_seconds").sum()).iter_rows())
     first = rows.row(0, named=True)
     entries, seen = [], set()

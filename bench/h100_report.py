@@ -22,11 +22,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from campaign_from_store import store_rows
 from validate_groundtruth import (
     DISTRIBUTION_COLUMNS,
+    TPOT_TARGET_PCT,
+    TTFT_TARGET_PCT,
     accuracy_fields,
     distribution_cells,
     pct,
+    within_targets,
 )
 
 from dooly.sim.validate import compare_runs, load_ground_truth
@@ -75,9 +79,6 @@ PLOTTED_CELLS = ("Llama-3.1-8B.paged-sdpa.graphs.heavy", "Llama-3.2-1B.paged-sdp
 # The token count of a full-budget chunk; attention_waves_lines compares points at it and past it.
 WAVE_EDGE_T = 2048
 QUERY_TILE_WAVE_MIN_T = 1024
-# The paper's accuracy targets (arXiv 2605.07985), in percent.
-TTFT_TARGET_PCT = 5.0
-TPOT_TARGET_PCT = 8.0
 
 
 def run_module(script: str, *args: str) -> str:
@@ -101,11 +102,6 @@ def run_to_run(first: Path, second: Path) -> dict[str, float | int | None]:
     scores the simulator (per request and per distribution): the engine's own noise floor."""
     comparison = compare_runs(load_ground_truth(first), load_ground_truth(second))
     return accuracy_fields(comparison.as_dict(), comparison.distribution_dict())
-
-
-def within_targets(rows: list[dict], ttft_key: str, tpot_key: str) -> int:
-    """How many rows have |TTFT error| <= the TTFT target and |TPOT error| <= the TPOT target."""
-    return sum(1 for r in rows if abs(r[ttft_key]) <= TTFT_TARGET_PCT and abs(r[tpot_key]) <= TPOT_TARGET_PCT)
 
 
 def repeat_reference(cell: str) -> Path:
@@ -356,7 +352,7 @@ def engine_step_lines(store: Path) -> list[str]:
     # The model's full-attention signature: its query heads, KV heads and head size, no window.
     dims = {"in0.1": config.num_attention_heads, "in1.1": config.num_key_value_heads,
             "in0.3": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads}
-    rows = pl.concat([pl.read_parquet(p) for p in sorted(store.glob("shards/**/*.parquet"))], how="diagonal_relaxed")
+    rows = store_rows(store)
     rows = rows.filter((pl.col("op") == "attention") & (pl.col("backend") == data["backend"]) & (pl.col("status") == "ok")
                        & (pl.col("T") == WAVE_EDGE_T) & ~pl.col("signature_json").str.contains("window"))
     matching = [json.loads(c).items() >= dims.items() for c in rows["config_dims"].to_list()]

@@ -42,7 +42,15 @@ DISTRIBUTION_COLUMNS = (
 )
 DISTRIBUTION_NOTE = ("Distribution columns (err): the simulated mean or p90 across requests against the measured one\n"
                      "(> 0: simulated slower); their mean row averages absolute values.")
+# The paper's accuracy targets (arXiv 2605.07985), in percent.
+TTFT_TARGET_PCT = 5.0
+TPOT_TARGET_PCT = 8.0
 BUNDLED_ORGS = {"Llama": "meta-llama", "Qwen2.5": "Qwen", "gemma": "google", "Mistral": "mistralai", "Mixtral": "mistralai"}
+
+
+def within_targets(rows: list[dict], ttft_key: str, tpot_key: str) -> int:
+    """How many rows have |TTFT error| <= the TTFT target and |TPOT error| <= the TPOT target."""
+    return sum(1 for r in rows if abs(r[ttft_key]) <= TTFT_TARGET_PCT and abs(r[tpot_key]) <= TPOT_TARGET_PCT)
 
 
 def model_id(short: str) -> str:
