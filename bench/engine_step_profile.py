@@ -158,6 +158,9 @@ def main() -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if args.device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    # Ties the steps' perf_counter times to wall-clock time (GPU clock and power samples from
+    # nvidia-smi carry wall-clock timestamps).
+    clock = {"unix_s": time.time(), "perf_counter_s": time.perf_counter()}
     with torch.profiler.profile(activities=activities, experimental_config=all_threads()) as profiler:
         with torch.profiler.record_function(f"{CLOCK_MARK}@{time.perf_counter() * US_PER_S:.1f}"):
             pass
@@ -175,12 +178,12 @@ def main() -> None:
         rows.append({
             "prefill": [list(p) for p in record.prefill], "decode_ctx": list(record.decode_ctx),
             "padded_tokens": record.padded_tokens, "cuda_graph": record.cuda_graph,
-            "duration_s": record.duration_s, "prepare_s": record.prepare_s, "forward_s": record.forward_s,
+            "start_s": record.start_s, "duration_s": record.duration_s, "prepare_s": record.prepare_s, "forward_s": record.forward_s,
             "device_s": record.device_s, **attributed,
         })
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "backend": args.backend, "ground_truth": str(args.ground_truth),
-                                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "steps": rows}) + "\n")
+                                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "clock": clock, "steps": rows}) + "\n")
     log.info("%d steps written to %s", len(rows), args.out)
 
 

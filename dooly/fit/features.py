@@ -30,7 +30,15 @@ REQUEST_VARS = ("T", "B", "K", "D", "S")
 PAIR_TERMS = tuple(f"{a}*{b}" for a, b in combinations(REQUEST_VARS, 2))
 # Attention aggregates that need the per-sequence structure, not just the sums.
 ATTENTION_TERMS = ("attn_pairs", "padded", "waves_kv")
-TERMS = ("zero", "const", *REQUEST_VARS, *PAIR_TERMS, *ATTENTION_TERMS)
+# Attention that materialises the scores multiplies over the KV tokens it reads in cuBLAS GEMMs,
+# whose kernels need that length aligned (profile.grid.UNALIGNED_KV: on the H100 an odd length
+# runs ~4x slower GEMMs, one of 2 or 4 mod 8 ~2x): the (query, key) pairs T x S of a step whose
+# KV length is odd, and of one that is even but not a multiple of KV_ALIGNMENT, each a term the
+# dense model prices on its own (0 where the length is aligned); beside them the KV length S of
+# such steps, since a few queries' GEMM (decodes) is bound by reading the keys, not by the pairs.
+KV_ALIGNMENT_TERMS = ("pairs_odd_kv", "pairs_unaligned_kv", "odd_kv", "unaligned_kv")
+KV_ALIGNMENT = 8
+TERMS = ("zero", "const", *REQUEST_VARS, *PAIR_TERMS, *ATTENTION_TERMS, *KV_ALIGNMENT_TERMS)
 TERM_INDEX = {name: i for i, name in enumerate(TERMS)}
 N_TERMS = len(TERMS)
 
@@ -354,6 +362,17 @@ def kernel_waves(tokens: np.ndarray | float, wave_tiles: np.ndarray | float) -> 
     return np.where(wave_tiles > 0, quantised, tokens / QUERY_TILE)
 
 
+def kv_alignment_terms(tokens: np.ndarray | float, kv: np.ndarray | float) -> dict[str, np.ndarray]:
+    """KV_ALIGNMENT_TERMS of steps of `tokens` queries reading `kv` tokens each."""
+    pairs = np.asarray(tokens, dtype=np.float64) * np.asarray(kv, dtype=np.float64)
+    length = np.rint(np.asarray(kv, dtype=np.float64)).astype(np.int64)
+    odd = length % 2 == 1
+    unaligned = ~odd & (length % KV_ALIGNMENT != 0)
+    keys = np.asarray(kv, dtype=np.float64) + np.zeros_like(pairs)
+    return {"pairs_odd_kv": np.where(odd, pairs, 0.0), "pairs_unaligned_kv": np.where(unaligned, pairs, 0.0),
+            "odd_kv": np.where(odd, keys, 0.0), "unaligned_kv": np.where(unaligned, keys, 0.0)}
+
+
 def seqs_aggregates(
     q: np.ndarray, ctx: np.ndarray, point: np.ndarray, n_points: int, window: np.ndarray,
     wave_tiles: np.ndarray | float = 0.0,
@@ -390,6 +409,7 @@ def seqs_aggregates(
     out["attn_pairs"] = np.bincount(point, weights=pairs, minlength=n_points)
     out["padded"] = out["B"] * _group_max(q, point, n_points) * _group_max(kv, point, n_points)
     out["waves_kv"] = kernel_waves(out["T"], wave_tiles) * out["S"]
+    out.update(kv_alignment_terms(out["T"], out["S"]))
     return out
 
 
@@ -440,7 +460,7 @@ def uniform_aggregates(
     pairs = b * np.where(w > 0, windowed, full)
     s = np.where(w > 0, b * (np.minimum(ctx, np.maximum(w - 1, 0)) + q), k)
     return {"attn_pairs": pairs, "padded": b * np.ceil(q) * np.ceil(q + ctx), "S": s,
-            "waves_kv": kernel_waves(t, wave_tiles) * s}
+            "waves_kv": kernel_waves(t, wave_tiles) * s, **kv_alignment_terms(t, s)}
 
 
 # Batch regimes: attention kernels often take different paths for prefill-only, decode-only and
@@ -469,7 +489,7 @@ def term_matrix(request: Mapping[str, Any], n: int) -> np.ndarray:
     """The (n, N_TERMS) matrix of request terms; absent variables count as 0."""
     out = np.zeros((n, N_TERMS))
     out[:, TERM_INDEX["const"]] = 1.0
-    for name in (*REQUEST_VARS, *ATTENTION_TERMS):
+    for name in (*REQUEST_VARS, *ATTENTION_TERMS, *KV_ALIGNMENT_TERMS):
         if name in request:
             out[:, TERM_INDEX[name]] = np.asarray(request[name], dtype=np.float64)
     for a, b in combinations(REQUEST_VARS, 2):
@@ -535,7 +555,7 @@ def request_from_rows(
     waves = np.zeros(n) if wave_tiles is None else np.asarray(wave_tiles, dtype=np.float64)
     request = {v: np.asarray(columns.get(v, np.zeros(n)), dtype=np.float64).copy() for v in REQUEST_VARS}
     request["S"] = request["K"].copy()
-    for name in ATTENTION_TERMS:
+    for name in (*ATTENTION_TERMS, *KV_ALIGNMENT_TERMS):
         request[name] = np.zeros(n)
     seq_rows: list[int] = []
     seq_lists: list[list[list[int]]] = []

@@ -30,6 +30,7 @@ from dooly.errors import DoolyError
 from dooly.fit.features import (
     FAMILY_ATTENTION,
     FAMILY_MATMUL,
+    KV_ALIGNMENT,
     MATMUL_OPS,
     N_REGIMES,
     N_TERMS,
@@ -470,10 +471,14 @@ class StepPredictor:
             waves = math.ceil(math.ceil(t / QUERY_TILE) / wave_tiles - WAVE_ROUNDING)
         else:
             waves = t / QUERY_TILE
+        length = round(s)
+        odd = length % 2 == 1
+        unaligned = not odd and length % KV_ALIGNMENT != 0
         return [
             0.0, 1.0, t, b, k, d, s,
             t * b, t * k, t * d, t * s, b * k, b * d, b * s, k * d, k * s, d * s,
             pairs, padded, waves * s,
+            t * s if odd else 0.0, t * s if unaligned else 0.0, s if odd else 0.0, s if unaligned else 0.0,
         ]  # fmt: skip
 
     @staticmethod

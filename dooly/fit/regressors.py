@@ -26,6 +26,7 @@ import numpy as np
 from dooly.fit.curves import Curve
 from dooly.fit.features import (
     FAMILY_ATTENTION,
+    KV_ALIGNMENT_TERMS,
     N_REGIMES,
     N_TERMS,
     REGIME_DECODE,
@@ -63,7 +64,14 @@ SEEN_WAVE_TREES = "local-nnls+waves+trees"
 # that runs in waves of query tiles (`waves_kv`, features.QUERY_TILE). Both fit a grid alike, whose
 # mixed points sit where the two agree; only the second predicts a step at exactly 2048 tokens,
 # where the engine's padded heavy steps are (H100: T*K over-predicted them by 8-30%).
-TREE_BASE_TERMS = ("const", "T", "K", "T*K")
+TREE_BASE_TERMS = ("const", "T", "K", "T*K", *KV_ALIGNMENT_TERMS)
+# An alignment class's terms enter a signature's dense model only where that many of its points
+# are batches of that class holding decodes and more than one query row (the grid's unaligned
+# copies): a single decode or a lone prefill with an odd length runs other kernels, and terms fitted
+# on them alone extrapolate to heavy steps by orders of magnitude (seen on an H200 store without
+# the copies).
+MIN_ALIGNMENT_POINTS = 4
+ALIGNMENT_CLASSES = (("pairs_odd_kv", "odd_kv"), ("pairs_unaligned_kv", "unaligned_kv"))
 WAVE_TREE_BASE_TERMS = ("const", "T", "K", "waves_kv")
 TREE_TERMS = ("T", "K", "B", "D")
 TREE_PAIRS = ((0, 1), (2, 3))
@@ -380,14 +388,27 @@ class CorrectedLinearModel(OpModel):
         return self.coef, self.tables
 
 
+def measured_alignment_terms(terms: np.ndarray) -> tuple[str, ...]:
+    """The KV_ALIGNMENT_TERMS whose class these points measure (see MIN_ALIGNMENT_POINTS)."""
+    batches = (terms[:, TERM_INDEX["D"]] > 0) & (terms[:, TERM_INDEX["T"]] > 1)
+    return tuple(
+        name for pair, keys in ALIGNMENT_CLASSES
+        if np.count_nonzero(batches & (terms[:, TERM_INDEX[pair]] > 0)) >= MIN_ALIGNMENT_POINTS
+        for name in (pair, keys)
+    )
+
+
 def fit_corrected_linear(
     terms: np.ndarray, seconds: np.ndarray, base_names: Sequence[str]
 ) -> tuple[np.ndarray, PairTables]:
-    """Relative NNLS over `base_names`, then pair-constrained boosted trees on the log residual."""
+    """Relative NNLS over `base_names` (alignment terms only where measured), then
+    pair-constrained boosted trees on the log residual."""
     from sklearn.ensemble import HistGradientBoostingRegressor
     from threadpoolctl import threadpool_limits
 
-    coef = fit_local_linear(terms, seconds, tuple(base_names))
+    measured = set(measured_alignment_terms(terms))
+    names = tuple(n for n in base_names if n not in KV_ALIGNMENT_TERMS or n in measured)
+    coef = fit_local_linear(terms, seconds, names)
     base = np.maximum(terms @ coef, MIN_SECONDS)
     model = HistGradientBoostingRegressor(interaction_cst=[list(p) for p in TREE_PAIRS], **LOCAL_GBT_PARAMS)
     with threadpool_limits(limits=1, user_api="openmp"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from dooly.engines.base import Batch
+from dooly.engines.base import Batch, SeqShape
 
 # Geometric ladder, ~sqrt(2) apart: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ...
 LADDER = tuple(sorted({int(round(m * 2**e)) for e in range(0, 18) for m in (1, 1.5)}))
@@ -43,6 +43,21 @@ MIXED_DECODE_CONTEXTS = (1024, 4096, 8192)
 MIXED_BUDGETS = (512, 2048)
 # A budget-filling mixed batch needs room for a chunk and a decode of one token each.
 MIN_BUDGET_TOKENS = 2
+# Attention that materialises the scores (eager) multiplies [T, d] by [d, K] in cuBLAS, which picks
+# its kernel by how K is aligned: on the H100 an odd K runs an sm75 `align1` kernel about 4x slower
+# than a K that is a multiple of 8, and K = 2 or 4 (mod 8) an sm80 kernel about 2x slower
+# (bench/engine_step_profile.py on Llama-3.2-3B's eager heavy steps). A loaded engine's K is
+# whatever its batch holds; the points above are mostly multiples of 16. Each (modulus, residue)
+# adds a copy of the unaligned-base points whose last context is raised until K = residue (mod
+# modulus): K odd, and K = 2 (mod 4).
+UNALIGNED_KV = ((2, 1), (4, 2))
+# The points that get unaligned copies: decodes of these counts at these contexts and up, and the
+# budget-filling mixed points whose chunk starts a sequence.
+UNALIGNED_DECODE_COUNTS = (8, 32, 128)
+UNALIGNED_MIN_CONTEXT = 1024
+UNALIGNED_CHUNK_CONTEXT = 0
+# Backends whose attention materialises the scores (the part after `|` in `paged|eager`).
+SCORE_MATERIALISING_BACKENDS = ("eager",)
 # Non-uniform decode lengths: sequence i of n gets context * (SPREAD_LOW + SPREAD_WIDTH * i/(n-1)),
 # so the batch's mean context is the nominal one while lengths differ by 3x end to end.
 SPREAD_LOW = 0.5
@@ -66,6 +81,8 @@ class AttentionShapes:
     mixed_decodes: tuple[int, ...] = MIXED_DECODES
     mixed_decode_contexts: tuple[int, ...] = MIXED_DECODE_CONTEXTS
     mixed_budgets: tuple[int, ...] = MIXED_BUDGETS
+    unaligned_kv: tuple[tuple[int, int], ...] = UNALIGNED_KV
+    unaligned_decode_counts: tuple[int, ...] = UNALIGNED_DECODE_COUNTS
 
 
 FULL_ATTENTION = AttentionShapes()
@@ -130,8 +147,16 @@ def _consistent(values: dict[str, int]) -> bool:
     return not (tokens is not None and (values.get("K", tokens) < tokens or values.get("S", tokens) < tokens))
 
 
-def attention_batches(grid: GridSpec) -> list[Batch]:
-    """Lengths are clipped to the grid's maxima (not dropped), so a small grid still covers every kind."""
+def materialises_scores(backend: str) -> bool:
+    """Whether this attention backend multiplies out the [T, K] scores (see UNALIGNED_KV)."""
+    return backend.rsplit("|", 1)[-1] in SCORE_MATERIALISING_BACKENDS
+
+
+def attention_batches(grid: GridSpec, unaligned: bool = False) -> list[Batch]:
+    """Lengths are clipped to the grid's maxima (not dropped), so a small grid still covers every kind.
+
+    `unaligned` adds the copies with unaligned KV totals (UNALIGNED_KV) that a backend which
+    materialises the scores needs."""
     def lengths(values: tuple[int, ...], limit: int) -> list[int]:
         return sorted({min(v, limit) for v in values})
 
@@ -150,9 +175,12 @@ def attention_batches(grid: GridSpec) -> list[Batch]:
     for length in lengths(shapes.chunk_lengths, grid.max_tokens):
         for context in lengths(shapes.chunk_contexts, grid.max_context):
             batches.append(Batch.of(prefill=[(length, context)]))
+    unaligned_bases: list[Batch] = []
     for count in shapes.decode_seq_counts:
         for context in lengths(shapes.decode_contexts, spread_limit):
             batches.append(Batch.of(decode_ctx=spread(context, count)))
+            if count in shapes.unaligned_decode_counts and context >= UNALIGNED_MIN_CONTEXT:
+                unaligned_bases.append(batches[-1])
     for chunk in lengths(shapes.mixed_chunks, half_tokens):
         for chunk_context in lengths(shapes.mixed_chunk_contexts, grid.max_context):
             for decodes in lengths(shapes.mixed_decodes, max(min(half_tokens, grid.max_seqs - 1), 1)):
@@ -166,12 +194,24 @@ def attention_batches(grid: GridSpec) -> list[Batch]:
             for decodes in lengths(shapes.mixed_decodes, max(min(budget // 2, grid.max_seqs - 1), 1)):
                 for context in lengths(shapes.mixed_decode_contexts, spread_limit):
                     batches.append(Batch.of(prefill=[(budget - decodes, chunk_context)], decode_ctx=spread(context, decodes)))
+                    if chunk_context == UNALIGNED_CHUNK_CONTEXT:
+                        unaligned_bases.append(batches[-1])
+    if unaligned:
+        batches += [kv_aligned_to(base, modulus, residue) for base in unaligned_bases for modulus, residue in shapes.unaligned_kv]
     unique = {tuple(b.seqs): b for b in batches if _fits(b, grid)}
     return list(unique.values())
 
 
-def attention_points(grid: GridSpec, window: int | None = None) -> list[Point]:
-    return [batch_point(b, window) for b in attention_batches(grid)]
+def kv_aligned_to(batch: Batch, modulus: int, residue: int) -> Batch:
+    """`batch` with its last sequence's context raised (by less than `modulus`, at least 1) until
+    its KV total is `residue` modulo `modulus`."""
+    raise_by = (residue - batch.kv_tokens) % modulus or modulus
+    last = batch.seqs[-1]
+    return Batch(batch.seqs[:-1] + (SeqShape(last.query, last.context + raise_by),))
+
+
+def attention_points(grid: GridSpec, window: int | None = None, unaligned: bool = False) -> list[Point]:
+    return [batch_point(b, window) for b in attention_batches(grid, unaligned)]
 
 
 def batch_point(batch: Batch, window: int | None = None) -> Point:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dooly.errors import DoolyError
-from dooly.profile.grid import GridSpec, Point, attention_points, variable_points
+from dooly.profile.grid import GridSpec, Point, attention_points, materialises_scores, variable_points
 from dooly.profile.provenance import SHARED_BACKEND, Stack
 from dooly.trace.schema import KIND_ATTENTION, KIND_COLLECTIVE, KIND_KERNEL, Operation, Trace
 
@@ -95,7 +95,7 @@ def shard_of(signature: str, shard_count: int) -> int:
 
 def points_for(op: Operation, grid: GridSpec) -> list[Point]:
     if op.kind == KIND_ATTENTION:
-        return attention_points(grid, op.scalars.get("sliding_window"))
+        return attention_points(grid, op.scalars.get("sliding_window"), unaligned=materialises_scores(op.backend))
     return variable_points(op.request_vars(), grid)
 
 

@@ -136,3 +136,50 @@ def test_waves_kv_is_the_waves_times_the_keys_each_layer_reads():
         np.testing.assert_allclose(agg["waves_kv"], expected)
     terms = term_matrix(aggregates_from_seqs(seqs, 0, 132 / 32), len(seqs))
     assert terms[0, TERM_INDEX["waves_kv"]] == 5 * terms[0, TERM_INDEX["K"]]
+
+
+def test_kv_alignment_terms_price_the_pairs_of_unaligned_kv_totals_only():
+    from dooly.fit.features import KV_ALIGNMENT_TERMS, uniform_aggregates
+
+    seqs = [[[512, 0], [1, 1000]], [[512, 0], [1, 1001]], [[512, 0], [1, 1003]], [[512, 0], [1, 1007]]]
+    agg = aggregates_from_seqs(seqs, 0)  # K = 1513 (odd), 1514 (2 mod 8), 1516 (4 mod 8), 1520 (aligned)
+    pairs = agg["T"] * agg["K"]
+    np.testing.assert_allclose(agg["pairs_odd_kv"], [pairs[0], 0, 0, 0])
+    np.testing.assert_allclose(agg["pairs_unaligned_kv"], [0, pairs[1], pairs[2], 0])
+    np.testing.assert_allclose(agg["odd_kv"], [agg["K"][0], 0, 0, 0])
+    np.testing.assert_allclose(agg["unaligned_kv"], [0, agg["K"][1], agg["K"][2], 0])
+    terms = term_matrix(agg, len(seqs))
+    for name in KV_ALIGNMENT_TERMS:
+        np.testing.assert_allclose(terms[:, TERM_INDEX[name]], agg[name])
+    uniform = uniform_aggregates({"T": agg["T"], "B": agg["B"], "K": agg["K"]}, np.zeros(len(seqs)))
+    np.testing.assert_allclose(uniform["pairs_odd_kv"], agg["pairs_odd_kv"])
+
+
+def test_alignment_terms_enter_a_dense_fit_only_where_batches_of_their_class_were_measured():
+    """A signature whose only odd KV totals are lone prefills or single decodes gets no odd-KV
+    term (fitted on them alone it extrapolates to heavy steps wildly); one holding the grid's
+    unaligned batch copies gets it, and the fit then prices an odd step's extra GEMM time."""
+    from dooly.fit.regressors import (
+        TREE_BASE_TERMS,
+        fit_corrected_linear,
+        measured_alignment_terms,
+    )
+
+    lone = [[[q, 0]] for q in (3, 5, 7, 9, 11)] + [[[1, c]] for c in (128, 512, 1024, 2048)]
+    aligned = [[[512 - d, 0]] + [[1, c]] * d for d in (4, 16, 32, 64) for c in (1024, 4096, 8192)]
+    odd = [seqs[:-1] + [[1, seqs[-1][1] + 1]] for seqs in aligned]
+    assert not measured_alignment_terms(term_matrix(aggregates_from_seqs(lone + aligned, 0), len(lone + aligned)))
+    seqs = lone + aligned + odd
+    terms = term_matrix(aggregates_from_seqs(seqs, 0), len(seqs))
+    assert measured_alignment_terms(terms) == ("pairs_odd_kv", "odd_kv")
+    penalty = 1.0 + 0.25 * (terms[:, TERM_INDEX["pairs_odd_kv"]] > 0) * (terms[:, TERM_INDEX["D"]] > 0)
+    seconds = (1e-5 + 4e-13 * terms[:, TERM_INDEX["T*K"]]) * penalty
+    coef, _ = fit_corrected_linear(terms, seconds, TREE_BASE_TERMS)
+    assert coef[TERM_INDEX["pairs_odd_kv"]] + coef[TERM_INDEX["odd_kv"]] > 0
+    assert coef[TERM_INDEX["pairs_unaligned_kv"]] == coef[TERM_INDEX["unaligned_kv"]] == 0
+    from dooly.fit.regressors import fit_local_linear
+
+    rows = slice(len(lone) + len(aligned), None)
+    without = fit_local_linear(terms, seconds, ("const", "T", "K", "T*K"))
+    error = np.mean(np.abs(terms[rows] @ coef / seconds[rows] - 1.0))
+    assert error < 0.5 * np.mean(np.abs(terms[rows] @ without / seconds[rows] - 1.0))

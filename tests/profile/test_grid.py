@@ -50,3 +50,25 @@ def test_every_budget_filling_batch_keeps_a_chunk_of_half_the_budget_or_more():
         assert all(s.query >= 1 for b in batches for s in b.seqs)
         for b in budget_filling(batches, max_tokens):
             assert b.seqs[0].query >= max_tokens // 2
+
+
+def test_score_materialising_backends_get_copies_with_unaligned_kv_totals():
+    """Eager attention's GEMMs slow down when the KV total is not a multiple of 8, and the engine's
+    totals are whatever its batches hold: the grid gives such backends copies of its decode and
+    budget-filling points whose KV total is odd, or 2 mod 4, and gives the others none."""
+    from dooly.engines.base import Batch
+    from dooly.profile.grid import UNALIGNED_KV, kv_aligned_to, materialises_scores
+
+    assert materialises_scores("paged|eager") and not materialises_scores("paged|sdpa")
+    plain = attention_batches(GridSpec())
+    with_copies = attention_batches(GridSpec(), unaligned=True)
+    added = [b for b in with_copies if b not in set(plain)]
+    assert set(plain) < set(with_copies) and added
+    assert {b.kv_tokens % 4 for b in added} >= {1, 2} and all(b.kv_tokens % 8 for b in added)
+    for modulus, residue in UNALIGNED_KV:
+        assert any(b.kv_tokens % modulus == residue and b.decode_seqs == b.num_seqs for b in added)
+        assert any(b.kv_tokens % modulus == residue and b.decode_seqs < b.num_seqs for b in added)
+    base = Batch.of(prefill=[(500, 0)], decode_ctx=[1000, 2000])  # K = 3502, already 2 mod 4
+    odd, two = kv_aligned_to(base, 2, 1), kv_aligned_to(base, 4, 2)
+    assert (odd.kv_tokens, two.kv_tokens) == (3503, 3506)
+    assert odd.seqs[:-1] == base.seqs[:-1] and odd.tokens == base.tokens
