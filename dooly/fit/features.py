@@ -32,7 +32,7 @@ PAIR_TERMS = tuple(f"{a}*{b}" for a, b in combinations(REQUEST_VARS, 2))
 ATTENTION_TERMS = ("attn_pairs", "padded", "waves_kv")
 # Attention that materialises the scores multiplies over the KV tokens it reads in cuBLAS GEMMs,
 # whose kernels need that length aligned (profile.grid.UNALIGNED_KV: on the H100 an odd length
-# runs ~4x slower GEMMs, one of 2 or 4 mod 8 ~2x): the (query, key) pairs T x S of a step whose
+# runs ~3.3x slower GEMMs, one of 2 or 4 mod 8 ~1.7x): the (query, key) pairs T x S of a step whose
 # KV length is odd, and of one that is even but not a multiple of KV_ALIGNMENT, each a term the
 # dense model prices on its own (0 where the length is aligned); beside them the KV length S of
 # such steps, since a few queries' GEMM (decodes) is bound by reading the keys, not by the pairs.
