@@ -353,14 +353,11 @@ def kv_alignment(kv: int) -> int:
     return min(kv & -kv, ALIGNMENT_CAP)
 
 
-def eager_alignment_lines() -> list[str]:
-    """Eager attention's GEMMs by KV alignment: in the engine's steps, in the profiler's points, and
-    the engine's own run-to-run floor on the eager heavy cells."""
-    import pyarrow.parquet as pq
-
-    steps = json.loads(EAGER_STEPS.read_text())["steps"]
+def engine_gemm_rows() -> list[str]:
+    """The eager engine profile's full-budget mixed steps: GEMM time per million (query, key) pairs
+    and the `aten::bmm` kernel, by the KV total's alignment (one table row each)."""
     by_alignment: dict[int, list[tuple[float, str]]] = {}
-    for step in steps:
+    for step in json.loads(EAGER_STEPS.read_text())["steps"]:
         tokens = sum(q for q, _ in step["prefill"]) + len(step["decode_ctx"])
         kv = sum(q + c for q, c in step["prefill"]) + sum(step["decode_ctx"]) + len(step["decode_ctx"])
         if tokens != EAGER_STEP_TOKENS or kv < EAGER_MIN_KV:
@@ -368,34 +365,46 @@ def eager_alignment_lines() -> list[str]:
         gemm = step["step_kernels_ms"].get("gemm", 0.0)
         kernel = next((name.split(" | ")[1] for name in step["top_step_kernels"] if name.startswith("aten::bmm")), "")
         by_alignment.setdefault(kv_alignment(kv), []).append((gemm * US_PER_MS * PAIRS_PER_MILLION / (tokens * kv), kernel))
-    engine_rows = [
+    return [
         f"| {'odd' if a == 1 else f'{a}' + ('+' if a == ALIGNMENT_CAP else '')} | {len(v)} | "
         f"{statistics.median(x for x, _ in v):.0f} | `{statistics.mode(k for _, k in v).removeprefix('void cutlass::Kernel2<')[:KERNEL_NAME_CHARS]}` |"
         for a, v in sorted(by_alignment.items())
     ]
-    shards = [pq.read_table(path).to_pylist() for path in sorted((DATA / "db").rglob("*.parquet"))
-              if any(run in path.name for run in (r["run_id"] for r in topup_reports(TOPUP_UNALIGNED)))]
-    copies = [row for rows in shards for row in rows if row["status"] == "ok"]
-    held = {}
-    for path in sorted((DATA / "db").rglob("*.parquet")):
-        if "eager" not in str(path):
-            continue
-        for row in pq.read_table(path, columns=["signature", "point_key", "status", "K", "latency_median_s"]).to_pylist():
-            if row["status"] == "ok":
-                held[(row["signature"], row["point_key"])] = row
+
+
+def unaligned_copy_rows() -> list[str]:
+    """Each unaligned copy the eager top-up measured against its aligned point (the same batch but
+    for its last context, raised by less than the copy's modulus): median ratio by batch kind and
+    alignment class (one table row each)."""
+    import polars as pl
+
+    from dooly.fit.features import KV_ALIGNMENT
+    from dooly.profile.grid import UNALIGNED_KV
+
+    rows = store_rows(DATA / "db").filter((pl.col("backend") == "paged|eager") & (pl.col("status") == "ok"))
+    held = {(r["signature"], r["point_key"]): r for r in rows.iter_rows(named=True)}
+    runs = [r["run_id"] for r in topup_reports(TOPUP_UNALIGNED)]
+    largest_raise = max(modulus for modulus, _ in UNALIGNED_KV)
     ratios: dict[tuple[str, str], list[float]] = {}
-    for row in copies:
+    for row in rows.filter(pl.col("run_id").is_in(runs)).iter_rows(named=True):
         seqs = json.loads(row["point_key"])["seqs"]
-        for raise_by in range(1, 4):
-            base_seqs = seqs[:-1] + [[seqs[-1][0], seqs[-1][1] - raise_by]]
+        for raise_by in range(1, largest_raise + 1):
+            base_seqs = [*seqs[:-1], [seqs[-1][0], seqs[-1][1] - raise_by]]
             base = held.get((row["signature"], json.dumps({"seqs": base_seqs}, separators=(",", ":"))))
-            if base is not None and base["K"] % 8 == 0:
+            if base is not None and base["K"] % KV_ALIGNMENT == 0:
                 kind = "decode" if all(q == 1 for q, _ in seqs) else "mixed"
                 ratios.setdefault((kind, "odd" if row["K"] % 2 else "2 mod 4"), []).append(
                     row["latency_median_s"] / base["latency_median_s"])
                 break
-    profiler_rows = [f"| {kind} | {alignment} | {len(v)} | {statistics.median(v):.2f} | {min(v):.2f}-{max(v):.2f} |"
-                     for (kind, alignment), v in sorted(ratios.items())]
+    return [f"| {kind} | {alignment} | {len(v)} | {statistics.median(v):.2f} | {min(v):.2f}-{max(v):.2f} |"
+            for (kind, alignment), v in sorted(ratios.items())]
+
+
+def eager_alignment_lines() -> list[str]:
+    """Eager attention's GEMMs by KV alignment: in the engine's steps, in the profiler's points, and
+    the engine's own run-to-run floor on the eager cells."""
+    engine_rows = engine_gemm_rows()
+    profiler_rows = unaligned_copy_rows()
     repeat_rows = []
     for first, second in EAGER_REPEAT_PAIRS:
         for cell in sorted((EAGER_REPEAT / second).iterdir()):

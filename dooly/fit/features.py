@@ -368,7 +368,7 @@ def kv_alignment_terms(tokens: np.ndarray | float, kv: np.ndarray | float) -> di
     length = np.rint(np.asarray(kv, dtype=np.float64)).astype(np.int64)
     odd = length % 2 == 1
     unaligned = ~odd & (length % KV_ALIGNMENT != 0)
-    keys = np.asarray(kv, dtype=np.float64) + np.zeros_like(pairs)
+    keys = np.broadcast_to(np.asarray(kv, dtype=np.float64), pairs.shape)
     return {"pairs_odd_kv": np.where(odd, pairs, 0.0), "pairs_unaligned_kv": np.where(unaligned, pairs, 0.0),
             "odd_kv": np.where(odd, keys, 0.0), "unaligned_kv": np.where(unaligned, keys, 0.0)}
 
