@@ -23,6 +23,9 @@ SEEN_TRUTH_TOLERANCE = 0.03
 SEEN_TRUTH_WORST = 0.05
 UNSEEN_TRUTH_TOLERANCE = 0.10
 STEP_TOLERANCE = 0.03
+# Seconds per (query, key) pair and per key of a step with an odd / unaligned KV total, forced
+# into fitted attention models to exercise those terms.
+ALIGNMENT_COSTS = (3e-13, 1e-13, 2e-10, 1e-10)
 
 
 def test_heldout_errors_per_class(fitted):
@@ -239,6 +242,7 @@ def test_tree_corrected_attention_takes_an_exact_fast_path(predictor):
     scalar and batched paths and the per-op evaluation give the same seconds."""
     import copy
 
+    from dooly.fit.features import KV_ALIGNMENT_TERMS, TERM_INDEX
     from dooly.fit.models import SEEN_TREES, fit_seen, group_data, training_rows
 
     group = copy.deepcopy(predictor.group)
@@ -248,6 +252,10 @@ def test_tree_corrected_attention_takes_an_exact_fast_path(predictor):
         if info.op_class == syn.ATTENTION_CLASS:
             rows = data.row_sig == i
             model = fit_seen(SEEN_TREES, info, data.terms[rows], data.seconds[rows])
+            # Unaligned KV totals priced (the synthetic kernels have no such cost): the scalar
+            # path's hand-built alignment terms must match the batched path's.
+            for name, per_unit in zip(KV_ALIGNMENT_TERMS, ALIGNMENT_COSTS):
+                model.coef[TERM_INDEX[name]] = per_unit
             group.signatures[info.signature] = model
             replaced += 1
     assert replaced > 0
