@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,35 +42,67 @@ def store_rows(store_dir: Path) -> Any:
     return pl.concat([pl.read_parquet(p) for p in sorted(store_dir.glob("shards/**/*.parquet"))], how="diagonal_relaxed")
 
 
-def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str, str]],
-                     grid: GridSpec | None = None) -> list[dict]:
-    """Per model and pass: signatures, reused, spent and alone device-seconds, on `grid` (the
-    default grid unless given)."""
+@dataclass
+class CampaignStep:
+    """One model of one pass in the campaign's order: its plan on the store, and the signatures it
+    was first to need (what it paid for)."""
+
+    backend: str
+    model: str
+    plan: Any
+    new: list[str]
+
+    @property
+    def signatures(self) -> list[str]:
+        return self.plan.models[0].signatures
+
+
+def campaign_steps(store_dir: Path, backends: list[str], order: list[tuple[str, str]],
+                   grid: GridSpec | None = None) -> list[CampaignStep]:
+    """Every (pass, model) of the campaign in its fixed order, planned on `grid` (the default grid
+    unless given) against the store."""
     import polars as pl
 
     store = open_store(str(store_dir))
-    rows = store_rows(store_dir).filter(pl.col("status").is_in(list(HELD_STATUSES)))
-    spent_by_signature = dict(rows.group_by("signature").agg(pl.col("device_seconds").sum()).iter_rows())
-    first = rows.row(0, named=True)
-    entries, seen = [], set()
+    first = store_rows(store_dir).filter(pl.col("status").is_in(list(HELD_STATUSES))).row(0, named=True)
+    steps, seen = [], set()
     for backend in backends:
         stack = Stack(**{**{f.name: first[f.name] for f in fields(Stack)}, "backend": backend})
         for model_id, stem in order:
             trace, _ = load_or_trace(str(TRACES / f"{stem}.{backend.replace('|', '-')}.json"), backend, "bfloat16")
             plan = build_plan([trace], store, stack, grid or GridSpec(), software_agnostic=True)
-            model = plan.models[0]
-            new = [s for s in model.signatures if s not in seen]
-            seen.update(model.signatures)
-            entries.append({
-                "backend": backend,
-                "model": model_id,
-                "signatures": len(model.signatures),
-                "reused_signatures": len(model.signatures) - len(new),
-                "profiled_signatures": len(new),
-                "device_seconds": round(sum(spent_by_signature.get(s, 0.0) for s in new), 4),
-                "baseline_device_seconds": round(sum(plan.items[s].held_seconds for s in model.signatures), 4),
-                "unheld_points": sum(len(plan.items[s].missing) for s in model.signatures),
-            })
+            new = [s for s in plan.models[0].signatures if s not in seen]
+            seen.update(new)
+            steps.append(CampaignStep(backend=backend, model=model_id, plan=plan, new=new))
+    return steps
+
+
+def spent_by_signature(store_dir: Path) -> dict[str, float]:
+    """What the store's held rows of each signature cost to measure."""
+    import polars as pl
+
+    rows = store_rows(store_dir).filter(pl.col("status").is_in(list(HELD_STATUSES)))
+    return dict(rows.group_by("signature").agg(pl.col("device_seconds").sum()).iter_rows())
+
+
+def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str, str]],
+                     grid: GridSpec | None = None) -> list[dict]:
+    """Per model and pass: signatures, reused, spent and alone device-seconds, on `grid` (the
+    default grid unless given)."""
+    spent = spent_by_signature(store_dir)
+    entries = []
+    for step in campaign_steps(store_dir, backends, order, grid):
+        signatures = step.signatures
+        entries.append({
+            "backend": step.backend,
+            "model": step.model,
+            "signatures": len(signatures),
+            "reused_signatures": len(signatures) - len(step.new),
+            "profiled_signatures": len(step.new),
+            "device_seconds": round(sum(spent.get(s, 0.0) for s in step.new), 4),
+            "baseline_device_seconds": round(sum(step.plan.items[s].held_seconds for s in signatures), 4),
+            "unheld_points": sum(len(step.plan.items[s].missing) for s in signatures),
+        })
     return entries
 
 

@@ -76,6 +76,17 @@ KERNEL_NAME_CHARS = 48
 US_PER_MS = 1e3
 ENGINE_STEPS = DATA / "experiments" / "engine_step_profile" / "Llama-3.1-8B.paged-sdpa.graphs.heavy.json"
 GRID_THINNING = DATA / "experiments" / "grid_thinning"
+ATTENTION_TRANSFER = DATA / "experiments" / "attention_transfer" / "transfer.json"
+TRANSFER_SCHEMES = ("unseen", "probe", "heads", "any")
+SAVING_TARGET = 0.70
+# The paged|sdpa cells that missed under heavy load served again: `default` (no CUDA graphs) three
+# times on one lease (default-r3 with its calib run, in the committed runs' order), `graphs` and
+# `warm` twice on another.
+SDPA_REPEAT = DATA / "experiments" / "sdpa_repeat"
+SDPA_REPEAT_PAIRS = (("default-r1", "default-r2"), ("default-r1", "default-r3"), ("committed", "default-r1"),
+                     ("committed", "default-r3"),
+                     ("graphs-r1", "graphs-r2"), ("committed", "graphs-r1"))
+SDPA_REPEAT_VALIDATED = "default-r3"
 ATTENTION_CONDITIONS = DATA / "experiments" / "attention_conditions" / "Llama-3.1-8B.json"
 # The whole model's forward on the same steps under the profiler (bench/attention_in_forward.py).
 ATTENTION_IN_FORWARD = DATA / "experiments" / "attention_in_forward" / "Llama-3.1-8B.json"
@@ -637,6 +648,121 @@ def grid_thinning_lines() -> list[str]:
     ]
 
 
+def layout_label(config: dict[str, int]) -> str:
+    """An attention signature's head layout: query heads / KV heads / head dim, and its window."""
+    window = f" w{config['sliding_window']}" if "sliding_window" in config else ""
+    return f"{config['in0.1']}/{config['in1.1']}/{config['in0.3']}{window}"
+
+
+def attention_transfer_lines(store: Path) -> list[str]:
+    """Attention shared across head layouts (bench/attention_transfer.py on the fitted store)."""
+    run_module("attention_transfer.py", "--store", str(store), "--out", str(ATTENTION_TRANSFER))
+    result = json.loads(ATTENTION_TRANSFER.read_text())
+
+    def err(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}%"
+
+    rows = [f"| {r['backend']} | {layout_label(r['config'])} | {r['points']} | {err(r['own_error_pct'])} | "
+            f"{err(r['unseen_error_pct'])} | {err(r['probe_error_pct'])} | {err(r['heads_error_pct'])} |"
+            for r in result["signatures"]]
+    campaign = result["campaign"]
+    saving_rows = [f"| {scheme} | {campaign[scheme]['served']} | {campaign[scheme]['device_seconds']:.0f} | "
+                   f"{100 * campaign[scheme]['saving']:.1f}% | {campaign[scheme + '_at_equal_accuracy']['served']} | "
+                   f"{campaign[scheme + '_at_equal_accuracy']['device_seconds']:.0f} | "
+                   f"{100 * campaign[scheme + '_at_equal_accuracy']['saving']:.1f}% |" for scheme in TRANSFER_SCHEMES]
+    best = campaign["any_at_equal_accuracy"]["saving"]
+    by_sig = {r["signature"]: r for r in result["signatures"]}
+    reaching = [scheme for scheme in TRANSFER_SCHEMES[:-1] if campaign[scheme]["saving"] >= SAVING_TARGET]
+    ratios = [by_sig[sig][f"{scheme}_error_pct"] / by_sig[sig]["own_error_pct"]
+              for scheme in reaching for sig in campaign[scheme]["signatures"] if by_sig[sig]["own_error_pct"]]
+    return [
+        "### Would attention shared across head layouts reach 70%?",
+        "",
+        "Two models share an attention signature only when backend, query heads, KV heads, head dim and",
+        f"window all agree, so signature reuse stops at the campaign's {100 * campaign['campaign']['saving']:.1f}%.",
+        "`bench/attention_transfer.py` scores three ways to serve a layout from the layouts already held, on",
+        "every attention signature of the committed store, against the signature's own model (its 5-fold",
+        "held-out error): `unseen`, the backend's attention class regressor fitted on every other signature",
+        f"(config dims as features); `probe`, the same with one grid point in {result['probe_every']} of the new",
+        "layout measured (the regressor refitted with them, or scaled to them per regime; scored on the",
+        "points left out); `heads`, per grid point the time affine in the query heads through the layouts",
+        "that differ in query heads alone. Each error is the scheme's best over the regressor's methods and",
+        "variants, chosen on the signature's own points: an upper bound on the scheme.",
+        "",
+        "| backend | layout (q / kv / dim) | points | own model | unseen | probe | heads |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "The campaign replayed with each scheme serving every signature it can (its prerequisites profiled",
+        "earlier in the fixed order; `probe` pays its probe's measured device time, the others nothing), then",
+        "only those served at least as accurately as their own model (`any`: the cheapest scheme that can):",
+        "",
+        "| scheme | served | device-s spent | saving | served, equal accuracy | device-s spent | saving |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *saving_rows,
+        "",
+        f"Sharing across layouts buys the saving only by giving up accuracy: the schemes that reach {100 * SAVING_TARGET:.0f}%",
+        f"({', '.join(reaching)}) serve attention with a median {statistics.median(ratios):.1f}x the error of the",
+        f"layout's own model (up to {max(ratios):.1f}x; flex worst: its compiled kernels follow no head law), and at",
+        f"equal accuracy the suite saves {100 * best:.1f}%. The one",
+        "scheme that beats the own model is `heads` on `paged|eager` (the score GEMMs scale with the query",
+        "heads), which serves Qwen2.5-14B's and Llama-3.1-70B's layouts from Llama-3.1-8B's and",
+        "Llama-3.2-3B's.",
+        "",
+    ]
+
+
+def sdpa_repeat_lines(store: Path, work: Path) -> list[str]:
+    """The paged|sdpa cells that miss under heavy load, served again: the engine against itself,
+    and the simulator against a lease's own runs calibrated on that lease."""
+    rows = []
+    for first, second in SDPA_REPEAT_PAIRS:
+        for cell in sorted(p for p in (SDPA_REPEAT / second).iterdir() if (p / "requests.parquet").is_file()):
+            reference = DATA / "groundtruth" / cell.name if first == "committed" else SDPA_REPEAT / first / cell.name
+            if not (reference / "requests.parquet").is_file():
+                continue
+            f = run_to_run(reference, cell)
+            rows.append(f"| {cell.name} | {first} vs {second} | {f['ttft_mape']:.1f}% | {f['tpot_mape']:.1f}% | "
+                        f"{f['ttft_mean_error_pct']:+.1f}% | {f['tpot_mean_error_pct']:+.1f}% |")
+    validation = work / "sdpa-repeat-validation"
+    run_module("validate_groundtruth.py", "--ground-truth", str(SDPA_REPEAT / SDPA_REPEAT_VALIDATED), "--store",
+               str(store), "--platform", PLATFORM, "--out", str(validation))
+    simulated = [f"| {r['model']} | {r['variant']} | {r['ttft_mape']:.1f}% | {r['tpot_mape']:.1f}% | {r['ttft_mean_error_pct']:+.1f}% | "
+                 f"{r['tpot_mean_error_pct']:+.1f}% |"
+                 for r in json.loads((validation / "accuracy.json").read_text()) if r["workload"] == "heavy"]
+    return [
+        "### The `paged|sdpa` heavy misses served again",
+        "",
+        "Llama-3.2-3B and Llama-3.2-1B `default` heavy (no CUDA graphs) missed by 14-20% TTFT MAPE, 1B",
+        "`warm` heavy by 11.5% and 1B `graphs` heavy by 11% TPOT. Served again",
+        "(`data/h100/experiments/sdpa_repeat/`): the `default` cells three times on one lease, each run a",
+        "fresh process serving light then heavy as the committed runs did (default-r3 then its calib run),",
+        "the `graphs` and `warm` heavy cells twice on another; each run scored against another as",
+        "`dooly validate` scores the simulator:",
+        "",
+        "| cell | runs | TTFT MAPE | TPOT MAPE | mean TTFT err | mean TPOT err |",
+        "|---|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "Without CUDA graphs the engine builds a cuDNN attention plan for every new (tokens, KV) shape, and",
+        "what a step spends doing it moves from run to run: on one lease two heavy runs agree within 2-4%",
+        "in mean TTFT and a third sits up to 19% from them; the committed runs are 5-22% slower than",
+        "this lease's. The simulator against default-r3's",
+        "heavy runs, calibrated on default-r3's calib run (the same process, as for the committed cells):",
+        "",
+        "| model | engine settings | TTFT MAPE | TPOT MAPE | mean TTFT err | mean TPOT err |",
+        "|---|---|---:|---:|---:|---:|",
+        *simulated,
+        "",
+        "Llama-3.2-3B's miss was the committed run's, not the simulator's; Llama-3.2-1B's decode steps",
+        "took 89-104 ms in the heavy runs against 65-82 ms in the calib runs of the same processes, a",
+        "per-step host cost one calibration run does not carry to another. The `warm` and `graphs` 1B heavy",
+        "cells differ from themselves by 13-14% TTFT MAPE (which requests meet a capture moves): the",
+        "committed misses are inside that.",
+        "",
+    ]
+
+
 def attention_cost_lines() -> list[str]:
     """Where attention's profiling time goes, per timer phase (bench/attention_cost.py on the H100)."""
     data = json.loads(ATTENTION_COST.read_text())
@@ -676,6 +802,8 @@ def main() -> None:
         work = Path(tmp)
         store = fit_copy(work)
         engine_lines = engine_step_lines(store)
+        transfer_lines = attention_transfer_lines(store)
+        repeat_lines = sdpa_repeat_lines(store, work)
         validation = work / "validation"
         run_module("validate_groundtruth.py", "--ground-truth", str(DATA / "groundtruth"), "--store", str(store),
                    "--platform", PLATFORM, "--out", str(validation), "--plots")
@@ -720,6 +848,7 @@ def main() -> None:
         *eager_alignment_lines(),
         *timer_lines(),
         *grid_thinning_lines(),
+        *transfer_lines,
         "## Accuracy: simulator against the real engine",
         "",
         "Each cell: `dooly bench` ground truth of transformers continuous batching (random weights, open-loop",
@@ -768,6 +897,7 @@ def main() -> None:
         "(> 0: the second run slower).",
         "",
         *lease_lines(),
+        *repeat_lines,
         *attention_l2_lines(),
         *[f"![{cell}](img/h100/{cell}.png)" for cell in PLOTTED_CELLS],
         "",
