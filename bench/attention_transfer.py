@@ -212,10 +212,12 @@ def served_cost(row: dict | None, schemes: tuple[str, ...], earlier: set[str], a
                 accurate_only: bool, probes: dict[str, float]) -> float | None:
     """What a new signature costs when one of `schemes` serves it (the cheapest that can, at least
     as accurate as its own model where `accurate_only`), or None when none can."""
+    if row is None:
+        return None
     costs = []
     for scheme in schemes:
-        error = row and row[f"{scheme}_error_pct"]
-        if row is None or error is None or not servable(row, scheme, earlier, attention):
+        error = row[f"{scheme}_error_pct"]
+        if error is None or not servable(row, scheme, earlier, attention):
             continue
         if accurate_only and (row["own_error_pct"] is None or error > row["own_error_pct"]):
             continue
@@ -231,6 +233,7 @@ def savings(store_dir: Path, rows: list[dict]) -> dict[str, dict]:
     spent = campaign_from_store.spent_by_signature(store_dir)
     probes = probe_seconds(store_dir)
     by_sig = {r["signature"]: r for r in rows}
+    attention = set(by_sig)
     alone = sum(step.plan.items[s].held_seconds for step in steps for s in step.signatures)
     total = sum(spent.get(s, 0.0) for step in steps for s in step.new)
     out = {"campaign": {"device_seconds": total, "baseline_device_seconds": alone, "saving": 1 - total / alone}}
@@ -241,7 +244,7 @@ def savings(store_dir: Path, rows: list[dict]) -> dict[str, dict]:
             for step in steps:
                 held = earlier.setdefault(step.backend, set())
                 for signature in step.new:
-                    paid = served_cost(by_sig.get(signature), schemes, held, set(by_sig), accurate_only, probes)
+                    paid = served_cost(by_sig.get(signature), schemes, held, attention, accurate_only, probes)
                     if paid is not None:
                         cost -= spent.get(signature, 0.0) - paid
                         served.append(signature)
