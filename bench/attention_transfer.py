@@ -188,14 +188,10 @@ def signature_rows(fitted: Path) -> list[dict]:
     return out
 
 
-def probe_seconds(store_dir: Path) -> dict[str, float]:
+def probe_seconds(held) -> dict[str, float]:
     """What measuring each signature's probe points cost (its held rows at those points)."""
-    import polars as pl
-
-    rows = campaign_from_store.store_rows(store_dir).filter(
-        pl.col("status").is_in(list(campaign_from_store.HELD_STATUSES)))
     cost = {}
-    for (signature,), part in rows.group_by(["signature"]):
+    for (signature,), part in held.group_by(["signature"]):
         keys = part.get_column("point_key").to_list()
         cost[signature] = float(part.get_column("device_seconds").to_numpy()[probe_mask(keys)].sum())
     return cost
@@ -229,9 +225,10 @@ def savings(store_dir: Path, rows: list[dict]) -> dict[str, dict]:
     """The campaign replayed with each scheme (and the cheapest of all three) serving what it can:
     all of it, and only where it is at least as accurate as the signature's own model."""
     order = campaign_from_store.suite_order(campaign_from_store.SUITE_ORDER)
-    steps = campaign_from_store.campaign_steps(store_dir, campaign_from_store.CAMPAIGN_BACKENDS.split(","), order)
-    spent = campaign_from_store.spent_by_signature(store_dir)
-    probes = probe_seconds(store_dir)
+    held = campaign_from_store.held_rows(store_dir)
+    steps = campaign_from_store.campaign_steps(store_dir, held, campaign_from_store.CAMPAIGN_BACKENDS.split(","), order)
+    spent = campaign_from_store.spent_by_signature(held)
+    probes = probe_seconds(held)
     by_sig = {r["signature"]: r for r in rows}
     attention = set(by_sig)
     alone = sum(step.plan.items[s].held_seconds for step in steps for s in step.signatures)

@@ -57,14 +57,19 @@ class CampaignStep:
         return self.plan.models[0].signatures
 
 
-def campaign_steps(store_dir: Path, backends: list[str], order: list[tuple[str, str]],
-                   grid: GridSpec | None = None) -> list[CampaignStep]:
-    """Every (pass, model) of the campaign in its fixed order, planned on `grid` (the default grid
-    unless given) against the store."""
+def held_rows(store_dir: Path) -> Any:
+    """The store's rows a campaign keeps (what it measured and held, refinement included)."""
     import polars as pl
 
+    return store_rows(store_dir).filter(pl.col("status").is_in(list(HELD_STATUSES)))
+
+
+def campaign_steps(store_dir: Path, held: Any, backends: list[str], order: list[tuple[str, str]],
+                   grid: GridSpec | None = None) -> list[CampaignStep]:
+    """Every (pass, model) of the campaign in its fixed order, planned on `grid` (the default grid
+    unless given) against the store; `held` (held_rows) gives the stack it was measured on."""
     store = open_store(str(store_dir))
-    first = store_rows(store_dir).filter(pl.col("status").is_in(list(HELD_STATUSES))).row(0, named=True)
+    first = held.row(0, named=True)
     steps, seen = [], set()
     for backend in backends:
         stack = Stack(**{**{f.name: first[f.name] for f in fields(Stack)}, "backend": backend})
@@ -77,21 +82,21 @@ def campaign_steps(store_dir: Path, backends: list[str], order: list[tuple[str, 
     return steps
 
 
-def spent_by_signature(store_dir: Path) -> dict[str, float]:
-    """What the store's held rows of each signature cost to measure."""
+def spent_by_signature(held: Any) -> dict[str, float]:
+    """What the held rows (held_rows) of each signature cost to measure."""
     import polars as pl
 
-    rows = store_rows(store_dir).filter(pl.col("status").is_in(list(HELD_STATUSES)))
-    return dict(rows.group_by("signature").agg(pl.col("device_seconds").sum()).iter_rows())
+    return dict(held.group_by("signature").agg(pl.col("device_seconds").sum()).iter_rows())
 
 
 def campaign_entries(store_dir: Path, backends: list[str], order: list[tuple[str, str]],
                      grid: GridSpec | None = None) -> list[dict]:
     """Per model and pass: signatures, reused, spent and alone device-seconds, on `grid` (the
     default grid unless given)."""
-    spent = spent_by_signature(store_dir)
+    held = held_rows(store_dir)
+    spent = spent_by_signature(held)
     entries = []
-    for step in campaign_steps(store_dir, backends, order, grid):
+    for step in campaign_steps(store_dir, held, backends, order, grid):
         signatures = step.signatures
         entries.append({
             "backend": step.backend,

@@ -411,19 +411,27 @@ def unaligned_copy_rows() -> list[str]:
             for (kind, alignment), v in sorted(ratios.items())]
 
 
+def repeat_pair_rows(root: Path, pairs: tuple[tuple[str, str], ...]) -> list[str]:
+    """Table rows for runs served again: each cell of a pair's second run scored against the same
+    cell of its first (`committed`: the ground truth under data/), where both were recorded."""
+    rows = []
+    for first, second in pairs:
+        for cell in sorted(p for p in (root / second).iterdir() if (p / "requests.parquet").is_file()):
+            reference = DATA / "groundtruth" / cell.name if first == "committed" else root / first / cell.name
+            if not (reference / "requests.parquet").is_file():
+                continue
+            f = run_to_run(reference, cell)
+            rows.append(f"| {cell.name} | {first} vs {second} | {f['ttft_mape']:.1f}% | {f['tpot_mape']:.1f}% | "
+                        f"{f['ttft_mean_error_pct']:+.1f}% | {f['tpot_mean_error_pct']:+.1f}% |")
+    return rows
+
+
 def eager_alignment_lines() -> list[str]:
     """Eager attention's GEMMs by KV alignment: in the engine's steps, in the profiler's points, and
     the engine's own run-to-run floor on the eager cells."""
     engine_rows = engine_gemm_rows()
     profiler_rows = unaligned_copy_rows()
-    repeat_rows = []
-    for first, second in EAGER_REPEAT_PAIRS:
-        for cell in sorted((EAGER_REPEAT / second).iterdir()):
-            reference = DATA / "groundtruth" / cell.name if first == "committed" else EAGER_REPEAT / first / cell.name
-            if (reference / "requests.parquet").is_file():
-                f = run_to_run(reference, cell)
-                repeat_rows.append(f"| {cell.name} | {first} vs {second} | {f['ttft_mape']:.1f}% | {f['tpot_mape']:.1f}% | "
-                                   f"{f['ttft_mean_error_pct']:+.1f}% | {f['tpot_mean_error_pct']:+.1f}% |")
+    repeat_rows = repeat_pair_rows(EAGER_REPEAT, EAGER_REPEAT_PAIRS)
     return [
         "## Eager attention: the KV total's alignment",
         "",
@@ -659,11 +667,8 @@ def attention_transfer_lines(store: Path) -> list[str]:
     run_module("attention_transfer.py", "--store", str(store), "--out", str(ATTENTION_TRANSFER))
     result = json.loads(ATTENTION_TRANSFER.read_text())
 
-    def err(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}%"
-
-    rows = [f"| {r['backend']} | {layout_label(r['config'])} | {r['points']} | {err(r['own_error_pct'])} | "
-            f"{err(r['unseen_error_pct'])} | {err(r['probe_error_pct'])} | {err(r['heads_error_pct'])} |"
+    rows = [f"| {r['backend']} | {layout_label(r['config'])} | {r['points']} | {pct(r['own_error_pct'])} | "
+            f"{pct(r['unseen_error_pct'])} | {pct(r['probe_error_pct'])} | {pct(r['heads_error_pct'])} |"
             for r in result["signatures"]]
     campaign = result["campaign"]
     saving_rows = [f"| {scheme} | {campaign[scheme]['served']} | {campaign[scheme]['device_seconds']:.0f} | "
@@ -715,15 +720,7 @@ def attention_transfer_lines(store: Path) -> list[str]:
 def sdpa_repeat_lines(store: Path, work: Path) -> list[str]:
     """The paged|sdpa cells that miss under heavy load, served again: the engine against itself,
     and the simulator against a lease's own runs calibrated on that lease."""
-    rows = []
-    for first, second in SDPA_REPEAT_PAIRS:
-        for cell in sorted(p for p in (SDPA_REPEAT / second).iterdir() if (p / "requests.parquet").is_file()):
-            reference = DATA / "groundtruth" / cell.name if first == "committed" else SDPA_REPEAT / first / cell.name
-            if not (reference / "requests.parquet").is_file():
-                continue
-            f = run_to_run(reference, cell)
-            rows.append(f"| {cell.name} | {first} vs {second} | {f['ttft_mape']:.1f}% | {f['tpot_mape']:.1f}% | "
-                        f"{f['ttft_mean_error_pct']:+.1f}% | {f['tpot_mean_error_pct']:+.1f}% |")
+    rows = repeat_pair_rows(SDPA_REPEAT, SDPA_REPEAT_PAIRS)
     validation = work / "sdpa-repeat-validation"
     run_module("validate_groundtruth.py", "--ground-truth", str(SDPA_REPEAT / SDPA_REPEAT_VALIDATED), "--store",
                str(store), "--platform", PLATFORM, "--out", str(validation))
