@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import zlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 # The target is stated for 2 cores; pin polars before it is imported.
@@ -46,7 +46,7 @@ ENGINE_VERSIONS = ("5.16.1", "5.17.0", "5.17.0rc1")
 TORCH_VERSIONS = ("2.11.0+cu130", "2.13.0+cpu")
 OPS = ("aten.mm", "aten.bmm", "aten.addmm", "attention", "aten.silu", "aten._softmax")
 STRING = pa.string()
-START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _partitions() -> list[tuple[str, str, str, str]]:

@@ -36,7 +36,7 @@ class Batch:
     seqs: tuple[SeqShape, ...]
 
     @classmethod
-    def of(cls, prefill: list[tuple[int, int]] = (), decode_ctx: list[int] = ()) -> "Batch":
+    def of(cls, prefill: list[tuple[int, int]] = (), decode_ctx: list[int] = ()) -> Batch:
         seqs = [SeqShape(q, c) for q, c in prefill] + [SeqShape(1, c) for c in decode_ctx]
         return cls(tuple(seqs))
 

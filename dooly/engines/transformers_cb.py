@@ -338,7 +338,7 @@ class TransformersKind:
             yield TraceStep(model=model, prepare=lambda symbolizer: symbolizer.tree(kwargs), run=engine.run_step)
 
     def attention_runner(self, hf_config: Any, *, backend: str, dtype: torch.dtype, device: str, max_tokens: int,
-                         max_kv: int, max_seqs: int, period: int) -> "EngineAttention":
+                         max_kv: int, max_seqs: int, period: int) -> EngineAttention:
         return EngineAttention(hf_config, backend=backend, dtype=dtype, device=device, max_tokens=max_tokens,
                                max_kv=max_kv, max_seqs=max_seqs, period=period)
 

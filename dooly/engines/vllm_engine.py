@@ -580,7 +580,7 @@ class VllmKind:
             engine.close()
 
     def attention_runner(self, hf_config: Any, *, backend: str, dtype: Any, device: str, max_tokens: int,
-                         max_kv: int, max_seqs: int, period: int) -> "VllmAttention":
+                         max_kv: int, max_seqs: int, period: int) -> VllmAttention:
         return VllmAttention(hf_config, backend=backend, dtype=dtype, max_tokens=max_tokens, max_kv=max_kv,
                              max_seqs=max_seqs, period=period)
 

@@ -11,7 +11,6 @@ from dooly.errors import DoolyError
 from dooly.output import emit_json, format_table, output_option
 from dooly.profile.grid import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_KV, DEFAULT_MAX_SEQS, DEFAULT_MAX_TOKENS, GridSpec
 
-
 # The interconnect label of a platform planned from elsewhere: nothing held matches it.
 UNKNOWN_INTERCONNECT = "unknown"
 
@@ -67,9 +66,9 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
       dooly plan meta-llama/Llama-3.1-8B mistralai/Mistral-7B-v0.3 --store ./db
       dooly plan Qwen/Qwen2.5-7B --store s3://dooly/db --platform NVIDIA-H100-80GB-HBM3 --output json
     """
+    from dooly.engines.registry import engine_kind
     from dooly.profile.plan import build_plan
     from dooly.profile.provenance import check_platform_name, current_stack, detect_device, detect_platform
-    from dooly.engines.registry import engine_kind
     from dooly.profile.run import trace_all
     from dooly.store.backends import open_store
 

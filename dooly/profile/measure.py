@@ -94,7 +94,7 @@ class Measurement:
     samples_s: tuple[float, ...] = ()
 
     @classmethod
-    def of_samples(cls, values: list[float], device_seconds: float) -> "Measurement":
+    def of_samples(cls, values: list[float], device_seconds: float) -> Measurement:
         """A successful measurement: the statistics every shard row carries, from its samples."""
         return cls(
             median_s=percentile(values, 50),

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from dooly import SCHEMA_VERSION, __version__
 from dooly.errors import DoolyError
@@ -46,7 +46,7 @@ class Stack:
     driver_version: str
     image_digest: str
 
-    def for_backend(self, backend: str) -> "Stack":
+    def for_backend(self, backend: str) -> Stack:
         return Stack(**{**asdict(self), "backend": backend})
 
     def columns(self) -> dict[str, object]:
@@ -127,7 +127,7 @@ def current_stack(*, device: str, platform: str, engine: str, engine_version: st
 
 
 def new_run_id() -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{uuid.uuid4().hex[:8]}"
 
 

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from dooly.errors import DoolyError
@@ -255,7 +255,7 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
     return report
 
 
-def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOptions, writer: "_ShardWriter",
+def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOptions, writer: _ShardWriter,
                          measured_seconds: dict[str, float], counts: dict[str, int],
                          progress: Callable[[int], None] | None) -> None:
     """Spawn the ranks once per world size; write each item's rows as soon as rank 0 reports it done."""
@@ -480,7 +480,7 @@ class _ShardWriter:
         from dooly.store.schema import SHARD_SCHEMA
         from dooly.store.shards import write_shard
 
-        created = datetime.now(timezone.utc)
+        created = datetime.now(UTC)
         for stack, rows in list(self.buffers.items()):
             if not rows:
                 continue

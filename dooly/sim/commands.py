@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from dooly.errors import DoolyError
-from dooly.output import emit_json, format_table, output_option
 from dooly.engines.base import parse_engine_settings
+from dooly.errors import DoolyError
 from dooly.jsonfile import read_json_object
+from dooly.output import emit_json, format_table, output_option
 from dooly.workload import workload_options
 
 logger = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -388,7 +388,7 @@ def _claim(store: Store, first: int, merge_id: str) -> int:
             "merge_id": merge_id,
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
-            "claimed_at": datetime.now(timezone.utc).isoformat(),
+            "claimed_at": datetime.now(UTC).isoformat(),
         },
         indent=2,
     ).encode()
@@ -500,7 +500,7 @@ def merge_store(store: Store, *, progress: bool = False, force: bool = False) ->
         "dooly_version": __version__,
         "generation": generation,
         "merge_id": merge_id,
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": datetime.now(UTC).isoformat(),
         "data_key": generation_key(generation, DATA_NAME),
         "shards": good_keys,
         "quarantined": quarantined,

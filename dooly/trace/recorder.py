@@ -8,8 +8,9 @@ request-dependent dims and plain ints for the rest; turning those into labels is
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -144,7 +145,7 @@ class ModuleStack:
     def current(self) -> str:
         return self.stack[-1] if self.stack else ""
 
-    def __enter__(self) -> "ModuleStack":
+    def __enter__(self) -> ModuleStack:
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
         def pre(module: torch.nn.Module, _args: Any) -> None:

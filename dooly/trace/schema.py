@@ -57,7 +57,7 @@ class Dim:
         return payload
 
     @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> "Dim":
+    def from_dict(cls, payload: dict[str, Any]) -> Dim:
         return cls(
             origin=payload["origin"],
             value=int(payload["value"]),
@@ -84,7 +84,7 @@ class TensorSpec:
         return {"dtype": self.dtype, "dims": [d.to_dict() for d in self.dims]}
 
     @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> "TensorSpec":
+    def from_dict(cls, payload: dict[str, Any]) -> TensorSpec:
         return cls(dims=tuple(Dim.from_dict(d) for d in payload["dims"]), dtype=payload["dtype"])
 
     def shape_text(self) -> str:
@@ -166,7 +166,7 @@ class Operation:
         }
 
     @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> "Operation":
+    def from_dict(cls, payload: dict[str, Any]) -> Operation:
         return cls(
             op=payload["op"],
             kind=payload["kind"],
@@ -254,7 +254,7 @@ class Trace:
         }
 
     @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> "Trace":
+    def from_dict(cls, payload: dict[str, Any]) -> Trace:
         return cls(
             model_id=payload["model_id"],
             model_key=payload["model_key"],

@@ -7,7 +7,6 @@ import json
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
 from collective_helpers import (
     SLOW_RANK_DELAY_S,
     WORLD,
@@ -16,13 +15,14 @@ from collective_helpers import (
     report_environment,
     time_with_slow_rank,
 )
+from profile_helpers import MODEL_A, SMALL_GRID_ARGS, write_model
+
 from dooly.cli import cli
 from dooly.distributed import SAFE_ENV, launch, parse_topo_links
 from dooly.errors import DoolyError
 from dooly.profile.collectives import COLLECTIVE_KINDS, rank_worker, work_payload
 from dooly.profile.grid import Point
 from dooly.profile.plan import WorkItem
-from profile_helpers import MODEL_A, SMALL_GRID_ARGS, write_model
 
 pytestmark = pytest.mark.slow
 

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
 import pyarrow.parquet as pq
+import pytest
 import torch
 from click.testing import CliRunner
+from profile_helpers import SMALL_GRID_ARGS
 
 from dooly.cli import cli
+from dooly.profile.grid import GridSpec
 from dooly.profile.measure import (
     DEFAULT_SAMPLES_CUDA,
     LONG_SAMPLE_S,
@@ -27,14 +29,12 @@ from dooly.profile.measure import (
     WARMUP_CALLS,
     Timer,
 )
+from dooly.profile.plan import build_plan
+from dooly.profile.provenance import Stack
 from dooly.store.backends import open_store
 from dooly.store.shards import SHARD_SUFFIX
 from dooly.trace.schema import signature_hash
 from dooly.trace.tracer import trace_model
-from dooly.profile.grid import GridSpec
-from dooly.profile.plan import build_plan
-from dooly.profile.provenance import Stack
-from profile_helpers import SMALL_GRID_ARGS
 
 SMALL_GRID = GridSpec(**{name.strip("-").replace("-", "_"): int(value)
                          for name, value in zip(SMALL_GRID_ARGS[::2], SMALL_GRID_ARGS[1::2])})

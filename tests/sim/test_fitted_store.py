@@ -36,8 +36,8 @@ def test_simulate_on_fitted_models_matches_the_api(fitted_store):
     from dooly.fit.models import load_predictor
     from dooly.sim.schedulers import TransformersCBScheduler
     from dooly.sim.simulator import simulate
-    from dooly.workload import WorkloadSpec, generate_requests
     from dooly.store.backends import open_store
+    from dooly.workload import WorkloadSpec, generate_requests
 
     args = ["simulate", TOY.model_id, "--store", fitted_store, "--platform", syn.PLATFORM, "--backend", syn.BACKEND,
             "--requests", "30", "--rate", "20", "--output", "json"]

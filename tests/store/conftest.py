@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -30,7 +30,7 @@ DEFAULT_STACK: dict[str, Any] = {
     "torch_version": "2.11.0+cu130",
     "cuda_version": "13.0",
 }
-BASE_TIME = datetime(2026, 3, 1, tzinfo=timezone.utc)
+BASE_TIME = datetime(2026, 3, 1, tzinfo=UTC)
 
 
 def signature_of(name: str) -> str:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -93,7 +93,7 @@ def random_store(root: Path, make, seed: int, shards: int = 14) -> tuple[LocalSt
         ("unknown", "2.13.0", "13.0"),
     ]
     pool = [(f"op-{i}", t) for i in range(4) for t in (1, 2, 3)]
-    times = [datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(hours=h) for h in range(2)]
+    times = [datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=h) for h in range(2)]
     rows: list[dict] = []
     for index in range(shards):
         engine_version, torch_version, cuda_version = rng.choice(stacks)
@@ -304,7 +304,7 @@ def test_no_snapshot_yet_is_one_line(tmp_path):
 def test_a_claimed_generation_is_skipped(tmp_path, shard_table):
     store = LocalStore(tmp_path)
     write_shard(store, shard_table(), run_id="run-a", chunk_index=0)
-    dead_claim = {"claimed_at": (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()}
+    dead_claim = {"claimed_at": (datetime.now(UTC) - timedelta(days=1)).isoformat()}
     store.put_if_absent(generation_key(1, CLAIM_NAME), json.dumps(dead_claim).encode())
     report = merge_store(store)
     assert report.generation == 2

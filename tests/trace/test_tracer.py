@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trace_configs import COLLIDING_LLAMA, TINY_GEMMA2, TINY_LLAMA, TINY_MIXTRAL, write_config
 
 from dooly.engines.base import Batch
 from dooly.engines.transformers_cb import TransformersCBEngine
@@ -15,8 +16,6 @@ from dooly.models.registry import build_hf_config, bundled_model_ids, resolve_mo
 from dooly.trace.recorder import ModuleStack, OpRecorder, capture_attention
 from dooly.trace.schema import KIND_ATTENTION, KIND_INNER, ORIGIN_CONFIG, ORIGIN_REQUEST, Trace
 from dooly.trace.tracer import _fold_layer, _window, trace_model
-
-from trace_configs import COLLIDING_LLAMA, TINY_GEMMA2, TINY_LLAMA, TINY_MIXTRAL, write_config
 
 
 def ops(trace: Trace, op: str, module: str) -> list:

@@ -4,8 +4,6 @@ import json
 from pathlib import Path
 
 
-
-
 def write_config(directory: Path, name: str, payload: dict) -> Path:
     path = directory / f"{name}.json"
     path.write_text(json.dumps(payload))
