@@ -144,15 +144,12 @@ def measure_predict_ops(
 
 def store_cases(args: argparse.Namespace) -> tuple[Predictor, list[tuple[str, dict]]]:
     """The fitted predictor of --store and the inventories of each --model."""
-    from dooly.fit.commands import find_inventory
-    from dooly.fit.models import load_predictor
-    from dooly.store.backends import open_store
+    from dooly.fit.source import FittedSource, open_inventory, open_predictor
 
-    store = open_store(args.store, create=False)
-    predictor = load_predictor(
-        store, platform=args.platform, engine=args.engine, backend=args.backend, dtype=args.dtype
-    )
-    cases = [(model.rsplit("/", 1)[-1], find_inventory(store, model, args.backend)) for model in args.model]
+    source = FittedSource(store=args.store, platform=args.platform, backend=args.backend, engine=args.engine,
+                          dtype=args.dtype)
+    predictor = open_predictor(source)
+    cases = [(model.rsplit("/", 1)[-1], open_inventory(source, model)) for model in args.model]
     return predictor, cases
 
 

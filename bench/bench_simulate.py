@@ -58,15 +58,11 @@ def main() -> None:
     args = parser.parse_args()
     requests = generate_requests(WorkloadSpec(num_requests=args.requests, rate=args.rate, prompt=PROMPT, output=OUTPUT, seed=0))
     if args.store:
-        from dooly.fit.commands import find_inventory
-        from dooly.fit.models import load_predictor
-        from dooly.store.backends import open_store
+        from dooly.fit.source import FittedSource, open_step_model
 
-        store = open_store(args.store, create=False)
-        predictor = load_predictor(
-            store, platform=args.platform, engine=args.engine, backend=args.backend, dtype=args.dtype
-        )
-        model = predictor.step_predictor(find_inventory(store, args.model, args.backend))
+        source = FittedSource(store=args.store, platform=args.platform, backend=args.backend, engine=args.engine,
+                              dtype=args.dtype)
+        model = open_step_model(source, args.model)
         label = f"fitted models of {model.model_id} ({model.describe}, {model.op_count} ops)"
     else:
         model = AnalyticStepModel()

@@ -265,21 +265,17 @@ def predict_command(
       dooly predict --store s3://latency-db/fleet --model meta-llama/Llama-3.1-8B \\
           --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa' --decode 128 --per-op
     """
-    from dooly.fit.models import load_predictor
-    from dooly.store.backends import open_store
+    from dooly.fit.source import FittedSource, open_fitted_step
 
     chunks = _parse_prefill(prefill)
     decodes = _parse_decode(decode)
     if not chunks and not decodes:
         raise DoolyError("an empty step: give at least one --prefill Q:CTX or --decode CTX")
-    if tp < 1:
-        raise DoolyError(f"--tp must be >= 1, got {tp}")
-    store = open_store(store_uri, create=False)
-    predictor = load_predictor(
-        store, platform=platform, engine=engine, backend=backend, dtype=dtype, interconnect=interconnect
+    source = FittedSource(
+        store=store_uri, platform=platform, backend=backend, engine=engine, dtype=dtype, tp=tp, interconnect=interconnect
     )
-    inventory = find_inventory(store, model, backend, tp)
-    step = predictor.step_predictor(inventory)
+    fitted = open_fitted_step(source, model)
+    predictor, step = fitted.predictor, fitted.step
     seconds = step.step_seconds(chunks, decodes)
     breakdown = step.breakdown(chunks, decodes)
     payload: dict[str, Any] = {

@@ -17,6 +17,7 @@ from dooly.engines.base import parse_engine_settings
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json_object
 from dooly.output import emit_json, format_table, output_option
+from dooly.sim.options import StepChoice, model_dims, step_model_options
 from dooly.workload import workload_options
 
 logger = logging.getLogger(__name__)
@@ -37,23 +38,6 @@ MS_PER_S = 1e3
 # ---------------------------------------------------------------------------------------------
 
 
-def _step_model_options(func):
-    options = [
-        click.option("--analytic", is_flag=True, help="Use the built-in roofline step model (no store; tests and demos only)."),
-        click.option("--store", metavar="URI", help="Latency database (directory or s3://bucket/prefix) with fitted models."),
-        click.option("--platform", metavar="P", help="GPU/CPU platform string the models were fitted for."),
-        click.option("--backend", metavar="B", help="Attention backend, e.g. 'paged|sdpa'."),
-        click.option("--dtype", default=DEFAULT_DTYPE, show_default=True, help="Model dtype of the fitted models."),
-        click.option("--tp", type=int, default=1, show_default=True,
-                     help="Tensor-parallel degree: each step is one rank's ops (a --tp trace) plus its collectives."),
-        click.option("--interconnect", metavar="LABEL",
-                     help="Topology label of the collectives' measurements, where the store holds several (e.g. NV18)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 def _engine_options(func):
     options = [
         click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True, help="Which engine's scheduler to mirror."),
@@ -71,51 +55,6 @@ def _engine_options(func):
     for option in reversed(options):
         func = option(func)
     return func
-
-
-def _model_dims(model: str):
-    """Config facts of MODEL (a bundled id or a config.json path, as `dooly trace` accepts)."""
-    from dooly.models.registry import resolve_model
-    from dooly.sim.step_model import ModelDims
-
-    spec = resolve_model(model)
-    return ModelDims.from_config(spec.config, name=spec.model_id)
-
-
-def _load_fitted(store_uri: str, model: str, platform: str | None, engine: str, backend: str | None, dtype: str,
-                 tp: int = 1, interconnect: str | None = None):
-    """The fitted predictor of `dooly fit` and the model's operation inventory for one rank of
-    `tp` (imported lazily: they live in earlier pipeline stages and pull in scikit-learn)."""
-    if not platform or not backend:
-        raise DoolyError("--store needs --platform and --backend to pick the fitted models")
-    if tp < 1:
-        raise DoolyError(f"--tp must be >= 1, got {tp}")
-    from dooly.fit.commands import find_inventory
-    from dooly.fit.models import load_predictor
-    from dooly.store.backends import open_store
-
-    store = open_store(store_uri, create=False)
-    predictor = load_predictor(
-        store, platform=platform, engine=engine, backend=backend, dtype=dtype, interconnect=interconnect
-    )
-    return predictor, find_inventory(store, model, backend, tp)
-
-
-def _step_model(model: str | None, analytic: bool, store: str | None, platform: str | None, engine: str,
-                backend: str | None, dtype: str, tp: int = 1, interconnect: str | None = None):
-    from dooly.sim.step_model import LLAMA_3_8B, AnalyticStepModel
-
-    if analytic == bool(store):
-        raise DoolyError("choose exactly one step model: --analytic or --store URI")
-    if analytic:
-        if tp < 1:
-            raise DoolyError(f"--tp must be >= 1, got {tp}")
-        dims = LLAMA_3_8B if model is None else _model_dims(model)
-        return AnalyticStepModel(dims=dims, tp=tp)
-    if model is None:
-        raise DoolyError("--store needs the MODEL argument")
-    predictor, inventory = _load_fitted(store, model, platform, engine, backend, dtype, tp, interconnect)
-    return predictor.step_predictor(inventory)
 
 
 def _with_model_groups(model: str | None, engine: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -167,15 +106,15 @@ def _ms3(value: float | None) -> str:
 
 @click.command("simulate")
 @click.argument("model", required=False)
-@_step_model_options
+@step_model_options
 @_engine_options
 @workload_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help=f"Write {REQUESTS_FILE}, {STEPS_FILE}, {SUMMARY_FILE}, {WORKLOAD_FILE} here.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG charts (latency CDFs, batch size over time) here.")
 @output_option
 def simulate_command(
-    model, analytic, store, platform, backend, dtype, tp, interconnect, engine, engine_config, settings, cpu_overhead,
-    workload_args, out_dir, plot_dir, output_format,
+    model: str | None, step_choice: StepChoice, engine: str, engine_config: str | None, settings: tuple[str, ...],
+    cpu_overhead: str | None, workload_args: dict[str, Any], out_dir: str | None, plot_dir: str | None, output_format: str,
 ) -> None:
     """Simulate one serving replica on a workload: TTFT, TPOT, E2E and throughput.
 
@@ -196,7 +135,7 @@ def simulate_command(
 
     spec = spec_from_options(**workload_args)
     scheduler = make_scheduler(engine, _with_model_groups(model, engine, parse_engine_settings(engine_config, settings)))
-    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
+    step_model = step_choice.step_model(model, engine)
     overhead = _cpu_overhead(cpu_overhead)
     reqs = generate_requests(spec)
     result = simulate(reqs, scheduler, step_model, overhead)
@@ -265,11 +204,11 @@ def _write_results(out_dir: Path, result, summary: dict[str, Any], spec) -> None
 @click.argument("model")
 @click.option("--ground-truth", "truth_dirs", required=True, multiple=True, type=click.Path(file_okay=False),
               help="Calibration run(s) from `dooly bench` (repeat the flag for several); each uses its own engine.json.")
-@_step_model_options
+@step_model_options
 @click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True, help="Engine whose scheduler model picks each step's path.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Write the CPU overhead model JSON here.")
 @output_option
-def overhead_command(model, truth_dirs, analytic, store, platform, backend, dtype, tp, interconnect, engine, out_path, output_format) -> None:
+def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepChoice, engine: str, out_path: str, output_format: str) -> None:
     """Measure the engine's per-step overhead from a calibration benchmark.
 
     For every recorded step: its measured wall time minus the device time the step model
@@ -289,15 +228,15 @@ def overhead_command(model, truth_dirs, analytic, store, platform, backend, dtyp
     from dooly.sim.schedulers import make_scheduler
     from dooly.sim.validate import calibrate_overhead, load_ground_truth
 
-    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
+    step_model = step_choice.step_model(model, engine)
     truths = []
     for directory in truth_dirs:
         recorded = Path(directory) / BENCH_ENGINE_FILE
         settings = read_json_object(recorded, "engine settings") if recorded.is_file() else {}
         truths.append((load_ground_truth(Path(directory)), make_scheduler(engine, _with_model_groups(model, engine, settings))))
-    step_source = "the analytic step model" if analytic else f"models fitted for {platform} / {backend}"
+    step_source = "the analytic step model" if step_choice.analytic else f"models fitted for {step_choice.platform} / {step_choice.backend}"
     source = f"calibrated on {', '.join(Path(d).name for d in truth_dirs)} against {step_source}"
-    fitted = calibrate_overhead(truths, step_model, engine=engine, platform=platform or "", source=source)
+    fitted = calibrate_overhead(truths, step_model, engine=engine, platform=step_choice.platform or "", source=source)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fitted.save(out)
@@ -316,12 +255,13 @@ def overhead_command(model, truth_dirs, analytic, store, platform, backend, dtyp
 @click.command("validate")
 @click.argument("model")
 @click.option("--ground-truth", "truth_dir", required=True, type=click.Path(file_okay=False), help=f"Directory from `dooly bench` with {REQUESTS_FILE} and {STEPS_FILE}.")
-@_step_model_options
+@step_model_options
 @_engine_options
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the predicted-vs-measured scatter PNG here.")
 @output_option
 def validate_command(
-    model, truth_dir, analytic, store, platform, backend, dtype, tp, interconnect, engine, engine_config, settings, cpu_overhead, plot_path, output_format,
+    model: str, truth_dir: str, step_choice: StepChoice, engine: str, engine_config: str | None, settings: tuple[str, ...],
+    cpu_overhead: str | None, plot_path: str | None, output_format: str,
 ) -> None:
     """Compare the simulator with a real-engine benchmark of the same workload.
 
@@ -346,7 +286,7 @@ def validate_command(
     if engine_config is None and recorded.is_file():
         engine_config = str(recorded)
     scheduler = make_scheduler(engine, _with_model_groups(model, engine, parse_engine_settings(engine_config, settings)))
-    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
+    step_model = step_choice.step_model(model, engine)
     report = validate(truth, scheduler, step_model, _cpu_overhead(cpu_overhead))
     payload = _clean(report.as_dict())
     if plot_path:
@@ -401,7 +341,7 @@ def export_group() -> None:
 @click.argument("model")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Vidur checkout (or any directory): files go under data/profiling/.")
 @click.option("--device", required=True, help="Vidur device name, e.g. h100 or a100.")
-@_step_model_options
+@step_model_options
 @click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True, help="Engine the fitted models were measured on.")
 @click.option("--vidur-model", help="Model name as Vidur knows it [default: MODEL].")
 @click.option("--network-device", help="Vidur network device name for all_reduce.csv (e.g. h200_pair_nvlink); needed with --tp > 1.")
@@ -413,8 +353,9 @@ def export_group() -> None:
 @click.option("--max-batch-size", type=int, default=128, show_default=True, help="Largest decode batch in attention.csv.")
 @output_option
 def export_vidur_command(
-    model, out_dir, device, analytic, store, platform, backend, dtype, tp, interconnect, engine, vidur_model,
-    network_device, tables, block_size, max_tokens, max_seq_len, max_batch_size, output_format,
+    model: str, out_dir: str, device: str, step_choice: StepChoice, engine: str, vidur_model: str | None,
+    network_device: str | None, tables: str, block_size: int, max_tokens: int, max_seq_len: int, max_batch_size: int,
+    output_format: str,
 ) -> None:
     """Write Vidur's profiles (mlp.csv, attention.csv, all_reduce.csv) from Dooly's predictions.
 
@@ -443,6 +384,7 @@ def export_vidur_command(
         store_collective_predictor,
     )
 
+    tp = step_choice.tp
     if min(block_size, max_tokens, max_seq_len, max_batch_size, tp) < 1:
         raise DoolyError("--block-size, --max-tokens, --max-seq-len, --max-batch-size and --tp must be >= 1")
     network = tables in ("all", "network") and tp > 1
@@ -450,26 +392,27 @@ def export_vidur_command(
         raise DoolyError("--tables network needs --tp 2 or more: all_reduce.csv is a tensor-parallel profile")
     if network and not network_device:
         raise DoolyError("--tp > 1 writes all_reduce.csv: name Vidur's network device with --network-device")
-    dims = _model_dims(model)
-    if analytic == bool(store):
-        raise DoolyError("choose exactly one source: --analytic or --store URI")
+    dims = model_dims(model)
+    step_choice.check()
     predict = collective = None
-    if analytic:
+    if step_choice.analytic:
         analytic_model = AnalyticStepModel(dims=dims, tp=tp)
         predict = analytic_model.op_seconds
 
         def collective(name: str, tokens: int) -> float:
             return analytic_collective_seconds(analytic_model, name, tokens)
     else:
-        predictor, inventory = _load_fitted(store, dims.name or model, platform, engine, backend, dtype, tp, interconnect)
+        from dooly.fit.source import open_fitted_step
+
+        fitted = open_fitted_step(step_choice.fitted(engine), dims.name or model)
         if tables != "network":
-            predict = fitted_op_predictor(predictor.step_predictor(inventory), inventory, dims.num_layers)
-        collective = store_collective_predictor(predictor, inventory)
+            predict = fitted_op_predictor(fitted.step, fitted.inventory, dims.num_layers)
+        collective = store_collective_predictor(fitted.predictor, fitted.inventory)
     sweep = VidurSweep(max_tokens=max_tokens, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     name = vidur_model or dims.name
     written = []
     if tables in ("all", "compute"):
-        written += export_vidur(predict, dims, out_dir, device, name, block_size=block_size, backend=backend or "",
+        written += export_vidur(predict, dims, out_dir, device, name, block_size=block_size, backend=step_choice.backend or "",
                                 sweep=sweep, tp=tp)
     if network:
         written += export_vidur_network(collective, dims, out_dir, network_device, tp, sweep=sweep)
@@ -523,8 +466,9 @@ def validate_steps_command(measured, analytic, store, model, platform, backend, 
     platform = platform or document.get("platform")
     if interconnect is None and tp > 1 and store:
         interconnect = (document.get("topology") or {}).get("label")
-    step_model = _step_model(model, analytic, store, platform, engine, backend, dtype, tp, interconnect)
-    report = compare_measured_steps(document, step_model, timing)
+    choice = StepChoice(analytic=analytic, store=store, platform=platform, backend=backend, dtype=dtype, tp=tp,
+                        interconnect=interconnect)
+    report = compare_measured_steps(document, choice.step_model(model, engine), timing)
     report.update({"model_id": document["model_id"], "tp": tp, "platform": platform, "backend": backend,
                    "interconnect": interconnect, "measured": str(measured)})
     report = _clean(report)

@@ -1,0 +1,105 @@
+"""Options shared by the commands that run a step model (simulate, validate, overhead, export,
+validate-steps): collected once into a `StepChoice` instead of nine positional arguments."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from dooly.errors import DoolyError
+from dooly.fit.source import DEFAULT_DTYPE, FittedSource
+
+if TYPE_CHECKING:
+    from dooly.sim.step_model import ModelDims
+
+STEP_OPTION_NAMES = ("analytic", "store", "platform", "backend", "dtype", "tp", "interconnect")
+
+
+@dataclass(frozen=True)
+class StepChoice:
+    """Which step model a command runs: the analytic roofline, or fitted models from a store."""
+
+    analytic: bool = False
+    store: str | None = None
+    platform: str | None = None
+    backend: str | None = None
+    dtype: str = DEFAULT_DTYPE
+    tp: int = 1
+    interconnect: str | None = None
+
+    def check(self) -> None:
+        if self.analytic == bool(self.store):
+            raise DoolyError("choose exactly one step model: --analytic or --store URI")
+        if self.tp < 1:
+            raise DoolyError(f"--tp must be >= 1, got {self.tp}")
+
+    def fitted(self, engine: str) -> FittedSource:
+        """The store's models for ENGINE (the caller has checked this is not --analytic)."""
+        if not self.store:
+            raise DoolyError("--store URI is needed here")
+        return FittedSource(
+            store=self.store,
+            platform=self.platform or "",
+            backend=self.backend or "",
+            engine=engine,
+            dtype=self.dtype,
+            tp=self.tp,
+            interconnect=self.interconnect,
+        )
+
+    def with_(self, **changes: Any) -> StepChoice:
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+    def step_model(self, model: str | None, engine: str) -> Any:
+        """The step model to simulate MODEL with (the analytic one defaults to Llama-3.1-8B's dims)."""
+        from dooly.sim.step_model import LLAMA_3_8B, AnalyticStepModel
+
+        self.check()
+        if self.analytic:
+            dims = LLAMA_3_8B if model is None else model_dims(model)
+            return AnalyticStepModel(dims=dims, tp=self.tp)
+        if model is None:
+            raise DoolyError("--store needs the MODEL argument")
+        from dooly.fit.source import open_step_model
+
+        return open_step_model(self.fitted(engine), model)
+
+
+def model_dims(model: str) -> ModelDims:
+    """Config facts of MODEL (a bundled id or a config.json path, as `dooly trace` accepts)."""
+    from dooly.models.registry import resolve_model
+    from dooly.sim.step_model import ModelDims
+
+    spec = resolve_model(model)
+    return ModelDims.from_config(spec.config, name=spec.model_id)
+
+
+def step_model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the step-model options to a command; it receives them as one `step_choice` argument."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in STEP_OPTION_NAMES}
+        return func(*args, step_choice=StepChoice(**values), **kwargs)
+
+    options = [
+        click.option("--analytic", is_flag=True, help="Use the built-in roofline step model (no store; tests and demos only)."),
+        click.option("--store", metavar="URI", help="Latency database (directory or s3://bucket/prefix) with fitted models."),
+        click.option("--platform", metavar="P", help="GPU/CPU platform string the models were fitted for."),
+        click.option("--backend", metavar="B", help="Attention backend, e.g. 'paged|sdpa'."),
+        click.option("--dtype", default=DEFAULT_DTYPE, show_default=True, help="Model dtype of the fitted models."),
+        click.option("--tp", type=int, default=1, show_default=True,
+                     help="Tensor-parallel degree: each step is one rank's ops (a --tp trace) plus its collectives."),
+        click.option("--interconnect", metavar="LABEL",
+                     help="Topology label of the collectives' measurements, where the store holds several (e.g. NV18)."),
+    ]
+    decorated: Callable[..., Any] = wrapper
+    for option in reversed(options):
+        decorated = option(decorated)
+    return decorated
