@@ -36,7 +36,7 @@ bench: install
 
 # docs/h100.md from the committed H100 data (merge, fit, overhead calibration, validation, tables).
 report: install
-	$(PY) bench/h100_report.py
+	$(PY) reports/h100_report.py
 
 IMAGE_REGISTRY ?= ghcr.io/example/dooly
 IMAGE_TAG ?= $(shell $(PY) -c 'import dooly; print(dooly.__version__)' 2>/dev/null || echo dev)

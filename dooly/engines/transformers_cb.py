@@ -47,7 +47,7 @@ _BLOCK_HEADROOM = 4
 ATTENTION_CACHE_HEADROOM = 2
 # Periods of layers the attention runner builds. With more than one, the timed call moves to the
 # next layer at every call, each reading its own KV cache as in a forward, where the keys a layer
-# read last step are never still in L2. bench/attention_l2.py measured on the H100 that this does
+# read last step are never still in L2. lab/attention_l2.py measured on the H100 that this does
 # not change a point's median (ratio 1.000, 0.98-1.07 over 32 points): one period is enough.
 CACHE_ROTATION_PERIODS = 1
 

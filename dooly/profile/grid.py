@@ -46,7 +46,7 @@ MIN_BUDGET_TOKENS = 2
 # Attention that materialises the scores (eager) multiplies [T, d] by [d, K] in cuBLAS, which picks
 # its kernel by how K is aligned: on the H100 an odd K runs an sm75 `align1` GEMM about 3.3x slower
 # than a K that is a multiple of 8 does, and K = 2 or 4 (mod 8) an sm80 one about 1.7x slower
-# (bench/engine_step_profile.py on Llama-3.2-3B's eager heavy steps). A loaded engine's K is
+# (lab/engine_step_profile.py on Llama-3.2-3B's eager heavy steps). A loaded engine's K is
 # whatever its batch holds; the points above are mostly multiples of 16. Each (modulus, residue)
 # adds a copy of the unaligned-base points whose last context is raised until K = residue (mod
 # modulus): K odd, and K = 2 (mod 4).

@@ -220,7 +220,7 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
 
     \b
     Example:
-      dooly bench meta-llama/Llama-3.2-1B --out gt/calib --workload bench/workloads/calib.json
+      dooly bench meta-llama/Llama-3.2-1B --out gt/calib --workload device/workloads/calib.json
       dooly overhead meta-llama/Llama-3.2-1B --ground-truth gt/calib --store ./db \\
           --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa' --out overhead.json
       dooly validate meta-llama/Llama-3.2-1B --ground-truth gt/light --cpu-overhead overhead.json ...

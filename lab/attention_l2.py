@@ -8,7 +8,7 @@ profile`) twice per point: always on one layer, and moving to the next of severa
 call; the ratio is what the cache flattered. On the H100 it flattered nothing (median ratio
 1.000, data/h100/experiments/attention_l2/), so the profiler times one period of layers.
 
-    python bench/attention_l2.py --models Llama-3.2-1B,Qwen2.5-7B --backends 'paged|sdpa,paged|eager'
+    python lab/attention_l2.py --models Llama-3.2-1B,Qwen2.5-7B --backends 'paged|sdpa,paged|eager'
 
 Prints one JSON object (stdout).
 """

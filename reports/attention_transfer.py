@@ -21,7 +21,7 @@ campaign (`campaign_from_store.py`) with every signature a scheme can serve (its
 profiled earlier in the campaign's order) costing only its probe's device time, first for all of
 them, then for those served at least as accurately as their own model.
 
-    python bench/attention_transfer.py --store FITTED_STORE --out data/h100/experiments/attention_transfer/transfer.json
+    python reports/attention_transfer.py --store FITTED_STORE --out data/h100/experiments/attention_transfer/transfer.json
 
 FITTED_STORE: a copy of data/h100/db after `dooly merge` and `dooly fit` (the report makes one).
 """

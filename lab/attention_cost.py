@@ -8,8 +8,8 @@ inputs and one forward; warm-up; sizing the capture; the capture; the timed samp
 the build is the engine's input preparation alone, and what fewer samples would have cost and
 changed: the median of the first k samples against the median of all of them.
 
-    python bench/attention_cost.py --models Llama-3.2-1B,Qwen2.5-7B --backends paged|sdpa,paged|eager
-    python bench/attention_cost.py --device cpu --models tiny/config.json --max-points 4   # dry run
+    python lab/attention_cost.py --models Llama-3.2-1B,Qwen2.5-7B --backends paged|sdpa,paged|eager
+    python lab/attention_cost.py --device cpu --models tiny/config.json --max-points 4   # dry run
 
 Prints one JSON object (stdout).
 """

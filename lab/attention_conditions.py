@@ -1,6 +1,6 @@
 """Why one attention call costs more inside the running engine than timed alone (one GPU, minutes).
 
-bench/engine_step_profile.py found Llama-3.1-8B's attention call 2-8% dearer inside the engine's
+lab/engine_step_profile.py found Llama-3.1-8B's attention call 2-8% dearer inside the engine's
 heavy mixed steps than `dooly profile` timed it at the same padded shape. This times the engine's
 attention call for real heavy steps of the ground truth (the engine's own padded inputs, as the
 CUDA graph replays them) under the conditions that differ between the two:
@@ -17,10 +17,10 @@ CUDA graph replays them) under the conditions that differ between the two:
 
 Each condition reports the profiler's timer and the median of the last `LOOP_TIMED` calls of a
 loop (`SUSTAIN_S` long under `sustained`, else just those calls), timed with CUDA events, and on
-a fresh cache the device time per call of its kernels by kind (as bench/engine_step_profile.py
+a fresh cache the device time per call of its kernels by kind (as lab/engine_step_profile.py
 sorts the engine's), also under `all-layers`.
 
-    python bench/attention_conditions.py --model Llama-3.1-8B > out.json
+    python lab/attention_conditions.py --model Llama-3.1-8B > out.json
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 from attention_engine_padding import COMPOSITIONS, MAX_SEQS, MAX_TOKENS, step_forms
-from engine_step_profile import READ_BACK_KERNEL, kernel_kind
 
+from dooly.engines.kernel_trace import READ_BACK_KERNEL, kernel_kind
 from dooly.engines.transformers_cb import EngineAttention
 from dooly.models.registry import build_hf_config, resolve_model
 from dooly.profile.attention import engine_attention
@@ -119,7 +119,7 @@ def between(call: Any, neighbour: Any, count: int) -> float:
 
 
 def kernels_per_call(call: Any, calls: int) -> dict[str, float]:
-    """Device milliseconds per call by kernel kind (as bench/engine_step_profile.py sorts them),
+    """Device milliseconds per call by kernel kind (as lab/engine_step_profile.py sorts them),
     over `calls` calls under the profiler."""
     from collections import defaultdict
 
