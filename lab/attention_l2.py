@@ -16,6 +16,7 @@ Prints one JSON object (stdout).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -56,7 +57,7 @@ def measure(model: str, backend: str, dtype: torch.dtype, device: str, rotation:
     timer = Timer(device)
     out: dict[str, float | None] = {}
     for name, batch in POINTS.items():
-        result = timer.measure(lambda: runner.call_for(batch, sliding=False))
+        result = timer.measure(functools.partial(runner.call_for, batch, sliding=False))
         out[name] = result.median_s if result.status == STATUS_OK else None
     del runner
     if device == "cuda":

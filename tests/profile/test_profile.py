@@ -241,10 +241,8 @@ def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, models):
 
 
 def test_refinement_measures_around_a_kink(models):
-    from dooly.profile.grid import LADDER, Point
-    from dooly.profile.plan import WorkItem
+    from dooly.profile.grid import LADDER, refinement_points
     from dooly.profile.provenance import SHARED_BACKEND
-    from dooly.profile.run import refinement_points
 
     trace = trace_model(models[0])
     op = next(o for o in trace.operations if o.op == "aten.mm.default" and o.request_vars() == ["T"])
@@ -254,12 +252,11 @@ def test_refinement_measures_around_a_kink(models):
         return 1e-6 * t + (5e-6 if t >= 32 else 0.0) + 1e-6
 
     rows = [{"T": t, "latency_median_s": latency(t), "status": "ok"} for t in ladder]
-    item = WorkItem("sig", op, "m", None, [Point(values=(("T", t),)) for t in ladder], [])
-    extra = [dict(p.values)["T"] for p in refinement_points(item, rows)]
+    extra = [dict(p.values)["T"] for p in refinement_points(op, rows)]
     assert extra and all(16 <= t <= 48 for t in extra)
     assert any(24 < t < 32 for t in extra)  # the midpoint that lands on the switch
     smooth = [{"T": t, "latency_median_s": 1e-6 * t + 1e-6, "status": "ok"} for t in ladder]
-    assert refinement_points(item, smooth) == []
+    assert refinement_points(op, smooth) == []
     assert SHARED_BACKEND == __import__("dooly.fit.models", fromlist=["SHARED_BACKEND"]).SHARED_BACKEND
 
 
