@@ -378,6 +378,7 @@ def export_vidur_command(
     from dooly.sim.vidur import (
         VidurSweep,
         analytic_collective_seconds,
+        analytic_op_predictor,
         export_vidur,
         export_vidur_network,
         fitted_op_predictor,
@@ -397,7 +398,7 @@ def export_vidur_command(
     predict = collective = None
     if step_choice.analytic:
         analytic_model = AnalyticStepModel(dims=dims, tp=tp)
-        predict = analytic_model.op_seconds
+        predict = analytic_op_predictor(analytic_model)
 
         def collective(name: str, tokens: int) -> float:
             return analytic_collective_seconds(analytic_model, name, tokens)

@@ -501,9 +501,3 @@ class AnalyticStepModel:
     @staticmethod
     def logits_rows(prefill: list[tuple[int, int]], decode_ctx: list[int]) -> int:
         return len(prefill) + len(decode_ctx)
-
-    def op_seconds(self, op: str, point: Any) -> float:
-        """Per-layer seconds of one Vidur operation at a Vidur request point (see `dooly.sim.vidur`)."""
-        from dooly.sim.vidur import analytic_op_seconds
-
-        return analytic_op_seconds(self, op, point)

@@ -15,12 +15,13 @@ profiler leaves it.
 
 The exporter does not know where numbers come from: it calls a `VidurOpPredictor`, any callable
 `(op, point) -> seconds for one layer` (or `OpStats`); the fitted predictor of `dooly fit` or
-`AnalyticStepModel.op_seconds` provide one.
+`analytic_op_predictor(AnalyticStepModel(...))` provide one.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import os
@@ -395,7 +396,8 @@ def store_collective_predictor(predictor: object, inventory: dict[str, object]) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Roofline per-op estimates, for AnalyticStepModel.op_seconds (tests and demos only).
+# Roofline per-op estimates from the analytic step model (tests and demos only). They live here,
+# not on AnalyticStepModel, because the operations are Vidur's: the step model knows no exporter.
 # ---------------------------------------------------------------------------------------------
 
 ROPE_FLOPS_PER_ELEMENT = 6
@@ -403,7 +405,14 @@ ACT_FLOPS_PER_ELEMENT = 8
 NORM_FLOPS_PER_ELEMENT = 5
 
 
+def analytic_op_predictor(model: AnalyticStepModel) -> VidurOpPredictor:
+    """The analytic model as the exporter's per-op predictor (no store needed)."""
+    return functools.partial(analytic_op_seconds, model)
+
+
 def analytic_op_seconds(model: AnalyticStepModel, op: str, point: VidurPoint) -> float:
+    """Per-layer seconds of one Vidur operation at one Vidur request point: the larger of its
+    compute and memory time on the analytic model's roofline, plus a launch."""
     d = model.dims
     b = model.bytes_per_param
     t = point.num_tokens

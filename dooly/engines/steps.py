@@ -1,6 +1,7 @@
 """Ground truth for composed step predictions: real engine steps of a whole model, timed.
 
-It sits with the simulator because it exists to validate the step model (`validate-steps`).
+It records a GPU engine's own steps, so it sits with the engine adapters (like `dooly bench`); its
+output is ground truth for the simulator's `validate-steps`, which reads the JSON, not this module.
 
 `dooly measure-steps MODEL --tp N` starts N ranks (`dooly.distributed.launch`), builds the whole
 model with random weights through the engine's own code (transformers' tensor-parallel loading
