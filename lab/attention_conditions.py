@@ -26,6 +26,7 @@ sorts the engine's), also under `all-layers`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -77,7 +78,8 @@ def scatter_free_blocks(runner: Any, seed: int) -> None:
 def sustain(call: Any, seconds: float) -> tuple[int, float]:
     """Run `call` back to back for `seconds` of wall time; returns how many calls ran and the
     median device time of the last `LOOP_TIMED` of them (timed in the loop, under that load)."""
-    calls, deadline, timed = 0, time.perf_counter() + seconds, []
+    calls, deadline = 0, time.perf_counter() + seconds
+    timed: list[tuple[Any, Any]] = []  # (start, end) CUDA events
     while time.perf_counter() < deadline or len(timed) < LOOP_TIMED:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -168,7 +170,7 @@ def main() -> int:
         for step, (batch, sizes) in zip(steps, forms):
             if "scattered" in condition:
                 scatter_free_blocks(runner, SHUFFLE_SEED)
-            result = timer.measure(lambda runner=runner, batch=batch, sizes=sizes: runner.call_for(batch, False, sizes))
+            result = timer.measure(functools.partial(runner.call_for, batch, False, sizes))
             seconds = result.median_s if result.status == STATUS_OK else None
             if condition == BETWEEN_GEMMS:
                 neighbour = mlp_gemms(hf_config.get_text_config(), sizes[0], DTYPES[args.dtype])

@@ -89,7 +89,7 @@ def point_cost(runner: Any, point: Any, timer: Timer, device: str) -> dict[str, 
         torch.cuda.synchronize()
     inputs_seconds = time.perf_counter() - started
     measurement = timer.measure(lambda: runner.call_for(point.batch, False))
-    phases = {phase: timer.phase_seconds[phase] - before.get(phase, 0.0) for phase in PHASES}
+    phases = {phase: timer.phase_seconds.get(phase, 0.0) - before.get(phase, 0.0) for phase in PHASES}
     return {
         "values": point.as_dict,
         "status": measurement.status,

@@ -80,7 +80,8 @@ def main() -> int:
             one = measure(model, backend, DTYPES[args.dtype], args.device, rotation=1)
             rotated = measure(model, backend, DTYPES[args.dtype], args.device, rotation=args.rotation)
             for name in POINTS:
-                ratio = rotated[name] / one[name] if one[name] and rotated[name] else None
+                alone, moving = one[name], rotated[name]
+                ratio = moving / alone if alone and moving else None
                 rows.append({"model": model, "backend": backend, "point": name, "one_layer_s": one[name],
                              "rotated_s": rotated[name], "rotated_over_one": ratio})
                 log.info("%s %s %s: %s", model, backend, name, ratio)

@@ -65,7 +65,7 @@ def thinned_store(shapes: AttentionShapes, out: Path) -> int:
     dropped = 0
     for path in sorted(out.glob("shards/**/*.parquet")):
         table = pq.read_table(path)
-        frame = pl.from_arrow(table)
+        frame = pl.DataFrame(table)
         keep = (frame["op"] != "attention") | frame["point_key"].is_in(keys)
         dropped += int((~keep).sum())
         pq.write_table(table.filter(keep.to_arrow()), path)

@@ -163,6 +163,8 @@ def own_errors(store) -> dict[str, float]:
     from dooly.store.shards import read_json
 
     meta = read_json(store, latest_meta_key(store))
+    if meta is None:
+        raise FileNotFoundError(f"no fit report in {store}: run `dooly fit` on it first")
     return {sig: err for group in meta["groups"] if group["platform"] == PLATFORM for cls in group["classes"]
             if cls["op_class"].startswith(ATTENTION_CLASS_PREFIX)
             for sig, err in cls["seen_mape_by_signature"].items()}
@@ -179,7 +181,7 @@ def signature_rows(fitted: Path) -> list[dict]:
         designs = list(attention_targets(data))
         targets = [t for _, t in designs]
         for design, target in designs:
-            errors = class_scheme_errors(design, target)
+            errors: dict[str, float | None] = {**class_scheme_errors(design, target)}
             errors["heads"], peers = heads_error(design, target, targets)
             out.append({"backend": target.backend, "signature": target.signature, "config": target.config,
                         "points": len(target.rows), "own_error_pct": own.get(target.signature),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 
@@ -86,7 +87,7 @@ def clock_offset_us(trace: dict[str, Any]) -> float:
     raise RuntimeError("the profile holds no clock mark")
 
 
-def attribute(steps: list[TimedStep], launches: list[tuple[float, float, str, str]], offset_us: float) -> list[dict[str, Any]]:
+def attribute(steps: Sequence[TimedStep], launches: list[tuple[float, float, str, str]], offset_us: float) -> list[dict[str, Any]]:
     """Per recorded step: its kernels' device time by kind (ms), split by which part of the step
     launched them: the host's input preparation, the generation step (forward, sampling) or the
     batch update after it."""

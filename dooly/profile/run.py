@@ -234,7 +234,7 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
         writer.add(item.stack, rows)
     writer.flush_all()
     report = _report(plan, work, measured_seconds, counts, writer.keys, run_id, started)
-    report.phase_seconds = {phase: timer.phase_seconds[phase] for phase in PHASES if timer.phase_seconds[phase]}
+    report.phase_seconds = {phase: timer.phase_seconds[phase] for phase in PHASES if timer.phase_seconds.get(phase)}
     return report
 
 
@@ -479,7 +479,7 @@ class _ShardWriter:
 def _report(plan: Plan, work: list[WorkItem], measured: dict[str, float], counts: dict[str, int], keys: list[str],
             run_id: str, started: float) -> ProfileReport:
     cost = {sig: item.held_seconds + measured.get(sig, 0.0) for sig, item in plan.items.items()}
-    models = []
+    models: list[dict[str, Any]] = []
     for model in plan.models:
         spent = sum(measured.get(sig, 0.0) for sig in model.profiled)
         models.append({

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,8 +37,9 @@ from dooly.store.shards import SHARD_SUFFIX
 from dooly.trace.schema import signature_hash
 from dooly.trace.tracer import trace_model
 
-SMALL_GRID = GridSpec(**{name.strip("-").replace("-", "_"): int(value)
-                         for name, value in zip(SMALL_GRID_ARGS[::2], SMALL_GRID_ARGS[1::2])})
+_SMALL_GRID_FIELDS: dict[str, Any] = {name.strip("-").replace("-", "_"): int(value)
+                                      for name, value in zip(SMALL_GRID_ARGS[::2], SMALL_GRID_ARGS[1::2])}
+SMALL_GRID = GridSpec(**_SMALL_GRID_FIELDS)
 
 
 def stack_of(row: dict) -> Stack:
@@ -57,7 +59,7 @@ def run_cli(*args: str) -> tuple[int, dict | str]:
 
 def profile(store: Path, *models: str) -> dict:
     code, payload = run_cli("profile", *models, "--store", str(store), *SMALL_GRID_ARGS, "--output", "json")
-    assert code == 0, payload
+    assert code == 0 and isinstance(payload, dict), payload
     return payload
 
 
@@ -212,7 +214,8 @@ def test_a_long_call_is_warmed_up_once_when_the_timer_is_budgeted():
             time.sleep(2 * LONG_SAMPLE_S)
 
         measurement = timer.measure(lambda: call)
-        assert measurement.status == STATUS_OK and measurement.median_s >= 2 * LONG_SAMPLE_S
+        assert measurement.status == STATUS_OK and measurement.median_s is not None
+        assert measurement.median_s >= 2 * LONG_SAMPLE_S
         return count
 
     # The CPU's default count equals SETTLED_SAMPLES: both timers take that many samples.

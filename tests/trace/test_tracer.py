@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +136,11 @@ def test_tensor_parallel_rank_and_collectives(config_dir):
     assert {c.scalars["world_size"] for c in trace.collectives} == {2}
 
 
-def _evaluate(expr: str, names: dict[str, float]) -> float:
+def _evaluate(expr: str, names: Mapping[str, float]) -> float:
     return eval(expr.replace("engine.", "engine_"), {"__builtins__": {}}, names)  # noqa: S307
 
 
-def _predicts(op: Any, actual: list[list[int]], names: dict[str, int]) -> bool:
+def _predicts(op: Any, actual: list[list[int]], names: Mapping[str, float]) -> bool:
     """Whether a traced operation's labelled dims, evaluated at the batch's values, give the sizes
     one recorded event actually had."""
     specs = op.inputs + op.outputs
