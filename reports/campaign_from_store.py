@@ -32,7 +32,12 @@ TRACES = Path(__file__).parent.parent / "data" / "traces"
 
 def suite_order(path: Path) -> list[tuple[str, str]]:
     """(model id, trace file stem) per line of the order file."""
-    return [tuple(line.split()) for line in path.read_text().splitlines() if line.strip()]  # type: ignore[misc]
+    order = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            model, stem = line.split()
+            order.append((model, stem))
+    return order
 
 
 def store_rows(store_dir: Path) -> Any:

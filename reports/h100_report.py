@@ -1,4 +1,5 @@
-"""Regenerate docs/h100.md, the H100 campaign report, from the committed data alone (CPU, ~2 min).
+"""Regenerate docs/h100.md, the H100 campaign report, and docs/results.md, the one page of current
+figures (reports/results_page.py), from the committed data alone (CPU, ~4 min).
 
 Merges and fits a copy of data/h100/db, calibrates the engine overhead and validates every
 benchmarked cell (reports/validate_groundtruth.py), scores the repeated cells' second runs against
@@ -23,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from campaign_from_store import store_rows
+from results_page import results_page
 from validate_groundtruth import (
     DISTRIBUTION_COLUMNS,
     TPOT_TARGET_PCT,
@@ -57,6 +59,10 @@ EARLIER_LEASE = DATA / "experiments" / "earlier_lease"
 REPEAT = DATA / "experiments" / "repeat"
 MS_PER_S = 1e3
 TOPUP = DATA / "campaign" / "topup"
+# `dooly fit --output json` of a fitted copy, written beside the copy's store.
+FIT_REPORT = "fit.json"
+RESULTS_PAGE = ROOT / "docs" / "results.md"
+VLLM_REPORT = ROOT / "data" / "cpu-vllm" / "report.json"
 TOPUP_MIXED = DATA / "campaign" / "topup-mixed"
 TOPUP_BUDGET = DATA / "campaign" / "topup-budget"
 TOPUP_UNALIGNED = DATA / "campaign" / "topup-unaligned"
@@ -113,13 +119,16 @@ def run_module(script: str, *args: str) -> str:
 
 
 def fit_copy(work: Path, data: Path = DATA) -> Path:
+    """Merge and fit a copy of a committed store; the fit's JSON report lands beside it (FIT_REPORT)."""
     from dooly.cli import cli
 
     store = work / data.name / "db"
     shutil.copytree(data / "db", store)
     for command in ("merge", "fit"):
-        with contextlib.redirect_stdout(io.StringIO()):
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
             cli.main([command, "--store", str(store), "--output", "json"], standalone_mode=False)
+    (store.parent / FIT_REPORT).write_text(captured.getvalue())
     return store
 
 
@@ -792,12 +801,14 @@ def attention_cost_lines() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "h100.md")
+    parser.add_argument("--results", type=Path, default=RESULTS_PAGE, help="The one-page summary of current figures.")
     args = parser.parse_args()
     images = args.out.parent / "img" / "h100"
     images.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         store = fit_copy(work)
+        fit_report = json.loads((store.parent / FIT_REPORT).read_text())
         engine_lines = engine_step_lines(store)
         transfer_lines = attention_transfer_lines(store)
         repeat_lines = sdpa_repeat_lines(store, work)
@@ -900,6 +911,11 @@ def main() -> None:
         "",
     ]
     args.out.write_text("\n".join(lines))
+    args.results.write_text(results_page(
+        gpu=(DATA / "gpu.txt").read_text().strip(), moe_gpu=(MOE_DATA / "gpu.txt").read_text().strip(),
+        store=DATA / "db", fit=fit_report, platform=PLATFORM, rows=rows,
+        moe_rows=json.loads((MOE_DATA / "validation" / "accuracy.json").read_text()), vllm_report=VLLM_REPORT,
+    ))
 
 
 if __name__ == "__main__":
