@@ -27,6 +27,11 @@ ENGINE_PATHS = {
     ("paged|sdpa", "default"): "`paged|sdpa`, no graphs (the engine's default)",
     ("paged|eager", "default"): "`paged|eager`, no graphs",
 }
+
+
+def cell(text: str) -> str:
+    """Text for a markdown table cell: backend names hold a `|`, which ends a cell even inside backticks."""
+    return text.replace("|", "\\|")
 MOE_LABEL = "Mixtral-8x7B (MoE) on an H200, both backends"
 
 
@@ -37,7 +42,7 @@ def campaign_lines(store: Path) -> list[str]:
     rows = []
     for backend in CAMPAIGN_BACKENDS.split(","):
         pass_spent, pass_alone, pass_saving = campaign_totals([e for e in entries if e["backend"] == backend])
-        rows.append(f"| `{backend}` | {pass_spent:.1f} | {pass_alone:.1f} | {pass_saving:.1%} |")
+        rows.append(f"| `{cell(backend)}` | {pass_spent:.1f} | {pass_alone:.1f} | {pass_saving:.1%} |")
     models = len({e["model"] for e in entries})
     return [
         "## Profiling cost: the differential campaign",
@@ -63,7 +68,7 @@ def fit_lines(fit: dict[str, Any], platform: str) -> list[str]:
         for cls in group["classes"]:
             if cls["op_class"].startswith(ATTENTION_CLASS_PREFIX):
                 attention.setdefault(group["backend"], []).extend(cls["seen_mape_by_signature"].values())
-    rows = [f"| `{backend}` attention | {len(errors)} | {pct(statistics.median(errors))} |"
+    rows = [f"| `{cell(backend)}` attention | {len(errors)} | {pct(statistics.median(errors))} |"
             for backend, errors in sorted(attention.items())]
     return [
         "## Fitted models: held-out error per operation",
@@ -85,7 +90,7 @@ def _path_row(label: str, rows: Sequence[dict[str, Any]]) -> str:
     def mean_abs(key: str) -> str:
         return pct(statistics.fmean(abs(r[key]) for r in rows))
 
-    return (f"| {label} ({models}) | {len(rows)} | {mean_abs('ttft_mape')} | {mean_abs('tpot_mape')} | "
+    return (f"| {cell(label)} ({models}) | {len(rows)} | {mean_abs('ttft_mape')} | {mean_abs('tpot_mape')} | "
             f"{mean_abs('ttft_mean_error_pct')} | {mean_abs('tpot_mean_error_pct')} | "
             f"{within_targets(list(rows), 'ttft_mape', 'tpot_mape')} / "
             f"{within_targets(list(rows), 'ttft_mean_error_pct', 'tpot_mean_error_pct')} |")
