@@ -118,15 +118,16 @@ def load_or_trace(model: str, backend: str, dtype: str, engine: str = "transform
 def trace_defaults(model: str, tp: int | None, backend: str | None, dtype: str | None) -> tuple[int, str, str]:
     """tp, backend and dtype for MODEL: a trace file's own, unless given (a conflict is an error)."""
     trace = _read_trace_file(model)
-    chosen = {"tp": tp, "backend": backend, "dtype": dtype}
-    defaults = {"tp": 1, "backend": "paged|sdpa", "dtype": "bfloat16"}
+    default_tp, default_backend, default_dtype = 1, "paged|sdpa", "bfloat16"
     if trace is not None:
+        chosen = {"tp": tp, "backend": backend, "dtype": dtype}
         traced = {"tp": trace.tp, "backend": trace.backend, "dtype": trace.dtype}
         for name, value in chosen.items():
             if value is not None and value != traced[name]:
                 raise DoolyError(f"trace {model} was made with {name} {traced[name]}, not {value}")
-        defaults = traced
-    return tuple(chosen[n] if chosen[n] is not None else defaults[n] for n in ("tp", "backend", "dtype"))  # type: ignore[return-value]
+        default_tp, default_backend, default_dtype = trace.tp, trace.backend, trace.dtype
+    return (default_tp if tp is None else tp, default_backend if backend is None else backend,
+            default_dtype if dtype is None else dtype)
 
 
 def load_model_source(model: str, backend: str, dtype: str, tp: int) -> tuple[Any, str, bool]:
