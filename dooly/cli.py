@@ -30,7 +30,7 @@ COMMANDS: dict[str, str] = {
     "bench": "dooly.engines.commands:bench_command",
     "overhead": "dooly.sim.commands:overhead_command",
     "validate": "dooly.sim.commands:validate_command",
-    "measure-steps": "dooly.sim.steps:measure_steps_command",
+    "measure-steps": "dooly.engines.steps:measure_steps_command",
     "validate-steps": "dooly.sim.commands:validate_steps_command",
     "export": "dooly.sim.commands:export_group",
     "fleet": "dooly.fleet.commands:fleet_group",

@@ -196,15 +196,16 @@ class SeaweedServer:
             "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
         }
         log = open(self.directory / "weed.log", "ab")
-        self.process = subprocess.Popen(
+        process = subprocess.Popen(
             self.command(), cwd=self.directory, env=env, stdout=log, stderr=subprocess.STDOUT
         )
+        self.process = process
         log.close()
         probe = f"ready-{uuid.uuid4().hex[:8]}"
 
         def ready() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.process.returncode}")
+            if process.poll() is not None:
+                raise RuntimeError(f"weed exited with {process.returncode}")
             client = _raw_client(self.endpoint)
             client.create_bucket(Bucket=probe)
             client.put_object(Bucket=probe, Key="probe", Body=b"ok")

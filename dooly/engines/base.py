@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +36,7 @@ class Batch:
     seqs: tuple[SeqShape, ...]
 
     @classmethod
-    def of(cls, prefill: list[tuple[int, int]] = (), decode_ctx: list[int] = ()) -> Batch:
+    def of(cls, prefill: Sequence[tuple[int, int]] = (), decode_ctx: Sequence[int] = ()) -> Batch:
         seqs = [SeqShape(q, c) for q, c in prefill] + [SeqShape(1, c) for c in decode_ctx]
         return cls(tuple(seqs))
 

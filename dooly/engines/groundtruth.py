@@ -157,7 +157,7 @@ def summarize(requests: list[RequestRecord], steps: list[StepRecord]) -> dict[st
     import numpy as np
 
     done = [r for r in requests if r.first_token_s is not None and not r.error]
-    ttft = [r.first_token_s - r.arrived_at_s for r in done]
+    ttft = [first - r.arrived_at_s for r in done if (first := r.first_token_s) is not None]
     tpot = [
         (r.token_times_s[-1] - r.token_times_s[0]) / (len(r.token_times_s) - 1)
         for r in done

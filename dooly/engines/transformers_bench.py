@@ -111,7 +111,7 @@ class _StepProbe:
                 stream.record_event(events[0])
             start = time.perf_counter()
             generation_step()
-            if events is not None:
+            if stream is not None and events is not None:
                 stream.record_event(events[1])
             self._pending["forward_s"] = time.perf_counter() - start
             self._pending["events"] = events

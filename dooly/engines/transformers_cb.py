@@ -12,8 +12,8 @@ import contextlib
 import copy
 import itertools
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import torch
 
@@ -47,7 +47,7 @@ _BLOCK_HEADROOM = 4
 ATTENTION_CACHE_HEADROOM = 2
 # Periods of layers the attention runner builds. With more than one, the timed call moves to the
 # next layer at every call, each reading its own KV cache as in a forward, where the keys a layer
-# read last step are never still in L2. bench/attention_l2.py measured on the H100 that this does
+# read last step are never still in L2. lab/attention_l2.py measured on the H100 that this does
 # not change a point's median (ratio 1.000, 0.98-1.07 over 32 points): one period is enough.
 CACHE_ROTATION_PERIODS = 1
 
@@ -131,7 +131,9 @@ class TransformersCBEngine:
         if self.tp_size > 1:
             from transformers.distributed import DistributedConfig
 
-            model_class = AutoModelForCausalLM._model_mapping[type(self.config)]
+            # The lazy auto-mapping's stubs type its values as (config, model) pairs; at run time it
+            # returns the model class registered for this config type.
+            model_class: Any = AutoModelForCausalLM._model_mapping[type(self.config)]
             model = model_class.from_pretrained(
                 None,
                 config=self.config,
@@ -402,7 +404,8 @@ def capture_attention_calls(backend: str) -> Iterator[tuple[Any, list]]:
     from transformers.modeling_utils import AttentionInterface
 
     mapping = AttentionInterface._global_mapping
-    original = mapping[backend]
+    # transformers types its registry's values as `function`, which mypy does not treat as callable.
+    original = cast(Callable[..., Any], mapping[backend])
     calls: list[tuple[Any, tuple, dict]] = []
 
     def wrapper(module: Any, *args: Any, **kwargs: Any) -> Any:

@@ -265,7 +265,7 @@ def _check_pod_spec(pod: dict, where: str) -> Iterator[str]:
     containers += [("containers", c) for c in pod.get("containers") or []]
     if not pod.get("containers"):
         yield f"{where}.containers: a pod needs at least one container"
-    for i, (field, container) in enumerate(containers):
+    for field, container in containers:
         name = container.get("name")
         at = f"{where}.{field}[{name}]"
         if not is_dns1123_label(name) or name in names:

@@ -31,6 +31,7 @@ from dataclasses import asdict
 from typing import Any
 
 from dooly.distributed import RankContext
+from dooly.profile.grid import refinement_points
 from dooly.profile.measure import (
     STATUS_ERROR,
     STATUS_OK,
@@ -87,30 +88,27 @@ def work_payload(items: list[Any], device: str, samples: int | None) -> dict[str
 def rank_worker(ctx: RankContext, payload: dict[str, Any]) -> None:
     """Every rank runs this: measure each item's points, then its refinement points, in the same
     order on all ranks. Rank 0 reports each measured point and each finished item."""
-    from dooly.profile.run import refinement_points
-
     timer = CollectiveTimer(ctx, payload["samples"])
     for entry in payload["items"]:
-        op = Operation.from_dict(entry["op"])
-        rows: list[dict[str, Any]] = []
-
-        def measure(values: dict[str, int]) -> None:
-            measurement = timer.measure(op, values)
-            ctx.report(("point", entry["signature"], sorted(values.items()), asdict(measurement)))
-            rows.append({**values, "status": measurement.status, "latency_median_s": measurement.median_s})
-
-        for values in entry["points"]:
-            measure(dict(values))
-        for point in refinement_points(_RefineItem(op), rows):  # type: ignore[arg-type]
-            measure(point.as_dict)
-        ctx.report(("item", entry["signature"], None, None))
+        _measure_entry(ctx, timer, entry)
 
 
-class _RefineItem:
-    """The one attribute refinement_points reads from a plan item."""
+def _measure_entry(ctx: RankContext, timer: CollectiveTimer, entry: dict[str, Any]) -> None:
+    """One item on every rank: its planned points, then the refinement points they call for (every
+    rank computes the same ones from the same rows, so the ranks stay in step)."""
+    op = Operation.from_dict(entry["op"])
+    rows: list[dict[str, Any]] = []
 
-    def __init__(self, op: Operation) -> None:
-        self.op = op
+    def measure(values: dict[str, int]) -> None:
+        measurement = timer.measure(op, values)
+        ctx.report(("point", entry["signature"], sorted(values.items()), asdict(measurement)))
+        rows.append({**values, "status": measurement.status, "latency_median_s": measurement.median_s})
+
+    for values in entry["points"]:
+        measure(dict(values))
+    for point in refinement_points(op, rows):
+        measure(point.as_dict)
+    ctx.report(("item", entry["signature"], None, None))
 
 
 class CollectiveTimer:

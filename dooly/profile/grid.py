@@ -13,9 +13,12 @@ with non-uniform context lengths.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from dooly.engines.base import Batch, SeqShape
+from dooly.trace.schema import KIND_ATTENTION, Operation
 
 # Geometric ladder, ~sqrt(2) apart: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ...
 LADDER = tuple(sorted({int(round(m * 2**e)) for e in range(0, 18) for m in (1, 1.5)}))
@@ -23,6 +26,9 @@ DEFAULT_MAX_TOKENS = 4096
 DEFAULT_MAX_SEQS = 256
 DEFAULT_MAX_KV = 262144
 DEFAULT_MAX_CONTEXT = 8192
+# Adaptive refinement of one-variable sweeps (see refinement_points).
+REFINE_TOLERANCE = 0.05
+REFINE_MIN_POINTS = 3
 # Attention batch shapes (the full design; `AttentionShapes` holds one design).
 PREFILL_SEQ_COUNTS = (2, 4, 8)
 PREFILL_SEQ_LENGTHS = (64, 256, 1024)
@@ -46,7 +52,7 @@ MIN_BUDGET_TOKENS = 2
 # Attention that materialises the scores (eager) multiplies [T, d] by [d, K] in cuBLAS, which picks
 # its kernel by how K is aligned: on the H100 an odd K runs an sm75 `align1` GEMM about 3.3x slower
 # than a K that is a multiple of 8 does, and K = 2 or 4 (mod 8) an sm80 one about 1.7x slower
-# (bench/engine_step_profile.py on Llama-3.2-3B's eager heavy steps). A loaded engine's K is
+# (lab/engine_step_profile.py on Llama-3.2-3B's eager heavy steps). A loaded engine's K is
 # whatever its batch holds; the points above are mostly multiples of 16. Each (modulus, residue)
 # adds a copy of the unaligned-base points whose last context is raised until K = residue (mod
 # modulus): K odd, and K = 2 (mod 4).
@@ -235,3 +241,33 @@ def _fits(batch: Batch, grid: GridSpec) -> bool:
         and all(s.kv <= grid.max_context + max(grid.attention.chunk_lengths) for s in batch.seqs)
         and all(s.context <= grid.max_context for s in batch.seqs)
     )
+
+
+def refinement_points(op: Operation, rows: list[dict[str, Any]]) -> list[Point]:
+    """Where a one-variable op's latency bends (a kernel switch, a tile boundary), measure more.
+
+    The ladder is about sqrt(2) apart; wherever a measured point is off by more than
+    REFINE_TOLERANCE from the log-log line through its two neighbours, the geometric midpoints on
+    either side are measured too (one round, so the cost stays bounded). The fitter interpolates
+    between points, so a denser grid at a kink is what keeps its error small there. Takes the
+    operation and its measured rows only, so the in-process profiler and the collective ranks share it."""
+    variables = op.request_vars()
+    if op.kind == KIND_ATTENTION or len(variables) != 1 or len(rows) < REFINE_MIN_POINTS:
+        return []
+    name = variables[0]
+    measured = sorted(
+        (row[name], row["latency_median_s"]) for row in rows if row["status"] == "ok" and row["latency_median_s"]
+    )
+    have = {x for x, _ in measured}
+    extra: set[int] = set()
+    for (x0, y0), (x1, y1), (x2, y2) in zip(measured, measured[1:], measured[2:]):
+        if min(y0, y1, y2) <= 0:
+            continue
+        weight = math.log(x1 / x0) / math.log(x2 / x0)
+        expected = math.exp(math.log(y0) + weight * (math.log(y2) - math.log(y0)))
+        if abs(expected - y1) / y1 > REFINE_TOLERANCE:
+            for low, high in ((x0, x1), (x1, x2)):
+                middle = round(math.sqrt(low * high))
+                if low < middle < high and middle not in have:
+                    extra.add(middle)
+    return [Point(values=((name, value),)) for value in sorted(extra)]

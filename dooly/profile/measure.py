@@ -27,7 +27,6 @@ import logging
 import math
 import re
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -131,7 +130,8 @@ class Timer:
         self.samples = samples or (DEFAULT_SAMPLES_CUDA if device == "cuda" else DEFAULT_SAMPLES_CPU)
         # With the default count, long calls are sampled until they settle (see LONG_SAMPLE_S).
         self.adaptive = samples is None
-        self.phase_seconds: Counter[str] = Counter()
+        # Only the phases that took time appear (a failed call charges `failed` alone).
+        self.phase_seconds: dict[str, float] = {}
         self._lap_started = time.perf_counter()
 
     def sync(self) -> None:
@@ -143,7 +143,7 @@ class Timer:
         if sync:
             self.sync()
         now = time.perf_counter()
-        self.phase_seconds[phase] += now - self._lap_started
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + now - self._lap_started
         self._lap_started = now
 
     def measure(self, build: Callable[[], Callable[[], Any]]) -> Measurement:

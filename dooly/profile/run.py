@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dooly.errors import DoolyError
-from dooly.profile.grid import GridSpec, Point
+from dooly.profile.grid import GridSpec, Point, refinement_points
 from dooly.profile.measure import PHASES, Measurement, Timer, build_aten_call
 from dooly.profile.plan import Plan, WorkItem, build_plan
 from dooly.profile.provenance import (
@@ -34,9 +33,6 @@ from dooly.trace.schema import KIND_ATTENTION, KIND_COLLECTIVE, Trace
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ROWS = 512
-# Adaptive refinement of one-variable sweeps (see refinement_points).
-REFINE_TOLERANCE = 0.05
-REFINE_MIN_POINTS = 3
 DEFAULT_FLUSH_SECONDS = 60.0
 INVENTORY_PREFIX = "inventories/"
 TOPOLOGY_PREFIX = "topologies/"
@@ -122,15 +118,16 @@ def load_or_trace(model: str, backend: str, dtype: str, engine: str = "transform
 def trace_defaults(model: str, tp: int | None, backend: str | None, dtype: str | None) -> tuple[int, str, str]:
     """tp, backend and dtype for MODEL: a trace file's own, unless given (a conflict is an error)."""
     trace = _read_trace_file(model)
-    chosen = {"tp": tp, "backend": backend, "dtype": dtype}
-    defaults = {"tp": 1, "backend": "paged|sdpa", "dtype": "bfloat16"}
+    default_tp, default_backend, default_dtype = 1, "paged|sdpa", "bfloat16"
     if trace is not None:
+        chosen = {"tp": tp, "backend": backend, "dtype": dtype}
         traced = {"tp": trace.tp, "backend": trace.backend, "dtype": trace.dtype}
         for name, value in chosen.items():
             if value is not None and value != traced[name]:
                 raise DoolyError(f"trace {model} was made with {name} {traced[name]}, not {value}")
-        defaults = traced
-    return tuple(chosen[n] if chosen[n] is not None else defaults[n] for n in ("tp", "backend", "dtype"))  # type: ignore[return-value]
+        default_tp, default_backend, default_dtype = trace.tp, trace.backend, trace.dtype
+    return (default_tp if tp is None else tp, default_backend if backend is None else backend,
+            default_dtype if dtype is None else dtype)
 
 
 def load_model_source(model: str, backend: str, dtype: str, tp: int) -> tuple[Any, str, bool]:
@@ -233,26 +230,35 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
     for item in work:
         if item.op.kind == KIND_COLLECTIVE:
             continue
-        rows: list[dict[str, Any]] = []
-        fixed_inputs: dict[int, Any] = {}
-
-        def measure_into_rows(point: Point) -> None:
-            measurement = _measure(item, point, device, timer, engines, fixed_inputs)
-            counts[measurement.status] += 1
-            rows.append(_row(item, point, measurement))
-
-        for point in item.missing:
-            measure_into_rows(point)
-            if progress is not None:
-                progress(1)
-        for point in refinement_points(item, rows):
-            measure_into_rows(point)
+        rows = _measure_item(item, device, timer, engines, counts, progress)
         measured_seconds[item.signature] = sum(r["device_seconds"] for r in rows)
         writer.add(item.stack, rows)
     writer.flush_all()
     report = _report(plan, work, measured_seconds, counts, writer.keys, run_id, started)
-    report.phase_seconds = {phase: timer.phase_seconds[phase] for phase in PHASES if timer.phase_seconds[phase]}
+    report.phase_seconds = {phase: timer.phase_seconds[phase] for phase in PHASES if timer.phase_seconds.get(phase)}
     return report
+
+
+def _measure_item(item: WorkItem, device: str, timer: Timer, engines: _AttentionEngines, counts: dict[str, int],
+                  progress: Callable[[int], None] | None) -> list[dict[str, Any]]:
+    """One item's rows: its missing points, then the refinement points those call for (one round).
+    Its inputs are built once and reused across its points (`fixed_inputs`); only the planned
+    points advance the progress count, so a bar sized by the plan ends at its total."""
+    rows: list[dict[str, Any]] = []
+    fixed_inputs: dict[int, Any] = {}
+
+    def measure_into_rows(point: Point) -> None:
+        measurement = _measure(item, point, device, timer, engines, fixed_inputs)
+        counts[measurement.status] += 1
+        rows.append(_row(item, point, measurement))
+
+    for point in item.missing:
+        measure_into_rows(point)
+        if progress is not None:
+            progress(1)
+    for point in refinement_points(item.op, rows):
+        measure_into_rows(point)
+    return rows
 
 
 def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOptions, writer: _ShardWriter,
@@ -266,28 +272,36 @@ def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOpt
     for item in items:
         by_world.setdefault(world_size_of(item.op), []).append(item)
     for world, group in sorted(by_world.items()):
-        lookup = {item.signature: item for item in group}
-        pending: dict[str, list[dict[str, Any]]] = {}
-        planned = {item.signature: {p.key for p in item.missing} for item in group}
-
-        def on_message(message: tuple) -> None:
-            kind, signature, values, measured = message
-            item = lookup[signature]
-            if kind == "item":
-                rows = pending.pop(signature, [])
-                measured_seconds[signature] = sum(r["device_seconds"] for r in rows)
-                writer.add(item.stack, rows)
-                return
-            point = Point(values=tuple((name, int(v)) for name, v in values))
-            measurement = Measurement(**measured)
-            counts[measurement.status] += 1
-            pending.setdefault(signature, []).append(_row(item, point, measurement))
-            if progress is not None and point.key in planned[signature]:
-                progress(1)
-
         log.info("measuring %d collective signatures on %d ranks", len(group), world)
         launch(rank_worker, work_payload(group, device, options.samples), world_size=world, device=device,
-               on_message=on_message)
+               on_message=_collective_sink(group, writer, measured_seconds, counts, progress))
+
+
+def _collective_sink(group: list[WorkItem], writer: _ShardWriter, measured_seconds: dict[str, float],
+                     counts: dict[str, int], progress: Callable[[int], None] | None) -> Callable[[tuple], None]:
+    """What rank 0's messages do for one world size: a measured point becomes a row held until its
+    item is reported finished, then the item's rows go to the shard writer together (an item's
+    rows are never split across a crash). Only planned points advance the progress count."""
+    lookup = {item.signature: item for item in group}
+    pending: dict[str, list[dict[str, Any]]] = {}
+    planned = {item.signature: {p.key for p in item.missing} for item in group}
+
+    def on_message(message: tuple) -> None:
+        kind, signature, values, measured = message
+        item = lookup[signature]
+        if kind == "item":
+            rows = pending.pop(signature, [])
+            measured_seconds[signature] = sum(r["device_seconds"] for r in rows)
+            writer.add(item.stack, rows)
+            return
+        point = Point(values=tuple((name, int(v)) for name, v in values))
+        measurement = Measurement(**measured)
+        counts[measurement.status] += 1
+        pending.setdefault(signature, []).append(_row(item, point, measurement))
+        if progress is not None and point.key in planned[signature]:
+            progress(1)
+
+    return on_message
 
 
 def _measures_in_engine_process(engine: str) -> bool:
@@ -296,35 +310,6 @@ def _measures_in_engine_process(engine: str) -> bool:
     from dooly.engines.registry import engine_kind
 
     return bool(getattr(engine_kind(engine), "measure_in_engine_process", False))
-
-
-def refinement_points(item: WorkItem, rows: list[dict[str, Any]]) -> list[Point]:
-    """Where a one-variable op's latency bends (a kernel switch, a tile boundary), measure more.
-
-    The ladder is about sqrt(2) apart; wherever a measured point is off by more than
-    REFINE_TOLERANCE from the log-log line through its two neighbours, the geometric midpoints on
-    either side are measured too (one round, so the cost stays bounded). The fitter interpolates
-    between points, so a denser grid at a kink is what keeps its error small there."""
-    variables = item.op.request_vars()
-    if item.op.kind == KIND_ATTENTION or len(variables) != 1 or len(rows) < REFINE_MIN_POINTS:
-        return []
-    name = variables[0]
-    measured = sorted(
-        (row[name], row["latency_median_s"]) for row in rows if row["status"] == "ok" and row["latency_median_s"]
-    )
-    have = {x for x, _ in measured}
-    extra: set[int] = set()
-    for (x0, y0), (x1, y1), (x2, y2) in zip(measured, measured[1:], measured[2:]):
-        if min(y0, y1, y2) <= 0:
-            continue
-        weight = math.log(x1 / x0) / math.log(x2 / x0)
-        expected = math.exp(math.log(y0) + weight * (math.log(y2) - math.log(y0)))
-        if abs(expected - y1) / y1 > REFINE_TOLERANCE:
-            for low, high in ((x0, x1), (x1, x2)):
-                middle = round(math.sqrt(low * high))
-                if low < middle < high and middle not in have:
-                    extra.add(middle)
-    return [Point(values=((name, value),)) for value in sorted(extra)]
 
 
 def total_points(plan: Plan, options: ProfileOptions) -> int:
@@ -481,7 +466,7 @@ class _ShardWriter:
         from dooly.store.shards import write_shard
 
         created = datetime.now(UTC)
-        for stack, rows in list(self.buffers.items()):
+        for rows in list(self.buffers.values()):
             if not rows:
                 continue
             extra = {**run_columns(self.run_id), "created_at": created}
@@ -495,7 +480,7 @@ class _ShardWriter:
 def _report(plan: Plan, work: list[WorkItem], measured: dict[str, float], counts: dict[str, int], keys: list[str],
             run_id: str, started: float) -> ProfileReport:
     cost = {sig: item.held_seconds + measured.get(sig, 0.0) for sig, item in plan.items.items()}
-    models = []
+    models: list[dict[str, Any]] = []
     for model in plan.models:
         spent = sum(measured.get(sig, 0.0) for sig in model.profiled)
         models.append({

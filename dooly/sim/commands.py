@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -220,7 +221,7 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
 
     \b
     Example:
-      dooly bench meta-llama/Llama-3.2-1B --out gt/calib --workload bench/workloads/calib.json
+      dooly bench meta-llama/Llama-3.2-1B --out gt/calib --workload device/workloads/calib.json
       dooly overhead meta-llama/Llama-3.2-1B --ground-truth gt/calib --store ./db \\
           --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa' --out overhead.json
       dooly validate meta-llama/Llama-3.2-1B --ground-truth gt/light --cpu-overhead overhead.json ...
@@ -376,8 +377,11 @@ def export_vidur_command(
     """
     from dooly.sim.step_model import AnalyticStepModel
     from dooly.sim.vidur import (
+        VidurCollectivePredictor,
+        VidurOpPredictor,
         VidurSweep,
         analytic_collective_seconds,
+        analytic_op_predictor,
         export_vidur,
         export_vidur_network,
         fitted_op_predictor,
@@ -394,13 +398,13 @@ def export_vidur_command(
         raise DoolyError("--tp > 1 writes all_reduce.csv: name Vidur's network device with --network-device")
     dims = model_dims(model)
     step_choice.check()
-    predict = collective = None
+    # Each table's predictor; the compute one is left unset when only the network table is asked for.
+    predict: VidurOpPredictor | None = None
+    collective: VidurCollectivePredictor
     if step_choice.analytic:
         analytic_model = AnalyticStepModel(dims=dims, tp=tp)
-        predict = analytic_model.op_seconds
-
-        def collective(name: str, tokens: int) -> float:
-            return analytic_collective_seconds(analytic_model, name, tokens)
+        predict = analytic_op_predictor(analytic_model)
+        collective = functools.partial(analytic_collective_seconds, analytic_model)
     else:
         from dooly.fit.source import open_fitted_step
 
@@ -412,9 +416,11 @@ def export_vidur_command(
     name = vidur_model or dims.name
     written = []
     if tables in ("all", "compute"):
+        assert predict is not None, "set above for every table choice but network"
         written += export_vidur(predict, dims, out_dir, device, name, block_size=block_size, backend=step_choice.backend or "",
                                 sweep=sweep, tp=tp)
     if network:
+        assert network_device is not None, "checked above: --tp > 1 needs --network-device"
         written += export_vidur_network(collective, dims, out_dir, network_device, tp, sweep=sweep)
     if output_format == "json":
         emit_json({"files": [str(p) for p in written], "device": device, "network_device": network_device,

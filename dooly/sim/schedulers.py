@@ -307,7 +307,9 @@ class TransformersCBScheduler(Scheduler):
         self.free_blocks = config.num_blocks
         self.free_cpu_blocks = config.cpu_offload_blocks
         self.prefill_first = config.scheduler_type == "prefill_first"
-        self.safety_blocks = config.safety_margin * config.num_blocks
+        margin = config.safety_margin
+        assert margin is not None, "TransformersCBConfig.__post_init__ resolves the default margin"
+        self.safety_blocks = margin * config.num_blocks
         # A sliding-window group holds at most one window's blocks per request; a model without
         # full-attention layers reads at most one window per request (`Scheduler.read_cache_limit`).
         self.window_blocks = -(-config.sliding_window // config.block_size) if config.sliding_attention_groups else 0

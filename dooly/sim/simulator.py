@@ -171,7 +171,7 @@ def latency_stats(values: Iterable[float]) -> dict[str, float | None]:
     array = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
     if array.size == 0:
         return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
-    stats = {"mean": float(array.mean())}
+    stats: dict[str, float | None] = {"mean": float(array.mean())}
     for p, value in zip(PERCENTILES, np.percentile(array, PERCENTILES)):
         stats[f"p{p}"] = float(value)
     return stats
@@ -219,7 +219,7 @@ def simulate(
     else:
         run.loop_sync(seqs, max_steps)
     records = [_record(seq) for seq in seqs]
-    token_times = {s.rid: s.token_times for s in seqs} if record_token_times else None
+    token_times = {s.rid: s.token_times or [] for s in seqs} if record_token_times else None
     wall = time.perf_counter() - wall_start
     logger.info("simulated %d requests in %d steps (%.2f s wall)", len(seqs), len(run.columns["step"]), wall)
     return SimResult(records, run.columns, scheduler.describe(), wall, token_times, run.batches)

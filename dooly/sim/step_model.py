@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -123,14 +123,17 @@ def device_seconds(
     keywords: frozenset[str],
 ) -> float:
     """Device time of one step: the path goes to a path-aware model, otherwise the padded
-    composition does (with `full_reads` where the KV read is padded and the model takes it)."""
+    composition does (with `full_reads` where the KV read is padded and the model takes it).
+    `keywords` says which of those the model's step_seconds accepts (read off its signature), so
+    it is called as a plain callable here: the protocol states only the keywords every model takes."""
+    step_seconds: Callable[..., float] = model.step_seconds
     if PATH_KEYWORD in keywords:
-        return model.step_seconds(prefill, decode_ctx, path=path)
+        return step_seconds(prefill, decode_ctx, path=path)
     if path.padded_tokens or path.padded_kv:
         prefill, decode_ctx = padded_composition(prefill, decode_ctx, path)
         if path.padded_kv and FULL_READS_KEYWORD in keywords:
-            return model.step_seconds(prefill, decode_ctx, full_reads=True)
-    return model.step_seconds(prefill, decode_ctx)
+            return step_seconds(prefill, decode_ctx, full_reads=True)
+    return step_seconds(prefill, decode_ctx)
 
 
 def step_keywords(model: StepLatencyModel) -> frozenset[str]:
@@ -501,9 +504,3 @@ class AnalyticStepModel:
     @staticmethod
     def logits_rows(prefill: list[tuple[int, int]], decode_ctx: list[int]) -> int:
         return len(prefill) + len(decode_ctx)
-
-    def op_seconds(self, op: str, point: Any) -> float:
-        """Per-layer seconds of one Vidur operation at a Vidur request point (see `dooly.sim.vidur`)."""
-        from dooly.sim.vidur import analytic_op_seconds
-
-        return analytic_op_seconds(self, op, point)

@@ -213,7 +213,8 @@ class ErrorStats:
         if self.measured.size == 0:
             return []
         predicted, measured = latency_stats(self.predicted), latency_stats(self.measured)
-        return [DistributionError(name, predicted[name], measured[name]) for name in DISTRIBUTION_STATISTICS]
+        return [DistributionError(name, p, m) for name in DISTRIBUTION_STATISTICS
+                if (p := predicted[name]) is not None and (m := measured[name]) is not None]
 
     def distribution_dict(self) -> dict[str, Any]:
         """`{"n", "skipped", "mean": {...}, "p50": {...}, ...}`; statistics are None when n is 0."""

@@ -15,20 +15,21 @@ profiler leaves it.
 
 The exporter does not know where numbers come from: it calls a `VidurOpPredictor`, any callable
 `(op, point) -> seconds for one layer` (or `OpStats`); the fitted predictor of `dooly fit` or
-`AnalyticStepModel.op_seconds` provide one.
+`analytic_op_predictor(AnalyticStepModel(...))` provide one.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dooly.errors import DoolyError
 from dooly.sim.step_model import ModelDims
@@ -303,6 +304,21 @@ VIDUR_BYTES_PER_ELEMENT = 2
 SEND_RECV_WORKERS = 2
 
 
+class FittedOps(Protocol):
+    """What the compute export asks of a fitted step predictor (`dooly.fit.predictor.StepPredictor`,
+    named structurally so the simulator's exporter does not import the fitting stage)."""
+
+    def op_seconds(self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> list[dict[str, Any]]: ...
+
+
+class FittedCollectives(Protocol):
+    """What the network export asks of a fitted predictor (`dooly.fit.predictor.Predictor`)."""
+
+    def predict_ops(self, signatures: Sequence[str], op_classes: Sequence[str], config_dims: Sequence[Mapping[str, int]],
+                    request: Mapping[str, Any], *, request_vars: Sequence[Sequence[str]] | None = None,
+                    ops: Sequence[str] | None = None) -> Any: ...
+
+
 class VidurCollectivePredictor(Protocol):
     """Seconds one `collective` ("all_reduce", "send_recv") takes for `num_tokens` hidden-state
     rows (a float or `OpStats`); None when it was never measured."""
@@ -370,13 +386,13 @@ def analytic_collective_seconds(model: AnalyticStepModel, collective: str, num_t
     return model.collective_seconds(collective, num_tokens * model.dims.hidden_size)
 
 
-def store_collective_predictor(predictor: object, inventory: dict[str, object]) -> VidurCollectivePredictor:
+def store_collective_predictor(predictor: FittedCollectives, inventory: dict[str, Any]) -> VidurCollectivePredictor:
     """Collective latencies from fitted models: the inventory's collective of each kind whose
     input is hidden-state rows (request variable T), evaluated at T = num_tokens."""
     import numpy as np
 
-    found: dict[str, dict[str, object]] = {}
-    for entry in inventory.get("operations", []):  # type: ignore[union-attr]
+    found: dict[str, dict[str, Any]] = {}
+    for entry in inventory.get("operations", []):
         op = str(entry.get("op", ""))
         if entry.get("kind") == "collective" and entry.get("request_vars") == ["T"]:
             found.setdefault(op.removeprefix("collective."), entry)
@@ -385,7 +401,7 @@ def store_collective_predictor(predictor: object, inventory: dict[str, object]) 
         entry = found.get(collective)
         if entry is None:
             return None
-        seconds = predictor.predict_ops(  # type: ignore[attr-defined]
+        seconds = predictor.predict_ops(
             [entry["signature"]], [entry["op_class"]], [entry.get("config_dims", {})],
             {"T": np.array([num_tokens])}, request_vars=[["T"]], ops=[entry["op"]],
         )
@@ -395,7 +411,8 @@ def store_collective_predictor(predictor: object, inventory: dict[str, object]) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Roofline per-op estimates, for AnalyticStepModel.op_seconds (tests and demos only).
+# Roofline per-op estimates from the analytic step model (tests and demos only). They live here,
+# not on AnalyticStepModel, because the operations are Vidur's: the step model knows no exporter.
 # ---------------------------------------------------------------------------------------------
 
 ROPE_FLOPS_PER_ELEMENT = 6
@@ -403,7 +420,14 @@ ACT_FLOPS_PER_ELEMENT = 8
 NORM_FLOPS_PER_ELEMENT = 5
 
 
+def analytic_op_predictor(model: AnalyticStepModel) -> VidurOpPredictor:
+    """The analytic model as the exporter's per-op predictor (no store needed)."""
+    return functools.partial(analytic_op_seconds, model)
+
+
 def analytic_op_seconds(model: AnalyticStepModel, op: str, point: VidurPoint) -> float:
+    """Per-layer seconds of one Vidur operation at one Vidur request point: the larger of its
+    compute and memory time on the analytic model's roofline, plus a launch."""
     d = model.dims
     b = model.bytes_per_param
     t = point.num_tokens
@@ -479,7 +503,7 @@ def vidur_op_of(module: str, op: str) -> str | None:
     return None
 
 
-def _per_layer_shares(inventory: dict[str, object], num_layers: int) -> dict[str, dict[str, float]]:
+def _per_layer_shares(inventory: dict[str, Any], num_layers: int) -> dict[str, dict[str, float]]:
     """signature -> {Vidur op: executions per layer} (or per forward, for `emb`). A signature shared
     by several modules runs once per forward in each model-level module and equally often in each
     layer-level one (e.g. the RMSNorm kernels of both layer norms and the final norm)."""
@@ -501,7 +525,7 @@ def _per_layer_shares(inventory: dict[str, object], num_layers: int) -> dict[str
     return shares
 
 
-def fitted_op_predictor(step_predictor: object, inventory: dict[str, object], num_layers: int) -> VidurOpPredictor:
+def fitted_op_predictor(step_predictor: FittedOps, inventory: dict[str, Any], num_layers: int) -> VidurOpPredictor:
     """Vidur operations from a fitted `StepPredictor`: at each Vidur point, the per-execution
     seconds of every inventory operation (`op_seconds`) times its executions per layer, summed per
     Vidur timer. Attention is the engine's attention call for the point's batch (prefill: chunks of
@@ -512,6 +536,7 @@ def fitted_op_predictor(step_predictor: object, inventory: dict[str, object], nu
 
     def per_op(point: VidurPoint) -> dict[str, float]:
         if point not in cache:
+            batch: tuple[list[tuple[int, int]], list[int]]
             if point.is_prefill:
                 batch = ([(point.prefill_chunk_size, point.kv_cache_size)] * point.batch_size, [])
             elif point.kv_cache_size > 0:

@@ -231,7 +231,7 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def list_keys(self, prefix: str) -> list[str]:
-        keys = []
+        keys: list[str] = []
         for directory, subdirectories, files in os.walk(self.root):
             relative = os.path.relpath(directory, self.root)
             base = "" if relative == "." else relative.replace(os.sep, "/") + "/"
@@ -516,13 +516,11 @@ class S3Store(Store):
                 for number, offset in enumerate(range(0, size, part_bytes), start=1):
                     handle.seek(offset)
                     chunk = handle.read(part_bytes)
-                    response = self._call(
-                        "write",
-                        key,
-                        lambda c, n=number, b=chunk: c.upload_part(
-                            Bucket=self.bucket, Key=full, UploadId=upload, PartNumber=n, Body=b
-                        ),
-                    )
+
+                    def upload_part(client: Any, number: int = number, body: bytes = chunk) -> Any:
+                        return client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload, PartNumber=number, Body=body)
+
+                    response = self._call("write", key, upload_part)
                     parts.append({"PartNumber": number, "ETag": response["ETag"]})
             self._call(
                 "write",
@@ -590,7 +588,7 @@ class S3Store(Store):
 
         def request(client: Any) -> list[str]:
             paginator = client.get_paginator("list_objects_v2")
-            found = []
+            found: list[str] = []
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
                 found.extend(item["Key"][len(self.prefix) :] for item in page.get("Contents", []))
             return found

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import polars as pl
@@ -71,7 +71,7 @@ STALE_CLAIM_S = 3600.0
 MAX_CLAIM_ATTEMPTS = 8
 # Parallel footer reads: I/O bound (an S3 round trip each), so more threads than cores.
 FOOTER_READERS = 8
-SNAPSHOT_COMPRESSION = "zstd"
+SNAPSHOT_COMPRESSION: Final = "zstd"
 # Helper columns of the merge (never written to the snapshot).
 ROW_INDEX = "__dooly_row"
 PART = "__dooly_partition"
@@ -195,14 +195,15 @@ def _constant_columns(parquet: pq.ParquetFile, names: tuple[str, ...]) -> dict[s
     positions = {name: parquet.schema_arrow.get_field_index(name) for name in names}
     values: dict[str, Any] = {}
     for name, position in positions.items():
-        seen = set()
+        seen: set[Any] = set()
+        from_footer = True
         for group in range(metadata.num_row_groups):
             stats = metadata.row_group(group).column(position).statistics
             if stats is None or not stats.has_min_max:
-                seen = None
+                from_footer = False
                 break
             seen.update((stats.min, stats.max))
-        if seen is None:
+        if not from_footer:
             seen = set(parquet.read(columns=[name]).column(name).unique().to_pylist())
         if len(seen) != 1:
             raise ValueError(f"column {name} is not constant: a shard holds one software stack")

@@ -79,10 +79,10 @@ class Quantity:
 def probe_overrides(config: dict[str, Any], tp: int) -> dict[str, int]:
     """Distinct values for the shape fields, keeping the equalities that choose code paths."""
     heads = config.get("num_attention_heads")
-    kv = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or (config["hidden_size"] // heads if heads else None)
     overrides: dict[str, int] = {}
     if heads:
+        kv = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
         # One KV head per rank takes other code paths (a reshape that needs no copy): keep it.
         kv_p = PROBE_KV_HEADS * tp if kv // tp > 1 else kv
         group_p = PROBE_GROUP if heads != kv else 1
@@ -176,11 +176,12 @@ class Attributor:
         fields = [b for b in bases if b.name != "tp"]
         found: list[Quantity] = list(fields)
         for b in fields:
-            for c in _SMALL_FACTORS:
-                found.append(Quantity(f"{c}*{b.name}", b.fields, c * b.real, c * b.probe, b.complexity + 1))
+            for factor in _SMALL_FACTORS:
+                found.append(Quantity(f"{factor}*{b.name}", b.fields, factor * b.real, factor * b.probe, b.complexity + 1))
                 # Under tensor parallelism a halving by tp is a shard, never a literal split.
-                if b.real % c == 0 and b.probe % c == 0 and c != self.tp:
-                    found.append(Quantity(f"{b.name}/{c}", b.fields, b.real // c, b.probe // c, b.complexity + 2))
+                if b.real % factor == 0 and b.probe % factor == 0 and factor != self.tp:
+                    found.append(Quantity(f"{b.name}/{factor}", b.fields, b.real // factor, b.probe // factor,
+                                          b.complexity + 2))
         for a, b in itertools.permutations(fields, 2):
             found.append(_product(a, b))
             if b.real and b.probe and a.real % b.real == 0 and a.probe % b.probe == 0:

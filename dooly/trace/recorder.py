@@ -8,9 +8,9 @@ request-dependent dims and plain ints for the rest; turning those into labels is
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -223,9 +223,10 @@ def capture_attention(recorder: OpRecorder, backend: str) -> Iterator[None]:
     mapping = AttentionInterface._global_mapping
     if backend not in mapping:
         raise KeyError(backend)
-    original = mapping[backend]
+    # transformers types its registry's values as `function`, which mypy does not treat as callable.
+    original = cast(Callable[..., Any], mapping[backend])
 
-    def wrapper(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any):
+    def wrapper(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
         with recorder.inside_attention():
             out = original(module, query, key, value, attention_mask, *args, **kwargs)
         inputs = [query, key, value] + ([attention_mask] if isinstance(attention_mask, torch.Tensor) else [])
@@ -233,7 +234,7 @@ def capture_attention(recorder: OpRecorder, backend: str) -> Iterator[None]:
         if cache is not None and "read_index" in kwargs:
             group, _ = cache.layer_index_to_group_indices[module.layer_idx]
             inputs += [kwargs["read_index"][group], kwargs["write_index"][group]]
-        scalars: dict[str, Any] = {"scaling": float(kwargs.get("scaling") or getattr(module, "scaling", 0.0))}
+        scalars: dict[str, Any] = {"scaling": float(kwargs.get("scaling") or getattr(module, "scaling", None) or 0.0)}
         for attr in _ATTENTION_ATTRIBUTES:
             attr_value = getattr(module, attr, None)
             if attr_value is not None:

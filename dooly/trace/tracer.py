@@ -193,9 +193,9 @@ def _reduced(hf_config: Any, period: int, tp: int, overrides: dict[str, int]) ->
         text.head_dim = text.hidden_size // text.num_attention_heads
     if tp > 1:
         for name in attribution.TP_SHARDED_FIELDS:
-            value = getattr(text, name, None)
-            if isinstance(value, int) and value > 1:
-                setattr(text, name, max(value // tp, 1))
+            size = getattr(text, name, None)
+            if isinstance(size, int) and size > 1:
+                setattr(text, name, max(size // tp, 1))
     types = getattr(text, "layer_types", None)
     text.num_hidden_layers = period
     if types:
@@ -379,7 +379,7 @@ class _Labeler:
     def _request_dim(self, real: Any, real_expr: sympy.Expr, probe_expr: sympy.Expr | None) -> Dim:
         value = int(real.node.hint) if real.node.hint is not None else 0
         text = _expr_text(real_expr)
-        config_text = ""
+        config_text: str | None = ""
         if probe_expr is not None and probe_expr.free_symbols == real_expr.free_symbols:
             config_text = self._coefficients(real_expr, probe_expr)
         if config_text is None:

@@ -1,5 +1,5 @@
 """The engine-built attention call the profiler times picks the layer kind the trace recorded, and
-can move from layer to layer between calls (bench/attention_l2.py)."""
+can move from layer to layer between calls (lab/attention_l2.py)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_a_rotated_runner_moves_to_the_next_layer_at_every_call():
 
 
 def test_padded_inputs_span_the_padded_extents_and_leave_real_rows_unchanged():
-    """The CUDA-graph path's inputs (bench/attention_engine_padding.py): the query and the mask
+    """The CUDA-graph path's inputs (lab/attention_engine_padding.py): the query and the mask
     span the padded sizes, and the real tokens attend to exactly what they did unpadded."""
     config = build_hf_config(resolve_model("meta-llama/Llama-3.2-1B"), **SMALL)
     batch = Batch.of(prefill=[(8, 0), (4, 0)])

@@ -256,8 +256,8 @@ def attention_points() -> dict[str, np.ndarray]:
         for decodes in (4, 16):
             for context in (0, 1024):
                 rows.append((prefill + decodes, decodes + 1, prefill + context + decodes * 2000, decodes))
-    t, b, k, d = (np.array(column, dtype=np.float64) for column in zip(*rows, strict=True))
-    return {"T": t, "B": b, "K": k, "D": d}
+    tokens, seqs, keys, decode_seqs = (np.array(column, dtype=np.float64) for column in zip(*rows, strict=True))
+    return {"T": tokens, "B": seqs, "K": keys, "D": decode_seqs}
 
 
 def attention_law(request: dict[str, np.ndarray]) -> np.ndarray:

@@ -114,7 +114,7 @@ H100 = "NVIDIA-H100-80GB-HBM3"
 
 def test_waves_of_a_packed_attention_call_follow_the_sm_count():
     """Llama-3.1-8B's 32 heads on the H100's 132 SMs: 128-row query tiles x 32 heads fill four
-    waves at T=2048 and need a fifth from T=2049 (bench/attention_engine_padding.py measured it)."""
+    waves at T=2048 and need a fifth from T=2049 (lab/attention_engine_padding.py measured it)."""
     eight_b = {"in0.0": 1, "in0.1": 32, "in0.3": 128, "in1.1": 8}
     tiles = static_features("attention", "attention", eight_b, ("T", "B", "K", "D"), sm_count(H100)).wave_tiles
     assert tiles == 132 / 32

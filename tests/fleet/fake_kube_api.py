@@ -66,8 +66,9 @@ class FakeKubeAPI:
 
     @property
     def url(self) -> str:
+        assert self._server is not None, "start() the server first"
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host if isinstance(host, str) else host.decode()}:{port}"
 
     def start(self) -> FakeKubeAPI:
         api = self
@@ -100,6 +101,7 @@ class FakeKubeAPI:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        if self._thread is not None:
             self._thread.join(timeout=SERVER_STOP_TIMEOUT_S)
 
     # Test controls ------------------------------------------------------------------------------
@@ -179,6 +181,8 @@ class FakeKubeAPI:
             return self._list(handler, "JobList", self.jobs, namespace, query)
         if method == "POST" and name is None:
             return self._create(handler, namespace, json.loads(raw), dry_run=query.get("dryRun") == "All")
+        if name is None:  # no collection-wide PATCH or DELETE here
+            return self._send(handler, 404, self._status(404, "NotFound", f'jobs.batch "{name}" not found'))
         with self.lock:
             job = self.jobs.get((namespace, name))
         if job is None:
@@ -208,11 +212,12 @@ class FakeKubeAPI:
             exists = (namespace, name) in self.jobs
             if not dry_run:
                 self._creates += 1
-            reject = self.reject_create is not None and not dry_run and self._creates == self.reject_create[0]
+            reject = self.reject_create if (
+                self.reject_create is not None and not dry_run and self._creates == self.reject_create[0]) else None
         if exists:
             return self._send(handler, 409, self._status(409, "AlreadyExists", f'jobs.batch "{name}" already exists'))
-        if reject:
-            code = self.reject_create[1]
+        if reject is not None:
+            code = reject[1]
             return self._send(handler, code, self._status(code, "Forbidden", "exceeded quota: gpu-quota"))
         job = json.loads(json.dumps(body))
         job["metadata"].update(

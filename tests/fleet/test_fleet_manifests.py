@@ -85,7 +85,7 @@ def test_cached_schema_validation_agrees_with_kubernetes_validate(small_fleet):
 
 def _one_of_each_shape(manifests: list[dict]) -> list[dict]:
     """Manifests from one builder differ only in values: one per (kind, component, engine, suspend)."""
-    shapes = {}
+    shapes: dict[tuple, dict] = {}
     for m in manifests:
         labels = m["metadata"].get("labels", {})
         key = (m["kind"], labels.get(jobs.COMPONENT_LABEL), labels.get(jobs.ENGINE_LABEL), str(m.get("spec", {}).get("suspend")))

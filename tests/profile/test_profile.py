@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,8 +37,9 @@ from dooly.store.shards import SHARD_SUFFIX
 from dooly.trace.schema import signature_hash
 from dooly.trace.tracer import trace_model
 
-SMALL_GRID = GridSpec(**{name.strip("-").replace("-", "_"): int(value)
-                         for name, value in zip(SMALL_GRID_ARGS[::2], SMALL_GRID_ARGS[1::2])})
+_SMALL_GRID_FIELDS: dict[str, Any] = {name.strip("-").replace("-", "_"): int(value)
+                                      for name, value in zip(SMALL_GRID_ARGS[::2], SMALL_GRID_ARGS[1::2])}
+SMALL_GRID = GridSpec(**_SMALL_GRID_FIELDS)
 
 
 def stack_of(row: dict) -> Stack:
@@ -57,7 +59,7 @@ def run_cli(*args: str) -> tuple[int, dict | str]:
 
 def profile(store: Path, *models: str) -> dict:
     code, payload = run_cli("profile", *models, "--store", str(store), *SMALL_GRID_ARGS, "--output", "json")
-    assert code == 0, payload
+    assert code == 0 and isinstance(payload, dict), payload
     return payload
 
 
@@ -212,7 +214,8 @@ def test_a_long_call_is_warmed_up_once_when_the_timer_is_budgeted():
             time.sleep(2 * LONG_SAMPLE_S)
 
         measurement = timer.measure(lambda: call)
-        assert measurement.status == STATUS_OK and measurement.median_s >= 2 * LONG_SAMPLE_S
+        assert measurement.status == STATUS_OK and measurement.median_s is not None
+        assert measurement.median_s >= 2 * LONG_SAMPLE_S
         return count
 
     # The CPU's default count equals SETTLED_SAMPLES: both timers take that many samples.
@@ -241,10 +244,8 @@ def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, models):
 
 
 def test_refinement_measures_around_a_kink(models):
-    from dooly.profile.grid import LADDER, Point
-    from dooly.profile.plan import WorkItem
+    from dooly.profile.grid import LADDER, refinement_points
     from dooly.profile.provenance import SHARED_BACKEND
-    from dooly.profile.run import refinement_points
 
     trace = trace_model(models[0])
     op = next(o for o in trace.operations if o.op == "aten.mm.default" and o.request_vars() == ["T"])
@@ -254,12 +255,11 @@ def test_refinement_measures_around_a_kink(models):
         return 1e-6 * t + (5e-6 if t >= 32 else 0.0) + 1e-6
 
     rows = [{"T": t, "latency_median_s": latency(t), "status": "ok"} for t in ladder]
-    item = WorkItem("sig", op, "m", None, [Point(values=(("T", t),)) for t in ladder], [])
-    extra = [dict(p.values)["T"] for p in refinement_points(item, rows)]
+    extra = [dict(p.values)["T"] for p in refinement_points(op, rows)]
     assert extra and all(16 <= t <= 48 for t in extra)
     assert any(24 < t < 32 for t in extra)  # the midpoint that lands on the switch
     smooth = [{"T": t, "latency_median_s": 1e-6 * t + 1e-6, "status": "ok"} for t in ladder]
-    assert refinement_points(item, smooth) == []
+    assert refinement_points(op, smooth) == []
     assert SHARED_BACKEND == __import__("dooly.fit.models", fromlist=["SHARED_BACKEND"]).SHARED_BACKEND
 
 

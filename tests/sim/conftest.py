@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dooly.sim.schedulers import Scheduler, Seq
@@ -22,7 +24,7 @@ class RecordingPathModel:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.paths = []
+        self.paths: list[Any] = []
 
     def step_seconds(self, prefill, decode_ctx, *, path=None) -> float:
         self.paths.append(path)
@@ -48,7 +50,7 @@ def drive():
     def run(scheduler: Scheduler, requests, max_steps: int = 10_000):
         seqs = {rid: Seq(rid, float(arrival), prompt, output) for rid, prompt, output, arrival in requests}
         pending = sorted(requests, key=lambda r: r[3])
-        steps = []
+        steps: list[list[tuple[str, int, int]]] = []
         step = 0
         unfinished = len(seqs)
         while unfinished and step < max_steps:

@@ -11,6 +11,7 @@ sliding-window and full layers (two groups drawing from one pool), and sliding w
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ VOCAB = 128
 MAX_STEPS = 5000
 # Shorter than most requests, so sliding-window groups hit their cap of blocks per request.
 WINDOW = 40
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+# Keyword arguments of several config classes: mypy cannot match a heterogeneous dict to each.
+TINY: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": VOCAB, "eos_token_id": None, "pad_token_id": None, "bos_token_id": None}
 LAYOUTS = {
     "full": lambda: LlamaConfig(num_hidden_layers=1, **TINY),

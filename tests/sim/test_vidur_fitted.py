@@ -30,7 +30,7 @@ class FakeStepPredictor:
     """Per-execution seconds per signature; attention grows with the batch's context."""
 
     def __init__(self) -> None:
-        self.batches = []
+        self.batches: list[tuple[list[tuple[int, int]], list[int]]] = []
 
     def op_seconds(self, prefill, decode_ctx):
         self.batches.append((list(prefill), list(decode_ctx)))

@@ -3,7 +3,9 @@
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -134,8 +136,23 @@ def test_tensor_parallel_rank_and_collectives(config_dir):
     assert {c.scalars["world_size"] for c in trace.collectives} == {2}
 
 
-def _evaluate(expr: str, names: dict[str, float]) -> float:
+def _evaluate(expr: str, names: Mapping[str, float]) -> float:
     return eval(expr.replace("engine.", "engine_"), {"__builtins__": {}}, names)  # noqa: S307
+
+
+def _predicts(op: Any, actual: list[list[int]], names: Mapping[str, float]) -> bool:
+    """Whether a traced operation's labelled dims, evaluated at the batch's values, give the sizes
+    one recorded event actually had."""
+    specs = op.inputs + op.outputs
+    if len(specs) != len(actual):
+        return False
+    for spec, sizes in zip(specs, actual):
+        if len(spec.dims) != len(sizes):
+            return False
+        for dim, size in zip(spec.dims, sizes):
+            if not math.isclose(_evaluate(dim.expr, names), size):
+                return False
+    return True
 
 
 @pytest.mark.parametrize("payload", [TINY_LLAMA, TINY_MIXTRAL, TINY_GEMMA2], ids=["llama", "mixtral", "gemma2"])
@@ -172,21 +189,7 @@ def test_labels_predict_a_concrete_run_with_other_sizes(config_dir, payload):
         candidates = by_key.get((event.op, module))
         assert candidates, f"{event.op} under {module} ran but is not in the trace"
         actual = [list(t.sizes) for t in event.inputs + event.outputs]
-
-        def predicts(op) -> bool:
-            specs = op.inputs + op.outputs
-            if len(specs) != len(actual):
-                return False
-            for spec, sizes in zip(specs, actual):
-                if len(spec.dims) != len(sizes):
-                    return False
-                for dim, size in zip(spec.dims, sizes):
-                    value = _evaluate(dim.expr, names)
-                    if not math.isclose(value, size):
-                        return False
-            return True
-
-        assert any(predicts(op) for op in candidates), (event.op, module, actual)
+        assert any(_predicts(op, actual, names) for op in candidates), (event.op, module, actual)
         checked += 1
     assert checked > 50
 

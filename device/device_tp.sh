@@ -7,11 +7,11 @@
 #   3. (control, while time remains) the same for tp=1: profile the tp=1 trace, measure steps.
 # Everything lands in $OUT (<= 8 files): db.tar.gz, steps_tp2.json, steps_tp1.json,
 # topology.json, logs.tar.gz, summary.txt. Then, on a CPU machine with polars:
-#   bench/validate_tp.sh DIR_WITH_THOSE_FILES
+#   device/validate_tp.sh DIR_WITH_THOSE_FILES
 #
 # Usage (repository root):
-#   bench/device_tp.sh             the GPU run: traces from data/traces (made with torch 2.13)
-#   bench/device_tp.sh --dry-run   the same stages on this CPU: gloo ranks, a tiny model traced
+#   device/device_tp.sh             the GPU run: traces from data/traces (made with torch 2.13)
+#   device/device_tp.sh --dry-run   the same stages on this CPU: gloo ranks, a tiny model traced
 #                                  here, tiny grids (checks the whole path before the GPU shot)
 set -uo pipefail
 dry=0

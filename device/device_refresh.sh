@@ -2,7 +2,7 @@
 # Re-measure what a store holds as failed (the planner re-plans every point not held), for the given
 # traces and backends, continuing the committed H100 store. Everything lands in $OUT/refresh.tar.gz.
 # Usage (on the device machine, from the repository root):
-#   bench/device_refresh.sh STORE TRACE_STEM [TRACE_STEM...]
+#   device/device_refresh.sh STORE TRACE_STEM [TRACE_STEM...]
 set -uo pipefail
 seed="$1"; shift
 out="${OUT:-out}"

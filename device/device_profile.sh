@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Profile bundled models on a GPU machine into $OUT/db, one JSON report per step, timed.
 # Usage (on the device machine, from the repository root):
-#   bench/device_profile.sh BACKEND MODEL [MODEL...]
+#   device/device_profile.sh BACKEND MODEL [MODEL...]
 # Each MODEL argument may list several models separated by commas: they are profiled in one run,
 # against the store as it stands, so reuse between them is counted.
 set -euo pipefail

@@ -1,6 +1,6 @@
 """Why one attention call costs more inside the running engine than timed alone (one GPU, minutes).
 
-bench/engine_step_profile.py found Llama-3.1-8B's attention call 2-8% dearer inside the engine's
+lab/engine_step_profile.py found Llama-3.1-8B's attention call 2-8% dearer inside the engine's
 heavy mixed steps than `dooly profile` timed it at the same padded shape. This times the engine's
 attention call for real heavy steps of the ground truth (the engine's own padded inputs, as the
 CUDA graph replays them) under the conditions that differ between the two:
@@ -17,15 +17,16 @@ CUDA graph replays them) under the conditions that differ between the two:
 
 Each condition reports the profiler's timer and the median of the last `LOOP_TIMED` calls of a
 loop (`SUSTAIN_S` long under `sustained`, else just those calls), timed with CUDA events, and on
-a fresh cache the device time per call of its kernels by kind (as bench/engine_step_profile.py
+a fresh cache the device time per call of its kernels by kind (as lab/engine_step_profile.py
 sorts the engine's), also under `all-layers`.
 
-    python bench/attention_conditions.py --model Llama-3.1-8B > out.json
+    python lab/attention_conditions.py --model Llama-3.1-8B > out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -37,8 +38,8 @@ from typing import Any
 
 import torch
 from attention_engine_padding import COMPOSITIONS, MAX_SEQS, MAX_TOKENS, step_forms
-from engine_step_profile import READ_BACK_KERNEL, kernel_kind
 
+from dooly.engines.kernel_trace import READ_BACK_KERNEL, kernel_kind
 from dooly.engines.transformers_cb import EngineAttention
 from dooly.models.registry import build_hf_config, resolve_model
 from dooly.profile.attention import engine_attention
@@ -77,7 +78,8 @@ def scatter_free_blocks(runner: Any, seed: int) -> None:
 def sustain(call: Any, seconds: float) -> tuple[int, float]:
     """Run `call` back to back for `seconds` of wall time; returns how many calls ran and the
     median device time of the last `LOOP_TIMED` of them (timed in the loop, under that load)."""
-    calls, deadline, timed = 0, time.perf_counter() + seconds, []
+    calls, deadline = 0, time.perf_counter() + seconds
+    timed: list[tuple[Any, Any]] = []  # (start, end) CUDA events
     while time.perf_counter() < deadline or len(timed) < LOOP_TIMED:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -119,7 +121,7 @@ def between(call: Any, neighbour: Any, count: int) -> float:
 
 
 def kernels_per_call(call: Any, calls: int) -> dict[str, float]:
-    """Device milliseconds per call by kernel kind (as bench/engine_step_profile.py sorts them),
+    """Device milliseconds per call by kernel kind (as lab/engine_step_profile.py sorts them),
     over `calls` calls under the profiler."""
     from collections import defaultdict
 
@@ -168,7 +170,7 @@ def main() -> int:
         for step, (batch, sizes) in zip(steps, forms):
             if "scattered" in condition:
                 scatter_free_blocks(runner, SHUFFLE_SEED)
-            result = timer.measure(lambda runner=runner, batch=batch, sizes=sizes: runner.call_for(batch, False, sizes))
+            result = timer.measure(functools.partial(runner.call_for, batch, False, sizes))
             seconds = result.median_s if result.status == STATUS_OK else None
             if condition == BETWEEN_GEMMS:
                 neighbour = mlp_gemms(hf_config.get_text_config(), sizes[0], DTYPES[args.dtype])

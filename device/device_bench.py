@@ -5,7 +5,7 @@ the `dooly bench` command itself; a failing cell is logged and the grid goes on.
 under OUT/groundtruth/<cell> (the caller packs it: the device tool brings back few files, and a
 run cut short by a time limit should still bring back its finished cells).
 
-    timeout 540 python3 bench/device_bench.py --models meta-llama/Llama-3.2-1B,meta-llama/Llama-3.1-8B \\
+    timeout 540 python3 device/device_bench.py --models meta-llama/Llama-3.2-1B,meta-llama/Llama-3.1-8B \\
         --backends 'paged|sdpa,paged|eager' --workloads light,heavy,calib --variants default,graphs
     tar -C "$OUT" -czf "$OUT/groundtruth.tar.gz" groundtruth
 """

@@ -21,7 +21,7 @@ campaign (`campaign_from_store.py`) with every signature a scheme can serve (its
 profiled earlier in the campaign's order) costing only its probe's device time, first for all of
 them, then for those served at least as accurately as their own model.
 
-    python bench/attention_transfer.py --store FITTED_STORE --out data/h100/experiments/attention_transfer/transfer.json
+    python reports/attention_transfer.py --store FITTED_STORE --out data/h100/experiments/attention_transfer/transfer.json
 
 FITTED_STORE: a copy of data/h100/db after `dooly merge` and `dooly fit` (the report makes one).
 """
@@ -163,6 +163,8 @@ def own_errors(store) -> dict[str, float]:
     from dooly.store.shards import read_json
 
     meta = read_json(store, latest_meta_key(store))
+    if meta is None:
+        raise FileNotFoundError(f"no fit report in {store}: run `dooly fit` on it first")
     return {sig: err for group in meta["groups"] if group["platform"] == PLATFORM for cls in group["classes"]
             if cls["op_class"].startswith(ATTENTION_CLASS_PREFIX)
             for sig, err in cls["seen_mape_by_signature"].items()}
@@ -179,7 +181,7 @@ def signature_rows(fitted: Path) -> list[dict]:
         designs = list(attention_targets(data))
         targets = [t for _, t in designs]
         for design, target in designs:
-            errors = class_scheme_errors(design, target)
+            errors: dict[str, float | None] = {**class_scheme_errors(design, target)}
             errors["heads"], peers = heads_error(design, target, targets)
             out.append({"backend": target.backend, "signature": target.signature, "config": target.config,
                         "points": len(target.rows), "own_error_pct": own.get(target.signature),

@@ -10,7 +10,7 @@ there), then
   out (per-signature MAPE, median and p90 over signatures: points the fit never saw);
 - the ground truth is validated against it (`validate_groundtruth.py`), cells within 5% / 8%.
 
-    python bench/grid_thinning.py --out data/h100/experiments/grid_thinning
+    python lab/grid_thinning.py --out data/h100/experiments/grid_thinning
 """
 
 from __future__ import annotations
@@ -25,15 +25,19 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import campaign_from_store
 import numpy as np
-from validate_groundtruth import within_targets
 
 from dooly.profile.grid import AttentionShapes, GridSpec, attention_points
 
+ROOT = Path(__file__).resolve().parent.parent
+# The replay scores each design with the report generators' own campaign and accuracy code.
+REPORTS = ROOT / "reports"
+sys.path.insert(0, str(REPORTS))
+import campaign_from_store  # noqa: E402
+from validate_groundtruth import within_targets  # noqa: E402
+
 log = logging.getLogger("grid_thinning")
 
-ROOT = Path(__file__).resolve().parent.parent
 STORE = ROOT / "data" / "h100" / "db"
 GROUND_TRUTH = ROOT / "data" / "h100" / "groundtruth"
 PLATFORM = "NVIDIA-H100-80GB-HBM3"
@@ -61,7 +65,7 @@ def thinned_store(shapes: AttentionShapes, out: Path) -> int:
     dropped = 0
     for path in sorted(out.glob("shards/**/*.parquet")):
         table = pq.read_table(path)
-        frame = pl.from_arrow(table)
+        frame = pl.DataFrame(table)
         keep = (frame["op"] != "attention") | frame["point_key"].is_in(keys)
         dropped += int((~keep).sum())
         pq.write_table(table.filter(keep.to_arrow()), path)
@@ -119,7 +123,7 @@ def evaluate(name: str, shapes: AttentionShapes, scratch: Path) -> dict:
                                                    GridSpec(attention=shapes))
     spent, alone, saving = campaign_from_store.campaign_totals(entries)
     validation = scratch / name / "validation"
-    run([str(ROOT / "bench" / "validate_groundtruth.py"), "--ground-truth", str(GROUND_TRUTH), "--store", str(store),
+    run([str(REPORTS / "validate_groundtruth.py"), "--ground-truth", str(GROUND_TRUTH), "--store", str(store),
          "--platform", PLATFORM, "--out", str(validation)])
     cells = json.loads((validation / "accuracy.json").read_text())
     return {

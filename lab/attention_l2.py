@@ -8,7 +8,7 @@ profile`) twice per point: always on one layer, and moving to the next of severa
 call; the ratio is what the cache flattered. On the H100 it flattered nothing (median ratio
 1.000, data/h100/experiments/attention_l2/), so the profiler times one period of layers.
 
-    python bench/attention_l2.py --models Llama-3.2-1B,Qwen2.5-7B --backends 'paged|sdpa,paged|eager'
+    python lab/attention_l2.py --models Llama-3.2-1B,Qwen2.5-7B --backends 'paged|sdpa,paged|eager'
 
 Prints one JSON object (stdout).
 """
@@ -16,6 +16,7 @@ Prints one JSON object (stdout).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -56,7 +57,7 @@ def measure(model: str, backend: str, dtype: torch.dtype, device: str, rotation:
     timer = Timer(device)
     out: dict[str, float | None] = {}
     for name, batch in POINTS.items():
-        result = timer.measure(lambda: runner.call_for(batch, sliding=False))
+        result = timer.measure(functools.partial(runner.call_for, batch, sliding=False))
         out[name] = result.median_s if result.status == STATUS_OK else None
     del runner
     if device == "cuda":
@@ -79,7 +80,8 @@ def main() -> int:
             one = measure(model, backend, DTYPES[args.dtype], args.device, rotation=1)
             rotated = measure(model, backend, DTYPES[args.dtype], args.device, rotation=args.rotation)
             for name in POINTS:
-                ratio = rotated[name] / one[name] if one[name] and rotated[name] else None
+                alone, moving = one[name], rotated[name]
+                ratio = moving / alone if alone and moving else None
                 rows.append({"model": model, "backend": backend, "point": name, "one_layer_s": one[name],
                              "rotated_s": rotated[name], "rotated_over_one": ratio})
                 log.info("%s %s %s: %s", model, backend, name, ratio)

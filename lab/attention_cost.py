@@ -8,8 +8,8 @@ inputs and one forward; warm-up; sizing the capture; the capture; the timed samp
 the build is the engine's input preparation alone, and what fewer samples would have cost and
 changed: the median of the first k samples against the median of all of them.
 
-    python bench/attention_cost.py --models Llama-3.2-1B,Qwen2.5-7B --backends paged|sdpa,paged|eager
-    python bench/attention_cost.py --device cpu --models tiny/config.json --max-points 4   # dry run
+    python lab/attention_cost.py --models Llama-3.2-1B,Qwen2.5-7B --backends paged|sdpa,paged|eager
+    python lab/attention_cost.py --device cpu --models tiny/config.json --max-points 4   # dry run
 
 Prints one JSON object (stdout).
 """
@@ -89,7 +89,7 @@ def point_cost(runner: Any, point: Any, timer: Timer, device: str) -> dict[str, 
         torch.cuda.synchronize()
     inputs_seconds = time.perf_counter() - started
     measurement = timer.measure(lambda: runner.call_for(point.batch, False))
-    phases = {phase: timer.phase_seconds[phase] - before.get(phase, 0.0) for phase in PHASES}
+    phases = {phase: timer.phase_seconds.get(phase, 0.0) - before.get(phase, 0.0) for phase in PHASES}
     return {
         "values": point.as_dict,
         "status": measurement.status,

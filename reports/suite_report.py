@@ -2,7 +2,7 @@
 alone would have cost, and which configuration values recur across models (where the saving comes
 from). Reads the `dooly profile --output json` reports and the store's inventories; no GPU.
 
-    python bench/suite_report.py --reports data/h100/suite-order.json --store data/h100/db > report.md
+    python reports/suite_report.py --reports data/h100/suite-order.json --store data/h100/db > report.md
 """
 
 from __future__ import annotations

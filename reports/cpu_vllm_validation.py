@@ -11,7 +11,7 @@ One run, in one window of time so the shared CPU's load is as alike as it gets f
 Writes everything under OUT (default data/cpu-vllm): store/, gt/<model>/<workload>/, overhead
 models, and report.json with the TTFT / TPOT MAPE of every cell and the profiling reuse.
 
-    PYTHONPATH=$PWD .venv-vllm/bin/python bench/cpu_vllm_validation.py [--out data/cpu-vllm]
+    PYTHONPATH=$PWD .venv-vllm/bin/python reports/cpu_vllm_validation.py [--out data/cpu-vllm]
 """
 
 from __future__ import annotations

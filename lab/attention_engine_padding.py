@@ -2,7 +2,7 @@
 
 Under CUDA graphs the fitted step model over-predicts heavy mixed steps of some models (Llama-3.1-8B
 +9.5%, gemma-2-9b +31% device time) and not others (Llama-3.2-3B +0.9%), while it matches the
-profiled grid points within 0.3%. bench/attention_padding.py found that padded extents cost what
+profiled grid points within 0.3%. An earlier padding script (retired) found that padded extents cost what
 unpadded ones do per (query, key) pair, but it built both forms with the profiler's inputs
 (`use_padding=False`). This times real heavy mixed steps of the ground truth
 (data/h100/experiments/attention_engine_padding/compositions.json) three ways, each with the
@@ -16,7 +16,7 @@ unpadded ones do per (query, key) pair, but it built both forms with the profile
 
 and re-times a few stored grid points, to tell a lease difference from a shape difference.
 
-    python bench/attention_engine_padding.py --models Llama-3.1-8B,gemma-2-9b > out.json
+    python lab/attention_engine_padding.py --models Llama-3.1-8B,gemma-2-9b > out.json
 """
 
 from __future__ import annotations

@@ -1,23 +1,13 @@
-"""bench/engine_step_profile.py charges each kernel of a profiled engine run to the step, and the
+"""dooly.engines.kernel_trace charges each kernel of a profiled engine run to the step, and the
 part of the step, whose host code launched it."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "engine_step_profile.py"
-
-
-@pytest.fixture(scope="module")
-def esp():
-    spec = importlib.util.spec_from_file_location("engine_step_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from dooly.engines import kernel_trace
 
 
 def launch(category: str, ts: float, correlation: int, external: int) -> dict:
@@ -28,14 +18,14 @@ def kernel(name: str, ts: float, dur: float, correlation: int, category: str = "
     return {"cat": category, "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
 
 
-def test_kernels_are_charged_to_the_part_of_the_step_that_launched_them(esp):
+def test_kernels_are_charged_to_the_part_of_the_step_that_launched_them():
     # perf_counter 10.0 s is trace time 1000 us: the trace clock runs 9_999_000 us behind.
-    offset = 1000.0 - 10.0 * esp.US_PER_S
+    offset = 1000.0 - 10.0 * kernel_trace.US_PER_S
 
     def at(seconds: float) -> float:
-        return seconds * esp.US_PER_S + offset
+        return seconds * kernel_trace.US_PER_S + offset
     trace = {"traceEvents": [
-        {"cat": "user_annotation", "name": f"{esp.CLOCK_MARK}@{10.0 * esp.US_PER_S:.1f}", "ts": 1000.0},
+        {"cat": "user_annotation", "name": f"{kernel_trace.CLOCK_MARK}@{10.0 * kernel_trace.US_PER_S:.1f}", "ts": 1000.0},
         {"cat": "cpu_op", "name": "aten::_cudnn_attention_forward", "args": {"External id": 7}},
         launch("cuda_runtime", at(20.0005), 1, 0),   # preparing the step's inputs
         launch("cuda_driver", at(20.002), 2, 7),      # in the generation step, through the driver
@@ -49,9 +39,9 @@ def test_kernels_are_charged_to_the_part_of_the_step_that_launched_them(esp):
         kernel("nvjet_sm90_tst_192x176", at(30.001), 999.0, 5),
     ]}
     step = SimpleNamespace(start_s=20.0, prepare_s=0.001, forward_s=0.008, duration_s=0.010)
-    launches = esp.kernel_launches(trace)
-    assert esp.clock_offset_us(trace) == pytest.approx(offset)
-    (row,) = esp.attribute([step], launches, esp.clock_offset_us(trace))
+    launches = kernel_trace.kernel_launches(trace)
+    assert kernel_trace.clock_offset_us(trace) == pytest.approx(offset)
+    (row,) = kernel_trace.attribute([step], launches, kernel_trace.clock_offset_us(trace))
     assert row["prepare_kernels_ms"] == {"fill": 0.1}
     assert row["step_kernels_ms"] == {"attention": 2.0, "gemm": 0.5}
     assert row["update_kernels_ms"] == {"copy": 0.03}
@@ -60,6 +50,6 @@ def test_kernels_are_charged_to_the_part_of_the_step_that_launched_them(esp):
     assert next(iter(top)).startswith("aten::_cudnn_attention_forward")
 
 
-def test_a_profile_without_the_clock_mark_is_refused(esp):
+def test_a_profile_without_the_clock_mark_is_refused():
     with pytest.raises(RuntimeError, match="clock mark"):
-        esp.clock_offset_us({"traceEvents": []})
+        kernel_trace.clock_offset_us({"traceEvents": []})

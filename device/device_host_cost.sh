@@ -4,7 +4,7 @@
 # (`gc_s`). Runs the cells given as device_bench.py argument groups separated by `--`, each group
 # in a fresh process. Everything lands in $OUT/host_cost.tar.gz.
 # Usage (on the device machine, from the repository root):
-#   bench/device_host_cost.sh --models Qwen/Qwen2.5-7B --workloads heavy --variants graphs,warm -- \
+#   device/device_host_cost.sh --models Qwen/Qwen2.5-7B --workloads heavy --variants graphs,warm -- \
 #       --models meta-llama/Llama-3.2-1B --workloads calib --variants warm
 set -uo pipefail
 out="${OUT:-out}/host_cost"
@@ -17,7 +17,7 @@ group=0
 args=()
 run_group() {
     group=$((group + 1))
-    python3 bench/device_bench.py --backends 'paged|sdpa' --out "$out" "${args[@]}" > "$out/group${group}.log" 2>&1 \
+    python3 device/device_bench.py --backends 'paged|sdpa' --out "$out" "${args[@]}" > "$out/group${group}.log" 2>&1 \
         || echo "group $group failed" >&2
     tar -C "${OUT:-out}" -czf "${OUT:-out}/host_cost.tar.gz" host_cost
     args=()

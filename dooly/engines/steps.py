@@ -1,6 +1,7 @@
 """Ground truth for composed step predictions: real engine steps of a whole model, timed.
 
-It sits with the simulator because it exists to validate the step model (`validate-steps`).
+It records a GPU engine's own steps, so it sits with the engine adapters (like `dooly bench`); its
+output is ground truth for the simulator's `validate-steps`, which reads the JSON, not this module.
 
 `dooly measure-steps MODEL --tp N` starts N ranks (`dooly.distributed.launch`), builds the whole
 model with random weights through the engine's own code (transformers' tensor-parallel loading
@@ -88,6 +89,7 @@ def step_kind(prefill: list[tuple[int, int]], decode: list[int]) -> str:
 
 def compositions(name_or_path: str) -> list[dict[str, Any]]:
     """A named preset or a JSON file: [{"name", "prefill": [[q, ctx], ...], "decode": [ctx, ...]}]."""
+    entries: Any
     if name_or_path in COMPOSITIONS:
         entries = [{"name": n, "prefill": [list(p) for p in pf], "decode": list(d)} for n, pf, d in COMPOSITIONS[name_or_path]]
     else:
@@ -162,11 +164,11 @@ def rank_worker(ctx: RankContext, payload: dict[str, Any]) -> None:
         return
     for index, entry in enumerate(payload["entries"]):
         with torch.no_grad():
-            result = timer.graph(engine, _batch(entry))
-        if result is None:
+            graphed = timer.graph(engine, _batch(entry))
+        if graphed is None:
             ctx.report(("graphs-off", index, None))
             return
-        ctx.report(("graph", index, result))
+        ctx.report(("graph", index, graphed))
 
 
 # cudaStreamCaptureModeThreadLocal: other threads (NCCL's watchdog) may keep calling CUDA.

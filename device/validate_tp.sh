@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The CPU side of bench/device_tp.sh: merge and fit the store it brought back, then compare the
+# The CPU side of device/device_tp.sh: merge and fit the store it brought back, then compare the
 # composed step predictions (one rank's ops + collectives) with the measured engine steps.
-# Usage: bench/validate_tp.sh DIR [WORK]
+# Usage: device/validate_tp.sh DIR [WORK]
 #   DIR holds db.tar.gz and steps_tp2.json (maybe steps_tp1.json); it may be read-only.
 #   WORK (default DIR/validation) receives the extracted store, fit.txt, validate_tp{2,1}_{graph,eager}.json
 #   and report.txt.
 set -euo pipefail
-dir="${1:?usage: bench/validate_tp.sh DIR [WORK]}"
+dir="${1:?usage: device/validate_tp.sh DIR [WORK]}"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 work="${2:-$dir/validation}"

@@ -1,7 +1,7 @@
 """Accuracy table: every benchmarked (model, backend, engine settings) against the latency database.
 
 For each group of cells `<model>.<backend>.<variant>.<workload>` under GROUND_TRUTH (as
-bench/device_bench.py writes them), the engine overhead is calibrated on the `calib` workload
+device/device_bench.py writes them), the engine overhead is calibrated on the `calib` workload
 (`dooly overhead`), then every other workload is validated (`dooly validate`) with it: TTFT, TPOT
 and per-step MAPE, and the signed error of the TTFT, TPOT and E2E distributions (mean, p50, p90,
 p99 across requests). The store must be merged and fitted (`dooly merge`, `dooly fit`).
@@ -11,7 +11,7 @@ accuracy.json holds one row per validated cell: `ttft_mape`, `ttft_p50` (median 
 against measured, in percent; > 0: the simulation is slower). accuracy.md is the table of the
 headline columns.
 
-    python bench/validate_groundtruth.py --ground-truth data/h100/groundtruth --store DB \\
+    python reports/validate_groundtruth.py --ground-truth data/h100/groundtruth --store DB \\
         --platform NVIDIA-H100-80GB-HBM3 --out report/
 """
 

@@ -1,12 +1,13 @@
-"""Regenerate docs/h100.md, the H100 campaign report, from the committed data alone (CPU, ~2 min).
+"""Regenerate docs/h100.md, the H100 campaign report, and docs/results.md, the one page of current
+figures (reports/results_page.py), from the committed data alone (CPU, ~4 min).
 
 Merges and fits a copy of data/h100/db, calibrates the engine overhead and validates every
-benchmarked cell (bench/validate_groundtruth.py), scores the repeated cells' second runs against
+benchmarked cell (reports/validate_groundtruth.py), scores the repeated cells' second runs against
 their first with the same code (the real engine's run-to-run floor), and writes the campaign and
-reuse tables (bench/suite_report.py). The MoE cells (Mixtral-8x7B does not fit one H100 80GB) are
+reuse tables (reports/suite_report.py). The MoE cells (Mixtral-8x7B does not fit one H100 80GB) are
 validated the same way against their own H200 store (data/h200).
 
-    python bench/h100_report.py            # or: make report
+    python reports/h100_report.py            # or: make report
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from campaign_from_store import store_rows
+from results_page import results_page
 from validate_groundtruth import (
     DISTRIBUTION_COLUMNS,
     TPOT_TARGET_PCT,
@@ -43,7 +45,7 @@ MOE_PLATFORM = "NVIDIA-H200"
 ATTENTION_COST = DATA / "experiments" / "attention_cost" / "attention_cost.json"
 ATTENTION_L2 = DATA / "experiments" / "attention_l2" / "attention_l2.json"
 ATTENTION_WAVES = DATA / "experiments" / "attention_engine_padding" / "sdpa.json"
-# bench/attention_cost.py runs of Llama-3.1-8B's attention grid: the timer with 15 samples twice
+# lab/attention_cost.py runs of Llama-3.1-8B's attention grid: the timer with 15 samples twice
 # on one lease (the floor), then 15 samples against the settled-sample timer on another.
 TIMER_BUDGET = DATA / "experiments" / "timer_budget"
 TIMER_RUNS = {"floor": ("legacy", "legacy2"), "same lease": ("legacy4", "budgeted4")}
@@ -57,10 +59,14 @@ EARLIER_LEASE = DATA / "experiments" / "earlier_lease"
 REPEAT = DATA / "experiments" / "repeat"
 MS_PER_S = 1e3
 TOPUP = DATA / "campaign" / "topup"
+# `dooly fit --output json` of a fitted copy, written beside the copy's store.
+FIT_REPORT = "fit.json"
+RESULTS_PAGE = ROOT / "docs" / "results.md"
+VLLM_REPORT = ROOT / "data" / "cpu-vllm" / "report.json"
 TOPUP_MIXED = DATA / "campaign" / "topup-mixed"
 TOPUP_BUDGET = DATA / "campaign" / "topup-budget"
 TOPUP_UNALIGNED = DATA / "campaign" / "topup-unaligned"
-# Llama-3.2-3B's eager heavy workload served again under the profiler (bench/engine_step_profile.py).
+# Llama-3.2-3B's eager heavy workload served again under the profiler (lab/engine_step_profile.py).
 EAGER_STEPS = DATA / "experiments" / "engine_step_profile" / "Llama-3.2-3B.paged-eager.default.heavy.json"
 # The eager cells benchmarked again: heavy r1 and r2 of 1B and 3B and r3 of Qwen2.5-7B on one
 # lease, light light1 and light2 of five models on another.
@@ -88,7 +94,7 @@ SDPA_REPEAT_PAIRS = (("default-r1", "default-r2"), ("default-r1", "default-r3"),
                      ("graphs-r1", "graphs-r2"), ("committed", "graphs-r1"))
 SDPA_REPEAT_VALIDATED = "default-r3"
 ATTENTION_CONDITIONS = DATA / "experiments" / "attention_conditions" / "Llama-3.1-8B.json"
-# The whole model's forward on the same steps under the profiler (bench/attention_in_forward.py).
+# The whole model's forward on the same steps under the profiler (lab/attention_in_forward.py).
 ATTENTION_IN_FORWARD = DATA / "experiments" / "attention_in_forward" / "Llama-3.1-8B.json"
 # The same calls on a cache of every layer (as large as the engine's) against a fresh one-layer cache.
 ATTENTION_ALL_LAYERS = DATA / "experiments" / "attention_conditions" / "Llama-3.1-8B.all-layers.json"
@@ -97,7 +103,7 @@ ATTENTION_BETWEEN_GEMMS = DATA / "experiments" / "attention_conditions" / "Llama
 # A step whose device time exceeds its kernels' by more than this captured a graph mid-step.
 CAPTURE_GAP_MS = 10.0
 # The kernels of one paged attention call in the engine's forward, by kind
-# (bench/engine_step_profile.py): the flash kernel and the copies around it, plus the cache's
+# (lab/engine_step_profile.py): the flash kernel and the copies around it, plus the cache's
 # read-back (found by kernel name: a graph replay names no operators).
 ATTENTION_KINDS = ("attention", "copy")
 PHASE_COLUMNS = ("build", "warmup", "calibrate", "capture", "samples", "failed")
@@ -108,18 +114,21 @@ QUERY_TILE_WAVE_MIN_T = 1024
 
 
 def run_module(script: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], check=True, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(ROOT / "reports" / script), *args], check=True, capture_output=True, text=True)
     return result.stdout
 
 
 def fit_copy(work: Path, data: Path = DATA) -> Path:
+    """Merge and fit a copy of a committed store; the fit's JSON report lands beside it (FIT_REPORT)."""
     from dooly.cli import cli
 
     store = work / data.name / "db"
     shutil.copytree(data / "db", store)
     for command in ("merge", "fit"):
-        with contextlib.redirect_stdout(io.StringIO()):
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
             cli.main([command, "--store", str(store), "--output", "json"], standalone_mode=False)
+    (store.parent / FIT_REPORT).write_text(captured.getvalue())
     return store
 
 
@@ -185,7 +194,7 @@ def attention_l2_lines() -> list[str]:
         "### Does L2 flatter the attention timings?",
         "",
         "The profiler times one layer's attention call back to back; a forward reads every layer's cache",
-        "in turn. Timed instead moving to the next of four layers at every call (`bench/attention_l2.py`,",
+        "in turn. Timed instead moving to the next of four layers at every call (`lab/attention_l2.py`,",
         f"{len(ratios)} points: padded light-load decode and prefill, heavy decode, small decode; four models,",
         f"`paged|sdpa` and `paged|eager`; {data['device']}): median ratio {data['median_ratio']:.3f}, range",
         f"{min(ratios):.2f}-{max(ratios):.2f}. The cache does not flatter them; the light-load step",
@@ -235,7 +244,7 @@ def attention_waves_lines() -> list[str]:
         "ceil(ceil(T / 128) x heads / 132) waves, each as long as one block's pass over the keys (this law,",
         "with a constant and a per-key term, fits the large points of 7 of 10 signatures within 1-2.3%;",
         "64- or 256-row tiles fit worse), so one token past 2048 adds a whole wave. Timed with the engine's own padded inputs",
-        f"(`bench/attention_engine_padding.py`, {data['device']}): real heavy mixed steps of the ground truth",
+        f"(`lab/attention_engine_padding.py`, {data['device']}): real heavy mixed steps of the ground truth",
         "(T = 2048) against grid points at T = 2052-2112, in microseconds per million (query, key) pairs.",
         "The fit now carries the waves as a term (`waves_kv`, with the platform's SM count).",
         "",
@@ -284,7 +293,7 @@ def timer_lines() -> list[str]:
         "times, and samples it until five samples in a row agree within 1% (they are the measurement),",
         "instead of three warm-up calls, a timed pilot replay and fifteen samples; an explicit `--samples`",
         "keeps the old scheme. Llama-3.1-8B's 170 attention points per backend, both timers on one lease",
-        "(`bench/attention_cost.py`, `data/h100/experiments/timer_budget/`): device-s of the timer's phases",
+        "(`lab/attention_cost.py`, `data/h100/experiments/timer_budget/`): device-s of the timer's phases",
         "and in all, 15 samples / settled; p90 change of a long point's median, and the same between two",
         "runs of the 15-sample timer (another lease).",
         "",
@@ -323,7 +332,7 @@ def topup_lines() -> list[str]:
         "Heavy-load steps of the benchmarked engine read up to 133120 KV tokens, beyond the 65536 the",
         "campaign's grid reached, so the default grid grew (22 more decode and mixed attention points per",
         "signature) and the campaign store was topped up: every suite model per backend in one run,",
-        "measuring only what the store lacked (`bench/device_topup.sh`; the flex pass again after its",
+        "measuring only what the store lacked (`device/device_topup.sh`; the flex pass again after its",
         "compiled variants piled up to dynamo's recompile limit across models, now reset per model;",
         "gemma-2-9b's flex points still do not compile). The campaign table above counts these rows too.",
         "",
@@ -336,7 +345,7 @@ def topup_lines() -> list[str]:
         "lay beyond the mixed points (chunks up to 1024 tokens, K up to 67648), where the fitted attention",
         "over-predicted gemma-2-9b's mixed steps by 20-26% and Llama-3.2-1B's by 7%. The mixed grid gained",
         "2048-token chunks, 32 decodes and 8192-token decode contexts (50 points per signature, K up to",
-        "177856), measured the same way (`bench/device_topup.sh`). `paged|eager` runs out of memory on "
+        "177856), measured the same way (`device/device_topup.sh`). `paged|eager` runs out of memory on "
         f"{points_of(mixed, 'paged|eager', 'oom_points')}",
         f"of them (it materialises the scores); flex fails to compile {points_of(mixed, 'paged|flex_attention', 'error_points')} "
         "(inductor lowering errors and",
@@ -448,7 +457,7 @@ def eager_alignment_lines() -> list[str]:
         "",
         "Those cells' full-budget mixed steps (512 query tokens) ran up to 32% longer than predicted, in",
         "steps interleaved with ones predicted within 3%. Served again under the profiler",
-        "(`bench/engine_step_profile.py`, GPU clocks sampled alongside: 1980 MHz throughout), the slow",
+        "(`lab/engine_step_profile.py`, GPU clocks sampled alongside: 1980 MHz throughout), the slow",
         "steps are those whose KV total is not a multiple of 8: eager attention multiplies the scores out",
         "in cuBLAS GEMMs whose leading dimension is the KV total, and cuBLAS picks its kernel by that",
         "alignment. A step's GEMM time (every GEMM of its 28 layers) per million (query, key) pairs, by",
@@ -477,13 +486,13 @@ def eager_alignment_lines() -> list[str]:
 
 
 def engine_step_lines(store: Path) -> list[str]:
-    """The real engine's heavy mixed steps kernel by kernel (bench/engine_step_profile.py), against
+    """The real engine's heavy mixed steps kernel by kernel (lab/engine_step_profile.py), against
     the attention the store measured at the same padded shape."""
     import numpy as np
     import polars as pl
-    from engine_step_profile import READ_BACK_KERNEL
 
     from dooly.engines.base import parse_engine_settings
+    from dooly.engines.kernel_trace import READ_BACK_KERNEL
     from dooly.models.registry import build_hf_config, resolve_model
     from dooly.sim.schedulers import make_scheduler
 
@@ -561,7 +570,7 @@ def engine_step_lines(store: Path) -> list[str]:
         "### Inside the engine's step",
         "",
         f"{data['model']}'s heavy mixed steps came out ~3% under their measured device time under CUDA graphs.",
-        f"`bench/engine_step_profile.py` served the `{cell}` workload again on the real engine under the",
+        f"`lab/engine_step_profile.py` served the `{cell}` workload again on the real engine under the",
         f"torch profiler ({data['gpu']}, torch {data['torch']}) and attributed every kernel to the step and",
         "operator that launched it. Between kernels a replayed step idles ~2 ms; a step that captures",
         "a graph idles 150-185 ms more (the overhead model's capture cost). Per padded KV extent, the",
@@ -570,7 +579,7 @@ def engine_step_lines(store: Path) -> list[str]:
         "cache's read-back and the copies around it, per layer) against the same call as `dooly profile`",
         "timed it at T = 2048 (the budget-filling points, interpolated in K). The last three columns",
         "time the call alone on the engine's own padded inputs for real steps of the ground truth",
-        "(`bench/attention_conditions.py`, the median of 20 calls in a loop): on a fresh cache, on one",
+        "(`lab/attention_conditions.py`, the median of 20 calls in a loop): on a fresh cache, on one",
         "whose free blocks were shuffled (pages scattered as on a server that has run a while), and at",
         "the end of 20 s of the same call back to back (the GPU under sustained load).",
         "",
@@ -589,7 +598,7 @@ def engine_step_lines(store: Path) -> list[str]:
         f"engine's, the calls moving from layer to layer) costs {signed_span(footprint_ratios)} against the",
         "profiler's one-layer cache.",
         "",
-        "Inside any forward, though: `bench/attention_in_forward.py` ran the whole model (the profiler's",
+        "Inside any forward, though: `lab/attention_in_forward.py` ran the whole model (the profiler's",
         "engine, the same padded inputs) on the same steps. There too cuDNN's kernel runs slower than",
         "alone (a little less than in the engine), and the whole forward's device time comes within 1-2%",
         "of the engine's step (ms; the kernel per layer):",
@@ -618,7 +627,7 @@ def signed_span(ratios: list[float]) -> str:
 
 
 def grid_thinning_lines() -> list[str]:
-    """Thinner attention designs replayed on the committed store (bench/grid_thinning.py)."""
+    """Thinner attention designs replayed on the committed store (lab/grid_thinning.py)."""
     results = [json.loads(path.read_text()) for path in sorted(GRID_THINNING.glob("*.json"))]
     if not results:
         return []
@@ -638,7 +647,7 @@ def grid_thinning_lines() -> list[str]:
         "### Would a thinner attention grid reach 70%?",
         "",
         "Attention is most of the campaign's device time and few models share an attention signature, so",
-        "the suite saving is bounded by the attention grid's size. `bench/grid_thinning.py` replays the",
+        "the suite saving is bounded by the attention grid's size. `lab/grid_thinning.py` replays the",
         "campaign with thinner designs on the committed store (each keeps the rows at its own points, all",
         "of them measured), refits, scores the fit on the default grid's attention points it left out",
         "(per-signature MAPE, median / p90 over signatures) and validates the ground truth again",
@@ -663,7 +672,7 @@ def layout_label(config: dict[str, int]) -> str:
 
 
 def attention_transfer_lines(store: Path) -> list[str]:
-    """Attention shared across head layouts (bench/attention_transfer.py on the fitted store)."""
+    """Attention shared across head layouts (reports/attention_transfer.py on the fitted store)."""
     run_module("attention_transfer.py", "--store", str(store), "--out", str(ATTENTION_TRANSFER))
     result = json.loads(ATTENTION_TRANSFER.read_text())
 
@@ -685,7 +694,7 @@ def attention_transfer_lines(store: Path) -> list[str]:
         "",
         "Two models share an attention signature only when backend, query heads, KV heads, head dim and",
         f"window all agree, so signature reuse stops at the campaign's {100 * campaign['campaign']['saving']:.1f}%.",
-        "`bench/attention_transfer.py` scores three ways to serve a layout from the layouts already held, on",
+        "`reports/attention_transfer.py` scores three ways to serve a layout from the layouts already held, on",
         "every attention signature of the committed store, against the signature's own model (its 5-fold",
         "held-out error): `unseen`, the backend's attention class regressor fitted on every other signature",
         f"(config dims as features); `probe`, the same with one grid point in {result['probe_every']} of the new",
@@ -761,7 +770,7 @@ def sdpa_repeat_lines(store: Path, work: Path) -> list[str]:
 
 
 def attention_cost_lines() -> list[str]:
-    """Where attention's profiling time goes, per timer phase (bench/attention_cost.py on the H100)."""
+    """Where attention's profiling time goes, per timer phase (lab/attention_cost.py on the H100)."""
     data = json.loads(ATTENTION_COST.read_text())
     rows = []
     for run in data["runs"]:
@@ -775,7 +784,7 @@ def attention_cost_lines() -> list[str]:
         "",
         "Attention is most of the campaign's device time for a few percent of kernel time. Every attention",
         "point of the (previous, 98-point) grid measured as `dooly profile` does, the timer's wall time",
-        f"summed per phase, in seconds ({data['device']}, torch {data['torch']}; `bench/attention_cost.py`,",
+        f"summed per phase, in seconds ({data['device']}, torch {data['torch']}; `lab/attention_cost.py`,",
         "`data/h100/experiments/attention_cost/`). `build` is the engine's inputs and one forward, where",
         "`paged|sdpa`'s first call at a new shape costs about 70 ms (the inputs alone take 3 ms; the engine",
         "pays the same per new shape when it runs without CUDA graphs) and flex compiles its variants;",
@@ -792,12 +801,14 @@ def attention_cost_lines() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "h100.md")
+    parser.add_argument("--results", type=Path, default=RESULTS_PAGE, help="The one-page summary of current figures.")
     args = parser.parse_args()
     images = args.out.parent / "img" / "h100"
     images.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         store = fit_copy(work)
+        fit_report = json.loads((store.parent / FIT_REPORT).read_text())
         engine_lines = engine_step_lines(store)
         transfer_lines = attention_transfer_lines(store)
         repeat_lines = sdpa_repeat_lines(store, work)
@@ -833,7 +844,7 @@ def main() -> None:
     lines = [
         "# H100 campaign report",
         "",
-        "Generated by `python bench/h100_report.py` (`make report`) from `data/h100/` alone; numbers below",
+        "Generated by `python reports/h100_report.py` (`make report`) from `data/h100/` alone; numbers below",
         f"are the committed measurements of one NVIDIA H100 80GB HBM3 ({(DATA / 'gpu.txt').read_text().strip()}).",
         "",
         suite,
@@ -849,7 +860,7 @@ def main() -> None:
         "## Accuracy: simulator against the real engine",
         "",
         "Each cell: `dooly bench` ground truth of transformers continuous batching (random weights, open-loop",
-        "arrivals, `bench/workloads/`), the engine overhead calibrated by `dooly overhead` on the cell's own",
+        "arrivals, `device/workloads/`), the engine overhead calibrated by `dooly overhead` on the cell's own",
         "`calib` workload, then `dooly validate` on the light and heavy workloads: per-request TTFT and TPOT",
         "MAPE (each request's simulated value against its measured one); per-step MAPE (the measured batch",
         "compositions replayed); and the distribution errors, the simulated mean or p90 across requests",
@@ -860,7 +871,7 @@ def main() -> None:
         "`graphs` after the workload was served three times unrecorded (`dooly bench --warm-passes 3`), as on",
         "a server that has been running, and the simulator replays the same passes. The `warm` cells of",
         "Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B and Qwen2.5-7B have a warm calib run of their own, recorded",
-        "on the same device lease as their light and heavy runs (`bench/device_host_cost.sh`), and are",
+        "on the same device lease as their light and heavy runs (`device/device_host_cost.sh`), and are",
         "calibrated on it; gemma-2-9b's warm cells use its `graphs` calib run (see the lease comparison below).",
         "",
         accuracy,
@@ -900,6 +911,11 @@ def main() -> None:
         "",
     ]
     args.out.write_text("\n".join(lines))
+    args.results.write_text(results_page(
+        gpu=(DATA / "gpu.txt").read_text().strip(), moe_gpu=(MOE_DATA / "gpu.txt").read_text().strip(),
+        store=DATA / "db", fit=fit_report, platform=PLATFORM, rows=rows,
+        moe_rows=json.loads((MOE_DATA / "validation" / "accuracy.json").read_text()), vllm_report=VLLM_REPORT,
+    ))
 
 
 if __name__ == "__main__":

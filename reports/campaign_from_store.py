@@ -7,7 +7,7 @@ part of a campaign that works), and its *alone* cost is
 what its whole grid of points cost when measured: the planner's `held_seconds`, as `dooly
 profile` reports it.
 
-    python bench/campaign_from_store.py --store DB > campaign.json
+    python reports/campaign_from_store.py --store DB > campaign.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dooly.profile.provenance import Stack
 from dooly.profile.run import load_or_trace
 from dooly.store.backends import open_store
 
-SUITE_ORDER = Path(__file__).parent / "suite_models.txt"
+SUITE_ORDER = Path(__file__).resolve().parent.parent / "device" / "suite_models.txt"
 # The campaign's passes, in order: the engine's two backends, then the profile-only one.
 CAMPAIGN_BACKENDS = "paged|sdpa,paged|eager,paged|flex_attention"
 TRACES = Path(__file__).parent.parent / "data" / "traces"
@@ -32,7 +32,12 @@ TRACES = Path(__file__).parent.parent / "data" / "traces"
 
 def suite_order(path: Path) -> list[tuple[str, str]]:
     """(model id, trace file stem) per line of the order file."""
-    return [tuple(line.split()) for line in path.read_text().splitlines() if line.strip()]  # type: ignore[misc]
+    order = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            model, stem = line.split()
+            order.append((model, stem))
+    return order
 
 
 def store_rows(store_dir: Path) -> Any:

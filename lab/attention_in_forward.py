@@ -1,13 +1,13 @@
 """Attention inside the engine's forward against the same call timed alone (one GPU, minutes).
 
 With the wave model, the fitted attention matches the engine-padded heavy mixed steps of
-Llama-3.1-8B timed alone (bench/attention_engine_padding.py) within 0-4%, yet the whole steps come
+Llama-3.1-8B timed alone (lab/attention_engine_padding.py) within 0-4%, yet the whole steps come
 out 3% under their measured device time. This runs the whole model (random weights, the engine's
 paged cache and padded inputs) on the same compositions under the torch profiler and reports, per
 step, the device time of every kernel by kind: the attention kernel per layer (to set against
 the standalone figure) and the rest.
 
-    python bench/attention_in_forward.py --model Llama-3.1-8B > out.json
+    python lab/attention_in_forward.py --model Llama-3.1-8B > out.json
 """
 
 from __future__ import annotations
