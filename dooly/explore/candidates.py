@@ -51,6 +51,10 @@ class Candidate:
         """Candidates with the same key run on the same step model (opened once per process)."""
         return (self.model, self.platform, self.engine, self.backend, self.dtype, self.tp)
 
+    def predictor_key(self) -> tuple[str, str, str, str]:
+        """Candidates with the same key read the same fitted regressors (whatever the model or TP)."""
+        return (self.platform, self.engine, self.backend, self.dtype)
+
     def settings_label(self) -> str:
         settings = self.settings
         return " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(settings.items())) or "defaults"
@@ -131,7 +135,7 @@ class StoreFacts:
     generation: int
     groups: tuple[tuple[str, str, str, str], ...]  # (platform, engine, backend, dtype) of kernel groups
     collectives: dict[tuple[str, str], tuple[str, ...]]  # (platform, dtype) -> interconnect labels
-    inventories: dict[str, tuple[int, ...]]  # model id (lower case) and short name -> tp degrees traced
+    inventories: dict[str, tuple[tuple[int, str], ...]]  # model id (lower case), short name -> (tp, backend) traced
 
 
 def read_store_facts(store_uri: str) -> StoreFacts:
@@ -152,12 +156,12 @@ def read_store_facts(store_uri: str) -> StoreFacts:
             collectives.setdefault((key[0], key[3]), []).append(key[2])
         elif key[2] != SHARED_BACKEND:
             groups.append(key)
-    inventories: dict[str, set[int]] = {}
+    inventories: dict[str, set[tuple[int, str]]] = {}
     for inventory in read_inventories(store).values():
         model_id = str(inventory.get("model_id", "")).lower()
         for name in {model_id, model_id.rsplit("/", 1)[-1], str(inventory.get("model_key", "")).lower()}:
             if name:
-                inventories.setdefault(name, set()).add(int(inventory.get("tp", 1) or 1))
+                inventories.setdefault(name, set()).add((int(inventory.get("tp", 1) or 1), str(inventory.get("backend", ""))))
     return StoreFacts(
         generation=int(meta.get("generation", 0)),
         groups=tuple(sorted(set(groups))),  # type: ignore[arg-type]
@@ -213,8 +217,8 @@ def _unpredictable(facts: StoreFacts, held: set[tuple[str, str, str, str]], c: C
     group = (c.platform, c.engine, c.backend, c.dtype)
     if group not in held:
         return f"no fitted models for {'/'.join(group)} in generation {facts.generation}"
-    degrees = facts.inventories.get(c.model.lower()) or facts.inventories.get(c.model.rsplit("/", 1)[-1].lower())
-    if not degrees:
+    traced = facts.inventories.get(c.model.lower()) or facts.inventories.get(c.model.rsplit("/", 1)[-1].lower())
+    if not traced:
         return f"no inventory of {c.model} in the store (profile or trace it first)"
     if c.tp > 1:
         labels = facts.collectives.get((c.platform, c.dtype), ())
@@ -222,6 +226,9 @@ def _unpredictable(facts: StoreFacts, held: set[tuple[str, str, str, str]], c: C
             return f"tp{c.tp}: no collectives measured on {c.platform}/{c.dtype}"
         if len(labels) > 1:
             return f"tp{c.tp}: collectives of several interconnects ({', '.join(labels)}); not chosen automatically"
-    if c.tp not in degrees:
-        return f"tp{c.tp}: no inventory of {c.model} for one rank of {c.tp} (traced: tp {', '.join(map(str, degrees))})"
+    if (c.tp, c.backend) not in traced:
+        # An attention signature belongs to the backend it was traced with: another backend's
+        # inventory would ask this group for an attention class it never fitted.
+        have = ", ".join(f"tp{t} {b}" for t, b in sorted(traced))
+        return f"no inventory of {c.model} traced with {c.backend} for tp{c.tp} (traced: {have})"
     return None

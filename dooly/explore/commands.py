@@ -135,12 +135,16 @@ def explore_command(
         raise DoolyError(f"empty candidate set: the store can predict none of the {len(space.unpredictable)} "
                          f"candidates ({detail})")
     _check_settings(space.runnable)
+    logger.info("explore: %d candidates to search, %d unpredictable (%.1f s)", len(space.runnable),
+                len(space.unpredictable), time.perf_counter() - started)
     context = SearchContext(store=store_uri, slos=slo_list, workload=workload, overheads=overhead_files,
                             model_settings={m: _model_groups(m) for m in models}, tolerance=tolerance,
                             min_rate=min_rate, max_rate=max_rate)
     memory = _memory(space.runnable, prices)
     to_search = [c for c in space.runnable if memory[c].get("fits") is not False]
+    logger.info("explore: model settings and memory ready (%.1f s)", time.perf_counter() - started)
     results = _search(to_search, context, jobs)
+    logger.info("explore: search done (%.1f s)", time.perf_counter() - started)
     by_candidate = dict(zip(to_search, results, strict=True))
     document = _document(models, store_uri, facts.generation, slo_list, workload, prices, space, memory,
                          by_candidate, time.perf_counter() - started, jobs)
@@ -168,7 +172,20 @@ def _check_settings(candidates: list[Any]) -> None:
 
 
 def _model_groups(model: str) -> dict[str, Any]:
-    """How MODEL's layer groups charge KV blocks (transformers; sliding-window models)."""
+    """How MODEL's layer groups charge KV blocks (transformers; sliding-window models).
+
+    Only a config with a sliding window in force needs the engine's own grouping, which imports
+    transformers (about 10 s on a loaded 2-core machine); full-attention models need nothing."""
+    from dooly.models.registry import resolve_model
+
+    try:
+        config = resolve_model(model).config
+    except DoolyError:
+        return {}
+    layer_types = config.get("layer_types") or []
+    window = config.get("sliding_window")
+    if "sliding_attention" not in layer_types and (not window or config.get("use_sliding_window") is False):
+        return {}
     from dooly.sim.commands import _with_model_groups
 
     return _with_model_groups(model, "transformers", {})
@@ -214,8 +231,13 @@ def _document(models, store_uri, generation, slos, workload, prices, space, memo
     from dooly.explore.report import SCHEMA, closest_candidate, frontier, price_result, rank
 
     results = []
+    unpredictable = [{"candidate": c.to_dict(), "label": c.label(), "status": "unpredictable", "reason": reason,
+                      "capacity_rps": None} for c, reason in space.unpredictable]
     for c in space.runnable:
         found = by_candidate.get(c)
+        if found is not None and found["status"] == "unpredictable":
+            unpredictable.append(found)
+            continue
         if found is None:
             found = {"candidate": c.to_dict(), "label": c.label(), "status": "does_not_fit", "capacity_rps": 0.0,
                      "reason": memory[c].get("reason"), "points": []}
@@ -225,8 +247,6 @@ def _document(models, store_uri, generation, slos, workload, prices, space, memo
         price_result(found, prices)
         results.append(found)
     ranked = rank(results)
-    unpredictable = [{"candidate": c.to_dict(), "label": c.label(), "status": "unpredictable", "reason": reason,
-                      "capacity_rps": None} for c, reason in space.unpredictable]
     best = next((r for r in ranked if r.get("rank") == 1), None)
     memo = [r.get("memo", {}) for r in results]
     hits, misses = sum(m.get("hits", 0) for m in memo), sum(m.get("misses", 0) for m in memo)

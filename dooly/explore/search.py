@@ -8,9 +8,9 @@ same requests. Per candidate:
 
 1. saturation: all requests at once; the completed requests per second bound any sustainable rate;
 2. if the SLO holds at that rate the candidate's capacity is it (throughput-bound, not SLO-bound);
-3. otherwise try `min_rate` (saturation / 256 by default): a candidate missing the SLO there does
-   not meet it; else halve the rate from the top until the SLO holds, then bisect the bracket
-   geometrically until hi / lo <= 1 + tolerance; the capacity is the last rate that held.
+3. otherwise halve the rate until the SLO holds; past three halvings, `min_rate` (saturation / 256
+   by default) is tried first, and a candidate missing the SLO there does not meet it; then bisect
+   the bracket geometrically until hi / lo <= 1 + tolerance; the capacity is the last rate that held.
 
 Bisection assumes the percentiles grow with the rate; with a finite request count they are noisy
 near the knee, so the answer is good to about the tolerance, not better.
@@ -51,6 +51,9 @@ SATURATION_RATE = 1e9
 # Memo entries kept per step model before the memo is cleared (bounds a worker's memory).
 MEMO_LIMIT = 2_000_000
 RATE_HALVING = 2.0
+# Halvings from the saturation rate tried before the floor is checked (most candidates that meet
+# the SLO at all do so within a factor 8 of saturation).
+QUICK_HALVINGS_RATIO = RATE_HALVING**3
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,9 @@ ModelOpener = Callable[[Candidate, "SearchContext"], CandidateModels]
 
 _STEP_CACHE: dict[tuple[Any, ...], tuple[MemoStep, dict[str, Any], int | None]] = {}
 _OVERHEAD_CACHE: dict[str, CpuOverheadModel] = {}
+# One fitted predictor per (store, platform, engine, backend, dtype) and process: every model and
+# TP degree on it shares the loaded regressors (loading is most of a cold candidate's cost).
+_PREDICTOR_CACHE: dict[tuple[str, ...], Any] = {}
 
 
 def open_store_models(candidate: Candidate, context: SearchContext) -> CandidateModels:
@@ -193,10 +199,14 @@ def open_store_models(candidate: Candidate, context: SearchContext) -> Candidate
     key = (context.store, *candidate.source_key())
     cached = _STEP_CACHE.get(key)
     if cached is None:
-        from dooly.fit.source import open_fitted_step
+        from dooly.fit.source import open_inventory, open_predictor
 
-        fitted = open_fitted_step(candidate.source(context.store), candidate.model)
-        step = fitted.step
+        source = candidate.source(context.store)
+        predictor_key = (context.store, *candidate.predictor_key())
+        predictor = _PREDICTOR_CACHE.get(predictor_key)
+        if predictor is None:
+            predictor = _PREDICTOR_CACHE[predictor_key] = open_predictor(source)
+        step = predictor.step_predictor(open_inventory(source, candidate.model))
         ops, unseen = int(step.op_count), int(step.unseen_count)
         coverage = {
             "kind": "proxy: share of the model's operations (not of its device time) measured on this platform",
@@ -204,7 +214,7 @@ def open_store_models(candidate: Candidate, context: SearchContext) -> Candidate
             "unseen_count": unseen,
             "measured_share": (ops - unseen) / ops if ops else None,
         }
-        cached = (MemoStep(step), coverage, int(fitted.predictor.generation))
+        cached = (MemoStep(step), coverage, int(predictor.generation))
         _STEP_CACHE[key] = cached
     memo, coverage, generation = cached
     overhead_path = context.overhead_for(candidate.platform, candidate.backend)
@@ -285,7 +295,13 @@ def search_capacity(candidate: Candidate, context: SearchContext) -> dict[str, A
     """The largest rate meeting the SLOs for one candidate (see the module docstring)."""
     from dooly.sim.schedulers import SimulationError
 
-    models = context.opener(candidate, context)
+    try:
+        models = context.opener(candidate, context)
+    except DoolyError as exc:
+        # The store lists the group but cannot predict this model on it (an op class never
+        # measured there, an unreadable file): the candidate is reported, not the search aborted.
+        return {"candidate": candidate.to_dict(), "label": candidate.label(), "status": "unpredictable",
+                "reason": str(exc), "capacity_rps": None, "points": []}
     memo = models.step if isinstance(models.step, MemoStep) else None
     hits0, misses0 = (memo.hits, memo.misses) if memo else (0, 0)
     points: list[dict[str, Any]] = []
@@ -309,14 +325,17 @@ def search_capacity(candidate: Candidate, context: SearchContext) -> dict[str, A
             best, limited_by = top, ("max_rate" if context.max_rate and hi < saturation else "throughput")
         else:
             best, limited_by = None, "slo"
-            # The floor first: a candidate that misses the SLO even there costs one (slow, unbatched)
-            # low-rate simulation instead of a whole descent.
-            bottom = _evaluate(candidate, models, context, min(floor, hi))
-            points.append(bottom)
-            lo = hi
-            while bottom["ok"] and best is None:
+            lo, bottom = hi, None
+            while best is None:
                 lo /= RATE_HALVING
-                if lo <= bottom["rate_rps"]:
+                if bottom is None and (lo <= floor or top["rate_rps"] / lo > QUICK_HALVINGS_RATIO):
+                    # Not within a few halvings of saturation: check the floor before a long
+                    # descent (low rates are the slow, unbatched simulations).
+                    bottom = _evaluate(candidate, models, context, floor)
+                    points.append(bottom)
+                    if not bottom["ok"]:
+                        break
+                if lo <= floor:
                     best = bottom
                     break
                 point = _evaluate(candidate, models, context, lo)
@@ -353,11 +372,11 @@ def _search_group(candidates: list[Candidate], context: SearchContext) -> list[d
 
 
 def group_tasks(candidates: Sequence[Candidate], jobs: int) -> list[list[Candidate]]:
-    """Candidates sharing a step model go to one task (one process opens it once); groups are split
-    when there are fewer than two tasks per worker, so every core has work."""
+    """Candidates sharing a fitted predictor go to one task (one process loads it once); groups are
+    split when there are fewer than two tasks per worker, so every core has work."""
     groups: dict[tuple[Any, ...], list[Candidate]] = {}
     for c in candidates:
-        groups.setdefault(c.source_key(), []).append(c)
+        groups.setdefault(c.predictor_key(), []).append(c)
     tasks = list(groups.values())
     while len(tasks) < 2 * jobs and any(len(t) > 1 for t in tasks):
         tasks.sort(key=len, reverse=True)
