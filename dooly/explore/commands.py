@@ -32,18 +32,21 @@ COVERAGE_NOTE = ("share of the model's operations measured on the platform (op_c
 
 
 def parse_overheads(items: tuple[str, ...]) -> dict[str, str]:
-    """`--overhead [PLATFORM:]BACKEND=FILE` or `--overhead FILE` (every candidate) -> lookup keys."""
+    """`--overhead [PLATFORM:]BACKEND[:graphs|nographs]=FILE`, `--overhead *:graphs=FILE` or
+    `--overhead FILE` (every candidate) -> lookup keys of `SearchContext.overhead_for`."""
+    from dooly.explore.search import GRAPHS, NO_GRAPHS
+    from dooly.sim.step_model import CpuOverheadModel
+
     found: dict[str, str] = {}
     for item in items:
         key, sep, path = item.rpartition("=")
         if not sep:
             key, path = "*", item
-        if not key:
-            raise DoolyError(f"--overhead {item!r}: expected [PLATFORM:]BACKEND=FILE or FILE")
+        parts = key.split(":")
+        if not key or len(parts) > 3 or not all(parts) or (len(parts) == 3 and parts[2] not in (GRAPHS, NO_GRAPHS)):
+            raise DoolyError(f"--overhead {item!r}: expected [PLATFORM:]BACKEND[:graphs|nographs]=FILE or FILE")
         if not Path(path).is_file():
             raise DoolyError(f"--overhead {item!r}: file {path} does not exist")
-        from dooly.sim.step_model import CpuOverheadModel
-
         CpuOverheadModel.load(path)  # malformed files fail here, before any simulation
         found[key] = path
     return found
@@ -64,8 +67,9 @@ def parse_overheads(items: tuple[str, ...]) -> dict[str, str]:
               help="Engine setting values to cross (repeat), e.g. num_blocks=2048,4096 use_cuda_graph=false,true.")
 @click.option("--prices", "prices_path", type=click.Path(dir_okay=False),
               help="YAML of USD per GPU-hour per platform [default: the packaged EXAMPLE table].")
-@click.option("--overhead", "overheads", multiple=True, metavar="[PLATFORM:]BACKEND=FILE",
-              help="Host-overhead model (dooly.cpu_overhead/1) per platform/backend, or FILE for all (repeat).")
+@click.option("--overhead", "overheads", multiple=True, metavar="[PLATFORM:]BACKEND[:graphs|nographs]=FILE",
+              help="Host-overhead model (dooly.cpu_overhead/1) per platform/backend, optionally per CUDA-graph "
+                   "mode (use_cuda_graph on or off), or FILE for all (repeat; the most specific key wins).")
 @workload_options_except("rate")
 @click.option("--tolerance", type=float, default=0.05, show_default=True,
               help="Stop bisecting when the bracket's hi/lo <= 1 + tolerance.")

@@ -217,7 +217,7 @@ def open_store_models(candidate: Candidate, context: SearchContext) -> Candidate
         cached = (MemoStep(step), coverage, int(predictor.generation))
         _STEP_CACHE[key] = cached
     memo, coverage, generation = cached
-    overhead_path = context.overhead_for(candidate.platform, candidate.backend)
+    overhead_path = context.overhead_for(candidate.platform, candidate.backend, graph_mode(candidate.settings))
     overhead = None
     if overhead_path:
         overhead = _OVERHEAD_CACHE.get(overhead_path)
@@ -252,18 +252,31 @@ class SearchContext:
     store: str
     slos: list[Slo]
     workload: RateWorkload
-    overheads: dict[str, str] = field(default_factory=dict)  # "PLATFORM:BACKEND" | "BACKEND" | "*" -> file
+    overheads: dict[str, str] = field(default_factory=dict)  # "[PLATFORM:]BACKEND[:MODE]" | "*[:MODE]" -> file
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model: KV layer groups
     tolerance: float = DEFAULT_TOLERANCE
     min_rate: float | None = None
     max_rate: float | None = None
     opener: ModelOpener = open_store_models
 
-    def overhead_for(self, platform: str, backend: str) -> str | None:
-        for key in (f"{platform}:{backend}", backend, "*"):
+    def overhead_for(self, platform: str, backend: str, mode: str) -> str | None:
+        """The overhead file for a candidate: the most specific key given wins (platform, backend,
+        graph mode: the host cost of a CUDA-graph replay is a fraction of an eager step's)."""
+        for key in (f"{platform}:{backend}:{mode}", f"{platform}:{backend}", f"{backend}:{mode}", backend,
+                    f"*:{mode}", "*"):
             if key in self.overheads:
                 return self.overheads[key]
         return None
+
+
+GRAPHS, NO_GRAPHS = "graphs", "nographs"
+
+
+def graph_mode(settings: dict[str, Any]) -> str:
+    """`graphs` when the engine settings turn CUDA graphs on for any path, else `nographs`."""
+    value = settings.get("use_cuda_graph", False)
+    on = any(bool(v) for v in value) if isinstance(value, list) else bool(value)
+    return GRAPHS if on else NO_GRAPHS
 
 
 def _evaluate(candidate: Candidate, models: CandidateModels, context: SearchContext, rate: float) -> dict[str, Any]:

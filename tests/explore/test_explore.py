@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import FAST, SLOW, TOY
 
 from dooly.cli import cli
+from dooly.errors import DoolyError
 from dooly.explore.candidates import build_space, parse_setting_grid, read_store_facts
 from dooly.explore.hardware import GIB, memory_verdict, model_memory, parameter_count
 from dooly.explore.search import MemoStep
@@ -173,3 +174,25 @@ def test_space_lists_every_asked_candidate(two_platform_store):
     assert len(space.runnable) + len(space.unpredictable) == 2 * 2 * 2 * 2
     assert {c.platform for c in space.runnable} == {FAST, SLOW} and all(c.tp == 1 for c in space.runnable)
     assert any("no inventory of org/unknown" in reason for _, reason in space.unpredictable)
+
+
+def test_overhead_keys_pick_the_most_specific_file(tmp_path):
+    from dooly.explore.commands import parse_overheads
+    from dooly.explore.search import RateWorkload, SearchContext, graph_mode
+    from dooly.workload import WorkloadSpec
+
+    files = {}
+    for name in ("all", "sdpa", "sdpa_graphs", "h100_sdpa"):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps({"terms": {"default": {"constant_s": 0.001}}}))
+    overheads = parse_overheads((str(files["all"]), f"paged|sdpa={files['sdpa']}",
+                                 f"paged|sdpa:graphs={files['sdpa_graphs']}", f"H100:paged|sdpa={files['h100_sdpa']}"))
+    context = SearchContext(store="", slos=[], workload=RateWorkload.from_spec(WorkloadSpec(num_requests=2)),
+                            overheads=overheads)
+    assert graph_mode({"use_cuda_graph": [False, True]}) == "graphs" and graph_mode({}) == "nographs"
+    assert context.overhead_for("H200", "paged|sdpa", "graphs") == str(files["sdpa_graphs"])
+    assert context.overhead_for("H200", "paged|sdpa", "nographs") == str(files["sdpa"])
+    assert context.overhead_for("H100", "paged|sdpa", "nographs") == str(files["h100_sdpa"])
+    assert context.overhead_for("H100", "paged|eager", "graphs") == str(files["all"])
+    with pytest.raises(DoolyError, match="graphs"):
+        parse_overheads((f"H100:paged|sdpa:warm={files['sdpa']}",))
