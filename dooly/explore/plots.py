@@ -12,13 +12,14 @@ from dooly.sim.plots import _pyplot
 CAPACITY_FILE = "capacity.png"
 FRONTIER_FILE = "frontier.png"
 PANEL_WIDTH = 5.5
-PANEL_HEIGHT = 4.2
+PANEL_HEIGHT = 5.0
 FRONTIER_SIZE = (8.0, 5.0)
 DPI = 90
 MS_PER_S = 1e3
 TOP_PLOTTED = 6
 LEGEND_FONT = 6
 LABEL_FONT = 6
+LEGEND_SPACE = 0.22  # share of the capacity figure's height kept below the panels for the legend
 
 
 def _title(document: dict[str, Any]) -> str:
@@ -42,9 +43,10 @@ def plot_capacity(document: dict[str, Any], directory: Path) -> Path:
         ax.set_ylabel(f"{slo['name']} (ms)")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=LEGEND_FONT)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=LEGEND_FONT, frameon=False)
     fig.suptitle(_title(document), fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, LEGEND_SPACE, 1, 1))
     path = directory / CAPACITY_FILE
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -56,15 +58,19 @@ def plot_frontier(document: dict[str, Any], directory: Path) -> Path:
     plt = _pyplot()
     front = document["frontier"]
     fig, ax = plt.subplots(figsize=FRONTIER_SIZE)
-    every = front["all_points"]
-    ax.scatter([p["cost"] for p in every], [p["latency_s"] * MS_PER_S for p in every], s=8, color="0.7",
-               label="operating points meeting the SLO")
-    points = front["points"]
-    ax.plot([p["cost"] for p in points], [p["latency_s"] * MS_PER_S for p in points], marker="o", color="tab:red",
-            label="Pareto frontier")
-    for p in points:
-        ax.annotate(f"{p['label']} @ {p['rate_rps']:.2g} req/s", (p["cost"], p["latency_s"] * MS_PER_S),
-                    fontsize=LABEL_FONT, xytext=(3, 3), textcoords="offset points")
+    for model, found in front["models"].items():
+        every, points = found["all_points"], found["points"]
+        short = model.rsplit("/", 1)[-1]
+        dots = ax.scatter([p["cost"] for p in every], [p["latency_s"] * MS_PER_S for p in every], s=8, alpha=0.4,
+                          label=f"{short}: operating points meeting the SLO")
+        ax.plot([p["cost"] for p in points], [p["latency_s"] * MS_PER_S for p in points], marker="o",
+                color=dots.get_facecolor()[0][:3], label=f"{short}: Pareto frontier")
+        for p in points:
+            c = p["candidate"]
+            settings = " ".join(f"{k}={v}" for k, v in sorted(c["settings"].items()))
+            ax.annotate(f"{c['platform']} {c['backend']} tp{c['tp']} {settings} @ {p['rate_rps']:.2g}/s",
+                        (p["cost"], p["latency_s"] * MS_PER_S), fontsize=LABEL_FONT, xytext=(3, 3),
+                        textcoords="offset points")
     ax.set_xlabel(front["cost_unit"] + (" (EXAMPLE prices)" if document["prices"]["example"] else ""))
     ax.set_ylabel(f"{front['latency']} (ms)")
     ax.grid(True, alpha=0.3)

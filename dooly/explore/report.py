@@ -78,7 +78,8 @@ def rank(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def frontier(results: list[dict[str, Any]], prices: PriceTable, latency_key: str) -> dict[str, Any]:
-    """Pareto frontier of (cost, latency) over every deployable operating point that met the SLO.
+    """Pareto frontier of (cost, latency) over every deployable operating point that met the SLO,
+    one per model (models are different products: a planner trades configurations of one).
 
     Cost is USD per million output tokens when every deployable candidate's platform has a price,
     else GPU-hours per million output tokens for all (one unit on one axis)."""
@@ -97,14 +98,24 @@ def frontier(results: list[dict[str, Any]], prices: PriceTable, latency_key: str
             cost = (factor or 1.0) * tp * PER_MILLION / (tokens * SECONDS_PER_HOUR)
             points.append({"label": r["label"], "candidate": r["candidate"], "rate_rps": p["rate_rps"],
                            "cost": cost, "latency_s": latency})
-    points.sort(key=lambda p: (p["cost"], p["latency_s"]))
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        by_model.setdefault(p["candidate"]["model"], []).append(p)
+    models = {model: {"points": _pareto(found), "all_points": found} for model, found in by_model.items()}
+    return {"cost_unit": unit, "latency": latency_key, "models": models,
+            "points": [p for m in models.values() for p in m["points"]], "all_points": points}
+
+
+def _pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points no other is at least as cheap and as fast as (and better in one), cheapest first."""
+    ordered = sorted(points, key=lambda p: (p["cost"], p["latency_s"]))
     best_latency = math.inf
     on_frontier = []
-    for p in points:
+    for p in ordered:
         if p["latency_s"] < best_latency:
             on_frontier.append(p)
             best_latency = p["latency_s"]
-    return {"cost_unit": unit, "latency": latency_key, "points": on_frontier, "all_points": points}
+    return on_frontier
 
 
 def csv_text(ranked: list[dict[str, Any]], unpredictable: list[dict[str, Any]]) -> str:
@@ -170,11 +181,11 @@ def text_report(document: dict[str, Any]) -> str:
         closest = document.get("closest")
         lines.append("no candidate meets the SLO" + (f"; closest: {closest['label']} ({closest['detail']})" if closest else ""))
     front = document["frontier"]
-    if front["points"]:
-        lines += ["", f"Pareto frontier ({front['cost_unit']} vs {front['latency']}):",
+    for model, found in front["models"].items():
+        lines += ["", f"Pareto frontier of {model} ({front['cost_unit']} vs {front['latency']}):",
                   format_table(["candidate", "rate req/s", "cost", f"{front['latency']} ms"],
                                [(p["label"], _fmt(p["rate_rps"]), _fmt(p["cost"], ".3f"), _fmt(p["latency_s"] * MS_PER_S, ".1f"))
-                                for p in front["points"]])]
+                                for p in found["points"]])]
     if document["unpredictable"]:
         lines += ["", "not predictable from this store:"]
         lines += [f"  {u['label']}: {u['reason']}" for u in document["unpredictable"]]
