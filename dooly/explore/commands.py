@@ -103,7 +103,7 @@ def explore_command(
     Example:
       dooly explore meta-llama/Llama-3.1-8B Qwen/Qwen2.5-7B --store ./db \\
           --slo ttft_p90=0.5 --slo tpot_p90=0.05 --backend 'paged|sdpa' --backend 'paged|eager' \\
-          --set num_blocks=2048,4096 --requests 200 --prompt-len uniform:128:2048 --out explore/
+          --set num_blocks=512,1024 --set use_cuda_graph=false,true --requests 200 --out explore/
     """
     from dooly.explore.candidates import build_space, parse_setting_grid, parse_tp, read_store_facts
     from dooly.explore.hardware import load_prices

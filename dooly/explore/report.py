@@ -179,7 +179,14 @@ def text_report(document: dict[str, Any]) -> str:
                      f"({best['goodput']['output_tokens_per_s']:.0f} output tok/s)")
     else:
         closest = document.get("closest")
-        lines.append("no candidate meets the SLO" + (f"; closest: {closest['label']} ({closest['detail']})" if closest else ""))
+        if closest:
+            lines.append(f"no candidate meets the SLO; closest: {closest['label']} ({closest['detail']})")
+        else:
+            statuses: dict[str, int] = {}
+            for r in document["candidates"]:
+                statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+            counts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in sorted(statuses.items()))
+            lines.append(f"no candidate meets the SLO ({counts})")
     front = document["frontier"]
     for model, found in front["models"].items():
         lines += ["", f"Pareto frontier of {model} ({front['cost_unit']} vs {front['latency']}):",
