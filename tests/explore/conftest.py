@@ -1,6 +1,4 @@
-"""A synthetic fitted store with two platforms whose optimum is known by construction: every
-operation of `SLOW` takes twice what it takes on `FAST` (the same laws, latencies doubled), so at
-equal prices FAST serves more per dollar, and at a tenth of the price SLOW does."""
+"""Fixtures of the explore tests: the two-platform synthetic store (see explore_support)."""
 
 from __future__ import annotations
 
@@ -9,25 +7,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from explore_support import FAST, FOLDS, REPEATS, SLOW, SLOWDOWN, TOY, rows_for
 
 from dooly.cli import cli
 from dooly.fit import synthetic as syn
-
-FAST = "Synthetic-Fast-80GB"
-SLOW = "Synthetic-Slow-80GB"
-SLOWDOWN = 2.0
-TOY = syn.TOY_MODELS[2]  # toy/gamma-7b
-FOLDS = 2
-REPEATS = 1
-LATENCY_COLUMNS = ("latency_median_s", "latency_p10_s", "latency_p90_s", "latency_mean_s")
-
-
-def _rows(platform: str, factor: float) -> list[dict]:
-    rows = syn.snapshot_rows((TOY,), platform=platform)
-    for row in rows:
-        for column in LATENCY_COLUMNS:
-            row[column] *= factor
-    return rows
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +25,7 @@ def two_platform_store(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("explore-db"))
     store = open_store(root)
     for index, (platform, factor) in enumerate(((FAST, 1.0), (SLOW, SLOWDOWN))):
-        table = pa.Table.from_pylist(_rows(platform, factor), schema=SHARD_SCHEMA)
+        table = pa.Table.from_pylist(rows_for(platform, factor), schema=SHARD_SCHEMA)
         write_shard(store, table, run_id="synthetic", chunk_index=index)
     write_json(store, syn.inventory_store_key(TOY), syn.inventory(TOY))
     merge_store(store)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import FAST, SLOW, TOY
+from explore_support import FAST, SLOW, TOY
 
 from dooly.cli import cli
 from dooly.errors import DoolyError

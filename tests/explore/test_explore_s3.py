@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import FAST, TOY
+from explore_support import FAST, TOY
 
 from dooly.cli import cli
 
