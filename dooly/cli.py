@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "validate": "dooly.sim.commands:validate_command",
     "measure-steps": "dooly.engines.steps:measure_steps_command",
     "validate-steps": "dooly.sim.commands:validate_steps_command",
+    "explore": "dooly.explore.commands:explore_command",
     "export": "dooly.sim.commands:export_group",
     "fleet": "dooly.fleet.commands:fleet_group",
     "demo": "dooly.fleet.commands:demo_command",

@@ -407,16 +407,31 @@ _WORKLOAD_PARAMS = ("workload", "trace", "requests", "rate", "arrival", "cv", "p
 def workload_options(func: Any) -> Any:
     """Add the workload flags to a click command; they reach it as one `workload_args` dict, to be
     passed to `spec_from_options`."""
+    return workload_options_except()(func)
+
+
+def workload_options_except(*excluded: str) -> Any:
+    """`workload_options` without some flags (by parameter name): `dooly explore` searches the
+    rate, so it takes every workload flag but `--rate`."""
     import functools
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        kwargs["workload_args"] = {name: kwargs.pop(name) for name in _WORKLOAD_PARAMS}
-        return func(*args, **kwargs)
+    unknown = sorted(set(excluded) - set(_WORKLOAD_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown workload option(s) {unknown}")
+    params = [name for name in _WORKLOAD_PARAMS if name not in excluded]
+    options = [opt for name, opt in zip(_WORKLOAD_PARAMS, _WORKLOAD_OPTIONS, strict=True) if name not in excluded]
 
-    for option in reversed(_WORKLOAD_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
+    def decorate(func: Any) -> Any:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs["workload_args"] = {name: kwargs.pop(name) for name in params}
+            return func(*args, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
 
 
 def spec_from_options(

@@ -23,7 +23,8 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 COPY pyproject.toml README.md /src/
 COPY dooly /src/dooly
-RUN pip install /src && rm -rf /src
+# The plot extra: `dooly explore` in the merge Job writes its PNG figures to the store.
+RUN pip install "/src[plot]" && rm -rf /src
 
 USER 10001:10001
 WORKDIR /home/dooly

@@ -35,6 +35,7 @@ NAME_LABEL = "app.kubernetes.io/name"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 COMPONENT_PROFILE = "profile"
 COMPONENT_MERGE = "merge"
+MILLICPU = 1000
 COMPONENT_SIMULATE = "simulate"
 COMPONENT_CONTROLLER = "controller"
 
@@ -176,6 +177,14 @@ def build_merge_job(spec: FleetSpec, *, run_id: str | None = None, suspend: bool
     fit = _container(
         "fit", spec.controller_image, ["fit", "--store", spec.store, "--output", "json"], env, requests, limits
     )
+    # Containers of a pod run side by side and init containers one after the other: with
+    # explorations, fit becomes an init container and each exploration runs after it, on the
+    # generation it just fitted; the last one is the pod's container.
+    explore = [
+        _container(f"explore-{e.name}", spec.controller_image, _explore_args(spec, e), env, requests, limits)
+        for e in spec.explorations
+    ]
+    steps = [merge, fit, *explore]
     annotations = {STORE_ANNOTATION: spec.store}
     return {
         "apiVersion": "batch/v1",
@@ -191,10 +200,24 @@ def build_merge_job(spec: FleetSpec, *, run_id: str | None = None, suspend: bool
             "ttlSecondsAfterFinished": spec.ttl_after_finished_s,
             "template": {
                 "metadata": {"labels": dict(labels), "annotations": dict(annotations)},
-                "spec": _pod_spec([fit], init_containers=[merge]),
+                "spec": _pod_spec(steps[-1:], init_containers=steps[:-1]),
             },
         },
     }
+
+
+def _explore_args(spec: FleetSpec, exploration: Any) -> list[str]:
+    """`dooly explore` of one configured exploration, its answer written to reports/gen-N/<name>/;
+    as many worker processes as the merge pod requests CPUs."""
+    return ["explore", *exploration.args, "--store", spec.store, "--report", "--report-name", exploration.name,
+            "--jobs", str(_cpu_count(spec.merge_resources.cpu)), "--output", "json"]
+
+
+def _cpu_count(quantity: str) -> int:
+    """Whole CPUs of a Kubernetes CPU quantity ("2", "1.5", "500m"), at least one."""
+    if quantity.endswith("m"):
+        return max(int(quantity[:-1]) // MILLICPU, 1)
+    return max(int(float(quantity)), 1)
 
 
 def build_simulate_job(

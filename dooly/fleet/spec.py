@@ -12,6 +12,7 @@ found at 2 a.m. by the CronJob is a wasted night of GPU time.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,16 @@ class ProfileTarget:
 
 
 @dataclass(frozen=True)
+class Exploration:
+    """One `dooly explore` the merge Job runs after each fit, its answer written to the store's
+    reports/gen-N/<name>/ (`args`: the command's arguments after `explore`, store and report
+    flags left to the Job)."""
+
+    name: str
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class FleetSpec:
     """A validated fleet file. Build it with `FleetSpec.load`; narrow it with `select`."""
 
@@ -111,6 +122,7 @@ class FleetSpec:
     merge_retries: int
     dtype: str | None = None  # None: the profiler's default
     profile_flags: tuple[str, ...] = ()  # extra `dooly profile` flags from the `profile:` section
+    explorations: tuple[Exploration, ...] = ()  # `dooly explore` runs after each fit (`explorations:`)
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> FleetSpec:
@@ -318,7 +330,16 @@ def _kind(value: Any) -> str:
 
 
 _TOP_REQUIRED = ("namespace", "store", "s3Secret", "images", "models", "engines", "gpuTypes")
-_TOP_OPTIONAL = ("schedule", "timeZone", "tolerations", "resources", "deadlines", "retries", "profile")
+_TOP_OPTIONAL = ("schedule", "timeZone", "tolerations", "resources", "deadlines", "retries", "profile", "explorations")
+# `explorations:` entries: required and optional fields, and the workload fields with their flags.
+EXPLORATION_REQUIRED = ("name", "models", "slo")
+EXPLORATION_OPTIONAL = ("platforms", "backends", "engines", "dtypes", "tp", "settings", "workload")
+EXPLORATION_LIST_FLAGS = {"platforms": "--platform", "backends": "--backend", "engines": "--engine", "dtypes": "--dtype"}
+EXPLORATION_WORKLOAD_INT = {"requests": "--requests", "seed": "--seed"}
+EXPLORATION_WORKLOAD_STR = {"promptLen": "--prompt-len", "outputLen": "--output-len", "arrival": "--arrival"}
+EXPLORATION_WORKLOAD_NUM = {"cv": "--cv"}
+# A container is named explore-<name>: at most 63 characters.
+EXPLORATION_NAME_MAX = 40
 # Optional `profile:` settings and the `dooly profile` flags they become (the sweep of request dims).
 PROFILE_INT_FLAGS = {
     "maxTokens": "--max-tokens",
@@ -385,6 +406,7 @@ def _build(doc: _Document, text: str) -> FleetSpec:
         for key, default in _DEFAULT_RETRIES.items()
     }
     dtype, profile_flags = _profile_section(doc, top.get("profile", {}))
+    explorations = _explorations(doc, top.get("explorations", []))
     return FleetSpec(
         source=doc.source,
         text=text,
@@ -408,7 +430,64 @@ def _build(doc: _Document, text: str) -> FleetSpec:
         merge_retries=retries["merge"],
         dtype=dtype,
         profile_flags=profile_flags,
+        explorations=explorations,
     )
+
+
+def _explorations(doc: _Document, value: Any) -> tuple[Exploration, ...]:
+    """The `explorations:` list: each entry becomes the arguments of one `dooly explore`."""
+    from dooly.explore.search import SLO_METRICS, SLO_STATISTICS
+
+    if not isinstance(value, list):
+        raise doc.error(("explorations",), f"expected a list, got {_kind(value)}")
+    found: list[Exploration] = []
+    for i, entry in enumerate(value):
+        path: Path_ = ("explorations", i)
+        section = doc.mapping(entry, path, required=EXPLORATION_REQUIRED, optional=EXPLORATION_OPTIONAL)
+        name = doc.string(section["name"], path + ("name",))
+        if not checks.is_dns1123_label(name) or len(name) > EXPLORATION_NAME_MAX:
+            raise doc.error(path + ("name",), f"{name!r} is not a DNS-1123 label of at most {EXPLORATION_NAME_MAX} characters")
+        if any(e.name == name for e in found):
+            raise doc.error(path + ("name",), f"exploration {name!r} is listed twice")
+        args = list(doc.string_list(section["models"], path + ("models",)))
+        slo = doc.mapping(section["slo"], path + ("slo",), required=(),
+                          optional=tuple(f"{m}_{s}" for m in SLO_METRICS for s in SLO_STATISTICS))
+        if not slo:
+            raise doc.error(path + ("slo",), "give at least one objective, e.g. ttft_p90: 0.5")
+        for metric, limit in slo.items():
+            if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0:
+                raise doc.error(path + ("slo", metric), f"expected a positive number of seconds, got {_kind(limit)}")
+            args += ["--slo", f"{metric}={limit}"]
+        for key, flag in EXPLORATION_LIST_FLAGS.items():
+            if key in section:
+                for item in doc.string_list(section[key], path + (key,)):
+                    args += [flag, item]
+        if "tp" in section:
+            if not isinstance(section["tp"], list) or not section["tp"]:
+                raise doc.error(path + ("tp",), f"expected a non-empty list of degrees, got {_kind(section['tp'])}")
+            degrees = [doc.integer(d, path + ("tp", j), minimum=1, maximum=MAX_GPUS_PER_POD) for j, d in enumerate(section["tp"])]
+            args += ["--tp", ",".join(str(d) for d in degrees)]
+        settings = doc.mapping(section.get("settings", {}), path + ("settings",), required=(),
+                               optional=tuple(section.get("settings", {}) or ()))
+        for key, values in settings.items():
+            items = values if isinstance(values, list) else [values]
+            if not items or any(isinstance(v, dict | list) or v is None for v in items):
+                raise doc.error(path + ("settings", key), "expected a scalar or a list of scalars")
+            args += ["--set", f"{key}={','.join(json.dumps(v) if not isinstance(v, str) else v for v in items)}"]
+        workload = doc.mapping(section.get("workload", {}), path + ("workload",), required=(),
+                               optional=(*EXPLORATION_WORKLOAD_INT, *EXPLORATION_WORKLOAD_STR, *EXPLORATION_WORKLOAD_NUM))
+        for key, value in workload.items():
+            where = path + ("workload", key)
+            if key in EXPLORATION_WORKLOAD_INT:
+                args += [EXPLORATION_WORKLOAD_INT[key], str(doc.integer(value, where, minimum=1 if key == "requests" else 0))]
+            elif key in EXPLORATION_WORKLOAD_STR:
+                args += [EXPLORATION_WORKLOAD_STR[key], doc.string(value, where)]
+            else:
+                if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                    raise doc.error(where, f"expected a positive number, got {_kind(value)}")
+                args += [EXPLORATION_WORKLOAD_NUM[key], str(value)]
+        found.append(Exploration(name=name, args=tuple(args)))
+    return tuple(found)
 
 
 def _profile_section(doc: _Document, value: Any) -> tuple[str | None, tuple[str, ...]]:

@@ -114,7 +114,7 @@ def test_controller_installs_the_pinned_cpu_torch_before_the_package():
     defaults = _arg_defaults(instructions)
     runs = [_expand(rest, defaults) for word, rest in instructions if word == "RUN"]
     torch_step = next(i for i, r in enumerate(runs) if "torch==" in r)
-    package_step = next(i for i, r in enumerate(runs) if "pip install /src" in r)
+    package_step = next(i for i, r in enumerate(runs) if "pip install \"/src[plot]\"" in r)
     assert torch_step < package_step
     assert "torch==2.13.0" in runs[torch_step]
     assert "download.pytorch.org/whl/cpu" in runs[torch_step]

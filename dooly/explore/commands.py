@@ -1,0 +1,307 @@
+"""`dooly explore`: which configuration serves a workload under an SLO at the lowest price."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dooly.errors import DoolyError
+from dooly.output import emit_json, output_option
+from dooly.workload import workload_options_except
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "explore.json"
+TABLE_FILE = "explore.txt"
+CSV_FILE = "candidates.csv"
+REPORTS_PREFIX = "reports/"
+DEFAULT_REPORT_NAME = "explore"
+GENERATION_DIGITS = 6
+PROGRESS_LOG_EVERY_S = 5.0
+COVERAGE_NOTE = ("share of the model's operations measured on the platform (op_count - unseen_count of the step "
+                 "predictor), a proxy until the predictor reports the measured share of device time")
+
+
+def parse_overheads(items: tuple[str, ...]) -> dict[str, str]:
+    """`--overhead [PLATFORM:]BACKEND[:graphs|nographs]=FILE`, `--overhead *:graphs=FILE` or
+    `--overhead FILE` (every candidate) -> lookup keys of `SearchContext.overhead_for`."""
+    from dooly.explore.search import GRAPHS, NO_GRAPHS
+    from dooly.sim.step_model import CpuOverheadModel
+
+    found: dict[str, str] = {}
+    for item in items:
+        key, sep, path = item.rpartition("=")
+        if not sep:
+            key, path = "*", item
+        parts = key.split(":")
+        if not key or len(parts) > 3 or not all(parts) or (len(parts) == 3 and parts[2] not in (GRAPHS, NO_GRAPHS)):
+            raise DoolyError(f"--overhead {item!r}: expected [PLATFORM:]BACKEND[:graphs|nographs]=FILE or FILE")
+        if not Path(path).is_file():
+            raise DoolyError(f"--overhead {item!r}: file {path} does not exist")
+        CpuOverheadModel.load(path)  # malformed files fail here, before any simulation
+        found[key] = path
+    return found
+
+
+@click.command("explore")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--store", "store_uri", required=True, metavar="URI", help="Latency database with fitted models.")
+@click.option("--slo", "slos", multiple=True, metavar="METRIC=SECONDS",
+              help="Objective, repeatable: {ttft,tpot,e2e}_{mean,p50,p90,p99}=SECONDS, e.g. ttft_p90=0.5.")
+@click.option("--platform", "platforms", multiple=True, metavar="P", help="Platform to consider (repeat) [default: all fitted].")
+@click.option("--backend", "backends", multiple=True, metavar="B", help="Attention backend (repeat) [default: all fitted].")
+@click.option("--engine", "engines", multiple=True, metavar="E", help="Engine (repeat) [default: all fitted].")
+@click.option("--dtype", "dtypes", multiple=True, help="Model dtype (repeat) [default: all fitted].")
+@click.option("--tp", "tp_text", default="1", show_default=True, metavar="N,N,...",
+              help="Tensor-parallel degrees; degrees > 1 need collectives measured on the platform.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=V1,V2,...",
+              help="Engine setting values to cross (repeat), e.g. num_blocks=2048,4096 use_cuda_graph=false,true.")
+@click.option("--prices", "prices_path", type=click.Path(dir_okay=False),
+              help="YAML of USD per GPU-hour per platform [default: the packaged EXAMPLE table].")
+@click.option("--overhead", "overheads", multiple=True, metavar="[PLATFORM:]BACKEND[:graphs|nographs]=FILE",
+              help="Host-overhead model (dooly.cpu_overhead/1) per platform/backend, optionally per CUDA-graph "
+                   "mode (use_cuda_graph on or off), or FILE for all (repeat; the most specific key wins).")
+@workload_options_except("rate")
+@click.option("--tolerance", type=float, default=0.05, show_default=True,
+              help="Stop bisecting when the bracket's hi/lo <= 1 + tolerance.")
+@click.option("--min-rate", type=float, help="Lowest rate tried, req/s [default: saturation / 256].")
+@click.option("--max-rate", type=float, help="Highest rate considered, req/s [default: saturation throughput].")
+@click.option("--jobs", type=int, default=None, help="Worker processes [default: available cores].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help=f"Write {RESULT_FILE}, {TABLE_FILE}, {CSV_FILE} and PNG plots here.")
+@click.option("--report", is_flag=True, help="Also write the results to the store's reports/gen-N/NAME/.")
+@click.option("--report-name", default=DEFAULT_REPORT_NAME, show_default=True, help="NAME under reports/gen-N/.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots with the files.")
+@output_option
+def explore_command(
+    models: tuple[str, ...], store_uri: str, slos: tuple[str, ...], platforms: tuple[str, ...], backends: tuple[str, ...],
+    engines: tuple[str, ...], dtypes: tuple[str, ...], tp_text: str, settings: tuple[str, ...], prices_path: str | None,
+    overheads: tuple[str, ...], workload_args: dict[str, Any], tolerance: float, min_rate: float | None,
+    max_rate: float | None, jobs: int | None, out_dir: str | None, report: bool, report_name: str, plots: bool,
+    output_format: str,
+) -> None:
+    """Find the configuration that serves the most under an SLO per dollar.
+
+    Candidates: the cross product of what the store's fitted models can predict (platforms,
+    engines, backends, dtypes; TP degrees where collectives are measured) and the engine settings
+    given. For each, the largest request rate whose simulated SLO statistics hold (bisection on
+    the rate; the workload's lengths and arrival process kept), goodput per GPU and per dollar,
+    KV-cache memory and whether weights + KV fit the GPU. The answer: a ranked table, the
+    cost-latency Pareto frontier, JSON, CSV and PNG plots. Candidates the store cannot predict are
+    listed with the reason.
+
+    \b
+    Example:
+      dooly explore meta-llama/Llama-3.1-8B Qwen/Qwen2.5-7B --store ./db \\
+          --slo ttft_p90=0.5 --slo tpot_p90=0.05 --backend 'paged|sdpa' --backend 'paged|eager' \\
+          --set num_blocks=512,1024 --set use_cuda_graph=false,true --requests 200 --out explore/
+    """
+    from dooly.explore.candidates import build_space, parse_setting_grid, parse_tp, read_store_facts
+    from dooly.explore.hardware import load_prices
+    from dooly.explore.search import RateWorkload, SearchContext, default_jobs, parse_slos
+    from dooly.workload import spec_from_options
+
+    started = time.perf_counter()
+    slo_list = parse_slos(slos)
+    tps = parse_tp(tp_text)
+    grid = parse_setting_grid(settings)
+    prices = load_prices(prices_path)
+    overhead_files = parse_overheads(overheads)
+    if not tolerance > 0:
+        raise DoolyError(f"--tolerance must be > 0, got {tolerance}")
+    for name, value in (("--min-rate", min_rate), ("--max-rate", max_rate)):
+        if value is not None and not value > 0:
+            raise DoolyError(f"{name} must be a positive rate in requests/s, got {value}")
+    if min_rate and max_rate and min_rate >= max_rate:
+        raise DoolyError(f"--min-rate {min_rate} must be below --max-rate {max_rate}")
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise DoolyError(f"--jobs must be >= 1, got {jobs}")
+    if report and not report_name.replace("-", "").replace("_", "").isalnum():
+        raise DoolyError(f"--report-name {report_name!r}: use letters, digits, '-' and '_'")
+    workload = RateWorkload.from_spec(spec_from_options(**workload_args))
+
+    facts = read_store_facts(store_uri)
+    space = build_space(facts, models, platforms=platforms, engines=engines, backends=backends, dtypes=dtypes,
+                        tps=tps, settings=grid)
+    if not space.runnable:
+        reasons = sorted({reason for _, reason in space.unpredictable})
+        detail = "; ".join(reasons[:3]) if reasons else "nothing asked for"
+        raise DoolyError(f"empty candidate set: the store can predict none of the {len(space.unpredictable)} "
+                         f"candidates ({detail})")
+    _check_settings(space.runnable)
+    logger.info("explore: %d candidates to search, %d unpredictable (%.1f s)", len(space.runnable),
+                len(space.unpredictable), time.perf_counter() - started)
+    context = SearchContext(store=store_uri, slos=slo_list, workload=workload, overheads=overhead_files,
+                            model_settings={m: _model_groups(m) for m in models}, tolerance=tolerance,
+                            min_rate=min_rate, max_rate=max_rate)
+    memory = _memory(space.runnable, prices)
+    to_search = [c for c in space.runnable if memory[c].get("fits") is not False]
+    logger.info("explore: model settings and memory ready (%.1f s)", time.perf_counter() - started)
+    results = _search(to_search, context, jobs)
+    logger.info("explore: search done (%.1f s)", time.perf_counter() - started)
+    by_candidate = dict(zip(to_search, results, strict=True))
+    document = _document(models, store_uri, facts.generation, slo_list, workload, prices, space, memory,
+                         by_candidate, time.perf_counter() - started, jobs)
+    files: list[str] = []
+    if out_dir or report:
+        files = _write(document, Path(out_dir) if out_dir else None, plots, store_uri if report else None,
+                       f"{REPORTS_PREFIX}gen-{facts.generation:0{GENERATION_DIGITS}d}/{report_name}/")
+    document["files"] = files
+    if output_format == "json":
+        emit_json(document)
+        return
+    from dooly.explore.report import text_report
+
+    click.echo(text_report(document))
+    for f in files:
+        click.echo(f"wrote {f}")
+
+
+def _check_settings(candidates: list[Any]) -> None:
+    """Every engine/settings pair builds a scheduler (unknown keys, bad values: exit 2 up front)."""
+    from dooly.sim.schedulers import make_scheduler
+
+    for engine, settings_json in sorted({(c.engine, c.settings_json) for c in candidates}):
+        make_scheduler(engine, json.loads(settings_json))
+
+
+def _model_groups(model: str) -> dict[str, Any]:
+    """How MODEL's layer groups charge KV blocks (transformers; sliding-window models).
+
+    Only a config with a sliding window in force needs the engine's own grouping, which imports
+    transformers (about 10 s on a loaded 2-core machine); full-attention models need nothing."""
+    from dooly.models.registry import resolve_model
+
+    try:
+        config = resolve_model(model).config
+    except DoolyError:
+        return {}
+    layer_types = config.get("layer_types") or []
+    window = config.get("sliding_window")
+    if "sliding_attention" not in layer_types and (not window or config.get("use_sliding_window") is False):
+        return {}
+    from dooly.sim.commands import _with_model_groups
+
+    return _with_model_groups(model, "transformers", {})
+
+
+def _memory(candidates: list[Any], prices: Any) -> dict[Any, dict[str, Any]]:
+    from dooly.explore.hardware import kv_cache_tokens, memory_verdict, model_memory
+
+    facts: dict[tuple[str, str], Any] = {}
+    out = {}
+    for c in candidates:
+        if (c.model, c.dtype) not in facts:
+            facts[(c.model, c.dtype)] = model_memory(c.model, c.dtype)
+        platform_bytes, source = prices.memory_bytes(c.platform)
+        verdict = memory_verdict(facts[(c.model, c.dtype)], platform_bytes, c.tp, kv_cache_tokens(c.engine, c.settings))
+        verdict["memory_source"] = source
+        out[c] = verdict
+    return out
+
+
+def _search(candidates: list[Any], context: Any, jobs: int) -> list[dict[str, Any]]:
+    """run_search with a progress bar on a terminal, log lines otherwise."""
+    from dooly.explore.search import run_search
+
+    total = len(candidates)
+    if sys.stderr.isatty():
+        with click.progressbar(length=total, label="exploring", file=sys.stderr, show_pos=True) as bar:
+            return run_search(candidates, context, jobs=jobs, on_done=bar.update)
+    done = [0]
+    last = [time.perf_counter()]
+
+    def log(n: int) -> None:
+        done[0] += n
+        now = time.perf_counter()
+        if now - last[0] >= PROGRESS_LOG_EVERY_S or done[0] == total:
+            logger.info("explore: %d/%d candidates searched", done[0], total)
+            last[0] = now
+
+    return run_search(candidates, context, jobs=jobs, on_done=log)
+
+
+def _document(models, store_uri, generation, slos, workload, prices, space, memory, by_candidate, wall_s, jobs) -> dict[str, Any]:
+    from dooly.explore.report import SCHEMA, closest_candidate, frontier, price_result, rank
+
+    results = []
+    unpredictable = [{"candidate": c.to_dict(), "label": c.label(), "status": "unpredictable", "reason": reason,
+                      "capacity_rps": None} for c, reason in space.unpredictable]
+    for c in space.runnable:
+        found = by_candidate.get(c)
+        if found is not None and found["status"] == "unpredictable":
+            unpredictable.append(found)
+            continue
+        if found is None:
+            found = {"candidate": c.to_dict(), "label": c.label(), "status": "does_not_fit", "capacity_rps": 0.0,
+                     "reason": memory[c].get("reason"), "points": []}
+        found["memory"] = memory[c]
+        if c in space.notes:
+            found["note"] = space.notes[c]
+        price_result(found, prices)
+        results.append(found)
+    ranked = rank(results)
+    best = next((r for r in ranked if r.get("rank") == 1), None)
+    memo = [r.get("memo", {}) for r in results]
+    hits, misses = sum(m.get("hits", 0) for m in memo), sum(m.get("misses", 0) for m in memo)
+    return {
+        "schema": SCHEMA,
+        "models": list(models),
+        "store": store_uri,
+        "generation": generation,
+        "slo": [{"name": s.name, "metric": s.metric, "stat": s.stat, "limit_s": s.limit_s} for s in slos],
+        "workload": {**workload.spec, "rate": "searched"},
+        "prices": prices.to_dict(),
+        "coverage_note": COVERAGE_NOTE,
+        "candidates": ranked,
+        "unpredictable": unpredictable,
+        "best": best,
+        "no_candidate_meets_slo": best is None,
+        "closest": closest_candidate(results) if best is None else None,
+        "frontier": frontier(ranked, prices, slos[0].name),
+        "search": {"wall_s": wall_s, "jobs": jobs, "simulations": sum(len(r.get("points", [])) + 1 for r in by_candidate.values()),
+                   "step_memo_hits": hits, "step_memo_misses": misses},
+    }
+
+
+def _write(document: dict[str, Any], out_dir: Path | None, plots: bool, store_uri: str | None, prefix: str) -> list[str]:
+    """All files appear together (staged, then moved); with a store they are uploaded under `prefix`."""
+    from dooly.explore.report import csv_text, text_report
+
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".dooly-explore-", dir=out_dir))
+    written: list[str] = []
+    try:
+        names = [RESULT_FILE, TABLE_FILE, CSV_FILE]
+        (staging / TABLE_FILE).write_text(text_report(document) + "\n")
+        (staging / CSV_FILE).write_text(csv_text(document["candidates"], document["unpredictable"]))
+        if plots and document["best"] is not None:
+            from dooly.explore.plots import plot_capacity, plot_frontier
+
+            names += [plot_capacity(document, staging).name, plot_frontier(document, staging).name]
+        (staging / RESULT_FILE).write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+        if store_uri:
+            from dooly.store.backends import open_store
+
+            store = open_store(store_uri, create=False)
+            for name in names:
+                store.put_bytes(prefix + name, (staging / name).read_bytes())
+                written.append(f"{store_uri.rstrip('/')}/{prefix}{name}")
+        if out_dir:
+            for name in names:
+                os.replace(staging / name, out_dir / name)
+                written.append(str(out_dir / name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written

@@ -1,0 +1,435 @@
+"""The capacity search: for each candidate, the largest request rate whose simulated SLO
+percentiles hold.
+
+The workload's lengths and arrival process are kept and only its clock is scaled: requests are
+generated once at unit rate (Poisson and gamma gaps scale exactly with 1/rate for a fixed seed; a
+trace's arrivals are rescaled to its offered rate), so every rate of every candidate serves the
+same requests. Per candidate:
+
+1. saturation: all requests at once; the completed requests per second bound any sustainable rate;
+2. if the SLO holds at that rate the candidate's capacity is it (throughput-bound, not SLO-bound);
+3. otherwise halve the rate until the SLO holds; past three halvings, `min_rate` (saturation / 256
+   by default) is tried first, and a candidate missing the SLO there does not meet it; then bisect
+   the bracket geometrically until hi / lo <= 1 + tolerance; the capacity is the last rate that held.
+
+Bisection assumes the percentiles grow with the rate; with a finite request count they are noisy
+near the knee, so the answer is good to about the tolerance, not better.
+
+Speed: candidates are grouped by step model (model x platform x engine x backend x dtype x tp) and
+each group runs in one worker process, which opens the fitted predictor once; step predictions
+are memoised by exact batch composition and path across the group's settings and rates
+(`MemoStep`), since settings that do not bind and low rates replay the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+from dooly.errors import DoolyError
+from dooly.explore.candidates import Candidate
+from dooly.sim.step_model import CpuOverheadModel, StepPath, device_seconds, step_keywords
+from dooly.workload import Request, WorkloadSpec, generate_requests
+
+logger = logging.getLogger(__name__)
+
+SLO_METRICS = ("ttft", "tpot", "e2e")
+SLO_STATISTICS = ("mean", "p50", "p90", "p99")
+_SLO_RE = re.compile(r"^(?P<metric>[a-z]+)_(?P<stat>[a-z0-9]+)=(?P<limit>.+)$")
+DEFAULT_TOLERANCE = 0.05
+# The halving stops this far below the saturation rate: a candidate whose SLO fails even there is
+# reported as not meeting it (its latency at that rate is still reported, for the closest one).
+DEFAULT_MIN_RATE_FRACTION = 1.0 / 256
+# "All at once": arrivals compressed to this rate measure the saturation throughput.
+SATURATION_RATE = 1e9
+# Memo entries kept per step model before the memo is cleared (bounds a worker's memory).
+MEMO_LIMIT = 2_000_000
+RATE_HALVING = 2.0
+# Halvings from the saturation rate tried before the floor is checked (most candidates that meet
+# the SLO at all do so within a factor 8 of saturation).
+QUICK_HALVINGS_RATIO = RATE_HALVING**3
+
+
+@dataclass(frozen=True)
+class Slo:
+    """One objective: a latency statistic (seconds) that must not exceed `limit_s`."""
+
+    metric: str
+    stat: str
+    limit_s: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.metric}_{self.stat}"
+
+    def value(self, summary: dict[str, Any]) -> float | None:
+        return summary[f"{self.metric}_s"][self.stat]
+
+
+def parse_slos(items: Sequence[str]) -> list[Slo]:
+    """`ttft_p90=0.5` flags -> objectives; unknown metrics or non-positive limits are DoolyErrors."""
+    if not items:
+        raise DoolyError("give at least one --slo, e.g. --slo ttft_p90=0.5 --slo tpot_p90=0.05")
+    slos: dict[str, Slo] = {}
+    known = ", ".join(f"{m}_{s}" for m in SLO_METRICS for s in SLO_STATISTICS)
+    for item in items:
+        match = _SLO_RE.match(item.strip())
+        if not match or match["metric"] not in SLO_METRICS or match["stat"] not in SLO_STATISTICS:
+            raise DoolyError(f"--slo {item!r}: unknown SLO metric; expected METRIC=SECONDS with METRIC one of {known}")
+        try:
+            limit = float(match["limit"])
+        except ValueError:
+            raise DoolyError(f"--slo {item!r}: the limit must be a number of seconds") from None
+        if not (limit > 0 and math.isfinite(limit)):
+            raise DoolyError(f"--slo {item!r}: the limit must be a positive number of seconds")
+        slo = Slo(match["metric"], match["stat"], limit)
+        slos[slo.name] = slo
+    return list(slos.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Workload at any rate
+
+
+@dataclass(frozen=True)
+class RateWorkload:
+    """The workload's requests at unit rate; `at(rate)` scales the clock."""
+
+    unit: tuple[Request, ...]
+    spec: dict[str, Any]
+
+    @classmethod
+    def from_spec(cls, spec: WorkloadSpec) -> RateWorkload:
+        if not spec.trace and spec.arrival == "burst":
+            raise DoolyError("burst arrivals have no rate to search: use --arrival poisson or gamma")
+        if spec.trace:
+            requests = generate_requests(spec)
+            span = max(r.arrival_s for r in requests) - min(r.arrival_s for r in requests)
+            if len(requests) < 2 or span <= 0:
+                raise DoolyError("the trace needs at least two requests at different times to define a rate")
+            offered = (len(requests) - 1) / span
+            unit = tuple(Request(r.request_id, r.arrival_s * offered, r.prompt_tokens, r.output_tokens) for r in requests)
+        else:
+            spec.rate = 1.0
+            unit = tuple(generate_requests(spec))
+        document = spec.to_dict()
+        document.pop("rate", None)
+        document.pop("time_scale", None)
+        return cls(unit=unit, spec=document)
+
+    def at(self, rate: float) -> list[Request]:
+        return [Request(r.request_id, r.arrival_s / rate, r.prompt_tokens, r.output_tokens) for r in self.unit]
+
+    @property
+    def mean_output_tokens(self) -> float:
+        return sum(r.output_tokens for r in self.unit) / len(self.unit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step models, opened once and memoised
+
+
+class MemoStep:
+    """A step model that remembers each (composition, path) it has predicted.
+
+    It takes the step's path itself (`**keywords`), so the simulator hands it every path and it
+    pads for the wrapped model as `device_seconds` would; the key is the exact batch, so a hit
+    returns the very value the model would."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.keywords = step_keywords(inner)
+        self.memo: dict[tuple[Any, ...], float] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def step_seconds(self, prefill: list[tuple[int, int]], decode_ctx: list[int], **keywords: Any) -> float:
+        path: StepPath | None = keywords.get("path")
+        key = (tuple(prefill), tuple(decode_ctx), path)
+        found = self.memo.get(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        if path is None:
+            value = float(self.inner.step_seconds(prefill, decode_ctx))
+        else:
+            value = float(device_seconds(self.inner, prefill, decode_ctx, path, self.keywords))
+        if len(self.memo) >= MEMO_LIMIT:
+            self.memo.clear()
+        self.memo[key] = value
+        return value
+
+
+@dataclass
+class CandidateModels:
+    """What one candidate simulates with: the step model, the host-overhead model and the
+    coverage of the step model's prediction. A different source of any of them (an overhead
+    calibrated per platform in the store, a coverage report of measured vs estimated device time)
+    plugs in as another `ModelOpener`."""
+
+    step: Any
+    overhead: CpuOverheadModel | None
+    coverage: dict[str, Any]
+    generation: int | None = None
+    overhead_source: str = "none: host overhead not modelled"
+
+
+ModelOpener = Callable[[Candidate, "SearchContext"], CandidateModels]
+
+_STEP_CACHE: dict[tuple[Any, ...], tuple[MemoStep, dict[str, Any], int | None]] = {}
+_OVERHEAD_CACHE: dict[str, CpuOverheadModel] = {}
+# One fitted predictor per (store, platform, engine, backend, dtype) and process: every model and
+# TP degree on it shares the loaded regressors (loading is most of a cold candidate's cost).
+_PREDICTOR_CACHE: dict[tuple[str, ...], Any] = {}
+
+
+def open_store_models(candidate: Candidate, context: SearchContext) -> CandidateModels:
+    """The default opener: fitted step model from the store (once per process and step model,
+    memoised), host overhead from the --overhead file given for the platform/backend.
+
+    Coverage is a proxy until the step predictor reports measured vs estimated device time: the
+    share of the inventory's operations whose signatures were measured (op_count - unseen_count)."""
+    key = (context.store, *candidate.source_key())
+    cached = _STEP_CACHE.get(key)
+    if cached is None:
+        from dooly.fit.source import open_inventory, open_predictor
+
+        source = candidate.source(context.store)
+        predictor_key = (context.store, *candidate.predictor_key())
+        predictor = _PREDICTOR_CACHE.get(predictor_key)
+        if predictor is None:
+            predictor = _PREDICTOR_CACHE[predictor_key] = open_predictor(source)
+        step = predictor.step_predictor(open_inventory(source, candidate.model))
+        ops, unseen = int(step.op_count), int(step.unseen_count)
+        coverage = {
+            "kind": "proxy: share of the model's operations (not of its device time) measured on this platform",
+            "op_count": ops,
+            "unseen_count": unseen,
+            "measured_share": (ops - unseen) / ops if ops else None,
+        }
+        cached = (MemoStep(step), coverage, int(predictor.generation))
+        _STEP_CACHE[key] = cached
+    memo, coverage, generation = cached
+    overhead_path = context.overhead_for(candidate.platform, candidate.backend, graph_mode(candidate.settings))
+    overhead = None
+    if overhead_path:
+        overhead = _OVERHEAD_CACHE.get(overhead_path)
+        if overhead is None:
+            overhead = _OVERHEAD_CACHE[overhead_path] = CpuOverheadModel.load(overhead_path)
+    return CandidateModels(step=memo, overhead=overhead, coverage=coverage, generation=generation,
+                           overhead_source=overhead_path or "none: host overhead not modelled (no --overhead for "
+                           f"{candidate.platform}:{candidate.backend})")
+
+
+def analytic_models(candidate: Candidate, context: SearchContext) -> CandidateModels:
+    """The roofline step model of `dooly simulate --analytic` (tests and demos only)."""
+    from dooly.sim.options import model_dims
+    from dooly.sim.step_model import AnalyticStepModel
+
+    key = ("analytic", *candidate.source_key())
+    cached = _STEP_CACHE.get(key)
+    if cached is None:
+        step = AnalyticStepModel(dims=model_dims(candidate.model), tp=candidate.tp)
+        cached = _STEP_CACHE[key] = (MemoStep(step), {"kind": "analytic roofline: nothing measured"}, None)
+    return CandidateModels(step=cached[0], overhead=None, coverage=cached[1], generation=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+
+
+@dataclass
+class SearchContext:
+    """Everything a worker needs (picklable: it crosses into the worker processes)."""
+
+    store: str
+    slos: list[Slo]
+    workload: RateWorkload
+    overheads: dict[str, str] = field(default_factory=dict)  # "[PLATFORM:]BACKEND[:MODE]" | "*[:MODE]" -> file
+    model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model: KV layer groups
+    tolerance: float = DEFAULT_TOLERANCE
+    min_rate: float | None = None
+    max_rate: float | None = None
+    opener: ModelOpener = open_store_models
+
+    def overhead_for(self, platform: str, backend: str, mode: str) -> str | None:
+        """The overhead file for a candidate: the most specific key given wins (platform, backend,
+        graph mode: the host cost of a CUDA-graph replay is a fraction of an eager step's)."""
+        for key in (f"{platform}:{backend}:{mode}", f"{platform}:{backend}", f"{backend}:{mode}", backend,
+                    f"*:{mode}", "*"):
+            if key in self.overheads:
+                return self.overheads[key]
+        return None
+
+
+GRAPHS, NO_GRAPHS = "graphs", "nographs"
+
+
+def graph_mode(settings: dict[str, Any]) -> str:
+    """`graphs` when the engine settings turn CUDA graphs on for any path, else `nographs`."""
+    value = settings.get("use_cuda_graph", False)
+    on = any(bool(v) for v in value) if isinstance(value, list) else bool(value)
+    return GRAPHS if on else NO_GRAPHS
+
+
+def _evaluate(candidate: Candidate, models: CandidateModels, context: SearchContext, rate: float) -> dict[str, Any]:
+    """One simulation at `rate`: the SLO statistics and whether they hold."""
+    from dooly.sim.schedulers import make_scheduler
+    from dooly.sim.simulator import simulate
+
+    settings = {**context.model_settings.get(candidate.model, {}), **candidate.settings}
+    scheduler = make_scheduler(candidate.engine, settings)
+    summary = simulate(context.workload.at(rate), scheduler, models.step, models.overhead).summary()
+    finished = summary["num_finished"] == summary["num_requests"]
+    values = {slo.name: slo.value(summary) for slo in context.slos}
+    ok = finished and all(v is not None and v <= slo.limit_s for slo, v in zip(context.slos, values.values()))
+    worst = max((v / slo.limit_s if v is not None else math.inf) for slo, v in zip(context.slos, values.values()))
+    latency = {f"{m}_{s}": summary[f"{m}_s"][s] for m in SLO_METRICS for s in SLO_STATISTICS}
+    return {
+        "rate_rps": rate,
+        "ok": ok,
+        "slo_values_s": values,
+        "worst_slo_ratio": worst,
+        "latency_s": latency,
+        "throughput_rps": summary["throughput"]["requests_per_s"],
+        "output_tokens_per_s": summary["throughput"]["output_tokens_per_s"],
+        "preemptions": summary["preemptions"],
+    }
+
+
+def search_capacity(candidate: Candidate, context: SearchContext) -> dict[str, Any]:
+    """The largest rate meeting the SLOs for one candidate (see the module docstring)."""
+    from dooly.sim.schedulers import SimulationError
+
+    try:
+        models = context.opener(candidate, context)
+    except DoolyError as exc:
+        # The store lists the group but cannot predict this model on it (an op class never
+        # measured there, an unreadable file): the candidate is reported, not the search aborted.
+        return {"candidate": candidate.to_dict(), "label": candidate.label(), "status": "unpredictable",
+                "reason": str(exc), "capacity_rps": None, "points": []}
+    memo = models.step if isinstance(models.step, MemoStep) else None
+    hits0, misses0 = (memo.hits, memo.misses) if memo else (0, 0)
+    points: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "candidate": candidate.to_dict(),
+        "label": candidate.label(),
+        "coverage": models.coverage,
+        "generation": models.generation,
+        "overhead": models.overhead_source,
+        "points": points,
+    }
+    try:
+        saturated = _evaluate(candidate, models, context, SATURATION_RATE)
+        saturation = saturated["throughput_rps"]
+        hi = min(saturation, context.max_rate) if context.max_rate else saturation
+        floor = context.min_rate or saturation * DEFAULT_MIN_RATE_FRACTION
+        top = _evaluate(candidate, models, context, hi)
+        points.append(top)
+        result["saturation_rps"] = saturation
+        if top["ok"]:
+            best, limited_by = top, ("max_rate" if context.max_rate and hi < saturation else "throughput")
+        else:
+            best, limited_by = None, "slo"
+            lo, bottom = hi, None
+            while best is None:
+                lo /= RATE_HALVING
+                if bottom is None and (lo <= floor or top["rate_rps"] / lo > QUICK_HALVINGS_RATIO):
+                    # Not within a few halvings of saturation: check the floor before a long
+                    # descent (low rates are the slow, unbatched simulations).
+                    bottom = _evaluate(candidate, models, context, floor)
+                    points.append(bottom)
+                    if not bottom["ok"]:
+                        break
+                if lo <= floor:
+                    best = bottom
+                    break
+                point = _evaluate(candidate, models, context, lo)
+                points.append(point)
+                if point["ok"]:
+                    best = point
+                else:
+                    hi = lo
+            while best is not None and hi / best["rate_rps"] > 1 + context.tolerance:
+                mid = math.sqrt(hi * best["rate_rps"])
+                point = _evaluate(candidate, models, context, mid)
+                points.append(point)
+                if point["ok"]:
+                    best = point
+                else:
+                    hi = mid
+    except SimulationError as exc:
+        result.update(status="infeasible", reason=str(exc), capacity_rps=0.0)
+        return result
+    points.sort(key=lambda p: p["rate_rps"])
+    if memo:
+        result["memo"] = {"hits": memo.hits - hits0, "misses": memo.misses - misses0}
+    if best is None:
+        lowest = points[0]
+        result.update(status="slo_not_met", capacity_rps=0.0, closest=lowest,
+                      reason=f"SLO missed even at {lowest['rate_rps']:.3g} req/s")
+        return result
+    result.update(status="ok", capacity_rps=best["rate_rps"], at_capacity=best, limited_by=limited_by)
+    return result
+
+
+def _search_group(candidates: list[Candidate], context: SearchContext) -> list[dict[str, Any]]:
+    return [search_capacity(c, context) for c in candidates]
+
+
+def group_tasks(candidates: Sequence[Candidate], jobs: int) -> list[list[Candidate]]:
+    """Candidates sharing a fitted predictor go to one task (one process loads it once); groups are
+    split when there are fewer than two tasks per worker, so every core has work."""
+    groups: dict[tuple[Any, ...], list[Candidate]] = {}
+    for c in candidates:
+        groups.setdefault(c.predictor_key(), []).append(c)
+    tasks = list(groups.values())
+    while len(tasks) < 2 * jobs and any(len(t) > 1 for t in tasks):
+        tasks.sort(key=len, reverse=True)
+        biggest = tasks.pop(0)
+        half = len(biggest) // 2
+        tasks += [biggest[:half], biggest[half:]]
+    return tasks
+
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_search(
+    candidates: Sequence[Candidate], context: SearchContext, *, jobs: int, on_done: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every candidate's capacity, in the order given; `on_done(n)` after each n finished."""
+    tasks = group_tasks(candidates, jobs)
+    results: dict[Candidate, dict[str, Any]] = {}
+    if jobs <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            for candidate, result in zip(task, _search_group(task, context), strict=True):
+                results[candidate] = result
+            if on_done:
+                on_done(len(task))
+    else:
+        import multiprocessing
+
+        # fork: the workers inherit the imported modules and the generated requests.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context(method)) as pool:
+            futures = {pool.submit(_search_group, task, context): task for task in tasks}
+            for future in as_completed(futures):
+                task = futures[future]
+                for candidate, result in zip(task, future.result(), strict=True):
+                    results[candidate] = result
+                if on_done:
+                    on_done(len(task))
+    return [results[c] for c in candidates]
+
+
+def iter_points(result: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from result.get("points", [])

@@ -1,0 +1,26 @@
+"""Shared by the explore tests (imported by name, as tests/fleet does with fleet_support): a
+synthetic fitted store with two platforms whose optimum is known by construction: every
+operation of `SLOW` takes twice what it takes on `FAST` (the same laws, latencies doubled), so at
+equal prices FAST serves more per dollar, and at a tenth of the price SLOW does."""
+
+from __future__ import annotations
+
+from dooly.fit import synthetic as syn
+
+FAST = "Synthetic-Fast-80GB"
+SLOW = "Synthetic-Slow-80GB"
+SLOWDOWN = 2.0
+TOY = syn.TOY_MODELS[2]  # toy/gamma-7b
+FOLDS = 2
+REPEATS = 1
+LATENCY_COLUMNS = ("latency_median_s", "latency_p10_s", "latency_p90_s", "latency_mean_s")
+
+
+def rows_for(platform: str, factor: float) -> list[dict]:
+    rows = syn.snapshot_rows((TOY,), platform=platform)
+    for row in rows:
+        for column in LATENCY_COLUMNS:
+            row[column] *= factor
+    return rows
+
+
