@@ -16,6 +16,7 @@ import click
 from dooly import __version__
 from dooly.distributed import apply_safe_env
 from dooly.errors import DoolyError
+from dooly.models.validation import allow_defaults_option
 
 # name -> "module:attribute"; listed in pipeline order, which is also the order `--help` shows.
 COMMANDS: dict[str, str] = {
@@ -75,6 +76,7 @@ def _available(name: str) -> bool:
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dooly")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+@allow_defaults_option
 def cli(verbose: int) -> None:
     """Dooly predicts how fast an LLM serves on a GPU, engine and attention backend.
 

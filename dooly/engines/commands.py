@@ -11,6 +11,7 @@ import click
 
 from dooly.engines.base import parse_engine_settings
 from dooly.errors import DoolyError
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
 from dooly.workload import workload_options
 
@@ -22,6 +23,7 @@ MS_PER_S = 1e3
 
 
 @click.command("bench")
+@allow_defaults_option
 @click.argument("model")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for requests.parquet, steps.parquet, engine.json and bench.json.")

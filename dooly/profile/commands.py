@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from dooly.errors import DoolyError
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
 from dooly.profile.grid import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_KV, DEFAULT_MAX_SEQS, DEFAULT_MAX_TOKENS, GridSpec
 
@@ -37,6 +38,7 @@ def _common(func):
         click.option("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, show_default=True,
                      help="Longest per-sequence context of the attention batches."),
         output_option,
+        allow_defaults_option,
     ]
     for option in reversed(options):
         func = option(func)

@@ -16,6 +16,7 @@ import click
 from dooly.engines.base import parse_engine_settings
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json_object
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
 from dooly.sim.options import StepChoice, model_dims, step_model_options
 from dooly.workload import workload_options
@@ -105,6 +106,7 @@ def _ms3(value: float | None) -> str:
 
 
 @click.command("simulate")
+@allow_defaults_option
 @click.argument("model", required=False)
 @step_model_options
 @_engine_options
@@ -201,6 +203,7 @@ def _write_results(out_dir: Path, result, summary: dict[str, Any], spec) -> None
 
 
 @click.command("overhead")
+@allow_defaults_option
 @click.argument("model")
 @click.option("--ground-truth", "truth_dirs", required=True, multiple=True, type=click.Path(file_okay=False),
               help="Calibration run(s) from `dooly bench` (repeat the flag for several); each uses its own engine.json.")
@@ -253,6 +256,7 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
 
 
 @click.command("validate")
+@allow_defaults_option
 @click.argument("model")
 @click.option("--ground-truth", "truth_dir", required=True, type=click.Path(file_okay=False), help=f"Directory from `dooly bench` with {REQUESTS_FILE} and {STEPS_FILE}.")
 @step_model_options
@@ -338,6 +342,7 @@ def export_group() -> None:
 
 
 @export_group.command("vidur")
+@allow_defaults_option
 @click.argument("model")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Vidur checkout (or any directory): files go under data/profiling/.")
 @click.option("--device", required=True, help="Vidur device name, e.g. h100 or a100.")
@@ -430,6 +435,7 @@ def export_vidur_command(
 
 
 @click.command("validate-steps")
+@allow_defaults_option
 @click.argument("measured", type=click.Path(dir_okay=False))
 @click.option("--analytic", is_flag=True, help="Use the built-in roofline step model (tests and demos only).")
 @click.option("--store", metavar="URI", help="Latency database with fitted models.")

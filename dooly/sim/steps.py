@@ -36,6 +36,7 @@ from dooly.distributed import RankContext
 from dooly.engines.base import Batch
 from dooly.engines.transformers_cb import DEFAULT_BLOCK_SIZE as KV_BLOCK_SIZE
 from dooly.errors import DoolyError
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
 
 log = logging.getLogger(__name__)
@@ -358,6 +359,7 @@ def measure_steps(model: str, *, tp: int, backend: str, dtype: str, device: str,
 
 
 @click.command("measure-steps")
+@allow_defaults_option
 @click.argument("model")
 @click.option("--tp", type=int, default=None, help="Tensor-parallel ranks (default: a trace file's, else 1).")
 @click.option("--attention", "backend", default=None, help="Attention backend (default: a trace file's, else paged|sdpa).")

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from dooly.errors import DoolyError
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
 from dooly.trace.schema import MEASURED_KINDS
 
@@ -22,6 +23,7 @@ TRACE_FILE_MODE = 0o644
 
 
 @click.command("trace")
+@allow_defaults_option
 @click.argument("model")
 @click.option("--phase", type=click.Choice(PHASE_CHOICES), default="mixed", show_default=True,
               help="Which step to trace: fresh prompts, one token per sequence, or both in one batch.")
