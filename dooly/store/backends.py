@@ -76,9 +76,54 @@ T = TypeVar("T")
 
 
 class Store(abc.ABC):
-    """A flat key space of immutable-ish objects; keys use "/" and never start with it."""
+    """A flat key space of immutable-ish objects; keys use "/" and never start with it.
+
+    A store opened for writing is created (directory or bucket, then the schema marker) by its first
+    write, not when it is opened: a command that fails on its inputs after opening its store then
+    leaves nothing behind, locally or on S3.
+    """
 
     uri: str
+    # What the first write must do first (make the directory or bucket, stamp the marker); None once
+    # done, or when the store already existed.
+    _pending_create: Callable[[], None] | None = None
+    _creating = False
+    # Re-entrant: the deferred creation writes the marker through put_if_absent, which comes back here.
+    _create_lock = threading.RLock()
+
+    def _ensure_created(self) -> None:
+        """Run the deferred creation once, before the first write; other writers wait for it to
+        finish, and a failure leaves it armed for the next write."""
+        if self._pending_create is None:
+            return
+        with self._create_lock:
+            pending = self._pending_create
+            if pending is None or self._creating:
+                return
+            self._creating = True
+            try:
+                pending()
+                self._pending_create = None
+            finally:
+                self._creating = False
+
+    def _arm_creation(self, create: Callable[[], None] | None, *, write_marker: bool) -> None:
+        """Defer `create` (and the schema marker) to the first write."""
+
+        def materialize() -> None:
+            if create is not None:
+                create()
+            if write_marker:
+                payload = json.dumps({"schema_version": SCHEMA_VERSION}, indent=2).encode()
+                self.put_if_absent(MARKER_KEY, payload)
+
+        self._pending_create = materialize
+
+    def prepare_create(self) -> Callable[[], None] | None:
+        """Check, creating nothing, that the store exists or could be created and written; return
+        the action that creates it (None when it exists). The default creates eagerly."""
+        self.check(create=True)
+        return None
 
     @abc.abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -196,12 +241,15 @@ class LocalStore(Store):
             raise self._fail("write", key, exc) from exc
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        self._ensure_created()
         self._replace(key, bytes(data))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
+        self._ensure_created()
         self._replace(key, None, Path(path))
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
+        self._ensure_created()
         path = self._path(key)
         try:
             temp = self._write_temp(path, bytes(data))
@@ -252,6 +300,7 @@ class LocalStore(Store):
             raise self._fail("delete", key, exc) from exc
 
     def move(self, source: str, destination: str) -> None:
+        self._ensure_created()
         target = self._path(destination)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +331,29 @@ class LocalStore(Store):
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise DoolyError(f"store {self.uri} is not writable: {reason}") from exc
+
+    def prepare_create(self) -> Callable[[], None] | None:
+        """An existing directory is probed for writing (the probe is removed); a missing one needs
+        its nearest existing ancestor to be a writable directory, and is made by the first write."""
+        if self.root.exists():
+            self.check(create=True)
+            return None
+        ancestor = self.root.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise DoolyError(f"store {self.uri} is not writable: {ancestor} is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise DoolyError(f"store {self.uri} is not writable: {ancestor} is not writable")
+
+        def create() -> None:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+                raise DoolyError(f"store {self.uri} is not writable: {reason}") from exc
+
+        return create
 
 
 class _S3RangeReader(io.RawIOBase):
@@ -362,6 +434,8 @@ class S3Store(Store):
         self._client: Any = None
         self._session: Any = None
         self._client_lock = threading.Lock()
+        # True while the bucket is missing and its creation waits for the first write.
+        self._bucket_deferred = False
 
     @property
     def session(self) -> Any:
@@ -487,6 +561,7 @@ class S3Store(Store):
         raise AssertionError("unreachable")
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        self._ensure_created()
         full = self._full(key)
         payload = bytes(data)
         self._call("write", key, lambda c: c.put_object(Bucket=self.bucket, Key=full, Body=payload))
@@ -494,6 +569,7 @@ class S3Store(Store):
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         """One PUT for small files; a multipart upload (each part retried on its own) for large
         ones. Either way the object appears only when complete; a failed upload is aborted."""
+        self._ensure_created()
         full = self._full(key)
         size = os.path.getsize(path)
         part_bytes = self.multipart_part_bytes
@@ -546,6 +622,7 @@ class S3Store(Store):
         retry finds the key taken, the stored bytes decide whether that lost attempt was ours."""
         from botocore.exceptions import ClientError
 
+        self._ensure_created()
         full = self._full(key)
         payload = bytes(data)
         retried = []
@@ -569,15 +646,21 @@ class S3Store(Store):
         return created
 
     def get_bytes(self, key: str) -> bytes:
+        if self._bucket_deferred:
+            raise FileNotFoundError(key)
         full = self._full(key)
         return self._call(
             "read", key, lambda c: c.get_object(Bucket=self.bucket, Key=full)["Body"].read()
         )
 
     def open_binary(self, key: str) -> BinaryIO:
+        if self._bucket_deferred:
+            raise FileNotFoundError(key)
         return io.BufferedReader(_S3RangeReader(self, self._full(key)))
 
     def exists(self, key: str) -> bool:
+        if self._bucket_deferred:
+            return False
         full = self._full(key)
         try:
             self._call("read", key, lambda c: c.head_object(Bucket=self.bucket, Key=full))
@@ -586,6 +669,8 @@ class S3Store(Store):
         return True
 
     def list_keys(self, prefix: str) -> list[str]:
+        if self._bucket_deferred:
+            return []
         full_prefix = self.prefix + prefix
 
         def request(client: Any) -> list[str]:
@@ -598,6 +683,8 @@ class S3Store(Store):
         return sorted(self._call("list", prefix, request))
 
     def delete(self, key: str) -> None:
+        if self._bucket_deferred:
+            return
         full = self._full(key)
         self._call("delete", key, lambda c: c.delete_object(Bucket=self.bucket, Key=full))
 
@@ -640,6 +727,35 @@ class S3Store(Store):
                 lambda c: c.create_bucket(Bucket=self.bucket),
                 attempts=CHECK_MAX_ATTEMPTS,
             )
+
+    def prepare_create(self) -> Callable[[], None] | None:
+        """One HEAD of the bucket (unreachable, unauthorised: one error now); a missing bucket is
+        created by the first write, and reads see it empty until then."""
+        try:
+            self.check(create=False)
+            return None
+        except DoolyError:
+            if not self._bucket_missing():
+                raise
+        self._bucket_deferred = True
+
+        def create() -> None:
+            self.check(create=True)
+            self._bucket_deferred = False
+
+        return create
+
+    def _bucket_missing(self) -> bool:
+        try:
+            self._call(
+                "reach",
+                "",
+                lambda c: c.head_bucket(Bucket=self.bucket),
+                attempts=CHECK_MAX_ATTEMPTS,
+            )
+        except FileNotFoundError:
+            return True
+        return False
 
 
 def _client_error(exc: Any) -> tuple[str, int]:
@@ -686,20 +802,24 @@ def open_store(
         raise DoolyError(f"store {uri}: unsupported scheme (use a directory, file:// or s3://)")
     else:
         store = LocalStore(uri)
-    store.check(create=create)
-    _check_marker(store, create=create)
+    if create:
+        creation = store.prepare_create()
+    else:
+        store.check(create=False)
+        creation = None
+    marker_missing = _check_marker(store)
+    if create and (creation is not None or marker_missing):
+        store._arm_creation(creation, write_marker=marker_missing)
     return store
 
 
-def _check_marker(store: Store, *, create: bool) -> None:
-    """Refuse a store written by a Dooly of another schema version; stamp a new one with ours."""
+def _check_marker(store: Store) -> bool:
+    """Refuse a store written by a Dooly of another schema version; True when it has no marker yet
+    (a new store: the marker is written with its first object)."""
     try:
         marker = json.loads(store.get_bytes(MARKER_KEY))
     except FileNotFoundError:
-        if create:
-            payload = json.dumps({"schema_version": SCHEMA_VERSION}, indent=2).encode()
-            store.put_if_absent(MARKER_KEY, payload)
-        return
+        return True
     except ValueError as exc:
         raise DoolyError(f"store {store.uri}: {MARKER_KEY} is not valid JSON") from exc
     version = marker.get("schema_version") if isinstance(marker, dict) else None
@@ -708,3 +828,4 @@ def _check_marker(store: Store, *, create: bool) -> None:
             f"store {store.uri} holds schema version {version}; this Dooly reads version "
             f"{SCHEMA_VERSION}"
         )
+    return False
