@@ -65,7 +65,7 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except DoolyError as exc:
             click.echo(f"error: {exc}", err=True)
-            ctx.exit(DoolyError.exit_code)
+            ctx.exit(exc.exit_code)
 
 
 def _available(name: str) -> bool:
@@ -95,7 +95,8 @@ def cli(verbose: int) -> None:
       dooly bench MODEL --out gt/light ...                  the real engine on the same workload (GPU)
       dooly overhead MODEL --ground-truth gt/calib ...      the engine's per-step overhead, measured
       dooly validate MODEL --ground-truth gt/light ...      the simulator against the real engine
-    Every command takes --output json for scripts; bad input exits with code 2 and one line.
+    Every command takes --output json for scripts; bad input exits with code 2 and one line,
+    a store that stays unreachable past the retry deadline with code 75 (docs/errors.md).
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -107,7 +108,7 @@ def main() -> None:
         cli(prog_name="dooly")
     except DoolyError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(DoolyError.exit_code)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from dooly import SCHEMA_VERSION
-from dooly.errors import DoolyError
+from dooly.errors import DoolyError, TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,19 @@ logger = logging.getLogger(__name__)
 # Dooly of another version stops with one line instead of quarantining every shard it cannot read.
 MARKER_KEY = "dooly-store.json"
 
-# Retries of transient errors: attempt n waits about BACKOFF_BASE_S * 2**n (jittered), capped.
-DEFAULT_MAX_ATTEMPTS = 6
+# Retries of transient errors: attempt n waits about BACKOFF_BASE_S * 2**n (jittered), capped, until
+# the attempts or the total deadline run out; then TransientError (exit 75). The deadline is what
+# rides out an outage: five minutes by default, DOOLY_S3_RETRY_DEADLINE_S to change it.
+DEFAULT_MAX_ATTEMPTS = 100
 BACKOFF_BASE_S = 0.2
-BACKOFF_CAP_S = 5.0
-# The up-front reachability check fails fast: a store that is down should not cost a minute.
+BACKOFF_CAP_S = 20.0
+DEFAULT_RETRY_DEADLINE_S = 300.0
+RETRY_DEADLINE_ENV = "DOOLY_S3_RETRY_DEADLINE_S"
+# The up-front reachability check fails fast by default (a mistyped endpoint should not cost five
+# minutes); DOOLY_S3_CONNECT_DEADLINE_S gives it a deadline of its own (fleet pods set it, so a
+# store that is down when the pod starts is waited for too).
 CHECK_MAX_ATTEMPTS = 2
+CONNECT_DEADLINE_ENV = "DOOLY_S3_CONNECT_DEADLINE_S"
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
 DEFAULT_REGION = "us-east-1"
@@ -62,6 +69,11 @@ TRANSIENT_S3_CODES = frozenset(
         "Throttling",
         "ThrottlingException",
         "ConditionalRequestConflict",
+        # Short-lived credentials that lapsed mid-run: boto3 refreshes refreshable ones on retry.
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "TokenRefreshRequired",
     }
 )
 HTTP_SERVER_ERROR = 500
@@ -91,9 +103,9 @@ class Store(abc.ABC):
     # Re-entrant: the deferred creation writes the marker through put_if_absent, which comes back here.
     _create_lock = threading.RLock()
 
-    def _ensure_created(self) -> None:
-        """Run the deferred creation once, before the first write; other writers wait for it to
-        finish, and a failure leaves it armed for the next write."""
+    def ensure_created(self) -> None:
+        """Make the store exist now, as its first write would (directory or bucket, then the schema
+        marker); run once, other writers wait for it, and a failure leaves it armed for the next."""
         if self._pending_create is None:
             return
         with self._create_lock:
@@ -241,15 +253,15 @@ class LocalStore(Store):
             raise self._fail("write", key, exc) from exc
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._ensure_created()
+        self.ensure_created()
         self._replace(key, bytes(data))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
-        self._ensure_created()
+        self.ensure_created()
         self._replace(key, None, Path(path))
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
-        self._ensure_created()
+        self.ensure_created()
         path = self._path(key)
         try:
             temp = self._write_temp(path, bytes(data))
@@ -300,7 +312,7 @@ class LocalStore(Store):
             raise self._fail("delete", key, exc) from exc
 
     def move(self, source: str, destination: str) -> None:
-        self._ensure_created()
+        self.ensure_created()
         target = self._path(destination)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -420,6 +432,7 @@ class S3Store(Store):
         *,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff_base_s: float = BACKOFF_BASE_S,
+        retry_deadline_s: float | None = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
@@ -427,6 +440,12 @@ class S3Store(Store):
         self.region = region or _first_env(REGION_ENV_VARS) or DEFAULT_REGION
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
+        self.retry_deadline_s = (
+            retry_deadline_s
+            if retry_deadline_s is not None
+            else _env_seconds(RETRY_DEADLINE_ENV, DEFAULT_RETRY_DEADLINE_S)
+        )
+        self.connect_deadline_s = _env_seconds(CONNECT_DEADLINE_ENV, 0.0)
         self.multipart_part_bytes = MULTIPART_PART_BYTES
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._access_key = access_key
@@ -488,9 +507,11 @@ class S3Store(Store):
         request: Callable[[Any], T],
         *,
         attempts: int | None = None,
+        deadline_s: float | None = None,
         on_retry: Callable[[], None] | None = None,
     ) -> T:
-        """Run one request, retrying transient failures; other failures become one DoolyError.
+        """Run one request, retrying transient failures until the attempts or the deadline run out
+        (then TransientError, exit 75); other failures become one DoolyError (exit 2).
 
         A NoSuchKey/404 passes through as FileNotFoundError so callers can tell "absent" apart.
         """
@@ -503,7 +524,11 @@ class S3Store(Store):
         from botocore.exceptions import ConnectionError as BotoConnectionError
 
         limit = attempts or self.max_attempts
+        give_up_at = time.monotonic() + (self.retry_deadline_s if deadline_s is None else deadline_s)
         for attempt in range(1, limit + 1):
+            delay = min(BACKOFF_CAP_S, self.backoff_base_s * 2 ** (attempt - 1))
+            delay *= random.uniform(0.5, 1.0)
+            last = attempt == limit or time.monotonic() + delay > give_up_at
             try:
                 return request(self.client)
             except NoCredentialsError as exc:
@@ -526,25 +551,25 @@ class S3Store(Store):
                         "policy"
                     ) from exc
                 transient = status >= HTTP_SERVER_ERROR or code in TRANSIENT_S3_CODES
-                if not transient or attempt == limit:
+                if not transient or last:
                     message = exc.response.get("Error", {}).get("Message") or code or status
-                    raise DoolyError(
-                        f"{self._describe()}: cannot {action} {key or 'bucket'}: {message}"
+                    error = TransientError if transient else DoolyError
+                    spent = f" after {attempt} attempts" if transient else ""
+                    raise error(
+                        f"{self._describe()}: cannot {action} {key or 'bucket'}{spent}: {message}"
                     ) from exc
                 reason = code or str(status)
             except (BotoConnectionError, HTTPClientError) as exc:
-                if attempt == limit:
-                    raise DoolyError(
+                if last:
+                    raise TransientError(
                         f"{self._describe()} is unreachable: cannot {action} {key or 'bucket'} "
-                        f"after {limit} attempts ({exc})"
+                        f"after {attempt} attempts ({_one_line(exc)})"
                     ) from exc
                 reason = type(exc).__name__
             except BotoCoreError as exc:
                 raise DoolyError(
                     f"{self._describe()}: cannot {action} {key or 'bucket'}: {exc}"
                 ) from exc
-            delay = min(BACKOFF_CAP_S, self.backoff_base_s * 2 ** (attempt - 1))
-            delay *= random.uniform(0.5, 1.0)
             logger.warning(
                 "%s: %s %s failed (%s); retry %d/%d in %.2fs",
                 self.uri,
@@ -561,7 +586,7 @@ class S3Store(Store):
         raise AssertionError("unreachable")
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._ensure_created()
+        self.ensure_created()
         full = self._full(key)
         payload = bytes(data)
         self._call("write", key, lambda c: c.put_object(Bucket=self.bucket, Key=full, Body=payload))
@@ -569,7 +594,7 @@ class S3Store(Store):
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         """One PUT for small files; a multipart upload (each part retried on its own) for large
         ones. Either way the object appears only when complete; a failed upload is aborted."""
-        self._ensure_created()
+        self.ensure_created()
         full = self._full(key)
         size = os.path.getsize(path)
         part_bytes = self.multipart_part_bytes
@@ -622,7 +647,7 @@ class S3Store(Store):
         retry finds the key taken, the stored bytes decide whether that lost attempt was ours."""
         from botocore.exceptions import ClientError
 
-        self._ensure_created()
+        self.ensure_created()
         full = self._full(key)
         payload = bytes(data)
         retried = []
@@ -714,7 +739,8 @@ class S3Store(Store):
                 "reach",
                 "",
                 lambda c: c.head_bucket(Bucket=self.bucket),
-                attempts=CHECK_MAX_ATTEMPTS,
+                attempts=None if self.connect_deadline_s else CHECK_MAX_ATTEMPTS,
+                deadline_s=self.connect_deadline_s or None,
             )
         except FileNotFoundError:
             if not create:
@@ -725,7 +751,6 @@ class S3Store(Store):
                 "create bucket",
                 "",
                 lambda c: c.create_bucket(Bucket=self.bucket),
-                attempts=CHECK_MAX_ATTEMPTS,
             )
 
     def prepare_create(self) -> Callable[[], None] | None:
@@ -751,7 +776,8 @@ class S3Store(Store):
                 "reach",
                 "",
                 lambda c: c.head_bucket(Bucket=self.bucket),
-                attempts=CHECK_MAX_ATTEMPTS,
+                attempts=None if self.connect_deadline_s else CHECK_MAX_ATTEMPTS,
+                deadline_s=self.connect_deadline_s or None,
             )
         except FileNotFoundError:
             return True
@@ -762,6 +788,24 @@ def _client_error(exc: Any) -> tuple[str, int]:
     error = exc.response.get("Error", {})
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
     return str(error.get("Code", "")), status
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A non-negative number of seconds from the environment; a bad value is one error line."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise DoolyError(f"${name} must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _first_env(names: tuple[str, ...]) -> str | None:
