@@ -2,12 +2,15 @@
 
 Exit codes (docs/errors.md), chosen so a Kubernetes Job's podFailurePolicy can act on them:
   2   bad input (config, names, numbers, paths, credentials refused): retrying cannot help, fail.
+  65  `dooly merge` refused to publish a generation with fewer rows than the previous one (EX_DATAERR:
+      shards were quarantined or lost); a person must look, so the Job fails without retrying.
   75  transient (EX_TEMPFAIL): the store was unreachable or throttled past the retry deadline;
       the same command later may succeed, so the Job retries that index.
 """
 
 # sysexits.h EX_USAGE-like "bad input" code click also uses, and EX_TEMPFAIL.
 EXIT_BAD_INPUT = 2
+EXIT_SHRINK_REFUSED = 65
 EXIT_TRANSIENT = 75
 
 
@@ -25,3 +28,9 @@ class TransientError(DoolyError):
     raised once the retries and their deadline are spent; exits 75 so a Job retries it."""
 
     exit_code = EXIT_TRANSIENT
+
+
+class ShrinkRefused(DoolyError):
+    """A merge whose generation would hold fewer rows than the newest one, not published."""
+
+    exit_code = EXIT_SHRINK_REFUSED

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from dooly.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, DoolyError
+from dooly.errors import EXIT_BAD_INPUT, EXIT_SHRINK_REFUSED, EXIT_TRANSIENT, DoolyError
 from dooly.fleet import checks
 from dooly.fleet.spec import FleetSpec, ProfileTarget
 from dooly.store.backends import CONNECT_DEADLINE_ENV, RETRY_DEADLINE_ENV
@@ -71,7 +71,7 @@ S3_SECRET_KEYS_OPTIONAL = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 USER_ERROR_EXIT_CODE = EXIT_BAD_INPUT
 # `dooly merge` refuses to publish a generation smaller than the last one (lost or quarantined shards):
 # a person must look, so the Job fails at once instead of retrying into the same refusal.
-MERGE_SHRINK_EXIT_CODE = 65
+MERGE_SHRINK_EXIT_CODE = EXIT_SHRINK_REFUSED
 # A store unreachable or throttled past the in-process retry deadline: the pod is retried (per index
 # for profiling Jobs), counted against the retry budget, after Kubernetes' own pod backoff.
 TRANSIENT_EXIT_CODE = EXIT_TRANSIENT

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from packaging.version import InvalidVersion, Version
 
 from dooly import SCHEMA_VERSION, __version__
-from dooly.errors import DoolyError
+from dooly.errors import DoolyError, ShrinkRefused
 from dooly.output import progress as progress_bar
 from dooly.store.backends import Store
 from dooly.store.schema import STACK_COLUMNS
@@ -450,11 +450,35 @@ def _build_generation(
     return good, rows_out, quarantined
 
 
-def merge_store(store: Store, *, progress: bool = False, force: bool = False) -> MergeReport:
+# How many lost shard keys a refused merge names (the count is always given).
+SHRINK_KEYS_SHOWN = 5
+
+
+def _shrink_message(
+    store: Store, latest: tuple[int, dict[str, Any]], rows_out: int, good_keys: list[str], quarantined: list[str]
+) -> str:
+    """One line: the two row counts, the shards quarantined now and those the newest generation
+    held that are gone, and how to publish anyway."""
+    generation, manifest = latest
+    lost = sorted(set(manifest["shards"]) - set(good_keys))
+    shown = ", ".join(lost[:SHRINK_KEYS_SHOWN]) + (", ..." if len(lost) > SHRINK_KEYS_SHOWN else "")
+    return (
+        f"store {store.uri}: the merge would hold {rows_out} rows, fewer than generation {generation}'s "
+        f"{manifest['rows_out']}; not published. Quarantined shards ({len(quarantined)}): "
+        f"{', '.join(quarantined) or 'none'}; shards of generation {generation} now missing ({len(lost)}): "
+        f"{shown or 'none'}. Pass --allow-shrink to publish it anyway"
+    )
+
+
+def merge_store(
+    store: Store, *, progress: bool = False, force: bool = False, allow_shrink: bool = False
+) -> MergeReport:
     """Merge every readable shard into a new snapshot generation; see the module docstring.
 
     When the shards are exactly those of the newest generation (and none had to be quarantined),
-    nothing is written and the report says `unchanged`, unless `force`.
+    nothing is written and the report says `unchanged`, unless `force`. A generation that would
+    hold fewer rows than the newest one (shards quarantined or lost since) is not published:
+    ShrinkRefused (exit 65) names the counts and the shards, unless `allow_shrink`.
     """
     started = time.perf_counter()
     keys = list_shards(store)
@@ -494,6 +518,11 @@ def merge_store(store: Store, *, progress: bool = False, force: bool = False) ->
         raise
     quarantined += late_quarantine
     good_keys = [s.key for s in good]
+    if latest is not None and not allow_shrink and rows_out < latest[1]["rows_out"]:
+        for name in (DATA_NAME, CLAIM_NAME):
+            with contextlib.suppress(DoolyError, OSError):
+                store.delete(generation_key(generation, name))
+        raise ShrinkRefused(_shrink_message(store, latest, rows_out, good_keys, quarantined))
     rows_in = sum(s.rows for s in good)
     manifest = {
         "schema_version": SCHEMA_VERSION,
