@@ -66,6 +66,11 @@ class LazyGroup(click.Group):
         except DoolyError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except click.ClickException as exc:
+            # click's usage errors (a bad number, a missing option) are bad input like any other:
+            # one line, exit 2, so a script or a Job reads them the same way.
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            ctx.exit(exc.exit_code)
 
 
 def _available(name: str) -> bool:
