@@ -250,7 +250,7 @@ def test_a_merge_that_would_shrink_the_snapshot_is_not_published(tmp_path, shard
     assert result.exit_code == EXIT_SHRINK_REFUSED
     assert result.stdout == "" and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "would hold 3 rows, fewer than generation 1's 5" in result.stderr
-    assert "Quarantined shards (1)" in result.stderr and lost in result.stderr
+    assert "to be quarantined (1)" in result.stderr and store.exists(lost) and lost in result.stderr
     assert store.list_keys("snapshots/") == before
     assert read_snapshot(store)[1]["generation"] == 1
 
