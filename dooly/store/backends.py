@@ -211,22 +211,31 @@ class LocalStore(Store):
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.with_name(f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
 
+    def _open_temp(self, path: Path) -> tuple[Path, BinaryIO]:
+        """A new temporary file beside `path`. A delete may prune the (empty) directory between
+        the mkdir and the open: then make it again, once."""
+        temp = self._temp_beside(path)
+        try:
+            return temp, open(temp, "xb")
+        except FileNotFoundError:
+            temp = self._temp_beside(path)
+            return temp, open(temp, "xb")
+
     def _fail(self, action: str, key: str, exc: OSError) -> DoolyError:
         reason = exc.strerror or type(exc).__name__
         return DoolyError(f"store {self.uri}: cannot {action} {key}: {reason}")
 
     def _write_temp(self, path: Path, data: bytes | None, source: Path | None = None) -> Path:
-        temp = self._temp_beside(path)
+        temp, handle = self._open_temp(path)
         try:
-            if source is not None:
-                shutil.copyfile(source, temp)
-                with open(temp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-            else:
-                with open(temp, "wb") as handle:
+            with handle:
+                if source is not None:
+                    with open(source, "rb") as reader:
+                        shutil.copyfileobj(reader, handle)
+                else:
                     handle.write(data or b"")
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                handle.flush()
+                os.fsync(handle.fileno())
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -306,10 +315,20 @@ class LocalStore(Store):
         return sorted(keys)
 
     def delete(self, key: str) -> None:
+        """Remove the file, then the directories it leaves empty (never the store's root), so a
+        generation that is cleaned away leaves no empty folder behind."""
+        path = self._path(key)
         try:
-            self._path(key).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as exc:
             raise self._fail("delete", key, exc) from exc
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
 
     def move(self, source: str, destination: str) -> None:
         self.ensure_created()
