@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dooly.errors import DoolyError
 
 logger = logging.getLogger("dooly.progress")
+# Progress is what a pod's log is read for: shown at the CLI's default level (warnings) too, as INFO.
+logger.setLevel(logging.INFO)
 
 DEFAULT_INTERVAL_S = 30.0
 INTERVAL_ENV = "DOOLY_PROGRESS_INTERVAL_S"
@@ -73,11 +75,11 @@ class ProgressLog:
         now = self._clock()
         if now - self._last_logged >= self.interval_s:
             self._last_logged = now
-            logger.warning(self.line(now))
+            logger.info(self.line(now))
 
     def finish(self) -> None:
         """The closing line, so a log always ends with the final count."""
-        logger.warning(self.line(self._clock()))
+        logger.info(self.line(self._clock()))
 
     def line(self, now: float) -> str:
         """`profiling 120/480 points (25%), 38.2 device-s, elapsed 1m02s, ETA 3m06s`."""
