@@ -142,7 +142,7 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
         "--run-id", f"{name}-$({COMPLETION_INDEX_ENV})",
         "--output", "json",
     ]
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": COMPLETION_INDEX_ENV, "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}}},
         {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
         {"name": "DOOLY_PROGRESS_INTERVAL_S", "value": str(POD_PROGRESS_INTERVAL_S)},
