@@ -201,7 +201,7 @@ def paths(tmp_path, moto_endpoint, aws_env, raw_s3, monkeypatch) -> Paths:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DOOLY_S3_ENDPOINT_URL", moto_endpoint)
     bucket = f"dooly-bad-{uuid.uuid4().hex[:12]}"
-    open_store(str(tmp_path / "db")).ensure_created()
+    open_store(str(tmp_path / "db"))
     raw_s3(moto_endpoint).create_bucket(Bucket=bucket)
     raw_s3(moto_endpoint).put_object(Bucket=bucket, Key=f"db/{MARKER_KEY}", Body=b'{"schema_version": 1}')
     return Paths(root=tmp_path, local_store=str(tmp_path / "db"), s3_store=f"s3://{bucket}/db",

@@ -170,7 +170,8 @@ def profile_command(models: tuple[str, ...], store_uri: str, endpoint_url: str |
         grid=_grid(max_tokens, max_seqs, max_kv, max_context), samples=samples, shard_index=shard_index,
         shard_count=shard_count, run_id=run_id, chunk_rows=chunk_rows, tp=tp,
     )
-    store = open_store(store_uri, endpoint_url=endpoint_url, create=True)
+    # Made by the first write: a bad model, name or number found while tracing leaves nothing behind.
+    store = open_store(store_uri, endpoint_url=endpoint_url, create=True, defer_create=True)
     plan, device_type = prepare(list(models), store, options)
     if sys.stderr.isatty() and output_format == "text":
         with click.progressbar(length=total_points(plan, options), label="profiling", file=sys.stderr) as bar:

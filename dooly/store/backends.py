@@ -841,6 +841,7 @@ def open_store(
     endpoint_url: str | None = None,
     region: str | None = None,
     create: bool = True,
+    defer_create: bool = False,
 ) -> Store:
     """The store behind `uri`, checked reachable and of this Dooly's schema version.
 
@@ -848,6 +849,10 @@ def open_store(
     whose endpoint is `endpoint_url`, else $DOOLY_S3_ENDPOINT_URL, $AWS_ENDPOINT_URL_S3 or
     $AWS_ENDPOINT_URL (AWS itself when none is set). With `create`, a missing directory or bucket is
     made and the schema marker written; without it, a missing store is an error.
+
+    `defer_create` (what a command that writes uses) checks, creating nothing, that the store
+    could be made and written, and leaves the making to the first write (`Store.ensure_created`):
+    a command that then fails on its inputs leaves no directory, bucket or marker behind.
     """
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://") :].partition("/")
@@ -873,6 +878,8 @@ def open_store(
     marker_missing = _check_marker(store)
     if create and (creation is not None or marker_missing):
         store._arm_creation(creation, write_marker=marker_missing)
+        if not defer_create:
+            store.ensure_created()
     return store
 
 

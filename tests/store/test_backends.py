@@ -119,9 +119,11 @@ def test_keys_cannot_escape_the_store(tmp_path):
 def test_open_store_makes_a_local_store_and_marks_its_schema(tmp_path):
     store = open_store(f"file://{tmp_path}/db")
     assert isinstance(store, LocalStore)
-    assert not (tmp_path / "db").exists(), "opening creates nothing: the first write does"
-    store.put_bytes("shards/a.parquet", b"x")
     assert json.loads(store.get_bytes(MARKER_KEY)) == {"schema_version": SCHEMA_VERSION}
+    deferred = open_store(f"file://{tmp_path}/later", defer_create=True)
+    assert not (tmp_path / "later").exists(), "a deferred store is made by its first write"
+    deferred.put_bytes("shards/a.parquet", b"x")
+    assert json.loads(deferred.get_bytes(MARKER_KEY)) == {"schema_version": SCHEMA_VERSION}
     assert open_store(str(tmp_path / "db"), create=False).uri == store.uri
 
 
@@ -155,9 +157,12 @@ def test_open_store_s3_reads_the_endpoint_from_the_environment(moto_uri):
     store = open_store(moto_uri)
     assert store.uri == moto_uri
     assert store.storage_options()["aws_endpoint_url"] == os.environ["DOOLY_S3_ENDPOINT_URL"]
-    assert not store.exists(MARKER_KEY) and store.list_keys("") == []
-    store.put_bytes("shards/a.parquet", b"x")
     assert store.exists(MARKER_KEY)
+    bucket = moto_uri[len("s3://") :].split("/")[0]
+    later = open_store(f"s3://{bucket}-later/db", defer_create=True)
+    assert not later.exists(MARKER_KEY) and later.list_keys("") == []
+    later.put_bytes("shards/a.parquet", b"x")
+    assert later.exists(MARKER_KEY)
 
 
 def test_open_store_s3_without_create_needs_the_bucket(moto_uri):

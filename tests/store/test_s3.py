@@ -46,7 +46,7 @@ def _objects(raw_client, bucket: str) -> list[str]:
 
 def test_dropped_connections_are_retried(moto_uri, moto_endpoint, flaky_proxy, raw_s3, shard_table):
     bucket = moto_uri[len("s3://") :].split("/")[0]
-    open_store(moto_uri).ensure_created()
+    open_store(moto_uri)
     proxy = flaky_proxy(moto_endpoint, fail_first=3, mode="drop")
     store = _s3_store(moto_uri, proxy.endpoint, backoff_base_s=FAST_BACKOFF_S)
     key = write_shard(store, shard_table(), run_id="run-a", chunk_index=0)
@@ -59,7 +59,6 @@ def test_an_upload_whose_answer_is_lost_is_not_duplicated(
 ):
     bucket = moto_uri[len("s3://") :].split("/")[0]
     direct = open_store(moto_uri)
-    direct.ensure_created()
     proxy = flaky_proxy(moto_endpoint, fail_first=1, mode="swallow")
     store = _s3_store(moto_uri, proxy.endpoint, backoff_base_s=FAST_BACKOFF_S)
     key = write_shard(store, shard_table(), run_id="run-a", chunk_index=0)
@@ -72,7 +71,7 @@ def test_an_upload_whose_answer_is_lost_is_not_duplicated(
 def test_a_conditional_create_whose_answer_is_lost_is_still_ours(
     moto_uri, moto_endpoint, flaky_proxy
 ):
-    open_store(moto_uri).ensure_created()
+    open_store(moto_uri)
     proxy = flaky_proxy(moto_endpoint, fail_first=1, mode="swallow")
     store = _s3_store(moto_uri, proxy.endpoint, backoff_base_s=FAST_BACKOFF_S)
     assert store.put_if_absent("snapshots/gen-000001/claim.json", b"mine")
@@ -85,7 +84,7 @@ def test_retries_are_bounded_and_leave_nothing(
     moto_uri, moto_endpoint, flaky_proxy, raw_s3, shard_table
 ):
     bucket = moto_uri[len("s3://") :].split("/")[0]
-    open_store(moto_uri).ensure_created()
+    open_store(moto_uri)
     proxy = flaky_proxy(moto_endpoint, fail_first=10**6, mode="drop")
     store = _s3_store(moto_uri, proxy.endpoint, max_attempts=3, backoff_base_s=FAST_BACKOFF_S)
     with pytest.raises(DoolyError) as info:
@@ -187,7 +186,7 @@ def test_a_write_gives_up_at_the_retry_deadline_not_the_attempt_count(
 ):
     """Many attempts allowed, a short deadline: the deadline decides, and the error is transient."""
     bucket = moto_uri[len("s3://") :].split("/")[0]
-    open_store(moto_uri).ensure_created()
+    open_store(moto_uri)
     proxy = flaky_proxy(moto_endpoint, fail_first=ENDLESS_OUTAGE, mode="drop")
     monkeypatch.setenv("DOOLY_S3_RETRY_DEADLINE_S", str(GIVE_UP_DEADLINE_S))
     store = _s3_store(moto_uri, proxy.endpoint, max_attempts=1000, backoff_base_s=FAST_BACKOFF_S)
