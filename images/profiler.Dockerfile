@@ -3,7 +3,7 @@
 # and dooly. Built from the repository root (`make images` runs this):
 #   docker build -f images/profiler.Dockerfile -t REGISTRY/profiler:TAG .
 #   docker build -f images/profiler.Dockerfile --build-arg EXTRAS=vllm -t REGISTRY/profiler:TAG-vllm .
-# Only pyproject.toml, README.md and dooly/ enter the build (profiler.Dockerfile.dockerignore).
+# Only pyproject.toml, README.md, constraints.txt and dooly/ enter the build (profiler.Dockerfile.dockerignore).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
@@ -34,9 +34,11 @@ RUN apt-get update \
 
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md constraints.txt /src/
 COPY dooly /src/dooly
-RUN pip install "transformers==${TRANSFORMERS_VERSION}" "/src${EXTRAS:+[${EXTRAS}]}" \
+# The runtime lock holds every other package to the versions the project is tested with (torch is
+# this image's own: installed above, not in the lock).
+RUN pip install "transformers==${TRANSFORMERS_VERSION}" "/src${EXTRAS:+[${EXTRAS}]}" -c /src/constraints.txt \
     && rm -rf /src
 
 USER 10001:10001

@@ -11,7 +11,9 @@ import click
 
 from dooly.engines.base import parse_engine_settings
 from dooly.errors import DoolyError
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
+from dooly.outputs import writable_dir
 from dooly.workload import workload_options
 
 log = logging.getLogger(__name__)
@@ -22,8 +24,9 @@ MS_PER_S = 1e3
 
 
 @click.command("bench")
+@allow_defaults_option
 @click.argument("model")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), callback=writable_dir,
               help="Directory for requests.parquet, steps.parquet, engine.json and bench.json.")
 @click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="transformers", show_default=True,
               help="Serving engine to run.")

@@ -37,7 +37,9 @@ from dooly.distributed import RankContext
 from dooly.engines.base import Batch
 from dooly.engines.transformers_cb import DEFAULT_BLOCK_SIZE as KV_BLOCK_SIZE
 from dooly.errors import DoolyError
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
+from dooly.outputs import writable_file
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +362,7 @@ def measure_steps(model: str, *, tp: int, backend: str, dtype: str, device: str,
 
 
 @click.command("measure-steps")
+@allow_defaults_option
 @click.argument("model")
 @click.option("--tp", type=int, default=None, help="Tensor-parallel ranks (default: a trace file's, else 1).")
 @click.option("--attention", "backend", default=None, help="Attention backend (default: a trace file's, else paged|sdpa).")
@@ -369,7 +372,7 @@ def measure_steps(model: str, *, tp: int, backend: str, dtype: str, device: str,
               help=f"Batch compositions: a preset ({', '.join(COMPOSITIONS)}) or a JSON file.")
 @click.option("--samples", type=int, default=DEFAULT_SAMPLES, show_default=True, help="Timed steps per composition.")
 @click.option("--no-graphs", is_flag=True, help="Time eager steps only (no CUDA-graph replay).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the JSON document here.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), callback=writable_file, help="Write the JSON document here.")
 @output_option
 def measure_steps_command(model: str, tp: int | None, backend: str | None, dtype: str | None, device: str, preset: str,
                           samples: int, no_graphs: bool, out_path: str | None, output_format: str) -> None:

@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
-from dooly.errors import DoolyError
+from dooly.errors import EXIT_BAD_INPUT, EXIT_SHRINK_REFUSED, EXIT_TRANSIENT, DoolyError
 from dooly.fleet import checks
 from dooly.fleet.spec import FleetSpec, ProfileTarget
+from dooly.store.backends import CONNECT_DEADLINE_ENV, RETRY_DEADLINE_ENV
 
 APP_NAME = "dooly"
 LABEL_PREFIX = "dooly.dev"
@@ -68,7 +69,20 @@ S3_SECRET_KEYS_REQUIRED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_SECRET_KEYS_OPTIONAL = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
 # `dooly` exits with this code on bad input: retrying a pod cannot fix it, so it fails the whole Job.
-USER_ERROR_EXIT_CODE = DoolyError.exit_code
+USER_ERROR_EXIT_CODE = EXIT_BAD_INPUT
+# `dooly merge` refuses to publish a generation smaller than the last one (lost or quarantined shards):
+# a person must look, so the Job fails at once instead of retrying into the same refusal.
+MERGE_SHRINK_EXIT_CODE = EXIT_SHRINK_REFUSED
+# A store unreachable or throttled past the in-process retry deadline: the pod is retried (per index
+# for profiling Jobs), counted against the retry budget, after Kubernetes' own pod backoff.
+TRANSIENT_EXIT_CODE = EXIT_TRANSIENT
+# How long a pod's S3 calls retry before exiting TRANSIENT_EXIT_CODE, and how long it waits for the
+# store when it starts: together with the Job's retries and pod backoff (10 s doubling, capped at
+# 6 min) an outage of several minutes is ridden out.
+POD_S3_RETRY_DEADLINE_S = 600
+POD_S3_CONNECT_DEADLINE_S = 300
+# Without a terminal a profiling pod logs a progress line this often.
+POD_PROGRESS_INTERVAL_S = 60
 # The controller waits for the profiling and merge deadlines plus scheduling slack.
 CONTROLLER_SLACK_S = 1800
 CONTROLLER_HISTORY = 3
@@ -122,6 +136,7 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
         "--attention", backend,
         *_dtype_flag(spec),
         *spec.profile_flags,
+        *(["--tp", str(gpu.gpus)] if gpu.gpus > 1 else []),
         "--shard-index", f"$({COMPLETION_INDEX_ENV})",
         "--shard-count", str(gpu.completions),
         # Rows and shard names say which Job and shard measured them.
@@ -131,6 +146,7 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
     env: list[dict[str, Any]] = [
         {"name": COMPLETION_INDEX_ENV, "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}}},
         {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+        {"name": "DOOLY_PROGRESS_INTERVAL_S", "value": str(POD_PROGRESS_INTERVAL_S)},
         *_s3_env(spec),
     ]
     limits: dict[str, str] = {"memory": gpu.resources.memory}
@@ -400,6 +416,9 @@ def _s3_env(spec: FleetSpec) -> list[dict]:
     return [
         {"name": key, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key, "optional": optional}}}
         for key, optional in ref
+    ] + [
+        {"name": RETRY_DEADLINE_ENV, "value": str(POD_S3_RETRY_DEADLINE_S)},
+        {"name": CONNECT_DEADLINE_ENV, "value": str(POD_S3_CONNECT_DEADLINE_S)},
     ]
 
 
@@ -472,10 +491,17 @@ def _pod_spec(
 
 
 def _pod_failure_policy() -> dict:
+    """Exit codes decide (docs/errors.md): bad input and a refused shrinking merge fail the Job at
+    once; a transient store failure is retried, counted against backoffLimit(PerIndex)."""
     return {
         "rules": [
             # Bad input fails every shard alike: stop at once instead of burning retries.
-            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [USER_ERROR_EXIT_CODE]}},
+            {
+                "action": "FailJob",
+                "onExitCodes": {"operator": "In", "values": [USER_ERROR_EXIT_CODE, MERGE_SHRINK_EXIT_CODE]},
+            },
+            # The store was down or throttling past the pod's own retry deadline: try this index again.
+            {"action": "Count", "onExitCodes": {"operator": "In", "values": [TRANSIENT_EXIT_CODE]}},
             # Preemption or node drain is not the pod's fault: retry without counting it.
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]

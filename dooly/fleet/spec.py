@@ -24,7 +24,7 @@ import yaml
 
 from dooly.errors import DoolyError
 from dooly.fleet import checks
-from dooly.models.registry import bundled_model_ids
+from dooly.models.registry import bundled_model_ids, resolve_model
 
 DEFAULT_FLEET_RESOURCE = "default_fleet.yaml"
 DEMO_FLEET_RESOURCE = "demo_fleet.yaml"
@@ -394,6 +394,7 @@ def _build(doc: _Document, text: str) -> FleetSpec:
     resources_by_role = _resources(doc, top.get("resources", {}))
     tolerations = _tolerations(doc, top.get("tolerations", _default_tolerations()), ("tolerations",))
     gpu_types = _gpu_types(doc, top["gpuTypes"], engines, resources_by_role["profiler"])
+    _check_tensor_parallel(doc, gpu_types, models, engines)
 
     deadlines = doc.mapping(top.get("deadlines", {}), ("deadlines",), required=(), optional=_DEFAULT_DEADLINES)
     seconds = {
@@ -585,6 +586,50 @@ def _tolerations(doc: _Document, value: Any, path: Path_) -> tuple[dict, ...]:
             doc.integer(entry["tolerationSeconds"], path + (i, "tolerationSeconds"), minimum=0)
         result.append(dict(entry))
     return tuple(result)
+
+
+# Config fields a tensor-parallel degree must divide (as the tracer's own check); KV heads only when > 1,
+# since one KV head is replicated on every rank.
+TP_DIVIDED_FIELDS = ("num_attention_heads", "intermediate_size", "vocab_size")
+TP_DIVIDED_KV_FIELD = "num_key_value_heads"
+# The engines whose adapter traces tensor-parallel ranks (and their collectives).
+TP_ENGINES = frozenset({"transformers"})
+
+
+def _check_tensor_parallel(
+    doc: _Document, gpu_types: tuple[GpuType, ...], models: tuple[str, ...], engines: tuple[Engine, ...]
+) -> None:
+    """A pod with `gpus: N > 1` profiles every model at --tp N (one rank's ops and the collectives
+    among the N GPUs); refuse, in one line saying why, a GPU type where that cannot hold: an engine
+    whose adapter traces tp=1 only, or a model whose heads or widths N does not divide."""
+    for i, gpu in enumerate(gpu_types):
+        if gpu.gpus <= 1:
+            continue
+        path = ("gpuTypes", i, "gpus")
+        for engine in engines:
+            uses = [b for b in gpu.backends if b in KNOWN_BACKENDS[engine.name]]
+            if uses and engine.name not in TP_ENGINES:
+                raise doc.error(
+                    path,
+                    f"gpus: {gpu.gpus} means profiling at --tp {gpu.gpus}, but the {engine.name} engine "
+                    f"(backend {uses[0]}) traces tp=1 only; give {engine.name} backends a GPU type with gpus: 1",
+                )
+        for model in models:
+            config = resolve_model(model).config
+            text = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+            for name in TP_DIVIDED_FIELDS:
+                value = text.get(name)
+                if isinstance(value, int) and value % gpu.gpus:
+                    raise doc.error(
+                        path, f"gpus: {gpu.gpus} means profiling at --tp {gpu.gpus}, which does not divide "
+                        f"{model}'s {name}={value}",
+                    )
+            kv_heads = text.get(TP_DIVIDED_KV_FIELD)
+            if isinstance(kv_heads, int) and kv_heads > 1 and kv_heads % gpu.gpus:
+                raise doc.error(
+                    path, f"gpus: {gpu.gpus} means profiling at --tp {gpu.gpus}, which does not divide "
+                    f"{model}'s {TP_DIVIDED_KV_FIELD}={kv_heads}",
+                )
 
 
 def _gpu_types(

@@ -14,6 +14,7 @@ from dooly.models.registry import (
     model_key,
     resolve_model,
 )
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ EXPERT_COUNT_ATTRIBUTES = ("num_local_experts", "num_experts", "n_routed_experts
 
 
 @click.command("models")
+@allow_defaults_option
 @click.argument("models", nargs=-1, metavar="[MODEL]...")
 @output_option
 def models_command(models: tuple[str, ...], output_format: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dooly.errors import DoolyError
+from dooly.models.validation import check_required_fields
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -134,6 +135,7 @@ def build_hf_config(spec: ModelSpec, **overrides: Any) -> PretrainedConfig:
         )
     _check_causal_lm(facts, model_type, spec.model_id)
     _check_shape_fields(facts, spec.model_id)
+    check_required_fields(facts, model_type, spec.model_id, supplied=overrides)
     facts.pop("model_type", None)
     try:
         config = AutoConfig.for_model(model_type, **facts)

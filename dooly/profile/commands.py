@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from dooly.errors import DoolyError
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
 from dooly.profile.grid import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_KV, DEFAULT_MAX_SEQS, DEFAULT_MAX_TOKENS, GridSpec
 
@@ -28,6 +29,9 @@ def _common(func):
                           "[profile only: the engine cannot serve it]; vllm: the one its build runs, CPU_ATTN on a "
                           "CPU)."),
         click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype."),
+        click.option("--tp", type=int, default=1, show_default=True,
+                     help="Tensor-parallel degree: profile one rank's operations and its collectives "
+                          "(a trace file keeps its own tp)."),
         click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True,
                      help="Largest tokens-per-step point of the sweep."),
         click.option("--max-seqs", type=int, default=DEFAULT_MAX_SEQS, show_default=True,
@@ -37,6 +41,7 @@ def _common(func):
         click.option("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, show_default=True,
                      help="Longest per-sequence context of the attention batches."),
         output_option,
+        allow_defaults_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -57,7 +62,7 @@ def _grid(max_tokens: int, max_seqs: int, max_kv: int, max_context: int) -> Grid
               help="Plan for this machine (auto) or name another platform (its rows of any software version count).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | None, engine: str, backend: str,
-                 dtype: str, max_tokens: int, max_seqs: int, max_kv: int, max_context: int, output_format: str,
+                 dtype: str, tp: int, max_tokens: int, max_seqs: int, max_kv: int, max_context: int, output_format: str,
                  platform: str, device: str) -> None:
     """What profiling MODEL... would measure, and what it would reuse from the store. Measures nothing.
 
@@ -79,7 +84,9 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
     named = platform not in ("auto", "")
     name = check_platform_name(platform) if named else detect_platform(device_type)
     store = open_store(store_uri, endpoint_url=endpoint_url, create=False)
-    traces = trace_all(list(models), backend, dtype, engine)
+    if tp < 1:
+        raise DoolyError(f"--tp must be >= 1, got {tp}")
+    traces = trace_all(list(models), backend, dtype, engine, tp)
     stack = current_stack(device=device_type if not named else "cuda", platform=name, engine=kind.name,
                           engine_version=kind.version(), backend=backend, dtype=dtype, block_size=kind.block_size)
     plan = build_plan(traces, store, stack, grid, software_agnostic=named,
@@ -120,10 +127,13 @@ def _plan_comm_stack(traces: list, stack: Any, device_type: str, named: bool) ->
 @click.option("--shard-count", type=int, default=1, show_default=True, help="Workers splitting the missing work.")
 @click.option("--run-id", default=None, help="Run id stamped on rows and shard names (default: time + random).")
 @click.option("--chunk-rows", type=int, default=512, show_default=True, help="Rows per flushed shard.")
+@click.option("--progress-interval", type=float, default=None,
+              help="Without a terminal, log progress (done/total, device-seconds, ETA) this often, in seconds "
+                   "(default $DOOLY_PROGRESS_INTERVAL_S or 30).")
 def profile_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | None, engine: str, backend: str,
-                    dtype: str, max_tokens: int, max_seqs: int, max_kv: int, max_context: int, output_format: str,
+                    dtype: str, tp: int, max_tokens: int, max_seqs: int, max_kv: int, max_context: int, output_format: str,
                     platform: str, device: str, samples: int | None, shard_index: int, shard_count: int,
-                    run_id: str | None, chunk_rows: int) -> None:
+                    run_id: str | None, chunk_rows: int, progress_interval: float | None) -> None:
     """Profile MODEL... into the store, measuring only what it does not hold yet.
 
     Each model is traced (no weights), its operation signatures looked up in the store for this
@@ -141,24 +151,36 @@ def profile_command(models: tuple[str, ...], store_uri: str, endpoint_url: str |
     """
     from dooly.engines.registry import default_backend
     from dooly.profile.run import ProfileOptions, execute, prepare, total_points
+    from dooly.progress import ProgressLog, interval_from_env
     from dooly.store.backends import open_store
 
     if shard_count < 1:
         raise DoolyError(f"--shard-count must be >= 1, got {shard_count}")
     if samples is not None and samples < 1:
         raise DoolyError(f"--samples must be >= 1, got {samples}")
+    if tp < 1:
+        raise DoolyError(f"--tp must be >= 1, got {tp}")
+    if chunk_rows < 1:
+        raise DoolyError(f"--chunk-rows must be >= 1, got {chunk_rows}")
+    if progress_interval is not None and not progress_interval > 0:
+        raise DoolyError(f"--progress-interval must be > 0 seconds, got {progress_interval}")
+    interval = progress_interval if progress_interval is not None else interval_from_env()
     options = ProfileOptions(
         backend=backend or default_backend(engine), engine=engine, dtype=dtype, device=device, platform=platform,
         grid=_grid(max_tokens, max_seqs, max_kv, max_context), samples=samples, shard_index=shard_index,
-        shard_count=shard_count, run_id=run_id, chunk_rows=chunk_rows,
+        shard_count=shard_count, run_id=run_id, chunk_rows=chunk_rows, tp=tp,
     )
-    store = open_store(store_uri, endpoint_url=endpoint_url, create=True)
+    # Made by the first write: a bad model, name or number found while tracing leaves nothing behind.
+    store = open_store(store_uri, endpoint_url=endpoint_url, create=True, defer_create=True)
     plan, device_type = prepare(list(models), store, options)
     if sys.stderr.isatty() and output_format == "text":
         with click.progressbar(length=total_points(plan, options), label="profiling", file=sys.stderr) as bar:
-            report = execute(plan, device_type, store, options, progress=bar.update)
+            report = execute(plan, device_type, store, options, progress=lambda points, _seconds: bar.update(points))
     else:
-        report = execute(plan, device_type, store, options)
+        # No terminal (a pod's log, a pipe): a steady log line instead of a bar.
+        progress_log = ProgressLog(total_points(plan, options), interval_s=interval)
+        report = execute(plan, device_type, store, options, progress=progress_log)
+        progress_log.finish()
     payload = report.to_dict()
     if output_format == "json":
         emit_json(payload)

@@ -53,6 +53,7 @@ class ProfileOptions:
     run_id: str | None = None
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     flush_seconds: float = DEFAULT_FLUSH_SECONDS
+    tp: int = 1
 
 
 @dataclass
@@ -93,20 +94,26 @@ class ProfileReport:
         }
 
 
-def trace_all(models: list[str], backend: str, dtype: str, engine: str = "transformers") -> list[Trace]:
+def trace_all(models: list[str], backend: str, dtype: str, engine: str = "transformers", tp: int = 1) -> list[Trace]:
     """Trace every model before anything is written: a model that fails leaves the store untouched."""
-    return [load_or_trace(model, backend, dtype, engine)[0] for model in models]
+    return [load_or_trace(model, backend, dtype, engine, tp)[0] for model in models]
 
 
-def load_or_trace(model: str, backend: str, dtype: str, engine: str = "transformers") -> tuple[Trace, Any]:
-    """A model to trace now, or a trace file written by `dooly trace --out` (traced elsewhere, for
-    instance on a controller whose torch keeps every request dim symbolic)."""
+def load_or_trace(
+    model: str, backend: str, dtype: str, engine: str = "transformers", tp: int = 1
+) -> tuple[Trace, Any]:
+    """A model to trace now (one rank of `tp`, with its collectives), or a trace file written by
+    `dooly trace --out` (traced elsewhere, for instance on a controller whose torch keeps every
+    request dim symbolic). A trace file keeps its own tp unless `tp` > 1 asks for another."""
     from dooly.models.registry import ModelSpec, resolve_model
     from dooly.trace.tracer import trace_model
 
     trace = _read_trace_file(model)
     if trace is None:
-        return trace_model(model, phase="mixed", backend=backend, dtype=dtype, engine=engine), resolve_model(model)
+        traced = trace_model(model, phase="mixed", backend=backend, dtype=dtype, engine=engine, tp=tp)
+        return traced, resolve_model(model)
+    if tp > 1 and trace.tp != tp:
+        raise DoolyError(f"trace {model} is for tp {trace.tp}; this run profiles --tp {tp}")
     if (trace.engine, trace.backend, trace.dtype, trace.phase) != (engine, backend, dtype, "mixed"):
         raise DoolyError(
             f"trace {model} is for engine {trace.engine}, backend {trace.backend}, dtype {trace.dtype}, phase "
@@ -172,7 +179,7 @@ def prepare(models: list[str], store: Any, options: ProfileOptions) -> tuple[Pla
     device = detect_device(options.device)
     platform = resolve_platform(options.platform, device)
     kind = engine_kind(options.engine)
-    loaded = [load_or_trace(model, options.backend, options.dtype, options.engine) for model in models]
+    loaded = [load_or_trace(model, options.backend, options.dtype, options.engine, options.tp) for model in models]
     traces = [trace for trace, _ in loaded]
     stack = current_stack(device=device, platform=platform, engine=kind.name, engine_version=kind.version(),
                           backend=options.backend, dtype=options.dtype, block_size=kind.block_size)
@@ -201,13 +208,13 @@ def collective_stack(traces: list[Trace], stack: Stack, device: str) -> tuple[St
 
 
 def profile_models(models: list[str], store: Any, options: ProfileOptions,
-                   progress: Callable[[int], None] | None = None) -> ProfileReport:
+                   progress: Callable[[int, float], None] | None = None) -> ProfileReport:
     plan, device = prepare(models, store, options)
     return execute(plan, device, store, options, progress)
 
 
 def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
-            progress: Callable[[int], None] | None = None) -> ProfileReport:
+            progress: Callable[[int, float], None] | None = None) -> ProfileReport:
     """Measure this worker's share of the plan's missing points and write them as shards."""
     started = time.perf_counter()
     run_id = options.run_id or new_run_id()
@@ -240,30 +247,31 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
 
 
 def _measure_item(item: WorkItem, device: str, timer: Timer, engines: _AttentionEngines, counts: dict[str, int],
-                  progress: Callable[[int], None] | None) -> list[dict[str, Any]]:
+                  progress: Callable[[int, float], None] | None) -> list[dict[str, Any]]:
     """One item's rows: its missing points, then the refinement points those call for (one round).
     Its inputs are built once and reused across its points (`fixed_inputs`); only the planned
-    points advance the progress count, so a bar sized by the plan ends at its total."""
+    points advance the progress count, so a bar sized by the plan ends at its total; every point's
+    device-seconds are reported with it."""
     rows: list[dict[str, Any]] = []
     fixed_inputs: dict[int, Any] = {}
 
-    def measure_into_rows(point: Point) -> None:
+    def measure_into_rows(point: Point, planned: int) -> None:
         measurement = _measure(item, point, device, timer, engines, fixed_inputs)
         counts[measurement.status] += 1
         rows.append(_row(item, point, measurement))
+        if progress is not None:
+            progress(planned, float(rows[-1]["device_seconds"] or 0.0))
 
     for point in item.missing:
-        measure_into_rows(point)
-        if progress is not None:
-            progress(1)
+        measure_into_rows(point, 1)
     for point in refinement_points(item.op, rows):
-        measure_into_rows(point)
+        measure_into_rows(point, 0)
     return rows
 
 
 def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOptions, writer: _ShardWriter,
                          measured_seconds: dict[str, float], counts: dict[str, int],
-                         progress: Callable[[int], None] | None) -> None:
+                         progress: Callable[[int, float], None] | None) -> None:
     """Spawn the ranks once per world size; write each item's rows as soon as rank 0 reports it done."""
     from dooly.distributed import launch
     from dooly.profile.collectives import rank_worker, work_payload, world_size_of
@@ -278,7 +286,7 @@ def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOpt
 
 
 def _collective_sink(group: list[WorkItem], writer: _ShardWriter, measured_seconds: dict[str, float],
-                     counts: dict[str, int], progress: Callable[[int], None] | None) -> Callable[[tuple], None]:
+                     counts: dict[str, int], progress: Callable[[int, float], None] | None) -> Callable[[tuple], None]:
     """What rank 0's messages do for one world size: a measured point becomes a row held until its
     item is reported finished, then the item's rows go to the shard writer together (an item's
     rows are never split across a crash). Only planned points advance the progress count."""
@@ -298,8 +306,8 @@ def _collective_sink(group: list[WorkItem], writer: _ShardWriter, measured_secon
         measurement = Measurement(**measured)
         counts[measurement.status] += 1
         pending.setdefault(signature, []).append(_row(item, point, measurement))
-        if progress is not None and point.key in planned[signature]:
-            progress(1)
+        if progress is not None:
+            progress(1 if point.key in planned[signature] else 0, float(pending[signature][-1]["device_seconds"] or 0.0))
 
     return on_message
 

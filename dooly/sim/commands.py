@@ -17,7 +17,9 @@ import click
 from dooly.engines.base import parse_engine_settings
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json_object
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
+from dooly.outputs import writable_dir, writable_file
 from dooly.sim.options import StepChoice, model_dims, step_model_options
 from dooly.workload import workload_options
 
@@ -106,12 +108,13 @@ def _ms3(value: float | None) -> str:
 
 
 @click.command("simulate")
+@allow_defaults_option
 @click.argument("model", required=False)
 @step_model_options
 @_engine_options
 @workload_options
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), help=f"Write {REQUESTS_FILE}, {STEPS_FILE}, {SUMMARY_FILE}, {WORKLOAD_FILE} here.")
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG charts (latency CDFs, batch size over time) here.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), callback=writable_dir, help=f"Write {REQUESTS_FILE}, {STEPS_FILE}, {SUMMARY_FILE}, {WORKLOAD_FILE} here.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), callback=writable_dir, help="Write PNG charts (latency CDFs, batch size over time) here.")
 @output_option
 def simulate_command(
     model: str | None, step_choice: StepChoice, engine: str, engine_config: str | None, settings: tuple[str, ...],
@@ -202,12 +205,13 @@ def _write_results(out_dir: Path, result, summary: dict[str, Any], spec) -> None
 
 
 @click.command("overhead")
+@allow_defaults_option
 @click.argument("model")
 @click.option("--ground-truth", "truth_dirs", required=True, multiple=True, type=click.Path(file_okay=False),
               help="Calibration run(s) from `dooly bench` (repeat the flag for several); each uses its own engine.json.")
 @step_model_options
 @click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True, help="Engine whose scheduler model picks each step's path.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Write the CPU overhead model JSON here.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), callback=writable_file, help="Write the CPU overhead model JSON here.")
 @output_option
 def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepChoice, engine: str, out_path: str, output_format: str) -> None:
     """Measure the engine's per-step overhead from a calibration benchmark.
@@ -254,11 +258,12 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
 
 
 @click.command("validate")
+@allow_defaults_option
 @click.argument("model")
 @click.option("--ground-truth", "truth_dir", required=True, type=click.Path(file_okay=False), help=f"Directory from `dooly bench` with {REQUESTS_FILE} and {STEPS_FILE}.")
 @step_model_options
 @_engine_options
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the predicted-vs-measured scatter PNG here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=writable_file, help="Write the predicted-vs-measured scatter PNG here.")
 @output_option
 def validate_command(
     model: str, truth_dir: str, step_choice: StepChoice, engine: str, engine_config: str | None, settings: tuple[str, ...],
@@ -339,8 +344,9 @@ def export_group() -> None:
 
 
 @export_group.command("vidur")
+@allow_defaults_option
 @click.argument("model")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Vidur checkout (or any directory): files go under data/profiling/.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=writable_dir, help="Vidur checkout (or any directory): files go under data/profiling/.")
 @click.option("--device", required=True, help="Vidur device name, e.g. h100 or a100.")
 @step_model_options
 @click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True, help="Engine the fitted models were measured on.")
@@ -436,6 +442,7 @@ def export_vidur_command(
 
 
 @click.command("validate-steps")
+@allow_defaults_option
 @click.argument("measured", type=click.Path(dir_okay=False))
 @click.option("--analytic", is_flag=True, help="Use the built-in roofline step model (tests and demos only).")
 @click.option("--store", metavar="URI", help="Latency database with fitted models.")
@@ -448,7 +455,7 @@ def export_vidur_command(
 @click.option("--engine", default="transformers", show_default=True, help="Engine the fitted models were measured on.")
 @click.option("--timing", type=click.Choice(["graph", "eager"]), default="graph", show_default=True,
               help="Compare with CUDA-graph replays (device time) or eager steps.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the comparison JSON here.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), callback=writable_file, help="Write the comparison JSON here.")
 @output_option
 def validate_steps_command(measured, analytic, store, model, platform, backend, dtype, tp, interconnect, engine, timing,
                            out_path, output_format) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from dooly import SCHEMA_VERSION
-from dooly.errors import DoolyError
+from dooly.errors import DoolyError, TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,19 @@ logger = logging.getLogger(__name__)
 # Dooly of another version stops with one line instead of quarantining every shard it cannot read.
 MARKER_KEY = "dooly-store.json"
 
-# Retries of transient errors: attempt n waits about BACKOFF_BASE_S * 2**n (jittered), capped.
-DEFAULT_MAX_ATTEMPTS = 6
+# Retries of transient errors: attempt n waits about BACKOFF_BASE_S * 2**n (jittered), capped, until
+# the attempts or the total deadline run out; then TransientError (exit 75). The deadline is what
+# rides out an outage: five minutes by default, DOOLY_S3_RETRY_DEADLINE_S to change it.
+DEFAULT_MAX_ATTEMPTS = 100
 BACKOFF_BASE_S = 0.2
-BACKOFF_CAP_S = 5.0
-# The up-front reachability check fails fast: a store that is down should not cost a minute.
+BACKOFF_CAP_S = 20.0
+DEFAULT_RETRY_DEADLINE_S = 300.0
+RETRY_DEADLINE_ENV = "DOOLY_S3_RETRY_DEADLINE_S"
+# The up-front reachability check fails fast by default (a mistyped endpoint should not cost five
+# minutes); DOOLY_S3_CONNECT_DEADLINE_S gives it a deadline of its own (fleet pods set it, so a
+# store that is down when the pod starts is waited for too).
 CHECK_MAX_ATTEMPTS = 2
+CONNECT_DEADLINE_ENV = "DOOLY_S3_CONNECT_DEADLINE_S"
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
 DEFAULT_REGION = "us-east-1"
@@ -62,6 +69,11 @@ TRANSIENT_S3_CODES = frozenset(
         "Throttling",
         "ThrottlingException",
         "ConditionalRequestConflict",
+        # Short-lived credentials that lapsed mid-run: boto3 refreshes refreshable ones on retry.
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "TokenRefreshRequired",
     }
 )
 HTTP_SERVER_ERROR = 500
@@ -76,9 +88,54 @@ T = TypeVar("T")
 
 
 class Store(abc.ABC):
-    """A flat key space of immutable-ish objects; keys use "/" and never start with it."""
+    """A flat key space of immutable-ish objects; keys use "/" and never start with it.
+
+    A store opened for writing is created (directory or bucket, then the schema marker) by its first
+    write, not when it is opened: a command that fails on its inputs after opening its store then
+    leaves nothing behind, locally or on S3.
+    """
 
     uri: str
+    # What the first write must do first (make the directory or bucket, stamp the marker); None once
+    # done, or when the store already existed.
+    _pending_create: Callable[[], None] | None = None
+    _creating = False
+    # Re-entrant: the deferred creation writes the marker through put_if_absent, which comes back here.
+    _create_lock = threading.RLock()
+
+    def ensure_created(self) -> None:
+        """Make the store exist now, as its first write would (directory or bucket, then the schema
+        marker); run once, other writers wait for it, and a failure leaves it armed for the next."""
+        if self._pending_create is None:
+            return
+        with self._create_lock:
+            pending = self._pending_create
+            if pending is None or self._creating:
+                return
+            self._creating = True
+            try:
+                pending()
+                self._pending_create = None
+            finally:
+                self._creating = False
+
+    def _arm_creation(self, create: Callable[[], None] | None, *, write_marker: bool) -> None:
+        """Defer `create` (and the schema marker) to the first write."""
+
+        def materialize() -> None:
+            if create is not None:
+                create()
+            if write_marker:
+                payload = json.dumps({"schema_version": SCHEMA_VERSION}, indent=2).encode()
+                self.put_if_absent(MARKER_KEY, payload)
+
+        self._pending_create = materialize
+
+    def prepare_create(self) -> Callable[[], None] | None:
+        """Check, creating nothing, that the store exists or could be created and written; return
+        the action that creates it (None when it exists). The default creates eagerly."""
+        self.check(create=True)
+        return None
 
     @abc.abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -154,22 +211,31 @@ class LocalStore(Store):
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.with_name(f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
 
+    def _open_temp(self, path: Path) -> tuple[Path, BinaryIO]:
+        """A new temporary file beside `path`. A delete may prune the (empty) directory between
+        the mkdir and the open: then make it again, once."""
+        temp = self._temp_beside(path)
+        try:
+            return temp, open(temp, "xb")
+        except FileNotFoundError:
+            temp = self._temp_beside(path)
+            return temp, open(temp, "xb")
+
     def _fail(self, action: str, key: str, exc: OSError) -> DoolyError:
         reason = exc.strerror or type(exc).__name__
         return DoolyError(f"store {self.uri}: cannot {action} {key}: {reason}")
 
     def _write_temp(self, path: Path, data: bytes | None, source: Path | None = None) -> Path:
-        temp = self._temp_beside(path)
+        temp, handle = self._open_temp(path)
         try:
-            if source is not None:
-                shutil.copyfile(source, temp)
-                with open(temp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-            else:
-                with open(temp, "wb") as handle:
+            with handle:
+                if source is not None:
+                    with open(source, "rb") as reader:
+                        shutil.copyfileobj(reader, handle)
+                else:
                     handle.write(data or b"")
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                handle.flush()
+                os.fsync(handle.fileno())
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -196,12 +262,15 @@ class LocalStore(Store):
             raise self._fail("write", key, exc) from exc
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        self.ensure_created()
         self._replace(key, bytes(data))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
+        self.ensure_created()
         self._replace(key, None, Path(path))
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
+        self.ensure_created()
         path = self._path(key)
         try:
             temp = self._write_temp(path, bytes(data))
@@ -246,12 +315,23 @@ class LocalStore(Store):
         return sorted(keys)
 
     def delete(self, key: str) -> None:
+        """Remove the file, then the directories it leaves empty (never the store's root), so a
+        generation that is cleaned away leaves no empty folder behind."""
+        path = self._path(key)
         try:
-            self._path(key).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as exc:
             raise self._fail("delete", key, exc) from exc
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
 
     def move(self, source: str, destination: str) -> None:
+        self.ensure_created()
         target = self._path(destination)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +362,29 @@ class LocalStore(Store):
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise DoolyError(f"store {self.uri} is not writable: {reason}") from exc
+
+    def prepare_create(self) -> Callable[[], None] | None:
+        """An existing directory is probed for writing (the probe is removed); a missing one needs
+        its nearest existing ancestor to be a writable directory, and is made by the first write."""
+        if self.root.exists():
+            self.check(create=True)
+            return None
+        ancestor = self.root.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise DoolyError(f"store {self.uri} is not writable: {ancestor} is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise DoolyError(f"store {self.uri} is not writable: {ancestor} is not writable")
+
+        def create() -> None:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+                raise DoolyError(f"store {self.uri} is not writable: {reason}") from exc
+
+        return create
 
 
 class _S3RangeReader(io.RawIOBase):
@@ -348,6 +451,7 @@ class S3Store(Store):
         *,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff_base_s: float = BACKOFF_BASE_S,
+        retry_deadline_s: float | None = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
@@ -355,6 +459,12 @@ class S3Store(Store):
         self.region = region or _first_env(REGION_ENV_VARS) or DEFAULT_REGION
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
+        self.retry_deadline_s = (
+            retry_deadline_s
+            if retry_deadline_s is not None
+            else _env_seconds(RETRY_DEADLINE_ENV, DEFAULT_RETRY_DEADLINE_S)
+        )
+        self.connect_deadline_s = _env_seconds(CONNECT_DEADLINE_ENV, 0.0)
         self.multipart_part_bytes = MULTIPART_PART_BYTES
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._access_key = access_key
@@ -362,6 +472,8 @@ class S3Store(Store):
         self._client: Any = None
         self._session: Any = None
         self._client_lock = threading.Lock()
+        # True while the bucket is missing and its creation waits for the first write.
+        self._bucket_deferred = False
 
     @property
     def session(self) -> Any:
@@ -414,9 +526,11 @@ class S3Store(Store):
         request: Callable[[Any], T],
         *,
         attempts: int | None = None,
+        deadline_s: float | None = None,
         on_retry: Callable[[], None] | None = None,
     ) -> T:
-        """Run one request, retrying transient failures; other failures become one DoolyError.
+        """Run one request, retrying transient failures until the attempts or the deadline run out
+        (then TransientError, exit 75); other failures become one DoolyError (exit 2).
 
         A NoSuchKey/404 passes through as FileNotFoundError so callers can tell "absent" apart.
         """
@@ -429,7 +543,11 @@ class S3Store(Store):
         from botocore.exceptions import ConnectionError as BotoConnectionError
 
         limit = attempts or self.max_attempts
+        give_up_at = time.monotonic() + (self.retry_deadline_s if deadline_s is None else deadline_s)
         for attempt in range(1, limit + 1):
+            delay = min(BACKOFF_CAP_S, self.backoff_base_s * 2 ** (attempt - 1))
+            delay *= random.uniform(0.5, 1.0)
+            last = attempt == limit or time.monotonic() + delay > give_up_at
             try:
                 return request(self.client)
             except NoCredentialsError as exc:
@@ -452,25 +570,25 @@ class S3Store(Store):
                         "policy"
                     ) from exc
                 transient = status >= HTTP_SERVER_ERROR or code in TRANSIENT_S3_CODES
-                if not transient or attempt == limit:
+                if not transient or last:
                     message = exc.response.get("Error", {}).get("Message") or code or status
-                    raise DoolyError(
-                        f"{self._describe()}: cannot {action} {key or 'bucket'}: {message}"
+                    error = TransientError if transient else DoolyError
+                    spent = f" after {attempt} attempts" if transient else ""
+                    raise error(
+                        f"{self._describe()}: cannot {action} {key or 'bucket'}{spent}: {message}"
                     ) from exc
                 reason = code or str(status)
             except (BotoConnectionError, HTTPClientError) as exc:
-                if attempt == limit:
-                    raise DoolyError(
+                if last:
+                    raise TransientError(
                         f"{self._describe()} is unreachable: cannot {action} {key or 'bucket'} "
-                        f"after {limit} attempts ({exc})"
+                        f"after {attempt} attempts ({_one_line(exc)})"
                     ) from exc
                 reason = type(exc).__name__
             except BotoCoreError as exc:
                 raise DoolyError(
                     f"{self._describe()}: cannot {action} {key or 'bucket'}: {exc}"
                 ) from exc
-            delay = min(BACKOFF_CAP_S, self.backoff_base_s * 2 ** (attempt - 1))
-            delay *= random.uniform(0.5, 1.0)
             logger.warning(
                 "%s: %s %s failed (%s); retry %d/%d in %.2fs",
                 self.uri,
@@ -487,6 +605,7 @@ class S3Store(Store):
         raise AssertionError("unreachable")
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        self.ensure_created()
         full = self._full(key)
         payload = bytes(data)
         self._call("write", key, lambda c: c.put_object(Bucket=self.bucket, Key=full, Body=payload))
@@ -494,6 +613,7 @@ class S3Store(Store):
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         """One PUT for small files; a multipart upload (each part retried on its own) for large
         ones. Either way the object appears only when complete; a failed upload is aborted."""
+        self.ensure_created()
         full = self._full(key)
         size = os.path.getsize(path)
         part_bytes = self.multipart_part_bytes
@@ -544,6 +664,7 @@ class S3Store(Store):
         retry finds the key taken, the stored bytes decide whether that lost attempt was ours."""
         from botocore.exceptions import ClientError
 
+        self.ensure_created()
         full = self._full(key)
         payload = bytes(data)
         retried = []
@@ -567,15 +688,21 @@ class S3Store(Store):
         return created
 
     def get_bytes(self, key: str) -> bytes:
+        if self._bucket_deferred:
+            raise FileNotFoundError(key)
         full = self._full(key)
         return self._call(
             "read", key, lambda c: c.get_object(Bucket=self.bucket, Key=full)["Body"].read()
         )
 
     def open_binary(self, key: str) -> BinaryIO:
+        if self._bucket_deferred:
+            raise FileNotFoundError(key)
         return io.BufferedReader(_S3RangeReader(self, self._full(key)))
 
     def exists(self, key: str) -> bool:
+        if self._bucket_deferred:
+            return False
         full = self._full(key)
         try:
             self._call("read", key, lambda c: c.head_object(Bucket=self.bucket, Key=full))
@@ -584,6 +711,8 @@ class S3Store(Store):
         return True
 
     def list_keys(self, prefix: str) -> list[str]:
+        if self._bucket_deferred:
+            return []
         full_prefix = self.prefix + prefix
 
         def request(client: Any) -> list[str]:
@@ -596,6 +725,8 @@ class S3Store(Store):
         return sorted(self._call("list", prefix, request))
 
     def delete(self, key: str) -> None:
+        if self._bucket_deferred:
+            return
         full = self._full(key)
         self._call("delete", key, lambda c: c.delete_object(Bucket=self.bucket, Key=full))
 
@@ -625,7 +756,8 @@ class S3Store(Store):
                 "reach",
                 "",
                 lambda c: c.head_bucket(Bucket=self.bucket),
-                attempts=CHECK_MAX_ATTEMPTS,
+                attempts=None if self.connect_deadline_s else CHECK_MAX_ATTEMPTS,
+                deadline_s=self.connect_deadline_s or None,
             )
         except FileNotFoundError:
             if not create:
@@ -636,14 +768,61 @@ class S3Store(Store):
                 "create bucket",
                 "",
                 lambda c: c.create_bucket(Bucket=self.bucket),
-                attempts=CHECK_MAX_ATTEMPTS,
             )
+
+    def prepare_create(self) -> Callable[[], None] | None:
+        """One HEAD of the bucket (unreachable, unauthorised: one error now); a missing bucket is
+        created by the first write, and reads see it empty until then."""
+        try:
+            self.check(create=False)
+            return None
+        except DoolyError:
+            if not self._bucket_missing():
+                raise
+        self._bucket_deferred = True
+
+        def create() -> None:
+            self.check(create=True)
+            self._bucket_deferred = False
+
+        return create
+
+    def _bucket_missing(self) -> bool:
+        try:
+            self._call(
+                "reach",
+                "",
+                lambda c: c.head_bucket(Bucket=self.bucket),
+                attempts=None if self.connect_deadline_s else CHECK_MAX_ATTEMPTS,
+                deadline_s=self.connect_deadline_s or None,
+            )
+        except FileNotFoundError:
+            return True
+        return False
 
 
 def _client_error(exc: Any) -> tuple[str, int]:
     error = exc.response.get("Error", {})
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
     return str(error.get("Code", "")), status
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A non-negative number of seconds from the environment; a bad value is one error line."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise DoolyError(f"${name} must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _first_env(names: tuple[str, ...]) -> str | None:
@@ -660,6 +839,7 @@ def open_store(
     endpoint_url: str | None = None,
     region: str | None = None,
     create: bool = True,
+    defer_create: bool = False,
 ) -> Store:
     """The store behind `uri`, checked reachable and of this Dooly's schema version.
 
@@ -667,6 +847,10 @@ def open_store(
     whose endpoint is `endpoint_url`, else $DOOLY_S3_ENDPOINT_URL, $AWS_ENDPOINT_URL_S3 or
     $AWS_ENDPOINT_URL (AWS itself when none is set). With `create`, a missing directory or bucket is
     made and the schema marker written; without it, a missing store is an error.
+
+    `defer_create` (what a command that writes uses) checks, creating nothing, that the store
+    could be made and written, and leaves the making to the first write (`Store.ensure_created`):
+    a command that then fails on its inputs leaves no directory, bucket or marker behind.
     """
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://") :].partition("/")
@@ -684,20 +868,26 @@ def open_store(
         raise DoolyError(f"store {uri}: unsupported scheme (use a directory, file:// or s3://)")
     else:
         store = LocalStore(uri)
-    store.check(create=create)
-    _check_marker(store, create=create)
+    if create:
+        creation = store.prepare_create()
+    else:
+        store.check(create=False)
+        creation = None
+    marker_missing = _check_marker(store)
+    if create and (creation is not None or marker_missing):
+        store._arm_creation(creation, write_marker=marker_missing)
+        if not defer_create:
+            store.ensure_created()
     return store
 
 
-def _check_marker(store: Store, *, create: bool) -> None:
-    """Refuse a store written by a Dooly of another schema version; stamp a new one with ours."""
+def _check_marker(store: Store) -> bool:
+    """Refuse a store written by a Dooly of another schema version; True when it has no marker yet
+    (a new store: the marker is written with its first object)."""
     try:
         marker = json.loads(store.get_bytes(MARKER_KEY))
     except FileNotFoundError:
-        if create:
-            payload = json.dumps({"schema_version": SCHEMA_VERSION}, indent=2).encode()
-            store.put_if_absent(MARKER_KEY, payload)
-        return
+        return True
     except ValueError as exc:
         raise DoolyError(f"store {store.uri}: {MARKER_KEY} is not valid JSON") from exc
     version = marker.get("schema_version") if isinstance(marker, dict) else None
@@ -706,3 +896,4 @@ def _check_marker(store: Store, *, create: bool) -> None:
             f"store {store.uri} holds schema version {version}; this Dooly reads version "
             f"{SCHEMA_VERSION}"
         )
+    return False

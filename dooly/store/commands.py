@@ -41,16 +41,28 @@ def store_options(func: Callable) -> Callable:
     is_flag=True,
     help="Write a new generation even when the shards are those of the newest one.",
 )
+@click.option(
+    "--allow-shrink",
+    is_flag=True,
+    help="Publish a generation with fewer rows than the newest one (shards quarantined or lost); "
+    "without it such a merge exits 65 and publishes nothing.",
+)
 @output_option
 def merge_command(
-    store_uri: str, endpoint_url: str | None, region: str | None, force: bool, output_format: str
+    store_uri: str,
+    endpoint_url: str | None,
+    region: str | None,
+    force: bool,
+    allow_shrink: bool,
+    output_format: str,
 ) -> None:
     """Deduplicate every shard of a store into a new snapshot generation.
 
     Rows measuring the same (platform, engine, backend, dtype, signature, point) keep one winner:
     the newest engine/torch/CUDA versions, then the most samples, then the latest, then the
     greatest run id. Readers (`dooly fit`) always see a whole generation. Unreadable or
-    schema-mismatched shards are moved under quarantine/ and listed; the merge goes on.
+    schema-mismatched shards are moved under quarantine/ and listed; the merge goes on, but a
+    generation smaller than the newest one is not published (exit 65) unless --allow-shrink.
 
     \b
     Examples:
@@ -63,7 +75,10 @@ def merge_command(
 
     store = open_store(store_uri, endpoint_url=endpoint_url, region=region, create=False)
     report = merge_store(
-        store, progress=output_format == "text" and sys.stderr.isatty(), force=force
+        store,
+        progress=output_format == "text" and sys.stderr.isatty(),
+        force=force,
+        allow_shrink=allow_shrink,
     )
     if output_format == "json":
         emit_json({"store": store.uri, **report.to_dict()})

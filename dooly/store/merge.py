@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from packaging.version import InvalidVersion, Version
 
 from dooly import SCHEMA_VERSION, __version__
-from dooly.errors import DoolyError
+from dooly.errors import DoolyError, ShrinkRefused
 from dooly.output import progress as progress_bar
 from dooly.store.backends import Store
 from dooly.store.schema import STACK_COLUMNS
@@ -428,10 +428,11 @@ def _prune(store: Store, committed: int) -> None:
 
 def _build_generation(
     store: Store, good: list[_Shard], generation: int, progress: bool
-) -> tuple[list[_Shard], int, list[str]]:
+) -> tuple[list[_Shard], int, list[_Shard]]:
     """Write generation's data file; returns the shards used, the rows out and any shard found
-    corrupt only when its pages were decoded (quarantined, and the merge redone without it)."""
-    quarantined: list[str] = []
+    corrupt only when its pages were decoded (the merge is redone without it; the caller moves it
+    to quarantine once the generation is published)."""
+    corrupt: list[_Shard] = []
     with tempfile.TemporaryDirectory(prefix="dooly-merge-") as scratch:
         path = os.path.join(scratch, DATA_NAME)
         with _bar(progress, 1, f"merging {sum(s.rows for s in good):,} rows") as bar:
@@ -441,21 +442,44 @@ def _build_generation(
                 corrupt = _find_corrupt(store, good)
                 if not corrupt:
                     raise DoolyError(f"store {store.uri}: merge failed: {exc}") from exc
-                quarantined = _quarantine(store, corrupt)
                 good = [s for s in good if not s.problem]
                 if not good:
                     raise DoolyError(f"store {store.uri} holds no readable shards") from exc
                 rows_out = _write_snapshot(store, good, path)
             bar.update(1)
         store.put_file(generation_key(generation, DATA_NAME), path)
-    return good, rows_out, quarantined
+    return good, rows_out, corrupt
 
 
-def merge_store(store: Store, *, progress: bool = False, force: bool = False) -> MergeReport:
+# How many lost shard keys a refused merge names (the count is always given).
+SHRINK_KEYS_SHOWN = 5
+
+
+def _shrink_message(
+    store: Store, latest: tuple[int, dict[str, Any]], rows_out: int, good_keys: list[str], quarantined: list[str]
+) -> str:
+    """One line: the two row counts, the shards quarantined now and those the newest generation
+    held that are gone, and how to publish anyway."""
+    generation, manifest = latest
+    lost = sorted(set(manifest["shards"]) - set(good_keys))
+    shown = ", ".join(lost[:SHRINK_KEYS_SHOWN]) + (", ..." if len(lost) > SHRINK_KEYS_SHOWN else "")
+    return (
+        f"store {store.uri}: the merge would hold {rows_out} rows, fewer than generation {generation}'s "
+        f"{manifest['rows_out']}; not published. Unreadable shards, to be quarantined ({len(quarantined)}): "
+        f"{', '.join(quarantined) or 'none'}; shards of generation {generation} now missing ({len(lost)}): "
+        f"{shown or 'none'}. Pass --allow-shrink to publish it anyway"
+    )
+
+
+def merge_store(
+    store: Store, *, progress: bool = False, force: bool = False, allow_shrink: bool = False
+) -> MergeReport:
     """Merge every readable shard into a new snapshot generation; see the module docstring.
 
     When the shards are exactly those of the newest generation (and none had to be quarantined),
-    nothing is written and the report says `unchanged`, unless `force`.
+    nothing is written and the report says `unchanged`, unless `force`. A generation that would
+    hold fewer rows than the newest one (shards quarantined or lost since) is not published:
+    ShrinkRefused (exit 65) names the counts and the shards, unless `allow_shrink`.
     """
     started = time.perf_counter()
     keys = list_shards(store)
@@ -463,15 +487,17 @@ def merge_store(store: Store, *, progress: bool = False, force: bool = False) ->
     if not keys:
         raise DoolyError(f"store {store.uri} holds no shards to merge")
     shards = _inspect_all(store, keys, show=progress)
-    quarantined = _quarantine(store, [s for s in shards if s.problem])
+    # Bad shards move to quarantine only when a generation is published: a merge that fails or is
+    # refused leaves the store as it found it.
+    problems = [s for s in shards if s.problem]
     good = [s for s in shards if not s.problem and not s.vanished]
     if not good:
         raise DoolyError(
-            f"store {store.uri} holds no readable shards (quarantined {len(quarantined)}: "
-            f"{', '.join(quarantined)})"
+            f"store {store.uri} holds no readable shards ({len(problems)} unreadable: "
+            f"{', '.join(s.key for s in problems)})"
         )
     good_keys = [s.key for s in good]
-    if latest is not None and not force and not quarantined and latest[1]["shards"] == good_keys:
+    if latest is not None and not force and not problems and latest[1]["shards"] == good_keys:
         generation, manifest = latest
         return MergeReport(
             generation=generation,
@@ -485,7 +511,7 @@ def merge_store(store: Store, *, progress: bool = False, force: bool = False) ->
     merge_id = uuid.uuid4().hex
     generation = _claim(store, max(_generations(store), default=0) + 1, merge_id)
     try:
-        good, rows_out, late_quarantine = _build_generation(store, good, generation, progress)
+        good, rows_out, late_problems = _build_generation(store, good, generation, progress)
     except BaseException:
         # Leave nothing behind that a reader or the next merge would have to reason about; if the
         # store itself is failing, the original error is the one worth reporting.
@@ -493,8 +519,14 @@ def merge_store(store: Store, *, progress: bool = False, force: bool = False) ->
             with contextlib.suppress(DoolyError, OSError):
                 store.delete(generation_key(generation, name))
         raise
-    quarantined += late_quarantine
+    problems += late_problems
     good_keys = [s.key for s in good]
+    if latest is not None and not allow_shrink and rows_out < latest[1]["rows_out"]:
+        for name in (DATA_NAME, CLAIM_NAME):
+            with contextlib.suppress(DoolyError, OSError):
+                store.delete(generation_key(generation, name))
+        raise ShrinkRefused(_shrink_message(store, latest, rows_out, good_keys, [s.key for s in problems]))
+    quarantined = _quarantine(store, problems)
     rows_in = sum(s.rows for s in good)
     manifest = {
         "schema_version": SCHEMA_VERSION,

@@ -11,7 +11,9 @@ from pathlib import Path
 import click
 
 from dooly.errors import DoolyError
+from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
+from dooly.outputs import writable_file
 from dooly.trace.schema import MEASURED_KINDS
 
 PHASE_CHOICES = ("prefill", "decode", "mixed")
@@ -22,6 +24,7 @@ TRACE_FILE_MODE = 0o644
 
 
 @click.command("trace")
+@allow_defaults_option
 @click.argument("model")
 @click.option("--phase", type=click.Choice(PHASE_CHOICES), default="mixed", show_default=True,
               help="Which step to trace: fresh prompts, one token per sequence, or both in one batch.")
@@ -33,7 +36,7 @@ TRACE_FILE_MODE = 0o644
 @click.option("--tp", type=int, default=1, show_default=True,
               help="Tensor-parallel degree: trace one rank (heads, intermediate, vocab divided) and its collectives.")
 @click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype (bfloat16, float16, float32).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), callback=writable_file,
               help="Write the full trace as JSON here (schema: docs/trace.md).")
 @output_option
 def trace_command(model: str, phase: str, engine: str, backend: str | None, tp: int, dtype: str, out_path: Path | None,

@@ -31,7 +31,7 @@ def _fleets(small_fleet: Path) -> dict[str, FleetSpec]:
     small = small_fleet.read_text().replace(
         "engines:\n  - name: transformers\n",
         "engines:\n  - name: transformers\n  - name: vllm\n    image: profiler:1.2.3-vllm\n",
-    ).replace("backends: [paged|sdpa]", "backends: [paged|sdpa, FLASH_ATTN]")
+    ).replace("backends: [paged|sdpa, paged|eager]", "backends: [paged|sdpa, paged|eager, FLASH_ATTN]")
     small_fleet.write_text(small)
     return {
         "default": FleetSpec.load(None),

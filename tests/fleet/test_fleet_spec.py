@@ -11,6 +11,7 @@ from fleet_support import SMALL_FLEET
 
 from dooly.cli import cli
 from dooly.errors import DoolyError
+from dooly.fleet import jobs
 from dooly.fleet.spec import KNOWN_BACKENDS, FleetSpec
 from dooly.models.registry import bundled_model_ids
 
@@ -113,11 +114,32 @@ def test_vllm_engine_gets_its_own_image_and_backends(tmp_path):
     text = SMALL_FLEET.replace(
         "engines:\n  - name: transformers\n",
         "engines:\n  - name: transformers\n  - name: vllm\n    image: profiler:1.2.3-vllm\n",
-    ).replace("backends: [paged|sdpa]", "backends: [paged|sdpa, FLASH_ATTN]")
+    ).replace("backends: [paged|sdpa, paged|eager]", "backends: [paged|sdpa, paged|eager, FLASH_ATTN]")
     spec = _load(tmp_path, text)
     vllm = [t for t in spec.targets() if t.engine.name == "vllm"]
-    assert [(t.gpu.name, t.backend) for t in vllm] == [("l40s", "FLASH_ATTN")]
+    assert [(t.gpu.name, t.backend) for t in vllm] == [("h100", "FLASH_ATTN")]
     assert vllm[0].engine.image == "registry.example.com/dooly/profiler:1.2.3-vllm"
+
+
+def test_a_multi_gpu_pod_profiles_tensor_parallel_or_the_fleet_is_refused(tmp_path):
+    spec = _load(tmp_path, SMALL_FLEET)
+    l40s = next(t for t in spec.targets() if t.gpu.name == "l40s")
+    args = jobs.build_profile_job(spec, l40s, run_id="20260101-000000")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--tp") + 1] == "2"
+    h100 = next(t for t in spec.targets() if t.gpu.name == "h100")
+    args = jobs.build_profile_job(spec, h100, run_id="20260101-000000")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--tp" not in args
+
+    vllm_on_two = SMALL_FLEET.replace(
+        "engines:\n  - name: transformers\n",
+        "engines:\n  - name: transformers\n  - name: vllm\n    image: profiler:1.2.3-vllm\n",
+    ).replace("backends: [paged|sdpa]", "backends: [paged|sdpa, FLASH_ATTN]")
+    with pytest.raises(DoolyError, match=r"gpuTypes\[1\]\.gpus: .*vllm engine .* traces tp=1 only") as info:
+        _load(tmp_path, vllm_on_two)
+    assert "\n" not in str(info.value)
+    indivisible = SMALL_FLEET.replace("    gpus: 2\n", "    gpus: 3\n")
+    with pytest.raises(DoolyError, match=r"--tp 3, which does not divide meta-llama/Llama-3.1-8B's num_attention_heads=32"):
+        _load(tmp_path, indivisible)
 
 
 @pytest.mark.parametrize(

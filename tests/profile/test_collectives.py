@@ -218,3 +218,18 @@ def test_too_few_gpus_is_exit_2_with_nothing_written(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "needs 2 GPUs (one per tensor-parallel rank); this process sees 1" in result.output
     assert not list(db.rglob("*.parquet")) and not (db / "inventories").exists()
+
+
+def test_plan_and_profile_take_tp_for_a_model_as_for_its_tp_trace(tp2_store):
+    """`--tp 2` on the config (what a fleet pod with gpus: 2 runs) is the same rank and collectives
+    as the `dooly trace --tp 2` file profiled above: nothing is missing."""
+    root, first, _, _ = tp2_store
+    config = str(root / "tiny.json")
+    same = CliRunner().invoke(cli, ["plan", config, "--tp", "2", "--store", str(root / "db"), *SMALL_GRID_ARGS,
+                                    "--output", "json"])
+    assert same.exit_code == 0, same.output
+    summary = json.loads(same.output)
+    assert summary["missing_signatures"] == 0 and summary["signatures"] == first["models"][0]["signatures"]
+    mismatch = CliRunner().invoke(cli, ["plan", str(root / "tiny.tp2.json"), "--tp", "4", "--store",
+                                        str(root / "db"), *SMALL_GRID_ARGS])
+    assert mismatch.exit_code == 2 and "is for tp 2" in mismatch.stderr

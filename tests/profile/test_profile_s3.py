@@ -1,4 +1,5 @@
-"""`dooly profile` into an S3 store (moto on loopback): a rerun measures nothing; a dead endpoint is one line."""
+"""`dooly profile` into an S3 store (moto on loopback): a rerun measures nothing; a dead endpoint is one
+line and the transient exit code (a Job retries it)."""
 
 import json
 
@@ -7,6 +8,7 @@ from click.testing import CliRunner
 from profile_helpers import SMALL_GRID_ARGS
 
 from dooly.cli import cli
+from dooly.errors import EXIT_TRANSIENT
 
 pytestmark = pytest.mark.s3
 
@@ -38,7 +40,7 @@ def test_a_second_identical_run_measures_nothing(models, moto_endpoint, aws_env,
     assert second["reused_signatures"] == first["profiled_signatures"]
 
 
-def test_an_unreachable_endpoint_exits_2_with_one_line_and_writes_nothing(
+def test_an_unreachable_endpoint_exits_75_with_one_line_and_writes_nothing(
     models, aws_env, unused_port, moto_endpoint, raw_s3, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
@@ -48,7 +50,7 @@ def test_an_unreachable_endpoint_exits_2_with_one_line_and_writes_nothing(
 
     code, output = profile(models[0], "--store", "s3://dooly-unreachable/db", "--endpoint-url", endpoint, *FAST_ARGS)
 
-    assert code == 2
+    assert code == EXIT_TRANSIENT
     assert output.count("\n") == 1 and output.startswith("error:") and f"127.0.0.1:{unused_port}" in output
     assert sorted(tmp_path.rglob("*")) == before
     assert raw_s3(moto_endpoint).list_buckets()["Buckets"] == buckets_before

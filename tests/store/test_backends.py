@@ -120,6 +120,10 @@ def test_open_store_makes_a_local_store_and_marks_its_schema(tmp_path):
     store = open_store(f"file://{tmp_path}/db")
     assert isinstance(store, LocalStore)
     assert json.loads(store.get_bytes(MARKER_KEY)) == {"schema_version": SCHEMA_VERSION}
+    deferred = open_store(f"file://{tmp_path}/later", defer_create=True)
+    assert not (tmp_path / "later").exists(), "a deferred store is made by its first write"
+    deferred.put_bytes("shards/a.parquet", b"x")
+    assert json.loads(deferred.get_bytes(MARKER_KEY)) == {"schema_version": SCHEMA_VERSION}
     assert open_store(str(tmp_path / "db"), create=False).uri == store.uri
 
 
@@ -154,6 +158,11 @@ def test_open_store_s3_reads_the_endpoint_from_the_environment(moto_uri):
     assert store.uri == moto_uri
     assert store.storage_options()["aws_endpoint_url"] == os.environ["DOOLY_S3_ENDPOINT_URL"]
     assert store.exists(MARKER_KEY)
+    bucket = moto_uri[len("s3://") :].split("/")[0]
+    later = open_store(f"s3://{bucket}-later/db", defer_create=True)
+    assert not later.exists(MARKER_KEY) and later.list_keys("") == []
+    later.put_bytes("shards/a.parquet", b"x")
+    assert later.exists(MARKER_KEY)
 
 
 def test_open_store_s3_without_create_needs_the_bucket(moto_uri):

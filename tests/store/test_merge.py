@@ -23,7 +23,7 @@ from packaging.version import InvalidVersion, Version
 
 from dooly import SCHEMA_VERSION
 from dooly.cli import cli
-from dooly.errors import DoolyError
+from dooly.errors import EXIT_SHRINK_REFUSED, DoolyError
 from dooly.store import merge as merge_module
 from dooly.store.backends import LocalStore, open_store
 from dooly.store.merge import (
@@ -234,6 +234,29 @@ def test_bad_shards_are_quarantined_and_the_merge_goes_on(tmp_path, shard_table)
     assert frame.height == 3 and report.rows_out == 3 and report.rows_in == 3
     assert sorted(manifest["quarantined"]) == sorted(bad)
     assert manifest["shards"] == [good]
+
+
+def test_a_merge_that_would_shrink_the_snapshot_is_not_published(tmp_path, shard_table):
+    db = tmp_path / "db"
+    store = open_store(str(db))
+    write_shard(store, shard_table(), run_id="run-a", chunk_index=0)
+    lost = write_shard(store, shard_table([("op-c", 1), ("op-c", 2)]), run_id="run-a", chunk_index=1)
+    assert merge_store(store).rows_out == 5
+    store.put_bytes(lost, b"spoiled in place")
+    before = store.list_keys("snapshots/")
+
+    result = CliRunner().invoke(cli, ["merge", "--store", str(db)])
+
+    assert result.exit_code == EXIT_SHRINK_REFUSED
+    assert result.stdout == "" and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "would hold 3 rows, fewer than generation 1's 5" in result.stderr
+    assert "to be quarantined (1)" in result.stderr and store.exists(lost) and lost in result.stderr
+    assert store.list_keys("snapshots/") == before
+    assert read_snapshot(store)[1]["generation"] == 1
+
+    allowed = CliRunner().invoke(cli, ["merge", "--store", str(db), "--allow-shrink", "--output", "json"])
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads(allowed.stdout)["rows_out"] == 3 and read_snapshot(store)[1]["generation"] == 2
 
 
 def test_a_store_of_only_bad_shards_stops_with_one_line(tmp_path):

@@ -9,8 +9,10 @@ import time
 
 import polars as pl
 import pytest
+from click.testing import CliRunner
 
-from dooly.errors import DoolyError
+from dooly.cli import cli
+from dooly.errors import EXIT_TRANSIENT, DoolyError, TransientError
 from dooly.store.backends import S3Store, open_store
 from dooly.store.merge import merge_store, read_snapshot
 from dooly.store.shards import list_shards, read_held, write_shard
@@ -18,6 +20,11 @@ from dooly.store.shards import list_shards, read_held, write_shard
 pytestmark = pytest.mark.s3
 
 FAST_BACKOFF_S = 0.05
+# An outage the retry deadline rides out (dropped connections) and one it does not (every connection).
+SHORT_OUTAGE_CONNECTIONS = 4
+ENDLESS_OUTAGE = 10**6
+RIDE_OUT_DEADLINE_S = "30"
+GIVE_UP_DEADLINE_S = 1.0
 RESTART_ATTEMPTS = 12
 RESTART_BACKOFF_S = 0.25
 WRITES_AFTER_RESTART = 3
@@ -172,3 +179,56 @@ def test_seaweedfs_restarted_in_the_middle_of_a_run(seaweed, aws_env, shard_tabl
     assert sorted(written) == list_shards(store)
     report = merge_store(store)
     assert report.rows_out == 3 * len(written)
+
+
+def test_a_write_gives_up_at_the_retry_deadline_not_the_attempt_count(
+    moto_uri, moto_endpoint, flaky_proxy, raw_s3, shard_table, monkeypatch
+):
+    """Many attempts allowed, a short deadline: the deadline decides, and the error is transient."""
+    bucket = moto_uri[len("s3://") :].split("/")[0]
+    open_store(moto_uri)
+    proxy = flaky_proxy(moto_endpoint, fail_first=ENDLESS_OUTAGE, mode="drop")
+    monkeypatch.setenv("DOOLY_S3_RETRY_DEADLINE_S", str(GIVE_UP_DEADLINE_S))
+    store = _s3_store(moto_uri, proxy.endpoint, max_attempts=1000, backoff_base_s=FAST_BACKOFF_S)
+    started = time.monotonic()
+    with pytest.raises(TransientError, match="unreachable"):
+        write_shard(store, shard_table(), run_id="run-a", chunk_index=0)
+    assert time.monotonic() - started < GIVE_UP_DEADLINE_S + 5
+    assert 1 < proxy.spoiled < 1000
+    assert _objects(raw_s3(moto_endpoint), bucket) == ["db/dooly-store.json"]
+
+
+def _merge_through(proxy_endpoint: str, uri: str) -> object:
+    return CliRunner().invoke(cli, ["merge", "--store", uri, "--endpoint-url", proxy_endpoint, "--output", "json"])
+
+
+def test_dooly_merge_rides_out_a_short_outage(moto_uri, moto_endpoint, flaky_proxy, shard_table, monkeypatch):
+    store = open_store(moto_uri)
+    write_shard(store, shard_table(), run_id="run-a", chunk_index=0)
+    proxy = flaky_proxy(moto_endpoint, fail_first=SHORT_OUTAGE_CONNECTIONS, mode="drop")
+    monkeypatch.setenv("DOOLY_S3_CONNECT_DEADLINE_S", RIDE_OUT_DEADLINE_S)
+    monkeypatch.setenv("DOOLY_S3_RETRY_DEADLINE_S", RIDE_OUT_DEADLINE_S)
+
+    result = _merge_through(proxy.endpoint, moto_uri)
+
+    assert result.exit_code == 0, result.output
+    assert proxy.spoiled == SHORT_OUTAGE_CONNECTIONS
+    assert read_snapshot(store)[1]["generation"] == 1
+
+
+def test_dooly_merge_exits_transient_when_the_outage_outlasts_the_deadline(
+    moto_uri, moto_endpoint, flaky_proxy, raw_s3, shard_table, monkeypatch
+):
+    bucket = moto_uri[len("s3://") :].split("/")[0]
+    store = open_store(moto_uri)
+    write_shard(store, shard_table(), run_id="run-a", chunk_index=0)
+    before = _objects(raw_s3(moto_endpoint), bucket)
+    proxy = flaky_proxy(moto_endpoint, fail_first=ENDLESS_OUTAGE, mode="drop")
+    monkeypatch.setenv("DOOLY_S3_CONNECT_DEADLINE_S", str(GIVE_UP_DEADLINE_S))
+
+    result = _merge_through(proxy.endpoint, moto_uri)
+
+    assert result.exit_code == EXIT_TRANSIENT, result.output
+    assert result.stdout == "" and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "unreachable" in result.stderr and proxy.spoiled > 1
+    assert _objects(raw_s3(moto_endpoint), bucket) == before
