@@ -11,8 +11,9 @@ Two kinds, on purpose:
   small gradient-boosted tree on logs, or a tree / power law alone. Which one wins is measured by
   grouped k-fold cross-validation per operation class.
 
-Fitting uses scikit-learn; evaluation is plain numpy on stored arrays (coefficients, flattened
-trees), so a persisted model holds no scikit-learn object and predicting never starts a thread.
+Fitting uses scikit-learn (trees, ridge) and SciPy (NNLS); evaluation is plain numpy on stored
+arrays (coefficients, flattened trees), so a persisted model holds no scikit-learn object
+(codec.py stores them as JSON) and predicting never starts a thread.
 """
 
 from __future__ import annotations
@@ -110,14 +111,19 @@ def relative_nnls(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
 
     Relative, because the target is MAPE; non-negative, because every feature is work that can
     only add time, which keeps extrapolation to bigger shapes sane.
+
+    SciPy's NNLS solver is called directly: it is what scikit-learn's
+    LinearRegression(positive=True, fit_intercept=False) runs (same coefficients, bit for bit),
+    without its input validation, which dominated the cost of the many small fits of the held-out
+    checks, and without scikit-learn, so a step predictor that fits a linear surrogate (see
+    predictor.StepPredictor) runs where only the fitted models are.
     """
-    from sklearn.linear_model import LinearRegression
+    from scipy.optimize import nnls
 
     scale = np.abs(design).max(axis=0)
     scale[scale == 0] = 1.0
     scaled = design / scale / seconds[:, None]
-    fit = LinearRegression(positive=True, fit_intercept=False).fit(scaled, np.ones(len(seconds)))
-    return fit.coef_ / scale
+    return nnls(scaled, np.ones(len(seconds)))[0] / scale
 
 
 # ---------------------------------------------------------------------------------------------
