@@ -18,6 +18,7 @@ arrays (coefficients, flattened trees), so a persisted model holds no scikit-lea
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,22 @@ REGIME_POOLS = {
 }
 # Rows evaluated at once by the tree ensemble (rows x trees node indices stay small).
 TREE_CHUNK_ROWS = 8192
+
+
+@functools.cache
+def _threadpools() -> Any:
+    """One threadpoolctl controller for the process: `threadpool_limits` builds a new one per call,
+    which scans the loaded libraries (/proc/self/maps) each time, 12 s of an H100 fit's ~1,500
+    small fits. Built after scikit-learn's tree module is imported, so its OpenMP runtime is known."""
+    import sklearn.ensemble  # noqa: F401  (loads the OpenMP runtime the controller must see)
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def one_openmp_thread() -> Any:
+    """A context in which OpenMP runs one thread (see `fit_class_regressor` for why)."""
+    return _threadpools().limit(limits=1, user_api="openmp")
 
 
 def relative_nnls(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
@@ -410,14 +427,13 @@ def fit_corrected_linear(
     """Relative NNLS over `base_names` (alignment terms only where measured), then
     pair-constrained boosted trees on the log residual."""
     from sklearn.ensemble import HistGradientBoostingRegressor
-    from threadpoolctl import threadpool_limits
 
     measured = set(measured_alignment_terms(terms))
     names = tuple(n for n in base_names if n not in KV_ALIGNMENT_TERMS or n in measured)
     coef = fit_local_linear(terms, seconds, names)
     base = np.maximum(terms @ coef, MIN_SECONDS)
     model = HistGradientBoostingRegressor(interaction_cst=[list(p) for p in TREE_PAIRS], **LOCAL_GBT_PARAMS)
-    with threadpool_limits(limits=1, user_api="openmp"):
+    with one_openmp_thread():
         model.fit(tree_features(terms, TREE_TERMS), np.log(seconds / base))
     return coef, PairTables.from_trees(TreeEnsemble.from_hist_gbr(model), TREE_TERMS, TREE_PAIRS)
 
@@ -457,9 +473,7 @@ def fit_class_regressor(
 ) -> ClassRegressor:
     """Fit one candidate. Trees are grown on one thread: they are small, and OpenMP threads that
     spin-wait on a shared, busy machine make a 0.1 s fit take seconds."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="openmp"):
+    with one_openmp_thread():
         return _fit_class_regressor(method, physical, logx, seconds, regimes)
 
 
