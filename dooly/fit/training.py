@@ -130,11 +130,12 @@ def group_data(frame: pl.DataFrame) -> list[GroupData]:
         row_sig = np.array([position[s] for s in part.get_column("signature").to_list()], dtype=np.int64)
         windows = np.array([infos[i].static.window for i in row_sig], dtype=np.int64)
         wave_tiles = np.array([infos[i].static.wave_tiles for i in row_sig], dtype=np.float64)
-        columns = {v: part.get_column(v).to_numpy() for v in ("T", "B", "K", "D")}
-        request = request_from_rows(columns, part.get_column("point_key").to_list(), windows, wave_tiles)
+        arrays = {v: part.get_column(v).to_numpy() for v in ("T", "B", "K", "D")}
+        request = request_from_rows(arrays, part.get_column("point_key").to_list(), windows, wave_tiles)
+        platform_name, engine, backend, dtype = (str(k) for k in key)
         out.append(
             GroupData(
-                key=tuple(str(k) for k in key),
+                key=(platform_name, engine, backend, dtype),
                 infos=infos,
                 row_sig=row_sig,
                 terms=term_matrix(request, part.height),
