@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from dooly.fit import synthetic as syn  # noqa: E402
-from dooly.fit.models import fit_frame  # noqa: E402
 from dooly.fit.predictor import Predictor, flatten_steps  # noqa: E402
+from dooly.fit.selection import fit_frame  # noqa: E402
 
 TARGET_OPS_PER_S = 1_000_000
 PREDICT_OPS_ROWS = 1_000_000

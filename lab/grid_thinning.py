@@ -76,7 +76,7 @@ def dropped_point_error(store: Path) -> dict[str, dict[str, float | None]]:
     """Per backend: the thinned fit's per-signature MAPE on the default grid's points it lacks."""
     import polars as pl
 
-    from dooly.fit.models import load_predictor
+    from dooly.fit.persist import load_predictor
     from dooly.store.backends import open_store
 
     def rows(root: Path) -> pl.DataFrame:

@@ -38,8 +38,8 @@ from pathlib import Path
 import campaign_from_store
 import numpy as np
 
-from dooly.fit.models import GroupData, class_design, group_data, training_rows
 from dooly.fit.regressors import ATTENTION_UNSEEN_METHODS, fit_class_regressor
+from dooly.fit.training import GroupData, class_design, group_data, training_rows
 from dooly.store.backends import open_store
 from dooly.store.merge import read_snapshot
 
@@ -159,7 +159,7 @@ def heads_error(design, target: Target, targets: list[Target]) -> tuple[float | 
 
 def own_errors(store) -> dict[str, float]:
     """Each attention signature's own model's held-out error (the fit's report)."""
-    from dooly.fit.models import latest_meta_key
+    from dooly.fit.persist import latest_meta_key
     from dooly.store.shards import read_json
 
     meta = read_json(store, latest_meta_key(store))

@@ -12,7 +12,7 @@ from dooly.output import emit_json, format_table, output_option
 
 logger = logging.getLogger(__name__)
 
-# The fit's defaults as plain numbers (dooly.fit.models pulls in numpy; a test keeps them equal).
+# The fit's defaults as plain numbers (dooly.fit.selection pulls in numpy; a test keeps them equal).
 DEFAULT_FOLDS = 5
 DEFAULT_REPEATS = 3
 DEFAULT_ENGINE = "transformers"
@@ -20,23 +20,6 @@ DEFAULT_DTYPE = "bfloat16"
 NONE_CELL = "-"
 MS_PER_S = 1e3
 PERCENT = 100.0
-
-CLASS_HEADERS = (
-    "op class",
-    "points",
-    "sigs",
-    "seen method",
-    "seen MAPE med",
-    "seen p90",
-    "unseen method",
-    "unseen MAPE med",
-    "unseen p90",
-)
-LOMO_HEADERS = ("model", "group", "ops", "points", "LOMO MAPE med", "LOMO p90", "in-sample med", "uncovered")
-
-
-def _pct(value: float | None) -> str:
-    return NONE_CELL if value is None else f"{value:.2f}%"
 
 
 @click.command("fit")
@@ -83,14 +66,16 @@ def fit_command(store_uri: str, folds: int, repeats: int, output_format: str) ->
     Per-op MAPE: mean absolute percentage error over an op's held-out points, every point counted;
     medians and p90 are over ops. "all profiled signatures" pools every class and group.
 
-    Models are written under models/gen-<generation>/ with the library versions they need.
+    Models are written under models/gen-<generation>/ as data (JSON: parameters, curves, trees,
+    tables; no pickle), readable without scikit-learn; the writer's versions are recorded.
 
     \b
     Examples:
       dooly fit --store ./db
       dooly fit --store s3://latency-db/h100 --folds 10 --repeats 3 --output json
     """
-    from dooly.fit.models import fit_store, validation_text
+    from dooly.fit.persist import fit_store
+    from dooly.fit.report import report_text
     from dooly.store.backends import open_store
 
     store = open_store(store_uri, create=False)
@@ -98,56 +83,7 @@ def fit_command(store_uri: str, folds: int, repeats: int, output_format: str) ->
     if output_format == "json":
         emit_json(report.to_dict())
         return
-    lines: list[str] = []
-    for group in report.groups:
-        lines.append(f"{group['platform']} / {group['engine']} / {group['backend']} / {group['dtype']}")
-        rows = [
-            (
-                c["op_class"],
-                c["points"],
-                c["signatures"],
-                c["seen_method"],
-                _pct(c["seen_mape_median_pct"]),
-                _pct(c["seen_mape_p90_pct"]),
-                c["unseen_method"],
-                _pct(c["unseen_mape_median_pct"]),
-                _pct(c["unseen_mape_p90_pct"]),
-            )
-            for c in group["classes"]
-        ]
-        lines += [format_table(CLASS_HEADERS, rows), ""]
-    overall = report.overall
-    lines.append(
-        f"all profiled signatures ({overall['signatures']}): seen MAPE median "
-        f"{_pct(overall['seen_mape_median_pct'])}, p90 {_pct(overall['seen_mape_p90_pct'])}"
-    )
-    lines.append(
-        f"held-out error: {validation_text(report.folds, report.repeats)}; per-op MAPE = mean over "
-        f"an op's held-out points; median and p90 over ops (see `dooly fit --help`)"
-    )
-    if report.lomo:
-        rows = [
-            (
-                r["model_id"],
-                f"{r['platform']}/{r['backend']}/{r['dtype']}",
-                r["ops_predicted"],
-                r["points"],
-                _pct(r["lomo_mape_median_pct"]),
-                _pct(r["lomo_mape_p90_pct"]),
-                _pct(r["in_sample_mape_median_pct"]),
-                r["ops_uncovered"],
-            )
-            for r in report.lomo
-        ]
-        lines += [
-            "",
-            "leave one model out (its signatures removed from training):",
-            format_table(LOMO_HEADERS, rows),
-        ]
-    else:
-        lines += ["", "leave one model out: no inventories in the store (inventories/<model_key>.json)"]
-    lines.append(f"\nmodels of generation {report.generation} written: {report.meta_key}")
-    click.echo("\n".join(lines))
+    click.echo(report_text(report))
 
 
 def _parse_prefill(values: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -177,7 +113,7 @@ def find_inventory(store: Any, model: str, backend: str, tp: int = 1) -> dict[st
     """The inventory of MODEL (its model_id, the id's last part, or its model_key) for one rank of
     `tp`, preferring the one traced with `backend`: an attention signature depends on the backend
     it was traced for, and a rank of tp > 1 runs other shapes plus collectives."""
-    from dooly.fit.models import read_inventories
+    from dooly.fit.persist import read_inventories
 
     inventories = read_inventories(store)
     wanted = model.lower()

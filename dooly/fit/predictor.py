@@ -50,7 +50,7 @@ from dooly.fit.features import (
     term_matrix,
     uniform_aggregates,
 )
-from dooly.fit.models import GroupModel, SignatureInfo, bind_class_model
+from dooly.fit.group import GroupModel, bind_class_model
 from dooly.fit.regressors import (
     MIN_SECONDS,
     InterpModel,
@@ -59,6 +59,7 @@ from dooly.fit.regressors import (
     RegimeLinearModel,
     fit_regime_linear,
 )
+from dooly.fit.training import SignatureInfo
 
 # Tables: exact per integer value below DENSE_LIMIT, then PER_OCTAVE log-spaced points per
 # doubling up to LOG_TABLE_MAX (K, the KV tokens of a step, reaches millions).
@@ -103,7 +104,7 @@ def lookup_many(dense: np.ndarray, logs: np.ndarray, x: np.ndarray) -> np.ndarra
 
 
 class Predictor:
-    """Fitted models of one platform/engine/backend/dtype (see `dooly.fit.models.load_predictor`)."""
+    """Fitted models of one platform/engine/backend/dtype (see `dooly.fit.persist.load_predictor`)."""
 
     def __init__(self, group: GroupModel, meta: Mapping[str, Any] | None = None) -> None:
         self.group = group

@@ -11,12 +11,14 @@ Two kinds, on purpose:
   small gradient-boosted tree on logs, or a tree / power law alone. Which one wins is measured by
   grouped k-fold cross-validation per operation class.
 
-Fitting uses scikit-learn; evaluation is plain numpy on stored arrays (coefficients, flattened
-trees), so a persisted model holds no scikit-learn object and predicting never starts a thread.
+Fitting uses scikit-learn (trees, ridge) and SciPy (NNLS); evaluation is plain numpy on stored
+arrays (coefficients, flattened trees), so a persisted model holds no scikit-learn object
+(codec.py stores them as JSON) and predicting never starts a thread.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,19 +107,40 @@ REGIME_POOLS = {
 TREE_CHUNK_ROWS = 8192
 
 
+@functools.cache
+def _threadpools() -> Any:
+    """One threadpoolctl controller for the process: `threadpool_limits` builds a new one per call,
+    which scans the loaded libraries (/proc/self/maps) each time, 12 s of an H100 fit's ~1,500
+    small fits. Built after scikit-learn's tree module is imported, so its OpenMP runtime is known."""
+    import sklearn.ensemble  # noqa: F401  (loads the OpenMP runtime the controller must see)
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def one_openmp_thread() -> Any:
+    """A context in which OpenMP runs one thread (see `fit_class_regressor` for why)."""
+    return _threadpools().limit(limits=1, user_api="openmp")
+
+
 def relative_nnls(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
     """Non-negative least squares on relative error: minimise sum((x.c - y) / y)^2, c >= 0.
 
     Relative, because the target is MAPE; non-negative, because every feature is work that can
     only add time, which keeps extrapolation to bigger shapes sane.
+
+    SciPy's NNLS solver is called directly: it is what scikit-learn's
+    LinearRegression(positive=True, fit_intercept=False) runs (same coefficients, bit for bit),
+    without its input validation, which dominated the cost of the many small fits of the held-out
+    checks, and without scikit-learn, so a step predictor that fits a linear surrogate (see
+    predictor.StepPredictor) runs where only the fitted models are.
     """
-    from sklearn.linear_model import LinearRegression
+    from scipy.optimize import nnls
 
     scale = np.abs(design).max(axis=0)
     scale[scale == 0] = 1.0
     scaled = design / scale / seconds[:, None]
-    fit = LinearRegression(positive=True, fit_intercept=False).fit(scaled, np.ones(len(seconds)))
-    return fit.coef_ / scale
+    return nnls(scaled, np.ones(len(seconds)))[0] / scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,14 +427,13 @@ def fit_corrected_linear(
     """Relative NNLS over `base_names` (alignment terms only where measured), then
     pair-constrained boosted trees on the log residual."""
     from sklearn.ensemble import HistGradientBoostingRegressor
-    from threadpoolctl import threadpool_limits
 
     measured = set(measured_alignment_terms(terms))
     names = tuple(n for n in base_names if n not in KV_ALIGNMENT_TERMS or n in measured)
     coef = fit_local_linear(terms, seconds, names)
     base = np.maximum(terms @ coef, MIN_SECONDS)
     model = HistGradientBoostingRegressor(interaction_cst=[list(p) for p in TREE_PAIRS], **LOCAL_GBT_PARAMS)
-    with threadpool_limits(limits=1, user_api="openmp"):
+    with one_openmp_thread():
         model.fit(tree_features(terms, TREE_TERMS), np.log(seconds / base))
     return coef, PairTables.from_trees(TreeEnsemble.from_hist_gbr(model), TREE_TERMS, TREE_PAIRS)
 
@@ -451,9 +473,7 @@ def fit_class_regressor(
 ) -> ClassRegressor:
     """Fit one candidate. Trees are grown on one thread: they are small, and OpenMP threads that
     spin-wait on a shared, busy machine make a 0.1 s fit take seconds."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="openmp"):
+    with one_openmp_thread():
         return _fit_class_regressor(method, physical, logx, seconds, regimes)
 
 

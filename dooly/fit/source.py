@@ -50,7 +50,7 @@ class FittedSource:
 
 def open_predictor(source: FittedSource) -> Predictor:
     """The newest fitted models of the source's group, with the shared ops and collectives merged in."""
-    from dooly.fit.models import load_predictor
+    from dooly.fit.persist import load_predictor
     from dooly.store.backends import open_store
 
     store = open_store(source.store, create=False)

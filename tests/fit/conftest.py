@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from dooly.cli import cli
 from dooly.fit import synthetic as syn
-from dooly.fit.models import fit_frame
 from dooly.fit.predictor import Predictor
+from dooly.fit.selection import fit_frame
 
 # Fewer folds and repeats than the default keep the session fast on a 2-core machine; the checks
 # still hold.

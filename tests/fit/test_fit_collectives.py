@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 
 from dooly.fit.features import FAMILY_COLLECTIVE, TERM_INDEX, family_of, static_features
-from dooly.fit.models import fit_frame
 from dooly.fit.predictor import Predictor
+from dooly.fit.selection import fit_frame
 
 GROUP = ("NVIDIA-H200", "nccl", "NV18", "bfloat16")
 HOP_S = 6e-6

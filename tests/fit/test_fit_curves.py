@@ -14,22 +14,18 @@ from dooly.fit.curves import (
     fit_curve,
 )
 from dooly.fit.features import FAMILY_ATTENTION, term_matrix, work_units
-from dooly.fit.models import (
+from dooly.fit.regressors import (
     SEEN_INTERP,
     SEEN_LINEAR,
     SEEN_TREES,
-    SignatureInfo,
-    fit_seen,
-    heldout_pct,
-    seen_cv,
-)
-from dooly.fit.regressors import (
     TREE_PAIRS,
     TREE_TERMS,
     PairTables,
     TreeEnsemble,
     tree_features,
 )
+from dooly.fit.selection import fit_seen, heldout_pct, seen_cv
+from dooly.fit.training import SignatureInfo
 
 # The profiler's token grid, with the refinement points it adds where a sweep bends.
 GRID = np.array(

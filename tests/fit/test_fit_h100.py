@@ -9,13 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dooly.fit.models import (
-    DEFAULT_FOLDS,
-    choose_seen_method,
-    group_data,
-    training_rows,
-)
 from dooly.fit.regressors import SEEN_TREES, SEEN_WAVE_TREES
+from dooly.fit.selection import DEFAULT_FOLDS, choose_seen_method
+from dooly.fit.training import group_data, training_rows
 
 H100_STORE = Path(__file__).resolve().parents[2] / "data" / "h100" / "db"
 TARGET_MEDIAN_PCT = 3.0

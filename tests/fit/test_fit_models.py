@@ -12,8 +12,9 @@ import pytest
 from dooly import SCHEMA_VERSION
 from dooly.errors import DoolyError
 from dooly.fit import synthetic as syn
-from dooly.fit.models import fit_frame, training_rows
 from dooly.fit.predictor import Predictor
+from dooly.fit.selection import fit_frame
+from dooly.fit.training import training_rows
 
 # 1% log-normal noise gives a floor of ~0.8% MAPE; these bounds leave room for interpolation.
 SEEN_HELDOUT_MAX_PCT = 3.0
@@ -208,8 +209,8 @@ def test_linear_surrogate_of_a_tree_corrected_attention_model(predictor):
     and, being linear in the work terms, extrapolates beyond them better than the trees do."""
     import copy
 
-    from dooly.fit.models import class_design, group_data, training_rows
     from dooly.fit.regressors import METHOD_NNLS_GBT, fit_class_regressor
+    from dooly.fit.training import class_design, group_data
 
     group = copy.deepcopy(predictor.group)
     data = group_data(training_rows(syn.snapshot_frame()))[0]
@@ -243,7 +244,9 @@ def test_tree_corrected_attention_takes_an_exact_fast_path(predictor):
     import copy
 
     from dooly.fit.features import KV_ALIGNMENT_TERMS, TERM_INDEX
-    from dooly.fit.models import SEEN_TREES, fit_seen, group_data, training_rows
+    from dooly.fit.regressors import SEEN_TREES
+    from dooly.fit.selection import fit_seen
+    from dooly.fit.training import group_data
 
     group = copy.deepcopy(predictor.group)
     data = group_data(training_rows(syn.snapshot_frame()))[0]
@@ -295,10 +298,10 @@ def test_report_pools_every_profiled_signature(fitted):
 
 
 def test_cli_defaults_match_the_fit():
-    from dooly.fit import commands, models
+    from dooly.fit import commands, selection
 
-    assert commands.DEFAULT_FOLDS == models.DEFAULT_FOLDS
-    assert commands.DEFAULT_REPEATS == models.DEFAULT_REPEATS
+    assert commands.DEFAULT_FOLDS == selection.DEFAULT_FOLDS
+    assert commands.DEFAULT_REPEATS == selection.DEFAULT_REPEATS
 
 
 H100 = "NVIDIA-H100-80GB-HBM3"

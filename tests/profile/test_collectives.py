@@ -180,7 +180,7 @@ def test_fitted_step_adds_the_collectives(tp2_store):
     assert payload["step_seconds"] == pytest.approx(sum(breakdown.values()))
 
     from dooly.fit.commands import find_inventory
-    from dooly.fit.models import load_predictor
+    from dooly.fit.persist import load_predictor
     from dooly.store.backends import open_store
 
     store = open_store(db, create=False)

@@ -260,7 +260,7 @@ def test_refinement_measures_around_a_kink(models):
     assert any(24 < t < 32 for t in extra)  # the midpoint that lands on the switch
     smooth = [{"T": t, "latency_median_s": 1e-6 * t + 1e-6, "status": "ok"} for t in ladder]
     assert refinement_points(op, smooth) == []
-    assert SHARED_BACKEND == __import__("dooly.fit.models", fromlist=["SHARED_BACKEND"]).SHARED_BACKEND
+    assert SHARED_BACKEND == __import__("dooly.fit.persist", fromlist=["SHARED_BACKEND"]).SHARED_BACKEND
 
 
 FLEX = "paged|flex_attention"

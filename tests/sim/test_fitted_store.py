@@ -33,7 +33,7 @@ def fitted_store(tmp_path_factory) -> str:
 
 def test_simulate_on_fitted_models_matches_the_api(fitted_store):
     from dooly.fit.commands import find_inventory
-    from dooly.fit.models import load_predictor
+    from dooly.fit.persist import load_predictor
     from dooly.sim.schedulers import TransformersCBScheduler
     from dooly.sim.simulator import simulate
     from dooly.store.backends import open_store
