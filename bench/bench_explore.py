@@ -97,7 +97,8 @@ def collective_frame(platform: str):
 
 def build_store(root: Path) -> str:
     """The merged H100 + H200 store with synthetic collectives and the tp2 inventory."""
-    from dooly.fit.models import fit_frame, library_versions, serialize_group
+    from dooly.fit.persist import serialize_group
+    from dooly.fit.selection import fit_frame
     from dooly.profile.run import inventory, inventory_key
     from dooly.trace.schema import Trace
 
@@ -112,12 +113,11 @@ def build_store(root: Path) -> str:
     meta = metas[0]
     meta["groups"] = metas[0]["groups"] + metas[1]["groups"]
     meta["inventories"] = sorted(set(metas[0]["inventories"]) | set(metas[1]["inventories"]))
-    versions = library_versions()
     for platform in RING:
         models, _ = fit_frame(collective_frame(platform), generation=1, folds=3)
         for key, group in models.items():
-            name = f"models/gen-000001/{platform}__nccl__{INTERCONNECT}__bfloat16-synthetic.joblib"
-            (root / name).write_bytes(serialize_group(group, versions))
+            name = f"models/gen-000001/{platform}__nccl__{INTERCONNECT}__bfloat16-synthetic.json"
+            (root / name).write_bytes(serialize_group(group))
             meta["groups"].append({"platform": key[0], "engine": key[1], "backend": key[2], "dtype": key[3], "key": name,
                                    "classes": []})
     (generation / "meta.json").write_text(json.dumps(meta, indent=2))

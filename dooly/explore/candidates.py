@@ -17,13 +17,12 @@ from typing import Any
 
 from dooly.errors import DoolyError
 from dooly.fit.source import FittedSource
+from dooly.profile.provenance import COMM_ENGINES, SHARED_BACKEND
 
 # Backends the engines' serving loops accept; the store may hold more (transformers'
 # paged|flex_attention is profiled, not served). Literal here so candidate listing does not
 # import torch (dooly.engines.transformers_cb.ENGINE_BACKENDS is the source).
 SERVED_BACKENDS: dict[str, tuple[str, ...]] = {"transformers": ("paged|sdpa", "paged|eager")}
-SHARED_BACKEND = "any"
-COMM_ENGINES = ("nccl", "gloo")
 SETTING_SEPARATOR = ","
 
 
@@ -139,7 +138,7 @@ class StoreFacts:
 
 
 def read_store_facts(store_uri: str) -> StoreFacts:
-    from dooly.fit.models import latest_meta_key, read_inventories
+    from dooly.fit.persist import latest_meta_key, read_inventories
     from dooly.store.backends import open_store
     from dooly.store.shards import read_json
 
