@@ -60,6 +60,8 @@ LM_HEAD = "lm_head"
 SAMPLER = "sampler"
 DENSE_LAYERS = (EMBEDDING, LAYERNORM, QKV_PROJ, QK_NORM, ROTARY_EMB, O_PROJ, GATE_UP_PROJ, ACT_FN, DOWN_PROJ, FINAL_LAYERNORM)
 PER_SEQUENCE_LAYERS = (LM_HEAD, SAMPLER)
+REQUIRED_LAYERS = (EMBEDDING, LAYERNORM, QKV_PROJ, ROTARY_EMB, ATTENTION, O_PROJ, GATE_UP_PROJ, ACT_FN, DOWN_PROJ,
+                   FINAL_LAYERNORM, LM_HEAD, SAMPLER)
 # Calls per decoder layer of the layers the simulator's sequence calls inside every layer
 # (pre_attn: layernorm ... ; post_attn: o_proj, layernorm).
 CALLS_PER_DECODER_LAYER = {LAYERNORM: 2}
@@ -125,22 +127,31 @@ def layer_of(module: str, op: str) -> str | None:
 
 
 def layer_weights(inventory: Mapping[str, Any], num_layers: int) -> dict[str, dict[str, float]]:
-    """signature -> {layer: executions per call of that layer}. An operation's count is split
-    equally over its modules; a layer's executions per forward are divided by the layer's calls
-    per forward (decoder-layer layers: num_layers times, layernorm twice that)."""
+    """signature -> {layer: executions per call of that layer}. An operation shared by a
+    model-level module (run once per forward) and decoder-layer modules runs once in the former
+    and the rest of its count equally in the latter; a layer's executions per forward are divided
+    by the layer's calls per forward (decoder-layer layers: num_layers, layernorm twice that)."""
     weights: dict[str, dict[str, float]] = {}
     unmapped: set[str] = set()
     for entry in inventory.get("operations", []):
         modules = list(entry.get("modules") or [""])
-        per_module = float(entry.get("count", 1)) / len(modules)
+        count = float(entry.get("count", 1))
+        layer_modules = [m for m in modules if m.startswith(_LAYER_PREFIX)]
         target = weights.setdefault(str(entry["signature"]), {})
         for module in modules:
             layer = layer_of(module, str(entry.get("op", "")))
             if layer is None:
                 unmapped.add(module)
                 continue
+            if not layer_modules:
+                executions = count / len(modules)
+            elif module in layer_modules:
+                # A model-level module shares the signature once per forward (e.g. the final norm).
+                executions = (count - (len(modules) - len(layer_modules))) / len(layer_modules)
+            else:
+                executions = 1.0
             calls = 1 if layer in ITERATION_LAYERS else num_layers * CALLS_PER_DECODER_LAYER.get(layer, 1)
-            target[layer] = target.get(layer, 0.0) + per_module / calls
+            target[layer] = target.get(layer, 0.0) + executions / calls
     if unmapped:
         raise DoolyError(
             f"LLMServingSim export: no LLMServingSim layer for module(s) {', '.join(sorted(unmapped))} of "
@@ -213,7 +224,10 @@ class LayerTimes:
     def __init__(self, op_seconds: FittedOps, inventory: Mapping[str, Any], num_layers: int) -> None:
         self._ops = op_seconds
         self.weights = layer_weights(inventory, num_layers)
-        self.layers = sorted({layer for per in self.weights.values() for layer in per})
+        self.found = {layer for per in self.weights.values() for layer in per}
+        # Every layer the llama-family sequence calls gets rows, at the 1 ns floor where the model
+        # runs nothing there: the simulator refuses a layer its catalog names but the bundle lacks.
+        self.layers = sorted(self.found | set(REQUIRED_LAYERS))
         self.coverage = CoverageTally()
 
     def step(self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int], file: str,
@@ -253,7 +267,7 @@ def per_sequence_rows(times: LayerTimes, grid: ServingSimGrid) -> list[dict[str,
 
 
 def attention_rows(times: LayerTimes, grid: ServingSimGrid) -> list[dict[str, object]]:
-    if ATTENTION not in times.layers:
+    if ATTENTION not in times.found:
         raise DoolyError("the inventory has no attention operation to fill LLMServingSim's attention.csv")
     rows: list[dict[str, object]] = []
     for chunk, kv_prefill, n_decode, kv_decode in grid.attention_points():
