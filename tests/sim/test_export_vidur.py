@@ -126,6 +126,13 @@ def test_milliseconds_match_the_step_models_operations(store, tmp_path):
     expected_ms = rows[down["signature"]]["seconds"] * 1e3  # one execution per layer
     row = next(r for r in compute if r["num_tokens"] == tokens)
     assert row["time_stats.mlp_down_proj.median"] == pytest.approx(expected_ms, rel=1e-9)
+    # An estimated operation too: attention (its signature was never profiled) for 4 decodes of 128.
+    _, attention = _vidur_frames(info, model_dims(SUITE_MODEL))
+    attn = next(e for e in fitted.inventory["operations"] if e["op"] == "attention")
+    decode = {r["signature"]: r for r in fitted.step.op_seconds([], [128] * 4)}[attn["signature"]]
+    assert decode["unseen"]
+    row = next(r for r in attention if (r["batch_size"], r["kv_cache_size"], r["prefill_chunk_size"]) == (4, 128, 0))
+    assert row["time_stats.attn_decode.median"] == pytest.approx(decode["seconds"] * 1e3, rel=1e-9)
 
 
 def test_a_model_the_store_cannot_predict_is_one_error_line(store, tmp_path):
