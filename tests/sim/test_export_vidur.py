@@ -141,3 +141,21 @@ def test_a_model_the_store_cannot_predict_is_one_error_line(store, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "error" in result.stderr.lower()
     assert "Mistral-7B-v0.3" in result.stderr
+
+
+def test_vidur_flags_turn_the_gqa_surcharge_off_for_either_predictor():
+    from dooly.errors import DoolyError
+    from dooly.sim.vidur import vidur_predictor_flags
+
+    for predictor in ("random_forrest", "linear_regression"):
+        flags = vidur_predictor_flags(predictor, max_tokens=2048, max_batch_size=64, max_chunk=512)
+        pairs = dict(zip(flags[::2], flags[1::2], strict=True))
+        prefix = f"--{predictor}_execution_time_predictor_config_"
+        assert pairs["--execution_time_predictor_config_type"] == predictor
+        assert pairs[prefix + "attention_decode_batching_overhead_fraction"] == "0"
+        assert pairs[prefix + "attention_prefill_batching_overhead_fraction"] == "0"
+        assert pairs[prefix + "prediction_max_tokens_per_request"] == "2048"
+        assert pairs[prefix + "prediction_max_prefill_chunk_size"] == "512"
+        assert (prefix + "num_estimators" in pairs) == (predictor == "random_forrest")
+    with pytest.raises(DoolyError, match="random_forrest"):
+        vidur_predictor_flags("xgboost")
