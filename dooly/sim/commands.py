@@ -343,6 +343,41 @@ def export_group() -> None:
     """Export Dooly's predictions in other simulators' formats."""
 
 
+def _fitted_export_source(step_choice: StepChoice, engine: str, model: str, dims_name: str) -> Any:
+    """The fitted models, inventory and a fast per-operation evaluator for an export."""
+    from dooly.fit.source import open_fitted_step
+    from dooly.sim.export_ops import FittedOpSeconds
+
+    fitted = open_fitted_step(step_choice.fitted(engine), dims_name or model)
+    return fitted, FittedOpSeconds(fitted.predictor, fitted.inventory)
+
+
+def _export_provenance(step_choice: StepChoice, engine: str, fitted: Any, ops: Any) -> dict[str, Any]:
+    """What an export's numbers are: the source, and how many operations are estimated."""
+    if fitted is None:
+        return {"source": "analytic roofline (tests and demos only)"}
+    source = fitted.source
+    return {
+        "source": "fitted",
+        "store": source.store,
+        "platform": source.platform,
+        "engine": source.engine,
+        "backend": source.backend,
+        "dtype": source.dtype,
+        "tp": source.tp,
+        "generation": getattr(fitted.predictor, "generation", None),
+        "inventory_model_id": fitted.inventory.get("model_id"),
+        # Set when the resolver traced the model on the CPU (a model the store never ran).
+        "inventory_origin": getattr(fitted, "inventory_origin", "") or "store",
+        "op_count": ops.op_count,
+        "unseen_count": ops.unseen_count,
+    }
+
+
+def _coverage_text(coverage: dict[str, float | None]) -> str:
+    return ", ".join(f"{name} {'-' if share is None else f'{100 * share:.1f}%'}" for name, share in sorted(coverage.items()))
+
+
 @export_group.command("vidur")
 @allow_defaults_option
 @click.argument("model")
@@ -374,15 +409,23 @@ def export_vidur_command(
     large), or Vidur extrapolates. With --tp N, compute rows are one rank's (key column
     num_tensor_parallel_workers = N) and all_reduce.csv holds the measured collective of N ranks.
 
+    Every column Vidur's own profiler fills is filled (attention_backend holds sarathi's
+    AttentionBackend.FLASHINFER; Dooly's backend, the coverage of each file and the Vidur flags
+    to set are in dooly_export.json beside the tables). Set Vidur's GQA batching surcharges to 0
+    (the flags to pass are printed and kept in dooly_export.json): Dooly's attention rows already
+    price the whole batch.
+
     \b
     Examples:
       dooly export vidur meta-llama/Llama-3.1-8B --device h100 --out ~/vidur \\
+          --vidur-model meta-llama/Meta-Llama-3-8B \\
           --store ./db --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa'
       dooly export vidur meta-llama/Llama-3.1-8B --device h200 --network-device h200_pair_nvlink \\
           --tp 2 --tables network --out ~/vidur --store ./db --platform NVIDIA-H200 --backend 'paged|sdpa'
     """
     from dooly.sim.step_model import AnalyticStepModel
     from dooly.sim.vidur import (
+        VIDUR_ATTENTION_BACKEND,
         VidurCollectivePredictor,
         VidurOpPredictor,
         VidurSweep,
@@ -392,6 +435,9 @@ def export_vidur_command(
         export_vidur_network,
         fitted_op_predictor,
         store_collective_predictor,
+        vidur_attention_backend,
+        vidur_predictor_flags,
+        write_export_info,
     )
 
     tp = step_choice.tp
@@ -407,33 +453,115 @@ def export_vidur_command(
     # Each table's predictor; the compute one is left unset when only the network table is asked for.
     predict: VidurOpPredictor | None = None
     collective: VidurCollectivePredictor
+    fitted = ops = None
     if step_choice.analytic:
         analytic_model = AnalyticStepModel(dims=dims, tp=tp)
         predict = analytic_op_predictor(analytic_model)
         collective = functools.partial(analytic_collective_seconds, analytic_model)
+        backend_cell = VIDUR_ATTENTION_BACKEND
     else:
-        from dooly.fit.source import open_fitted_step
-
-        fitted = open_fitted_step(step_choice.fitted(engine), dims.name or model)
+        fitted, ops = _fitted_export_source(step_choice, engine, model, dims.name)
         if tables != "network":
-            predict = fitted_op_predictor(fitted.step, fitted.inventory, dims.num_layers)
+            predict = fitted_op_predictor(ops, fitted.inventory, dims.num_layers)
         collective = store_collective_predictor(fitted.predictor, fitted.inventory)
+        backend_cell = vidur_attention_backend(step_choice.backend or "")
     sweep = VidurSweep(max_tokens=max_tokens, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     name = vidur_model or dims.name
     written = []
     if tables in ("all", "compute"):
         assert predict is not None, "set above for every table choice but network"
-        written += export_vidur(predict, dims, out_dir, device, name, block_size=block_size, backend=step_choice.backend or "",
+        written += export_vidur(predict, dims, out_dir, device, name, block_size=block_size, backend=backend_cell,
                                 sweep=sweep, tp=tp)
     if network:
         assert network_device is not None, "checked above: --tp > 1 needs --network-device"
         written += export_vidur_network(collective, dims, out_dir, network_device, tp, sweep=sweep)
+    coverage = dict(predict.coverage.as_dict()) if predict is not None and hasattr(predict, "coverage") else {}
+    info = {
+        **_export_provenance(step_choice, engine, fitted, ops),
+        "model": dims.name or model,
+        "vidur_model": name,
+        "device": device,
+        "network_device": network_device,
+        "attention_backend": backend_cell,
+        "coverage": coverage,
+        "vidur_flags": [
+            "--replica_config_model_name", name, "--replica_config_device", device,
+            "--replica_config_tensor_parallel_size", str(tp),
+            *vidur_predictor_flags(max_tokens=max_seq_len, max_batch_size=max_batch_size, max_chunk=max_tokens),
+        ],
+        "files": [str(p) for p in written],
+    }
+    if written:
+        info_path = write_export_info(written[0].parent, info)
+        info["files"].append(str(info_path))
     if output_format == "json":
-        emit_json({"files": [str(p) for p in written], "device": device, "network_device": network_device,
-                   "model": name, "tp": tp})
+        emit_json({**info, "files": info["files"], "tp": tp})
+        return
+    for path in info["files"]:
+        click.echo(f"wrote {path}")
+    if coverage:
+        click.echo(f"measured share of predicted time: {_coverage_text(coverage)} "
+                   f"({info['unseen_count']} of {info['op_count']} operations estimated)")
+    click.echo("Vidur flags: " + " ".join(info["vidur_flags"]))
+
+
+@export_group.command("llmservingsim")
+@click.argument("model")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="LLMServingSim checkout (or any directory): files go under profiler/perf/ and configs/model/.")
+@click.option("--hardware", required=True, help="LLMServingSim hardware label (the cluster config's `hardware`), e.g. H100.")
+@step_model_options
+@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True, help="Engine the fitted models were measured on.")
+@click.option("--sim-model", help="Model name as LLMServingSim knows it (its configs/model/ path) [default: MODEL's id].")
+@click.option("--max-tokens", type=int, default=8192, show_default=True, help="Largest token count in dense.csv (LLMServingSim's max_num_batched_tokens).")
+@click.option("--max-seqs", type=int, default=256, show_default=True, help="Largest sequence count in per_sequence.csv and decode count in attention.csv.")
+@click.option("--max-chunk", type=int, default=2048, show_default=True, help="Largest prefill chunk in attention.csv.")
+@click.option("--max-kv", type=int, default=16384, show_default=True, help="Largest cached context in attention.csv.")
+@click.option("--block-size", type=int, default=16, show_default=True, help="KV block size recorded in meta.yaml.")
+@output_option
+def export_llmservingsim_command(
+    model: str, out_dir: str, hardware: str, step_choice: StepChoice, engine: str, sim_model: str | None,
+    max_tokens: int, max_seqs: int, max_chunk: int, max_kv: int, block_size: int, output_format: str,
+) -> None:
+    """Write an LLMServingSim profile bundle (dense, per-sequence and attention latencies) from
+    Dooly's fitted models.
+
+    LLMServingSim then prices GPU iterations of MODEL on HARDWARE from Dooly's database instead
+    of its vLLM profiler: run it with `--hardware HARDWARE --model-name SIM_MODEL` and the
+    cluster config's `hardware` set to HARDWARE. Per-layer times are one rank's for --tp N (in
+    tp{N}/); LLMServingSim adds the all-reduces itself from its network model. The decode-skew
+    correction is off (skew_fit.enabled: false in meta.yaml).
+
+    \b
+    Example:
+      dooly export llmservingsim meta-llama/Llama-3.1-8B --hardware H100 --out ~/LLMServingSim \\
+          --store ./db --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa'
+    """
+    from dooly.models.registry import resolve_model
+    from dooly.sim.llmservingsim import BundleTarget, ServingSimGrid, export_llmservingsim, variant_of
+
+    if step_choice.analytic:
+        raise DoolyError("export llmservingsim needs fitted models (--store): its tables are per-operation sums")
+    if block_size < 1:
+        raise DoolyError("--block-size must be >= 1")
+    grid = ServingSimGrid(max_tokens=max_tokens, max_seqs=max_seqs, max_chunk=max_chunk, max_kv=max_kv)
+    spec = resolve_model(model)
+    step_choice.check()
+    fitted, ops = _fitted_export_source(step_choice, engine, model, spec.model_id)
+    name = sim_model or spec.model_id
+    target = BundleTarget(Path(out_dir), hardware, name, variant_of(step_choice.dtype), step_choice.tp)
+    provenance = _export_provenance(step_choice, engine, fitted, ops)
+    written, coverage = export_llmservingsim(ops, fitted.inventory, spec.config, target, grid=grid,
+                                             block_size=block_size, provenance=provenance)
+    payload = {**provenance, "model": spec.model_id, "sim_model": name, "hardware": hardware,
+               "variant": target.variant, "coverage": coverage, "files": [str(p) for p in written]}
+    if output_format == "json":
+        emit_json(payload)
         return
     for path in written:
         click.echo(f"wrote {path}")
+    click.echo(f"measured share of predicted time: {_coverage_text(coverage)} "
+               f"({ops.unseen_count} of {ops.op_count} operations estimated)")
 
 
 # ---------------------------------------------------------------------------------------------

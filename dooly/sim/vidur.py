@@ -10,8 +10,13 @@ forward). Vidur filters rows by the key columns (`n_head`, `n_kv_head`, `n_embd`
 and fits its own regressors on the medians: compute ops on `num_tokens`; `attn_prefill` on
 (`kv_cache_size`, `prefill_chunk_size`^2) over prefill rows (batch size 1); `attn_decode` on
 (`batch_size`, `kv_cache_size`) over decode rows (`prefill_chunk_size` 0); `attn_kv_cache_save`
-on the row's token count. An operation that does not run at a point is left empty, as Vidur's own
-profiler leaves it.
+on the row's token count. Vidur's attention profiler times every stage of sarathi's attention
+call on every row (a kineto timer around each stage), so a stage that launches no kernel at a
+point records 0.0: `attn_decode` on prefill rows and `attn_prefill` on decode rows are 0.0, not
+empty. Its `attention_backend` column holds the str() of sarathi's `AttentionBackend` enum
+(`AttentionBackend.FLASHINFER`, the only value that runs attention; `NO_OP` skips it); Vidur does
+not filter on it, and Dooly's own backend (`paged|sdpa`...) is written beside the tables in
+`dooly_export.json` with the coverage of each file.
 
 The exporter does not know where numbers come from: it calls a `VidurOpPredictor`, any callable
 `(op, point) -> seconds for one layer` (or `OpStats`); the fitted predictor of `dooly fit` or
@@ -86,6 +91,11 @@ DEFAULT_MAX_TOKENS = 4096
 DEFAULT_MAX_SEQ_LEN = 4096
 DEFAULT_MAX_BATCH_SIZE = 128
 DEFAULT_BLOCK_SIZE = 16
+# sarathi.types.AttentionBackend as pandas writes it (str of the enum member) in Vidur's profiles.
+VIDUR_ATTENTION_BACKEND = "AttentionBackend.FLASHINFER"
+# What a Vidur attention stage that launched no kernel at a point records (ms).
+NOT_RUN_MS = 0.0
+EXPORT_INFO_FILE = "dooly_export.json"
 _TOKEN_GRID = ((1, 8, 1), (8, 1024, 8), (1024, 4096, 32), (4096, 16384, 128), (16384, 131073, 1024))
 _CHUNK_GRID = ((64, 1024, 32), (1024, 4096, 128), (4096, 65537, 512))
 _CONTEXT_GRID = ((0, 1024, 32), (1024, 4096, 128), (4096, 131073, 1024))
@@ -188,7 +198,7 @@ def attention_rows(
         row: dict[str, object] = {}
         for op in ATTENTION_OPS:
             applies = not (op == "attn_prefill" and not point.is_prefill) and not (op == "attn_decode" and point.is_prefill)
-            row.update(_stat_cells(op, predict(op, point) if applies else None))
+            row.update(_stat_cells(op, predict(op, point) if applies else NOT_RUN_MS))
         row.update(
             keys,
             batch_size=point.batch_size,
@@ -216,7 +226,7 @@ def export_vidur(
     model_name: str,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    backend: str = "",
+    backend: str = VIDUR_ATTENTION_BACKEND,
     sweep: VidurSweep | None = None,
     tp: int = 1,
 ) -> list[Path]:
@@ -235,10 +245,10 @@ def export_vidur(
         ("mlp.csv", mlp_columns(), mlp_rows(predict, dims, sweep, tp)),
         ("attention.csv", attention_columns(), attention_rows(predict, dims, sweep, block_size, backend, tp)),
     )
-    return _write_tables(target, tables)
+    return write_csv_tables(target, tables)
 
 
-def _write_tables(target: Path, tables: tuple[tuple[str, list[str], list[dict[str, object]]], ...]) -> list[Path]:
+def write_csv_tables(target: Path, tables: tuple[tuple[str, list[str], list[dict[str, object]]], ...]) -> list[Path]:
     """Write every table, then rename them into place: all appear or none."""
     target.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
@@ -378,7 +388,7 @@ def export_vidur_network(
     if send_rows:
         tables.append(("send_recv.csv", network_columns("send_recv"), send_rows))
     target = Path(out_dir) / "data" / "profiling" / "network" / network_device
-    return _write_tables(target, tuple(tables))
+    return write_csv_tables(target, tuple(tables))
 
 
 def analytic_collective_seconds(model: AnalyticStepModel, collective: str, num_tokens: int) -> float:
@@ -525,17 +535,30 @@ def _per_layer_shares(inventory: dict[str, Any], num_layers: int) -> dict[str, d
     return shares
 
 
-def fitted_op_predictor(step_predictor: FittedOps, inventory: dict[str, Any], num_layers: int) -> VidurOpPredictor:
-    """Vidur operations from a fitted `StepPredictor`: at each Vidur point, the per-execution
-    seconds of every inventory operation (`op_seconds`) times its executions per layer, summed per
-    Vidur timer. Attention is the engine's attention call for the point's batch (prefill: chunks of
-    `prefill_chunk_size` after `kv_cache_size`; decode: `batch_size` sequences of that context);
-    the reshapes and the KV-cache write happen inside that call, so they are reported as 0."""
-    shares = _per_layer_shares(inventory, num_layers)
-    cache: dict[VidurPoint, dict[str, float]] = {}
+# The Vidur table each timer's row lives in (for the coverage of each file).
+_TABLE_OF_OP = {**{op: "mlp.csv" for op in MLP_OPS}, **{op: "attention.csv" for op in ATTENTION_OPS}}
 
-    def per_op(point: VidurPoint) -> dict[str, float]:
-        if point not in cache:
+
+class FittedVidurOps:
+    """Vidur operations from a fitted step model: at each Vidur point, the per-execution seconds
+    of every inventory operation (`op_seconds`) times its executions per layer, summed per Vidur
+    timer. Attention is the engine's attention call for the point's batch (prefill: chunks of
+    `prefill_chunk_size` after `kv_cache_size`; decode: `batch_size` sequences of that context);
+    the reshapes and the KV-cache write happen inside that call, so they are reported as 0.
+
+    `coverage` sums, per file, the seconds that come from measured signatures and from estimated
+    ones (rows without a `measured` key count as measured: a predictor that cannot tell)."""
+
+    def __init__(self, step_predictor: FittedOps, inventory: dict[str, Any], num_layers: int) -> None:
+        from dooly.sim.export_ops import CoverageTally
+
+        self._step = step_predictor
+        self._shares = _per_layer_shares(inventory, num_layers)
+        self._cache: dict[VidurPoint, tuple[dict[str, float], dict[str, float]]] = {}
+        self.coverage = CoverageTally()
+
+    def _per_op(self, point: VidurPoint) -> tuple[dict[str, float], dict[str, float]]:
+        if point not in self._cache:
             batch: tuple[list[tuple[int, int]], list[int]]
             if point.is_prefill:
                 batch = ([(point.prefill_chunk_size, point.kv_cache_size)] * point.batch_size, [])
@@ -544,16 +567,91 @@ def fitted_op_predictor(step_predictor: FittedOps, inventory: dict[str, Any], nu
             else:
                 batch = ([(point.num_tokens, 0)], [])
             totals: dict[str, float] = {}
-            for row in step_predictor.op_seconds(*batch):
-                for vidur_op, weight in shares.get(row["signature"], {}).items():
-                    totals[vidur_op] = totals.get(vidur_op, 0.0) + row["seconds"] * weight
-            cache[point] = totals
-        return cache[point]
+            measured: dict[str, float] = {}
+            for row in self._step.op_seconds(*batch):
+                for vidur_op, weight in self._shares.get(row["signature"], {}).items():
+                    seconds = row["seconds"] * weight
+                    totals[vidur_op] = totals.get(vidur_op, 0.0) + seconds
+                    if row.get("measured", True):
+                        measured[vidur_op] = measured.get(vidur_op, 0.0) + seconds
+            self._cache[point] = (totals, measured)
+        return self._cache[point]
 
-    def predict(op: str, point: VidurPoint) -> float:
-        totals = per_op(point)
-        if op in ("attn_prefill", "attn_decode"):
-            return totals.get(_ATTENTION_OP, 0.0)
-        return totals.get(op, 0.0)
+    def __call__(self, op: str, point: VidurPoint) -> float:
+        totals, measured = self._per_op(point)
+        key = _ATTENTION_OP if op in ("attn_prefill", "attn_decode") else op
+        seconds = totals.get(key, 0.0)
+        table = _TABLE_OF_OP.get(op, "")
+        share = measured.get(key, 0.0)
+        self.coverage.add(table, share, True)
+        self.coverage.add(table, seconds - share, False)
+        return seconds
 
-    return predict
+
+def fitted_op_predictor(step_predictor: FittedOps, inventory: dict[str, Any], num_layers: int) -> FittedVidurOps:
+    """The exporter's per-op predictor from a fitted step model (see `FittedVidurOps`)."""
+    return FittedVidurOps(step_predictor, inventory, num_layers)
+
+
+def vidur_attention_backend(dooly_backend: str) -> str:
+    """Vidur's attention_backend cell for a Dooly backend. sarathi's enum has one value that runs
+    attention (FLASHINFER) and one that skips it (NO_OP); every Dooly backend runs attention, so
+    all map to FLASHINFER. Vidur does not filter on the column: it only has to be a value Vidur's
+    own files hold, and the real backend goes to dooly_export.json."""
+    if not dooly_backend:
+        raise DoolyError("an attention backend is needed to label Vidur's attention.csv")
+    return VIDUR_ATTENTION_BACKEND
+
+
+def write_export_info(directory: str | Path, info: Mapping[str, Any]) -> Path:
+    """dooly_export.json beside exported tables: where the numbers came from (store, platform,
+    Dooly backend, engine, dtype), the coverage of each file and the settings the target needs.
+    Written atomically, so a reader sees the old or the new one."""
+    import json
+
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=target, prefix=".dooly-", suffix=".json", delete=False) as handle:
+        handle.write(json.dumps(dict(info), indent=2, sort_keys=True) + "\n")
+    final = target / EXPORT_INFO_FILE
+    os.replace(handle.name, final)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# How to run Vidur on exported tables: the command-line flags of its predictor (vidur.main).
+# ---------------------------------------------------------------------------------------------
+
+VIDUR_PREDICTORS = ("linear_regression", "random_forrest")
+DEFAULT_VIDUR_PREDICTOR = "random_forrest"
+# A small RandomForest grid: Vidur's default (3 x 3 x 3 forests of up to 750 trees, 10-fold) trains
+# for about 45 minutes on 2 cores; Dooly's tables are smooth and dense, and one forest of 100
+# trees per operation reproduces them (bench/vidur_dropin.py compares).
+SMALL_FOREST = {"num_estimators": 100, "max_depth": 32, "min_samples_split": 2}
+SMALL_K_FOLD = 2
+
+
+def vidur_predictor_flags(
+    predictor: str = DEFAULT_VIDUR_PREDICTOR, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_chunk: int = DEFAULT_MAX_TOKENS,
+) -> list[str]:
+    """Vidur's flags to read Dooly's tables as Dooly prices them: its GQA batching surcharge off
+    (Vidur adds 10% to batched attention of GQA models; Dooly's rows already price the batch),
+    prediction ranges the tables cover, and a training grid that fits in minutes."""
+    if predictor not in VIDUR_PREDICTORS:
+        raise DoolyError(f"Vidur predictor {predictor!r}: choose one of {', '.join(VIDUR_PREDICTORS)}")
+    prefix = f"--{predictor}_execution_time_predictor_config_"
+    settings: dict[str, object] = {
+        "attention_decode_batching_overhead_fraction": 0,
+        "attention_prefill_batching_overhead_fraction": 0,
+        "prediction_max_tokens_per_request": max_tokens,
+        "prediction_max_batch_size": max_batch_size,
+        "prediction_max_prefill_chunk_size": max_chunk,
+        "k_fold_cv_splits": SMALL_K_FOLD,
+    }
+    if predictor == "random_forrest":
+        settings.update(SMALL_FOREST)
+    flags = ["--execution_time_predictor_config_type", predictor]
+    for key, value in settings.items():
+        flags += [prefix + key, str(value)]
+    return flags

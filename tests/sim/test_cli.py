@@ -113,7 +113,8 @@ def test_export_vidur(tmp_path):
     report = _json("export", "vidur", MODEL, "--analytic", "--device", "h100", "--out", str(tmp_path),
                    "--max-tokens", "256", "--max-seq-len", "256", "--max-batch-size", "4")
     base = tmp_path / "data" / "profiling" / "compute" / "h100" / "meta-llama" / "Llama-3.1-8B"
-    assert sorted(report["files"]) == sorted([str(base / "attention.csv"), str(base / "mlp.csv")])
+    assert sorted(report["files"]) == sorted([str(base / "attention.csv"), str(base / "mlp.csv"), str(base / "dooly_export.json")])
+    assert report["attention_backend"] == "AttentionBackend.FLASHINFER" and report["source"].startswith("analytic")
     result = _run("export", "vidur", MODEL, "--analytic", "--device", "h1/00", "--out", str(tmp_path))
     assert result.exit_code == 2 and "one path segment" in result.stderr
 
