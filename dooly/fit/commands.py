@@ -173,34 +173,14 @@ def _parse_decode(values: tuple[int, ...]) -> list[int]:
     return list(values)
 
 
-def find_inventory(store: Any, model: str, backend: str, tp: int = 1) -> dict[str, Any]:
-    """The inventory of MODEL (its model_id, the id's last part, or its model_key) for one rank of
-    `tp`, preferring the one traced with `backend`: an attention signature depends on the backend
-    it was traced for, and a rank of tp > 1 runs other shapes plus collectives."""
-    from dooly.fit.models import read_inventories
+def find_inventory(
+    store: Any, model: str, backend: str, tp: int = 1, *, engine: str = DEFAULT_ENGINE, dtype: str = DEFAULT_DTYPE
+) -> dict[str, Any]:
+    """The inventory of MODEL for one rank of `tp` traced with `backend` (see
+    `dooly.fit.resolve.resolve_inventory`: the store's, else a CPU trace; never another backend's)."""
+    from dooly.fit.resolve import resolve_inventory
 
-    inventories = read_inventories(store)
-    wanted = model.lower()
-    matches = []
-    for key, inventory in inventories.items():
-        model_id = str(inventory.get("model_id", "")).lower()
-        names = {key.lower(), key.split("/", 1)[0].lower(), model_id, model_id.rsplit("/", 1)[-1]}
-        names.add(str(inventory.get("model_key", "")).lower())
-        if wanted in names:
-            matches.append(inventory)
-    if matches:
-        ranked = [i for i in matches if int(i.get("tp", 1) or 1) == tp]
-        if not ranked:
-            degrees = ", ".join(str(d) for d in sorted({int(i.get("tp", 1) or 1) for i in matches}))
-            raise DoolyError(
-                f"no inventory of {model!r} for --tp {tp} in {store.uri} (profiled: tp {degrees}); "
-                f"profile a trace made with `dooly trace {model} --tp {tp}`"
-            )
-        return next((i for i in ranked if i.get("backend") == backend), ranked[0])
-    known = ", ".join(sorted({str(i.get("model_id", k)) for k, i in inventories.items()})) or "none"
-    raise DoolyError(
-        f"no inventory for model {model!r} in {store.uri} (known: {known}); `dooly profile` writes it"
-    )
+    return resolve_inventory(store, model, backend=backend, engine=engine, dtype=dtype, tp=tp).inventory
 
 
 @click.command("predict")
