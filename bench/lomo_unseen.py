@@ -63,9 +63,14 @@ def suite_cells(ground_truth: Path) -> dict[str, list[str]]:
     return dict(cells)
 
 
+FULL_REFIT = "_full"
+
+
 def held_out_store(source: Path, work: Path, short: str) -> tuple[Path, dict[str, Any]]:
     """A copy of SOURCE without fitted models, without the signatures only SHORT runs and
-    without SHORT's inventories. Returns its path and what was removed."""
+    without SHORT's inventories (SHORT = FULL_REFIT: nothing removed, the same refit of the whole
+    store, the reference the held-out predictions are compared with). Returns its path and what
+    was removed."""
     import polars as pl
 
     from dooly.fit.models import read_inventories
@@ -84,7 +89,7 @@ def held_out_store(source: Path, work: Path, short: str) -> tuple[Path, dict[str
             held_keys.add(key.split("/", 1)[0])
         else:
             others |= signatures
-    if not held_keys:
+    if not held_keys and short != FULL_REFIT:
         raise SystemExit(f"no inventory of {model_id(short)} in {source}")
     only = held - others
     if target.exists():
@@ -185,6 +190,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="Short names (default: every model with ground truth).")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
     parser.add_argument("--stage", choices=("all", "fit", "validate"), default="all")
+    parser.add_argument("--refit-full", action="store_true",
+                        help="Compare with a refit of the whole store made the same way (work/_full), not with --store's models.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     logging.getLogger("dooly.fit.models").setLevel(logging.WARNING)
@@ -192,8 +199,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cells = suite_cells(args.ground_truth)
     shorts = args.models or sorted(cells)
+    full_store = args.work / FULL_REFIT if args.refit_full else args.store
     if args.stage in ("all", "fit"):
-        for short in shorts:
+        for short in [FULL_REFIT, *shorts] if args.refit_full else shorts:
             target = args.work / short
             if (target / "models").is_dir():
                 log.info("%s: held-out store already fitted", short)
@@ -212,7 +220,7 @@ def main() -> None:
             continue
         removed = json.loads((target / "lomo.json").read_text())
         held = validate_cells(str(target), args.platform, short, cells[short], args.ground_truth, args.validation)
-        full = validate_cells(str(args.store), args.platform, short, cells[short], args.ground_truth, args.validation)
+        full = validate_cells(str(full_store), args.platform, short, cells[short], args.ground_truth, args.validation)
         coverage = {b: coverage_probe(str(target), args.platform, b, model_id(short)) for b in {r["backend"] for r in held}}
         for h, f in zip(held, full, strict=True):
             rows.append({**h, "full": f, "removed": removed, "coverage": coverage[h["backend"]]})
