@@ -467,7 +467,7 @@ class StepPredictor:
 
     # -- construction ------------------------------------------------------------------------
 
-    def _build(self, entries: list[tuple[OpModel, int, bool]], predictor: Predictor) -> None:
+    def _build(self, entries: list[tuple[OpModel, int, str]], predictor: Predictor) -> None:
         n_cls = len(self.classes)
         cls_of = {c: i for i, c in enumerate(self.classes)}
         self._dense: dict[str, np.ndarray] = {}
