@@ -146,7 +146,9 @@ def validate_cells(store: str, platform: str, short: str, cells: list[str], grou
             model, "--ground-truth", str(ground_truth / f"{short}.{cell}"), "--cpu-overhead", str(calibration),
             "--store", store, "--platform", platform, "--backend", backend])
         rows.append({"model": short, "backend": backend, "variant": variant, "workload": workload,
-                     "calibration": calibration.name, **accuracy_fields(report["requests"], report["distribution"])})
+                     "calibration": calibration.name, **accuracy_fields(report["requests"], report["distribution"]),
+                     "cell_coverage": {phase: {k: v for k, v in c.items() if k != "estimated"}
+                                       for phase, c in (report.get("coverage") or {}).items()}})
     return rows
 
 
@@ -158,14 +160,23 @@ def verdict(row: dict[str, Any]) -> bool:
     return ok
 
 
+def _measured_share(coverage: dict[str, Any]) -> str:
+    """The measured share of a cell's predicted device time, over all its simulated steps."""
+    total = sum(c["device_seconds"] for c in coverage.values())
+    if not total:
+        return "-"
+    measured = sum(c["device_seconds"] * c["measured_share"] for c in coverage.values())
+    return f"{100 * measured / total:.1f}%"
+
+
 def table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| model | backend | settings | workload | TTFT MAPE held-out (full) | TPOT MAPE held-out (full) | "
-             "mean TTFT err held-out (full) | mean TPOT err held-out (full) | measured share decode / prefill | "
+             "mean TTFT err held-out (full) | mean TPOT err held-out (full) | measured share of device time | "
              "targets |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         f = r["full"]
-        cov = r.get("coverage") or {}
-        share = " / ".join(f"{100 * cov[p]['measured_share']:.1f}%" for p in ("decode", "prefill") if p in cov) or "-"
+        cov = r.get("cell_coverage") or {}
+        share = _measured_share(cov)
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['variant']} | {r['workload']} | "
             f"{r['ttft_mape']:.1f}% ({f['ttft_mape']:.1f}%) | {r['tpot_mape']:.1f}% ({f['tpot_mape']:.1f}%) | "

@@ -62,6 +62,22 @@ def coverage_payload(by_phase: Mapping[str, Coverage]) -> dict[str, Any]:
     return {phase: coverage.to_dict() for phase, coverage in by_phase.items()}
 
 
+def payload_lines(payload: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The text form of a coverage payload (`coverage_payload`, as a validate report holds it)."""
+    lines = []
+    for phase, c in payload.items():
+        lines.append(
+            f"coverage {phase}: {PERCENT * c['measured_share']:.1f}% of predicted device time measured, "
+            f"{PERCENT * c['class_regressor_share']:.1f}% class regressor, {PERCENT * c['fallback_share']:.1f}% fallback"
+        )
+        for estimated in c["estimated"][:TEXT_ESTIMATED_ROWS]:
+            lines.append(
+                f"  {PERCENT * estimated['share']:5.1f}%  {estimated['op_class']} "
+                f"[{estimated['signature'][:SIGNATURE_CHARS]}] {estimated['source']} ({estimated['method']})"
+            )
+    return lines
+
+
 def coverage_lines(by_phase: Mapping[str, Coverage], origin: str = "") -> list[str]:
     """The text form: one line per phase, then its largest estimated operations."""
     from dooly.fit.predictor import SOURCE_CLASS, SOURCE_FALLBACK

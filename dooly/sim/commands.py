@@ -329,6 +329,11 @@ def validate_command(
     click.echo("")
     click.echo("Distribution across requests (simulated statistic against measured; error > 0: simulated slower):")
     click.echo(format_table(["statistic", "n", "simulated (ms)", "measured (ms)", "error"], _distribution_rows(payload["distribution"])))
+    if payload.get("coverage"):
+        from dooly.fit.coverage import payload_lines
+
+        click.echo("")
+        click.echo("\n".join(payload_lines(payload["coverage"])))
 
 
 def _distribution_rows(distribution: dict[str, Any]) -> list[tuple[Any, ...]]:
