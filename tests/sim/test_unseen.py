@@ -151,3 +151,19 @@ def test_an_inventory_is_never_used_for_another_backend(fitted_store, configs, t
     assert eager.origin == ORIGIN_TRACED and eager.inventory["backend"] == "paged|eager"
     with pytest.raises(DoolyError, match=r"no inventory of 'toy/alpha-1b' for --tp 1 and paged\|eager"):
         resolve_inventory(store, TOY.model_id, backend="paged|eager")
+
+
+def test_models_fitted_over_another_feature_set_are_refused_in_one_line(fitted_store):
+    import numpy as np
+
+    from dooly.fit.source import FittedSource, check_feature_widths, open_predictor
+
+    predictor = open_predictor(FittedSource(store=fitted_store, platform=syn.PLATFORM, backend=syn.BACKEND))
+    check_feature_widths(predictor, fitted_store)
+    regressor = predictor.group.classes[syn.ATTENTION_CLASS].regressor
+    if regressor.coef is not None:
+        regressor.coef = np.append(regressor.coef, 0.0)
+    else:
+        regressor.regime_coef = np.zeros((regressor.regime_coef.shape[0], regressor.regime_coef.shape[1] - 3))
+    with pytest.raises(DoolyError, match="run `dooly fit --store"):
+        check_feature_widths(predictor, fitted_store)
