@@ -200,7 +200,8 @@ def main() -> None:
     parser.add_argument("--validation", type=Path, default=VALIDATION)
     parser.add_argument("--models", nargs="*", help="Short names (default: every model with ground truth).")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
-    parser.add_argument("--stage", choices=("all", "fit", "validate"), default="all")
+    parser.add_argument("--stage", choices=("all", "fit", "validate", "table"), default="all",
+                        help="table: rebuild lomo.md from the per-model results under --out.")
     parser.add_argument("--refit-full", action="store_true",
                         help="Compare with a refit of the whole store made the same way (work/_full), not with --store's models.")
     args = parser.parse_args()
@@ -223,8 +224,8 @@ def main() -> None:
             fit_held_out(target, args.repeats)
     if args.stage == "fit":
         return
-    rows: list[dict[str, Any]] = []
-    for short in shorts:
+    for short in shorts if args.stage != "table" else []:
+        rows: list[dict[str, Any]] = []
         target = args.work / short
         if not (target / "models").is_dir():
             log.warning("%s: no fitted held-out store, skipped", short)
@@ -237,6 +238,9 @@ def main() -> None:
             rows.append({**h, "full": f, "removed": removed, "coverage": coverage[h["backend"]]})
             log.info("%s %s %s %s: held-out TTFT %.1f%% TPOT %.1f%% (full %.1f%% / %.1f%%)", short, h["backend"],
                      h["variant"], h["workload"], h["ttft_mape"], h["tpot_mape"], f["ttft_mape"], f["tpot_mape"])
+        (args.out / short).mkdir(exist_ok=True)
+        (args.out / short / "lomo.json").write_text(json.dumps(rows, indent=1) + "\n")
+    rows = [row for path in sorted(args.out.glob("*/lomo.json")) for row in json.loads(path.read_text())]
     (args.out / "lomo.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = table(rows)
     (args.out / "lomo.md").write_text("\n".join(lines) + "\n")
