@@ -167,3 +167,18 @@ def test_models_fitted_over_another_feature_set_are_refused_in_one_line(fitted_s
         regressor.regime_coef = np.zeros((regressor.regime_coef.shape[0], regressor.regime_coef.shape[1] - 3))
     with pytest.raises(DoolyError, match="run `dooly fit --store"):
         check_feature_widths(predictor, fitted_store)
+
+
+def test_plan_prices_exactly_the_estimated_signatures(fitted_store, configs):
+    """What `--require-measured` refuses is what `dooly plan` would profile."""
+    runner = CliRunner()
+    predicted = runner.invoke(cli, ["predict", "--model", str(configs["moe"]), *fitted_args(fitted_store),
+                                    "--decode", "64", "--per-op", "--output", "json"])
+    assert predicted.exit_code == 0, predicted.output
+    estimated = {o["signature"] for o in json.loads(predicted.stdout)["operations"] if o["source"] != "measured"}
+    planned = runner.invoke(cli, ["plan", str(configs["moe"]), "--store", fitted_store, "--platform", syn.PLATFORM,
+                                  "--attention", syn.BACKEND, "--output", "json"])
+    assert planned.exit_code == 0, planned.output
+    summary = json.loads(planned.stdout)
+    assert summary["missing_signatures"] == len(estimated) > 0
+    assert summary["estimated_device_seconds"] > 0
