@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from dooly.errors import DoolyError
+from dooly.fit.coverage import require_measured_option
 from dooly.output import emit_json, format_table, output_option
 
 logger = logging.getLogger(__name__)
@@ -109,34 +110,14 @@ def _parse_decode(values: tuple[int, ...]) -> list[int]:
     return list(values)
 
 
-def find_inventory(store: Any, model: str, backend: str, tp: int = 1) -> dict[str, Any]:
-    """The inventory of MODEL (its model_id, the id's last part, or its model_key) for one rank of
-    `tp`, preferring the one traced with `backend`: an attention signature depends on the backend
-    it was traced for, and a rank of tp > 1 runs other shapes plus collectives."""
-    from dooly.fit.persist import read_inventories
+def find_inventory(
+    store: Any, model: str, backend: str, tp: int = 1, *, engine: str = DEFAULT_ENGINE, dtype: str = DEFAULT_DTYPE
+) -> dict[str, Any]:
+    """The inventory of MODEL for one rank of `tp` traced with `backend` (see
+    `dooly.fit.resolve.resolve_inventory`: the store's, else a CPU trace; never another backend's)."""
+    from dooly.fit.resolve import resolve_inventory
 
-    inventories = read_inventories(store)
-    wanted = model.lower()
-    matches = []
-    for key, inventory in inventories.items():
-        model_id = str(inventory.get("model_id", "")).lower()
-        names = {key.lower(), key.split("/", 1)[0].lower(), model_id, model_id.rsplit("/", 1)[-1]}
-        names.add(str(inventory.get("model_key", "")).lower())
-        if wanted in names:
-            matches.append(inventory)
-    if matches:
-        ranked = [i for i in matches if int(i.get("tp", 1) or 1) == tp]
-        if not ranked:
-            degrees = ", ".join(str(d) for d in sorted({int(i.get("tp", 1) or 1) for i in matches}))
-            raise DoolyError(
-                f"no inventory of {model!r} for --tp {tp} in {store.uri} (profiled: tp {degrees}); "
-                f"profile a trace made with `dooly trace {model} --tp {tp}`"
-            )
-        return next((i for i in ranked if i.get("backend") == backend), ranked[0])
-    known = ", ".join(sorted({str(i.get("model_id", k)) for k, i in inventories.items()})) or "none"
-    raise DoolyError(
-        f"no inventory for model {model!r} in {store.uri} (known: {known}); `dooly profile` writes it"
-    )
+    return resolve_inventory(store, model, backend=backend, engine=engine, dtype=dtype, tp=tp).inventory
 
 
 @click.command("predict")
@@ -148,7 +129,8 @@ def find_inventory(store: Any, model: str, backend: str, tp: int = 1) -> dict[st
     "model",
     required=True,
     metavar="MODEL",
-    help="Model key or id whose inventory is in the store.",
+    help="A bundled id, a config.json, a directory holding one, or an id or model key the store holds; "
+    "a model without an inventory in the store is traced on the CPU.",
 )
 @click.option(
     "--platform", required=True, help="Platform the models were fitted for (GPU product string or CPU model)."
@@ -172,6 +154,7 @@ def find_inventory(store: Any, model: str, backend: str, tp: int = 1) -> dict[st
 @click.option("--per-op", is_flag=True, help="Also list every operation of the model with its latency.")
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree: one rank's ops plus its collectives.")
 @click.option("--interconnect", default=None, help="Topology label of the collectives' measurements (where the store holds several).")
+@require_measured_option
 @output_option
 def predict_command(
     store_uri: str,
@@ -185,6 +168,7 @@ def predict_command(
     per_op: bool,
     tp: int,
     interconnect: str | None,
+    require_measured: bool,
     output_format: str,
 ) -> None:
     """Predict one engine step's latency for a batch composition, with its breakdown by op class.
@@ -192,7 +176,9 @@ def predict_command(
     The batch is what the engine's scheduler hands the model runner: prefill chunks (new tokens
     after a cached context) and decoding sequences (one new token after their context).
     Operations whose signature was never profiled on this platform are predicted from config
-    dims by the class regressor and counted as unseen.
+    dims by the class regressor, those of an op class never profiled here by the family fallback
+    (bytes / FLOPs, fitted on the platform's measured ops); the coverage lines say how much of the
+    predicted time is measured and list what is estimated (--require-measured: exit 2 instead).
 
     \b
     Examples:
@@ -210,8 +196,14 @@ def predict_command(
     source = FittedSource(
         store=store_uri, platform=platform, backend=backend, engine=engine, dtype=dtype, tp=tp, interconnect=interconnect
     )
+    from dooly.fit.coverage import check_measured, coverage_lines, coverage_payload
+    from dooly.fit.predictor import step_phase
+
     fitted = open_fitted_step(source, model)
     predictor, step = fitted.predictor, fitted.step
+    if require_measured:
+        check_measured(step, model, source)
+    coverage = {step_phase(chunks, decodes): step.coverage(chunks, decodes)}
     seconds = step.step_seconds(chunks, decodes)
     breakdown = step.breakdown(chunks, decodes)
     payload: dict[str, Any] = {
@@ -228,6 +220,8 @@ def predict_command(
         "breakdown_seconds": breakdown,
         "ops": step.op_count,
         "unseen_ops": step.unseen_count,
+        "inventory": fitted.inventory_origin,
+        "coverage": coverage_payload(coverage),
     }
     if per_op:
         payload["operations"] = step.op_seconds(chunks, decodes)
@@ -243,6 +237,7 @@ def predict_command(
         f"(models of generation {predictor.generation})",
         f"step: {len(chunks)} prefill chunk(s), {len(decodes)} decode(s): {seconds * MS_PER_S:.4f} ms",
         f"operations: {step.op_count}, of which unseen (predicted from config dims): {step.unseen_count}",
+        *coverage_lines(coverage, fitted.inventory_origin),
         "",
         format_table(("op class", "ms", "share"), rows),
     ]
@@ -254,12 +249,12 @@ def predict_command(
                 o["count"],
                 f"{o['seconds'] * MS_PER_S:.5f}",
                 o["method"],
-                "yes" if o["unseen"] else "no",
+                o["source"],
             )
             for o in payload["operations"]
         ]
         lines += [
             "",
-            format_table(("op class", "signature", "count", "ms each", "method", "unseen"), op_rows),
+            format_table(("op class", "signature", "count", "ms each", "method", "source"), op_rows),
         ]
     click.echo("\n".join(lines))

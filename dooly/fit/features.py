@@ -95,6 +95,9 @@ ATTENTION_FEATURES = (
     "dense_mask",
     "padded_flops",
     "wave_flops",
+    "head_pairs",
+    "head_dense",
+    "head_padded",
 )
 GENERIC_FEATURES = (
     "launch",
@@ -267,6 +270,14 @@ def _attention_static(cfg: Mapping[str, int]) -> list[tuple[str, float]]:
         ("T*K", 1.0),
         ("padded", q_width),
         ("waves_kv", head_dim * QUERY_TILE),
+        # Score elements, one per head and (query, key) pair, whatever the head_dim: attention that
+        # materialises the scores (eager) masks, softmaxes and casts a [heads, T, K] tensor, so a
+        # layout of many narrow heads (32 x 64) costs more than its heads x head_dim says. Without
+        # them the eager class regressor missed Llama-3.2-1B's attention, held out, by -30% to -42%
+        # (bench/lomo_unseen.py, docs/unseen.md).
+        ("attn_pairs", heads),
+        ("T*K", heads),
+        ("padded", heads),
     ]
 
 

@@ -19,9 +19,11 @@ engine step take" for a batch composition, in a few microseconds:
 
 from __future__ import annotations
 
+import logging
 import math
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -80,6 +82,23 @@ TABLE_MIN_ROWS = 4096
 # (sliding window, query tiles per kernel wave): what an operation's request terms depend on
 # beyond the batch itself.
 Geometry = tuple[int, float]
+# Where an operation's prediction comes from (coverage): its own measurements, the regressor of
+# its op class over config dims (signature never measured), or the family fallback (op class never
+# measured on this platform/engine/backend/dtype, dooly.fit.fallback).
+SOURCE_MEASURED = "measured"
+SOURCE_CLASS = "class-regressor"
+SOURCE_FALLBACK = "fallback"
+SOURCES = (SOURCE_MEASURED, SOURCE_CLASS, SOURCE_FALLBACK)
+# How a StepPredictor groups its totals: by op class (breakdowns) or for coverage (every measured
+# op in one group, each estimated op in its own, named by its signature).
+LABEL_CLASS = "class"
+LABEL_COVERAGE = "coverage"
+# A step's phase (coverage is reported per phase): only prefill chunks, only decodes, or both.
+PHASE_PREFILL = "prefill"
+PHASE_DECODE = "decode"
+PHASE_MIXED = "mixed"
+
+logger = logging.getLogger(__name__)
 
 
 def tabulate(model: OpModel) -> tuple[np.ndarray, np.ndarray]:
@@ -106,10 +125,30 @@ def lookup_many(dense: np.ndarray, logs: np.ndarray, x: np.ndarray) -> np.ndarra
 class Predictor:
     """Fitted models of one platform/engine/backend/dtype (see `dooly.fit.persist.load_predictor`)."""
 
-    def __init__(self, group: GroupModel, meta: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        group: GroupModel,
+        meta: Mapping[str, Any] | None = None,
+        inventories: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+    ) -> None:
         self.group = group
         self.meta = dict(meta or {})
         self._tables: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        # Where the measured signatures' config dims come from when an op class was never measured
+        # (the store's inventories, read only then); see dooly.fit.fallback.
+        self.inventories = inventories
+        self._fallback: Any = None
+
+    def fallback(self) -> Any:
+        """The family fallback of this group (dooly.fit.fallback), fitted on first use."""
+        if self._fallback is None:
+            from dooly.fit.fallback import fit_fallback, samples_from_inventories
+
+            inventories = list(self.inventories()) if self.inventories is not None else []
+            self._fallback = fit_fallback(
+                self.group.signatures, samples_from_inventories(self.group.signatures, inventories)
+            )
+        return self._fallback
 
     def table(self, model: OpModel) -> tuple[np.ndarray, np.ndarray]:
         """The (cached) tabulation of a one-variable operation model, see `tabulate`."""
@@ -141,15 +180,24 @@ class Predictor:
         op: str = "",
     ) -> tuple[OpModel, bool]:
         """The model for one operation and whether its signature is unseen (class model used)."""
+        model, source = self.op_source(signature, op_class, config_dims, request_vars, op)
+        return model, source != SOURCE_MEASURED
+
+    def op_source(
+        self,
+        signature: str,
+        op_class: str,
+        config_dims: Mapping[str, int] | None,
+        request_vars: Sequence[str] | None = None,
+        op: str = "",
+    ) -> tuple[OpModel, str]:
+        """The model for one operation and where it comes from (one of SOURCES)."""
         seen = self.group.signatures.get(signature)
         if seen is not None:
-            return seen, False
+            return seen, SOURCE_MEASURED
         class_model = self.group.classes.get(op_class)
         if class_model is None:
-            raise DoolyError(
-                f"operation class {op_class!r} has no fitted model for {self.describe()}: "
-                f"profile a model that uses it, then merge and fit again"
-            )
+            return self._fallback_model(signature, op_class, config_dims, request_vars, op), SOURCE_FALLBACK
         variables = tuple(request_vars) if request_vars is not None else class_model.request_vars
         check_request_vars(variables, f"operation {signature}")
         op_name = op or op_class
@@ -165,7 +213,35 @@ class Predictor:
             request_vars=variables,
             static=static_features(class_model.family, op_name, config, variables, sm_count(self.group.platform)),
         )
-        return bind_class_model(class_model, info), True
+        return bind_class_model(class_model, info), SOURCE_CLASS
+
+    def _fallback_model(
+        self,
+        signature: str,
+        op_class: str,
+        config_dims: Mapping[str, int] | None,
+        request_vars: Sequence[str] | None,
+        op: str,
+    ) -> OpModel:
+        """An op class never measured here: the family fallback over its bytes / FLOPs."""
+        from dooly.fit.fallback import is_attention
+
+        if is_attention(op_class, op):
+            raise DoolyError(
+                f"attention class {op_class!r} has no fitted model for {self.describe()}: profile a model "
+                f"with this backend, then merge and fit again"
+            )
+        variables = tuple(request_vars or ())
+        check_request_vars(variables, f"operation {signature}")
+        config = {str(k): int(v) for k, v in (config_dims or {}).items() if v is not None}
+        model = self.fallback().model(signature, op, op_class, config, variables)
+        if model is None:
+            raise DoolyError(
+                f"operation class {op_class!r} was never measured on {self.describe()} and no measured op of "
+                f"its family is known to estimate it from: profile a model that uses it, then merge and fit again"
+            )
+        logger.debug("%s (%s): class never measured here, estimated by the family fallback", op_class, signature)
+        return model
 
     def predict_ops(
         self,
@@ -226,7 +302,9 @@ class Predictor:
             out[rows] = model.predict_terms(_row_terms(model, numeric, seqs, rows))
         return (out, unseen) if return_unseen else out
 
-    def step_predictor(self, inventory: Mapping[str, Any], *, exact: bool = False) -> StepPredictor:
+    def step_predictor(
+        self, inventory: Mapping[str, Any], *, exact: bool = False, label_by: str = LABEL_CLASS
+    ) -> StepPredictor:
         """Precompute a model inventory's per-op structure for fast step predictions.
 
         Non-linear class models of attention and multi-variable ops (tree-corrected, for unseen
@@ -234,7 +312,7 @@ class Predictor:
         request points (see `StepPredictor.surrogate_error_pct`); `exact` keeps them, at tens of
         microseconds per step instead of a few.
         """
-        return StepPredictor(self, inventory, exact=exact)
+        return StepPredictor(self, inventory, exact=exact, label_by=label_by)
 
 
 def _row_terms(model: OpModel, numeric: Mapping[str, np.ndarray], seqs: Any, rows: np.ndarray) -> np.ndarray:
@@ -252,17 +330,24 @@ def _row_terms(model: OpModel, numeric: Mapping[str, np.ndarray], seqs: Any, row
 class StepPredictor:
     """Engine-step latency of one model on one platform/engine/backend/dtype (see module doc)."""
 
-    def __init__(self, predictor: Predictor, inventory: Mapping[str, Any], *, exact: bool = False) -> None:
+    def __init__(
+        self, predictor: Predictor, inventory: Mapping[str, Any], *, exact: bool = False, label_by: str = LABEL_CLASS
+    ) -> None:
         operations = inventory.get("operations")
         if not isinstance(operations, list) or not operations:
             raise DoolyError(f"inventory of {inventory.get('model_id', '?')} lists no operations")
         self.model_id = str(inventory.get("model_id", ""))
         self.describe = predictor.describe()
         self.generation = predictor.generation
-        entries: list[tuple[OpModel, int, bool]] = []
+        self._predictor = predictor
+        self._inventory = inventory
+        self._exact = exact
+        self._label_by = label_by
+        self._coverage_view: StepPredictor | None = None
+        entries: list[tuple[OpModel, int, str]] = []
         for entry in operations:
             try:
-                model, unseen = predictor.op_model(
+                model, source = predictor.op_source(
                     entry["signature"],
                     entry["op_class"],
                     entry.get("config_dims", {}),
@@ -271,9 +356,10 @@ class StepPredictor:
                 )
             except KeyError as exc:
                 raise DoolyError(f"inventory of {self.model_id}: an operation lacks {exc}") from exc
-            entries.append((model, int(entry.get("count", 1)), unseen))
-        self.classes = sorted({m.op_class for m, _, _ in entries})
-        self.unseen = {m.signature: u for m, _, u in entries}
+            entries.append((model, int(entry.get("count", 1)), source))
+        self.sources = {m.signature: src for m, _, src in entries}
+        self.unseen = {sig: src != SOURCE_MEASURED for sig, src in self.sources.items()}
+        self.classes = sorted({self._label(m, src) for m, _, src in entries})
         windows = [m.window for m, _, _ in entries if m.family == FAMILY_ATTENTION and m.window > 0]
         configured = int(inventory.get(SLIDING_WINDOW, 0) or 0)
         self.model_window = configured or (max(windows) if windows else 0)
@@ -322,11 +408,67 @@ class StepPredictor:
 
     @property
     def unseen_count(self) -> int:
-        return sum(1 for _, _, u in self.entries if u)
+        return sum(1 for _, _, src in self.entries if src != SOURCE_MEASURED)
+
+    def _label(self, model: OpModel, source: str) -> str:
+        """The group an operation's time is summed into (see LABEL_CLASS, LABEL_COVERAGE)."""
+        if self._label_by == LABEL_COVERAGE:
+            return SOURCE_MEASURED if source == SOURCE_MEASURED else model.signature
+        return model.op_class
+
+    # -- coverage ----------------------------------------------------------------------------
+
+    def _coverage_steps(self) -> StepPredictor:
+        """The same model with its totals grouped for coverage (built on first use)."""
+        if self._label_by == LABEL_COVERAGE:
+            return self
+        if self._coverage_view is None:
+            self._coverage_view = StepPredictor(
+                self._predictor, self._inventory, exact=self._exact, label_by=LABEL_COVERAGE
+            )
+        return self._coverage_view
+
+    def coverage(self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> Coverage:
+        """Of one step's predicted device time, how much comes from measured signatures, class
+        regressors and the family fallback, with every estimated op's share."""
+        return self.coverage_many([(prefill, decode_ctx)])
+
+    def coverage_many(self, steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]) -> Coverage:
+        """Coverage summed over many steps (each (prefill chunks, decode contexts))."""
+        view = self._coverage_steps()
+        if not steps:
+            return view._coverage_of(np.zeros(len(view.classes)))
+        q, ctx, step = flatten_steps(steps)
+        totals = view._class_seconds(q, ctx, step, len(steps), True).sum(axis=0)
+        return view._coverage_of(totals)
+
+    def coverage_by_phase(
+        self, steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]
+    ) -> dict[str, Coverage]:
+        """`coverage_many` for each phase (prefill, decode, mixed) the steps hold."""
+        phases: dict[str, list[tuple[Sequence[tuple[int, int]], Sequence[int]]]] = {}
+        for prefill, decode_ctx in steps:
+            phases.setdefault(step_phase(prefill, decode_ctx), []).append((prefill, decode_ctx))
+        return {phase: self.coverage_many(chosen) for phase, chosen in sorted(phases.items())}
+
+    def _coverage_of(self, totals: np.ndarray) -> Coverage:
+        by_source = dict.fromkeys(SOURCES, 0.0)
+        estimated = []
+        operations = {m.signature: (m, src) for m, _, src in self.entries}
+        for label, seconds in zip(self.classes, totals.tolist(), strict=True):
+            if label == SOURCE_MEASURED:
+                by_source[SOURCE_MEASURED] += seconds
+                continue
+            model, source = operations[label]
+            by_source[source] += seconds
+            estimated.append(EstimatedOp(signature=label, op=model.op, op_class=model.op_class, source=source,
+                                         method=model.method, seconds=seconds))
+        estimated.sort(key=lambda e: -e.seconds)
+        return Coverage(seconds_by_source=by_source, estimated=estimated)
 
     # -- construction ------------------------------------------------------------------------
 
-    def _build(self, entries: list[tuple[OpModel, int, bool]], predictor: Predictor) -> None:
+    def _build(self, entries: list[tuple[OpModel, int, str]], predictor: Predictor) -> None:
         n_cls = len(self.classes)
         cls_of = {c: i for i, c in enumerate(self.classes)}
         self._dense: dict[str, np.ndarray] = {}
@@ -335,8 +477,8 @@ class StepPredictor:
         self._nonlinear: list[tuple[int, int, OpModel, Geometry]] = []
         # Linear work times tabulated tree corrections (per-signature attention models).
         self._corrected: list[tuple[int, int, Geometry, np.ndarray, PairTables]] = []
-        for model, count, _ in entries:
-            ci = cls_of[model.op_class]
+        for model, count, source in entries:
+            ci = cls_of[self._label(model, source)]
             var = model.single_var
             if var is not None:
                 if var not in self._dense:
@@ -615,7 +757,7 @@ class StepPredictor:
         """Per inventory operation: seconds per execution, count, and whether it was unseen."""
         q, ctx, step = flatten_steps([(prefill, decode_ctx)])
         rows = []
-        for model, count, unseen in self.entries:
+        for model, count, source in self.entries:
             window, wave_tiles = self._geometry(model)
             terms = term_matrix(
                 seqs_aggregates(q, ctx, step, 1, np.full(len(q), window, dtype=np.int64), wave_tiles), 1
@@ -634,10 +776,65 @@ class StepPredictor:
                     "count": count,
                     "seconds": seconds,
                     "method": model.method,
-                    "unseen": unseen,
+                    "unseen": source != SOURCE_MEASURED,
+                    "source": source,
                 }
             )
         return rows
+
+
+def step_phase(prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> str:
+    """A step's phase: only prefill chunks, only decodes, or both."""
+    if prefill and decode_ctx:
+        return PHASE_MIXED
+    return PHASE_PREFILL if prefill else PHASE_DECODE
+
+
+@dataclass(frozen=True)
+class EstimatedOp:
+    """An operation predicted without its own measurements, and its predicted device time."""
+
+    signature: str
+    op: str
+    op_class: str
+    source: str
+    method: str
+    seconds: float
+
+
+@dataclass
+class Coverage:
+    """How much of a prediction is measured: predicted device seconds by source (SOURCES) and the
+    estimated operations, largest first."""
+
+    seconds_by_source: dict[str, float]
+    estimated: list[EstimatedOp] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(self.seconds_by_source.values()))
+
+    def share(self, source: str) -> float:
+        total = self.seconds
+        return self.seconds_by_source.get(source, 0.0) / total if total > 0 else 0.0
+
+    @property
+    def measured_share(self) -> float:
+        return self.share(SOURCE_MEASURED) if self.seconds > 0 else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        total = self.seconds
+        return {
+            "device_seconds": total,
+            "measured_share": self.measured_share,
+            "class_regressor_share": self.share(SOURCE_CLASS),
+            "fallback_share": self.share(SOURCE_FALLBACK),
+            "estimated": [
+                {"signature": e.signature, "op": e.op, "op_class": e.op_class, "source": e.source,
+                 "method": e.method, "device_seconds": e.seconds, "share": e.seconds / total if total > 0 else 0.0}
+                for e in self.estimated
+            ],
+        }
 
 
 def flatten_steps(

@@ -14,6 +14,7 @@ from dooly.errors import DoolyError
 
 if TYPE_CHECKING:
     from dooly.fit.predictor import Predictor, StepPredictor
+    from dooly.fit.resolve import ResolvedInventory
 
 DEFAULT_ENGINE = "transformers"
 DEFAULT_DTYPE = "bfloat16"
@@ -50,11 +51,11 @@ class FittedSource:
 
 def open_predictor(source: FittedSource) -> Predictor:
     """The newest fitted models of the source's group, with the shared ops and collectives merged in."""
-    from dooly.fit.persist import load_predictor
+    from dooly.fit.persist import load_predictor, read_inventories
     from dooly.store.backends import open_store
 
     store = open_store(source.store, create=False)
-    return load_predictor(
+    predictor = load_predictor(
         store,
         platform=source.platform,
         engine=source.engine,
@@ -62,14 +63,47 @@ def open_predictor(source: FittedSource) -> Predictor:
         dtype=source.dtype,
         interconnect=source.interconnect,
     )
+    check_feature_widths(predictor, store.uri)
+    # An op class never measured here is estimated by the family fallback, fitted on the measured
+    # signatures whose config dims the store's inventories hold (read only when needed).
+    predictor.inventories = lambda: read_inventories(store).values()
+    return predictor
+
+
+def check_feature_widths(predictor: Predictor, where: str) -> None:
+    """Refuse class regressors fitted over another set of physical features than this Dooly builds
+    (the attention family gained three in #20): one line saying to fit again, rather than a shape
+    error in the middle of a simulation."""
+    from dooly.fit.features import FAMILY_FEATURES
+
+    for name, class_model in predictor.group.classes.items():
+        expected = FAMILY_FEATURES.get(class_model.family)
+        regressor = class_model.regressor
+        coef = regressor.coef if regressor.coef is not None else regressor.regime_coef
+        if expected is None or coef is None or coef.shape[-1] == len(expected):
+            continue
+        raise DoolyError(
+            f"models in {where} were fitted over {coef.shape[-1]} {class_model.family} features ({name}); this "
+            f"Dooly builds {len(expected)}: run `dooly fit --store {where}` again"
+        )
 
 
 def open_inventory(source: FittedSource, model: str) -> dict[str, Any]:
-    """What MODEL runs per step (one rank's ops for tp > 1), from the source's store."""
-    from dooly.fit.commands import find_inventory
+    """What MODEL runs per step (one rank's ops for tp > 1): the store's inventory for the source's
+    engine, backend, dtype and tp, else a CPU trace made now (`dooly.fit.resolve`; nothing is
+    written)."""
+    return resolve_source_inventory(source, model).inventory
+
+
+def resolve_source_inventory(source: FittedSource, model: str) -> ResolvedInventory:
+    """`open_inventory` with where the inventory came from (the store, or a CPU trace)."""
+    from dooly.fit.resolve import resolve_inventory
     from dooly.store.backends import open_store
 
-    return find_inventory(open_store(source.store, create=False), model, source.backend, source.tp)
+    return resolve_inventory(
+        open_store(source.store, create=False), model, backend=source.backend, engine=source.engine,
+        dtype=source.dtype, tp=source.tp,
+    )
 
 
 @dataclass(frozen=True)
@@ -80,13 +114,16 @@ class FittedStep:
     predictor: Predictor
     inventory: dict[str, Any]
     step: StepPredictor
+    # Where the inventory came from: the store, or a CPU trace made for this answer.
+    inventory_origin: str = ""
 
 
 def open_fitted_step(source: FittedSource, model: str) -> FittedStep:
     """Predictor, inventory and the step model they make, for MODEL under SOURCE."""
     predictor = open_predictor(source)
-    inventory = open_inventory(source, model)
-    return FittedStep(source=source, predictor=predictor, inventory=inventory, step=predictor.step_predictor(inventory))
+    resolved = resolve_source_inventory(source, model)
+    return FittedStep(source=source, predictor=predictor, inventory=resolved.inventory,
+                      step=predictor.step_predictor(resolved.inventory), inventory_origin=resolved.origin)
 
 
 def open_step_model(source: FittedSource, model: str) -> StepPredictor:

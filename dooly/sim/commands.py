@@ -16,6 +16,7 @@ import click
 
 from dooly.engines.base import parse_engine_settings
 from dooly.errors import DoolyError
+from dooly.fit.coverage import require_measured_option
 from dooly.jsonfile import read_json_object
 from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
@@ -115,10 +116,12 @@ def _ms3(value: float | None) -> str:
 @workload_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), callback=writable_dir, help=f"Write {REQUESTS_FILE}, {STEPS_FILE}, {SUMMARY_FILE}, {WORKLOAD_FILE} here.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), callback=writable_dir, help="Write PNG charts (latency CDFs, batch size over time) here.")
+@require_measured_option
 @output_option
 def simulate_command(
     model: str | None, step_choice: StepChoice, engine: str, engine_config: str | None, settings: tuple[str, ...],
-    cpu_overhead: str | None, workload_args: dict[str, Any], out_dir: str | None, plot_dir: str | None, output_format: str,
+    cpu_overhead: str | None, workload_args: dict[str, Any], out_dir: str | None, plot_dir: str | None,
+    require_measured: bool, output_format: str,
 ) -> None:
     """Simulate one serving replica on a workload: TTFT, TPOT, E2E and throughput.
 
@@ -132,6 +135,13 @@ def simulate_command(
       dooly simulate meta-llama/Llama-3.1-8B --store ./db --platform NVIDIA-H100-80GB-HBM3 \\
           --backend 'paged|sdpa' --workload chat.json --set num_blocks=2048 --out results/
       dooly simulate --analytic --engine vllm --set max_num_seqs=128 --trace splitwise_conv.csv
+      dooly simulate ./my-moe/config.json --store ./db --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa'
+
+    MODEL is a bundled id, a config.json, a directory holding one, or an id the store holds; a
+    model the store has no inventory of is traced on the CPU (nothing is written to the store).
+    With --store, the output says per phase how much of the simulated device time is measured
+    and which operations are estimated (class regressor, or the family fallback for an op class
+    never profiled on the platform); --require-measured makes any estimate an error.
     """
     from dooly.sim.schedulers import make_scheduler
     from dooly.sim.simulator import simulate
@@ -140,11 +150,23 @@ def simulate_command(
     spec = spec_from_options(**workload_args)
     scheduler = make_scheduler(engine, _with_model_groups(model, engine, parse_engine_settings(engine_config, settings)))
     step_model = step_choice.step_model(model, engine)
+    fitted = hasattr(step_model, "coverage_by_phase")
+    if require_measured:
+        if not fitted:
+            raise DoolyError("--require-measured needs fitted models (--store), not --analytic")
+        from dooly.fit.coverage import check_measured
+
+        check_measured(step_model, str(model), step_choice.fitted(engine))
     overhead = _cpu_overhead(cpu_overhead)
     reqs = generate_requests(spec)
-    result = simulate(reqs, scheduler, step_model, overhead)
+    result = simulate(reqs, scheduler, step_model, overhead, record_batches=fitted)
     summary = _clean(result.summary())
     summary["workload"] = spec.to_dict()
+    if fitted:
+        from dooly.fit.coverage import coverage_payload
+
+        coverage = step_model.coverage_by_phase(result.batches or [])
+        summary["coverage"] = coverage_payload(coverage)
     if out_dir:
         _write_results(Path(out_dir), result, summary, spec)
     if plot_dir:
@@ -155,6 +177,10 @@ def simulate_command(
         emit_json(summary)
         return
     click.echo(_summary_text(summary))
+    if fitted:
+        from dooly.fit.coverage import coverage_lines
+
+        click.echo("\n".join(coverage_lines(coverage)))
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
@@ -309,6 +335,11 @@ def validate_command(
     click.echo("")
     click.echo("Distribution across requests (simulated statistic against measured; error > 0: simulated slower):")
     click.echo(format_table(["statistic", "n", "simulated (ms)", "measured (ms)", "error"], _distribution_rows(payload["distribution"])))
+    if payload.get("coverage"):
+        from dooly.fit.coverage import payload_lines
+
+        click.echo("")
+        click.echo("\n".join(payload_lines(payload["coverage"])))
 
 
 def _distribution_rows(distribution: dict[str, Any]) -> list[tuple[Any, ...]]:

@@ -378,6 +378,9 @@ class ValidationReport:
     requests: RequestComparison
     steps: ErrorStats | None
     result: SimResult
+    # Per phase of the simulated steps: the share of predicted device time that is measured, and
+    # the estimated operations (fitted step models only; see dooly.fit.coverage).
+    coverage: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -385,6 +388,7 @@ class ValidationReport:
             "distribution": self.requests.distribution_dict(),
             "steps": self.steps.as_dict() if self.steps is not None else None,
             "simulation": self.result.summary(),
+            "coverage": self.coverage,
         }
 
 
@@ -408,8 +412,14 @@ def validate(
         simulate(workload, scheduler.fresh(), step_model, cpu_overhead, captured=captured)
     # Replayed first: the recorded pass starts with what the warm passes captured (replay copies it).
     steps = compare_steps(truth.steps, step_model, cpu_overhead, path_for, captured) if truth.steps else None
-    result = simulate(workload, scheduler, step_model, cpu_overhead, captured=captured)
-    return ValidationReport(compare_requests(truth, result), steps, result)
+    fitted = hasattr(step_model, "coverage_by_phase")
+    result = simulate(workload, scheduler, step_model, cpu_overhead, captured=captured, record_batches=fitted)
+    coverage = None
+    if fitted:
+        from dooly.fit.coverage import coverage_payload
+
+        coverage = coverage_payload(step_model.coverage_by_phase(result.batches or []))  # type: ignore[attr-defined]
+    return ValidationReport(compare_requests(truth, result), steps, result, coverage)
 
 
 def plot_scatter(report: ValidationReport, path: str | Path) -> Path:

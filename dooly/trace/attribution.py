@@ -36,6 +36,11 @@ SHAPE_FIELDS = (
     "sliding_window",
     "max_position_embeddings",
 )
+# Fields whose probe value may switch the forward's code path (a window the probe batch's contexts
+# exceed, positions that size a cache), tried first when the probe pass runs other operations
+# (tracer._probe_on_same_path); then every other probed field, up to MAX_PATH_RETRIES passes.
+PATH_FIELDS = ("sliding_window", "max_position_embeddings", "num_experts_per_tok", "head_dim")
+MAX_PATH_RETRIES = 4
 # Fields tensor parallelism divides across ranks.
 TP_SHARDED_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "moe_intermediate_size", "vocab_size")
 

@@ -134,10 +134,22 @@ def trace_model(
     engine_probe = kind.geometry(probe_batch, probe=True)
     torch_dtype = DTYPES[dtype]
     tp_plan = _tp_plan(hf_config) if tp > 1 else {}
+    def trace_probe(fields: dict[str, int]) -> tuple[_Pass, dict[str, int]]:
+        config = _reduced(hf_config, period, tp, fields)
+        probe_window = _window(config.get_text_config())
+        probe_batch = request_batch(phase, probe_window)
+        geometry = kind.geometry(probe_batch, probe=True)
+        traced = _trace_pass(kind, config, phase, backend, torch_dtype, probe_batch, probe_window, geometry,
+                             tp_plan, tp)
+        return traced, geometry
+
     try:
         real = _trace_pass(kind, real_cfg, phase, backend, torch_dtype, batch, window, engine_real, tp_plan, tp)
         probe = _trace_pass(kind, probe_cfg, phase, backend, torch_dtype, probe_batch, probe_window, engine_probe,
                             tp_plan, tp)
+        if not _same_path(real, probe):
+            probe, engine_probe, overrides = _probe_on_same_path(real, probe, overrides, full, trace_probe,
+                                                                 spec.model_id)
     except DoolyError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model's own code failed under shape-only execution
@@ -309,12 +321,48 @@ class _Symbolizer:
         return value
 
 
+def _same_path(real: _Pass, probe: _Pass) -> bool:
+    """Whether the probe pass ran the same operations as the real one (what attribution needs)."""
+    return len(real.events) == len(probe.events) and all(
+        a.op == b.op and len(a.inputs) == len(b.inputs) for a, b in zip(real.events, probe.events)
+    )
+
+
+def _probe_on_same_path(
+    real: _Pass,
+    probe: _Pass,
+    overrides: dict[str, int],
+    full: dict[str, Any],
+    trace_probe: Any,
+    model_id: str,
+) -> tuple[_Pass, dict[str, int], dict[str, int]]:
+    """The probe took another code path: find the probed field that switched it and probe again
+    with that field at its real value (fields that choose code paths first: a sliding window the
+    probe's short contexts exceed while the real ones do not, the positions that size a rotary
+    cache). The dims that field sizes are then labelled by value only, every other field still by
+    name. Returns the probe pass, its engine geometry and the overrides it used."""
+    candidates = sorted(
+        (name for name in overrides if name in full and full[name] != overrides[name]),
+        key=lambda name: (attribution.PATH_FIELDS.index(name) if name in attribution.PATH_FIELDS
+                          else len(attribution.PATH_FIELDS), name),
+    )[: attribution.MAX_PATH_RETRIES]
+    for name in candidates:
+        retried = {**overrides, name: full[name]}
+        traced, geometry = trace_probe(retried)
+        if _same_path(real, traced):
+            log.info("%s: the probe's %s took another code path; probed again with its real value", model_id, name)
+            return traced, geometry, retried
+    raise DoolyError(
+        f"tracing {model_id}: the probe config took another code path ({len(real.events)} vs "
+        f"{len(probe.events)} ops) and no single probed field explains it (tried {', '.join(candidates)}), "
+        f"so config fields cannot be attributed"
+    )
+
+
 def _label(
     real: _Pass, probe: _Pass, attributor: attribution.Attributor, multipliers: dict[int, int], model_id: str
 ) -> tuple[list[Operation], list[Operation]]:
-    if len(real.events) != len(probe.events) or any(
-        a.op != b.op or len(a.inputs) != len(b.inputs) for a, b in zip(real.events, probe.events)
-    ):
+    if not _same_path(real, probe):
         raise DoolyError(
             f"tracing {model_id}: the probe config took another code path ({len(real.events)} vs "
             f"{len(probe.events)} ops), so config fields cannot be attributed"

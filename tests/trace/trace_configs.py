@@ -68,3 +68,45 @@ TINY_GEMMA2 = {
 }
 
 
+
+# A starcoder2-like decoder (GELU MLP with biases, LayerNorm, sliding window): its probe's window
+# switches the decode step's code path unless the tracer probes around it.
+TINY_STARCODER2 = {
+    "architectures": ["Starcoder2ForCausalLM"],
+    "model_type": "starcoder2",
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "vocab_size": 256,
+    "sliding_window": 4096,
+    "max_position_embeddings": 16384,
+    "use_bias": True,
+    "norm_epsilon": 1e-5,
+    "hidden_act": "gelu_pytorch_tanh",
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+
+# A Qwen1.5-MoE-like decoder (router + shared expert with a sigmoid gate): op classes no dense
+# model runs.
+TINY_QWEN2_MOE = {
+    "architectures": ["Qwen2MoeForCausalLM"],
+    "model_type": "qwen2_moe",
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "moe_intermediate_size": 48,
+    "shared_expert_intermediate_size": 160,
+    "num_experts": 6,
+    "num_experts_per_tok": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 4096,
+    "decoder_sparse_step": 1,
+    "norm_topk_prob": False,
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+}

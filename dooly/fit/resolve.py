@@ -1,0 +1,114 @@
+"""One model resolver for every command that predicts: which inventory a model name means.
+
+A name may be a bundled id, a config.json, a directory holding one, or an id (or model key)
+the store's inventories already hold. A model is named in the store by its model key (a hash of
+its config facts, `dooly.models.registry.model_key`), so a config file profiled under its stem
+and then named by its path again finds the same inventory.
+
+When the store holds no inventory of the model for the wanted engine, backend, dtype and tp,
+the model is traced on the CPU (FakeTensorMode, seconds) and that trace is used: a model the
+store has never run is the normal case (docs/unseen.md). Nothing is written to the store: the
+commands that read are read-only. An inventory traced for one backend is never used for
+another (attention signatures and their counts differ by backend).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from dooly.errors import DoolyError
+
+logger = logging.getLogger(__name__)
+
+# Where an inventory came from.
+ORIGIN_STORE = "store"
+ORIGIN_TRACED = "traced on the CPU"
+# Every inventory a profiled model gets is traced with the mixed phase (prefill + decode in one
+# step): the ops of every phase with their request variables.
+INVENTORY_PHASE = "mixed"
+
+
+@dataclass(frozen=True)
+class ResolvedInventory:
+    """A model's inventory and where it came from (the store, or a CPU trace made now)."""
+
+    model_id: str
+    model_key: str
+    inventory: dict[str, Any]
+    origin: str
+
+
+def _inventory_matches(inventory: dict[str, Any], engine: str, dtype: str) -> bool:
+    """Whether a stored inventory was traced for ENGINE and DTYPE (old ones lack the fields)."""
+    return inventory.get("engine", engine) == engine and inventory.get("dtype", dtype) == dtype
+
+
+def resolve_inventory(
+    store: Any, model: str, *, backend: str, engine: str = "transformers", dtype: str = "bfloat16", tp: int = 1
+) -> ResolvedInventory:
+    """The inventory of MODEL for one rank of TP on ENGINE/BACKEND/DTYPE: the store's, else a CPU
+    trace of the model's config; a name only the store knows needs its inventory for exactly
+    that backend and tp (there is no config to trace it from)."""
+    from dooly.models.registry import model_key, resolve_model
+    from dooly.profile.run import inventory_key
+    from dooly.store.shards import read_json
+
+    try:
+        spec = resolve_model(model)
+    except DoolyError as unresolved:
+        return _stored_only(store, model, unresolved, backend=backend, engine=engine, dtype=dtype, tp=tp)
+    key = model_key(spec)
+    stored = read_json(store, inventory_key(key, backend, tp))
+    if isinstance(stored, dict) and isinstance(stored.get("operations"), list) and _inventory_matches(stored, engine, dtype):
+        return ResolvedInventory(model_id=spec.model_id, model_key=key, inventory=stored, origin=ORIGIN_STORE)
+    return ResolvedInventory(
+        model_id=spec.model_id,
+        model_key=key,
+        inventory=traced_inventory(model, backend=backend, engine=engine, dtype=dtype, tp=tp),
+        origin=ORIGIN_TRACED,
+    )
+
+
+def traced_inventory(model: str, *, backend: str, engine: str, dtype: str, tp: int) -> dict[str, Any]:
+    """The inventory `dooly profile` would write for MODEL, from a CPU trace made now."""
+    from dooly.profile.run import inventory
+    from dooly.trace.tracer import trace_model
+
+    trace = trace_model(model, phase=INVENTORY_PHASE, backend=backend, tp=tp, dtype=dtype, engine=engine)
+    logger.info("%s: no inventory in the store for %s / %s / tp%d; traced on the CPU in %.1f s",
+                trace.model_id, engine, backend, tp, trace.seconds)
+    return inventory(trace)
+
+
+def _names(key: str, inventory: dict[str, Any]) -> set[str]:
+    model_id = str(inventory.get("model_id", "")).lower()
+    return {key.split("/", 1)[0].lower(), model_id, model_id.rsplit("/", 1)[-1], str(inventory.get("model_key", "")).lower()}
+
+
+def _stored_only(
+    store: Any, model: str, unresolved: DoolyError, *, backend: str, engine: str, dtype: str, tp: int
+) -> ResolvedInventory:
+    """MODEL names no config: an id or model key the store's inventories hold, for exactly this
+    backend and tp, or one error line (the resolver's own, when the store does not know it either)."""
+    from dooly.fit.persist import read_inventories
+
+    wanted = model.strip().lower()
+    matches = {k: i for k, i in read_inventories(store).items() if wanted and wanted in _names(k, i)}
+    if not matches:
+        raise unresolved
+    for inventory in matches.values():
+        if (inventory.get("backend") == backend and int(inventory.get("tp", 1) or 1) == tp
+                and _inventory_matches(inventory, engine, dtype)):
+            return ResolvedInventory(
+                model_id=str(inventory.get("model_id", model)),
+                model_key=str(inventory.get("model_key", "")),
+                inventory=inventory,
+                origin=ORIGIN_STORE,
+            )
+    held = ", ".join(sorted(f"{i.get('backend')} tp{i.get('tp', 1) or 1}" for i in matches.values()))
+    raise DoolyError(
+        f"no inventory of {model!r} for --tp {tp} and {backend} in {store.uri} (held: {held}), and no config "
+        f"of it is known here to trace one: name its config.json instead"
+    )
