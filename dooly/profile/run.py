@@ -75,6 +75,11 @@ class ProfileReport:
     models: list[dict[str, Any]]
     seconds: float
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # Points measured because the plan listed them (any status), and those added where a
+    # one-variable op's latency bends (`refinement_points`): `dooly plan` counts the first exactly
+    # and expects the second.
+    planned_points: int = 0
+    refinement_points: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         saving = 1.0 - self.device_seconds / self.baseline_device_seconds if self.baseline_device_seconds else 0.0
@@ -85,6 +90,8 @@ class ProfileReport:
             "profiled_signatures": self.profiled_signatures,
             "reused_signatures": self.reused_signatures,
             "measured_points": self.measured_points,
+            "planned_points": self.planned_points,
+            "refinement_points": self.refinement_points,
             "oom_points": self.oom_points,
             "error_points": self.error_points,
             "device_seconds": round(self.device_seconds, 4),
@@ -221,6 +228,7 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
     timer = Timer(device, options.samples)
     measured_seconds: dict[str, float] = {}
     counts = {"ok": 0, "oom": 0, "error": 0}
+    refined = 0
     engines = _AttentionEngines(plan, options, device)
     if work and _measures_in_engine_process(options.engine):
         engines.get(work[0].model_id)
@@ -229,7 +237,7 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
         from dooly.store.shards import write_json
 
         write_json(store, f"{TOPOLOGY_PREFIX}{run_id}.json", {"run_id": run_id, **plan.topology})
-        _measure_collectives(collectives, device, options, writer, measured_seconds, counts, progress)
+        refined += _measure_collectives(collectives, device, options, writer, measured_seconds, counts, progress)
     for item in work:
         if item.op.kind == KIND_COLLECTIVE:
             continue
@@ -245,30 +253,38 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
             measure_into_rows(point)
             if progress is not None:
                 progress(1)
-        for point in refinement_points(item, rows):
+        extra = refinement_points(item, rows)
+        for point in extra:
             measure_into_rows(point)
+        refined += len(extra)
         measured_seconds[item.signature] = sum(r["device_seconds"] for r in rows)
         writer.add(item.stack, rows)
     writer.flush_all()
     report = _report(plan, work, measured_seconds, counts, writer.keys, run_id, started)
     report.phase_seconds = {phase: timer.phase_seconds[phase] for phase in PHASES if timer.phase_seconds[phase]}
+    report.refinement_points = refined
+    report.planned_points = sum(counts.values()) - refined
     return report
 
 
 def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOptions, writer: _ShardWriter,
                          measured_seconds: dict[str, float], counts: dict[str, int],
-                         progress: Callable[[int], None] | None) -> None:
-    """Spawn the ranks once per world size; write each item's rows as soon as rank 0 reports it done."""
+                         progress: Callable[[int], None] | None) -> int:
+    """Spawn the ranks once per world size; write each item's rows as soon as rank 0 reports it
+    done. Returns how many points the ranks measured beyond the plan's."""
     from dooly.distributed import launch
     from dooly.profile.collectives import rank_worker, work_payload, world_size_of
 
     by_world: dict[int, list[WorkItem]] = {}
+    planned_keys: dict[str, set[str]] = {}
+    measured_keys: dict[str, set[str]] = {}
     for item in items:
         by_world.setdefault(world_size_of(item.op), []).append(item)
     for world, group in sorted(by_world.items()):
         lookup = {item.signature: item for item in group}
         pending: dict[str, list[dict[str, Any]]] = {}
         planned = {item.signature: {p.key for p in item.missing} for item in group}
+        planned_keys.update(planned)
 
         def on_message(message: tuple) -> None:
             kind, signature, values, measured = message
@@ -282,12 +298,14 @@ def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOpt
             measurement = Measurement(**measured)
             counts[measurement.status] += 1
             pending.setdefault(signature, []).append(_row(item, point, measurement))
+            measured_keys.setdefault(signature, set()).add(point.key)
             if progress is not None and point.key in planned[signature]:
                 progress(1)
 
         log.info("measuring %d collective signatures on %d ranks", len(group), world)
         launch(rank_worker, work_payload(group, device, options.samples), world_size=world, device=device,
                on_message=on_message)
+    return sum(len(keys - planned_keys.get(signature, set())) for signature, keys in measured_keys.items())
 
 
 def _measures_in_engine_process(engine: str) -> bool:
