@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "dooly.sim.commands:simulate_command",
     "bench": "dooly.engines.commands:bench_command",
     "overhead": "dooly.sim.commands:overhead_command",
+    "calibrate": "dooly.sim.calibration_commands:calibrate_command",
     "validate": "dooly.sim.commands:validate_command",
     "measure-steps": "dooly.engines.steps:measure_steps_command",
     "validate-steps": "dooly.sim.commands:validate_steps_command",
@@ -99,7 +100,7 @@ def cli(verbose: int) -> None:
       dooly fit   --store ./db                              regressors per platform and op class
       dooly simulate MODEL --store ./db ...                 serve a workload on the fitted models
       dooly bench MODEL --out gt/light ...                  the real engine on the same workload (GPU)
-      dooly overhead MODEL --ground-truth gt/calib ...      the engine's per-step overhead, measured
+      dooly calibrate --store ./db --ground-truth gt/calib  the engine's host overhead, for every model
       dooly validate MODEL --ground-truth gt/light ...      the simulator against the real engine
     Every command takes --output json for scripts; bad input exits with code 2 and one line,
     a store that stays unreachable past the retry deadline with code 75 (docs/errors.md).

@@ -160,6 +160,8 @@ def run_demo(
             jobs.build_simulate_job(
                 spec, run_id=run_id, model=model, engine=engine, backend=backend, platform=platform,
                 workload_args=DEMO_WORKLOAD_ARGS,
+                # The demo's CPU pool profiles but records no calibration run (GPU pools do).
+                host_overhead=any(t.gpu.gpus for t in spec.targets()),
             ),
         )
         for engine, backend in pairs

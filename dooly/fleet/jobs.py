@@ -88,6 +88,15 @@ CONTROLLER_SLACK_S = 1800
 CONTROLLER_HISTORY = 3
 CONTROLLER_STARTING_DEADLINE_S = 3600
 
+# The host-overhead calibration step of a GPU profiling pod (docs/calibration.md): after profiling,
+# serve bench/workloads/calib.json on the real engine and record the run in the store; the merge
+# Job fits every recorded run of a platform once the kernels are fitted.
+CALIBRATION_DIR = f"{TMP_DIR}/calib"
+CALIBRATION_WORKLOAD_ARGS = (
+    "--requests", "64", "--arrival", "poisson", "--rate", "12", "--seed", "3",
+    "--prompt-len", "zipf:16:2048:0.6", "--output-len", "uniform:16:160",
+)
+
 RUN_ID_FORMAT = "%Y%m%d-%H%M%S"
 _RUN_ID = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
 NAME_HASH_CHARS = 8
@@ -154,7 +163,12 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
     if gpu.gpus:
         limits[GPU_RESOURCE] = requests[GPU_RESOURCE] = str(gpu.gpus)
     container = _container("profile", engine.image, args, env, requests, limits, shm=gpu.gpus > 0)
-    pod: dict[str, Any] = _pod_spec([container], init_containers=[], shm=gpu.gpus > 0)
+    if gpu.gpus:
+        # Profile, then a calibration run of the engine on the same GPU, then record it.
+        bench, record = _calibration_containers(spec, target, env, requests, limits)
+        pod: dict[str, Any] = _pod_spec([record], init_containers=[container, bench], shm=True)
+    else:
+        pod = _pod_spec([container], init_containers=[], shm=False)
     if gpu.product:
         pod["nodeSelector"] = {GPU_PRODUCT_LABEL: gpu.product}
         pod["tolerations"] = [dict(t) for t in spec.tolerations + gpu.tolerations]
@@ -176,11 +190,34 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
     }
 
 
-def build_merge_job(spec: FleetSpec, *, run_id: str | None = None, suspend: bool = False) -> dict:
-    """The CPU Job that compacts the new shards (`dooly merge`) and refits (`dooly fit`).
+def _calibration_containers(spec: FleetSpec, target: ProfileTarget, env: list[dict], requests: dict[str, str],
+                            limits: dict[str, str]) -> tuple[dict, dict]:
+    """`dooly bench` of the fleet's first model on the calibration workload, and `dooly calibrate
+    --record-only`, which copies the run into the store (no model is fitted yet at this point)."""
+    bench_args = [
+        "bench", spec.models[0],
+        "--engine", target.engine.name,
+        "--attention", target.backend,
+        "--device", "cuda",
+        *_dtype_flag(spec),
+        *CALIBRATION_WORKLOAD_ARGS,
+        "--out", CALIBRATION_DIR,
+        "--output", "json",
+    ]
+    record_args = ["calibrate", "--store", spec.store, "--ground-truth", CALIBRATION_DIR, "--record-only", "--output", "json"]
+    bench = _container("calibration-bench", target.engine.image, bench_args, env, requests, limits, shm=True)
+    record = _container("calibration-record", target.engine.image, record_args, env, requests, limits, shm=True)
+    return bench, record
 
-    `merge` is an init container, so `fit` only runs on a complete snapshot. The controller creates
-    it suspended with the profiling Jobs and resumes it once they have all finished.
+
+def build_merge_job(spec: FleetSpec, *, run_id: str | None = None, suspend: bool = False) -> dict:
+    """The CPU Job that compacts the new shards (`dooly merge`), refits (`dooly fit`) and, for a
+    fleet with GPU pools, fits the host-overhead calibration on every recorded calibration run
+    (`dooly calibrate --from-store`).
+
+    `merge` (and `fit`, when calibration follows) are init containers, so each step runs on the
+    previous one's complete result. The controller creates the Job suspended with the profiling
+    Jobs and resumes it once they have all finished.
     """
     run_id = check_run_id(run_id or new_run_id())
     labels = _labels(run_id, COMPONENT_MERGE)
@@ -194,13 +231,19 @@ def build_merge_job(spec: FleetSpec, *, run_id: str | None = None, suspend: bool
         "fit", spec.controller_image, ["fit", "--store", spec.store, "--output", "json"], env, requests, limits
     )
     # Containers of a pod run side by side and init containers one after the other: with
-    # explorations, fit becomes an init container and each exploration runs after it, on the
-    # generation it just fitted; the last one is the pod's container.
+    # explorations, fit (and the calibration of GPU fleets) become init containers and each
+    # exploration runs after them, on the generation just fitted; the last step is the pod's container.
     explore = [
         _container(f"explore-{e.name}", spec.controller_image, _explore_args(spec, e), env, requests, limits)
         for e in spec.explorations
     ]
-    steps = [merge, fit, *explore]
+    calibrate = []
+    if any(target.gpu.gpus for target in spec.targets()):
+        calibrate = [_container(
+            "calibrate", spec.controller_image, ["calibrate", "--store", spec.store, "--from-store", "--output", "json"],
+            env, requests, limits,
+        )]
+    steps = [merge, fit, *calibrate, *explore]
     annotations = {STORE_ANNOTATION: spec.store}
     return {
         "apiVersion": "batch/v1",
@@ -245,11 +288,14 @@ def build_simulate_job(
     backend: str,
     platform: str = "auto",
     workload_args: tuple[str, ...] = (),
+    host_overhead: bool = True,
 ) -> dict:
     """A CPU Job that simulates serving one model on the fitted regressors of one platform and backend.
 
     `platform` names whose regressors to use: a GPU product label, or `auto` for the machine the
-    Job runs on (the local demo, which profiled and simulates on the same CPU).
+    Job runs on (the local demo, which profiled and simulates on the same CPU). With
+    `host_overhead` the simulation adds the store's host-overhead calibration (and fails where the
+    store has none); without, it adds none (`--no-cpu-overhead`: a CPU pool records no calibration run).
     """
     labels = _labels(check_run_id(run_id), COMPONENT_SIMULATE)
     labels.update({ENGINE_LABEL: engine, BACKEND_LABEL: checks.slug(backend)})
@@ -261,6 +307,7 @@ def build_simulate_job(
         "--backend", backend,
         *_dtype_flag(spec),
         *workload_args,
+        *(() if host_overhead else ("--no-cpu-overhead",)),
         "--output", "json",
     ]
     requests = {"cpu": spec.merge_resources.cpu, "memory": spec.merge_resources.memory}

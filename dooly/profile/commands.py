@@ -96,8 +96,12 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
         emit_json(summary)
         return
     click.echo(f"platform {summary['platform']}, backend {backend}: {summary['signatures']} signatures, "
-               f"{summary['missing_signatures']} missing ({summary['missing_points']} points), "
+               f"{summary['missing_signatures']} missing ({summary['missing_points']} points, about "
+               f"{summary['expected_refinement_points']} more where latency bends), "
                f"{summary['held_points']} points held, ~{summary['estimated_device_seconds']:.1f} device-seconds to go")
+    estimate = summary["estimate"]
+    click.echo(f"estimate: phases {', '.join(estimate['phases'])} of every measurement, priced from {estimate['source']}; "
+               f"not included: {estimate['excludes']}")
     rows = [(m["model"], m["signatures"], m["profiled_signatures"], m["reused_signatures"]) for m in summary["models"]]
     click.echo(format_table(["model", "signatures", "to profile", "reused"], rows))
 
@@ -192,7 +196,8 @@ def _print_report(payload: dict[str, Any]) -> None:
     click.echo(
         f"run {payload['run_id']} on {payload['platform']} ({payload['backend']}): "
         f"{payload['profiled_signatures']} signatures profiled, {payload['reused_signatures']} reused; "
-        f"{payload['measured_points']} points measured ({payload['oom_points']} OOM, {payload['error_points']} errors) "
+        f"{payload['measured_points']} points measured ({payload['planned_points']} planned, "
+        f"{payload['refinement_points']} refinements; {payload['oom_points']} OOM, {payload['error_points']} errors) "
         f"in {payload['device_seconds']:.1f} device-seconds; profiling each model alone would take "
         f"{payload['baseline_device_seconds']:.1f} ({payload['saving']:.0%} saved)"
     )

@@ -9,21 +9,33 @@ signature is planned once, for the first model that needs it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from dooly.errors import DoolyError
-from dooly.profile.grid import GridSpec, Point, attention_points, materialises_scores, variable_points
+from dooly.profile.grid import LADDER, GridSpec, Point, attention_points, materialises_scores, variable_points
 from dooly.profile.provenance import SHARED_BACKEND, Stack
 from dooly.trace.schema import KIND_ATTENTION, KIND_COLLECTIVE, KIND_KERNEL, Operation, Trace
 
 log = logging.getLogger(__name__)
 
 HELD_STATUSES = ("ok", "oom")
-# Device-seconds per point assumed when the store has no measurement on this stack to learn from.
+# Device-seconds per point assumed when the store has no measurement on this platform to learn
+# from: an order of magnitude, not an estimate (the plan says so).
 DEFAULT_POINT_SECONDS = {"cuda": 0.05, "cpu": 0.02}
 PROFILED_KINDS = (KIND_KERNEL, KIND_ATTENTION, KIND_COLLECTIVE)
+# What one row's device_seconds spans (dooly.profile.measure.Timer.measure): every phase of its
+# measurement. Process start, tracing, model/engine start-up outside a measurement and shard
+# writes are not in it, and not in the estimate.
+ESTIMATE_PHASES = ("build", "warmup", "calibrate", "capture", "samples", "failed")
+# Fewer held rows than this in an op class: its cost comes from the pooled rows of its kind.
+MIN_CLASS_ROWS = 8
+# Refinement points (`run.refinement_points`) per grid point of a one-variable op, where the
+# store has no one-variable rows on the platform to count them from: the share measured on the
+# CPU for a tiny Llama and Qwen2.5-0.5B (docs/profile.md).
+DEFAULT_REFINEMENT_RATE = 0.1
 
 
 @dataclass
@@ -57,6 +69,7 @@ class Plan:
     sources: dict[str, Any] = field(default_factory=dict)  # model_id -> ModelSpec to build it again
     comm_stack: Stack | None = None  # where collectives are measured (None: the traces have none)
     topology: dict[str, Any] = field(default_factory=dict)  # what the machine said about its links
+    costs: PointCosts | None = None  # what a point costs on this platform, from the store's rows
 
     def work(self, shard_index: int = 0, shard_count: int = 1) -> list[WorkItem]:
         """This pod's share of the missing work: a deterministic split by signature hash."""
@@ -68,7 +81,15 @@ class Plan:
         return max([trace.tp for trace in self.traces if trace.collectives] or [1])
 
     def estimate_seconds(self, shard_index: int = 0, shard_count: int = 1) -> float:
-        return sum(len(item.missing) for item in self.work(shard_index, shard_count)) * self.point_seconds
+        """Device-seconds the missing points (and their expected refinements) will take."""
+        if self.costs is None:
+            return sum(len(item.missing) for item in self.work(shard_index, shard_count)) * self.point_seconds
+        return sum(self.costs.item_seconds(item) for item in self.work(shard_index, shard_count))
+
+    def expected_refinement_points(self, shard_index: int = 0, shard_count: int = 1) -> int:
+        if self.costs is None:
+            return 0
+        return round(sum(self.costs.refinements(item) for item in self.work(shard_index, shard_count)))
 
     def summary(self) -> dict[str, Any]:
         missing = [i for i in self.items.values() if i.missing]
@@ -78,9 +99,15 @@ class Plan:
             "signatures": len(self.items),
             "missing_signatures": len(missing),
             "missing_points": sum(len(i.missing) for i in missing),
+            "expected_refinement_points": self.expected_refinement_points(),
             "held_points": sum(len(i.points) - len(i.missing) for i in self.items.values()),
             "stale_signatures": self.stale_signatures,
             "estimated_device_seconds": round(self.estimate_seconds(), 3),
+            "estimate": {
+                "phases": list(ESTIMATE_PHASES),
+                "excludes": "process start, tracing, engine start-up outside a measurement, shard writes",
+                "source": self.costs.source if self.costs is not None else f"{self.point_seconds:g} s per point",
+            },
             "models": [
                 {"model": m.model_id, "signatures": len(m.signatures), "profiled_signatures": len(m.profiled),
                  "reused_signatures": len(m.reused)}
@@ -120,7 +147,7 @@ def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
     size only: for planning another machine's work, whose torch/driver versions this machine
     cannot know."""
     stacks = [stack.for_backend(SHARED_BACKEND), stack] + ([comm] if comm is not None else [])
-    held, stale = _held(store, stacks, software_agnostic)
+    held, stale, cost_rows = _held(store, stacks, software_agnostic)
     items: dict[str, WorkItem] = {}
     models: list[ModelPlan] = []
     for trace in traces:
@@ -141,11 +168,16 @@ def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
     stale_count = len({s for s in stale if s in items and items[s].missing})
     if stale_count:
         log.warning("%d signatures are held for another software stack only: re-measuring them", stale_count)
-    return Plan(stack, items, models, traces, stale_count, _point_seconds(held, stack), comm_stack=comm)
+    default = DEFAULT_POINT_SECONDS.get(stack.device_type, DEFAULT_POINT_SECONDS["cpu"])
+    costs = PointCosts.fit(cost_rows, default, stack.platform)
+    return Plan(stack, items, models, traces, stale_count, _point_seconds(held, stack), comm_stack=comm, costs=costs)
 
 
-def _held(store: Any, stacks: list[Stack], software_agnostic: bool) -> tuple[dict[str, dict[str, float]], set[str]]:
-    """signature -> {point_key: device_seconds} held on these stacks, and signatures held elsewhere."""
+def _held(store: Any, stacks: list[Stack], software_agnostic: bool
+          ) -> tuple[dict[str, dict[str, float]], set[str], list[dict[str, Any]]]:
+    """signature -> {point_key: device_seconds} held on these stacks, the signatures held for
+    another stack only, and every held row of the platform (any software version: what a point
+    costs to measure there) for `PointCosts`."""
     from dooly.store.schema import STACK_COLUMNS
     from dooly.store.shards import read_held
 
@@ -153,17 +185,101 @@ def _held(store: Any, stacks: list[Stack], software_agnostic: bool) -> tuple[dic
 
     held: dict[str, dict[str, float]] = {}
     stale: set[str] = set()
+    cost_rows: list[dict[str, Any]] = []
     for stack in dict.fromkeys(stacks):
         expected = stack.columns()
         table = read_held(store, platform=stack.platform, engine=stack.engine, backend=stack.backend, dtype=stack.dtype)
         for row in table.to_pylist():
             if row["status"] not in HELD_STATUSES:
                 continue
+            cost_rows.append(row)
             if any(row[c] != expected[c] for c in compared):
                 stale.add(row["signature"])
                 continue
             held.setdefault(row["signature"], {})[row["point_key"]] = row["device_seconds"]
-    return held, stale
+    return held, stale, cost_rows
+
+
+@dataclass
+class PointCosts:
+    """Device-seconds a point costs on one platform, learned from the store's own rows there.
+
+    A row's device_seconds is its whole measurement (ESTIMATE_PHASES). The estimate is the mean
+    per point of the op's class on the platform (each attention backend is a class); classes with
+    fewer than MIN_CLASS_ROWS rows take their kind's mean (attention or not), and a platform with
+    no rows the DEFAULT_POINT_SECONDS guess. A mean, not the median: costs are skewed (on the
+    H100 store the median point cost a tenth of the mean), and a plan sums them. Attention
+    points there cost about the same whatever the model (0.28-0.43 s per eager point: building,
+    warming up and calibrating dominate), which is why size does not enter (bench/plan_estimate.py).
+    One-variable ops are measured again where their latency bends (`run.refinement_points`):
+    the expected count is the share of off-ladder points among the platform's one-variable rows."""
+
+    means: dict[str, float] = field(default_factory=dict)  # op class or kind -> mean seconds per point
+    refinement_rates: dict[str, float] = field(default_factory=dict)  # op class -> extra per grid point
+    default_seconds: float = DEFAULT_POINT_SECONDS["cpu"]
+    default_refinement_rate: float = DEFAULT_REFINEMENT_RATE
+    source: str = ""
+
+    @classmethod
+    def fit(cls, rows: list[dict[str, Any]], default_seconds: float, platform: str) -> PointCosts:
+        totals: dict[str, list[float]] = {}
+        on_ladder: dict[str, int] = {}
+        off_ladder: dict[str, int] = {}
+        for row in rows:
+            op_class = str(row.get("op_class") or "")
+            attention = op_class.startswith(f"{KIND_ATTENTION}:")
+            for key in (op_class, _kind_key(attention)):
+                total = totals.setdefault(key, [0.0, 0.0])
+                total[0] += float(row["device_seconds"] or 0.0)
+                total[1] += 1
+            values = _point_values(row["point_key"])
+            if not attention and len(values) == 1:
+                (value,) = values.values()
+                counter = on_ladder if value in LADDER else off_ladder
+                counter[op_class] = counter.get(op_class, 0) + 1
+        means = {key: spent / count for key, (spent, count) in totals.items()
+                 if count >= MIN_CLASS_ROWS or key.startswith("kind:")}
+        rates = {c: off_ladder.get(c, 0) / n for c, n in on_ladder.items() if n}
+        total_on = sum(on_ladder.values())
+        default_rate = sum(off_ladder.values()) / total_on if total_on else DEFAULT_REFINEMENT_RATE
+        source = (f"the mean cost per point of each op class among the store's {len(rows)} points on {platform}" if rows
+                  else f"no points measured on {platform} yet: {default_seconds:g} s per point assumed")
+        return cls(means, rates, default_seconds, default_rate, source)
+
+    def seconds(self, op_class: str) -> float:
+        """What measuring one point of an op of this class costs."""
+        attention = op_class.startswith(f"{KIND_ATTENTION}:")
+        mean = self.means.get(op_class)
+        if mean is None:
+            mean = self.means.get(_kind_key(attention))
+        return self.default_seconds if mean is None else mean
+
+    def refinements(self, item: Any) -> float:
+        """Expected refinement points of a work item (one-variable ops only)."""
+        if item.op.kind == KIND_ATTENTION or len(item.op.request_vars()) != 1:
+            return 0.0
+        return self.refinement_rates.get(item.op.op_class(), self.default_refinement_rate) * len(item.missing)
+
+    def item_seconds(self, item: Any) -> float:
+        """The missing points' cost, plus the expected refinements'."""
+        return (len(item.missing) + self.refinements(item)) * self.seconds(item.op.op_class())
+
+
+def _kind_key(attention: bool) -> str:
+    return "kind:attention" if attention else "kind:other"
+
+
+def _point_values(point_key: str) -> dict[str, int]:
+    """The request values a point key holds (an attention key holds its batch: summed here)."""
+    try:
+        payload = json.loads(point_key)
+    except ValueError:
+        return {}
+    if isinstance(payload, dict) and "seqs" in payload:
+        seqs = payload["seqs"]
+        decodes = sum(1 for q, _ in seqs if q == 1)
+        return {"T": sum(q for q, _ in seqs), "B": len(seqs), "K": sum(q + c for q, c in seqs), "D": decodes}
+    return {str(k): int(v) for k, v in payload.items()} if isinstance(payload, dict) else {}
 
 
 def _point_seconds(held: dict[str, dict[str, float]], stack: Stack) -> float:

@@ -72,6 +72,11 @@ class ProfileReport:
     models: list[dict[str, Any]]
     seconds: float
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # Points measured because the plan listed them (any status), and those added where a
+    # one-variable op's latency bends (`refinement_points`): `dooly plan` counts the first exactly
+    # and expects the second.
+    planned_points: int = 0
+    refinement_points: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         saving = 1.0 - self.device_seconds / self.baseline_device_seconds if self.baseline_device_seconds else 0.0
@@ -82,6 +87,8 @@ class ProfileReport:
             "profiled_signatures": self.profiled_signatures,
             "reused_signatures": self.reused_signatures,
             "measured_points": self.measured_points,
+            "planned_points": self.planned_points,
+            "refinement_points": self.refinement_points,
             "oom_points": self.oom_points,
             "error_points": self.error_points,
             "device_seconds": round(self.device_seconds, 4),
@@ -243,6 +250,10 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
     writer.flush_all()
     report = _report(plan, work, measured_seconds, counts, writer.keys, run_id, started)
     report.phase_seconds = {phase: timer.phase_seconds[phase] for phase in PHASES if timer.phase_seconds.get(phase)}
+    # Every planned point is measured once; what the ranks and one-variable sweeps added beyond the
+    # plan are refinements (plan estimates those; it cannot count them in advance).
+    report.planned_points = sum(len(item.missing) for item in work)
+    report.refinement_points = sum(counts.values()) - report.planned_points
     return report
 
 
@@ -277,6 +288,8 @@ def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOpt
     from dooly.profile.collectives import rank_worker, work_payload, world_size_of
 
     by_world: dict[int, list[WorkItem]] = {}
+    planned_keys: dict[str, set[str]] = {}
+    measured_keys: dict[str, set[str]] = {}
     for item in items:
         by_world.setdefault(world_size_of(item.op), []).append(item)
     for world, group in sorted(by_world.items()):

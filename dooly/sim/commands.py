@@ -54,7 +54,10 @@ def _engine_options(func):
             help="One engine setting, e.g. num_blocks=512, scheduler_type=prefill_first, use_cuda_graph=true "
             "(transformers) or max_num_seqs=128 (vllm); overrides --engine-config.",
         ),
-        click.option("--cpu-overhead", type=click.Path(dir_okay=False), help="CPU overhead model JSON (dooly.cpu_overhead/1)."),
+        click.option("--cpu-overhead", type=click.Path(dir_okay=False),
+                     help="CPU overhead model JSON (dooly.cpu_overhead/1) [default: the store's calibration for the platform, "
+                          "engine, backend and CUDA-graph mode; docs/calibration.md]."),
+        click.option("--no-cpu-overhead", is_flag=True, help="Add no host overhead (warns): device time only."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -78,10 +81,12 @@ def _with_model_groups(model: str | None, engine: str, settings: dict[str, Any])
     return {**cache_groups(build_hf_config(spec)), **settings}
 
 
-def _cpu_overhead(path: str | None):
-    from dooly.sim.step_model import CpuOverheadModel
+def _cpu_overhead(path: str | None, no_overhead: bool, step_choice: StepChoice, engine: str, scheduler: Any,
+                  model: str | None) -> Any:
+    """--cpu-overhead, else the store's calibration (dooly.sim.calibration_commands.resolve_overhead)."""
+    from dooly.sim.calibration_commands import resolve_overhead
 
-    return CpuOverheadModel.load(path) if path else None
+    return resolve_overhead(path, no_overhead, step_choice, engine, scheduler, model)
 
 
 def _clean(value: Any) -> Any:
@@ -120,8 +125,8 @@ def _ms3(value: float | None) -> str:
 @output_option
 def simulate_command(
     model: str | None, step_choice: StepChoice, engine: str, engine_config: str | None, settings: tuple[str, ...],
-    cpu_overhead: str | None, workload_args: dict[str, Any], out_dir: str | None, plot_dir: str | None,
-    require_measured: bool, output_format: str,
+    cpu_overhead: str | None, no_cpu_overhead: bool, workload_args: dict[str, Any], out_dir: str | None,
+    plot_dir: str | None, require_measured: bool, output_format: str,
 ) -> None:
     """Simulate one serving replica on a workload: TTFT, TPOT, E2E and throughput.
 
@@ -157,11 +162,12 @@ def simulate_command(
         from dooly.fit.coverage import check_measured
 
         check_measured(step_model, str(model), step_choice.fitted(engine))
-    overhead = _cpu_overhead(cpu_overhead)
+    overhead = _cpu_overhead(cpu_overhead, no_cpu_overhead, step_choice, engine, scheduler, model)
     reqs = generate_requests(spec)
     result = simulate(reqs, scheduler, step_model, overhead, record_batches=fitted)
     summary = _clean(result.summary())
     summary["workload"] = spec.to_dict()
+    summary["cpu_overhead"] = overhead.source
     if fitted:
         from dooly.fit.coverage import coverage_payload
 
@@ -204,6 +210,7 @@ def _summary_text(summary: dict[str, Any]) -> str:
             f"preemptions: {summary['preemptions']}"
         ),
         f"engine: {summary['settings']['engine']}; simulated in {summary['simulation_wall_s']:.2f} s",
+        f"host overhead: {summary.get('cpu_overhead') or 'none'}",
     ]
     return "\n".join(lines)
 
@@ -293,7 +300,7 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
 @output_option
 def validate_command(
     model: str, truth_dir: str, step_choice: StepChoice, engine: str, engine_config: str | None, settings: tuple[str, ...],
-    cpu_overhead: str | None, plot_path: str | None, output_format: str,
+    cpu_overhead: str | None, no_cpu_overhead: bool, plot_path: str | None, output_format: str,
 ) -> None:
     """Compare the simulator with a real-engine benchmark of the same workload.
 
@@ -319,8 +326,10 @@ def validate_command(
         engine_config = str(recorded)
     scheduler = make_scheduler(engine, _with_model_groups(model, engine, parse_engine_settings(engine_config, settings)))
     step_model = step_choice.step_model(model, engine)
-    report = validate(truth, scheduler, step_model, _cpu_overhead(cpu_overhead))
+    overhead = _cpu_overhead(cpu_overhead, no_cpu_overhead, step_choice, engine, scheduler, model)
+    report = validate(truth, scheduler, step_model, overhead)
     payload = _clean(report.as_dict())
+    payload["cpu_overhead"] = overhead.source
     if plot_path:
         payload["plot"] = str(plot_scatter(report, plot_path))
     if output_format == "json":
@@ -330,6 +339,7 @@ def validate_command(
     for label, stats in (("TTFT", payload["requests"]["ttft"]), ("TPOT", payload["requests"]["tpot"]), ("E2E", payload["requests"]["e2e"]), ("step latency", payload["steps"])):
         if stats:
             rows.append((label, stats["n"], _pct(stats["mape"]), _pct(stats["p50_ape"]), _pct(stats["p90_ape"]), _pct(stats["bias"])))
+    click.echo(f"host overhead: {overhead.source or 'none'}")
     click.echo("Per request (each request's simulated value against its measured one):")
     click.echo(format_table(["quantity", "n", "MAPE", "p50 APE", "p90 APE", "bias"], rows))
     click.echo("")

@@ -35,6 +35,7 @@ import numpy as np
 from dooly.engines.groundtruth import BENCH_FILE, REQUESTS_FILE, STEPS_FILE
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json, read_json_object
+from dooly.sim.calibration import HostSample
 from dooly.sim.schedulers import Scheduler
 from dooly.sim.simulator import PERCENTILES, SimResult, latency_stats, simulate
 from dooly.sim.step_model import (
@@ -515,6 +516,29 @@ def compare_measured_steps(document: dict[str, Any], step_model: StepLatencyMode
     return {"timing": timing, "steps": rows, "summary": summary}
 
 
+def host_samples(
+    truth: GroundTruth, scheduler: Scheduler, step_model: StepLatencyModel, *, num_layers: int = 0, model: str = "",
+) -> tuple[list[HostSample], list[tuple[HostSample, StepPath]]]:
+    """Every measured step's host time: its wall time minus the device time the step model
+    predicts for that exact batch on the path the engine took. The first step of each CUDA-graph
+    shape is returned apart (with its path): it paid for the graph's capture too."""
+    keywords = step_keywords(step_model)
+    samples: list[HostSample] = []
+    captures: list[tuple[HostSample, StepPath]] = []
+    seen: set[GraphShape] = set()
+    for step in truth.steps:
+        path = scheduler.path_for(step.prefill, step.decode_ctx)
+        device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
+        sample = HostSample(path.overhead_key, num_layers, *step.sizes(), max(step.duration_s - device, 0.0), model)
+        shape = CpuOverheadModel.graph_shape(path)
+        if shape is not None and shape not in seen:
+            seen.add(shape)
+            captures.append((sample, path))
+        else:
+            samples.append(sample)
+    return samples, captures
+
+
 def calibrate_overhead(
     truths: list[tuple[GroundTruth, Scheduler]],
     step_model: StepLatencyModel,
@@ -530,25 +554,20 @@ def calibrate_overhead(
     What lands here is everything the per-operation latencies do not see: scheduling, input
     preparation, kernel-launch gaps, sampling and output handling. Calibrate on a workload other
     than the ones you validate on."""
-    keywords = step_keywords(step_model)
-    samples, captures = [], []
+    samples: list[HostSample] = []
+    captures: list[tuple[HostSample, StepPath]] = []
     for truth, scheduler in truths:
-        seen: set[GraphShape] = set()
-        for step in truth.steps:
-            path = scheduler.path_for(step.prefill, step.decode_ctx)
-            device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
-            sample = (path.overhead_key, *step.sizes(), max(step.duration_s - device, 0.0))
-            shape = CpuOverheadModel.graph_shape(path)
-            if shape is not None and shape not in seen:
-                seen.add(shape)
-                captures.append((path, sample))
-            else:
-                samples.append(sample)
+        steps, first_seen = host_samples(truth, scheduler, step_model)
+        samples += steps
+        captures += first_seen
     if not samples:
         raise DoolyError("the calibration ground truth holds no steps")
-    fitted = CpuOverheadModel.fit(samples, engine=engine, platform=platform, source=source)
+    fitted = CpuOverheadModel.fit(
+        [(s.key, s.num_seqs, s.num_tokens, s.kv_tokens, s.host_s) for s in samples],
+        engine=engine, platform=platform, source=source,
+    )
     if captures:
         # What a first-seen shape costs beyond an ordinary step on its path.
-        excess = [sample[-1] - fitted.seconds(path, *sample[1:4]) for path, sample in captures]
+        excess = [s.host_s - fitted.seconds(path, s.num_seqs, s.num_tokens, s.kv_tokens) for s, path in captures]
         fitted.graph_capture_s = max(float(np.median(excess)), 0.0)
     return fitted

@@ -34,7 +34,8 @@ INVENTORIES_PREFIX = "inventories/"
 SHARD_SUFFIX = ".parquet"
 PARTITION_COLUMNS = ("platform", "engine", "backend", "dtype")
 # What the planner needs to decide whether a point is already held, and what it cost.
-HELD_COLUMNS = ("signature", "point_key", "status", "device_seconds", "n_samples", *STACK_COLUMNS)
+HELD_COLUMNS = ("signature", "op_class", "config_dims", "point_key", "status", "device_seconds", "n_samples",
+                *STACK_COLUMNS)
 # Characters kept as they are in partition values and file names; every other byte is escaped.
 SAFE_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 ESCAPE = "~"

@@ -145,7 +145,7 @@ def test_profile_jobs_split_work_by_completion_index(small_fleet):
     for job, target in zip(profile_jobs, targets):
         job_spec = job["spec"]
         pod = job_spec["template"]["spec"]
-        container = pod["containers"][0]
+        container = next(c for c in pod.get("initContainers", []) + pod["containers"] if c["name"] == "profile")
         args = container["args"]
         assert job_spec["completionMode"] == "Indexed"
         assert job_spec["completions"] == target.gpu.completions
@@ -197,8 +197,10 @@ def test_merge_job_is_suspended_and_fits_after_merging(small_fleet):
     merge = jobs.build_run_manifests(spec, run_id=RUN_ID)[-1]
     pod = merge["spec"]["template"]["spec"]
     assert merge["spec"]["suspend"] is True
-    assert [c["args"][0] for c in pod["initContainers"]] == ["merge"]
-    assert [c["args"][0] for c in pod["containers"]] == ["fit"]
+    # A fleet with GPU pools fits the host-overhead calibration last, on the fitted kernels.
+    assert [c["args"][0] for c in pod["initContainers"]] == ["merge", "fit"]
+    assert [c["args"][0] for c in pod["containers"]] == ["calibrate"]
+    assert "--from-store" in pod["containers"][0]["args"]
     for container in pod["initContainers"] + pod["containers"]:
         assert container["args"][container["args"].index("--store") + 1] == spec.store
         assert container["image"] == spec.controller_image
@@ -298,3 +300,26 @@ def test_render_refuses_a_local_store_for_the_cluster(small_fleet, tmp_path):
     result = CliRunner().invoke(cli, ["fleet", "render", "--fleet", str(small_fleet), "--store", str(tmp_path)])
     assert result.exit_code == 2
     assert "s3:// store" in result.stderr and result.stdout == ""
+
+
+def test_gpu_profiling_pods_record_a_calibration_run_after_profiling(small_fleet):
+    """Profile, then `dooly bench` on the calibration workload on the same GPU, then record the run."""
+    from dooly.workload import WorkloadSpec, spec_from_options
+
+    spec = _fleets(small_fleet)["small"]
+    for job in jobs.build_profile_jobs(spec, run_id=RUN_ID):
+        pod = job["spec"]["template"]["spec"]
+        assert [c["name"] for c in pod["initContainers"]] == ["profile", "calibration-bench"]
+        [record] = pod["containers"]
+        bench = pod["initContainers"][1]["args"]
+        assert bench[:2] == ["bench", spec.models[0]] and bench[bench.index("--out") + 1] == jobs.CALIBRATION_DIR
+        assert record["args"][:1] == ["calibrate"] and "--record-only" in record["args"]
+        assert record["args"][record["args"].index("--ground-truth") + 1] == jobs.CALIBRATION_DIR
+        assert "nvidia.com/gpu" in pod["initContainers"][1]["resources"]["limits"]
+    # The flags are the committed calibration workload, not a look-alike.
+    committed = WorkloadSpec.load(Path(__file__).resolve().parents[2] / "bench" / "workloads" / "calib.json")
+    options = dict(zip(jobs.CALIBRATION_WORKLOAD_ARGS[::2], jobs.CALIBRATION_WORKLOAD_ARGS[1::2], strict=True))
+    flagged = spec_from_options(requests=int(options["--requests"]), rate=float(options["--rate"]),
+                                arrival=options["--arrival"], prompt_len=options["--prompt-len"],
+                                output_len=options["--output-len"], seed=int(options["--seed"]))
+    assert flagged.to_dict() == committed.to_dict()

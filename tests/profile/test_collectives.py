@@ -197,7 +197,7 @@ def test_fitted_step_adds_the_collectives(tp2_store):
     simulated = runner.invoke(cli, ["simulate", "tiny", "--store", db, "--platform", report["platform"],
                                     "--backend", "paged|sdpa", "--tp", "2", "--requests", "3", "--rate", "100",
                                     "--prompt-len", "8", "--output-len", "2", "--set", "num_blocks=16",
-                                    "--set", "block_size=16", "--output", "json"])
+                                    "--set", "block_size=16", "--no-cpu-overhead", "--output", "json"])
     assert simulated.exit_code == 0, simulated.output
     assert json.loads(simulated.output)["num_finished"] == 3
 

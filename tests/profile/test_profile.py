@@ -298,6 +298,6 @@ def test_flex_attention_profiles_its_attention_only_and_fits(tmp_path, models):
     assert code == 0, step
     assert step["backend"] == FLEX and step["breakdown_seconds"][f"attention:{FLEX}"] > 0
     code, served = run_cli("simulate", "model-a", *fitted, "--requests", "8", "--rate", "4", "--prompt-len", "32",
-                           "--output-len", "4", "--set", "num_blocks=16", "--output", "json")
+                           "--output-len", "4", "--set", "num_blocks=16", "--no-cpu-overhead", "--output", "json")
     assert code == 0, served
     assert served["num_finished"] == 8

@@ -40,7 +40,7 @@ def test_simulate_on_fitted_models_matches_the_api(fitted_store):
     from dooly.workload import WorkloadSpec, generate_requests
 
     args = ["simulate", TOY.model_id, "--store", fitted_store, "--platform", syn.PLATFORM, "--backend", syn.BACKEND,
-            "--requests", "30", "--rate", "20", "--output", "json"]
+            "--requests", "30", "--rate", "20", "--no-cpu-overhead", "--output", "json"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)

@@ -1,0 +1,477 @@
+"""The engine's host overhead as data of the platform: one calibration per (platform, engine,
+engine version, attention backend, CUDA graphs on/off), fitted across every model's calibration
+runs and stored beside the kernels, so a model that was never run needs no run of its own.
+
+Why a model enters at all: without CUDA graphs the host launches every kernel of every layer, so a
+step's host time grows with the layer count; with graphs it builds the step's inputs (index lists
+as long as the KV tokens read, per layer group). The calibration's terms per step path (`decode`,
+`mixed`, ... as `StepPath.overhead_key`) are therefore
+
+    host_s = constant_s + per_layer_s * L
+           + per_sequence_s * B + per_token_s * T + per_kv_token_s * K + per_kv_token_layer_s * K * L
+
+for a model of L decoder layers and a step of B sequences, T query tokens and K KV tokens read.
+Each path keeps its own constant and per-layer term (launch gaps differ by path); the slopes in B,
+T and K are shared by the paths of one family (graph-replayed paths; eager paths). A calibration run's mixed steps nearly all
+hold `max_batch_tokens` query tokens, so a path of its own cannot tell a per-token cost from a
+constant: non-negative least squares then moves the whole cost into either (4.6 ms one lease, 0 ms
+the next for one cell). Shared slopes are pinned by the decode and prefill steps, whose sizes do
+vary, and a small ridge on every scaled slope settles what the data still cannot separate.
+`CpuOverheadModel.fit` (one model's own calibration, `dooly overhead`) keeps its earlier solver so
+that committed per-model results reproduce; `bench/calibration_transfer.py` compares the two.
+
+Store layout (docs/calibration.md): one JSON document per generation,
+
+    calibrations/platform=<P>/engine=<E>/engine_version=<V>/backend=<B>/graphs=<on|off>/gen-<NNNNNN>.json
+
+values escaped as in shard keys. A generation is created with an atomic create-if-absent, so a
+reader sees a whole document or none; the newest generation is the calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from dooly.errors import DoolyError
+from dooly.sim.step_model import GRAPH_SUFFIX, MIN_FIT_SAMPLES, OVERHEAD_KEYS, CpuOverheadModel, OverheadTerms
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_SCHEMA = "dooly.calibration/1"
+CALIBRATIONS_PREFIX = "calibrations/"
+GENERATION_PREFIX = "gen-"
+GENERATION_DIGITS = 6
+GENERATION_SUFFIX = ".json"
+MAX_CREATE_ATTEMPTS = 8
+GRAPHS_ON = "on"
+GRAPHS_OFF = "off"
+DEFAULT_KEY = "default"
+# Ridge weight on every slope column, relative to the data term after columns are scaled to a
+# maximum of 1: small enough to move a well-determined slope by well under 1%, large enough to
+# make collinear columns split the same way on every run instead of one of them taking all.
+RIDGE = 1e-4
+# Term names of one path of a calibration (seconds, per unit).
+TERM_NAMES = ("constant_s", "per_layer_s", "per_sequence_s", "per_token_s", "per_kv_token_s", "per_kv_token_layer_s")
+# Which terms each path keeps for itself; the rest are shared by every path of the calibration.
+PATH_TERMS = ("constant_s", "per_layer_s")
+SHARED_TERMS = ("per_sequence_s", "per_token_s", "per_kv_token_s", "per_kv_token_layer_s")
+# Layer counts (models) a calibration needs before per-layer terms are considered, and how much
+# better (relative) they must predict a left-out model's host time to be kept.
+MIN_MODELS_FOR_CHOICE = 4
+LAYER_TERMS_MARGIN = 0.05
+# Terms that need more than one layer count among the runs to be told apart from the others.
+LAYER_TERMS = ("per_layer_s", "per_kv_token_layer_s")
+
+
+@dataclass(frozen=True)
+class HostSample:
+    """One measured step's host time: wall time minus the device time the step model predicts."""
+
+    key: str  # StepPath.overhead_key
+    num_layers: int
+    num_seqs: int
+    num_tokens: int
+    kv_tokens: int
+    host_s: float
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class CalibrationKey:
+    """What a calibration serves: every model on this platform, engine build, backend and graph mode."""
+
+    platform: str
+    engine: str
+    engine_version: str
+    backend: str
+    cuda_graphs: bool
+
+    def prefix(self) -> str:
+        from dooly.store.shards import escape_value
+
+        values = (("platform", self.platform), ("engine", self.engine), ("engine_version", self.engine_version),
+                  ("backend", self.backend), ("graphs", GRAPHS_ON if self.cuda_graphs else GRAPHS_OFF))
+        for name, value in values:
+            if not value:
+                raise DoolyError(f"a calibration needs a {name}")
+        return CALIBRATIONS_PREFIX + "".join(f"{name}={escape_value(value)}/" for name, value in values)
+
+    def label(self) -> str:
+        graphs = "graphs on" if self.cuda_graphs else "graphs off"
+        return f"{self.platform} / {self.engine} {self.engine_version} / {self.backend} / {graphs}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PathTerms:
+    """One path's host terms (see the module docstring for the formula)."""
+
+    constant_s: float = 0.0
+    per_layer_s: float = 0.0
+    per_sequence_s: float = 0.0
+    per_token_s: float = 0.0
+    per_kv_token_s: float = 0.0
+    per_kv_token_layer_s: float = 0.0
+
+    def for_layers(self, num_layers: int) -> OverheadTerms:
+        """The per-step terms of a model with `num_layers` layers (what the simulator adds)."""
+        return OverheadTerms(
+            constant_s=self.constant_s + self.per_layer_s * num_layers,
+            per_sequence_s=self.per_sequence_s,
+            per_token_s=self.per_token_s,
+            per_kv_token_s=self.per_kv_token_s + self.per_kv_token_layer_s * num_layers,
+        )
+
+    def seconds(self, sample: HostSample) -> float:
+        return self.for_layers(sample.num_layers).seconds(sample.num_seqs, sample.num_tokens, sample.kv_tokens)
+
+
+@dataclass
+class Calibration:
+    """A platform's host-overhead calibration: terms per path, and what it was fitted on."""
+
+    key: CalibrationKey
+    terms: dict[str, PathTerms]
+    graph_capture_s: float = 0.0
+    graph_capture_per_layer_s: float = 0.0
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # one per calibration run
+    fit: dict[str, Any] = field(default_factory=dict)  # residual statistics per model
+    created_at: str = ""
+    generation: int = 0  # set when read from (or written to) a store
+
+    def for_model(self, num_layers: int, model: str = "") -> CpuOverheadModel:
+        """The `CpuOverheadModel` the simulator adds for a model of `num_layers` layers."""
+        return CpuOverheadModel(
+            terms={key: value.for_layers(num_layers) for key, value in self.terms.items()},
+            engine=self.key.engine,
+            platform=self.key.platform,
+            source=self.describe(model, num_layers),
+            graph_capture_s=self.graph_capture_s + self.graph_capture_per_layer_s * num_layers,
+        )
+
+    def describe(self, model: str = "", num_layers: int | None = None) -> str:
+        models = sorted({str(run.get("model", "")) for run in self.inputs})
+        target = f" for {model} ({num_layers} layers)" if model and num_layers is not None else ""
+        generation = f" generation {self.generation}" if self.generation else ""
+        return (f"store calibration{generation} {self.key.label()}{target}, fitted on {len(self.inputs)} run(s) "
+                f"of {len(models)} model(s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": CALIBRATION_SCHEMA,
+            "key": self.key.to_dict(),
+            "terms": {key: asdict(value) for key, value in sorted(self.terms.items())},
+            "graph_capture_s": self.graph_capture_s,
+            "graph_capture_per_layer_s": self.graph_capture_per_layer_s,
+            "inputs": self.inputs,
+            "fit": self.fit,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, generation: int = 0) -> Calibration:
+        if not isinstance(data, dict) or data.get("schema") != CALIBRATION_SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise DoolyError(f"calibration schema {found!r} is not supported (expected {CALIBRATION_SCHEMA})")
+        try:
+            raw_key = data["key"]
+            key = CalibrationKey(platform=str(raw_key["platform"]), engine=str(raw_key["engine"]),
+                                 engine_version=str(raw_key["engine_version"]), backend=str(raw_key["backend"]),
+                                 cuda_graphs=bool(raw_key["cuda_graphs"]))
+            terms = {}
+            for path, values in data["terms"].items():
+                if path not in (*OVERHEAD_KEYS, DEFAULT_KEY):
+                    raise DoolyError(f"calibration path {path!r} is not one of {sorted((*OVERHEAD_KEYS, DEFAULT_KEY))}")
+                if set(values) - set(TERM_NAMES):
+                    raise DoolyError(f"calibration terms of {path!r} must be among {list(TERM_NAMES)}")
+                terms[path] = PathTerms(**{name: float(v) for name, v in values.items()})
+            capture = float(data.get("graph_capture_s", 0.0))
+            capture_layer = float(data.get("graph_capture_per_layer_s", 0.0))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise DoolyError("a calibration document needs `key` (platform, engine, engine_version, backend, "
+                             "cuda_graphs) and numeric `terms` per path") from None
+        values = [capture, capture_layer, *(v for t in terms.values() for v in asdict(t).values())]
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise DoolyError("calibration terms must be finite and >= 0")
+        return cls(key=key, terms=terms, graph_capture_s=capture, graph_capture_per_layer_s=capture_layer,
+                   inputs=list(data.get("inputs", [])), fit=dict(data.get("fit", {})),
+                   created_at=str(data.get("created_at", "")), generation=generation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_path_terms(samples: Sequence[HostSample], *, ridge: float = RIDGE, layer_terms: bool | None = None
+                   ) -> dict[str, PathTerms]:
+    """Terms per path from host samples of one or more models (non-negative, ridge-regularised).
+
+    Every path with at least MIN_FIT_SAMPLES steps gets its own constant and per-layer term; the
+    slopes are shared within a family (graph-replayed paths, eager paths); `default` (steps of a path the run never took) is the same
+    fit with one constant for all steps. The per-layer terms are fitted only when the samples span
+    more than one layer count (with one model they would be the constant again), and not when
+    `layer_terms` is False."""
+    if len(samples) < MIN_FIT_SAMPLES:
+        raise DoolyError(f"fitting host overhead needs at least {MIN_FIT_SAMPLES} steps, got {len(samples)}")
+    unknown = sorted({s.key for s in samples} - set(OVERHEAD_KEYS))
+    if unknown:
+        raise DoolyError(f"host samples have unknown path key(s) {', '.join(unknown)}")
+    layered = len({s.num_layers for s in samples}) > 1 and layer_terms is not False
+    counts = {key: sum(1 for s in samples if s.key == key) for key in OVERHEAD_KEYS}
+    paths = [key for key in OVERHEAD_KEYS if counts[key] >= MIN_FIT_SAMPLES]
+    terms = {DEFAULT_KEY: _solve(samples, [DEFAULT_KEY], lambda s: DEFAULT_KEY, layered, ridge)[DEFAULT_KEY]}
+    if paths:
+        kept = [s for s in samples if s.key in paths]
+        terms.update(_solve(kept, paths, lambda s: s.key, layered, ridge))
+    return terms
+
+
+def _solve(samples: Sequence[HostSample], paths: list[str], path_of: Any, layered: bool, ridge: float) -> dict[str, PathTerms]:
+    """One scaled, ridge-augmented NNLS: per-path constant (+ per-layer), shared slopes."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    shared = [name for name in SHARED_TERMS if layered or name not in LAYER_TERMS]
+    own = [name for name in PATH_TERMS if layered or name not in LAYER_TERMS]
+    families = sorted({_family(path) for path in paths})
+    columns = [(path, name) for path in paths for name in own] + [(family, name) for family in families for name in shared]
+    design = np.zeros((len(samples), len(columns)))
+    index = {column: i for i, column in enumerate(columns)}
+    for row, s in enumerate(samples):
+        path = path_of(s)
+        values = {"constant_s": 1.0, "per_layer_s": float(s.num_layers), "per_sequence_s": float(s.num_seqs),
+                  "per_token_s": float(s.num_tokens), "per_kv_token_s": float(s.kv_tokens),
+                  "per_kv_token_layer_s": float(s.kv_tokens) * s.num_layers}
+        for name in own:
+            design[row, index[(path, name)]] = values[name]
+        for name in shared:
+            design[row, index[(_family(path), name)]] = values[name]
+    target = np.array([s.host_s for s in samples])
+    scale = np.maximum(np.abs(design).max(axis=0), 1e-12)
+    scaled = design / scale
+    # The ridge rows pull each scaled slope (not the constants) towards 0, with a weight
+    # proportional to the data's own size so that it means the same for 20 steps or 20,000.
+    penalised = [i for i, (_, name) in enumerate(columns) if name != "constant_s"]
+    weight = math.sqrt(ridge * len(samples))
+    augmented = np.zeros((len(penalised), len(columns)))
+    for row, column in enumerate(penalised):
+        augmented[row, column] = weight
+    coef, _ = nnls(np.vstack([scaled, augmented]), np.concatenate([target, np.zeros(len(penalised))]))
+    coef = coef / scale
+    return {
+        path: PathTerms(**{name: float(coef[index[(path, name)]]) for name in own},
+                        **{name: float(coef[index[(_family(path), name)]]) for name in shared})
+        for path in paths
+    }
+
+
+def _family(path: str) -> str:
+    """Paths whose slopes are shared: the graph-replayed ones (the engine builds their inputs
+    with one code path) and the eager ones (`default` counts as eager)."""
+    return "graph" if path.endswith(GRAPH_SUFFIX) else "eager"
+
+
+def fit_calibration(
+    key: CalibrationKey,
+    samples: Sequence[HostSample],
+    captures: Sequence[tuple[HostSample, Any]] = (),
+    *,
+    inputs: Iterable[dict[str, Any]] = (),
+    ridge: float = RIDGE,
+) -> Calibration:
+    """A calibration from host samples of several models, and the first step of each CUDA-graph
+    shape (sample, path): what it took beyond an ordinary step on its path is the capture cost,
+    constant + per layer where the runs span several layer counts (a capture records every kernel)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    layered, scores = choose_layer_terms(samples, ridge=ridge)
+    terms = fit_path_terms(samples, ridge=ridge, layer_terms=layered)
+    calibration = Calibration(key=key, terms=terms, inputs=list(inputs),
+                              created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    if captures:
+        # Median excess per layer count (a capture's host time has outliers), then a line
+        # through those medians where there are several.
+        by_layers: dict[int, list[float]] = {}
+        for sample, _ in captures:
+            by_layers.setdefault(sample.num_layers, []).append(sample.host_s - _terms_for(terms, sample.key).seconds(sample))
+        layers = np.array(sorted(by_layers), dtype=float)
+        medians = np.array([float(np.median(by_layers[int(n)])) for n in layers])
+        if len(layers) > 1:
+            coef, _ = nnls(np.column_stack([np.ones_like(layers), layers / layers.max()]), medians)
+            calibration.graph_capture_s = float(coef[0])
+            calibration.graph_capture_per_layer_s = float(coef[1] / layers.max())
+        else:
+            calibration.graph_capture_s = max(float(medians[0]), 0.0)
+    calibration.fit = {"layer_terms": layered, "leave_one_model_out_host_error": scores,
+                       "models": residual_stats(calibration, samples)}
+    return calibration
+
+
+def choose_layer_terms(samples: Sequence[HostSample], *, ridge: float = RIDGE) -> tuple[bool, dict[str, float]]:
+    """Whether the per-layer terms earn their place: each model's host time predicted by a fit on
+    the other models, with and without them (mean over models of |mean predicted - mean measured|
+    / mean measured). On the committed H100 runs the host time per step differs between device
+    leases by more than between models, and layer terms fitted on 4 models predicted the 5th worse
+    than one pooled constant did; they are kept only when they predict an unseen model better by
+    LAYER_TERMS_MARGIN. Needs MIN_MODELS_FOR_CHOICE layer counts; below that, no layer terms."""
+    by_model: dict[int, list[HostSample]] = {}
+    for s in samples:
+        by_model.setdefault(s.num_layers, []).append(s)
+    if len(by_model) < MIN_MODELS_FOR_CHOICE:
+        return False, {}
+    scores = {}
+    for layered in (False, True):
+        errors = []
+        for layers, held_out in by_model.items():
+            rest = [s for s in samples if s.num_layers != layers]
+            try:
+                terms = fit_path_terms(rest, ridge=ridge, layer_terms=layered)
+            except DoolyError:
+                continue
+            predicted = sum(_terms_for(terms, s.key).seconds(s) for s in held_out) / len(held_out)
+            measured = sum(s.host_s for s in held_out) / len(held_out)
+            errors.append(abs(predicted - measured) / measured if measured > 0 else 0.0)
+        scores["with_layer_terms" if layered else "pooled"] = round(sum(errors) / len(errors), 4) if errors else math.inf
+    chosen = scores["with_layer_terms"] < (1 - LAYER_TERMS_MARGIN) * scores["pooled"]
+    return chosen, scores
+
+
+def _terms_for(terms: dict[str, PathTerms], key: str) -> PathTerms:
+    base = key[: -len(GRAPH_SUFFIX)] if key.endswith(GRAPH_SUFFIX) else key
+    return terms.get(key) or terms.get(base) or terms[DEFAULT_KEY]
+
+
+def residual_stats(calibration: Calibration, samples: Sequence[HostSample]) -> dict[str, Any]:
+    """Per model: steps, mean measured host ms and mean fitted-minus-measured ms (the bias a
+    shared calibration leaves for that model)."""
+    by_model: dict[str, list[HostSample]] = {}
+    for s in samples:
+        by_model.setdefault(s.model, []).append(s)
+    out: dict[str, Any] = {}
+    for model, part in sorted(by_model.items()):
+        fitted = [_terms_for(calibration.terms, s.key).seconds(s) for s in part]
+        measured = [s.host_s for s in part]
+        out[model or "?"] = {
+            "steps": len(part),
+            "mean_host_ms": round(1e3 * sum(measured) / len(part), 4),
+            "mean_error_ms": round(1e3 * sum(f - m for f, m in zip(fitted, measured, strict=True)) / len(part), 4),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Store
+# ---------------------------------------------------------------------------------------------
+
+_GENERATION_RE = re.compile(rf"^{GENERATION_PREFIX}(\d{{{GENERATION_DIGITS}}}){re.escape(GENERATION_SUFFIX)}$")
+
+
+def _generations(store: Any, prefix: str) -> list[int]:
+    found = []
+    for key in store.list_keys(prefix):
+        match = _GENERATION_RE.match(key[len(prefix):])
+        if match:
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def generation_key(key: CalibrationKey, generation: int) -> str:
+    return f"{key.prefix()}{GENERATION_PREFIX}{generation:0{GENERATION_DIGITS}d}{GENERATION_SUFFIX}"
+
+
+def write_calibration(store: Any, calibration: Calibration) -> str:
+    """Write the next generation of `calibration.key` (atomic create; a racing writer that takes
+    the same generation makes this one try the next). Returns the object key."""
+    payload = json.dumps(calibration.to_dict(), indent=2, sort_keys=True).encode()
+    for _ in range(MAX_CREATE_ATTEMPTS):
+        generations = _generations(store, calibration.key.prefix())
+        generation = (generations[-1] if generations else 0) + 1
+        object_key = generation_key(calibration.key, generation)
+        if store.put_if_absent(object_key, payload):
+            calibration.generation = generation
+            return object_key
+    raise DoolyError(f"store {store.uri}: could not claim a calibration generation under {calibration.key.prefix()} "
+                     f"after {MAX_CREATE_ATTEMPTS} attempts (other writers racing)")
+
+
+def list_calibrations(store: Any) -> list[CalibrationKey]:
+    """Every calibration key the store holds (any generation)."""
+    from dooly.store.shards import unescape_value
+
+    keys = set()
+    for object_key in store.list_keys(CALIBRATIONS_PREFIX):
+        parts = object_key[len(CALIBRATIONS_PREFIX):].split("/")
+        if len(parts) != 6 or not _GENERATION_RE.match(parts[5]):
+            continue
+        values = {}
+        for part in parts[:5]:
+            name, _, value = part.partition("=")
+            values[name] = unescape_value(value)
+        if set(values) != {"platform", "engine", "engine_version", "backend", "graphs"}:
+            continue
+        keys.add(CalibrationKey(values["platform"], values["engine"], values["engine_version"], values["backend"],
+                                values["graphs"] == GRAPHS_ON))
+    return sorted(keys, key=lambda k: (k.platform, k.engine, k.backend, k.cuda_graphs, k.engine_version))
+
+
+def read_calibration(store: Any, key: CalibrationKey) -> Calibration | None:
+    """The newest generation of `key`, or None when the store holds none."""
+    generations = _generations(store, key.prefix())
+    if not generations:
+        return None
+    object_key = generation_key(key, generations[-1])
+    try:
+        data = json.loads(store.get_bytes(object_key))
+    except ValueError:
+        raise DoolyError(f"store {store.uri}: {object_key} is not valid JSON") from None
+    return Calibration.from_dict(data, generation=generations[-1])
+
+
+def find_calibration(store: Any, *, platform: str, engine: str, backend: str, cuda_graphs: bool,
+                     engine_version: str | None = None) -> Calibration | None:
+    """The store's calibration for this platform, engine, backend and graph mode: of
+    `engine_version` when given, else of the newest engine version the store has one for."""
+    if engine_version:
+        return read_calibration(store, CalibrationKey(platform, engine, engine_version, backend, cuda_graphs))
+    candidates = [k for k in list_calibrations(store)
+                  if (k.platform, k.engine, k.backend, k.cuda_graphs) == (platform, engine, backend, cuda_graphs)]
+    if not candidates:
+        return None
+    return read_calibration(store, max(candidates, key=lambda k: _version_rank(k.engine_version)))
+
+
+def _version_rank(text: str) -> tuple[int, Any]:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (1, Version(text))
+    except InvalidVersion:
+        return (0, text)
+
+
+def scheduler_uses_graphs(scheduler: Any) -> bool:
+    """Whether the engine settings replay any step as a CUDA graph (the calibration's graph key)."""
+    config = getattr(scheduler, "config", None)
+    booleans = getattr(config, "cuda_graph_booleans", None)
+    if booleans is not None:
+        return any(booleans)
+    mode = getattr(config, "cudagraph_mode", None)
+    if mode is not None:
+        return str(mode) != "none"
+    return False
+
+
+def term_names() -> tuple[str, ...]:
+    """The term names of a calibration path, in the order the docs list them."""
+    return tuple(f.name for f in fields(PathTerms))

@@ -1,0 +1,344 @@
+"""`dooly calibrate`, and how simulate/validate find the store's host-overhead calibration.
+
+A calibration run is a `dooly bench` of a calibration workload (bench/workloads/calib.json). The
+runs themselves are data too: `--record-only` copies them into the store under
+`calibration-runs/` (the profiling pod does that, before any model is fitted), and a later
+`--from-store` (the merge Job, after `dooly fit`) fits every recorded run of a key together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dooly.errors import DoolyError
+from dooly.output import emit_json, format_table, output_option
+from dooly.sim.calibration import (
+    MIN_MODELS_FOR_CHOICE,
+    Calibration,
+    CalibrationKey,
+    HostSample,
+    find_calibration,
+    fit_calibration,
+    scheduler_uses_graphs,
+    write_calibration,
+)
+from dooly.sim.step_model import CpuOverheadModel
+
+logger = logging.getLogger(__name__)
+
+RUNS_PREFIX = "calibration-runs/"
+BENCH_FILE = "bench.json"
+ENGINE_FILE = "engine.json"
+RUN_FILES = ("requests.parquet", "steps.parquet", BENCH_FILE, ENGINE_FILE)
+RUN_DIGEST_CHARS = 16
+ATTENTION_KIND = "attention"
+US_PER_S = 1e6
+MS_PER_S = 1e3
+NS_PER_S = 1e9
+
+
+@dataclass
+class CalibrationRun:
+    """One `dooly bench` calibration run and what it says about itself."""
+
+    directory: Path
+    name: str
+    model: str
+    key: CalibrationKey
+    dtype: str
+    settings: dict[str, Any]
+    warm: bool = False  # served the workload unrecorded first (known once its steps are read)
+
+    @classmethod
+    def load(cls, directory: Path, name: str | None = None) -> CalibrationRun:
+        from dooly.jsonfile import read_json_object
+        from dooly.sim.commands import _with_model_groups
+        from dooly.sim.schedulers import make_scheduler
+
+        bench_path = directory / BENCH_FILE
+        if not bench_path.is_file():
+            raise DoolyError(f"calibration run {directory} has no {BENCH_FILE} (is it a `dooly bench` output?)")
+        bench = read_json_object(bench_path, "bench record")
+        engine_path = directory / ENGINE_FILE
+        settings = read_json_object(engine_path, "engine settings") if engine_path.is_file() else {}
+        stack = bench.get("stack") or {}
+        try:
+            model, platform, backend, engine = (str(bench[k]) for k in ("model", "platform", "backend", "engine"))
+        except KeyError as exc:
+            raise DoolyError(f"{bench_path} lacks {exc.args[0]!r}") from None
+        version = str(stack.get("engine_version") or "")
+        if not version:
+            raise DoolyError(f"{bench_path} does not record the engine version (stack.engine_version)")
+        scheduler = make_scheduler(engine, _with_model_groups(model, engine, settings))
+        key = CalibrationKey(platform, engine, version, backend, scheduler_uses_graphs(scheduler))
+        return cls(directory, name or directory.name, model, key, str(bench.get("dtype", "bfloat16")), settings)
+
+    def scheduler(self) -> Any:
+        from dooly.sim.commands import _with_model_groups
+        from dooly.sim.schedulers import make_scheduler
+
+        return make_scheduler(self.key.engine, _with_model_groups(self.model, self.key.engine, self.settings))
+
+
+def model_layers(model: str, inventory: dict[str, Any] | None = None) -> int:
+    """Decoder layers of MODEL: from its config where Dooly knows it, else from its inventory in
+    the store (one attention call per layer)."""
+    from dooly.models.registry import resolve_model
+
+    try:
+        return int(resolve_model(model).config["num_hidden_layers"])
+    except (DoolyError, KeyError, TypeError, ValueError):
+        if inventory is None:
+            raise DoolyError(f"the layer count of {model} is unknown: give a config Dooly can resolve") from None
+    count = sum(int(op.get("count", 0)) for op in inventory.get("operations", [])
+                if op.get("kind") == ATTENTION_KIND or str(op.get("op_class", "")).startswith(f"{ATTENTION_KIND}:"))
+    if count < 1:
+        raise DoolyError(f"the store's inventory of {model} holds no attention call to count its layers by")
+    return count
+
+
+def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, ...], Any] | None = None
+                ) -> tuple[list[HostSample], list[tuple[HostSample, Any]], int]:
+    """Host samples of one run against the fitted step model of its model (cached per model and
+    backend across runs), and the model's layer count."""
+    from dooly.fit.source import FittedSource, open_fitted_step
+    from dooly.sim.validate import host_samples, load_ground_truth
+
+    cache = {} if cache is None else cache
+    source = FittedSource(store=fitted_store, platform=run.key.platform, backend=run.key.backend, engine=run.key.engine,
+                          dtype=run.dtype)
+    ident = (fitted_store, run.model, run.key.platform, run.key.backend, run.key.engine, run.dtype)
+    if ident not in cache:
+        fitted = open_fitted_step(source, run.model)
+        cache[ident] = (fitted.step, model_layers(run.model, fitted.inventory))
+    step_model, layers = cache[ident]
+    truth = load_ground_truth(run.directory)
+    samples, captures = host_samples(truth, run.scheduler(), step_model, num_layers=layers, model=run.model)
+    run.warm = truth.warm_passes > 0
+    return samples, captures, layers
+
+
+def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str) -> list[Calibration]:
+    """One calibration per key among the runs, each fitted on all of that key's runs."""
+    by_key: dict[CalibrationKey, list[CalibrationRun]] = {}
+    for run in runs:
+        by_key.setdefault(run.key, []).append(run)
+    cache: dict[tuple[str, ...], Any] = {}
+    calibrations = []
+    for key, group in sorted(by_key.items(), key=lambda item: item[0].label()):
+        measured = {}
+        inputs = []
+        for run in sorted(group, key=lambda r: r.name):
+            measured[run.name] = run_samples(run, fitted_store, cache)
+            steps, first_seen, layers = measured[run.name]
+            inputs.append({"run": run.name, "model": run.model, "num_layers": layers, "steps": len(steps) + len(first_seen),
+                           "warm": run.warm})
+        samples, captures = pool_samples([(run.warm, *measured[run.name][:2]) for run in group])
+        logger.info("calibrating %s on %d runs (%d steps)", key.label(), len(group), len(samples))
+        calibrations.append(fit_calibration(key, samples, captures, inputs=inputs))
+    return calibrations
+
+
+def pool_samples(runs: Iterable[tuple[bool, list[HostSample], list[tuple[HostSample, Any]]]]
+                 ) -> tuple[list[HostSample], list[tuple[HostSample, Any]]]:
+    """All runs' ordinary steps, and the graph captures to price captures by: a run served warm
+    (`dooly bench --warm-passes`) captured most shapes before recording, so its first-seen
+    shapes are captures or not depending on the warm pass's timing. They are left out of both
+    when a cold run of the key prices captures; without one they are the only captures there are."""
+    runs = list(runs)
+    cold = any(captures for warm, _, captures in runs if not warm)
+    samples: list[HostSample] = []
+    captures: list[tuple[HostSample, Any]] = []
+    for warm, steps, first_seen in runs:
+        samples += steps
+        if not (warm and cold):
+            captures += first_seen
+    return samples, captures
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration runs kept in the store
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for name in RUN_FILES:
+        path = directory / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:RUN_DIGEST_CHARS]
+
+
+def record_run(store: Any, run: CalibrationRun) -> str:
+    """Copy a run into the store (content-addressed: recording it twice writes it once). The
+    bench record goes last, so a run is listed only once its tables are there."""
+    from dooly.store.shards import escape_value
+
+    prefix = f"{RUNS_PREFIX}{run.key.prefix()[len('calibrations/'):]}{escape_value(run.name)}-{_run_digest(run.directory)}/"
+    for name in RUN_FILES:
+        path = run.directory / name
+        if path.is_file():
+            store.put_file(prefix + name, path)
+    return prefix
+
+
+def stored_runs(store: Any, workdir: Path) -> list[CalibrationRun]:
+    """Every complete run recorded in the store, downloaded under `workdir`."""
+    prefixes = sorted({key.rsplit("/", 1)[0] + "/" for key in store.list_keys(RUNS_PREFIX) if key.endswith("/" + BENCH_FILE)})
+    runs = []
+    for index, prefix in enumerate(prefixes):
+        local = workdir / f"run-{index:05d}"
+        local.mkdir(parents=True)
+        for name in RUN_FILES:
+            try:
+                (local / name).write_bytes(store.get_bytes(prefix + name))
+            except FileNotFoundError:
+                continue
+        runs.append(CalibrationRun.load(local, name=prefix[len(RUNS_PREFIX):].rstrip("/").rsplit("/", 1)[-1]))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# dooly calibrate
+# ---------------------------------------------------------------------------------------------
+
+
+@click.command("calibrate")
+@click.option("--store", required=True, metavar="URI", help="Latency database to write the calibration to.")
+@click.option("--ground-truth", "truth_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="Calibration run from `dooly bench` (repeat the flag; runs of several models make one calibration).")
+@click.option("--from-store", is_flag=True, help=f"Also fit every run recorded in the store ({RUNS_PREFIX}).")
+@click.option("--record-only", is_flag=True, help="Copy the --ground-truth runs into the store and fit nothing "
+              "(a profiling pod, before the models are fitted; a later --from-store fits them).")
+@click.option("--fitted-store", metavar="URI", help="Store whose fitted models predict the device time [default: --store].")
+@click.option("--endpoint-url", help="S3 endpoint (else $DOOLY_S3_ENDPOINT_URL / $AWS_ENDPOINT_URL).")
+@click.option("--dry-run", is_flag=True, help="Fit and report; write nothing to the store.")
+@output_option
+def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool, record_only: bool,
+                      fitted_store: str | None, endpoint_url: str | None, dry_run: bool, output_format: str) -> None:
+    """Fit the engine's host overhead for a whole platform from calibration runs of several models.
+
+    For every step of every run: its wall time minus the device time the store's fitted models
+    predict for that batch on the engine's path. The residuals of all runs that share a platform,
+    engine version, backend and CUDA-graph mode are fitted together, per path, as constant + per
+    layer + per sequence + per token + per KV token (+ per KV token per layer), so that `dooly
+    simulate` and `dooly validate` serve any model of that platform with it, one never run included.
+    Each call writes a new generation (docs/calibration.md).
+
+    \b
+    Example:
+      dooly bench meta-llama/Llama-3.2-1B --out gt/1b.calib --workload bench/workloads/calib.json
+      dooly bench meta-llama/Llama-3.1-8B --out gt/8b.calib --workload bench/workloads/calib.json
+      dooly calibrate --store ./db --ground-truth gt/1b.calib --ground-truth gt/8b.calib
+    """
+    from dooly.store.backends import open_store
+
+    if not truth_dirs and not from_store:
+        raise DoolyError("give calibration runs with --ground-truth DIR, or --from-store")
+    if record_only and (from_store or dry_run):
+        raise DoolyError("--record-only copies runs into the store: it does not combine with --from-store or --dry-run")
+    target = open_store(store, endpoint_url=endpoint_url, create=False)
+    runs = [CalibrationRun.load(Path(d)) for d in truth_dirs]
+    if record_only:
+        recorded = [record_run(target, run) for run in runs]
+        if output_format == "json":
+            emit_json({"recorded": recorded})
+            return
+        for prefix in recorded:
+            click.echo(f"recorded {prefix}")
+        return
+    with tempfile.TemporaryDirectory(prefix="dooly-calib-") as workdir:
+        if from_store:
+            runs += stored_runs(target, Path(workdir))
+        if not runs:
+            raise DoolyError(f"store {store} records no calibration runs under {RUNS_PREFIX}")
+        calibrations = calibrate_runs(runs, fitted_store or store)
+    written = {} if dry_run else {id(c): write_calibration(target, c) for c in calibrations}
+    if output_format == "json":
+        emit_json({"calibrations": [{**c.to_dict(), "generation": c.generation, "object": written.get(id(c))}
+                                    for c in calibrations]})
+        return
+    for calibration in calibrations:
+        click.echo(calibration_text(calibration))
+        click.echo(f"wrote {written[id(calibration)]}" if id(calibration) in written else "(dry run: nothing written)")
+        click.echo("")
+
+
+def calibration_text(calibration: Calibration) -> str:
+    """A calibration's terms and per-model fit, as tables."""
+    rows = [
+        (path, f"{t.constant_s * MS_PER_S:.3f}", f"{t.per_layer_s * US_PER_S:.2f}", f"{t.per_sequence_s * US_PER_S:.2f}",
+         f"{t.per_token_s * US_PER_S:.3f}", f"{t.per_kv_token_s * NS_PER_S:.3f}", f"{t.per_kv_token_layer_s * NS_PER_S:.4f}")
+        for path, t in sorted(calibration.terms.items())
+    ]
+    fit_rows = [(model, s["steps"], f"{s['mean_host_ms']:.3f}", f"{s['mean_error_ms']:+.3f}")
+                for model, s in calibration.fit.get("models", {}).items()]
+    scores = calibration.fit.get("leave_one_model_out_host_error") or {}
+    choice = (f"per-layer terms: {'kept' if calibration.fit.get('layer_terms') else 'not used'}"
+              + (f" (a left-out model's mean host time off by {100 * scores.get('with_layer_terms', 0):.1f}% with them, "
+                 f"{100 * scores.get('pooled', 0):.1f}% pooled)" if scores else f" (fewer than {MIN_MODELS_FOR_CHOICE} models)"))
+    return "\n".join([
+        calibration.describe(),
+        format_table(["path", "constant (ms)", "per layer (us)", "per seq (us)", "per token (us)", "per KV token (ns)",
+                      "per KV token-layer (ns)"], rows),
+        f"graph capture: {calibration.graph_capture_s * MS_PER_S:.3f} ms + {calibration.graph_capture_per_layer_s * MS_PER_S:.4f} ms/layer",
+        choice,
+        format_table(["model", "steps", "mean host (ms)", "fitted - measured (ms)"], fit_rows),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# The overhead simulate and validate add
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_overhead(path: str | None, no_overhead: bool, step_choice: Any, engine: str, scheduler: Any,
+                     model: str | None) -> CpuOverheadModel:
+    """The host overhead a simulation adds, and (in its `source`) which one it is.
+
+    --cpu-overhead FILE wins; --no-cpu-overhead adds none, with a warning; the analytic step model
+    (tests, demos) adds none; otherwise the store's calibration for the platform, engine, backend
+    and the settings' CUDA-graph mode, or an error when the store has none: a prediction without
+    the host's share of a step is 10-60% fast, and silently so."""
+    if path and no_overhead:
+        raise DoolyError("--cpu-overhead and --no-cpu-overhead exclude each other")
+    if path:
+        model_file = CpuOverheadModel.load(path)
+        model_file.source = f"file {path}: {model_file.source}" if model_file.source else f"file {path}"
+        return model_file
+    if no_overhead:
+        logger.warning("--no-cpu-overhead: the engine's host time per step is left out; predictions run fast")
+        return CpuOverheadModel.zero()
+    if step_choice.analytic or not step_choice.store:
+        return CpuOverheadModel(source="none: the analytic step model adds no host overhead unless --cpu-overhead is given")
+    from dooly.store.backends import open_store
+
+    graphs = scheduler_uses_graphs(scheduler)
+    store = open_store(step_choice.store, create=False)
+    calibration = find_calibration(store, platform=step_choice.platform or "", engine=engine,
+                                   backend=step_choice.backend or "", cuda_graphs=graphs)
+    if calibration is None:
+        raise DoolyError(
+            f"store {step_choice.store} holds no host-overhead calibration for {step_choice.platform} / {engine} / "
+            f"{step_choice.backend} / graphs {'on' if graphs else 'off'}: run `dooly calibrate`, or pass "
+            "--cpu-overhead FILE, or --no-cpu-overhead to leave the host out")
+    if model is None:
+        raise DoolyError("the store's calibration needs the MODEL argument (its layer count)")
+    inventory = None
+    try:
+        layers = model_layers(model)
+    except DoolyError:
+        from dooly.fit.source import open_inventory
+
+        inventory = open_inventory(step_choice.fitted(engine), model)
+        layers = model_layers(model, inventory)
+    return calibration.for_model(layers, model)
