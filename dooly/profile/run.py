@@ -288,8 +288,6 @@ def _measure_collectives(items: list[WorkItem], device: str, options: ProfileOpt
     from dooly.profile.collectives import rank_worker, work_payload, world_size_of
 
     by_world: dict[int, list[WorkItem]] = {}
-    planned_keys: dict[str, set[str]] = {}
-    measured_keys: dict[str, set[str]] = {}
     for item in items:
         by_world.setdefault(world_size_of(item.op), []).append(item)
     for world, group in sorted(by_world.items()):
