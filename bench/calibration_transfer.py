@@ -130,10 +130,10 @@ def repeat_groups() -> dict[str, list[tuple[str, Path]]]:
         for run_dir in sorted(root.glob("*")):
             for cell in sorted(p for p in run_dir.glob("*.default.*") if (p / "steps.parquet").is_file()):
                 groups[cell.name].append((run_dir.name, cell))
-    for cell in list(groups):
-        committed = H100_TRUTH / cell
-        if not cell.endswith(CALIBRATION_WORKLOAD) and (committed / "steps.parquet").is_file():
-            groups[cell].append(("committed", committed))
+    for name in list(groups):
+        committed = H100_TRUTH / name
+        if not name.endswith(CALIBRATION_WORKLOAD) and (committed / "steps.parquet").is_file():
+            groups[name].append(("committed", committed))
     return groups
 
 

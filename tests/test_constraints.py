@@ -35,7 +35,7 @@ _NO_EXTRA = {"extra": ""}
 
 def read_pins(path: Path = CONSTRAINTS) -> dict[str, str]:
     """name -> pinned version of every `name==version` line."""
-    pins = {}
+    pins: dict[str, str] = {}
     for raw in path.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
         if not line:

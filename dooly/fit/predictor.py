@@ -107,7 +107,10 @@ def tabulate(model: OpModel) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(model, InterpModel):
         values = model.predict_values(TABLE_GRID)
     else:
-        values = model.predict_terms(term_matrix({model.single_var: TABLE_GRID}, len(TABLE_GRID)))
+        var = model.single_var
+        if var is None:
+            raise ValueError(f"{model.signature}: only a one-variable model can be tabulated")
+        values = model.predict_terms(term_matrix({var: TABLE_GRID}, len(TABLE_GRID)))
     values[0] = 0.0
     return values[:DENSE_LIMIT], values[DENSE_LIMIT:]
 
@@ -289,10 +292,10 @@ class Predictor:
             for var in model.request_vars:
                 if var not in numeric and not (var == "S" and "K" in numeric) and seqs is None:
                     raise DoolyError(f"request lacks variable {var!r} needed by {model.op_class} ({sigs[i]})")
-            var = model.single_var
-            if var is not None and var in numeric:
-                x = numeric[var][rows]
-                cached = (model.signature, var) in self._tables
+            single = model.single_var
+            if single is not None and single in numeric:
+                x = numeric[single][rows]
+                cached = (model.signature, single) in self._tables
                 if (cached or len(rows) >= TABLE_MIN_ROWS) and np.array_equal(x, np.floor(x)):
                     out[rows] = lookup_many(*self.table(model), x)
                     continue

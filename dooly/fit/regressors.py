@@ -197,6 +197,7 @@ class InterpModel(OpModel):
     curve: Curve | None = None
 
     def predict_values(self, values: np.ndarray) -> np.ndarray:
+        assert self.curve is not None, "InterpModel without a fitted curve"
         return self.curve.predict(values)
 
     def predict_terms(self, terms: np.ndarray) -> np.ndarray:
@@ -405,9 +406,11 @@ class CorrectedLinearModel(OpModel):
     tables: PairTables | None = None
 
     def predict_terms(self, terms: np.ndarray) -> np.ndarray:
+        assert self.tables is not None, "CorrectedLinearModel without fitted tables"
         return np.maximum(terms @ self.coef, MIN_SECONDS) * self.tables.factor(terms)
 
     def corrected_terms(self) -> tuple[np.ndarray, PairTables]:
+        assert self.tables is not None, "CorrectedLinearModel without fitted tables"
         return self.coef, self.tables
 
 
@@ -457,13 +460,17 @@ class ClassRegressor:
 
     def predict(self, physical: np.ndarray, logx: np.ndarray, regimes: np.ndarray) -> np.ndarray:
         if self.method == METHOD_REGIME:
+            assert self.regime_coef is not None
             return np.maximum(np.einsum("ij,ij->i", physical, self.regime_coef[regimes]), MIN_SECONDS)
         if self.method in (METHOD_NNLS, METHOD_NNLS_GBT):
+            assert self.coef is not None
             base = np.maximum(physical @ self.coef, MIN_SECONDS)
             if self.method == METHOD_NNLS_GBT:
+                assert self.trees is not None
                 base = base * np.exp(self.trees.predict(logx))
             return base
         if self.method == METHOD_GBT:
+            assert self.trees is not None
             return np.exp(self.trees.predict(logx))
         return np.exp(logx @ self.log_coef + self.log_intercept)
 
@@ -534,28 +541,39 @@ class BoundClassModel(OpModel):
     var_mask: np.ndarray = field(default_factory=lambda: np.zeros(0))
     factor: float = 1.0
 
+    def _bound(self) -> tuple[ClassModel, StaticFeatures]:
+        """The class model and static features, which every bound model carries once built."""
+        assert self.model is not None and self.static is not None, "BoundClassModel not bound"
+        return self.model, self.static
+
     def predict_terms(self, terms: np.ndarray) -> np.ndarray:
+        model, static = self._bound()
         n = terms.shape[0]
-        physical = terms[:, self.static.term_index] * self.static.multiplier
+        physical = terms[:, static.term_index] * static.multiplier
         logx = np.empty((n, 0))
-        if self.model.regressor.needs_logx:
+        if model.regressor.needs_logx:
             logx = log_design(
                 terms, physical, np.broadcast_to(self.config, (n, len(self.config))), self.var_mask
             )
-        return self.factor * self.model.regressor.predict(physical, logx, regime_of(terms))
+        return self.factor * model.regressor.predict(physical, logx, regime_of(terms))
 
     def linear_terms(self) -> np.ndarray | None:
-        if self.model.regressor.method != METHOD_NNLS:
+        regressor = self._bound()[0].regressor
+        if regressor.method != METHOD_NNLS:
             return None
-        return self.factor * self._to_terms(self.model.regressor.coef)
+        assert regressor.coef is not None
+        return self.factor * self._to_terms(regressor.coef)
 
     def regime_terms(self) -> np.ndarray | None:
-        if self.model.regressor.method == METHOD_REGIME:
-            return self.factor * np.stack([self._to_terms(row) for row in self.model.regressor.regime_coef])
+        regressor = self._bound()[0].regressor
+        if regressor.method == METHOD_REGIME:
+            assert regressor.regime_coef is not None
+            return self.factor * np.stack([self._to_terms(row) for row in regressor.regime_coef])
         return super().regime_terms()
 
     def _to_terms(self, feature_coef: np.ndarray) -> np.ndarray:
         """Coefficients over physical features -> over request terms, for this signature."""
+        static = self._bound()[1]
         coef = np.zeros(N_TERMS)
-        np.add.at(coef, self.static.term_index, feature_coef * self.static.multiplier)
+        np.add.at(coef, static.term_index, feature_coef * static.multiplier)
         return coef

@@ -187,12 +187,12 @@ def true_seconds(operation: dict[str, Any], request: dict[str, Any]) -> np.ndarr
         return elementwise_seconds(np.asarray(request["T"], dtype=np.float64) * cfg["in0.1"], 2)
     if operation["op"] == SILU:
         return elementwise_seconds(np.asarray(request["T"], dtype=np.float64) * cfg["in0.1"], 1)
-    return attention_seconds(
-        request["seqs"],
-        attention_field(cfg, NUM_HEADS),
-        attention_field(cfg, NUM_KV_HEADS),
-        attention_field(cfg, HEAD_DIM),
-    )
+    heads = attention_field(cfg, NUM_HEADS)
+    kv_heads = attention_field(cfg, NUM_KV_HEADS)
+    head_dim = attention_field(cfg, HEAD_DIM)
+    if heads is None or kv_heads is None or head_dim is None:
+        raise ValueError(f"{operation['signature']}: attention config lacks heads, kv heads or head_dim")
+    return attention_seconds(request["seqs"], heads, kv_heads, head_dim)
 
 
 def snapshot_rows(
@@ -218,7 +218,7 @@ def _operation_rows(
     if operation["op"] == "attention":
         seqs = attention_points()
         agg = aggregates_from_seqs(seqs, 0)
-        request = {"seqs": seqs}
+        request: dict[str, Any] = {"seqs": seqs}
         points = [
             {
                 "T": int(agg["T"][j]),
