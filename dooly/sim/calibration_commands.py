@@ -60,7 +60,7 @@ class CalibrationRun:
     @classmethod
     def load(cls, directory: Path, name: str | None = None) -> CalibrationRun:
         from dooly.jsonfile import read_json_object
-        from dooly.sim.commands import _with_model_groups
+        from dooly.sim.options import with_model_groups
         from dooly.sim.schedulers import make_scheduler
 
         bench_path = directory / BENCH_FILE
@@ -77,15 +77,15 @@ class CalibrationRun:
         version = str(stack.get("engine_version") or "")
         if not version:
             raise DoolyError(f"{bench_path} does not record the engine version (stack.engine_version)")
-        scheduler = make_scheduler(engine, _with_model_groups(model, engine, settings))
+        scheduler = make_scheduler(engine, with_model_groups(model, engine, settings))
         key = CalibrationKey(platform, engine, version, backend, scheduler_uses_graphs(scheduler))
         return cls(directory, name or directory.name, model, key, str(bench.get("dtype", "bfloat16")), settings)
 
     def scheduler(self) -> Any:
-        from dooly.sim.commands import _with_model_groups
+        from dooly.sim.options import with_model_groups
         from dooly.sim.schedulers import make_scheduler
 
-        return make_scheduler(self.key.engine, _with_model_groups(self.model, self.key.engine, self.settings))
+        return make_scheduler(self.key.engine, with_model_groups(self.model, self.key.engine, self.settings))
 
 
 def model_layers(model: str, inventory: dict[str, Any] | None = None) -> int:

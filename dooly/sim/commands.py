@@ -22,6 +22,7 @@ from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
 from dooly.outputs import writable_dir, writable_file
 from dooly.sim.options import StepChoice, model_dims, step_model_options
+from dooly.sim.options import with_model_groups as _with_model_groups  # dooly.explore.commands imports it from here
 from dooly.workload import workload_options
 
 logger = logging.getLogger(__name__)
@@ -62,23 +63,6 @@ def _engine_options(func):
     for option in reversed(options):
         func = option(func)
     return func
-
-
-def _with_model_groups(model: str | None, engine: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """The engine settings plus how the model's layer groups charge KV blocks (transformers:
-    a sliding-window model holds more blocks per request); settings given explicitly win."""
-    if model is None or engine != "transformers":
-        return settings
-    from dooly.engines.transformers_cb import cache_groups
-    from dooly.models.registry import build_hf_config, resolve_model
-
-    try:
-        spec = resolve_model(model)
-    except DoolyError:
-        logger.warning("%s is known to the store only, not as a config: its KV blocks are charged as for full "
-                       "attention", model)
-        return settings
-    return {**cache_groups(build_hf_config(spec)), **settings}
 
 
 def _cpu_overhead(path: str | None, no_overhead: bool, step_choice: StepChoice, engine: str, scheduler: Any,

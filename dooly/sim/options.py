@@ -4,6 +4,7 @@ validate-steps): collected once into a `StepChoice` instead of nine positional a
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,8 @@ from dooly.fit.source import DEFAULT_DTYPE, FittedSource
 
 if TYPE_CHECKING:
     from dooly.sim.step_model import ModelDims
+
+logger = logging.getLogger(__name__)
 
 STEP_OPTION_NAMES = ("analytic", "store", "platform", "backend", "dtype", "tp", "interconnect")
 
@@ -78,6 +81,23 @@ def model_dims(model: str) -> ModelDims:
 
     spec = resolve_model(model)
     return ModelDims.from_config(spec.config, name=spec.model_id)
+
+
+def with_model_groups(model: str | None, engine: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The engine settings plus how the model's layer groups charge KV blocks (transformers:
+    a sliding-window model holds more blocks per request); settings given explicitly win."""
+    if model is None or engine != "transformers":
+        return settings
+    from dooly.engines.transformers_cb import cache_groups
+    from dooly.models.registry import build_hf_config, resolve_model
+
+    try:
+        spec = resolve_model(model)
+    except DoolyError:
+        logger.warning("%s is known to the store only, not as a config: its KV blocks are charged as for full "
+                       "attention", model)
+        return settings
+    return {**cache_groups(build_hf_config(spec)), **settings}
 
 
 def step_model_options(func: Callable[..., Any]) -> Callable[..., Any]:
