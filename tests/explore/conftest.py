@@ -28,10 +28,10 @@ def calibration(platform: str, constant_s: float = CALIBRATED_HOST_S) -> Any:
 def two_platform_store(tmp_path_factory) -> str:
     import pyarrow as pa
 
+    from dooly.sim.calibration import write_calibration
     from dooly.store.backends import open_store
     from dooly.store.merge import merge_store
     from dooly.store.schema import SHARD_SCHEMA
-    from dooly.sim.calibration import write_calibration
     from dooly.store.shards import write_json, write_shard
 
     root = str(tmp_path_factory.mktemp("explore-db"))
