@@ -7,18 +7,22 @@ degrees (1, 2) = 48 candidates, SLO ttft_p90 <= 0.5 s and tpot_p90 <= 0.05 s, th
 (100 requests, 512-token prompts, 128-token outputs, Poisson).
 
 No committed store holds all of that, so the benchmark builds a MERGED store (in a temporary
-directory unless --store-dir is given):
-- the fitted H100 store (/work/fitted/h100: paged|sdpa, paged|eager, paged|flex_attention) and the
-  fitted H200 store (/work/fitted/h200: paged|sdpa, paged|eager; Mixtral only, so Llama-3.1-8B on
-  the H200 is predicted from class models: its coverage column says so) side by side in one
-  generation; H200 has no paged|flex_attention group, so those 8 candidates are listed as
+directory unless --store-dir is given) from fitted copies of the committed stores: data/h100/db and
+data/h200/db are copied under --work-dir (default: dooly-bench-explore in the OS temp dir),
+`dooly merge` + `dooly fit` once (the H100 fit takes minutes), and the copies are reused while the
+committed stores are unchanged (a digest of their files is kept beside each copy):
+- the fitted H100 store (paged|sdpa, paged|eager, paged|flex_attention) and the fitted H200 store
+  (paged|sdpa, paged|eager; Mixtral only, so Llama-3.1-8B on the H200 is an unseen model, traced
+  on the CPU and predicted from class models: its coverage column says so) side by side in one
+  generation, with both stores' host-overhead calibrations; H200 has no paged|flex_attention group
+  and neither store a calibration of paged|flex_attention, so those 16 candidates are listed as
   unpredictable, as explore lists any candidate the store cannot predict;
 - SYNTHETIC collectives per platform (all_reduce and all_gather on a ring law, fitted as the fit
   stage fits measured ones; neither store holds measured collectives) and the committed tp2 traces
   of Llama-3.1-8B (data/traces/Llama-3.1-8B.tp2.paged-{sdpa,eager,flex_attention}.json, made with
   `dooly trace meta-llama/Llama-3.1-8B --tp 2 --attention B --out F`) as its tp2 inventories.
-Host overhead: the committed H100 calibrations of Llama-3.1-8B per backend (paged|sdpa, paged|eager)
-for both platforms.
+Host overhead: each store's calibration per platform and backend (graphs off: the settings leave
+use_cuda_graph at its default), as explore and simulate pick them by default.
 
 The naive loop runs `python -m dooly.cli simulate` once per (candidate, rate) that the search
 evaluated (the saturation run as `--arrival burst`); by default it times a subset of
@@ -32,6 +36,7 @@ on 2 cores (the same parallelism explore gets).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -45,13 +50,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-H100 = Path("/work/fitted/h100")
-H200 = Path("/work/fitted/h200")
+# The committed stores the benchmark fits copies of (name under the work dir -> source).
+SOURCES = {"h100": ROOT / "data/h100/db", "h200": ROOT / "data/h200/db"}
+WORK_DIR_NAME = "dooly-bench-explore"
+DIGEST_FILE = ".bench-source-digest"
+FIT_TIMEOUT_S = 1800
 TP_TRACES = [ROOT / f"data/traces/Llama-3.1-8B.tp2.paged-{b}.json" for b in ("sdpa", "eager", "flex_attention")]
-OVERHEADS = {
-    "paged|sdpa": ROOT / "data/h100/validation/Llama-3.1-8B.paged-sdpa.default.overhead.json",
-    "paged|eager": ROOT / "data/h100/validation/Llama-3.1-8B.paged-eager.default.overhead.json",
-}
 MODEL = "meta-llama/Llama-3.1-8B"
 SLOS = ("ttft_p90=0.5", "tpot_p90=0.05")
 SETTINGS = ("num_blocks=512,1024", "max_batch_tokens=512,2048")
@@ -95,21 +99,55 @@ def collective_frame(platform: str):
     return pl.DataFrame(rows)
 
 
-def build_store(root: Path) -> str:
+def source_digest(source: Path) -> str:
+    """What a fitted copy was made from: every file of the committed store, by path and content."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(source)).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def fitted_copy(name: str, source: Path, work_dir: Path) -> Path:
+    """A merged and fitted copy of SOURCE under WORK_DIR, made once and reused while SOURCE's files
+    are unchanged (fitting the H100 store takes minutes; the committed stores carry no fitted
+    models)."""
+    target = work_dir / name
+    digest = source_digest(source)
+    marker = target / DIGEST_FILE
+    if marker.is_file() and marker.read_text().strip() == digest:
+        return target
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for stage in ("merge", "fit"):
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "dooly.cli", stage, "--store", str(target)], env=env,
+                              capture_output=True, text=True, timeout=FIT_TIMEOUT_S)
+        if done.returncode != 0:
+            raise SystemExit(f"dooly {stage} --store {target} failed: {done.stderr.strip()[-500:]}")
+        print(f"{name}: dooly {stage} in {time.perf_counter() - t0:.0f} s")
+    marker.write_text(digest + "\n")
+    return target
+
+
+def build_store(root: Path, work_dir: Path) -> str:
     """The merged H100 + H200 store with synthetic collectives and the tp2 inventory."""
     from dooly.fit.persist import serialize_group
     from dooly.fit.selection import fit_frame
     from dooly.profile.run import inventory, inventory_key
     from dooly.trace.schema import Trace
 
+    h100, h200 = (fitted_copy(name, source, work_dir) for name, source in SOURCES.items())
     if root.exists():
         shutil.rmtree(root)
-    for source in (H100, H200):
-        shutil.copytree(source / "inventories", root / "inventories", dirs_exist_ok=True)
-        shutil.copytree(source / "models", root / "models", dirs_exist_ok=True)
-    shutil.copy(H100 / "dooly-store.json", root / "dooly-store.json")
+    for source in (h100, h200):
+        for part in ("inventories", "models", "calibrations"):
+            shutil.copytree(source / part, root / part, dirs_exist_ok=True)
+    shutil.copy(h100 / "dooly-store.json", root / "dooly-store.json")
     generation = root / "models" / "gen-000001"
-    metas = [json.loads((s / "models" / "gen-000001" / "meta.json").read_text()) for s in (H100, H200)]
+    metas = [json.loads((s / "models" / "gen-000001" / "meta.json").read_text()) for s in (h100, h200)]
     meta = metas[0]
     meta["groups"] = metas[0]["groups"] + metas[1]["groups"]
     meta["inventories"] = sorted(set(metas[0]["inventories"]) | set(metas[1]["inventories"]))
@@ -139,8 +177,6 @@ def explore_args(store: str) -> list[str]:
         args += ["--slo", slo]
     for setting in SETTINGS:
         args += ["--set", setting]
-    for backend, path in OVERHEADS.items():
-        args += ["--overhead", f"{backend}={path}"]
     return args
 
 
@@ -153,8 +189,6 @@ def naive_commands(store: str, document: dict) -> list[list[str]]:
                 "--backend", c["backend"], "--tp", str(c["tp"]), "--output", "json"]
         for key, value in c["settings"].items():
             base += ["--set", f"{key}={json.dumps(value)}"]
-        if c["backend"] in OVERHEADS:
-            base += ["--cpu-overhead", str(OVERHEADS[c["backend"]])]
         commands.append([*base, "--arrival", "burst"])
         commands += [[*base, "--rate", repr(p["rate_rps"])] for p in result.get("points", [])]
     return commands
@@ -182,15 +216,18 @@ def run_naive(commands: list[list[str]], parallel: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store-dir", type=Path, help="Build the merged store here (default: a temporary directory).")
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / WORK_DIR_NAME,
+                        help="Keep the fitted copies of the committed stores here, reused across runs "
+                             "[default: %(default)s].")
     parser.add_argument("--naive-runs", type=int, default=DEFAULT_NAIVE_RUNS,
                         help="Time this many naive simulate processes and extrapolate (0: skip; -1: all).")
     parser.add_argument("--out", type=Path, help="Also write explore's files here.")
     args = parser.parse_args()
-    tmp = None if args.store_dir else tempfile.mkdtemp(prefix="bench-explore-")
-    root = args.store_dir or Path(tmp) / "db"
+    tmp = None if args.store_dir else Path(tempfile.mkdtemp(prefix="bench-explore-"))
+    root: Path = args.store_dir if tmp is None else tmp / "db"
     try:
         t0 = time.perf_counter()
-        store = build_store(root)
+        store = build_store(root, args.work_dir)
         print(f"merged store built in {time.perf_counter() - t0:.1f} s: {store}")
         command = [sys.executable, "-m", "dooly.cli", "explore", *explore_args(store)]
         if args.out:

@@ -213,21 +213,18 @@ def build_space(
 
 
 def _unpredictable(facts: StoreFacts, held: set[tuple[str, str, str, str]], c: Candidate) -> str | None:
+    """Why the store cannot predict C, from its facts alone (None when it may).
+
+    A model the store holds no inventory of is not a reason: the resolver traces it on the CPU
+    when its step model is opened (`dooly.fit.resolve`), and a model it cannot trace is reported
+    then, with the resolver's error."""
     group = (c.platform, c.engine, c.backend, c.dtype)
     if group not in held:
         return f"no fitted models for {'/'.join(group)} in generation {facts.generation}"
-    traced = facts.inventories.get(c.model.lower()) or facts.inventories.get(c.model.rsplit("/", 1)[-1].lower())
-    if not traced:
-        return f"no inventory of {c.model} in the store (profile or trace it first)"
     if c.tp > 1:
         labels = facts.collectives.get((c.platform, c.dtype), ())
         if not labels:
             return f"tp{c.tp}: no collectives measured on {c.platform}/{c.dtype}"
         if len(labels) > 1:
             return f"tp{c.tp}: collectives of several interconnects ({', '.join(labels)}); not chosen automatically"
-    if (c.tp, c.backend) not in traced:
-        # An attention signature belongs to the backend it was traced with: another backend's
-        # inventory would ask this group for an attention class it never fitted.
-        have = ", ".join(f"tp{t} {b}" for t, b in sorted(traced))
-        return f"no inventory of {c.model} traced with {c.backend} for tp{c.tp} (traced: {have})"
     return None

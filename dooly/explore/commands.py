@@ -27,8 +27,9 @@ REPORTS_PREFIX = "reports/"
 DEFAULT_REPORT_NAME = "explore"
 GENERATION_DIGITS = 6
 PROGRESS_LOG_EVERY_S = 5.0
-COVERAGE_NOTE = ("share of the model's operations measured on the platform (op_count - unseen_count of the step "
-                 "predictor), a proxy until the predictor reports the measured share of device time")
+COVERAGE_NOTE = ("share of the predicted device time at each candidate's capacity that is measured (the rest: class "
+                 "regressors for signatures never profiled, the family fallback for op classes never profiled on "
+                 "the platform); 'traced': the store holds no inventory of the model, traced on the CPU")
 
 
 def parse_overheads(items: tuple[str, ...]) -> dict[str, str]:
@@ -68,8 +69,11 @@ def parse_overheads(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--prices", "prices_path", type=click.Path(dir_okay=False),
               help="YAML of USD per GPU-hour per platform [default: the packaged EXAMPLE table].")
 @click.option("--overhead", "overheads", multiple=True, metavar="[PLATFORM:]BACKEND[:graphs|nographs]=FILE",
-              help="Host-overhead model (dooly.cpu_overhead/1) per platform/backend, optionally per CUDA-graph "
-                   "mode (use_cuda_graph on or off), or FILE for all (repeat; the most specific key wins).")
+              help="Host-overhead file (dooly.cpu_overhead/1) per platform/backend, optionally per CUDA-graph "
+                   "mode (use_cuda_graph on or off), or FILE for all (repeat; the most specific key wins); it "
+                   "overrides the store's calibration [default: the store's calibration per candidate].")
+@click.option("--no-cpu-overhead", is_flag=True,
+              help="Add no host overhead (warns): device time only, as `dooly simulate --no-cpu-overhead`.")
 @workload_options_except("rate")
 @click.option("--tolerance", type=float, default=0.05, show_default=True,
               help="Stop bisecting when the bracket's hi/lo <= 1 + tolerance.")
@@ -85,7 +89,7 @@ def parse_overheads(items: tuple[str, ...]) -> dict[str, str]:
 def explore_command(
     models: tuple[str, ...], store_uri: str, slos: tuple[str, ...], platforms: tuple[str, ...], backends: tuple[str, ...],
     engines: tuple[str, ...], dtypes: tuple[str, ...], tp_text: str, settings: tuple[str, ...], prices_path: str | None,
-    overheads: tuple[str, ...], workload_args: dict[str, Any], tolerance: float, min_rate: float | None,
+    overheads: tuple[str, ...], no_cpu_overhead: bool, workload_args: dict[str, Any], tolerance: float, min_rate: float | None,
     max_rate: float | None, jobs: int | None, out_dir: str | None, report: bool, report_name: str, plots: bool,
     output_format: str,
 ) -> None:
@@ -98,6 +102,11 @@ def explore_command(
     KV-cache memory and whether weights + KV fit the GPU. The answer: a ranked table, the
     cost-latency Pareto frontier, JSON, CSV and PNG plots. Candidates the store cannot predict are
     listed with the reason.
+
+    A model the store holds no inventory of is traced on the CPU and predicted (coverage beside
+    each candidate: the share of its predicted device time that is measured). Host overhead is
+    the store's calibration for the candidate's platform, engine, backend and CUDA-graph mode
+    (--overhead FILE overrides it; a candidate with neither is listed as unpredictable).
 
     \b
     Example:
@@ -116,6 +125,10 @@ def explore_command(
     grid = parse_setting_grid(settings)
     prices = load_prices(prices_path)
     overhead_files = parse_overheads(overheads)
+    if overhead_files and no_cpu_overhead:
+        raise DoolyError("--overhead and --no-cpu-overhead exclude each other")
+    if no_cpu_overhead:
+        logger.warning("--no-cpu-overhead: the engine's host time per step is left out; capacities run high")
     if not tolerance > 0:
         raise DoolyError(f"--tolerance must be > 0, got {tolerance}")
     for name, value in (("--min-rate", min_rate), ("--max-rate", max_rate)):
@@ -143,7 +156,7 @@ def explore_command(
                 len(space.unpredictable), time.perf_counter() - started)
     context = SearchContext(store=store_uri, slos=slo_list, workload=workload, overheads=overhead_files,
                             model_settings={m: _model_groups(m) for m in models}, tolerance=tolerance,
-                            min_rate=min_rate, max_rate=max_rate)
+                            min_rate=min_rate, max_rate=max_rate, no_overhead=no_cpu_overhead)
     memory = _memory(space.runnable, prices)
     to_search = [c for c in space.runnable if memory[c].get("fits") is not False]
     logger.info("explore: model settings and memory ready (%.1f s)", time.perf_counter() - started)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dooly.explore.report import coverage_label
 from dooly.sim.plots import _pyplot
 
 CAPACITY_FILE = "capacity.png"
@@ -37,7 +38,7 @@ def plot_capacity(document: dict[str, Any], directory: Path) -> Path:
         for r in top:
             pts = [p for p in r["points"] if p["slo_values_s"].get(slo["name"]) is not None]
             ax.plot([p["rate_rps"] for p in pts], [p["slo_values_s"][slo["name"]] * MS_PER_S for p in pts],
-                    marker="o", markersize=3, label=f"#{r['rank']} {r['label']}")
+                    marker="o", markersize=3, label=f"#{r['rank']} {r['label']} [{coverage_label(r.get('coverage', {}))}]")
         ax.axhline(slo["limit_s"] * MS_PER_S, color="black", linestyle="--", linewidth=0.8, label="SLO")
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(f"{slo['name']} (ms)")

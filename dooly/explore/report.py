@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 from dooly.explore.hardware import PriceTable
+from dooly.fit.resolve import ORIGIN_STORE
 from dooly.output import format_table
 
 SCHEMA = "dooly.explore/1"
@@ -25,11 +26,14 @@ SECONDS_PER_HOUR = 3600.0
 PER_MILLION = 1e6
 MS_PER_S = 1e3
 TOP_PLOTTED = 6
+# A fallback share below half a percent is not shown beside the measured share.
+COVERAGE_SHOWN_SHARE = 0.005
 CSV_COLUMNS = (
     "rank", "model", "platform", "engine", "backend", "dtype", "tp", "settings", "status", "capacity_rps",
     "output_tokens_per_s", "capacity_rps_per_gpu", "output_tokens_per_s_per_gpu", "usd_per_gpu_hour",
     "requests_per_usd", "output_tokens_per_usd", "usd_per_million_output_tokens", "fits", "weights_gib_per_gpu",
-    "kv_cache_gib_per_gpu", "coverage_measured_share", "unseen_ops", "ops", "limited_by", "reason",
+    "kv_cache_gib_per_gpu", "coverage_measured_share", "coverage_class_regressor_share", "coverage_fallback_share",
+    "inventory", "overhead", "limited_by", "reason",
 )
 
 
@@ -133,11 +137,29 @@ def csv_text(ranked: list[dict[str, Any]], unpredictable: list[dict[str, Any]]) 
                 "usd_per_gpu_hour", "requests_per_usd", "output_tokens_per_usd", "usd_per_million_output_tokens")},
             "fits": _csv(m.get("fits")), "weights_gib_per_gpu": _csv(m.get("weights_gib_per_gpu")),
             "kv_cache_gib_per_gpu": _csv(m.get("kv_cache_gib_per_gpu")),
-            "coverage_measured_share": _csv(cov.get("measured_share")), "unseen_ops": _csv(cov.get("unseen_count")),
-            "ops": _csv(cov.get("op_count")), "limited_by": r.get("limited_by", ""),
+            "coverage_measured_share": _csv(cov.get("measured_share")),
+            "coverage_class_regressor_share": _csv(cov.get("class_regressor_share")),
+            "coverage_fallback_share": _csv(cov.get("fallback_share")), "inventory": cov.get("inventory", ""),
+            "overhead": r.get("overhead", ""), "limited_by": r.get("limited_by", ""),
             "reason": r.get("reason") or r.get("note") or "",
         })
     return buffer.getvalue()
+
+
+def coverage_label(coverage: dict[str, Any]) -> str:
+    """`93% meas` (or `93% meas, 2% fallback`): the measured share of the predicted device time at
+    the candidate's capacity, and the fallback's share when any (the least trustworthy part);
+    `traced` marks a model the store never held, whose inventory is a CPU trace."""
+    measured = coverage.get("measured_share")
+    if measured is None:
+        return "-"
+    text = f"{measured:.0%} meas"
+    fallback = coverage.get("fallback_share") or 0.0
+    if fallback >= COVERAGE_SHOWN_SHARE:
+        text += f", {fallback:.0%} fallback"
+    if coverage.get("inventory") and coverage.get("inventory") != ORIGIN_STORE:
+        text += ", traced"
+    return text
 
 
 def _csv(value: Any) -> Any:
@@ -162,12 +184,11 @@ def text_report(document: dict[str, Any]) -> str:
     rows = []
     for r in document["candidates"]:
         g, m, cov = r.get("goodput", {}), r.get("memory", {}), r.get("coverage", {})
-        share = cov.get("measured_share")
         rows.append((
             r.get("rank") or "-", r["label"], _fmt(g.get("capacity_rps")), _fmt(g.get("output_tokens_per_s"), ".0f"),
             _fmt(g.get("output_tokens_per_s_per_gpu"), ".0f"), _fmt(g.get("usd_per_million_output_tokens"), ".3f"),
             {True: "yes", False: "NO", None: "?"}[m.get("fits")], _fmt(m.get("kv_cache_gib_per_gpu"), ".1f"),
-            "-" if share is None else f"{share:.0%} ({cov.get('op_count', 0) - cov.get('unseen_count', 0)}/{cov.get('op_count')})",
+            coverage_label(cov),
             r.get("limited_by") or r.get("reason") or r.get("note") or r["status"],
         ))
     lines.append(format_table(["rank", "candidate", "req/s", "out tok/s", "tok/s/GPU", "$/1M tok", "fits", "KV GiB",

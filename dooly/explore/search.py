@@ -184,48 +184,97 @@ class CandidateModels:
 ModelOpener = Callable[[Candidate, "SearchContext"], CandidateModels]
 
 _STEP_CACHE: dict[tuple[Any, ...], tuple[MemoStep, dict[str, Any], int | None]] = {}
-_OVERHEAD_CACHE: dict[str, CpuOverheadModel] = {}
+_OVERHEAD_CACHE: dict[tuple[Any, ...], tuple[CpuOverheadModel, str]] = {}
 # One fitted predictor per (store, platform, engine, backend, dtype) and process: every model and
 # TP degree on it shares the loaded regressors (loading is most of a cold candidate's cost).
 _PREDICTOR_CACHE: dict[tuple[str, ...], Any] = {}
+# The inventory each step model was built from (the store's, or a CPU trace), for the overhead's
+# layer count of a model Dooly has no config of.
+_INVENTORY_CACHE: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
 def open_store_models(candidate: Candidate, context: SearchContext) -> CandidateModels:
-    """The default opener: fitted step model from the store (once per process and step model,
-    memoised), host overhead from the --overhead file given for the platform/backend.
-
-    Coverage is a proxy until the step predictor reports measured vs estimated device time: the
-    share of the inventory's operations whose signatures were measured (op_count - unseen_count)."""
+    """The default opener: the fitted step model from the store (once per process and step model,
+    memoised); the model's inventory is the store's, else a CPU trace made now (an unseen model is
+    predicted from class regressors: its coverage says how much); the host overhead is the
+    --overhead file given for the candidate, else the store's calibration for its platform, engine,
+    backend and CUDA-graph mode. A model the resolver cannot trace, or a candidate without any
+    host-overhead calibration, raises DoolyError: the candidate is listed as unpredictable."""
     key = (context.store, *candidate.source_key())
     cached = _STEP_CACHE.get(key)
     if cached is None:
-        from dooly.fit.source import open_inventory, open_predictor
+        from dooly.fit.source import open_predictor, resolve_source_inventory
 
         source = candidate.source(context.store)
         predictor_key = (context.store, *candidate.predictor_key())
         predictor = _PREDICTOR_CACHE.get(predictor_key)
         if predictor is None:
             predictor = _PREDICTOR_CACHE[predictor_key] = open_predictor(source)
-        step = predictor.step_predictor(open_inventory(source, candidate.model))
-        ops, unseen = int(step.op_count), int(step.unseen_count)
-        coverage = {
-            "kind": "proxy: share of the model's operations (not of its device time) measured on this platform",
-            "op_count": ops,
-            "unseen_count": unseen,
-            "measured_share": (ops - unseen) / ops if ops else None,
-        }
+        resolved = resolve_source_inventory(source, candidate.model)
+        _INVENTORY_CACHE[key] = resolved.inventory
+        step = predictor.step_predictor(resolved.inventory)
+        coverage = {"inventory": resolved.origin}
         cached = (MemoStep(step), coverage, int(predictor.generation))
         _STEP_CACHE[key] = cached
     memo, coverage, generation = cached
-    overhead_path = context.overhead_for(candidate.platform, candidate.backend, graph_mode(candidate.settings))
-    overhead = None
-    if overhead_path:
-        overhead = _OVERHEAD_CACHE.get(overhead_path)
-        if overhead is None:
-            overhead = _OVERHEAD_CACHE[overhead_path] = CpuOverheadModel.load(overhead_path)
-    return CandidateModels(step=memo, overhead=overhead, coverage=coverage, generation=generation,
-                           overhead_source=overhead_path or "none: host overhead not modelled (no --overhead for "
-                           f"{candidate.platform}:{candidate.backend})")
+    overhead, overhead_source = _candidate_overhead(candidate, context, _INVENTORY_CACHE.get(key))
+    return CandidateModels(step=memo, overhead=overhead, coverage=dict(coverage), generation=generation,
+                           overhead_source=overhead_source)
+
+
+def _candidate_overhead(candidate: Candidate, context: SearchContext,
+                        inventory: dict[str, Any] | None) -> tuple[CpuOverheadModel | None, str]:
+    """The host overhead of one candidate and where it came from (see `open_store_models`).
+
+    The graph mode is the scheduler's own reading of the settings (what `dooly simulate` keys the
+    store's calibration by), so explore and simulate charge a candidate the same host time."""
+    from dooly.sim.calibration import find_calibration, scheduler_uses_graphs
+    from dooly.sim.calibration_commands import model_layers
+    from dooly.sim.schedulers import make_scheduler
+    from dooly.store.backends import open_store
+
+    if context.no_overhead:
+        return None, "none: --no-cpu-overhead (the engine's host time per step is left out)"
+    mode = graph_mode(candidate.settings)
+    path = context.overhead_for(candidate.platform, candidate.backend, mode)
+    if path:
+        found = _OVERHEAD_CACHE.get(("file", path))
+        if found is None:
+            found = _OVERHEAD_CACHE[("file", path)] = (CpuOverheadModel.load(path), f"file {path}")
+        return found
+    settings = {**context.model_settings.get(candidate.model, {}), **candidate.settings}
+    graphs = scheduler_uses_graphs(make_scheduler(candidate.engine, settings))
+    key = ("store", context.store, candidate.platform, candidate.engine, candidate.backend, graphs, candidate.model)
+    found = _OVERHEAD_CACHE.get(key)
+    if found is None:
+        calibration = find_calibration(open_store(context.store, create=False), platform=candidate.platform,
+                                       engine=candidate.engine, backend=candidate.backend, cuda_graphs=graphs)
+        if calibration is None:
+            raise DoolyError(
+                f"no host-overhead calibration in the store for {candidate.platform} / {candidate.engine} / "
+                f"{candidate.backend} / graphs {'on' if graphs else 'off'} (run `dooly calibrate`, give "
+                "--overhead FILE, or --no-cpu-overhead)")
+        model = calibration.for_model(model_layers(candidate.model, inventory), candidate.model)
+        found = _OVERHEAD_CACHE[key] = (model, model.source or calibration.describe())
+    return found
+
+
+def measured_coverage(step: Any, batches: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
+    """The share of predicted device time that is measured, from class regressors and from the
+    family fallback, over the steps one simulation priced (as `dooly simulate` reports it): in
+    total and per phase (`dooly.fit.coverage.coverage_payload`, without the per-op lists, which
+    `dooly simulate` gives for one candidate)."""
+    from dooly.fit.coverage import coverage_payload
+
+    inner = step.inner if isinstance(step, MemoStep) else step
+    if not hasattr(inner, "coverage_many"):
+        return {}
+    steps = list(batches)
+    total = coverage_payload({"all": inner.coverage_many(steps)})["all"]
+    phases = coverage_payload(inner.coverage_by_phase(steps))
+    for payload in (total, *phases.values()):
+        payload.pop("estimated", None)
+    return {**total, "phases": phases}
 
 
 def analytic_models(candidate: Candidate, context: SearchContext) -> CandidateModels:
@@ -257,6 +306,7 @@ class SearchContext:
     tolerance: float = DEFAULT_TOLERANCE
     min_rate: float | None = None
     max_rate: float | None = None
+    no_overhead: bool = False  # --no-cpu-overhead: device time only, as `dooly simulate` does
     opener: ModelOpener = open_store_models
 
     def overhead_for(self, platform: str, backend: str, mode: str) -> str | None:
@@ -279,14 +329,26 @@ def graph_mode(settings: dict[str, Any]) -> str:
     return GRAPHS if on else NO_GRAPHS
 
 
-def _evaluate(candidate: Candidate, models: CandidateModels, context: SearchContext, rate: float) -> dict[str, Any]:
-    """One simulation at `rate`: the SLO statistics and whether they hold."""
+def _simulate(candidate: Candidate, models: CandidateModels, context: SearchContext, rate: float,
+              record_batches: bool = False) -> Any:
     from dooly.sim.schedulers import make_scheduler
     from dooly.sim.simulator import simulate
 
     settings = {**context.model_settings.get(candidate.model, {}), **candidate.settings}
     scheduler = make_scheduler(candidate.engine, settings)
-    summary = simulate(context.workload.at(rate), scheduler, models.step, models.overhead).summary()
+    return simulate(context.workload.at(rate), scheduler, models.step, models.overhead, record_batches=record_batches)
+
+
+def _coverage_at(candidate: Candidate, models: CandidateModels, context: SearchContext, rate: float) -> dict[str, Any]:
+    """Coverage of the steps simulated at `rate` (the capacity, or the closest rate tried): the
+    batches are replayed from the step memo, so this costs one scheduler run, not a prediction."""
+    result = _simulate(candidate, models, context, rate, record_batches=True)
+    return {**models.coverage, **measured_coverage(models.step, result.batches or []), "at_rate_rps": rate}
+
+
+def _evaluate(candidate: Candidate, models: CandidateModels, context: SearchContext, rate: float) -> dict[str, Any]:
+    """One simulation at `rate`: the SLO statistics and whether they hold."""
+    summary = _simulate(candidate, models, context, rate).summary()
     finished = summary["num_finished"] == summary["num_requests"]
     values = {slo.name: slo.value(summary) for slo in context.slos}
     ok = finished and all(v is not None and v <= slo.limit_s for slo, v in zip(context.slos, values.values()))
@@ -374,9 +436,11 @@ def search_capacity(candidate: Candidate, context: SearchContext) -> dict[str, A
     if best is None:
         lowest = points[0]
         result.update(status="slo_not_met", capacity_rps=0.0, closest=lowest,
-                      reason=f"SLO missed even at {lowest['rate_rps']:.3g} req/s")
+                      reason=f"SLO missed even at {lowest['rate_rps']:.3g} req/s",
+                      coverage=_coverage_at(candidate, models, context, lowest["rate_rps"]))
         return result
-    result.update(status="ok", capacity_rps=best["rate_rps"], at_capacity=best, limited_by=limited_by)
+    result.update(status="ok", capacity_rps=best["rate_rps"], at_capacity=best, limited_by=limited_by,
+                  coverage=_coverage_at(candidate, models, context, best["rate_rps"]))
     return result
 
 

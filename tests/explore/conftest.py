@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from explore_support import FAST, FOLDS, REPEATS, SLOW, SLOWDOWN, TOY, rows_for
+from explore_support import CALIBRATED_HOST_S, FAST, FOLDS, REPEATS, SLOW, SLOWDOWN, TOY, TOY_BACKEND, rows_for
 
 from dooly.cli import cli
 from dooly.fit import synthetic as syn
+
+
+def calibration(platform: str, constant_s: float = CALIBRATED_HOST_S) -> Any:
+    """A host-overhead calibration for PLATFORM without CUDA graphs only: the toy store's
+    candidates with graphs on have none (explore must list them as unpredictable)."""
+    from dooly.sim.calibration import DEFAULT_KEY, Calibration, CalibrationKey, PathTerms
+
+    key = CalibrationKey(platform=platform, engine="transformers", engine_version="test", backend=TOY_BACKEND,
+                         cuda_graphs=False)
+    return Calibration(key=key, terms={DEFAULT_KEY: PathTerms(constant_s=constant_s)})
 
 
 @pytest.fixture(scope="session")
 def two_platform_store(tmp_path_factory) -> str:
     import pyarrow as pa
 
+    from dooly.sim.calibration import write_calibration
     from dooly.store.backends import open_store
     from dooly.store.merge import merge_store
     from dooly.store.schema import SHARD_SCHEMA
@@ -29,6 +41,8 @@ def two_platform_store(tmp_path_factory) -> str:
         write_shard(store, table, run_id="synthetic", chunk_index=index)
     write_json(store, syn.inventory_store_key(TOY), syn.inventory(TOY))
     merge_store(store)
+    for platform in (FAST, SLOW):
+        write_calibration(store, calibration(platform))
     result = CliRunner().invoke(cli, ["fit", "--store", root, "--folds", str(FOLDS), "--repeats", str(REPEATS)])
     assert result.exit_code == 0, result.output
     return root

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from explore_support import FAST, SLOW, TOY
+from explore_support import CALIBRATED_HOST_S, FAST, SLOW, TOY
 
 from dooly.cli import cli
 from dooly.errors import DoolyError
@@ -21,6 +21,8 @@ from dooly.sim.step_model import AnalyticStepModel, StepKind, StepPath
 WORKLOAD = ["--requests", "60", "--prompt-len", "uniform:64:512", "--output-len", "32", "--jobs", "1"]
 # SLO-bound on both platforms (the loose limits of the known-optimum test leave them throughput-bound).
 TIGHT = ["--slo", "ttft_p90=0.02", "--slo", "tpot_p90=0.0025"]
+# A host cost per step a hundred times the store's calibration: it must show in the capacity.
+HEAVY_HOST_S = 100 * CALIBRATED_HOST_S
 
 
 def explore(store: str, *args: str) -> tuple[int, str, str]:
@@ -172,8 +174,58 @@ def test_space_lists_every_asked_candidate(two_platform_store):
     facts = read_store_facts(two_platform_store)
     space = build_space(facts, [TOY.model_id, "org/unknown"], tps=(1, 4), settings=[{}, {"num_blocks": 64}])
     assert len(space.runnable) + len(space.unpredictable) == 2 * 2 * 2 * 2
+    # A model the store holds no inventory of is a candidate: the resolver traces it when opened.
+    assert {c.model for c in space.runnable} == {TOY.model_id, "org/unknown"}
     assert {c.platform for c in space.runnable} == {FAST, SLOW} and all(c.tp == 1 for c in space.runnable)
-    assert any("no inventory of org/unknown" in reason for _, reason in space.unpredictable)
+
+
+def test_a_model_the_resolver_cannot_trace_is_unpredictable_with_its_error(two_platform_store):
+    result = CliRunner().invoke(cli, ["explore", TOY.model_id, "org/unknown", "--store", two_platform_store,
+                                      *WORKLOAD, "--slo", "ttft_p90=0.05", "--platform", FAST, "--output", "json"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    reasons = {u["candidate"]["model"]: u["reason"] for u in document["unpredictable"]}
+    assert set(reasons) == {"org/unknown"} and "org/unknown" in reasons["org/unknown"]
+    assert [r["candidate"]["model"] for r in document["candidates"]] == [TOY.model_id]
+
+
+def test_host_overhead_comes_from_the_store_per_graph_mode(two_platform_store, tmp_path):
+    from dooly.sim.step_model import CpuOverheadModel, OverheadTerms
+
+    document = explore_json(two_platform_store, "--slo", "ttft_p90=0.05", "--platform", FAST,
+                            "--set", "use_cuda_graph=false,true")
+    (found,) = document["candidates"]
+    assert found["candidate"]["settings"]["use_cuda_graph"] is False
+    assert found["overhead"].startswith("store calibration") and "graphs off" in found["overhead"]
+    (missing,) = document["unpredictable"]
+    assert missing["candidate"]["settings"]["use_cuda_graph"] is True
+    assert "no host-overhead calibration" in missing["reason"] and "graphs on" in missing["reason"]
+    # --no-cpu-overhead predicts both, with no host time: at least the calibrated capacity.
+    bare = explore_json(two_platform_store, "--slo", "ttft_p90=0.05", "--platform", FAST,
+                        "--set", "use_cuda_graph=false,true", "--no-cpu-overhead")
+    assert len(bare["candidates"]) == 2 and not bare["unpredictable"]
+    no_graphs = next(r for r in bare["candidates"] if not r["candidate"]["settings"]["use_cuda_graph"])
+    assert no_graphs["capacity_rps"] >= found["capacity_rps"] * 0.95
+    # An --overhead file overrides the store: a heavy host cost lowers the capacity.
+    heavy = tmp_path / "heavy.json"
+    heavy.write_text(json.dumps(CpuOverheadModel(terms={"default": OverheadTerms(constant_s=HEAVY_HOST_S)}).to_dict()))
+    overridden = explore_json(two_platform_store, "--slo", "ttft_p90=0.05", "--platform", FAST,
+                              "--overhead", str(heavy))
+    assert overridden["candidates"][0]["overhead"] == f"file {heavy}"
+    assert overridden["candidates"][0]["capacity_rps"] < found["capacity_rps"]
+    code, _, err = explore(two_platform_store, "--slo", "ttft_p90=0.05", "--overhead", str(heavy), "--no-cpu-overhead")
+    assert code == 2 and err.startswith("error:") and "exclude each other" in err
+
+
+def test_coverage_is_the_measured_share_of_device_time(two_platform_store):
+    document = explore_json(two_platform_store, "--slo", "ttft_p90=0.05", "--platform", FAST)
+    coverage = document["candidates"][0]["coverage"]
+    # Every signature of the toy model was profiled: all of its device time is measured.
+    assert coverage["measured_share"] == pytest.approx(1.0)
+    assert coverage["class_regressor_share"] == coverage["fallback_share"] == 0.0
+    assert coverage["device_seconds"] > 0 and coverage["inventory"] == "store"
+    assert coverage["at_rate_rps"] == document["candidates"][0]["capacity_rps"]
+    assert set(coverage["phases"]) <= {"prefill", "decode", "mixed"} and coverage["phases"]
 
 
 def test_overhead_keys_pick_the_most_specific_file(tmp_path):

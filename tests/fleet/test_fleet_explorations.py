@@ -37,9 +37,10 @@ def test_explorations_run_after_fit_and_report_to_the_store():
     spec = _spec(EXPLORATIONS)
     merge = jobs.build_merge_job(spec, run_id=RUN_ID)
     pod = merge["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["initContainers"]] == ["merge", "fit", "explore-chat-8b"]
+    # After the calibration: explore prices host overhead from the store's calibrations.
+    assert [c["name"] for c in pod["initContainers"]] == ["merge", "fit", "calibrate", "explore-chat-8b"]
     assert [c["name"] for c in pod["containers"]] == ["explore-small"]
-    args = pod["initContainers"][2]["args"]
+    args = pod["initContainers"][3]["args"]
     assert args[:3] == ["explore", "meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-7B"]
     assert args[args.index("--store") + 1] == spec.store and "--report" in args
     assert args[args.index("--report-name") + 1] == "chat-8b"
@@ -55,8 +56,8 @@ def test_explorations_run_after_fit_and_report_to_the_store():
 
 def test_without_explorations_the_merge_job_is_unchanged():
     pod = jobs.build_merge_job(_spec(""), run_id=RUN_ID)["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["initContainers"]] == ["merge"]
-    assert [c["name"] for c in pod["containers"]] == ["fit"]
+    assert [c["name"] for c in pod["initContainers"]] == ["merge", "fit"]
+    assert [c["name"] for c in pod["containers"]] == ["calibrate"]
 
 
 def test_the_default_fleet_carries_an_example_exploration():
