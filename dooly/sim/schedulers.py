@@ -442,29 +442,31 @@ class TransformersCBScheduler(Scheduler):
             if status == PENDING:
                 self.active[id(seq)] = seq
                 admitted.append(seq)
+            # Scheduler._build, inlined: a chunk that reaches the end of the known tokens samples
+            # one token, whose placeholder is counted right away.
             if remaining <= token_budget:
-                seq.status = DECODING
+                if status != DECODING:
+                    seq.status = DECODING
                 q = remaining
+                done = computed + q
+                seq.num_tokens = done + 1
+                add_sampler((seq, seq.epoch))
             else:
                 seq.status = PREFILLING
                 q = token_budget
+                done = computed + q
             fast_path = fast_path and q == 1 and computed < max_fast
             token_budget -= q
             cache_budget -= read
             request_budget -= 1
-            # Scheduler._build, inlined.
             add_ordered((seq, q, computed))
             if q == 1:
                 add_decode(computed)
             else:
                 add_prefill((q, computed))
-            done = computed + q
             kv_tokens += done
             num_tokens += q
             seq.computed = done
-            if done == seq.num_tokens:
-                seq.num_tokens = done + 1
-                add_sampler((seq, seq.epoch))
             if token_budget == 0 or (cache_budget <= 0 and not fast_path) or request_budget <= 0:
                 break
         for seq in admitted:
