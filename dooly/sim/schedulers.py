@@ -239,7 +239,8 @@ class TransformersCBConfig:
     decode fast path (flash-attention only); `cpu_offload_blocks` sizes the CPU swap pool in
     blocks (the engine's `cpu_offload_space` GiB divided by the bytes of one block; 0 = soft reset).
     The three group fields are the model's, not the engine's: its layer groups by attention kind,
-    and its sliding window in tokens (`dooly.engines.transformers_cb.cache_groups`).
+    and its sliding window in tokens (`dooly.models.layout.cache_groups_from_facts`; the engine-side reference is
+    `dooly.engines.transformers_cb.cache_groups`).
     """
 
     scheduler_type: str = "fifo"
