@@ -160,7 +160,7 @@ def heads_error(design, target: Target, targets: list[Target]) -> tuple[float | 
 def own_errors(store) -> dict[str, float]:
     """Each attention signature's own model's held-out error (the fit's report)."""
     from dooly.fit.persist import latest_meta_key
-    from dooly.store.shards import read_json
+    from dooly.store.documents import read_json
 
     meta = read_json(store, latest_meta_key(store))
     if meta is None:

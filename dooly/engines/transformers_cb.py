@@ -62,17 +62,17 @@ def cache_groups(hf_config: Any) -> dict[str, int]:
     """How the engine's paged cache charges a request's blocks for this model, as the scheduler
     model's settings: its layer groups by attention kind (the engine's own
     `group_layers_by_attn_type`; every group draws from one block pool) and the sliding window
-    (a sliding group holds at most one window's blocks per request)."""
+    (a sliding group holds at most one window's blocks per request).
+
+    The reference for `dooly.models.layout.cache_groups_from_facts`, which reads the same layout
+    from config.json facts without importing transformers (the simulate path)."""
     from transformers.generation.continuous_batching.cache import group_layers_by_attn_type
+
+    from dooly.models.layout import cache_group_settings
 
     text = hf_config.get_text_config()
     _, group_types = group_layers_by_attn_type(text)
-    sliding = sum(kind == "sliding_attention" for kind in group_types)
-    return {
-        "full_attention_groups": len(group_types) - sliding,
-        "sliding_attention_groups": sliding,
-        "sliding_window": int(text.sliding_window) if sliding else 0,
-    }
+    return cache_group_settings(group_types, getattr(text, "sliding_window", None))
 
 
 def all_backends() -> tuple[str, ...]:

@@ -140,7 +140,7 @@ class StoreFacts:
 def read_store_facts(store_uri: str) -> StoreFacts:
     from dooly.fit.persist import latest_meta_key, read_inventories
     from dooly.store.backends import open_store
-    from dooly.store.shards import read_json
+    from dooly.store.documents import read_json
 
     store = open_store(store_uri, create=False)
     meta_key = latest_meta_key(store)

@@ -75,7 +75,7 @@ def serialize_group(model: GroupModel) -> bytes:
 
 def read_inventories(store: Store) -> dict[str, dict[str, Any]]:
     """Every inventory document of the store (inventories/<model_key>[/<backend>].json), by key."""
-    from dooly.store.shards import read_json
+    from dooly.store.documents import read_json
 
     found: dict[str, dict[str, Any]] = {}
     for key in store.list_keys(INVENTORY_PREFIX):
@@ -94,8 +94,8 @@ def fit_store(store: Store, *, folds: int | None = None, repeats: int | None = N
     for) is written last; a failure while writing removes what this call wrote.
     """
     from dooly.fit.selection import DEFAULT_FOLDS, DEFAULT_REPEATS, fit_frame
+    from dooly.store.documents import write_json
     from dooly.store.merge import read_snapshot
-    from dooly.store.shards import write_json
 
     folds = DEFAULT_FOLDS if folds is None else folds
     repeats = DEFAULT_REPEATS if repeats is None else repeats

@@ -237,7 +237,7 @@ def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
         engines.get(work[0].model_id)
     collectives = [item for item in work if item.op.kind == KIND_COLLECTIVE]
     if collectives:
-        from dooly.store.shards import write_json
+        from dooly.store.documents import write_json
 
         write_json(store, f"{TOPOLOGY_PREFIX}{run_id}.json", {"run_id": run_id, **plan.topology})
         _measure_collectives(collectives, device, options, writer, measured_seconds, counts, progress)
@@ -337,7 +337,7 @@ def total_points(plan: Plan, options: ProfileOptions) -> int:
 
 def write_inventory(store: Any, trace: Trace) -> None:
     """What a model runs per step, by signature: the step predictor's recipe (see docs/store.md)."""
-    from dooly.store.shards import write_json
+    from dooly.store.documents import write_json
 
     write_json(store, inventory_key(trace.model_key, trace.backend, trace.tp), inventory(trace))
 

@@ -88,8 +88,8 @@ def with_model_groups(model: str | None, engine: str, settings: dict[str, Any]) 
     a sliding-window model holds more blocks per request); settings given explicitly win."""
     if model is None or engine != "transformers":
         return settings
-    from dooly.engines.transformers_cb import cache_groups
-    from dooly.models.registry import build_hf_config, resolve_model
+    from dooly.models.layout import cache_groups_from_facts
+    from dooly.models.registry import resolve_model
 
     try:
         spec = resolve_model(model)
@@ -97,7 +97,14 @@ def with_model_groups(model: str | None, engine: str, settings: dict[str, Any]) 
         logger.warning("%s is known to the store only, not as a config: its KV blocks are charged as for full "
                        "attention", model)
         return settings
-    return {**cache_groups(build_hf_config(spec)), **settings}
+    # From the config facts when they suffice: importing transformers costs seconds of start-up.
+    groups = cache_groups_from_facts(spec.config)
+    if groups is None:
+        from dooly.engines.transformers_cb import cache_groups
+        from dooly.models.registry import build_hf_config
+
+        groups = cache_groups(build_hf_config(spec))
+    return {**groups, **settings}
 
 
 def step_model_options(func: Callable[..., Any]) -> Callable[..., Any]:

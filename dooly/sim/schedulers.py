@@ -122,6 +122,11 @@ class ScheduledBatch:
         return len(self.prefill) + len(self.decode_ctx)
 
 
+# The path of a batch whose composition is still being formed (`TransformersCBScheduler` sets the
+# real one once the batch is final).
+_UNSET_PATH = StepPath(StepKind.DECODE)
+
+
 class Scheduler(ABC):
     """One replica's scheduler: requests come in with `add`, each `schedule` forms the next step's
     batch (advancing the scheduler's own state as the engine does), `finish` releases a request
@@ -234,7 +239,8 @@ class TransformersCBConfig:
     decode fast path (flash-attention only); `cpu_offload_blocks` sizes the CPU swap pool in
     blocks (the engine's `cpu_offload_space` GiB divided by the bytes of one block; 0 = soft reset).
     The three group fields are the model's, not the engine's: its layer groups by attention kind,
-    and its sliding window in tokens (`dooly.engines.transformers_cb.cache_groups`).
+    and its sliding window in tokens (`dooly.models.layout.cache_groups_from_facts`; the engine-side reference is
+    `dooly.engines.transformers_cb.cache_groups`).
     """
 
     scheduler_type: str = "fifo"
@@ -342,24 +348,26 @@ class TransformersCBScheduler(Scheduler):
         then evict ahead for starved requests, then restore CPU-offloaded ones."""
         if not self.active and not self.waiting:
             return None
-        entries = self._schedule_batch()
+        batch = self._schedule_batch()
         preempted = 0
-        while entries is None:
+        while batch is None:
             evicted = self._offload_requests()
             if evicted == 0:
                 raise SimulationError(self.stall_message())
             preempted += evicted
-            entries = self._schedule_batch()
-        if not entries:
+            batch = self._schedule_batch()
+        if not batch.entries:
             return None
         if self.starved:
             preempted += self._offload_requests()
-        for seq, _ in entries:
+        for seq, _, _ in batch.entries:
             if seq.offloaded:
                 seq.offloaded = False
                 self.free_cpu_blocks += seq.cpu_blocks
                 seq.cpu_blocks = 0
-        return self._build(entries, preempted)
+        batch.preempted = preempted
+        batch.path = self.path_for(batch.prefill, batch.decode_ctx)
+        return batch
 
     # -- scheduler.py: FIFOScheduler / PrefillFirstScheduler.schedule_batch + _process_candidates --
 
@@ -391,8 +399,11 @@ class TransformersCBScheduler(Scheduler):
             if fresh:
                 yield fresh.popleft()
 
-    def _schedule_batch(self) -> list[tuple[Seq, int]] | None:
-        """`_process_candidates`, decision for decision (locals bound for speed)."""
+    def _schedule_batch(self) -> ScheduledBatch | None:
+        """`_process_candidates`, decision for decision (locals bound for speed), advancing each
+        scheduled request as `Scheduler._build` does in the same pass (one pass over the batch
+        instead of two: this loop is most of a simulation's time). The batch's path and preempted
+        count are left for `schedule` to set; None when nothing fits and an allocation failed."""
         cfg = self.config
         token_budget = cfg.max_batch_tokens
         cache_budget = self.num_pages
@@ -402,14 +413,20 @@ class TransformersCBScheduler(Scheduler):
         safety = self.safety_blocks
         block_size = self.block_size
         read_limit = self.read_limit
-        scheduled: list[tuple[Seq, int]] = []
         admitted: list[Seq] = []
         allocation_failed = False
         self.starved = []
+        prefill: list[tuple[int, int]] = []
+        decode_ctx: list[int] = []
+        samplers: list[tuple[Seq, int]] = []
+        ordered: list[tuple[Seq, int, int]] = []
+        add_prefill, add_decode, add_sampler, add_ordered = prefill.append, decode_ctx.append, samplers.append, ordered.append
+        kv_tokens = 0
+        num_tokens = 0
         for seq in self._candidates():
             status = seq.status
             free_now = self.free_blocks
-            if free_now < safety and scheduled and status != DECODING:
+            if free_now < safety and ordered and status != DECODING:
                 break
             computed = seq.computed
             remaining = seq.num_tokens - computed
@@ -426,26 +443,40 @@ class TransformersCBScheduler(Scheduler):
             if status == PENDING:
                 self.active[id(seq)] = seq
                 admitted.append(seq)
+            # Scheduler._build, inlined: a chunk that reaches the end of the known tokens samples
+            # one token, whose placeholder is counted right away.
             if remaining <= token_budget:
-                seq.status = DECODING
+                if status != DECODING:
+                    seq.status = DECODING
                 q = remaining
+                done = computed + q
+                seq.num_tokens = done + 1
+                add_sampler((seq, seq.epoch))
             else:
                 seq.status = PREFILLING
                 q = token_budget
+                done = computed + q
             fast_path = fast_path and q == 1 and computed < max_fast
             token_budget -= q
             cache_budget -= read
             request_budget -= 1
-            scheduled.append((seq, q))
+            add_ordered((seq, q, computed))
+            if q == 1:
+                add_decode(computed)
+            else:
+                add_prefill((q, computed))
+            kv_tokens += done
+            num_tokens += q
+            seq.computed = done
             if token_budget == 0 or (cache_budget <= 0 and not fast_path) or request_budget <= 0:
                 break
         for seq in admitted:
             del self.waiting[id(seq)]
             if seq.offloaded:
                 self.num_offloaded_waiting -= 1
-        if not scheduled and allocation_failed:
+        if not ordered and allocation_failed:
             return None
-        return scheduled
+        return ScheduledBatch(prefill, decode_ctx, samplers, _UNSET_PATH, num_tokens, kv_tokens, 0, ordered)
 
     def _allocate(self, seq: Seq, num_tokens: int) -> bool:
         """`Scheduler._allocate_blocks_if_needed`, with its exact block formula, and

@@ -493,12 +493,15 @@ class AnalyticStepModel:
         launches = KERNELS_PER_LAYER * self.launch_s
         if path is not None and path.cuda_graph:
             launches *= CUDA_GRAPH_LAUNCH_FRACTION
+        rows = self.logits_rows(prefill, decode_ctx)
         lm_head = max(
-            2 * self.logits_rows(prefill, decode_ctx) * d.hidden_size * d.vocab_size / self.peak_flops,
+            2 * rows * d.hidden_size * d.vocab_size / self.peak_flops,
             d.hidden_size * d.vocab_size * self.bytes_per_param / self.bytes_per_s,
         )
+        if self.tp <= 1:  # no collectives on one rank (adding their 0.0 would change nothing)
+            return d.num_layers * (per_layer + launches) + lm_head
         comm = d.num_layers * ALL_REDUCES_PER_LAYER * self.collective_seconds("all_reduce", num_tokens * d.hidden_size)
-        comm += self.collective_seconds("all_gather", self.logits_rows(prefill, decode_ctx) * d.vocab_size)
+        comm += self.collective_seconds("all_gather", rows * d.vocab_size)
         return d.num_layers * (per_layer + launches) + lm_head + comm
 
     @staticmethod

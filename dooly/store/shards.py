@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -207,16 +205,3 @@ def read_held(store: Store, *, platform: str, engine: str, backend: str, dtype: 
     if not tables:
         return SHARD_SCHEMA.empty_table().select(columns)
     return pa.concat_tables(tables)
-
-
-def write_json(store: Store, key: str, payload: dict[str, Any]) -> None:
-    """A small JSON document (model inventories live under "inventories/<model_key>.json")."""
-    store.put_bytes(key, json.dumps(payload, indent=2, sort_keys=True).encode())
-
-
-def read_json(store: Store, key: str) -> dict[str, Any] | None:
-    """The document at `key`, or None when there is none."""
-    try:
-        return json.loads(store.get_bytes(key))
-    except FileNotFoundError:
-        return None

@@ -30,9 +30,10 @@ def two_platform_store(tmp_path_factory) -> str:
 
     from dooly.sim.calibration import write_calibration
     from dooly.store.backends import open_store
+    from dooly.store.documents import write_json
     from dooly.store.merge import merge_store
     from dooly.store.schema import SHARD_SCHEMA
-    from dooly.store.shards import write_json, write_shard
+    from dooly.store.shards import write_shard
 
     root = str(tmp_path_factory.mktemp("explore-db"))
     store = open_store(root)

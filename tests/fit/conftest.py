@@ -41,8 +41,9 @@ def predictor(fitted) -> Predictor:
 def make_store(root: Path, inventories: dict[str, dict], models=syn.TOY_MODELS) -> str:
     """A local store holding one synthetic shard, merged into a snapshot, plus inventories."""
     from dooly.store.backends import open_store
+    from dooly.store.documents import write_json
     from dooly.store.merge import merge_store
-    from dooly.store.shards import write_json, write_shard
+    from dooly.store.shards import write_shard
 
     store = open_store(str(root))
     write_shard(store, syn.snapshot_table(models), run_id="synthetic", chunk_index=0)

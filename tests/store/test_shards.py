@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dooly.store.backends import LocalStore
+from dooly.store.documents import read_json, write_json
 from dooly.store.schema import SHARD_SCHEMA, STACK_COLUMNS
 from dooly.store.shards import (
     HELD_COLUMNS,
@@ -17,9 +18,7 @@ from dooly.store.shards import (
     parse_partition,
     partition_prefix,
     read_held,
-    read_json,
     unescape_value,
-    write_json,
     write_shard,
 )
 
