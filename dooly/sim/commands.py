@@ -368,14 +368,12 @@ def export_group() -> None:
     """Export Dooly's predictions in other simulators' formats."""
 
 
-def _fitted_export_source(step_choice: StepChoice, engine: str, model: str) -> Any:
-    """The fitted models, inventory and a fast per-operation evaluator for an export. MODEL goes to
-    the resolver as the user named it (a config path finds its stored inventory by model key, or
-    is traced on the CPU)."""
+def _fitted_export_source(step_choice: StepChoice, engine: str, model: str, dims_name: str) -> Any:
+    """The fitted models, inventory and a fast per-operation evaluator for an export."""
     from dooly.fit.source import open_fitted_step
     from dooly.sim.export_ops import FittedOpSeconds
 
-    fitted = open_fitted_step(step_choice.fitted(engine), model)
+    fitted = open_fitted_step(step_choice.fitted(engine), dims_name or model)
     return fitted, FittedOpSeconds(fitted.predictor, fitted.inventory)
 
 
@@ -487,7 +485,7 @@ def export_vidur_command(
         collective = functools.partial(analytic_collective_seconds, analytic_model)
         backend_cell = VIDUR_ATTENTION_BACKEND
     else:
-        fitted, ops = _fitted_export_source(step_choice, engine, model)
+        fitted, ops = _fitted_export_source(step_choice, engine, model, dims.name)
         if tables != "network":
             predict = fitted_op_predictor(ops, fitted.inventory, dims.num_layers)
         collective = store_collective_predictor(fitted.predictor, fitted.inventory)
@@ -574,7 +572,7 @@ def export_llmservingsim_command(
     grid = ServingSimGrid(max_tokens=max_tokens, max_seqs=max_seqs, max_chunk=max_chunk, max_kv=max_kv)
     spec = resolve_model(model)
     step_choice.check()
-    fitted, ops = _fitted_export_source(step_choice, engine, model)
+    fitted, ops = _fitted_export_source(step_choice, engine, model, spec.model_id)
     name = sim_model or spec.model_id
     target = BundleTarget(Path(out_dir), hardware, name, variant_of(step_choice.dtype), step_choice.tp)
     provenance = _export_provenance(step_choice, engine, fitted, ops)
