@@ -40,7 +40,7 @@ PY
         for graphs in false true; do
           variant=$([ "$graphs" = true ] && echo graphs || echo default)
           cell="$out/calib/r$repeat/${model#*/}.paged-sdpa.$variant.calib"
-          python3 -m dooly.cli bench "$model" --attention 'paged|sdpa' --workload bench/workloads/calib.json \
+          python3 -m dooly.cli bench "$model" --attention 'paged|sdpa' --workload device/workloads/calib.json \
               --set use_cuda_graph="$graphs" --set max_batch_tokens=2048 --set num_blocks=1024 --out "$cell" \
               --output json > "$out/reports/bench.r$repeat.${model#*/}.$variant.json" || echo "$cell failed" >&2
           tar -C "$out" -czf "$out/calib.r$repeat.tar.gz" calib reports

@@ -53,7 +53,7 @@ def resolve_inventory(
     that backend and tp (there is no config to trace it from)."""
     from dooly.models.registry import model_key, resolve_model
     from dooly.profile.run import inventory_key
-    from dooly.store.shards import read_json
+    from dooly.store.documents import read_json
 
     try:
         spec = resolve_model(model)

@@ -89,7 +89,7 @@ CONTROLLER_HISTORY = 3
 CONTROLLER_STARTING_DEADLINE_S = 3600
 
 # The host-overhead calibration step of a GPU profiling pod (docs/calibration.md): after profiling,
-# serve bench/workloads/calib.json on the real engine and record the run in the store; the merge
+# serve device/workloads/calib.json on the real engine and record the run in the store; the merge
 # Job fits every recorded run of a platform once the kernels are fitted.
 CALIBRATION_DIR = f"{TMP_DIR}/calib"
 CALIBRATION_WORKLOAD_ARGS = (

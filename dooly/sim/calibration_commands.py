@@ -1,6 +1,6 @@
 """`dooly calibrate`, and how simulate/validate find the store's host-overhead calibration.
 
-A calibration run is a `dooly bench` of a calibration workload (bench/workloads/calib.json). The
+A calibration run is a `dooly bench` of a calibration workload (device/workloads/calib.json). The
 runs themselves are data too: `--record-only` copies them into the store under
 `calibration-runs/` (the profiling pod does that, before any model is fitted), and a later
 `--from-store` (the merge Job, after `dooly fit`) fits every recorded run of a key together.
@@ -236,8 +236,8 @@ def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool,
 
     \b
     Example:
-      dooly bench meta-llama/Llama-3.2-1B --out gt/1b.calib --workload bench/workloads/calib.json
-      dooly bench meta-llama/Llama-3.1-8B --out gt/8b.calib --workload bench/workloads/calib.json
+      dooly bench meta-llama/Llama-3.2-1B --out gt/1b.calib --workload device/workloads/calib.json
+      dooly bench meta-llama/Llama-3.1-8B --out gt/8b.calib --workload device/workloads/calib.json
       dooly calibrate --store ./db --ground-truth gt/1b.calib --ground-truth gt/8b.calib
     """
     from dooly.store.backends import open_store

@@ -98,10 +98,12 @@ def test_status_picks_the_newest_run_and_logs_print_every_container(fake_api, ku
     assert phases[f"dooly-{newer}-merge"] == "suspended"
 
     merge = f"dooly-{newer}-merge"
-    pod = fake_api.add_pod(merge, 0, {"merge": "merged 12 shards\n", "fit": "fitted 3 models\n"})
+    pod = fake_api.add_pod(merge, 0, {"merge": "merged 12 shards\n", "fit": "fitted 3 models\n",
+                                      "calibrate": "calibrated 2 keys\n"})
     logs = CliRunner().invoke(cli, ["fleet", "logs", *common, "--job", merge])
     assert logs.exit_code == 0, logs.stderr
-    assert logs.stdout == f"==> {pod}/merge <==\nmerged 12 shards\n==> {pod}/fit <==\nfitted 3 models\n"
+    assert logs.stdout == (f"==> {pod}/merge <==\nmerged 12 shards\n==> {pod}/fit <==\nfitted 3 models\n"
+                           f"==> {pod}/calibrate <==\ncalibrated 2 keys\n")
     missing = CliRunner().invoke(cli, ["fleet", "logs", *common, "--run-id", older])
     assert missing.exit_code == 2 and "no pods" in missing.stderr
 

@@ -317,7 +317,7 @@ def test_gpu_profiling_pods_record_a_calibration_run_after_profiling(small_fleet
         assert record["args"][record["args"].index("--ground-truth") + 1] == jobs.CALIBRATION_DIR
         assert "nvidia.com/gpu" in pod["initContainers"][1]["resources"]["limits"]
     # The flags are the committed calibration workload, not a look-alike.
-    committed = WorkloadSpec.load(Path(__file__).resolve().parents[2] / "bench" / "workloads" / "calib.json")
+    committed = WorkloadSpec.load(Path(__file__).resolve().parents[2] / "device" / "workloads" / "calib.json")
     options = dict(zip(jobs.CALIBRATION_WORKLOAD_ARGS[::2], jobs.CALIBRATION_WORKLOAD_ARGS[1::2], strict=True))
     flagged = spec_from_options(requests=int(options["--requests"]), rate=float(options["--rate"]),
                                 arrival=options["--arrival"], prompt_len=options["--prompt-len"],

@@ -124,11 +124,19 @@ def test_vllm_engine_gets_its_own_image_and_backends(tmp_path):
 def test_a_multi_gpu_pod_profiles_tensor_parallel_or_the_fleet_is_refused(tmp_path):
     spec = _load(tmp_path, SMALL_FLEET)
     l40s = next(t for t in spec.targets() if t.gpu.name == "l40s")
-    args = jobs.build_profile_job(spec, l40s, run_id="20260101-000000")["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = _profile_args(jobs.build_profile_job(spec, l40s, run_id="20260101-000000"))
     assert args[args.index("--tp") + 1] == "2"
     h100 = next(t for t in spec.targets() if t.gpu.name == "h100")
-    args = jobs.build_profile_job(spec, h100, run_id="20260101-000000")["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = _profile_args(jobs.build_profile_job(spec, h100, run_id="20260101-000000"))
     assert "--tp" not in args
+
+
+def _profile_args(job: dict) -> list[str]:
+    """The `dooly profile` container's arguments (GPU pods profile in an init container, before the
+    calibration run)."""
+    pod = job["spec"]["template"]["spec"]
+    containers = pod.get("initContainers", []) + pod["containers"]
+    return next(c["args"] for c in containers if c["name"] == "profile")
 
     vllm_on_two = SMALL_FLEET.replace(
         "engines:\n  - name: transformers\n",

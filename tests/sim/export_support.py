@@ -67,8 +67,9 @@ def build_store(root: Path) -> str:
     """Profile (synthetically), merge and fit; store the suite and unseen inventories."""
     from dooly.cli import cli
     from dooly.store.backends import open_store
+    from dooly.store.documents import write_json
     from dooly.store.merge import merge_store
-    from dooly.store.shards import escape_value, write_json, write_shard
+    from dooly.store.shards import escape_value, write_shard
 
     store = open_store(str(root))
     write_shard(store, syn.snapshot_table(PROFILED), run_id="synthetic", chunk_index=0)

@@ -133,8 +133,9 @@ def test_bad_documents_are_refused():
 def fitted_store(tmp_path_factory) -> str:
     """A local store with one synthetic model's shards and inventory, merged and fitted."""
     from dooly.store.backends import open_store
+    from dooly.store.documents import write_json
     from dooly.store.merge import merge_store
-    from dooly.store.shards import write_json, write_shard
+    from dooly.store.shards import write_shard
 
     root = str(tmp_path_factory.mktemp("db"))
     store = open_store(root)

@@ -32,8 +32,9 @@ SIM_ARGS = ("--requests", "6", "--rate", "50", "--prompt-len", "12", "--output-l
 def fitted_store(tmp_path_factory) -> str:
     """A local store with one synthetic model's shards and inventory, merged and fitted."""
     from dooly.store.backends import open_store
+    from dooly.store.documents import write_json
     from dooly.store.merge import merge_store
-    from dooly.store.shards import write_json, write_shard
+    from dooly.store.shards import write_shard
 
     root = str(tmp_path_factory.mktemp("db"))
     store = open_store(root)
@@ -68,7 +69,7 @@ def fitted_args(store: str) -> list[str]:
 @pytest.mark.parametrize("name", ["llama", "moe", "starcoder2"])
 def test_unseen_configs_simulate_with_coverage_and_write_nothing(fitted_store, configs, name):
     before = store_files(fitted_store)
-    result = CliRunner().invoke(cli, ["simulate", str(configs[name]), *fitted_args(fitted_store), *SIM_ARGS,
+    result = CliRunner().invoke(cli, ["simulate", str(configs[name]), *fitted_args(fitted_store), *SIM_ARGS, "--no-cpu-overhead",
                                       "--output", "json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
