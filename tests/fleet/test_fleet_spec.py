@@ -130,14 +130,6 @@ def test_a_multi_gpu_pod_profiles_tensor_parallel_or_the_fleet_is_refused(tmp_pa
     args = _profile_args(jobs.build_profile_job(spec, h100, run_id="20260101-000000"))
     assert "--tp" not in args
 
-
-def _profile_args(job: dict) -> list[str]:
-    """The `dooly profile` container's arguments (GPU pods profile in an init container, before the
-    calibration run)."""
-    pod = job["spec"]["template"]["spec"]
-    containers = pod.get("initContainers", []) + pod["containers"]
-    return next(c["args"] for c in containers if c["name"] == "profile")
-
     vllm_on_two = SMALL_FLEET.replace(
         "engines:\n  - name: transformers\n",
         "engines:\n  - name: transformers\n  - name: vllm\n    image: profiler:1.2.3-vllm\n",
@@ -148,6 +140,14 @@ def _profile_args(job: dict) -> list[str]:
     indivisible = SMALL_FLEET.replace("    gpus: 2\n", "    gpus: 3\n")
     with pytest.raises(DoolyError, match=r"--tp 3, which does not divide meta-llama/Llama-3.1-8B's num_attention_heads=32"):
         _load(tmp_path, indivisible)
+
+
+def _profile_args(job: dict) -> list[str]:
+    """The `dooly profile` container's arguments (GPU pods profile in an init container, before the
+    calibration run)."""
+    pod = job["spec"]["template"]["spec"]
+    containers = pod.get("initContainers", []) + pod["containers"]
+    return next(c["args"] for c in containers if c["name"] == "profile")
 
 
 @pytest.mark.parametrize(
