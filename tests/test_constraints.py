@@ -68,7 +68,23 @@ def runtime_closure() -> dict[str, str]:
 
 
 def _installed() -> dict[str, metadata.Distribution]:
-    return {canonicalize_name(d.metadata["Name"]): d for d in metadata.distributions() if d.metadata["Name"]}
+    """name -> the distribution `import` resolves: the first on sys.path. Later copies are shadowed
+    (importing setuptools appends its `_vendor` folder, which holds older packaging and
+    typing-extensions dist-infos, to sys.path)."""
+    found: dict[str, metadata.Distribution] = {}
+    for distribution in metadata.distributions():
+        name = distribution.metadata["Name"]
+        if name:
+            found.setdefault(canonicalize_name(name), distribution)
+    return found
+
+
+def test_a_shadowed_copy_later_on_the_path_is_not_the_installed_one(tmp_path, monkeypatch):
+    shadowed = tmp_path / "packaging-0.1.dist-info"
+    shadowed.mkdir()
+    (shadowed / "METADATA").write_text("Metadata-Version: 2.1\nName: packaging\nVersion: 0.1\n")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    assert _installed()["packaging"].version == metadata.version("packaging") != "0.1"
 
 
 def test_every_pin_is_the_installed_version():
