@@ -86,7 +86,7 @@ def main() -> None:
     result = subprocess.run([args.sim_python, "-c", _PRICE, json.dumps(payload)], cwd=args.checkout / "serving",
                             check=True, timeout=RUN_TIMEOUT_S, capture_output=True, text=True)
     simulated_ns = json.loads(result.stdout.strip().splitlines()[-1])
-    step = open_fitted_step(FittedSource(store=args.store, platform=args.platform, backend=args.backend), spec.model_id).step
+    step = open_fitted_step(FittedSource(store=args.store, platform=args.platform, backend=args.backend), args.model).step
     print(f"{spec.model_id} on {args.platform} ({args.backend}): one iteration, LLMServingSim's loader vs dooly")
     print("| prefill chunk | its context | decodes | their context | LLMServingSim (ms) | dooly (ms) | diff |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

@@ -368,12 +368,12 @@ def export_group() -> None:
     """Export Dooly's predictions in other simulators' formats."""
 
 
-def _fitted_export_source(step_choice: StepChoice, engine: str, model: str, dims_name: str) -> Any:
-    """The fitted models, inventory and a fast per-operation evaluator for an export."""
-    from dooly.fit.source import open_fitted_step
+def _fitted_export_source(step_choice: StepChoice, engine: str, model: str) -> Any:
+    """The fitted models, inventory and a fast per-operation evaluator for an export. MODEL is
+    resolved as `dooly simulate` resolves it: the store's inventory, else a CPU trace."""
     from dooly.sim.export_ops import FittedOpSeconds
 
-    fitted = open_fitted_step(step_choice.fitted(engine), dims_name or model)
+    fitted = step_choice.fitted_step(model, engine)
     return fitted, FittedOpSeconds(fitted.predictor, fitted.inventory)
 
 
@@ -485,7 +485,7 @@ def export_vidur_command(
         collective = functools.partial(analytic_collective_seconds, analytic_model)
         backend_cell = VIDUR_ATTENTION_BACKEND
     else:
-        fitted, ops = _fitted_export_source(step_choice, engine, model, dims.name)
+        fitted, ops = _fitted_export_source(step_choice, engine, model)
         if tables != "network":
             predict = fitted_op_predictor(ops, fitted.inventory, dims.num_layers)
         collective = store_collective_predictor(fitted.predictor, fitted.inventory)
@@ -572,7 +572,7 @@ def export_llmservingsim_command(
     grid = ServingSimGrid(max_tokens=max_tokens, max_seqs=max_seqs, max_chunk=max_chunk, max_kv=max_kv)
     spec = resolve_model(model)
     step_choice.check()
-    fitted, ops = _fitted_export_source(step_choice, engine, model, spec.model_id)
+    fitted, ops = _fitted_export_source(step_choice, engine, model)
     name = sim_model or spec.model_id
     target = BundleTarget(Path(out_dir), hardware, name, variant_of(step_choice.dtype), step_choice.tp)
     provenance = _export_provenance(step_choice, engine, fitted, ops)

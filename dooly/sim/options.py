@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dooly.errors import DoolyError
-from dooly.fit.source import DEFAULT_DTYPE, FittedSource
+from dooly.fit.source import DEFAULT_DTYPE, FittedSource, FittedStep, open_fitted_step
 
 if TYPE_CHECKING:
     from dooly.sim.step_model import ModelDims
@@ -69,9 +69,14 @@ class StepChoice:
             return AnalyticStepModel(dims=dims, tp=self.tp)
         if model is None:
             raise DoolyError("--store needs the MODEL argument")
-        from dooly.fit.source import open_step_model
+        return self.fitted_step(model, engine).step
 
-        return open_step_model(self.fitted(engine), model)
+    def fitted_step(self, model: str, engine: str) -> FittedStep:
+        """The store's step model of MODEL for ENGINE, with the predictor and inventory it is built
+        from. MODEL goes to the resolver as the user named it (a bundled id, a config.json, a
+        folder holding one, or an id the store holds): a config path must not be reduced to its
+        stem, which names no config and is refused unless the store holds an inventory by that id."""
+        return open_fitted_step(self.fitted(engine), model)
 
 
 def model_dims(model: str) -> ModelDims:

@@ -1,11 +1,11 @@
 """A small fitted store for the exporters' tests: two synthetic toy models profiled and fitted,
-plus inventories (with the transformers module names the exporters map) for a bundled suite model
-and for an unseen config.json. The suite model shares some signatures with the toys (measured) and
-not others (class regressors); every signature of the unseen config is estimated.
+plus an inventory (with the transformers module names the exporters map) for a bundled suite
+model, stored where `dooly profile` writes it (inventories/<model key>/<backend>.json, the key a
+hash of its config facts), so the resolver finds it as it finds any profiled model's. The suite
+model shares some signatures with the toys (measured) and not others (class regressors).
 
-The unseen config is found through a store inventory: on this branch `open_fitted_step` reads
-inventories from the store only (the resolver that traces a model the store never ran, on the
-CPU, is another branch's); with it merged, the stored inventory is simply found first."""
+The unseen config.json is a model the store never ran: the resolver traces it on the CPU, and
+every signature of it is estimated."""
 
 from __future__ import annotations
 
@@ -38,13 +38,12 @@ _MODULES = (
 )
 
 
-def inventory_with_modules(shapes: syn.ToyModel, model_id: str) -> dict[str, Any]:
+def inventory_with_modules(shapes: syn.ToyModel, model_id: str, key: str) -> dict[str, Any]:
     operations = syn.model_operations(shapes)
     assert len(operations) == len(_MODULES), "synthetic operations changed: update _MODULES"
     for operation, modules in zip(operations, _MODULES, strict=True):
         operation["modules"] = modules
-    return {"model_id": model_id, "model_key": model_id.replace("/", "--"), "backend": syn.BACKEND,
-            "dtype": syn.DTYPE, "operations": operations}
+    return {"model_id": model_id, "model_key": key, "backend": syn.BACKEND, "dtype": syn.DTYPE, "operations": operations}
 
 
 def unseen_config(directory: Path) -> Path:
@@ -64,20 +63,21 @@ def unseen_config(directory: Path) -> Path:
 
 
 def build_store(root: Path) -> str:
-    """Profile (synthetically), merge and fit; store the suite and unseen inventories."""
+    """Profile (synthetically), merge and fit; store the suite model's inventory."""
     from dooly.cli import cli
+    from dooly.models.registry import model_key, resolve_model
+    from dooly.profile.run import inventory_key
     from dooly.store.backends import open_store
     from dooly.store.documents import write_json
     from dooly.store.merge import merge_store
-    from dooly.store.shards import escape_value, write_shard
+    from dooly.store.shards import write_shard
 
     store = open_store(str(root))
     write_shard(store, syn.snapshot_table(PROFILED), run_id="synthetic", chunk_index=0)
     for model in PROFILED:
         write_json(store, syn.inventory_store_key(model), syn.inventory(model))
-    for shapes, model_id in ((SUITE_SHAPES, SUITE_MODEL), (UNSEEN, UNSEEN_ID)):
-        key = f"inventories/{escape_value(model_id)}/{escape_value(syn.BACKEND)}.json"
-        write_json(store, key, inventory_with_modules(shapes, model_id))
+    suite_key = model_key(resolve_model(SUITE_MODEL))
+    write_json(store, inventory_key(suite_key, syn.BACKEND), inventory_with_modules(SUITE_SHAPES, SUITE_MODEL, suite_key))
     merge_store(store)
     result = CliRunner().invoke(cli, ["fit", "--store", str(root), "--folds", str(FOLDS), "--output", "json"])
     assert result.exit_code == 0, result.output

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from export_support import SUITE_MODEL, UNSEEN, UNSEEN_ID, shared_store, store_args, unseen_config
 
 from dooly.cli import cli
+from dooly.fit.resolve import ORIGIN_STORE, ORIGIN_TRACED
 
 HARDWARE = "SYNTH"
 MAX_TOKENS = 512
@@ -58,11 +59,7 @@ def _lookup_1d(rows: list[dict[str, str]], layer: str, key: str, query: int) -> 
     return max(round(float(match[0]["time_us"]) * 1000), 1)
 
 
-@pytest.mark.parametrize("which", [
-    pytest.param("suite", marks=pytest.mark.xfail(strict=True, reason="since the resolver merge the suite model reads 0% "
-                                                   "measured on the synthetic store; open, see the session note")),
-    "unseen",
-])
+@pytest.mark.parametrize("which", ["suite", "unseen"])
 def test_bundle_parses_as_llmservingsims_loader_reads_it(store, tmp_path, which):
     model = SUITE_MODEL if which == "suite" else str(unseen_config(tmp_path))
     info = _export(store, model, tmp_path / "sim")
@@ -96,8 +93,22 @@ def test_bundle_parses_as_llmservingsims_loader_reads_it(store, tmp_path, which)
     if which == "unseen":
         assert config["hidden_size"] == UNSEEN.hidden
         assert set(info["coverage"].values()) == {0.0} and info["unseen_count"] == info["op_count"]
+        assert info["inventory_origin"] == ORIGIN_TRACED
     else:
         assert 0.0 < info["coverage"]["dense.csv"] < 1.0
+        assert info["inventory_origin"] == ORIGIN_STORE
+
+
+def test_a_config_the_store_never_ran_exports_traced_on_the_cpu(store, tmp_path):
+    """MODEL named by its config.json path is resolved as `dooly simulate` resolves it: the store
+    has no inventory of it, so it is traced on the CPU, and every operation is estimated."""
+    config = unseen_config(tmp_path / "configs")
+    info = _export(store, str(config), tmp_path / "sim")
+    assert info["inventory_origin"] == ORIGIN_TRACED and info["inventory_model_id"] == UNSEEN_ID
+    assert info["model"] == UNSEEN_ID and info["sim_model"] == UNSEEN_ID
+    assert set(info["coverage"]) == set(COLUMNS) and set(info["coverage"].values()) == {0.0}
+    assert 0 < info["unseen_count"] == info["op_count"]
+    assert (tmp_path / "sim" / "profiler" / "perf" / HARDWARE / UNSEEN_ID / "bf16" / "tp1" / "dense.csv").is_file()
 
 
 @pytest.mark.parametrize("batch", [(128, 256, 0, 0), (0, 0, 16, 512)], ids=["prefill", "decode"])
