@@ -116,6 +116,16 @@ def serve_attention(backend: str) -> str:
     return kernel
 
 
+def require_serve() -> None:
+    """`transformers serve` needs FastAPI and uvicorn, which a plain transformers install lacks:
+    say so in one line before a model is built and saved."""
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        raise DoolyError("transformers serve needs its serving extras (pip install 'transformers[serving]': "
+                         "fastapi, uvicorn, openai)")
+
+
 def token_word(token_id: int) -> str:
     return f"{TOKEN_WORD_PREFIX}{token_id}"
 
@@ -388,6 +398,7 @@ def run_http_bench(
         records = replay_workload(server_url.rstrip("/"), requests, rng, vocab, engine="transformers",
                                   warmup_requests=warmup_requests, warm_passes=warm_passes)
         return BenchRun(requests=records, steps=[], engine_settings=dict(settings), engine_details=details)
+    require_serve()
     serve_flags(settings)
     serve_attention(backend)
     work_dir = Path(tempfile.mkdtemp(prefix="dooly-http-bench-"))

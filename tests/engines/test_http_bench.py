@@ -21,6 +21,8 @@ from dooly.workload import generate_requests, spec_from_options
 
 WORKLOAD = ["--requests", "6", "--rate", "20", "--prompt-len", "uniform:8:40", "--output-len", "uniform:2:6", "--seed", "4"]
 SETTINGS = ["--set", "num_blocks=48", "--set", "block_size=16", "--set", "max_batch_tokens=64"]
+# The same, as the engine settings a server is started with (small buffers: a fast start on a CPU).
+SERVE_SETTINGS = {"num_blocks": 48, "block_size": 16, "max_batch_tokens": 64}
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +122,32 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, code, message
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_server_url_sends_the_workload_to_a_server_already_running(tmp_path):
+    """A server started outside the command (here with the harness's own helpers, as a user would
+    with `transformers serve DIR`): the command only connects, and records no server command."""
+    import torch
+
+    from dooly.engines.http_bench import save_served_model, started_server, transformers_serve_command
+    from dooly.models.registry import build_hf_config, resolve_model
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    model_dir = tmp_path / "served"
+    save_served_model(build_hf_config(resolve_model(str(config))), "paged|sdpa", "cpu", torch.float32, 0, model_dir)
+    command = lambda port: transformers_serve_command(model_dir, port, "paged|sdpa", "cpu", "float32", SERVE_SETTINGS)  # noqa: E731
+    out = tmp_path / "gt"
+    with started_server(command, tmp_path) as server:
+        result = CliRunner().invoke(
+            cli, ["bench", str(config), "--client", "http", "--server-url", server.url, "--out", str(out),
+                  "--warmup-requests", "0", "--requests", "3", "--rate", "20", "--prompt-len", "12", "--output-len", "4",
+                  *SETTINGS, "--output", "json"],
+        )
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out / "requests.parquet").to_pylist()
+    assert [(r["prompt_tokens"], r["output_tokens"], len(r["token_times_s"])) for r in rows] == [(12, 4, 4)] * 3
+    details = json.loads((out / "bench.json").read_text())["engine_details"]
+    assert details == {"client": "http", "server_url": server.url, "server_command": None}
+    assert json.loads((out / "engine.json").read_text()) == SERVE_SETTINGS
