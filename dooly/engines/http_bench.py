@@ -13,9 +13,8 @@ points at a server already running, whose settings are the caller's to record.
 
 Requests arrive open loop at their workload times, each a streaming `/v1/completions` request;
 the client stamps its arrival, every streamed token chunk, and the end. EOS is disabled per
-request (`generation_config` with `eos_token_id=-1`, what the in-process harness gives the engine;
-`ignore_eos` for vLLM), so each request generates exactly its output length; the count the server
-reports (`usage.completion_tokens`) is recorded, and a shortfall is logged.
+request (`generation_config` with `eos_token_id=-1`, what the in-process harness gives the
+engine), so each request generates exactly its output length; the count the server reports (`usage.completion_tokens`) is recorded, and a shortfall is logged.
 
 There are no engine steps to record from outside the server: steps.parquet is written empty and
 bench.json says `client: http`.
@@ -24,6 +23,7 @@ bench.json says `client: http`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import shutil
@@ -158,7 +158,11 @@ def save_served_model(hf_config: Any, backend: str, device: str, dtype: Any, see
     model.generation_config.eos_token_id = None
     model.save_pretrained(directory)
     build_tokenizer(int(hf_config.get_text_config().vocab_size)).save_pretrained(directory)
+    # Hand the device memory back: the server sizes its KV cache from the free memory it finds.
     del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _free_port() -> int:
@@ -257,15 +261,11 @@ class _Timing:
     error: str = ""
 
 
-def _request_body(prompt: list[int], output_tokens: int, engine: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"max_tokens": output_tokens, "stream": True}
-    if engine == "vllm":
-        # vLLM takes token ids and min/ignore_eos; usage is only streamed when asked for.
-        body.update(prompt=prompt, ignore_eos=True, min_tokens=output_tokens, temperature=0.0,
-                    stream_options={"include_usage": True})
-    else:
-        body.update(prompt=prompt_text(prompt), generation_config=json.dumps(NO_EOS_GENERATION_CONFIG))
-    return body
+def _request_body(prompt: list[int], output_tokens: int) -> dict[str, Any]:
+    """transformers serve takes the prompt as text only, and EOS off through a per-request
+    generation config (it has no `ignore_eos`/`min_tokens`, vLLM's way)."""
+    return {"prompt": prompt_text(prompt), "max_tokens": output_tokens, "stream": True,
+            "generation_config": json.dumps(NO_EOS_GENERATION_CONFIG)}
 
 
 async def _stream_one(client: Any, url: str, body: dict[str, Any]) -> _Timing:
@@ -303,7 +303,7 @@ def _take_chunk(timing: _Timing, chunk: dict[str, Any], now: float) -> None:
         timing.completion_tokens = int(usage.get("completion_tokens", 0))
 
 
-async def _replay(url: str, requests: list[Request], prompts: dict[str, list[int]], engine: str) -> dict[str, _Timing]:
+async def _replay(url: str, requests: list[Request], prompts: dict[str, list[int]]) -> dict[str, _Timing]:
     """Open loop: each request is sent at its arrival time whatever the server is doing."""
     import httpx
 
@@ -317,7 +317,7 @@ async def _replay(url: str, requests: list[Request], prompts: dict[str, list[int
             delay = origin + request.arrival_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            body = _request_body(prompts[request.request_id], request.output_tokens, engine)
+            body = _request_body(prompts[request.request_id], request.output_tokens)
             tasks[request.request_id] = asyncio.create_task(_stream_one(client, url, body))
         await asyncio.gather(*tasks.values())
     return {rid: task.result() for rid, task in tasks.items()}
@@ -345,7 +345,7 @@ def _record(request: Request, timing: _Timing) -> RequestRecord:
 
 
 def replay_workload(url: str, requests: list[Request], rng: np.random.Generator, vocab: int, *,
-                    engine: str, warmup_requests: int, warm_passes: int) -> list[RequestRecord]:
+                    warmup_requests: int, warm_passes: int) -> list[RequestRecord]:
     """Warm-up requests (as the in-process harness sends them, same prompts from the same seed),
     the unrecorded warm passes, then the recorded pass."""
     from dooly.engines.transformers_bench import WARMUP_OUTPUT_TOKENS, WARMUP_PROMPT_TOKENS, _prompt
@@ -353,12 +353,12 @@ def replay_workload(url: str, requests: list[Request], rng: np.random.Generator,
     if warmup_requests:
         warmup = [Request(f"warmup-{i}", 0.0, WARMUP_PROMPT_TOKENS, WARMUP_OUTPUT_TOKENS) for i in range(warmup_requests)]
         warmup_prompts = {r.request_id: _prompt(rng, vocab, r.prompt_tokens) for r in warmup}
-        _check_served(asyncio.run(_replay(url, warmup, warmup_prompts, engine)), "warm-up")
+        _check_served(asyncio.run(_replay(url, warmup, warmup_prompts)), "warm-up")
     recorded: dict[str, _Timing] = {}
     ordered = sorted(requests, key=lambda r: r.arrival_s)
     for index in range(warm_passes + 1):
         prompts = {r.request_id: _prompt(rng, vocab, r.prompt_tokens) for r in ordered}
-        recorded = asyncio.run(_replay(url, requests, prompts, engine))
+        recorded = asyncio.run(_replay(url, requests, prompts))
         if index < warm_passes:
             _check_served(recorded, f"warm pass {index}")
     return [_record(r, recorded[r.request_id]) for r in requests]
@@ -395,7 +395,7 @@ def run_http_bench(
     if server_url is not None:
         check_reachable(server_url)
         details.update(server_url=server_url, server_command=None)
-        records = replay_workload(server_url.rstrip("/"), requests, rng, vocab, engine="transformers",
+        records = replay_workload(server_url.rstrip("/"), requests, rng, vocab,
                                   warmup_requests=warmup_requests, warm_passes=warm_passes)
         return BenchRun(requests=records, steps=[], engine_settings=dict(settings), engine_details=details)
     require_serve()
@@ -407,7 +407,7 @@ def run_http_bench(
         with started_server(lambda port: transformers_serve_command(work_dir, port, backend, device, dtype, settings),
                             work_dir) as server:
             details.update(server_url=server.url, server_command=server.command)
-            records = replay_workload(server.url, requests, rng, vocab, engine="transformers",
+            records = replay_workload(server.url, requests, rng, vocab,
                                       warmup_requests=warmup_requests, warm_passes=warm_passes)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
