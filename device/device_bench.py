@@ -26,7 +26,13 @@ log = logging.getLogger("device_bench")
 WORKLOAD_DIR = Path(__file__).parent / "workloads"
 # Engine-setting variants: `default` is what the engine picks for these backends (no CUDA
 # graphs, since they need a mask); `graphs` turns CUDA graphs on for both paths.
-VARIANTS = {"default": [], "graphs": ["use_cuda_graph=true"], "warm": ["use_cuda_graph=true"]}
+VARIANTS = {
+    "default": [],
+    "graphs": ["use_cuda_graph=true"],
+    "warm": ["use_cuda_graph=true"],
+    # transformers' async batching: the host prepares the next batch while the device runs this one.
+    "async": ["use_cuda_graph=true", "use_async_batching=true"],
+}
 # `warm`: CUDA graphs on, the workload served WARM_PASSES times unrecorded first (`dooly bench --warm-passes`), so
 # the recorded pass meets the shapes it needs already captured, as on a server that has been running.
 WARM_PASSES = 3

@@ -19,6 +19,8 @@ from dooly.workload import workload_options
 log = logging.getLogger(__name__)
 
 ENGINE_CHOICES = ("transformers", "vllm")
+# How the run is measured: in the engine's process, or at a client of its HTTP server (http_bench).
+CLIENTS = ("inprocess", "http")
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 MS_PER_S = 1e3
 
@@ -47,6 +49,12 @@ MS_PER_S = 1e3
               help="Serve the workload this many times first, unrecorded, on the same engine: CUDA graphs and "
                    "kernel plans for the shapes it meets are built there, as on a server that has been running. "
                    "Recorded in bench.json; `dooly validate` simulates the same passes.")
+@click.option("--client", type=click.Choice(CLIENTS), default="inprocess", show_default=True,
+              help="inprocess: the engine in this process, its own token timestamps, per-step records. http: the "
+                   "engine's OpenAI-compatible server (`transformers serve --continuous-batching`), streaming "
+                   "requests timed at the client, no step records (docs/simulate.md).")
+@click.option("--server-url", default=None, metavar="URL",
+              help="With --client http: an already running server to send the requests to, instead of starting one.")
 @workload_options
 @output_option
 def bench_command(
@@ -61,6 +69,8 @@ def bench_command(
     warmup_requests: int,
     model_seed: int,
     warm_passes: int,
+    client: str,
+    server_url: str | None,
     workload_args: dict[str, Any],
     output_format: str,
 ) -> None:
@@ -81,6 +91,8 @@ def bench_command(
       dooly bench meta-llama/Llama-3.1-8B --attention 'paged|eager' --out gt/8b-heavy \\
           --workload heavy.json --set use_cuda_graph=true
       dooly validate meta-llama/Llama-3.2-1B --ground-truth gt/1b-light --store ./db ...
+      dooly bench meta-llama/Llama-3.2-1B --client http --out gt/1b-light-http --workload light.json \\
+          --set num_blocks=4096 --set max_batch_tokens=2048
       dooly bench Qwen/Qwen2.5-0.5B --engine vllm --dtype float32 --out gt/vllm-light \
           --workload light.json --set max_num_batched_tokens=256 --set max_num_seqs=16
     """
@@ -94,6 +106,10 @@ def bench_command(
         raise DoolyError("--warm-passes must be >= 0")
     if warm_passes and engine != "transformers":
         raise DoolyError("--warm-passes applies to the transformers engine (vLLM captures its graphs at start-up)")
+    if server_url is not None and client != "http":
+        raise DoolyError("--server-url needs --client http")
+    if client == "http" and engine != "transformers":
+        raise DoolyError(f"--client http serves the transformers engine for now, not {engine} (use --client inprocess)")
     spec = spec_from_options(**workload_args)
     requests = generate_requests(spec)
     if not requests:
@@ -107,8 +123,12 @@ def bench_command(
     if engine == "transformers":
         check_engine_backend(backend)
     started = time.time()
-    run, provenance = _run(engine, model_spec, backend, device, dtype, engine_settings, requests, model_seed,
-                           warmup_requests, warm_passes)
+    if client == "http":
+        run, provenance = _run_http(model_spec, backend, device, dtype, engine_settings, requests, model_seed,
+                                    warmup_requests, warm_passes, server_url)
+    else:
+        run, provenance = _run(engine, model_spec, backend, device, dtype, engine_settings, requests, model_seed,
+                               warmup_requests, warm_passes)
     summary = summarize(run.requests, run.steps)
     provenance.update(
         model=model_spec.model_id,
@@ -118,6 +138,7 @@ def bench_command(
         workload=spec.to_dict(),
         requested_settings=engine_settings,
         warm_passes=warm_passes,
+        client=client,
         engine_details=run.engine_details,
         started_at_unix=started,
         wall_s=time.time() - started,
@@ -185,6 +206,26 @@ def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, en
         dtype=dtype,
         block_size=int(run.engine_settings.get("block_size", 0)),
     )
+    return run, {"platform": platform, "stack": stack.columns()}
+
+
+def _run_http(model_spec: Any, backend: str, device: str, dtype: str, engine_settings: dict[str, Any],
+              requests: list[Any], seed: int, warmup: int, warm_passes: int,
+              server_url: str | None) -> tuple[Any, dict[str, Any]]:
+    """The transformers engine behind its own HTTP server (dooly.engines.http_bench)."""
+    from dooly.engines.http_bench import run_http_bench
+    from dooly.engines.transformers_cb import engine_version
+    from dooly.models.registry import build_hf_config
+    from dooly.profile.provenance import current_stack, detect_device, detect_platform
+
+    resolved_device = detect_device(device)
+    platform = detect_platform(resolved_device)
+    run = run_http_bench(build_hf_config(model_spec), backend, requests, settings=engine_settings,
+                         device=resolved_device, dtype=DTYPES[dtype], seed=seed, warmup_requests=warmup,
+                         warm_passes=warm_passes, server_url=server_url)
+    stack = current_stack(device=resolved_device, platform=platform, engine="transformers",
+                          engine_version=engine_version(), backend=backend, dtype=dtype,
+                          block_size=int(engine_settings.get("block_size", 0)))
     return run, {"platform": platform, "stack": stack.columns()}
 
 

@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 
 from dooly.engines import flex_paged
-from dooly.engines.base import Batch, TraceStep
+from dooly.engines.base import Batch, TraceStep, shape_only_mode
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,9 @@ class TransformersCBEngine:
         exactly as for a checkpoint, and every missing weight is initialised on the device."""
         from transformers import AutoModelForCausalLM
 
+        from dooly.models.hf_imports import import_transformers_lean
+
+        import_transformers_lean()
         flex_paged.register()
         if self.tp_size > 1:
             from transformers.distributed import DistributedConfig
@@ -326,9 +329,7 @@ class TransformersKind:
     def trace_session(self, config: Any, *, backend: str, dtype: torch.dtype, batch: Batch,
                       geometry: dict[str, int], shape_env: Any) -> Iterator[TraceStep]:
         """The whole engine (model, paged cache, IO buffers) is built inside the fake mode."""
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True):
+        with shape_only_mode(shape_env):
             engine = TransformersCBEngine(
                 config, attention=backend, dtype=dtype, device="cpu",
                 block_size=geometry["engine.block_size"], num_blocks=geometry["engine.num_blocks"],

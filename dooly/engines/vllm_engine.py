@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dooly.engines.base import Batch
+from dooly.engines.base import Batch, shape_only_mode
 from dooly.errors import DoolyError
 
 log = logging.getLogger(__name__)
@@ -513,8 +513,6 @@ class VllmKind:
     @contextlib.contextmanager
     def trace_session(self, config: Any, *, backend: str, dtype: Any, batch: Batch, geometry: dict[str, int],
                       shape_env: Any) -> Iterator[Any]:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         from dooly.engines.base import TraceStep
 
         facts = _config_facts(config)
@@ -573,7 +571,7 @@ class VllmKind:
                     scalars["softcap"] = float(softcap)
                 return scalars
 
-            with FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True):
+            with shape_only_mode(shape_env):
                 yield TraceStep(model=runner.model, prepare=prepare, run=run, attention_modules=attention_layers,
                                 attention_metadata=metadata_of, attention_scalars=scalars_of)
         finally:

@@ -181,11 +181,15 @@ def explore_command(
 
 
 def _check_settings(candidates: list[Any]) -> None:
-    """Every engine/settings pair builds a scheduler (unknown keys, bad values: exit 2 up front)."""
+    """Every engine/settings pair is modelled by the simulator (`dooly.sim.engine_settings`) and
+    builds a scheduler (unknown keys, settings not modelled, bad values: exit 2 up front)."""
+    from dooly.sim.engine_settings import check_modelled
     from dooly.sim.schedulers import make_scheduler
 
     for engine, settings_json in sorted({(c.engine, c.settings_json) for c in candidates}):
-        make_scheduler(engine, json.loads(settings_json))
+        values = json.loads(settings_json)
+        check_modelled(engine, values, "--set")
+        make_scheduler(engine, values)
 
 
 def _model_groups(model: str) -> dict[str, Any]:

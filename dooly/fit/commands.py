@@ -41,8 +41,15 @@ PERCENT = 100.0
     type=int,
     help="Repeat the seen k-fold check over this many different random fold assignments.",
 )
+@click.option(
+    "--jobs",
+    default=None,
+    type=int,
+    help="Processes to fit on (the held-out checks and fits are independent pieces; the models "
+    "and errors are the same on any number).  [default: the CPUs available, at most 8]",
+)
 @output_option
-def fit_command(store_uri: str, folds: int, repeats: int, output_format: str) -> None:
+def fit_command(store_uri: str, folds: int, repeats: int, jobs: int | None, output_format: str) -> None:
     """Fit latency regressors on the store's snapshot, per platform/engine/backend/dtype and op class.
 
     Signatures the database holds are predicted from their own measurements: a one-variable curve
@@ -80,7 +87,7 @@ def fit_command(store_uri: str, folds: int, repeats: int, output_format: str) ->
     from dooly.store.backends import open_store
 
     store = open_store(store_uri, create=False)
-    report = fit_store(store, folds=folds, repeats=repeats)
+    report = fit_store(store, folds=folds, repeats=repeats, jobs=jobs)
     if output_format == "json":
         emit_json(report.to_dict())
         return

@@ -272,11 +272,35 @@ def fit_curve(values: np.ndarray, seconds: np.ndarray, candidates: Sequence[Alig
     chosen: Alignment | None = None
     if candidates:
         best = _inner_error(x, y, None)
-        for alignment in candidates:
+        for alignment in _distinct_candidates(x, candidates):
             error = _inner_error(x, y, alignment)
             if error < best * (1.0 - ALIGNMENT_MARGIN):
                 best, chosen = error, alignment
     return _fit_with(x, y, chosen)
+
+
+def _distinct_candidates(x: np.ndarray, candidates: Sequence[Alignment]) -> list[Alignment]:
+    """The candidates whose inner error can differ from the plain curve's and from an earlier
+    candidate's, so skipping the others changes nothing that `fit_curve` chooses.
+
+    A candidate enters a curve only through its partial-block mask on the fitted points, and
+    every inner fold fits a subset of `x`: with no partial size in `x`, or fewer than
+    MIN_ALIGNED_KNOTS aligned sizes, every inner fit is the plain curve (its error equals the
+    plain error, which never beats the best by ALIGNMENT_MARGIN); with the same mask on `x` as an
+    earlier candidate, every inner fit and prediction is that candidate's (an equal error never
+    beats it either). Elementwise ops of a large hidden size leave no partial block at all: this
+    halves the inner cross-validations of an H100 fit."""
+    kept: list[Alignment] = []
+    masks: list[np.ndarray] = []
+    for alignment in candidates:
+        partial = alignment.partial(x)
+        if not partial.any() or len(np.unique(x[~partial])) < MIN_ALIGNED_KNOTS:
+            continue
+        if any(np.array_equal(partial, mask) for mask in masks):
+            continue
+        kept.append(alignment)
+        masks.append(partial)
+    return kept
 
 
 def alignment_candidates(unit: int, matmul: bool) -> tuple[Alignment, ...]:

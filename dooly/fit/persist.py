@@ -87,12 +87,16 @@ def read_inventories(store: Store) -> dict[str, dict[str, Any]]:
     return found
 
 
-def fit_store(store: Store, *, folds: int | None = None, repeats: int | None = None) -> FitReport:
-    """Fit the store's current snapshot and persist the models under models/gen-<generation>/.
+def fit_store(
+    store: Store, *, folds: int | None = None, repeats: int | None = None, jobs: int | None = None
+) -> FitReport:
+    """Fit the store's current snapshot and persist the models under models/gen-<generation>/,
+    on `jobs` processes (default: the CPUs available, see parallel.default_jobs).
 
     All model files are serialised before anything is written, and meta.json (what readers look
     for) is written last; a failure while writing removes what this call wrote.
     """
+    from dooly.fit.parallel import default_jobs
     from dooly.fit.selection import DEFAULT_FOLDS, DEFAULT_REPEATS, fit_frame
     from dooly.store.documents import write_json
     from dooly.store.merge import read_snapshot
@@ -109,7 +113,12 @@ def fit_store(store: Store, *, folds: int | None = None, repeats: int | None = N
     generation = int(manifest["generation"])
     inventories = read_inventories(store)
     models, report = fit_frame(
-        frame, generation=generation, inventories=inventories, folds=folds, repeats=repeats
+        frame,
+        generation=generation,
+        inventories=inventories,
+        folds=folds,
+        repeats=repeats,
+        jobs=default_jobs() if jobs is None else jobs,
     )
     prefix = _generation_prefix(generation)
     blobs = {f"{prefix}{group_slug(key)}{MODEL_SUFFIX}": serialize_group(m) for key, m in models.items()}

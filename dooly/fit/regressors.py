@@ -320,14 +320,41 @@ class TreeEnsemble:
     def predict(self, x: np.ndarray) -> np.ndarray:
         out = np.full(len(x), self.baseline)
         for start in range(0, len(x), TREE_CHUNK_ROWS):
-            chunk = x[start : start + TREE_CHUNK_ROWS]
-            rows = np.arange(len(chunk))[:, None]
-            node = np.broadcast_to(self.roots, (len(chunk), len(self.roots)))
-            for _ in range(self.depth):
-                go_left = chunk[rows, self.feature[node]] <= self.threshold[node]
-                node = np.where(go_left, self.left[node], self.right[node])
-            out[start : start + TREE_CHUNK_ROWS] += self.value[node].sum(axis=1)
+            leaves = self.leaf_values(x[start : start + TREE_CHUNK_ROWS])
+            out[start : start + TREE_CHUNK_ROWS] += leaves.sum(axis=1)
         return out
+
+    def leaf_values(self, x: np.ndarray, trees: np.ndarray | None = None) -> np.ndarray:
+        """(rows, trees) value of the leaf each row reaches in each tree (of `trees`, indices into
+        `roots`; all by default). Summed along a row in tree order, it is what `predict` adds to
+        the baseline, bit for bit (PairTables.from_trees builds the same matrix piecewise).
+
+        Flat `take`s instead of two-axis fancy indexing and one interleaved child array instead of
+        a `where` over both children: the same nodes, at about half the cost (tabulating the
+        per-signature trees of every held-out fold calls this thousands of times)."""
+        roots = self.roots if trees is None else self.roots[trees]
+        flat = np.ascontiguousarray(x, dtype=np.float64).ravel()
+        offset = (np.arange(len(x)) * x.shape[1])[:, None]
+        # children[2 * node + 1] is the left child (go left: x <= threshold), [2 * node] the right.
+        children = np.empty(2 * len(self.left), dtype=np.int64)
+        children[0::2] = self.right
+        children[1::2] = self.left
+        node = np.broadcast_to(roots, (len(x), len(roots))).astype(np.int64)
+        for _ in range(self.depth):
+            go_left = flat.take(offset + self.feature.take(node)) <= self.threshold.take(node)
+            child = children.take(2 * node + go_left)
+            if np.array_equal(child, node):
+                break  # every row is at a leaf (a leaf is its own child): shallower trees than `depth`
+            node = child
+        return self.value.take(node)
+
+    def split_features(self) -> list[set[int]]:
+        """Per tree, the features it splits on (empty for a single leaf)."""
+        ends = [*self.roots[1:].tolist(), len(self.feature)]
+        return [
+            set(self.feature[start:end][np.isfinite(self.threshold[start:end])].tolist())
+            for start, end in zip(self.roots.tolist(), ends, strict=True)
+        ]
 
 
 def tree_features(terms: np.ndarray, names: Sequence[str]) -> np.ndarray:
@@ -369,13 +396,15 @@ class PairTables:
         ]
         anchor = np.array([points[0] for points in inside])
         at_anchor = float(ensemble.predict(anchor[None, :])[0])
+        anchor_leaves = ensemble.leaf_values(anchor[None, :])
+        used = ensemble.split_features()
         factors = []
         for number, (a, b) in enumerate(pairs):
             grid_a, grid_b = np.meshgrid(inside[a], inside[b], indexing="ij")
             x = np.tile(anchor, (grid_a.size, 1))
             x[:, a] = grid_a.ravel()
             x[:, b] = grid_b.ravel()
-            log_part = ensemble.predict(x).reshape(grid_a.shape)
+            log_part = _grid_predict(ensemble, x, anchor_leaves, used, (a, b)).reshape(grid_a.shape)
             # The other pairs' functions are constant here (at the anchor): count them once.
             factors.append(np.exp(log_part if number == 0 else log_part - at_anchor))
         return cls(
@@ -394,6 +423,24 @@ class PairTables:
         for (a, b), table in zip(self.pairs, self.factors, strict=True):
             out *= table[cells[a], cells[b]]
         return out
+
+
+def _grid_predict(
+    ensemble: TreeEnsemble, x: np.ndarray, anchor_leaves: np.ndarray, used: list[set[int]], varied: tuple[int, int]
+) -> np.ndarray:
+    """ensemble.predict(x), bit for bit, for rows that differ from the anchor only in the features
+    `varied`: a tree that splits on neither gives every row its leaf at the anchor, so only the
+    trees that split on them are walked (about half: the trees of the other pair). The leaf matrix
+    is summed in the same order as `predict` sums it."""
+    walked = np.array([i for i, features in enumerate(used) if features & set(varied)], dtype=np.int64)
+    out = np.full(len(x), ensemble.baseline)
+    for start in range(0, len(x), TREE_CHUNK_ROWS):
+        chunk = x[start : start + TREE_CHUNK_ROWS]
+        leaves = np.repeat(anchor_leaves, len(chunk), axis=0)
+        if len(walked):
+            leaves[:, walked] = ensemble.leaf_values(chunk, walked)
+        out[start : start + TREE_CHUNK_ROWS] += leaves.sum(axis=1)
+    return out
 
 
 @dataclass

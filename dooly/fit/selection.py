@@ -17,6 +17,7 @@ its inventory) and predicts them from the rest. docs/fit.md states the protocol.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,10 +33,13 @@ from dooly.fit.features import (
     parse_point,
 )
 from dooly.fit.group import GroupModel, bind_class_model
+from dooly.fit.parallel import TaskRunner
 from dooly.fit.regressors import (
     ATTENTION_UNSEEN_METHODS,
     LINEAR_METHODS,
+    METHOD_GBT,
     METHOD_NNLS,
+    METHOD_NNLS_GBT,
     MIN_SECONDS,
     SEEN_INTERP,
     SEEN_LINEAR,
@@ -47,6 +51,7 @@ from dooly.fit.regressors import (
     UNSEEN_METHODS,
     WAVE_TREE_BASE_TERMS,
     ClassModel,
+    ClassRegressor,
     CorrectedLinearModel,
     InterpModel,
     LinearModel,
@@ -91,6 +96,9 @@ PERCENT = 100.0
 # Request points kept per class for the step predictor's linear surrogates.
 REFERENCE_POINTS = 512
 SEED = 0
+# Per point and fit, trees cost about this many times a curve or a linear model (a guess from an
+# H100 profile, used only to hand the largest pieces of work out first).
+TREE_COST_FACTOR = 4.0
 
 
 def per_op_mape(sig_ids: np.ndarray, predicted: np.ndarray, seconds: np.ndarray) -> np.ndarray:
@@ -229,6 +237,11 @@ def reference_points(data: GroupData, design: ClassDesign) -> tuple[list, np.nda
 
 def fit_class(design: ClassDesign, method: str, data: GroupData | None = None) -> ClassModel:
     regressor = fit_class_regressor(method, design.physical, design.logx, design.seconds, design.regimes)
+    return class_model_of(design, regressor, data)
+
+
+def class_model_of(design: ClassDesign, regressor: ClassRegressor, data: GroupData | None = None) -> ClassModel:
+    """A class's fitted regressor with what it needs to bind any signature of the class."""
     seqs, terms = reference_points(data, design) if data is not None else ([], np.zeros((0, N_TERMS)))
     return ClassModel(
         op_class=design.op_class,
@@ -254,60 +267,172 @@ def _finite_median(values: np.ndarray) -> float | None:
     return float(np.median(valid)) if len(valid) else None
 
 
+def seen_heldout_pct(
+    method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.ndarray, folds: int, repeats: int
+) -> float:
+    """One signature's held-out MAPE under `method` (see seen_cv): one piece of a fit's work."""
+    return heldout_pct(seen_cv(method, info, terms, seconds, folds, repeats), seconds)
+
+
+def unseen_heldout_mape(design: ClassDesign, method: str, folds: int) -> np.ndarray:
+    """Per-op MAPE of a class regressor `method` under the grouped k-fold (see grouped_cv)."""
+    return per_op_mape(design.sig_ids, grouped_cv(design, method, folds), design.seconds)
+
+
+def _piece_cost(method: str, rows: int, fits: int) -> float:
+    """A rough relative cost of `fits` fits of `method` on `rows` points, only to hand the
+    largest pieces out first (TaskRunner): trees cost about TREE_COST_FACTOR times a curve or a
+    linear fit per point."""
+    tree = method in (SEEN_TREES, SEEN_WAVE_TREES, METHOD_NNLS_GBT, METHOD_GBT)
+    return float(rows * fits) * (TREE_COST_FACTOR if tree else 1.0)
+
+
+@dataclass
+class _ClassPlan:
+    """One class of one group: its design, its signatures' rows and the candidates to check."""
+
+    group: int
+    op_class: str
+    rows: np.ndarray
+    design: ClassDesign
+    n_sigs: int
+    unseen_candidates: tuple[str, ...]
+    by_sig: dict[int, np.ndarray]
+    seen_candidates: tuple[str, ...]
+
+
+def _plan_group(index: int, data: GroupData) -> list[_ClassPlan]:
+    row_class = data.row_class
+    plans = []
+    for op_class in sorted(set(row_class.tolist())):
+        rows = np.flatnonzero(row_class == op_class)
+        design = class_design(data, op_class, rows)
+        members = sorted(set(design.sig_ids.tolist()))
+        n_sigs = len(members)
+        by_sig = {i: rows[design.sig_ids == i] for i in members}
+        plans.append(
+            _ClassPlan(
+                group=index,
+                op_class=op_class,
+                rows=rows,
+                design=design,
+                n_sigs=n_sigs,
+                unseen_candidates=candidate_methods(design) if n_sigs >= 2 else (),
+                by_sig=by_sig,
+                seen_candidates=seen_methods(data.infos[members[0]]),
+            )
+        )
+    return plans
+
+
 def choose_seen_method(
-    data: GroupData, by_sig: dict[int, np.ndarray], folds: int, repeats: int
+    data: GroupData, by_sig: dict[int, np.ndarray], folds: int, repeats: int, runner: TaskRunner | None = None
 ) -> tuple[str, dict[str, np.ndarray]]:
     """The per-signature method of one class (the candidate with the lowest held-out median over
     its signatures, simpler ones preferred on ties) and every candidate's held-out per-op MAPE,
     one value per signature of `by_sig` (its index -> its rows), NaN where not evaluated."""
     options = seen_methods(data.infos[next(iter(by_sig))])
-    scores = {
-        method: np.array(
-            [
-                heldout_pct(
-                    seen_cv(method, data.infos[i], data.terms[r], data.seconds[r], folds, repeats),
-                    data.seconds[r],
-                )
-                for i, r in by_sig.items()
-            ]
-        )
+    pieces = [
+        (method, data.infos[i], data.terms[r], data.seconds[r], folds, repeats)
         for method in options
+        for i, r in by_sig.items()
+    ]
+    values = (runner or TaskRunner()).map(seen_heldout_pct, pieces)
+    return _seen_choice(options, len(by_sig), values)
+
+
+def _seen_choice(
+    options: tuple[str, ...], n_sigs: int, values: list[float]
+) -> tuple[str, dict[str, np.ndarray]]:
+    """choose_seen_method's answer from the held-out MAPEs, method-major (options x signatures)."""
+    scores = {
+        method: np.array(values[k * n_sigs : (k + 1) * n_sigs], dtype=np.float64)
+        for k, method in enumerate(options)
     }
     return _preferred({m: _finite_median(v) for m, v in scores.items()}), scores
 
 
-def fit_group(data: GroupData, *, folds: int, generation: int, repeats: int = DEFAULT_REPEATS) -> GroupModel:
+def fit_group(
+    data: GroupData, *, folds: int, generation: int, repeats: int = DEFAULT_REPEATS, runner: TaskRunner | None = None
+) -> GroupModel:
     """Class regressors (method chosen by grouped k-fold) and per-signature models for one group."""
-    platform_name, engine, backend, dtype = data.key
-    row_class = data.row_class
-    classes: dict[str, ClassModel] = {}
-    signatures: dict[str, OpModel] = {}
-    reports: list[dict[str, Any]] = []
-    for op_class in sorted(set(row_class.tolist())):
-        rows = np.flatnonzero(row_class == op_class)
-        design = class_design(data, op_class, rows)
-        n_sigs = len(np.unique(design.sig_ids))
-        # Cross-signature regressor: pick the candidate with the lowest grouped k-fold median.
+    return fit_groups([data], folds=folds, generation=generation, repeats=repeats, runner=runner)[data.key]
+
+
+def fit_groups(
+    datas: list[GroupData],
+    *,
+    folds: int,
+    generation: int,
+    repeats: int = DEFAULT_REPEATS,
+    runner: TaskRunner | None = None,
+) -> dict[tuple[str, str, str, str], GroupModel]:
+    """fit_group for every group, in two rounds of independent pieces handed to `runner`: every
+    held-out check of every class and candidate (most of a fit's time), then, with the methods
+    chosen, the final fits. The pieces, and so the models and reports, are those of a fit one
+    class after another."""
+    runner = runner or TaskRunner()
+    plans = [plan for index, data in enumerate(datas) for plan in _plan_group(index, data)]
+    # Round 1: held-out checks.
+    unseen_pieces = [
+        (plan.design, method, folds) for plan in plans for method in plan.unseen_candidates
+    ]
+    seen_pieces = [
+        (method, datas[plan.group].infos[i], datas[plan.group].terms[r], datas[plan.group].seconds[r], folds, repeats)
+        for plan in plans
+        for method in plan.seen_candidates
+        for i, r in plan.by_sig.items()
+    ]
+    checks = runner.map(
+        _check_piece,
+        [("unseen", piece) for piece in unseen_pieces] + [("seen", piece) for piece in seen_pieces],
+        [_piece_cost(p[1], len(p[0].seconds), folds) for p in unseen_pieces]
+        + [_piece_cost(p[0], len(p[3]), folds * repeats) for p in seen_pieces],
+    )
+    unseen_results = iter([np.asarray(mape) for mape in checks[: len(unseen_pieces)]])
+    seen_results = iter([float(pct) for pct in checks[len(unseen_pieces) :]])
+    chosen: list[tuple[str, dict[str, dict[str, float | None]], str, dict[str, np.ndarray]]] = []
+    for plan in plans:
         scores: dict[str, dict[str, float | None]] = {}
-        unseen_method = METHOD_NNLS
-        unseen_summary: tuple[float | None, float | None] = (None, None)
-        if n_sigs >= 2:
-            for method in candidate_methods(design):
-                mape = per_op_mape(design.sig_ids, grouped_cv(design, method, folds), design.seconds)
-                median, p90 = summarize(mape)
-                scores[method] = {"median_pct": median, "p90_pct": p90}
-            unseen_method = _preferred({m: v["median_pct"] for m, v in scores.items()})
-            unseen_summary = (scores[unseen_method]["median_pct"], scores[unseen_method]["p90_pct"])
-        class_model = fit_class(design, unseen_method, data)
-        classes[op_class] = class_model
-        # Per-signature models: pick the method with the lowest within-signature k-fold median.
-        members = sorted(set(design.sig_ids.tolist()))
-        by_sig = {i: rows[design.sig_ids == i] for i in members}
-        seen_method, seen_scores = choose_seen_method(data, by_sig, folds, repeats)
+        for method in plan.unseen_candidates:
+            median, p90 = summarize(next(unseen_results))
+            scores[method] = {"median_pct": median, "p90_pct": p90}
+        unseen_method = _preferred({m: v["median_pct"] for m, v in scores.items()}) if scores else METHOD_NNLS
+        values = [next(seen_results) for _ in range(len(plan.seen_candidates) * len(plan.by_sig))]
+        seen_method, seen_scores = _seen_choice(plan.seen_candidates, len(plan.by_sig), values)
+        chosen.append((unseen_method, scores, seen_method, seen_scores))
+    # Round 2: final fits with the chosen methods.
+    class_pieces = [
+        (method, plan.design.physical, plan.design.logx, plan.design.seconds, plan.design.regimes)
+        for plan, (method, _, _, _) in zip(plans, chosen, strict=True)
+    ]
+    final_pieces = [
+        (seen_method, datas[plan.group].infos[i], datas[plan.group].terms[r], datas[plan.group].seconds[r])
+        for plan, (_, _, seen_method, _) in zip(plans, chosen, strict=True)
+        for i, r in plan.by_sig.items()
+    ]
+    finals = runner.map(
+        _final_piece,
+        [("class", piece) for piece in class_pieces] + [("seen", piece) for piece in final_pieces],
+        [_piece_cost(p[0], len(p[3]), 1) for p in class_pieces] + [_piece_cost(p[0], len(p[3]), 1) for p in final_pieces],
+    )
+    regressors = iter(finals[: len(class_pieces)])
+    seen_models = iter(finals[len(class_pieces) :])
+    built: dict[int, tuple[dict[str, ClassModel], dict[str, OpModel], list[dict[str, Any]]]] = {
+        index: ({}, {}, []) for index in range(len(datas))
+    }
+    for plan, (unseen_method, scores, seen_method, seen_scores) in zip(plans, chosen, strict=True):
+        data = datas[plan.group]
+        classes, signatures, reports = built[plan.group]
+        regressor = next(regressors)
+        assert isinstance(regressor, ClassRegressor)
+        class_model = class_model_of(plan.design, regressor, data)
+        classes[plan.op_class] = class_model
         scaled = 0
-        for i, r in by_sig.items():
+        for i, r in plan.by_sig.items():
             info = data.infos[i]
-            model = fit_seen(seen_method, info, data.terms[r], data.seconds[r])
+            model = next(seen_models)
+            assert model is None or isinstance(model, OpModel)
             if model is None:
                 bound = bind_class_model(class_model, info)
                 ratio = data.seconds[r] / np.maximum(bound.predict_terms(data.terms[r]), MIN_SECONDS)
@@ -316,46 +441,78 @@ def fit_group(data: GroupData, *, folds: int, generation: int, repeats: int = DE
                 )
                 scaled += 1
             signatures[info.signature] = model
-        chosen = seen_scores[seen_method]
-        evaluated = np.isfinite(chosen)
-        seen_median, seen_p90 = summarize(chosen[evaluated])
         reports.append(
-            {
-                "op_class": op_class,
-                "family": design.family,
-                "points": int(len(rows)),
-                "signatures": n_sigs,
-                "seen_method": seen_method,
-                "seen_mape_median_pct": seen_median,
-                "seen_mape_p90_pct": seen_p90,
-                "seen_evaluated": int(evaluated.sum()),
-                "seen_scaled": scaled,
-                "seen_candidates": {m: _finite_median(v) for m, v in seen_scores.items()},
-                "seen_mape_by_signature": {
-                    data.infos[i].signature: float(v)
-                    for i, v in zip(members, chosen, strict=True)
-                    if np.isfinite(v)
-                },
-                "unseen_method": unseen_method,
-                "unseen_mape_median_pct": unseen_summary[0],
-                "unseen_mape_p90_pct": unseen_summary[1],
-                "unseen_candidates": scores,
-                "validation": validation_text(folds, repeats),
-            }
+            _class_report(plan, data, folds, repeats, (unseen_method, scores), (seen_method, seen_scores), scaled)
         )
         logger.info(
-            "fitted %s / %s: %d points, %d signatures", "/".join(data.key), op_class, len(rows), n_sigs
+            "fitted %s / %s: %d points, %d signatures", "/".join(data.key), plan.op_class, len(plan.rows), plan.n_sigs
         )
-    return GroupModel(
-        platform=platform_name,
-        engine=engine,
-        backend=backend,
-        dtype=dtype,
-        generation=generation,
-        classes=classes,
-        signatures=signatures,
-        reports=reports,
+    models = {}
+    for index, data in enumerate(datas):
+        platform_name, engine, backend, dtype = data.key
+        classes, signatures, reports = built[index]
+        models[data.key] = GroupModel(
+            platform=platform_name,
+            engine=engine,
+            backend=backend,
+            dtype=dtype,
+            generation=generation,
+            classes=classes,
+            signatures=signatures,
+            reports=reports,
+        )
+    return models
+
+
+def _check_piece(kind: str, piece: tuple[Any, ...]) -> float | np.ndarray:
+    """One held-out check of fit_groups' first round (a top-level function: it runs in workers)."""
+    return unseen_heldout_mape(*piece) if kind == "unseen" else seen_heldout_pct(*piece)
+
+
+def _final_piece(kind: str, piece: tuple[Any, ...]) -> ClassRegressor | OpModel | None:
+    """One final fit of fit_groups' second round: a class regressor or a signature's own model."""
+    return fit_class_regressor(*piece) if kind == "class" else fit_seen(*piece)
+
+
+def _class_report(
+    plan: _ClassPlan,
+    data: GroupData,
+    folds: int,
+    repeats: int,
+    unseen: tuple[str, dict[str, dict[str, float | None]]],
+    seen: tuple[str, dict[str, np.ndarray]],
+    scaled: int,
+) -> dict[str, Any]:
+    unseen_method, scores = unseen
+    seen_method, seen_scores = seen
+    unseen_summary = (
+        (scores[unseen_method]["median_pct"], scores[unseen_method]["p90_pct"]) if scores else (None, None)
     )
+    chosen = seen_scores[seen_method]
+    evaluated = np.isfinite(chosen)
+    seen_median, seen_p90 = summarize(chosen[evaluated])
+    return {
+        "op_class": plan.op_class,
+        "family": plan.design.family,
+        "points": int(len(plan.rows)),
+        "signatures": plan.n_sigs,
+        "seen_method": seen_method,
+        "seen_mape_median_pct": seen_median,
+        "seen_mape_p90_pct": seen_p90,
+        "seen_evaluated": int(evaluated.sum()),
+        "seen_scaled": scaled,
+        "seen_candidates": {m: _finite_median(v) for m, v in seen_scores.items()},
+        "seen_mape_by_signature": {
+            data.infos[i].signature: float(v)
+            for i, v in zip(plan.by_sig, chosen, strict=True)
+            if np.isfinite(v)
+        },
+        "unseen_method": unseen_method,
+        "unseen_mape_median_pct": unseen_summary[0],
+        "unseen_mape_p90_pct": unseen_summary[1],
+        "unseen_candidates": scores,
+        "validation": validation_text(folds, repeats),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,17 +520,44 @@ def fit_group(data: GroupData, *, folds: int, generation: int, repeats: int = DE
 
 
 def leave_one_model_out(
-    datas: list[GroupData], models: dict[tuple[str, str, str, str], GroupModel], inventories: dict[str, dict[str, Any]]
+    datas: list[GroupData],
+    models: dict[tuple[str, str, str, str], GroupModel],
+    inventories: dict[str, dict[str, Any]],
+    runner: TaskRunner | None = None,
 ) -> list[dict[str, Any]]:
     """For each model (inventory): drop its signatures, refit the class regressors on the rest
     with the methods chosen for the full fit, predict its measured points; report per-op MAPE
     beside the in-sample MAPE of the same regressors fitted with the model's data included.
 
     Models that share every signature of a class (a distilled model and its base) leave out the
-    same rows: the refit of those rows is done once (on the H100 store, 167 refits instead of 283)."""
+    same rows: the refit of those rows is done once (on the H100 store, 167 refits instead of 283).
+    The refits are independent pieces: a first pass finds them, `runner` computes them, a second
+    pass reports."""
+    # (group, op class, held-out signature ids) -> (design, held-out rows, method) of its refit.
+    pieces: dict[tuple[tuple[str, ...], str, tuple[int, ...]], tuple[ClassDesign, np.ndarray, str]] = {}
+    designs: dict[tuple[tuple[str, ...], str], ClassDesign] = {}
+    _lomo_pass(datas, models, inventories, designs, pieces, None)
+    plan = list(pieces)
+    results = (runner or TaskRunner()).map(
+        _refit_mape,
+        [pieces[key] for key in plan],
+        [_piece_cost(method, len(design.seconds), 1) for design, _, method in pieces.values()],
+    )
+    return _lomo_pass(datas, models, inventories, designs, pieces, dict(zip(plan, results, strict=True)))
+
+
+def _lomo_pass(
+    datas: list[GroupData],
+    models: dict[tuple[str, str, str, str], GroupModel],
+    inventories: dict[str, dict[str, Any]],
+    designs: dict[tuple[tuple[str, ...], str], ClassDesign],
+    pieces: dict[tuple[tuple[str, ...], str, tuple[int, ...]], tuple[ClassDesign, np.ndarray, str]],
+    refits: dict[tuple[tuple[str, ...], str, tuple[int, ...]], np.ndarray] | None,
+) -> list[dict[str, Any]]:
+    """leave_one_model_out's walk over models, groups and classes: without `refits`, it records
+    the refits needed in `pieces`; with them, it builds the report rows. A class's design does
+    not depend on the model left out: it is built once, in `designs`."""
     out: list[dict[str, Any]] = []
-    # (group, op class, held-out signature ids) -> held-out per-op MAPE of the refitted regressor.
-    refits: dict[tuple[tuple[str, ...], str, tuple[int, ...]], np.ndarray] = {}
     for model_key, inventory in sorted(inventories_by_model(inventories).items()):
         held = {op["signature"] for op in inventory.get("operations", [])}
         for data in datas:
@@ -390,22 +574,27 @@ def leave_one_model_out(
             uncovered: set[str] = set()
             points = 0
             for op_class in sorted(set(row_class[row_held].tolist())):
-                rows = np.flatnonzero(row_class == op_class)
-                design = class_design(data, op_class, rows)
-                test = row_held[rows]
+                if (data.key, op_class) not in designs:
+                    designs[data.key, op_class] = class_design(data, op_class, np.flatnonzero(row_class == op_class))
+                design = designs[data.key, op_class]
+                test = row_held[design.rows]
                 points += int(test.sum())
                 class_model = group.classes[op_class]
+                if test.all():
+                    uncovered.update(data.infos[i].signature for i in np.unique(design.sig_ids))
+                key = (data.key, op_class, tuple(np.unique(design.sig_ids[test]).tolist()))
+                if refits is None:
+                    if not test.all():
+                        pieces.setdefault(key, (design, test, class_model.regressor.method))
+                    continue
                 insample = class_model.regressor.predict(
                     design.physical[test], design.logx[test], design.regimes[test]
                 )
                 insample_parts.append(per_op_mape(design.sig_ids[test], insample, design.seconds[test]))
-                if test.all():
-                    uncovered.update(data.infos[i].signature for i in np.unique(design.sig_ids))
-                    continue
-                key = (data.key, op_class, tuple(np.unique(design.sig_ids[test]).tolist()))
-                if key not in refits:
-                    refits[key] = _refit_mape(design, test, class_model.regressor.method)
-                lomo_parts.append(refits[key])
+                if not test.all():
+                    lomo_parts.append(refits[key])
+            if refits is None:
+                continue
             lomo = np.concatenate(lomo_parts) if lomo_parts else np.zeros(0)
             insample_all = np.concatenate(insample_parts) if insample_parts else np.zeros(0)
             lomo_median, lomo_p90 = summarize(lomo)
@@ -458,17 +647,20 @@ def fit_frame(
     inventories: dict[str, dict[str, Any]] | None = None,
     folds: int = DEFAULT_FOLDS,
     repeats: int = DEFAULT_REPEATS,
+    jobs: int = 1,
 ) -> tuple[dict[tuple[str, str, str, str], GroupModel], FitReport]:
-    """Fit every group of a snapshot frame (no store involved: the testable core of `fit_store`)."""
+    """Fit every group of a snapshot frame (no store involved: the testable core of `fit_store`),
+    its independent pieces on `jobs` processes (the same models and report on any number)."""
     if folds < 2:
         raise DoolyError(f"--folds must be at least 2 (got {folds})")
     if repeats < 1:
         raise DoolyError(f"--repeats must be at least 1 (got {repeats})")
+    if jobs < 1:
+        raise DoolyError(f"--jobs must be at least 1 (got {jobs})")
     datas = group_data(training_rows(frame))
-    models = {
-        data.key: fit_group(data, folds=folds, generation=generation, repeats=repeats) for data in datas
-    }
-    lomo = leave_one_model_out(datas, models, inventories or {})
+    with TaskRunner(jobs) as runner:
+        models = fit_groups(datas, folds=folds, generation=generation, repeats=repeats, runner=runner)
+        lomo = leave_one_model_out(datas, models, inventories or {}, runner)
     groups = [
         {**dict(zip(GROUP_COLUMNS, key, strict=True)), "classes": model.reports}
         for key, model in models.items()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dooly.errors import DoolyError
+from dooly.models.hf_imports import import_transformers_lean
 from dooly.models.validation import check_required_fields
 
 if TYPE_CHECKING:
@@ -269,6 +270,7 @@ def _fit_layer_types(facts: dict, overridden: set[str]) -> None:
 
 def _causal_lm_names() -> dict[str, str]:
     """model_type -> causal-LM class name, as transformers' AutoModelForCausalLM maps them."""
+    import_transformers_lean()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)

@@ -23,6 +23,7 @@ from dooly.output import emit_json, format_table, output_option
 from dooly.outputs import writable_dir, writable_file
 from dooly.sim.options import StepChoice, model_dims, step_model_options
 from dooly.sim.options import with_model_groups as _with_model_groups  # dooly.explore.commands imports it from here
+from dooly.sim.validate import DEFAULT_TARGET_PCT
 from dooly.workload import workload_options
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,19 @@ def _cpu_overhead(path: str | None, no_overhead: bool, step_choice: StepChoice, 
     from dooly.sim.calibration_commands import resolve_overhead
 
     return resolve_overhead(path, no_overhead, step_choice, engine, scheduler, model)
+
+
+def _checked_settings(engine: str, engine_config: str | None, settings: tuple[str, ...],
+                      config_origin: str | None = None) -> dict[str, Any]:
+    """--engine-config (or a ground truth's engine.json) merged with --set, every setting checked
+    against what the simulator models (`dooly.sim.engine_settings`): one refusing line otherwise."""
+    from dooly.sim.engine_settings import check_modelled
+
+    from_file = parse_engine_settings(engine_config, ())
+    check_modelled(engine, from_file, config_origin or f"--engine-config {engine_config}")
+    flags = parse_engine_settings(None, settings)
+    check_modelled(engine, flags, "--set")
+    return {**from_file, **flags}
 
 
 def _clean(value: Any) -> Any:
@@ -137,7 +151,7 @@ def simulate_command(
     from dooly.workload import generate_requests, spec_from_options
 
     spec = spec_from_options(**workload_args)
-    scheduler = make_scheduler(engine, _with_model_groups(model, engine, parse_engine_settings(engine_config, settings)))
+    scheduler = make_scheduler(engine, _with_model_groups(model, engine, _checked_settings(engine, engine_config, settings)))
     step_model = step_choice.step_model(model, engine)
     fitted = hasattr(step_model, "coverage_by_phase")
     if require_measured:
@@ -277,48 +291,78 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
 @click.command("validate")
 @allow_defaults_option
 @click.argument("model")
-@click.option("--ground-truth", "truth_dir", required=True, type=click.Path(file_okay=False), help=f"Directory from `dooly bench` with {REQUESTS_FILE} and {STEPS_FILE}.")
+@click.option("--ground-truth", "truth_dirs", required=True, multiple=True, type=click.Path(file_okay=False),
+              help=f"Directory from `dooly bench` with {REQUESTS_FILE} and {STEPS_FILE}. Repeat the flag with other runs "
+                   "of the same cell: the first is simulated, all give the engine's run-to-run floor.")
 @step_model_options
 @_engine_options
+@click.option("--target-pct", type=float, default=DEFAULT_TARGET_PCT, show_default=True,
+              help="Error (percent) within which a summary statistic is 'within target'.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=writable_file, help="Write the predicted-vs-measured scatter PNG here.")
 @output_option
 def validate_command(
-    model: str, truth_dir: str, step_choice: StepChoice, engine: str, engine_config: str | None, settings: tuple[str, ...],
-    cpu_overhead: str | None, no_cpu_overhead: bool, plot_path: str | None, output_format: str,
+    model: str, truth_dirs: tuple[str, ...], step_choice: StepChoice, engine: str, engine_config: str | None,
+    settings: tuple[str, ...], cpu_overhead: str | None, no_cpu_overhead: bool, target_pct: float, plot_path: str | None,
+    output_format: str,
 ) -> None:
     """Compare the simulator with a real-engine benchmark of the same workload.
 
     Re-simulates the measured requests (same arrivals and lengths, same engine settings: the
     ground truth's engine.json unless --engine-config is given; --set overrides either) and
-    reports the MAPE of per-request TTFT, TPOT and E2E; the error of their distribution (mean,
-    p50, p90, p99 across requests, simulated against measured), which does not hinge on where
-    each arrival fell within the step in flight; and, replaying every measured batch composition
-    through the step model, the MAPE of per-step latency.
+    leads with what planners read: mean, p50 and p90 of TTFT, TPOT and E2E and throughput,
+    measured against predicted, beside the engine's own run-to-run floor (the largest difference
+    between the runs given with --ground-truth) and a verdict: within target (--target-pct),
+    within floor (the miss is the engine's noise), or miss. Then the MAPE of per-request TTFT,
+    TPOT and E2E; the error of their distribution (mean, p50, p90, p99); and, replaying every
+    measured batch composition through the step model, the MAPE of per-step latency.
+
+    A ground truth recorded with an engine setting the simulator does not model (e.g.
+    use_async_batching=true) is refused, as are such settings given with --engine-config/--set.
 
     \b
     Example:
-      dooly validate meta-llama/Llama-3.1-8B --ground-truth bench/h100-sdpa \\
-          --store ./db --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa' \\
-          --engine-config bench/h100-sdpa/engine.json --plot scatter.png
+      dooly validate meta-llama/Llama-3.1-8B --ground-truth bench/h100-sdpa --ground-truth bench/h100-sdpa-r2 \\
+          --store ./db --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa' --plot scatter.png
     """
+    from dooly.sim.engine_settings import check_modelled
     from dooly.sim.schedulers import make_scheduler
-    from dooly.sim.validate import load_ground_truth, plot_scatter, validate
+    from dooly.sim.validate import check_repeat, load_ground_truth, plot_scatter, validate
 
-    truth = load_ground_truth(Path(truth_dir))
-    recorded = Path(truth_dir) / BENCH_ENGINE_FILE
-    if engine_config is None and recorded.is_file():
-        engine_config = str(recorded)
-    scheduler = make_scheduler(engine, _with_model_groups(model, engine, parse_engine_settings(engine_config, settings)))
+    if not target_pct > 0:
+        raise DoolyError(f"--target-pct must be > 0, got {target_pct}")
+    recorded: list[dict[str, Any]] = []
+    for directory in truth_dirs:
+        path = Path(directory) / BENCH_ENGINE_FILE
+        values = read_json_object(path, "engine settings") if path.is_file() else {}
+        check_modelled(engine, values, f"ground truth {path}")
+        recorded.append(values)
+    for directory, values in zip(truth_dirs[1:], recorded[1:]):
+        differing = sorted(k for k in set(values) | set(recorded[0]) if values.get(k) != recorded[0].get(k))
+        if differing:
+            raise DoolyError(f"--ground-truth {directory} is not a repeat of {truth_dirs[0]}: its engine.json differs in "
+                             f"{', '.join(differing)}")
+    truths = [load_ground_truth(Path(d)) for d in truth_dirs]
+    for directory, repeat in zip(truth_dirs[1:], truths[1:]):
+        check_repeat(truths[0], repeat, f"--ground-truth {directory}")
+    first_recorded = Path(truth_dirs[0]) / BENCH_ENGINE_FILE
+    if engine_config is None and first_recorded.is_file():
+        user_settings = _checked_settings(engine, str(first_recorded), settings, f"ground truth {first_recorded}")
+    else:
+        user_settings = _checked_settings(engine, engine_config, settings)
+    scheduler = make_scheduler(engine, _with_model_groups(model, engine, user_settings))
     step_model = step_choice.step_model(model, engine)
     overhead = _cpu_overhead(cpu_overhead, no_cpu_overhead, step_choice, engine, scheduler, model)
-    report = validate(truth, scheduler, step_model, overhead)
+    report = validate(truths[0], scheduler, step_model, overhead, repeats=truths[1:], target_pct=target_pct)
     payload = _clean(report.as_dict())
     payload["cpu_overhead"] = overhead.source
+    payload["summary"]["ground_truth"] = list(truth_dirs)
     if plot_path:
         payload["plot"] = str(plot_scatter(report, plot_path))
     if output_format == "json":
         emit_json(payload)
         return
+    click.echo(_validation_summary_text(payload["summary"]))
+    click.echo("")
     rows = []
     for label, stats in (("TTFT", payload["requests"]["ttft"]), ("TPOT", payload["requests"]["tpot"]), ("E2E", payload["requests"]["e2e"]), ("step latency", payload["steps"])):
         if stats:
@@ -334,6 +378,31 @@ def validate_command(
 
         click.echo("")
         click.echo("\n".join(payload_lines(payload["coverage"])))
+
+
+def _validation_summary_text(summary: dict[str, Any]) -> str:
+    """The planner's table: statistic | measured | predicted | error | engine floor | verdict."""
+    from dooly.sim.validate import LATENCY_UNIT
+
+    runs = summary["runs"]
+    floor_note = (f"engine floor: the largest difference between the {runs} runs given" if runs > 1
+                  else "engine floor: give the cell's repeated runs with --ground-truth to see it")
+    rows = []
+    for row in summary["rows"]:
+        latency = row["unit"] == LATENCY_UNIT
+        metric, _, statistic = row["statistic"].partition("_")
+        label = f"{metric.upper()} {statistic} (ms)" if latency else f"{row['statistic']} ({row['unit']})"
+        value = _ms if latency else _rate_text
+        rows.append((label, value(row["measured"]), value(row["predicted"]), _signed_pct(row["error_pct"]),
+                     _pct(row["floor_pct"]), row["verdict"]))
+    header = (f"Summary: measured = {summary['ground_truth'][0]}; error > 0: simulated slower (latency) or faster "
+              f"(throughput); target {summary['target_pct']:g}%; {floor_note}")
+    table = format_table(["statistic", "measured", "predicted", "error %", "engine floor %", "verdict"], rows)
+    return f"{header}\n{table}"
+
+
+def _rate_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _distribution_rows(distribution: dict[str, Any]) -> list[tuple[Any, ...]]:

@@ -20,6 +20,11 @@ Three comparisons:
 
 `compare_runs` scores one real run against another of the same workload with the same per-request
 and distribution arithmetic: the engine's own run-to-run floor under both.
+
+The planner's summary (`ValidationReport.summary_rows`) leads the report: mean, p50 and p90 of
+TTFT, TPOT and E2E and the throughput, predicted against measured, each beside the engine's floor
+for that statistic (`run_floor`, from repeated runs of the cell) and a verdict (`verdict`): within
+the target, within the engine's floor, or a miss.
 """
 
 from __future__ import annotations
@@ -374,6 +379,101 @@ def _default_path(prefill: list[tuple[int, int]], decode_ctx: list[int]) -> Step
     return StepPath(kind, cuda_graph=False, padded_tokens=tokens)
 
 
+# ---------------------------------------------------------------------------------------------
+# The planner's summary: mean, p50, p90 of TTFT/TPOT/E2E and throughput, each beside the engine's
+# own run-to-run floor, with a verdict.
+
+# What a capacity planner reads, in table order.
+SUMMARY_STATISTICS = ("mean", "p50", "p90")
+THROUGHPUT = "throughput"
+THROUGHPUT_UNIT = "output tok/s"
+LATENCY_UNIT = "s"
+# Issue #24's target for a cell's mean and p90 TTFT and TPOT: within 8%, or within the engine's
+# own floor for that cell, whichever is larger.
+DEFAULT_TARGET_PCT = 8.0
+WITHIN_TARGET, WITHIN_FLOOR, MISS, NO_DATA = "within target", "within floor", "miss", "no data"
+
+
+def summary_key(metric: str, statistic: str) -> str:
+    """`ttft_mean`, `tpot_p90`, ...: the key of one summary row."""
+    return f"{metric}_{statistic}"
+
+
+def measured_throughput(truth: GroundTruth) -> float | None:
+    """Output tokens per second of a real run, as the simulation summary counts them: the finished
+    requests' output tokens over first arrival to last finish (None when nothing finished)."""
+    finished = [r for r in truth.requests if math.isfinite(r.finished_s)]
+    if not finished:
+        return None
+    makespan = max(r.finished_s for r in finished) - min(r.arrived_at_s for r in truth.requests)
+    return sum(r.output_tokens for r in finished) / makespan if makespan > 0 else None
+
+
+def _relative_pct(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or not reference > 0:
+        return None
+    return (value - reference) / reference * PERCENT
+
+
+def run_floor(runs: Sequence[GroundTruth]) -> dict[str, float]:
+    """The engine's run-to-run floor of each summary statistic, in percent: the largest relative
+    difference between any two runs of the same cell (every ordered pair, each run scored against
+    the other exactly as the simulator is, on the requests usable in both). Empty for one run."""
+    floor: dict[str, float] = {}
+    for index, reference in enumerate(runs):
+        for other_index, repeat in enumerate(runs):
+            if index == other_index:
+                continue
+            distribution = compare_runs(reference, repeat).distribution_dict()
+            for metric in REQUEST_METRICS:
+                for statistic in SUMMARY_STATISTICS:
+                    entry = distribution[metric][statistic]
+                    if entry is not None:
+                        key = summary_key(metric, statistic)
+                        floor[key] = max(floor.get(key, 0.0), float(entry["abs_error_pct"]))
+            difference = _relative_pct(measured_throughput(repeat), measured_throughput(reference))
+            if difference is not None:
+                floor[THROUGHPUT] = max(floor.get(THROUGHPUT, 0.0), abs(difference))
+    return floor
+
+
+def verdict(error_pct: float | None, floor_pct: float | None, target_pct: float) -> str:
+    """`within target` when |error| <= target; else `within floor` when |error| <= the engine's
+    own floor (the miss cannot be told from the engine's noise); else `miss`."""
+    if error_pct is None:
+        return NO_DATA
+    if abs(error_pct) <= target_pct:
+        return WITHIN_TARGET
+    if floor_pct is not None and abs(error_pct) <= floor_pct:
+        return WITHIN_FLOOR
+    return MISS
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One statistic a planner reads: measured (the first run), predicted, error and floor."""
+
+    statistic: str
+    unit: str
+    measured: float | None
+    predicted: float | None
+    floor_pct: float | None
+    target_pct: float
+
+    @property
+    def error_pct(self) -> float | None:
+        """> 0: the simulation is slower (latency) or serves more (throughput) than measured."""
+        return _relative_pct(self.predicted, self.measured)
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.error_pct, self.floor_pct, self.target_pct)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"statistic": self.statistic, "unit": self.unit, "measured": self.measured, "predicted": self.predicted,
+                "error_pct": self.error_pct, "floor_pct": self.floor_pct, "verdict": self.verdict}
+
+
 @dataclass
 class ValidationReport:
     requests: RequestComparison
@@ -382,13 +482,42 @@ class ValidationReport:
     # Per phase of the simulated steps: the share of predicted device time that is measured, and
     # the estimated operations (fitted step models only; see dooly.fit.coverage).
     coverage: dict[str, Any] | None = None
+    # The planner's summary: the measured run's throughput, the engine's floor per statistic (from
+    # repeated runs of the cell; empty for one run) and the target the verdict reads.
+    measured_throughput: float | None = None
+    floor: dict[str, float] = field(default_factory=dict)
+    runs: int = 1
+    target_pct: float = DEFAULT_TARGET_PCT
+
+    def summary_rows(self, simulation: dict[str, Any] | None = None) -> list[SummaryRow]:
+        """Mean, p50 and p90 of TTFT, TPOT and E2E (on the requests both sides can score), then
+        throughput; each with the engine's floor where repeats give one."""
+        distribution = self.requests.distribution_dict()
+        rows = []
+        for metric in REQUEST_METRICS:
+            for statistic in SUMMARY_STATISTICS:
+                key = summary_key(metric, statistic)
+                entry = distribution[metric][statistic] or {}
+                rows.append(SummaryRow(key, LATENCY_UNIT, entry.get("measured_s"), entry.get("predicted_s"),
+                                       self.floor.get(key), self.target_pct))
+        simulation = simulation if simulation is not None else self.result.summary()
+        rows.append(SummaryRow(THROUGHPUT, THROUGHPUT_UNIT, self.measured_throughput,
+                               simulation["throughput"]["output_tokens_per_s"], self.floor.get(THROUGHPUT),
+                               self.target_pct))
+        return rows
 
     def as_dict(self) -> dict[str, Any]:
+        simulation = self.result.summary()
         return {
+            "summary": {
+                "target_pct": self.target_pct,
+                "runs": self.runs,
+                "rows": [row.as_dict() for row in self.summary_rows(simulation)],
+            },
             "requests": self.requests.as_dict(),
             "distribution": self.requests.distribution_dict(),
             "steps": self.steps.as_dict() if self.steps is not None else None,
-            "simulation": self.result.summary(),
+            "simulation": simulation,
             "coverage": self.coverage,
         }
 
@@ -399,8 +528,13 @@ def validate(
     step_model: StepLatencyModel,
     cpu_overhead: CpuOverheadModel | None = None,
     path_for: Any = None,
+    repeats: Sequence[GroundTruth] = (),
+    target_pct: float = DEFAULT_TARGET_PCT,
 ) -> ValidationReport:
     """Simulate the measured workload with the given engine settings and compare both ways.
+
+    `repeats` are other real runs of the same cell (same requests, same settings): with them the
+    summary carries the engine's own run-to-run floor beside each statistic (`run_floor`).
 
     Measured steps are replayed on the path the engine settings imply for their composition
     (`scheduler.path_for`) unless `path_for` says otherwise. The engine's unrecorded warm passes
@@ -420,7 +554,18 @@ def validate(
         from dooly.fit.coverage import coverage_payload
 
         coverage = coverage_payload(step_model.coverage_by_phase(result.batches or []))  # type: ignore[attr-defined]
-    return ValidationReport(compare_requests(truth, result), steps, result, coverage)
+    runs = [truth, *repeats]
+    return ValidationReport(compare_requests(truth, result), steps, result, coverage,
+                            measured_throughput=measured_throughput(truth), floor=run_floor(runs) if repeats else {},
+                            runs=len(runs), target_pct=target_pct)
+
+
+def check_repeat(reference: GroundTruth, repeat: GroundTruth, name: str) -> None:
+    """Refuse a 'repeat' that served other requests than the reference run."""
+    ours, theirs = {r.request_id for r in reference.requests}, {r.request_id for r in repeat.requests}
+    if ours != theirs:
+        raise DoolyError(f"{name} is not a repeat of the first --ground-truth: {len(ours - theirs)} of its requests "
+                         f"are missing and {len(theirs - ours)} are extra")
 
 
 def plot_scatter(report: ValidationReport, path: str | Path) -> Path:

@@ -99,6 +99,12 @@ BAD_INPUTS = {
     "non-positive min rate": (["--slo", "ttft_p90=0.5", "--min-rate", "0"], "--min-rate must be a positive rate"),
     "non-positive max rate": (["--slo", "ttft_p90=0.5", "--max-rate", "-2"], "--max-rate must be a positive rate"),
     "bad setting": (["--slo", "ttft_p90=0.5", "--set", "num_blocks=0"], "num_blocks"),
+    # Settings the simulator does not model (dooly.sim.engine_settings), named in the line.
+    "async batching": (["--slo", "ttft_p90=0.5", "--set", "use_async_batching=false,true"],
+                       "--set: transformers setting use_async_batching=true is not modelled"),
+    "unmodelled setting": (["--slo", "ttft_p90=0.5", "--set", "allow_block_sharing=true"],
+                           "allow_block_sharing=true is not modelled"),
+    "unknown setting": (["--slo", "ttft_p90=0.5", "--set", "bogus=1"], "unknown key 'bogus'"),
 }
 
 

@@ -1,0 +1,414 @@
+"""Ground truth as users take it: the engine behind its own OpenAI-compatible server, timed at the client.
+
+The in-process harness (`dooly.engines.transformers_bench`) reads the engine's own token
+timestamps; a user measures at the client, through the server's HTTP front end, which adds its
+costs (tokenization, detokenization, the event loop, SSE framing, the socket). This harness keeps
+everything else the same: the model is the same random-weight model (same seed, same device, same
+dtype), saved to a temporary directory with a word-level tokenizer built here (token id `i` is the
+word `t{i}`, so a prompt of N ids is N words and tokenizes back to exactly those N ids: the server
+sees the same prompts the in-process harness adds). The server is started as a subprocess
+(`transformers serve DIR --continuous-batching --cb-...`) with the engine settings it has flags
+for; a setting it has no flag for is refused rather than silently dropped. Or `--server-url`
+points at a server already running, whose settings are the caller's to record.
+
+Requests arrive open loop at their workload times, each a streaming `/v1/completions` request;
+the client stamps its arrival, every streamed token chunk, and the end. EOS is disabled per
+request (`generation_config` with `eos_token_id=-1`, what the in-process harness gives the
+engine), so each request generates exactly its output length; the count the server reports (`usage.completion_tokens`) is recorded, and a shortfall is logged.
+
+There are no engine steps to record from outside the server: steps.parquet is written empty and
+bench.json says `client: http`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dooly.engines.groundtruth import BenchRun, RequestRecord
+from dooly.errors import DoolyError, TransientError
+from dooly.workload import Request
+
+log = logging.getLogger(__name__)
+
+# Token id i is the word t{i}: whitespace-split, one word per id, no special tokens (so none is
+# skipped when the server detokenizes a streamed token).
+TOKEN_WORD_PREFIX = "t"
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+# Engine settings (simulator names) that `transformers serve` has a --cb-* flag for.
+SERVE_FLAGS = {
+    "block_size": "--cb-block-size",
+    "num_blocks": "--cb-num-blocks",
+    "max_batch_tokens": "--cb-max-batch-tokens",
+    "max_memory_percent": "--cb-max-memory-percent",
+}
+CUDA_GRAPH_SETTING = "use_cuda_graph"
+# The serve CLI takes the attention kernel without the paged prefix; the engine adds it.
+PAGED_PREFIX = "paged|"
+LOOPBACK = "127.0.0.1"
+HEALTH_PATH = "/health"
+COMPLETIONS_PATH = "/v1/completions"
+# Loading a large model onto a GPU from a freshly written directory takes minutes.
+SERVER_START_TIMEOUT_S = 1800.0
+HEALTH_POLL_S = 0.25
+HEALTH_PROBE_TIMEOUT_S = 2.0
+SERVER_STOP_TIMEOUT_S = 30.0
+# A streamed response that sends nothing for this long means the server stalled.
+STREAM_STALL_TIMEOUT_S = 600.0
+CONNECT_TIMEOUT_S = 10.0
+SERVER_LOG_TAIL_LINES = 5
+SSE_DATA = "data: "
+SSE_DONE = "[DONE]"
+# The in-process harness's generation config, sent per request: greedy, EOS disabled.
+NO_EOS_GENERATION_CONFIG = {"do_sample": False, "eos_token_id": -1, "pad_token_id": 0}
+
+
+def serve_flags(settings: dict[str, Any]) -> list[str]:
+    """The `transformers serve` flags for `settings` (the names `--set` takes); one refusing line
+    for a setting the server cannot take, since a run without it would be another engine."""
+    flags: list[str] = []
+    for key, value in settings.items():
+        if key in SERVE_FLAGS:
+            flags += [SERVE_FLAGS[key], str(value)]
+        elif key == CUDA_GRAPH_SETTING:
+            flags.append("--cb-use-cuda-graph" if _one_graph_switch(value) else "--no-cb-use-cuda-graph")
+        else:
+            raise DoolyError(f"transformers serve has no flag for engine setting {key!r} (it takes "
+                             f"{', '.join([*SERVE_FLAGS, CUDA_GRAPH_SETTING])}); use --client inprocess")
+    return flags
+
+
+def _one_graph_switch(value: Any) -> bool:
+    """`use_cuda_graph` as the serve flag takes it: one switch for both paths (varlen, decode)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, bool) for v in value) and value[0] == value[1]:
+        return bool(value[0])
+    raise DoolyError(f"transformers serve takes use_cuda_graph as one switch for both paths, not {json.dumps(value)}; "
+                     "use --client inprocess")
+
+
+def serve_attention(backend: str) -> str:
+    """The `--attn-implementation` the server is given for a paged backend. The engine adds the
+    paged prefix back, but switches to flash attention where flash attention is installed: such a
+    run would not be the backend asked for, so it is refused."""
+    from transformers.utils.import_utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    kernel = backend.removeprefix(PAGED_PREFIX)
+    if is_flash_attn_3_available(kernels_fallback_ok=True) or is_flash_attn_2_available(kernels_fallback_ok=True):
+        raise DoolyError(f"transformers serve would run flash attention instead of {backend} here (flash attention "
+                         "is installed and its continuous batching switches to it); use --client inprocess")
+    return kernel
+
+
+def require_serve() -> None:
+    """`transformers serve` needs FastAPI and uvicorn, which a plain transformers install lacks:
+    say so in one line before a model is built and saved."""
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        raise DoolyError("transformers serve needs its serving extras (pip install 'transformers[serving]': "
+                         "fastapi, uvicorn, openai)")
+
+
+def token_word(token_id: int) -> str:
+    return f"{TOKEN_WORD_PREFIX}{token_id}"
+
+
+def prompt_text(token_ids: list[int]) -> str:
+    """The text the word-level tokenizer turns back into exactly `token_ids`."""
+    return " ".join(token_word(i) for i in token_ids)
+
+
+def build_tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer over the model's whole vocabulary: ids round-trip through text, every
+    generated id decodes to a non-empty word (so each token is one streamed chunk), no hub access."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token_word(i): i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=token_word(0)))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def save_served_model(hf_config: Any, backend: str, device: str, dtype: Any, seed: int, directory: Path) -> None:
+    """The in-process harness's random-weight model (same seed, drawn on the same device) and the
+    word-level tokenizer, saved where `transformers serve` loads them from."""
+    import torch
+
+    from dooly.engines.transformers_bench import build_random_model
+
+    model = build_random_model(hf_config, backend, torch.device(device), dtype, seed)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(directory)
+    build_tokenizer(int(hf_config.get_text_config().vocab_size)).save_pretrained(directory)
+    # Hand the device memory back: the server sizes its KV cache from the free memory it finds.
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A `transformers serve` subprocess on loopback, its log in a file beside the model."""
+
+    command: list[str]
+    url: str
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def log_tail(self) -> str:
+        if not self.log_path.is_file():
+            return ""
+        lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+        return " | ".join(lines[-SERVER_LOG_TAIL_LINES:])
+
+
+def transformers_serve_command(model_dir: Path, port: int, backend: str, device: str, dtype: str,
+                               settings: dict[str, Any]) -> list[str]:
+    """`transformers serve` with continuous batching and the engine settings mapped to its flags."""
+    return [
+        sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
+        "--continuous-batching", "--attn-implementation", serve_attention(backend),
+        "--device", device, "--dtype", dtype, "--host", LOOPBACK, "--port", str(port),
+        *serve_flags(settings),
+    ]
+
+
+@contextmanager
+def started_server(command_for_port: Any, work_dir: Path) -> Iterator[ServerProcess]:
+    """Start the server, wait until /health answers, stop it on exit (terminate, then kill)."""
+    port = _free_port()
+    server = ServerProcess(command=command_for_port(port), url=f"http://{LOOPBACK}:{port}", log_path=work_dir / "server.log")
+    log.info("starting %s", " ".join(server.command))
+    with server.log_path.open("wb") as log_file:
+        server.process = subprocess.Popen(server.command, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(server)
+        yield server
+    finally:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+def _wait_healthy(server: ServerProcess) -> None:
+    import httpx
+
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    assert server.process is not None
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise DoolyError(f"the server exited with status {server.process.returncode} before it was ready: "
+                             f"{server.log_tail()}")
+        try:
+            if httpx.get(server.url + HEALTH_PATH, timeout=HEALTH_PROBE_TIMEOUT_S).status_code == httpx.codes.OK:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(HEALTH_POLL_S)
+    raise DoolyError(f"the server did not answer {HEALTH_PATH} within {SERVER_START_TIMEOUT_S:.0f} s: {server.log_tail()}")
+
+
+def check_reachable(url: str) -> None:
+    """Refuse, before anything runs, a --server-url that does not answer /health: exit 75, since a
+    server still starting (or restarting) answers later."""
+    import httpx
+
+    try:
+        response = httpx.get(url.rstrip("/") + HEALTH_PATH, timeout=CONNECT_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise TransientError(f"--server-url {url} is unreachable: {exc}") from None
+    if response.status_code != httpx.codes.OK:
+        raise TransientError(f"--server-url {url}: {HEALTH_PATH} answered {response.status_code}")
+
+
+@dataclass
+class _Timing:
+    """What the client saw of one streamed request."""
+
+    arrived_s: float
+    token_times_s: list[float] = field(default_factory=list)
+    finished_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str = ""
+
+
+def _request_body(prompt: list[int], output_tokens: int) -> dict[str, Any]:
+    """transformers serve takes the prompt as text only, and EOS off through a per-request
+    generation config (it has no `ignore_eos`/`min_tokens`, vLLM's way)."""
+    return {"prompt": prompt_text(prompt), "max_tokens": output_tokens, "stream": True,
+            "generation_config": json.dumps(NO_EOS_GENERATION_CONFIG)}
+
+
+async def _stream_one(client: Any, url: str, body: dict[str, Any]) -> _Timing:
+    timing = _Timing(arrived_s=time.perf_counter())
+    try:
+        async with client.stream("POST", url + COMPLETIONS_PATH, json=body) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode(errors="replace")
+                timing.error = f"HTTP {response.status_code}: {detail}"
+                return timing
+            async for line in response.aiter_lines():
+                now = time.perf_counter()
+                if not line.startswith(SSE_DATA):
+                    continue
+                data = line[len(SSE_DATA):].strip()
+                if data == SSE_DONE:
+                    break
+                _take_chunk(timing, json.loads(data), now)
+    except Exception as exc:  # noqa: BLE001 - any transport failure is this request's error, recorded
+        timing.error = f"{type(exc).__name__}: {exc}"
+    timing.finished_s = time.perf_counter()
+    return timing
+
+
+def _take_chunk(timing: _Timing, chunk: dict[str, Any], now: float) -> None:
+    if "error" in chunk:
+        timing.error = str(chunk["error"])
+        return
+    for choice in chunk.get("choices") or []:
+        if choice.get("text"):
+            timing.token_times_s.append(now)
+    usage = chunk.get("usage")
+    if usage:
+        timing.prompt_tokens = int(usage.get("prompt_tokens", 0))
+        timing.completion_tokens = int(usage.get("completion_tokens", 0))
+
+
+async def _replay(url: str, requests: list[Request], prompts: dict[str, list[int]]) -> dict[str, _Timing]:
+    """Open loop: each request is sent at its arrival time whatever the server is doing."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(STREAM_STALL_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+    ordered = sorted(requests, key=lambda r: r.arrival_s)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        tasks: dict[str, asyncio.Task[_Timing]] = {}
+        origin = time.perf_counter()
+        for request in ordered:
+            delay = origin + request.arrival_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = _request_body(prompts[request.request_id], request.output_tokens)
+            tasks[request.request_id] = asyncio.create_task(_stream_one(client, url, body))
+        await asyncio.gather(*tasks.values())
+    return {rid: task.result() for rid, task in tasks.items()}
+
+
+def _record(request: Request, timing: _Timing) -> RequestRecord:
+    generated = timing.completion_tokens if timing.completion_tokens is not None else len(timing.token_times_s)
+    if not timing.error and generated != request.output_tokens:
+        log.warning("request %s generated %d tokens, not %d (the server stopped it early)",
+                    request.request_id, generated, request.output_tokens)
+    if not timing.error and len(timing.token_times_s) != generated:
+        log.warning("request %s: %d tokens generated but %d streamed chunks carried text",
+                    request.request_id, generated, len(timing.token_times_s))
+    times = timing.token_times_s
+    return RequestRecord(
+        request_id=request.request_id,
+        arrived_at_s=timing.arrived_s,
+        first_token_s=times[0] if times else None,
+        finished_s=timing.finished_s if not timing.error else None,
+        prompt_tokens=timing.prompt_tokens or request.prompt_tokens,
+        output_tokens=generated,
+        token_times_s=times,
+        error=timing.error,
+    )
+
+
+def replay_workload(url: str, requests: list[Request], rng: np.random.Generator, vocab: int, *,
+                    warmup_requests: int, warm_passes: int) -> list[RequestRecord]:
+    """Warm-up requests (as the in-process harness sends them, same prompts from the same seed),
+    the unrecorded warm passes, then the recorded pass."""
+    from dooly.engines.transformers_bench import WARMUP_OUTPUT_TOKENS, WARMUP_PROMPT_TOKENS, _prompt
+
+    if warmup_requests:
+        warmup = [Request(f"warmup-{i}", 0.0, WARMUP_PROMPT_TOKENS, WARMUP_OUTPUT_TOKENS) for i in range(warmup_requests)]
+        warmup_prompts = {r.request_id: _prompt(rng, vocab, r.prompt_tokens) for r in warmup}
+        _check_served(asyncio.run(_replay(url, warmup, warmup_prompts)), "warm-up")
+    recorded: dict[str, _Timing] = {}
+    ordered = sorted(requests, key=lambda r: r.arrival_s)
+    for index in range(warm_passes + 1):
+        prompts = {r.request_id: _prompt(rng, vocab, r.prompt_tokens) for r in ordered}
+        recorded = asyncio.run(_replay(url, requests, prompts))
+        if index < warm_passes:
+            _check_served(recorded, f"warm pass {index}")
+    return [_record(r, recorded[r.request_id]) for r in requests]
+
+
+def _check_served(timings: dict[str, _Timing], what: str) -> None:
+    failed = {rid: t.error for rid, t in timings.items() if t.error}
+    if failed:
+        rid, error = next(iter(failed.items()))
+        raise DoolyError(f"{len(failed)} {what} request(s) failed at the server, e.g. {rid}: {error}")
+
+
+def run_http_bench(
+    hf_config: Any,
+    backend: str,
+    requests: list[Request],
+    *,
+    settings: dict[str, Any],
+    device: str,
+    dtype: str,
+    seed: int,
+    warmup_requests: int,
+    warm_passes: int,
+    server_url: str | None = None,
+) -> BenchRun:
+    """Serve `requests` through the engine's HTTP server (started here unless `server_url`) and
+    record what the client saw. The prompts are drawn from the same seed, in the same order, as the
+    in-process harness draws them."""
+    import torch
+
+    vocab = int(hf_config.get_text_config().vocab_size)
+    rng = np.random.default_rng(seed)
+    details: dict[str, Any] = {"client": "http"}
+    if server_url is not None:
+        check_reachable(server_url)
+        details.update(server_url=server_url, server_command=None)
+        records = replay_workload(server_url.rstrip("/"), requests, rng, vocab,
+                                  warmup_requests=warmup_requests, warm_passes=warm_passes)
+        return BenchRun(requests=records, steps=[], engine_settings=dict(settings), engine_details=details)
+    require_serve()
+    serve_flags(settings)
+    serve_attention(backend)
+    work_dir = Path(tempfile.mkdtemp(prefix="dooly-http-bench-"))
+    try:
+        save_served_model(hf_config, backend, device, getattr(torch, dtype), seed, work_dir)
+        with started_server(lambda port: transformers_serve_command(work_dir, port, backend, device, dtype, settings),
+                            work_dir) as server:
+            details.update(server_url=server.url, server_command=server.command)
+            records = replay_workload(server.url, requests, rng, vocab,
+                                      warmup_requests=warmup_requests, warm_passes=warm_passes)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return BenchRun(requests=records, steps=[], engine_settings=dict(settings), engine_details=details)
