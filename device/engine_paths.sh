@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One device call, most needed first; every finished cell is packed at once (a call cut short keeps
+# them). The model and exploration follow the GPU: on an H200 the unseen-model exploration of
+# Llama-3.1-8B on the H200 store, on an H100 the committed exploration of the H100 store.
+#   1. the configuration `dooly explore` chose, served at its predicted capacity, then at 1.25x;
+#   2. the engine paths without a calibration: async batching (graphs on), paged|eager with graphs;
+#   3. the chosen configuration's light and heavy cells through the HTTP client, when the serving
+#      wheels travelled (.whl, see device/README in docs/simulate.md);
+#   4. repeats of the async and graphs light/heavy cells (the engine's run-to-run floor).
+# Usage (on the device, repository root): bash device/engine_paths.sh [STEPS] with STEPS a
+# comma-separated subset of explore,paths,http,repeat (default: all).
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+steps=",${1:-explore,paths,http,repeat},"
+out="$OUT"
+mkdir -p "$out/groundtruth" "$out/reports"
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > "$out/reports/gpu.txt"
+case "$gpu" in
+  *H200*) explore=docs/explore/h200-llama/explore.json ;;
+  *) explore=docs/explore/explore.json ;;
+esac
+model=$(python3 -c "import json; print(json.load(open('$explore'))['best']['candidate']['model'])")
+echo "$gpu: $explore, $model" | tee "$out/reports/plan.txt"
+pack() { tar -C "$out" -czf "$out/engine-paths.tar.gz" groundtruth reports; }
+grid() {  # REPEAT LIMIT_S device_bench ARGS...
+  repeat=$1; limit=$2; shift 2
+  timeout "$limit" python3 device/device_bench.py --models "$model" --out "$out/$repeat" "$@" >> "$out/reports/grid.$repeat.log" 2>&1
+  mkdir -p "$out/groundtruth/$repeat"; cp -r "$out/$repeat/groundtruth/." "$out/groundtruth/$repeat/"; rm -rf "${out:?}/$repeat"; pack
+}
+if [[ $steps == *,explore,* ]]; then
+  for scale in 1.0 1.25; do
+    timeout 200 python3 device/serve_explore_choice.py "$explore" --scale "$scale" --out "$out/groundtruth/explore/x$scale" \
+      > "$out/reports/explore.x$scale.json" 2> "$out/reports/explore.x$scale.log" || echo "explore x$scale failed"
+    pack
+  done
+fi
+if [[ $steps == *,paths,* ]]; then
+  grid r1 170 --backends 'paged|sdpa' --workloads calib,light,heavy --variants async
+  grid r1 130 --backends 'paged|eager' --workloads calib,light,heavy --variants graphs
+fi
+if [[ $steps == *,http,* ]]; then
+  for workload in light heavy; do
+    timeout 150 python3 -m dooly.cli bench "$model" --client http --attention 'paged|sdpa' --workload "device/workloads/$workload.json" \
+      --set use_cuda_graph=true --set num_blocks=1024 --set max_batch_tokens=2048 \
+      --out "$out/groundtruth/http/${model##*/}.paged-sdpa.graphs.$workload" --output json \
+      > "$out/reports/http.$workload.json" 2> "$out/reports/http.$workload.log" || echo "http $workload failed"
+    pack
+  done
+fi
+if [[ $steps == *,repeat,* ]]; then
+  grid r2 150 --backends 'paged|sdpa' --workloads light,heavy --variants async,graphs
+fi
+ls -R "$out/groundtruth" | grep -v parquet | head -60
