@@ -21,6 +21,7 @@ TOP_PLOTTED = 6
 LEGEND_FONT = 6
 LABEL_FONT = 6
 LEGEND_SPACE = 0.22  # share of the capacity figure's height kept below the panels for the legend
+KEY_LINE_SPACE = 0.025  # share of the frontier figure's height per line of its rank key
 
 
 def _title(document: dict[str, Any]) -> str:
@@ -55,10 +56,14 @@ def plot_capacity(document: dict[str, Any], directory: Path) -> Path:
 
 
 def plot_frontier(document: dict[str, Any], directory: Path) -> Path:
-    """Every operating point that met the SLO (grey) and the Pareto frontier (labelled)."""
+    """Every operating point that met the SLO (faint) and the Pareto frontier, each frontier point
+    marked with its candidate's rank in the table; the key below names the ranked candidates (full
+    labels beside the points overlap where the frontier is dense)."""
     plt = _pyplot()
     front = document["frontier"]
+    ranks = {r["label"]: r["rank"] for r in document["candidates"] if r.get("rank")}
     fig, ax = plt.subplots(figsize=FRONTIER_SIZE)
+    named: dict[int, str] = {}
     for model, found in front["models"].items():
         every, points = found["all_points"], found["points"]
         short = model.rsplit("/", 1)[-1]
@@ -67,17 +72,20 @@ def plot_frontier(document: dict[str, Any], directory: Path) -> Path:
         ax.plot([p["cost"] for p in points], [p["latency_s"] * MS_PER_S for p in points], marker="o",
                 color=dots.get_facecolor()[0][:3], label=f"{short}: Pareto frontier")
         for p in points:
-            c = p["candidate"]
-            settings = " ".join(f"{k}={v}" for k, v in sorted(c["settings"].items()))
-            ax.annotate(f"{c['platform']} {c['backend']} tp{c['tp']} {settings} @ {p['rate_rps']:.2g}/s",
-                        (p["cost"], p["latency_s"] * MS_PER_S), fontsize=LABEL_FONT, xytext=(3, 3),
-                        textcoords="offset points")
+            rank = ranks.get(p["label"])
+            tag = f"#{rank}" if rank is not None else p["label"]
+            if rank is not None:
+                named[rank] = p["label"]
+            ax.annotate(f"{tag} @ {p['rate_rps']:.2g}/s", (p["cost"], p["latency_s"] * MS_PER_S),
+                        fontsize=LABEL_FONT, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(front["cost_unit"] + (" (EXAMPLE prices)" if document["prices"]["example"] else ""))
     ax.set_ylabel(f"{front['latency']} (ms)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=LEGEND_FONT)
     ax.set_title(_title(document), fontsize=8)
-    fig.tight_layout()
+    key = "\n".join(f"#{rank} {label}" for rank, label in sorted(named.items()))
+    fig.text(0.01, 0.01, key, fontsize=LEGEND_FONT, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, KEY_LINE_SPACE * len(named), 1, 1))
     path = directory / FRONTIER_FILE
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
