@@ -3,12 +3,14 @@
 # them). The model and exploration follow the GPU: on an H200 the unseen-model exploration of
 # Llama-3.1-8B on the H200 store, on an H100 the committed exploration of the H100 store.
 #   1. the configuration `dooly explore` chose, served at its predicted capacity, then at 1.25x;
-#   2. the engine paths without a calibration: async batching (graphs on), paged|eager with graphs;
+#   2. the engine paths without a calibration: async batching (graphs on, beside graphs without it),
+#      paged|eager with graphs;
 #   3. the chosen configuration's light and heavy cells through the HTTP client, when the serving
 #      wheels travelled (.whl, see device/README in docs/simulate.md);
 #   4. repeats of the async and graphs light/heavy cells (the engine's run-to-run floor).
-# Usage (on the device, repository root): bash device/engine_paths.sh [STEPS] with STEPS a
-# comma-separated subset of explore,paths,http,repeat (default: all).
+# Usage (on the device, repository root): bash device/engine_paths.sh [STEPS [MODEL]] with STEPS a
+# comma-separated subset of explore,paths,http,repeat (default: all) and MODEL the model of the
+# paths, http and repeat steps (default: the exploration's).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 steps=",${1:-explore,paths,http,repeat},"
@@ -20,7 +22,7 @@ case "$gpu" in
   *H200*) explore=docs/explore/h200-llama/explore.json ;;
   *) explore=docs/explore/explore.json ;;
 esac
-model=$(python3 -c "import json; print(json.load(open('$explore'))['best']['candidate']['model'])")
+model=${2:-$(python3 -c "import json; print(json.load(open('$explore'))['best']['candidate']['model'])")}
 echo "$gpu: $explore, $model" | tee "$out/reports/plan.txt"
 pack() { tar -C "$out" -czf "$out/engine-paths.tar.gz" groundtruth reports; }
 grid() {  # REPEAT LIMIT_S device_bench ARGS...
@@ -36,7 +38,7 @@ if [[ $steps == *,explore,* ]]; then
   done
 fi
 if [[ $steps == *,paths,* ]]; then
-  grid r1 170 --backends 'paged|sdpa' --workloads calib,light,heavy --variants async
+  grid r1 200 --backends 'paged|sdpa' --workloads calib,light,heavy --variants async,graphs
   grid r1 130 --backends 'paged|eager' --workloads calib,light,heavy --variants graphs
 fi
 if [[ $steps == *,http,* ]]; then
