@@ -20,6 +20,13 @@ rebuilt from that:
 A synchronous run's row is one batch: prepare, forward (which waits for the device), update.
 
     python bench/async_batching.py [--root data/h100/experiments/engine_paths] [--json OUT.json]
+    python bench/async_batching.py --ablate STORE   # STORE: fitted, with the async calibration
+
+`--ablate` validates the first async run of each load (the others as repeats, for the floor)
+with the simulator's async model whole, then with one part of it taken out at a time: tokens
+handed out as soon as the device is done (no wait for the next launch), one IO pair (a shape
+captured once), no post-capture device time; and with all three out (the loop the simulator had
+before async batching was measured).
 """
 
 from __future__ import annotations
@@ -36,6 +43,19 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS = ROOT / "data" / "h100" / "experiments" / "engine_paths"
 MODEL_RUN = "Qwen2.5-7B.paged-sdpa"
 MS = 1e3
+PLATFORM = "NVIDIA-H100-80GB-HBM3"
+BACKEND = "paged|sdpa"
+MODEL = "Qwen/Qwen2.5-7B"
+LOADS = ("light", "heavy")
+# name -> (hand tokens out after the next launch, IO pairs, post-capture device time kept)
+VARIANTS = {
+    "model": (True, 2, True),
+    "tokens at device end": (False, 2, True),
+    "one IO pair": (True, 1, True),
+    "no post-capture stall": (True, 2, False),
+    "none of the three": (False, 1, False),
+}
+ABLATION_STATS = ("ttft_mean", "ttft_p90", "tpot_mean", "tpot_p90")
 
 
 def load(directory: Path) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
@@ -170,11 +190,62 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join([header, rule, *body])
 
 
+def ablate(root: Path, store: str) -> list[dict[str, Any]]:
+    """The async cells validated with each part of the async model taken out (see the docstring)."""
+    from dataclasses import replace
+
+    from dooly.fit.source import FittedSource, open_fitted_step
+    from dooly.sim.calibration import find_calibration
+    from dooly.sim.calibration_commands import model_layers
+    from dooly.sim.options import with_model_groups
+    from dooly.sim.schedulers import make_scheduler
+    from dooly.sim.validate import load_ground_truth, validate
+    from dooly.store.backends import open_store
+
+    calibration = find_calibration(open_store(store, create=False), platform=PLATFORM, engine="transformers",
+                                   backend=BACKEND, cuda_graphs=True, async_batching=True)
+    if calibration is None:
+        raise SystemExit(f"{store} holds no async-batching calibration for {PLATFORM} / {BACKEND}")
+    fitted = open_fitted_step(FittedSource(store=store, platform=PLATFORM, backend=BACKEND), MODEL)
+    overhead = calibration.for_model(model_layers(MODEL, fitted.inventory), MODEL)
+    rows = []
+    for load_name in LOADS:
+        runs = sorted(root.glob(f"r*/{MODEL_RUN}.async.{load_name}"))
+        truths = [load_ground_truth(d) for d in runs]
+        settings = json.loads((runs[0] / "engine.json").read_text())
+        for name, (after_launch, pairs, stall) in VARIANTS.items():
+            scheduler = make_scheduler("transformers", with_model_groups(MODEL, "transformers", settings))
+            scheduler.async_handoff_after_launch = after_launch
+            scheduler.async_io_pairs = pairs
+            variant = overhead if stall else replace(overhead, post_capture_device_s=0.0)
+            report = validate(truths[0], scheduler, fitted.step, variant, repeats=truths[1:])
+            summary = {row.statistic: row.error_pct for row in report.summary_rows()}
+            rows.append({"load": load_name, "variant": name, **{stat: summary[stat] for stat in ABLATION_STATS},
+                         "ttft_mape": float(report.requests.ttft.ape.mean()),
+                         "tpot_mape": float(report.requests.tpot.ape.mean())})
+    return rows
+
+
+def ablation_markdown(rows: list[dict[str, Any]]) -> str:
+    header = ("| load | variant | TTFT mean | TTFT p90 | TPOT mean | TPOT p90 | TTFT MAPE | TPOT MAPE |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|")
+    body = [f"| {r['load']} | {r['variant']} | " + " | ".join(f"{r[s]:+.1f}%" for s in ABLATION_STATS)
+            + f" | {r['ttft_mape']:.1f}% | {r['tpot_mape']:.1f}% |" for r in rows]
+    return "\n".join([header, *body])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_RUNS)
     parser.add_argument("--json", type=Path, help="also write every row as JSON here")
+    parser.add_argument("--ablate", metavar="STORE", help="validate the async cells with parts of the model taken out")
     args = parser.parse_args()
+    if args.ablate:
+        rows = ablate(args.root, args.ablate)
+        print(ablation_markdown(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return
     directories = sorted(d for d in args.root.glob(f"r*/{MODEL_RUN}.*") if (d / "steps.parquet").is_file()
                          and d.name.split(".")[-2] in ("async", "graphs"))
     directories.sort(key=lambda d: (d.name.split(".")[-1], d.name.split(".")[-2], d.parent.name))
