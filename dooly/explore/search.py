@@ -228,7 +228,7 @@ def _candidate_overhead(candidate: Candidate, context: SearchContext,
 
     The graph mode is the scheduler's own reading of the settings (what `dooly simulate` keys the
     store's calibration by), so explore and simulate charge a candidate the same host time."""
-    from dooly.sim.calibration import find_calibration, scheduler_uses_graphs
+    from dooly.sim.calibration import find_calibration, scheduler_uses_async, scheduler_uses_graphs
     from dooly.sim.calibration_commands import model_layers
     from dooly.sim.schedulers import make_scheduler
     from dooly.store.backends import open_store
@@ -243,17 +243,21 @@ def _candidate_overhead(candidate: Candidate, context: SearchContext,
             found = _OVERHEAD_CACHE[("file", path)] = (CpuOverheadModel.load(path), f"file {path}")
         return found
     settings = {**context.model_settings.get(candidate.model, {}), **candidate.settings}
-    graphs = scheduler_uses_graphs(make_scheduler(candidate.engine, settings))
-    key = ("store", context.store, candidate.platform, candidate.engine, candidate.backend, graphs, candidate.model)
+    scheduler = make_scheduler(candidate.engine, settings)
+    graphs = scheduler_uses_graphs(scheduler)
+    asynchronous = scheduler_uses_async(scheduler)
+    key = ("store", context.store, candidate.platform, candidate.engine, candidate.backend, graphs, asynchronous,
+           candidate.model)
     found = _OVERHEAD_CACHE.get(key)
     if found is None:
         calibration = find_calibration(open_store(context.store, create=False), platform=candidate.platform,
-                                       engine=candidate.engine, backend=candidate.backend, cuda_graphs=graphs)
+                                       engine=candidate.engine, backend=candidate.backend, cuda_graphs=graphs,
+                                       async_batching=asynchronous)
         if calibration is None:
             raise DoolyError(
                 f"no host-overhead calibration in the store for {candidate.platform} / {candidate.engine} / "
-                f"{candidate.backend} / graphs {'on' if graphs else 'off'} (run `dooly calibrate`, give "
-                "--overhead FILE, or --no-cpu-overhead)")
+                f"{candidate.backend} / graphs {'on' if graphs else 'off'}{' / async batching' if asynchronous else ''} "
+                "(run `dooly calibrate`, give --overhead FILE, or --no-cpu-overhead)")
         model = calibration.for_model(model_layers(candidate.model, inventory), candidate.model)
         found = _OVERHEAD_CACHE[key] = (model, model.source or calibration.describe())
     return found

@@ -1,5 +1,5 @@
 """The engine's host overhead as data of the platform: one calibration per (platform, engine,
-engine version, attention backend, CUDA graphs on/off), fitted across every model's calibration
+engine version, attention backend, CUDA graphs on/off, async batching), fitted across every model's calibration
 runs and stored beside the kernels, so a model that was never run needs no run of its own.
 
 Why a model enters at all: without CUDA graphs the host launches every kernel of every layer, so a
@@ -23,8 +23,12 @@ that committed per-model results reproduce; `bench/calibration_transfer.py` comp
 Store layout (docs/calibration.md): one JSON document per generation,
 
     calibrations/platform=<P>/engine=<E>/engine_version=<V>/backend=<B>/graphs=<on|off>/gen-<NNNNNN>.json
+    calibrations/.../graphs=<on|off>/async=on/gen-<NNNNNN>.json   (async batching)
 
-values escaped as in shard keys. A generation is created with an atomic create-if-absent, so a
+Async batching gets calibrations of its own: its host cycle (prepare, launch, update; measured
+from the bench probe's split, `dooly.sim.validate.async_host_samples`) overlaps the device and is
+not a wall-time residual, it captures each graph once per IO pair, and the step after a capture
+pays extra device time (`post_capture_device_s`). Values escaped as in shard keys. A generation is created with an atomic create-if-absent, so a
 reader sees a whole document or none; the newest generation is the calibration.
 """
 
@@ -52,6 +56,8 @@ GENERATION_SUFFIX = ".json"
 MAX_CREATE_ATTEMPTS = 8
 GRAPHS_ON = "on"
 GRAPHS_OFF = "off"
+# The key segment of an async-batching calibration (synchronous ones have none, as before).
+ASYNC_SEGMENT = "async=on"
 DEFAULT_KEY = "default"
 # Ridge weight on every slope column, relative to the data term after columns are scaled to a
 # maximum of 1: small enough to move a well-determined slope by well under 1%, large enough to
@@ -92,6 +98,7 @@ class CalibrationKey:
     engine_version: str
     backend: str
     cuda_graphs: bool
+    async_batching: bool = False
 
     def prefix(self) -> str:
         from dooly.store.shards import escape_value
@@ -101,11 +108,13 @@ class CalibrationKey:
         for name, value in values:
             if not value:
                 raise DoolyError(f"a calibration needs a {name}")
-        return CALIBRATIONS_PREFIX + "".join(f"{name}={escape_value(value)}/" for name, value in values)
+        async_part = ASYNC_SEGMENT + "/" if self.async_batching else ""
+        return CALIBRATIONS_PREFIX + "".join(f"{name}={escape_value(value)}/" for name, value in values) + async_part
 
     def label(self) -> str:
         graphs = "graphs on" if self.cuda_graphs else "graphs off"
-        return f"{self.platform} / {self.engine} {self.engine_version} / {self.backend} / {graphs}"
+        batching = " / async batching" if self.async_batching else ""
+        return f"{self.platform} / {self.engine} {self.engine_version} / {self.backend} / {graphs}{batching}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +152,7 @@ class Calibration:
     terms: dict[str, PathTerms]
     graph_capture_s: float = 0.0
     graph_capture_per_layer_s: float = 0.0
+    post_capture_device_s: float = 0.0  # async batching: extra device time of the step after a capture
     inputs: list[dict[str, Any]] = field(default_factory=list)  # one per calibration run
     fit: dict[str, Any] = field(default_factory=dict)  # residual statistics per model
     created_at: str = ""
@@ -156,6 +166,7 @@ class Calibration:
             platform=self.key.platform,
             source=self.describe(model, num_layers),
             graph_capture_s=self.graph_capture_s + self.graph_capture_per_layer_s * num_layers,
+            post_capture_device_s=self.post_capture_device_s,
         )
 
     def describe(self, model: str = "", num_layers: int | None = None) -> str:
@@ -172,6 +183,7 @@ class Calibration:
             "terms": {key: asdict(value) for key, value in sorted(self.terms.items())},
             "graph_capture_s": self.graph_capture_s,
             "graph_capture_per_layer_s": self.graph_capture_per_layer_s,
+            "post_capture_device_s": self.post_capture_device_s,
             "inputs": self.inputs,
             "fit": self.fit,
             "created_at": self.created_at,
@@ -186,7 +198,8 @@ class Calibration:
             raw_key = data["key"]
             key = CalibrationKey(platform=str(raw_key["platform"]), engine=str(raw_key["engine"]),
                                  engine_version=str(raw_key["engine_version"]), backend=str(raw_key["backend"]),
-                                 cuda_graphs=bool(raw_key["cuda_graphs"]))
+                                 cuda_graphs=bool(raw_key["cuda_graphs"]),
+                                 async_batching=bool(raw_key.get("async_batching", False)))
             terms = {}
             for path, values in data["terms"].items():
                 if path not in (*OVERHEAD_KEYS, DEFAULT_KEY):
@@ -196,14 +209,15 @@ class Calibration:
                 terms[path] = PathTerms(**{name: float(v) for name, v in values.items()})
             capture = float(data.get("graph_capture_s", 0.0))
             capture_layer = float(data.get("graph_capture_per_layer_s", 0.0))
+            post_capture = float(data.get("post_capture_device_s", 0.0))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise DoolyError("a calibration document needs `key` (platform, engine, engine_version, backend, "
                              "cuda_graphs) and numeric `terms` per path") from None
-        values = [capture, capture_layer, *(v for t in terms.values() for v in asdict(t).values())]
+        values = [capture, capture_layer, post_capture, *(v for t in terms.values() for v in asdict(t).values())]
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise DoolyError("calibration terms must be finite and >= 0")
         return cls(key=key, terms=terms, graph_capture_s=capture, graph_capture_per_layer_s=capture_layer,
-                   inputs=list(data.get("inputs", [])), fit=dict(data.get("fit", {})),
+                   post_capture_device_s=post_capture, inputs=list(data.get("inputs", [])), fit=dict(data.get("fit", {})),
                    created_at=str(data.get("created_at", "")), generation=generation)
 
 
@@ -288,10 +302,13 @@ def fit_calibration(
     *,
     inputs: Iterable[dict[str, Any]] = (),
     ridge: float = RIDGE,
+    post_capture: Sequence[float] = (),
 ) -> Calibration:
     """A calibration from host samples of several models, and the first step of each CUDA-graph
     shape (sample, path): what it took beyond an ordinary step on its path is the capture cost,
-    constant + per layer where the runs span several layer counts (a capture records every kernel)."""
+    constant + per layer where the runs span several layer counts (a capture records every kernel).
+    `post_capture` (async batching): the extra device time measured on each step launched right
+    after a capture; its median is kept (the H100 runs: 20 ms, whatever the step held)."""
     import numpy as np
     from scipy.optimize import nnls
 
@@ -313,6 +330,8 @@ def fit_calibration(
             calibration.graph_capture_per_layer_s = float(coef[1] / layers.max())
         else:
             calibration.graph_capture_s = max(float(medians[0]), 0.0)
+    if post_capture:
+        calibration.post_capture_device_s = max(float(np.median(post_capture)), 0.0)
     calibration.fit = {"layer_terms": layered, "leave_one_model_out_host_error": scores,
                        "models": residual_stats(calibration, samples)}
     return calibration
@@ -412,6 +431,9 @@ def list_calibrations(store: Any) -> list[CalibrationKey]:
     keys = set()
     for object_key in store.list_keys(CALIBRATIONS_PREFIX):
         parts = object_key[len(CALIBRATIONS_PREFIX):].split("/")
+        async_batching = len(parts) == 7 and parts[5] == ASYNC_SEGMENT
+        if async_batching:
+            del parts[5]
         if len(parts) != 6 or not _GENERATION_RE.match(parts[5]):
             continue
         values = {}
@@ -421,8 +443,8 @@ def list_calibrations(store: Any) -> list[CalibrationKey]:
         if set(values) != {"platform", "engine", "engine_version", "backend", "graphs"}:
             continue
         keys.add(CalibrationKey(values["platform"], values["engine"], values["engine_version"], values["backend"],
-                                values["graphs"] == GRAPHS_ON))
-    return sorted(keys, key=lambda k: (k.platform, k.engine, k.backend, k.cuda_graphs, k.engine_version))
+                                values["graphs"] == GRAPHS_ON, async_batching))
+    return sorted(keys, key=lambda k: (k.platform, k.engine, k.backend, k.cuda_graphs, k.async_batching, k.engine_version))
 
 
 def read_calibration(store: Any, key: CalibrationKey) -> Calibration | None:
@@ -439,13 +461,15 @@ def read_calibration(store: Any, key: CalibrationKey) -> Calibration | None:
 
 
 def find_calibration(store: Any, *, platform: str, engine: str, backend: str, cuda_graphs: bool,
-                     engine_version: str | None = None) -> Calibration | None:
-    """The store's calibration for this platform, engine, backend and graph mode: of
-    `engine_version` when given, else of the newest engine version the store has one for."""
+                     engine_version: str | None = None, async_batching: bool = False) -> Calibration | None:
+    """The store's calibration for this platform, engine, backend, graph mode and loop (async
+    batching or not): of `engine_version` when given, else of the newest engine version the store
+    has one for. A synchronous calibration never serves async batching, nor the reverse."""
     if engine_version:
-        return read_calibration(store, CalibrationKey(platform, engine, engine_version, backend, cuda_graphs))
+        return read_calibration(store, CalibrationKey(platform, engine, engine_version, backend, cuda_graphs, async_batching))
+    wanted = (platform, engine, backend, cuda_graphs, async_batching)
     candidates = [k for k in list_calibrations(store)
-                  if (k.platform, k.engine, k.backend, k.cuda_graphs) == (platform, engine, backend, cuda_graphs)]
+                  if (k.platform, k.engine, k.backend, k.cuda_graphs, k.async_batching) == wanted]
     if not candidates:
         return None
     return read_calibration(store, max(candidates, key=lambda k: _version_rank(k.engine_version)))
@@ -470,6 +494,12 @@ def scheduler_uses_graphs(scheduler: Any) -> bool:
     if mode is not None:
         return str(mode) != "none"
     return False
+
+
+def scheduler_uses_async(scheduler: Any) -> bool:
+    """Whether the engine settings run the asynchronous loop the simulator models (transformers
+    async batching): the calibration's async key."""
+    return bool(getattr(scheduler, "async_scheduling", False) and getattr(scheduler, "async_handoff_after_launch", False))
 
 
 def term_names() -> tuple[str, ...]:

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from dooly.sim.calibration import (
     HostSample,
     find_calibration,
     fit_calibration,
+    scheduler_uses_async,
     scheduler_uses_graphs,
     write_calibration,
 )
@@ -56,6 +57,8 @@ class CalibrationRun:
     dtype: str
     settings: dict[str, Any]
     warm: bool = False  # served the workload unrecorded first (known once its steps are read)
+    # Async batching: extra device time of each step launched after a capture (known once read).
+    stalls: list[float] = field(default_factory=list)
 
     @classmethod
     def load(cls, directory: Path, name: str | None = None) -> CalibrationRun:
@@ -78,7 +81,8 @@ class CalibrationRun:
         if not version:
             raise DoolyError(f"{bench_path} does not record the engine version (stack.engine_version)")
         scheduler = make_scheduler(engine, with_model_groups(model, engine, settings))
-        key = CalibrationKey(platform, engine, version, backend, scheduler_uses_graphs(scheduler))
+        key = CalibrationKey(platform, engine, version, backend, scheduler_uses_graphs(scheduler),
+                             scheduler_uses_async(scheduler))
         return cls(directory, name or directory.name, model, key, str(bench.get("dtype", "bfloat16")), settings)
 
     def scheduler(self) -> Any:
@@ -108,9 +112,10 @@ def model_layers(model: str, inventory: dict[str, Any] | None = None) -> int:
 def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, ...], Any] | None = None
                 ) -> tuple[list[HostSample], list[tuple[HostSample, Any]], int]:
     """Host samples of one run against the fitted step model of its model (cached per model and
-    backend across runs), and the model's layer count."""
+    backend across runs), and the model's layer count. An async-batching run's samples come from
+    the probe's split (`async_host_samples`); its post-capture device stalls are in `run.stalls`."""
     from dooly.fit.source import FittedSource, open_fitted_step
-    from dooly.sim.validate import host_samples, load_ground_truth
+    from dooly.sim.validate import async_host_samples, host_samples, load_ground_truth
 
     cache = {} if cache is None else cache
     source = FittedSource(store=fitted_store, platform=run.key.platform, backend=run.key.backend, engine=run.key.engine,
@@ -121,7 +126,11 @@ def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, .
         cache[ident] = (fitted.step, model_layers(run.model, fitted.inventory))
     step_model, layers = cache[ident]
     truth = load_ground_truth(run.directory)
-    samples, captures = host_samples(truth, run.scheduler(), step_model, num_layers=layers, model=run.model)
+    if run.key.async_batching:
+        samples, captures, run.stalls = async_host_samples(truth, run.scheduler(), step_model, num_layers=layers,
+                                                           model=run.model)
+    else:
+        samples, captures = host_samples(truth, run.scheduler(), step_model, num_layers=layers, model=run.model)
     run.warm = truth.warm_passes > 0
     return samples, captures, layers
 
@@ -143,7 +152,8 @@ def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str) -> list[Ca
                            "warm": run.warm})
         samples, captures = pool_samples([(run.warm, *measured[run.name][:2]) for run in group])
         logger.info("calibrating %s on %d runs (%d steps)", key.label(), len(group), len(samples))
-        calibrations.append(fit_calibration(key, samples, captures, inputs=inputs))
+        stalls = [stall for run in group for stall in run.stalls]
+        calibrations.append(fit_calibration(key, samples, captures, inputs=inputs, post_capture=stalls))
     return calibrations
 
 
@@ -290,7 +300,9 @@ def calibration_text(calibration: Calibration) -> str:
         calibration.describe(),
         format_table(["path", "constant (ms)", "per layer (us)", "per seq (us)", "per token (us)", "per KV token (ns)",
                       "per KV token-layer (ns)"], rows),
-        f"graph capture: {calibration.graph_capture_s * MS_PER_S:.3f} ms + {calibration.graph_capture_per_layer_s * MS_PER_S:.4f} ms/layer",
+        f"graph capture: {calibration.graph_capture_s * MS_PER_S:.3f} ms + {calibration.graph_capture_per_layer_s * MS_PER_S:.4f} ms/layer"
+        + (f"; device time of the step after a capture: +{calibration.post_capture_device_s * MS_PER_S:.2f} ms"
+           if calibration.key.async_batching else ""),
         choice,
         format_table(["model", "steps", "mean host (ms)", "fitted - measured (ms)"], fit_rows),
     ])
@@ -323,14 +335,15 @@ def resolve_overhead(path: str | None, no_overhead: bool, step_choice: Any, engi
     from dooly.store.backends import open_store
 
     graphs = scheduler_uses_graphs(scheduler)
+    asynchronous = scheduler_uses_async(scheduler)
     store = open_store(step_choice.store, create=False)
     calibration = find_calibration(store, platform=step_choice.platform or "", engine=engine,
-                                   backend=step_choice.backend or "", cuda_graphs=graphs)
+                                   backend=step_choice.backend or "", cuda_graphs=graphs, async_batching=asynchronous)
     if calibration is None:
         raise DoolyError(
             f"store {step_choice.store} holds no host-overhead calibration for {step_choice.platform} / {engine} / "
-            f"{step_choice.backend} / graphs {'on' if graphs else 'off'}: run `dooly calibrate`, or pass "
-            "--cpu-overhead FILE, or --no-cpu-overhead to leave the host out")
+            f"{step_choice.backend} / graphs {'on' if graphs else 'off'}{' / async batching' if asynchronous else ''}: "
+            "run `dooly calibrate`, or pass --cpu-overhead FILE, or --no-cpu-overhead to leave the host out")
     if model is None:
         raise DoolyError("the store's calibration needs the MODEL argument (its layer count)")
     inventory = None

@@ -316,8 +316,8 @@ def validate_command(
     TPOT and E2E; the error of their distribution (mean, p50, p90, p99); and, replaying every
     measured batch composition through the step model, the MAPE of per-step latency.
 
-    A ground truth recorded with an engine setting the simulator does not model (e.g.
-    use_async_batching=true) is refused, as are such settings given with --engine-config/--set.
+    A ground truth recorded with an engine setting the simulator does not model (e.g. vLLM
+    async_scheduling=true) is refused, as are such settings given with --engine-config/--set.
 
     \b
     Example:

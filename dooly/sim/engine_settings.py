@@ -4,7 +4,7 @@ and `explore` check every engine setting against (issue #24: never silently igno
 Each engine's settings fall in two lists:
 - `modelled`: the scheduler model's config fields (`dooly.sim.schedulers.TransformersCBConfig`,
   `VllmConfig`; a test keeps the two equal), each with the part of the simulator that reads it.
-  An entry with `modelled_values` is modelled for those values only (async batching: off);
+  An entry with `modelled_values` is modelled for those values only (vLLM async scheduling: off);
 - `not_modelled`: settings the engine takes that change serving but the simulator does not
   model, each with what it lacks.
 
@@ -22,21 +22,25 @@ from typing import Any
 
 from dooly.errors import DoolyError
 
-# Async batching (transformers `use_async_batching`, vLLM `async_scheduling`): the scheduler model
-# overlaps the host's preparation of step N+1 with step N, but measurement contradicts it (issue
-# #24: the real engine got slower at light load). THE switch: set to True once async batching is
-# measured and modelled, and `true` is accepted by simulate, validate and explore for both engines.
-ASYNC_BATCHING_MODELLED = False
-_SYNC_ONLY: tuple[Any, ...] | None = None if ASYNC_BATCHING_MODELLED else (False,)
-_ASYNC_GAP = ("asynchronous batching is not modelled yet: measurement contradicts the host/device overlap "
-              "the scheduler model assumes")
+# Async batching, per engine. transformers `use_async_batching` is modelled from H100 measurement
+# (bench/async_batching.py, docs/calibration.md "Async batching"): the loop prepare(N+1) ->
+# launch(N+1) -> update(N), two IO pairs with their own CUDA graphs, and a host calibration of its
+# own (simulate/validate/explore refuse it where the store has none). vLLM `async_scheduling` has
+# not been measured: `true` stays refused. Set a flag to True only once that engine's async loop is
+# measured and modelled.
+ASYNC_BATCHING_MODELLED = True
+VLLM_ASYNC_SCHEDULING_MODELLED = False
+_TF_ASYNC_VALUES: tuple[Any, ...] | None = None if ASYNC_BATCHING_MODELLED else (False,)
+_VLLM_ASYNC_VALUES: tuple[Any, ...] | None = None if VLLM_ASYNC_SCHEDULING_MODELLED else (False,)
+_ASYNC_GAP = ("asynchronous scheduling is not modelled for this engine: it has not been measured, and "
+              "transformers' async loop (modelled) need not be vLLM's")
 
 # The parts of the simulator a modelled setting reaches.
 SCHEDULER = "scheduler (batch formation)"
 KV_CACHE = "KV cache size and block allocation"
 STEP_PATH = "step path (CUDA graphs, padding) and the host-overhead calibration's graph mode"
 MODEL_GROUPS = "the model's KV layer groups (read from its config unless given)"
-HOST_LOOP = "host loop (synchronous steps only)"
+HOST_LOOP = "host loop (synchronous or transformers' async batching) and the host-overhead calibration's key"
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ TRANSFORMERS = EngineSettings(
         EngineSetting("max_requests_per_batch", f"{SCHEDULER}; {STEP_PATH}"),
         EngineSetting("safety_margin", SCHEDULER),
         EngineSetting("use_cuda_graph", STEP_PATH),
-        EngineSetting("use_async_batching", HOST_LOOP, _ASYNC_GAP, _SYNC_ONLY),
+        EngineSetting("use_async_batching", HOST_LOOP, _ASYNC_GAP, _TF_ASYNC_VALUES),
         EngineSetting("max_blocks_per_request", STEP_PATH),
         EngineSetting("q_padding_interval_size", STEP_PATH),
         EngineSetting("kv_padding_interval_size", STEP_PATH),
@@ -131,7 +135,7 @@ VLLM = EngineSettings(
         EngineSetting("cudagraph_mode", STEP_PATH),
         EngineSetting("max_cudagraph_capture_size", STEP_PATH),
         EngineSetting("capture_sizes", STEP_PATH),
-        EngineSetting("async_scheduling", HOST_LOOP, _ASYNC_GAP, _SYNC_ONLY),
+        EngineSetting("async_scheduling", HOST_LOOP, _ASYNC_GAP, _VLLM_ASYNC_VALUES),
         EngineSetting("scheduler_reserve_full_isl", SCHEDULER),
         EngineSetting("watermark", SCHEDULER),
     ),

@@ -134,6 +134,11 @@ class Scheduler(ABC):
 
     engine: str = ""
     async_scheduling: bool = False
+    # How the asynchronous loop runs (`dooly.sim.simulator`): CUDA-graph buffer sets the steps
+    # alternate between (each captures its own graphs), and whether a step's tokens are handed out
+    # only after the next step is launched (transformers) or as soon as the device is done.
+    async_io_pairs: int = 1
+    async_handoff_after_launch: bool = False
 
     @abstractmethod
     def add(self, seq: Seq) -> None: ...
@@ -299,6 +304,9 @@ class TransformersCBScheduler(Scheduler):
     """transformers 5.17 continuous batching, FIFO or prefill-first (see the module docstring)."""
 
     engine = "transformers"
+    # `ContinuousBatchingAsyncIOs`: two IO pairs, and the loop prepare(N+1) -> launch(N+1) -> update(N).
+    async_io_pairs = 2
+    async_handoff_after_launch = True
 
     def __init__(self, config: TransformersCBConfig | dict[str, Any] | None = None) -> None:
         if config is None:

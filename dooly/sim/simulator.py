@@ -6,10 +6,16 @@ and execution path; tokens sampled by the step are delivered when it ends.
 
 Two loops, as in the engines:
 - synchronous (default): schedule, run, deliver, repeat; a step lasts host + device time;
-- asynchronous (transformers `use_async_batching`, vLLM `async_scheduling`): the host prepares
-  step N+1 while the device runs step N, so the device starts N+1 at
-  max(end of N, start of N + host time of N+1), and the scheduler forms N+1 before it knows N's
-  results (a request that finishes in N may take a wasted slot in N+1, as transformers does).
+- asynchronous (transformers `use_async_batching`): the engine's loop is prepare(N+1) ->
+  launch(N+1) -> update(N), measured on H100 runs (bench/async_batching.py, docs/calibration.md):
+  the host prepares and launches N+1 while the device runs N, so the device starts N+1 at
+  max(end of N, host start + host time of N+1); N's tokens are handed out only after N+1 is
+  launched, at max(end of N, launch of N+1), and the host schedules N+2 then. The scheduler forms
+  N+1 before it knows N's results (a request that finishes in N takes a wasted slot in N+1). Steps
+  alternate between two IO buffer pairs, each with its own CUDA graphs, so a shape is captured once
+  per pair; a capture runs the step eagerly and synchronises, so it holds the host (and N's
+  tokens) for the step's device time plus the capture, and the step launched after it pays the
+  calibration's `post_capture_device_s` on the device.
 """
 
 from __future__ import annotations
@@ -262,6 +268,7 @@ class _Run:
                 continue
             idle = 0
             gpu, cpu = self._cost(batch)
+            cpu += self.overhead.capture_seconds(batch.path, self.captured)
             end = now + cpu + gpu
             wasted = self._deliver(batch, end)
             self._log(batch, now, cpu + gpu, gpu, cpu, wasted, max_steps)
@@ -269,33 +276,54 @@ class _Run:
 
     def loop_async(self, seqs: list[Seq], max_steps: int) -> None:
         scheduler = self.scheduler
-        now = seqs[0].arrival_s if seqs else 0.0
+        overhead = self.overhead
+        host = seqs[0].arrival_s if seqs else 0.0  # when the host starts preparing the next batch
         cursor = 0
         self.unfinished = len(seqs)
         in_flight: tuple[ScheduledBatch, float, int] | None = None
+        device_free = -math.inf
+        stall = 0.0  # device time the next step pays after a capture
+        launched_steps = 0
+        io_pairs = scheduler.async_io_pairs
+        after_launch = scheduler.async_handoff_after_launch
         idle = 0
         while self.unfinished:
-            cursor = self._admit(seqs, cursor, now)
+            cursor = self._admit(seqs, cursor, host)
             batch = scheduler.schedule()
             if batch is None:
                 if in_flight is not None:
                     previous, previous_end, row = in_flight
                     self._finish_in_flight(previous, previous_end, row)
                     in_flight = None
-                    now = max(now, previous_end)
+                    host = max(host, previous_end)
                     continue
-                now, idle = self._idle(seqs, cursor, now, idle)
+                host, idle = self._idle(seqs, cursor, host, idle)
                 continue
             idle = 0
             gpu, cpu = self._cost(batch)
-            start = now + cpu
+            capture = overhead.capture_seconds(batch.path, self.captured, launched_steps % io_pairs)
+            launched_steps += 1
+            ready = host + cpu
+            start = max(ready, device_free)
+            if capture:
+                # Captured: run eagerly, synchronise, record; the host is back after all of it.
+                device_free = start + gpu
+                launched = device_free + capture
+                stall = overhead.post_capture_device_s
+            else:
+                gpu += stall
+                stall = 0.0
+                device_free = start + gpu
+                launched = ready
             if in_flight is not None:
                 previous, previous_end, row = in_flight
-                start = max(start, previous_end)
-                self._finish_in_flight(previous, previous_end, row)
-            row = self._log(batch, start, gpu, gpu, cpu, 0, max_steps)
-            in_flight = (batch, start + gpu, row)
-            now = start
+                handed_out = max(previous_end, launched) if after_launch else previous_end
+                self._finish_in_flight(previous, handed_out, row)
+                host = handed_out if after_launch else start
+            else:
+                host = launched if after_launch else start
+            row = self._log(batch, start, gpu + capture, gpu, cpu + capture, 0, max_steps)
+            in_flight = (batch, device_free, row)
         if in_flight is not None:
             previous, previous_end, row = in_flight
             self._finish_in_flight(previous, previous_end, row)
@@ -324,7 +352,6 @@ class _Run:
         if not (gpu >= 0 and math.isfinite(gpu)):
             raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {batch.num_tokens} tokens")
         cpu = self.overhead.seconds(batch.path, batch.num_seqs, batch.num_tokens, batch.kv_tokens)
-        cpu += self.overhead.capture_seconds(batch.path, self.captured)
         return gpu, cpu
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:

@@ -40,8 +40,11 @@ class StepKind(str, Enum):
     MIXED = "mixed"
 
 
-# (engine path, padded query tokens, padded KV read, padded longest sequence): a captured graph's key.
-GraphShape = tuple[str, int, int, int]
+# (engine path, padded query tokens, padded KV read, padded longest sequence, IO pair): a captured
+# graph's key. The IO pair is 0 for a synchronous engine; transformers' async batching alternates
+# two pairs of static input/output buffers, each with its own graphs, so a shape is captured once
+# per pair (measured: bench/async_batching.py).
+GraphShape = tuple[str, int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +194,9 @@ class CpuOverheadModel:
     # One-off host cost the first time a CUDA-graph path meets a padded shape: the engine
     # captures a graph for it (`graph_shape`), then replays it on every later step.
     graph_capture_s: float = 0.0
+    # Async batching only: extra device time of the step launched right after a capture (the
+    # H100 runs measured 20 ms whatever the step held; synchronous runs show none).
+    post_capture_device_s: float = 0.0
 
     def seconds(self, path: StepPath, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:
         terms = self.terms.get(path.overhead_key) or self.terms.get(path.kind.value) or self.terms.get("default")
@@ -199,16 +205,17 @@ class CpuOverheadModel:
         return terms.seconds(num_seqs, num_tokens, kv_tokens)
 
     @staticmethod
-    def graph_shape(path: StepPath) -> GraphShape | None:
-        """The key under which the engine caches a captured graph; None off the graph paths."""
+    def graph_shape(path: StepPath, io_pair: int = 0) -> GraphShape | None:
+        """The key under which the engine caches a captured graph (in IO pair `io_pair`); None
+        off the graph paths."""
         if not path.cuda_graph:
             return None
-        return (path.engine_path, path.padded_tokens, path.padded_kv, path.padded_seqlen_k)
+        return (path.engine_path, path.padded_tokens, path.padded_kv, path.padded_seqlen_k, io_pair)
 
-    def capture_seconds(self, path: StepPath, captured: set[GraphShape]) -> float:
-        """`graph_capture_s` the first time `path`'s graph shape is met (recorded in `captured`,
-        the caller's engine-lifetime set), else 0."""
-        shape = self.graph_shape(path)
+    def capture_seconds(self, path: StepPath, captured: set[GraphShape], io_pair: int = 0) -> float:
+        """`graph_capture_s` the first time `path`'s graph shape is met in IO pair `io_pair`
+        (recorded in `captured`, the caller's engine-lifetime set), else 0."""
+        shape = self.graph_shape(path, io_pair)
         if shape is None or shape in captured:
             return 0.0
         captured.add(shape)
@@ -285,6 +292,7 @@ class CpuOverheadModel:
             "platform": self.platform,
             "source": self.source,
             "graph_capture_s": self.graph_capture_s,
+            "post_capture_device_s": self.post_capture_device_s,
             "terms": {key: asdict(value) for key, value in sorted(self.terms.items())},
         }
 
@@ -313,18 +321,14 @@ class CpuOverheadModel:
             if any(not math.isfinite(v) or v < 0 for v in asdict(parsed).values()):
                 raise DoolyError(f"CPU overhead terms for {key!r} must be finite and >= 0")
             terms[key] = parsed
-        try:
-            capture = float(data.get("graph_capture_s", 0.0))
-        except (TypeError, ValueError):
-            raise DoolyError("CPU overhead `graph_capture_s` must be a number") from None
-        if not math.isfinite(capture) or capture < 0:
-            raise DoolyError("CPU overhead `graph_capture_s` must be finite and >= 0")
+        capture, post_capture = (_nonnegative(data, name) for name in ("graph_capture_s", "post_capture_device_s"))
         return cls(
             terms=terms,
             engine=str(data.get("engine", "")),
             platform=str(data.get("platform", "")),
             source=str(data.get("source", "")),
             graph_capture_s=capture,
+            post_capture_device_s=post_capture,
         )
 
     @classmethod
@@ -507,3 +511,14 @@ class AnalyticStepModel:
     @staticmethod
     def logits_rows(prefill: list[tuple[int, int]], decode_ctx: list[int]) -> int:
         return len(prefill) + len(decode_ctx)
+
+
+def _nonnegative(data: dict[str, Any], name: str) -> float:
+    """An optional seconds field of a CPU overhead document (0 when absent)."""
+    try:
+        value = float(data.get(name, 0.0))
+    except (TypeError, ValueError):
+        raise DoolyError(f"CPU overhead `{name}` must be a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise DoolyError(f"CPU overhead `{name}` must be finite and >= 0")
+    return value

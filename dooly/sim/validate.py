@@ -40,7 +40,7 @@ import numpy as np
 from dooly.engines.groundtruth import BENCH_FILE, REQUESTS_FILE, STEPS_FILE
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json, read_json_object
-from dooly.sim.calibration import HostSample
+from dooly.sim.calibration import HostSample, scheduler_uses_async
 from dooly.sim.schedulers import Scheduler
 from dooly.sim.simulator import PERCENTILES, SimResult, latency_stats, simulate
 from dooly.sim.step_model import (
@@ -64,6 +64,9 @@ REQUEST_COLUMNS = (
     "token_times_s",
 )
 STEP_COLUMNS = ("step", "start_s", "duration_s", "prefill", "decode_ctx")
+# Optional step columns of `dooly bench`: the probe's split of a step, and its capture flag.
+STEP_TIMING_COLUMNS = ("prepare_s", "forward_s", "update_s", "device_s")
+GRAPH_CAPTURED_COLUMN = "graph_captured"
 PERCENT = 100.0
 # Statistics of a latency distribution compared simulated against measured: those the simulation
 # summary reports (`latency_stats`), so the two read alike.
@@ -109,6 +112,13 @@ class MeasuredStep:
     duration_s: float
     prefill: list[tuple[int, int]]
     decode_ctx: list[int]
+    # The bench probe's split of the step (NaN / False where a ground truth lacks it): what an
+    # asynchronous run's host and device times are read from (`async_host_samples`).
+    prepare_s: float = math.nan
+    forward_s: float = math.nan
+    update_s: float = math.nan
+    device_s: float = math.nan
+    graph_captured: bool = False
 
     def sizes(self) -> tuple[int, int, int]:
         """(sequences, query tokens, KV tokens read): what the overhead terms scale with."""
@@ -155,7 +165,8 @@ def ground_truth_from_arrow(requests: Any, steps: Any | None = None) -> GroundTr
     measured_steps: list[MeasuredStep] = []
     if steps is not None:
         _require_columns(steps, STEP_COLUMNS, "steps")
-        for r in steps.select(list(STEP_COLUMNS)).to_pylist():
+        timing = [c for c in (*STEP_TIMING_COLUMNS, GRAPH_CAPTURED_COLUMN) if c in steps.column_names]
+        for r in steps.select([*STEP_COLUMNS, *timing]).to_pylist():
             measured_steps.append(
                 MeasuredStep(
                     step=int(r["step"]),
@@ -163,6 +174,8 @@ def ground_truth_from_arrow(requests: Any, steps: Any | None = None) -> GroundTr
                     duration_s=float(r["duration_s"]),
                     prefill=[(int(c["q"]), int(c["ctx"])) for c in (r["prefill"] or [])],
                     decode_ctx=[int(c) for c in (r["decode_ctx"] or [])],
+                    **{c: _float(r[c]) for c in timing if c != GRAPH_CAPTURED_COLUMN},
+                    graph_captured=bool(r.get(GRAPH_CAPTURED_COLUMN) or False),
                 )
             )
     return GroundTruth(measured, measured_steps)
@@ -370,6 +383,30 @@ def compare_steps(
     return error_stats(predicted, [s.duration_s for s in steps])
 
 
+def compare_async_steps(
+    steps: list[MeasuredStep],
+    step_model: StepLatencyModel,
+    cpu_overhead: CpuOverheadModel | None = None,
+    path_for: Any = None,
+) -> ErrorStats:
+    """An asynchronous run's steps: a row's wall time spans two batches, so each batch's device
+    time is compared instead (plus `post_capture_device_s` right after a capture); captured steps,
+    whose measured device time holds the capture, are left out."""
+    overhead = cpu_overhead or CpuOverheadModel.zero()
+    keywords = step_keywords(step_model)
+    predicted: list[float] = []
+    measured: list[float] = []
+    previous_captured = False
+    for step in steps:
+        if not step.graph_captured and math.isfinite(step.device_s):
+            path = path_for(step.prefill, step.decode_ctx) if path_for else _default_path(step.prefill, step.decode_ctx)
+            gpu = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
+            predicted.append(gpu + (overhead.post_capture_device_s if previous_captured else 0.0))
+            measured.append(step.device_s)
+        previous_captured = step.graph_captured
+    return error_stats(predicted, measured)
+
+
 def _default_path(prefill: list[tuple[int, int]], decode_ctx: list[int]) -> StepPath:
     if not prefill:
         kind = StepKind.DECODE
@@ -546,7 +583,12 @@ def validate(
     for _ in range(truth.warm_passes):
         simulate(workload, scheduler.fresh(), step_model, cpu_overhead, captured=captured)
     # Replayed first: the recorded pass starts with what the warm passes captured (replay copies it).
-    steps = compare_steps(truth.steps, step_model, cpu_overhead, path_for, captured) if truth.steps else None
+    if not truth.steps:
+        steps = None
+    elif scheduler_uses_async(scheduler):
+        steps = compare_async_steps(truth.steps, step_model, cpu_overhead, path_for)
+    else:
+        steps = compare_steps(truth.steps, step_model, cpu_overhead, path_for, captured)
     fitted = hasattr(step_model, "coverage_by_phase")
     result = simulate(workload, scheduler, step_model, cpu_overhead, captured=captured, record_batches=fitted)
     coverage = None
@@ -684,6 +726,80 @@ def host_samples(
     return samples, captures
 
 
+@dataclass(frozen=True, slots=True)
+class AsyncStepTiming:
+    """One row of an asynchronous run, rebuilt on the device's clock (bench/async_batching.py).
+
+    The bench probe writes a row at update time, and the engine's loop is prepare(N) -> launch(N)
+    -> update(N-1): row N holds batch N's `prepare_s`, `forward_s` (the launch) and `device_s`
+    (CUDA events on the compute stream, whose start fires once batch N-1 is done), and the update
+    of batch N-1, its wait for the device included. So batch N runs on the device from
+    max(end of N-1, start + prepare) for `device_s`; a captured step runs eagerly and
+    synchronises, so the device is done when its launch returns."""
+
+    host_s: float  # prepare + launch + the update's own work: the host's share of one cycle
+    busy_s: float  # captured steps: launch time once the device was free (eager run + capture)
+    device_end_s: float
+
+
+def async_timeline(steps: Sequence[MeasuredStep]) -> list[AsyncStepTiming]:
+    """The host and device time of every row of an asynchronous run (see `AsyncStepTiming`)."""
+    missing = [name for name in STEP_TIMING_COLUMNS
+               if steps and any(not math.isfinite(getattr(s, name)) for s in steps)]
+    if missing:
+        raise DoolyError(f"an async-batching ground truth needs the bench probe's step columns; "
+                         f"{', '.join(missing)} missing or empty (record it with `dooly bench`)")
+    out: list[AsyncStepTiming] = []
+    device_end = -math.inf
+    for step in steps:
+        ready = step.start_s + step.prepare_s
+        launched = ready + step.forward_s
+        wait = max(0.0, device_end - launched)
+        host = step.prepare_s + step.forward_s + max(step.update_s - wait, 0.0)
+        free = max(device_end, ready)
+        if step.graph_captured:
+            busy = max(launched - free, 0.0)
+            device_end = launched
+        else:
+            busy = 0.0
+            device_end = free + step.device_s
+        out.append(AsyncStepTiming(host, busy, device_end))
+    return out
+
+
+def async_host_samples(
+    truth: GroundTruth, scheduler: Scheduler, step_model: StepLatencyModel, *, num_layers: int = 0, model: str = "",
+) -> tuple[list[HostSample], list[tuple[HostSample, StepPath]], list[float]]:
+    """`host_samples` of an asynchronous run (transformers async batching), from the probe's split.
+
+    A wall-time residual means nothing there (host and device overlap), so an ordinary step's
+    sample is its host work: prepare + launch + the update's own work. A captured step's sample
+    adds what its launch held the host once the device was free beyond the predicted device time
+    (the eager run, then the capture), as the simulator charges it. Third: the extra device time of
+    each step launched right after a capture, measured device time minus predicted, less the
+    median of that difference over ordinary steps (the step model's own bias)."""
+    keywords = step_keywords(step_model)
+    timings = async_timeline(truth.steps)
+    samples: list[HostSample] = []
+    captures: list[tuple[HostSample, StepPath]] = []
+    residual: list[float] = []
+    after_capture: list[float] = []
+    previous_captured = False
+    for step, timing in zip(truth.steps, timings, strict=True):
+        path = scheduler.path_for(step.prefill, step.decode_ctx)
+        device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
+        sizes = step.sizes()
+        if step.graph_captured:
+            host = timing.host_s - step.forward_s + max(timing.busy_s - device, 0.0)
+            captures.append((HostSample(path.overhead_key, num_layers, *sizes, host, model), path))
+        else:
+            samples.append(HostSample(path.overhead_key, num_layers, *sizes, timing.host_s, model))
+            (after_capture if previous_captured else residual).append(step.device_s - device)
+        previous_captured = step.graph_captured
+    bias = float(np.median(residual)) if residual else 0.0
+    return samples, captures, [value - bias for value in after_capture]
+
+
 def calibrate_overhead(
     truths: list[tuple[GroundTruth, Scheduler]],
     step_model: StepLatencyModel,
@@ -701,8 +817,13 @@ def calibrate_overhead(
     than the ones you validate on."""
     samples: list[HostSample] = []
     captures: list[tuple[HostSample, StepPath]] = []
+    stalls: list[float] = []
     for truth, scheduler in truths:
-        steps, first_seen = host_samples(truth, scheduler, step_model)
+        if scheduler_uses_async(scheduler):
+            steps, first_seen, after = async_host_samples(truth, scheduler, step_model)
+            stalls += after
+        else:
+            steps, first_seen = host_samples(truth, scheduler, step_model)
         samples += steps
         captures += first_seen
     if not samples:
@@ -715,4 +836,7 @@ def calibrate_overhead(
         # What a first-seen shape costs beyond an ordinary step on its path.
         excess = [s.host_s - fitted.seconds(path, s.num_seqs, s.num_tokens, s.kv_tokens) for s, path in captures]
         fitted.graph_capture_s = max(float(np.median(excess)), 0.0)
+    if stalls:
+        fitted.post_capture_device_s = max(float(np.median(stalls)), 0.0)
     return fitted
+

@@ -92,6 +92,16 @@ def test_files_and_the_store_report(two_platform_store, tmp_path):
     assert json.loads((report / "explore.json").read_text())["best"]["candidate"]["platform"] == FAST
 
 
+def test_async_batching_candidates_need_an_async_calibration(two_platform_store):
+    """transformers' async batching is modelled, but served only by a host calibration of its
+    own: a store with synchronous calibrations lists the async candidates as unpredictable."""
+    document = explore_json(two_platform_store, *TIGHT, "--set", "use_async_batching=false,true")
+    reasons = [u["reason"] for u in document["unpredictable"] if u["candidate"]["settings"]["use_async_batching"]]
+    assert reasons and all("no host-overhead calibration" in r and "async batching" in r for r in reasons)
+    ranked = document["candidates"]
+    assert ranked and not any(c["candidate"]["settings"]["use_async_batching"] for c in ranked)
+
+
 BAD_INPUTS = {
     "unknown SLO metric": (["--slo", "latency_p90=0.5"], "unknown SLO metric"),
     "non-positive SLO": (["--slo", "ttft_p90=0"], "positive number of seconds"),
@@ -100,8 +110,6 @@ BAD_INPUTS = {
     "non-positive max rate": (["--slo", "ttft_p90=0.5", "--max-rate", "-2"], "--max-rate must be a positive rate"),
     "bad setting": (["--slo", "ttft_p90=0.5", "--set", "num_blocks=0"], "num_blocks"),
     # Settings the simulator does not model (dooly.sim.engine_settings), named in the line.
-    "async batching": (["--slo", "ttft_p90=0.5", "--set", "use_async_batching=false,true"],
-                       "--set: transformers setting use_async_batching=true is not modelled"),
     "unmodelled setting": (["--slo", "ttft_p90=0.5", "--set", "allow_block_sharing=true"],
                            "allow_block_sharing=true is not modelled"),
     "unknown setting": (["--slo", "ttft_p90=0.5", "--set", "bogus=1"], "unknown key 'bogus'"),

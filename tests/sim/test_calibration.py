@@ -113,6 +113,31 @@ def test_generations_are_written_whole_and_the_newest_is_read(tmp_path):
     assert "generation 2" in model.source and "m24 (24 layers)" in model.source
 
 
+def test_async_batching_has_calibrations_of_its_own(tmp_path):
+    from dooly.store.backends import open_store
+
+    store = open_store(str(tmp_path / "db"))
+    write_calibration(store, _calibration(constant=0.001))
+    asynchronous = _calibration(constant=0.004)
+    asynchronous.key = CalibrationKey(KEY.platform, KEY.engine, KEY.engine_version, KEY.backend, KEY.cuda_graphs,
+                                      async_batching=True)
+    asynchronous.post_capture_device_s = 0.02
+    written = write_calibration(store, asynchronous)
+    assert written.endswith("/graphs=off/async=on/gen-000001.json")
+    assert {k.async_batching for k in list_calibrations(store)} == {False, True}
+    sync = find_calibration(store, platform="GPU-X", engine="transformers", backend="paged|sdpa", cuda_graphs=False)
+    found = find_calibration(store, platform="GPU-X", engine="transformers", backend="paged|sdpa", cuda_graphs=False,
+                             async_batching=True)
+    assert sync is not None and sync.terms["decode"].constant_s == 0.001 and not sync.key.async_batching
+    assert found is not None and found.terms["decode"].constant_s == 0.004 and found.key.async_batching
+    assert found.for_model(24).post_capture_device_s == pytest.approx(0.02)
+    assert "async batching" in found.describe()
+    assert find_calibration(store, platform="GPU-X", engine="transformers", backend="paged|sdpa", cuda_graphs=True,
+                            async_batching=True) is None
+    again = Calibration.from_dict(json.loads(json.dumps(found.to_dict())))
+    assert again.key == found.key and again.post_capture_device_s == pytest.approx(0.02)
+
+
 def test_bad_documents_are_refused():
     good = _calibration().to_dict()
     assert Calibration.from_dict(json.loads(json.dumps(good))).terms.keys() == _calibration().terms.keys()
@@ -178,6 +203,22 @@ def test_simulate_refuses_without_a_calibration_and_uses_the_stores(fitted_store
     assert summary["cpu_overhead"].startswith("store calibration generation 1")
     slower = summary["tpot_s"]["mean"] - json.loads(bare.stdout)["tpot_s"]["mean"]
     assert slower == pytest.approx(constant, rel=0.05)
+
+    # Async batching is served only by a calibration of its own.
+    refused_async = _simulate(store_dir, "--set", "use_async_batching=true")
+    assert refused_async.exit_code == 2
+    assert refused_async.stderr.count("\n") == 1 and refused_async.stderr.startswith("error:")
+    assert "no host-overhead calibration" in refused_async.stderr and "async batching" in refused_async.stderr
+    async_key = CalibrationKey(key.platform, key.engine, key.engine_version, key.backend, key.cuda_graphs,
+                               async_batching=True)
+    write_calibration(open_store(store_dir, create=False),
+                      Calibration(key=async_key, terms={"default": PathTerms(constant_s=constant)},
+                                  inputs=[{"run": "r", "model": "x"}]))
+    served_async = _simulate(store_dir, "--set", "use_async_batching=true")
+    assert served_async.exit_code == 0, served_async.output
+    async_summary = json.loads(served_async.stdout)
+    assert "async batching" in async_summary["cpu_overhead"]
+    assert async_summary["settings"]["use_async_batching"] is True
 
 
 def test_layer_terms_are_kept_only_where_they_predict_a_left_out_model():

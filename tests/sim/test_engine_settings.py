@@ -15,10 +15,9 @@ from dooly.errors import DoolyError
 from dooly.sim.engine_settings import REGISTRY, check_modelled
 from dooly.sim.schedulers import TransformersCBConfig, VllmConfig
 
-# (engine, setting) pairs the simulator does not model: async batching on, and a setting the
-# engine takes that the simulator has no model of.
+# (engine, setting) pairs the simulator does not model: vLLM async scheduling on (transformers'
+# async batching is modelled), and a setting the engine takes that the simulator has no model of.
 UNMODELLED = [
-    ("transformers", "use_async_batching=true", "use_async_batching=true is not modelled"),
     ("transformers", "allow_block_sharing=true", "allow_block_sharing=true is not modelled"),
     ("transformers", "bogus=1", "unknown key 'bogus'"),
     ("vllm", "async_scheduling=true", "async_scheduling=true is not modelled"),
@@ -46,11 +45,12 @@ def test_the_modelled_settings_are_exactly_the_scheduler_models_fields(engine, c
     assert all(s.how for s in registry.modelled) and all(s.gap and not s.how for s in registry.not_modelled)
 
 
-def test_async_batching_is_modelled_off_only():
-    check_modelled("transformers", {"use_async_batching": False, "use_cuda_graph": [True, True]}, "test")
+def test_transformers_async_batching_is_modelled_and_vllm_async_scheduling_is_not():
+    for value in (False, True):
+        check_modelled("transformers", {"use_async_batching": value, "use_cuda_graph": [True, True]}, "test")
     check_modelled("vllm", {"async_scheduling": False, "max_num_seqs": 8}, "test")
-    with pytest.raises(DoolyError, match="use_async_batching=true"):
-        check_modelled("transformers", {"use_async_batching": True}, "test")
+    with pytest.raises(DoolyError, match="async_scheduling=true is not modelled"):
+        check_modelled("vllm", {"async_scheduling": True}, "test")
 
 
 @pytest.mark.parametrize("engine, setting, message", UNMODELLED)
@@ -64,10 +64,10 @@ def test_simulate_refuses_an_unmodelled_setting(tmp_path, engine, setting, messa
 
 def test_simulate_refuses_an_unmodelled_setting_in_an_engine_config(tmp_path):
     config = tmp_path / "engine.json"
-    config.write_text(json.dumps({"num_blocks": 64, "use_async_batching": True}))
+    config.write_text(json.dumps({"num_blocks": 64, "allow_block_sharing": True}))
     out = tmp_path / "out"
     result = _run("simulate", MODEL, "--analytic", "--requests", "5", "--engine-config", str(config), "--out", str(out))
-    _one_error_line(result, f"--engine-config {config}: transformers setting use_async_batching=true is not modelled")
+    _one_error_line(result, f"--engine-config {config}: transformers setting allow_block_sharing=true is not modelled")
     assert not out.exists()
 
 
@@ -82,18 +82,20 @@ def test_validate_refuses_an_unmodelled_setting(tmp_path, engine, setting, messa
 
 
 def test_validate_refuses_a_ground_truth_recorded_with_an_unmodelled_setting(tmp_path):
-    truth = write_truth(tmp_path / "truth", settings={"num_blocks": 512, "use_async_batching": True})
+    truth = write_truth(tmp_path / "truth", engine="vllm", settings={"num_gpu_blocks": 512, "async_scheduling": True})
     plot = tmp_path / "scatter.png"
-    result = _run("validate", MODEL, "--ground-truth", str(truth), "--analytic", "--plot", str(plot))
-    _one_error_line(result, f"ground truth {truth / 'engine.json'}: transformers setting use_async_batching=true is not modelled")
+    result = _run("validate", MODEL, "--ground-truth", str(truth), "--analytic", "--engine", "vllm", "--plot", str(plot))
+    _one_error_line(result, f"ground truth {truth / 'engine.json'}: vllm setting async_scheduling=true is not modelled")
     assert not plot.exists()
     # Overriding the recorded setting does not make the measurement synchronous: still refused.
-    overridden = _run("validate", MODEL, "--ground-truth", str(truth), "--analytic", "--set", "use_async_batching=false")
-    _one_error_line(overridden, "use_async_batching=true is not modelled")
+    overridden = _run("validate", MODEL, "--ground-truth", str(truth), "--analytic", "--engine", "vllm",
+                      "--set", "async_scheduling=false")
+    _one_error_line(overridden, "async_scheduling=true is not modelled")
     # A repeat recorded with it is refused too.
-    first = write_truth(tmp_path / "first", settings={"num_blocks": 512})
-    repeat = _run("validate", MODEL, "--ground-truth", str(first), "--ground-truth", str(truth), "--analytic")
-    _one_error_line(repeat, "use_async_batching=true is not modelled")
+    first = write_truth(tmp_path / "first", engine="vllm", settings={"num_gpu_blocks": 512})
+    repeat = _run("validate", MODEL, "--ground-truth", str(first), "--ground-truth", str(truth), "--analytic",
+                  "--engine", "vllm")
+    _one_error_line(repeat, "async_scheduling=true is not modelled")
 
 
 def test_validate_accepts_a_ground_truth_recorded_synchronously(tmp_path):

@@ -96,3 +96,63 @@ def test_analytic_model_accepts_the_path():
     model = AnalyticStepModel()
     path = StepPath(StepKind.DECODE, cuda_graph=True, padded_tokens=8, padded_kv=4096)
     assert model.step_seconds([], [100, 200], path=path) > 0
+
+
+# An async-batching run as the bench probe records it (prepare(N) -> launch(N) -> update(N-1) per
+# row): known host work, capture cost and post-capture stall, to be read back.
+ASYNC_DEVICE_S = 0.030
+ASYNC_PREPARE_S, ASYNC_LAUNCH_S, ASYNC_UPDATE_S = 0.002, 0.0004, 0.0002
+ASYNC_STALL_S = 0.020
+
+
+class ConstantDevice:
+    def step_seconds(self, prefill, decode_ctx):
+        return ASYNC_DEVICE_S
+
+
+def _async_rows(captured_at: set[int], rows: int = 40) -> list[MeasuredStep]:
+    steps = []
+    host, device_end = 0.0, 0.0
+    for k in range(rows):
+        ready = host + ASYNC_PREPARE_S
+        free = max(device_end, ready)
+        device = ASYNC_DEVICE_S + (ASYNC_STALL_S if k - 1 in captured_at else 0.0)
+        if k in captured_at:  # eager run, synchronise, capture: the launch returns after all of it
+            launched = free + ASYNC_DEVICE_S + CAPTURE_S
+            device, end_of_device = launched - free, launched
+        else:
+            launched = ready + ASYNC_LAUNCH_S
+            end_of_device = free + device
+        update = max(0.0, device_end - launched) + ASYNC_UPDATE_S
+        steps.append(MeasuredStep(k, host, launched + update - host, [], [100 + k], prepare_s=ASYNC_PREPARE_S,
+                                  forward_s=launched - ready, update_s=update, device_s=device,
+                                  graph_captured=k in captured_at))
+        host, device_end = launched + update, end_of_device
+    return steps
+
+
+def test_async_runs_are_calibrated_from_the_probe_split_not_the_wall_time():
+    from dooly.sim.validate import async_host_samples
+
+    scheduler = TransformersCBScheduler({"use_async_batching": True, "use_cuda_graph": True})
+    truth = GroundTruth([], _async_rows({0, 1, 12}))
+    samples, captures, stalls = async_host_samples(truth, scheduler, ConstantDevice())
+    # Every ordinary row's host work, though the row's wall time is mostly the wait for the device.
+    assert [s.host_s for s in samples] == pytest.approx([ASYNC_PREPARE_S + ASYNC_LAUNCH_S + ASYNC_UPDATE_S] * 37)
+    assert max(s.duration_s for s in truth.steps[3:12]) > ASYNC_DEVICE_S - 0.001
+    assert [c.host_s for c, _ in captures] == pytest.approx([ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S] * 3)
+    # Row 1 is a capture itself: only rows 2 and 13 follow a capture as ordinary steps.
+    assert stalls == pytest.approx([ASYNC_STALL_S, ASYNC_STALL_S])
+    fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice())
+    assert fitted.post_capture_device_s == pytest.approx(ASYNC_STALL_S)
+    assert fitted.graph_capture_s == pytest.approx(CAPTURE_S - ASYNC_LAUNCH_S, rel=0.05)
+
+
+def test_an_async_run_without_the_probe_split_is_refused():
+    from dooly.errors import DoolyError
+    from dooly.sim.validate import async_host_samples
+
+    scheduler = TransformersCBScheduler({"use_async_batching": True})
+    bare = GroundTruth([], [MeasuredStep(k, 0.03 * k, 0.03, [], [100]) for k in range(10)])
+    with pytest.raises(DoolyError, match="prepare_s"):
+        async_host_samples(bare, scheduler, ConstantDevice())

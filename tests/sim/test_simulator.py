@@ -170,3 +170,56 @@ def test_tables_carry_every_record():
     assert requests.num_rows == 20 and "token_times_s" in requests.column_names
     assert steps.num_rows == result.num_steps
     assert set(steps.column_names) >= {"start_s", "duration_s", "num_prefill_tokens", "num_decode_seqs", "kv_tokens"}
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers async batching: prepare(N+1) -> launch(N+1) -> update(N) (bench/async_batching.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _async_run(constant_model, host_s: float, output: int = 4, overhead: CpuOverheadModel | None = None,
+               settings: dict | None = None):
+    scheduler = TransformersCBScheduler({"use_async_batching": True, **(settings or {})})
+    overhead = overhead or CpuOverheadModel(terms={"default": OverheadTerms(constant_s=host_s)})
+    return simulate([Request("a", 0.0, 100, output)], scheduler, constant_model(STEP_S), overhead, record_token_times=True)
+
+
+def test_async_host_work_hides_behind_a_longer_device_step(constant_model):
+    host = 0.002
+    result = _async_run(constant_model, host)
+    # The device starts the first step after its host work, then runs back to back: each step's
+    # host work (prepare + launch) happens while the previous one runs.
+    assert [s.start_s for s in result.steps] == pytest.approx([host + i * STEP_S for i in range(5)])
+    # A step's tokens are handed out when the next one is launched, which is before its device end.
+    assert result.token_times["a"] == pytest.approx([host + (i + 1) * STEP_S for i in range(4)])
+    assert result.requests[0].tpot_s == pytest.approx(STEP_S)
+    sync = simulate([Request("a", 0.0, 100, 4)], TransformersCBScheduler(), constant_model(STEP_S),
+                    CpuOverheadModel(terms={"default": OverheadTerms(constant_s=host)}))
+    assert sync.requests[0].tpot_s == pytest.approx(STEP_S + host)
+
+
+def test_async_tokens_wait_for_the_next_launch_when_the_host_is_slower(constant_model):
+    host = 0.015  # longer than the 10 ms device step
+    result = _async_run(constant_model, host)
+    # Device: 15-25 ms, 30-40 ms, ...: it waits for the host each step.
+    assert [s.start_s for s in result.steps] == pytest.approx([host * (i + 1) for i in range(5)])
+    # Step N's token comes out once step N+1 is launched (30 ms), not when the device is done (25 ms).
+    assert result.token_times["a"] == pytest.approx([host * (i + 2) for i in range(4)])
+
+
+def test_async_captures_once_per_io_pair_and_the_next_step_pays_the_stall(constant_model):
+    capture, stall, host = 0.1, 0.02, 0.001
+    overhead = CpuOverheadModel(terms={"default": OverheadTerms(constant_s=host)}, graph_capture_s=capture,
+                                post_capture_device_s=stall)
+    graphs = {"use_cuda_graph": True}
+    result = _async_run(constant_model, host, output=6, overhead=overhead, settings=graphs)
+    # Prefill (pair 0), decode (pair 1), decode again in pair 0: three captures, then replays.
+    assert [s.cpu_s for s in result.steps] == pytest.approx([host + capture] * 3 + [host] * 4)
+    assert [s.gpu_s for s in result.steps] == pytest.approx([STEP_S] * 3 + [STEP_S + stall] + [STEP_S] * 3)
+    # A capture holds the host for the step's device time and the capture: the prefill's token is
+    # handed out only once the decode step after it has been captured.
+    first_token = result.token_times["a"][0]
+    assert first_token == pytest.approx(host + STEP_S + capture + host + STEP_S + capture)
+    sync = simulate([Request("a", 0.0, 100, 6)], TransformersCBScheduler(graphs), constant_model(STEP_S), overhead)
+    assert sum(1 for s in sync.steps if s.cpu_s > host) == 2
+    assert all(s.gpu_s == pytest.approx(STEP_S) for s in sync.steps)
