@@ -47,6 +47,8 @@ LOW_QUANTILE, HIGH_QUANTILE = 0.10, 0.90
 # What must match between the runs of a pair (bench.json `stack`), and what a record is keyed by.
 KEY_FIELDS = ("platform", "engine", "engine_version", "backend")
 MS_PER_S = 1e3
+# Below this two offsets are one (the clocks behind them resolve about a microsecond).
+RESOLUTION_S = 1e-6
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ class OffsetStats:
                    float(np.quantile(clean, LOW_QUANTILE)), float(np.quantile(clean, HIGH_QUANTILE)), int(clean.size))
 
     def contains(self, value: float) -> bool:
-        return self.p10_s <= value <= self.p90_s
+        """Whether `value` lies within this spread (p10..p90, to the clocks' resolution)."""
+        return self.p10_s - RESOLUTION_S <= value <= self.p90_s + RESOLUTION_S
 
 
 @dataclass
