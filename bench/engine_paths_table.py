@@ -370,12 +370,12 @@ def main() -> None:
         shutil.copytree(args.fitted_store, store)
         eager_calibration = dooly("calibrate", "--store", store, "--ground-truth", str(EAGER_CALIB))
         refits = {"shared": (store, len(SDPA_CALIB_MODELS))}
-        for label, models in ((f"without {OUTLIER_MODEL}", tuple(m for m in SDPA_CALIB_MODELS if m != OUTLIER_MODEL)),
+        for label, subset in ((f"without {OUTLIER_MODEL}", tuple(m for m in SDPA_CALIB_MODELS if m != OUTLIER_MODEL)),
                               (f"{OWN_MODEL} only", (OWN_MODEL,))):
             refit = str(Path(scratch) / label.replace(" ", "-"))
             shutil.copytree(store, refit)
-            dooly("calibrate", "--store", refit, *[a for run in sdpa_calib_runs(models) for a in ("--ground-truth", str(run))])
-            refits[label] = (refit, len(models))
+            dooly("calibrate", "--store", refit, *[a for run in sdpa_calib_runs(subset) for a in ("--ground-truth", str(run))])
+            refits[label] = (refit, len(subset))
         cells = [
             Cell("eager graphs light", "eager", "light",
                  (_cell_dir("r1", "eager", "graphs", "light"), _cell_dir("r4", "eager", "graphs", "light"))),
@@ -387,8 +387,8 @@ def main() -> None:
         ]
         main_results = [(cell, validate(cell, store)) for cell in cells]
         own_results = []
-        for label, (refit, models) in refits.items():
-            cell = Cell(f"sdpa graphs heavy, calibration: {label} ({models} model(s), {sdpa_kv_term(refit):.0f} ns per KV token)",
+        for label, (refit, count) in refits.items():
+            cell = Cell(f"sdpa graphs heavy, calibration: {label} ({count} model(s), {sdpa_kv_term(refit):.0f} ns per KV token)",
                         "sdpa", "heavy", cells[3].runs, store=refit)
             own_results.append((cell, validate(cell, store)))
         costs = dooly("server-costs", *[a for w in ("light", "heavy") for a in ("--http", str(_cell_dir("http", "sdpa", "graphs", w)))],
