@@ -327,6 +327,17 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "",
         *cell_table(http),
         "",
+        "## Left to do",
+        "",
+        "- HTTP: `dooly bench --client http` should record what the server resolved (attention implementation, graph "
+        "and padding settings, from its log); then serve the pairs again and measure the terms.",
+        "- `paged|sdpa` graphs: the shared calibration's host time per KV token differs by model; a term that carries "
+        "that difference (counting gemma-2-9b's KV tokens once per layer group alone does not: tried, the pooled slope "
+        "barely moves) or more models' calib runs.",
+        "- Captures: the bench's 4 warm-up requests capture shapes before the recorded pass (steps.parquet "
+        "`graph_captured` is false on the light cells' first prefill step), which neither validate nor calibrate "
+        "simulates; both should, together, from `graph_captured` where a run records it.",
+        "",
         "## Regenerate",
         "",
         "```",
