@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "overhead": "dooly.sim.commands:overhead_command",
     "calibrate": "dooly.sim.calibration_commands:calibrate_command",
     "validate": "dooly.sim.commands:validate_command",
+    "server-costs": "dooly.sim.server_cost_commands:server_costs_command",
     "measure-steps": "dooly.engines.steps:measure_steps_command",
     "validate-steps": "dooly.sim.commands:validate_steps_command",
     "explore": "dooly.explore.commands:explore_command",

@@ -298,12 +298,15 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
 @_engine_options
 @click.option("--target-pct", type=float, default=DEFAULT_TARGET_PCT, show_default=True,
               help="Error (percent) within which a summary statistic is 'within target'.")
+@click.option("--server-costs", "server_costs_path", type=click.Path(dir_okay=False, exists=True),
+              help="Server-cost record (`dooly server-costs`): added to every simulated request when the ground "
+                   "truth was timed at an HTTP client.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=writable_file, help="Write the predicted-vs-measured scatter PNG here.")
 @output_option
 def validate_command(
     model: str, truth_dirs: tuple[str, ...], step_choice: StepChoice, engine: str, engine_config: str | None,
-    settings: tuple[str, ...], cpu_overhead: str | None, no_cpu_overhead: bool, target_pct: float, plot_path: str | None,
-    output_format: str,
+    settings: tuple[str, ...], cpu_overhead: str | None, no_cpu_overhead: bool, target_pct: float,
+    server_costs_path: str | None, plot_path: str | None, output_format: str,
 ) -> None:
     """Compare the simulator with a real-engine benchmark of the same workload.
 
@@ -318,6 +321,10 @@ def validate_command(
 
     A ground truth recorded with an engine setting the simulator does not model (e.g. vLLM
     async_scheduling=true) is refused, as are such settings given with --engine-config/--set.
+
+    A ground truth timed at an HTTP client (`dooly bench --client http`) also carries the server's
+    per-request costs, which the engine's steps do not: --server-costs FILE adds the measured
+    terms to every simulated request (the output says which, and whether they passed their checks).
 
     \b
     Example:
@@ -353,8 +360,10 @@ def validate_command(
     step_model = step_choice.step_model(model, engine)
     overhead = _cpu_overhead(cpu_overhead, no_cpu_overhead, step_choice, engine, scheduler, model)
     report = validate(truths[0], scheduler, step_model, overhead, repeats=truths[1:], target_pct=target_pct)
+    server_costs_line = _add_server_costs(report, truths[0], truth_dirs[0], user_settings, server_costs_path)
     payload = _clean(report.as_dict())
     payload["cpu_overhead"] = overhead.source
+    payload["server_costs"] = server_costs_line
     payload["summary"]["ground_truth"] = list(truth_dirs)
     if plot_path:
         payload["plot"] = str(plot_scatter(report, plot_path))
@@ -368,6 +377,8 @@ def validate_command(
         if stats:
             rows.append((label, stats["n"], _pct(stats["mape"]), _pct(stats["p50_ape"]), _pct(stats["p90_ape"]), _pct(stats["bias"])))
     click.echo(f"host overhead: {overhead.source or 'none'}")
+    if server_costs_line:
+        click.echo(f"server costs: {server_costs_line}")
     click.echo("Per request (each request's simulated value against its measured one):")
     click.echo(format_table(["quantity", "n", "MAPE", "p50 APE", "p90 APE", "bias"], rows))
     click.echo("")
@@ -378,6 +389,30 @@ def validate_command(
 
         click.echo("")
         click.echo("\n".join(payload_lines(payload["coverage"])))
+
+
+def _add_server_costs(report: Any, truth: Any, truth_dir: str, settings: dict[str, Any],
+                      path: str | None) -> str | None:
+    """For a ground truth timed at an HTTP client, the server's measured per-request terms added to
+    the simulated requests (`dooly.sim.server_costs`), and the line that says so; None for an
+    in-process ground truth. Terms for another key, or for an in-process ground truth, are refused."""
+    from dooly.engines.groundtruth import BENCH_FILE
+    from dooly.sim.server_costs import ServerCosts, is_http_run, run_key
+    from dooly.sim.validate import compare_latencies
+
+    http = is_http_run(truth_dir)
+    if path is None:
+        return ("none added: the ground truth was timed at an HTTP client, the simulation is the engine's alone "
+                "(--server-costs FILE adds the server's measured terms)") if http else None
+    if not http:
+        raise DoolyError(f"--server-costs applies to a ground truth timed at an HTTP client; {truth_dir} was timed "
+                         "in-process (its bench.json client is not 'http')")
+    costs = ServerCosts.load(path)
+    costs.check_key(run_key(read_json_object(Path(truth_dir) / BENCH_FILE, "bench record"), settings), truth_dir)
+    for problem in costs.problems:
+        logger.warning("server costs %s: %s", path, problem)
+    report.requests = compare_latencies(truth.requests, costs.apply(report.result.requests))
+    return f"added {costs.describe()}"
 
 
 def _validation_summary_text(summary: dict[str, Any]) -> str:
