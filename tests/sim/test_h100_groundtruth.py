@@ -106,7 +106,7 @@ def test_committed_calibration_is_rebuilt_from_the_committed_runs_and_used_by_va
     rebuilt = _run(["calibrate", "--store", str(fitted_store), "--from-store"])["calibrations"]
     [graphs] = [c for c in rebuilt if c["key"]["cuda_graphs"]]
     assert graphs["generation"] == 2 and len(graphs["inputs"]) == len(graphs_runs)
-    committed = next((DATA / "db" / "calibrations").rglob("graphs=on/gen-000001.json"))
+    committed = next((DATA / "db" / "calibrations").rglob("backend=paged~7Csdpa/graphs=on/gen-000001.json"))
     for path, terms in json.loads(committed.read_text())["terms"].items():
         for name, value in terms.items():
             assert graphs["terms"][path][name] == pytest.approx(value, rel=1e-6, abs=1e-12)
