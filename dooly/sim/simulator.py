@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from dooly.sim.schedulers import ScheduledBatch, Scheduler, Seq, SimulationError
-from dooly.sim.step_model import CpuOverheadModel, GraphShape, StepLatencyModel, device_seconds, step_keywords
+from dooly.sim.schedulers import DecodeWindow, ScheduledBatch, Scheduler, Seq, SimulationError
+from dooly.sim.step_model import CpuOverheadModel, GraphShape, StepLatencyModel, StepPath, device_seconds, step_keywords
 from dooly.workload import Request
 
 logger = logging.getLogger(__name__)
@@ -256,6 +256,11 @@ class _Run:
         idle = 0
         while self.unfinished:
             cursor = self._admit(seqs, cursor, now)
+            window = scheduler.decode_window()
+            if window is not None:
+                ran, now = self._run_window(window, seqs, cursor, now, max_steps)
+                if ran:
+                    continue
             batch = scheduler.schedule()
             if batch is None:
                 now, idle = self._idle(seqs, cursor, now, idle)
@@ -320,12 +325,78 @@ class _Run:
         raise SimulationError(f"the simulation stalled with {self.unfinished} unfinished requests: {self.scheduler.stall_message()}")
 
     def _cost(self, batch: ScheduledBatch) -> tuple[float, float]:
-        gpu = float(device_seconds(self.step_model, batch.prefill, batch.decode_ctx, batch.path, self.step_kwargs))
+        return self._step_cost(batch.prefill, batch.decode_ctx, batch.path, batch.num_seqs, batch.num_tokens, batch.kv_tokens)
+
+    def _step_cost(
+        self, prefill: list[tuple[int, int]], decode_ctx: list[int], path: StepPath, num_seqs: int, num_tokens: int,
+        kv_tokens: int,
+    ) -> tuple[float, float]:
+        """(device, host) seconds of one step."""
+        gpu = float(device_seconds(self.step_model, prefill, decode_ctx, path, self.step_kwargs))
         if not (gpu >= 0 and math.isfinite(gpu)):
-            raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {batch.num_tokens} tokens")
-        cpu = self.overhead.seconds(batch.path, batch.num_seqs, batch.num_tokens, batch.kv_tokens)
-        cpu += self.overhead.capture_seconds(batch.path, self.captured)
+            raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {num_tokens} tokens")
+        cpu = self.overhead.seconds(path, num_seqs, num_tokens, kv_tokens)
+        cpu += self.overhead.capture_seconds(path, self.captured)
         return gpu, cpu
+
+    def _run_window(
+        self, window: DecodeWindow, seqs: list[Seq], cursor: int, now: float, max_steps: int
+    ) -> tuple[int, float]:
+        """Run a `DecodeWindow`'s steps without scheduling each: the same costs, clock, step log
+        and deliveries as step by step, until the window ends, the step limit, or (when waiting
+        requests could join) the next arrival. Returns (steps run, clock)."""
+        row = len(self.columns["step"])
+        limit = min(window.steps, max_steps - row)
+        next_arrival = seqs[cursor].arrival_s if window.admits_waiting and cursor < len(seqs) else math.inf
+        batch = window.seqs
+        n = len(batch)
+        ctx = [seq.computed for seq in batch]
+        kv_tokens = sum(ctx) + n
+        fixed_path = window.path
+        path_for = self.scheduler.path_for
+        step_cost = self._step_cost
+        batches = self.batches
+        (
+            add_step, add_start, add_duration, add_gpu, add_cpu, add_prefill_tokens, add_prefill_seqs,
+            add_decode_seqs, add_kv_tokens, add_kind, add_cuda_graph, add_padded, add_preempted,
+            add_sampled, add_wasted,
+        ) = self._appends
+        ends: list[float] = []
+        done = 0
+        while done < limit and now < next_arrival:
+            if done:
+                ctx = [c + 1 for c in ctx]
+                kv_tokens += n
+            path = fixed_path or path_for([], ctx)
+            gpu, cpu = step_cost([], ctx, path, n, n, kv_tokens)
+            end = now + cpu + gpu
+            add_step(row + done)
+            add_start(now)
+            add_duration(cpu + gpu)
+            add_gpu(gpu)
+            add_cpu(cpu)
+            add_prefill_tokens(0)
+            add_prefill_seqs(0)
+            add_decode_seqs(n)
+            add_kv_tokens(kv_tokens)
+            add_kind(path.kind.value)
+            add_cuda_graph(path.cuda_graph)
+            add_padded(path.padded_tokens)
+            add_preempted(0)
+            add_sampled(n)
+            add_wasted(0)
+            if batches is not None:
+                batches.append(([], ctx))
+            ends.append(end)
+            now = end
+            done += 1
+        if done:
+            self.scheduler.advance_decodes(window, done)
+            for seq in batch:
+                seq.generated += done
+                if seq.token_times is not None:
+                    seq.token_times.extend(ends)
+        return done, now
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:
         """Hand out the tokens a step sampled; returns how many were wasted."""
