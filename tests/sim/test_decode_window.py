@@ -4,6 +4,7 @@ changes nothing a simulation reports, step for step and request for request."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ OVERHEAD = CpuOverheadModel(
     graph_capture_s=0.02,
 )
 
-CONFIGS = {
+CONFIGS: dict[str, dict[str, Any]] = {
     "fifo": {"num_blocks": 96, "block_size": 16},
     "roomy": {"num_blocks": 4096, "block_size": 16},
     "prefill-first": {"num_blocks": 96, "block_size": 16, "scheduler_type": "prefill_first"},
