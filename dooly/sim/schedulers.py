@@ -130,8 +130,8 @@ class DecodeWindow:
     simulation's time (issue #25): the simulator runs a window's steps without calling `schedule`
     for each, with the same costs, clock and step log, then `Scheduler.advance_decodes` leaves the
     scheduler where step-by-step scheduling would have. `seqs`: the requests in batch order;
-    `steps`: how many steps are certain (none delivers a request's last token, fails a block
-    allocation or changes the batch); `admits_waiting`: whether a request arriving meanwhile
+    `steps`: how many steps are certain (none fails a block allocation or changes the batch, and
+    only the last may deliver requests' last tokens); `admits_waiting`: whether a request arriving meanwhile
     would join a batch (the caller ends the window at the next arrival); `path`: the steps' path
     when it is the same for all of them, else None (then `path_for` each step's contexts)."""
 
@@ -534,8 +534,9 @@ class TransformersCBScheduler(Scheduler):
 
     def decode_window(self) -> DecodeWindow | None:
         """Every active request decodes, all fit one batch, no waiting request can join (or none
-        waits), and the steps up to the first that delivers a request's last token, fails an
-        allocation or could skip a request for the cache budget are certain. Models without a
+        waits), and the steps up to the first that delivers a request's last token (included)
+        or that would fail an allocation or could skip a request for the cache budget (excluded)
+        are certain. Models without a
         full-attention group (whose blocks stop growing) are scheduled step by step."""
         active = self.active
         n = len(active)
@@ -554,7 +555,7 @@ class TransformersCBScheduler(Scheduler):
         for seq in seqs:
             if seq.status != DECODING or seq.num_tokens - seq.computed != 1 or not seq.generated:
                 return None
-            horizon = min(horizon, seq.target - seq.generated - 1)
+            horizon = min(horizon, seq.target - seq.generated)
             context += seq.computed
         # Each step's reads (at most the contexts) stay under the cache budget, so no request is
         # skipped and the batch loop never stops early.

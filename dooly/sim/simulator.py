@@ -343,8 +343,9 @@ class _Run:
         self, window: DecodeWindow, seqs: list[Seq], cursor: int, now: float, max_steps: int
     ) -> tuple[int, float]:
         """Run a `DecodeWindow`'s steps without scheduling each: the same costs, clock, step log
-        and deliveries as step by step, until the window ends, the step limit, or (when waiting
-        requests could join) the next arrival. Returns (steps run, clock)."""
+        and deliveries (the last step's finished requests released) as step by step, until the
+        window ends, the step limit, or (when waiting requests could join) the next arrival.
+        Returns (steps run, clock)."""
         row = len(self.columns["step"])
         limit = min(window.steps, max_steps - row)
         next_arrival = seqs[cursor].arrival_s if window.admits_waiting and cursor < len(seqs) else math.inf
@@ -391,11 +392,17 @@ class _Run:
             now = end
             done += 1
         if done:
-            self.scheduler.advance_decodes(window, done)
+            scheduler = self.scheduler
+            scheduler.advance_decodes(window, done)
             for seq in batch:
                 seq.generated += done
                 if seq.token_times is not None:
                     seq.token_times.extend(ends)
+                if seq.generated >= seq.target:
+                    seq.finished = True
+                    seq.finish_s = now
+                    self.unfinished -= 1
+                    scheduler.finish(seq)
         return done, now
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:
