@@ -24,7 +24,15 @@ from typing import Any
 import numpy as np
 
 from dooly.sim.schedulers import DecodeWindow, ScheduledBatch, Scheduler, Seq, SimulationError
-from dooly.sim.step_model import CpuOverheadModel, GraphShape, StepLatencyModel, StepPath, device_seconds, step_keywords
+from dooly.sim.step_model import (
+    CpuOverheadModel,
+    GraphShape,
+    StepKind,
+    StepLatencyModel,
+    StepPath,
+    device_seconds,
+    step_keywords,
+)
 from dooly.workload import Request
 
 logger = logging.getLogger(__name__)
@@ -346,7 +354,8 @@ class _Run:
         and deliveries (the last step's finished requests released) as step by step, until the
         window ends, the step limit, or (when waiting requests could join) the next arrival.
         Returns (steps run, clock)."""
-        row = len(self.columns["step"])
+        cols = self.columns
+        row = len(cols["step"])
         limit = min(window.steps, max_steps - row)
         next_arrival = seqs[cursor].arrival_s if window.admits_waiting and cursor < len(seqs) else math.inf
         batch = window.seqs
@@ -357,52 +366,63 @@ class _Run:
         path_for = self.scheduler.path_for
         step_cost = self._step_cost
         batches = self.batches
-        (
-            add_step, add_start, add_duration, add_gpu, add_cpu, add_prefill_tokens, add_prefill_seqs,
-            add_decode_seqs, add_kv_tokens, add_kind, add_cuda_graph, add_padded, add_preempted,
-            add_sampled, add_wasted,
-        ) = self._appends
-        ends: list[float] = []
+        # The columns that change step to step, gathered here and logged in one go at the end.
+        starts: list[float] = []
+        gpus: list[float] = []
+        cpus: list[float] = []
+        kvs: list[int] = []
+        paths: list[StepPath] = []
         done = 0
         while done < limit and now < next_arrival:
             if done:
                 ctx = [c + 1 for c in ctx]
                 kv_tokens += n
-            path = fixed_path or path_for([], ctx)
+            path = fixed_path
+            if path is None:
+                path = path_for([], ctx)
+                paths.append(path)
             gpu, cpu = step_cost([], ctx, path, n, n, kv_tokens)
-            end = now + cpu + gpu
-            add_step(row + done)
-            add_start(now)
-            add_duration(cpu + gpu)
-            add_gpu(gpu)
-            add_cpu(cpu)
-            add_prefill_tokens(0)
-            add_prefill_seqs(0)
-            add_decode_seqs(n)
-            add_kv_tokens(kv_tokens)
-            add_kind(path.kind.value)
-            add_cuda_graph(path.cuda_graph)
-            add_padded(path.padded_tokens)
-            add_preempted(0)
-            add_sampled(n)
-            add_wasted(0)
+            starts.append(now)
+            gpus.append(gpu)
+            cpus.append(cpu)
+            kvs.append(kv_tokens)
             if batches is not None:
                 batches.append(([], ctx))
-            ends.append(end)
-            now = end
+            now = now + cpu + gpu
             done += 1
-        if done:
-            scheduler = self.scheduler
-            scheduler.advance_decodes(window, done)
-            for seq in batch:
-                seq.generated += done
-                if seq.token_times is not None:
-                    seq.token_times.extend(ends)
-                if seq.generated >= seq.target:
-                    seq.finished = True
-                    seq.finish_s = now
-                    self.unfinished -= 1
-                    scheduler.finish(seq)
+        if not done:
+            return 0, now
+        cols["step"].extend(range(row, row + done))
+        cols["start_s"].extend(starts)
+        cols["duration_s"].extend([cpu + gpu for gpu, cpu in zip(gpus, cpus, strict=True)])
+        cols["gpu_s"].extend(gpus)
+        cols["cpu_s"].extend(cpus)
+        cols["num_prefill_tokens"].extend([0] * done)
+        cols["num_prefill_seqs"].extend([0] * done)
+        cols["num_decode_seqs"].extend([n] * done)
+        cols["kv_tokens"].extend(kvs)
+        cols["kind"].extend([StepKind.DECODE.value] * done)
+        if fixed_path is not None:
+            cols["cuda_graph"].extend([fixed_path.cuda_graph] * done)
+            cols["padded_tokens"].extend([fixed_path.padded_tokens] * done)
+        else:
+            cols["cuda_graph"].extend([path.cuda_graph for path in paths])
+            cols["padded_tokens"].extend([path.padded_tokens for path in paths])
+        cols["preempted"].extend([0] * done)
+        cols["sampled"].extend([n] * done)
+        cols["wasted_tokens"].extend([0] * done)
+        ends = starts[1:] + [now]
+        scheduler = self.scheduler
+        scheduler.advance_decodes(window, done)
+        for seq in batch:
+            seq.generated += done
+            if seq.token_times is not None:
+                seq.token_times.extend(ends)
+            if seq.generated >= seq.target:
+                seq.finished = True
+                seq.finish_s = now
+                self.unfinished -= 1
+                scheduler.finish(seq)
         return done, now
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:
