@@ -131,7 +131,9 @@ def device_seconds(
     step_seconds: Callable[..., float] = model.step_seconds
     if PATH_KEYWORD in keywords:
         return step_seconds(prefill, decode_ctx, path=path)
-    if path.padded_tokens or path.padded_kv:
+    if path.padded_kv or path.padded_tokens > len(decode_ctx) + sum(q for q, _ in prefill):
+        # (Most paths pad nothing: their padded_tokens is the step's own count, and copying the
+        # composition to find that out cost a tenth of a fitted simulation.)
         prefill, decode_ctx = padded_composition(prefill, decode_ctx, path)
         if path.padded_kv and FULL_READS_KEYWORD in keywords:
             return step_seconds(prefill, decode_ctx, full_reads=True)
