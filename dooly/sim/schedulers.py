@@ -552,15 +552,24 @@ class TransformersCBScheduler(Scheduler):
         seqs = list(active.values())
         horizon = self.num_pages
         context = 0
+        block_size = self.block_size
+        # Requests whose next block boundary may fall within the window (the horizon only
+        # shrinks as the scan goes on, so none is missed); most are far from one.
+        due: list[Seq] = []
         for seq in seqs:
-            if seq.status != DECODING or seq.num_tokens - seq.computed != 1 or not seq.generated:
+            computed = seq.computed
+            if seq.status != DECODING or seq.num_tokens - computed != 1 or not seq.generated:
                 return None
-            horizon = min(horizon, seq.target - seq.generated)
-            context += seq.computed
+            left = seq.target - seq.generated
+            if left < horizon:
+                horizon = left
+            context += computed
+            if seq.blocks * block_size - computed < horizon:
+                due.append(seq)
         # Each step's reads (at most the contexts) stay under the cache budget, so no request is
         # skipped and the batch loop never stops early.
         horizon = min(horizon, (self.num_pages - 1 - context) // n + 1)
-        horizon = self._allocations_within(seqs, horizon)
+        horizon = self._allocations_within(due, horizon)
         if horizon <= 0:
             return None
         path = None if self.pad_inputs or self.decode_fast_path_on else self.path_for([], [seq.computed for seq in seqs])
@@ -568,7 +577,8 @@ class TransformersCBScheduler(Scheduler):
 
     def _allocations_within(self, seqs: list[Seq], horizon: int) -> int:
         """The steps before `horizon` whose block allocations (a decode takes a block when its
-        context reaches the end of its last one) all succeed, in the engine's order."""
+        context reaches the end of its last one) all succeed, in the engine's order (`seqs` in
+        batch order: at least every request with a block boundary before `horizon`)."""
         block_size = self.block_size
         events: list[tuple[int, int]] = []
         for seq in seqs:
