@@ -24,6 +24,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -843,15 +844,25 @@ class Coverage:
 def flatten_steps(
     steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat per-sequence arrays (query length, context, step index) of many steps."""
-    chunks = [pair for prefill, _ in steps for pair in prefill]
-    decode = [c for _, decode_ctx in steps for c in decode_ctx]
-    n_prefill = np.fromiter((len(p) for p, _ in steps), dtype=np.int64, count=len(steps))
-    n_decode = np.fromiter((len(d) for _, d in steps), dtype=np.int64, count=len(steps))
-    pairs = np.array(chunks, dtype=np.int64).reshape(-1, 2)
-    q = np.concatenate([pairs[:, 0], np.ones(len(decode), dtype=np.int64)])
-    ctx = np.concatenate([pairs[:, 1], np.array(decode, dtype=np.int64)])
-    index = np.arange(len(steps))
-    step = np.concatenate([np.repeat(index, n_prefill), np.repeat(index, n_decode)])
-    order = np.argsort(step, kind="stable")
-    return q[order], ctx[order], step[order]
+    """Flat per-sequence arrays (query length, context, step index) of many steps: each step's
+    prefill chunks, then its decodes. Every sequence is placed at its position directly (a
+    simulation's coverage flattens hundreds of thousands of them; sorting them by step cost more
+    than the rest of its coverage)."""
+    n_steps = len(steps)
+    n_prefill = np.fromiter((len(p) for p, _ in steps), dtype=np.int64, count=n_steps)
+    n_decode = np.fromiter((len(d) for _, d in steps), dtype=np.int64, count=n_steps)
+    pairs = np.fromiter(
+        chain.from_iterable(pair for prefill, _ in steps for pair in prefill), dtype=np.int64, count=2 * int(n_prefill.sum())
+    ).reshape(-1, 2)
+    decode = np.fromiter(chain.from_iterable(d for _, d in steps), dtype=np.int64, count=int(n_decode.sum()))
+    sizes = n_prefill + n_decode
+    starts = np.cumsum(sizes) - sizes
+    prefill_at = np.repeat(starts - (np.cumsum(n_prefill) - n_prefill), n_prefill) + np.arange(len(pairs))
+    decode_at = np.repeat(starts + n_prefill - (np.cumsum(n_decode) - n_decode), n_decode) + np.arange(len(decode))
+    q = np.empty(int(sizes.sum()), dtype=np.int64)
+    ctx = np.empty_like(q)
+    q[prefill_at] = pairs[:, 0]
+    ctx[prefill_at] = pairs[:, 1]
+    q[decode_at] = 1
+    ctx[decode_at] = decode
+    return q, ctx, np.repeat(np.arange(n_steps), sizes)

@@ -52,8 +52,8 @@ def resolve_inventory(
     trace of the model's config; a name only the store knows needs its inventory for exactly
     that backend and tp (there is no config to trace it from)."""
     from dooly.models.registry import model_key, resolve_model
-    from dooly.profile.run import inventory_key
     from dooly.store.documents import read_json
+    from dooly.store.keys import inventory_key
 
     try:
         spec = resolve_model(model)

@@ -172,7 +172,7 @@ def model_key(model: ToyModel) -> str:
 
 def inventory_store_key(model: ToyModel) -> str:
     """Where the profiler would write the inventory of `model` in a store."""
-    from dooly.store.shards import escape_value
+    from dooly.store.keys import escape_value
 
     return f"inventories/{model_key(model)}/{escape_value(BACKEND)}.json"
 

@@ -28,13 +28,13 @@ from dooly.profile.provenance import (
     resolve_platform,
     run_columns,
 )
+from dooly.store.keys import inventory_key
 from dooly.trace.schema import KIND_ATTENTION, KIND_COLLECTIVE, Trace
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ROWS = 512
 DEFAULT_FLUSH_SECONDS = 60.0
-INVENTORY_PREFIX = "inventories/"
 TOPOLOGY_PREFIX = "topologies/"
 INVENTORY_KINDS = ("kernel", KIND_ATTENTION, KIND_COLLECTIVE)
 
@@ -340,14 +340,6 @@ def write_inventory(store: Any, trace: Trace) -> None:
     from dooly.store.documents import write_json
 
     write_json(store, inventory_key(trace.model_key, trace.backend, trace.tp), inventory(trace))
-
-
-def inventory_key(model_key: str, backend: str, tp: int = 1) -> str:
-    """inventories/<model_key>/<backend>.json, with `.tp<N>` before `.json` for one rank of N."""
-    from dooly.store.shards import escape_value
-
-    suffix = f".tp{tp}" if tp > 1 else ""
-    return f"{INVENTORY_PREFIX}{model_key}/{escape_value(backend)}{suffix}.json"
 
 
 def inventory(trace: Trace) -> dict[str, Any]:

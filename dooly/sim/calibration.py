@@ -101,7 +101,7 @@ class CalibrationKey:
     async_batching: bool = False
 
     def prefix(self) -> str:
-        from dooly.store.shards import escape_value
+        from dooly.store.keys import escape_value
 
         values = (("platform", self.platform), ("engine", self.engine), ("engine_version", self.engine_version),
                   ("backend", self.backend), ("graphs", GRAPHS_ON if self.cuda_graphs else GRAPHS_OFF))
@@ -426,7 +426,7 @@ def write_calibration(store: Any, calibration: Calibration) -> str:
 
 def list_calibrations(store: Any) -> list[CalibrationKey]:
     """Every calibration key the store holds (any generation)."""
-    from dooly.store.shards import unescape_value
+    from dooly.store.keys import unescape_value
 
     keys = set()
     for object_key in store.list_keys(CALIBRATIONS_PREFIX):

@@ -191,7 +191,7 @@ def _run_digest(directory: Path) -> str:
 def record_run(store: Any, run: CalibrationRun) -> str:
     """Copy a run into the store (content-addressed: recording it twice writes it once). The
     bench record goes last, so a run is listed only once its tables are there."""
-    from dooly.store.shards import escape_value
+    from dooly.store.keys import escape_value
 
     prefix = f"{RUNS_PREFIX}{run.key.prefix()[len('calibrations/'):]}{escape_value(run.name)}-{_run_digest(run.directory)}/"
     for name in RUN_FILES:

@@ -122,6 +122,25 @@ class ScheduledBatch:
         return len(self.prefill) + len(self.decode_ctx)
 
 
+@dataclass(slots=True)
+class DecodeWindow:
+    """Steps ahead that are certain to run the same requests, each decoding one token more.
+
+    Most steps of a loaded replica are such steps, and scheduling them one by one was most of a
+    simulation's time (issue #25): the simulator runs a window's steps without calling `schedule`
+    for each, with the same costs, clock and step log, then `Scheduler.advance_decodes` leaves the
+    scheduler where step-by-step scheduling would have. `seqs`: the requests in batch order;
+    `steps`: how many steps are certain (none fails a block allocation or changes the batch, and
+    only the last may deliver requests' last tokens); `admits_waiting`: whether a request arriving meanwhile
+    would join a batch (the caller ends the window at the next arrival); `path`: the steps' path
+    when it is the same for all of them, else None (then `path_for` each step's contexts)."""
+
+    seqs: list[Seq]
+    steps: int
+    admits_waiting: bool
+    path: StepPath | None
+
+
 # The path of a batch whose composition is still being formed (`TransformersCBScheduler` sets the
 # real one once the batch is final).
 _UNSET_PATH = StepPath(StepKind.DECODE)
@@ -168,6 +187,15 @@ class Scheduler(ABC):
     def fresh(self) -> Scheduler:
         """A scheduler with the same settings and no state: each simulated run needs its own."""
         return type(self)(self.config)  # type: ignore[attr-defined, call-arg]
+
+    def decode_window(self) -> DecodeWindow | None:
+        """The certain pure-decode steps ahead (`DecodeWindow`), or None: schedule step by step.
+        A scheduler that does not model windows schedules every step."""
+        return None
+
+    def advance_decodes(self, window: DecodeWindow, steps: int) -> None:
+        """Leave the scheduler as `steps` of the window's steps, scheduled one by one, would have."""
+        raise NotImplementedError(f"{type(self).__name__} models no decode windows")
 
     def _build(self, entries: list[tuple[Seq, int]], preempted: int = 0) -> ScheduledBatch:
         """Advance the scheduled requests and collect the step model's inputs.
@@ -492,17 +520,105 @@ class TransformersCBScheduler(Scheduler):
         occupancy = seq.blocks * self.block_size - seq.computed
         if occupancy < num_tokens or seq.blocks == 0:
             requested = (num_tokens - occupancy + 1) // self.block_size + 1
-            cfg = self.config
-            window_left = min(max(self.window_blocks - seq.blocks, 0), requested)
-            needed = requested * cfg.full_attention_groups + window_left * cfg.sliding_attention_groups
+            needed, logical = self._group_blocks(seq.blocks, requested)
             if needed > self.free_blocks:
                 if seq.status != PENDING:
                     self.starved.append((seq, needed))
                 return False
             self.free_blocks -= needed
             seq.held += needed
-            seq.blocks += requested if cfg.full_attention_groups else window_left
+            seq.blocks += logical
         return True
+
+    def _group_blocks(self, blocks: int, requested: int) -> tuple[int, int]:
+        """`PagedAttentionCache.blocks_needed` across the layer groups, for a request holding
+        `blocks` that asks for `requested` more: (physical blocks taken, logical blocks gained)."""
+        cfg = self.config
+        window_left = min(max(self.window_blocks - blocks, 0), requested)
+        needed = requested * cfg.full_attention_groups + window_left * cfg.sliding_attention_groups
+        return needed, requested if cfg.full_attention_groups else window_left
+
+    # -- decode windows (`DecodeWindow`): the steps `_schedule_batch` would form unchanged --
+
+    def decode_window(self) -> DecodeWindow | None:
+        """Every active request decodes, all fit one batch, no waiting request can join (or none
+        waits), and the steps up to the first that delivers a request's last token (included)
+        or that would fail an allocation or could skip a request for the cache budget (excluded)
+        are certain. Models without a
+        full-attention group (whose blocks stop growing) are scheduled step by step."""
+        active = self.active
+        n = len(active)
+        cfg = self.config
+        if self.async_scheduling or not n or not cfg.full_attention_groups:
+            return None
+        if n > cfg.max_batch_tokens or n > cfg.max_requests_per_batch:
+            return None
+        full_batch = n == cfg.max_batch_tokens or n == cfg.max_requests_per_batch
+        blocked = self.block_new_requests or self.free_blocks < self.safety_blocks or full_batch
+        if self.waiting and not blocked:
+            return None
+        seqs = list(active.values())
+        horizon = self.num_pages
+        context = 0
+        block_size = self.block_size
+        # Requests whose next block boundary may fall within the window (the horizon only
+        # shrinks as the scan goes on, so none is missed); most are far from one.
+        due: list[Seq] = []
+        for seq in seqs:
+            computed = seq.computed
+            if seq.status != DECODING or seq.num_tokens - computed != 1 or not seq.generated:
+                return None
+            left = seq.target - seq.generated
+            if left < horizon:
+                horizon = left
+            context += computed
+            if seq.blocks * block_size - computed < horizon:
+                due.append(seq)
+        # Each step's reads (at most the contexts) stay under the cache budget, so no request is
+        # skipped and the batch loop never stops early.
+        horizon = min(horizon, (self.num_pages - 1 - context) // n + 1)
+        horizon = self._allocations_within(due, horizon)
+        if horizon <= 0:
+            return None
+        path = None if self.pad_inputs or self.decode_fast_path_on else self.path_for([], [seq.computed for seq in seqs])
+        return DecodeWindow(seqs, horizon, not blocked, path)
+
+    def _allocations_within(self, seqs: list[Seq], horizon: int) -> int:
+        """The steps before `horizon` whose block allocations (a decode takes a block when its
+        context reaches the end of its last one) all succeed, in the engine's order (`seqs` in
+        batch order: at least every request with a block boundary before `horizon`)."""
+        block_size = self.block_size
+        events: list[tuple[int, int]] = []
+        for seq in seqs:
+            step = seq.blocks * block_size - seq.computed
+            blocks = seq.blocks
+            while step < horizon:
+                needed, logical = self._group_blocks(blocks, 1)
+                events.append((step, needed))
+                blocks += logical
+                step += block_size
+        if not events:
+            return horizon
+        events.sort(key=lambda event: event[0])
+        free = self.free_blocks
+        for step, needed in events:
+            free -= needed
+            if free < 0:
+                return step
+        return horizon
+
+    def advance_decodes(self, window: DecodeWindow, steps: int) -> None:
+        """Each request's context grows by `steps` tokens, with the blocks `_allocate` gives it
+        at each block boundary on the way (all certain to succeed: `_allocations_within`)."""
+        block_size = self.block_size
+        for seq in window.seqs:
+            done = seq.computed + steps
+            while seq.blocks * block_size < done:
+                seq.computed = seq.blocks * block_size
+                self._allocate(seq, 1)
+            seq.computed = done
+            seq.num_tokens = done + 1
+        self.starved = []
 
     def _release(self, seq: Seq) -> None:
         self.free_blocks += seq.held

@@ -29,8 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from dooly.sim.schedulers import ScheduledBatch, Scheduler, Seq, SimulationError
-from dooly.sim.step_model import CpuOverheadModel, GraphShape, StepLatencyModel, device_seconds, step_keywords
+from dooly.sim.schedulers import DecodeWindow, ScheduledBatch, Scheduler, Seq, SimulationError
+from dooly.sim.step_model import (
+    CpuOverheadModel,
+    GraphShape,
+    StepKind,
+    StepLatencyModel,
+    StepPath,
+    device_seconds,
+    step_keywords,
+)
 from dooly.workload import Request
 
 logger = logging.getLogger(__name__)
@@ -262,6 +270,11 @@ class _Run:
         idle = 0
         while self.unfinished:
             cursor = self._admit(seqs, cursor, now)
+            window = scheduler.decode_window()
+            if window is not None:
+                ran, now = self._run_window(window, seqs, cursor, now, max_steps)
+                if ran:
+                    continue
             batch = scheduler.schedule()
             if batch is None:
                 now, idle = self._idle(seqs, cursor, now, idle)
@@ -348,11 +361,98 @@ class _Run:
         raise SimulationError(f"the simulation stalled with {self.unfinished} unfinished requests: {self.scheduler.stall_message()}")
 
     def _cost(self, batch: ScheduledBatch) -> tuple[float, float]:
-        gpu = float(device_seconds(self.step_model, batch.prefill, batch.decode_ctx, batch.path, self.step_kwargs))
+        return self._step_cost(batch.prefill, batch.decode_ctx, batch.path, batch.num_seqs, batch.num_tokens, batch.kv_tokens)
+
+    def _step_cost(
+        self, prefill: list[tuple[int, int]], decode_ctx: list[int], path: StepPath, num_seqs: int, num_tokens: int,
+        kv_tokens: int,
+    ) -> tuple[float, float]:
+        """(device, host) seconds of one step."""
+        gpu = float(device_seconds(self.step_model, prefill, decode_ctx, path, self.step_kwargs))
         if not (gpu >= 0 and math.isfinite(gpu)):
-            raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {batch.num_tokens} tokens")
-        cpu = self.overhead.seconds(batch.path, batch.num_seqs, batch.num_tokens, batch.kv_tokens)
+            raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {num_tokens} tokens")
+        cpu = self.overhead.seconds(path, num_seqs, num_tokens, kv_tokens)
         return gpu, cpu
+
+    def _run_window(
+        self, window: DecodeWindow, seqs: list[Seq], cursor: int, now: float, max_steps: int
+    ) -> tuple[int, float]:
+        """Run a `DecodeWindow`'s steps without scheduling each: the same costs, clock, step log
+        and deliveries (the last step's finished requests released) as step by step, until the
+        window ends, the step limit, or (when waiting requests could join) the next arrival.
+        Returns (steps run, clock)."""
+        cols = self.columns
+        row = len(cols["step"])
+        limit = min(window.steps, max_steps - row)
+        next_arrival = seqs[cursor].arrival_s if window.admits_waiting and cursor < len(seqs) else math.inf
+        batch = window.seqs
+        n = len(batch)
+        ctx = [seq.computed for seq in batch]
+        kv_tokens = sum(ctx) + n
+        fixed_path = window.path
+        path_for = self.scheduler.path_for
+        step_cost = self._step_cost
+        capture_seconds, captured = self.overhead.capture_seconds, self.captured
+        batches = self.batches
+        # The columns that change step to step, gathered here and logged in one go at the end.
+        starts: list[float] = []
+        gpus: list[float] = []
+        cpus: list[float] = []
+        kvs: list[int] = []
+        paths: list[StepPath] = []
+        done = 0
+        while done < limit and now < next_arrival:
+            if done:
+                ctx = [c + 1 for c in ctx]
+                kv_tokens += n
+            path = fixed_path
+            if path is None:
+                path = path_for([], ctx)
+                paths.append(path)
+            gpu, cpu = step_cost([], ctx, path, n, n, kv_tokens)
+            cpu += capture_seconds(path, captured)
+            starts.append(now)
+            gpus.append(gpu)
+            cpus.append(cpu)
+            kvs.append(kv_tokens)
+            if batches is not None:
+                batches.append(([], ctx))
+            now = now + cpu + gpu
+            done += 1
+        if not done:
+            return 0, now
+        cols["step"].extend(range(row, row + done))
+        cols["start_s"].extend(starts)
+        cols["duration_s"].extend([cpu + gpu for gpu, cpu in zip(gpus, cpus, strict=True)])
+        cols["gpu_s"].extend(gpus)
+        cols["cpu_s"].extend(cpus)
+        cols["num_prefill_tokens"].extend([0] * done)
+        cols["num_prefill_seqs"].extend([0] * done)
+        cols["num_decode_seqs"].extend([n] * done)
+        cols["kv_tokens"].extend(kvs)
+        cols["kind"].extend([StepKind.DECODE.value] * done)
+        if fixed_path is not None:
+            cols["cuda_graph"].extend([fixed_path.cuda_graph] * done)
+            cols["padded_tokens"].extend([fixed_path.padded_tokens] * done)
+        else:
+            cols["cuda_graph"].extend([path.cuda_graph for path in paths])
+            cols["padded_tokens"].extend([path.padded_tokens for path in paths])
+        cols["preempted"].extend([0] * done)
+        cols["sampled"].extend([n] * done)
+        cols["wasted_tokens"].extend([0] * done)
+        ends = starts[1:] + [now]
+        scheduler = self.scheduler
+        scheduler.advance_decodes(window, done)
+        for seq in batch:
+            seq.generated += done
+            if seq.token_times is not None:
+                seq.token_times.extend(ends)
+            if seq.generated >= seq.target:
+                seq.finished = True
+                seq.finish_s = now
+                self.unfinished -= 1
+                scheduler.finish(seq)
+        return done, now
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:
         """Hand out the tokens a step sampled; returns how many were wasted."""

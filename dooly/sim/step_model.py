@@ -69,8 +69,10 @@ class StepPath:
 
     @property
     def overhead_key(self) -> str:
-        """Key into `CpuOverheadModel.terms`: the kind, suffixed `_graph` when replayed as a graph."""
-        return f"{self.kind.value}{GRAPH_SUFFIX}" if self.cuda_graph else self.kind.value
+        """Key into `CpuOverheadModel.terms`: the kind, suffixed `_graph` when replayed as a graph.
+        (`_value_` is what `.value` returns, without the enum property's call: this runs every step.)"""
+        kind = self.kind._value_
+        return f"{kind}{GRAPH_SUFFIX}" if self.cuda_graph else kind
 
 
 @runtime_checkable
@@ -132,7 +134,9 @@ def device_seconds(
     step_seconds: Callable[..., float] = model.step_seconds
     if PATH_KEYWORD in keywords:
         return step_seconds(prefill, decode_ctx, path=path)
-    if path.padded_tokens or path.padded_kv:
+    if path.padded_kv or path.padded_tokens > len(decode_ctx) + sum(q for q, _ in prefill):
+        # (Most paths pad nothing: their padded_tokens is the step's own count, and copying the
+        # composition to find that out cost a tenth of a fitted simulation.)
         prefill, decode_ctx = padded_composition(prefill, decode_ctx, path)
         if path.padded_kv and FULL_READS_KEYWORD in keywords:
             return step_seconds(prefill, decode_ctx, full_reads=True)
@@ -199,6 +203,8 @@ class CpuOverheadModel:
     post_capture_device_s: float = 0.0
 
     def seconds(self, path: StepPath, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:
+        if not self.terms:  # no host overhead (the analytic model's default): nothing to look up
+            return 0.0
         terms = self.terms.get(path.overhead_key) or self.terms.get(path.kind.value) or self.terms.get("default")
         if terms is None:
             return 0.0
@@ -450,6 +456,21 @@ class AnalyticStepModel:
         self.full_dims = self.dims
         if self.tp > 1:
             self.dims = rank_dims(self.dims, self.tp)
+        # What a step's cost does not depend on, worked out once: a simulation prices tens of
+        # thousands of steps (issue #25). Each is a product step_seconds formed per step, in the
+        # same order, so every step costs exactly the seconds it did.
+        d = self.dims
+        kv_width = d.num_kv_heads * d.head_dim
+        q_width = d.num_heads * d.head_dim
+        mlp_mats = 3 if d.gated_mlp else 2
+        layer_params = d.hidden_size * (q_width + 2 * kv_width) + q_width * d.hidden_size
+        layer_params += mlp_mats * d.hidden_size * d.intermediate_size
+        self._layer_params = layer_params
+        self._attn_flops_per_token = 4 * q_width
+        self._kv_bytes_per_token = 2 * kv_width
+        self._linear_bytes_s = layer_params * self.bytes_per_param / self.bytes_per_s
+        self._lm_flops_per_row = 2 * d.hidden_size * d.vocab_size
+        self._lm_bytes_s = d.hidden_size * d.vocab_size * self.bytes_per_param / self.bytes_per_s
 
     def collective_seconds(self, kind: str, elements: int) -> float:
         """Ring estimate of one collective of `elements` per rank (0 on one rank)."""
@@ -470,38 +491,41 @@ class AnalyticStepModel:
         path: StepPath | None = None,
     ) -> float:
         d = self.dims
-        num_tokens = len(decode_ctx) + sum(q for q, _ in prefill)
+        num_decode = len(decode_ctx)
+        num_tokens = num_decode
+        for q, _ in prefill:
+            num_tokens += q
         if path is not None and path.padded_tokens > num_tokens:
             num_tokens = path.padded_tokens
         if num_tokens == 0:
             return 0.0
-        kv_width = d.num_kv_heads * d.head_dim
-        q_width = d.num_heads * d.head_dim
-        mlp_mats = 3 if d.gated_mlp else 2
-        layer_params = d.hidden_size * (q_width + 2 * kv_width) + q_width * d.hidden_size
-        layer_params += mlp_mats * d.hidden_size * d.intermediate_size
-        linear_flops = 2 * num_tokens * layer_params
-        linear_bytes = layer_params * self.bytes_per_param
-        # Attention: score and value products over the visible context; the KV cache is read once.
+        peak = self.peak_flops
+        # Linear layers: 2 x tokens x layer params FLOPs; the weights are read once.
+        linear_flops = 2 * num_tokens * self._layer_params
+        # Attention: score and value products over the visible context (4 x q_width per pair);
+        # the KV cache (2 x kv_width per token) is read once.
+        attn_per_token = self._attn_flops_per_token
         attn_flops = 0.0
         kv_read = 0
         for q, ctx in prefill:
-            attn_flops += 4 * q_width * q * (ctx + (q + 1) / 2)
+            attn_flops += attn_per_token * q * (ctx + (q + 1) / 2)
             kv_read += ctx + q
-        decode_total = sum(decode_ctx) + len(decode_ctx)
-        attn_flops += 4 * q_width * decode_total
+        decode_total = sum(decode_ctx) + num_decode
+        attn_flops += attn_per_token * decode_total
         kv_read += decode_total
-        attn_bytes = 2 * kv_width * kv_read * self.bytes_per_param
-        per_layer = max(linear_flops / self.peak_flops, linear_bytes / self.bytes_per_s)
-        per_layer += max(attn_flops / self.peak_flops, attn_bytes / self.bytes_per_s)
+        attn_bytes = self._kv_bytes_per_token * kv_read * self.bytes_per_param
+        linear_s = linear_flops / peak
+        # max(a, b), spelled out (a call per term was a tenth of a step): b only where b > a.
+        per_layer = self._linear_bytes_s if self._linear_bytes_s > linear_s else linear_s
+        attn_flops_s = attn_flops / peak
+        attn_bytes_s = attn_bytes / self.bytes_per_s
+        per_layer += attn_bytes_s if attn_bytes_s > attn_flops_s else attn_flops_s
         launches = KERNELS_PER_LAYER * self.launch_s
         if path is not None and path.cuda_graph:
             launches *= CUDA_GRAPH_LAUNCH_FRACTION
-        rows = self.logits_rows(prefill, decode_ctx)
-        lm_head = max(
-            2 * rows * d.hidden_size * d.vocab_size / self.peak_flops,
-            d.hidden_size * d.vocab_size * self.bytes_per_param / self.bytes_per_s,
-        )
+        rows = len(prefill) + num_decode  # logits_rows
+        lm_flops_s = self._lm_flops_per_row * rows / peak
+        lm_head = self._lm_bytes_s if self._lm_bytes_s > lm_flops_s else lm_flops_s
         if self.tp <= 1:  # no collectives on one rank (adding their 0.0 would change nothing)
             return d.num_layers * (per_layer + launches) + lm_head
         comm = d.num_layers * ALL_REDUCES_PER_LAYER * self.collective_seconds("all_reduce", num_tokens * d.hidden_size)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from dooly import SCHEMA_VERSION
 from dooly.store.backends import Store
+from dooly.store.keys import escape_value, unescape_value
 from dooly.store.schema import SHARD_SCHEMA, STACK_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -34,36 +35,9 @@ PARTITION_COLUMNS = ("platform", "engine", "backend", "dtype")
 # What the planner needs to decide whether a point is already held, and what it cost.
 HELD_COLUMNS = ("signature", "op_class", "config_dims", "point_key", "status", "device_seconds", "n_samples",
                 *STACK_COLUMNS)
-# Characters kept as they are in partition values and file names; every other byte is escaped.
-SAFE_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-ESCAPE = "~"
 IDENTITY_HEX_CHARS = 16
 CHUNK_INDEX_DIGITS = 5
 PARQUET_COMPRESSION = "zstd"
-
-
-def escape_value(value: str) -> str:
-    """Path-safe, reversible form of a partition value or run id."""
-    if not value:
-        raise ValueError("partition values and run ids must not be empty")
-    return "".join(
-        char if char in SAFE_CHARACTERS else "".join(f"{ESCAPE}{b:02X}" for b in char.encode())
-        for char in value
-    )
-
-
-def unescape_value(text: str) -> str:
-    """Inverse of `escape_value`."""
-    out = bytearray()
-    index = 0
-    while index < len(text):
-        if text[index] == ESCAPE:
-            out.append(int(text[index + 1 : index + 3], 16))
-            index += 3
-        else:
-            out.extend(text[index].encode())
-            index += 1
-    return out.decode()
 
 
 def partition_prefix(platform: str, engine: str, backend: str, dtype: str) -> str:

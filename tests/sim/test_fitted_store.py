@@ -63,3 +63,43 @@ def test_unknown_platform_is_a_user_error(fitted_store):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2
     assert "Nonexistent-GPU" in result.stderr
+
+
+# Runs `dooly simulate` with the heavy libraries made unimportable: a fitted simulation reads JSON
+# parameters and evaluates them with numpy, and importing torch alone cost it ~1 s (issue #25).
+SIMULATE_WITHOUT_HEAVY_IMPORTS = """
+import sys
+HEAVY = ("torch", "transformers", "sklearn", "pyarrow", "scipy", "polars")
+for name in HEAVY:
+    sys.modules[name] = None  # importing it (or any part of it) now fails
+from click.testing import CliRunner
+from dooly.cli import cli
+result = CliRunner().invoke(cli, sys.argv[1:])
+assert result.exit_code == 0, result.output
+print(result.stdout)
+"""
+
+
+def test_simulate_imports_no_heavy_library(fitted_store, tmp_path):
+    """A bundled model whose inventory the store holds is looked up by key without importing the
+    profiler (torch) or the shard code (pyarrow), and simulated without scikit-learn."""
+    import shutil
+    import subprocess
+    import sys
+
+    from dooly.models.registry import model_key, resolve_model
+    from dooly.store.backends import open_store
+    from dooly.store.documents import write_json
+    from dooly.store.keys import inventory_key
+
+    bundled = "meta-llama/Llama-3.1-8B"
+    root = tmp_path / "db"
+    shutil.copytree(fitted_store, root)
+    write_json(open_store(str(root), create=False), inventory_key(model_key(resolve_model(bundled)), syn.BACKEND),
+               syn.inventory(TOY))
+    args = ["simulate", bundled, "--store", str(root), "--platform", syn.PLATFORM, "--backend", syn.BACKEND,
+            "--requests", "20", "--rate", "20", "--no-cpu-overhead", "--output", "json"]
+    done = subprocess.run([sys.executable, "-c", SIMULATE_WITHOUT_HEAVY_IMPORTS, *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["num_finished"] == 20
