@@ -398,6 +398,7 @@ class _Labeler:
         self.real_names = {s: sympy.Symbol(n, positive=True, integer=True) for s, n in real_symbols.items()}
         self.probe_names = {s: sympy.Symbol(n, positive=True, integer=True) for s, n in probe_symbols.items()}
         self.attributor = attributor
+        self._coefficient_names: dict[tuple[sympy.Expr, sympy.Expr], str | None] = {}
 
     def tensor(self, real: Any, probe: Any) -> TensorSpec:
         dims = tuple(self.dim(a, b) for a, b in zip(real.sizes, probe.sizes))
@@ -429,13 +430,19 @@ class _Labeler:
         text = _expr_text(real_expr)
         config_text: str | None = ""
         if probe_expr is not None and probe_expr.free_symbols == real_expr.free_symbols:
-            config_text = self._coefficients(real_expr, probe_expr)
+            key = (real_expr, probe_expr)
+            if key not in self._coefficient_names:
+                self._coefficient_names[key] = self._coefficients(real_expr, probe_expr)
+            config_text = self._coefficient_names[key]
         if config_text is None:
             return Dim(origin=ORIGIN_REQUEST, value=value, expr="")
         return Dim(origin=ORIGIN_REQUEST, value=value, expr=text, config_expr=config_text)
 
     def _coefficients(self, real_expr: sympy.Expr, probe_expr: sympy.Expr) -> str | None:
-        """Name the config factors of a mixed dim such as 8*T (num_key_value_heads*T)."""
+        """Name the config factors of a mixed dim such as 8*T (num_key_value_heads*T).
+
+        Memoised by `_request_dim`: a trace asks for the same few expressions hundreds of times,
+        and the two polynomials cost most of labelling."""
         gens = sorted(real_expr.free_symbols, key=str)
         try:
             real_poly = sympy.Poly(real_expr, *gens)
