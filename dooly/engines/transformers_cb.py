@@ -293,7 +293,7 @@ def _weight_init(enabled: bool) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
     from transformers.initialization import no_init_weights
 
-    return cast(contextlib.AbstractContextManager[Any], no_init_weights())
+    return no_init_weights()
 
 
 def _supports_logits_to_keep(model: Any) -> bool:
