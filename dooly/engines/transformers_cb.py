@@ -99,9 +99,11 @@ class TransformersCBEngine:
         num_blocks: int = DEFAULT_NUM_BLOCKS,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         tp_size: int = 1,
+        init_weights: bool = True,
     ) -> None:
         self.config = hf_config
         self.tp_size = tp_size
+        self.init_weights = init_weights
         self.attention = attention
         self.dtype = dtype
         self.device = torch.device(device)
@@ -124,7 +126,12 @@ class TransformersCBEngine:
         process group of that many ranks) transformers' own tensor-parallel loading builds this
         rank's shard: `from_pretrained` with an empty state dict and a DistributedConfig, so the
         TP plan's hooks (all_reduce after rowwise layers, all_gather of the logits) are installed
-        exactly as for a checkpoint, and every missing weight is initialised on the device."""
+        exactly as for a checkpoint, and every missing weight is initialised on the device.
+
+        With `init_weights` False (a model built in fake mode, whose weights have no values) the
+        weights are left uninitialised, as transformers does before loading a checkpoint
+        (`no_init_weights`), and only tied: the random init is most of building a model from its
+        config (about 0.07 s of 0.09 s for Command-R7B's four layers on a 2-core CPU)."""
         from transformers import AutoModelForCausalLM
 
         from dooly.models.hf_imports import import_transformers_lean
@@ -147,10 +154,12 @@ class TransformersCBEngine:
             )
             self.model = model.eval()
             return self.model
-        with self.device:
+        with self.device, _weight_init(self.init_weights):
             model = AutoModelForCausalLM.from_config(
                 self.config, attn_implementation=self.attention, dtype=self.dtype
             )
+        if not self.init_weights:
+            model.tie_weights()
         self.model = model.eval()
         return self.model
 
@@ -277,6 +286,16 @@ class TransformersCBEngine:
         self._runner._forward_process_and_sample(self.model, kwargs, carry_over_ids, prev_output_ids, output_ids)
 
 
+def _weight_init(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """Nothing when weights are initialised, else transformers' `no_init_weights` (which also skips
+    tying them: the caller ties)."""
+    if enabled:
+        return contextlib.nullcontext()
+    from transformers.initialization import no_init_weights
+
+    return no_init_weights()
+
+
 def _supports_logits_to_keep(model: Any) -> bool:
     return hasattr(model, "_supports_logits_to_keep") and model._supports_logits_to_keep()
 
@@ -333,7 +352,7 @@ class TransformersKind:
             engine = TransformersCBEngine(
                 config, attention=backend, dtype=dtype, device="cpu",
                 block_size=geometry["engine.block_size"], num_blocks=geometry["engine.num_blocks"],
-                max_batch_tokens=geometry["engine.max_batch_tokens"],
+                max_batch_tokens=geometry["engine.max_batch_tokens"], init_weights=False,
             )
             model = engine.build_model()
             engine.build_cache()

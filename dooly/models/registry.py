@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dooly.errors import DoolyError
-from dooly.models.hf_imports import import_transformers_lean
+from dooly.models.hf_imports import import_transformers_lean, share_import_structure_scans
 from dooly.models.validation import check_required_fields
 
 if TYPE_CHECKING:
@@ -122,6 +122,8 @@ def build_hf_config(spec: ModelSpec, **overrides: Any) -> PretrainedConfig:
     layers so a shortened model keeps the real attention kinds of the layers it keeps.
     """
     from huggingface_hub.errors import StrictDataclassError
+
+    share_import_structure_scans()
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

@@ -11,10 +11,13 @@ operation counts multiplied out.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +61,8 @@ _MIXED_DECODES = 2
 _CONTEXT_BASE = 17
 _CONTEXT_STEP = 8
 _LAYER_PREFIX = re.compile(r"^(.*?\blayers)\.(\d+)(\.|$)")
+# The collector generation holding all that a trace allocated while collection was paused.
+_YOUNGEST_GENERATION = 0
 
 
 @dataclass
@@ -115,51 +120,53 @@ def trace_model(
         raise DoolyError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if tp < 1:
         raise DoolyError(f"--tp must be >= 1, got {tp}")
-    spec = resolve_model(model)
-    hf_config = build_hf_config(spec)
-    text = hf_config.get_text_config()
-    _check_tp(text, tp)
-    period, multipliers = layer_plan(text)
-    window = _window(text)
+    with _collection_paused():
+        spec = resolve_model(model)
+        hf_config = build_hf_config(spec)
+        text = hf_config.get_text_config()
+        _check_tp(text, tp)
+        period, multipliers = layer_plan(text)
+        window = _window(text)
 
-    real_cfg = _reduced(hf_config, period, tp, {})
-    full = {k: v for k, v in text.to_dict().items()}
-    overrides = kind.probe_overrides(attribution.probe_overrides(full, tp), full)
-    probe_cfg = _reduced(hf_config, period, tp, overrides)
-    probe_window = _window(probe_cfg.get_text_config())
+        real_cfg = _reduced(hf_config, period, tp, {})
+        full = {k: v for k, v in text.to_dict().items()}
+        overrides = kind.probe_overrides(attribution.probe_overrides(full, tp), full)
+        probe_cfg = _reduced(hf_config, period, tp, overrides)
+        probe_window = _window(probe_cfg.get_text_config())
 
-    batch = request_batch(phase, window)
-    probe_batch = request_batch(phase, probe_window)
-    engine_real = kind.geometry(batch, probe=False)
-    engine_probe = kind.geometry(probe_batch, probe=True)
-    torch_dtype = DTYPES[dtype]
-    tp_plan = _tp_plan(hf_config) if tp > 1 else {}
-    def trace_probe(fields: dict[str, int]) -> tuple[_Pass, dict[str, int]]:
-        config = _reduced(hf_config, period, tp, fields)
-        probe_window = _window(config.get_text_config())
+        batch = request_batch(phase, window)
         probe_batch = request_batch(phase, probe_window)
-        geometry = kind.geometry(probe_batch, probe=True)
-        traced = _trace_pass(kind, config, phase, backend, torch_dtype, probe_batch, probe_window, geometry,
-                             tp_plan, tp)
-        return traced, geometry
+        engine_real = kind.geometry(batch, probe=False)
+        engine_probe = kind.geometry(probe_batch, probe=True)
+        torch_dtype = DTYPES[dtype]
+        tp_plan = _tp_plan(hf_config) if tp > 1 else {}
+        def trace_probe(fields: dict[str, int]) -> tuple[_Pass, dict[str, int]]:
+            config = _reduced(hf_config, period, tp, fields)
+            probe_window = _window(config.get_text_config())
+            probe_batch = request_batch(phase, probe_window)
+            geometry = kind.geometry(probe_batch, probe=True)
+            traced = _trace_pass(kind, config, phase, backend, torch_dtype, probe_batch, probe_window, geometry,
+                                 tp_plan, tp)
+            return traced, geometry
 
-    try:
-        real = _trace_pass(kind, real_cfg, phase, backend, torch_dtype, batch, window, engine_real, tp_plan, tp)
-        probe = _trace_pass(kind, probe_cfg, phase, backend, torch_dtype, probe_batch, probe_window, engine_probe,
-                            tp_plan, tp)
-        if not _same_path(real, probe):
-            probe, engine_probe, overrides = _probe_on_same_path(real, probe, overrides, full, trace_probe,
-                                                                 spec.model_id)
-    except DoolyError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the model's own code failed under shape-only execution
-        raise DoolyError(f"tracing {spec.model_id} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        try:
+            real = _trace_pass(kind, real_cfg, phase, backend, torch_dtype, batch, window, engine_real, tp_plan, tp)
+            probe = _trace_pass(kind, probe_cfg, phase, backend, torch_dtype, probe_batch, probe_window, engine_probe,
+                                tp_plan, tp)
+            if not _same_path(real, probe):
+                probe, engine_probe, overrides = _probe_on_same_path(real, probe, overrides, full, trace_probe,
+                                                                     spec.model_id)
+        except DoolyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model's own code failed under shape-only execution
+            raise DoolyError(f"tracing {spec.model_id} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
 
-    probe_full = dict(full)
-    probe_full.update(overrides)
-    bases = attribution.base_quantities(full, probe_full, engine_real, engine_probe, tp)
-    attributor = attribution.Attributor(bases, tp)
-    operations, collectives = _label(real, probe, attributor, multipliers, spec.model_id)
+        probe_full = dict(full)
+        probe_full.update(overrides)
+        bases = attribution.base_quantities(full, probe_full, engine_real, engine_probe, tp)
+        attributor = attribution.Attributor(bases, tp)
+        operations, collectives = _label(real, probe, attributor, multipliers, spec.model_id)
+    seconds = time.perf_counter() - started
     return Trace(
         model_id=spec.model_id,
         model_key=model_key(spec),
@@ -175,9 +182,32 @@ def trace_model(
         total_layers=text.num_hidden_layers,
         operations=operations,
         collectives=collectives,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         config={k: v for k, v in spec.config.items() if not k.startswith("_")},
     )
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Automatic garbage collection paused while a trace runs, its garbage collected once at the end.
+
+    Importing transformers leaves some 400,000 long-lived objects tracked by the collector, and a
+    trace allocates a few hundred thousand short-lived ones (fake tensors, SymNodes, sympy
+    expressions), so the collector keeps promoting them and running full collections, each of which
+    rescans every long-lived object: four of them took 0.4-0.6 s of a first phase and one 0.2 s of
+    a later phase now and then (gemma-2-9b, 2-core CPU). Paused, nothing is collected during the
+    trace; everything it allocated stays in the youngest generation, which one collection reclaims
+    at the end (its time is part of the trace's). A caller that turned collection off keeps it off,
+    uncollected."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+    if enabled:
+        gc.collect(_YOUNGEST_GENERATION)
 
 
 def layer_plan(text_config: Any) -> tuple[int, dict[int, int]]:
@@ -398,6 +428,7 @@ class _Labeler:
         self.real_names = {s: sympy.Symbol(n, positive=True, integer=True) for s, n in real_symbols.items()}
         self.probe_names = {s: sympy.Symbol(n, positive=True, integer=True) for s, n in probe_symbols.items()}
         self.attributor = attributor
+        self._coefficient_names: dict[tuple[sympy.Expr, sympy.Expr], str | None] = {}
 
     def tensor(self, real: Any, probe: Any) -> TensorSpec:
         dims = tuple(self.dim(a, b) for a, b in zip(real.sizes, probe.sizes))
@@ -429,13 +460,19 @@ class _Labeler:
         text = _expr_text(real_expr)
         config_text: str | None = ""
         if probe_expr is not None and probe_expr.free_symbols == real_expr.free_symbols:
-            config_text = self._coefficients(real_expr, probe_expr)
+            key = (real_expr, probe_expr)
+            if key not in self._coefficient_names:
+                self._coefficient_names[key] = self._coefficients(real_expr, probe_expr)
+            config_text = self._coefficient_names[key]
         if config_text is None:
             return Dim(origin=ORIGIN_REQUEST, value=value, expr="")
         return Dim(origin=ORIGIN_REQUEST, value=value, expr=text, config_expr=config_text)
 
     def _coefficients(self, real_expr: sympy.Expr, probe_expr: sympy.Expr) -> str | None:
-        """Name the config factors of a mixed dim such as 8*T (num_key_value_heads*T)."""
+        """Name the config factors of a mixed dim such as 8*T (num_key_value_heads*T).
+
+        Memoised by `_request_dim`: a trace asks for the same few expressions hundreds of times,
+        and the two polynomials cost most of labelling."""
         gens = sorted(real_expr.free_symbols, key=str)
         try:
             real_poly = sympy.Poly(real_expr, *gens)
