@@ -98,6 +98,8 @@ LABEL_COVERAGE = "coverage"
 PHASE_PREFILL = "prefill"
 PHASE_DECODE = "decode"
 PHASE_MIXED = "mixed"
+# Many steps as flat per-sequence arrays (query length, context, step index) and the step count.
+FlatSteps = tuple[np.ndarray, np.ndarray, np.ndarray, int]
 
 logger = logging.getLogger(__name__)
 
@@ -450,10 +452,16 @@ class StepPredictor:
         self, steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]
     ) -> dict[str, Coverage]:
         """`coverage_many` for each phase (prefill, decode, mixed) the steps hold."""
-        phases: dict[str, list[tuple[Sequence[tuple[int, int]], Sequence[int]]]] = {}
-        for prefill, decode_ctx in steps:
-            phases.setdefault(step_phase(prefill, decode_ctx), []).append((prefill, decode_ctx))
-        return {phase: self.coverage_many(chosen) for phase, chosen in sorted(phases.items())}
+        return self.coverage_of_phases(phase_arrays(steps))
+
+    def coverage_of_phases(self, phases: Mapping[str, FlatSteps]) -> dict[str, Coverage]:
+        """`coverage_by_phase` of steps already flattened per phase (`phase_arrays`; a simulation's
+        `SimResult.batch_phases` builds them without a list per step)."""
+        view = self._coverage_steps()
+        return {
+            phase: view._coverage_of(view._class_seconds(q, ctx, step, n_steps, True).sum(axis=0))
+            for phase, (q, ctx, step, n_steps) in phases.items()
+        }
 
     def _coverage_of(self, totals: np.ndarray) -> Coverage:
         by_source = dict.fromkeys(SOURCES, 0.0)
@@ -646,6 +654,32 @@ class StepPredictor:
         every layer group, so there a sliding layer runs over the padded KV like a full one
         (bench/attention_engine_padding.py: gemma-2-9b's sliding layers cost what its full ones do)."""
         t, b, k, d, pairs, padded, top = self._scan(prefill, decode_ctx)
+        return self._seconds(prefill, decode_ctx, full_reads, t, b, k, d, pairs, padded, top)
+
+    def decode_steps(self, decode_ctx: Sequence[int]) -> Callable[[int], float] | None:
+        """`step_seconds` of a decode window's steps (`dooly.sim.step_model.decode_steps`): step i
+        holds every context plus i, so its aggregates follow from the first step's sums without
+        scanning its contexts. None for a model with a sliding window (its S needs each context)
+        and for a context of 0 (a decode that reads nothing)."""
+        n = len(decode_ctx)
+        if not n or self.model_window > 0 or any(window > 0 for window, _ in self._geometries) or 0 in decode_ctx:
+            return None
+        first_k = sum(decode_ctx) + n
+        first_top = max(decode_ctx) + 1
+        evaluate = self._seconds
+
+        def seconds(step: int) -> float:
+            k = first_k + n * step
+            top = first_top + step
+            return evaluate((), (), False, n, n, k, n, k, n * top, top)
+
+        return seconds
+
+    def _seconds(
+        self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int], full_reads: bool,
+        t: int, b: int, k: int, d: int, pairs: int, padded: int, top: int,
+    ) -> float:
+        """`step_seconds` from a step's aggregates (`_scan`); the contexts serve sliding windows only."""
         mw = 0 if full_reads else self.model_window
         s_model = self._windowed(prefill, decode_ctx, mw, k, pairs, top)[0] if mw > 0 else k
         values = (t, b, k, d, s_model)
@@ -839,6 +873,15 @@ class Coverage:
                 for e in self.estimated
             ],
         }
+
+
+def phase_arrays(steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]) -> dict[str, FlatSteps]:
+    """The steps grouped by phase (`step_phase`, phases in name order, steps in their order),
+    each group flattened (`flatten_steps`)."""
+    phases: dict[str, list[tuple[Sequence[tuple[int, int]], Sequence[int]]]] = {}
+    for prefill, decode_ctx in steps:
+        phases.setdefault(step_phase(prefill, decode_ctx), []).append((prefill, decode_ctx))
+    return {phase: (*flatten_steps(chosen), len(chosen)) for phase, chosen in sorted(phases.items())}
 
 
 def flatten_steps(

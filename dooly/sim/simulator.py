@@ -20,12 +20,13 @@ Two loops, as in the engines:
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,10 +37,14 @@ from dooly.sim.step_model import (
     StepKind,
     StepLatencyModel,
     StepPath,
+    decode_steps,
     device_seconds,
     step_keywords,
 )
 from dooly.workload import Request
+
+if TYPE_CHECKING:
+    from dooly.fit.predictor import FlatSteps
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +100,57 @@ class StepRecord:
 
 _STEP_FIELDS = tuple(StepRecord.__dataclass_fields__)
 
+# A step's composition as the step model takes it: (prefill chunks, decode contexts).
+Batch = tuple[list[tuple[int, int]], list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRun:
+    """How the recorded compositions hold a decode window's steps: the first step's decode
+    contexts and the number of steps (step i decodes every context plus i). A window runs
+    thousands of steps of a simulation, and a list of contexts per step was a tenth of its
+    loop and, flattened again for coverage, a third of its report."""
+
+    decode_ctx: list[int]
+    steps: int
+
+    def batches(self) -> Iterator[Batch]:
+        ctx = self.decode_ctx
+        for step in range(self.steps):
+            yield [], [c + step for c in ctx]
+
+
+def _phase_arrays(log: list[Batch | DecodeRun]) -> dict[str, FlatSteps]:
+    """`dooly.fit.predictor.phase_arrays` of the recorded compositions, decode windows' steps
+    flattened whole (a window's contexts plus each step's offset) instead of step by step."""
+    import numpy as np
+
+    from dooly.fit.predictor import PHASE_DECODE, flatten_steps, step_phase
+
+    others: dict[str, list[Batch]] = {}
+    chunks: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
+    for entry in log:
+        if isinstance(entry, DecodeRun):
+            ctx = np.asarray(entry.decode_ctx, dtype=np.int64)
+            chunks.append((ctx[None, :] + np.arange(entry.steps, dtype=np.int64)[:, None]).ravel())
+            sizes.append(np.full(entry.steps, len(ctx), dtype=np.int64))
+            continue
+        prefill, decode_ctx = entry
+        phase = step_phase(prefill, decode_ctx)
+        if phase == PHASE_DECODE:
+            chunks.append(np.asarray(decode_ctx, dtype=np.int64))
+            sizes.append(np.array([len(decode_ctx)], dtype=np.int64))
+        else:
+            others.setdefault(phase, []).append(entry)
+    phases = {phase: (*flatten_steps(steps), len(steps)) for phase, steps in others.items()}
+    if chunks:
+        ctx = np.concatenate(chunks)
+        per_step = np.concatenate(sizes)
+        phases[PHASE_DECODE] = (np.ones(len(ctx), dtype=np.int64), ctx, np.repeat(np.arange(len(per_step)), per_step),
+                                len(per_step))
+    return dict(sorted(phases.items()))
+
 
 class SimResult:
     """What `simulate` returns: per-request records, the step log, engine settings, summary."""
@@ -106,14 +162,35 @@ class SimResult:
         settings: dict[str, Any],
         wall_s: float,
         token_times: dict[str, list[float]] | None = None,
-        batches: list[tuple[list[tuple[int, int]], list[int]]] | None = None,
+        batch_log: list[Batch | DecodeRun] | None = None,
     ) -> None:
         self.requests = requests
         self._step_columns = step_columns
         self.settings = settings
         self.wall_s = wall_s
         self.token_times = token_times
-        self.batches = batches
+        self._batch_log = batch_log
+        self._batches: list[Batch] | None = None
+
+    @property
+    def batches(self) -> list[Batch] | None:
+        """Each step's composition (prefill chunks, decode contexts), when recorded."""
+        if self._batch_log is None:
+            return None
+        if self._batches is None:
+            batches: list[Batch] = []
+            for entry in self._batch_log:
+                if isinstance(entry, DecodeRun):
+                    batches.extend(entry.batches())
+                else:
+                    batches.append(entry)
+            self._batches = batches
+        return self._batches
+
+    def batch_phases(self) -> dict[str, FlatSteps]:
+        """The recorded compositions grouped by phase as flat arrays, for
+        `StepPredictor.coverage_of_phases` (nothing when none were recorded)."""
+        return _phase_arrays(self._batch_log or [])
 
     @property
     def steps(self) -> list[StepRecord]:
@@ -228,10 +305,19 @@ def simulate(
     if max_steps is None:
         max_steps = MAX_STEPS_PER_TOKEN * sum(s.prompt + s.target for s in seqs) + MIN_STEP_LIMIT
     run = _Run(scheduler, step_model, overhead, record_batches, captured)
-    if scheduler.async_scheduling:
-        run.loop_async(seqs, max_steps)
-    else:
-        run.loop_sync(seqs, max_steps)
+    # The loop allocates containers that live on (step log, token times, compositions) and frees
+    # the rest by reference counting: it makes no reference cycles, and the collector's passes
+    # over what lives on were a tenth of a simulation, for nothing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        if scheduler.async_scheduling:
+            run.loop_async(seqs, max_steps)
+        else:
+            run.loop_sync(seqs, max_steps)
+    finally:
+        if collecting:
+            gc.enable()
     records = [_record(seq) for seq in seqs]
     token_times = {s.rid: s.token_times or [] for s in seqs} if record_token_times else None
     wall = time.perf_counter() - wall_start
@@ -259,7 +345,7 @@ class _Run:
         # One bound `append` per column, in StepRecord's field order: `_log` runs once per step,
         # and looking each column up by name cost a tenth of a simulation.
         self._appends = tuple(self.columns[name].append for name in _STEP_FIELDS)
-        self.batches: list | None = [] if record_batches else None
+        self.batches: list[Batch | DecodeRun] | None = [] if record_batches else None
         self.unfinished = 0
 
     def loop_sync(self, seqs: list[Seq], max_steps: int) -> None:
@@ -388,13 +474,95 @@ class _Run:
         batch = window.seqs
         n = len(batch)
         ctx = [seq.computed for seq in batch]
+        path = window.path
+        device = None if path is None else decode_steps(self.step_model, ctx, path, self.step_kwargs)
+        if path is not None and device is not None:
+            starts, gpus, cpus, kvs = self._priced_window(path, device, ctx, limit, now, next_arrival)
+            paths = None
+        else:
+            starts, gpus, cpus, kvs, paths = self._window_step_by_step(path, ctx, limit, now, next_arrival)
+        done = len(starts)
+        if not done:
+            return 0, now
+        now = starts[-1] + cpus[-1] + gpus[-1]
+        if self.batches is not None:
+            self.batches.append(DecodeRun(ctx, done))
+        cols["step"].extend(range(row, row + done))
+        cols["start_s"].extend(starts)
+        cols["duration_s"].extend([cpu + gpu for gpu, cpu in zip(gpus, cpus, strict=True)])
+        cols["gpu_s"].extend(gpus)
+        cols["cpu_s"].extend(cpus)
+        cols["num_prefill_tokens"].extend([0] * done)
+        cols["num_prefill_seqs"].extend([0] * done)
+        cols["num_decode_seqs"].extend([n] * done)
+        cols["kv_tokens"].extend(kvs)
+        cols["kind"].extend([StepKind.DECODE.value] * done)
+        if paths is None:
+            assert path is not None, "a window without a fixed path is priced step by step"
+            cols["cuda_graph"].extend([path.cuda_graph] * done)
+            cols["padded_tokens"].extend([path.padded_tokens] * done)
+        else:
+            cols["cuda_graph"].extend([step_path.cuda_graph for step_path in paths])
+            cols["padded_tokens"].extend([step_path.padded_tokens for step_path in paths])
+        cols["preempted"].extend([0] * done)
+        cols["sampled"].extend([n] * done)
+        cols["wasted_tokens"].extend([0] * done)
+        ends = starts[1:] + [now]
+        scheduler = self.scheduler
+        scheduler.advance_decodes(window, done)
+        for seq in batch:
+            seq.generated += done
+            if seq.token_times is not None:
+                seq.token_times.extend(ends)
+            if seq.generated >= seq.target:
+                seq.finished = True
+                seq.finish_s = now
+                self.unfinished -= 1
+                scheduler.finish(seq)
+        return done, now
+
+    def _priced_window(
+        self, path: StepPath, device: Callable[[int], float], ctx: list[int], limit: int, now: float,
+        next_arrival: float,
+    ) -> tuple[list[float], list[float], list[float], list[int]]:
+        """A window's steps on one path, priced by the step model's `decode_steps` and the host
+        overhead's `kv_terms` (each step differs from the last in its KV tokens only): each
+        step's (start, device, host, KV tokens), the same as `_step_cost` gives step by step."""
+        n = len(ctx)
         kv_tokens = sum(ctx) + n
-        fixed_path = window.path
+        host, per_kv = self.overhead.kv_terms(path, n, n)
+        starts: list[float] = []
+        gpus: list[float] = []
+        cpus: list[float] = []
+        kvs: list[int] = []
+        done = 0
+        while done < limit and now < next_arrival:
+            gpu = device(done)
+            if not (gpu >= 0 and math.isfinite(gpu)):
+                raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {n} tokens")
+            cpu = host + per_kv * kv_tokens
+            if not done:
+                cpu += self.overhead.capture_seconds(path, self.captured)
+            starts.append(now)
+            gpus.append(gpu)
+            cpus.append(cpu)
+            kvs.append(kv_tokens)
+            now = now + cpu + gpu
+            done += 1
+            kv_tokens += n
+        return starts, gpus, cpus, kvs
+
+    def _window_step_by_step(
+        self, fixed_path: StepPath | None, ctx: list[int], limit: int, now: float, next_arrival: float,
+    ) -> tuple[list[float], list[float], list[float], list[int], list[StepPath] | None]:
+        """A window's steps priced one composition at a time (a path per step where the window
+        has none, or a step model without `decode_steps`): (starts, device, host, KV tokens,
+        paths or None for the fixed one)."""
+        n = len(ctx)
+        kv_tokens = sum(ctx) + n
         path_for = self.scheduler.path_for
         step_cost = self._step_cost
         capture_seconds, captured = self.overhead.capture_seconds, self.captured
-        batches = self.batches
-        # The columns that change step to step, gathered here and logged in one go at the end.
         starts: list[float] = []
         gpus: list[float] = []
         cpus: list[float] = []
@@ -415,44 +583,9 @@ class _Run:
             gpus.append(gpu)
             cpus.append(cpu)
             kvs.append(kv_tokens)
-            if batches is not None:
-                batches.append(([], ctx))
             now = now + cpu + gpu
             done += 1
-        if not done:
-            return 0, now
-        cols["step"].extend(range(row, row + done))
-        cols["start_s"].extend(starts)
-        cols["duration_s"].extend([cpu + gpu for gpu, cpu in zip(gpus, cpus, strict=True)])
-        cols["gpu_s"].extend(gpus)
-        cols["cpu_s"].extend(cpus)
-        cols["num_prefill_tokens"].extend([0] * done)
-        cols["num_prefill_seqs"].extend([0] * done)
-        cols["num_decode_seqs"].extend([n] * done)
-        cols["kv_tokens"].extend(kvs)
-        cols["kind"].extend([StepKind.DECODE.value] * done)
-        if fixed_path is not None:
-            cols["cuda_graph"].extend([fixed_path.cuda_graph] * done)
-            cols["padded_tokens"].extend([fixed_path.padded_tokens] * done)
-        else:
-            cols["cuda_graph"].extend([path.cuda_graph for path in paths])
-            cols["padded_tokens"].extend([path.padded_tokens for path in paths])
-        cols["preempted"].extend([0] * done)
-        cols["sampled"].extend([n] * done)
-        cols["wasted_tokens"].extend([0] * done)
-        ends = starts[1:] + [now]
-        scheduler = self.scheduler
-        scheduler.advance_decodes(window, done)
-        for seq in batch:
-            seq.generated += done
-            if seq.token_times is not None:
-                seq.token_times.extend(ends)
-            if seq.generated >= seq.target:
-                seq.finished = True
-                seq.finish_s = now
-                self.unfinished -= 1
-                scheduler.finish(seq)
-        return done, now
+        return starts, gpus, cpus, kvs, None if fixed_path is not None else paths
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:
         """Hand out the tokens a step sampled; returns how many were wasted."""
