@@ -407,8 +407,15 @@ class TransformersCBScheduler(Scheduler):
 
     # -- scheduler.py: FIFOScheduler / PrefillFirstScheduler.schedule_batch + _process_candidates --
 
-    def _candidates(self):
+    def _candidates(self, decoding: list[Seq], splitting: list[Seq]):
         """Active requests in priority order, then (unless blocked) the waiting ones."""
+        first = splitting + decoding if self.prefill_first else decoding + splitting
+        if self.block_new_requests:
+            return first
+        return chain(first, self._waiting_candidates())
+
+    def _active_by_status(self) -> tuple[list[Seq], list[Seq]]:
+        """The active requests that decode and those whose prompt is split, in admission order."""
         decoding: list[Seq] = []
         splitting: list[Seq] = []
         for seq in self.active.values():
@@ -416,10 +423,45 @@ class TransformersCBScheduler(Scheduler):
                 decoding.append(seq)
             elif seq.status == PREFILLING:
                 splitting.append(seq)
-        first = splitting + decoding if self.prefill_first else decoding + splitting
-        if self.block_new_requests:
-            return first
-        return chain(first, self._waiting_candidates())
+        return decoding, splitting
+
+    def _certain_decodes(self, decoding: list[Seq]) -> tuple[list[int], list[tuple[Seq, int]], int] | None:
+        """Schedule the decoding requests at the head of a batch in one go, where
+        `_process_candidates` would take each of them as it comes: every one decodes one token,
+        none is skipped for the cache budget, none fails its block allocation and no budget runs
+        out on the way (the batch goes on with the candidates after them). Most steps that admit
+        a request are such (a loaded replica decodes dozens of requests beside a new prompt), and
+        taking the decodes one by one was most of their scheduling. Returns (decode contexts,
+        samplers, KV tokens read) with the requests advanced and their blocks allocated, or None
+        (nothing changed) where one of those is not certain."""
+        n = len(decoding)
+        cfg = self.config
+        if self.read_limit or n >= cfg.max_batch_tokens or n >= cfg.max_requests_per_batch:
+            return None
+        contexts = [seq.computed for seq in decoding]
+        reads = sum(contexts)
+        # A decoding request has a token to process (`num_tokens` is at least `computed` + 1), so
+        # n more tokens than contexts in all means exactly one each.
+        if reads >= self.num_pages or sum([seq.num_tokens for seq in decoding]) - reads != n:
+            return None
+        block_size = self.block_size
+        # The decodes whose blocks are full allocate (`_allocate`'s formula); when the pool holds
+        # all they take together, each of them succeeds in turn.
+        boundary = [seq for seq in decoding if seq.blocks * block_size <= seq.computed]
+        if boundary:
+            group_blocks = self._group_blocks
+            needed = [group_blocks(seq.blocks, (2 - seq.blocks * block_size + seq.computed) // block_size + 1)[0]
+                      for seq in boundary]
+            if sum(needed) > self.free_blocks:
+                return None
+            allocate = self._allocate
+            for seq in boundary:
+                allocate(seq, 1)
+        for seq in decoding:
+            done = seq.computed + 1
+            seq.computed = done
+            seq.num_tokens = done + 1
+        return contexts, [(seq, seq.epoch) for seq in decoding], reads
 
     def _waiting_candidates(self):
         """CPU-offloaded requests first, interleaved one-for-one with fresh ones. The waiting
@@ -459,7 +501,23 @@ class TransformersCBScheduler(Scheduler):
         add_prefill, add_decode, add_sampler, add_ordered = prefill.append, decode_ctx.append, samplers.append, ordered.append
         kv_tokens = 0
         num_tokens = 0
-        for seq in self._candidates():
+        decoding, splitting = self._active_by_status()
+        head = None if splitting and self.prefill_first else self._certain_decodes(decoding)
+        if head is None:
+            candidates = self._candidates(decoding, splitting)
+        else:
+            candidates = self._candidates([], splitting)
+            decode_ctx, samplers, reads = head
+            add_decode, add_sampler = decode_ctx.append, samplers.append
+            ordered.extend([(seq, 1, computed) for seq, computed in zip(decoding, decode_ctx, strict=True)])
+            n = len(decoding)
+            fast_path = fast_path and (not decode_ctx or max(decode_ctx) < max_fast)
+            token_budget -= n
+            cache_budget -= reads
+            request_budget -= n
+            kv_tokens = reads + n
+            num_tokens = n
+        for seq in candidates:
             status = seq.status
             free_now = self.free_blocks
             if free_now < safety and ordered and status != DECODING:
