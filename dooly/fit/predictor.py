@@ -515,6 +515,8 @@ class StepPredictor:
         self._geometries = sorted(
             {*linear, *(w for *_, w in self._nonlinear), *(entry[2] for entry in self._corrected)}
         )
+        # A sliding window anywhere: a step's S then needs each context (no `decode_steps`).
+        self._windowed_terms = self.model_window > 0 or any(window > 0 for window, _ in self._geometries)
         self._dense_total = {var: table.sum(axis=0) for var, table in self._dense.items()}
         self._log_total = {var: table.sum(axis=0) for var, table in self._log.items()}
         # Scalar hot path: Python lists are faster to index than numpy arrays.
@@ -662,7 +664,7 @@ class StepPredictor:
         scanning its contexts. None for a model with a sliding window (its S needs each context)
         and for a context of 0 (a decode that reads nothing)."""
         n = len(decode_ctx)
-        if not n or self.model_window > 0 or any(window > 0 for window, _ in self._geometries) or 0 in decode_ctx:
+        if not n or self._windowed_terms or 0 in decode_ctx:
             return None
         first_k = sum(decode_ctx) + n
         first_top = max(decode_ctx) + 1

@@ -34,12 +34,14 @@ will sample (a placeholder until the step completes), `generated` counts tokens 
 
 from __future__ import annotations
 
+import heapq
 import math
 from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field, fields
 from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 from dooly.errors import DoolyError
@@ -48,6 +50,8 @@ from dooly.sim.step_model import StepKind, StepPath
 # Request status, the transformers names (vLLM's WAITING/PREEMPTED map to PENDING, RUNNING to
 # PREFILLING or DECODING).
 PENDING, PREFILLING, DECODING = 0, 1, 2
+# Reads a batch's contexts in one pass (`map`), as a decode window starts.
+_COMPUTED = attrgetter("computed")
 
 
 class SimulationError(DoolyError):
@@ -129,7 +133,7 @@ class DecodeWindow:
     Most steps of a loaded replica are such steps, and scheduling them one by one was most of a
     simulation's time (issue #25): the simulator runs a window's steps without calling `schedule`
     for each, with the same costs, clock and step log, then `Scheduler.advance_decodes` leaves the
-    scheduler where step-by-step scheduling would have. `seqs`: the requests in batch order;
+    scheduler where step-by-step scheduling would have. `seqs`: the requests in batch order (`contexts`: their cached tokens);
     `steps`: how many steps are certain (none fails a block allocation or changes the batch, and
     only the last may deliver requests' last tokens); `admits_waiting`: whether a request arriving meanwhile
     would join a batch (the caller ends the window at the next arrival); `path`: the steps' path
@@ -139,6 +143,64 @@ class DecodeWindow:
     steps: int
     admits_waiting: bool
     path: StepPath | None
+    contexts: list[int]
+
+
+class _DecodeGroup:
+    """The requests that decode, and when each will next need a block and deliver its last token,
+    kept while they all decode one token a step (windows, and steps that take them as a head of
+    certain decodes), so that `decode_window` need not look at each of them every time: on a
+    loaded replica it runs after nearly every step that admits a request, and its look at every
+    request was a sixth of a simulation.
+
+    `tick` counts the group's steps. Each member's last token is due at a fixed tick (it gets one
+    token a step), and so is its next block boundary until it takes a block (then the boundary
+    moves later): two heaps of (tick, id, request), whose entries of members gone or moved are
+    corrected when they come up. Requests that start decoding join at the next window
+    (`joining`); one that finishes leaves; anything else (an eviction, a step that schedules its
+    decodes one by one) drops the group, and the next window looks at every request again."""
+
+    __slots__ = ("boundaries", "finishes", "joining", "members", "tick")
+
+    def __init__(self) -> None:
+        self.tick = 0
+        self.members: dict[int, Seq] = {}
+        self.finishes: list[tuple[int, int, Seq]] = []
+        self.boundaries: list[tuple[int, int, Seq]] = []
+        self.joining: list[Seq] = []
+
+    def join(self, seq: Seq, block_size: int) -> None:
+        key = id(seq)
+        self.members[key] = seq
+        heapq.heappush(self.finishes, (self.tick + seq.target - seq.generated, key, seq))
+        heapq.heappush(self.boundaries, (self.tick + seq.blocks * block_size - seq.computed, key, seq))
+
+    def fewest_left(self) -> int:
+        """The fewest tokens a member has left to deliver (the group is not empty)."""
+        finishes, members = self.finishes, self.members
+        while finishes[0][1] not in members:
+            heapq.heappop(finishes)
+        return finishes[0][0] - self.tick
+
+    def due(self, horizon: int, block_size: int) -> list[Seq]:
+        """The members whose next block boundary is fewer than `horizon` steps away."""
+        boundaries, members, tick = self.boundaries, self.members, self.tick
+        due: list[Seq] = []
+        kept: list[tuple[int, int, Seq]] = []
+        while boundaries and boundaries[0][0] < tick + horizon:
+            entry = heapq.heappop(boundaries)
+            _, key, seq = entry
+            if key not in members:
+                continue
+            boundary = tick + seq.blocks * block_size - seq.computed
+            if boundary != entry[0]:  # it took a block since: its boundary moved later
+                heapq.heappush(boundaries, (boundary, key, seq))
+                continue
+            due.append(seq)
+            kept.append(entry)
+        for entry in kept:
+            heapq.heappush(boundaries, entry)
+        return due
 
 
 # The path of a batch whose composition is still being formed (`TransformersCBScheduler` sets the
@@ -365,6 +427,10 @@ class TransformersCBScheduler(Scheduler):
         self.num_offloaded_waiting = 0
         self.block_new_requests = False
         self.starved: list[tuple[Seq, int]] = []
+        # Every path met so far, by its fields: most steps of a run take a path met before, and
+        # building a frozen StepPath each time was a twentieth of a simulation.
+        self._paths: dict[tuple[StepKind, bool, int, bool, int, int], StepPath] = {}
+        self._group: _DecodeGroup | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.engine, **self.config.to_dict()}
@@ -378,6 +444,8 @@ class TransformersCBScheduler(Scheduler):
     def finish(self, seq: Seq) -> None:
         self._release(seq)
         self.block_new_requests = False
+        if self._group is not None:
+            self._group.members.pop(id(seq), None)
 
     def schedule(self) -> ScheduledBatch | None:
         """`ContinuousBatchProcessor.prepare_next_batch`: schedule, evict until something fits,
@@ -503,9 +571,14 @@ class TransformersCBScheduler(Scheduler):
         num_tokens = 0
         decoding, splitting = self._active_by_status()
         head = None if splitting and self.prefill_first else self._certain_decodes(decoding)
+        group = self._group
         if head is None:
+            # Decodes taken one by one may skip one: the group's ticks no longer hold.
+            group = self._group = None
             candidates = self._candidates(decoding, splitting)
         else:
+            if group is not None:
+                group.tick += 1
             candidates = self._candidates([], splitting)
             decode_ctx, samplers, reads = head
             add_decode, add_sampler = decode_ctx.append, samplers.append
@@ -542,6 +615,8 @@ class TransformersCBScheduler(Scheduler):
             if remaining <= token_budget:
                 if status != DECODING:
                     seq.status = DECODING
+                    if group is not None:
+                        group.joining.append(seq)
                 q = remaining
                 done = computed + q
                 seq.num_tokens = done + 1
@@ -616,30 +691,41 @@ class TransformersCBScheduler(Scheduler):
         if self.waiting and not blocked:
             return None
         seqs = list(active.values())
-        horizon = self.num_pages
-        context = 0
         block_size = self.block_size
-        # Requests whose next block boundary may fall within the window (the horizon only
-        # shrinks as the scan goes on, so none is missed); most are far from one.
-        due: list[Seq] = []
-        for seq in seqs:
-            computed = seq.computed
-            if seq.status != DECODING or seq.num_tokens - computed != 1 or not seq.generated:
-                return None
-            left = seq.target - seq.generated
-            if left < horizon:
-                horizon = left
-            context += computed
-            if seq.blocks * block_size - computed < horizon:
-                due.append(seq)
+        group = self._group
+        if group is None:
+            group = self._group = _DecodeGroup()
+            group.joining = seqs
+        if not self._join(group) or len(group.members) != n:
+            return None
+        contexts = list(map(_COMPUTED, seqs))
+        context = sum(contexts)
         # Each step's reads (at most the contexts) stay under the cache budget, so no request is
         # skipped and the batch loop never stops early.
-        horizon = min(horizon, (self.num_pages - 1 - context) // n + 1)
-        horizon = self._allocations_within(due, horizon)
+        horizon = min(self.num_pages, group.fewest_left(), (self.num_pages - 1 - context) // n + 1)
+        horizon = self._allocations_within(group.due(horizon, block_size), horizon)
         if horizon <= 0:
             return None
-        path = None if self.pad_inputs or self.decode_fast_path_on else self.path_for([], [seq.computed for seq in seqs])
-        return DecodeWindow(seqs, horizon, not blocked, path)
+        # Without padding or the decode fast path, `path_for` of n decodes depends on n alone.
+        path = None if self.pad_inputs or self.decode_fast_path_on else self._path(StepKind.DECODE, False, n, False, 0, 0)
+        return DecodeWindow(seqs, horizon, not blocked, path, contexts)
+
+    def _join(self, group: _DecodeGroup) -> bool:
+        """Whether the requests that started decoding since the group last looked can join it:
+        each decodes one token a step (one token to process, one delivered already); they join.
+        A request that cannot stays waiting to join (the window is refused meanwhile)."""
+        active, block_size = self.active, self.block_size
+        pending: list[Seq] = []
+        for seq in group.joining:
+            key = id(seq)
+            if key not in active or key in group.members:
+                continue
+            if seq.status != DECODING or seq.num_tokens - seq.computed != 1 or not seq.generated:
+                pending.append(seq)
+                continue
+            group.join(seq, block_size)
+        group.joining = pending
+        return not pending
 
     def _allocations_within(self, seqs: list[Seq], horizon: int) -> int:
         """The steps before `horizon` whose block allocations (a decode takes a block when its
@@ -677,6 +763,8 @@ class TransformersCBScheduler(Scheduler):
             seq.computed = done
             seq.num_tokens = done + 1
         self.starved = []
+        if self._group is not None:
+            self._group.tick += steps
 
     def _release(self, seq: Seq) -> None:
         self.free_blocks += seq.held
@@ -700,6 +788,7 @@ class TransformersCBScheduler(Scheduler):
             free += seq.held
         if not victims:
             return 0
+        self._group = None
         victims.reverse()
         pool = self.free_cpu_blocks
         to_cpu: set[int] = set()
@@ -757,14 +846,22 @@ class TransformersCBScheduler(Scheduler):
                 cached = sum(c for _, c in prefill) + sum(decode_ctx)
                 longest = max([q + c for q, c in prefill] + [c + 1 for c in decode_ctx], default=0)
                 padded, padded_kv, padded_seqlen = self._varlen_shape(num_tokens, cached, longest)
-        return StepPath(
-            _kind(prefill, decode_ctx),
-            cuda_graph=graph,
-            padded_tokens=padded,
-            engine_path="decode_fast_path" if fast else "varlen",
-            padded_kv=padded_kv,
-            padded_seqlen_k=padded_seqlen if graph else 0,
-        )
+        return self._path(_kind(prefill, decode_ctx), graph, padded, fast, padded_kv, padded_seqlen if graph else 0)
+
+    def _path(self, kind: StepKind, graph: bool, padded: int, fast: bool, padded_kv: int, padded_seqlen: int) -> StepPath:
+        """The StepPath of these fields (`path_for`), built once per run."""
+        key = (kind, graph, padded, fast, padded_kv, padded_seqlen)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = StepPath(
+                kind,
+                cuda_graph=graph,
+                padded_tokens=padded,
+                engine_path="decode_fast_path" if fast else "varlen",
+                padded_kv=padded_kv,
+                padded_seqlen_k=padded_seqlen,
+            )
+        return path
 
     def _varlen_shape(self, num_tokens: int, cached: int, longest: int) -> tuple[int, int, int]:
         """Padded query tokens, KV tokens attention spans (the padded cached read, the engine's

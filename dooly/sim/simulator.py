@@ -473,7 +473,7 @@ class _Run:
         next_arrival = seqs[cursor].arrival_s if window.admits_waiting and cursor < len(seqs) else math.inf
         batch = window.seqs
         n = len(batch)
-        ctx = [seq.computed for seq in batch]
+        ctx = window.contexts
         path = window.path
         device = None if path is None else decode_steps(self.step_model, ctx, path, self.step_kwargs)
         if path is not None and device is not None:

@@ -103,3 +103,31 @@ def test_certain_decodes_change_nothing(name: str, rate: float) -> None:
     assert [dataclasses.astuple(r) for r in together.requests] == [dataclasses.astuple(r) for r in reference.requests]
     assert together.token_times == reference.token_times
     assert together.batches == reference.batches
+
+
+@pytest.mark.parametrize("name", ["roomy", "graphs", "small-batches"])
+def test_decode_group_is_kept_between_windows(monkeypatch, name: str) -> None:
+    """Windows on a loaded replica with room in its cache (no evictions, which drop the group)
+    mostly follow one another through the same decode group (`_DecodeGroup`): looking at every
+    request again for each window is what it saves."""
+    from dooly.sim import schedulers
+
+    built = []
+    original_init = schedulers._DecodeGroup.__init__
+
+    def counted_init(self) -> None:
+        built.append(self)
+        original_init(self)
+
+    monkeypatch.setattr(schedulers._DecodeGroup, "__init__", counted_init)
+    scheduler = TransformersCBScheduler(CONFIGS[name])
+    windows = []
+    original = scheduler.advance_decodes
+
+    def counted(window: DecodeWindow, steps: int) -> None:
+        windows.append(steps)
+        original(window, steps)
+
+    scheduler.advance_decodes = counted  # type: ignore[method-assign]
+    simulate(_requests(200.0), scheduler, AnalyticStepModel())
+    assert len(windows) > 4 * len(built), (len(windows), len(built))
