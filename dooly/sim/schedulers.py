@@ -40,7 +40,7 @@ from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field, fields
-from itertools import chain
+from itertools import chain, repeat
 from operator import attrgetter
 from typing import Any
 
@@ -50,8 +50,8 @@ from dooly.sim.step_model import StepKind, StepPath
 # Request status, the transformers names (vLLM's WAITING/PREEMPTED map to PENDING, RUNNING to
 # PREFILLING or DECODING).
 PENDING, PREFILLING, DECODING = 0, 1, 2
-# Reads a batch's contexts in one pass (`map`), as a decode window starts.
-_COMPUTED = attrgetter("computed")
+# Read a batch's contexts, or the epochs its samplers are scheduled under, in one pass (`map`).
+_COMPUTED, _EPOCH = attrgetter("computed"), attrgetter("epoch")
 
 
 class SimulationError(DoolyError):
@@ -482,8 +482,15 @@ class TransformersCBScheduler(Scheduler):
             return first
         return chain(first, self._waiting_candidates())
 
-    def _active_by_status(self) -> tuple[list[Seq], list[Seq]]:
+    def _all_decode(self) -> bool:
+        """Whether every active request is known to decode (all of them in the decode group)."""
+        group = self._group
+        return group is not None and not group.joining and len(group.members) == len(self.active)
+
+    def _active_by_status(self, all_decode: bool) -> tuple[list[Seq], list[Seq]]:
         """The active requests that decode and those whose prompt is split, in admission order."""
+        if all_decode:
+            return list(self.active.values()), []
         decoding: list[Seq] = []
         splitting: list[Seq] = []
         for seq in self.active.values():
@@ -493,7 +500,9 @@ class TransformersCBScheduler(Scheduler):
                 splitting.append(seq)
         return decoding, splitting
 
-    def _certain_decodes(self, decoding: list[Seq]) -> tuple[list[int], list[tuple[Seq, int]], int] | None:
+    def _certain_decodes(
+        self, decoding: list[Seq], all_decode: bool
+    ) -> tuple[list[int], list[tuple[Seq, int]], int] | None:
         """Schedule the decoding requests at the head of a batch in one go, where
         `_process_candidates` would take each of them as it comes: every one decodes one token,
         none is skipped for the cache budget, none fails its block allocation and no budget runs
@@ -501,21 +510,28 @@ class TransformersCBScheduler(Scheduler):
         a request are such (a loaded replica decodes dozens of requests beside a new prompt), and
         taking the decodes one by one was most of their scheduling. Returns (decode contexts,
         samplers, KV tokens read) with the requests advanced and their blocks allocated, or None
-        (nothing changed) where one of those is not certain."""
+        (nothing changed) where one of those is not certain. `all_decode`: they are the decode
+        group's, which knows which of them are at a block boundary."""
         n = len(decoding)
         cfg = self.config
         if self.read_limit or n >= cfg.max_batch_tokens or n >= cfg.max_requests_per_batch:
             return None
-        contexts = [seq.computed for seq in decoding]
+        contexts = list(map(_COMPUTED, decoding))
         reads = sum(contexts)
-        # A decoding request has a token to process (`num_tokens` is at least `computed` + 1), so
-        # n more tokens than contexts in all means exactly one each.
-        if reads >= self.num_pages or sum([seq.num_tokens for seq in decoding]) - reads != n:
+        if reads >= self.num_pages:
             return None
         block_size = self.block_size
+        if all_decode:
+            assert self._group is not None, "all_decode comes from the decode group"
+            boundary = self._group.due(1, block_size)
+        else:
+            # A decoding request has a token to process (`num_tokens` is at least `computed` + 1),
+            # so n more tokens than contexts in all means exactly one each (the group's always do).
+            if sum([seq.num_tokens for seq in decoding]) - reads != n:
+                return None
+            boundary = [seq for seq in decoding if seq.blocks * block_size <= seq.computed]
         # The decodes whose blocks are full allocate (`_allocate`'s formula); when the pool holds
         # all they take together, each of them succeeds in turn.
-        boundary = [seq for seq in decoding if seq.blocks * block_size <= seq.computed]
         if boundary:
             group_blocks = self._group_blocks
             needed = [group_blocks(seq.blocks, (2 - seq.blocks * block_size + seq.computed) // block_size + 1)[0]
@@ -525,11 +541,10 @@ class TransformersCBScheduler(Scheduler):
             allocate = self._allocate
             for seq in boundary:
                 allocate(seq, 1)
-        for seq in decoding:
-            done = seq.computed + 1
-            seq.computed = done
-            seq.num_tokens = done + 1
-        return contexts, [(seq, seq.epoch) for seq in decoding], reads
+        for seq, computed in zip(decoding, contexts, strict=True):
+            seq.computed = computed + 1
+            seq.num_tokens = computed + 2
+        return contexts, list(zip(decoding, map(_EPOCH, decoding), strict=True)), reads
 
     def _waiting_candidates(self):
         """CPU-offloaded requests first, interleaved one-for-one with fresh ones. The waiting
@@ -569,8 +584,9 @@ class TransformersCBScheduler(Scheduler):
         add_prefill, add_decode, add_sampler, add_ordered = prefill.append, decode_ctx.append, samplers.append, ordered.append
         kv_tokens = 0
         num_tokens = 0
-        decoding, splitting = self._active_by_status()
-        head = None if splitting and self.prefill_first else self._certain_decodes(decoding)
+        all_decode = self._all_decode()
+        decoding, splitting = self._active_by_status(all_decode)
+        head = None if splitting and self.prefill_first else self._certain_decodes(decoding, all_decode)
         group = self._group
         if head is None:
             # Decodes taken one by one may skip one: the group's ticks no longer hold.
@@ -582,7 +598,7 @@ class TransformersCBScheduler(Scheduler):
             candidates = self._candidates([], splitting)
             decode_ctx, samplers, reads = head
             add_decode, add_sampler = decode_ctx.append, samplers.append
-            ordered.extend([(seq, 1, computed) for seq, computed in zip(decoding, decode_ctx, strict=True)])
+            ordered.extend(zip(decoding, repeat(1), decode_ctx))
             n = len(decoding)
             fast_path = fast_path and (not decode_ctx or max(decode_ctx) < max_fast)
             token_budget -= n

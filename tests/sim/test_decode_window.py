@@ -24,7 +24,7 @@ class StepByStep(TransformersCBScheduler):
 class EachCandidate(StepByStep):
     """Every step scheduled and every candidate taken one by one (no head of certain decodes)."""
 
-    def _certain_decodes(self, decoding: list) -> None:
+    def _certain_decodes(self, decoding: list, all_decode: bool) -> None:
         return None
 
 
