@@ -98,6 +98,9 @@ LABEL_COVERAGE = "coverage"
 PHASE_PREFILL = "prefill"
 PHASE_DECODE = "decode"
 PHASE_MIXED = "mixed"
+# The request variables (indices into REQUEST_VARS: T, B, D) that are the batch size at every
+# step of a decode window.
+_DECODE_CONSTANT_VARS = frozenset(REQUEST_VARS.index(var) for var in ("T", "B", "D"))
 # Many steps as flat per-sequence arrays (query length, context, step index) and the step count.
 FlatSteps = tuple[np.ndarray, np.ndarray, np.ndarray, int]
 
@@ -668,12 +671,36 @@ class StepPredictor:
             return None
         first_k = sum(decode_ctx) + n
         first_top = max(decode_ctx) + 1
-        evaluate = self._seconds
+        # T, B and D are n at every step: the tables of those that come first add the same
+        # seconds each step (in the same order, so the sum is the same to the last bit).
+        lookup = self._lookup
+        tables = self._scalar_tables
+        constant = 0.0
+        held = 0
+        while held < len(tables) and tables[held][0] in _DECODE_CONSTANT_VARS:
+            constant += lookup(tables[held][1], tables[held][2], n)
+            held += 1
+        varying = tables[held:]
+        regime = regime_scalar(n, n)
+        geometries = [
+            (wave_tiles, None if by_regime is None else by_regime[regime], corrected, nonlinear)
+            for (_, wave_tiles), by_regime, corrected, nonlinear in self._scalar_geometries
+        ]
+        term_list, add_terms = self._term_list, self._add_terms
 
         def seconds(step: int) -> float:
             k = first_k + n * step
-            top = first_top + step
-            return evaluate((), (), False, n, n, k, n, k, n * top, top)
+            total = constant
+            if varying:
+                values = (n, n, k, n, k)
+                for var_i, dense, logs in varying:
+                    x = values[var_i]
+                    if x > 0:
+                        total += lookup(dense, logs, x)
+            padded = n * (first_top + step)
+            for wave_tiles, linear, corrected, nonlinear in geometries:
+                total = add_terms(total, term_list(n, n, k, n, k, k, padded, wave_tiles), linear, corrected, nonlinear)
+            return total
 
         return seconds
 
@@ -700,19 +727,28 @@ class StepPredictor:
                     self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
                 )
                 terms = self._term_list(t, b, k, d, s, wp, padded, wave_tiles)
-                if by_regime is not None:
-                    for i, c in by_regime[regime]:
-                        total += c * terms[i]
-                for count, coef, tables in corrected:
-                    base = 0.0
-                    for i, c in coef:
-                        base += c * terms[i]
-                    factor = 1.0
-                    for i, split_i, j, split_j, table in tables:
-                        factor *= table[bisect_left(split_i, terms[i])][bisect_left(split_j, terms[j])]
-                    total += count * max(base, MIN_SECONDS) * factor
-                for count, model in nonlinear:
-                    total += count * float(model.predict_terms(np.array([terms]))[0])
+                total = self._add_terms(total, terms, None if by_regime is None else by_regime[regime], corrected, nonlinear)
+        return total
+
+    @staticmethod
+    def _add_terms(
+        total: float, terms: list[float], linear: list[tuple[int, float]] | None, corrected: list, nonlinear: list
+    ) -> float:
+        """`total` plus one geometry's models at its request terms: the linear ones (the step's
+        regime's coefficients), the tree-corrected and the non-linear ones, in that order."""
+        if linear is not None:
+            for i, c in linear:
+                total += c * terms[i]
+        for count, coef, tables in corrected:
+            base = 0.0
+            for i, c in coef:
+                base += c * terms[i]
+            factor = 1.0
+            for i, split_i, j, split_j, table in tables:
+                factor *= table[bisect_left(split_i, terms[i])][bisect_left(split_j, terms[j])]
+            total += count * max(base, MIN_SECONDS) * factor
+        for count, model in nonlinear:
+            total += count * float(model.predict_terms(np.array([terms]))[0])
         return total
 
     # -- array path --------------------------------------------------------------------------

@@ -133,7 +133,8 @@ class DecodeWindow:
     Most steps of a loaded replica are such steps, and scheduling them one by one was most of a
     simulation's time (issue #25): the simulator runs a window's steps without calling `schedule`
     for each, with the same costs, clock and step log, then `Scheduler.advance_decodes` leaves the
-    scheduler where step-by-step scheduling would have. `seqs`: the requests in batch order (`contexts`: their cached tokens);
+    scheduler where step-by-step scheduling would have. `seqs`: the requests in batch order (`contexts`: their cached tokens; `due`: at
+    least those whose next block boundary falls within the window);
     `steps`: how many steps are certain (none fails a block allocation or changes the batch, and
     only the last may deliver requests' last tokens); `admits_waiting`: whether a request arriving meanwhile
     would join a batch (the caller ends the window at the next arrival); `path`: the steps' path
@@ -144,6 +145,7 @@ class DecodeWindow:
     admits_waiting: bool
     path: StepPath | None
     contexts: list[int]
+    due: list[Seq]
 
 
 class _DecodeGroup:
@@ -181,6 +183,17 @@ class _DecodeGroup:
         while finishes[0][1] not in members:
             heapq.heappop(finishes)
         return finishes[0][0] - self.tick
+
+    def finishing(self) -> list[Seq]:
+        """The members with no token left to deliver once the tokens of the group's steps so far
+        are (they are about to leave)."""
+        finishes, members, tick = self.finishes, self.members, self.tick
+        done: list[Seq] = []
+        while finishes and finishes[0][0] <= tick:
+            _, key, seq = heapq.heappop(finishes)
+            if key in members:
+                done.append(seq)
+        return done
 
     def due(self, horizon: int, block_size: int) -> list[Seq]:
         """The members whose next block boundary is fewer than `horizon` steps away."""
@@ -255,8 +268,9 @@ class Scheduler(ABC):
         A scheduler that does not model windows schedules every step."""
         return None
 
-    def advance_decodes(self, window: DecodeWindow, steps: int) -> None:
-        """Leave the scheduler as `steps` of the window's steps, scheduled one by one, would have."""
+    def advance_decodes(self, window: DecodeWindow, steps: int) -> list[Seq]:
+        """Leave the scheduler as `steps` of the window's steps, scheduled one by one, would have;
+        returns the requests whose last token the last of them samples (the caller finishes them)."""
         raise NotImplementedError(f"{type(self).__name__} models no decode windows")
 
     def _build(self, entries: list[tuple[Seq, int]], preempted: int = 0) -> ScheduledBatch:
@@ -719,12 +733,13 @@ class TransformersCBScheduler(Scheduler):
         # Each step's reads (at most the contexts) stay under the cache budget, so no request is
         # skipped and the batch loop never stops early.
         horizon = min(self.num_pages, group.fewest_left(), (self.num_pages - 1 - context) // n + 1)
-        horizon = self._allocations_within(group.due(horizon, block_size), horizon)
+        due = group.due(horizon, block_size)
+        horizon = self._allocations_within(due, horizon)
         if horizon <= 0:
             return None
         # Without padding or the decode fast path, `path_for` of n decodes depends on n alone.
         path = None if self.pad_inputs or self.decode_fast_path_on else self._path(StepKind.DECODE, False, n, False, 0, 0)
-        return DecodeWindow(seqs, horizon, not blocked, path, contexts)
+        return DecodeWindow(seqs, horizon, not blocked, path, contexts, due)
 
     def _join(self, group: _DecodeGroup) -> bool:
         """Whether the requests that started decoding since the group last looked can join it:
@@ -767,20 +782,25 @@ class TransformersCBScheduler(Scheduler):
                 return step
         return horizon
 
-    def advance_decodes(self, window: DecodeWindow, steps: int) -> None:
+    def advance_decodes(self, window: DecodeWindow, steps: int) -> list[Seq]:
         """Each request's context grows by `steps` tokens, with the blocks `_allocate` gives it
-        at each block boundary on the way (all certain to succeed: `_allocations_within`)."""
+        at each block boundary on the way (all certain to succeed: `_allocations_within`; only
+        the window's `due` requests meet one). The decode group (which made the window) knows
+        whose last token the last step samples."""
         block_size = self.block_size
-        for seq in window.seqs:
+        for seq in window.due:
             done = seq.computed + steps
             while seq.blocks * block_size < done:
                 seq.computed = seq.blocks * block_size
                 self._allocate(seq, 1)
-            seq.computed = done
-            seq.num_tokens = done + 1
+        for seq, computed in zip(window.seqs, window.contexts, strict=True):
+            seq.computed = computed + steps
+            seq.num_tokens = computed + steps + 1
         self.starved = []
-        if self._group is not None:
-            self._group.tick += steps
+        group = self._group
+        assert group is not None, "a decode window comes from the decode group"
+        group.tick += steps
+        return group.finishing()
 
     def _release(self, seq: Seq) -> None:
         self.free_blocks += seq.held

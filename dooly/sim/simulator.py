@@ -507,18 +507,21 @@ class _Run:
         cols["preempted"].extend([0] * done)
         cols["sampled"].extend([n] * done)
         cols["wasted_tokens"].extend([0] * done)
-        ends = starts[1:] + [now]
         scheduler = self.scheduler
-        scheduler.advance_decodes(window, done)
-        for seq in batch:
-            seq.generated += done
-            if seq.token_times is not None:
-                seq.token_times.extend(ends)
-            if seq.generated >= seq.target:
-                seq.finished = True
-                seq.finish_s = now
-                self.unfinished -= 1
-                scheduler.finish(seq)
+        finishing = scheduler.advance_decodes(window, done)
+        if batch[0].token_times is None:
+            for seq in batch:
+                seq.generated += done
+        else:
+            ends = starts[1:] + [now]
+            for seq in batch:
+                seq.generated += done
+                seq.token_times.extend(ends)  # type: ignore[union-attr]
+        for seq in finishing:
+            seq.finished = True
+            seq.finish_s = now
+            self.unfinished -= 1
+            scheduler.finish(seq)
         return done, now
 
     def _priced_window(

@@ -79,9 +79,9 @@ def test_windows_run_most_decode_steps() -> None:
     calls = []
     original = scheduler.advance_decodes
 
-    def counted(window: DecodeWindow, steps: int) -> None:
+    def counted(window: DecodeWindow, steps: int) -> list:
         calls.append(steps)
-        original(window, steps)
+        return original(window, steps)
 
     scheduler.advance_decodes = counted  # type: ignore[method-assign]
     result = simulate(_requests(5.0), scheduler, AnalyticStepModel())
@@ -124,9 +124,9 @@ def test_decode_group_is_kept_between_windows(monkeypatch, name: str) -> None:
     windows = []
     original = scheduler.advance_decodes
 
-    def counted(window: DecodeWindow, steps: int) -> None:
+    def counted(window: DecodeWindow, steps: int) -> list:
         windows.append(steps)
-        original(window, steps)
+        return original(window, steps)
 
     scheduler.advance_decodes = counted  # type: ignore[method-assign]
     simulate(_requests(200.0), scheduler, AnalyticStepModel())
