@@ -520,6 +520,7 @@ class StepPredictor:
         )
         # A sliding window anywhere: a step's S then needs each context (no `decode_steps`).
         self._windowed_terms = self.model_window > 0 or any(window > 0 for window, _ in self._geometries)
+        self._decode_fixed: dict[int, tuple[float, list, list]] = {}
         self._dense_total = {var: table.sum(axis=0) for var, table in self._dense.items()}
         self._log_total = {var: table.sum(axis=0) for var, table in self._log.items()}
         # Scalar hot path: Python lists are faster to index than numpy arrays.
@@ -671,22 +672,11 @@ class StepPredictor:
             return None
         first_k = sum(decode_ctx) + n
         first_top = max(decode_ctx) + 1
-        # T, B and D are n at every step: the tables of those that come first add the same
-        # seconds each step (in the same order, so the sum is the same to the last bit).
-        lookup = self._lookup
-        tables = self._scalar_tables
-        constant = 0.0
-        held = 0
-        while held < len(tables) and tables[held][0] in _DECODE_CONSTANT_VARS:
-            constant += lookup(tables[held][1], tables[held][2], n)
-            held += 1
-        varying = tables[held:]
-        regime = regime_scalar(n, n)
-        geometries = [
-            (wave_tiles, None if by_regime is None else by_regime[regime], corrected, nonlinear)
-            for (_, wave_tiles), by_regime, corrected, nonlinear in self._scalar_geometries
-        ]
-        term_list, add_terms = self._term_list, self._add_terms
+        fixed = self._decode_fixed.get(n)
+        if fixed is None:
+            fixed = self._decode_fixed[n] = self._decode_fixed_terms(n)
+        constant, varying, geometries = fixed
+        lookup, term_list, add_terms = self._lookup, self._term_list, self._add_terms
 
         def seconds(step: int) -> float:
             k = first_k + n * step
@@ -703,6 +693,24 @@ class StepPredictor:
             return total
 
         return seconds
+
+    def _decode_fixed_terms(self, n: int) -> tuple[float, list, list]:
+        """What a decode step of n requests costs whatever its contexts: T, B and D are n, so the
+        tables of those that come first add the same seconds each step (in the same order, so
+        the sum is the same to the last bit), and the regime is the same. (constant seconds, the
+        tables left, per geometry (wave tiles, the regime's linear rows, corrected, non-linear))."""
+        tables = self._scalar_tables
+        constant = 0.0
+        held = 0
+        while held < len(tables) and tables[held][0] in _DECODE_CONSTANT_VARS:
+            constant += self._lookup(tables[held][1], tables[held][2], n)
+            held += 1
+        regime = regime_scalar(n, n)
+        geometries = [
+            (wave_tiles, None if by_regime is None else by_regime[regime], corrected, nonlinear)
+            for (_, wave_tiles), by_regime, corrected, nonlinear in self._scalar_geometries
+        ]
+        return constant, tables[held:], geometries
 
     def _seconds(
         self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int], full_reads: bool,
