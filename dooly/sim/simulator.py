@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -477,99 +478,92 @@ class _Run:
         path = window.path
         device = None if path is None else decode_steps(self.step_model, ctx, path, self.step_kwargs)
         if path is not None and device is not None:
-            starts, gpus, cpus, kvs = self._priced_window(path, device, ctx, limit, now, next_arrival)
+            end = self._priced_window(path, device, ctx, limit, now, next_arrival)
             paths = None
         else:
-            starts, gpus, cpus, kvs, paths = self._window_step_by_step(path, ctx, limit, now, next_arrival)
-        done = len(starts)
+            end, paths = self._window_step_by_step(path, ctx, limit, now, next_arrival)
+        done = len(cols["start_s"]) - row
         if not done:
             return 0, now
-        now = starts[-1] + cpus[-1] + gpus[-1]
         if self.batches is not None:
             self.batches.append(DecodeRun(ctx, done))
         cols["step"].extend(range(row, row + done))
-        cols["start_s"].extend(starts)
-        cols["duration_s"].extend([cpu + gpu for gpu, cpu in zip(gpus, cpus, strict=True)])
-        cols["gpu_s"].extend(gpus)
-        cols["cpu_s"].extend(cpus)
-        cols["num_prefill_tokens"].extend([0] * done)
-        cols["num_prefill_seqs"].extend([0] * done)
-        cols["num_decode_seqs"].extend([n] * done)
-        cols["kv_tokens"].extend(kvs)
-        cols["kind"].extend([StepKind.DECODE.value] * done)
+        for name, value in (("num_prefill_tokens", 0), ("num_prefill_seqs", 0), ("num_decode_seqs", n),
+                            ("kind", StepKind.DECODE.value), ("preempted", 0), ("sampled", n), ("wasted_tokens", 0)):
+            cols[name].extend(repeat(value, done))
         if paths is None:
             assert path is not None, "a window without a fixed path is priced step by step"
-            cols["cuda_graph"].extend([path.cuda_graph] * done)
-            cols["padded_tokens"].extend([path.padded_tokens] * done)
+            cols["cuda_graph"].extend(repeat(path.cuda_graph, done))
+            cols["padded_tokens"].extend(repeat(path.padded_tokens, done))
         else:
             cols["cuda_graph"].extend([step_path.cuda_graph for step_path in paths])
             cols["padded_tokens"].extend([step_path.padded_tokens for step_path in paths])
-        cols["preempted"].extend([0] * done)
-        cols["sampled"].extend([n] * done)
-        cols["wasted_tokens"].extend([0] * done)
         scheduler = self.scheduler
         finishing = scheduler.advance_decodes(window, done)
         if batch[0].token_times is None:
             for seq in batch:
                 seq.generated += done
         else:
-            ends = starts[1:] + [now]
+            ends = cols["start_s"][row + 1:] + [end]
             for seq in batch:
                 seq.generated += done
                 seq.token_times.extend(ends)  # type: ignore[union-attr]
         for seq in finishing:
             seq.finished = True
-            seq.finish_s = now
+            seq.finish_s = end
             self.unfinished -= 1
             scheduler.finish(seq)
-        return done, now
+        return done, end
 
     def _priced_window(
         self, path: StepPath, device: Callable[[int], float], ctx: list[int], limit: int, now: float,
         next_arrival: float,
-    ) -> tuple[list[float], list[float], list[float], list[int]]:
+    ) -> float:
         """A window's steps on one path, priced by the step model's `decode_steps` and the host
-        overhead's `kv_terms` (each step differs from the last in its KV tokens only): each
-        step's (start, device, host, KV tokens), the same as `_step_cost` gives step by step."""
+        overhead's `kv_terms` (each step differs from the last in its KV tokens only), the same
+        as `_step_cost` gives step by step: logs each step's start, duration, device and host
+        seconds and KV tokens; returns the clock after the last."""
         n = len(ctx)
         kv_tokens = sum(ctx) + n
         host, per_kv = self.overhead.kv_terms(path, n, n)
-        starts: list[float] = []
-        gpus: list[float] = []
-        cpus: list[float] = []
-        kvs: list[int] = []
+        cols = self.columns
+        add_start, add_duration, add_gpu, add_cpu, add_kv = (
+            cols[name].append for name in ("start_s", "duration_s", "gpu_s", "cpu_s", "kv_tokens")
+        )
+        isfinite = math.isfinite
         done = 0
         while done < limit and now < next_arrival:
             gpu = device(done)
-            if not (gpu >= 0 and math.isfinite(gpu)):
+            if not (gpu >= 0 and isfinite(gpu)):
                 raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {n} tokens")
             cpu = host + per_kv * kv_tokens
             if not done:
                 cpu += self.overhead.capture_seconds(path, self.captured)
-            starts.append(now)
-            gpus.append(gpu)
-            cpus.append(cpu)
-            kvs.append(kv_tokens)
+            add_start(now)
+            add_duration(cpu + gpu)
+            add_gpu(gpu)
+            add_cpu(cpu)
+            add_kv(kv_tokens)
             now = now + cpu + gpu
             done += 1
             kv_tokens += n
-        return starts, gpus, cpus, kvs
+        return now
 
     def _window_step_by_step(
         self, fixed_path: StepPath | None, ctx: list[int], limit: int, now: float, next_arrival: float,
-    ) -> tuple[list[float], list[float], list[float], list[int], list[StepPath] | None]:
+    ) -> tuple[float, list[StepPath] | None]:
         """A window's steps priced one composition at a time (a path per step where the window
-        has none, or a step model without `decode_steps`): (starts, device, host, KV tokens,
-        paths or None for the fixed one)."""
+        has none, or a step model without `decode_steps`), logged as `_priced_window` logs them:
+        (the clock after the last, each step's path or None for the fixed one)."""
         n = len(ctx)
         kv_tokens = sum(ctx) + n
         path_for = self.scheduler.path_for
         step_cost = self._step_cost
         capture_seconds, captured = self.overhead.capture_seconds, self.captured
-        starts: list[float] = []
-        gpus: list[float] = []
-        cpus: list[float] = []
-        kvs: list[int] = []
+        cols = self.columns
+        add_start, add_duration, add_gpu, add_cpu, add_kv = (
+            cols[name].append for name in ("start_s", "duration_s", "gpu_s", "cpu_s", "kv_tokens")
+        )
         paths: list[StepPath] = []
         done = 0
         while done < limit and now < next_arrival:
@@ -582,13 +576,14 @@ class _Run:
                 paths.append(path)
             gpu, cpu = step_cost([], ctx, path, n, n, kv_tokens)
             cpu += capture_seconds(path, captured)
-            starts.append(now)
-            gpus.append(gpu)
-            cpus.append(cpu)
-            kvs.append(kv_tokens)
+            add_start(now)
+            add_duration(cpu + gpu)
+            add_gpu(gpu)
+            add_cpu(cpu)
+            add_kv(kv_tokens)
             now = now + cpu + gpu
             done += 1
-        return starts, gpus, cpus, kvs, None if fixed_path is not None else paths
+        return now, None if fixed_path is not None else paths
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:
         """Hand out the tokens a step sampled; returns how many were wasted."""

@@ -560,13 +560,28 @@ class AnalyticStepModel:
         attn_per_token = self._attn_flops_per_token
         linear, launches, lm_head = self._fixed_terms(num_tokens, num_decode, path)
         attention, total = self._attention, self._total
+        if self.tp > 1:
 
-        def seconds(step: int) -> float:
+            def seconds(step: int) -> float:
+                decode_total = first_total + num_decode * step
+                return total(linear + attention(0.0 + attn_per_token * decode_total, decode_total), launches, lm_head,
+                             num_tokens, num_decode)
+
+            return seconds
+        # One rank: `_attention` and `_total` spelled out (a window prices tens of thousands of
+        # steps; the calls were a third of each), the same operations in the same order.
+        peak, bytes_per_s = self.peak_flops, self.bytes_per_s
+        kv_bytes = self._kv_bytes_per_token
+        bytes_per_param = self.bytes_per_param
+        layers = self.dims.num_layers
+
+        def one_rank_seconds(step: int) -> float:
             decode_total = first_total + num_decode * step
-            return total(linear + attention(0.0 + attn_per_token * decode_total, decode_total), launches, lm_head,
-                         num_tokens, num_decode)
+            flops_s = (0.0 + attn_per_token * decode_total) / peak
+            bytes_s = kv_bytes * decode_total * bytes_per_param / bytes_per_s
+            return layers * (linear + (bytes_s if bytes_s > flops_s else flops_s) + launches) + lm_head
 
-        return seconds
+        return one_rank_seconds
 
     def _fixed_terms(self, num_tokens: int, rows: int, path: StepPath | None) -> tuple[float, float, float]:
         """(linear layers' seconds per layer, launches per layer, LM head) of a step of

@@ -113,15 +113,22 @@ def test_analytic_windows_priced_whole_change_nothing(name: str, rate: float) ->
 
 def test_decode_steps_are_step_seconds(toy_step) -> None:
     ctx = [1, 17, 300, 4095, 20000]
-    analytic = AnalyticStepModel(tp=2)
-    path = StepPath(StepKind.DECODE, padded_tokens=8)
-    fitted, roofline = toy_step.decode_steps(ctx), analytic.decode_steps(ctx, path=path)
-    assert fitted is not None and roofline is not None
+    fitted = toy_step.decode_steps(ctx)
+    assert fitted is not None
     for step in (0, 1, 7, 300):
-        later = [c + step for c in ctx]
-        assert fitted(step) == toy_step.step_seconds([], later)
-        assert roofline(step) == analytic.step_seconds([], later, path=path)
+        assert fitted(step) == toy_step.step_seconds([], [c + step for c in ctx])
     assert toy_step.decode_steps([0, 5]) is None  # a decode that reads nothing changes D after one step
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("path", [StepPath(StepKind.DECODE, padded_tokens=8), StepPath(StepKind.DECODE, cuda_graph=True)])
+def test_analytic_decode_steps_are_step_seconds(tp: int, path: StepPath) -> None:
+    ctx = [1, 17, 300, 4095, 20000]
+    analytic = AnalyticStepModel(tp=tp)
+    roofline = analytic.decode_steps(ctx, path=path)
+    assert roofline is not None
+    for step in (0, 1, 7, 300, 100000):
+        assert roofline(step) == analytic.step_seconds([], [c + step for c in ctx], path=path)
 
 
 def test_kv_terms_are_seconds() -> None:
