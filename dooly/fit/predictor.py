@@ -44,6 +44,7 @@ from dooly.fit.features import (
     WAVE_ROUNDING,
     aggregates_from_seqs,
     check_request_vars,
+    decode_sums_aggregates,
     local_terms,
     regime_of,
     regime_scalar,
@@ -103,6 +104,42 @@ PHASE_MIXED = "mixed"
 _DECODE_CONSTANT_VARS = frozenset(REQUEST_VARS.index(var) for var in ("T", "B", "D"))
 # Many steps as flat per-sequence arrays (query length, context, step index) and the step count.
 FlatSteps = tuple[np.ndarray, np.ndarray, np.ndarray, int]
+
+
+@dataclass(frozen=True)
+class DecodeRuns:
+    """Decode-only steps in runs (a simulation's decode windows): run r's step i decodes every
+    context of `contexts[r]` plus i, for `steps[r]` steps. Its steps' coverage follows from their
+    sums (`sums`) where the model has no sliding window, else from flat rows (`flat`)."""
+
+    contexts: list[list[int]]
+    steps: list[int]
+
+    def flat(self) -> FlatSteps:
+        """The steps as `flatten_steps` gives them."""
+        chunks = [
+            (np.asarray(ctx, dtype=np.int64)[None, :] + np.arange(steps, dtype=np.int64)[:, None]).ravel()
+            for ctx, steps in zip(self.contexts, self.steps, strict=True)
+        ]
+        per_step = np.repeat(np.fromiter(map(len, self.contexts), dtype=np.int64, count=len(self.contexts)), self.steps)
+        ctx = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+        return np.ones(len(ctx), dtype=np.int64), ctx, np.repeat(np.arange(len(per_step)), per_step), len(per_step)
+
+    def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per step: decodes, KV tokens (contexts plus one each), longest KV, decodes with a
+        context (a context of 0 is one only from the run's second step on)."""
+        runs = len(self.contexts)
+        steps = np.asarray(self.steps, dtype=np.int64)
+        seqs = np.fromiter(map(len, self.contexts), dtype=np.int64, count=runs)
+        first_kv = np.fromiter(map(sum, self.contexts), dtype=np.int64, count=runs) + seqs
+        first_longest = np.fromiter(map(max, self.contexts), dtype=np.int64, count=runs) + 1
+        empty = np.fromiter((ctx.count(0) for ctx in self.contexts), dtype=np.int64, count=runs)
+        offset = np.arange(int(steps.sum()), dtype=np.int64) - np.repeat(np.cumsum(steps) - steps, steps)
+        n = np.repeat(seqs, steps)
+        kv = np.repeat(first_kv, steps) + n * offset
+        longest = np.repeat(first_longest, steps) + offset
+        reading = n - np.where(offset == 0, np.repeat(empty, steps), 0)
+        return n, kv, longest, reading
 
 logger = logging.getLogger(__name__)
 
@@ -457,14 +494,24 @@ class StepPredictor:
         """`coverage_many` for each phase (prefill, decode, mixed) the steps hold."""
         return self.coverage_of_phases(phase_arrays(steps))
 
-    def coverage_of_phases(self, phases: Mapping[str, FlatSteps]) -> dict[str, Coverage]:
-        """`coverage_by_phase` of steps already flattened per phase (`phase_arrays`; a simulation's
-        `SimResult.batch_phases` builds them without a list per step)."""
+    def coverage_of_phases(self, phases: Mapping[str, FlatSteps | DecodeRuns]) -> dict[str, Coverage]:
+        """`coverage_by_phase` of steps already flattened per phase (`phase_arrays`), or of decode
+        steps in runs (a simulation's `SimResult.batch_phases` builds them without a list per step)."""
         view = self._coverage_steps()
-        return {
-            phase: view._coverage_of(view._class_seconds(q, ctx, step, n_steps, True).sum(axis=0))
-            for phase, (q, ctx, step, n_steps) in phases.items()
+        return {phase: view._coverage_of(view._phase_seconds(steps).sum(axis=0)) for phase, steps in phases.items()}
+
+    def _phase_seconds(self, steps: FlatSteps | DecodeRuns) -> np.ndarray:
+        """(n_steps, n_classes) seconds of one phase's steps."""
+        if not isinstance(steps, DecodeRuns):
+            return self._class_seconds(*steps, True)
+        if self._windowed_terms:
+            return self._class_seconds(*steps.flat(), True)
+        n, kv, longest, reading = steps.sums()
+        aggregates = {
+            (window, tiles): decode_sums_aggregates(n, kv, longest, reading, tiles)
+            for window, tiles in {(self.model_window, 0.0), *self._geometries}
         }
+        return self._class_seconds_of(aggregates, len(n), True)
 
     def _coverage_of(self, totals: np.ndarray) -> Coverage:
         by_source = dict.fromkeys(SOURCES, 0.0)
@@ -766,14 +813,20 @@ class StepPredictor:
         full_reads: bool = False,
     ) -> np.ndarray:
         """(n_steps,) totals, or (n_steps, n_classes) when per_class; `full_reads` as in step_seconds."""
-        n_cls = len(self.classes)
-        out = np.zeros((n_steps, n_cls)) if per_class else np.zeros(n_steps)
         aggregates = {
             (w, tiles): seqs_aggregates(
                 q, ctx, step, n_steps, np.full(len(q), 0 if full_reads else w, dtype=np.int64), tiles
             )
             for w, tiles in {(self.model_window, 0.0), *self._geometries}
         }
+        return self._class_seconds_of(aggregates, n_steps, per_class)
+
+    def _class_seconds_of(
+        self, aggregates: Mapping[Geometry, Mapping[str, np.ndarray]], n_steps: int, per_class: bool
+    ) -> np.ndarray:
+        """`_class_seconds` from the steps' aggregates per geometry (`seqs_aggregates`)."""
+        n_cls = len(self.classes)
+        out = np.zeros((n_steps, n_cls)) if per_class else np.zeros(n_steps)
         base = aggregates[(self.model_window, 0.0)]
         for var in self._dense:
             x = base[var]

@@ -45,7 +45,7 @@ from dooly.sim.step_model import (
 from dooly.workload import Request
 
 if TYPE_CHECKING:
-    from dooly.fit.predictor import FlatSteps
+    from dooly.fit.predictor import DecodeRuns, FlatSteps
 
 logger = logging.getLogger(__name__)
 
@@ -121,35 +121,32 @@ class DecodeRun:
             yield [], [c + step for c in ctx]
 
 
-def _phase_arrays(log: list[Batch | DecodeRun]) -> dict[str, FlatSteps]:
-    """`dooly.fit.predictor.phase_arrays` of the recorded compositions, decode windows' steps
-    flattened whole (a window's contexts plus each step's offset) instead of step by step."""
-    import numpy as np
-
-    from dooly.fit.predictor import PHASE_DECODE, flatten_steps, step_phase
+def _phase_arrays(log: list[Batch | DecodeRun]) -> dict[str, FlatSteps | DecodeRuns]:
+    """`dooly.fit.predictor.phase_arrays` of the recorded compositions, the decode steps kept
+    as runs (`DecodeRuns`: a window's contexts and steps; a scheduled decode step a run of one)
+    instead of a list of contexts per step."""
+    from dooly.fit.predictor import PHASE_DECODE, DecodeRuns, flatten_steps, step_phase
 
     others: dict[str, list[Batch]] = {}
-    chunks: list[np.ndarray] = []
-    sizes: list[np.ndarray] = []
+    contexts: list[list[int]] = []
+    steps: list[int] = []
     for entry in log:
         if isinstance(entry, DecodeRun):
-            ctx = np.asarray(entry.decode_ctx, dtype=np.int64)
-            chunks.append((ctx[None, :] + np.arange(entry.steps, dtype=np.int64)[:, None]).ravel())
-            sizes.append(np.full(entry.steps, len(ctx), dtype=np.int64))
+            contexts.append(entry.decode_ctx)
+            steps.append(entry.steps)
             continue
         prefill, decode_ctx = entry
         phase = step_phase(prefill, decode_ctx)
         if phase == PHASE_DECODE:
-            chunks.append(np.asarray(decode_ctx, dtype=np.int64))
-            sizes.append(np.array([len(decode_ctx)], dtype=np.int64))
+            contexts.append(decode_ctx)
+            steps.append(1)
         else:
             others.setdefault(phase, []).append(entry)
-    phases = {phase: (*flatten_steps(steps), len(steps)) for phase, steps in others.items()}
-    if chunks:
-        ctx = np.concatenate(chunks)
-        per_step = np.concatenate(sizes)
-        phases[PHASE_DECODE] = (np.ones(len(ctx), dtype=np.int64), ctx, np.repeat(np.arange(len(per_step)), per_step),
-                                len(per_step))
+    phases: dict[str, FlatSteps | DecodeRuns] = {
+        phase: (*flatten_steps(chosen), len(chosen)) for phase, chosen in others.items()
+    }
+    if steps:
+        phases[PHASE_DECODE] = DecodeRuns(contexts, steps)
     return dict(sorted(phases.items()))
 
 
@@ -188,7 +185,7 @@ class SimResult:
             self._batches = batches
         return self._batches
 
-    def batch_phases(self) -> dict[str, FlatSteps]:
+    def batch_phases(self) -> dict[str, FlatSteps | DecodeRuns]:
         """The recorded compositions grouped by phase as flat arrays, for
         `StepPredictor.coverage_of_phases` (nothing when none were recorded)."""
         return _phase_arrays(self._batch_log or [])

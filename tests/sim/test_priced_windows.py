@@ -137,3 +137,25 @@ def test_kv_terms_are_seconds() -> None:
         host, per_kv = model.kv_terms(path, 7, 7)
         for kv in (0, 13, 123457):
             assert host + per_kv * kv == model.seconds(path, 7, 7, kv)
+
+
+def test_decode_runs_are_their_steps() -> None:
+    """`DecodeRuns` as flat rows and as sums: what the steps they stand for give."""
+    import numpy as np
+
+    from dooly.fit.features import decode_sums_aggregates, seqs_aggregates
+    from dooly.fit.predictor import DecodeRuns, flatten_steps
+
+    runs = DecodeRuns([[3, 0, 5], [7], [40000, 2, 9, 1]], [3, 1, 4])
+    steps: list[tuple[list[tuple[int, int]], list[int]]] = [
+        ([], [c + i for c in ctx]) for ctx, count in zip(runs.contexts, runs.steps, strict=True) for i in range(count)
+    ]
+    q, ctx, step, n_steps = runs.flat()
+    for flat, reference in zip((q, ctx, step), flatten_steps(steps), strict=True):
+        np.testing.assert_array_equal(flat, reference)
+    assert n_steps == len(steps)
+    expected = seqs_aggregates(q, ctx, step, n_steps, np.zeros(len(q), dtype=np.int64), 4.125)
+    got = decode_sums_aggregates(*runs.sums(), 4.125)
+    assert got.keys() == expected.keys()
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
