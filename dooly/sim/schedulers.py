@@ -120,6 +120,10 @@ class ScheduledBatch:
     preempted: int = 0
     # (request, query tokens, context before them) in the engine's batch order.
     entries: list[tuple[Seq, int, int]] = field(default_factory=list)
+    # The first `certain` samplers are requests of a decode group (`_DecodeGroup`): each is handed
+    # its token (none is wasted, none is its first), `finishing` those for which it is the last.
+    certain: int = 0
+    finishing: list[Seq] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -484,6 +488,8 @@ class TransformersCBScheduler(Scheduler):
                 self.free_cpu_blocks += seq.cpu_blocks
                 seq.cpu_blocks = 0
         batch.preempted = preempted
+        if preempted:  # an eviction may have taken a request of the head: its token is wasted
+            batch.certain = 0
         batch.path = self.path_for(batch.prefill, batch.decode_ctx)
         return batch
 
@@ -598,6 +604,8 @@ class TransformersCBScheduler(Scheduler):
         add_prefill, add_decode, add_sampler, add_ordered = prefill.append, decode_ctx.append, samplers.append, ordered.append
         kv_tokens = 0
         num_tokens = 0
+        certain = 0
+        finishing: list[Seq] = []
         all_decode = self._all_decode()
         decoding, splitting = self._active_by_status(all_decode)
         head = None if splitting and self.prefill_first else self._certain_decodes(decoding, all_decode)
@@ -609,6 +617,9 @@ class TransformersCBScheduler(Scheduler):
         else:
             if group is not None:
                 group.tick += 1
+                if all_decode:
+                    certain = len(decoding)
+                    finishing = group.finishing()
             candidates = self._candidates([], splitting)
             decode_ctx, samplers, reads = head
             add_decode, add_sampler = decode_ctx.append, samplers.append
@@ -675,7 +686,8 @@ class TransformersCBScheduler(Scheduler):
                 self.num_offloaded_waiting -= 1
         if not ordered and allocation_failed:
             return None
-        return ScheduledBatch(prefill, decode_ctx, samplers, _UNSET_PATH, num_tokens, kv_tokens, 0, ordered)
+        return ScheduledBatch(prefill, decode_ctx, samplers, _UNSET_PATH, num_tokens, kv_tokens, 0, ordered, certain,
+                              finishing)
 
     def _allocate(self, seq: Seq, num_tokens: int) -> bool:
         """`Scheduler._allocate_blocks_if_needed`, with its exact block formula, and

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import islice, repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -583,9 +583,28 @@ class _Run:
         return now, None if fixed_path is not None else paths
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:
-        """Hand out the tokens a step sampled; returns how many were wasted."""
+        """Hand out the tokens a step sampled; returns how many were wasted. The batch's certain
+        samplers (`ScheduledBatch.certain`) are handed theirs without a look at each (a step that
+        admits a request hands out dozens of decodes' tokens besides)."""
         wasted = 0
-        for seq, epoch in batch.samplers:
+        samplers = batch.samplers
+        certain = batch.certain
+        if certain:
+            head = islice(samplers, certain)
+            if samplers[0][0].token_times is None:
+                for seq, _ in head:
+                    seq.generated += 1
+            else:
+                for seq, _ in head:
+                    seq.generated += 1
+                    seq.token_times.append(when)  # type: ignore[union-attr]
+            for seq in batch.finishing:
+                seq.finished = True
+                seq.finish_s = when
+                self.unfinished -= 1
+                self.scheduler.finish(seq)
+            samplers = samplers[certain:]
+        for seq, epoch in samplers:
             if seq.finished or seq.epoch != epoch:
                 wasted += 1
                 continue
