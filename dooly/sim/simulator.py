@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice, repeat
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -487,11 +487,11 @@ class _Run:
         cols["step"].extend(range(row, row + done))
         for name, value in (("num_prefill_tokens", 0), ("num_prefill_seqs", 0), ("num_decode_seqs", n),
                             ("kind", StepKind.DECODE.value), ("preempted", 0), ("sampled", n), ("wasted_tokens", 0)):
-            cols[name].extend(repeat(value, done))
+            cols[name] += [value] * done
         if paths is None:
             assert path is not None, "a window without a fixed path is priced step by step"
-            cols["cuda_graph"].extend(repeat(path.cuda_graph, done))
-            cols["padded_tokens"].extend(repeat(path.padded_tokens, done))
+            cols["cuda_graph"] += [path.cuda_graph] * done
+            cols["padded_tokens"] += [path.padded_tokens] * done
         else:
             cols["cuda_graph"].extend([step_path.cuda_graph for step_path in paths])
             cols["padded_tokens"].extend([step_path.padded_tokens for step_path in paths])
@@ -527,15 +527,13 @@ class _Run:
         add_start, add_duration, add_gpu, add_cpu, add_kv = (
             cols[name].append for name in ("start_s", "duration_s", "gpu_s", "cpu_s", "kv_tokens")
         )
-        isfinite = math.isfinite
+        # The first step pays a capture where its graph is new; the others (the same path) none.
+        capture = self.overhead.capture_seconds(path, self.captured) if limit > 0 and now < next_arrival else 0.0
         done = 0
         while done < limit and now < next_arrival:
             gpu = device(done)
-            if not (gpu >= 0 and isfinite(gpu)):
-                raise SimulationError(f"the step model returned {gpu!r} seconds for a batch of {n} tokens")
-            cpu = host + per_kv * kv_tokens
-            if not done:
-                cpu += self.overhead.capture_seconds(path, self.captured)
+            cpu = host + per_kv * kv_tokens + capture
+            capture = 0.0
             add_start(now)
             add_duration(cpu + gpu)
             add_gpu(gpu)
@@ -544,6 +542,12 @@ class _Run:
             now = now + cpu + gpu
             done += 1
             kv_tokens += n
+        # Checked once the window is priced (a step model that returns nonsense stops the run
+        # either way; each step's own check was a tenth of its cost).
+        gpus = cols["gpu_s"][-done:] if done else []
+        if not all(gpu >= 0 and math.isfinite(gpu) for gpu in gpus):
+            bad = next(gpu for gpu in gpus if not (gpu >= 0 and math.isfinite(gpu)))
+            raise SimulationError(f"the step model returned {bad!r} seconds for a batch of {n} tokens")
         return now
 
     def _window_step_by_step(

@@ -159,3 +159,17 @@ def test_decode_runs_are_their_steps() -> None:
     assert got.keys() == expected.keys()
     for name, values in expected.items():
         np.testing.assert_array_equal(got[name], values, err_msg=name)
+
+
+class BrokenDecodes(AnalyticEachStep):
+    """Decode windows priced at nonsense from their third step on."""
+
+    def decode_steps(self, decode_ctx: list[int], *, path: StepPath | None = None) -> Any:
+        return lambda step: float("nan") if step >= 2 else 1e-3
+
+
+def test_a_window_priced_at_nonsense_stops_the_run() -> None:
+    from dooly.sim.schedulers import SimulationError
+
+    with pytest.raises(SimulationError, match="returned nan seconds"):
+        simulate(_requests(5.0), TransformersCBScheduler(CONFIGS["roomy"]), BrokenDecodes(), OVERHEAD)
