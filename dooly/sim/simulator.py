@@ -524,8 +524,10 @@ class _Run:
         kv_tokens = sum(ctx) + n
         host, per_kv = self.overhead.kv_terms(path, n, n)
         cols = self.columns
+        gpu_s = cols["gpu_s"]
         add_start, add_duration, add_gpu, add_cpu, add_kv = (
-            cols[name].append for name in ("start_s", "duration_s", "gpu_s", "cpu_s", "kv_tokens")
+            cols["start_s"].append, cols["duration_s"].append, gpu_s.append, cols["cpu_s"].append,
+            cols["kv_tokens"].append,
         )
         # The first step pays a capture where its graph is new; the others (the same path) none.
         capture = self.overhead.capture_seconds(path, self.captured) if limit > 0 and now < next_arrival else 0.0
@@ -544,8 +546,9 @@ class _Run:
             kv_tokens += n
         # Checked once the window is priced (a step model that returns nonsense stops the run
         # either way; each step's own check was a tenth of its cost).
-        gpus = cols["gpu_s"][-done:] if done else []
-        if not all(gpu >= 0 and math.isfinite(gpu) for gpu in gpus):
+        # (A NaN or an infinity makes the sum one; without them, the minimum shows a negative.)
+        gpus = gpu_s[-done:] if done else []
+        if gpus and not (math.isfinite(sum(gpus)) and min(gpus) >= 0):
             bad = next(gpu for gpu in gpus if not (gpu >= 0 and math.isfinite(gpu)))
             raise SimulationError(f"the step model returned {bad!r} seconds for a batch of {n} tokens")
         return now

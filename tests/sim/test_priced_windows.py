@@ -162,14 +162,19 @@ def test_decode_runs_are_their_steps() -> None:
 
 
 class BrokenDecodes(AnalyticEachStep):
-    """Decode windows priced at nonsense from their third step on."""
+    """Decode windows priced at `bad` seconds from their third step on."""
+
+    def __init__(self, bad: float) -> None:
+        super().__init__()
+        self.bad = bad
 
     def decode_steps(self, decode_ctx: list[int], *, path: StepPath | None = None) -> Any:
-        return lambda step: float("nan") if step >= 2 else 1e-3
+        return lambda step: self.bad if step >= 2 else 1e-3
 
 
-def test_a_window_priced_at_nonsense_stops_the_run() -> None:
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-3])
+def test_a_window_priced_at_nonsense_stops_the_run(bad: float) -> None:
     from dooly.sim.schedulers import SimulationError
 
-    with pytest.raises(SimulationError, match="returned nan seconds"):
-        simulate(_requests(5.0), TransformersCBScheduler(CONFIGS["roomy"]), BrokenDecodes(), OVERHEAD)
+    with pytest.raises(SimulationError, match=f"returned {bad!r} seconds"):
+        simulate(_requests(5.0), TransformersCBScheduler(CONFIGS["roomy"]), BrokenDecodes(bad), OVERHEAD)
