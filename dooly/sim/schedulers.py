@@ -41,7 +41,6 @@ from bisect import bisect_left
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field, fields
 from itertools import chain, repeat
-from operator import attrgetter
 from typing import Any
 
 from dooly.errors import DoolyError
@@ -50,8 +49,6 @@ from dooly.sim.step_model import StepKind, StepPath
 # Request status, the transformers names (vLLM's WAITING/PREEMPTED map to PENDING, RUNNING to
 # PREFILLING or DECODING).
 PENDING, PREFILLING, DECODING = 0, 1, 2
-# Read a batch's contexts, or the epochs its samplers are scheduled under, in one pass (`map`).
-_COMPUTED, _EPOCH = attrgetter("computed"), attrgetter("epoch")
 
 
 class SimulationError(DoolyError):
@@ -118,16 +115,28 @@ class ScheduledBatch:
     num_tokens: int
     kv_tokens: int
     preempted: int = 0
-    # (request, query tokens, context before them) in the engine's batch order.
-    entries: list[tuple[Seq, int, int]] = field(default_factory=list)
+    # (request, query tokens, context before them) of the requests after the head, in the
+    # engine's batch order (`entries` has them all).
+    rest: list[tuple[Seq, int, int]] = field(default_factory=list)
     # The first `certain` samplers are requests of a decode group (`_DecodeGroup`): each is handed
     # its token (none is wasted, none is its first), `finishing` those for which it is the last.
     certain: int = 0
     finishing: list[Seq] = field(default_factory=list)
+    # A head of decodes taken in one go (`_certain_decodes`): the first of `decode_ctx` are theirs.
+    head: list[Seq] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
         return len(self.prefill) + len(self.decode_ctx)
+
+    @property
+    def entries(self) -> list[tuple[Seq, int, int]]:
+        """(request, query tokens, context before them) in the engine's batch order (built on
+        demand: a step's head holds dozens of decodes, and nothing needs their entries but a
+        parity check)."""
+        if not self.head:
+            return self.rest
+        return [*zip(self.head, repeat(1), self.decode_ctx), *self.rest]
 
 
 @dataclass(slots=True)
@@ -478,11 +487,12 @@ class TransformersCBScheduler(Scheduler):
                 raise SimulationError(self.stall_message())
             preempted += evicted
             batch = self._schedule_batch()
-        if not batch.entries:
+        if not batch.rest and not batch.head:
             return None
         if self.starved:
             preempted += self._offload_requests()
-        for seq, _, _ in batch.entries:
+        # A request that decodes is never offloaded, unless an eviction just now took it.
+        for seq, _, _ in batch.entries if preempted else batch.rest:
             if seq.offloaded:
                 seq.offloaded = False
                 self.free_cpu_blocks += seq.cpu_blocks
@@ -536,7 +546,7 @@ class TransformersCBScheduler(Scheduler):
         cfg = self.config
         if self.read_limit or n >= cfg.max_batch_tokens or n >= cfg.max_requests_per_batch:
             return None
-        contexts = list(map(_COMPUTED, decoding))
+        contexts = [seq.computed for seq in decoding]
         reads = sum(contexts)
         if reads >= self.num_pages:
             return None
@@ -564,7 +574,7 @@ class TransformersCBScheduler(Scheduler):
         for seq, computed in zip(decoding, contexts, strict=True):
             seq.computed = computed + 1
             seq.num_tokens = computed + 2
-        return contexts, list(zip(decoding, map(_EPOCH, decoding), strict=True)), reads
+        return contexts, [(seq, seq.epoch) for seq in decoding], reads
 
     def _waiting_candidates(self):
         """CPU-offloaded requests first, interleaved one-for-one with fresh ones. The waiting
@@ -606,6 +616,7 @@ class TransformersCBScheduler(Scheduler):
         num_tokens = 0
         certain = 0
         finishing: list[Seq] = []
+        taken: list[Seq] = []  # the head's requests (their entries are not in `ordered`)
         all_decode = self._all_decode()
         decoding, splitting = self._active_by_status(all_decode)
         head = None if splitting and self.prefill_first else self._certain_decodes(decoding, all_decode)
@@ -623,7 +634,7 @@ class TransformersCBScheduler(Scheduler):
             candidates = self._candidates([], splitting)
             decode_ctx, samplers, reads = head
             add_decode, add_sampler = decode_ctx.append, samplers.append
-            ordered.extend(zip(decoding, repeat(1), decode_ctx))
+            taken = decoding
             n = len(decoding)
             fast_path = fast_path and (not decode_ctx or max(decode_ctx) < max_fast)
             token_budget -= n
@@ -634,7 +645,7 @@ class TransformersCBScheduler(Scheduler):
         for seq in candidates:
             status = seq.status
             free_now = self.free_blocks
-            if free_now < safety and ordered and status != DECODING:
+            if free_now < safety and (ordered or taken) and status != DECODING:
                 break
             computed = seq.computed
             remaining = seq.num_tokens - computed
@@ -684,10 +695,10 @@ class TransformersCBScheduler(Scheduler):
             del self.waiting[id(seq)]
             if seq.offloaded:
                 self.num_offloaded_waiting -= 1
-        if not ordered and allocation_failed:
+        if not ordered and not taken and allocation_failed:
             return None
         return ScheduledBatch(prefill, decode_ctx, samplers, _UNSET_PATH, num_tokens, kv_tokens, 0, ordered, certain,
-                              finishing)
+                              finishing, taken)
 
     def _allocate(self, seq: Seq, num_tokens: int) -> bool:
         """`Scheduler._allocate_blocks_if_needed`, with its exact block formula, and
@@ -740,7 +751,7 @@ class TransformersCBScheduler(Scheduler):
             group.joining = seqs
         if not self._join(group) or len(group.members) != n:
             return None
-        contexts = list(map(_COMPUTED, seqs))
+        contexts = [seq.computed for seq in seqs]
         context = sum(contexts)
         # Each step's reads (at most the contexts) stay under the cache budget, so no request is
         # skipped and the batch loop never stops early.
