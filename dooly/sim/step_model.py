@@ -505,6 +505,8 @@ class AnalyticStepModel:
         self._linear_bytes_s = layer_params * self.bytes_per_param / self.bytes_per_s
         self._lm_flops_per_row = 2 * d.hidden_size * d.vocab_size
         self._lm_bytes_s = d.hidden_size * d.vocab_size * self.bytes_per_param / self.bytes_per_s
+        # `_fixed_terms` of the decode windows' shapes (a run meets few: one per batch size).
+        self._fixed_by_shape: dict[tuple[int, int, bool], tuple[float, float, float]] = {}
 
     def collective_seconds(self, kind: str, elements: int) -> float:
         """Ring estimate of one collective of `elements` per rank (0 on one rank)."""
@@ -558,7 +560,11 @@ class AnalyticStepModel:
             return None
         first_total = sum(decode_ctx) + num_decode
         attn_per_token = self._attn_flops_per_token
-        linear, launches, lm_head = self._fixed_terms(num_tokens, num_decode, path)
+        shape = (num_tokens, num_decode, path is not None and path.cuda_graph)
+        fixed = self._fixed_by_shape.get(shape)
+        if fixed is None:
+            fixed = self._fixed_by_shape[shape] = self._fixed_terms(num_tokens, num_decode, path)
+        linear, launches, lm_head = fixed
         attention, total = self._attention, self._total
         if self.tp > 1:
 
