@@ -100,6 +100,12 @@ class StepRecord:
 
 
 _STEP_FIELDS = tuple(StepRecord.__dataclass_fields__)
+# The step log's columns whose value is the same at every step of a decode window, and that value:
+# windows leave them out while they run (`_Run.window_rows`), and `_Run.fill_windows` fills them in.
+_WINDOW_DEFAULTS = (
+    ("num_prefill_tokens", 0), ("num_prefill_seqs", 0), ("kind", StepKind.DECODE.value), ("preempted", 0),
+    ("wasted_tokens", 0),
+)
 
 # A step's composition as the step model takes it: (prefill chunks, decode contexts).
 Batch = tuple[list[tuple[int, int]], list[int]]
@@ -319,6 +325,7 @@ def simulate(
     records = [_record(seq) for seq in seqs]
     token_times = {s.rid: s.token_times or [] for s in seqs} if record_token_times else None
     wall = time.perf_counter() - wall_start
+    run.fill_windows()
     logger.info("simulated %d requests in %d steps (%.2f s wall)", len(seqs), len(run.columns["step"]), wall)
     return SimResult(records, run.columns, scheduler.describe(), wall, token_times, run.batches)
 
@@ -344,6 +351,8 @@ class _Run:
         # and looking each column up by name cost a tenth of a simulation.
         self._appends = tuple(self.columns[name].append for name in _STEP_FIELDS)
         self.batches: list[Batch | DecodeRun] | None = [] if record_batches else None
+        # (first row, steps) of each decode window, in order (see _WINDOW_DEFAULTS).
+        self.window_rows: list[tuple[int, int]] = []
         self.unfinished = 0
 
     def loop_sync(self, seqs: list[Seq], max_steps: int) -> None:
@@ -425,6 +434,27 @@ class _Run:
             previous, previous_end, row = in_flight
             self._finish_in_flight(previous, previous_end, row)
 
+    def fill_windows(self) -> None:
+        """Give the decode windows' steps their values in the columns they left out while they
+        ran (_WINDOW_DEFAULTS): each such column is the default at every row, the scheduled
+        steps' values set at theirs (one list per column instead of an extension per window)."""
+        if not self.window_rows:
+            return
+        cols = self.columns
+        total = len(cols["step"])
+        scheduled: list[int] = []
+        row = 0
+        for first, steps in self.window_rows:
+            scheduled.extend(range(row, first))
+            row = first + steps
+        scheduled.extend(range(row, total))
+        for name, default in _WINDOW_DEFAULTS:
+            full = [default] * total
+            for row, value in zip(scheduled, cols[name], strict=True):
+                full[row] = value
+            cols[name] = full
+        self.window_rows = []
+
     def _finish_in_flight(self, batch: ScheduledBatch, end: float, row: int) -> None:
         self.columns["wasted_tokens"][row] = self._deliver(batch, end)
 
@@ -485,9 +515,10 @@ class _Run:
         if self.batches is not None:
             self.batches.append(DecodeRun(ctx, done))
         cols["step"].extend(range(row, row + done))
-        for name, value in (("num_prefill_tokens", 0), ("num_prefill_seqs", 0), ("num_decode_seqs", n),
-                            ("kind", StepKind.DECODE.value), ("preempted", 0), ("sampled", n), ("wasted_tokens", 0)):
-            cols[name] += [value] * done
+        self.window_rows.append((row, done))
+        per_step = [n] * done
+        cols["num_decode_seqs"] += per_step
+        cols["sampled"] += per_step
         if paths is None:
             assert path is not None, "a window without a fixed path is priced step by step"
             cols["cuda_graph"] += [path.cuda_graph] * done
