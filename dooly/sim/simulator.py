@@ -101,7 +101,7 @@ class StepRecord:
 
 _STEP_FIELDS = tuple(StepRecord.__dataclass_fields__)
 # The step log's columns whose value is the same at every step of a decode window, and that value:
-# windows leave them out while they run (`_Run.window_rows`), and `_Run.fill_windows` fills them in.
+# windows leave them out while they run (`_Run.window_rows`), and `_Run.finish_log` fills them in.
 _WINDOW_DEFAULTS = (
     ("num_prefill_tokens", 0), ("num_prefill_seqs", 0), ("kind", StepKind.DECODE.value), ("preempted", 0),
     ("wasted_tokens", 0),
@@ -325,7 +325,7 @@ def simulate(
     records = [_record(seq) for seq in seqs]
     token_times = {s.rid: s.token_times or [] for s in seqs} if record_token_times else None
     wall = time.perf_counter() - wall_start
-    run.fill_windows()
+    run.finish_log()
     logger.info("simulated %d requests in %d steps (%.2f s wall)", len(seqs), len(run.columns["step"]), wall)
     return SimResult(records, run.columns, scheduler.describe(), wall, token_times, run.batches)
 
@@ -349,7 +349,7 @@ class _Run:
         self.columns: dict[str, list] = {name: [] for name in _STEP_FIELDS}
         # One bound `append` per column, in StepRecord's field order: `_log` runs once per step,
         # and looking each column up by name cost a tenth of a simulation.
-        self._appends = tuple(self.columns[name].append for name in _STEP_FIELDS)
+        self._appends = tuple(self.columns[name].append for name in _STEP_FIELDS if name != "step")
         self.batches: list[Batch | DecodeRun] | None = [] if record_batches else None
         # (first row, steps) of each decode window, in order (see _WINDOW_DEFAULTS).
         self.window_rows: list[tuple[int, int]] = []
@@ -434,14 +434,17 @@ class _Run:
             previous, previous_end, row = in_flight
             self._finish_in_flight(previous, previous_end, row)
 
-    def fill_windows(self) -> None:
-        """Give the decode windows' steps their values in the columns they left out while they
-        ran (_WINDOW_DEFAULTS): each such column is the default at every row, the scheduled
-        steps' values set at theirs (one list per column instead of an extension per window)."""
+    def finish_log(self) -> None:
+        """Complete the step log's columns: the step index (each row's own, `start_s` being the
+        column every step appends to), and the decode windows' steps' values in the columns they
+        left out while they ran (_WINDOW_DEFAULTS): each such column is the default at every row,
+        the scheduled steps' values set at theirs (one list per column instead of an extension
+        per window)."""
+        cols = self.columns
+        total = len(cols["start_s"])
+        cols["step"] = list(range(total))
         if not self.window_rows:
             return
-        cols = self.columns
-        total = len(cols["step"])
         scheduled: list[int] = []
         row = 0
         for first, steps in self.window_rows:
@@ -496,7 +499,7 @@ class _Run:
         window ends, the step limit, or (when waiting requests could join) the next arrival.
         Returns (steps run, clock)."""
         cols = self.columns
-        row = len(cols["step"])
+        row = len(cols["start_s"])
         limit = min(window.steps, max_steps - row)
         next_arrival = seqs[cursor].arrival_s if window.admits_waiting and cursor < len(seqs) else math.inf
         batch = window.seqs
@@ -514,7 +517,6 @@ class _Run:
             return 0, now
         if self.batches is not None:
             self.batches.append(DecodeRun(ctx, done))
-        cols["step"].extend(range(row, row + done))
         self.window_rows.append((row, done))
         per_step = [n] * done
         cols["num_decode_seqs"] += per_step
@@ -668,18 +670,16 @@ class _Run:
         wasted: int,
         max_steps: int,
     ) -> int:
-        cols = self.columns
-        row = len(cols["step"])
+        row = len(self.columns["start_s"])
         if row >= max_steps:
             raise SimulationError(f"the simulation exceeded {max_steps} steps without finishing: {self.scheduler.stall_message()}")
         path = batch.path
         (
-            add_step, add_start, add_duration, add_gpu, add_cpu, add_prefill_tokens, add_prefill_seqs,
+            add_start, add_duration, add_gpu, add_cpu, add_prefill_tokens, add_prefill_seqs,
             add_decode_seqs, add_kv_tokens, add_kind, add_cuda_graph, add_padded, add_preempted,
             add_sampled, add_wasted,
         ) = self._appends
         num_decode = len(batch.decode_ctx)
-        add_step(row)
         add_start(start)
         add_duration(duration)
         add_gpu(gpu)
