@@ -424,6 +424,30 @@ def seqs_aggregates(
     return out
 
 
+def decode_sums_aggregates(
+    seqs: np.ndarray, kv: np.ndarray, longest: np.ndarray, reading: np.ndarray, wave_tiles: float = 0.0,
+) -> dict[str, np.ndarray]:
+    """`seqs_aggregates` of decode-only points without a window, from their sums: per point its
+    decodes, KV tokens (contexts plus one each), longest KV and decodes with a context. Every
+    value is an integer, so the sums are the same to the last bit whatever order they were
+    added in; a simulation's decode steps are hundreds of thousands of sequences, and summing
+    them one by one was most of its coverage report."""
+    tokens = seqs.astype(np.float64)
+    keys = kv.astype(np.float64)
+    out = {
+        "T": tokens,
+        "B": tokens.copy(),
+        "K": keys,
+        "D": reading.astype(np.float64),
+        "S": keys.copy(),
+        "attn_pairs": keys.copy(),
+    }
+    out["padded"] = out["B"] * np.where(seqs > 0, 1.0, 0.0) * longest.astype(np.float64)
+    out["waves_kv"] = kernel_waves(out["T"], wave_tiles) * out["S"]
+    out.update(kv_alignment_terms(out["T"], out["S"]))
+    return out
+
+
 def _group_max(values: np.ndarray, point: np.ndarray, n_points: int) -> np.ndarray:
     """Per-point maximum (0 for points without sequences); fast when `point` is sorted."""
     out = np.zeros(n_points)

@@ -44,6 +44,7 @@ from dooly.fit.features import (
     WAVE_ROUNDING,
     aggregates_from_seqs,
     check_request_vars,
+    decode_sums_aggregates,
     local_terms,
     regime_of,
     regime_scalar,
@@ -98,6 +99,47 @@ LABEL_COVERAGE = "coverage"
 PHASE_PREFILL = "prefill"
 PHASE_DECODE = "decode"
 PHASE_MIXED = "mixed"
+# The request variables (indices into REQUEST_VARS: T, B, D) that are the batch size at every
+# step of a decode window.
+_DECODE_CONSTANT_VARS = frozenset(REQUEST_VARS.index(var) for var in ("T", "B", "D"))
+# Many steps as flat per-sequence arrays (query length, context, step index) and the step count.
+FlatSteps = tuple[np.ndarray, np.ndarray, np.ndarray, int]
+
+
+@dataclass(frozen=True)
+class DecodeRuns:
+    """Decode-only steps in runs (a simulation's decode windows): run r's step i decodes every
+    context of `contexts[r]` plus i, for `steps[r]` steps. Its steps' coverage follows from their
+    sums (`sums`) where the model has no sliding window, else from flat rows (`flat`)."""
+
+    contexts: list[list[int]]
+    steps: list[int]
+
+    def flat(self) -> FlatSteps:
+        """The steps as `flatten_steps` gives them."""
+        chunks = [
+            (np.asarray(ctx, dtype=np.int64)[None, :] + np.arange(steps, dtype=np.int64)[:, None]).ravel()
+            for ctx, steps in zip(self.contexts, self.steps, strict=True)
+        ]
+        per_step = np.repeat(np.fromiter(map(len, self.contexts), dtype=np.int64, count=len(self.contexts)), self.steps)
+        ctx = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+        return np.ones(len(ctx), dtype=np.int64), ctx, np.repeat(np.arange(len(per_step)), per_step), len(per_step)
+
+    def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per step: decodes, KV tokens (contexts plus one each), longest KV, decodes with a
+        context (a context of 0 is one only from the run's second step on)."""
+        runs = len(self.contexts)
+        steps = np.asarray(self.steps, dtype=np.int64)
+        seqs = np.fromiter(map(len, self.contexts), dtype=np.int64, count=runs)
+        first_kv = np.fromiter(map(sum, self.contexts), dtype=np.int64, count=runs) + seqs
+        first_longest = np.fromiter(map(max, self.contexts), dtype=np.int64, count=runs) + 1
+        empty = np.fromiter((ctx.count(0) for ctx in self.contexts), dtype=np.int64, count=runs)
+        offset = np.arange(int(steps.sum()), dtype=np.int64) - np.repeat(np.cumsum(steps) - steps, steps)
+        n = np.repeat(seqs, steps)
+        kv = np.repeat(first_kv, steps) + n * offset
+        longest = np.repeat(first_longest, steps) + offset
+        reading = n - np.where(offset == 0, np.repeat(empty, steps), 0)
+        return n, kv, longest, reading
 
 logger = logging.getLogger(__name__)
 
@@ -450,10 +492,26 @@ class StepPredictor:
         self, steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]
     ) -> dict[str, Coverage]:
         """`coverage_many` for each phase (prefill, decode, mixed) the steps hold."""
-        phases: dict[str, list[tuple[Sequence[tuple[int, int]], Sequence[int]]]] = {}
-        for prefill, decode_ctx in steps:
-            phases.setdefault(step_phase(prefill, decode_ctx), []).append((prefill, decode_ctx))
-        return {phase: self.coverage_many(chosen) for phase, chosen in sorted(phases.items())}
+        return self.coverage_of_phases(phase_arrays(steps))
+
+    def coverage_of_phases(self, phases: Mapping[str, FlatSteps | DecodeRuns]) -> dict[str, Coverage]:
+        """`coverage_by_phase` of steps already flattened per phase (`phase_arrays`), or of decode
+        steps in runs (a simulation's `SimResult.batch_phases` builds them without a list per step)."""
+        view = self._coverage_steps()
+        return {phase: view._coverage_of(view._phase_seconds(steps).sum(axis=0)) for phase, steps in phases.items()}
+
+    def _phase_seconds(self, steps: FlatSteps | DecodeRuns) -> np.ndarray:
+        """(n_steps, n_classes) seconds of one phase's steps."""
+        if not isinstance(steps, DecodeRuns):
+            return self._class_seconds(*steps, True)
+        if self._windowed_terms:
+            return self._class_seconds(*steps.flat(), True)
+        n, kv, longest, reading = steps.sums()
+        aggregates = {
+            (window, tiles): decode_sums_aggregates(n, kv, longest, reading, tiles)
+            for window, tiles in {(self.model_window, 0.0), *self._geometries}
+        }
+        return self._class_seconds_of(aggregates, len(n), True)
 
     def _coverage_of(self, totals: np.ndarray) -> Coverage:
         by_source = dict.fromkeys(SOURCES, 0.0)
@@ -507,6 +565,9 @@ class StepPredictor:
         self._geometries = sorted(
             {*linear, *(w for *_, w in self._nonlinear), *(entry[2] for entry in self._corrected)}
         )
+        # A sliding window anywhere: a step's S then needs each context (no `decode_steps`).
+        self._windowed_terms = self.model_window > 0 or any(window > 0 for window, _ in self._geometries)
+        self._decode_fixed: dict[int, tuple[float, list, list]] = {}
         self._dense_total = {var: table.sum(axis=0) for var, table in self._dense.items()}
         self._log_total = {var: table.sum(axis=0) for var, table in self._log.items()}
         # Scalar hot path: Python lists are faster to index than numpy arrays.
@@ -646,6 +707,63 @@ class StepPredictor:
         every layer group, so there a sliding layer runs over the padded KV like a full one
         (bench/attention_engine_padding.py: gemma-2-9b's sliding layers cost what its full ones do)."""
         t, b, k, d, pairs, padded, top = self._scan(prefill, decode_ctx)
+        return self._seconds(prefill, decode_ctx, full_reads, t, b, k, d, pairs, padded, top)
+
+    def decode_steps(self, decode_ctx: Sequence[int]) -> Callable[[int], float] | None:
+        """`step_seconds` of a decode window's steps (`dooly.sim.step_model.decode_steps`): step i
+        holds every context plus i, so its aggregates follow from the first step's sums without
+        scanning its contexts. None for a model with a sliding window (its S needs each context)
+        and for a context of 0 (a decode that reads nothing)."""
+        n = len(decode_ctx)
+        if not n or self._windowed_terms or 0 in decode_ctx:
+            return None
+        first_k = sum(decode_ctx) + n
+        first_top = max(decode_ctx) + 1
+        fixed = self._decode_fixed.get(n)
+        if fixed is None:
+            fixed = self._decode_fixed[n] = self._decode_fixed_terms(n)
+        constant, varying, geometries = fixed
+        lookup, term_list, add_terms = self._lookup, self._term_list, self._add_terms
+
+        def seconds(step: int) -> float:
+            k = first_k + n * step
+            total = constant
+            if varying:
+                values = (n, n, k, n, k)
+                for var_i, dense, logs in varying:
+                    x = values[var_i]
+                    if x > 0:
+                        total += lookup(dense, logs, x)
+            padded = n * (first_top + step)
+            for wave_tiles, linear, corrected, nonlinear in geometries:
+                total = add_terms(total, term_list(n, n, k, n, k, k, padded, wave_tiles), linear, corrected, nonlinear)
+            return total
+
+        return seconds
+
+    def _decode_fixed_terms(self, n: int) -> tuple[float, list, list]:
+        """What a decode step of n requests costs whatever its contexts: T, B and D are n, so the
+        tables of those that come first add the same seconds each step (in the same order, so
+        the sum is the same to the last bit), and the regime is the same. (constant seconds, the
+        tables left, per geometry (wave tiles, the regime's linear rows, corrected, non-linear))."""
+        tables = self._scalar_tables
+        constant = 0.0
+        held = 0
+        while held < len(tables) and tables[held][0] in _DECODE_CONSTANT_VARS:
+            constant += self._lookup(tables[held][1], tables[held][2], n)
+            held += 1
+        regime = regime_scalar(n, n)
+        geometries = [
+            (wave_tiles, None if by_regime is None else by_regime[regime], corrected, nonlinear)
+            for (_, wave_tiles), by_regime, corrected, nonlinear in self._scalar_geometries
+        ]
+        return constant, tables[held:], geometries
+
+    def _seconds(
+        self, prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int], full_reads: bool,
+        t: int, b: int, k: int, d: int, pairs: int, padded: int, top: int,
+    ) -> float:
+        """`step_seconds` from a step's aggregates (`_scan`); the contexts serve sliding windows only."""
         mw = 0 if full_reads else self.model_window
         s_model = self._windowed(prefill, decode_ctx, mw, k, pairs, top)[0] if mw > 0 else k
         values = (t, b, k, d, s_model)
@@ -664,19 +782,28 @@ class StepPredictor:
                     self._windowed(prefill, decode_ctx, window, k, pairs, top) if window > 0 else (k, pairs)
                 )
                 terms = self._term_list(t, b, k, d, s, wp, padded, wave_tiles)
-                if by_regime is not None:
-                    for i, c in by_regime[regime]:
-                        total += c * terms[i]
-                for count, coef, tables in corrected:
-                    base = 0.0
-                    for i, c in coef:
-                        base += c * terms[i]
-                    factor = 1.0
-                    for i, split_i, j, split_j, table in tables:
-                        factor *= table[bisect_left(split_i, terms[i])][bisect_left(split_j, terms[j])]
-                    total += count * max(base, MIN_SECONDS) * factor
-                for count, model in nonlinear:
-                    total += count * float(model.predict_terms(np.array([terms]))[0])
+                total = self._add_terms(total, terms, None if by_regime is None else by_regime[regime], corrected, nonlinear)
+        return total
+
+    @staticmethod
+    def _add_terms(
+        total: float, terms: list[float], linear: list[tuple[int, float]] | None, corrected: list, nonlinear: list
+    ) -> float:
+        """`total` plus one geometry's models at its request terms: the linear ones (the step's
+        regime's coefficients), the tree-corrected and the non-linear ones, in that order."""
+        if linear is not None:
+            for i, c in linear:
+                total += c * terms[i]
+        for count, coef, tables in corrected:
+            base = 0.0
+            for i, c in coef:
+                base += c * terms[i]
+            factor = 1.0
+            for i, split_i, j, split_j, table in tables:
+                factor *= table[bisect_left(split_i, terms[i])][bisect_left(split_j, terms[j])]
+            total += count * max(base, MIN_SECONDS) * factor
+        for count, model in nonlinear:
+            total += count * float(model.predict_terms(np.array([terms]))[0])
         return total
 
     # -- array path --------------------------------------------------------------------------
@@ -686,14 +813,20 @@ class StepPredictor:
         full_reads: bool = False,
     ) -> np.ndarray:
         """(n_steps,) totals, or (n_steps, n_classes) when per_class; `full_reads` as in step_seconds."""
-        n_cls = len(self.classes)
-        out = np.zeros((n_steps, n_cls)) if per_class else np.zeros(n_steps)
         aggregates = {
             (w, tiles): seqs_aggregates(
                 q, ctx, step, n_steps, np.full(len(q), 0 if full_reads else w, dtype=np.int64), tiles
             )
             for w, tiles in {(self.model_window, 0.0), *self._geometries}
         }
+        return self._class_seconds_of(aggregates, n_steps, per_class)
+
+    def _class_seconds_of(
+        self, aggregates: Mapping[Geometry, Mapping[str, np.ndarray]], n_steps: int, per_class: bool
+    ) -> np.ndarray:
+        """`_class_seconds` from the steps' aggregates per geometry (`seqs_aggregates`)."""
+        n_cls = len(self.classes)
+        out = np.zeros((n_steps, n_cls)) if per_class else np.zeros(n_steps)
         base = aggregates[(self.model_window, 0.0)]
         for var in self._dense:
             x = base[var]
@@ -839,6 +972,15 @@ class Coverage:
                 for e in self.estimated
             ],
         }
+
+
+def phase_arrays(steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]) -> dict[str, FlatSteps]:
+    """The steps grouped by phase (`step_phase`, phases in name order, steps in their order),
+    each group flattened (`flatten_steps`)."""
+    phases: dict[str, list[tuple[Sequence[tuple[int, int]], Sequence[int]]]] = {}
+    for prefill, decode_ctx in steps:
+        phases.setdefault(step_phase(prefill, decode_ctx), []).append((prefill, decode_ctx))
+    return {phase: (*flatten_steps(chosen), len(chosen)) for phase, chosen in sorted(phases.items())}
 
 
 def flatten_steps(

@@ -169,7 +169,7 @@ def simulate_command(
     if fitted:
         from dooly.fit.coverage import coverage_payload
 
-        coverage = step_model.coverage_by_phase(result.batches or [])
+        coverage = step_model.coverage_of_phases(result.batch_phases())
         summary["coverage"] = coverage_payload(coverage)
     if out_dir:
         _write_results(Path(out_dir), result, summary, spec)

@@ -34,12 +34,13 @@ will sample (a placeholder until the step completes), `generated` counts tokens 
 
 from __future__ import annotations
 
+import heapq
 import math
 from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field, fields
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 from dooly.errors import DoolyError
@@ -114,12 +115,28 @@ class ScheduledBatch:
     num_tokens: int
     kv_tokens: int
     preempted: int = 0
-    # (request, query tokens, context before them) in the engine's batch order.
-    entries: list[tuple[Seq, int, int]] = field(default_factory=list)
+    # (request, query tokens, context before them) of the requests after the head, in the
+    # engine's batch order (`entries` has them all).
+    rest: list[tuple[Seq, int, int]] = field(default_factory=list)
+    # The first `certain` samplers are requests of a decode group (`_DecodeGroup`): each is handed
+    # its token (none is wasted, none is its first), `finishing` those for which it is the last.
+    certain: int = 0
+    finishing: list[Seq] = field(default_factory=list)
+    # A head of decodes taken in one go (`_certain_decodes`): the first of `decode_ctx` are theirs.
+    head: list[Seq] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
         return len(self.prefill) + len(self.decode_ctx)
+
+    @property
+    def entries(self) -> list[tuple[Seq, int, int]]:
+        """(request, query tokens, context before them) in the engine's batch order (built on
+        demand: a step's head holds dozens of decodes, and nothing needs their entries but a
+        parity check)."""
+        if not self.head:
+            return self.rest
+        return [*zip(self.head, repeat(1), self.decode_ctx), *self.rest]
 
 
 @dataclass(slots=True)
@@ -129,7 +146,8 @@ class DecodeWindow:
     Most steps of a loaded replica are such steps, and scheduling them one by one was most of a
     simulation's time (issue #25): the simulator runs a window's steps without calling `schedule`
     for each, with the same costs, clock and step log, then `Scheduler.advance_decodes` leaves the
-    scheduler where step-by-step scheduling would have. `seqs`: the requests in batch order;
+    scheduler where step-by-step scheduling would have. `seqs`: the requests in batch order (`contexts`: their cached tokens; `due`: at
+    least those whose next block boundary falls within the window);
     `steps`: how many steps are certain (none fails a block allocation or changes the batch, and
     only the last may deliver requests' last tokens); `admits_waiting`: whether a request arriving meanwhile
     would join a batch (the caller ends the window at the next arrival); `path`: the steps' path
@@ -139,6 +157,76 @@ class DecodeWindow:
     steps: int
     admits_waiting: bool
     path: StepPath | None
+    contexts: list[int]
+    due: list[Seq]
+
+
+class _DecodeGroup:
+    """The requests that decode, and when each will next need a block and deliver its last token,
+    kept while they all decode one token a step (windows, and steps that take them as a head of
+    certain decodes), so that `decode_window` need not look at each of them every time: on a
+    loaded replica it runs after nearly every step that admits a request, and its look at every
+    request was a sixth of a simulation.
+
+    `tick` counts the group's steps. Each member's last token is due at a fixed tick (it gets one
+    token a step), and so is its next block boundary until it takes a block (then the boundary
+    moves later): two heaps of (tick, id, request), whose entries of members gone or moved are
+    corrected when they come up. Requests that start decoding join at the next window
+    (`joining`); one that finishes leaves; anything else (an eviction, a step that schedules its
+    decodes one by one) drops the group, and the next window looks at every request again."""
+
+    __slots__ = ("boundaries", "finishes", "joining", "members", "tick")
+
+    def __init__(self) -> None:
+        self.tick = 0
+        self.members: dict[int, Seq] = {}
+        self.finishes: list[tuple[int, int, Seq]] = []
+        self.boundaries: list[tuple[int, int, Seq]] = []
+        self.joining: list[Seq] = []
+
+    def join(self, seq: Seq, block_size: int) -> None:
+        key = id(seq)
+        self.members[key] = seq
+        heapq.heappush(self.finishes, (self.tick + seq.target - seq.generated, key, seq))
+        heapq.heappush(self.boundaries, (self.tick + seq.blocks * block_size - seq.computed, key, seq))
+
+    def fewest_left(self) -> int:
+        """The fewest tokens a member has left to deliver (the group is not empty)."""
+        finishes, members = self.finishes, self.members
+        while finishes[0][1] not in members:
+            heapq.heappop(finishes)
+        return finishes[0][0] - self.tick
+
+    def finishing(self) -> list[Seq]:
+        """The members with no token left to deliver once the tokens of the group's steps so far
+        are (they are about to leave)."""
+        finishes, members, tick = self.finishes, self.members, self.tick
+        done: list[Seq] = []
+        while finishes and finishes[0][0] <= tick:
+            _, key, seq = heapq.heappop(finishes)
+            if key in members:
+                done.append(seq)
+        return done
+
+    def due(self, horizon: int, block_size: int) -> list[Seq]:
+        """The members whose next block boundary is fewer than `horizon` steps away."""
+        boundaries, members, tick = self.boundaries, self.members, self.tick
+        due: list[Seq] = []
+        kept: list[tuple[int, int, Seq]] = []
+        while boundaries and boundaries[0][0] < tick + horizon:
+            entry = heapq.heappop(boundaries)
+            _, key, seq = entry
+            if key not in members:
+                continue
+            boundary = tick + seq.blocks * block_size - seq.computed
+            if boundary != entry[0]:  # it took a block since: its boundary moved later
+                heapq.heappush(boundaries, (boundary, key, seq))
+                continue
+            due.append(seq)
+            kept.append(entry)
+        for entry in kept:
+            heapq.heappush(boundaries, entry)
+        return due
 
 
 # The path of a batch whose composition is still being formed (`TransformersCBScheduler` sets the
@@ -193,8 +281,9 @@ class Scheduler(ABC):
         A scheduler that does not model windows schedules every step."""
         return None
 
-    def advance_decodes(self, window: DecodeWindow, steps: int) -> None:
-        """Leave the scheduler as `steps` of the window's steps, scheduled one by one, would have."""
+    def advance_decodes(self, window: DecodeWindow, steps: int) -> list[Seq]:
+        """Leave the scheduler as `steps` of the window's steps, scheduled one by one, would have;
+        returns the requests whose last token the last of them samples (the caller finishes them)."""
         raise NotImplementedError(f"{type(self).__name__} models no decode windows")
 
     def _build(self, entries: list[tuple[Seq, int]], preempted: int = 0) -> ScheduledBatch:
@@ -365,6 +454,10 @@ class TransformersCBScheduler(Scheduler):
         self.num_offloaded_waiting = 0
         self.block_new_requests = False
         self.starved: list[tuple[Seq, int]] = []
+        # Every path met so far, by its fields: most steps of a run take a path met before, and
+        # building a frozen StepPath each time was a twentieth of a simulation.
+        self._paths: dict[tuple[StepKind, bool, int, bool, int, int], StepPath] = {}
+        self._group: _DecodeGroup | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.engine, **self.config.to_dict()}
@@ -378,6 +471,8 @@ class TransformersCBScheduler(Scheduler):
     def finish(self, seq: Seq) -> None:
         self._release(seq)
         self.block_new_requests = False
+        if self._group is not None:
+            self._group.members.pop(id(seq), None)
 
     def schedule(self) -> ScheduledBatch | None:
         """`ContinuousBatchProcessor.prepare_next_batch`: schedule, evict until something fits,
@@ -392,23 +487,40 @@ class TransformersCBScheduler(Scheduler):
                 raise SimulationError(self.stall_message())
             preempted += evicted
             batch = self._schedule_batch()
-        if not batch.entries:
+        if not batch.rest and not batch.head:
             return None
         if self.starved:
             preempted += self._offload_requests()
-        for seq, _, _ in batch.entries:
+        # A request that decodes is never offloaded, unless an eviction just now took it.
+        for seq, _, _ in batch.entries if preempted else batch.rest:
             if seq.offloaded:
                 seq.offloaded = False
                 self.free_cpu_blocks += seq.cpu_blocks
                 seq.cpu_blocks = 0
         batch.preempted = preempted
+        if preempted:  # an eviction may have taken a request of the head: its token is wasted
+            batch.certain = 0
         batch.path = self.path_for(batch.prefill, batch.decode_ctx)
         return batch
 
     # -- scheduler.py: FIFOScheduler / PrefillFirstScheduler.schedule_batch + _process_candidates --
 
-    def _candidates(self):
+    def _candidates(self, decoding: list[Seq], splitting: list[Seq]):
         """Active requests in priority order, then (unless blocked) the waiting ones."""
+        first = splitting + decoding if self.prefill_first else decoding + splitting
+        if self.block_new_requests:
+            return first
+        return chain(first, self._waiting_candidates())
+
+    def _all_decode(self) -> bool:
+        """Whether every active request is known to decode (all of them in the decode group)."""
+        group = self._group
+        return group is not None and not group.joining and len(group.members) == len(self.active)
+
+    def _active_by_status(self, all_decode: bool) -> tuple[list[Seq], list[Seq]]:
+        """The active requests that decode and those whose prompt is split, in admission order."""
+        if all_decode:
+            return list(self.active.values()), []
         decoding: list[Seq] = []
         splitting: list[Seq] = []
         for seq in self.active.values():
@@ -416,10 +528,53 @@ class TransformersCBScheduler(Scheduler):
                 decoding.append(seq)
             elif seq.status == PREFILLING:
                 splitting.append(seq)
-        first = splitting + decoding if self.prefill_first else decoding + splitting
-        if self.block_new_requests:
-            return first
-        return chain(first, self._waiting_candidates())
+        return decoding, splitting
+
+    def _certain_decodes(
+        self, decoding: list[Seq], all_decode: bool
+    ) -> tuple[list[int], list[tuple[Seq, int]], int] | None:
+        """Schedule the decoding requests at the head of a batch in one go, where
+        `_process_candidates` would take each of them as it comes: every one decodes one token,
+        none is skipped for the cache budget, none fails its block allocation and no budget runs
+        out on the way (the batch goes on with the candidates after them). Most steps that admit
+        a request are such (a loaded replica decodes dozens of requests beside a new prompt), and
+        taking the decodes one by one was most of their scheduling. Returns (decode contexts,
+        samplers, KV tokens read) with the requests advanced and their blocks allocated, or None
+        (nothing changed) where one of those is not certain. `all_decode`: they are the decode
+        group's, which knows which of them are at a block boundary."""
+        n = len(decoding)
+        cfg = self.config
+        if self.read_limit or n >= cfg.max_batch_tokens or n >= cfg.max_requests_per_batch:
+            return None
+        contexts = [seq.computed for seq in decoding]
+        reads = sum(contexts)
+        if reads >= self.num_pages:
+            return None
+        block_size = self.block_size
+        if all_decode:
+            assert self._group is not None, "all_decode comes from the decode group"
+            boundary = self._group.due(1, block_size)
+        else:
+            # A decoding request has a token to process (`num_tokens` is at least `computed` + 1),
+            # so n more tokens than contexts in all means exactly one each (the group's always do).
+            if sum([seq.num_tokens for seq in decoding]) - reads != n:
+                return None
+            boundary = [seq for seq in decoding if seq.blocks * block_size <= seq.computed]
+        # The decodes whose blocks are full allocate (`_allocate`'s formula); when the pool holds
+        # all they take together, each of them succeeds in turn.
+        if boundary:
+            group_blocks = self._group_blocks
+            needed = [group_blocks(seq.blocks, (2 - seq.blocks * block_size + seq.computed) // block_size + 1)[0]
+                      for seq in boundary]
+            if sum(needed) > self.free_blocks:
+                return None
+            allocate = self._allocate
+            for seq in boundary:
+                allocate(seq, 1)
+        for seq, computed in zip(decoding, contexts, strict=True):
+            seq.computed = computed + 1
+            seq.num_tokens = computed + 2
+        return contexts, [(seq, seq.epoch) for seq in decoding], reads
 
     def _waiting_candidates(self):
         """CPU-offloaded requests first, interleaved one-for-one with fresh ones. The waiting
@@ -459,10 +614,38 @@ class TransformersCBScheduler(Scheduler):
         add_prefill, add_decode, add_sampler, add_ordered = prefill.append, decode_ctx.append, samplers.append, ordered.append
         kv_tokens = 0
         num_tokens = 0
-        for seq in self._candidates():
+        certain = 0
+        finishing: list[Seq] = []
+        taken: list[Seq] = []  # the head's requests (their entries are not in `ordered`)
+        all_decode = self._all_decode()
+        decoding, splitting = self._active_by_status(all_decode)
+        head = None if splitting and self.prefill_first else self._certain_decodes(decoding, all_decode)
+        group = self._group
+        if head is None:
+            # Decodes taken one by one may skip one: the group's ticks no longer hold.
+            group = self._group = None
+            candidates = self._candidates(decoding, splitting)
+        else:
+            if group is not None:
+                group.tick += 1
+                if all_decode:
+                    certain = len(decoding)
+                    finishing = group.finishing()
+            candidates = self._candidates([], splitting)
+            decode_ctx, samplers, reads = head
+            add_decode, add_sampler = decode_ctx.append, samplers.append
+            taken = decoding
+            n = len(decoding)
+            fast_path = fast_path and (not decode_ctx or max(decode_ctx) < max_fast)
+            token_budget -= n
+            cache_budget -= reads
+            request_budget -= n
+            kv_tokens = reads + n
+            num_tokens = n
+        for seq in candidates:
             status = seq.status
             free_now = self.free_blocks
-            if free_now < safety and ordered and status != DECODING:
+            if free_now < safety and (ordered or taken) and status != DECODING:
                 break
             computed = seq.computed
             remaining = seq.num_tokens - computed
@@ -484,6 +667,8 @@ class TransformersCBScheduler(Scheduler):
             if remaining <= token_budget:
                 if status != DECODING:
                     seq.status = DECODING
+                    if group is not None:
+                        group.joining.append(seq)
                 q = remaining
                 done = computed + q
                 seq.num_tokens = done + 1
@@ -510,9 +695,10 @@ class TransformersCBScheduler(Scheduler):
             del self.waiting[id(seq)]
             if seq.offloaded:
                 self.num_offloaded_waiting -= 1
-        if not ordered and allocation_failed:
+        if not ordered and not taken and allocation_failed:
             return None
-        return ScheduledBatch(prefill, decode_ctx, samplers, _UNSET_PATH, num_tokens, kv_tokens, 0, ordered)
+        return ScheduledBatch(prefill, decode_ctx, samplers, _UNSET_PATH, num_tokens, kv_tokens, 0, ordered, certain,
+                              finishing, taken)
 
     def _allocate(self, seq: Seq, num_tokens: int) -> bool:
         """`Scheduler._allocate_blocks_if_needed`, with its exact block formula, and
@@ -558,30 +744,42 @@ class TransformersCBScheduler(Scheduler):
         if self.waiting and not blocked:
             return None
         seqs = list(active.values())
-        horizon = self.num_pages
-        context = 0
         block_size = self.block_size
-        # Requests whose next block boundary may fall within the window (the horizon only
-        # shrinks as the scan goes on, so none is missed); most are far from one.
-        due: list[Seq] = []
-        for seq in seqs:
-            computed = seq.computed
-            if seq.status != DECODING or seq.num_tokens - computed != 1 or not seq.generated:
-                return None
-            left = seq.target - seq.generated
-            if left < horizon:
-                horizon = left
-            context += computed
-            if seq.blocks * block_size - computed < horizon:
-                due.append(seq)
+        group = self._group
+        if group is None:
+            group = self._group = _DecodeGroup()
+            group.joining = seqs
+        if not self._join(group) or len(group.members) != n:
+            return None
+        contexts = [seq.computed for seq in seqs]
+        context = sum(contexts)
         # Each step's reads (at most the contexts) stay under the cache budget, so no request is
         # skipped and the batch loop never stops early.
-        horizon = min(horizon, (self.num_pages - 1 - context) // n + 1)
+        horizon = min(self.num_pages, group.fewest_left(), (self.num_pages - 1 - context) // n + 1)
+        due = group.due(horizon, block_size)
         horizon = self._allocations_within(due, horizon)
         if horizon <= 0:
             return None
-        path = None if self.pad_inputs or self.decode_fast_path_on else self.path_for([], [seq.computed for seq in seqs])
-        return DecodeWindow(seqs, horizon, not blocked, path)
+        # Without padding or the decode fast path, `path_for` of n decodes depends on n alone.
+        path = None if self.pad_inputs or self.decode_fast_path_on else self._path(StepKind.DECODE, False, n, False, 0, 0)
+        return DecodeWindow(seqs, horizon, not blocked, path, contexts, due)
+
+    def _join(self, group: _DecodeGroup) -> bool:
+        """Whether the requests that started decoding since the group last looked can join it:
+        each decodes one token a step (one token to process, one delivered already); they join.
+        A request that cannot stays waiting to join (the window is refused meanwhile)."""
+        active, block_size = self.active, self.block_size
+        pending: list[Seq] = []
+        for seq in group.joining:
+            key = id(seq)
+            if key not in active or key in group.members:
+                continue
+            if seq.status != DECODING or seq.num_tokens - seq.computed != 1 or not seq.generated:
+                pending.append(seq)
+                continue
+            group.join(seq, block_size)
+        group.joining = pending
+        return not pending
 
     def _allocations_within(self, seqs: list[Seq], horizon: int) -> int:
         """The steps before `horizon` whose block allocations (a decode takes a block when its
@@ -607,18 +805,25 @@ class TransformersCBScheduler(Scheduler):
                 return step
         return horizon
 
-    def advance_decodes(self, window: DecodeWindow, steps: int) -> None:
+    def advance_decodes(self, window: DecodeWindow, steps: int) -> list[Seq]:
         """Each request's context grows by `steps` tokens, with the blocks `_allocate` gives it
-        at each block boundary on the way (all certain to succeed: `_allocations_within`)."""
+        at each block boundary on the way (all certain to succeed: `_allocations_within`; only
+        the window's `due` requests meet one). The decode group (which made the window) knows
+        whose last token the last step samples."""
         block_size = self.block_size
-        for seq in window.seqs:
+        for seq in window.due:
             done = seq.computed + steps
             while seq.blocks * block_size < done:
                 seq.computed = seq.blocks * block_size
                 self._allocate(seq, 1)
-            seq.computed = done
-            seq.num_tokens = done + 1
+        for seq, computed in zip(window.seqs, window.contexts, strict=True):
+            seq.computed = computed + steps
+            seq.num_tokens = computed + steps + 1
         self.starved = []
+        group = self._group
+        assert group is not None, "a decode window comes from the decode group"
+        group.tick += steps
+        return group.finishing()
 
     def _release(self, seq: Seq) -> None:
         self.free_blocks += seq.held
@@ -642,6 +847,7 @@ class TransformersCBScheduler(Scheduler):
             free += seq.held
         if not victims:
             return 0
+        self._group = None
         victims.reverse()
         pool = self.free_cpu_blocks
         to_cpu: set[int] = set()
@@ -699,14 +905,22 @@ class TransformersCBScheduler(Scheduler):
                 cached = sum(c for _, c in prefill) + sum(decode_ctx)
                 longest = max([q + c for q, c in prefill] + [c + 1 for c in decode_ctx], default=0)
                 padded, padded_kv, padded_seqlen = self._varlen_shape(num_tokens, cached, longest)
-        return StepPath(
-            _kind(prefill, decode_ctx),
-            cuda_graph=graph,
-            padded_tokens=padded,
-            engine_path="decode_fast_path" if fast else "varlen",
-            padded_kv=padded_kv,
-            padded_seqlen_k=padded_seqlen if graph else 0,
-        )
+        return self._path(_kind(prefill, decode_ctx), graph, padded, fast, padded_kv, padded_seqlen if graph else 0)
+
+    def _path(self, kind: StepKind, graph: bool, padded: int, fast: bool, padded_kv: int, padded_seqlen: int) -> StepPath:
+        """The StepPath of these fields (`path_for`), built once per run."""
+        key = (kind, graph, padded, fast, padded_kv, padded_seqlen)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = StepPath(
+                kind,
+                cuda_graph=graph,
+                padded_tokens=padded,
+                engine_path="decode_fast_path" if fast else "varlen",
+                padded_kv=padded_kv,
+                padded_seqlen_k=padded_seqlen,
+            )
+        return path
 
     def _varlen_shape(self, num_tokens: int, cached: int, longest: int) -> tuple[int, int, int]:
         """Padded query tokens, KV tokens attention spans (the padded cached read, the engine's

@@ -20,12 +20,14 @@ Two loops, as in the engines:
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from itertools import islice
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,10 +38,14 @@ from dooly.sim.step_model import (
     StepKind,
     StepLatencyModel,
     StepPath,
+    decode_steps,
     device_seconds,
     step_keywords,
 )
 from dooly.workload import Request
+
+if TYPE_CHECKING:
+    from dooly.fit.predictor import DecodeRuns, FlatSteps
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +100,60 @@ class StepRecord:
 
 
 _STEP_FIELDS = tuple(StepRecord.__dataclass_fields__)
+# The step log's columns whose value is the same at every step of a decode window, and that value:
+# windows leave them out while they run (`_Run.window_rows`), and `_Run.finish_log` fills them in.
+_WINDOW_DEFAULTS = (
+    ("num_prefill_tokens", 0), ("num_prefill_seqs", 0), ("kind", StepKind.DECODE.value), ("preempted", 0),
+    ("wasted_tokens", 0),
+)
+
+# A step's composition as the step model takes it: (prefill chunks, decode contexts).
+Batch = tuple[list[tuple[int, int]], list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRun:
+    """How the recorded compositions hold a decode window's steps: the first step's decode
+    contexts and the number of steps (step i decodes every context plus i). A window runs
+    thousands of steps of a simulation, and a list of contexts per step was a tenth of its
+    loop and, flattened again for coverage, a third of its report."""
+
+    decode_ctx: list[int]
+    steps: int
+
+    def batches(self) -> Iterator[Batch]:
+        ctx = self.decode_ctx
+        for step in range(self.steps):
+            yield [], [c + step for c in ctx]
+
+
+def _phase_arrays(log: list[Batch | DecodeRun]) -> dict[str, FlatSteps | DecodeRuns]:
+    """`dooly.fit.predictor.phase_arrays` of the recorded compositions, the decode steps kept
+    as runs (`DecodeRuns`: a window's contexts and steps; a scheduled decode step a run of one)
+    instead of a list of contexts per step."""
+    from dooly.fit.predictor import PHASE_DECODE, DecodeRuns, flatten_steps, step_phase
+
+    others: dict[str, list[Batch]] = {}
+    contexts: list[list[int]] = []
+    steps: list[int] = []
+    for entry in log:
+        if isinstance(entry, DecodeRun):
+            contexts.append(entry.decode_ctx)
+            steps.append(entry.steps)
+            continue
+        prefill, decode_ctx = entry
+        phase = step_phase(prefill, decode_ctx)
+        if phase == PHASE_DECODE:
+            contexts.append(decode_ctx)
+            steps.append(1)
+        else:
+            others.setdefault(phase, []).append(entry)
+    phases: dict[str, FlatSteps | DecodeRuns] = {
+        phase: (*flatten_steps(chosen), len(chosen)) for phase, chosen in others.items()
+    }
+    if steps:
+        phases[PHASE_DECODE] = DecodeRuns(contexts, steps)
+    return dict(sorted(phases.items()))
 
 
 class SimResult:
@@ -106,14 +166,35 @@ class SimResult:
         settings: dict[str, Any],
         wall_s: float,
         token_times: dict[str, list[float]] | None = None,
-        batches: list[tuple[list[tuple[int, int]], list[int]]] | None = None,
+        batch_log: list[Batch | DecodeRun] | None = None,
     ) -> None:
         self.requests = requests
         self._step_columns = step_columns
         self.settings = settings
         self.wall_s = wall_s
         self.token_times = token_times
-        self.batches = batches
+        self._batch_log = batch_log
+        self._batches: list[Batch] | None = None
+
+    @property
+    def batches(self) -> list[Batch] | None:
+        """Each step's composition (prefill chunks, decode contexts), when recorded."""
+        if self._batch_log is None:
+            return None
+        if self._batches is None:
+            batches: list[Batch] = []
+            for entry in self._batch_log:
+                if isinstance(entry, DecodeRun):
+                    batches.extend(entry.batches())
+                else:
+                    batches.append(entry)
+            self._batches = batches
+        return self._batches
+
+    def batch_phases(self) -> dict[str, FlatSteps | DecodeRuns]:
+        """The recorded compositions grouped by phase as flat arrays, for
+        `StepPredictor.coverage_of_phases` (nothing when none were recorded)."""
+        return _phase_arrays(self._batch_log or [])
 
     @property
     def steps(self) -> list[StepRecord]:
@@ -228,13 +309,23 @@ def simulate(
     if max_steps is None:
         max_steps = MAX_STEPS_PER_TOKEN * sum(s.prompt + s.target for s in seqs) + MIN_STEP_LIMIT
     run = _Run(scheduler, step_model, overhead, record_batches, captured)
-    if scheduler.async_scheduling:
-        run.loop_async(seqs, max_steps)
-    else:
-        run.loop_sync(seqs, max_steps)
+    # The loop allocates containers that live on (step log, token times, compositions) and frees
+    # the rest by reference counting: it makes no reference cycles, and the collector's passes
+    # over what lives on were a tenth of a simulation, for nothing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        if scheduler.async_scheduling:
+            run.loop_async(seqs, max_steps)
+        else:
+            run.loop_sync(seqs, max_steps)
+    finally:
+        if collecting:
+            gc.enable()
     records = [_record(seq) for seq in seqs]
     token_times = {s.rid: s.token_times or [] for s in seqs} if record_token_times else None
     wall = time.perf_counter() - wall_start
+    run.finish_log()
     logger.info("simulated %d requests in %d steps (%.2f s wall)", len(seqs), len(run.columns["step"]), wall)
     return SimResult(records, run.columns, scheduler.describe(), wall, token_times, run.batches)
 
@@ -258,8 +349,10 @@ class _Run:
         self.columns: dict[str, list] = {name: [] for name in _STEP_FIELDS}
         # One bound `append` per column, in StepRecord's field order: `_log` runs once per step,
         # and looking each column up by name cost a tenth of a simulation.
-        self._appends = tuple(self.columns[name].append for name in _STEP_FIELDS)
-        self.batches: list | None = [] if record_batches else None
+        self._appends = tuple(self.columns[name].append for name in _STEP_FIELDS if name != "step")
+        self.batches: list[Batch | DecodeRun] | None = [] if record_batches else None
+        # (first row, steps) of each decode window, in order (see _WINDOW_DEFAULTS).
+        self.window_rows: list[tuple[int, int]] = []
         self.unfinished = 0
 
     def loop_sync(self, seqs: list[Seq], max_steps: int) -> None:
@@ -341,6 +434,30 @@ class _Run:
             previous, previous_end, row = in_flight
             self._finish_in_flight(previous, previous_end, row)
 
+    def finish_log(self) -> None:
+        """Complete the step log's columns: the step index (each row's own, `start_s` being the
+        column every step appends to), and the decode windows' steps' values in the columns they
+        left out while they ran (_WINDOW_DEFAULTS): each such column is the default at every row,
+        the scheduled steps' values set at theirs (one list per column instead of an extension
+        per window)."""
+        cols = self.columns
+        total = len(cols["start_s"])
+        cols["step"] = list(range(total))
+        if not self.window_rows:
+            return
+        scheduled: list[int] = []
+        row = 0
+        for first, steps in self.window_rows:
+            scheduled.extend(range(row, first))
+            row = first + steps
+        scheduled.extend(range(row, total))
+        for name, default in _WINDOW_DEFAULTS:
+            full = [default] * total
+            for row, value in zip(scheduled, cols[name], strict=True):
+                full[row] = value
+            cols[name] = full
+        self.window_rows = []
+
     def _finish_in_flight(self, batch: ScheduledBatch, end: float, row: int) -> None:
         self.columns["wasted_tokens"][row] = self._deliver(batch, end)
 
@@ -382,23 +499,108 @@ class _Run:
         window ends, the step limit, or (when waiting requests could join) the next arrival.
         Returns (steps run, clock)."""
         cols = self.columns
-        row = len(cols["step"])
+        row = len(cols["start_s"])
         limit = min(window.steps, max_steps - row)
         next_arrival = seqs[cursor].arrival_s if window.admits_waiting and cursor < len(seqs) else math.inf
         batch = window.seqs
         n = len(batch)
-        ctx = [seq.computed for seq in batch]
+        ctx = window.contexts
+        path = window.path
+        device = None if path is None else decode_steps(self.step_model, ctx, path, self.step_kwargs)
+        if path is not None and device is not None:
+            end = self._priced_window(path, device, ctx, limit, now, next_arrival)
+            paths = None
+        else:
+            end, paths = self._window_step_by_step(path, ctx, limit, now, next_arrival)
+        done = len(cols["start_s"]) - row
+        if not done:
+            return 0, now
+        if self.batches is not None:
+            self.batches.append(DecodeRun(ctx, done))
+        self.window_rows.append((row, done))
+        per_step = [n] * done
+        cols["num_decode_seqs"] += per_step
+        cols["sampled"] += per_step
+        if paths is None:
+            assert path is not None, "a window without a fixed path is priced step by step"
+            cols["cuda_graph"] += [path.cuda_graph] * done
+            cols["padded_tokens"] += [path.padded_tokens] * done
+        else:
+            cols["cuda_graph"].extend([step_path.cuda_graph for step_path in paths])
+            cols["padded_tokens"].extend([step_path.padded_tokens for step_path in paths])
+        scheduler = self.scheduler
+        finishing = scheduler.advance_decodes(window, done)
+        if batch[0].token_times is None:
+            for seq in batch:
+                seq.generated += done
+        else:
+            ends = cols["start_s"][row + 1:] + [end]
+            for seq in batch:
+                seq.generated += done
+                seq.token_times.extend(ends)  # type: ignore[union-attr]
+        for seq in finishing:
+            seq.finished = True
+            seq.finish_s = end
+            self.unfinished -= 1
+            scheduler.finish(seq)
+        return done, end
+
+    def _priced_window(
+        self, path: StepPath, device: Callable[[int], float], ctx: list[int], limit: int, now: float,
+        next_arrival: float,
+    ) -> float:
+        """A window's steps on one path, priced by the step model's `decode_steps` and the host
+        overhead's `kv_terms` (each step differs from the last in its KV tokens only), the same
+        as `_step_cost` gives step by step: logs each step's start, duration, device and host
+        seconds and KV tokens; returns the clock after the last."""
+        n = len(ctx)
         kv_tokens = sum(ctx) + n
-        fixed_path = window.path
+        host, per_kv = self.overhead.kv_terms(path, n, n)
+        cols = self.columns
+        gpu_s = cols["gpu_s"]
+        add_start, add_duration, add_gpu, add_cpu, add_kv = (
+            cols["start_s"].append, cols["duration_s"].append, gpu_s.append, cols["cpu_s"].append,
+            cols["kv_tokens"].append,
+        )
+        # The first step pays a capture where its graph is new; the others (the same path) none.
+        capture = self.overhead.capture_seconds(path, self.captured) if limit > 0 and now < next_arrival else 0.0
+        done = 0
+        while done < limit and now < next_arrival:
+            gpu = device(done)
+            cpu = host + per_kv * kv_tokens + capture
+            capture = 0.0
+            add_start(now)
+            add_duration(cpu + gpu)
+            add_gpu(gpu)
+            add_cpu(cpu)
+            add_kv(kv_tokens)
+            now = now + cpu + gpu
+            done += 1
+            kv_tokens += n
+        # Checked once the window is priced (a step model that returns nonsense stops the run
+        # either way; each step's own check was a tenth of its cost).
+        # (A NaN or an infinity makes the sum one; without them, the minimum shows a negative.)
+        gpus = gpu_s[-done:] if done else []
+        if gpus and not (math.isfinite(sum(gpus)) and min(gpus) >= 0):
+            bad = next(gpu for gpu in gpus if not (gpu >= 0 and math.isfinite(gpu)))
+            raise SimulationError(f"the step model returned {bad!r} seconds for a batch of {n} tokens")
+        return now
+
+    def _window_step_by_step(
+        self, fixed_path: StepPath | None, ctx: list[int], limit: int, now: float, next_arrival: float,
+    ) -> tuple[float, list[StepPath] | None]:
+        """A window's steps priced one composition at a time (a path per step where the window
+        has none, or a step model without `decode_steps`), logged as `_priced_window` logs them:
+        (the clock after the last, each step's path or None for the fixed one)."""
+        n = len(ctx)
+        kv_tokens = sum(ctx) + n
         path_for = self.scheduler.path_for
         step_cost = self._step_cost
         capture_seconds, captured = self.overhead.capture_seconds, self.captured
-        batches = self.batches
-        # The columns that change step to step, gathered here and logged in one go at the end.
-        starts: list[float] = []
-        gpus: list[float] = []
-        cpus: list[float] = []
-        kvs: list[int] = []
+        cols = self.columns
+        add_start, add_duration, add_gpu, add_cpu, add_kv = (
+            cols[name].append for name in ("start_s", "duration_s", "gpu_s", "cpu_s", "kv_tokens")
+        )
         paths: list[StepPath] = []
         done = 0
         while done < limit and now < next_arrival:
@@ -411,53 +613,38 @@ class _Run:
                 paths.append(path)
             gpu, cpu = step_cost([], ctx, path, n, n, kv_tokens)
             cpu += capture_seconds(path, captured)
-            starts.append(now)
-            gpus.append(gpu)
-            cpus.append(cpu)
-            kvs.append(kv_tokens)
-            if batches is not None:
-                batches.append(([], ctx))
+            add_start(now)
+            add_duration(cpu + gpu)
+            add_gpu(gpu)
+            add_cpu(cpu)
+            add_kv(kv_tokens)
             now = now + cpu + gpu
             done += 1
-        if not done:
-            return 0, now
-        cols["step"].extend(range(row, row + done))
-        cols["start_s"].extend(starts)
-        cols["duration_s"].extend([cpu + gpu for gpu, cpu in zip(gpus, cpus, strict=True)])
-        cols["gpu_s"].extend(gpus)
-        cols["cpu_s"].extend(cpus)
-        cols["num_prefill_tokens"].extend([0] * done)
-        cols["num_prefill_seqs"].extend([0] * done)
-        cols["num_decode_seqs"].extend([n] * done)
-        cols["kv_tokens"].extend(kvs)
-        cols["kind"].extend([StepKind.DECODE.value] * done)
-        if fixed_path is not None:
-            cols["cuda_graph"].extend([fixed_path.cuda_graph] * done)
-            cols["padded_tokens"].extend([fixed_path.padded_tokens] * done)
-        else:
-            cols["cuda_graph"].extend([path.cuda_graph for path in paths])
-            cols["padded_tokens"].extend([path.padded_tokens for path in paths])
-        cols["preempted"].extend([0] * done)
-        cols["sampled"].extend([n] * done)
-        cols["wasted_tokens"].extend([0] * done)
-        ends = starts[1:] + [now]
-        scheduler = self.scheduler
-        scheduler.advance_decodes(window, done)
-        for seq in batch:
-            seq.generated += done
-            if seq.token_times is not None:
-                seq.token_times.extend(ends)
-            if seq.generated >= seq.target:
-                seq.finished = True
-                seq.finish_s = now
-                self.unfinished -= 1
-                scheduler.finish(seq)
-        return done, now
+        return now, None if fixed_path is not None else paths
 
     def _deliver(self, batch: ScheduledBatch, when: float) -> int:
-        """Hand out the tokens a step sampled; returns how many were wasted."""
+        """Hand out the tokens a step sampled; returns how many were wasted. The batch's certain
+        samplers (`ScheduledBatch.certain`) are handed theirs without a look at each (a step that
+        admits a request hands out dozens of decodes' tokens besides)."""
         wasted = 0
-        for seq, epoch in batch.samplers:
+        samplers = batch.samplers
+        certain = batch.certain
+        if certain:
+            head = islice(samplers, certain)
+            if samplers[0][0].token_times is None:
+                for seq, _ in head:
+                    seq.generated += 1
+            else:
+                for seq, _ in head:
+                    seq.generated += 1
+                    seq.token_times.append(when)  # type: ignore[union-attr]
+            for seq in batch.finishing:
+                seq.finished = True
+                seq.finish_s = when
+                self.unfinished -= 1
+                self.scheduler.finish(seq)
+            samplers = samplers[certain:]
+        for seq, epoch in samplers:
             if seq.finished or seq.epoch != epoch:
                 wasted += 1
                 continue
@@ -483,18 +670,16 @@ class _Run:
         wasted: int,
         max_steps: int,
     ) -> int:
-        cols = self.columns
-        row = len(cols["step"])
+        row = len(self.columns["start_s"])
         if row >= max_steps:
             raise SimulationError(f"the simulation exceeded {max_steps} steps without finishing: {self.scheduler.stall_message()}")
         path = batch.path
         (
-            add_step, add_start, add_duration, add_gpu, add_cpu, add_prefill_tokens, add_prefill_seqs,
+            add_start, add_duration, add_gpu, add_cpu, add_prefill_tokens, add_prefill_seqs,
             add_decode_seqs, add_kv_tokens, add_kind, add_cuda_graph, add_padded, add_preempted,
             add_sampled, add_wasted,
         ) = self._appends
         num_decode = len(batch.decode_ctx)
-        add_step(row)
         add_start(start)
         add_duration(duration)
         add_gpu(gpu)

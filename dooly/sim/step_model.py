@@ -143,6 +143,27 @@ def device_seconds(
     return step_seconds(prefill, decode_ctx)
 
 
+def decode_steps(
+    model: StepLatencyModel, decode_ctx: list[int], path: StepPath, keywords: frozenset[str]
+) -> Callable[[int], float] | None:
+    """Device seconds of the decode-only steps of a decode window, as a function of the step's
+    offset i (step i holds every context of `decode_ctx` plus i), each exactly what
+    `device_seconds` gives for that step; None where the model cannot price them without each
+    step's contexts (then price each step with `device_seconds`).
+
+    A window's steps differ only in their contexts, each one token longer than the step before,
+    so a model that offers `decode_steps` works out what stays the same once per window instead
+    of building and scanning every step's contexts (most of a loaded replica's steps are such)."""
+    method: Callable[..., Callable[[int], float] | None] | None = getattr(model, "decode_steps", None)
+    if method is None:
+        return None
+    if PATH_KEYWORD in keywords:
+        return method(decode_ctx, path=path)
+    if path.padded_kv or path.padded_tokens > len(decode_ctx):
+        return None
+    return method(decode_ctx)
+
+
 def step_keywords(model: StepLatencyModel) -> frozenset[str]:
     """Which of the optional keywords `model.step_seconds` takes (checked once per simulation)."""
     try:
@@ -203,12 +224,25 @@ class CpuOverheadModel:
     post_capture_device_s: float = 0.0
 
     def seconds(self, path: StepPath, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:
-        if not self.terms:  # no host overhead (the analytic model's default): nothing to look up
-            return 0.0
-        terms = self.terms.get(path.overhead_key) or self.terms.get(path.kind.value) or self.terms.get("default")
+        terms = self._terms_of(path)
         if terms is None:
             return 0.0
         return terms.seconds(num_seqs, num_tokens, kv_tokens)
+
+    def kv_terms(self, path: StepPath, num_seqs: int, num_tokens: int) -> tuple[float, float]:
+        """(seconds apart from the KV tokens, seconds per KV token) of a step on `path`: `seconds`
+        is the first plus the second times the KV tokens, to the last bit (the same additions in
+        the same order), for steps that differ in their KV tokens only (a decode window's)."""
+        terms = self._terms_of(path)
+        if terms is None:
+            return 0.0, 0.0
+        return terms.constant_s + terms.per_sequence_s * num_seqs + terms.per_token_s * num_tokens, terms.per_kv_token_s
+
+    def _terms_of(self, path: StepPath) -> OverheadTerms | None:
+        """The terms a step on `path` pays (see the class docstring), None for none."""
+        if not self.terms:  # no host overhead (the analytic model's default): nothing to look up
+            return None
+        return self.terms.get(path.overhead_key) or self.terms.get(path.kind.value) or self.terms.get("default")
 
     @staticmethod
     def graph_shape(path: StepPath, io_pair: int = 0) -> GraphShape | None:
@@ -471,6 +505,8 @@ class AnalyticStepModel:
         self._linear_bytes_s = layer_params * self.bytes_per_param / self.bytes_per_s
         self._lm_flops_per_row = 2 * d.hidden_size * d.vocab_size
         self._lm_bytes_s = d.hidden_size * d.vocab_size * self.bytes_per_param / self.bytes_per_s
+        # `_fixed_terms` of the decode windows' shapes (a run meets few: one per batch size).
+        self._fixed_by_shape: dict[tuple[int, int, bool], tuple[float, float, float]] = {}
 
     def collective_seconds(self, kind: str, elements: int) -> float:
         """Ring estimate of one collective of `elements` per rank (0 on one rank)."""
@@ -490,7 +526,6 @@ class AnalyticStepModel:
         *,
         path: StepPath | None = None,
     ) -> float:
-        d = self.dims
         num_decode = len(decode_ctx)
         num_tokens = num_decode
         for q, _ in prefill:
@@ -499,9 +534,6 @@ class AnalyticStepModel:
             num_tokens = path.padded_tokens
         if num_tokens == 0:
             return 0.0
-        peak = self.peak_flops
-        # Linear layers: 2 x tokens x layer params FLOPs; the weights are read once.
-        linear_flops = 2 * num_tokens * self._layer_params
         # Attention: score and value products over the visible context (4 x q_width per pair);
         # the KV cache (2 x kv_width per token) is read once.
         attn_per_token = self._attn_flops_per_token
@@ -513,19 +545,75 @@ class AnalyticStepModel:
         decode_total = sum(decode_ctx) + num_decode
         attn_flops += attn_per_token * decode_total
         kv_read += decode_total
-        attn_bytes = self._kv_bytes_per_token * kv_read * self.bytes_per_param
-        linear_s = linear_flops / peak
+        rows = len(prefill) + num_decode  # logits_rows
+        linear, launches, lm_head = self._fixed_terms(num_tokens, rows, path)
+        return self._total(linear + self._attention(attn_flops, kv_read), launches, lm_head, num_tokens, rows)
+
+    def decode_steps(self, decode_ctx: list[int], *, path: StepPath | None = None) -> Callable[[int], float] | None:
+        """`step_seconds` of a decode window's steps (`dooly.sim.step_model.decode_steps`): step i
+        holds every context plus i, so only its attention changes; the rest is worked out once."""
+        num_decode = len(decode_ctx)
+        num_tokens = num_decode
+        if path is not None and path.padded_tokens > num_tokens:
+            num_tokens = path.padded_tokens
+        if num_tokens == 0:
+            return None
+        first_total = sum(decode_ctx) + num_decode
+        attn_per_token = self._attn_flops_per_token
+        shape = (num_tokens, num_decode, path is not None and path.cuda_graph)
+        fixed = self._fixed_by_shape.get(shape)
+        if fixed is None:
+            fixed = self._fixed_by_shape[shape] = self._fixed_terms(num_tokens, num_decode, path)
+        linear, launches, lm_head = fixed
+        attention, total = self._attention, self._total
+        if self.tp > 1:
+
+            def seconds(step: int) -> float:
+                decode_total = first_total + num_decode * step
+                return total(linear + attention(0.0 + attn_per_token * decode_total, decode_total), launches, lm_head,
+                             num_tokens, num_decode)
+
+            return seconds
+        # One rank: `_attention` and `_total` spelled out (a window prices tens of thousands of
+        # steps; the calls were a third of each), the same operations in the same order.
+        peak, bytes_per_s = self.peak_flops, self.bytes_per_s
+        kv_bytes = self._kv_bytes_per_token
+        bytes_per_param = self.bytes_per_param
+        layers = self.dims.num_layers
+
+        def one_rank_seconds(step: int) -> float:
+            decode_total = first_total + num_decode * step
+            flops_s = (0.0 + attn_per_token * decode_total) / peak
+            bytes_s = kv_bytes * decode_total * bytes_per_param / bytes_per_s
+            return layers * (linear + (bytes_s if bytes_s > flops_s else flops_s) + launches) + lm_head
+
+        return one_rank_seconds
+
+    def _fixed_terms(self, num_tokens: int, rows: int, path: StepPath | None) -> tuple[float, float, float]:
+        """(linear layers' seconds per layer, launches per layer, LM head) of a step of
+        `num_tokens` (padded) tokens and `rows` logits rows: what its attention does not change."""
+        peak = self.peak_flops
+        # Linear layers: 2 x tokens x layer params FLOPs; the weights are read once.
+        linear_s = 2 * num_tokens * self._layer_params / peak
         # max(a, b), spelled out (a call per term was a tenth of a step): b only where b > a.
-        per_layer = self._linear_bytes_s if self._linear_bytes_s > linear_s else linear_s
-        attn_flops_s = attn_flops / peak
-        attn_bytes_s = attn_bytes / self.bytes_per_s
-        per_layer += attn_bytes_s if attn_bytes_s > attn_flops_s else attn_flops_s
+        linear = self._linear_bytes_s if self._linear_bytes_s > linear_s else linear_s
         launches = KERNELS_PER_LAYER * self.launch_s
         if path is not None and path.cuda_graph:
             launches *= CUDA_GRAPH_LAUNCH_FRACTION
-        rows = len(prefill) + num_decode  # logits_rows
         lm_flops_s = self._lm_flops_per_row * rows / peak
         lm_head = self._lm_bytes_s if self._lm_bytes_s > lm_flops_s else lm_flops_s
+        return linear, launches, lm_head
+
+    def _attention(self, attn_flops: float, kv_read: int) -> float:
+        """One layer's attention seconds: its FLOPs or its KV-cache read, whichever takes longer."""
+        attn_flops_s = attn_flops / self.peak_flops
+        attn_bytes_s = self._kv_bytes_per_token * kv_read * self.bytes_per_param / self.bytes_per_s
+        return attn_bytes_s if attn_bytes_s > attn_flops_s else attn_flops_s
+
+    def _total(self, per_layer: float, launches: float, lm_head: float, num_tokens: int, rows: int) -> float:
+        """A step's seconds from its per-layer seconds, launches and LM head (plus collectives
+        across tensor-parallel ranks)."""
+        d = self.dims
         if self.tp <= 1:  # no collectives on one rank (adding their 0.0 would change nothing)
             return d.num_layers * (per_layer + launches) + lm_head
         comm = d.num_layers * ALL_REDUCES_PER_LAYER * self.collective_seconds("all_reduce", num_tokens * d.hidden_size)

@@ -595,7 +595,7 @@ def validate(
     if fitted:
         from dooly.fit.coverage import coverage_payload
 
-        coverage = coverage_payload(step_model.coverage_by_phase(result.batches or []))  # type: ignore[attr-defined]
+        coverage = coverage_payload(step_model.coverage_of_phases(result.batch_phases()))  # type: ignore[attr-defined]
     runs = [truth, *repeats]
     return ValidationReport(compare_requests(truth, result), steps, result, coverage,
                             measured_throughput=measured_throughput(truth), floor=run_floor(runs) if repeats else {},

@@ -21,6 +21,13 @@ class StepByStep(TransformersCBScheduler):
         return None
 
 
+class EachCandidate(StepByStep):
+    """Every step scheduled and every candidate taken one by one (no head of certain decodes)."""
+
+    def _certain_decodes(self, decoding: list, all_decode: bool) -> None:
+        return None
+
+
 OVERHEAD = CpuOverheadModel(
     terms={"decode": OverheadTerms(1e-3, 2e-5, 1e-7, 3e-9), "default": OverheadTerms(2e-3, 1e-5, 2e-7, 1e-9)},
     graph_capture_s=0.02,
@@ -72,10 +79,55 @@ def test_windows_run_most_decode_steps() -> None:
     calls = []
     original = scheduler.advance_decodes
 
-    def counted(window: DecodeWindow, steps: int) -> None:
+    def counted(window: DecodeWindow, steps: int) -> list:
         calls.append(steps)
-        original(window, steps)
+        return original(window, steps)
 
     scheduler.advance_decodes = counted  # type: ignore[method-assign]
     result = simulate(_requests(5.0), scheduler, AnalyticStepModel())
     assert sum(calls) > result.num_steps // 2
+
+
+@pytest.mark.parametrize("rate", [5.0, 200.0])
+@pytest.mark.parametrize("name", [*sorted(CONFIGS), "async"])
+def test_certain_decodes_change_nothing(name: str, rate: float) -> None:
+    """A batch's head of decodes taken in one go (`_certain_decodes`) forms the same batches."""
+    config = {**CONFIGS["fifo"], "use_async_batching": True} if name == "async" else CONFIGS[name]
+    requests = _requests(rate)
+    model = AnalyticStepModel()
+    reference, together = (
+        simulate(requests, cls(config), model, OVERHEAD, record_token_times=True, record_batches=True)
+        for cls in (EachCandidate, StepByStep)
+    )
+    assert together.steps == reference.steps
+    assert [dataclasses.astuple(r) for r in together.requests] == [dataclasses.astuple(r) for r in reference.requests]
+    assert together.token_times == reference.token_times
+    assert together.batches == reference.batches
+
+
+@pytest.mark.parametrize("name", ["roomy", "graphs", "small-batches"])
+def test_decode_group_is_kept_between_windows(monkeypatch, name: str) -> None:
+    """Windows on a loaded replica with room in its cache (no evictions, which drop the group)
+    mostly follow one another through the same decode group (`_DecodeGroup`): looking at every
+    request again for each window is what it saves."""
+    from dooly.sim import schedulers
+
+    built = []
+    original_init = schedulers._DecodeGroup.__init__
+
+    def counted_init(self) -> None:
+        built.append(self)
+        original_init(self)
+
+    monkeypatch.setattr(schedulers._DecodeGroup, "__init__", counted_init)
+    scheduler = TransformersCBScheduler(CONFIGS[name])
+    windows = []
+    original = scheduler.advance_decodes
+
+    def counted(window: DecodeWindow, steps: int) -> list:
+        windows.append(steps)
+        return original(window, steps)
+
+    scheduler.advance_decodes = counted  # type: ignore[method-assign]
+    simulate(_requests(200.0), scheduler, AnalyticStepModel())
+    assert len(windows) > 4 * len(built), (len(windows), len(built))
