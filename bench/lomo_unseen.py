@@ -29,7 +29,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# validate_groundtruth lives with the report generators (reports/).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reports"))
 
 from validate_groundtruth import accuracy_fields, model_id, run_json  # noqa: E402
 

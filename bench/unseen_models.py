@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# validate_groundtruth lives with the report generators (reports/).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reports"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "trace"))
 
 from validate_groundtruth import run_json  # noqa: E402

@@ -300,6 +300,7 @@ def encode_class_model(model: ClassModel) -> dict[str, Any]:
         "regressor": encode_regressor(model.regressor),
         "reference_seqs": [[[int(q), int(c)] for q, c in batch] for batch in model.reference_seqs],
         "reference_terms": encode_array(model.reference_terms),
+        "layouts": {signature: dict(config) for signature, config in sorted(model.layouts.items())},
     }
 
 
@@ -314,7 +315,21 @@ def decode_class_model(payload: Mapping[str, Any]) -> ClassModel:
         regressor=decode_regressor(payload["regressor"]),
         reference_seqs=_seqs(payload["reference_seqs"]),
         reference_terms=decode_array(payload["reference_terms"], FLOAT),
+        layouts=_layouts(payload.get("layouts", {})),
     )
+
+
+def _layouts(value: Any) -> dict[str, dict[str, int]]:
+    """Measured attention layouts: config dims (names to integers) by signature. Absent in files
+    written before them: an empty table, with which unseen layouts use the class regressor alone."""
+    if not isinstance(value, dict) or not all(
+        isinstance(signature, str)
+        and isinstance(config, dict)
+        and all(isinstance(name, str) and isinstance(dim, int) and not isinstance(dim, bool) for name, dim in config.items())
+        for signature, config in value.items()
+    ):
+        raise CodecError("layouts is not an object of signatures to config dims (names to integers)")
+    return {signature: dict(config) for signature, config in value.items()}
 
 
 # ---------------------------------------------------------------------------------------------

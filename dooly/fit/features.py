@@ -373,6 +373,15 @@ def kernel_waves(tokens: np.ndarray | float, wave_tiles: np.ndarray | float) -> 
     return np.where(wave_tiles > 0, quantised, tokens / QUERY_TILE)
 
 
+def with_wave_tiles(terms: np.ndarray, wave_tiles: float) -> np.ndarray:
+    """Request terms of the same steps for a kernel of another wave size: only `waves_kv`
+    depends on it (the heads set the wave size; the window, which sets S, is the same)."""
+    out = terms.copy()
+    tokens = terms[:, TERM_INDEX["T"]]
+    out[:, TERM_INDEX["waves_kv"]] = kernel_waves(tokens, wave_tiles) * terms[:, TERM_INDEX["S"]]
+    return out
+
+
 def kv_alignment_terms(tokens: np.ndarray | float, kv: np.ndarray | float) -> dict[str, np.ndarray]:
     """KV_ALIGNMENT_TERMS of steps of `tokens` queries reading `kv` tokens each."""
     pairs = np.asarray(tokens, dtype=np.float64) * np.asarray(kv, dtype=np.float64)

@@ -6,12 +6,36 @@ It lives apart from fitting (selection.py), persistence (persist.py, codec.py) a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dooly.fit.features import config_vector, var_mask_of
-from dooly.fit.regressors import BoundClassModel, ClassModel, OpModel
+import numpy as np
+
+from dooly.fit.features import (
+    ATTENTION_FIELD_SOURCES,
+    FAMILY_ATTENTION,
+    NUM_HEADS,
+    aggregates_from_seqs,
+    attention_field,
+    config_vector,
+    term_matrix,
+    var_mask_of,
+)
+from dooly.fit.regressors import (
+    METHOD_HEADS_AFFINE,
+    BoundClassModel,
+    ClassModel,
+    HeadsAffineModel,
+    OpModel,
+)
 from dooly.fit.training import SignatureInfo
+
+# Query-head peers a layout needs (an affine law through one point is no law).
+MIN_HEAD_PEERS = 2
+# How far outside its peers' query heads a layout is still served by them: at most this factor
+# below the fewest or above the most (farther, the class regressor answers).
+MAX_HEADS_EXTRAPOLATION = 2.0
 
 
 @dataclass
@@ -63,3 +87,53 @@ def with_shared_ops(group: GroupModel, shared: GroupModel) -> GroupModel:
         signatures={**shared.signatures, **group.signatures},
         reports=shared.reports + group.reports,
     )
+
+
+def _other_dims(config: Mapping[str, int]) -> dict[str, int]:
+    """An attention op's config dims but its query heads (by name or by position)."""
+    heads_fields = set(ATTENTION_FIELD_SOURCES[NUM_HEADS])
+    return {name: value for name, value in config.items() if name not in heads_fields}
+
+
+def heads_affine_model(
+    cm: ClassModel, info: SignatureInfo, signatures: Mapping[str, OpModel]
+) -> HeadsAffineModel | None:
+    """An unprofiled attention layout served by measured layouts that differ from it in query heads
+    only (see HeadsAffineModel), or None: not attention, fewer than MIN_HEAD_PEERS such layouts
+    with models of their own, heads beyond MAX_HEADS_EXTRAPOLATION of theirs, or a combination
+    that is not positive on every measured batch of the class (a wild extrapolation)."""
+    heads = attention_field(info.config_dims, NUM_HEADS)
+    if cm.family != FAMILY_ATTENTION or not heads or not cm.layouts:
+        return None
+    rest = _other_dims(info.config_dims)
+    peers: list[tuple[int, OpModel]] = []
+    for signature, config in sorted(cm.layouts.items()):
+        model = signatures.get(signature)
+        peer_heads = attention_field(config, NUM_HEADS)
+        if model is None or isinstance(model, BoundClassModel) or not peer_heads or peer_heads == heads:
+            continue
+        if _other_dims(config) == rest:
+            peers.append((peer_heads, model))
+    distinct = sorted({h for h, _ in peers})
+    if len(distinct) < MIN_HEAD_PEERS:
+        return None
+    if heads * MAX_HEADS_EXTRAPOLATION < distinct[0] or heads > distinct[-1] * MAX_HEADS_EXTRAPOLATION:
+        return None
+    design = np.array([[1.0, float(h)] for h, _ in peers])
+    weights = np.array([1.0, float(heads)]) @ np.linalg.pinv(design)
+    model = HeadsAffineModel(
+        signature=info.signature,
+        op=info.op,
+        op_class=info.op_class,
+        family=info.family,
+        request_vars=info.request_vars,
+        window=info.static.window,
+        wave_tiles=info.static.wave_tiles,
+        method=METHOD_HEADS_AFFINE,
+        members=tuple((float(w), m) for w, (_, m) in zip(weights, peers, strict=True)),
+    )
+    if cm.reference_seqs:
+        batches = aggregates_from_seqs(cm.reference_seqs, model.window, model.wave_tiles)
+        if not np.all(model.predict_terms(term_matrix(batches, len(cm.reference_seqs))) > 0):
+            return None
+    return model

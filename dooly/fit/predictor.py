@@ -54,9 +54,10 @@ from dooly.fit.features import (
     term_matrix,
     uniform_aggregates,
 )
-from dooly.fit.group import GroupModel, bind_class_model
+from dooly.fit.group import GroupModel, bind_class_model, heads_affine_model
 from dooly.fit.regressors import (
     MIN_SECONDS,
+    HeadsAffineModel,
     InterpModel,
     OpModel,
     PairTables,
@@ -259,7 +260,8 @@ class Predictor:
             request_vars=variables,
             static=static_features(class_model.family, op_name, config, variables, sm_count(self.group.platform)),
         )
-        return bind_class_model(class_model, info), SOURCE_CLASS
+        peers = heads_affine_model(class_model, info, self.group.signatures)
+        return (peers if peers is not None else bind_class_model(class_model, info)), SOURCE_CLASS
 
     def _fallback_model(
         self,
@@ -536,11 +538,11 @@ class StepPredictor:
         self._dense: dict[str, np.ndarray] = {}
         self._log: dict[str, np.ndarray] = {}
         linear: dict[Geometry, np.ndarray] = {}
-        self._nonlinear: list[tuple[int, int, OpModel, Geometry]] = []
+        self._nonlinear: list[tuple[int, float, OpModel, Geometry]] = []
         # Linear work times tabulated tree corrections (per-signature attention models).
-        self._corrected: list[tuple[int, int, Geometry, np.ndarray, PairTables]] = []
-        for model, count, source in entries:
-            ci = cls_of[self._label(model, source)]
+        self._corrected: list[tuple[int, float, Geometry, np.ndarray, PairTables]] = []
+        for model, count, label in self._expanded(entries):
+            ci = cls_of[label]
             var = model.single_var
             if var is not None:
                 if var not in self._dense:
@@ -607,6 +609,20 @@ class StepPredictor:
             )
             for geometry in self._geometries
         ]
+
+    def _expanded(self, entries: list[tuple[OpModel, int, str]]) -> list[tuple[OpModel, float, str]]:
+        """(model, count, label) per entry, every HeadsAffineModel replaced by its weighted members,
+        each at its own geometry and labelled as the layout it stands for: the combination is
+        linear in them, so the fast paths serve them as they serve measured ops."""
+        out: list[tuple[OpModel, float, str]] = []
+        for model, count, source in entries:
+            label = self._label(model, source)
+            if not isinstance(model, HeadsAffineModel):
+                out.append((model, count, label))
+                continue
+            for weight, member in model.members:
+                out.append((member if self._exact else self._surrogate(member), count * weight, label))
+        return out
 
     def _geometry(self, model: OpModel) -> Geometry:
         """What an operation's request terms depend on beyond the batch: an attention op's own

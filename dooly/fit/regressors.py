@@ -38,6 +38,7 @@ from dooly.fit.features import (
     StaticFeatures,
     log_design,
     regime_of,
+    with_wave_tiles,
 )
 
 # Candidate methods for signatures the database does not hold, in order of preference on ties.
@@ -46,6 +47,9 @@ METHOD_NNLS_GBT = "nnls+gbt"
 METHOD_GBT = "gbt-log"
 METHOD_RIDGE = "ridge-log"
 METHOD_REGIME = "regime-nnls"
+# An unseen attention layout that differs from measured ones in query heads only: their own models
+# combined affinely in the heads (HeadsAffineModel).
+METHOD_HEADS_AFFINE = "heads-affine"
 UNSEEN_METHODS = (METHOD_NNLS, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
 # Attention kernels change paths between batch regimes: one more candidate there.
 ATTENTION_UNSEEN_METHODS = (METHOD_NNLS, METHOD_REGIME, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
@@ -576,6 +580,10 @@ class ClassModel:
     regressor: ClassRegressor
     reference_seqs: list = field(default_factory=list)  # attention: measured batches
     reference_terms: np.ndarray = field(default_factory=lambda: np.zeros((0, N_TERMS)))  # others
+    # Attention: the config dims of each measured signature of the class, by signature (what
+    # `group.heads_affine_model` finds a new layout's query-head peers in; empty in stores fitted
+    # before it, which then use the regressor alone).
+    layouts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -624,3 +632,27 @@ class BoundClassModel(OpModel):
         coef = np.zeros(N_TERMS)
         np.add.at(coef, static.term_index, feature_coef * static.multiplier)
         return coef
+
+
+@dataclass
+class HeadsAffineModel(OpModel):
+    """An attention layout never profiled, predicted as a fixed combination of the own models of
+    measured layouts that differ from it in query heads only: per batch, time affine in the heads
+    (least squares through the peers, `weights` = [1, heads] times its pseudo-inverse, summing to 1).
+
+    Why: at one batch the kernel's work is linear in the query heads (scores, FLOPs, Q/O bytes; KV
+    reads and launches are shared), so the peers' measured times carry every batch effect the
+    class regressor misses (waves, single-sequence decodes, mixed batches). Held out on the H100
+    grid, Llama-3.2-3B's 24/8/128 attention from 32, 40 and 64 heads: 4.5% sdpa and 3.0% eager
+    MAPE, against the class regressor's 21.0% and 10.3% (bench/attention_layouts.py).
+
+    Each peer is evaluated at its own wave size (`with_wave_tiles`); the window and every other
+    config dim are the same, so are the other request terms."""
+
+    members: tuple[tuple[float, OpModel], ...] = ()
+
+    def predict_terms(self, terms: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(terms))
+        for weight, member in self.members:
+            out += weight * member.predict_terms(with_wave_tiles(terms, member.wave_tiles))
+        return out

@@ -243,6 +243,9 @@ def fit_class(design: ClassDesign, method: str, data: GroupData | None = None) -
 def class_model_of(design: ClassDesign, regressor: ClassRegressor, data: GroupData | None = None) -> ClassModel:
     """A class's fitted regressor with what it needs to bind any signature of the class."""
     seqs, terms = reference_points(data, design) if data is not None else ([], np.zeros((0, N_TERMS)))
+    layouts = {}
+    if data is not None and design.family == FAMILY_ATTENTION:
+        layouts = {data.infos[i].signature: dict(data.infos[i].config_dims) for i in sorted(set(design.sig_ids.tolist()))}
     return ClassModel(
         op_class=design.op_class,
         family=design.family,
@@ -251,6 +254,7 @@ def class_model_of(design: ClassDesign, regressor: ClassRegressor, data: GroupDa
         regressor=regressor,
         reference_seqs=seqs,
         reference_terms=terms,
+        layouts=layouts,
     )
 
 

@@ -218,6 +218,9 @@ def test_linear_surrogate_of_a_tree_corrected_attention_model(predictor):
     group.classes[syn.ATTENTION_CLASS].regressor = fit_class_regressor(
         METHOD_NNLS_GBT, design.physical, design.logx, design.seconds, design.regimes
     )
+    # The class regressor's path: without the measured layouts, the unseen layout's query-head peers
+    # would serve it instead (tests/fit/test_heads_affine.py).
+    group.classes[syn.ATTENTION_CLASS].layouts = {}
     tree_predictor = type(predictor)(group)
     inventory = syn.inventory(syn.UNSEEN_MODEL)
     (attention,) = [op for op in inventory["operations"] if op["op"] == "attention"]

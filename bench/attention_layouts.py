@@ -1,0 +1,244 @@
+"""An attention head layout the store never profiled: how well is it predicted from the others?
+(CPU, about a minute.)
+
+For every `paged|sdpa` and `paged|eager` attention signature of a fitted store, the layouts sharing
+its (query heads, KV heads, head dim) are held out (gemma-2-9b's sliding and full layers go
+together) and its measured grid points are predicted by:
+
+- `class`: the backend's attention class regressor (the method the fit chose for unseen
+  signatures) refitted without them;
+- `heads-affine`: what `Predictor` serves now (dooly.fit.group.heads_affine_model): the own models
+  of measured layouts that differ in query heads only, combined affinely in the heads; only where
+  there are two such layouts;
+- `nearest-ratio`: the nearest measured layout of the same window (|log| distance in query heads,
+  KV heads, head dim), its measured time at the same batch scaled by the regime-NNLS class
+  regressor's ratio between the two layouts;
+- `point-nnls`: per grid point, a relative NNLS across the other layouts' measured times over
+  physical terms of layout and batch (launch, KV bytes, Q bytes, FLOPs of the packed and the
+  waved kernel, score elements, a window flag and the window's score elements).
+
+Errors: MAPE over the signature's points, the time-weighted error (sum |p - y| / sum y, what a
+served cell's means follow) and the bias (sum p / sum y - 1).
+
+    python bench/attention_layouts.py --store FITTED_STORE --out data/h100/experiments/unseen/attention_layouts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from dooly.fit.features import (
+    NUM_HEADS,
+    TERM_INDEX,
+    attention_field,
+    kernel_waves,
+    parse_point,
+    sm_count,
+)
+from dooly.fit.group import GroupModel
+from dooly.fit.persist import latest_meta_key, load_group, read_meta
+from dooly.fit.predictor import Predictor
+from dooly.fit.regressors import METHOD_REGIME, MIN_SECONDS, fit_class_regressor, relative_nnls
+from dooly.fit.training import ClassDesign, GroupData, class_design, group_data, training_rows
+from dooly.store.backends import open_store
+from dooly.store.merge import read_snapshot
+
+log = logging.getLogger("attention_layouts")
+
+PLATFORM = "NVIDIA-H100-80GB-HBM3"
+BACKENDS = ("paged|sdpa", "paged|eager")
+ATTENTION_PREFIX = "attention:"
+PERCENT = 100.0
+SCHEMES = ("class", "heads-affine", "nearest-ratio", "point-nnls")
+# Layout = (query heads, KV heads, head dim, sliding window).
+Layout = tuple[int, int, int, int]
+
+
+def layout_of(config: dict[str, int]) -> Layout:
+    return (config["in0.1"], config["in1.1"], config["in0.3"], int(config.get("sliding_window", 0) or 0))
+
+
+def errors(predicted: np.ndarray, seconds: np.ndarray) -> dict[str, float]:
+    return {
+        "mape_pct": float(np.mean(np.abs(predicted / seconds - 1.0)) * PERCENT),
+        "weighted_pct": float(np.abs(predicted - seconds).sum() / seconds.sum() * PERCENT),
+        "bias_pct": float((predicted.sum() / seconds.sum() - 1.0) * PERCENT),
+    }
+
+
+def layout_distance(a: Layout, b: Layout) -> float:
+    return float(sum(abs(np.log(x / y)) for x, y in zip(a[:3], b[:3], strict=True)))
+
+
+def point_features(terms: np.ndarray, layout: Layout, platform: str) -> np.ndarray:
+    """Physical terms of one layout at its batches (rows of request terms at its own window)."""
+    heads, kv_heads, head_dim, window = layout
+    windowed = 1.0 if window else 0.0
+    column = {name: terms[:, TERM_INDEX[name]] for name in ("T", "S", "T*K")}
+    sms = sm_count(platform)
+    waves = kernel_waves(column["T"], sms / heads if sms else 0.0)
+    return np.stack([
+        np.ones(len(terms)),
+        kv_heads * head_dim * column["S"],
+        heads * head_dim * column["T"],
+        waves * column["S"] * head_dim,
+        heads * head_dim * column["T*K"],
+        heads * column["T*K"],
+        np.full(len(terms), windowed),
+        windowed * heads * column["T*K"],
+    ], axis=1)
+
+
+class Study:
+    """One backend's attention class: its design and its signatures' layouts and points."""
+
+    def __init__(self, data: GroupData, design: ClassDesign, group: GroupModel, unseen_method: str) -> None:
+        self.data = data
+        self.design = design
+        self.group = group
+        self.unseen_method = unseen_method
+        self.sigs = sorted(set(design.sig_ids.tolist()))
+        self.layouts = {s: layout_of(data.infos[s].config_dims) for s in self.sigs}
+        self.keys = [data.point_keys[r] for r in design.rows]
+        self.terms = data.terms[design.rows]
+        self.by_key: dict[str, list[int]] = {}
+        for i, key in enumerate(self.keys):
+            self.by_key.setdefault(key, []).append(i)
+
+    def held_out(self, target: int) -> list[int]:
+        return [s for s in self.sigs if self.layouts[s][:3] == self.layouts[target][:3]]
+
+    def class_fit(self, method: str, held: list[int]) -> np.ndarray:
+        d = self.design
+        train = ~np.isin(d.sig_ids, held)
+        regressor = fit_class_regressor(method, d.physical[train], d.logx[train], d.seconds[train], d.regimes[train])
+        return regressor.predict(d.physical, d.logx, d.regimes)
+
+    def heads_affine(self, target: int, held: list[int], test: np.ndarray) -> np.ndarray | None:
+        """The product's prediction with the held-out layouts' models and rows removed."""
+        held_sigs = {self.data.infos[s].signature for s in held}
+        layouts = {self.data.infos[s].signature: dict(self.data.infos[s].config_dims) for s in self.sigs if s not in held}
+        op_class = self.design.op_class
+        group = replace(
+            self.group,
+            signatures={s: m for s, m in self.group.signatures.items() if s not in held_sigs},
+            classes={**self.group.classes, op_class: replace(self.group.classes[op_class], layouts=layouts)},
+        )
+        info = self.data.infos[target]
+        predictor = Predictor(group)
+        model, _ = predictor.op_model(info.signature, info.op_class, info.config_dims, info.request_vars, info.op)
+        if model.method != "heads-affine":
+            return None
+        seqs = [parse_point(self.keys[i])["seqs"] for i in test]
+        return np.asarray(predictor.predict_ops(
+            [info.signature] * len(test), [info.op_class] * len(test), [info.config_dims] * len(test),
+            {"seqs": seqs}, request_vars=[info.request_vars] * len(test), ops=[info.op] * len(test),
+        ))
+
+    def nearest_ratio(self, target: int, held: list[int], test: np.ndarray) -> np.ndarray | None:
+        same_window = [s for s in self.sigs if s not in held and self.layouts[s][3] == self.layouts[target][3]]
+        if not same_window:
+            return None
+        ref = min(same_window, key=lambda s: layout_distance(self.layouts[s], self.layouts[target]))
+        scale = self.class_fit(METHOD_REGIME, held)
+        out = []
+        for i in test:
+            rows = [j for j in self.by_key[self.keys[i]] if self.design.sig_ids[j] == ref]
+            out.append(scale[i] * self.design.seconds[rows[0]] / scale[rows[0]] if rows else scale[i])
+        return np.array(out)
+
+    def point_nnls(self, target: int, held: list[int], test: np.ndarray) -> np.ndarray:
+        """NaN at a point no other layout measured."""
+        out = []
+        for i in test:
+            rows = [j for j in self.by_key[self.keys[i]] if self.design.sig_ids[j] not in held]
+            if not rows:
+                out.append(np.nan)
+                continue
+            x = np.concatenate([
+                point_features(self.terms[[j]], self.layouts[self.design.sig_ids[j]], PLATFORM) for j in rows
+            ])
+            coef = relative_nnls(x, self.design.seconds[rows])
+            out.append(float((point_features(self.terms[[i]], self.layouts[target], PLATFORM) @ coef)[0]))
+        return np.maximum(np.array(out), MIN_SECONDS)
+
+    def rows(self) -> list[dict]:
+        out = []
+        for target in self.sigs:
+            held = self.held_out(target)
+            test = np.flatnonzero(self.design.sig_ids == target)
+            seconds = self.design.seconds[test]
+            predictions = {
+                "class": self.class_fit(self.unseen_method, held)[test],
+                "heads-affine": self.heads_affine(target, held, test),
+                "nearest-ratio": self.nearest_ratio(target, held, test),
+                "point-nnls": self.point_nnls(target, held, test),
+            }
+            row = {"backend": self.data.key[2], "layout": self.layouts[target],
+                   "heads": attention_field(self.data.infos[target].config_dims, NUM_HEADS),
+                   "signature": self.data.infos[target].signature, "points": len(test)}
+            for name, predicted in predictions.items():
+                measured = None if predicted is None else np.isfinite(predicted)
+                row[name] = None if predicted is None else errors(predicted[measured], seconds[measured])
+            log.info("%s %s %s", row["backend"], row["layout"],
+                     {k: None if row[k] is None else round(row[k]["weighted_pct"], 1) for k in SCHEMES})
+            out.append(row)
+        return out
+
+
+def study_rows(fitted: Path) -> list[dict]:
+    store = open_store(str(fitted))
+    frame, _ = read_snapshot(store)
+    meta = read_meta(store, latest_meta_key(store))
+    out = []
+    for data in group_data(training_rows(frame)):
+        platform, engine, backend, dtype = data.key
+        if platform != PLATFORM or backend not in BACKENDS:
+            continue
+        op_class = ATTENTION_PREFIX + backend
+        design = class_design(data, op_class, np.flatnonzero(data.row_class == op_class))
+        group, _ = load_group(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
+        method = next(c["unseen_method"] for g in meta["groups"] if g["backend"] == backend
+                      for c in g["classes"] if c["op_class"] == op_class)
+        out += Study(data, design, group, method).rows()
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per layout, each scheme's time-weighted error (bias) and MAPE."""
+    def cell(value: dict | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value['weighted_pct']:.1f}% ({value['bias_pct']:+.1f}%) / {value['mape_pct']:.1f}%"
+
+    lines = ["Each cell: time-weighted error (bias) / MAPE over the layout's grid points, held out.", "",
+             "| backend | layout (q / kv / dim) | " + " | ".join(SCHEMES) + " |",
+             "|---|---|" + "---:|" * len(SCHEMES)]
+    for row in rows:
+        q, kv, dim, window = row["layout"]
+        name = f"{q}/{kv}/{dim}" + (f" w{window}" if window else "")
+        lines.append(f"| {row['backend']} | {name} | " + " | ".join(cell(row[s]) for s in SCHEMES) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, required=True, help="A fitted copy of the H100 store.")
+    parser.add_argument("--out", type=Path, required=True, help="JSON result; a .md table beside it.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    rows = study_rows(args.store)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"signatures": rows}, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(table(rows) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

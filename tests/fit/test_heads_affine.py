@@ -1,0 +1,192 @@
+"""An attention layout never profiled that differs from measured ones in query heads only is served
+by their own models, combined affinely in the heads (dooly.fit.group.heads_affine_model); every
+other unseen layout keeps the class regressor. The step predictor's fast paths give what the model
+gives, each member at its own wave size, and a store fitted before the layouts were stored reads
+as before."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from dooly.fit import codec
+from dooly.fit import synthetic as syn
+from dooly.fit.features import (
+    ATTENTION_FEATURES,
+    N_TERMS,
+    TERM_INDEX,
+    aggregates_from_seqs,
+    sm_count,
+    term_matrix,
+)
+from dooly.fit.group import GroupModel
+from dooly.fit.predictor import SOURCE_CLASS, Predictor
+from dooly.fit.regressors import (
+    METHOD_HEADS_AFFINE,
+    METHOD_NNLS,
+    ClassModel,
+    ClassRegressor,
+    HeadsAffineModel,
+    LinearModel,
+)
+
+PLATFORM = "NVIDIA-H100-80GB-HBM3"
+BACKEND = "paged|sdpa"
+OP_CLASS = f"attention:{BACKEND}"
+REQUEST_VARS = ("T", "B", "K", "D", "S")
+PEER_HEADS = (32, 40, 64)
+# Per head and (query, key) pair, per wave-key, and per call: the peers' exact laws.
+PAIR_S = 1e-12
+WAVE_S = 2e-9
+LAUNCH_S = 1e-5
+CLASS_COEF_S = 1e-13
+REFERENCE_SEQS = [[[16, 0]], [[1, 100]], [[512, 1024], [1, 4000]], [[2048, 0]]]
+STEPS = [([(100, 50)], [300, 700]), ([(700, 0)], []), ([], [4000] * 16), ([(2080, 0)], []), ([(17, 3)], [1])]
+COUNT = 28
+# The synthetic attention law is affine in the query heads: the peers' own models carry it to a
+# new head count within their own error.
+SYNTHETIC_TOLERANCE = 0.03
+
+
+def config(heads: int, kv_heads: int = 8, head_dim: int = 128) -> dict[str, int]:
+    return {"in0.1": heads, "in0.3": head_dim, "in1.1": kv_heads, "in1.3": head_dim}
+
+
+def peer(heads: int) -> LinearModel:
+    """A measured layout whose time is linear in its heads, with a wave term at its own wave size."""
+    coef = np.zeros(N_TERMS)
+    coef[TERM_INDEX["const"]] = LAUNCH_S
+    coef[TERM_INDEX["T*K"]] = PAIR_S * heads
+    coef[TERM_INDEX["waves_kv"]] = WAVE_S
+    return LinearModel(
+        signature=f"peer{heads}", op="attention", op_class=OP_CLASS, family="attention",
+        request_vars=REQUEST_VARS, window=0, method="local-nnls", wave_tiles=sm_count(PLATFORM) / heads, coef=coef,
+    )
+
+
+def group(peers: dict[str, tuple[LinearModel, dict[str, int]]], layouts: bool = True) -> GroupModel:
+    regressor = ClassRegressor(METHOD_NNLS, coef=np.full(len(ATTENTION_FEATURES), CLASS_COEF_S))
+    names = ("in0.1", "in0.3", "in1.1", "in1.3")
+    class_model = ClassModel(
+        op_class=OP_CLASS, family="attention", config_names=names, request_vars=REQUEST_VARS, regressor=regressor,
+        reference_seqs=REFERENCE_SEQS, layouts={s: c for s, (_, c) in peers.items()} if layouts else {},
+    )
+    return GroupModel(
+        platform=PLATFORM, engine="transformers", backend=BACKEND, dtype="bfloat16", generation=1,
+        classes={OP_CLASS: class_model}, signatures={s: m for s, (m, _) in peers.items()},
+    )
+
+
+def heads_group() -> GroupModel:
+    return group({f"peer{h}": (peer(h), config(h)) for h in PEER_HEADS})
+
+
+def seqs_of(prefill, decode_ctx) -> list[list[int]]:
+    return [[q, c] for q, c in prefill] + [[1, c] for c in decode_ctx]
+
+
+def test_a_layout_between_its_peers_is_their_affine_combination():
+    predictor = Predictor(heads_group())
+    model, source = predictor.op_source("new", OP_CLASS, config(24), REQUEST_VARS, "attention")
+    assert source == SOURCE_CLASS and model.method == METHOD_HEADS_AFFINE
+    assert isinstance(model, HeadsAffineModel)
+    weights = [w for w, _ in model.members]
+    assert sum(weights) == pytest.approx(1.0)
+    for prefill, decode_ctx in STEPS:
+        seqs = [seqs_of(prefill, decode_ctx)]
+        own = term_matrix(aggregates_from_seqs(seqs, 0, model.wave_tiles), 1)
+        # Each peer read at its own wave size: the law's pair term is exact in the heads, its wave
+        # term is the peers' own waves, combined with the same weights.
+        waves = sum(
+            w * WAVE_S * term_matrix(aggregates_from_seqs(seqs, 0, m.wave_tiles), 1)[0, TERM_INDEX["waves_kv"]]
+            for w, m in model.members
+        )
+        expected = LAUNCH_S + PAIR_S * 24 * own[0, TERM_INDEX["T*K"]] + waves
+        assert model.predict_terms(own)[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_step_predictor_serves_the_combination_exactly():
+    predictor = Predictor(heads_group())
+    inventory = {"model_id": "new", "operations": [
+        {"signature": "new", "op_class": OP_CLASS, "op": "attention", "config_dims": config(24),
+         "request_vars": list(REQUEST_VARS), "count": COUNT},
+    ]}
+    steps = predictor.step_predictor(inventory)
+    assert steps.sources == {"new": SOURCE_CLASS}
+    many = steps.step_seconds_many(STEPS)
+    for (prefill, decode_ctx), batched in zip(STEPS, many, strict=True):
+        seqs = [seqs_of(prefill, decode_ctx)]
+        single = predictor.predict_ops(["new"], [OP_CLASS], [config(24)], {"seqs": seqs},
+                                       request_vars=[REQUEST_VARS], ops=["attention"])
+        assert steps.step_seconds(prefill, decode_ctx) == pytest.approx(COUNT * single[0], rel=1e-9)
+        assert batched == pytest.approx(COUNT * single[0], rel=1e-9)
+    coverage = steps.coverage_many(STEPS)
+    assert [e.method for e in coverage.estimated] == [METHOD_HEADS_AFFINE]
+    assert coverage.seconds == pytest.approx(float(many.sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "new_config, peers",
+    [
+        (config(24, kv_heads=4), PEER_HEADS),  # another KV head count: no peer
+        (config(24, head_dim=64), PEER_HEADS),  # another head dim
+        ({**config(24), "sliding_window": 4096}, PEER_HEADS),  # another window
+        (config(24), (32,)),  # a single peer is no law
+        (config(8), PEER_HEADS),  # far below the fewest heads measured
+        (config(256), PEER_HEADS),  # far above the most
+    ],
+)
+def test_other_layouts_keep_the_class_regressor(new_config, peers):
+    predictor = Predictor(group({f"peer{h}": (peer(h), config(h)) for h in peers}))
+    model, source = predictor.op_source("new", OP_CLASS, new_config, REQUEST_VARS, "attention")
+    assert source == SOURCE_CLASS and model.method == METHOD_NNLS
+
+
+def test_a_store_fitted_before_the_layouts_uses_the_class_regressor():
+    document = codec.encode_group(heads_group())
+    for entry in document["classes"]:
+        del entry["layouts"]
+    old = codec.decode_group(json.loads(json.dumps(document)))
+    assert old.classes[OP_CLASS].layouts == {}
+    model, _ = Predictor(old).op_source("new", OP_CLASS, config(24), REQUEST_VARS, "attention")
+    assert model.method == METHOD_NNLS
+
+
+def test_layouts_round_trip_and_malformed_ones_are_refused():
+    fitted = heads_group()
+    loaded = codec.decode_group(json.loads(json.dumps(codec.encode_group(fitted))))
+    assert loaded.classes[OP_CLASS].layouts == fitted.classes[OP_CLASS].layouts
+    document = codec.encode_group(fitted)
+    document["classes"][0]["layouts"] = {"peer32": {"in0.1": "32"}}
+    with pytest.raises(codec.CodecError, match="layouts"):
+        codec.decode_group(document)
+
+
+def test_a_combination_not_positive_on_the_measured_batches_is_refused():
+    """Peers whose times fall with the heads extrapolate below zero: the class regressor answers."""
+    falling = {}
+    for h in PEER_HEADS:
+        model = peer(h)
+        coef = model.coef.copy()
+        coef[TERM_INDEX["T*K"]] = PAIR_S * (100 - h)
+        coef[TERM_INDEX["const"]] = 0.0
+        falling[f"peer{h}"] = (dataclasses.replace(model, coef=coef), config(h))
+    model, _ = Predictor(group(falling)).op_source("new", OP_CLASS, config(120), REQUEST_VARS, "attention")
+    assert model.method == METHOD_NNLS
+
+
+def test_a_fitted_store_serves_an_unseen_head_count_from_its_peers(predictor):
+    """Fit -> stored layouts -> predictor: the synthetic store's 24-head model (peers of 8, 16 and
+    32 heads, same KV heads and head dim) is served by them, close to the law."""
+    (op,) = [o for o in syn.inventory(syn.UNSEEN_MODEL)["operations"] if o["op"] == "attention"]
+    model, source = predictor.op_source(op["signature"], op["op_class"], op["config_dims"], op["request_vars"], op["op"])
+    assert source == SOURCE_CLASS and model.method == METHOD_HEADS_AFFINE
+    seqs = [[[300, 0]], [[1, 900]] * 12, [[128, 512], [1, 300], [1, 2000]], [[2048, 0]]]
+    got = predictor.predict_ops([op["signature"]] * len(seqs), [op["op_class"]] * len(seqs),
+                                [op["config_dims"]] * len(seqs), {"seqs": seqs},
+                                request_vars=[op["request_vars"]] * len(seqs), ops=[op["op"]] * len(seqs))
+    truth = syn.true_seconds(op, {"seqs": seqs})
+    assert np.all(np.abs(got / truth - 1) < SYNTHETIC_TOLERANCE), got / truth
