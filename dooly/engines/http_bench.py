@@ -82,6 +82,8 @@ SERVE_LAUNCHER_MODULE = "dooly.engines.serve_launcher"
 # use_cuda_graph as the engine resolves it: one switch per path (varlen, decode).
 CUDA_GRAPH_SETTING = "use_cuda_graph"
 CUDA_GRAPH_PATHS = 2
+# The generation settings that change what the engine runs: sampling, and EOS (off in every cell).
+CHECKED_GENERATION_KEYS = ("do_sample", "eos_token_id")
 
 
 def check_settings(settings: dict[str, Any]) -> None:
@@ -221,8 +223,8 @@ def settings_mismatches(resolved: dict[str, Any], backend: str, dtype: str, sett
         if config.get(key) != wanted:
             found.append(f"{key}={json.dumps(config.get(key))} (asked {json.dumps(wanted)})")
     generation = resolved.get("generation_config", {})
-    for key in ("do_sample", "eos_token_id"):
-        if generation.get(key, None) != NO_EOS_GENERATION[key]:
+    for key in CHECKED_GENERATION_KEYS:
+        if generation.get(key) != NO_EOS_GENERATION[key]:
             found.append(f"generation {key}={json.dumps(generation.get(key))} "
                          f"(the in-process harness runs {json.dumps(NO_EOS_GENERATION[key])})")
     if not resolved.get("warmed_up"):
