@@ -237,6 +237,52 @@ def server_cost_lines(costs: dict[str, Any]) -> list[str]:
     return lines
 
 
+def http_findings(why: dict[str, float]) -> list[str]:
+    """What the committed HTTP pairs show, and what `dooly bench --client http` records and checks."""
+    return [
+        "These pairs measured two engines. The client counted right and the server served the workload: "
+        f"{why['token_mismatches']:.0f} of the {why['http_requests']:.0f} requests streamed other than their workload's prompt and "
+        "output lengths (streamed chunks, `usage.completion_tokens` and the in-process run agree on every one), each sent "
+        "at its workload arrival time. Yet the engine behind the server ran a cheaper forward than the in-process engine, "
+        f"even alone: the light cell's first request ({why['first_prompt_tokens']:.0f} prompt tokens, nothing else in "
+        f"flight) had its first token at the client {why['first_http_ttft_ms']:.1f} ms after it was sent, while "
+        f"in-process the same prefill step took {why['first_inprocess_device_ms']:.1f} ms of device time alone; in the "
+        f"heavy cell every request's TPOT at the client is at most {why['http_tpot_max_ms']:.1f} ms, while the in-process "
+        f"engine's decode-only steps with {DECODE_BATCH_SHOWN} or more sequences took "
+        f"{why['decode_device_min_ms']:.0f}-{why['decode_device_max_ms']:.0f} ms of device time alone (r2 steps.parquet "
+        "`device_s`). Server costs can only add time. transformers 5.17's `transformers serve --continuous-batching`, as "
+        "these cells started it, built its engine otherwise than the in-process harness: the engine settings reached it "
+        "through its `--cb-*` flags (five fields; the three given resolve as in-process); the manager was built on the "
+        "first request, from that request's generation config, and started without `manager.warmup()` (which the "
+        "harness runs before its first request, pre-capturing the CUDA graphs at the largest shape in the pool later "
+        "graphs share); the model was loaded with `sdpa` and switched to `paged|sdpa` by the manager. Nothing of what "
+        "that engine resolved was recorded, so these cells cannot tell which difference made it the cheaper one; they "
+        "stay as measured, and their terms below are unusable.",
+        "",
+        "**What `dooly bench --client http` records and checks.** It starts transformers' server (its FastAPI app, "
+        "handlers and engine, unmodified) through `dooly.engines.serve_launcher`, which builds the engine as the "
+        "in-process harness builds it: `ContinuousBatchingConfig(**settings)` from the same `--set` settings (every "
+        "field, not only the flags'), the harness's generation config (greedy, EOS off), the same random-weight model, "
+        "attention implementation and dtype, warmed up with `manager.warmup()` and started before the server answers "
+        "`/health`. The launcher then reports what the engine resolved, and the bench stores it in bench.json "
+        "`engine_details.server_resolved` (attention implementation, dtype, device, the resolved "
+        "`ContinuousBatchingConfig` with CUDA graphs, padding intervals, num_blocks, max_batch_tokens and async "
+        "batching, the generation config, the warm-up, the transformers version) and writes its engine settings to "
+        "engine.json, as the in-process harness writes its own. Before any request, a run whose server resolved another "
+        "attention implementation or dtype, any asked setting otherwise, sampling or EOS on, or no warm-up is refused "
+        "(exit 2, one `error:` line naming each difference); after the recorded pass, a run with any request that "
+        "streamed other than its output length is refused. A `--server-url` server started elsewhere cannot be read: "
+        "its run says `settings_verified: false` and warns. Re-measure the pairs (one call on an H100, about 4 minutes, "
+        "the serving wheels carried as `.whl`, see Regenerate; HTTP cells land under `groundtruth/http`, in-process "
+        "ones under `groundtruth/pairs`):",
+        "",
+        "```",
+        "bash device/engine_paths.sh pairs Qwen/Qwen2.5-7B",
+        "```",
+        "",
+    ]
+
+
 def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dict[str, Any]]],
          http: list[tuple[Cell, dict[str, Any]]], costs: dict[str, Any], own: list[tuple[Cell, dict[str, Any]]],
          breakdown: list[str], why: dict[str, float]) -> str:
@@ -304,15 +350,7 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "",
         *client_comparison(),
         "",
-        "The client saw the engine faster than it ran in-process. In the heavy cell every request's TPOT at the client "
-        f"is at most {why['http_tpot_max_ms']:.1f} ms, while the in-process engine's decode-only steps with "
-        f"{DECODE_BATCH_SHOWN} or more sequences took {why['decode_device_min_ms']:.0f}-{why['decode_device_max_ms']:.0f} "
-        "ms of device time alone (r2 steps.parquet `device_s`). Server costs can only add time, so these pairs do not "
-        "measure them: the engine behind the server did not serve this workload as the in-process engine did (another "
-        "attention path or other effective settings; the committed data cannot tell which). The bench records "
-        "nothing of what the server resolved (its attention implementation, its graph and padding settings); "
-        "`dooly bench --client http` should record the server's log of it before such pairs are measured again.",
-        "",
+        *http_findings(why),
         f"**Server-cost terms** (`dooly server-costs`, record `{SERVER_COSTS}`): per request, HTTP minus the mean of "
         "the in-process repeats.",
         "",
@@ -329,8 +367,7 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "",
         "## Left to do",
         "",
-        "- HTTP: `dooly bench --client http` should record what the server resolved (attention implementation, graph "
-        "and padding settings, from its log); then serve the pairs again and measure the terms.",
+        "- HTTP: serve the pairs again (`device/engine_paths.sh pairs`, above) and measure the terms from them.",
         "- `paged|sdpa` graphs: the shared calibration's host time per KV token differs by model; a term that carries "
         "that difference (counting gemma-2-9b's KV tokens once per layer group alone does not: tried, the pooled slope "
         "barely moves) or more models' calib runs.",
@@ -345,20 +382,46 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "python bench/engine_paths_table.py --fitted-store /tmp/h100",
         "```",
         "",
+        "The HTTP cells need transformers serve's extras, which the device image lacks: once, in the repository root, download the "
+        "wheels of fastapi, uvicorn, openai and their needs into `.whl/` (ignored by .gitignore; "
+        "`python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
+        "--platform manylinux2014_x86_64 -d .whl NAME==VERSION`, one per package); the device call names `.whl` in "
+        "`carry`, and `device/engine_paths.sh` installs them into /tmp/site before its first cell.",
+        "",
     ]
     return "\n".join(lines)
 
 
 def http_evidence() -> dict[str, float]:
-    """The HTTP heavy cell's largest per-request TPOT, and the device time of the in-process
-    engine's decode-only steps of at least DECODE_BATCH_SHOWN sequences (r2), in ms."""
+    """What the committed HTTP cells show of the engine behind the server, in ms: the heavy cell's
+    largest per-request TPOT beside the device time of the in-process engine's decode-only steps
+    of at least DECODE_BATCH_SHOWN sequences (r2); the light cell's first request, served by an
+    idle engine, beside the device time of the same prefill in-process (r2's first step); and how
+    many requests streamed other than their workload length (prompt or output tokens)."""
     import pyarrow.parquet as pq
 
     http = load_ground_truth(_cell_dir("http", "sdpa", "graphs", "heavy"))
     steps = pq.read_table(_cell_dir("r2", "sdpa", "graphs", "heavy") / "steps.parquet").to_pylist()
     device = [row["device_s"] for row in steps if not row["prefill"] and len(row["decode_ctx"]) >= DECODE_BATCH_SHOWN]
+    light_http = min(load_ground_truth(_cell_dir("http", "sdpa", "graphs", "light")).requests, key=lambda r: r.arrived_at_s)
+    light_steps = pq.read_table(_cell_dir("r2", "sdpa", "graphs", "light") / "steps.parquet").to_pylist()
+    first = light_steps[0]
+    if [p["q"] for p in first["prefill"]] != [light_http.prompt_tokens] or first["decode_ctx"] or first["graph_captured"]:
+        raise SystemExit("r2 light's first step is not the first request's prefill alone, without a capture")
+    mismatched = total = 0
+    for workload in ("light", "heavy"):
+        served = {r.request_id: r for r in load_ground_truth(_cell_dir("http", "sdpa", "graphs", workload)).requests}
+        asked = load_ground_truth(_cell_dir("r2", "sdpa", "graphs", workload)).requests
+        total += len(asked)
+        mismatched += sum(1 for r in asked if (served[r.request_id].prompt_tokens, served[r.request_id].output_tokens,
+                                               len(served[r.request_id].token_times_s))
+                          != (r.prompt_tokens, r.output_tokens, r.output_tokens))
     return {"http_tpot_max_ms": max(r.tpot_s for r in http.requests) * MS_PER_S,
-            "decode_device_min_ms": min(device) * MS_PER_S, "decode_device_max_ms": max(device) * MS_PER_S}
+            "decode_device_min_ms": min(device) * MS_PER_S, "decode_device_max_ms": max(device) * MS_PER_S,
+            "first_prompt_tokens": float(light_http.prompt_tokens),
+            "first_http_ttft_ms": (light_http.first_token_s - light_http.arrived_at_s) * MS_PER_S,
+            "first_inprocess_device_ms": first["device_s"] * MS_PER_S, "token_mismatches": float(mismatched),
+            "http_requests": float(total)}
 
 
 def sdpa_kv_term(store: str) -> float:

@@ -6,13 +6,21 @@
 #   2. the engine paths without a calibration: async batching (graphs on, beside graphs without it),
 #      paged|eager with graphs;
 #   3. the chosen configuration's light and heavy cells through the HTTP client, when the serving
-#      wheels travelled (.whl, see device/README in docs/simulate.md);
+#      wheels travelled (.whl: carried and installed into /tmp/site here, docs/engine-paths.md);
 #   4. repeats of the async and graphs light/heavy cells (the engine's run-to-run floor).
+# A further step, pairs (not in the default), serves the paged|sdpa graphs light and heavy cells
+# through the HTTP client and in-process back to back, with the same `dooly bench` flags: the pairs
+# `dooly server-costs` reads (HTTP cells under groundtruth/http, in-process ones under groundtruth/pairs).
 # Usage (on the device, repository root): bash device/engine_paths.sh [STEPS [MODEL]] with STEPS a
-# comma-separated subset of explore,paths,http,repeat (default: all) and MODEL the model of the
-# paths, http and repeat steps (default: the exploration's).
+# comma-separated subset of explore,paths,http,repeat,pairs (default: explore,paths,http,repeat) and
+# MODEL the model of the paths, http, repeat and pairs steps (default: the exploration's).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# transformers serve's extras (fastapi, uvicorn, openai, ...) are not in the image: carried as wheels.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH#"$PWD"}"
+fi
 steps=",${1:-explore,paths,http,repeat},"
 out="$OUT"
 mkdir -p "$out/groundtruth" "$out/reports"
@@ -41,14 +49,19 @@ if [[ $steps == *,paths,* ]]; then
   grid r1 200 --backends 'paged|sdpa' --workloads calib,light,heavy --variants async,graphs
   grid r1 130 --backends 'paged|eager' --workloads calib,light,heavy --variants graphs
 fi
+cell() {  # CLIENT DIR WORKLOAD: one paged|sdpa graphs cell, the same engine flags for both clients
+  client=$1; dir=$2; workload=$3
+  timeout 150 python3 -m dooly.cli bench "$model" --client "$client" --attention 'paged|sdpa' \
+    --workload "device/workloads/$workload.json" --set use_cuda_graph=true --set num_blocks=1024 --set max_batch_tokens=2048 \
+    --out "$out/groundtruth/$dir/${model##*/}.paged-sdpa.graphs.$workload" --output json \
+    > "$out/reports/$dir.$workload.json" 2> "$out/reports/$dir.$workload.log" || echo "$dir $workload failed: $(tail -1 "$out/reports/$dir.$workload.log")"
+  pack
+}
 if [[ $steps == *,http,* ]]; then
-  for workload in light heavy; do
-    timeout 150 python3 -m dooly.cli bench "$model" --client http --attention 'paged|sdpa' --workload "device/workloads/$workload.json" \
-      --set use_cuda_graph=true --set num_blocks=1024 --set max_batch_tokens=2048 \
-      --out "$out/groundtruth/http/${model##*/}.paged-sdpa.graphs.$workload" --output json \
-      > "$out/reports/http.$workload.json" 2> "$out/reports/http.$workload.log" || echo "http $workload failed"
-    pack
-  done
+  for workload in light heavy; do cell http http "$workload"; done
+fi
+if [[ $steps == *,pairs,* ]]; then
+  for workload in light heavy; do cell http http "$workload"; cell inprocess pairs "$workload"; done
 fi
 if [[ $steps == *,repeat,* ]]; then
   grid r2 150 --backends 'paged|sdpa' --workloads light,heavy --variants async,graphs

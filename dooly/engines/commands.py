@@ -225,7 +225,7 @@ def _run_http(model_spec: Any, backend: str, device: str, dtype: str, engine_set
                          warm_passes=warm_passes, server_url=server_url)
     stack = current_stack(device=resolved_device, platform=platform, engine="transformers",
                           engine_version=engine_version(), backend=backend, dtype=dtype,
-                          block_size=int(engine_settings.get("block_size", 0)))
+                          block_size=int(run.engine_settings.get("block_size", 0)))
     return run, {"platform": platform, "stack": stack.columns()}
 
 

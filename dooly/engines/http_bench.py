@@ -6,15 +6,24 @@ costs (tokenization, detokenization, the event loop, SSE framing, the socket). T
 everything else the same: the model is the same random-weight model (same seed, same device, same
 dtype), saved to a temporary directory with a word-level tokenizer built here (token id `i` is the
 word `t{i}`, so a prompt of N ids is N words and tokenizes back to exactly those N ids: the server
-sees the same prompts the in-process harness adds). The server is started as a subprocess
-(`transformers serve DIR --continuous-batching --cb-...`) with the engine settings it has flags
-for; a setting it has no flag for is refused rather than silently dropped. Or `--server-url`
-points at a server already running, whose settings are the caller's to record.
+sees the same prompts the in-process harness adds).
+
+The server is transformers' own (`transformers serve --continuous-batching`: its FastAPI app,
+handlers and engine), started as a subprocess through `dooly.engines.serve_launcher`, which gives
+its engine the in-process harness's `ContinuousBatchingConfig(**settings)`, warms it up and starts
+it before the server answers, and writes what the engine resolved (attention implementation,
+dtype, CUDA graphs, padding, num_blocks, max_batch_tokens, async batching, the generation config).
+The run is refused when that differs from what was asked (`settings_mismatches`): an HTTP cell is
+only paired with an in-process cell when both ran the same engine. engine.json holds the settings
+the server resolved, as the in-process harness writes its own. Or `--server-url` points at a
+server already running, whose settings cannot be read from outside: recorded as unverified, with
+a warning.
 
 Requests arrive open loop at their workload times, each a streaming `/v1/completions` request;
 the client stamps its arrival, every streamed token chunk, and the end. EOS is disabled per
 request (`generation_config` with `eos_token_id=-1`, what the in-process harness gives the
-engine), so each request generates exactly its output length; the count the server reports (`usage.completion_tokens`) is recorded, and a shortfall is logged.
+engine), so each request generates exactly its output length; a request whose streamed tokens or
+whose server-counted tokens (`usage.completion_tokens`) differ from it fails the run.
 
 There are no engine steps to record from outside the server: steps.parquet is written empty and
 bench.json says `client: http`.
@@ -41,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from dooly.engines.groundtruth import BenchRun, RequestRecord
+from dooly.engines.transformers_bench import NO_EOS_GENERATION
 from dooly.errors import DoolyError, TransientError
 from dooly.workload import Request
 
@@ -50,14 +60,6 @@ log = logging.getLogger(__name__)
 # skipped when the server detokenizes a streamed token).
 TOKEN_WORD_PREFIX = "t"
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
-# Engine settings (simulator names) that `transformers serve` has a --cb-* flag for.
-SERVE_FLAGS = {
-    "block_size": "--cb-block-size",
-    "num_blocks": "--cb-num-blocks",
-    "max_batch_tokens": "--cb-max-batch-tokens",
-    "max_memory_percent": "--cb-max-memory-percent",
-}
-CUDA_GRAPH_SETTING = "use_cuda_graph"
 # The serve CLI takes the attention kernel without the paged prefix; the engine adds it.
 PAGED_PREFIX = "paged|"
 LOOPBACK = "127.0.0.1"
@@ -74,33 +76,25 @@ CONNECT_TIMEOUT_S = 10.0
 SERVER_LOG_TAIL_LINES = 5
 SSE_DATA = "data: "
 SSE_DONE = "[DONE]"
-# The in-process harness's generation config, sent per request: greedy, EOS disabled.
-NO_EOS_GENERATION_CONFIG = {"do_sample": False, "eos_token_id": -1, "pad_token_id": 0}
+# What the server's engine resolved, written by dooly.engines.serve_launcher beside its log.
+RESOLVED_REPORT_NAME = "server_resolved.json"
+SERVE_LAUNCHER_MODULE = "dooly.engines.serve_launcher"
+# use_cuda_graph as the engine resolves it: one switch per path (varlen, decode).
+CUDA_GRAPH_SETTING = "use_cuda_graph"
+CUDA_GRAPH_PATHS = 2
+# The generation settings that change what the engine runs: sampling, and EOS (off in every cell).
+CHECKED_GENERATION_KEYS = ("do_sample", "eos_token_id")
 
 
-def serve_flags(settings: dict[str, Any]) -> list[str]:
-    """The `transformers serve` flags for `settings` (the names `--set` takes); one refusing line
-    for a setting the server cannot take, since a run without it would be another engine."""
-    flags: list[str] = []
-    for key, value in settings.items():
-        if key in SERVE_FLAGS:
-            flags += [SERVE_FLAGS[key], str(value)]
-        elif key == CUDA_GRAPH_SETTING:
-            flags.append("--cb-use-cuda-graph" if _one_graph_switch(value) else "--no-cb-use-cuda-graph")
-        else:
-            raise DoolyError(f"transformers serve has no flag for engine setting {key!r} (it takes "
-                             f"{', '.join([*SERVE_FLAGS, CUDA_GRAPH_SETTING])}); use --client inprocess")
-    return flags
+def check_settings(settings: dict[str, Any]) -> None:
+    """Refuse, before a model is built, settings the engine's config rejects: the server would
+    only fail on its first request."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-
-def _one_graph_switch(value: Any) -> bool:
-    """`use_cuda_graph` as the serve flag takes it: one switch for both paths (varlen, decode)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, bool) for v in value) and value[0] == value[1]:
-        return bool(value[0])
-    raise DoolyError(f"transformers serve takes use_cuda_graph as one switch for both paths, not {json.dumps(value)}; "
-                     "use --client inprocess")
+    try:
+        ContinuousBatchingConfig(**settings)
+    except TypeError as exc:
+        raise DoolyError(f"engine settings rejected by ContinuousBatchingConfig: {exc}") from None
 
 
 def serve_attention(backend: str) -> str:
@@ -188,14 +182,63 @@ class ServerProcess:
 
 
 def transformers_serve_command(model_dir: Path, port: int, backend: str, device: str, dtype: str,
-                               settings: dict[str, Any]) -> list[str]:
-    """`transformers serve` with continuous batching and the engine settings mapped to its flags."""
+                               settings: dict[str, Any], report_path: Path) -> list[str]:
+    """transformers' server through the launcher that starts its engine as the in-process harness
+    does, with these settings, and writes what it resolved to `report_path`."""
     return [
-        sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
-        "--continuous-batching", "--attn-implementation", serve_attention(backend),
+        sys.executable, "-m", SERVE_LAUNCHER_MODULE, str(model_dir), "--report", str(report_path),
+        "--settings", json.dumps(settings, sort_keys=True), "--attn-implementation", serve_attention(backend),
         "--device", device, "--dtype", dtype, "--host", LOOPBACK, "--port", str(port),
-        *serve_flags(settings),
     ]
+
+
+def read_resolved(report_path: Path) -> dict[str, Any]:
+    """The launcher's report of what the server's engine resolved (written before /health answers)."""
+    if not report_path.is_file():
+        raise DoolyError(f"the server answered {HEALTH_PATH} without writing {report_path.name}: it was not started "
+                         "through dooly.engines.serve_launcher")
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    return report
+
+
+def _as_resolved(key: str, value: Any) -> Any:
+    """A requested setting in the form the resolved config holds it (JSON-plain)."""
+    if key == CUDA_GRAPH_SETTING and isinstance(value, bool):
+        value = [value] * CUDA_GRAPH_PATHS
+    return json.loads(json.dumps(value))
+
+
+def settings_mismatches(resolved: dict[str, Any], backend: str, dtype: str, settings: dict[str, Any]) -> list[str]:
+    """Where the server's engine differs from what the in-process harness runs for the same
+    request: another attention implementation or dtype, a requested setting resolved otherwise,
+    sampling or EOS on, or no warm-up. Empty when the two are the same engine."""
+    found = []
+    if resolved.get("attn_implementation") != backend:
+        found.append(f"attention {resolved.get('attn_implementation')} (asked {backend})")
+    if resolved.get("dtype") != dtype:
+        found.append(f"dtype {resolved.get('dtype')} (asked {dtype})")
+    config = resolved.get("continuous_batching_config", {})
+    for key, value in sorted(settings.items()):
+        wanted = _as_resolved(key, value)
+        if config.get(key) != wanted:
+            found.append(f"{key}={json.dumps(config.get(key))} (asked {json.dumps(wanted)})")
+    generation = resolved.get("generation_config", {})
+    for key in CHECKED_GENERATION_KEYS:
+        if generation.get(key) != NO_EOS_GENERATION[key]:
+            found.append(f"generation {key}={json.dumps(generation.get(key))} "
+                         f"(the in-process harness runs {json.dumps(NO_EOS_GENERATION[key])})")
+    if not resolved.get("warmed_up"):
+        found.append("the engine was not warmed up before serving (the in-process harness warms it up)")
+    return found
+
+
+def check_resolved(resolved: dict[str, Any], backend: str, dtype: str, settings: dict[str, Any]) -> None:
+    """Refuse, before any request, a server whose engine is not the one asked for: its cell would
+    be paired with an in-process cell of another engine."""
+    found = settings_mismatches(resolved, backend, dtype, settings)
+    if found:
+        raise DoolyError(f"the server's engine resolved other settings than the run asked: {'; '.join(found)} "
+                         "(an HTTP cell is only paired with an in-process cell of the same engine)")
 
 
 @contextmanager
@@ -265,7 +308,7 @@ def _request_body(prompt: list[int], output_tokens: int) -> dict[str, Any]:
     """transformers serve takes the prompt as text only, and EOS off through a per-request
     generation config (it has no `ignore_eos`/`min_tokens`, vLLM's way)."""
     return {"prompt": prompt_text(prompt), "max_tokens": output_tokens, "stream": True,
-            "generation_config": json.dumps(NO_EOS_GENERATION_CONFIG)}
+            "generation_config": json.dumps(NO_EOS_GENERATION)}
 
 
 async def _stream_one(client: Any, url: str, body: dict[str, Any]) -> _Timing:
@@ -323,14 +366,23 @@ async def _replay(url: str, requests: list[Request], prompts: dict[str, list[int
     return {rid: task.result() for rid, task in tasks.items()}
 
 
+def token_count_errors(requests: list[Request], timings: dict[str, _Timing]) -> list[str]:
+    """Requests that did not stream exactly their output length, as counted at the client (chunks
+    carrying text) and by the server (`usage.completion_tokens`): EOS is off and max_tokens is the
+    output length, so any difference means the server served another workload."""
+    found = []
+    for request in requests:
+        timing = timings[request.request_id]
+        if timing.error:
+            continue
+        streamed = len(timing.token_times_s)
+        if streamed != request.output_tokens or timing.completion_tokens != request.output_tokens:
+            found.append(f"{request.request_id} streamed {streamed} token(s), the server counted "
+                         f"{timing.completion_tokens}, the workload asked {request.output_tokens}")
+    return found
+
+
 def _record(request: Request, timing: _Timing) -> RequestRecord:
-    generated = timing.completion_tokens if timing.completion_tokens is not None else len(timing.token_times_s)
-    if not timing.error and generated != request.output_tokens:
-        log.warning("request %s generated %d tokens, not %d (the server stopped it early)",
-                    request.request_id, generated, request.output_tokens)
-    if not timing.error and len(timing.token_times_s) != generated:
-        log.warning("request %s: %d tokens generated but %d streamed chunks carried text",
-                    request.request_id, generated, len(timing.token_times_s))
     times = timing.token_times_s
     return RequestRecord(
         request_id=request.request_id,
@@ -338,7 +390,7 @@ def _record(request: Request, timing: _Timing) -> RequestRecord:
         first_token_s=times[0] if times else None,
         finished_s=timing.finished_s if not timing.error else None,
         prompt_tokens=timing.prompt_tokens or request.prompt_tokens,
-        output_tokens=generated,
+        output_tokens=len(times),
         token_times_s=times,
         error=timing.error,
     )
@@ -361,6 +413,10 @@ def replay_workload(url: str, requests: list[Request], rng: np.random.Generator,
         recorded = asyncio.run(_replay(url, requests, prompts))
         if index < warm_passes:
             _check_served(recorded, f"warm pass {index}")
+    wrong = token_count_errors(requests, recorded)
+    if wrong:
+        raise DoolyError(f"{len(wrong)} of {len(requests)} request(s) did not generate their output length, "
+                         f"e.g. {wrong[0]}")
     return [_record(r, recorded[r.request_id]) for r in requests]
 
 
@@ -394,21 +450,29 @@ def run_http_bench(
     details: dict[str, Any] = {"client": "http"}
     if server_url is not None:
         check_reachable(server_url)
-        details.update(server_url=server_url, server_command=None)
+        log.warning("UNVERIFIED ENGINE: --server-url %s was started outside this command, so what its engine "
+                    "resolved (attention, CUDA graphs, num_blocks, max_batch_tokens, dtype) cannot be read or "
+                    "checked against the run's settings; the record says settings_verified: false", server_url)
+        details.update(server_url=server_url, server_command=None, server_resolved=None, settings_verified=False)
         records = replay_workload(server_url.rstrip("/"), requests, rng, vocab,
                                   warmup_requests=warmup_requests, warm_passes=warm_passes)
         return BenchRun(requests=records, steps=[], engine_settings=dict(settings), engine_details=details)
     require_serve()
-    serve_flags(settings)
+    check_settings(settings)
     serve_attention(backend)
     work_dir = Path(tempfile.mkdtemp(prefix="dooly-http-bench-"))
+    report_path = work_dir / RESOLVED_REPORT_NAME
     try:
         save_served_model(hf_config, backend, device, getattr(torch, dtype), seed, work_dir)
-        with started_server(lambda port: transformers_serve_command(work_dir, port, backend, device, dtype, settings),
-                            work_dir) as server:
-            details.update(server_url=server.url, server_command=server.command)
+        command = lambda port: transformers_serve_command(  # noqa: E731
+            work_dir, port, backend, device, dtype, settings, report_path)
+        with started_server(command, work_dir) as server:
+            resolved = read_resolved(report_path)
+            check_resolved(resolved, backend, dtype, settings)
+            details.update(server_url=server.url, server_command=server.command, server_resolved=resolved,
+                           settings_verified=True)
             records = replay_workload(server.url, requests, rng, vocab,
                                       warmup_requests=warmup_requests, warm_passes=warm_passes)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return BenchRun(requests=records, steps=[], engine_settings=dict(settings), engine_details=details)
+    return BenchRun(requests=records, steps=[], engine_settings=resolved["engine_settings"], engine_details=details)

@@ -44,6 +44,10 @@ ENGINE_STOP_TIMEOUT_S = 60.0
 # Request ids of an unrecorded warm pass end with this and the pass number.
 WARM_PASS_SUFFIX = "~warm"
 MS_PER_S = 1e3
+# The engine's generation config: greedy, EOS disabled (-1), so each request generates exactly
+# its max_new_tokens. The HTTP harness sends the same per request and builds its server's manager
+# with it (dooly.engines.serve_launcher).
+NO_EOS_GENERATION: dict[str, Any] = {"do_sample": False, "eos_token_id": -1, "pad_token_id": 0}
 
 
 class _StepProbe:
@@ -217,8 +221,7 @@ def run_transformers_bench(
     torch_device = torch.device(device)
     model = build_random_model(hf_config, backend, torch_device, dtype, seed)
     vocab = int(hf_config.get_text_config().vocab_size)
-    # EOS disabled (-1): each request generates exactly its max_new_tokens.
-    generation_config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)
+    generation_config = GenerationConfig(**NO_EOS_GENERATION)
     cb_config = ContinuousBatchingConfig(**settings)
     manager = model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=cb_config)
     manager.warmup()
@@ -240,8 +243,8 @@ def run_transformers_bench(
     return BenchRun(
         requests=records,
         steps=probe.finish(),
-        engine_settings=_scheduler_settings(manager.continuous_batching_config),
-        engine_details={"continuous_batching_config": _plain(vars(manager.continuous_batching_config))},
+        engine_settings=scheduler_settings(manager.continuous_batching_config),
+        engine_details={"continuous_batching_config": plain_values(vars(manager.continuous_batching_config))},
     )
 
 
@@ -316,8 +319,9 @@ def _request_record(request: Request, output: Any, added_at: float | None) -> Re
     )
 
 
-def _scheduler_settings(cb_config: Any) -> dict[str, Any]:
-    """The resolved engine settings in the names `TransformersCBConfig` (the simulator) takes."""
+def scheduler_settings(cb_config: Any) -> dict[str, Any]:
+    """The resolved engine settings in the names `TransformersCBConfig` (the simulator) takes: what
+    engine.json holds, for the in-process harness and for the server behind the HTTP one alike."""
     varlen_graph, decode_graph = cb_config.cuda_graph_booleans
     settings = {
         "scheduler_type": cb_config.scheduler_type,
@@ -336,5 +340,6 @@ def _scheduler_settings(cb_config: Any) -> dict[str, Any]:
     return settings
 
 
-def _plain(values: dict[str, Any]) -> dict[str, Any]:
+def plain_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A config's fields as JSON can hold them (anything else as its repr), for bench.json."""
     return {k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v) for k, v in values.items()}

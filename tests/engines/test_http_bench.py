@@ -1,12 +1,15 @@
 """`dooly bench --client http`: the transformers engine behind its own `transformers serve` (a real
-subprocess on loopback, CPU, the tiny Llama), timed at the client, written as ground truth that
-`dooly validate` reads; and the inputs it refuses in one line."""
+subprocess on loopback, CPU, the tiny Llama, started through dooly.engines.serve_launcher), timed
+at the client, written as ground truth that `dooly validate` reads with the settings the server's
+engine resolved; the runs it refuses (a server whose engine is not the one asked for, requests that
+did not generate their length) and the inputs it refuses, each in one line."""
 
 from __future__ import annotations
 
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,9 +18,14 @@ from click.testing import CliRunner
 from tiny_configs import TINY_LLAMA
 
 from dooly.cli import cli
-from dooly.engines.http_bench import build_tokenizer, prompt_text, serve_flags
-from dooly.errors import DoolyError
-from dooly.workload import generate_requests, spec_from_options
+from dooly.engines.http_bench import (
+    _Timing,
+    build_tokenizer,
+    prompt_text,
+    settings_mismatches,
+    token_count_errors,
+)
+from dooly.workload import Request, generate_requests, spec_from_options
 
 WORKLOAD = ["--requests", "6", "--rate", "20", "--prompt-len", "uniform:8:40", "--output-len", "uniform:2:6", "--seed", "4"]
 SETTINGS = ["--set", "num_blocks=48", "--set", "block_size=16", "--set", "max_batch_tokens=64"]
@@ -49,14 +57,54 @@ def test_a_prompt_of_n_ids_round_trips_through_the_tokenizer_to_the_same_n_ids()
     assert all(tokenizer.decode([i]) for i in range(TINY_LLAMA["vocab_size"]))
 
 
-def test_engine_settings_map_to_serve_flags_or_are_refused():
-    assert serve_flags({"num_blocks": 48, "block_size": 16, "max_batch_tokens": 64, "use_cuda_graph": [True, True]}) == [
-        "--cb-num-blocks", "48", "--cb-block-size", "16", "--cb-max-batch-tokens", "64", "--cb-use-cuda-graph"]
-    assert serve_flags({"use_cuda_graph": False}) == ["--no-cb-use-cuda-graph"]
-    with pytest.raises(DoolyError, match="no flag for engine setting 'scheduler_type'"):
-        serve_flags({"scheduler_type": "fifo"})
-    with pytest.raises(DoolyError, match="one switch for both paths"):
-        serve_flags({"use_cuda_graph": [False, True]})
+# What dooly.engines.serve_launcher reports of an engine that is the one asked for (on a GPU).
+RESOLVED_CONFIG: dict[str, Any] = {"num_blocks": 1024, "max_batch_tokens": 2048, "use_cuda_graph": [True, True],
+                                   "use_async_batching": False}
+RESOLVED: dict[str, Any] = {
+    "attn_implementation": "paged|sdpa",
+    "dtype": "bfloat16",
+    "continuous_batching_config": RESOLVED_CONFIG,
+    "generation_config": {"do_sample": False, "eos_token_id": -1, "pad_token_id": 0, "max_new_tokens": 8},
+    "warmed_up": True,
+}
+ASKED = {"num_blocks": 1024, "max_batch_tokens": 2048, "use_cuda_graph": True}
+
+
+def test_a_server_that_resolved_what_was_asked_has_no_mismatch():
+    assert settings_mismatches(RESOLVED, "paged|sdpa", "bfloat16", ASKED) == []
+    assert settings_mismatches(RESOLVED, "paged|sdpa", "bfloat16", {"use_cuda_graph": [True, True]}) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "asked", "expected"),
+    [
+        ({"attn_implementation": "paged|flash_attention_2"}, ASKED, "attention paged|flash_attention_2 (asked paged|sdpa)"),
+        ({"dtype": "float16"}, ASKED, "dtype float16 (asked bfloat16)"),
+        ({"continuous_batching_config": {**RESOLVED_CONFIG, "use_cuda_graph": [False, False]}},
+         ASKED, "use_cuda_graph=[false, false] (asked [true, true])"),
+        ({"continuous_batching_config": {**RESOLVED_CONFIG, "num_blocks": 600}},
+         ASKED, "num_blocks=600 (asked 1024)"),
+        ({}, {**ASKED, "use_async_batching": True}, "use_async_batching=false (asked true)"),
+        ({"generation_config": {"do_sample": False, "eos_token_id": 151643}}, ASKED, "generation eos_token_id=151643"),
+        ({"warmed_up": False}, ASKED, "not warmed up"),
+    ],
+)
+def test_a_server_whose_engine_differs_is_named_in_each_setting(change, asked, expected):
+    found = settings_mismatches({**RESOLVED, **change}, "paged|sdpa", "bfloat16", asked)
+    assert len(found) == 1 and expected in found[0]
+
+
+def test_a_request_that_did_not_stream_its_length_is_named():
+    requests = [Request("a", 0.0, 8, 3), Request("b", 0.0, 8, 3), Request("c", 0.0, 8, 3)]
+    timings = {
+        "a": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], completion_tokens=3),
+        "b": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0], completion_tokens=3),
+        "c": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], completion_tokens=None),
+    }
+    assert token_count_errors(requests, timings) == [
+        "b streamed 2 token(s), the server counted 3, the workload asked 3",
+        "c streamed 3 token(s), the server counted None, the workload asked 3",
+    ]
 
 
 @pytest.mark.slow
@@ -74,14 +122,24 @@ def test_every_request_streams_exactly_its_tokens_timed_at_the_client(http_dir):
 
 
 @pytest.mark.slow
-def test_the_record_says_http_with_the_server_command_and_no_steps(http_dir):
+def test_the_record_holds_what_the_server_resolved_and_no_steps(http_dir):
     assert pq.read_table(http_dir / "steps.parquet").num_rows == 0
-    assert json.loads((http_dir / "engine.json").read_text()) == {"num_blocks": 48, "block_size": 16, "max_batch_tokens": 64}
     bench = json.loads((http_dir / "bench.json").read_text())
     assert bench["client"] == "http" and bench["engine_details"]["client"] == "http"
-    command = bench["engine_details"]["server_command"]
-    assert command[command.index("serve") + 2:command.index("serve") + 5] == ["--continuous-batching", "--attn-implementation", "sdpa"]
-    assert ["--cb-num-blocks", "48"] == command[command.index("--cb-num-blocks"):][:2]
+    details = bench["engine_details"]
+    command = details["server_command"]
+    assert command[1:3] == ["-m", "dooly.engines.serve_launcher"]
+    assert json.loads(command[command.index("--settings") + 1]) == SERVE_SETTINGS
+    assert command[command.index("--attn-implementation") + 1] == "sdpa"
+    resolved = details["server_resolved"]
+    assert details["settings_verified"] is True
+    assert (resolved["attn_implementation"], resolved["dtype"], resolved["warmed_up"]) == ("paged|sdpa", "float32", True)
+    assert resolved["generation_config"]["eos_token_id"] == -1 and resolved["generation_config"]["do_sample"] is False
+    # engine.json: the settings the server's engine resolved, in the in-process harness's names and form.
+    engine = json.loads((http_dir / "engine.json").read_text())
+    assert engine == resolved["engine_settings"]
+    assert {k: engine[k] for k in SERVE_SETTINGS} == SERVE_SETTINGS
+    assert engine["use_cuda_graph"] == [False, False] and engine["scheduler_type"] == "fifo"
     assert bench["summary"]["finished"] == 6 and bench["summary"]["steps"] == 0
 
 
@@ -107,8 +165,7 @@ def _closed_port() -> int:
     ("extra", "code", "message"),
     [
         (["--client", "http", "--server-url", f"http://127.0.0.1:{_closed_port()}"], 75, "is unreachable"),
-        (["--client", "http", "--set", "scheduler_type=fifo"], 2, "transformers serve has no flag for engine setting"),
-        (["--client", "http", "--set", "use_cuda_graph=[false,true]"], 2, "one switch for both paths"),
+        (["--client", "http", "--set", "no_such_setting=1"], 2, "engine settings rejected by ContinuousBatchingConfig"),
         (["--server-url", "http://127.0.0.1:1"], 2, "--server-url needs --client http"),
         (["--client", "http", "--engine", "vllm"], 2, "serves the transformers engine for now"),
     ],
@@ -130,14 +187,15 @@ def test_server_url_sends_the_workload_to_a_server_already_running(tmp_path):
     with `transformers serve DIR`): the command only connects, and records no server command."""
     import torch
 
-    from dooly.engines.http_bench import save_served_model, started_server, transformers_serve_command
+    from dooly.engines.http_bench import RESOLVED_REPORT_NAME, save_served_model, started_server, transformers_serve_command
     from dooly.models.registry import build_hf_config, resolve_model
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_LLAMA))
     model_dir = tmp_path / "served"
     save_served_model(build_hf_config(resolve_model(str(config))), "paged|sdpa", "cpu", torch.float32, 0, model_dir)
-    command = lambda port: transformers_serve_command(model_dir, port, "paged|sdpa", "cpu", "float32", SERVE_SETTINGS)  # noqa: E731
+    command = lambda port: transformers_serve_command(  # noqa: E731
+        model_dir, port, "paged|sdpa", "cpu", "float32", SERVE_SETTINGS, tmp_path / RESOLVED_REPORT_NAME)
     out = tmp_path / "gt"
     with started_server(command, tmp_path) as server:
         result = CliRunner().invoke(
@@ -149,5 +207,25 @@ def test_server_url_sends_the_workload_to_a_server_already_running(tmp_path):
     rows = pq.read_table(out / "requests.parquet").to_pylist()
     assert [(r["prompt_tokens"], r["output_tokens"], len(r["token_times_s"])) for r in rows] == [(12, 4, 4)] * 3
     details = json.loads((out / "bench.json").read_text())["engine_details"]
-    assert details == {"client": "http", "server_url": server.url, "server_command": None}
+    assert details == {"client": "http", "server_url": server.url, "server_command": None, "server_resolved": None,
+                       "settings_verified": False}
     assert json.loads((out / "engine.json").read_text()) == SERVE_SETTINGS
+
+
+@pytest.mark.slow
+def test_a_server_whose_engine_resolved_other_settings_is_refused_before_any_request(tmp_path):
+    """CUDA graphs asked on a CPU: the server's engine turns them off, so the run would not be the
+    engine asked for. Refused in one line once the server reports, and nothing is written."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    out = tmp_path / "gt"
+    result = CliRunner().invoke(
+        cli, ["bench", str(config), "--client", "http", "--out", str(out), "--dtype", "float32", "--warmup-requests", "0",
+              "--requests", "2", *SETTINGS, "--set", "use_cuda_graph=true"],
+    )
+    assert result.exit_code == 2, result.output
+    # One error line, the last (the model's save may print a progress bar before it).
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: the server's engine resolved other settings than the run asked")
+    assert "use_cuda_graph=[false, false] (asked [true, true])" in last and result.output.count("error:") == 1
+    assert not out.exists()

@@ -1,0 +1,114 @@
+"""`transformers serve` started the way the in-process harness starts its engine, and made to say
+what it resolved.
+
+Run as `python -m dooly.engines.serve_launcher --report PATH --settings JSON MODEL_DIR ...` by
+`dooly.engines.http_bench`. The HTTP front end, its handlers and the engine are transformers' own,
+unmodified; three things differ from a bare `transformers serve --continuous-batching`, each so an
+HTTP cell runs the engine an in-process cell runs:
+
+- the engine settings reach the server as the in-process harness passes them,
+  `ContinuousBatchingConfig(**settings)`, not through the `--cb-*` flags (which cover five fields);
+- the continuous-batching manager is built, warmed up (`manager.warmup()`, its CUDA graphs
+  pre-captured at the largest shapes) and started before the server answers /health, as the
+  in-process harness does before its first request, not lazily on the first request (whose
+  generation config would then be the manager's and whose latency would carry the start-up);
+- before the server answers, the manager as it resolved is written to the report: the attention
+  implementation the model runs, its dtype and device, the resolved `ContinuousBatchingConfig`
+  (the engine settings in the names the simulator takes, and every field) and the generation
+  config. The client refuses a run whose report differs from what it asked
+  (`http_bench.settings_mismatches`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+REPORT_SCHEMA = "dooly.http_server_resolved/1"
+TORCH_PREFIX = "torch."
+LOG_LEVEL = "info"
+
+
+def resolved_report(manager: Any) -> dict[str, Any]:
+    """What the server's engine runs, read off the live manager after its warm-up (the KV cache is
+    built then, so num_blocks and max_batch_tokens are the concrete values)."""
+    import transformers
+
+    from dooly.engines.transformers_bench import plain_values, scheduler_settings
+
+    model = manager.model
+    config = manager.continuous_batching_config
+    return {
+        "schema": REPORT_SCHEMA,
+        "attn_implementation": str(model.config._attn_implementation),
+        "dtype": str(model.dtype).removeprefix(TORCH_PREFIX),
+        "device": str(model.device),
+        "engine_settings": scheduler_settings(config),
+        "continuous_batching_config": json.loads(json.dumps(plain_values(vars(config)))),
+        "generation_config": json.loads(json.dumps(manager.generation_config.to_diff_dict(), default=str)),
+        "warmed_up": bool(manager.warmed_up),
+        "transformers_version": transformers.__version__,
+    }
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """Written whole or not at all: the client reads it as soon as /health answers."""
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(json.dumps(report, indent=2, sort_keys=True))
+    os.replace(partial, path)
+
+
+def serve(model_dir: str, *, attn_implementation: str, device: str, dtype: str, host: str, port: int,
+          settings: dict[str, Any], report_path: Path) -> None:
+    """Build transformers' server, start its engine as the in-process harness starts one, write
+    the report, then serve until terminated."""
+    from transformers import GenerationConfig
+    from transformers.cli.serve import Serve
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    # The manager's generation config is the in-process harness's (greedy, EOS disabled); each
+    # request still carries its own max_new_tokens and eos_token_id to add_request.
+    from dooly.engines.transformers_bench import NO_EOS_GENERATION
+
+    class _DeferredServe(Serve):  # type: ignore[misc]
+        """Serve, built with non_blocking=True, whose uvicorn thread starts once the engine is up."""
+
+        def start_server(self) -> None:
+            return None
+
+    server = _DeferredServe(force_model=model_dir, continuous_batching=True, attn_implementation=attn_implementation,
+                            device=device, dtype=dtype, host=host, port=port, log_level=LOG_LEVEL, non_blocking=True)
+    model_id = server._model_manager.process_model_name(model_dir)
+    model: Any = server._model_manager.load_model_and_processor(model_id)[0]
+    # The handlers' continuous-batching wrapper: holding the started manager, it never builds one.
+    cb_generate: Any = server._generation_state.get_manager(model_id, use_cb=True)
+    manager = model.init_continuous_batching(generation_config=GenerationConfig(**NO_EOS_GENERATION),
+                                             continuous_batching_config=ContinuousBatchingConfig(**settings))
+    manager.warmup()
+    cb_generate._cb = manager
+    manager.start()
+    write_report(resolved_report(manager), report_path)
+    Serve.start_server(server)
+    server._thread.join()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dooly.engines.serve_launcher", description=__doc__)
+    parser.add_argument("model_dir")
+    parser.add_argument("--report", required=True, type=Path)
+    parser.add_argument("--settings", required=True, help="JSON object: ContinuousBatchingConfig fields")
+    parser.add_argument("--attn-implementation", required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--dtype", required=True)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", required=True, type=int)
+    args = parser.parse_args(argv)
+    serve(args.model_dir, attn_implementation=args.attn_implementation, device=args.device, dtype=args.dtype,
+          host=args.host, port=args.port, settings=json.loads(args.settings), report_path=args.report)
+
+
+if __name__ == "__main__":
+    main()
