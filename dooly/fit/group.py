@@ -58,13 +58,7 @@ def bind_class_model(
     """A class model applied to one signature: how an unprofiled signature (or a profiled one too
     poor for a model of its own, with the median measured/predicted `factor`) is predicted."""
     return BoundClassModel(
-        signature=info.signature,
-        op=info.op,
-        op_class=info.op_class,
-        family=info.family,
-        request_vars=info.request_vars,
-        window=info.static.window,
-        wave_tiles=info.static.wave_tiles,
+        **info.model_fields(),
         method=method or cm.regressor.method,
         model=cm,
         static=info.static,
@@ -122,13 +116,7 @@ def heads_affine_model(
     design = np.array([[1.0, float(h)] for h, _ in peers])
     weights = np.array([1.0, float(heads)]) @ np.linalg.pinv(design)
     model = HeadsAffineModel(
-        signature=info.signature,
-        op=info.op,
-        op_class=info.op_class,
-        family=info.family,
-        request_vars=info.request_vars,
-        window=info.static.window,
-        wave_tiles=info.static.wave_tiles,
+        **info.model_fields(),
         method=METHOD_HEADS_AFFINE,
         members=tuple((float(w), m) for w, (_, m) in zip(weights, peers, strict=True)),
     )

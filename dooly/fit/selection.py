@@ -147,15 +147,7 @@ def interp_method(variable: str) -> str:
 
 def fit_seen(method: str, info: SignatureInfo, terms: np.ndarray, seconds: np.ndarray) -> OpModel | None:
     """A signature's own model from its points, or None when the points do not support `method`."""
-    common: dict[str, Any] = dict(
-        signature=info.signature,
-        op=info.op,
-        op_class=info.op_class,
-        family=info.family,
-        request_vars=info.request_vars,
-        window=info.static.window,
-        wave_tiles=info.static.wave_tiles,
-    )
+    common = info.model_fields()
     if method.startswith(SEEN_INTERP) and not (method.partition(":")[2] or info.request_vars):
         # Nothing of the request changes its work (a fixed-size op): a constant, the linear
         # model's intercept.

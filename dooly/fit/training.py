@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,6 +52,19 @@ class SignatureInfo:
     request_vars: tuple[str, ...]
     static: StaticFeatures
     units: dict[str, int] = field(default_factory=dict)  # elements per unit of each request var
+
+    def model_fields(self) -> dict[str, Any]:
+        """The identity every op model built for this signature carries (own, class-bound or
+        heads-affine alike), so the three builders cannot drift apart."""
+        return dict(
+            signature=self.signature,
+            op=self.op,
+            op_class=self.op_class,
+            family=self.family,
+            request_vars=self.request_vars,
+            window=self.static.window,
+            wave_tiles=self.static.wave_tiles,
+        )
 
 
 @dataclass
