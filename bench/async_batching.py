@@ -7,7 +7,7 @@ loop is prepare(N+1) -> launch(N+1) -> update(N), so the host prepares and launc
 the device still runs N, and only then waits for N's outputs (`d2h_over.synchronize()`) and hands
 its tokens out. Each pair has its own CUDA graphs.
 
-What the bench probe records in that order (dooly/engines/transformers_bench.py `_StepProbe`): a
+What the bench probe records in that order (dooly/engines/transformers_bench.py `StepProbe`): a
 row is written at update time, so row k holds batch k's composition, `prepare_s`, `forward_s`
 (the launch) and `device_s` (CUDA events on the compute stream: the start event fires when the
 stream has finished batch k-1), and `update_s` of batch k-1 (its wait for the device included);

@@ -25,7 +25,10 @@ request (`generation_config` with `eos_token_id=-1`, what the in-process harness
 engine), so each request generates exactly its output length; a request whose streamed tokens or
 whose server-counted tokens (`usage.completion_tokens`) differ from it fails the run.
 
-There are no engine steps to record from outside the server: steps.parquet is written empty and
+The server's engine records its steps as the in-process harness records its own (the launcher's
+`--steps`, written when the server is stopped); steps.parquet holds those of the recorded pass
+(the steps that started at or after its first arrival, on the machine's monotonic clock that both
+processes read). With `--server-url` there are none to read: steps.parquet is written empty.
 bench.json says `client: http`.
 """
 
@@ -43,13 +46,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dooly.engines.groundtruth import BenchRun, RequestRecord
+from dooly.engines.groundtruth import BenchRun, RequestRecord, StepRecord
 from dooly.engines.transformers_bench import NO_EOS_GENERATION
 from dooly.errors import DoolyError, TransientError
 from dooly.workload import Request
@@ -78,6 +81,7 @@ SSE_DATA = "data: "
 SSE_DONE = "[DONE]"
 # What the server's engine resolved, written by dooly.engines.serve_launcher beside its log.
 RESOLVED_REPORT_NAME = "server_resolved.json"
+SERVER_STEPS_NAME = "server_steps.json"
 SERVE_LAUNCHER_MODULE = "dooly.engines.serve_launcher"
 # use_cuda_graph as the engine resolves it: one switch per path (varlen, decode).
 CUDA_GRAPH_SETTING = "use_cuda_graph"
@@ -182,14 +186,28 @@ class ServerProcess:
 
 
 def transformers_serve_command(model_dir: Path, port: int, backend: str, device: str, dtype: str,
-                               settings: dict[str, Any], report_path: Path) -> list[str]:
+                               settings: dict[str, Any], report_path: Path, steps_path: Path) -> list[str]:
     """transformers' server through the launcher that starts its engine as the in-process harness
-    does, with these settings, and writes what it resolved to `report_path`."""
+    does, with these settings, writes what it resolved to `report_path`, and its engine's steps to
+    `steps_path` when stopped."""
     return [
         sys.executable, "-m", SERVE_LAUNCHER_MODULE, str(model_dir), "--report", str(report_path),
         "--settings", json.dumps(settings, sort_keys=True), "--attn-implementation", serve_attention(backend),
-        "--device", device, "--dtype", dtype, "--host", LOOPBACK, "--port", str(port),
+        "--device", device, "--dtype", dtype, "--host", LOOPBACK, "--port", str(port), "--steps", str(steps_path),
     ]
+
+
+def recorded_steps(steps_path: Path, records: list[RequestRecord]) -> list[StepRecord]:
+    """The server engine's steps of the recorded pass: those that started at or after its first
+    arrival (warm-up and warm passes ran before it). A server that wrote no steps fails the run:
+    its cell would lack what an in-process cell has."""
+    from dooly.engines.serve_launcher import read_steps
+
+    if not steps_path.is_file():
+        raise DoolyError(f"the server was stopped without writing its engine steps ({steps_path.name})")
+    first_arrival = min(r.arrived_at_s for r in records)
+    steps = [s for s in read_steps(steps_path) if s.start_s >= first_arrival]
+    return [replace(s, step=index) for index, s in enumerate(steps)]
 
 
 def read_resolved(report_path: Path) -> dict[str, Any]:
@@ -462,10 +480,11 @@ def run_http_bench(
     serve_attention(backend)
     work_dir = Path(tempfile.mkdtemp(prefix="dooly-http-bench-"))
     report_path = work_dir / RESOLVED_REPORT_NAME
+    steps_path = work_dir / SERVER_STEPS_NAME
     try:
         save_served_model(hf_config, backend, device, getattr(torch, dtype), seed, work_dir)
         command = lambda port: transformers_serve_command(  # noqa: E731
-            work_dir, port, backend, device, dtype, settings, report_path)
+            work_dir, port, backend, device, dtype, settings, report_path, steps_path)
         with started_server(command, work_dir) as server:
             resolved = read_resolved(report_path)
             check_resolved(resolved, backend, dtype, settings)
@@ -473,6 +492,7 @@ def run_http_bench(
                            settings_verified=True)
             records = replay_workload(server.url, requests, rng, vocab,
                                       warmup_requests=warmup_requests, warm_passes=warm_passes)
+        steps = recorded_steps(steps_path, records)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return BenchRun(requests=records, steps=[], engine_settings=resolved["engine_settings"], engine_details=details)
+    return BenchRun(requests=records, steps=steps, engine_settings=resolved["engine_settings"], engine_details=details)

@@ -17,19 +17,31 @@ HTTP cell runs the engine an in-process cell runs:
   (the engine settings in the names the simulator takes, and every field) and the generation
   config. The client refuses a run whose report differs from what it asked
   (`http_bench.settings_mismatches`).
+
+With `--steps PATH`, the engine's steps are recorded as the in-process harness records them (the
+same probe: composition, CUDA graph path, host phases, device time from CUDA events) and written
+to PATH as JSON when the server is terminated (SIGTERM stops the engine, resolves the events,
+writes, exits). The client keeps the steps of its recorded pass, so an HTTP cell carries the
+server's engine steps beside the client's timings: the two harnesses can be compared step by step.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 REPORT_SCHEMA = "dooly.http_server_resolved/1"
 TORCH_PREFIX = "torch."
 LOG_LEVEL = "info"
+STEPS_SCHEMA = "dooly.http_server_steps/1"
+# How often the main thread wakes from waiting on the server thread, so SIGTERM's handler runs.
+JOIN_POLL_S = 0.5
 
 
 def resolved_report(manager: Any) -> dict[str, Any]:
@@ -61,8 +73,42 @@ def write_report(report: dict[str, Any], path: Path) -> None:
     os.replace(partial, path)
 
 
+def write_steps(steps: list[Any], path: Path) -> None:
+    """The server engine's step records, written whole (`dooly.engines.groundtruth.StepRecord` fields)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"schema": STEPS_SCHEMA, "steps": [dataclasses.asdict(s) for s in steps]}))
+    os.replace(partial, path)
+
+
+def read_steps(path: Path) -> list[Any]:
+    """The step records a launcher wrote with `write_steps`."""
+    from dooly.engines.groundtruth import StepRecord
+
+    document = json.loads(path.read_text())
+    return [StepRecord(**{**raw, "prefill": [tuple(p) for p in raw["prefill"]]}) for raw in document["steps"]]
+
+
+def _stop_and_write_on_sigterm(manager: Any, probe: Any, steps_path: Path) -> None:
+    """On SIGTERM: stop the engine (its CUDA events resolve only once it is idle), write the steps,
+    exit. The handler runs in the main thread, which waits on the server thread in short joins."""
+    from dooly.engines.transformers_bench import ENGINE_STOP_TIMEOUT_S
+
+    def handler(signum: int, frame: Any) -> None:
+        manager.stop(block=True, timeout=ENGINE_STOP_TIMEOUT_S, keep_for_next_session=False)
+        probe.gc_clock.stop()
+        write_steps(probe.finish(), steps_path)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _wait(thread: threading.Thread) -> None:
+    while thread.is_alive():
+        thread.join(timeout=JOIN_POLL_S)
+
+
 def serve(model_dir: str, *, attn_implementation: str, device: str, dtype: str, host: str, port: int,
-          settings: dict[str, Any], report_path: Path) -> None:
+          settings: dict[str, Any], report_path: Path, steps_path: Path | None = None) -> None:
     """Build transformers' server, start its engine as the in-process harness starts one, write
     the report, then serve until terminated."""
     from transformers import GenerationConfig
@@ -89,10 +135,19 @@ def serve(model_dir: str, *, attn_implementation: str, device: str, dtype: str, 
                                              continuous_batching_config=ContinuousBatchingConfig(**settings))
     manager.warmup()
     cb_generate._cb = manager
+    if steps_path is not None:
+        import torch
+
+        from dooly.engines.transformers_bench import StepProbe
+
+        probe = StepProbe(manager, torch.device(device))
+        probe.install(manager.batch_processor)
+        probe.recording = True
+        _stop_and_write_on_sigterm(manager, probe, steps_path)
     manager.start()
     write_report(resolved_report(manager), report_path)
     Serve.start_server(server)
-    server._thread.join()
+    _wait(server._thread)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,9 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", required=True, type=int)
+    parser.add_argument("--steps", type=Path, help="record the engine's steps; written here as JSON on SIGTERM")
     args = parser.parse_args(argv)
     serve(args.model_dir, attn_implementation=args.attn_implementation, device=args.device, dtype=args.dtype,
-          host=args.host, port=args.port, settings=json.loads(args.settings), report_path=args.report)
+          host=args.host, port=args.port, settings=json.loads(args.settings), report_path=args.report,
+          steps_path=args.steps)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ MS_PER_S = 1e3
 NO_EOS_GENERATION: dict[str, Any] = {"do_sample": False, "eos_token_id": -1, "pad_token_id": 0}
 
 
-class _StepProbe:
+class StepProbe:
     """Collects one `StepRecord` per engine step from wrapped engine methods."""
 
     def __init__(self, manager: Any, device: torch.device) -> None:
@@ -225,7 +225,7 @@ def run_transformers_bench(
     cb_config = ContinuousBatchingConfig(**settings)
     manager = model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=cb_config)
     manager.warmup()
-    probe = _StepProbe(manager, torch_device)
+    probe = StepProbe(manager, torch_device)
     probe.install(manager.batch_processor)
     rng = np.random.default_rng(seed)
     manager.start()

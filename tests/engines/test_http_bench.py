@@ -122,8 +122,17 @@ def test_every_request_streams_exactly_its_tokens_timed_at_the_client(http_dir):
 
 
 @pytest.mark.slow
-def test_the_record_holds_what_the_server_resolved_and_no_steps(http_dir):
-    assert pq.read_table(http_dir / "steps.parquet").num_rows == 0
+def test_the_record_holds_the_server_engines_steps_of_the_recorded_pass(http_dir):
+    steps = pq.read_table(http_dir / "steps.parquet").to_pylist()
+    requests = pq.read_table(http_dir / "requests.parquet").to_pylist()
+    assert steps, "the server's engine recorded no steps"
+    first_arrival = min(r["arrived_at_s"] for r in requests)
+    assert [s["step"] for s in steps] == list(range(len(steps)))
+    assert all(s["start_s"] >= first_arrival for s in steps)
+    # The recorded pass, and nothing else, is in them: each prompt token prefilled once, each token
+    # after a request's first from one decode query (warm-up requests would add to both).
+    assert sum(chunk["q"] for s in steps for chunk in s["prefill"]) == sum(r["prompt_tokens"] for r in requests)
+    assert sum(len(s["decode_ctx"]) for s in steps) == sum(r["output_tokens"] - 1 for r in requests)
     bench = json.loads((http_dir / "bench.json").read_text())
     assert bench["client"] == "http" and bench["engine_details"]["client"] == "http"
     details = bench["engine_details"]
@@ -140,7 +149,7 @@ def test_the_record_holds_what_the_server_resolved_and_no_steps(http_dir):
     assert engine == resolved["engine_settings"]
     assert {k: engine[k] for k in SERVE_SETTINGS} == SERVE_SETTINGS
     assert engine["use_cuda_graph"] == [False, False] and engine["scheduler_type"] == "fifo"
-    assert bench["summary"]["finished"] == 6 and bench["summary"]["steps"] == 0
+    assert bench["summary"]["finished"] == 6 and bench["summary"]["steps"] == len(steps)
 
 
 @pytest.mark.slow
@@ -195,7 +204,8 @@ def test_server_url_sends_the_workload_to_a_server_already_running(tmp_path):
     model_dir = tmp_path / "served"
     save_served_model(build_hf_config(resolve_model(str(config))), "paged|sdpa", "cpu", torch.float32, 0, model_dir)
     command = lambda port: transformers_serve_command(  # noqa: E731
-        model_dir, port, "paged|sdpa", "cpu", "float32", SERVE_SETTINGS, tmp_path / RESOLVED_REPORT_NAME)
+        model_dir, port, "paged|sdpa", "cpu", "float32", SERVE_SETTINGS, tmp_path / RESOLVED_REPORT_NAME,
+        tmp_path / "steps.json")
     out = tmp_path / "gt"
     with started_server(command, tmp_path) as server:
         result = CliRunner().invoke(
