@@ -11,9 +11,10 @@
 # A further step, pairs (not in the default), serves the paged|sdpa graphs light and heavy cells
 # through the HTTP client and in-process back to back, with the same `dooly bench` flags: the pairs
 # `dooly server-costs` reads (HTTP cells under groundtruth/http, in-process ones under groundtruth/pairs).
-# Usage (on the device, repository root): bash device/engine_paths.sh [STEPS [MODEL]] with STEPS a
-# comma-separated subset of explore,paths,http,repeat,pairs (default: explore,paths,http,repeat) and
-# MODEL the model of the paths, http, repeat and pairs steps (default: the exploration's).
+# Usage (on the device, repository root): bash device/engine_paths.sh [STEPS [MODEL [WORKLOADS]]] with
+# STEPS a comma-separated subset of explore,paths,http,repeat,pairs (default: explore,paths,http,repeat),
+# MODEL the model of the paths, http, repeat and pairs steps (default: the exploration's) and WORKLOADS
+# those of the http and pairs steps (default: light,heavy).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # transformers serve's extras (fastapi, uvicorn, openai, ...) are not in the image: carried as wheels.
@@ -22,6 +23,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH#"$PWD"}"
 fi
 steps=",${1:-explore,paths,http,repeat},"
+cell_workloads=${3:-light,heavy}
 out="$OUT"
 mkdir -p "$out/groundtruth" "$out/reports"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -58,10 +60,10 @@ cell() {  # CLIENT DIR WORKLOAD: one paged|sdpa graphs cell, the same engine fla
   pack
 }
 if [[ $steps == *,http,* ]]; then
-  for workload in light heavy; do cell http http "$workload"; done
+  for workload in ${cell_workloads//,/ }; do cell http http "$workload"; done
 fi
 if [[ $steps == *,pairs,* ]]; then
-  for workload in light heavy; do cell http http "$workload"; cell inprocess pairs "$workload"; done
+  for workload in ${cell_workloads//,/ }; do cell http http "$workload"; cell inprocess pairs "$workload"; done
 fi
 if [[ $steps == *,repeat,* ]]; then
   grid r2 150 --backends 'paged|sdpa' --workloads light,heavy --variants async,graphs
