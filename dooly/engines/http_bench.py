@@ -6,7 +6,13 @@ costs (tokenization, detokenization, the event loop, SSE framing, the socket). T
 everything else the same: the model is the same random-weight model (same seed, same device, same
 dtype), saved to a temporary directory with a word-level tokenizer built here (token id `i` is the
 word `t{i}`, so a prompt of N ids is N words and tokenizes back to exactly those N ids: the server
-sees the same prompts the in-process harness adds).
+sees the same prompts the in-process harness adds). The server must tokenize with that very
+tokenizer: transformers' AutoProcessor picks a tokenizer class by model type, and for some (qwen2)
+that class rebuilds a BPE from the vocabulary which turns every prompt into zero tokens. So the
+launcher hands the handlers the word-level tokenizer by its own class and reports whether a probe
+prompt round-trips through what the handlers hold; the client refuses a server whose tokenizer
+does not, and a request whose server-counted prompt tokens (`usage.prompt_tokens`) differ from
+its workload's.
 
 The server is transformers' own (`transformers serve --continuous-batching`: its FastAPI app,
 handlers and engine), started as a subprocess through `dooly.engines.serve_launcher`, which gives
@@ -68,6 +74,9 @@ PAGED_PREFIX = "paged|"
 LOOPBACK = "127.0.0.1"
 HEALTH_PATH = "/health"
 COMPLETIONS_PATH = "/v1/completions"
+# The probe prompt the launcher tokenizes with the handlers' tokenizer: ids spread over the vocabulary.
+TOKENIZER_PROBE_TOKENS = 64
+FIRST_PROBE_TOKEN = 1
 # Loading a large model onto a GPU from a freshly written directory takes minutes.
 SERVER_START_TIMEOUT_S = 1800.0
 HEALTH_POLL_S = 0.25
@@ -131,6 +140,21 @@ def token_word(token_id: int) -> str:
 def prompt_text(token_ids: list[int]) -> str:
     """The text the word-level tokenizer turns back into exactly `token_ids`."""
     return " ".join(token_word(i) for i in token_ids)
+
+
+def load_word_tokenizer(directory: Path) -> Any:
+    """The word-level tokenizer `save_served_model` saved, loaded by its own class: AutoProcessor
+    would pick the model type's tokenizer class, which may not read it as a word-level one."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(directory))
+
+
+def tokenizer_round_trips(tokenizer: Any, vocab_size: int) -> bool:
+    """Whether a probe prompt spread over the whole vocabulary tokenizes back to its ids."""
+    ids = np.linspace(FIRST_PROBE_TOKEN, vocab_size - 1, num=TOKENIZER_PROBE_TOKENS, dtype=np.int64).tolist()
+    encoded = tokenizer(prompt_text(ids), return_tensors=None)["input_ids"]
+    return list(encoded) == ids
 
 
 def build_tokenizer(vocab_size: int) -> Any:
@@ -247,6 +271,10 @@ def settings_mismatches(resolved: dict[str, Any], backend: str, dtype: str, sett
                          f"(the in-process harness runs {json.dumps(NO_EOS_GENERATION[key])})")
     if not resolved.get("warmed_up"):
         found.append("the engine was not warmed up before serving (the in-process harness warms it up)")
+    tokenizer = resolved.get("tokenizer") or {}
+    if tokenizer.get("round_trip") is not True:
+        found.append(f"the server's tokenizer ({tokenizer.get('class')}) does not turn a prompt's text back into its "
+                     "ids (the engine would be served other prompts than the workload's)")
     return found
 
 
@@ -385,14 +413,18 @@ async def _replay(url: str, requests: list[Request], prompts: dict[str, list[int
 
 
 def token_count_errors(requests: list[Request], timings: dict[str, _Timing]) -> list[str]:
-    """Requests that did not stream exactly their output length, as counted at the client (chunks
-    carrying text) and by the server (`usage.completion_tokens`): EOS is off and max_tokens is the
-    output length, so any difference means the server served another workload."""
+    """Requests the server served otherwise than the workload: a prompt the server counted at
+    another length (`usage.prompt_tokens`: its tokenizer read the text as other ids), or an output
+    not streamed at exactly its length, as counted at the client (chunks carrying text) and by the
+    server (`usage.completion_tokens`; EOS is off and max_tokens is the output length)."""
     found = []
     for request in requests:
         timing = timings[request.request_id]
         if timing.error:
             continue
+        if timing.prompt_tokens != request.prompt_tokens:
+            found.append(f"{request.request_id}'s prompt of {request.prompt_tokens} token(s) was counted as "
+                         f"{timing.prompt_tokens} by the server")
         streamed = len(timing.token_times_s)
         if streamed != request.output_tokens or timing.completion_tokens != request.output_tokens:
             found.append(f"{request.request_id} streamed {streamed} token(s), the server counted "
@@ -407,7 +439,7 @@ def _record(request: Request, timing: _Timing) -> RequestRecord:
         arrived_at_s=timing.arrived_s,
         first_token_s=times[0] if times else None,
         finished_s=timing.finished_s if not timing.error else None,
-        prompt_tokens=timing.prompt_tokens or request.prompt_tokens,
+        prompt_tokens=request.prompt_tokens,
         output_tokens=len(times),
         token_times_s=times,
         error=timing.error,
@@ -433,7 +465,7 @@ def replay_workload(url: str, requests: list[Request], rng: np.random.Generator,
             _check_served(recorded, f"warm pass {index}")
     wrong = token_count_errors(requests, recorded)
     if wrong:
-        raise DoolyError(f"{len(wrong)} of {len(requests)} request(s) did not generate their output length, "
+        raise DoolyError(f"{len(wrong)} of {len(requests)} request(s) were served otherwise than the workload, "
                          f"e.g. {wrong[0]}")
     return [_record(r, recorded[r.request_id]) for r in requests]
 

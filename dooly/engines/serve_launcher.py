@@ -12,6 +12,10 @@ HTTP cell runs the engine an in-process cell runs:
   pre-captured at the largest shapes) and started before the server answers /health, as the
   in-process harness does before its first request, not lazily on the first request (whose
   generation config would then be the manager's and whose latency would carry the start-up);
+- the handlers tokenize with the harness's word-level tokenizer, loaded by its own class (the
+  model manager's AutoProcessor picks the model type's class, which for qwen2 reads it as a BPE
+  and turns every prompt into zero tokens), and the report says whether a probe prompt
+  round-trips through the tokenizer the handlers hold;
 - before the server answers, the manager as it resolved is written to the report: the attention
   implementation the model runs, its dtype and device, the resolved `ContinuousBatchingConfig`
   (the engine settings in the names the simulator takes, and every field) and the generation
@@ -44,11 +48,13 @@ STEPS_SCHEMA = "dooly.http_server_steps/1"
 JOIN_POLL_S = 0.5
 
 
-def resolved_report(manager: Any) -> dict[str, Any]:
+def resolved_report(manager: Any, tokenizer: Any) -> dict[str, Any]:
     """What the server's engine runs, read off the live manager after its warm-up (the KV cache is
-    built then, so num_blocks and max_batch_tokens are the concrete values)."""
+    built then, so num_blocks and max_batch_tokens are the concrete values), and whether the
+    handlers' `tokenizer` gives the engine the prompts the client sends."""
     import transformers
 
+    from dooly.engines.http_bench import tokenizer_round_trips
     from dooly.engines.transformers_bench import plain_values, scheduler_settings
 
     model = manager.model
@@ -62,6 +68,8 @@ def resolved_report(manager: Any) -> dict[str, Any]:
         "continuous_batching_config": json.loads(json.dumps(plain_values(vars(config)))),
         "generation_config": json.loads(json.dumps(manager.generation_config.to_diff_dict(), default=str)),
         "warmed_up": bool(manager.warmed_up),
+        "tokenizer": {"class": type(tokenizer).__name__,
+                      "round_trip": tokenizer_round_trips(tokenizer, int(model.config.get_text_config().vocab_size))},
         "transformers_version": transformers.__version__,
     }
 
@@ -115,6 +123,8 @@ def serve(model_dir: str, *, attn_implementation: str, device: str, dtype: str, 
     from transformers.cli.serve import Serve
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    from dooly.engines.http_bench import load_word_tokenizer
+
     # The manager's generation config is the in-process harness's (greedy, EOS disabled); each
     # request still carries its own max_new_tokens and eos_token_id to add_request.
     from dooly.engines.transformers_bench import NO_EOS_GENERATION
@@ -129,6 +139,8 @@ def serve(model_dir: str, *, attn_implementation: str, device: str, dtype: str, 
                             device=device, dtype=dtype, host=host, port=port, log_level=LOG_LEVEL, non_blocking=True)
     model_id = server._model_manager.process_model_name(model_dir)
     model: Any = server._model_manager.load_model_and_processor(model_id)[0]
+    server._model_manager.loaded_models[model_id].processor = load_word_tokenizer(Path(model_dir))
+    handlers_tokenizer = server._model_manager.load_model_and_processor(model_id)[1]
     # The handlers' continuous-batching wrapper: holding the started manager, it never builds one.
     cb_generate: Any = server._generation_state.get_manager(model_id, use_cb=True)
     manager = model.init_continuous_batching(generation_config=GenerationConfig(**NO_EOS_GENERATION),
@@ -145,7 +157,7 @@ def serve(model_dir: str, *, attn_implementation: str, device: str, dtype: str, 
         probe.recording = True
         _stop_and_write_on_sigterm(manager, probe, steps_path)
     manager.start()
-    write_report(resolved_report(manager), report_path)
+    write_report(resolved_report(manager, handlers_tokenizer), report_path)
     Serve.start_server(server)
     _wait(server._thread)
 

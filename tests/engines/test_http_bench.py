@@ -21,9 +21,11 @@ from dooly.cli import cli
 from dooly.engines.http_bench import (
     _Timing,
     build_tokenizer,
+    load_word_tokenizer,
     prompt_text,
     settings_mismatches,
     token_count_errors,
+    tokenizer_round_trips,
 )
 from dooly.workload import Request, generate_requests, spec_from_options
 
@@ -57,6 +59,22 @@ def test_a_prompt_of_n_ids_round_trips_through_the_tokenizer_to_the_same_n_ids()
     assert all(tokenizer.decode([i]) for i in range(TINY_LLAMA["vocab_size"]))
 
 
+# A Qwen2-type model: transformers' AutoProcessor maps its model type to Qwen2Tokenizer, which reads
+# the word-level tokenizer as a BPE and tokenizes every prompt to nothing.
+TINY_QWEN2 = {**TINY_LLAMA, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+
+
+def test_the_served_tokenizer_round_trips_whatever_the_model_type(tmp_path):
+    from transformers import AutoProcessor
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_QWEN2))
+    build_tokenizer(TINY_QWEN2["vocab_size"]).save_pretrained(tmp_path)
+    # What the server's model manager would hand its handlers: not ours, and it loses the prompts.
+    assert not tokenizer_round_trips(AutoProcessor.from_pretrained(str(tmp_path)), TINY_QWEN2["vocab_size"])
+    # What the launcher hands them instead.
+    assert tokenizer_round_trips(load_word_tokenizer(tmp_path), TINY_QWEN2["vocab_size"])
+
+
 # What dooly.engines.serve_launcher reports of an engine that is the one asked for (on a GPU).
 RESOLVED_CONFIG: dict[str, Any] = {"num_blocks": 1024, "max_batch_tokens": 2048, "use_cuda_graph": [True, True],
                                    "use_async_batching": False}
@@ -66,6 +84,7 @@ RESOLVED: dict[str, Any] = {
     "continuous_batching_config": RESOLVED_CONFIG,
     "generation_config": {"do_sample": False, "eos_token_id": -1, "pad_token_id": 0, "max_new_tokens": 8},
     "warmed_up": True,
+    "tokenizer": {"class": "TokenizersBackend", "round_trip": True},
 }
 ASKED = {"num_blocks": 1024, "max_batch_tokens": 2048, "use_cuda_graph": True}
 
@@ -87,6 +106,9 @@ def test_a_server_that_resolved_what_was_asked_has_no_mismatch():
         ({}, {**ASKED, "use_async_batching": True}, "use_async_batching=false (asked true)"),
         ({"generation_config": {"do_sample": False, "eos_token_id": 151643}}, ASKED, "generation eos_token_id=151643"),
         ({"warmed_up": False}, ASKED, "not warmed up"),
+        ({"tokenizer": {"class": "Qwen2Tokenizer", "round_trip": False}}, ASKED,
+         "the server's tokenizer (Qwen2Tokenizer) does not turn a prompt's text back into its ids"),
+        ({"tokenizer": None}, ASKED, "does not turn a prompt's text back"),
     ],
 )
 def test_a_server_whose_engine_differs_is_named_in_each_setting(change, asked, expected):
@@ -94,16 +116,18 @@ def test_a_server_whose_engine_differs_is_named_in_each_setting(change, asked, e
     assert len(found) == 1 and expected in found[0]
 
 
-def test_a_request_that_did_not_stream_its_length_is_named():
-    requests = [Request("a", 0.0, 8, 3), Request("b", 0.0, 8, 3), Request("c", 0.0, 8, 3)]
+def test_a_request_served_otherwise_than_its_workload_is_named():
+    requests = [Request(rid, 0.0, 8, 3) for rid in "abcd"]
     timings = {
-        "a": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], completion_tokens=3),
-        "b": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0], completion_tokens=3),
-        "c": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], completion_tokens=None),
+        "a": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], prompt_tokens=8, completion_tokens=3),
+        "b": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0], prompt_tokens=8, completion_tokens=3),
+        "c": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], prompt_tokens=8, completion_tokens=None),
+        "d": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], prompt_tokens=0, completion_tokens=3),
     }
     assert token_count_errors(requests, timings) == [
         "b streamed 2 token(s), the server counted 3, the workload asked 3",
         "c streamed 3 token(s), the server counted None, the workload asked 3",
+        "d's prompt of 8 token(s) was counted as 0 by the server",
     ]
 
 
