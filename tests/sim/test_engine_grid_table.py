@@ -45,8 +45,8 @@ def test_group_cells_pairs_repeats_in_round_order_and_orders_the_page() -> None:
         ("r2", "sdpa", "graphs", "light"), ("r1", "eager", "graphs", "heavy"), ("r10", "sdpa", "graphs", "light"),
         ("r1", "sdpa", "default", "heavy"), ("r1", "sdpa", "graphs", "light"), ("r1", "sdpa", "async", "light"))]
     cells = grid.group_cells(runs)
-    assert [c.name for c in cells] == ["sdpa graphs light", "sdpa graphs + async light", "sdpa no graphs heavy",
-                                       "eager graphs heavy"]
+    assert [c.name for c in cells] == [f"Llama-3.2-1B {name}" for name in (
+        "sdpa graphs light", "sdpa graphs + async light", "sdpa no graphs heavy", "eager graphs heavy")]
     assert cells[0].rounds == ("r1", "r2", "r10")
     assert cells[0].runs[0] == Path("grid/r1/Llama-3.2-1B.paged-sdpa.graphs.light")
     assert [len(c.runs) for c in cells] == [3, 1, 1, 1]
