@@ -1,15 +1,17 @@
 """Issue #24's engine-path cells against the simulator, from the committed data: docs/engine-paths.md.
 
 One H100 lease served Qwen/Qwen2.5-7B (random weights) on transformers continuous batching:
-`paged|eager` with CUDA graphs, `paged|sdpa` with CUDA graphs, and the latter again behind
-`transformers serve`, timed at an HTTP client (data/h100/experiments/engine_paths). This script
+`paged|eager` with CUDA graphs, `paged|sdpa` with CUDA graphs, and on a later lease the latter's
+heavy cell behind `transformers serve`, timed at an HTTP client, beside the same cell in-process
+(data/h100/experiments/engine_paths, lease3). This script
 
 1. copies a fitted H100 store and adds the `paged|eager` graphs calibration from the lease's eager
    calib run (`dooly calibrate`);
 2. validates every cell with `dooly validate` (repeats of a cell give the engine's floor);
-3. measures the HTTP server's per-request terms from the paired HTTP/in-process cells
-   (`dooly server-costs`, written to data/h100/experiments/engine_paths/server_costs.json) and
-   validates the HTTP cells without and with them;
+3. compares the HTTP cell with its in-process pair step by step (both record the engine's steps),
+   measures the server's terms from the pair (`dooly server-costs`, written to
+   data/h100/experiments/engine_paths/lease3/server_costs.json) and validates the HTTP cell without
+   and with them;
 4. validates the sdpa heavy cell again with the sdpa graphs calibration refitted without
    gemma-2-9b and on Qwen2.5-7B's own calib runs only (the diagnosis of its miss);
 5. writes the page.
@@ -44,7 +46,8 @@ PLATFORM = "NVIDIA-H100-80GB-HBM3"
 DATA = Path("data/h100/experiments/engine_paths")
 GROUNDTRUTH = Path("data/h100/groundtruth")
 GPU_REPORT = DATA / "reports" / "gpu.txt"
-SERVER_COSTS = DATA / "server_costs.json"
+HTTP_LEASE = DATA / "lease3"
+SERVER_COSTS = HTTP_LEASE / "server_costs.json"
 EAGER_CALIB = DATA / "r1" / "Qwen2.5-7B.paged-eager.graphs.calib"
 # The store's shared `paged|sdpa` graphs calibration is fitted on these models' calib runs (graphs and
 # warm; gemma-2-9b graphs only, earlier leases). Refitted on subsets: the diagnosis of the sdpa heavy miss.
@@ -66,8 +69,6 @@ TARGET_ROWS = ("ttft_mean", "ttft_p90", "tpot_mean", "tpot_p90")
 SHOWN_ROWS = ("ttft_mean", "ttft_p90", "tpot_mean", "tpot_p90")
 MS_PER_S = 1e3
 NS_PER_S = 1e9
-# The in-process decode steps quoted beside the HTTP client's TPOT: batches at least this large.
-DECODE_BATCH_SHOWN = 90
 HTTP_STATISTICS = (("mean", np.mean), ("p50", np.median), ("p90", lambda v: np.quantile(v, 0.9)))
 
 
@@ -214,23 +215,58 @@ def breakdown_table(runs: list[tuple[str, Path, str]], store: str) -> list[str]:
     return lines
 
 
+def _http_pair(client: str) -> Path:
+    """The heavy `paged|sdpa` graphs cell of the HTTP lease: `http` (at the client) or `pairs` (in-process)."""
+    return HTTP_LEASE / client / "Qwen2.5-7B.paged-sdpa.graphs.heavy"
+
+
 def client_comparison() -> list[str]:
-    """The HTTP cells beside the in-process runs of the same settings: mean/p50/p90 of TTFT, TPOT."""
-    header = ["workload", "run", *[f"TTFT {s} (ms)" for s, _ in HTTP_STATISTICS], *[f"TPOT {s} (ms)" for s, _ in HTTP_STATISTICS],
+    """The HTTP cell beside its in-process pair and the earlier lease's in-process repeats of the
+    same settings: mean/p50/p90 of TTFT and TPOT, span and throughput."""
+    header = ["run", *[f"TTFT {s} (ms)" for s, _ in HTTP_STATISTICS], *[f"TPOT {s} (ms)" for s, _ in HTTP_STATISTICS],
               "first arrival to last token (s)", "output tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for workload in ("light", "heavy"):
-        for label, run in (("HTTP client", _cell_dir("http", "sdpa", "graphs", workload)),
-                           ("in-process r2", _cell_dir("r2", "sdpa", "graphs", workload)),
-                           ("in-process r3", _cell_dir("r3", "sdpa", "graphs", workload))):
-            truth = load_ground_truth(run)
-            ttft = np.array([r.ttft_s for r in truth.requests])
-            tpot = np.array([r.tpot_s for r in truth.requests])
-            span = max(r.finished_s for r in truth.requests) - min(r.arrived_at_s for r in truth.requests)
-            tokens = sum(r.output_tokens for r in truth.requests)
-            values = [workload, label, *[_ms(float(f(ttft))) for _, f in HTTP_STATISTICS],
-                      *[_ms(float(f(tpot))) for _, f in HTTP_STATISTICS], f"{span:.1f}", f"{tokens / span:.0f}"]
-            lines.append("| " + " | ".join(values) + " |")
+    for label, run in (("HTTP client (lease3)", _http_pair("http")), ("in-process (lease3)", _http_pair("pairs")),
+                       ("in-process r2", _cell_dir("r2", "sdpa", "graphs", "heavy")),
+                       ("in-process r3", _cell_dir("r3", "sdpa", "graphs", "heavy"))):
+        truth = load_ground_truth(run)
+        ttft = np.array([r.ttft_s for r in truth.requests])
+        tpot = np.array([r.tpot_s for r in truth.requests])
+        span = max(r.finished_s for r in truth.requests) - min(r.arrived_at_s for r in truth.requests)
+        tokens = sum(r.output_tokens for r in truth.requests)
+        values = [label, *[_ms(float(f(ttft))) for _, f in HTTP_STATISTICS],
+                  *[_ms(float(f(tpot))) for _, f in HTTP_STATISTICS], f"{span:.1f}", f"{tokens / span:.0f}"]
+        lines.append("| " + " | ".join(values) + " |")
+    return lines
+
+
+def host_per_step(run: Path) -> dict[str, float]:
+    """The engine's steps of one run: how many, device and wall seconds, prompt tokens prefilled,
+    and host time (wall minus device) per step that captured no graph, as its median and a least
+    squares line over the step's sequences (constant + per sequence), in ms."""
+    import pyarrow.parquet as pq
+
+    steps = pq.read_table(run / "steps.parquet").to_pylist()
+    ordinary = [row for row in steps if not row["graph_captured"]]
+    sequences = np.array([len(row["prefill"]) + len(row["decode_ctx"]) for row in ordinary], dtype=float)
+    host = np.array([row["duration_s"] - row["device_s"] for row in ordinary]) * MS_PER_S
+    constant, per_sequence = np.linalg.lstsq(np.c_[np.ones_like(sequences), sequences], host, rcond=None)[0]
+    return {"steps": float(len(steps)), "device_s": sum(row["device_s"] for row in steps),
+            "wall_s": sum(row["duration_s"] for row in steps),
+            "prefilled": float(sum(chunk["q"] for row in steps for chunk in row["prefill"])),
+            "host_median_ms": float(np.median(host)), "host_constant_ms": float(constant),
+            "host_per_sequence_ms": float(per_sequence)}
+
+
+def step_comparison() -> list[str]:
+    """The two engines of the pair, step by step: what each ran and its host time per step."""
+    header = ["run", "steps", "prompt tokens prefilled", "device (s)", "wall (s)", "host per step, median (ms)",
+              "host per step, fit (ms)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, client in (("HTTP server's engine", "http"), ("in-process engine", "pairs")):
+        h = host_per_step(_http_pair(client))
+        lines.append(f"| {label} | {h['steps']:.0f} | {h['prefilled']:.0f} | {h['device_s']:.2f} | {h['wall_s']:.2f} | "
+                     f"{h['host_median_ms']:.1f} | {h['host_constant_ms']:.2f} + {h['host_per_sequence_ms']:.3f} x sequences |")
     return lines
 
 
@@ -246,46 +282,50 @@ def server_cost_lines(costs: dict[str, Any]) -> list[str]:
 
 
 def http_findings(why: dict[str, float]) -> list[str]:
-    """What the committed HTTP pairs show, and what `dooly bench --client http` records and checks."""
+    """What the HTTP pair shows, what earlier HTTP cells got wrong, and what `dooly bench --client
+    http` records and checks."""
     return [
-        "These pairs measured two engines. The client counted right and the server served the workload: "
-        f"{why['token_mismatches']:.0f} of the {why['http_requests']:.0f} requests streamed other than their workload's prompt and "
-        "output lengths (streamed chunks, `usage.completion_tokens` and the in-process run agree on every one), each sent "
-        "at its workload arrival time. Yet the engine behind the server ran a cheaper forward than the in-process engine, "
-        f"even alone: the light cell's first request ({why['first_prompt_tokens']:.0f} prompt tokens, nothing else in "
-        f"flight) had its first token at the client {why['first_http_ttft_ms']:.1f} ms after it was sent, while "
-        f"in-process the same prefill step took {why['first_inprocess_device_ms']:.1f} ms of device time alone; in the "
-        f"heavy cell every request's TPOT at the client is at most {why['http_tpot_max_ms']:.1f} ms, while the in-process "
-        f"engine's decode-only steps with {DECODE_BATCH_SHOWN} or more sequences took "
-        f"{why['decode_device_min_ms']:.0f}-{why['decode_device_max_ms']:.0f} ms of device time alone (r2 steps.parquet "
-        "`device_s`). Server costs can only add time. transformers 5.17's `transformers serve --continuous-batching`, as "
-        "these cells started it, built its engine otherwise than the in-process harness: the engine settings reached it "
-        "through its `--cb-*` flags (five fields; the three given resolve as in-process); the manager was built on the "
-        "first request, from that request's generation config, and started without `manager.warmup()` (which the "
-        "harness runs before its first request, pre-capturing the CUDA graphs at the largest shape in the pool later "
-        "graphs share); the model was loaded with `sdpa` and switched to `paged|sdpa` by the manager. Nothing of what "
-        "that engine resolved was recorded, so these cells cannot tell which difference made it the cheaper one; they "
-        "stay as measured, and their terms below are unusable.",
+        f"Both engines ran the same steps on the same device time; the client sees the engine "
+        f"{why['ttft_mean_pct']:+.1f}% slower to the first token and {why['tpot_mean_pct']:+.1f}% slower per output token "
+        "(means). The difference is host time per engine step: the server's engine thread spends about "
+        f"{why['host_ratio']:.1f} times the in-process host time on every step, growing with the sequences in it (almost "
+        "all of it in `prepare_next_batch`, the engine's Python scheduling and input preparation), while the server's "
+        "event loop streams every token of every request in the same process: the two threads share the interpreter's "
+        "lock. So at this load the server's cost is a per-step host term that grows with the sequences streamed, not a "
+        "per-request offset.",
+        "",
+        "**HTTP cells withdrawn.** Earlier HTTP cells of this model (an H100 lease before lease3) served empty prompts: "
+        "transformers' model manager loads a served model's tokenizer with `AutoProcessor`, which picks the model type's "
+        "tokenizer class, and for `qwen2` that class (`Qwen2Tokenizer`) reads the harness's word-level tokenizer as a BPE "
+        "and turns every prompt into zero tokens. The engine prefilled nothing, so those cells' TTFT and TPOT (3-4x "
+        "faster than in-process at heavy load) measured another workload; the client's checks missed it because the "
+        "prompt length they compared fell back to the workload's when the server reported none. Those cells and the "
+        "server-cost record measured from them are removed. Now the launcher hands the handlers the word-level "
+        "tokenizer by its own class and reports whether a probe prompt round-trips through it; the client refuses a "
+        "server whose tokenizer does not and any request whose server-counted prompt (`usage.prompt_tokens`) differs "
+        "from its workload's (tests/engines/test_http_bench.py builds a qwen2-type served model and checks both; "
+        "`lab/http_prompt_check.py` checks the chain where it runs).",
         "",
         "**What `dooly bench --client http` records and checks.** It starts transformers' server (its FastAPI app, "
-        "handlers and engine, unmodified) through `dooly.engines.serve_launcher`, which builds the engine as the "
+        "handlers and engine) through `dooly.engines.serve_launcher`, which builds the engine as the "
         "in-process harness builds it: `ContinuousBatchingConfig(**settings)` from the same `--set` settings (every "
         "field, not only the flags'), the harness's generation config (greedy, EOS off), the same random-weight model, "
         "attention implementation and dtype, warmed up with `manager.warmup()` and started before the server answers "
         "`/health`. The launcher then reports what the engine resolved, and the bench stores it in bench.json "
         "`engine_details.server_resolved` (attention implementation, dtype, device, the resolved "
         "`ContinuousBatchingConfig` with CUDA graphs, padding intervals, num_blocks, max_batch_tokens and async "
-        "batching, the generation config, the warm-up, the transformers version) and writes its engine settings to "
-        "engine.json, as the in-process harness writes its own. Before any request, a run whose server resolved another "
-        "attention implementation or dtype, any asked setting otherwise, sampling or EOS on, or no warm-up is refused "
-        "(exit 2, one `error:` line naming each difference); after the recorded pass, a run with any request that "
-        "streamed other than its output length is refused. A `--server-url` server started elsewhere cannot be read: "
-        "its run says `settings_verified: false` and warns. Re-measure the pairs (one call on an H100, about 4 minutes, "
-        "the serving wheels carried as `.whl`, see Regenerate; HTTP cells land under `groundtruth/http`, in-process "
-        "ones under `groundtruth/pairs`):",
+        "batching, the generation config, the warm-up, the tokenizer's round trip, the transformers version) and writes "
+        "its engine settings to engine.json, as the in-process harness writes its own; the server's engine records its "
+        "steps as the in-process harness does (steps.parquet). Before any request, a run whose server resolved another "
+        "attention implementation or dtype, any asked setting otherwise, sampling or EOS on, no warm-up, or a tokenizer "
+        "that loses prompts is refused (exit 2, one `error:` line naming each difference); after the recorded pass, a "
+        "run with any request whose prompt or output the server counted otherwise is refused. A `--server-url` server "
+        "started elsewhere cannot be read: its run says `settings_verified: false` and warns. Re-measure the pair (one "
+        "call on an H100, about 2.5 minutes, the serving wheels carried as `.whl`, see Regenerate; the HTTP cell lands "
+        "under `groundtruth/http`, the in-process one under `groundtruth/pairs`):",
         "",
         "```",
-        "bash device/engine_paths.sh pairs Qwen/Qwen2.5-7B",
+        "bash device/engine_paths.sh pairs Qwen/Qwen2.5-7B heavy",
         "```",
         "",
     ]
@@ -303,7 +343,7 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "Generated by `python bench/engine_paths_table.py --fitted-store STORE` (from the repository root, on a fitted "
         "copy of the H100 store; see Regenerate). Do not edit by hand.",
         "",
-        "Llama-3.2-1B's grid of the same paths (sdpa with graphs, async, no graphs; eager with graphs): "
+        "Llama-3.2-1B's and Llama-3.2-3B's grid of the same paths (sdpa with graphs, async, no graphs; eager with graphs): "
         "[engine-grid.md](engine-grid.md).",
         "",
         f"**What was served.** {MODEL} (its bundled config, random weights, bfloat16) on transformers 5.17.0 continuous "
@@ -356,29 +396,35 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "",
         "## At an HTTP client",
         "",
-        "The same `paged|sdpa` graphs settings served by `transformers serve` and timed at the client, beside the "
-        "in-process runs:",
+        "The `paged|sdpa` graphs heavy cell served by `transformers serve` and timed at the client, and in-process "
+        f"right after on the same lease (`{HTTP_LEASE}`), beside the earlier lease's in-process repeats:",
         "",
         *client_comparison(),
         "",
+        "The engine's steps of the two lease3 runs (host time: step wall minus device time, steps that captured no "
+        "graph; the fit is over the step's sequences):",
+        "",
+        *step_comparison(),
+        "",
         *http_findings(why),
-        f"**Server-cost terms** (`dooly server-costs`, record `{SERVER_COSTS}`): per request, HTTP minus the mean of "
-        "the in-process repeats.",
+        f"**Server-cost terms** (`dooly server-costs --http {_http_pair('http')} --inprocess {_http_pair('pairs')}`, "
+        f"record `{SERVER_COSTS}`; one pair, so they are validated below on the pair they were measured on):",
         "",
         *server_cost_lines(costs),
         "",
-        "The record failed its checks:",
+        "The record's checks:",
         "",
         problems,
         "",
-        "Validated without and with the terms (`dooly validate --server-costs`; it adds the record when asked and says "
-        "that the record failed its checks):",
+        "Validated without and with the terms (`dooly validate --server-costs`), with the in-process run of the pair "
+        "for reference:",
         "",
         *cell_table(http),
         "",
         "## Left to do",
         "",
-        "- HTTP: serve the pairs again (`device/engine_paths.sh pairs`, above) and measure the terms from them.",
+        "- HTTP: a light pair and a second heavy pair (another lease), so the server's terms are checked across load "
+        "and validated on runs they were not measured on.",
         "- `paged|sdpa` graphs: the shared calibration's host time per KV token differs by model; a term that carries "
         "that difference (counting gemma-2-9b's KV tokens once per layer group alone does not: tried, the pooled slope "
         "barely moves) or more models' calib runs.",
@@ -403,36 +449,18 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
     return "\n".join(lines)
 
 
-def http_evidence() -> dict[str, float]:
-    """What the committed HTTP cells show of the engine behind the server, in ms: the heavy cell's
-    largest per-request TPOT beside the device time of the in-process engine's decode-only steps
-    of at least DECODE_BATCH_SHOWN sequences (r2); the light cell's first request, served by an
-    idle engine, beside the device time of the same prefill in-process (r2's first step); and how
-    many requests streamed other than their workload length (prompt or output tokens)."""
-    import pyarrow.parquet as pq
+def http_pair_evidence() -> dict[str, float]:
+    """The pair's client-side differences (HTTP over in-process, % of the means) and the ratio of
+    their median host time per step."""
+    http, inprocess = (load_ground_truth(_http_pair(c)).requests for c in ("http", "pairs"))
+    hosts = [host_per_step(_http_pair(c))["host_median_ms"] for c in ("http", "pairs")]
 
-    http = load_ground_truth(_cell_dir("http", "sdpa", "graphs", "heavy"))
-    steps = pq.read_table(_cell_dir("r2", "sdpa", "graphs", "heavy") / "steps.parquet").to_pylist()
-    device = [row["device_s"] for row in steps if not row["prefill"] and len(row["decode_ctx"]) >= DECODE_BATCH_SHOWN]
-    light_http = min(load_ground_truth(_cell_dir("http", "sdpa", "graphs", "light")).requests, key=lambda r: r.arrived_at_s)
-    light_steps = pq.read_table(_cell_dir("r2", "sdpa", "graphs", "light") / "steps.parquet").to_pylist()
-    first = light_steps[0]
-    if [p["q"] for p in first["prefill"]] != [light_http.prompt_tokens] or first["decode_ctx"] or first["graph_captured"]:
-        raise SystemExit("r2 light's first step is not the first request's prefill alone, without a capture")
-    mismatched = total = 0
-    for workload in ("light", "heavy"):
-        served = {r.request_id: r for r in load_ground_truth(_cell_dir("http", "sdpa", "graphs", workload)).requests}
-        asked = load_ground_truth(_cell_dir("r2", "sdpa", "graphs", workload)).requests
-        total += len(asked)
-        mismatched += sum(1 for r in asked if (served[r.request_id].prompt_tokens, served[r.request_id].output_tokens,
-                                               len(served[r.request_id].token_times_s))
-                          != (r.prompt_tokens, r.output_tokens, r.output_tokens))
-    return {"http_tpot_max_ms": max(r.tpot_s for r in http.requests) * MS_PER_S,
-            "decode_device_min_ms": min(device) * MS_PER_S, "decode_device_max_ms": max(device) * MS_PER_S,
-            "first_prompt_tokens": float(light_http.prompt_tokens),
-            "first_http_ttft_ms": (light_http.first_token_s - light_http.arrived_at_s) * MS_PER_S,
-            "first_inprocess_device_ms": first["device_s"] * MS_PER_S, "token_mismatches": float(mismatched),
-            "http_requests": float(total)}
+    def pct(values: list[float], reference: list[float]) -> float:
+        return float((np.mean(values) / np.mean(reference) - 1) * 100)
+
+    return {"ttft_mean_pct": pct([r.ttft_s for r in http], [r.ttft_s for r in inprocess]),
+            "tpot_mean_pct": pct([r.tpot_s for r in http], [r.tpot_s for r in inprocess]),
+            "host_ratio": hosts[0] / hosts[1]}
 
 
 def sdpa_kv_term(store: str) -> float:
@@ -476,16 +504,14 @@ def main() -> None:
             cell = Cell(f"sdpa graphs heavy, calibration: {label} ({count} model(s), {sdpa_kv_term(refit):.0f} ns per KV token)",
                         "sdpa", "heavy", cells[3].runs, store=refit)
             own_results.append((cell, validate(cell, store)))
-        costs = dooly("server-costs", *[a for w in ("light", "heavy") for a in ("--http", str(_cell_dir("http", "sdpa", "graphs", w)))],
-                      *[a for w in ("light", "heavy") for r in ("r2", "r3")
-                        for a in ("--inprocess", str(_cell_dir(r, "sdpa", "graphs", w)))],
+        costs = dooly("server-costs", "--http", str(_http_pair("http")), "--inprocess", str(_http_pair("pairs")),
                       "--out", args.server_costs)
-        http_cells = []
-        for workload in ("light", "heavy"):
-            http_run = (_cell_dir("http", "sdpa", "graphs", workload),)
-            http_cells.append(Cell(f"HTTP sdpa graphs {workload}, no server costs", "sdpa", workload, http_run))
-            http_cells.append(Cell(f"HTTP sdpa graphs {workload}, with server costs", "sdpa", workload, http_run,
-                                   extra=("--server-costs", args.server_costs)))
+        http_cells = [
+            Cell("HTTP sdpa graphs heavy, no server costs", "sdpa", "heavy", (_http_pair("http"),)),
+            Cell("HTTP sdpa graphs heavy, with server costs", "sdpa", "heavy", (_http_pair("http"),),
+                 extra=("--server-costs", args.server_costs)),
+            Cell("in-process sdpa graphs heavy (the pair's)", "sdpa", "heavy", (_http_pair("pairs"),)),
+        ]
         http_validated = [(cell, validate(cell, store)) for cell in http_cells]
         sdpa = [(f"sdpa {w} {r}", _cell_dir(r, "sdpa", "graphs", w), "sdpa") for w in ("heavy", "light") for r in ("r2", "r3")]
         breakdown = breakdown_table(sdpa, store)
@@ -493,7 +519,7 @@ def main() -> None:
         why = {"device_pct": (heavy["device_pred"] / heavy["device_meas"] - 1) * 100,
                "host_ratio": heavy["host_pred"] / heavy["host_meas"],
                "shared_kv_ns": sdpa_kv_term(store), "own_kv_ns": sdpa_kv_term(refits[f"{OWN_MODEL} only"][0])}
-        why.update(http_evidence())
+        why.update(http_pair_evidence())
         for label, run, _ in sdpa[2:]:
             capture = step_breakdown(run, "sdpa", store)["capture"]
             why[f"light_capture_{label.split()[-1]}"] = capture["device_meas"] + capture["host_meas"]
