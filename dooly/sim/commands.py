@@ -277,6 +277,12 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
     out.parent.mkdir(parents=True, exist_ok=True)
     fitted.save(out)
     payload = {"file": str(out), **fitted.to_dict()}
+    if hasattr(step_model, "coverage_by_phase"):
+        from dooly.fit.coverage import coverage_payload
+
+        # The device time subtracted from every measured step: how much of it is measured.
+        measured_steps = [(s.prefill, s.decode_ctx) for truth, _ in truths for s in truth.steps]
+        payload["coverage"] = coverage_payload(step_model.coverage_by_phase(measured_steps))
     if output_format == "json":
         emit_json(payload)
         return
@@ -285,6 +291,10 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
         for key, t in sorted(fitted.terms.items())
     ]
     click.echo(format_table(["path", "constant (ms)", "per seq (us)", "per token (us)", "per KV token (ns)"], rows))
+    if payload.get("coverage"):
+        from dooly.fit.coverage import payload_lines
+
+        click.echo("\n".join(payload_lines(payload["coverage"])))
     click.echo(f"wrote {out}")
 
 

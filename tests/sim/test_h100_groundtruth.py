@@ -50,8 +50,10 @@ def test_committed_accuracy_cell_is_reproduced(fitted_store, tmp_path, cell):
     assert committed["calibration"] == f"{prefix}.calib"
     common = ["--store", str(fitted_store), "--platform", PLATFORM, "--backend", backend]
     overhead = tmp_path / "overhead.json"
-    _run(["overhead", f"meta-llama/{short}", "--ground-truth", str(DATA / "groundtruth" / committed["calibration"]),
-          "--out", str(overhead), *common])
+    calibration = _run(["overhead", f"meta-llama/{short}", "--ground-truth", str(DATA / "groundtruth" / committed["calibration"]),
+                        "--out", str(overhead), *common])
+    # A suite model is fully profiled: every phase of the calib run is priced by measured signatures.
+    assert calibration["coverage"] and all(c["measured_share"] == pytest.approx(1.0) for c in calibration["coverage"].values())
     report = _run(["validate", f"meta-llama/{short}", "--ground-truth", str(DATA / "groundtruth" / f"{prefix}.{workload}"),
                    "--cpu-overhead", str(overhead), *common])
     assert report["requests"]["ttft"]["n"] == committed["requests"]
