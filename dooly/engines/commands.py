@@ -138,6 +138,7 @@ def bench_command(
         workload=spec.to_dict(),
         requested_settings=engine_settings,
         warm_passes=warm_passes,
+        warmup=_warmup_record(engine, warmup_requests),
         client=client,
         engine_details=run.engine_details,
         started_at_unix=started,
@@ -262,3 +263,14 @@ def _run_vllm(model_spec: Any, backend: str, device: str, platform: str, dtype: 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * MS_PER_S:.1f}"
+
+
+def _warmup_record(engine: str, requests: int) -> dict[str, int] | None:
+    """The warm-up requests the harness served before the recorded ones (bench.json `warmup`), for
+    the engine whose warm-up is such requests: `dooly validate` serves them first in the simulation,
+    so the recorded pass starts with the CUDA graphs they captured, as the engine's did."""
+    if engine != "transformers":
+        return None
+    from dooly.engines.groundtruth import WARMUP_OUTPUT_TOKENS, WARMUP_PROMPT_TOKENS
+
+    return {"requests": requests, "prompt_tokens": WARMUP_PROMPT_TOKENS, "output_tokens": WARMUP_OUTPUT_TOKENS}

@@ -29,6 +29,13 @@ STEPS_FILE = "steps.parquet"
 ENGINE_FILE = "engine.json"
 BENCH_FILE = "bench.json"
 GROUND_TRUTH_SCHEMA = "dooly.ground_truth/1"
+# The transformers harness's warm-up: short requests served before the recorded ones (first-call
+# costs land on them). They run on the same engine, so the CUDA graphs they capture are held when
+# the recorded pass starts: bench.json records them (`warmup`) and `dooly validate` serves them
+# first in the simulation too. Ground truth recorded before bench.json said so ran these defaults.
+DEFAULT_WARMUP_REQUESTS = 4
+WARMUP_PROMPT_TOKENS = 256
+WARMUP_OUTPUT_TOKENS = 8
 
 
 @dataclass(slots=True)

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dooly.engines.groundtruth import BenchRun, RequestRecord, StepRecord
+from dooly.engines.groundtruth import (
+    DEFAULT_WARMUP_REQUESTS,
+    WARMUP_OUTPUT_TOKENS,
+    WARMUP_PROMPT_TOKENS,
+    BenchRun,
+    RequestRecord,
+    StepRecord,
+)
 from dooly.workload import Request
 
 log = logging.getLogger(__name__)
@@ -31,11 +38,6 @@ log = logging.getLogger(__name__)
 ENGINE_NAME = "transformers"
 # Token ids are drawn from [1, vocab - 1]: 0 is often padding and never changes timing.
 FIRST_PROMPT_TOKEN = 1
-# Short requests that run before the measured ones: first-call costs (cuBLAS handles, allocator
-# growth, lazy kernel loading) land on them and not on the first measured request.
-DEFAULT_WARMUP_REQUESTS = 4
-WARMUP_PROMPT_TOKENS = 256
-WARMUP_OUTPUT_TOKENS = 8
 # How long the collector waits for one more result before it checks whether the engine died.
 RESULT_POLL_S = 0.5
 # A request that produces no result for this long after the last arrival means the engine stalled.

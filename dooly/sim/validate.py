@@ -67,6 +67,10 @@ STEP_COLUMNS = ("step", "start_s", "duration_s", "prefill", "decode_ctx")
 # Optional step columns of `dooly bench`: the probe's split of a step, and its capture flag.
 STEP_TIMING_COLUMNS = ("prepare_s", "forward_s", "update_s", "device_s")
 GRAPH_CAPTURED_COLUMN = "graph_captured"
+# bench.json `warmup`: how many warm-up requests, of how many prompt and output tokens.
+WARMUP_KEYS = ("requests", "prompt_tokens", "output_tokens")
+WARMUP_ID_PREFIX = "warmup-"
+TRANSFORMERS_ENGINE = "transformers"
 PERCENT = 100.0
 # Statistics of a latency distribution compared simulated against measured: those the simulation
 # summary reports (`latency_stats`), so the two read alike.
@@ -134,6 +138,8 @@ class GroundTruth:
     steps: list[MeasuredStep]
     # Unrecorded passes of the same workload the engine served first (`dooly bench --warm-passes`).
     warm_passes: int = 0
+    # The harness's warm-up requests, served before everything else (bench.json `warmup`).
+    warmup: list[Request] = field(default_factory=list)
 
     def workload(self) -> list[Request]:
         """The measured requests as a workload on a clock starting at the first arrival."""
@@ -576,10 +582,12 @@ def validate(
     Measured steps are replayed on the path the engine settings imply for their composition
     (`scheduler.path_for`) unless `path_for` says otherwise. The engine's unrecorded warm passes
     are simulated first on the same engine state (the CUDA graphs they captured), each with a
-    fresh scheduler, as the bench served them."""
+    fresh scheduler, as the bench served them, after its warm-up requests (`truth.warmup`)."""
     path_for = path_for or scheduler.path_for
     workload = truth.workload()
     captured: set[GraphShape] = set()
+    if truth.warmup:
+        simulate(truth.warmup, scheduler.fresh(), step_model, cpu_overhead, captured=captured)
     for _ in range(truth.warm_passes):
         simulate(workload, scheduler.fresh(), step_model, cpu_overhead, captured=captured)
     # Replayed first: the recorded pass starts with what the warm passes captured (replay copies it).
@@ -643,7 +651,31 @@ def load_ground_truth(directory: str | Path) -> GroundTruth:
         if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
             raise DoolyError(f"{bench_path}: warm_passes must be an integer >= 0, got {warm!r}")
         truth.warm_passes = warm
+        truth.warmup = warmup_requests(read_json_object(bench_path, "bench record"), bench_path)
     return truth
+
+
+def warmup_requests(bench: dict[str, Any], bench_path: Path) -> list[Request]:
+    """The warm-up requests a bench record says its harness served first, all arriving at once:
+    its `warmup` entry, or, for a transformers run recorded before bench.json carried one, the
+    harness's defaults (it always served them); none for another engine."""
+    from dooly.engines.groundtruth import DEFAULT_WARMUP_REQUESTS, WARMUP_OUTPUT_TOKENS, WARMUP_PROMPT_TOKENS
+
+    if "warmup" in bench:
+        record = bench["warmup"]
+        if record is None:
+            return []
+        sizes = [record.get(key) if isinstance(record, dict) else None for key in WARMUP_KEYS]
+        counts = [v for v in sizes if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+        if len(counts) != len(WARMUP_KEYS):
+            raise DoolyError(f"{bench_path}: warmup must hold non-negative integers {', '.join(WARMUP_KEYS)}, "
+                             f"got {record!r}")
+        count, prompt, output = counts
+    elif bench.get("engine") == TRANSFORMERS_ENGINE:
+        count, prompt, output = DEFAULT_WARMUP_REQUESTS, WARMUP_PROMPT_TOKENS, WARMUP_OUTPUT_TOKENS
+    else:
+        return []
+    return [Request(f"{WARMUP_ID_PREFIX}{i}", 0.0, prompt, output) for i in range(count)]
 
 
 def _require_columns(table: Any, needed: tuple[str, ...], name: str) -> None:

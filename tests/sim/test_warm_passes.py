@@ -84,3 +84,46 @@ def test_warm_passes_are_read_from_bench_json_and_checked(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps({"warm_passes": "two"}))
     with pytest.raises(DoolyError, match="warm_passes must be an integer"):
         load_ground_truth(tmp_path)
+
+
+def test_validate_serves_the_harness_warm_up_first_and_its_graphs_are_held():
+    """The warm-up requests capture the shapes of short prompts' decodes: a recorded pass of such
+    requests then pays no capture for them, in the engine and in the simulation."""
+    from dooly.sim.validate import validate
+
+    overhead = CpuOverheadModel(terms={"default": OverheadTerms()}, graph_capture_s=CAPTURE_S)
+    cold = _truth(0)
+    warmed = _truth(0)
+    warmed.warmup = [Request(f"warmup-{i}", 0.0, 400, 4) for i in range(1)]
+    cold_tpot = [r.tpot_s for r in validate(cold, TransformersCBScheduler(SETTINGS), _FlatSteps(), overhead).result.requests]
+    warm_tpot = [r.tpot_s for r in validate(warmed, TransformersCBScheduler(SETTINGS), _FlatSteps(), overhead).result.requests]
+    # The first request's decodes captured their shape cold; after the warm-up they replay it.
+    assert cold_tpot[0] > CAPTURE_S / 4 > warm_tpot[0]
+
+
+def test_warm_up_requests_are_read_from_bench_json(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from dooly.engines.groundtruth import DEFAULT_WARMUP_REQUESTS, WARMUP_PROMPT_TOKENS
+    from dooly.errors import DoolyError
+    from dooly.sim.validate import load_ground_truth
+
+    row = {"request_id": "r0", "arrived_at_s": 0.0, "first_token_s": 0.1, "finished_s": 0.2, "prompt_tokens": 8,
+           "output_tokens": 2, "token_times_s": [0.1, 0.2], "error": ""}
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "requests.parquet")
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"engine": "transformers", "warmup": {"requests": 2, "prompt_tokens": 16, "output_tokens": 3}}))
+    assert [(r.prompt_tokens, r.output_tokens) for r in load_ground_truth(tmp_path).warmup] == [(16, 3), (16, 3)]
+    # Recorded before bench.json said so: the transformers harness's defaults; another engine: none.
+    bench.write_text(json.dumps({"engine": "transformers"}))
+    warmup = load_ground_truth(tmp_path).warmup
+    assert len(warmup) == DEFAULT_WARMUP_REQUESTS and warmup[0].prompt_tokens == WARMUP_PROMPT_TOKENS
+    bench.write_text(json.dumps({"engine": "vllm"}))
+    assert load_ground_truth(tmp_path).warmup == []
+    bench.write_text(json.dumps({"engine": "transformers", "warmup": {"requests": -1}}))
+    with pytest.raises(DoolyError, match="warmup must hold non-negative integers"):
+        load_ground_truth(tmp_path)
