@@ -55,7 +55,7 @@ def versions() -> dict[str, str]:
 def tokenizer_round_trip() -> dict[str, object]:
     from transformers import AutoProcessor
 
-    from dooly.engines.http_bench import build_tokenizer, prompt_text
+    from dooly.engines.word_tokenizer import build_tokenizer, prompt_text
 
     ids = np.random.default_rng(SEED).integers(3, VOCAB, size=PROMPT_TOKENS).tolist()
     with tempfile.TemporaryDirectory() as directory:

@@ -54,8 +54,8 @@ def resolved_report(manager: Any, tokenizer: Any) -> dict[str, Any]:
     handlers' `tokenizer` gives the engine the prompts the client sends."""
     import transformers
 
-    from dooly.engines.http_bench import tokenizer_round_trips
     from dooly.engines.transformers_bench import plain_values, scheduler_settings
+    from dooly.engines.word_tokenizer import tokenizer_round_trips
 
     model = manager.model
     config = manager.continuous_batching_config
@@ -123,11 +123,10 @@ def serve(model_dir: str, *, attn_implementation: str, device: str, dtype: str, 
     from transformers.cli.serve import Serve
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    from dooly.engines.http_bench import load_word_tokenizer
-
     # The manager's generation config is the in-process harness's (greedy, EOS disabled); each
     # request still carries its own max_new_tokens and eos_token_id to add_request.
     from dooly.engines.transformers_bench import NO_EOS_GENERATION
+    from dooly.engines.word_tokenizer import load_word_tokenizer
 
     class _DeferredServe(Serve):  # type: ignore[misc]
         """Serve, built with non_blocking=True, whose uvicorn thread starts once the engine is up."""

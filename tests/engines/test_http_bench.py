@@ -18,15 +18,8 @@ from click.testing import CliRunner
 from tiny_configs import TINY_LLAMA
 
 from dooly.cli import cli
-from dooly.engines.http_bench import (
-    _Timing,
-    build_tokenizer,
-    load_word_tokenizer,
-    prompt_text,
-    settings_mismatches,
-    token_count_errors,
-    tokenizer_round_trips,
-)
+from dooly.engines.http_bench import _Timing, settings_mismatches, token_count_errors
+from dooly.engines.word_tokenizer import build_tokenizer, load_word_tokenizer, prompt_text, tokenizer_round_trips
 from dooly.workload import Request, generate_requests, spec_from_options
 
 WORKLOAD = ["--requests", "6", "--rate", "20", "--prompt-len", "uniform:8:40", "--output-len", "uniform:2:6", "--seed", "4"]
