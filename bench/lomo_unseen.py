@@ -6,10 +6,17 @@ For every model with committed ground truth (GROUND_TRUTH cells `<model>.<backen
    another model also runs stays, since the database would hold it anyway), and the model's own
    inventories, so the commands trace it on the CPU like any model they have never seen;
 2. refit that copy (`fit_store`, --repeats REPEATS; flex_attention rows dropped: no cell uses them);
-3. validate its light and heavy cells of paged|sdpa and paged|eager with the committed overhead
-   calibrations (VALIDATION/<model>.<backend>.<variant>.overhead.json), zero new profiling, and
-   the same cells against the fully profiled store; record each held-out prediction's coverage
+3. validate its light and heavy cells of paged|sdpa and paged|eager, zero new profiling, and the
+   same cells against the fully profiled store; record each held-out prediction's coverage
    (share of predicted device time from measured signatures, class regressors and fallbacks).
+   The host overhead (`--host`):
+     store  (default) the store's calibration, as for any model never run: each store copy's
+            calibrations are refitted (`dooly calibrate`) from the calib runs of every model but
+            the held-out one (the whole-store copy: from all of them), and `dooly validate` reads
+            them with no --cpu-overhead. So the held-out model has neither kernels nor a
+            calibration run of its own: the issue's unseen model, end to end.
+     own    the model's own committed calibration run (VALIDATION/<model>.<backend>.<variant>
+            .overhead.json, `dooly overhead`): device-time transfer alone.
 
     python bench/lomo_unseen.py --store /work/fitted/h100 --platform NVIDIA-H100-80GB-HBM3 --work /tmp/lomo \\
         --out data/h100/experiments/lomo_unseen
@@ -43,6 +50,9 @@ WORKLOADS = ("light", "heavy")
 # The backend no committed cell serves: left out of the held-out refits to save their time.
 UNSERVED_BACKEND = "paged|flex_attention"
 SNAPSHOT_DATA = "snapshots/gen-000001/data.parquet"
+CALIBRATIONS_DIR = "calibrations"
+CALIBRATION_WORKLOAD = "calib"
+HOST_SCHEMES = ("store", "own")
 DEFAULT_REPEATS = 1
 # Targets of issue #20 (percent): heavy cells' per-request MAPE, every cell's mean errors.
 HEAVY_TTFT_MAPE = 5.0
@@ -117,6 +127,22 @@ def fit_held_out(store: Path, repeats: int) -> None:
     fit_store(open_store(str(store), create=False), repeats=repeats)
 
 
+def calib_runs(ground_truth: Path, held_out: str) -> list[Path]:
+    """The committed calibration runs of every model but HELD_OUT (FULL_REFIT: of every model)."""
+    return [p for p in sorted(ground_truth.glob(f"*.{CALIBRATION_WORKLOAD}"))
+            if (p / "requests.parquet").is_file() and p.name.split(".", 1)[0] != held_out]
+
+
+def calibrate_store(store: Path, runs: list[Path]) -> dict[str, Any]:
+    """Replace the store copy's host-overhead calibrations by those `dooly calibrate` fits on RUNS
+    against the copy's own fitted models (what the merge Job does with the runs it holds)."""
+    from dooly.sim.calibration_commands import calibrate_command
+
+    shutil.rmtree(store / CALIBRATIONS_DIR, ignore_errors=True)
+    argv = ["--store", str(store), *[a for run in runs for a in ("--ground-truth", str(run))]]
+    return run_json(calibrate_command, argv)
+
+
 def coverage_probe(store: str, platform: str, backend: str, model: str) -> dict[str, Any]:
     """Coverage of a decode step and of a prefill step of MODEL (share of predicted device time
     that is measured / class-estimated / fallback-estimated)."""
@@ -132,26 +158,39 @@ def coverage_probe(store: str, platform: str, backend: str, model: str) -> dict[
     return out
 
 
+def own_calibration(validation: Path, short: str, backend_name: str, variant: str) -> Path | None:
+    """The model's own committed overhead calibration for a cell (its variant's, else its graphs one)."""
+    for candidate in (variant, "graphs"):
+        path = validation / f"{short}.{backend_name}.{candidate}.overhead.json"
+        if path.is_file():
+            return path
+    return None
+
+
 def validate_cells(store: str, platform: str, short: str, cells: list[str], ground_truth: Path,
-                   validation: Path) -> list[dict[str, Any]]:
+                   validation: Path, host: str) -> list[dict[str, Any]]:
     from dooly.sim.commands import validate_command
 
     rows = []
     model = model_id(short)
     for cell in cells:
         backend_name, variant, workload = cell.split(".")
-        calibration = validation / f"{short}.{backend_name}.{variant}.overhead.json"
-        if not calibration.is_file():
-            calibration = validation / f"{short}.{backend_name}.graphs.overhead.json"
-        if not calibration.is_file():
-            log.warning("%s %s: no committed calibration, skipped", short, cell)
-            continue
+        overhead: list[str] = []
+        calibration = "store"
+        if host == "own":
+            own = own_calibration(validation, short, backend_name, variant)
+            if own is None:
+                log.warning("%s %s: no committed calibration, skipped", short, cell)
+                continue
+            overhead, calibration = ["--cpu-overhead", str(own)], own.name
         backend = backend_name.replace("-", "|", 1)
         report = run_json(validate_command, [
-            model, "--ground-truth", str(ground_truth / f"{short}.{cell}"), "--cpu-overhead", str(calibration),
+            model, "--ground-truth", str(ground_truth / f"{short}.{cell}"), *overhead,
             "--store", store, "--platform", platform, "--backend", backend])
+        if host == "store":
+            calibration = str(report.get("cpu_overhead", "store"))
         rows.append({"model": short, "backend": backend, "variant": variant, "workload": workload,
-                     "calibration": calibration.name, **accuracy_fields(report["requests"], report["distribution"]),
+                     "calibration": calibration, **accuracy_fields(report["requests"], report["distribution"]),
                      "cell_coverage": {phase: {k: v for k, v in c.items() if k != "estimated"}
                                        for phase, c in (report.get("coverage") or {}).items()}})
     return rows
@@ -174,8 +213,16 @@ def _measured_share(coverage: dict[str, Any]) -> str:
     return f"{100 * measured / total:.1f}%"
 
 
-def table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| model | backend | settings | workload | TTFT MAPE held-out (full) | TPOT MAPE held-out (full) | "
+HOST_LINES = {
+    "store": "Host overhead: the store's calibration, refitted without any calibration run of the held-out model "
+             "(the whole-store column: from every model's runs); no run of the model's own, kernels or calibration.",
+    "own": "Host overhead: the model's own committed calibration run (`dooly overhead`), both columns; only the "
+           "kernels are held out.",
+}
+
+
+def table(rows: list[dict[str, Any]], host: str) -> list[str]:
+    lines = [HOST_LINES[host], "", "| model | backend | settings | workload | TTFT MAPE held-out (full) | TPOT MAPE held-out (full) | "
              "mean TTFT err held-out (full) | mean TPOT err held-out (full) | measured share of device time | "
              "targets |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -208,6 +255,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
     parser.add_argument("--stage", choices=("all", "fit", "validate", "table"), default="all",
                         help="table: rebuild lomo.md from the per-model results under --out.")
+    parser.add_argument("--host", choices=HOST_SCHEMES, default=HOST_SCHEMES[0],
+                        help="Host overhead of the validated cells: the store's calibration fitted without the "
+                             "held-out model's runs (store), or the model's own committed calibration (own).")
     parser.add_argument("--refit-full", action="store_true",
                         help="Compare with a refit of the whole store made the same way (work/_full), not with --store's models.")
     args = parser.parse_args()
@@ -230,6 +280,7 @@ def main() -> None:
             fit_held_out(target, args.repeats)
     if args.stage == "fit":
         return
+    full_calibrated = False
     for short in shorts if args.stage != "table" else []:
         rows: list[dict[str, Any]] = []
         target = args.work / short
@@ -237,8 +288,15 @@ def main() -> None:
             log.warning("%s: no fitted held-out store, skipped", short)
             continue
         removed = json.loads((target / "lomo.json").read_text())
-        held = validate_cells(str(target), args.platform, short, cells[short], args.ground_truth, args.validation)
-        full = validate_cells(str(full_store), args.platform, short, cells[short], args.ground_truth, args.validation)
+        if args.host == "store":
+            calibrated = calibrate_store(target, calib_runs(args.ground_truth, short))
+            log.info("%s: store calibrations refitted without its runs (%d keys)", short, len(calibrated.get("calibrations", [])))
+            if args.refit_full and not full_calibrated:
+                calibrate_store(full_store, calib_runs(args.ground_truth, FULL_REFIT))
+                full_calibrated = True
+        held = validate_cells(str(target), args.platform, short, cells[short], args.ground_truth, args.validation, args.host)
+        full = validate_cells(str(full_store), args.platform, short, cells[short], args.ground_truth, args.validation,
+                              args.host)
         coverage = {b: coverage_probe(str(target), args.platform, b, model_id(short)) for b in {r["backend"] for r in held}}
         for h, f in zip(held, full, strict=True):
             rows.append({**h, "full": f, "removed": removed, "coverage": coverage[h["backend"]]})
@@ -248,7 +306,7 @@ def main() -> None:
         (args.out / short / "lomo.json").write_text(json.dumps(rows, indent=1) + "\n")
     rows = [row for path in sorted(args.out.glob("*/lomo.json")) for row in json.loads(path.read_text())]
     (args.out / "lomo.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = table(rows)
+    lines = table(rows, args.host)
     (args.out / "lomo.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
