@@ -9,9 +9,10 @@ heavy cell behind `transformers serve`, timed at an HTTP client, beside the same
    calib run (`dooly calibrate`);
 2. validates every cell with `dooly validate` (repeats of a cell give the engine's floor);
 3. compares the HTTP cell with its in-process pair step by step (both record the engine's steps),
-   measures the server's terms from the pair (`dooly server-costs`, written to
-   data/h100/experiments/engine_paths/lease3/server_costs.json) and validates the HTTP cell without
-   and with them;
+   measures the server's terms from the pair (`dooly server-costs`: a per-step host term and the
+   per-request offsets left after it, written to data/h100/experiments/engine_paths/lease3/server_costs.json)
+   and validates the HTTP cell without them, with the raw per-request offsets alone (a
+   `dooly.server_costs/1` record derived from it) and with the record;
 4. validates the sdpa heavy cell again with the sdpa graphs calibration refitted without
    gemma-2-9b and on Qwen2.5-7B's own calib runs only (the diagnosis of its miss);
 5. writes the page.
@@ -270,14 +271,74 @@ def step_comparison() -> list[str]:
     return lines
 
 
+def _offset_cells(stats: dict[str, Any], digits: int) -> list[str]:
+    """A median and its p10..p90, in ms, as two table cells."""
+    return [f"{stats['median_s'] * MS_PER_S:+.{digits}f}",
+            f"{stats['p10_s'] * MS_PER_S:+.{digits}f}..{stats['p90_s'] * MS_PER_S:+.{digits}f}"]
+
+
 def server_cost_lines(costs: dict[str, Any]) -> list[str]:
-    header = ["HTTP cell", "requests", "TTFT offset median (ms)", "p10..p90", "TPOT offset median (ms)", "p10..p90"]
+    """The record's per-request offsets, raw (HTTP minus in-process) and residual (left once the
+    step term is simulated), per cell and pooled (a /1 record: its offsets in both columns)."""
+    header = ["HTTP cell", "requests", "paired steps", "raw TTFT median (ms)", "p10..p90", "residual TTFT median (ms)",
+              "p10..p90", "raw TPOT median (ms)", "p10..p90", "residual TPOT median (ms)", "p10..p90"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for cell in [*costs["cells"], {"http": "pooled (the record's terms)", "ttft": costs["ttft"], "tpot": costs["tpot"]}]:
-        t, p = cell["ttft"], cell["tpot"]
-        lines.append(f"| {cell['http']} | {t['n']} | {t['median_s'] * MS_PER_S:+.1f} | "
-                     f"{t['p10_s'] * MS_PER_S:+.1f}..{t['p90_s'] * MS_PER_S:+.1f} | {p['median_s'] * MS_PER_S:+.2f} | "
-                     f"{p['p10_s'] * MS_PER_S:+.2f}..{p['p90_s'] * MS_PER_S:+.2f} |")
+    pooled = {"http": "pooled (the record's terms)", "ttft": costs["ttft"], "tpot": costs["tpot"],
+              "raw_ttft": costs.get("raw_ttft"), "raw_tpot": costs.get("raw_tpot"),
+              "steps": sum(cell.get("steps", 0) for cell in costs["cells"])}
+    for cell in [*costs["cells"], pooled]:
+        raw_ttft, raw_tpot = cell.get("raw_ttft") or cell["ttft"], cell.get("raw_tpot") or cell["tpot"]
+        values = [cell["http"], str(cell["ttft"]["n"]), str(cell.get("steps", 0)),
+                  *_offset_cells(raw_ttft, 1), *_offset_cells(cell["ttft"], 1),
+                  *_offset_cells(raw_tpot, 2), *_offset_cells(cell["tpot"], 2)]
+        lines.append("| " + " | ".join(values) + " |")
+    return lines
+
+
+def step_term_lines(costs: dict[str, Any]) -> list[str]:
+    """The record's step term per kind, and each candidate form's leave-one-step-class-out error."""
+    term = costs.get("step_term")
+    if not term:
+        return ["No step term: the pair's runs record no engine steps the two engines both ran."]
+    header = ["kind", "constant (ms)", "per sequence (ms)"]
+    lines = [f"Form chosen: {term['form'].replace('_', ' ')} ({term['steps']} paired steps in {term['classes']} classes; "
+             "held-out mean absolute error per step: "
+             + ", ".join(f"{form.replace('_', ' ')} {mae * MS_PER_S:.2f} ms" for form, mae in term["selection_mae_s"].items())
+             + "). `default` is the pooled fit, for a kind with too few steps of its own (prefill here).",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for kind, values in sorted(term["terms"].items()):
+        lines.append(f"| {kind} | {values['constant_s'] * MS_PER_S:+.2f} | {values['per_sequence_s'] * MS_PER_S:+.3f} |")
+    return lines
+
+
+def offsets_only_record(costs: dict[str, Any], path: Path) -> None:
+    """A `dooly.server_costs/1` record of the raw per-request offsets alone (no step term): what a
+    per-request offset does on its own, for the comparison with the /2 record."""
+    raw_ttft, raw_tpot = costs.get("raw_ttft") or costs["ttft"], costs.get("raw_tpot") or costs["tpot"]
+    cells = [{"http": c["http"], "inprocess": c["inprocess"], "workload": c["workload"],
+              "ttft": c.get("raw_ttft") or c["ttft"], "tpot": c.get("raw_tpot") or c["tpot"]} for c in costs["cells"]]
+    path.write_text(json.dumps({"schema": "dooly.server_costs/1", "key": costs["key"], "ttft": raw_ttft, "tpot": raw_tpot,
+                                "terms": {"ttft_s": raw_ttft["median_s"], "tpot_s": raw_tpot["median_s"]},
+                                "cells": cells, "problems": costs["problems"], "created_at": costs["created_at"]}))
+
+
+def gap_lines(http: list[tuple[Cell, dict[str, Any]]]) -> list[str]:
+    """HTTP minus in-process, simulated against measured (mean and p90 of TTFT and TPOT): how much of
+    the pair's difference each way of adding the server reproduces. The last of `http` is the
+    in-process run of the pair."""
+    keys = ("ttft_mean", "ttft_p90", "tpot_mean", "tpot_p90")
+    inprocess = rows_by_key(http[-1][1])
+    header = ["cell", *[f"{k.replace('_', ' ').upper().replace('MEAN', 'mean').replace('P90', 'p90')} sim / meas (ms)"
+                        for k in keys]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cell, payload in http[:-1]:
+        rows = rows_by_key(payload)
+        values = [cell.name]
+        for key in keys:
+            simulated = (rows[key]["predicted"] - inprocess[key]["predicted"]) * MS_PER_S
+            measured = (rows[key]["measured"] - inprocess[key]["measured"]) * MS_PER_S
+            values.append(f"{simulated:+.1f} / {measured:+.1f}")
+        lines.append("| " + " | ".join(values) + " |")
     return lines
 
 
@@ -335,6 +396,7 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
          http: list[tuple[Cell, dict[str, Any]]], costs: dict[str, Any], own: list[tuple[Cell, dict[str, Any]]],
          breakdown: list[str], why: dict[str, float]) -> str:
     problems = "\n".join(f"- {p}" for p in costs["problems"]) or "- none"
+    not_run = "\n".join(f"- not run: {check}" for check in costs.get("not_run", []))
     terms = (eager_calibration.get("calibrations") or [{}])[0].get("terms", {})
     calibration_note = ", ".join(sorted(terms)) if terms else "see `dooly calibrate`"
     lines = [
@@ -407,24 +469,37 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         *step_comparison(),
         "",
         *http_findings(why),
-        f"**Server-cost terms** (`dooly server-costs --http {_http_pair('http')} --inprocess {_http_pair('pairs')}`, "
-        f"record `{SERVER_COSTS}`; one pair, so they are validated below on the pair they were measured on):",
+        f"**Server-cost terms** (`dooly server-costs --http {_http_pair('http')} --inprocess {_http_pair('pairs')} "
+        f"--store STORE`, record `{SERVER_COSTS}`, `dooly.server_costs/2`, docs/server-costs.md; one pair, so they are "
+        "validated below on the pair they were measured on). The step term, the HTTP engine's extra host time per step "
+        "over the in-process engine's, step for step:",
+        "",
+        *step_term_lines(costs),
+        "",
+        "The per-request offsets, raw and left once the step term is simulated (the HTTP run's workload simulated with "
+        "and without it):",
         "",
         *server_cost_lines(costs),
         "",
         "The record's checks:",
         "",
         problems,
+        not_run,
         "",
-        "Validated without and with the terms (`dooly validate --server-costs`), with the in-process run of the pair "
-        "for reference:",
+        "Validated without server costs, with the raw per-request offsets alone (a `dooly.server_costs/1` record of "
+        "them) and with the record (step term and residual offsets), with the in-process run of the pair for reference:",
         "",
         *cell_table(http),
         "",
+        "The pair's difference, HTTP minus in-process, simulated against measured:",
+        "",
+        *gap_lines(http),
+        "",
         "## Left to do",
         "",
-        "- HTTP: a light pair and a second heavy pair (another lease), so the server's terms are checked across load "
-        "and validated on runs they were not measured on.",
+        "- HTTP: a light pair and a second heavy pair (another lease), so the server's step term and residual offsets "
+        "are checked across load (the record's load-dependence check is `not_run` with one workload) and validated on "
+        "runs they were not measured on.",
         "- `paged|sdpa` graphs: the shared calibration's host time per KV token differs by model; a term that carries "
         "that difference (counting gemma-2-9b's KV tokens once per layer group alone does not: tried, the pooled slope "
         "barely moves) or more models' calib runs.",
@@ -505,10 +580,14 @@ def main() -> None:
                         "sdpa", "heavy", cells[3].runs, store=refit)
             own_results.append((cell, validate(cell, store)))
         costs = dooly("server-costs", "--http", str(_http_pair("http")), "--inprocess", str(_http_pair("pairs")),
-                      "--out", args.server_costs)
+                      "--store", store, "--out", args.server_costs)
+        offsets_only = Path(scratch) / "offsets_only.json"
+        offsets_only_record(costs, offsets_only)
         http_cells = [
             Cell("HTTP sdpa graphs heavy, no server costs", "sdpa", "heavy", (_http_pair("http"),)),
-            Cell("HTTP sdpa graphs heavy, with server costs", "sdpa", "heavy", (_http_pair("http"),),
+            Cell("HTTP sdpa graphs heavy, raw per-request offsets only (/1)", "sdpa", "heavy", (_http_pair("http"),),
+                 extra=("--server-costs", str(offsets_only))),
+            Cell("HTTP sdpa graphs heavy, step term + residual offsets (/2)", "sdpa", "heavy", (_http_pair("http"),),
                  extra=("--server-costs", args.server_costs)),
             Cell("in-process sdpa graphs heavy (the pair's)", "sdpa", "heavy", (_http_pair("pairs"),)),
         ]

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -25,6 +25,9 @@ from dooly.sim.options import StepChoice, model_dims, step_model_options
 from dooly.sim.options import with_model_groups as _with_model_groups  # dooly.explore.commands imports it from here
 from dooly.sim.validate import DEFAULT_TARGET_PCT
 from dooly.workload import workload_options
+
+if TYPE_CHECKING:
+    from dooly.sim.server_costs import ServerCosts
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +312,8 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
 @click.option("--target-pct", type=float, default=DEFAULT_TARGET_PCT, show_default=True,
               help="Error (percent) within which a summary statistic is 'within target'.")
 @click.option("--server-costs", "server_costs_path", type=click.Path(dir_okay=False, exists=True),
-              help="Server-cost record (`dooly server-costs`): added to every simulated request when the ground "
-                   "truth was timed at an HTTP client.")
+              help="Server-cost record (`dooly server-costs`): its step term added to every simulated step and "
+                   "its offsets to every simulated request, when the ground truth was timed at an HTTP client.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=writable_file, help="Write the predicted-vs-measured scatter PNG here.")
 @output_option
 def validate_command(
@@ -333,8 +336,9 @@ def validate_command(
     async_scheduling=true) is refused, as are such settings given with --engine-config/--set.
 
     A ground truth timed at an HTTP client (`dooly bench --client http`) also carries the server's
-    per-request costs, which the engine's steps do not: --server-costs FILE adds the measured
-    terms to every simulated request (the output says which, and whether they passed their checks).
+    costs: --server-costs FILE (`dooly server-costs`) adds its per-step host term to every simulated
+    step (a /2 record) and its per-request offsets to every simulated request (the output says
+    which, and whether they passed their checks).
 
     \b
     Example:
@@ -369,8 +373,14 @@ def validate_command(
     scheduler = make_scheduler(engine, _with_model_groups(model, engine, user_settings))
     step_model = step_choice.step_model(model, engine)
     overhead = _cpu_overhead(cpu_overhead, no_cpu_overhead, step_choice, engine, scheduler, model)
+    server_costs, server_costs_line = _server_costs(truth_dirs[0], user_settings, server_costs_path)
+    if server_costs is not None:
+        overhead = server_costs.overhead(overhead)
     report = validate(truths[0], scheduler, step_model, overhead, repeats=truths[1:], target_pct=target_pct)
-    server_costs_line = _add_server_costs(report, truths[0], truth_dirs[0], user_settings, server_costs_path)
+    if server_costs is not None:
+        from dooly.sim.validate import compare_latencies
+
+        report.requests = compare_latencies(truths[0].requests, server_costs.apply(report.result.requests))
     payload = _clean(report.as_dict())
     payload["cpu_overhead"] = overhead.source
     payload["server_costs"] = server_costs_line
@@ -401,19 +411,18 @@ def validate_command(
         click.echo("\n".join(payload_lines(payload["coverage"])))
 
 
-def _add_server_costs(report: Any, truth: Any, truth_dir: str, settings: dict[str, Any],
-                      path: str | None) -> str | None:
-    """For a ground truth timed at an HTTP client, the server's measured per-request terms added to
-    the simulated requests (`dooly.sim.server_costs`), and the line that says so; None for an
+def _server_costs(truth_dir: str, settings: dict[str, Any], path: str | None) -> tuple[ServerCosts | None, str | None]:
+    """For a ground truth timed at an HTTP client, the server's measured terms to simulate
+    (`dooly.sim.server_costs`: a per-step host term, added to the host overhead, and per-request
+    offsets, added to the simulated requests) and the line that says so; (None, None) for an
     in-process ground truth. Terms for another key, or for an in-process ground truth, are refused."""
     from dooly.engines.groundtruth import BENCH_FILE
     from dooly.sim.server_costs import ServerCosts, is_http_run, run_key
-    from dooly.sim.validate import compare_latencies
 
     http = is_http_run(truth_dir)
     if path is None:
-        return ("none added: the ground truth was timed at an HTTP client, the simulation is the engine's alone "
-                "(--server-costs FILE adds the server's measured terms)") if http else None
+        return None, ("none added: the ground truth was timed at an HTTP client, the simulation is the engine's alone "
+                      "(--server-costs FILE adds the server's measured terms)") if http else None
     if not http:
         raise DoolyError(f"--server-costs applies to a ground truth timed at an HTTP client; {truth_dir} was timed "
                          "in-process (its bench.json client is not 'http')")
@@ -421,8 +430,7 @@ def _add_server_costs(report: Any, truth: Any, truth_dir: str, settings: dict[st
     costs.check_key(run_key(read_json_object(Path(truth_dir) / BENCH_FILE, "bench record"), settings), truth_dir)
     for problem in costs.problems:
         logger.warning("server costs %s: %s", path, problem)
-    report.requests = compare_latencies(truth.requests, costs.apply(report.result.requests))
-    return f"added {costs.describe()}"
+    return costs, f"added {costs.describe()}"
 
 
 def _validation_summary_text(summary: dict[str, Any]) -> str:

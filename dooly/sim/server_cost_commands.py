@@ -1,11 +1,58 @@
-"""`dooly server-costs`: measure the HTTP server's per-request terms from paired runs of one cell."""
+"""`dooly server-costs`: measure the HTTP server's costs (a per-step host term and per-request
+offsets) from paired runs of one cell."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
+from dooly.engines.base import parse_engine_settings
+from dooly.engines.groundtruth import BENCH_FILE, ENGINE_FILE
+from dooly.errors import DoolyError
+from dooly.jsonfile import read_json_object
 from dooly.output import emit_json, format_table, output_option
-from dooly.sim.server_costs import MS_PER_S, measure_server_costs
+from dooly.sim.options import StepChoice, step_model_options, with_model_groups
+from dooly.sim.server_costs import MS_PER_S, SCHEMA, EngineModels, EngineModelsFor, OffsetStats, measure_server_costs
+
+
+def engine_models_for(step_choice: StepChoice, model: str | None, cpu_overhead: str | None) -> EngineModelsFor | None:
+    """How to simulate an HTTP run's engine as `dooly validate` would: its engine.json settings,
+    its bench.json model (unless MODEL is given) and the step model and host calibration of the
+    store for its platform and backend (unless --platform/--backend say otherwise). None when no
+    step model was chosen."""
+    if not (step_choice.analytic or step_choice.store):
+        return None
+
+    def models(directory: Path) -> EngineModels:
+        from dooly.sim.calibration_commands import resolve_overhead
+        from dooly.sim.engine_settings import check_modelled
+        from dooly.sim.schedulers import make_scheduler
+
+        bench = read_json_object(directory / BENCH_FILE, "bench record")
+        engine = str(bench.get("engine") or "transformers")
+        name = model or bench.get("model")
+        if not name:
+            raise DoolyError(f"{directory / BENCH_FILE} names no model: give --model")
+        settings_path = directory / ENGINE_FILE
+        settings = parse_engine_settings(str(settings_path), ()) if settings_path.is_file() else {}
+        check_modelled(engine, settings, f"ground truth {settings_path}")
+        stack = bench.get("stack") or {}
+        choice = step_choice.with_(platform=step_choice.platform or stack.get("platform") or bench.get("platform"),
+                                   backend=step_choice.backend or stack.get("backend") or bench.get("backend"))
+        scheduler = make_scheduler(engine, with_model_groups(str(name), engine, settings))
+        step_model = choice.step_model(str(name), engine)
+        overhead = resolve_overhead(cpu_overhead, False, choice, engine, scheduler, str(name))
+        return EngineModels(scheduler, step_model, overhead)
+
+    return models
+
+
+def _spread(stats: OffsetStats, digits: int) -> tuple[str, str]:
+    """The median and the p10..p90 of one offset, in ms."""
+    return (f"{stats.median_s * MS_PER_S:+.{digits}f}",
+            f"{stats.p10_s * MS_PER_S:+.{digits}f}..{stats.p90_s * MS_PER_S:+.{digits}f}")
 
 
 @click.command("server-costs")
@@ -14,34 +61,46 @@ from dooly.sim.server_costs import MS_PER_S, measure_server_costs
 @click.option("--inprocess", "inprocess_dirs", multiple=True, required=True,
               type=click.Path(file_okay=False, exists=True),
               help="An in-process run of the same cell (repeat the flag; repeats of one workload are averaged).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the dooly.server_costs/1 record here.")
+@click.option("--model", help="The served model, to simulate the step term with [default: the HTTP run's bench.json].")
+@step_model_options
+@click.option("--cpu-overhead", type=click.Path(dir_okay=False, exists=True),
+              help="CPU overhead model JSON to simulate with [default: the store's calibration, as `dooly validate`].")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help=f"Write the {SCHEMA} record here.")
 @output_option
-def server_costs_command(http_dirs: tuple[str, ...], inprocess_dirs: tuple[str, ...], out_path: str | None,
+def server_costs_command(http_dirs: tuple[str, ...], inprocess_dirs: tuple[str, ...], model: str | None,
+                         step_choice: StepChoice, cpu_overhead: str | None, out_path: str | None,
                          output_format: str) -> None:
-    """Measure what the engine's HTTP server adds per request, for `dooly validate --server-costs`.
+    """Measure what the engine's HTTP server adds, for `dooly validate --server-costs`.
 
     Each HTTP run is paired with the in-process runs of the same workload (same requests, same
-    settings, same stack); per request, TTFT and TPOT at the HTTP client minus in-process are the
-    offsets, and their medians over all pairs the terms. The record keeps their spread, each
-    cell's own, and the checks it failed: a negative offset or one that moves with the load is
-    not a server cost (docs/engine-paths.md).
+    settings, same stack). Where both record the engine's steps and ran the same ones, the HTTP
+    engine's extra host time per step is the step term (a constant, a constant per step kind, or
+    that plus a per-sequence slope: whichever predicts held-out classes of steps best). Per
+    request, TTFT and TPOT at the HTTP client minus in-process are the raw offsets; less what the
+    step term adds to each request when simulated (the step model: --store or --analytic, the
+    same `dooly validate` will use), the residual offsets, whose medians are the per-request terms.
+    The record keeps their spread, each cell's own, the checks it failed (a negative offset, or
+    one that moves with the load: docs/server-costs.md) and those it could not run.
 
     \b
     Example:
-      dooly server-costs --http gt/http.light --http gt/http.heavy \\
-          --inprocess gt/light --inprocess gt/heavy --out server-costs.json
+      dooly server-costs --http gt/http.heavy --inprocess gt/heavy --store ./db --out server-costs.json
     """
-    costs = measure_server_costs(http_dirs, inprocess_dirs)
+    costs = measure_server_costs(http_dirs, inprocess_dirs, engine_models_for(step_choice, model, cpu_overhead))
     if out_path:
         costs.save(out_path)
         costs.source = out_path
     if output_format == "json":
         emit_json(costs.as_dict())
         return
-    rows = [(cell.http, len(cell.inprocess), cell.ttft.n, f"{cell.ttft.median_s * MS_PER_S:+.1f}",
-             f"{cell.ttft.p10_s * MS_PER_S:+.1f}..{cell.ttft.p90_s * MS_PER_S:+.1f}",
-             f"{cell.tpot.median_s * MS_PER_S:+.2f}",
-             f"{cell.tpot.p10_s * MS_PER_S:+.2f}..{cell.tpot.p90_s * MS_PER_S:+.2f}") for cell in costs.cells]
-    click.echo(format_table(["HTTP run", "in-process runs", "requests", "TTFT offset (ms)", "p10..p90",
-                             "TPOT offset (ms)", "p10..p90"], rows))
+    rows: list[tuple[Any, ...]] = []
+    for cell in costs.cells:
+        raw_ttft, raw_tpot = cell.raw_ttft or cell.ttft, cell.raw_tpot or cell.tpot
+        rows.append((cell.http, len(cell.inprocess), cell.ttft.n, cell.steps, *_spread(raw_ttft, 1), *_spread(cell.ttft, 1),
+                     *_spread(raw_tpot, 2), *_spread(cell.tpot, 2)))
+    click.echo(format_table(["HTTP run", "in-process runs", "requests", "paired steps", "raw TTFT offset (ms)", "p10..p90",
+                             "residual TTFT (ms)", "p10..p90", "raw TPOT offset (ms)", "p10..p90", "residual TPOT (ms)",
+                             "p10..p90"], rows))
     click.echo(f"server costs: {costs.describe()}")
+    for check in costs.not_run:
+        click.echo(f"not run: {check}")

@@ -8,14 +8,24 @@ engine's steps can see it. It is measured instead, on paired runs of one cell: t
 (same requests, same arrivals, same prompts) served once in-process and once behind the server,
 on the same device and settings. Per request, the HTTP run's TTFT minus the in-process run's is
 the server's TTFT offset, and the difference of TPOT is its per-token offset; their medians over
-all requests of all pairs are the terms (`dooly.server_costs/1`), stored with their spread.
+all requests of all pairs are the terms, stored with their spread.
+
+At load most of what the client sees is not per request: the engine thread shares the interpreter
+with the server's event loop, and each engine step takes more host time (`dooly.sim.server_step_term`).
+Where both runs record the engine's steps, a record (`dooly.server_costs/2`) carries that per-step
+host term, measured from the pair's steps, and per-request offsets measured after it: the raw
+offsets less what the step term does to each request when simulated (the HTTP run's workload
+simulated with and without it), so that the two together reproduce the pair's difference and
+neither counts the other's share. The raw offsets are kept beside them (`raw_ttft`, `raw_tpot`).
+A `/1` record (offsets only) still loads and applies as before.
 
 The terms are a server cost only where the engine behind the server ran as it ran in-process.
 Two checks say when the pairs do not show that, and the record carries what they found
 (`problems`): a negative median offset (the client saw the engine faster than the engine itself
-ran: another engine path, not a cost), and offsets that depend on the load (a per-request cost
-does not change between a light and a heavy cell of the same settings). `dooly validate` still
-adds such a record when asked, and says in its output that the record failed its checks.
+ran: another engine path, not a cost), and residual offsets that depend on the load (a per-request
+cost does not change between a light and a heavy cell of the same settings). With one workload
+paired the second check cannot run, and the record says so (`not_run`). `dooly validate` still
+adds a record that failed a check when asked, and says in its output that it failed.
 """
 
 from __future__ import annotations
@@ -23,8 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,12 +44,17 @@ import numpy as np
 from dooly.engines.groundtruth import BENCH_FILE, ENGINE_FILE
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json_object
+from dooly.sim.schedulers import Scheduler
+from dooly.sim.server_step_term import StepSample, StepTerm, choose_step_term, paired_step_samples
 from dooly.sim.simulator import RequestRecord
-from dooly.sim.validate import GroundTruth, MeasuredRequest, check_repeat, load_ground_truth
+from dooly.sim.step_model import CpuOverheadModel, StepLatencyModel
+from dooly.sim.validate import GroundTruth, MeasuredRequest, check_repeat, load_ground_truth, validate
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = "dooly.server_costs/1"
+SCHEMA = "dooly.server_costs/2"
+# Offsets only, no step term: still loaded, and applied as before.
+SCHEMA_V1 = "dooly.server_costs/1"
 HTTP_CLIENT = "http"
 INPROCESS_CLIENT = "inprocess"
 # The spread reported beside each term: the 10th and 90th percentile of the per-request offsets.
@@ -49,6 +64,8 @@ KEY_FIELDS = ("platform", "engine", "engine_version", "backend")
 MS_PER_S = 1e3
 # Below this two offsets are one (the clocks behind them resolve about a microsecond).
 RESOLUTION_S = 1e-6
+# Cells of this many workloads (loads) are what the load-dependence check compares.
+MIN_LOAD_WORKLOADS = 2
 
 
 @dataclass(frozen=True)
@@ -77,18 +94,34 @@ class OffsetStats:
 
 @dataclass
 class CellOffsets:
-    """One paired cell: the HTTP run, the in-process run(s) it was compared with, its offsets."""
+    """One paired cell: the HTTP run, the in-process run(s) it was compared with, its offsets
+    (residual after the step term where one was measured; raw: HTTP minus in-process) and how
+    many of its steps were paired for the step term."""
 
     http: str
     inprocess: list[str]
     workload: dict[str, Any]
     ttft: OffsetStats
     tpot: OffsetStats
+    raw_ttft: OffsetStats | None = None
+    raw_tpot: OffsetStats | None = None
+    steps: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CellOffsets:
+        """A cell of a /1 or /2 record (a /1 cell's offsets are its raw ones)."""
+        ttft, tpot = OffsetStats(**data["ttft"]), OffsetStats(**data["tpot"])
+        raw_ttft = OffsetStats(**data["raw_ttft"]) if data.get("raw_ttft") else ttft
+        raw_tpot = OffsetStats(**data["raw_tpot"]) if data.get("raw_tpot") else tpot
+        return cls(data["http"], list(data["inprocess"]), dict(data["workload"]), ttft, tpot, raw_ttft, raw_tpot,
+                   int(data.get("steps", 0)))
 
 
 @dataclass
 class ServerCosts:
-    """The server's per-request TTFT offset and per-token TPOT offset for one key, as measured."""
+    """What the engine's HTTP server adds, for one key: a per-step host term (None where the runs
+    recorded no steps, and in a /1 record) and per-request TTFT and TPOT offsets (the residual after
+    the step term; `raw_ttft`/`raw_tpot`: HTTP minus in-process as measured)."""
 
     key: dict[str, Any]
     ttft: OffsetStats
@@ -97,6 +130,12 @@ class ServerCosts:
     problems: list[str] = field(default_factory=list)
     created_at: str = ""
     source: str = ""
+    raw_ttft: OffsetStats | None = None
+    raw_tpot: OffsetStats | None = None
+    step_term: StepTerm | None = None
+    # Checks that could not run on these pairs, and why (e.g. one workload: no load dependence).
+    not_run: list[str] = field(default_factory=list)
+    schema: str = SCHEMA
 
     @property
     def consistent(self) -> bool:
@@ -108,19 +147,23 @@ class ServerCosts:
                 f"(median of {self.ttft.n} paired requests in {len(self.cells)} cell(s); p10..p90 TTFT "
                 f"{self.ttft.p10_s * MS_PER_S:+.1f}..{self.ttft.p90_s * MS_PER_S:+.1f} ms, TPOT "
                 f"{self.tpot.p10_s * MS_PER_S:+.2f}..{self.tpot.p90_s * MS_PER_S:+.2f} ms)")
+        if self.step_term is not None:
+            text += f" after a host term per engine step: {self.step_term.describe()}"
         if self.source:
             text += f" from {self.source}"
         if self.problems:
             text += f"; FAILED {len(self.problems)} check(s), first: {self.problems[0]}"
         return text
 
+    def overhead(self, base: CpuOverheadModel) -> CpuOverheadModel:
+        """The host overhead model of the server's engine: `base` plus the step term, if any."""
+        return base if self.step_term is None else self.step_term.overhead(base)
+
     def apply(self, requests: Iterable[RequestRecord]) -> list[RequestRecord]:
         """The simulated requests as a client of the server would time them: TTFT plus the TTFT
         term, TPOT plus the per-token term, E2E plus both (the latter once per token after the
         first). Arrivals and the engine's own schedule are unchanged: the terms are off the
-        engine's path."""
-        from dataclasses import replace
-
+        engine's path (the step term, on it, is simulated: `overhead`)."""
         out = []
         for record in requests:
             later_tokens = max(record.output_tokens - 1, 0)
@@ -140,9 +183,14 @@ class ServerCosts:
                              f"{', '.join(f'{k}={key.get(k)!r}' for k in differing)}")
 
     def as_dict(self) -> dict[str, Any]:
+        """The `dooly.server_costs/2` document (a record loaded from /1 is written as /2, its raw
+        offsets equal to its offsets and no step term)."""
+        raw_ttft, raw_tpot = self.raw_ttft or self.ttft, self.raw_tpot or self.tpot
         return {"schema": SCHEMA, "key": self.key, "terms": {"ttft_s": self.ttft.median_s, "tpot_s": self.tpot.median_s},
-                "ttft": asdict(self.ttft), "tpot": asdict(self.tpot), "consistent": self.consistent,
-                "problems": list(self.problems), "cells": [asdict(c) for c in self.cells], "created_at": self.created_at}
+                "step_term": self.step_term.as_dict() if self.step_term is not None else None,
+                "ttft": asdict(self.ttft), "tpot": asdict(self.tpot), "raw_ttft": asdict(raw_ttft),
+                "raw_tpot": asdict(raw_tpot), "consistent": self.consistent, "problems": list(self.problems),
+                "not_run": list(self.not_run), "cells": [asdict(c) for c in self.cells], "created_at": self.created_at}
 
     def save(self, path: str | Path) -> None:
         try:
@@ -152,16 +200,35 @@ class ServerCosts:
 
     @classmethod
     def load(cls, path: str | Path) -> ServerCosts:
+        """A /2 record, or a /1 one (offsets only: its raw offsets are its offsets, no step term)."""
         data = read_json_object(Path(path), "server costs")
-        if data.get("schema") != SCHEMA:
-            raise DoolyError(f"{path}: not a {SCHEMA} document (schema {data.get('schema')!r})")
+        schema = data.get("schema")
+        if schema not in (SCHEMA, SCHEMA_V1):
+            raise DoolyError(f"{path}: not a {SCHEMA} (or {SCHEMA_V1}) document (schema {schema!r})")
         try:
-            cells = [CellOffsets(c["http"], list(c["inprocess"]), dict(c["workload"]), OffsetStats(**c["ttft"]),
-                                 OffsetStats(**c["tpot"])) for c in data["cells"]]
-            return cls(dict(data["key"]), OffsetStats(**data["ttft"]), OffsetStats(**data["tpot"]), cells,
-                       list(data.get("problems", [])), str(data.get("created_at", "")), source=str(path))
-        except (KeyError, TypeError) as exc:
-            raise DoolyError(f"{path}: malformed {SCHEMA} document ({exc})") from None
+            ttft, tpot = OffsetStats(**data["ttft"]), OffsetStats(**data["tpot"])
+            step_term = StepTerm.from_dict(data["step_term"]) if data.get("step_term") else None
+            return cls(dict(data["key"]), ttft, tpot, [CellOffsets.from_dict(c) for c in data["cells"]],
+                       list(data.get("problems", [])), str(data.get("created_at", "")), source=str(path),
+                       raw_ttft=OffsetStats(**data["raw_ttft"]) if data.get("raw_ttft") else ttft,
+                       raw_tpot=OffsetStats(**data["raw_tpot"]) if data.get("raw_tpot") else tpot,
+                       step_term=step_term, not_run=list(data.get("not_run", [])), schema=str(schema))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise DoolyError(f"{path}: malformed {schema} document ({exc})") from None
+
+
+@dataclass
+class EngineModels:
+    """What simulates one HTTP run's engine: its scheduler, step model and host overhead (the
+    in-process engine's, as `dooly validate` would resolve them for that run)."""
+
+    scheduler: Scheduler
+    step_model: StepLatencyModel
+    overhead: CpuOverheadModel
+
+
+# Builds the engine models of one HTTP run (its directory), for simulating the step term's effect.
+EngineModelsFor = Callable[[Path], EngineModels]
 
 
 @dataclass
@@ -221,9 +288,48 @@ def request_offsets(http: Sequence[MeasuredRequest], inprocess: Sequence[Sequenc
     return ttft, tpot
 
 
-def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequence[str | Path]) -> ServerCosts:
-    """Pair every HTTP run with the in-process runs of the same workload and settings, and measure
-    the terms over all pairs (see the module docstring for the checks)."""
+def step_term_effect(truth: GroundTruth, models: EngineModels, term: StepTerm) -> dict[str, tuple[float, float]]:
+    """Per request: what the step term adds to its simulated TTFT and TPOT (the run's workload
+    simulated as `dooly validate` simulates it, with the term and without)."""
+    without = validate(truth, models.scheduler.fresh(), models.step_model, models.overhead).result.requests
+    served = validate(truth, models.scheduler.fresh(), models.step_model, term.overhead(models.overhead)).result.requests
+    plain = {r.request_id: r for r in without}
+    return {r.request_id: (r.ttft_s - plain[r.request_id].ttft_s, r.tpot_s - plain[r.request_id].tpot_s)
+            for r in served if r.request_id in plain}
+
+
+def residual_offsets(http: Sequence[MeasuredRequest], raw_ttft: Sequence[float], raw_tpot: Sequence[float],
+                     effect: dict[str, tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """The raw per-request offsets less what the simulated step term already adds to each request
+    (a request the simulation lost, or whose TPOT it cannot time, keeps no residual: NaN)."""
+    ttft, tpot = [], []
+    for request, t, p in zip(http, raw_ttft, raw_tpot, strict=True):
+        added = effect.get(request.request_id, (math.nan, math.nan))
+        ttft.append(t - added[0])
+        tpot.append(p - added[1])
+    return ttft, tpot
+
+
+def _paired_steps(http: _Run, partners: Sequence[_Run]) -> tuple[list[StepSample], str | None]:
+    """The HTTP run's steps paired with its in-process partner's, or why they cannot be (no steps
+    recorded, other steps run, no device time): then the cell gives the step term nothing."""
+    if not http.truth.steps or not all(p.truth.steps for p in partners):
+        return [], f"{http.directory}: the runs record no engine steps (steps.parquet)"
+    samples: list[StepSample] = []
+    try:
+        for partner in partners:
+            samples += paired_step_samples(http.truth.steps, partner.truth.steps)
+    except DoolyError as exc:
+        return [], f"{http.directory}: {exc}"
+    return samples, None
+
+
+def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequence[str | Path],
+                         models_for: EngineModelsFor | None = None) -> ServerCosts:
+    """Pair every HTTP run with the in-process runs of the same workload and settings; measure the
+    step term from the pairs' steps, then the per-request offsets left once it is simulated (with
+    `models_for`'s engine of each HTTP run; needed whenever a step term is measured), over all
+    pairs (see the module docstring for the checks)."""
     if not http_dirs or not inprocess_dirs:
         raise DoolyError("server costs need at least one HTTP run and one in-process run of the same cell")
     https, inprocs = [read_run(d) for d in http_dirs], [read_run(d) for d in inprocess_dirs]
@@ -234,9 +340,10 @@ def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequen
         if run.client != INPROCESS_CLIENT:
             raise DoolyError(f"{run.directory} was not timed in-process (bench.json client {run.client!r})")
     key = run_key(https[0].bench, https[0].engine)
-    cells: list[CellOffsets] = []
-    all_ttft: list[float] = []
-    all_tpot: list[float] = []
+    pairs: list[tuple[_Run, list[_Run]]] = []
+    samples: list[StepSample] = []
+    not_run: list[str] = []
+    steps_per_cell: list[int] = []
     for http in https:
         http_key = run_key(http.bench, http.engine)
         if http_key != key:
@@ -246,19 +353,49 @@ def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequen
             raise DoolyError(f"no in-process run served the workload of {http.directory}")
         for partner in partners:
             _check_pair(http, partner, key)
-        ttft, tpot = request_offsets(http.truth.requests, [p.truth.requests for p in partners])
-        cells.append(CellOffsets(str(http.directory), [str(p.directory) for p in partners], http.workload,
-                                 OffsetStats.of(ttft), OffsetStats.of(tpot)))
-        all_ttft += ttft
-        all_tpot += tpot
-    unused = [str(r.directory) for r in inprocs if not any(str(r.directory) in c.inprocess for c in cells)]
+        pairs.append((http, partners))
+        cell_samples, why_not = _paired_steps(http, partners)
+        if why_not:
+            not_run.append(f"step term on {why_not}")
+        samples += cell_samples
+        steps_per_cell.append(len(cell_samples))
+    unused = [str(r.directory) for r in inprocs if not any(r is p for _, partners in pairs for p in partners)]
     if unused:
         raise DoolyError(f"in-process run(s) {', '.join(unused)} served no workload of the HTTP runs")
-    costs = ServerCosts(key, OffsetStats.of(all_ttft), OffsetStats.of(all_tpot), cells,
-                        created_at=datetime.now(UTC).isoformat(timespec="seconds"))
-    costs.problems = consistency_problems(costs)
+    step_term = choose_step_term(samples) if samples else None
+    if step_term is not None and models_for is None:
+        raise DoolyError("the runs record their engine's steps, so the server's step term is measured, and the "
+                         "per-request offsets left after it need it simulated: give a step model (--store, or --analytic)")
+    costs = _pooled_costs(key, pairs, steps_per_cell, step_term, models_for)
+    costs.not_run = not_run + costs.not_run
     for problem in costs.problems:
         logger.warning("server costs: %s", problem)
+    for check in costs.not_run:
+        logger.info("server costs, not run: %s", check)
+    return costs
+
+
+def _pooled_costs(key: dict[str, Any], pairs: Sequence[tuple[_Run, list[_Run]]], steps_per_cell: Sequence[int],
+                  step_term: StepTerm | None, models_for: EngineModelsFor | None) -> ServerCosts:
+    """Each cell's raw and residual offsets, and their pooled statistics, checked."""
+    cells: list[CellOffsets] = []
+    pooled: dict[str, list[float]] = {"ttft": [], "tpot": [], "raw_ttft": [], "raw_tpot": []}
+    for (http, partners), steps in zip(pairs, steps_per_cell, strict=True):
+        raw_ttft, raw_tpot = request_offsets(http.truth.requests, [p.truth.requests for p in partners])
+        ttft, tpot = raw_ttft, raw_tpot
+        if step_term is not None and models_for is not None:
+            effect = step_term_effect(http.truth, models_for(http.directory), step_term)
+            ttft, tpot = residual_offsets(http.truth.requests, raw_ttft, raw_tpot, effect)
+        cells.append(CellOffsets(str(http.directory), [str(p.directory) for p in partners], http.workload,
+                                 OffsetStats.of(ttft), OffsetStats.of(tpot), OffsetStats.of(raw_ttft),
+                                 OffsetStats.of(raw_tpot), steps))
+        for name, values in (("ttft", ttft), ("tpot", tpot), ("raw_ttft", raw_ttft), ("raw_tpot", raw_tpot)):
+            pooled[name] += values
+    costs = ServerCosts(key, OffsetStats.of(pooled["ttft"]), OffsetStats.of(pooled["tpot"]), cells,
+                        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                        raw_ttft=OffsetStats.of(pooled["raw_ttft"]), raw_tpot=OffsetStats.of(pooled["raw_tpot"]),
+                        step_term=step_term)
+    costs.problems, costs.not_run = consistency_problems(costs)
     return costs
 
 
@@ -275,17 +412,23 @@ def _check_pair(http: _Run, inprocess: _Run, key: dict[str, Any]) -> None:
     check_repeat(http.truth, inprocess.truth, f"in-process run {inprocess.directory}")
 
 
-def consistency_problems(costs: ServerCosts) -> list[str]:
-    """Why these offsets are not a server's per-request costs, if they are not (empty: they pass).
+def consistency_problems(costs: ServerCosts) -> tuple[list[str], list[str]]:
+    """Why these terms are not a server's costs, if they are not (empty: they pass), and the
+    checks that could not run.
 
-    A cost the server adds cannot be negative, and a per-request cost cannot depend on the load:
-    a negative median, or a cell whose median lies outside another cell's p10..p90, says the
-    engine behind the server ran otherwise than in-process."""
+    A cost the server adds cannot be negative: a negative raw median offset says the engine behind
+    the server ran otherwise than in-process. A per-request cost cannot depend on the load: a
+    cell whose residual median lies outside another cell's p10..p90 says the offsets carry what
+    the step term should (needs cells of two workloads; with one it is `not_run`)."""
     problems = []
-    for name, stats in (("TTFT", costs.ttft), ("TPOT", costs.tpot)):
+    for name, stats in (("TTFT", costs.raw_ttft or costs.ttft), ("TPOT", costs.raw_tpot or costs.tpot)):
         if stats.median_s < 0:
             problems.append(f"median {name} offset {stats.median_s * MS_PER_S:+.2f} ms is negative: the client saw "
                             "the engine faster than it ran in-process, which no server cost explains")
+    workloads = {json.dumps(cell.workload, sort_keys=True) for cell in costs.cells}
+    if len(workloads) < MIN_LOAD_WORKLOADS:
+        return problems, [f"load dependence of the per-request offsets: only {len(workloads)} workload paired "
+                          f"(needs HTTP/in-process pairs of {MIN_LOAD_WORKLOADS} loads)"]
     for name in ("ttft", "tpot"):
         for cell in costs.cells:
             for other in costs.cells:
@@ -294,4 +437,4 @@ def consistency_problems(costs: ServerCosts) -> list[str]:
                     problems.append(f"{name.upper()} offset depends on the load: {other.http} has median "
                                     f"{median * MS_PER_S:+.2f} ms, outside {cell.http}'s p10..p90 "
                                     f"{band.p10_s * MS_PER_S:+.2f}..{band.p90_s * MS_PER_S:+.2f} ms")
-    return problems
+    return problems, []

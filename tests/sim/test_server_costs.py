@@ -128,7 +128,7 @@ def test_record_round_trips_and_refuses_another_schema(tmp_path):
     assert loaded.ttft == costs.ttft and loaded.tpot == costs.tpot and loaded.key == costs.key
     assert loaded.cells[0].inprocess == [str(inprocess)]
     path.write_text(json.dumps({"schema": "dooly.cpu_overhead/1"}))
-    with pytest.raises(DoolyError, match="not a dooly.server_costs/1"):
+    with pytest.raises(DoolyError, match="not a dooly.server_costs/2"):
         ServerCosts.load(path)
 
 
