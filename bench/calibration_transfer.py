@@ -14,6 +14,9 @@ Two analyses of the committed ground truth (docs/calibration.md quotes their tab
    for a reference decode and mixed step, per lease.
 
     python bench/calibration_transfer.py --fitted-h100 FITTED_H100_STORE --out data/h100/experiments/calibration_transfer
+
+`--kv-regressors tokens` fits the shared calibrations with the KV form of those before the cache
+layer-group terms (lab/host_kv_groups.py compares the two).
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from typing import Any
 
 from validate_groundtruth import CALIBRATION_WORKLOAD, accuracy_fields, calibration_cell, mean_abs, pct, signed_pct
 
-from dooly.sim.calibration import Calibration, HostSample, fit_calibration, fit_path_terms
+from dooly.sim.calibration import (
+    DEFAULT_KV_REGRESSORS,
+    KV_REGRESSORS,
+    CacheGroups,
+    Calibration,
+    HostSample,
+    fit_calibration,
+    fit_path_terms,
+)
 from dooly.sim.calibration_commands import CalibrationRun, pool_samples, run_samples
 from dooly.sim.step_model import CpuOverheadModel, StepKind, StepPath
 from dooly.sim.validate import load_ground_truth, validate
@@ -71,7 +82,7 @@ def own_overhead(samples: list[HostSample], captures: list[tuple[HostSample, Any
     return fitted
 
 
-def leave_one_out(truth_dir: Path, fitted_store: str) -> list[dict[str, Any]]:
+def leave_one_out(truth_dir: Path, fitted_store: str, kv_regressors: str = DEFAULT_KV_REGRESSORS) -> list[dict[str, Any]]:
     """One row per (validated cell, scheme)."""
     runs = {p.name: CalibrationRun.load(p) for p in sorted(truth_dir.glob(f"*.{CALIBRATION_WORKLOAD}"))
             if (p / "requests.parquet").is_file()}
@@ -86,9 +97,11 @@ def leave_one_out(truth_dir: Path, fitted_store: str) -> list[dict[str, Any]]:
         same_key = [name for name, other in runs.items() if other.key == run.key]
         others = [name for name in same_key if runs[name].model != run.model]
         samples, captures, layers = measured[calibration]
+        groups = CacheGroups.from_scheduler(run.scheduler())
         overheads: dict[str, CpuOverheadModel | None] = {"own": own_overhead(samples, captures, calibration)}
-        overheads["shared"] = _shared(run, same_key, measured, runs).for_model(layers, run.model)
-        overheads["lomo"] = _shared(run, others, measured, runs).for_model(layers, run.model) if others else None
+        overheads["shared"] = _shared(run, same_key, measured, runs, kv_regressors).for_model(layers, run.model, groups)
+        overheads["lomo"] = (_shared(run, others, measured, runs, kv_regressors).for_model(layers, run.model, groups)
+                             if others else None)
         step_model = cache[next(k for k in cache if k[1] == run.model and k[3] == run.key.backend)][0]
         for workload in sorted(w for w in workloads if w != CALIBRATION_WORKLOAD):
             cell_dir = truth_dir / f"{short}.{backend_name}.{variant}.{workload}"
@@ -112,10 +125,11 @@ def _models(run: CalibrationRun, scheme: str, same_key: list[str], others: list[
     return len({runs[name].model for name in (same_key if scheme == "shared" else others)})
 
 
-def _shared(run: CalibrationRun, names: list[str], measured: dict[str, Any], runs: dict[str, CalibrationRun]) -> Calibration:
+def _shared(run: CalibrationRun, names: list[str], measured: dict[str, Any], runs: dict[str, CalibrationRun],
+            kv_regressors: str) -> Calibration:
     """What `dooly calibrate` fits on these runs (calibrate_runs, without re-reading them)."""
     samples, captures = pool_samples([(runs[name].warm, *measured[name][:2]) for name in names])
-    return fit_calibration(run.key, samples, captures, inputs=[{"run": name} for name in names])
+    return fit_calibration(run.key, samples, captures, inputs=[{"run": name} for name in names], kv_regressors=kv_regressors)
 
 
 def repeat_groups() -> dict[str, list[tuple[str, Path]]]:
@@ -137,7 +151,7 @@ def repeat_groups() -> dict[str, list[tuple[str, Path]]]:
     return groups
 
 
-def stability(fitted_store: str) -> list[dict[str, Any]]:
+def stability(fitted_store: str, kv_regressors: str = DEFAULT_KV_REGRESSORS) -> list[dict[str, Any]]:
     """Per repeated cell and run: each solver's terms and reference-step host ms, per path."""
     rows = []
     cache: dict[tuple[str, ...], Any] = {}
@@ -146,7 +160,8 @@ def stability(fitted_store: str) -> list[dict[str, Any]]:
             run = CalibrationRun.load(directory)
             samples, captures, layers = run_samples(run, fitted_store, cache)
             per_model = own_overhead(samples, captures, directory.name)
-            shared = fit_path_terms(samples)
+            shared = fit_path_terms(samples, kv_regressors=kv_regressors)
+            groups = CacheGroups.from_scheduler(run.scheduler())
             graphs = run.key.cuda_graphs
             for key in ("decode_graph", "mixed_graph") if graphs else ("decode", "mixed"):
                 kind = StepKind(key.removesuffix("_graph"))
@@ -157,9 +172,9 @@ def stability(fitted_store: str) -> list[dict[str, Any]]:
                 rows.append({
                     "cell": cell, "lease": lease, "path": key, "steps": sum(1 for s in samples if s.key == key),
                     "per_model_terms": asdict(old) if old else None,
-                    "shared_solver_terms": asdict(new.for_layers(layers)) if new else None,
+                    "shared_solver_terms": asdict(new.for_layers(layers, groups)) if new else None,
                     "per_model_reference_ms": MS * per_model.seconds(path, *sizes),
-                    "shared_solver_reference_ms": MS * (new or shared["default"]).for_layers(layers).seconds(*sizes),
+                    "shared_solver_reference_ms": MS * (new or shared["default"]).for_layers(layers, groups).seconds(*sizes),
                 })
     return rows
 
@@ -230,13 +245,15 @@ def main() -> None:
     parser.add_argument("--fitted-h100", required=True, help="The H100 store, merged and fitted.")
     parser.add_argument("--fitted-h200", help="The H200 store, merged and fitted (one model per key: no leave-one-out).")
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--kv-regressors", choices=list(KV_REGRESSORS), default=DEFAULT_KV_REGRESSORS,
+                        help="The shared calibrations' KV form (dooly calibrate --kv-regressors).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = leave_one_out(H100_TRUTH, args.fitted_h100)
+    rows = leave_one_out(H100_TRUTH, args.fitted_h100, args.kv_regressors)
     if args.fitted_h200:
-        rows += leave_one_out(H200_TRUTH, args.fitted_h200)
-    repeat = stability(args.fitted_h100)
+        rows += leave_one_out(H200_TRUTH, args.fitted_h200, args.kv_regressors)
+    repeat = stability(args.fitted_h100, args.kv_regressors)
     (args.out / "transfer.json").write_text(json.dumps({"leave_one_out": rows, "stability": repeat}, indent=2) + "\n")
     lines = ["## Leave one model out", "", *transfer_table(rows), "", "## Two leases, one cell", "", *stability_table(repeat)]
     (args.out / "README.md").write_text("\n".join(lines) + "\n")

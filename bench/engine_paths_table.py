@@ -539,11 +539,19 @@ def http_pair_evidence() -> dict[str, float]:
 
 
 def sdpa_kv_term(store: str) -> float:
-    """The decode-graph host term per KV token (ns) of the store's newest `paged|sdpa` graphs calibration."""
+    """The decode-graph host charge per KV token read (ns) that the store's newest `paged|sdpa`
+    graphs calibration gives MODEL (its cache layer groups and layer count)."""
+    from dooly.sim.calibration import CacheGroups, Calibration
+    from dooly.sim.calibration_commands import model_layers
+    from dooly.sim.options import with_model_groups
+    from dooly.sim.schedulers import make_scheduler
+
     folder = (Path(store) / "calibrations" / f"platform={PLATFORM}" / "engine=transformers" / "engine_version=5.17.0"
               / "backend=paged~7Csdpa" / "graphs=on")
     newest = sorted(folder.glob("gen-*.json"))[-1]
-    return float(json.loads(newest.read_text())["terms"]["decode_graph"]["per_kv_token_s"]) * NS_PER_S
+    calibration = Calibration.from_dict(json.loads(newest.read_text()))
+    groups = CacheGroups.from_scheduler(make_scheduler("transformers", with_model_groups(MODEL, "transformers", {})))
+    return calibration.terms["decode_graph"].for_layers(model_layers(MODEL), groups).per_kv_token_s * NS_PER_S
 
 
 def main() -> None:

@@ -240,11 +240,13 @@ def calibrations(store: str, paths: Iterable[EnginePath]) -> dict[EnginePath, Ca
 
 
 def decode_kv_ns(terms: dict[str, Any], graphs: bool) -> float | None:
-    """A calibration's decode host time per KV token read (ns), or None where it has a per-layer part."""
+    """A calibration's decode host time per KV token read (ns) for a model of one full-attention
+    cache group (the grid's models; a calibration fitted per group entry charges that), or None
+    where it has a per-layer part."""
     decode = terms.get(DECODE_GRAPH_KEY if graphs else DECODE_KEY)
     if decode is None or decode.per_kv_token_layer_s:
         return None
-    return float(decode.per_kv_token_s) * NS_PER_S
+    return float(decode.for_layers(0).per_kv_token_s) * NS_PER_S
 
 
 def misses(cell: Cell, payload: dict[str, Any]) -> list[str]:

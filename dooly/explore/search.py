@@ -228,7 +228,7 @@ def _candidate_overhead(candidate: Candidate, context: SearchContext,
 
     The graph mode is the scheduler's own reading of the settings (what `dooly simulate` keys the
     store's calibration by), so explore and simulate charge a candidate the same host time."""
-    from dooly.sim.calibration import find_calibration, scheduler_uses_async, scheduler_uses_graphs
+    from dooly.sim.calibration import CacheGroups, find_calibration, scheduler_uses_async, scheduler_uses_graphs
     from dooly.sim.calibration_commands import model_layers
     from dooly.sim.schedulers import make_scheduler
     from dooly.store.backends import open_store
@@ -258,7 +258,8 @@ def _candidate_overhead(candidate: Candidate, context: SearchContext,
                 f"no host-overhead calibration in the store for {candidate.platform} / {candidate.engine} / "
                 f"{candidate.backend} / graphs {'on' if graphs else 'off'}{' / async batching' if asynchronous else ''} "
                 "(run `dooly calibrate`, give --overhead FILE, or --no-cpu-overhead)")
-        model = calibration.for_model(model_layers(candidate.model, inventory), candidate.model)
+        model = calibration.for_model(model_layers(candidate.model, inventory), candidate.model,
+                                      CacheGroups.from_scheduler(scheduler))
         found = _OVERHEAD_CACHE[key] = (model, model.source or calibration.describe())
     return found
 

@@ -3,14 +3,24 @@ engine version, attention backend, CUDA graphs on/off, async batching), fitted a
 runs and stored beside the kernels, so a model that was never run needs no run of its own.
 
 Why a model enters at all: without CUDA graphs the host launches every kernel of every layer, so a
-step's host time grows with the layer count; with graphs it builds the step's inputs (index lists
-as long as the KV tokens read, per layer group). The calibration's terms per step path (`decode`,
-`mixed`, ... as `StepPath.overhead_key`) are therefore
+step's host time grows with the layer count; with or without graphs it builds the step's inputs:
+index lists as long as the KV tokens read, one per cache layer group (transformers' paged cache
+keeps one block table per group: the full-attention groups read every KV token, a sliding group at
+most its window per sequence). The calibration's terms per step path (`decode`, `mixed`, ... as
+`StepPath.overhead_key`) are therefore
 
     host_s = constant_s + per_layer_s * L
-           + per_sequence_s * B + per_token_s * T + per_kv_token_s * K + per_kv_token_layer_s * K * L
+           + per_sequence_s * B + per_token_s * T
+           + per_kv_group_token_s * G + per_kv_sliding_token_s * S          (KV regressors `groups`)
+           + per_kv_token_s * K + per_kv_token_layer_s * K * L              (KV regressors `tokens`)
 
-for a model of L decoder layers and a step of B sequences, T query tokens and K KV tokens read.
+for a model of L decoder layers and a step of B sequences, T query tokens and K KV tokens read;
+G = the KV index entries summed over the model's cache layer groups (K per full-attention group,
+plus min(KV of the sequence, window) per sequence per sliding group), S = the sliding groups' part
+of G alone (`CacheGroups.kv_reads`). A calibration is fitted with one of the two KV forms: `groups`
+(the default: on the committed H100 graph-path runs a left-out model's mean host time per step is
+off by 14.4% on average against 27.0% with K, lab/host_kv_groups.py) or `tokens` (the form of
+calibrations written before it, which load with zero group terms).
 Each path keeps its own constant and per-layer term (launch gaps differ by path); the slopes in B,
 T and K are shared by the paths of one family (graph-replayed paths; eager paths). A calibration run's mixed steps nearly all
 hold `max_batch_tokens` query tokens, so a path of its own cannot tell a per-token cost from a
@@ -64,10 +74,21 @@ DEFAULT_KEY = "default"
 # make collinear columns split the same way on every run instead of one of them taking all.
 RIDGE = 1e-4
 # Term names of one path of a calibration (seconds, per unit).
-TERM_NAMES = ("constant_s", "per_layer_s", "per_sequence_s", "per_token_s", "per_kv_token_s", "per_kv_token_layer_s")
+TERM_NAMES = ("constant_s", "per_layer_s", "per_sequence_s", "per_token_s", "per_kv_token_s", "per_kv_token_layer_s",
+              "per_kv_group_token_s", "per_kv_sliding_token_s")
 # Which terms each path keeps for itself; the rest are shared by every path of the calibration.
 PATH_TERMS = ("constant_s", "per_layer_s")
-SHARED_TERMS = ("per_sequence_s", "per_token_s", "per_kv_token_s", "per_kv_token_layer_s")
+# The KV regressor forms (`dooly calibrate --kv-regressors`): the KV index entries the engine builds
+# per cache layer group, or the KV tokens read (and those times the layer count).
+KV_GROUPS = "groups"
+KV_TOKENS = "tokens"
+KV_REGRESSORS = {
+    KV_GROUPS: ("per_kv_group_token_s", "per_kv_sliding_token_s"),
+    KV_TOKENS: ("per_kv_token_s", "per_kv_token_layer_s"),
+}
+DEFAULT_KV_REGRESSORS = KV_GROUPS
+# Slopes every form shares (the KV ones are added by form).
+BASE_SHARED_TERMS = ("per_sequence_s", "per_token_s")
 # Layer counts (models) a calibration needs before per-layer terms are considered, and how much
 # better (relative) they must predict a left-out model's host time to be kept.
 MIN_MODELS_FOR_CHOICE = 4
@@ -77,8 +98,50 @@ LAYER_TERMS = ("per_layer_s", "per_kv_token_layer_s")
 
 
 @dataclass(frozen=True)
+class CacheGroups:
+    """A model's paged-cache layer groups, as the scheduler settings spell them
+    (`full_attention_groups`, `sliding_attention_groups`, `sliding_window`): what the engine's
+    per-step KV index work scales with, one block table per group."""
+
+    full: int = 1
+    sliding: int = 0
+    window: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> CacheGroups:
+        """From an object with the scheduler config's group fields (its defaults where absent:
+        one full-attention group, as for an engine whose settings do not describe groups)."""
+        sliding = int(getattr(settings, "sliding_attention_groups", 0) or 0)
+        return cls(full=int(getattr(settings, "full_attention_groups", 1)), sliding=sliding,
+                   window=int(getattr(settings, "sliding_window", 0) or 0) if sliding else 0)
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> CacheGroups:
+        """The groups a scheduler was built with (`with_model_groups` fills them per model)."""
+        return cls.from_settings(getattr(scheduler, "config", None))
+
+    def kv_reads(self, kv_per_sequence: Iterable[int]) -> tuple[int, int]:
+        """(KV index entries over all groups, those of the sliding groups alone) for a step whose
+        sequences read `kv_per_sequence` KV tokens each: a full-attention group indexes every KV
+        token, a sliding group at most the window of each sequence."""
+        kv = list(kv_per_sequence)
+        sliding = self.sliding * sum(min(tokens, self.window) for tokens in kv)
+        return self.full * sum(kv) + sliding, sliding
+
+    def describe(self) -> str:
+        sliding = f" + {self.sliding} sliding (window {self.window})" if self.sliding else ""
+        return f"{self.full} full-attention{sliding} cache group(s)"
+
+
+ONE_FULL_GROUP = CacheGroups()
+
+
+@dataclass(frozen=True)
 class HostSample:
-    """One measured step's host time: wall time minus the device time the step model predicts."""
+    """One measured step's host time: wall time minus the device time the step model predicts.
+
+    `kv_group_tokens` and `kv_sliding_tokens` are `CacheGroups.kv_reads` of the step; a sample
+    built without them (None) stands for a model of one full-attention group."""
 
     key: str  # StepPath.overhead_key
     num_layers: int
@@ -87,6 +150,20 @@ class HostSample:
     kv_tokens: int
     host_s: float
     model: str = ""
+    kv_group_tokens: int | None = None
+    kv_sliding_tokens: int = 0
+
+    @property
+    def group_tokens(self) -> int:
+        """KV index entries over the model's cache groups (K for one full-attention group)."""
+        return self.kv_tokens if self.kv_group_tokens is None else self.kv_group_tokens
+
+    def regressors(self) -> dict[str, float]:
+        """The value each term multiplies in this step (see the module docstring)."""
+        return {"constant_s": 1.0, "per_layer_s": float(self.num_layers), "per_sequence_s": float(self.num_seqs),
+                "per_token_s": float(self.num_tokens), "per_kv_token_s": float(self.kv_tokens),
+                "per_kv_token_layer_s": float(self.kv_tokens) * self.num_layers,
+                "per_kv_group_token_s": float(self.group_tokens), "per_kv_sliding_token_s": float(self.kv_sliding_tokens)}
 
 
 @dataclass(frozen=True)
@@ -130,18 +207,27 @@ class PathTerms:
     per_token_s: float = 0.0
     per_kv_token_s: float = 0.0
     per_kv_token_layer_s: float = 0.0
+    per_kv_group_token_s: float = 0.0
+    per_kv_sliding_token_s: float = 0.0
 
-    def for_layers(self, num_layers: int) -> OverheadTerms:
-        """The per-step terms of a model with `num_layers` layers (what the simulator adds)."""
+    def for_layers(self, num_layers: int, groups: CacheGroups = ONE_FULL_GROUP) -> OverheadTerms:
+        """The per-step terms of a model with `num_layers` layers and these cache groups (what the
+        simulator adds). The simulator charges host time per KV token of the step, so a sliding
+        group's entries count as the step's KV tokens: exact while no sequence reads more than the
+        window, an overcharge of the sliding groups' part beyond it."""
+        group_entries = groups.full + groups.sliding
         return OverheadTerms(
             constant_s=self.constant_s + self.per_layer_s * num_layers,
             per_sequence_s=self.per_sequence_s,
             per_token_s=self.per_token_s,
-            per_kv_token_s=self.per_kv_token_s + self.per_kv_token_layer_s * num_layers,
+            per_kv_token_s=(self.per_kv_token_s + self.per_kv_token_layer_s * num_layers
+                            + self.per_kv_group_token_s * group_entries + self.per_kv_sliding_token_s * groups.sliding),
         )
 
     def seconds(self, sample: HostSample) -> float:
-        return self.for_layers(sample.num_layers).seconds(sample.num_seqs, sample.num_tokens, sample.kv_tokens)
+        """Host seconds of a measured step, each sliding sequence capped at the window."""
+        values = sample.regressors()
+        return sum(getattr(self, name) * values[name] for name in TERM_NAMES)
 
 
 @dataclass
@@ -158,13 +244,17 @@ class Calibration:
     created_at: str = ""
     generation: int = 0  # set when read from (or written to) a store
 
-    def for_model(self, num_layers: int, model: str = "") -> CpuOverheadModel:
-        """The `CpuOverheadModel` the simulator adds for a model of `num_layers` layers."""
+    def for_model(self, num_layers: int, model: str = "", groups: CacheGroups = ONE_FULL_GROUP) -> CpuOverheadModel:
+        """The `CpuOverheadModel` the simulator adds for a model of `num_layers` layers and these
+        cache layer groups (the scheduler settings' `CacheGroups.from_scheduler`)."""
+        source = self.describe(model, num_layers)
+        if model and self.fit.get("kv_regressors") == KV_GROUPS:
+            source += f"; {groups.describe()}"
         return CpuOverheadModel(
-            terms={key: value.for_layers(num_layers) for key, value in self.terms.items()},
+            terms={key: value.for_layers(num_layers, groups) for key, value in self.terms.items()},
             engine=self.key.engine,
             platform=self.key.platform,
-            source=self.describe(model, num_layers),
+            source=source,
             graph_capture_s=self.graph_capture_s + self.graph_capture_per_layer_s * num_layers,
             post_capture_device_s=self.post_capture_device_s,
         )
@@ -226,15 +316,17 @@ class Calibration:
 # ---------------------------------------------------------------------------------------------
 
 
-def fit_path_terms(samples: Sequence[HostSample], *, ridge: float = RIDGE, layer_terms: bool | None = None
-                   ) -> dict[str, PathTerms]:
+def fit_path_terms(samples: Sequence[HostSample], *, ridge: float = RIDGE, layer_terms: bool | None = None,
+                   kv_regressors: str = DEFAULT_KV_REGRESSORS) -> dict[str, PathTerms]:
     """Terms per path from host samples of one or more models (non-negative, ridge-regularised).
 
     Every path with at least MIN_FIT_SAMPLES steps gets its own constant and per-layer term; the
     slopes are shared within a family (graph-replayed paths, eager paths); `default` (steps of a path the run never took) is the same
     fit with one constant for all steps. The per-layer terms are fitted only when the samples span
     more than one layer count (with one model they would be the constant again), and not when
-    `layer_terms` is False."""
+    `layer_terms` is False. `kv_regressors` picks the KV slopes (KV_REGRESSORS)."""
+    if kv_regressors not in KV_REGRESSORS:
+        raise DoolyError(f"unknown KV regressors {kv_regressors!r}; choose {' or '.join(KV_REGRESSORS)}")
     if len(samples) < MIN_FIT_SAMPLES:
         raise DoolyError(f"fitting host overhead needs at least {MIN_FIT_SAMPLES} steps, got {len(samples)}")
     unknown = sorted({s.key for s in samples} - set(OVERHEAD_KEYS))
@@ -243,19 +335,21 @@ def fit_path_terms(samples: Sequence[HostSample], *, ridge: float = RIDGE, layer
     layered = len({s.num_layers for s in samples}) > 1 and layer_terms is not False
     counts = {key: sum(1 for s in samples if s.key == key) for key in OVERHEAD_KEYS}
     paths = [key for key in OVERHEAD_KEYS if counts[key] >= MIN_FIT_SAMPLES]
-    terms = {DEFAULT_KEY: _solve(samples, [DEFAULT_KEY], lambda s: DEFAULT_KEY, layered, ridge)[DEFAULT_KEY]}
+    shared_terms = BASE_SHARED_TERMS + KV_REGRESSORS[kv_regressors]
+    terms = {DEFAULT_KEY: _solve(samples, [DEFAULT_KEY], lambda s: DEFAULT_KEY, layered, ridge, shared_terms)[DEFAULT_KEY]}
     if paths:
         kept = [s for s in samples if s.key in paths]
-        terms.update(_solve(kept, paths, lambda s: s.key, layered, ridge))
+        terms.update(_solve(kept, paths, lambda s: s.key, layered, ridge, shared_terms))
     return terms
 
 
-def _solve(samples: Sequence[HostSample], paths: list[str], path_of: Any, layered: bool, ridge: float) -> dict[str, PathTerms]:
+def _solve(samples: Sequence[HostSample], paths: list[str], path_of: Any, layered: bool, ridge: float,
+           shared_terms: tuple[str, ...]) -> dict[str, PathTerms]:
     """One scaled, ridge-augmented NNLS: per-path constant (+ per-layer), shared slopes."""
     import numpy as np
     from scipy.optimize import nnls
 
-    shared = [name for name in SHARED_TERMS if layered or name not in LAYER_TERMS]
+    shared = [name for name in shared_terms if layered or name not in LAYER_TERMS]
     own = [name for name in PATH_TERMS if layered or name not in LAYER_TERMS]
     families = sorted({_family(path) for path in paths})
     columns = [(path, name) for path in paths for name in own] + [(family, name) for family in families for name in shared]
@@ -263,9 +357,7 @@ def _solve(samples: Sequence[HostSample], paths: list[str], path_of: Any, layere
     index = {column: i for i, column in enumerate(columns)}
     for row, s in enumerate(samples):
         path = path_of(s)
-        values = {"constant_s": 1.0, "per_layer_s": float(s.num_layers), "per_sequence_s": float(s.num_seqs),
-                  "per_token_s": float(s.num_tokens), "per_kv_token_s": float(s.kv_tokens),
-                  "per_kv_token_layer_s": float(s.kv_tokens) * s.num_layers}
+        values = s.regressors()
         for name in own:
             design[row, index[(path, name)]] = values[name]
         for name in shared:
@@ -303,17 +395,19 @@ def fit_calibration(
     inputs: Iterable[dict[str, Any]] = (),
     ridge: float = RIDGE,
     post_capture: Sequence[float] = (),
+    kv_regressors: str = DEFAULT_KV_REGRESSORS,
 ) -> Calibration:
     """A calibration from host samples of several models, and the first step of each CUDA-graph
     shape (sample, path): what it took beyond an ordinary step on its path is the capture cost,
     constant + per layer where the runs span several layer counts (a capture records every kernel).
     `post_capture` (async batching): the extra device time measured on each step launched right
-    after a capture; its median is kept (the H100 runs: 20 ms, whatever the step held)."""
+    after a capture; its median is kept (the H100 runs: 20 ms, whatever the step held).
+    `kv_regressors`: the KV slopes' form (KV_REGRESSORS; recorded in `fit`)."""
     import numpy as np
     from scipy.optimize import nnls
 
-    layered, scores = choose_layer_terms(samples, ridge=ridge)
-    terms = fit_path_terms(samples, ridge=ridge, layer_terms=layered)
+    layered, scores = choose_layer_terms(samples, ridge=ridge, kv_regressors=kv_regressors)
+    terms = fit_path_terms(samples, ridge=ridge, layer_terms=layered, kv_regressors=kv_regressors)
     calibration = Calibration(key=key, terms=terms, inputs=list(inputs),
                               created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     if captures:
@@ -332,12 +426,13 @@ def fit_calibration(
             calibration.graph_capture_s = max(float(medians[0]), 0.0)
     if post_capture:
         calibration.post_capture_device_s = max(float(np.median(post_capture)), 0.0)
-    calibration.fit = {"layer_terms": layered, "leave_one_model_out_host_error": scores,
+    calibration.fit = {"kv_regressors": kv_regressors, "layer_terms": layered, "leave_one_model_out_host_error": scores,
                        "models": residual_stats(calibration, samples)}
     return calibration
 
 
-def choose_layer_terms(samples: Sequence[HostSample], *, ridge: float = RIDGE) -> tuple[bool, dict[str, float]]:
+def choose_layer_terms(samples: Sequence[HostSample], *, ridge: float = RIDGE,
+                       kv_regressors: str = DEFAULT_KV_REGRESSORS) -> tuple[bool, dict[str, float]]:
     """Whether the per-layer terms earn their place: each model's host time predicted by a fit on
     the other models, with and without them (mean over models of |mean predicted - mean measured|
     / mean measured). On the committed H100 runs the host time per step differs between device
@@ -355,7 +450,7 @@ def choose_layer_terms(samples: Sequence[HostSample], *, ridge: float = RIDGE) -
         for layers, held_out in by_model.items():
             rest = [s for s in samples if s.num_layers != layers]
             try:
-                terms = fit_path_terms(rest, ridge=ridge, layer_terms=layered)
+                terms = fit_path_terms(rest, ridge=ridge, layer_terms=layered, kv_regressors=kv_regressors)
             except DoolyError:
                 continue
             predicted = sum(_terms_for(terms, s.key).seconds(s) for s in held_out) / len(held_out)

@@ -21,7 +21,12 @@ import click
 from dooly.errors import DoolyError
 from dooly.output import emit_json, format_table, output_option
 from dooly.sim.calibration import (
+    DEFAULT_KV_REGRESSORS,
+    KV_GROUPS,
+    KV_REGRESSORS,
+    KV_TOKENS,
     MIN_MODELS_FOR_CHOICE,
+    CacheGroups,
     Calibration,
     CalibrationKey,
     HostSample,
@@ -135,8 +140,10 @@ def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, .
     return samples, captures, layers
 
 
-def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str) -> list[Calibration]:
-    """One calibration per key among the runs, each fitted on all of that key's runs."""
+def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regressors: str = DEFAULT_KV_REGRESSORS
+                   ) -> list[Calibration]:
+    """One calibration per key among the runs, each fitted on all of that key's runs with the
+    KV regressors `kv_regressors` (KV_REGRESSORS)."""
     by_key: dict[CalibrationKey, list[CalibrationRun]] = {}
     for run in runs:
         by_key.setdefault(run.key, []).append(run)
@@ -153,7 +160,8 @@ def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str) -> list[Ca
         samples, captures = pool_samples([(run.warm, *measured[run.name][:2]) for run in group])
         logger.info("calibrating %s on %d runs (%d steps)", key.label(), len(group), len(samples))
         stalls = [stall for run in group for stall in run.stalls]
-        calibrations.append(fit_calibration(key, samples, captures, inputs=inputs, post_capture=stalls))
+        calibrations.append(fit_calibration(key, samples, captures, inputs=inputs, post_capture=stalls,
+                                            kv_regressors=kv_regressors))
     return calibrations
 
 
@@ -232,16 +240,23 @@ def stored_runs(store: Any, workdir: Path) -> list[CalibrationRun]:
 @click.option("--fitted-store", metavar="URI", help="Store whose fitted models predict the device time [default: --store].")
 @click.option("--endpoint-url", help="S3 endpoint (else $DOOLY_S3_ENDPOINT_URL / $AWS_ENDPOINT_URL).")
 @click.option("--dry-run", is_flag=True, help="Fit and report; write nothing to the store.")
+@click.option("--kv-regressors", type=click.Choice(list(KV_REGRESSORS)), default=DEFAULT_KV_REGRESSORS, show_default=True,
+              help=f"What the host time per KV token scales with: `{KV_GROUPS}`, the KV index entries of the model's "
+                   f"cache layer groups (sliding groups capped at their window); `{KV_TOKENS}`, the KV tokens read "
+                   "and those times the layer count (the form of calibrations before it).")
 @output_option
 def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool, record_only: bool,
-                      fitted_store: str | None, endpoint_url: str | None, dry_run: bool, output_format: str) -> None:
+                      fitted_store: str | None, endpoint_url: str | None, dry_run: bool, kv_regressors: str,
+                      output_format: str) -> None:
     """Fit the engine's host overhead for a whole platform from calibration runs of several models.
 
     For every step of every run: its wall time minus the device time the store's fitted models
     predict for that batch on the engine's path. The residuals of all runs that share a platform,
     engine version, backend and CUDA-graph mode are fitted together, per path, as constant + per
-    layer + per sequence + per token + per KV token (+ per KV token per layer), so that `dooly
-    simulate` and `dooly validate` serve any model of that platform with it, one never run included.
+    layer + per sequence + per token + per KV index entry of the model's cache layer groups (+ per
+    entry of its sliding groups; `--kv-regressors tokens`: per KV token, + per KV token per layer),
+    so that `dooly simulate` and `dooly validate` serve any model of that platform with it, one
+    never run included.
     Each call writes a new generation (docs/calibration.md).
 
     \b
@@ -271,7 +286,7 @@ def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool,
             runs += stored_runs(target, Path(workdir))
         if not runs:
             raise DoolyError(f"store {store} records no calibration runs under {RUNS_PREFIX}")
-        calibrations = calibrate_runs(runs, fitted_store or store)
+        calibrations = calibrate_runs(runs, fitted_store or store, kv_regressors)
     written = {} if dry_run else {id(c): write_calibration(target, c) for c in calibrations}
     if output_format == "json":
         emit_json({"calibrations": [{**c.to_dict(), "generation": c.generation, "object": written.get(id(c))}
@@ -285,21 +300,26 @@ def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool,
 
 def calibration_text(calibration: Calibration) -> str:
     """A calibration's terms and per-model fit, as tables."""
+    groups = calibration.fit.get("kv_regressors") == KV_GROUPS
     rows = [
         (path, f"{t.constant_s * MS_PER_S:.3f}", f"{t.per_layer_s * US_PER_S:.2f}", f"{t.per_sequence_s * US_PER_S:.2f}",
-         f"{t.per_token_s * US_PER_S:.3f}", f"{t.per_kv_token_s * NS_PER_S:.3f}", f"{t.per_kv_token_layer_s * NS_PER_S:.4f}")
+         f"{t.per_token_s * US_PER_S:.3f}",
+         *((f"{t.per_kv_group_token_s * NS_PER_S:.3f}", f"{t.per_kv_sliding_token_s * NS_PER_S:.3f}") if groups else
+           (f"{t.per_kv_token_s * NS_PER_S:.3f}", f"{t.per_kv_token_layer_s * NS_PER_S:.4f}")))
         for path, t in sorted(calibration.terms.items())
     ]
+    kv_headers = (["per KV group entry (ns)", "per sliding entry (ns)"] if groups
+                  else ["per KV token (ns)", "per KV token-layer (ns)"])
     fit_rows = [(model, s["steps"], f"{s['mean_host_ms']:.3f}", f"{s['mean_error_ms']:+.3f}")
                 for model, s in calibration.fit.get("models", {}).items()]
     scores = calibration.fit.get("leave_one_model_out_host_error") or {}
     choice = (f"per-layer terms: {'kept' if calibration.fit.get('layer_terms') else 'not used'}"
               + (f" (a left-out model's mean host time off by {100 * scores.get('with_layer_terms', 0):.1f}% with them, "
-                 f"{100 * scores.get('pooled', 0):.1f}% pooled)" if scores else f" (fewer than {MIN_MODELS_FOR_CHOICE} models)"))
+                 f"{100 * scores.get('pooled', 0):.1f}% pooled)" if scores else f" (fewer than {MIN_MODELS_FOR_CHOICE} models)")
+              + f"; KV regressors: {calibration.fit.get('kv_regressors', KV_TOKENS)}")
     return "\n".join([
         calibration.describe(),
-        format_table(["path", "constant (ms)", "per layer (us)", "per seq (us)", "per token (us)", "per KV token (ns)",
-                      "per KV token-layer (ns)"], rows),
+        format_table(["path", "constant (ms)", "per layer (us)", "per seq (us)", "per token (us)", *kv_headers], rows),
         f"graph capture: {calibration.graph_capture_s * MS_PER_S:.3f} ms + {calibration.graph_capture_per_layer_s * MS_PER_S:.4f} ms/layer"
         + (f"; device time of the step after a capture: +{calibration.post_capture_device_s * MS_PER_S:.2f} ms"
            if calibration.key.async_batching else ""),
@@ -354,4 +374,4 @@ def resolve_overhead(path: str | None, no_overhead: bool, step_choice: Any, engi
 
         inventory = open_inventory(step_choice.fitted(engine), model)
         layers = model_layers(model, inventory)
-    return calibration.for_model(layers, model)
+    return calibration.for_model(layers, model, CacheGroups.from_scheduler(scheduler))

@@ -40,7 +40,7 @@ import numpy as np
 from dooly.engines.groundtruth import BENCH_FILE, REQUESTS_FILE, STEPS_FILE
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json, read_json_object
-from dooly.sim.calibration import HostSample, scheduler_uses_async
+from dooly.sim.calibration import CacheGroups, HostSample, scheduler_uses_async
 from dooly.sim.schedulers import Scheduler
 from dooly.sim.simulator import PERCENTILES, SimResult, latency_stats, simulate
 from dooly.sim.step_model import (
@@ -130,6 +130,17 @@ class MeasuredStep:
         num_tokens = sum(q for q, _ in self.prefill) + len(self.decode_ctx)
         kv = sum(q + c for q, c in self.prefill) + sum(self.decode_ctx) + len(self.decode_ctx)
         return num_seqs, num_tokens, kv
+
+    def kv_per_sequence(self) -> list[int]:
+        """KV tokens each sequence reads (its cached and new tokens): summed, the third of `sizes`;
+        per sequence, what a sliding-window cache group caps at its window."""
+        return [q + c for q, c in self.prefill] + [c + 1 for c in self.decode_ctx]
+
+
+def host_sample(key: str, num_layers: int, step: MeasuredStep, host_s: float, model: str, groups: CacheGroups) -> HostSample:
+    """A step's `HostSample`, with the KV index entries its model's cache groups build."""
+    group_tokens, sliding_tokens = groups.kv_reads(step.kv_per_sequence())
+    return HostSample(key, num_layers, *step.sizes(), host_s, model, group_tokens, sliding_tokens)
 
 
 @dataclass
@@ -742,13 +753,14 @@ def host_samples(
     predicts for that exact batch on the path the engine took. The first step of each CUDA-graph
     shape is returned apart (with its path): it paid for the graph's capture too."""
     keywords = step_keywords(step_model)
+    groups = CacheGroups.from_scheduler(scheduler)
     samples: list[HostSample] = []
     captures: list[tuple[HostSample, StepPath]] = []
     seen: set[GraphShape] = set()
     for step in truth.steps:
         path = scheduler.path_for(step.prefill, step.decode_ctx)
         device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
-        sample = HostSample(path.overhead_key, num_layers, *step.sizes(), max(step.duration_s - device, 0.0), model)
+        sample = host_sample(path.overhead_key, num_layers, step, max(step.duration_s - device, 0.0), model, groups)
         shape = CpuOverheadModel.graph_shape(path)
         if shape is not None and shape not in seen:
             seen.add(shape)
@@ -811,6 +823,7 @@ def async_host_samples(
     each step launched right after a capture, measured device time minus predicted, less the
     median of that difference over ordinary steps (the step model's own bias)."""
     keywords = step_keywords(step_model)
+    groups = CacheGroups.from_scheduler(scheduler)
     timings = async_timeline(truth.steps)
     samples: list[HostSample] = []
     captures: list[tuple[HostSample, StepPath]] = []
@@ -820,12 +833,11 @@ def async_host_samples(
     for step, timing in zip(truth.steps, timings, strict=True):
         path = scheduler.path_for(step.prefill, step.decode_ctx)
         device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
-        sizes = step.sizes()
         if step.graph_captured:
             host = timing.host_s - step.forward_s + max(timing.busy_s - device, 0.0)
-            captures.append((HostSample(path.overhead_key, num_layers, *sizes, host, model), path))
+            captures.append((host_sample(path.overhead_key, num_layers, step, host, model, groups), path))
         else:
-            samples.append(HostSample(path.overhead_key, num_layers, *sizes, timing.host_s, model))
+            samples.append(host_sample(path.overhead_key, num_layers, step, timing.host_s, model, groups))
             (after_capture if previous_captured else residual).append(step.device_s - device)
         previous_captured = step.graph_captured
     bias = float(np.median(residual)) if residual else 0.0

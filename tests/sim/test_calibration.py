@@ -13,6 +13,9 @@ from dooly.cli import cli
 from dooly.errors import DoolyError
 from dooly.fit import synthetic as syn
 from dooly.sim.calibration import (
+    KV_GROUPS,
+    KV_TOKENS,
+    CacheGroups,
     Calibration,
     CalibrationKey,
     HostSample,
@@ -237,3 +240,104 @@ def test_layer_terms_are_kept_only_where_they_predict_a_left_out_model():
     assert not kept
     three = _samples(16, rng) + _samples(28, rng) + _samples(42, rng)
     assert not choose_layer_terms(three)[0]  # three models: too few to leave one out and still choose
+
+
+# A gemma-2-like model: one full-attention group and one sliding group of a small window (so that
+# hand-made steps cross it).
+SLIDING = CacheGroups(full=1, sliding=1, window=16)
+# Host cost per KV index entry of a group, and the extra per entry of a sliding group.
+GROUP_ENTRY_S = 1.5e-7
+SLIDING_ENTRY_S = 3e-7
+
+
+def test_kv_reads_of_a_model_without_sliding_groups():
+    assert CacheGroups().kv_reads([10, 20]) == (30, 0)
+    assert CacheGroups(full=2).kv_reads([10, 20]) == (60, 0)  # two full-attention groups index every token twice
+    assert CacheGroups().kv_reads([]) == (0, 0)
+
+
+def test_kv_reads_of_a_model_with_sliding_groups_cap_each_sequence_at_the_window():
+    # 10 tokens fit the window of 16, 20 read 16 of it: sliding entries 10 + 16; all groups 30 + 26.
+    assert SLIDING.kv_reads([10, 20]) == (56, 26)
+    assert CacheGroups(full=1, sliding=2, window=16).kv_reads([10, 20]) == (30 + 52, 52)
+
+
+def test_host_samples_carry_the_groups_kv_reads_of_each_step():
+    from dooly.sim.validate import MeasuredStep, host_sample
+
+    # A chunk of 5 new tokens after 3 cached, and a decode at 20 cached: 8 and 21 KV tokens read.
+    step = MeasuredStep(0, 0.0, 0.01, prefill=[(5, 3)], decode_ctx=[20])
+    sample = host_sample("mixed", 42, step, 0.004, "gemma-like", SLIDING)
+    assert (sample.num_seqs, sample.num_tokens, sample.kv_tokens) == (2, 6, 29)
+    assert (sample.kv_group_tokens, sample.kv_sliding_tokens) == (29 + 8 + 16, 8 + 16)
+    plain = host_sample("mixed", 42, step, 0.004, "llama-like", CacheGroups())
+    assert (plain.group_tokens, plain.kv_sliding_tokens) == (29, 0)
+
+
+def test_a_scheduler_built_for_a_model_knows_its_groups():
+    from dooly.sim.options import with_model_groups
+    from dooly.sim.schedulers import make_scheduler
+
+    def groups(model: str) -> CacheGroups:
+        return CacheGroups.from_scheduler(make_scheduler("transformers", with_model_groups(model, "transformers", {})))
+
+    assert groups("meta-llama/Llama-3.2-1B") == CacheGroups()
+    gemma = groups("google/gemma-2-9b")
+    assert (gemma.full, gemma.sliding) == (1, 1) and gemma.window > 0
+
+
+def test_a_calibration_without_group_terms_loads_with_zeros_and_charges_as_before():
+    old = {"schema": "dooly.calibration/1",
+           "key": {"platform": "GPU-X", "engine": "transformers", "engine_version": "5.17.0", "backend": "paged|sdpa",
+                   "cuda_graphs": True},
+           "terms": {"decode_graph": {"constant_s": 0.002, "per_layer_s": 0.0, "per_sequence_s": 4e-5, "per_token_s": 1e-6,
+                                      "per_kv_token_s": 3e-7, "per_kv_token_layer_s": 2e-9}}}
+    calibration = Calibration.from_dict(old)
+    terms = calibration.terms["decode_graph"]
+    assert terms.per_kv_group_token_s == 0.0 and terms.per_kv_sliding_token_s == 0.0
+    layers = 28
+    expected = 3e-7 + 2e-9 * layers
+    for groups in (CacheGroups(), SLIDING):
+        charged = calibration.for_model(layers, "m", groups).terms["decode_graph"]
+        assert charged.per_kv_token_s == pytest.approx(expected)
+    assert Calibration.from_dict(json.loads(json.dumps(calibration.to_dict()))).terms == calibration.terms
+
+
+def _group_samples(groups: CacheGroups, layers: int, rng: random.Random, steps: int = 150) -> list[HostSample]:
+    """Decode steps whose host time is a constant, a per-sequence cost and a cost per KV index
+    entry of the model's cache groups (and more per sliding entry): the engine's graph paths."""
+    out = []
+    for _ in range(steps):
+        contexts = [rng.randint(1, 40) for _ in range(rng.randint(1, 32))]
+        entries, sliding = groups.kv_reads(contexts)
+        host = 0.002 + 4e-5 * len(contexts) + GROUP_ENTRY_S * entries + SLIDING_ENTRY_S * sliding
+        out.append(HostSample("decode_graph", layers, len(contexts), len(contexts), sum(contexts), host,
+                              f"m{layers}-{groups.sliding}", entries, sliding))
+    return out
+
+
+def test_the_group_form_picks_up_a_group_dependent_cost_the_token_form_cannot():
+    rng = random.Random(3)
+    models = [(CacheGroups(), 16), (CacheGroups(), 28), (CacheGroups(full=2), 32), (SLIDING, 42), (SLIDING, 26)]
+    samples = [s for groups, layers in models for s in _group_samples(groups, layers, rng)]
+    fitted = fit_path_terms(samples, kv_regressors=KV_GROUPS)["decode_graph"]
+    assert fitted.per_kv_group_token_s == pytest.approx(GROUP_ENTRY_S, rel=0.05)
+    assert fitted.per_kv_sliding_token_s == pytest.approx(SLIDING_ENTRY_S, rel=0.05)
+    assert fitted.per_kv_token_s == 0.0 and fitted.per_kv_token_layer_s == 0.0
+
+    def worst(terms: PathTerms) -> float:
+        return max(abs(terms.seconds(s) - s.host_s) / s.host_s for s in samples)
+
+    assert worst(fitted) < 0.01
+    tokens = fit_path_terms(samples, kv_regressors=KV_TOKENS)["decode_graph"]
+    assert tokens.per_kv_group_token_s == 0.0 and tokens.per_kv_sliding_token_s == 0.0
+    assert worst(tokens) > 5 * worst(fitted)
+    calibration = fit_calibration(KEY, samples)
+    assert calibration.fit["kv_regressors"] == KV_GROUPS
+    assert calibration.fit["leave_one_model_out_host_error"]["pooled"] < 0.01
+
+
+def test_unknown_kv_regressors_are_refused():
+    rng = random.Random(4)
+    with pytest.raises(DoolyError, match="KV regressors"):
+        fit_path_terms(_group_samples(CacheGroups(), 16, rng), kv_regressors="layers")

@@ -98,23 +98,30 @@ def test_vidur_export_from_the_fitted_h100_models(fitted_store, tmp_path):
 @pytest.mark.slow
 def test_committed_calibration_is_rebuilt_from_the_committed_runs_and_used_by_validate(fitted_store):
     """The store carries the platform's calibration (built by `dooly calibrate` from the committed
-    calib runs); recording those runs in the store and fitting them again gives the same terms,
-    and `dooly validate` without --cpu-overhead says it used it."""
+    calib runs, generation by generation); recording those runs in the store and fitting them again
+    gives the newest generation's terms (KV regressors per cache layer group), `--kv-regressors
+    tokens` gives the first generation's (KV tokens, before the group form), and `dooly validate`
+    without --cpu-overhead says it used the newest."""
     calib_runs = sorted((DATA / "groundtruth").glob("*.paged-sdpa.*.calib"))
     graphs_runs = [str(d) for d in calib_runs if ".default." not in d.name]
     recorded = _run(["calibrate", "--store", str(fitted_store), "--record-only",
                      *(arg for d in graphs_runs for arg in ("--ground-truth", d))])
     assert len(recorded["recorded"]) == len(graphs_runs)
+    committed = sorted((DATA / "db" / "calibrations").rglob("backend=paged~7Csdpa/graphs=on/gen-*.json"))
+    assert len(committed) >= 2 and committed[0].name == "gen-000001.json"
+    tokens = _run(["calibrate", "--store", str(fitted_store), "--from-store", "--dry-run", "--kv-regressors", "tokens"])
     rebuilt = _run(["calibrate", "--store", str(fitted_store), "--from-store"])["calibrations"]
     [graphs] = [c for c in rebuilt if c["key"]["cuda_graphs"]]
-    assert graphs["generation"] == 2 and len(graphs["inputs"]) == len(graphs_runs)
-    committed = next((DATA / "db" / "calibrations").rglob("backend=paged~7Csdpa/graphs=on/gen-000001.json"))
-    for path, terms in json.loads(committed.read_text())["terms"].items():
-        for name, value in terms.items():
-            assert graphs["terms"][path][name] == pytest.approx(value, rel=1e-6, abs=1e-12)
+    assert graphs["generation"] == len(committed) + 1 and len(graphs["inputs"]) == len(graphs_runs)
+    assert graphs["fit"]["kv_regressors"] == "groups"
+    [graphs_tokens] = [c for c in tokens["calibrations"] if c["key"]["cuda_graphs"]]
+    for fitted, reference in ((graphs_tokens, committed[0]), (graphs, committed[-1])):
+        for path, terms in json.loads(reference.read_text())["terms"].items():
+            for name, value in terms.items():
+                assert fitted["terms"][path][name] == pytest.approx(value, rel=1e-6, abs=1e-12)
     report = _run(["validate", "meta-llama/Llama-3.2-3B", "--ground-truth",
                    str(DATA / "groundtruth" / "Llama-3.2-3B.paged-sdpa.graphs.heavy"),
                    "--store", str(fitted_store), "--platform", PLATFORM, "--backend", "paged|sdpa"])
-    assert report["cpu_overhead"].startswith("store calibration generation 2 ")
+    assert report["cpu_overhead"].startswith(f"store calibration generation {len(committed) + 1} ")
     assert "graphs on" in report["cpu_overhead"] and "(28 layers)" in report["cpu_overhead"]
     assert report["requests"]["tpot"]["mape"] < 10.0
