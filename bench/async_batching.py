@@ -25,8 +25,9 @@ A synchronous run's row is one batch: prepare, forward (which waits for the devi
 `--ablate` validates the first async run of each load (the others as repeats, for the floor)
 with the simulator's async model whole, then with one part of it taken out at a time: tokens
 handed out as soon as the device is done (no wait for the next launch), one IO pair (a shape
-captured once), no post-capture device time; and with all three out (the loop the simulator had
-before async batching was measured).
+captured once), no post-capture device time, no input copy (each launch's host-to-device copy of
+its inputs, which the next launch's copy queues behind and the step's device work waits for); and
+with all four out (the loop the simulator had before async batching was measured).
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ PLATFORM = "NVIDIA-H100-80GB-HBM3"
 BACKEND = "paged|sdpa"
 MODEL = "Qwen/Qwen2.5-7B"
 LOADS = ("light", "heavy")
-# name -> (hand tokens out after the next launch, IO pairs, post-capture device time kept)
+# name -> (hand tokens out after the next launch, IO pairs, post-capture device time kept, input copy kept)
 VARIANTS = {
-    "model": (True, 2, True),
-    "tokens at device end": (False, 2, True),
-    "one IO pair": (True, 1, True),
-    "no post-capture stall": (True, 2, False),
-    "none of the three": (False, 1, False),
+    "model": (True, 2, True, True),
+    "tokens at device end": (False, 2, True, True),
+    "one IO pair": (True, 1, True, True),
+    "no post-capture stall": (True, 2, False, True),
+    "no input copy": (True, 2, True, False),
+    "none of the four": (False, 1, False, False),
 }
 ABLATION_STATS = ("ttft_mean", "ttft_p90", "tpot_mean", "tpot_p90")
 
@@ -213,11 +215,12 @@ def ablate(root: Path, store: str) -> list[dict[str, Any]]:
         runs = sorted(root.glob(f"r*/{MODEL_RUN}.async.{load_name}"))
         truths = [load_ground_truth(d) for d in runs]
         settings = json.loads((runs[0] / "engine.json").read_text())
-        for name, (after_launch, pairs, stall) in VARIANTS.items():
+        for name, (after_launch, pairs, stall, copy) in VARIANTS.items():
             scheduler = make_scheduler("transformers", with_model_groups(MODEL, "transformers", settings))
             scheduler.async_handoff_after_launch = after_launch
             scheduler.async_io_pairs = pairs
-            variant = overhead if stall else replace(overhead, post_capture_device_s=0.0)
+            variant = replace(overhead, post_capture_device_s=overhead.post_capture_device_s if stall else 0.0,
+                              input_copy_s=overhead.input_copy_s if copy else 0.0)
             report = validate(truths[0], scheduler, fitted.step, variant, repeats=truths[1:])
             summary = {row.statistic: row.error_pct for row in report.summary_rows()}
             rows.append({"load": load_name, "variant": name, **{stat: summary[stat] for stat in ABLATION_STATS},

@@ -170,15 +170,19 @@ def capture_class(path: Any, row: dict[str, Any]) -> str:
 def step_breakdown(run: Path, backend: str, store: str, model: str = MODEL,
                    step_class: Callable[[Any, dict[str, Any]], str] = capture_class) -> dict[str, dict[str, float]]:
     """Every measured step of `run` replayed as `dooly validate` replays it, its time split into
-    device (the store's prediction; steps.parquet `device_s`) and host (the calibration's; the
-    step's wall time minus `device_s`), summed per `step_class` of the step's path and its
-    steps.parquet row (by default: the steps that captured a CUDA graph in the engine, the others)."""
+    device (the store's prediction, plus under async batching the wait for the step's input copy
+    replayed from the measured launches, `input_copy_waits`; steps.parquet `device_s`) and host
+    (the calibration's; the step's wall time minus `device_s`), summed per `step_class` of the
+    step's path and its steps.parquet row (by default: the steps that captured a CUDA graph in the
+    engine, the others)."""
     import pyarrow.parquet as pq
 
+    from dooly.sim.calibration import scheduler_uses_async
     from dooly.sim.calibration_commands import resolve_overhead
     from dooly.sim.options import StepChoice, with_model_groups
     from dooly.sim.schedulers import make_scheduler
     from dooly.sim.step_model import device_seconds, step_keywords
+    from dooly.sim.validate import async_timeline, input_copy_waits
 
     settings = json.loads((run / "engine.json").read_text())
     choice = StepChoice(store=store, platform=PLATFORM, backend=f"paged|{backend}")
@@ -187,11 +191,16 @@ def step_breakdown(run: Path, backend: str, store: str, model: str = MODEL,
     overhead = resolve_overhead(None, False, choice, "transformers", scheduler, model)
     keywords = step_keywords(step_model)
     rows = pq.read_table(run / "steps.parquet").to_pylist()
+    steps = load_ground_truth(run).steps
+    paths = [scheduler.path_for(step.prefill, step.decode_ctx) for step in steps]
+    devices = [float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
+               for step, path in zip(steps, paths, strict=True)]
+    copy = overhead.input_copy_seconds(scheduler.async_input_bytes) if scheduler_uses_async(scheduler) else 0.0
+    waits = input_copy_waits(steps, async_timeline(steps), devices, copy) if copy else [0.0] * len(steps)
     captured: set[Any] = set()
     sums: dict[str, dict[str, float]] = {}
-    for step, row in zip(load_ground_truth(run).steps, rows):
-        path = scheduler.path_for(step.prefill, step.decode_ctx)
-        device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
+    for step, row, path, predicted, wait in zip(steps, rows, paths, devices, waits, strict=True):
+        device = predicted + wait
         host = overhead.seconds(path, *step.sizes()) + overhead.capture_seconds(path, captured)
         part = sums.setdefault(step_class(path, row),
                                {"steps": 0, "device_meas": 0.0, "device_pred": 0.0, "host_meas": 0.0, "host_pred": 0.0})

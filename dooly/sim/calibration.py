@@ -37,8 +37,10 @@ Store layout (docs/calibration.md): one JSON document per generation,
 
 Async batching gets calibrations of its own: its host cycle (prepare, launch, update; measured
 from the bench probe's split, `dooly.sim.validate.async_host_samples`) overlaps the device and is
-not a wall-time residual, it captures each graph once per IO pair, and the step after a capture
-pays extra device time (`post_capture_device_s`). Values escaped as in shard keys. A generation is created with an atomic create-if-absent, so a
+not a wall-time residual, it captures each graph once per IO pair, every launch copies its inputs
+to the device behind the previous launch's copy (`input_copy_s`, measured at `input_copy_bytes`:
+transformers copies the whole attention mask), and the step after a capture pays any extra device
+time beyond its copy (`post_capture_device_s`). Values escaped as in shard keys. A generation is created with an atomic create-if-absent, so a
 reader sees a whole document or none; the newest generation is the calibration.
 """
 
@@ -239,6 +241,8 @@ class Calibration:
     graph_capture_s: float = 0.0
     graph_capture_per_layer_s: float = 0.0
     post_capture_device_s: float = 0.0  # async batching: extra device time of the step after a capture
+    input_copy_s: float = 0.0  # async batching: a launch's host-to-device input copy ...
+    input_copy_bytes: int = 0  # ... measured at this many bytes of inputs (0: not scaled)
     inputs: list[dict[str, Any]] = field(default_factory=list)  # one per calibration run
     fit: dict[str, Any] = field(default_factory=dict)  # residual statistics per model
     created_at: str = ""
@@ -257,6 +261,8 @@ class Calibration:
             source=source,
             graph_capture_s=self.graph_capture_s + self.graph_capture_per_layer_s * num_layers,
             post_capture_device_s=self.post_capture_device_s,
+            input_copy_s=self.input_copy_s,
+            input_copy_bytes=self.input_copy_bytes,
         )
 
     def describe(self, model: str = "", num_layers: int | None = None) -> str:
@@ -274,6 +280,8 @@ class Calibration:
             "graph_capture_s": self.graph_capture_s,
             "graph_capture_per_layer_s": self.graph_capture_per_layer_s,
             "post_capture_device_s": self.post_capture_device_s,
+            "input_copy_s": self.input_copy_s,
+            "input_copy_bytes": self.input_copy_bytes,
             "inputs": self.inputs,
             "fit": self.fit,
             "created_at": self.created_at,
@@ -300,14 +308,19 @@ class Calibration:
             capture = float(data.get("graph_capture_s", 0.0))
             capture_layer = float(data.get("graph_capture_per_layer_s", 0.0))
             post_capture = float(data.get("post_capture_device_s", 0.0))
+            copy = float(data.get("input_copy_s", 0.0))
+            copy_bytes = float(data.get("input_copy_bytes", 0))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise DoolyError("a calibration document needs `key` (platform, engine, engine_version, backend, "
                              "cuda_graphs) and numeric `terms` per path") from None
-        values = [capture, capture_layer, post_capture, *(v for t in terms.values() for v in asdict(t).values())]
+        values = [capture, capture_layer, post_capture, copy, copy_bytes,
+                  *(v for t in terms.values() for v in asdict(t).values())]
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise DoolyError("calibration terms must be finite and >= 0")
+        if not copy_bytes.is_integer():
+            raise DoolyError("a calibration's `input_copy_bytes` must be a whole number of bytes")
         return cls(key=key, terms=terms, graph_capture_s=capture, graph_capture_per_layer_s=capture_layer,
-                   post_capture_device_s=post_capture, inputs=list(data.get("inputs", [])), fit=dict(data.get("fit", {})),
+                   post_capture_device_s=post_capture, input_copy_s=copy, input_copy_bytes=int(copy_bytes), inputs=list(data.get("inputs", [])), fit=dict(data.get("fit", {})),
                    created_at=str(data.get("created_at", "")), generation=generation)
 
 
@@ -396,12 +409,14 @@ def fit_calibration(
     ridge: float = RIDGE,
     post_capture: Sequence[float] = (),
     kv_regressors: str = DEFAULT_KV_REGRESSORS,
+    input_copies: Sequence[tuple[float, int]] = (),
 ) -> Calibration:
     """A calibration from host samples of several models, and the first step of each CUDA-graph
     shape (sample, path): what it took beyond an ordinary step on its path is the capture cost,
     constant + per layer where the runs span several layer counts (a capture records every kernel).
     `post_capture` (async batching): the extra device time measured on each step launched right
-    after a capture; its median is kept (the H100 runs: 20 ms, whatever the step held).
+    after a capture beyond its input copy; its median is kept. `input_copies` (async batching): each
+    run's fitted input copy and the bytes its engine copies per launch (`pooled_input_copy`).
     `kv_regressors`: the KV slopes' form (KV_REGRESSORS; recorded in `fit`)."""
     import numpy as np
     from scipy.optimize import nnls
@@ -426,9 +441,27 @@ def fit_calibration(
             calibration.graph_capture_s = max(float(medians[0]), 0.0)
     if post_capture:
         calibration.post_capture_device_s = max(float(np.median(post_capture)), 0.0)
+    if input_copies:
+        calibration.input_copy_s, calibration.input_copy_bytes = pooled_input_copy(input_copies)
     calibration.fit = {"kv_regressors": kv_regressors, "layer_terms": layered, "leave_one_model_out_host_error": scores,
                        "models": residual_stats(calibration, samples)}
     return calibration
+
+
+def pooled_input_copy(copies: Sequence[tuple[float, int]]) -> tuple[float, int]:
+    """One input copy from each run's (seconds, bytes copied per launch): the median of the runs'
+    copies scaled to the largest size among them (a copy at the host-to-device bandwidth lasts in
+    proportion to its bytes), stored with that size. Where a run's size is unknown (0 bytes), the
+    median unscaled, stored with 0 bytes (applied as it is). The committed H100 runs all copy one
+    size (a 2048 x 264192 bfloat16 mask), so the scaling itself is not measured."""
+    import numpy as np
+
+    if not copies:
+        raise DoolyError("pooling input copies needs at least one run's")
+    if any(size <= 0 for _, size in copies):
+        return max(float(np.median([seconds for seconds, _ in copies])), 0.0), 0
+    reference = max(size for _, size in copies)
+    return max(float(np.median([seconds * reference / size for seconds, size in copies])), 0.0), reference
 
 
 def choose_layer_terms(samples: Sequence[HostSample], *, ridge: float = RIDGE,

@@ -49,6 +49,7 @@ ATTENTION_KIND = "attention"
 US_PER_S = 1e6
 MS_PER_S = 1e3
 NS_PER_S = 1e9
+BYTES_PER_GB = 1e9
 
 
 @dataclass
@@ -62,8 +63,10 @@ class CalibrationRun:
     dtype: str
     settings: dict[str, Any]
     warm: bool = False  # served the workload unrecorded first (known once its steps are read)
-    # Async batching: extra device time of each step launched after a capture (known once read).
+    # Async batching: extra device time of each step launched after a capture, and the input
+    # copy fitted on the run with the bytes its engine copies per launch (known once read).
     stalls: list[float] = field(default_factory=list)
+    input_copy: tuple[float, int] | None = None
 
     @classmethod
     def load(cls, directory: Path, name: str | None = None) -> CalibrationRun:
@@ -118,7 +121,8 @@ def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, .
                 ) -> tuple[list[HostSample], list[tuple[HostSample, Any]], int]:
     """Host samples of one run against the fitted step model of its model (cached per model and
     backend across runs), and the model's layer count. An async-batching run's samples come from
-    the probe's split (`async_host_samples`); its post-capture device stalls are in `run.stalls`."""
+    the probe's split (`async_host_samples`); its post-capture device stalls are in `run.stalls`,
+    its input copy in `run.input_copy`."""
     from dooly.fit.source import FittedSource, open_fitted_step
     from dooly.sim.validate import async_host_samples, host_samples, load_ground_truth
 
@@ -132,8 +136,10 @@ def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, .
     step_model, layers = cache[ident]
     truth = load_ground_truth(run.directory)
     if run.key.async_batching:
-        samples, captures, run.stalls = async_host_samples(truth, run.scheduler(), step_model, num_layers=layers,
-                                                           model=run.model)
+        scheduler = run.scheduler()
+        measured = async_host_samples(truth, scheduler, step_model, num_layers=layers, model=run.model)
+        samples, captures, run.stalls = measured.samples, measured.captures, measured.stalls
+        run.input_copy = (measured.input_copy_s, scheduler.async_input_bytes)
     else:
         samples, captures = host_samples(truth, run.scheduler(), step_model, num_layers=layers, model=run.model)
     run.warm = truth.warm_passes > 0
@@ -160,8 +166,9 @@ def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regress
         samples, captures = pool_samples([(run.warm, *measured[run.name][:2]) for run in group])
         logger.info("calibrating %s on %d runs (%d steps)", key.label(), len(group), len(samples))
         stalls = [stall for run in group for stall in run.stalls]
+        copies = [run.input_copy for run in group if run.input_copy is not None]
         calibrations.append(fit_calibration(key, samples, captures, inputs=inputs, post_capture=stalls,
-                                            kv_regressors=kv_regressors))
+                                            kv_regressors=kv_regressors, input_copies=copies))
     return calibrations
 
 
@@ -322,6 +329,8 @@ def calibration_text(calibration: Calibration) -> str:
         format_table(["path", "constant (ms)", "per layer (us)", "per seq (us)", "per token (us)", *kv_headers], rows),
         f"graph capture: {calibration.graph_capture_s * MS_PER_S:.3f} ms + {calibration.graph_capture_per_layer_s * MS_PER_S:.4f} ms/layer"
         + (f"; device time of the step after a capture: +{calibration.post_capture_device_s * MS_PER_S:.2f} ms"
+           f"; input copy per launch: {calibration.input_copy_s * MS_PER_S:.2f} ms at "
+           f"{calibration.input_copy_bytes / BYTES_PER_GB:.3f} GB"
            if calibration.key.async_batching else ""),
         choice,
         format_table(["model", "steps", "mean host (ms)", "fitted - measured (ms)"], fit_rows),

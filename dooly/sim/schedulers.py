@@ -246,6 +246,9 @@ class Scheduler(ABC):
     # only after the next step is launched (transformers) or as soon as the device is done.
     async_io_pairs: int = 1
     async_handoff_after_launch: bool = False
+    # Bytes the asynchronous loop copies to the device at every launch (0: none known); the
+    # calibration's `input_copy_s` is scaled by it (`CpuOverheadModel.input_copy_seconds`).
+    async_input_bytes: int = 0
 
     @abstractmethod
     def add(self, seq: Seq) -> None: ...
@@ -348,6 +351,9 @@ TF_DEFAULT_KV_PADDING = 64 * 256  # FALLBACK_DEFAULTS["kv_padding_interval_size"
 # transformers pads the longest sequence's KV length to a power of two, at least this, under graphs.
 TF_MIN_PADDED_SEQLEN_K = 1024
 TF_SAFETY_MARGIN = {"fifo": 0.15, "prefill_first": 0.0}  # the scheduler classes' defaults
+# Bytes of one attention-mask element: the model's dtype, 16-bit on every run Dooly has (bfloat16);
+# the engine settings do not carry the dtype.
+TF_MASK_ELEMENT_BYTES = 2
 # The engine sizes num_blocks from free GPU memory; a simulation needs it given. This default is
 # 131072 KV tokens: read the real value from the engine's log ("Paged cache initialized").
 TF_DEFAULT_NUM_BLOCKS = 512
@@ -417,6 +423,18 @@ class TransformersCBConfig:
         return asdict(self)
 
 
+def async_mask_bytes(config: TransformersCBConfig) -> int:
+    """What transformers' async batching copies to the device at every launch, in bytes, for the
+    eager and SDPA backends: `ContinuousBatchingIOs._transfer_inputs` copies the whole host-side
+    attention mask, one per layer type (full, sliding), each max_batch_tokens x (cache tokens +
+    max_batch_tokens), whatever the batch holds (2048 x 264192 bfloat16: 1.08 GB, ~20 ms on the
+    H100 runs). The other inputs it copies (token ids, index lists) are under 1% of that. A
+    flash-attention engine copies no mask; its own calibration measures what its copy costs."""
+    layer_types = int(config.full_attention_groups > 0) + int(config.sliding_attention_groups > 0)
+    columns = config.num_blocks * config.block_size + config.max_batch_tokens
+    return layer_types * config.max_batch_tokens * columns * TF_MASK_ELEMENT_BYTES
+
+
 class TransformersCBScheduler(Scheduler):
     """transformers 5.17 continuous batching, FIFO or prefill-first (see the module docstring)."""
 
@@ -449,6 +467,7 @@ class TransformersCBScheduler(Scheduler):
         self.max_fast_path_len = config.max_blocks_per_request * config.block_size
         self.graph_varlen, self.graph_decode = config.cuda_graph_booleans
         self.pad_inputs = self.graph_varlen or self.graph_decode
+        self.async_input_bytes = async_mask_bytes(config)
         self.active: dict[int, Seq] = {}
         self.waiting: OrderedDict[int, Seq] = OrderedDict()
         self.num_offloaded_waiting = 0

@@ -15,7 +15,12 @@ Two loops, as in the engines:
   alternate between two IO buffer pairs, each with its own CUDA graphs, so a shape is captured once
   per pair; a capture runs the step eagerly and synchronises, so it holds the host (and N's
   tokens) for the step's device time plus the capture, and the step launched after it pays the
-  calibration's `post_capture_device_s` on the device.
+  calibration's `post_capture_device_s` on the device. Every launch copies its inputs to the
+  device on one copy stream (transformers copies the whole attention mask, max_batch_tokens x
+  cache tokens: ~20 ms on the H100 runs): the copy starts at max(launch, end of the previous
+  launch's copy) and lasts `CpuOverheadModel.input_copy_seconds`, and the step's device work
+  cannot start before it ends; so a step shorter than the copy runs at the copy's pace, and the
+  step after a capture (the device and the copy stream idle) waits for its whole copy.
 """
 
 from __future__ import annotations
@@ -388,6 +393,8 @@ class _Run:
         self.unfinished = len(seqs)
         in_flight: tuple[ScheduledBatch, float, int] | None = None
         device_free = -math.inf
+        copy = overhead.input_copy_seconds(scheduler.async_input_bytes)
+        copy_free = -math.inf  # when the copy stream finishes the last launch's inputs
         stall = 0.0  # device time the next step pays after a capture
         launched_steps = 0
         io_pairs = scheduler.async_io_pairs
@@ -410,7 +417,10 @@ class _Run:
             capture = overhead.capture_seconds(batch.path, self.captured, launched_steps % io_pairs)
             launched_steps += 1
             ready = host + cpu
-            start = max(ready, device_free)
+            # Issued at launch, behind the previous launch's copy (one copy stream); the device
+            # work waits for it. Without a copy, copy_free <= ready: start as before, bit for bit.
+            copy_free = max(ready, copy_free) + copy
+            start = max(ready, device_free, copy_free)
             if capture:
                 # Captured: run eagerly, synchronise, record; the host is back after all of it.
                 device_free = start + gpu

@@ -219,9 +219,14 @@ class CpuOverheadModel:
     # One-off host cost the first time a CUDA-graph path meets a padded shape: the engine
     # captures a graph for it (`graph_shape`), then replays it on every later step.
     graph_capture_s: float = 0.0
-    # Async batching only: extra device time of the step launched right after a capture (the
-    # H100 runs measured 20 ms whatever the step held; synchronous runs show none).
+    # Async batching only: extra device time of the step launched right after a capture beyond
+    # its input copy (the H100 runs' 20 ms, fitted before the copy was modelled, was the copy).
     post_capture_device_s: float = 0.0
+    # Async batching only: the host-to-device copy of a launch's inputs (transformers copies the
+    # whole attention mask, max_batch_tokens x cache tokens, at every launch), measured at
+    # `input_copy_bytes` of inputs; 0 bytes: applied as it is, whatever the engine copies.
+    input_copy_s: float = 0.0
+    input_copy_bytes: int = 0
 
     def seconds(self, path: StepPath, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:
         terms = self._terms_of(path)
@@ -260,6 +265,14 @@ class CpuOverheadModel:
             return 0.0
         captured.add(shape)
         return self.graph_capture_s
+
+    def input_copy_seconds(self, input_bytes: int) -> float:
+        """The input copy of a launch that copies `input_bytes` (`Scheduler.async_input_bytes`):
+        `input_copy_s` scaled by the bytes where both sizes are known (a copy at the host-to-device
+        bandwidth lasts in proportion to its bytes), else `input_copy_s` as it is."""
+        if self.input_copy_bytes > 0 and input_bytes > 0:
+            return self.input_copy_s * input_bytes / self.input_copy_bytes
+        return self.input_copy_s
 
     @classmethod
     def zero(cls) -> CpuOverheadModel:
@@ -333,6 +346,8 @@ class CpuOverheadModel:
             "source": self.source,
             "graph_capture_s": self.graph_capture_s,
             "post_capture_device_s": self.post_capture_device_s,
+            "input_copy_s": self.input_copy_s,
+            "input_copy_bytes": self.input_copy_bytes,
             "terms": {key: asdict(value) for key, value in sorted(self.terms.items())},
         }
 
@@ -361,7 +376,11 @@ class CpuOverheadModel:
             if any(not math.isfinite(v) or v < 0 for v in asdict(parsed).values()):
                 raise DoolyError(f"CPU overhead terms for {key!r} must be finite and >= 0")
             terms[key] = parsed
-        capture, post_capture = (_nonnegative(data, name) for name in ("graph_capture_s", "post_capture_device_s"))
+        capture, post_capture, copy = (_nonnegative(data, name)
+                                       for name in ("graph_capture_s", "post_capture_device_s", "input_copy_s"))
+        copy_bytes = _nonnegative(data, "input_copy_bytes")
+        if not copy_bytes.is_integer():
+            raise DoolyError("CPU overhead `input_copy_bytes` must be a whole number of bytes")
         return cls(
             terms=terms,
             engine=str(data.get("engine", "")),
@@ -369,6 +388,8 @@ class CpuOverheadModel:
             source=str(data.get("source", "")),
             graph_capture_s=capture,
             post_capture_device_s=post_capture,
+            input_copy_s=copy,
+            input_copy_bytes=int(copy_bytes),
         )
 
     @classmethod

@@ -29,6 +29,7 @@ the target, within the engine's floor, or a miss.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ import numpy as np
 from dooly.engines.groundtruth import BENCH_FILE, REQUESTS_FILE, STEPS_FILE
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json, read_json_object
-from dooly.sim.calibration import CacheGroups, HostSample, scheduler_uses_async
+from dooly.sim.calibration import CacheGroups, HostSample, pooled_input_copy, scheduler_uses_async
 from dooly.sim.schedulers import Scheduler
 from dooly.sim.simulator import PERCENTILES, SimResult, latency_stats, simulate
 from dooly.sim.step_model import (
@@ -53,6 +54,8 @@ from dooly.sim.step_model import (
     step_keywords,
 )
 from dooly.workload import Request
+
+logger = logging.getLogger(__name__)
 
 REQUEST_COLUMNS = (
     "request_id",
@@ -405,20 +408,27 @@ def compare_async_steps(
     step_model: StepLatencyModel,
     cpu_overhead: CpuOverheadModel | None = None,
     path_for: Any = None,
+    input_bytes: int = 0,
 ) -> ErrorStats:
     """An asynchronous run's steps: a row's wall time spans two batches, so each batch's device
-    time is compared instead (plus `post_capture_device_s` right after a capture); captured steps,
+    time is compared instead, plus what it waited for its input copy (the probe's device time
+    starts when the stream is free, before the wait; `input_copy_waits`, the copy of
+    `input_bytes` per launch) and `post_capture_device_s` right after a capture; captured steps,
     whose measured device time holds the capture, are left out."""
     overhead = cpu_overhead or CpuOverheadModel.zero()
     keywords = step_keywords(step_model)
+    device = []
+    for step in steps:
+        path = path_for(step.prefill, step.decode_ctx) if path_for else _default_path(step.prefill, step.decode_ctx)
+        device.append(float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords)))
+    copy = overhead.input_copy_seconds(input_bytes)
+    waits = input_copy_waits(steps, async_timeline(steps), device, copy) if copy else [0.0] * len(steps)
     predicted: list[float] = []
     measured: list[float] = []
     previous_captured = False
-    for step in steps:
+    for step, gpu, wait in zip(steps, device, waits, strict=True):
         if not step.graph_captured and math.isfinite(step.device_s):
-            path = path_for(step.prefill, step.decode_ctx) if path_for else _default_path(step.prefill, step.decode_ctx)
-            gpu = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
-            predicted.append(gpu + (overhead.post_capture_device_s if previous_captured else 0.0))
+            predicted.append(gpu + wait + (overhead.post_capture_device_s if previous_captured else 0.0))
             measured.append(step.device_s)
         previous_captured = step.graph_captured
     return error_stats(predicted, measured)
@@ -605,7 +615,7 @@ def validate(
     if not truth.steps:
         steps = None
     elif scheduler_uses_async(scheduler):
-        steps = compare_async_steps(truth.steps, step_model, cpu_overhead, path_for)
+        steps = compare_async_steps(truth.steps, step_model, cpu_overhead, path_for, scheduler.async_input_bytes)
     else:
         steps = compare_steps(truth.steps, step_model, cpu_overhead, path_for, captured)
     fitted = hasattr(step_model, "coverage_by_phase")
@@ -811,37 +821,111 @@ def async_timeline(steps: Sequence[MeasuredStep]) -> list[AsyncStepTiming]:
     return out
 
 
+def input_copy_waits(steps: Sequence[MeasuredStep], timings: Sequence[AsyncStepTiming], device: Sequence[float],
+                     copy_s: float) -> list[float]:
+    """Per row of an asynchronous run: how long its device work waited for its input copy beyond
+    the moment the probe's device time starts (the stream free: max(end of the previous row's
+    device work, its launch)), each row replayed on the measured clock as `replay_steps` prices a
+    synchronous step on its measured composition.
+
+    The engine issues a launch's copy on its one copy stream behind the previous launch's copy
+    (`ContinuousBatchingAsyncIOs.get_model_kwargs`), and that copy ended when the previous row's
+    device work could start, if the copy held it up, or earlier: the host prepares a launch only
+    after handing out the row before the previous one, that is after the previous row's device work
+    could start. So a copy starts at max(launch, end of the previous row's device work less its
+    predicted device time, `device`) and lasts `copy_s`. (A replay that chained the copies
+    instead drifts over a copy-bound stretch of hundreds of steps wherever `copy_s` is a little
+    off the engine's.) Zero everywhere when `copy_s` is 0."""
+    waits: list[float] = []
+    previous_start = previous_end = -math.inf
+    for step, timing, predicted in zip(steps, timings, device, strict=True):
+        ready = step.start_s + step.prepare_s
+        copy_end = max(ready, previous_start) + copy_s
+        waits.append(max(copy_end - max(previous_end, ready), 0.0))
+        previous_start, previous_end = timing.device_end_s - predicted, timing.device_end_s
+    return waits
+
+
+def fit_input_copy(steps: Sequence[MeasuredStep], timings: Sequence[AsyncStepTiming], device: Sequence[float]) -> float:
+    """The input copy (seconds) of an asynchronous run, from pairs of consecutive decode steps of
+    equal size: the first launched with the device idle (so the copy stream idle too: the
+    previous step's device work waited for its copy), the second launched while the first still
+    ran, neither capturing a graph. The first step's measured device time is its whole copy plus
+    its device work, S = copy + work; the second follows it at M = max(copy, work) (the next copy
+    cannot start before the previous ends, the device work not before the copy). So {copy, work}
+    is {M, S - M}, and the step model only says which: the one whose work is closer to its
+    predicted device time (`device`, per row). The copy is the median over the pairs: Llama-3.2-1B
+    at light load (work 10 ms, every step copy-bound) and Qwen2.5-7B (work 29 ms) give 19.8-21.0
+    ms alike (lab/async_input_copy.py), where a fit of the copy against a free step-model bias
+    cannot tell 20 + 10 from 10 + 20 on the 1B. Zero, with a warning, where the run has no pair:
+    the simulator then adds no copy."""
+    copies: list[float] = []
+    for k in range(1, len(steps) - 1):
+        first, second = steps[k], steps[k + 1]
+        if first.graph_captured or second.graph_captured or first.prefill or second.prefill:
+            continue
+        if not first.decode_ctx or len(first.decode_ctx) != len(second.decode_ctx):
+            continue
+        idle = first.start_s + first.prepare_s >= timings[k - 1].device_end_s
+        busy = second.start_s + second.prepare_s < timings[k].device_end_s
+        if not (idle and busy and math.isfinite(first.device_s)):
+            continue
+        whole, pace = first.device_s, timings[k + 1].device_end_s - timings[k].device_end_s
+        copies.append(min((pace, whole - pace), key=lambda copy: abs(whole - copy - device[k])))
+    if not copies:
+        logger.warning("no decode step of this run was launched on an idle device and followed by one of its size: "
+                       "its input copy is taken as 0")
+        return 0.0
+    return max(float(np.median(copies)), 0.0)
+
+
+@dataclass(frozen=True)
+class AsyncSamples:
+    """What an asynchronous calibration run gives (`async_host_samples`)."""
+
+    samples: list[HostSample]  # ordinary steps' host work
+    captures: list[tuple[HostSample, StepPath]]  # the captured steps' host time, with their paths
+    stalls: list[float]  # device time of each step after a capture beyond its copy and the model's bias
+    input_copy_s: float  # the input copy of every launch, fitted on the run (or as given)
+
+
 def async_host_samples(
     truth: GroundTruth, scheduler: Scheduler, step_model: StepLatencyModel, *, num_layers: int = 0, model: str = "",
-) -> tuple[list[HostSample], list[tuple[HostSample, StepPath]], list[float]]:
+    input_copy_s: float | None = None,
+) -> AsyncSamples:
     """`host_samples` of an asynchronous run (transformers async batching), from the probe's split.
 
     A wall-time residual means nothing there (host and device overlap), so an ordinary step's
-    sample is its host work: prepare + launch + the update's own work. A captured step's sample
-    adds what its launch held the host once the device was free beyond the predicted device time
-    (the eager run, then the capture), as the simulator charges it. Third: the extra device time of
-    each step launched right after a capture, measured device time minus predicted, less the
-    median of that difference over ordinary steps (the step model's own bias)."""
+    sample is its host work: prepare + launch + the update's own work. The run's input copy is
+    fitted on its device times (`fit_input_copy`) unless `input_copy_s` is given. A captured
+    step's sample adds what its launch held the host once the device was free and its inputs
+    copied, beyond the predicted device time (the eager run, then the capture), as the simulator
+    charges it. Stalls: the extra device time of each step launched right after a capture,
+    measured device time minus its copy wait and predicted time, less the median of that
+    difference over ordinary steps (the step model's own bias)."""
     keywords = step_keywords(step_model)
     groups = CacheGroups.from_scheduler(scheduler)
     timings = async_timeline(truth.steps)
+    paths = [scheduler.path_for(step.prefill, step.decode_ctx) for step in truth.steps]
+    device = [float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
+              for step, path in zip(truth.steps, paths, strict=True)]
+    copy_s = fit_input_copy(truth.steps, timings, device) if input_copy_s is None else input_copy_s
+    waits = input_copy_waits(truth.steps, timings, device, copy_s)
     samples: list[HostSample] = []
     captures: list[tuple[HostSample, StepPath]] = []
     residual: list[float] = []
     after_capture: list[float] = []
     previous_captured = False
-    for step, timing in zip(truth.steps, timings, strict=True):
-        path = scheduler.path_for(step.prefill, step.decode_ctx)
-        device = float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
+    for step, timing, path, predicted, wait in zip(truth.steps, timings, paths, device, waits, strict=True):
         if step.graph_captured:
-            host = timing.host_s - step.forward_s + max(timing.busy_s - device, 0.0)
+            host = timing.host_s - step.forward_s + max(timing.busy_s - wait - predicted, 0.0)
             captures.append((host_sample(path.overhead_key, num_layers, step, host, model, groups), path))
         else:
             samples.append(host_sample(path.overhead_key, num_layers, step, timing.host_s, model, groups))
-            (after_capture if previous_captured else residual).append(step.device_s - device)
+            (after_capture if previous_captured else residual).append(step.device_s - wait - predicted)
         previous_captured = step.graph_captured
     bias = float(np.median(residual)) if residual else 0.0
-    return samples, captures, [value - bias for value in after_capture]
+    return AsyncSamples(samples, captures, [value - bias for value in after_capture], copy_s)
 
 
 def calibrate_overhead(
@@ -862,10 +946,13 @@ def calibrate_overhead(
     samples: list[HostSample] = []
     captures: list[tuple[HostSample, StepPath]] = []
     stalls: list[float] = []
+    copies: list[tuple[float, int]] = []
     for truth, scheduler in truths:
         if scheduler_uses_async(scheduler):
-            steps, first_seen, after = async_host_samples(truth, scheduler, step_model)
-            stalls += after
+            measured = async_host_samples(truth, scheduler, step_model)
+            steps, first_seen = measured.samples, measured.captures
+            stalls += measured.stalls
+            copies.append((measured.input_copy_s, scheduler.async_input_bytes))
         else:
             steps, first_seen = host_samples(truth, scheduler, step_model)
         samples += steps
@@ -882,5 +969,7 @@ def calibrate_overhead(
         fitted.graph_capture_s = max(float(np.median(excess)), 0.0)
     if stalls:
         fitted.post_capture_device_s = max(float(np.median(stalls)), 0.0)
+    if copies:
+        fitted.input_copy_s, fitted.input_copy_bytes = pooled_input_copy(copies)
     return fitted
 

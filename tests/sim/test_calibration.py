@@ -341,3 +341,52 @@ def test_unknown_kv_regressors_are_refused():
     rng = random.Random(4)
     with pytest.raises(DoolyError, match="KV regressors"):
         fit_path_terms(_group_samples(CacheGroups(), 16, rng), kv_regressors="layers")
+
+
+def test_an_async_calibration_keeps_its_input_copy_and_old_documents_load_without_one(tmp_path):
+    from dooly.store.backends import open_store
+
+    rng = random.Random(4)
+    key = CalibrationKey(KEY.platform, KEY.engine, KEY.engine_version, KEY.backend, True, async_batching=True)
+    mask = TransformersCBScheduler({"use_async_batching": True}).async_input_bytes
+    fitted = fit_calibration(key, _samples(16, rng), input_copies=[(0.020, mask), (0.022, mask), (0.030, 2 * mask)])
+    # Scaled to the largest size (twice the mask): 40, 44 and 30 ms; the median is kept.
+    assert fitted.input_copy_bytes == 2 * mask
+    assert fitted.input_copy_s == pytest.approx(0.040)
+    store = open_store(str(tmp_path / "db"))
+    write_calibration(store, fitted)
+    found = read_calibration(store, key)
+    assert found is not None and found.input_copy_s == pytest.approx(0.040) and found.input_copy_bytes == 2 * mask
+    model = found.for_model(16)
+    assert model.input_copy_seconds(mask) == pytest.approx(0.020)
+    # A generation written before the copy was modelled: no copy, whatever the engine copies.
+    old = fitted.to_dict()
+    del old["input_copy_s"], old["input_copy_bytes"]
+    legacy = Calibration.from_dict(json.loads(json.dumps(old)))
+    assert legacy.input_copy_s == 0.0 and legacy.input_copy_bytes == 0
+    assert legacy.for_model(16).input_copy_seconds(mask) == 0.0
+    with pytest.raises(DoolyError, match="finite and >= 0"):
+        Calibration.from_dict({**old, "input_copy_s": -1.0})
+    with pytest.raises(DoolyError, match="whole number"):
+        Calibration.from_dict({**old, "input_copy_bytes": 1.5})
+
+
+def test_the_committed_async_calibrations_load():
+    """The store's async generations as committed: the first, fitted before the copy was
+    modelled, has none; the newest has the copy of the 1.08 GB mask (~20 ms) and no stall left."""
+    from pathlib import Path
+
+    from dooly.sim.calibration import generation_key
+    from dooly.store.backends import open_store
+
+    store = open_store(str(Path(__file__).resolve().parents[2] / "data" / "h100" / "db"), create=False)
+    key = CalibrationKey("NVIDIA-H100-80GB-HBM3", "transformers", "5.17.0", "paged|sdpa", True, async_batching=True)
+    first = Calibration.from_dict(json.loads(store.get_bytes(generation_key(key, 1))))
+    assert first.input_copy_s == 0.0 and first.post_capture_device_s > 0
+    newest = read_calibration(store, key)
+    assert newest is not None and newest.generation > 1
+    assert newest.input_copy_bytes == TransformersCBScheduler({"use_async_batching": True, "num_blocks": 1024,
+                                                              "block_size": 256, "max_batch_tokens": 2048}).async_input_bytes
+    assert 0.015 < newest.input_copy_s < 0.025
+    assert newest.post_capture_device_s < 0.2 * first.post_capture_device_s
+    assert newest.graph_capture_s < first.graph_capture_s

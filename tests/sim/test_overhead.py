@@ -99,10 +99,12 @@ def test_analytic_model_accepts_the_path():
 
 
 # An async-batching run as the bench probe records it (prepare(N) -> launch(N) -> update(N-1) per
-# row): known host work, capture cost and post-capture stall, to be read back.
+# row): known host work, capture cost, input copy and post-capture stall, to be read back.
 ASYNC_DEVICE_S = 0.030
 ASYNC_PREPARE_S, ASYNC_LAUNCH_S, ASYNC_UPDATE_S = 0.002, 0.0004, 0.0002
 ASYNC_STALL_S = 0.020
+ASYNC_COPY_S = 0.020  # shorter than the device step: hidden except after a capture
+ASYNC_LONG_COPY_S = 0.045  # longer: every step runs at the copy's pace
 
 
 class ConstantDevice:
@@ -110,42 +112,84 @@ class ConstantDevice:
         return ASYNC_DEVICE_S
 
 
-def _async_rows(captured_at: set[int], rows: int = 40) -> list[MeasuredStep]:
+def _async_rows(captured_at: set[int], rows: int = 40, copy: float = 0.0, stall: float = 0.0) -> list[MeasuredStep]:
+    """The engine's timeline: each launch's input copy starts at max(launch, end of the previous
+    copy) and the device work waits for it; the probe's device time runs from the stream being
+    free (max(previous device end, launch)) to the end of the device work."""
     steps = []
-    host, device_end = 0.0, 0.0
+    host, device_end, copy_end = 0.0, 0.0, 0.0
     for k in range(rows):
         ready = host + ASYNC_PREPARE_S
         free = max(device_end, ready)
-        device = ASYNC_DEVICE_S + (ASYNC_STALL_S if k - 1 in captured_at else 0.0)
+        copy_end = max(ready, copy_end) + copy
+        start = max(free, copy_end)
         if k in captured_at:  # eager run, synchronise, capture: the launch returns after all of it
-            launched = free + ASYNC_DEVICE_S + CAPTURE_S
-            device, end_of_device = launched - free, launched
+            launched = start + ASYNC_DEVICE_S + CAPTURE_S
+            end_of_device = launched
         else:
             launched = ready + ASYNC_LAUNCH_S
-            end_of_device = free + device
+            end_of_device = start + ASYNC_DEVICE_S + (stall if k - 1 in captured_at else 0.0)
         update = max(0.0, device_end - launched) + ASYNC_UPDATE_S
         steps.append(MeasuredStep(k, host, launched + update - host, [], [100 + k], prepare_s=ASYNC_PREPARE_S,
-                                  forward_s=launched - ready, update_s=update, device_s=device,
+                                  forward_s=launched - ready, update_s=update, device_s=end_of_device - free,
                                   graph_captured=k in captured_at))
         host, device_end = launched + update, end_of_device
     return steps
 
 
+ASYNC_SCHEDULER = {"use_async_batching": True, "use_cuda_graph": True}
+
+
 def test_async_runs_are_calibrated_from_the_probe_split_not_the_wall_time():
     from dooly.sim.validate import async_host_samples
 
-    scheduler = TransformersCBScheduler({"use_async_batching": True, "use_cuda_graph": True})
-    truth = GroundTruth([], _async_rows({0, 1, 12}))
-    samples, captures, stalls = async_host_samples(truth, scheduler, ConstantDevice())
+    scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
+    truth = GroundTruth([], _async_rows({0, 1, 12}, stall=ASYNC_STALL_S))
+    measured = async_host_samples(truth, scheduler, ConstantDevice(), input_copy_s=0.0)
     # Every ordinary row's host work, though the row's wall time is mostly the wait for the device.
-    assert [s.host_s for s in samples] == pytest.approx([ASYNC_PREPARE_S + ASYNC_LAUNCH_S + ASYNC_UPDATE_S] * 37)
+    assert [s.host_s for s in measured.samples] == pytest.approx([ASYNC_PREPARE_S + ASYNC_LAUNCH_S + ASYNC_UPDATE_S] * 37)
     assert max(s.duration_s for s in truth.steps[3:12]) > ASYNC_DEVICE_S - 0.001
-    assert [c.host_s for c, _ in captures] == pytest.approx([ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S] * 3)
+    assert [c.host_s for c, _ in measured.captures] == pytest.approx([ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S] * 3)
     # Row 1 is a capture itself: only rows 2 and 13 follow a capture as ordinary steps.
-    assert stalls == pytest.approx([ASYNC_STALL_S, ASYNC_STALL_S])
+    assert measured.stalls == pytest.approx([ASYNC_STALL_S, ASYNC_STALL_S])
+    assert measured.input_copy_s == 0.0
+
+
+def test_an_async_runs_input_copy_is_fitted_and_not_counted_as_capture_or_stall():
+    from dooly.sim.validate import async_host_samples
+
+    scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
+    truth = GroundTruth([], _async_rows({0, 1, 12}, copy=ASYNC_COPY_S))
+    measured = async_host_samples(truth, scheduler, ConstantDevice())
+    assert measured.input_copy_s == pytest.approx(ASYNC_COPY_S)
+    assert measured.stalls == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert [c.host_s for c, _ in measured.captures] == pytest.approx([ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S] * 3)
+    # Read as before the copy was modelled, the copy shows as a post-capture stall and inflates captures.
+    blind = async_host_samples(truth, scheduler, ConstantDevice(), input_copy_s=0.0)
+    assert blind.stalls == pytest.approx([ASYNC_COPY_S, ASYNC_COPY_S])
+    # (rows 0 and 1 are launched on an idle device and wait for their copies; row 12's copy hides)
+    base = ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S
+    assert [c.host_s for c, _ in blind.captures] == pytest.approx([base + ASYNC_COPY_S] * 2 + [base])
     fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice())
-    assert fitted.post_capture_device_s == pytest.approx(ASYNC_STALL_S)
+    assert fitted.input_copy_s == pytest.approx(ASYNC_COPY_S)
+    assert fitted.input_copy_bytes == scheduler.async_input_bytes > 0
+    assert fitted.post_capture_device_s == pytest.approx(0.0, abs=1e-9)
     assert fitted.graph_capture_s == pytest.approx(CAPTURE_S - ASYNC_LAUNCH_S, rel=0.05)
+
+
+def test_a_copy_longer_than_the_step_is_fitted_and_explains_the_device_times():
+    from dooly.sim.validate import async_host_samples, compare_async_steps
+
+    scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
+    steps = _async_rows({0, 1, 12}, copy=ASYNC_LONG_COPY_S)
+    # Ordinary steps past the captures follow each other at the copy's pace, not the device's.
+    assert steps[20].device_s == pytest.approx(ASYNC_LONG_COPY_S)
+    measured = async_host_samples(GroundTruth([], steps), scheduler, ConstantDevice())
+    assert measured.input_copy_s == pytest.approx(ASYNC_LONG_COPY_S)
+    overhead = CpuOverheadModel(input_copy_s=measured.input_copy_s)
+    with_copy = compare_async_steps(steps, ConstantDevice(), overhead, scheduler.path_for)
+    without = compare_async_steps(steps, ConstantDevice(), CpuOverheadModel(), scheduler.path_for)
+    assert with_copy.ape.mean() < 0.1 < 10 < without.ape.mean()
 
 
 def test_an_async_run_without_the_probe_split_is_refused():

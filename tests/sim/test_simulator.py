@@ -223,3 +223,73 @@ def test_async_captures_once_per_io_pair_and_the_next_step_pays_the_stall(consta
     sync = simulate([Request("a", 0.0, 100, 6)], TransformersCBScheduler(graphs), constant_model(STEP_S), overhead)
     assert sum(1 for s in sync.steps if s.cpu_s > host) == 2
     assert all(s.gpu_s == pytest.approx(STEP_S) for s in sync.steps)
+
+
+def _copy_overhead(host_s: float, copy_s: float, **fields) -> CpuOverheadModel:
+    return CpuOverheadModel(terms={"default": OverheadTerms(constant_s=host_s)}, input_copy_s=copy_s, **fields)
+
+
+def test_async_copy_longer_than_the_step_sets_the_pace(constant_model):
+    host, copy = 0.002, 0.025  # the copy is longer than the 10 ms device step
+    result = _async_run(constant_model, host, overhead=_copy_overhead(host, copy))
+    # Step 0's copy runs 2-27 ms, its device work 27-37; step 1 is launched at 4 ms but its copy
+    # queues behind step 0's (27-52 ms), so its device work runs 52-62; and so on: one step per copy.
+    assert [s.start_s for s in result.steps] == pytest.approx([host + (i + 1) * copy for i in range(5)])
+    assert [s.gpu_s for s in result.steps] == pytest.approx([STEP_S] * 5)
+    # Tokens come out at each step's device end (the next launch came earlier): 37, 62, 87, 112 ms.
+    assert result.token_times["a"] == pytest.approx([host + (i + 1) * copy + STEP_S for i in range(4)])
+    assert result.requests[0].tpot_s == pytest.approx(copy)
+    assert _async_run(constant_model, host).requests[0].tpot_s == pytest.approx(STEP_S)
+
+
+def test_async_copy_shorter_than_the_step_only_delays_the_first(constant_model):
+    host, copy = 0.002, 0.004  # hidden behind the previous step's device time after the first
+    result = _async_run(constant_model, host, overhead=_copy_overhead(host, copy))
+    assert [s.start_s for s in result.steps] == pytest.approx([host + copy + i * STEP_S for i in range(5)])
+    assert result.requests[0].tpot_s == pytest.approx(STEP_S)
+
+
+def test_async_step_after_a_capture_waits_for_its_whole_copy(constant_model):
+    capture, host, copy = 0.1, 0.001, 0.02
+    overhead = _copy_overhead(host, copy, graph_capture_s=capture)
+    result = _async_run(constant_model, host, output=6, overhead=overhead, settings={"use_cuda_graph": True})
+    starts = [s.start_s for s in result.steps]
+    # The first replay (step 3) is launched with the device idle after a synchronising capture:
+    # its copy starts at its launch and its device work after the copy.
+    captured_end = starts[2] + STEP_S + capture
+    assert starts[3] == pytest.approx(captured_end + host + copy)
+    # Each capture's eager run waits for that step's copy too.
+    assert starts[0] == pytest.approx(host + copy)
+
+
+def _graph_workload_results(overhead: CpuOverheadModel):
+    scheduler = TransformersCBScheduler({"num_blocks": 96, "block_size": 16, "use_async_batching": True,
+                                         "use_cuda_graph": True})
+    result = simulate(_workload(n=120, rate=40.0), scheduler, AnalyticStepModel(), overhead, record_token_times=True)
+    return result.requests, result.token_times, {name: list(result.step_column(name))
+                                                 for name in ("start_s", "duration_s", "gpu_s", "cpu_s")}
+
+
+def test_async_zero_copy_is_the_loop_without_a_copy():
+    fields = {"terms": {"default": {"constant_s": 0.002, "per_sequence_s": 1e-5}}, "graph_capture_s": 0.03,
+              "post_capture_device_s": 0.01}
+    old = CpuOverheadModel.from_dict(fields)  # a document written before the copy was modelled
+    assert old.input_copy_s == 0.0 and old.input_copy_bytes == 0
+    zero = CpuOverheadModel.from_dict({**fields, "input_copy_s": 0.0, "input_copy_bytes": 1 << 30})
+    assert _graph_workload_results(zero) == _graph_workload_results(old)
+    # A copy changes the timeline (the test above would not tell a copy ignored from one absent).
+    slow = CpuOverheadModel.from_dict({**fields, "input_copy_s": 0.02})
+    assert _graph_workload_results(slow)[2]["start_s"] != _graph_workload_results(old)[2]["start_s"]
+
+
+def test_async_copy_scales_with_the_bytes_the_engine_copies():
+    measured = CpuOverheadModel(input_copy_s=0.02, input_copy_bytes=1000)
+    assert measured.input_copy_seconds(2000) == pytest.approx(0.04)
+    assert measured.input_copy_seconds(0) == pytest.approx(0.02)  # size unknown: as measured
+    assert CpuOverheadModel(input_copy_s=0.02).input_copy_seconds(2000) == pytest.approx(0.02)
+    scheduler = TransformersCBScheduler({"use_async_batching": True, "num_blocks": 1024, "block_size": 256,
+                                         "max_batch_tokens": 2048})
+    assert scheduler.async_input_bytes == 2048 * (1024 * 256 + 2048) * 2  # the H100 runs' 1.08 GB mask
+    hybrid = TransformersCBScheduler({"use_async_batching": True, "full_attention_groups": 1,
+                                      "sliding_attention_groups": 2, "sliding_window": 512})
+    assert hybrid.async_input_bytes == 2 * TransformersCBScheduler().async_input_bytes  # a mask per layer type
