@@ -358,7 +358,7 @@ def http_findings(why: dict[str, float]) -> list[str]:
         f"Both engines ran the same steps on the same device time; the client sees the engine "
         f"{why['ttft_mean_pct']:+.1f}% slower to the first token and {why['tpot_mean_pct']:+.1f}% slower per output token "
         "(means). The difference is host time per engine step: the server's engine thread spends about "
-        f"{why['host_ratio']:.1f} times the in-process host time on every step, growing with the sequences in it (almost "
+        f"{why['http_host_ratio']:.1f} times the in-process host time on every step, growing with the sequences in it (almost "
         "all of it in `prepare_next_batch`, the engine's Python scheduling and input preparation), while the server's "
         "event loop streams every token of every request in the same process: the two threads share the interpreter's "
         "lock. So at this load the server's cost is a per-step host term that grows with the sequences streamed, not a "
@@ -457,9 +457,11 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "",
         *cell_table(own),
         "",
-        "The host time per KV token differs by model, gemma-2-9b most (its host time per step is 2-4 times the others', "
-        "docs/calibration.md), and the pooled slope transfers to Qwen2.5-7B too high: the heavy miss is the shared "
-        "calibration's transfer to this model, not the scheduler or the kernels. The light cell "
+        "The host time per KV token differs by model as the KV index entries of its cache layer groups do (gemma-2-9b's "
+        "two groups: docs/calibration.md, \"KV regressors\"); charged per group entry, the pooled slope comes to "
+        f"{why['shared_kv_ns']:.0f} ns for {OWN_MODEL} against its own {why['own_kv_ns']:.0f} ns, so what is left of "
+        "the heavy miss is the calibration's other terms (constant and per sequence, pooled across models), not the "
+        "scheduler or the kernels. The light cell "
         "is a cold run: its first-seen shapes are captured in the recorded pass (rows `capture`). Those steps are "
         f"predicted at {why['light_capture_pred_r2']:.2f} s (device + host) where r2 measured "
         f"{why['light_capture_r2']:.2f} s, and at {why['light_capture_pred_r3']:.2f} s where r3 measured "
@@ -509,12 +511,10 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "- HTTP: a light pair and a second heavy pair (another lease), so the server's step term and residual offsets "
         "are checked across load (the record's load-dependence check is `not_run` with one workload) and validated on "
         "runs they were not measured on.",
-        "- `paged|sdpa` graphs: the shared calibration's host time per KV token differs by model; a term that carries "
-        "that difference (counting gemma-2-9b's KV tokens once per layer group alone does not: tried, the pooled slope "
-        "barely moves) or more models' calib runs.",
-        "- Captures: the bench's 4 warm-up requests capture shapes before the recorded pass (steps.parquet "
-        "`graph_captured` is false on the light cells' first prefill step), which neither validate nor calibrate "
-        "simulates; both should, together, from `graph_captured` where a run records it.",
+        "- `paged|sdpa` graphs: the ordinary steps' host time is still predicted above the measured on the heavy cell "
+        "(the pooled constant and per-sequence terms); more models' calib runs, or per-model terms the store can carry.",
+        "- Captures: validate simulates the bench's warm-up requests (docs/simulate.md), but the light cells' capture "
+        "steps are still predicted above what they measured (table above); capture cost per shape from more runs.",
         "",
         "## Regenerate",
         "",
@@ -544,7 +544,7 @@ def http_pair_evidence() -> dict[str, float]:
 
     return {"ttft_mean_pct": pct([r.ttft_s for r in http], [r.ttft_s for r in inprocess]),
             "tpot_mean_pct": pct([r.tpot_s for r in http], [r.tpot_s for r in inprocess]),
-            "host_ratio": hosts[0] / hosts[1]}
+            "http_host_ratio": hosts[0] / hosts[1]}
 
 
 def sdpa_kv_term(store: str) -> float:
