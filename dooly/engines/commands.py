@@ -97,6 +97,7 @@ def bench_command(
           --workload light.json --set max_num_batched_tokens=256 --set max_num_seqs=16
     """
     from dooly.engines.groundtruth import summarize, write_ground_truth
+    from dooly.engines.host_machine import host_machine
     from dooly.models.registry import resolve_model
     from dooly.workload import generate_requests, spec_from_options
 
@@ -123,6 +124,7 @@ def bench_command(
     if engine == "transformers":
         check_engine_backend(backend)
     started = time.time()
+    host = host_machine()
     if client == "http":
         run, provenance = _run_http(model_spec, backend, device, dtype, engine_settings, requests, model_seed,
                                     warmup_requests, warm_passes, server_url)
@@ -140,6 +142,7 @@ def bench_command(
         warm_passes=warm_passes,
         warmup=_warmup_record(engine, warmup_requests),
         client=client,
+        host=host,
         engine_details=run.engine_details,
         started_at_unix=started,
         wall_s=time.time() - started,

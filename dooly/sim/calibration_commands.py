@@ -67,6 +67,8 @@ class CalibrationRun:
     # copy fitted on the run with the bytes its engine copies per launch (known once read).
     stalls: list[float] = field(default_factory=list)
     input_copy: tuple[float, int] | None = None
+    # The host it was served from (bench.json `host`; empty for runs recorded before it).
+    host: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, directory: Path, name: str | None = None) -> CalibrationRun:
@@ -91,7 +93,9 @@ class CalibrationRun:
         scheduler = make_scheduler(engine, with_model_groups(model, engine, settings))
         key = CalibrationKey(platform, engine, version, backend, scheduler_uses_graphs(scheduler),
                              scheduler_uses_async(scheduler))
-        return cls(directory, name or directory.name, model, key, str(bench.get("dtype", "bfloat16")), settings)
+        host = bench.get("host")
+        return cls(directory, name or directory.name, model, key, str(bench.get("dtype", "bfloat16")), settings,
+                   host=dict(host) if isinstance(host, dict) else {})
 
     def scheduler(self) -> Any:
         from dooly.sim.options import with_model_groups
@@ -162,7 +166,7 @@ def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regress
             measured[run.name] = run_samples(run, fitted_store, cache)
             steps, first_seen, layers = measured[run.name]
             inputs.append({"run": run.name, "model": run.model, "num_layers": layers, "steps": len(steps) + len(first_seen),
-                           "warm": run.warm})
+                           "warm": run.warm, **({"host": run.host} if run.host else {})})
         samples, captures = pool_samples([(run.warm, *measured[run.name][:2]) for run in group])
         logger.info("calibrating %s on %d runs (%d steps)", key.label(), len(group), len(samples))
         stalls = [stall for run in group for stall in run.stalls]

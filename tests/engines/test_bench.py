@@ -106,6 +106,9 @@ def test_engine_settings_and_provenance_are_recorded(bench_dir):
     assert bench["engine"] == "transformers" and bench["backend"] == "paged|sdpa"
     assert bench["stack"]["engine_version"] == "5.17.0"
     assert bench["summary"]["finished"] == 10
+    host = bench["host"]
+    assert host["cpu"] and host["logical_cpus"] >= 1 and host["python"].count(".") == 2
+    assert host["list_probe_s"] > 0.0
     assert WorkloadSpec.from_dict(bench["workload"]).num_requests == 10
 
 
