@@ -50,6 +50,7 @@ WORKLOADS = ("light", "heavy")
 # The backend no committed cell serves: left out of the held-out refits to save their time.
 UNSERVED_BACKEND = "paged|flex_attention"
 SNAPSHOT_DATA = "snapshots/gen-000001/data.parquet"
+ATTENTION_OP = "attention"
 CALIBRATIONS_DIR = "calibrations"
 CALIBRATION_WORKLOAD = "calib"
 HOST_SCHEMES = ("store", "own")
@@ -79,14 +80,17 @@ def suite_cells(ground_truth: Path) -> dict[str, list[str]]:
 FULL_REFIT = "_full"
 
 
-def held_out_store(source: Path, work: Path, short: str) -> tuple[Path, dict[str, Any]]:
+def held_out_store(source: Path, work: Path, short: str, keep_attention: str | None = None) -> tuple[Path, dict[str, Any]]:
     """A copy of SOURCE without fitted models, without the signatures only SHORT runs and
     without SHORT's inventories (SHORT = FULL_REFIT: nothing removed, the same refit of the whole
-    store, the reference the held-out predictions are compared with). Returns its path and what
-    was removed."""
+    store, the reference the held-out predictions are compared with). With `keep_attention` (an
+    attention design, `dooly profile --attention-grid`), SHORT's own attention rows at that
+    design's points stay: the model profiled with a thin attention grid and nothing else, whose
+    device-seconds are the bill. Returns its path and what was removed."""
     import polars as pl
 
     from dooly.fit.persist import read_inventories
+    from dooly.profile.grid import ATTENTION_DESIGNS, GridSpec, attention_points
     from dooly.store.backends import open_store
 
     target = work / short
@@ -111,11 +115,18 @@ def held_out_store(source: Path, work: Path, short: str) -> tuple[Path, dict[str
     for key in held_keys:
         shutil.rmtree(target / "inventories" / key)
     frame = pl.read_parquet(source / SNAPSHOT_DATA)
-    kept = frame.filter(~pl.col("signature").is_in(sorted(only)) & (pl.col("backend") != UNSERVED_BACKEND))
+    own = pl.col("signature").is_in(sorted(only))
+    probe = pl.lit(False)
+    if keep_attention:
+        keys = sorted({point.key for point in attention_points(GridSpec(attention=ATTENTION_DESIGNS[keep_attention]))})
+        probe = own & (pl.col("op") == ATTENTION_OP) & pl.col("point_key").is_in(keys)
+    kept = frame.filter((~own | probe) & (pl.col("backend") != UNSERVED_BACKEND))
     kept.write_parquet(target / SNAPSHOT_DATA)
     removed = {"signatures_run": len(held), "signatures_removed": len(only),
-               "rows_removed": frame.filter(pl.col("signature").is_in(sorted(only))).height,
-               "inventories_removed": sorted(held_keys)}
+               "rows_removed": frame.filter(own & ~probe).height,
+               "inventories_removed": sorted(held_keys), "keep_attention": keep_attention,
+               "own_device_seconds": float(frame.filter(own & (pl.col("backend") != UNSERVED_BACKEND))["device_seconds"].sum()),
+               "kept_device_seconds": float(frame.filter(probe & (pl.col("backend") != UNSERVED_BACKEND))["device_seconds"].sum())}
     (target / "lomo.json").write_text(json.dumps(removed, indent=1) + "\n")
     return target, removed
 
@@ -215,14 +226,19 @@ def _measured_share(coverage: dict[str, Any]) -> str:
 
 HOST_LINES = {
     "store": "Host overhead: the store's calibration, refitted without any calibration run of the held-out model "
-             "(the whole-store column: from every model's runs); no run of the model's own, kernels or calibration.",
+             "(the whole-store column: from every model's runs).",
     "own": "Host overhead: the model's own committed calibration run (`dooly overhead`), both columns; only the "
            "kernels are held out.",
 }
 
 
 def table(rows: list[dict[str, Any]], host: str) -> list[str]:
-    lines = [HOST_LINES[host], "", "| model | backend | settings | workload | TTFT MAPE held-out (full) | TPOT MAPE held-out (full) | "
+    kept = {r.get("removed", {}).get("keep_attention") for r in rows} - {None}
+    head = [HOST_LINES[host]]
+    if kept:
+        head.append(f"Kept: the held-out model's own attention rows at the `{', '.join(sorted(kept))}` attention grid's "
+                    "points (`dooly profile --attention-grid`); its other own signatures held out.")
+    lines = [*head, "", "| model | backend | settings | workload | TTFT MAPE held-out (full) | TPOT MAPE held-out (full) | "
              "mean TTFT err held-out (full) | mean TPOT err held-out (full) | measured share of device time | "
              "targets |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -258,6 +274,9 @@ def main() -> None:
     parser.add_argument("--host", choices=HOST_SCHEMES, default=HOST_SCHEMES[0],
                         help="Host overhead of the validated cells: the store's calibration fitted without the "
                              "held-out model's runs (store), or the model's own committed calibration (own).")
+    parser.add_argument("--keep-attention", choices=("thin-mixed", "thin-all", "full"),
+                        help="Keep the held-out model's own attention rows at this design's points (dooly profile "
+                             "--attention-grid): the model profiled for its attention alone, the rest held out.")
     parser.add_argument("--refit-full", action="store_true",
                         help="Compare with a refit of the whole store made the same way (work/_full), not with --store's models.")
     args = parser.parse_args()
@@ -274,7 +293,7 @@ def main() -> None:
             if (target / "models").is_dir():
                 log.info("%s: held-out store already fitted", short)
                 continue
-            target, removed = held_out_store(args.store, args.work, short)
+            target, removed = held_out_store(args.store, args.work, short, None if short == FULL_REFIT else args.keep_attention)
             log.info("%s: %d of its %d signatures removed (%d rows); refitting", short,
                      removed["signatures_removed"], removed["signatures_run"], removed["rows_removed"])
             fit_held_out(target, args.repeats)

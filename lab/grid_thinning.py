@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dooly.profile.grid import AttentionShapes, GridSpec, attention_points
+from dooly.profile.grid import ATTENTION_DESIGNS, AttentionShapes, GridSpec, attention_points
 
 ROOT = Path(__file__).resolve().parent.parent
 # The replay scores each design with the report generators' own campaign and accuracy code.
@@ -42,17 +42,8 @@ STORE = ROOT / "data" / "h100" / "db"
 GROUND_TRUTH = ROOT / "data" / "h100" / "groundtruth"
 PLATFORM = "NVIDIA-H100-80GB-HBM3"
 BACKENDS = ("paged|sdpa", "paged|eager", "paged|flex_attention")
-DESIGNS = {
-    "default": AttentionShapes(),
-    # Mixed batches are 54-75% of attention's device time: keep two of each of their axes.
-    "thin-mixed": AttentionShapes(prefill_seq_counts=(2, 8), prefill_seq_lengths=(64, 1024), mixed_chunks=(256, 2048),
-                                  mixed_decodes=(4, 32), mixed_decode_contexts=(1024, 8192)),
-    # Every kind of batch thinned: every other prefill rung, fewer decode counts and contexts.
-    "thin-all": AttentionShapes(prefill_rung_step=2, prefill_seq_counts=(2, 8), prefill_seq_lengths=(64, 1024),
-                                chunk_contexts=(512, 8192), decode_seq_counts=(1, 4, 16, 64, 256),
-                                decode_contexts=(128, 1024, 4096, 8192), mixed_chunks=(256, 2048),
-                                mixed_decodes=(4, 32), mixed_decode_contexts=(1024, 8192)),
-}
+DESIGNS = {"default": ATTENTION_DESIGNS["full"], "thin-mixed": ATTENTION_DESIGNS["thin-mixed"],
+           "thin-all": ATTENTION_DESIGNS["thin-all"]}
 
 
 def thinned_store(shapes: AttentionShapes, out: Path) -> int:

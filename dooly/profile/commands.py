@@ -10,7 +10,14 @@ import click
 from dooly.errors import DoolyError
 from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
-from dooly.profile.grid import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_KV, DEFAULT_MAX_SEQS, DEFAULT_MAX_TOKENS, GridSpec
+from dooly.profile.grid import (
+    ATTENTION_DESIGNS,
+    DEFAULT_MAX_CONTEXT,
+    DEFAULT_MAX_KV,
+    DEFAULT_MAX_SEQS,
+    DEFAULT_MAX_TOKENS,
+    GridSpec,
+)
 
 # The interconnect label of a platform planned from elsewhere: nothing held matches it.
 UNKNOWN_INTERCONNECT = "unknown"
@@ -40,6 +47,10 @@ def _common(func):
                      help="Largest KV tokens read in one step."),
         click.option("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, show_default=True,
                      help="Longest per-sequence context of the attention batches."),
+        click.option("--attention-grid", type=click.Choice(sorted(ATTENTION_DESIGNS)), default="full", show_default=True,
+                     help="Attention batch design: thin-mixed or thin-all measure a subset of the full grid's points "
+                          "(about 1/2 or 1/3 of attention's device time), enough to serve a new attention layout; a "
+                          "later full plan measures only the rest (docs/unseen.md)."),
         output_option,
         allow_defaults_option,
     ]
@@ -48,12 +59,13 @@ def _common(func):
     return func
 
 
-def _grid(max_tokens: int, max_seqs: int, max_kv: int, max_context: int) -> GridSpec:
+def _grid(max_tokens: int, max_seqs: int, max_kv: int, max_context: int, attention_grid: str = "full") -> GridSpec:
     for name, value in (("--max-tokens", max_tokens), ("--max-seqs", max_seqs), ("--max-kv", max_kv),
                         ("--max-context", max_context)):
         if value < 1:
             raise DoolyError(f"{name} must be >= 1, got {value}")
-    return GridSpec(max_tokens=max_tokens, max_seqs=max_seqs, max_kv=max_kv, max_context=max_context)
+    return GridSpec(max_tokens=max_tokens, max_seqs=max_seqs, max_kv=max_kv, max_context=max_context,
+                    attention=ATTENTION_DESIGNS[attention_grid])
 
 
 @click.command("plan")
@@ -62,8 +74,8 @@ def _grid(max_tokens: int, max_seqs: int, max_kv: int, max_context: int) -> Grid
               help="Plan for this machine (auto) or name another platform (its rows of any software version count).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | None, engine: str, backend: str,
-                 dtype: str, tp: int, max_tokens: int, max_seqs: int, max_kv: int, max_context: int, output_format: str,
-                 platform: str, device: str) -> None:
+                 dtype: str, tp: int, max_tokens: int, max_seqs: int, max_kv: int, max_context: int, attention_grid: str,
+                 output_format: str, platform: str, device: str) -> None:
     """What profiling MODEL... would measure, and what it would reuse from the store. Measures nothing.
 
     \b
@@ -79,7 +91,7 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
 
     kind = engine_kind(engine)
     backend = backend or kind.default_backend
-    grid = _grid(max_tokens, max_seqs, max_kv, max_context)
+    grid = _grid(max_tokens, max_seqs, max_kv, max_context, attention_grid)
     device_type = detect_device(device)
     named = platform not in ("auto", "")
     name = check_platform_name(platform) if named else detect_platform(device_type)
@@ -91,11 +103,12 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
                           engine_version=kind.version(), backend=backend, dtype=dtype, block_size=kind.block_size)
     plan = build_plan(traces, store, stack, grid, software_agnostic=named,
                       comm=_plan_comm_stack(traces, stack, device_type, named))
-    summary = plan.summary()
+    summary = {**plan.summary(), "attention_grid": attention_grid}
     if output_format == "json":
         emit_json(summary)
         return
-    click.echo(f"platform {summary['platform']}, backend {backend}: {summary['signatures']} signatures, "
+    click.echo(f"platform {summary['platform']}, backend {backend}, attention grid {attention_grid}: "
+               f"{summary['signatures']} signatures, "
                f"{summary['missing_signatures']} missing ({summary['missing_points']} points, about "
                f"{summary['expected_refinement_points']} more where latency bends), "
                f"{summary['held_points']} points held, ~{summary['estimated_device_seconds']:.1f} device-seconds to go")
@@ -135,7 +148,8 @@ def _plan_comm_stack(traces: list, stack: Any, device_type: str, named: bool) ->
               help="Without a terminal, log progress (done/total, device-seconds, ETA) this often, in seconds "
                    "(default $DOOLY_PROGRESS_INTERVAL_S or 30).")
 def profile_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | None, engine: str, backend: str,
-                    dtype: str, tp: int, max_tokens: int, max_seqs: int, max_kv: int, max_context: int, output_format: str,
+                    dtype: str, tp: int, max_tokens: int, max_seqs: int, max_kv: int, max_context: int, attention_grid: str,
+                    output_format: str,
                     platform: str, device: str, samples: int | None, shard_index: int, shard_count: int,
                     run_id: str | None, chunk_rows: int, progress_interval: float | None) -> None:
     """Profile MODEL... into the store, measuring only what it does not hold yet.
@@ -171,7 +185,7 @@ def profile_command(models: tuple[str, ...], store_uri: str, endpoint_url: str |
     interval = progress_interval if progress_interval is not None else interval_from_env()
     options = ProfileOptions(
         backend=backend or default_backend(engine), engine=engine, dtype=dtype, device=device, platform=platform,
-        grid=_grid(max_tokens, max_seqs, max_kv, max_context), samples=samples, shard_index=shard_index,
+        grid=_grid(max_tokens, max_seqs, max_kv, max_context, attention_grid), samples=samples, shard_index=shard_index,
         shard_count=shard_count, run_id=run_id, chunk_rows=chunk_rows, tp=tp,
     )
     # Made by the first write: a bad model, name or number found while tracing leaves nothing behind.

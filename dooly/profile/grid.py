@@ -92,6 +92,19 @@ class AttentionShapes:
 
 
 FULL_ATTENTION = AttentionShapes()
+# Thinner designs for an attention layout the store has never measured: the same points, fewer of
+# them (every point of a thin design is a point of the full one, so a later full plan measures only
+# the rest). Mixed batches are 54-75% of attention's device time; `thin-mixed` keeps two values of
+# each of their axes, `thin-all` also every other prefill rung and fewer decode counts and contexts.
+# What each costs and how well it predicts: docs/unseen.md, "A thin attention grid".
+THIN_MIXED_ATTENTION = AttentionShapes(
+    prefill_seq_counts=(2, 8), prefill_seq_lengths=(64, 1024), mixed_chunks=(256, 2048), mixed_decodes=(4, 32),
+    mixed_decode_contexts=(1024, 8192))
+THIN_ALL_ATTENTION = AttentionShapes(
+    prefill_rung_step=2, prefill_seq_counts=(2, 8), prefill_seq_lengths=(64, 1024), chunk_contexts=(512, 8192),
+    decode_seq_counts=(1, 4, 16, 64, 256), decode_contexts=(128, 1024, 4096, 8192), mixed_chunks=(256, 2048),
+    mixed_decodes=(4, 32), mixed_decode_contexts=(1024, 8192))
+ATTENTION_DESIGNS = {"full": FULL_ATTENTION, "thin-mixed": THIN_MIXED_ATTENTION, "thin-all": THIN_ALL_ATTENTION}
 
 
 @dataclass(frozen=True)

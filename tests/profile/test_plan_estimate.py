@@ -53,3 +53,29 @@ def test_point_costs_are_class_means_with_kind_and_default_fallbacks():
     fresh = PointCosts.fit([], 0.05, "GPU-X")
     assert fresh.seconds("aten.mm.default") == 0.05 and fresh.default_refinement_rate == DEFAULT_REFINEMENT_RATE
     assert "no points measured on GPU-X" in fresh.source
+
+
+def test_a_thin_attention_grid_is_a_subset_of_the_full_one_and_a_full_plan_measures_only_the_rest():
+    from dooly.profile.grid import ATTENTION_DESIGNS, GridSpec, attention_points
+
+    full = {point.key for point in attention_points(GridSpec())}
+    for name, design in ATTENTION_DESIGNS.items():
+        keys = {point.key for point in attention_points(GridSpec(attention=design))}
+        assert keys <= full, name
+        assert len(keys) < len(full) or name == "full"
+
+
+def test_plan_and_profile_take_a_thin_attention_grid(tmp_path, models):
+    from dooly.store.backends import open_store
+
+    model, _ = models
+    store = str(tmp_path / "db")
+    open_store(store, create=True)
+    thin = _json("plan", model, "--store", store, "--attention-grid", "thin-all", *SMALL_GRID_ARGS)
+    full = _json("plan", model, "--store", store, *SMALL_GRID_ARGS)
+    assert thin["attention_grid"] == "thin-all" and full["attention_grid"] == "full"
+    assert 0 < thin["missing_points"] < full["missing_points"]
+    spent = _json("profile", model, "--store", store, "--attention-grid", "thin-all", *SMALL_GRID_ARGS)
+    assert spent["planned_points"] == thin["missing_points"]
+    rest = _json("plan", model, "--store", store, *SMALL_GRID_ARGS)
+    assert rest["missing_points"] == full["missing_points"] - thin["missing_points"]
