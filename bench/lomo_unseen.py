@@ -17,9 +17,12 @@ For every model with committed ground truth (GROUND_TRUTH cells `<model>.<backen
             calibration run of its own: the issue's unseen model, end to end.
      own    the model's own committed calibration run (VALIDATION/<model>.<backend>.<variant>
             .overhead.json, `dooly overhead`): device-time transfer alone.
+`--keep-attention DESIGN` keeps the held-out model's own attention rows at that attention grid's
+points (`dooly profile --attention-grid DESIGN`) and records their device-seconds against those of
+every signature only it runs: what closing its attention gap costs, and buys.
 
-    python bench/lomo_unseen.py --store /work/fitted/h100 --platform NVIDIA-H100-80GB-HBM3 --work /tmp/lomo \\
-        --out data/h100/experiments/lomo_unseen
+    python bench/lomo_unseen.py --store FITTED_H100 --platform NVIDIA-H100-80GB-HBM3 --work /tmp/lomo \\
+        --out data/h100/experiments/unseen --refit-full
 
 Stages are resumable: a held-out store already fitted is reused (`--stage fit` only fits,
 `--stage validate` only validates what is fitted).
