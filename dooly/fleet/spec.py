@@ -349,6 +349,8 @@ PROFILE_INT_FLAGS = {
     "samples": "--samples",
 }
 PROFILE_DTYPES = ("bfloat16", "float16", "float32")
+# `profile.attentionGrid`: the attention batch design (`dooly profile --attention-grid`).
+PROFILE_ATTENTION_GRID = "attentionGrid"
 _DEFAULT_SCHEDULE = "0 2 * * *"
 _DEFAULT_TIME_ZONE = "Etc/UTC"
 _DEFAULT_RESOURCES = {
@@ -492,13 +494,21 @@ def _explorations(doc: _Document, value: Any) -> tuple[Exploration, ...]:
 
 
 def _profile_section(doc: _Document, value: Any) -> tuple[str | None, tuple[str, ...]]:
-    section = doc.mapping(value, ("profile",), required=(), optional=("dtype", *PROFILE_INT_FLAGS))
+    from dooly.profile.grid import ATTENTION_DESIGNS
+
+    section = doc.mapping(value, ("profile",), required=(), optional=("dtype", PROFILE_ATTENTION_GRID, *PROFILE_INT_FLAGS))
     dtype = None
     if "dtype" in section:
         dtype = doc.string(section["dtype"], ("profile", "dtype"))
         if dtype not in PROFILE_DTYPES:
             raise doc.error(("profile", "dtype"), f"{dtype!r} is not one of {', '.join(PROFILE_DTYPES)}")
     flags: list[str] = []
+    if PROFILE_ATTENTION_GRID in section:
+        design = doc.string(section[PROFILE_ATTENTION_GRID], ("profile", PROFILE_ATTENTION_GRID))
+        if design not in ATTENTION_DESIGNS:
+            raise doc.error(("profile", PROFILE_ATTENTION_GRID),
+                            f"{design!r} is not one of {', '.join(sorted(ATTENTION_DESIGNS))}")
+        flags += ["--attention-grid", design]
     for key, flag in PROFILE_INT_FLAGS.items():
         if key in section:
             flags += [flag, str(doc.integer(section[key], ("profile", key), minimum=1))]

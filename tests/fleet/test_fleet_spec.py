@@ -177,3 +177,15 @@ def test_cli_bad_fleet_file_is_one_line_with_its_line_number(tmp_path):
         f"error: {path}, line {_line_of(text, 'eagre')}: gpuTypes[0].backends[1]: unknown backend 'paged|eagre' "
         f"for engines transformers (known: {', '.join(sorted(KNOWN_BACKENDS['transformers']))})"
     )
+
+
+def test_the_profile_section_takes_an_attention_grid_or_refuses_an_unknown_one(tmp_path):
+    spec = _load(tmp_path, SMALL_FLEET.replace("profile:\n", "profile:\n  attentionGrid: thin-mixed\n"))
+    h100 = next(t for t in spec.targets() if t.gpu.name == "h100")
+    args = _profile_args(jobs.build_profile_job(spec, h100, run_id="20260101-000000"))
+    assert args[args.index("--attention-grid") + 1] == "thin-mixed"
+    full = _load(tmp_path, SMALL_FLEET)
+    full_h100 = next(t for t in full.targets() if t.gpu.name == "h100")
+    assert "--attention-grid" not in _profile_args(jobs.build_profile_job(full, full_h100, run_id="20260101-000000"))
+    with pytest.raises(DoolyError, match=r"profile\.attentionGrid: 'sparse' is not one of full, thin-all, thin-mixed"):
+        _load(tmp_path, SMALL_FLEET.replace("profile:\n", "profile:\n  attentionGrid: sparse\n"))
