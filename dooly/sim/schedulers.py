@@ -319,12 +319,6 @@ class Scheduler(ABC):
         return ScheduledBatch(prefill, decode_ctx, samplers, path, num_tokens, kv_tokens, preempted, ordered)
 
 
-def _kind(prefill: list, decode_ctx: list) -> StepKind:
-    if not prefill:
-        return StepKind.DECODE
-    return StepKind.MIXED if decode_ctx else StepKind.PREFILL
-
-
 def _config_from_dict(cls: type, data: dict[str, Any], engine: str) -> Any:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
@@ -924,7 +918,7 @@ class TransformersCBScheduler(Scheduler):
                 cached = sum(c for _, c in prefill) + sum(decode_ctx)
                 longest = max([q + c for q, c in prefill] + [c + 1 for c in decode_ctx], default=0)
                 padded, padded_kv, padded_seqlen = self._varlen_shape(num_tokens, cached, longest)
-        return self._path(_kind(prefill, decode_ctx), graph, padded, fast, padded_kv, padded_seqlen if graph else 0)
+        return self._path(StepKind.of(prefill, decode_ctx), graph, padded, fast, padded_kv, padded_seqlen if graph else 0)
 
     def _path(self, kind: StepKind, graph: bool, padded: int, fast: bool, padded_kv: int, padded_seqlen: int) -> StepPath:
         """The StepPath of these fields (`path_for`), built once per run."""
@@ -1163,7 +1157,7 @@ class VllmScheduler(Scheduler):
         above it or without graphs. The default mode is vLLM's FULL_AND_PIECEWISE."""
         mode = self.config.cudagraph_mode
         num_tokens = len(decode_ctx) + sum(q for q, _ in prefill)
-        kind = _kind(prefill, decode_ctx)
+        kind = StepKind.of(prefill, decode_ctx)
         sizes = self._bisect_sizes
         if mode == "none" or not sizes or num_tokens > sizes[-1]:
             return StepPath(kind, cuda_graph=False, padded_tokens=num_tokens, engine_path="eager")

@@ -139,13 +139,6 @@ class StepTerm:
                    {str(k): float(v) for k, v in dict(data.get("selection_mae_s") or {}).items()})
 
 
-def step_kind(step: MeasuredStep) -> str:
-    """decode, prefill or mixed: what the step held (as `StepPath.kind` names it)."""
-    if not step.prefill:
-        return StepKind.DECODE.value
-    return (StepKind.MIXED if step.decode_ctx else StepKind.PREFILL).value
-
-
 def host_seconds(step: MeasuredStep) -> float:
     """The step's host time: its wall time minus the device time the bench probe measured."""
     return step.duration_s - step.device_s
@@ -167,7 +160,7 @@ def paired_step_samples(http: Sequence[MeasuredStep], inprocess: Sequence[Measur
             continue
         extra = host_seconds(ours) - host_seconds(theirs)
         if math.isfinite(extra):
-            samples.append(StepSample(step_kind(ours), len(ours.prefill) + len(ours.decode_ctx), extra))
+            samples.append(StepSample(StepKind.of(ours.prefill, ours.decode_ctx).value, len(ours.prefill) + len(ours.decode_ctx), extra))
     if not samples:
         raise DoolyError("the paired runs hold no step with a device time on both sides (steps.parquet device_s)")
     return samples

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -38,6 +38,13 @@ class StepKind(str, Enum):
     DECODE = "decode"
     PREFILL = "prefill"
     MIXED = "mixed"
+
+    @classmethod
+    def of(cls, prefill: Sequence[Any], decode_ctx: Sequence[Any]) -> StepKind:
+        """The kind of a step holding these prefill chunks and decodes."""
+        if not prefill:
+            return cls.DECODE
+        return cls.MIXED if decode_ctx else cls.PREFILL
 
 
 # (engine path, padded query tokens, padded KV read, padded longest sequence, IO pair): a captured

@@ -435,12 +435,8 @@ def compare_async_steps(
 
 
 def _default_path(prefill: list[tuple[int, int]], decode_ctx: list[int]) -> StepPath:
-    if not prefill:
-        kind = StepKind.DECODE
-    else:
-        kind = StepKind.MIXED if decode_ctx else StepKind.PREFILL
     tokens = sum(q for q, _ in prefill) + len(decode_ctx)
-    return StepPath(kind, cuda_graph=False, padded_tokens=tokens)
+    return StepPath(StepKind.of(prefill, decode_ctx), cuda_graph=False, padded_tokens=tokens)
 
 
 # ---------------------------------------------------------------------------------------------
