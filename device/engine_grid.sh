@@ -4,14 +4,18 @@
 # For each model, round by round (r1, r2, ...: the engine's run-to-run floor comes from the rounds):
 #   paged|sdpa with CUDA graphs, with async batching, and without graphs; paged|eager with graphs;
 #   each on the light and heavy workloads (device/workloads).
-# On an H200 the models are first profiled into a copy of the committed H200 store from their
-# committed traces (torch 2.11 cannot trace with symbolic request dims), and round 1 adds each path's
-# calib run, since that store holds calibrations for the no-graph paths only.
-# Usage (on the device, repository root): bash device/engine_grid.sh MODELS [ROUNDS [DEADLINE_S]]
-#   MODELS: comma-separated model ids; ROUNDS: default 2; DEADLINE_S: seconds for the whole grid.
+# Round 1 adds each path's calib run, so every lease carries its own calibration inputs (the engine's
+# host time per step differs between leases of one platform). On an H200 the models are first
+# profiled into a copy of the committed H200 store (with the Llama-3.1-8B rows of
+# data/h200/experiments/unseen_llama) from their committed traces (torch 2.11 cannot trace with
+# symbolic request dims).
+# Usage (on the device, repository root): bash device/engine_grid.sh MODELS [ROUNDS [DEADLINE_S [R1_WORKLOADS]]]
+#   MODELS: comma-separated model ids; ROUNDS: default 2; DEADLINE_S: seconds for the whole grid;
+#   R1_WORKLOADS: round 1's workloads, default calib,light,heavy (light,heavy where another model
+#   already ran this lease's calib cells: a path's calibration serves every model).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-models=$1; rounds=${2:-2}; deadline=${3:-540}
+models=$1; rounds=${2:-2}; deadline=${3:-540}; workloads_r1=${4:-calib,light,heavy}
 out="$OUT/grid"
 mkdir -p "$out/groundtruth" "$out/reports"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -29,14 +33,12 @@ step() {  # NAME LIMIT_S COMMAND...: log to reports/NAME.log, pack after
   echo "$name: $((SECONDS - start)) s" >> "$out/reports/walls.txt"
   pack
 }
-workloads_r1=light,heavy
 if [[ $gpu == *H200* ]]; then
-  mkdir -p "$out/db" && cp -r data/h200/db/. "$out/db/"
-  workloads_r1=calib,light,heavy
+  mkdir -p "$out/db" && cp -r data/h200/db/. data/h200/experiments/unseen_llama/store/. "$out/db/"
   for model in ${models//,/ }; do
     for backend in 'paged|sdpa' 'paged|eager'; do
       trace="data/traces/${model##*/}.${backend/|/-}.json"
-      step "profile.${model##*/}.${backend/|/-}" 120 python3 -m dooly.cli profile "$trace" --store "$out/db" --attention "$backend" --output json
+      step "profile.${model##*/}.${backend/|/-}" 180 python3 -m dooly.cli profile "$trace" --store "$out/db" --attention "$backend" --output json
     done
   done
 fi
