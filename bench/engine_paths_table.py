@@ -84,6 +84,7 @@ class Cell:
     extra: tuple[str, ...] = ()
     store: str = ""
     model: str = MODEL
+    platform: str = PLATFORM
 
     @property
     def heavy(self) -> bool:
@@ -101,12 +102,13 @@ def dooly(*args: str) -> dict[str, Any]:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[2:])} failed ({done.returncode}): {done.stderr.strip()}")
-    return json.loads(done.stdout)
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
 
 
 def validate(cell: Cell, store: str) -> dict[str, Any]:
     truth = [a for run in cell.runs for a in ("--ground-truth", str(run))]
-    return dooly("validate", cell.model, *truth, "--store", cell.store or store, "--platform", PLATFORM,
+    return dooly("validate", cell.model, *truth, "--store", cell.store or store, "--platform", cell.platform,
                  "--backend", f"paged|{cell.backend}", *cell.extra)
 
 
@@ -168,13 +170,14 @@ def capture_class(path: Any, row: dict[str, Any]) -> str:
 
 
 def step_breakdown(run: Path, backend: str, store: str, model: str = MODEL,
-                   step_class: Callable[[Any, dict[str, Any]], str] = capture_class) -> dict[str, dict[str, float]]:
+                   step_class: Callable[[Any, dict[str, Any]], str] = capture_class,
+                   platform: str = PLATFORM) -> dict[str, dict[str, float]]:
     """Every measured step of `run` replayed as `dooly validate` replays it, its time split into
     device (the store's prediction, plus under async batching the wait for the step's input copy
     replayed from the measured launches, `input_copy_waits`; steps.parquet `device_s`) and host
     (the calibration's; the step's wall time minus `device_s`), summed per `step_class` of the
     step's path and its steps.parquet row (by default: the steps that captured a CUDA graph in the
-    engine, the others)."""
+    engine, the others), on `platform`'s step model."""
     import pyarrow.parquet as pq
 
     from dooly.sim.calibration import scheduler_uses_async
@@ -185,7 +188,7 @@ def step_breakdown(run: Path, backend: str, store: str, model: str = MODEL,
     from dooly.sim.validate import async_timeline, input_copy_waits
 
     settings = json.loads((run / "engine.json").read_text())
-    choice = StepChoice(store=store, platform=PLATFORM, backend=f"paged|{backend}")
+    choice = StepChoice(store=store, platform=platform, backend=f"paged|{backend}")
     scheduler = make_scheduler("transformers", with_model_groups(model, "transformers", settings))
     step_model = choice.step_model(model, "transformers")
     overhead = resolve_overhead(None, False, choice, "transformers", scheduler, model)
