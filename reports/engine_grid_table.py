@@ -1,21 +1,25 @@
-"""Issue #24's engine-path grid on the H100 (Llama-3.2-1B and -3B) against the simulator: docs/engine-grid.md.
+"""Issue #24's engine-path grid of one platform against the simulator: docs/engine-grid.md (H100), docs/engine-grid-h200.md.
 
-The grid (data/h100/experiments/engine_grid, rounds r1 and r2; `device/engine_grid.sh`) served each
-model on transformers continuous batching along every engine path issue #24 names: `paged|sdpa`
+The grid (data/<platform>/experiments/engine_grid, rounds r1 and r2; `device/engine_grid.sh`) served
+each model on transformers continuous batching along every engine path issue #24 names: `paged|sdpa`
 with CUDA graphs, with async batching, without graphs, and `paged|eager` with graphs, each on the
-light and heavy workloads. The Qwen2.5-7B cells of the same issue have their own page
-(bench/engine_paths_table.py, docs/engine-paths.md), whose validation, verdict and step breakdown
-this script reuses so that both pages judge a cell the same way. This script
+light and heavy workloads; its models are the ones found there (H100: Llama-3.2-1B and -3B). The
+H100's Qwen2.5-7B cells of the same issue have their own page (bench/engine_paths_table.py,
+docs/engine-paths.md), whose validation, verdict and step breakdown this script reuses so that the
+pages judge a cell the same way. For the platform's settings (PLATFORMS) this script
 
-1. takes a fitted copy of the H100 store (`--fitted-store`, else merged and fitted here from
-   data/h100/db) and, for every engine path of the grid, the store's own calibration; where the
-   store has none, fits one from the committed calib runs of that path (`dooly calibrate`);
+1. takes a fitted copy of the platform's store (`--fitted-store`, else merged and fitted here from
+   data/<platform>/db or `--store`) and, for every engine path of the grid, the store's own
+   calibration; where the store has none, fits one from the committed calib runs of that path under
+   data/<platform> (`dooly calibrate`);
 2. groups each cell's rounds and validates them with `dooly validate` (the first round is
-   simulated; all of them give the engine's floor);
+   simulated; all of them give the engine's floor); calib runs (`*.calib`) are calibration inputs,
+   not cells;
 3. splits every missed cell's measured steps into device and host time per step class;
-4. writes the page and data/h100/experiments/engine_grid/validation.json.
+4. writes the page and the grid's validation.json.
 
-    python reports/engine_grid_table.py [--fitted-store FITTED_H100_STORE] [--out docs/engine-grid.md]
+    python reports/engine_grid_table.py [--platform h100|h200] [--fitted-store FITTED_STORE]
+        [--data GRID_DIR] [--store STORE] [--out PAGE] [--record JSON]
 
 Run from the repository root (the page and the record name the data by relative path).
 """
@@ -40,7 +44,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from engine_paths_table import (  # noqa: E402
     HEAVY_TPOT_MAPE_PCT,
     HEAVY_TTFT_MAPE_PCT,
-    PLATFORM,
     SUMMARY_TARGET_PCT,
     TARGET_ROWS,
     Cell,
@@ -51,15 +54,17 @@ from engine_paths_table import (  # noqa: E402
     validate,
     verdict,
 )
-from h100_report import fit_copy  # noqa: E402
+from engine_paths_table import PLATFORM as H100_PLATFORM  # noqa: E402
 
 log = logging.getLogger("engine_grid_table")
 
-DATA = Path("data/h100/experiments/engine_grid")
-RECORD = DATA / "validation.json"
-GPU_REPORT = DATA / "gpu.txt"
-# Where committed calib runs are looked for when the store lacks a path's calibration.
-CALIB_ROOT = Path("data/h100")
+H200_PLATFORM = "NVIDIA-H200"
+# Under a platform's data root: the grid, its store; the grid's GPU report and per-cell record.
+GRID_DIR = Path("experiments/engine_grid")
+STORE_DIR = "db"
+GPU_REPORT = "gpu.txt"
+RECORD = "validation.json"
+PAGE_DIR = Path("docs")
 CALIB_SUFFIX = ".calib"
 ENGINE = "transformers"
 PAGED_PREFIX = "paged-"
@@ -83,6 +88,37 @@ NS_PER_S = 1e9
 REPLAY_CLOSE_PCT = 3.0
 DECODE_KEY = "decode"
 DECODE_GRAPH_KEY = "decode_graph"
+
+
+@dataclass(frozen=True)
+class PlatformSettings:
+    """What differs between the platforms' grids: the GPU's short name, the store's platform name,
+    the data root (the grid under GRID_DIR, the store under STORE_DIR, and where committed calib
+    runs are looked for when the store lacks a path's calibration), the page and the line linking
+    the page to the platform's other engine-path pages."""
+
+    gpu: str
+    platform: str
+    root: Path
+    page: Path
+    see_also: str = ""
+
+    @property
+    def data(self) -> Path:
+        return self.root / GRID_DIR
+
+    @property
+    def store(self) -> Path:
+        return self.root / STORE_DIR
+
+
+PLATFORMS = {
+    "h100": PlatformSettings("H100", H100_PLATFORM, Path("data/h100"), PAGE_DIR / "engine-grid.md",
+                             " The Qwen2.5-7B cells of the same issue: [engine-paths.md](engine-paths.md)."),
+    "h200": PlatformSettings("H200", H200_PLATFORM, Path("data/h200"), PAGE_DIR / "engine-grid-h200.md",
+                             " The H100's grid: [engine-grid.md](engine-grid.md)."),
+}
+DEFAULT_PLATFORM = "h100"
 
 
 @dataclass(frozen=True)
@@ -138,9 +174,10 @@ class CalibrationNote:
 
 
 def parse_run(path: Path) -> GridRun | None:
-    """The run a grid directory holds, or None for anything else (the model name has dots)."""
+    """The run a grid directory holds, or None for anything else (the model name has dots) and for
+    calib runs (calibration inputs, not cells)."""
     parts = path.name.rsplit(".", 3)
-    if len(parts) != 4 or not parts[1].startswith(PAGED_PREFIX):
+    if len(parts) != 4 or not parts[1].startswith(PAGED_PREFIX) or path.name.endswith(CALIB_SUFFIX):
         return None
     model_dir, backend, mode, workload = parts
     return GridRun(path.parent.name, model_dir, backend.removeprefix(PAGED_PREFIX), mode, workload, path)
@@ -177,6 +214,20 @@ def discover(data: Path) -> list[GridCell]:
     return group_cells(r for r in runs if r is not None)
 
 
+def grid_models(cells: Iterable[GridCell]) -> list[str]:
+    """The models of the grid, as its directories name them, sorted."""
+    return sorted({cell.model_dir for cell in cells})
+
+
+def fit_copy(store: Path, work: Path) -> str:
+    """A merged and fitted copy of a committed store, under `work`."""
+    copy = work / STORE_DIR
+    shutil.copytree(store, copy)
+    for command in ("merge", "fit"):
+        dooly(command, "--store", str(copy))
+    return str(copy)
+
+
 def run_model(run: Path) -> str:
     return str(json.loads((run / "bench.json").read_text())["model"])
 
@@ -193,7 +244,7 @@ def engine_path(run: Path) -> EnginePath:
     return EnginePath(str(bench["backend"]), scheduler_uses_graphs(scheduler), scheduler_uses_async(scheduler))
 
 
-def calib_runs(path: EnginePath, root: Path = CALIB_ROOT) -> list[Path]:
+def calib_runs(path: EnginePath, root: Path) -> list[Path]:
     """The committed calib runs under `root` whose engine took `path`."""
     from dooly.errors import DoolyError
 
@@ -209,15 +260,16 @@ def calib_runs(path: EnginePath, root: Path = CALIB_ROOT) -> list[Path]:
     return found
 
 
-def calibrations(store: str, paths: Iterable[EnginePath]) -> dict[EnginePath, CalibrationNote]:
+def calibrations(store: str, paths: Iterable[EnginePath], settings: PlatformSettings) -> dict[EnginePath, CalibrationNote]:
     """What each path is validated with, as the page says it: the store's calibration, or one
-    fitted here from the committed calib runs of that path (added to `store`), or none."""
+    fitted here from the committed calib runs of that path under the platform's data root (added
+    to `store`), or none."""
     from dooly.sim.calibration import find_calibration
     from dooly.store.backends import open_store
 
     def find(path: EnginePath) -> Any:
-        return find_calibration(open_store(store, create=False), platform=PLATFORM, engine=ENGINE, backend=path.backend,
-                                cuda_graphs=path.graphs, async_batching=path.asynchronous)
+        return find_calibration(open_store(store, create=False), platform=settings.platform, engine=ENGINE,
+                                backend=path.backend, cuda_graphs=path.graphs, async_batching=path.asynchronous)
 
     notes = {}
     for path in paths:
@@ -227,7 +279,7 @@ def calibrations(store: str, paths: Iterable[EnginePath]) -> dict[EnginePath, Ca
             text = (f"the store's: {len(found.inputs)} calib run(s) of {', '.join(models)} "
                     f"({', '.join(str(run.get('run', '')) for run in found.inputs)})")
         else:
-            runs = calib_runs(path)
+            runs = calib_runs(path, settings.root)
             if not runs:
                 notes[path] = CalibrationNote("none in the store, and no committed calib run of this path: its cells are "
                                               "not validated", usable=False)
@@ -429,21 +481,23 @@ def sync_reference(grid: GridCell, cells: Iterable[GridCell]) -> GridCell | None
     return None
 
 
-def decode_breakdown(label: str, run: Path, backend: str, store: str, model: str
+def decode_breakdown(label: str, run: Path, backend: str, store: str, model: str, platform: str
                      ) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
     """One row group of the decode table: a run's ordinary decode steps by batch size."""
     import pyarrow.parquet as pq
 
-    sums = step_breakdown(run, backend, store, model, step_class=decode_class)
+    sums = step_breakdown(run, backend, store, model, step_class=decode_class, platform=platform)
     return label, sums, decode_kv_means(pq.read_table(run / "steps.parquet").to_pylist())
 
 
-def served_lines(cells: list[GridCell]) -> list[str]:
-    """What was served, from each model's first cell's bench.json and every path's engine.json."""
+def served_lines(cells: list[GridCell], data: Path, platform: str) -> list[str]:
+    """What was served, from each model's first cell's bench.json, every path's engine.json and the
+    grid's GPU report (else the store's platform name)."""
     bench = json.loads((cells[0].runs[0] / "bench.json").read_text())
     models = ", ".join(sorted({json.loads((c.runs[0] / "bench.json").read_text())["model"] for c in cells}))
     stack = bench["stack"]
-    gpu = GPU_REPORT.read_text().split(",")[0].strip() if GPU_REPORT.is_file() else PLATFORM
+    report = data / GPU_REPORT
+    gpu = report.read_text().split(",")[0].strip() if report.is_file() else platform
     workloads = {}
     for cell in cells:
         workload = json.loads((cell.runs[0] / "bench.json").read_text())["workload"]
@@ -463,24 +517,41 @@ def served_lines(cells: list[GridCell]) -> list[str]:
         f"{stack['engine']} {stack['engine_version']} continuous batching, torch {stack['torch_version']}, "
         f"in-process, cold runs (warm passes: {bench['warm_passes']}), one {gpu}. Workloads: "
         + "; ".join(workloads[w] for w in sorted(workloads, key=lambda w: _rank(w, WORKLOAD_ORDER))) + ". Engine paths: "
-        + "; ".join(settings.values()) + f". Rounds {', '.join(rounds)} of `{DATA}`; the runs column counts the rounds "
+        + "; ".join(settings.values()) + f". Rounds {', '.join(rounds)} of `{data}`; the runs column counts the rounds "
         "a cell has.",
     ]
 
 
-def page(cells: list[GridCell], notes: dict[EnginePath, CalibrationNote],
+@dataclass(frozen=True)
+class Sources:
+    """What one page is generated from: the platform's settings, its flag on the command line, the
+    grid, the committed store fitted (or the fitted store given) and the record written beside it."""
+
+    settings: PlatformSettings
+    key: str
+    data: Path
+    store: Path
+    record: Path
+
+    @property
+    def command(self) -> str:
+        """The command that regenerates the page (the platform's flag only where it is not the default)."""
+        flag = "" if self.key == DEFAULT_PLATFORM else f" --platform {self.key}"
+        return f"python reports/engine_grid_table.py{flag}"
+
+
+def page(sources: Sources, cells: list[GridCell], notes: dict[EnginePath, CalibrationNote],
          results: list[tuple[GridCell, Cell, dict[str, Any]]], sections: list[str], skipped: list[GridCell]) -> str:
     passed = sum(1 for _, cell, payload in results if not misses(cell, payload))
     calibration_lines = [f"- {path.label}: {note.text}" for path, note in notes.items()]
     skipped_lines = [f"Not validated (no calibration): {', '.join(c.name for c in skipped)}.", ""] if skipped else []
     lines = [
-        f"# Engine paths on the H100: the grid of {', '.join(sorted({c.model_dir for c in cells}))}",
+        f"# Engine paths on the {sources.settings.gpu}: the grid of {', '.join(grid_models(cells))}",
         "",
-        "Generated by `python reports/engine_grid_table.py [--fitted-store STORE]` (from the repository root; without "
-        "`--fitted-store` it merges and fits a copy of data/h100/db). Do not edit by hand. The Qwen2.5-7B cells of the "
-        "same issue: [engine-paths.md](engine-paths.md).",
+        f"Generated by `{sources.command} [--fitted-store STORE]` (from the repository root; without "
+        f"`--fitted-store` it merges and fits a copy of {sources.store}). Do not edit by hand.{sources.settings.see_also}",
         "",
-        *served_lines(cells),
+        *served_lines(cells, sources.data, sources.settings.platform),
         "",
         f"**Targets (issue #24).** Heavy cells: per-request TTFT MAPE within {HEAVY_TTFT_MAPE_PCT:g}% and TPOT within "
         f"{HEAVY_TPOT_MAPE_PCT:g}%. Every cell: mean and p90 of TTFT and TPOT within {SUMMARY_TARGET_PCT:g}% or the "
@@ -494,7 +565,7 @@ def page(cells: list[GridCell], notes: dict[EnginePath, CalibrationNote],
         "",
         "Measured / predicted in ms, error of the prediction (error > 0: predicted slower; floor in brackets where the "
         "cell has repeats), per-request MAPE and the MAPE of every measured step replayed through the step model. "
-        f"{passed} of {len(results)} cells pass. Per-cell numbers: `{RECORD}`.",
+        f"{passed} of {len(results)} cells pass. Per-cell numbers: `{sources.record}`.",
         "",
         *cell_table([(cell, payload) for _, cell, payload in results]),
         "",
@@ -510,7 +581,7 @@ def page(cells: list[GridCell], notes: dict[EnginePath, CalibrationNote],
         "## Regenerate",
         "",
         "```",
-        "python reports/engine_grid_table.py",
+        sources.command,
         "```",
         "",
     ]
@@ -519,42 +590,53 @@ def page(cells: list[GridCell], notes: dict[EnginePath, CalibrationNote],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--fitted-store", help="A fitted H100 store (read only: copied first); default: fit a copy here.")
-    parser.add_argument("--out", default="docs/engine-grid.md", help="The page to write.")
-    parser.add_argument("--record", default=str(RECORD), help="Where the per-cell numbers go (JSON).")
+    parser.add_argument("--platform", choices=sorted(PLATFORMS), default=DEFAULT_PLATFORM,
+                        help="Whose grid: its data, store, platform name and page (PLATFORMS).")
+    parser.add_argument("--fitted-store", help="A fitted store (read only: copied first); default: fit a copy of --store here.")
+    parser.add_argument("--data", help="The grid's rounds; default: the platform's experiments/engine_grid.")
+    parser.add_argument("--store", help="The committed store to fit; default: the platform's db.")
+    parser.add_argument("--out", help="The page to write; default: the platform's page.")
+    parser.add_argument("--record", help="Where the per-cell numbers go (JSON); default: validation.json in --data.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    cells = discover(DATA)
+    settings = PLATFORMS[args.platform]
+    data = Path(args.data) if args.data else settings.data
+    sources = Sources(settings, args.platform, data, Path(args.store) if args.store else settings.store,
+                      Path(args.record) if args.record else data / RECORD)
+    cells = discover(data)
     if not cells:
-        raise SystemExit(f"no grid cells under {DATA}")
+        raise SystemExit(f"no grid cells under {data}")
     with tempfile.TemporaryDirectory(prefix="engine-grid-") as scratch:
         if args.fitted_store:
             store = str(Path(scratch) / "store")
             shutil.copytree(args.fitted_store, store)
         else:
-            store = str(fit_copy(Path(scratch)))
+            store = fit_copy(sources.store, Path(scratch))
         paths = {cell: engine_path(cell.runs[0]) for cell in cells}
-        notes = calibrations(store, dict.fromkeys(paths.values()))
+        notes = calibrations(store, dict.fromkeys(paths.values()), settings)
         results, skipped, sections = [], [], []
         for grid in cells:
             if not notes[paths[grid]].usable:
                 skipped.append(grid)
                 continue
-            cell = Cell(grid.name, grid.backend, grid.workload, grid.runs, model=run_model(grid.runs[0]))
+            cell = Cell(grid.name, grid.backend, grid.workload, grid.runs, model=run_model(grid.runs[0]),
+                        platform=settings.platform)
             payload = validate(cell, store)
             results.append((grid, cell, payload))
             missed = misses(cell, payload)
             if missed:
-                sums = step_breakdown(grid.runs[0], grid.backend, store, cell.model, step_class=path_class)
-                decode = [decode_breakdown(f"{grid.name} {grid.rounds[0]}", grid.runs[0], grid.backend, store, cell.model)]
+                sums = step_breakdown(grid.runs[0], grid.backend, store, cell.model, step_class=path_class,
+                                      platform=settings.platform)
+                decode = [decode_breakdown(f"{grid.name} {grid.rounds[0]}", grid.runs[0], grid.backend, store, cell.model,
+                                           settings.platform)]
                 reference = sync_reference(grid, cells)
                 if reference is not None:
                     decode.append(decode_breakdown(f"{reference.name} {grid.rounds[0]}",
                                                    reference.runs[reference.rounds.index(grid.rounds[0])],
-                                                   grid.backend, store, cell.model))
+                                                   grid.backend, store, cell.model, settings.platform))
                 kv_ns = notes[paths[grid]].kv_ns if grid.mode == SYNC_MODE else None
                 sections += miss_section(grid, missed, sums, decode, kv_ns)
-    record = {"schema": RECORD_SCHEMA, "platform": PLATFORM, "data": str(DATA),
+    record = {"schema": RECORD_SCHEMA, "platform": settings.platform, "data": str(data),
               "targets": {"summary_pct": SUMMARY_TARGET_PCT, "heavy_ttft_mape_pct": HEAVY_TTFT_MAPE_PCT,
                           "heavy_tpot_mape_pct": HEAVY_TPOT_MAPE_PCT, "statistics": list(TARGET_ROWS)},
               "calibrations": [{"backend": p.backend, "cuda_graphs": p.graphs, "async_batching": p.asynchronous,
@@ -562,9 +644,10 @@ def main() -> None:
                                for p, n in notes.items()],
               "cells": [cell_record(grid, cell, payload) for grid, cell, payload in results],
               "not_validated": [grid.name for grid in skipped]}
-    Path(args.record).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    Path(args.out).write_text(page(cells, notes, results, sections, skipped))
-    log.info("wrote %s and %s", args.out, args.record)
+    out = Path(args.out) if args.out else settings.page
+    sources.record.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    out.write_text(page(sources, cells, notes, results, sections, skipped))
+    log.info("wrote %s and %s", out, sources.record)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """reports/engine_grid_table.py's pure parts: grouping the grid's rounds into cells (the repeats
 that give a cell's floor), the verdict against issue #24's targets with the floor widening the
-bound, the per-cell record, and which committed calib runs a missing calibration is fitted from."""
+bound, the per-cell record, which committed calib runs a missing calibration is fitted from, the
+per-platform settings and the models found in a grid's directory."""
 
 from __future__ import annotations
 
@@ -38,6 +39,41 @@ def test_parse_run_keeps_the_dotted_model_name() -> None:
     assert (run.round, run.model_dir, run.backend, run.mode, run.workload) == ("r2", "Llama-3.2-1B", "sdpa", "async", "heavy")
     assert grid.parse_run(Path("grid/r1/walls.txt")) is None
     assert grid.parse_run(Path("grid/r1/Llama-3.2-1B.sdpa.graphs.light")) is None
+    assert grid.parse_run(Path("grid/r1/Llama-3.2-1B.paged-sdpa.graphs.calib")) is None
+
+
+def test_discover_finds_the_models_of_the_grid_not_its_calib_runs(tmp_path: Path) -> None:
+    for name in ("r1/Llama-3.2-1B.paged-sdpa.graphs.light", "r2/Llama-3.2-1B.paged-sdpa.graphs.light",
+                 "r1/Llama-3.1-8B.paged-eager.graphs.heavy", "r1/Qwen2.5-7B.paged-sdpa.graphs.calib",
+                 "r1/Llama-3.1-8B.paged-sdpa.default.calib"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "requests.parquet").touch()
+    (tmp_path / "r2" / "gemma-2-9b.paged-sdpa.graphs.light").mkdir()  # unfinished: no requests.parquet
+    cells = grid.discover(tmp_path)
+    assert grid.grid_models(cells) == ["Llama-3.1-8B", "Llama-3.2-1B"]
+    assert [(c.name, c.rounds) for c in cells] == [("Llama-3.1-8B eager graphs heavy", ("r1",)),
+                                                   ("Llama-3.2-1B sdpa graphs light", ("r1", "r2"))]
+
+
+@pytest.mark.parametrize(("key", "platform", "root", "page", "command"), [
+    ("h100", "NVIDIA-H100-80GB-HBM3", "data/h100", "docs/engine-grid.md", "python reports/engine_grid_table.py"),
+    ("h200", "NVIDIA-H200", "data/h200", "docs/engine-grid-h200.md", "python reports/engine_grid_table.py --platform h200"),
+])
+def test_platform_settings_resolve(key: str, platform: str, root: str, page: str, command: str) -> None:
+    settings = grid.PLATFORMS[key]
+    assert (settings.platform, settings.root, settings.page) == (platform, Path(root), Path(page))
+    assert settings.data == Path(root) / "experiments" / "engine_grid"
+    assert settings.store == Path(root) / "db"
+    # The store's calibrations are filed under the platform name the settings give.
+    assert (ROOT / settings.store / "calibrations" / f"platform={platform}").is_dir()
+    sources = grid.Sources(settings, key, settings.data, settings.store, settings.data / grid.RECORD)
+    assert sources.command == command
+
+
+def test_committed_h100_grid_models_are_discovered() -> None:
+    cells = grid.discover(ROOT / grid.PLATFORMS["h100"].data)
+    assert grid.grid_models(cells) == ["Llama-3.2-1B", "Llama-3.2-3B"]
+    assert all(c.workload in grid.WORKLOAD_ORDER for c in cells)
 
 
 def test_group_cells_pairs_repeats_in_round_order_and_orders_the_page() -> None:
