@@ -67,6 +67,8 @@ class CalibrationRun:
     # copy fitted on the run with the bytes its engine copies per launch (known once read).
     stalls: list[float] = field(default_factory=list)
     input_copy: tuple[float, int] | None = None
+    # Async batching: its captures at never-run attention shapes, (layers, launch s, device s).
+    new_shapes: list[tuple[int, float, float]] = field(default_factory=list)
     # The host it was served from (bench.json `host`; empty for runs recorded before it).
     host: dict[str, Any] = field(default_factory=dict)
 
@@ -144,6 +146,7 @@ def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, .
         measured = async_host_samples(truth, scheduler, step_model, num_layers=layers, model=run.model)
         samples, captures, run.stalls = measured.samples, measured.captures, measured.stalls
         run.input_copy = (measured.input_copy_s, scheduler.async_input_bytes)
+        run.new_shapes = [(layers, launch, device) for launch, device in measured.new_shapes]
     else:
         samples, captures = host_samples(truth, run.scheduler(), step_model, num_layers=layers, model=run.model)
     run.warm = truth.warm_passes > 0
@@ -171,8 +174,11 @@ def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regress
         logger.info("calibrating %s on %d runs (%d steps)", key.label(), len(group), len(samples))
         stalls = [stall for run in group for stall in run.stalls]
         copies = [run.input_copy for run in group if run.input_copy is not None]
+        # Priced like the captures: a warm run's only where no cold run has any (pool_samples).
+        cold = any(run.new_shapes for run in group if not run.warm)
+        new_shapes = [shape for run in group if not (run.warm and cold) for shape in run.new_shapes]
         calibrations.append(fit_calibration(key, samples, captures, inputs=inputs, post_capture=stalls,
-                                            kv_regressors=kv_regressors, input_copies=copies))
+                                            kv_regressors=kv_regressors, input_copies=copies, new_shapes=new_shapes))
     return calibrations
 
 
@@ -335,6 +341,7 @@ def calibration_text(calibration: Calibration) -> str:
         + (f"; device time of the step after a capture: +{calibration.post_capture_device_s * MS_PER_S:.2f} ms"
            f"; input copy per launch: {calibration.input_copy_s * MS_PER_S:.2f} ms at "
            f"{calibration.input_copy_bytes / BYTES_PER_GB:.3f} GB"
+           f"; eager run at a new attention shape: {calibration.new_shape_eager_s * MS_PER_S:.2f} ms from its launch"
            if calibration.key.async_batching else ""),
         choice,
         format_table(["model", "steps", "mean host (ms)", "fitted - measured (ms)"], fit_rows),
