@@ -132,7 +132,7 @@ def capture_row(served: Served, run: Path) -> dict[str, Any]:
     overhead = served.overhead(model)
     scheduler = scheduler_of(run, model)
     measured = async_host_samples(truth, scheduler, step_model, num_layers=layers, model=model,
-                                  input_copy_s=overhead.input_copy_s)
+                                  input_copy_s=overhead.input_copy_s, split_new_shapes=True)
     known = [s.host_s - overhead.seconds(path, s.num_seqs, s.num_tokens, s.kv_tokens) for s, path in measured.captures]
     capture = float(np.median(known)) if known else 0.0
     hidden = sum(1 for launch, device in measured.new_shapes if launch - capture <= device)
@@ -164,7 +164,7 @@ def measured_split(truth: GroundTruth, steps: list[MeasuredStep], waits: list[fl
     """Per request (arrival order): (TTFT, queue, step, hand-off, prefill step captured, next captured), seconds."""
     timings = async_timeline(steps)
     requests = sorted(truth.requests, key=lambda r: r.arrived_at_s)
-    rows = []
+    rows: list[tuple[float, ...]] = []
     for request, k in zip(requests, prefill_steps([r.prompt_tokens for r in requests],
                                                   [(s.prefill, s.decode_ctx) for s in steps]), strict=True):
         if k < 0:
@@ -185,7 +185,7 @@ def simulated_split(result: SimResult) -> list[tuple[float, ...]]:
     steps = result.steps
     batches = result.batches or []
     requests = sorted(result.requests, key=lambda r: r.arrival_s)
-    rows = []
+    rows: list[tuple[float, ...]] = []
     for request, k in zip(requests, prefill_steps([r.prompt_tokens for r in requests], batches), strict=True):
         if k < 0:
             continue

@@ -909,7 +909,7 @@ class AsyncSamples:
 
 def async_host_samples(
     truth: GroundTruth, scheduler: Scheduler, step_model: StepLatencyModel, *, num_layers: int = 0, model: str = "",
-    input_copy_s: float | None = None,
+    input_copy_s: float | None = None, split_new_shapes: bool = False,
 ) -> AsyncSamples:
     """`host_samples` of an asynchronous run (transformers async batching), from the probe's split.
 
@@ -922,10 +922,11 @@ def async_host_samples(
     measured device time minus its copy wait and predicted time, less the median of that
     difference over ordinary steps (the step model's own bias).
 
-    A capture at an attention shape the engine never ran (its warm-up simulated first,
-    `warm_engine`) pays the eager run's first-shape host work from its launch (lab/async_ttft.py):
-    it goes to `new_shapes` (its launch time and when the device finished its eager run, both from
-    the launch), and the capture cost is priced on the other captures."""
+    `split_new_shapes` (`dooly calibrate --async-captures split`): a capture at an attention shape
+    the engine never ran (its warm-up simulated first, `warm_engine`) pays the eager run's
+    first-shape host work from its launch (lab/async_ttft.py): it goes to `new_shapes` (its launch
+    time and when the device finished its eager run, both from the launch), and the capture cost is
+    priced on the other captures. Off (the default), every capture prices the one capture cost."""
     keywords = step_keywords(step_model)
     groups = CacheGroups.from_scheduler(scheduler)
     timings = async_timeline(truth.steps)
@@ -938,6 +939,7 @@ def async_host_samples(
     samples: list[HostSample] = []
     captures: list[tuple[HostSample, StepPath]] = []
     first_runs: list[tuple[HostSample, StepPath]] = []
+    all_captures: list[tuple[HostSample, StepPath]] = []
     new_shapes: list[tuple[float, float]] = []
     residual: list[float] = []
     after_capture: list[float] = []
@@ -948,6 +950,7 @@ def async_host_samples(
         if step.graph_captured:
             host = timing.host_s - step.forward_s + max(timing.busy_s - wait - predicted, 0.0)
             sample = (host_sample(path.overhead_key, num_layers, step, host, model, groups), path)
+            all_captures.append(sample)
             if shape in seen:
                 captures.append(sample)
             else:
@@ -961,7 +964,10 @@ def async_host_samples(
         previous_end = timing.device_end_s
         seen.add(shape)
     bias = float(np.median(residual)) if residual else 0.0
-    if not captures:
+    if not split_new_shapes:
+        # One capture constant over every capture, as before the split (`ASYNC_CAPTURES`).
+        captures, new_shapes = all_captures, []
+    elif not captures:
         captures, new_shapes = first_runs, []
     return AsyncSamples(samples, captures, [value - bias for value in after_capture], copy_s, new_shapes)
 
@@ -985,6 +991,7 @@ def calibrate_overhead(
     engine: str = "",
     platform: str = "",
     source: str = "",
+    split_new_shapes: bool = False,
 ) -> CpuOverheadModel:
     """The engine's per-step overhead, measured: for every step of a calibration run, its wall
     time minus the device time the step model predicts for that exact batch on the path the
@@ -1000,7 +1007,7 @@ def calibrate_overhead(
     new_shapes: list[tuple[float, float]] = []
     for truth, scheduler in truths:
         if scheduler_uses_async(scheduler):
-            measured = async_host_samples(truth, scheduler, step_model)
+            measured = async_host_samples(truth, scheduler, step_model, split_new_shapes=split_new_shapes)
             steps, first_seen = measured.samples, measured.captures
             stalls += measured.stalls
             copies.append((measured.input_copy_s, scheduler.async_input_bytes))

@@ -151,7 +151,7 @@ def test_async_runs_are_calibrated_from_the_probe_split_not_the_wall_time():
 
     scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
     truth = GroundTruth([], _async_rows({0, 1, 12}, stall=ASYNC_STALL_S))
-    measured = async_host_samples(truth, scheduler, ConstantDevice(), input_copy_s=0.0)
+    measured = async_host_samples(truth, scheduler, ConstantDevice(), input_copy_s=0.0, split_new_shapes=True)
     # Every ordinary row's host work, though the row's wall time is mostly the wait for the device.
     assert [s.host_s for s in measured.samples] == pytest.approx([ASYNC_PREPARE_S + ASYNC_LAUNCH_S + ASYNC_UPDATE_S] * 37)
     assert max(s.duration_s for s in truth.steps[3:12]) > ASYNC_DEVICE_S - 0.001
@@ -168,17 +168,17 @@ def test_an_async_runs_input_copy_is_fitted_and_not_counted_as_capture_or_stall(
 
     scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
     truth = GroundTruth([], _async_rows({0, 1, 12}, copy=ASYNC_COPY_S))
-    measured = async_host_samples(truth, scheduler, ConstantDevice())
+    measured = async_host_samples(truth, scheduler, ConstantDevice(), split_new_shapes=True)
     assert measured.input_copy_s == pytest.approx(ASYNC_COPY_S)
     assert measured.stalls == pytest.approx([0.0, 0.0], abs=1e-9)
     assert [c.host_s for c, _ in measured.captures] == pytest.approx([ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S] * 2)
     # Read as before the copy was modelled, the copy shows as a post-capture stall and inflates captures.
-    blind = async_host_samples(truth, scheduler, ConstantDevice(), input_copy_s=0.0)
+    blind = async_host_samples(truth, scheduler, ConstantDevice(), input_copy_s=0.0, split_new_shapes=True)
     assert blind.stalls == pytest.approx([ASYNC_COPY_S, ASYNC_COPY_S])
     # (row 1 is launched on an idle device and waits for its copy; row 12's copy hides)
     base = ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S
     assert [c.host_s for c, _ in blind.captures] == pytest.approx([base + ASYNC_COPY_S, base])
-    fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice())
+    fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice(), split_new_shapes=True)
     assert fitted.input_copy_s == pytest.approx(ASYNC_COPY_S)
     assert fitted.input_copy_bytes == scheduler.async_input_bytes > 0
     assert fitted.post_capture_device_s == pytest.approx(0.0, abs=1e-9)
@@ -193,17 +193,33 @@ def test_an_async_capture_at_a_new_attention_shape_is_priced_from_its_launch():
 
     scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
     truth = GroundTruth([], _async_rows({0, 1, 12}, copy=ASYNC_COPY_S, new_shape_host=NEW_SHAPE_HOST_S))
-    measured = async_host_samples(truth, scheduler, ConstantDevice())
+    measured = async_host_samples(truth, scheduler, ConstantDevice(), split_new_shapes=True)
     # Row 0's launch: the first-shape host work, then the capture; its device was done at copy + step.
     assert [v for launch in measured.new_shapes for v in launch] == pytest.approx(
         [NEW_SHAPE_HOST_S + CAPTURE_S, ASYNC_COPY_S + ASYNC_DEVICE_S])
-    fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice())
+    fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice(), split_new_shapes=True)
     # The capture cost is priced on the captures of a known shape, the first-shape work apart.
     assert fitted.graph_capture_s == pytest.approx(CAPTURE_S - ASYNC_LAUNCH_S, rel=0.05)
     assert fitted.new_shape_eager_s == pytest.approx(NEW_SHAPE_HOST_S + ASYNC_LAUNCH_S, rel=0.05)
     # Without the first-shape work the eager run ends with the device: nothing to price.
-    plain = calibrate_overhead([(GroundTruth([], _async_rows({0, 1, 12}, copy=ASYNC_COPY_S)), scheduler)], ConstantDevice())
+    plain = calibrate_overhead([(GroundTruth([], _async_rows({0, 1, 12}, copy=ASYNC_COPY_S)), scheduler)], ConstantDevice(),
+                               split_new_shapes=True)
     assert plain.new_shape_eager_s == 0.0
+
+
+def test_by_default_every_async_capture_prices_the_one_capture_cost():
+    from dooly.sim.validate import async_host_samples
+
+    scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
+    truth = GroundTruth([], _async_rows({0, 1, 12}, copy=ASYNC_COPY_S, new_shape_host=NEW_SHAPE_HOST_S))
+    measured = async_host_samples(truth, scheduler, ConstantDevice())
+    # The first run of the shape is a capture like the others, and nothing is priced apart.
+    assert len(measured.captures) == 3
+    assert measured.new_shapes == []
+    fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice())
+    assert fitted.new_shape_eager_s == 0.0
+    split = calibrate_overhead([(truth, scheduler)], ConstantDevice(), split_new_shapes=True)
+    assert split.new_shape_eager_s > 0.0
 
 
 def test_the_first_shape_fit_takes_a_hidden_eager_run_as_a_bound():
