@@ -40,7 +40,9 @@ from the bench probe's split, `dooly.sim.validate.async_host_samples`) overlaps 
 not a wall-time residual, it captures each graph once per IO pair, every launch copies its inputs
 to the device behind the previous launch's copy (`input_copy_s`, measured at `input_copy_bytes`:
 transformers copies the whole attention mask), and the step after a capture pays any extra device
-time beyond its copy (`post_capture_device_s`). Values escaped as in shard keys. A generation is created with an atomic create-if-absent, so a
+time beyond its copy (`post_capture_device_s`); a capture at an attention shape the engine never
+ran holds the host from its launch for the eager run's first-shape work (`new_shape_eager_s`).
+Values escaped as in shard keys. A generation is created with an atomic create-if-absent, so a
 reader sees a whole document or none; the newest generation is the calibration.
 """
 
@@ -243,6 +245,7 @@ class Calibration:
     post_capture_device_s: float = 0.0  # async batching: extra device time of the step after a capture
     input_copy_s: float = 0.0  # async batching: a launch's host-to-device input copy ...
     input_copy_bytes: int = 0  # ... measured at this many bytes of inputs (0: not scaled)
+    new_shape_eager_s: float = 0.0  # async batching: a capture's eager run at a never-run shape, from its launch
     inputs: list[dict[str, Any]] = field(default_factory=list)  # one per calibration run
     fit: dict[str, Any] = field(default_factory=dict)  # residual statistics per model
     created_at: str = ""
@@ -263,6 +266,7 @@ class Calibration:
             post_capture_device_s=self.post_capture_device_s,
             input_copy_s=self.input_copy_s,
             input_copy_bytes=self.input_copy_bytes,
+            new_shape_eager_s=self.new_shape_eager_s,
         )
 
     def describe(self, model: str = "", num_layers: int | None = None) -> str:
@@ -282,6 +286,7 @@ class Calibration:
             "post_capture_device_s": self.post_capture_device_s,
             "input_copy_s": self.input_copy_s,
             "input_copy_bytes": self.input_copy_bytes,
+            "new_shape_eager_s": self.new_shape_eager_s,
             "inputs": self.inputs,
             "fit": self.fit,
             "created_at": self.created_at,
@@ -310,17 +315,19 @@ class Calibration:
             post_capture = float(data.get("post_capture_device_s", 0.0))
             copy = float(data.get("input_copy_s", 0.0))
             copy_bytes = float(data.get("input_copy_bytes", 0))
+            new_shape = float(data.get("new_shape_eager_s", 0.0))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise DoolyError("a calibration document needs `key` (platform, engine, engine_version, backend, "
                              "cuda_graphs) and numeric `terms` per path") from None
-        values = [capture, capture_layer, post_capture, copy, copy_bytes,
+        values = [capture, capture_layer, post_capture, copy, copy_bytes, new_shape,
                   *(v for t in terms.values() for v in asdict(t).values())]
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise DoolyError("calibration terms must be finite and >= 0")
         if not copy_bytes.is_integer():
             raise DoolyError("a calibration's `input_copy_bytes` must be a whole number of bytes")
         return cls(key=key, terms=terms, graph_capture_s=capture, graph_capture_per_layer_s=capture_layer,
-                   post_capture_device_s=post_capture, input_copy_s=copy, input_copy_bytes=int(copy_bytes), inputs=list(data.get("inputs", [])), fit=dict(data.get("fit", {})),
+                   post_capture_device_s=post_capture, input_copy_s=copy, input_copy_bytes=int(copy_bytes),
+                   new_shape_eager_s=new_shape, inputs=list(data.get("inputs", [])), fit=dict(data.get("fit", {})),
                    created_at=str(data.get("created_at", "")), generation=generation)
 
 
@@ -410,6 +417,7 @@ def fit_calibration(
     post_capture: Sequence[float] = (),
     kv_regressors: str = DEFAULT_KV_REGRESSORS,
     input_copies: Sequence[tuple[float, int]] = (),
+    new_shapes: Sequence[tuple[int, float, float]] = (),
 ) -> Calibration:
     """A calibration from host samples of several models, and the first step of each CUDA-graph
     shape (sample, path): what it took beyond an ordinary step on its path is the capture cost,
@@ -417,7 +425,9 @@ def fit_calibration(
     `post_capture` (async batching): the extra device time measured on each step launched right
     after a capture beyond its input copy; its median is kept. `input_copies` (async batching): each
     run's fitted input copy and the bytes its engine copies per launch (`pooled_input_copy`).
-    `kv_regressors`: the KV slopes' form (KV_REGRESSORS; recorded in `fit`)."""
+    `new_shapes` (async batching): each capture at an attention shape its engine never ran, as
+    (layers, launch seconds, seconds until the device finished its eager run), the capture cost
+    for that layer count taken off the launch (`fit_new_shape_eager`). `kv_regressors`: the KV slopes' form (KV_REGRESSORS; recorded in `fit`)."""
     import numpy as np
     from scipy.optimize import nnls
 
@@ -439,6 +449,11 @@ def fit_calibration(
             calibration.graph_capture_per_layer_s = float(coef[1] / layers.max())
         else:
             calibration.graph_capture_s = max(float(medians[0]), 0.0)
+    if new_shapes:
+        capture_s = [calibration.graph_capture_s + calibration.graph_capture_per_layer_s * layers
+                     for layers, _, _ in new_shapes]
+        calibration.new_shape_eager_s = fit_new_shape_eager(
+            [(launch - capture, device) for (_, launch, device), capture in zip(new_shapes, capture_s, strict=True)])
     if post_capture:
         calibration.post_capture_device_s = max(float(np.median(post_capture)), 0.0)
     if input_copies:
@@ -446,6 +461,30 @@ def fit_calibration(
     calibration.fit = {"kv_regressors": kv_regressors, "layer_terms": layered, "leave_one_model_out_host_error": scores,
                        "models": residual_stats(calibration, samples)}
     return calibration
+
+
+# A capture's launch that ends within this of its eager run's device end was device-bound: the
+# launch's own host work around the eager run (~1 ms on the committed runs) is not first-shape work.
+HIDDEN_EAGER_TOLERANCE_S = 0.002
+
+
+def fit_new_shape_eager(launches: Sequence[tuple[float, float]]) -> float:
+    """The host time H from a capture's launch to the end of its eager run at an attention shape
+    the engine never ran, from (seconds the launch held the host before the capture, seconds
+    until the device finished the eager run) per such capture: the simulator ends the eager run
+    at max(device, H). A launch that ended with the device (within HIDDEN_EAGER_TOLERANCE_S) only
+    says H was no longer; so H is the value that minimises the absolute error of max(device, H)
+    over the others plus how far it passes those bounds (a median that takes bounds as bounds),
+    the smallest such; 0 where nothing says it is more."""
+    hidden = [device + HIDDEN_EAGER_TOLERANCE_S for launch, device in launches
+              if launch <= device + HIDDEN_EAGER_TOLERANCE_S]
+    exposed = [(launch, device) for launch, device in launches if launch > device + HIDDEN_EAGER_TOLERANCE_S]
+
+    def error(host: float) -> float:
+        return (sum(abs(launch - max(device, host)) for launch, device in exposed)
+                + sum(max(host - bound, 0.0) for bound in hidden))
+
+    return min(sorted({0.0, *(launch for launch, _ in exposed)}), key=error)
 
 
 def pooled_input_copy(copies: Sequence[tuple[float, int]]) -> tuple[float, int]:

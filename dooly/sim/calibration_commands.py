@@ -45,6 +45,13 @@ BENCH_FILE = "bench.json"
 ENGINE_FILE = "engine.json"
 RUN_FILES = ("requests.parquet", "steps.parquet", BENCH_FILE, ENGINE_FILE)
 RUN_DIGEST_CHARS = 16
+# How an async-batching calibration prices CUDA-graph captures: `single`, one capture cost over
+# every capture; `split`, the capture cost on shapes the engine had run, and the eager run's
+# first-shape host time apart (`new_shape_eager_s`; docs/calibration.md says why it is not the
+# default: fitted on one calib run per platform it regresses most async cells).
+ASYNC_CAPTURES_SINGLE = "single"
+ASYNC_CAPTURES_SPLIT = "split"
+ASYNC_CAPTURES = (ASYNC_CAPTURES_SINGLE, ASYNC_CAPTURES_SPLIT)
 ATTENTION_KIND = "attention"
 US_PER_S = 1e6
 MS_PER_S = 1e3
@@ -67,6 +74,8 @@ class CalibrationRun:
     # copy fitted on the run with the bytes its engine copies per launch (known once read).
     stalls: list[float] = field(default_factory=list)
     input_copy: tuple[float, int] | None = None
+    # Async batching: its captures at never-run attention shapes, (layers, launch s, device s).
+    new_shapes: list[tuple[int, float, float]] = field(default_factory=list)
     # The host it was served from (bench.json `host`; empty for runs recorded before it).
     host: dict[str, Any] = field(default_factory=dict)
 
@@ -121,12 +130,13 @@ def model_layers(model: str, inventory: dict[str, Any] | None = None) -> int:
     return count
 
 
-def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, ...], Any] | None = None
-                ) -> tuple[list[HostSample], list[tuple[HostSample, Any]], int]:
+def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, ...], Any] | None = None,
+                split_new_shapes: bool = False) -> tuple[list[HostSample], list[tuple[HostSample, Any]], int]:
     """Host samples of one run against the fitted step model of its model (cached per model and
     backend across runs), and the model's layer count. An async-batching run's samples come from
-    the probe's split (`async_host_samples`); its post-capture device stalls are in `run.stalls`,
-    its input copy in `run.input_copy`."""
+    the probe's split (`async_host_samples`, its captures at never-run shapes apart with
+    `split_new_shapes`); its post-capture device stalls are in `run.stalls`, its input copy in
+    `run.input_copy`."""
     from dooly.fit.source import FittedSource, open_fitted_step
     from dooly.sim.validate import async_host_samples, host_samples, load_ground_truth
 
@@ -141,19 +151,22 @@ def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, .
     truth = load_ground_truth(run.directory)
     if run.key.async_batching:
         scheduler = run.scheduler()
-        measured = async_host_samples(truth, scheduler, step_model, num_layers=layers, model=run.model)
+        measured = async_host_samples(truth, scheduler, step_model, num_layers=layers, model=run.model,
+                                      split_new_shapes=split_new_shapes)
         samples, captures, run.stalls = measured.samples, measured.captures, measured.stalls
         run.input_copy = (measured.input_copy_s, scheduler.async_input_bytes)
+        run.new_shapes = [(layers, launch, device) for launch, device in measured.new_shapes]
     else:
         samples, captures = host_samples(truth, run.scheduler(), step_model, num_layers=layers, model=run.model)
     run.warm = truth.warm_passes > 0
     return samples, captures, layers
 
 
-def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regressors: str = DEFAULT_KV_REGRESSORS
-                   ) -> list[Calibration]:
+def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regressors: str = DEFAULT_KV_REGRESSORS,
+                   async_captures: str = ASYNC_CAPTURES_SINGLE) -> list[Calibration]:
     """One calibration per key among the runs, each fitted on all of that key's runs with the
-    KV regressors `kv_regressors` (KV_REGRESSORS)."""
+    KV regressors `kv_regressors` (KV_REGRESSORS) and, for async batching, the capture form
+    `async_captures` (ASYNC_CAPTURES)."""
     by_key: dict[CalibrationKey, list[CalibrationRun]] = {}
     for run in runs:
         by_key.setdefault(run.key, []).append(run)
@@ -163,7 +176,7 @@ def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regress
         measured = {}
         inputs = []
         for run in sorted(group, key=lambda r: r.name):
-            measured[run.name] = run_samples(run, fitted_store, cache)
+            measured[run.name] = run_samples(run, fitted_store, cache, async_captures == ASYNC_CAPTURES_SPLIT)
             steps, first_seen, layers = measured[run.name]
             inputs.append({"run": run.name, "model": run.model, "num_layers": layers, "steps": len(steps) + len(first_seen),
                            "warm": run.warm, **({"host": run.host} if run.host else {})})
@@ -171,8 +184,11 @@ def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regress
         logger.info("calibrating %s on %d runs (%d steps)", key.label(), len(group), len(samples))
         stalls = [stall for run in group for stall in run.stalls]
         copies = [run.input_copy for run in group if run.input_copy is not None]
+        # Priced like the captures: a warm run's only where no cold run has any (pool_samples).
+        cold = any(run.new_shapes for run in group if not run.warm)
+        new_shapes = [shape for run in group if not (run.warm and cold) for shape in run.new_shapes]
         calibrations.append(fit_calibration(key, samples, captures, inputs=inputs, post_capture=stalls,
-                                            kv_regressors=kv_regressors, input_copies=copies))
+                                            kv_regressors=kv_regressors, input_copies=copies, new_shapes=new_shapes))
     return calibrations
 
 
@@ -255,10 +271,15 @@ def stored_runs(store: Any, workdir: Path) -> list[CalibrationRun]:
               help=f"What the host time per KV token scales with: `{KV_GROUPS}`, the KV index entries of the model's "
                    f"cache layer groups (sliding groups capped at their window); `{KV_TOKENS}`, the KV tokens read "
                    "and those times the layer count (the form of calibrations before it).")
+@click.option("--async-captures", type=click.Choice(list(ASYNC_CAPTURES)), default=ASYNC_CAPTURES_SINGLE,
+              show_default=True,
+              help=f"Async batching's CUDA-graph captures: `{ASYNC_CAPTURES_SINGLE}`, one capture cost over all; "
+                   f"`{ASYNC_CAPTURES_SPLIT}`, the capture cost on shapes the engine had run and the first run of a new "
+                   "attention shape apart (needs calib runs of several layer counts; docs/calibration.md).")
 @output_option
 def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool, record_only: bool,
                       fitted_store: str | None, endpoint_url: str | None, dry_run: bool, kv_regressors: str,
-                      output_format: str) -> None:
+                      async_captures: str, output_format: str) -> None:
     """Fit the engine's host overhead for a whole platform from calibration runs of several models.
 
     For every step of every run: its wall time minus the device time the store's fitted models
@@ -297,7 +318,7 @@ def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool,
             runs += stored_runs(target, Path(workdir))
         if not runs:
             raise DoolyError(f"store {store} records no calibration runs under {RUNS_PREFIX}")
-        calibrations = calibrate_runs(runs, fitted_store or store, kv_regressors)
+        calibrations = calibrate_runs(runs, fitted_store or store, kv_regressors, async_captures)
     written = {} if dry_run else {id(c): write_calibration(target, c) for c in calibrations}
     if output_format == "json":
         emit_json({"calibrations": [{**c.to_dict(), "generation": c.generation, "object": written.get(id(c))}
@@ -335,6 +356,7 @@ def calibration_text(calibration: Calibration) -> str:
         + (f"; device time of the step after a capture: +{calibration.post_capture_device_s * MS_PER_S:.2f} ms"
            f"; input copy per launch: {calibration.input_copy_s * MS_PER_S:.2f} ms at "
            f"{calibration.input_copy_bytes / BYTES_PER_GB:.3f} GB"
+           f"; eager run at a new attention shape: {calibration.new_shape_eager_s * MS_PER_S:.2f} ms from its launch"
            if calibration.key.async_batching else ""),
         choice,
         format_table(["model", "steps", "mean host (ms)", "fitted - measured (ms)"], fit_rows),

@@ -14,7 +14,9 @@ Two loops, as in the engines:
   N+1 before it knows N's results (a request that finishes in N takes a wasted slot in N+1). Steps
   alternate between two IO buffer pairs, each with its own CUDA graphs, so a shape is captured once
   per pair; a capture runs the step eagerly and synchronises, so it holds the host (and N's
-  tokens) for the step's device time plus the capture, and the step launched after it pays the
+  tokens) for the step's device time plus the capture (and, the first time the process runs the
+  step's attention shape, until at least `new_shape_eager_s` after its launch: the eager run's
+  first-shape host work, hidden behind the device's work in flight), and the step launched after it pays the
   calibration's `post_capture_device_s` on the device. Every launch copies its inputs to the
   device on one copy stream (transformers copies the whole attention mask, max_batch_tokens x
   cache tokens: ~20 ms on the H100 runs): the copy starts at max(launch, end of the previous
@@ -414,6 +416,9 @@ class _Run:
                 continue
             idle = 0
             gpu, cpu = self._cost(batch)
+            # Asked before capture_seconds records the step's graph (a new shape is a new graph).
+            new_shape = (overhead.new_shape_eager_s > 0 and batch.path.cuda_graph
+                         and overhead.new_attention_shape(batch.path, self.captured))
             capture = overhead.capture_seconds(batch.path, self.captured, launched_steps % io_pairs)
             launched_steps += 1
             ready = host + cpu
@@ -421,10 +426,16 @@ class _Run:
             # work waits for it. Without a copy, copy_free <= ready: start as before, bit for bit.
             copy_free = max(ready, copy_free) + copy
             start = max(ready, device_free, copy_free)
-            if capture:
+            if capture or new_shape:
                 # Captured: run eagerly, synchronise, record; the host is back after all of it.
+                # The eager run of a shape the process never ran holds the host from its launch
+                # (`new_shape_eager_s`), behind which the device's work in flight hides.
                 device_free = start + gpu
-                launched = device_free + capture
+                if new_shape:
+                    launched = max(device_free, ready + overhead.new_shape_eager_s) + capture
+                    capture = launched - device_free
+                else:
+                    launched = device_free + capture
                 stall = overhead.post_capture_device_s
             else:
                 gpu += stall

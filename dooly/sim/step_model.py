@@ -52,6 +52,8 @@ class StepKind(str, Enum):
 # two pairs of static input/output buffers, each with its own graphs, so a shape is captured once
 # per pair (measured: bench/async_batching.py).
 GraphShape = tuple[str, int, int, int, int]
+# The leading fields of a GraphShape that shape the step's kernels (`CpuOverheadModel.attention_shape`).
+ATTENTION_SHAPE_FIELDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +236,11 @@ class CpuOverheadModel:
     # `input_copy_bytes` of inputs; 0 bytes: applied as it is, whatever the engine copies.
     input_copy_s: float = 0.0
     input_copy_bytes: int = 0
+    # Async batching only: the host's time from a capture's launch to the end of its eager run
+    # when the step's attention shape (`attention_shape`) was never run in the process: the
+    # eager forward then pays the engine's first-shape work (~75-130 ms on the committed runs),
+    # which overlaps the device's work in flight (lab/async_ttft.py).
+    new_shape_eager_s: float = 0.0
 
     def seconds(self, path: StepPath, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:
         terms = self._terms_of(path)
@@ -272,6 +279,20 @@ class CpuOverheadModel:
             return 0.0
         captured.add(shape)
         return self.graph_capture_s
+
+    @staticmethod
+    def attention_shape(path: StepPath) -> tuple[str, int, int]:
+        """What a step's eager kernels are shaped by: its engine path and padded query and KV
+        tokens (a graph shape without its IO pair and longest-sequence key)."""
+        return (path.engine_path, path.padded_tokens, path.padded_kv)
+
+    @classmethod
+    def new_attention_shape(cls, path: StepPath, captured: set[GraphShape]) -> bool:
+        """Whether no graph in `captured` was recorded at `path`'s attention shape (in any IO
+        pair, at any longest-sequence key): the engine never ran a step of that shape. Ask before
+        `capture_seconds` records the step's own graph."""
+        shape = cls.attention_shape(path)
+        return not any(graph[:ATTENTION_SHAPE_FIELDS] == shape for graph in captured)
 
     def input_copy_seconds(self, input_bytes: int) -> float:
         """The input copy of a launch that copies `input_bytes` (`Scheduler.async_input_bytes`):
@@ -355,6 +376,7 @@ class CpuOverheadModel:
             "post_capture_device_s": self.post_capture_device_s,
             "input_copy_s": self.input_copy_s,
             "input_copy_bytes": self.input_copy_bytes,
+            "new_shape_eager_s": self.new_shape_eager_s,
             "terms": {key: asdict(value) for key, value in sorted(self.terms.items())},
         }
 
@@ -383,8 +405,9 @@ class CpuOverheadModel:
             if any(not math.isfinite(v) or v < 0 for v in asdict(parsed).values()):
                 raise DoolyError(f"CPU overhead terms for {key!r} must be finite and >= 0")
             terms[key] = parsed
-        capture, post_capture, copy = (_nonnegative(data, name)
-                                       for name in ("graph_capture_s", "post_capture_device_s", "input_copy_s"))
+        capture, post_capture, copy, new_shape = (
+            _nonnegative(data, name)
+            for name in ("graph_capture_s", "post_capture_device_s", "input_copy_s", "new_shape_eager_s"))
         copy_bytes = _nonnegative(data, "input_copy_bytes")
         if not copy_bytes.is_integer():
             raise DoolyError("CPU overhead `input_copy_bytes` must be a whole number of bytes")
@@ -397,6 +420,7 @@ class CpuOverheadModel:
             post_capture_device_s=post_capture,
             input_copy_s=copy,
             input_copy_bytes=int(copy_bytes),
+            new_shape_eager_s=new_shape,
         )
 
     @classmethod

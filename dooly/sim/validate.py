@@ -41,7 +41,13 @@ import numpy as np
 from dooly.engines.groundtruth import BENCH_FILE, REQUESTS_FILE, STEPS_FILE
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json, read_json_object
-from dooly.sim.calibration import CacheGroups, HostSample, pooled_input_copy, scheduler_uses_async
+from dooly.sim.calibration import (
+    CacheGroups,
+    HostSample,
+    fit_new_shape_eager,
+    pooled_input_copy,
+    scheduler_uses_async,
+)
 from dooly.sim.schedulers import Scheduler
 from dooly.sim.simulator import PERCENTILES, SimResult, latency_stats, simulate
 from dooly.sim.step_model import (
@@ -602,11 +608,7 @@ def validate(
     fresh scheduler, as the bench served them, after its warm-up requests (`truth.warmup`)."""
     path_for = path_for or scheduler.path_for
     workload = truth.workload()
-    captured: set[GraphShape] = set()
-    if truth.warmup:
-        simulate(truth.warmup, scheduler.fresh(), step_model, cpu_overhead, captured=captured)
-    for _ in range(truth.warm_passes):
-        simulate(workload, scheduler.fresh(), step_model, cpu_overhead, captured=captured)
+    captured = warm_engine(truth, scheduler, step_model, cpu_overhead)
     # Replayed first: the recorded pass starts with what the warm passes captured (replay copies it).
     if not truth.steps:
         steps = None
@@ -625,6 +627,21 @@ def validate(
     return ValidationReport(compare_requests(truth, result), steps, result, coverage,
                             measured_throughput=measured_throughput(truth), floor=run_floor(runs) if repeats else {},
                             runs=len(runs), target_pct=target_pct)
+
+
+def warm_engine(truth: GroundTruth, scheduler: Scheduler, step_model: StepLatencyModel,
+                cpu_overhead: CpuOverheadModel | None = None) -> set[GraphShape]:
+    """The CUDA graphs the engine holds when its recorded pass starts: its warm-up requests
+    (`truth.warmup`) and unrecorded warm passes simulated, each with a fresh scheduler, as the
+    bench served them."""
+    captured: set[GraphShape] = set()
+    if truth.warmup:
+        simulate(truth.warmup, scheduler.fresh(), step_model, cpu_overhead, captured=captured)
+    if truth.warm_passes:
+        workload = truth.workload()
+        for _ in range(truth.warm_passes):
+            simulate(workload, scheduler.fresh(), step_model, cpu_overhead, captured=captured)
+    return captured
 
 
 def check_repeat(reference: GroundTruth, repeat: GroundTruth, name: str) -> None:
@@ -883,11 +900,16 @@ class AsyncSamples:
     captures: list[tuple[HostSample, StepPath]]  # the captured steps' host time, with their paths
     stalls: list[float]  # device time of each step after a capture beyond its copy and the model's bias
     input_copy_s: float  # the input copy of every launch, fitted on the run (or as given)
+    # Captures of an attention shape the engine never ran (`CpuOverheadModel.new_attention_shape`):
+    # (the launch's seconds, when the device finished its eager run: seconds after the launch
+    # began), for `fit_new_shape_eager`; their host samples are not in `captures` (the capture
+    # cost is priced on the others) unless the run captured no known shape.
+    new_shapes: list[tuple[float, float]] = field(default_factory=list)
 
 
 def async_host_samples(
     truth: GroundTruth, scheduler: Scheduler, step_model: StepLatencyModel, *, num_layers: int = 0, model: str = "",
-    input_copy_s: float | None = None,
+    input_copy_s: float | None = None, split_new_shapes: bool = False,
 ) -> AsyncSamples:
     """`host_samples` of an asynchronous run (transformers async batching), from the probe's split.
 
@@ -898,10 +920,17 @@ def async_host_samples(
     copied, beyond the predicted device time (the eager run, then the capture), as the simulator
     charges it. Stalls: the extra device time of each step launched right after a capture,
     measured device time minus its copy wait and predicted time, less the median of that
-    difference over ordinary steps (the step model's own bias)."""
+    difference over ordinary steps (the step model's own bias).
+
+    `split_new_shapes` (`dooly calibrate --async-captures split`): a capture at an attention shape
+    the engine never ran (its warm-up simulated first, `warm_engine`) pays the eager run's
+    first-shape host work from its launch (lab/async_ttft.py): it goes to `new_shapes` (its launch
+    time and when the device finished its eager run, both from the launch), and the capture cost is
+    priced on the other captures. Off (the default), every capture prices the one capture cost."""
     keywords = step_keywords(step_model)
     groups = CacheGroups.from_scheduler(scheduler)
     timings = async_timeline(truth.steps)
+    seen = {CpuOverheadModel.attention_shape(scheduler.path_for(*batch)) for batch in _warm_batches(truth, scheduler, step_model)}
     paths = [scheduler.path_for(step.prefill, step.decode_ctx) for step in truth.steps]
     device = [float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
               for step, path in zip(truth.steps, paths, strict=True)]
@@ -909,19 +938,50 @@ def async_host_samples(
     waits = input_copy_waits(truth.steps, timings, device, copy_s)
     samples: list[HostSample] = []
     captures: list[tuple[HostSample, StepPath]] = []
+    first_runs: list[tuple[HostSample, StepPath]] = []
+    all_captures: list[tuple[HostSample, StepPath]] = []
+    new_shapes: list[tuple[float, float]] = []
     residual: list[float] = []
     after_capture: list[float] = []
     previous_captured = False
+    previous_end = -math.inf
     for step, timing, path, predicted, wait in zip(truth.steps, timings, paths, device, waits, strict=True):
+        shape = CpuOverheadModel.attention_shape(path)
         if step.graph_captured:
             host = timing.host_s - step.forward_s + max(timing.busy_s - wait - predicted, 0.0)
-            captures.append((host_sample(path.overhead_key, num_layers, step, host, model, groups), path))
+            sample = (host_sample(path.overhead_key, num_layers, step, host, model, groups), path)
+            all_captures.append(sample)
+            if shape in seen:
+                captures.append(sample)
+            else:
+                ready = step.start_s + step.prepare_s
+                first_runs.append(sample)
+                new_shapes.append((step.forward_s, max(previous_end, ready) + wait + predicted - ready))
         else:
             samples.append(host_sample(path.overhead_key, num_layers, step, timing.host_s, model, groups))
             (after_capture if previous_captured else residual).append(step.device_s - wait - predicted)
         previous_captured = step.graph_captured
+        previous_end = timing.device_end_s
+        seen.add(shape)
     bias = float(np.median(residual)) if residual else 0.0
-    return AsyncSamples(samples, captures, [value - bias for value in after_capture], copy_s)
+    if not split_new_shapes:
+        # One capture constant over every capture, as before the split (`ASYNC_CAPTURES`).
+        captures, new_shapes = all_captures, []
+    elif not captures:
+        captures, new_shapes = first_runs, []
+    return AsyncSamples(samples, captures, [value - bias for value in after_capture], copy_s, new_shapes)
+
+
+def _warm_batches(truth: GroundTruth, scheduler: Scheduler, step_model: StepLatencyModel) -> list[Any]:
+    """The compositions the engine ran before its recorded pass (`warm_engine`'s simulation)."""
+    batches: list[Any] = []
+    if truth.warmup:
+        batches += simulate(truth.warmup, scheduler.fresh(), step_model, record_batches=True).batches or []
+    if truth.warm_passes:
+        workload = truth.workload()
+        for _ in range(truth.warm_passes):
+            batches += simulate(workload, scheduler.fresh(), step_model, record_batches=True).batches or []
+    return batches
 
 
 def calibrate_overhead(
@@ -931,6 +991,7 @@ def calibrate_overhead(
     engine: str = "",
     platform: str = "",
     source: str = "",
+    split_new_shapes: bool = False,
 ) -> CpuOverheadModel:
     """The engine's per-step overhead, measured: for every step of a calibration run, its wall
     time minus the device time the step model predicts for that exact batch on the path the
@@ -943,12 +1004,14 @@ def calibrate_overhead(
     captures: list[tuple[HostSample, StepPath]] = []
     stalls: list[float] = []
     copies: list[tuple[float, int]] = []
+    new_shapes: list[tuple[float, float]] = []
     for truth, scheduler in truths:
         if scheduler_uses_async(scheduler):
-            measured = async_host_samples(truth, scheduler, step_model)
+            measured = async_host_samples(truth, scheduler, step_model, split_new_shapes=split_new_shapes)
             steps, first_seen = measured.samples, measured.captures
             stalls += measured.stalls
             copies.append((measured.input_copy_s, scheduler.async_input_bytes))
+            new_shapes += measured.new_shapes
         else:
             steps, first_seen = host_samples(truth, scheduler, step_model)
         samples += steps
@@ -963,6 +1026,9 @@ def calibrate_overhead(
         # What a first-seen shape costs beyond an ordinary step on its path.
         excess = [s.host_s - fitted.seconds(path, s.num_seqs, s.num_tokens, s.kv_tokens) for s, path in captures]
         fitted.graph_capture_s = max(float(np.median(excess)), 0.0)
+    if new_shapes:
+        fitted.new_shape_eager_s = fit_new_shape_eager([(launch - fitted.graph_capture_s, device)
+                                                        for launch, device in new_shapes])
     if stalls:
         fitted.post_capture_device_s = max(float(np.median(stalls)), 0.0)
     if copies:

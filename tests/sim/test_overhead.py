@@ -112,10 +112,13 @@ class ConstantDevice:
         return ASYNC_DEVICE_S
 
 
-def _async_rows(captured_at: set[int], rows: int = 40, copy: float = 0.0, stall: float = 0.0) -> list[MeasuredStep]:
+def _async_rows(captured_at: set[int], rows: int = 40, copy: float = 0.0, stall: float = 0.0,
+                new_shape_host: float = 0.0) -> list[MeasuredStep]:
     """The engine's timeline: each launch's input copy starts at max(launch, end of the previous
     copy) and the device work waits for it; the probe's device time runs from the stream being
-    free (max(previous device end, launch)) to the end of the device work."""
+    free (max(previous device end, launch)) to the end of the device work. Every row has one
+    attention shape, so the first capture's eager run is the shape's first: it holds the host
+    `new_shape_host` from its launch (the device's work hides it where it is longer)."""
     steps = []
     host, device_end, copy_end = 0.0, 0.0, 0.0
     for k in range(rows):
@@ -124,7 +127,10 @@ def _async_rows(captured_at: set[int], rows: int = 40, copy: float = 0.0, stall:
         copy_end = max(ready, copy_end) + copy
         start = max(free, copy_end)
         if k in captured_at:  # eager run, synchronise, capture: the launch returns after all of it
-            launched = start + ASYNC_DEVICE_S + CAPTURE_S
+            eager_end = start + ASYNC_DEVICE_S
+            if k == min(captured_at):
+                eager_end = max(eager_end, ready + new_shape_host)
+            launched = eager_end + CAPTURE_S
             end_of_device = launched
         else:
             launched = ready + ASYNC_LAUNCH_S
@@ -145,11 +151,13 @@ def test_async_runs_are_calibrated_from_the_probe_split_not_the_wall_time():
 
     scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
     truth = GroundTruth([], _async_rows({0, 1, 12}, stall=ASYNC_STALL_S))
-    measured = async_host_samples(truth, scheduler, ConstantDevice(), input_copy_s=0.0)
+    measured = async_host_samples(truth, scheduler, ConstantDevice(), input_copy_s=0.0, split_new_shapes=True)
     # Every ordinary row's host work, though the row's wall time is mostly the wait for the device.
     assert [s.host_s for s in measured.samples] == pytest.approx([ASYNC_PREPARE_S + ASYNC_LAUNCH_S + ASYNC_UPDATE_S] * 37)
     assert max(s.duration_s for s in truth.steps[3:12]) > ASYNC_DEVICE_S - 0.001
-    assert [c.host_s for c, _ in measured.captures] == pytest.approx([ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S] * 3)
+    # Row 0 ran the run's one attention shape first: priced apart (`new_shapes`), rows 1 and 12 capture it again.
+    assert [c.host_s for c, _ in measured.captures] == pytest.approx([ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S] * 2)
+    assert [v for launch in measured.new_shapes for v in launch] == pytest.approx([ASYNC_DEVICE_S + CAPTURE_S, ASYNC_DEVICE_S])
     # Row 1 is a capture itself: only rows 2 and 13 follow a capture as ordinary steps.
     assert measured.stalls == pytest.approx([ASYNC_STALL_S, ASYNC_STALL_S])
     assert measured.input_copy_s == 0.0
@@ -160,21 +168,70 @@ def test_an_async_runs_input_copy_is_fitted_and_not_counted_as_capture_or_stall(
 
     scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
     truth = GroundTruth([], _async_rows({0, 1, 12}, copy=ASYNC_COPY_S))
-    measured = async_host_samples(truth, scheduler, ConstantDevice())
+    measured = async_host_samples(truth, scheduler, ConstantDevice(), split_new_shapes=True)
     assert measured.input_copy_s == pytest.approx(ASYNC_COPY_S)
     assert measured.stalls == pytest.approx([0.0, 0.0], abs=1e-9)
-    assert [c.host_s for c, _ in measured.captures] == pytest.approx([ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S] * 3)
+    assert [c.host_s for c, _ in measured.captures] == pytest.approx([ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S] * 2)
     # Read as before the copy was modelled, the copy shows as a post-capture stall and inflates captures.
-    blind = async_host_samples(truth, scheduler, ConstantDevice(), input_copy_s=0.0)
+    blind = async_host_samples(truth, scheduler, ConstantDevice(), input_copy_s=0.0, split_new_shapes=True)
     assert blind.stalls == pytest.approx([ASYNC_COPY_S, ASYNC_COPY_S])
-    # (rows 0 and 1 are launched on an idle device and wait for their copies; row 12's copy hides)
+    # (row 1 is launched on an idle device and waits for its copy; row 12's copy hides)
     base = ASYNC_PREPARE_S + ASYNC_UPDATE_S + CAPTURE_S
-    assert [c.host_s for c, _ in blind.captures] == pytest.approx([base + ASYNC_COPY_S] * 2 + [base])
-    fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice())
+    assert [c.host_s for c, _ in blind.captures] == pytest.approx([base + ASYNC_COPY_S, base])
+    fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice(), split_new_shapes=True)
     assert fitted.input_copy_s == pytest.approx(ASYNC_COPY_S)
     assert fitted.input_copy_bytes == scheduler.async_input_bytes > 0
     assert fitted.post_capture_device_s == pytest.approx(0.0, abs=1e-9)
     assert fitted.graph_capture_s == pytest.approx(CAPTURE_S - ASYNC_LAUNCH_S, rel=0.05)
+
+
+NEW_SHAPE_HOST_S = 0.120  # the eager run at a never-run shape: longer than copy + device step
+
+
+def test_an_async_capture_at_a_new_attention_shape_is_priced_from_its_launch():
+    from dooly.sim.validate import async_host_samples
+
+    scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
+    truth = GroundTruth([], _async_rows({0, 1, 12}, copy=ASYNC_COPY_S, new_shape_host=NEW_SHAPE_HOST_S))
+    measured = async_host_samples(truth, scheduler, ConstantDevice(), split_new_shapes=True)
+    # Row 0's launch: the first-shape host work, then the capture; its device was done at copy + step.
+    assert [v for launch in measured.new_shapes for v in launch] == pytest.approx(
+        [NEW_SHAPE_HOST_S + CAPTURE_S, ASYNC_COPY_S + ASYNC_DEVICE_S])
+    fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice(), split_new_shapes=True)
+    # The capture cost is priced on the captures of a known shape, the first-shape work apart.
+    assert fitted.graph_capture_s == pytest.approx(CAPTURE_S - ASYNC_LAUNCH_S, rel=0.05)
+    assert fitted.new_shape_eager_s == pytest.approx(NEW_SHAPE_HOST_S + ASYNC_LAUNCH_S, rel=0.05)
+    # Without the first-shape work the eager run ends with the device: nothing to price.
+    plain = calibrate_overhead([(GroundTruth([], _async_rows({0, 1, 12}, copy=ASYNC_COPY_S)), scheduler)], ConstantDevice(),
+                               split_new_shapes=True)
+    assert plain.new_shape_eager_s == 0.0
+
+
+def test_by_default_every_async_capture_prices_the_one_capture_cost():
+    from dooly.sim.validate import async_host_samples
+
+    scheduler = TransformersCBScheduler(ASYNC_SCHEDULER)
+    truth = GroundTruth([], _async_rows({0, 1, 12}, copy=ASYNC_COPY_S, new_shape_host=NEW_SHAPE_HOST_S))
+    measured = async_host_samples(truth, scheduler, ConstantDevice())
+    # The first run of the shape is a capture like the others, and nothing is priced apart.
+    assert len(measured.captures) == 3
+    assert measured.new_shapes == []
+    fitted = calibrate_overhead([(truth, scheduler)], ConstantDevice())
+    assert fitted.new_shape_eager_s == 0.0
+    split = calibrate_overhead([(truth, scheduler)], ConstantDevice(), split_new_shapes=True)
+    assert split.new_shape_eager_s > 0.0
+
+
+def test_the_first_shape_fit_takes_a_hidden_eager_run_as_a_bound():
+    from dooly.sim.calibration import fit_new_shape_eager
+
+    assert fit_new_shape_eager([]) == 0.0
+    # Host-bound launches (launch > device) give the host time; device-bound ones only say "no longer".
+    launches = [(0.100, 0.030), (0.090, 0.030), (0.110, 0.030), (0.200, 0.200), (0.250, 0.250)]
+    assert fit_new_shape_eager(launches) == pytest.approx(0.100)
+    # A median of the launches alone would take the device-bound ones for host time.
+    assert sorted(launch for launch, _ in launches)[len(launches) // 2] == pytest.approx(0.110)
+    assert fit_new_shape_eager([(0.200, 0.200), (0.250, 0.250)]) == 0.0
 
 
 def test_a_copy_longer_than_the_step_is_fitted_and_explains_the_device_times():
