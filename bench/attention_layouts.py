@@ -98,8 +98,10 @@ def point_features(terms: np.ndarray, layout: Layout, platform: str) -> np.ndarr
 class Study:
     """One backend's attention class: its design and its signatures' layouts and points."""
 
-    def __init__(self, data: GroupData, design: ClassDesign, group: GroupModel, unseen_method: str) -> None:
+    def __init__(self, data: GroupData, design: ClassDesign, group: GroupModel, unseen_method: str,
+                 platform: str = PLATFORM) -> None:
         self.data = data
+        self.platform = platform
         self.design = design
         self.group = group
         self.unseen_method = unseen_method
@@ -162,10 +164,10 @@ class Study:
                 out.append(np.nan)
                 continue
             x = np.concatenate([
-                point_features(self.terms[[j]], self.layouts[self.design.sig_ids[j]], PLATFORM) for j in rows
+                point_features(self.terms[[j]], self.layouts[self.design.sig_ids[j]], self.platform) for j in rows
             ])
             coef = relative_nnls(x, self.design.seconds[rows])
-            out.append(float((point_features(self.terms[[i]], self.layouts[target], PLATFORM) @ coef)[0]))
+            out.append(float((point_features(self.terms[[i]], self.layouts[target], self.platform) @ coef)[0]))
         return np.maximum(np.array(out), MIN_SECONDS)
 
     def rows(self) -> list[dict]:
@@ -192,21 +194,21 @@ class Study:
         return out
 
 
-def study_rows(fitted: Path) -> list[dict]:
+def study_rows(fitted: Path, platform: str = PLATFORM) -> list[dict]:
     store = open_store(str(fitted))
     frame, _ = read_snapshot(store)
     meta = read_meta(store, latest_meta_key(store))
     out = []
     for data in group_data(training_rows(frame)):
-        platform, engine, backend, dtype = data.key
-        if platform != PLATFORM or backend not in BACKENDS:
+        group_platform, engine, backend, dtype = data.key
+        if group_platform != platform or backend not in BACKENDS:
             continue
         op_class = ATTENTION_PREFIX + backend
         design = class_design(data, op_class, np.flatnonzero(data.row_class == op_class))
         group, _ = load_group(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
         method = next(c["unseen_method"] for g in meta["groups"] if g["backend"] == backend
                       for c in g["classes"] if c["op_class"] == op_class)
-        out += Study(data, design, group, method).rows()
+        out += Study(data, design, group, method, platform).rows()
     return out
 
 
@@ -229,11 +231,12 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", type=Path, required=True, help="A fitted copy of the H100 store.")
+    parser.add_argument("--store", type=Path, required=True, help="A fitted store (the H100's by default).")
+    parser.add_argument("--platform", default=PLATFORM, help=f"The store's platform to study [default: {PLATFORM}].")
     parser.add_argument("--out", type=Path, required=True, help="JSON result; a .md table beside it.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    rows = study_rows(args.store)
+    rows = study_rows(args.store, args.platform)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"signatures": rows}, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(table(rows) + "\n")
