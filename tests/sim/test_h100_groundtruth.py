@@ -125,3 +125,29 @@ def test_committed_calibration_is_rebuilt_from_the_committed_runs_and_used_by_va
     assert report["cpu_overhead"].startswith(f"store calibration generation {len(committed) + 1} ")
     assert "graphs on" in report["cpu_overhead"] and "(28 layers)" in report["cpu_overhead"]
     assert report["requests"]["tpot"]["mape"] < 10.0
+
+
+@pytest.mark.slow
+def test_async_calibration_is_rebuilt_by_default_and_the_first_shape_split_is_opt_in(fitted_store):
+    """`dooly calibrate` on the committed async calib run reproduces the committed async generation
+    (one capture cost over every capture); `--async-captures split` prices captures at shapes the
+    engine had run apart from the first run of a new attention shape (docs/calibration.md)."""
+    run = DATA / "experiments" / "engine_paths" / "r1" / "Qwen2.5-7B.paged-sdpa.async.calib"
+    [committed] = sorted((DATA / "db" / "calibrations").rglob("graphs=on/async=on/gen-*.json"))[-1:]
+    reference = json.loads(committed.read_text())
+    # A generation that records no KV form was fitted in the KV-token form (the one before the groups).
+    kv_form = reference["fit"].get("kv_regressors", "tokens")
+    forms = {}
+    for form in ("single", "split"):
+        [forms[form]] = _run(["calibrate", "--store", str(fitted_store), "--ground-truth", str(run), "--dry-run",
+                              "--kv-regressors", kv_form, "--async-captures", form])["calibrations"]
+    single, split = forms["single"], forms["split"]
+    assert single["key"]["async_batching"] and single["new_shape_eager_s"] == 0.0
+    assert single["graph_capture_s"] == pytest.approx(reference["graph_capture_s"], rel=1e-6)
+    for path, terms in reference["terms"].items():
+        for name, value in terms.items():
+            assert single["terms"][path][name] == pytest.approx(value, rel=1e-6, abs=1e-12)
+    # The first run of a shape costs far more than a capture at a shape already run.
+    assert split["new_shape_eager_s"] > 2 * split["graph_capture_s"] > 0
+    assert split["graph_capture_s"] < single["graph_capture_s"]
+    assert split["terms"] == single["terms"]
