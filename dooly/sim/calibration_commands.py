@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -39,6 +39,8 @@ from dooly.sim.calibration import (
 from dooly.sim.step_model import CpuOverheadModel
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RUNS_PREFIX = "calibration-runs/"
 BENCH_FILE = "bench.json"
@@ -184,9 +186,7 @@ def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regress
         logger.info("calibrating %s on %d runs (%d steps)", key.label(), len(group), len(samples))
         stalls = [stall for run in group for stall in run.stalls]
         copies = [run.input_copy for run in group if run.input_copy is not None]
-        # Priced like the captures: a warm run's only where no cold run has any (pool_samples).
-        cold = any(run.new_shapes for run in group if not run.warm)
-        new_shapes = [shape for run in group if not (run.warm and cold) for shape in run.new_shapes]
+        new_shapes = prefer_cold((run.warm, run.new_shapes) for run in group)
         calibrations.append(fit_calibration(key, samples, captures, inputs=inputs, post_capture=stalls,
                                             kv_regressors=kv_regressors, input_copies=copies, new_shapes=new_shapes))
     return calibrations
@@ -194,19 +194,20 @@ def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regress
 
 def pool_samples(runs: Iterable[tuple[bool, list[HostSample], list[tuple[HostSample, Any]]]]
                  ) -> tuple[list[HostSample], list[tuple[HostSample, Any]]]:
-    """All runs' ordinary steps, and the graph captures to price captures by: a run served warm
-    (`dooly bench --warm-passes`) captured most shapes before recording, so its first-seen
-    shapes are captures or not depending on the warm pass's timing. They are left out of both
-    when a cold run of the key prices captures; without one they are the only captures there are."""
+    """All runs' ordinary steps, and the graph captures to price captures by (`prefer_cold`)."""
     runs = list(runs)
-    cold = any(captures for warm, _, captures in runs if not warm)
-    samples: list[HostSample] = []
-    captures: list[tuple[HostSample, Any]] = []
-    for warm, steps, first_seen in runs:
-        samples += steps
-        if not (warm and cold):
-            captures += first_seen
-    return samples, captures
+    samples = [sample for _, steps, _ in runs for sample in steps]
+    return samples, prefer_cold((warm, first_seen) for warm, _, first_seen in runs)
+
+
+def prefer_cold(runs: Iterable[tuple[bool, Sequence[T]]]) -> list[T]:
+    """The capture observations (captures, first-shape launches) to price by, from (warm, items)
+    per run: a run served warm (`dooly bench --warm-passes`) captured most shapes before recording,
+    so its first-seen shapes are captures or not depending on the warm pass's timing. Its items are
+    left out when a cold run of the key has any; without one they are the only ones there are."""
+    runs = list(runs)
+    cold = any(items for warm, items in runs if not warm)
+    return [item for warm, items in runs if not (warm and cold) for item in items]
 
 
 # ---------------------------------------------------------------------------------------------

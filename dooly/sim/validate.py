@@ -51,6 +51,7 @@ from dooly.sim.calibration import (
 from dooly.sim.schedulers import Scheduler
 from dooly.sim.simulator import PERCENTILES, SimResult, latency_stats, simulate
 from dooly.sim.step_model import (
+    ATTENTION_SHAPE_FIELDS,
     CpuOverheadModel,
     GraphShape,
     StepKind,
@@ -930,7 +931,9 @@ def async_host_samples(
     keywords = step_keywords(step_model)
     groups = CacheGroups.from_scheduler(scheduler)
     timings = async_timeline(truth.steps)
-    seen = {CpuOverheadModel.attention_shape(scheduler.path_for(*batch)) for batch in _warm_batches(truth, scheduler, step_model)}
+    # The attention shapes the engine ran before its recorded pass (only the split asks).
+    seen = ({graph[:ATTENTION_SHAPE_FIELDS] for graph in warm_engine(truth, scheduler, step_model)}
+            if split_new_shapes else set())
     paths = [scheduler.path_for(step.prefill, step.decode_ctx) for step in truth.steps]
     device = [float(device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords))
               for step, path in zip(truth.steps, paths, strict=True)]
@@ -938,8 +941,7 @@ def async_host_samples(
     waits = input_copy_waits(truth.steps, timings, device, copy_s)
     samples: list[HostSample] = []
     captures: list[tuple[HostSample, StepPath]] = []
-    first_runs: list[tuple[HostSample, StepPath]] = []
-    all_captures: list[tuple[HostSample, StepPath]] = []
+    known: list[bool] = []  # per capture: whether the engine had run its attention shape
     new_shapes: list[tuple[float, float]] = []
     residual: list[float] = []
     after_capture: list[float] = []
@@ -949,13 +951,10 @@ def async_host_samples(
         shape = CpuOverheadModel.attention_shape(path)
         if step.graph_captured:
             host = timing.host_s - step.forward_s + max(timing.busy_s - wait - predicted, 0.0)
-            sample = (host_sample(path.overhead_key, num_layers, step, host, model, groups), path)
-            all_captures.append(sample)
-            if shape in seen:
-                captures.append(sample)
-            else:
+            captures.append((host_sample(path.overhead_key, num_layers, step, host, model, groups), path))
+            known.append(shape in seen)
+            if not known[-1]:
                 ready = step.start_s + step.prepare_s
-                first_runs.append(sample)
                 new_shapes.append((step.forward_s, max(previous_end, ready) + wait + predicted - ready))
         else:
             samples.append(host_sample(path.overhead_key, num_layers, step, timing.host_s, model, groups))
@@ -964,24 +963,12 @@ def async_host_samples(
         previous_end = timing.device_end_s
         seen.add(shape)
     bias = float(np.median(residual)) if residual else 0.0
-    if not split_new_shapes:
-        # One capture constant over every capture, as before the split (`ASYNC_CAPTURES`).
-        captures, new_shapes = all_captures, []
-    elif not captures:
-        captures, new_shapes = first_runs, []
+    if split_new_shapes and any(known):
+        captures = [capture for capture, seen_before in zip(captures, known, strict=True) if seen_before]
+    else:
+        # One capture constant over every capture: unsplit (`ASYNC_CAPTURES`), or no known shape to price it on.
+        new_shapes = []
     return AsyncSamples(samples, captures, [value - bias for value in after_capture], copy_s, new_shapes)
-
-
-def _warm_batches(truth: GroundTruth, scheduler: Scheduler, step_model: StepLatencyModel) -> list[Any]:
-    """The compositions the engine ran before its recorded pass (`warm_engine`'s simulation)."""
-    batches: list[Any] = []
-    if truth.warmup:
-        batches += simulate(truth.warmup, scheduler.fresh(), step_model, record_batches=True).batches or []
-    if truth.warm_passes:
-        workload = truth.workload()
-        for _ in range(truth.warm_passes):
-            batches += simulate(workload, scheduler.fresh(), step_model, record_batches=True).batches or []
-    return batches
 
 
 def calibrate_overhead(
