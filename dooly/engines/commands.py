@@ -55,6 +55,9 @@ MS_PER_S = 1e3
                    "requests timed at the client, no step records (docs/simulate.md).")
 @click.option("--server-url", default=None, metavar="URL",
               help="With --client http: an already running server to send the requests to, instead of starting one.")
+@click.option("--store", "store_uri", metavar="URI", default=None,
+              help="Latency database to look MODEL up in when it is an id or model key only the store knows "
+                   "(the config `dooly profile` stored); read only.")
 @workload_options
 @output_option
 def bench_command(
@@ -71,13 +74,15 @@ def bench_command(
     warm_passes: int,
     client: str,
     server_url: str | None,
+    store_uri: str | None,
     workload_args: dict[str, Any],
     output_format: str,
 ) -> None:
     """Serve a workload on the real engine and record ground truth (needs the engine; a GPU for
     numbers that mean anything).
 
-    MODEL (a bundled id or a config.json) is built from its config with random weights: timing
+    MODEL (a bundled id, a config.json, a directory holding one, or with --store the id or model
+    key of a model profiled into it) is built from its config with random weights: timing
     does not depend on the weights, and EOS is disabled so each request generates exactly its
     output length. Requests arrive at their workload times (open loop), described by the same
     flags as `dooly simulate`. Recorded per request: arrival, every token's time, lengths; per
@@ -98,7 +103,8 @@ def bench_command(
     """
     from dooly.engines.groundtruth import summarize, write_ground_truth
     from dooly.engines.host_machine import host_machine
-    from dooly.models.registry import resolve_model
+    from dooly.models.stored import resolve_model_with_store
+    from dooly.store.backends import open_store
     from dooly.workload import generate_requests, spec_from_options
 
     if warmup_requests < 0:
@@ -115,7 +121,8 @@ def bench_command(
     requests = generate_requests(spec)
     if not requests:
         raise DoolyError("the workload holds no requests")
-    model_spec = resolve_model(model)
+    store = open_store(store_uri, create=False) if store_uri is not None else None
+    model_spec = resolve_model_with_store(model, store)
     engine_settings = parse_engine_settings(engine_config, settings)
     if backend is None:
         from dooly.engines.registry import default_backend

@@ -1,24 +1,32 @@
 """One model resolver for every command that predicts: which inventory a model name means.
 
 A name may be a bundled id, a config.json, a directory holding one, or an id (or model key)
-the store's inventories already hold. A model is named in the store by its model key (a hash of
-its config facts, `dooly.models.registry.model_key`), so a config file profiled under its stem
-and then named by its path again finds the same inventory.
+of a model the store holds (`dooly.models.stored.resolve_model_with_store`, the resolver
+`trace`, `plan`, `profile` and `bench` share). A model is named in the store by its model key (a
+hash of its config facts, `dooly.models.registry.model_key`), so a config file profiled under its
+stem and then named by its path again finds the same inventory.
 
 When the store holds no inventory of the model for the wanted engine, backend, dtype and tp,
-the model is traced on the CPU (FakeTensorMode, seconds) and that trace is used: a model the
+the model is traced on the CPU (FakeTensorMode, seconds) from its config (the file, the bundled
+facts, or the config the store keeps beside its inventories) and that trace is used: a model the
 store has never run is the normal case (docs/unseen.md). Nothing is written to the store: the
 commands that read are read-only. An inventory traced for one backend is never used for
-another (attention signatures and their counts differ by backend).
+another (attention signatures and their counts differ by backend). A name the store knows by
+its inventories only (a store written before configs were kept) is served by exactly the
+inventory it asks for, or refused in one line.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dooly.errors import DoolyError
+
+if TYPE_CHECKING:
+    from dooly.models.registry import ModelSpec
+    from dooly.models.stored import NoStoredConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +57,17 @@ def resolve_inventory(
     store: Any, model: str, *, backend: str, engine: str = "transformers", dtype: str = "bfloat16", tp: int = 1
 ) -> ResolvedInventory:
     """The inventory of MODEL for one rank of TP on ENGINE/BACKEND/DTYPE: the store's, else a CPU
-    trace of the model's config; a name only the store knows needs its inventory for exactly
-    that backend and tp (there is no config to trace it from)."""
-    from dooly.models.registry import model_key, resolve_model
+    trace of the model's config; a name the store knows by its inventories only (no config to
+    trace it from) needs its inventory for exactly that backend and tp."""
+    from dooly.models.registry import model_key
+    from dooly.models.stored import NoStoredConfig, resolve_model_with_store
     from dooly.store.documents import read_json
     from dooly.store.keys import inventory_key
 
     try:
-        spec = resolve_model(model)
-    except DoolyError as unresolved:
-        return _stored_only(store, model, unresolved, backend=backend, engine=engine, dtype=dtype, tp=tp)
+        spec = resolve_model_with_store(model, store)
+    except NoStoredConfig as missing:
+        return _stored_only(store, model, missing, backend=backend, engine=engine, dtype=dtype, tp=tp)
     key = model_key(spec)
     stored = read_json(store, inventory_key(key, backend, tp))
     if isinstance(stored, dict) and isinstance(stored.get("operations"), list) and _inventory_matches(stored, engine, dtype):
@@ -66,13 +75,14 @@ def resolve_inventory(
     return ResolvedInventory(
         model_id=spec.model_id,
         model_key=key,
-        inventory=traced_inventory(model, backend=backend, engine=engine, dtype=dtype, tp=tp),
+        inventory=traced_inventory(spec, backend=backend, engine=engine, dtype=dtype, tp=tp),
         origin=ORIGIN_TRACED,
     )
 
 
-def traced_inventory(model: str, *, backend: str, engine: str, dtype: str, tp: int) -> dict[str, Any]:
-    """The inventory `dooly profile` would write for MODEL, from a CPU trace made now."""
+def traced_inventory(model: str | ModelSpec, *, backend: str, engine: str, dtype: str, tp: int) -> dict[str, Any]:
+    """The inventory `dooly profile` would write for MODEL (a name, or a config already
+    resolved), from a CPU trace made now."""
     from dooly.profile.run import inventory
     from dooly.trace.tracer import trace_model
 
@@ -82,22 +92,19 @@ def traced_inventory(model: str, *, backend: str, engine: str, dtype: str, tp: i
     return inventory(trace)
 
 
-def _names(key: str, inventory: dict[str, Any]) -> set[str]:
-    model_id = str(inventory.get("model_id", "")).lower()
-    return {key.split("/", 1)[0].lower(), model_id, model_id.rsplit("/", 1)[-1], str(inventory.get("model_key", "")).lower()}
-
-
 def _stored_only(
-    store: Any, model: str, unresolved: DoolyError, *, backend: str, engine: str, dtype: str, tp: int
+    store: Any, model: str, missing: NoStoredConfig, *, backend: str, engine: str, dtype: str, tp: int
 ) -> ResolvedInventory:
-    """MODEL names no config: an id or model key the store's inventories hold, for exactly this
-    backend and tp, or one error line (the resolver's own, when the store does not know it either)."""
+    """MODEL names no config, in a file or in the store, but the store's inventories know it: the
+    one for exactly this backend and tp, or one error line saying what to do."""
     from dooly.fit.persist import read_inventories
+    from dooly.models.stored import inventory_names
 
     wanted = model.strip().lower()
-    matches = {k: i for k, i in read_inventories(store).items() if wanted and wanted in _names(k, i)}
+    matches = {k: i for k, i in read_inventories(store).items()
+               if wanted and wanted in inventory_names(k.split("/", 1)[0], i)}
     if not matches:
-        raise unresolved
+        raise missing
     for inventory in matches.values():
         if (inventory.get("backend") == backend and int(inventory.get("tp", 1) or 1) == tp
                 and _inventory_matches(inventory, engine, dtype)):
@@ -108,7 +115,4 @@ def _stored_only(
                 origin=ORIGIN_STORE,
             )
     held = ", ".join(sorted(f"{i.get('backend')} tp{i.get('tp', 1) or 1}" for i in matches.values()))
-    raise DoolyError(
-        f"no inventory of {model!r} for --tp {tp} and {backend} in {store.uri} (held: {held}), and no config "
-        f"of it is known here to trace one: name its config.json instead"
-    )
+    raise DoolyError(f"no inventory of {model!r} for --tp {tp} and {backend} in {store.uri} (held: {held}); {missing}")

@@ -98,7 +98,7 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
     store = open_store(store_uri, endpoint_url=endpoint_url, create=False)
     if tp < 1:
         raise DoolyError(f"--tp must be >= 1, got {tp}")
-    traces = trace_all(list(models), backend, dtype, engine, tp)
+    traces = trace_all(list(models), backend, dtype, engine, tp, store=store)
     stack = current_stack(device=device_type if not named else "cuda", platform=name, engine=kind.name,
                           engine_version=kind.version(), backend=backend, dtype=dtype, block_size=kind.block_size)
     plan = build_plan(traces, store, stack, grid, software_agnostic=named,

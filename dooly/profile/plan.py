@@ -67,6 +67,7 @@ class Plan:
     stale_signatures: int = 0
     point_seconds: float = 0.0
     sources: dict[str, Any] = field(default_factory=dict)  # model_id -> ModelSpec to build it again
+    configs: dict[str, Any] = field(default_factory=dict)  # model_key -> ModelSpec, stored beside its inventories
     comm_stack: Stack | None = None  # where collectives are measured (None: the traces have none)
     topology: dict[str, Any] = field(default_factory=dict)  # what the machine said about its links
     costs: PointCosts | None = None  # what a point costs on this platform, from the store's rows

@@ -101,24 +101,28 @@ class ProfileReport:
         }
 
 
-def trace_all(models: list[str], backend: str, dtype: str, engine: str = "transformers", tp: int = 1) -> list[Trace]:
-    """Trace every model before anything is written: a model that fails leaves the store untouched."""
-    return [load_or_trace(model, backend, dtype, engine, tp)[0] for model in models]
+def trace_all(models: list[str], backend: str, dtype: str, engine: str = "transformers", tp: int = 1,
+              store: Any = None) -> list[Trace]:
+    """Trace every model before anything is written: a model that fails leaves the store untouched.
+    A name no config file or bundled id answers to is looked up in STORE's configs."""
+    return [load_or_trace(model, backend, dtype, engine, tp, store=store)[0] for model in models]
 
 
 def load_or_trace(
-    model: str, backend: str, dtype: str, engine: str = "transformers", tp: int = 1
+    model: str, backend: str, dtype: str, engine: str = "transformers", tp: int = 1, *, store: Any = None
 ) -> tuple[Trace, Any]:
     """A model to trace now (one rank of `tp`, with its collectives), or a trace file written by
     `dooly trace --out` (traced elsewhere, for instance on a controller whose torch keeps every
-    request dim symbolic). A trace file keeps its own tp unless `tp` > 1 asks for another."""
-    from dooly.models.registry import ModelSpec, resolve_model
+    request dim symbolic). A trace file keeps its own tp unless `tp` > 1 asks for another. A model
+    named by an id or model key only STORE knows is traced from the config the store keeps."""
+    from dooly.models.registry import ModelSpec
+    from dooly.models.stored import resolve_model_with_store
     from dooly.trace.tracer import trace_model
 
     trace = _read_trace_file(model)
     if trace is None:
-        traced = trace_model(model, phase="mixed", backend=backend, dtype=dtype, engine=engine, tp=tp)
-        return traced, resolve_model(model)
+        spec = resolve_model_with_store(model, store)
+        return trace_model(spec, phase="mixed", backend=backend, dtype=dtype, engine=engine, tp=tp), spec
     if tp > 1 and trace.tp != tp:
         raise DoolyError(f"trace {model} is for tp {trace.tp}; this run profiles --tp {tp}")
     if (trace.engine, trace.backend, trace.dtype, trace.phase) != (engine, backend, dtype, "mixed"):
@@ -186,13 +190,15 @@ def prepare(models: list[str], store: Any, options: ProfileOptions) -> tuple[Pla
     device = detect_device(options.device)
     platform = resolve_platform(options.platform, device)
     kind = engine_kind(options.engine)
-    loaded = [load_or_trace(model, options.backend, options.dtype, options.engine, options.tp) for model in models]
+    loaded = [load_or_trace(model, options.backend, options.dtype, options.engine, options.tp, store=store)
+              for model in models]
     traces = [trace for trace, _ in loaded]
     stack = current_stack(device=device, platform=platform, engine=kind.name, engine_version=kind.version(),
                           backend=options.backend, dtype=options.dtype, block_size=kind.block_size)
     comm, topology = collective_stack(traces, stack, device)
     plan = build_plan(traces, store, stack, options.grid, comm=comm)
     plan.sources = {trace.model_id: spec for trace, spec in loaded}
+    plan.configs = {trace.model_key: spec for trace, spec in loaded}
     plan.topology = topology
     return plan, device
 
@@ -222,11 +228,17 @@ def profile_models(models: list[str], store: Any, options: ProfileOptions,
 
 def execute(plan: Plan, device: str, store: Any, options: ProfileOptions,
             progress: Callable[[int, float], None] | None = None) -> ProfileReport:
-    """Measure this worker's share of the plan's missing points and write them as shards."""
+    """Measure this worker's share of the plan's missing points and write them as shards. Each
+    model's inventory and config are written first: the config lets its id or model key name the
+    model later where no config file is at hand (`dooly.models.stored`)."""
+    from dooly.models.stored import write_model_config
+
     started = time.perf_counter()
     run_id = options.run_id or new_run_id()
     for trace in plan.traces:
         write_inventory(store, trace)
+        if trace.model_key in plan.configs:
+            write_model_config(store, plan.configs[trace.model_key])
     work = plan.work(options.shard_index, options.shard_count)
     writer = _ShardWriter(store, run_id, options.chunk_rows, options.flush_seconds)
     timer = Timer(device, options.samples)

@@ -21,7 +21,7 @@ from dooly.jsonfile import read_json_object
 from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
 from dooly.outputs import writable_dir, writable_file
-from dooly.sim.options import StepChoice, model_dims, step_model_options
+from dooly.sim.options import StepChoice, model_dims, model_spec, step_model_options
 from dooly.sim.options import with_model_groups as _with_model_groups  # dooly.explore.commands imports it from here
 from dooly.sim.validate import DEFAULT_TARGET_PCT
 from dooly.workload import workload_options
@@ -154,7 +154,8 @@ def simulate_command(
     from dooly.workload import generate_requests, spec_from_options
 
     spec = spec_from_options(**workload_args)
-    scheduler = make_scheduler(engine, _with_model_groups(model, engine, _checked_settings(engine, engine_config, settings)))
+    scheduler = make_scheduler(engine, _with_model_groups(model, engine, _checked_settings(engine, engine_config, settings),
+                                                          step_choice.store))
     step_model = step_choice.step_model(model, engine)
     fitted = hasattr(step_model, "coverage_by_phase")
     if require_measured:
@@ -272,7 +273,8 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
     for directory in truth_dirs:
         recorded = Path(directory) / BENCH_ENGINE_FILE
         settings = read_json_object(recorded, "engine settings") if recorded.is_file() else {}
-        truths.append((load_ground_truth(Path(directory)), make_scheduler(engine, _with_model_groups(model, engine, settings))))
+        scheduler = make_scheduler(engine, _with_model_groups(model, engine, settings, step_choice.store))
+        truths.append((load_ground_truth(Path(directory)), scheduler))
     step_source = "the analytic step model" if step_choice.analytic else f"models fitted for {step_choice.platform} / {step_choice.backend}"
     source = f"calibrated on {', '.join(Path(d).name for d in truth_dirs)} against {step_source}"
     fitted = calibrate_overhead(truths, step_model, engine=engine, platform=step_choice.platform or "", source=source)
@@ -370,7 +372,7 @@ def validate_command(
         user_settings = _checked_settings(engine, str(first_recorded), settings, f"ground truth {first_recorded}")
     else:
         user_settings = _checked_settings(engine, engine_config, settings)
-    scheduler = make_scheduler(engine, _with_model_groups(model, engine, user_settings))
+    scheduler = make_scheduler(engine, _with_model_groups(model, engine, user_settings, step_choice.store))
     step_model = step_choice.step_model(model, engine)
     overhead = _cpu_overhead(cpu_overhead, no_cpu_overhead, step_choice, engine, scheduler, model)
     server_costs, server_costs_line = _server_costs(truth_dirs[0], user_settings, server_costs_path)
@@ -595,7 +597,7 @@ def export_vidur_command(
         raise DoolyError("--tables network needs --tp 2 or more: all_reduce.csv is a tensor-parallel profile")
     if network and not network_device:
         raise DoolyError("--tp > 1 writes all_reduce.csv: name Vidur's network device with --network-device")
-    dims = model_dims(model)
+    dims = model_dims(model, step_choice.store)
     step_choice.check()
     # Each table's predictor; the compute one is left unset when only the network table is asked for.
     predict: VidurOpPredictor | None = None
@@ -684,7 +686,6 @@ def export_llmservingsim_command(
       dooly export llmservingsim meta-llama/Llama-3.1-8B --hardware H100 --out ~/LLMServingSim \\
           --store ./db --platform NVIDIA-H100-80GB-HBM3 --backend 'paged|sdpa'
     """
-    from dooly.models.registry import resolve_model
     from dooly.sim.llmservingsim import BundleTarget, ServingSimGrid, export_llmservingsim, variant_of
 
     if step_choice.analytic:
@@ -692,7 +693,7 @@ def export_llmservingsim_command(
     if block_size < 1:
         raise DoolyError("--block-size must be >= 1")
     grid = ServingSimGrid(max_tokens=max_tokens, max_seqs=max_seqs, max_chunk=max_chunk, max_kv=max_kv)
-    spec = resolve_model(model)
+    spec = model_spec(model, step_choice.store)
     step_choice.check()
     fitted, ops = _fitted_export_source(step_choice, engine, model)
     name = sim_model or spec.model_id

@@ -15,6 +15,7 @@ from dooly.errors import DoolyError
 from dooly.fit.source import DEFAULT_DTYPE, FittedSource, FittedStep, open_fitted_step
 
 if TYPE_CHECKING:
+    from dooly.models.registry import ModelSpec
     from dooly.sim.step_model import ModelDims
 
 logger = logging.getLogger(__name__)
@@ -79,25 +80,41 @@ class StepChoice:
         return open_fitted_step(self.fitted(engine), model)
 
 
-def model_dims(model: str) -> ModelDims:
-    """Config facts of MODEL (a bundled id or a config.json path, as `dooly trace` accepts)."""
+def model_spec(model: str, store_uri: str | None = None) -> ModelSpec:
+    """The config MODEL names, as `dooly trace` reads it (a bundled id, a config.json, a folder
+    holding one), else, given a store, the config the store keeps under that id or model key. The
+    store is opened only for a name no config answers to: most names never need it."""
     from dooly.models.registry import resolve_model
+    from dooly.models.stored import resolve_model_with_store
+    from dooly.store.backends import open_store
+
+    try:
+        return resolve_model(model)
+    except DoolyError:
+        if not store_uri:
+            raise
+    return resolve_model_with_store(model, open_store(store_uri, create=False))
+
+
+def model_dims(model: str, store_uri: str | None = None) -> ModelDims:
+    """Config facts of MODEL (see `model_spec`)."""
     from dooly.sim.step_model import ModelDims
 
-    spec = resolve_model(model)
+    spec = model_spec(model, store_uri)
     return ModelDims.from_config(spec.config, name=spec.model_id)
 
 
-def with_model_groups(model: str | None, engine: str, settings: dict[str, Any]) -> dict[str, Any]:
+def with_model_groups(model: str | None, engine: str, settings: dict[str, Any],
+                      store_uri: str | None = None) -> dict[str, Any]:
     """The engine settings plus how the model's layer groups charge KV blocks (transformers:
-    a sliding-window model holds more blocks per request); settings given explicitly win."""
+    a sliding-window model holds more blocks per request); settings given explicitly win. A
+    model known by the store's inventories only (no config) is charged as full attention."""
     if model is None or engine != "transformers":
         return settings
     from dooly.models.layout import cache_groups_from_facts
-    from dooly.models.registry import resolve_model
 
     try:
-        spec = resolve_model(model)
+        spec = model_spec(model, store_uri)
     except DoolyError:
         logger.warning("%s is known to the store only, not as a config: its KV blocks are charged as for full "
                        "attention", model)

@@ -41,7 +41,7 @@ def engine_models_for(step_choice: StepChoice, model: str | None, cpu_overhead: 
         stack = bench.get("stack") or {}
         choice = step_choice.with_(platform=step_choice.platform or stack.get("platform") or bench.get("platform"),
                                    backend=step_choice.backend or stack.get("backend") or bench.get("backend"))
-        scheduler = make_scheduler(engine, with_model_groups(str(name), engine, settings))
+        scheduler = make_scheduler(engine, with_model_groups(str(name), engine, settings, choice.store))
         step_model = choice.step_model(str(name), engine)
         overhead = resolve_overhead(cpu_overhead, False, choice, engine, scheduler, str(name))
         return EngineModels(scheduler, step_model, overhead)

@@ -8,6 +8,10 @@ those imports off their start-up path.
 from __future__ import annotations
 
 INVENTORY_PREFIX = "inventories/"
+# The document beside a model's inventories holding the config it was traced from. No inventory
+# can take this name: an inventory's file is named by an attention backend, which an engine
+# declares ("paged|sdpa", "CPU_ATTN"), never "config".
+MODEL_CONFIG_NAME = "config.json"
 # Characters kept as they are in partition values and file names; every other byte is escaped.
 SAFE_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 ESCAPE = "~"
@@ -41,3 +45,8 @@ def inventory_key(model_key: str, backend: str, tp: int = 1) -> str:
     """inventories/<model_key>/<backend>.json, with `.tp<N>` before `.json` for one rank of N."""
     suffix = f".tp{tp}" if tp > 1 else ""
     return f"{INVENTORY_PREFIX}{model_key}/{escape_value(backend)}{suffix}.json"
+
+
+def model_config_key(model_key: str) -> str:
+    """inventories/<model_key>/config.json: the config `dooly profile` traced the model from."""
+    return f"{INVENTORY_PREFIX}{model_key}/{MODEL_CONFIG_NAME}"

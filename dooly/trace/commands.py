@@ -38,13 +38,16 @@ TRACE_FILE_MODE = 0o644
 @click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype (bfloat16, float16, float32).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), callback=writable_file,
               help="Write the full trace as JSON here (schema: docs/trace.md).")
+@click.option("--store", "store_uri", metavar="URI", default=None,
+              help="Latency database to look MODEL up in when it is an id or model key only the store knows "
+                   "(the config `dooly profile` stored); read only.")
 @output_option
 def trace_command(model: str, phase: str, engine: str, backend: str | None, tp: int, dtype: str, out_path: Path | None,
-                  output_format: str) -> None:
+                  store_uri: str | None, output_format: str) -> None:
     """Trace one engine step of MODEL on the CPU, with no weights and no GPU.
 
-    MODEL is a bundled Hugging Face id (see `dooly models`), a config.json, or a directory
-    holding one. The step is the engine's own: transformers continuous batching with packed
+    MODEL is a bundled Hugging Face id (see `dooly models`), a config.json, a directory
+    holding one, or, with --store, the id or model key of a model profiled into it. The step is the engine's own: transformers continuous batching with packed
     tokens and a paged KV cache, or vLLM's model runner (its forward, attention metadata from
     the backend's builder, logits and sampler; the engine is built with dummy weights). Every input and output dimension of every operation is labelled
     with its origin: the batch (T tokens, B sequences, K KV tokens read, S sliding-window reads)
@@ -56,10 +59,15 @@ def trace_command(model: str, phase: str, engine: str, backend: str | None, tp: 
       dooly trace mistralai/Mixtral-8x7B-v0.1 --phase decode --tp 2 --out mixtral.json
       dooly trace ./my-model/config.json --output json
       dooly trace Qwen/Qwen2.5-0.5B --engine vllm --dtype float32 --phase decode
+      dooly trace my-model --store ./db
     """
+    from dooly.models.stored import resolve_model_with_store
+    from dooly.store.backends import open_store
     from dooly.trace.tracer import trace_model
 
-    trace = trace_model(model, phase=phase, backend=backend, tp=tp, dtype=dtype, engine=engine)
+    store = open_store(store_uri, create=False) if store_uri is not None else None
+    spec = resolve_model_with_store(model, store)
+    trace = trace_model(spec, phase=phase, backend=backend, tp=tp, dtype=dtype, engine=engine)
     backend = trace.backend
     if out_path is not None:
         write_json_atomically(out_path, trace.to_dict())

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sympy
 import torch
@@ -45,6 +45,9 @@ from dooly.trace.schema import (
     TensorSpec,
     Trace,
 )
+
+if TYPE_CHECKING:
+    from dooly.models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ def request_values(phase: str, batch: Batch, window: int | None, engine: str = D
 
 
 def trace_model(
-    model: str,
+    model: str | ModelSpec,
     *,
     phase: str = "mixed",
     backend: str | None = None,
@@ -100,9 +103,10 @@ def trace_model(
     dtype: str = "bfloat16",
     engine: str = DEFAULT_ENGINE,
 ) -> Trace:
-    """Trace one step of `model` (a bundled id, a config.json path or a directory holding one) as
-    `engine` runs it (its default attention backend unless `backend` names one)."""
-    from dooly.models.registry import build_hf_config, model_key, resolve_model
+    """Trace one step of `model` (a bundled id, a config.json path or a directory holding one, or
+    a config already resolved, such as one a store keeps) as `engine` runs it (its default
+    attention backend unless `backend` names one)."""
+    from dooly.models.registry import ModelSpec, build_hf_config, model_key, resolve_model
 
     started = time.perf_counter()
     kind = engine_kind(engine)
@@ -121,7 +125,7 @@ def trace_model(
     if tp < 1:
         raise DoolyError(f"--tp must be >= 1, got {tp}")
     with _collection_paused():
-        spec = resolve_model(model)
+        spec = model if isinstance(model, ModelSpec) else resolve_model(model)
         hf_config = build_hf_config(spec)
         text = hf_config.get_text_config()
         _check_tp(text, tp)

@@ -192,8 +192,21 @@ def test_fitted_step_adds_the_collectives(tp2_store):
     without = predictor.step_predictor(compute_only).step_seconds([(8, 0)], [16])
     comm = breakdown["collective.all_reduce"] + breakdown["collective.all_gather"]
     assert with_comm - without == pytest.approx(comm, rel=1e-9)
-    with pytest.raises(DoolyError, match="no inventory of 'tiny' for --tp 4"):
+    # No --tp 4 inventory: the config the profile run stored is traced for it, and the tracer says
+    # why it cannot be; a store without that config cannot trace it at all.
+    with pytest.raises(DoolyError, match="--tp 4 does not divide num_key_value_heads=2"):
         find_inventory(store, "tiny", "paged|sdpa", 4)
+    from dooly.models.registry import ModelSpec, model_key
+    from dooly.store.keys import model_config_key
+
+    stored_config = root / "db" / model_config_key(model_key(ModelSpec("tiny", MODEL_A, "test")))
+    moved = stored_config.with_name("config.moved")
+    stored_config.rename(moved)
+    try:
+        with pytest.raises(DoolyError, match="no inventory of 'tiny' for --tp 4 .*no config to build it from"):
+            find_inventory(store, "tiny", "paged|sdpa", 4)
+    finally:
+        moved.rename(stored_config)
     simulated = runner.invoke(cli, ["simulate", "tiny", "--store", db, "--platform", report["platform"],
                                     "--backend", "paged|sdpa", "--tp", "2", "--requests", "3", "--rate", "100",
                                     "--prompt-len", "8", "--output-len", "2", "--set", "num_blocks=16",
