@@ -33,7 +33,7 @@ case "$gpu" in
   *) explore=docs/explore/explore.json ;;
 esac
 model=${2:-$(python3 -c "import json; print(json.load(open('$explore'))['best']['candidate']['model'])")}
-echo "$gpu: $explore, $model" | tee "$out/reports/plan.txt"
+echo "$gpu: $explore, $model" | tee -a "$out/reports/plan.txt"
 pack() { tar -C "$out" -czf "$out/engine-paths.tar.gz" groundtruth reports; }
 grid() {  # REPEAT LIMIT_S device_bench ARGS...
   repeat=$1; limit=$2; shift 2
@@ -56,7 +56,8 @@ cell() {  # CLIENT DIR WORKLOAD: one paged|sdpa graphs cell, the same engine fla
   timeout 150 python3 -m dooly.cli bench "$model" --client "$client" --attention 'paged|sdpa' \
     --workload "device/workloads/$workload.json" --set use_cuda_graph=true --set num_blocks=1024 --set max_batch_tokens=2048 \
     --out "$out/groundtruth/$dir/${model##*/}.paged-sdpa.graphs.$workload" --output json \
-    > "$out/reports/$dir.$workload.json" 2> "$out/reports/$dir.$workload.log" || echo "$dir $workload failed: $(tail -1 "$out/reports/$dir.$workload.log")"
+    > "$out/reports/$dir.${model##*/}.$workload.json" 2> "$out/reports/$dir.${model##*/}.$workload.log" \
+    || echo "$dir $workload failed: $(tail -1 "$out/reports/$dir.${model##*/}.$workload.log")"
   pack
 }
 if [[ $steps == *,http,* ]]; then

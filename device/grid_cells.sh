@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Chosen cells of issue #24's engine-path grid in one device call, in the order given, under one
+# deadline: the top-up of a grid whose models are already profiled in the committed store (repeats,
+# a model's missing round, calib runs of one path). Every finished group of cells is packed at once
+# (grid.tar.gz: groundtruth/ROUND/CELL and reports/), so a call cut short keeps them.
+# Usage (on the device, repository root): bash device/grid_cells.sh DEADLINE_S GROUP [GROUP ...]
+#   GROUP: ROUND:MODEL:BACKEND:VARIANTS:WORKLOADS, e.g. r2:meta-llama/Llama-3.1-8B:paged|sdpa:graphs,async:light,heavy
+#   (VARIANTS and WORKLOADS comma-separated, as device/device_bench.py takes them).
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+deadline=$1; shift
+out="$OUT/grid"
+mkdir -p "$out/groundtruth" "$out/reports"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > "$out/reports/gpu.txt"
+pack() { tar -C "$out" -czf "$OUT/grid.tar.gz" groundtruth reports; }
+# A group starts only with at least MIN_GROUP_S left, and never runs past the deadline.
+MIN_GROUP_S=30
+for group in "$@"; do
+  IFS=: read -r round model backend variants workloads <<< "$group"
+  left=$((deadline - SECONDS))
+  (( left < MIN_GROUP_S )) && { echo "skipped $group: deadline"; continue; }
+  name="$round.${model##*/}.${backend/|/-}.${variants//,/+}.${workloads//,/+}"
+  start=$SECONDS
+  timeout "$left" python3 device/device_bench.py --models "$model" --backends "$backend" --variants "$variants" \
+    --workloads "$workloads" --out "$out/$round.work" >> "$out/reports/$name.log" 2>&1 \
+    || echo "$name: exit $? after $((SECONDS - start)) s"
+  echo "$name: $((SECONDS - start)) s" >> "$out/reports/walls.txt"
+  mkdir -p "$out/groundtruth/$round"
+  cp -r "$out/$round.work/groundtruth/." "$out/groundtruth/$round/" 2>/dev/null
+  rm -rf "${out:?}/$round.work"
+  pack
+done
+cat "$out/reports/walls.txt"
