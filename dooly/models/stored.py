@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 # What a stored config document says it is, and the layout of its fields.
 CONFIG_SCHEMA = "dooly.model-config"
 CONFIG_FORMAT = 1
-JSON_SUFFIX = ".json"
 # A name of this form may be a model key: its document is read directly, without a listing.
 MODEL_KEY_RE = re.compile(rf"^[0-9a-f]{{{MODEL_KEY_HEX_DIGITS}}}$")
 
@@ -138,18 +137,11 @@ def _spec_names(key: str, spec: ModelSpec) -> set[str]:
 
 def _known_by_inventories(store: Store, name: str) -> bool:
     """Whether an inventory document of the store answers to NAME."""
-    from dooly.store.documents import read_json
-    from dooly.store.keys import INVENTORY_PREFIX, MODEL_CONFIG_NAME
+    from dooly.fit.persist import read_inventories
 
     wanted = name.strip().lower()
-    for key in store.list_keys(INVENTORY_PREFIX):
-        folder, _, file_name = key[len(INVENTORY_PREFIX):].rpartition("/")
-        if not file_name.endswith(JSON_SUFFIX) or file_name == MODEL_CONFIG_NAME:
-            continue
-        inventory = read_json(store, key)
-        if isinstance(inventory, dict) and wanted in inventory_names(folder or file_name[: -len(JSON_SUFFIX)], inventory):
-            return True
-    return False
+    return any(wanted in inventory_names(key.split("/", 1)[0], inventory)
+               for key, inventory in read_inventories(store).items())
 
 
 def _read_config(store: Store, key: str) -> ModelSpec | None:
