@@ -294,8 +294,9 @@ def _stats(prefix: str, values: list[float]) -> dict[str, float]:
 
 def measure_steps(model: str, *, tp: int, backend: str, dtype: str, device: str, preset: str,
                   samples: int = DEFAULT_SAMPLES, graphs: bool = True, seed: int = 0,
-                  on_step: Any = None) -> dict[str, Any]:
+                  on_step: Any = None, store_uri: str | None = None) -> dict[str, Any]:
     """Measure real engine steps of MODEL on `tp` ranks; the `dooly.measured_steps/1` document.
+    MODEL may be the id or model key of a config STORE_URI keeps (read only).
 
     `on_step(document)` is called after each composition with the document so far (a run cut
     short still leaves what it measured)."""
@@ -311,7 +312,7 @@ def measure_steps(model: str, *, tp: int, backend: str, dtype: str, device: str,
         raise DoolyError(f"--tp must be >= 1, got {tp}")
     if samples < 1:
         raise DoolyError(f"--samples must be >= 1, got {samples}")
-    spec, model_id, traced = load_model_source(model, backend, dtype, tp)
+    spec, model_id, traced = load_model_source(model, backend, dtype, tp, store_uri)
     entries = compositions(preset)
     check_world(device, tp, f"measuring {model_id} with --tp {tp}")
     payload = {
@@ -373,20 +374,26 @@ def measure_steps(model: str, *, tp: int, backend: str, dtype: str, device: str,
 @click.option("--samples", type=int, default=DEFAULT_SAMPLES, show_default=True, help="Timed steps per composition.")
 @click.option("--no-graphs", is_flag=True, help="Time eager steps only (no CUDA-graph replay).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), callback=writable_file, help="Write the JSON document here.")
+@click.option("--store", "store_uri", metavar="URI", default=None,
+              help="Latency database to look MODEL up in when it is an id or model key only the store knows "
+                   "(the config `dooly profile` stored); read only.")
 @output_option
 def measure_steps_command(model: str, tp: int | None, backend: str | None, dtype: str | None, device: str, preset: str,
-                          samples: int, no_graphs: bool, out_path: str | None, output_format: str) -> None:
+                          samples: int, no_graphs: bool, out_path: str | None, store_uri: str | None,
+                          output_format: str) -> None:
     """Time real engine steps of MODEL (random weights) for a set of batch compositions.
 
-    MODEL is a bundled id, a config.json, or a trace file from `dooly trace --out` (its tp,
-    backend and dtype are then the defaults). With --tp N, N ranks run transformers' own
-    tensor-parallel model; the result is the ground truth `dooly validate-steps` compares the
-    composed prediction (one rank's ops + collectives) with.
+    MODEL is a bundled id, a config.json, a trace file from `dooly trace --out` (its tp,
+    backend and dtype are then the defaults) or, with --store, the id or model key of a model
+    profiled into it. With --tp N, N ranks run transformers' own tensor-parallel model; the
+    result is the ground truth `dooly validate-steps` compares the composed prediction (one
+    rank's ops + collectives) with.
 
     \b
     Examples:
       dooly measure-steps data/traces/Llama-3.1-8B.tp2.paged-sdpa.json --out steps.tp2.json
       dooly measure-steps ./tiny.json --tp 2 --device cpu --compositions small --samples 3
+      dooly measure-steps my-model --store ./db --tp 2 --out steps.tp2.json
     """
     from dooly.profile.run import trace_defaults
 
@@ -399,7 +406,7 @@ def measure_steps_command(model: str, tp: int | None, backend: str | None, dtype
             staged.replace(out_path)
 
     document = measure_steps(model, tp=tp, backend=backend, dtype=dtype, device=device, preset=preset,
-                             samples=samples, graphs=not no_graphs, on_step=save)
+                             samples=samples, graphs=not no_graphs, on_step=save, store_uri=store_uri)
     save(document)
     if output_format == "json":
         emit_json(document)

@@ -155,9 +155,9 @@ def explore_command(
     logger.info("explore: %d candidates to search, %d unpredictable (%.1f s)", len(space.runnable),
                 len(space.unpredictable), time.perf_counter() - started)
     context = SearchContext(store=store_uri, slos=slo_list, workload=workload, overheads=overhead_files,
-                            model_settings={m: _model_groups(m) for m in models}, tolerance=tolerance,
+                            model_settings={m: _model_groups(m, store_uri) for m in models}, tolerance=tolerance,
                             min_rate=min_rate, max_rate=max_rate, no_overhead=no_cpu_overhead)
-    memory = _memory(space.runnable, prices)
+    memory = _memory(space.runnable, prices, store_uri)
     to_search = [c for c in space.runnable if memory[c].get("fits") is not False]
     logger.info("explore: model settings and memory ready (%.1f s)", time.perf_counter() - started)
     results = _search(to_search, context, jobs)
@@ -192,15 +192,17 @@ def _check_settings(candidates: list[Any]) -> None:
         make_scheduler(engine, values)
 
 
-def _model_groups(model: str) -> dict[str, Any]:
-    """How MODEL's layer groups charge KV blocks (transformers; sliding-window models).
+def _model_groups(model: str, store_uri: str) -> dict[str, Any]:
+    """How MODEL's layer groups charge KV blocks (transformers; sliding-window models). MODEL's
+    config is its file, its bundled facts or, for a model only the store knows, the config the
+    store keeps (read only).
 
     Only a config with a sliding window in force needs the engine's own grouping, which imports
     transformers (about 10 s on a loaded 2-core machine); full-attention models need nothing."""
-    from dooly.models.registry import resolve_model
+    from dooly.sim.options import model_spec
 
     try:
-        config = resolve_model(model).config
+        config = model_spec(model, store_uri).config
     except DoolyError:
         return {}
     layer_types = config.get("layer_types") or []
@@ -209,17 +211,17 @@ def _model_groups(model: str) -> dict[str, Any]:
         return {}
     from dooly.sim.commands import _with_model_groups
 
-    return _with_model_groups(model, "transformers", {})
+    return _with_model_groups(model, "transformers", {}, store_uri)
 
 
-def _memory(candidates: list[Any], prices: Any) -> dict[Any, dict[str, Any]]:
+def _memory(candidates: list[Any], prices: Any, store_uri: str) -> dict[Any, dict[str, Any]]:
     from dooly.explore.hardware import kv_cache_tokens, memory_verdict, model_memory
 
     facts: dict[tuple[str, str], Any] = {}
     out = {}
     for c in candidates:
         if (c.model, c.dtype) not in facts:
-            facts[(c.model, c.dtype)] = model_memory(c.model, c.dtype)
+            facts[(c.model, c.dtype)] = model_memory(c.model, c.dtype, store_uri)
         platform_bytes, source = prices.memory_bytes(c.platform)
         verdict = memory_verdict(facts[(c.model, c.dtype)], platform_bytes, c.tp, kv_cache_tokens(c.engine, c.settings))
         verdict["memory_source"] = source

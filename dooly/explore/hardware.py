@@ -167,12 +167,14 @@ def parameter_count(config: dict[str, Any]) -> int:
     return layers * (attention + mlp + norms) + embeddings + hidden
 
 
-def model_memory(model: str, dtype: str) -> ModelMemory | None:
-    """MODEL's memory facts from its bundled config (None when the store knows it only by name)."""
-    from dooly.models.registry import resolve_model
+def model_memory(model: str, dtype: str, store: str | None = None) -> ModelMemory | None:
+    """MODEL's memory facts from its config: a config file, a bundled id, or the config STORE (a
+    URI, read only) keeps of a model only it knows; None when there is none (a store that knows
+    the model by its inventories only)."""
+    from dooly.sim.options import model_spec
 
     try:
-        config = resolve_model(model).config
+        config = model_spec(model, store).config
     except DoolyError:
         return None
     if dtype not in DTYPE_BYTES:

@@ -258,7 +258,7 @@ def _candidate_overhead(candidate: Candidate, context: SearchContext,
                 f"no host-overhead calibration in the store for {candidate.platform} / {candidate.engine} / "
                 f"{candidate.backend} / graphs {'on' if graphs else 'off'}{' / async batching' if asynchronous else ''} "
                 "(run `dooly calibrate`, give --overhead FILE, or --no-cpu-overhead)")
-        model = calibration.for_model(model_layers(candidate.model, inventory), candidate.model,
+        model = calibration.for_model(model_layers(candidate.model, inventory, context.store), candidate.model,
                                       CacheGroups.from_scheduler(scheduler))
         found = _OVERHEAD_CACHE[key] = (model, model.source or calibration.describe())
     return found

@@ -61,7 +61,7 @@ def _cluster_options(func: Callable) -> Callable:
 
 
 def _load_spec(fleet_file, gpus, backends, engines, models, store) -> FleetSpec:
-    spec = FleetSpec.load(fleet_file).with_store(store)
+    spec = FleetSpec.load(fleet_file, store=store)
     return spec.select(gpus=gpus, backends=backends, engines=engines, models=models)
 
 

@@ -196,6 +196,7 @@ def _calibration_containers(spec: FleetSpec, target: ProfileTarget, env: list[di
     --record-only`, which copies the run into the store (no model is fitted yet at this point)."""
     bench_args = [
         "bench", spec.models[0],
+        "--store", spec.store,  # read only: the config of a model only the store knows
         "--engine", target.engine.name,
         "--attention", target.backend,
         "--device", "cuda",

@@ -7,6 +7,10 @@ found at 2 a.m. by the CronJob is a wasted night of GPU time.
 
     spec = FleetSpec.load(None)                 # the bundled default
     spec = FleetSpec.load("fleet.yaml").select(gpus=["h100-80gb"], backends=["paged|sdpa"])
+
+A model is a bundled id, or the id or model key of a model profiled into the fleet's store (the
+config `dooly profile` keeps beside its inventories): the store is opened, read only, for a name
+no bundled config answers to, and the pods' `dooly profile`/`bench` find the config there too.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -125,27 +129,28 @@ class FleetSpec:
     explorations: tuple[Exploration, ...] = ()  # `dooly explore` runs after each fit (`explorations:`)
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> FleetSpec:
-        """Load and validate a fleet file; None means the bundled default."""
+    def load(cls, path: str | Path | None = None, *, store: str | None = None) -> FleetSpec:
+        """Load and validate a fleet file; None means the bundled default. STORE (`--store`)
+        replaces the file's store, before its models are looked up in it."""
         if path is None:
-            return cls.bundled(DEFAULT_FLEET_RESOURCE)
+            return cls.bundled(DEFAULT_FLEET_RESOURCE, store=store)
         file = Path(path)
         try:
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise DoolyError(f"cannot read fleet file {file}: {exc.strerror or exc}") from exc
-        return cls.from_text(text, source=str(file))
+        return cls.from_text(text, source=str(file), store=store)
 
     @classmethod
-    def bundled(cls, resource: str) -> FleetSpec:
+    def bundled(cls, resource: str, *, store: str | None = None) -> FleetSpec:
         """One of the fleet files shipped inside the package (the default, the demo)."""
         text = resources.files("dooly.fleet").joinpath(resource).read_text(encoding="utf-8")
-        return cls.from_text(text, source=f"bundled {resource}")
+        return cls.from_text(text, source=f"bundled {resource}", store=store)
 
     @classmethod
-    def from_text(cls, text: str, *, source: str) -> FleetSpec:
+    def from_text(cls, text: str, *, source: str, store: str | None = None) -> FleetSpec:
         doc = _Document.parse(text, source)
-        return _build(doc, text)
+        return _build(doc, text, store)
 
     @property
     def is_s3(self) -> bool:
@@ -185,10 +190,8 @@ class FleetSpec:
                 for g in chosen_gpus
                 if any(b in backends for b in g.backends)
             ]
-        known = bundled_model_ids()
         for model in models:
-            if model not in known:
-                raise DoolyError(f"unknown model {model!r}; pods take bundled models: {', '.join(known)}")
+            model_config(model, self.store, DoolyError)
         spec = dataclasses.replace(
             self,
             gpu_types=tuple(chosen_gpus),
@@ -200,10 +203,13 @@ class FleetSpec:
         return spec
 
     def with_store(self, store: str | None) -> FleetSpec:
-        """The same fleet writing to another store (a local directory for the local executor)."""
+        """The same fleet writing to another store (a local directory for the local executor); its
+        models must be known there too (a bundled id, or a config that store keeps)."""
         if store is None:
             return self
         _check_store(store, lambda message: DoolyError(f"--store: {message}"))
+        for model in self.models:
+            model_config(model, store, DoolyError)
         return dataclasses.replace(self, store=store)
 
     def targets(self) -> list[ProfileTarget]:
@@ -364,13 +370,16 @@ _DEADLINE_MIN_S = 60
 _RETRIES_MAX = 10
 
 
-def _build(doc: _Document, text: str) -> FleetSpec:
+def _build(doc: _Document, text: str, store_override: str | None = None) -> FleetSpec:
     top = doc.mapping(doc.data, (), required=_TOP_REQUIRED, optional=_TOP_OPTIONAL)
     namespace = doc.string(top["namespace"], ("namespace",))
     if not checks.is_dns1123_label(namespace):
         raise doc.error(("namespace",), f"{namespace!r} is not a DNS-1123 label")
     store = doc.string(top["store"], ("store",))
     _check_store(store, lambda message: doc.error(("store",), message))
+    if store_override is not None:
+        _check_store(store_override, lambda message: DoolyError(f"--store: {message}"))
+        store = store_override
     secret = doc.string(top["s3Secret"], ("s3Secret",))
     if not checks.is_dns1123_subdomain(secret):
         raise doc.error(("s3Secret",), f"{secret!r} is not a valid Secret name")
@@ -387,16 +396,13 @@ def _build(doc: _Document, text: str) -> FleetSpec:
     controller_image = _image(doc, registry, images["controller"], ("images", "controller"))
 
     models = doc.string_list(top["models"], ("models",))
-    known_models = bundled_model_ids()
-    for i, model in enumerate(models):
-        if model not in known_models:
-            raise doc.error(("models", i), f"unknown model {model!r} (bundled: {', '.join(known_models)})")
+    configs = {model: model_config(model, store, _at_path(doc, ("models", i))) for i, model in enumerate(models)}
 
     engines = _engines(doc, top["engines"], registry, profiler_image)
     resources_by_role = _resources(doc, top.get("resources", {}))
     tolerations = _tolerations(doc, top.get("tolerations", _default_tolerations()), ("tolerations",))
     gpu_types = _gpu_types(doc, top["gpuTypes"], engines, resources_by_role["profiler"])
-    _check_tensor_parallel(doc, gpu_types, models, engines)
+    _check_tensor_parallel(doc, gpu_types, configs, engines)
 
     deadlines = doc.mapping(top.get("deadlines", {}), ("deadlines",), required=(), optional=_DEFAULT_DEADLINES)
     seconds = {
@@ -515,6 +521,33 @@ def _profile_section(doc: _Document, value: Any) -> tuple[str | None, tuple[str,
     return dtype, tuple(flags)
 
 
+def _at_path(doc: _Document, path: Path_) -> Callable[[str], Exception]:
+    """An error factory for messages about the node at PATH."""
+    return lambda message: doc.error(path, message)
+
+
+def model_config(model: str, store: str, error: Callable[[str], Exception]) -> dict[str, Any]:
+    """The config a fleet's MODEL names: a bundled id's, else the config STORE keeps under that id
+    or model key (`find_stored_model`, as `resolve_model_with_store` reads it; the store is opened,
+    read only, only for such a name). A config file is no fleet model: the pods do not have it. A
+    name neither knows raises `error(message)`, one line."""
+    from dooly.models.stored import find_stored_model
+    from dooly.store.backends import open_store
+
+    known = bundled_model_ids()
+    if model in known:
+        return resolve_model(model).config
+    unknown = f"unknown model {model!r}: pods take a bundled model ({', '.join(known)}) or one profiled into the store"
+    try:
+        spec = find_stored_model(open_store(store, create=False), model)
+    except DoolyError as exc:
+        raise error(f"{unknown}; {exc}") from None
+    if spec is None:
+        raise error(f"{unknown}, and {store} keeps no config under that id or model key "
+                    f"(`dooly profile CONFIG --store {store}` stores one)")
+    return spec.config
+
+
 def _check_store(store: str, error) -> None:
     if store.startswith("s3://"):
         if not _S3_URI.match(store):
@@ -607,7 +640,7 @@ TP_ENGINES = frozenset({"transformers"})
 
 
 def _check_tensor_parallel(
-    doc: _Document, gpu_types: tuple[GpuType, ...], models: tuple[str, ...], engines: tuple[Engine, ...]
+    doc: _Document, gpu_types: tuple[GpuType, ...], configs: dict[str, dict[str, Any]], engines: tuple[Engine, ...]
 ) -> None:
     """A pod with `gpus: N > 1` profiles every model at --tp N (one rank's ops and the collectives
     among the N GPUs); refuse, in one line saying why, a GPU type where that cannot hold: an engine
@@ -624,8 +657,7 @@ def _check_tensor_parallel(
                     f"gpus: {gpu.gpus} means profiling at --tp {gpu.gpus}, but the {engine.name} engine "
                     f"(backend {uses[0]}) traces tp=1 only; give {engine.name} backends a GPU type with gpus: 1",
                 )
-        for model in models:
-            config = resolve_model(model).config
+        for model, config in configs.items():
             text = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
             for name in TP_DIVIDED_FIELDS:
                 value = text.get(name)

@@ -39,13 +39,18 @@ EXPERT_COUNT_ATTRIBUTES = ("num_local_experts", "num_experts", "n_routed_experts
 @click.command("models")
 @allow_defaults_option
 @click.argument("models", nargs=-1, metavar="[MODEL]...")
+@click.option("--store", "store_uri", metavar="URI", default=None,
+              help="Latency database to look MODEL up in when it is an id or model key only the store knows "
+                   "(the config `dooly profile` stored); read only.")
 @output_option
-def models_command(models: tuple[str, ...], output_format: str) -> None:
+def models_command(models: tuple[str, ...], store_uri: str | None, output_format: str) -> None:
     """List the bundled model configs, or check your own, with the shapes they imply.
 
     Every Dooly command that takes a MODEL accepts a bundled Hugging Face id (any case, with or
     without the organisation), a path to a config.json, or a directory holding one (a downloaded
-    snapshot). No weights are needed: only the config decides what gets traced and profiled.
+    snapshot); a command given a store also the id or model key of a model profiled into it (the
+    config `dooly profile` keeps beside its inventories). No weights are needed: only the config
+    decides what gets traced and profiled.
     The numbers shown come from transformers' own config class, so derived values (head_dim,
     which layers use a sliding window) are the ones the engine's forward uses.
 
@@ -54,10 +59,15 @@ def models_command(models: tuple[str, ...], output_format: str) -> None:
       dooly models                                   all bundled models
       dooly models Llama-3.1-8B google/gemma-2-9b     just these
       dooly models ./my-model/config.json            check a config before tracing it
+      dooly models my-model --store ./db             a model profiled into the store
       dooly models --output json                     for scripts (adds model_key and source)
     """
+    from dooly.models.stored import resolve_model_with_store
+    from dooly.store.backends import open_store
+
+    store = open_store(store_uri, create=False) if store_uri is not None else None
     specs = (
-        [resolve_model(name) for name in models]
+        [resolve_model_with_store(name, store) for name in models]
         if models
         else [resolve_model(i) for i in bundled_model_ids()]
     )

@@ -3,10 +3,12 @@
 `dooly profile` writes, beside a model's inventories, the config it traced the model from
 (`inventories/<model_key>/config.json`, `write_model_config`). A name that is no config file and
 no bundled id, but the id or model key of such a document, then resolves to that config in every
-command given the store (`resolve_model_with_store`): `trace`, `plan`, `profile` and `bench` can
-build the model again, and the predicting commands can trace it for a backend the store holds no
-inventory of. Stores written before configs were kept hold inventories only: a name they know
-only that way is refused in one line (`NoStoredConfig`) that says how to store its config.
+command given the store (`resolve_model_with_store`): `trace`, `plan`, `profile`, `bench` and
+`measure-steps` can build the model again, the predicting commands (`explore` and `calibrate`
+included) can trace it for a backend the store holds no inventory of and read its layer count,
+KV groups and size, and a fleet can profile it by name. Stores written before configs were kept
+hold inventories only: a name they know only that way is refused in one line (`NoStoredConfig`)
+that says how to store its config.
 
 Reading never writes: the commands that only read a store stay read-only.
 """

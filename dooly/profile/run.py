@@ -148,14 +148,20 @@ def trace_defaults(model: str, tp: int | None, backend: str | None, dtype: str |
             default_dtype if dtype is None else dtype)
 
 
-def load_model_source(model: str, backend: str, dtype: str, tp: int) -> tuple[Any, str, bool]:
+def load_model_source(model: str, backend: str, dtype: str, tp: int,
+                      store_uri: str | None = None) -> tuple[Any, str, bool]:
     """(ModelSpec, model id, whether MODEL is a trace file) without tracing: a trace file's
-    config, else a bundled model or config file. Building the model needs only its config."""
-    from dooly.models.registry import ModelSpec, resolve_model
+    config, else a bundled model or config file, else, given STORE_URI, the config the store
+    keeps under that id or model key (read only). Building the model needs only its config."""
+    from dooly.models.registry import ModelSpec
+    from dooly.models.stored import resolve_model_with_store
 
     trace = _read_trace_file(model)
     if trace is None:
-        spec = resolve_model(model)
+        from dooly.store.backends import open_store
+
+        store = open_store(store_uri, create=False) if store_uri is not None else None
+        spec = resolve_model_with_store(model, store)
         return spec, spec.model_id, False
     if (trace.tp, trace.backend, trace.dtype) != (tp, backend, dtype):
         raise DoolyError(f"trace {model} is for tp {trace.tp}, {trace.backend}, {trace.dtype}; asked for "

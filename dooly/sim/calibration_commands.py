@@ -80,9 +80,14 @@ class CalibrationRun:
     new_shapes: list[tuple[int, float, float]] = field(default_factory=list)
     # The host it was served from (bench.json `host`; empty for runs recorded before it).
     host: dict[str, Any] = field(default_factory=dict)
+    # The store (URI) that names the model where no config file or bundled id does: the config
+    # `dooly profile` kept beside its inventories (read only).
+    store: str | None = None
 
     @classmethod
-    def load(cls, directory: Path, name: str | None = None) -> CalibrationRun:
+    def load(cls, directory: Path, name: str | None = None, store: str | None = None) -> CalibrationRun:
+        """The run in DIRECTORY; its model's KV layer groups come from its config, which STORE
+        (a URI) supplies for a model only the store knows (`dooly.sim.options.model_spec`)."""
         from dooly.jsonfile import read_json_object
         from dooly.sim.options import with_model_groups
         from dooly.sim.schedulers import make_scheduler
@@ -101,27 +106,28 @@ class CalibrationRun:
         version = str(stack.get("engine_version") or "")
         if not version:
             raise DoolyError(f"{bench_path} does not record the engine version (stack.engine_version)")
-        scheduler = make_scheduler(engine, with_model_groups(model, engine, settings))
+        scheduler = make_scheduler(engine, with_model_groups(model, engine, settings, store))
         key = CalibrationKey(platform, engine, version, backend, scheduler_uses_graphs(scheduler),
                              scheduler_uses_async(scheduler))
         host = bench.get("host")
         return cls(directory, name or directory.name, model, key, str(bench.get("dtype", "bfloat16")), settings,
-                   host=dict(host) if isinstance(host, dict) else {})
+                   host=dict(host) if isinstance(host, dict) else {}, store=store)
 
     def scheduler(self) -> Any:
         from dooly.sim.options import with_model_groups
         from dooly.sim.schedulers import make_scheduler
 
-        return make_scheduler(self.key.engine, with_model_groups(self.model, self.key.engine, self.settings))
+        return make_scheduler(self.key.engine, with_model_groups(self.model, self.key.engine, self.settings, self.store))
 
 
-def model_layers(model: str, inventory: dict[str, Any] | None = None) -> int:
-    """Decoder layers of MODEL: from its config where Dooly knows it, else from its inventory in
-    the store (one attention call per layer)."""
-    from dooly.models.registry import resolve_model
+def model_layers(model: str, inventory: dict[str, Any] | None = None, store: str | None = None) -> int:
+    """Decoder layers of MODEL: from its config where Dooly knows it (a config file, a bundled id,
+    or the config STORE keeps of a model only the store knows; read only), else from its inventory
+    in the store (one attention call per layer)."""
+    from dooly.sim.options import model_spec
 
     try:
-        return int(resolve_model(model).config["num_hidden_layers"])
+        return int(model_spec(model, store).config["num_hidden_layers"])
     except (DoolyError, KeyError, TypeError, ValueError):
         if inventory is None:
             raise DoolyError(f"the layer count of {model} is unknown: give a config Dooly can resolve") from None
@@ -148,7 +154,7 @@ def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, .
     ident = (fitted_store, run.model, run.key.platform, run.key.backend, run.key.engine, run.dtype)
     if ident not in cache:
         fitted = open_fitted_step(source, run.model)
-        cache[ident] = (fitted.step, model_layers(run.model, fitted.inventory))
+        cache[ident] = (fitted.step, model_layers(run.model, fitted.inventory, fitted_store))
     step_model, layers = cache[ident]
     truth = load_ground_truth(run.directory)
     if run.key.async_batching:
@@ -237,8 +243,9 @@ def record_run(store: Any, run: CalibrationRun) -> str:
     return prefix
 
 
-def stored_runs(store: Any, workdir: Path) -> list[CalibrationRun]:
-    """Every complete run recorded in the store, downloaded under `workdir`."""
+def stored_runs(store: Any, workdir: Path, models_store: str | None = None) -> list[CalibrationRun]:
+    """Every complete run recorded in the store, downloaded under `workdir`; their models named
+    as `CalibrationRun.load` names them with `models_store`."""
     prefixes = sorted({key.rsplit("/", 1)[0] + "/" for key in store.list_keys(RUNS_PREFIX) if key.endswith("/" + BENCH_FILE)})
     runs = []
     for index, prefix in enumerate(prefixes):
@@ -249,7 +256,8 @@ def stored_runs(store: Any, workdir: Path) -> list[CalibrationRun]:
                 (local / name).write_bytes(store.get_bytes(prefix + name))
             except FileNotFoundError:
                 continue
-        runs.append(CalibrationRun.load(local, name=prefix[len(RUNS_PREFIX):].rstrip("/").rsplit("/", 1)[-1]))
+        runs.append(CalibrationRun.load(local, name=prefix[len(RUNS_PREFIX):].rstrip("/").rsplit("/", 1)[-1],
+                                        store=models_store))
     return runs
 
 
@@ -305,7 +313,9 @@ def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool,
     if record_only and (from_store or dry_run):
         raise DoolyError("--record-only copies runs into the store: it does not combine with --from-store or --dry-run")
     target = open_store(store, endpoint_url=endpoint_url, create=False)
-    runs = [CalibrationRun.load(Path(d)) for d in truth_dirs]
+    # The fitted store holds the models' inventories, and the configs of models only it knows.
+    models_store = fitted_store or store
+    runs = [CalibrationRun.load(Path(d), store=models_store) for d in truth_dirs]
     if record_only:
         recorded = [record_run(target, run) for run in runs]
         if output_format == "json":
@@ -316,10 +326,10 @@ def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool,
         return
     with tempfile.TemporaryDirectory(prefix="dooly-calib-") as workdir:
         if from_store:
-            runs += stored_runs(target, Path(workdir))
+            runs += stored_runs(target, Path(workdir), models_store)
         if not runs:
             raise DoolyError(f"store {store} records no calibration runs under {RUNS_PREFIX}")
-        calibrations = calibrate_runs(runs, fitted_store or store, kv_regressors, async_captures)
+        calibrations = calibrate_runs(runs, models_store, kv_regressors, async_captures)
     written = {} if dry_run else {id(c): write_calibration(target, c) for c in calibrations}
     if output_format == "json":
         emit_json({"calibrations": [{**c.to_dict(), "generation": c.generation, "object": written.get(id(c))}
@@ -404,10 +414,10 @@ def resolve_overhead(path: str | None, no_overhead: bool, step_choice: Any, engi
         raise DoolyError("the store's calibration needs the MODEL argument (its layer count)")
     inventory = None
     try:
-        layers = model_layers(model)
+        layers = model_layers(model, store=step_choice.store)
     except DoolyError:
         from dooly.fit.source import open_inventory
 
         inventory = open_inventory(step_choice.fitted(engine), model)
-        layers = model_layers(model, inventory)
+        layers = model_layers(model, inventory, step_choice.store)
     return calibration.for_model(layers, model, CacheGroups.from_scheduler(scheduler))

@@ -1,7 +1,8 @@
 """A model profiled once is named by its id or model key alone, its config file gone (#20).
 
 `dooly profile` stores the config beside the model's inventories; then `trace`, `plan`,
-`profile`, `bench`, `predict` and `simulate` all take the model's id or model key with the store,
+`profile`, `bench`, `predict`, `simulate`, `explore`, `calibrate`, `measure-steps`, `models` and
+the fleet all take the model's id or model key with the store,
 the predicting commands trace it from the stored config for a backend the store has no inventory
 of, and a store written before configs were kept refuses such a name in one line.
 """
@@ -235,3 +236,125 @@ def test_a_store_only_name_without_a_store_is_the_resolver_s_error(tmp_path):
     with pytest.raises(DoolyError, match="unknown model") as raised:
         resolve_model_with_store(MODEL_ID, store)
     assert not isinstance(raised.value, NoStoredConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# explore, calibrate, measure-steps, models and the fleet take the stored name too
+# ---------------------------------------------------------------------------------------------
+
+# MODEL_A with every layer sliding over a window shorter than the contexts of `write_calib_run`.
+SLIDING_ID = "tiny-sliding"
+SLIDING = {**MODEL_A, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16}
+FULL_ATTENTION_WARNING = "its KV blocks are charged as for full attention"
+EXPLORE_ARGS = ("--slo", "ttft_p90=10", "--no-cpu-overhead", "--requests", "4", "--prompt-len", "12",
+                "--output-len", "3", "--set", "num_blocks=64", "--jobs", "1", "--no-plots", "--output", "json")
+
+
+def write_calib_run(directory: Path, model: str, platform: str) -> Path:
+    """A `dooly bench` calibration run of MODEL in the bench's schema, its steps' wall times made up."""
+    from dooly.engines.groundtruth import RequestRecord, StepRecord, write_ground_truth
+
+    steps, clock = [], 0.0
+    for i in range(24):
+        prefill, decode = ([(24, 0)], [32 + i]) if i % 8 == 0 else ([], [40 + 3 * i, 20 + i, 10 + 2 * i][: 1 + i % 3])
+        duration = 1.0 + 1e-3 * len(decode) + 1e-4 * sum(decode)
+        steps.append(StepRecord(step=i, start_s=clock, duration_s=duration, prefill=prefill, decode_ctx=decode))
+        clock += duration
+    requests = [RequestRecord(request_id="r0", arrived_at_s=0.0, first_token_s=0.01, finished_s=clock,
+                              prompt_tokens=24, output_tokens=2, token_times_s=[0.01, clock])]
+    write_ground_truth(directory, requests, steps, {"use_cuda_graph": False, "num_blocks": 64, "block_size": 16},
+                       {"model": model, "platform": platform, "backend": BACKEND, "engine": "transformers",
+                        "dtype": "bfloat16", "stack": {"engine_version": "5.17.0"}})
+    return directory
+
+
+@pytest.fixture
+def sliding_store(profiled, tmp_path) -> str:
+    """The profiled store plus the stored config of a sliding-window model it never profiled."""
+    root = tmp_path / "db"
+    shutil.copytree(profiled.root, root)
+    write_model_config(open_store(str(root), create=False), ModelSpec(SLIDING_ID, SLIDING, "test"))
+    return str(root)
+
+
+def test_explore_takes_the_stored_name_and_sizes_its_weights(profiled):
+    from dooly.explore.hardware import parameter_count
+
+    before = store_files(profiled.root)
+    code, output = invoke("explore", MODEL_ID, "--store", profiled.root, "--platform", profiled.platform,
+                          "--backend", BACKEND, *EXPLORE_ARGS)
+    assert code == 0, output
+    [candidate] = json.loads(output)["candidates"]
+    assert candidate["candidate"]["model"] == MODEL_ID
+    # Its config comes from the store: weights and KV cache are known, not "no config for the model".
+    assert candidate["memory"]["parameters"] == parameter_count(MODEL_A)
+    assert candidate["memory"]["kv_cache_gib_per_gpu"] > 0
+    assert store_files(profiled.root) == before
+
+
+def test_calibrate_reads_a_stored_model_s_layers_and_cache_groups(sliding_store, profiled, tmp_path, caplog):
+    """A calibration run of a model only the store knows is charged by its stored config: its
+    sliding-window KV groups, not full attention, and the same calibration as its config file gives."""
+    from dooly.sim.calibration import CacheGroups
+    from dooly.sim.calibration_commands import CalibrationRun
+
+    config = tmp_path / f"{SLIDING_ID}.json"
+    config.write_text(json.dumps(SLIDING))
+    by_id = write_calib_run(tmp_path / "by-id", SLIDING_ID, profiled.platform)
+    by_file = write_calib_run(tmp_path / "by-file", str(config), profiled.platform)
+    expected = CacheGroups.from_scheduler(CalibrationRun.load(by_file).scheduler())
+    assert expected.sliding > 0
+    before = store_files(sliding_store)
+    fitted = {}
+    for name, run in (("id", by_id), ("file", by_file)):
+        caplog.clear()
+        code, output = invoke("calibrate", "--store", sliding_store, "--ground-truth", str(run), "--dry-run",
+                              "--output", "json")
+        assert code == 0, output
+        assert FULL_ATTENTION_WARNING not in caplog.text, name
+        [fitted[name]] = json.loads(output)["calibrations"]
+    assert fitted["id"]["inputs"][0]["num_layers"] == SLIDING["num_hidden_layers"]
+    assert fitted["id"]["terms"] == fitted["file"]["terms"]
+    stored = CalibrationRun.load(by_id, store=sliding_store)
+    assert CacheGroups.from_scheduler(stored.scheduler()) == expected
+    assert store_files(sliding_store) == before
+
+
+def test_measure_steps_and_models_take_the_stored_name(profiled):
+    before = store_files(profiled.root)
+    code, output = invoke("models", profiled.model_key, "--store", profiled.root, "--output", "json")
+    assert code == 0, output
+    [row] = json.loads(output)["models"]
+    assert (row["model_id"], row["layers"]) == (MODEL_ID, MODEL_A["num_hidden_layers"])
+    code, output = invoke("measure-steps", MODEL_ID, "--store", profiled.root, "--device", "cpu", "--dtype", "float32",
+                          "--compositions", "small", "--samples", "1", "--no-graphs", "--output", "json")
+    assert code == 0, output
+    measured = json.loads(output)
+    assert measured["model_id"] == MODEL_ID and measured["steps"]
+    for args in (["models", MODEL_ID], ["measure-steps", MODEL_ID, "--device", "cpu"]):  # no store: no such model
+        code, output = invoke(*args)
+        assert code == 2 and one_error_line(output).startswith("error: unknown model"), (args, output)
+    assert store_files(profiled.root) == before
+
+
+def test_the_fleet_profiles_a_stored_model_by_its_name(profiled):
+    from dooly.fleet import jobs
+    from dooly.fleet.spec import FleetSpec
+
+    before = store_files(profiled.root)
+    spec = FleetSpec.load(None, store=profiled.root).select(models=[MODEL_ID])
+    assert spec.models == (MODEL_ID,)
+    manifests = jobs.build_run_manifests(spec, run_id="20250101-020000")
+    containers = [c for m in manifests if m["kind"] == "Job"
+                  for c in m["spec"]["template"]["spec"].get("initContainers", []) + m["spec"]["template"]["spec"]["containers"]]
+    profile = next(c["args"] for c in containers if c["args"][0] == "profile")
+    assert MODEL_ID in profile and profile[profile.index("--store") + 1] == profiled.root
+    bench = next(c["args"] for c in containers if c["args"][0] == "bench")
+    assert bench[1] == MODEL_ID and bench[bench.index("--store") + 1] == profiled.root
+    code, output = invoke("fleet", "render", "--setup", "--store", profiled.root, "--model", MODEL_ID, "--output", "json")
+    assert code == 0, output
+    code, output = invoke("fleet", "render", "--setup", "--store", profiled.root, "--model", "no-such-model")
+    assert code == 2
+    line = one_error_line(output)
+    assert "unknown model 'no-such-model'" in line and f"{profiled.root} keeps no config" in line, line
+    assert store_files(profiled.root) == before
