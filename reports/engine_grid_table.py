@@ -1,6 +1,6 @@
 """Issue #24's engine-path grid of one platform against the simulator: docs/engine-grid.md (H100), docs/engine-grid-h200.md.
 
-The grid (data/<platform>/experiments/engine_grid, rounds r1 and r2; `device/engine_grid.sh`) served
+The grid (data/<platform>/experiments/engine_grid, rounds r1, r2, ...; `device/engine_grid.sh`) served
 each model on transformers continuous batching along every engine path issue #24 names: `paged|sdpa`
 with CUDA graphs, with async batching, without graphs, and `paged|eager` with graphs, each on the
 light and heavy workloads; its models are the ones found there (H100: Llama-3.2-1B and -3B). The
