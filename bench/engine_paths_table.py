@@ -472,6 +472,11 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "",
         "## At an HTTP client",
         "",
+        "The H200's pairs of the same settings (Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B, light and heavy, "
+        "one lease) and the "
+        "server-cost record measured from all of them, validated with terms held out by model and by load: "
+        "[engine-paths-h200.md](engine-paths-h200.md).",
+        "",
         "The `paged|sdpa` graphs heavy cell served by `transformers serve` and timed at the client, and in-process "
         f"right after on the same lease (`{HTTP_LEASE}`), beside the earlier lease's in-process repeats:",
         "",
@@ -511,9 +516,14 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "",
         "## Left to do",
         "",
-        "- HTTP: a light pair and a second heavy pair (another lease), so the server's step term and residual offsets "
-        "are checked across load (the record's load-dependence check is `not_run` with one workload) and validated on "
-        "runs they were not measured on.",
+        "- HTTP, H100: a light pair and a second heavy pair of Qwen2.5-7B (another lease), so its record's "
+        "load-dependence check runs (`not_run` with one workload) and its terms are validated out of sample.",
+        "- HTTP, both GPUs (from the H200's three-model pairs, [engine-paths-h200.md](engine-paths-h200.md)): the "
+        "residual per-request offsets move with the load and the model (the record fails its checks); the step term "
+        "comes from heavy pairs only, since at light load the two engines run other batches and their steps cannot be "
+        "paired by index; and its cost per sequence differs by model, so a record measured on other models or at "
+        "another load misses a cell's HTTP-minus-in-process gap. Needed: repeated pairs (the client's run-to-run floor), "
+        "pairing light steps by their batches, and a server term that carries what sets the models apart.",
         "- `paged|sdpa` graphs: the ordinary steps' host time is still predicted above the measured on the heavy cell "
         "(the pooled constant and per-sequence terms); more models' calib runs, or per-model terms the store can carry.",
         "- Captures: validate simulates the bench's warm-up requests (docs/simulate.md), but the light cells' capture "

@@ -57,11 +57,11 @@ def _spread(stats: OffsetStats, digits: int) -> tuple[str, str]:
 
 @click.command("server-costs")
 @click.option("--http", "http_dirs", multiple=True, required=True, type=click.Path(file_okay=False, exists=True),
-              help="A run of `dooly bench --client http` (repeat the flag: one per workload).")
+              help="A run of `dooly bench --client http` (repeat the flag: one per workload and model).")
 @click.option("--inprocess", "inprocess_dirs", multiple=True, required=True,
               type=click.Path(file_okay=False, exists=True),
               help="An in-process run of the same cell (repeat the flag; repeats of one workload are averaged).")
-@click.option("--model", help="The served model, to simulate the step term with [default: the HTTP run's bench.json].")
+@click.option("--model", help="The served model, to simulate the step term with [default: each HTTP run's bench.json].")
 @step_model_options
 @click.option("--cpu-overhead", type=click.Path(dir_okay=False, exists=True),
               help="CPU overhead model JSON to simulate with [default: the store's calibration, as `dooly validate`].")
@@ -72,8 +72,8 @@ def server_costs_command(http_dirs: tuple[str, ...], inprocess_dirs: tuple[str, 
                          output_format: str) -> None:
     """Measure what the engine's HTTP server adds, for `dooly validate --server-costs`.
 
-    Each HTTP run is paired with the in-process runs of the same workload (same requests, same
-    settings, same stack). Where both record the engine's steps and ran the same ones, the HTTP
+    Each HTTP run is paired with the in-process runs of its model and workload (same requests,
+    same settings, same stack); runs of several models give one record for them all. Where both record the engine's steps and ran the same ones, the HTTP
     engine's extra host time per step is the step term (a constant, a constant per step kind, or
     that plus a per-sequence slope: whichever predicts held-out classes of steps best). Per
     request, TTFT and TPOT at the HTTP client minus in-process are the raw offsets; less what the

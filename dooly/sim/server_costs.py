@@ -23,8 +23,10 @@ The terms are a server cost only where the engine behind the server ran as it ra
 Two checks say when the pairs do not show that, and the record carries what they found
 (`problems`): a negative median offset (the client saw the engine faster than the engine itself
 ran: another engine path, not a cost), and residual offsets that depend on the load (a per-request
-cost does not change between a light and a heavy cell of the same settings). With one workload
-paired the second check cannot run, and the record says so (`not_run`). `dooly validate` still
+cost does not change between a light and a heavy cell of the same settings) or, where the pairs are
+of several models, on the model (one record then serves them all). Each HTTP run is paired with the
+in-process runs of its own model and workload. With one workload paired the load check cannot run,
+and the record says so (`not_run`). `dooly validate` still
 adds a record that failed a check when asked, and says in its output that it failed.
 """
 
@@ -95,8 +97,9 @@ class OffsetStats:
 @dataclass
 class CellOffsets:
     """One paired cell: the HTTP run, the in-process run(s) it was compared with, its offsets
-    (residual after the step term where one was measured; raw: HTTP minus in-process) and how
-    many of its steps were paired for the step term."""
+    (residual after the step term where one was measured; raw: HTTP minus in-process), how
+    many of its steps were paired for the step term and the served model (bench.json `model`;
+    empty in records written before it was kept)."""
 
     http: str
     inprocess: list[str]
@@ -106,6 +109,7 @@ class CellOffsets:
     raw_ttft: OffsetStats | None = None
     raw_tpot: OffsetStats | None = None
     steps: int = 0
+    model: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CellOffsets:
@@ -114,7 +118,7 @@ class CellOffsets:
         raw_ttft = OffsetStats(**data["raw_ttft"]) if data.get("raw_ttft") else ttft
         raw_tpot = OffsetStats(**data["raw_tpot"]) if data.get("raw_tpot") else tpot
         return cls(data["http"], list(data["inprocess"]), dict(data["workload"]), ttft, tpot, raw_ttft, raw_tpot,
-                   int(data.get("steps", 0)))
+                   int(data.get("steps", 0)), str(data.get("model", "")))
 
 
 @dataclass
@@ -246,6 +250,10 @@ class _Run:
     def workload(self) -> dict[str, Any]:
         return dict(self.bench.get("workload") or {})
 
+    @property
+    def model(self) -> str:
+        return str(self.bench.get("model") or "")
+
 
 def run_key(bench: dict[str, Any], engine_settings: dict[str, Any]) -> dict[str, Any]:
     """What a server-cost record is keyed by: the stack's platform, engine, engine version and
@@ -348,9 +356,10 @@ def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequen
         http_key = run_key(http.bench, http.engine)
         if http_key != key:
             raise DoolyError(f"{http.directory} is another key ({http_key}) than {https[0].directory} ({key})")
-        partners = [run for run in inprocs if run.workload == http.workload]
+        partners = [run for run in inprocs if run.workload == http.workload and run.model == http.model]
         if not partners:
-            raise DoolyError(f"no in-process run served the workload of {http.directory}")
+            raise DoolyError(f"no in-process run of {http.model or 'the same model'} served the workload of "
+                             f"{http.directory}")
         for partner in partners:
             _check_pair(http, partner, key)
         pairs.append((http, partners))
@@ -388,7 +397,7 @@ def _pooled_costs(key: dict[str, Any], pairs: Sequence[tuple[_Run, list[_Run]]],
             ttft, tpot = residual_offsets(http.truth.requests, raw_ttft, raw_tpot, effect)
         cells.append(CellOffsets(str(http.directory), [str(p.directory) for p in partners], http.workload,
                                  OffsetStats.of(ttft), OffsetStats.of(tpot), OffsetStats.of(raw_ttft),
-                                 OffsetStats.of(raw_tpot), steps))
+                                 OffsetStats.of(raw_tpot), steps, http.model))
         for name, values in (("ttft", ttft), ("tpot", tpot), ("raw_ttft", raw_ttft), ("raw_tpot", raw_tpot)):
             pooled[name] += values
     costs = ServerCosts(key, OffsetStats.of(pooled["ttft"]), OffsetStats.of(pooled["tpot"]), cells,
@@ -400,7 +409,9 @@ def _pooled_costs(key: dict[str, Any], pairs: Sequence[tuple[_Run, list[_Run]]],
 
 
 def _check_pair(http: _Run, inprocess: _Run, key: dict[str, Any]) -> None:
-    """Refuse a pair that is not one cell: other key, other engine settings, other requests."""
+    """Refuse a pair that is not one cell: other key, model, engine settings or requests."""
+    if inprocess.model != http.model:
+        raise DoolyError(f"{inprocess.directory} served {inprocess.model!r}, {http.directory} {http.model!r}")
     other = run_key(inprocess.bench, inprocess.engine)
     if other != key:
         raise DoolyError(f"{inprocess.directory} ({other}) is not the key of {http.directory} ({key})")
@@ -419,22 +430,34 @@ def consistency_problems(costs: ServerCosts) -> tuple[list[str], list[str]]:
     A cost the server adds cannot be negative: a negative raw median offset says the engine behind
     the server ran otherwise than in-process. A per-request cost cannot depend on the load: a
     cell whose residual median lies outside another cell's p10..p90 says the offsets carry what
-    the step term should (needs cells of two workloads; with one it is `not_run`)."""
+    the step term should (needs cells of two workloads; with one it is `not_run`). Cells of several
+    models are compared too, since one record serves them all: the problem then names what differs
+    between the two cells (the load, the model, or both)."""
     problems = []
     for name, stats in (("TTFT", costs.raw_ttft or costs.ttft), ("TPOT", costs.raw_tpot or costs.tpot)):
         if stats.median_s < 0:
             problems.append(f"median {name} offset {stats.median_s * MS_PER_S:+.2f} ms is negative: the client saw "
                             "the engine faster than it ran in-process, which no server cost explains")
     workloads = {json.dumps(cell.workload, sort_keys=True) for cell in costs.cells}
+    not_run = []
     if len(workloads) < MIN_LOAD_WORKLOADS:
-        return problems, [f"load dependence of the per-request offsets: only {len(workloads)} workload paired "
-                          f"(needs HTTP/in-process pairs of {MIN_LOAD_WORKLOADS} loads)"]
+        not_run.append(f"load dependence of the per-request offsets: only {len(workloads)} workload paired "
+                       f"(needs HTTP/in-process pairs of {MIN_LOAD_WORKLOADS} loads)")
     for name in ("ttft", "tpot"):
         for cell in costs.cells:
             for other in costs.cells:
+                differs = _what_differs(cell, other)
                 median, band = getattr(other, name).median_s, getattr(cell, name)
-                if other is not cell and not band.contains(median):
-                    problems.append(f"{name.upper()} offset depends on the load: {other.http} has median "
+                if other is not cell and differs and not band.contains(median):
+                    problems.append(f"{name.upper()} offset depends on {differs}: {other.http} has median "
                                     f"{median * MS_PER_S:+.2f} ms, outside {cell.http}'s p10..p90 "
                                     f"{band.p10_s * MS_PER_S:+.2f}..{band.p90_s * MS_PER_S:+.2f} ms")
-    return problems, []
+    return problems, not_run
+
+
+def _what_differs(cell: CellOffsets, other: CellOffsets) -> str:
+    """What sets two cells of one record apart: their load (workload), their model, both, or
+    nothing (empty: repeats of one cell, which the checks do not compare)."""
+    differs = [what for what, differ in (("the load", cell.workload != other.workload),
+                                         ("the model", cell.model != other.model)) if differ]
+    return " and ".join(differs)

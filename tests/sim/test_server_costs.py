@@ -23,12 +23,13 @@ SETTINGS = {"num_blocks": 64, "max_batch_tokens": 256}
 STACK = {"platform": "TEST-GPU", "engine": "transformers", "engine_version": "5.17.0", "backend": "paged|sdpa"}
 LIGHT = {"kind": "light"}
 HEAVY = {"kind": "heavy"}
+OTHER_MODEL = "meta-llama/Llama-3.2-1B"
 
 
 def _bench(directory: Path, client: str, workload: dict[str, Any], settings: dict[str, Any] = SETTINGS,
-           stack: dict[str, Any] = STACK) -> None:
+           stack: dict[str, Any] = STACK, model: str = MODEL) -> None:
     (directory / "bench.json").write_text(json.dumps({
-        "client": client, "model": MODEL, "stack": stack, "requested_settings": settings, "workload": workload}))
+        "client": client, "model": model, "stack": stack, "requested_settings": settings, "workload": workload}))
     # The analytic engine's default settings: what write_truth simulated.
     (directory / "engine.json").write_text(json.dumps({}))
 
@@ -45,13 +46,14 @@ def _shift(directory: Path, ttft_s: float, tpot_s: float) -> None:
     pq.write_table(pa.Table.from_pylist(table), directory / "requests.parquet")
 
 
-def _cell(root: Path, name: str, workload: dict[str, Any], ttft_s: float, tpot_s: float) -> tuple[Path, Path]:
+def _cell(root: Path, name: str, workload: dict[str, Any], ttft_s: float, tpot_s: float,
+          model: str = MODEL) -> tuple[Path, Path]:
     """An in-process run and an HTTP run of it whose client saw the given extra costs."""
     inprocess = write_truth(root / f"{name}.inprocess")
-    _bench(inprocess, "inprocess", workload)
+    _bench(inprocess, "inprocess", workload, model=model)
     http = write_truth(root / f"{name}.http")
     _shift(http, ttft_s, tpot_s)
-    _bench(http, "http", workload)
+    _bench(http, "http", workload, model=model)
     return http, inprocess
 
 
@@ -90,6 +92,23 @@ def test_offsets_that_move_with_the_load_fail_the_check(tmp_path):
     assert not any("TPOT offset depends on the load" in p for p in costs.problems)
 
 
+def test_each_http_run_pairs_with_its_own_models_runs(tmp_path):
+    # Two models served the same workload; the second one's server added more. Each HTTP run is
+    # compared with its own model's in-process run, never with the other model's.
+    first = _cell(tmp_path, "first", LIGHT, TTFT_COST_S, TPOT_COST_S)
+    second = _cell(tmp_path, "second", LIGHT, 50 * TTFT_COST_S, TPOT_COST_S, model=OTHER_MODEL)
+    costs = measure_server_costs([first[0], second[0]], [first[1], second[1]])
+    assert [cell.inprocess for cell in costs.cells] == [[str(first[1])], [str(second[1])]]
+    assert [cell.model for cell in costs.cells] == [MODEL, OTHER_MODEL]
+    assert costs.cells[0].ttft.median_s == pytest.approx(TTFT_COST_S, abs=1e-9)
+    assert costs.cells[1].ttft.median_s == pytest.approx(50 * TTFT_COST_S, abs=1e-9)
+    assert any("TTFT offset depends on the model:" in p for p in costs.problems)
+    costs.save(tmp_path / "costs.json")
+    assert ServerCosts.load(tmp_path / "costs.json").cells[1].model == OTHER_MODEL
+    with pytest.raises(DoolyError, match=f"no in-process run of {OTHER_MODEL}"):
+        measure_server_costs([second[0]], [first[1]])
+
+
 def test_pairs_that_are_not_one_cell_are_refused(tmp_path):
     http, inprocess = _cell(tmp_path, "light", LIGHT, TTFT_COST_S, TPOT_COST_S)
     with pytest.raises(DoolyError, match="not timed at an HTTP client"):
@@ -100,7 +119,7 @@ def test_pairs_that_are_not_one_cell_are_refused(tmp_path):
     with pytest.raises(DoolyError, match="other engine settings"):
         measure_server_costs([http], [inprocess])
     _bench(inprocess, "inprocess", HEAVY)
-    with pytest.raises(DoolyError, match="no in-process run served the workload"):
+    with pytest.raises(DoolyError, match="no in-process run of .* served the workload"):
         measure_server_costs([http], [inprocess])
 
 
