@@ -426,8 +426,9 @@ def fit_calibration(
     after a capture beyond its input copy; its median is kept. `input_copies` (async batching): each
     run's fitted input copy and the bytes its engine copies per launch (`pooled_input_copy`).
     `new_shapes` (async batching): each capture at an attention shape its engine never ran, as
-    (layers, launch seconds, seconds until the device finished its eager run), the capture cost
-    for that layer count taken off the launch (`fit_new_shape_eager`). `kv_regressors`: the KV slopes' form (KV_REGRESSORS; recorded in `fit`)."""
+    (layers, launch seconds less the eager run's device time, seconds until the device was free
+    for the eager run), the capture cost for that layer count taken off the launch
+    (`fit_new_shape_eager`). `kv_regressors`: the KV slopes' form (KV_REGRESSORS; recorded in `fit`)."""
     import numpy as np
     from scipy.optimize import nnls
 
@@ -469,13 +470,16 @@ HIDDEN_EAGER_TOLERANCE_S = 0.002
 
 
 def fit_new_shape_eager(launches: Sequence[tuple[float, float]]) -> float:
-    """The host time H from a capture's launch to the end of its eager run at an attention shape
-    the engine never ran, from (seconds the launch held the host before the capture, seconds
-    until the device finished the eager run) per such capture: the simulator ends the eager run
-    at max(device, H). A launch that ended with the device (within HIDDEN_EAGER_TOLERANCE_S) only
-    says H was no longer; so H is the value that minimises the absolute error of max(device, H)
-    over the others plus how far it passes those bounds (a median that takes bounds as bounds),
-    the smallest such; 0 where nothing says it is more."""
+    """The host time H from a capture's launch to the start of its eager run's kernels at an
+    attention shape the engine never ran, from (seconds the launch held the host before the
+    capture less the eager run's device time, seconds until the device was free for the eager
+    run: the previous step and the input copy done) per such capture: the simulator starts the
+    eager run at max(device free, H) and adds its device time, which the first-shape work does not
+    hide (on the H200 grid a new-shape launch grows one for one with its eager run's device time,
+    lab/async_captures_lease_d.py). A launch whose eager run started when the device was free
+    (within HIDDEN_EAGER_TOLERANCE_S) only says H was no longer; so H is the value that minimises
+    the absolute error of max(device free, H) over the others plus how far it passes those bounds
+    (a median that takes bounds as bounds), the smallest such; 0 where nothing says it is more."""
     hidden = [device + HIDDEN_EAGER_TOLERANCE_S for launch, device in launches
               if launch <= device + HIDDEN_EAGER_TOLERANCE_S]
     exposed = [(launch, device) for launch, device in launches if launch > device + HIDDEN_EAGER_TOLERANCE_S]

@@ -15,8 +15,9 @@ Two loops, as in the engines:
   alternate between two IO buffer pairs, each with its own CUDA graphs, so a shape is captured once
   per pair; a capture runs the step eagerly and synchronises, so it holds the host (and N's
   tokens) for the step's device time plus the capture (and, the first time the process runs the
-  step's attention shape, until at least `new_shape_eager_s` after its launch: the eager run's
-  first-shape host work, hidden behind the device's work in flight), and the step launched after it pays the
+  step's attention shape, the eager run's kernels start no earlier than `new_shape_eager_s` after
+  its launch: the first-shape host work, hidden behind the device's work in flight but not behind
+  the step's own), and the step launched after it pays the
   calibration's `post_capture_device_s` on the device. Every launch copies its inputs to the
   device on one copy stream (transformers copies the whole attention mask, max_batch_tokens x
   cache tokens: ~20 ms on the H100 runs): the copy starts at max(launch, end of the previous
@@ -428,14 +429,13 @@ class _Run:
             start = max(ready, device_free, copy_free)
             if capture or new_shape:
                 # Captured: run eagerly, synchronise, record; the host is back after all of it.
-                # The eager run of a shape the process never ran holds the host from its launch
-                # (`new_shape_eager_s`), behind which the device's work in flight hides.
-                device_free = start + gpu
-                if new_shape:
-                    launched = max(device_free, ready + overhead.new_shape_eager_s) + capture
-                    capture = launched - device_free
-                else:
-                    launched = device_free + capture
+                # The eager run of a shape the process never ran starts its kernels only after the
+                # first-shape host work (`new_shape_eager_s` from the launch), behind which the
+                # device's work in flight and the input copy hide, its own device time does not.
+                eager_start = max(start, ready + overhead.new_shape_eager_s) if new_shape else start
+                device_free = eager_start + gpu
+                launched = device_free + capture
+                capture = launched - start - gpu  # the step's time beyond its device work
                 stall = overhead.post_capture_device_s
             else:
                 gpu += stall

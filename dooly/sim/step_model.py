@@ -236,10 +236,11 @@ class CpuOverheadModel:
     # `input_copy_bytes` of inputs; 0 bytes: applied as it is, whatever the engine copies.
     input_copy_s: float = 0.0
     input_copy_bytes: int = 0
-    # Async batching only: the host's time from a capture's launch to the end of its eager run
-    # when the step's attention shape (`attention_shape`) was never run in the process: the
-    # eager forward then pays the engine's first-shape work (~75-130 ms on the committed runs),
-    # which overlaps the device's work in flight (lab/async_ttft.py).
+    # Async batching only: the host's time from a capture's launch to the start of its eager run's
+    # kernels when the step's attention shape (`attention_shape`) was never run in the process:
+    # the engine's first-shape work (~60-80 ms on the H200 runs), which overlaps the device's work
+    # in flight and the input copy but not the eager run's own device time (lab/async_ttft.py,
+    # lab/async_captures_lease_d.py).
     new_shape_eager_s: float = 0.0
 
     def seconds(self, path: StepPath, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:

@@ -902,9 +902,10 @@ class AsyncSamples:
     stalls: list[float]  # device time of each step after a capture beyond its copy and the model's bias
     input_copy_s: float  # the input copy of every launch, fitted on the run (or as given)
     # Captures of an attention shape the engine never ran (`CpuOverheadModel.new_attention_shape`):
-    # (the launch's seconds, when the device finished its eager run: seconds after the launch
-    # began), for `fit_new_shape_eager`; their host samples are not in `captures` (the capture
-    # cost is priced on the others) unless the run captured no known shape.
+    # (the launch's seconds less the eager run's predicted device time, when the device was free
+    # for the eager run: seconds after the launch began), for `fit_new_shape_eager`; their host
+    # samples are not in `captures` (the capture cost is priced on the others) unless the run
+    # captured no known shape.
     new_shapes: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -925,9 +926,9 @@ def async_host_samples(
 
     `split_new_shapes` (`dooly calibrate --async-captures split`): a capture at an attention shape
     the engine never ran (its warm-up simulated first, `warm_engine`) pays the eager run's
-    first-shape host work from its launch (lab/async_ttft.py): it goes to `new_shapes` (its launch
-    time and when the device finished its eager run, both from the launch), and the capture cost is
-    priced on the other captures. Off (the default), every capture prices the one capture cost."""
+    first-shape host work from its launch before the eager kernels start (lab/async_ttft.py): it
+    goes to `new_shapes` (its launch time less the eager run's device time, and when the device
+    was free for it, both from the launch), and the capture cost is priced on the other captures. Off (the default), every capture prices the one capture cost."""
     keywords = step_keywords(step_model)
     groups = CacheGroups.from_scheduler(scheduler)
     timings = async_timeline(truth.steps)
@@ -955,7 +956,9 @@ def async_host_samples(
             known.append(shape in seen)
             if not known[-1]:
                 ready = step.start_s + step.prepare_s
-                new_shapes.append((step.forward_s, max(previous_end, ready) + wait + predicted - ready))
+                # The launch less its eager run's device time, and when the device was free for
+                # that run (the previous step and the input copy done), both from the launch.
+                new_shapes.append((step.forward_s - predicted, max(previous_end, ready) + wait - ready))
         else:
             samples.append(host_sample(path.overhead_key, num_layers, step, timing.host_s, model, groups))
             (after_capture if previous_captured else residual).append(step.device_s - wait - predicted)

@@ -226,20 +226,26 @@ def test_async_captures_once_per_io_pair_and_the_next_step_pays_the_stall(consta
 
 
 def test_async_capture_at_a_new_attention_shape_holds_the_host_from_its_launch(constant_model):
-    capture, host, first_shape = 0.1, 0.001, 0.2  # the first-shape host work is longer than the step
+    capture, host, first_shape = 0.1, 0.001, 0.2  # first-shape host work before the eager kernels
     graphs = {"use_cuda_graph": True}
     overhead = CpuOverheadModel(terms={"default": OverheadTerms(constant_s=host)}, graph_capture_s=capture,
                                 new_shape_eager_s=first_shape)
     result = _async_run(constant_model, host, output=6, overhead=overhead, settings=graphs)
     # Prefill and the first decode run shapes never run before; the decode in the other IO pair
     # captures a shape pair 1 already ran: it pays the capture only.
+    # The eager kernels start after the first-shape work: its device time adds to it.
     assert [s.duration_s for s in result.steps[:4]] == pytest.approx(
-        [first_shape + capture] * 2 + [STEP_S + capture, STEP_S])
-    assert result.token_times["a"][0] == pytest.approx(2 * (host + first_shape + capture))
-    # Shorter than the eager run's device work, it hides behind it: the timeline without it.
-    hidden = CpuOverheadModel(terms={"default": OverheadTerms(constant_s=host)}, graph_capture_s=capture,
-                              new_shape_eager_s=STEP_S / 2)
-    plain = CpuOverheadModel(terms={"default": OverheadTerms(constant_s=host)}, graph_capture_s=capture)
+        [first_shape + STEP_S + capture] * 2 + [STEP_S + capture, STEP_S])
+    assert result.token_times["a"][0] == pytest.approx(2 * (host + first_shape + STEP_S + capture))
+    # Shorter than the step's own device work, it still adds to it (it is not hidden there) ...
+    short = CpuOverheadModel(terms={"default": OverheadTerms(constant_s=host)}, graph_capture_s=capture,
+                             new_shape_eager_s=STEP_S / 2)
+    assert [s.duration_s for s in _async_run(constant_model, host, 6, short, graphs).steps[:2]] == pytest.approx(
+        [STEP_S / 2 + STEP_S + capture] * 2)
+    # ... but an input copy longer than it, which the device waits for anyway, hides it.
+    copy = first_shape * 1.5
+    hidden = _copy_overhead(host, copy, graph_capture_s=capture, new_shape_eager_s=first_shape)
+    plain = _copy_overhead(host, copy, graph_capture_s=capture)
     assert ([s.duration_s for s in _async_run(constant_model, host, 6, hidden, graphs).steps]
             == pytest.approx([s.duration_s for s in _async_run(constant_model, host, 6, plain, graphs).steps]))
 
