@@ -26,6 +26,7 @@ from dooly.models.stored import (
     NoStoredConfig,
     find_stored_model,
     resolve_model_with_store,
+    stored_configs,
     write_model_config,
 )
 from dooly.store.backends import open_store
@@ -38,8 +39,9 @@ MODEL_ID = "tiny-stored"
 BACKEND = "paged|sdpa"
 OTHER_BACKEND = "paged|eager"
 FOLDS = 2
-COMMITTED_STORE = Path(__file__).resolve().parents[2] / "data" / "h100" / "db"
-# A model of the committed H100 store (meta-llama/Llama-3.1-8B): inventories, no stored config.
+DATA = Path(__file__).resolve().parents[2] / "data"
+COMMITTED_STORES = (DATA / "h100" / "db", DATA / "h200" / "db")
+# A model of the committed H100 store, by its model key (meta-llama/Llama-3.1-8B).
 COMMITTED_MODEL_KEY = "c8d6b5edb411"
 SIM_ARGS = ("--requests", "4", "--rate", "50", "--prompt-len", "12", "--output-len", "3",
             "--set", "num_blocks=64", "--set", "block_size=16")
@@ -207,10 +209,14 @@ def test_a_store_without_configs_says_how_to_store_one(profiled, old_store):
     assert store_files(old_store) == before
 
 
-def test_the_committed_store_holds_no_configs_and_says_so():
-    code, output = invoke("trace", COMMITTED_MODEL_KEY, "--store", str(COMMITTED_STORE))
-    assert code == 2
-    assert "no config to build it from" in one_error_line(output)
+def test_the_committed_stores_keep_every_model_s_config_so_its_key_names_it():
+    for root in COMMITTED_STORES:
+        store = open_store(str(root), create=False)
+        folders = sorted(path.name for path in (root / "inventories").iterdir())
+        assert sorted(stored_configs(store)) == folders, root
+    code, output = invoke("models", COMMITTED_MODEL_KEY, "--store", str(COMMITTED_STORES[0]), "--output", "json")
+    assert code == 0, output
+    assert "meta-llama/Llama-3.1-8B" in output
 
 
 def test_a_name_of_two_stored_configs_is_refused_and_a_tampered_config_ignored(tmp_path):
