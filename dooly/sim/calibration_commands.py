@@ -181,14 +181,15 @@ def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regress
     cache: dict[tuple[str, ...], Any] = {}
     calibrations = []
     for key, group in sorted(by_key.items(), key=lambda item: item[0].label()):
-        measured = {}
+        # Per run, not per name: runs from --ground-truth directories of one basename (repeats of
+        # one calib run) share their name.
+        group = sorted(group, key=lambda r: r.name)
+        measured = [run_samples(run, fitted_store, cache, async_captures == ASYNC_CAPTURES_SPLIT) for run in group]
         inputs = []
-        for run in sorted(group, key=lambda r: r.name):
-            measured[run.name] = run_samples(run, fitted_store, cache, async_captures == ASYNC_CAPTURES_SPLIT)
-            steps, first_seen, layers = measured[run.name]
+        for run, (steps, first_seen, layers) in zip(group, measured, strict=True):
             inputs.append({"run": run.name, "model": run.model, "num_layers": layers, "steps": len(steps) + len(first_seen),
                            "warm": run.warm, **({"host": run.host} if run.host else {})})
-        samples, captures = pool_samples([(run.warm, *measured[run.name][:2]) for run in group])
+        samples, captures = pool_samples([(run.warm, *run_measured[:2]) for run, run_measured in zip(group, measured, strict=True)])
         logger.info("calibrating %s on %d runs (%d steps)", key.label(), len(group), len(samples))
         stalls = [stall for run in group for stall in run.stalls]
         copies = [run.input_copy for run in group if run.input_copy is not None]

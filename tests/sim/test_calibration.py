@@ -390,3 +390,18 @@ def test_the_committed_async_calibrations_load():
     assert 0.015 < newest.input_copy_s < 0.025
     assert newest.post_capture_device_s < 0.2 * first.post_capture_device_s
     assert newest.graph_capture_s < first.graph_capture_s
+
+
+def test_repeats_of_one_calib_run_under_one_name_are_each_fitted(monkeypatch, tmp_path):
+    """Runs given as --ground-truth directories of one basename (repeats of one calib run) share
+    their name; each run's own steps go into the fit, not the last one's once per repeat."""
+    from dooly.sim import calibration_commands
+    from dooly.sim.calibration_commands import CalibrationRun, calibrate_runs
+
+    rng = random.Random(3)
+    runs = [CalibrationRun(tmp_path / f"lease-{i}", "m32.calib", "m32", KEY, "bfloat16", {}) for i in range(3)]
+    steps = {id(run): _samples(32, rng, steps=10 * (i + 1)) for i, run in enumerate(runs)}
+    monkeypatch.setattr(calibration_commands, "run_samples", lambda run, *args: (steps[id(run)], [], 32))
+    (calibration,) = calibrate_runs(runs, "unused")
+    assert [item["steps"] for item in calibration.inputs] == [len(steps[id(run)]) for run in runs]
+    assert calibration.fit["models"]["m32"]["steps"] == sum(len(s) for s in steps.values())
