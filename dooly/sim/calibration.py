@@ -245,7 +245,7 @@ class Calibration:
     post_capture_device_s: float = 0.0  # async batching: extra device time of the step after a capture
     input_copy_s: float = 0.0  # async batching: a launch's host-to-device input copy ...
     input_copy_bytes: int = 0  # ... measured at this many bytes of inputs (0: not scaled)
-    new_shape_eager_s: float = 0.0  # async batching: a capture's eager run at a never-run shape, from its launch
+    new_shape_eager_s: float = 0.0  # a capture's eager run at a never-run shape, from its launch
     inputs: list[dict[str, Any]] = field(default_factory=list)  # one per calibration run
     fit: dict[str, Any] = field(default_factory=dict)  # residual statistics per model
     created_at: str = ""
@@ -418,6 +418,7 @@ def fit_calibration(
     kv_regressors: str = DEFAULT_KV_REGRESSORS,
     input_copies: Sequence[tuple[float, int]] = (),
     new_shapes: Sequence[tuple[int, float, float]] = (),
+    capture_new: Sequence[bool] = (),
 ) -> Calibration:
     """A calibration from host samples of several models, and the first step of each CUDA-graph
     shape (sample, path): what it took beyond an ordinary step on its path is the capture cost,
@@ -428,28 +429,23 @@ def fit_calibration(
     `new_shapes` (async batching): each capture at an attention shape its engine never ran, as
     (layers, launch seconds less the eager run's device time, seconds until the device was free
     for the eager run), the capture cost for that layer count taken off the launch
-    (`fit_new_shape_eager`). `kv_regressors`: the KV slopes' form (KV_REGRESSORS; recorded in `fit`)."""
+    (`fit_new_shape_eager`). `capture_new` (synchronous loops): per capture, whether its attention
+    shape was new to its engine (`CpuOverheadModel.new_attention_shape`); where the captures hold
+    both kinds, the capture cost is fitted on the known-shape ones and `new_shape_eager_s` is the
+    median extra of the new-shape ones over that line (`split_sync_captures`). `kv_regressors`: the
+    KV slopes' form (KV_REGRESSORS; recorded in `fit`)."""
     import numpy as np
-    from scipy.optimize import nnls
 
     layered, scores = choose_layer_terms(samples, ridge=ridge, kv_regressors=kv_regressors)
     terms = fit_path_terms(samples, ridge=ridge, layer_terms=layered, kv_regressors=kv_regressors)
     calibration = Calibration(key=key, terms=terms, inputs=list(inputs),
                               created_at=datetime.now(UTC).isoformat(timespec="seconds"))
-    if captures:
-        # Median excess per layer count (a capture's host time has outliers), then a line
-        # through those medians where there are several.
-        by_layers: dict[int, list[float]] = {}
-        for sample, _ in captures:
-            by_layers.setdefault(sample.num_layers, []).append(sample.host_s - _terms_for(terms, sample.key).seconds(sample))
-        layers = np.array(sorted(by_layers), dtype=float)
-        medians = np.array([float(np.median(by_layers[int(n)])) for n in layers])
-        if len(layers) > 1:
-            coef, _ = nnls(np.column_stack([np.ones_like(layers), layers / layers.max()]), medians)
-            calibration.graph_capture_s = float(coef[0])
-            calibration.graph_capture_per_layer_s = float(coef[1] / layers.max())
-        else:
-            calibration.graph_capture_s = max(float(medians[0]), 0.0)
+    excess = [(sample.num_layers, sample.host_s - _terms_for(terms, sample.key).seconds(sample)) for sample, _ in captures]
+    split = split_sync_captures(excess, capture_new)
+    if split is not None:
+        calibration.graph_capture_s, calibration.graph_capture_per_layer_s, calibration.new_shape_eager_s = split
+    elif excess:
+        calibration.graph_capture_s, calibration.graph_capture_per_layer_s = capture_line(excess)
     if new_shapes:
         capture_s = [calibration.graph_capture_s + calibration.graph_capture_per_layer_s * layers
                      for layers, _, _ in new_shapes]
@@ -461,7 +457,45 @@ def fit_calibration(
         calibration.input_copy_s, calibration.input_copy_bytes = pooled_input_copy(input_copies)
     calibration.fit = {"kv_regressors": kv_regressors, "layer_terms": layered, "leave_one_model_out_host_error": scores,
                        "models": residual_stats(calibration, samples)}
+    if split is not None:
+        calibration.fit["captures"] = {"known_shape": sum(not new for new in capture_new),
+                                       "new_shape": sum(bool(new) for new in capture_new)}
     return calibration
+
+
+def capture_line(excess: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(constant, per layer) seconds of a capture from (layers, excess seconds) per capture: the
+    median excess per layer count (a capture's host time has outliers), then a non-negative line
+    through those medians where there are several layer counts."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    by_layers: dict[int, list[float]] = {}
+    for num_layers, seconds in excess:
+        by_layers.setdefault(num_layers, []).append(seconds)
+    layers = np.array(sorted(by_layers), dtype=float)
+    medians = np.array([float(np.median(by_layers[int(n)])) for n in layers])
+    if len(layers) > 1:
+        coef, _ = nnls(np.column_stack([np.ones_like(layers), layers / layers.max()]), medians)
+        return float(coef[0]), float(coef[1] / layers.max())
+    return max(float(medians[0]), 0.0), 0.0
+
+
+def split_sync_captures(excess: Sequence[tuple[int, float]], capture_new: Sequence[bool]
+                        ) -> tuple[float, float, float] | None:
+    """A synchronous loop's captures split by whether the engine had run their attention shape
+    (lab/capture_cost.py): (constant, per layer, new-shape extra) seconds, the line fitted on the
+    known-shape captures (`capture_line`) and the extra the median of the new-shape captures'
+    excess over that line (at least 0). None where `capture_new` is not given for every capture or
+    the captures are not of both kinds: one line over all of them then."""
+    import numpy as np
+
+    if len(capture_new) != len(excess) or all(capture_new) or not any(capture_new):
+        return None
+    constant, per_layer = capture_line([item for item, new in zip(excess, capture_new, strict=True) if not new])
+    extra = [seconds - constant - per_layer * num_layers
+             for (num_layers, seconds), new in zip(excess, capture_new, strict=True) if new]
+    return constant, per_layer, max(float(np.median(extra)), 0.0)
 
 
 # A capture's launch that ends within this of its eager run's device end was device-bound: the

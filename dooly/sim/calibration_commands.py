@@ -54,6 +54,14 @@ RUN_DIGEST_CHARS = 16
 ASYNC_CAPTURES_SINGLE = "single"
 ASYNC_CAPTURES_SPLIT = "split"
 ASYNC_CAPTURES = (ASYNC_CAPTURES_SINGLE, ASYNC_CAPTURES_SPLIT)
+# How a synchronous calibration prices CUDA-graph captures: `single` (the default), one capture
+# cost over every capture; `split`, the capture cost on attention shapes the engine had run
+# (another longest-sequence key of the same padded query and KV tokens) and the first run of a
+# new attention shape apart (`new_shape_eager_s`; lab/capture_cost.py: a light cell's captures are
+# a third known-shape, a calib run's a tenth; it helps the H200 grid, not the H100's 1B light cell).
+SYNC_CAPTURES_SINGLE = "single"
+SYNC_CAPTURES_SPLIT = "split"
+SYNC_CAPTURES = (SYNC_CAPTURES_SINGLE, SYNC_CAPTURES_SPLIT)
 ATTENTION_KIND = "attention"
 US_PER_S = 1e6
 MS_PER_S = 1e3
@@ -78,6 +86,8 @@ class CalibrationRun:
     input_copy: tuple[float, int] | None = None
     # Async batching: its captures at never-run attention shapes, (layers, launch s, device s).
     new_shapes: list[tuple[int, float, float]] = field(default_factory=list)
+    # Synchronous loops: per capture, whether its attention shape was new to the engine.
+    capture_new: list[bool] = field(default_factory=list)
     # The host it was served from (bench.json `host`; empty for runs recorded before it).
     host: dict[str, Any] = field(default_factory=dict)
     # The store (URI) that names the model where no config file or bundled id does: the config
@@ -166,36 +176,58 @@ def run_samples(run: CalibrationRun, fitted_store: str, cache: dict[tuple[str, .
         run.new_shapes = [(layers, launch, device) for launch, device in measured.new_shapes]
     else:
         samples, captures = host_samples(truth, run.scheduler(), step_model, num_layers=layers, model=run.model)
+        run.capture_new = capture_novelty([path for _, path in captures])
     run.warm = truth.warm_passes > 0
     return samples, captures, layers
 
 
 def calibrate_runs(runs: Iterable[CalibrationRun], fitted_store: str, kv_regressors: str = DEFAULT_KV_REGRESSORS,
-                   async_captures: str = ASYNC_CAPTURES_SINGLE) -> list[Calibration]:
+                   async_captures: str = ASYNC_CAPTURES_SINGLE,
+                   sync_captures: str = SYNC_CAPTURES_SINGLE) -> list[Calibration]:
     """One calibration per key among the runs, each fitted on all of that key's runs with the
-    KV regressors `kv_regressors` (KV_REGRESSORS) and, for async batching, the capture form
-    `async_captures` (ASYNC_CAPTURES)."""
+    KV regressors `kv_regressors` (KV_REGRESSORS) and the capture form, `async_captures`
+    (ASYNC_CAPTURES) for async batching, else `sync_captures` (SYNC_CAPTURES)."""
     by_key: dict[CalibrationKey, list[CalibrationRun]] = {}
     for run in runs:
         by_key.setdefault(run.key, []).append(run)
     cache: dict[tuple[str, ...], Any] = {}
     calibrations = []
     for key, group in sorted(by_key.items(), key=lambda item: item[0].label()):
-        measured = {}
+        # Per run, not per name: runs from --ground-truth directories of one basename (repeats of
+        # one calib run) share their name.
+        group = sorted(group, key=lambda r: r.name)
+        measured = [run_samples(run, fitted_store, cache, async_captures == ASYNC_CAPTURES_SPLIT) for run in group]
         inputs = []
-        for run in sorted(group, key=lambda r: r.name):
-            measured[run.name] = run_samples(run, fitted_store, cache, async_captures == ASYNC_CAPTURES_SPLIT)
-            steps, first_seen, layers = measured[run.name]
+        for run, (steps, first_seen, layers) in zip(group, measured, strict=True):
             inputs.append({"run": run.name, "model": run.model, "num_layers": layers, "steps": len(steps) + len(first_seen),
                            "warm": run.warm, **({"host": run.host} if run.host else {})})
-        samples, captures = pool_samples([(run.warm, *measured[run.name][:2]) for run in group])
+        samples, captures = pool_samples([(run.warm, *run_measured[:2]) for run, run_measured in zip(group, measured, strict=True)])
         logger.info("calibrating %s on %d runs (%d steps)", key.label(), len(group), len(samples))
         stalls = [stall for run in group for stall in run.stalls]
         copies = [run.input_copy for run in group if run.input_copy is not None]
         new_shapes = prefer_cold((run.warm, run.new_shapes) for run in group)
+        # Aligned with `captures`: prefer_cold keeps the same runs' items.
+        capture_new = (prefer_cold((run.warm, run.capture_new) for run in group)
+                       if sync_captures == SYNC_CAPTURES_SPLIT and not key.async_batching else [])
         calibrations.append(fit_calibration(key, samples, captures, inputs=inputs, post_capture=stalls,
-                                            kv_regressors=kv_regressors, input_copies=copies, new_shapes=new_shapes))
+                                            kv_regressors=kv_regressors, input_copies=copies, new_shapes=new_shapes,
+                                            capture_new=capture_new))
     return calibrations
+
+
+def capture_novelty(paths: Iterable[Any]) -> list[bool]:
+    """Per capture of one run, in step order: whether no earlier capture of the run was of its
+    attention shape (`CpuOverheadModel.attention_shape`: engine path, padded query and KV tokens).
+    Every graph-replayed step's shape was captured first, so that is the engine's first run of it."""
+    from dooly.sim.step_model import CpuOverheadModel
+
+    seen: set[tuple[str, int, int]] = set()
+    out = []
+    for path in paths:
+        shape = CpuOverheadModel.attention_shape(path)
+        out.append(shape not in seen)
+        seen.add(shape)
+    return out
 
 
 def pool_samples(runs: Iterable[tuple[bool, list[HostSample], list[tuple[HostSample, Any]]]]
@@ -285,10 +317,14 @@ def stored_runs(store: Any, workdir: Path, models_store: str | None = None) -> l
               help=f"Async batching's CUDA-graph captures: `{ASYNC_CAPTURES_SINGLE}`, one capture cost over all; "
                    f"`{ASYNC_CAPTURES_SPLIT}`, the capture cost on shapes the engine had run and the first run of a new "
                    "attention shape apart (needs calib runs of several layer counts; docs/calibration.md).")
+@click.option("--sync-captures", type=click.Choice(list(SYNC_CAPTURES)), default=SYNC_CAPTURES_SINGLE, show_default=True,
+              help=f"A synchronous loop's CUDA-graph captures: `{SYNC_CAPTURES_SINGLE}`, one capture cost over all; "
+                   f"`{SYNC_CAPTURES_SPLIT}`, the capture cost on attention shapes the engine had run and the first run "
+                   "of a new attention shape apart (docs/calibration.md).")
 @output_option
 def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool, record_only: bool,
                       fitted_store: str | None, endpoint_url: str | None, dry_run: bool, kv_regressors: str,
-                      async_captures: str, output_format: str) -> None:
+                      async_captures: str, sync_captures: str, output_format: str) -> None:
     """Fit the engine's host overhead for a whole platform from calibration runs of several models.
 
     For every step of every run: its wall time minus the device time the store's fitted models
@@ -329,7 +365,7 @@ def calibrate_command(store: str, truth_dirs: tuple[str, ...], from_store: bool,
             runs += stored_runs(target, Path(workdir), models_store)
         if not runs:
             raise DoolyError(f"store {store} records no calibration runs under {RUNS_PREFIX}")
-        calibrations = calibrate_runs(runs, models_store, kv_regressors, async_captures)
+        calibrations = calibrate_runs(runs, models_store, kv_regressors, async_captures, sync_captures)
     written = {} if dry_run else {id(c): write_calibration(target, c) for c in calibrations}
     if output_format == "json":
         emit_json({"calibrations": [{**c.to_dict(), "generation": c.generation, "object": written.get(id(c))}
@@ -368,7 +404,9 @@ def calibration_text(calibration: Calibration) -> str:
            f"; input copy per launch: {calibration.input_copy_s * MS_PER_S:.2f} ms at "
            f"{calibration.input_copy_bytes / BYTES_PER_GB:.3f} GB"
            f"; eager run at a new attention shape: {calibration.new_shape_eager_s * MS_PER_S:.2f} ms from its launch"
-           if calibration.key.async_batching else ""),
+           if calibration.key.async_batching else
+           f"; a new attention shape's capture: +{calibration.new_shape_eager_s * MS_PER_S:.2f} ms"
+           if calibration.new_shape_eager_s else ""),
         choice,
         format_table(["model", "steps", "mean host (ms)", "fitted - measured (ms)"], fit_rows),
     ])

@@ -382,7 +382,7 @@ class _Run:
                 continue
             idle = 0
             gpu, cpu = self._cost(batch)
-            cpu += self.overhead.capture_seconds(batch.path, self.captured)
+            cpu += self.overhead.sync_capture_seconds(batch.path, self.captured)
             end = now + cpu + gpu
             wasted = self._deliver(batch, end)
             self._log(batch, now, cpu + gpu, gpu, cpu, wasted, max_steps)
@@ -584,7 +584,7 @@ class _Run:
             cols["kv_tokens"].append,
         )
         # The first step pays a capture where its graph is new; the others (the same path) none.
-        capture = self.overhead.capture_seconds(path, self.captured) if limit > 0 and now < next_arrival else 0.0
+        capture = self.overhead.sync_capture_seconds(path, self.captured) if limit > 0 and now < next_arrival else 0.0
         done = 0
         while done < limit and now < next_arrival:
             gpu = device(done)
@@ -617,7 +617,7 @@ class _Run:
         kv_tokens = sum(ctx) + n
         path_for = self.scheduler.path_for
         step_cost = self._step_cost
-        capture_seconds, captured = self.overhead.capture_seconds, self.captured
+        capture_seconds, captured = self.overhead.sync_capture_seconds, self.captured
         cols = self.columns
         add_start, add_duration, add_gpu, add_cpu, add_kv = (
             cols[name].append for name in ("start_s", "duration_s", "gpu_s", "cpu_s", "kv_tokens")

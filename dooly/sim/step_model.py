@@ -236,11 +236,12 @@ class CpuOverheadModel:
     # `input_copy_bytes` of inputs; 0 bytes: applied as it is, whatever the engine copies.
     input_copy_s: float = 0.0
     input_copy_bytes: int = 0
-    # Async batching only: the host's time from a capture's launch to the start of its eager run's
-    # kernels when the step's attention shape (`attention_shape`) was never run in the process:
-    # the engine's first-shape work (~60-80 ms on the H200 runs), which overlaps the device's work
-    # in flight and the input copy but not the eager run's own device time (lab/async_ttft.py,
-    # lab/async_captures_lease_d.py).
+    # The host's time from a capture's launch to the start of its eager run's kernels when the
+    # step's attention shape (`attention_shape`) was never run in the process: the engine's
+    # first-shape work (~60-80 ms on the H200 runs). With async batching it overlaps the device's
+    # work in flight and the input copy but not the eager run's own device time (lab/async_ttft.py,
+    # lab/async_captures_lease_d.py); a synchronous loop has nothing in flight, so there it adds
+    # to the capture (`sync_capture_seconds`; lab/capture_cost.py).
     new_shape_eager_s: float = 0.0
 
     def seconds(self, path: StepPath, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:
@@ -280,6 +281,15 @@ class CpuOverheadModel:
             return 0.0
         captured.add(shape)
         return self.graph_capture_s
+
+    def sync_capture_seconds(self, path: StepPath, captured: set[GraphShape]) -> float:
+        """A synchronous loop's capture: `capture_seconds`, plus `new_shape_eager_s` when no graph
+        in `captured` holds the step's attention shape (the engine's first run of that shape; a
+        capture at a known attention shape, the same padded query and KV tokens under another
+        longest-sequence key, pays `graph_capture_s` alone)."""
+        new_shape = self.new_shape_eager_s > 0 and path.cuda_graph and self.new_attention_shape(path, captured)
+        capture = self.capture_seconds(path, captured)
+        return capture + self.new_shape_eager_s if new_shape else capture
 
     @staticmethod
     def attention_shape(path: StepPath) -> tuple[str, int, int]:

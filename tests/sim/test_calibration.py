@@ -3,6 +3,7 @@ by simulate/validate when no --cpu-overhead file is given."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -390,3 +391,49 @@ def test_the_committed_async_calibrations_load():
     assert 0.015 < newest.input_copy_s < 0.025
     assert newest.post_capture_device_s < 0.2 * first.post_capture_device_s
     assert newest.graph_capture_s < first.graph_capture_s
+
+
+def test_repeats_of_one_calib_run_under_one_name_are_each_fitted(monkeypatch, tmp_path):
+    """Runs given as --ground-truth directories of one basename (repeats of one calib run) share
+    their name; each run's own steps go into the fit, not the last one's once per repeat."""
+    from dooly.sim import calibration_commands
+    from dooly.sim.calibration_commands import CalibrationRun, calibrate_runs
+
+    rng = random.Random(3)
+    runs = [CalibrationRun(tmp_path / f"lease-{i}", "m32.calib", "m32", KEY, "bfloat16", {}) for i in range(3)]
+    steps = {id(run): _samples(32, rng, steps=10 * (i + 1)) for i, run in enumerate(runs)}
+    monkeypatch.setattr(calibration_commands, "run_samples", lambda run, *args: (steps[id(run)], [], 32))
+    (calibration,) = calibrate_runs(runs, "unused")
+    assert [item["steps"] for item in calibration.inputs] == [len(steps[id(run)]) for run in runs]
+    assert calibration.fit["models"]["m32"]["steps"] == sum(len(s) for s in steps.values())
+
+
+def test_synchronous_captures_are_priced_apart_by_whether_their_attention_shape_was_new():
+    from dooly.sim.calibration_commands import capture_novelty
+    from dooly.sim.step_model import StepKind, StepPath
+
+    paths = [StepPath(StepKind.MIXED, cuda_graph=True, padded_tokens=q, engine_path="varlen", padded_kv=kv,
+                      padded_seqlen_k=k) for q, kv, k in ((512, 16896, 512), (512, 16896, 1024), (576, 16896, 512))]
+    assert capture_novelty(paths) == [True, False, True]
+    rng = random.Random(5)
+    samples = [s for layers in (16, 32) for s in _samples(layers, rng)]
+    # A capture's excess is over the ordinary step the calibration fits for its path.
+    ordinary = fit_calibration(KEY, samples).terms["decode"]
+
+    def capture(layers: int, new: bool) -> tuple[HostSample, None]:
+        step = HostSample("decode", layers, 16, 16, 16_000, 0.0, f"m{layers}")
+        cost = 0.020 + 0.0005 * layers + (0.060 if new else 0.0) + rng.uniform(-0.002, 0.002)
+        return dataclasses.replace(step, host_s=ordinary.seconds(step) + cost), None
+
+    flags = [new for _ in range(9) for new in (True, True, True, False)]
+    captures = [capture(layers, new) for layers in (16, 32) for new in flags]
+    split = fit_calibration(KEY, samples, captures, capture_new=flags * 2)
+    assert split.graph_capture_s == pytest.approx(0.020, abs=0.003)
+    assert split.graph_capture_per_layer_s == pytest.approx(0.0005, abs=0.0001)
+    assert split.new_shape_eager_s == pytest.approx(0.060, abs=0.003)
+    assert split.fit["captures"] == {"known_shape": 18, "new_shape": 54}
+    # One line over every capture where the flags are not given, or are all of one kind.
+    for capture_new in ((), [True] * len(captures)):
+        single = fit_calibration(KEY, samples, captures, capture_new=capture_new)
+        assert single.new_shape_eager_s == 0.0
+        assert single.graph_capture_s + 24 * single.graph_capture_per_layer_s == pytest.approx(0.092, abs=0.004)

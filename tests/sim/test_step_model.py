@@ -184,3 +184,24 @@ def test_graph_paths_share_their_input_building_slopes_and_keep_their_constants(
     heavy_mixed = StepPath(StepKind.MIXED, cuda_graph=True)
     assert model.seconds(heavy_mixed, 48, 2048, 100_000) == pytest.approx(
         constants["mixed_graph"] + per_seq * 48 + per_kv * 100_000, rel=0.05)
+
+
+def test_a_synchronous_capture_at_a_new_attention_shape_pays_the_first_shape_extra():
+    overhead = CpuOverheadModel(graph_capture_s=0.030, new_shape_eager_s=0.050)
+    captured: set = set()
+    first = StepPath(StepKind.MIXED, cuda_graph=True, padded_tokens=512, engine_path="varlen", padded_kv=16896,
+                     padded_seqlen_k=512)
+    # The same padded query and KV tokens under another longest-sequence key: a new graph, a known shape.
+    same_shape = StepPath(StepKind.MIXED, cuda_graph=True, padded_tokens=512, engine_path="varlen", padded_kv=16896,
+                          padded_seqlen_k=1024)
+    other_shape = StepPath(StepKind.MIXED, cuda_graph=True, padded_tokens=576, engine_path="varlen", padded_kv=16896,
+                           padded_seqlen_k=512)
+    assert overhead.sync_capture_seconds(first, captured) == pytest.approx(0.080)
+    assert overhead.sync_capture_seconds(first, captured) == 0.0  # replayed
+    assert overhead.sync_capture_seconds(same_shape, captured) == pytest.approx(0.030)
+    assert overhead.sync_capture_seconds(other_shape, captured) == pytest.approx(0.080)
+    assert overhead.sync_capture_seconds(StepPath(StepKind.MIXED, padded_tokens=640), captured) == 0.0  # eager
+    # Without the extra (calibrations before it) every capture pays graph_capture_s, as before.
+    plain = CpuOverheadModel(graph_capture_s=0.030)
+    fresh: set = set()
+    assert [plain.sync_capture_seconds(p, fresh) for p in (first, same_shape, other_shape)] == [0.030] * 3
