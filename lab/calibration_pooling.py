@@ -1,17 +1,17 @@
-"""Which host calibration serves runs of either H200 lease: the committed one, or one pooled over every calib run?
+"""Which host calibration serves runs of either H200 lease: one fitted on leases A-C, or one pooled over A-D?
 
-The committed H200 store's synchronous calibrations were fitted on calib runs of leases A, B and C.
 Lease D (data/h200/experiments/engine_grid/calib_d) added a calib run of every path for three models,
-on a host that spent 30-50% less time per step (lab/calibration_leases.py). This validates every
-synchronous grid run (all rounds, each run alone) against two stores and groups the errors by lease:
+on a host that spent 30-45% less time per step than the earlier leases (lab/calibration_leases.py).
+This validates every synchronous grid run (all rounds, each run alone) against two stores and
+groups the errors by lease:
 
-    committed   data/h200/db's calibrations, as committed;
-    pooled      the same store, each synchronous path refitted on all committed calib runs (A-D).
+    a-to-c   each synchronous path fitted on the calib runs of leases A, B and C;
+    pooled   each synchronous path fitted on every committed calib run, A to D (data/h200/db's).
 
-    python lab/calibration_pooling.py --committed FITTED_H200 --pooled POOLED_H200 [--jobs 4] [--out TABLE.md]
+    python lab/calibration_pooling.py --a-to-c FITTED_AC --pooled FITTED_AD [--jobs 4] [--out TABLE.md]
 
-Both stores are fitted copies (read only). The pooled one is built with `dooly calibrate --store
-POOLED --ground-truth RUN ...` over the calib runs lab/calibration_leases.py lists.
+Both stores are fitted copies (read only), built with `dooly calibrate --store STORE --ground-truth
+RUN ...` over the calib runs lab/calibration_leases.py lists.
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ def table(results: dict[str, dict[Path, dict[str, float]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--committed", required=True, help="Fitted copy of data/h200/db (read only).")
-    parser.add_argument("--pooled", required=True, help="The same, its synchronous calibrations refitted on every calib run.")
+    parser.add_argument("--a-to-c", dest="a_to_c", required=True,
+                        help="Fitted store whose synchronous calibrations hold leases A-C's calib runs (read only).")
+    parser.add_argument("--pooled", required=True, help="The same, fitted on every committed calib run, A-D (read only).")
     parser.add_argument("--jobs", type=int, default=4, help="Validations run at once.")
     parser.add_argument("--out", help="Write the markdown table here (default: stdout).")
     args = parser.parse_args()
@@ -89,7 +90,7 @@ def main() -> None:
     runs = grid_runs()
     results: dict[str, dict[Path, dict[str, float]]] = {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for name, store in (("committed", args.committed), ("pooled", args.pooled)):
+        for name, store in (("A-C", args.a_to_c), ("pooled A-D", args.pooled)):
             found = dict(zip(runs, pool.map(lambda run, s=store: validate(run, s), runs), strict=True))
             results[name] = found
             log.info("%s: %d runs validated", name, len(found))
