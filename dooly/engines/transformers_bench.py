@@ -46,6 +46,12 @@ ENGINE_STOP_TIMEOUT_S = 60.0
 # Request ids of an unrecorded warm pass end with this and the pass number.
 WARM_PASS_SUFFIX = "~warm"
 MS_PER_S = 1e3
+# On the CPU an unset max_batch_tokens is sized by transformers from the host's free memory (the
+# rule it has for a GPU's), and the engine's IO buffers hold about max_batch_tokens squared mask
+# entries: 22 GB for a two-layer test model on a 23 GB machine. A batch holds no more query tokens
+# than the cache has slots, so with num_blocks given the cache bounds it; without, this does (the
+# value the engine-path grids serve with on the GPU).
+CPU_MAX_BATCH_TOKENS = 2048
 # The engine's generation config: greedy, EOS disabled (-1), so each request generates exactly
 # its max_new_tokens. The HTTP harness sends the same per request and builds its server's manager
 # with it (dooly.engines.serve_launcher).
@@ -224,6 +230,8 @@ def run_transformers_bench(
     model = build_random_model(hf_config, backend, torch_device, dtype, seed)
     vocab = int(hf_config.get_text_config().vocab_size)
     generation_config = GenerationConfig(**NO_EOS_GENERATION)
+    if torch_device.type == "cpu":
+        settings = cpu_settings(settings, ContinuousBatchingConfig().block_size)
     cb_config = ContinuousBatchingConfig(**settings)
     manager = model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=cb_config)
     manager.warmup()
@@ -319,6 +327,21 @@ def _request_record(request: Request, output: Any, added_at: float | None) -> Re
         token_times_s=times,
         error=str(output.error or ""),
     )
+
+
+def cpu_settings(settings: dict[str, Any], default_block_size: int) -> dict[str, Any]:
+    """SETTINGS with max_batch_tokens bounded for a CPU run where the user left it unset: the
+    cache's slots (num_blocks x block_size) when num_blocks is given, else CPU_MAX_BATCH_TOKENS
+    (see there: transformers would size it from the host's memory)."""
+    if settings.get("max_batch_tokens") is not None:
+        return settings
+    num_blocks = settings.get("num_blocks")
+    if num_blocks is None:
+        bound = CPU_MAX_BATCH_TOKENS
+    else:
+        bound = int(num_blocks) * int(settings.get("block_size") or default_block_size)
+    log.info("CPU run: max_batch_tokens unset, bounded at %d", bound)
+    return {**settings, "max_batch_tokens": bound}
 
 
 def scheduler_settings(cb_config: Any) -> dict[str, Any]:

@@ -173,3 +173,23 @@ def test_a_warm_pass_serves_the_workload_unrecorded_first(tmp_path):
     assert sum(c["q"] for s in steps for c in s["prefill"]) == 48
     assert sum(len(s["decode_ctx"]) for s in steps) == 6
     assert json.loads((out / "bench.json").read_text())["warm_passes"] == 1
+
+
+def test_a_cpu_run_bounds_an_unset_token_budget_by_its_cache(tmp_path):
+    """transformers would size an unset max_batch_tokens from the host's memory (tens of GB of IO
+    buffers for a tiny model): on the CPU the cache's slots bound it instead."""
+    from dooly.engines.transformers_bench import CPU_MAX_BATCH_TOKENS, cpu_settings
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    out = tmp_path / "gt"
+    workload = ["--requests", "2", "--rate", "50", "--prompt-len", "8", "--output-len", "2", "--seed", "1"]
+    result = CliRunner().invoke(
+        cli, ["bench", str(config), "--out", str(out), "--dtype", "float32", "--warmup-requests", "0",
+              "--set", "num_blocks=16", "--set", "block_size=16", *workload, "--output", "json"],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "engine.json").read_text())["max_batch_tokens"] == 16 * 16
+    assert cpu_settings({"max_batch_tokens": 64, "num_blocks": 16}, 256)["max_batch_tokens"] == 64
+    assert cpu_settings({"num_blocks": 4}, 256)["max_batch_tokens"] == 4 * 256
+    assert cpu_settings({}, 256)["max_batch_tokens"] == CPU_MAX_BATCH_TOKENS
