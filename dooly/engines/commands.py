@@ -27,7 +27,7 @@ MS_PER_S = 1e3
 
 @click.command("bench")
 @allow_defaults_option
-@click.argument("model")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), callback=writable_dir,
               help="Directory for requests.parquet, steps.parquet, engine.json and bench.json.")
 @click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="transformers", show_default=True,
@@ -58,10 +58,13 @@ MS_PER_S = 1e3
 @click.option("--store", "store_uri", metavar="URI", default=None,
               help="Latency database to look MODEL up in when it is an id or model key only the store knows "
                    "(the config `dooly profile` stored); read only.")
+@click.option("--model-index", type=click.IntRange(min=0), default=None, metavar="N",
+              help="With several MODELs: serve the one at N modulo their count (a fleet's profiling pods pass their "
+                   "shard index, so their calibration runs rotate over the fleet's models).")
 @workload_options
 @output_option
 def bench_command(
-    model: str,
+    models: tuple[str, ...],
     out_dir: Path,
     engine: str,
     backend: str | None,
@@ -75,6 +78,7 @@ def bench_command(
     client: str,
     server_url: str | None,
     store_uri: str | None,
+    model_index: int | None,
     workload_args: dict[str, Any],
     output_format: str,
 ) -> None:
@@ -88,6 +92,7 @@ def bench_command(
     flags as `dooly simulate`. Recorded per request: arrival, every token's time, lengths; per
     engine step: the batch composition (prefill chunks with their context, decode contexts), its
     wall time and its split into host preparation, forward and device busy time (CUDA events).
+    Several MODELs with --model-index N serve one of them, the N-th modulo their count.
 
     \b
     Examples:
@@ -107,6 +112,7 @@ def bench_command(
     from dooly.store.backends import open_store
     from dooly.workload import generate_requests, spec_from_options
 
+    model = choose_model(models, model_index)
     if warmup_requests < 0:
         raise DoolyError("--warmup-requests must be >= 0")
     if warm_passes < 0:
@@ -161,7 +167,8 @@ def bench_command(
             f"{summary['requests'] - summary['finished']} of {summary['requests']} requests did not finish "
             f"(files kept in {out_dir} for inspection)"
         )
-    payload = {"files": [str(p) for p in written], **summary, "platform": provenance["platform"]}
+    payload = {"files": [str(p) for p in written], **summary, "model": model_spec.model_id,
+               "platform": provenance["platform"]}
     if output_format == "json":
         emit_json(payload)
         return
@@ -176,6 +183,20 @@ def bench_command(
     ]
     click.echo(format_table(["", model_spec.model_id], rows))
     click.echo(f"wrote {out_dir}")
+
+
+def choose_model(models: tuple[str, ...] | list[str], index: int | None) -> str:
+    """The MODEL a bench serves: the only one, or with several the one at `index` modulo their
+    count (a fleet's shard pods pass their completion index: shard i serves models[i % n])."""
+    if not models:
+        raise DoolyError("give a MODEL")
+    if index is None:
+        if len(models) > 1:
+            raise DoolyError(f"{len(models)} MODELs given: pick one with --model-index N")
+        return models[0]
+    if index < 0:
+        raise DoolyError("--model-index must be >= 0")
+    return models[index % len(models)]
 
 
 def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, engine_settings: dict[str, Any],

@@ -89,9 +89,14 @@ CONTROLLER_HISTORY = 3
 CONTROLLER_STARTING_DEADLINE_S = 3600
 
 # The host-overhead calibration step of a GPU profiling pod (docs/calibration.md): after profiling,
-# serve device/workloads/calib.json on the real engine and record the run in the store; the merge
-# Job fits every recorded run of a platform once the kernels are fitted.
+# serve device/workloads/calib.json on the real engine with one of the fleet's models (shard i:
+# models[i % len(models)]) and record the run in the store; the merge Job fits every recorded run
+# of a platform once the kernels are fitted.
 CALIBRATION_DIR = f"{TMP_DIR}/calib"
+# The bench and record containers name the run's directory through this env variable, so that the
+# local executor, which maps emptyDir mount paths in env values onto each pod's own scratch, keeps
+# the run in the pod's /tmp: the shards running side by side never share (or record) one directory.
+CALIBRATION_DIR_ENV = "DOOLY_CALIBRATION_DIR"
 CALIBRATION_WORKLOAD_ARGS = (
     "--requests", "64", "--arrival", "poisson", "--rate", "12", "--seed", "3",
     "--prompt-len", "zipf:16:2048:0.6", "--output-len", "uniform:16:160",
@@ -192,22 +197,33 @@ def build_profile_job(spec: FleetSpec, target: ProfileTarget, *, run_id: str) ->
 
 def _calibration_containers(spec: FleetSpec, target: ProfileTarget, env: list[dict], requests: dict[str, str],
                             limits: dict[str, str]) -> tuple[dict, dict]:
-    """`dooly bench` of the fleet's first model on the calibration workload, and `dooly calibrate
-    --record-only`, which copies the run into the store (no model is fitted yet at this point)."""
+    """`dooly bench` of one of the fleet's models on the calibration workload, and `dooly calibrate
+    --record-only`, which copies the run into the store (no model is fitted yet at this point).
+
+    Shard i benches models[i % len(models)] (`--model-index` takes the completion index): the runs
+    of a target span several layer counts, which a calibration's per-layer terms and its capture
+    cost line need, and models served on one lease agree (docs/calibration.md). The pods share one
+    template, so the bench gets every model and picks its own; with one model the args name just it.
+    Each run is stored content-addressed under calibration-runs/, so the shards' runs never collide.
+    """
+    rotation = ["--model-index", f"$({COMPLETION_INDEX_ENV})"] if len(spec.models) > 1 else []
     bench_args = [
-        "bench", spec.models[0],
+        "bench", *spec.models,
+        *rotation,
         "--store", spec.store,  # read only: the config of a model only the store knows
         "--engine", target.engine.name,
         "--attention", target.backend,
         "--device", "cuda",
         *_dtype_flag(spec),
         *CALIBRATION_WORKLOAD_ARGS,
-        "--out", CALIBRATION_DIR,
+        "--out", f"$({CALIBRATION_DIR_ENV})",
         "--output", "json",
     ]
-    record_args = ["calibrate", "--store", spec.store, "--ground-truth", CALIBRATION_DIR, "--record-only", "--output", "json"]
-    bench = _container("calibration-bench", target.engine.image, bench_args, env, requests, limits, shm=True)
-    record = _container("calibration-record", target.engine.image, record_args, env, requests, limits, shm=True)
+    record_args = ["calibrate", "--store", spec.store, "--ground-truth", f"$({CALIBRATION_DIR_ENV})", "--record-only",
+                   "--output", "json"]
+    calib_env = [*env, {"name": CALIBRATION_DIR_ENV, "value": CALIBRATION_DIR}]
+    bench = _container("calibration-bench", target.engine.image, bench_args, calib_env, requests, limits, shm=True)
+    record = _container("calibration-record", target.engine.image, record_args, calib_env, requests, limits, shm=True)
     return bench, record
 
 

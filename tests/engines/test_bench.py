@@ -143,6 +143,8 @@ def test_overhead_then_validate_on_the_recorded_run(bench_dir, tmp_path):
         (["--requests", "0"], "num_requests must be >= 1"),
         (["--warm-passes", "-1"], "--warm-passes must be >= 0"),
         (["--engine", "vllm", "--warm-passes", "1"], "applies to the transformers engine"),
+        (["meta-llama/Llama-3.2-1B"], "2 MODELs given: pick one with --model-index N"),
+        (["meta-llama/Llama-3.2-1B", "--model-index", "-1"], "--model-index"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, extra, message):
@@ -154,6 +156,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, extra, messag
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_several_models_serve_the_one_at_the_model_index_modulo_their_count():
+    """A fleet's shard pods pass their completion index: shard i serves models[i % n]."""
+    from dooly.engines.commands import choose_model
+
+    models = ("a", "b", "c")
+    assert [choose_model(models, i) for i in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
+    assert choose_model(("a",), None) == choose_model(("a",), 5) == "a"
 
 
 def test_a_warm_pass_serves_the_workload_unrecorded_first(tmp_path):

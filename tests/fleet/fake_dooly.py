@@ -2,8 +2,11 @@
 
 profile writes one shard file per (backend, index) and prints the figures the real command prints;
 merge needs the shards, fit needs the snapshot, simulate needs the fit: the order is checked for real.
+A GPU pod's calibration steps: bench writes bench.json (its model, shard and --out directory) and
+calibrate --record-only copies it into the store under calibration-runs/.
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -37,6 +40,25 @@ if command == "profile":
             for k, m in enumerate(models)
         ],
     }))
+elif command == "bench":
+    # MODEL... --model-index N, as the real bench picks: models[N % len(models)].
+    models = args[1 : next(i for i, a in enumerate(args) if a.startswith("--"))]
+    if len(models) > 1 and "--model-index" not in args:
+        sys.exit("fake dooly: several MODELs need --model-index")
+    model = models[int(option("--model-index")) % len(models)] if len(models) > 1 else models[0]
+    out = pathlib.Path(option("--out"))
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"model": model, "shard": os.environ.get("JOB_COMPLETION_INDEX"), "out": str(out)}
+    (out / "bench.json").write_text(json.dumps(record))
+    print(json.dumps({"model": model}))
+elif command == "calibrate" and "--record-only" in args:
+    # Content-addressed under calibration-runs/, as the real record step stores a run.
+    run = pathlib.Path(option("--ground-truth"))
+    text = (run / "bench.json").read_text()
+    recorded = store / "calibration-runs" / f"{run.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    recorded.mkdir(parents=True, exist_ok=True)
+    (recorded / "bench.json").write_text(text)
+    print(json.dumps({"recorded": [str(recorded)]}))
 elif command == "merge":
     shards = sorted((store / "shards").glob("*.json"))
     (store / "snapshot.json").write_text(json.dumps([s.name for s in shards]))

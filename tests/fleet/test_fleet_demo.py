@@ -19,6 +19,7 @@ from dooly.cli import cli
 from dooly.fleet import commands, jobs
 from dooly.fleet.demo import ProfileTotals, demo_spec, metric_columns, run_demo
 from dooly.fleet.executor import LocalExecutor
+from dooly.fleet.spec import FleetSpec
 
 FAKE_DOOLY = Path(__file__).with_name("fake_dooly.py")
 RUN_ID = "20250101-020000"
@@ -157,3 +158,22 @@ def test_local_submit_runs_the_real_commands_and_reports_a_failed_job(small_flee
     ]
     assert "no CUDA device is visible" in report["jobs"][0]["error"]
     assert "no CUDA device is visible" in result.stderr
+
+
+def test_local_gpu_pods_record_a_calibration_run_of_their_shards_model(small_fleet, tmp_path):
+    """Run locally, as in the cluster: shard i benches models[i % len(models)] in its own /tmp (an
+    emptyDir: pods side by side never share a run directory) and records that run in the store."""
+    models = ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.1-8B")
+    small_fleet.write_text(small_fleet.read_text().replace("completions: 3", "completions: 4"))
+    store = tmp_path / "db"
+    spec = FleetSpec.load(small_fleet, store=str(store)).select(gpus=["h100"], backends=["paged|sdpa"], models=models)
+    [job] = jobs.build_profile_jobs(spec, run_id=RUN_ID)
+    assert job["spec"]["parallelism"] == 2
+    result = _executor().run_job(job, env=_env())
+    assert result.succeeded, [p.stderr for p in result.pods]
+    runs = [json.loads(p.read_text()) for p in (store / "calibration-runs").glob("*/bench.json")]
+    assert sorted(int(r["shard"]) for r in runs) == [0, 1, 2, 3]
+    by_shard = {int(r["shard"]): r for r in runs}
+    assert [by_shard[i]["model"] for i in range(4)] == [models[0], models[1], models[2], models[0]]
+    outs = {r["out"] for r in runs}
+    assert len(outs) == 4 and jobs.CALIBRATION_DIR not in outs

@@ -312,9 +312,12 @@ def test_gpu_profiling_pods_record_a_calibration_run_after_profiling(small_fleet
         assert [c["name"] for c in pod["initContainers"]] == ["profile", "calibration-bench"]
         [record] = pod["containers"]
         bench = pod["initContainers"][1]["args"]
-        assert bench[:2] == ["bench", spec.models[0]] and bench[bench.index("--out") + 1] == jobs.CALIBRATION_DIR
+        run_dir = f"$({jobs.CALIBRATION_DIR_ENV})"
+        assert bench[0] == "bench" and bench[bench.index("--out") + 1] == run_dir
         assert record["args"][:1] == ["calibrate"] and "--record-only" in record["args"]
-        assert record["args"][record["args"].index("--ground-truth") + 1] == jobs.CALIBRATION_DIR
+        assert record["args"][record["args"].index("--ground-truth") + 1] == run_dir
+        for container in (pod["initContainers"][1], record):
+            assert {"name": jobs.CALIBRATION_DIR_ENV, "value": jobs.CALIBRATION_DIR} in container["env"]
         assert "nvidia.com/gpu" in pod["initContainers"][1]["resources"]["limits"]
     # The flags are the committed calibration workload, not a look-alike.
     committed = WorkloadSpec.load(Path(__file__).resolve().parents[2] / "device" / "workloads" / "calib.json")
@@ -323,3 +326,41 @@ def test_gpu_profiling_pods_record_a_calibration_run_after_profiling(small_fleet
                                 arrival=options["--arrival"], prompt_len=options["--prompt-len"],
                                 output_len=options["--output-len"], seed=int(options["--seed"]))
     assert flagged.to_dict() == committed.to_dict()
+
+
+ROTATION_MODELS = ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.1-8B")
+
+
+def _calibration_bench(job: dict, index: int, out: Path) -> tuple[str, list[str]]:
+    """The model the calibration bench of pod `index` serves, and its args: the rendered args with
+    the pod's completion index expanded as the kubelet does, parsed by the real `dooly bench`."""
+    from dooly.engines.commands import bench_command, choose_model
+
+    [bench] = [c for c in job["spec"]["template"]["spec"]["initContainers"] if c["name"] == "calibration-bench"]
+    values = {jobs.COMPLETION_INDEX_ENV: str(index), jobs.CALIBRATION_DIR_ENV: str(out)}
+    args = list(bench["args"])
+    for name, value in values.items():
+        args = [arg.replace(f"$({name})", value) for arg in args]
+    assert args[0] == "bench"
+    with bench_command.make_context("bench", args[1:]) as ctx:
+        return choose_model(ctx.params["models"], ctx.params["model_index"]), args
+
+
+def test_calibration_runs_rotate_over_the_fleet_models_by_shard_index(small_fleet, tmp_path):
+    """Shard i of a target benches models[i % len(models)]: 3 models on 4 shards give 0, 1, 2, 0
+    (a calibration's per-layer terms need runs of several layer counts); one model is every shard's."""
+    small_fleet.write_text(small_fleet.read_text().replace("completions: 3", "completions: 4"))
+    spec = FleetSpec.load(small_fleet).select(gpus=["h100"], backends=["paged|sdpa"], models=ROTATION_MODELS)
+    [job] = jobs.build_profile_jobs(spec, run_id=RUN_ID)
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 4
+    _validate_all_versions([job])
+    assert checks.check_manifests([job]) == []
+    served = [_calibration_bench(job, index, tmp_path / "calib")[0] for index in range(4)]
+    assert served == [ROTATION_MODELS[0], ROTATION_MODELS[1], ROTATION_MODELS[2], ROTATION_MODELS[0]]
+
+    single = FleetSpec.load(small_fleet).select(gpus=["h100"], backends=["paged|sdpa"], models=ROTATION_MODELS[:1])
+    [job] = jobs.build_profile_jobs(single, run_id=RUN_ID)
+    for index in range(4):
+        model, args = _calibration_bench(job, index, tmp_path / "calib")
+        assert model == ROTATION_MODELS[0]
+        assert args[:2] == ["bench", ROTATION_MODELS[0]] and "--model-index" not in args

@@ -437,3 +437,44 @@ def test_synchronous_captures_are_priced_apart_by_whether_their_attention_shape_
         single = fit_calibration(KEY, samples, captures, capture_new=capture_new)
         assert single.new_shape_eager_s == 0.0
         assert single.graph_capture_s + 24 * single.graph_capture_per_layer_s == pytest.approx(0.092, abs=0.004)
+
+
+def test_a_fleets_rotated_calib_runs_are_each_recorded_and_fitted_from_the_store(monkeypatch, tmp_path):
+    """The fleet's shard pods each bench one of the fleet's models (shard i: models[i % n]) into a
+    directory of one name and record it; `--from-store` (the merge Job) fits every shard's run, two
+    runs of one model included, each with its own steps."""
+    from dooly.sim import calibration_commands
+
+    models = {"meta-llama/Llama-3.2-1B": 16, "meta-llama/Llama-3.2-3B": 28, "meta-llama/Llama-3.1-8B": 32}
+    names = list(models)
+    store = tmp_path / "db"
+    store.mkdir()
+    for shard in range(4):
+        run = tmp_path / f"pod-{shard}" / "calib"
+        run.mkdir(parents=True)
+        (run / "bench.json").write_text(json.dumps({
+            "model": names[shard % len(names)], "platform": KEY.platform, "backend": KEY.backend, "engine": KEY.engine,
+            "stack": {"engine_version": KEY.engine_version}, "started_at_unix": 1000.0 + shard,
+        }))
+        recorded = CliRunner().invoke(cli, ["calibrate", "--store", str(store), "--ground-truth", str(run),
+                                            "--record-only", "--output", "json"])
+        assert recorded.exit_code == 0, recorded.output
+    rng = random.Random(5)
+    steps = {}  # run name -> its samples
+
+    def run_samples(run, *args):
+        steps[run.name] = _samples(models[run.model], rng, steps=10 * (len(steps) + 1))
+        return steps[run.name], [], models[run.model]
+
+    monkeypatch.setattr(calibration_commands, "run_samples", run_samples)
+    fitted = CliRunner().invoke(cli, ["calibrate", "--store", str(store), "--from-store", "--output", "json"])
+    assert fitted.exit_code == 0, fitted.output
+    [calibration] = json.loads(fitted.output)["calibrations"]
+    inputs = calibration["inputs"]
+    assert len(inputs) == 4 and len({item["run"] for item in inputs}) == 4
+    assert sorted(item["model"] for item in inputs) == sorted([*names, names[0]])
+    assert [item["steps"] for item in inputs] == [len(steps[item["run"]]) for item in inputs]
+    # The stand-in samples name their model by layer count: both 1B runs' steps are in the fit.
+    one_b = sum(len(steps[item["run"]]) for item in inputs if item["model"] == names[0])
+    assert calibration["fit"]["models"]["m16"]["steps"] == one_b
+    assert set(calibration["fit"]["models"]) == {f"m{layers}" for layers in models.values()}
