@@ -125,8 +125,11 @@ def serve(model_dir: str, *, attn_implementation: str, device: str, dtype: str, 
 
     # The manager's generation config is the in-process harness's (greedy, EOS disabled); each
     # request still carries its own max_new_tokens and eos_token_id to add_request.
-    from dooly.engines.transformers_bench import NO_EOS_GENERATION
+    from dooly.engines.transformers_bench import NO_EOS_GENERATION, cpu_settings
     from dooly.engines.word_tokenizer import load_word_tokenizer
+
+    if device == "cpu":
+        settings = cpu_settings(settings, ContinuousBatchingConfig().block_size)
 
     class _DeferredServe(Serve):  # type: ignore[misc]
         """Serve, built with non_blocking=True, whose uvicorn thread starts once the engine is up."""
