@@ -284,7 +284,7 @@ def page(gpu: str, costs: dict[str, Any], documents: dict[str, dict[str, Any]],
         "",
         "**Findings.** The server costs every cell on the H200 too, most at heavy load, where its engine thread spends "
         "about twice the in-process host time per step (table below). The simulator's error on the in-process runs is "
-        "as large as what the server adds: it predicts the light cells and Llama-3.2-1B's heavy cell slow (the store's "
+        "as large as what the server adds: it predicts Llama-3.2-1B's cells and Llama-3.1-8B's light cell slow (the store's "
         "`paged|sdpa` graphs calibration pools four leases' calib runs, and these pairs ran on lease D, whose host was "
         "the fastest: docs/calibration.md, \"Across leases on the H200\"), so without server "
         "costs those HTTP cells land nearer the measurement by that error, and with them they miss as the in-process "
