@@ -63,11 +63,11 @@ class Row:
 
 
 def host_ms(terms: dict[str, float], layers: int, step: tuple[int, int, int]) -> float:
-    """Host time (ms) a path's terms charge a step of (sequences, query tokens, KV tokens read)."""
-    sequences, tokens, kv = step
-    return MS * (terms["constant_s"] + terms["per_layer_s"] * layers + terms["per_sequence_s"] * sequences
-                 + terms["per_token_s"] * tokens + terms["per_kv_group_token_s"] * kv
-                 + terms["per_kv_token_s"] * kv + terms["per_kv_token_layer_s"] * kv * layers)
+    """Host time (ms) a path's terms charge a step of (sequences, query tokens, KV tokens read), as
+    the simulator charges it (`PathTerms.for_layers`, one full-attention cache group)."""
+    from dooly.sim.calibration import PathTerms
+
+    return MS * PathTerms(**terms).for_layers(layers).seconds(*step)
 
 
 def fit_alone(run: Path, store: str) -> dict[str, Any]:
