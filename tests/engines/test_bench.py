@@ -167,16 +167,23 @@ def test_several_models_serve_the_one_at_the_model_index_modulo_their_count():
     assert choose_model(("a",), None) == choose_model(("a",), 5) == "a"
 
 
-def test_a_warm_pass_serves_the_workload_unrecorded_first(tmp_path):
+def _bench_tiny(tmp_path: Path, *args: str) -> Path:
+    """`dooly bench` of the tiny Llama on the CPU, no warm-up requests; ARGS add the workload and
+    settings. Returns the output directory."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_LLAMA))
     out = tmp_path / "gt"
-    workload = ["--requests", "3", "--rate", "50", "--prompt-len", "16", "--output-len", "3", "--seed", "1"]
     result = CliRunner().invoke(
-        cli, ["bench", str(config), "--out", str(out), "--dtype", "float32", "--warmup-requests", "0",
-              "--warm-passes", "1", *SETTINGS, *workload, "--output", "json"],
+        cli, ["bench", str(config), "--out", str(out), "--dtype", "float32", "--warmup-requests", "0", *args,
+              "--output", "json"],
     )
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_warm_pass_serves_the_workload_unrecorded_first(tmp_path):
+    workload = ["--requests", "3", "--rate", "50", "--prompt-len", "16", "--output-len", "3", "--seed", "1"]
+    out = _bench_tiny(tmp_path, "--warm-passes", "1", *SETTINGS, *workload)
     requests = pq.read_table(out / "requests.parquet").to_pylist()
     assert sorted(r["request_id"] for r in requests) == ["r0", "r1", "r2"]
     steps = pq.read_table(out / "steps.parquet").to_pylist()
@@ -191,15 +198,8 @@ def test_a_cpu_run_bounds_an_unset_token_budget_by_its_cache(tmp_path):
     buffers for a tiny model): on the CPU the cache's slots bound it instead."""
     from dooly.engines.transformers_bench import CPU_MAX_BATCH_TOKENS, cpu_settings
 
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(TINY_LLAMA))
-    out = tmp_path / "gt"
     workload = ["--requests", "2", "--rate", "50", "--prompt-len", "8", "--output-len", "2", "--seed", "1"]
-    result = CliRunner().invoke(
-        cli, ["bench", str(config), "--out", str(out), "--dtype", "float32", "--warmup-requests", "0",
-              "--set", "num_blocks=16", "--set", "block_size=16", *workload, "--output", "json"],
-    )
-    assert result.exit_code == 0, result.output
+    out = _bench_tiny(tmp_path, "--set", "num_blocks=16", "--set", "block_size=16", *workload)
     assert json.loads((out / "engine.json").read_text())["max_batch_tokens"] == 16 * 16
     assert cpu_settings({"max_batch_tokens": 64, "num_blocks": 16}, 256)["max_batch_tokens"] == 64
     assert cpu_settings({"num_blocks": 4}, 256)["max_batch_tokens"] == 4 * 256
