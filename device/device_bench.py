@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--workloads", default="light,heavy,calib")
     parser.add_argument("--variants", default="default")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--client", choices=("inprocess", "http"), default="inprocess",
+                        help="`dooly bench --client`: http serves every cell behind the engine's own HTTP server "
+                             "(the serving wheels must be importable) and times it at the client.")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="An engine setting for every cell, after the per-backend ones (e.g. a smaller "
                              "num_blocks where the weights leave less room).")
@@ -72,7 +75,8 @@ def main() -> None:
                 for workload in args.workloads.split(","):
                     name = cell_name(model, backend, variant, workload)
                     argv = [model, "--out", str(root / name), "--attention", backend,
-                            "--workload", str(WORKLOAD_DIR / f"{workload}.json"), "--output", "json"]
+                            "--workload", str(WORKLOAD_DIR / f"{workload}.json"), "--output", "json",
+                            "--client", args.client]
                     for setting in BACKEND_SETTINGS[backend] + VARIANTS[variant] + args.extra:
                         argv += ["--set", setting]
                     if variant == "warm":

@@ -4,11 +4,17 @@
 # a model's missing round, calib runs of one path). Every finished group of cells is packed at once
 # (grid.tar.gz: groundtruth/ROUND/CELL and reports/), so a call cut short keeps them.
 # Usage (on the device, repository root): bash device/grid_cells.sh DEADLINE_S GROUP [GROUP ...]
-#   GROUP: ROUND:MODEL:BACKEND:VARIANTS:WORKLOADS, e.g. r2:meta-llama/Llama-3.1-8B:paged|sdpa:graphs,async:light,heavy
-#   (VARIANTS and WORKLOADS comma-separated, as device/device_bench.py takes them).
+#   GROUP: ROUND:MODEL:BACKEND:VARIANTS:WORKLOADS[:CLIENT], e.g. r2:meta-llama/Llama-3.1-8B:paged|sdpa:graphs,async:light,heavy
+#   (VARIANTS and WORKLOADS comma-separated, as device/device_bench.py takes them; CLIENT inprocess, the
+#   default, or http: the cells behind transformers' HTTP server, its extras carried as wheels in .whl).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 deadline=$1; shift
+# transformers serve's extras (fastapi, uvicorn, openai, ...) are not in the image: carried as wheels.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH#"$PWD"}"
+fi
 out="$OUT/grid"
 mkdir -p "$out/groundtruth" "$out/reports"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > "$out/reports/gpu.txt"
@@ -16,13 +22,13 @@ pack() { tar -C "$out" -czf "$OUT/grid.tar.gz" groundtruth reports; }
 # A group starts only with at least MIN_GROUP_S left, and never runs past the deadline.
 MIN_GROUP_S=30
 for group in "$@"; do
-  IFS=: read -r round model backend variants workloads <<< "$group"
+  IFS=: read -r round model backend variants workloads client <<< "$group"
   left=$((deadline - SECONDS))
   (( left < MIN_GROUP_S )) && { echo "skipped $group: deadline"; continue; }
   name="$round.${model##*/}.${backend/|/-}.${variants//,/+}.${workloads//,/+}"
   start=$SECONDS
   timeout "$left" python3 device/device_bench.py --models "$model" --backends "$backend" --variants "$variants" \
-    --workloads "$workloads" --out "$out/$round.work" >> "$out/reports/$name.log" 2>&1 \
+    --workloads "$workloads" --client "${client:-inprocess}" --out "$out/$round.work" >> "$out/reports/$name.log" 2>&1 \
     || echo "$name: exit $? after $((SECONDS - start)) s"
   echo "$name: $((SECONDS - start)) s" >> "$out/reports/walls.txt"
   mkdir -p "$out/groundtruth/$round"
