@@ -10,6 +10,7 @@ of, and a store written before configs were kept refuses such a name in one line
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from dataclasses import dataclass
@@ -207,6 +208,34 @@ def test_a_store_without_configs_says_how_to_store_one(profiled, old_store):
     assert code == 0, output
     assert json.loads(output)["inventory"] == "store"
     assert store_files(old_store) == before
+
+
+def test_only_a_name_the_store_knows_by_its_inventories_is_warned_of_as_known_to_it(profiled, old_store, caplog):
+    """The KV block groups of a model without a config fall back to full attention. That is worth a
+    warning where the store knows the model by its inventories only (`NoStoredConfig`, served by
+    that inventory); a name no store knows, or a store-only name given without its store, is
+    refused by the command in one error line, which a warning claiming the store knows it would
+    contradict."""
+    from dooly.sim.options import with_model_groups
+
+    settings = {"num_blocks": 64}
+    for model, store in (("no-such-model", None), ("no-such-model", profiled.root), (MODEL_ID, None)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dooly.sim.options"):
+            assert with_model_groups(model, "transformers", settings, store) == settings
+        assert caplog.records == [], (model, store, caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        code, output = invoke("simulate", "no-such-model", *fitted_args(profiled), *SIM_ARGS, "--no-cpu-overhead")
+    assert code == 2 and one_error_line(output).startswith("error: unknown model"), output
+    assert "known to the store" not in caplog.text and FULL_ATTENTION_WARNING not in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dooly.sim.options"):
+        assert with_model_groups(MODEL_ID, "transformers", settings, old_store) == settings
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING, record
+    assert "known to the store by its inventories only" in record.getMessage()
+    assert FULL_ATTENTION_WARNING in record.getMessage()
 
 
 def test_the_committed_stores_keep_every_model_s_config_so_its_key_names_it():
