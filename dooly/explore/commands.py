@@ -117,6 +117,7 @@ def explore_command(
     from dooly.explore.candidates import build_space, parse_setting_grid, parse_tp, read_store_facts
     from dooly.explore.hardware import load_prices
     from dooly.explore.search import RateWorkload, SearchContext, default_jobs, parse_slos
+    from dooly.models.stored import configs_read_once
     from dooly.workload import spec_from_options
 
     started = time.perf_counter()
@@ -143,28 +144,31 @@ def explore_command(
         raise DoolyError(f"--report-name {report_name!r}: use letters, digits, '-' and '_'")
     workload = RateWorkload.from_spec(spec_from_options(**workload_args))
 
-    facts = read_store_facts(store_uri)
-    space = build_space(facts, models, platforms=platforms, engines=engines, backends=backends, dtypes=dtypes,
-                        tps=tps, settings=grid)
-    if not space.runnable:
-        reasons = sorted({reason for _, reason in space.unpredictable})
-        detail = "; ".join(reasons[:3]) if reasons else "nothing asked for"
-        raise DoolyError(f"empty candidate set: the store can predict none of the {len(space.unpredictable)} "
-                         f"candidates ({detail})")
-    _check_settings(space.runnable)
-    logger.info("explore: %d candidates to search, %d unpredictable (%.1f s)", len(space.runnable),
-                len(space.unpredictable), time.perf_counter() - started)
-    context = SearchContext(store=store_uri, slos=slo_list, workload=workload, overheads=overhead_files,
-                            model_settings={m: _model_groups(m, store_uri) for m in models}, tolerance=tolerance,
-                            min_rate=min_rate, max_rate=max_rate, no_overhead=no_cpu_overhead)
-    memory = _memory(space.runnable, prices, store_uri)
-    to_search = [c for c in space.runnable if memory[c].get("fits") is not False]
-    logger.info("explore: model settings and memory ready (%.1f s)", time.perf_counter() - started)
-    results = _search(to_search, context, jobs)
-    logger.info("explore: search done (%.1f s)", time.perf_counter() - started)
-    by_candidate = dict(zip(to_search, results, strict=True))
-    document = _document(models, store_uri, facts.generation, slo_list, workload, prices, space, memory,
-                         by_candidate, time.perf_counter() - started, jobs)
+    # A config the store keeps is read once per run, not at every use (KV block groups, memory, inventory,
+    # layer count per candidate); the workers forked for the search inherit what was read.
+    with configs_read_once():
+        facts = read_store_facts(store_uri)
+        space = build_space(facts, models, platforms=platforms, engines=engines, backends=backends, dtypes=dtypes,
+                            tps=tps, settings=grid)
+        if not space.runnable:
+            reasons = sorted({reason for _, reason in space.unpredictable})
+            detail = "; ".join(reasons[:3]) if reasons else "nothing asked for"
+            raise DoolyError(f"empty candidate set: the store can predict none of the {len(space.unpredictable)} "
+                             f"candidates ({detail})")
+        _check_settings(space.runnable)
+        logger.info("explore: %d candidates to search, %d unpredictable (%.1f s)", len(space.runnable),
+                    len(space.unpredictable), time.perf_counter() - started)
+        context = SearchContext(store=store_uri, slos=slo_list, workload=workload, overheads=overhead_files,
+                                model_settings={m: _model_groups(m, store_uri) for m in models}, tolerance=tolerance,
+                                min_rate=min_rate, max_rate=max_rate, no_overhead=no_cpu_overhead)
+        memory = _memory(space.runnable, prices, store_uri)
+        to_search = [c for c in space.runnable if memory[c].get("fits") is not False]
+        logger.info("explore: model settings and memory ready (%.1f s)", time.perf_counter() - started)
+        results = _search(to_search, context, jobs)
+        logger.info("explore: search done (%.1f s)", time.perf_counter() - started)
+        by_candidate = dict(zip(to_search, results, strict=True))
+        document = _document(models, store_uri, facts.generation, slo_list, workload, prices, space, memory,
+                             by_candidate, time.perf_counter() - started, jobs)
     files: list[str] = []
     if out_dir or report:
         files = _write(document, Path(out_dir) if out_dir else None, plots, store_uri if report else None,

@@ -74,12 +74,16 @@ def serialize_group(model: GroupModel) -> bytes:
 
 
 def read_inventories(store: Store) -> dict[str, dict[str, Any]]:
-    """Every inventory document of the store (inventories/<model_key>[/<backend>].json), by key."""
+    """Every inventory document of the store (inventories/<model_key>[/<backend>].json), by key.
+    The model configs kept beside them (inventories/<model_key>/config.json) are no inventories:
+    they are left unread here, for `dooly.models.stored` to read where a command needs a config."""
     from dooly.store.documents import read_json
+    from dooly.store.keys import MODEL_CONFIG_NAME
 
     found: dict[str, dict[str, Any]] = {}
     for key in store.list_keys(INVENTORY_PREFIX):
-        if not key.endswith(".json"):
+        folder, _, name = key[len(INVENTORY_PREFIX):].rpartition("/")
+        if not key.endswith(".json") or (folder and name == MODEL_CONFIG_NAME):
             continue
         payload = read_json(store, key)
         if isinstance(payload, dict) and isinstance(payload.get("operations"), list):

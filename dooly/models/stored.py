@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from dooly.errors import DoolyError
@@ -32,6 +34,9 @@ CONFIG_SCHEMA = "dooly.model-config"
 CONFIG_FORMAT = 1
 # A name of this form may be a model key: its document is read directly, without a listing.
 MODEL_KEY_RE = re.compile(rf"^[0-9a-f]{{{MODEL_KEY_HEX_DIGITS}}}$")
+# What `find_stored_model` answered, by store URI and name, while `configs_read_once` holds; None
+# outside it, where every lookup reads the store.
+_REMEMBERED: dict[tuple[str, str], ModelSpec | None] | None = None
 
 
 class NoStoredConfig(DoolyError):
@@ -80,12 +85,42 @@ def stored_configs(store: Store) -> dict[str, ModelSpec]:
     return found
 
 
+@contextmanager
+def configs_read_once() -> Iterator[None]:
+    """Within the block, `find_stored_model` reads each name's stored config once per store and
+    remembers the answer (a config, or none), in this process and in those forked from it.
+
+    A command that resolves the same model many times over one run that writes no config (`dooly
+    explore`: its weights and KV-cache memory, KV block groups, inventory and layer count) would
+    otherwise list and read the store's config documents at every use. Outside the block nothing
+    is remembered: a long-lived process must see a config another command has stored since."""
+    global _REMEMBERED
+    outer = _REMEMBERED
+    if outer is None:
+        _REMEMBERED = {}
+    try:
+        yield
+    finally:
+        _REMEMBERED = outer
+
+
 def find_stored_model(store: Store, name: str) -> ModelSpec | None:
     """The stored config NAME means: the one under that model key, else the one whose model id (or
-    the id without its organisation) is NAME, case-insensitively; None when there is none."""
+    the id without its organisation) is NAME, case-insensitively; None when there is none. Read
+    once per store and name within `configs_read_once`; a name of several configs raises each time."""
     wanted = name.strip().lower()
     if not wanted:
         return None
+    if _REMEMBERED is None:
+        return _lookup_stored_model(store, name, wanted)
+    ident = (store.uri, wanted)
+    if ident not in _REMEMBERED:
+        _REMEMBERED[ident] = _lookup_stored_model(store, name, wanted)
+    return _REMEMBERED[ident]
+
+
+def _lookup_stored_model(store: Store, name: str, wanted: str) -> ModelSpec | None:
+    """`find_stored_model` read from the store: WANTED is NAME normalised, NAME is what errors quote."""
     if MODEL_KEY_RE.match(wanted):
         spec = _read_config(store, wanted)
         if spec is not None:

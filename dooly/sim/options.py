@@ -108,16 +108,23 @@ def with_model_groups(model: str | None, engine: str, settings: dict[str, Any],
                       store_uri: str | None = None) -> dict[str, Any]:
     """The engine settings plus how the model's layer groups charge KV blocks (transformers:
     a sliding-window model holds more blocks per request); settings given explicitly win. A
-    model known by the store's inventories only (no config) is charged as full attention."""
+    model known by the store's inventories only (no config) is charged as full attention, with a
+    warning. A name nothing resolves (no config, no store given, or one that knows no such model)
+    gets the settings unchanged and no warning: the command's own resolution of the model refuses
+    it in one error line, which a warning saying the store knows the model would contradict."""
     if model is None or engine != "transformers":
         return settings
     from dooly.models.layout import cache_groups_from_facts
+    from dooly.models.stored import NoStoredConfig
 
     try:
         spec = model_spec(model, store_uri)
-    except DoolyError:
-        logger.warning("%s is known to the store only, not as a config: its KV blocks are charged as for full "
-                       "attention", model)
+    except NoStoredConfig:
+        logger.warning("%s is known to the store by its inventories only, not by a config: its KV blocks are "
+                       "charged as for full attention", model)
+        return settings
+    except DoolyError as unresolved:
+        logger.debug("%s: no config to read its KV layer groups from (%s)", model, unresolved)
         return settings
     # From the config facts when they suffice: importing transformers costs seconds of start-up.
     groups = cache_groups_from_facts(spec.config)

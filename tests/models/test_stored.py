@@ -10,10 +10,12 @@ of, and a store written before configs were kept refuses such a name in one line
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -29,7 +31,7 @@ from dooly.models.stored import (
     stored_configs,
     write_model_config,
 )
-from dooly.store.backends import open_store
+from dooly.store.backends import Store, open_store
 from dooly.store.keys import inventory_key, model_config_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "profile"))
@@ -209,6 +211,34 @@ def test_a_store_without_configs_says_how_to_store_one(profiled, old_store):
     assert store_files(old_store) == before
 
 
+def test_only_a_name_the_store_knows_by_its_inventories_is_warned_of_as_known_to_it(profiled, old_store, caplog):
+    """The KV block groups of a model without a config fall back to full attention. That is worth a
+    warning where the store knows the model by its inventories only (`NoStoredConfig`, served by
+    that inventory); a name no store knows, or a store-only name given without its store, is
+    refused by the command in one error line, which a warning claiming the store knows it would
+    contradict."""
+    from dooly.sim.options import with_model_groups
+
+    settings = {"num_blocks": 64}
+    for model, store in (("no-such-model", None), ("no-such-model", profiled.root), (MODEL_ID, None)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dooly.sim.options"):
+            assert with_model_groups(model, "transformers", settings, store) == settings
+        assert caplog.records == [], (model, store, caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        code, output = invoke("simulate", "no-such-model", *fitted_args(profiled), *SIM_ARGS, "--no-cpu-overhead")
+    assert code == 2 and one_error_line(output).startswith("error: unknown model"), output
+    assert "known to the store" not in caplog.text and FULL_ATTENTION_WARNING not in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dooly.sim.options"):
+        assert with_model_groups(MODEL_ID, "transformers", settings, old_store) == settings
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING, record
+    assert "known to the store by its inventories only" in record.getMessage()
+    assert FULL_ATTENTION_WARNING in record.getMessage()
+
+
 def test_the_committed_stores_keep_every_model_s_config_so_its_key_names_it():
     for root in COMMITTED_STORES:
         store = open_store(str(root), create=False)
@@ -341,6 +371,36 @@ def test_measure_steps_and_models_take_the_stored_name(profiled):
         code, output = invoke(*args)
         assert code == 2 and one_error_line(output).startswith("error: unknown model"), (args, output)
     assert store_files(profiled.root) == before
+
+
+def test_explore_reads_a_stored_config_once_over_its_candidates(profiled: Profiled, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explore run uses a model's config at every turn (its KV block groups, the weights and
+    KV-cache memory of each candidate, the inventory each predictor is opened with): the config the
+    store keeps is read once per run, whatever the number of candidates, and read again after."""
+    import dooly.store.documents as documents
+    from dooly.store.keys import MODEL_CONFIG_NAME
+
+    reads: list[str] = []
+    read_json = documents.read_json
+
+    def counted(store: Store, key: str) -> dict[str, Any] | None:
+        if key.endswith(f"/{MODEL_CONFIG_NAME}"):
+            reads.append(key)
+        return read_json(store, key)
+
+    monkeypatch.setattr(documents, "read_json", counted)
+    blocks = ("64", "128", "256")
+    args = [f"num_blocks={','.join(blocks)}" if arg.startswith("num_blocks=") else arg for arg in EXPLORE_ARGS]
+    code, output = invoke("explore", MODEL_ID, "--store", profiled.root, "--platform", profiled.platform,
+                          "--backend", BACKEND, *args)
+    assert code == 0, output
+    candidates = json.loads(output)["candidates"]
+    assert sorted(str(c["candidate"]["settings"]["num_blocks"]) for c in candidates) == sorted(blocks)
+    assert all(c["memory"]["parameters"] > 0 for c in candidates)
+    assert reads == [model_config_key(profiled.model_key)]
+    # Outside a run nothing is remembered: a config stored since is seen.
+    assert find_stored_model(open_store(profiled.root, create=False), MODEL_ID) is not None
+    assert len(reads) == 2
 
 
 def test_the_fleet_profiles_a_stored_model_by_its_name(profiled):
