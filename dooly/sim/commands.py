@@ -430,6 +430,11 @@ def _server_costs(truth_dir: str, settings: dict[str, Any], path: str | None) ->
                          "in-process (its bench.json client is not 'http')")
     costs = ServerCosts.load(path)
     costs.check_key(run_key(read_json_object(Path(truth_dir) / BENCH_FILE, "bench record"), settings), truth_dir)
+    negative = costs.negative_offsets()
+    if negative:
+        raise DoolyError(f"server costs {path}: {', '.join(negative)} below zero: its HTTP runs were faster than their "
+                         "in-process pairs, so it measured two engine runs apart, not what the server costs; measure "
+                         "it on other pairs")
     for problem in costs.problems:
         logger.warning("server costs %s: %s", path, problem)
     return costs, f"added {costs.describe()}"

@@ -27,7 +27,9 @@ cost does not change between a light and a heavy cell of the same settings) or, 
 of several models, on the model (one record then serves them all). Each HTTP run is paired with the
 in-process runs of its own model and workload. With one workload paired the load check cannot run,
 and the record says so (`not_run`). `dooly validate` still
-adds a record that failed a check when asked, and says in its output that it failed.
+adds a record that failed the load or model check when asked, and says in its output that it failed;
+a record whose raw median offset is negative it refuses (it would take time off every request,
+down to a negative TTFT, for what was another engine run's slowness).
 """
 
 from __future__ import annotations
@@ -158,6 +160,13 @@ class ServerCosts:
         if self.problems:
             text += f"; FAILED {len(self.problems)} check(s), first: {self.problems[0]}"
         return text
+
+    def negative_offsets(self) -> list[str]:
+        """The raw median offsets (HTTP minus in-process, as measured) below zero, described: a server
+        cannot make its engine faster, so such a record measured two engine runs apart, not a cost."""
+        return [f"median {name} offset {stats.median_s * MS_PER_S:+.2f} ms"
+                for name, stats in (("TTFT", self.raw_ttft or self.ttft), ("TPOT", self.raw_tpot or self.tpot))
+                if stats.median_s < 0]
 
     def overhead(self, base: CpuOverheadModel) -> CpuOverheadModel:
         """The host overhead model of the server's engine: `base` plus the step term, if any."""
@@ -433,11 +442,8 @@ def consistency_problems(costs: ServerCosts) -> tuple[list[str], list[str]]:
     the step term should (needs cells of two workloads; with one it is `not_run`). Cells of several
     models are compared too, since one record serves them all: the problem then names what differs
     between the two cells (the load, the model, or both)."""
-    problems = []
-    for name, stats in (("TTFT", costs.raw_ttft or costs.ttft), ("TPOT", costs.raw_tpot or costs.tpot)):
-        if stats.median_s < 0:
-            problems.append(f"median {name} offset {stats.median_s * MS_PER_S:+.2f} ms is negative: the client saw "
-                            "the engine faster than it ran in-process, which no server cost explains")
+    problems = [f"{offset} is negative: the client saw the engine faster than it ran in-process, which no server "
+                "cost explains" for offset in costs.negative_offsets()]
     workloads = {json.dumps(cell.workload, sort_keys=True) for cell in costs.cells}
     not_run = []
     if len(workloads) < MIN_LOAD_WORKLOADS:

@@ -84,6 +84,16 @@ def test_an_http_run_faster_than_the_engine_is_not_a_server_cost(tmp_path):
     assert any("negative" in p and "TPOT" in p for p in costs.problems)
 
 
+def test_validate_refuses_a_record_whose_offsets_are_negative(tmp_path):
+    http, inprocess = _cell(tmp_path, "light", LIGHT, -TTFT_COST_S, TPOT_COST_S)
+    record = tmp_path / "costs.json"
+    measure_server_costs([http], [inprocess]).save(record)
+    result = _validate(http, "--server-costs", str(record))
+    assert result.exit_code == 2, result.output
+    assert "median TTFT offset -20.00 ms below zero" in result.output
+    assert "TPOT" not in result.output.split("below zero")[0]
+
+
 def test_offsets_that_move_with_the_load_fail_the_check(tmp_path):
     light = _cell(tmp_path, "light", LIGHT, TTFT_COST_S, TPOT_COST_S)
     heavy = _cell(tmp_path, "heavy", HEAVY, 50 * TTFT_COST_S, TPOT_COST_S)
