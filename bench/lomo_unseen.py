@@ -24,6 +24,20 @@ every signature only it runs: what closing its attention gap costs, and buys.
     python bench/lomo_unseen.py --store FITTED_H100 --platform NVIDIA-H100-80GB-HBM3 --work /tmp/lomo \\
         --out data/h100/experiments/unseen --refit-full
 
+Calib runs kept elsewhere than --ground-truth are named with --calib-runs (a directory of `*.calib`
+runs, or one run; repeated). The H200 engine grid's round 1, with the calib runs the H200 store's
+calibrations were fitted on (docs/calibration.md, "Across leases on the H200"; lease C's 1B async
+run is not one of them):
+
+    python bench/lomo_unseen.py --store FITTED_H200 --platform NVIDIA-H200 --work /tmp/lomo200 \\
+        --out data/h200/experiments/unseen --ground-truth data/h200/experiments/engine_grid/r1 \\
+        --calib-runs data/h200/groundtruth --calib-runs data/h200/experiments/engine_grid/calib_d \\
+        --calib-runs data/h200/experiments/unseen_llama/calib_repeat/lease-b/r2 \\
+        --calib-runs data/h200/experiments/unseen_llama/calib_repeat/lease-b/r3 \\
+        --calib-runs data/h200/experiments/engine_grid/r1/Llama-3.2-1B.paged-eager.graphs.calib \\
+        --calib-runs data/h200/experiments/engine_grid/r1/Llama-3.2-1B.paged-sdpa.default.calib \\
+        --calib-runs data/h200/experiments/engine_grid/r1/Llama-3.2-1B.paged-sdpa.graphs.calib --refit-full
+
 Stages are resumable: a held-out store already fitted is reused (`--stage fit` only fits,
 `--stage validate` only validates what is fitted).
 """
@@ -141,10 +155,15 @@ def fit_held_out(store: Path, repeats: int) -> None:
     fit_store(open_store(str(store), create=False), repeats=repeats)
 
 
-def calib_runs(ground_truth: Path, held_out: str) -> list[Path]:
-    """The committed calibration runs of every model but HELD_OUT (FULL_REFIT: of every model)."""
-    return [p for p in sorted(ground_truth.glob(f"*.{CALIBRATION_WORKLOAD}"))
-            if (p / "requests.parquet").is_file() and p.name.split(".", 1)[0] != held_out]
+def calib_runs(sources: list[Path], held_out: str) -> list[Path]:
+    """The committed calibration runs of every model but HELD_OUT (FULL_REFIT: of every model).
+    Each source is a calib run (`<model>.<backend>.<variant>.calib`) or a directory of them."""
+    found = []
+    for source in sources:
+        runs = [source] if source.name.endswith(f".{CALIBRATION_WORKLOAD}") else sorted(
+            source.glob(f"*.{CALIBRATION_WORKLOAD}"))
+        found += [p for p in runs if (p / "requests.parquet").is_file() and p.name.rsplit(".", 3)[0] != held_out]
+    return found
 
 
 def calibrate_store(store: Path, runs: list[Path]) -> dict[str, Any]:
@@ -270,6 +289,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--ground-truth", type=Path, default=GROUND_TRUTH)
     parser.add_argument("--validation", type=Path, default=VALIDATION)
+    parser.add_argument("--calib-runs", type=Path, action="append",
+                        help="Where the calib runs the store calibrations are refitted from live (--host store): a "
+                             "directory of `*.calib` runs or one run; repeat the flag (default: --ground-truth).")
     parser.add_argument("--models", nargs="*", help="Short names (default: every model with ground truth).")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
     parser.add_argument("--stage", choices=("all", "fit", "validate", "table"), default="all",
@@ -288,6 +310,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     cells = suite_cells(args.ground_truth)
+    calib_sources = args.calib_runs or [args.ground_truth]
     shorts = args.models or sorted(cells)
     full_store = args.work / FULL_REFIT if args.refit_full else args.store
     if args.stage in ("all", "fit"):
@@ -311,10 +334,10 @@ def main() -> None:
             continue
         removed = json.loads((target / "lomo.json").read_text())
         if args.host == "store":
-            calibrated = calibrate_store(target, calib_runs(args.ground_truth, short))
+            calibrated = calibrate_store(target, calib_runs(calib_sources, short))
             log.info("%s: store calibrations refitted without its runs (%d keys)", short, len(calibrated.get("calibrations", [])))
             if args.refit_full and not full_calibrated:
-                calibrate_store(full_store, calib_runs(args.ground_truth, FULL_REFIT))
+                calibrate_store(full_store, calib_runs(calib_sources, FULL_REFIT))
                 full_calibrated = True
         held = validate_cells(str(target), args.platform, short, cells[short], args.ground_truth, args.validation, args.host)
         full = validate_cells(str(full_store), args.platform, short, cells[short], args.ground_truth, args.validation,
