@@ -9,10 +9,23 @@ together) and its measured grid points are predicted by:
   signatures) refitted without them;
 - `heads-affine`: what `Predictor` serves now (dooly.fit.group.heads_affine_model): the own models
   of measured layouts that differ in query heads only, combined affinely in the heads; only where
-  there are two such layouts;
+  there are two such layouts; and its `heads-proportional` column where it serves one peer alone
+  (eager attention);
 - `nearest-ratio`: the nearest measured layout of the same window (|log| distance in query heads,
   KV heads, head dim), its measured time at the same batch scaled by the regime-NNLS class
   regressor's ratio between the two layouts;
+- one query-head peer (`--one-peer` table: every held-out layout with each measured layout that
+  differs from it in query heads only, alone; its own model at its own wave size, as heads-affine
+  evaluates its peers), with r = heads / peer heads:
+  `heads-proportional`: t = r t_peer(x);
+  `heads-shared`: the peer's own linear work split into the terms the query heads do not scale
+  (launch, sequences, decodes, KV reads K and S, KV alignment) and those they do (query tokens,
+  score pairs, padded pairs, waves, pair alignment), the latter times r: per batch
+  t = t_peer(x) (s + (1 - s) r) with s the first part's share (the model stays linear work times
+  its own correction);
+  `heads-shared-class`: the same with s from the regime-NNLS class regressor refitted without the
+  layout, evaluated at the peer's layout, its features split the same way (launch, per sequence,
+  per decode, KV and window KV elements, dense mask vs the rest);
 - `point-nnls`: per grid point, a relative NNLS across the other layouts' measured times over
   physical terms of layout and batch (launch, KV bytes, Q bytes, FLOPs of the packed and the
   waved kernel, score elements, a window flag and the window's score elements).
@@ -34,17 +47,31 @@ from pathlib import Path
 import numpy as np
 
 from dooly.fit.features import (
+    ATTENTION_FEATURES,
     NUM_HEADS,
     TERM_INDEX,
+    aggregates_from_seqs,
     attention_field,
     kernel_waves,
     parse_point,
+    regime_of,
     sm_count,
+    term_matrix,
 )
-from dooly.fit.group import GroupModel
+from dooly.fit.group import MAX_HEADS_EXTRAPOLATION, GroupModel, other_dims
 from dooly.fit.persist import latest_meta_key, load_group, read_meta
 from dooly.fit.predictor import Predictor
-from dooly.fit.regressors import METHOD_REGIME, MIN_SECONDS, fit_class_regressor, relative_nnls
+from dooly.fit.regressors import (
+    METHOD_HEADS_AFFINE,
+    METHOD_HEADS_PROPORTIONAL,
+    METHOD_REGIME,
+    MIN_SECONDS,
+    BoundClassModel,
+    ClassRegressor,
+    OpModel,
+    fit_class_regressor,
+    relative_nnls,
+)
 from dooly.fit.training import ClassDesign, GroupData, class_design, group_data, training_rows
 from dooly.store.backends import open_store
 from dooly.store.merge import read_snapshot
@@ -55,7 +82,13 @@ PLATFORM = "NVIDIA-H100-80GB-HBM3"
 BACKENDS = ("paged|sdpa", "paged|eager")
 ATTENTION_PREFIX = "attention:"
 PERCENT = 100.0
-SCHEMES = ("class", "heads-affine", "nearest-ratio", "point-nnls")
+SCHEMES = ("class", "heads-affine", "nearest-ratio", "point-nnls", "heads-proportional")
+ONE_PEER_SCHEMES = ("class", "heads-proportional", "heads-shared", "heads-shared-class")
+# Request terms (one signature's linear work) the query heads do not scale: per call, per
+# sequence, per decode, the KV read and its alignment.
+SHARED_TERMS = ("const", "B", "D", "K", "S", "odd_kv", "unaligned_kv")
+# Class physical features the query heads do not scale.
+SHARED_FEATURES = ("launch", "per_seq", "per_decode", "kv_elems", "window_kv_elems", "dense_mask")
 # Layout = (query heads, KV heads, head dim, sliding window).
 Layout = tuple[int, int, int, int]
 
@@ -122,8 +155,11 @@ class Study:
         regressor = fit_class_regressor(method, d.physical[train], d.logx[train], d.seconds[train], d.regimes[train])
         return regressor.predict(d.physical, d.logx, d.regimes)
 
-    def heads_affine(self, target: int, held: list[int], test: np.ndarray) -> np.ndarray | None:
-        """The product's prediction with the held-out layouts' models and rows removed."""
+    def heads_affine(
+        self, target: int, held: list[int], test: np.ndarray, method: str = METHOD_HEADS_AFFINE
+    ) -> np.ndarray | None:
+        """The product's prediction with the held-out layouts' models and rows removed, where it
+        serves the layout by `method` (else None)."""
         held_sigs = {self.data.infos[s].signature for s in held}
         layouts = {self.data.infos[s].signature: dict(self.data.infos[s].config_dims) for s in self.sigs if s not in held}
         op_class = self.design.op_class
@@ -135,7 +171,7 @@ class Study:
         info = self.data.infos[target]
         predictor = Predictor(group)
         model, _ = predictor.op_model(info.signature, info.op_class, info.config_dims, info.request_vars, info.op)
-        if model.method != "heads-affine":
+        if model.method != method:
             return None
         seqs = [parse_point(self.keys[i])["seqs"] for i in test]
         return np.asarray(predictor.predict_ops(
@@ -170,6 +206,87 @@ class Study:
             out.append(float((point_features(self.terms[[i]], self.layouts[target], self.platform) @ coef)[0]))
         return np.maximum(np.array(out), MIN_SECONDS)
 
+    def peers(self, target: int, held: list[int]) -> list[tuple[int, OpModel]]:
+        """Measured layouts differing from the target in query heads only (one per head count)."""
+        info = self.data.infos[target]
+        rest = other_dims(info.config_dims)
+        out: dict[int, tuple[int, OpModel]] = {}
+        for s in self.sigs:
+            other = self.data.infos[s]
+            model = self.group.signatures.get(other.signature)
+            heads = attention_field(other.config_dims, NUM_HEADS)
+            if s in held or model is None or isinstance(model, BoundClassModel) or not heads:
+                continue
+            if other_dims(other.config_dims) == rest:
+                out.setdefault(heads, (s, model))
+        return [out[h] for h in sorted(out)]
+
+    def peer_terms(self, model: OpModel, test: np.ndarray) -> np.ndarray:
+        seqs = [parse_point(self.keys[i])["seqs"] for i in test]
+        return term_matrix(aggregates_from_seqs(seqs, model.window, model.wave_tiles), len(seqs))
+
+    def one_peer(self, target: int, held: list[int], test: np.ndarray, peer: int, model: OpModel,
+                 regime: ClassRegressor) -> dict[str, np.ndarray]:
+        ratio = self.layouts[target][0] / self.layouts[peer][0]
+        terms = self.peer_terms(model, test)
+        t_peer = model.predict_terms(terms)
+        out = {"heads-proportional": ratio * t_peer}
+        corrected = model.corrected_terms()
+        coef = corrected[0] if corrected is not None else model.linear_terms()
+        if coef is not None:
+            shared = np.zeros_like(coef)
+            idx = [TERM_INDEX[n] for n in SHARED_TERMS]
+            shared[idx] = coef[idx]
+            work = terms @ coef
+            share = np.where(work > 0, (terms @ shared) / np.where(work > 0, work, 1.0), 0.0)
+            out["heads-shared"] = t_peer * (share + (1.0 - share) * ratio)
+        # The class regime-NNLS at the peer's layout: the share of its features the heads do not scale.
+        static = self.data.infos[peer].static
+        physical = terms[:, static.term_index] * static.multiplier
+        assert regime.regime_coef is not None
+        coef_r = regime.regime_coef[regime_of(terms)]
+        parts = physical * coef_r
+        shared_cols = [ATTENTION_FEATURES.index(n) for n in SHARED_FEATURES]
+        total = parts.sum(axis=1)
+        share = np.where(total > 0, parts[:, shared_cols].sum(axis=1) / np.where(total > 0, total, 1.0), 0.0)
+        out["heads-shared-class"] = t_peer * (share + (1.0 - share) * ratio)
+        return out
+
+    def regime_model(self, held: list[int]) -> ClassRegressor:
+        d = self.design
+        train = ~np.isin(d.sig_ids, held)
+        return fit_class_regressor(METHOD_REGIME, d.physical[train], d.logx[train], d.seconds[train], d.regimes[train])
+
+    def pair_rows(self) -> list[dict]:
+        """Every (held-out layout, one query-head peer) pair."""
+        out = []
+        for target in self.sigs:
+            held = self.held_out(target)
+            peers = self.peers(target, held)
+            if not peers:
+                continue
+            test = np.flatnonzero(self.design.sig_ids == target)
+            seconds = self.design.seconds[test]
+            base = self.class_fit(self.unseen_method, held)[test]
+            regime = self.regime_model(held)
+            heads = self.layouts[target][0]
+            for peer, model in peers:
+                peer_heads = self.layouts[peer][0]
+                predictions = {"class": base, **self.one_peer(target, held, test, peer, model, regime)}
+                row = {"backend": self.data.key[2], "layout": self.layouts[target], "heads": heads,
+                       "peer_layout": self.layouts[peer], "peer_heads": peer_heads,
+                       "within_extrapolation": bool(max(heads, peer_heads) <= MAX_HEADS_EXTRAPOLATION
+                                                    * min(heads, peer_heads)),
+                       "signature": self.data.infos[target].signature,
+                       "peer_signature": self.data.infos[peer].signature, "points": len(test)}
+                for name in ONE_PEER_SCHEMES:
+                    predicted = predictions.get(name)
+                    row[name] = None if predicted is None else errors(np.maximum(predicted, MIN_SECONDS), seconds)
+                log.info("%s %s <- %s %s", row["backend"], row["layout"], peer_heads,
+                         {k: None if row[k] is None else round(row[k]["weighted_pct"], 1) for k in ONE_PEER_SCHEMES})
+                out.append(row)
+        return out
+
     def rows(self) -> list[dict]:
         out = []
         for target in self.sigs:
@@ -181,6 +298,7 @@ class Study:
                 "heads-affine": self.heads_affine(target, held, test),
                 "nearest-ratio": self.nearest_ratio(target, held, test),
                 "point-nnls": self.point_nnls(target, held, test),
+                "heads-proportional": self.heads_affine(target, held, test, METHOD_HEADS_PROPORTIONAL),
             }
             row = {"backend": self.data.key[2], "layout": self.layouts[target],
                    "heads": attention_field(self.data.infos[target].config_dims, NUM_HEADS),
@@ -194,11 +312,12 @@ class Study:
         return out
 
 
-def study_rows(fitted: Path, platform: str = PLATFORM) -> list[dict]:
+def study_rows(fitted: Path, platform: str = PLATFORM) -> tuple[list[dict], list[dict]]:
     store = open_store(str(fitted))
     frame, _ = read_snapshot(store)
     meta = read_meta(store, latest_meta_key(store))
-    out = []
+    out: list[dict] = []
+    pairs: list[dict] = []
     for data in group_data(training_rows(frame)):
         group_platform, engine, backend, dtype = data.key
         if group_platform != platform or backend not in BACKENDS:
@@ -208,24 +327,57 @@ def study_rows(fitted: Path, platform: str = PLATFORM) -> list[dict]:
         group, _ = load_group(store, platform=platform, engine=engine, backend=backend, dtype=dtype)
         method = next(c["unseen_method"] for g in meta["groups"] if g["backend"] == backend
                       for c in g["classes"] if c["op_class"] == op_class)
-        out += Study(data, design, group, method, platform).rows()
-    return out
+        study = Study(data, design, group, method, platform)
+        out += study.rows()
+        pairs += study.pair_rows()
+    return out, pairs
+
+
+def cell(value: dict | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value['weighted_pct']:.1f}% ({value['bias_pct']:+.1f}%) / {value['mape_pct']:.1f}%"
+
+
+def layout_name(layout: Layout) -> str:
+    q, kv, dim, window = layout
+    return f"{q}/{kv}/{dim}" + (f" w{window}" if window else "")
+
+
+def pair_table(pairs: list[dict]) -> str:
+    """Markdown: per (held-out layout, one peer), each one-peer scheme; then per backend the mean
+    of each scheme's time-weighted error and |bias| over the pairs within MAX_HEADS_EXTRAPOLATION."""
+    lines = ["One query-head peer: each cell time-weighted error (bias) / MAPE over the held-out layout's grid "
+             "points; `*`: the peer is beyond MAX_HEADS_EXTRAPOLATION.", "",
+             "| backend | layout | peer heads | " + " | ".join(ONE_PEER_SCHEMES) + " |",
+             "|---|---|---:|" + "---:|" * len(ONE_PEER_SCHEMES)]
+    for row in pairs:
+        star = "" if row["within_extrapolation"] else "*"
+        lines.append(f"| {row['backend']} | {layout_name(row['layout'])} | {row['peer_heads']}{star} | "
+                     + " | ".join(cell(row[s]) for s in ONE_PEER_SCHEMES) + " |")
+    lines += ["", "Mean over the pairs within MAX_HEADS_EXTRAPOLATION: time-weighted error / |bias| / MAPE.", "",
+              "| backend | pairs | " + " | ".join(ONE_PEER_SCHEMES) + " |", "|---|---:|" + "---:|" * len(ONE_PEER_SCHEMES)]
+    for backend in BACKENDS:
+        rows = [r for r in pairs if r["backend"] == backend and r["within_extrapolation"]]
+        if not rows:
+            continue
+        cells = []
+        for s in ONE_PEER_SCHEMES:
+            got = [r[s] for r in rows if r[s] is not None]
+            cells.append(f"{np.mean([g['weighted_pct'] for g in got]):.1f}% / {np.mean([abs(g['bias_pct']) for g in got]):.1f}%"
+                         f" / {np.mean([g['mape_pct'] for g in got]):.1f}%")
+        lines.append(f"| {backend} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
     """Markdown: per layout, each scheme's time-weighted error (bias) and MAPE."""
-    def cell(value: dict | None) -> str:
-        if value is None:
-            return "-"
-        return f"{value['weighted_pct']:.1f}% ({value['bias_pct']:+.1f}%) / {value['mape_pct']:.1f}%"
 
     lines = ["Each cell: time-weighted error (bias) / MAPE over the layout's grid points, held out.", "",
              "| backend | layout (q / kv / dim) | " + " | ".join(SCHEMES) + " |",
              "|---|---|" + "---:|" * len(SCHEMES)]
     for row in rows:
-        q, kv, dim, window = row["layout"]
-        name = f"{q}/{kv}/{dim}" + (f" w{window}" if window else "")
-        lines.append(f"| {row['backend']} | {name} | " + " | ".join(cell(row[s]) for s in SCHEMES) + " |")
+        lines.append(f"| {row['backend']} | {layout_name(row['layout'])} | " + " | ".join(cell(row[s]) for s in SCHEMES) + " |")
     return "\n".join(lines)
 
 
@@ -236,11 +388,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON result; a .md table beside it.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    rows = study_rows(args.store, args.platform)
+    rows, pairs = study_rows(args.store, args.platform)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"signatures": rows}, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table(rows) + "\n")
-    print(table(rows))
+    args.out.write_text(json.dumps({"signatures": rows, "one_peer": pairs}, indent=1) + "\n")
+    text = table(rows) + "\n\n" + pair_table(pairs) + "\n"
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from dooly.fit.features import (
 )
 from dooly.fit.regressors import (
     METHOD_HEADS_AFFINE,
+    METHOD_HEADS_PROPORTIONAL,
     BoundClassModel,
     ClassModel,
     HeadsAffineModel,
@@ -36,6 +37,15 @@ MIN_HEAD_PEERS = 2
 # How far outside its peers' query heads a layout is still served by them: at most this factor
 # below the fewest or above the most (farther, the class regressor answers).
 MAX_HEADS_EXTRAPOLATION = 2.0
+# Attention implementations (the backend's part after "|") where a layout with a single query-head
+# peer takes that peer's model times heads / peer heads (METHOD_HEADS_PROPORTIONAL). Eager attention
+# repeats the KV heads to the query heads and materialises a [heads, T, K] score tensor, so nearly
+# all of its time scales with the query heads; held out, peer by peer, on both stores (12 pairs
+# within MAX_HEADS_EXTRAPOLATION) its time-weighted error is 1.5-4.1% against the class regressor's
+# 5.3-24.4% (bench/attention_layouts.py, docs/unseen.md "One query-head peer"). sdpa's kernels read
+# the KV once for a group of query heads: there the scaling is partial and no one-peer rule beat
+# the class regressor on every pair, so it keeps the regressor.
+HEADS_PROPORTIONAL_IMPLEMENTATIONS = ("eager",)
 
 
 @dataclass
@@ -83,7 +93,7 @@ def with_shared_ops(group: GroupModel, shared: GroupModel) -> GroupModel:
     )
 
 
-def _other_dims(config: Mapping[str, int]) -> dict[str, int]:
+def other_dims(config: Mapping[str, int]) -> dict[str, int]:
     """An attention op's config dims but its query heads (by name or by position)."""
     heads_fields = set(ATTENTION_FIELD_SOURCES[NUM_HEADS])
     return {name: value for name, value in config.items() if name not in heads_fields}
@@ -94,25 +104,37 @@ def heads_affine_model(
 ) -> HeadsAffineModel | None:
     """An unprofiled attention layout served by measured layouts that differ from it in query heads
     only (see HeadsAffineModel), or None: not attention, fewer than MIN_HEAD_PEERS such layouts
-    with models of their own, heads beyond MAX_HEADS_EXTRAPOLATION of theirs, or a combination
-    that is not positive on every measured batch of the class (a wild extrapolation)."""
+    with models of their own (but see below), heads beyond MAX_HEADS_EXTRAPOLATION of theirs, or a
+    combination that is not positive on every measured batch of the class (a wild extrapolation).
+
+    With one head count among the peers, on an attention implementation of
+    HEADS_PROPORTIONAL_IMPLEMENTATIONS: the peers' models times heads / peer heads
+    (METHOD_HEADS_PROPORTIONAL; several peers of that head count share the weight)."""
     heads = attention_field(info.config_dims, NUM_HEADS)
     if cm.family != FAMILY_ATTENTION or not heads or not cm.layouts:
         return None
-    rest = _other_dims(info.config_dims)
+    rest = other_dims(info.config_dims)
     peers: list[tuple[int, OpModel]] = []
     for signature, config in sorted(cm.layouts.items()):
         model = signatures.get(signature)
         peer_heads = attention_field(config, NUM_HEADS)
         if model is None or isinstance(model, BoundClassModel) or not peer_heads or peer_heads == heads:
             continue
-        if _other_dims(config) == rest:
+        if other_dims(config) == rest:
             peers.append((peer_heads, model))
     distinct = sorted({h for h, _ in peers})
-    if len(distinct) < MIN_HEAD_PEERS:
+    if not distinct:
         return None
     if heads * MAX_HEADS_EXTRAPOLATION < distinct[0] or heads > distinct[-1] * MAX_HEADS_EXTRAPOLATION:
         return None
+    if len(distinct) < MIN_HEAD_PEERS:
+        if cm.op_class.rsplit("|", 1)[-1] not in HEADS_PROPORTIONAL_IMPLEMENTATIONS:
+            return None
+        return HeadsAffineModel(
+            **info.model_fields(),
+            method=METHOD_HEADS_PROPORTIONAL,
+            members=tuple((heads / (h * len(peers)), m) for h, m in peers),
+        )
     design = np.array([[1.0, float(h)] for h, _ in peers])
     weights = np.array([1.0, float(heads)]) @ np.linalg.pinv(design)
     model = HeadsAffineModel(

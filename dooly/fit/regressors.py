@@ -50,6 +50,9 @@ METHOD_REGIME = "regime-nnls"
 # An unseen attention layout that differs from measured ones in query heads only: their own models
 # combined affinely in the heads (HeadsAffineModel).
 METHOD_HEADS_AFFINE = "heads-affine"
+# One such layout only, on a backend whose attention materialises per-head scores (eager): its own
+# model scaled by the ratio of the query heads (a HeadsAffineModel of one member).
+METHOD_HEADS_PROPORTIONAL = "heads-proportional"
 UNSEEN_METHODS = (METHOD_NNLS, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
 # Attention kernels change paths between batch regimes: one more candidate there.
 ATTENTION_UNSEEN_METHODS = (METHOD_NNLS, METHOD_REGIME, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
@@ -647,7 +650,10 @@ class HeadsAffineModel(OpModel):
     MAPE, against the class regressor's 21.0% and 10.3% (bench/attention_layouts.py).
 
     Each peer is evaluated at its own wave size (`with_wave_tiles`); the window and every other
-    config dim are the same, so are the other request terms."""
+    config dim are the same, so are the other request terms.
+
+    The same form serves METHOD_HEADS_PROPORTIONAL: one head count among the peers, each weighted
+    heads / its heads over their number (group.heads_affine_model)."""
 
     members: tuple[tuple[float, OpModel], ...] = ()
 

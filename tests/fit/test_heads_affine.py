@@ -1,6 +1,7 @@
 """An attention layout never profiled that differs from measured ones in query heads only is served
-by their own models, combined affinely in the heads (dooly.fit.group.heads_affine_model); every
-other unseen layout keeps the class regressor. The step predictor's fast paths give what the model
+by their own models, combined affinely in the heads (dooly.fit.group.heads_affine_model); with a
+single such peer, on eager attention, by that peer's model times the ratio of the heads
+(heads-proportional); every other unseen layout keeps the class regressor. The step predictor's fast paths give what the model
 gives, each member at its own wave size, and a store fitted before the layouts were stored reads
 as before."""
 
@@ -26,6 +27,7 @@ from dooly.fit.group import GroupModel
 from dooly.fit.predictor import SOURCE_CLASS, Predictor
 from dooly.fit.regressors import (
     METHOD_HEADS_AFFINE,
+    METHOD_HEADS_PROPORTIONAL,
     METHOD_NNLS,
     ClassModel,
     ClassRegressor,
@@ -36,6 +38,8 @@ from dooly.fit.regressors import (
 PLATFORM = "NVIDIA-H100-80GB-HBM3"
 BACKEND = "paged|sdpa"
 OP_CLASS = f"attention:{BACKEND}"
+EAGER = "paged|eager"
+EAGER_CLASS = f"attention:{EAGER}"
 REQUEST_VARS = ("T", "B", "K", "D", "S")
 PEER_HEADS = (32, 40, 64)
 # Per head and (query, key) pair, per wave-key, and per call: the peers' exact laws.
@@ -55,28 +59,31 @@ def config(heads: int, kv_heads: int = 8, head_dim: int = 128) -> dict[str, int]
     return {"in0.1": heads, "in0.3": head_dim, "in1.1": kv_heads, "in1.3": head_dim}
 
 
-def peer(heads: int) -> LinearModel:
+def peer(heads: int, op_class: str = OP_CLASS) -> LinearModel:
     """A measured layout whose time is linear in its heads, with a wave term at its own wave size."""
     coef = np.zeros(N_TERMS)
     coef[TERM_INDEX["const"]] = LAUNCH_S
     coef[TERM_INDEX["T*K"]] = PAIR_S * heads
     coef[TERM_INDEX["waves_kv"]] = WAVE_S
     return LinearModel(
-        signature=f"peer{heads}", op="attention", op_class=OP_CLASS, family="attention",
+        signature=f"peer{heads}", op="attention", op_class=op_class, family="attention",
         request_vars=REQUEST_VARS, window=0, method="local-nnls", wave_tiles=sm_count(PLATFORM) / heads, coef=coef,
     )
 
 
-def group(peers: dict[str, tuple[LinearModel, dict[str, int]]], layouts: bool = True) -> GroupModel:
+def group(
+    peers: dict[str, tuple[LinearModel, dict[str, int]]], layouts: bool = True, backend: str = BACKEND
+) -> GroupModel:
     regressor = ClassRegressor(METHOD_NNLS, coef=np.full(len(ATTENTION_FEATURES), CLASS_COEF_S))
     names = ("in0.1", "in0.3", "in1.1", "in1.3")
+    op_class = f"attention:{backend}"
     class_model = ClassModel(
-        op_class=OP_CLASS, family="attention", config_names=names, request_vars=REQUEST_VARS, regressor=regressor,
+        op_class=op_class, family="attention", config_names=names, request_vars=REQUEST_VARS, regressor=regressor,
         reference_seqs=REFERENCE_SEQS, layouts={s: c for s, (_, c) in peers.items()} if layouts else {},
     )
     return GroupModel(
-        platform=PLATFORM, engine="transformers", backend=BACKEND, dtype="bfloat16", generation=1,
-        classes={OP_CLASS: class_model}, signatures={s: m for s, (m, _) in peers.items()},
+        platform=PLATFORM, engine="transformers", backend=backend, dtype="bfloat16", generation=1,
+        classes={op_class: class_model}, signatures={s: m for s, (m, _) in peers.items()},
     )
 
 
@@ -134,7 +141,7 @@ def test_the_step_predictor_serves_the_combination_exactly():
         (config(24, kv_heads=4), PEER_HEADS),  # another KV head count: no peer
         (config(24, head_dim=64), PEER_HEADS),  # another head dim
         ({**config(24), "sliding_window": 4096}, PEER_HEADS),  # another window
-        (config(24), (32,)),  # a single peer is no law
+        (config(24), (32,)),  # a single peer is no law (sdpa: no heads-proportional)
         (config(8), PEER_HEADS),  # far below the fewest heads measured
         (config(256), PEER_HEADS),  # far above the most
     ],
@@ -190,3 +197,64 @@ def test_a_fitted_store_serves_an_unseen_head_count_from_its_peers(predictor):
                                 request_vars=[op["request_vars"]] * len(seqs), ops=[op["op"]] * len(seqs))
     truth = syn.true_seconds(op, {"seqs": seqs})
     assert np.all(np.abs(got / truth - 1) < SYNTHETIC_TOLERANCE), got / truth
+
+
+def eager_group(peer_heads: tuple[int, ...] = (32,)) -> GroupModel:
+    return group({f"peer{h}": (peer(h, EAGER_CLASS), config(h)) for h in peer_heads}, backend=EAGER)
+
+
+def test_one_eager_peer_scales_its_own_model_by_the_heads():
+    """Eager attention, one measured layout differing in query heads only: its own model, at its
+    own wave size, times heads / peer heads."""
+    predictor = Predictor(eager_group())
+    model, source = predictor.op_source("new", EAGER_CLASS, config(24), REQUEST_VARS, "attention")
+    assert source == SOURCE_CLASS and model.method == METHOD_HEADS_PROPORTIONAL
+    assert isinstance(model, HeadsAffineModel)
+    ((weight, member),) = model.members
+    assert weight == pytest.approx(24 / 32) and member.signature == "peer32"
+    for prefill, decode_ctx in STEPS:
+        seqs = [seqs_of(prefill, decode_ctx)]
+        at_peer = term_matrix(aggregates_from_seqs(seqs, 0, member.wave_tiles), 1)[0]
+        expected = 24 / 32 * (LAUNCH_S + PAIR_S * 32 * at_peer[TERM_INDEX["T*K"]]
+                              + WAVE_S * at_peer[TERM_INDEX["waves_kv"]])
+        own = term_matrix(aggregates_from_seqs(seqs, 0, model.wave_tiles), 1)
+        assert model.predict_terms(own)[0] == pytest.approx(expected, rel=1e-12)
+        got = predictor.predict_ops(["new"], [EAGER_CLASS], [config(24)], {"seqs": seqs},
+                                    request_vars=[REQUEST_VARS], ops=["attention"])
+        assert got[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_step_predictor_serves_the_one_peer_rule_exactly():
+    predictor = Predictor(eager_group())
+    inventory = {"model_id": "new", "operations": [
+        {"signature": "new", "op_class": EAGER_CLASS, "op": "attention", "config_dims": config(24),
+         "request_vars": list(REQUEST_VARS), "count": COUNT},
+    ]}
+    steps = predictor.step_predictor(inventory)
+    assert steps.sources == {"new": SOURCE_CLASS}
+    many = steps.step_seconds_many(STEPS)
+    for (prefill, decode_ctx), batched in zip(STEPS, many, strict=True):
+        single = predictor.predict_ops(["new"], [EAGER_CLASS], [config(24)], {"seqs": [seqs_of(prefill, decode_ctx)]},
+                                       request_vars=[REQUEST_VARS], ops=["attention"])
+        assert steps.step_seconds(prefill, decode_ctx) == pytest.approx(COUNT * single[0], rel=1e-9)
+        assert batched == pytest.approx(COUNT * single[0], rel=1e-9)
+    coverage = steps.coverage_many(STEPS)
+    assert [e.method for e in coverage.estimated] == [METHOD_HEADS_PROPORTIONAL]
+
+
+@pytest.mark.parametrize(
+    "new_config",
+    [
+        config(8),  # 4x below the one peer
+        config(24, kv_heads=4),  # another KV head count
+        {**config(24), "sliding_window": 4096},  # another window
+    ],
+)
+def test_an_eager_layout_without_a_near_peer_keeps_the_class_regressor(new_config):
+    model, _ = Predictor(eager_group()).op_source("new", EAGER_CLASS, new_config, REQUEST_VARS, "attention")
+    assert model.method == METHOD_NNLS
+
+
+def test_two_eager_peers_still_combine_affinely():
+    model, _ = Predictor(eager_group(PEER_HEADS)).op_source("new", EAGER_CLASS, config(24), REQUEST_VARS, "attention")
+    assert model.method == METHOD_HEADS_AFFINE
