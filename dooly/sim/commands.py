@@ -315,7 +315,8 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
               help="Error (percent) within which a summary statistic is 'within target'.")
 @click.option("--server-costs", "server_costs_path", type=click.Path(dir_okay=False, exists=True),
               help="Server-cost record (`dooly server-costs`): its step term added to every simulated step and "
-                   "its offsets to every simulated request, when the ground truth was timed at an HTTP client.")
+                   "its offsets to every simulated request, when the ground truth was timed at an HTTP client. A "
+                   "record whose raw median offset is below zero (its HTTP runs were the faster) is refused.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=writable_file, help="Write the predicted-vs-measured scatter PNG here.")
 @output_option
 def validate_command(
