@@ -9,8 +9,8 @@ together) and its measured grid points are predicted by:
   signatures) refitted without them;
 - `heads-affine`: what `Predictor` serves now (dooly.fit.group.heads_affine_model): the own models
   of measured layouts that differ in query heads only, combined affinely in the heads; only where
-  there are two such layouts; and its `heads-proportional` column where it serves one peer alone
-  (eager attention);
+  there are two such layouts; and its `heads-proportional` and `heads-shared` columns where it
+  serves one peer alone (eager and sdpa attention respectively);
 - `nearest-ratio`: the nearest measured layout of the same window (|log| distance in query heads,
   KV heads, head dim), its measured time at the same batch scaled by the regime-NNLS class
   regressor's ratio between the two layouts;
@@ -22,10 +22,12 @@ together) and its measured grid points are predicted by:
   (launch, sequences, decodes, KV reads K and S, KV alignment) and those they do (query tokens,
   score pairs, padded pairs, waves, pair alignment), the latter times r: per batch
   t = t_peer(x) (s + (1 - s) r) with s the first part's share (the model stays linear work times
-  its own correction);
+  its own correction; dooly.fit.group.heads_shared_share, what the product serves on sdpa);
   `heads-shared-class`: the same with s from the regime-NNLS class regressor refitted without the
   layout, evaluated at the peer's layout, its features split the same way (launch, per sequence,
   per decode, KV and window KV elements, dense mask vs the rest);
+- `product` (`--one-peer` table): what `Predictor` serves the layout with that peer alone
+  (`heads-proportional` on eager, `heads-shared` on sdpa; `-` where it answers by the class regressor);
 - `point-nnls`: per grid point, a relative NNLS across the other layouts' measured times over
   physical terms of layout and batch (launch, KV bytes, Q bytes, FLOPs of the packed and the
   waved kernel, score elements, a window flag and the window's score elements).
@@ -58,12 +60,20 @@ from dooly.fit.features import (
     sm_count,
     term_matrix,
 )
-from dooly.fit.group import MAX_HEADS_EXTRAPOLATION, GroupModel, other_dims
+from dooly.fit.group import (
+    MAX_HEADS_EXTRAPOLATION,
+    GroupModel,
+    heads_shared_seconds,
+    heads_shared_share,
+    other_dims,
+    peer_linear_coef,
+)
 from dooly.fit.persist import latest_meta_key, load_group, read_meta
 from dooly.fit.predictor import Predictor
 from dooly.fit.regressors import (
     METHOD_HEADS_AFFINE,
     METHOD_HEADS_PROPORTIONAL,
+    METHOD_HEADS_SHARED,
     METHOD_REGIME,
     MIN_SECONDS,
     BoundClassModel,
@@ -82,11 +92,10 @@ PLATFORM = "NVIDIA-H100-80GB-HBM3"
 BACKENDS = ("paged|sdpa", "paged|eager")
 ATTENTION_PREFIX = "attention:"
 PERCENT = 100.0
-SCHEMES = ("class", "heads-affine", "nearest-ratio", "point-nnls", "heads-proportional")
-ONE_PEER_SCHEMES = ("class", "heads-proportional", "heads-shared", "heads-shared-class")
-# Request terms (one signature's linear work) the query heads do not scale: per call, per
-# sequence, per decode, the KV read and its alignment.
-SHARED_TERMS = ("const", "B", "D", "K", "S", "odd_kv", "unaligned_kv")
+SCHEMES = ("class", "heads-affine", "nearest-ratio", "point-nnls", "heads-proportional", "heads-shared")
+ONE_PEER_SCHEMES = ("class", "heads-proportional", "heads-shared", "heads-shared-class", "product")
+# What the product serves a layout with one query-head peer by (per implementation).
+ONE_PEER_METHODS = {"paged|eager": METHOD_HEADS_PROPORTIONAL, "paged|sdpa": METHOD_HEADS_SHARED}
 # Class physical features the query heads do not scale.
 SHARED_FEATURES = ("launch", "per_seq", "per_decode", "kv_elems", "window_kv_elems", "dense_mask")
 # Layout = (query heads, KV heads, head dim, sliding window).
@@ -231,15 +240,9 @@ class Study:
         terms = self.peer_terms(model, test)
         t_peer = model.predict_terms(terms)
         out = {"heads-proportional": ratio * t_peer}
-        corrected = model.corrected_terms()
-        coef = corrected[0] if corrected is not None else model.linear_terms()
+        coef = peer_linear_coef(model)
         if coef is not None:
-            shared = np.zeros_like(coef)
-            idx = [TERM_INDEX[n] for n in SHARED_TERMS]
-            shared[idx] = coef[idx]
-            work = terms @ coef
-            share = np.where(work > 0, (terms @ shared) / np.where(work > 0, work, 1.0), 0.0)
-            out["heads-shared"] = t_peer * (share + (1.0 - share) * ratio)
+            out["heads-shared"] = heads_shared_seconds(t_peer, heads_shared_share(terms, coef), ratio)
         # The class regime-NNLS at the peer's layout: the share of its features the heads do not scale.
         static = self.data.infos[peer].static
         physical = terms[:, static.term_index] * static.multiplier
@@ -272,7 +275,11 @@ class Study:
             heads = self.layouts[target][0]
             for peer, model in peers:
                 peer_heads = self.layouts[peer][0]
-                predictions = {"class": base, **self.one_peer(target, held, test, peer, model, regime)}
+                # The product with that peer alone: every other query-head peer held out too.
+                others = [p for p, _ in peers if p != peer]
+                product = self.heads_affine(target, held + others, test, ONE_PEER_METHODS[self.data.key[2]])
+                predictions = {"class": base, **self.one_peer(target, held, test, peer, model, regime),
+                               "product": product}
                 row = {"backend": self.data.key[2], "layout": self.layouts[target], "heads": heads,
                        "peer_layout": self.layouts[peer], "peer_heads": peer_heads,
                        "within_extrapolation": bool(max(heads, peer_heads) <= MAX_HEADS_EXTRAPOLATION
@@ -299,6 +306,7 @@ class Study:
                 "nearest-ratio": self.nearest_ratio(target, held, test),
                 "point-nnls": self.point_nnls(target, held, test),
                 "heads-proportional": self.heads_affine(target, held, test, METHOD_HEADS_PROPORTIONAL),
+                "heads-shared": self.heads_affine(target, held, test, METHOD_HEADS_SHARED),
             }
             row = {"backend": self.data.key[2], "layout": self.layouts[target],
                    "heads": attention_field(self.data.infos[target].config_dims, NUM_HEADS),

@@ -7,7 +7,7 @@ It lives apart from fitting (selection.py), persistence (persist.py, codec.py) a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from dooly.fit.features import (
     ATTENTION_FIELD_SOURCES,
     FAMILY_ATTENTION,
     NUM_HEADS,
+    TERM_INDEX,
     aggregates_from_seqs,
     attention_field,
     config_vector,
@@ -25,9 +26,12 @@ from dooly.fit.features import (
 from dooly.fit.regressors import (
     METHOD_HEADS_AFFINE,
     METHOD_HEADS_PROPORTIONAL,
+    METHOD_HEADS_SHARED,
     BoundClassModel,
     ClassModel,
+    CorrectedLinearModel,
     HeadsAffineModel,
+    LinearModel,
     OpModel,
 )
 from dooly.fit.training import SignatureInfo
@@ -42,10 +46,18 @@ MAX_HEADS_EXTRAPOLATION = 2.0
 # repeats the KV heads to the query heads and materialises a [heads, T, K] score tensor, so nearly
 # all of its time scales with the query heads; held out, peer by peer, on both stores (12 pairs
 # within MAX_HEADS_EXTRAPOLATION) its time-weighted error is 1.5-4.1% against the class regressor's
-# 5.3-24.4% (bench/attention_layouts.py, docs/unseen.md "One query-head peer"). sdpa's kernels read
-# the KV once for a group of query heads: there the scaling is partial and no one-peer rule beat
-# the class regressor on every pair, so it keeps the regressor.
+# 5.3-24.4% (bench/attention_layouts.py, docs/unseen.md "One query-head peer").
 HEADS_PROPORTIONAL_IMPLEMENTATIONS = ("eager",)
+# Attention implementations where a layout with a single query-head peer takes METHOD_HEADS_SHARED:
+# sdpa's kernels read the KV once for a group of query heads, so only part of the peer's work scales
+# with the heads. Held out on both stores (12 pairs within MAX_HEADS_EXTRAPOLATION) its mean
+# time-weighted error is 7.6% against the class regressor's 11.6%, with half its |bias|; it loses
+# three H100 pairs (32 <- 64, 40 <- 64, 40 <- 24; docs/unseen.md "One query-head peer").
+HEADS_SHARED_IMPLEMENTATIONS = ("sdpa",)
+# Request terms of one layout's own linear work that the query heads do not scale: per call, per
+# sequence, per decode, the KV read and its alignment (the rest: query tokens, score and padded
+# pairs, waves, pair alignment).
+HEADS_SHARED_TERMS = ("const", "B", "D", "K", "S", "odd_kv", "unaligned_kv")
 
 
 @dataclass
@@ -99,6 +111,53 @@ def other_dims(config: Mapping[str, int]) -> dict[str, int]:
     return {name: value for name, value in config.items() if name not in heads_fields}
 
 
+def shared_coef(coef: np.ndarray) -> np.ndarray:
+    """A layout's linear coefficients over TERMS restricted to HEADS_SHARED_TERMS."""
+    out = np.zeros_like(coef)
+    idx = [TERM_INDEX[name] for name in HEADS_SHARED_TERMS]
+    out[idx] = coef[idx]
+    return out
+
+
+def heads_shared_share(terms: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """Per batch (rows of request terms at the peer's own geometry), the share s of the peer's own
+    linear work `terms @ coef` in the terms the query heads do not scale (0 where it has none)."""
+    work = terms @ coef
+    positive = work > 0
+    return np.where(positive, (terms @ shared_coef(coef)) / np.where(positive, work, 1.0), 0.0)
+
+
+def heads_shared_seconds(t_peer: np.ndarray, share: np.ndarray, ratio: float) -> np.ndarray:
+    """METHOD_HEADS_SHARED: the peer's time with the heads-scaled part times ratio = heads / peer
+    heads, t = t_peer (s + (1 - s) ratio)."""
+    return t_peer * (share + (1.0 - share) * ratio)
+
+
+def peer_linear_coef(model: OpModel) -> np.ndarray | None:
+    """The coefficients of a peer's own linear work (a corrected model's, before its trees), or None."""
+    corrected = model.corrected_terms()
+    return corrected[0] if corrected is not None else model.linear_terms()
+
+
+def heads_shared_members(model: OpModel, ratio: float, weight: float = 1.0) -> list[tuple[float, OpModel]] | None:
+    """`heads_shared_seconds` of one peer as weighted members, linear in them (the step predictor's
+    fast paths serve them): with work = terms . coef (times the peer's correction, if any) and its
+    shared part, t_peer (s + (1 - s) ratio) = ratio t_peer + (1 - ratio) (shared work, corrected
+    alike), the peer weighted `ratio` and the peer restricted to its shared terms `1 - ratio` (each
+    times `weight`). Equal to it where the shared work is at least MIN_SECONDS (a launch term; 0
+    shared terms: the peer alone). None: a peer model without linear terms to split."""
+    if not isinstance(model, (LinearModel, CorrectedLinearModel)):
+        return None
+    coef = peer_linear_coef(model)
+    if coef is None:
+        return None
+    members: list[tuple[float, OpModel]] = [(weight * ratio, model)]
+    shared = shared_coef(coef)
+    if np.any(shared != 0.0):
+        members.append((weight * (1.0 - ratio), replace(model, coef=shared)))
+    return members
+
+
 def heads_affine_model(
     cm: ClassModel, info: SignatureInfo, signatures: Mapping[str, OpModel]
 ) -> HeadsAffineModel | None:
@@ -109,7 +168,9 @@ def heads_affine_model(
 
     With one head count among the peers, on an attention implementation of
     HEADS_PROPORTIONAL_IMPLEMENTATIONS: the peers' models times heads / peer heads
-    (METHOD_HEADS_PROPORTIONAL; several peers of that head count share the weight)."""
+    (METHOD_HEADS_PROPORTIONAL; several peers of that head count share the weight); of
+    HEADS_SHARED_IMPLEMENTATIONS: `heads_shared_members` of each (METHOD_HEADS_SHARED; None when a
+    peer's model has no linear terms to split)."""
     heads = attention_field(info.config_dims, NUM_HEADS)
     if cm.family != FAMILY_ATTENTION or not heads or not cm.layouts:
         return None
@@ -128,7 +189,18 @@ def heads_affine_model(
     if heads * MAX_HEADS_EXTRAPOLATION < distinct[0] or heads > distinct[-1] * MAX_HEADS_EXTRAPOLATION:
         return None
     if len(distinct) < MIN_HEAD_PEERS:
-        if cm.op_class.rsplit("|", 1)[-1] not in HEADS_PROPORTIONAL_IMPLEMENTATIONS:
+        implementation = cm.op_class.rsplit("|", 1)[-1]
+        if implementation in HEADS_SHARED_IMPLEMENTATIONS:
+            shared_members: list[tuple[float, OpModel]] = []
+            for h, m in peers:
+                split = heads_shared_members(m, heads / h, 1.0 / len(peers))
+                if split is None:
+                    return None
+                shared_members += split
+            return HeadsAffineModel(
+                **info.model_fields(), method=METHOD_HEADS_SHARED, members=tuple(shared_members)
+            )
+        if implementation not in HEADS_PROPORTIONAL_IMPLEMENTATIONS:
             return None
         return HeadsAffineModel(
             **info.model_fields(),

@@ -53,6 +53,10 @@ METHOD_HEADS_AFFINE = "heads-affine"
 # One such layout only, on a backend whose attention materialises per-head scores (eager): its own
 # model scaled by the ratio of the query heads (a HeadsAffineModel of one member).
 METHOD_HEADS_PROPORTIONAL = "heads-proportional"
+# One such layout only, on a backend whose kernels read the KV once for a group of query heads
+# (sdpa): the peer's own work split into the part the heads do not scale and the part they do, the
+# latter times the ratio of the heads (a HeadsAffineModel of two members per peer, group.heads_shared_members).
+METHOD_HEADS_SHARED = "heads-shared"
 UNSEEN_METHODS = (METHOD_NNLS, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
 # Attention kernels change paths between batch regimes: one more candidate there.
 ATTENTION_UNSEEN_METHODS = (METHOD_NNLS, METHOD_REGIME, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
@@ -653,7 +657,9 @@ class HeadsAffineModel(OpModel):
     config dim are the same, so are the other request terms.
 
     The same form serves METHOD_HEADS_PROPORTIONAL: one head count among the peers, each weighted
-    heads / its heads over their number (group.heads_affine_model)."""
+    heads / its heads over their number (group.heads_affine_model); and METHOD_HEADS_SHARED: per
+    peer its model weighted r = heads / its heads plus the same model restricted to the work the
+    heads do not scale weighted 1 - r (group.heads_shared_members)."""
 
     members: tuple[tuple[float, OpModel], ...] = ()
 

@@ -1,7 +1,8 @@
 """An attention layout never profiled that differs from measured ones in query heads only is served
 by their own models, combined affinely in the heads (dooly.fit.group.heads_affine_model); with a
 single such peer, on eager attention, by that peer's model times the ratio of the heads
-(heads-proportional); every other unseen layout keeps the class regressor. The step predictor's fast paths give what the model
+(heads-proportional), on sdpa by the peer's model with only its heads-scaled work times that ratio
+(heads-shared); every other unseen layout keeps the class regressor. The step predictor's fast paths give what the model
 gives, each member at its own wave size, and a store fitted before the layouts were stored reads
 as before."""
 
@@ -17,6 +18,7 @@ from dooly.fit import codec
 from dooly.fit import synthetic as syn
 from dooly.fit.features import (
     ATTENTION_FEATURES,
+    N_REGIMES,
     N_TERMS,
     TERM_INDEX,
     aggregates_from_seqs,
@@ -28,11 +30,13 @@ from dooly.fit.predictor import SOURCE_CLASS, Predictor
 from dooly.fit.regressors import (
     METHOD_HEADS_AFFINE,
     METHOD_HEADS_PROPORTIONAL,
+    METHOD_HEADS_SHARED,
     METHOD_NNLS,
     ClassModel,
     ClassRegressor,
     HeadsAffineModel,
     LinearModel,
+    RegimeLinearModel,
 )
 
 PLATFORM = "NVIDIA-H100-80GB-HBM3"
@@ -141,7 +145,6 @@ def test_the_step_predictor_serves_the_combination_exactly():
         (config(24, kv_heads=4), PEER_HEADS),  # another KV head count: no peer
         (config(24, head_dim=64), PEER_HEADS),  # another head dim
         ({**config(24), "sliding_window": 4096}, PEER_HEADS),  # another window
-        (config(24), (32,)),  # a single peer is no law (sdpa: no heads-proportional)
         (config(8), PEER_HEADS),  # far below the fewest heads measured
         (config(256), PEER_HEADS),  # far above the most
     ],
@@ -257,4 +260,75 @@ def test_an_eager_layout_without_a_near_peer_keeps_the_class_regressor(new_confi
 
 def test_two_eager_peers_still_combine_affinely():
     model, _ = Predictor(eager_group(PEER_HEADS)).op_source("new", EAGER_CLASS, config(24), REQUEST_VARS, "attention")
+    assert model.method == METHOD_HEADS_AFFINE
+
+
+def sdpa_step_inventory() -> dict:
+    return {"model_id": "new", "operations": [
+        {"signature": "new", "op_class": OP_CLASS, "op": "attention", "config_dims": config(24),
+         "request_vars": list(REQUEST_VARS), "count": COUNT},
+    ]}
+
+
+def test_one_sdpa_peer_scales_only_its_per_head_work():
+    """sdpa, one measured layout differing in query heads only: its own model at its own wave size,
+    t_peer (s + (1 - s) r), s the share of its linear work the heads do not scale (here the launch),
+    r = heads / peer heads."""
+    predictor = Predictor(group({"peer32": (peer(32), config(32))}))
+    model, source = predictor.op_source("new", OP_CLASS, config(24), REQUEST_VARS, "attention")
+    assert source == SOURCE_CLASS and model.method == METHOD_HEADS_SHARED
+    assert isinstance(model, HeadsAffineModel)
+    ratio = 24 / 32
+    for prefill, decode_ctx in STEPS:
+        seqs = [seqs_of(prefill, decode_ctx)]
+        at_peer = term_matrix(aggregates_from_seqs(seqs, 0, sm_count(PLATFORM) / 32), 1)[0]
+        work = LAUNCH_S + PAIR_S * 32 * at_peer[TERM_INDEX["T*K"]] + WAVE_S * at_peer[TERM_INDEX["waves_kv"]]
+        share = LAUNCH_S / work
+        expected = work * (share + (1 - share) * ratio)
+        own = term_matrix(aggregates_from_seqs(seqs, 0, model.wave_tiles), 1)
+        assert model.predict_terms(own)[0] == pytest.approx(expected, rel=1e-12)
+        got = predictor.predict_ops(["new"], [OP_CLASS], [config(24)], {"seqs": seqs},
+                                    request_vars=[REQUEST_VARS], ops=["attention"])
+        assert got[0] == pytest.approx(expected, rel=1e-12)
+        # Neither the peer scaled whole nor the peer itself.
+        assert not got[0] == pytest.approx(ratio * work, rel=1e-6)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_step_predictor_serves_heads_shared_exactly(exact):
+    predictor = Predictor(group({"peer32": (peer(32), config(32))}))
+    steps = predictor.step_predictor(sdpa_step_inventory(), exact=exact)
+    assert steps.sources == {"new": SOURCE_CLASS}
+    many = steps.step_seconds_many(STEPS)
+    for (prefill, decode_ctx), batched in zip(STEPS, many, strict=True):
+        single = predictor.predict_ops(["new"], [OP_CLASS], [config(24)], {"seqs": [seqs_of(prefill, decode_ctx)]},
+                                       request_vars=[REQUEST_VARS], ops=["attention"])
+        assert steps.step_seconds(prefill, decode_ctx) == pytest.approx(COUNT * single[0], rel=1e-9)
+        assert batched == pytest.approx(COUNT * single[0], rel=1e-9)
+    coverage = steps.coverage_many(STEPS)
+    assert [e.method for e in coverage.estimated] == [METHOD_HEADS_SHARED]
+    assert coverage.seconds == pytest.approx(float(many.sum()), rel=1e-9)
+
+
+def test_an_sdpa_peer_without_linear_terms_keeps_the_class_regressor():
+    """A peer model whose work cannot be split (one linear law per regime): the class regressor."""
+    linear = peer(32)
+    regime = RegimeLinearModel(
+        signature="peer32", op="attention", op_class=OP_CLASS, family="attention", request_vars=REQUEST_VARS,
+        window=0, method="regime-nnls", wave_tiles=linear.wave_tiles, regime_coef=np.tile(linear.coef, (N_REGIMES, 1)),
+    )
+    model, source = Predictor(group({"peer32": (regime, config(32))})).op_source(
+        "new", OP_CLASS, config(24), REQUEST_VARS, "attention")
+    assert source == SOURCE_CLASS and model.method == METHOD_NNLS
+
+
+def test_one_eager_peer_is_still_scaled_whole():
+    """The same one peer on eager attention keeps heads-proportional (not heads-shared)."""
+    model, _ = Predictor(eager_group()).op_source("new", EAGER_CLASS, config(24), REQUEST_VARS, "attention")
+    assert model.method == METHOD_HEADS_PROPORTIONAL and len(model.members) == 1
+
+
+def test_two_sdpa_peers_still_combine_affinely():
+    peers = {f"peer{h}": (peer(h), config(h)) for h in (32, 40)}
+    model, _ = Predictor(group(peers)).op_source("new", OP_CLASS, config(24), REQUEST_VARS, "attention")
     assert model.method == METHOD_HEADS_AFFINE
