@@ -95,6 +95,12 @@ def _cell_dir(run: str, backend: str, mode: str, workload: str) -> Path:
     return DATA / run / f"Qwen2.5-7B.paged-{backend}.{mode}.{workload}"
 
 
+def gpu_name(report: Path, default: str) -> str:
+    """The GPU a device call ran on: the first field of its gpu.txt (`nvidia-smi --query-gpu=name,...`),
+    else `default`."""
+    return report.read_text().split(",")[0].strip() if report.is_file() else default
+
+
 def dooly(*args: str) -> dict[str, Any]:
     """One `dooly` command, its JSON answer (every command takes --output json)."""
     command = [sys.executable, "-m", "dooly.cli", *args, "--output", "json"]
@@ -635,7 +641,7 @@ def main() -> None:
             capture = step_breakdown(run, "sdpa", store)["capture"]
             why[f"light_capture_{label.split()[-1]}"] = capture["device_meas"] + capture["host_meas"]
             why[f"light_capture_pred_{label.split()[-1]}"] = capture["device_pred"] + capture["host_pred"]
-    gpu = GPU_REPORT.read_text().split(",")[0].strip() if GPU_REPORT.is_file() else "H100"
+    gpu = gpu_name(GPU_REPORT, "H100")
     Path(args.out).write_text(page(gpu, eager_calibration, main_results, http_validated, costs, own_results,
                                    breakdown, why))
     log.info("wrote %s", args.out)

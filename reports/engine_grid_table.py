@@ -49,6 +49,7 @@ from engine_paths_table import (  # noqa: E402
     Cell,
     cell_table,
     dooly,
+    gpu_name,
     rows_by_key,
     step_breakdown,
     validate,
@@ -497,7 +498,7 @@ def served_lines(cells: list[GridCell], data: Path, platform: str) -> list[str]:
     models = ", ".join(sorted({json.loads((c.runs[0] / "bench.json").read_text())["model"] for c in cells}))
     stack = bench["stack"]
     report = data / GPU_REPORT
-    gpu = report.read_text().split(",")[0].strip() if report.is_file() else platform
+    gpu = gpu_name(report, platform)
     workloads = {}
     for cell in cells:
         workload = json.loads((cell.runs[0] / "bench.json").read_text())["workload"]

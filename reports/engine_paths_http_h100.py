@@ -38,18 +38,23 @@ ROOT = Path(__file__).resolve().parents[1]
 # engine_paths_table lives in bench/ (a script folder, not a package), as engine_grid_table reads it.
 sys.path.insert(0, str(ROOT / "bench"))
 
-from engine_paths_http_h200 import _signed, held_out_records, measured_differences, problem_summary  # noqa: E402
+from engine_paths_http_h200 import (  # noqa: E402
+    VALIDATION_HEADER,
+    held_out_records,
+    measured_differences,
+    pass_cells,
+    problem_summary,
+    validation_row,
+)
 from engine_paths_table import (  # noqa: E402
     HEAVY_TPOT_MAPE_PCT,
     HEAVY_TTFT_MAPE_PCT,
-    MS_PER_S,
     SUMMARY_TARGET_PCT,
     Cell,
     dooly,
-    rows_by_key,
+    gpu_name,
     step_term_lines,
     validate,
-    verdict,
 )
 
 log = logging.getLogger("engine_paths_http_h100")
@@ -188,15 +193,9 @@ def pass_counts(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]]) -> l
             done = [results[c.name][variant] for c in CELLS if c.path == path and variant in results[c.name]]
             if not done:
                 continue
-            passing = sum(verdict(cell, payload) == "pass" for cell, payload in done)
+            passing, cells = pass_cells(done)
             total += passing
-            worst = {key: max(abs(rows_by_key(payload)[key]["error_pct"]) for _, payload in done) for key in SHOWN}
-            heavy = [payload["requests"] for cell, payload in done if cell.heavy]
-            lines.append(f"| {variant} | {path.label} | {passing} of {len(done)} | "
-                         f"{max(worst['ttft_mean'], worst['ttft_p90']):.1f}% / "
-                         f"{max(worst['tpot_mean'], worst['tpot_p90']):.1f}% | "
-                         + ", ".join(f"{r['ttft']['mape']:.1f}%" for r in heavy) + " | "
-                         + ", ".join(f"{r['tpot']['mape']:.1f}%" for r in heavy) + " |")
+            lines.append(f"| {variant} | {path.label} | {cells} |")
         lines.append(f"| {variant} | all | {total} of {sum(variant in results[c.name] for c in CELLS)} | | | |")
     return lines
 
@@ -204,25 +203,11 @@ def pass_counts(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]]) -> l
 def validation_table(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]]) -> list[str]:
     """Per cell and variant: the errors of mean and p90 TTFT and TPOT (floor in brackets where the
     runs repeat), the per-request MAPE and the verdict."""
-    header = ["cell", "server costs", "TTFT mean meas/pred (ms)", "err", "TTFT p90 err", "TPOT mean meas/pred (ms)",
-              "err", "TPOT p90 err", "TTFT MAPE", "TPOT MAPE", "verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def err(row: dict[str, Any]) -> str:
-        floor = row.get("floor_pct")
-        return _signed(row["error_pct"]) + (f" ({floor:.1f}%)" if floor else "")
-
+    lines = ["| " + " | ".join(VALIDATION_HEADER) + " |", "|" + "---|" * len(VALIDATION_HEADER)]
     for http in CELLS:
         for variant, (cell, payload) in results[http.name].items():
-            rows = rows_by_key(payload)
-            requests = payload["requests"]
             label = variant if variant != INPROCESS else cell.name.split(", ", 1)[1]
-            lines.append(
-                f"| {http.name} | {label} | {rows['ttft_mean']['measured'] * MS_PER_S:.1f} / "
-                f"{rows['ttft_mean']['predicted'] * MS_PER_S:.1f} | {err(rows['ttft_mean'])} | {err(rows['ttft_p90'])} | "
-                f"{rows['tpot_mean']['measured'] * MS_PER_S:.2f} / {rows['tpot_mean']['predicted'] * MS_PER_S:.2f} | "
-                f"{err(rows['tpot_mean'])} | {err(rows['tpot_p90'])} | {requests['ttft']['mape']:.1f}% | "
-                f"{requests['tpot']['mape']:.1f}% | {verdict(cell, payload)} |")
+            lines.append(validation_row(http.name, label, cell, payload))
     return lines
 
 
@@ -335,7 +320,7 @@ def main() -> None:
         shutil.copytree(args.fitted_store, store)
         records = path_records(store, Path(scratch))
         results = validations(store, records)
-        text = page(GPU_REPORT.read_text().split(",")[0].strip() if GPU_REPORT.is_file() else "H100", records, results)
+        text = page(gpu_name(GPU_REPORT, "H100"), records, results)
     Path(args.out).write_text(text)
     log.info("wrote %s", args.out)
 

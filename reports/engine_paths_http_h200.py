@@ -47,6 +47,7 @@ from engine_paths_table import (  # noqa: E402
     Cell,
     dooly,
     gap_lines,
+    gpu_name,
     host_per_step,
     rows_by_key,
     server_cost_lines,
@@ -178,23 +179,47 @@ def measured_differences(runs: list[tuple[str, str, Path, Path]]) -> list[str]:
     return lines
 
 
+def validation_row(name: str, label: str, cell: Cell, payload: dict[str, Any]) -> str:
+    """One validated cell as a row of `validation_table`: measured / predicted means, the errors of
+    mean and p90 TTFT and TPOT (the engine's floor in brackets where the runs repeat), the
+    per-request MAPEs and the verdict."""
+    rows = rows_by_key(payload)
+    requests = payload["requests"]
+
+    def err(key: str) -> str:
+        floor = rows[key].get("floor_pct")
+        return _signed(rows[key]["error_pct"]) + (f" ({floor:.1f}%)" if floor else "")
+
+    return (f"| {name} | {label} | {rows['ttft_mean']['measured'] * MS_PER_S:.1f} / "
+            f"{rows['ttft_mean']['predicted'] * MS_PER_S:.1f} | {err('ttft_mean')} | {err('ttft_p90')} | "
+            f"{rows['tpot_mean']['measured'] * MS_PER_S:.2f} / {rows['tpot_mean']['predicted'] * MS_PER_S:.2f} | "
+            f"{err('tpot_mean')} | {err('tpot_p90')} | {requests['ttft']['mape']:.1f}% | "
+            f"{requests['tpot']['mape']:.1f}% | {verdict(cell, payload)} |")
+
+
+VALIDATION_HEADER = ["cell", "server costs", "TTFT mean meas/pred (ms)", "err", "TTFT p90 err",
+                     "TPOT mean meas/pred (ms)", "err", "TPOT p90 err", "TTFT MAPE", "TPOT MAPE", "verdict"]
+
+
 def validation_table(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]]) -> list[str]:
     """Per cell and variant: the errors of mean and p90 TTFT and TPOT, the per-request MAPE and the verdict."""
-    header = ["cell", "server costs", "TTFT mean meas/pred (ms)", "err", "TTFT p90 err", "TPOT mean meas/pred (ms)",
-              "err", "TPOT p90 err", "TTFT MAPE", "TPOT MAPE", "verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(VALIDATION_HEADER) + " |", "|" + "---|" * len(VALIDATION_HEADER)]
     for pair in PAIRS:
         for variant, (cell, payload) in results[pair.name].items():
-            rows = rows_by_key(payload)
-            requests = payload["requests"]
-            lines.append(
-                f"| {pair.name} | {variant} | {rows['ttft_mean']['measured'] * MS_PER_S:.1f} / "
-                f"{rows['ttft_mean']['predicted'] * MS_PER_S:.1f} | {_signed(rows['ttft_mean']['error_pct'])} | "
-                f"{_signed(rows['ttft_p90']['error_pct'])} | {rows['tpot_mean']['measured'] * MS_PER_S:.2f} / "
-                f"{rows['tpot_mean']['predicted'] * MS_PER_S:.2f} | {_signed(rows['tpot_mean']['error_pct'])} | "
-                f"{_signed(rows['tpot_p90']['error_pct'])} | {requests['ttft']['mape']:.1f}% | "
-                f"{requests['tpot']['mape']:.1f}% | {verdict(cell, payload)} |")
+            lines.append(validation_row(pair.name, variant, cell, payload))
     return lines
+
+
+def pass_cells(done: list[tuple[Cell, dict[str, Any]]]) -> tuple[int, str]:
+    """Over some validated cells: how many pass, and the table cells `N of M | largest abs. error of
+    mean and p90 TTFT / TPOT | TTFT MAPEs of the heavy cells | their TPOT MAPEs`."""
+    passing = sum(verdict(cell, payload) == "pass" for cell, payload in done)
+    worst = {key: max(abs(rows_by_key(payload)[key]["error_pct"]) for _, payload in done) for key in SHOWN}
+    heavy = [payload["requests"] for cell, payload in done if cell.heavy]
+    return passing, (f"{passing} of {len(done)} | "
+                     f"{max(worst['ttft_mean'], worst['ttft_p90']):.1f}% / {max(worst['tpot_mean'], worst['tpot_p90']):.1f}% | "
+                     + ", ".join(f"{r['ttft']['mape']:.1f}%" for r in heavy) + " | "
+                     + ", ".join(f"{r['tpot']['mape']:.1f}%" for r in heavy))
 
 
 def pass_counts(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]]) -> list[str]:
@@ -203,14 +228,7 @@ def pass_counts(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]]) -> l
               "TTFT MAPE, heavy cells", "TPOT MAPE, heavy cells"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in (*VARIANTS, INPROCESS):
-        done = [results[p.name][variant] for p in PAIRS]
-        passing = sum(verdict(cell, payload) == "pass" for cell, payload in done)
-        worst = {key: max(abs(rows_by_key(payload)[key]["error_pct"]) for _, payload in done) for key in SHOWN}
-        heavy = [payload["requests"] for cell, payload in done if cell.heavy]
-        lines.append(f"| {variant} | {passing} of {len(done)} | "
-                     f"{max(worst['ttft_mean'], worst['ttft_p90']):.1f}% / {max(worst['tpot_mean'], worst['tpot_p90']):.1f}% | "
-                     + ", ".join(f"{r['ttft']['mape']:.1f}%" for r in heavy) + " | "
-                     + ", ".join(f"{r['tpot']['mape']:.1f}%" for r in heavy) + " |")
+        lines.append(f"| {variant} | {pass_cells([results[p.name][variant] for p in PAIRS])[1]} |")
     return lines
 
 
@@ -361,7 +379,7 @@ def main() -> None:
         shutil.copytree(args.fitted_store, store)
         costs, files, documents = records(store, Path(scratch))
         results = validations(store, files)
-    gpu = GPU_REPORT.read_text().split(",")[0].strip() if GPU_REPORT.is_file() else "H200"
+    gpu = gpu_name(GPU_REPORT, "H200")
     Path(args.out).write_text(page(gpu, costs, documents, results))
     log.info("wrote %s", args.out)
 
