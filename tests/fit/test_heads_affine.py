@@ -119,24 +119,32 @@ def test_a_layout_between_its_peers_is_their_affine_combination():
         assert model.predict_terms(own)[0] == pytest.approx(expected, rel=1e-12)
 
 
-def test_the_step_predictor_serves_the_combination_exactly():
-    predictor = Predictor(heads_group())
-    inventory = {"model_id": "new", "operations": [
-        {"signature": "new", "op_class": OP_CLASS, "op": "attention", "config_dims": config(24),
+def step_inventory(op_class: str = OP_CLASS) -> dict:
+    """An unseen model of one attention op of 24 query heads, COUNT times per step."""
+    return {"model_id": "new", "operations": [
+        {"signature": "new", "op_class": op_class, "op": "attention", "config_dims": config(24),
          "request_vars": list(REQUEST_VARS), "count": COUNT},
     ]}
-    steps = predictor.step_predictor(inventory)
+
+
+def assert_steps_serve_it_as_per_op(predictor: Predictor, op_class: str, method: str, exact: bool = False) -> None:
+    """The step predictor (one step and many) gives COUNT times the per-op seconds on every step,
+    and its coverage names METHOD for all of them."""
+    steps = predictor.step_predictor(step_inventory(op_class), exact=exact)
     assert steps.sources == {"new": SOURCE_CLASS}
     many = steps.step_seconds_many(STEPS)
     for (prefill, decode_ctx), batched in zip(STEPS, many, strict=True):
-        seqs = [seqs_of(prefill, decode_ctx)]
-        single = predictor.predict_ops(["new"], [OP_CLASS], [config(24)], {"seqs": seqs},
+        single = predictor.predict_ops(["new"], [op_class], [config(24)], {"seqs": [seqs_of(prefill, decode_ctx)]},
                                        request_vars=[REQUEST_VARS], ops=["attention"])
         assert steps.step_seconds(prefill, decode_ctx) == pytest.approx(COUNT * single[0], rel=1e-9)
         assert batched == pytest.approx(COUNT * single[0], rel=1e-9)
     coverage = steps.coverage_many(STEPS)
-    assert [e.method for e in coverage.estimated] == [METHOD_HEADS_AFFINE]
+    assert [e.method for e in coverage.estimated] == [method]
     assert coverage.seconds == pytest.approx(float(many.sum()), rel=1e-9)
+
+
+def test_the_step_predictor_serves_the_combination_exactly():
+    assert_steps_serve_it_as_per_op(Predictor(heads_group()), OP_CLASS, METHOD_HEADS_AFFINE)
 
 
 @pytest.mark.parametrize(
@@ -228,21 +236,7 @@ def test_one_eager_peer_scales_its_own_model_by_the_heads():
 
 
 def test_the_step_predictor_serves_the_one_peer_rule_exactly():
-    predictor = Predictor(eager_group())
-    inventory = {"model_id": "new", "operations": [
-        {"signature": "new", "op_class": EAGER_CLASS, "op": "attention", "config_dims": config(24),
-         "request_vars": list(REQUEST_VARS), "count": COUNT},
-    ]}
-    steps = predictor.step_predictor(inventory)
-    assert steps.sources == {"new": SOURCE_CLASS}
-    many = steps.step_seconds_many(STEPS)
-    for (prefill, decode_ctx), batched in zip(STEPS, many, strict=True):
-        single = predictor.predict_ops(["new"], [EAGER_CLASS], [config(24)], {"seqs": [seqs_of(prefill, decode_ctx)]},
-                                       request_vars=[REQUEST_VARS], ops=["attention"])
-        assert steps.step_seconds(prefill, decode_ctx) == pytest.approx(COUNT * single[0], rel=1e-9)
-        assert batched == pytest.approx(COUNT * single[0], rel=1e-9)
-    coverage = steps.coverage_many(STEPS)
-    assert [e.method for e in coverage.estimated] == [METHOD_HEADS_PROPORTIONAL]
+    assert_steps_serve_it_as_per_op(Predictor(eager_group()), EAGER_CLASS, METHOD_HEADS_PROPORTIONAL)
 
 
 @pytest.mark.parametrize(
@@ -261,13 +255,6 @@ def test_an_eager_layout_without_a_near_peer_keeps_the_class_regressor(new_confi
 def test_two_eager_peers_still_combine_affinely():
     model, _ = Predictor(eager_group(PEER_HEADS)).op_source("new", EAGER_CLASS, config(24), REQUEST_VARS, "attention")
     assert model.method == METHOD_HEADS_AFFINE
-
-
-def sdpa_step_inventory() -> dict:
-    return {"model_id": "new", "operations": [
-        {"signature": "new", "op_class": OP_CLASS, "op": "attention", "config_dims": config(24),
-         "request_vars": list(REQUEST_VARS), "count": COUNT},
-    ]}
 
 
 def test_one_sdpa_peer_scales_only_its_per_head_work():
@@ -297,17 +284,7 @@ def test_one_sdpa_peer_scales_only_its_per_head_work():
 @pytest.mark.parametrize("exact", [False, True])
 def test_the_step_predictor_serves_heads_shared_exactly(exact):
     predictor = Predictor(group({"peer32": (peer(32), config(32))}))
-    steps = predictor.step_predictor(sdpa_step_inventory(), exact=exact)
-    assert steps.sources == {"new": SOURCE_CLASS}
-    many = steps.step_seconds_many(STEPS)
-    for (prefill, decode_ctx), batched in zip(STEPS, many, strict=True):
-        single = predictor.predict_ops(["new"], [OP_CLASS], [config(24)], {"seqs": [seqs_of(prefill, decode_ctx)]},
-                                       request_vars=[REQUEST_VARS], ops=["attention"])
-        assert steps.step_seconds(prefill, decode_ctx) == pytest.approx(COUNT * single[0], rel=1e-9)
-        assert batched == pytest.approx(COUNT * single[0], rel=1e-9)
-    coverage = steps.coverage_many(STEPS)
-    assert [e.method for e in coverage.estimated] == [METHOD_HEADS_SHARED]
-    assert coverage.seconds == pytest.approx(float(many.sum()), rel=1e-9)
+    assert_steps_serve_it_as_per_op(predictor, OP_CLASS, METHOD_HEADS_SHARED, exact=exact)
 
 
 def test_an_sdpa_peer_without_linear_terms_keeps_the_class_regressor():
