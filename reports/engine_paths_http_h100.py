@@ -137,25 +137,31 @@ class HttpCell:
 CELLS = tuple(HttpCell(m, p, w) for p in PATHS for m in MODELS for w in WORKLOADS)
 
 
-def path_records(store: str, scratch: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+@dataclass(frozen=True)
+class PathRecord:
+    """A path's server-cost record: its file, its document and why `dooly validate` refuses it
+    (its raw median offsets below zero; empty: it applies)."""
+
+    path: Path
+    document: dict[str, Any]
+    refused: list[str]
+
+
+def path_records(store: str, scratch: Path) -> dict[str, PathRecord]:
     """Each path's record, measured on the paired model's HTTP and in-process runs of that path."""
-    records: dict[str, tuple[Path, dict[str, Any]]] = {}
+    from dooly.sim.server_costs import ServerCosts
+
+    records: dict[str, PathRecord] = {}
     for path in PATHS:
         pairs = [c for c in CELLS if c.path == path and c.model == PAIRED_MODEL and c.run(PAIRS_DIR).is_dir()]
         flags = [a for c in pairs for a in ("--http", str(c.run()), "--inprocess", str(c.run(PAIRS_DIR)))]
         out = scratch / f"{path.suffix}.json"
-        records[path.label] = (out, dooly("server-costs", *flags, "--store", store, "--out", str(out)))
+        document = dooly("server-costs", *flags, "--store", store, "--out", str(out))
+        records[path.label] = PathRecord(out, document, ServerCosts.load(out).negative_offsets())
     return records
 
 
-def refused(record: Path) -> list[str]:
-    """Why `dooly validate` refuses a record (its raw median offsets below zero), if it does."""
-    from dooly.sim.server_costs import ServerCosts
-
-    return ServerCosts.load(record).negative_offsets()
-
-
-def validations(store: str, records: dict[str, tuple[Path, dict[str, Any]]]
+def validations(store: str, records: dict[str, PathRecord]
                 ) -> dict[str, dict[str, tuple[Cell, dict[str, Any]]]]:
     """Every HTTP cell under each variant, and the cell's in-process runs."""
     out: dict[str, dict[str, tuple[Cell, dict[str, Any]]]] = {}
@@ -168,9 +174,9 @@ def validations(store: str, records: dict[str, tuple[Path, dict[str, Any]]]
             if variant == LEASE3:
                 extra = ("--server-costs", str(LEASE3_RECORD))
             elif variant == SAME_PATH:
-                if refused(records[http.path.label][0]):
+                if records[http.path.label].refused:
                     continue
-                extra = ("--server-costs", str(records[http.path.label][0]))
+                extra = ("--server-costs", str(records[http.path.label].path))
             cell = Cell(f"{http.name}, {variant}", http.path.backend, http.workload, (http.run(),), extra=extra,
                         model=http.hf_model, platform=PLATFORM)
             out[http.name][variant] = (cell, validate(cell, store))
@@ -222,18 +228,18 @@ def differences() -> list[str]:
     return measured_differences(runs)
 
 
-def record_rows(records: dict[str, tuple[Path, dict[str, Any]]]) -> list[str]:
+def record_rows(records: dict[str, PathRecord]) -> list[str]:
     """Each path's record: its step term, residual offsets and failed checks (the H200 page's table)."""
-    documents = {f"{PAIRED_MODEL} {label}": document for label, (_, document) in records.items()}
+    documents = {f"{PAIRED_MODEL} {label}": record.document for label, record in records.items()}
     documents["lease3 (Qwen2.5-7B graphs heavy)"] = json.loads(LEASE3_RECORD.read_text())
     return held_out_records(documents)
 
 
-def page(gpu: str, records: dict[str, tuple[Path, dict[str, Any]]],
+def page(gpu: str, records: dict[str, PathRecord],
          results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]]) -> str:
     record_sections: list[str] = []
-    for label, (record, document) in records.items():
-        why = refused(record)
+    for label, record in records.items():
+        document, why = record.document, record.refused
         verdict_line = ([f"`dooly validate` refuses this record: {', '.join(why)} below zero (the HTTP runs were faster "
                          "than their in-process pairs)."] if why else [])
         record_sections += [f"### {PAIRED_MODEL}, {label}", "", *step_term_lines(document), "",
