@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from dooly.sim.server_costs import CellOffsets
 from dooly.sim.validate import load_ground_truth
 
 log = logging.getLogger("engine_paths_table")
@@ -295,18 +296,35 @@ def _offset_cells(stats: dict[str, Any], digits: int) -> list[str]:
             f"{stats['p10_s'] * MS_PER_S:+.{digits}f}..{stats['p90_s'] * MS_PER_S:+.{digits}f}"]
 
 
+def cell_pairing(cell: dict[str, Any]) -> str:
+    """How a record's cell paired its steps for the step term: step (for step), batch(-matched) or
+    none (a cell of a record written before pairings were kept: as `dooly` reads it)."""
+    return CellOffsets.from_dict(cell).pairing or "none"
+
+
+def pairings(costs: dict[str, Any]) -> str:
+    """How many of a record's cells paired their steps each way: `step 3, batch 3`."""
+    counts: dict[str, int] = {}
+    for cell in costs["cells"]:
+        counts[cell_pairing(cell)] = counts.get(cell_pairing(cell), 0) + 1
+    return ", ".join(f"{pairing} {counts[pairing]}" for pairing in ("step", "batch", "none") if pairing in counts)
+
+
 def server_cost_lines(costs: dict[str, Any]) -> list[str]:
     """The record's per-request offsets, raw (HTTP minus in-process) and residual (left once the
-    step term is simulated), per cell and pooled (a /1 record: its offsets in both columns)."""
-    header = ["HTTP cell", "requests", "paired steps", "raw TTFT median (ms)", "p10..p90", "residual TTFT median (ms)",
-              "p10..p90", "raw TPOT median (ms)", "p10..p90", "residual TPOT median (ms)", "p10..p90"]
+    step term is simulated), per cell and pooled (a /1 record: its offsets in both columns), with
+    each cell's paired steps and how they were paired."""
+    header = ["HTTP cell", "requests", "paired steps", "pairing", "raw TTFT median (ms)", "p10..p90",
+              "residual TTFT median (ms)", "p10..p90", "raw TPOT median (ms)", "p10..p90", "residual TPOT median (ms)",
+              "p10..p90"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     pooled = {"http": "pooled (the record's terms)", "ttft": costs["ttft"], "tpot": costs["tpot"],
               "raw_ttft": costs.get("raw_ttft"), "raw_tpot": costs.get("raw_tpot"),
-              "steps": sum(cell.get("steps", 0) for cell in costs["cells"])}
+              "steps": sum(cell.get("steps", 0) for cell in costs["cells"]), "pairing": pairings(costs)}
     for cell in [*costs["cells"], pooled]:
         raw_ttft, raw_tpot = cell.get("raw_ttft") or cell["ttft"], cell.get("raw_tpot") or cell["tpot"]
-        values = [cell["http"], str(cell["ttft"]["n"]), str(cell.get("steps", 0)),
+        pairing = cell["pairing"] if cell is pooled else cell_pairing(cell)
+        values = [cell["http"], str(cell["ttft"]["n"]), str(cell.get("steps", 0)), pairing,
                   *_offset_cells(raw_ttft, 1), *_offset_cells(cell["ttft"], 1),
                   *_offset_cells(raw_tpot, 2), *_offset_cells(cell["tpot"], 2)]
         lines.append("| " + " | ".join(values) + " |")
@@ -317,9 +335,11 @@ def step_term_lines(costs: dict[str, Any]) -> list[str]:
     """The record's step term per kind, and each candidate form's leave-one-step-class-out error."""
     term = costs.get("step_term")
     if not term:
-        return ["No step term: the pair's runs record no engine steps the two engines both ran."]
+        return ["No step term: no cell's steps could be paired, step for step or batch-matched (the checks not run "
+                "say why)."]
     header = ["kind", "constant (ms)", "per sequence (ms)"]
     lines = [f"Form chosen: {term['form'].replace('_', ' ')} ({term['steps']} paired steps in {term['classes']} classes; "
+             f"cells paired: {pairings(costs)}; "
              "held-out mean absolute error per step: "
              + ", ".join(f"{form.replace('_', ' ')} {mae * MS_PER_S:.2f} ms" for form, mae in term["selection_mae_s"].items())
              + "). `default` is the pooled fit, for a kind with too few steps of its own (prefill here).",
@@ -527,11 +547,11 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "- HTTP, H100: a light pair and a second heavy pair of Qwen2.5-7B (another lease), so its record's "
         "load-dependence check runs (`not_run` with one workload) and its terms are validated out of sample.",
         "- HTTP, both GPUs (from the H200's three-model pairs, [engine-paths-h200.md](engine-paths-h200.md)): the "
-        "residual per-request offsets move with the load and the model (the record fails its checks); the step term "
-        "comes from heavy pairs only, since at light load the two engines run other batches and their steps cannot be "
-        "paired by index; and its cost per sequence differs by model, so a record measured on other models or at "
-        "another load misses a cell's HTTP-minus-in-process gap. Needed: repeated pairs (the client's run-to-run floor), "
-        "pairing light steps by their batches, and a server term that carries what sets the models apart.",
+        "residual per-request offsets move with the load and the model (the record fails its checks); and the step "
+        "term's cost per sequence differs by model, so a record measured on other models misses a cell's "
+        "HTTP-minus-in-process gap (light pairs, whose engines run other batches, give a step term too: their steps "
+        "are batch-matched). Needed: repeated pairs (the client's run-to-run floor) and a server term that carries "
+        "what sets the models apart.",
         "- `paged|sdpa` graphs: the ordinary steps' host time is still predicted above the measured on the heavy cell "
         "(the pooled constant and per-sequence terms); more models' calib runs, or per-model terms the store can carry.",
         "- Captures: validate simulates the bench's warm-up requests (docs/simulate.md), but the light cells' capture "

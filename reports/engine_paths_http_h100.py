@@ -8,7 +8,8 @@ the light and heavy workloads; the 8B's cells also in-process on the same lease 
 script
 
 1. measures the server's costs of each path from the 8B's pairs of that path (`dooly server-costs`;
-   the eager path has its light pair only, so offsets and no step term);
+   the light pairs' steps are batch-matched, the heavy ones' paired step for step; the eager path
+   has its light pair only, so its load check cannot run);
 2. validates every HTTP cell without server costs, with the H100's lease3 record (Qwen2.5-7B's
    `paged|sdpa` graphs heavy pair: another model, lease and path, docs/server-costs.md) and with
    its path's 8B record (in sample for the 8B, model held out for the 1B and 3B), and the
@@ -277,9 +278,12 @@ def page(gpu: str, records: dict[str, PathRecord],
         "within the lease. Records measured from those pairs have negative raw offsets, which `dooly validate` "
         "refuses to apply, so those two paths have no record of their own here. (4) The lease3 record "
         "(Qwen2.5-7B, graphs, heavy) on the async cells brings the heavy cells' TPOT MAPE down, but its residual "
-        "TTFT offset, measured at heavy load only, takes about 0.1 s off every light request. What would settle "
-        "it: pairs served back to back per cell and repeated, so that a pair shares the host's regime, and "
-        "light pairs whose steps can be paired by their batches.",
+        "TTFT offset, measured at heavy load only, takes about 0.1 s off every light request. (5) The eager path's "
+        "record, from its light pair alone (the two engines ran other batches, so its steps are batch-matched: "
+        "about +5.4 ms of host time per step), brings all three heavy cells within the targets, but its residual "
+        "TTFT offset (-76 ms, one light pair) takes the 1B's light TTFT half off. What would settle it: pairs "
+        "served back to back per cell and repeated, so that a pair shares the host's regime, and heavy pairs of "
+        "every path.",
         "",
         "## What the server adds, measured",
         "",

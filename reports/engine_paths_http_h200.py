@@ -308,10 +308,11 @@ def page(gpu: str, costs: dict[str, Any], documents: dict[str, dict[str, Any]],
         "costs those HTTP cells land nearer the measurement by that error, and with them they miss as the in-process "
         "runs do. Apart from that error (the last table), the step term reproduces each heavy cell's TPOT gap when "
         "measured on the cell's own model, the pooled record misses the models' gaps by their spread, a record of "
-        "the other two models misses the held-out model's, and a record of the light pairs (no step term: their steps "
-        "do not pair) misses every heavy cell's gap; the per-request offsets left after the step term move with the "
-        "load and the model. One record does not serve all three models at heavy load; at light load the records "
-        "come within a few ms of the TPOT gap, not of the TTFT one.",
+        "the other two models misses the held-out model's, and a record of the light pairs alone (their steps "
+        "batch-matched) gives a step term near the heavy pairs' and comes about as near the heavy cells' TPOT gaps as "
+        "the pooled record; the per-request offsets left after the step term move with the load and the model. One "
+        "record does not serve all three models at heavy load; at light load the records come within a few ms of the "
+        "TPOT gap, not of the TTFT one.",
         "",
         "## What the server adds, measured",
         "",
@@ -323,8 +324,10 @@ def page(gpu: str, costs: dict[str, Any], documents: dict[str, dict[str, Any]],
         "## The server's costs (`dooly server-costs`, all six pairs)",
         "",
         f"Record `{SERVER_COSTS}` (`dooly.server_costs/2`, docs/server-costs.md), measured with the fitted store's "
-        "calibration. Only the heavy pairs give the step term: at light load the server's engine ran other batches "
-        "than the in-process one (requests arrive at the engine at other instants), so their steps cannot be paired.",
+        "calibration. The heavy pairs' engines ran the same steps, paired step for step (`step`); at light load the "
+        "server's engine ran other batches than the in-process one (requests arrive at the engine at other instants), "
+        "so each of its steps is batch-matched (`batch`): set against the median in-process step of its kind and "
+        "sequence count.",
         "",
         *step_term_lines(costs),
         "",

@@ -73,12 +73,15 @@ def server_costs_command(http_dirs: tuple[str, ...], inprocess_dirs: tuple[str, 
     """Measure what the engine's HTTP server adds, for `dooly validate --server-costs`.
 
     Each HTTP run is paired with the in-process runs of its model and workload (same requests,
-    same settings, same stack); runs of several models give one record for them all. Where both record the engine's steps and ran the same ones, the HTTP
-    engine's extra host time per step is the step term (a constant, a constant per step kind, or
-    that plus a per-sequence slope: whichever predicts held-out classes of steps best). Per
-    request, TTFT and TPOT at the HTTP client minus in-process are the raw offsets; less what the
-    step term adds to each request when simulated (the step model: --store or --analytic, the
-    same `dooly validate` will use), the residual offsets, whose medians are the per-request terms.
+    same settings, same stack); runs of several models give one record for them all. Where both
+    record the engine's steps, the HTTP engine's extra host time per step is the step term (a
+    constant, a constant per step kind, or that plus a per-sequence slope: whichever predicts
+    held-out classes of steps best), its steps paired step for step where the two engines ran the
+    same steps, else batch-matched (each HTTP step against the median in-process step of its kind
+    and sequence count; the table's `pairing`). Per request, TTFT and TPOT at the HTTP client
+    minus in-process are the raw offsets; less what the step term adds to each request when
+    simulated (the step model: --store or --analytic, the same `dooly validate` will use), the
+    residual offsets, whose medians are the per-request terms.
     The record keeps their spread, each cell's own, the checks it failed (a negative offset, or
     one that moves with the load: docs/server-costs.md) and those it could not run.
 
@@ -96,11 +99,11 @@ def server_costs_command(http_dirs: tuple[str, ...], inprocess_dirs: tuple[str, 
     rows: list[tuple[Any, ...]] = []
     for cell in costs.cells:
         raw_ttft, raw_tpot = cell.raw_ttft or cell.ttft, cell.raw_tpot or cell.tpot
-        rows.append((cell.http, len(cell.inprocess), cell.ttft.n, cell.steps, *_spread(raw_ttft, 1), *_spread(cell.ttft, 1),
-                     *_spread(raw_tpot, 2), *_spread(cell.tpot, 2)))
-    click.echo(format_table(["HTTP run", "in-process runs", "requests", "paired steps", "raw TTFT offset (ms)", "p10..p90",
-                             "residual TTFT (ms)", "p10..p90", "raw TPOT offset (ms)", "p10..p90", "residual TPOT (ms)",
-                             "p10..p90"], rows))
+        rows.append((cell.http, len(cell.inprocess), cell.ttft.n, cell.steps, cell.pairing or "none",
+                     *_spread(raw_ttft, 1), *_spread(cell.ttft, 1), *_spread(raw_tpot, 2), *_spread(cell.tpot, 2)))
+    click.echo(format_table(["HTTP run", "in-process runs", "requests", "paired steps", "pairing", "raw TTFT offset (ms)",
+                             "p10..p90", "residual TTFT (ms)", "p10..p90", "raw TPOT offset (ms)", "p10..p90",
+                             "residual TPOT (ms)", "p10..p90"], rows))
     click.echo(f"server costs: {costs.describe()}")
     for check in costs.not_run:
         click.echo(f"not run: {check}")

@@ -13,10 +13,11 @@ all requests of all pairs are the terms, stored with their spread.
 At load most of what the client sees is not per request: the engine thread shares the interpreter
 with the server's event loop, and each engine step takes more host time (`dooly.sim.server_step_term`).
 Where both runs record the engine's steps, a record (`dooly.server_costs/2`) carries that per-step
-host term, measured from the pair's steps, and per-request offsets measured after it: the raw
-offsets less what the step term does to each request when simulated (the HTTP run's workload
-simulated with and without it), so that the two together reproduce the pair's difference and
-neither counts the other's share. The raw offsets are kept beside them (`raw_ttft`, `raw_tpot`).
+host term, measured from the pair's steps (step for step where the two engines ran the same steps,
+else batch-matched; each cell says which, `pairing`), and per-request offsets measured after it:
+the raw offsets less what the step term does to each request when simulated (the HTTP run's
+workload simulated with and without it), so that the two together reproduce the pair's difference
+and neither counts the other's share. The raw offsets are kept beside them (`raw_ttft`, `raw_tpot`).
 A `/1` record (offsets only) still loads and applies as before.
 
 The terms are a server cost only where the engine behind the server ran as it ran in-process.
@@ -49,7 +50,15 @@ from dooly.engines.groundtruth import BENCH_FILE, ENGINE_FILE
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json_object
 from dooly.sim.schedulers import Scheduler
-from dooly.sim.server_step_term import StepSample, StepTerm, choose_step_term, paired_step_samples
+from dooly.sim.server_step_term import (
+    BATCH_PAIRING,
+    NO_PAIRING,
+    STEP_PAIRING,
+    StepSample,
+    StepTerm,
+    choose_step_term,
+    step_samples,
+)
 from dooly.sim.simulator import RequestRecord
 from dooly.sim.step_model import CpuOverheadModel, StepLatencyModel
 from dooly.sim.validate import GroundTruth, MeasuredRequest, check_repeat, load_ground_truth, validate
@@ -100,8 +109,9 @@ class OffsetStats:
 class CellOffsets:
     """One paired cell: the HTTP run, the in-process run(s) it was compared with, its offsets
     (residual after the step term where one was measured; raw: HTTP minus in-process), how
-    many of its steps were paired for the step term and the served model (bench.json `model`;
-    empty in records written before it was kept)."""
+    many of its steps were paired for the step term and how (`pairing`: "step" for step,
+    "batch"-matched, "" none), and the served model (bench.json `model`; empty in records written
+    before it was kept)."""
 
     http: str
     inprocess: list[str]
@@ -112,15 +122,19 @@ class CellOffsets:
     raw_tpot: OffsetStats | None = None
     steps: int = 0
     model: str = ""
+    pairing: str = NO_PAIRING
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CellOffsets:
-        """A cell of a /1 or /2 record (a /1 cell's offsets are its raw ones)."""
+        """A cell of a /1 or /2 record (a /1 cell's offsets are its raw ones; a cell written before
+        batch-matched pairing was paired step for step if it paired any step)."""
         ttft, tpot = OffsetStats(**data["ttft"]), OffsetStats(**data["tpot"])
         raw_ttft = OffsetStats(**data["raw_ttft"]) if data.get("raw_ttft") else ttft
         raw_tpot = OffsetStats(**data["raw_tpot"]) if data.get("raw_tpot") else tpot
+        steps = int(data.get("steps", 0))
+        pairing = str(data.get("pairing", STEP_PAIRING if steps > 0 else NO_PAIRING))
         return cls(data["http"], list(data["inprocess"]), dict(data["workload"]), ttft, tpot, raw_ttft, raw_tpot,
-                   int(data.get("steps", 0)), str(data.get("model", "")))
+                   steps, str(data.get("model", "")), pairing)
 
 
 @dataclass
@@ -327,18 +341,23 @@ def residual_offsets(http: Sequence[MeasuredRequest], raw_ttft: Sequence[float],
     return ttft, tpot
 
 
-def _paired_steps(http: _Run, partners: Sequence[_Run]) -> tuple[list[StepSample], str | None]:
-    """The HTTP run's steps paired with its in-process partner's, or why they cannot be (no steps
-    recorded, other steps run, no device time): then the cell gives the step term nothing."""
+def _paired_steps(http: _Run, partners: Sequence[_Run]) -> tuple[list[StepSample], str, str | None]:
+    """The HTTP run's steps paired with each in-process partner's (step for step, else
+    batch-matched: `step_samples`), how (batch if any partner's were batch-matched), or why they
+    cannot be (no steps recorded, no device time, no sample either way): then the cell gives the
+    step term nothing."""
     if not http.truth.steps or not all(p.truth.steps for p in partners):
-        return [], f"{http.directory}: the runs record no engine steps (steps.parquet)"
+        return [], NO_PAIRING, f"{http.directory}: the runs record no engine steps (steps.parquet)"
     samples: list[StepSample] = []
+    pairings: set[str] = set()
     try:
         for partner in partners:
-            samples += paired_step_samples(http.truth.steps, partner.truth.steps)
+            partner_samples, pairing = step_samples(http.truth.steps, partner.truth.steps)
+            samples += partner_samples
+            pairings.add(pairing)
     except DoolyError as exc:
-        return [], f"{http.directory}: {exc}"
-    return samples, None
+        return [], NO_PAIRING, f"{http.directory}: {exc}"
+    return samples, BATCH_PAIRING if BATCH_PAIRING in pairings else STEP_PAIRING, None
 
 
 def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequence[str | Path],
@@ -360,7 +379,7 @@ def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequen
     pairs: list[tuple[_Run, list[_Run]]] = []
     samples: list[StepSample] = []
     not_run: list[str] = []
-    steps_per_cell: list[int] = []
+    steps_per_cell: list[tuple[int, str]] = []
     for http in https:
         http_key = run_key(http.bench, http.engine)
         if http_key != key:
@@ -372,11 +391,11 @@ def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequen
         for partner in partners:
             _check_pair(http, partner, key)
         pairs.append((http, partners))
-        cell_samples, why_not = _paired_steps(http, partners)
+        cell_samples, pairing, why_not = _paired_steps(http, partners)
         if why_not:
             not_run.append(f"step term on {why_not}")
         samples += cell_samples
-        steps_per_cell.append(len(cell_samples))
+        steps_per_cell.append((len(cell_samples), pairing))
     unused = [str(r.directory) for r in inprocs if not any(r is p for _, partners in pairs for p in partners)]
     if unused:
         raise DoolyError(f"in-process run(s) {', '.join(unused)} served no workload of the HTTP runs")
@@ -393,12 +412,14 @@ def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequen
     return costs
 
 
-def _pooled_costs(key: dict[str, Any], pairs: Sequence[tuple[_Run, list[_Run]]], steps_per_cell: Sequence[int],
-                  step_term: StepTerm | None, models_for: EngineModelsFor | None) -> ServerCosts:
-    """Each cell's raw and residual offsets, and their pooled statistics, checked."""
+def _pooled_costs(key: dict[str, Any], pairs: Sequence[tuple[_Run, list[_Run]]],
+                  steps_per_cell: Sequence[tuple[int, str]], step_term: StepTerm | None,
+                  models_for: EngineModelsFor | None) -> ServerCosts:
+    """Each cell's raw and residual offsets, and their pooled statistics, checked (`steps_per_cell`:
+    each cell's paired steps and how they were paired)."""
     cells: list[CellOffsets] = []
     pooled: dict[str, list[float]] = {"ttft": [], "tpot": [], "raw_ttft": [], "raw_tpot": []}
-    for (http, partners), steps in zip(pairs, steps_per_cell, strict=True):
+    for (http, partners), (steps, pairing) in zip(pairs, steps_per_cell, strict=True):
         raw_ttft, raw_tpot = request_offsets(http.truth.requests, [p.truth.requests for p in partners])
         ttft, tpot = raw_ttft, raw_tpot
         if step_term is not None and models_for is not None:
@@ -406,7 +427,7 @@ def _pooled_costs(key: dict[str, Any], pairs: Sequence[tuple[_Run, list[_Run]]],
             ttft, tpot = residual_offsets(http.truth.requests, raw_ttft, raw_tpot, effect)
         cells.append(CellOffsets(str(http.directory), [str(p.directory) for p in partners], http.workload,
                                  OffsetStats.of(ttft), OffsetStats.of(tpot), OffsetStats.of(raw_ttft),
-                                 OffsetStats.of(raw_tpot), steps, http.model))
+                                 OffsetStats.of(raw_tpot), steps, http.model, pairing))
         for name, values in (("ttft", ttft), ("tpot", tpot), ("raw_ttft", raw_ttft), ("raw_tpot", raw_tpot)):
             pooled[name] += values
     costs = ServerCosts(key, OffsetStats.of(pooled["ttft"]), OffsetStats.of(pooled["tpot"]), cells,

@@ -5,9 +5,19 @@ which streams every token of every request: at load the engine's steps each take
 than in-process (the lease3 H100 pair: median 23.1 against 11.1 ms, same steps, same device time).
 That cost is per step and grows with the sequences in the step, so it delays every request in
 flight and feeds back into the queue; a per-request offset added after the simulation cannot
-represent it. It is measured here from a pair whose two engines ran the same steps: per step (no
-graph capture on either side), the HTTP run's host time (wall minus device) minus the in-process
-run's, as a function of the step.
+represent it. It is measured here from paired runs, as a function of the step. Where the two
+engines ran the same steps, step for step (exact): per step (no graph capture on either side), the
+HTTP run's host time (wall minus device) minus the in-process run's. Where they ran other steps
+(always at light load, where requests reach the server's engine at other instants: 728 against 778
+steps), batch-matched: each HTTP step (no graph capture) against the median host time of the
+in-process steps of its batch class (step kind and number of sequences), given at least
+MIN_PARTNER_STEPS of them. The class is what the term is a function of, so the median in-process
+step of the class stands in for the step the in-process engine would have run; that this is sound
+is checked on the heavy pairs, where both pairings run and agree (H200 lease_d decode terms, ms
++ ms per sequence, batch-matched against step for step: 8B +1.03 + 0.111 against +1.16 + 0.106,
+1B +0.24 + 0.162 against +0.12 + 0.171, 3B +0.30 + 0.214 against +0.32 + 0.224; the H100 lease4 8B
+no-graph heavy pair -0.81 + 0.178 against -0.73 + 0.154). Step for step is used whenever the runs
+allow it; runs without the probe's device time get neither.
 
 Three forms compete: one constant; a constant per step kind (decode, mixed, prefill); a constant
 per kind plus a per-sequence slope. The form is chosen by leave-one-step-class-out: steps are
@@ -42,6 +52,11 @@ FORMS = (CONSTANT, PER_KIND_CONSTANT, PER_KIND_PER_SEQUENCE)
 DEFAULT_KEY = "default"
 # A kind needs this many paired steps for terms of its own (as CpuOverheadModel.fit asks).
 MIN_KIND_STEPS = 8
+# Batch-matched pairing: an HTTP step's batch class (kind, sequences) needs this many in-process
+# steps for their median to stand in for its partner; with fewer the step gives no sample.
+MIN_PARTNER_STEPS = 3
+# How a cell's steps were paired: step for step (exact), batch-matched (the fallback), or not at all.
+STEP_PAIRING, BATCH_PAIRING, NO_PAIRING = "step", "batch", ""
 # Sequence-count quantile classes per kind: what the held-out classes are cut along, so that the
 # per-sequence slope is judged on sizes it was not fitted on.
 SIZE_CLASSES = 4
@@ -139,31 +154,78 @@ class StepTerm:
                    {str(k): float(v) for k, v in dict(data.get("selection_mae_s") or {}).items()})
 
 
+class OtherStepsError(DoolyError):
+    """The paired engines ran other steps (another count, or a step holding other batches): their
+    host times cannot be paired step for step, only batch-matched."""
+
+
 def host_seconds(step: MeasuredStep) -> float:
     """The step's host time: its wall time minus the device time the bench probe measured."""
     return step.duration_s - step.device_s
 
 
+def batch_class(step: MeasuredStep) -> tuple[str, int]:
+    """What a step's extra host time is a function of: its kind and its number of sequences."""
+    return StepKind.of(step.prefill, step.decode_ctx).value, len(step.prefill) + len(step.decode_ctx)
+
+
 def paired_step_samples(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep]) -> list[StepSample]:
     """Per step the two engines both ran without capturing a graph: the HTTP step's host time
     minus the in-process one's. Refused unless the two ran the same steps (same batches in the same
-    order) with the probe's device time: only then is the difference the server's, step for step."""
+    order; else OtherStepsError) with the probe's device time: only then is the difference the
+    server's, step for step."""
     if len(http) != len(inprocess):
-        raise DoolyError(f"the paired engines ran {len(http)} and {len(inprocess)} steps: their host times cannot be "
-                         "paired step for step")
+        raise OtherStepsError(f"the paired engines ran {len(http)} and {len(inprocess)} steps: their host times cannot "
+                              "be paired step for step")
     samples = []
     for ours, theirs in zip(http, inprocess, strict=True):
         if ours.prefill != theirs.prefill or ours.decode_ctx != theirs.decode_ctx:
-            raise DoolyError(f"step {ours.step} holds other batches in the two runs: their host times cannot be "
-                             "paired step for step")
+            raise OtherStepsError(f"step {ours.step} holds other batches in the two runs: their host times cannot be "
+                                  "paired step for step")
         if ours.graph_captured or theirs.graph_captured:
             continue
         extra = host_seconds(ours) - host_seconds(theirs)
         if math.isfinite(extra):
-            samples.append(StepSample(StepKind.of(ours.prefill, ours.decode_ctx).value, len(ours.prefill) + len(ours.decode_ctx), extra))
+            samples.append(StepSample(*batch_class(ours), extra))
     if not samples:
         raise DoolyError("the paired runs hold no step with a device time on both sides (steps.parquet device_s)")
     return samples
+
+
+def batch_matched_samples(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep],
+                          min_partner_steps: int = MIN_PARTNER_STEPS) -> list[StepSample]:
+    """Per HTTP step without a graph capture: its host time minus the median host time of the
+    in-process steps of its batch class (kind, sequences; no capture, a device time), where that
+    class holds at least `min_partner_steps` of them (else the step gives no sample). For runs
+    that ran other steps; refused when no HTTP step finds its class."""
+    partners: dict[tuple[str, int], list[float]] = {}
+    for step in inprocess:
+        host = host_seconds(step)
+        if not step.graph_captured and math.isfinite(host):
+            partners.setdefault(batch_class(step), []).append(host)
+    medians = {cls: float(np.median(hosts)) for cls, hosts in partners.items() if len(hosts) >= min_partner_steps}
+    samples = []
+    for step in http:
+        host, cls = host_seconds(step), batch_class(step)
+        if not step.graph_captured and math.isfinite(host) and cls in medians:
+            samples.append(StepSample(*cls, host - medians[cls]))
+    if not samples:
+        raise DoolyError(f"no step of the HTTP run (with a device time, no capture) has {min_partner_steps} in-process "
+                         "steps of its batch class (kind and sequences) to be batch-matched with")
+    return samples
+
+
+def step_samples(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep]) -> tuple[list[StepSample], str]:
+    """The pair's samples and how they were paired: step for step (STEP_PAIRING) whenever the two
+    ran the same steps, batch-matched (BATCH_PAIRING) where they ran other ones. Refused where
+    neither gives a sample, or where the steps lack the device time (no fallback for that)."""
+    try:
+        return paired_step_samples(http, inprocess), STEP_PAIRING
+    except OtherStepsError as exc:
+        try:
+            return batch_matched_samples(http, inprocess), BATCH_PAIRING
+        except DoolyError as matched:
+            raise DoolyError(f"{exc}, nor batch-matched: {matched}") from None
 
 
 def _least_squares(samples: Sequence[StepSample], per_sequence: bool) -> KindTerm:

@@ -161,6 +161,22 @@ def test_record_round_trips_and_refuses_another_schema(tmp_path):
         ServerCosts.load(path)
 
 
+def test_a_record_written_before_pairing_was_kept_loads(tmp_path):
+    # Cells of such a record were paired step for step where they paired any step, else not at all.
+    light = _cell(tmp_path, "light", LIGHT, TTFT_COST_S, TPOT_COST_S)
+    heavy = _cell(tmp_path, "heavy", HEAVY, TTFT_COST_S, TPOT_COST_S)
+    document = measure_server_costs([light[0], heavy[0]], [light[1], heavy[1]]).as_dict()
+    assert [cell["pairing"] for cell in document["cells"]] == ["", ""]
+    for cell in document["cells"]:
+        del cell["pairing"]
+    document["cells"][1]["steps"] = 236
+    path = tmp_path / "before.json"
+    path.write_text(json.dumps(document))
+    loaded = ServerCosts.load(path)
+    assert [(cell.steps, cell.pairing) for cell in loaded.cells] == [(0, ""), (236, "step")]
+    assert loaded.schema == document["schema"]
+
+
 def _validate(truth: Path, *extra: str) -> Any:
     result = CliRunner().invoke(cli, ["validate", MODEL, "--ground-truth", str(truth), "--analytic",
                                       "--output", "json", *extra])

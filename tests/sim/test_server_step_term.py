@@ -4,7 +4,9 @@ runs' steps, simulated by `dooly validate`; and dooly.server_costs/1 records sti
 from __future__ import annotations
 
 import json
+import math
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +19,21 @@ from dooly.cli import cli
 from dooly.errors import DoolyError
 from dooly.sim.server_costs import SCHEMA_V1, EngineModels, ServerCosts, measure_server_costs
 from dooly.sim.server_step_term import (
+    BATCH_PAIRING,
     CONSTANT,
     DEFAULT_KEY,
+    MIN_PARTNER_STEPS,
     PER_KIND_CONSTANT,
     PER_KIND_PER_SEQUENCE,
+    STEP_PAIRING,
     KindTerm,
+    OtherStepsError,
     StepSample,
     StepTerm,
+    batch_matched_samples,
     choose_step_term,
     paired_step_samples,
+    step_samples,
 )
 from dooly.sim.step_model import CpuOverheadModel, OverheadTerms, StepKind, StepPath
 from dooly.sim.validate import MeasuredStep
@@ -37,6 +45,8 @@ DECODE, MIXED = StepKind.DECODE.value, StepKind.MIXED.value
 TRUE_TERMS = {DECODE: KindTerm(0.002, 0.0002), MIXED: KindTerm(0.001, 0.0001)}
 STEPS = 120
 MAX_SEQS = 64
+# Batch-matched cells draw their steps' sizes from fewer values, so that most classes hold enough steps.
+BATCH_SIZES = 12
 DEVICE_S = 0.010
 INPROCESS_HOST_S = 0.001
 SEED = 7
@@ -101,6 +111,41 @@ def test_paired_steps_are_differences_of_host_time_and_skip_captures():
         paired_step_samples(http, inprocess[:2])
 
 
+def test_batch_matched_samples_take_each_class_median_and_skip_thin_classes_and_captures():
+    # The in-process run: decode steps of 4 sequences of three host times (median 2 ms), a capture
+    # of that class far slower (not a partner), mixed steps of 8 + 1 sequences (median 1 ms), and
+    # decode steps of 8 sequences, one fewer than a class needs.
+    inprocess = [_step(0, 4, 0.001), _step(1, 4, 0.002), _step(2, 4, 0.004), _step(3, 4, 0.5, captured=True),
+                 _step(4, 8, 0.001, mixed=True), _step(5, 8, 0.001, mixed=True), _step(6, 8, 0.003, mixed=True),
+                 *[_step(7 + i, 8, 0.001) for i in range(MIN_PARTNER_STEPS - 1)]]
+    # The HTTP run, another number of steps: each class's extra known; its capture, its decode steps of
+    # 8 (too few partners) and of 16 (none) give no sample.
+    http = [_step(0, 4, 0.002 + 0.003), _step(1, 4, 0.002 + 0.004), _step(2, 4, 0.9, captured=True),
+            _step(3, 8, 0.001 + 0.0015, mixed=True), _step(4, 8, 0.001 + 0.007), _step(5, 16, 0.02)]
+    samples = batch_matched_samples(http, inprocess)
+    assert [(s.kind, s.num_seqs) for s in samples] == [(DECODE, 4), (DECODE, 4), (MIXED, 9)]
+    assert [s.extra_s for s in samples] == pytest.approx([0.003, 0.004, 0.0015])
+    # Step for step refuses these runs (other steps), so the pair falls back to batch-matched.
+    with pytest.raises(OtherStepsError, match="ran 6 and 9 steps"):
+        paired_step_samples(http, inprocess)
+    assert step_samples(http, inprocess) == (samples, BATCH_PAIRING)
+    with pytest.raises(DoolyError, match="step for step, nor batch-matched: no step of the HTTP run"):
+        step_samples(http, inprocess[:2])
+
+
+def test_step_for_step_comes_first_and_no_device_time_is_no_fallback():
+    inprocess = [_step(i, 4, INPROCESS_HOST_S) for i in range(MIN_PARTNER_STEPS + 1)]
+    http = [_step(i, 4, INPROCESS_HOST_S + 0.001 * i) for i in range(MIN_PARTNER_STEPS + 1)]
+    samples, pairing = step_samples(http, inprocess)
+    # Exact, step for step: each step's own difference, not the class median's.
+    assert pairing == STEP_PAIRING
+    assert [s.extra_s for s in samples] == pytest.approx([0.001 * i for i in range(MIN_PARTNER_STEPS + 1)])
+    unprobed = [replace(step, device_s=math.nan) for step in inprocess]
+    with pytest.raises(DoolyError, match="no step with a device time") as refused:
+        step_samples(http, unprobed)
+    assert not isinstance(refused.value, OtherStepsError) and "batch-matched" not in str(refused.value)
+
+
 def test_the_step_term_is_added_to_every_path_of_the_host_model():
     base = CpuOverheadModel(terms={"decode_graph": OverheadTerms(0.001, 1e-5), "default": OverheadTerms(0.004)})
     term = StepTerm(PER_KIND_PER_SEQUENCE, dict(TRUE_TERMS))
@@ -131,6 +176,18 @@ def _paired_cell(root: Path) -> tuple[Path, Path]:
     return http, inprocess
 
 
+def _batch_cell(root: Path) -> tuple[Path, Path]:
+    """The synthetic cell, its engines having run other steps (another count, other batches): the
+    in-process one at a constant host time, the HTTP one with TRUE_TERMS' extra on each step."""
+    http, inprocess = _cell(root, "light", LIGHT, TTFT_COST_S, TPOT_COST_S)
+    for directory, seed, count in ((inprocess, SEED, STEPS), (http, SEED + 1, STEPS + 17)):
+        rng = random.Random(seed)
+        sizes = [(rng.randint(1, BATCH_SIZES), index % 3 == 0) for index in range(count)]
+        extra = [TRUE_TERMS[MIXED if m else DECODE].seconds(n + m) if directory == http else 0.0 for n, m in sizes]
+        _write_steps(directory, [_step(i, n, INPROCESS_HOST_S + e, mixed=m) for i, ((n, m), e) in enumerate(zip(sizes, extra))])
+    return http, inprocess
+
+
 def _analytic(directory: Path) -> EngineModels:
     from dooly.sim.options import StepChoice
     from dooly.sim.schedulers import make_scheduler
@@ -156,6 +213,39 @@ def test_paired_steps_give_a_step_term_and_offsets_left_after_it(tmp_path):
     costs.save(path)
     loaded = ServerCosts.load(path)
     assert loaded.step_term == costs.step_term and loaded.raw_ttft == costs.raw_ttft and loaded.ttft == costs.ttft
+
+
+def test_runs_of_other_steps_give_a_batch_matched_step_term(tmp_path):
+    http, inprocess = _batch_cell(tmp_path)
+    costs = measure_server_costs([http], [inprocess], _analytic)
+    assert costs.step_term is not None and costs.step_term.form == PER_KIND_PER_SEQUENCE
+    for kind, term in TRUE_TERMS.items():
+        assert costs.step_term.terms[kind].constant_s == pytest.approx(term.constant_s, abs=1e-9)
+        assert costs.step_term.terms[kind].per_sequence_s == pytest.approx(term.per_sequence_s, abs=1e-9)
+    cell = costs.cells[0]
+    assert cell.pairing == BATCH_PAIRING and 0 < cell.steps <= STEPS + 17
+    assert not any("step term" in check for check in costs.not_run)
+    path = tmp_path / "costs.json"
+    costs.save(path)
+    assert json.loads(path.read_text())["cells"][0]["pairing"] == BATCH_PAIRING
+    assert ServerCosts.load(path).cells[0].pairing == BATCH_PAIRING
+    # The same steps on both sides: paired step for step, as before.
+    (tmp_path / "same").mkdir()
+    same_http, same_inprocess = _paired_cell(tmp_path / "same")
+    same = measure_server_costs([same_http], [same_inprocess], _analytic)
+    assert same.cells[0].pairing == STEP_PAIRING and same.cells[0].steps == STEPS
+
+
+def test_server_costs_shows_each_cells_pairing(tmp_path):
+    http, inprocess = _batch_cell(tmp_path)
+    flags = ["server-costs", "--http", str(http), "--inprocess", str(inprocess), "--analytic"]
+    text = CliRunner().invoke(cli, flags)
+    assert text.exit_code == 0, text.output
+    row = next(line for line in text.output.splitlines() if line.startswith(str(http)))
+    assert row.split()[4] == BATCH_PAIRING  # run, in-process runs, requests, paired steps, pairing
+    document = CliRunner().invoke(cli, [*flags, "--output", "json"])
+    assert document.exit_code == 0, document.output
+    assert json.loads(document.stdout)["cells"][0]["pairing"] == BATCH_PAIRING
 
 
 def _validate(truth: Path, *extra: str) -> dict[str, Any]:
