@@ -85,7 +85,8 @@ OTHER_STEPS = "other"
 SYNC_MODE = "graphs"
 KV_PER_K = 1e3
 NS_PER_S = 1e9
-# A run whose replayed steps sum this close to their measured wall time misses in its schedule, not its step prices.
+# A run whose replayed steps sum this close to their measured wall time misses in where its price errors fall
+# (which steps, how early in the run), not in its prices summed over the run.
 REPLAY_CLOSE_PCT = 3.0
 DECODE_KEY = "decode"
 DECODE_GRAPH_KEY = "decode_graph"
@@ -415,8 +416,12 @@ def miss_section(grid: GridCell, missed: list[str], sums: dict[str, dict[str, fl
              f"({(predicted / measured - 1) * 100:+.1f}%). Furthest off: `{kind}` steps, wall {wall_gap:+.2f} s "
              f"({wall_gap / class_wall * 100:+.1f}% of theirs): device {device_gap:+.2f} s, host {host_gap:+.2f} s."]
     if abs(predicted / measured - 1) * 100 <= REPLAY_CLOSE_PCT:
-        notes.append(f"With the measured steps priced within {REPLAY_CLOSE_PCT:g}%, what misses is the simulated schedule "
-                     "(the batches it forms, where its graph captures fall), not the price of a measured step.")
+        notes.append(f"With the measured steps priced within {REPLAY_CLOSE_PCT:g}% and the scheduler model forming the "
+                     "engine's batches (driven on the engine's clock it forms every step of every grid run: "
+                     "`lab/schedule_fidelity.py`), what misses is where the price errors fall: a request's TTFT error is "
+                     "the simulated clock's error at its first token, the price error of every step since the engine was "
+                     "last idle, so under load a few mispriced steps early in the run (the CUDA-graph captures) weigh on "
+                     "the short TTFTs of the first requests.")
     if grid.mode == "default":
         notes.append("Without CUDA graphs the device waits for the host's kernel launches, so steps.parquet `device_s` "
                      "holds launch gaps the calibration counts as host time: read the wall columns.")
