@@ -148,17 +148,23 @@ class PathRecord:
     refused: list[str]
 
 
-def path_records(store: str, scratch: Path) -> dict[str, PathRecord]:
-    """Each path's record, measured on the paired model's HTTP and in-process runs of that path."""
+def measure_record(pairs: list[tuple[Path, Path]], store: str, out: Path) -> PathRecord:
+    """`dooly server-costs` over (HTTP run, in-process run) pairs, written to `out`, with why
+    `dooly validate` refuses it (empty: it applies)."""
     from dooly.sim.server_costs import ServerCosts
 
+    flags = [a for http, inprocess in pairs for a in ("--http", str(http), "--inprocess", str(inprocess))]
+    document = dooly("server-costs", *flags, "--store", store, "--out", str(out))
+    return PathRecord(out, document, ServerCosts.load(out).negative_offsets())
+
+
+def path_records(store: str, scratch: Path) -> dict[str, PathRecord]:
+    """Each path's record, measured on the paired model's HTTP and in-process runs of that path."""
     records: dict[str, PathRecord] = {}
     for path in PATHS:
         pairs = [c for c in CELLS if c.path == path and c.model == PAIRED_MODEL and c.run(PAIRS_DIR).is_dir()]
-        flags = [a for c in pairs for a in ("--http", str(c.run()), "--inprocess", str(c.run(PAIRS_DIR)))]
-        out = scratch / f"{path.suffix}.json"
-        document = dooly("server-costs", *flags, "--store", store, "--out", str(out))
-        records[path.label] = PathRecord(out, document, ServerCosts.load(out).negative_offsets())
+        records[path.label] = measure_record([(c.run(), c.run(PAIRS_DIR)) for c in pairs], store,
+                                             scratch / f"{path.suffix}.json")
     return records
 
 
@@ -189,29 +195,36 @@ def validations(store: str, records: dict[str, PathRecord]
     return out
 
 
-def pass_counts(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]]) -> list[str]:
-    """Per variant and path: how many cells pass, and the heavy cells' per-request MAPEs."""
+def pass_counts(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]], cells: tuple[Any, ...] = CELLS,
+                variants: tuple[str, ...] = (*VARIANTS, INPROCESS), heavy_models: str = "1B, 3B, 8B",
+                refused: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Per variant and path: how many of `cells` (each with a `name` and an engine `path`) pass, and
+    the heavy cells' per-request MAPEs; where `dooly validate` refused a variant's record for some
+    cells of a path (`refused[variant][path label]`: why), a row saying so."""
     header = ["server costs", "path", "cells passing", "largest abs. error of mean and p90 TTFT / TPOT",
-              "TTFT MAPE, heavy cells (1B, 3B, 8B)", "TPOT MAPE, heavy cells"]
+              f"TTFT MAPE, heavy cells ({heavy_models})", "TPOT MAPE, heavy cells"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for variant in (*VARIANTS, INPROCESS):
+    for variant in variants:
         total = 0
         for path in PATHS:
-            done = [results[c.name][variant] for c in CELLS if c.path == path and variant in results[c.name]]
-            if not done:
-                continue
-            passing, cells = pass_cells(done)
-            total += passing
-            lines.append(f"| {variant} | {path.label} | {cells} |")
-        lines.append(f"| {variant} | all | {total} of {sum(variant in results[c.name] for c in CELLS)} | | | |")
+            done = [results[c.name][variant] for c in cells if c.path == path and variant in results[c.name]]
+            if done:
+                passing, counts = pass_cells(done)
+                total += passing
+                lines.append(f"| {variant} | {path.label} | {counts} |")
+            why = (refused or {}).get(variant, {}).get(path.label)
+            if why:
+                lines.append(f"| {variant} | {path.label} | refused: {why} | | | |")
+        lines.append(f"| {variant} | all | {total} of {sum(variant in results[c.name] for c in cells)} | | | |")
     return lines
 
 
-def validation_table(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]]) -> list[str]:
+def validation_table(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]],
+                     cells: tuple[Any, ...] = CELLS) -> list[str]:
     """Per cell and variant: the errors of mean and p90 TTFT and TPOT (floor in brackets where the
     runs repeat), the per-request MAPE and the verdict."""
     lines = ["| " + " | ".join(VALIDATION_HEADER) + " |", "|" + "---|" * len(VALIDATION_HEADER)]
-    for http in CELLS:
+    for http in cells:
         for variant, (cell, payload) in results[http.name].items():
             label = variant if variant != INPROCESS else cell.name.split(", ", 1)[1]
             lines.append(validation_row(http.name, label, cell, payload))
@@ -236,22 +249,29 @@ def record_rows(records: dict[str, PathRecord]) -> list[str]:
     return held_out_records(documents)
 
 
+def record_section(title: str, record: PathRecord) -> list[str]:
+    """A record's subsection: its step term, its failed checks and, where `dooly validate` refuses
+    it, why."""
+    why = record.refused
+    verdict_line = ([f"`dooly validate` refuses this record: {', '.join(why)} below zero (the HTTP runs were faster "
+                     "than their in-process pairs)."] if why else [])
+    return [f"### {title}", "", *step_term_lines(record.document), "",
+            "Checks:", "", *problem_summary(record.document), "", *verdict_line, ""]
+
+
 def page(gpu: str, records: dict[str, PathRecord],
          results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]]) -> str:
-    record_sections: list[str] = []
-    for label, record in records.items():
-        document, why = record.document, record.refused
-        verdict_line = ([f"`dooly validate` refuses this record: {', '.join(why)} below zero (the HTTP runs were faster "
-                         "than their in-process pairs)."] if why else [])
-        record_sections += [f"### {PAIRED_MODEL}, {label}", "", *step_term_lines(document), "",
-                            "Checks:", "", *problem_summary(document), "", *verdict_line, ""]
+    record_sections = [line for label, record in records.items()
+                       for line in record_section(f"{PAIRED_MODEL}, {label}", record)]
     return "\n".join([
         "# At an HTTP client on the H100: async batching, no graphs and eager graphs, three Llama models",
         "",
         "Generated by `python reports/engine_paths_http_h100.py --fitted-store STORE` (from the repository root, on a "
         "fitted copy of the H100 store; see Regenerate). Do not edit by hand. The `paged|sdpa` graphs path at a "
         "client: [engine-paths.md](engine-paths.md#at-an-http-client) (H100), "
-        "[engine-paths-h200.md](engine-paths-h200.md) (H200); what the server costs: [server-costs.md](server-costs.md).",
+        "[engine-paths-h200.md](engine-paths-h200.md) (H200); what the server costs: [server-costs.md](server-costs.md); "
+        "the 1B's and 3B's cells of these paths paired in-process on one later lease, with repeats: "
+        "[engine-paths-http-h100-lease5.md](engine-paths-http-h100-lease5.md).",
         "",
         "**What was served.** meta-llama/Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B (bundled configs, random weights, "
         f"bfloat16) on transformers 5.17.0 continuous batching, torch 2.11.0+cu130, one lease of an {gpu}, behind "
