@@ -315,8 +315,9 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
               help="Error (percent) within which a summary statistic is 'within target'.")
 @click.option("--server-costs", "server_costs_path", type=click.Path(dir_okay=False, exists=True),
               help="Server-cost record (`dooly server-costs`): its step term added to every simulated step and "
-                   "its offsets to every simulated request, when the ground truth was timed at an HTTP client. A "
-                   "record whose raw median offset is below zero (its HTTP runs were the faster) is refused.")
+                   "its offsets to every simulated request (each only where it passed its load and model checks), "
+                   "when the ground truth was timed at an HTTP client. A record whose raw median offset is below "
+                   "zero (its HTTP runs were the faster) is refused.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=writable_file, help="Write the predicted-vs-measured scatter PNG here.")
 @output_option
 def validate_command(
@@ -340,8 +341,8 @@ def validate_command(
 
     A ground truth timed at an HTTP client (`dooly bench --client http`) also carries the server's
     costs: --server-costs FILE (`dooly server-costs`) adds its per-step host term to every simulated
-    step (a /2 record) and its per-request offsets to every simulated request (the output says
-    which, and whether they passed their checks).
+    step (a /2 record) and its per-request offsets to every simulated request, each offset only
+    where it passed its load and model checks (the output says which, and why).
 
     \b
     Example:

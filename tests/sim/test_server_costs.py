@@ -102,6 +102,23 @@ def test_offsets_that_move_with_the_load_fail_the_check(tmp_path):
     assert not any("TPOT offset depends on the load" in p for p in costs.problems)
 
 
+def test_an_offset_that_moves_with_the_load_is_withheld_the_other_applied(tmp_path):
+    from tests.sim.validate_support import simulated_run
+
+    light = _cell(tmp_path, "light", LIGHT, TTFT_COST_S, TPOT_COST_S)
+    heavy = _cell(tmp_path, "heavy", HEAVY, 50 * TTFT_COST_S, TPOT_COST_S)
+    costs = measure_server_costs([light[0], heavy[0]], [light[1], heavy[1]])
+    assert costs.withheld_offsets == {"TTFT": 2}
+    assert costs.applied_offsets() == (0.0, pytest.approx(TPOT_COST_S))
+    assert "not applied: the TTFT offset (it depends on the load or model: 2 failed check(s))" in costs.describe()
+    records = simulated_run().requests
+    for before, after in zip(records, costs.apply(records)):
+        assert after.ttft_s == pytest.approx(before.ttft_s)
+        assert after.tpot_s == pytest.approx(before.tpot_s + TPOT_COST_S)
+    costs.save(tmp_path / "costs.json")
+    assert ServerCosts.load(tmp_path / "costs.json").withheld_offsets == {"TTFT": 2}
+
+
 def test_each_http_run_pairs_with_its_own_models_runs(tmp_path):
     # Two models served the same workload; the second one's server added more. Each HTTP run is
     # compared with its own model's in-process run, never with the other model's.
