@@ -17,6 +17,9 @@
 # those of the http and pairs steps (default: light,heavy).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The HTTP cells' served models (random weights + tokenizer) saved once per model, reused by every
+# later cell of the call (docs/simulate.md: an 8B in bfloat16 is 16 GB of it).
+export DOOLY_MODEL_CACHE="${DOOLY_MODEL_CACHE:-/tmp/dooly-model-cache}"
 # transformers serve's extras (fastapi, uvicorn, openai, ...) are not in the image: carried as wheels.
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -9,6 +9,9 @@
 #   default, or http: the cells behind transformers' HTTP server, its extras carried as wheels in .whl).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The HTTP cells' served models (random weights + tokenizer) saved once per model, reused by every
+# later cell of the call (docs/simulate.md: an 8B in bfloat16 is 16 GB of it).
+export DOOLY_MODEL_CACHE="${DOOLY_MODEL_CACHE:-/tmp/dooly-model-cache}"
 deadline=$1; shift
 # transformers serve's extras (fastapi, uvicorn, openai, ...) are not in the image: carried as wheels.
 if compgen -G ".whl/*.whl" > /dev/null; then

@@ -10,10 +10,11 @@ from typing import Any
 import click
 
 from dooly.engines.base import parse_engine_settings
+from dooly.engines.served_model_cache import MODEL_CACHE_ENV
 from dooly.errors import DoolyError
 from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
-from dooly.outputs import writable_dir
+from dooly.outputs import check_output_dir, writable_dir
 from dooly.workload import workload_options
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ MS_PER_S = 1e3
                    "requests timed at the client, no step records (docs/simulate.md).")
 @click.option("--server-url", default=None, metavar="URL",
               help="With --client http: an already running server to send the requests to, instead of starting one.")
+@click.option("--model-cache", type=click.Path(path_type=Path), envvar=MODEL_CACHE_ENV,
+              show_envvar=True, default=None, metavar="DIR",
+              help="With --client http: keep the served model (random weights and tokenizer, saved for the server) "
+                   "in DIR, one entry per config, dtype, seed, device kind and transformers/torch versions, and serve "
+                   "it again in later runs instead of building and saving it each time (an 8B in bfloat16 is 16 GB; "
+                   "entries are never deleted: clear DIR by hand). Without it, and without the variable, the model "
+                   "is saved to a temporary directory removed after the run. The variable is ignored by the other "
+                   "clients and by --server-url.")
 @click.option("--store", "store_uri", metavar="URI", default=None,
               help="Latency database to look MODEL up in when it is an id or model key only the store knows "
                    "(the config `dooly profile` stored); read only.")
@@ -77,6 +86,7 @@ def bench_command(
     warm_passes: int,
     client: str,
     server_url: str | None,
+    model_cache: Path | None,
     store_uri: str | None,
     model_index: int | None,
     workload_args: dict[str, Any],
@@ -123,6 +133,7 @@ def bench_command(
         raise DoolyError("--server-url needs --client http")
     if client == "http" and engine != "transformers":
         raise DoolyError(f"--client http serves the transformers engine for now, not {engine} (use --client inprocess)")
+    model_cache = served_model_cache_root(model_cache, client, server_url)
     spec = spec_from_options(**workload_args)
     requests = generate_requests(spec)
     if not requests:
@@ -140,7 +151,7 @@ def bench_command(
     host = host_machine()
     if client == "http":
         run, provenance = _run_http(model_spec, backend, device, dtype, engine_settings, requests, model_seed,
-                                    warmup_requests, warm_passes, server_url)
+                                    warmup_requests, warm_passes, server_url, model_cache)
     else:
         run, provenance = _run(engine, model_spec, backend, device, dtype, engine_settings, requests, model_seed,
                                warmup_requests, warm_passes)
@@ -183,6 +194,22 @@ def bench_command(
     ]
     click.echo(format_table(["", model_spec.model_id], rows))
     click.echo(f"wrote {out_dir}")
+
+
+def served_model_cache_root(model_cache: Path | None, client: str, server_url: str | None) -> Path | None:
+    """The served-model cache of a run that starts its own server, checked writable; None for the
+    other runs. --model-cache given on the command line to a run that saves no model is refused;
+    DOOLY_MODEL_CACHE (exported for whole campaigns) is ignored by such runs."""
+    import click.core
+
+    if model_cache is None:
+        return None
+    given = click.get_current_context().get_parameter_source("model_cache") == click.core.ParameterSource.COMMANDLINE
+    if client != "http" or server_url is not None:
+        if given:
+            raise DoolyError("--model-cache needs --client http and a server this command starts (not --server-url)")
+        return None
+    return check_output_dir(model_cache, "--model-cache")
 
 
 def choose_model(models: tuple[str, ...] | list[str], index: int | None) -> str:
@@ -243,7 +270,7 @@ def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, en
 
 def _run_http(model_spec: Any, backend: str, device: str, dtype: str, engine_settings: dict[str, Any],
               requests: list[Any], seed: int, warmup: int, warm_passes: int,
-              server_url: str | None) -> tuple[Any, dict[str, Any]]:
+              server_url: str | None, model_cache: Path | None = None) -> tuple[Any, dict[str, Any]]:
     """The transformers engine behind its own HTTP server (dooly.engines.http_bench)."""
     from dooly.engines.http_bench import run_http_bench
     from dooly.engines.transformers_cb import engine_version
@@ -254,7 +281,7 @@ def _run_http(model_spec: Any, backend: str, device: str, dtype: str, engine_set
     platform = detect_platform(resolved_device)
     run = run_http_bench(build_hf_config(model_spec), backend, requests, settings=engine_settings,
                          device=resolved_device, dtype=DTYPES[dtype], seed=seed, warmup_requests=warmup,
-                         warm_passes=warm_passes, server_url=server_url)
+                         warm_passes=warm_passes, server_url=server_url, model_cache=model_cache)
     stack = current_stack(device=resolved_device, platform=platform, engine="transformers",
                           engine_version=engine_version(), backend=backend, dtype=dtype,
                           block_size=int(run.engine_settings.get("block_size", 0)))

@@ -4,9 +4,11 @@ The in-process harness (`dooly.engines.transformers_bench`) reads the engine's o
 timestamps; a user measures at the client, through the server's HTTP front end, which adds its
 costs (tokenization, detokenization, the event loop, SSE framing, the socket). This harness keeps
 everything else the same: the model is the same random-weight model (same seed, same device, same
-dtype), saved to a temporary directory with a word-level tokenizer built here (token id `i` is the
-word `t{i}`, so a prompt of N ids is N words and tokenizes back to exactly those N ids: the server
-sees the same prompts the in-process harness adds). The server must tokenize with that very
+dtype), saved with a word-level tokenizer built here (token id `i` is the word `t{i}`, so a prompt
+of N ids is N words and tokenizes back to exactly those N ids: the server sees the same prompts the
+in-process harness adds), into a directory of the run removed after it, or with a model cache
+(`--model-cache`) into the cache's entry for that model, reused by every later run of the same
+model (dooly.engines.served_model_cache). The server must tokenize with that very
 tokenizer: transformers' AutoProcessor picks a tokenizer class by model type, and for some (qwen2)
 that class rebuilds a BPE from the vocabulary which turns every prompt into zero tokens. So the
 launcher hands the handlers the word-level tokenizer by its own class and reports whether a probe
@@ -58,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from dooly.engines import served_model_cache
 from dooly.engines.groundtruth import BenchRun, RequestRecord, StepRecord
 from dooly.engines.transformers_bench import NO_EOS_GENERATION
 from dooly.engines.word_tokenizer import build_tokenizer, prompt_text
@@ -85,6 +88,8 @@ SSE_DONE = "[DONE]"
 # What the server's engine resolved, written by dooly.engines.serve_launcher beside its log.
 RESOLVED_REPORT_NAME = "server_resolved.json"
 SERVER_STEPS_NAME = "server_steps.json"
+# Without a model cache, the served model is saved under the run's directory, removed with it.
+SERVED_MODEL_DIR_NAME = "model"
 SERVE_LAUNCHER_MODULE = "dooly.engines.serve_launcher"
 # use_cuda_graph as the engine resolves it: one switch per path (varlen, decode).
 CUDA_GRAPH_SETTING = "use_cuda_graph"
@@ -153,7 +158,7 @@ def _free_port() -> int:
 
 @dataclass
 class ServerProcess:
-    """A `transformers serve` subprocess on loopback, its log in a file beside the model."""
+    """A `transformers serve` subprocess on loopback, its log in a file of the run's directory."""
 
     command: list[str]
     url: str
@@ -447,12 +452,12 @@ def run_http_bench(
     warmup_requests: int,
     warm_passes: int,
     server_url: str | None = None,
+    model_cache: Path | None = None,
 ) -> BenchRun:
     """Serve `requests` through the engine's HTTP server (started here unless `server_url`) and
     record what the client saw. The prompts are drawn from the same seed, in the same order, as the
-    in-process harness draws them."""
-    import torch
-
+    in-process harness draws them. With `model_cache`, the served model is taken from (or saved
+    into) that cache (dooly.engines.served_model_cache) instead of saved for this run only."""
     vocab = int(hf_config.get_text_config().vocab_size)
     rng = np.random.default_rng(seed)
     details: dict[str, Any] = {"client": "http"}
@@ -468,13 +473,16 @@ def run_http_bench(
     require_serve()
     check_settings(settings)
     serve_attention(backend)
+    # The run's own files (the server's log, its report, its steps) in a directory of the run,
+    # removed after it; the model in a cached entry, kept, or (no cache) in the run's directory.
     work_dir = Path(tempfile.mkdtemp(prefix="dooly-http-bench-"))
     report_path = work_dir / RESOLVED_REPORT_NAME
     steps_path = work_dir / SERVER_STEPS_NAME
     try:
-        save_served_model(hf_config, backend, device, getattr(torch, dtype), seed, work_dir)
+        model_dir, cache_status = served_model(hf_config, backend, device, dtype, seed, work_dir, model_cache)
+        details["served_model_cache"] = cache_status
         command = lambda port: transformers_serve_command(  # noqa: E731
-            work_dir, port, backend, device, dtype, settings, report_path, steps_path)
+            model_dir, port, backend, device, dtype, settings, report_path, steps_path)
         with started_server(command, work_dir) as server:
             resolved = read_resolved(report_path)
             check_resolved(resolved, backend, dtype, settings)
@@ -486,3 +494,22 @@ def run_http_bench(
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return BenchRun(requests=records, steps=steps, engine_settings=resolved["engine_settings"], engine_details=details)
+
+
+def served_model(hf_config: Any, backend: str, device: str, dtype: str, seed: int, work_dir: Path,
+                 model_cache: Path | None) -> tuple[Path, str]:
+    """The directory the server loads the model from, and where it came from (bench.json's
+    `served_model_cache`): the cache's entry for this model, reused (`hit`) or saved now (`miss`),
+    or without a cache (`off`) a directory of the run, removed with it."""
+    import torch
+
+    def build(directory: Path) -> None:
+        save_served_model(hf_config, backend, device, getattr(torch, dtype), seed, directory)
+
+    if model_cache is None:
+        model_dir = work_dir / SERVED_MODEL_DIR_NAME
+        build(model_dir)
+        log.info("served model: saved to %s (removed after the run; --model-cache keeps it)", model_dir)
+        return model_dir, served_model_cache.OFF
+    inputs = served_model_cache.cache_inputs(hf_config, dtype, seed, device)
+    return served_model_cache.cached_model_dir(Path(model_cache).expanduser(), inputs, build)

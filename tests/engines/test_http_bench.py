@@ -35,7 +35,8 @@ def http_dir(tmp_path_factory) -> Path:
     config = root / "config.json"
     config.write_text(json.dumps(TINY_LLAMA))
     out = root / "gt"
-    result = CliRunner().invoke(
+    # No served-model cache: the model is saved for this run only (test_served_model_cache has the cache).
+    result = CliRunner(env={"DOOLY_MODEL_CACHE": None}).invoke(
         cli,
         ["bench", str(config), "--client", "http", "--out", str(out), "--dtype", "float32", "--warmup-requests", "1",
          *SETTINGS, *WORKLOAD, "--output", "json"],
@@ -159,6 +160,11 @@ def test_the_record_holds_the_server_engines_steps_of_the_recorded_pass(http_dir
     assert command[command.index("--attn-implementation") + 1] == "sdpa"
     resolved = details["server_resolved"]
     assert details["settings_verified"] is True
+    # Without a model cache, the model was saved in the run's directory, beside the server's files,
+    # and all of it was removed after the run.
+    assert details["served_model_cache"] == "off"
+    model_dir = Path(command[3])
+    assert model_dir.parent == Path(command[command.index("--report") + 1]).parent and not model_dir.parent.exists()
     assert (resolved["attn_implementation"], resolved["dtype"], resolved["warmed_up"]) == ("paged|sdpa", "float32", True)
     assert resolved["generation_config"]["eos_token_id"] == -1 and resolved["generation_config"]["do_sample"] is False
     # engine.json: the settings the server's engine resolved, in the in-process harness's names and form.
