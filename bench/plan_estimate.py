@@ -45,7 +45,7 @@ def inventories(store: Path) -> dict[tuple[str, str], set[str]]:
     found = {}
     for path in sorted((store / "inventories").glob("*/*.json")):
         doc = json.loads(path.read_text())
-        if doc.get("tp", 1) != 1:
+        if "operations" not in doc or doc.get("tp", 1) != 1:  # the model's config.json sits beside them
             continue
         found[(doc["model_id"], doc["backend"])] = {op["signature"] for op in doc["operations"]}
     return found
