@@ -549,7 +549,8 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "- HTTP, H100: a light pair and a second heavy pair of Qwen2.5-7B (another lease), so its record's "
         "load-dependence check runs (`not_run` with one workload) and its terms are validated out of sample.",
         "- HTTP, both GPUs (from the H200's three-model pairs, [engine-paths-h200.md](engine-paths-h200.md)): the "
-        "residual per-request offsets move with the load and the model (the record fails its checks); and the step "
+        "residual per-request offsets move with the load and the model (the record fails its checks, and `dooly "
+        "validate` then leaves them out: docs/server-costs.md); and the step "
         "term's cost per sequence differs by model, so a record measured on other models misses a cell's "
         "HTTP-minus-in-process gap (light pairs, whose engines run other batches, give a step term too: their steps "
         "are batch-matched). Needed: repeated pairs (the client's run-to-run floor) and a server term that carries "
