@@ -256,7 +256,7 @@ def _server_costs_payload(costs: ServerCosts | None) -> dict[str, Any] | None:
     from dooly.sim.server_costs import describe_key
 
     ttft_s, tpot_s = costs.applied_offsets()
-    return {"record": f"{costs.source}, generation {costs.generation}, key {describe_key(costs.key)}",
+    return {"record": f"generation {costs.generation} of {describe_key(costs.key)}",
             "line": f"added {costs.describe()}", "source": costs.source, "generation": costs.generation,
             "key": costs.key, "applied_ttft_s": ttft_s, "applied_tpot_s": tpot_s,
             "step_term": costs.step_term.as_dict() if costs.step_term is not None else None,
