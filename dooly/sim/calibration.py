@@ -181,16 +181,19 @@ class CalibrationKey:
     cuda_graphs: bool
     async_batching: bool = False
 
-    def prefix(self) -> str:
+    def prefix(self, root: str = CALIBRATIONS_PREFIX) -> str:
+        """The store folder of this key's generations under `root` (calibrations; the server-cost
+        records of `dooly.sim.server_costs` use the same layout under their own root)."""
         from dooly.store.keys import escape_value
 
         values = (("platform", self.platform), ("engine", self.engine), ("engine_version", self.engine_version),
                   ("backend", self.backend), ("graphs", GRAPHS_ON if self.cuda_graphs else GRAPHS_OFF))
+        what = "a calibration" if root == CALIBRATIONS_PREFIX else f"a {root.rstrip('/')} record"
         for name, value in values:
             if not value:
-                raise DoolyError(f"a calibration needs a {name}")
+                raise DoolyError(f"{what} needs a {name}")
         async_part = ASYNC_SEGMENT + "/" if self.async_batching else ""
-        return CALIBRATIONS_PREFIX + "".join(f"{name}={escape_value(value)}/" for name, value in values) + async_part
+        return root + "".join(f"{name}={escape_value(value)}/" for name, value in values) + async_part
 
     def label(self) -> str:
         graphs = "graphs on" if self.cuda_graphs else "graphs off"
@@ -610,32 +613,56 @@ def _generations(store: Any, prefix: str) -> list[int]:
     return sorted(found)
 
 
-def generation_key(key: CalibrationKey, generation: int) -> str:
-    return f"{key.prefix()}{GENERATION_PREFIX}{generation:0{GENERATION_DIGITS}d}{GENERATION_SUFFIX}"
+def generation_key(key: CalibrationKey, generation: int, root: str = CALIBRATIONS_PREFIX) -> str:
+    return f"{key.prefix(root)}{GENERATION_PREFIX}{generation:0{GENERATION_DIGITS}d}{GENERATION_SUFFIX}"
 
 
-def write_calibration(store: Any, calibration: Calibration) -> str:
-    """Write the next generation of `calibration.key` (atomic create; a racing writer that takes
-    the same generation makes this one try the next). Returns the object key."""
-    payload = json.dumps(calibration.to_dict(), indent=2, sort_keys=True).encode()
+def write_generation(store: Any, key: CalibrationKey, document: dict[str, Any], root: str = CALIBRATIONS_PREFIX,
+                     what: str = "calibration") -> tuple[str, int]:
+    """Write `document` as the next generation of `key` under `root` (atomic create; a racing
+    writer that takes the same generation makes this one try the next). Returns the object key
+    and the generation."""
+    payload = json.dumps(document, indent=2, sort_keys=True).encode()
     for _ in range(MAX_CREATE_ATTEMPTS):
-        generations = _generations(store, calibration.key.prefix())
+        generations = _generations(store, key.prefix(root))
         generation = (generations[-1] if generations else 0) + 1
-        object_key = generation_key(calibration.key, generation)
+        object_key = generation_key(key, generation, root)
         if store.put_if_absent(object_key, payload):
-            calibration.generation = generation
-            return object_key
-    raise DoolyError(f"store {store.uri}: could not claim a calibration generation under {calibration.key.prefix()} "
+            return object_key, generation
+    raise DoolyError(f"store {store.uri}: could not claim a {what} generation under {key.prefix(root)} "
                      f"after {MAX_CREATE_ATTEMPTS} attempts (other writers racing)")
 
 
-def list_calibrations(store: Any) -> list[CalibrationKey]:
-    """Every calibration key the store holds (any generation)."""
+def read_newest_generation(store: Any, key: CalibrationKey, root: str = CALIBRATIONS_PREFIX
+                           ) -> tuple[dict[str, Any], str, int] | None:
+    """The newest generation of `key` under `root`: its document, object key and generation, or
+    None when the store holds none."""
+    generations = _generations(store, key.prefix(root))
+    if not generations:
+        return None
+    object_key = generation_key(key, generations[-1], root)
+    try:
+        data = json.loads(store.get_bytes(object_key))
+    except ValueError:
+        raise DoolyError(f"store {store.uri}: {object_key} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise DoolyError(f"store {store.uri}: {object_key} is not a JSON object")
+    return data, object_key, generations[-1]
+
+
+def write_calibration(store: Any, calibration: Calibration) -> str:
+    """Write the next generation of `calibration.key` (`write_generation`). Returns the object key."""
+    object_key, calibration.generation = write_generation(store, calibration.key, calibration.to_dict())
+    return object_key
+
+
+def list_generation_keys(store: Any, root: str = CALIBRATIONS_PREFIX) -> list[CalibrationKey]:
+    """Every key the store holds a generation of under `root` (calibrations by default)."""
     from dooly.store.keys import unescape_value
 
     keys = set()
-    for object_key in store.list_keys(CALIBRATIONS_PREFIX):
-        parts = object_key[len(CALIBRATIONS_PREFIX):].split("/")
+    for object_key in store.list_keys(root):
+        parts = object_key[len(root):].split("/")
         async_batching = len(parts) == 7 and parts[5] == ASYNC_SEGMENT
         if async_batching:
             del parts[5]
@@ -652,17 +679,33 @@ def list_calibrations(store: Any) -> list[CalibrationKey]:
     return sorted(keys, key=lambda k: (k.platform, k.engine, k.backend, k.cuda_graphs, k.async_batching, k.engine_version))
 
 
+def list_calibrations(store: Any) -> list[CalibrationKey]:
+    """Every calibration key the store holds (any generation)."""
+    return list_generation_keys(store, CALIBRATIONS_PREFIX)
+
+
 def read_calibration(store: Any, key: CalibrationKey) -> Calibration | None:
     """The newest generation of `key`, or None when the store holds none."""
-    generations = _generations(store, key.prefix())
-    if not generations:
+    found = read_newest_generation(store, key)
+    if found is None:
         return None
-    object_key = generation_key(key, generations[-1])
-    try:
-        data = json.loads(store.get_bytes(object_key))
-    except ValueError:
-        raise DoolyError(f"store {store.uri}: {object_key} is not valid JSON") from None
-    return Calibration.from_dict(data, generation=generations[-1])
+    data, _, generation = found
+    return Calibration.from_dict(data, generation=generation)
+
+
+def newest_version_key(store: Any, root: str, *, platform: str, engine: str, backend: str, cuda_graphs: bool,
+                       engine_version: str | None = None, async_batching: bool = False) -> CalibrationKey | None:
+    """The key under `root` for this platform, engine, backend, graph mode and loop: of
+    `engine_version` when given, else of the newest engine version the store holds one for (None:
+    none). A synchronous key never serves async batching, nor the reverse."""
+    if engine_version:
+        return CalibrationKey(platform, engine, engine_version, backend, cuda_graphs, async_batching)
+    wanted = (platform, engine, backend, cuda_graphs, async_batching)
+    candidates = [k for k in list_generation_keys(store, root)
+                  if (k.platform, k.engine, k.backend, k.cuda_graphs, k.async_batching) == wanted]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda k: _version_rank(k.engine_version))
 
 
 def find_calibration(store: Any, *, platform: str, engine: str, backend: str, cuda_graphs: bool,
@@ -670,14 +713,9 @@ def find_calibration(store: Any, *, platform: str, engine: str, backend: str, cu
     """The store's calibration for this platform, engine, backend, graph mode and loop (async
     batching or not): of `engine_version` when given, else of the newest engine version the store
     has one for. A synchronous calibration never serves async batching, nor the reverse."""
-    if engine_version:
-        return read_calibration(store, CalibrationKey(platform, engine, engine_version, backend, cuda_graphs, async_batching))
-    wanted = (platform, engine, backend, cuda_graphs, async_batching)
-    candidates = [k for k in list_calibrations(store)
-                  if (k.platform, k.engine, k.backend, k.cuda_graphs, k.async_batching) == wanted]
-    if not candidates:
-        return None
-    return read_calibration(store, max(candidates, key=lambda k: _version_rank(k.engine_version)))
+    key = newest_version_key(store, CALIBRATIONS_PREFIX, platform=platform, engine=engine, backend=backend,
+                             cuda_graphs=cuda_graphs, engine_version=engine_version, async_batching=async_batching)
+    return None if key is None else read_calibration(store, key)
 
 
 def _version_rank(text: str) -> tuple[int, Any]:

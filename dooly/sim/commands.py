@@ -40,6 +40,10 @@ SCATTER_FILE = "validation_scatter.png"
 # Engine settings `dooly bench` recorded beside its ground truth; used unless --engine-config is given.
 BENCH_ENGINE_FILE = "engine.json"
 MS_PER_S = 1e3
+# `--server-costs store`: the record the --store holds for the ground truth's key.
+SERVER_COSTS_FROM_STORE = "store"
+INPROCESS_CLIENT = "inprocess"
+HTTP_CLIENT = "http"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,12 +126,16 @@ def _ms3(value: float | None) -> str:
 @workload_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), callback=writable_dir, help=f"Write {REQUESTS_FILE}, {STEPS_FILE}, {SUMMARY_FILE}, {WORKLOAD_FILE} here.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), callback=writable_dir, help="Write PNG charts (latency CDFs, batch size over time) here.")
+@click.option("--client", type=click.Choice([INPROCESS_CLIENT, HTTP_CLIENT]), default=INPROCESS_CLIENT, show_default=True,
+              help="Where requests are timed: in the engine's process, or at a client of its HTTP server (`transformers "
+                   "serve`): the --store's server-cost record for the run's key added (its step term to every step, "
+                   "its checked offsets to every request; docs/server-costs.md).")
 @require_measured_option
 @output_option
 def simulate_command(
     model: str | None, step_choice: StepChoice, engine: str, engine_config: str | None, settings: tuple[str, ...],
     cpu_overhead: str | None, no_cpu_overhead: bool, workload_args: dict[str, Any], out_dir: str | None,
-    plot_dir: str | None, require_measured: bool, output_format: str,
+    plot_dir: str | None, client: str, require_measured: bool, output_format: str,
 ) -> None:
     """Simulate one serving replica on a workload: TTFT, TPOT, E2E and throughput.
 
@@ -165,11 +173,18 @@ def simulate_command(
 
         check_measured(step_model, str(model), step_choice.fitted(engine))
     overhead = _cpu_overhead(cpu_overhead, no_cpu_overhead, step_choice, engine, scheduler, model)
+    server_costs = _client_server_costs(client, step_choice, engine, scheduler)
+    if server_costs is not None:
+        overhead = server_costs.overhead(overhead)
     reqs = generate_requests(spec)
     result = simulate(reqs, scheduler, step_model, overhead, record_batches=fitted)
+    if server_costs is not None:
+        result.requests = server_costs.apply(result.requests)
     summary = _clean(result.summary())
     summary["workload"] = spec.to_dict()
     summary["cpu_overhead"] = overhead.source
+    summary["client"] = client
+    summary["server_costs"] = _server_costs_payload(server_costs)
     if fitted:
         from dooly.fit.coverage import coverage_payload
 
@@ -214,7 +229,38 @@ def _summary_text(summary: dict[str, Any]) -> str:
         f"engine: {summary['settings']['engine']}; simulated in {summary['simulation_wall_s']:.2f} s",
         f"host overhead: {summary.get('cpu_overhead') or 'none'}",
     ]
+    costs = summary.get("server_costs")
+    if costs:
+        lines.append(f"server costs: {costs['line']} ({costs['record']})")
     return "\n".join(lines)
+
+
+def _client_server_costs(client: str, step_choice: StepChoice, engine: str, scheduler: Any) -> ServerCosts | None:
+    """For `--client http`, the --store's server-cost record for the run's key (the newest engine
+    version and generation the store holds, as for its calibration); None in-process."""
+    from dooly.sim.calibration import scheduler_uses_async, scheduler_uses_graphs
+
+    if client != HTTP_CLIENT:
+        return None
+    key = {"platform": step_choice.platform, "engine": engine, "engine_version": None, "backend": step_choice.backend,
+           "cuda_graphs": scheduler_uses_graphs(scheduler), "async_batching": scheduler_uses_async(scheduler)}
+    costs = _stored_server_costs(step_choice.store, key, "--client http")
+    costs.refuse_negative()
+    return costs
+
+
+def _server_costs_payload(costs: ServerCosts | None) -> dict[str, Any] | None:
+    """What `dooly simulate` says of the server-cost record it added (None: in-process)."""
+    if costs is None:
+        return None
+    from dooly.sim.server_costs import describe_key
+
+    ttft_s, tpot_s = costs.applied_offsets()
+    return {"record": f"generation {costs.generation} of {describe_key(costs.key)}",
+            "line": f"added {costs.describe()}", "source": costs.source, "generation": costs.generation,
+            "key": costs.key, "applied_ttft_s": ttft_s, "applied_tpot_s": tpot_s,
+            "step_term": costs.step_term.as_dict() if costs.step_term is not None else None,
+            "withheld_offsets": costs.withheld_offsets}
 
 
 def _write_results(out_dir: Path, result, summary: dict[str, Any], spec) -> None:
@@ -313,8 +359,9 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
 @_engine_options
 @click.option("--target-pct", type=float, default=DEFAULT_TARGET_PCT, show_default=True,
               help="Error (percent) within which a summary statistic is 'within target'.")
-@click.option("--server-costs", "server_costs_path", type=click.Path(dir_okay=False, exists=True),
-              help="Server-cost record (`dooly server-costs`): its step term added to every simulated step and "
+@click.option("--server-costs", "server_costs_path", metavar="FILE|store",
+              help="Server-cost record (`dooly server-costs`; `store`: the --store's record for the ground truth's "
+                   "key, `dooly server-costs --save`): its step term added to every simulated step and "
                    "its offsets to every simulated request (each only where it passed its load and model checks), "
                    "when the ground truth was timed at an HTTP client. A record whose raw median offset is below "
                    "zero (its HTTP runs were the faster) is refused.")
@@ -377,7 +424,7 @@ def validate_command(
     scheduler = make_scheduler(engine, _with_model_groups(model, engine, user_settings, step_choice.store))
     step_model = step_choice.step_model(model, engine)
     overhead = _cpu_overhead(cpu_overhead, no_cpu_overhead, step_choice, engine, scheduler, model)
-    server_costs, server_costs_line = _server_costs(truth_dirs[0], user_settings, server_costs_path)
+    server_costs, server_costs_line = _server_costs(truth_dirs[0], user_settings, server_costs_path, step_choice.store)
     if server_costs is not None:
         overhead = server_costs.overhead(overhead)
     report = validate(truths[0], scheduler, step_model, overhead, repeats=truths[1:], target_pct=target_pct)
@@ -415,31 +462,55 @@ def validate_command(
         click.echo("\n".join(payload_lines(payload["coverage"])))
 
 
-def _server_costs(truth_dir: str, settings: dict[str, Any], path: str | None) -> tuple[ServerCosts | None, str | None]:
+def _server_costs(truth_dir: str, settings: dict[str, Any], path: str | None,
+                  store: str | None = None) -> tuple[ServerCosts | None, str | None]:
     """For a ground truth timed at an HTTP client, the server's measured terms to simulate
     (`dooly.sim.server_costs`: a per-step host term, added to the host overhead, and per-request
     offsets, added to the simulated requests) and the line that says so; (None, None) for an
-    in-process ground truth. Terms for another key, or for an in-process ground truth, are refused."""
+    in-process ground truth. `path` is a record's file, or `store`: the record `store` holds for
+    the ground truth's key. Terms for another key, or for an in-process ground truth, are refused."""
     from dooly.engines.groundtruth import BENCH_FILE
     from dooly.sim.server_costs import ServerCosts, is_http_run, run_key
 
     http = is_http_run(truth_dir)
     if path is None:
         return None, ("none added: the ground truth was timed at an HTTP client, the simulation is the engine's alone "
-                      "(--server-costs FILE adds the server's measured terms)") if http else None
+                      "(--server-costs FILE or store adds the server's measured terms)") if http else None
     if not http:
         raise DoolyError(f"--server-costs applies to a ground truth timed at an HTTP client; {truth_dir} was timed "
                          "in-process (its bench.json client is not 'http')")
-    costs = ServerCosts.load(path)
-    costs.check_key(run_key(read_json_object(Path(truth_dir) / BENCH_FILE, "bench record"), settings), truth_dir)
-    negative = costs.negative_offsets()
-    if negative:
-        raise DoolyError(f"server costs {path}: {', '.join(negative)} below zero: its HTTP runs were faster than their "
-                         "in-process pairs, so it measured two engine runs apart, not what the server costs; measure "
-                         "it on other pairs")
+    key = run_key(read_json_object(Path(truth_dir) / BENCH_FILE, "bench record"), settings)
+    if path == SERVER_COSTS_FROM_STORE:
+        costs = _stored_server_costs(store, key, f"--server-costs {SERVER_COSTS_FROM_STORE}")
+    elif Path(path).is_file():
+        costs = ServerCosts.load(path)
+    else:
+        raise DoolyError(f"--server-costs {path}: no such file (give a record's file, or "
+                         f"'{SERVER_COSTS_FROM_STORE}' for the --store's record)")
+    costs.check_key(key, truth_dir)
+    costs.refuse_negative()
     for problem in costs.problems:
-        logger.warning("server costs %s: %s", path, problem)
+        logger.warning("server costs %s: %s", costs.source, problem)
     return costs, f"added {costs.describe()}"
+
+
+def _stored_server_costs(store: str | None, key: dict[str, Any], what: str) -> ServerCosts:
+    """The store's newest record for `key` (its platform, engine, backend, graph mode and loop; of
+    the key's engine version where it names one, else the newest version), or one refusing line."""
+    from dooly.sim.server_costs import describe_key, find_server_costs
+    from dooly.store.backends import open_store
+
+    if not store:
+        raise DoolyError(f"{what} reads the server-cost record of a store: give --store")
+    label = describe_key(key)
+    costs = find_server_costs(open_store(store, create=False), platform=str(key.get("platform") or ""),
+                              engine=str(key.get("engine") or ""), backend=str(key.get("backend") or ""),
+                              cuda_graphs=bool(key.get("cuda_graphs")), engine_version=key.get("engine_version") or None,
+                              async_batching=bool(key.get("async_batching")))
+    if costs is None:
+        raise DoolyError(f"store {store} holds no server-cost record for {label}: measure one with `dooly server-costs "
+                         f"--http DIR --inprocess DIR --store {store} --save`")
+    return costs
 
 
 def _validation_summary_text(summary: dict[str, Any]) -> str:

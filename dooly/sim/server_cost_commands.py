@@ -14,7 +14,17 @@ from dooly.errors import DoolyError
 from dooly.jsonfile import read_json_object
 from dooly.output import emit_json, format_table, output_option
 from dooly.sim.options import StepChoice, step_model_options, with_model_groups
-from dooly.sim.server_costs import MS_PER_S, SCHEMA, EngineModels, EngineModelsFor, OffsetStats, measure_server_costs
+from dooly.sim.server_costs import (
+    MS_PER_S,
+    SCHEMA,
+    EngineModels,
+    EngineModelsFor,
+    OffsetStats,
+    ServerCosts,
+    describe_key,
+    measure_server_costs,
+    write_server_costs,
+)
 
 
 def engine_models_for(step_choice: StepChoice, model: str | None, cpu_overhead: str | None) -> EngineModelsFor | None:
@@ -66,10 +76,17 @@ def _spread(stats: OffsetStats, digits: int) -> tuple[str, str]:
 @click.option("--cpu-overhead", type=click.Path(dir_okay=False, exists=True),
               help="CPU overhead model JSON to simulate with [default: the store's calibration, as `dooly validate`].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help=f"Write the {SCHEMA} record here.")
+@click.option("--save", is_flag=True,
+              help="Also write the record into the --store as its key's next generation (server-costs/...: what "
+                   "`dooly simulate --client http` and `dooly validate --server-costs store` read). A record whose raw "
+                   "median offset is negative is refused.")
+@click.option("--save-store", metavar="URI",
+              help="Write the record into this store instead of the --store (e.g. the unfitted store a fitted copy "
+                   "was made from); implies --save.")
 @output_option
 def server_costs_command(http_dirs: tuple[str, ...], inprocess_dirs: tuple[str, ...], model: str | None,
-                         step_choice: StepChoice, cpu_overhead: str | None, out_path: str | None,
-                         output_format: str) -> None:
+                         step_choice: StepChoice, cpu_overhead: str | None, out_path: str | None, save: bool,
+                         save_store: str | None, output_format: str) -> None:
     """Measure what the engine's HTTP server adds, for `dooly validate --server-costs`.
 
     Each HTTP run is paired with the in-process runs of its model and workload (same requests,
@@ -85,16 +102,28 @@ def server_costs_command(http_dirs: tuple[str, ...], inprocess_dirs: tuple[str, 
     The record keeps their spread, each cell's own, the checks it failed (a negative offset, or
     one that moves with the load: docs/server-costs.md) and those it could not run.
 
+    With --save the record also goes into the store (--store, or --save-store) as the next
+    generation of its key, where `dooly simulate --client http` and `dooly validate --server-costs
+    store` find it (docs/server-costs.md).
+
     \b
     Example:
       dooly server-costs --http gt/http.heavy --inprocess gt/heavy --store ./db --out server-costs.json
+      dooly server-costs --http gt/http.heavy --inprocess gt/heavy --store ./db --save
     """
+    target = save_store or (step_choice.store if save else None)
+    if save and not target:
+        raise DoolyError("--save writes the record into a store: give --store (or --save-store URI)")
     costs = measure_server_costs(http_dirs, inprocess_dirs, engine_models_for(step_choice, model, cpu_overhead))
+    if target:
+        # Refused before anything is written: a negative record goes nowhere.
+        costs.refuse_negative()
     if out_path:
         costs.save(out_path)
         costs.source = out_path
+    saved = _save(costs, target) if target else None
     if output_format == "json":
-        emit_json(costs.as_dict())
+        emit_json({**costs.as_dict(), "saved": saved})
         return
     rows: list[tuple[Any, ...]] = []
     for cell in costs.cells:
@@ -107,3 +136,14 @@ def server_costs_command(http_dirs: tuple[str, ...], inprocess_dirs: tuple[str, 
     click.echo(f"server costs: {costs.describe()}")
     for check in costs.not_run:
         click.echo(f"not run: {check}")
+    if saved:
+        click.echo(f"saved: store {saved['store']} {saved['object']} (generation {saved['generation']} of "
+                   f"{saved['key']})")
+
+
+def _save(costs: ServerCosts, store_uri: str) -> dict[str, Any]:
+    """Write `costs` into the store as its key's next generation; where it went."""
+    from dooly.store.backends import open_store
+
+    object_key = write_server_costs(open_store(store_uri, create=False), costs)
+    return {"store": store_uri, "object": object_key, "generation": costs.generation, "key": describe_key(costs.key)}

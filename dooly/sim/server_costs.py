@@ -54,6 +54,13 @@ import numpy as np
 from dooly.engines.groundtruth import BENCH_FILE, ENGINE_FILE
 from dooly.errors import DoolyError
 from dooly.jsonfile import read_json_object
+from dooly.sim.calibration import (
+    CalibrationKey,
+    list_generation_keys,
+    newest_version_key,
+    read_newest_generation,
+    write_generation,
+)
 from dooly.sim.schedulers import Scheduler
 from dooly.sim.server_step_term import (
     BATCH_PAIRING,
@@ -84,6 +91,11 @@ MS_PER_S = 1e3
 RESOLUTION_S = 1e-6
 # Cells of this many workloads (loads) are what the load-dependence check compares.
 MIN_LOAD_WORKLOADS = 2
+# The engine setting of transformers' async batching loop, and the key field a record gets for it.
+ASYNC_SETTING = "use_async_batching"
+ASYNC_KEY = "async_batching"
+# Where a store keeps the records: the calibrations' layout under this root (docs/server-costs.md).
+STORE_ROOT = "server-costs/"
 
 
 @dataclass(frozen=True)
@@ -161,6 +173,7 @@ class ServerCosts:
     # Checks that could not run on these pairs, and why (e.g. one workload: no load dependence).
     not_run: list[str] = field(default_factory=list)
     schema: str = SCHEMA
+    generation: int = 0  # set when read from (or written to) a store
 
     @property
     def consistent(self) -> bool:
@@ -252,20 +265,34 @@ class ServerCosts:
     @classmethod
     def load(cls, path: str | Path) -> ServerCosts:
         """A /2 record, or a /1 one (offsets only: its raw offsets are its offsets, no step term)."""
-        data = read_json_object(Path(path), "server costs")
+        return cls.from_dict(read_json_object(Path(path), "server costs"), str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str, generation: int = 0) -> ServerCosts:
+        """A record's document (`as_dict`), read from `source` (a file, or a store's object)."""
         schema = data.get("schema")
         if schema not in (SCHEMA, SCHEMA_V1):
-            raise DoolyError(f"{path}: not a {SCHEMA} (or {SCHEMA_V1}) document (schema {schema!r})")
+            raise DoolyError(f"{source}: not a {SCHEMA} (or {SCHEMA_V1}) document (schema {schema!r})")
         try:
             ttft, tpot = OffsetStats(**data["ttft"]), OffsetStats(**data["tpot"])
             step_term = StepTerm.from_dict(data["step_term"]) if data.get("step_term") else None
             return cls(dict(data["key"]), ttft, tpot, [CellOffsets.from_dict(c) for c in data["cells"]],
-                       list(data.get("problems", [])), str(data.get("created_at", "")), source=str(path),
+                       list(data.get("problems", [])), str(data.get("created_at", "")), source=source,
                        raw_ttft=OffsetStats(**data["raw_ttft"]) if data.get("raw_ttft") else ttft,
                        raw_tpot=OffsetStats(**data["raw_tpot"]) if data.get("raw_tpot") else tpot,
-                       step_term=step_term, not_run=list(data.get("not_run", [])), schema=str(schema))
+                       step_term=step_term, not_run=list(data.get("not_run", [])), schema=str(schema),
+                       generation=generation)
         except (KeyError, TypeError, AttributeError) as exc:
-            raise DoolyError(f"{path}: malformed {schema} document ({exc})") from None
+            raise DoolyError(f"{source}: malformed {schema} document ({exc})") from None
+
+    def refuse_negative(self) -> None:
+        """Refuse a record whose raw median offset is below zero (one line): its HTTP runs were
+        faster than their in-process pairs, so it measured two engine runs apart, not a cost."""
+        negative = self.negative_offsets()
+        if negative:
+            raise DoolyError(f"server costs {self.source or '(unsaved)'}: {', '.join(negative)} below zero: its HTTP "
+                             "runs were faster than their in-process pairs, so it measured two engine runs apart, not "
+                             "what the server costs; measure it on other pairs")
 
 
 @dataclass
@@ -304,11 +331,15 @@ class _Run:
 
 def run_key(bench: dict[str, Any], engine_settings: dict[str, Any]) -> dict[str, Any]:
     """What a server-cost record is keyed by: the stack's platform, engine, engine version and
-    backend, and whether CUDA graphs were on (any path)."""
+    backend, whether CUDA graphs were on (any path), and `async_batching: true` where the engine
+    ran transformers' async batching loop (absent otherwise)."""
     stack = bench.get("stack") or {}
     key: dict[str, Any] = {name: stack.get(name, bench.get(name)) for name in KEY_FIELDS}
     graphs = engine_settings.get("use_cuda_graph", False)
     key["cuda_graphs"] = any(graphs) if isinstance(graphs, list) else bool(graphs)
+    if engine_settings.get(ASYNC_SETTING):
+        # Only where on, so that the keys of synchronous records stay as they were written.
+        key[ASYNC_KEY] = True
     return key
 
 
@@ -522,3 +553,55 @@ def _what_differs(cell: CellOffsets, other: CellOffsets) -> str:
     differs = [what for what, differ in (("the load", cell.workload != other.workload),
                                          ("the model", cell.model != other.model)) if differ]
     return " and ".join(differs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Store: server-costs/platform=<P>/engine=<E>/engine_version=<V>/backend=<B>/graphs=<on|off>/
+# [async=on/]gen-<NNNNNN>.json, the calibrations' layout and generations (dooly.sim.calibration)
+# ---------------------------------------------------------------------------------------------
+
+
+def store_key(key: dict[str, Any]) -> CalibrationKey:
+    """Where a record of this key (`run_key`) lives in a store."""
+    return CalibrationKey(str(key.get("platform") or ""), str(key.get("engine") or ""),
+                          str(key.get("engine_version") or ""), str(key.get("backend") or ""),
+                          bool(key.get("cuda_graphs")), bool(key.get(ASYNC_KEY)))
+
+
+def describe_key(key: dict[str, Any]) -> str:
+    """A record key in words, as the store lays it out."""
+    return store_key(key).label()
+
+
+def write_server_costs(store: Any, costs: ServerCosts) -> str:
+    """Write `costs` as the next generation of its key (atomic create-if-absent, as calibrations);
+    a record whose raw median offset is negative is refused (`ServerCosts.refuse_negative`), as
+    `dooly validate` refuses it. Returns the object key; sets `costs.generation`."""
+    costs.refuse_negative()
+    object_key, costs.generation = write_generation(store, store_key(costs.key), costs.as_dict(), STORE_ROOT,
+                                                    "server-cost")
+    return object_key
+
+
+def read_server_costs(store: Any, key: CalibrationKey) -> ServerCosts | None:
+    """The newest generation of the record of `key`, or None where the store holds none."""
+    found = read_newest_generation(store, key, STORE_ROOT)
+    if found is None:
+        return None
+    data, object_key, generation = found
+    return ServerCosts.from_dict(data, f"store {store.uri} {object_key}", generation)
+
+
+def find_server_costs(store: Any, *, platform: str, engine: str, backend: str, cuda_graphs: bool,
+                      engine_version: str | None = None, async_batching: bool = False) -> ServerCosts | None:
+    """The store's server-cost record for this platform, engine, backend, graph mode and loop: of
+    `engine_version` when given, else of the newest engine version the store holds one for; the
+    newest generation of it. None where it holds none."""
+    key = newest_version_key(store, STORE_ROOT, platform=platform, engine=engine, backend=backend,
+                             cuda_graphs=cuda_graphs, engine_version=engine_version, async_batching=async_batching)
+    return None if key is None else read_server_costs(store, key)
+
+
+def list_server_costs(store: Any) -> list[CalibrationKey]:
+    """Every key the store holds a server-cost record of."""
+    return list_generation_keys(store, STORE_ROOT)
