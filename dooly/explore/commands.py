@@ -27,6 +27,11 @@ REPORTS_PREFIX = "reports/"
 DEFAULT_REPORT_NAME = "explore"
 GENERATION_DIGITS = 6
 PROGRESS_LOG_EVERY_S = 5.0
+# Where the SLO statistics are timed (`--client`; `dooly simulate --client` names them alike).
+INPROCESS_CLIENT = "inprocess"
+HTTP_CLIENT = "http"
+# The status of a candidate `--client http` skips: the store holds no server-cost record for its key.
+NO_RECORD_STATUS = "no_server_costs"
 COVERAGE_NOTE = ("share of the predicted device time at each candidate's capacity that is measured (the rest: class "
                  "regressors for signatures never profiled, the family fallback for op classes never profiled on "
                  "the platform); 'traced': the store holds no inventory of the model, traced on the CPU")
@@ -74,6 +79,12 @@ def parse_overheads(items: tuple[str, ...]) -> dict[str, str]:
                    "overrides the store's calibration [default: the store's calibration per candidate].")
 @click.option("--no-cpu-overhead", is_flag=True,
               help="Add no host overhead (warns): device time only, as `dooly simulate --no-cpu-overhead`.")
+@click.option("--client", type=click.Choice([INPROCESS_CLIENT, HTTP_CLIENT]), default=INPROCESS_CLIENT, show_default=True,
+              help="Where the SLO statistics are timed: in the engine's process, or at a client of its HTTP server "
+                   "(`transformers serve`): each candidate gets the store's server-cost record for its key (platform, "
+                   "engine, backend, graph mode, loop; newest version and generation), its step term added to every "
+                   "step and its checked offsets to every request, as `dooly simulate --client http`. A candidate whose "
+                   "key has no record is skipped and listed with the reason; none with one: exit 2.")
 @workload_options_except("rate")
 @click.option("--tolerance", type=float, default=0.05, show_default=True,
               help="Stop bisecting when the bracket's hi/lo <= 1 + tolerance.")
@@ -89,7 +100,7 @@ def parse_overheads(items: tuple[str, ...]) -> dict[str, str]:
 def explore_command(
     models: tuple[str, ...], store_uri: str, slos: tuple[str, ...], platforms: tuple[str, ...], backends: tuple[str, ...],
     engines: tuple[str, ...], dtypes: tuple[str, ...], tp_text: str, settings: tuple[str, ...], prices_path: str | None,
-    overheads: tuple[str, ...], no_cpu_overhead: bool, workload_args: dict[str, Any], tolerance: float, min_rate: float | None,
+    overheads: tuple[str, ...], no_cpu_overhead: bool, client: str, workload_args: dict[str, Any], tolerance: float, min_rate: float | None,
     max_rate: float | None, jobs: int | None, out_dir: str | None, report: bool, report_name: str, plots: bool,
     output_format: str,
 ) -> None:
@@ -107,6 +118,11 @@ def explore_command(
     each candidate: the share of its predicted device time that is measured). Host overhead is
     the store's calibration for the candidate's platform, engine, backend and CUDA-graph mode
     (--overhead FILE overrides it; a candidate with neither is listed as unpredictable).
+
+    Planners' SLOs are usually on what their users see at the server's HTTP client: --client http
+    adds the store's server-cost record of each candidate's key (docs/server-costs.md) before the
+    SLO statistics are computed; candidates whose key the store measured no record for are skipped,
+    each listed with the reason, and if none has one the command exits 2.
 
     \b
     Example:
@@ -160,15 +176,19 @@ def explore_command(
                     len(space.unpredictable), time.perf_counter() - started)
         context = SearchContext(store=store_uri, slos=slo_list, workload=workload, overheads=overhead_files,
                                 model_settings={m: _model_groups(m, store_uri) for m in models}, tolerance=tolerance,
-                                min_rate=min_rate, max_rate=max_rate, no_overhead=no_cpu_overhead)
+                                min_rate=min_rate, max_rate=max_rate, no_overhead=no_cpu_overhead, client=client)
         memory = _memory(space.runnable, prices, store_uri)
         to_search = [c for c in space.runnable if memory[c].get("fits") is not False]
+        skipped = _client_records(to_search, context)
+        to_search = [c for c in to_search if c not in skipped]
         logger.info("explore: model settings and memory ready (%.1f s)", time.perf_counter() - started)
         results = _search(to_search, context, jobs)
         logger.info("explore: search done (%.1f s)", time.perf_counter() - started)
         by_candidate = dict(zip(to_search, results, strict=True))
         document = _document(models, store_uri, facts.generation, slo_list, workload, prices, space, memory,
-                             by_candidate, time.perf_counter() - started, jobs)
+                             by_candidate, time.perf_counter() - started, jobs, skipped)
+        if client == HTTP_CLIENT:
+            _add_client(document, context, skipped)
     files: list[str] = []
     if out_dir or report:
         files = _write(document, Path(out_dir) if out_dir else None, plots, store_uri if report else None,
@@ -182,6 +202,40 @@ def explore_command(
     click.echo(text_report(document))
     for f in files:
         click.echo(f"wrote {f}")
+
+
+def _client_records(candidates: list[Any], context: Any) -> dict[Any, str]:
+    """`--client http`: the store's server-cost records of the candidates' keys, read once per key
+    into `context` (the workers get them with it); returns the candidates skipped, each with why.
+    When every candidate would be skipped: one refusing line (exit 2). In-process: nothing."""
+    from dooly.explore.search import describe_client_key, resolve_server_costs
+
+    if context.client != HTTP_CLIENT or not candidates:
+        return {}
+    context.server_costs, skipped = resolve_server_costs(candidates, context)
+    if len(skipped) == len(candidates):
+        reasons = sorted(set(skipped.values()))
+        raise DoolyError(f"--client http: store {context.store} holds no usable server-cost record for any candidate "
+                         f"({'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''}); measure one with `dooly "
+                         f"server-costs --http DIR --inprocess DIR --store {context.store} --save`")
+    for candidate, reason in skipped.items():
+        logger.warning("explore --client http: skipping %s: %s", candidate.label(), reason)
+    logger.info("explore --client http: server-cost records of %s", ", ".join(
+        describe_client_key(k) for k in sorted(context.server_costs)))
+    return skipped
+
+
+def _add_client(document: dict[str, Any], context: Any, skipped: dict[Any, str]) -> None:
+    """What `--client http` adds to the document: the client, the records applied (one per key,
+    as `dooly simulate` describes them) and the candidates skipped for want of one (listed with
+    the unpredictable ones, status `no_server_costs`). In-process documents are left as before."""
+    from dooly.explore.search import describe_client_key
+
+    document["client"] = HTTP_CLIENT
+    document["server_costs"] = [{"candidates_key": describe_client_key(key), **costs.applied_payload()}
+                                for key, costs in sorted(context.server_costs.items())]
+    document["unpredictable"] += [{"candidate": c.to_dict(), "label": c.label(), "status": NO_RECORD_STATUS,
+                                   "reason": reason, "capacity_rps": None} for c, reason in skipped.items()]
 
 
 def _check_settings(candidates: list[Any]) -> None:
@@ -254,13 +308,16 @@ def _search(candidates: list[Any], context: Any, jobs: int) -> list[dict[str, An
     return run_search(candidates, context, jobs=jobs, on_done=log)
 
 
-def _document(models, store_uri, generation, slos, workload, prices, space, memory, by_candidate, wall_s, jobs) -> dict[str, Any]:
+def _document(models, store_uri, generation, slos, workload, prices, space, memory, by_candidate, wall_s, jobs,
+              skipped=None) -> dict[str, Any]:
     from dooly.explore.report import SCHEMA, closest_candidate, frontier, price_result, rank
 
     results = []
     unpredictable = [{"candidate": c.to_dict(), "label": c.label(), "status": "unpredictable", "reason": reason,
                       "capacity_rps": None} for c, reason in space.unpredictable]
     for c in space.runnable:
+        if skipped and c in skipped:
+            continue  # --client http without a server-cost record: listed by `_add_client`
         found = by_candidate.get(c)
         if found is not None and found["status"] == "unpredictable":
             unpredictable.append(found)
@@ -308,7 +365,8 @@ def _write(document: dict[str, Any], out_dir: Path | None, plots: bool, store_ur
     try:
         names = [RESULT_FILE, TABLE_FILE, CSV_FILE]
         (staging / TABLE_FILE).write_text(text_report(document) + "\n")
-        (staging / CSV_FILE).write_text(csv_text(document["candidates"], document["unpredictable"]))
+        (staging / CSV_FILE).write_text(csv_text(document["candidates"], document["unpredictable"],
+                                                 server_costs=bool(document.get("client"))))
         if plots and document["best"] is not None:
             from dooly.explore.plots import plot_capacity, plot_frontier
 

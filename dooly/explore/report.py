@@ -35,6 +35,8 @@ CSV_COLUMNS = (
     "kv_cache_gib_per_gpu", "coverage_measured_share", "coverage_class_regressor_share", "coverage_fallback_share",
     "inventory", "overhead", "limited_by", "reason",
 )
+# `--client http` only: the server-cost record a candidate got (`server_costs_label`).
+SERVER_COSTS_COLUMN = "server_costs"
 
 
 def price_result(result: dict[str, Any], prices: PriceTable) -> None:
@@ -122,13 +124,17 @@ def _pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return on_frontier
 
 
-def csv_text(ranked: list[dict[str, Any]], unpredictable: list[dict[str, Any]]) -> str:
+def csv_text(ranked: list[dict[str, Any]], unpredictable: list[dict[str, Any]], server_costs: bool = False) -> str:
+    """One row per candidate; `server_costs` (`--client http`) adds the column of the record each
+    candidate got (in-process files keep their columns)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS + (SERVER_COSTS_COLUMN,) if server_costs else CSV_COLUMNS,
+                            lineterminator="\n")
     writer.writeheader()
     for r in ranked + unpredictable:
         c, g, m, cov = r["candidate"], r.get("goodput", {}), r.get("memory", {}), r.get("coverage", {})
-        writer.writerow({
+        extra = {SERVER_COSTS_COLUMN: server_costs_label(r.get("server_costs"))} if server_costs else {}
+        writer.writerow({**extra,
             "rank": r.get("rank") or "", "model": c["model"], "platform": c["platform"], "engine": c["engine"],
             "backend": c["backend"], "dtype": c["dtype"], "tp": c["tp"],
             "settings": " ".join(f"{k}={v}" for k, v in sorted(c["settings"].items())),
@@ -162,6 +168,22 @@ def coverage_label(coverage: dict[str, Any]) -> str:
     return text
 
 
+def server_costs_label(costs: dict[str, Any] | None) -> str:
+    """`generation 1 of <key>: +12.3 ms TTFT, +0.00 ms TPOT (TPOT withheld)`: the record a
+    candidate got under `--client http` and the per-request offsets it added ('' for none)."""
+    if not costs:
+        return ""
+    text = (f"{costs['record']}: {costs['applied_ttft_s'] * MS_PER_S:+.1f} ms TTFT, "
+            f"{costs['applied_tpot_s'] * MS_PER_S:+.2f} ms TPOT per request")
+    if costs.get("step_term"):
+        text += ", a host term per step"
+    withheld = costs.get("withheld_offsets") or {}
+    if withheld:
+        names = " and ".join(sorted(withheld))
+        text += f" ({names} offset{'s' if len(withheld) > 1 else ''} withheld: {'they depend' if len(withheld) > 1 else 'it depends'} on the load or model)"
+    return text
+
+
 def _csv(value: Any) -> Any:
     if value is None:
         return ""
@@ -181,6 +203,10 @@ def text_report(document: dict[str, Any]) -> str:
              f"(generation {document['generation']}); SLO {slo_text}",
              f"prices: {document['prices']['source']}" + ("  [EXAMPLE prices, not quotes]" if document["prices"]["example"] else ""),
              f"coverage: {document['coverage_note']}", ""]
+    if document.get("client"):
+        lines[-1:-1] = [f"client: {document['client']}: the store's server-cost record of each candidate's key added "
+                        "(its step term to every step, its checked offsets to every request)"]
+        lines[-1:-1] = [f"  {server_costs_label(record)}" for record in document["server_costs"]]
     rows = []
     for r in document["candidates"]:
         g, m, cov = r.get("goodput", {}), r.get("memory", {}), r.get("coverage", {})

@@ -29,11 +29,12 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dooly.errors import DoolyError
 from dooly.explore.candidates import Candidate
+from dooly.sim.server_costs import HTTP_CLIENT, INPROCESS_CLIENT, ServerCosts
 from dooly.sim.step_model import CpuOverheadModel, StepPath, device_seconds, step_keywords
 from dooly.workload import Request, WorkloadSpec, generate_requests
 
@@ -179,6 +180,9 @@ class CandidateModels:
     coverage: dict[str, Any]
     generation: int | None = None
     overhead_source: str = "none: host overhead not modelled"
+    # `--client http`: the server-cost record of the candidate's key (step term already in `overhead`;
+    # its checked per-request offsets are added to every simulated request).
+    server_costs: ServerCosts | None = None
 
 
 ModelOpener = Callable[[Candidate, "SearchContext"], CandidateModels]
@@ -313,6 +317,10 @@ class SearchContext:
     max_rate: float | None = None
     no_overhead: bool = False  # --no-cpu-overhead: device time only, as `dooly simulate` does
     opener: ModelOpener = open_store_models
+    client: str = INPROCESS_CLIENT  # --client: where requests are timed
+    # --client http: the store's server-cost record per client key (`client_key`), read once in the
+    # parent process and carried to the workers with the context (a record is a few kB).
+    server_costs: dict[tuple[Any, ...], ServerCosts] = field(default_factory=dict)
 
     def overhead_for(self, platform: str, backend: str, mode: str) -> str | None:
         """The overhead file for a candidate: the most specific key given wins (platform, backend,
@@ -334,14 +342,86 @@ def graph_mode(settings: dict[str, Any]) -> str:
     return GRAPHS if on else NO_GRAPHS
 
 
+def client_key(candidate: Candidate, context: SearchContext) -> tuple[str, str, str, bool, bool]:
+    """What a candidate's server-cost record is keyed by: platform, engine, backend, and the graph
+    mode and loop its scheduler runs (the scheduler's own reading of the settings, as for the
+    host-overhead calibration); the newest engine version the store holds is read."""
+    from dooly.sim.calibration import scheduler_uses_async, scheduler_uses_graphs
+    from dooly.sim.schedulers import make_scheduler
+
+    scheduler = make_scheduler(candidate.engine, {**context.model_settings.get(candidate.model, {}),
+                                                  **candidate.settings})
+    return (candidate.platform, candidate.engine, candidate.backend, scheduler_uses_graphs(scheduler),
+            scheduler_uses_async(scheduler))
+
+
+def describe_client_key(key: tuple[str, str, str, bool, bool]) -> str:
+    """A client key in words, as the store lays a record of it out (any engine version)."""
+    platform, engine, backend, graphs, asynchronous = key
+    return (f"{platform} / {engine} / {backend} / graphs {'on' if graphs else 'off'}"
+            f"{' / async batching' if asynchronous else ''}")
+
+
+def resolve_server_costs(candidates: Sequence[Candidate], context: SearchContext
+                         ) -> tuple[dict[tuple[Any, ...], ServerCosts], dict[Candidate, str]]:
+    """`--client http`: the store's server-cost record of each candidate's key, read once per key
+    (not per candidate or rate), and why each candidate without a usable one is skipped (the store
+    holds none for its key, or the record it holds has a negative raw median offset, which
+    `dooly simulate --client http` refuses too)."""
+    from dooly.sim.server_costs import find_server_costs
+    from dooly.store.backends import open_store
+
+    store = open_store(context.store, create=False)
+    records: dict[tuple[Any, ...], ServerCosts] = {}
+    refused: dict[tuple[Any, ...], str] = {}
+    skipped: dict[Candidate, str] = {}
+    for candidate in candidates:
+        key = client_key(candidate, context)
+        if key not in records and key not in refused:
+            platform, engine, backend, graphs, asynchronous = key
+            costs = find_server_costs(store, platform=platform, engine=engine, backend=backend, cuda_graphs=graphs,
+                                      async_batching=asynchronous)
+            if costs is None:
+                refused[key] = (f"no server-cost record for {describe_client_key(key)}: dooly server-costs --save "
+                                "writes one")
+            else:
+                try:
+                    costs.refuse_negative()
+                    records[key] = costs
+                except DoolyError as exc:
+                    refused[key] = str(exc)
+        if key in refused:
+            skipped[candidate] = refused[key]
+    return records, skipped
+
+
+def _with_client(candidate: Candidate, models: CandidateModels, context: SearchContext) -> CandidateModels:
+    """`--client http`: the candidate's models with its key's server-cost record (the step term
+    added to the host overhead, an empty one under --no-cpu-overhead); in-process: unchanged."""
+    if context.client != HTTP_CLIENT:
+        return models
+    key = client_key(candidate, context)
+    costs = context.server_costs.get(key)
+    if costs is None:
+        raise DoolyError(f"no server-cost record for {describe_client_key(key)}: dooly server-costs --save writes one")
+    overhead = costs.overhead(models.overhead if models.overhead is not None else CpuOverheadModel())
+    return replace(models, overhead=overhead, overhead_source=overhead.source or models.overhead_source,
+                   server_costs=costs)
+
+
 def _simulate(candidate: Candidate, models: CandidateModels, context: SearchContext, rate: float,
               record_batches: bool = False) -> Any:
+    """One simulation at `rate`; with a server-cost record, its requests as the server's client
+    times them (`ServerCosts.apply`), so every statistic the SLOs read includes the offsets."""
     from dooly.sim.schedulers import make_scheduler
     from dooly.sim.simulator import simulate
 
     settings = {**context.model_settings.get(candidate.model, {}), **candidate.settings}
     scheduler = make_scheduler(candidate.engine, settings)
-    return simulate(context.workload.at(rate), scheduler, models.step, models.overhead, record_batches=record_batches)
+    result = simulate(context.workload.at(rate), scheduler, models.step, models.overhead, record_batches=record_batches)
+    if models.server_costs is not None:
+        result.requests = models.server_costs.apply(result.requests)
+    return result
 
 
 def _coverage_at(candidate: Candidate, models: CandidateModels, context: SearchContext, rate: float) -> dict[str, Any]:
@@ -376,7 +456,7 @@ def search_capacity(candidate: Candidate, context: SearchContext) -> dict[str, A
     from dooly.sim.schedulers import SimulationError
 
     try:
-        models = context.opener(candidate, context)
+        models = _with_client(candidate, context.opener(candidate, context), context)
     except DoolyError as exc:
         # The store lists the group but cannot predict this model on it (an op class never
         # measured there, an unreadable file): the candidate is reported, not the search aborted.
@@ -393,6 +473,8 @@ def search_capacity(candidate: Candidate, context: SearchContext) -> dict[str, A
         "overhead": models.overhead_source,
         "points": points,
     }
+    if models.server_costs is not None:
+        result["server_costs"] = models.server_costs.applied_payload()
     try:
         saturated = _evaluate(candidate, models, context, SATURATION_RATE)
         saturation = saturated["throughput_rps"]

@@ -251,16 +251,7 @@ def _client_server_costs(client: str, step_choice: StepChoice, engine: str, sche
 
 def _server_costs_payload(costs: ServerCosts | None) -> dict[str, Any] | None:
     """What `dooly simulate` says of the server-cost record it added (None: in-process)."""
-    if costs is None:
-        return None
-    from dooly.sim.server_costs import describe_key
-
-    ttft_s, tpot_s = costs.applied_offsets()
-    return {"record": f"generation {costs.generation} of {describe_key(costs.key)}",
-            "line": f"added {costs.describe()}", "source": costs.source, "generation": costs.generation,
-            "key": costs.key, "applied_ttft_s": ttft_s, "applied_tpot_s": tpot_s,
-            "step_term": costs.step_term.as_dict() if costs.step_term is not None else None,
-            "withheld_offsets": costs.withheld_offsets}
+    return None if costs is None else costs.applied_payload()
 
 
 def _write_results(out_dir: Path, result, summary: dict[str, Any], spec) -> None:

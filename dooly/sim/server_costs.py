@@ -211,6 +211,16 @@ class ServerCosts:
                                                   "failed check(s))" for name, count in withheld.items())
         return text
 
+    def applied_payload(self) -> dict[str, Any]:
+        """What a command that added this record says of it (JSON): which record (generation and
+        key), the line, the offsets it applied and those it withheld, its step term."""
+        ttft_s, tpot_s = self.applied_offsets()
+        return {"record": f"generation {self.generation} of {describe_key(self.key)}",
+                "line": f"added {self.describe()}", "source": self.source, "generation": self.generation,
+                "key": self.key, "applied_ttft_s": ttft_s, "applied_tpot_s": tpot_s,
+                "step_term": self.step_term.as_dict() if self.step_term is not None else None,
+                "withheld_offsets": self.withheld_offsets}
+
     def negative_offsets(self) -> list[str]:
         """The raw median offsets (HTTP minus in-process, as measured) below zero, described: a server
         cannot make its engine faster, so such a record measured two engine runs apart, not a cost."""

@@ -58,3 +58,13 @@ def prices_file(tmp_path):
         return str(path)
 
     return write
+
+
+@pytest.fixture
+def store_copy(two_platform_store, tmp_path):
+    """A copy of the two-platform store to add server-cost records to (the session's stays as it is)."""
+    import shutil
+
+    root = tmp_path / "db"
+    shutil.copytree(two_platform_store, root)
+    return str(root)

@@ -5,6 +5,8 @@ equal prices FAST serves more per dollar, and at a tenth of the price SLOW does.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dooly.fit import synthetic as syn
 
 FAST = "Synthetic-Fast-80GB"
@@ -27,4 +29,17 @@ def rows_for(platform: str, factor: float) -> list[dict]:
             row[column] *= factor
     return rows
 
+
+def server_costs_record(platform: str, ttft_s: float, tpot_s: float, cuda_graphs: bool = False) -> Any:
+    """An offsets-only server-cost record (no step term, no cells: nothing withheld) for PLATFORM's
+    toy key: every request timed at the HTTP client is TTFT_S and TPOT_S (per token) slower."""
+    from dooly.sim.server_costs import SCHEMA_V1, OffsetStats, ServerCosts
+
+    def stats(value: float) -> OffsetStats:
+        return OffsetStats(value, value, 0.0, value, value, 60)
+
+    key = {"platform": platform, "engine": "transformers", "engine_version": "test", "backend": TOY_BACKEND,
+           "cuda_graphs": cuda_graphs, "async_batching": False}
+    return ServerCosts(key, stats(ttft_s), stats(tpot_s), [], raw_ttft=stats(ttft_s), raw_tpot=stats(tpot_s),
+                       schema=SCHEMA_V1, source="synthetic")
 
