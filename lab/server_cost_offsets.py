@@ -14,7 +14,8 @@ asks, on the committed pairs, whether a record predicts a model it was not measu
   and model checks: `ServerCosts.applied_offsets`);
 
 beside `none` (no server costs). The first three are written as one-cell records, so that
-`dooly validate` applies their offsets whatever the checks found. Each model's HTTP cells (with their repeats: the floor) are
+`dooly validate` applies their offsets whatever the load and model checks found (a negative median
+it withholds in every form). Each model's HTTP cells (with their repeats: the floor) are
 validated with the record measured on the other models' pairs of the same path and lease. Data:
 data/h200/experiments/engine_paths/lease_d (graphs; 1B, 3B, 8B) and
 data/h100/experiments/engine_paths/lease5 (async, no graphs, eager graphs; 1B, 3B).

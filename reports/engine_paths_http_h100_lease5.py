@@ -360,7 +360,7 @@ FINDINGS = [
     "graphs: -67.2 ms for the 1B, +160.8 ms for the 3B), so they fail the record's model checks and `dooly "
     "validate` leaves them out (docs/server-costs.md); with the step term alone 4 of 9 cells pass with the other "
     "model's record against 5 of 11 with none. On the 1B's heavy cells it brings TPOT MAPE down (no graphs 11.8% "
-    "to 2.6%, eager 7.8% to 4.7%, the eager cell then within the targets; async 7.4% to 7.3%) while the async and "
+    "to 2.6%, eager 7.8% to 3.9%, the eager cell then within the targets; async 7.4% to 7.3%) while the async and "
     "no-graph cells' TTFT MAPE grows (18.7% to 24.8%, 22.7% to 27.8%). The 1B's async record is refused (raw median TTFT offset "
     "-37.81 ms: its first light HTTP run was 20.9% faster to the first token than its pair, its second 2.8% "
     "slower), so the 3B's async cells have no held-out record. In sample the pooled records pass 6 of 11; lease4's "

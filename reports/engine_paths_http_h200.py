@@ -312,7 +312,7 @@ def page(gpu: str, costs: dict[str, Any], documents: dict[str, dict[str, Any]],
         "batch-matched) gives a step term near the heavy pairs' and comes about as near the heavy cells' TPOT gaps as "
         "the pooled record; the per-request offsets left after the step term move with the load and the model, so "
         "they fail every record's checks but the light-only one's, and `dooly validate` applies only that record's "
-        "(docs/server-costs.md). One "
+        "TTFT offset (its TPOT residual is below zero; docs/server-costs.md). One "
         "record does not serve all three models at heavy load; at light load the records come within a few ms of the "
         "TPOT gap, not of the TTFT one.",
         "",

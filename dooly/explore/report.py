@@ -179,8 +179,7 @@ def server_costs_label(costs: dict[str, Any] | None) -> str:
         text += ", a host term per step"
     withheld = costs.get("withheld_offsets") or {}
     if withheld:
-        names = " and ".join(sorted(withheld))
-        text += f" ({names} offset{'s' if len(withheld) > 1 else ''} withheld: {'they depend' if len(withheld) > 1 else 'it depends'} on the load or model)"
+        text += " (" + "; ".join(f"{name} offset withheld: {why}" for name, why in sorted(withheld.items())) + ")"
     return text
 
 

@@ -353,7 +353,8 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
 @click.option("--server-costs", "server_costs_path", metavar="FILE|store",
               help="Server-cost record (`dooly server-costs`; `store`: the --store's record for the ground truth's "
                    "key, `dooly server-costs --save`): its step term added to every simulated step and "
-                   "its offsets to every simulated request (each only where it passed its load and model checks), "
+                   "its offsets to every simulated request (each only where it passed its load and model checks and is not "
+                   "below zero), "
                    "when the ground truth was timed at an HTTP client. A record whose raw median offset is below "
                    "zero (its HTTP runs were the faster) is refused.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=writable_file, help="Write the predicted-vs-measured scatter PNG here.")
@@ -380,7 +381,7 @@ def validate_command(
     A ground truth timed at an HTTP client (`dooly bench --client http`) also carries the server's
     costs: --server-costs FILE (`dooly server-costs`) adds its per-step host term to every simulated
     step (a /2 record) and its per-request offsets to every simulated request, each offset only
-    where it passed its load and model checks (the output says which, and why).
+    where it passed its load and model checks and is not below zero (the output says which, and why).
 
     \b
     Example:

@@ -32,8 +32,9 @@ per-request offset only where that offset passed its load and model checks (`app
 offset that moves with the load or the model beyond its own spread is not a per-request cost, and
 at heavy load a residual is mostly what the queue made of the step term's error. Held out by model
 (lab/server_cost_offsets.py; H200 lease_d and H100 lease5 pairs), the pooled offsets of records
-that failed those checks passed 2 of 15 HTTP cells (mean TTFT error of the light cells 27.9%);
-the same records' step terms alone passed 5 (8.0%). A record whose raw median offset is negative
+that failed those checks passed 4 of 15 HTTP cells (mean TTFT error of the light cells 21.7%), the
+records as applied here 5 (8.7%). A residual offset below zero is withheld too: a server adds
+time, and a negative residual says the step term over-explains the pair. A record whose raw median offset is negative
 it refuses (it would take time off every request, down to a negative TTFT, for what was another
 engine run's slowness).
 """
@@ -180,16 +181,23 @@ class ServerCosts:
         return not self.problems
 
     @property
-    def withheld_offsets(self) -> dict[str, int]:
-        """The per-request offsets `apply` leaves out (`TTFT`, `TPOT`), each with how many of its
-        load and model checks it failed: an offset that depends on the load or the model is not
-        a cost per request, so adding its pooled median would move every request by what one
-        cell's queue made of it."""
-        return {name.upper(): len(problems) for name, problems in dependent_offsets(self.cells).items() if problems}
+    def withheld_offsets(self) -> dict[str, str]:
+        """The per-request offsets `apply` leaves out (`TTFT`, `TPOT`), each with why. One that
+        depends on the load or the model (it failed those checks) is not a cost per request: its
+        pooled median would move every request by what one cell's queue made of it. One below
+        zero is not a cost either (a server adds time; a negative residual says the step term
+        already over-explains the pair): lease3's one heavy cell, whose checks cannot run, left
+        -98.6 ms of TTFT that took about 0.1 s off every light request."""
+        withheld = {name.upper(): f"it depends on the load or model: {len(problems)} failed check(s)"
+                    for name, problems in dependent_offsets(self.cells).items() if problems}
+        for name, stats in (("TTFT", self.ttft), ("TPOT", self.tpot)):
+            if name not in withheld and stats.median_s < 0:
+                withheld[name] = f"it is below zero: {stats.median_s * MS_PER_S:+.2f} ms"
+        return withheld
 
     def applied_offsets(self) -> tuple[float, float]:
         """The TTFT and TPOT offsets (seconds) `apply` adds: each term's median, or zero where it
-        failed its load or model checks (`withheld_offsets`)."""
+        is withheld (`withheld_offsets`)."""
         withheld = self.withheld_offsets
         return (0.0 if "TTFT" in withheld else self.ttft.median_s, 0.0 if "TPOT" in withheld else self.tpot.median_s)
 
@@ -207,8 +215,7 @@ class ServerCosts:
             text += f"; FAILED {len(self.problems)} check(s), first: {self.problems[0]}"
         withheld = self.withheld_offsets
         if withheld:
-            text += "; not applied: " + ", ".join(f"the {name} offset (it depends on the load or model: {count} "
-                                                  "failed check(s))" for name, count in withheld.items())
+            text += "; not applied: " + ", ".join(f"the {name} offset ({why})" for name, why in withheld.items())
         return text
 
     def applied_payload(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ def test_an_offset_that_moves_with_the_load_is_withheld_the_other_applied(tmp_pa
     light = _cell(tmp_path, "light", LIGHT, TTFT_COST_S, TPOT_COST_S)
     heavy = _cell(tmp_path, "heavy", HEAVY, 50 * TTFT_COST_S, TPOT_COST_S)
     costs = measure_server_costs([light[0], heavy[0]], [light[1], heavy[1]])
-    assert costs.withheld_offsets == {"TTFT": 2}
+    assert costs.withheld_offsets == {"TTFT": "it depends on the load or model: 2 failed check(s)"}
     assert costs.applied_offsets() == (0.0, pytest.approx(TPOT_COST_S))
     assert "not applied: the TTFT offset (it depends on the load or model: 2 failed check(s))" in costs.describe()
     records = simulated_run().requests
@@ -116,7 +117,18 @@ def test_an_offset_that_moves_with_the_load_is_withheld_the_other_applied(tmp_pa
         assert after.ttft_s == pytest.approx(before.ttft_s)
         assert after.tpot_s == pytest.approx(before.tpot_s + TPOT_COST_S)
     costs.save(tmp_path / "costs.json")
-    assert ServerCosts.load(tmp_path / "costs.json").withheld_offsets == {"TTFT": 2}
+    assert ServerCosts.load(tmp_path / "costs.json").withheld_offsets == costs.withheld_offsets
+
+
+def test_a_residual_offset_below_zero_is_withheld(tmp_path):
+    # A step term that over-explains the pair leaves a negative residual: no server cost.
+    http, inprocess = _cell(tmp_path, "heavy", HEAVY, TTFT_COST_S, TPOT_COST_S)
+    costs = measure_server_costs([http], [inprocess])
+    assert costs.withheld_offsets == {}
+    costs.ttft = replace(costs.ttft, median_s=-TTFT_COST_S)
+    assert costs.withheld_offsets == {"TTFT": "it is below zero: -20.00 ms"}
+    assert costs.applied_offsets() == (0.0, pytest.approx(TPOT_COST_S))
+    assert "not applied: the TTFT offset (it is below zero: -20.00 ms)" in costs.describe()
 
 
 def test_each_http_run_pairs_with_its_own_models_runs(tmp_path):
