@@ -31,7 +31,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,16 @@ def gpu_name(report: Path, default: str) -> str:
     """The GPU a device call ran on: the first field of its gpu.txt (`nvidia-smi --query-gpu=name,...`),
     else `default`."""
     return report.read_text().split(",")[0].strip() if report.is_file() else default
+
+
+@contextmanager
+def scratch_store(fitted_store: str, prefix: str) -> Iterator[tuple[str, Path]]:
+    """A scratch directory and a copy of `fitted_store` in it (`scratch/store`): the pages validate on
+    the copy, so the store they are given is only read, and records and refits land in scratch."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        store = Path(scratch) / "store"
+        shutil.copytree(fitted_store, store)
+        yield str(store), Path(scratch)
 
 
 def dooly(*args: str) -> dict[str, Any]:
@@ -614,14 +625,12 @@ def main() -> None:
     parser.add_argument("--server-costs", default=str(SERVER_COSTS), help="Where the server-cost record goes.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="engine-paths-") as scratch:
-        store = str(Path(scratch) / "store")
-        shutil.copytree(args.fitted_store, store)
+    with scratch_store(args.fitted_store, "engine-paths-") as (store, scratch):
         eager_calibration = dooly("calibrate", "--store", store, "--ground-truth", str(EAGER_CALIB))
         refits = {"shared": (store, len(SDPA_CALIB_MODELS))}
         for label, subset in ((f"without {OUTLIER_MODEL}", tuple(m for m in SDPA_CALIB_MODELS if m != OUTLIER_MODEL)),
                               (f"{OWN_MODEL} only", (OWN_MODEL,))):
-            refit = str(Path(scratch) / label.replace(" ", "-"))
+            refit = str(scratch / label.replace(" ", "-"))
             shutil.copytree(store, refit)
             dooly("calibrate", "--store", refit, *[a for run in sdpa_calib_runs(subset) for a in ("--ground-truth", str(run))])
             refits[label] = (refit, len(subset))
@@ -642,7 +651,7 @@ def main() -> None:
             own_results.append((cell, validate(cell, store)))
         costs = dooly("server-costs", "--http", str(_http_pair("http")), "--inprocess", str(_http_pair("pairs")),
                       "--store", store, "--out", args.server_costs)
-        offsets_only = Path(scratch) / "offsets_only.json"
+        offsets_only = scratch / "offsets_only.json"
         offsets_only_record(costs, offsets_only)
         http_cells = [
             Cell("HTTP sdpa graphs heavy, no server costs", "sdpa", "heavy", (_http_pair("http"),)),

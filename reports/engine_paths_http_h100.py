@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +52,7 @@ from engine_paths_table import (  # noqa: E402
     Cell,
     dooly,
     gpu_name,
+    scratch_store,
     step_term_lines,
     validate,
 )
@@ -346,10 +345,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(PAGE), help="The page to write.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="engine-paths-http-h100-") as scratch:
-        store = str(Path(scratch) / "store")
-        shutil.copytree(args.fitted_store, store)
-        records = path_records(store, Path(scratch))
+    with scratch_store(args.fitted_store, "engine-paths-http-h100-") as (store, scratch):
+        records = path_records(store, scratch)
         results = validations(store, records)
         text = page(gpu_name(GPU_REPORT, "H100"), records, results)
     Path(args.out).write_text(text)

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +60,7 @@ from engine_paths_table import (  # noqa: E402
     SUMMARY_TARGET_PCT,
     Cell,
     gpu_name,
+    scratch_store,
     server_cost_lines,
     validate,
 )
@@ -377,12 +376,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(PAGE), help="The page to write.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="engine-paths-http-h100-lease5-") as scratch:
-        store = str(Path(scratch) / "store")
-        shutil.copytree(args.fitted_store, store)
-        (Path(scratch) / "lease4").mkdir()
-        lease4_records = lease4.path_records(store, Path(scratch) / "lease4")
-        records = lease_records(store, Path(scratch))
+    with scratch_store(args.fitted_store, "engine-paths-http-h100-lease5-") as (store, scratch):
+        (scratch / "lease4").mkdir()
+        lease4_records = lease4.path_records(store, scratch / "lease4")
+        records = lease_records(store, scratch)
         results, refused = validations(store, records, lease4_records)
         text = page(gpu_name(GPU_REPORT, "H100"), records, lease4_records, results, refused)
     Path(args.out).write_text(text)

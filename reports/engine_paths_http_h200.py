@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ from engine_paths_table import (  # noqa: E402
     gpu_name,
     host_per_step,
     rows_by_key,
+    scratch_store,
     server_cost_lines,
     step_term_lines,
     validate,
@@ -379,10 +378,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(PAGE), help="The page to write.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="engine-paths-h200-") as scratch:
-        store = str(Path(scratch) / "store")
-        shutil.copytree(args.fitted_store, store)
-        costs, files, documents = records(store, Path(scratch))
+    with scratch_store(args.fitted_store, "engine-paths-h200-") as (store, scratch):
+        costs, files, documents = records(store, scratch)
         results = validations(store, files)
     gpu = gpu_name(GPU_REPORT, "H200")
     Path(args.out).write_text(page(gpu, costs, documents, results))
