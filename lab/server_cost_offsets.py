@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "reports"))
 
 from engine_paths_http_h200 import pass_cells  # noqa: E402
-from engine_paths_table import Cell, dooly, validate  # noqa: E402
+from engine_paths_table import Cell, dooly, rows_by_key, validate, verdict  # noqa: E402
 
 log = logging.getLogger("server_cost_offsets")
 
@@ -119,8 +119,27 @@ def _mean_abs_errors(done: list[tuple[Cell, dict[str, Any]]]) -> str:
     """`TTFT% / TPOT%`: the mean absolute error of the cells' mean TTFT and mean TPOT."""
     if not done:
         return "-"
-    rows = [{r["statistic"]: r["error_pct"] for r in payload["summary"]["rows"]} for _, payload in done]
-    return " / ".join(f"{sum(abs(r[key]) for r in rows) / len(rows):.1f}%" for key in ("ttft_mean", "tpot_mean"))
+    rows = [rows_by_key(payload) for _, payload in done]
+    return " / ".join(f"{sum(abs(r[key]['error_pct']) for r in rows) / len(rows):.1f}%"
+                      for key in ("ttft_mean", "tpot_mean"))
+
+
+def validate_forms(lease: Lease, suffix: str, backend: str, model: str, forms: dict[str, Path], store: str
+                   ) -> list[tuple[str, Cell, dict[str, Any]]]:
+    """The held-out model's HTTP cells of this path (with their repeats: the floor), validated
+    without server costs and with the record in each form."""
+    done = []
+    for form in FORMS:
+        for workload in WORKLOADS:
+            runs = lease.http_runs(model, suffix, workload)
+            if not runs:
+                continue
+            extra = () if form == "none" else ("--server-costs", str(forms[form]))
+            bench = json.loads((runs[0] / "bench.json").read_text())
+            cell = Cell(f"{model} {suffix} {workload}", backend, workload, runs, extra=extra,
+                        model=str(bench["model"]), platform=lease.platform)
+            done.append((form, cell, validate(cell, store)))
+    return done
 
 
 def main() -> None:
@@ -144,22 +163,12 @@ def main() -> None:
                         # No record to compare with `none` on: the cells stay out of every form's count.
                         rows.append(f"| {lease.name} | {suffix} | {model} | all | all | {forms} | | |")
                         continue
-                    for form in FORMS:
-                        for workload in WORKLOADS:
-                            runs = lease.http_runs(model, suffix, workload)
-                            if not runs:
-                                continue
-                            extra = () if form == "none" else ("--server-costs", str(forms[form]))
-                            bench = json.loads((runs[0] / "bench.json").read_text())
-                            cell = Cell(f"{model} {suffix} {workload}", backend, workload, runs, extra=extra,
-                                        model=str(bench["model"]), platform=lease.platform)
-                            payload = validate(cell, store)
-                            results[form].append((cell, payload))
-                            summary = {r["statistic"]: r for r in payload["summary"]["rows"]}
-                            passed, _ = pass_cells([(cell, payload)])
-                            rows.append(f"| {lease.name} | {suffix} | {model} | {form} | {workload} | "
-                                        f"{'pass' if passed else 'miss'} | {summary['ttft_mean']['error_pct']:+.1f}% | "
-                                        f"{summary['tpot_mean']['error_pct']:+.1f}% |")
+                    for form, cell, payload in validate_forms(lease, suffix, backend, model, forms, store):
+                        results[form].append((cell, payload))
+                        summary = rows_by_key(payload)
+                        rows.append(f"| {lease.name} | {suffix} | {model} | {form} | {cell.workload} | "
+                                    f"{'pass' if verdict(cell, payload) == 'pass' else 'miss'} | "
+                                    f"{summary['ttft_mean']['error_pct']:+.1f}% | {summary['tpot_mean']['error_pct']:+.1f}% |")
     totals = ["| form | cells passing | mean abs. error of mean TTFT / TPOT, light cells | heavy cells |",
               "|---|---|---|---|"]
     for form in FORMS:
