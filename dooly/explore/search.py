@@ -357,9 +357,10 @@ def client_key(candidate: Candidate, context: SearchContext) -> tuple[str, str, 
 
 def describe_client_key(key: tuple[str, str, str, bool, bool]) -> str:
     """A client key in words, as the store lays a record of it out (any engine version)."""
+    from dooly.sim.calibration import CalibrationKey
+
     platform, engine, backend, graphs, asynchronous = key
-    return (f"{platform} / {engine} / {backend} / graphs {'on' if graphs else 'off'}"
-            f"{' / async batching' if asynchronous else ''}")
+    return CalibrationKey(platform, engine, "", backend, graphs, asynchronous).label()
 
 
 def resolve_server_costs(candidates: Sequence[Candidate], context: SearchContext

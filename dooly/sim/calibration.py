@@ -198,7 +198,9 @@ class CalibrationKey:
     def label(self) -> str:
         graphs = "graphs on" if self.cuda_graphs else "graphs off"
         batching = " / async batching" if self.async_batching else ""
-        return f"{self.platform} / {self.engine} {self.engine_version} / {self.backend} / {graphs}{batching}"
+        # A key of no particular version (the newest one a store holds) names the engine alone.
+        engine = f"{self.engine} {self.engine_version}".strip()
+        return f"{self.platform} / {engine} / {self.backend} / {graphs}{batching}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
