@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "predict": "dooly.fit.commands:predict_command",
     "simulate": "dooly.sim.commands:simulate_command",
     "bench": "dooly.engines.commands:bench_command",
+    "model-cache": "dooly.engines.commands:model_cache_group",
     "overhead": "dooly.sim.commands:overhead_command",
     "calibrate": "dooly.sim.calibration_commands:calibrate_command",
     "validate": "dooly.sim.commands:validate_command",

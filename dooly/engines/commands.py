@@ -10,7 +10,13 @@ from typing import Any
 import click
 
 from dooly.engines.base import parse_engine_settings
-from dooly.engines.served_model_cache import MODEL_CACHE_ENV
+from dooly.engines.served_model_cache import (
+    BYTES_PER_GB,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_GB,
+    MODEL_CACHE_ENV,
+    MODEL_CACHE_MAX_GB_ENV,
+)
 from dooly.errors import DoolyError
 from dooly.models.validation import allow_defaults_option
 from dooly.output import emit_json, format_table, output_option
@@ -61,9 +67,15 @@ MS_PER_S = 1e3
               help="With --client http: keep the served model (random weights and tokenizer, saved for the server) "
                    "in DIR, one entry per config, dtype, seed, device kind and transformers/torch versions, and serve "
                    "it again in later runs instead of building and saving it each time (an 8B in bfloat16 is 16 GB; "
-                   "entries are never deleted: clear DIR by hand). Without it, and without the variable, the model "
-                   "is saved to a temporary directory removed after the run. The variable is ignored by the other "
-                   "clients and by --server-url.")
+                   "DIR is kept under --model-cache-max-gb; `dooly model-cache list|clear` shows or empties it). "
+                   "Without it, and without the variable, the model is saved to a temporary directory removed after "
+                   "the run. The variable is ignored by the other clients and by --server-url.")
+@click.option("--model-cache-max-gb", type=click.FloatRange(min=0, min_open=True), envvar=MODEL_CACHE_MAX_GB_ENV,
+              show_envvar=True, default=DEFAULT_MAX_GB, show_default=True, metavar="GB",
+              help="With --model-cache: the most DIR holds, in GB (10^9 bytes). Before a model is saved there, the "
+                   "least recently used entries that no other run is using are evicted until it fits; a model that "
+                   "cannot fit (larger than the cap, or the rest held by running runs) is served from a directory of "
+                   "the run instead, uncached (bench.json: served_model_cache uncached).")
 @click.option("--store", "store_uri", metavar="URI", default=None,
               help="Latency database to look MODEL up in when it is an id or model key only the store knows "
                    "(the config `dooly profile` stored); read only.")
@@ -87,6 +99,7 @@ def bench_command(
     client: str,
     server_url: str | None,
     model_cache: Path | None,
+    model_cache_max_gb: float,
     store_uri: str | None,
     model_index: int | None,
     workload_args: dict[str, Any],
@@ -134,6 +147,8 @@ def bench_command(
     if client == "http" and engine != "transformers":
         raise DoolyError(f"--client http serves the transformers engine for now, not {engine} (use --client inprocess)")
     model_cache = served_model_cache_root(model_cache, client, server_url)
+    if model_cache is None and _given("model_cache_max_gb"):
+        raise DoolyError("--model-cache-max-gb needs --client http with --model-cache DIR (or DOOLY_MODEL_CACHE)")
     spec = spec_from_options(**workload_args)
     requests = generate_requests(spec)
     if not requests:
@@ -151,7 +166,8 @@ def bench_command(
     host = host_machine()
     if client == "http":
         run, provenance = _run_http(model_spec, backend, device, dtype, engine_settings, requests, model_seed,
-                                    warmup_requests, warm_passes, server_url, model_cache)
+                                    warmup_requests, warm_passes, server_url, model_cache,
+                                    int(model_cache_max_gb * BYTES_PER_GB))
     else:
         run, provenance = _run(engine, model_spec, backend, device, dtype, engine_settings, requests, model_seed,
                                warmup_requests, warm_passes)
@@ -200,16 +216,21 @@ def served_model_cache_root(model_cache: Path | None, client: str, server_url: s
     """The served-model cache of a run that starts its own server, checked writable; None for the
     other runs. --model-cache given on the command line to a run that saves no model is refused;
     DOOLY_MODEL_CACHE (exported for whole campaigns) is ignored by such runs."""
-    import click.core
-
     if model_cache is None:
         return None
-    given = click.get_current_context().get_parameter_source("model_cache") == click.core.ParameterSource.COMMANDLINE
     if client != "http" or server_url is not None:
-        if given:
+        if _given("model_cache"):
             raise DoolyError("--model-cache needs --client http and a server this command starts (not --server-url)")
         return None
     return check_output_dir(model_cache, "--model-cache")
+
+
+def _given(parameter: str) -> bool:
+    """Whether the command line named `parameter` (not its variable or default): a flag is refused
+    where it does nothing, a variable exported for a whole campaign is not."""
+    import click.core
+
+    return click.get_current_context().get_parameter_source(parameter) == click.core.ParameterSource.COMMANDLINE
 
 
 def choose_model(models: tuple[str, ...] | list[str], index: int | None) -> str:
@@ -270,7 +291,8 @@ def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, en
 
 def _run_http(model_spec: Any, backend: str, device: str, dtype: str, engine_settings: dict[str, Any],
               requests: list[Any], seed: int, warmup: int, warm_passes: int,
-              server_url: str | None, model_cache: Path | None = None) -> tuple[Any, dict[str, Any]]:
+              server_url: str | None, model_cache: Path | None = None,
+              model_cache_max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Any, dict[str, Any]]:
     """The transformers engine behind its own HTTP server (dooly.engines.http_bench)."""
     from dooly.engines.http_bench import run_http_bench
     from dooly.engines.transformers_cb import engine_version
@@ -281,7 +303,8 @@ def _run_http(model_spec: Any, backend: str, device: str, dtype: str, engine_set
     platform = detect_platform(resolved_device)
     run = run_http_bench(build_hf_config(model_spec), backend, requests, settings=engine_settings,
                          device=resolved_device, dtype=DTYPES[dtype], seed=seed, warmup_requests=warmup,
-                         warm_passes=warm_passes, server_url=server_url, model_cache=model_cache)
+                         warm_passes=warm_passes, server_url=server_url, model_cache=model_cache,
+                         model_cache_max_bytes=model_cache_max_bytes)
     stack = current_stack(device=resolved_device, platform=platform, engine="transformers",
                           engine_version=engine_version(), backend=backend, dtype=dtype,
                           block_size=int(run.engine_settings.get("block_size", 0)))
@@ -332,3 +355,99 @@ def _warmup_record(engine: str, requests: int) -> dict[str, int] | None:
     from dooly.engines.groundtruth import WARMUP_OUTPUT_TOKENS, WARMUP_PROMPT_TOKENS
 
     return {"requests": requests, "prompt_tokens": WARMUP_PROMPT_TOKENS, "output_tokens": WARMUP_OUTPUT_TOKENS}
+
+
+# ---------------------------------------------------------------------------------------------
+# dooly model-cache
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_cache_dir_option(func: Any) -> Any:
+    return click.option("--model-cache", "root", type=click.Path(file_okay=False, path_type=Path), required=True,
+                        envvar=MODEL_CACHE_ENV, show_envvar=True, metavar="DIR",
+                        help="The served-model cache, as given to `dooly bench --model-cache`.")(func)
+
+
+def _existing_cache(root: Path) -> Path:
+    """A cache root that exists: a mistyped DIR is an error, not an empty cache."""
+    root = root.expanduser()
+    if not root.is_dir():
+        raise DoolyError(f"--model-cache {root}: no such directory")
+    return root
+
+
+def _entries(count: int) -> str:
+    return f"{count} {'entry' if count == 1 else 'entries'}"
+
+
+@click.group("model-cache")
+def model_cache_group() -> None:
+    """The served-model cache of `dooly bench --client http --model-cache DIR`: list or clear it.
+
+    Each entry is one saved random-weight model (config, dtype, seed, device kind, versions). A run
+    that saves a new entry first evicts the least recently used ones until the cache fits under its
+    --model-cache-max-gb; an entry a running bench is serving or building is never removed.
+
+    \b
+    Examples:
+      dooly model-cache list --model-cache /tmp/dooly-model-cache
+      DOOLY_MODEL_CACHE=/tmp/dooly-model-cache dooly model-cache clear --output json
+    """
+
+
+@model_cache_group.command("list")
+@_model_cache_dir_option
+@click.option("--model-cache-max-gb", type=click.FloatRange(min=0, min_open=True), envvar=MODEL_CACHE_MAX_GB_ENV,
+              show_envvar=True, default=DEFAULT_MAX_GB, show_default=True, metavar="GB",
+              help="The cap the cache's runs keep it under, shown beside its total.")
+@output_option
+def model_cache_list_command(root: Path, model_cache_max_gb: float, output_format: str) -> None:
+    """List the cache's entries, least recently used (the next evicted) first: size, last use, and
+    whether a running bench is using it (in use: never evicted) or it is damaged (rebuilt when next
+    served)."""
+    from dooly.engines.served_model_cache import entry_complete, entry_in_use, format_bytes, list_entries, marker_inputs
+
+    root = _existing_cache(root)
+    max_bytes = int(model_cache_max_gb * BYTES_PER_GB)
+    rows: list[dict[str, Any]] = []
+    for entry in list_entries(root):
+        inputs = marker_inputs(entry.path)
+        rows.append({
+            "name": entry.name,
+            "path": str(entry.path),
+            "bytes": entry.bytes,
+            "last_used_unix": entry.last_used,
+            "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.last_used)),
+            "in_use": entry_in_use(root, entry.name),
+            "complete": inputs is not None and entry_complete(entry.path, inputs),
+        })
+    total = sum(row["bytes"] for row in rows)
+    if output_format == "json":
+        emit_json({"root": str(root), "max_bytes": max_bytes, "total_bytes": total, "entries": rows})
+        return
+    states = [("in use" if r["in_use"] else "idle") + ("" if r["complete"] else ", damaged") for r in rows]
+    click.echo(format_table(["entry", "size", "last used", "state"],
+                            [(r["name"], format_bytes(r["bytes"]), r["last_used"], state) for r, state in zip(rows, states)]))
+    click.echo(f"{_entries(len(rows))}, {format_bytes(total)} of the {format_bytes(max_bytes)} cap in {root}")
+
+
+@model_cache_group.command("clear")
+@_model_cache_dir_option
+@output_option
+def model_cache_clear_command(root: Path, output_format: str) -> None:
+    """Remove every entry no running bench is using, and what crashed runs left half built. Entries
+    in use are kept and listed; the next run of a removed model builds it again. The entries' empty
+    lock files stay (a waiting run may hold one open)."""
+    from dooly.engines.served_model_cache import clear, format_bytes
+
+    root = _existing_cache(root)
+    cleared = clear(root)
+    evicted_bytes = sum(e.bytes for e in cleared.evicted)
+    if output_format == "json":
+        emit_json({"root": str(root), "evicted": [e.name for e in cleared.evicted], "evicted_bytes": evicted_bytes,
+                   "in_use": [e.name for e in cleared.in_use], "leftover_bytes": cleared.leftover_bytes})
+        return
+    click.echo(f"removed {_entries(len(cleared.evicted))} ({format_bytes(evicted_bytes)}) and "
+               f"{format_bytes(cleared.leftover_bytes)} left by crashed runs from {root}")
+    for entry in cleared.in_use:
+        click.echo(f"kept {entry.name} ({format_bytes(entry.bytes)}): in use by a running bench")

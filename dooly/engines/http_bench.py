@@ -453,11 +453,13 @@ def run_http_bench(
     warm_passes: int,
     server_url: str | None = None,
     model_cache: Path | None = None,
+    model_cache_max_bytes: int = served_model_cache.DEFAULT_MAX_BYTES,
 ) -> BenchRun:
     """Serve `requests` through the engine's HTTP server (started here unless `server_url`) and
     record what the client saw. The prompts are drawn from the same seed, in the same order, as the
     in-process harness draws them. With `model_cache`, the served model is taken from (or saved
-    into) that cache (dooly.engines.served_model_cache) instead of saved for this run only."""
+    into) that cache (dooly.engines.served_model_cache), kept under `model_cache_max_bytes`, instead
+    of saved for this run only."""
     vocab = int(hf_config.get_text_config().vocab_size)
     rng = np.random.default_rng(seed)
     details: dict[str, Any] = {"client": "http"}
@@ -479,37 +481,62 @@ def run_http_bench(
     report_path = work_dir / RESOLVED_REPORT_NAME
     steps_path = work_dir / SERVER_STEPS_NAME
     try:
-        model_dir, cache_status = served_model(hf_config, backend, device, dtype, seed, work_dir, model_cache)
-        details["served_model_cache"] = cache_status
-        command = lambda port: transformers_serve_command(  # noqa: E731
-            model_dir, port, backend, device, dtype, settings, report_path, steps_path)
-        with started_server(command, work_dir) as server:
-            resolved = read_resolved(report_path)
-            check_resolved(resolved, backend, dtype, settings)
-            details.update(server_url=server.url, server_command=server.command, server_resolved=resolved,
-                           settings_verified=True)
-            records = replay_workload(server.url, requests, rng, vocab,
-                                      warmup_requests=warmup_requests, warm_passes=warm_passes)
+        # The cached entry is held in use until the server has stopped: no other run evicts it meanwhile.
+        with served_model(hf_config, backend, device, dtype, seed, work_dir, model_cache,
+                          model_cache_max_bytes) as (model_dir, cache_status):
+            details["served_model_cache"] = cache_status
+            command = lambda port: transformers_serve_command(  # noqa: E731
+                model_dir, port, backend, device, dtype, settings, report_path, steps_path)
+            with started_server(command, work_dir) as server:
+                resolved = read_resolved(report_path)
+                check_resolved(resolved, backend, dtype, settings)
+                details.update(server_url=server.url, server_command=server.command, server_resolved=resolved,
+                               settings_verified=True)
+                records = replay_workload(server.url, requests, rng, vocab,
+                                          warmup_requests=warmup_requests, warm_passes=warm_passes)
         steps = recorded_steps(steps_path, records)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return BenchRun(requests=records, steps=steps, engine_settings=resolved["engine_settings"], engine_details=details)
 
 
+@contextmanager
 def served_model(hf_config: Any, backend: str, device: str, dtype: str, seed: int, work_dir: Path,
-                 model_cache: Path | None) -> tuple[Path, str]:
-    """The directory the server loads the model from, and where it came from (bench.json's
-    `served_model_cache`): the cache's entry for this model, reused (`hit`) or saved now (`miss`),
-    or without a cache (`off`) a directory of the run, removed with it."""
+                 model_cache: Path | None,
+                 model_cache_max_bytes: int = served_model_cache.DEFAULT_MAX_BYTES) -> Iterator[tuple[Path, str]]:
+    """The directory the server loads the model from while the block runs, and where it came from
+    (bench.json's `served_model_cache`): the cache's entry for this model, reused (`hit`) or saved
+    now (`miss`), or a directory of the run, removed with it, without a cache (`off`) or where the
+    model does not fit under the cache's cap (`uncached`)."""
     import torch
 
     def build(directory: Path) -> None:
         save_served_model(hf_config, backend, device, getattr(torch, dtype), seed, directory)
 
+    model_dir = work_dir / SERVED_MODEL_DIR_NAME
     if model_cache is None:
-        model_dir = work_dir / SERVED_MODEL_DIR_NAME
         build(model_dir)
         log.info("served model: saved to %s (removed after the run; --model-cache keeps it)", model_dir)
-        return model_dir, served_model_cache.OFF
+        yield model_dir, served_model_cache.OFF
+        return
     inputs = served_model_cache.cache_inputs(hf_config, dtype, seed, device)
-    return served_model_cache.cached_model_dir(Path(model_cache).expanduser(), inputs, build)
+    with served_model_cache.cached_model_dir(Path(model_cache).expanduser(), inputs, build, scratch=model_dir,
+                                             max_bytes=model_cache_max_bytes,
+                                             expected_bytes=served_model_bytes(hf_config, dtype)) as served:
+        yield served.directory, served.status
+
+
+def served_model_bytes(hf_config: Any, dtype: str) -> int:
+    """The bytes the saved weights take (the tokenizer and config add little), counted on the model
+    built on the meta device, which allocates and draws nothing: the cache makes room for them before
+    the build writes any. Tied weights are one tensor, saved once."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # A build writes its dtype back into the config it is given: this one is a copy.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=getattr(torch, dtype))
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
