@@ -22,6 +22,8 @@ from dooly.trace.schema import KIND_ATTENTION, KIND_COLLECTIVE, KIND_KERNEL, Ope
 log = logging.getLogger(__name__)
 
 HELD_STATUSES = ("ok", "oom")
+# A measurement that raised (`measure.STATUS_ERROR`): not held, so every later run attempts the point again.
+FAILED_STATUS = "error"
 # Device-seconds per point assumed when the store has no measurement on this platform to learn
 # from: an order of magnitude, not an estimate (the plan says so).
 DEFAULT_POINT_SECONDS = {"cuda": 0.05, "cpu": 0.02}
@@ -30,12 +32,16 @@ PROFILED_KINDS = (KIND_KERNEL, KIND_ATTENTION, KIND_COLLECTIVE)
 # measurement. Process start, tracing, model/engine start-up outside a measurement and shard
 # writes are not in it, and not in the estimate.
 ESTIMATE_PHASES = ("build", "warmup", "calibrate", "capture", "samples", "failed")
-# Fewer held rows than this in an op class: its cost comes from the pooled rows of its kind.
+# Fewer held rows than this in an op class: its cost comes from the pooled rows of its kind. The
+# same floor holds for failures: the failed attempts a class's failure cost is the mean of, the
+# first attempts or retries its failure shares are counted on, and the attempts (none held) that
+# mark a signature feature as one that fails (`FailureRates`).
 MIN_CLASS_ROWS = 8
 # Refinement points (`run.refinement_points`) per grid point of a one-variable op, where the
 # store has no one-variable rows on the platform to count them from: the share measured on the
 # CPU for a tiny Llama and Qwen2.5-0.5B (docs/profile.md).
 DEFAULT_REFINEMENT_RATE = 0.1
+PERCENT = 100.0
 
 
 @dataclass
@@ -47,6 +53,8 @@ class WorkItem:
     points: list[Point]  # every point of the grid
     missing: list[Point]  # those the store does not hold
     held_seconds: float = 0.0  # what the held points cost when they were measured
+    # Missing points the store records a failed attempt at on this stack: profile tries them again.
+    failed: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -92,6 +100,29 @@ class Plan:
             return 0
         return round(sum(self.costs.refinements(item) for item in self.work(shard_index, shard_count)))
 
+    def expected_failures(self, shard_index: int = 0, shard_count: int = 1) -> dict[str, Any]:
+        """The missing points expected to fail, and what those attempts cost (part of the estimate).
+
+        `points` is the expected count (a sum of chances, rounded): a subset of the missing points,
+        which profile attempts all the same, so the point count does not change."""
+        work = self.work(shard_index, shard_count)
+        if self.costs is None:
+            return {"points": 0, "device_seconds": 0.0, "never_held_points": 0, "failed_before_points": 0,
+                    "source": "no cost model"}
+        failures = self.costs.failures
+        points = seconds = 0.0
+        never_held = failed_before = 0
+        for item in work:
+            expected_points, expected_seconds = self.costs.item_failures(item)
+            points += expected_points
+            seconds += expected_seconds
+            if failures.dooms(item.op.op_class(), item.op.scalars):
+                never_held += len(item.missing)
+            else:
+                failed_before += sum(1 for point in item.missing if point.key in item.failed)
+        return {"points": round(points), "device_seconds": round(seconds, 3), "never_held_points": never_held,
+                "failed_before_points": failed_before, "source": failures.source}
+
     def summary(self) -> dict[str, Any]:
         missing = [i for i in self.items.values() if i.missing]
         return {
@@ -104,10 +135,12 @@ class Plan:
             "held_points": sum(len(i.points) - len(i.missing) for i in self.items.values()),
             "stale_signatures": self.stale_signatures,
             "estimated_device_seconds": round(self.estimate_seconds(), 3),
+            "expected_failures": self.expected_failures(),
             "estimate": {
                 "phases": list(ESTIMATE_PHASES),
                 "excludes": "process start, tracing, engine start-up outside a measurement, shard writes",
                 "source": self.costs.source if self.costs is not None else f"{self.point_seconds:g} s per point",
+                "failures": self.costs.failures.describe() if self.costs is not None else "not priced",
             },
             "models": [
                 {"model": m.model_id, "signatures": len(m.signatures), "profiled_signatures": len(m.profiled),
@@ -148,7 +181,7 @@ def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
     size only: for planning another machine's work, whose torch/driver versions this machine
     cannot know."""
     stacks = [stack.for_backend(SHARED_BACKEND), stack] + ([comm] if comm is not None else [])
-    held, stale, cost_rows = _held(store, stacks, software_agnostic)
+    held, stale, failed, cost_rows = _held(store, stacks, software_agnostic)
     items: dict[str, WorkItem] = {}
     models: list[ModelPlan] = []
     for trace in traces:
@@ -161,8 +194,10 @@ def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
             points = points_for(op, grid)
             held_points = held.get(signature, {})
             missing = [p for p in points if p.key not in held_points]
+            failed_points = failed.get(signature, set())
             item = WorkItem(signature, op, trace.model_id, stack_for(op, stack, comm), points, missing,
-                            held_seconds=sum(held_points.get(p.key, 0.0) for p in points))
+                            held_seconds=sum(held_points.get(p.key, 0.0) for p in points),
+                            failed={p.key for p in missing if p.key in failed_points})
             items[signature] = item
             (plan.profiled if missing else plan.reused).append(signature)
         models.append(plan)
@@ -175,10 +210,11 @@ def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
 
 
 def _held(store: Any, stacks: list[Stack], software_agnostic: bool
-          ) -> tuple[dict[str, dict[str, float]], set[str], list[dict[str, Any]]]:
+          ) -> tuple[dict[str, dict[str, float]], set[str], dict[str, set[str]], list[dict[str, Any]]]:
     """signature -> {point_key: device_seconds} held on these stacks, the signatures held for
-    another stack only, and every held row of the platform (any software version: what a point
-    costs to measure there) for `PointCosts`."""
+    another stack only, signature -> the point keys whose measurement failed on these stacks (not
+    held: profile attempts them again), and every held or failed row of the platform (any software
+    version: what a point costs to measure there, and how often it fails) for `PointCosts`."""
     from dooly.store.schema import STACK_COLUMNS
     from dooly.store.shards import read_held
 
@@ -186,19 +222,158 @@ def _held(store: Any, stacks: list[Stack], software_agnostic: bool
 
     held: dict[str, dict[str, float]] = {}
     stale: set[str] = set()
+    failed: dict[str, set[str]] = {}
     cost_rows: list[dict[str, Any]] = []
     for stack in dict.fromkeys(stacks):
         expected = stack.columns()
         table = read_held(store, platform=stack.platform, engine=stack.engine, backend=stack.backend, dtype=stack.dtype)
         for row in table.to_pylist():
-            if row["status"] not in HELD_STATUSES:
+            if row["status"] not in (*HELD_STATUSES, FAILED_STATUS):
                 continue
             cost_rows.append(row)
-            if any(row[c] != expected[c] for c in compared):
+            same_stack = all(row[c] == expected[c] for c in compared)
+            if row["status"] == FAILED_STATUS:
+                if same_stack:
+                    failed.setdefault(row["signature"], set()).add(row["point_key"])
+                continue
+            if not same_stack:
                 stale.add(row["signature"])
                 continue
             held.setdefault(row["signature"], {})[row["point_key"]] = row["device_seconds"]
-    return held, stale, cost_rows
+    return held, stale, failed, cost_rows
+
+
+@dataclass
+class FailureRates:
+    """How often a point's measurement fails on one platform, and what a failed attempt costs,
+    learned from the store's own failed rows there (status `error`: not held, so every later run
+    attempts the point again and pays for it again).
+
+    A failed attempt costs the mean device-seconds of its op class's failed rows where there are
+    at least MIN_CLASS_ROWS of them, else what a held point of the class costs (not another
+    class's failures: where a measurement fails, and so what it spent first, differs by backend).
+    Whether a planned point fails, three rules from the rows, first match wins:
+    - its signature sets a feature (`failure_features`: a scalar such as soft-capping, in its op
+      class) that at least MIN_CLASS_ROWS attempts on the platform set and none of them was held:
+      it fails (the H100 store's flex signatures with gemma-2's soft-cap score_mod, which torch
+      2.11's inductor does not compile: 1,196 attempts at 420 points over four runs, none held);
+    - it failed before on this stack: it fails again at the share of its class's retries that
+      failed (retries: the attempts after a point's first failure), or surely where the class
+      has fewer than MIN_CLASS_ROWS retries to count (its last attempt failed, nothing says a
+      retry differs);
+    - otherwise at the share of its class's first attempts that failed (points of the first rule
+      left out): failures no shape rule foresees (on the H100, flex's mixed batches of a 64-token
+      chunk failed on four signatures and ran on four others with the same shapes)."""
+
+    never_held: dict[str, int] = field(default_factory=dict)  # failure feature -> attempts, none held
+    first_rates: dict[str, float] = field(default_factory=dict)  # op class -> failed share of first attempts
+    retry_rates: dict[str, float] = field(default_factory=dict)  # op class -> failed share of retries
+    failed_seconds: dict[str, float] = field(default_factory=dict)  # op class -> mean of a failed attempt
+    source: str = "no failed measurements in the store"
+
+    @classmethod
+    def fit(cls, rows: list[dict[str, Any]], platform: str) -> FailureRates:
+        """Rows of any status on one platform. A held point is never attempted again on its stack,
+        so a point's failures all came before its one held row, if any: its first attempt failed
+        where it has a failed row, and its other attempts are retries."""
+        features = _row_features(rows)
+        attempts: dict[tuple[Any, ...], list[int]] = {}  # (stack, signature, point) -> [attempts, failures]
+        point_class: dict[tuple[Any, ...], str] = {}
+        by_feature: dict[str, list[int]] = {}  # failure feature -> [attempts, held]
+        failed_totals: dict[str, list[float]] = {}  # op class -> [seconds, failed attempts]
+        for row in rows:
+            failure = row["status"] == FAILED_STATUS
+            op_class = str(row.get("op_class") or "")
+            point = (tuple(row.get(c) for c in ATTEMPT_STACK), row["signature"], row["point_key"])
+            counts = attempts.setdefault(point, [0, 0])
+            counts[0] += 1
+            counts[1] += failure
+            point_class[point] = op_class
+            for feature in features[row["signature"]]:
+                feature_counts = by_feature.setdefault(feature, [0, 0])
+                feature_counts[0] += 1
+                feature_counts[1] += not failure
+            if failure:
+                total = failed_totals.setdefault(op_class, [0.0, 0.0])
+                total[0] += float(row["device_seconds"] or 0.0)
+                total[1] += 1
+        never_held = {feature: n for feature, (n, held) in by_feature.items() if n >= MIN_CLASS_ROWS and not held}
+        first: dict[str, list[int]] = {}  # op class -> [first attempts, failed]
+        retries: dict[str, list[int]] = {}  # op class -> [retries, failed]
+        for point, (n, failures) in attempts.items():
+            if features[point[1]] & never_held.keys():
+                continue
+            op_class = point_class[point]
+            tally = first.setdefault(op_class, [0, 0])
+            tally[0] += 1
+            tally[1] += failures > 0
+            if failures and n > 1:
+                tally = retries.setdefault(op_class, [0, 0])
+                tally[0] += n - 1
+                tally[1] += failures - 1
+        failed_attempts = int(sum(n for _, n in failed_totals.values()))
+        source = (f"{failed_attempts} failed attempts among the store's {len(rows)} on {platform}" if failed_attempts
+                  else f"no failed measurements on {platform}")
+        return cls(
+            never_held=never_held,
+            first_rates={c: failed / n for c, (n, failed) in first.items() if n >= MIN_CLASS_ROWS},
+            retry_rates={c: failed / n for c, (n, failed) in retries.items() if n >= MIN_CLASS_ROWS},
+            failed_seconds={c: spent / n for c, (spent, n) in failed_totals.items() if n >= MIN_CLASS_ROWS},
+            source=source,
+        )
+
+    def dooms(self, op_class: str, scalars: dict[str, Any]) -> bool:
+        """Whether a signature sets a feature no attempt on the platform ever got held (rule one)."""
+        return bool(failure_features(op_class, scalars) & self.never_held.keys())
+
+    def chance(self, op_class: str, doomed: bool, failed_before: bool) -> float:
+        """How likely one attempt at a point fails (the class docstring's three rules)."""
+        if doomed:
+            return 1.0
+        if failed_before:
+            return self.retry_rates.get(op_class, 1.0)
+        return self.first_rates.get(op_class, 0.0)
+
+    def describe(self) -> str:
+        """The fitted rules, for the plan's text: what fails, how often, and what it costs."""
+        if not self.failed_seconds:
+            return self.source
+        parts = [self.source]
+        parts += [f"{feature} never held in {n} attempts" for feature, n in sorted(self.never_held.items())]
+        parts += [f"{c}: {PERCENT * rate:.0f}% of retries fail again" for c, rate in sorted(self.retry_rates.items())]
+        parts += [f"{c}: {PERCENT * rate:.1f}% of first attempts fail" for c, rate in sorted(self.first_rates.items())
+                  if rate]
+        parts += [f"a failed {c} attempt costs {seconds:.2f} s" for c, seconds in sorted(self.failed_seconds.items())]
+        return "; ".join(parts)
+
+
+# What tells two attempts at one point apart from two points (the row's stack; absent columns are None).
+ATTEMPT_STACK = ("platform", "engine", "engine_version", "backend", "dtype", "kv_dtype", "block_size",
+                 "torch_version", "cuda_version")
+
+
+def failure_features(op_class: str, scalars: dict[str, Any]) -> set[str]:
+    """What failure rules are learned on: each scalar a signature sets (soft-capping, a sliding
+    window: what changes the compiled kernel, not the shapes), within its op class, one feature
+    each so that a feature no attempt survived implicates every signature that sets it."""
+    return {f"{op_class}[{name}]" for name, value in scalars.items() if value not in (None, False, 0)}
+
+
+def _row_features(rows: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """signature -> its failure features, from the rows' readable signatures (none without one)."""
+    features: dict[str, set[str]] = {}
+    for row in rows:
+        signature = row["signature"]
+        if signature in features:
+            continue
+        text = row.get("signature_json")
+        try:
+            scalars = json.loads(text).get("scalars", {}) if text else {}
+        except ValueError:
+            scalars = {}
+        features[signature] = failure_features(str(row.get("op_class") or ""),
+                                               scalars if isinstance(scalars, dict) else {})
+    return features
 
 
 @dataclass
@@ -213,20 +388,25 @@ class PointCosts:
     points there cost about the same whatever the model (0.28-0.43 s per eager point: building,
     warming up and calibrating dominate), which is why size does not enter (bench/plan_estimate.py).
     One-variable ops are measured again where their latency bends (`run.refinement_points`):
-    the expected count is the share of off-ladder points among the platform's one-variable rows."""
+    the expected count is the share of off-ladder points among the platform's one-variable rows.
+    Those means are of held rows; a point expected to fail (`FailureRates`) is priced at what a
+    failed attempt costs instead, in proportion to its chance of failing."""
 
     means: dict[str, float] = field(default_factory=dict)  # op class or kind -> mean seconds per point
     refinement_rates: dict[str, float] = field(default_factory=dict)  # op class -> extra per grid point
     default_seconds: float = DEFAULT_POINT_SECONDS["cpu"]
     default_refinement_rate: float = DEFAULT_REFINEMENT_RATE
     source: str = ""
+    failures: FailureRates = field(default_factory=FailureRates)
 
     @classmethod
     def fit(cls, rows: list[dict[str, Any]], default_seconds: float, platform: str) -> PointCosts:
+        """Rows of the platform, held (`HELD_STATUSES`) and failed (`FAILED_STATUS`); others are ignored."""
         totals: dict[str, list[float]] = {}
         on_ladder: dict[str, int] = {}
         off_ladder: dict[str, int] = {}
-        for row in rows:
+        held_rows = [row for row in rows if row["status"] in HELD_STATUSES]
+        for row in held_rows:
             op_class = str(row.get("op_class") or "")
             attention = op_class.startswith(f"{KIND_ATTENTION}:")
             for key in (op_class, _kind_key(attention)):
@@ -243,9 +423,11 @@ class PointCosts:
         rates = {c: off_ladder.get(c, 0) / n for c, n in on_ladder.items() if n}
         total_on = sum(on_ladder.values())
         default_rate = sum(off_ladder.values()) / total_on if total_on else DEFAULT_REFINEMENT_RATE
-        source = (f"the mean cost per point of each op class among the store's {len(rows)} points on {platform}" if rows
-                  else f"no points measured on {platform} yet: {default_seconds:g} s per point assumed")
-        return cls(means, rates, default_seconds, default_rate, source)
+        source = (f"the mean cost per point of each op class among the store's {len(held_rows)} points on {platform}"
+                  if held_rows else f"no points measured on {platform} yet: {default_seconds:g} s per point assumed")
+        failures = FailureRates.fit([row for row in rows if row["status"] in (*HELD_STATUSES, FAILED_STATUS)],
+                                    platform)
+        return cls(means, rates, default_seconds, default_rate, source, failures)
 
     def seconds(self, op_class: str) -> float:
         """What measuring one point of an op of this class costs."""
@@ -255,6 +437,16 @@ class PointCosts:
             mean = self.means.get(_kind_key(attention))
         return self.default_seconds if mean is None else mean
 
+    def failed_seconds(self, op_class: str) -> float:
+        """What a failed attempt at a point of this class costs (FailureRates' docstring)."""
+        mean = self.failures.failed_seconds.get(op_class)
+        return self.seconds(op_class) if mean is None else mean
+
+    def attempt(self, op_class: str, doomed: bool, failed_before: bool) -> tuple[float, float]:
+        """One attempt at a point: (chance it fails, expected device-seconds)."""
+        chance = self.failures.chance(op_class, doomed, failed_before)
+        return chance, chance * self.failed_seconds(op_class) + (1.0 - chance) * self.seconds(op_class)
+
     def refinements(self, item: Any) -> float:
         """Expected refinement points of a work item (one-variable ops only)."""
         if item.op.kind == KIND_ATTENTION or len(item.op.request_vars()) != 1:
@@ -262,8 +454,18 @@ class PointCosts:
         return self.refinement_rates.get(item.op.op_class(), self.default_refinement_rate) * len(item.missing)
 
     def item_seconds(self, item: Any) -> float:
-        """The missing points' cost, plus the expected refinements'."""
-        return (len(item.missing) + self.refinements(item)) * self.seconds(item.op.op_class())
+        """The missing points' cost (each at its chance of failing), plus the expected refinements'."""
+        op_class = item.op.op_class()
+        doomed = self.failures.dooms(op_class, item.op.scalars)
+        missing = sum(self.attempt(op_class, doomed, point.key in item.failed)[1] for point in item.missing)
+        return missing + self.refinements(item) * self.seconds(op_class)
+
+    def item_failures(self, item: Any) -> tuple[float, float]:
+        """A work item's expected failed points and the device-seconds those attempts cost."""
+        op_class = item.op.op_class()
+        doomed = self.failures.dooms(op_class, item.op.scalars)
+        expected = sum(self.failures.chance(op_class, doomed, point.key in item.failed) for point in item.missing)
+        return expected, expected * self.failed_seconds(op_class)
 
 
 def _kind_key(attention: bool) -> str:

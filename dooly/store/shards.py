@@ -32,9 +32,10 @@ SHARDS_PREFIX = "shards/"
 INVENTORIES_PREFIX = "inventories/"
 SHARD_SUFFIX = ".parquet"
 PARTITION_COLUMNS = ("platform", "engine", "backend", "dtype")
-# What the planner needs to decide whether a point is already held, and what it cost.
-HELD_COLUMNS = ("signature", "op_class", "config_dims", "point_key", "status", "device_seconds", "n_samples",
-                *STACK_COLUMNS)
+# What the planner needs to decide whether a point is already held, and what it cost; the readable
+# signature tells its feature set, which failure rules are learned on (`plan.failure_key`).
+HELD_COLUMNS = ("signature", "op_class", "signature_json", "config_dims", "point_key", "status", "device_seconds",
+                "n_samples", *STACK_COLUMNS)
 IDENTITY_HEX_CHARS = 16
 CHUNK_INDEX_DIGITS = 5
 PARQUET_COMPRESSION = "zstd"

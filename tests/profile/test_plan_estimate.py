@@ -10,7 +10,13 @@ from click.testing import CliRunner
 from profile_helpers import SMALL_GRID_ARGS
 
 from dooly.cli import cli
-from dooly.profile.plan import DEFAULT_REFINEMENT_RATE, PointCosts
+from dooly.profile.measure import STATUS_ERROR, Measurement
+from dooly.profile.plan import DEFAULT_REFINEMENT_RATE, FAILED_STATUS, MIN_CLASS_ROWS, PointCosts
+from dooly.trace.schema import KIND_ATTENTION
+
+FLEX = "attention:paged|flex_attention"
+# What a failed attempt costs in the failing-profile test (a measurement's device-seconds).
+FAILED_ATTEMPT_SECONDS = 0.5
 
 
 def _json(*args: str) -> dict:
@@ -36,8 +42,11 @@ def test_plan_counts_the_points_profile_measures(tmp_path, models):
     assert again["missing_points"] == 0 and again["estimated_device_seconds"] == 0
 
 
-def _row(op_class: str, seconds: float, point: dict) -> dict:
-    return {"op_class": op_class, "device_seconds": seconds, "point_key": json.dumps(point), "signature": op_class}
+def _row(op_class: str, seconds: float, point: dict, status: str = "ok", signature: str = "",
+         scalars: dict | None = None) -> dict:
+    return {"op_class": op_class, "device_seconds": seconds, "point_key": json.dumps(point),
+            "signature": signature or op_class, "status": status,
+            "signature_json": json.dumps({"scalars": scalars or {}})}
 
 
 def test_point_costs_are_class_means_with_kind_and_default_fallbacks():
@@ -79,3 +88,61 @@ def test_plan_and_profile_take_a_thin_attention_grid(tmp_path, models):
     assert spent["planned_points"] == thin["missing_points"]
     rest = _json("plan", model, "--store", store, *SMALL_GRID_ARGS)
     assert rest["missing_points"] == full["missing_points"] - thin["missing_points"]
+
+
+def test_failures_are_priced_from_the_stores_failed_attempts():
+    # One flex signature held everywhere, a third of its points after one failed attempt each; a
+    # soft-capped one whose every attempt failed (gemma-2's flex on the H100: 1,196 of 1,196).
+    plain = {"scaling": 0.1, "is_causal": True, "dropout": 0.0}
+    held = [_row(FLEX, 0.4, {"seqs": [[t, 0]]}, signature="plain", scalars=plain) for t in range(16)]
+    retried = [_row(FLEX, seconds, {"seqs": [[1, 100 + c]]}, status, "plain", plain)
+               for c in range(8) for seconds, status in ((0.2, FAILED_STATUS), (0.4, "ok"))]
+    softcap = {**plain, "softcap": 50.0}
+    doomed = [_row(FLEX, 0.5, {"seqs": [[1, c]]}, FAILED_STATUS, "capped", softcap) for c in range(4) for _ in range(2)]
+    costs = PointCosts.fit(held + retried + doomed, 0.05, "GPU-X")
+    failures = costs.failures
+    assert failures.never_held == {f"{FLEX}[softcap]": 8}  # scaling and is_causal were held: no rule
+    assert failures.first_rates[FLEX] == pytest.approx(8 / 24)  # the doomed points left out
+    assert failures.retry_rates[FLEX] == 0.0
+    failed = (8 * 0.2 + 8 * 0.5) / 16
+    assert costs.seconds(FLEX) == pytest.approx(0.4)  # held rows only
+    assert costs.failed_seconds(FLEX) == pytest.approx(failed)
+    assert costs.attempt(FLEX, failures.dooms(FLEX, {**softcap, "sliding_window": 4096}), False) == (
+        1.0, pytest.approx(failed))
+    assert costs.attempt(FLEX, failures.dooms(FLEX, plain), False) == (
+        pytest.approx(1 / 3), pytest.approx(failed / 3 + 0.4 * 2 / 3))
+    assert costs.attempt(FLEX, False, True) == (0.0, pytest.approx(0.4))
+    # A class with no failures of its own: a failed attempt costs what a held point does.
+    assert costs.failed_seconds("attention:paged|sdpa") == costs.seconds("attention:paged|sdpa")
+    assert "8 failed attempts" not in failures.source and "16 failed attempts among" in failures.source
+    assert MIN_CLASS_ROWS <= 8  # the soft-capped feature's 8 attempts are enough to condemn it
+
+
+def test_a_failed_point_is_planned_again_and_priced_as_a_failure(tmp_path, models, monkeypatch):
+    """Failed points are not held: the next plan lists them, prices them at what a failed attempt
+    cost, and the next profile attempts every one of them (point counts stay equal)."""
+    import dooly.profile.run as run
+
+    measure = run._measure
+
+    def attention_fails(item, point, *args, **kwargs):
+        if item.op.kind == KIND_ATTENTION:
+            return Measurement(None, None, None, None, 0, STATUS_ERROR, FAILED_ATTEMPT_SECONDS, error="RuntimeError")
+        return measure(item, point, *args, **kwargs)
+
+    monkeypatch.setattr(run, "_measure", attention_fails)
+    model, _ = models
+    store = str(tmp_path / "db")
+    first = _json("profile", model, "--store", store, *SMALL_GRID_ARGS)
+    assert first["error_points"] >= MIN_CLASS_ROWS
+    plan = _json("plan", model, "--store", store, *SMALL_GRID_ARGS)
+    failures = plan["expected_failures"]
+    assert plan["missing_points"] == first["error_points"]
+    assert failures["points"] == failures["never_held_points"] == plan["missing_points"]
+    assert plan["estimated_device_seconds"] == pytest.approx(plan["missing_points"] * FAILED_ATTEMPT_SECONDS)
+    assert failures["device_seconds"] == pytest.approx(plan["estimated_device_seconds"])
+    assert "failed" in plan["estimate"]["phases"] and "never held" in plan["estimate"]["failures"]
+    text = CliRunner().invoke(cli, ["plan", model, "--store", store, *SMALL_GRID_ARGS], catch_exceptions=False)
+    assert f"expected failures: {plan['missing_points']} points" in text.output
+    again = _json("profile", model, "--store", store, *SMALL_GRID_ARGS)
+    assert again["planned_points"] == plan["missing_points"] == again["error_points"]
