@@ -1,7 +1,7 @@
 """Does `dooly plan` price a model's profiling right? Checked on what a store's shards record.
 
 For every model with an inventory in the store (per backend): the signatures only that model
-uses are set aside, `dooly.profile.plan.PointCosts` is fitted on every other row of the platform,
+uses are set aside, `dooly.profile.costs.PointCosts` is fitted on every other row of the platform,
 held and failed (what the store would know before profiling the model), and the set-aside rows are
 priced with it: estimate against the device_seconds those rows record (each row's whole
 measurement: build, warm-up, calibration, samples, or the failed attempt). Every row is one
@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from dooly.profile.plan import (
+from dooly.profile.costs import (
     ATTEMPT_STACK,
     DEFAULT_POINT_SECONDS,
     FAILED_STATUS,

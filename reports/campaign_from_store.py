@@ -18,8 +18,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from dooly.profile.costs import HELD_STATUSES
 from dooly.profile.grid import GridSpec
-from dooly.profile.plan import HELD_STATUSES, build_plan
+from dooly.profile.plan import build_plan
 from dooly.profile.provenance import Stack
 from dooly.profile.run import load_or_trace
 from dooly.store.backends import open_store

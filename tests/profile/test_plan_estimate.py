@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from profile_helpers import SMALL_GRID_ARGS
 
 from dooly.cli import cli
+from dooly.profile.costs import DEFAULT_REFINEMENT_RATE, FAILED_STATUS, MIN_CLASS_ROWS, PointCosts
 from dooly.profile.measure import STATUS_ERROR, Measurement
-from dooly.profile.plan import DEFAULT_REFINEMENT_RATE, FAILED_STATUS, MIN_CLASS_ROWS, PointCosts
 from dooly.trace.schema import KIND_ATTENTION
 
 FLEX = "attention:paged|flex_attention"

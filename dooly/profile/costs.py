@@ -1,0 +1,280 @@
+"""What measuring a point costs on a platform, and how often it fails: learned from the store's rows.
+
+`dooly plan` prices its work with these (`PointCosts`); `dooly profile` then spends it. Kept apart
+from the plan itself (which points are missing) because the two change for different reasons: a
+new failure mode or cost term touches only this file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from dooly.profile.grid import LADDER
+from dooly.trace.schema import KIND_ATTENTION
+
+HELD_STATUSES = ("ok", "oom")
+# A measurement that raised (`measure.STATUS_ERROR`): not held, so every later run attempts the point again.
+FAILED_STATUS = "error"
+# Device-seconds per point assumed when the store has no measurement on this platform to learn
+# from: an order of magnitude, not an estimate (the plan says so).
+DEFAULT_POINT_SECONDS = {"cuda": 0.05, "cpu": 0.02}
+# What one row's device_seconds spans (dooly.profile.measure.Timer.measure): every phase of its
+# measurement. Process start, tracing, model/engine start-up outside a measurement and shard
+# writes are not in it, and not in the estimate.
+ESTIMATE_PHASES = ("build", "warmup", "calibrate", "capture", "samples", "failed")
+# Fewer held rows than this in an op class: its cost comes from the pooled rows of its kind. The
+# same floor holds for failures: the failed attempts a class's failure cost is the mean of, the
+# first attempts or retries its failure shares are counted on, and the attempts (none held) that
+# mark a signature feature as one that fails (`FailureRates`).
+MIN_CLASS_ROWS = 8
+# Refinement points (`run.refinement_points`) per grid point of a one-variable op, where the
+# store has no one-variable rows on the platform to count them from: the share measured on the
+# CPU for a tiny Llama and Qwen2.5-0.5B (docs/profile.md).
+DEFAULT_REFINEMENT_RATE = 0.1
+PERCENT = 100.0
+
+
+@dataclass
+class FailureRates:
+    """How often a point's measurement fails on one platform, and what a failed attempt costs,
+    learned from the store's own failed rows there (status `error`: not held, so every later run
+    attempts the point again and pays for it again).
+
+    A failed attempt costs the mean device-seconds of its op class's failed rows where there are
+    at least MIN_CLASS_ROWS of them, else what a held point of the class costs (not another
+    class's failures: where a measurement fails, and so what it spent first, differs by backend).
+    Whether a planned point fails, three rules from the rows, first match wins:
+    - its signature sets a feature (`failure_features`: a scalar such as soft-capping, in its op
+      class) that at least MIN_CLASS_ROWS attempts on the platform set and none of them was held:
+      it fails (the H100 store's flex signatures with gemma-2's soft-cap score_mod, which torch
+      2.11's inductor does not compile: 1,196 attempts at 420 points over four runs, none held);
+    - it failed before on this stack: it fails again at the share of its class's retries that
+      failed (retries: the attempts after a point's first failure), or surely where the class
+      has fewer than MIN_CLASS_ROWS retries to count (its last attempt failed, nothing says a
+      retry differs);
+    - otherwise at the share of its class's first attempts that failed (points of the first rule
+      left out): failures no shape rule foresees (on the H100, flex's mixed batches of a 64-token
+      chunk failed on four signatures and ran on four others with the same shapes)."""
+
+    never_held: dict[str, int] = field(default_factory=dict)  # failure feature -> attempts, none held
+    first_rates: dict[str, float] = field(default_factory=dict)  # op class -> failed share of first attempts
+    retry_rates: dict[str, float] = field(default_factory=dict)  # op class -> failed share of retries
+    failed_seconds: dict[str, float] = field(default_factory=dict)  # op class -> mean of a failed attempt
+    source: str = "no failed measurements in the store"
+
+    @classmethod
+    def fit(cls, rows: list[dict[str, Any]], platform: str) -> FailureRates:
+        """Rows of any status on one platform. A held point is never attempted again on its stack,
+        so a point's failures all came before its one held row, if any: its first attempt failed
+        where it has a failed row, and its other attempts are retries."""
+        features = _row_features(rows)
+        attempts: dict[tuple[Any, ...], list[int]] = {}  # (stack, signature, point) -> [attempts, failures]
+        point_class: dict[tuple[Any, ...], str] = {}
+        by_feature: dict[str, list[int]] = {}  # failure feature -> [attempts, held]
+        failed_totals: dict[str, list[float]] = {}  # op class -> [seconds, failed attempts]
+        for row in rows:
+            failure = row["status"] == FAILED_STATUS
+            op_class = str(row.get("op_class") or "")
+            point = (tuple(row.get(c) for c in ATTEMPT_STACK), row["signature"], row["point_key"])
+            counts = attempts.setdefault(point, [0, 0])
+            counts[0] += 1
+            counts[1] += failure
+            point_class[point] = op_class
+            for feature in features[row["signature"]]:
+                feature_counts = by_feature.setdefault(feature, [0, 0])
+                feature_counts[0] += 1
+                feature_counts[1] += not failure
+            if failure:
+                total = failed_totals.setdefault(op_class, [0.0, 0.0])
+                total[0] += float(row["device_seconds"] or 0.0)
+                total[1] += 1
+        never_held = {feature: n for feature, (n, held) in by_feature.items() if n >= MIN_CLASS_ROWS and not held}
+        first: dict[str, list[int]] = {}  # op class -> [first attempts, failed]
+        retries: dict[str, list[int]] = {}  # op class -> [retries, failed]
+        for point, (n, failures) in attempts.items():
+            if features[point[1]] & never_held.keys():
+                continue
+            op_class = point_class[point]
+            tally = first.setdefault(op_class, [0, 0])
+            tally[0] += 1
+            tally[1] += failures > 0
+            if failures and n > 1:
+                tally = retries.setdefault(op_class, [0, 0])
+                tally[0] += n - 1
+                tally[1] += failures - 1
+        failed_attempts = int(sum(n for _, n in failed_totals.values()))
+        source = (f"{failed_attempts} failed attempts among the store's {len(rows)} on {platform}" if failed_attempts
+                  else f"no failed measurements on {platform}")
+        return cls(
+            never_held=never_held,
+            first_rates={c: failed / n for c, (n, failed) in first.items() if n >= MIN_CLASS_ROWS},
+            retry_rates={c: failed / n for c, (n, failed) in retries.items() if n >= MIN_CLASS_ROWS},
+            failed_seconds={c: spent / n for c, (spent, n) in failed_totals.items() if n >= MIN_CLASS_ROWS},
+            source=source,
+        )
+
+    def dooms(self, op_class: str, scalars: dict[str, Any]) -> bool:
+        """Whether a signature sets a feature no attempt on the platform ever got held (rule one)."""
+        return bool(failure_features(op_class, scalars) & self.never_held.keys())
+
+    def chance(self, op_class: str, doomed: bool, failed_before: bool) -> float:
+        """How likely one attempt at a point fails (the class docstring's three rules)."""
+        if doomed:
+            return 1.0
+        if failed_before:
+            return self.retry_rates.get(op_class, 1.0)
+        return self.first_rates.get(op_class, 0.0)
+
+    def describe(self) -> str:
+        """The fitted rules, for the plan's text: what fails, how often, and what it costs."""
+        if not self.failed_seconds:
+            return self.source
+        parts = [self.source]
+        parts += [f"{feature} never held in {n} attempts" for feature, n in sorted(self.never_held.items())]
+        parts += [f"{c}: {PERCENT * rate:.0f}% of retries fail again" for c, rate in sorted(self.retry_rates.items())]
+        parts += [f"{c}: {PERCENT * rate:.1f}% of first attempts fail" for c, rate in sorted(self.first_rates.items())
+                  if rate]
+        parts += [f"a failed {c} attempt costs {seconds:.2f} s" for c, seconds in sorted(self.failed_seconds.items())]
+        return "; ".join(parts)
+
+
+# What tells two attempts at one point apart from two points (the row's stack; absent columns are None).
+ATTEMPT_STACK = ("platform", "engine", "engine_version", "backend", "dtype", "kv_dtype", "block_size",
+                 "torch_version", "cuda_version")
+
+
+def failure_features(op_class: str, scalars: dict[str, Any]) -> set[str]:
+    """What failure rules are learned on: each scalar a signature sets (soft-capping, a sliding
+    window: what changes the compiled kernel, not the shapes), within its op class, one feature
+    each so that a feature no attempt survived implicates every signature that sets it."""
+    return {f"{op_class}[{name}]" for name, value in scalars.items() if value not in (None, False, 0)}
+
+
+def _row_features(rows: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """signature -> its failure features, from the rows' readable signatures (none without one)."""
+    features: dict[str, set[str]] = {}
+    for row in rows:
+        signature = row["signature"]
+        if signature in features:
+            continue
+        text = row.get("signature_json")
+        try:
+            scalars = json.loads(text).get("scalars", {}) if text else {}
+        except ValueError:
+            scalars = {}
+        features[signature] = failure_features(str(row.get("op_class") or ""),
+                                               scalars if isinstance(scalars, dict) else {})
+    return features
+
+
+@dataclass
+class PointCosts:
+    """Device-seconds a point costs on one platform, learned from the store's own rows there.
+
+    A row's device_seconds is its whole measurement (ESTIMATE_PHASES). The estimate is the mean
+    per point of the op's class on the platform (each attention backend is a class); classes with
+    fewer than MIN_CLASS_ROWS rows take their kind's mean (attention or not), and a platform with
+    no rows the DEFAULT_POINT_SECONDS guess. A mean, not the median: costs are skewed (on the
+    H100 store the median point cost a tenth of the mean), and a plan sums them. Attention
+    points there cost about the same whatever the model (0.28-0.43 s per eager point: building,
+    warming up and calibrating dominate), which is why size does not enter (bench/plan_estimate.py).
+    One-variable ops are measured again where their latency bends (`run.refinement_points`):
+    the expected count is the share of off-ladder points among the platform's one-variable rows.
+    Those means are of held rows; a point expected to fail (`FailureRates`) is priced at what a
+    failed attempt costs instead, in proportion to its chance of failing."""
+
+    means: dict[str, float] = field(default_factory=dict)  # op class or kind -> mean seconds per point
+    refinement_rates: dict[str, float] = field(default_factory=dict)  # op class -> extra per grid point
+    default_seconds: float = DEFAULT_POINT_SECONDS["cpu"]
+    default_refinement_rate: float = DEFAULT_REFINEMENT_RATE
+    source: str = ""
+    failures: FailureRates = field(default_factory=FailureRates)
+
+    @classmethod
+    def fit(cls, rows: list[dict[str, Any]], default_seconds: float, platform: str) -> PointCosts:
+        """Rows of the platform, held (`HELD_STATUSES`) and failed (`FAILED_STATUS`); others are ignored."""
+        totals: dict[str, list[float]] = {}
+        on_ladder: dict[str, int] = {}
+        off_ladder: dict[str, int] = {}
+        held_rows = [row for row in rows if row["status"] in HELD_STATUSES]
+        for row in held_rows:
+            op_class = str(row.get("op_class") or "")
+            attention = op_class.startswith(f"{KIND_ATTENTION}:")
+            for key in (op_class, _kind_key(attention)):
+                total = totals.setdefault(key, [0.0, 0.0])
+                total[0] += float(row["device_seconds"] or 0.0)
+                total[1] += 1
+            values = _point_values(row["point_key"])
+            if not attention and len(values) == 1:
+                (value,) = values.values()
+                counter = on_ladder if value in LADDER else off_ladder
+                counter[op_class] = counter.get(op_class, 0) + 1
+        means = {key: spent / count for key, (spent, count) in totals.items()
+                 if count >= MIN_CLASS_ROWS or key.startswith("kind:")}
+        rates = {c: off_ladder.get(c, 0) / n for c, n in on_ladder.items() if n}
+        total_on = sum(on_ladder.values())
+        default_rate = sum(off_ladder.values()) / total_on if total_on else DEFAULT_REFINEMENT_RATE
+        source = (f"the mean cost per point of each op class among the store's {len(held_rows)} points on {platform}"
+                  if held_rows else f"no points measured on {platform} yet: {default_seconds:g} s per point assumed")
+        failures = FailureRates.fit([row for row in rows if row["status"] in (*HELD_STATUSES, FAILED_STATUS)],
+                                    platform)
+        return cls(means, rates, default_seconds, default_rate, source, failures)
+
+    def seconds(self, op_class: str) -> float:
+        """What measuring one point of an op of this class costs."""
+        attention = op_class.startswith(f"{KIND_ATTENTION}:")
+        mean = self.means.get(op_class)
+        if mean is None:
+            mean = self.means.get(_kind_key(attention))
+        return self.default_seconds if mean is None else mean
+
+    def failed_seconds(self, op_class: str) -> float:
+        """What a failed attempt at a point of this class costs (FailureRates' docstring)."""
+        mean = self.failures.failed_seconds.get(op_class)
+        return self.seconds(op_class) if mean is None else mean
+
+    def attempt(self, op_class: str, doomed: bool, failed_before: bool) -> tuple[float, float]:
+        """One attempt at a point: (chance it fails, expected device-seconds)."""
+        chance = self.failures.chance(op_class, doomed, failed_before)
+        return chance, chance * self.failed_seconds(op_class) + (1.0 - chance) * self.seconds(op_class)
+
+    def refinements(self, item: Any) -> float:
+        """Expected refinement points of a work item (one-variable ops only)."""
+        if item.op.kind == KIND_ATTENTION or len(item.op.request_vars()) != 1:
+            return 0.0
+        return self.refinement_rates.get(item.op.op_class(), self.default_refinement_rate) * len(item.missing)
+
+    def item_seconds(self, item: Any) -> float:
+        """The missing points' cost (each at its chance of failing), plus the expected refinements'."""
+        op_class = item.op.op_class()
+        doomed = self.failures.dooms(op_class, item.op.scalars)
+        missing = sum(self.attempt(op_class, doomed, point.key in item.failed)[1] for point in item.missing)
+        return missing + self.refinements(item) * self.seconds(op_class)
+
+    def item_failures(self, item: Any) -> tuple[float, float]:
+        """A work item's expected failed points and the device-seconds those attempts cost."""
+        op_class = item.op.op_class()
+        doomed = self.failures.dooms(op_class, item.op.scalars)
+        expected = sum(self.failures.chance(op_class, doomed, point.key in item.failed) for point in item.missing)
+        return expected, expected * self.failed_seconds(op_class)
+
+
+def _kind_key(attention: bool) -> str:
+    return "kind:attention" if attention else "kind:other"
+
+
+def _point_values(point_key: str) -> dict[str, int]:
+    """The request values a point key holds (an attention key holds its batch: summed here)."""
+    try:
+        payload = json.loads(point_key)
+    except ValueError:
+        return {}
+    if isinstance(payload, dict) and "seqs" in payload:
+        seqs = payload["seqs"]
+        decodes = sum(1 for q, _ in seqs if q == 1)
+        return {"T": sum(q for q, _ in seqs), "B": len(seqs), "K": sum(q + c for q, c in seqs), "D": decodes}
+    return {str(k): int(v) for k, v in payload.items()} if isinstance(payload, dict) else {}
+
+
