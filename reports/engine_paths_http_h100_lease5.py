@@ -99,13 +99,14 @@ class LeaseCell:
     model: str
     path: EnginePath
     workload: str
+    data: Path = DATA  # the lease's folder (another lease's page builds its cells with its own)
 
     @property
     def dirname(self) -> str:
         return f"{self.model}.{self.path.suffix}.{self.workload}"
 
     def run(self, client: str = HTTP_DIRS[0]) -> Path:
-        return DATA / client / self.dirname
+        return self.data / client / self.dirname
 
     @property
     def http_runs(self) -> tuple[Path, ...]:
@@ -189,33 +190,34 @@ def started(run: Path) -> float:
     return float(json.loads((run / "bench.json").read_text())["started_at_unix"])
 
 
-def serving_order() -> list[str]:
+def serving_order(cells: tuple[LeaseCell, ...] = CELLS) -> list[str]:
     """When each cell's HTTP runs and its pair started, in minutes after the lease's first cell."""
-    first = min(started(run) for c in CELLS for run in (*c.http_runs, c.pair))
+    first = min(started(run) for c in cells for run in (*c.http_runs, c.pair) if run.is_dir())
     header = ["cell", *[f"{d} (min)" for d in HTTP_DIRS], f"{PAIRS_DIR} (min)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for cell in CELLS:
-        times = [f"{(started(cell.run(d)) - first) / 60:.1f}" if cell.run(d).is_dir() else "" for d in HTTP_DIRS]
-        lines.append(f"| {cell.name} | {' | '.join(times)} | {(started(cell.pair) - first) / 60:.1f} |")
+    for cell in cells:
+        times = [f"{(started(run) - first) / 60:.1f}" if run.is_dir() else ""
+                 for run in (*(cell.run(d) for d in HTTP_DIRS), cell.pair)]
+        lines.append(f"| {cell.name} | {' | '.join(times)} |")
     return lines
 
 
-def differences() -> list[str]:
-    """HTTP minus in-process, every HTTP run of every cell against the cell's pair (same lease)."""
+def differences(cells: tuple[LeaseCell, ...] = CELLS) -> list[str]:
+    """HTTP minus in-process, every HTTP run of every paired cell against its pair (same lease)."""
     return measured_differences([("H100 (same lease)", f"{c.name} ({run.parent.name})", run, c.pair)
-                                 for c in CELLS for run in c.http_runs])
+                                 for c in cells if c.pair.is_dir() for run in c.http_runs])
 
 
 REPEAT_KEYS = (("ttft", "mean"), ("ttft", "p90"), ("tpot", "mean"), ("tpot", "p50"), ("tpot", "p90"))
 
 
-def repeat_spread() -> list[str]:
+def repeat_spread(cells: tuple[LeaseCell, ...] = CELLS) -> list[str]:
     """The cells with repeated HTTP runs: each run's TTFT and TPOT statistics and the floor
     `dooly validate` takes from them (the largest relative difference between any two runs)."""
     statistics = dict(HTTP_STATISTICS)
     header = ["cell", "run", *[f"{m.upper()} {s} (ms)" for m, s in REPEAT_KEYS]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for cell in CELLS:
+    for cell in cells:
         if len(cell.http_runs) < 2:
             continue
         truths = [load_ground_truth(run) for run in cell.http_runs]
@@ -346,10 +348,12 @@ FINDINGS = [
     "the server costs the no-graph path most: its HTTP TPOT is 10.3% (3B) and 18.0% (1B) above in-process at heavy "
     "load and 22.5-30.3% at light load (first runs), the server's engine spending 21.0-22.6 ms of host time per heavy "
     "step against 10.2-11.5 ms in-process. The eager path adds 4.6% (1B heavy) to 28.0% (1B light, second run) to "
-    "TPOT; the async path 7.0% (1B) and 2.5% (3B) at heavy load, with no host time per step to measure (an async "
-    "step's host work overlaps the device's). The records say the same: a decode step term of +0.65 to +1.29 ms plus "
+    "TPOT; the async path 7.0% (1B) and 2.5% (3B) at heavy load, though its wall minus device time per step is about "
+    "zero on both sides (an async step's host work overlaps the device's). The records say the same: a decode step term of +0.65 to +1.29 ms plus "
     "0.189-0.225 ms per sequence on the no-graph path, +0.76 to +1.55 ms plus 0.148-0.165 ms per sequence on the "
-    "eager path, about zero per decode step on the async path, whose residual TPOT (+4.14 to +4.92 ms) carries its cost instead. "
+    "eager path, and +0.72 to +1.97 ms plus 0.171-0.207 ms per sequence on the async path, where it is measured on the "
+    "host's share of the async cycle (wall minus device time is about zero there: the host work overlaps the "
+    "device's; docs/server-costs.md), leaving a residual TPOT of +2.15 to +2.62 ms. "
     "The light cells move between HTTP runs as much as the server adds: the async light cells' floors are 30.0% "
     "and 36.6% on TTFT mean and 50.2% and 54.4% on its p90, and the 3B's no-graph light cell's two HTTP runs differ "
     "by 28.5% in TPOT p50 (95.5 vs 74.3 ms; the second within 0.8% of its pair's TPOT mean), so the 1B's async "
@@ -359,10 +363,10 @@ FINDINGS = [
     "graphs: -67.2 ms for the 1B, +160.8 ms for the 3B), so they fail the record's model checks and `dooly "
     "validate` leaves them out (docs/server-costs.md); with the step term alone 4 of 9 cells pass with the other "
     "model's record against 5 of 11 with none. On the 1B's heavy cells it brings TPOT MAPE down (no graphs 11.8% "
-    "to 2.6%, eager 7.8% to 3.9%, the eager cell then within the targets; async 7.4% to 7.3%) while the async and "
-    "no-graph cells' TTFT MAPE grows (18.7% to 24.8%, 22.7% to 27.8%). The 1B's async record is refused (raw median TTFT offset "
+    "to 2.6%, eager 7.8% to 3.9%, the eager cell then within the targets; async 7.4% to 4.6%) while the async and "
+    "no-graph cells' TTFT MAPE grows (18.7% to 22.9%, 22.7% to 27.8%). The 1B's async record is refused (raw median TTFT offset "
     "-37.81 ms: its first light HTTP run was 20.9% faster to the first token than its pair, its second 2.8% "
-    "slower), so the 3B's async cells have no held-out record. In sample the pooled records pass 6 of 11; lease4's "
+    "slower), so the 3B's async cells have no held-out record. In sample the pooled records pass 7 of 11; lease4's "
     "8B records are refused on the async and no-graph paths, and its eager record passes 1 of 3 (the 1B's heavy "
     "cell). The in-process pairs pass 4 of 11, none of the no-graph cells (their light TPOT predicted 19.9% and 33.9% "
     "slow, the 1B's heavy TTFT MAPE 21.0%): part of what misses at the client is the simulator's error on the engine "

@@ -424,7 +424,8 @@ def _paired_steps(http: _Run, partners: Sequence[_Run]) -> tuple[list[StepSample
     pairings: set[str] = set()
     try:
         for partner in partners:
-            partner_samples, pairing = step_samples(http.truth.steps, partner.truth.steps)
+            partner_samples, pairing = step_samples(http.truth.steps, partner.truth.steps,
+                                                    asynchronous=bool(http.engine.get(ASYNC_SETTING)))
             samples += partner_samples
             pairings.add(pairing)
     except DoolyError as exc:

@@ -17,7 +17,10 @@ is checked on the heavy pairs, where both pairings run and agree (H200 lease_d d
 + ms per sequence, batch-matched against step for step: 8B +1.03 + 0.111 against +1.16 + 0.106,
 1B +0.24 + 0.162 against +0.12 + 0.171, 3B +0.30 + 0.214 against +0.32 + 0.224; the H100 lease4 8B
 no-graph heavy pair -0.81 + 0.178 against -0.73 + 0.154). Step for step is used whenever the runs
-allow it; runs without the probe's device time get neither.
+allow it; runs without the probe's device time get neither. An async-batching loop's host work
+overlaps the device's, so its wall minus device time is about zero on both sides and hides the
+server: there a step's host time is the host's share of its cycle (`host_times`), which is also
+what the simulated async loop sets against the device's (docs/server-costs.md).
 
 Three forms compete: one constant; a constant per step kind (decode, mixed, prefill); a constant
 per kind plus a per-sequence slope. The form is chosen by leave-one-step-class-out: steps are
@@ -40,7 +43,7 @@ import numpy as np
 
 from dooly.errors import DoolyError
 from dooly.sim.step_model import GRAPH_SUFFIX, OVERHEAD_KEYS, CpuOverheadModel, OverheadTerms, StepKind
-from dooly.sim.validate import MeasuredStep
+from dooly.sim.validate import MeasuredStep, async_timeline
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +167,24 @@ def host_seconds(step: MeasuredStep) -> float:
     return step.duration_s - step.device_s
 
 
+def host_times(steps: Sequence[MeasuredStep], asynchronous: bool = False) -> list[float]:
+    """Each step's host time. A synchronous loop's is its wall minus its device time
+    (`host_seconds`). An async-batching loop's host work overlaps the device's, so its wall minus
+    device time is about zero on both sides of a pair and hides the server: there it is the host's
+    share of the cycle that `validate.async_timeline` rebuilds (prepare + launch + the update's own
+    work), which is the time the simulator's async loop sets against the device's."""
+    if asynchronous:
+        return [timing.host_s for timing in async_timeline(steps)]
+    return [host_seconds(step) for step in steps]
+
+
 def batch_class(step: MeasuredStep) -> tuple[str, int]:
     """What a step's extra host time is a function of: its kind and its number of sequences."""
     return StepKind.of(step.prefill, step.decode_ctx).value, len(step.prefill) + len(step.decode_ctx)
 
 
-def paired_step_samples(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep]) -> list[StepSample]:
+def paired_step_samples(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep],
+                        asynchronous: bool = False) -> list[StepSample]:
     """Per step the two engines both ran without capturing a graph: the HTTP step's host time
     minus the in-process one's. Refused unless the two ran the same steps (same batches in the same
     order; else OtherStepsError) with the probe's device time: only then is the difference the
@@ -177,14 +192,16 @@ def paired_step_samples(http: Sequence[MeasuredStep], inprocess: Sequence[Measur
     if len(http) != len(inprocess):
         raise OtherStepsError(f"the paired engines ran {len(http)} and {len(inprocess)} steps: their host times cannot "
                               "be paired step for step")
-    samples = []
     for ours, theirs in zip(http, inprocess, strict=True):
         if ours.prefill != theirs.prefill or ours.decode_ctx != theirs.decode_ctx:
             raise OtherStepsError(f"step {ours.step} holds other batches in the two runs: their host times cannot be "
                                   "paired step for step")
+    samples = []
+    for ours, theirs, our_host, their_host in zip(http, inprocess, host_times(http, asynchronous),
+                                                  host_times(inprocess, asynchronous), strict=True):
         if ours.graph_captured or theirs.graph_captured:
             continue
-        extra = host_seconds(ours) - host_seconds(theirs)
+        extra = our_host - their_host
         if math.isfinite(extra):
             samples.append(StepSample(*batch_class(ours), extra))
     if not samples:
@@ -193,20 +210,19 @@ def paired_step_samples(http: Sequence[MeasuredStep], inprocess: Sequence[Measur
 
 
 def batch_matched_samples(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep],
-                          min_partner_steps: int = MIN_PARTNER_STEPS) -> list[StepSample]:
+                          min_partner_steps: int = MIN_PARTNER_STEPS, asynchronous: bool = False) -> list[StepSample]:
     """Per HTTP step without a graph capture: its host time minus the median host time of the
     in-process steps of its batch class (kind, sequences; no capture, a device time), where that
     class holds at least `min_partner_steps` of them (else the step gives no sample). For runs
     that ran other steps; refused when no HTTP step finds its class."""
     partners: dict[tuple[str, int], list[float]] = {}
-    for step in inprocess:
-        host = host_seconds(step)
+    for step, host in zip(inprocess, host_times(inprocess, asynchronous), strict=True):
         if not step.graph_captured and math.isfinite(host):
             partners.setdefault(batch_class(step), []).append(host)
     medians = {cls: float(np.median(hosts)) for cls, hosts in partners.items() if len(hosts) >= min_partner_steps}
     samples = []
-    for step in http:
-        host, cls = host_seconds(step), batch_class(step)
+    for step, host in zip(http, host_times(http, asynchronous), strict=True):
+        cls = batch_class(step)
         if not step.graph_captured and math.isfinite(host) and cls in medians:
             samples.append(StepSample(*cls, host - medians[cls]))
     if not samples:
@@ -215,15 +231,16 @@ def batch_matched_samples(http: Sequence[MeasuredStep], inprocess: Sequence[Meas
     return samples
 
 
-def step_samples(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep]) -> tuple[list[StepSample], str]:
+def step_samples(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep],
+                 asynchronous: bool = False) -> tuple[list[StepSample], str]:
     """The pair's samples and how they were paired: step for step (STEP_PAIRING) whenever the two
     ran the same steps, batch-matched (BATCH_PAIRING) where they ran other ones. Refused where
     neither gives a sample, or where the steps lack the device time (no fallback for that)."""
     try:
-        return paired_step_samples(http, inprocess), STEP_PAIRING
+        return paired_step_samples(http, inprocess, asynchronous), STEP_PAIRING
     except OtherStepsError as exc:
         try:
-            return batch_matched_samples(http, inprocess), BATCH_PAIRING
+            return batch_matched_samples(http, inprocess, asynchronous=asynchronous), BATCH_PAIRING
         except DoolyError as matched:
             raise DoolyError(f"{exc}, nor batch-matched: {matched}") from None
 

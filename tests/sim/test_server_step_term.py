@@ -49,6 +49,8 @@ MAX_SEQS = 64
 BATCH_SIZES = 12
 DEVICE_S = 0.010
 INPROCESS_HOST_S = 0.001
+# An async-batching row's host work (prepare, launch, update), under DEVICE_S: the loop is device-bound.
+ASYNC_PREPARE_S, ASYNC_LAUNCH_S, ASYNC_UPDATE_S = 0.004, 0.0005, 0.001
 SEED = 7
 
 
@@ -144,6 +146,25 @@ def test_step_for_step_comes_first_and_no_device_time_is_no_fallback():
     with pytest.raises(DoolyError, match="no step with a device time") as refused:
         step_samples(http, unprobed)
     assert not isinstance(refused.value, OtherStepsError) and "batch-matched" not in str(refused.value)
+
+
+def _async_steps(prepare_s: float, count: int = 4) -> list[MeasuredStep]:
+    """An async-batching run's rows, device-bound: each step's wall is its device time (the host's
+    prepare, launch and update overlap the previous step's device work)."""
+    return [MeasuredStep(i, i * DEVICE_S, DEVICE_S, [], [100] * 4, prepare_s=prepare_s, forward_s=ASYNC_LAUNCH_S,
+                         update_s=ASYNC_UPDATE_S, device_s=DEVICE_S) for i in range(count)]
+
+
+def test_an_async_pair_is_paired_on_the_host_share_of_its_cycle_not_on_wall_minus_device():
+    # Behind the server the async loop's prepare takes 3 ms longer; its wall is the device's on both
+    # sides, so wall minus device sees nothing, where the host's share of the cycle sees the 3 ms.
+    inprocess, http = _async_steps(ASYNC_PREPARE_S), _async_steps(ASYNC_PREPARE_S + 0.003)
+    assert [s.extra_s for s in step_samples(http, inprocess)[0]] == pytest.approx([0.0] * 4)
+    samples, pairing = step_samples(http, inprocess, asynchronous=True)
+    assert pairing == STEP_PAIRING
+    assert [s.extra_s for s in samples] == pytest.approx([0.003] * 4)
+    matched = batch_matched_samples(http, inprocess[:MIN_PARTNER_STEPS], asynchronous=True)
+    assert [s.extra_s for s in matched] == pytest.approx([0.003] * 4)
 
 
 def test_the_step_term_is_added_to_every_path_of_the_host_model():
