@@ -516,7 +516,8 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "eager with graphs; Llama-3.2-1B, -3B and Llama-3.1-8B, light and heavy, one H100 lease): "
         "[engine-paths-http-h100.md](engine-paths-http-h100.md); the 1B's and 3B's cells of those paths again on a "
         "later H100 lease, each paired in-process on it, some light cells repeated: "
-        "[engine-paths-http-h100-lease5.md](engine-paths-http-h100-lease5.md).",
+        "[engine-paths-http-h100-lease5.md](engine-paths-http-h100-lease5.md); the store's records of those paths on a "
+        "third lease (the 1B's cells, each twice): [engine-paths-http-h100-lease6.md](engine-paths-http-h100-lease6.md).",
         "",
         "The `paged|sdpa` graphs heavy cell served by `transformers serve` and timed at the client, and in-process "
         f"right after on the same lease (`{HTTP_LEASE}`), beside the earlier lease's in-process repeats:",
