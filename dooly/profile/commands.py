@@ -116,10 +116,13 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
     click.echo(f"estimate: phases {', '.join(estimate['phases'])} of every measurement, priced from {estimate['source']}; "
                f"not included: {estimate['excludes']}")
     failures = summary["expected_failures"]
-    click.echo(f"expected failures: {failures['points']} points, {failures['device_seconds']:.1f} device-s of the "
-               f"estimate ({failures['never_held_points']} of signatures with a feature never held here, "
-               f"{failures['failed_before_points']} that failed before; profile attempts them all); "
-               f"from {estimate['failures']}")
+    if failures["points"] or failures["never_held_points"] or failures["failed_before_points"]:
+        click.echo(f"expected failures: {failures['points']} points, {failures['device_seconds']:.1f} device-s of the "
+                   f"estimate ({failures['never_held_points']} points of signatures setting a feature no attempt here "
+                   f"survived, {failures['failed_before_points']} points that failed before; profile attempts them "
+                   f"all); from {estimate['failures']}")
+    else:
+        click.echo(f"expected failures: none among the missing points; from {estimate['failures']}")
     rows = [(m["model"], m["signatures"], m["profiled_signatures"], m["reused_signatures"]) for m in summary["models"]]
     click.echo(format_table(["model", "signatures", "to profile", "reused"], rows))
 
