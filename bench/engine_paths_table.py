@@ -583,7 +583,10 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "wheels of fastapi, uvicorn, openai and their needs into `.whl/` (ignored by .gitignore; "
         "`python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
         "--platform manylinux2014_x86_64 -d .whl NAME==VERSION`, one per package); the device call names `.whl` in "
-        "`carry`, and `device/engine_paths.sh` installs them into /tmp/site before its first cell.",
+        "`carry`, and `device/engine_paths.sh` installs them into /tmp/site before its first cell. Every path's cells "
+        "at a client, each twice with its in-process pair between, one part per model and path: "
+        "`bash device/grid_cells.sh DEADLINE @device/campaigns/engine_paths_http.txt:1B.async,1B.default` (the "
+        "file lists the parts, their groups and their walls).",
         "",
     ]
     return "\n".join(lines)

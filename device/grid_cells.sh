@@ -7,12 +7,26 @@
 #   GROUP: ROUND:MODEL:BACKEND:VARIANTS:WORKLOADS[:CLIENT], e.g. r2:meta-llama/Llama-3.1-8B:paged|sdpa:graphs,async:light,heavy
 #   (VARIANTS and WORKLOADS comma-separated, as device/device_bench.py takes them; CLIENT inprocess, the
 #   default, or http: the cells behind transformers' HTTP server, its extras carried as wheels in .whl).
+#   @FILE:PART[,PART...] stands for FILE's groups of those parts, in the file's order (lines
+#   "PART GROUP [WALL_S]", # comments; device/campaigns/engine_paths_http.txt).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # The HTTP cells' served models (random weights + tokenizer) saved once per model, reused by every
 # later cell of the call (docs/simulate.md: an 8B in bfloat16 is 16 GB of it).
 export DOOLY_MODEL_CACHE="${DOOLY_MODEL_CACHE:-/tmp/dooly-model-cache}"
 deadline=$1; shift
+groups=()
+for arg in "$@"; do
+  if [[ $arg == @* ]]; then
+    file=${arg#@}; file=${file%:*}; parts=",${arg##*:},"
+    [[ -f $file ]] || { echo "error: $arg: no such campaign file $file" >&2; exit 2; }
+    mapfile -t found < <(awk -v parts="$parts" '!/^#/ && NF >= 2 && index(parts, "," $1 ",") { print $2 }' "$file")
+    (( ${#found[@]} )) || { echo "error: $arg: no group of part(s) ${parts:1:-1} in $file" >&2; exit 2; }
+    groups+=("${found[@]}")
+  else
+    groups+=("$arg")
+  fi
+done
 # transformers serve's extras (fastapi, uvicorn, openai, ...) are not in the image: carried as wheels.
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -24,7 +38,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 pack() { tar -C "$out" -czf "$OUT/grid.tar.gz" groundtruth reports; }
 # A group starts only with at least MIN_GROUP_S left, and never runs past the deadline.
 MIN_GROUP_S=30
-for group in "$@"; do
+for group in "${groups[@]}"; do
   IFS=: read -r round model backend variants workloads client <<< "$group"
   left=$((deadline - SECONDS))
   (( left < MIN_GROUP_S )) && { echo "skipped $group: deadline"; continue; }
