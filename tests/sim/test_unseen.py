@@ -9,6 +9,7 @@ the family fallback answer them, and the coverage says so.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -183,3 +184,55 @@ def test_plan_prices_exactly_the_estimated_signatures(fitted_store, configs):
     summary = json.loads(planned.stdout)
     assert summary["missing_signatures"] == len(estimated) > 0
     assert summary["estimated_device_seconds"] > 0
+
+
+def _simulated(result) -> dict:
+    """A simulate command's JSON summary, less its own wall time."""
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    summary.pop("simulation_wall_s")
+    return summary
+
+
+def test_the_next_question_about_an_unseen_model_is_answered_from_the_trace_cache(
+    fitted_store, configs, tmp_path, monkeypatch, caplog
+):
+    """The model is traced once: `simulate` again and `predict` reuse the trace (dooly/fit/trace_cache.py),
+    the answers are the same, and the cache sits outside the store, which stays untouched."""
+    from dooly.fit.trace_cache import ENTRY_SUFFIX, TRACE_CACHE_ENV
+
+    cache = tmp_path / "traces"
+    monkeypatch.setenv(TRACE_CACHE_ENV, str(cache))
+    before = store_files(fitted_store)
+    simulate = ["simulate", str(configs["starcoder2"]), *fitted_args(fitted_store), *SIM_ARGS, "--no-cpu-overhead",
+                "--output", "json"]
+    with caplog.at_level(logging.INFO, logger="dooly.fit.resolve"):
+        traced = _simulated(CliRunner().invoke(cli, simulate))
+        assert "traced on the CPU in" in caplog.text and f"(cached to {cache}" in caplog.text
+        caplog.clear()
+        reused = _simulated(CliRunner().invoke(cli, simulate))
+        assert "reused from the cache" in caplog.text and "traced on the CPU in" not in caplog.text
+        caplog.clear()
+        predicted = CliRunner().invoke(cli, ["predict", "--model", str(configs["starcoder2"]),
+                                             *fitted_args(fitted_store), "--decode", "64", "--output", "json"])
+        assert predicted.exit_code == 0, predicted.output
+        assert json.loads(predicted.stdout)["inventory"] == "traced on the CPU"
+        assert "reused from the cache" in caplog.text
+    assert reused == traced
+    assert len(list(cache.rglob(f"*{ENTRY_SUFFIX}"))) == 1
+    assert store_files(fitted_store) == before
+
+
+def test_a_trace_cache_that_cannot_be_written_still_answers(fitted_store, configs, tmp_path, monkeypatch, caplog):
+    from dooly.fit.trace_cache import CACHE_OFF, TRACE_CACHE_ENV
+
+    simulate = ["simulate", str(configs["llama"]), *fitted_args(fitted_store), *SIM_ARGS, "--no-cpu-overhead",
+                "--output", "json"]
+    monkeypatch.setenv(TRACE_CACHE_ENV, CACHE_OFF)
+    uncached = _simulated(CliRunner().invoke(cli, simulate))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a cache directory cannot be made below a file")
+    monkeypatch.setenv(TRACE_CACHE_ENV, str(blocker / "traces"))
+    with caplog.at_level(logging.WARNING, logger="dooly.fit.trace_cache"):
+        assert _simulated(CliRunner().invoke(cli, simulate)) == uncached
+    assert f"cannot write to {blocker / 'traces'}" in caplog.text

@@ -1,0 +1,274 @@
+"""The trace cache of the predicting commands (dooly/fit/trace_cache.py): a model the store holds no
+inventory of is traced on the CPU once, and the next question about it is answered from the cache,
+with the very inventory a fresh trace gives; anything the trace depends on that changes misses, a
+damaged entry is traced again and rewritten, `off` writes nothing, and a cache that cannot be written
+never fails the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+from dooly.errors import DoolyError
+from dooly.fit import trace_cache
+from dooly.fit.resolve import INVENTORY_PHASE, ORIGIN_TRACED, resolve_inventory, traced_inventory
+from dooly.models.registry import ModelSpec, model_key
+from dooly.trace import tracer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engines"))
+from tiny_configs import TINY_LLAMA  # noqa: E402
+
+MODEL_ID = "tiny-cached"
+BACKEND = "paged|sdpa"
+ENGINE = "transformers"
+DTYPE = "bfloat16"
+# What a trace is asked for; each test changes one part of it.
+ASKED: dict[str, Any] = {"backend": BACKEND, "engine": ENGINE, "dtype": DTYPE, "tp": 1}
+# TINY_LLAMA has 4 query heads over 2 KV heads: tp 2 divides both.
+OTHER_TP = 2
+RESOLVE_LOGGER = "dooly.fit.resolve"
+CACHE_LOGGER = "dooly.fit.trace_cache"
+# A shape field the config leaves to transformers' default, which a library call accepts (and warns of).
+DEFAULTED_FIELD = "vocab_size"
+
+
+def spec_of(config: dict[str, Any] = TINY_LLAMA, model_id: str = MODEL_ID) -> ModelSpec:
+    return ModelSpec(model_id=model_id, config=dict(config), source="test")
+
+
+@pytest.fixture
+def traces(monkeypatch) -> list[str]:
+    """The model ids trace_model is called for, in order (the tracer itself runs as usual)."""
+    calls: list[str] = []
+    real = tracer.trace_model
+
+    def counted(model: Any, **kwargs: Any) -> Any:
+        calls.append(model.model_id if isinstance(model, ModelSpec) else str(model))
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(tracer, "trace_model", counted)
+    return calls
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """A cache directory of the test's own."""
+    directory = tmp_path / "traces"
+    monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, str(directory))
+    return directory
+
+
+def entries(directory: Path) -> list[Path]:
+    return sorted(directory.rglob(f"*{trace_cache.ENTRY_SUFFIX}")) if directory.exists() else []
+
+
+def files_under(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def entry_of(directory: Path, spec: ModelSpec, **asked: Any) -> Path:
+    parts = {**ASKED, **asked}
+    key = trace_cache.trace_key(spec, phase=INVENTORY_PHASE, **parts)
+    return trace_cache.entry_path(directory, key)
+
+
+def test_a_hit_is_the_inventory_of_a_fresh_trace(cache_dir, traces, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, trace_cache.CACHE_OFF)
+    fresh = traced_inventory(spec_of(), **ASKED)
+    monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, str(cache_dir))
+    with caplog.at_level(logging.INFO, logger=RESOLVE_LOGGER):
+        missed = traced_inventory(spec_of(), **ASKED)
+        assert "traced on the CPU in" in caplog.text and f"(cached to {cache_dir}" in caplog.text
+        caplog.clear()
+        hit = traced_inventory(spec_of(), **ASKED)
+        assert f"trace of {MODEL_ID} reused from the cache ({cache_dir}" in caplog.text
+    assert traces == [MODEL_ID, MODEL_ID]  # the cache-off trace and the miss; the hit traced nothing
+    assert hit == missed == fresh
+    assert json.dumps(hit) == json.dumps(fresh)  # the same keys in the same order, not only equal
+    assert entries(cache_dir) == [entry_of(cache_dir, spec_of())]
+
+
+def test_the_resolver_serves_a_hit_as_a_cpu_trace_and_never_writes_the_store(cache_dir, traces, tmp_path):
+    from dooly.store.backends import open_store
+
+    config = tmp_path / MODEL_ID / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(TINY_LLAMA))
+    root = tmp_path / "db"
+    store = open_store(str(root))
+    before = files_under(root)
+    first, second = (resolve_inventory(store, str(config), backend=BACKEND) for _ in range(2))
+    assert first.origin == second.origin == ORIGIN_TRACED
+    assert first.inventory == second.inventory and first.model_key == model_key(spec_of())
+    assert traces == [MODEL_ID]
+    assert files_under(root) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "asked"),
+    [
+        ("backend", {"backend": "paged|eager"}),
+        ("dtype", {"dtype": "float32"}),
+        ("tp", {"tp": OTHER_TP}),
+    ],
+)
+def test_another_backend_dtype_or_tp_misses(cache_dir, traces, change, asked):
+    base = traced_inventory(spec_of(), **ASKED)
+    other = traced_inventory(spec_of(), **{**ASKED, **asked})
+    assert traces == [MODEL_ID, MODEL_ID], change
+    assert other[change] == asked[change] and base[change] == ASKED[change]
+    assert len(entries(cache_dir)) == 2
+    assert traced_inventory(spec_of(), **{**ASKED, **asked}) == other and len(traces) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "spec"),
+    [
+        ("a shape", spec_of({**TINY_LLAMA, "intermediate_size": 2 * TINY_LLAMA["intermediate_size"]})),
+        # transformers reads the file metadata the model key leaves out.
+        ("the file metadata", spec_of({**TINY_LLAMA, "transformers_version": "0.0.1"})),
+        ("the name", spec_of(model_id="tiny-renamed")),
+    ],
+)
+def test_a_changed_config_or_name_misses(cache_dir, traces, change, spec):
+    base = traced_inventory(spec_of(), **ASKED)
+    other = traced_inventory(spec, **ASKED)
+    assert len(traces) == 2, change
+    assert other["model_id"] == spec.model_id and len(entries(cache_dir)) == 2
+    if change == "a shape":
+        assert other != base
+
+
+def test_changed_code_or_packages_miss(cache_dir, traces, monkeypatch):
+    traced_inventory(spec_of(), **ASKED)
+    monkeypatch.setattr(trace_cache, "code_digest", lambda: "changed code")
+    traced_inventory(spec_of(), **ASKED)
+    versions = (("torch", "0.0.1"), ("transformers", "0.0.1"))
+    monkeypatch.setattr(trace_cache, "package_versions", lambda engine: versions)
+    traced_inventory(spec_of(), **ASKED)
+    assert len(traces) == 3 and len(entries(cache_dir)) == 3
+
+
+def test_the_code_digest_covers_the_tracer_the_models_the_engines_and_the_inventory(tmp_path):
+    sources = {p.relative_to(Path(trace_cache.__file__).parents[1]).as_posix()
+               for p in trace_cache.traced_sources()}
+    assert {"trace/tracer.py", "models/registry.py", "engines/transformers_cb.py", "profile/run.py",
+            "fit/resolve.py", "fit/trace_cache.py"} <= sources
+    source = tmp_path / "module.py"
+    source.write_text("A = 1\n")
+    before = trace_cache.source_digest([source])
+    source.write_text("A = 2\n")
+    assert trace_cache.source_digest([source]) != before
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text[: len(text) // 2],  # a write cut short
+        lambda text: "",
+        lambda text: json.dumps({**json.loads(text), "schema": "another"}),
+        lambda text: json.dumps({**json.loads(text), "inventory": {"operations": "none"}}),
+        lambda text: json.dumps({**json.loads(text), "key": {"model_key": "another"}}),
+        lambda text: "\udcff",  # not UTF-8 once written
+    ],
+    ids=["truncated", "empty", "schema", "inventory", "key", "undecodable"],
+)
+def test_a_damaged_entry_is_traced_again_and_rewritten(cache_dir, traces, caplog, damage: Callable[[str], str]):
+    good = traced_inventory(spec_of(), **ASKED)
+    [entry] = entries(cache_dir)
+    entry.write_bytes(damage(entry.read_text(encoding="utf-8")).encode("utf-8", "surrogateescape"))
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        rebuilt = traced_inventory(spec_of(), **ASKED)
+    assert rebuilt == good and len(traces) == 2
+    assert str(entry) in caplog.text and "traced again" in caplog.text
+    assert traced_inventory(spec_of(), **ASKED) == good and len(traces) == 2  # the rewritten entry is served
+    assert entries(cache_dir) == [entry]
+
+
+def test_an_unreadable_entry_is_traced_again_and_rewritten(cache_dir, traces, caplog, monkeypatch):
+    good = traced_inventory(spec_of(), **ASKED)
+    [entry] = entries(cache_dir)
+    read_text = Path.read_text
+
+    def refused(path: Path, *args: Any, **kwargs: Any) -> str:
+        if path == entry:  # what a file of another user's, mode 0600, does (root reads anything)
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(trace_cache, "_reported", set())
+    entry.write_text("stale")
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        patch.setattr(Path, "read_text", refused)
+        rebuilt = traced_inventory(spec_of(), **ASKED)
+    assert rebuilt == good and len(traces) == 2
+    assert f"cannot read {entry}" in caplog.text and "traced again" in caplog.text
+    assert json.loads(entry.read_text(encoding="utf-8"))["inventory"] == good  # rewritten
+    assert traced_inventory(spec_of(), **ASKED) == good and len(traces) == 2
+    assert rebuilt == good and len(traces) == 2
+    assert str(entry) in caplog.text and "traced again" in caplog.text
+    assert traced_inventory(spec_of(), **ASKED) == good and len(traces) == 2  # the rewritten entry is served
+    assert entries(cache_dir) == [entry]
+
+
+def test_off_writes_nothing(traces, monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv(trace_cache.XDG_CACHE_HOME_ENV, str(tmp_path / "xdg"))
+    monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, trace_cache.CACHE_OFF.upper())
+    assert trace_cache.cache_directory() is None
+    first, second = (traced_inventory(spec_of(), **ASKED) for _ in range(2))
+    assert first == second and len(traces) == 2
+    assert not (home / ".cache" / "dooly").exists() and not (tmp_path / "xdg" / "dooly").exists()
+    assert list(tmp_path.rglob(f"*{trace_cache.ENTRY_SUFFIX}")) == []
+
+
+def test_the_cache_lives_in_the_user_cache_directory_unless_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(trace_cache.TRACE_CACHE_ENV, raising=False)
+    monkeypatch.delenv(trace_cache.XDG_CACHE_HOME_ENV, raising=False)
+    assert trace_cache.cache_directory() == tmp_path / "home" / ".cache" / "dooly" / "traces"
+    monkeypatch.setenv(trace_cache.XDG_CACHE_HOME_ENV, str(tmp_path / "xdg"))
+    assert trace_cache.cache_directory() == tmp_path / "xdg" / "dooly" / "traces"
+    monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, "~/traces")
+    assert trace_cache.cache_directory() == tmp_path / "home" / "traces"
+
+
+def test_a_cache_that_cannot_be_written_still_answers_and_says_so_once(traces, monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    unwritable = blocker / "traces"  # below a file: no user, root included, can create it
+    monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, str(unwritable))
+    monkeypatch.setattr(trace_cache, "_reported", set())
+    with caplog.at_level(logging.INFO):
+        first, second = (traced_inventory(spec_of(), **ASKED) for _ in range(2))
+    assert first == second and len(traces) == 2
+    warnings = [r for r in caplog.records if r.name == CACHE_LOGGER and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"cannot write to {unwritable}" in warnings[0].getMessage()
+    assert caplog.text.count("(not cached)") == 2
+    assert files_under(tmp_path) == [blocker]
+
+
+def test_a_trace_s_warnings_are_logged_again_on_a_hit(cache_dir, traces, caplog):
+    defaulted = spec_of({k: v for k, v in TINY_LLAMA.items() if k != DEFAULTED_FIELD})
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            traced_inventory(defaulted, **ASKED)
+        assert f"lacks {DEFAULTED_FIELD}" in caplog.text and "using transformers' defaults" in caplog.text
+    assert len(traces) == 1
+
+
+def test_a_config_refused_without_allow_defaults_is_not_served_a_permissive_trace(cache_dir, traces):
+    defaulted = spec_of({k: v for k, v in TINY_LLAMA.items() if k != DEFAULTED_FIELD})
+    traced_inventory(defaulted, **ASKED)  # a library call accepts transformers' defaults
+    with click.Context(click.Command("simulate")).scope(), pytest.raises(DoolyError, match="--allow-defaults"):
+        traced_inventory(defaulted, **ASKED)  # the CLI without --allow-defaults refuses the config
+    assert len(traces) == 2 and len(entries(cache_dir)) == 1
