@@ -483,7 +483,7 @@ def _server_costs(truth_dir: str, settings: dict[str, Any], path: str | None,
     costs.refuse_negative()
     for problem in costs.problems:
         logger.warning("server costs %s: %s", costs.source, problem)
-    return costs, f"added {costs.describe()}"
+    return costs, costs.applied_line()
 
 
 def _stored_server_costs(store: str | None, key: dict[str, Any], what: str) -> ServerCosts:

@@ -203,14 +203,34 @@ class ServerCosts:
 
     def describe(self) -> str:
         """One line: the terms, what they were measured on, and whether they passed their checks."""
-        text = (f"{self.ttft.median_s * MS_PER_S:+.1f} ms TTFT, {self.tpot.median_s * MS_PER_S:+.2f} ms TPOT per request "
+        text = self._measured_offsets()
+        if self.step_term is not None:
+            text += f" after a host term per engine step: {self.step_term.describe()}"
+        return text + self._provenance()
+
+    def applied_line(self) -> str:
+        """What a command that adds this record added, first: the step term and the offsets it
+        applied (none where every offset was withheld), then what was measured, from where, and
+        what was withheld and why. A reader of `describe` alone would take a withheld offset for
+        an added one."""
+        ttft_s, tpot_s = self.applied_offsets()
+        withheld = self.withheld_offsets
+        offsets = [f"{value * MS_PER_S:+.{digits}f} ms {name}" for name, value, digits in
+                   (("TTFT", ttft_s, 1), ("TPOT", tpot_s, 2)) if name not in withheld]
+        added = f"{', '.join(offsets)} per request" if offsets else "no per-request offset"
+        if self.step_term is not None:
+            added = f"a host term per engine step ({self.step_term.describe()}) and {added}"
+        return f"added {added} (measured: {self._measured_offsets()})" + self._provenance()
+
+    def _measured_offsets(self) -> str:
+        return (f"{self.ttft.median_s * MS_PER_S:+.1f} ms TTFT, {self.tpot.median_s * MS_PER_S:+.2f} ms TPOT per request "
                 f"(median of {self.ttft.n} paired requests in {len(self.cells)} cell(s); p10..p90 TTFT "
                 f"{self.ttft.p10_s * MS_PER_S:+.1f}..{self.ttft.p90_s * MS_PER_S:+.1f} ms, TPOT "
                 f"{self.tpot.p10_s * MS_PER_S:+.2f}..{self.tpot.p90_s * MS_PER_S:+.2f} ms)")
-        if self.step_term is not None:
-            text += f" after a host term per engine step: {self.step_term.describe()}"
-        if self.source:
-            text += f" from {self.source}"
+
+    def _provenance(self) -> str:
+        """Where the record came from, its failed checks, and the offsets withheld and why."""
+        text = f" from {self.source}" if self.source else ""
         if self.problems:
             text += f"; FAILED {len(self.problems)} check(s), first: {self.problems[0]}"
         withheld = self.withheld_offsets
@@ -223,7 +243,7 @@ class ServerCosts:
         key), the line, the offsets it applied and those it withheld, its step term."""
         ttft_s, tpot_s = self.applied_offsets()
         return {"record": f"generation {self.generation} of {describe_key(self.key)}",
-                "line": f"added {self.describe()}", "source": self.source, "generation": self.generation,
+                "line": self.applied_line(), "source": self.source, "generation": self.generation,
                 "key": self.key, "applied_ttft_s": ttft_s, "applied_tpot_s": tpot_s,
                 "step_term": self.step_term.as_dict() if self.step_term is not None else None,
                 "withheld_offsets": self.withheld_offsets}

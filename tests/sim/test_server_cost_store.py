@@ -185,7 +185,7 @@ def test_simulate_http_adds_the_stores_record(fitted_store, tmp_path):
     stepped = _simulate(fitted_store, "--client", "http")
     assert stepped.exit_code == 0, stepped.output
     line = next(line for line in stepped.output.splitlines() if line.startswith("server costs:"))
-    assert "added +20.0 ms TTFT" in line and "after a host term per engine step" in line
+    assert line.startswith("server costs: added a host term per engine step (") and " and +20.0 ms TTFT" in line
     assert "generation 2" in line and f"{syn.PLATFORM} / transformers 5.17.0 / {syn.BACKEND} / graphs off" in line
     stepped_json = json.loads(_simulate(fitted_store, "--client", "http", "--output", "json").stdout)
     assert stepped_json["server_costs"]["step_term"]["form"] == CONSTANT

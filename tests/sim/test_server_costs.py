@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from dooly.cli import cli
 from dooly.errors import DoolyError
-from dooly.sim.server_costs import ServerCosts, measure_server_costs
+from dooly.sim.server_costs import MS_PER_S, ServerCosts, measure_server_costs
 from tests.sim.validate_support import MODEL, write_truth
 
 # A server that adds 20 ms before the first token and 1.5 ms to every later one.
@@ -112,6 +112,10 @@ def test_an_offset_that_moves_with_the_load_is_withheld_the_other_applied(tmp_pa
     assert costs.withheld_offsets == {"TTFT": "it depends on the load or model: 2 failed check(s)"}
     assert costs.applied_offsets() == (0.0, pytest.approx(TPOT_COST_S))
     assert "not applied: the TTFT offset (it depends on the load or model: 2 failed check(s))" in costs.describe()
+    # What a command says it added leads with what it applied: the withheld TTFT offset is not in it.
+    added = costs.applied_line().split(" (measured: ")[0]
+    assert added == f"added {TPOT_COST_S * MS_PER_S:+.2f} ms TPOT per request"
+    assert costs.applied_line().endswith("not applied: the TTFT offset (it depends on the load or model: 2 failed check(s))")
     records = simulated_run().requests
     for before, after in zip(records, costs.apply(records)):
         assert after.ttft_s == pytest.approx(before.ttft_s)
@@ -129,6 +133,8 @@ def test_a_residual_offset_below_zero_is_withheld(tmp_path):
     assert costs.withheld_offsets == {"TTFT": "it is below zero: -20.00 ms"}
     assert costs.applied_offsets() == (0.0, pytest.approx(TPOT_COST_S))
     assert "not applied: the TTFT offset (it is below zero: -20.00 ms)" in costs.describe()
+    costs.tpot = replace(costs.tpot, median_s=-TPOT_COST_S)
+    assert costs.applied_line().startswith("added no per-request offset (measured: -20.0 ms TTFT")
 
 
 def test_each_http_run_pairs_with_its_own_models_runs(tmp_path):
