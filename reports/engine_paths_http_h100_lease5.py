@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,32 +159,51 @@ def record_for(cell: LeaseCell, variant: str, records: dict[str, dict[str, PathR
     return "lease4's 8B record", lease4_records[cell.path.label]
 
 
-def validations(store: str, records: dict[str, dict[str, PathRecord]], lease4_records: dict[str, PathRecord]
-                ) -> tuple[dict[str, dict[str, tuple[Cell, dict[str, Any]]]], dict[str, dict[str, str]]]:
-    """Every HTTP cell (all its HTTP runs) under each variant whose record `dooly validate` accepts,
-    and its in-process pair; and per variant and path, the records refused and why."""
-    out: dict[str, dict[str, tuple[Cell, dict[str, Any]]]] = {}
+# What a variant adds to `dooly validate` for a cell: its flags, or why its record is refused ("" where not).
+Choice = tuple[tuple[str, ...], str]
+Results = dict[str, dict[str, tuple[Cell, dict[str, Any]]]]
+
+
+def record_choice(what: str, record: PathRecord) -> Choice:
+    """A record's flags for `dooly validate`, or, where it refuses the record, why (`what`: the record)."""
+    if record.refused:
+        return (), f"{what}, {', '.join(record.refused)} below zero"
+    return ("--server-costs", str(record.path)), ""
+
+
+def validate_cells(store: str, cells: tuple[LeaseCell, ...], variants: tuple[str, ...],
+                   choose: Callable[[LeaseCell, str], Choice]) -> tuple[Results, dict[str, dict[str, str]]]:
+    """Every HTTP cell (all its HTTP runs) under each variant whose record `dooly validate` accepts
+    (`choose`), and its in-process pair where it has one; and per variant and path, the records
+    refused and why (each reason once)."""
+    out: Results = {}
     refused: dict[str, dict[str, str]] = {}
-    for http in CELLS:
+    for http in cells:
         out[http.name] = {}
-        for variant in VARIANTS:
-            extra: tuple[str, ...] = ()
-            if variant != NONE:
-                what, record = record_for(http, variant, records, lease4_records)
-                if record.refused:
-                    reasons = refused.setdefault(variant, {})
-                    why = f"{what}, {', '.join(record.refused)} below zero"
-                    if why not in reasons.get(http.path.label, ""):
-                        reasons[http.path.label] = "; ".join(filter(None, (reasons.get(http.path.label), why)))
-                    continue
-                extra = ("--server-costs", str(record.path))
+        for variant in variants:
+            extra, why = choose(http, variant)
+            if why:
+                reasons = refused.setdefault(variant, {})
+                if why not in reasons.get(http.path.label, ""):
+                    reasons[http.path.label] = "; ".join(filter(None, (reasons.get(http.path.label), why)))
+                continue
             cell = Cell(f"{http.name}, {variant}", http.path.backend, http.workload, http.http_runs, extra=extra,
                         model=http.hf_model, platform=PLATFORM)
             out[http.name][variant] = (cell, validate(cell, store))
-        cell = Cell(f"{http.name}, {REFERENCE}", http.path.backend, http.workload, (http.pair,),
-                    model=http.hf_model, platform=PLATFORM)
-        out[http.name][INPROCESS] = (cell, validate(cell, store))
+        if http.pair.is_dir():
+            cell = Cell(f"{http.name}, {REFERENCE}", http.path.backend, http.workload, (http.pair,),
+                        model=http.hf_model, platform=PLATFORM)
+            out[http.name][INPROCESS] = (cell, validate(cell, store))
     return out, refused
+
+
+def validations(store: str, records: dict[str, dict[str, PathRecord]], lease4_records: dict[str, PathRecord]
+                ) -> tuple[Results, dict[str, dict[str, str]]]:
+    """This lease's cells under every variant (`validate_cells`)."""
+    def choose(cell: LeaseCell, variant: str) -> Choice:
+        return ((), "") if variant == NONE else record_choice(*record_for(cell, variant, records, lease4_records))
+
+    return validate_cells(store, CELLS, VARIANTS, choose)
 
 
 def started(run: Path) -> float:

@@ -29,7 +29,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # engine_paths_table lives in bench/ (a script folder, not a package); the lease pages beside this one.
@@ -40,23 +39,29 @@ import engine_paths_http_h100_lease5 as lease5  # noqa: E402
 from engine_paths_http_h100 import (  # noqa: E402
     INPROCESS,
     PATHS,
-    PLATFORM,
     PathRecord,
     measure_record,
     pass_counts,
     record_section,
     validation_table,
 )
-from engine_paths_http_h100_lease5 import LeaseCell, differences, repeat_spread, serving_order  # noqa: E402
+from engine_paths_http_h100_lease5 import (  # noqa: E402
+    Choice,
+    LeaseCell,
+    Results,
+    differences,
+    record_choice,
+    repeat_spread,
+    serving_order,
+    validate_cells,
+)
 from engine_paths_http_h200 import held_out_records  # noqa: E402
 from engine_paths_table import (  # noqa: E402
     HEAVY_TPOT_MAPE_PCT,
     HEAVY_TTFT_MAPE_PCT,
     SUMMARY_TARGET_PCT,
-    Cell,
     gpu_name,
     scratch_store,
-    validate,
 )
 
 log = logging.getLogger("engine_paths_http_h100_lease6")
@@ -98,31 +103,17 @@ def record_for(cell: LeaseCell, variant: str, lease5_records: dict[str, dict[str
 
 
 def validations(store: str, lease5_records: dict[str, dict[str, PathRecord]], records: dict[str, PathRecord]
-                ) -> tuple[dict[str, dict[str, tuple[Cell, dict[str, Any]]]], dict[str, dict[str, str]]]:
-    """Every HTTP cell (both its runs) under each variant whose record `dooly validate` accepts, and
-    its in-process pair where it has one; and per variant and path, the records refused and why."""
-    out: dict[str, dict[str, tuple[Cell, dict[str, Any]]]] = {}
-    refused: dict[str, dict[str, str]] = {}
-    for http in CELLS:
-        out[http.name] = {}
-        for variant in VARIANTS:
-            extra: tuple[str, ...] = ()
-            if variant == STORE:
-                extra = ("--server-costs", "store")
-            elif variant != NONE:
-                what, record = record_for(http, variant, lease5_records, records)
-                if record.refused:
-                    refused.setdefault(variant, {})[http.path.label] = f"{what}, {', '.join(record.refused)} below zero"
-                    continue
-                extra = ("--server-costs", str(record.path))
-            cell = Cell(f"{http.name}, {variant}", http.path.backend, http.workload, http.http_runs, extra=extra,
-                        model=http.hf_model, platform=PLATFORM)
-            out[http.name][variant] = (cell, validate(cell, store))
-        if http.pair.is_dir():
-            cell = Cell(f"{http.name}, {lease5.REFERENCE}", http.path.backend, http.workload, (http.pair,),
-                        model=http.hf_model, platform=PLATFORM)
-            out[http.name][INPROCESS] = (cell, validate(cell, store))
-    return out, refused
+                ) -> tuple[Results, dict[str, dict[str, str]]]:
+    """Every HTTP cell under each variant whose record `dooly validate` accepts, and its in-process
+    pair where it has one (`lease5.validate_cells`)."""
+    def choose(cell: LeaseCell, variant: str) -> Choice:
+        if variant == NONE:
+            return (), ""
+        if variant == STORE:
+            return ("--server-costs", "store"), ""
+        return record_choice(*record_for(cell, variant, lease5_records, records))
+
+    return validate_cells(store, CELLS, VARIANTS, choose)
 
 
 def record_rows(lease5_records: dict[str, dict[str, PathRecord]], records: dict[str, PathRecord]) -> list[str]:
@@ -134,7 +125,7 @@ def record_rows(lease5_records: dict[str, dict[str, PathRecord]], records: dict[
 
 
 def page(gpu: str, lease5_records: dict[str, dict[str, PathRecord]], records: dict[str, PathRecord],
-         results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]], refused: dict[str, dict[str, str]]) -> str:
+         results: Results, refused: dict[str, dict[str, str]]) -> str:
     sections = [line for path in PATHS
                 for line in record_section(f"{path.label}, lease6's {PAIRED_MODEL} pairs", records[path.label])]
     return "\n".join([
