@@ -139,14 +139,14 @@ def write_ground_truth(
 ) -> list[Path]:
     """Write the four files into `out_dir`; staged in a sibling temporary directory and moved in
     file by file, so a killed run leaves either the previous files or the new ones."""
-    import pyarrow.parquet as pq
+    from dooly.parquetfile import write_compact
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dooly-bench-", dir=out))
     try:
-        pq.write_table(requests_table(requests), staging / REQUESTS_FILE)
-        pq.write_table(steps_table(steps), staging / STEPS_FILE)
+        write_compact(requests_table(requests), staging / REQUESTS_FILE)
+        write_compact(steps_table(steps), staging / STEPS_FILE)
         (staging / ENGINE_FILE).write_text(json.dumps(engine_settings, indent=2, sort_keys=True) + "\n")
         payload = {"schema": GROUND_TRUTH_SCHEMA, **provenance}
         (staging / BENCH_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")

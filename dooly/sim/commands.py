@@ -256,13 +256,13 @@ def _server_costs_payload(costs: ServerCosts | None) -> dict[str, Any] | None:
 
 def _write_results(out_dir: Path, result, summary: dict[str, Any], spec) -> None:
     """All result files appear together: written to a temporary directory, then moved in."""
-    import pyarrow.parquet as pq
+    from dooly.parquetfile import write_compact
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dooly-sim-", dir=out_dir))
     try:
-        pq.write_table(result.requests_table(), staging / REQUESTS_FILE)
-        pq.write_table(result.steps_table(), staging / STEPS_FILE)
+        write_compact(result.requests_table(), staging / REQUESTS_FILE)
+        write_compact(result.steps_table(), staging / STEPS_FILE)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         spec.save(staging / WORKLOAD_FILE)
         for name in (REQUESTS_FILE, STEPS_FILE, SUMMARY_FILE, WORKLOAD_FILE):
