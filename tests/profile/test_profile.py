@@ -301,3 +301,28 @@ def test_flex_attention_profiles_its_attention_only_and_fits(tmp_path, models):
                            "--output-len", "4", "--set", "num_blocks=16", "--no-cpu-overhead", "--output", "json")
     assert code == 0, served
     assert served["num_finished"] == 8
+
+
+def test_a_token_budget_adds_only_the_points_that_fill_it(tmp_path, models):
+    """An engine serving at a budget past the grid's sweep runs steps of exactly that many query
+    tokens: `--token-budget` measures them (attention filling it, the sweep raised to it) and only
+    them on a store that holds the rest."""
+    store = tmp_path / "db"
+    profile(store, models[0])
+    budget = 24  # past SMALL_GRID_ARGS' 16 tokens
+    code, plan = run_cli("plan", models[0], "--store", str(store), *SMALL_GRID_ARGS, "--token-budget", str(budget),
+                         "--output", "json")
+    assert code == 0 and isinstance(plan, dict) and plan["missing_points"] > 0
+    code, payload = run_cli("profile", models[0], "--store", str(store), *SMALL_GRID_ARGS, "--token-budget", str(budget),
+                            "--output", "json")
+    assert code == 0 and isinstance(payload, dict)
+    new = [r for r in shard_rows(store).to_pylist() if r["run_id"] == payload["run_id"]]
+    assert new and all(r["T"] is None or r["T"] > SMALL_GRID.max_tokens // 2 for r in new)
+    filled = [r for r in new if r["op"] == "attention" and r["phase"] == "mixed" and r["T"] == budget]
+    assert filled, "no mixed attention point fills the budget"
+    assert max(r["T"] for r in new if r["T"] is not None) == budget
+    code, again = run_cli("plan", models[0], "--store", str(store), *SMALL_GRID_ARGS, "--token-budget", str(budget),
+                          "--output", "json")
+    assert code == 0 and isinstance(again, dict) and again["missing_points"] == 0
+    code, output = run_cli("plan", models[0], "--store", str(store), "--token-budget", "0")
+    assert code == 2 and "--token-budget must be >= 1" in output

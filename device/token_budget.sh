@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue #24's large token budget on one GPU, in one device call under one deadline: Llama-3.1-8B's
+# heavy cell (`paged|sdpa`, CUDA graphs, in-process) served at max_batch_tokens 8192 twice (its floor)
+# and at the grid's 2048 once between them (the same lease's reference), the 8B's missing points of an
+# 8192-token budget profiled into a copy of the committed store of this platform (`dooly profile
+# --token-budget 8192`: only what the store lacks), and last the 8192 cell's steps kernel by kernel
+# (lab/engine_step_profile.py) while time is left. Everything finished is packed at once
+# (budget.tar.gz: groundtruth/<run>/<cell>, db/ as profiled, steps.json, reports/).
+# Usage (on the device, repository root): bash device/token_budget.sh DEADLINE_S SEED_STORE
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+deadline=$1 seed=$2
+model=meta-llama/Llama-3.1-8B
+out="$OUT/budget"
+mkdir -p "$out/groundtruth" "$out/reports" "$out/db"
+cp -r "$seed/." "$out/db/"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > "$out/reports/gpu.txt"
+pack() { tar -C "$out" -czf "$OUT/budget.tar.gz" groundtruth reports db $(cd "$out" && ls steps.json 2>/dev/null); }
+# A step starts only with at least MIN_STEP_S left, and never runs past the deadline.
+MIN_STEP_S=30
+step() {
+  local name=$1; shift
+  local left=$((deadline - SECONDS))
+  (( left < MIN_STEP_S )) && { echo "skipped $name: deadline" | tee -a "$out/reports/walls.txt"; return; }
+  local start=$SECONDS
+  timeout "$left" "$@" >> "$out/reports/$name.log" 2>&1 || echo "$name: exit $? after $((SECONDS - start)) s"
+  echo "$name: $((SECONDS - start)) s" >> "$out/reports/walls.txt"
+  pack
+}
+cell() {  # RUN BUDGET: the heavy graphs cell at that max_batch_tokens, into groundtruth/RUN
+  python3 device/device_bench.py --models "$model" --backends 'paged|sdpa' --variants graphs --workloads heavy \
+    --set "max_batch_tokens=$2" --out "$out/$1.work" \
+    && mkdir -p "$out/groundtruth/$1" && cp -r "$out/$1.work/groundtruth/." "$out/groundtruth/$1/"
+}
+step mbt8192_r1 cell mbt8192_r1 8192
+step mbt2048 cell mbt2048 2048
+step mbt8192_r2 cell mbt8192_r2 8192
+step profile python3 -m dooly.cli profile "$model" --store "$out/db" --attention 'paged|sdpa' --token-budget 8192 --output json
+step steps python3 lab/engine_step_profile.py --ground-truth "$out/groundtruth/mbt8192_r1/Llama-3.1-8B.paged-sdpa.graphs.heavy" \
+  --model "$model" --out "$out/steps.json"
+cat "$out/reports/walls.txt"
