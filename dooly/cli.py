@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "dooly.sim.commands:simulate_command",
     "bench": "dooly.engines.commands:bench_command",
     "model-cache": "dooly.engines.commands:model_cache_group",
+    "trace-cache": "dooly.fit.trace_cache_commands:trace_cache_group",
     "overhead": "dooly.sim.commands:overhead_command",
     "calibrate": "dooly.sim.calibration_commands:calibrate_command",
     "validate": "dooly.sim.commands:validate_command",

@@ -14,7 +14,15 @@ JSON file per key, and served again on the next question about the same model:
   (another command, an `explore` worker) sees a whole entry or none;
 - an entry that cannot be read, is not JSON, or is not the entry of its key is logged, ignored
   and written again; a cache directory that cannot be written is logged once per process and the
-  trace is used uncached: the cache never fails a command.
+  trace is used uncached: the cache never fails a command;
+- the cache is kept under a cap (`$DOOLY_TRACE_CACHE_MAX_MB`, `DEFAULT_MAX_MB`): every key holds a
+  digest of the code and the package versions, so each change of either leaves the entries made
+  before it unservable, and without a cap they would pile up forever. After a write, if the entries
+  exceed the cap, the stale ones (their recorded code digest or versions are not the current ones,
+  or they cannot be read) are removed first, then the least recently used (an entry's modification
+  time: set when written, refreshed on every hit), never the entry just written; an entry another
+  process removes first is simply gone, one that cannot be removed is skipped (logged once, at
+  debug). `dooly trace-cache list|clear` shows and empties the cache.
 
 Reading an entry imports neither torch nor transformers (versions come from the installed
 packages' metadata), which is most of what a hit saves.
@@ -27,8 +35,11 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
+import re
 import secrets
+import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -61,6 +72,30 @@ ENTRY_MODE = 0o666
 # How many hex digits of the key's SHA-256 name an entry (128 bits: no two keys ever share a file,
 # and the key written inside the entry is checked on every read anyway).
 ENTRY_NAME_HEX_DIGITS = 32
+# What an entry's file is named: only such files, one folder down, are counted, listed and removed
+# (a cache directory named by the user may hold other things).
+ENTRY_NAME = re.compile(rf"[0-9a-f]{{{ENTRY_NAME_HEX_DIGITS}}}{re.escape(ENTRY_SUFFIX)}")
+# A writer makes the entry's folder and then creates its file there; an eviction or a clear removes a
+# model's folder with its last entry, so the folder may vanish in between: made once more.
+CREATE_ATTEMPTS = 2
+# The cap on the cache's size, in MB: decimal (10^6 bytes), as the served-model cache counts GB.
+MAX_MB_ENV = "DOOLY_TRACE_CACHE_MAX_MB"
+BYTES_PER_MB = 10**6
+# An entry is an inventory of a model's distinct operations, 11 kB for an 8B-sized dense config, so
+# 64 MB holds thousands of them: every model, backend, dtype and tp a campaign or an `explore` asks
+# about, several code versions deep, and still a rounding error beside the model weights other tools
+# keep in ~/.cache. A larger cap costs every write more: the cap is kept by a stat of every entry
+# after each write, ~50 ms for 6,000 entries on a 2-core CPU.
+DEFAULT_MAX_MB = 64.0
+# Eviction brings the cache down to this fraction of its cap, not just under it, so the pass that
+# reads every entry to tell stale from current runs once per hundreds of writes, not on every write
+# of a full cache.
+EVICTION_TARGET_FRACTION = 0.9
+# Why an entry can no longer be served: the code that makes inventories changed, a package a trace
+# runs did, or the entry records neither (damaged, or of another layout).
+STALE_CODE = "code"
+STALE_VERSIONS = "versions"
+STALE_UNREADABLE = "unreadable"
 # The loggers whose warnings during a trace are kept with its entry and logged again on a hit
 # (a config traced with transformers' defaults says so on every answer, served or traced).
 REPLAYED_LOGGER = "dooly"
@@ -80,7 +115,10 @@ NOT_INSTALLED = "not installed"
 # What could not be done to a cache directory in this process, each logged once.
 READING = "read"
 WRITING = "write"
-_reported: set[tuple[Path, str]] = set()
+EVICTING = "evict"
+# What was wrong with a setting in this process, logged once too.
+CAPPING = "cap"
+_reported: set[tuple[Path | str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -152,6 +190,40 @@ class CachedTrace:
         """Log the trace's warnings again, from the loggers that logged them."""
         for warning in self.warnings:
             logging.getLogger(warning.logger).log(warning.level, "%s", warning.message)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """An entry's file as the cap sees it: its size, and its last use (its modification time, set
+    when it is written and again on every hit)."""
+
+    path: Path
+    bytes: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class DescribedEntry:
+    """An entry with the key it records (None where it records none it can be read by) and why it
+    can no longer be served (empty: current)."""
+
+    entry: CacheEntry
+    key: dict[str, Any] | None
+    stale: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What an eviction or a clear removed, what it could not remove (and why), and the entries it
+    left in place by choice (the current ones, when only the stale are cleared)."""
+
+    removed: tuple[CacheEntry, ...] = ()
+    failed: tuple[tuple[CacheEntry, str], ...] = ()
+    kept: tuple[CacheEntry, ...] = ()
+
+    @property
+    def removed_bytes(self) -> int:
+        return sum(entry.bytes for entry in self.removed)
 
 
 def cache_directory() -> Path | None:
@@ -259,7 +331,7 @@ def read_entry(directory: Path, key: TraceKey) -> CachedTrace | None:
         logger.warning("trace cache: %s is not UTF-8 (%s); traced again", path, exc.reason)
         return None
     except OSError as exc:
-        _warn_once(directory, READING, "trace cache: cannot read %s (%s); traced again", path, exc)
+        _log_once(directory, READING, logging.WARNING, "trace cache: cannot read %s (%s); traced again", path, exc)
         return None
     try:
         payload = json.loads(text)
@@ -269,7 +341,17 @@ def read_entry(directory: Path, key: TraceKey) -> CachedTrace | None:
     entry = _valid_entry(payload, key, path)
     if entry is None:
         logger.warning("trace cache: %s is not a %s entry of its key; traced again", path, ENTRY_SCHEMA)
+        return None
+    _touch(path)
     return entry
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry used now, so the cap evicts it after the entries used less recently. An entry
+    the user cannot touch (a shared cache, another user's file) or that was just evicted keeps the
+    recency it has: nothing to report."""
+    with suppress(OSError):
+        os.utime(path)
 
 
 def _valid_entry(payload: Any, key: TraceKey, path: Path) -> CachedTrace | None:
@@ -316,29 +398,206 @@ def write_entry(
         return None
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(TEMP_TOKEN_BYTES)}{TEMP_SUFFIX}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # os.open, not tempfile: the entry gets the umask's mode, as any file the user writes (a
-        # cache directory shared by a team stays readable by it).
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, ENTRY_MODE)
+        descriptor = _create(temporary)
         with open(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(temporary, path)
     except OSError as exc:
         with suppress(OSError):
             temporary.unlink()
-        _warn_once(directory, WRITING, "trace cache: cannot write to %s (%s); traces are used uncached",
-                   directory, exc)
+        _log_once(directory, WRITING, logging.WARNING,
+                  "trace cache: cannot write to %s (%s); traces are used uncached", directory, exc)
         return None
+    _keep_under_cap(directory, path)
     return path
 
 
-def _warn_once(directory: Path, operation: str, message: str, *args: Any) -> None:
-    """Log a failure to read or write DIRECTORY the first time it happens in this process: a
-    directory that refuses one entry refuses the next (explore traces one per candidate model)."""
-    if (directory, operation) in _reported:
+def _create(temporary: Path) -> int:
+    """Create TEMPORARY, and its folder first; once more if the folder vanishes in between (another
+    process's eviction or clear removes a model's folder with its last entry)."""
+    attempts = CREATE_ATTEMPTS
+    while True:
+        temporary.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # os.open, not tempfile: the entry gets the umask's mode, as any file the user writes (a
+            # cache directory shared by a team stays readable by it).
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, ENTRY_MODE)
+        except FileNotFoundError:
+            attempts -= 1
+            if not attempts:
+                raise
+
+
+def _log_once(subject: Path | str, operation: str, level: int, message: str, *args: Any) -> None:
+    """Log a failure to read, write or evict from a directory (or a bad setting) the first time it
+    happens in this process: a directory that refuses one entry refuses the next (explore traces
+    one per candidate model)."""
+    if (subject, operation) in _reported:
         return
-    _reported.add((directory, operation))
-    logger.warning(message, *args)
+    _reported.add((subject, operation))
+    logger.log(level, message, *args)
+
+
+def max_cache_bytes() -> int:
+    """The cap, in bytes: `$DOOLY_TRACE_CACHE_MAX_MB`, else DEFAULT_MAX_MB. A value that is not a
+    positive number is logged once and the default kept: the cache never fails a command."""
+    configured = os.environ.get(MAX_MB_ENV, "").strip()
+    if not configured:
+        return round(DEFAULT_MAX_MB * BYTES_PER_MB)
+    megabytes = parse_max_mb(configured)
+    if megabytes is None:
+        _log_once(configured, CAPPING, logging.WARNING, "trace cache: %s=%s is not a positive number of MB; "
+                  "the cache is kept under the default %g MB", MAX_MB_ENV, configured, DEFAULT_MAX_MB)
+        megabytes = DEFAULT_MAX_MB
+    return round(megabytes * BYTES_PER_MB)
+
+
+def parse_max_mb(text: str) -> float | None:
+    """TEXT as a cap in MB, or None where it is not a finite number above 0."""
+    try:
+        megabytes = float(text)
+    except ValueError:
+        return None
+    return megabytes if math.isfinite(megabytes) and megabytes > 0 else None
+
+
+def _keep_under_cap(directory: Path, written: Path) -> None:
+    """Evict after a write, keeping the entry just WRITTEN. Nothing of it fails the write: a
+    directory that cannot be scanned or entries that cannot be removed are logged once, at debug,
+    and left as they are."""
+    max_bytes = max_cache_bytes()
+    try:
+        removal = evict(directory, max_bytes, keep=written)
+    except OSError as exc:
+        _log_once(directory, EVICTING, logging.DEBUG, "trace cache: cannot evict from %s (%s)", directory, exc)
+        return
+    if removal.failed:
+        entry, reason = removal.failed[0]
+        _log_once(directory, EVICTING, logging.DEBUG, "trace cache: cannot remove %d entries of %s (%s: %s); "
+                  "they stay", len(removal.failed), directory, entry.path, reason)
+    if removal.removed:
+        logger.debug("trace cache: evicted %d entries (%d bytes) from %s to keep it under its %d bytes",
+                     len(removal.removed), removal.removed_bytes, directory, max_bytes)
+
+
+def scan_entries(directory: Path) -> list[CacheEntry]:
+    """The entries under DIRECTORY (`MODEL_KEY/<ENTRY_NAME>`: nothing else a directory holds is
+    counted or removed), with their sizes and last uses, unordered. A folder or file that vanishes
+    or cannot be read while it is scanned (another process evicting) is skipped; a missing
+    DIRECTORY has none. Raises OSError where DIRECTORY itself cannot be read."""
+    try:
+        with os.scandir(directory) as listing:
+            folders = [item.path for item in listing
+                       if not item.name.startswith(".") and item.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+    entries: list[CacheEntry] = []
+    for folder in folders:
+        try:
+            with os.scandir(folder) as listing:
+                files = [item for item in listing if ENTRY_NAME.fullmatch(item.name)]
+        except OSError:
+            continue
+        for item in files:
+            with suppress(OSError):
+                status = item.stat(follow_symlinks=False)
+                if stat.S_ISREG(status.st_mode):
+                    entries.append(CacheEntry(Path(item.path), status.st_size, status.st_mtime))
+    return entries
+
+
+def describe(entry: CacheEntry) -> DescribedEntry:
+    """ENTRY with the key it records and why it is stale, if it is."""
+    key = recorded_key(entry.path)
+    return DescribedEntry(entry=entry, key=key, stale=stale_reasons(key))
+
+
+def recorded_key(path: Path) -> dict[str, Any] | None:
+    """The key document the entry at PATH records; None where it cannot be read, is not JSON or
+    not an entry of this layout."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(payload, dict) or payload.get("schema") != ENTRY_SCHEMA:
+        return None
+    key = payload.get("key")
+    return key if isinstance(key, dict) else None
+
+
+def stale_reasons(key: dict[str, Any] | None) -> tuple[str, ...]:
+    """Why an entry recording KEY can never be served by this install: its code digest or package
+    versions are not the current ones (a read compares the whole key), or it records no key."""
+    if key is None:
+        return (STALE_UNREADABLE,)
+    reasons = []
+    if key.get("code") != code_digest():
+        reasons.append(STALE_CODE)
+    engine = key.get("engine")
+    if not isinstance(engine, str) or key.get("versions") != dict(package_versions(engine)):
+        reasons.append(STALE_VERSIONS)
+    return tuple(reasons)
+
+
+def eviction_order(entries: list[DescribedEntry]) -> list[DescribedEntry]:
+    """ENTRIES in the order the cap removes them: the stale first, whatever their recency, then
+    the least recently used; the path breaks ties, so every process picks the same order."""
+    return sorted(entries, key=lambda d: (not d.stale, d.entry.last_used, str(d.entry.path)))
+
+
+def evict(directory: Path, max_bytes: int, *, keep: Path | None = None) -> Removal:
+    """Keep DIRECTORY's entries within MAX_BYTES: if they exceed it, remove them in
+    `eviction_order` until they fill EVICTION_TARGET_FRACTION of it, never the entry at KEEP. Safe
+    beside another process doing the same: an entry it removed first is counted as removed."""
+    entries = scan_entries(directory)
+    total = sum(entry.bytes for entry in entries)
+    if total <= max_bytes:
+        return Removal()
+    target = max_bytes * EVICTION_TARGET_FRACTION
+    removed: list[CacheEntry] = []
+    failed: list[tuple[CacheEntry, str]] = []
+    for described in eviction_order([describe(e) for e in entries if e.path != keep]):
+        if total <= target:
+            break
+        reason = _remove(described.entry)
+        if reason is None:
+            removed.append(described.entry)
+            total -= described.entry.bytes
+        else:
+            failed.append((described.entry, reason))
+    return Removal(removed=tuple(removed), failed=tuple(failed))
+
+
+def clear(directory: Path, *, stale_only: bool = False) -> Removal:
+    """Remove DIRECTORY's entries, or only its stale ones (the current ones are kept); those that
+    cannot be removed are reported, not raised. Raises OSError where DIRECTORY cannot be read."""
+    removed: list[CacheEntry] = []
+    failed: list[tuple[CacheEntry, str]] = []
+    kept: list[CacheEntry] = []
+    for entry in sorted(scan_entries(directory), key=lambda e: str(e.path)):
+        if stale_only and not describe(entry).stale:
+            kept.append(entry)
+            continue
+        reason = _remove(entry)
+        if reason is None:
+            removed.append(entry)
+        else:
+            failed.append((entry, reason))
+    return Removal(removed=tuple(removed), failed=tuple(failed), kept=tuple(kept))
+
+
+def _remove(entry: CacheEntry) -> str | None:
+    """Remove ENTRY, and its model's folder if it was the last one there; why not, where it could
+    not be. One already gone (another process evicted it) counts as removed."""
+    try:
+        entry.path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    with suppress(OSError):
+        entry.path.parent.rmdir()
+    return None
 
 
 @contextmanager

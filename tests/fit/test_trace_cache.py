@@ -2,13 +2,15 @@
 inventory of is traced on the CPU once, and the next question about it is answered from the cache,
 with the very inventory a fresh trace gives; anything the trace depends on that changes misses, a
 damaged entry is traced again and rewritten, `off` writes nothing, and a cache that cannot be written
-never fails the answer.
+never fails the answer. The cache is kept under its cap, stale entries evicted first, then the least
+recently used, and `dooly trace-cache list|clear` shows and empties it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -272,3 +274,218 @@ def test_a_config_refused_without_allow_defaults_is_not_served_a_permissive_trac
     with click.Context(click.Command("simulate")).scope(), pytest.raises(DoolyError, match="--allow-defaults"):
         traced_inventory(defaulted, **ASKED)  # the CLI without --allow-defaults refuses the config
     assert len(traces) == 2 and len(entries(cache_dir)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The cap: eviction, staleness, `dooly trace-cache list|clear`
+# ---------------------------------------------------------------------------------------------
+
+# What a fake entry's inventory is padded with, so its size dwarfs the differences between keys
+# (a stale code digest, another model name) and a cap of N and a half entries is unambiguous.
+PADDING_BYTES = 4000
+# Last uses long past, in increasing order: a fake entry is stamped with one after it is written.
+OLDEST = 1_000_000.0
+SECOND = 2_000_000.0
+THIRD = 3_000_000.0
+FOURTH = 4_000_000.0
+STALE_CODE_DIGEST = "0" * 64
+STALE_VERSIONS = (("torch", "0.0.1"), ("transformers", "0.0.1"))
+
+
+@pytest.fixture
+def uncapped(cache_dir, monkeypatch) -> Path:
+    """The test's cache under the default cap (nothing evicted), whatever the developer's shell sets."""
+    monkeypatch.delenv(trace_cache.MAX_MB_ENV, raising=False)
+    monkeypatch.setattr(trace_cache, "_reported", set())
+    return cache_dir
+
+
+def fake_key(name: str, *, code: str | None = None,
+             versions: tuple[tuple[str, str], ...] | None = None) -> trace_cache.TraceKey:
+    """The key of a trace of a model NAME, current unless given another code digest or versions."""
+    return trace_cache.TraceKey(
+        model_key=f"key-{name}", config_digest=f"config-{name}", model_id=name, engine=ENGINE, backend=BACKEND,
+        dtype=DTYPE, tp=1, phase=INVENTORY_PHASE, defaults_allowed=False,
+        versions=trace_cache.package_versions(ENGINE) if versions is None else versions,
+        code=trace_cache.code_digest() if code is None else code)
+
+
+def fake_entry(directory: Path, name: str, last_used: float | None = None, **stale: Any) -> Path:
+    """An entry written by the cache's own writer (no trace), stamped as last used at LAST_USED."""
+    path = trace_cache.write_entry(directory, fake_key(name, **stale),
+                                   {"operations": [], "padding": "x" * PADDING_BYTES}, ())
+    assert path is not None
+    if last_used is not None:
+        os.utime(path, (last_used, last_used))
+    return path
+
+
+def cap_at(monkeypatch, entries: float, entry: Path) -> None:
+    """Cap the cache at ENTRIES entries the size of ENTRY, through the environment."""
+    max_bytes = entries * entry.stat().st_size
+    monkeypatch.setenv(trace_cache.MAX_MB_ENV, str(max_bytes / trace_cache.BYTES_PER_MB))
+
+
+def models_in(directory: Path) -> set[str]:
+    return {json.loads(path.read_text())["key"]["model_id"] for path in entries(directory)}
+
+
+def test_the_least_recently_used_entries_are_evicted_first(uncapped, monkeypatch):
+    first = fake_entry(uncapped, "m-a", OLDEST)
+    fake_entry(uncapped, "m-b", THIRD)
+    fake_entry(uncapped, "m-c", SECOND)
+    fake_entry(uncapped, "m-d", FOURTH)
+    assert models_in(uncapped) == {"m-a", "m-b", "m-c", "m-d"}  # the default cap evicts nothing
+    cap_at(monkeypatch, 3.5, first)  # five entries over 3.5: down to 0.9 of it, so two go
+    fake_entry(uncapped, "m-e")
+    assert models_in(uncapped) == {"m-b", "m-d", "m-e"}
+    assert not (uncapped / fake_key("m-a").model_key).exists()  # an emptied model folder goes too
+
+
+def test_a_hit_makes_an_entry_the_most_recently_used(uncapped, monkeypatch):
+    first = fake_entry(uncapped, "m-a", OLDEST)
+    fake_entry(uncapped, "m-b", SECOND)
+    served = trace_cache.read_entry(uncapped, fake_key("m-a"))
+    assert served is not None and served.path == first and first.stat().st_mtime > SECOND
+    cap_at(monkeypatch, 2.5, first)
+    fake_entry(uncapped, "m-c")
+    assert models_in(uncapped) == {"m-a", "m-c"}
+
+
+def test_the_entry_just_written_is_kept_even_above_the_cap(uncapped, monkeypatch):
+    first = fake_entry(uncapped, "m-a", OLDEST)
+    fake_entry(uncapped, "m-b", SECOND)
+    cap_at(monkeypatch, 0.5, first)
+    written = fake_entry(uncapped, "m-c")
+    assert entries(uncapped) == [written]
+
+
+def test_stale_entries_are_evicted_first_whatever_their_recency(uncapped, monkeypatch):
+    first = fake_entry(uncapped, "m-current-old", OLDEST)
+    fake_entry(uncapped, "m-current-new", SECOND)
+    fake_entry(uncapped, "m-stale-code", FOURTH, code=STALE_CODE_DIGEST)
+    fake_entry(uncapped, "m-stale-versions", FOURTH, versions=STALE_VERSIONS)
+    # An entry of an older layout records no key this code reads: stale too.
+    older = fake_entry(uncapped, "m-older-layout", THIRD)
+    older.write_text(json.dumps({**json.loads(older.read_text()), "schema": "dooly-trace-cache/0"}))
+    os.utime(older, (FOURTH, FOURTH))
+    order = [d.key["model_id"] if d.key else None for d in trace_cache.eviction_order(
+        [trace_cache.describe(e) for e in trace_cache.scan_entries(uncapped)])]
+    assert order[3:] == ["m-current-old", "m-current-new"] and None in order[:3]
+    cap_at(monkeypatch, 3.5, first)  # six entries over 3.5: three go, the stale ones
+    fake_entry(uncapped, "m-new")
+    assert models_in(uncapped) == {"m-current-old", "m-current-new", "m-new"}
+
+
+def test_eviction_beside_another_process_or_an_unremovable_entry_never_fails_the_write(uncapped, monkeypatch, caplog):
+    first = fake_entry(uncapped, "m-a", OLDEST)
+    second = fake_entry(uncapped, "m-b", SECOND)
+    third = fake_entry(uncapped, "m-c", THIRD)
+    unlink = Path.unlink
+
+    def contended(path: Path, *args: Any, **kwargs: Any) -> None:
+        if path == first:  # another process evicted it a moment before
+            unlink(path)
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        if path == second:  # another user's, in a shared cache
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, *args, **kwargs)
+
+    cap_at(monkeypatch, 1.5, first)
+    monkeypatch.setattr(Path, "unlink", contended)
+    with caplog.at_level(logging.DEBUG, logger=CACHE_LOGGER):
+        fake_entry(uncapped, "m-d")  # evicts m-a (already gone) and m-c; m-b refuses
+        fake_entry(uncapped, "m-e")  # m-b refuses again (not logged again); m-d goes
+    assert models_in(uncapped) == {"m-b", "m-e"} and not third.exists() and not first.exists()
+    refusals = [r for r in caplog.records if "cannot remove" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelno == logging.DEBUG and str(second) in refusals[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("configured", "expected_mb", "warned"),
+    [(None, trace_cache.DEFAULT_MAX_MB, False), ("2.5", 2.5, False), (" 100 ", 100.0, False),
+     ("0", trace_cache.DEFAULT_MAX_MB, True), ("-1", trace_cache.DEFAULT_MAX_MB, True),
+     ("inf", trace_cache.DEFAULT_MAX_MB, True), ("lots", trace_cache.DEFAULT_MAX_MB, True)],
+)
+def test_the_cap_comes_from_the_environment(uncapped, monkeypatch, caplog, configured, expected_mb, warned):
+    if configured is not None:
+        monkeypatch.setenv(trace_cache.MAX_MB_ENV, configured)
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        caps = {trace_cache.max_cache_bytes() for _ in range(2)}
+    assert caps == {round(expected_mb * trace_cache.BYTES_PER_MB)}
+    assert len(caplog.records) == warned  # a bad value is said once, and the command goes on
+    if warned:
+        assert trace_cache.MAX_MB_ENV in caplog.text and "default" in caplog.text
+
+
+def dooly(*args: str) -> Any:
+    from click.testing import CliRunner
+
+    from dooly.cli import cli
+
+    return CliRunner().invoke(cli, ["trace-cache", *args])
+
+
+def dooly_json(*args: str) -> dict[str, Any]:
+    result = dooly(*args, "--output", "json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_list_shows_each_entry_stale_first_then_least_recently_used(uncapped):
+    fake_entry(uncapped, "m-new", THIRD)
+    fake_entry(uncapped, "m-old", OLDEST)
+    stale = fake_entry(uncapped, "m-stale", FOURTH, code=STALE_CODE_DIGEST, versions=STALE_VERSIONS)
+    listed = dooly_json("list")
+    rows = listed["entries"]
+    assert [(r["model"], r["state"], r["stale_because"]) for r in rows] == [
+        ("m-stale", "stale", [trace_cache.STALE_CODE, trace_cache.STALE_VERSIONS]),
+        ("m-old", "current", []), ("m-new", "current", [])]
+    assert {(r["engine"], r["backend"], r["dtype"], r["tp"], r["phase"]) for r in rows} == {
+        (ENGINE, BACKEND, DTYPE, 1, INVENTORY_PHASE)}
+    assert rows[0]["path"] == str(stale) and rows[0]["last_used_unix"] == FOURTH
+    assert listed["total_bytes"] == sum(p.stat().st_size for p in entries(uncapped))
+    assert listed["stale_bytes"] == stale.stat().st_size and listed["directory"] == str(uncapped)
+    assert listed["max_bytes"] == round(trace_cache.DEFAULT_MAX_MB * trace_cache.BYTES_PER_MB)
+    text = dooly("list")
+    assert text.exit_code == 0
+    assert text.output.splitlines()[-1].startswith("3 entries, ") and f"in {uncapped}; 1 stale" in text.output
+
+
+def test_clear_stale_keeps_the_current_entries_and_clear_removes_all(uncapped):
+    current = fake_entry(uncapped, "m-current", OLDEST)
+    stale = fake_entry(uncapped, "m-stale", FOURTH, code=STALE_CODE_DIGEST)
+    cleared = dooly_json("clear", "--stale")
+    assert cleared["removed"] == [str(stale)] and cleared["kept"] == [str(current)] and cleared["failed"] == []
+    assert entries(uncapped) == [current]
+    cleared = dooly_json("clear")
+    assert cleared["removed"] == [str(current)] and cleared["removed_bytes"] > PADDING_BYTES
+    assert entries(uncapped) == [] and dooly_json("list")["entries"] == []
+
+
+def test_an_off_or_missing_cache_is_one_line(uncapped, monkeypatch, tmp_path):
+    monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, str(tmp_path / "never-written"))
+    for command in ("list", "clear"):
+        result = dooly(command)
+        assert result.exit_code == 0 and len(result.output.splitlines()) == 1, result.output
+        assert "nothing" in result.output and str(tmp_path / "never-written") in result.output
+    monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, trace_cache.CACHE_OFF)
+    result = dooly("list")
+    assert (result.exit_code, result.output) == (0, "the trace cache is off (DOOLY_TRACE_CACHE=off): nothing is cached\n")
+    assert dooly_json("list")["enabled"] is False
+    result = dooly("clear")
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1
+    assert result.output.startswith("error: the trace cache is off")
+
+
+def test_a_cache_that_is_a_file_or_a_bad_cap_is_an_error_line(uncapped, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a cache")
+    monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, str(blocker))
+    result = dooly("list")
+    assert (result.exit_code, result.output) == (2, f"error: the trace cache {blocker} (DOOLY_TRACE_CACHE) is not a directory\n")
+    monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, str(uncapped))
+    monkeypatch.setenv(trace_cache.MAX_MB_ENV, "nan")
+    result = dooly("list")
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "--max-mb" in result.output
+    assert len(result.output.splitlines()) == 1
