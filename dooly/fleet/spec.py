@@ -357,6 +357,8 @@ PROFILE_INT_FLAGS = {
 PROFILE_DTYPES = ("bfloat16", "float16", "float32")
 # `profile.attentionGrid`: the attention batch design (`dooly profile --attention-grid`).
 PROFILE_ATTENTION_GRID = "attentionGrid"
+# `profile.tokenBudgets`: the engines' token budgets the fleet serves at (`dooly profile --token-budget`).
+PROFILE_TOKEN_BUDGETS = "tokenBudgets"
 _DEFAULT_SCHEDULE = "0 2 * * *"
 _DEFAULT_TIME_ZONE = "Etc/UTC"
 _DEFAULT_RESOURCES = {
@@ -502,7 +504,8 @@ def _explorations(doc: _Document, value: Any) -> tuple[Exploration, ...]:
 def _profile_section(doc: _Document, value: Any) -> tuple[str | None, tuple[str, ...]]:
     from dooly.profile.grid import ATTENTION_DESIGNS
 
-    section = doc.mapping(value, ("profile",), required=(), optional=("dtype", PROFILE_ATTENTION_GRID, *PROFILE_INT_FLAGS))
+    section = doc.mapping(value, ("profile",), required=(), optional=("dtype", PROFILE_ATTENTION_GRID, PROFILE_TOKEN_BUDGETS,
+                                                                                *PROFILE_INT_FLAGS))
     dtype = None
     if "dtype" in section:
         dtype = doc.string(section["dtype"], ("profile", "dtype"))
@@ -518,6 +521,15 @@ def _profile_section(doc: _Document, value: Any) -> tuple[str | None, tuple[str,
     for key, flag in PROFILE_INT_FLAGS.items():
         if key in section:
             flags += [flag, str(doc.integer(section[key], ("profile", key), minimum=1))]
+    if PROFILE_TOKEN_BUDGETS in section:
+        budgets = section[PROFILE_TOKEN_BUDGETS]
+        path = ("profile", PROFILE_TOKEN_BUDGETS)
+        if not isinstance(budgets, list) or not budgets:
+            raise doc.error(path, f"expected a non-empty list of token budgets, got {_kind(budgets)}")
+        for i, budget in enumerate(budgets):
+            if budget in budgets[:i]:
+                raise doc.error(path + (i,), f"{budget!r} is listed twice")
+            flags += ["--token-budget", str(doc.integer(budget, path + (i,), minimum=1))]
     return dtype, tuple(flags)
 
 

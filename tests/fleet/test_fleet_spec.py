@@ -189,3 +189,15 @@ def test_the_profile_section_takes_an_attention_grid_or_refuses_an_unknown_one(t
     assert "--attention-grid" not in _profile_args(jobs.build_profile_job(full, full_h100, run_id="20260101-000000"))
     with pytest.raises(DoolyError, match=r"profile\.attentionGrid: 'sparse' is not one of full, thin-all, thin-mixed"):
         _load(tmp_path, SMALL_FLEET.replace("profile:\n", "profile:\n  attentionGrid: sparse\n"))
+
+
+def test_the_profile_section_takes_token_budgets_or_refuses_bad_ones(tmp_path):
+    spec = _load(tmp_path, SMALL_FLEET.replace("profile:\n", "profile:\n  tokenBudgets: [8192, 4096]\n"))
+    h100 = next(t for t in spec.targets() if t.gpu.name == "h100")
+    args = _profile_args(jobs.build_profile_job(spec, h100, run_id="20260101-000000"))
+    budgets = [args[i + 1] for i, arg in enumerate(args) if arg == "--token-budget"]
+    assert budgets == ["8192", "4096"]
+    for bad, message in (("[]", "expected a non-empty list of token budgets"), ("[0]", r"tokenBudgets\[0\]: 0 is out of range"),
+                         ("[512, 512]", r"tokenBudgets\[1\]: 512 is listed twice"), ("8192", "expected a non-empty list")):
+        with pytest.raises(DoolyError, match=message):
+            _load(tmp_path, SMALL_FLEET.replace("profile:\n", f"profile:\n  tokenBudgets: {bad}\n"))
