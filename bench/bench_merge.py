@@ -139,6 +139,7 @@ def _shard_table(
         "run_id": const(run_id),
         "hostname": const(f"profiler-{shard_index % 16}"),
         "created_at": const(START + timedelta(minutes=shard_index), pa.timestamp("us", tz="UTC")),
+        "error": const(None),
     }
     return pa.table(columns, schema=SHARD_SCHEMA)
 

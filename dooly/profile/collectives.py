@@ -33,6 +33,7 @@ from typing import Any
 from dooly.distributed import RankContext
 from dooly.profile.grid import refinement_points
 from dooly.profile.measure import (
+    ERROR_CHARS,
     STATUS_ERROR,
     STATUS_OK,
     STATUS_OOM,
@@ -59,7 +60,6 @@ DEFAULT_SAMPLES_CUDA = 15
 DEFAULT_SAMPLES_CPU = 5
 STATUS_CODES = {STATUS_OK: 0, STATUS_ERROR: 1, STATUS_OOM: 2}
 LOG_CHARS = 200
-ERROR_CHARS = 500
 
 
 def collective_kind(op: Operation) -> str:

@@ -138,10 +138,22 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
                    f"estimate ({failures['never_held_points']} points of signatures setting a feature no attempt here "
                    f"survived, {failures['failed_before_points']} points that failed before; profile attempts them "
                    f"all); from {estimate['failures']}")
+        if failures["causes"]:
+            click.echo(f"failure causes in the store: {_causes_text(failures['causes'])}")
     else:
         click.echo(f"expected failures: none among the missing points; from {estimate['failures']}")
     rows = [(m["model"], m["signatures"], m["profiled_signatures"], m["reused_signatures"]) for m in summary["models"]]
     click.echo(format_table(["model", "signatures", "to profile", "reused"], rows))
+
+
+def _causes_text(causes: list[dict[str, Any]]) -> str:
+    """The plan's causes (`Plan.expected_failures`) on one line: each class once, then its causes,
+    each with the failed rows it accounts for out of the class's."""
+    by_class: dict[str, list[str]] = {}
+    for cause in causes:
+        by_class.setdefault(cause["op_class"], []).append(
+            f"\"{cause['cause']}\" ({cause['attempts']} of {cause['failed_attempts']} failed attempts)")
+    return "; ".join(f"{op_class}: {', '.join(texts)}" for op_class, texts in by_class.items())
 
 
 def _plan_comm_stack(traces: list, stack: Any, device_type: str, named: bool) -> Any:

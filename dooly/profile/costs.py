@@ -8,6 +8,8 @@ new failure mode or cost term touches only this file.
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,16 @@ MIN_CLASS_ROWS = 8
 # CPU for a tiny Llama and Qwen2.5-0.5B (docs/profile.md).
 DEFAULT_REFINEMENT_RATE = 0.1
 PERCENT = 100.0
+# The most common causes (`failure_cause`) of a class's failed rows that the plan names.
+CAUSES_SHOWN = 3
+# A cause is the first line of a failed row's error text, this long at most once normalised.
+CAUSE_CHARS = 160
+# What varies between failures of one cause and is replaced so they group: memory addresses, then
+# numbers standing alone (sizes, indices, versions; not the digits of a name such as bf16).
+ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+ADDRESS_MARK = "<addr>"
+NUMBER = re.compile(r"\b\d+(?:\.\d+)*\b")
+NUMBER_MARK = "<n>"
 
 
 @dataclass
@@ -63,6 +75,10 @@ class FailureRates:
     retry_rates: dict[str, float] = field(default_factory=dict)  # op class -> failed share of retries
     failed_seconds: dict[str, float] = field(default_factory=dict)  # op class -> mean of a failed attempt
     source: str = "no failed measurements in the store"
+    failed_attempts: dict[str, int] = field(default_factory=dict)  # op class -> its failed rows
+    # op class -> its most common causes (`failure_cause`), with how many failed rows each: only
+    # rows that carry error text count (shards written before the `error` column carry none).
+    causes: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
     @classmethod
     def fit(cls, rows: list[dict[str, Any]], platform: str) -> FailureRates:
@@ -74,6 +90,7 @@ class FailureRates:
         point_class: dict[tuple[Any, ...], str] = {}
         by_feature: dict[str, list[int]] = {}  # failure feature -> [attempts, held]
         failed_totals: dict[str, list[float]] = {}  # op class -> [seconds, failed attempts]
+        causes: dict[str, Counter[str]] = {}  # op class -> failed rows by cause
         for row in rows:
             failure = row["status"] == FAILED_STATUS
             op_class = str(row.get("op_class") or "")
@@ -90,6 +107,9 @@ class FailureRates:
                 total = failed_totals.setdefault(op_class, [0.0, 0.0])
                 total[0] += float(row["device_seconds"] or 0.0)
                 total[1] += 1
+                cause = failure_cause(row.get("error"))
+                if cause:
+                    causes.setdefault(op_class, Counter())[cause] += 1
         never_held = {feature: n for feature, (n, held) in by_feature.items() if n >= MIN_CLASS_ROWS and not held}
         first: dict[str, list[int]] = {}  # op class -> [first attempts, failed]
         retries: dict[str, list[int]] = {}  # op class -> [retries, failed]
@@ -113,6 +133,8 @@ class FailureRates:
             retry_rates={c: failed / n for c, (n, failed) in retries.items() if n >= MIN_CLASS_ROWS},
             failed_seconds={c: spent / n for c, (spent, n) in failed_totals.items() if n >= MIN_CLASS_ROWS},
             source=source,
+            failed_attempts={c: int(n) for c, (_, n) in failed_totals.items()},
+            causes={c: counter.most_common(CAUSES_SHOWN) for c, counter in causes.items()},
         )
 
     def dooms(self, op_class: str, scalars: dict[str, Any]) -> bool:
@@ -138,6 +160,15 @@ class FailureRates:
                   if rate]
         parts += [f"a failed {c} attempt costs {seconds:.2f} s" for c, seconds in sorted(self.failed_seconds.items())]
         return "; ".join(parts)
+
+
+def failure_cause(error: str | None) -> str:
+    """What a failed row's error text says went wrong, in a form that groups: its first non-empty
+    line with addresses and stand-alone numbers replaced (so one cause met at many shapes counts
+    once), at most CAUSE_CHARS long; "" where the row carries no text."""
+    line = next((line.strip() for line in (error or "").splitlines() if line.strip()), "")
+    line = NUMBER.sub(NUMBER_MARK, ADDRESS.sub(ADDRESS_MARK, line))
+    return " ".join(line.split())[:CAUSE_CHARS]
 
 
 # What tells two attempts at one point apart from two points (the row's stack; absent columns are None).

@@ -69,6 +69,9 @@ P10, P90 = 10, 90
 STATUS_OK = "ok"
 STATUS_OOM = "oom"
 STATUS_ERROR = "error"
+# How much of a failed measurement's "Type: message" text a row keeps (the shard's `error` column):
+# the cause and its first details; inductor's multi-page tracebacks are cut.
+ERROR_CHARS = 500
 # Where a measurement's wall time goes (Timer.phase_seconds).
 PHASE_BUILD = "build"
 PHASE_WARMUP = "warmup"
@@ -165,7 +168,7 @@ class Timer:
             log.warning("measurement failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
             self._recover()
             return Measurement(None, None, None, None, 0, STATUS_ERROR, time.perf_counter() - started,
-                               error=f"{type(exc).__name__}: {exc}"[:500])
+                               error=f"{type(exc).__name__}: {exc}"[:ERROR_CHARS])
         return Measurement.of_samples(values, time.perf_counter() - started)
 
     def take_samples(self, sample: Callable[[], float], sample_s: float) -> list[float]:

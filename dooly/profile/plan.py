@@ -90,24 +90,33 @@ class Plan:
         """The missing points expected to fail, and what those attempts cost (part of the estimate).
 
         `points` is the expected count (a sum of chances, rounded): a subset of the missing points,
-        which profile attempts all the same, so the point count does not change."""
+        which profile attempts all the same, so the point count does not change. `causes` says why,
+        for each op class expected to fail: its most common causes among the store's failed rows
+        with error text (none where its rows carry no text), so a user can tell a failure worth
+        fixing (or leaving out of the run) from one the plan merely prices."""
         work = self.work(shard_index, shard_count)
         if self.costs is None:
             return {"points": 0, "device_seconds": 0.0, "never_held_points": 0, "failed_before_points": 0,
-                    "source": "no cost model"}
+                    "causes": [], "source": "no cost model"}
         failures = self.costs.failures
         points = seconds = 0.0
         never_held = failed_before = 0
+        failing_classes: set[str] = set()
         for item in work:
             expected_points, expected_seconds = self.costs.item_failures(item)
             points += expected_points
             seconds += expected_seconds
+            if expected_points:
+                failing_classes.add(item.op.op_class())
             if failures.dooms(item.op.op_class(), item.op.scalars):
                 never_held += len(item.missing)
             else:
                 failed_before += sum(1 for point in item.missing if point.key in item.failed)
+        causes = [{"op_class": op_class, "cause": cause, "attempts": count,
+                   "failed_attempts": failures.failed_attempts[op_class]}
+                  for op_class in sorted(failing_classes) for cause, count in failures.causes.get(op_class, [])]
         return {"points": round(points), "device_seconds": round(seconds, 3), "never_held_points": never_held,
-                "failed_before_points": failed_before, "source": failures.source}
+                "failed_before_points": failed_before, "causes": causes, "source": failures.source}
 
     def summary(self) -> dict[str, Any]:
         missing = [i for i in self.items.values() if i.missing]

@@ -457,6 +457,7 @@ def _row(item: WorkItem, point: Point, m: Measurement) -> dict[str, Any]:
         "status": m.status,
         "device_seconds": m.device_seconds,
         **item.stack.columns(),
+        "error": m.error or None,
     }
 
 

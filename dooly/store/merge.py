@@ -50,7 +50,7 @@ from dooly import SCHEMA_VERSION, __version__
 from dooly.errors import DoolyError, ShrinkRefused
 from dooly.output import progress as progress_bar
 from dooly.store.backends import Store
-from dooly.store.schema import STACK_COLUMNS
+from dooly.store.schema import SHARD_SCHEMA, STACK_COLUMNS
 from dooly.store.shards import PARTITION_COLUMNS, list_shards, schema_problem
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ HASH = "__dooly_key_hash"
 HASH_MASK = 2**64 - 1
 # Constant within a shard (one software stack, one run): read from footers, not rows.
 SHARD_CONSTANT_COLUMNS = (*STACK_COLUMNS, "run_id")
+# What every shard is scanned as: a shard written before an OPTIONAL_COLUMNS column existed gets it
+# as nulls (polars would otherwise take the first file's columns and refuse every other shape).
+SCAN_SCHEMA = pl.DataFrame(SHARD_SCHEMA.empty_table()).schema
 
 
 @dataclass
@@ -363,6 +366,8 @@ def _scan(store: Store, keys: list[str]) -> pl.LazyFrame:
         hive_partitioning=False,
         glob=False,
         row_index_name=ROW_INDEX,
+        schema=SCAN_SCHEMA,
+        missing_columns="insert",
     )
 
 

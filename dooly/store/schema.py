@@ -30,6 +30,12 @@ STACK_COLUMNS = (
     "cuda_version",
 )
 
+# Columns added to SHARD_SCHEMA after shards were already written without them (the committed
+# stores under data/ among them). A shard lacking one still reads and merges: readers take it as
+# null on every row, so adding one needs no schema-version bump and no rewrite of old shards.
+# Writers always write them.
+OPTIONAL_COLUMNS = ("error",)
+
 SHARD_SCHEMA = pa.schema(
     [
         # What was measured.
@@ -71,6 +77,10 @@ SHARD_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("hostname", pa.string(), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        # Why the measurement failed: the exception's type and message (`measure.ERROR_CHARS` at
+        # most) on a row of status `error`, null on every other row. Last and optional (see
+        # OPTIONAL_COLUMNS).
+        pa.field("error", pa.string(), nullable=True),
     ],
     metadata={"dooly.schema_version": str(SCHEMA_VERSION)},
 )

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from dooly import SCHEMA_VERSION
 from dooly.store.backends import Store
 from dooly.store.keys import escape_value, unescape_value
-from dooly.store.schema import SHARD_SCHEMA, STACK_COLUMNS
+from dooly.store.schema import OPTIONAL_COLUMNS, SHARD_SCHEMA, STACK_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +33,10 @@ INVENTORIES_PREFIX = "inventories/"
 SHARD_SUFFIX = ".parquet"
 PARTITION_COLUMNS = ("platform", "engine", "backend", "dtype")
 # What the planner needs to decide whether a point is already held, and what it cost; the readable
-# signature tells its feature set, which failure rules are learned on (`plan.failure_key`).
+# signature tells its feature set, which failure rules are learned on (`plan.failure_key`), and a
+# failed row's error text why it failed.
 HELD_COLUMNS = ("signature", "op_class", "signature_json", "config_dims", "point_key", "status", "device_seconds",
-                "n_samples", *STACK_COLUMNS)
+                "n_samples", *STACK_COLUMNS, "error")
 IDENTITY_HEX_CHARS = 16
 CHUNK_INDEX_DIGITS = 5
 PARQUET_COMPRESSION = "zstd"
@@ -67,17 +68,23 @@ def list_shards(store: Store) -> list[str]:
     return [k for k in store.list_keys(SHARDS_PREFIX) if k.endswith(SHARD_SUFFIX)]
 
 
-def schema_problem(schema: pa.Schema, *, strict_nullability: bool = True) -> str | None:
+def schema_problem(
+    schema: pa.Schema, *, strict_nullability: bool = True, require_optional: bool = False
+) -> str | None:
     """Why a schema is not SHARD_SCHEMA, or None when it is.
 
     Written shards must match exactly; a table handed to `write_shard` may leave its fields
-    nullable (as tables built without an explicit schema do) since its null counts are checked.
+    nullable (as tables built without an explicit schema do) since its null counts are checked,
+    and leave a nullable column that holds only nulls untyped (such a table infers type null).
+    A shard written before an OPTIONAL_COLUMNS column existed lacks it and still matches, unless
+    `require_optional` (what `write_shard` asks of the tables it is given).
     """
     version = (schema.metadata or {}).get(b"dooly.schema_version")
     if version is not None and version.decode() != str(SCHEMA_VERSION):
         return f"schema version {version.decode()}, expected {SCHEMA_VERSION}"
-    expected = {f.name: f for f in SHARD_SCHEMA}
     actual = {f.name: f for f in schema}
+    expected = {f.name: f for f in SHARD_SCHEMA
+                if require_optional or f.name not in OPTIONAL_COLUMNS or f.name in actual}
     missing = [name for name in expected if name not in actual]
     if missing:
         return f"missing column(s) {', '.join(missing)}"
@@ -85,17 +92,18 @@ def schema_problem(schema: pa.Schema, *, strict_nullability: bool = True) -> str
     if extra:
         return f"unexpected column(s) {', '.join(extra)}"
     for name, field in expected.items():
-        if actual[name].type != field.type:
+        untyped_nulls = not strict_nullability and field.nullable and pa.types.is_null(actual[name].type)
+        if actual[name].type != field.type and not untyped_nulls:
             return f"column {name} is {actual[name].type}, expected {field.type}"
         if strict_nullability and actual[name].nullable and not field.nullable:
             return f"column {name} is nullable, expected non-null"
-    if schema.names != SHARD_SCHEMA.names:
+    if schema.names != list(expected):
         return "columns are not in schema order"
     return None
 
 
 def _validate(table: pa.Table, run_id: str) -> None:
-    problem = schema_problem(table.schema.remove_metadata(), strict_nullability=False)
+    problem = schema_problem(table.schema.remove_metadata(), strict_nullability=False, require_optional=True)
     if problem:
         raise ValueError(f"shard table does not match SHARD_SCHEMA: {problem}")
     if table.num_rows == 0:
@@ -160,8 +168,9 @@ def write_shard(store: Store, table: pa.Table, *, run_id: str, chunk_index: int)
 def read_held(store: Store, *, platform: str, engine: str, backend: str, dtype: str) -> pa.Table:
     """What the store already holds for one partition: HELD_COLUMNS of every readable shard.
 
-    Only those columns are read (footer plus their column chunks). A corrupt shard or one of another
-    schema is skipped with a warning: the merge job quarantines it, the planner just re-measures.
+    Only those columns are read (footer plus their column chunks); an OPTIONAL_COLUMNS column a
+    shard predates reads as nulls. A corrupt shard or one of another schema is skipped with a
+    warning: the merge job quarantines it, the planner just re-measures.
     """
     columns = list(HELD_COLUMNS)
     tables = []
@@ -174,9 +183,21 @@ def read_held(store: Store, *, platform: str, engine: str, backend: str, dtype: 
                 problem = schema_problem(parquet.schema_arrow)
                 if problem:
                     raise ValueError(problem)
-                tables.append(parquet.read(columns=columns))
+                present = set(parquet.schema_arrow.names)
+                tables.append(_with_optional_columns(parquet.read(columns=[c for c in columns if c in present]),
+                                                     columns))
         except (OSError, ValueError, pa.ArrowException) as exc:
             logger.warning("skipping unreadable shard %s: %s", key, exc)
     if not tables:
         return SHARD_SCHEMA.empty_table().select(columns)
     return pa.concat_tables(tables)
+
+
+def _with_optional_columns(table: pa.Table, columns: list[str]) -> pa.Table:
+    """`table` with the OPTIONAL_COLUMNS among `columns` it lacks added as nulls, in `columns` order:
+    shards that predate a column concatenate with those that have it."""
+    for name in OPTIONAL_COLUMNS:
+        if name in columns and name not in table.column_names:
+            field = SHARD_SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(columns)

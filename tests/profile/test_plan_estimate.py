@@ -4,13 +4,24 @@ own measurements on the platform."""
 from __future__ import annotations
 
 import json
+import re
 
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from profile_helpers import SMALL_GRID_ARGS
 
 from dooly.cli import cli
-from dooly.profile.costs import DEFAULT_REFINEMENT_RATE, FAILED_STATUS, MIN_CLASS_ROWS, PointCosts
+from dooly.profile.costs import (
+    CAUSE_CHARS,
+    DEFAULT_REFINEMENT_RATE,
+    FAILED_STATUS,
+    MIN_CLASS_ROWS,
+    PointCosts,
+    failure_cause,
+)
 from dooly.profile.measure import STATUS_ERROR, Measurement
 from dooly.trace.schema import KIND_ATTENTION
 
@@ -146,3 +157,83 @@ def test_a_failed_point_is_planned_again_and_priced_as_a_failure(tmp_path, model
     assert f"expected failures: {plan['missing_points']} points" in text.output
     again = _json("profile", model, "--store", store, *SMALL_GRID_ARGS)
     assert again["planned_points"] == plan["missing_points"] == again["error_points"]
+
+
+def test_a_failure_cause_is_the_first_line_without_its_numbers_and_addresses():
+    assert failure_cause("RuntimeError: size 128 != 64 at 0x7f3a2c00b0\n  File ...") == (
+        "RuntimeError: size <n> != <n> at <addr>")
+    assert failure_cause("\n  ValueError: bf16 tile of 16x16 unsupported") == "ValueError: bf16 tile of 16x16 unsupported"
+    assert failure_cause("RuntimeError: " + "x" * 1000) == ("RuntimeError: " + "x" * 1000)[:CAUSE_CHARS]
+    assert failure_cause("") == failure_cause(None) == ""
+
+
+def test_failure_causes_are_counted_per_class_most_common_first():
+    rows = [{**_row(FLEX, 0.5, {"seqs": [[1, c]]}, FAILED_STATUS, "capped"), "error": f"RuntimeError: bad shape {c}"}
+            for c in range(6)]
+    rows += [{**_row(FLEX, 0.5, {"seqs": [[2, c]]}, FAILED_STATUS, "capped"), "error": "TypeError: no kernel"}
+             for c in range(2)]
+    rows += [_row(FLEX, 0.5, {"seqs": [[3, c]]}, FAILED_STATUS, "capped") for c in range(3)]  # no text: older shards
+    rows += [_row(FLEX, 0.4, {"seqs": [[4, c]]}) for c in range(8)]
+    failures = PointCosts.fit(rows, 0.05, "GPU-X").failures
+    assert failures.causes == {FLEX: [("RuntimeError: bad shape <n>", 6), ("TypeError: no kernel", 2)]}
+    assert failures.failed_attempts == {FLEX: 11}
+    untold = PointCosts.fit([r for r in rows if "error" not in r], 0.05, "GPU-X").failures
+    assert untold.causes == {} and untold.failed_attempts == {FLEX: 3}
+
+
+# The op whose every measurement raises in the error-text test, and what it raises (the values and
+# an address vary by point; the cause does not).
+FAILING_OP = "aten.silu.default"
+
+
+def test_a_failed_measurements_text_reaches_the_shards_the_merged_store_and_the_plan(tmp_path, models, monkeypatch):
+    """The Timer's "Type: message" of a point that raised is the row's `error` in its shard and in
+    the merged snapshot (null on every other row); the next plan names it, grouped, as the cause of
+    the class it expects to fail. Shards rewritten without the column (how the committed stores
+    are) still plan the same failures, and the plan then names no cause."""
+    import dooly.profile.run as run
+    from dooly.store.backends import LocalStore
+    from dooly.store.merge import merge_store, read_snapshot
+
+    build = run.build_aten_call
+
+    def silu_raises(op, values, *args, **kwargs):
+        if op.op == FAILING_OP:
+            raise RuntimeError(f"silu rejected {sorted(values.items())} at 0x{id(values):x}\nsecond line")
+        return build(op, values, *args, **kwargs)
+
+    monkeypatch.setattr(run, "build_aten_call", silu_raises)
+    model, _ = models
+    store = tmp_path / "db"
+    first = _json("profile", model, "--store", str(store), *SMALL_GRID_ARGS)
+    assert first["error_points"] > 0
+    shards = sorted(store.rglob("*.parquet"))
+    rows = pa.concat_tables([pq.read_table(path) for path in shards]).to_pylist()
+    failed = [row for row in rows if row["status"] == STATUS_ERROR]
+    assert len(failed) == first["error_points"] and {row["op"] for row in failed} == {FAILING_OP}
+    assert all(re.fullmatch(r"RuntimeError: silu rejected \[.*\] at 0x[0-9a-f]+\nsecond line", row["error"])
+               for row in failed)
+    assert all(row["error"] is None for row in rows if row["status"] != STATUS_ERROR)
+
+    merge_store(LocalStore(store))
+    snapshot, _ = read_snapshot(LocalStore(store))
+    assert sorted(snapshot.filter(pl.col("error").is_not_null())["error"].to_list()) == sorted(r["error"] for r in failed)
+    assert snapshot.filter(pl.col("status") != STATUS_ERROR)["error"].null_count() == len(rows) - len(failed)
+
+    plan = _json("plan", model, "--store", str(store), *SMALL_GRID_ARGS)
+    cause = "RuntimeError: silu rejected [('T', <n>)] at <addr>"
+    assert plan["expected_failures"]["causes"] == [
+        {"op_class": FAILING_OP, "cause": cause, "attempts": len(failed), "failed_attempts": len(failed)}]
+    text = CliRunner().invoke(cli, ["plan", model, "--store", str(store), *SMALL_GRID_ARGS], catch_exceptions=False)
+    assert (f'failure causes in the store: {FAILING_OP}: "{cause}" ({len(failed)} of {len(failed)} failed attempts)'
+            in text.output)
+
+    for path in shards:
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["error"]).replace_schema_metadata(table.schema.metadata), path)
+    untold = _json("plan", model, "--store", str(store), *SMALL_GRID_ARGS)
+    assert untold["expected_failures"]["causes"] == []
+    assert {k: v for k, v in untold["expected_failures"].items() if k != "causes"} == {
+        k: v for k, v in plan["expected_failures"].items() if k != "causes"}
+    text = CliRunner().invoke(cli, ["plan", model, "--store", str(store), *SMALL_GRID_ARGS], catch_exceptions=False)
+    assert "expected failures:" in text.output and "failure causes" not in text.output

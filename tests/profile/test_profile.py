@@ -20,11 +20,13 @@ from dooly.cli import cli
 from dooly.profile.grid import GridSpec
 from dooly.profile.measure import (
     DEFAULT_SAMPLES_CUDA,
+    ERROR_CHARS,
     LONG_SAMPLE_S,
     PHASE_FAILED,
     PHASES,
     SETTLED_SAMPLES,
     SETTLED_SPREAD,
+    STATUS_ERROR,
     STATUS_OK,
     STATUS_OOM,
     WARMUP_CALLS,
@@ -182,6 +184,16 @@ def test_out_of_memory_is_a_result():
     measurement = timer.measure(build)
     assert measurement.status == STATUS_OOM and measurement.median_s is None
     assert set(timer.phase_seconds) == {PHASE_FAILED}
+
+
+def test_a_failed_measurement_keeps_its_type_and_message_cut_to_error_chars():
+    def build():
+        raise RuntimeError("no kernel for this shape\n" + "x" * 2 * ERROR_CHARS)
+
+    measurement = Timer("cpu", samples=2).measure(build)
+    assert measurement.status == STATUS_ERROR and measurement.median_s is None
+    assert measurement.error.startswith("RuntimeError: no kernel for this shape\nxxx")
+    assert len(measurement.error) == ERROR_CHARS
 
 
 def test_long_calls_are_sampled_until_they_settle_unless_a_count_was_asked_for():

@@ -80,6 +80,7 @@ def make_shard_table(
         "run_id": run_id,
         "hostname": "test-host",
         "created_at": BASE_TIME,
+        "error": None,
     }
     base.update(columns)
     data = {
