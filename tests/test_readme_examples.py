@@ -80,7 +80,7 @@ def test_the_readme_simulate_example_is_todays_answer(fitted_h100: str, monkeypa
     answered_run = next(m for m in map(finished.match, answered) if m)
     assert answered_run.group(1, 2) == printed_run.group(1, 2)
     assert float(answered_run.group(3)) == pytest.approx(float(printed_run.group(3)), rel=LATENCY_RTOL)
-    for prefix in ("steps:", "coverage decode:", "coverage mixed:", "coverage prefill:"):
+    for prefix in ("steps:", "coverage decode:", "coverage mixed:", "coverage prefill:", "  extrapolated:"):
         assert next(line for line in printed if line.startswith(prefix)) in answered, prefix
 
 

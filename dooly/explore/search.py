@@ -271,8 +271,8 @@ def _candidate_overhead(candidate: Candidate, context: SearchContext,
 def measured_coverage(step: Any, batches: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
     """The share of predicted device time that is measured, from class regressors and from the
     family fallback, over the steps one simulation priced (as `dooly simulate` reports it): in
-    total and per phase (`dooly.fit.coverage.coverage_payload`, without the per-op lists, which
-    `dooly simulate` gives for one candidate)."""
+    total and per phase (`dooly.fit.coverage.coverage_payload`, without the per-op lists of
+    estimated and extrapolated operations, which `dooly simulate` gives for one candidate)."""
     from dooly.fit.coverage import coverage_payload
 
     inner = step.inner if isinstance(step, MemoStep) else step
@@ -283,6 +283,7 @@ def measured_coverage(step: Any, batches: Sequence[tuple[Any, Any]]) -> dict[str
     phases = coverage_payload(inner.coverage_by_phase(steps))
     for payload in (total, *phases.values()):
         payload.pop("estimated", None)
+        payload.pop("extrapolated", None)
     return {**total, "phases": phases}
 
 

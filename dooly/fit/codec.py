@@ -11,7 +11,8 @@ as one JSON document:
      "classes": [{"kind": "class-model", ...}, ...],
      "signatures": [{"kind": "interp" | "linear" | "regime-linear" | "corrected-linear" |
                      "bound-class", ...}, ...],
-     "reports": [...]}
+     "reports": [...],
+     "measured_extents": {signature: {regime: {variable: largest measured value}}}}
 
 Each model kind has an explicit encoder and decoder; the decoder of a document looks its `kind`
 up in a closed table (`OP_DECODERS`), so a document can only ever build the classes listed there.
@@ -33,6 +34,7 @@ import numpy as np
 
 from dooly.errors import DoolyError
 from dooly.fit.curves import Alignment, Curve
+from dooly.fit.extent import MeasuredExtent
 from dooly.fit.features import StaticFeatures
 from dooly.fit.group import GroupModel
 from dooly.fit.regressors import (
@@ -332,6 +334,28 @@ def _layouts(value: Any) -> dict[str, dict[str, int]]:
     return {signature: dict(config) for signature, config in value.items()}
 
 
+def _extents(value: Any) -> dict[str, MeasuredExtent]:
+    """Measured extents: per signature, per regime name, the largest value of each variable.
+    Absent in files written before them: an empty table, with which coverage reports no
+    extrapolation (it cannot tell)."""
+    if not isinstance(value, dict) or not all(
+        isinstance(signature, str)
+        and isinstance(by_regime, dict)
+        and all(
+            isinstance(regime, str)
+            and isinstance(maxima, dict)
+            and all(isinstance(var, str) and isinstance(top, int) and not isinstance(top, bool) for var, top in maxima.items())
+            for regime, maxima in by_regime.items()
+        )
+        for signature, by_regime in value.items()
+    ):
+        raise CodecError("measured_extents is not an object of signatures to regimes to variables' maxima (integers)")
+    return {
+        signature: MeasuredExtent({regime: dict(maxima) for regime, maxima in by_regime.items()})
+        for signature, by_regime in value.items()
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-signature models
 
@@ -488,6 +512,7 @@ def encode_group(group: GroupModel) -> dict[str, Any]:
         "classes": [encode_class_model(m) for m in group.classes.values()],
         "signatures": [encode_op_model(m, group.classes) for m in group.signatures.values()],
         "reports": group.reports,
+        "measured_extents": {signature: extent.to_json() for signature, extent in sorted(group.extents.items())},
     }
 
 
@@ -524,6 +549,7 @@ def decode_group(payload: Any) -> GroupModel:
             classes=classes,
             signatures=signatures,
             reports=reports,
+            extents=_extents(document.get("measured_extents", {})),
         )
     except KeyError as exc:
         raise CodecError(f"a field is missing: {exc}") from exc

@@ -203,7 +203,7 @@ def predict_command(
     source = FittedSource(
         store=store_uri, platform=platform, backend=backend, engine=engine, dtype=dtype, tp=tp, interconnect=interconnect
     )
-    from dooly.fit.coverage import check_measured, coverage_lines, coverage_payload
+    from dooly.fit.coverage import check_measured, coverage_lines, coverage_payload, plan_command
     from dooly.fit.predictor import step_phase
 
     fitted = open_fitted_step(source, model)
@@ -244,7 +244,7 @@ def predict_command(
         f"(models of generation {predictor.generation})",
         f"step: {len(chunks)} prefill chunk(s), {len(decodes)} decode(s): {seconds * MS_PER_S:.4f} ms",
         f"operations: {step.op_count}, of which unseen (predicted from config dims): {step.unseen_count}",
-        *coverage_lines(coverage, fitted.inventory_origin),
+        *coverage_lines(coverage, fitted.inventory_origin, plan_command(model, store_uri, platform, backend)),
         "",
         format_table(("op class", "ms", "share"), rows),
     ]

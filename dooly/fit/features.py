@@ -427,7 +427,7 @@ def seqs_aggregates(
     }
     out["S"] = out["K"].copy() if capped is kv else np.bincount(point, weights=capped, minlength=n_points)
     out["attn_pairs"] = np.bincount(point, weights=pairs, minlength=n_points)
-    out["padded"] = out["B"] * _group_max(q, point, n_points) * _group_max(kv, point, n_points)
+    out["padded"] = out["B"] * group_max(q, point, n_points) * group_max(kv, point, n_points)
     out["waves_kv"] = kernel_waves(out["T"], wave_tiles) * out["S"]
     out.update(kv_alignment_terms(out["T"], out["S"]))
     return out
@@ -457,7 +457,7 @@ def decode_sums_aggregates(
     return out
 
 
-def _group_max(values: np.ndarray, point: np.ndarray, n_points: int) -> np.ndarray:
+def group_max(values: np.ndarray, point: np.ndarray, n_points: int) -> np.ndarray:
     """Per-point maximum (0 for points without sequences); fast when `point` is sorted."""
     out = np.zeros(n_points)
     if len(values) == 0:

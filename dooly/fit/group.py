@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from dooly.fit.extent import MeasuredExtent
 from dooly.fit.features import (
     ATTENTION_FIELD_SOURCES,
     FAMILY_ATTENTION,
@@ -72,6 +73,9 @@ class GroupModel:
     classes: dict[str, ClassModel]
     signatures: dict[str, OpModel]
     reports: list[dict[str, Any]] = field(default_factory=list)
+    # How far each measured signature was measured (dooly.fit.extent), by signature; empty in
+    # groups fitted before it was recorded, whose extrapolation coverage cannot tell.
+    extents: dict[str, MeasuredExtent] = field(default_factory=dict)
 
 
 def bind_class_model(
@@ -102,6 +106,7 @@ def with_shared_ops(group: GroupModel, shared: GroupModel) -> GroupModel:
         classes={**shared.classes, **group.classes},
         signatures={**shared.signatures, **group.signatures},
         reports=shared.reports + group.reports,
+        extents={**shared.extents, **group.extents},
     )
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dooly.errors import DoolyError
+from dooly.fit.extent import LONGEST_KV, checked_variables
 from dooly.fit.features import (
     FAMILY_ATTENTION,
     FAMILY_MATMUL,
@@ -38,6 +39,9 @@ from dooly.fit.features import (
     N_REGIMES,
     N_TERMS,
     QUERY_TILE,
+    REGIME_DECODE,
+    REGIME_MIXED,
+    REGIME_PREFILL,
     REQUEST_VARS,
     SLIDING_WINDOW,
     TERM_INDEX,
@@ -45,6 +49,7 @@ from dooly.fit.features import (
     aggregates_from_seqs,
     check_request_vars,
     decode_sums_aggregates,
+    group_max,
     local_terms,
     regime_of,
     regime_scalar,
@@ -92,8 +97,9 @@ SOURCE_MEASURED = "measured"
 SOURCE_CLASS = "class-regressor"
 SOURCE_FALLBACK = "fallback"
 SOURCES = (SOURCE_MEASURED, SOURCE_CLASS, SOURCE_FALLBACK)
-# How a StepPredictor groups its totals: by op class (breakdowns) or for coverage (every measured
-# op in one group, each estimated op in its own, named by its signature).
+# How a StepPredictor groups its totals: by op class (breakdowns) or for coverage (each estimated op
+# in a group of its own, named by its signature; so is each measured op whose measured extent the
+# fit recorded, to tell which of its time lies beyond that extent; the other measured ops together).
 LABEL_CLASS = "class"
 LABEL_COVERAGE = "coverage"
 # A step's phase (coverage is reported per phase): only prefill chunks, only decodes, or both.
@@ -105,6 +111,11 @@ PHASE_MIXED = "mixed"
 _DECODE_CONSTANT_VARS = frozenset(REQUEST_VARS.index(var) for var in ("T", "B", "D"))
 # Many steps as flat per-sequence arrays (query length, context, step index) and the step count.
 FlatSteps = tuple[np.ndarray, np.ndarray, np.ndarray, int]
+# Steps' request variables and attention aggregates per geometry (`seqs_aggregates`).
+Aggregates = dict[Geometry, dict[str, np.ndarray]]
+# One variable of one measured op checked against its measured extent: the op's class index in
+# the coverage view, the variable, the geometry its value is read at, its limit by batch regime.
+ExtentCheck = tuple[int, str, Geometry, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -392,6 +403,8 @@ class StepPredictor:
         self._exact = exact
         self._label_by = label_by
         self._coverage_view: StepPredictor | None = None
+        # Measured extents by signature (dooly.fit.extent): the coverage view checks steps against them.
+        self._extents = predictor.group.extents if label_by == LABEL_COVERAGE else {}
         entries: list[tuple[OpModel, int, str]] = []
         for entry in operations:
             try:
@@ -416,6 +429,7 @@ class StepPredictor:
             entries = [(self._surrogate(m), c, u) for m, c, u in entries]
         self.entries = entries
         self._build(entries, predictor)
+        self._extent_checks = self._build_extent_checks(entries)
 
     def _surrogate(self, model: OpModel) -> OpModel:
         """A linear stand-in for a non-linear multi-variable model (see Predictor.step_predictor),
@@ -461,7 +475,9 @@ class StepPredictor:
     def _label(self, model: OpModel, source: str) -> str:
         """The group an operation's time is summed into (see LABEL_CLASS, LABEL_COVERAGE)."""
         if self._label_by == LABEL_COVERAGE:
-            return SOURCE_MEASURED if source == SOURCE_MEASURED else model.signature
+            if source == SOURCE_MEASURED and model.signature not in self._extents:
+                return SOURCE_MEASURED
+            return model.signature
         return model.op_class
 
     # -- coverage ----------------------------------------------------------------------------
@@ -486,9 +502,7 @@ class StepPredictor:
         view = self._coverage_steps()
         if not steps:
             return view._coverage_of(np.zeros(len(view.classes)))
-        q, ctx, step = flatten_steps(steps)
-        totals = view._class_seconds(q, ctx, step, len(steps), True).sum(axis=0)
-        return view._coverage_of(totals)
+        return view._phase_coverage((*flatten_steps(steps), len(steps)))
 
     def coverage_by_phase(
         self, steps: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int]]]
@@ -500,37 +514,116 @@ class StepPredictor:
         """`coverage_by_phase` of steps already flattened per phase (`phase_arrays`), or of decode
         steps in runs (a simulation's `SimResult.batch_phases` builds them without a list per step)."""
         view = self._coverage_steps()
-        return {phase: view._coverage_of(view._phase_seconds(steps).sum(axis=0)) for phase, steps in phases.items()}
+        return {phase: view._phase_coverage(steps) for phase, steps in phases.items()}
 
-    def _phase_seconds(self, steps: FlatSteps | DecodeRuns) -> np.ndarray:
-        """(n_steps, n_classes) seconds of one phase's steps."""
-        if not isinstance(steps, DecodeRuns):
-            return self._class_seconds(*steps, True)
-        if self._windowed_terms:
-            return self._class_seconds(*steps.flat(), True)
-        n, kv, longest, reading = steps.sums()
-        aggregates = {
-            (window, tiles): decode_sums_aggregates(n, kv, longest, reading, tiles)
-            for window, tiles in {(self.model_window, 0.0), *self._geometries}
-        }
-        return self._class_seconds_of(aggregates, len(n), True)
+    def _phase_coverage(self, steps: FlatSteps | DecodeRuns) -> Coverage:
+        """The coverage of one phase's steps: shares by source, and what lies beyond the extents."""
+        seconds, aggregates, longest = self._phase_parts(steps)
+        coverage = self._coverage_of(seconds.sum(axis=0))
+        if self._extent_checks:
+            self._add_extrapolated(coverage, seconds, aggregates, longest)
+        return coverage
+
+    def _phase_parts(self, steps: FlatSteps | DecodeRuns) -> tuple[np.ndarray, Aggregates, np.ndarray]:
+        """(n_steps, n_classes) seconds of one phase's steps, their aggregates per geometry and
+        each step's longest KV (a sequence's context plus its new tokens)."""
+        if isinstance(steps, DecodeRuns) and not self._windowed_terms:
+            n, kv, longest, reading = steps.sums()
+            aggregates = {
+                (window, tiles): decode_sums_aggregates(n, kv, longest, reading, tiles)
+                for window, tiles in {(self.model_window, 0.0), *self._geometries}
+            }
+            return self._class_seconds_of(aggregates, len(n), True), aggregates, longest
+        q, ctx, step, n_steps = steps.flat() if isinstance(steps, DecodeRuns) else steps
+        aggregates = self._flat_aggregates(q, ctx, step, n_steps)
+        longest = group_max(q + ctx, step, n_steps) if self._extent_checks else np.zeros(n_steps)
+        return self._class_seconds_of(aggregates, n_steps, True), aggregates, longest
+
+    def _add_extrapolated(
+        self, coverage: Coverage, seconds: np.ndarray, aggregates: Aggregates, longest: np.ndarray
+    ) -> None:
+        """Fill in `coverage.extrapolated`: per measured op, its device time in the steps where a
+        variable it is checked on exceeds the largest the op was measured at (in the step's
+        regime), named by the variable exceeded furthest (needed / measured)."""
+        base = aggregates[(self.model_window, 0.0)]
+        regime = np.where(
+            base["D"] <= 0, REGIME_PREFILL, np.where(base["D"] >= base["B"], REGIME_DECODE, REGIME_MIXED)
+        )
+        beyond = np.zeros(seconds.shape, dtype=bool)
+        worst: dict[int, tuple[float, str, int, int]] = {}
+        # Checks of the same variable against the same limits give the same answer (every T-only
+        # op measured on the same ladder): each is worked out once.
+        answers: dict[tuple[str, Geometry, bytes], tuple[np.ndarray, int, int] | None] = {}
+        for ci, var, geometry, limits in self._extent_checks:
+            key = (var, geometry, limits.tobytes())
+            if key not in answers:
+                values = longest if var == LONGEST_KV else aggregates.get(geometry, base)[var]
+                limit = limits[regime]
+                over = values > limit
+                if over.any():
+                    at = int(np.argmax(np.where(over, values, -np.inf)))
+                    answers[key] = (over, int(round(float(values[at]))), int(round(float(limit[at]))))
+                else:
+                    answers[key] = None
+            answer = answers[key]
+            if answer is None:
+                continue
+            over, needed, measured = answer
+            beyond[:, ci] |= over
+            ratio = needed / measured if measured > 0 else math.inf
+            if ci not in worst or ratio > worst[ci][0]:
+                worst[ci] = (ratio, var, measured, needed)
+        if not worst:
+            return
+        extrapolated_seconds = np.where(beyond, seconds, 0.0).sum(axis=0)
+        operations = {m.signature: m for m, _, _ in self.entries}
+        found = []
+        for ci, (_, var, measured, needed) in worst.items():
+            model = operations[self.classes[ci]]
+            found.append(ExtrapolatedOp(signature=model.signature, op=model.op, op_class=model.op_class, variable=var,
+                                        measured_max=measured, needed_max=needed,
+                                        seconds=float(extrapolated_seconds[ci])))
+        found.sort(key=lambda e: (-e.seconds, e.signature))
+        coverage.extrapolated = found
+        budgets = [answer[1] for (var, _, _), answer in answers.items() if var == "T" and answer is not None]
+        coverage.token_budget_needed = max(budgets) if budgets else None
 
     def _coverage_of(self, totals: np.ndarray) -> Coverage:
         by_source = dict.fromkeys(SOURCES, 0.0)
         estimated = []
+        unchecked = 0.0
         operations = {m.signature: (m, src) for m, _, src in self.entries}
         for label, seconds in zip(self.classes, totals.tolist(), strict=True):
             if label == SOURCE_MEASURED:
                 by_source[SOURCE_MEASURED] += seconds
+                unchecked += seconds
                 continue
             model, source = operations[label]
             by_source[source] += seconds
+            if source == SOURCE_MEASURED:
+                continue
             estimated.append(EstimatedOp(signature=label, op=model.op, op_class=model.op_class, source=source,
                                          method=model.method, seconds=seconds))
         estimated.sort(key=lambda e: -e.seconds)
-        return Coverage(seconds_by_source=by_source, estimated=estimated)
+        return Coverage(seconds_by_source=by_source, estimated=estimated, unchecked_seconds=unchecked)
 
     # -- construction ------------------------------------------------------------------------
+
+    def _build_extent_checks(self, entries: list[tuple[OpModel, int, str]]) -> list[ExtentCheck]:
+        """(class index, variable, geometry its value is read at, limits by regime) for every
+        variable of every measured op whose extent is known (none outside the coverage view)."""
+        checks: dict[tuple[int, str], ExtentCheck] = {}
+        cls_of = {c: i for i, c in enumerate(self.classes)}
+        for model, _, source in entries:
+            extent = self._extents.get(model.signature)
+            if source != SOURCE_MEASURED or extent is None:
+                continue
+            ci = cls_of[model.signature]
+            variables = checked_variables(model.family, model.request_vars, model.window)
+            for var, limits in extent.limits(variables).items():
+                geometry = self._geometry(model) if var == "S" else (self.model_window, 0.0)
+                checks[(ci, var)] = (ci, var, geometry, limits)
+        return list(checks.values())
 
     def _build(self, entries: list[tuple[OpModel, int, str]], predictor: Predictor) -> None:
         n_cls = len(self.classes)
@@ -829,17 +922,20 @@ class StepPredictor:
         full_reads: bool = False,
     ) -> np.ndarray:
         """(n_steps,) totals, or (n_steps, n_classes) when per_class; `full_reads` as in step_seconds."""
-        aggregates = {
+        return self._class_seconds_of(self._flat_aggregates(q, ctx, step, n_steps, full_reads), n_steps, per_class)
+
+    def _flat_aggregates(
+        self, q: np.ndarray, ctx: np.ndarray, step: np.ndarray, n_steps: int, full_reads: bool = False
+    ) -> Aggregates:
+        """The steps' aggregates at every geometry the model's operations read them at."""
+        return {
             (w, tiles): seqs_aggregates(
                 q, ctx, step, n_steps, np.full(len(q), 0 if full_reads else w, dtype=np.int64), tiles
             )
             for w, tiles in {(self.model_window, 0.0), *self._geometries}
         }
-        return self._class_seconds_of(aggregates, n_steps, per_class)
 
-    def _class_seconds_of(
-        self, aggregates: Mapping[Geometry, Mapping[str, np.ndarray]], n_steps: int, per_class: bool
-    ) -> np.ndarray:
+    def _class_seconds_of(self, aggregates: Aggregates, n_steps: int, per_class: bool) -> np.ndarray:
         """`_class_seconds` from the steps' aggregates per geometry (`seqs_aggregates`)."""
         n_cls = len(self.classes)
         out = np.zeros((n_steps, n_cls)) if per_class else np.zeros(n_steps)
@@ -955,13 +1051,34 @@ class EstimatedOp:
     seconds: float
 
 
+@dataclass(frozen=True)
+class ExtrapolatedOp:
+    """A measured operation priced beyond the sizes it was measured at: its device time in the
+    steps where it is, and the variable exceeded furthest (its largest measured value in the
+    step's regime, and the largest value the steps needed)."""
+
+    signature: str
+    op: str
+    op_class: str
+    variable: str
+    measured_max: int
+    needed_max: int
+    seconds: float
+
+
 @dataclass
 class Coverage:
     """How much of a prediction is measured: predicted device seconds by source (SOURCES) and the
-    estimated operations, largest first."""
+    estimated operations, largest first; apart from that, the measured operations priced beyond
+    the sizes they were measured at (`extrapolated`, largest first), `unchecked_seconds` of
+    measured time whose extent the fit did not record (models fitted before it was), and the
+    largest step token count that exceeded a measured token count (None: none did)."""
 
     seconds_by_source: dict[str, float]
     estimated: list[EstimatedOp] = field(default_factory=list)
+    extrapolated: list[ExtrapolatedOp] = field(default_factory=list)
+    unchecked_seconds: float = 0.0
+    token_budget_needed: int | None = None
 
     @property
     def seconds(self) -> float:
@@ -975,8 +1092,22 @@ class Coverage:
     def measured_share(self) -> float:
         return self.share(SOURCE_MEASURED) if self.seconds > 0 else 1.0
 
+    @property
+    def extrapolated_share(self) -> float | None:
+        """The share of device time priced beyond measured sizes; None when no measured time could
+        be checked (every measured op's extent unknown: a fit from before extents were recorded)."""
+        total = self.seconds
+        checked = self.seconds_by_source.get(SOURCE_MEASURED, 0.0) - self.unchecked_seconds
+        if total > 0 and checked <= 0 < self.unchecked_seconds:
+            return None
+        return sum(e.seconds for e in self.extrapolated) / total if total > 0 else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         total = self.seconds
+
+        def share(seconds: float) -> float:
+            return seconds / total if total > 0 else 0.0
+
         return {
             "device_seconds": total,
             "measured_share": self.measured_share,
@@ -984,8 +1115,17 @@ class Coverage:
             "fallback_share": self.share(SOURCE_FALLBACK),
             "estimated": [
                 {"signature": e.signature, "op": e.op, "op_class": e.op_class, "source": e.source,
-                 "method": e.method, "device_seconds": e.seconds, "share": e.seconds / total if total > 0 else 0.0}
+                 "method": e.method, "device_seconds": e.seconds, "share": share(e.seconds)}
                 for e in self.estimated
+            ],
+            "extrapolated_share": self.extrapolated_share,
+            "unchecked_share": share(self.unchecked_seconds),
+            "token_budget_needed": self.token_budget_needed,
+            "extrapolated": [
+                {"signature": e.signature, "op": e.op, "op_class": e.op_class, "variable": e.variable,
+                 "measured_max": e.measured_max, "needed_max": e.needed_max, "device_seconds": e.seconds,
+                 "share": share(e.seconds)}
+                for e in self.extrapolated
             ],
         }
 

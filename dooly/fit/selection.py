@@ -24,6 +24,7 @@ import numpy as np
 
 from dooly.errors import DoolyError
 from dooly.fit.curves import alignment_candidates, fit_curve
+from dooly.fit.extent import MeasuredExtent, signature_extent
 from dooly.fit.features import (
     FAMILY_ATTENTION,
     FAMILY_MATMUL,
@@ -417,6 +418,7 @@ def fit_groups(
     built: dict[int, tuple[dict[str, ClassModel], dict[str, OpModel], list[dict[str, Any]]]] = {
         index: ({}, {}, []) for index in range(len(datas))
     }
+    extents: dict[int, dict[str, MeasuredExtent]] = {index: {} for index in range(len(datas))}
     for plan, (unseen_method, scores, seen_method, seen_scores) in zip(plans, chosen, strict=True):
         data = datas[plan.group]
         classes, signatures, reports = built[plan.group]
@@ -437,6 +439,9 @@ def fit_groups(
                 )
                 scaled += 1
             signatures[info.signature] = model
+            extents[plan.group][info.signature] = signature_extent(
+                info.family, info.request_vars, data.terms[r], [data.point_keys[j] for j in r.tolist()]
+            )
         reports.append(
             _class_report(plan, data, folds, repeats, (unseen_method, scores), (seen_method, seen_scores), scaled)
         )
@@ -456,6 +461,7 @@ def fit_groups(
             classes=classes,
             signatures=signatures,
             reports=reports,
+            extents=extents[index],
         )
     return models
 

@@ -203,7 +203,14 @@ def simulate_command(
     if fitted:
         from dooly.fit.coverage import coverage_lines
 
-        click.echo("\n".join(coverage_lines(coverage)))
+        click.echo("\n".join(coverage_lines(coverage, plan=_plan_command(model, step_choice))))
+
+
+def _plan_command(model: str | None, step_choice: StepChoice) -> str:
+    """The `dooly plan` command that prices measuring what this prediction of MODEL lacks."""
+    from dooly.fit.coverage import plan_command
+
+    return plan_command(str(model), step_choice.store, step_choice.platform, step_choice.backend)
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
@@ -336,7 +343,7 @@ def overhead_command(model: str, truth_dirs: tuple[str, ...], step_choice: StepC
     if payload.get("coverage"):
         from dooly.fit.coverage import payload_lines
 
-        click.echo("\n".join(payload_lines(payload["coverage"])))
+        click.echo("\n".join(payload_lines(payload["coverage"], _plan_command(model, step_choice))))
     click.echo(f"wrote {out}")
 
 
@@ -451,7 +458,7 @@ def validate_command(
         from dooly.fit.coverage import payload_lines
 
         click.echo("")
-        click.echo("\n".join(payload_lines(payload["coverage"])))
+        click.echo("\n".join(payload_lines(payload["coverage"], _plan_command(model, step_choice))))
 
 
 def _server_costs(truth_dir: str, settings: dict[str, Any], path: str | None,
