@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue #24's large token budget on one GPU, in one device call under one deadline: Llama-3.1-8B's
-# heavy cell (`paged|sdpa`, CUDA graphs, in-process) served at max_batch_tokens 8192 twice (its floor)
-# and at the grid's 2048 once between them (the same lease's reference), the 8B's missing points of an
-# 8192-token budget profiled into a copy of the committed store of this platform (`dooly profile
-# --token-budget 8192`: only what the store lacks), and last the 8192 cell's steps kernel by kernel
-# (lab/engine_step_profile.py) while time is left. Everything finished is packed at once
+# Issue #24's large token budget on one GPU, in one device call under one deadline, in this order:
+# Llama-3.1-8B's heavy cell (`paged|sdpa`, CUDA graphs, in-process) served at max_batch_tokens 8192;
+# the 8B's missing points of an 8192-token budget profiled into a copy of the committed store of this
+# platform (`dooly profile --token-budget 8192`: only what the store lacks); the cell at the grid's
+# 2048 (the same lease's reference) and at 8192 again (its floor); last the 8192 cell's steps kernel
+# by kernel (lab/engine_step_profile.py) while time is left. Everything finished is packed at once
 # (budget.tar.gz: groundtruth/<run>/<cell>, db/ as profiled, steps.json, reports/).
 # Usage (on the device, repository root): bash device/token_budget.sh DEADLINE_S SEED_STORE
 set -uo pipefail
@@ -33,9 +33,9 @@ cell() {  # RUN BUDGET: the heavy graphs cell at that max_batch_tokens, into gro
     && mkdir -p "$out/groundtruth/$1" && cp -r "$out/$1.work/groundtruth/." "$out/groundtruth/$1/"
 }
 step mbt8192_r1 cell mbt8192_r1 8192
+step profile python3 -m dooly.cli profile "$model" --store "$out/db" --attention 'paged|sdpa' --token-budget 8192 --output json
 step mbt2048 cell mbt2048 2048
 step mbt8192_r2 cell mbt8192_r2 8192
-step profile python3 -m dooly.cli profile "$model" --store "$out/db" --attention 'paged|sdpa' --token-budget 8192 --output json
 step steps python3 lab/engine_step_profile.py --ground-truth "$out/groundtruth/mbt8192_r1/Llama-3.1-8B.paged-sdpa.graphs.heavy" \
   --model "$model" --out "$out/steps.json"
 cat "$out/reports/walls.txt"
