@@ -17,6 +17,16 @@ ENGINES = {
 }
 ENGINE_NAMES = tuple(ENGINES)
 DEFAULT_ENGINE = "transformers"
+# Attention backends each engine's serving loop accepts; a store may hold more (transformers'
+# paged|flex_attention is profiled, not served: dooly.engines.flex_paged). Literal here so that
+# readers of a store need not import torch (dooly.engines.transformers_cb.ENGINE_BACKENDS is the source).
+SERVED_BACKENDS: dict[str, tuple[str, ...]] = {"transformers": ("paged|sdpa", "paged|eager")}
+
+
+def served_by(engine: str, backend: str) -> bool:
+    """Whether ENGINE's serving loop runs BACKEND (an engine not listed: assumed to)."""
+    served = SERVED_BACKENDS.get(engine)
+    return served is None or backend in served
 
 
 def engine_kind(name: str) -> EngineKind:

@@ -15,14 +15,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dooly.engines.registry import served_by
 from dooly.errors import DoolyError
 from dooly.fit.source import FittedSource
 from dooly.profile.provenance import COMM_ENGINES, SHARED_BACKEND
 
-# Backends the engines' serving loops accept; the store may hold more (transformers'
-# paged|flex_attention is profiled, not served). Literal here so candidate listing does not
-# import torch (dooly.engines.transformers_cb.ENGINE_BACKENDS is the source).
-SERVED_BACKENDS: dict[str, tuple[str, ...]] = {"transformers": ("paged|sdpa", "paged|eager")}
 SETTING_SEPARATOR = ","
 
 
@@ -204,8 +201,7 @@ def build_space(
                     if reason:
                         space.unpredictable.append((candidate, reason))
                         continue
-                    served = SERVED_BACKENDS.get(engine)
-                    if served is not None and backend not in served:
+                    if not served_by(engine, backend):
                         space.notes[candidate] = (f"{engine} does not serve {backend} (profile-only backend): "
                                                   f"simulated with its scheduler, not a deployable choice")
                     space.runnable.append(candidate)

@@ -232,7 +232,13 @@ def _candidate_overhead(candidate: Candidate, context: SearchContext,
 
     The graph mode is the scheduler's own reading of the settings (what `dooly simulate` keys the
     store's calibration by), so explore and simulate charge a candidate the same host time."""
-    from dooly.sim.calibration import CacheGroups, find_calibration, scheduler_uses_async, scheduler_uses_graphs
+    from dooly.sim.calibration import (
+        CacheGroups,
+        find_calibration,
+        missing_calibration,
+        scheduler_uses_async,
+        scheduler_uses_graphs,
+    )
     from dooly.sim.calibration_commands import model_layers
     from dooly.sim.schedulers import make_scheduler
     from dooly.store.backends import open_store
@@ -258,10 +264,9 @@ def _candidate_overhead(candidate: Candidate, context: SearchContext,
                                        engine=candidate.engine, backend=candidate.backend, cuda_graphs=graphs,
                                        async_batching=asynchronous)
         if calibration is None:
-            raise DoolyError(
-                f"no host-overhead calibration in the store for {candidate.platform} / {candidate.engine} / "
-                f"{candidate.backend} / graphs {'on' if graphs else 'off'}{' / async batching' if asynchronous else ''} "
-                "(run `dooly calibrate`, give --overhead FILE, or --no-cpu-overhead)")
+            raise DoolyError(missing_calibration(platform=candidate.platform, engine=candidate.engine,
+                                                 backend=candidate.backend, cuda_graphs=graphs,
+                                                 async_batching=asynchronous, file_flag="--overhead"))
         model = calibration.for_model(model_layers(candidate.model, inventory, context.store), candidate.model,
                                       CacheGroups.from_scheduler(scheduler))
         found = _OVERHEAD_CACHE[key] = (model, model.source or calibration.describe())

@@ -720,6 +720,23 @@ def find_calibration(store: Any, *, platform: str, engine: str, backend: str, cu
     return None if key is None else read_calibration(store, key)
 
 
+def missing_calibration(*, platform: str, engine: str, backend: str, cuda_graphs: bool, async_batching: bool,
+                        file_flag: str) -> str:
+    """Why a simulation has no host overhead, and what the user can do (FILE_FLAG: the command's
+    option for a calibration file). A backend the engine does not serve has no run to calibrate
+    from, so `dooly calibrate` is not offered for it."""
+    from dooly.engines.registry import served_by
+
+    path = (f"{platform} / {engine} / {backend} / graphs {'on' if cuda_graphs else 'off'}"
+            f"{' / async batching' if async_batching else ''}")
+    if not served_by(engine, backend):
+        return (f"no host-overhead calibration in the store for {path}: {engine} does not serve {backend} "
+                f"(profiled only), so no engine run can calibrate it; pass {file_flag} FILE (another backend's "
+                "calibration) or --no-cpu-overhead to simulate it anyway")
+    return (f"no host-overhead calibration in the store for {path}: run `dooly calibrate`, pass {file_flag} FILE, "
+            "or --no-cpu-overhead to leave the host out")
+
+
 def _version_rank(text: str) -> tuple[int, Any]:
     from packaging.version import InvalidVersion, Version
 

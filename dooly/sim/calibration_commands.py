@@ -32,6 +32,7 @@ from dooly.sim.calibration import (
     HostSample,
     find_calibration,
     fit_calibration,
+    missing_calibration,
     scheduler_uses_async,
     scheduler_uses_graphs,
     write_calibration,
@@ -444,10 +445,10 @@ def resolve_overhead(path: str | None, no_overhead: bool, step_choice: Any, engi
     calibration = find_calibration(store, platform=step_choice.platform or "", engine=engine,
                                    backend=step_choice.backend or "", cuda_graphs=graphs, async_batching=asynchronous)
     if calibration is None:
-        raise DoolyError(
-            f"store {step_choice.store} holds no host-overhead calibration for {step_choice.platform} / {engine} / "
-            f"{step_choice.backend} / graphs {'on' if graphs else 'off'}{' / async batching' if asynchronous else ''}: "
-            "run `dooly calibrate`, or pass --cpu-overhead FILE, or --no-cpu-overhead to leave the host out")
+        raise DoolyError(missing_calibration(platform=step_choice.platform or "", engine=engine,
+                                             backend=step_choice.backend or "", cuda_graphs=graphs,
+                                             async_batching=asynchronous, file_flag="--cpu-overhead")
+                         + f" (store {step_choice.store})")
     if model is None:
         raise DoolyError("the store's calibration needs the MODEL argument (its layer count)")
     inventory = None

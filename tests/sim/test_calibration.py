@@ -25,6 +25,7 @@ from dooly.sim.calibration import (
     fit_calibration,
     fit_path_terms,
     list_calibrations,
+    missing_calibration,
     read_calibration,
     write_calibration,
 )
@@ -478,3 +479,19 @@ def test_a_fleets_rotated_calib_runs_are_each_recorded_and_fitted_from_the_store
     one_b = sum(len(steps[item["run"]]) for item in inputs if item["model"] == names[0])
     assert calibration["fit"]["models"]["m16"]["steps"] == one_b
     assert set(calibration["fit"]["models"]) == {f"m{layers}" for layers in models.values()}
+
+
+def test_a_backend_the_engine_does_not_serve_is_not_sent_to_dooly_calibrate():
+    """A profile-only backend (transformers' paged|flex_attention) has no engine run to calibrate
+    from: the missing-calibration line offers a file or no host time, never `dooly calibrate`."""
+    from dooly.engines.registry import SERVED_BACKENDS
+    from dooly.engines.transformers_cb import ENGINE_BACKENDS
+
+    assert SERVED_BACKENDS["transformers"] == ENGINE_BACKENDS
+    common = {"platform": "P", "engine": "transformers", "cuda_graphs": True, "async_batching": False,
+              "file_flag": "--cpu-overhead"}
+    served = missing_calibration(backend="paged|sdpa", **common)
+    assert "run `dooly calibrate`" in served and "--cpu-overhead FILE" in served
+    flex = missing_calibration(backend="paged|flex_attention", **common)
+    assert "dooly calibrate" not in flex
+    assert "does not serve paged|flex_attention" in flex and "--cpu-overhead FILE" in flex and "--no-cpu-overhead" in flex
