@@ -8,12 +8,15 @@ code 2 with the list, and names the `dooly plan` command that prices closing the
 
 Apart from those shares (a measured signature can be priced beyond its measured sizes): the share
 of device time that measured operations spend in steps whose sizes exceed the largest they were
-measured at (dooly.fit.extent), one line per phase where there is any; where the step's token count
-is what exceeds, the line names the `dooly plan --token-budget` that measures steps of that size.
+measured at (dooly.fit.extent), one line per phase where there is any; where the step's token count,
+longest sequence or KV total is what exceeds, the line names the `dooly plan` flags that measure
+steps of those sizes (`--token-budget`, `--context`, `--max-kv`; `plan_flags`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +43,11 @@ VARIABLE_WORDS = {
     "S": "KV tokens read",
     "L": "longest sequence's KV",
 }
+# The `--context` a hint names is the longest sequence's KV the steps needed rounded up to a
+# multiple of this: runs whose prompts reach nearby lengths name the same plan.
+CONTEXT_STEP = 1024
+# Distinct (phase, sizes needed) whose plan flags are kept: explore prices many candidates' coverage.
+PLAN_FLAGS_CACHE = 256
 
 
 def require_measured_option(func: Any) -> Any:
@@ -77,8 +85,48 @@ def plan_command(model: str, store: str | None, platform: str | None, backend: s
 
 
 def coverage_payload(by_phase: Mapping[str, Coverage]) -> dict[str, Any]:
-    """The JSON form: per phase, shares by source and every estimated operation."""
-    return {phase: coverage.to_dict() for phase, coverage in by_phase.items()}
+    """The JSON form: per phase, shares by source, every estimated operation, and the `dooly plan`
+    flags that measure its extrapolated sizes (`plan_flags`)."""
+    payload = {}
+    for phase, coverage in by_phase.items():
+        payload[phase] = coverage.to_dict()
+        payload[phase]["plan_flags"] = plan_flags(phase, payload[phase])
+    return payload
+
+
+def plan_flags(phase: str, coverage: Mapping[str, Any]) -> list[str]:
+    """The `dooly plan` flags (each "--flag VALUE") whose points hold the sizes at which PHASE's
+    steps were priced beyond those measured, from its payload (`coverage_payload`; one written
+    before `context_needed` and `kv_needed` were recorded gives the token budget only).
+
+    `--token-budget T` for a step token count; `--context N` for the longest sequence's KV (L),
+    N rounded up to CONTEXT_STEP, unless the default grid widened by the budget already holds a
+    sequence that long in a batch of the phase's regime; `--max-kv V` for the KV total, V the
+    smallest at which the default grid widened by the flags before it holds a batch of the regime
+    reading that much (`grid.kv_limit_reaching`), unless it does at its default limit or no batch
+    of the regime reads that much at any. A phase that is no batch regime (explore's total over
+    all steps) is checked against batches of any regime."""
+    return list(_plan_flags(phase, coverage.get("token_budget_needed"), coverage.get("context_needed"),
+                            coverage.get("kv_needed")))
+
+
+@functools.lru_cache(maxsize=PLAN_FLAGS_CACHE)
+def _plan_flags(phase: str, budget: int | None, context: int | None, kv: int | None) -> tuple[str, ...]:
+    from dooly.profile.grid import REGIMES, GridSpec, kv_limit_reaching, longest_kv, widen
+
+    regime = phase if phase in REGIMES else None
+    budgets = (budget,) if budget else ()
+    grid = widen(GridSpec(), budgets)
+    flags = [f"--token-budget {value}" for value in budgets]
+    if context and context > longest_kv(grid, regime):
+        rounded = CONTEXT_STEP * math.ceil(context / CONTEXT_STEP)
+        grid = widen(grid, contexts=(rounded,))
+        flags.append(f"--context {rounded}")
+    if kv:
+        limit = kv_limit_reaching(kv, regime, grid)
+        if limit is not None and limit > grid.max_kv:
+            flags.append(f"--max-kv {limit}")
+    return tuple(flags)
 
 
 def payload_lines(payload: Mapping[str, Mapping[str, Any]], plan: str = "") -> list[str]:
@@ -90,7 +138,7 @@ def payload_lines(payload: Mapping[str, Mapping[str, Any]], plan: str = "") -> l
             f"coverage {phase}: {PERCENT * c['measured_share']:.1f}% of predicted device time measured, "
             f"{PERCENT * c['class_regressor_share']:.1f}% class regressor, {PERCENT * c['fallback_share']:.1f}% fallback"
         )
-        lines += _extrapolated_lines(c, plan)
+        lines += _extrapolated_lines(phase, c, plan)
         for estimated in c["estimated"][:TEXT_ESTIMATED_ROWS]:
             lines.append(
                 f"  {PERCENT * estimated['share']:5.1f}%  {estimated['op_class']} "
@@ -114,7 +162,7 @@ def coverage_lines(by_phase: Mapping[str, Coverage], origin: str = "", plan: str
             f"{PERCENT * coverage.share(SOURCE_FALLBACK):.1f}% fallback"
         )
         if coverage.extrapolated:
-            lines += _extrapolated_lines(coverage.to_dict(), plan)
+            lines += _extrapolated_lines(phase, coverage.to_dict(), plan)
         total = coverage.seconds
         for estimated in coverage.estimated[:TEXT_ESTIMATED_ROWS]:
             share = estimated.seconds / total if total > 0 else 0.0
@@ -127,10 +175,11 @@ def coverage_lines(by_phase: Mapping[str, Coverage], origin: str = "", plan: str
     return lines
 
 
-def _extrapolated_lines(phase: Mapping[str, Any], plan: str) -> list[str]:
-    """The phase's extrapolation line, none when nothing is priced beyond measured sizes (or it
-    cannot be told). It names the variable that carries most of that time, at the operation
-    measured least far in it: how far the steps go beyond the grid."""
+def _extrapolated_lines(name: str, phase: Mapping[str, Any], plan: str) -> list[str]:
+    """The extrapolation line of phase NAME, none when nothing is priced beyond measured sizes (or
+    it cannot be told). It names the variable that carries most of that time, at the operation
+    measured least far in it: how far the steps go beyond the grid; then the `dooly plan` flags
+    that measure steps of the sizes needed (`plan_flags`), where there are any."""
     share = phase.get("extrapolated_share")
     entries = phase.get("extrapolated") or []
     if not share or not entries:
@@ -149,8 +198,9 @@ def _extrapolated_lines(phase: Mapping[str, Any], plan: str) -> list[str]:
         f"({variable} ({VARIABLE_WORDS.get(variable, variable)}) up to {needed}; measured up to "
         f"{worst['measured_max']} for {worst['op_class']} [{worst['signature'][:SIGNATURE_CHARS]}]{more})"
     )
-    budget = phase.get("token_budget_needed")
-    if budget:
+    flags = phase["plan_flags"] if "plan_flags" in phase else plan_flags(name, phase)
+    if flags:
         command = plan or "dooly plan MODEL ..."
-        line += f"; `{command} --token-budget {budget}` measures steps of that many tokens"
+        sizes = "that many tokens" if len(flags) == 1 and flags[0].startswith("--token-budget ") else "those sizes"
+        line += f"; `{command} {' '.join(flags)}` measures steps of {sizes}"
     return [line]

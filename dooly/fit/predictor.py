@@ -585,8 +585,9 @@ class StepPredictor:
                                         seconds=float(extrapolated_seconds[ci])))
         found.sort(key=lambda e: (-e.seconds, e.signature))
         coverage.extrapolated = found
-        budgets = [answer[1] for (var, _, _), answer in answers.items() if var == "T" and answer is not None]
-        coverage.token_budget_needed = max(budgets) if budgets else None
+        coverage.token_budget_needed = _largest_needed(answers, "T")
+        coverage.context_needed = _largest_needed(answers, LONGEST_KV)
+        coverage.kv_needed = _largest_needed(answers, "K")
 
     def _coverage_of(self, totals: np.ndarray) -> Coverage:
         by_source = dict.fromkeys(SOURCES, 0.0)
@@ -1032,6 +1033,15 @@ class StepPredictor:
         return rows
 
 
+def _largest_needed(
+    answers: Mapping[tuple[str, Geometry, bytes], tuple[np.ndarray, int, int] | None], var: str
+) -> int | None:
+    """The largest value of VAR that exceeded a measured one over the checks answered
+    (`StepPredictor._add_extrapolated`), None where none did: what a plan must reach."""
+    needed = [answer[1] for (checked, _, _), answer in answers.items() if checked == var and answer is not None]
+    return max(needed) if needed else None
+
+
 def step_phase(prefill: Sequence[tuple[int, int]], decode_ctx: Sequence[int]) -> str:
     """A step's phase: only prefill chunks, only decodes, or both."""
     if prefill and decode_ctx:
@@ -1072,13 +1082,16 @@ class Coverage:
     estimated operations, largest first; apart from that, the measured operations priced beyond
     the sizes they were measured at (`extrapolated`, largest first), `unchecked_seconds` of
     measured time whose extent the fit did not record (models fitted before it was), and the
-    largest step token count that exceeded a measured token count (None: none did)."""
+    largest step token count, longest sequence's KV (L) and KV total (K) that exceeded a measured
+    one (None: none did), which say what a plan must measure to close the gap."""
 
     seconds_by_source: dict[str, float]
     estimated: list[EstimatedOp] = field(default_factory=list)
     extrapolated: list[ExtrapolatedOp] = field(default_factory=list)
     unchecked_seconds: float = 0.0
     token_budget_needed: int | None = None
+    context_needed: int | None = None
+    kv_needed: int | None = None
 
     @property
     def seconds(self) -> float:
@@ -1121,6 +1134,8 @@ class Coverage:
             "extrapolated_share": self.extrapolated_share,
             "unchecked_share": share(self.unchecked_seconds),
             "token_budget_needed": self.token_budget_needed,
+            "context_needed": self.context_needed,
+            "kv_needed": self.kv_needed,
             "extrapolated": [
                 {"signature": e.signature, "op": e.op, "op_class": e.op_class, "variable": e.variable,
                  "measured_max": e.measured_max, "needed_max": e.needed_max, "device_seconds": e.seconds,

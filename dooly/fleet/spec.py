@@ -359,6 +359,13 @@ PROFILE_DTYPES = ("bfloat16", "float16", "float32")
 PROFILE_ATTENTION_GRID = "attentionGrid"
 # `profile.tokenBudgets`: the engines' token budgets the fleet serves at (`dooly profile --token-budget`).
 PROFILE_TOKEN_BUDGETS = "tokenBudgets"
+# `profile.contexts`: context lengths the fleet's requests reach (`dooly profile --context`).
+PROFILE_CONTEXTS = "contexts"
+# The list-valued profile keys: each item passed as one flag, with what an item is called in errors.
+PROFILE_LIST_FLAGS = {
+    PROFILE_TOKEN_BUDGETS: ("--token-budget", "token budgets"),
+    PROFILE_CONTEXTS: ("--context", "context lengths"),
+}
 _DEFAULT_SCHEDULE = "0 2 * * *"
 _DEFAULT_TIME_ZONE = "Etc/UTC"
 _DEFAULT_RESOURCES = {
@@ -504,7 +511,7 @@ def _explorations(doc: _Document, value: Any) -> tuple[Exploration, ...]:
 def _profile_section(doc: _Document, value: Any) -> tuple[str | None, tuple[str, ...]]:
     from dooly.profile.grid import ATTENTION_DESIGNS
 
-    section = doc.mapping(value, ("profile",), required=(), optional=("dtype", PROFILE_ATTENTION_GRID, PROFILE_TOKEN_BUDGETS,
+    section = doc.mapping(value, ("profile",), required=(), optional=("dtype", PROFILE_ATTENTION_GRID, *PROFILE_LIST_FLAGS,
                                                                                 *PROFILE_INT_FLAGS))
     dtype = None
     if "dtype" in section:
@@ -521,15 +528,17 @@ def _profile_section(doc: _Document, value: Any) -> tuple[str | None, tuple[str,
     for key, flag in PROFILE_INT_FLAGS.items():
         if key in section:
             flags += [flag, str(doc.integer(section[key], ("profile", key), minimum=1))]
-    if PROFILE_TOKEN_BUDGETS in section:
-        budgets = section[PROFILE_TOKEN_BUDGETS]
-        path = ("profile", PROFILE_TOKEN_BUDGETS)
-        if not isinstance(budgets, list) or not budgets:
-            raise doc.error(path, f"expected a non-empty list of token budgets, got {_kind(budgets)}")
-        for i, budget in enumerate(budgets):
-            if budget in budgets[:i]:
-                raise doc.error(path + (i,), f"{budget!r} is listed twice")
-            flags += ["--token-budget", str(doc.integer(budget, path + (i,), minimum=1))]
+    for key, (flag, items) in PROFILE_LIST_FLAGS.items():
+        if key not in section:
+            continue
+        values = section[key]
+        path = ("profile", key)
+        if not isinstance(values, list) or not values:
+            raise doc.error(path, f"expected a non-empty list of {items}, got {_kind(values)}")
+        for i, item in enumerate(values):
+            if item in values[:i]:
+                raise doc.error(path + (i,), f"{item!r} is listed twice")
+            flags += [flag, str(doc.integer(item, path + (i,), minimum=1))]
     return dtype, tuple(flags)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import Any
 
@@ -18,6 +17,7 @@ from dooly.profile.grid import (
     DEFAULT_MAX_SEQS,
     DEFAULT_MAX_TOKENS,
     GridSpec,
+    widen,
 )
 
 # The interconnect label of a platform planned from elsewhere: nothing held matches it.
@@ -53,6 +53,10 @@ def _common(func):
                           "max_num_batched_tokens; repeatable): a loaded engine's steps hold exactly N query "
                           "tokens, so the sweep reaches N tokens and attention gains mixed and prefill points that "
                           "fill N. The default grid fills 512 and 2048; transformers' own default budget is 8192."),
+        click.option("--context", "contexts", type=int, multiple=True, metavar="N",
+                     help="A context length your requests reach, prompt plus output (repeatable): attention gains "
+                          "chunked-prefill, decode and mixed points at context N, and --max-context is raised so "
+                          "decode batches of mean context N fit (--max-kv is not: their KV totals stop at it)."),
         click.option("--attention-grid", type=click.Choice(sorted(ATTENTION_DESIGNS)), default="full", show_default=True,
                      help="Attention batch design: thin-mixed or thin-all measure a subset of the full grid's points "
                           "(about 1/2 or 1/3 of attention's device time), enough to serve a new attention layout; a "
@@ -66,21 +70,15 @@ def _common(func):
 
 
 def _grid(max_tokens: int, max_seqs: int, max_kv: int, max_context: int, attention_grid: str = "full",
-          token_budgets: tuple[int, ...] = ()) -> GridSpec:
+          token_budgets: tuple[int, ...] = (), contexts: tuple[int, ...] = ()) -> GridSpec:
     for name, value in (("--max-tokens", max_tokens), ("--max-seqs", max_seqs), ("--max-kv", max_kv),
-                        ("--max-context", max_context), *(("--token-budget", b) for b in token_budgets)):
+                        ("--max-context", max_context), *(("--token-budget", b) for b in token_budgets),
+                        *(("--context", c) for c in contexts)):
         if value < 1:
             raise DoolyError(f"{name} must be >= 1, got {value}")
-    shapes = ATTENTION_DESIGNS[attention_grid]
-    if token_budgets:
-        budgets = tuple(sorted(set(token_budgets)))
-        shapes = dataclasses.replace(
-            shapes,
-            mixed_budgets=tuple(sorted({*shapes.mixed_budgets, *budgets})),
-            chunk_lengths=tuple(sorted({*shapes.chunk_lengths, *budgets})),
-        )
-        max_tokens = max(max_tokens, budgets[-1])
-    return GridSpec(max_tokens=max_tokens, max_seqs=max_seqs, max_kv=max_kv, max_context=max_context, attention=shapes)
+    grid = GridSpec(max_tokens=max_tokens, max_seqs=max_seqs, max_kv=max_kv, max_context=max_context,
+                    attention=ATTENTION_DESIGNS[attention_grid])
+    return widen(grid, token_budgets, contexts)
 
 
 @click.command("plan")
@@ -90,8 +88,8 @@ def _grid(max_tokens: int, max_seqs: int, max_kv: int, max_context: int, attenti
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | None, engine: str, backend: str,
                  dtype: str, tp: int, max_tokens: int, max_seqs: int, max_kv: int, max_context: int,
-                 token_budgets: tuple[int, ...], attention_grid: str, output_format: str, platform: str,
-                 device: str) -> None:
+                 token_budgets: tuple[int, ...], contexts: tuple[int, ...], attention_grid: str, output_format: str,
+                 platform: str, device: str) -> None:
     """What profiling MODEL... would measure, and what it would reuse from the store. Measures nothing.
 
     \b
@@ -107,7 +105,7 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
 
     kind = engine_kind(engine)
     backend = backend or kind.default_backend
-    grid = _grid(max_tokens, max_seqs, max_kv, max_context, attention_grid, token_budgets)
+    grid = _grid(max_tokens, max_seqs, max_kv, max_context, attention_grid, token_budgets, contexts)
     device_type = detect_device(device)
     named = platform not in ("auto", "")
     name = check_platform_name(platform) if named else detect_platform(device_type)
@@ -119,11 +117,13 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
                           engine_version=kind.version(), backend=backend, dtype=dtype, block_size=kind.block_size)
     plan = build_plan(traces, store, stack, grid, software_agnostic=named,
                       comm=_plan_comm_stack(traces, stack, device_type, named))
-    summary = {**plan.summary(), "attention_grid": attention_grid, "token_budgets": sorted(set(token_budgets))}
+    summary = {**plan.summary(), "attention_grid": attention_grid, "token_budgets": sorted(set(token_budgets)),
+               "contexts": sorted(set(contexts))}
     if output_format == "json":
         emit_json(summary)
         return
     budgets = f", token budgets {', '.join(map(str, summary['token_budgets']))}" if token_budgets else ""
+    budgets += f", contexts {', '.join(map(str, summary['contexts']))}" if contexts else ""
     click.echo(f"platform {summary['platform']}, backend {backend}, attention grid {attention_grid}{budgets}: "
                f"{summary['signatures']} signatures, "
                f"{summary['missing_signatures']} missing ({summary['missing_points']} points, about "
@@ -186,7 +186,7 @@ def _plan_comm_stack(traces: list, stack: Any, device_type: str, named: bool) ->
                    "(default $DOOLY_PROGRESS_INTERVAL_S or 30).")
 def profile_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | None, engine: str, backend: str,
                     dtype: str, tp: int, max_tokens: int, max_seqs: int, max_kv: int, max_context: int,
-                    token_budgets: tuple[int, ...], attention_grid: str, output_format: str,
+                    token_budgets: tuple[int, ...], contexts: tuple[int, ...], attention_grid: str, output_format: str,
                     platform: str, device: str, samples: int | None, shard_index: int, shard_count: int,
                     run_id: str | None, chunk_rows: int, progress_interval: float | None) -> None:
     """Profile MODEL... into the store, measuring only what it does not hold yet.
@@ -222,8 +222,8 @@ def profile_command(models: tuple[str, ...], store_uri: str, endpoint_url: str |
     interval = progress_interval if progress_interval is not None else interval_from_env()
     options = ProfileOptions(
         backend=backend or default_backend(engine), engine=engine, dtype=dtype, device=device, platform=platform,
-        grid=_grid(max_tokens, max_seqs, max_kv, max_context, attention_grid, token_budgets), samples=samples, shard_index=shard_index,
-        shard_count=shard_count, run_id=run_id, chunk_rows=chunk_rows, tp=tp,
+        grid=_grid(max_tokens, max_seqs, max_kv, max_context, attention_grid, token_budgets, contexts), samples=samples,
+        shard_index=shard_index, shard_count=shard_count, run_id=run_id, chunk_rows=chunk_rows, tp=tp,
     )
     # Made by the first write: a bad model, name or number found while tracing leaves nothing behind.
     store = open_store(store_uri, endpoint_url=endpoint_url, create=True, defer_create=True)

@@ -12,8 +12,11 @@ with non-uniform context lengths.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +71,14 @@ SCORE_MATERIALISING_BACKENDS = ("eager",)
 # so the batch's mean context is the nominal one while lengths differ by 3x end to end.
 SPREAD_LOW = 0.5
 SPREAD_WIDTH = 1.0
+# Batch regimes by name, by `dooly.fit.features.regime_of`'s rule: no sequence decodes (prefill),
+# every one does (decode), or some do (mixed).
+REGIME_PREFILL = "prefill"
+REGIME_DECODE = "decode"
+REGIME_MIXED = "mixed"
+REGIMES = (REGIME_PREFILL, REGIME_DECODE, REGIME_MIXED)
+# A max_kv no batch reaches: the grid's batches with the KV limit lifted.
+UNBOUNDED_KV = sys.maxsize
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,78 @@ class Point:
         return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
 
+def widen(grid: GridSpec, token_budgets: Iterable[int] = (), contexts: Iterable[int] = ()) -> GridSpec:
+    """GRID with the points an engine's token budgets and its requests' context lengths need.
+
+    A loaded engine's steps hold exactly its token budget: each budget raises the token sweep to
+    it and adds chunked prefills of that many tokens and mixed batches that fill it. Long prompts
+    reach contexts past the fixed ladders (which `--max-context` only caps): each context is added
+    to the chunked-prefill, decode and mixed-decode contexts, and max_context is raised so the
+    spread decode batches of that mean context fit. The ladders are first clipped to GRID's
+    limits, so a raised max_context keeps every point GRID had and adds only those at the new
+    contexts (and, for a backend that materialises the scores, the unaligned copies of GRID's
+    top-context points, whose last context passed its max_context by a token or two). max_kv is
+    left alone (`kv_limit_reaching` says what a given KV total needs)."""
+    shapes = grid.attention
+    max_tokens, max_context = grid.max_tokens, grid.max_context
+    budgets = sorted(set(token_budgets))
+    if budgets:
+        shapes = dataclasses.replace(
+            shapes,
+            mixed_budgets=tuple(sorted({*shapes.mixed_budgets, *budgets})),
+            chunk_lengths=tuple(sorted({*shapes.chunk_lengths, *budgets})),
+        )
+        max_tokens = max(max_tokens, budgets[-1])
+    added = sorted(set(contexts))
+    if added:
+        spread_limit = _spread_limit(max_context)
+
+        def clipped(values: tuple[int, ...], limit: int) -> tuple[int, ...]:
+            return tuple(sorted({*(min(v, limit) for v in values), *added}))
+
+        shapes = dataclasses.replace(
+            shapes,
+            chunk_contexts=clipped(shapes.chunk_contexts, max_context),
+            mixed_chunk_contexts=tuple(sorted({min(v, max_context) for v in shapes.mixed_chunk_contexts})),
+            decode_contexts=clipped(shapes.decode_contexts, spread_limit),
+            mixed_decode_contexts=clipped(shapes.mixed_decode_contexts, spread_limit),
+        )
+        max_context = max(max_context, math.ceil(added[-1] * (SPREAD_LOW + SPREAD_WIDTH)))
+    return dataclasses.replace(grid, max_tokens=max_tokens, max_context=max_context, attention=shapes)
+
+
+def batch_regime(batch: Batch) -> str:
+    """The batch's regime (REGIMES), by the rule the fit keeps attention's maxima by."""
+    if batch.decode_seqs <= 0:
+        return REGIME_PREFILL
+    return REGIME_DECODE if batch.decode_seqs >= batch.num_seqs else REGIME_MIXED
+
+
+def kv_limit_reaching(needed: int, regime: str | None, grid: GridSpec) -> int | None:
+    """The smallest max_kv at which GRID (its other limits kept) holds an attention batch of
+    REGIME (REGIMES; None: any) whose KV total is at least NEEDED; None when none does at any max_kv.
+
+    A step read more KV than any measured batch of its regime: the answer is the `--max-kv` that
+    measures one that reads as much. Only max_kv filters batches by their KV total, so it is the
+    smallest such total among the batches with that limit lifted (the plain points; a
+    score-materialising backend's unaligned copies add a few tokens to some of them)."""
+    reaching = [b.kv_tokens for b in _of_regime(dataclasses.replace(grid, max_kv=UNBOUNDED_KV), regime)
+                if b.kv_tokens >= needed]
+    return min(reaching) if reaching else None
+
+
+def longest_kv(grid: GridSpec, regime: str | None) -> int:
+    """The longest sequence's KV (context plus new tokens) among GRID's attention batches of
+    REGIME (None: any), 0 where it has none: how long a step's sequences may get inside the grid."""
+    return max((s.kv for b in _of_regime(grid, regime) for s in b.seqs), default=0)
+
+
+def _of_regime(grid: GridSpec, regime: str | None) -> list[Batch]:
+    if regime is not None and regime not in REGIMES:
+        raise ValueError(f"unknown batch regime {regime!r}, expected one of {', '.join(REGIMES)}")
+    return [b for b in attention_batches(grid) if regime is None or batch_regime(b) == regime]
+
+
 def variable_points(variables: list[str], grid: GridSpec) -> list[Point]:
     """Points for an op whose sizes depend on these request variables only."""
     if not variables:
@@ -182,7 +265,7 @@ def attention_batches(grid: GridSpec, unaligned: bool = False) -> list[Batch]:
     shapes = grid.attention
     half_tokens = max(grid.max_tokens // 2, 1)
     # Spread contexts reach (SPREAD_LOW + SPREAD_WIDTH) x the nominal one: keep them within max_context.
-    spread_limit = max(int(grid.max_context / (SPREAD_LOW + SPREAD_WIDTH)), 1)
+    spread_limit = _spread_limit(grid.max_context)
     tokens = grid.tokens()
     rungs = tokens[:: shapes.prefill_rung_step]
     if rungs[-1] != tokens[-1]:
@@ -238,6 +321,11 @@ def batch_point(batch: Batch, window: int | None = None) -> Point:
     if window:
         values["S"] = sum(s.query + min(s.context, window - 1) for s in batch.seqs)
     return Point(values=tuple(sorted(values.items())), batch=batch)
+
+
+def _spread_limit(max_context: int) -> int:
+    """The largest nominal decode context whose spread lengths stay within max_context."""
+    return max(int(max_context / (SPREAD_LOW + SPREAD_WIDTH)), 1)
 
 
 def spread(context: int, count: int) -> list[int]:

@@ -5,7 +5,9 @@ they were recorded reports nothing of it, without failing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 
 import numpy as np
@@ -15,11 +17,12 @@ from click.testing import CliRunner
 from dooly.cli import cli
 from dooly.fit import codec
 from dooly.fit import synthetic as syn
-from dooly.fit.coverage import coverage_lines
+from dooly.fit.coverage import CONTEXT_STEP, coverage_lines, coverage_payload, payload_lines, plan_flags
 from dooly.fit.extent import ANY_REGIME, LONGEST_KV, MeasuredExtent
 from dooly.fit.features import REGIME_DECODE, REGIME_MIXED, REGIME_PREFILL, aggregates_from_seqs
 from dooly.fit.persist import serialize_group
 from dooly.fit.predictor import PHASE_DECODE, PHASE_PREFILL, Predictor
+from dooly.profile.grid import DEFAULT_MAX_KV, GridSpec, attention_batches, kv_limit_reaching, longest_kv, widen
 
 TOY = syn.TOY_MODELS[0]
 GROUP_KEY = (syn.PLATFORM, syn.ENGINE, syn.BACKEND, syn.DTYPE)
@@ -29,6 +32,11 @@ MEASURED_TOKENS = max(syn.T_GRID)
 BEYOND_TOKENS = 2 * MEASURED_TOKENS
 # Steps inside everything every toy signature was measured at (per regime, for attention).
 INSIDE_STEPS = [([(256, 0)], []), ([], [300, 900, 1500]), ([(64, 0)], [400, 500, 600])]
+# A decode step of long prompts: sequences longer, and a KV total larger, than the default grid's decodes.
+LONG_DECODE_CONTEXT = 12000
+LONG_DECODES = 40
+# A KV total past the default limit that the default grid's largest decode batches still read.
+LARGE_KV_FACTOR = 4
 
 
 def attention_maxima(regime: int) -> dict[str, int]:
@@ -91,7 +99,8 @@ def test_steps_beyond_the_measured_tokens_are_extrapolated_and_named(predictor):
     (line,) = [line for line in coverage_lines(coverage, plan="dooly plan X") if "extrapolated" in line]
     assert f"T (tokens) up to {BEYOND_TOKENS}" in line
     assert f"measured up to {attention_maxima(REGIME_PREFILL)['T']} for {syn.ATTENTION_CLASS}" in line
-    assert f"`dooly plan X --token-budget {BEYOND_TOKENS}`" in line
+    assert line.endswith(f"; `dooly plan X --token-budget {BEYOND_TOKENS}` measures steps of that many tokens")
+    assert coverage_payload(coverage)[PHASE_PREFILL]["plan_flags"] == [f"--token-budget {BEYOND_TOKENS}"]
 
 
 def test_decode_contexts_beyond_the_measured_ones_extrapolate_attention_only(predictor):
@@ -179,3 +188,63 @@ def test_predict_reports_the_extrapolation_in_json_and_text(fitted_store, tmp_pa
     assert old_prefill["measured_share"] == prefill["measured_share"]
     old_text = CliRunner().invoke(cli, ["predict", "--store", str(copy), *PREDICT_ARGS, *step])
     assert old_text.exit_code == 0 and "extrapolated" not in old_text.output
+
+
+def test_long_sequences_name_the_context_and_kv_that_measure_them(predictor):
+    """Decodes of long prompts, past every length and KV total the grid measures: coverage records
+    the longest sequence's KV and the KV total needed, and names the `--context` (rounded up) and
+    `--max-kv` whose points hold such a step: a decode batch at least that long and that large."""
+    coverage = toy_step(predictor).coverage_by_phase([([], [LONG_DECODE_CONTEXT] * LONG_DECODES), ([], [100])])
+    decode = coverage[PHASE_DECODE]
+    longest, kv = LONG_DECODE_CONTEXT + 1, LONG_DECODES * (LONG_DECODE_CONTEXT + 1)
+    assert (decode.context_needed, decode.kv_needed, decode.token_budget_needed) == (longest, kv, None)
+    assert {"context_needed": longest, "kv_needed": kv}.items() <= decode.to_dict().items()
+    payload = coverage_payload(coverage)[PHASE_DECODE]
+    context = CONTEXT_STEP * math.ceil(longest / CONTEXT_STEP)
+    grid = widen(GridSpec(), contexts=(context,))
+    limit = kv_limit_reaching(kv, PHASE_DECODE, grid)
+    assert limit is not None and limit > DEFAULT_MAX_KV
+    assert payload["plan_flags"] == [f"--context {context}", f"--max-kv {limit}"]
+    measured = widen(dataclasses.replace(grid, max_kv=limit))
+    assert any(b.decode_seqs == b.num_seqs and b.kv_tokens >= kv for b in attention_batches(measured))
+    assert longest_kv(grid, PHASE_DECODE) >= longest
+    (line,) = [line for line in coverage_lines(coverage, plan="dooly plan X") if "extrapolated" in line]
+    assert line.endswith(f"; `dooly plan X --context {context} --max-kv {limit}` measures steps of those sizes")
+    assert payload_lines(coverage_payload(coverage), "dooly plan X") == coverage_lines(coverage, plan="dooly plan X")
+
+
+def test_sizes_the_default_grid_holds_name_no_flag_and_old_payloads_still_read():
+    """A longest sequence or KV total the default grid already reaches (a store profiled on a
+    smaller grid) names no --context or --max-kv: a plain plan measures them. A payload written
+    before plan_flags, context_needed and kv_needed were recorded reads as before."""
+    assert plan_flags(PHASE_DECODE, {"context_needed": longest_kv(GridSpec(), PHASE_DECODE),
+                                     "kv_needed": DEFAULT_MAX_KV // 2}) == []
+    assert plan_flags(PHASE_PREFILL, {"token_budget_needed": BEYOND_TOKENS, "context_needed": BEYOND_TOKENS}) == [
+        f"--token-budget {BEYOND_TOKENS}"]
+    # Explore's total over every phase: batches of any regime.
+    kv = LARGE_KV_FACTOR * DEFAULT_MAX_KV
+    limit = kv_limit_reaching(kv, None, GridSpec())
+    assert limit is not None and plan_flags("all", {"kv_needed": kv}) == [f"--max-kv {limit}"]
+    extrapolated = [{"variable": "T", "measured_max": MEASURED_TOKENS, "needed_max": BEYOND_TOKENS, "share": 0.5,
+                     "op_class": syn.MM, "signature": "0" * 40}]
+    old = {"measured_share": 1.0, "class_regressor_share": 0.0, "fallback_share": 0.0, "estimated": [],
+           "extrapolated_share": 0.5, "token_budget_needed": BEYOND_TOKENS, "extrapolated": extrapolated}
+    (_, line) = payload_lines({PHASE_PREFILL: old}, "dooly plan X")
+    assert line.endswith(f"; `dooly plan X --token-budget {BEYOND_TOKENS}` measures steps of that many tokens")
+    (_, line) = payload_lines({PHASE_PREFILL: {**old, "token_budget_needed": None}}, "dooly plan X")
+    assert "dooly plan" not in line
+
+
+def test_predict_names_the_plan_flags_in_json_and_text(fitted_store):
+    uri, _ = fitted_store
+    step = [arg for _ in range(LONG_DECODES) for arg in ("--decode", str(LONG_DECODE_CONTEXT))]
+    result = CliRunner().invoke(cli, ["predict", "--store", uri, *PREDICT_ARGS, *step, "--output", "json"])
+    assert result.exit_code == 0, result.output
+    decode = json.loads(result.stdout)["coverage"][PHASE_DECODE]
+    assert (decode["context_needed"], decode["kv_needed"]) == (LONG_DECODE_CONTEXT + 1, LONG_DECODES * (LONG_DECODE_CONTEXT + 1))
+    flags = decode["plan_flags"]
+    assert flags == plan_flags(PHASE_DECODE, decode) and [flag.split()[0] for flag in flags] == ["--context", "--max-kv"]
+    text = CliRunner().invoke(cli, ["predict", "--store", uri, *PREDICT_ARGS, *step])
+    assert text.exit_code == 0, text.output
+    (line,) = [line for line in text.output.splitlines() if "extrapolated" in line]
+    assert line.endswith(f"--attention '{syn.BACKEND}' {' '.join(flags)}` measures steps of those sizes")

@@ -201,3 +201,15 @@ def test_the_profile_section_takes_token_budgets_or_refuses_bad_ones(tmp_path):
                          ("[512, 512]", r"tokenBudgets\[1\]: 512 is listed twice"), ("8192", "expected a non-empty list")):
         with pytest.raises(DoolyError, match=message):
             _load(tmp_path, SMALL_FLEET.replace("profile:\n", f"profile:\n  tokenBudgets: {bad}\n"))
+
+
+def test_the_profile_section_takes_contexts_or_refuses_bad_ones(tmp_path):
+    spec = _load(tmp_path, SMALL_FLEET.replace("profile:\n", "profile:\n  contexts: [16384, 32768]\n"))
+    h100 = next(t for t in spec.targets() if t.gpu.name == "h100")
+    args = _profile_args(jobs.build_profile_job(spec, h100, run_id="20260101-000000"))
+    contexts = [args[i + 1] for i, arg in enumerate(args) if arg == "--context"]
+    assert contexts == ["16384", "32768"]
+    for bad, message in (("[]", "expected a non-empty list of context lengths"), ("[0]", r"contexts\[0\]: 0 is out of range"),
+                         ("[512, 512]", r"contexts\[1\]: 512 is listed twice"), ("16384", "expected a non-empty list")):
+        with pytest.raises(DoolyError, match=message):
+            _load(tmp_path, SMALL_FLEET.replace("profile:\n", f"profile:\n  contexts: {bad}\n"))

@@ -338,3 +338,35 @@ def test_a_token_budget_adds_only_the_points_that_fill_it(tmp_path, models):
     assert code == 0 and isinstance(again, dict) and again["missing_points"] == 0
     code, output = run_cli("plan", models[0], "--store", str(store), "--token-budget", "0")
     assert code == 2 and "--token-budget must be >= 1" in output
+
+
+def test_a_context_adds_only_the_attention_points_at_it(tmp_path, models):
+    """Long prompts reach contexts past the grid's ladders, which --max-context only caps:
+    `--context N` measures attention's chunked prefills, decodes and mixed batches at context N
+    and nothing else on a store that holds the rest; plan shows the contexts as it does budgets."""
+    from dooly.profile.grid import spread
+
+    store = tmp_path / "db"
+    profile(store, models[0])
+    context = SMALL_GRID.max_context + SMALL_GRID.max_context // 4  # past --max-context; its decodes fit --max-kv
+    code, plan = run_cli("plan", models[0], "--store", str(store), *SMALL_GRID_ARGS, "--context", str(context),
+                         "--output", "json")
+    assert code == 0 and isinstance(plan, dict) and plan["missing_points"] > 0 and plan["contexts"] == [context]
+    code, text = run_cli("plan", models[0], "--store", str(store), *SMALL_GRID_ARGS, "--context", str(context),
+                         "--token-budget", "24")
+    assert code == 0 and f"token budgets 24, contexts {context}: " in str(text)
+    code, payload = run_cli("profile", models[0], "--store", str(store), *SMALL_GRID_ARGS, "--context", str(context),
+                            "--output", "json")
+    assert code == 0 and isinstance(payload, dict)
+    new = [r for r in shard_rows(store).to_pylist() if r["run_id"] == payload["run_id"]]
+    assert new and all(r["op"] == "attention" for r in new)
+    assert {r["phase"] for r in new} == {"prefill", "decode", "mixed"}
+    for row in new:
+        seqs = json.loads(row["point_key"])["seqs"]
+        decodes = [ctx for query, ctx in seqs if query == 1]
+        assert any(query > 1 and ctx == context for query, ctx in seqs) or decodes == spread(context, len(decodes)), seqs
+    code, again = run_cli("plan", models[0], "--store", str(store), *SMALL_GRID_ARGS, "--context", str(context),
+                          "--output", "json")
+    assert code == 0 and isinstance(again, dict) and again["missing_points"] == 0
+    code, output = run_cli("plan", models[0], "--store", str(store), "--context", "0")
+    assert code == 2 and "--context must be >= 1" in output
