@@ -191,25 +191,17 @@ def test_the_profile_section_takes_an_attention_grid_or_refuses_an_unknown_one(t
         _load(tmp_path, SMALL_FLEET.replace("profile:\n", "profile:\n  attentionGrid: sparse\n"))
 
 
-def test_the_profile_section_takes_token_budgets_or_refuses_bad_ones(tmp_path):
-    spec = _load(tmp_path, SMALL_FLEET.replace("profile:\n", "profile:\n  tokenBudgets: [8192, 4096]\n"))
+@pytest.mark.parametrize(("field", "flag", "noun", "values"), [
+    ("tokenBudgets", "--token-budget", "token budgets", ["8192", "4096"]),
+    ("contexts", "--context", "context lengths", ["16384", "32768"]),
+])
+def test_the_profile_section_takes_a_list_of_sizes_or_refuses_bad_ones(tmp_path, field, flag, noun, values):
+    """Each listed size becomes one flag of the profiling Job, in the order given."""
+    spec = _load(tmp_path, SMALL_FLEET.replace("profile:\n", f"profile:\n  {field}: [{', '.join(values)}]\n"))
     h100 = next(t for t in spec.targets() if t.gpu.name == "h100")
     args = _profile_args(jobs.build_profile_job(spec, h100, run_id="20260101-000000"))
-    budgets = [args[i + 1] for i, arg in enumerate(args) if arg == "--token-budget"]
-    assert budgets == ["8192", "4096"]
-    for bad, message in (("[]", "expected a non-empty list of token budgets"), ("[0]", r"tokenBudgets\[0\]: 0 is out of range"),
-                         ("[512, 512]", r"tokenBudgets\[1\]: 512 is listed twice"), ("8192", "expected a non-empty list")):
+    assert [args[i + 1] for i, arg in enumerate(args) if arg == flag] == values
+    for bad, message in (("[]", f"expected a non-empty list of {noun}"), ("[0]", rf"{field}\[0\]: 0 is out of range"),
+                         ("[512, 512]", rf"{field}\[1\]: 512 is listed twice"), ("8192", "expected a non-empty list")):
         with pytest.raises(DoolyError, match=message):
-            _load(tmp_path, SMALL_FLEET.replace("profile:\n", f"profile:\n  tokenBudgets: {bad}\n"))
-
-
-def test_the_profile_section_takes_contexts_or_refuses_bad_ones(tmp_path):
-    spec = _load(tmp_path, SMALL_FLEET.replace("profile:\n", "profile:\n  contexts: [16384, 32768]\n"))
-    h100 = next(t for t in spec.targets() if t.gpu.name == "h100")
-    args = _profile_args(jobs.build_profile_job(spec, h100, run_id="20260101-000000"))
-    contexts = [args[i + 1] for i, arg in enumerate(args) if arg == "--context"]
-    assert contexts == ["16384", "32768"]
-    for bad, message in (("[]", "expected a non-empty list of context lengths"), ("[0]", r"contexts\[0\]: 0 is out of range"),
-                         ("[512, 512]", r"contexts\[1\]: 512 is listed twice"), ("16384", "expected a non-empty list")):
-        with pytest.raises(DoolyError, match=message):
-            _load(tmp_path, SMALL_FLEET.replace("profile:\n", f"profile:\n  contexts: {bad}\n"))
+            _load(tmp_path, SMALL_FLEET.replace("profile:\n", f"profile:\n  {field}: {bad}\n"))
