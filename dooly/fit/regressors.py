@@ -116,6 +116,11 @@ REGIME_POOLS = {
 }
 # Rows evaluated at once by the tree ensemble (rows x trees node indices stay small).
 TREE_CHUNK_ROWS = 8192
+# Rows sorted in every feature (a table over one request variable) are walked once per run of rows
+# that no split separates, when there are at least this many rows and runs are at most this share
+# of them: below that, finding the runs costs about what walking every row does.
+SORTED_RUN_MIN_ROWS = 256
+SORTED_RUN_MAX_SHARE = 0.25
 
 
 @functools.cache
@@ -329,11 +334,36 @@ class TreeEnsemble:
         )
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        starts = self.sorted_runs(x)
+        if starts is not None:
+            sums = self.baseline + self.leaf_values(x[starts]).sum(axis=1)
+            return np.repeat(sums, np.diff(np.append(starts, len(x))))
         out = np.full(len(x), self.baseline)
         for start in range(0, len(x), TREE_CHUNK_ROWS):
             leaves = self.leaf_values(x[start : start + TREE_CHUNK_ROWS])
             out[start : start + TREE_CHUNK_ROWS] += leaves.sum(axis=1)
         return out
+
+    def sorted_runs(self, x: np.ndarray) -> np.ndarray | None:
+        """Where X's rows are non-decreasing in every feature (a step model's table over one request
+        variable: its log terms grow with it, its config dims stay put), the first row of each run
+        of rows that fall on the same side of every split: such rows reach the same leaf in every
+        tree, so `predict` walks one row per run and repeats its sum, bit for bit what walking each
+        row gives. None where the rows are not so sorted, or runs would save too little.
+
+        A split (feature j, threshold t) sends a row left while x[j] <= t; in rows sorted in j, the
+        first row past it is `searchsorted(x[:, j], t, side="right")`, and those boundaries over
+        every split cut the rows into the runs."""
+        if len(x) < SORTED_RUN_MIN_ROWS or x.ndim != 2:
+            return None
+        if not (np.diff(x, axis=0) >= 0).all():  # NaN compares False: never taken as sorted
+            return None
+        splits = np.isfinite(self.threshold)
+        features, thresholds = self.feature[splits], self.threshold[splits]
+        cuts = [np.searchsorted(x[:, j], thresholds[features == j], side="right") for j in np.unique(features)]
+        starts = np.unique(np.concatenate([np.zeros(1, dtype=np.int64), *cuts]))
+        starts = starts[starts < len(x)]
+        return starts if len(starts) <= SORTED_RUN_MAX_SHARE * len(x) else None
 
     def leaf_values(self, x: np.ndarray, trees: np.ndarray | None = None) -> np.ndarray:
         """(rows, trees) value of the leaf each row reaches in each tree (of `trees`, indices into

@@ -103,3 +103,23 @@ def test_grid_walk_of_the_pair_tables_is_predict_bit_for_bit():
         got = _grid_predict(ensemble, grid, ensemble.leaf_values(anchor[None, :]), used, pair)
         assert np.array_equal(got, ensemble.predict(grid))
     assert isinstance(PairTables.from_trees(ensemble, TREE_TERMS, TREE_PAIRS), PairTables)
+
+
+def test_rows_sorted_in_every_feature_are_walked_once_per_run_bit_for_bit():
+    """A table over one request variable (its log terms grow with it, config dims constant) is
+    walked one row per run of rows no split separates; the result is the row-by-row walk's, bit
+    for bit. Unsorted rows, or too few, take the row-by-row walk."""
+    ensemble, x, fitted = _ensemble(11)
+    # One variable's log, the split points themselves among its values (a row at a threshold goes
+    # left), in every feature but one, which stays put as a config dim does.
+    values = np.unique(np.concatenate([np.log(np.arange(1, 20000, dtype=np.float64)),
+                                       ensemble.threshold[np.isfinite(ensemble.threshold)]]))
+    table = np.column_stack([values, values, np.full(len(values), 3.0), values / 2])
+    starts = ensemble.sorted_runs(table)
+    assert starts is not None and 1 < len(starts) < len(table) / 10
+    expected = ensemble.baseline + ensemble.leaf_values(table).sum(axis=1)
+    assert np.array_equal(ensemble.predict(table), expected)
+    np.testing.assert_allclose(ensemble.predict(table), fitted.predict(table), rtol=1e-12, atol=1e-12)
+    assert ensemble.sorted_runs(table[::-1]) is None
+    assert ensemble.sorted_runs(table[:10]) is None
+    assert ensemble.sorted_runs(np.vstack([x, x])) is None
