@@ -122,9 +122,9 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
     if output_format == "json":
         emit_json(summary)
         return
-    budgets = f", token budgets {', '.join(map(str, summary['token_budgets']))}" if token_budgets else ""
-    budgets += f", contexts {', '.join(map(str, summary['contexts']))}" if contexts else ""
-    click.echo(f"platform {summary['platform']}, backend {backend}, attention grid {attention_grid}{budgets}: "
+    widened = f", token budgets {', '.join(map(str, summary['token_budgets']))}" if token_budgets else ""
+    widened += f", contexts {', '.join(map(str, summary['contexts']))}" if contexts else ""
+    click.echo(f"platform {summary['platform']}, backend {backend}, attention grid {attention_grid}{widened}: "
                f"{summary['signatures']} signatures, "
                f"{summary['missing_signatures']} missing ({summary['missing_points']} points, about "
                f"{summary['expected_refinement_points']} more where latency bends), "

@@ -141,7 +141,10 @@ def test_a_context_adds_only_points_at_that_context_and_keeps_every_other():
 def test_the_batch_regime_is_the_fit_s():
     from dooly.fit.extent import REGIME_NAMES
     from dooly.fit.features import regime_scalar
+    from dooly.fit.predictor import PHASE_DECODE, PHASE_MIXED, PHASE_PREFILL
 
+    # Coverage names a phase's batches by the phase's own name (`coverage.plan_flags`).
+    assert {PHASE_PREFILL, PHASE_DECODE, PHASE_MIXED} == set(REGIMES)
     batches = attention_batches(widen(GridSpec(), contexts=(LONG_CONTEXT,)), unaligned=True)
     assert {batch_regime(b) for b in batches} == set(REGIMES)
     for b in batches:
