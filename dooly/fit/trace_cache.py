@@ -40,6 +40,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -75,6 +76,11 @@ ENTRY_NAME_HEX_DIGITS = 32
 # What an entry's file is named: only such files, one folder down, are counted, listed and removed
 # (a cache directory named by the user may hold other things).
 ENTRY_NAME = re.compile(rf"[0-9a-f]{{{ENTRY_NAME_HEX_DIGITS}}}{re.escape(ENTRY_SUFFIX)}")
+# A writer's temporary file (`.<entry stem>.<pid>.<token>.tmp`, beside the entry it becomes). One
+# older than LEFTOVER_AGE_S was left by a writer that died between creating and renaming it (a write
+# takes milliseconds): a clear removes it; a younger one may be a live writer's and is left alone.
+TEMP_NAME = re.compile(rf"\.[0-9a-f]{{{ENTRY_NAME_HEX_DIGITS}}}\.\d+\.[0-9a-f]+{re.escape(TEMP_SUFFIX)}")
+LEFTOVER_AGE_S = 3600.0
 # A writer makes the entry's folder and then creates its file there; an eviction or a clear removes a
 # model's folder with its last entry, so the folder may vanish in between: made once more.
 CREATE_ATTEMPTS = 2
@@ -220,10 +226,16 @@ class Removal:
     removed: tuple[CacheEntry, ...] = ()
     failed: tuple[tuple[CacheEntry, str], ...] = ()
     kept: tuple[CacheEntry, ...] = ()
+    # Temporary files dead writers left (a clear's only; not entries, so not counted above).
+    leftovers: tuple[CacheEntry, ...] = ()
 
     @property
     def removed_bytes(self) -> int:
         return sum(entry.bytes for entry in self.removed)
+
+    @property
+    def leftover_bytes(self) -> int:
+        return sum(entry.bytes for entry in self.leftovers)
 
 
 def cache_directory() -> Path | None:
@@ -480,11 +492,12 @@ def _keep_under_cap(directory: Path, written: Path) -> None:
                      len(removal.removed), removal.removed_bytes, directory, max_bytes)
 
 
-def scan_entries(directory: Path) -> list[CacheEntry]:
+def scan_entries(directory: Path, name: re.Pattern[str] = ENTRY_NAME) -> list[CacheEntry]:
     """The entries under DIRECTORY (`MODEL_KEY/<ENTRY_NAME>`: nothing else a directory holds is
-    counted or removed), with their sizes and last uses, unordered. A folder or file that vanishes
-    or cannot be read while it is scanned (another process evicting) is skipped; a missing
-    DIRECTORY has none. Raises OSError where DIRECTORY itself cannot be read."""
+    counted or removed), with their sizes and last uses, unordered; with `name` TEMP_NAME, the
+    writers' temporary files instead. A folder or file that vanishes or cannot be read while it is
+    scanned (another process evicting) is skipped; a missing DIRECTORY has none. Raises OSError
+    where DIRECTORY itself cannot be read."""
     try:
         with os.scandir(directory) as listing:
             folders = [item.path for item in listing
@@ -495,7 +508,7 @@ def scan_entries(directory: Path) -> list[CacheEntry]:
     for folder in folders:
         try:
             with os.scandir(folder) as listing:
-                files = [item for item in listing if ENTRY_NAME.fullmatch(item.name)]
+                files = [item for item in listing if name.fullmatch(item.name)]
         except OSError:
             continue
         for item in files:
@@ -568,9 +581,10 @@ def evict(directory: Path, max_bytes: int, *, keep: Path | None = None) -> Remov
     return Removal(removed=tuple(removed), failed=tuple(failed))
 
 
-def clear(directory: Path, *, stale_only: bool = False) -> Removal:
-    """Remove DIRECTORY's entries, or only its stale ones (the current ones are kept); those that
-    cannot be removed are reported, not raised. Raises OSError where DIRECTORY cannot be read."""
+def clear(directory: Path, *, stale_only: bool = False, now: float | None = None) -> Removal:
+    """Remove DIRECTORY's entries, or only its stale ones (the current ones are kept), and the
+    temporary files dead writers left (older than LEFTOVER_AGE_S at `now`); entries that cannot be
+    removed are reported, not raised. Raises OSError where DIRECTORY cannot be read."""
     removed: list[CacheEntry] = []
     failed: list[tuple[CacheEntry, str]] = []
     kept: list[CacheEntry] = []
@@ -583,7 +597,9 @@ def clear(directory: Path, *, stale_only: bool = False) -> Removal:
             removed.append(entry)
         else:
             failed.append((entry, reason))
-    return Removal(removed=tuple(removed), failed=tuple(failed), kept=tuple(kept))
+    oldest = (time.time() if now is None else now) - LEFTOVER_AGE_S
+    leftovers = [e for e in scan_entries(directory, TEMP_NAME) if e.last_used < oldest and _remove(e) is None]
+    return Removal(removed=tuple(removed), failed=tuple(failed), kept=tuple(kept), leftovers=tuple(leftovers))
 
 
 def _remove(entry: CacheEntry) -> str | None:

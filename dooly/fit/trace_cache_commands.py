@@ -179,7 +179,9 @@ def trace_cache_clear_command(stale_only: bool, output_format: str) -> None:
         emit_json({"directory": str(directory), "stale_only": stale_only,
                    "removed": [str(e.path) for e in removal.removed], "removed_bytes": removal.removed_bytes,
                    "kept": [str(e.path) for e in removal.kept], "kept_bytes": kept_bytes,
-                   "failed": [{"path": str(e.path), "reason": reason} for e, reason in removal.failed]})
+                   "failed": [{"path": str(e.path), "reason": reason} for e, reason in removal.failed],
+                   "leftovers_removed": [str(e.path) for e in removal.leftovers],
+                   "leftover_bytes": removal.leftover_bytes})
     elif not directory.is_dir():
         click.echo(f"no trace cache at {directory}: nothing to clear")
     else:
@@ -187,6 +189,9 @@ def trace_cache_clear_command(stale_only: bool, output_format: str) -> None:
         line = f"removed {_entries(len(removal.removed), kind)} ({format_bytes(removal.removed_bytes)}) from {directory}"
         if stale_only:
             line += f"; kept {_entries(len(removal.kept), f'{CURRENT} ')} ({format_bytes(kept_bytes)})"
+        if removal.leftovers:
+            line += (f"; removed {len(removal.leftovers)} temporary file(s) dead writers left "
+                     f"({format_bytes(removal.leftover_bytes)})")
         click.echo(line)
     if removal.failed:
         entry, reason = removal.failed[0]

@@ -463,6 +463,31 @@ def test_clear_stale_keeps_the_current_entries_and_clear_removes_all(uncapped):
     assert entries(uncapped) == [] and dooly_json("list")["entries"] == []
 
 
+def died_writing(directory: Path, name: str, monkeypatch) -> Path:
+    """The temporary file a writer leaves when it dies between creating it and renaming it into place."""
+    before = set(directory.rglob(f"*{trace_cache.TEMP_SUFFIX}"))
+    with monkeypatch.context() as patched:
+        patched.setattr(trace_cache.os, "replace", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            fake_entry(directory, name)
+    (left,) = set(directory.rglob(f"*{trace_cache.TEMP_SUFFIX}")) - before
+    return left
+
+
+def test_clear_removes_what_dead_writers_left_and_not_what_a_live_one_writes(uncapped, monkeypatch):
+    dead = died_writing(uncapped, "m-dead", monkeypatch)
+    hour_ago = dead.stat().st_mtime - trace_cache.LEFTOVER_AGE_S - 1
+    os.utime(dead, (hour_ago, hour_ago))
+    live = died_writing(uncapped, "m-live", monkeypatch)
+    # Neither is an entry: listed nowhere, counted nowhere.
+    assert dooly_json("list")["entries"] == []
+    cleared = dooly_json("clear", "--stale")
+    assert cleared["leftovers_removed"] == [str(dead)] and cleared["leftover_bytes"] > PADDING_BYTES
+    assert not dead.exists() and not dead.parent.exists() and live.exists()
+    text = dooly("clear")
+    assert text.exit_code == 0 and "temporary" not in text.output and live.exists()
+
+
 def test_an_off_or_missing_cache_is_one_line(uncapped, monkeypatch, tmp_path):
     monkeypatch.setenv(trace_cache.TRACE_CACHE_ENV, str(tmp_path / "never-written"))
     for command in ("list", "clear"):
