@@ -58,8 +58,8 @@ MS_PER_S = 1e3
                    "Recorded in bench.json; `dooly validate` simulates the same passes.")
 @click.option("--client", type=click.Choice(CLIENTS), default="inprocess", show_default=True,
               help="inprocess: the engine in this process, its own token timestamps, per-step records. http: the "
-                   "engine's OpenAI-compatible server (`transformers serve --continuous-batching`), streaming "
-                   "requests timed at the client, no step records (docs/simulate.md).")
+                   "engine's OpenAI-compatible server (`transformers serve --continuous-batching`, or vLLM's "
+                   "`vllm serve` with --engine vllm), streaming requests timed at the client (docs/simulate.md).")
 @click.option("--server-url", default=None, metavar="URL",
               help="With --client http: an already running server to send the requests to, instead of starting one.")
 @click.option("--model-cache", type=click.Path(path_type=Path), envvar=MODEL_CACHE_ENV,
@@ -144,9 +144,10 @@ def bench_command(
         raise DoolyError("--warm-passes applies to the transformers engine (vLLM captures its graphs at start-up)")
     if server_url is not None and client != "http":
         raise DoolyError("--server-url needs --client http")
-    if client == "http" and engine != "transformers":
-        raise DoolyError(f"--client http serves the transformers engine for now, not {engine} (use --client inprocess)")
-    model_cache = served_model_cache_root(model_cache, client, server_url)
+    if engine != "transformers" and _given("model_cache"):
+        raise DoolyError("--model-cache keeps the models transformers serve loads; vLLM's server draws dummy weights "
+                         "from the config, so it has none to keep")
+    model_cache = served_model_cache_root(model_cache, client, server_url) if engine == "transformers" else None
     if model_cache is None and _given("model_cache_max_gb"):
         raise DoolyError("--model-cache-max-gb needs --client http with --model-cache DIR (or DOOLY_MODEL_CACHE)")
     spec = spec_from_options(**workload_args)
@@ -164,7 +165,10 @@ def bench_command(
         check_engine_backend(backend)
     started = time.time()
     host = host_machine()
-    if client == "http":
+    if client == "http" and engine == "vllm":
+        run, provenance = _run_vllm(model_spec, backend, device, dtype, engine_settings, requests, model_seed,
+                                    warmup_requests, client, server_url)
+    elif client == "http":
         run, provenance = _run_http(model_spec, backend, device, dtype, engine_settings, requests, model_seed,
                                     warmup_requests, warm_passes, server_url, model_cache,
                                     int(model_cache_max_gb * BYTES_PER_GB))
@@ -258,7 +262,7 @@ def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, en
     resolved_device = detect_device(device)
     platform = detect_platform(resolved_device)
     if engine == "vllm":
-        return _run_vllm(model_spec, backend, resolved_device, platform, dtype, engine_settings, requests, seed, warmup)
+        return _run_vllm(model_spec, backend, device, dtype, engine_settings, requests, seed, warmup)
     from dooly.engines.transformers_bench import run_transformers_bench
     from dooly.engines.transformers_cb import engine_version
 
@@ -322,13 +326,18 @@ def check_engine_backend(backend: str) -> None:
         raise DoolyError(f"the continuous-batching engine runs {', '.join(ENGINE_BACKENDS)}, not {backend!r}")
 
 
-def _run_vllm(model_spec: Any, backend: str, device: str, platform: str, dtype: str, engine_settings: dict[str, Any],
-              requests: list[Any], seed: int, warmup: int) -> tuple[Any, dict[str, Any]]:
-    """The real vLLM engine (dooly.engines.vllm_bench): the build installed picks the device."""
+def _run_vllm(model_spec: Any, backend: str, device: str, dtype: str, engine_settings: dict[str, Any],
+              requests: list[Any], seed: int, warmup: int, client: str = "inprocess",
+              server_url: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The real vLLM engine, in this process (dooly.engines.vllm_bench) or behind its own server
+    (dooly.engines.vllm_http_bench): the build installed picks the device."""
     from dooly.engines.vllm_bench import run_vllm_bench, settings_from
     from dooly.engines.vllm_engine import engine_version, platform_backend
-    from dooly.profile.provenance import current_stack
+    from dooly.engines.vllm_http_bench import run_vllm_http_bench
+    from dooly.profile.provenance import current_stack, detect_device, detect_platform
 
+    resolved_device = detect_device(device)
+    platform = detect_platform(resolved_device)
     runs = platform_backend()
     if backend != runs:
         raise DoolyError(f"the installed vLLM runs the {runs} attention backend, not {backend!r}")
@@ -336,9 +345,13 @@ def _run_vllm(model_spec: Any, backend: str, device: str, platform: str, dtype: 
         vllm_settings = settings_from(engine_settings, DTYPES[dtype], seed)
     except TypeError as exc:
         raise DoolyError(f"vllm engine settings rejected: {exc}") from None
-    run = run_vllm_bench(model_spec.config, requests, settings=vllm_settings, seed=seed, warmup_requests=warmup)
-    stack = current_stack(device=device, platform=platform, engine="vllm", engine_version=engine_version(),
-                          backend=backend, dtype=dtype, block_size=int(run.engine_settings["block_size"]))
+    if client == "http":
+        run = run_vllm_http_bench(model_spec.config, requests, settings=vllm_settings, seed=seed,
+                                  warmup_requests=warmup, server_url=server_url)
+    else:
+        run = run_vllm_bench(model_spec.config, requests, settings=vllm_settings, seed=seed, warmup_requests=warmup)
+    stack = current_stack(device=resolved_device, platform=platform, engine="vllm", engine_version=engine_version(),
+                          backend=backend, dtype=dtype, block_size=vllm_settings.block_size)
     return run, {"platform": platform, "stack": stack.columns()}
 
 

@@ -1,4 +1,4 @@
-"""Ground truth as users take it: the engine behind its own OpenAI-compatible server, timed at the client.
+"""Ground truth as users take it: transformers behind its own OpenAI-compatible server, timed at the client.
 
 The in-process harness (`dooly.engines.transformers_bench`) reads the engine's own token
 timestamps; a user measures at the client, through the server's HTTP front end, which adds its
@@ -27,8 +27,9 @@ the server resolved, as the in-process harness writes its own. Or `--server-url`
 server already running, whose settings cannot be read from outside: recorded as unverified, with
 a warning.
 
-Requests arrive open loop at their workload times, each a streaming `/v1/completions` request;
-the client stamps its arrival, every streamed token chunk, and the end. EOS is disabled per
+Requests arrive open loop at their workload times, each a streaming `/v1/completions` request
+(the client, `dooly.engines.openai_client`, is vLLM's HTTP harness's too); the client stamps its
+arrival, every streamed token chunk, and the end. EOS is disabled per
 request (`generation_config` with `eos_token_id=-1`, what the in-process harness gives the
 engine), so each request generates exactly its output length; a request whose streamed tokens or
 whose server-counted tokens (`usage.completion_tokens`) differ from it fails the run.
@@ -42,19 +43,15 @@ bench.json says `client: http`.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import logging
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,29 +59,23 @@ import numpy as np
 
 from dooly.engines import served_model_cache
 from dooly.engines.groundtruth import BenchRun, RequestRecord, StepRecord
+from dooly.engines.openai_client import (
+    HEALTH_PATH,
+    LOOPBACK,
+    ServerProcess,
+    check_reachable,
+    serve_workload,
+    started_server,
+)
 from dooly.engines.transformers_bench import NO_EOS_GENERATION
 from dooly.engines.word_tokenizer import build_tokenizer, prompt_text
-from dooly.errors import DoolyError, TransientError
+from dooly.errors import DoolyError
 from dooly.workload import Request
 
 log = logging.getLogger(__name__)
 
 # The serve CLI takes the attention kernel without the paged prefix; the engine adds it.
 PAGED_PREFIX = "paged|"
-LOOPBACK = "127.0.0.1"
-HEALTH_PATH = "/health"
-COMPLETIONS_PATH = "/v1/completions"
-# Loading a large model onto a GPU from a freshly written directory takes minutes.
-SERVER_START_TIMEOUT_S = 1800.0
-HEALTH_POLL_S = 0.25
-HEALTH_PROBE_TIMEOUT_S = 2.0
-SERVER_STOP_TIMEOUT_S = 30.0
-# A streamed response that sends nothing for this long means the server stalled.
-STREAM_STALL_TIMEOUT_S = 600.0
-CONNECT_TIMEOUT_S = 10.0
-SERVER_LOG_TAIL_LINES = 5
-SSE_DATA = "data: "
-SSE_DONE = "[DONE]"
 # What the server's engine resolved, written by dooly.engines.serve_launcher beside its log.
 RESOLVED_REPORT_NAME = "server_resolved.json"
 SERVER_STEPS_NAME = "server_steps.json"
@@ -148,28 +139,6 @@ def save_served_model(hf_config: Any, backend: str, device: str, dtype: Any, see
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    """A `transformers serve` subprocess on loopback, its log in a file of the run's directory."""
-
-    command: list[str]
-    url: str
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def log_tail(self) -> str:
-        if not self.log_path.is_file():
-            return ""
-        lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
-        return " | ".join(lines[-SERVER_LOG_TAIL_LINES:])
 
 
 def transformers_serve_command(model_dir: Path, port: int, backend: str, device: str, dtype: str,
@@ -250,69 +219,6 @@ def check_resolved(resolved: dict[str, Any], backend: str, dtype: str, settings:
                          "(an HTTP cell is only paired with an in-process cell of the same engine)")
 
 
-@contextmanager
-def started_server(command_for_port: Any, work_dir: Path) -> Iterator[ServerProcess]:
-    """Start the server, wait until /health answers, stop it on exit (terminate, then kill)."""
-    port = _free_port()
-    server = ServerProcess(command=command_for_port(port), url=f"http://{LOOPBACK}:{port}", log_path=work_dir / "server.log")
-    log.info("starting %s", " ".join(server.command))
-    with server.log_path.open("wb") as log_file:
-        server.process = subprocess.Popen(server.command, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        _wait_healthy(server)
-        yield server
-    finally:
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-
-
-def _wait_healthy(server: ServerProcess) -> None:
-    import httpx
-
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    assert server.process is not None
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise DoolyError(f"the server exited with status {server.process.returncode} before it was ready: "
-                             f"{server.log_tail()}")
-        try:
-            if httpx.get(server.url + HEALTH_PATH, timeout=HEALTH_PROBE_TIMEOUT_S).status_code == httpx.codes.OK:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(HEALTH_POLL_S)
-    raise DoolyError(f"the server did not answer {HEALTH_PATH} within {SERVER_START_TIMEOUT_S:.0f} s: {server.log_tail()}")
-
-
-def check_reachable(url: str) -> None:
-    """Refuse, before anything runs, a --server-url that does not answer /health: exit 75, since a
-    server still starting (or restarting) answers later."""
-    import httpx
-
-    try:
-        response = httpx.get(url.rstrip("/") + HEALTH_PATH, timeout=CONNECT_TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        raise TransientError(f"--server-url {url} is unreachable: {exc}") from None
-    if response.status_code != httpx.codes.OK:
-        raise TransientError(f"--server-url {url}: {HEALTH_PATH} answered {response.status_code}")
-
-
-@dataclass
-class _Timing:
-    """What the client saw of one streamed request."""
-
-    arrived_s: float
-    token_times_s: list[float] = field(default_factory=list)
-    finished_s: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    error: str = ""
-
-
 def _request_body(prompt: list[int], output_tokens: int) -> dict[str, Any]:
     """transformers serve takes the prompt as text only, and EOS off through a per-request
     generation config (it has no `ignore_eos`/`min_tokens`, vLLM's way)."""
@@ -320,124 +226,15 @@ def _request_body(prompt: list[int], output_tokens: int) -> dict[str, Any]:
             "generation_config": json.dumps(NO_EOS_GENERATION)}
 
 
-async def _stream_one(client: Any, url: str, body: dict[str, Any]) -> _Timing:
-    timing = _Timing(arrived_s=time.perf_counter())
-    try:
-        async with client.stream("POST", url + COMPLETIONS_PATH, json=body) as response:
-            if response.status_code != 200:
-                detail = (await response.aread()).decode(errors="replace")
-                timing.error = f"HTTP {response.status_code}: {detail}"
-                return timing
-            async for line in response.aiter_lines():
-                now = time.perf_counter()
-                if not line.startswith(SSE_DATA):
-                    continue
-                data = line[len(SSE_DATA):].strip()
-                if data == SSE_DONE:
-                    break
-                _take_chunk(timing, json.loads(data), now)
-    except Exception as exc:  # noqa: BLE001 - any transport failure is this request's error, recorded
-        timing.error = f"{type(exc).__name__}: {exc}"
-    timing.finished_s = time.perf_counter()
-    return timing
-
-
-def _take_chunk(timing: _Timing, chunk: dict[str, Any], now: float) -> None:
-    if "error" in chunk:
-        timing.error = str(chunk["error"])
-        return
-    for choice in chunk.get("choices") or []:
-        if choice.get("text"):
-            timing.token_times_s.append(now)
-    usage = chunk.get("usage")
-    if usage:
-        timing.prompt_tokens = int(usage.get("prompt_tokens", 0))
-        timing.completion_tokens = int(usage.get("completion_tokens", 0))
-
-
-async def _replay(url: str, requests: list[Request], prompts: dict[str, list[int]]) -> dict[str, _Timing]:
-    """Open loop: each request is sent at its arrival time whatever the server is doing."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(STREAM_STALL_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-    ordered = sorted(requests, key=lambda r: r.arrival_s)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        tasks: dict[str, asyncio.Task[_Timing]] = {}
-        origin = time.perf_counter()
-        for request in ordered:
-            delay = origin + request.arrival_s - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body = _request_body(prompts[request.request_id], request.output_tokens)
-            tasks[request.request_id] = asyncio.create_task(_stream_one(client, url, body))
-        await asyncio.gather(*tasks.values())
-    return {rid: task.result() for rid, task in tasks.items()}
-
-
-def token_count_errors(requests: list[Request], timings: dict[str, _Timing]) -> list[str]:
-    """Requests the server served otherwise than the workload: a prompt the server counted at
-    another length (`usage.prompt_tokens`: its tokenizer read the text as other ids), or an output
-    not streamed at exactly its length, as counted at the client (chunks carrying text) and by the
-    server (`usage.completion_tokens`; EOS is off and max_tokens is the output length)."""
-    found = []
-    for request in requests:
-        timing = timings[request.request_id]
-        if timing.error:
-            continue
-        if timing.prompt_tokens != request.prompt_tokens:
-            found.append(f"{request.request_id}'s prompt of {request.prompt_tokens} token(s) was counted as "
-                         f"{timing.prompt_tokens} by the server")
-        streamed = len(timing.token_times_s)
-        if streamed != request.output_tokens or timing.completion_tokens != request.output_tokens:
-            found.append(f"{request.request_id} streamed {streamed} token(s), the server counted "
-                         f"{timing.completion_tokens}, the workload asked {request.output_tokens}")
-    return found
-
-
-def _record(request: Request, timing: _Timing) -> RequestRecord:
-    times = timing.token_times_s
-    return RequestRecord(
-        request_id=request.request_id,
-        arrived_at_s=timing.arrived_s,
-        first_token_s=times[0] if times else None,
-        finished_s=timing.finished_s if not timing.error else None,
-        prompt_tokens=request.prompt_tokens,
-        output_tokens=len(times),
-        token_times_s=times,
-        error=timing.error,
-    )
-
-
 def replay_workload(url: str, requests: list[Request], rng: np.random.Generator, vocab: int, *,
-                    warmup_requests: int, warm_passes: int) -> list[RequestRecord]:
+                    warmup_requests: int, warm_passes: int, server: ServerProcess | None = None) -> list[RequestRecord]:
     """Warm-up requests (as the in-process harness sends them, same prompts from the same seed),
     the unrecorded warm passes, then the recorded pass."""
     from dooly.engines.transformers_bench import WARMUP_OUTPUT_TOKENS, WARMUP_PROMPT_TOKENS, _prompt
 
-    if warmup_requests:
-        warmup = [Request(f"warmup-{i}", 0.0, WARMUP_PROMPT_TOKENS, WARMUP_OUTPUT_TOKENS) for i in range(warmup_requests)]
-        warmup_prompts = {r.request_id: _prompt(rng, vocab, r.prompt_tokens) for r in warmup}
-        _check_served(asyncio.run(_replay(url, warmup, warmup_prompts)), "warm-up")
-    recorded: dict[str, _Timing] = {}
-    ordered = sorted(requests, key=lambda r: r.arrival_s)
-    for index in range(warm_passes + 1):
-        prompts = {r.request_id: _prompt(rng, vocab, r.prompt_tokens) for r in ordered}
-        recorded = asyncio.run(_replay(url, requests, prompts))
-        if index < warm_passes:
-            _check_served(recorded, f"warm pass {index}")
-    wrong = token_count_errors(requests, recorded)
-    if wrong:
-        raise DoolyError(f"{len(wrong)} of {len(requests)} request(s) were served otherwise than the workload, "
-                         f"e.g. {wrong[0]}")
-    return [_record(r, recorded[r.request_id]) for r in requests]
-
-
-def _check_served(timings: dict[str, _Timing], what: str) -> None:
-    failed = {rid: t.error for rid, t in timings.items() if t.error}
-    if failed:
-        rid, error = next(iter(failed.items()))
-        raise DoolyError(f"{len(failed)} {what} request(s) failed at the server, e.g. {rid}: {error}")
+    warmup = [Request(f"warmup-{i}", 0.0, WARMUP_PROMPT_TOKENS, WARMUP_OUTPUT_TOKENS) for i in range(warmup_requests)]
+    return serve_workload(url, requests, prompt_for=lambda length: _prompt(rng, vocab, length),
+                          body_for=_request_body, warmup=warmup, warm_passes=warm_passes, server=server)
 
 
 def run_http_bench(
@@ -492,8 +289,8 @@ def run_http_bench(
                 check_resolved(resolved, backend, dtype, settings)
                 details.update(server_url=server.url, server_command=server.command, server_resolved=resolved,
                                settings_verified=True)
-                records = replay_workload(server.url, requests, rng, vocab,
-                                          warmup_requests=warmup_requests, warm_passes=warm_passes)
+                records = replay_workload(server.url, requests, rng, vocab, warmup_requests=warmup_requests,
+                                          warm_passes=warm_passes, server=server)
         steps = recorded_steps(steps_path, records)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

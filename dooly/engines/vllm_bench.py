@@ -210,14 +210,19 @@ def _warm_up(engine: Any, rng: np.random.Generator, vocab: int, settings: VllmSe
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    longest = min(settings.max_num_batched_tokens * 2, settings.max_model_len - WARMUP_OUTPUT_TOKENS)
-    for index in range(count):
-        length = max(1, longest >> index)
+    for index, length in enumerate(warmup_lengths(settings, count)):
         tokens = rng.integers(0, vocab, size=length).tolist()
         params = SamplingParams(max_tokens=WARMUP_OUTPUT_TOKENS, ignore_eos=True, temperature=0.0, detokenize=False)
         engine.add_request(f"warmup-{index}", TokensPrompt(prompt_token_ids=tokens), params)
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def warmup_lengths(settings: VllmSettings, count: int) -> list[int]:
+    """The warm-up requests' prompt lengths: twice the token budget (a chunked prefill), then
+    halving, so that prefill, chunked prefill and decode shapes are met before the recorded run."""
+    longest = min(settings.max_num_batched_tokens * 2, settings.max_model_len - WARMUP_OUTPUT_TOKENS)
+    return [max(1, longest >> index) for index in range(count)]
 
 
 def engine_settings_of(llm: Any, settings: VllmSettings) -> dict[str, Any]:
@@ -226,17 +231,30 @@ def engine_settings_of(llm: Any, settings: VllmSettings) -> dict[str, Any]:
     config = llm.llm_engine.vllm_config
     scheduler_config = config.scheduler_config
     pool = engine_scheduler(llm).kv_cache_manager.block_pool
+    scheduler = {name: getattr(scheduler_config, name, None) for name in SCHEDULER_FIELDS}
+    return simulator_settings(scheduler, int(config.cache_config.block_size), int(pool.num_gpu_blocks))
+
+
+# The scheduler config fields the simulator's vLLM scheduler model reads.
+SCHEDULER_FIELDS = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "long_prefill_token_threshold",
+                    "async_scheduling", "scheduler_reserve_full_isl", "watermark")
+
+
+def simulator_settings(scheduler: dict[str, Any], block_size: int, num_gpu_blocks: int) -> dict[str, Any]:
+    """engine.json of a vLLM run, from the scheduler config's fields (`SCHEDULER_FIELDS`, a missing
+    one None) and the KV cache the engine sized: the in-process harness reads them from its engine,
+    the HTTP harness from what the server reports (dooly.engines.vllm_http_bench)."""
     return {
-        "max_num_batched_tokens": int(scheduler_config.max_num_batched_tokens),
-        "max_num_seqs": int(scheduler_config.max_num_seqs),
-        "block_size": int(config.cache_config.block_size),
-        "num_gpu_blocks": int(pool.num_gpu_blocks),
-        "enable_chunked_prefill": bool(scheduler_config.enable_chunked_prefill),
-        "long_prefill_token_threshold": int(scheduler_config.long_prefill_token_threshold or 0),
+        "max_num_batched_tokens": int(scheduler["max_num_batched_tokens"]),
+        "max_num_seqs": int(scheduler["max_num_seqs"]),
+        "block_size": block_size,
+        "num_gpu_blocks": num_gpu_blocks,
+        "enable_chunked_prefill": bool(scheduler["enable_chunked_prefill"]),
+        "long_prefill_token_threshold": int(scheduler.get("long_prefill_token_threshold") or 0),
         "cudagraph_mode": "none",
-        "async_scheduling": bool(scheduler_config.async_scheduling),
-        "scheduler_reserve_full_isl": bool(getattr(scheduler_config, "scheduler_reserve_full_isl", False)),
-        "watermark": float(getattr(scheduler_config, "watermark", 0.0)),
+        "async_scheduling": bool(scheduler.get("async_scheduling")),
+        "scheduler_reserve_full_isl": bool(scheduler.get("scheduler_reserve_full_isl") or False),
+        "watermark": float(scheduler.get("watermark") or 0.0),
     }
 
 

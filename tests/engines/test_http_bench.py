@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from tiny_configs import TINY_LLAMA
 
 from dooly.cli import cli
-from dooly.engines.http_bench import _Timing, settings_mismatches, token_count_errors
+from dooly.engines.http_bench import settings_mismatches
+from dooly.engines.openai_client import Timing, token_count_errors
 from dooly.engines.word_tokenizer import build_tokenizer, load_word_tokenizer, prompt_text, tokenizer_round_trips
 from dooly.workload import Request, generate_requests, spec_from_options
 
@@ -113,10 +114,10 @@ def test_a_server_whose_engine_differs_is_named_in_each_setting(change, asked, e
 def test_a_request_served_otherwise_than_its_workload_is_named():
     requests = [Request(rid, 0.0, 8, 3) for rid in "abcd"]
     timings = {
-        "a": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], prompt_tokens=8, completion_tokens=3),
-        "b": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0], prompt_tokens=8, completion_tokens=3),
-        "c": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], prompt_tokens=8, completion_tokens=None),
-        "d": _Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], prompt_tokens=0, completion_tokens=3),
+        "a": Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], prompt_tokens=8, completion_tokens=3),
+        "b": Timing(arrived_s=0.0, token_times_s=[1.0, 2.0], prompt_tokens=8, completion_tokens=3),
+        "c": Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], prompt_tokens=8, completion_tokens=None),
+        "d": Timing(arrived_s=0.0, token_times_s=[1.0, 2.0, 3.0], prompt_tokens=0, completion_tokens=3),
     }
     assert token_count_errors(requests, timings) == [
         "b streamed 2 token(s), the server counted 3, the workload asked 3",
@@ -199,7 +200,6 @@ def _closed_port() -> int:
         (["--client", "http", "--server-url", f"http://127.0.0.1:{_closed_port()}"], 75, "is unreachable"),
         (["--client", "http", "--set", "no_such_setting=1"], 2, "engine settings rejected by ContinuousBatchingConfig"),
         (["--server-url", "http://127.0.0.1:1"], 2, "--server-url needs --client http"),
-        (["--client", "http", "--engine", "vllm"], 2, "serves the transformers engine for now"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, code, message):
@@ -219,7 +219,8 @@ def test_server_url_sends_the_workload_to_a_server_already_running(tmp_path):
     with `transformers serve DIR`): the command only connects, and records no server command."""
     import torch
 
-    from dooly.engines.http_bench import RESOLVED_REPORT_NAME, save_served_model, started_server, transformers_serve_command
+    from dooly.engines.http_bench import RESOLVED_REPORT_NAME, save_served_model, transformers_serve_command
+    from dooly.engines.openai_client import started_server
     from dooly.models.registry import build_hf_config, resolve_model
 
     config = tmp_path / "config.json"
