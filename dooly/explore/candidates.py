@@ -37,7 +37,11 @@ class Candidate:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return dict(json.loads(self.settings_json))
+        """The candidate's engine settings over what its engine resolves on its backend's platform
+        (`dooly.sim.engine_settings.platform_defaults`: vLLM on a CPU runs without CUDA graphs)."""
+        from dooly.sim.engine_settings import platform_defaults
+
+        return {**platform_defaults(self.engine, self.backend), **json.loads(self.settings_json)}
 
     def source(self, store: str) -> FittedSource:
         return FittedSource(store=store, platform=self.platform, backend=self.backend, engine=self.engine,

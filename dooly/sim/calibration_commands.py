@@ -48,6 +48,8 @@ BENCH_FILE = "bench.json"
 ENGINE_FILE = "engine.json"
 RUN_FILES = ("requests.parquet", "steps.parquet", BENCH_FILE, ENGINE_FILE)
 RUN_DIGEST_CHARS = 16
+# A run that records no dtype ran the bench's default.
+DEFAULT_RUN_DTYPE = "bfloat16"
 # How an async-batching calibration prices CUDA-graph captures: `single`, one capture cost over
 # every capture; `split`, the capture cost on shapes the engine had run, and the eager run's
 # first-shape host time apart (`new_shape_eager_s`; docs/calibration.md says why it is not the
@@ -114,14 +116,17 @@ class CalibrationRun:
             model, platform, backend, engine = (str(bench[k]) for k in ("model", "platform", "backend", "engine"))
         except KeyError as exc:
             raise DoolyError(f"{bench_path} lacks {exc.args[0]!r}") from None
-        version = str(stack.get("engine_version") or "")
+        # Records of `dooly bench --engine vllm` before it wrote `stack` (data/cpu-vllm's) keep the
+        # version at the top and the dtype among the engine arguments.
+        version = str(stack.get("engine_version") or bench.get("engine_version") or "")
         if not version:
             raise DoolyError(f"{bench_path} does not record the engine version (stack.engine_version)")
+        dtype = str(bench.get("dtype") or (bench.get("settings") or {}).get("dtype") or DEFAULT_RUN_DTYPE)
         scheduler = make_scheduler(engine, with_model_groups(model, engine, settings, store))
         key = CalibrationKey(platform, engine, version, backend, scheduler_uses_graphs(scheduler),
                              scheduler_uses_async(scheduler))
         host = bench.get("host")
-        return cls(directory, name or directory.name, model, key, str(bench.get("dtype", "bfloat16")), settings,
+        return cls(directory, name or directory.name, model, key, dtype, settings,
                    host=dict(host) if isinstance(host, dict) else {}, store=store)
 
     def scheduler(self) -> Any:

@@ -162,8 +162,10 @@ def simulate_command(
     from dooly.workload import generate_requests, spec_from_options
 
     spec = spec_from_options(**workload_args)
-    scheduler = make_scheduler(engine, _with_model_groups(model, engine, _checked_settings(engine, engine_config, settings),
-                                                          step_choice.store))
+    from dooly.sim.engine_settings import platform_defaults
+
+    checked = {**platform_defaults(engine, step_choice.backend), **_checked_settings(engine, engine_config, settings)}
+    scheduler = make_scheduler(engine, _with_model_groups(model, engine, checked, step_choice.store))
     step_model = step_choice.step_model(model, engine)
     fitted = hasattr(step_model, "coverage_by_phase")
     if require_measured:

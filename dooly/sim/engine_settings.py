@@ -152,6 +152,21 @@ VLLM = EngineSettings(
 
 REGISTRY: Mapping[str, EngineSettings] = {e.engine: e for e in (TRANSFORMERS, VLLM)}
 
+# vLLM's attention backends of its CPU build (dooly.engines.vllm_engine.CPU_BACKEND; literal here so
+# that the simulator need not import torch): that platform captures no CUDA graphs, whatever
+# cudagraph_mode defaults to on a GPU (vLLM 0.32's CPU platform turns them off).
+VLLM_CPU_BACKENDS = ("CPU_ATTN",)
+NO_CUDA_GRAPHS = "none"
+
+
+def platform_defaults(engine: str, backend: str | None) -> dict[str, Any]:
+    """The settings the engine resolves on the platform BACKEND runs on where they differ from its
+    defaults elsewhere, for a simulation to start from (what the user sets wins): vLLM on a CPU runs
+    eager, so its step model and host calibration are those of graphs off."""
+    if engine == VLLM.engine and backend in VLLM_CPU_BACKENDS:
+        return {"cudagraph_mode": NO_CUDA_GRAPHS}
+    return {}
+
 
 def check_modelled(engine: str, settings: Mapping[str, Any], origin: str) -> None:
     """Refuse (DoolyError, one line) any setting in `settings` the simulator does not model.

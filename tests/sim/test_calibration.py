@@ -495,3 +495,18 @@ def test_a_backend_the_engine_does_not_serve_is_not_sent_to_dooly_calibrate():
     flex = missing_calibration(backend="paged|flex_attention", **common)
     assert "dooly calibrate" not in flex
     assert "does not serve paged|flex_attention" in flex and "--cpu-overhead FILE" in flex and "--no-cpu-overhead" in flex
+
+
+def test_the_committed_cpu_vllm_calibration_runs_load_with_their_version_and_dtype():
+    """data/cpu-vllm's runs predate bench.json's `stack`: their top-level engine version and their
+    engine arguments' dtype are read (a float32 CPU run keyed as bfloat16 finds no fitted models)."""
+    from pathlib import Path
+
+    from dooly.sim.calibration_commands import CalibrationRun
+
+    directory = Path(__file__).resolve().parents[2] / "data" / "cpu-vllm" / "gt" / "Qwen2.5-0.5B" / "calibration"
+    assert "stack" not in json.loads((directory / "bench.json").read_text())
+    run = CalibrationRun.load(directory)
+    assert (run.key.engine, run.key.engine_version, run.key.backend, run.key.cuda_graphs) == ("vllm", "0.32.0",
+                                                                                            "CPU_ATTN", False)
+    assert run.dtype == "float32"

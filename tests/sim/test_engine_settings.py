@@ -103,3 +103,31 @@ def test_validate_accepts_a_ground_truth_recorded_synchronously(tmp_path):
     result = _run("validate", MODEL, "--ground-truth", str(truth), "--analytic", "--output", "json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["simulation"]["settings"]["use_async_batching"] is False
+
+
+def test_vllm_on_a_cpu_backend_starts_from_no_cuda_graphs_and_a_user_setting_wins():
+    from dooly.engines.vllm_engine import CPU_BACKEND, CUDA_BACKENDS
+    from dooly.explore.candidates import Candidate
+    from dooly.sim.engine_settings import VLLM_CPU_BACKENDS, platform_defaults
+
+    assert VLLM_CPU_BACKENDS == (CPU_BACKEND,)
+    assert platform_defaults("vllm", CPU_BACKEND) == {"cudagraph_mode": "none"}
+    assert all(platform_defaults("vllm", b) == {} for b in CUDA_BACKENDS)
+    assert platform_defaults("transformers", CPU_BACKEND) == {} and platform_defaults("vllm", None) == {}
+    candidate = Candidate("m", "AMD-EPYC", "vllm", CPU_BACKEND, "float32", 1, json.dumps({"max_num_seqs": 4}))
+    assert candidate.settings == {"cudagraph_mode": "none", "max_num_seqs": 4}
+    assert Candidate("m", "AMD-EPYC", "vllm", CPU_BACKEND, "float32", 1,
+                     json.dumps({"cudagraph_mode": "full"})).settings == {"cudagraph_mode": "full"}
+
+
+def test_simulate_keys_a_cpu_vllm_run_as_graphs_off(tmp_path):
+    """The committed CPU vLLM store holds no store calibration: the refusal names the key simulate
+    looked for, which must be the eager path the CPU build runs (graphs on was asked of it before)."""
+    from pathlib import Path
+
+    store = Path(__file__).resolve().parents[2] / "data" / "cpu-vllm" / "store"
+    result = CliRunner().invoke(cli, ["simulate", "Qwen/Qwen2.5-0.5B", "--store", str(store), "--engine", "vllm",
+                                      "--platform", "AMD-EPYC", "--backend", "CPU_ATTN", "--dtype", "float32",
+                                      "--requests", "2"])
+    assert result.exit_code == 2
+    assert "AMD-EPYC / vllm / CPU_ATTN / graphs off" in result.output, result.output
