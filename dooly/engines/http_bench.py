@@ -63,7 +63,7 @@ from dooly.engines.openai_client import (
     HEALTH_PATH,
     LOOPBACK,
     ServerProcess,
-    check_reachable,
+    running_server,
     serve_workload,
     started_server,
 )
@@ -261,13 +261,8 @@ def run_http_bench(
     rng = np.random.default_rng(seed)
     details: dict[str, Any] = {"client": "http"}
     if server_url is not None:
-        check_reachable(server_url)
-        log.warning("UNVERIFIED ENGINE: --server-url %s was started outside this command, so what its engine "
-                    "resolved (attention, CUDA graphs, num_blocks, max_batch_tokens, dtype) cannot be read or "
-                    "checked against the run's settings; the record says settings_verified: false", server_url)
-        details.update(server_url=server_url, server_command=None, server_resolved=None, settings_verified=False)
-        records = replay_workload(server_url.rstrip("/"), requests, rng, vocab,
-                                  warmup_requests=warmup_requests, warm_passes=warm_passes)
+        url = running_server(server_url, details, "attention, CUDA graphs, num_blocks, max_batch_tokens, dtype")
+        records = replay_workload(url, requests, rng, vocab, warmup_requests=warmup_requests, warm_passes=warm_passes)
         return BenchRun(requests=records, steps=[], engine_settings=dict(settings), engine_details=details)
     require_serve()
     check_settings(settings)

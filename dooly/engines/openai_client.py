@@ -132,6 +132,18 @@ def check_reachable(url: str) -> None:
         raise TransientError(f"--server-url {url}: {HEALTH_PATH} answered {response.status_code}")
 
 
+def running_server(url: str, details: dict[str, Any], unreadable: str) -> str:
+    """A `--server-url` server, started outside the command: refused unless it answers /health,
+    warned about and recorded in DETAILS (bench.json's engine_details) as unverified, since what
+    its engine resolved (UNREADABLE, in words) cannot be read from outside. Its base URL."""
+    check_reachable(url)
+    log.warning("UNVERIFIED ENGINE: --server-url %s was started outside this command, so what its engine resolved "
+                "(%s) cannot be read or checked against the run's settings; the record says settings_verified: false",
+                url, unreadable)
+    details.update(server_url=url, server_command=None, server_resolved=None, settings_verified=False)
+    return url.rstrip("/")
+
+
 @dataclass
 class Timing:
     """What the client saw of one streamed request."""

@@ -27,7 +27,6 @@ records none (steps.parquet empty), as with `--server-url`, whose server is not 
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -39,14 +38,12 @@ from typing import Any
 import numpy as np
 
 from dooly.engines.groundtruth import BenchRun
-from dooly.engines.openai_client import LOOPBACK, check_reachable, serve_workload, started_server
+from dooly.engines.openai_client import LOOPBACK, running_server, serve_workload, started_server
 from dooly.engines.vllm_bench import WARMUP_OUTPUT_TOKENS, simulator_settings, warmup_lengths
 from dooly.engines.vllm_engine import VllmSettings, engine_version, platform_backend, require_vllm, write_model_dir
 from dooly.engines.word_tokenizer import build_tokenizer
 from dooly.errors import DoolyError
 from dooly.workload import Request
-
-log = logging.getLogger(__name__)
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 SERVER_INFO_PATH = "/server_info?config_format=json"
@@ -178,13 +175,9 @@ def run_vllm_http_bench(config: dict[str, Any], requests: list[Request], *, sett
     details: dict[str, Any] = {"client": "http", "engine_version": engine_version(), "backend": platform_backend(),
                                "engine_args": asdict(settings)}
     if server_url is not None:
-        check_reachable(server_url)
-        log.warning("UNVERIFIED ENGINE: --server-url %s was started outside this command, so what its engine "
-                    "resolved cannot be checked against the run's settings; the record says settings_verified: "
-                    "false", server_url)
-        details.update(server_url=server_url, server_command=None, server_resolved=None, settings_verified=False)
-        records = serve_workload(server_url.rstrip("/"), requests, prompt_for=prompt_for, body_for=request_body,
-                                 warmup=warmup, warm_passes=0)
+        url = running_server(server_url, details, "dtype, cache, batch limits, weights, CUDA graphs, scheduling")
+        records = serve_workload(url, requests, prompt_for=prompt_for, body_for=request_body, warmup=warmup,
+                                 warm_passes=0)
         return BenchRun(requests=records, steps=[], engine_settings={}, engine_details=details)
     work_dir = Path(tempfile.mkdtemp(prefix="dooly-vllm-http-bench-"))
     try:
