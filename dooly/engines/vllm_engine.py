@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,18 @@ _ENV_DEFAULTS = {
 }
 
 
+# vLLM's root logger, and the root of its modules' names.
+VLLM_LOGGER = "vllm"
+
+
 def require_vllm() -> Any:
-    """Import vLLM, or say in one line how to install it."""
+    """Import vLLM, or say in one line how to install it. Its log records below
+    VLLM_LOGGING_LEVEL and its FutureWarnings (vLLM's own use of deprecated torch APIs) are kept
+    out of a command's output: vLLM leaves its logger to propagate to the command's handler."""
     for name, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    logging.getLogger(VLLM_LOGGER).setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{VLLM_LOGGER}(\.|$)")
     threads = os.environ["OMP_NUM_THREADS"]
     if threads.isdigit() and torch.get_num_threads() != int(threads):
         torch.set_num_threads(int(threads))

