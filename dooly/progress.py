@@ -50,24 +50,31 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLog:
-    """A progress callback `(points done now, device-seconds spent now)` that logs every interval."""
+    """A progress callback `(units done now, device-seconds spent now)` that logs every interval.
+    Profiling counts points and the device time they took; other work (a benchmark's requests)
+    counts its own unit and no device time (`device_seconds=False`)."""
 
     def __init__(
         self,
         total: int,
         *,
         label: str = "profiling",
+        unit: str = "points",
+        device_seconds: bool = True,
         interval_s: float = DEFAULT_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.total = total
         self.label = label
+        self.unit = unit
+        self.shows_device_seconds = device_seconds
         self.interval_s = interval_s
         self.done = 0
         self.device_seconds = 0.0
         self._clock = clock
         self._started = clock()
         self._last_logged = self._started
+        self._last_line = ""
 
     def __call__(self, points: int, device_seconds: float = 0.0) -> None:
         self.done += points
@@ -75,11 +82,18 @@ class ProgressLog:
         now = self._clock()
         if now - self._last_logged >= self.interval_s:
             self._last_logged = now
-            logger.info(self.line(now))
+            self._log(self.line(now))
 
     def finish(self) -> None:
-        """The closing line, so a log always ends with the final count."""
-        logger.info(self.line(self._clock()))
+        """The closing line, so a log always ends with the final count (not twice where the last
+        interval's line already said it)."""
+        line = self.line(self._clock())
+        if line != self._last_line:
+            self._log(line)
+
+    def _log(self, line: str) -> None:
+        self._last_line = line
+        logger.info(line)
 
     def line(self, now: float) -> str:
         """`profiling 120/480 points (25%), 38.2 device-s, elapsed 1m02s, ETA 3m06s`."""
@@ -90,7 +104,8 @@ class ProgressLog:
             eta = format_duration(elapsed / self.done * remaining)
         else:
             eta = "0s" if remaining <= 0 else "unknown"
+        spent = f"{self.device_seconds:.1f} device-s, " if self.shows_device_seconds else ""
         return (
-            f"{self.label} {self.done}/{self.total} points ({share:.0%}), "
-            f"{self.device_seconds:.1f} device-s, elapsed {format_duration(elapsed)}, ETA {eta}"
+            f"{self.label} {self.done}/{self.total} {self.unit} ({share:.0%}), "
+            f"{spent}elapsed {format_duration(elapsed)}, ETA {eta}"
         )

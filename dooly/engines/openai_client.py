@@ -30,6 +30,7 @@ from typing import Any
 
 from dooly.engines.groundtruth import RequestRecord
 from dooly.errors import DoolyError, TransientError
+from dooly.progress import ProgressLog, interval_from_env
 from dooly.workload import Request
 
 log = logging.getLogger(__name__)
@@ -196,14 +197,25 @@ def take_chunk(timing: Timing, chunk: dict[str, Any], now: float) -> None:
         timing.completion_tokens = int(usage.get("completion_tokens", 0))
 
 
-async def replay(url: str, requests: list[Request], prompts: dict[str, list[int]], body_for: BodyFor
-                 ) -> dict[str, Timing]:
-    """Open loop: each request is sent at its arrival time whatever the server is doing."""
+async def replay(url: str, requests: list[Request], prompts: dict[str, list[int]], body_for: BodyFor,
+                 label: str = "") -> dict[str, Timing]:
+    """Open loop: each request is sent at its arrival time whatever the server is doing. With a
+    LABEL, the finished requests are logged every progress interval (a pass of a heavy workload
+    runs for minutes)."""
     import httpx
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(STREAM_STALL_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
     ordered = sorted(requests, key=lambda r: r.arrival_s)
+    progress = ProgressLog(len(ordered), label=label, unit="requests", device_seconds=False,
+                           interval_s=interval_from_env()) if label else None
+
+    async def counted(body: dict[str, Any]) -> Timing:
+        timing = await _stream_one(client, url, body)
+        if progress is not None:
+            progress(1)
+        return timing
+
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         tasks: dict[str, asyncio.Task[Timing]] = {}
         origin = time.perf_counter()
@@ -212,8 +224,10 @@ async def replay(url: str, requests: list[Request], prompts: dict[str, list[int]
             if delay > 0:
                 await asyncio.sleep(delay)
             body = body_for(prompts[request.request_id], request.output_tokens)
-            tasks[request.request_id] = asyncio.create_task(_stream_one(client, url, body))
+            tasks[request.request_id] = asyncio.create_task(counted(body))
         await asyncio.gather(*tasks.values())
+    if progress is not None:
+        progress.finish()
     return {rid: task.result() for rid, task in tasks.items()}
 
 
@@ -273,7 +287,8 @@ def serve_workload(url: str, requests: list[Request], *, prompt_for: PromptFor, 
     ordered = sorted(requests, key=lambda r: r.arrival_s)
     for index in range(warm_passes + 1):
         prompts = {r.request_id: prompt_for(r.prompt_tokens) for r in ordered}
-        recorded = asyncio.run(replay(url, requests, prompts, body_for))
+        label = f"warm pass {index + 1}/{warm_passes}" if index < warm_passes else "recorded pass"
+        recorded = asyncio.run(replay(url, requests, prompts, body_for, label))
         if index < warm_passes:
             _check_served(recorded, f"warm pass {index}", server)
     wrong = token_count_errors(requests, recorded)

@@ -46,6 +46,22 @@ def test_nothing_done_yet_has_no_eta_and_everything_done_has_none_left():
     assert done.line(clock.now) == "profiling 0/0 points (100%), 0.0 device-s, elapsed 0s, ETA 0s"
 
 
+def test_a_benchmark_counts_its_requests_and_no_device_time(caplog):
+    caplog.set_level(logging.INFO, logger="dooly.progress")
+    clock = FakeClock()
+    progress = ProgressLog(16, label="recorded pass", unit="requests", device_seconds=False, interval_s=INTERVAL_S,
+                           clock=clock)
+    clock.now += 30
+    progress(4)
+    clock.now += 90
+    progress(12)
+    progress.finish()  # the last interval's line already has the final count: not logged twice
+    assert [r.getMessage() for r in caplog.records] == [
+        "recorded pass 4/16 requests (25%), elapsed 30s, ETA 1m30s",
+        "recorded pass 16/16 requests (100%), elapsed 2m00s, ETA 0s",
+    ]
+
+
 @pytest.mark.parametrize("seconds, text", [(0, "0s"), (59.4, "59s"), (185, "3m05s"), (2 * 3600 + 14 * 60, "2h14m")])
 def test_durations_are_short(seconds, text):
     assert format_duration(seconds) == text
