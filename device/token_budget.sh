@@ -23,6 +23,8 @@ step() {
   local left=$((deadline - SECONDS))
   (( left < MIN_STEP_S )) && { echo "skipped $name: deadline" | tee -a "$out/reports/walls.txt"; return; }
   local start=$SECONDS
+  # timeout runs programs, not this script's functions: a function runs in a child bash that has it.
+  declare -F "$1" > /dev/null && set -- bash -c '"$@"' _ "$@"
   timeout "$left" "$@" >> "$out/reports/$name.log" 2>&1 || echo "$name: exit $? after $((SECONDS - start)) s"
   echo "$name: $((SECONDS - start)) s" >> "$out/reports/walls.txt"
   pack
@@ -32,8 +34,12 @@ cell() {  # RUN BUDGET: the heavy graphs cell at that max_batch_tokens, into gro
     --set "max_batch_tokens=$2" --out "$out/$1.work" \
     && mkdir -p "$out/groundtruth/$1" && cp -r "$out/$1.work/groundtruth/." "$out/groundtruth/$1/"
 }
+export model out
+export -f cell
 step mbt8192_r1 cell mbt8192_r1 8192
-step profile python3 -m dooly.cli profile "$model" --store "$out/db" --attention 'paged|sdpa' --token-budget 8192 --output json
+# From the committed trace: torch 2.11 (the device's) specialises the request dims while tracing.
+step profile python3 -m dooly.cli profile data/traces/Llama-3.1-8B.paged-sdpa.json --store "$out/db" \
+  --attention 'paged|sdpa' --token-budget 8192 --output json
 step mbt2048 cell mbt2048 2048
 step mbt8192_r2 cell mbt8192_r2 8192
 step steps python3 lab/engine_step_profile.py --ground-truth "$out/groundtruth/mbt8192_r1/Llama-3.1-8B.paged-sdpa.graphs.heavy" \
