@@ -165,7 +165,7 @@ def bench_command(
         check_engine_backend(backend)
     started = time.time()
     host = host_machine()
-    if client == "http" and engine == "vllm":
+    if engine == "vllm":
         run, provenance = _run_vllm(model_spec, backend, device, dtype, engine_settings, requests, model_seed,
                                     warmup_requests, client, server_url)
     elif client == "http":
@@ -253,7 +253,8 @@ def choose_model(models: tuple[str, ...] | list[str], index: int | None) -> str:
 
 def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, engine_settings: dict[str, Any],
          requests: list[Any], seed: int, warmup: int, warm_passes: int = 0) -> tuple[Any, dict[str, Any]]:
-    """Run the chosen engine; returns its BenchRun and the provenance of where it ran."""
+    """The transformers engine in this process (dooly.engines.transformers_bench); returns its BenchRun and
+    the provenance of where it ran."""
     import torch
 
     from dooly.models.registry import build_hf_config
@@ -261,8 +262,6 @@ def _run(engine: str, model_spec: Any, backend: str, device: str, dtype: str, en
 
     resolved_device = detect_device(device)
     platform = detect_platform(resolved_device)
-    if engine == "vllm":
-        return _run_vllm(model_spec, backend, device, dtype, engine_settings, requests, seed, warmup)
     from dooly.engines.transformers_bench import run_transformers_bench
     from dooly.engines.transformers_cb import engine_version
 
