@@ -517,7 +517,10 @@ def page(gpu: str, eager_calibration: dict[str, Any], main: list[tuple[Cell, dic
         "[engine-paths-http-h100.md](engine-paths-http-h100.md); the 1B's and 3B's cells of those paths again on a "
         "later H100 lease, each paired in-process on it, some light cells repeated: "
         "[engine-paths-http-h100-lease5.md](engine-paths-http-h100-lease5.md); the store's records of those paths on a "
-        "third lease (the 1B's cells, each twice): [engine-paths-http-h100-lease6.md](engine-paths-http-h100-lease6.md).",
+        "third lease (the 1B's cells, each twice): [engine-paths-http-h100-lease6.md](engine-paths-http-h100-lease6.md); "
+        "Llama-3.1-8B on all four paths (`paged|sdpa` graphs among them), each paired and the `paged|sdpa` cells "
+        "twice, against the store's records of other models: "
+        "[engine-paths-http-h100-lease7.md](engine-paths-http-h100-lease7.md).",
         "",
         "The `paged|sdpa` graphs heavy cell served by `transformers serve` and timed at the client, and in-process "
         f"right after on the same lease (`{HTTP_LEASE}`), beside the earlier lease's in-process repeats:",

@@ -196,16 +196,17 @@ def validations(store: str, records: dict[str, PathRecord]
 
 def pass_counts(results: dict[str, dict[str, tuple[Cell, dict[str, Any]]]], cells: tuple[Any, ...] = CELLS,
                 variants: tuple[str, ...] = (*VARIANTS, INPROCESS), heavy_models: str = "1B, 3B, 8B",
-                refused: dict[str, dict[str, str]] | None = None) -> list[str]:
-    """Per variant and path: how many of `cells` (each with a `name` and an engine `path`) pass, and
-    the heavy cells' per-request MAPEs; where `dooly validate` refused a variant's record for some
-    cells of a path (`refused[variant][path label]`: why), a row saying so."""
+                refused: dict[str, dict[str, str]] | None = None,
+                paths: tuple[EnginePath, ...] = PATHS) -> list[str]:
+    """Per variant and path (of `paths`): how many of `cells` (each with a `name` and an engine
+    `path`) pass, and the heavy cells' per-request MAPEs; where `dooly validate` refused a variant's
+    record for some cells of a path (`refused[variant][path label]`: why), a row saying so."""
     header = ["server costs", "path", "cells passing", "largest abs. error of mean and p90 TTFT / TPOT",
               f"TTFT MAPE, heavy cells ({heavy_models})", "TPOT MAPE, heavy cells"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in variants:
         total = 0
-        for path in PATHS:
+        for path in paths:
             done = [results[c.name][variant] for c in cells if c.path == path and variant in results[c.name]]
             if done:
                 passing, counts = pass_cells(done)
