@@ -210,9 +210,9 @@ FINDINGS = [
     "third of the 8B's own (0.21-0.28 ms), as between lease5 and lease6. Two heavy cells miss TTFT MAPE with any "
     "record: graphs + async (11.2%; in-process pair 3.4%) and no graphs (6.5%; the pair 9.0%, the simulator's own "
     "miss on that path). Behind the server the async heavy cell starts requests 211-444 ms later than its pair "
-    "(+2.9% and +6.1% mean TTFT) while its engine's wall minus device time stays about zero, so no step term can "
-    "carry it, and the 8B's own record leaves it at 10.4%: its residual TTFT offset (median +123 ms) moves with "
-    "the load and is withheld. The light cells that miss miss in-process too (async -38.6% mean TTFT, the new-shape "
+    "(+2.9% and +6.1% mean TTFT; TPOT +1.6% and +2.1%), a delay the step terms (priced on the async loop's host "
+    "share) do not carry: the 8B's own record leaves it at 10.4%, and its residual TTFT offset (median +123 ms) "
+    "moves with the load and is withheld. The light cells that miss miss in-process too (async -38.6% mean TTFT, the new-shape "
     "capture cost of docs/calibration.md; no graphs -17.0%, the host's regime on that path). The heavy cells' two "
     "HTTP runs agree within 0.3-3.1% on every statistic; the light ones differ by up to 18.5% (graphs light mean "
     "TTFT).",
