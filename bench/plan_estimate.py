@@ -33,12 +33,14 @@ from dooly.profile.costs import (
     FAILED_STATUS,
     HELD_STATUSES,
     PointCosts,
+    startups_of,
 )
 from dooly.store.shards import SHARDS_PREFIX
 
 log = logging.getLogger("plan_estimate")
 
-COLUMNS = ("signature", "op_class", "signature_json", "point_key", "status", "device_seconds", *ATTEMPT_STACK)
+COLUMNS = ("signature", "op_class", "signature_json", "point_key", "status", "device_seconds", "run_id",
+           *ATTEMPT_STACK)
 SHARED_BACKEND_MARK = "shared"
 TARGET_PCT = 25.0
 PERCENT = 100.0
@@ -88,7 +90,11 @@ def price(costs: PointCosts, attempts: list[dict[str, Any]]) -> tuple[float, flo
 
 
 def leave_one_model_out(rows: list[dict[str, Any]], models: dict[tuple[str, str], set[str]]) -> list[dict[str, Any]]:
+    """Each model's own rows priced from every other row of the platform: each attempt as a plan
+    prices a point, and each run those rows started (they hold its attention start-up row,
+    `startups_of` over the whole store) at the class's start-up, as a plan prices one run."""
     results = []
+    startup_rows, _ = startups_of([r for r in rows if r["status"] in HELD_STATUSES])
     for (model, backend), signatures in sorted(models.items()):
         others = set().union(*(s for (m, b), s in models.items() if m != model))
         own = signatures - others
@@ -100,14 +106,15 @@ def leave_one_model_out(rows: list[dict[str, Any]], models: dict[tuple[str, str]
         costs = PointCosts.fit(history, DEFAULT_POINT_SECONDS["cuda"], platform)
         points = attempts_by_point(target)
         priced = [price(costs, attempts) for attempts in points.values()]
-        estimate = sum(p[0] for p in priced)
-        before = sum(p[2] for p in priced)
+        startups = sum(costs.startup_seconds(str(r["op_class"])) for r in target if id(r) in startup_rows)
+        estimate = sum(p[0] for p in priced) + startups
+        before = sum(p[2] for p in priced) + startups
         spent = sum(r["device_seconds"] for r in target)
         failed = [r for r in target if r["status"] == FAILED_STATUS]
         results.append({
             "model": model, "backend": backend, "signatures": len(own), "points": len(points),
             "attempts": len(target), "failed_attempts": len(failed),
-            "spent_s": round(spent, 2), "estimate_s": round(estimate, 2),
+            "spent_s": round(spent, 2), "estimate_s": round(estimate, 2), "startup_estimate_s": round(startups, 2),
             "error_pct": round(PERCENT * (estimate - spent) / spent, 1),
             "failed_spent_s": round(sum(r["device_seconds"] for r in failed), 2),
             "failed_estimate_s": round(sum(p[1] for p in priced), 2),

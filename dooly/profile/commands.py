@@ -130,8 +130,11 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
                f"{summary['expected_refinement_points']} more where latency bends), "
                f"{summary['held_points']} points held, ~{summary['estimated_device_seconds']:.1f} device-seconds to go")
     estimate = summary["estimate"]
-    click.echo(f"estimate: phases {', '.join(estimate['phases'])} of every measurement, priced from {estimate['source']}; "
-               f"not included: {estimate['excludes']}")
+    startups = "".join(f", {c} {seconds:.1f} s" for c, seconds in estimate["startups"].items())
+    click.echo(f"estimate: phases {', '.join(estimate['phases'])} of every measurement, priced from {estimate['source']}"
+               + (f"; a run's first attention measurement builds the backend's path once (start-up{startups})"
+                  if startups else "")
+               + f"; not included: {estimate['excludes']}")
     failures = summary["expected_failures"]
     if failures["points"] or failures["never_held_points"] or failures["failed_before_points"]:
         click.echo(f"expected failures: {failures['points']} points, {failures['device_seconds']:.1f} device-s of the "

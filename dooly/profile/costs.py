@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,12 @@ ESTIMATE_PHASES = ("build", "warmup", "calibrate", "capture", "samples", "failed
 # first attempts or retries its failure shares are counted on, and the attempts (none held) that
 # mark a signature feature as one that fails (`FailureRates`).
 MIN_CLASS_ROWS = 8
+# A profile run's first attention measurement of a backend builds what every later one reuses (the
+# attention path's kernels, plans and caches): on the H100 store it cost 4.2-11.6 s against
+# 0.2 s for an ordinary point. Rows carry no order, so a run's start-up row is its costliest
+# attention row of the class; its excess over the run's median row is the start-up, priced once
+# per class a plan measures, where at least this many runs measured two points or more of it.
+MIN_STARTUP_RUNS = 3
 # Refinement points (`run.refinement_points`) per grid point of a one-variable op, where the
 # store has no one-variable rows on the platform to count them from: the share measured on the
 # CPU for a tiny Llama and Qwen2.5-0.5B (docs/profile.md).
@@ -214,9 +221,13 @@ class PointCosts:
     One-variable ops are measured again where their latency bends (`run.refinement_points`):
     the expected count is the share of off-ladder points among the platform's one-variable rows.
     Those means are of held rows; a point expected to fail (`FailureRates`) is priced at what a
-    failed attempt costs instead, in proportion to its chance of failing."""
+    failed attempt costs instead, in proportion to its chance of failing.
+    An attention class also costs a start-up once per run (`startups`, MIN_STARTUP_RUNS): its
+    start-up rows are left out of its mean, so a run of 26 points is not priced as a 1/98th share
+    of one (the H100 8B's 8192-token top-up: 4.3 s of its 18.2 s was the start-up)."""
 
     means: dict[str, float] = field(default_factory=dict)  # op class or kind -> mean seconds per point
+    startups: dict[str, float] = field(default_factory=dict)  # attention class or kind -> seconds per run
     refinement_rates: dict[str, float] = field(default_factory=dict)  # op class -> extra per grid point
     default_seconds: float = DEFAULT_POINT_SECONDS["cpu"]
     default_refinement_rate: float = DEFAULT_REFINEMENT_RATE
@@ -230,7 +241,10 @@ class PointCosts:
         on_ladder: dict[str, int] = {}
         off_ladder: dict[str, int] = {}
         held_rows = [row for row in rows if row["status"] in HELD_STATUSES]
+        startup_rows, startups = startups_of(held_rows)
         for row in held_rows:
+            if id(row) in startup_rows and _startup_of(startups, str(row.get("op_class") or "")):
+                continue
             op_class = str(row.get("op_class") or "")
             attention = op_class.startswith(f"{KIND_ATTENTION}:")
             for key in (op_class, _kind_key(attention)):
@@ -251,7 +265,7 @@ class PointCosts:
                   if held_rows else f"no points measured on {platform} yet: {default_seconds:g} s per point assumed")
         failures = FailureRates.fit([row for row in rows if row["status"] in (*HELD_STATUSES, FAILED_STATUS)],
                                     platform)
-        return cls(means, rates, default_seconds, default_rate, source, failures)
+        return cls(means, startups, rates, default_seconds, default_rate, source, failures)
 
     def seconds(self, op_class: str) -> float:
         """What measuring one point of an op of this class costs."""
@@ -260,6 +274,17 @@ class PointCosts:
         if mean is None:
             mean = self.means.get(_kind_key(attention))
         return self.default_seconds if mean is None else mean
+
+    def startup_seconds(self, op_class: str) -> float:
+        """What a run's first measurement of this class costs beyond an ordinary point (0 for an
+        op that is not attention, or where the store has too few runs to tell)."""
+        return _startup_of(self.startups, op_class)
+
+    def run_seconds(self, items: list[Any]) -> float:
+        """One run's work items: their points (`item_seconds`) and a start-up per attention class
+        among them."""
+        classes = {item.op.op_class() for item in items if item.missing}
+        return sum(self.item_seconds(item) for item in items) + sum(self.startup_seconds(c) for c in classes)
 
     def failed_seconds(self, op_class: str) -> float:
         """What a failed attempt at a point of this class costs (FailureRates' docstring)."""
@@ -290,6 +315,38 @@ class PointCosts:
         doomed = self.failures.dooms(op_class, item.op.scalars)
         expected = sum(self.failures.chance(op_class, doomed, point.key in item.failed) for point in item.missing)
         return expected, expected * self.failed_seconds(op_class)
+
+
+def startups_of(held_rows: list[dict[str, Any]]) -> tuple[set[int], dict[str, float]]:
+    """The rows (by `id()`) that carried a run's attention start-up (left out of a class's point
+    mean where a start-up is priced for it), and the start-up per attention class and for the kind: the median over runs of the costliest row's excess over the run's
+    median row, from runs that measured at least two points of the class (MIN_STARTUP_RUNS)."""
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in held_rows:
+        op_class = str(row.get("op_class") or "")
+        if op_class.startswith(f"{KIND_ATTENTION}:") and row.get("run_id"):
+            runs.setdefault((str(row["run_id"]), op_class), []).append(row)
+    startup_rows: set[int] = set()
+    excess: dict[str, list[float]] = {}
+    for (_, op_class), run_rows in runs.items():
+        if len(run_rows) < 2:
+            continue
+        seconds = sorted(float(r["device_seconds"] or 0.0) for r in run_rows)
+        costliest = max(run_rows, key=lambda r: float(r["device_seconds"] or 0.0))
+        startup_rows.add(id(costliest))
+        excess.setdefault(op_class, []).append(seconds[-1] - seconds[len(seconds) // 2])
+    pooled = [e for values in excess.values() for e in values]
+    if pooled:
+        excess[_kind_key(True)] = pooled
+    startups = {key: statistics.median(values) for key, values in excess.items() if len(values) >= MIN_STARTUP_RUNS}
+    return startup_rows, startups
+
+
+def _startup_of(startups: dict[str, float], op_class: str) -> float:
+    """An op class's start-up: its own, else attention's pooled one; none for other ops."""
+    if not op_class.startswith(f"{KIND_ATTENTION}:"):
+        return 0.0
+    return startups.get(op_class, startups.get(_kind_key(True), 0.0))
 
 
 def _kind_key(attention: bool) -> str:

@@ -79,7 +79,14 @@ class Plan:
         """Device-seconds the missing points (and their expected refinements) will take."""
         if self.costs is None:
             return sum(len(item.missing) for item in self.work(shard_index, shard_count)) * self.point_seconds
-        return sum(self.costs.item_seconds(item) for item in self.work(shard_index, shard_count))
+        return self.costs.run_seconds(self.work(shard_index, shard_count))
+
+    def startups(self, shard_index: int = 0, shard_count: int = 1) -> dict[str, float]:
+        """Attention class -> the run start-up the estimate includes for it (`PointCosts.startups`)."""
+        if self.costs is None:
+            return {}
+        classes = sorted({item.op.op_class() for item in self.work(shard_index, shard_count)})
+        return {c: round(self.costs.startup_seconds(c), 3) for c in classes if self.costs.startup_seconds(c)}
 
     def expected_refinement_points(self, shard_index: int = 0, shard_count: int = 1) -> int:
         if self.costs is None:
@@ -136,6 +143,7 @@ class Plan:
                 "excludes": "process start, tracing, engine start-up outside a measurement, shard writes",
                 "source": self.costs.source if self.costs is not None else f"{self.point_seconds:g} s per point",
                 "failures": self.costs.failures.describe() if self.costs is not None else "not priced",
+                "startups": self.startups(),
             },
             "models": [
                 {"model": m.model_id, "signatures": len(m.signatures), "profiled_signatures": len(m.profiled),

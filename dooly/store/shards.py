@@ -36,7 +36,7 @@ PARTITION_COLUMNS = ("platform", "engine", "backend", "dtype")
 # signature tells its feature set, which failure rules are learned on (`plan.failure_key`), and a
 # failed row's error text why it failed.
 HELD_COLUMNS = ("signature", "op_class", "signature_json", "config_dims", "point_key", "status", "device_seconds",
-                "n_samples", *STACK_COLUMNS, "error")
+                "n_samples", "run_id", *STACK_COLUMNS, "error")
 IDENTITY_HEX_CHARS = 16
 CHUNK_INDEX_DIGITS = 5
 PARQUET_COMPRESSION = "zstd"

@@ -237,3 +237,36 @@ def test_a_failed_measurements_text_reaches_the_shards_the_merged_store_and_the_
         k: v for k, v in plan["expected_failures"].items() if k != "causes"}
     text = CliRunner().invoke(cli, ["plan", model, "--store", str(store), *SMALL_GRID_ARGS], catch_exceptions=False)
     assert "expected failures:" in text.output and "failure causes" not in text.output
+
+
+def _run_rows(run: str, first_seconds: float, seconds: float, points: int) -> list[dict]:
+    """One profile run's attention rows: its first measurement carries the backend's start-up."""
+    rows = [_row("attention:paged|sdpa", first_seconds, {"seqs": [[8, 0]]})]
+    rows += [_row("attention:paged|sdpa", seconds, {"seqs": [[16 * (i + 1), 0]]}) for i in range(points - 1)]
+    for row in rows:
+        row["run_id"] = run
+    return rows
+
+
+def test_a_runs_attention_start_up_is_priced_once_per_run_and_left_out_of_the_point_mean():
+    rows = _run_rows("r1", 5.2, 0.2, 10) + _run_rows("r2", 4.2, 0.2, 10) + _run_rows("r3", 6.2, 0.2, 10)
+    rows += [_row("aten.mm.default", 0.05, {"T": 2**i}) for i in range(MIN_CLASS_ROWS)]
+    costs = PointCosts.fit(rows, 0.05, "GPU-X")
+    # The start-up is the median run's costliest row over its median row; points cost what the rest do.
+    assert costs.startup_seconds("attention:paged|sdpa") == pytest.approx(5.0)
+    assert costs.seconds("attention:paged|sdpa") == pytest.approx(0.2)
+    assert costs.startup_seconds("attention:paged|eager") == pytest.approx(5.0)  # another backend: the kind's
+    assert costs.startup_seconds("aten.mm.default") == 0.0
+    # Too few runs to tell a start-up from a costly point: none, and every row stays in the mean.
+    few = PointCosts.fit(_run_rows("r1", 5.2, 0.2, 10) + _run_rows("r2", 4.2, 0.2, 10), 0.05, "GPU-X")
+    assert few.startup_seconds("attention:paged|sdpa") == 0.0
+    assert few.seconds("attention:paged|sdpa") == pytest.approx((5.2 + 4.2 + 18 * 0.2) / 20)
+
+
+def test_a_plan_adds_one_start_up_per_attention_class_it_measures(tmp_path, models):
+    model_a, model_b = models
+    store = str(tmp_path / "db")
+    _json("profile", model_a, "--store", store, *SMALL_GRID_ARGS)
+    plan = _json("plan", model_b, "--store", store, *SMALL_GRID_ARGS)
+    # One run profiled the store: too few to learn a start-up from, so the plan prices none.
+    assert plan["estimate"]["startups"] == {}
