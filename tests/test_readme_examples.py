@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from dooly.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-H100_STORE = ROOT / "data" / "h100" / "db"
 # The store path the README's commands name (its fit line copies the committed store there).
 README_STORE = "/tmp/h100"
 SIMULATE = "$ dooly simulate docs/examples/qwen3-8b/config.json"
@@ -52,13 +50,8 @@ def _metric_rows(lines: list[str]) -> dict[str, list[float]]:
 
 
 @pytest.fixture(scope="module")
-def fitted_h100(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("readme") / "h100"
-    shutil.copytree(H100_STORE, root)
-    for step in (["merge", "--store", str(root)], ["fit", "--store", str(root)]):
-        result = CliRunner().invoke(cli, step)
-        assert result.exit_code == 0, result.output
-    return str(root)
+def fitted_h100(fitted_h100_copy: Path) -> str:
+    return str(fitted_h100_copy)
 
 
 def _run(args: list[str], store: str) -> str:

@@ -5,7 +5,6 @@ committed figures (data/h100/validation/accuracy.json)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,8 @@ CELLS = [("Llama-3.1-8B", "paged|sdpa", "graphs", "heavy"), ("Llama-3.1-8B", "pa
 
 
 @pytest.fixture(scope="module")
-def fitted_store(tmp_path_factory) -> Path:
-    store = tmp_path_factory.mktemp("h100") / "db"
-    shutil.copytree(DATA / "db", store)
-    runner = CliRunner()
-    for command in (["merge"], ["fit"]):
-        result = runner.invoke(cli, [*command, "--store", str(store), "--output", "json"])
-        assert result.exit_code == 0, result.output
-    return store
+def fitted_store(fitted_h100_copy: Path) -> Path:
+    return fitted_h100_copy
 
 
 def _run(args: list[str]) -> dict:
