@@ -64,7 +64,9 @@ from engine_paths_table import (  # noqa: E402
     scratch_store,
 )
 
-from dooly.sim.server_costs import read_run, read_server_costs, run_key, store_key  # noqa: E402
+from dooly.engines.groundtruth import BENCH_FILE, ENGINE_FILE  # noqa: E402
+from dooly.jsonfile import read_json_object  # noqa: E402
+from dooly.sim.server_costs import read_server_costs, run_key, store_key  # noqa: E402
 from dooly.store.backends import open_store  # noqa: E402
 
 log = logging.getLogger("engine_paths_http_h100_lease7")
@@ -113,8 +115,10 @@ def store_records(store: str) -> dict[str, dict[str, Any]]:
     opened = open_store(store, create=False)
     documents: dict[str, dict[str, Any]] = {}
     for path in LEASE_PATHS:
-        run = read_run(next(c for c in CELLS if c.path == path).run())
-        found = read_server_costs(opened, store_key(run_key(run.bench, run.engine)))
+        run = next(c for c in CELLS if c.path == path).run()
+        key = run_key(read_json_object(run / BENCH_FILE, "bench record"),
+                      read_json_object(run / ENGINE_FILE, "engine settings"))
+        found = read_server_costs(opened, store_key(key))
         if found is not None:
             documents[f"{path.label}: the store's"] = found.as_dict()
     return documents

@@ -209,14 +209,14 @@ async def replay(url: str, requests: list[Request], prompts: dict[str, list[int]
     ordered = sorted(requests, key=lambda r: r.arrival_s)
     progress = ProgressLog(len(ordered), label=label, unit="requests", device_seconds=False,
                            interval_s=interval_from_env()) if label else None
-
-    async def counted(body: dict[str, Any]) -> Timing:
-        timing = await _stream_one(client, url, body)
-        if progress is not None:
-            progress(1)
-        return timing
-
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+
+        async def counted(body: dict[str, Any]) -> Timing:
+            timing = await _stream_one(client, url, body)
+            if progress is not None:
+                progress(1)
+            return timing
+
         tasks: dict[str, asyncio.Task[Timing]] = {}
         origin = time.perf_counter()
         for request in ordered:

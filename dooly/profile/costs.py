@@ -243,9 +243,9 @@ class PointCosts:
         held_rows = [row for row in rows if row["status"] in HELD_STATUSES]
         startup_rows, startups = startups_of(held_rows)
         for row in held_rows:
-            if id(row) in startup_rows and _startup_of(startups, str(row.get("op_class") or "")):
-                continue
             op_class = str(row.get("op_class") or "")
+            if id(row) in startup_rows and _startup_of(startups, op_class):
+                continue
             attention = op_class.startswith(f"{KIND_ATTENTION}:")
             for key in (op_class, _kind_key(attention)):
                 total = totals.setdefault(key, [0.0, 0.0])
@@ -280,11 +280,15 @@ class PointCosts:
         op that is not attention, or where the store has too few runs to tell)."""
         return _startup_of(self.startups, op_class)
 
+    def run_startups(self, items: list[Any]) -> dict[str, float]:
+        """Attention class -> the start-up one run of these work items pays for it: once for each
+        class whose points it measures (none where the store cannot tell one)."""
+        classes = sorted({item.op.op_class() for item in items if item.missing})
+        return {c: seconds for c in classes if (seconds := self.startup_seconds(c))}
+
     def run_seconds(self, items: list[Any]) -> float:
-        """One run's work items: their points (`item_seconds`) and a start-up per attention class
-        among them."""
-        classes = {item.op.op_class() for item in items if item.missing}
-        return sum(self.item_seconds(item) for item in items) + sum(self.startup_seconds(c) for c in classes)
+        """One run's work items: their points (`item_seconds`) and its start-ups (`run_startups`)."""
+        return sum(self.item_seconds(item) for item in items) + sum(self.run_startups(items).values())
 
     def failed_seconds(self, op_class: str) -> float:
         """What a failed attempt at a point of this class costs (FailureRates' docstring)."""
@@ -319,8 +323,9 @@ class PointCosts:
 
 def startups_of(held_rows: list[dict[str, Any]]) -> tuple[set[int], dict[str, float]]:
     """The rows (by `id()`) that carried a run's attention start-up (left out of a class's point
-    mean where a start-up is priced for it), and the start-up per attention class and for the kind: the median over runs of the costliest row's excess over the run's
-    median row, from runs that measured at least two points of the class (MIN_STARTUP_RUNS)."""
+    mean where a start-up is priced for it), and the start-up per attention class and for the
+    kind: the median over runs of the costliest row's excess over the run's median row, from runs
+    that measured at least two points of the class (MIN_STARTUP_RUNS)."""
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in held_rows:
         op_class = str(row.get("op_class") or "")
@@ -331,10 +336,11 @@ def startups_of(held_rows: list[dict[str, Any]]) -> tuple[set[int], dict[str, fl
     for (_, op_class), run_rows in runs.items():
         if len(run_rows) < 2:
             continue
-        seconds = sorted(float(r["device_seconds"] or 0.0) for r in run_rows)
-        costliest = max(run_rows, key=lambda r: float(r["device_seconds"] or 0.0))
+        ordered = sorted(run_rows, key=lambda r: float(r["device_seconds"] or 0.0))
+        costliest, median = ordered[-1], ordered[len(ordered) // 2]
         startup_rows.add(id(costliest))
-        excess.setdefault(op_class, []).append(seconds[-1] - seconds[len(seconds) // 2])
+        excess.setdefault(op_class, []).append(float(costliest["device_seconds"] or 0.0)
+                                               - float(median["device_seconds"] or 0.0))
     pooled = [e for values in excess.values() for e in values]
     if pooled:
         excess[_kind_key(True)] = pooled

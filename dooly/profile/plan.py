@@ -85,8 +85,7 @@ class Plan:
         """Attention class -> the run start-up the estimate includes for it (`PointCosts.startups`)."""
         if self.costs is None:
             return {}
-        classes = sorted({item.op.op_class() for item in self.work(shard_index, shard_count)})
-        return {c: round(self.costs.startup_seconds(c), 3) for c in classes if self.costs.startup_seconds(c)}
+        return {c: round(seconds, 3) for c, seconds in self.costs.run_startups(self.work(shard_index, shard_count)).items()}
 
     def expected_refinement_points(self, shard_index: int = 0, shard_count: int = 1) -> int:
         if self.costs is None:
