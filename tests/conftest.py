@@ -367,24 +367,36 @@ def flaky_proxy():
         proxy.close()
 
 
-# The committed H100 store (merged and fitted once a session by `fitted_h100_template`).
+# The committed H100 store (merged and fitted once a run by `fitted_h100_template`).
 H100_STORE = Path(__file__).resolve().parents[1] / "data" / "h100" / "db"
 
 
 @pytest.fixture(scope="session")
 def fitted_h100_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """data/h100/db merged and fitted, once a session (its fit is over a minute on a 2-core
-    machine). Never handed to a test itself: `fitted_h100_copy` gives each user a copy, since
-    some write into their store (`dooly calibrate`)."""
+    """data/h100/db merged and fitted, once a run (its fit is over a minute on a 2-core machine).
+    Under pytest-xdist the workers share one: the first to ask fits it under a file lock in the
+    run's common temporary directory, the others wait for it and reuse it (its users are marked
+    `xdist_group("fitted-h100")`: `--dist loadgroup` runs them on one worker, so none waits).
+    Never handed to a test itself: `fitted_h100_copy` gives each user a copy, since some write
+    into their store (`dooly calibrate`)."""
     from click.testing import CliRunner
+    from filelock import FileLock
 
     from dooly.cli import cli
 
-    store = tmp_path_factory.mktemp("h100-template") / "db"
-    shutil.copytree(H100_STORE, store)
-    for step in ("merge", "fit"):
-        result = CliRunner().invoke(cli, [step, "--store", str(store)])
-        assert result.exit_code == 0, result.output
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    store = root / "h100-template" / "db"
+    done = store.parent / "fitted"
+    with FileLock(str(root / "h100-template.lock")):
+        if not done.exists():
+            shutil.rmtree(store.parent, ignore_errors=True)
+            shutil.copytree(H100_STORE, store)
+            for step in ("merge", "fit"):
+                result = CliRunner().invoke(cli, [step, "--store", str(store)])
+                assert result.exit_code == 0, result.output
+            done.touch()
     return store
 
 

@@ -18,6 +18,9 @@ from click.testing import CliRunner
 
 from dooly.cli import cli
 
+# The fitted H100 store is built once a run; its users share a pytest-xdist worker (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("fitted-h100")
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # The store path the README's commands name (its fit line copies the committed store there).

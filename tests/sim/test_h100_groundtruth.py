@@ -12,6 +12,9 @@ from click.testing import CliRunner
 
 from dooly.cli import cli
 
+# The fitted H100 store is built once a run; its users share a pytest-xdist worker (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("fitted-h100")
+
 DATA = Path(__file__).resolve().parents[2] / "data" / "h100"
 PLATFORM = "NVIDIA-H100-80GB-HBM3"
 # The same code on the same data: only floating-point summation order may differ.
