@@ -208,21 +208,24 @@ def page(gpu: str, store: str, records: dict[str, PathRecord], results: Results,
 FINDINGS = [
     "**Findings.** The store's records, measured on other models and leases, serve the 8B on the two graph paths "
     "whose host work does not overlap the device's: with them the `paged|sdpa` graphs and `paged|eager` graphs "
-    "cells all pass (4 of 4; heavy TTFT / TPOT MAPE 1.5% / 0.7% and 2.6% / 2.3%, against 2.8% / 7.1% and 3.9% / "
-    "4.6% without), and every heavy cell's per-request TPOT MAPE is within 8% on all four paths (0.7, 3.3, 3.8, "
-    "2.3%). The store's per-sequence decode terms (0.16-0.21 ms, 1B, 3B and Qwen2.5-7B pairs) sit within about a "
+    "cells all pass (4 of 4; heavy TTFT / TPOT MAPE 1.4% / 0.4% and 2.6% / 2.1%, against 2.8% / 7.1% and 3.9% / "
+    "4.6% without), and every heavy cell's per-request TPOT MAPE is within 8% on all four paths (0.4, 2.0, 3.8, "
+    "2.1%). The store's per-sequence decode terms (0.16-0.21 ms, 1B, 3B and Qwen2.5-7B pairs) sit within about a "
     "third of the 8B's own (0.21-0.28 ms), as between lease5 and lease6. Two heavy cells miss TTFT MAPE with any "
-    "record: graphs + async (11.2%; in-process pair 3.4%) and no graphs (6.5%; the pair 9.0%, the simulator's own "
+    "record: graphs + async (10.3%; in-process pair 3.4%) and no graphs (6.5%; the pair 9.0%, the simulator's own "
     "miss on that path). Behind the server the async heavy cell's requests reach their first token 211-444 ms "
     "later on average than in its pair (+2.9% and +6.1% mean TTFT; TPOT +1.6% and +2.1%), and the delay grows "
-    "with arrival order (first run: 210 ms for the first sixth of arrivals, 700 ms for the last): a queue, not a "
-    "per-request cost. The server's engine ran the same 237 steps in 45.8 s against 44.6 (its prepare phases "
-    "3.3 s longer, mostly hidden behind the device, and device time 0.6 s longer), and the step terms, priced on "
-    "the async loop's host share, under-price that: the 8B's own record leaves TTFT MAPE at 10.4%, and its "
-    "residual TTFT offset (median +123 ms) moves with the load and is withheld. The light cells that miss miss in-process too (async -38.6% mean TTFT, the new-shape "
-    "capture cost of docs/calibration.md; no graphs -17.0%, the host's regime on that path). The heavy cells' two "
-    "HTTP runs agree within 0.3-3.1% on every statistic; the light ones differ by up to 18.5% (graphs light mean "
-    "TTFT).",
+    "with arrival order (first run: 210 ms for the first sixth of arrivals, 700 ms for the last): a queue. The "
+    "server's engine ran the same 237 steps in 45.8 s against 44.6, and 0.89 s of that 1.18 s lead (0.51 of 0.71 "
+    "s in the second run) is its 35 graph captures, each 25 ms (15 ms) longer than in-process: the captures come "
+    "first, so every later request waits for them. The records' capture term (docs/server-costs.md, \"The "
+    "capture term\"; the store's async record +9.2 us per layer and sequence of a capture, 19 ms for a 32-layer "
+    "capture of 64 sequences, measured on the 1B and 3B) takes the async heavy cell from 11.2% to 10.3% TTFT MAPE "
+    "and its mean TTFT from -8.7% to -7.5%, within target; the in-process simulator's own error there is -3.8%. "
+    "The light cells "
+    "that miss miss in-process too (async -38.6% mean TTFT, the new-shape capture cost of docs/calibration.md; no "
+    "graphs -17.0%, the host's regime on that path). The heavy cells' two HTTP runs agree within 0.3-3.1% on "
+    "every statistic; the light ones differ by up to 18.5% (graphs light mean TTFT).",
 ]
 
 

@@ -411,7 +411,10 @@ def _with_client(candidate: Candidate, models: CandidateModels, context: SearchC
     costs = context.server_costs.get(key)
     if costs is None:
         raise DoolyError(f"no server-cost record for {describe_client_key(key)}: dooly server-costs --save writes one")
-    overhead = costs.overhead(models.overhead if models.overhead is not None else CpuOverheadModel())
+    from dooly.sim.calibration_commands import model_layers
+
+    layers = model_layers(candidate.model, store=context.store) if costs.capture_term is not None else 0
+    overhead = costs.overhead(models.overhead if models.overhead is not None else CpuOverheadModel(), layers)
     return replace(models, overhead=overhead, overhead_source=overhead.source or models.overhead_source,
                    server_costs=costs)
 

@@ -36,7 +36,7 @@ def engine_models_for(step_choice: StepChoice, model: str | None, cpu_overhead: 
         return None
 
     def models(directory: Path) -> EngineModels:
-        from dooly.sim.calibration_commands import resolve_overhead
+        from dooly.sim.calibration_commands import model_layers, resolve_overhead
         from dooly.sim.engine_settings import check_modelled
         from dooly.sim.schedulers import make_scheduler
 
@@ -54,7 +54,7 @@ def engine_models_for(step_choice: StepChoice, model: str | None, cpu_overhead: 
         scheduler = make_scheduler(engine, with_model_groups(str(name), engine, settings, choice.store))
         step_model = choice.step_model(str(name), engine)
         overhead = resolve_overhead(cpu_overhead, False, choice, engine, scheduler, str(name))
-        return EngineModels(scheduler, step_model, overhead)
+        return EngineModels(scheduler, step_model, overhead, model_layers(str(name), store=choice.store))
 
     return models
 
@@ -95,9 +95,10 @@ def server_costs_command(http_dirs: tuple[str, ...], inprocess_dirs: tuple[str, 
     constant, a constant per step kind, or that plus a per-sequence slope: whichever predicts
     held-out classes of steps best), its steps paired step for step where the two engines ran the
     same steps, else batch-matched (each HTTP step against the median in-process step of its kind
-    and sequence count; the table's `pairing`). Per request, TTFT and TPOT at the HTTP client
-    minus in-process are the raw offsets; less what the step term adds to each request when
-    simulated (the step model: --store or --analytic, the same `dooly validate` will use), the
+    and sequence count; the table's `pairing`). The steps both engines captured a CUDA graph on
+    (step for step only) give the capture term: the HTTP capture's extra seconds per decoder layer
+    and sequence of its step. Per request, TTFT and TPOT at the HTTP client minus in-process are
+    the raw offsets; less what the two terms add to each request when simulated (the step model: --store or --analytic, the same `dooly validate` will use), the
     residual offsets, whose medians are the per-request terms.
     The record keeps their spread, each cell's own, the checks it failed (a negative offset, or
     one that moves with the load: docs/server-costs.md) and those it could not run.

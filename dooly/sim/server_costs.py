@@ -63,6 +63,7 @@ from dooly.sim.calibration import (
     write_generation,
 )
 from dooly.sim.schedulers import Scheduler
+from dooly.sim.server_capture_term import CaptureSample, CaptureTerm, fit_capture_term, paired_capture_samples
 from dooly.sim.server_step_term import (
     BATCH_PAIRING,
     NO_PAIRING,
@@ -171,6 +172,9 @@ class ServerCosts:
     raw_ttft: OffsetStats | None = None
     raw_tpot: OffsetStats | None = None
     step_term: StepTerm | None = None
+    # The server's extra cost per CUDA-graph capture (`dooly.sim.server_capture_term`); None where no
+    # pair captured on the same steps, and in records written before it was measured.
+    capture_term: CaptureTerm | None = None
     # Checks that could not run on these pairs, and why (e.g. one workload: no load dependence).
     not_run: list[str] = field(default_factory=list)
     schema: str = SCHEMA
@@ -206,6 +210,8 @@ class ServerCosts:
         text = self._measured_offsets()
         if self.step_term is not None:
             text += f" after a host term per engine step: {self.step_term.describe()}"
+        if self.capture_term is not None:
+            text += f" and per graph capture: {self.capture_term.describe()}"
         return text + self._provenance()
 
     def applied_line(self) -> str:
@@ -218,6 +224,8 @@ class ServerCosts:
         offsets = [f"{value * MS_PER_S:+.{digits}f} ms {name}" for name, value, digits in
                    (("TTFT", ttft_s, 1), ("TPOT", tpot_s, 2)) if name not in withheld]
         added = f"{', '.join(offsets)} per request" if offsets else "no per-request offset"
+        if self.capture_term is not None and self.capture_term.applied:
+            added = f"a term per graph capture ({self.capture_term.describe()}) and {added}"
         if self.step_term is not None:
             added = f"a host term per engine step ({self.step_term.describe()}) and {added}"
         return f"added {added} (measured: {self._measured_offsets()})" + self._provenance()
@@ -246,6 +254,7 @@ class ServerCosts:
                 "line": self.applied_line(), "source": self.source, "generation": self.generation,
                 "key": self.key, "applied_ttft_s": ttft_s, "applied_tpot_s": tpot_s,
                 "step_term": self.step_term.as_dict() if self.step_term is not None else None,
+                "capture_term": self.capture_term.as_dict() if self.capture_term is not None else None,
                 "withheld_offsets": self.withheld_offsets}
 
     def negative_offsets(self) -> list[str]:
@@ -255,9 +264,11 @@ class ServerCosts:
                 for name, stats in (("TTFT", self.raw_ttft or self.ttft), ("TPOT", self.raw_tpot or self.tpot))
                 if stats.median_s < 0]
 
-    def overhead(self, base: CpuOverheadModel) -> CpuOverheadModel:
-        """The host overhead model of the server's engine: `base` plus the step term, if any."""
-        return base if self.step_term is None else self.step_term.overhead(base)
+    def overhead(self, base: CpuOverheadModel, num_layers: int) -> CpuOverheadModel:
+        """The host overhead model of the server's engine serving a model of `num_layers` decoder
+        layers: `base` plus the step term and the capture term, where the record has them."""
+        served = base if self.step_term is None else self.step_term.overhead(base)
+        return served if self.capture_term is None else self.capture_term.overhead(served, num_layers)
 
     def apply(self, requests: Iterable[RequestRecord]) -> list[RequestRecord]:
         """The simulated requests as a client of the server would time them: TTFT plus the TTFT
@@ -289,6 +300,7 @@ class ServerCosts:
         raw_ttft, raw_tpot = self.raw_ttft or self.ttft, self.raw_tpot or self.tpot
         return {"schema": SCHEMA, "key": self.key, "terms": {"ttft_s": self.ttft.median_s, "tpot_s": self.tpot.median_s},
                 "step_term": self.step_term.as_dict() if self.step_term is not None else None,
+                "capture_term": self.capture_term.as_dict() if self.capture_term is not None else None,
                 "ttft": asdict(self.ttft), "tpot": asdict(self.tpot), "raw_ttft": asdict(raw_ttft),
                 "raw_tpot": asdict(raw_tpot), "consistent": self.consistent, "problems": list(self.problems),
                 "not_run": list(self.not_run), "cells": [asdict(c) for c in self.cells], "created_at": self.created_at}
@@ -313,11 +325,13 @@ class ServerCosts:
         try:
             ttft, tpot = OffsetStats(**data["ttft"]), OffsetStats(**data["tpot"])
             step_term = StepTerm.from_dict(data["step_term"]) if data.get("step_term") else None
+            capture_term = CaptureTerm.from_dict(data["capture_term"]) if data.get("capture_term") else None
             return cls(dict(data["key"]), ttft, tpot, [CellOffsets.from_dict(c) for c in data["cells"]],
                        list(data.get("problems", [])), str(data.get("created_at", "")), source=source,
                        raw_ttft=OffsetStats(**data["raw_ttft"]) if data.get("raw_ttft") else ttft,
                        raw_tpot=OffsetStats(**data["raw_tpot"]) if data.get("raw_tpot") else tpot,
-                       step_term=step_term, not_run=list(data.get("not_run", [])), schema=str(schema),
+                       step_term=step_term, capture_term=capture_term, not_run=list(data.get("not_run", [])),
+                       schema=str(schema),
                        generation=generation)
         except (KeyError, TypeError, AttributeError) as exc:
             raise DoolyError(f"{source}: malformed {schema} document ({exc})") from None
@@ -340,6 +354,7 @@ class EngineModels:
     scheduler: Scheduler
     step_model: StepLatencyModel
     overhead: CpuOverheadModel
+    num_layers: int  # the served model's decoder layers (what the capture term scales with)
 
 
 # Builds the engine models of one HTTP run (its directory), for simulating the step term's effect.
@@ -411,11 +426,15 @@ def request_offsets(http: Sequence[MeasuredRequest], inprocess: Sequence[Sequenc
     return ttft, tpot
 
 
-def step_term_effect(truth: GroundTruth, models: EngineModels, term: StepTerm) -> dict[str, tuple[float, float]]:
-    """Per request: what the step term adds to its simulated TTFT and TPOT (the run's workload
-    simulated as `dooly validate` simulates it, with the term and without)."""
+def step_term_effect(truth: GroundTruth, models: EngineModels, term: StepTerm | None,
+                     capture: CaptureTerm | None = None) -> dict[str, tuple[float, float]]:
+    """Per request: what the step and capture terms add to its simulated TTFT and TPOT (the run's
+    workload simulated as `dooly validate` simulates it, with the terms and without)."""
+    overhead = models.overhead if term is None else term.overhead(models.overhead)
+    if capture is not None:
+        overhead = capture.overhead(overhead, models.num_layers)
     without = validate(truth, models.scheduler.fresh(), models.step_model, models.overhead).result.requests
-    served = validate(truth, models.scheduler.fresh(), models.step_model, term.overhead(models.overhead)).result.requests
+    served = validate(truth, models.scheduler.fresh(), models.step_model, overhead).result.requests
     plain = {r.request_id: r for r in without}
     return {r.request_id: (r.ttft_s - plain[r.request_id].ttft_s, r.tpot_s - plain[r.request_id].tpot_s)
             for r in served if r.request_id in plain}
@@ -469,7 +488,10 @@ def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequen
         if run.client != INPROCESS_CLIENT:
             raise DoolyError(f"{run.directory} was not timed in-process (bench.json client {run.client!r})")
     key = run_key(https[0].bench, https[0].engine)
+    if models_for is not None:
+        models_for = _cached(models_for)
     pairs: list[tuple[_Run, list[_Run]]] = []
+    captures: list[CaptureSample] = []
     samples: list[StepSample] = []
     not_run: list[str] = []
     steps_per_cell: list[tuple[int, str]] = []
@@ -489,14 +511,21 @@ def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequen
             not_run.append(f"step term on {why_not}")
         samples += cell_samples
         steps_per_cell.append((len(cell_samples), pairing))
+        if models_for is not None and http.truth.steps:
+            layers = models_for(http.directory).num_layers
+            captures += [sample for partner in partners
+                         for sample in paired_capture_samples(http.truth.steps, partner.truth.steps, layers)]
     unused = [str(r.directory) for r in inprocs if not any(r is p for _, partners in pairs for p in partners)]
     if unused:
         raise DoolyError(f"in-process run(s) {', '.join(unused)} served no workload of the HTTP runs")
     step_term = choose_step_term(samples) if samples else None
+    capture_term = fit_capture_term(captures)
+    if capture_term is not None:
+        logger.info("server capture term: %s", capture_term.describe())
     if step_term is not None and models_for is None:
         raise DoolyError("the runs record their engine's steps, so the server's step term is measured, and the "
                          "per-request offsets left after it need it simulated: give a step model (--store, or --analytic)")
-    costs = _pooled_costs(key, pairs, steps_per_cell, step_term, models_for)
+    costs = _pooled_costs(key, pairs, steps_per_cell, step_term, capture_term, models_for)
     costs.not_run = not_run + costs.not_run
     for problem in costs.problems:
         logger.warning("server costs: %s", problem)
@@ -505,9 +534,22 @@ def measure_server_costs(http_dirs: Sequence[str | Path], inprocess_dirs: Sequen
     return costs
 
 
+def _cached(models_for: EngineModelsFor) -> EngineModelsFor:
+    """`models_for`, built once per run directory (the capture term and the step term's effect
+    both need a run's engine models)."""
+    built: dict[Path, EngineModels] = {}
+
+    def models(directory: Path) -> EngineModels:
+        if directory not in built:
+            built[directory] = models_for(directory)
+        return built[directory]
+
+    return models
+
+
 def _pooled_costs(key: dict[str, Any], pairs: Sequence[tuple[_Run, list[_Run]]],
                   steps_per_cell: Sequence[tuple[int, str]], step_term: StepTerm | None,
-                  models_for: EngineModelsFor | None) -> ServerCosts:
+                  capture_term: CaptureTerm | None, models_for: EngineModelsFor | None) -> ServerCosts:
     """Each cell's raw and residual offsets, and their pooled statistics, checked (`steps_per_cell`:
     each cell's paired steps and how they were paired)."""
     cells: list[CellOffsets] = []
@@ -515,8 +557,8 @@ def _pooled_costs(key: dict[str, Any], pairs: Sequence[tuple[_Run, list[_Run]]],
     for (http, partners), (steps, pairing) in zip(pairs, steps_per_cell, strict=True):
         raw_ttft, raw_tpot = request_offsets(http.truth.requests, [p.truth.requests for p in partners])
         ttft, tpot = raw_ttft, raw_tpot
-        if step_term is not None and models_for is not None:
-            effect = step_term_effect(http.truth, models_for(http.directory), step_term)
+        if (step_term is not None or capture_term is not None) and models_for is not None:
+            effect = step_term_effect(http.truth, models_for(http.directory), step_term, capture_term)
             ttft, tpot = residual_offsets(http.truth.requests, raw_ttft, raw_tpot, effect)
         cells.append(CellOffsets(str(http.directory), [str(p.directory) for p in partners], http.workload,
                                  OffsetStats.of(ttft), OffsetStats.of(tpot), OffsetStats.of(raw_ttft),
@@ -526,7 +568,7 @@ def _pooled_costs(key: dict[str, Any], pairs: Sequence[tuple[_Run, list[_Run]]],
     costs = ServerCosts(key, OffsetStats.of(pooled["ttft"]), OffsetStats.of(pooled["tpot"]), cells,
                         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                         raw_ttft=OffsetStats.of(pooled["raw_ttft"]), raw_tpot=OffsetStats.of(pooled["raw_tpot"]),
-                        step_term=step_term)
+                        step_term=step_term, capture_term=capture_term)
     costs.problems, costs.not_run = consistency_problems(costs)
     return costs
 

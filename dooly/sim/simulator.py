@@ -382,7 +382,7 @@ class _Run:
                 continue
             idle = 0
             gpu, cpu = self._cost(batch)
-            cpu += self.overhead.sync_capture_seconds(batch.path, self.captured)
+            cpu += self.overhead.sync_capture_seconds(batch.path, self.captured, batch.num_seqs)
             end = now + cpu + gpu
             wasted = self._deliver(batch, end)
             self._log(batch, now, cpu + gpu, gpu, cpu, wasted, max_steps)
@@ -420,7 +420,7 @@ class _Run:
             # Asked before capture_seconds records the step's graph (a new shape is a new graph).
             new_shape = (overhead.new_shape_eager_s > 0 and batch.path.cuda_graph
                          and overhead.new_attention_shape(batch.path, self.captured))
-            capture = overhead.capture_seconds(batch.path, self.captured, launched_steps % io_pairs)
+            capture = overhead.capture_seconds(batch.path, self.captured, launched_steps % io_pairs, batch.num_seqs)
             launched_steps += 1
             ready = host + cpu
             # Issued at launch, behind the previous launch's copy (one copy stream); the device
@@ -584,7 +584,7 @@ class _Run:
             cols["kv_tokens"].append,
         )
         # The first step pays a capture where its graph is new; the others (the same path) none.
-        capture = self.overhead.sync_capture_seconds(path, self.captured) if limit > 0 and now < next_arrival else 0.0
+        capture = self.overhead.sync_capture_seconds(path, self.captured, n) if limit > 0 and now < next_arrival else 0.0
         done = 0
         while done < limit and now < next_arrival:
             gpu = device(done)
@@ -633,7 +633,7 @@ class _Run:
                 path = path_for([], ctx)
                 paths.append(path)
             gpu, cpu = step_cost([], ctx, path, n, n, kv_tokens)
-            cpu += capture_seconds(path, captured)
+            cpu += capture_seconds(path, captured, n)
             add_start(now)
             add_duration(cpu + gpu)
             add_gpu(gpu)

@@ -243,6 +243,9 @@ class CpuOverheadModel:
     # lab/async_captures_lease_d.py); a synchronous loop has nothing in flight, so there it adds
     # to the capture (`sync_capture_seconds`; lab/capture_cost.py).
     new_shape_eager_s: float = 0.0
+    # Behind an HTTP server only (`dooly.sim.server_capture_term`): a capture's extra seconds per
+    # sequence in its step, the server's event loop streaming them while the engine records.
+    graph_capture_per_seq_s: float = 0.0
 
     def seconds(self, path: StepPath, num_seqs: int, num_tokens: int, kv_tokens: int) -> float:
         terms = self._terms_of(path)
@@ -273,22 +276,23 @@ class CpuOverheadModel:
             return None
         return (path.engine_path, path.padded_tokens, path.padded_kv, path.padded_seqlen_k, io_pair)
 
-    def capture_seconds(self, path: StepPath, captured: set[GraphShape], io_pair: int = 0) -> float:
-        """`graph_capture_s` the first time `path`'s graph shape is met in IO pair `io_pair`
-        (recorded in `captured`, the caller's engine-lifetime set), else 0."""
+    def capture_seconds(self, path: StepPath, captured: set[GraphShape], io_pair: int = 0, num_seqs: int = 0) -> float:
+        """`graph_capture_s` (plus `graph_capture_per_seq_s` per sequence of the step) the first
+        time `path`'s graph shape is met in IO pair `io_pair` (recorded in `captured`, the
+        caller's engine-lifetime set), else 0."""
         shape = self.graph_shape(path, io_pair)
         if shape is None or shape in captured:
             return 0.0
         captured.add(shape)
-        return self.graph_capture_s
+        return self.graph_capture_s + self.graph_capture_per_seq_s * num_seqs
 
-    def sync_capture_seconds(self, path: StepPath, captured: set[GraphShape]) -> float:
+    def sync_capture_seconds(self, path: StepPath, captured: set[GraphShape], num_seqs: int = 0) -> float:
         """A synchronous loop's capture: `capture_seconds`, plus `new_shape_eager_s` when no graph
         in `captured` holds the step's attention shape (the engine's first run of that shape; a
         capture at a known attention shape, the same padded query and KV tokens under another
         longest-sequence key, pays `graph_capture_s` alone)."""
         new_shape = self.new_shape_eager_s > 0 and path.cuda_graph and self.new_attention_shape(path, captured)
-        capture = self.capture_seconds(path, captured)
+        capture = self.capture_seconds(path, captured, num_seqs=num_seqs)
         return capture + self.new_shape_eager_s if new_shape else capture
 
     @staticmethod
@@ -388,6 +392,7 @@ class CpuOverheadModel:
             "input_copy_s": self.input_copy_s,
             "input_copy_bytes": self.input_copy_bytes,
             "new_shape_eager_s": self.new_shape_eager_s,
+            "graph_capture_per_seq_s": self.graph_capture_per_seq_s,
             "terms": {key: asdict(value) for key, value in sorted(self.terms.items())},
         }
 
@@ -416,9 +421,9 @@ class CpuOverheadModel:
             if any(not math.isfinite(v) or v < 0 for v in asdict(parsed).values()):
                 raise DoolyError(f"CPU overhead terms for {key!r} must be finite and >= 0")
             terms[key] = parsed
-        capture, post_capture, copy, new_shape = (
-            _nonnegative(data, name)
-            for name in ("graph_capture_s", "post_capture_device_s", "input_copy_s", "new_shape_eager_s"))
+        capture, post_capture, copy, new_shape, capture_per_seq = (
+            _nonnegative(data, name) for name in ("graph_capture_s", "post_capture_device_s", "input_copy_s",
+                                                  "new_shape_eager_s", "graph_capture_per_seq_s"))
         copy_bytes = _nonnegative(data, "input_copy_bytes")
         if not copy_bytes.is_integer():
             raise DoolyError("CPU overhead `input_copy_bytes` must be a whole number of bytes")
@@ -432,6 +437,7 @@ class CpuOverheadModel:
             input_copy_s=copy,
             input_copy_bytes=int(copy_bytes),
             new_shape_eager_s=new_shape,
+            graph_capture_per_seq_s=capture_per_seq,
         )
 
     @classmethod

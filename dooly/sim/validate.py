@@ -394,7 +394,8 @@ def replay_steps(
     for step in steps:
         path = path_for(step.prefill, step.decode_ctx) if path_for else _default_path(step.prefill, step.decode_ctx)
         gpu = device_seconds(step_model, step.prefill, step.decode_ctx, path, keywords)
-        host = overhead.seconds(path, *step.sizes()) + overhead.sync_capture_seconds(path, captured)
+        sizes = step.sizes()
+        host = overhead.seconds(path, *sizes) + overhead.sync_capture_seconds(path, captured, sizes[0])
         out.append(float(gpu) + host)
     return out
 

@@ -40,6 +40,9 @@ from dooly.sim.validate import MeasuredStep
 from tests.sim.test_server_costs import LIGHT, TPOT_COST_S, TTFT_COST_S, _cell
 from tests.sim.validate_support import MODEL
 
+# MODEL's decoder layers (Llama-3.1-8B): what a record's capture term is scaled by.
+MODEL_LAYERS = 32
+
 DECODE, MIXED = StepKind.DECODE.value, StepKind.MIXED.value
 # The synthetic server: per kind, extra host seconds per step = constant + slope x sequences.
 TRUE_TERMS = {DECODE: KindTerm(0.002, 0.0002), MIXED: KindTerm(0.001, 0.0001)}
@@ -214,7 +217,7 @@ def _analytic(directory: Path) -> EngineModels:
     from dooly.sim.schedulers import make_scheduler
 
     return EngineModels(make_scheduler("transformers"), StepChoice(analytic=True).step_model(MODEL, "transformers"),
-                        CpuOverheadModel.zero())
+                        CpuOverheadModel.zero(), MODEL_LAYERS)
 
 
 def test_paired_steps_give_a_step_term_and_offsets_left_after_it(tmp_path):
@@ -309,7 +312,7 @@ def test_a_version_1_record_still_loads_and_applies_its_offsets(tmp_path):
     assert loaded.schema == SCHEMA_V1 and loaded.step_term is None
     assert loaded.raw_ttft == loaded.ttft and loaded.cells[0].raw_tpot == loaded.cells[0].tpot
     base = CpuOverheadModel.zero()
-    assert loaded.overhead(base) is base
+    assert loaded.overhead(base, MODEL_LAYERS) is base
     plain, added = _validate(http), _validate(http, "--server-costs", str(path))
     assert _predicted(added, "ttft_mean") == pytest.approx(_predicted(plain, "ttft_mean") + TTFT_COST_S)
     assert _predicted(added, "tpot_mean") == pytest.approx(_predicted(plain, "tpot_mean") + TPOT_COST_S)
