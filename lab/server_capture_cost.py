@@ -21,6 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dooly.sim.calibration_commands import model_layers  # noqa: E402
 from dooly.sim.server_capture_term import paired_capture_samples  # noqa: E402
 from dooly.sim.validate import load_ground_truth  # noqa: E402
 
@@ -28,8 +29,6 @@ LEASES = [ROOT / "data" / "h100" / "experiments" / "engine_paths" / f"lease{n}" 
 LEASES.append(ROOT / "data" / "h200" / "experiments" / "engine_paths" / "lease_d")
 HTTP_DIRS = ("http", "http_r2", "http_r3")
 PAIRS_DIR = "pairs"
-# Decoder layers of the served models (their bundled configs' num_hidden_layers).
-LAYERS = {"Llama-3.2-1B": 16, "Llama-3.2-3B": 28, "Llama-3.1-8B": 32, "Qwen2.5-7B": 28}
 # Sequence-count buckets of the table: a capture in a step of [low, next low) sequences.
 BUCKETS = (0, 8, 16, 32, 48)
 MS_PER_S = 1e3
@@ -47,7 +46,7 @@ def samples() -> list[tuple[str, float, int, int]]:
                 pair = lease / PAIRS_DIR / cell
                 if not pair.is_dir():
                     continue
-                layers = LAYERS[cell.rsplit(".paged", 1)[0]]
+                layers = model_layers(cell.rsplit(".paged", 1)[0])  # the bundled config's
                 http, inprocess = load_ground_truth(lease / http_dir / cell).steps, load_ground_truth(pair).steps
                 for sample in paired_capture_samples(http, inprocess, layers):
                     out.append((f"{lease.name}/{http_dir}/{cell}", sample.extra_s, layers, sample.num_seqs))

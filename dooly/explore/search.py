@@ -411,10 +411,8 @@ def _with_client(candidate: Candidate, models: CandidateModels, context: SearchC
     costs = context.server_costs.get(key)
     if costs is None:
         raise DoolyError(f"no server-cost record for {describe_client_key(key)}: dooly server-costs --save writes one")
-    from dooly.sim.calibration_commands import model_layers
-
-    layers = model_layers(candidate.model, store=context.store) if costs.capture_term is not None else 0
-    overhead = costs.overhead(models.overhead if models.overhead is not None else CpuOverheadModel(), layers)
+    overhead = costs.overhead_for(models.overhead if models.overhead is not None else CpuOverheadModel(),
+                                  candidate.model, context.store)
     return replace(models, overhead=overhead, overhead_source=overhead.source or models.overhead_source,
                    server_costs=costs)
 

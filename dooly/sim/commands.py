@@ -177,7 +177,7 @@ def simulate_command(
     overhead = _cpu_overhead(cpu_overhead, no_cpu_overhead, step_choice, engine, scheduler, model)
     server_costs = _client_server_costs(client, step_choice, engine, scheduler)
     if server_costs is not None:
-        overhead = _served_overhead(server_costs, overhead, str(model), step_choice.store)
+        overhead = server_costs.overhead_for(overhead, str(model), step_choice.store)
     reqs = generate_requests(spec)
     result = simulate(reqs, scheduler, step_model, overhead, record_batches=fitted)
     if server_costs is not None:
@@ -256,14 +256,6 @@ def _client_server_costs(client: str, step_choice: StepChoice, engine: str, sche
     costs = _stored_server_costs(step_choice.store, key, "--client http")
     costs.refuse_negative()
     return costs
-
-
-def _served_overhead(costs: ServerCosts, overhead: Any, model: str, store: str | None) -> Any:
-    """The host overhead of the engine behind the server: `overhead` plus the record's terms, the
-    capture term for MODEL's layer count (read only where the record has one)."""
-    from dooly.sim.calibration_commands import model_layers
-
-    return costs.overhead(overhead, model_layers(model, store=store) if costs.capture_term is not None else 0)
 
 
 def _server_costs_payload(costs: ServerCosts | None) -> dict[str, Any] | None:
@@ -435,7 +427,7 @@ def validate_command(
     overhead = _cpu_overhead(cpu_overhead, no_cpu_overhead, step_choice, engine, scheduler, model)
     server_costs, server_costs_line = _server_costs(truth_dirs[0], user_settings, server_costs_path, step_choice.store)
     if server_costs is not None:
-        overhead = _served_overhead(server_costs, overhead, str(model), step_choice.store)
+        overhead = server_costs.overhead_for(overhead, str(model), step_choice.store)
     report = validate(truths[0], scheduler, step_model, overhead, repeats=truths[1:], target_pct=target_pct)
     if server_costs is not None:
         from dooly.sim.validate import compare_latencies

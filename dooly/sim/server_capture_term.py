@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dooly.errors import DoolyError
+from dooly.sim.server_step_term import other_steps
 from dooly.sim.step_model import CpuOverheadModel
 from dooly.sim.validate import MeasuredStep
 
@@ -101,17 +102,11 @@ class CaptureTerm:
         return term
 
 
-def same_steps(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep]) -> bool:
-    """Whether the two engines ran the same batches in the same order (step for step pairing)."""
-    return len(http) == len(inprocess) and all(
-        ours.prefill == theirs.prefill and ours.decode_ctx == theirs.decode_ctx for ours, theirs in zip(http, inprocess))
-
-
 def paired_capture_samples(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep],
                            num_layers: int) -> list[CaptureSample]:
     """Per step both engines captured a graph on, the HTTP step's wall minus the in-process one's;
     none where the two ran other steps (a capture's shape then has no partner to be timed against)."""
-    if not same_steps(http, inprocess):
+    if other_steps(http, inprocess):
         return []
     return [CaptureSample(ours.duration_s - theirs.duration_s, num_layers, len(ours.prefill) + len(ours.decode_ctx))
             for ours, theirs in zip(http, inprocess, strict=True)

@@ -98,8 +98,9 @@ def server_costs_command(http_dirs: tuple[str, ...], inprocess_dirs: tuple[str, 
     and sequence count; the table's `pairing`). The steps both engines captured a CUDA graph on
     (step for step only) give the capture term: the HTTP capture's extra seconds per decoder layer
     and sequence of its step. Per request, TTFT and TPOT at the HTTP client minus in-process are
-    the raw offsets; less what the two terms add to each request when simulated (the step model: --store or --analytic, the same `dooly validate` will use), the
-    residual offsets, whose medians are the per-request terms.
+    the raw offsets; less what the two terms add to each request when simulated (the step model:
+    --store or --analytic, the same `dooly validate` will use), the residual offsets, whose
+    medians are the per-request terms.
     The record keeps their spread, each cell's own, the checks it failed (a negative offset, or
     one that moves with the load: docs/server-costs.md) and those it could not run.
 

@@ -267,8 +267,14 @@ class ServerCosts:
     def overhead(self, base: CpuOverheadModel, num_layers: int) -> CpuOverheadModel:
         """The host overhead model of the server's engine serving a model of `num_layers` decoder
         layers: `base` plus the step term and the capture term, where the record has them."""
-        served = base if self.step_term is None else self.step_term.overhead(base)
-        return served if self.capture_term is None else self.capture_term.overhead(served, num_layers)
+        return served_overhead(base, self.step_term, self.capture_term, num_layers)
+
+    def overhead_for(self, base: CpuOverheadModel, model: str, store: str | None) -> CpuOverheadModel:
+        """`overhead` for MODEL, its layer count read (as `dooly.sim.calibration_commands.model_layers`
+        reads it) only where the record has a capture term to scale."""
+        from dooly.sim.calibration_commands import model_layers
+
+        return self.overhead(base, model_layers(model, store=store) if self.capture_term is not None else 0)
 
     def apply(self, requests: Iterable[RequestRecord]) -> list[RequestRecord]:
         """The simulated requests as a client of the server would time them: TTFT plus the TTFT
@@ -426,13 +432,18 @@ def request_offsets(http: Sequence[MeasuredRequest], inprocess: Sequence[Sequenc
     return ttft, tpot
 
 
+def served_overhead(base: CpuOverheadModel, term: StepTerm | None, capture: CaptureTerm | None,
+                    num_layers: int) -> CpuOverheadModel:
+    """`base` plus the step term and the capture term (for `num_layers` layers), each where given."""
+    served = base if term is None else term.overhead(base)
+    return served if capture is None else capture.overhead(served, num_layers)
+
+
 def step_term_effect(truth: GroundTruth, models: EngineModels, term: StepTerm | None,
                      capture: CaptureTerm | None = None) -> dict[str, tuple[float, float]]:
     """Per request: what the step and capture terms add to its simulated TTFT and TPOT (the run's
     workload simulated as `dooly validate` simulates it, with the terms and without)."""
-    overhead = models.overhead if term is None else term.overhead(models.overhead)
-    if capture is not None:
-        overhead = capture.overhead(overhead, models.num_layers)
+    overhead = served_overhead(models.overhead, term, capture, models.num_layers)
     without = validate(truth, models.scheduler.fresh(), models.step_model, models.overhead).result.requests
     served = validate(truth, models.scheduler.fresh(), models.step_model, overhead).result.requests
     plain = {r.request_id: r for r in without}

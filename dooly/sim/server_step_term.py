@@ -183,19 +183,26 @@ def batch_class(step: MeasuredStep) -> tuple[str, int]:
     return StepKind.of(step.prefill, step.decode_ctx).value, len(step.prefill) + len(step.decode_ctx)
 
 
+def other_steps(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep]) -> str:
+    """Why the two engines did not run the same steps (another count, or a step holding other
+    batches), or "" where they did: only then can their steps be paired step for step."""
+    if len(http) != len(inprocess):
+        return f"the paired engines ran {len(http)} and {len(inprocess)} steps"
+    for ours, theirs in zip(http, inprocess, strict=True):
+        if ours.prefill != theirs.prefill or ours.decode_ctx != theirs.decode_ctx:
+            return f"step {ours.step} holds other batches in the two runs"
+    return ""
+
+
 def paired_step_samples(http: Sequence[MeasuredStep], inprocess: Sequence[MeasuredStep],
                         asynchronous: bool = False) -> list[StepSample]:
     """Per step the two engines both ran without capturing a graph: the HTTP step's host time
     minus the in-process one's. Refused unless the two ran the same steps (same batches in the same
     order; else OtherStepsError) with the probe's device time: only then is the difference the
     server's, step for step."""
-    if len(http) != len(inprocess):
-        raise OtherStepsError(f"the paired engines ran {len(http)} and {len(inprocess)} steps: their host times cannot "
-                              "be paired step for step")
-    for ours, theirs in zip(http, inprocess, strict=True):
-        if ours.prefill != theirs.prefill or ours.decode_ctx != theirs.decode_ctx:
-            raise OtherStepsError(f"step {ours.step} holds other batches in the two runs: their host times cannot be "
-                                  "paired step for step")
+    why = other_steps(http, inprocess)
+    if why:
+        raise OtherStepsError(f"{why}: their host times cannot be paired step for step")
     samples = []
     for ours, theirs, our_host, their_host in zip(http, inprocess, host_times(http, asynchronous),
                                                   host_times(inprocess, asynchronous), strict=True):
