@@ -28,6 +28,11 @@ together) and its measured grid points are predicted by:
   per decode, KV and window KV elements, dense mask vs the rest);
 - `product` (`--one-peer` table): what `Predictor` serves the layout with that peer alone
   (`heads-proportional` on eager, `heads-shared` on sdpa; `-` where it answers by the class regressor);
+- `layout-scaled`: the nearest measured layout of the same window (dooly.fit.group.layout_scaled_model),
+  its own work's parts scaled by the layout: per call, sequence and decode not at all, query rows
+  and KV reads by query heads x head dim, score pairs by query heads; what the product serves
+  eager full attention where no query-head peer exists, computed here on sdpa and on
+  sliding-window layouts too;
 - `point-nnls`: per grid point, a relative NNLS across the other layouts' measured times over
   physical terms of layout and batch (launch, KV bytes, Q bytes, FLOPs of the packed and the
   waved kernel, score elements, a window flag and the window's score elements).
@@ -65,6 +70,7 @@ from dooly.fit.group import (
     GroupModel,
     heads_shared_seconds,
     heads_shared_share,
+    layout_scaled_model,
     other_dims,
     peer_linear_coef,
 )
@@ -92,7 +98,9 @@ PLATFORM = "NVIDIA-H100-80GB-HBM3"
 BACKENDS = ("paged|sdpa", "paged|eager")
 ATTENTION_PREFIX = "attention:"
 PERCENT = 100.0
-SCHEMES = ("class", "heads-affine", "nearest-ratio", "point-nnls", "heads-proportional", "heads-shared")
+SCHEMES = ("class", "heads-affine", "nearest-ratio", "point-nnls", "heads-proportional", "heads-shared", "layout-scaled")
+# The implementations `layout-scaled` is computed for (the product serves eager only).
+LAYOUT_SCALED_STUDIED = ("eager", "sdpa")
 ONE_PEER_SCHEMES = ("class", "heads-proportional", "heads-shared", "heads-shared-class", "product")
 # What the product serves a layout with one query-head peer by (per implementation).
 ONE_PEER_METHODS = {"paged|eager": METHOD_HEADS_PROPORTIONAL, "paged|sdpa": METHOD_HEADS_SHARED}
@@ -187,6 +195,20 @@ class Study:
             [info.signature] * len(test), [info.op_class] * len(test), [info.config_dims] * len(test),
             {"seqs": seqs}, request_vars=[info.request_vars] * len(test), ops=[info.op] * len(test),
         ))
+
+    def layout_scaled(self, target: int, held: list[int], test: np.ndarray) -> np.ndarray | None:
+        """`layout_scaled_model` with the held-out layouts' models removed, on any implementation and
+        window."""
+        held_sigs = {self.data.infos[s].signature for s in held}
+        layouts = {self.data.infos[s].signature: dict(self.data.infos[s].config_dims) for s in self.sigs if s not in held}
+        class_model = replace(self.group.classes[self.design.op_class], layouts=layouts)
+        signatures = {s: m for s, m in self.group.signatures.items() if s not in held_sigs}
+        model = layout_scaled_model(class_model, self.data.infos[target], signatures, LAYOUT_SCALED_STUDIED, windowed=True)
+        if model is None:
+            return None
+        seqs = [parse_point(self.keys[i])["seqs"] for i in test]
+        return np.maximum(model.predict_terms(term_matrix(aggregates_from_seqs(seqs, model.window, model.wave_tiles),
+                                                          len(seqs))), MIN_SECONDS)
 
     def nearest_ratio(self, target: int, held: list[int], test: np.ndarray) -> np.ndarray | None:
         same_window = [s for s in self.sigs if s not in held and self.layouts[s][3] == self.layouts[target][3]]
@@ -307,6 +329,7 @@ class Study:
                 "point-nnls": self.point_nnls(target, held, test),
                 "heads-proportional": self.heads_affine(target, held, test, METHOD_HEADS_PROPORTIONAL),
                 "heads-shared": self.heads_affine(target, held, test, METHOD_HEADS_SHARED),
+                "layout-scaled": self.layout_scaled(target, held, test),
             }
             row = {"backend": self.data.key[2], "layout": self.layouts[target],
                    "heads": attention_field(self.data.infos[target].config_dims, NUM_HEADS),

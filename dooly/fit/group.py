@@ -16,8 +16,11 @@ from dooly.fit.extent import MeasuredExtent
 from dooly.fit.features import (
     ATTENTION_FIELD_SOURCES,
     FAMILY_ATTENTION,
+    HEAD_DIM,
     NUM_HEADS,
+    NUM_KV_HEADS,
     TERM_INDEX,
+    TERMS,
     aggregates_from_seqs,
     attention_field,
     config_vector,
@@ -28,6 +31,7 @@ from dooly.fit.regressors import (
     METHOD_HEADS_AFFINE,
     METHOD_HEADS_PROPORTIONAL,
     METHOD_HEADS_SHARED,
+    METHOD_LAYOUT_SCALED,
     BoundClassModel,
     ClassModel,
     CorrectedLinearModel,
@@ -59,6 +63,32 @@ HEADS_SHARED_IMPLEMENTATIONS = ("sdpa",)
 # sequence, per decode, the KV read and its alignment (the rest: query tokens, score and padded
 # pairs, waves, pair alignment).
 HEADS_SHARED_TERMS = ("const", "B", "D", "K", "S", "odd_kv", "unaligned_kv")
+# Attention implementations where a full-attention layout with no query-head peer (other KV heads,
+# another head dim) takes METHOD_LAYOUT_SCALED from the nearest measured layout with the same other
+# dims, each layout field within MAX_HEADS_EXTRAPOLATION of it. Eager attention materialises a
+# [heads, T, K] score tensor whatever the head dim and repeats the KV to the query heads, so its
+# parts scale as `layout_term_factors` says; held out it beats the class regressor on all 4 such
+# layouts of both stores (Llama-3.2-1B's 32/8/64 2.8% and 3.1% time-weighted against 17.3% and
+# 40.1%, gemma-2-9b's 16/8/256 6.1% against 34.9%). Sliding-window layouts keep the class
+# regressor: of the two held out the rule won one and lost one (13.9% against 13.3% on average).
+# sdpa's kernels change tiles with the head dim (per FLOP 1.22x at 64 and 1.85x at 256 against 128
+# on the H100), which no ratio of the layout carries: there it lost 4 of 6 layouts to the class
+# regressor (docs/unseen.md "A head dim never profiled").
+LAYOUT_SCALED_IMPLEMENTATIONS = ("eager",)
+# Per part of a layout's own linear work, what scales it: nothing (per call, per sequence, per
+# decode: LAYOUT_FIXED_TERMS), the query rows (LAYOUT_QUERY_TERMS) and the KV read with its
+# alignment (LAYOUT_KV_TERMS) by their widths, and the rest (pairs of query and key tokens, their
+# padding and alignment, waves) as the implementation's score work: eager materialises a [heads, T,
+# K] score tensor whatever the head dim and repeats the KV to the query heads; sdpa's kernels do
+# heads x head dim FLOPs per pair and read the KV once per KV head (`layout_term_factors`).
+LAYOUT_FIXED_TERMS = ("const", "B", "D")
+LAYOUT_QUERY_TERMS = ("T",)
+LAYOUT_KV_TERMS = ("K", "S", "odd_kv", "unaligned_kv")
+# Config dims that make the layout: query heads, KV heads and head dim by name, and by position in
+# the query [1, heads, T, dim], key and value [1, kv_heads, K, dim] tensors.
+LAYOUT_FIELDS = frozenset(
+    {NUM_HEADS, NUM_KV_HEADS, HEAD_DIM} | {f"in{tensor}.{axis}" for tensor in (0, 1, 2) for axis in (1, 3)}
+)
 
 
 @dataclass
@@ -224,3 +254,97 @@ def heads_affine_model(
         if not np.all(model.predict_terms(term_matrix(batches, len(cm.reference_seqs))) > 0):
             return None
     return model
+
+
+Layout = tuple[int, int, int]
+
+
+def layout_of(config: Mapping[str, int]) -> Layout | None:
+    """(query heads, KV heads, head dim) of an attention op, or None where any is missing."""
+    heads = attention_field(config, NUM_HEADS)
+    head_dim = attention_field(config, HEAD_DIM)
+    if not heads or not head_dim:
+        return None
+    return heads, attention_field(config, NUM_KV_HEADS) or heads, head_dim
+
+
+def layout_distance(a: Layout, b: Layout) -> float:
+    """How far two layouts are: the sum over their fields of |log ratio|."""
+    return float(sum(abs(np.log(x / y)) for x, y in zip(a, b, strict=True)))
+
+
+def layout_term_factors(layout: Layout, peer: Layout, implementation: str) -> np.ndarray:
+    """Per request term (TERMS), the factor that takes a peer layout's work in it to the layout's."""
+    heads, kv_heads, head_dim = layout
+    peer_heads, peer_kv_heads, peer_dim = peer
+    width = heads * head_dim / (peer_heads * peer_dim)
+    eager = implementation == "eager"
+    factors = np.full(len(TERMS), heads / peer_heads if eager else width)
+    factors[[TERM_INDEX[name] for name in LAYOUT_FIXED_TERMS]] = 1.0
+    factors[[TERM_INDEX[name] for name in LAYOUT_QUERY_TERMS]] = width
+    kv_width = width if eager else kv_heads * head_dim / (peer_kv_heads * peer_dim)
+    factors[[TERM_INDEX[name] for name in LAYOUT_KV_TERMS]] = kv_width
+    return factors
+
+
+def layout_scaled_members(
+    model: OpModel, factors: np.ndarray, weight: float = 1.0
+) -> list[tuple[float, OpModel]] | None:
+    """A peer's model as weighted members, one per distinct factor: the model restricted to the
+    terms of that factor (times the peer's correction, if any), weighted factor x `weight`. None: a
+    peer model without linear terms to split."""
+    if not isinstance(model, (LinearModel, CorrectedLinearModel)):
+        return None
+    coef = peer_linear_coef(model)
+    if coef is None:
+        return None
+    members: list[tuple[float, OpModel]] = []
+    for factor in np.unique(factors):
+        part = np.where(factors == factor, coef, 0.0)
+        if np.any(part != 0.0):
+            members.append((weight * float(factor), replace(model, coef=part)))
+    return members or None
+
+
+def layout_scaled_model(
+    cm: ClassModel,
+    info: SignatureInfo,
+    signatures: Mapping[str, OpModel],
+    implementations: tuple[str, ...] = LAYOUT_SCALED_IMPLEMENTATIONS,
+    windowed: bool = False,
+) -> HeadsAffineModel | None:
+    """An unprofiled attention layout served by the nearest measured layout (layout_distance) with
+    the same window and every other config dim, each of its fields within MAX_HEADS_EXTRAPOLATION:
+    that layout's own work, each part scaled as `layout_term_factors` says (several at the same
+    distance share the weight). None: not one of `implementations`, a sliding-window layout unless
+    `windowed` (bench/attention_layouts.py studies both), no such layout, or one whose model has no
+    linear terms to split."""
+    implementation = cm.op_class.rsplit("|", 1)[-1]
+    layout = layout_of(info.config_dims)
+    if cm.family != FAMILY_ATTENTION or implementation not in implementations or layout is None:
+        return None
+    if info.static.window and not windowed:
+        return None
+    rest = {k: v for k, v in info.config_dims.items() if k not in LAYOUT_FIELDS}
+    peers: list[tuple[float, Layout, OpModel]] = []
+    for signature, config in sorted(cm.layouts.items()):
+        model = signatures.get(signature)
+        peer = layout_of(config)
+        if model is None or isinstance(model, BoundClassModel) or peer is None or peer == layout:
+            continue
+        if {k: v for k, v in config.items() if k not in LAYOUT_FIELDS} != rest:
+            continue
+        if any(max(a, b) > MAX_HEADS_EXTRAPOLATION * min(a, b) for a, b in zip(layout, peer, strict=True)):
+            continue
+        peers.append((layout_distance(layout, peer), peer, model))
+    if not peers:
+        return None
+    nearest = min(distance for distance, _, _ in peers)
+    chosen = [(peer, model) for distance, peer, model in peers if np.isclose(distance, nearest)]
+    members: list[tuple[float, OpModel]] = []
+    for peer, model in chosen:
+        split = layout_scaled_members(model, layout_term_factors(layout, peer, implementation), 1.0 / len(chosen))
+        if split is None:
+            return None
+        members += split
+    return HeadsAffineModel(**info.model_fields(), method=METHOD_LAYOUT_SCALED, members=tuple(members))

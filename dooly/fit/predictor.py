@@ -59,7 +59,7 @@ from dooly.fit.features import (
     term_matrix,
     uniform_aggregates,
 )
-from dooly.fit.group import GroupModel, bind_class_model, heads_affine_model
+from dooly.fit.group import GroupModel, bind_class_model, heads_affine_model, layout_scaled_model
 from dooly.fit.regressors import (
     MIN_SECONDS,
     HeadsAffineModel,
@@ -271,7 +271,9 @@ class Predictor:
             request_vars=variables,
             static=static_features(class_model.family, op_name, config, variables, sm_count(self.group.platform)),
         )
-        peers = heads_affine_model(class_model, info, self.group.signatures)
+        peers = heads_affine_model(class_model, info, self.group.signatures) or layout_scaled_model(
+            class_model, info, self.group.signatures
+        )
         return (peers if peers is not None else bind_class_model(class_model, info)), SOURCE_CLASS
 
     def _fallback_model(

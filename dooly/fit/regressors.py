@@ -57,6 +57,10 @@ METHOD_HEADS_PROPORTIONAL = "heads-proportional"
 # (sdpa): the peer's own work split into the part the heads do not scale and the part they do, the
 # latter times the ratio of the heads (a HeadsAffineModel of two members per peer, group.heads_shared_members).
 METHOD_HEADS_SHARED = "heads-shared"
+# A layout with no query-head peer (other KV heads or head dim), on eager attention: the nearest
+# measured layout's own work, each part scaled by what sizes it in the layout (a HeadsAffineModel of
+# one member per part, group.layout_scaled_model).
+METHOD_LAYOUT_SCALED = "layout-scaled"
 UNSEEN_METHODS = (METHOD_NNLS, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
 # Attention kernels change paths between batch regimes: one more candidate there.
 ATTENTION_UNSEEN_METHODS = (METHOD_NNLS, METHOD_REGIME, METHOD_NNLS_GBT, METHOD_GBT, METHOD_RIDGE)
@@ -687,9 +691,11 @@ class HeadsAffineModel(OpModel):
     config dim are the same, so are the other request terms.
 
     The same form serves METHOD_HEADS_PROPORTIONAL: one head count among the peers, each weighted
-    heads / its heads over their number (group.heads_affine_model); and METHOD_HEADS_SHARED: per
+    heads / its heads over their number (group.heads_affine_model); METHOD_HEADS_SHARED: per
     peer its model weighted r = heads / its heads plus the same model restricted to the work the
-    heads do not scale weighted 1 - r (group.heads_shared_members)."""
+    heads do not scale weighted 1 - r (group.heads_shared_members); and METHOD_LAYOUT_SCALED: the
+    nearest layout's model restricted to each part of its work, weighted by that part's layout
+    ratio (group.layout_scaled_model)."""
 
     members: tuple[tuple[float, OpModel], ...] = ()
 

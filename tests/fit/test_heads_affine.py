@@ -2,7 +2,9 @@
 by their own models, combined affinely in the heads (dooly.fit.group.heads_affine_model); with a
 single such peer, on eager attention, by that peer's model times the ratio of the heads
 (heads-proportional), on sdpa by the peer's model with only its heads-scaled work times that ratio
-(heads-shared); every other unseen layout keeps the class regressor. The step predictor's fast paths give what the model
+(heads-shared); an eager layout with no query-head peer (other KV heads, another head dim) by the
+nearest measured layout's work scaled part by part (layout-scaled); every other unseen layout keeps
+the class regressor. The step predictor's fast paths give what the model
 gives, each member at its own wave size, and a store fitted before the layouts were stored reads
 as before."""
 
@@ -31,6 +33,7 @@ from dooly.fit.regressors import (
     METHOD_HEADS_AFFINE,
     METHOD_HEADS_PROPORTIONAL,
     METHOD_HEADS_SHARED,
+    METHOD_LAYOUT_SCALED,
     METHOD_NNLS,
     ClassModel,
     ClassRegressor,
@@ -243,8 +246,10 @@ def test_the_step_predictor_serves_the_one_peer_rule_exactly():
     "new_config",
     [
         config(8),  # 4x below the one peer
-        config(24, kv_heads=4),  # another KV head count
+        config(32, head_dim=32),  # 4x below its head dim
+        config(32, kv_heads=32),  # 4x above its KV heads
         {**config(24), "sliding_window": 4096},  # another window
+        {**config(32, head_dim=64), "softcap": 50},  # another config dim
     ],
 )
 def test_an_eager_layout_without_a_near_peer_keeps_the_class_regressor(new_config):
@@ -309,3 +314,74 @@ def test_two_sdpa_peers_still_combine_affinely():
     peers = {f"peer{h}": (peer(h), config(h)) for h in (32, 40)}
     model, _ = Predictor(group(peers)).op_source("new", OP_CLASS, config(24), REQUEST_VARS, "attention")
     assert model.method == METHOD_HEADS_AFFINE
+
+
+# A peer's KV-read coefficient (per KV token), for the layout-scaled tests.
+KV_S = 3e-10
+
+
+def kv_peer(heads: int, op_class: str = EAGER_CLASS) -> LinearModel:
+    """peer() plus a KV-read term, so that each of the three kinds of work is present."""
+    model = peer(heads, op_class)
+    coef = model.coef.copy()
+    coef[TERM_INDEX["K"]] = KV_S
+    return dataclasses.replace(model, coef=coef)
+
+
+def test_an_eager_layout_of_another_head_dim_scales_the_nearest_layouts_work_part_by_part():
+    """Eager, 32/8/64 from 32/8/128 (no query-head peer): per call unscaled, score pairs by the
+    query heads (unchanged), the KV read by heads x head dim (halved)."""
+    new = config(32, head_dim=64)
+    predictor = Predictor(group({"peer32": (kv_peer(32), config(32))}, backend=EAGER))
+    model, source = predictor.op_source("new", EAGER_CLASS, new, REQUEST_VARS, "attention")
+    assert source == SOURCE_CLASS and model.method == METHOD_LAYOUT_SCALED
+    for prefill, decode_ctx in STEPS:
+        seqs = [seqs_of(prefill, decode_ctx)]
+        at_peer = term_matrix(aggregates_from_seqs(seqs, 0, sm_count(PLATFORM) / 32), 1)[0]
+        expected = (LAUNCH_S + PAIR_S * 32 * at_peer[TERM_INDEX["T*K"]] + WAVE_S * at_peer[TERM_INDEX["waves_kv"]]
+                    + 0.5 * KV_S * at_peer[TERM_INDEX["K"]])
+        got = predictor.predict_ops(["new"], [EAGER_CLASS], [new], {"seqs": seqs},
+                                    request_vars=[REQUEST_VARS], ops=["attention"])
+        assert got[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_layout_scaled_takes_the_nearest_layout_and_scales_the_heads_too():
+    """16/8/256 with 32/8/128 and 24/8/128 measured: the nearer 24 (|log| 0.41 + 0.69 against
+    0.69 + 0.69), its pairs times 16/24 and its KV read times 16 x 256 / (24 x 128)."""
+    new = config(16, head_dim=256)
+    peers = {f"peer{h}": (kv_peer(h), config(h)) for h in (24, 32)}
+    predictor = Predictor(group(peers, backend=EAGER))
+    model, _ = predictor.op_source("new", EAGER_CLASS, new, REQUEST_VARS, "attention")
+    assert model.method == METHOD_LAYOUT_SCALED
+    assert {member.signature for _, member in model.members} == {"peer24"}
+    for prefill, decode_ctx in STEPS:
+        seqs = [seqs_of(prefill, decode_ctx)]
+        at_peer = term_matrix(aggregates_from_seqs(seqs, 0, sm_count(PLATFORM) / 24), 1)[0]
+        expected = (LAUNCH_S + 16 / 24 * (PAIR_S * 24 * at_peer[TERM_INDEX["T*K"]] + WAVE_S * at_peer[TERM_INDEX["waves_kv"]])
+                    + 16 * 256 / (24 * 128) * KV_S * at_peer[TERM_INDEX["K"]])
+        got = predictor.predict_ops(["new"], [EAGER_CLASS], [new], {"seqs": seqs},
+                                    request_vars=[REQUEST_VARS], ops=["attention"])
+        assert got[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_an_sdpa_layout_of_another_head_dim_keeps_the_class_regressor():
+    """sdpa's kernels change tiles with the head dim: no layout ratio serves it (docs/unseen.md)."""
+    predictor = Predictor(group({"peer32": (kv_peer(32, OP_CLASS), config(32))}))
+    model, _ = predictor.op_source("new", OP_CLASS, config(32, head_dim=64), REQUEST_VARS, "attention")
+    assert model.method == METHOD_NNLS
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_step_predictor_serves_layout_scaled_exactly(exact):
+    predictor = Predictor(group({"peer32": (kv_peer(32), config(24, kv_heads=4))}, backend=EAGER))
+    assert_steps_serve_it_as_per_op(predictor, EAGER_CLASS, METHOD_LAYOUT_SCALED, exact=exact)
+
+
+def test_a_sliding_window_layout_keeps_the_class_regressor():
+    """A windowed eager layout of another head dim, though a windowed layout is measured: of the two
+    held out the rule won one and lost one, so the class regressor answers (docs/unseen.md)."""
+    windowed = {"sliding_window": 4096}
+    predictor = Predictor(group({"peer32": (kv_peer(32), {**config(32), **windowed})}, backend=EAGER))
+    model, _ = predictor.op_source("new", EAGER_CLASS, {**config(32, head_dim=64), **windowed}, REQUEST_VARS,
+                                   "attention")
+    assert model.method == METHOD_NNLS
