@@ -113,6 +113,20 @@ def scratch_store(fitted_store: str, prefix: str) -> Iterator[tuple[str, Path]]:
         yield str(store), Path(scratch)
 
 
+def write_page(doc: str | None, page: Path, gpu: str, build: Callable[[str, Path], str]) -> None:
+    """The page scripts' command line (reports/engine_paths_http_*.py): --fitted-store, copied first
+    (`scratch_store`), and --out (default `page`); writes what build(store copy, scratch) returns."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    parser.add_argument("--fitted-store", required=True, help=f"A fitted {gpu} store (read only: copied first).")
+    parser.add_argument("--out", default=str(page), help="The page to write.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    with scratch_store(args.fitted_store, f"{page.stem}-") as (store, scratch):
+        text = build(store, scratch)
+    Path(args.out).write_text(text)
+    log.info("wrote %s", args.out)
+
+
 def dooly(*args: str) -> dict[str, Any]:
     """One `dooly` command, its JSON answer (every command takes --output json)."""
     command = [sys.executable, "-m", "dooly.cli", *args, "--output", "json"]

@@ -25,7 +25,6 @@ Run from the repository root (the page names the data by relative path).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -52,9 +51,9 @@ from engine_paths_table import (  # noqa: E402
     Cell,
     dooly,
     gpu_name,
-    scratch_store,
     step_term_lines,
     validate,
+    write_page,
 )
 
 log = logging.getLogger("engine_paths_http_h100")
@@ -341,19 +340,11 @@ def page(gpu: str, records: dict[str, PathRecord],
     ])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--fitted-store", required=True, help="A fitted H100 store (read only: copied first).")
-    parser.add_argument("--out", default=str(PAGE), help="The page to write.")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    with scratch_store(args.fitted_store, "engine-paths-http-h100-") as (store, scratch):
-        records = path_records(store, scratch)
-        results = validations(store, records)
-        text = page(gpu_name(GPU_REPORT, "H100"), records, results)
-    Path(args.out).write_text(text)
-    log.info("wrote %s", args.out)
+def build(store: str, scratch: Path) -> str:
+    records = path_records(store, scratch)
+    results = validations(store, records)
+    return page(gpu_name(GPU_REPORT, "H100"), records, results)
 
 
 if __name__ == "__main__":
-    main()
+    write_page(__doc__, PAGE, "H100", build)

@@ -25,7 +25,6 @@ Run from the repository root (the page names the data by relative path).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -61,9 +60,9 @@ from engine_paths_table import (  # noqa: E402
     SUMMARY_TARGET_PCT,
     Cell,
     gpu_name,
-    scratch_store,
     server_cost_lines,
     validate,
+    write_page,
 )
 
 from dooly.sim.validate import load_ground_truth, run_floor  # noqa: E402
@@ -395,21 +394,13 @@ FINDINGS = [
 ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--fitted-store", required=True, help="A fitted H100 store (read only: copied first).")
-    parser.add_argument("--out", default=str(PAGE), help="The page to write.")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    with scratch_store(args.fitted_store, "engine-paths-http-h100-lease5-") as (store, scratch):
-        (scratch / "lease4").mkdir()
-        lease4_records = lease4.path_records(store, scratch / "lease4")
-        records = lease_records(store, scratch)
-        results, refused = validations(store, records, lease4_records)
-        text = page(gpu_name(GPU_REPORT, "H100"), records, lease4_records, results, refused)
-    Path(args.out).write_text(text)
-    log.info("wrote %s", args.out)
+def build(store: str, scratch: Path) -> str:
+    (scratch / "lease4").mkdir()
+    lease4_records = lease4.path_records(store, scratch / "lease4")
+    records = lease_records(store, scratch)
+    results, refused = validations(store, records, lease4_records)
+    return page(gpu_name(GPU_REPORT, "H100"), records, lease4_records, results, refused)
 
 
 if __name__ == "__main__":
-    main()
+    write_page(__doc__, PAGE, "H100", build)

@@ -25,7 +25,6 @@ Run from the repository root (the page names the data by relative path).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -61,7 +60,7 @@ from engine_paths_table import (  # noqa: E402
     HEAVY_TTFT_MAPE_PCT,
     SUMMARY_TARGET_PCT,
     gpu_name,
-    scratch_store,
+    write_page,
 )
 
 log = logging.getLogger("engine_paths_http_h100_lease6")
@@ -218,21 +217,13 @@ FINDINGS = [
 ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--fitted-store", required=True, help="A fitted H100 store (read only: copied first).")
-    parser.add_argument("--out", default=str(PAGE), help="The page to write.")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    with scratch_store(args.fitted_store, "engine-paths-http-h100-lease6-") as (store, scratch):
-        (scratch / "lease5").mkdir()
-        lease5_records = lease5.lease_records(store, scratch / "lease5")
-        records = own_records(store, scratch)
-        results, refused = validations(store, lease5_records, records)
-        text = page(gpu_name(GPU_REPORT, "H100"), lease5_records, records, results, refused)
-    Path(args.out).write_text(text)
-    log.info("wrote %s", args.out)
+def build(store: str, scratch: Path) -> str:
+    (scratch / "lease5").mkdir()
+    lease5_records = lease5.lease_records(store, scratch / "lease5")
+    records = own_records(store, scratch)
+    results, refused = validations(store, lease5_records, records)
+    return page(gpu_name(GPU_REPORT, "H100"), lease5_records, records, results, refused)
 
 
 if __name__ == "__main__":
-    main()
+    write_page(__doc__, PAGE, "H100", build)

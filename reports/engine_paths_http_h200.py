@@ -23,7 +23,6 @@ Run from the repository root (the page and the server-cost record name the data 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -48,11 +47,11 @@ from engine_paths_table import (  # noqa: E402
     gpu_name,
     host_per_step,
     rows_by_key,
-    scratch_store,
     server_cost_lines,
     step_term_lines,
     validate,
     verdict,
+    write_page,
 )
 
 from dooly.sim.validate import load_ground_truth  # noqa: E402
@@ -378,19 +377,11 @@ def page(gpu: str, costs: dict[str, Any], documents: dict[str, dict[str, Any]],
     ])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--fitted-store", required=True, help="A fitted H200 store (read only: copied first).")
-    parser.add_argument("--out", default=str(PAGE), help="The page to write.")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    with scratch_store(args.fitted_store, "engine-paths-h200-") as (store, scratch):
-        costs, files, documents = records(store, scratch)
-        results = validations(store, files)
-    gpu = gpu_name(GPU_REPORT, "H200")
-    Path(args.out).write_text(page(gpu, costs, documents, results))
-    log.info("wrote %s", args.out)
+def build(store: str, scratch: Path) -> str:
+    costs, files, documents = records(store, scratch)
+    results = validations(store, files)
+    return page(gpu_name(GPU_REPORT, "H200"), costs, documents, results)
 
 
 if __name__ == "__main__":
-    main()
+    write_page(__doc__, PAGE, "H200", build)
