@@ -86,6 +86,8 @@ LAYOUT_QUERY_TERMS = ("T",)
 LAYOUT_KV_TERMS = ("K", "S", "odd_kv", "unaligned_kv")
 # Config dims that make the layout: query heads, KV heads and head dim by name, and by position in
 # the query [1, heads, T, dim], key and value [1, kv_heads, K, dim] tensors.
+# (query heads, KV heads, head dim).
+Layout = tuple[int, int, int]
 LAYOUT_FIELDS = frozenset(
     {NUM_HEADS, NUM_KV_HEADS, HEAD_DIM} | {f"in{tensor}.{axis}" for tensor in (0, 1, 2) for axis in (1, 3)}
 )
@@ -256,9 +258,6 @@ def heads_affine_model(
     return model
 
 
-Layout = tuple[int, int, int]
-
-
 def layout_of(config: Mapping[str, int]) -> Layout | None:
     """(query heads, KV heads, head dim) of an attention op, or None where any is missing."""
     heads = attention_field(config, NUM_HEADS)
@@ -278,11 +277,12 @@ def layout_term_factors(layout: Layout, peer: Layout, implementation: str) -> np
     heads, kv_heads, head_dim = layout
     peer_heads, peer_kv_heads, peer_dim = peer
     width = heads * head_dim / (peer_heads * peer_dim)
-    eager = implementation == "eager"
-    factors = np.full(len(TERMS), heads / peer_heads if eager else width)
+    # Implementations that materialise per-head scores (and repeat the KV to the query heads).
+    scores = implementation in HEADS_PROPORTIONAL_IMPLEMENTATIONS
+    factors = np.full(len(TERMS), heads / peer_heads if scores else width)
     factors[[TERM_INDEX[name] for name in LAYOUT_FIXED_TERMS]] = 1.0
     factors[[TERM_INDEX[name] for name in LAYOUT_QUERY_TERMS]] = width
-    kv_width = width if eager else kv_heads * head_dim / (peer_kv_heads * peer_dim)
+    kv_width = width if scores else kv_heads * head_dim / (peer_kv_heads * peer_dim)
     factors[[TERM_INDEX[name] for name in LAYOUT_KV_TERMS]] = kv_width
     return factors
 
