@@ -172,21 +172,25 @@ class Study:
         regressor = fit_class_regressor(method, d.physical[train], d.logx[train], d.seconds[train], d.regimes[train])
         return regressor.predict(d.physical, d.logx, d.regimes)
 
+    def without(self, held: list[int]) -> GroupModel:
+        """The fitted group without the held-out layouts' models, its attention class's measured
+        layouts without theirs."""
+        held_sigs = {self.data.infos[s].signature for s in held}
+        layouts = {self.data.infos[s].signature: dict(self.data.infos[s].config_dims) for s in self.sigs if s not in held}
+        op_class = self.design.op_class
+        return replace(
+            self.group,
+            signatures={s: m for s, m in self.group.signatures.items() if s not in held_sigs},
+            classes={**self.group.classes, op_class: replace(self.group.classes[op_class], layouts=layouts)},
+        )
+
     def heads_affine(
         self, target: int, held: list[int], test: np.ndarray, method: str = METHOD_HEADS_AFFINE
     ) -> np.ndarray | None:
         """The product's prediction with the held-out layouts' models and rows removed, where it
         serves the layout by `method` (else None)."""
-        held_sigs = {self.data.infos[s].signature for s in held}
-        layouts = {self.data.infos[s].signature: dict(self.data.infos[s].config_dims) for s in self.sigs if s not in held}
-        op_class = self.design.op_class
-        group = replace(
-            self.group,
-            signatures={s: m for s, m in self.group.signatures.items() if s not in held_sigs},
-            classes={**self.group.classes, op_class: replace(self.group.classes[op_class], layouts=layouts)},
-        )
         info = self.data.infos[target]
-        predictor = Predictor(group)
+        predictor = Predictor(self.without(held))
         model, _ = predictor.op_model(info.signature, info.op_class, info.config_dims, info.request_vars, info.op)
         if model.method != method:
             return None
@@ -199,16 +203,12 @@ class Study:
     def layout_scaled(self, target: int, held: list[int], test: np.ndarray) -> np.ndarray | None:
         """`layout_scaled_model` with the held-out layouts' models removed, on any implementation and
         window."""
-        held_sigs = {self.data.infos[s].signature for s in held}
-        layouts = {self.data.infos[s].signature: dict(self.data.infos[s].config_dims) for s in self.sigs if s not in held}
-        class_model = replace(self.group.classes[self.design.op_class], layouts=layouts)
-        signatures = {s: m for s, m in self.group.signatures.items() if s not in held_sigs}
-        model = layout_scaled_model(class_model, self.data.infos[target], signatures, LAYOUT_SCALED_STUDIED, windowed=True)
+        group = self.without(held)
+        model = layout_scaled_model(group.classes[self.design.op_class], self.data.infos[target], group.signatures,
+                                    LAYOUT_SCALED_STUDIED, windowed=True)
         if model is None:
             return None
-        seqs = [parse_point(self.keys[i])["seqs"] for i in test]
-        return np.maximum(model.predict_terms(term_matrix(aggregates_from_seqs(seqs, model.window, model.wave_tiles),
-                                                          len(seqs))), MIN_SECONDS)
+        return np.maximum(model.predict_terms(self.peer_terms(model, test)), MIN_SECONDS)
 
     def nearest_ratio(self, target: int, held: list[int], test: np.ndarray) -> np.ndarray | None:
         same_window = [s for s in self.sigs if s not in held and self.layouts[s][3] == self.layouts[target][3]]

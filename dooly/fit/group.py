@@ -84,10 +84,10 @@ LAYOUT_SCALED_IMPLEMENTATIONS = ("eager",)
 LAYOUT_FIXED_TERMS = ("const", "B", "D")
 LAYOUT_QUERY_TERMS = ("T",)
 LAYOUT_KV_TERMS = ("K", "S", "odd_kv", "unaligned_kv")
-# Config dims that make the layout: query heads, KV heads and head dim by name, and by position in
-# the query [1, heads, T, dim], key and value [1, kv_heads, K, dim] tensors.
 # (query heads, KV heads, head dim).
 Layout = tuple[int, int, int]
+# Config dims that make the layout: query heads, KV heads and head dim by name, and by position in
+# the query [1, heads, T, dim], key and value [1, kv_heads, K, dim] tensors.
 LAYOUT_FIELDS = frozenset(
     {NUM_HEADS, NUM_KV_HEADS, HEAD_DIM} | {f"in{tensor}.{axis}" for tensor in (0, 1, 2) for axis in (1, 3)}
 )
@@ -176,6 +176,15 @@ def peer_linear_coef(model: OpModel) -> np.ndarray | None:
     return corrected[0] if corrected is not None else model.linear_terms()
 
 
+def splittable(model: OpModel) -> tuple[LinearModel | CorrectedLinearModel, np.ndarray] | None:
+    """A model whose work can be split by restricting its `coef` (a linear model, or one times its
+    tree correction) with its `peer_linear_coef`, else None."""
+    if not isinstance(model, (LinearModel, CorrectedLinearModel)):
+        return None
+    coef = peer_linear_coef(model)
+    return None if coef is None else (model, coef)
+
+
 def heads_shared_members(model: OpModel, ratio: float, weight: float = 1.0) -> list[tuple[float, OpModel]] | None:
     """`heads_shared_seconds` of one peer as weighted members, linear in them (the step predictor's
     fast paths serve them): with work = terms . coef (times the peer's correction, if any) and its
@@ -183,15 +192,14 @@ def heads_shared_members(model: OpModel, ratio: float, weight: float = 1.0) -> l
     alike), the peer weighted `ratio` and the peer restricted to its shared terms `1 - ratio` (each
     times `weight`). Equal to it where the shared work is at least MIN_SECONDS (a launch term; 0
     shared terms: the peer alone). None: a peer model without linear terms to split."""
-    if not isinstance(model, (LinearModel, CorrectedLinearModel)):
+    split = splittable(model)
+    if split is None:
         return None
-    coef = peer_linear_coef(model)
-    if coef is None:
-        return None
+    linear, coef = split
     members: list[tuple[float, OpModel]] = [(weight * ratio, model)]
     shared = shared_coef(coef)
     if np.any(shared != 0.0):
-        members.append((weight * (1.0 - ratio), replace(model, coef=shared)))
+        members.append((weight * (1.0 - ratio), replace(linear, coef=shared)))
     return members
 
 
@@ -293,16 +301,15 @@ def layout_scaled_members(
     """A peer's model as weighted members, one per distinct factor: the model restricted to the
     terms of that factor (times the peer's correction, if any), weighted factor x `weight`. None: a
     peer model without linear terms to split."""
-    if not isinstance(model, (LinearModel, CorrectedLinearModel)):
+    split = splittable(model)
+    if split is None:
         return None
-    coef = peer_linear_coef(model)
-    if coef is None:
-        return None
+    linear, coef = split
     members: list[tuple[float, OpModel]] = []
     for factor in np.unique(factors):
         part = np.where(factors == factor, coef, 0.0)
         if np.any(part != 0.0):
-            members.append((weight * float(factor), replace(model, coef=part)))
+            members.append((weight * float(factor), replace(linear, coef=part)))
     return members or None
 
 
