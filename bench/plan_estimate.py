@@ -13,7 +13,16 @@ cost of a held point, what `dooly plan` did before it priced failures) is shown 
 Point counts are not the question here: the rows are the attempts that were made, refinements
 included.
 
-    python bench/plan_estimate.py --store data/h100/db --out data/h100/experiments/plan_estimate
+`dooly plan` prices a point by its kernel's latency where the store's fitted models predict one
+(`dooly.profile.latency`). With `--fitted FITTED --work DIR`, each model's points are also priced
+that way: FITTED (the store, merged and fitted) is copied into DIR without the signatures only that
+model runs and refitted, and its predictions for those signatures price the model's points (the
+`latency` columns: what a plan on a fitted store says for a model it has never measured). The
+`measured latency` columns price each point by the latency its own row measured: the bound a
+perfect prediction would reach.
+
+    python bench/plan_estimate.py --store data/h100/db --out data/h100/experiments/plan_estimate \
+        --fitted FITTED_H100 --work /tmp/plan-lomo
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +43,20 @@ from dooly.profile.costs import (
     DEFAULT_POINT_SECONDS,
     FAILED_STATUS,
     HELD_STATUSES,
+    OOM_STATUS,
     PointCosts,
     startups_of,
 )
+from dooly.profile.latency import row_latencies
+from dooly.profile.provenance import SHARED_BACKEND
 from dooly.store.shards import SHARDS_PREFIX
 
 log = logging.getLogger("plan_estimate")
 
-COLUMNS = ("signature", "op_class", "signature_json", "point_key", "status", "device_seconds", "run_id",
-           *ATTEMPT_STACK)
-SHARED_BACKEND_MARK = "shared"
+COLUMNS = ("signature", "op", "op_class", "signature_json", "config_dims", "request_vars", "T", "B", "K", "D",
+           "point_key", "status", "device_seconds", "latency_median_s", "run_id", *ATTEMPT_STACK)
+SNAPSHOT_DATA = "snapshots/gen-000001/data.parquet"
+MODELS_DIR = "models"
 TARGET_PCT = 25.0
 PERCENT = 100.0
 
@@ -73,32 +88,81 @@ def attempts_by_point(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[
     return points
 
 
-def price(costs: PointCosts, attempts: list[dict[str, Any]]) -> tuple[float, float, float]:
+def price(costs: PointCosts, attempts: list[dict[str, Any]], latency: float | None = None) -> tuple[float, float, float]:
     """A point's attempts as plans would have priced them: (estimate, its expected failed
     attempts' seconds, the estimate without failure pricing). The first attempt is a new point;
-    the others follow a failure (a held point is not attempted again)."""
+    the others follow a failure (a held point is not attempted again). `latency`: the point's
+    kernel latency where the plan knows one (None: its class's mean cost)."""
     first = attempts[0]
     op_class = str(first["op_class"])
     scalars = json.loads(first["signature_json"]).get("scalars", {})
     doomed = costs.failures.dooms(op_class, scalars)
     estimate = failures = 0.0
     for index in range(len(attempts)):
-        chance, seconds = costs.attempt(op_class, doomed, failed_before=index > 0)
+        chance, seconds = costs.attempt(op_class, doomed, failed_before=index > 0, latency=latency)
         estimate += seconds
         failures += chance * costs.failed_seconds(op_class)
-    return estimate, failures, costs.seconds(op_class) * len(attempts)
+    return estimate, failures, costs.seconds(op_class, latency) * len(attempts)
 
 
-def leave_one_model_out(rows: list[dict[str, Any]], models: dict[tuple[str, str], set[str]]) -> list[dict[str, Any]]:
-    """Each model's own rows priced from every other row of the platform: each attempt as a plan
+def measured_latency(attempts: list[dict[str, Any]]) -> float | None:
+    """The kernel latency a point's held row measured (None where no attempt was held)."""
+    return next((float(r["latency_median_s"]) for r in attempts if r["status"] in HELD_STATUSES
+                 and r["latency_median_s"]), None)
+
+
+def held_out_predictor(fitted: Path, work: Path, model: str, own: set[str], row: dict[str, Any]) -> Any:
+    """The fitted models a store without MODEL's own signatures makes: FITTED copied into WORK
+    without its models, those signatures' rows dropped from its snapshot, fitted again (reused
+    where WORK already holds the fit). Their group is that of ROW's platform, engine, backend, dtype."""
+    import polars as pl
+
+    from dooly.fit.persist import fit_store, store_predictor
+    from dooly.store.backends import open_store
+
+    target = work / model.replace("/", "--")
+    if not (target / MODELS_DIR).is_dir():
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(fitted, target, ignore=shutil.ignore_patterns(MODELS_DIR))
+        frame = pl.read_parquet(fitted / SNAPSHOT_DATA)
+        frame.filter(~pl.col("signature").is_in(sorted(own))).write_parquet(target / SNAPSHOT_DATA)
+        log.info("%s: refitting %s without its %d own signatures", model, target, len(own))
+        fit_store(open_store(str(target), create=False))
+    store = open_store(str(target), create=False)
+    return store_predictor(store, platform=row["platform"], engine=row["engine"], backend=row["backend"],
+                           dtype=row["dtype"])
+
+
+def predicted_latencies(predictors: dict[str, Any], rows: list[dict[str, Any]]) -> list[float | None]:
+    """Each row's kernel latency as the held-out fit of its backend predicts it
+    (`dooly.profile.latency.row_latencies`, as a plan predicts its store's rows)."""
+    found: list[float | None] = [None] * len(rows)
+    by_backend: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        by_backend[row["backend"]].append(index)
+    for backend, indices in by_backend.items():
+        for index, latency in zip(indices, row_latencies(predictors[backend], [rows[i] for i in indices]), strict=True):
+            found[index] = latency
+    return found
+
+
+def leave_one_model_out(rows: list[dict[str, Any]], models: dict[tuple[str, str], set[str]],
+                        fitted: Path | None = None, work: Path | None = None) -> list[dict[str, Any]]:
+    """Each model's own rows priced from every other row of the platform, per attention backend and
+    for its operations that serve every backend (backend `any`, measured once): each attempt as a plan
     prices a point, and each run those rows started (they hold its attention start-up row,
-    `startups_of` over the whole store) at the class's start-up, as a plan prices one run."""
+    `startups_of` over the whole store) at the class's start-up, as a plan prices one run. With
+    FITTED and WORK, also by the kernel latencies a held-out fit predicts (`held_out_predictor`)."""
     results = []
     startup_rows, _ = startups_of([r for r in rows if r["status"] in HELD_STATUSES])
-    for (model, backend), signatures in sorted(models.items()):
-        others = set().union(*(s for (m, b), s in models.items() if m != model))
-        own = signatures - others
-        target = [r for r in rows if r["signature"] in own and r["backend"] in (backend, SHARED_BACKEND_MARK)]
+    by_model: dict[str, set[str]] = defaultdict(set)
+    for (model, _), signatures in models.items():
+        by_model[model] |= signatures
+    pairs = sorted({*models, *((model, SHARED_BACKEND) for model in by_model)})
+    for model, backend in pairs:
+        own = by_model[model] - set().union(*(s for m, s in by_model.items() if m != model))
+        target = [r for r in rows if r["signature"] in own and r["backend"] == backend]
         if not target:
             continue
         platform = target[0]["platform"]
@@ -106,24 +170,48 @@ def leave_one_model_out(rows: list[dict[str, Any]], models: dict[tuple[str, str]
         costs = PointCosts.fit(history, DEFAULT_POINT_SECONDS["cuda"], platform)
         points = attempts_by_point(target)
         priced = [price(costs, attempts) for attempts in points.values()]
+        measured = [price(costs, attempts, measured_latency(attempts)) for attempts in points.values()]
         startups = sum(costs.startup_seconds(str(r["op_class"])) for r in target if id(r) in startup_rows)
         estimate = sum(p[0] for p in priced) + startups
         before = sum(p[2] for p in priced) + startups
         spent = sum(r["device_seconds"] for r in target)
         failed = [r for r in target if r["status"] == FAILED_STATUS]
-        results.append({
+        result = {
             "model": model, "backend": backend, "signatures": len(own), "points": len(points),
             "attempts": len(target), "failed_attempts": len(failed),
             "spent_s": round(spent, 2), "estimate_s": round(estimate, 2), "startup_estimate_s": round(startups, 2),
-            "error_pct": round(PERCENT * (estimate - spent) / spent, 1),
+            "error_pct": _error(estimate, spent),
             "failed_spent_s": round(sum(r["device_seconds"] for r in failed), 2),
             "failed_estimate_s": round(sum(p[1] for p in priced), 2),
             "unpriced_failures_s": round(before, 2),
-            "unpriced_failures_error_pct": round(PERCENT * (before - spent) / spent, 1),
-        })
-        log.info("%s %s: spent %.1f s (%d failed attempts), estimate %.1f s (%.1f s without failure pricing)",
-                 model, backend, spent, len(failed), estimate, before)
+            "unpriced_failures_error_pct": _error(before, spent),
+            "measured_latency_estimate_s": round(sum(p[0] for p in measured) + startups, 2),
+            "measured_latency_error_pct": _error(sum(p[0] for p in measured) + startups, spent),
+        }
+        if fitted is not None and work is not None:
+            predictors = {row["backend"]: held_out_predictor(fitted, work, model, own, row)
+                          for row in {r["backend"]: r for r in history + target}.values()}
+            costs = PointCosts.fit(history, DEFAULT_POINT_SECONDS["cuda"], platform,
+                                   predict=partial(predicted_latencies, predictors))
+            firsts = [attempts[0] for attempts in points.values()]
+            latencies = dict(zip(points, predicted_latencies(predictors, firsts), strict=True))
+            latency_priced = sum(price(costs, attempts, latencies[point])[0] for point, attempts in points.items())
+            known = sum(latency is not None for latency in latencies.values())
+            result["expected_oom_points"] = sum(costs.expects_oom(str(attempts[0]["op_class"]), latencies[point])
+                                                for point, attempts in points.items())
+            result["oom_points"] = sum(attempts[-1]["status"] == OOM_STATUS for attempts in points.values())
+            result.update({"latency_estimate_s": round(latency_priced + startups, 2),
+                           "latency_error_pct": _error(latency_priced + startups, spent),
+                           "latency_points": known})
+        results.append(result)
+        log.info("%s %s: spent %.1f s (%d failed attempts), estimate %.1f s (%.1f s without failure pricing)%s",
+                 model, backend, spent, len(failed), estimate, before,
+                 f", {result['latency_estimate_s']:.1f} s by predicted latency" if "latency_estimate_s" in result else "")
     return results
+
+
+def _error(estimate: float, spent: float) -> float:
+    return round(PERCENT * (estimate - spent) / spent, 1)
 
 
 def leave_one_signature_out(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -174,23 +262,36 @@ def rule_table(results: list[dict[str, Any]]) -> list[str]:
 
 
 def table(results: list[dict[str, Any]]) -> list[str]:
+    latency = any("latency_estimate_s" in r for r in results)
     lines = ["| model | backend | own signatures | points | attempts | failed | spent (device-s) | estimate | error "
-             "| failed: spent | failed: estimate | without failure pricing | error |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| failed: spent | failed: estimate | without failure pricing | error | by measured latency | error"
+             + (" | by predicted latency | error |" if latency else " |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if latency else "")]
     for r in results:
-        lines.append(f"| {r['model']} | {r['backend']} | {r['signatures']} | {r['points']} | {r['attempts']} | "
-                     f"{r['failed_attempts']} | {r['spent_s']:.1f} | {r['estimate_s']:.1f} | {r['error_pct']:+.1f}% | "
-                     f"{r['failed_spent_s']:.1f} | {r['failed_estimate_s']:.1f} | {r['unpriced_failures_s']:.1f} | "
-                     f"{r['unpriced_failures_error_pct']:+.1f}% |")
+        line = (f"| {r['model']} | {r['backend']} | {r['signatures']} | {r['points']} | {r['attempts']} | "
+                f"{r['failed_attempts']} | {r['spent_s']:.1f} | {r['estimate_s']:.1f} | {r['error_pct']:+.1f}% | "
+                f"{r['failed_spent_s']:.1f} | {r['failed_estimate_s']:.1f} | {r['unpriced_failures_s']:.1f} | "
+                f"{r['unpriced_failures_error_pct']:+.1f}% | {r['measured_latency_estimate_s']:.1f} | "
+                f"{r['measured_latency_error_pct']:+.1f}% |")
+        if latency:
+            line += f" {r['latency_estimate_s']:.1f} | {r['latency_error_pct']:+.1f}% |"
+        lines.append(line)
     if results:
-        within = sum(1 for r in results if abs(r["error_pct"]) <= TARGET_PCT)
-        within_before = sum(1 for r in results if abs(r["unpriced_failures_error_pct"]) <= TARGET_PCT)
+        columns = {"error_pct": "by class mean", "unpriced_failures_error_pct": "without failure pricing",
+                   "measured_latency_error_pct": "by measured latency"}
+        if latency:
+            columns["latency_error_pct"] = "by predicted latency (held-out fit)"
+        within = "; ".join(f"{label} {sum(1 for r in results if abs(r[name]) <= TARGET_PCT)}"
+                           for name, label in columns.items())
         total = {name: sum(r[name] for r in results)
-                 for name in ("spent_s", "estimate_s", "unpriced_failures_s", "failed_spent_s", "failed_estimate_s")}
-        lines += ["", f"within {TARGET_PCT:.0f}%: {within} of {len(results)} (without failure pricing: {within_before}); "
-                      f"total spent {total['spent_s']:.0f} s, estimated {total['estimate_s']:.0f} s (without failure "
-                      f"pricing {total['unpriced_failures_s']:.0f} s); failed attempts spent {total['failed_spent_s']:.0f} s, "
-                      f"estimated {total['failed_estimate_s']:.0f} s"]
+                 for name in ("spent_s", "estimate_s", "unpriced_failures_s", "failed_spent_s", "failed_estimate_s",
+                              "measured_latency_estimate_s", *(("latency_estimate_s",) if latency else ()))}
+        lines += ["", f"within {TARGET_PCT:.0f}% of {len(results)}: {within}; total spent {total['spent_s']:.0f} s, "
+                      f"estimated {total['estimate_s']:.0f} s by class mean (without failure pricing "
+                      f"{total['unpriced_failures_s']:.0f} s), {total['measured_latency_estimate_s']:.0f} s by measured "
+                      f"latency" + (f", {total['latency_estimate_s']:.0f} s by predicted latency" if latency else "")
+                      + f"; failed attempts spent {total['failed_spent_s']:.0f} s, estimated "
+                      f"{total['failed_estimate_s']:.0f} s"]
     return lines
 
 
@@ -198,10 +299,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, type=Path, help="A local store directory (its shards are read).")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--fitted", type=Path,
+                        help="The same store merged and fitted (`dooly merge`, `dooly fit`): its held-out refits "
+                             "predict each model's kernel latencies.")
+    parser.add_argument("--work", type=Path, help="Where the held-out refits are made (reused when there).")
     args = parser.parse_args()
+    if (args.fitted is None) != (args.work is None):
+        parser.error("--fitted and --work go together")
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     rows = read_rows(args.store)
-    results = leave_one_model_out(rows, inventories(args.store))
+    results = leave_one_model_out(rows, inventories(args.store), args.fitted, args.work)
     rules = leave_one_signature_out(rows)
     lines = table(results) + rule_table(rules)
     if args.out:

@@ -46,6 +46,7 @@ LAST_PICKLE_FORMAT = 3
 __all__ = [
     "FORMAT_VERSION",
     "SHARED_BACKEND",
+    "check_feature_widths",
     "collective_groups",
     "fit_store",
     "group_slug",
@@ -54,6 +55,7 @@ __all__ = [
     "load_predictor",
     "read_inventories",
     "serialize_group",
+    "store_predictor",
 ]
 
 
@@ -272,6 +274,40 @@ def load_predictor(
         collectives, _ = load_group(store, platform=platform, engine=comm[0], backend=comm[1], dtype=dtype)
         group = with_shared_ops(group, collectives)
     return Predictor(group, meta)
+
+
+def store_predictor(
+    store: Store, *, platform: str, engine: str, backend: str, dtype: str, interconnect: str | None = None
+) -> Predictor:
+    """`load_predictor`, checked against this Dooly's features and able to estimate an op class never
+    measured (`dooly.fit.source.open_predictor` for the readers; `dooly plan` reads the store's rows
+    from the same open store)."""
+    predictor = load_predictor(
+        store, platform=platform, engine=engine, backend=backend, dtype=dtype, interconnect=interconnect
+    )
+    check_feature_widths(predictor, store.uri)
+    # An op class never measured here is estimated by the family fallback, fitted on the measured
+    # signatures whose config dims the store's inventories hold (read only when needed).
+    predictor.inventories = lambda: read_inventories(store).values()
+    return predictor
+
+
+def check_feature_widths(predictor: Predictor, where: str) -> None:
+    """Refuse class regressors fitted over another set of physical features than this Dooly builds
+    (the attention family gained three in #20): one line saying to fit again, rather than a shape
+    error in the middle of a simulation."""
+    from dooly.fit.features import FAMILY_FEATURES
+
+    for name, class_model in predictor.group.classes.items():
+        expected = FAMILY_FEATURES.get(class_model.family)
+        regressor = class_model.regressor
+        coef = regressor.coef if regressor.coef is not None else regressor.regime_coef
+        if expected is None or coef is None or coef.shape[-1] == len(expected):
+            continue
+        raise DoolyError(
+            f"models in {where} were fitted over {coef.shape[-1]} {class_model.family} features ({name}); this "
+            f"Dooly builds {len(expected)}: run `dooly fit --store {where}` again"
+        )
 
 
 def _has_group(meta: dict[str, Any], platform: str, engine: str, backend: str, dtype: str) -> bool:

@@ -51,41 +51,17 @@ class FittedSource:
 
 def open_predictor(source: FittedSource) -> Predictor:
     """The newest fitted models of the source's group, with the shared ops and collectives merged in."""
-    from dooly.fit.persist import load_predictor, read_inventories
+    from dooly.fit.persist import store_predictor
     from dooly.store.backends import open_store
 
-    store = open_store(source.store, create=False)
-    predictor = load_predictor(
-        store,
+    return store_predictor(
+        open_store(source.store, create=False),
         platform=source.platform,
         engine=source.engine,
         backend=source.backend,
         dtype=source.dtype,
         interconnect=source.interconnect,
     )
-    check_feature_widths(predictor, store.uri)
-    # An op class never measured here is estimated by the family fallback, fitted on the measured
-    # signatures whose config dims the store's inventories hold (read only when needed).
-    predictor.inventories = lambda: read_inventories(store).values()
-    return predictor
-
-
-def check_feature_widths(predictor: Predictor, where: str) -> None:
-    """Refuse class regressors fitted over another set of physical features than this Dooly builds
-    (the attention family gained three in #20): one line saying to fit again, rather than a shape
-    error in the middle of a simulation."""
-    from dooly.fit.features import FAMILY_FEATURES
-
-    for name, class_model in predictor.group.classes.items():
-        expected = FAMILY_FEATURES.get(class_model.family)
-        regressor = class_model.regressor
-        coef = regressor.coef if regressor.coef is not None else regressor.regime_coef
-        if expected is None or coef is None or coef.shape[-1] == len(expected):
-            continue
-        raise DoolyError(
-            f"models in {where} were fitted over {coef.shape[-1]} {class_model.family} features ({name}); this "
-            f"Dooly builds {len(expected)}: run `dooly fit --store {where}` again"
-        )
 
 
 def open_inventory(source: FittedSource, model: str) -> dict[str, Any]:

@@ -135,6 +135,9 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
                + (f"; a run's first attention measurement builds the backend's path once (start-up{startups})"
                   if startups else "")
                + f"; not included: {estimate['excludes']}")
+    oom = summary["expected_oom_points"]
+    click.echo(f"point costs: {estimate['latencies']}"
+               + (f"; {oom} points predicted past their class's memory wall, priced as out of memory" if oom else ""))
     failures = summary["expected_failures"]
     if failures["points"] or failures["never_held_points"] or failures["failed_before_points"]:
         click.echo(f"expected failures: {failures['points']} points, {failures['device_seconds']:.1f} device-s of the "

@@ -11,13 +11,18 @@ import json
 import re
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from dooly.profile.grid import LADDER
 from dooly.trace.schema import KIND_ATTENTION
 
 HELD_STATUSES = ("ok", "oom")
+# A point whose measurement ran out of device memory: held (the point is known not to fit), cheap.
+OOM_STATUS = "oom"
 # A measurement that raised (`measure.STATUS_ERROR`): not held, so every later run attempts the point again.
 FAILED_STATUS = "error"
 # Device-seconds per point assumed when the store has no measurement on this platform to learn
@@ -43,6 +48,15 @@ MIN_STARTUP_RUNS = 3
 # CPU for a tiny Llama and Qwen2.5-0.5B (docs/profile.md).
 DEFAULT_REFINEMENT_RATE = 0.1
 PERCENT = 100.0
+# Where the plan knows a point's kernel latency (`dooly.profile.latency`: the store's fitted
+# database predicts it), a point costs a fixed part plus a multiple of that latency (the warm-up,
+# calibration and samples run the kernel again and again): the two are fitted per op class on the
+# held rows' measured latencies, by least squares, with this many rows at least (else per kind).
+MIN_LATENCY_ROWS = MIN_CLASS_ROWS
+# A point predicted to run longer than its class's memory wall on the platform is expected to run
+# out of memory (an eager score tensor grows with the kernel's work): the wall is learned where the
+# class has at least this many out-of-memory rows whose latency the fitted models predict.
+MIN_OOM_ROWS = MIN_CLASS_ROWS
 # The most common causes (`failure_cause`) of a class's failed rows that the plan names.
 CAUSES_SHOWN = 3
 # A cause is the first line of a failed row's error text, this long at most once normalised.
@@ -222,11 +236,22 @@ class PointCosts:
     the expected count is the share of off-ladder points among the platform's one-variable rows.
     Those means are of held rows; a point expected to fail (`FailureRates`) is priced at what a
     failed attempt costs instead, in proportion to its chance of failing.
+    A point whose kernel latency the plan knows (`dooly.profile.latency`, predicted by the store's
+    fitted database) is priced by `latency_terms` instead of the mean: a fixed part plus a multiple
+    of its latency, fitted on the class's held rows (their measured latencies). The mean prices a new
+    model's points as if its kernels ran as long as those of the models measured before it; where
+    they run twice as long, so does most of their measurement on the CPU (the samples are the cost)
+    and on the GPU for its longer kernels (about 25 times their latency past 10 ms).
     An attention class also costs a start-up once per run (`startups`, MIN_STARTUP_RUNS): its
     start-up rows are left out of its mean, so a run of 26 points is not priced as a 1/98th share
     of one (the H100 8B's 8192-token top-up: 4.3 s of its 18.2 s was the start-up)."""
 
     means: dict[str, float] = field(default_factory=dict)  # op class or kind -> mean seconds per point
+    # op class or kind -> (fixed seconds per point, seconds per second of kernel latency)
+    latency_terms: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # op class -> the predicted latency at and past which a point runs out of memory (`fit_memory_walls`)
+    memory_walls: dict[str, float] = field(default_factory=dict)
+    oom_seconds: dict[str, float] = field(default_factory=dict)  # op class -> mean cost of an out-of-memory point
     startups: dict[str, float] = field(default_factory=dict)  # attention class or kind -> seconds per run
     refinement_rates: dict[str, float] = field(default_factory=dict)  # op class -> extra per grid point
     default_seconds: float = DEFAULT_POINT_SECONDS["cpu"]
@@ -235,8 +260,11 @@ class PointCosts:
     failures: FailureRates = field(default_factory=FailureRates)
 
     @classmethod
-    def fit(cls, rows: list[dict[str, Any]], default_seconds: float, platform: str) -> PointCosts:
-        """Rows of the platform, held (`HELD_STATUSES`) and failed (`FAILED_STATUS`); others are ignored."""
+    def fit(cls, rows: list[dict[str, Any]], default_seconds: float, platform: str,
+            predict: Callable[[list[dict[str, Any]]], list[float | None]] | None = None) -> PointCosts:
+        """Rows of the platform, held (`HELD_STATUSES`) and failed (`FAILED_STATUS`); others are ignored.
+        `predict` (`dooly.profile.latency.row_latencies` on the store's fitted models) gives the
+        latencies of its out-of-memory rows, which place each class's memory wall."""
         totals: dict[str, list[float]] = {}
         on_ladder: dict[str, int] = {}
         off_ladder: dict[str, int] = {}
@@ -258,22 +286,45 @@ class PointCosts:
                 counter[op_class] = counter.get(op_class, 0) + 1
         means = {key: spent / count for key, (spent, count) in totals.items()
                  if count >= MIN_CLASS_ROWS or key.startswith("kind:")}
+        latency_terms = fit_latency_terms([row for row in held_rows if not (
+            id(row) in startup_rows and _startup_of(startups, str(row.get("op_class") or "")))])
+        oom_rows = [row for row in held_rows if row["status"] == OOM_STATUS]
+        walls = fit_memory_walls(held_rows, oom_rows, predict(oom_rows)) if predict is not None and oom_rows else {}
+        oom_totals: dict[str, list[float]] = {}
+        for row in oom_rows:
+            oom_totals.setdefault(str(row.get("op_class") or ""), []).append(float(row["device_seconds"] or 0.0))
+        oom_seconds = {c: statistics.fmean(values) for c, values in oom_totals.items() if len(values) >= MIN_OOM_ROWS}
         rates = {c: off_ladder.get(c, 0) / n for c, n in on_ladder.items() if n}
         total_on = sum(on_ladder.values())
         default_rate = sum(off_ladder.values()) / total_on if total_on else DEFAULT_REFINEMENT_RATE
-        source = (f"the mean cost per point of each op class among the store's {len(held_rows)} points on {platform}"
+        source = (f"the mean cost per point of each op class among the store's {len(held_rows)} points on {platform}, "
+                  f"or its line in the kernel's latency (fixed part plus a multiple) where that is predicted"
                   if held_rows else f"no points measured on {platform} yet: {default_seconds:g} s per point assumed")
         failures = FailureRates.fit([row for row in rows if row["status"] in (*HELD_STATUSES, FAILED_STATUS)],
                                     platform)
-        return cls(means, startups, rates, default_seconds, default_rate, source, failures)
+        return cls(means, latency_terms, walls, oom_seconds, startups, rates, default_seconds, default_rate, source,
+                   failures)
 
-    def seconds(self, op_class: str) -> float:
-        """What measuring one point of an op of this class costs."""
+    def seconds(self, op_class: str, latency: float | None = None) -> float:
+        """What measuring one point of an op of this class costs: by its kernel's latency where
+        that is known and the class (or its kind) has latency terms, else the class's mean."""
         attention = op_class.startswith(f"{KIND_ATTENTION}:")
+        if latency is not None and self.expects_oom(op_class, latency):
+            return self.oom_seconds.get(op_class, self.seconds(op_class))
+        if latency is not None:
+            terms = self.latency_terms.get(op_class) or self.latency_terms.get(_kind_key(attention))
+            if terms is not None:
+                fixed, per_second = terms
+                return fixed + per_second * latency
         mean = self.means.get(op_class)
         if mean is None:
             mean = self.means.get(_kind_key(attention))
         return self.default_seconds if mean is None else mean
+
+    def expects_oom(self, op_class: str, latency: float | None) -> bool:
+        """Whether a point of this predicted latency lies past its class's memory wall."""
+        wall = self.memory_walls.get(op_class)
+        return wall is not None and latency is not None and latency >= wall
 
     def startup_seconds(self, op_class: str) -> float:
         """What a run's first measurement of this class costs beyond an ordinary point (0 for an
@@ -295,10 +346,12 @@ class PointCosts:
         mean = self.failures.failed_seconds.get(op_class)
         return self.seconds(op_class) if mean is None else mean
 
-    def attempt(self, op_class: str, doomed: bool, failed_before: bool) -> tuple[float, float]:
-        """One attempt at a point: (chance it fails, expected device-seconds)."""
+    def attempt(self, op_class: str, doomed: bool, failed_before: bool,
+                latency: float | None = None) -> tuple[float, float]:
+        """One attempt at a point (of this kernel latency, where known): (chance it fails,
+        expected device-seconds)."""
         chance = self.failures.chance(op_class, doomed, failed_before)
-        return chance, chance * self.failed_seconds(op_class) + (1.0 - chance) * self.seconds(op_class)
+        return chance, chance * self.failed_seconds(op_class) + (1.0 - chance) * self.seconds(op_class, latency)
 
     def refinements(self, item: Any) -> float:
         """Expected refinement points of a work item (one-variable ops only)."""
@@ -307,11 +360,17 @@ class PointCosts:
         return self.refinement_rates.get(item.op.op_class(), self.default_refinement_rate) * len(item.missing)
 
     def item_seconds(self, item: Any) -> float:
-        """The missing points' cost (each at its chance of failing), plus the expected refinements'."""
+        """The missing points' cost (each at its chance of failing and its predicted latency, where
+        the plan has one: `item.latencies`), plus the expected refinements' (each at the mean cost
+        of the item's points: a refinement sits between two of them)."""
         op_class = item.op.op_class()
         doomed = self.failures.dooms(op_class, item.op.scalars)
-        missing = sum(self.attempt(op_class, doomed, point.key in item.failed)[1] for point in item.missing)
-        return missing + self.refinements(item) * self.seconds(op_class)
+        latencies = item.latencies or [None] * len(item.missing)
+        missing = sum(self.attempt(op_class, doomed, point.key in item.failed, latency)[1]
+                      for point, latency in zip(item.missing, latencies, strict=True))
+        priced = [self.seconds(op_class, latency) for latency in latencies if latency is not None]
+        refinement = sum(priced) / len(priced) if priced else self.seconds(op_class)
+        return missing + self.refinements(item) * refinement
 
     def item_failures(self, item: Any) -> tuple[float, float]:
         """A work item's expected failed points and the device-seconds those attempts cost."""
@@ -319,6 +378,66 @@ class PointCosts:
         doomed = self.failures.dooms(op_class, item.op.scalars)
         expected = sum(self.failures.chance(op_class, doomed, point.key in item.failed) for point in item.missing)
         return expected, expected * self.failed_seconds(op_class)
+
+
+def fit_latency_terms(held_rows: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Op class (and kind) -> (fixed seconds, seconds per kernel-second) of a point's measurement,
+    least squares over the held rows with a measured latency, MIN_LATENCY_ROWS of them at least.
+    Both terms are kept non-negative: where the free fit's fixed part comes out below zero the line
+    goes through the origin, and where its slope does, the class's points cost their mean whatever
+    their latency."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for row in held_rows:
+        latency = row.get("latency_median_s")
+        if not latency or latency <= 0:
+            continue
+        op_class = str(row.get("op_class") or "")
+        point = (float(latency), float(row["device_seconds"] or 0.0))
+        for key in (op_class, _kind_key(op_class.startswith(f"{KIND_ATTENTION}:"))):
+            points.setdefault(key, []).append(point)
+    terms = {}
+    for key, values in points.items():
+        if len(values) < MIN_LATENCY_ROWS:
+            continue
+        latency, seconds = np.array(values).T
+        terms[key] = _non_negative_line(latency, seconds)
+    return terms
+
+
+def fit_memory_walls(held_rows: list[dict[str, Any]], oom_rows: list[dict[str, Any]],
+                     oom_latencies: list[float | None]) -> dict[str, float]:
+    """Op class -> the latency at and past which its points run out of memory on the platform: the
+    threshold that misplaces the fewest of its rows, held rows by their measured latency (below it)
+    and out-of-memory rows by the latency the fitted models predict for them (at or past it), where
+    MIN_OOM_ROWS of the latter are predicted. On the H100 store eager attention's 156 such rows are
+    predicted at 74 ms and more but one, while 31 of its 2,364 held kernels ran 80 ms or more: whatever
+    the model, the score tensor a point builds grows as its kernel's work does."""
+    predicted: dict[str, list[float]] = {}
+    for row, latency in zip(oom_rows, oom_latencies, strict=True):
+        if latency is not None:
+            predicted.setdefault(str(row.get("op_class") or ""), []).append(latency)
+    walls = {}
+    for op_class, oom in predicted.items():
+        if len(oom) < MIN_OOM_ROWS:
+            continue
+        held = np.sort([float(row["latency_median_s"]) for row in held_rows
+                        if row["status"] != OOM_STATUS and row.get("op_class") == op_class and row.get("latency_median_s")])
+        candidates = np.sort(np.array(oom))
+        held_past = len(held) - np.searchsorted(held, candidates, side="left")
+        oom_short = np.searchsorted(candidates, candidates, side="left")
+        walls[op_class] = float(candidates[int(np.argmin(held_past + oom_short))])
+    return walls
+
+
+def _non_negative_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(intercept, slope) of y on x, both at least zero (`fit_latency_terms`)."""
+    if np.ptp(x) > 0:
+        slope, intercept = np.polyfit(x, y, 1)
+        if intercept >= 0 and slope >= 0:
+            return float(intercept), float(slope)
+        if slope > 0:
+            return 0.0, float(np.dot(x, y) / np.dot(x, x))
+    return float(np.mean(y)), 0.0
 
 
 def startups_of(held_rows: list[dict[str, Any]]) -> tuple[set[int], dict[str, float]]:

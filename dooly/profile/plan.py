@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from dooly.errors import DoolyError
@@ -22,6 +23,7 @@ from dooly.profile.costs import (
     PointCosts,
 )
 from dooly.profile.grid import GridSpec, Point, attention_points, materialises_scores, variable_points
+from dooly.profile.latency import open_predictor, predict_latencies, row_latencies
 from dooly.profile.provenance import SHARED_BACKEND, Stack
 from dooly.trace.schema import KIND_ATTENTION, KIND_COLLECTIVE, KIND_KERNEL, Operation, Trace
 
@@ -41,6 +43,9 @@ class WorkItem:
     held_seconds: float = 0.0  # what the held points cost when they were measured
     # Missing points the store records a failed attempt at on this stack: profile tries them again.
     failed: set[str] = field(default_factory=set)
+    # The kernel latency of each missing point as the store's fitted database predicts it (None
+    # where it cannot; no list where the store has no fitted models): `dooly.profile.latency`.
+    latencies: list[float | None] | None = None
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Plan:
     comm_stack: Stack | None = None  # where collectives are measured (None: the traces have none)
     topology: dict[str, Any] = field(default_factory=dict)  # what the machine said about its links
     costs: PointCosts | None = None  # what a point costs on this platform, from the store's rows
+    latency_source: str = ""  # where the missing points' predicted kernel latencies come from
 
     def work(self, shard_index: int = 0, shard_count: int = 1) -> list[WorkItem]:
         """This pod's share of the missing work: a deterministic split by signature hash."""
@@ -124,6 +130,14 @@ class Plan:
         return {"points": round(points), "device_seconds": round(seconds, 3), "never_held_points": never_held,
                 "failed_before_points": failed_before, "causes": causes, "source": failures.source}
 
+    def expected_oom_points(self, shard_index: int = 0, shard_count: int = 1) -> int:
+        """Missing points predicted past their class's memory wall (`PointCosts.memory_walls`):
+        measured all the same, each as cheaply as an out-of-memory point is."""
+        if self.costs is None:
+            return 0
+        return sum(self.costs.expects_oom(item.op.op_class(), latency)
+                   for item in self.work(shard_index, shard_count) for latency in item.latencies or [])
+
     def summary(self) -> dict[str, Any]:
         missing = [i for i in self.items.values() if i.missing]
         return {
@@ -137,12 +151,14 @@ class Plan:
             "stale_signatures": self.stale_signatures,
             "estimated_device_seconds": round(self.estimate_seconds(), 3),
             "expected_failures": self.expected_failures(),
+            "expected_oom_points": self.expected_oom_points(),
             "estimate": {
                 "phases": list(ESTIMATE_PHASES),
                 "excludes": "process start, tracing, engine start-up outside a measurement, shard writes",
                 "source": self.costs.source if self.costs is not None else f"{self.point_seconds:g} s per point",
                 "failures": self.costs.failures.describe() if self.costs is not None else "not priced",
                 "startups": self.startups(),
+                "latencies": self.latency_source,
             },
             "models": [
                 {"model": m.model_id, "signatures": len(m.signatures), "profiled_signatures": len(m.profiled),
@@ -207,8 +223,12 @@ def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
     if stale_count:
         log.warning("%d signatures are held for another software stack only: re-measuring them", stale_count)
     default = DEFAULT_POINT_SECONDS.get(stack.device_type, DEFAULT_POINT_SECONDS["cpu"])
-    costs = PointCosts.fit(cost_rows, default, stack.platform)
-    return Plan(stack, items, models, traces, stale_count, _point_seconds(held, stack), comm_stack=comm, costs=costs)
+    predictor, group = open_predictor(store, stack)
+    costs = PointCosts.fit(cost_rows, default, stack.platform,
+                           predict=None if predictor is None else partial(row_latencies, predictor))
+    latency_source = predict_latencies(predictor, group, items.values())
+    return Plan(stack, items, models, traces, stale_count, _point_seconds(held, stack), comm_stack=comm, costs=costs,
+                latency_source=latency_source)
 
 
 def _held(store: Any, stacks: list[Stack], software_agnostic: bool

@@ -34,9 +34,11 @@ SHARD_SUFFIX = ".parquet"
 PARTITION_COLUMNS = ("platform", "engine", "backend", "dtype")
 # What the planner needs to decide whether a point is already held, and what it cost; the readable
 # signature tells its feature set, which failure rules are learned on (`plan.failure_key`), and a
-# failed row's error text why it failed.
-HELD_COLUMNS = ("signature", "op_class", "signature_json", "config_dims", "point_key", "status", "device_seconds",
-                "n_samples", "run_id", *STACK_COLUMNS, "error")
+# failed row's error text why it failed; the op, its dims and request and the measured latency
+# price points by their kernel's latency (`dooly.profile.latency`).
+HELD_COLUMNS = ("signature", "op", "op_class", "signature_json", "config_dims", "request_vars", "T", "B", "K", "D",
+                "point_key", "status", "device_seconds", "latency_median_s", "n_samples", "run_id", *STACK_COLUMNS,
+                "error")
 IDENTITY_HEX_CHARS = 16
 CHUNK_INDEX_DIGITS = 5
 PARQUET_COMPRESSION = "zstd"

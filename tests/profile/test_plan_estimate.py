@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from profile_helpers import SMALL_GRID_ARGS
+from profile_helpers import MODEL_B, SMALL_GRID_ARGS, write_model
 
 from dooly.cli import cli
 from dooly.profile.costs import (
@@ -270,3 +270,106 @@ def test_a_plan_adds_one_start_up_per_attention_class_it_measures(tmp_path, mode
     plan = _json("plan", model_b, "--store", store, *SMALL_GRID_ARGS)
     # One run profiled the store: too few to learn a start-up from, so the plan prices none.
     assert plan["estimate"]["startups"] == {}
+
+
+def _timed_row(op_class: str, latency: float, seconds: float, tokens: int) -> dict:
+    return {**_row(op_class, seconds, {"T": tokens}), "latency_median_s": latency}
+
+
+def test_a_point_with_a_known_latency_costs_a_fixed_part_plus_a_multiple_of_it():
+    # Measuring runs the kernel again and again: 0.05 s fixed plus 20 times its latency.
+    rows = [_timed_row("aten.mm.default", latency, 0.05 + 20 * latency, t)
+            for t, latency in enumerate((1e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2))]
+    costs = PointCosts.fit(rows, 0.05, "GPU-X")
+    assert costs.latency_terms["aten.mm.default"] == (pytest.approx(0.05), pytest.approx(20.0))
+    # A model whose kernels run longer than those measured costs more than the class's mean says.
+    assert costs.seconds("aten.mm.default", 0.2) == pytest.approx(4.05)
+    assert costs.seconds("aten.mm.default", 0.2) > 2 * costs.seconds("aten.mm.default")
+    # Without a latency, the mean; a class with too few rows of its own takes its kind's line.
+    assert costs.seconds("aten.mm.default") == pytest.approx(costs.means["aten.mm.default"])
+    assert costs.seconds("aten.bmm.default", 0.2) == pytest.approx(4.05)
+    assert costs.seconds("attention:paged|sdpa", 0.2) == costs.seconds("attention:paged|sdpa")  # no attention rows
+
+
+def test_latency_terms_stay_non_negative():
+    from dooly.profile.costs import fit_latency_terms
+
+    latencies = [1e-3 * 2**i for i in range(MIN_CLASS_ROWS)]
+    # A steep line whose free fit crosses zero above the origin: through the origin instead.
+    steep = [_timed_row("aten.mm.default", x, max(30 * x - 0.01, 0.001), i) for i, x in enumerate(latencies)]
+    fixed, slope = fit_latency_terms(steep)["aten.mm.default"]
+    assert fixed == 0.0 and slope > 0
+    # Costs that fall as the kernel grows (noise): every point at the mean, whatever its latency.
+    falling = [_timed_row("aten.mm.default", x, 0.5 - x, i) for i, x in enumerate(latencies)]
+    assert fit_latency_terms(falling)["aten.mm.default"] == (pytest.approx(sum(0.5 - x for x in latencies) / len(
+        latencies)), 0.0)
+    # Too few rows with a latency (failed rows have none): no line.
+    assert "aten.mm.default" not in fit_latency_terms(steep[: MIN_CLASS_ROWS - 1])
+
+
+def test_a_work_items_points_and_refinements_are_priced_by_their_predicted_latencies():
+    from dooly.profile.grid import Point
+    from dooly.profile.plan import WorkItem
+
+    rows = [_timed_row("aten.mm.default", latency, 0.05 + 20 * latency, t)
+            for t, latency in enumerate((1e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2))]
+    costs = PointCosts.fit(rows, 0.05, "GPU-X")
+
+    class Op:
+        kind, scalars = "kernel", {}
+
+        def op_class(self) -> str:
+            return "aten.mm.default"
+
+        def request_vars(self) -> list[str]:
+            return ["T"]
+
+    missing = [Point(values=(("T", t),)) for t in (8, 16)]
+    item = WorkItem("sig", Op(), "m", None, missing, missing, latencies=[0.1, None])  # type: ignore[arg-type]
+    refinements = costs.refinements(item)
+    assert refinements > 0
+    expected = (0.05 + 2.0) + costs.seconds("aten.mm.default") + refinements * (0.05 + 2.0)
+    assert costs.item_seconds(item) == pytest.approx(expected)
+
+
+def test_a_plan_on_a_fitted_store_prices_its_points_by_the_latencies_the_store_predicts(tmp_path, models):
+    model_a, _ = models
+    # A wider MLP and another head layout than A: new GEMMs and a new attention signature.
+    model_b = write_model(tmp_path, "model-c", {**MODEL_B, "num_attention_heads": 8, "num_key_value_heads": 4})
+    store = str(tmp_path / "db")
+    _json("profile", model_a, "--store", store, *SMALL_GRID_ARGS)
+    unfitted = _json("plan", model_b, "--store", store, *SMALL_GRID_ARGS)
+    assert unfitted["estimate"]["latencies"].startswith("no fitted models for")
+    CliRunner().invoke(cli, ["merge", "--store", store], catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["fit", "--store", store, "--repeats", "1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    fitted = _json("plan", model_b, "--store", store, *SMALL_GRID_ARGS)
+    missing = fitted["missing_points"]
+    assert missing == unfitted["missing_points"] > 0
+    assert fitted["estimate"]["latencies"].startswith(f"kernel latencies of {missing} of {missing} missing points")
+    # Its attention is among them (B, with A's head layout, misses fewer points), and every point is
+    # priced by what its kernel is predicted to take, not at its class's mean cost.
+    assert _json("plan", models[1], "--store", store, *SMALL_GRID_ARGS)["missing_points"] < missing
+    assert fitted["estimated_device_seconds"] != unfitted["estimated_device_seconds"]
+
+
+def test_a_point_predicted_past_its_classs_memory_wall_is_priced_as_out_of_memory():
+    eager = "attention:paged|eager"
+    held = [{**_row(eager, 0.05 + 20 * x, {"seqs": [[i + 1, 0]]}), "latency_median_s": x}
+            for i, x in enumerate([0.001 * 2**k for k in range(7)] * 2)]  # 1-64 ms, all held
+    ooms = [_row(eager, 0.3, {"seqs": [[1, 1000 + i]]}, status="oom") for i in range(MIN_CLASS_ROWS)]
+    seen: list[list[dict]] = []
+
+    def predict(rows: list[dict]) -> list[float | None]:
+        seen.append(rows)
+        return [0.08 + 0.01 * i for i in range(len(rows))]  # the fitted models' latencies for them
+
+    costs = PointCosts.fit(held + ooms, 0.05, "GPU-X", predict=predict)
+    assert seen == [ooms]  # only the out-of-memory rows are predicted
+    assert costs.memory_walls[eager] == pytest.approx(0.08)
+    assert costs.expects_oom(eager, 0.1) and not costs.expects_oom(eager, 0.064)
+    assert costs.seconds(eager, 0.1) == pytest.approx(0.3)  # what an out-of-memory point costs
+    assert costs.seconds(eager, 0.064) == pytest.approx(0.05 + 20 * 0.064)
+    # Without predictions (no fitted models), or too few out-of-memory rows: no wall.
+    assert PointCosts.fit(held + ooms, 0.05, "GPU-X").memory_walls == {}
+    assert PointCosts.fit(held + ooms[:-1], 0.05, "GPU-X", predict=predict).memory_walls == {}

@@ -158,7 +158,8 @@ def test_an_inventory_is_never_used_for_another_backend(fitted_store, configs, t
 def test_models_fitted_over_another_feature_set_are_refused_in_one_line(fitted_store):
     import numpy as np
 
-    from dooly.fit.source import FittedSource, check_feature_widths, open_predictor
+    from dooly.fit.persist import check_feature_widths
+    from dooly.fit.source import FittedSource, open_predictor
 
     predictor = open_predictor(FittedSource(store=fitted_store, platform=syn.PLATFORM, backend=syn.BACKEND))
     check_feature_widths(predictor, fitted_store)
