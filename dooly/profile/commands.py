@@ -92,6 +92,10 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
                  platform: str, device: str) -> None:
     """What profiling MODEL... would measure, and what it would reuse from the store. Measures nothing.
 
+    Each missing point is priced in device-seconds by the kernel latency the store's fitted models
+    predict for it (a point past its class's memory wall as one that runs out of memory); a store
+    not fitted yet prices every point at its class's mean cost, and the output says which.
+
     \b
     Examples:
       dooly plan meta-llama/Llama-3.1-8B mistralai/Mistral-7B-v0.3 --store ./db
