@@ -8,7 +8,12 @@ spent, and the planned against the measured point counts (refinements apart: the
 them, profile measures them where latency bends). B's MLP and attention are wider than A's, so its
 kernels run longer than any A measured: the case a mean cost per point cannot see.
 
-    python bench/plan_cpu.py --out data/cpu/plan_estimate --repeats 3
+Pairs (`--pair`): `tiny`, two 2-layer configs whose kernels take microseconds (a Llama, then a wider
+Qwen2 with biased projections, a matmul class the Llama never ran); `demo`, the bundled
+Qwen2.5-0.5B then Qwen2.5-1.5B on `dooly demo`'s CPU sweep (float32, 3 samples a point).
+
+    python bench/plan_cpu.py --pair tiny --out data/cpu/plan_estimate/tiny --repeats 3
+    python bench/plan_cpu.py --pair demo --out data/cpu/plan_estimate/demo --repeats 3
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ MODEL_A = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden
 MODEL_B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 192,
            "intermediate_size": 512, "num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 2,
            "vocab_size": 512, "max_position_embeddings": 4096, "tie_word_embeddings": False}
-GRID = ["--max-tokens", "64", "--max-seqs", "8", "--max-kv", "2048", "--max-context", "512"]
+TINY_GRID = ["--max-tokens", "64", "--max-seqs", "8", "--max-kv", "2048", "--max-context", "512"]
+# `dooly demo`'s sweep and timer (dooly/fleet/demo_fleet.yaml); the timer is profile's alone.
+DEMO_GRID = ["--max-tokens", "64", "--max-seqs", "8", "--max-kv", "512", "--max-context", "256", "--dtype", "float32"]
+DEMO_TIMER = ["--samples", "3"]
+PAIRS: dict[str, tuple[str | dict[str, Any], str | dict[str, Any], list[str], list[str]]] = {
+    "tiny": (MODEL_A, MODEL_B, TINY_GRID, []),
+    "demo": ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B", DEMO_GRID, DEMO_TIMER),
+}
 TARGET_PCT = 25.0
 PERCENT = 100.0
 
@@ -43,17 +55,25 @@ def dooly(*args: str) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def repeat(work: Path) -> dict[str, Any]:
+def model_arg(work: Path, name: str, model: str | dict[str, Any]) -> str:
+    """A bundled id as it is, a config written into WORK as NAME.json."""
+    if isinstance(model, str):
+        return model
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(model))
+    return str(path)
+
+
+def repeat(work: Path, pair: str) -> dict[str, Any]:
     store = str(work / "db")
-    model_a, model_b = work / "model-a.json", work / "model-b.json"
-    model_a.write_text(json.dumps(MODEL_A))
-    model_b.write_text(json.dumps(MODEL_B))
-    dooly("profile", str(model_a), "--store", store, *GRID)
-    unfitted = dooly("plan", str(model_b), "--store", store, *GRID)
+    first, second, grid, timer = PAIRS[pair]
+    model_a, model_b = model_arg(work, "model-a", first), model_arg(work, "model-b", second)
+    dooly("profile", model_a, "--store", store, *grid, *timer)
+    unfitted = dooly("plan", model_b, "--store", store, *grid)
     subprocess.run([DOOLY, "merge", "--store", store], capture_output=True, check=True)
     subprocess.run([DOOLY, "fit", "--store", store], capture_output=True, check=True)
-    fitted = dooly("plan", str(model_b), "--store", store, *GRID)
-    spent = dooly("profile", str(model_b), "--store", store, *GRID)
+    fitted = dooly("plan", model_b, "--store", store, *grid)
+    spent = dooly("profile", model_b, "--store", store, *grid, *timer)
     seconds = spent["device_seconds"]
     return {
         "spent_s": seconds,
@@ -92,12 +112,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     runs = []
     for index in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="plan-cpu-") as work:
-            runs.append(repeat(Path(work)))
+            runs.append(repeat(Path(work), args.pair))
         log.info("repeat %d: spent %.3f s, plan %.3f s (store fitted), %.3f s (not fitted)", index + 1,
                  runs[-1]["spent_s"], runs[-1]["estimate_fitted_s"], runs[-1]["estimate_unfitted_s"])
     lines = table(runs)
