@@ -21,8 +21,14 @@ model runs and refitted, and its predictions for those signatures price the mode
 `measured latency` columns price each point by the latency its own row measured: the bound a
 perfect prediction would reach.
 
-    python bench/plan_estimate.py --store data/h100/db --out data/h100/experiments/plan_estimate \
+    python bench/plan_estimate.py --store data/h100/db --out data/h100/experiments/plan_estimate \\
         --fitted FITTED_H100 --work /tmp/plan-lomo
+
+`--run RUN_ID` also holds out one profile run as a whole (the H200's unseen Llama-3.1-8B, whose
+plan the issue on unseen models found at 13.5 device-s against 41.8 spent):
+
+    python bench/plan_estimate.py --store data/h200/db --out data/h200/experiments/plan_estimate \\
+        --fitted FITTED_H200 --work /tmp/plan-lomo200 --run 20261204T190249Z-bf9da9b0
 """
 
 from __future__ import annotations
@@ -111,23 +117,24 @@ def measured_latency(attempts: list[dict[str, Any]]) -> float | None:
                  and r["latency_median_s"]), None)
 
 
-def held_out_predictor(fitted: Path, work: Path, model: str, own: set[str], row: dict[str, Any]) -> Any:
-    """The fitted models a store without MODEL's own signatures makes: FITTED copied into WORK
-    without its models, those signatures' rows dropped from its snapshot, fitted again (reused
+def held_out_predictor(fitted: Path, work: Path, name: str, dropped: Any, row: dict[str, Any]) -> Any:
+    """The fitted models a store without some rows makes: FITTED copied into WORK/NAME without its
+    models, the snapshot rows DROPPED (a polars expression) selects left out, fitted again (reused
     where WORK already holds the fit). Their group is that of ROW's platform, engine, backend, dtype."""
     import polars as pl
 
     from dooly.fit.persist import fit_store, store_predictor
     from dooly.store.backends import open_store
 
-    target = work / model.replace("/", "--")
+    target = work / name.replace("/", "--")
     if not (target / MODELS_DIR).is_dir():
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(fitted, target, ignore=shutil.ignore_patterns(MODELS_DIR))
         frame = pl.read_parquet(fitted / SNAPSHOT_DATA)
-        frame.filter(~pl.col("signature").is_in(sorted(own))).write_parquet(target / SNAPSHOT_DATA)
-        log.info("%s: refitting %s without its %d own signatures", model, target, len(own))
+        kept = frame.filter(~dropped)
+        kept.write_parquet(target / SNAPSHOT_DATA)
+        log.info("%s: refitting %s without %d of its rows", name, target, frame.height - kept.height)
         fit_store(open_store(str(target), create=False))
     store = open_store(str(target), create=False)
     return store_predictor(store, platform=row["platform"], engine=row["engine"], backend=row["backend"],
@@ -154,6 +161,8 @@ def leave_one_model_out(rows: list[dict[str, Any]], models: dict[tuple[str, str]
     prices a point, and each run those rows started (they hold its attention start-up row,
     `startups_of` over the whole store) at the class's start-up, as a plan prices one run. With
     FITTED and WORK, also by the kernel latencies a held-out fit predicts (`held_out_predictor`)."""
+    import polars as pl
+
     results = []
     startup_rows, _ = startups_of([r for r in rows if r["status"] in HELD_STATUSES])
     by_model: dict[str, set[str]] = defaultdict(set)
@@ -165,49 +174,81 @@ def leave_one_model_out(rows: list[dict[str, Any]], models: dict[tuple[str, str]
         target = [r for r in rows if r["signature"] in own and r["backend"] == backend]
         if not target:
             continue
-        platform = target[0]["platform"]
-        history = [r for r in rows if r["signature"] not in own and r["platform"] == platform]
-        costs = PointCosts.fit(history, DEFAULT_POINT_SECONDS["cuda"], platform)
-        points = attempts_by_point(target)
-        priced = [price(costs, attempts) for attempts in points.values()]
-        measured = [price(costs, attempts, measured_latency(attempts)) for attempts in points.values()]
-        startups = sum(costs.startup_seconds(str(r["op_class"])) for r in target if id(r) in startup_rows)
-        estimate = sum(p[0] for p in priced) + startups
-        before = sum(p[2] for p in priced) + startups
-        spent = sum(r["device_seconds"] for r in target)
-        failed = [r for r in target if r["status"] == FAILED_STATUS]
-        result = {
-            "model": model, "backend": backend, "signatures": len(own), "points": len(points),
-            "attempts": len(target), "failed_attempts": len(failed),
-            "spent_s": round(spent, 2), "estimate_s": round(estimate, 2), "startup_estimate_s": round(startups, 2),
-            "error_pct": _error(estimate, spent),
-            "failed_spent_s": round(sum(r["device_seconds"] for r in failed), 2),
-            "failed_estimate_s": round(sum(p[1] for p in priced), 2),
-            "unpriced_failures_s": round(before, 2),
-            "unpriced_failures_error_pct": _error(before, spent),
-            "measured_latency_estimate_s": round(sum(p[0] for p in measured) + startups, 2),
-            "measured_latency_error_pct": _error(sum(p[0] for p in measured) + startups, spent),
-        }
-        if fitted is not None and work is not None:
-            predictors = {row["backend"]: held_out_predictor(fitted, work, model, own, row)
-                          for row in {r["backend"]: r for r in history + target}.values()}
-            costs = PointCosts.fit(history, DEFAULT_POINT_SECONDS["cuda"], platform,
-                                   predict=partial(predicted_latencies, predictors))
-            firsts = [attempts[0] for attempts in points.values()]
-            latencies = dict(zip(points, predicted_latencies(predictors, firsts), strict=True))
-            latency_priced = sum(price(costs, attempts, latencies[point])[0] for point, attempts in points.items())
-            known = sum(latency is not None for latency in latencies.values())
-            result["expected_oom_points"] = sum(costs.expects_oom(str(attempts[0]["op_class"]), latencies[point])
-                                                for point, attempts in points.items())
-            result["oom_points"] = sum(attempts[-1]["status"] == OOM_STATUS for attempts in points.values())
-            result.update({"latency_estimate_s": round(latency_priced + startups, 2),
-                           "latency_error_pct": _error(latency_priced + startups, spent),
-                           "latency_points": known})
-        results.append(result)
-        log.info("%s %s: spent %.1f s (%d failed attempts), estimate %.1f s (%.1f s without failure pricing)%s",
-                 model, backend, spent, len(failed), estimate, before,
-                 f", {result['latency_estimate_s']:.1f} s by predicted latency" if "latency_estimate_s" in result else "")
+        history = [r for r in rows if r["signature"] not in own and r["platform"] == target[0]["platform"]]
+        refit = None if fitted is None or work is None else partial(
+            held_out_predictor, fitted, work, model, pl.col("signature").is_in(sorted(own)))
+        results.append(priced_result({"model": model, "backend": backend, "signatures": len(own)}, target, history,
+                                     startup_rows, refit))
     return results
+
+
+def leave_one_run_out(rows: list[dict[str, Any]], runs: list[str], fitted: Path | None = None,
+                      work: Path | None = None) -> list[dict[str, Any]]:
+    """Each named profile run's rows priced from every other row of its platform, as a plan made
+    just before that run would have priced them (the H200's unseen Llama-3.1-8B, say)."""
+    import polars as pl
+
+    results = []
+    startup_rows, _ = startups_of([r for r in rows if r["status"] in HELD_STATUSES])
+    for run in runs:
+        target = [r for r in rows if r["run_id"] == run]
+        if not target:
+            raise SystemExit(f"no rows of run {run}")
+        history = [r for r in rows if r["run_id"] != run and r["platform"] == target[0]["platform"]]
+        refit = None if fitted is None or work is None else partial(
+            held_out_predictor, fitted, work, f"run-{run}", pl.col("run_id") == run)
+        backends = "+".join(sorted({r["backend"] for r in target}))
+        results.append(priced_result({"model": f"run {run}", "backend": backends,
+                                      "signatures": len({r["signature"] for r in target})},
+                                     target, history, startup_rows, refit))
+    return results
+
+
+def priced_result(names: dict[str, Any], target: list[dict[str, Any]], history: list[dict[str, Any]],
+                  startup_rows: set[int], refit: Any) -> dict[str, Any]:
+    """TARGET's rows (attempts) priced from HISTORY's: at the class mean, without failure pricing,
+    by each point's measured latency, and (REFIT: the held-out fit's predictor of a row's group)
+    by the latencies that fit predicts, against the device-seconds they spent."""
+    platform = target[0]["platform"]
+    costs = PointCosts.fit(history, DEFAULT_POINT_SECONDS["cuda"], platform)
+    points = attempts_by_point(target)
+    priced = [price(costs, attempts) for attempts in points.values()]
+    measured = [price(costs, attempts, measured_latency(attempts)) for attempts in points.values()]
+    startups = sum(costs.startup_seconds(str(r["op_class"])) for r in target if id(r) in startup_rows)
+    estimate = sum(p[0] for p in priced) + startups
+    before = sum(p[2] for p in priced) + startups
+    spent = sum(r["device_seconds"] for r in target)
+    failed = [r for r in target if r["status"] == FAILED_STATUS]
+    result = {
+        **names, "points": len(points), "attempts": len(target), "failed_attempts": len(failed),
+        "spent_s": round(spent, 2), "estimate_s": round(estimate, 2), "startup_estimate_s": round(startups, 2),
+        "error_pct": _error(estimate, spent),
+        "failed_spent_s": round(sum(r["device_seconds"] for r in failed), 2),
+        "failed_estimate_s": round(sum(p[1] for p in priced), 2),
+        "unpriced_failures_s": round(before, 2),
+        "unpriced_failures_error_pct": _error(before, spent),
+        "measured_latency_estimate_s": round(sum(p[0] for p in measured) + startups, 2),
+        "measured_latency_error_pct": _error(sum(p[0] for p in measured) + startups, spent),
+    }
+    if refit is not None:
+        predictors = {row["backend"]: refit(row) for row in {r["backend"]: r for r in history + target}.values()}
+        costs = PointCosts.fit(history, DEFAULT_POINT_SECONDS["cuda"], platform,
+                               predict=partial(predicted_latencies, predictors))
+        firsts = [attempts[0] for attempts in points.values()]
+        latencies = dict(zip(points, predicted_latencies(predictors, firsts), strict=True))
+        latency_priced = sum(price(costs, attempts, latencies[point])[0] for point, attempts in points.items())
+        result.update({
+            "latency_estimate_s": round(latency_priced + startups, 2),
+            "latency_error_pct": _error(latency_priced + startups, spent),
+            "latency_points": sum(latency is not None for latency in latencies.values()),
+            "expected_oom_points": sum(costs.expects_oom(str(attempts[0]["op_class"]), latencies[point])
+                                       for point, attempts in points.items()),
+            "oom_points": sum(attempts[-1]["status"] == OOM_STATUS for attempts in points.values()),
+        })
+    log.info("%s %s: spent %.1f s (%d failed attempts), estimate %.1f s (%.1f s without failure pricing)%s",
+             names["model"], names["backend"], spent, len(failed), estimate, before,
+             f", {result['latency_estimate_s']:.1f} s by predicted latency" if "latency_estimate_s" in result else "")
+    return result
 
 
 def _error(estimate: float, spent: float) -> float:
@@ -303,12 +344,16 @@ def main() -> None:
                         help="The same store merged and fitted (`dooly merge`, `dooly fit`): its held-out refits "
                              "predict each model's kernel latencies.")
     parser.add_argument("--work", type=Path, help="Where the held-out refits are made (reused when there).")
+    parser.add_argument("--run", action="append", default=[],
+                        help="A profile run (its run_id) to hold out as a whole as well, priced as the plan made "
+                             "just before it would have (repeatable).")
     args = parser.parse_args()
     if (args.fitted is None) != (args.work is None):
         parser.error("--fitted and --work go together")
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     rows = read_rows(args.store)
     results = leave_one_model_out(rows, inventories(args.store), args.fitted, args.work)
+    results += leave_one_run_out(rows, args.run, args.fitted, args.work)
     rules = leave_one_signature_out(rows)
     lines = table(results) + rule_table(rules)
     if args.out:
