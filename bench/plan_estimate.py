@@ -25,10 +25,12 @@ perfect prediction would reach.
         --fitted FITTED_H100 --work /tmp/plan-lomo
 
 `--run RUN_ID` also holds out one profile run as a whole (the H200's unseen Llama-3.1-8B, whose
-plan the issue on unseen models found at 13.5 device-s against 41.8 spent):
+plan the issue on unseen models found at 13.5 device-s against 41.8 spent, and the unseen
+Llama-3.2-3B's sdpa and eager runs):
 
     python bench/plan_estimate.py --store data/h200/db --out data/h200/experiments/plan_estimate \\
-        --fitted FITTED_H200 --work /tmp/plan-lomo200 --run 20261204T190249Z-bf9da9b0
+        --fitted FITTED_H200 --work /tmp/plan-lomo200 --run 20261204T190249Z-bf9da9b0 \\
+        --run 20261206T040852Z-5d3c62e5 --run 20261206T040950Z-964dea7b
 """
 
 from __future__ import annotations
