@@ -47,11 +47,12 @@ def open_predictor(store: Any, stack: Stack) -> tuple[Predictor | None, str]:
     return predictor, f"generation {predictor.generation}, {group}"
 
 
-def predict_latencies(predictor: Predictor | None, group: str, items: Iterable[Any]) -> str:
-    """Set each work item's (`plan.WorkItem`) `latencies` (one per missing point) from PREDICTOR (`open_predictor`,
-    whose line is GROUP); return one line saying where they came from, for the plan's output."""
+def predict_latencies(predictor: Predictor | None, origin: str, items: Iterable[Any]) -> str:
+    """Set each work item's (`plan.WorkItem`) `latencies` (one per missing point) from PREDICTOR;
+    return one line saying where they came from, for the plan's output. PREDICTOR and ORIGIN are
+    what `open_predictor` returned (without a predictor, ORIGIN says why)."""
     if predictor is None:
-        return group
+        return origin
     predicted = total = 0
     for item in items:
         if not item.missing:
@@ -62,7 +63,7 @@ def predict_latencies(predictor: Predictor | None, group: str, items: Iterable[A
     if not total:
         return "no missing points"
     return (f"kernel latencies of {predicted} of {total} missing points predicted by the store's fitted models "
-            f"({group}); the rest at their class's mean cost")
+            f"({origin}); the rest at their class's mean cost")
 
 
 def item_latencies(predictor: Predictor, item: Any) -> list[float | None]:

@@ -223,10 +223,10 @@ def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
     if stale_count:
         log.warning("%d signatures are held for another software stack only: re-measuring them", stale_count)
     default = DEFAULT_POINT_SECONDS.get(stack.device_type, DEFAULT_POINT_SECONDS["cpu"])
-    predictor, group = open_predictor(store, stack)
+    predictor, origin = open_predictor(store, stack)
     costs = PointCosts.fit(cost_rows, default, stack.platform,
                            predict=None if predictor is None else partial(row_latencies, predictor))
-    latency_source = predict_latencies(predictor, group, items.values())
+    latency_source = predict_latencies(predictor, origin, items.values())
     return Plan(stack, items, models, traces, stale_count, _point_seconds(held, stack), comm_stack=comm, costs=costs,
                 latency_source=latency_source)
 
