@@ -6,7 +6,7 @@ It lives apart from fitting (selection.py), persistence (persist.py, codec.py) a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -86,6 +86,8 @@ LAYOUT_QUERY_TERMS = ("T",)
 LAYOUT_KV_TERMS = ("K", "S", "odd_kv", "unaligned_kv")
 # (query heads, KV heads, head dim).
 Layout = tuple[int, int, int]
+# Config dims that hold the query heads, by name and by position (`other_dims`).
+HEADS_FIELDS = frozenset(ATTENTION_FIELD_SOURCES[NUM_HEADS])
 # Config dims that make the layout: query heads, KV heads and head dim by name, and by position in
 # the query [1, heads, T, dim], key and value [1, kv_heads, K, dim] tensors.
 LAYOUT_FIELDS = frozenset(
@@ -142,10 +144,10 @@ def with_shared_ops(group: GroupModel, shared: GroupModel) -> GroupModel:
     )
 
 
-def other_dims(config: Mapping[str, int]) -> dict[str, int]:
-    """An attention op's config dims but its query heads (by name or by position)."""
-    heads_fields = set(ATTENTION_FIELD_SOURCES[NUM_HEADS])
-    return {name: value for name, value in config.items() if name not in heads_fields}
+def other_dims(config: Mapping[str, int], fields: Collection[str] = HEADS_FIELDS) -> dict[str, int]:
+    """An attention op's config dims but FIELDS (by default its query heads, by name or by position;
+    LAYOUT_FIELDS: its whole head layout)."""
+    return {name: value for name, value in config.items() if name not in fields}
 
 
 def shared_coef(coef: np.ndarray) -> np.ndarray:
@@ -332,14 +334,14 @@ def layout_scaled_model(
         return None
     if info.static.window and not windowed:
         return None
-    rest = {k: v for k, v in info.config_dims.items() if k not in LAYOUT_FIELDS}
+    rest = other_dims(info.config_dims, LAYOUT_FIELDS)
     peers: list[tuple[float, Layout, OpModel]] = []
     for signature, config in sorted(cm.layouts.items()):
         model = signatures.get(signature)
         peer = layout_of(config)
         if model is None or isinstance(model, BoundClassModel) or peer is None or peer == layout:
             continue
-        if {k: v for k, v in config.items() if k not in LAYOUT_FIELDS} != rest:
+        if other_dims(config, LAYOUT_FIELDS) != rest:
             continue
         if any(max(a, b) > MAX_HEADS_EXTRAPOLATION * min(a, b) for a, b in zip(layout, peer, strict=True)):
             continue

@@ -270,10 +270,12 @@ class PointCosts:
         off_ladder: dict[str, int] = {}
         held_rows = [row for row in rows if row["status"] in HELD_STATUSES]
         startup_rows, startups = startups_of(held_rows)
-        for row in held_rows:
+        # A row that carried a run's start-up, where one is priced for its class, is left out of
+        # the class's point cost (its mean and its line in latency).
+        point_rows = [row for row in held_rows
+                      if not (id(row) in startup_rows and _startup_of(startups, str(row.get("op_class") or "")))]
+        for row in point_rows:
             op_class = str(row.get("op_class") or "")
-            if id(row) in startup_rows and _startup_of(startups, op_class):
-                continue
             attention = op_class.startswith(f"{KIND_ATTENTION}:")
             for key in (op_class, _kind_key(attention)):
                 total = totals.setdefault(key, [0.0, 0.0])
@@ -286,8 +288,7 @@ class PointCosts:
                 counter[op_class] = counter.get(op_class, 0) + 1
         means = {key: spent / count for key, (spent, count) in totals.items()
                  if count >= MIN_CLASS_ROWS or key.startswith("kind:")}
-        latency_terms = fit_latency_terms([row for row in held_rows if not (
-            id(row) in startup_rows and _startup_of(startups, str(row.get("op_class") or "")))])
+        latency_terms = fit_latency_terms(point_rows)
         oom_rows = [row for row in held_rows if row["status"] == OOM_STATUS]
         walls = fit_memory_walls(held_rows, oom_rows, predict(oom_rows)) if predict is not None and oom_rows else {}
         oom_totals: dict[str, list[float]] = {}

@@ -191,13 +191,14 @@ PLATFORM_COLUMNS = ("platform", "engine", "backend", "dtype", "block_size")
 
 
 def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
-               software_agnostic: bool = False, comm: Stack | None = None) -> Plan:
+               software_agnostic: bool = False, comm: Stack | None = None, price: bool = True) -> Plan:
     """Every signature of every trace, with the points the store lacks for this stack.
 
     `comm` is the stack collectives are measured on (`provenance.comm_stack`); traces with
     collectives need it. `software_agnostic` compares platform, engine, backend, dtype and block
     size only: for planning another machine's work, whose torch/driver versions this machine
-    cannot know."""
+    cannot know. `price` False leaves the plan unpriced (no `costs`, no predicted latencies):
+    `dooly profile` measures the work instead of pricing it, and need not read the fitted models."""
     stacks = [stack.for_backend(SHARED_BACKEND), stack] + ([comm] if comm is not None else [])
     held, stale, failed, cost_rows = _held(store, stacks, software_agnostic)
     items: dict[str, WorkItem] = {}
@@ -222,13 +223,14 @@ def build_plan(traces: list[Trace], store: Any, stack: Stack, grid: GridSpec, *,
     stale_count = len({s for s in stale if s in items and items[s].missing})
     if stale_count:
         log.warning("%d signatures are held for another software stack only: re-measuring them", stale_count)
-    default = DEFAULT_POINT_SECONDS.get(stack.device_type, DEFAULT_POINT_SECONDS["cpu"])
-    predictor, origin = open_predictor(store, stack)
-    costs = PointCosts.fit(cost_rows, default, stack.platform,
-                           predict=None if predictor is None else partial(row_latencies, predictor))
-    latency_source = predict_latencies(predictor, origin, items.values())
-    return Plan(stack, items, models, traces, stale_count, _point_seconds(held, stack), comm_stack=comm, costs=costs,
-                latency_source=latency_source)
+    result = Plan(stack, items, models, traces, stale_count, _point_seconds(held, stack), comm_stack=comm)
+    if price:
+        default = DEFAULT_POINT_SECONDS.get(stack.device_type, DEFAULT_POINT_SECONDS["cpu"])
+        predictor, origin = open_predictor(store, stack)
+        result.costs = PointCosts.fit(cost_rows, default, stack.platform,
+                                    predict=None if predictor is None else partial(row_latencies, predictor))
+        result.latency_source = predict_latencies(predictor, origin, items.values())
+    return result
 
 
 def _held(store: Any, stacks: list[Stack], software_agnostic: bool

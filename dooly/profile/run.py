@@ -202,7 +202,7 @@ def prepare(models: list[str], store: Any, options: ProfileOptions) -> tuple[Pla
     stack = current_stack(device=device, platform=platform, engine=kind.name, engine_version=kind.version(),
                           backend=options.backend, dtype=options.dtype, block_size=kind.block_size)
     comm, topology = collective_stack(traces, stack, device)
-    plan = build_plan(traces, store, stack, options.grid, comm=comm)
+    plan = build_plan(traces, store, stack, options.grid, comm=comm, price=False)
     plan.sources = {trace.model_id: spec for trace, spec in loaded}
     plan.configs = {trace.model_key: spec for trace, spec in loaded}
     plan.topology = topology
