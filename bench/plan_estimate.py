@@ -161,7 +161,8 @@ def leave_one_model_out(rows: list[dict[str, Any]], models: dict[tuple[str, str]
     """Each model's own rows priced from every other row of the platform, per attention backend and
     for its operations that serve every backend (backend `any`, measured once): each attempt as a plan
     prices a point, and each run those rows started (they hold its attention start-up row,
-    `startups_of` over the whole store) at the class's start-up, as a plan prices one run. With
+    `startups_of` over the whole store) at the class's start-up, as a plan prices one run, and each
+    (run, signature) not attention at its weight build (`run_builds`). With
     FITTED and WORK, also by the kernel latencies a held-out fit predicts (`held_out_predictor`)."""
     import polars as pl
 
@@ -206,6 +207,13 @@ def leave_one_run_out(rows: list[dict[str, Any]], runs: list[str], fitted: Path 
     return results
 
 
+def run_builds(costs: PointCosts, target: list[dict[str, Any]]) -> float:
+    """The weight builds TARGET's rows paid, as plans price them: one per (run, signature) that is
+    not attention (`PointCosts.build_seconds`), as the run start-ups are one per run."""
+    firsts = {(r["run_id"], r["signature"]): r for r in target}
+    return sum(costs.build_seconds(str(r["op_class"]), json.loads(r["signature_json"] or "{}")) for r in firsts.values())
+
+
 def priced_result(names: dict[str, Any], target: list[dict[str, Any]], history: list[dict[str, Any]],
                   startup_rows: set[int], refit: Any) -> dict[str, Any]:
     """TARGET's rows (attempts) priced from HISTORY's: at the class mean, without failure pricing,
@@ -217,20 +225,23 @@ def priced_result(names: dict[str, Any], target: list[dict[str, Any]], history: 
     priced = [price(costs, attempts) for attempts in points.values()]
     measured = [price(costs, attempts, measured_latency(attempts)) for attempts in points.values()]
     startups = sum(costs.startup_seconds(str(r["op_class"])) for r in target if id(r) in startup_rows)
-    estimate = sum(p[0] for p in priced) + startups
-    before = sum(p[2] for p in priced) + startups
+    builds = run_builds(costs, target)
+    once = startups + builds  # what the runs pay once: attention start-ups and weight builds
+    estimate = sum(p[0] for p in priced) + once
+    before = sum(p[2] for p in priced) + once
     spent = sum(r["device_seconds"] for r in target)
     failed = [r for r in target if r["status"] == FAILED_STATUS]
     result = {
         **names, "points": len(points), "attempts": len(target), "failed_attempts": len(failed),
         "spent_s": round(spent, 2), "estimate_s": round(estimate, 2), "startup_estimate_s": round(startups, 2),
+        "build_estimate_s": round(builds, 2),
         "error_pct": _error(estimate, spent),
         "failed_spent_s": round(sum(r["device_seconds"] for r in failed), 2),
         "failed_estimate_s": round(sum(p[1] for p in priced), 2),
         "unpriced_failures_s": round(before, 2),
         "unpriced_failures_error_pct": _error(before, spent),
-        "measured_latency_estimate_s": round(sum(p[0] for p in measured) + startups, 2),
-        "measured_latency_error_pct": _error(sum(p[0] for p in measured) + startups, spent),
+        "measured_latency_estimate_s": round(sum(p[0] for p in measured) + once, 2),
+        "measured_latency_error_pct": _error(sum(p[0] for p in measured) + once, spent),
     }
     if refit is not None:
         predictors = {row["backend"]: refit(row) for row in {r["backend"]: r for r in history + target}.values()}
@@ -240,8 +251,8 @@ def priced_result(names: dict[str, Any], target: list[dict[str, Any]], history: 
         latencies = dict(zip(points, predicted_latencies(predictors, firsts), strict=True))
         latency_priced = sum(price(costs, attempts, latencies[point])[0] for point, attempts in points.items())
         result.update({
-            "latency_estimate_s": round(latency_priced + startups, 2),
-            "latency_error_pct": _error(latency_priced + startups, spent),
+            "latency_estimate_s": round(latency_priced + once, 2),
+            "latency_error_pct": _error(latency_priced + once, spent),
             "latency_points": sum(latency is not None for latency in latencies.values()),
             "expected_oom_points": sum(costs.expects_oom(str(attempts[0]["op_class"]), latencies[point])
                                        for point, attempts in points.items()),

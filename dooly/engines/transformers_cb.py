@@ -12,6 +12,7 @@ import contextlib
 import copy
 import itertools
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -131,7 +132,8 @@ class TransformersCBEngine:
         With `init_weights` False (a model built in fake mode, whose weights have no values) the
         weights are left uninitialised, as transformers does before loading a checkpoint
         (`no_init_weights`), and only tied: the random init is most of building a model from its
-        config (about 0.07 s of 0.09 s for Command-R7B's four layers on a 2-core CPU)."""
+        config (about 0.07 s of 0.09 s for Command-R7B's four layers on a 2-core CPU). Otherwise
+        each weight is drawn once (`_weight_init`)."""
         from transformers import AutoModelForCausalLM
 
         from dooly.models.hf_imports import import_transformers_lean
@@ -287,13 +289,44 @@ class TransformersCBEngine:
 
 
 def _weight_init(enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """Nothing when weights are initialised, else transformers' `no_init_weights` (which also skips
-    tying them: the caller ties)."""
+    """How a model's weights get their values: drawn once by transformers' own `init_weights`
+    (torch's initialisers, which every module's constructor runs first and transformers then
+    overwrites, are skipped: `torch_init_replaced`), or not at all, transformers' `no_init_weights`
+    (which also skips tying them: the caller ties). Drawing every weight twice was most of building
+    the attention runner's model: 6.0 of 6.5 s for one layer of Qwen2.5-1.5B and its 151,936-row
+    embedding on a 2-core CPU (docs/profile.md)."""
     if enabled:
-        return contextlib.nullcontext()
+        return torch_init_replaced(_skip_init)
     from transformers.initialization import no_init_weights
 
     return no_init_weights()
+
+
+def _skip_init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A torch initialiser that leaves the tensor as it is: transformers draws it next."""
+    return tensor
+
+
+@contextlib.contextmanager
+def torch_init_replaced(initialiser: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """While active, torch's weight initialisers (`torch.nn.init.normal_`, `kaiming_uniform_`, ...:
+    what module constructors call) are `initialiser`, wherever torch's modules imported them (the
+    modules and functions transformers' `no_init_weights` patches); transformers' own initialisation
+    keeps the originals it recorded at import and still runs."""
+    from transformers.initialization import TORCH_INIT_FUNCTIONS, TORCH_MODULES_TO_PATCH
+
+    replaced: list[tuple[Any, str, Any]] = []
+    try:
+        for module_name in TORCH_MODULES_TO_PATCH:
+            module = sys.modules.get(module_name)
+            for name in TORCH_INIT_FUNCTIONS:
+                if module is not None and hasattr(module, name):
+                    replaced.append((module, name, getattr(module, name)))
+                    setattr(module, name, initialiser)
+        yield
+    finally:
+        for module, name, original in replaced:
+            setattr(module, name, original)
 
 
 def _supports_logits_to_keep(model: Any) -> bool:
@@ -398,7 +431,8 @@ class EngineAttention:
         layer after the other from call to call (each reads its own cache, as in a forward);
         with `padded_sizes`, on the inputs the engine's CUDA-graph path pads (`step_inputs`)."""
         kwargs = self.engine.step_inputs(batch, padded_sizes)
-        with capture_attention_calls(self.backend) as (original, calls), torch.no_grad():
+        with capture_attention_calls(self.backend) as (original, calls), torch.no_grad(), \
+                _stopped_before(self.engine.model.get_output_embeddings()):
             self.engine.model(**kwargs)
         # As the tracer labels a call: the layer's attribute, or the window its forward passes
         # (Phi-3 passes its config's window with no attribute on the module).
@@ -414,6 +448,33 @@ class EngineAttention:
                 return original(module, *args, **call_kwargs)
 
         return call
+
+
+class _ForwardStopped(Exception):
+    """Raised by `_stopped_before`'s hook: the forward has done what was asked of it."""
+
+
+@contextlib.contextmanager
+def _stopped_before(module: torch.nn.Module | None) -> Iterator[None]:
+    """While active, a forward ends where it would call `module` (none: it runs to its end). The
+    attention runner stops a step before the output embedding: the step's attention calls are all
+    made by then, and the logits are the costliest part of a one-layer forward on a CPU (a 1,536 x
+    151,936 product per sequence for Qwen2.5-1.5B, 48 ms each on 2 cores, against 0.5 ms for the
+    attention call measured)."""
+    if module is None:
+        yield
+        return
+
+    def stop(*_: Any) -> None:
+        raise _ForwardStopped
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        yield
+    except _ForwardStopped:
+        pass
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

@@ -138,6 +138,8 @@ def plan_command(models: tuple[str, ...], store_uri: str, endpoint_url: str | No
     click.echo(f"estimate: phases {', '.join(estimate['phases'])} of every measurement, priced from {estimate['source']}"
                + (f"; a run's first attention measurement builds the backend's path once (start-up{startups})"
                   if startups else "")
+               + (f"; each signature's first point draws its weights ({estimate['builds']['device_seconds']:.1f} s "
+                  f"over {estimate['builds']['signatures']} signatures)" if estimate["builds"]["signatures"] else "")
                + f"; not included: {estimate['excludes']}")
     oom = summary["expected_oom_points"]
     click.echo(f"point costs: {estimate['latencies']}"

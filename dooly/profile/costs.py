@@ -8,6 +8,7 @@ new failure mode or cost term touches only this file.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections import Counter
@@ -57,6 +58,15 @@ MIN_LATENCY_ROWS = MIN_CLASS_ROWS
 # out of memory (an eager score tensor grows with the kernel's work): the wall is learned where the
 # class has at least this many out-of-memory rows whose latency the fitted models predict.
 MIN_OOM_ROWS = MIN_CLASS_ROWS
+# Building a point's call generates its inputs, and those whose every dim the config fixes (the
+# weights) only at a signature's first point in a run (`measure.build_aten_call` keeps them for the
+# next): that point costs more in proportion to their elements (randomly drawn: 2.4 s for
+# Qwen2.5-1.5B's 233M-element embedding table on a 2-core CPU, where each later point cost 1 ms). The
+# per-signature term is learned from this many (run, signature) groups of two points or more at least.
+MIN_BUILD_GROUPS = MIN_CLASS_ROWS
+# Which row of a group paid its build is chosen again on lines fitted without the rows chosen so
+# far, until the choice settles or this many times (on the CPU, H100 and H200 stores: in 2-3).
+BUILD_ROW_PASSES = 5
 # The most common causes (`failure_cause`) of a class's failed rows that the plan names.
 CAUSES_SHOWN = 3
 # A cause is the first line of a failed row's error text, this long at most once normalised.
@@ -244,7 +254,10 @@ class PointCosts:
     and on the GPU for its longer kernels (about 25 times their latency past 10 ms).
     An attention class also costs a start-up once per run (`startups`, MIN_STARTUP_RUNS): its
     start-up rows are left out of its mean, so a run of 26 points is not priced as a 1/98th share
-    of one (the H100 8B's 8192-token top-up: 4.3 s of its 18.2 s was the start-up)."""
+    of one (the H100 8B's 8192-token top-up: 4.3 s of its 18.2 s was the start-up).
+    Any other signature costs a build once per run (`build_terms`, `fit_build_terms`): its first
+    point draws the weights, in proportion to their elements; those rows are left out of the
+    means and the lines, so a model with twice the weights is not priced as if it had the same."""
 
     means: dict[str, float] = field(default_factory=dict)  # op class or kind -> mean seconds per point
     # op class or kind -> (fixed seconds per point, seconds per second of kernel latency)
@@ -253,6 +266,8 @@ class PointCosts:
     memory_walls: dict[str, float] = field(default_factory=dict)
     oom_seconds: dict[str, float] = field(default_factory=dict)  # op class -> mean cost of an out-of-memory point
     startups: dict[str, float] = field(default_factory=dict)  # attention class or kind -> seconds per run
+    # (seconds, seconds per fixed input element) a non-attention signature's first point in a run adds
+    build_terms: tuple[float, float] | None = None
     refinement_rates: dict[str, float] = field(default_factory=dict)  # op class -> extra per grid point
     default_seconds: float = DEFAULT_POINT_SECONDS["cpu"]
     default_refinement_rate: float = DEFAULT_REFINEMENT_RATE
@@ -271,9 +286,12 @@ class PointCosts:
         held_rows = [row for row in rows if row["status"] in HELD_STATUSES]
         startup_rows, startups = startups_of(held_rows)
         # A row that carried a run's start-up, where one is priced for its class, is left out of
-        # the class's point cost (its mean and its line in latency).
+        # the class's point cost (its mean and its line in latency); so is a row that built a
+        # signature's weights, where the builds are priced (`fit_build_terms`).
         point_rows = [row for row in held_rows
                       if not (id(row) in startup_rows and _startup_of(startups, str(row.get("op_class") or "")))]
+        build_terms, build_rows = fit_build_terms(point_rows)
+        point_rows = [row for row in point_rows if id(row) not in build_rows]
         for row in point_rows:
             op_class = str(row.get("op_class") or "")
             attention = op_class.startswith(f"{KIND_ATTENTION}:")
@@ -303,8 +321,8 @@ class PointCosts:
                   if held_rows else f"no points measured on {platform} yet: {default_seconds:g} s per point assumed")
         failures = FailureRates.fit([row for row in rows if row["status"] in (*HELD_STATUSES, FAILED_STATUS)],
                                     platform)
-        return cls(means, latency_terms, walls, oom_seconds, startups, rates, default_seconds, default_rate, source,
-                   failures)
+        return cls(means, latency_terms, walls, oom_seconds, startups, build_terms, rates, default_seconds,
+                   default_rate, source, failures)
 
     def seconds(self, op_class: str, latency: float | None = None) -> float:
         """What measuring one point of an op of this class costs: by its kernel's latency where
@@ -331,6 +349,15 @@ class PointCosts:
         """What a run's first measurement of this class costs beyond an ordinary point (0 for an
         op that is not attention, or where the store has too few runs to tell)."""
         return _startup_of(self.startups, op_class)
+
+    def build_seconds(self, op_class: str, signature: dict[str, Any]) -> float:
+        """What a run's first point of this signature (`Operation.signature_payload()`) costs
+        beyond an ordinary one: drawing its weights (0 for attention, which the engine builds once
+        per run: `startup_seconds`, or where the store has too few groups to tell)."""
+        if self.build_terms is None or op_class.startswith(f"{KIND_ATTENTION}:"):
+            return 0.0
+        fixed, per_element = self.build_terms
+        return fixed + per_element * fixed_elements(signature)
 
     def run_startups(self, items: list[Any]) -> dict[str, float]:
         """Attention class -> the start-up one run of these work items pays for it: once for each
@@ -363,7 +390,8 @@ class PointCosts:
     def item_seconds(self, item: Any) -> float:
         """The missing points' cost (each at its chance of failing and its predicted latency, where
         the plan has one: `item.latencies`), plus the expected refinements' (each at the mean cost
-        of the item's points: a refinement sits between two of them)."""
+        of the item's points: a refinement sits between two of them), plus its build
+        (`build_seconds`) where it has missing points."""
         op_class = item.op.op_class()
         doomed = self.failures.dooms(op_class, item.op.scalars)
         latencies = item.latencies or [None] * len(item.missing)
@@ -371,7 +399,13 @@ class PointCosts:
                       for point, latency in zip(item.missing, latencies, strict=True))
         priced = [self.seconds(op_class, latency) for latency in latencies if latency is not None]
         refinement = sum(priced) / len(priced) if priced else self.seconds(op_class)
-        return missing + self.refinements(item) * refinement
+        return missing + self.refinements(item) * refinement + self.item_build_seconds(item)
+
+    def item_build_seconds(self, item: Any) -> float:
+        """A work item's weight build (`build_seconds`), where it has points to measure."""
+        if not item.missing or self.build_terms is None:
+            return 0.0
+        return self.build_seconds(item.op.op_class(), item.op.signature_payload())
 
     def item_failures(self, item: Any) -> tuple[float, float]:
         """A work item's expected failed points and the device-seconds those attempts cost."""
@@ -403,6 +437,63 @@ def fit_latency_terms(held_rows: list[dict[str, Any]]) -> dict[str, tuple[float,
         latency, seconds = np.array(values).T
         terms[key] = _non_negative_line(latency, seconds)
     return terms
+
+
+def fit_build_terms(point_rows: list[dict[str, Any]]) -> tuple[tuple[float, float] | None, set[int]]:
+    """(seconds, seconds per fixed input element) that a non-attention signature's first point in a
+    run adds, and the rows (by `id()`) that paid it, learned over the platform's (run, signature)
+    groups of two held points or more (MIN_BUILD_GROUPS). Rows carry no order, so a group's build
+    row is the one that cost most beyond its class's line in latency (else beyond the group's
+    others), the lines fitted again without the build rows so far (a large build raises them past
+    a small one) until the choice settles, BUILD_ROW_PASSES at most; its build is that excess over
+    the group's median excess; the terms are the non-negative line of builds against the
+    signatures' fixed input elements (`fixed_elements`)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in point_rows:
+        op_class = str(row.get("op_class") or "")
+        if row.get("run_id") and row["status"] != OOM_STATUS and not op_class.startswith(f"{KIND_ATTENTION}:"):
+            groups.setdefault((str(row["run_id"]), str(row["signature"])), []).append(row)
+    groups = {key: group for key, group in groups.items() if len(group) >= 2}
+    if len(groups) < MIN_BUILD_GROUPS:
+        return None, set()
+    build_rows: set[int] = set()
+    for _ in range(BUILD_ROW_PASSES):
+        lines = fit_latency_terms([row for row in point_rows if id(row) not in build_rows])
+        firsts = [group[int(np.argmax([_excess(lines, row) for row in group]))] for group in groups.values()]
+        if {id(row) for row in firsts} == build_rows:
+            break
+        build_rows = {id(row) for row in firsts}
+    lines = fit_latency_terms([row for row in point_rows if id(row) not in build_rows])
+    builds = []
+    for first, group in zip(firsts, groups.values(), strict=True):
+        signature = json.loads(first.get("signature_json") or "{}")
+        builds.append((float(fixed_elements(signature)),
+                       _excess(lines, first) - statistics.median(_excess(lines, row) for row in group)))
+    elements, seconds = np.array(builds).T
+    return _non_negative_line(elements, seconds), build_rows
+
+
+def _excess(lines: dict[str, tuple[float, float]], row: dict[str, Any]) -> float:
+    """A held row's cost beyond its class's (else its kind's) line in latency; all of it without a
+    latency or a line."""
+    seconds = float(row["device_seconds"] or 0.0)
+    latency = row.get("latency_median_s")
+    op_class = str(row.get("op_class") or "")
+    terms = lines.get(op_class) or lines.get(_kind_key(op_class.startswith(f"{KIND_ATTENTION}:")))
+    if not latency or terms is None:
+        return seconds
+    return seconds - terms[0] - terms[1] * float(latency)
+
+
+def fixed_elements(signature: dict[str, Any]) -> int:
+    """Elements of a signature's inputs whose every dim the config fixes (the weights: what a run
+    draws once per signature), from its readable form (`Operation.signature_payload()`: a request
+    dim is an expression, a config dim a number)."""
+    total = 0
+    for _, dims in signature.get("inputs", []):
+        if all(isinstance(dim, int) for dim in dims):
+            total += math.prod(dims)
+    return total
 
 
 def fit_memory_walls(held_rows: list[dict[str, Any]], oom_rows: list[dict[str, Any]],

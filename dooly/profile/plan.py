@@ -93,6 +93,15 @@ class Plan:
             return {}
         return {c: round(seconds, 3) for c, seconds in self.costs.run_startups(self.work(shard_index, shard_count)).items()}
 
+    def builds(self, shard_index: int = 0, shard_count: int = 1) -> dict[str, Any]:
+        """The weight builds the estimate includes (`PointCosts.build_seconds`): one per missing
+        non-attention signature, the first of its points drawing its weights."""
+        if self.costs is None or self.costs.build_terms is None:
+            return {"signatures": 0, "device_seconds": 0.0}
+        priced = [seconds for item in self.work(shard_index, shard_count)
+                  if (seconds := self.costs.item_build_seconds(item))]
+        return {"signatures": len(priced), "device_seconds": round(sum(priced), 3)}
+
     def expected_refinement_points(self, shard_index: int = 0, shard_count: int = 1) -> int:
         if self.costs is None:
             return 0
@@ -158,6 +167,7 @@ class Plan:
                 "source": self.costs.source if self.costs is not None else f"{self.point_seconds:g} s per point",
                 "failures": self.costs.failures.describe() if self.costs is not None else "not priced",
                 "startups": self.startups(),
+                "builds": self.builds(),
                 "latencies": self.latency_source,
             },
             "models": [

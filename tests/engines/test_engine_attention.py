@@ -3,11 +3,12 @@ can move from layer to layer between calls (lab/attention_l2.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dooly.engines.base import Batch
-from dooly.engines.transformers_cb import EngineAttention
-from dooly.models.registry import build_hf_config, resolve_model
+from dooly.engines.transformers_cb import EngineAttention, TransformersCBEngine
+from dooly.models.registry import build_hf_config, bundled_model_ids, resolve_model
 
 # Phi-3's shape, shrunk: its forward passes the config's window to attention, its modules carry none.
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -67,3 +68,44 @@ def test_padded_inputs_span_the_padded_extents_and_leave_real_rows_unchanged():
     padded = attention.call_for(batch, sliding=False, padded_sizes=(padded_tokens, padded_read))()[0]
     assert padded.shape[1] == padded_tokens
     torch.testing.assert_close(padded[:, : batch.tokens], unpadded)
+
+
+def test_the_runner_stops_its_step_before_the_logits():
+    """The step that hands over the attention calls ends before the output embedding (the costliest
+    part of a one-layer forward on a CPU), and the calls it hands over run as before."""
+    config = build_hf_config(resolve_model("meta-llama/Llama-3.2-1B"), **SMALL)
+    attention = EngineAttention(config, backend="paged|sdpa", dtype=torch.float32, device="cpu", max_tokens=64,
+                                max_kv=512, max_seqs=4, period=1, rotation=2)
+    head = attention.engine.model.get_output_embeddings()
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    # Prefills without context: a cached context would be uninitialised cache memory (NaN at times).
+    call = attention.call_for(Batch.of(prefill=[(8, 0), (4, 0)]), sliding=False)
+    assert calls == []
+    assert call()[0].isfinite().all()
+    # The engine's own steps still compute their logits.
+    attention.engine.model(**attention.engine.step_inputs(Batch.of(prefill=[(8, 0)])))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("model_id", sorted({resolve_model(m).config["model_type"]: m
+                                             for m in bundled_model_ids()}.values()))
+def test_every_weight_of_a_bundled_architecture_is_drawn_by_transformers_alone(model_id, monkeypatch):
+    """torch's initialisers, which every module's constructor runs before transformers draws each
+    weight again, are skipped (`_weight_init`): here they write NaN instead, and none may remain."""
+    from dooly.engines import transformers_cb
+
+    poisoned = []
+
+    def poison(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        poisoned.append(tensor.shape)
+        with torch.no_grad():
+            return tensor.fill_(float("nan"))
+
+    monkeypatch.setattr(transformers_cb, "_skip_init", poison)
+    config = build_hf_config(resolve_model(model_id), **SMALL)
+    model = TransformersCBEngine(config, attention="paged|sdpa", dtype=torch.float32).build_model()
+    assert poisoned  # the constructors' initialisers ran as `_skip_init`
+    undrawn = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+               if tensor.is_floating_point() and not tensor.isfinite().all()]
+    assert not undrawn

@@ -44,6 +44,9 @@ def test_plan_counts_the_points_profile_measures(tmp_path, models):
     assert plan["missing_points"] > 0
     assert "samples" in plan["estimate"]["phases"] and "build" in plan["estimate"]["phases"]
     assert plan["estimate"]["source"].startswith("the mean cost per point")
+    # A's run drew the weights of each of its signatures once: B's new ones are priced the same way.
+    builds = plan["estimate"]["builds"]
+    assert 0 < builds["signatures"] <= plan["missing_signatures"] and builds["device_seconds"] > 0
     spent = _json("profile", model_b, "--store", store, *SMALL_GRID_ARGS)
     # Every point the plan listed is measured, and only refinements come on top.
     assert spent["planned_points"] == plan["missing_points"]
@@ -307,6 +310,25 @@ def test_latency_terms_stay_non_negative():
     assert "aten.mm.default" not in fit_latency_terms(steep[: MIN_CLASS_ROWS - 1])
 
 
+class _MatmulOp:
+    """What pricing reads of a work item's operation: a matmul over T with a [rows, 64] weight."""
+
+    kind = "kernel"
+
+    def __init__(self, rows: int = 64) -> None:
+        self.rows = rows
+        self.scalars: dict[str, object] = {}
+
+    def op_class(self) -> str:
+        return "aten.mm.default"
+
+    def request_vars(self) -> list[str]:
+        return ["T"]
+
+    def signature_payload(self) -> dict:
+        return _signature(self.rows)
+
+
 def test_a_work_items_points_and_refinements_are_priced_by_their_predicted_latencies():
     from dooly.profile.grid import Point
     from dooly.profile.plan import WorkItem
@@ -315,17 +337,8 @@ def test_a_work_items_points_and_refinements_are_priced_by_their_predicted_laten
             for t, latency in enumerate((1e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2))]
     costs = PointCosts.fit(rows, 0.05, "GPU-X")
 
-    class Op:
-        kind, scalars = "kernel", {}
-
-        def op_class(self) -> str:
-            return "aten.mm.default"
-
-        def request_vars(self) -> list[str]:
-            return ["T"]
-
     missing = [Point(values=(("T", t),)) for t in (8, 16)]
-    item = WorkItem("sig", Op(), "m", None, missing, missing, latencies=[0.1, None])  # type: ignore[arg-type]
+    item = WorkItem("sig", _MatmulOp(), "m", None, missing, missing, latencies=[0.1, None])  # type: ignore[arg-type]
     refinements = costs.refinements(item)
     assert refinements > 0
     expected = (0.05 + 2.0) + costs.seconds("aten.mm.default") + refinements * (0.05 + 2.0)
@@ -373,3 +386,55 @@ def test_a_point_predicted_past_its_classs_memory_wall_is_priced_as_out_of_memor
     # Without predictions (no fitted models), or too few out-of-memory rows: no wall.
     assert PointCosts.fit(held + ooms, 0.05, "GPU-X").memory_walls == {}
     assert PointCosts.fit(held + ooms[:-1], 0.05, "GPU-X", predict=predict).memory_walls == {}
+
+
+# A signature's first point in a run draws its weights: this much, and this much per element, more.
+BUILD_SECONDS, BUILD_PER_ELEMENT = 1e-3, 1e-8
+
+
+def _signature(rows: int) -> dict:
+    """A matmul's readable signature: a [rows, 64] weight (config dims) and a [T, 64] input."""
+    return {"op": "aten.mm.default", "inputs": [["float32", [rows, 64]], ["float32", ["T", 64]]], "scalars": {}}
+
+
+def _built_rows(run: str, rows: int, points: int = 5) -> list[dict]:
+    """One run's points of one signature, 0.001 s plus 5 times their latency, the first also
+    drawing the weights."""
+    signature = _signature(rows)
+    found = []
+    for index in range(points):
+        latency = 1e-3 * (index + 1)
+        seconds = 1e-3 + 5 * latency + (BUILD_SECONDS + BUILD_PER_ELEMENT * rows * 64 if index == 0 else 0.0)
+        found.append({**_timed_row("aten.mm.default", latency, seconds, index + 1), "run_id": run,
+                      "signature": f"mm-{rows}", "signature_json": json.dumps(signature)})
+    return found
+
+
+def test_a_signatures_first_point_in_a_run_pays_for_its_weights_once():
+    from dooly.profile.costs import fixed_elements
+
+    assert fixed_elements(_signature(1000)) == 64_000  # the [T, 64] input is drawn at every point
+    sizes = (1_000, 10_000, 100_000, 1_000_000)
+    rows = [row for run in ("r1", "r2", "r3") for size in sizes for row in _built_rows(run, size)]
+    costs = PointCosts.fit(rows, 0.05, "CPU-X")
+    fixed, per_element = costs.build_terms
+    assert fixed == pytest.approx(BUILD_SECONDS, rel=0.2) and per_element == pytest.approx(BUILD_PER_ELEMENT, rel=0.05)
+    # The build rows are out of the point line: points cost what the others do.
+    assert costs.latency_terms["aten.mm.default"] == (pytest.approx(1e-3), pytest.approx(5.0))
+    assert costs.build_seconds("attention:paged|sdpa", _signature(10**6)) == 0.0  # attention builds per run
+    # A model with larger weights pays for them, once per signature it measures.
+    from dooly.profile.grid import Point
+    from dooly.profile.plan import WorkItem
+
+    missing = [Point(values=(("T", t),)) for t in (8, 16)]
+    item = WorkItem("sig", _MatmulOp(4_000_000), "m", None, missing, missing,  # type: ignore[arg-type]
+                    latencies=[1e-3, 2e-3])
+    build = costs.build_seconds("aten.mm.default", _signature(4_000_000))
+    assert build == pytest.approx(fixed + per_element * 256_000_000)
+    assert costs.item_build_seconds(item) == build
+    points = costs.seconds("aten.mm.default", 1e-3) + costs.seconds("aten.mm.default", 2e-3)
+    refinements = costs.refinements(item) * points / 2
+    assert costs.item_seconds(item) == pytest.approx(points + refinements + build)
+    # Too few (run, signature) groups to learn from: no build term, every row stays in the line.
+    few = PointCosts.fit(_built_rows("r1", 1000) + _built_rows("r1", 10**6), 0.05, "CPU-X")
+    assert few.build_terms is None and few.item_build_seconds(item) == 0.0
