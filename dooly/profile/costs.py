@@ -294,7 +294,7 @@ class PointCosts:
         point_rows = [row for row in point_rows if id(row) not in build_rows]
         for row in point_rows:
             op_class = str(row.get("op_class") or "")
-            attention = op_class.startswith(f"{KIND_ATTENTION}:")
+            attention = _is_attention(op_class)
             for key in (op_class, _kind_key(attention)):
                 total = totals.setdefault(key, [0.0, 0.0])
                 total[0] += float(row["device_seconds"] or 0.0)
@@ -327,17 +327,14 @@ class PointCosts:
     def seconds(self, op_class: str, latency: float | None = None) -> float:
         """What measuring one point of an op of this class costs: by its kernel's latency where
         that is known and the class (or its kind) has latency terms, else the class's mean."""
-        attention = op_class.startswith(f"{KIND_ATTENTION}:")
         if latency is not None and self.expects_oom(op_class, latency):
             return self.oom_seconds.get(op_class, self.seconds(op_class))
         if latency is not None:
-            terms = self.latency_terms.get(op_class) or self.latency_terms.get(_kind_key(attention))
+            terms = _class_or_kind(self.latency_terms, op_class)
             if terms is not None:
                 fixed, per_second = terms
                 return fixed + per_second * latency
-        mean = self.means.get(op_class)
-        if mean is None:
-            mean = self.means.get(_kind_key(attention))
+        mean = _class_or_kind(self.means, op_class)
         return self.default_seconds if mean is None else mean
 
     def expects_oom(self, op_class: str, latency: float | None) -> bool:
@@ -354,7 +351,7 @@ class PointCosts:
         """What a run's first point of this signature (`Operation.signature_payload()`) costs
         beyond an ordinary one: drawing its weights (0 for attention, which the engine builds once
         per run: `startup_seconds`, or where the store has too few groups to tell)."""
-        if self.build_terms is None or op_class.startswith(f"{KIND_ATTENTION}:"):
+        if self.build_terms is None or _is_attention(op_class):
             return 0.0
         fixed, per_element = self.build_terms
         return fixed + per_element * fixed_elements(signature)
@@ -428,7 +425,7 @@ def fit_latency_terms(held_rows: list[dict[str, Any]]) -> dict[str, tuple[float,
             continue
         op_class = str(row.get("op_class") or "")
         point = (float(latency), float(row["device_seconds"] or 0.0))
-        for key in (op_class, _kind_key(op_class.startswith(f"{KIND_ATTENTION}:"))):
+        for key in (op_class, _kind_key(_is_attention(op_class))):
             points.setdefault(key, []).append(point)
     terms = {}
     for key, values in points.items():
@@ -451,7 +448,7 @@ def fit_build_terms(point_rows: list[dict[str, Any]]) -> tuple[tuple[float, floa
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in point_rows:
         op_class = str(row.get("op_class") or "")
-        if row.get("run_id") and row["status"] != OOM_STATUS and not op_class.startswith(f"{KIND_ATTENTION}:"):
+        if row.get("run_id") and row["status"] != OOM_STATUS and not _is_attention(op_class):
             groups.setdefault((str(row["run_id"]), str(row["signature"])), []).append(row)
     groups = {key: group for key, group in groups.items() if len(group) >= 2}
     if len(groups) < MIN_BUILD_GROUPS:
@@ -461,9 +458,10 @@ def fit_build_terms(point_rows: list[dict[str, Any]]) -> tuple[tuple[float, floa
         lines = fit_latency_terms([row for row in point_rows if id(row) not in build_rows])
         firsts = [group[int(np.argmax([_excess(lines, row) for row in group]))] for group in groups.values()]
         if {id(row) for row in firsts} == build_rows:
-            break
+            break  # `lines` were fitted without these very rows
         build_rows = {id(row) for row in firsts}
-    lines = fit_latency_terms([row for row in point_rows if id(row) not in build_rows])
+    else:
+        lines = fit_latency_terms([row for row in point_rows if id(row) not in build_rows])
     builds = []
     for first, group in zip(firsts, groups.values(), strict=True):
         signature = json.loads(first.get("signature_json") or "{}")
@@ -478,8 +476,7 @@ def _excess(lines: dict[str, tuple[float, float]], row: dict[str, Any]) -> float
     latency or a line."""
     seconds = float(row["device_seconds"] or 0.0)
     latency = row.get("latency_median_s")
-    op_class = str(row.get("op_class") or "")
-    terms = lines.get(op_class) or lines.get(_kind_key(op_class.startswith(f"{KIND_ATTENTION}:")))
+    terms = _class_or_kind(lines, str(row.get("op_class") or ""))
     if not latency or terms is None:
         return seconds
     return seconds - terms[0] - terms[1] * float(latency)
@@ -540,7 +537,7 @@ def startups_of(held_rows: list[dict[str, Any]]) -> tuple[set[int], dict[str, fl
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in held_rows:
         op_class = str(row.get("op_class") or "")
-        if op_class.startswith(f"{KIND_ATTENTION}:") and row.get("run_id"):
+        if _is_attention(op_class) and row.get("run_id"):
             runs.setdefault((str(row["run_id"]), op_class), []).append(row)
     startup_rows: set[int] = set()
     excess: dict[str, list[float]] = {}
@@ -561,13 +558,23 @@ def startups_of(held_rows: list[dict[str, Any]]) -> tuple[set[int], dict[str, fl
 
 def _startup_of(startups: dict[str, float], op_class: str) -> float:
     """An op class's start-up: its own, else attention's pooled one; none for other ops."""
-    if not op_class.startswith(f"{KIND_ATTENTION}:"):
+    if not _is_attention(op_class):
         return 0.0
     return startups.get(op_class, startups.get(_kind_key(True), 0.0))
 
 
+def _is_attention(op_class: str) -> bool:
+    return op_class.startswith(f"{KIND_ATTENTION}:")
+
+
 def _kind_key(attention: bool) -> str:
     return "kind:attention" if attention else "kind:other"
+
+
+def _class_or_kind(table: dict[str, Any], op_class: str) -> Any:
+    """An op class's entry in a table of classes and kinds (means, latency lines), else its kind's."""
+    value = table.get(op_class)
+    return value if value is not None else table.get(_kind_key(_is_attention(op_class)))
 
 
 def _point_values(point_key: str) -> dict[str, int]:
